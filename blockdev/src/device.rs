@@ -1,0 +1,145 @@
+//! The device abstraction every format implements.
+//!
+//! A [`BlockDevice`] is a fixed-size, byte-addressed virtual disk. Methods
+//! take `&self` so one device can be shared between threads (the NBD server
+//! serves several clients at once); implementations use interior locking.
+
+use crate::error::{Error, Result};
+use parking_lot::RwLock;
+
+/// A virtual disk of `size()` bytes.
+pub trait BlockDevice: Send + Sync {
+    /// Size of the device in bytes.
+    fn size(&self) -> u64;
+
+    /// Fill `buf` from `offset`. Reading past the end is an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Write `buf` at `offset`. Read-only devices return [`Error::ReadOnly`].
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Declare `len` bytes at `offset` unused; they read back as zeros.
+    fn trim(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Write zeros over a range. The default trims, which reads back as zeros.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.trim(offset, len)
+    }
+
+    /// Whether writes are refused.
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}
+
+/// Check that `[offset, offset+len)` lies within a device of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
+
+/// A device held in memory; handy for tests and as a model.
+#[derive(Debug, Default)]
+pub struct MemDevice {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemDevice {
+    /// A zero-filled device of `size` bytes.
+    pub fn new(size: usize) -> Self {
+        MemDevice {
+            data: RwLock::new(vec![0; size]),
+        }
+    }
+
+    /// A copy of the whole contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.data.read().clone()
+    }
+}
+
+impl BlockDevice for MemDevice {
+    fn size(&self) -> u64 {
+        self.data.read().len() as u64
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let data = self.data.read();
+        check_range(offset, buf.len() as u64, data.len() as u64)?;
+        let o = offset as usize;
+        buf.copy_from_slice(&data[o..o + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let mut data = self.data.write();
+        check_range(offset, buf.len() as u64, data.len() as u64)?;
+        let o = offset as usize;
+        data[o..o + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let mut data = self.data.write();
+        check_range(offset, len, data.len() as u64)?;
+        data[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
+    fn is_read_only(&self) -> bool {
+        (**self).is_read_only()
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
+    fn is_read_only(&self) -> bool {
+        (**self).is_read_only()
+    }
+}

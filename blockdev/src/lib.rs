@@ -1,0 +1,14 @@
+//! overlaybd block-device formats in Rust.
+//!
+//! * [`device`]: the [`BlockDevice`] trait every format implements.
+//! * [`io`]: positional file I/O over pread or io_uring.
+//! * [`raw`]: a plain image file as a device.
+
+pub mod device;
+pub mod error;
+pub mod io;
+pub mod raw;
+
+pub use device::{BlockDevice, MemDevice};
+pub use error::{Error, Result};
+pub use raw::RawFileDevice;

@@ -1,0 +1,1 @@
+//! ext4 inside overlaybd layers (work in progress).
