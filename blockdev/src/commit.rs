@@ -17,6 +17,16 @@ use crate::tarwrap;
 use crate::uuid::Uuid;
 use crate::zfile::{ZFileWriter, ZfileOptions};
 
+/// A progress callback: `(bytes of layer data copied, total bytes)`.
+#[derive(Clone)]
+pub struct Progress(pub std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress(..)")
+    }
+}
+
 /// Options of a commit, mirroring `overlaybd-commit`'s flags.
 #[derive(Debug, Clone, Default)]
 pub struct CommitOptions {
@@ -32,6 +42,8 @@ pub struct CommitOptions {
     pub user_tag: Option<String>,
     /// `-f`: replace an existing output file.
     pub force: bool,
+    /// Called as data is copied.
+    pub progress: Option<Progress>,
 }
 
 /// What a commit produced.
@@ -96,23 +108,38 @@ fn write_output(
     read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
 ) -> Result<CommitStats> {
     let file = create_output(out, opts.force)?;
+    let total: u64 = entries
+        .iter()
+        .filter(|m| !m.zeroed)
+        .map(|m| m.length as u64 * SECTOR)
+        .sum();
+    let mut done = 0u64;
+    let mut last_report = 0u64;
+    let progress = opts.progress.clone();
+    let mut read = |buf: &mut [u8], moff: u64| -> Result<()> {
+        read(buf, moff)?;
+        done += buf.len() as u64;
+        if let Some(p) = &progress {
+            if done - last_report >= 64 << 20 || done == total {
+                last_report = done;
+                (p.0)(done, total);
+            }
+        }
+        Ok(())
+    };
     let result = (|| {
         let base = if opts.tar { tarwrap::DATA_OFFSET } else { 0 };
         let mut sink = FileSink::new(file, base);
-        let data_bytes: u64 = entries
-            .iter()
-            .filter(|m| !m.zeroed)
-            .map(|m| m.length as u64 * SECTOR)
-            .sum();
+        let data_bytes = total;
         let (lsmt_size, blob_len) = match &opts.zfile {
             Some(z) => {
                 let mut zw = ZFileWriter::new(SinkRef(&mut sink), z.clone())?;
-                let n = compact(entries, info, read, &mut |b| zw.write(b))?;
+                let n = compact(entries, info, &mut read, &mut |b| zw.write(b))?;
                 let s = zw.finish()?;
                 (n, s.position())
             }
             None => {
-                let n = compact(entries, info, read, &mut |b| sink.put(b))?;
+                let n = compact(entries, info, &mut read, &mut |b| sink.put(b))?;
                 (n, n)
             }
         };

@@ -22,6 +22,24 @@ pub struct Wrapping {
     pub zfile: bool,
 }
 
+/// Open a (possibly tar-wrapped) ZFile.
+pub fn open_zfile(path: &Path) -> Result<ZFileReader> {
+    let file = Arc::new(IoFile::open(path)?);
+    let whole = FileSlice::whole(file.clone())?;
+    let slice = match crate::tarwrap::detect(&whole)? {
+        Some((base, len)) => FileSlice::new(file, base, len),
+        None => whole,
+    };
+    if !is_zfile(&slice)? {
+        return Err(crate::Error::corrupt(
+            path,
+            "ZFile",
+            "not a ZFile (bad header magic)",
+        ));
+    }
+    ZFileReader::open(Box::new(slice))
+}
+
 /// Open `path` and return the plain LSMT blob it holds, plus its wrapping.
 pub fn open_blob(path: &Path) -> Result<(Arc<dyn ReadAt>, Wrapping)> {
     let file = Arc::new(IoFile::open(path)?);

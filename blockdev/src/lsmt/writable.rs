@@ -425,6 +425,32 @@ impl WritableLayer {
         Ok(())
     }
 
+    /// Seal the layer in place (`overlaybd-commit --seal`): append the index
+    /// and a trailer to the data file, which then opens as a sealed layer.
+    pub fn seal(self) -> Result<()> {
+        self.check_writable()?;
+        let mut st = self.state.lock();
+        self.flush_index(&mut st)?;
+        let entries = st.index.to_vec();
+        let index_offset = self.data.len()?.div_ceil(SECTOR) * SECTOR;
+        let mut raw = encode_entries(&entries);
+        let padded = raw.len().div_ceil(SECTOR as usize) * SECTOR as usize;
+        while raw.len() < padded {
+            raw.extend_from_slice(&Mapping::padding().encode());
+        }
+        self.data.write_all_at(&raw, index_offset)?;
+        let mut t = self.header.lock().clone();
+        t.flags = FLAG_DATA | FLAG_SEALED;
+        t.index_offset = index_offset;
+        t.index_size = entries.len() as u64;
+        self.data
+            .write_all_at(&t.encode(), index_offset + raw.len() as u64)?;
+        self.data.sync()?;
+        st.pending.clear();
+        drop(st);
+        Ok(())
+    }
+
     /// Append pending index entries and fsync both files.
     pub fn flush(&self) -> Result<()> {
         if self.read_only {
