@@ -87,7 +87,7 @@ fn read_bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("stack_read");
     g.sample_size(10);
     for (name, path) in [("lz4_lower", &lz), ("plain_lower", &plain)] {
-        let s = Stack::open(&[path.clone()], None).unwrap();
+        let s = Stack::open(std::slice::from_ref(path), None).unwrap();
         let mut buf = vec![0u8; 1 << 20];
         g.throughput(Throughput::Bytes(64 << 20));
         g.bench_function(format!("{name}_seq_1MiB"), |b| {
