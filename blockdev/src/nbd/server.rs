@@ -813,3 +813,34 @@ pub fn execute(
         Command::Disconnect => Vec::new(),
     }
 }
+
+/// Block status of a layer stack from its merged LSMT indexes: ranges no
+/// layer maps (or that a zeroed entry covers) are holes reading as zeros.
+impl Allocation for crate::stack::Stack {
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
+        let end = offset.saturating_add(len).min(self.size());
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut pos = offset;
+        for (o, l, data) in self.allocation(offset, end.saturating_sub(offset)) {
+            // Sector-aligned answers may start before `offset` or end after `end`.
+            let (s, e) = (o.max(pos), (o + l).min(end));
+            if s >= e {
+                continue;
+            }
+            if s > pos {
+                // Not described: report as data (always safe).
+                out.push((s - pos, 0));
+            }
+            let flags = if data { 0 } else { STATE_HOLE | STATE_ZERO };
+            match out.last_mut() {
+                Some((ol, of)) if *of == flags => *ol += e - s,
+                _ => out.push((e - s, flags)),
+            }
+            pos = e;
+        }
+        if out.is_empty() && end > offset {
+            out.push((end - offset, 0));
+        }
+        Ok(out)
+    }
+}

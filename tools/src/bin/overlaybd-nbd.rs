@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use blockdev::io::{set_default_backend, IoBackend};
 use blockdev::nbd::{Allocation, Endpoint, Listener, Server, ServerConfig, ZeroScan};
-use blockdev::{BlockDevice, RawFileDevice};
+use blockdev::stack::Stack;
+use blockdev::{BlockDevice, ImageConfig, RawFileDevice};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -96,10 +97,36 @@ fn open_device(a: &ServeArgs) -> Result<Opened> {
         let alloc = Arc::new(ZeroScan::new(dev.clone()));
         return Ok((dev, alloc, format!("raw image {}", p.display())));
     }
-    bail!(
-        "layer stacks are not available in this build yet (blockdev::stack missing); \
-         use --raw for a raw image"
-    )
+    let (lowers, upper, what) = if a.inputs.len() == 1
+        && a.upper.is_none()
+        && a.inputs[0].extension().is_some_and(|e| e == "json")
+    {
+        let p = &a.inputs[0];
+        let cfg = ImageConfig::load(p)
+            .with_context(|| format!("cannot read image config {}", p.display()))?;
+        let what = format!("image config {}", p.display());
+        (cfg.lowers, cfg.upper.map(|u| (u.data, u.index)), what)
+    } else {
+        let upper = a.upper.as_ref().map(|v| (v[0].clone(), v[1].clone()));
+        (a.inputs.clone(), upper, "layer stack".to_string())
+    };
+    let up = upper.as_ref().map(|(d, i)| (d.as_path(), i.as_path()));
+    let stack = if a.read_only {
+        Stack::open_read_only(&lowers, up)
+    } else {
+        Stack::open(&lowers, up)
+    }
+    .with_context(|| format!("cannot open the layer stack ({what})"))?;
+    let stack = Arc::new(stack);
+    let what = format!(
+        "{what} ({} lower(s){})",
+        lowers.len(),
+        match &upper {
+            Some((d, _)) => format!(", upper {}", d.display()),
+            None => String::new(),
+        }
+    );
+    Ok((stack.clone(), stack, what))
 }
 
 fn main() {
