@@ -17,15 +17,14 @@ const CREATE: &str = env!("CARGO_BIN_EXE_overlaybd-create");
 const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
 
 fn fixtures() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/overlaybd-reference");
-    let p = if p.exists() {
-        p
-    } else {
-        PathBuf::from("/work/shared/fixtures/overlaybd-reference")
-    };
+    let p = std::env::var_os("OVERLAYBD_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/overlaybd-reference")
+        });
     assert!(
         p.join("baselayer/ext4_64").exists(),
-        "fixture directory {} is missing",
+        "fixtures not found at {} (set OVERLAYBD_FIXTURES)",
         p.display()
     );
     p
