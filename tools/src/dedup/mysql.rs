@@ -1,0 +1,330 @@
+//! MySQL / MariaDB backend: upstream's queries over a small synchronous connection pool.
+//!
+//! The tables are not created here (a DBA creates them with `scripts/mysql-schema.sql`); at
+//! connect time we check that both tables answer a `SELECT ... LIMIT 0` with upstream's column
+//! list, so a missing table or privilege fails before any conversion. The account needs only
+//! SELECT, INSERT and DELETE on the two tables.
+
+use std::time::Duration;
+
+use ::mysql::prelude::Queryable;
+use ::mysql::{OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledConn};
+
+use super::dsn::{Dsn, Endpoint};
+use super::{Backend, DbError, Insert, LayerRow, ManifestRow};
+
+/// MySQL error codes we react to.
+const ER_DUP_ENTRY: u16 = 1062;
+const ER_NO_SUCH_TABLE: u16 = 1146;
+const ER_TABLEACCESS_DENIED: u16 = 1142;
+const ER_BAD_FIELD: u16 = 1054;
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+const ER_LOCK_DEADLOCK: u16 = 1213;
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Enough for the per-layer lookups of a few manifests converted at once.
+const POOL_MAX: usize = 16;
+const ATTEMPTS: usize = 3;
+
+pub(crate) struct MysqlBackend {
+    pool: Pool,
+    target: String,
+}
+
+impl std::fmt::Debug for MysqlBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlBackend")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+const LAYER_COLS: &str = "host, repo, chain_id, data_digest, data_size";
+const MANIFEST_COLS: &str = "host, repo, src_digest, out_digest, data_size, mediatype";
+
+type LayerTuple = (String, String, String, String, i64);
+type ManifestTuple = (String, String, String, String, i64, String);
+
+fn layer_row((host, repo, chain_id, data_digest, data_size): LayerTuple) -> LayerRow {
+    LayerRow {
+        host,
+        repo,
+        chain_id,
+        data_digest,
+        data_size,
+    }
+}
+
+fn manifest_row(
+    (host, repo, src_digest, out_digest, data_size, mediatype): ManifestTuple,
+) -> ManifestRow {
+    ManifestRow {
+        host,
+        repo,
+        src_digest,
+        out_digest,
+        data_size,
+        mediatype,
+    }
+}
+
+fn server_code(e: &::mysql::Error) -> Option<u16> {
+    match e {
+        ::mysql::Error::MySqlError(m) => Some(m.code),
+        _ => None,
+    }
+}
+
+fn is_retryable(e: &::mysql::Error) -> bool {
+    e.is_connectivity_error()
+        || matches!(
+            server_code(e),
+            Some(ER_LOCK_DEADLOCK) | Some(ER_LOCK_WAIT_TIMEOUT)
+        )
+}
+
+impl MysqlBackend {
+    /// Connects (one connection is opened right away) and checks both tables.
+    pub(crate) fn connect(dsn: &Dsn) -> Result<MysqlBackend, DbError> {
+        let target = format!("{dsn}");
+        let mut opts = OptsBuilder::new()
+            .user((!dsn.user.is_empty()).then(|| dsn.user.clone()))
+            .pass(dsn.password.clone())
+            .db_name(Some(dsn.db_name.clone()))
+            .prefer_socket(false)
+            .tcp_connect_timeout(Some(dsn.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT)))
+            .read_timeout(Some(dsn.read_timeout.unwrap_or(DEFAULT_IO_TIMEOUT)))
+            .write_timeout(Some(dsn.write_timeout.unwrap_or(DEFAULT_IO_TIMEOUT)))
+            .pool_opts(
+                PoolOpts::default()
+                    .with_constraints(PoolConstraints::new(1, POOL_MAX).expect("1 <= max"))
+                    .with_reset_connection(false),
+            );
+        opts = match &dsn.endpoint {
+            Endpoint::Tcp { host, port } => opts.ip_or_hostname(Some(host.clone())).tcp_port(*port),
+            Endpoint::Unix(path) => opts.socket(Some(path.clone())),
+        };
+        let pool = Pool::new(opts).map_err(|source| DbError::MysqlConnect {
+            target: target.clone(),
+            source,
+        })?;
+        let backend = MysqlBackend { pool, target };
+        backend.check_schema()?;
+        Ok(backend)
+    }
+
+    fn check_schema(&self) -> Result<(), DbError> {
+        let mut conn = self.conn()?;
+        for (table, cols) in [
+            ("overlaybd_layers", LAYER_COLS),
+            ("overlaybd_manifests", MANIFEST_COLS),
+        ] {
+            let q = format!("SELECT {cols} FROM {table} LIMIT 0");
+            if let Err(e) = conn.query_drop(&q) {
+                let detail = match server_code(&e) {
+                    Some(ER_NO_SUCH_TABLE) => format!(
+                        "table {table} does not exist; create the tables with scripts/mysql-setup.sh or scripts/mysql-schema.sql"
+                    ),
+                    Some(ER_TABLEACCESS_DENIED) => format!(
+                        "the user may not read table {table}; grant SELECT, INSERT, DELETE on it ({e})"
+                    ),
+                    Some(ER_BAD_FIELD) => format!(
+                        "table {table} lacks upstream's columns ({cols}): {e}"
+                    ),
+                    _ => format!("checking table {table}: {e}"),
+                };
+                return Err(DbError::MysqlSchema {
+                    target: self.target.clone(),
+                    detail,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn conn(&self) -> Result<PooledConn, DbError> {
+        self.pool
+            .get_conn()
+            .map_err(|source| DbError::MysqlConnect {
+                target: self.target.clone(),
+                source,
+            })
+    }
+
+    /// Runs `f` on a pooled connection, retrying lost connections and InnoDB deadlocks.
+    fn run<T>(
+        &self,
+        op: &'static str,
+        mut f: impl FnMut(&mut PooledConn) -> Result<T, ::mysql::Error>,
+    ) -> Result<T, DbError> {
+        let mut last = None;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(20 * attempt as u64));
+            }
+            let mut conn = match self.pool.get_conn() {
+                Ok(c) => c,
+                Err(e) if is_retryable(&e) => {
+                    last = Some(e);
+                    continue;
+                }
+                Err(source) => {
+                    return Err(DbError::MysqlConnect {
+                        target: self.target.clone(),
+                        source,
+                    })
+                }
+            };
+            match f(&mut conn) {
+                Ok(v) => return Ok(v),
+                Err(e) if is_retryable(&e) => last = Some(e),
+                Err(source) => {
+                    return Err(DbError::Mysql {
+                        target: self.target.clone(),
+                        op,
+                        source,
+                    })
+                }
+            }
+        }
+        Err(DbError::Mysql {
+            target: self.target.clone(),
+            op,
+            source: last.expect("at least one attempt"),
+        })
+    }
+
+    fn insert(
+        &self,
+        op: &'static str,
+        sql: &'static str,
+        params: ::mysql::Params,
+    ) -> Result<Insert, DbError> {
+        self.run(op, |c| match c.exec_drop(sql, params.clone()) {
+            Ok(()) => Ok(Insert::Inserted),
+            Err(e) if server_code(&e) == Some(ER_DUP_ENTRY) => Ok(Insert::Duplicate),
+            Err(e) => Err(e),
+        })
+    }
+
+    fn delete(
+        &self,
+        op: &'static str,
+        sql: &'static str,
+        params: ::mysql::Params,
+    ) -> Result<u64, DbError> {
+        self.run(op, |c| {
+            c.exec_drop(sql, params.clone())?;
+            Ok(c.affected_rows())
+        })
+    }
+}
+
+impl Backend for MysqlBackend {
+    fn describe(&self) -> String {
+        format!("mysql {}", self.target)
+    }
+
+    fn insert_layer(&self, r: &LayerRow) -> Result<Insert, DbError> {
+        self.insert(
+            "insert into overlaybd_layers",
+            "insert into overlaybd_layers(host, repo, chain_id, data_digest, data_size) values(?, ?, ?, ?, ?)",
+            (&r.host, &r.repo, &r.chain_id, &r.data_digest, r.data_size).into(),
+        )
+    }
+
+    fn get_layer(
+        &self,
+        host: &str,
+        repo: &str,
+        chain_id: &str,
+    ) -> Result<Option<LayerRow>, DbError> {
+        self.run("select from overlaybd_layers", |c| {
+            c.exec_first::<LayerTuple, _, _>(
+                "select host, repo, chain_id, data_digest, data_size from overlaybd_layers where host=? and repo=? and chain_id=?",
+                (host, repo, chain_id),
+            )
+        })
+        .map(|r| r.map(layer_row))
+    }
+
+    fn get_layers(&self, host: &str, chain_id: &str) -> Result<Vec<LayerRow>, DbError> {
+        self.run("select from overlaybd_layers", |c| {
+            c.exec::<LayerTuple, _, _>(
+                "select host, repo, chain_id, data_digest, data_size from overlaybd_layers where host=? and chain_id=?",
+                (host, chain_id),
+            )
+        })
+        .map(|v| v.into_iter().map(layer_row).collect())
+    }
+
+    fn delete_layer(&self, host: &str, repo: &str, chain_id: &str) -> Result<u64, DbError> {
+        self.delete(
+            "delete from overlaybd_layers",
+            "delete from overlaybd_layers where host=? and repo=? and chain_id=?",
+            (host, repo, chain_id).into(),
+        )
+    }
+
+    fn insert_manifest(&self, r: &ManifestRow) -> Result<Insert, DbError> {
+        self.insert(
+            "insert into overlaybd_manifests",
+            "insert into overlaybd_manifests(host, repo, src_digest, out_digest, data_size, mediatype) values(?, ?, ?, ?, ?, ?)",
+            (
+                &r.host,
+                &r.repo,
+                &r.src_digest,
+                &r.out_digest,
+                r.data_size,
+                &r.mediatype,
+            )
+                .into(),
+        )
+    }
+
+    fn get_manifest(
+        &self,
+        host: &str,
+        repo: &str,
+        src_digest: &str,
+        mediatype: &str,
+    ) -> Result<Option<ManifestRow>, DbError> {
+        self.run("select from overlaybd_manifests", |c| {
+            c.exec_first::<ManifestTuple, _, _>(
+                "select host, repo, src_digest, out_digest, data_size, mediatype from overlaybd_manifests where host=? and repo=? and src_digest=? and mediatype=?",
+                (host, repo, src_digest, mediatype),
+            )
+        })
+        .map(|r| r.map(manifest_row))
+    }
+
+    fn get_manifests(
+        &self,
+        host: &str,
+        src_digest: &str,
+        mediatype: &str,
+    ) -> Result<Vec<ManifestRow>, DbError> {
+        self.run("select from overlaybd_manifests", |c| {
+            c.exec::<ManifestTuple, _, _>(
+                "select host, repo, src_digest, out_digest, data_size, mediatype from overlaybd_manifests where host=? and src_digest=? and mediatype=?",
+                (host, src_digest, mediatype),
+            )
+        })
+        .map(|v| v.into_iter().map(manifest_row).collect())
+    }
+
+    fn delete_manifest(
+        &self,
+        host: &str,
+        repo: &str,
+        src_digest: &str,
+        mediatype: &str,
+    ) -> Result<u64, DbError> {
+        self.delete(
+            "delete from overlaybd_manifests",
+            "delete from overlaybd_manifests where host=? and repo=? and src_digest=? and mediatype=?",
+            (host, repo, src_digest, mediatype).into(),
+        )
+    }
+}
