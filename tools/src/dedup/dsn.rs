@@ -180,9 +180,11 @@ impl Dsn {
                 let path = addr.filter(|a| !a.is_empty()).unwrap_or("/tmp/mysql.sock");
                 Endpoint::Unix(path.to_string())
             }
-            other => return err(format!(
+            other => {
+                return err(format!(
                 "unsupported network {other:?} (expected tcp(host:port) or unix(/path/to/socket))"
-            )),
+            ))
+            }
         };
 
         let rest = &dsn[slash + 1..];
