@@ -61,7 +61,7 @@ sql_quote() { local s=${1//\\/\\\\}; s=${s//\'/\'\'}; printf "'%s'" "$s"; }
         echo "GRANT SELECT, INSERT, DELETE ON \`$db\`.overlaybd_layers TO $account;"
         echo "GRANT SELECT, INSERT, DELETE ON \`$db\`.overlaybd_manifests TO $account;"
     fi
-} | "$client" --batch "$@"
+} | "$client" "$@" --batch
 
 echo "mysql-setup.sh: database $db ready${user:+, account $user@$user_host can use it}"
 if [ -n "$user" ]; then
