@@ -227,8 +227,7 @@ pub fn select_kind(db_type: &str, db_str: &str) -> Result<Option<DbKind>, DbErro
 /// Opens the dedup database named by `--db-type` / `--db-str` (see [`select_kind`]), connects,
 /// and checks that the tables are usable, so that a bad setting fails before any conversion
 /// work. `format_key` namespaces every row (see the module doc); pass the tool's output format
-/// version plus anything else that changes the converted bytes, e.g.
-/// `"overlaybd-rs/1;vsize=64;mkfs"`. `Ok(None)` means dedup is off.
+/// version plus anything else that changes the converted bytes (see [`format_key`]). `Ok(None)` means dedup is off.
 pub fn open(
     db_type: &str,
     db_str: &str,
@@ -252,6 +251,21 @@ pub fn open(
         backend,
         format: format_key.to_string(),
     })))
+}
+
+/// Builds a format key: the tool's output format version followed by `;name=value` for each
+/// conversion option that changes the converted bytes, e.g.
+/// `format_key("overlaybd-rs/1", &[("vsize", "64"), ("mkfs", "true")])` is
+/// `"overlaybd-rs/1;vsize=64;mkfs=true"`. [`open`] validates the result.
+pub fn format_key(version: &str, options: &[(&str, &str)]) -> String {
+    let mut k = version.to_string();
+    for (name, value) in options {
+        k.push(';');
+        k.push_str(name);
+        k.push('=');
+        k.push_str(value);
+    }
+    k
 }
 
 fn validate_format_key(f: &str) -> Result<(), DbError> {
@@ -650,7 +664,9 @@ mod tests {
 
     #[test]
     fn format_keys() {
-        assert!(validate_format_key("overlaybd-rs/1;vsize=64;mkfs").is_ok());
+        let k = format_key("overlaybd-rs/1", &[("vsize", "64"), ("mkfs", "true")]);
+        assert_eq!(k, "overlaybd-rs/1;vsize=64;mkfs=true");
+        assert!(validate_format_key(&k).is_ok());
         for bad in ["", "a#b", "a b", "a:b", "Obd/1", &"x".repeat(101)] {
             assert!(validate_format_key(bad).is_err(), "{bad}");
         }

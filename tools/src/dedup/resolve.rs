@@ -1011,4 +1011,46 @@ mod tests {
         assert_eq!(s.stale_rows_deleted, 2, "{s}");
         assert_eq!((s.manifest_hits_same_repo, s.manifest_hits_copied), (1, 1));
     }
+
+    #[test]
+    fn dedup_is_shareable_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Dedup>();
+    }
+
+    /// Two workers (separate handles on one database file) convert the same layers at the same
+    /// time: each either converts and records, or reuses; nobody fails, no conflict, one row.
+    #[test]
+    fn two_workers_racing_on_the_same_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let workers = [dedup(&dir, "test/1"), dedup(&dir, "test/1")];
+        let reg = MemRegistry::default();
+        let barrier = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            for w in &workers {
+                let (reg, barrier) = (&reg, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    for i in 0..30u8 {
+                        let chain = format!("sha256:{:064x}", i);
+                        let blob = format!("sha256:{:064x}", 1000 + i as u32);
+                        if w.lookup_layer(reg, t("app"), &chain) == LayerLookup::Miss {
+                            // "convert" deterministically and push, then record
+                            reg.put_blob("app", &blob);
+                            assert!(w.record_layer(t("app"), &chain, &blob, 10));
+                        }
+                    }
+                });
+            }
+        });
+        let stats: Vec<DedupStats> = workers.iter().map(|w| w.stats()).collect();
+        let sum = |f: fn(&DedupStats) -> u64| stats.iter().map(f).sum::<u64>();
+        assert_eq!(sum(|s| s.conflicts) + sum(|s| s.db_errors), 0, "{stats:?}");
+        assert_eq!(
+            sum(|s| s.layer_misses) + sum(|s| s.layer_hits_same_repo),
+            60
+        );
+        assert_eq!(sum(|s| s.layers_recorded), 30, "one row per layer");
+        assert!(sum(|s| s.layer_hits_same_repo) <= 30);
+    }
 }
