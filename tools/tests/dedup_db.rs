@@ -696,6 +696,7 @@ fn mysql_bad_password_names_the_user_not_the_password() {
         "{e}"
     );
     assert!(e.contains("Access denied"), "{e}");
+    assert!(e.contains("check the user and password in --db-str"), "{e}");
     assert!(!e.contains("wrong-Secret-9"), "{e}");
 }
 
@@ -733,7 +734,8 @@ fn mysql_missing_database_and_tables() {
             m.port
         ),
     );
-    assert!(e.contains("no_such_db"), "{e}");
+    assert!(e.contains("Unknown database 'no_such_db'"), "{e}");
+    assert!(e.contains("scripts/mysql-setup.sh --db"), "{e}");
     assert!(!e.contains(dedup_support::TEST_PASSWORD), "{e}");
 
     let empty = dedup_support::with_shared(|s| {

@@ -95,18 +95,15 @@ pub enum DbError {
         dsn: String,
         source: dsn::DsnError,
     },
-    #[error("cannot connect to MySQL {target}: {source}")]
-    MysqlConnect {
-        target: String,
-        source: ::mysql::Error,
-    },
+    #[error("cannot connect to MySQL {target}: {detail}")]
+    MysqlConnect { target: String, detail: String },
     #[error("MySQL {target} is not ready for dedup: {detail}")]
     MysqlSchema { target: String, detail: String },
-    #[error("MySQL {target}: {op}: {source}")]
+    #[error("MySQL {target}: {op}: {detail}")]
     Mysql {
         target: String,
         op: &'static str,
-        source: ::mysql::Error,
+        detail: String,
     },
     #[error("cannot use SQLite database {path}: {detail}")]
     SqliteOpen { path: PathBuf, detail: String },
@@ -184,6 +181,17 @@ pub trait ConversionDatabase: Send + Sync + fmt::Debug {
     fn delete_manifest_entry(&self, key: ManifestKey<'_>) -> Result<bool, DbError>;
 }
 
+/// `--help` text for the convertor's `--db-type` flag.
+pub const DB_TYPE_HELP: &str = "Dedup database type: mysql, sqlite, or none. Empty (the default) with an empty \
+--db-str disables dedup; empty with --db-str set means mysql for a DSN like user:pass@tcp(host:port)/db and \
+sqlite for anything else (a file path)";
+
+/// `--help` text for the convertor's `--db-str` flag.
+pub const DB_STR_HELP: &str = "Dedup database: for mysql a go-sql-driver DSN \
+user:pass@tcp(host:port)/dbname (or unix(/socket)), tables from scripts/mysql-schema.sql; for sqlite the \
+database file path (created if missing). Converted layers and manifests recorded there are reused instead of \
+converted again";
+
 /// Which backend `--db-type` / `--db-str` select.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DbKind {
@@ -236,6 +244,15 @@ pub fn open(
     let Some(kind) = select_kind(db_type, db_str)? else {
         return Ok(None);
     };
+    if db_type.trim().is_empty() {
+        tracing::info!(
+            "dedup: --db-type not given, treating --db-str as {}",
+            match kind {
+                DbKind::Mysql => "a MySQL DSN",
+                DbKind::Sqlite => "an SQLite file path",
+            }
+        );
+    }
     validate_format_key(format_key)?;
     let backend: Box<dyn Backend> = match kind {
         DbKind::Mysql => {

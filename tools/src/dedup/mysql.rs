@@ -15,6 +15,8 @@ use super::{Backend, DbError, Insert, LayerRow, ManifestRow};
 
 /// MySQL error codes we react to.
 const ER_DUP_ENTRY: u16 = 1062;
+const ER_ACCESS_DENIED: u16 = 1045;
+const ER_BAD_DB: u16 = 1049;
 const ER_NO_SUCH_TABLE: u16 = 1146;
 const ER_TABLEACCESS_DENIED: u16 = 1142;
 const ER_BAD_FIELD: u16 = 1054;
@@ -76,6 +78,29 @@ fn server_code(e: &::mysql::Error) -> Option<u16> {
     }
 }
 
+/// The text of a driver error without the crate's `MySqlError { ... }` wrapping.
+fn error_text(e: &::mysql::Error) -> String {
+    match e {
+        ::mysql::Error::MySqlError(m) => format!("{} (MySQL error {})", m.message, m.code),
+        ::mysql::Error::DriverError(d) => d.to_string(),
+        ::mysql::Error::IoError(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// A connect error with a hint for the usual causes.
+fn connect_error(target: &str, e: &::mysql::Error) -> DbError {
+    let hint = match server_code(e) {
+        Some(ER_ACCESS_DENIED) => "; check the user and password in --db-str",
+        Some(ER_BAD_DB) => "; create it with scripts/mysql-setup.sh --db <name>",
+        _ => "",
+    };
+    DbError::MysqlConnect {
+        target: target.to_string(),
+        detail: format!("{}{hint}", error_text(e)),
+    }
+}
+
 fn is_retryable(e: &::mysql::Error) -> bool {
     e.is_connectivity_error()
         || matches!(
@@ -105,10 +130,7 @@ impl MysqlBackend {
             Endpoint::Tcp { host, port } => opts.ip_or_hostname(Some(host.clone())).tcp_port(*port),
             Endpoint::Unix(path) => opts.socket(Some(path.clone())),
         };
-        let pool = Pool::new(opts).map_err(|source| DbError::MysqlConnect {
-            target: target.clone(),
-            source,
-        })?;
+        let pool = Pool::new(opts).map_err(|e| connect_error(&target, &e))?;
         let backend = MysqlBackend { pool, target };
         backend.check_schema()?;
         Ok(backend)
@@ -127,12 +149,12 @@ impl MysqlBackend {
                         "table {table} does not exist; create the tables with scripts/mysql-setup.sh or scripts/mysql-schema.sql"
                     ),
                     Some(ER_TABLEACCESS_DENIED) => format!(
-                        "the user may not read table {table}; grant SELECT, INSERT, DELETE on it ({e})"
+                        "the user may not read table {table}; grant SELECT, INSERT, DELETE on it ({})", error_text(&e)
                     ),
                     Some(ER_BAD_FIELD) => format!(
-                        "table {table} lacks upstream's columns ({cols}): {e}"
+                        "table {table} lacks upstream's columns ({cols}): {}", error_text(&e)
                     ),
-                    _ => format!("checking table {table}: {e}"),
+                    _ => format!("checking table {table}: {}", error_text(&e)),
                 };
                 return Err(DbError::MysqlSchema {
                     target: self.target.clone(),
@@ -146,10 +168,7 @@ impl MysqlBackend {
     fn conn(&self) -> Result<PooledConn, DbError> {
         self.pool
             .get_conn()
-            .map_err(|source| DbError::MysqlConnect {
-                target: self.target.clone(),
-                source,
-            })
+            .map_err(|e| connect_error(&self.target, &e))
     }
 
     /// Runs `f` on a pooled connection, retrying lost connections and InnoDB deadlocks.
@@ -169,21 +188,16 @@ impl MysqlBackend {
                     last = Some(e);
                     continue;
                 }
-                Err(source) => {
-                    return Err(DbError::MysqlConnect {
-                        target: self.target.clone(),
-                        source,
-                    })
-                }
+                Err(e) => return Err(connect_error(&self.target, &e)),
             };
             match f(&mut conn) {
                 Ok(v) => return Ok(v),
                 Err(e) if is_retryable(&e) => last = Some(e),
-                Err(source) => {
+                Err(e) => {
                     return Err(DbError::Mysql {
                         target: self.target.clone(),
                         op,
-                        source,
+                        detail: error_text(&e),
                     })
                 }
             }
@@ -191,7 +205,7 @@ impl MysqlBackend {
         Err(DbError::Mysql {
             target: self.target.clone(),
             op,
-            source: last.expect("at least one attempt"),
+            detail: error_text(&last.expect("at least one attempt")),
         })
     }
 
