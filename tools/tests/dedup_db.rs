@@ -902,3 +902,26 @@ fn mysql_setup_script() {
 fn missing_server_binary_is_a_clear_failure() {
     dedup_support::find_binary("mariadbd-that-does-not-exist");
 }
+
+/// A long conversion run survives a database restart: the pool reconnects to the restarted
+/// server and carries on.
+#[test]
+fn mysql_reconnects_after_a_server_restart() {
+    let mut m = dedup_support::MariaDb::start();
+    let name = m.fresh_database("t");
+    let db = open("mysql", &m.dsn(&name), FORMAT).unwrap().unwrap();
+    assert_eq!(
+        db.create_layer_entry(&layer("app", 1, 2, 3)).unwrap(),
+        StoreOutcome::Inserted
+    );
+    m.restart();
+    assert_eq!(
+        db.get_layer_entry_for_repo(lkey("app", &digest(1)))
+            .unwrap(),
+        Some(layer("app", 1, 2, 3))
+    );
+    assert_eq!(
+        db.create_layer_entry(&layer("app", 4, 5, 6)).unwrap(),
+        StoreOutcome::Inserted
+    );
+}

@@ -28,7 +28,15 @@ pub struct MariaDb {
     dir: tempfile::TempDir,
     pub port: u16,
     pub socket: PathBuf,
+    server: PathBuf,
 }
+
+/// Small memory and log sizes: a test server holds a few hundred rows.
+const COMMON_ARGS: [&str; 3] = [
+    "--innodb-buffer-pool-size=32M",
+    "--innodb-log-file-size=8M",
+    "--skip-name-resolve",
+];
 
 pub fn find_binary(name: &str) -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
@@ -80,18 +88,13 @@ impl MariaDb {
         let data = dir.path().join("data");
         let socket = dir.path().join("mariadbd.sock");
         let root = running_as_root();
-        let common = [
-            "--innodb-buffer-pool-size=32M".to_string(),
-            "--innodb-log-file-size=8M".to_string(),
-            "--skip-name-resolve".to_string(),
-        ];
 
         let mut cmd = Command::new(&install);
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
             .arg("--auth-root-authentication-method=normal")
             .arg("--skip-test-db")
-            .args(&common)
+            .args(COMMON_ARGS)
             .stdin(Stdio::null());
         if root {
             cmd.arg("--user=root");
@@ -108,26 +111,38 @@ impl MariaDb {
             String::from_utf8_lossy(&out.stderr)
         );
 
-        let port = free_port();
-        let log = dir.path().join("error.log");
-        let mut cmd = Command::new(&server);
+        let mut db = MariaDb {
+            child: None,
+            dir,
+            port: free_port(),
+            socket,
+            server,
+        };
+        db.spawn_server();
+        db.setup_account();
+        db
+    }
+
+    /// Starts `mariadbd` on the data dir, port and socket of `self`, and waits until it accepts
+    /// connections.
+    fn spawn_server(&mut self) {
+        let dir = self.dir.path();
+        let log = dir.join("error.log");
+        let mut cmd = Command::new(&self.server);
         cmd.arg("--no-defaults")
-            .arg(format!("--datadir={}", data.display()))
-            .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--port={port}"))
+            .arg(format!("--datadir={}", dir.join("data").display()))
+            .arg(format!("--socket={}", self.socket.display()))
+            .arg(format!("--port={}", self.port))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--log-error={}", log.display()))
-            .arg(format!(
-                "--pid-file={}",
-                dir.path().join("mariadbd.pid").display()
-            ))
+            .arg(format!("--pid-file={}", dir.join("mariadbd.pid").display()))
             .arg("--skip-log-bin")
             .arg("--innodb-flush-log-at-trx-commit=0")
-            .args(&common)
+            .args(COMMON_ARGS)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if root {
+        if running_as_root() {
             cmd.arg("--user=root");
         }
         let parent = std::process::id();
@@ -144,16 +159,30 @@ impl MariaDb {
         }
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", server.display()));
-        let mut db = MariaDb {
-            child: Some(child),
-            dir,
-            port,
-            socket,
-        };
-        db.wait_ready(&log);
-        db.setup_account();
-        db
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.server.display()));
+        self.child = Some(child);
+        self.wait_ready(&log);
+    }
+
+    /// Shuts the server down (SIGTERM, a clean shutdown) and starts it again on the same data,
+    /// port and socket.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let status = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .expect("running kill");
+            assert!(status.success(), "kill -TERM mariadbd failed");
+            let _ = c.wait();
+        }
+        self.spawn_server();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     fn wait_ready(&mut self, log: &Path) {
@@ -242,10 +271,7 @@ impl MariaDb {
 
 impl Drop for MariaDb {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.stop();
     }
 }
 
