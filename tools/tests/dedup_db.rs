@@ -925,3 +925,163 @@ fn mysql_reconnects_after_a_server_restart() {
         StoreOutcome::Inserted
     );
 }
+
+/// A test CA and a server certificate for 127.0.0.1, made with the openssl CLI.
+fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("running openssl (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut a = vec![
+        "req",
+        "-x509",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=obd dedup test CA",
+    ];
+    a.extend(ec);
+    a.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    run(&a);
+    let mut a = vec!["req", "-subj", "/CN=127.0.0.1"];
+    a.extend(ec);
+    a.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    run(&a);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+/// Opens the database named by DEDUP_CHILD_DB_STR in a fresh process (so that environment
+/// variables such as SSL_CERT_FILE apply) and stores one row.
+#[test]
+#[ignore = "helper process, started by the TLS test"]
+fn open_child() {
+    let Ok(dsn) = std::env::var("DEDUP_CHILD_DB_STR") else {
+        eprintln!("open_child: not started by a test; nothing to do");
+        return;
+    };
+    let db = open("mysql", &dsn, FORMAT)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap();
+    assert_eq!(
+        db.create_layer_entry(&layer("child", 1, 2, 3)).unwrap(),
+        StoreOutcome::Inserted
+    );
+    println!("OPEN-CHILD-OK");
+}
+
+fn open_in_child(dsn: &str, ssl_cert_file: Option<&Path>) -> Result<(), String> {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "open_child",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("DEDUP_CHILD_DB_STR", dsn)
+    .env_remove("SSL_CERT_FILE");
+    if let Some(f) = ssl_cert_file {
+        cmd.env("SSL_CERT_FILE", f);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && stdout.contains("OPEN-CHILD-OK") {
+        Ok(())
+    } else {
+        Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// `tls=` as go-sql-driver: against a server that requires TLS, `skip-verify` and `preferred`
+/// connect, `true` verifies the chain against the system store (fails for a private CA, works
+/// once SSL_CERT_FILE names it), `false` is refused by the server. Against a server without
+/// TLS, `preferred` falls back to plain and `true` fails clearly.
+#[test]
+fn mysql_tls_modes() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let m = dedup_support::MariaDb::start_with(&[
+        format!("--ssl-ca={}", p("ca.pem")),
+        format!("--ssl-cert={}", p("server.pem")),
+        format!("--ssl-key={}", p("server.key")),
+        "--require-secure-transport=ON".into(),
+    ]);
+    let name = m.fresh_database("tls");
+    let dsn = |tls: &str| format!("{}?tls={tls}", m.dsn(&name));
+
+    for mode in ["skip-verify", "preferred"] {
+        let db = open("mysql", &dsn(mode), FORMAT)
+            .unwrap_or_else(|e| panic!("tls={mode}: {e}"))
+            .unwrap();
+        assert!(matches!(
+            db.create_layer_entry(&layer(mode, 1, 2, 3)).unwrap(),
+            StoreOutcome::Inserted
+        ));
+    }
+    // Refused by the server (MariaDB answers "Access denied" to plain connections here).
+    let e = open_err("mysql", &dsn("false"));
+    assert!(e.contains("cannot connect to MySQL"), "{e}");
+    let e = open_err("mysql", &dsn("true"));
+    assert!(
+        e.contains("cannot connect") && e.to_lowercase().contains("cert"),
+        "{e}"
+    );
+    open_in_child(&dsn("true"), Some(&certs.path().join("ca.pem")))
+        .unwrap_or_else(|e| panic!("tls=true with SSL_CERT_FILE=ca.pem: {e}"));
+    let rows = open("mysql", &dsn("skip-verify"), FORMAT)
+        .unwrap()
+        .unwrap()
+        .get_cross_repo_layer_entries(HOST, &digest(1))
+        .unwrap();
+    assert_eq!(
+        rows.len(),
+        3,
+        "skip-verify, preferred and the child: {rows:?}"
+    );
+
+    // The shared server has no TLS.
+    let plain = dedup_support::with_shared(|s| {
+        let db = s.fresh_database("t");
+        s.dsn(&db)
+    });
+    assert!(open("mysql", &format!("{plain}?tls=preferred"), FORMAT).is_ok());
+    let e = open_err("mysql", &format!("{plain}?tls=true"));
+    assert!(e.contains("does not offer TLS"), "{e}");
+}

@@ -39,6 +39,21 @@ impl fmt::Display for Endpoint {
     }
 }
 
+/// The `tls=` parameter, with the Go driver's meanings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// `tls=false` (the default): plain connection.
+    #[default]
+    Off,
+    /// `tls=true`: TLS, server certificate verified against the system CA store (as Go:
+    /// `SSL_CERT_FILE` if set, else the distribution's bundle) and the host name.
+    Verify,
+    /// `tls=skip-verify`: TLS without certificate verification.
+    SkipVerify,
+    /// `tls=preferred`: TLS without verification when the server offers it, else plain.
+    Preferred,
+}
+
 /// A parsed go-sql-driver DSN. `Debug` and `Display` never show the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Dsn {
@@ -52,6 +67,8 @@ pub struct Dsn {
     pub read_timeout: Option<Duration>,
     /// `writeTimeout=`.
     pub write_timeout: Option<Duration>,
+    /// `tls=`.
+    pub tls: TlsMode,
 }
 
 impl fmt::Debug for Dsn {
@@ -64,6 +81,7 @@ impl fmt::Debug for Dsn {
             .field("connect_timeout", &self.connect_timeout)
             .field("read_timeout", &self.read_timeout)
             .field("write_timeout", &self.write_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -206,6 +224,7 @@ impl Dsn {
             connect_timeout: None,
             read_timeout: None,
             write_timeout: None,
+            tls: TlsMode::Off,
         };
         if let Some(params) = params {
             for pair in params.split('&').filter(|p| !p.is_empty()) {
@@ -217,19 +236,23 @@ impl Dsn {
                     "timeout" => out.connect_timeout = Some(parse_go_duration(key, &value)?),
                     "readTimeout" => out.read_timeout = Some(parse_go_duration(key, &value)?),
                     "writeTimeout" => out.write_timeout = Some(parse_go_duration(key, &value)?),
-                    "tls" => match value.as_str() {
-                        "false" | "" => {}
-                        "preferred" => {}
-                        other => {
-                            return err(format!(
-                                "tls={other} is not supported by this build (only tls=false or tls=preferred, which connects without TLS)"
-                            ))
+                    "tls" => {
+                        out.tls = match value.as_str() {
+                            "1" | "t" | "T" | "true" | "TRUE" | "True" => TlsMode::Verify,
+                            "0" | "f" | "F" | "false" | "FALSE" | "False" => TlsMode::Off,
+                            "skip-verify" => TlsMode::SkipVerify,
+                            "preferred" => TlsMode::Preferred,
+                            other => {
+                                return err(format!(
+                                    "tls={other}: named TLS configurations exist only in Go programs; use tls=true (CA from the system store or SSL_CERT_FILE), tls=skip-verify or tls=preferred"
+                                ))
+                            }
                         }
-                    },
+                    }
                     k if IGNORED_PARAMS.contains(&k) => {}
                     other => {
                         return err(format!(
-                            "unsupported parameter {other:?} (supported: timeout, readTimeout, writeTimeout, tls=false; ignored: {})",
+                            "unsupported parameter {other:?} (supported: timeout, readTimeout, writeTimeout, tls; ignored: {})",
                             IGNORED_PARAMS.join(", ")
                         ))
                     }
@@ -425,6 +448,17 @@ mod tests {
         assert_eq!(d.db_name, "my/db");
         assert_eq!(d.read_timeout, Some(Duration::from_secs(90)));
         assert_eq!(d.write_timeout, Some(Duration::from_millis(250)));
+        assert_eq!(d.tls, TlsMode::Off);
+        for (v, mode) in [
+            ("true", TlsMode::Verify),
+            ("1", TlsMode::Verify),
+            ("skip-verify", TlsMode::SkipVerify),
+            ("preferred", TlsMode::Preferred),
+            ("false", TlsMode::Off),
+        ] {
+            let d = Dsn::parse(&format!("u:p@tcp(h:1)/db?tls={v}")).unwrap();
+            assert_eq!(d.tls, mode, "{v}");
+        }
     }
 
     #[test]
@@ -442,7 +476,7 @@ mod tests {
                 "u:secretpw@tcp(h:1)/db?foo=bar",
                 "unsupported parameter \"foo\"",
             ),
-            ("u:secretpw@tcp(h:1)/db?tls=true", "tls=true"),
+            ("u:secretpw@tcp(h:1)/db?tls=custom", "tls=custom: named TLS"),
             ("u:secretpw@tcp(::1)/db", "IPv6"),
             ("u:secretpw@tcp(h:1)/d%zzb", "invalid database name"),
         ];

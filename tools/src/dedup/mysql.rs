@@ -4,13 +4,19 @@
 //! connect time we check that both tables answer a `SELECT ... LIMIT 0` with upstream's column
 //! list, so a missing table or privilege fails before any conversion. The account needs only
 //! SELECT, INSERT and DELETE on the two tables.
+//!
+//! TLS follows the DSN's `tls=` parameter with go-sql-driver's meanings (see [`TlsMode`]); it
+//! applies to TCP only, as in Go. The CA store for `tls=true` is Go's on Linux: the file named
+//! by `SSL_CERT_FILE`, else the first distribution bundle found (plus the built-in Mozilla
+//! roots of the client library).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ::mysql::prelude::Queryable;
-use ::mysql::{OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledConn};
+use ::mysql::{DriverError, OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledConn, SslOpts};
 
-use super::dsn::{Dsn, Endpoint};
+use super::dsn::{Dsn, Endpoint, TlsMode};
 use super::{Backend, DbError, Insert, LayerRow, ManifestRow};
 
 /// MySQL error codes we react to.
@@ -84,6 +90,8 @@ fn error_text(e: &::mysql::Error) -> String {
         ::mysql::Error::MySqlError(m) => format!("{} (MySQL error {})", m.message, m.code),
         ::mysql::Error::DriverError(d) => d.to_string(),
         ::mysql::Error::IoError(io) => io.to_string(),
+        ::mysql::Error::TlsError(t) => format!("TLS: {t}"),
+        ::mysql::Error::CodecError(c) => c.to_string(),
         other => other.to_string(),
     }
 }
@@ -109,10 +117,48 @@ fn is_retryable(e: &::mysql::Error) -> bool {
         )
 }
 
+/// CA bundles Go's crypto/x509 reads on Linux, in its order.
+const SYSTEM_CA_FILES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/tls/cacert.pem",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+fn system_ca_file() -> Option<PathBuf> {
+    if let Some(f) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) {
+        return Some(PathBuf::from(f));
+    }
+    SYSTEM_CA_FILES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+fn ssl_opts(mode: TlsMode) -> Option<SslOpts> {
+    match mode {
+        TlsMode::Off => None,
+        TlsMode::Verify => Some(SslOpts::default().with_root_cert_path(system_ca_file())),
+        TlsMode::SkipVerify | TlsMode::Preferred => Some(
+            SslOpts::default()
+                .with_danger_accept_invalid_certs(true)
+                .with_danger_skip_domain_validation(true),
+        ),
+    }
+}
+
 impl MysqlBackend {
     /// Connects (one connection is opened right away) and checks both tables.
     pub(crate) fn connect(dsn: &Dsn) -> Result<MysqlBackend, DbError> {
         let target = format!("{dsn}");
+        if dsn.tls != TlsMode::Off {
+            // The client library builds its TLS config with rustls' process-wide default
+            // provider; make sure there is exactly one (another crate enabling a second rustls
+            // provider would otherwise make that call panic). Fails harmlessly if already set.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let mut opts = OptsBuilder::new()
             .user((!dsn.user.is_empty()).then(|| dsn.user.clone()))
             .pass(dsn.password.clone())
@@ -130,7 +176,21 @@ impl MysqlBackend {
             Endpoint::Tcp { host, port } => opts.ip_or_hostname(Some(host.clone())).tcp_port(*port),
             Endpoint::Unix(path) => opts.socket(Some(path.clone())),
         };
-        let pool = Pool::new(opts).map_err(|e| connect_error(&target, &e))?;
+        let pool = match Pool::new(opts.clone().ssl_opts(ssl_opts(dsn.tls))) {
+            Ok(p) => p,
+            Err(::mysql::Error::DriverError(DriverError::TlsNotSupported))
+                if dsn.tls == TlsMode::Preferred =>
+            {
+                Pool::new(opts).map_err(|e| connect_error(&target, &e))?
+            }
+            Err(::mysql::Error::DriverError(DriverError::TlsNotSupported)) => {
+                return Err(DbError::MysqlConnect {
+                    target,
+                    detail: "the server does not offer TLS, which tls= in --db-str requires".into(),
+                })
+            }
+            Err(e) => return Err(connect_error(&target, &e)),
+        };
         let backend = MysqlBackend { pool, target };
         backend.check_schema()?;
         Ok(backend)

@@ -29,6 +29,7 @@ pub struct MariaDb {
     pub port: u16,
     pub socket: PathBuf,
     server: PathBuf,
+    extra_args: Vec<String>,
 }
 
 /// Small memory and log sizes: a test server holds a few hundred rows.
@@ -79,6 +80,11 @@ impl MariaDb {
     /// Installs a fresh data directory and starts the server; panics with a clear message when
     /// MariaDB is missing or does not come up.
     pub fn start() -> MariaDb {
+        Self::start_with(&[])
+    }
+
+    /// [`MariaDb::start`] with extra `mariadbd` options (e.g. TLS certificates).
+    pub fn start_with(extra_args: &[String]) -> MariaDb {
         let install = find_binary("mariadb-install-db");
         let server = find_binary("mariadbd");
         let dir = tempfile::Builder::new()
@@ -117,6 +123,7 @@ impl MariaDb {
             port: free_port(),
             socket,
             server,
+            extra_args: extra_args.to_vec(),
         };
         db.spawn_server();
         db.setup_account();
@@ -139,6 +146,7 @@ impl MariaDb {
             .arg("--skip-log-bin")
             .arg("--innodb-flush-log-at-trx-commit=0")
             .args(COMMON_ARGS)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
