@@ -34,7 +34,11 @@ server=$(find_bin mariadbd)
 find_bin mariadb >/dev/null
 
 if [ -z "$port" ]; then
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    # a random port nobody answers on
+    for _ in $(seq 50); do
+        port=$((20000 + RANDOM % 40000))
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || break
+    done
 fi
 dir=$(mktemp -d /tmp/obd-mariadb-XXXXXX)
 pid=

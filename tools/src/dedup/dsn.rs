@@ -160,6 +160,11 @@ impl Dsn {
         if dsn.is_empty() {
             return err("the DSN is empty");
         }
+        if dsn.starts_with("mysql://") || dsn.starts_with("mariadb://") {
+            return err(
+                "URL form is not accepted; write the go-sql-driver form user:pass@tcp(host:port)/dbname",
+            );
+        }
         let Some(slash) = dsn.rfind('/') else {
             return err(
                 "no '/' before the database name (expected user:pass@tcp(host:port)/dbname)",
@@ -479,6 +484,7 @@ mod tests {
             ("u:secretpw@tcp(h:1)/db?tls=custom", "tls=custom: named TLS"),
             ("u:secretpw@tcp(::1)/db", "IPv6"),
             ("u:secretpw@tcp(h:1)/d%zzb", "invalid database name"),
+            ("mysql://u:secretpw@h:1/db", "URL form"),
         ];
         for (dsn, want) in cases {
             let e = Dsn::parse(dsn).unwrap_err().to_string();
