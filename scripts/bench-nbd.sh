@@ -10,6 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 FX="${OVERLAYBD_FIXTURES:-$(cd .. && pwd)/shared/fixtures/overlaybd-reference}"
+[ -d "$FX" ] || FX=/work/shared/fixtures/overlaybd-reference
 if [ $# -eq 0 ]; then
     set -- "$FX/baselayer/ext4_64" "$FX/baselayer/commit.lsmt"
 fi

@@ -16,19 +16,7 @@ const NBD: &str = env!("CARGO_BIN_EXE_overlaybd-nbd");
 const CREATE: &str = env!("CARGO_BIN_EXE_overlaybd-create");
 const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
 
-fn fixtures() -> PathBuf {
-    let p = std::env::var_os("OVERLAYBD_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/overlaybd-reference")
-        });
-    assert!(
-        p.join("baselayer/ext4_64").exists(),
-        "fixtures not found at {} (set OVERLAYBD_FIXTURES)",
-        p.display()
-    );
-    p
-}
+use testutil::fixtures;
 
 fn tool(name: &str) -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
