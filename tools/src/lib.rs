@@ -1,1 +1,3 @@
 //! Shared code for the overlaybd command-line tools.
+
+pub mod cli;
