@@ -368,17 +368,16 @@ def image_manifest(img):
     outs = debugfs(img, ["stat <%d>" % i for i in inos])
     for ino, out in zip(inos, outs):
         info[ino] = parse_stat(out)
-    # 3. xattr values and file/symlink contents.
+    # 3. xattr values (to files) and file/symlink contents (catted).
     tmp = tempfile.mkdtemp()
     cmds = []
     for ino in inos:
-        st = info[ino]
-        for k, name in enumerate(st["xattr_names"]):
+        for k, name in enumerate(info[ino]["xattr_names"]):
             cmds.append('ea_get -f %s/x%d_%d <%d> %s' % (tmp, ino, k, ino, name))
-        if st["type"] == "f" or (st["type"] == "l" and st["fast_target"] is None):
-            cmds.append("dump <%d> %s/d%d" % (ino, tmp, ino))
     if cmds:
         debugfs(img, cmds)
+    contents = cat_inodes(img, [i for i in inos if info[i]["type"] == "f" or
+                                (info[i]["type"] == "l" and info[i]["fast_target"] is None)], info)
     by_ino = {}
     for rel, ino in paths.items():
         by_ino.setdefault(ino, []).append(rel)
@@ -392,16 +391,14 @@ def image_manifest(img):
                 e["xattrs"][name] = f.read().hex()
         e["xattrs"] = dict(sorted(e["xattrs"].items()))
         if st["type"] == "f":
-            with open("%s/d%d" % (tmp, ino), "rb") as f:
-                d = f.read()
+            d = contents[ino]
             e["size"] = len(d)
             e["sha256"] = hashlib.sha256(d).hexdigest()
         elif st["type"] == "l":
             if st["fast_target"] is not None:
                 e["target"] = st["fast_target"].hex()
             else:
-                with open("%s/d%d" % (tmp, ino), "rb") as f:
-                    e["target"] = f.read()[:st["size"]].hex()
+                e["target"] = contents[ino].hex()
         elif st["type"] in "cb":
             e["rdev"] = st["rdev"]
         g = by_ino[ino]
@@ -410,6 +407,33 @@ def image_manifest(img):
         man[os.fsdecode(rel)] = e
     subprocess.run(["rm", "-rf", tmp], check=True)
     return man
+
+
+def cat_inodes(img, inos, info):
+    """Contents of inodes via one `debugfs cat` run: each command's echo
+    line is followed by exactly the inode's size in bytes."""
+    if not inos:
+        return {}
+    with tempfile.NamedTemporaryFile("w", suffix=".cmds", delete=False) as f:
+        f.write("".join("cat <%d>\n" % i for i in inos))
+        cmdfile = f.name
+    try:
+        r = subprocess.run(["debugfs", "-f", cmdfile, img], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, check=True)
+    finally:
+        os.unlink(cmdfile)
+    out, pos, res = r.stdout, 0, {}
+    for ino in inos:
+        echo = b"debugfs: cat <%d>\n" % ino
+        if out[pos:pos + len(echo)] != echo:
+            raise SystemExit("unexpected debugfs cat output for inode %d: %r" % (ino, out[pos:pos + 80]))
+        pos += len(echo)
+        n = info[ino]["size"]
+        res[ino] = out[pos:pos + n]
+        if len(res[ino]) != n:
+            raise SystemExit("short debugfs cat output for inode %d" % ino)
+        pos += n
+    return res
 
 
 def parse_stat(out):
