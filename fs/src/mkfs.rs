@@ -37,6 +37,47 @@ pub struct MkfsOptions {
     pub size: Option<u64>,
 }
 
+/// Make sure the inode tables read as zeros. libext2fs does not write them
+/// (mke2fs does, or marks them uninitialised); a fresh layer reads zeros
+/// anyway, so only chunks that hold old data are zeroed, which leaves a new
+/// layer untouched.
+fn zero_inode_tables(fs: &mut Ext2Fs) -> Result<()> {
+    let raw = fs.raw();
+    let bs = fs.block_size();
+    // SAFETY: raw is open; plain field reads.
+    let (groups, per_group) = unsafe {
+        (
+            (*raw).group_desc_count,
+            (*raw).inode_blocks_per_group as u64,
+        )
+    };
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for g in 0..groups {
+        // SAFETY: raw is open and g a valid group.
+        let loc = unsafe { sys::ext2fs_inode_table_loc(raw, g) };
+        match ranges.last_mut() {
+            Some(r) if r.0 + r.1 == loc => r.1 += per_group,
+            _ => ranges.push((loc, per_group)),
+        }
+    }
+    const CHUNK: u64 = 4 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let cache = &mut fs.channel().cache;
+    for (blk, n) in ranges {
+        let (mut off, end) = (blk * bs, (blk + n) * bs);
+        while off < end {
+            let len = (end - off).min(CHUNK);
+            let b = &mut buf[..len as usize];
+            cache.device().read_at(b, off).map_err(Error::Device)?;
+            if b.iter().any(|&x| x != 0) {
+                cache.zero(off, len).map_err(Error::Device)?;
+            }
+            off += len;
+        }
+    }
+    Ok(())
+}
+
 /// Make an empty ext4 filesystem on `dev`.
 pub fn mkfs(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions) -> Result<()> {
     let size = opts.size.unwrap_or_else(|| dev.size());
@@ -105,6 +146,8 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions) -> Result<()> {
     // SAFETY: raw is open; allocates bitmaps and inode tables in memory.
     let rc = unsafe { sys::ext2fs_allocate_tables(raw) };
     fs.check(rc, "allocate the group tables")?;
+
+    zero_inode_tables(&mut fs)?;
 
     let root = sys::EXT2_ROOT_INO as u32;
     // SAFETY: raw is open; creates the root directory (no name, no link).

@@ -9,7 +9,8 @@ compare manifests.
       Describe the tree inside an ext4 image using debugfs (e2fsprogs).
   treecmp.py dir DIR > dir.json
       Describe a real directory tree (a loop mount, an umoci rootfs).
-  treecmp.py compare A.json B.json [--ignore FIELD ...] [--ignore-path PATH ...]
+  treecmp.py compare A.json B.json [--ignore FIELD] [--ignore-path PATH]
+                     [--ignore-xattr NAME] [--ignore-dir-mtime] ...
       Print the differences; exit status 1 if any.
 
 A manifest maps each path (relative, no leading '/', root excluded,
@@ -474,7 +475,13 @@ def parse_stat(out):
 # ---------------------------------------------------------------------------
 
 
-def compare(a, b, ignore=(), ignore_paths=()):
+def compare(a, b, ignore=(), ignore_paths=(), ignore_xattrs=(), ignore_dir_mtime=False):
+    for m in (a, b):
+        for e in m.values():
+            if ignore_dir_mtime and e["type"] == "d":
+                e.pop("mtime", None)
+            for x in ignore_xattrs:
+                e.get("xattrs", {}).pop(x, None)
     diffs = []
     for p in sorted(set(a) | set(b)):
         if any(p == ip or p.startswith(ip + "/") for ip in ignore_paths):
@@ -511,20 +518,24 @@ def main():
         json.dump(dir_manifest(sys.argv[2]), sys.stdout, indent=1, sort_keys=True)
     elif cmd == "compare":
         args = sys.argv[2:]
-        files, ignore, ignore_paths = [], [], []
+        files, ignore, ignore_paths, ignore_xattrs, idm = [], [], [], [], False
         while args:
             x = args.pop(0)
             if x == "--ignore":
                 ignore.append(args.pop(0))
             elif x == "--ignore-path":
                 ignore_paths.append(args.pop(0))
+            elif x == "--ignore-xattr":
+                ignore_xattrs.append(args.pop(0))
+            elif x == "--ignore-dir-mtime":
+                idm = True
             else:
                 files.append(x)
         with open(files[0]) as f:
             a = json.load(f)
         with open(files[1]) as f:
             b = json.load(f)
-        diffs = compare(a, b, ignore, ignore_paths)
+        diffs = compare(a, b, ignore, ignore_paths, ignore_xattrs, idm)
         for d in diffs[:200]:
             print(d)
         if len(diffs) > 200:

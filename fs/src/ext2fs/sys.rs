@@ -1219,6 +1219,9 @@ unsafe extern "C" {
     pub fn ext2fs_free_blocks_count(super_: *mut ext2_super_block) -> blk64_t;
 }
 unsafe extern "C" {
+    pub fn ext2fs_inode_table_loc(fs: ext2_filsys, group: dgrp_t) -> blk64_t;
+}
+unsafe extern "C" {
     pub fn ext2fs_inode_size_set(
         fs: ext2_filsys,
         inode: *mut ext2_inode,
