@@ -880,6 +880,11 @@ impl Applier {
             self.stats.whiteouts += 1;
             if target == b".wh..opq" {
                 for (cname, cd) in self.children(parent)? {
+                    // The root's lost+found belongs to the filesystem, not
+                    // to a layer (e2fsck wants it); an opaque root keeps it.
+                    if parent == ROOT && cname == b"lost+found" {
+                        continue;
+                    }
                     self.remove_lower(parent, &cname, cd)?;
                 }
             } else if target.starts_with(b".wh.") {

@@ -111,6 +111,98 @@ fn layer_set_matches_reference_after_every_layer() {
     assert!(blocks <= (60 + 2) * 8, "sparse file uses {blocks} sectors");
 }
 
+/// Lower directories hashed by e2fsck -D (htree, as the kernel or mke2fs
+/// -d leave big directories): later layers go through libext2fs's htree
+/// insertion and stay consistent.
+#[test]
+fn layer_set_on_hashed_directories() {
+    let set = layer_set();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("fs.img");
+    let dev = mkfs_image(&img, 4 << 30);
+    apply_file(&dev, &set.layers[0]).unwrap();
+    // -D rebuilds every directory of more than one block as an htree.
+    let st = std::process::Command::new(testutil::tool("e2fsck"))
+        .args(["-fyD", img.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.code().unwrap_or(8) <= 1,
+        "e2fsck -fyD failed: {st:?}"
+    );
+    let stat = run(
+        testutil::tool("debugfs"),
+        &["-R", "stat /many", img.to_str().unwrap()],
+    );
+    assert!(
+        stat.contains("Flags: 0x81000"),
+        "/many is not hashed:\n{stat}"
+    );
+    for layer in &set.layers[1..] {
+        apply_file(&dev, layer).unwrap();
+    }
+    e2fsck_clean(&img);
+    reference_manifest(&set.layers, &d.join("ref.json"));
+    image_manifest(&img, &d.join("ours.json"));
+    assert_same_tree(&d.join("ref.json"), &d.join("ours.json"), &[]);
+}
+
+/// A layer larger than the filesystem fails with a clear error.
+#[test]
+fn full_filesystem_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let dev = mkfs_image(&img, 16 << 20);
+    let mut b = tar::Builder::new(Vec::new());
+    let big = vec![7u8; 20 << 20];
+    let mut h = tar::Header::new_gnu();
+    h.set_size(big.len() as u64);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "big", &big[..]).unwrap();
+    let data = b.into_inner().unwrap();
+    let err = obdfs::apply_tar(dev, &data[..], obdfs::ApplyOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("tar entry 'big'") && msg.contains("filesystem full"),
+        "{msg}"
+    );
+}
+
+/// An opaque marker at the root keeps the filesystem's lost+found.
+#[test]
+fn opaque_root_keeps_lost_and_found() {
+    let set = layer_set();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let dev = mkfs_image(&img, 1 << 30);
+    apply_file(&dev, &set.layers[0]).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(0);
+    h.set_mode(0o644);
+    b.append_data(&mut h, ".wh..wh..opq", &b""[..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(3);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "only", &b"new"[..]).unwrap();
+    let data = b.into_inner().unwrap();
+    obdfs::apply_tar(dev, &data[..], obdfs::ApplyOptions::default()).unwrap();
+    e2fsck_clean(&img);
+    let ls = run(
+        testutil::tool("debugfs"),
+        &["-R", "ls /", img.to_str().unwrap()],
+    );
+    let names: Vec<&str> = ls
+        .split_whitespace()
+        .filter(|w| w.chars().any(|c| c.is_alphabetic()))
+        .collect();
+    assert!(
+        names.contains(&"lost+found") && names.contains(&"only") && !names.contains(&"etc"),
+        "{ls}"
+    );
+}
+
 /// The same layers give the same bytes every time.
 #[test]
 fn apply_is_deterministic() {
