@@ -228,10 +228,10 @@ fn clean_components(path: &[u8]) -> Option<Vec<&[u8]>> {
 struct Applier {
     fs: Ext2Fs,
     dirs: HashMap<u32, DirCache>,
-    /// (parent inode, name) of every entry this layer created.
-    unpacked: HashSet<(u32, Box<[u8]>)>,
-    /// Directories whose times are set at the end: (inode, mtime).
-    dir_times: Vec<(u32, Timestamp)>,
+    /// Names this layer created, per parent directory inode.
+    unpacked: HashMap<u32, HashSet<Box<[u8]>>>,
+    /// Directories whose times are set at the end: inode -> mtime.
+    dir_times: HashMap<u32, Timestamp>,
     goal: u64,
     bs: u64,
     inode_size: usize,
@@ -255,8 +255,8 @@ impl Applier {
         Applier {
             fs,
             dirs: HashMap::new(),
-            unpacked: HashSet::new(),
-            dir_times: Vec::new(),
+            unpacked: HashMap::new(),
+            dir_times: HashMap::new(),
             goal: 0,
             bs,
             inode_size,
@@ -814,7 +814,14 @@ impl Applier {
         Ok(())
     }
 
+    fn mark_unpacked(&mut self, parent: u32, name: &[u8]) {
+        self.unpacked.entry(parent).or_default().insert(Box::from(name));
+    }
+
     fn free_inode(&mut self, ino: u32, i: &mut Inode, is_dir: bool) -> Result<()> {
+        // Forget per-inode state: the number may be reused in this layer.
+        self.dir_times.remove(&ino);
+        self.unpacked.remove(&ino);
         self.fs.free_ext_attr(ino, i)?;
         if self.fs.has_valid_blocks(i) {
             self.fs.punch_all(ino, i)?;
@@ -841,7 +848,7 @@ impl Applier {
     /// Remove what lower layers put at `dir/name`, keeping what this layer
     /// unpacked (and, for directories, anything still inside them).
     fn remove_lower(&mut self, dir: u32, name: &[u8], d: Dent) -> Result<()> {
-        let mine = self.unpacked.contains(&(dir, Box::from(name)));
+        let mine = self.unpacked.get(&dir).is_some_and(|s| s.contains(name));
         if d.ftype == FT_DIR {
             for (cname, cd) in self.children(d.ino)? {
                 self.remove_lower(d.ino, &cname, cd)?;
@@ -900,7 +907,7 @@ impl Applier {
             if let Some(d) = existing {
                 if d.ftype == FT_DIR {
                     self.update_dir(d.ino, e)?;
-                    self.unpacked.insert((parent, Box::from(name)));
+                    self.mark_unpacked(parent, name);
                     self.stats.dirs += 1;
                     return Ok(());
                 }
@@ -912,7 +919,7 @@ impl Applier {
         let ino = match e.kind {
             Kind::Dir => {
                 let ino = self.make_dir(parent, name, e.mode, e.uid, e.gid, e.mtime)?;
-                self.dir_times.push((ino, e.mtime));
+                self.dir_times.insert(ino, e.mtime);
                 self.stats.dirs += 1;
                 ino
             }
@@ -939,7 +946,7 @@ impl Applier {
             let xattrs = self.filter_xattrs(e, e.kind);
             self.fs.set_xattrs(ino, false, &xattrs)?;
         }
-        self.unpacked.insert((parent, Box::from(name)));
+        self.mark_unpacked(parent, name);
         Ok(())
     }
 
@@ -955,7 +962,7 @@ impl Applier {
         self.fs.write_inode(ino, &mut i)?;
         let xattrs = self.filter_xattrs(e, Kind::Dir);
         self.fs.set_xattrs(ino, true, &xattrs)?;
-        self.dir_times.push((ino, e.mtime));
+        self.dir_times.insert(ino, e.mtime);
         Ok(())
     }
 
@@ -1011,7 +1018,8 @@ impl Applier {
 
     /// End of the layer: directory times.
     fn finish(&mut self) -> Result<()> {
-        let times = std::mem::take(&mut self.dir_times);
+        let mut times: Vec<(u32, Timestamp)> = std::mem::take(&mut self.dir_times).into_iter().collect();
+        times.sort_unstable_by_key(|(ino, _)| *ino);
         for (ino, t) in times {
             let mut i = self.fs.read_inode(ino)?;
             if !i.is_dir() || i.links() == 0 {

@@ -253,6 +253,11 @@ def layer4(out):
     l.whiteout("home/user/.wh..profile")
     l.dir("home/user/.profile/", mode=0o700, uid=1000, gid=1000)
     l.file("etc/passwd", b"root:x:0:0::/root:/bin/bash\n", ns=1)
+    if not UMOCI:
+        # OCI: a whiteout only hides what lower layers hold; an entry of the
+        # same layer survives it (umoci deletes it anyway).
+        l.file("opt/keep/same-layer", b"kept\n")
+        l.whiteout("opt/keep/.wh.same-layer")
     l.save(out)
 
 
