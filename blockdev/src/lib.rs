@@ -10,6 +10,7 @@
 //! * [`stack`]: lowers + optional upper read as one disk.
 //! * [`commit`]: sealing and compressing layers (overlaybd-commit).
 //! * [`config`]: the overlaybd image config.json.
+//! * [`nbd`]: a userspace NBD server over any device.
 
 pub mod commit;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod io;
 pub mod layer;
 pub mod lsmt;
+pub mod nbd;
 pub mod raw;
 pub mod source;
 pub mod stack;

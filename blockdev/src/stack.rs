@@ -96,11 +96,10 @@ impl Stack {
         let mut size = lower_vsize;
         let mut write_align = SECTOR;
         if let Some(u) = &upper {
-            if u.virtual_size() == 0 && lower_vsize > 0 {
-                u.set_virtual_size(lower_vsize).or_else(|e| match e {
-                    Error::ReadOnly => Ok(()),
-                    e => Err(e),
-                })?;
+            // A layer created with size 0 takes the lowers' size, persisted
+            // in its header as upstream does (unless opened read-only).
+            if u.virtual_size() == 0 && lower_vsize > 0 && !u.is_read_only() {
+                u.set_virtual_size(lower_vsize)?;
             }
             if u.virtual_size() > 0 {
                 size = u.virtual_size();

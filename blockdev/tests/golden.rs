@@ -1,7 +1,7 @@
 //! Byte-compatibility tests against the files upstream's tools produced
-//! (`/work/shared/fixtures/overlaybd-reference`, see its README).
+//! (`../shared/fixtures/overlaybd-reference`, see its README).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use blockdev::commit::{commit_sealed, commit_writable, zfile_compress_file, CommitOptions};
 use blockdev::layer::{open_blob, open_layer};
@@ -10,18 +10,7 @@ use blockdev::source::ReadAt;
 use blockdev::zfile::{Algorithm, ZfileOptions};
 use blockdev::Uuid;
 
-fn fixtures() -> PathBuf {
-    let p = std::env::var_os("OVERLAYBD_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("../../shared/fixtures/overlaybd-reference"));
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(p);
-    assert!(
-        p.join("README.md").exists(),
-        "fixtures not found at {} (set OVERLAYBD_FIXTURES)",
-        p.display()
-    );
-    p
-}
+use testutil::fixtures;
 
 const UUID: &str = "6d5b0bd2-0000-4000-8000-000000000001";
 

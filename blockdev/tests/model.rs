@@ -165,3 +165,19 @@ fn read_only_stack_refuses_writes() {
         Err(blockdev::Error::OutOfRange { .. })
     ));
 }
+
+#[test]
+fn read_only_open_of_a_size_zero_upper_takes_the_lower_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, i0) = new_upper(dir.path(), 0, false, VSIZE);
+    let low = dir.path().join("low");
+    commit_writable(&d0, &i0, &low, &CommitOptions::default()).unwrap();
+    let (d, i) = new_upper(dir.path(), 1, true, 0);
+    let s = Stack::open_read_only(std::slice::from_ref(&low), Some((&d, &i))).unwrap();
+    assert_eq!(s.size(), VSIZE);
+    assert!(s.is_read_only());
+    drop(s);
+    // a writable open persists the size in the upper's header
+    let s = Stack::open(&[low], Some((&d, &i))).unwrap();
+    assert_eq!(s.upper().unwrap().virtual_size(), VSIZE);
+}

@@ -9,19 +9,27 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The upstream golden fixtures directory (`OVERLAYBD_FIXTURES` overrides).
+/// The upstream golden fixtures directory: `$OVERLAYBD_FIXTURES`, else
+/// `../shared/fixtures/overlaybd-reference` next to the checkout, else
+/// `/work/shared/fixtures/overlaybd-reference`.
 pub fn fixtures() -> PathBuf {
-    let p = std::env::var_os("OVERLAYBD_FIXTURES")
-        .map(PathBuf::from)
+    let rel = "shared/fixtures/overlaybd-reference";
+    let candidates: Vec<PathBuf> = match std::env::var_os("OVERLAYBD_FIXTURES") {
+        Some(p) => vec![PathBuf::from(p)],
+        None => vec![
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../..")
+                .join(rel),
+            Path::new("/work").join(rel),
+        ],
+    };
+    candidates
+        .iter()
+        .find(|p| p.join("README.md").exists())
+        .cloned()
         .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/overlaybd-reference")
-        });
-    assert!(
-        p.join("README.md").exists(),
-        "fixtures not found at {} (set OVERLAYBD_FIXTURES)",
-        p.display()
-    );
-    p
+            panic!("upstream fixtures not found (tried {candidates:?}; set OVERLAYBD_FIXTURES)")
+        })
 }
 
 /// Find a system tool or fail with an install hint.

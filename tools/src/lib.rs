@@ -1,3 +1,4 @@
 //! Shared code for the overlaybd command-line tools.
 
 pub mod cli;
+pub mod dedup;

@@ -1,0 +1,187 @@
+//! Read throughput through the NBD server versus reading the same layer
+//! stack in-process; prints each NBD figure as a ratio of the in-process one.
+//!
+//! `cargo run --release -p blockdev --example nbd_bench -- [--span MiB] [--ops N] LAYER...`
+//! (scripts/bench-nbd.sh runs it on the reference fixture stack.)
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use blockdev::nbd::client::{Client, ClientOptions};
+use blockdev::nbd::proto::CMD_READ;
+use blockdev::nbd::{Endpoint, Listener, Server, ServerConfig};
+use blockdev::stack::Stack;
+use blockdev::BlockDevice;
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+fn main() {
+    let mut span: u64 = 512 << 20;
+    let mut ops: usize = 20_000;
+    let mut layers: Vec<PathBuf> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--span" => {
+                span = args
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .expect("--span MiB")
+                    << 20
+            }
+            "--ops" => ops = args.next().and_then(|v| v.parse().ok()).expect("--ops N"),
+            _ => layers.push(a.into()),
+        }
+    }
+    if layers.is_empty() {
+        eprintln!("usage: nbd_bench [--span MiB] [--ops N] LAYER...");
+        std::process::exit(2);
+    }
+    let stack = Arc::new(Stack::open_read_only(&layers, None).unwrap_or_else(|e| {
+        eprintln!("nbd_bench: {e}");
+        std::process::exit(1)
+    }));
+    // Benchmark the mapped data (reads of holes never touch a file).
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    let mut left = span;
+    for (o, l, data) in stack.allocation(0, stack.size()) {
+        if data && left > 0 {
+            let l = l.min(left);
+            extents.push((o, l));
+            left -= l;
+        }
+    }
+    let span: u64 = extents.iter().map(|e| e.1).sum();
+    if span == 0 {
+        eprintln!("nbd_bench: the stack maps no data");
+        std::process::exit(1);
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ep = Endpoint::Unix(dir.path().join("bench.sock"));
+    let listener = Listener::bind(&ep).expect("bind");
+    let server = Server::with_allocation(
+        stack.clone(),
+        stack.clone(),
+        ServerConfig {
+            read_only: true,
+            ..ServerConfig::default()
+        },
+    );
+    let stop = server.shutdown_handle();
+    let t = std::thread::spawn(move || server.serve(&listener).expect("serve"));
+    println!(
+        "stack: {} layer(s), {} bytes; reading {} MiB of mapped data in {} extents; {} random 4 KiB reads in it",
+        layers.len(),
+        stack.size(),
+        span >> 20,
+        extents.len(),
+        ops
+    );
+
+    // Sequential, requests of up to 1 MiB over the mapped extents.
+    let chunk = 1u64 << 20;
+    let pieces: Vec<(u64, u32)> = extents
+        .iter()
+        .flat_map(|&(o, l)| {
+            (0..l.div_ceil(chunk)).map(move |i| (o + i * chunk, chunk.min(l - i * chunk) as u32))
+        })
+        .collect();
+    let mut buf = vec![0u8; chunk as usize];
+    let local_pass = |buf: &mut [u8]| {
+        let mut sum = 0u64;
+        for &(o, n) in &pieces {
+            stack.read_at(&mut buf[..n as usize], o).unwrap();
+            sum = sum.wrapping_add(buf[..n as usize].iter().map(|&b| b as u64).sum::<u64>());
+        }
+        sum
+    };
+    local_pass(&mut buf); // warm the page cache for both contenders
+    let t0 = Instant::now();
+    let sum_local = local_pass(&mut buf);
+    let local_seq = span as f64 / t0.elapsed().as_secs_f64();
+
+    let opts = ClientOptions::default();
+    let mut c = Client::connect(&ep, &opts).expect("connect");
+    let t0 = Instant::now();
+    let mut sum_nbd = 0u64;
+    let mut next = 0;
+    let mut inflight = 0;
+    while next < pieces.len() || inflight > 0 {
+        while inflight < 8 && next < pieces.len() {
+            c.send(CMD_READ, 0, pieces[next].0, pieces[next].1, &[])
+                .unwrap();
+            next += 1;
+            inflight += 1;
+        }
+        c.flush_requests().unwrap();
+        let r = c.recv().unwrap();
+        assert_eq!(r.error, 0);
+        sum_nbd = sum_nbd.wrapping_add(r.data.iter().map(|&b| b as u64).sum::<u64>());
+        inflight -= 1;
+    }
+    let nbd_seq = span as f64 / t0.elapsed().as_secs_f64();
+    assert_eq!(sum_local, sum_nbd, "NBD data differs from in-process data");
+    let mib = |x: f64| x / (1 << 20) as f64;
+    println!(
+        "sequential reads ≤1 MiB: in-process {:8.1} MiB/s | NBD (8 in flight) {:8.1} MiB/s | ratio {:.2}",
+        mib(local_seq),
+        mib(nbd_seq),
+        nbd_seq / local_seq
+    );
+
+    // Random 4 KiB reads, aligned, within the mapped extents.
+    let blocks: Vec<u64> = extents
+        .iter()
+        .flat_map(|&(o, l)| (o.div_ceil(4096)..(o + l) / 4096).map(|b| b * 4096))
+        .collect();
+    let offsets: Vec<u64> = {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..ops)
+            .map(|_| blocks[(xorshift(&mut x) % blocks.len() as u64) as usize])
+            .collect()
+    };
+    let mut b4 = [0u8; 4096];
+    let t0 = Instant::now();
+    for &o in &offsets {
+        stack.read_at(&mut b4, o).unwrap();
+    }
+    let local_iops = ops as f64 / t0.elapsed().as_secs_f64();
+
+    let mut rand_nbd = |qd: usize| {
+        let t0 = Instant::now();
+        let mut pending: HashMap<u64, u64> = HashMap::new();
+        let mut i = 0;
+        while i < offsets.len() || !pending.is_empty() {
+            while pending.len() < qd && i < offsets.len() {
+                let h = c.send(CMD_READ, 0, offsets[i], 4096, &[]).unwrap();
+                pending.insert(h, offsets[i]);
+                i += 1;
+            }
+            c.flush_requests().unwrap();
+            let r = c.recv().unwrap();
+            assert_eq!(r.error, 0);
+            pending.remove(&r.handle);
+        }
+        ops as f64 / t0.elapsed().as_secs_f64()
+    };
+    let qd1 = rand_nbd(1);
+    let qd16 = rand_nbd(16);
+    println!(
+        "random 4 KiB reads:     in-process {:8.0} IOPS  | NBD 1 in flight {:8.0} IOPS (ratio {:.2}) | NBD 16 in flight {:8.0} IOPS (ratio {:.2})",
+        local_iops,
+        qd1,
+        qd1 / local_iops,
+        qd16,
+        qd16 / local_iops
+    );
+    c.disconnect().unwrap();
+    stop.shutdown();
+    t.join().unwrap();
+}

@@ -1,0 +1,340 @@
+//! A small NBD client: fixed-newstyle `NBD_OPT_GO`, optional structured
+//! replies and `base:allocation`, pipelined requests.
+//!
+//! It exists for the robustness tests (which must send requests real
+//! clients never send) and for the benchmark's random-read load; the
+//! acceptance tests use Debian's `nbdinfo`, `nbdcopy` and `qemu-img`.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+
+use super::proto::*;
+use super::server::Endpoint;
+
+/// One reply to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub handle: u64,
+    /// 0 on success, else an NBD error value.
+    pub error: u32,
+    /// Read data (reassembled), or block-status descriptors as raw bytes.
+    pub data: Vec<u8>,
+    /// Error message of a structured error chunk.
+    pub message: String,
+}
+
+/// Options for [`Client::connect`].
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    pub export: String,
+    pub structured: bool,
+    pub block_status: bool,
+}
+
+/// A connected client in transmission phase.
+pub struct Client {
+    r: BufReader<Box<dyn Read + Send>>,
+    w: BufWriter<Box<dyn Write + Send>>,
+    /// Export size.
+    pub size: u64,
+    /// Transmission flags the server sent.
+    pub flags: u16,
+    /// Whether structured replies were negotiated.
+    pub structured: bool,
+    pending_reads: HashMap<u64, (u64, u32)>,
+    next_handle: u64,
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn rd<const N: usize>(r: &mut impl Read) -> io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    r.read_exact(&mut b)?;
+    Ok(b)
+}
+
+impl Client {
+    /// Open a raw byte stream to `ep` (for sending malformed input).
+    pub fn raw(ep: &Endpoint) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+        Ok(match ep {
+            Endpoint::Unix(p) => {
+                let s = UnixStream::connect(p)?;
+                (Box::new(s.try_clone()?), Box::new(s))
+            }
+            Endpoint::Tcp(a) => {
+                let s = TcpStream::connect(a)?;
+                s.set_nodelay(true)?;
+                (Box::new(s.try_clone()?), Box::new(s))
+            }
+        })
+    }
+
+    /// Connect and negotiate with `NBD_OPT_GO`.
+    pub fn connect(ep: &Endpoint, o: &ClientOptions) -> io::Result<Client> {
+        let (r, w) = Self::raw(ep)?;
+        let mut r = BufReader::with_capacity(256 << 10, r);
+        let mut w = BufWriter::with_capacity(256 << 10, w);
+        let hello: [u8; 18] = rd(&mut r)?;
+        if be64(&hello[0..8]) != NBDMAGIC || be64(&hello[8..16]) != IHAVEOPT {
+            return Err(bad("server did not send NBDMAGIC/IHAVEOPT"));
+        }
+        w.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())?;
+        let mut structured = false;
+        if o.structured {
+            let (t, _) = option(&mut r, &mut w, OPT_STRUCTURED_REPLY, &[])?;
+            structured = t == REP_ACK;
+        }
+        if structured && o.block_status {
+            let mut d = Vec::new();
+            d.extend_from_slice(&(o.export.len() as u32).to_be_bytes());
+            d.extend_from_slice(o.export.as_bytes());
+            d.extend_from_slice(&1u32.to_be_bytes());
+            d.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+            d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            option(&mut r, &mut w, OPT_SET_META_CONTEXT, &d)?;
+        }
+        let mut d = Vec::new();
+        d.extend_from_slice(&(o.export.len() as u32).to_be_bytes());
+        d.extend_from_slice(o.export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        let (t, infos) = option(&mut r, &mut w, OPT_GO, &d)?;
+        if t != REP_ACK {
+            return Err(bad(format!("NBD_OPT_GO failed with reply type {t:#x}")));
+        }
+        let e = infos
+            .iter()
+            .find(|i| i.len() == 12 && be16(i) == INFO_EXPORT)
+            .ok_or_else(|| bad("no NBD_INFO_EXPORT in reply to NBD_OPT_GO"))?;
+        Ok(Client {
+            r,
+            w,
+            size: be64(&e[2..10]),
+            flags: be16(&e[10..12]),
+            structured,
+            pending_reads: HashMap::new(),
+            next_handle: 1,
+        })
+    }
+
+    /// Queue a request without waiting; returns its handle.
+    pub fn send(
+        &mut self,
+        typ: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> io::Result<u64> {
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        let h = RequestHeader {
+            flags,
+            typ,
+            handle,
+            offset,
+            length,
+        };
+        self.w.write_all(&h.encode())?;
+        self.w.write_all(payload)?;
+        if typ == CMD_READ {
+            self.pending_reads.insert(handle, (offset, length));
+        }
+        Ok(handle)
+    }
+
+    /// Push queued requests to the server.
+    pub fn flush_requests(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+
+    /// Wait for the next complete reply (any handle).
+    pub fn recv(&mut self) -> io::Result<Reply> {
+        let magic = u32::from_be_bytes(rd(&mut self.r)?);
+        match magic {
+            SIMPLE_REPLY_MAGIC => {
+                let rest: [u8; 12] = rd(&mut self.r)?;
+                let error = be32(&rest[0..4]);
+                let handle = be64(&rest[4..12]);
+                let mut data = Vec::new();
+                if let Some((_, len)) = self.pending_reads.remove(&handle) {
+                    if error == 0 {
+                        data = vec![0u8; len as usize];
+                        self.r.read_exact(&mut data)?;
+                    }
+                }
+                Ok(Reply {
+                    handle,
+                    error,
+                    data,
+                    message: String::new(),
+                })
+            }
+            STRUCTURED_REPLY_MAGIC => self.recv_structured(),
+            m => Err(bad(format!("bad reply magic {m:#x}"))),
+        }
+    }
+
+    fn recv_structured(&mut self) -> io::Result<Reply> {
+        let mut first = true;
+        let mut out = Reply {
+            handle: 0,
+            error: 0,
+            data: Vec::new(),
+            message: String::new(),
+        };
+        loop {
+            if !first {
+                let magic = u32::from_be_bytes(rd(&mut self.r)?);
+                if magic != STRUCTURED_REPLY_MAGIC {
+                    return Err(bad(format!("bad chunk magic {magic:#x}")));
+                }
+            }
+            let h: [u8; 16] = rd(&mut self.r)?;
+            let flags = be16(&h[0..2]);
+            let typ = be16(&h[2..4]);
+            let handle = be64(&h[4..12]);
+            let len = be32(&h[12..16]) as usize;
+            if !first && handle != out.handle {
+                return Err(bad("interleaved structured replies are not handled"));
+            }
+            first = false;
+            out.handle = handle;
+            let mut p = vec![0u8; len];
+            self.r.read_exact(&mut p)?;
+            let (roff, rlen) = self.pending_reads.get(&handle).copied().unwrap_or((0, 0));
+            if out.data.is_empty()
+                && rlen > 0
+                && (typ == REPLY_TYPE_OFFSET_DATA || typ == REPLY_TYPE_OFFSET_HOLE)
+            {
+                out.data = vec![0u8; rlen as usize];
+            }
+            match typ {
+                REPLY_TYPE_NONE => {}
+                REPLY_TYPE_OFFSET_DATA => {
+                    let off = be64(&p[0..8]);
+                    let start = off
+                        .checked_sub(roff)
+                        .ok_or_else(|| bad("data chunk before the request"))?
+                        as usize;
+                    let d = &p[8..];
+                    if start + d.len() > out.data.len() {
+                        return Err(bad("data chunk beyond the request"));
+                    }
+                    out.data[start..start + d.len()].copy_from_slice(d);
+                }
+                REPLY_TYPE_OFFSET_HOLE => {}
+                REPLY_TYPE_BLOCK_STATUS => out.data = p[4..].to_vec(),
+                t if t & 0x8000 != 0 => {
+                    out.error = be32(&p[0..4]);
+                    let ml = be16(&p[4..6]) as usize;
+                    out.message =
+                        String::from_utf8_lossy(&p[6..6 + ml.min(p.len() - 6)]).into_owned();
+                }
+                t => return Err(bad(format!("unknown chunk type {t}"))),
+            }
+            if flags & REPLY_FLAG_DONE != 0 {
+                self.pending_reads.remove(&handle);
+                if out.error != 0 {
+                    out.data.clear();
+                }
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Send one request and wait for its reply.
+    pub fn call(
+        &mut self,
+        typ: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> io::Result<Reply> {
+        let h = self.send(typ, flags, offset, length, payload)?;
+        self.flush_requests()?;
+        let r = self.recv()?;
+        if r.handle != h {
+            return Err(bad("reply for another handle"));
+        }
+        Ok(r)
+    }
+
+    /// Read `len` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let r = self.call(CMD_READ, 0, offset, len, &[])?;
+        if r.error != 0 {
+            return Err(io::Error::other(format!(
+                "read failed with NBD error {}",
+                r.error
+            )));
+        }
+        Ok(r.data)
+    }
+
+    /// Write `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<u32> {
+        Ok(self
+            .call(CMD_WRITE, 0, offset, data.len() as u32, data)?
+            .error)
+    }
+
+    /// Block status descriptors `(length, flags)` for a range.
+    pub fn block_status(&mut self, offset: u64, len: u32) -> io::Result<Vec<(u32, u32)>> {
+        let r = self.call(CMD_BLOCK_STATUS, 0, offset, len, &[])?;
+        if r.error != 0 {
+            return Err(io::Error::other(format!(
+                "block status failed with NBD error {}",
+                r.error
+            )));
+        }
+        Ok(r.data
+            .chunks_exact(8)
+            .map(|c| (be32(&c[0..4]), be32(&c[4..8])))
+            .collect())
+    }
+
+    /// Send `NBD_CMD_DISC` and close.
+    pub fn disconnect(mut self) -> io::Result<()> {
+        self.send(CMD_DISC, 0, 0, 0, &[])?;
+        self.flush_requests()
+    }
+}
+
+/// Send one option and collect its replies until a final one; returns the
+/// final reply type and the data of the `NBD_REP_INFO` replies.
+fn option<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    opt: u32,
+    data: &[u8],
+) -> io::Result<(u32, Vec<Vec<u8>>)> {
+    w.write_all(&IHAVEOPT.to_be_bytes())?;
+    w.write_all(&opt.to_be_bytes())?;
+    w.write_all(&(data.len() as u32).to_be_bytes())?;
+    w.write_all(data)?;
+    w.flush()?;
+    let mut infos = Vec::new();
+    loop {
+        let h: [u8; 20] = rd(r)?;
+        if be64(&h[0..8]) != OPT_REPLY_MAGIC {
+            return Err(bad("bad option reply magic"));
+        }
+        let typ = be32(&h[12..16]);
+        let len = be32(&h[16..20]) as usize;
+        if len > 1 << 20 {
+            return Err(bad("option reply too long"));
+        }
+        let mut p = vec![0u8; len];
+        r.read_exact(&mut p)?;
+        match typ {
+            REP_INFO => infos.push(p),
+            REP_SERVER | REP_META_CONTEXT => {}
+            t => return Ok((t, infos)),
+        }
+    }
+}

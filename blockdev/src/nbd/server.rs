@@ -1,0 +1,846 @@
+//! The NBD server: listener, per-connection threads and request execution.
+//!
+//! Each connection gets a reader thread (the connection thread itself),
+//! which runs the handshake, then reads and validates requests and queues
+//! them to a few worker threads of its own; workers run the request against
+//! the shared [`BlockDevice`] and write the reply under a mutex, so several
+//! requests per connection are in flight and replies may come out of order
+//! (as the protocol allows). A client that stops reading replies only
+//! blocks its own workers.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use super::handshake::{negotiate, read_incoming, ConnError, Export, Incoming, Negotiated};
+use super::proto::*;
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+
+/// Reports which parts of a device hold data, for `NBD_CMD_BLOCK_STATUS`
+/// (`base:allocation`).
+pub trait Allocation: Send + Sync {
+    /// Describe the range starting at `offset` as consecutive extents
+    /// `(length, flags)` with `flags` a combination of [`STATE_HOLE`] and
+    /// [`STATE_ZERO`]. The extents may cover less than `len` bytes (at least
+    /// one byte), never more, and every length must be nonzero.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>>;
+}
+
+/// Allocation by inspection: reads the device and reports all-zero blocks
+/// as holes. Works for any device; costs a read of the range.
+pub struct ZeroScan {
+    dev: Arc<dyn BlockDevice>,
+    block: u64,
+    max_scan: u64,
+}
+
+impl ZeroScan {
+    /// Scan `dev` in 64 KiB blocks, at most 64 MiB per query.
+    pub fn new(dev: Arc<dyn BlockDevice>) -> Self {
+        ZeroScan {
+            dev,
+            block: 64 << 10,
+            max_scan: 64 << 20,
+        }
+    }
+}
+
+/// Whether a buffer is all zero bytes.
+pub fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: every bit pattern is a valid u128, and align_to only
+        // reinterprets the correctly aligned middle part of the slice.
+        unsafe { b.align_to::<u128>() }
+    };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+impl Allocation for ZeroScan {
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
+        let end = offset + len.min(self.max_scan);
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut buf = vec![0u8; self.block as usize];
+        let mut pos = offset;
+        while pos < end {
+            // Align blocks to absolute offsets so repeated queries agree.
+            let next = ((pos / self.block) + 1) * self.block;
+            let n = (next.min(end) - pos) as usize;
+            self.dev.read_at(&mut buf[..n], pos)?;
+            let flags = if is_zero(&buf[..n]) {
+                STATE_HOLE | STATE_ZERO
+            } else {
+                0
+            };
+            match out.last_mut() {
+                Some((l, f)) if *f == flags => *l += n as u64,
+                _ => out.push((n as u64, flags)),
+            }
+            pos += n as u64;
+        }
+        Ok(out)
+    }
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A Unix domain socket path (an existing socket file is replaced).
+    Unix(PathBuf),
+    /// A TCP address such as `127.0.0.1:10809`.
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "nbd+unix:///?socket={}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "nbd://{a}"),
+        }
+    }
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Bind `ep`. A stale Unix socket file at the path is removed first;
+    /// any other existing file is an error.
+    pub fn bind(ep: &Endpoint) -> Result<Listener> {
+        match ep {
+            Endpoint::Unix(p) => {
+                if let Ok(m) = std::fs::symlink_metadata(p) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if !m.file_type().is_socket() {
+                        return Err(Error::io(
+                            p,
+                            io::Error::new(
+                                io::ErrorKind::AlreadyExists,
+                                "exists and is not a socket; refusing to replace it",
+                            ),
+                        ));
+                    }
+                    std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
+                }
+                let l = UnixListener::bind(p).map_err(|e| Error::io(p, e))?;
+                Ok(Listener::Unix(l, p.clone()))
+            }
+            Endpoint::Tcp(a) => {
+                let l =
+                    TcpListener::bind(a).map_err(|e| Error::io(format!("tcp listen {a}"), e))?;
+                Ok(Listener::Tcp(l))
+            }
+        }
+    }
+
+    /// The endpoint actually bound (with the real port for `:0`).
+    pub fn endpoint(&self) -> Endpoint {
+        match self {
+            Listener::Unix(_, p) => Endpoint::Unix(p.clone()),
+            Listener::Tcp(l) => Endpoint::Tcp(
+                l.local_addr()
+                    .expect("a bound TCP listener has a local address"),
+            ),
+        }
+    }
+
+    fn fd(&self) -> i32 {
+        match self {
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Listener::Unix(l, _) => l.set_nonblocking(on),
+            Listener::Tcp(l) => l.set_nonblocking(on),
+        }
+    }
+
+    fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Unix(l, p) => {
+                let (s, _) = l.accept()?;
+                Ok((Stream::Unix(s), format!("unix:{}", p.display())))
+            }
+            Listener::Tcp(l) => {
+                let (s, a) = l.accept()?;
+                Ok((Stream::Tcp(s), a.to_string()))
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A connected client socket.
+#[derive(Debug)]
+pub enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+    fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tcp(s) => s.shutdown(how),
+        };
+    }
+    fn set_write_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(d),
+            Stream::Tcp(s) => s.set_write_timeout(d),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Export name (clients may also ask for the default, empty name).
+    pub export_name: String,
+    /// Description shown by `nbdinfo` / `NBD_OPT_LIST`.
+    pub description: String,
+    /// Refuse writes even if the device accepts them.
+    pub read_only: bool,
+    /// Worker threads per connection (requests in flight at once).
+    pub workers_per_connection: usize,
+    /// Connections served at once; more are closed right after accept.
+    pub max_connections: usize,
+    /// Give up on a client that does not read its replies for this long.
+    pub write_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            export_name: String::new(),
+            description: String::new(),
+            read_only: false,
+            workers_per_connection: 4,
+            max_connections: 256,
+            write_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Counters reported when [`Server::serve`] returns.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServeStats {
+    pub connections: u64,
+    pub requests: u64,
+    pub protocol_errors: u64,
+}
+
+/// Stops a running [`Server::serve`] from another thread (e.g. a signal
+/// handler thread).
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<Inner>);
+
+impl ShutdownHandle {
+    /// Stop accepting, stop reading new requests, let in-flight ones finish.
+    pub fn shutdown(&self) {
+        let conns = self.0.conns.lock().expect("connection table lock");
+        self.0.stopping.store(true, Ordering::SeqCst);
+        for s in conns.values() {
+            s.shutdown(Shutdown::Read);
+        }
+    }
+
+    /// Whether shutdown was requested.
+    pub fn is_stopping(&self) -> bool {
+        self.0.stopping.load(Ordering::SeqCst)
+    }
+}
+
+struct Inner {
+    dev: Arc<dyn BlockDevice>,
+    alloc: Arc<dyn Allocation>,
+    export: Export,
+    cfg: ServerConfig,
+    stopping: AtomicBool,
+    conns: Mutex<HashMap<u64, Stream>>,
+    requests: AtomicU64,
+    protocol_errors: AtomicU64,
+}
+
+/// An NBD server for one device.
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+impl Server {
+    /// Serve `dev`; block status comes from [`ZeroScan`] unless
+    /// [`Server::with_allocation`] gives a better source.
+    pub fn new(dev: Arc<dyn BlockDevice>, cfg: ServerConfig) -> Server {
+        let alloc: Arc<dyn Allocation> = Arc::new(ZeroScan::new(dev.clone()));
+        Self::build(dev, alloc, cfg)
+    }
+
+    /// Serve `dev` with allocation information from `alloc`.
+    pub fn with_allocation(
+        dev: Arc<dyn BlockDevice>,
+        alloc: Arc<dyn Allocation>,
+        cfg: ServerConfig,
+    ) -> Server {
+        Self::build(dev, alloc, cfg)
+    }
+
+    fn build(dev: Arc<dyn BlockDevice>, alloc: Arc<dyn Allocation>, cfg: ServerConfig) -> Server {
+        let export = Export {
+            name: cfg.export_name.clone(),
+            description: cfg.description.clone(),
+            size: dev.size(),
+            read_only: cfg.read_only || dev.is_read_only(),
+        };
+        Server {
+            inner: Arc::new(Inner {
+                dev,
+                alloc,
+                export,
+                cfg,
+                stopping: AtomicBool::new(false),
+                conns: Mutex::new(HashMap::new()),
+                requests: AtomicU64::new(0),
+                protocol_errors: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The export as clients see it.
+    pub fn export(&self) -> &Export {
+        &self.inner.export
+    }
+
+    /// A handle to stop [`Server::serve`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.inner.clone())
+    }
+
+    /// Accept and serve clients until shut down; then wait for every
+    /// connection's in-flight requests, flush the device and return.
+    pub fn serve(&self, listener: &Listener) -> Result<ServeStats> {
+        let ep = listener.endpoint();
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io(ep.to_string(), e))?;
+        let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
+        let mut next_id = 0u64;
+        let active = Arc::new(AtomicU64::new(0));
+        while !self.inner.stopping.load(Ordering::SeqCst) {
+            let mut pfd = libc::pollfd {
+                fd: listener.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is a valid pollfd for the duration of the call
+            // and the count (1) matches; the fd is owned by `listener`.
+            let r = unsafe { libc::poll(&mut pfd, 1, 100) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io(ep.to_string(), e));
+            }
+            if r == 0 {
+                threads.retain(|t| !t.is_finished());
+                continue;
+            }
+            let (stream, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted
+                        || e.kind() == io::ErrorKind::ConnectionAborted =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    tracing::warn!("accept on {ep}: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if active.load(Ordering::SeqCst) >= self.inner.cfg.max_connections as u64 {
+                tracing::warn!(
+                    "{peer}: refusing connection, {} already open",
+                    self.inner.cfg.max_connections
+                );
+                stream.shutdown(Shutdown::Both);
+                continue;
+            }
+            let id = next_id;
+            next_id += 1;
+            let inner = self.inner.clone();
+            let active2 = active.clone();
+            active.fetch_add(1, Ordering::SeqCst);
+            let spawned = std::thread::Builder::new()
+                .name(format!("nbd-conn-{id}"))
+                .spawn(move || {
+                    serve_connection(&inner, id, stream, &peer);
+                    active2.fetch_sub(1, Ordering::SeqCst);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    tracing::warn!("cannot start a thread for a connection: {e}");
+                }
+            }
+        }
+        // Make sure every connection sees the shutdown, including ones that
+        // registered between the flag and now.
+        self.shutdown_handle().shutdown();
+        for t in threads {
+            let _ = t.join();
+        }
+        self.inner.dev.flush()?;
+        Ok(ServeStats {
+            connections: next_id,
+            requests: self.inner.requests.load(Ordering::Relaxed),
+            protocol_errors: self.inner.protocol_errors.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Bytes of request data one connection may hold in memory at once.
+const CONN_BUDGET: u64 = 64 << 20;
+/// Requests queued per connection beyond those being executed.
+const CONN_QUEUE: usize = 16;
+
+/// A byte budget: callers wait until their share fits.
+struct Budget {
+    used: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Budget {
+    fn acquire(&self, n: u64) -> u64 {
+        let n = n.min(CONN_BUDGET);
+        let mut used = self.used.lock().expect("budget lock");
+        while *used + n > CONN_BUDGET {
+            used = self.cv.wait(used).expect("budget lock");
+        }
+        *used += n;
+        n
+    }
+    fn release(&self, n: u64) {
+        *self.used.lock().expect("budget lock") -= n;
+        self.cv.notify_all();
+    }
+}
+
+struct Job {
+    handle: u64,
+    cmd: Command,
+    payload: Vec<u8>,
+    cost: u64,
+}
+
+fn serve_connection(inner: &Arc<Inner>, id: u64, stream: Stream, peer: &str) {
+    let setup = || -> io::Result<(Stream, Stream)> {
+        if let Stream::Tcp(t) = &stream {
+            t.set_nodelay(true)?;
+        }
+        stream.set_write_timeout(Some(inner.cfg.write_timeout))?;
+        Ok((stream.try_clone()?, stream.try_clone()?))
+    };
+    let (rstream, wstream) = match setup() {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!("{peer}: cannot set up connection: {e}");
+            return;
+        }
+    };
+    {
+        let mut conns = inner.conns.lock().expect("connection table lock");
+        if inner.stopping.load(Ordering::SeqCst) {
+            stream.shutdown(Shutdown::Both);
+            return;
+        }
+        match stream.try_clone() {
+            Ok(s) => {
+                conns.insert(id, s);
+            }
+            Err(e) => {
+                tracing::warn!("{peer}: {e}");
+                return;
+            }
+        }
+    }
+    tracing::debug!("{peer}: connected");
+    let result = run_connection(inner, rstream, wstream, peer);
+    match result {
+        Ok(()) => tracing::debug!("{peer}: disconnected"),
+        Err(ConnError::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            tracing::info!("{peer}: client went away: {e}")
+        }
+        Err(e) => {
+            inner.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("{peer}: closing connection: {e}");
+        }
+    }
+    stream.shutdown(Shutdown::Both);
+    inner
+        .conns
+        .lock()
+        .expect("connection table lock")
+        .remove(&id);
+}
+
+fn run_connection(
+    inner: &Arc<Inner>,
+    rstream: Stream,
+    wstream: Stream,
+    peer: &str,
+) -> std::result::Result<(), ConnError> {
+    let mut reader = BufReader::with_capacity(256 << 10, rstream);
+    let mut wtmp = wstream;
+    let session = match negotiate(&mut reader, &mut wtmp, &inner.export)? {
+        Negotiated::Closed => return Ok(()),
+        Negotiated::Transmission(s) => s,
+    };
+    tracing::debug!(
+        "{peer}: transmission (structured replies: {}, block status: {})",
+        session.structured,
+        session.meta_allocation
+    );
+    let writer = Mutex::new(wtmp);
+    let dead = AtomicBool::new(false);
+    let budget = Budget {
+        used: Mutex::new(0),
+        cv: Condvar::new(),
+    };
+    let (tx, rx) = sync_channel::<Job>(CONN_QUEUE);
+    let rx = Mutex::new(rx);
+    let send = |bytes: &[u8]| {
+        if dead.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut w = writer.lock().expect("reply writer lock");
+        if let Err(e) = w.write_all(bytes) {
+            tracing::info!("{peer}: cannot send reply: {e}");
+            dead.store(true, Ordering::Relaxed);
+            // Wake the reader too: nobody is listening any more.
+            w.shutdown(Shutdown::Both);
+        }
+    };
+
+    std::thread::scope(|scope| {
+        for _ in 0..inner.cfg.workers_per_connection.max(1) {
+            scope.spawn(|| loop {
+                let job = match rx.lock().expect("job queue lock").recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                };
+                let reply = execute(
+                    inner.dev.as_ref(),
+                    inner.alloc.as_ref(),
+                    &session,
+                    job.handle,
+                    job.cmd,
+                    &job.payload,
+                );
+                drop(job.payload);
+                send(&reply);
+                budget.release(job.cost);
+            });
+        }
+        let res = loop {
+            let inc = match read_incoming(&mut reader, &session) {
+                Ok(i) => i,
+                Err(e) => {
+                    if dead.load(Ordering::Relaxed) || inner.stopping.load(Ordering::SeqCst) {
+                        break Ok(());
+                    }
+                    break Err(e);
+                }
+            };
+            inner.requests.fetch_add(1, Ordering::Relaxed);
+            match inc {
+                Incoming::Eof => break Ok(()),
+                Incoming::Request {
+                    cmd: Command::Disconnect,
+                    ..
+                } => break Ok(()),
+                Incoming::Rejected {
+                    handle,
+                    typ,
+                    rejection,
+                } => {
+                    tracing::debug!(
+                        "{peer}: rejecting command {typ}: {} ({})",
+                        rejection.msg,
+                        rejection.errno
+                    );
+                    send(&error_reply(
+                        &session,
+                        handle,
+                        rejection.errno,
+                        &rejection.msg,
+                    ));
+                }
+                Incoming::Request {
+                    handle,
+                    cmd,
+                    payload,
+                } => {
+                    let cost = match cmd {
+                        Command::Read { len, .. } | Command::Write { len, .. } => len as u64,
+                        _ => 0,
+                    };
+                    let cost = budget.acquire(cost);
+                    if tx
+                        .send(Job {
+                            handle,
+                            cmd,
+                            payload,
+                            cost,
+                        })
+                        .is_err()
+                    {
+                        break Ok(());
+                    }
+                }
+            }
+        };
+        drop(tx);
+        res
+    })
+}
+
+/// An error reply in the form the session calls for.
+pub fn error_reply(s: &Session, handle: u64, errno: Errno, msg: &str) -> Vec<u8> {
+    if s.structured {
+        structured_error(handle, errno, msg)
+    } else {
+        let mut b = vec![0u8; SIMPLE_REPLY_LEN];
+        put_simple_reply(&mut b, errno.code(), handle);
+        b
+    }
+}
+
+fn ok_reply(handle: u64) -> Vec<u8> {
+    let mut b = vec![0u8; SIMPLE_REPLY_LEN];
+    put_simple_reply(&mut b, 0, handle);
+    b
+}
+
+fn write_zeroes_provisioned(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let n = (end - pos).min(zeros.len() as u64) as usize;
+        dev.write_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Run one validated command against `dev` and build the complete reply.
+pub fn execute(
+    dev: &dyn BlockDevice,
+    alloc: &dyn Allocation,
+    s: &Session,
+    handle: u64,
+    cmd: Command,
+    payload: &[u8],
+) -> Vec<u8> {
+    let fail = |e: &Error| {
+        let errno = errno_of(e);
+        tracing::debug!("request failed ({errno}): {e}");
+        error_reply(s, handle, errno, &e.to_string())
+    };
+    let done =
+        |r: Result<()>, fua: bool| match r.and_then(|_| if fua { dev.flush() } else { Ok(()) }) {
+            Ok(()) => ok_reply(handle),
+            Err(e) => fail(&e),
+        };
+    match cmd {
+        Command::Read { offset, len, .. } => {
+            if s.structured {
+                if len == 0 {
+                    return structured_chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, &[]);
+                }
+                let hdr = STRUCTURED_REPLY_LEN + 8;
+                let mut b = vec![0u8; hdr + len as usize];
+                match dev.read_at(&mut b[hdr..], offset) {
+                    Ok(()) => {
+                        put_structured_reply(
+                            &mut b,
+                            REPLY_FLAG_DONE,
+                            REPLY_TYPE_OFFSET_DATA,
+                            handle,
+                            len + 8,
+                        );
+                        b[STRUCTURED_REPLY_LEN..hdr].copy_from_slice(&offset.to_be_bytes());
+                        b
+                    }
+                    Err(e) => fail(&e),
+                }
+            } else {
+                let mut b = vec![0u8; SIMPLE_REPLY_LEN + len as usize];
+                match dev.read_at(&mut b[SIMPLE_REPLY_LEN..], offset) {
+                    Ok(()) => {
+                        put_simple_reply(&mut b, 0, handle);
+                        b
+                    }
+                    Err(e) => fail(&e),
+                }
+            }
+        }
+        Command::Write { offset, fua, .. } => done(dev.write_at(payload, offset), fua),
+        Command::Flush => done(dev.flush(), false),
+        Command::Trim { offset, len, fua } => {
+            if len == 0 {
+                return ok_reply(handle);
+            }
+            done(dev.trim(offset, len as u64), fua)
+        }
+        Command::WriteZeroes {
+            offset,
+            len,
+            fua,
+            no_hole,
+        } => {
+            if len == 0 {
+                return ok_reply(handle);
+            }
+            if no_hole {
+                done(write_zeroes_provisioned(dev, offset, len as u64), fua)
+            } else {
+                done(dev.write_zeroes(offset, len as u64), fua)
+            }
+        }
+        Command::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => {
+            let len = if len == 0 {
+                // Unspecified by the protocol; answer about one byte.
+                if offset >= s.size {
+                    return error_reply(s, handle, Errno::Inval, "block status at end of export");
+                }
+                1
+            } else {
+                len
+            };
+            match alloc.extents(offset, len as u64) {
+                Ok(ext) => {
+                    let mut out: Vec<(u32, u32)> = Vec::new();
+                    let mut total = 0u64;
+                    for (l, f) in ext {
+                        let l = l.min(len as u64 - total);
+                        if l == 0 {
+                            break;
+                        }
+                        total += l;
+                        match out.last_mut() {
+                            Some((ol, of)) if *of == f => *ol += l as u32,
+                            _ => out.push((l as u32, f)),
+                        }
+                        if req_one || out.len() >= 1 << 16 || total >= len as u64 {
+                            break;
+                        }
+                    }
+                    if req_one {
+                        out.truncate(1);
+                    }
+                    if out.is_empty() {
+                        out.push((len, 0));
+                    }
+                    block_status_chunk(handle, BASE_ALLOCATION_ID, &out)
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Disconnect => Vec::new(),
+    }
+}
+
+/// Block status of a layer stack from its merged LSMT indexes: ranges no
+/// layer maps (or that a zeroed entry covers) are holes reading as zeros.
+impl Allocation for crate::stack::Stack {
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
+        let end = offset.saturating_add(len).min(self.size());
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut pos = offset;
+        for (o, l, data) in self.allocation(offset, end.saturating_sub(offset)) {
+            // Sector-aligned answers may start before `offset` or end after `end`.
+            let (s, e) = (o.max(pos), (o + l).min(end));
+            if s >= e {
+                continue;
+            }
+            if s > pos {
+                // Not described: report as data (always safe).
+                out.push((s - pos, 0));
+            }
+            let flags = if data { 0 } else { STATE_HOLE | STATE_ZERO };
+            match out.last_mut() {
+                Some((ol, of)) if *of == flags => *ol += e - s,
+                _ => out.push((e - s, flags)),
+            }
+            pos = e;
+        }
+        if out.is_empty() && end > offset {
+            out.push((end - offset, 0));
+        }
+        Ok(out)
+    }
+}

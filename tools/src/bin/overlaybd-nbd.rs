@@ -1,0 +1,212 @@
+//! `overlaybd-nbd`: serve an overlaybd layer stack over the NBD protocol.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use blockdev::io::{set_default_backend, IoBackend};
+use blockdev::nbd::{Allocation, Endpoint, Listener, Server, ServerConfig, ZeroScan};
+use blockdev::stack::Stack;
+use blockdev::{BlockDevice, ImageConfig, RawFileDevice};
+use clap::{Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "overlaybd-nbd",
+    version,
+    about = "Expose an overlaybd layer stack as a userspace NBD export",
+    long_about = "Expose an overlaybd layer stack as a userspace NBD export, so layers can be \
+                  inspected with nbdinfo, nbdcopy, nbdfuse or qemu-img without the overlaybd \
+                  TCMU backend."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve a layer stack (or a raw image) until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// An overlaybd config.json (lowers and optional upper), or layer files
+    /// (sealed LSMT, ZFile, or their tar-wrapped form), lowest layer first.
+    #[arg(required = true, value_name = "CONFIG.json | LAYER")]
+    inputs: Vec<PathBuf>,
+
+    /// Writable upper layer on top of the layer files: its data and index files.
+    #[arg(long, num_args = 2, value_names = ["DATA", "INDEX"], conflicts_with = "raw")]
+    upper: Option<Vec<PathBuf>>,
+
+    /// Treat the single input as a plain raw disk image instead of a layer stack.
+    #[arg(long)]
+    raw: bool,
+
+    /// Listen on this Unix socket path (clients: nbd+unix:///?socket=PATH).
+    #[arg(long, value_name = "PATH", conflicts_with = "listen")]
+    socket: Option<PathBuf>,
+
+    /// Listen on this TCP address (clients: nbd://ADDR). Default 127.0.0.1:10809
+    /// when --socket is not given.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+
+    /// Refuse writes (EPERM) even when the stack has a writable upper layer.
+    #[arg(long)]
+    read_only: bool,
+
+    /// Export name clients ask for (the default, empty name always works too).
+    #[arg(long, value_name = "NAME", default_value = "")]
+    export: String,
+
+    /// File I/O backend: io_uring, pread, or auto (io_uring when the kernel allows it).
+    #[arg(long, value_name = "uring|pread|auto", default_value = "auto")]
+    io: IoBackend,
+
+    /// Requests served in parallel per connection.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    workers: usize,
+
+    /// Clients served at once; more are disconnected right away.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_connections: usize,
+}
+
+/// The device to serve, where block status comes from, and a description.
+type Opened = (Arc<dyn BlockDevice>, Arc<dyn Allocation>, String);
+
+fn open_device(a: &ServeArgs) -> Result<Opened> {
+    if a.raw {
+        if a.inputs.len() != 1 {
+            bail!("--raw takes exactly one image file, got {}", a.inputs.len());
+        }
+        let p = &a.inputs[0];
+        let dev: Arc<dyn BlockDevice> = Arc::new(
+            if a.read_only {
+                RawFileDevice::open(p)
+            } else {
+                RawFileDevice::open_rw(p)
+            }
+            .with_context(|| format!("cannot open raw image {}", p.display()))?,
+        );
+        let alloc = Arc::new(ZeroScan::new(dev.clone()));
+        return Ok((dev, alloc, format!("raw image {}", p.display())));
+    }
+    let (lowers, upper, what) = if a.inputs.len() == 1
+        && a.upper.is_none()
+        && a.inputs[0].extension().is_some_and(|e| e == "json")
+    {
+        let p = &a.inputs[0];
+        let cfg = ImageConfig::load(p)
+            .with_context(|| format!("cannot read image config {}", p.display()))?;
+        let what = format!("image config {}", p.display());
+        (cfg.lowers, cfg.upper.map(|u| (u.data, u.index)), what)
+    } else {
+        let upper = a.upper.as_ref().map(|v| (v[0].clone(), v[1].clone()));
+        (a.inputs.clone(), upper, "layer stack".to_string())
+    };
+    let up = upper.as_ref().map(|(d, i)| (d.as_path(), i.as_path()));
+    let stack = if a.read_only {
+        Stack::open_read_only(&lowers, up)
+    } else {
+        Stack::open(&lowers, up)
+    }
+    .with_context(|| format!("cannot open the layer stack ({what})"))?;
+    let stack = Arc::new(stack);
+    let what = format!(
+        "{what} ({} lower(s){})",
+        lowers.len(),
+        match &upper {
+            Some((d, _)) => format!(", upper {}", d.display()),
+            None => String::new(),
+        }
+    );
+    Ok((stack.clone(), stack, what))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OVERLAYBD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match cli.cmd {
+        Cmd::Serve(a) => serve(a),
+    };
+    if let Err(e) = r {
+        eprintln!("overlaybd-nbd: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    // Block the shutdown signals before any thread starts so that only the
+    // signal thread below receives them.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    sigs.thread_block().context("cannot block SIGINT/SIGTERM")?;
+
+    set_default_backend(a.io);
+    let (dev, alloc, what) = open_device(&a)?;
+    let ep = match (&a.socket, a.listen) {
+        (Some(p), _) => Endpoint::Unix(p.clone()),
+        (None, Some(addr)) => Endpoint::Tcp(addr),
+        (None, None) => Endpoint::Tcp("127.0.0.1:10809".parse().expect("valid address")),
+    };
+    let cfg = ServerConfig {
+        export_name: a.export.clone(),
+        description: what.clone(),
+        read_only: a.read_only,
+        workers_per_connection: a.workers.max(1),
+        max_connections: a.max_connections.max(1),
+        ..ServerConfig::default()
+    };
+    let server = Server::with_allocation(dev, alloc, cfg);
+    let listener = Listener::bind(&ep).with_context(|| format!("cannot listen on {ep}"))?;
+    let ep = listener.endpoint();
+    let handle = server.shutdown_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut first = true;
+            while let Ok(sig) = sigs.wait() {
+                if first {
+                    eprintln!("overlaybd-nbd: {sig}: finishing in-flight requests and flushing");
+                    handle.shutdown();
+                    first = false;
+                } else {
+                    eprintln!("overlaybd-nbd: {sig} again: exiting without flushing");
+                    std::process::exit(130);
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+
+    let export = server.export();
+    println!(
+        "overlaybd-nbd: serving {what} ({} bytes, {}) as export '{}' on {ep}",
+        export.size,
+        if export.read_only {
+            "read-only"
+        } else {
+            "writable"
+        },
+        export.name
+    );
+    let stats = server
+        .serve(&listener)
+        .with_context(|| format!("serving {what}"))?;
+    println!(
+        "overlaybd-nbd: stopped cleanly after {} connections and {} requests; device flushed",
+        stats.connections, stats.requests
+    );
+    Ok(())
+}

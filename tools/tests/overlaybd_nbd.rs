@@ -1,0 +1,391 @@
+//! `overlaybd-nbd serve` end to end: the upstream fixture stack read by
+//! nbdcopy/qemu-img and checked with e2fsck, a loop mount and `tar --compare`;
+//! a writable session stopped with SIGTERM, committed and read back.
+//! Needs libnbd-bin, qemu-utils, e2fsprogs, tar and (for the mount) root.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use blockdev::stack::Stack;
+use blockdev::BlockDevice;
+
+const NBD: &str = env!("CARGO_BIN_EXE_overlaybd-nbd");
+const CREATE: &str = env!("CARGO_BIN_EXE_overlaybd-create");
+const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
+
+use testutil::fixtures;
+
+fn tool(name: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "required tool `{name}` not found in PATH (packages: libnbd-bin, qemu-utils, e2fsprogs)"
+    );
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A running `overlaybd-nbd serve`; killed on drop if still running.
+struct Served {
+    child: Child,
+    uri: String,
+    banner: String,
+}
+
+impl Served {
+    fn start(args: &[&str]) -> Served {
+        let mut child = Command::new(NBD)
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start overlaybd-nbd");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if line.is_empty() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "overlaybd-nbd exited before serving: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let ep = line
+            .trim()
+            .rsplit(" on ")
+            .next()
+            .expect("endpoint in banner")
+            .to_string();
+        let uri = match ep.strip_prefix("nbd+unix:///") {
+            Some(rest) => format!("nbd+unix:///{rest}"),
+            None => ep,
+        };
+        Served {
+            child,
+            uri,
+            banner: line,
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns everything printed after.
+    fn terminate(mut self) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let mut rest = String::new();
+                let _ =
+                    std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut rest);
+                let mut err = String::new();
+                let _ =
+                    std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err);
+                assert!(st.success(), "server exited with {st} after SIGTERM: {err}");
+                return rest + &err;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "server ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Data ranges of a (sparse) file, via SEEK_DATA/SEEK_HOLE.
+fn file_data_ranges(p: &Path) -> Vec<(u64, u64)> {
+    let f = blockdev::io::IoFile::open(p).unwrap();
+    f.data_ranges(0).unwrap()
+}
+
+/// Compare a flattened raw copy with the stack read in-process, over every
+/// range that holds data in either (elsewhere both are zero: the file has
+/// holes, the stack reports no mapping).
+fn assert_same_as_stack(raw: &Path, stack: &Stack) {
+    assert_eq!(std::fs::metadata(raw).unwrap().len(), stack.size());
+    let mut ranges: Vec<(u64, u64)> = file_data_ranges(raw);
+    ranges.extend(
+        stack
+            .allocation(0, stack.size())
+            .into_iter()
+            .filter(|r| r.2)
+            .map(|(o, l, _)| (o, o + l)),
+    );
+    ranges.sort();
+    let f = std::fs::File::open(raw).unwrap();
+    let mut a = vec![0u8; 1 << 20];
+    let mut b = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    for (s, e) in ranges {
+        let mut pos = s.max(done);
+        while pos < e {
+            let n = (e - pos).min(a.len() as u64) as usize;
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut a[..n], pos).unwrap();
+            stack.read_at(&mut b[..n], pos).unwrap();
+            assert!(
+                a[..n] == b[..n],
+                "raw copy differs from the stack near offset {pos}"
+            );
+            pos += n as u64;
+        }
+        done = done.max(e);
+    }
+}
+
+#[test]
+fn fixture_stack_flattens_to_the_ext4_of_input_tar() {
+    let fx = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let lowers = [
+        fx.join("baselayer/ext4_64"),
+        fx.join("baselayer/commit.lsmt"),
+    ];
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"lowers": [{"file": lowers[0]}, {"file": lowers[1]}]}).to_string(),
+    )
+    .unwrap();
+    let sock = dir.path().join("s.sock");
+    let srv = Served::start(&[
+        cfg.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+        "--read-only",
+        "--io",
+        "uring",
+    ]);
+    assert!(
+        srv.banner.contains("68719476736 bytes, read-only"),
+        "{}",
+        srv.banner
+    );
+
+    let info = run_ok(Command::new(tool("nbdinfo")).arg("--json").arg(&srv.uri));
+    let j: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(j["exports"][0]["export-size"], 64u64 << 30);
+    assert_eq!(j["exports"][0]["is_read_only"], true);
+
+    // nbdcopy skips the holes it learns from block status: the 64 GiB copy
+    // stays sparse.
+    let raw = dir.path().join("flat.raw");
+    run_ok(Command::new(tool("nbdcopy")).arg(&srv.uri).arg(&raw));
+    let allocated = std::fs::metadata(&raw).unwrap().blocks() * 512;
+    assert!(
+        allocated < 700 << 20,
+        "flattened copy is not sparse: {allocated} bytes allocated"
+    );
+    let stack = Stack::open_read_only(&lowers, None).unwrap();
+    assert_same_as_stack(&raw, &stack);
+
+    // qemu-img agrees with the copy, reading through the server.
+    run_ok(
+        Command::new(tool("qemu-img"))
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&raw)
+            .arg(&srv.uri),
+    );
+    srv.terminate();
+
+    run_ok(Command::new(tool("e2fsck")).arg("-fn").arg(&raw));
+    // The files of input.tar, checked by tar itself (content, mode, owner, mtime).
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let m = Command::new("mount")
+        .args(["-o", "loop,ro"])
+        .arg(&raw)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        m.status.success(),
+        "loop mount failed (this test needs root): {}",
+        String::from_utf8_lossy(&m.stderr)
+    );
+    let cmp = Command::new("tar")
+        .arg("--compare")
+        .arg("-f")
+        .arg(fx.join("input.tar"))
+        .arg("-C")
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert!(
+        cmp.status.success(),
+        "mounted filesystem differs from input.tar:\n{}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        String::from_utf8_lossy(&cmp.stderr)
+    );
+}
+
+#[test]
+fn writable_session_is_flushed_on_sigterm_and_survives_commit() {
+    let fx = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let lowers = [
+        fx.join("baselayer/ext4_64"),
+        fx.join("baselayer/commit.lsmt"),
+    ];
+    run_ok(Command::new(CREATE).args([&p("data"), &p("index"), "0", "-s"]));
+    let srv = Served::start(&[
+        lowers[0].to_str().unwrap(),
+        lowers[1].to_str().unwrap(),
+        "--upper",
+        &p("data"),
+        &p("index"),
+        "--listen",
+        "127.0.0.1:0",
+        "--io",
+        "pread",
+    ]);
+    assert!(srv.uri.starts_with("nbd://127.0.0.1:"), "{}", srv.uri);
+    assert!(srv.banner.contains("writable"), "{}", srv.banner);
+
+    // Writes through two different clients.
+    let blob = dir.path().join("blob");
+    let payload: Vec<u8> = (0..(3u32 << 20))
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect();
+    std::fs::write(&blob, &payload).unwrap();
+    run_ok(
+        Command::new(tool("qemu-io"))
+            .args(["-f", "raw"])
+            .arg(&srv.uri)
+            .args(["-c", "write -P 0x5a 40G 1M"])
+            .args(["-c", "write -z 37879808 65536"])
+            .args(["-c", "write -P 0xc3 100 10"])
+            .args(["-c", &format!("write -s {} 20G 3M", blob.display())]),
+    );
+    let tail = srv.terminate();
+    assert!(tail.contains("stopped cleanly"), "{tail}");
+    assert!(tail.contains("flushed"), "{tail}");
+
+    // Commit the upper and read everything back from the new layer.
+    run_ok(Command::new(COMMIT).args([&p("data"), &p("index"), &p("commit2.lsmt")]));
+    let before = Stack::open_read_only(&lowers, None).unwrap();
+    let after = Stack::open_read_only(
+        &[
+            lowers[0].clone(),
+            lowers[1].clone(),
+            dir.path().join("commit2.lsmt"),
+        ],
+        None,
+    )
+    .unwrap();
+    let read = |s: &Stack, off: u64, len: usize| {
+        let mut v = vec![0u8; len];
+        s.read_at(&mut v, off).unwrap();
+        v
+    };
+    assert_eq!(read(&after, 40 << 30, 1 << 20), vec![0x5a; 1 << 20]);
+    assert_eq!(read(&after, 37879808, 65536), vec![0; 65536]);
+    assert_ne!(
+        read(&before, 37879808, 65536),
+        vec![0; 65536],
+        "fixture changed?"
+    );
+    let mut head = read(&before, 0, 4096);
+    head[100..110].fill(0xc3);
+    assert_eq!(read(&after, 0, 4096), head);
+    assert!(read(&after, 20 << 30, 3 << 20) == payload);
+    // Untouched areas are unchanged.
+    assert_eq!(read(&after, 4096, 1 << 20), read(&before, 4096, 1 << 20));
+}
+
+#[test]
+fn clear_errors_for_bad_inputs_and_read_only_upper() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.lsmt");
+    let out = Command::new(NBD)
+        .arg("serve")
+        .arg(&missing)
+        .args(["--socket", dir.path().join("s").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nope.lsmt") && err.contains("error"), "{err}");
+    assert_eq!(err.lines().count(), 1, "error should be one line: {err}");
+
+    let out = Command::new(NBD)
+        .args(["serve", "x", "--io", "bogus"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
+
+    // A writable upper served with --read-only refuses writes.
+    let fx = fixtures();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    // (vsize given: a read-only open cannot record a size taken from the lowers)
+    run_ok(Command::new(CREATE).args([&p("data"), &p("index"), "64", "-s"]));
+    let srv = Served::start(&[
+        fx.join("baselayer/ext4_64").to_str().unwrap(),
+        "--upper",
+        &p("data"),
+        &p("index"),
+        "--read-only",
+        "--socket",
+        &p("ro.sock"),
+        "--export",
+        "base",
+    ]);
+    assert!(srv.uri.ends_with("ro.sock"), "{}", srv.uri);
+    let uri = srv.uri.replacen("nbd+unix:///", "nbd+unix:///base", 1);
+    let w = Command::new(tool("qemu-io"))
+        .args(["-f", "raw"])
+        .arg(&uri)
+        .args(["-c", "write -P 1 0 4k"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
+    assert!(
+        !w.status.success() || text.contains("failed") || text.contains("read-only"),
+        "{text}"
+    );
+    let info = run_ok(Command::new(tool("nbdinfo")).arg("--json").arg(&uri));
+    let j: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(j["exports"][0]["export-name"], "base");
+    assert_eq!(j["exports"][0]["is_read_only"], true);
+    srv.terminate();
+    assert_eq!(std::fs::metadata(p("data")).unwrap().blocks(), {
+        // Nothing was written to the upper's data file.
+        let fresh = tempfile::tempdir().unwrap();
+        let q = |n: &str| fresh.path().join(n).to_str().unwrap().to_string();
+        run_ok(Command::new(CREATE).args([&q("data"), &q("index"), "64", "-s"]));
+        std::fs::metadata(q("data")).unwrap().blocks()
+    });
+}
