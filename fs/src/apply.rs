@@ -815,7 +815,10 @@ impl Applier {
     }
 
     fn mark_unpacked(&mut self, parent: u32, name: &[u8]) {
-        self.unpacked.entry(parent).or_default().insert(Box::from(name));
+        self.unpacked
+            .entry(parent)
+            .or_default()
+            .insert(Box::from(name));
     }
 
     fn free_inode(&mut self, ino: u32, i: &mut Inode, is_dir: bool) -> Result<()> {
@@ -1018,7 +1021,8 @@ impl Applier {
 
     /// End of the layer: directory times.
     fn finish(&mut self) -> Result<()> {
-        let mut times: Vec<(u32, Timestamp)> = std::mem::take(&mut self.dir_times).into_iter().collect();
+        let mut times: Vec<(u32, Timestamp)> =
+            std::mem::take(&mut self.dir_times).into_iter().collect();
         times.sort_unstable_by_key(|(ino, _)| *ino);
         for (ino, t) in times {
             let mut i = self.fs.read_inode(ino)?;
