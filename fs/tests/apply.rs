@@ -148,6 +148,46 @@ fn layer_set_on_hashed_directories() {
     assert_same_tree(&d.join("ref.json"), &d.join("ours.json"), &[]);
 }
 
+/// Bases made by stock mke2fs with features upstream's mkfs does not use:
+/// metadata_csum (checksummed inodes, directory blocks, bitmaps) with
+/// inline_data, and 1 KiB blocks (several directory blocks per page).
+#[test]
+fn layer_set_on_foreign_mke2fs_bases() {
+    let set = layer_set();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    reference_manifest(&set.layers, &d.join("ref.json"));
+    for (n, opts) in [
+        &["-O", "metadata_csum,inline_data"][..],
+        &["-b", "1024", "-O", "^metadata_csum"][..],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = d.join(format!("fs{n}.img"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(2 << 30)
+            .unwrap();
+        let mut args = vec!["-q", "-F", "-t", "ext4"];
+        args.extend_from_slice(opts);
+        args.push(img.to_str().unwrap());
+        run(testutil::tool("mke2fs"), &args);
+        let dev: std::sync::Arc<dyn blockdev::BlockDevice> =
+            std::sync::Arc::new(blockdev::RawFileDevice::open_rw(&img).unwrap());
+        for layer in &set.layers {
+            apply_file(&dev, layer)
+                .unwrap_or_else(|e| panic!("mke2fs {opts:?}: {}: {e}", layer.display()));
+        }
+        drop(dev);
+        e2fsck_clean(&img);
+        let ours = d.join(format!("ours{n}.json"));
+        image_manifest(&img, &ours);
+        assert_same_tree(&d.join("ref.json"), &ours, &[]);
+        std::fs::remove_file(&img).unwrap();
+    }
+}
+
 /// A layer larger than the filesystem fails with a clear error.
 #[test]
 fn full_filesystem_is_a_clear_error() {

@@ -354,7 +354,8 @@ def image_manifest(img):
                 # /ino/mode/uid/gid/name/size/ ; names have no '/'.
                 parts = line.split(b"/")
                 ino, mode, name = int(parts[1]), int(parts[2], 8), b"/".join(parts[5:-2])
-                if name in (b".", b".."):
+                # ls lists a block's first entry even when unused (inode 0).
+                if name in (b".", b"..") or ino == 0:
                     continue
                 rel = prefix + name
                 if rel == b"lost+found":

@@ -80,7 +80,8 @@ impl Ext2Fs {
         Ok(pblk)
     }
 
-    /// Map logical block `lblk` of `ino` to `pblk` (block-mapped files).
+    /// Map logical block `lblk` of `ino` to `pblk` (block-mapped files;
+    /// indirect blocks are allocated as needed).
     pub fn bmap_set(&mut self, ino: u32, inode: &mut Inode, lblk: u64, pblk: u64) -> Result<()> {
         let mut p = pblk;
         // SAFETY: as in bmap.
@@ -90,7 +91,7 @@ impl Ext2Fs {
                 ino,
                 inode.as_ext2_ptr(),
                 std::ptr::null_mut(),
-                sys::BMAP_SET as c_int,
+                (sys::BMAP_SET | sys::BMAP_ALLOC) as c_int,
                 lblk,
                 std::ptr::null_mut(),
                 &mut p,
