@@ -150,26 +150,26 @@ fn layer_set_on_hashed_directories() {
 
 /// Bases made by stock mke2fs with features upstream's mkfs does not use:
 /// metadata_csum (checksummed inodes, directory blocks, bitmaps) with
-/// inline_data, and 1 KiB blocks (several directory blocks per page).
+/// inline_data, 1 KiB blocks (several directory blocks per page), and ext3
+/// (block-mapped files with indirect blocks, a journal).
 #[test]
 fn layer_set_on_foreign_mke2fs_bases() {
     let set = layer_set();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     reference_manifest(&set.layers, &d.join("ref.json"));
-    for (n, opts) in [
-        &["-O", "metadata_csum,inline_data"][..],
-        &["-b", "1024", "-O", "^metadata_csum"][..],
-    ]
-    .iter()
-    .enumerate()
-    {
+    let bases: [&[&str]; 3] = [
+        &["-t", "ext4", "-O", "metadata_csum,inline_data"],
+        &["-t", "ext4", "-b", "1024", "-O", "^metadata_csum"],
+        &["-t", "ext3"],
+    ];
+    for (n, opts) in bases.iter().enumerate() {
         let img = d.join(format!("fs{n}.img"));
         std::fs::File::create(&img)
             .unwrap()
             .set_len(2 << 30)
             .unwrap();
-        let mut args = vec!["-q", "-F", "-t", "ext4"];
+        let mut args = vec!["-q", "-F"];
         args.extend_from_slice(opts);
         args.push(img.to_str().unwrap());
         run(testutil::tool("mke2fs"), &args);
