@@ -130,9 +130,7 @@ pub fn apply_tar<R: Read>(
         let path = entry.path_lossy();
         match a.apply_entry(&entry, &mut reader) {
             Ok(()) => {}
-            Err(e @ (Error::Entry { .. } | Error::Tar { .. } | Error::Read { .. })) => {
-                return Err(e)
-            }
+            Err(e @ Error::Entry { .. }) => return Err(e),
             Err(e) => {
                 return Err(Error::AtEntry {
                     path,
