@@ -165,18 +165,27 @@ pub struct LayerSet {
 pub fn layer_set() -> &'static LayerSet {
     static SET: OnceLock<LayerSet> = OnceLock::new();
     SET.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("obdfs-layers")
-            .tempdir()
-            .unwrap()
-            .keep();
-        run(
-            "python3",
-            &[
-                scripts().join("make-layers.py").to_str().unwrap(),
-                dir.to_str().unwrap(),
-            ],
-        );
+        // The generator is deterministic: keep its output in the target
+        // dir, keyed by the script's contents, instead of one copy per run.
+        let script = scripts().join("make-layers.py");
+        let key = fnv(&std::fs::read(&script).unwrap());
+        let tmpdir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let dir = tmpdir.join(format!("obdfs-layers-{key}"));
+        if !dir.join("layers.txt").exists() {
+            let new = tempfile::Builder::new()
+                .prefix("obdfs-layers-new")
+                .tempdir_in(tmpdir)
+                .unwrap()
+                .keep();
+            run(
+                "python3",
+                &[script.to_str().unwrap(), new.to_str().unwrap()],
+            );
+            if std::fs::rename(&new, &dir).is_err() {
+                // Another test process got there first.
+                std::fs::remove_dir_all(&new).unwrap();
+            }
+        }
         let layers = std::fs::read_to_string(dir.join("layers.txt"))
             .unwrap()
             .lines()
@@ -196,6 +205,15 @@ pub fn layer_set() -> &'static LayerSet {
             malicious,
         }
     })
+}
+
+fn fnv(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
 }
 
 /// A digest of a sparse image's logical content (non-zero 4 KiB blocks and
