@@ -1,1 +1,24 @@
-//! ext4 inside overlaybd layers (work in progress).
+//! ext4 inside overlaybd layers: mkfs and OCI layer-tar apply, written in
+//! userspace through libext2fs onto any [`blockdev::BlockDevice`] (a layer
+//! stack, a raw image, memory).
+//!
+//! * [`mkfs()`]: a deterministic ext4 with upstream overlaybd's feature set.
+//! * [`apply_tar()`]: apply one OCI layer tar (whiteouts, opaque dirs, hard
+//!   links, xattrs, devices, sparse files) to the ext4 on a device.
+//!
+//! Every block goes through the device: libext2fs runs with a custom I/O
+//! manager ([`ext2fs::io`]) and file data is written straight to the device
+//! in large contiguous chunks.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod apply;
+pub mod dirent;
+pub mod error;
+pub mod ext2fs;
+pub mod mkfs;
+pub mod tar;
+
+pub use apply::{apply_tar, ApplyOptions, ApplyStats};
+pub use error::{Error, Result};
+pub use mkfs::{mkfs, MkfsOptions};

@@ -117,6 +117,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn mkfs(_dev: std::sync::Arc<dyn blockdev::BlockDevice>) -> anyhow::Result<()> {
-    bail!("--mkfs is not supported yet: ext4 creation lands with overlaybd-apply")
+fn mkfs(dev: std::sync::Arc<dyn blockdev::BlockDevice>) -> anyhow::Result<()> {
+    obdfs::mkfs(dev, &obdfs::MkfsOptions::default()).context("mkfs failed")
 }

@@ -1,0 +1,76 @@
+//! Error type of the crate.
+
+/// Result alias of the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in mkfs or apply.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A libext2fs call failed.
+    #[error("cannot {op}: {msg}{}", .device.as_ref().map(|d| format!(" (device error: {d})")).unwrap_or_default())]
+    Ext2fs {
+        /// What we were doing.
+        op: String,
+        /// The libext2fs/com_err code.
+        code: i64,
+        /// com_err's text for the code.
+        msg: String,
+        /// The block device's error, when it caused the failure.
+        device: Option<String>,
+    },
+    /// The block device failed outside a libext2fs call.
+    #[error("block device: {0}")]
+    Device(#[source] blockdev::Error),
+    /// Reading the tar stream failed.
+    #[error("reading the tar stream at byte {offset}: {source}")]
+    Read {
+        /// Offset in the (decompressed) tar stream.
+        offset: u64,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tar stream is malformed.
+    #[error("malformed tar stream at byte {offset}: {msg}")]
+    Tar {
+        /// Offset of the offending header in the stream.
+        offset: u64,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A tar entry cannot be applied.
+    #[error("tar entry '{path}': {msg}")]
+    Entry {
+        /// The entry's path as stored in the tar.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A libext2fs or device failure while applying one entry.
+    #[error("tar entry '{path}': {source}")]
+    AtEntry {
+        /// The entry's path as stored in the tar.
+        path: String,
+        /// The underlying failure.
+        #[source]
+        source: Box<Error>,
+    },
+    /// The filesystem found on the device cannot be used.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A bad argument.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// A libext2fs failure.
+    pub fn ext2fs(op: &str, code: i64, device: Option<String>) -> Self {
+        Error::Ext2fs {
+            op: op.to_string(),
+            code,
+            msg: crate::ext2fs::error_text(code),
+            device,
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! `overlaybd-apply`: apply an OCI layer tar to the ext4 filesystem of an
+//! overlaybd image (lowers + writable upper described by a config.json).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use blockdev::{BlockDevice, ImageConfig};
+use clap::Parser;
+use obdtools::cli;
+use sha2::Digest;
+
+/// Apply an OCI layer tar (plain, gzip or zstd; `-` reads stdin) to the
+/// ext4 filesystem of an overlaybd image.
+///
+/// The image is described by an overlaybd config.json: `lowers[].file` (the
+/// layers below, bottom first), `upper.data` / `upper.index` (the writable
+/// layer that receives every change) and `resultFile` (where "success" or
+/// "failed:<error>" is written). Unknown keys are ignored. The filesystem is
+/// changed in userspace through libext2fs; nothing is mounted and no root
+/// rights are needed.
+#[derive(Parser, Debug)]
+#[command(name = "overlaybd-apply", version)]
+struct Args {
+    /// Treat IMAGE_CONFIG as a raw ext4 image file to modify in place.
+    #[arg(long)]
+    raw: bool,
+    /// Make a new ext4 filesystem on the image before applying.
+    #[arg(long)]
+    mkfs: bool,
+    /// Convert a qcow2 image instead of a tar (not supported).
+    #[arg(long = "from_qcow2")]
+    from_qcow2: bool,
+    /// qcow2 only: extract only rootfs partitions (accepted, unused).
+    #[arg(long = "extract-rootfs", overrides_with = "no_extract_rootfs")]
+    extract_rootfs: bool,
+    /// qcow2 only: convert the entire disk (accepted, unused).
+    #[arg(long = "no-extract-rootfs")]
+    no_extract_rootfs: bool,
+    /// Print debug logs.
+    #[arg(long)]
+    verbose: bool,
+    /// overlaybd service config (accepted for compatibility; not needed).
+    #[arg(long = "service_config_path", value_name = "FILEPATH")]
+    service_config_path: Option<PathBuf>,
+    /// Build a gzip index for TurboOCI (not supported).
+    #[arg(long = "gz_index_path", value_name = "FILEPATH")]
+    gz_index_path: Option<PathBuf>,
+    /// Expected sha256 (hex) of the uncompressed tar; a mismatch is an error.
+    #[arg(long)]
+    checksum: Option<String>,
+    /// The layer tar (plain, gzip or zstd), or `-` for standard input.
+    input_path: PathBuf,
+    /// The overlaybd image config.json (with --raw: a raw image file).
+    image_config_path: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::init_logging(args.verbose);
+    if args.raw {
+        return cli::run("overlaybd-apply", || run(&args, None));
+    }
+    let cfg = match ImageConfig::load(&args.image_config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "overlaybd-apply: error: cannot load image config {}: {e}",
+                args.image_config_path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = run(&args, Some(&cfg));
+    let msg = match &result {
+        Ok(()) => "success".to_string(),
+        Err(e) => format!("failed:{e:#}"),
+    };
+    if let Err(e) = cfg.write_result(&msg) {
+        eprintln!("overlaybd-apply: error: cannot write the result file: {e}");
+        return ExitCode::FAILURE;
+    }
+    cli::run("overlaybd-apply", || result)
+}
+
+fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
+    if args.from_qcow2 {
+        bail!("--from_qcow2 is not supported");
+    }
+    if args.gz_index_path.is_some() {
+        bail!("--gz_index_path (TurboOCI) is not supported yet");
+    }
+    if let Some(p) = &args.service_config_path {
+        tracing::debug!("ignoring service config {}", p.display());
+    }
+    let expected = args
+        .checksum
+        .as_deref()
+        .map(|c| {
+            let c = c.strip_prefix("sha256:").unwrap_or(c).to_ascii_lowercase();
+            if c.len() != 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!("--checksum must be 64 hex digits (sha256), got '{c}'");
+            }
+            Ok(c)
+        })
+        .transpose()?;
+
+    let dev: Arc<dyn BlockDevice> = match cfg {
+        None => Arc::new(
+            blockdev::RawFileDevice::open_rw(&args.image_config_path).with_context(|| {
+                format!("cannot open raw image {}", args.image_config_path.display())
+            })?,
+        ),
+        Some(cfg) => {
+            if cfg.upper.is_none() {
+                bail!(
+                    "{}: the image has no writable upper layer (\"upper\": {{\"data\", \"index\"}})",
+                    args.image_config_path.display()
+                );
+            }
+            blockdev::stack::open_shared(cfg).with_context(|| {
+                format!(
+                    "cannot open the image of {}",
+                    args.image_config_path.display()
+                )
+            })?
+        }
+    };
+
+    if args.mkfs {
+        obdfs::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).context("mkfs failed")?;
+    }
+
+    let input = open_input(&args.input_path)?;
+    let mut hashing = HashingReader {
+        inner: input,
+        hasher: expected.as_ref().map(|_| sha2::Sha256::new()),
+    };
+    let start = Instant::now();
+    let mut last = Instant::now();
+    let mut progress = |s: &obdfs::ApplyStats| {
+        if last.elapsed().as_secs() >= 2 {
+            last = Instant::now();
+            eprintln!(
+                "overlaybd-apply: {} entries, {} of tar, {:.0} MB/s",
+                s.entries,
+                cli::human(s.tar_bytes),
+                s.mb_per_sec()
+            );
+        }
+    };
+    let opts = obdfs::ApplyOptions {
+        progress: Some(&mut progress),
+        ..Default::default()
+    };
+    let stats = obdfs::apply_tar(dev, &mut hashing, opts)
+        .with_context(|| format!("cannot apply {}", args.input_path.display()))?;
+    if let (Some(want), Some(h)) = (expected, hashing.hasher.take()) {
+        let got = hex(&h.finalize());
+        if got != want {
+            bail!("sha256 checksum mismatch: expected {want}, got {got}");
+        }
+    }
+    eprintln!(
+        "overlaybd-apply: applied {} entries ({} files, {} of data) in {:.2}s: {}, {:.0} files/s",
+        stats.entries,
+        stats.files,
+        cli::human(stats.data_bytes),
+        start.elapsed().as_secs_f64(),
+        cli::rate(stats.tar_bytes, start),
+        stats.files as f64 / start.elapsed().as_secs_f64().max(1e-6)
+    );
+    println!("overlaybd-apply done");
+    Ok(())
+}
+
+/// Open the layer (file or stdin) and undo gzip or zstd compression, found
+/// by magic bytes.
+fn open_input(path: &Path) -> anyhow::Result<Box<dyn Read>> {
+    let raw: Box<dyn Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+        )
+    };
+    let mut r = BufReader::with_capacity(1 << 20, raw);
+    let head = r
+        .fill_buf()
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        tracing::debug!("{}: gzip", path.display());
+        Box::new(flate2::read::MultiGzDecoder::new(r))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        tracing::debug!("{}: zstd", path.display());
+        Box::new(zstd::stream::read::Decoder::with_buffer(r).context("cannot start zstd decoding")?)
+    } else {
+        Box::new(r)
+    })
+}
+
+/// Hashes what passes through when a checksum was asked for.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Option<sha2::Sha256>,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,266 @@
+//! overlaybd-create --mkfs / overlaybd-apply / overlaybd-commit as the
+//! convertor runs them: layers streamed on stdin, compressed or not, stacked
+//! on committed lowers; results checked with e2fsck and against GNU tar.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const CREATE: &str = env!("CARGO_BIN_EXE_overlaybd-create");
+const APPLY: &str = env!("CARGO_BIN_EXE_overlaybd-apply");
+const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
+
+fn run(bin: &str, args: &[&str], cwd: &Path) -> Output {
+    Command::new(bin)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("spawn tool")
+}
+
+fn run_stdin(bin: &str, args: &[&str], cwd: &Path, input: &[u8]) -> Output {
+    let mut c = Command::new(bin)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tool");
+    let mut stdin = c.stdin.take().unwrap();
+    let data = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = c.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn err_text(o: &Output) -> String {
+    assert!(!o.status.success(), "unexpected success");
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!e.contains("panicked"), "panic: {e}");
+    e
+}
+
+fn write_config(dir: &Path, name: &str, lowers: &[&str], data: &str, index: &str) -> PathBuf {
+    let lowers: Vec<String> = lowers
+        .iter()
+        .map(|l| {
+            format!(
+                r#"{{"file": "{}", "digest": "sha256:ignored"}}"#,
+                dir.join(l).display()
+            )
+        })
+        .collect();
+    let cfg = format!(
+        r#"{{"repoBlobUrl": "", "lowers": [{}], "upper": {{"data": "{}", "index": "{}"}},
+            "resultFile": "{}", "accelerationLayer": false}}"#,
+        lowers.join(","),
+        dir.join(data).display(),
+        dir.join(index).display(),
+        dir.join(format!("{name}.result")).display()
+    );
+    let p = dir.join(format!("{name}.json"));
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+fn result(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.result"))).unwrap()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A second layer: a new file, a whiteout of a lower file, an opaque dir.
+fn second_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(6);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    b.append_data(&mut h, "usr/share/doc/new-file", &b"added\n"[..])
+        .unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(0);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "usr/share/doc/bash/.wh.CHANGES.gz", &b""[..])
+        .unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn mkfs_apply_commit_stack_from_stdin() {
+    let f = testutil::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = std::fs::read(f.join("input.tar")).unwrap();
+
+    // Layer 0: a --mkfs writable layer; input.tar arrives gzipped on stdin.
+    ok(&run(CREATE, &["-s", "data0", "index0", "64", "--mkfs"], d));
+    let cfg0 = write_config(d, "cfg0", &[], "data0", "index0");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&input).unwrap();
+    let out = run_stdin(
+        APPLY,
+        &["-", cfg0.to_str().unwrap()],
+        d,
+        &gz.finish().unwrap(),
+    );
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("overlaybd-apply done"));
+    assert_eq!(result(d, "cfg0"), "success");
+    ok(&run(COMMIT, &["data0", "index0", "layer0", "-z"], d));
+
+    // Layer 1 on top of the committed layer 0: zstd on stdin, with checksum.
+    let l1 = second_layer();
+    ok(&run(CREATE, &["-s", "data1", "index1", "0"], d));
+    let cfg1 = write_config(d, "cfg1", &["layer0"], "data1", "index1");
+    let zst = zstd::encode_all(&l1[..], 3).unwrap();
+    let sum = sha256_hex(&l1);
+    let out = run_stdin(
+        APPLY,
+        &["--checksum", &sum, "-", cfg1.to_str().unwrap()],
+        d,
+        &zst,
+    );
+    ok(&out);
+    assert_eq!(result(d, "cfg1"), "success");
+
+    // The stacked filesystem: clean, and the tree GNU tar makes of
+    // input.tar, minus the whited-out file, plus the new one.
+    let s = blockdev::Stack::open_read_only(
+        &[d.join("layer0")],
+        Some((&d.join("data1"), &d.join("index1"))),
+    )
+    .unwrap();
+    let img = d.join("flat.img");
+    s.write_raw_image(&img).unwrap();
+    if let Err(e) = testutil::e2fsck(&img) {
+        panic!("e2fsck: {e}");
+    }
+    let l1_path = d.join("layer1.tar");
+    std::fs::write(&l1_path, &l1).unwrap();
+    let want_dir = d.join("want");
+    testutil::gnu_extract(&[&f.join("input.tar"), &l1_path], &want_dir);
+    std::fs::remove_file(want_dir.join("usr/share/doc/bash/.wh.CHANGES.gz")).unwrap();
+    std::fs::remove_file(want_dir.join("usr/share/doc/bash/CHANGES.gz")).unwrap();
+    let got_dir = d.join("got");
+    testutil::rdump(&img, &got_dir);
+    let (got, want) = (testutil::tree(&got_dir), testutil::tree(&want_dir));
+    // Directory times change when GNU tar adds or removes entries, and
+    // rdump does not keep symlink times; compare the rest.
+    let strip = |t: std::collections::BTreeMap<String, testutil::Node>| {
+        t.into_iter()
+            .map(|(k, mut v)| {
+                if v.kind == 'd' {
+                    v.mtime = 0;
+                }
+                (k, v)
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let diffs = testutil::diff_trees(&strip(got), &strip(want), |p| p.starts_with("lost+found"));
+    assert!(diffs.is_empty(), "trees differ:\n{}", diffs.join("\n"));
+}
+
+#[test]
+fn apply_errors_reach_the_result_file() {
+    let f = testutil::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&run(CREATE, &["-s", "data", "index", "1", "--mkfs"], d));
+    let cfg = write_config(d, "cfg", &[], "data", "index");
+    let cfg = cfg.to_str().unwrap();
+
+    // Not a tar.
+    let e = err_text(&run_stdin(APPLY, &["-", cfg], d, &[0x42; 2048]));
+    assert!(e.contains("malformed tar stream"), "{e}");
+    assert!(
+        result(d, "cfg").starts_with("failed:"),
+        "{}",
+        result(d, "cfg")
+    );
+
+    // Checksum mismatch.
+    let input = f.join("input.tar");
+    let e = err_text(&run(
+        APPLY,
+        &["--checksum", &"0".repeat(64), input.to_str().unwrap(), cfg],
+        d,
+    ));
+    assert!(e.contains("sha256 checksum mismatch"), "{e}");
+    assert!(result(d, "cfg").contains("checksum mismatch"));
+
+    // A path escaping the root.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    h.as_gnu_mut().unwrap().name[..6].copy_from_slice(b"../../");
+    h.as_gnu_mut().unwrap().name[6..10].copy_from_slice(b"evil");
+    h.set_cksum();
+    b.append(&h, &b"x"[..]).unwrap();
+    let e = err_text(&run_stdin(APPLY, &["-", cfg], d, &b.into_inner().unwrap()));
+    assert!(
+        e.contains("'../../evil'") && e.contains("leaves the layer root"),
+        "{e}"
+    );
+
+    // Unsupported modes and a missing upper.
+    let e = err_text(&run(
+        APPLY,
+        &["--from_qcow2", input.to_str().unwrap(), cfg],
+        d,
+    ));
+    assert!(e.contains("qcow2"), "{e}");
+    std::fs::write(d.join("noupper.json"), r#"{"lowers": []}"#).unwrap();
+    let e = err_text(&run(APPLY, &[input.to_str().unwrap(), "noupper.json"], d));
+    assert!(e.contains("no writable upper"), "{e}");
+}
+
+#[test]
+fn raw_image_with_mkfs() {
+    let f = testutil::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&run(CREATE, &["--raw", "--mkfs", "img", "unused", "2"], d));
+    let input = f.join("input.tar");
+    ok(&run(APPLY, &["--raw", input.to_str().unwrap(), "img"], d));
+    // --mkfs on apply starts over: the first layer's files are gone.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(3);
+    h.set_mode(0o600);
+    b.append_data(&mut h, "only", &b"yes"[..]).unwrap();
+    ok(&run_stdin(
+        APPLY,
+        &["--raw", "--mkfs", "-", "img"],
+        d,
+        &b.into_inner().unwrap(),
+    ));
+    let img = d.join("img");
+    if let Err(e) = testutil::e2fsck(&img) {
+        panic!("e2fsck: {e}");
+    }
+    let got = d.join("got");
+    testutil::rdump(&img, &got);
+    let t = testutil::tree(&got);
+    let names: Vec<&String> = t.keys().filter(|k| !k.starts_with("lost+found")).collect();
+    assert_eq!(names, ["only"]);
+}
