@@ -1,0 +1,1 @@
+//! Image conversion (work in progress).
