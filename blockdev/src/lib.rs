@@ -3,12 +3,31 @@
 //! * [`device`]: the [`BlockDevice`] trait every format implements.
 //! * [`io`]: positional file I/O over pread or io_uring.
 //! * [`raw`]: a plain image file as a device.
+//! * [`lsmt`]: LSMT layers (sealed and writable) and their indexes.
+//! * [`zfile`]: ZFile random-access compression.
+//! * [`tarwrap`]: the tar wrapper around pushed layer blobs.
+//! * [`layer`]: opening a lower layer whatever its wrapping.
+//! * [`stack`]: lowers + optional upper read as one disk.
+//! * [`commit`]: sealing and compressing layers (overlaybd-commit).
+//! * [`config`]: the overlaybd image config.json.
 
+pub mod commit;
+pub mod config;
 pub mod device;
 pub mod error;
 pub mod io;
+pub mod layer;
+pub mod lsmt;
 pub mod raw;
+pub mod source;
+pub mod stack;
+pub mod tarwrap;
+pub mod uuid;
+pub mod zfile;
 
+pub use config::ImageConfig;
 pub use device::{BlockDevice, MemDevice};
 pub use error::{Error, Result};
 pub use raw::RawFileDevice;
+pub use stack::Stack;
+pub use uuid::Uuid;

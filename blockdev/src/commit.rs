@@ -1,0 +1,277 @@
+//! Committing a layer: what `overlaybd-commit` does.
+//!
+//! A writable layer (or an already sealed one) is compacted into a sealed
+//! LSMT blob, optionally ZFile-compressed (`-z`) and tar-wrapped (`-t`).
+//! The output bytes equal upstream's for the same input and options.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::io::IoFile;
+use crate::layer::open_blob;
+use crate::lsmt::compact::{compact, SealInfo};
+use crate::lsmt::format::SECTOR;
+use crate::lsmt::{SealedLayer, WritableLayer};
+use crate::source::{BlobSink, FileSink};
+use crate::tarwrap;
+use crate::uuid::Uuid;
+use crate::zfile::{ZFileWriter, ZfileOptions};
+
+/// A progress callback: `(bytes of layer data copied, total bytes)`.
+#[derive(Clone)]
+pub struct Progress(pub std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress(..)")
+    }
+}
+
+/// Options of a commit, mirroring `overlaybd-commit`'s flags.
+#[derive(Debug, Clone, Default)]
+pub struct CommitOptions {
+    /// `-z`: compress to ZFile with these options.
+    pub zfile: Option<ZfileOptions>,
+    /// `-t`: wrap the output in a tar.
+    pub tar: bool,
+    /// `--uuid`: uuid of the committed layer (nil when absent, as upstream).
+    pub uuid: Option<Uuid>,
+    /// `--parent-uuid`: overrides the parent uuid recorded in the source.
+    pub parent_uuid: Option<Uuid>,
+    /// `-m`: commit message, at most 256 bytes.
+    pub user_tag: Option<String>,
+    /// `-f`: replace an existing output file.
+    pub force: bool,
+    /// Called as data is copied.
+    pub progress: Option<Progress>,
+}
+
+/// What a commit produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Size of the sealed LSMT blob before compression.
+    pub lsmt_size: u64,
+    /// Size of the output file.
+    pub output_size: u64,
+    /// Bytes of layer data copied.
+    pub data_bytes: u64,
+}
+
+/// Lends a [`FileSink`] to a writer that takes its sink by value.
+struct SinkRef<'a>(&'a mut FileSink);
+
+impl BlobSink for SinkRef<'_> {
+    fn put(&mut self, buf: &[u8]) -> Result<()> {
+        self.0.put(buf)
+    }
+    fn put_at(&mut self, buf: &[u8], pos: u64) -> Result<()> {
+        self.0.put_at(buf, pos)
+    }
+    fn position(&self) -> u64 {
+        self.0.position()
+    }
+}
+
+fn seal_info(opts: &CommitOptions, virtual_size: u64, source_parent: Uuid) -> Result<SealInfo> {
+    let tag = opts.user_tag.clone().unwrap_or_default().into_bytes();
+    if tag.len() > 256 {
+        return Err(Error::Invalid(format!(
+            "commit message is {} bytes; at most 256 are allowed",
+            tag.len()
+        )));
+    }
+    Ok(SealInfo {
+        virtual_size,
+        uuid: opts.uuid.unwrap_or(Uuid::NIL),
+        parent_uuid: opts.parent_uuid.unwrap_or(source_parent),
+        user_tag: tag,
+    })
+}
+
+fn create_output(out: &Path, force: bool) -> Result<IoFile> {
+    if force {
+        match std::fs::remove_file(out) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(out, e)),
+        }
+    }
+    IoFile::create_new(out)
+}
+
+/// Run the compaction into `out` with the requested wrapping.
+fn write_output(
+    out: &Path,
+    opts: &CommitOptions,
+    entries: &[crate::lsmt::Mapping],
+    info: &SealInfo,
+    read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+) -> Result<CommitStats> {
+    let file = create_output(out, opts.force)?;
+    let total: u64 = entries
+        .iter()
+        .filter(|m| !m.zeroed)
+        .map(|m| m.length as u64 * SECTOR)
+        .sum();
+    let mut done = 0u64;
+    let mut last_report = 0u64;
+    let progress = opts.progress.clone();
+    let mut read = |buf: &mut [u8], moff: u64| -> Result<()> {
+        read(buf, moff)?;
+        done += buf.len() as u64;
+        if let Some(p) = &progress {
+            if done - last_report >= 64 << 20 || done == total {
+                last_report = done;
+                (p.0)(done, total);
+            }
+        }
+        Ok(())
+    };
+    let result = (|| {
+        let base = if opts.tar { tarwrap::DATA_OFFSET } else { 0 };
+        let mut sink = FileSink::new(file, base);
+        let data_bytes = total;
+        let (lsmt_size, blob_len) = match &opts.zfile {
+            Some(z) => {
+                let mut zw = ZFileWriter::new(SinkRef(&mut sink), z.clone())?;
+                let n = compact(entries, info, &mut read, &mut |b| zw.write(b))?;
+                let s = zw.finish()?;
+                (n, s.position())
+            }
+            None => {
+                let n = compact(entries, info, &mut read, &mut |b| sink.put(b))?;
+                (n, n)
+            }
+        };
+        let mut output_size = blob_len;
+        if opts.tar {
+            sink.put(&vec![0u8; tarwrap::trailer_len(blob_len) as usize])?;
+            sink.flush_buffer()?;
+            let file = sink.into_file()?;
+            file.write_all_at(&tarwrap::header_blocks(blob_len), 0)?;
+            output_size = file.len()?;
+            file.sync()?;
+        } else {
+            let file = sink.into_file()?;
+            file.sync()?;
+        }
+        Ok(CommitStats {
+            lsmt_size,
+            output_size,
+            data_bytes,
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(out);
+    }
+    result
+}
+
+/// Commit a writable layer (`overlaybd-commit [-z] [-t] data index out`).
+pub fn commit_writable(
+    data: &Path,
+    index: &Path,
+    out: &Path,
+    opts: &CommitOptions,
+) -> Result<CommitStats> {
+    let layer = WritableLayer::open_read_only(data, index)?;
+    let h = layer.header();
+    let info = seal_info(opts, h.virtual_size, h.parent_uuid)?;
+    let entries = layer.entries();
+    write_output(out, opts, &entries, &info, &mut |buf, moff| {
+        layer.read_mapped(buf, moff)
+    })
+}
+
+/// Commit an already sealed layer, possibly ZFile/tar wrapped
+/// (`overlaybd-commit --commit_sealed in out`): re-compacts it, e.g. to
+/// compress it or to give it a uuid.
+pub fn commit_sealed(input: &Path, out: &Path, opts: &CommitOptions) -> Result<CommitStats> {
+    let (blob, _) = open_blob(input)?;
+    let layer = SealedLayer::open(blob.clone())?;
+    let info = seal_info(
+        opts,
+        layer.header().virtual_size,
+        layer.header().parent_uuid,
+    )?;
+    let entries = layer.index().entries().to_vec();
+    write_output(out, opts, &entries, &info, &mut |buf, moff| {
+        blob.read_exact_at(buf, moff * SECTOR)
+    })
+}
+
+/// Compress any file to ZFile (`overlaybd-zfile src dst`); with `tar`, wrap it.
+pub fn zfile_compress_file(
+    src: Option<&Path>,
+    dst: &Path,
+    opts: ZfileOptions,
+    tar: bool,
+    force: bool,
+) -> Result<u64> {
+    let file = create_output(dst, force)?;
+    let result = (|| {
+        let base = if tar { tarwrap::DATA_OFFSET } else { 0 };
+        let mut sink = FileSink::new(file, base);
+        let name = src
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("<stdin>"));
+        let shifted = SinkRef(&mut sink);
+        let s = match src {
+            Some(p) => {
+                let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+                crate::zfile::compress_stream(
+                    std::io::BufReader::with_capacity(1 << 20, f),
+                    &name,
+                    shifted,
+                    opts,
+                )?
+            }
+            None => crate::zfile::compress_stream(std::io::stdin().lock(), &name, shifted, opts)?,
+        };
+        let len = s.position();
+        if tar {
+            sink.put(&vec![0u8; tarwrap::trailer_len(len) as usize])?;
+        }
+        let file = sink.into_file()?;
+        if tar {
+            file.write_all_at(&tarwrap::header_blocks(len), 0)?;
+        }
+        file.sync()?;
+        file.len()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    result
+}
+
+/// Decompress a (possibly tar-wrapped) ZFile to a plain file (`overlaybd-zfile -x`).
+pub fn zfile_decompress_file(src: &Path, dst: &Path, force: bool) -> Result<u64> {
+    let (blob, wrap) = open_blob(src)?;
+    if !wrap.zfile {
+        return Err(Error::corrupt(
+            src,
+            "ZFile",
+            "not a ZFile (bad header magic)",
+        ));
+    }
+    let out = create_output(dst, force)?;
+    let result = (|| {
+        let mut buf = vec![0u8; 4 << 20];
+        let mut off = 0;
+        while off < blob.size() {
+            let n = blob.read_at(&mut buf, off)?;
+            if n == 0 {
+                break;
+            }
+            out.write_all_at(&buf[..n], off)?;
+            off += n as u64;
+        }
+        out.sync()?;
+        Ok(off)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    result
+}

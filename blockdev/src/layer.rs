@@ -1,0 +1,64 @@
+//! Opening a lower layer file whatever its wrapping.
+//!
+//! A lower may be a sealed LSMT blob, a ZFile holding one, and either may be
+//! wrapped in a one-entry tar (`overlaybd.commit`). [`open_layer`] peels the
+//! tar wrapper and the ZFile so the LSMT reader sees plain blob bytes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::io::IoFile;
+use crate::lsmt::SealedLayer;
+use crate::source::{FileSlice, ReadAt};
+use crate::zfile::{is_zfile, ZFileReader};
+
+/// How a layer file is wrapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wrapping {
+    /// Offset and length of the blob inside a tar wrapper, if any.
+    pub tar: Option<(u64, u64)>,
+    /// Whether the blob is ZFile-compressed.
+    pub zfile: bool,
+}
+
+/// Open a (possibly tar-wrapped) ZFile.
+pub fn open_zfile(path: &Path) -> Result<ZFileReader> {
+    let file = Arc::new(IoFile::open(path)?);
+    let whole = FileSlice::whole(file.clone())?;
+    let slice = match crate::tarwrap::detect(&whole)? {
+        Some((base, len)) => FileSlice::new(file, base, len),
+        None => whole,
+    };
+    if !is_zfile(&slice)? {
+        return Err(crate::Error::corrupt(
+            path,
+            "ZFile",
+            "not a ZFile (bad header magic)",
+        ));
+    }
+    ZFileReader::open(Box::new(slice))
+}
+
+/// Open `path` and return the plain LSMT blob it holds, plus its wrapping.
+pub fn open_blob(path: &Path) -> Result<(Arc<dyn ReadAt>, Wrapping)> {
+    let file = Arc::new(IoFile::open(path)?);
+    let whole = FileSlice::whole(file.clone())?;
+    let tar = crate::tarwrap::detect(&whole)?;
+    let slice = match tar {
+        Some((base, len)) => FileSlice::new(file, base, len),
+        None => whole,
+    };
+    if is_zfile(&slice)? {
+        let z = ZFileReader::open(Box::new(slice))?;
+        Ok((Arc::new(z), Wrapping { tar, zfile: true }))
+    } else {
+        Ok((Arc::new(slice), Wrapping { tar, zfile: false }))
+    }
+}
+
+/// Open a sealed lower layer file (plain, ZFile, tar-wrapped).
+pub fn open_layer(path: &Path) -> Result<SealedLayer> {
+    let (blob, _) = open_blob(path)?;
+    SealedLayer::open(blob)
+}

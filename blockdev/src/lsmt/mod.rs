@@ -1,0 +1,17 @@
+//! LSMT layers: the log-structured block format of overlaybd.
+//!
+//! * [`format`]: header/trailer and index-entry encoding.
+//! * [`index`]: in-memory indexes.
+//! * [`sealed`]: read-only committed layers.
+//! * [`writable`]: data+index writable layers (append or sparse).
+//! * [`compact`]: producing a sealed blob (commit).
+
+pub mod compact;
+pub mod format;
+pub mod index;
+pub mod sealed;
+pub mod writable;
+
+pub use format::{HeaderTrailer, Mapping};
+pub use sealed::SealedLayer;
+pub use writable::{create_writable, CreateOptions, WritableLayer};

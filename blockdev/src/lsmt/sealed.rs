@@ -1,0 +1,149 @@
+//! Sealed (read-only) LSMT layers: `header | data | index | trailer`.
+
+use std::sync::Arc;
+
+use super::format::*;
+use super::index::RoIndex;
+use crate::error::{Error, Result};
+use crate::source::ReadAt;
+
+/// An opened, validated sealed layer.
+pub struct SealedLayer {
+    src: Arc<dyn ReadAt>,
+    header: HeaderTrailer,
+    trailer: HeaderTrailer,
+    index: RoIndex,
+}
+
+impl std::fmt::Debug for SealedLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedLayer")
+            .field("path", &self.src.path())
+            .field("trailer", &self.trailer)
+            .field("entries", &self.index.len())
+            .finish()
+    }
+}
+
+impl SealedLayer {
+    /// Open the LSMT blob presented by `src` (already unwrapped from tar/ZFile).
+    pub fn open(src: Arc<dyn ReadAt>) -> Result<SealedLayer> {
+        let path = src.path().to_path_buf();
+        let bad = |msg: String| Error::corrupt(&path, "LSMT", msg);
+        let size = src.size();
+        if size < 2 * HT_SPACE as u64 {
+            return Err(bad(format!(
+                "blob is {size} bytes, too small for a header and a trailer"
+            )));
+        }
+        let mut buf = vec![0u8; HT_SPACE];
+        src.read_exact_at(&mut buf, 0)?;
+        let header = HeaderTrailer::decode(&buf).ok_or_else(|| bad("bad header magic".into()))?;
+        if !header.is_header() {
+            return Err(bad("first block is not marked as a header".into()));
+        }
+        let trailer_offset = size - HT_SPACE as u64;
+        src.read_exact_at(&mut buf, trailer_offset)?;
+        let trailer = HeaderTrailer::decode(&buf).ok_or_else(|| {
+            bad(
+                "bad trailer magic (not a sealed layer: writable layers need their index file)"
+                    .into(),
+            )
+        })?;
+        if trailer.is_header() || !trailer.is_data_file() || !trailer.is_sealed() {
+            return Err(bad(format!(
+                "trailer flags {:#x} are not those of a sealed data trailer",
+                trailer.flags
+            )));
+        }
+        if trailer.index_size > MAX_RO_INDEX_ENTRIES {
+            return Err(bad(format!(
+                "index of {} entries exceeds the maximum {MAX_RO_INDEX_ENTRIES}",
+                trailer.index_size
+            )));
+        }
+        let index_bytes = trailer.index_size * ENTRY_SIZE as u64;
+        if trailer.index_offset < HT_SPACE as u64
+            || trailer.index_offset > trailer_offset
+            || index_bytes > trailer_offset - trailer.index_offset
+        {
+            return Err(bad(format!(
+                "index at {} (+{index_bytes} bytes) does not fit between header and trailer (blob size {size})",
+                trailer.index_offset
+            )));
+        }
+        let mut raw = vec![0u8; index_bytes as usize];
+        src.read_exact_at(&mut raw, trailer.index_offset)?;
+        let data_begin = HT_SPACE as u64 / SECTOR;
+        let data_end = trailer.index_offset / SECTOR;
+        let mut entries = Vec::with_capacity(trailer.index_size as usize);
+        for (i, mut m) in decode_entries(&raw).into_iter().enumerate() {
+            if m.is_padding() {
+                continue;
+            }
+            m.tag = 0;
+            check_entry(&m, i, data_begin, data_end, entries.last()).map_err(bad)?;
+            entries.push(m);
+        }
+        Ok(SealedLayer {
+            src,
+            header,
+            trailer,
+            index: RoIndex::from_sorted(entries),
+        })
+    }
+
+    pub fn header(&self) -> &HeaderTrailer {
+        &self.header
+    }
+
+    /// The trailer: authoritative uuid, parent uuid, virtual size, index location.
+    pub fn info(&self) -> &HeaderTrailer {
+        &self.trailer
+    }
+
+    pub fn index(&self) -> &RoIndex {
+        &self.index
+    }
+
+    pub fn source(&self) -> &Arc<dyn ReadAt> {
+        &self.src
+    }
+
+    /// Read mapped data: `buf.len()` bytes at sector `moffset`.
+    pub fn read_mapped(&self, buf: &mut [u8], moffset: u64) -> Result<()> {
+        self.src.read_exact_at(buf, moffset * SECTOR)
+    }
+}
+
+/// Validate one decoded index entry against the data area and its predecessor.
+pub(crate) fn check_entry(
+    m: &Mapping,
+    i: usize,
+    data_begin: u64,
+    data_end: u64,
+    prev: Option<&Mapping>,
+) -> std::result::Result<(), String> {
+    if m.length == 0 {
+        return Err(format!("index entry {i} has length 0"));
+    }
+    if m.end() > MAX_OFFSET {
+        return Err(format!("index entry {i} extends past the largest offset"));
+    }
+    if !m.zeroed && (m.moffset < data_begin || m.mend() > data_end) {
+        return Err(format!(
+            "index entry {i} maps sectors {}..{} outside the data area {data_begin}..{data_end}",
+            m.moffset,
+            m.mend()
+        ));
+    }
+    if let Some(p) = prev {
+        if p.end() > m.offset {
+            return Err(format!(
+                "index entry {i} (offset {}) overlaps or is out of order with the previous one",
+                m.offset
+            ));
+        }
+    }
+    Ok(())
+}

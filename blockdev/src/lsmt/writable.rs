@@ -1,0 +1,482 @@
+//! Writable LSMT layers, as `overlaybd-create` makes them.
+//!
+//! Append mode: the data file is `header | data appended in write order`, the
+//! index file is `header | 16-byte entries appended in write order` (later
+//! entries win on overlap; padding entries are skipped). Sparse mode (`-s`):
+//! the data file is `header | data at 4096 + logical offset`, truncated to
+//! `4096 + virtual size`; the index file stays empty and the index is
+//! rebuilt from the data file's allocated ranges (SEEK_DATA/SEEK_HOLE).
+
+use std::path::Path;
+
+use parking_lot::Mutex;
+
+use super::format::*;
+use super::index::IndexMap;
+use crate::error::{Error, Result};
+use crate::io::IoFile;
+use crate::uuid::Uuid;
+
+/// Options of [`create_writable`].
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    /// Virtual size in bytes; 0 means "take it from the lower layers".
+    pub virtual_size: u64,
+    /// Sparse data file instead of append mode.
+    pub sparse: bool,
+    /// Parent layer uuid recorded in the header.
+    pub parent_uuid: Option<Uuid>,
+    /// Uuid of the new layer; `None` picks a random one, as upstream does.
+    pub uuid: Option<Uuid>,
+}
+
+fn random_uuid() -> Uuid {
+    let mut b = [0u8; 16];
+    if let Ok(f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut &f, &mut b);
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Uuid(b)
+}
+
+/// Create a writable layer (both files must not exist).
+pub fn create_writable(data: &Path, index: &Path, opts: &CreateOptions) -> Result<()> {
+    if !opts.virtual_size.is_multiple_of(SECTOR) {
+        return Err(Error::Invalid(format!(
+            "virtual size {} is not a multiple of 512",
+            opts.virtual_size
+        )));
+    }
+    let fdata = IoFile::create_new(data)?;
+    let findex = match IoFile::create_new(index) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_file(data);
+            return Err(e);
+        }
+    };
+    let mut h = HeaderTrailer {
+        flags: FLAG_HEADER | FLAG_DATA,
+        virtual_size: opts.virtual_size,
+        uuid: opts.uuid.unwrap_or_else(random_uuid),
+        parent_uuid: opts.parent_uuid.unwrap_or(Uuid::NIL),
+        ..Default::default()
+    };
+    if opts.sparse {
+        h.flags |= FLAG_SPARSE_RW;
+    }
+    fdata.write_all_at(&h.encode(), 0)?;
+    if opts.sparse {
+        fdata.set_len(HT_SPACE as u64 + opts.virtual_size)?;
+    } else {
+        let mut hi = h.clone();
+        hi.flags = FLAG_HEADER;
+        hi.index_offset = HT_SPACE as u64;
+        findex.write_all_at(&hi.encode(), 0)?;
+    }
+    Ok(())
+}
+
+struct RwState {
+    index: IndexMap,
+    /// Append position of the data file (bytes).
+    data_end: u64,
+    /// Entries not yet appended to the index file.
+    pending: Vec<Mapping>,
+    /// Append position of the index file (bytes).
+    index_end: u64,
+}
+
+/// Largest single write mapping, in sectors (upstream's 4 MiB MAX_IO_SIZE).
+const MAX_IO_SECTORS: u64 = 8192;
+/// Pending index entries flushed to the index file at once.
+const INDEX_BATCH: usize = 4096;
+
+/// An open writable layer.
+pub struct WritableLayer {
+    data: IoFile,
+    index_file: Option<IoFile>,
+    header: Mutex<HeaderTrailer>,
+    sparse: bool,
+    read_only: bool,
+    state: Mutex<RwState>,
+}
+
+impl std::fmt::Debug for WritableLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WritableLayer")
+            .field("data", &self.data.path())
+            .field("sparse", &self.sparse)
+            .finish()
+    }
+}
+
+impl WritableLayer {
+    /// Open for writing.
+    pub fn open(data: &Path, index: &Path) -> Result<Self> {
+        Self::open_mode(data, index, false)
+    }
+
+    /// Open without write access (e.g. to commit it).
+    pub fn open_read_only(data: &Path, index: &Path) -> Result<Self> {
+        Self::open_mode(data, index, true)
+    }
+
+    fn open_mode(data_path: &Path, index_path: &Path, read_only: bool) -> Result<Self> {
+        let open = |p: &Path| {
+            if read_only {
+                IoFile::open(p)
+            } else {
+                IoFile::open_rw(p)
+            }
+        };
+        let data = open(data_path)?;
+        let bad = |p: &Path, msg: String| Error::corrupt(p, "LSMT writable layer", msg);
+        let data_len = data.len()?;
+        if data_len < HT_SPACE as u64 {
+            return Err(bad(
+                data_path,
+                format!("data file is only {data_len} bytes"),
+            ));
+        }
+        let mut buf = vec![0u8; HT_SPACE];
+        data.read_exact_at(&mut buf, 0)?;
+        let header =
+            HeaderTrailer::decode(&buf).ok_or_else(|| bad(data_path, "bad header magic".into()))?;
+        if !header.is_header() || !header.is_data_file() {
+            return Err(bad(
+                data_path,
+                format!(
+                    "header flags {:#x} are not those of a data file",
+                    header.flags
+                ),
+            ));
+        }
+        if header.is_sealed() {
+            return Err(bad(
+                data_path,
+                "layer is sealed; open it as a lower layer instead".into(),
+            ));
+        }
+        let sparse = header.is_sparse_rw();
+        let mut index = IndexMap::new();
+        let mut index_file = None;
+        let mut index_end = 0;
+        if sparse {
+            let base = HT_SPACE as u64;
+            for (start, end) in data.data_ranges(base)? {
+                let start = start.max(base);
+                let (s, e) = ((start - base) / SECTOR, (end - base).div_ceil(SECTOR));
+                let mut off = s;
+                while off < e {
+                    let len = (e - off).min(MAX_LENGTH as u64);
+                    index.insert(Mapping::new(off, len as u32, off + base / SECTOR));
+                    off += len;
+                }
+            }
+        } else {
+            let fi = open(index_path)?;
+            let len = fi.len()?;
+            if len < HT_SPACE as u64 {
+                return Err(bad(index_path, format!("index file is only {len} bytes")));
+            }
+            fi.read_exact_at(&mut buf, 0)?;
+            let ih = HeaderTrailer::decode(&buf)
+                .ok_or_else(|| bad(index_path, "bad header magic".into()))?;
+            if !ih.is_header() || ih.is_data_file() || ih.is_sealed() {
+                return Err(bad(
+                    index_path,
+                    format!(
+                        "header flags {:#x} are not those of an index file",
+                        ih.flags
+                    ),
+                ));
+            }
+            if ih.index_offset != HT_SPACE as u64 {
+                return Err(bad(
+                    index_path,
+                    format!("index offset {} is not 4096", ih.index_offset),
+                ));
+            }
+            let n = (len - HT_SPACE as u64) / ENTRY_SIZE as u64;
+            if n > MAX_RW_INDEX_ENTRIES {
+                return Err(bad(
+                    index_path,
+                    format!("index of {n} entries exceeds the maximum {MAX_RW_INDEX_ENTRIES}"),
+                ));
+            }
+            let data_end = data_len.div_ceil(SECTOR);
+            let mut pos = HT_SPACE as u64;
+            let chunk = 1 << 20;
+            let mut raw = vec![0u8; chunk];
+            let mut i = 0usize;
+            while pos + ENTRY_SIZE as u64 <= len {
+                let want = ((len - pos) as usize).min(chunk) / ENTRY_SIZE * ENTRY_SIZE;
+                fi.read_exact_at(&mut raw[..want], pos)?;
+                for m in decode_entries(&raw[..want]) {
+                    if !m.is_padding() && m.length > 0 {
+                        if !m.zeroed && (m.moffset < 8 || m.mend() > data_end) {
+                            return Err(bad(
+                                index_path,
+                                format!(
+                                    "entry {i} maps sectors {}..{} outside the data file ({data_end} sectors)",
+                                    m.moffset,
+                                    m.mend()
+                                ),
+                            ));
+                        }
+                        index.insert(Mapping { tag: 0, ..m });
+                    }
+                    i += 1;
+                }
+                pos += want as u64;
+            }
+            index_end = pos;
+            index_file = Some(fi);
+        }
+        Ok(WritableLayer {
+            data,
+            index_file,
+            header: Mutex::new(header),
+            sparse,
+            read_only,
+            state: Mutex::new(RwState {
+                index,
+                data_end: data_len.div_ceil(SECTOR) * SECTOR,
+                pending: Vec::new(),
+                index_end,
+            }),
+        })
+    }
+
+    pub fn is_sparse(&self) -> bool {
+        self.sparse
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn header(&self) -> HeaderTrailer {
+        self.header.lock().clone()
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.header.lock().virtual_size
+    }
+
+    pub fn data_path(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// Persist a new virtual size (used when a layer created with size 0 is stacked).
+    pub fn set_virtual_size(&self, vsize: u64) -> Result<()> {
+        let mut h = self.header.lock();
+        h.virtual_size = vsize;
+        self.data.write_all_at(&h.encode(), 0)?;
+        if self.sparse {
+            self.data.set_len(HT_SPACE as u64 + vsize)?;
+        } else if let Some(fi) = &self.index_file {
+            let mut buf = vec![0u8; HT_SPACE];
+            fi.read_exact_at(&mut buf, 0)?;
+            if let Some(mut ih) = HeaderTrailer::decode(&buf) {
+                ih.virtual_size = vsize;
+                fi.write_all_at(&ih.encode(), 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Entries overlapping `[sector, sector+count)`, clipped.
+    pub fn lookup(&self, sector: u64, count: u64) -> Vec<Mapping> {
+        self.state.lock().index.lookup(sector, count)
+    }
+
+    /// A snapshot of the whole index, sorted.
+    pub fn entries(&self) -> Vec<Mapping> {
+        self.state.lock().index.to_vec()
+    }
+
+    /// Read mapped data at sector `moffset` of the data file.
+    pub fn read_mapped(&self, buf: &mut [u8], moffset: u64) -> Result<()> {
+        let n = self.data.read_at(buf, moffset * SECTOR)?;
+        // a sparse file may end inside a block: the rest is zeros
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    fn check_aligned(offset: u64, len: u64) -> Result<()> {
+        if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+            return Err(Error::Invalid(format!(
+                "unaligned layer I/O: offset {offset}, length {len} (must be multiples of 512)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Write sector-aligned data at logical byte `offset`.
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        Self::check_aligned(offset, buf.len() as u64)?;
+        if self.sparse {
+            self.data.write_all_at(buf, HT_SPACE as u64 + offset)?;
+            let mut st = self.state.lock();
+            let mut s = offset / SECTOR;
+            let end = s + buf.len() as u64 / SECTOR;
+            while s < end {
+                let n = (end - s).min(MAX_LENGTH as u64);
+                st.index
+                    .insert(Mapping::new(s, n as u32, s + HT_SPACE as u64 / SECTOR));
+                s += n;
+            }
+            return Ok(());
+        }
+        let step = (MAX_IO_SECTORS * SECTOR) as usize;
+        for (i, chunk) in buf.chunks(step).enumerate() {
+            let logical = offset / SECTOR + (i * step) as u64 / SECTOR;
+            let pos = {
+                let mut st = self.state.lock();
+                let p = st.data_end;
+                st.data_end += chunk.len() as u64;
+                p
+            };
+            self.data.write_all_at(chunk, pos)?;
+            let m = Mapping::new(logical, (chunk.len() as u64 / SECTOR) as u32, pos / SECTOR);
+            self.record(m)?;
+        }
+        Ok(())
+    }
+
+    fn record(&self, m: Mapping) -> Result<()> {
+        let mut st = self.state.lock();
+        st.index.insert(m);
+        st.pending.push(m);
+        if st.pending.len() >= INDEX_BATCH {
+            self.flush_index(&mut st)?;
+        }
+        Ok(())
+    }
+
+    fn flush_index(&self, st: &mut RwState) -> Result<()> {
+        if st.pending.is_empty() {
+            return Ok(());
+        }
+        if let Some(fi) = &self.index_file {
+            let raw = encode_entries(&st.pending);
+            fi.write_all_at(&raw, st.index_end)?;
+            st.index_end += raw.len() as u64;
+        }
+        st.pending.clear();
+        Ok(())
+    }
+
+    /// Mark a sector-aligned range as zeros (persisted; hides lower data).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        Self::check_aligned(offset, len)?;
+        if self.sparse {
+            // Holes in a sparse layer re-expose lower data after reopening,
+            // so zeros must be real data here.
+            let zeros = vec![0u8; (len.min(4 << 20)) as usize];
+            let mut off = offset;
+            while off < offset + len {
+                let n = (offset + len - off).min(zeros.len() as u64) as usize;
+                self.write(&zeros[..n], off)?;
+                off += n as u64;
+            }
+            return Ok(());
+        }
+        self.discard(offset, len)
+    }
+
+    /// Discard a sector-aligned range: reads as zeros from now on. In sparse
+    /// layers the hole is punched (after reopening, lower data shows again,
+    /// exactly as upstream behaves).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        Self::check_aligned(offset, len)?;
+        let mut s = offset / SECTOR;
+        let end = s + len / SECTOR;
+        if self.sparse {
+            self.data.punch_hole(HT_SPACE as u64 + offset, len)?;
+            let mut st = self.state.lock();
+            while s < end {
+                let n = (end - s).min(MAX_LENGTH as u64);
+                st.index
+                    .insert(Mapping::zeroed(s, n as u32, s + HT_SPACE as u64 / SECTOR));
+                s += n;
+            }
+            return Ok(());
+        }
+        while s < end {
+            let n = (end - s).min(MAX_LENGTH as u64);
+            let moff = self.state.lock().data_end / SECTOR;
+            self.record(Mapping::zeroed(s, n as u32, moff))?;
+            s += n;
+        }
+        Ok(())
+    }
+
+    /// Seal the layer in place (`overlaybd-commit --seal`): append the index
+    /// and a trailer to the data file, which then opens as a sealed layer.
+    pub fn seal(self) -> Result<()> {
+        self.check_writable()?;
+        let mut st = self.state.lock();
+        self.flush_index(&mut st)?;
+        let entries = st.index.to_vec();
+        let index_offset = self.data.len()?.div_ceil(SECTOR) * SECTOR;
+        let mut raw = encode_entries(&entries);
+        let padded = raw.len().div_ceil(SECTOR as usize) * SECTOR as usize;
+        while raw.len() < padded {
+            raw.extend_from_slice(&Mapping::padding().encode());
+        }
+        self.data.write_all_at(&raw, index_offset)?;
+        let mut t = self.header.lock().clone();
+        t.flags = FLAG_DATA | FLAG_SEALED;
+        t.index_offset = index_offset;
+        t.index_size = entries.len() as u64;
+        self.data
+            .write_all_at(&t.encode(), index_offset + raw.len() as u64)?;
+        self.data.sync()?;
+        st.pending.clear();
+        drop(st);
+        Ok(())
+    }
+
+    /// Append pending index entries and fsync both files.
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut st = self.state.lock();
+        self.flush_index(&mut st)?;
+        self.data.sync()?;
+        if let Some(fi) = &self.index_file {
+            fi.sync()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for WritableLayer {
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        let mut st = self.state.lock();
+        if let Err(e) = self.flush_index(&mut st) {
+            tracing::error!(
+                "failed to save the index of {}: {e}",
+                self.data.path().display()
+            );
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Random-access byte sources and sequential sinks used by the formats.
+//!
+//! A layer blob may sit inside a tar wrapper and/or be ZFile-compressed;
+//! [`ReadAt`] hides that: every reader of LSMT data sees plain blob bytes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::io::IoFile;
+
+/// Positional reads from something of known size.
+pub trait ReadAt: Send + Sync {
+    /// Read into `buf` at `offset`; returns the bytes read (short only at end).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize>;
+
+    /// Total size in bytes.
+    fn size(&self) -> u64;
+
+    /// The file this data comes from, for error messages.
+    fn path(&self) -> &Path;
+
+    /// Read exactly `buf.len()` bytes or fail naming the file.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let n = self.read_at(buf, offset)?;
+        if n != buf.len() {
+            return Err(Error::corrupt(
+                self.path(),
+                "blob",
+                format!(
+                    "truncated: wanted {} bytes at offset {offset}, file has {}",
+                    buf.len(),
+                    self.size()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A window `[base, base+len)` of a file.
+#[derive(Debug, Clone)]
+pub struct FileSlice {
+    file: Arc<IoFile>,
+    base: u64,
+    len: u64,
+}
+
+impl FileSlice {
+    /// The whole file.
+    pub fn whole(file: Arc<IoFile>) -> Result<Self> {
+        let len = file.len()?;
+        Ok(FileSlice { file, base: 0, len })
+    }
+
+    /// A window of the file.
+    pub fn new(file: Arc<IoFile>, base: u64, len: u64) -> Self {
+        FileSlice { file, base, len }
+    }
+
+    pub fn file(&self) -> &Arc<IoFile> {
+        &self.file
+    }
+}
+
+impl ReadAt for FileSlice {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.len - offset) as usize;
+        self.file.read_at(&mut buf[..n], self.base + offset)
+    }
+
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+}
+
+/// A sequential writer that can also patch bytes it already wrote.
+pub trait BlobSink {
+    /// Append bytes.
+    fn put(&mut self, buf: &[u8]) -> Result<()>;
+
+    /// Overwrite bytes at `pos` (relative to the start of this sink's data).
+    fn put_at(&mut self, buf: &[u8], pos: u64) -> Result<()>;
+
+    /// Bytes appended so far.
+    fn position(&self) -> u64;
+}
+
+/// A [`BlobSink`] writing into a file from byte `base` on, buffering appends.
+#[derive(Debug)]
+pub struct FileSink {
+    file: IoFile,
+    base: u64,
+    pos: u64,
+    buf: Vec<u8>,
+}
+
+const SINK_BUFFER: usize = 4 << 20;
+
+impl FileSink {
+    pub fn new(file: IoFile, base: u64) -> Self {
+        FileSink {
+            file,
+            base,
+            pos: 0,
+            buf: Vec::with_capacity(SINK_BUFFER),
+        }
+    }
+
+    /// Write out buffered bytes.
+    pub fn flush_buffer(&mut self) -> Result<()> {
+        if !self.buf.is_empty() {
+            let at = self.base + self.pos - self.buf.len() as u64;
+            self.file.write_all_at(&self.buf, at)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Flush and return the file.
+    pub fn into_file(mut self) -> Result<IoFile> {
+        self.flush_buffer()?;
+        Ok(self.file)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.file.path().to_path_buf()
+    }
+}
+
+impl BlobSink for FileSink {
+    fn put(&mut self, data: &[u8]) -> Result<()> {
+        if self.buf.len() + data.len() > SINK_BUFFER {
+            self.flush_buffer()?;
+        }
+        if data.len() >= SINK_BUFFER {
+            self.file.write_all_at(data, self.base + self.pos)?;
+        } else {
+            self.buf.extend_from_slice(data);
+        }
+        self.pos += data.len() as u64;
+        Ok(())
+    }
+
+    fn put_at(&mut self, data: &[u8], pos: u64) -> Result<()> {
+        self.flush_buffer()?;
+        self.file.write_all_at(data, self.base + pos)
+    }
+
+    fn position(&self) -> u64 {
+        self.pos
+    }
+}
+
+/// A [`BlobSink`] into memory (tests, small blobs).
+#[derive(Debug, Default)]
+pub struct VecSink(pub Vec<u8>);
+
+impl BlobSink for VecSink {
+    fn put(&mut self, buf: &[u8]) -> Result<()> {
+        self.0.extend_from_slice(buf);
+        Ok(())
+    }
+
+    fn put_at(&mut self, buf: &[u8], pos: u64) -> Result<()> {
+        let p = pos as usize;
+        if p + buf.len() > self.0.len() {
+            self.0.resize(p + buf.len(), 0);
+        }
+        self.0[p..p + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn position(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
+/// Bytes in memory readable as a [`ReadAt`] (tests and tools).
+#[derive(Debug, Clone)]
+pub struct MemSource {
+    pub data: Arc<Vec<u8>>,
+    pub name: PathBuf,
+}
+
+impl MemSource {
+    pub fn new(data: Vec<u8>, name: impl Into<PathBuf>) -> Self {
+        MemSource {
+            data: Arc::new(data),
+            name: name.into(),
+        }
+    }
+}
+
+impl ReadAt for MemSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let len = self.data.len() as u64;
+        if offset >= len {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(len - offset) as usize;
+        buf[..n].copy_from_slice(&self.data[offset as usize..offset as usize + n]);
+        Ok(n)
+    }
+
+    fn size(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    fn path(&self) -> &Path {
+        &self.name
+    }
+}

@@ -1,0 +1,359 @@
+//! A stack of layers read as one virtual disk.
+//!
+//! Lowers (sealed LSMT layers, possibly ZFile-compressed and tar-wrapped)
+//! are merged into one index at open time, newest layer winning; an optional
+//! writable upper sits on top and receives every write. Unmapped ranges read
+//! as zeros; `zeroed` entries hide whatever lies below them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::ImageConfig;
+use crate::device::{check_range, BlockDevice};
+use crate::error::{Error, Result};
+use crate::layer::open_layer;
+use crate::lsmt::format::{Mapping, SECTOR};
+use crate::lsmt::index::{pieces, Piece, RoIndex};
+use crate::lsmt::{SealedLayer, WritableLayer};
+
+/// Upstream refuses stacks deeper than this.
+pub const MAX_LAYERS: usize = 255;
+
+/// Lower layers plus an optional writable upper.
+pub struct Stack {
+    lowers: Vec<SealedLayer>,
+    lower_index: RoIndex,
+    upper: Option<WritableLayer>,
+    size: u64,
+    /// Granularity of upper writes: 4 KiB for sparse uppers (holes are
+    /// page-sized), 512 otherwise.
+    write_align: u64,
+}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stack")
+            .field("lowers", &self.lowers.len())
+            .field("upper", &self.upper)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl Stack {
+    /// Open the stack a config.json describes.
+    pub fn open_config(cfg: &ImageConfig) -> Result<Stack> {
+        let upper = cfg
+            .upper
+            .as_ref()
+            .map(|u| (u.data.as_path(), u.index.as_path()));
+        Stack::open(&cfg.lowers, upper)
+    }
+
+    /// Open lower files (bottom first) and an optional writable `(data, index)`.
+    pub fn open(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Result<Stack> {
+        let mut layers = Vec::with_capacity(lowers.len());
+        for p in lowers {
+            layers.push(open_layer(p)?);
+        }
+        let upper = match upper {
+            Some((d, i)) => Some(WritableLayer::open(d, i)?),
+            None => None,
+        };
+        Stack::from_layers(layers, upper)
+    }
+
+    /// Open lowers and the upper without write access.
+    pub fn open_read_only(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Result<Stack> {
+        let mut layers = Vec::with_capacity(lowers.len());
+        for p in lowers {
+            layers.push(open_layer(p)?);
+        }
+        let upper = match upper {
+            Some((d, i)) => Some(WritableLayer::open_read_only(d, i)?),
+            None => None,
+        };
+        Stack::from_layers(layers, upper)
+    }
+
+    /// Build from already opened layers.
+    pub fn from_layers(lowers: Vec<SealedLayer>, upper: Option<WritableLayer>) -> Result<Stack> {
+        if lowers.len() > MAX_LAYERS {
+            return Err(Error::Invalid(format!(
+                "{} lower layers; at most {MAX_LAYERS} can be stacked",
+                lowers.len()
+            )));
+        }
+        if lowers.is_empty() && upper.is_none() {
+            return Err(Error::Invalid("a stack needs at least one layer".into()));
+        }
+        let lower_vsize = lowers
+            .iter()
+            .rev()
+            .map(|l| l.info().virtual_size)
+            .find(|&v| v > 0)
+            .unwrap_or(0);
+        let mut size = lower_vsize;
+        let mut write_align = SECTOR;
+        if let Some(u) = &upper {
+            if u.virtual_size() == 0 && lower_vsize > 0 {
+                u.set_virtual_size(lower_vsize).or_else(|e| match e {
+                    Error::ReadOnly => Ok(()),
+                    e => Err(e),
+                })?;
+            }
+            if u.virtual_size() > 0 {
+                size = u.virtual_size();
+            }
+            if u.is_sparse() {
+                write_align = 4096;
+            }
+        }
+        if size == 0 {
+            return Err(Error::Invalid(
+                "virtual size of the stack is 0 (no layer records a size)".into(),
+            ));
+        }
+        let slices: Vec<&[Mapping]> = lowers.iter().map(|l| l.index().entries()).collect();
+        let lower_index = RoIndex::merge(&slices);
+        Ok(Stack {
+            lowers,
+            lower_index,
+            upper,
+            size,
+            write_align,
+        })
+    }
+
+    pub fn lowers(&self) -> &[SealedLayer] {
+        &self.lowers
+    }
+
+    pub fn upper(&self) -> Option<&WritableLayer> {
+        self.upper.as_ref()
+    }
+
+    /// Merged index of the lowers (tag = lower position, bottom 0).
+    pub fn lower_index(&self) -> &RoIndex {
+        &self.lower_index
+    }
+
+    /// Allocation map of `[offset, offset+len)` (sector aligned): which
+    /// sector ranges hold data in some layer (`true`) and which read as
+    /// zeros because nothing maps them or a zeroed entry covers them.
+    pub fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        let (s, n) = (offset / SECTOR, len.div_ceil(SECTOR));
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut push = |o: u64, l: u64, d: bool| {
+            if let Some(last) = out.last_mut() {
+                if last.2 == d && last.0 + last.1 == o {
+                    last.1 += l;
+                    return;
+                }
+            }
+            out.push((o, l, d));
+        };
+        let upper_maps = self
+            .upper
+            .as_ref()
+            .map(|u| u.lookup(s, n))
+            .unwrap_or_default();
+        for p in pieces(s, n, &upper_maps) {
+            match p {
+                Piece::Mapped(m) => push(m.offset, m.length as u64, !m.zeroed),
+                Piece::Hole { offset, len } => {
+                    let lm = self.lower_index.lookup(offset, len);
+                    for q in pieces(offset, len, &lm) {
+                        match q {
+                            Piece::Mapped(m) => push(m.offset, m.length as u64, !m.zeroed),
+                            Piece::Hole { offset, len } => push(offset, len, false),
+                        }
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|(o, l, d)| (o * SECTOR, l * SECTOR, d))
+            .collect()
+    }
+
+    /// Write the whole virtual disk to a new sparse raw image at `path`,
+    /// copying only allocated ranges. Returns the bytes of data copied.
+    pub fn write_raw_image(&self, path: &Path) -> Result<u64> {
+        let out = crate::io::IoFile::create_new(path)?;
+        out.set_len(self.size)?;
+        let mut buf = vec![0u8; 4 << 20];
+        let mut copied = 0;
+        let step = 1u64 << 30;
+        let mut off = 0;
+        while off < self.size {
+            let len = step.min(self.size - off);
+            for (o, l, data) in self.allocation(off, len) {
+                if !data {
+                    continue;
+                }
+                let mut p = o;
+                while p < o + l {
+                    let n = (o + l - p).min(buf.len() as u64) as usize;
+                    self.read_at(&mut buf[..n], p)?;
+                    out.write_all_at(&buf[..n], p)?;
+                    p += n as u64;
+                    copied += n as u64;
+                }
+            }
+            off += len;
+        }
+        out.sync()?;
+        Ok(copied)
+    }
+
+    fn read_lower(&self, buf: &mut [u8], sector: u64) -> Result<()> {
+        let n = buf.len() as u64 / SECTOR;
+        let maps = self.lower_index.lookup(sector, n);
+        for p in pieces(sector, n, &maps) {
+            match p {
+                Piece::Hole { offset, len } => {
+                    let a = ((offset - sector) * SECTOR) as usize;
+                    buf[a..a + (len * SECTOR) as usize].fill(0);
+                }
+                Piece::Mapped(m) => {
+                    let a = ((m.offset - sector) * SECTOR) as usize;
+                    let b = &mut buf[a..a + m.length as usize * SECTOR as usize];
+                    if m.zeroed {
+                        b.fill(0);
+                    } else {
+                        self.lowers[m.tag as usize].read_mapped(b, m.moffset)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sector-aligned read.
+    fn read_sectors(&self, buf: &mut [u8], sector: u64) -> Result<()> {
+        let Some(upper) = &self.upper else {
+            return self.read_lower(buf, sector);
+        };
+        let n = buf.len() as u64 / SECTOR;
+        let maps = upper.lookup(sector, n);
+        for p in pieces(sector, n, &maps) {
+            match p {
+                Piece::Hole { offset, len } => {
+                    let a = ((offset - sector) * SECTOR) as usize;
+                    self.read_lower(&mut buf[a..a + (len * SECTOR) as usize], offset)?;
+                }
+                Piece::Mapped(m) => {
+                    let a = ((m.offset - sector) * SECTOR) as usize;
+                    let b = &mut buf[a..a + m.length as usize * SECTOR as usize];
+                    if m.zeroed {
+                        b.fill(0);
+                    } else {
+                        upper.read_mapped(b, m.moffset)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn upper_for_write(&self) -> Result<&WritableLayer> {
+        self.upper.as_ref().ok_or(Error::ReadOnly)
+    }
+}
+
+/// Round `[offset, offset+len)` out to multiples of `align`.
+fn widen(offset: u64, len: u64, align: u64) -> (u64, u64) {
+    let a = offset / align * align;
+    let b = (offset + len).div_ceil(align) * align;
+    (a, b - a)
+}
+
+impl BlockDevice for Stack {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if offset.is_multiple_of(SECTOR) && (buf.len() as u64).is_multiple_of(SECTOR) {
+            return self.read_sectors(buf, offset / SECTOR);
+        }
+        let (a, l) = widen(offset, buf.len() as u64, SECTOR);
+        let mut tmp = vec![0u8; l as usize];
+        self.read_sectors(&mut tmp, a / SECTOR)?;
+        let d = (offset - a) as usize;
+        buf.copy_from_slice(&tmp[d..d + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let upper = self.upper_for_write()?;
+        check_range(offset, buf.len() as u64, self.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let al = self.write_align;
+        if offset.is_multiple_of(al) && (buf.len() as u64).is_multiple_of(al) {
+            return upper.write(buf, offset);
+        }
+        let (a, l) = widen(offset, buf.len() as u64, al);
+        let (a, l) = (a, l.min(self.size - a));
+        let mut tmp = vec![0u8; l as usize];
+        self.read_at(&mut tmp, a)?;
+        let d = (offset - a) as usize;
+        tmp[d..d + buf.len()].copy_from_slice(buf);
+        upper.write(&tmp, a)
+    }
+
+    fn flush(&self) -> Result<()> {
+        match &self.upper {
+            Some(u) => u.flush(),
+            None => Ok(()),
+        }
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let upper = self.upper_for_write()?;
+        check_range(offset, len, self.size)?;
+        // Only whole aligned blocks can be discarded; the rest is advisory.
+        let al = self.write_align;
+        let a = offset.div_ceil(al) * al;
+        let b = (offset + len) / al * al;
+        if b > a {
+            upper.discard(a, b - a)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let upper = self.upper_for_write()?;
+        check_range(offset, len, self.size)?;
+        let al = self.write_align;
+        let a = offset.div_ceil(al) * al;
+        let b = (offset + len) / al * al;
+        if b <= a {
+            return self.write_at(&vec![0u8; len as usize], offset);
+        }
+        if a > offset {
+            self.write_at(&vec![0u8; (a - offset) as usize], offset)?;
+        }
+        upper.write_zeroes(a, b - a)?;
+        if offset + len > b {
+            self.write_at(&vec![0u8; (offset + len - b) as usize], b)?;
+        }
+        Ok(())
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.upper.as_ref().is_none_or(|u| u.is_read_only())
+    }
+}
+
+/// Convenience: a stack as a shareable device.
+pub fn open_shared(cfg: &ImageConfig) -> Result<Arc<Stack>> {
+    Ok(Arc::new(Stack::open_config(cfg)?))
+}

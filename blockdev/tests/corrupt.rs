@@ -1,0 +1,185 @@
+//! Corrupt or truncated inputs give clear errors naming the file, never a
+//! panic or a huge allocation.
+
+use std::path::{Path, PathBuf};
+
+use blockdev::commit::{commit_writable, CommitOptions};
+use blockdev::layer::open_layer;
+use blockdev::lsmt::format::{HeaderTrailer, Mapping, HT_SPACE};
+use blockdev::lsmt::{create_writable, CreateOptions, WritableLayer};
+use blockdev::zfile::ZfileOptions;
+use blockdev::{BlockDevice, Stack};
+
+fn small_layer(dir: &Path, zfile: bool) -> PathBuf {
+    let (d, i) = (dir.join("d"), dir.join("i"));
+    create_writable(
+        &d,
+        &i,
+        &CreateOptions {
+            virtual_size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    {
+        let s = Stack::open(&[], Some((&d, &i))).unwrap();
+        s.write_at(&vec![0x5a; 64 << 10], 4096).unwrap();
+        s.write_at(&vec![0xa5; 8192], 512 << 10).unwrap();
+        s.flush().unwrap();
+    }
+    let out = dir.join(if zfile { "layer.zfile" } else { "layer.lsmt" });
+    let opts = CommitOptions {
+        zfile: zfile.then(ZfileOptions::default),
+        ..Default::default()
+    };
+    commit_writable(&d, &i, &out, &opts).unwrap();
+    std::fs::remove_file(d).unwrap();
+    std::fs::remove_file(i).unwrap();
+    out
+}
+
+fn expect_err(path: &Path, needle: &str) {
+    let e = match open_layer(path) {
+        Ok(l) => {
+            // some corruptions only show when reading
+            let s = Stack::from_layers(vec![l], None).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            s.read_at(&mut buf, 0)
+                .expect_err("corruption not detected")
+                .to_string()
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains(&path.display().to_string()),
+        "error does not name the file: {e}"
+    );
+    assert!(e.contains(needle), "expected '{needle}' in: {e}");
+}
+
+fn mutate(src: &Path, dst: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut b = std::fs::read(src).unwrap();
+    f(&mut b);
+    std::fs::write(dst, b).unwrap();
+}
+
+#[test]
+fn sealed_layer_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = small_layer(dir.path(), false);
+    open_layer(&good).unwrap();
+    let bad = dir.path().join("bad.lsmt");
+    let len = std::fs::metadata(&good).unwrap().len() as usize;
+    let trailer = len - HT_SPACE;
+
+    mutate(&good, &bad, |b| b.truncate(len - 100));
+    expect_err(&bad, "trailer");
+    mutate(&good, &bad, |b| b.truncate(1000));
+    expect_err(&bad, "too small");
+    mutate(&good, &bad, |b| b[0] = b'X');
+    expect_err(&bad, "magic");
+    // index said to start past the trailer
+    mutate(&good, &bad, |b| {
+        let mut t = HeaderTrailer::decode(&b[trailer..]).unwrap();
+        t.index_offset = len as u64 * 2;
+        b[trailer..].copy_from_slice(&t.encode());
+    });
+    expect_err(&bad, "does not fit");
+    // absurd entry count: refused before allocating
+    mutate(&good, &bad, |b| {
+        let mut t = HeaderTrailer::decode(&b[trailer..]).unwrap();
+        t.index_size = u64::MAX / 16;
+        b[trailer..].copy_from_slice(&t.encode());
+    });
+    expect_err(&bad, "exceeds the maximum");
+    // an entry whose data lies beyond the data area
+    mutate(&good, &bad, |b| {
+        let t = HeaderTrailer::decode(&b[trailer..]).unwrap();
+        let io = t.index_offset as usize;
+        let mut m = Mapping::decode(&b[io..io + 16]);
+        m.moffset = 1 << 40;
+        b[io..io + 16].copy_from_slice(&m.encode());
+    });
+    expect_err(&bad, "outside the data area");
+    // overlapping / unsorted entries
+    mutate(&good, &bad, |b| {
+        let t = HeaderTrailer::decode(&b[trailer..]).unwrap();
+        let io = t.index_offset as usize;
+        let m0 = Mapping::decode(&b[io..io + 16]);
+        let mut m1 = Mapping::decode(&b[io + 16..io + 32]);
+        m1.offset = m0.offset;
+        b[io + 16..io + 32].copy_from_slice(&m1.encode());
+    });
+    expect_err(&bad, "overlaps");
+}
+
+#[test]
+fn zfile_layer_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = small_layer(dir.path(), true);
+    open_layer(&good).unwrap();
+    let bad = dir.path().join("bad.zfile");
+    let len = std::fs::metadata(&good).unwrap().len() as usize;
+    mutate(&good, &bad, |b| b.truncate(len - 50));
+    expect_err(&bad, "does not fit");
+    mutate(&good, &bad, |b| b[600] ^= 0x40);
+    expect_err(&bad, "checksum");
+    // a jump-table entry claiming an enormous block
+    mutate(&good, &bad, |b| {
+        let io = u64::from_le_bytes(b[40..48].try_into().unwrap()) as usize;
+        b[io..io + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    });
+    expect_err(&bad, "checksum mismatch");
+}
+
+#[test]
+fn writable_layer_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, i) = (dir.path().join("d"), dir.path().join("i"));
+    create_writable(
+        &d,
+        &i,
+        &CreateOptions {
+            virtual_size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // an index entry pointing past the end of the data file
+    let mut idx = std::fs::read(&i).unwrap();
+    idx.extend_from_slice(&Mapping::new(0, 8, 1 << 30).encode());
+    std::fs::write(&i, &idx).unwrap();
+    let e = WritableLayer::open(&d, &i).unwrap_err().to_string();
+    assert!(
+        e.contains(&i.display().to_string()) && e.contains("outside the data file"),
+        "{e}"
+    );
+    // a data file that is not an LSMT file
+    std::fs::write(&d, vec![0u8; 8192]).unwrap();
+    let e = WritableLayer::open(&d, &i).unwrap_err().to_string();
+    assert!(
+        e.contains(&d.display().to_string()) && e.contains("magic"),
+        "{e}"
+    );
+    let e = commit_writable(&d, &i, &dir.path().join("o"), &CommitOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("magic"), "{e}");
+    assert!(!dir.path().join("o").exists());
+    // a missing file
+    let e = open_layer(&dir.path().join("nope"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nope") && e.contains("No such file"), "{e}");
+}
+
+#[test]
+fn tar_wrapper_claiming_too_much_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = blockdev::tarwrap::header_blocks(10 << 20).to_vec();
+    b.extend_from_slice(&[0u8; 4096]);
+    let p = dir.path().join("w.tar");
+    std::fs::write(&p, b).unwrap();
+    let e = open_layer(&p).unwrap_err().to_string();
+    assert!(e.contains("w.tar") && e.contains("10485760"), "{e}");
+}

@@ -1,0 +1,167 @@
+//! Random writes through stacks compared with a plain in-memory model.
+
+use std::path::{Path, PathBuf};
+
+use blockdev::commit::{commit_writable, CommitOptions};
+use blockdev::lsmt::{create_writable, CreateOptions};
+use blockdev::zfile::{Algorithm, ZfileOptions};
+use blockdev::{BlockDevice, Stack};
+use proptest::prelude::*;
+
+const VSIZE: u64 = 1 << 20;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { off: u64, len: u64, seed: u8 },
+    Zero { off: u64, len: u64 },
+    Trim { off: u64, len: u64 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let range = (0..VSIZE - 1).prop_flat_map(|off| (Just(off), 1..=(VSIZE - off).min(70_000)));
+    prop_oneof![
+        6 => (range.clone(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
+        1 => range.clone().prop_map(|(off, len)| Op::Zero { off, len }),
+        1 => range.prop_map(|(off, len)| Op::Trim { off, len }),
+    ]
+}
+
+fn pattern(len: u64, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+/// Apply `ops` to the stack and the model. Trims only touch whole aligned
+/// blocks and leave their content unspecified, so the model forgets them
+/// and the comparison skips them.
+fn apply(stack: &Stack, model: &mut [u8], unknown: &mut [bool], ops: &[Op], align: u64) {
+    for o in ops {
+        match *o {
+            Op::Write { off, len, seed } => {
+                let d = pattern(len, seed);
+                stack.write_at(&d, off).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&d);
+                unknown[off as usize..(off + len) as usize].fill(false);
+            }
+            Op::Zero { off, len } => {
+                stack.write_zeroes(off, len).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+                unknown[off as usize..(off + len) as usize].fill(false);
+            }
+            Op::Trim { off, len } => {
+                stack.trim(off, len).unwrap();
+                let a = off.div_ceil(align) * align;
+                let b = (off + len) / align * align;
+                if b > a {
+                    unknown[a as usize..b as usize].fill(true);
+                }
+            }
+        }
+    }
+}
+
+fn check(stack: &Stack, model: &[u8], unknown: &[bool]) {
+    let mut got = vec![0u8; VSIZE as usize];
+    stack.read_at(&mut got, 0).unwrap();
+    for i in 0..VSIZE as usize {
+        if !unknown[i] && got[i] != model[i] {
+            panic!("byte {i}: got {} want {}", got[i], model[i]);
+        }
+    }
+    // unaligned reads agree with the aligned one
+    let mut piece = vec![0u8; 10_001];
+    stack.read_at(&mut piece, 3_333).unwrap();
+    assert_eq!(&piece[..], &got[3_333..13_334]);
+}
+
+fn new_upper(dir: &Path, n: usize, sparse: bool, vsize: u64) -> (PathBuf, PathBuf) {
+    let d = dir.join(format!("data{n}"));
+    let i = dir.join(format!("index{n}"));
+    create_writable(
+        &d,
+        &i,
+        &CreateOptions {
+            virtual_size: vsize,
+            sparse,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (d, i)
+}
+
+fn run_layers(layers: Vec<Vec<Op>>, sparse: bool, zfile: Option<Algorithm>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = vec![0u8; VSIZE as usize];
+    let mut unknown = vec![false; VSIZE as usize];
+    let mut lowers: Vec<PathBuf> = Vec::new();
+    let align = if sparse { 4096 } else { 512 };
+    for (n, ops) in layers.iter().enumerate() {
+        let vsize = if n == 0 { VSIZE } else { 0 };
+        let (d, i) = new_upper(dir.path(), n, sparse, vsize);
+        {
+            let stack = Stack::open(&lowers, Some((&d, &i))).unwrap();
+            assert_eq!(stack.size(), VSIZE);
+            apply(&stack, &mut model, &mut unknown, ops, align);
+            check(&stack, &model, &unknown);
+            stack.flush().unwrap();
+        }
+        // reopen: the writable layer alone persists everything but trims
+        {
+            let stack = Stack::open(&lowers, Some((&d, &i))).unwrap();
+            check(&stack, &model, &unknown);
+        }
+        let out = dir.path().join(format!("layer{n}.commit"));
+        let opts = CommitOptions {
+            zfile: zfile.map(|a| ZfileOptions {
+                algorithm: a,
+                block_size: 8192,
+                ..Default::default()
+            }),
+            tar: n % 2 == 1,
+            ..Default::default()
+        };
+        commit_writable(&d, &i, &out, &opts).unwrap();
+        lowers.push(out);
+        let stack = Stack::open(&lowers, None).unwrap();
+        check(&stack, &model, &unknown);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, .. ProptestConfig::default() })]
+
+    #[test]
+    fn append_layers_match_model(layers in prop::collection::vec(prop::collection::vec(op(), 1..25), 1..4)) {
+        run_layers(layers, false, None);
+    }
+
+    #[test]
+    fn sparse_layers_match_model(layers in prop::collection::vec(prop::collection::vec(op(), 1..25), 1..4)) {
+        run_layers(layers, true, Some(Algorithm::Lz4));
+    }
+
+    #[test]
+    fn zstd_lowers_match_model(layers in prop::collection::vec(prop::collection::vec(op(), 1..15), 2..4)) {
+        run_layers(layers, false, Some(Algorithm::Zstd));
+    }
+}
+
+#[test]
+fn read_only_stack_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, i) = new_upper(dir.path(), 0, false, VSIZE);
+    let out = dir.path().join("c");
+    commit_writable(&d, &i, &out, &CommitOptions::default()).unwrap();
+    let s = Stack::open(&[out], None).unwrap();
+    assert!(s.is_read_only());
+    assert!(matches!(
+        s.write_at(&[0; 512], 0),
+        Err(blockdev::Error::ReadOnly)
+    ));
+    assert!(matches!(
+        s.read_at(&mut [0; 512], VSIZE),
+        Err(blockdev::Error::OutOfRange { .. })
+    ));
+}

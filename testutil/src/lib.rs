@@ -1,0 +1,186 @@
+//! Test oracles shared by the workspace's integration tests.
+//!
+//! Everything here drives real tools (`e2fsck`, `debugfs`, GNU `tar`) and
+//! compares real directory trees; nothing is mocked.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The upstream golden fixtures directory (`OVERLAYBD_FIXTURES` overrides).
+pub fn fixtures() -> PathBuf {
+    let p = std::env::var_os("OVERLAYBD_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/overlaybd-reference")
+        });
+    assert!(
+        p.join("README.md").exists(),
+        "fixtures not found at {} (set OVERLAYBD_FIXTURES)",
+        p.display()
+    );
+    p
+}
+
+/// Find a system tool or fail with an install hint.
+pub fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("required tool `{name}` is not installed (see .ci/run for the packages)");
+}
+
+/// Run `e2fsck -fn` on an image; `Err` carries its output when unclean.
+pub fn e2fsck(image: &Path) -> Result<String, String> {
+    let out = Command::new(tool("e2fsck"))
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .expect("run e2fsck");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+/// Copy the whole filesystem of `image` into `dest` with `debugfs rdump`
+/// (as root it keeps owners, modes and times).
+pub fn rdump(image: &Path, dest: &Path) {
+    fs::create_dir_all(dest).unwrap();
+    let out = Command::new(tool("debugfs"))
+        .arg("-R")
+        .arg(format!("rdump / {}", dest.display()))
+        .arg(image)
+        .output()
+        .expect("run debugfs");
+    assert!(
+        out.status.success(),
+        "debugfs rdump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Extract tars in order with GNU tar (numeric owners, xattrs), no whiteout handling.
+pub fn gnu_extract(tars: &[&Path], dest: &Path) {
+    fs::create_dir_all(dest).unwrap();
+    for t in tars {
+        let st = Command::new(tool("tar"))
+            .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"])
+            .arg(t)
+            .arg("-C")
+            .arg(dest)
+            .status()
+            .expect("run tar");
+        assert!(st.success(), "tar -x {} failed", t.display());
+    }
+}
+
+/// What we compare about one tree entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub kind: char,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// mtime in seconds (rdump does not keep nanoseconds).
+    pub mtime: i64,
+    pub size: u64,
+    /// Content hash for files, target for symlinks, rdev for devices.
+    pub detail: String,
+}
+
+fn fnv(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Walk `root` into a map of relative path -> [`Node`].
+pub fn tree(root: &Path) -> BTreeMap<String, Node> {
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Node>) {
+    let mut entries: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap()).collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        let md = fs::symlink_metadata(&p).unwrap();
+        let ft = md.file_type();
+        let (kind, detail) = if ft.is_symlink() {
+            (
+                'l',
+                fs::read_link(&p).unwrap().to_string_lossy().into_owned(),
+            )
+        } else if ft.is_dir() {
+            ('d', String::new())
+        } else if ft.is_file() {
+            ('-', fnv(&fs::read(&p).unwrap()))
+        } else if ft.is_char_device() {
+            ('c', format!("{:x}", md.rdev()))
+        } else if ft.is_block_device() {
+            ('b', format!("{:x}", md.rdev()))
+        } else if ft.is_fifo() {
+            ('p', String::new())
+        } else {
+            ('s', String::new())
+        };
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        out.insert(
+            rel,
+            Node {
+                kind,
+                mode: md.mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                mtime: if kind == 'l' { 0 } else { md.mtime() },
+                size: if kind == '-' { md.size() } else { 0 },
+                detail,
+            },
+        );
+        if ft.is_dir() {
+            walk(root, &p, out);
+        }
+    }
+}
+
+/// Differences between two trees, ignoring paths for which `ignore` is true.
+pub fn diff_trees(
+    got: &BTreeMap<String, Node>,
+    want: &BTreeMap<String, Node>,
+    ignore: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut d = Vec::new();
+    for (k, w) in want {
+        if ignore(k) {
+            continue;
+        }
+        match got.get(k) {
+            None => d.push(format!("missing: {k}")),
+            Some(g) if g != w => d.push(format!("differs: {k}\n  got  {g:?}\n  want {w:?}")),
+            _ => {}
+        }
+    }
+    for k in got.keys() {
+        if !ignore(k) && !want.contains_key(k) {
+            d.push(format!("unexpected: {k}"));
+        }
+    }
+    d
+}

@@ -1,0 +1,158 @@
+//! `overlaybd-commit`: seal a writable layer into a layer blob.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use blockdev::commit::{commit_sealed, commit_writable, CommitOptions};
+use blockdev::lsmt::WritableLayer;
+use blockdev::zfile::{Algorithm, ZfileOptions};
+use blockdev::Uuid;
+use clap::Parser;
+use obdtools::cli;
+
+/// Commit a writable overlaybd layer: compact its data and index into one
+/// sealed layer blob, optionally ZFile-compressed (-z) and tar-wrapped (-t)
+/// as the convertor pushes it to a registry. The output equals upstream
+/// overlaybd-commit's byte for byte.
+#[derive(Parser, Debug)]
+#[command(name = "overlaybd-commit", version)]
+struct Args {
+    /// Commit message stored in the header (at most 256 bytes).
+    #[arg(short = 'm')]
+    message: Option<String>,
+    /// Uuid of the committed layer (8-4-4-4-12 hex); all zeros if absent.
+    #[arg(long)]
+    uuid: Option<String>,
+    /// Parent uuid; defaults to the one recorded when the layer was created.
+    #[arg(short = 'p', long = "parent-uuid")]
+    parent_uuid: Option<String>,
+    /// Compress the output to ZFile.
+    #[arg(short = 'z')]
+    zfile: bool,
+    /// Wrap the output in a tar holding one entry, overlaybd.commit.
+    #[arg(short = 't')]
+    tar: bool,
+    /// Replace the output file if it exists.
+    #[arg(short = 'f')]
+    force: bool,
+    /// ZFile compression algorithm: lz4 or zstd (default lz4; needs -z).
+    #[arg(long)]
+    algorithm: Option<String>,
+    /// ZFile block size in KB: 4, 8, 16, 32 or 64 (default 4; needs -z).
+    #[arg(long = "bs")]
+    block_size: Option<u32>,
+    /// Commit a TurboOCI layer (not supported yet).
+    #[arg(long = "turboOCI")]
+    turbo_oci: bool,
+    /// Deprecated alias of --turboOCI.
+    #[arg(long)]
+    fastoci: bool,
+    /// Seal only: append the index and a trailer to DATA_FILE itself.
+    #[arg(long)]
+    seal: bool,
+    /// DATA_FILE is an already sealed layer (plain, ZFile or tar-wrapped);
+    /// the second path is the output.
+    #[arg(long = "commit_sealed")]
+    commit_sealed: bool,
+    /// Compression threads (the output does not depend on it).
+    #[arg(long = "compress_threads", default_value_t = 0)]
+    compress_threads: usize,
+    /// Print debug logs.
+    #[arg(long)]
+    verbose: bool,
+    /// Writable layer data file (or sealed layer with --commit_sealed).
+    data_file: PathBuf,
+    /// Writable layer index file (or the output with --commit_sealed).
+    index_file: Option<PathBuf>,
+    /// Output file (must not exist unless -f).
+    commit_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::init_logging(args.verbose);
+    cli::run("overlaybd-commit", || run(args))
+}
+
+fn parse_uuid(v: &Option<String>, flag: &str) -> anyhow::Result<Option<Uuid>> {
+    v.as_deref()
+        .map(Uuid::parse)
+        .transpose()
+        .with_context(|| format!("bad {flag} value"))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if args.turbo_oci || args.fastoci {
+        bail!("TurboOCI layers are not supported yet");
+    }
+    let index = args.index_file.clone();
+    if args.seal {
+        let index = index.context("--seal needs DATA_FILE and INDEX_FILE")?;
+        WritableLayer::open(&args.data_file, &index)
+            .and_then(|l| l.seal())
+            .with_context(|| format!("cannot seal {}", args.data_file.display()))?;
+        println!("overlaybd-commit has sealed files SUCCESSFULLY");
+        return Ok(());
+    }
+    let zfile = if args.zfile {
+        let algorithm: Algorithm = args.algorithm.as_deref().unwrap_or("lz4").parse()?;
+        let kb = args.block_size.unwrap_or(4);
+        let z = ZfileOptions {
+            algorithm,
+            block_size: kb.checked_mul(1024).context("invalid --bs")?,
+            threads: if args.compress_threads == 0 {
+                ZfileOptions::default().threads
+            } else {
+                args.compress_threads
+            },
+            ..Default::default()
+        };
+        z.validate().context("invalid --bs")?;
+        Some(z)
+    } else {
+        if args.algorithm.is_some() || args.block_size.is_some() {
+            eprintln!("WARNING option '--bs' and '--algorithm' will be ignored without '-z'");
+        }
+        None
+    };
+    let opts = CommitOptions {
+        zfile,
+        tar: args.tar,
+        uuid: parse_uuid(&args.uuid, "--uuid")?,
+        parent_uuid: parse_uuid(&args.parent_uuid, "--parent-uuid")?,
+        user_tag: args.message.clone(),
+        force: args.force,
+        progress: Some(cli::progress_reporter("commit")),
+    };
+    let start = Instant::now();
+    let (out, stats) = if args.commit_sealed {
+        let out = index.context("--commit_sealed needs an output path")?;
+        let s = commit_sealed(&args.data_file, &out, &opts)
+            .with_context(|| format!("cannot commit {}", args.data_file.display()))?;
+        (out, s)
+    } else {
+        let (Some(index), Some(out)) = (index, args.commit_file.clone()) else {
+            bail!("need DATA_FILE INDEX_FILE COMMIT_FILE (see --help)");
+        };
+        let s = commit_writable(&args.data_file, &index, &out, &opts).with_context(|| {
+            format!(
+                "cannot commit {} + {}",
+                args.data_file.display(),
+                index.display()
+            )
+        })?;
+        (out, s)
+    };
+    eprintln!(
+        "committed {} of data into {} ({}, {} in {:.2}s)",
+        cli::human(stats.data_bytes),
+        out.display(),
+        cli::human(stats.output_size),
+        cli::rate(stats.data_bytes, start),
+        start.elapsed().as_secs_f64()
+    );
+    println!("overlaybd-commit has committed files SUCCESSFULLY");
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! `overlaybd-create`: create a writable overlaybd layer (data + index files).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use blockdev::lsmt::{create_writable, CreateOptions};
+use blockdev::Uuid;
+use clap::Parser;
+use obdtools::cli;
+
+/// Create a writable overlaybd layer: a data file and an index file.
+///
+/// The layer is stacked on lower layers later (overlaybd-apply's
+/// config.json) and sealed with overlaybd-commit.
+#[derive(Parser, Debug)]
+#[command(name = "overlaybd-create", version)]
+struct Args {
+    /// Parent layer uuid recorded in the header (8-4-4-4-12 hex).
+    #[arg(short = 'u', value_name = "PARENT_UUID")]
+    parent_uuid: Option<String>,
+    /// Create a sparse writable layer: data lives at its logical offset in a
+    /// sparse data file and the index file stays empty.
+    #[arg(short = 's')]
+    sparse: bool,
+    /// Create a TurboOCI layer (not supported yet).
+    #[arg(long = "turboOCI")]
+    turbo_oci: bool,
+    /// Deprecated alias of --turboOCI.
+    #[arg(long)]
+    fastoci: bool,
+    /// Create a raw image instead: the data file becomes a plain file of vsize bytes.
+    #[arg(long)]
+    raw: bool,
+    /// Make an ext4 filesystem in the new layer (for the bottom layer of an image).
+    #[arg(long)]
+    mkfs: bool,
+    /// Print debug logs.
+    #[arg(long)]
+    verbose: bool,
+    /// Data file to create (must not exist).
+    data_file: PathBuf,
+    /// Index file to create (must not exist).
+    index_file: PathBuf,
+    /// Virtual size in GB (GiB); 0 means "take it from the lower layers".
+    vsize: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::init_logging(args.verbose);
+    cli::run("overlaybd-create", || run(args))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if args.turbo_oci || args.fastoci {
+        bail!("TurboOCI layers are not supported yet");
+    }
+    let vsize = args
+        .vsize
+        .checked_mul(1 << 30)
+        .filter(|v| *v < 1 << 58)
+        .with_context(|| format!("virtual size {} GB is too large", args.vsize))?;
+    if args.mkfs && vsize == 0 {
+        bail!("--mkfs needs a virtual size greater than 0");
+    }
+    if args.raw {
+        for p in [&args.data_file, &args.index_file] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .with_context(|| format!("cannot create {}", p.display()))?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&args.data_file)?;
+        f.set_len(vsize)
+            .with_context(|| format!("cannot size {}", args.data_file.display()))?;
+        if args.mkfs {
+            let dev = blockdev::RawFileDevice::open_rw(&args.data_file)?;
+            mkfs(std::sync::Arc::new(dev))?;
+        }
+        println!("overlaybd-create has created files SUCCESSFULLY");
+        return Ok(());
+    }
+    let parent_uuid = args
+        .parent_uuid
+        .as_deref()
+        .map(Uuid::parse)
+        .transpose()
+        .context("bad -u value")?;
+    let opts = CreateOptions {
+        virtual_size: vsize,
+        sparse: args.sparse,
+        parent_uuid,
+        uuid: None,
+    };
+    create_writable(&args.data_file, &args.index_file, &opts).with_context(|| {
+        format!(
+            "cannot create layer {} + {}",
+            args.data_file.display(),
+            args.index_file.display()
+        )
+    })?;
+    if args.mkfs {
+        let result = blockdev::Stack::open(&[], Some((&args.data_file, &args.index_file)))
+            .map_err(anyhow::Error::from)
+            .and_then(|s| mkfs(std::sync::Arc::new(s)));
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&args.data_file);
+            let _ = std::fs::remove_file(&args.index_file);
+            return Err(e);
+        }
+    }
+    println!("overlaybd-create has created files SUCCESSFULLY");
+    Ok(())
+}
+
+fn mkfs(_dev: std::sync::Arc<dyn blockdev::BlockDevice>) -> anyhow::Result<()> {
+    bail!("--mkfs is not supported yet: ext4 creation lands with overlaybd-apply")
+}

@@ -1,0 +1,98 @@
+//! `overlaybd-zfile`: compress a file to ZFile, or extract one.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use blockdev::commit::{zfile_compress_file, zfile_decompress_file};
+use blockdev::layer::open_zfile;
+use blockdev::zfile::{verify_blocks, Algorithm, ZfileOptions};
+use clap::Parser;
+use obdtools::cli;
+
+/// Create or extract a ZFile (random-access compressed file).
+///
+/// `overlaybd-zfile SRC DST` compresses SRC into DST; with only one path the
+/// data is read from standard input and written to that path.
+/// `overlaybd-zfile -x SRC DST` decompresses. Unlike overlaybd-commit -z, the
+/// header is not rewritten at the end (flags 0x13), as upstream's tool does.
+#[derive(Parser, Debug)]
+#[command(name = "overlaybd-zfile", version)]
+struct Args {
+    /// Wrap the output in a tar (compress) / read a tar-wrapped ZFile.
+    #[arg(short = 't')]
+    tar: bool,
+    /// Extract (decompress) SOURCE_FILE into TARGET_FILE.
+    #[arg(short = 'x')]
+    extract: bool,
+    /// Check every block checksum of SOURCE_FILE and exit.
+    #[arg(long)]
+    verify: bool,
+    /// Replace the target if it exists.
+    #[arg(short = 'f')]
+    force: bool,
+    /// Compression algorithm: lz4 or zstd.
+    #[arg(long, default_value = "lz4")]
+    algorithm: String,
+    /// Block size in KB: 4, 8, 16, 32 or 64.
+    #[arg(long = "bs", default_value_t = 4)]
+    block_size: u32,
+    /// Print debug logs.
+    #[arg(long)]
+    verbose: bool,
+    /// Source file.
+    source_file: PathBuf,
+    /// Target file.
+    target_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    cli::init_logging(args.verbose);
+    cli::run("overlaybd-zfile", || run(args))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if args.verify {
+        let r = open_zfile(&args.source_file)?;
+        verify_blocks(&r)
+            .with_context(|| format!("{} is not a valid zfile blob", args.source_file.display()))?;
+        println!("{} is a valid zfile blob.", args.source_file.display());
+        return Ok(());
+    }
+    if args.extract {
+        let dst = args
+            .target_file
+            .as_ref()
+            .context("decompression needs SOURCE_FILE and TARGET_FILE (stdin is not supported)")?;
+        let n = zfile_decompress_file(&args.source_file, dst, args.force)?;
+        println!(
+            "decompressed {} into {} ({})",
+            args.source_file.display(),
+            dst.display(),
+            cli::human(n)
+        );
+        return Ok(());
+    }
+    let algorithm: Algorithm = args.algorithm.parse()?;
+    let opts = ZfileOptions {
+        algorithm,
+        block_size: args.block_size.checked_mul(1024).context("invalid --bs")?,
+        overwrite_header: false,
+        ..Default::default()
+    };
+    opts.validate().context("invalid --bs")?;
+    let (src, dst) = match &args.target_file {
+        Some(t) => (Some(args.source_file.as_path()), t.clone()),
+        None => (None, args.source_file.clone()),
+    };
+    let n = zfile_compress_file(src, &dst, opts, args.tar, args.force)?;
+    println!(
+        "compressed {} into {} ({})",
+        src.map(|p| p.display().to_string())
+            .unwrap_or_else(|| "stdin".into()),
+        dst.display(),
+        cli::human(n)
+    );
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! Small helpers shared by the command-line tools: logging set-up, error
+//! reporting and human-readable sizes.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Initialise logging: `--verbose` shows debug messages; `RUST_LOG` overrides.
+pub fn init_logging(verbose: bool) {
+    let default = if verbose { "debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Run a tool's body, printing `<tool>: error: <cause chain>` on failure.
+pub fn run(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    match body() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{tool}: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `1.5 GiB`-style sizes.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Throughput in MB/s since `start` for `bytes`.
+pub fn rate(bytes: u64, start: Instant) -> String {
+    let s = start.elapsed().as_secs_f64().max(1e-6);
+    format!("{:.0} MB/s", bytes as f64 / s / 1e6)
+}
+
+/// A progress printer for long copies: a bar on a terminal, log lines otherwise.
+pub fn progress_reporter(label: &str) -> blockdev::commit::Progress {
+    use std::io::IsTerminal;
+    let label = label.to_string();
+    let tty = std::io::stderr().is_terminal();
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        b.set_message(label.clone());
+        b
+    });
+    blockdev::commit::Progress(std::sync::Arc::new(move |done, total| match &bar {
+        Some(b) => {
+            b.set_length(total);
+            b.set_position(done);
+            if done >= total {
+                b.finish_and_clear();
+            }
+        }
+        None => eprintln!("{label}: {} of {}", human(done), human(total)),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn human_sizes() {
+        assert_eq!(super::human(512), "512 B");
+        assert_eq!(super::human(1536), "1.5 KiB");
+        assert_eq!(super::human(64 << 30), "64.0 GiB");
+    }
+}

@@ -1,0 +1,124 @@
+//! overlaybd-create / overlaybd-commit / overlaybd-zfile as users run them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn run(bin: &str, args: &[&str], cwd: &Path) -> Output {
+    Command::new(bin)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("spawn tool")
+}
+
+const CREATE: &str = env!("CARGO_BIN_EXE_overlaybd-create");
+const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
+const ZFILE: &str = env!("CARGO_BIN_EXE_overlaybd-zfile");
+const UUID: &str = "6d5b0bd2-0000-4000-8000-000000000001";
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn err_text(o: &Output) -> String {
+    assert!(!o.status.success(), "unexpected success");
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!e.contains("panicked"), "panic: {e}");
+    e
+}
+
+#[test]
+fn commit_tool_reproduces_upstream_blobs() {
+    let f = testutil::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let lsmt = f.join("baselayer/commit.lsmt");
+    let lsmt = lsmt.to_str().unwrap();
+    for (extra, want) in [
+        (vec!["-z"], "baselayer/commit.lz4.zfile"),
+        (
+            vec!["-z", "--algorithm", "zstd"],
+            "baselayer/commit.zstd.zfile",
+        ),
+        (vec!["-z", "-t"], "baselayer/commit.lz4.zfile.tar"),
+    ] {
+        let out = dir.path().join("out");
+        let mut a = vec!["--commit_sealed", lsmt, "out", "--uuid", UUID];
+        a.extend(extra);
+        ok(&run(COMMIT, &a, dir.path()));
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(f.join(want)).unwrap(),
+            "{want}"
+        );
+        std::fs::remove_file(out).unwrap();
+    }
+    // overlaybd-zfile: same blocks, header not rewritten
+    ok(&run(ZFILE, &[lsmt, "z"], dir.path()));
+    let ours = std::fs::read(dir.path().join("z")).unwrap();
+    let theirs = std::fs::read(f.join("baselayer/commit.lz4.zfile")).unwrap();
+    assert_eq!((ours[32], theirs[32]), (0x13, 0x1b));
+    assert!(ours[512..] == theirs[512..]);
+    ok(&run(ZFILE, &["--verify", "z"], dir.path()));
+    ok(&run(ZFILE, &["-x", "z", "back"], dir.path()));
+    assert!(std::fs::read(dir.path().join("back")).unwrap() == std::fs::read(lsmt).unwrap());
+}
+
+#[test]
+fn create_commit_roundtrip_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    // creating over existing files is refused
+    let e = err_text(&run(CREATE, &["data", "index", "1"], d));
+    assert!(e.contains("data") && e.contains("exists"), "{e}");
+    ok(&run(
+        COMMIT,
+        &["data", "index", "layer", "-z", "-t", "--uuid", UUID],
+        d,
+    ));
+    let l = blockdev::layer::open_layer(&d.join("layer")).unwrap();
+    assert_eq!(l.info().uuid.to_string(), UUID.to_uppercase());
+    assert_eq!(l.info().virtual_size, 1 << 30);
+    let e = err_text(&run(COMMIT, &["data", "index", "layer"], d));
+    assert!(e.contains("layer") && e.contains("exists"), "{e}");
+    ok(&run(COMMIT, &["-f", "data", "index", "layer"], d));
+    let e = err_text(&run(COMMIT, &["data", "index", "x", "--uuid", "nope"], d));
+    assert!(e.contains("invalid uuid 'nope'"), "{e}");
+    let e = err_text(&run(COMMIT, &["data", "index", "x", "-z", "--bs", "3"], d));
+    assert!(e.contains("block size"), "{e}");
+    let e = err_text(&run(
+        COMMIT,
+        &["data", "index", "x", "-z", "--algorithm", "lzo"],
+        d,
+    ));
+    assert!(e.contains("lzo"), "{e}");
+    std::fs::write(d.join("junk"), vec![1u8; 10000]).unwrap();
+    let e = err_text(&run(COMMIT, &["junk", "index", "x"], d));
+    assert!(e.contains("junk") && e.contains("magic"), "{e}");
+    assert!(!d.join("x").exists());
+    let e = err_text(&run(ZFILE, &["-x", "junk", "y"], d));
+    assert!(e.contains("junk") && e.contains("not a ZFile"), "{e}");
+    // seal in place, then it opens as a sealed lower
+    ok(&run(CREATE, &["d2", "i2", "1"], d));
+    ok(&run(COMMIT, &["--seal", "d2", "i2"], d));
+    blockdev::layer::open_layer(&d.join("d2")).unwrap();
+}
+
+#[test]
+fn help_explains_flags() {
+    for bin in [CREATE, COMMIT, ZFILE] {
+        let o = Command::new(bin).arg("--help").output().unwrap();
+        ok(&o);
+        let t = String::from_utf8_lossy(&o.stdout);
+        assert!(t.contains("Usage"), "{t}");
+    }
+    let o = Command::new(COMMIT).arg("--help").output().unwrap();
+    let t = String::from_utf8_lossy(&o.stdout);
+    for flag in ["-z", "-t", "--algorithm", "--bs", "--uuid", "--parent-uuid"] {
+        assert!(t.contains(flag), "--help lacks {flag}");
+    }
+}
