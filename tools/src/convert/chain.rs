@@ -48,12 +48,13 @@ pub struct LayerStats {
 }
 
 /// Create, fill and commit one layer from its (decompressed) tar stream.
-/// `on_apply` gets tar bytes consumed; `on_commit` gets (done, total) data bytes.
+/// `on_apply` gets tar bytes consumed; `on_commit` is called when the commit starts
+/// and may return a progress callback for it.
 pub fn build_layer(
     job: &LayerJob<'_>,
     tar: &mut dyn Read,
     on_apply: &mut dyn FnMut(u64),
-    on_commit: Option<blockdev::commit::Progress>,
+    on_commit: &mut dyn FnMut() -> Option<blockdev::commit::Progress>,
 ) -> Result<LayerStats> {
     let data = job.dir.join(DATA_FILE);
     let index = job.dir.join(INDEX_FILE);
@@ -104,7 +105,7 @@ pub fn build_layer(
             parent_uuid: job.parent_uuid,
             user_tag: None,
             force: true,
-            progress: on_commit,
+            progress: on_commit(),
         },
     )?;
     Ok(LayerStats {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -845,21 +845,32 @@ impl Converter {
         let abort = self.abort.clone();
         let stats = std::thread::scope(|s| -> Result<chain::LayerStats> {
             s.spawn(move || decompress_into(input, tee, tx, &abort));
+            let consumed = Arc::new(AtomicU64::new(0));
             let mut reader = ChannelReader {
                 rx,
                 cur: Vec::new(),
                 off: 0,
                 eof: false,
+                consumed: consumed.clone(),
             };
             let apply_bar = self.progress.start(&name, Stage::Apply, None);
             let setter = apply_bar.setter();
-            let commit_bar = self.progress.start(&name, Stage::Commit, None);
+            let mut apply_bar = Some(apply_bar);
+            let mut commit_bar = None;
             let res = {
                 let mut on_apply = |b: u64| setter(b);
-                let set = commit_bar.setter();
-                let commit_prog =
-                    blockdev::commit::Progress(Arc::new(move |done, _total| set(done)));
-                chain::build_layer(&job, &mut reader, &mut on_apply, Some(commit_prog))
+                let mut on_commit = || {
+                    if let Some(b) = apply_bar.take() {
+                        b.finish(Some(consumed.load(Ordering::Relaxed)), "");
+                    }
+                    let b = self.progress.start(&name, Stage::Commit, None);
+                    let set = b.setter();
+                    commit_bar = Some(b);
+                    Some(blockdev::commit::Progress(Arc::new(move |done, _total| {
+                        set(done)
+                    })))
+                };
+                chain::build_layer(&job, &mut reader, &mut on_apply, &mut on_commit)
             };
             // Read to the end so the source digest is verified even if the tar ended
             // before its padding.
@@ -867,11 +878,16 @@ impl Converter {
             let stats = res?;
             drained
                 .map_err(|e| Error::io(format!("{} layer {}", self.src.name(), layer.digest), e))?;
-            apply_bar.finish(
-                Some(stats.apply.tar_bytes),
-                &format!("{} entries", stats.apply.entries),
-            );
-            commit_bar.finish(Some(stats.commit.output_size), "");
+            if let Some(b) = commit_bar {
+                b.finish(
+                    Some(stats.commit.output_size),
+                    &format!(
+                        "{} tar entries, {:.1} MB of file data",
+                        stats.apply.entries,
+                        stats.apply.data_bytes as f64 / 1e6
+                    ),
+                );
+            }
             Ok(stats)
         })?;
         if !self.opts.reserve {
@@ -996,6 +1012,8 @@ struct ChannelReader {
     cur: Vec<u8>,
     off: usize,
     eof: bool,
+    /// Bytes handed out so far.
+    consumed: Arc<AtomicU64>,
 }
 
 impl Read for ChannelReader {
@@ -1022,6 +1040,7 @@ impl Read for ChannelReader {
         let k = buf.len().min(self.cur.len() - self.off);
         buf[..k].copy_from_slice(&self.cur[self.off..self.off + k]);
         self.off += k;
+        self.consumed.fetch_add(k as u64, Ordering::Relaxed);
         Ok(k)
     }
 }
@@ -1088,6 +1107,7 @@ mod tests {
             cur: vec![],
             off: 0,
             eof: false,
+            consumed: Arc::new(AtomicU64::new(0)),
         };
         let mut out = Vec::new();
         let e = r.read_to_end(&mut out).unwrap_err();
