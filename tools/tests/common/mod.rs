@@ -4,6 +4,8 @@
 //! server that signs JWTs the registry verifies.
 #![allow(dead_code)]
 
+pub mod convert;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
