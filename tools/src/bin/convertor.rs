@@ -247,9 +247,7 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
     };
     let progress = Progress::new(std::io::stderr().is_terminal(), false);
     let conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
-    let out = conv
-        .convert(&source, &out_tag)
-        .with_context(|| format!("converting {}:{source}", src.name()))?;
+    let out = conv.convert(&source, &out_tag)?;
     let secs = t0.elapsed().as_secs_f64();
     let verb = if out.pushed {
         "pushed"

@@ -38,26 +38,21 @@ use std::path::PathBuf;
 /// Conversion errors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Registry(#[from] crate::registry::Error),
-    #[error(transparent)]
-    Oci(#[from] crate::oci::Error),
-    #[error(transparent)]
-    Blockdev(#[from] blockdev::Error),
-    #[error(transparent)]
-    Fs(#[from] obdfs::Error),
-    #[error("{path}: {source}")]
+    #[error("{0}")]
+    Registry(crate::registry::Error),
+    #[error("{0}")]
+    Oci(crate::oci::Error),
+    #[error("{0}")]
+    Blockdev(blockdev::Error),
+    #[error("{0}")]
+    Fs(obdfs::Error),
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{context}: {source}")]
-    Context {
-        context: String,
-        #[source]
-        source: Box<Error>,
-    },
+    #[error("{context}: {inner}")]
+    Context { context: String, inner: Box<Error> },
     #[error("{0}")]
     Unsupported(String),
     #[error("{0}")]
@@ -66,13 +61,25 @@ pub enum Error {
     Interrupted,
 }
 
+macro_rules! from_error {
+    ($($t:ty => $v:ident),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Error {
+                Error::$v(e)
+            }
+        }
+    )*};
+}
+from_error!(crate::registry::Error => Registry, crate::oci::Error => Oci,
+            blockdev::Error => Blockdev, obdfs::Error => Fs);
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 
@@ -81,7 +88,7 @@ impl Error {
             Error::Interrupted => Error::Interrupted,
             e => Error::Context {
                 context: c.into(),
-                source: Box::new(e),
+                inner: Box::new(e),
             },
         }
     }
@@ -90,8 +97,8 @@ impl Error {
     pub fn is_interrupted(&self) -> bool {
         match self {
             Error::Interrupted | Error::Registry(crate::registry::Error::Interrupted) => true,
-            Error::Context { source, .. } => source.is_interrupted(),
-            Error::Io { source, .. } => source.kind() == std::io::ErrorKind::Interrupted,
+            Error::Context { inner, .. } => inner.is_interrupted(),
+            Error::Io { error, .. } => error.kind() == std::io::ErrorKind::Interrupted,
             _ => false,
         }
     }

@@ -164,10 +164,7 @@ impl Converter {
         crate::oci::reference::validate_tag(out_tag)?;
         let wd = &self.opts.workdir;
         fs::create_dir_all(wd).map_err(|e| Error::io(wd, e))?;
-        let (desc, bytes) = self
-            .src
-            .resolve(source)
-            .map_err(|e| e.context(format!("resolving {}:{source}", self.src.name())))?;
+        let (desc, bytes) = self.src.resolve(source)?;
         tracing::info!(
             "source {}:{source} is {} {}",
             self.src.name(),
@@ -742,12 +739,8 @@ impl Converter {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                         return Err(Error::Interrupted)
                     }
-                    Err(e) => {
-                        return Err(Error::io(
-                            format!("{} layer {}", self.src.name(), layer.digest),
-                            e,
-                        ))
-                    }
+                    // BlobReader errors name the registry, repository and blob.
+                    Err(e) => return Err(Error::Invalid(e.to_string())),
                 };
                 f.write_all(&buf[..k]).map_err(|e| Error::io(&path, e))?;
                 pos += k as u64;

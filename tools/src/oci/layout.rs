@@ -38,10 +38,10 @@ impl Layout {
         let marker = root.join(LAYOUT_FILE);
         let bytes = fs::read(&marker).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
-                Error::NotFound(format!(
-                    "{}: not an OCI image layout (no oci-layout file)",
-                    root.display()
-                ))
+                Error::Invalid {
+                    what: root.display().to_string(),
+                    reason: "not an OCI image layout (no oci-layout file)".into(),
+                }
             } else {
                 Error::io(&marker, e)
             }

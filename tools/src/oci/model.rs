@@ -203,9 +203,9 @@ pub struct Index {
 }
 
 pub fn parse_json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|source| Error::Json {
+    serde_json::from_slice(bytes).map_err(|error| Error::Json {
         what: what.to_string(),
-        source,
+        error,
     })
 }
 

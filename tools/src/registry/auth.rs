@@ -234,7 +234,7 @@ impl Auth {
         let resp = rb.send().map_err(|source| Error::Transport {
             peer: self.peer.clone(),
             what: what.clone(),
-            source,
+            error: source,
         })?;
         let status = resp.status();
         if status.as_u16() == 401 || status.as_u16() == 403 {
@@ -259,7 +259,7 @@ impl Auth {
         let body = resp.bytes().map_err(|source| Error::Transport {
             peer: self.peer.clone(),
             what: what.clone(),
-            source,
+            error: source,
         })?;
         #[derive(serde::Deserialize)]
         struct TokenResp {

@@ -32,12 +32,11 @@ use std::time::Duration;
 /// Registry client errors. Every variant names the registry (`peer`) and the operation.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{peer}: {what}: {source}")]
+    #[error("{peer}: {what}: {}", chain(error))]
     Transport {
         peer: String,
         what: String,
-        #[source]
-        source: reqwest::Error,
+        error: reqwest::Error,
     },
     #[error("{peer}: {what}: HTTP {status}{detail}")]
     Status {
@@ -66,26 +65,70 @@ pub enum Error {
     },
     #[error("TLS setup: {0}")]
     Tls(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{peer}: {what}: {source}")]
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
+    #[error("{peer}: {what}: {error}")]
     Stream {
         peer: String,
         what: String,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
-    #[error(transparent)]
-    Oci(#[from] oci::Error),
+    #[error("{0}")]
+    Oci(oci::Error),
     #[error("interrupted")]
     Interrupted,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<oci::Error> for Error {
+    fn from(e: oci::Error) -> Error {
+        Error::Oci(e)
+    }
+}
+
+/// An error and its causes on one line, without repeating a cause that the previous
+/// message already contains.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+/// Whether a transport error is worth retrying: not TLS or certificate trouble, which
+/// would fail the same way again.
+fn is_transient(e: &reqwest::Error) -> bool {
+    let c = chain(e);
+    let tls = [
+        "certificate",
+        "InvalidContentType",
+        "tls",
+        "TLS",
+        "handshake",
+        "UnknownIssuer",
+    ];
+    !tls.iter().any(|k| c.contains(k))
+}
+
+/// A hint for errors users commonly hit.
+fn hint(e: &reqwest::Error) -> &'static str {
+    let c = chain(e);
+    if c.contains("InvalidContentType") || c.contains("corrupt message") {
+        " (the registry does not speak TLS here; use --plain for plain HTTP)"
+    } else if c.contains("UnknownIssuer") || c.contains("certificate") {
+        " (TLS verification failed; pass the registry's CA with --root-ca or --cert-dir, or use --insecure)"
+    } else {
+        ""
+    }
+}
 
 impl Error {
     pub fn is_not_found(&self) -> bool {
@@ -205,9 +248,9 @@ fn build_http(opts: &ClientOptions) -> Result<Client> {
         }
     }
     for f in &ca_files {
-        let pem = std::fs::read(f).map_err(|source| Error::Io {
+        let pem = std::fs::read(f).map_err(|error| Error::Io {
             path: f.clone(),
-            source,
+            error,
         })?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
             .map_err(|e| Error::Tls(format!("{}: not a PEM certificate: {e}", f.display())))?;
@@ -229,14 +272,14 @@ fn build_http(opts: &ClientOptions) -> Result<Client> {
                 cert.display()
             );
         }
-        let mut pem = std::fs::read(cert).map_err(|source| Error::Io {
+        let mut pem = std::fs::read(cert).map_err(|error| Error::Io {
             path: cert.clone(),
-            source,
+            error,
         })?;
         pem.push(b'\n');
-        pem.extend(std::fs::read(key).map_err(|source| Error::Io {
+        pem.extend(std::fs::read(key).map_err(|error| Error::Io {
             path: key.clone(),
-            source,
+            error,
         })?);
         let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
             Error::Tls(format!(
@@ -340,10 +383,15 @@ impl Registry {
             let delay = self.opts.retry_delay * 2u32.saturating_pow(attempt);
             match res {
                 Err(source) => {
-                    if retry && attempt < self.opts.retries && !self.cancelled() {
+                    if retry
+                        && attempt < self.opts.retries
+                        && !self.cancelled()
+                        && is_transient(&source)
+                    {
                         tracing::warn!(
-                            "{}: {what}: {source}; retrying in {:.1} s",
+                            "{}: {what}: {}; retrying in {:.1} s",
                             self.host,
+                            chain(&source),
                             delay.as_secs_f64()
                         );
                         std::thread::sleep(delay);
@@ -352,8 +400,8 @@ impl Registry {
                     }
                     return Err(Error::Transport {
                         peer: self.host.clone(),
-                        what: what.to_string(),
-                        source,
+                        what: format!("{what}{}", hint(&source)),
+                        error: source,
                     });
                 }
                 Ok(resp) => {
@@ -528,10 +576,10 @@ impl Repository {
         let mut bytes = Vec::new();
         resp.take(model::MAX_MANIFEST_SIZE + 1)
             .read_to_end(&mut bytes)
-            .map_err(|source| Error::Stream {
+            .map_err(|error| Error::Stream {
                 peer: self.reg.host.clone(),
                 what: what.clone(),
-                source,
+                error,
             })?;
         if bytes.len() as u64 > model::MAX_MANIFEST_SIZE {
             return Err(oci::Error::TooLarge {
@@ -682,10 +730,10 @@ impl Repository {
         }
         let mut r = self.open_blob(desc)?;
         let mut out = Vec::with_capacity(desc.size as usize);
-        r.read_to_end(&mut out).map_err(|source| Error::Stream {
+        r.read_to_end(&mut out).map_err(|error| Error::Stream {
             peer: self.reg.host.clone(),
             what: format!("blob {}@{}", self.name, desc.digest),
-            source,
+            error,
         })?;
         Ok(out)
     }
@@ -773,15 +821,15 @@ impl Repository {
         let what = format!("upload blob {} to {}", desc.digest, self.name);
         if let BlobSource::File(p) = src {
             let len = std::fs::metadata(p)
-                .map_err(|source| Error::Io {
+                .map_err(|error| Error::Io {
                     path: p.to_path_buf(),
-                    source,
+                    error,
                 })?
                 .len();
             if len != desc.size {
                 return Err(Error::Io {
                     path: p.to_path_buf(),
-                    source: io::Error::other(format!(
+                    error: io::Error::other(format!(
                         "file is {len} bytes, descriptor says {}",
                         desc.size
                     )),
@@ -818,9 +866,9 @@ impl Repository {
             Some(chunk) => {
                 let mut reader: Box<dyn Read> = match src {
                     BlobSource::Bytes(b) => Box::new(b),
-                    BlobSource::File(p) => Box::new(File::open(p).map_err(|source| Error::Io {
+                    BlobSource::File(p) => Box::new(File::open(p).map_err(|error| Error::Io {
                         path: p.to_path_buf(),
-                        source,
+                        error,
                     })?),
                 };
                 let mut offset = 0u64;
@@ -830,10 +878,10 @@ impl Repository {
                     (&mut reader)
                         .take(chunk)
                         .read_to_end(&mut buf)
-                        .map_err(|source| Error::Stream {
+                        .map_err(|error| Error::Stream {
                             peer: self.reg.host.clone(),
                             what: what.clone(),
-                            source,
+                            error,
                         })?;
                     if buf.is_empty() {
                         break;

@@ -492,3 +492,103 @@ fn percent_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A TCP proxy in front of a registry that can die after a number of client bytes
+/// (a registry going down mid-push) or throttle responses (a slow download).
+pub struct Proxy {
+    pub port: u16,
+    dead: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16, die_after: Option<u64>, rate: Option<u64>) -> Proxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        l.set_nonblocking(true).unwrap();
+        let dead = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let d = dead.clone();
+        std::thread::spawn(move || {
+            let kill = |conns: &Mutex<Vec<TcpStream>>| {
+                for c in conns.lock().unwrap().iter() {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                }
+            };
+            loop {
+                if d.load(Ordering::SeqCst) {
+                    kill(&conns);
+                    break; // the listener is dropped: new connections are refused
+                }
+                let (client, _) = match l.accept() {
+                    Ok(x) => x,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                conns.lock().unwrap().push(client.try_clone().unwrap());
+                conns.lock().unwrap().push(server.try_clone().unwrap());
+                // client -> server, counting bytes.
+                let (mut cr, mut sw) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (d1, s1, c1) = (d.clone(), sent.clone(), conns.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        let n = match cr.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let total = s1.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                        if die_after.is_some_and(|lim| total > lim) {
+                            d1.store(true, Ordering::SeqCst);
+                            for c in c1.lock().unwrap().iter() {
+                                let _ = c.shutdown(std::net::Shutdown::Both);
+                            }
+                            break;
+                        }
+                        if d1.load(Ordering::SeqCst) || sw.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = sw.shutdown(std::net::Shutdown::Write);
+                });
+                // server -> client, optionally throttled.
+                let (mut sr, mut cw) = (server, client);
+                let d2 = d.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 8 << 10];
+                    loop {
+                        let n = match sr.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if d2.load(Ordering::SeqCst) || cw.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if let Some(r) = rate {
+                            std::thread::sleep(Duration::from_secs_f64(n as f64 / r as f64));
+                        }
+                    }
+                    let _ = cw.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Proxy { port, dead }
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.dead.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
