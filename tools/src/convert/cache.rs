@@ -14,6 +14,9 @@ use crate::oci::Digest;
 pub struct CachedLayer {
     pub digest: Digest,
     pub size: u64,
+    /// Repository (same host) holding the blob when it is not the destination
+    /// repository: the pipeline mounts it from there (cross-repository dedup).
+    pub repository: Option<String>,
 }
 
 /// A converted manifest known to the cache.
@@ -25,6 +28,8 @@ pub struct CachedManifest {
 
 /// What the pipeline needs from a conversion database.
 pub trait ConversionCache: Send + Sync {
+    /// A converted layer for this chain id: in `repo` first, else in another
+    /// repository of `host` (then `CachedLayer::repository` names it).
     fn lookup_layer(&self, host: &str, repo: &str, chain_id: &Digest) -> Option<CachedLayer>;
     fn store_layer(&self, host: &str, repo: &str, chain_id: &Digest, layer: &CachedLayer);
     /// Forget a row whose blob turned out to be missing.

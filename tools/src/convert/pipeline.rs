@@ -162,6 +162,13 @@ impl Converter {
     /// Convert `source` and push the result under `out_tag`.
     pub fn convert(&self, source: &Reference, out_tag: &str) -> Result<ConvertOutcome> {
         crate::oci::reference::validate_tag(out_tag)?;
+        if !self.opts.mkfs && !self.opts.baselayer.is_file() {
+            return Err(Error::Invalid(format!(
+                "--mkfs=false needs upstream's prebuilt base layer at {}, which is missing; \
+                 use --mkfs (the default) to make the filesystem in the bottom layer",
+                self.opts.baselayer.display()
+            )));
+        }
         let wd = &self.opts.workdir;
         fs::create_dir_all(wd).map_err(|e| Error::io(wd, e))?;
         let (desc, bytes) = self.src.resolve(source)?;
@@ -559,7 +566,11 @@ impl Converter {
             .map(|c| {
                 let hit = self.cache.as_ref()?.lookup_layer(&host, &repo, c)?;
                 let d = self.layer_descriptor(hit.digest.clone(), hit.size);
-                match self.dst.blob_exists(&d) {
+                let present = match hit.repository.as_deref() {
+                    Some(from) if from != repo => self.dst.mount_blob(&d, from),
+                    _ => self.dst.blob_exists(&d),
+                };
+                match present {
                     Ok(true) => Some(hit),
                     _ => {
                         if let Some(cache) = &self.cache {
@@ -692,6 +703,7 @@ impl Converter {
                     &CachedLayer {
                         digest: desc.digest.clone(),
                         size: desc.size,
+                        repository: None,
                     },
                 );
             }

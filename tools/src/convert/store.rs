@@ -28,6 +28,11 @@ pub trait ImageStore: Send + Sync {
         None
     }
     fn blob_exists(&self, desc: &Descriptor) -> Result<bool>;
+    /// Make a blob of another repository of the same host available here without
+    /// copying it (cross-repository mount). Returns whether it is now present.
+    fn mount_blob(&self, _desc: &Descriptor, _from_repo: &str) -> Result<bool> {
+        Ok(false)
+    }
     /// Store a blob unless present.
     fn push_blob(
         &self,
@@ -94,6 +99,9 @@ impl ImageStore for RegistryStore {
     }
     fn blob_exists(&self, desc: &Descriptor) -> Result<bool> {
         Ok(self.repo.blob_exists(&desc.digest)?)
+    }
+    fn mount_blob(&self, desc: &Descriptor, from_repo: &str) -> Result<bool> {
+        Ok(self.repo.mount_blob(desc, from_repo)?)
     }
     fn push_blob(
         &self,
