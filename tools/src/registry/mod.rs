@@ -206,7 +206,7 @@ impl Default for ClientOptions {
 }
 
 /// Build the HTTP client: system roots + extra CAs, optional client identity.
-fn build_http(opts: &ClientOptions) -> Result<Client> {
+fn build_http(opts: &ClientOptions, loopback: bool) -> Result<Client> {
     let mut b = Client::builder()
         .use_rustls_tls()
         .timeout(None::<Duration>)
@@ -290,6 +290,10 @@ fn build_http(opts: &ClientOptions) -> Result<Client> {
         })?;
         b = b.identity(id);
     }
+    if loopback {
+        // HTTP(S)_PROXY is honoured, but never for registries on this machine.
+        b = b.no_proxy();
+    }
     if opts.insecure {
         b = b
             .danger_accept_invalid_certs(true)
@@ -318,7 +322,18 @@ impl Registry {
     /// A client for `host` (`name[:port]`). `docker.io` is served by
     /// `registry-1.docker.io`, as in containerd's default configuration.
     pub fn new(host: &str, opts: &ClientOptions) -> Result<Arc<Registry>> {
-        let http = build_http(opts)?;
+        let name = host.rsplit_once(':').map_or(host, |(h, p)| {
+            if p.bytes().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        });
+        let loopback = name == "localhost"
+            || name.starts_with("127.")
+            || name == "[::1]"
+            || name.ends_with(".localhost");
+        let http = build_http(opts, loopback)?;
         let endpoint = if host == "docker.io" {
             "registry-1.docker.io"
         } else {
