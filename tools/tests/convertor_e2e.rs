@@ -61,6 +61,30 @@ fn check_manifest(
     assert_eq!(out["annotations"], src["annotations"]);
     let scfg = blob_json(repo, &src["config"]);
     let ocfg = blob_json(repo, &out["config"]);
+    // Chain ids of the source diff ids, computed here from the definition.
+    let mut chain: Vec<String> = Vec::new();
+    for d in scfg["rootfs"]["diff_ids"].as_array().unwrap() {
+        let d = d.as_str().unwrap().to_string();
+        let next = match chain.last() {
+            None => d,
+            Some(p) => {
+                use sha2::Digest as _;
+                format!("sha256:{:x}", sha2::Sha256::digest(format!("{p} {d}")))
+            }
+        };
+        chain.push(next);
+    }
+    let uuid = |c: &str| {
+        let h = &c[7..39];
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    };
     let mut files = Vec::new();
     std::fs::create_dir_all(dir).unwrap();
     for (i, l) in ol.iter().enumerate() {
@@ -92,6 +116,23 @@ fn check_manifest(
         assert_eq!(names, ["overlaybd.commit"]);
         let f = dir.join(format!("{i}.commit"));
         std::fs::write(&f, &bytes).unwrap();
+        // LSMT uuid = UUID(chain id), parent = UUID(previous chain id), as upstream.
+        let layer = blockdev::layer::open_layer(&f).unwrap();
+        let h = layer.header();
+        assert_eq!(
+            h.uuid.to_string().to_lowercase(),
+            uuid(&chain[i]),
+            "layer {i} uuid"
+        );
+        if i > 0 {
+            assert_eq!(
+                h.parent_uuid.to_string().to_lowercase(),
+                uuid(&chain[i - 1]),
+                "layer {i} parent"
+            );
+        } else {
+            assert!(h.parent_uuid.is_nil(), "bottom layer has no parent");
+        }
         files.push(f);
     }
     assert_eq!(
