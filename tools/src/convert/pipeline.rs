@@ -604,17 +604,19 @@ impl Converter {
                     let _ = chans[i].0.send(r);
                 });
             }
-            let (up_tx, up_rx) = unbounded::<(usize, Descriptor, PathBuf)>();
+            // Committed layers are hashed and pushed on another thread while the next
+            // layer is applied.
+            let (up_tx, up_rx) = unbounded::<(usize, PathBuf)>();
             let uploader = s.spawn(move || self.upload_loop(label, n, up_rx, chain));
             let mut lowers: Vec<PathBuf> = Vec::new();
             if !self.opts.mkfs {
                 lowers.push(self.opts.baselayer.clone());
             }
-            let mut out = Vec::with_capacity(n);
             let res = (|| -> Result<()> {
                 for i in 0..n {
                     let blob = chans[i].1.recv().map_err(|_| Error::Interrupted)??;
                     self.check_abort()?;
+                    // A cached layer was downloaded (and verified) as its commit file.
                     let commit = if cached[i].is_some() {
                         dirs[i].join(chain::COMMIT_FILE)
                     } else {
@@ -627,21 +629,8 @@ impl Converter {
                                 }
                             })?
                     };
-                    let f = File::open(&commit).map_err(|e| Error::io(&commit, e))?;
-                    let (d, size) = hash_reader(f).map_err(|e| Error::io(&commit, e))?;
-                    if let Some(hit) = &cached[i] {
-                        if hit.digest != d {
-                            return Err(Error::Invalid(format!(
-                                "layer {}/{n}: cached layer {} downloaded as {d}",
-                                i + 1,
-                                hit.digest
-                            )));
-                        }
-                    }
-                    let desc = self.layer_descriptor(d, size);
                     lowers.push(commit.clone());
-                    let _ = up_tx.send((i, desc.clone(), commit));
-                    out.push(desc);
+                    let _ = up_tx.send((i, commit));
                 }
                 Ok(())
             })();
@@ -654,22 +643,36 @@ impl Converter {
                 .unwrap_or_else(|_| Err(Error::Invalid("upload thread panicked".into())));
             // Prefer the apply error; the uploader's is then usually an interruption.
             res?;
-            up?;
+            let out = up?;
             self.layers_done.fetch_add(n, Ordering::Relaxed);
             Ok(out)
         })
     }
 
+    /// Hash each committed layer into its descriptor and push it; returns the
+    /// descriptors in layer order.
     fn upload_loop(
         &self,
         label: &str,
         n: usize,
-        rx: Receiver<(usize, Descriptor, PathBuf)>,
+        rx: Receiver<(usize, PathBuf)>,
         chain: &[Digest],
-    ) -> Result<()> {
+    ) -> Result<Vec<Descriptor>> {
         let (host, repo) = self.dst.host_repo();
-        for (i, desc, path) in rx {
+        let mut out = Vec::with_capacity(n);
+        for (i, path) in rx {
             self.check_abort()?;
+            if !self.opts.reserve {
+                if let Some(dir) = path.parent() {
+                    for f in [chain::DATA_FILE, chain::INDEX_FILE, "layer.blob"] {
+                        let _ = fs::remove_file(dir.join(f));
+                    }
+                }
+            }
+            let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let (d, size) = hash_reader(f).map_err(|e| Error::io(&path, e))?;
+            let desc = self.layer_descriptor(d, size);
+            out.push(desc.clone());
             if self.opts.no_upload {
                 continue;
             }
@@ -708,7 +711,10 @@ impl Converter {
                 );
             }
         }
-        Ok(())
+        if out.len() != n {
+            return Err(Error::Interrupted);
+        }
+        Ok(out)
     }
 
     /// Get a source layer: local stores need nothing; registries are downloaded into
@@ -895,14 +901,9 @@ impl Converter {
             }
             Ok(stats)
         })?;
-        if !self.opts.reserve {
-            for f in [chain::DATA_FILE, chain::INDEX_FILE] {
-                let _ = fs::remove_file(dir.join(f));
-            }
-            if let LayerBlob::Downloaded(p) = &blob {
-                let _ = fs::remove_file(p);
-            }
-        }
+        // The writable files and the downloaded blob are removed by the upload
+        // thread: unlinking a large sparse file takes a while.
+        let _ = blob;
         Ok(stats.commit_file)
     }
 }
