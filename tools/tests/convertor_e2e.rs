@@ -467,3 +467,103 @@ fn oci_layout_without_registry() {
     }
     assert!(l2.has_blob(&m.config.digest));
 }
+
+/// `--mkfs=false`: the layers go on top of a prebuilt base layer (made here with our
+/// own create + mkfs + commit, standing in for upstream's ext4_64), which is pushed as
+/// an extra bottom layer, tar-wrapped with a single read-only `overlaybd.commit`.
+#[test]
+fn base_layer_instead_of_mkfs() {
+    use blockdev::commit::{commit_writable, CommitOptions};
+    use blockdev::lsmt::{create_writable, CreateOptions};
+    use blockdev::{BlockDevice, Stack};
+    use std::sync::Arc;
+    let t = tempfile::tempdir().unwrap();
+    let (data, index, base) = (
+        t.path().join("bd"),
+        t.path().join("bi"),
+        t.path().join("ext4_base"),
+    );
+    create_writable(
+        &data,
+        &index,
+        &CreateOptions {
+            virtual_size: 64 << 30,
+            sparse: true,
+            parent_uuid: None,
+            uuid: None,
+        },
+    )
+    .unwrap();
+    {
+        let st: Arc<dyn BlockDevice> = Arc::new(Stack::open(&[], Some((&data, &index))).unwrap());
+        obdfs::mkfs(st.clone(), &Default::default()).unwrap();
+        st.flush().unwrap();
+    }
+    commit_writable(&data, &index, &base, &CommitOptions::default()).unwrap();
+    std::fs::remove_file(&data).unwrap();
+
+    let sample = t.path().join("sample");
+    build_images("sample", &sample, &[]);
+    let out = t.path().join("out");
+    let src = format!("oci:{}", sample.display());
+    let dst = format!("oci:{}:nomkfs", out.display());
+    let wd = t.path().join("w");
+    convert_ok(&[
+        "-r",
+        &src,
+        "-i",
+        "latest",
+        "--output-repository",
+        &dst,
+        "--mkfs=false",
+        "--baselayer",
+        base.to_str().unwrap(),
+        "--oci",
+        "-d",
+        wd.to_str().unwrap(),
+    ]);
+    let l = obdtools::oci::layout::Layout::open(&out).unwrap();
+    let d = l.resolve(&Reference::Tag("nomkfs".into())).unwrap();
+    let m: Manifest = parse_json("m", &l.read_blob(&d, 1 << 20).unwrap()).unwrap();
+    assert_eq!(m.layers.len(), 3, "base layer + 2 image layers");
+    let cfg: Value = serde_json::from_slice(&l.read_blob(&m.config, 1 << 20).unwrap()).unwrap();
+    let ids: Vec<&str> = cfg["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let digests: Vec<&str> = m.layers.iter().map(|x| x.digest.as_str()).collect();
+    assert_eq!(ids, digests);
+    // The base layer blob: one read-only entry holding the base file, no timestamps.
+    let b = std::fs::read(l.blob_path(&m.layers[0].digest)).unwrap();
+    let mut ar = tar::Archive::new(&b[..]);
+    let entries: Vec<_> = ar
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let h = e.header().clone();
+            let mut content = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut content).unwrap();
+            (
+                e.path().unwrap().display().to_string(),
+                h.mode().unwrap(),
+                h.mtime().unwrap(),
+                content,
+            )
+        })
+        .collect();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].0, "overlaybd.commit");
+    assert_eq!(entries[0].1, 0o444);
+    assert_eq!(entries[0].2, 0);
+    assert_eq!(entries[0].3, std::fs::read(&base).unwrap());
+    assert_eq!(
+        m.layers[0].annotation(ANNOTATION_BLOB_DIGEST),
+        Some(m.layers[0].digest.as_str())
+    );
+    let files: Vec<PathBuf> = m.layers.iter().map(|x| l.blob_path(&x.digest)).collect();
+    let tree = flatten_and_scan(&files, t.path());
+    assert_same_tree(&tree, &reference_tree(&sample, "latest", None));
+}

@@ -118,6 +118,14 @@ struct Args {
     /// (`host/path` or `oci:DIR[:tag]`). Credentials and TLS flags apply to both.
     #[arg(long = "output-repository", value_name = "REPO")]
     output_repository: Option<String>,
+    /// The prebuilt base layer used with `--mkfs=false` (an overlaybd layer holding
+    /// an empty ext4).
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/opt/overlaybd/baselayers/ext4_64"
+    )]
+    baselayer: PathBuf,
     /// Upload blobs in chunks of this many MiB instead of one request each.
     #[arg(long = "push-chunk-size", value_name = "MIB")]
     push_chunk_size: Option<u64>,
@@ -243,6 +251,7 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
         no_upload: args.no_upload,
         dump_manifest: args.dump_manifest,
         concurrency_limit: args.concurrency_limit,
+        baselayer: args.baselayer.clone(),
         ..Default::default()
     };
     let progress = Progress::new(std::io::stderr().is_terminal(), false);
