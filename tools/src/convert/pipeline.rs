@@ -107,6 +107,72 @@ enum LayerBlob {
     Local,
     /// Downloaded and verified into this file.
     Downloaded(PathBuf),
+    /// Being downloaded into this file; readers follow the download.
+    Streaming(PathBuf, Arc<Growing>),
+}
+
+/// Progress of a download into a file, for readers that follow it.
+struct Growing {
+    /// Bytes written to the file so far.
+    state: Mutex<(u64, Option<std::result::Result<(), String>>)>,
+    cv: Condvar,
+}
+
+impl Growing {
+    fn new() -> Arc<Growing> {
+        Arc::new(Growing {
+            state: Mutex::new((0, None)),
+            cv: Condvar::new(),
+        })
+    }
+    fn advance(&self, written: u64) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = written;
+        self.cv.notify_all();
+    }
+    fn finish(&self, r: std::result::Result<(), String>) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(r);
+        self.cv.notify_all();
+    }
+}
+
+/// Reads a file while another thread downloads into it: waits for more bytes, ends
+/// only once the download finished and verified, fails if it failed.
+struct FollowReader {
+    file: File,
+    pos: u64,
+    growing: Arc<Growing>,
+    abort: Arc<AtomicBool>,
+}
+
+impl Read for FollowReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let avail = {
+            let mut g = self.growing.state.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if g.0 > self.pos {
+                    break g.0 - self.pos;
+                }
+                match &g.1 {
+                    Some(Ok(())) => return Ok(0),
+                    Some(Err(m)) => return Err(io::Error::other(m.clone())),
+                    None => {}
+                }
+                if self.abort.load(Ordering::Relaxed) {
+                    return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+                }
+                g = self
+                    .growing
+                    .cv
+                    .wait_timeout(g, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        };
+        let k = (buf.len() as u64).min(avail) as usize;
+        let n = self.file.read(&mut buf[..k])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 impl Converter {
@@ -584,6 +650,17 @@ impl Converter {
         let chans: Vec<_> = (0..n).map(|_| bounded::<Result<LayerBlob>>(1)).collect();
         let next = AtomicUsize::new(0);
         let workers = self.opts.download_concurrency.max(1).min(n);
+        // The first real failure of any thread; the others then stop as interrupted.
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let fail = |e: Error| {
+            if !e.is_interrupted() {
+                failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+            }
+            self.abort.store(true, Ordering::Relaxed);
+        };
         std::thread::scope(|s| {
             for _ in 0..workers {
                 s.spawn(|| loop {
@@ -591,17 +668,21 @@ impl Converter {
                     if i >= n {
                         break;
                     }
+                    let tx = &chans[i].0;
                     let r = if self.abort.load(Ordering::Relaxed) {
                         Err(Error::Interrupted)
                     } else if let Some(hit) = &cached[i] {
-                        self.fetch_cached(label, i, n, &dirs[i], hit)
+                        self.fetch_cached(label, i, n, &dirs[i], hit).map(|b| {
+                            let _ = tx.send(Ok(b));
+                        })
                     } else {
-                        self.fetch_layer(label, i, n, &layers[i], &dirs[i])
+                        self.fetch_layer(label, i, n, &layers[i], &dirs[i], tx)
                     };
-                    if r.is_err() {
-                        self.abort.store(true, Ordering::Relaxed);
+                    if let Err(e) = r {
+                        fail(e);
+                        // Sends nothing if the layer was already handed over.
+                        let _ = tx.try_send(Err(Error::Interrupted));
                     }
-                    let _ = chans[i].0.send(r);
                 });
             }
             // Committed layers are hashed and pushed on another thread while the next
@@ -635,13 +716,31 @@ impl Converter {
                 Ok(())
             })();
             drop(up_tx);
-            if res.is_err() {
-                self.abort.store(true, Ordering::Relaxed);
+            if let Err(e) = &res {
+                if !e.is_interrupted() {
+                    self.abort.store(true, Ordering::Relaxed);
+                }
             }
+            let res = res.map_err(|e| {
+                if e.is_interrupted() {
+                    e
+                } else {
+                    fail(e);
+                    Error::Interrupted
+                }
+            });
             let up = uploader
                 .join()
-                .unwrap_or_else(|_| Err(Error::Invalid("upload thread panicked".into())));
-            // Prefer the apply error; the uploader's is then usually an interruption.
+                .unwrap_or_else(|_| Err(Error::Invalid("upload thread panicked".into())))
+                .map_err(|e| {
+                    if !e.is_interrupted() {
+                        fail(e);
+                    }
+                    Error::Interrupted
+                });
+            if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(e);
+            }
             res?;
             let out = up?;
             self.layers_done.fetch_add(n, Ordering::Relaxed);
@@ -717,8 +816,10 @@ impl Converter {
         Ok(out)
     }
 
-    /// Get a source layer: local stores need nothing; registries are downloaded into
-    /// the layer directory (compressed, digest-verified while streaming).
+    /// Get a source layer: local stores need nothing; registry blobs are downloaded
+    /// into the layer directory (compressed, digest-verified while streaming). The
+    /// layer is handed to the applier on `tx` as soon as the download starts, so the
+    /// apply follows the download instead of waiting for it.
     fn fetch_layer(
         &self,
         label: &str,
@@ -726,9 +827,11 @@ impl Converter {
         n: usize,
         layer: &Descriptor,
         dir: &Path,
-    ) -> Result<LayerBlob> {
+        tx: &crossbeam_channel::Sender<Result<LayerBlob>>,
+    ) -> Result<()> {
         if self.src.local_blob_path(layer).is_some() {
-            return Ok(LayerBlob::Local);
+            let _ = tx.send(Ok(LayerBlob::Local));
+            return Ok(());
         }
         let bar = self.progress.start(
             &format!("{label} layer {}/{n}", i + 1),
@@ -736,12 +839,18 @@ impl Converter {
             Some(layer.size),
         );
         let path = dir.join("layer.blob");
+        let ctx = |e: Error| {
+            if e.is_interrupted() {
+                e
+            } else {
+                e.context(format!("downloading layer {}/{n}", i + 1))
+            }
+        };
+        let mut r = self.src.open_blob(layer).map_err(ctx)?;
+        let mut f = File::create(&path).map_err(|e| ctx(Error::io(&path, e)))?;
+        let growing = Growing::new();
+        let _ = tx.send(Ok(LayerBlob::Streaming(path.clone(), growing.clone())));
         let res = (|| -> Result<()> {
-            let mut r = self.src.open_blob(layer)?;
-            let mut f = io::BufWriter::with_capacity(
-                1 << 20,
-                File::create(&path).map_err(|e| Error::io(&path, e))?,
-            );
             let mut buf = vec![0u8; 1 << 20];
             let mut pos = 0u64;
             loop {
@@ -762,23 +871,21 @@ impl Converter {
                 };
                 f.write_all(&buf[..k]).map_err(|e| Error::io(&path, e))?;
                 pos += k as u64;
+                growing.advance(pos);
                 bar.set(pos);
             }
-            f.flush().map_err(|e| Error::io(&path, e))?;
             Ok(())
-        })();
+        })()
+        .map_err(ctx);
         match res {
             Ok(()) => {
+                growing.finish(Ok(()));
                 bar.finish(Some(layer.size), "");
-                Ok(LayerBlob::Downloaded(path))
+                Ok(())
             }
             Err(e) => {
-                let _ = fs::remove_file(&path);
-                Err(if e.is_interrupted() {
-                    e
-                } else {
-                    e.context(format!("downloading layer {}/{n}", i + 1))
-                })
+                growing.finish(Err(e.to_string()));
+                Err(e)
             }
         }
     }
@@ -822,6 +929,12 @@ impl Converter {
         let input: Box<dyn Read + Send> = match &blob {
             LayerBlob::Local => self.src.open_blob(layer)?,
             LayerBlob::Downloaded(p) => Box::new(File::open(p).map_err(|e| Error::io(p, e))?),
+            LayerBlob::Streaming(p, g) => Box::new(FollowReader {
+                file: File::open(p).map_err(|e| Error::io(p, e))?,
+                pos: 0,
+                growing: g.clone(),
+                abort: self.abort.clone(),
+            }),
         };
         let tee = if self.opts.reserve {
             let p = dir.join("layer.tar");
