@@ -331,3 +331,40 @@ fn ctrl_c_exits_130_and_cleans_up() {
     assert!(!wd.exists(), "work dir cleaned up");
     assert!(!reg.tag_link_exists("int/layers", "obd"));
 }
+
+#[test]
+fn registry_briefly_down_is_retried() {
+    let mut reg = Registry::plain();
+    let t = tempfile::tempdir().unwrap();
+    let images = t.path().join("images");
+    build_images("sample", &images, &[]);
+    skopeo_push(&images, "latest", &reg.host(), "flap/sample");
+    reg.stop();
+    let r = format!("{}/flap/sample", reg.host());
+    let wd = t.path().join("w");
+    let child = Command::new(env!("CARGO_BIN_EXE_convertor"))
+        .args([
+            "-r",
+            &r,
+            "-i",
+            "latest",
+            "-o",
+            "obd",
+            "--plain",
+            "--vsize",
+            "2",
+            "-d",
+            wd.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Retries back off 0.5 + 1 + 2 s; the registry is back after about 1 s.
+    std::thread::sleep(Duration::from_millis(800));
+    reg.restart();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("retrying"), "{}", stderr_of(&o));
+    assert!(reg.tag_link_exists("flap/sample", "obd"));
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Auth, Pki, Registry, RegistryOpts, TokenServer};
+use common::{Auth, Pki, Proxy, Registry, RegistryOpts, TokenServer};
 use obdtools::oci::{
     Descriptor, Digest, Reference, MT_OCI_CONFIG, MT_OCI_LAYER_TAR, MT_OCI_MANIFEST,
 };
@@ -363,4 +363,31 @@ fn bearer_token_flow() {
         .unwrap_err();
     assert!(matches!(e, registry::Error::Unauthorized { .. }), "{e}");
     assert!(e.to_string().contains("rejected the credentials"), "{e}");
+}
+
+#[test]
+fn broken_download_resumes_with_range() {
+    let reg = Registry::plain();
+    let o = ClientOptions {
+        plain_http: true,
+        ..opts()
+    };
+    let data = payload(3 << 20, 42);
+    let d = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &data);
+    registry::Registry::new(&reg.host(), &o)
+        .unwrap()
+        .repository("r/x")
+        .push_blob(&d, BlobSource::Bytes(&data), None, None)
+        .unwrap();
+    // The first response is cut after 1 MB; the reader must resume at the byte where
+    // it broke and still verify the whole blob.
+    let proxy = Proxy::start_with(reg.port, None, None, Some(1 << 20));
+    let repo = registry::Registry::new(&format!("127.0.0.1:{}", proxy.port), &o)
+        .unwrap()
+        .repository("r/x");
+    let mut back = Vec::new();
+    repo.open_blob(&d).unwrap().read_to_end(&mut back).unwrap();
+    assert!(proxy.was_cut(), "the first download was not cut");
+    assert_eq!(back.len(), data.len());
+    assert!(back == data);
 }

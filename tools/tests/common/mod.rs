@@ -498,16 +498,30 @@ fn percent_decode(s: &str) -> String {
 pub struct Proxy {
     pub port: u16,
     dead: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
     pub fn start(upstream: u16, die_after: Option<u64>, rate: Option<u64>) -> Proxy {
+        Self::start_with(upstream, die_after, rate, None)
+    }
+
+    /// Like `start`; `cut_once_after` drops the first connection whose response
+    /// bytes pass that count (a broken download), later connections pass through.
+    pub fn start_with(
+        upstream: u16,
+        die_after: Option<u64>,
+        rate: Option<u64>,
+        cut_once_after: Option<u64>,
+    ) -> Proxy {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         l.set_nonblocking(true).unwrap();
         let dead = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
+        let cut_done = Arc::new(AtomicBool::new(false));
+        let cut_flag = cut_done.clone();
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
         let d = dead.clone();
         std::thread::spawn(move || {
@@ -561,13 +575,23 @@ impl Proxy {
                 // server -> client, optionally throttled.
                 let (mut sr, mut cw) = (server, client);
                 let d2 = d.clone();
+                let cut = cut_done.clone();
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 8 << 10];
+                    let mut relayed = 0u64;
                     loop {
                         let n = match sr.read(&mut buf) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        relayed += n as u64;
+                        if cut_once_after.is_some_and(|lim| relayed > lim)
+                            && !cut.swap(true, Ordering::SeqCst)
+                        {
+                            let _ = cw.shutdown(std::net::Shutdown::Both);
+                            let _ = sr.shutdown(std::net::Shutdown::Both);
+                            break;
+                        }
                         if d2.load(Ordering::SeqCst) || cw.write_all(&buf[..n]).is_err() {
                             break;
                         }
@@ -579,7 +603,16 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, dead }
+        Proxy {
+            port,
+            dead,
+            cut: cut_flag,
+        }
+    }
+
+    /// Whether a connection was cut (`cut_once_after`).
+    pub fn was_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn is_dead(&self) -> bool {
