@@ -122,6 +122,39 @@ fn tls_htpasswd_conversion_and_wrong_password() {
     ]);
     let (d2, _) = repo.get_manifest(&Reference::Tag("obd2".into())).unwrap();
     assert_eq!(d.digest, d2.digest);
+
+    // Without -u, credentials come from Docker's config.json.
+    let dc = t.path().join("docker");
+    std::fs::create_dir_all(&dc).unwrap();
+    std::fs::write(
+        dc.join("config.json"),
+        format!(
+            r#"{{"auths":{{"https://{}/v1/":{{"auth":"YWxpY2U6cGE6c3M="}}}}}}"#,
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_convertor"))
+        .args([
+            "-r",
+            &r,
+            "-i",
+            "latest",
+            "-o",
+            "obd3",
+            "--root-ca",
+            ca_s,
+            "--vsize",
+            "2",
+            "-d",
+            wd_s,
+        ])
+        .env("DOCKER_CONFIG", &dc)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let (d3, _) = repo.get_manifest(&Reference::Tag("obd3".into())).unwrap();
+    assert_eq!(d.digest, d3.digest);
 }
 
 #[test]

@@ -32,7 +32,8 @@ struct Args {
     #[arg(short = 'r', long)]
     repository: String,
     /// Registry credentials `user:password` (split at the first ':'); `user` alone
-    /// or `:password` means anonymous.
+    /// or `:password` means anonymous. Without -u, credentials for each registry are
+    /// taken from Docker's config.json (auths, credHelpers, credsStore) if present.
     #[arg(short = 'u', long, value_name = "USER[:PASSWORD]")]
     username: Option<String>,
     /// Use plain HTTP instead of HTTPS for every registry.
@@ -229,6 +230,7 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
         credentials: args.username.as_deref().and_then(Credentials::parse),
         chunk_size: args.push_chunk_size.map(|m| m.max(1) << 20),
         cancel: Some(abort.clone()),
+        docker_config: args.username.is_none(),
         ..Default::default()
     };
     if args.username.is_some() && client.credentials.is_none() {

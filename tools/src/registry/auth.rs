@@ -132,6 +132,10 @@ impl Auth {
         }
     }
 
+    pub(crate) fn has_credentials(&self) -> bool {
+        self.creds.is_some()
+    }
+
     fn basic_value(&self) -> Option<String> {
         self.creds.as_ref().map(|c| {
             let raw = format!("{}:{}", c.username, c.password);

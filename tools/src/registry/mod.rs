@@ -17,6 +17,7 @@
 //! backoff. Errors name the registry and the operation; credentials are never logged.
 
 pub mod auth;
+pub mod dockercfg;
 
 use crate::oci::{self, model, Descriptor, Digest, Reference, Sha256Writer};
 use reqwest::blocking::{Client, RequestBuilder, Response};
@@ -186,6 +187,8 @@ pub struct ClientOptions {
     pub chunk_size: Option<u64>,
     /// Set to abort transfers in progress.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Without `credentials`, look the host up in Docker's client configuration.
+    pub docker_config: bool,
 }
 
 impl Default for ClientOptions {
@@ -201,6 +204,7 @@ impl Default for ClientOptions {
             retry_delay: Duration::from_millis(500),
             chunk_size: None,
             cancel: None,
+            docker_config: false,
         }
     }
 }
@@ -344,7 +348,14 @@ impl Registry {
             host: host.to_string(),
             base: format!("{scheme}://{endpoint}"),
             http,
-            auth: auth::Auth::new(host, opts.credentials.clone()),
+            auth: auth::Auth::new(
+                host,
+                opts.credentials.clone().or_else(|| {
+                    opts.docker_config
+                        .then(|| dockercfg::lookup(host))
+                        .flatten()
+                }),
+            ),
             opts: opts.clone(),
         }))
     }
@@ -439,7 +450,7 @@ impl Registry {
                         return Err(Error::Unauthorized {
                             peer: self.host.clone(),
                             what: what.to_string(),
-                            detail: if self.opts.credentials.is_none() {
+                            detail: if !self.auth.has_credentials() {
                                 format!("{detail} (no credentials given; use -u user:password)")
                             } else {
                                 format!("{detail} (check the -u user:password)")
