@@ -7,7 +7,8 @@ seeded pseudo-random data. Only the Python standard library and the `zstd` CLI a
 
   build.py testset OUT       OUT/layers (tag v1: 4 layers, gzip/zstd/tar/empty-gzip,
                              whiteouts, opaque dirs, hardlinks, xattrs, devices, ...),
-                             OUT/multi (tags multi = OCI index amd64+arm64+attestation,
+                             OUT/multi (tags multi = OCI index amd64+arm64+attestation
+                             +SBOM artifact,
                              multi-docker = Docker manifest list, nested = index of
                              an index)
   build.py sample OUT        a small two-layer image tagged `latest` (README demo)
@@ -312,6 +313,15 @@ def attestation(layout, subject):
     return d
 
 
+def artifact(layout):
+    """An SBOM-like OCI artifact (not an image) as found next to images in indexes."""
+    body = layout.blob(jdump({"spdxVersion": "SPDX-2.3", "name": "test"}), "application/spdx+json")
+    cfg = layout.blob(b"{}", "application/vnd.oci.empty.v1+json")
+    m = {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST, "artifactType": "application/spdx+json",
+         "config": cfg, "layers": [body]}
+    return layout.blob(jdump(m), MT_OCI_MANIFEST)
+
+
 def cmd_testset(out):
     lay = Layout(os.path.join(out, "layers"))
     lay.tag(make_image(lay, layers_image()), "v1")
@@ -323,7 +333,7 @@ def cmd_testset(out):
     amd_p = dict(amd, platform={"architecture": "amd64", "os": "linux"})
     arm_p = dict(arm, platform={"architecture": "arm64", "os": "linux", "variant": "v8"})
     idx = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX,
-           "manifests": [amd_p, arm_p, attestation(multi, amd)],
+           "manifests": [amd_p, arm_p, attestation(multi, amd), artifact(multi)],
            "annotations": {"org.example.index": "multi"}}
     idesc = multi.blob(jdump(idx), MT_OCI_INDEX)
     multi.tag(idesc, "multi")

@@ -334,8 +334,8 @@ fn multi_arch_indexes() {
     assert_eq!(out["annotations"], src["annotations"]);
     let oc = out["manifests"].as_array().unwrap();
     let sc = src["manifests"].as_array().unwrap();
-    assert_eq!(sc.len(), 3);
-    assert_eq!(oc.len(), 2, "attestation dropped");
+    assert_eq!(sc.len(), 4);
+    assert_eq!(oc.len(), 2, "attestation and SBOM artifact dropped");
     for (o, s) in oc.iter().zip(sc) {
         assert_eq!(o["platform"], s["platform"]);
         assert_eq!(o["mediaType"], MT_OCI_MANIFEST);

@@ -334,15 +334,20 @@ impl Converter {
                 "{what}: no image manifests to convert"
             )));
         }
-        let results: Vec<Result<Descriptor>> = std::thread::scope(|s| {
+        let what_ref = &what;
+        let results: Vec<Result<Option<Descriptor>>> = std::thread::scope(|s| {
             let handles: Vec<_> = children
                 .iter()
                 .map(|c| {
                     s.spawn(move || {
-                        let r = self
-                            .src
-                            .fetch_manifest(c)
-                            .and_then(|b| self.process(c, b, None));
+                        let what = what_ref;
+                        let r = self.src.fetch_manifest(c).and_then(|b| {
+                            if let Some(why) = not_an_image(&b) {
+                                tracing::warn!("{what}: skipping {} ({why})", c.digest);
+                                return Ok(None);
+                            }
+                            self.process(c, b, None).map(Some)
+                        });
                         if r.is_err() {
                             self.abort.store(true, Ordering::Relaxed);
                         }
@@ -364,7 +369,8 @@ impl Converter {
         let mut converted = Vec::new();
         for r in results {
             match r {
-                Ok(d) => converted.push(d),
+                Ok(Some(d)) => converted.push(d),
+                Ok(None) => {}
                 Err(e) if e.is_interrupted() => {
                     first_interrupt.get_or_insert(e);
                 }
@@ -373,6 +379,11 @@ impl Converter {
         }
         if let Some(e) = first_interrupt {
             return Err(e);
+        }
+        if converted.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{what}: no image manifests to convert"
+            )));
         }
         let mut out = idx.clone();
         out.manifests = converted;
@@ -1018,6 +1029,26 @@ impl Converter {
         // thread: unlinking a large sparse file takes a while.
         let _ = blob;
         Ok(stats.commit_file)
+    }
+}
+
+/// Why an index child is not a container image (artifacts such as signatures or SBOMs
+/// are dropped from the converted index, like attestations), or `None` for images and
+/// nested indexes.
+fn not_an_image(bytes: &[u8]) -> Option<String> {
+    let mt = sniff_media_type(bytes)?;
+    if !is_manifest(&mt) {
+        return None;
+    }
+    let m: Manifest = serde_json::from_slice(bytes).ok()?;
+    if let Some(a) = &m.artifact_type {
+        return Some(format!("an artifact of type {a}"));
+    }
+    match m.config.media_type.as_str() {
+        MT_OCI_CONFIG | MT_DOCKER_CONFIG => None,
+        other => Some(format!(
+            "config media type {other:?} is not an image config"
+        )),
     }
 }
 
