@@ -1027,7 +1027,6 @@ impl Converter {
         })?;
         // The writable files and the downloaded blob are removed by the upload
         // thread: unlinking a large sparse file takes a while.
-        let _ = blob;
         Ok(stats.commit_file)
     }
 }
@@ -1245,6 +1244,63 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn semaphore_bounds_concurrency_and_gives_up_on_abort() {
+        let sem = Semaphore::new(2);
+        let abort = AtomicBool::new(false);
+        let (now, max) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..6 {
+                s.spawn(|| {
+                    let _p = sem.acquire(&abort).unwrap();
+                    let k = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    max.fetch_max(k, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(30));
+                    now.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        assert_eq!(max.load(Ordering::SeqCst), 2);
+        let held = sem.acquire(&abort).unwrap();
+        let _held2 = sem.acquire(&abort).unwrap();
+        abort.store(true, Ordering::SeqCst);
+        assert!(matches!(sem.acquire(&abort), Err(Error::Interrupted)));
+        drop(held);
+        // 0 means unlimited.
+        assert!(Semaphore::new(0).acquire(&abort).unwrap().is_none());
+    }
+
+    #[test]
+    fn follow_reader_waits_for_the_download() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("blob");
+        let mut w = File::create(&p).unwrap();
+        let g = Growing::new();
+        let mut r = FollowReader {
+            file: File::open(&p).unwrap(),
+            pos: 0,
+            growing: g.clone(),
+            abort: Arc::new(AtomicBool::new(false)),
+        };
+        let writer = std::thread::spawn(move || {
+            for i in 0..5u8 {
+                std::thread::sleep(Duration::from_millis(20));
+                w.write_all(&[i; 1000]).unwrap();
+                g.advance((i as u64 + 1) * 1000);
+            }
+            g.finish(Err("digest mismatch".into()));
+        });
+        let mut out = Vec::new();
+        let e = r.read_to_end(&mut out).unwrap_err();
+        writer.join().unwrap();
+        assert_eq!(
+            out.len(),
+            5000,
+            "everything written was read before the error"
+        );
+        assert!(e.to_string().contains("digest mismatch"));
     }
 
     #[test]
