@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Benchmark the convertor on a multi-hundred-MB image served by a loopback
+# docker-registry: prints seconds per stage and MB/s (of uncompressed layer data),
+# next to baselines measured in the same run on the same image:
+#   * skopeo pulling the image into an OCI directory (download + verify floor) and
+#     pushing it to a fresh repository (upload floor);
+#   * gzip -dc of every layer (GNU gzip inflate, a familiar reference);
+#   * the convertor from the local OCI layout (no registry at all).
+# The registry runs on the same 2 cores as the convertor, so registry-side hashing
+# and writes compete with conversion in the registry runs.
+#
+# usage: scripts/bench-convert.sh [--size-mb N] [--from DIR | --synthetic] [--keep]
+#   --size-mb N  uncompressed image size (default 400)
+#   --from DIR   take file contents from DIR (default /usr: real binaries and text)
+#   --synthetic  generated data instead (compresses and inflates much faster)
+#   --keep       keep the work directory
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=400; FROM=(--from /usr); KEEP=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size-mb) SIZE=$2; shift 2 ;;
+    --from) FROM=(--from "$2"); shift 2 ;;
+    --synthetic) FROM=(); shift ;;
+    --keep) KEEP=1; shift ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+for b in python3 zstd skopeo /usr/bin/docker-registry; do
+  command -v "$b" >/dev/null || { echo "missing $b" >&2; exit 1; }
+done
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+cargo build --release -q -p overlaybd-tools --bin convertor
+CONV=$TARGET/release/convertor
+W=$(mktemp -d /tmp/bench-convert.XXXXXX)
+REG_PID=
+cleanup() {
+  [ -n "$REG_PID" ] && kill "$REG_PID" 2>/dev/null || true
+  [ "$KEEP" = 1 ] || rm -rf "$W"
+}
+trap cleanup EXIT
+
+echo "building a ${SIZE} MB test image ..."
+python3 tests/images/build.py bench "$W/img" --size-mb "$SIZE" "${FROM[@]}"
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$W/reg.yml" <<YML
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $W/reg}}
+http: {addr: 127.0.0.1:$PORT}
+YML
+/usr/bin/docker-registry serve "$W/reg.yml" >"$W/reg.log" 2>&1 &
+REG_PID=$!
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
+skopeo copy --quiet --dest-tls-verify=false "oci:$W/img:bench" "docker://127.0.0.1:$PORT/bench/src:bench"
+
+UNC=$(python3 - "$W/img" <<'PY'
+import json, os, sys, gzip
+root = sys.argv[1]
+idx = json.load(open(os.path.join(root, "index.json")))
+m = json.load(open(os.path.join(root, "blobs/sha256", idx["manifests"][0]["digest"][7:])))
+comp = sum(l["size"] for l in m["layers"])
+unc = 0
+for l in m["layers"]:
+    with gzip.open(os.path.join(root, "blobs/sha256", l["digest"][7:])) as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            unc += len(b)
+print(unc, comp, len(m["layers"]))
+PY
+)
+read -r UNC_BYTES COMP_BYTES NLAYERS <<<"$UNC"
+printf "image: %d layers, %.1f MB uncompressed, %.1f MB gzip\n\n" "$NLAYERS" "$(echo "$UNC_BYTES/1000000" | bc -l)" "$(echo "$COMP_BYTES/1000000" | bc -l)"
+
+now() { date +%s.%N; }
+row() { awk -v n="$1" -v s="$2" -v b="$UNC_BYTES" 'BEGIN { printf "%-46s %8.2f s %8.1f MB/s\n", n, s, b / s / 1e6 }'; }
+
+# Separate blob-info caches so skopeo cannot turn the push into cross-repo mounts.
+s=$(now); HOME=$W/h1 skopeo copy --quiet --src-tls-verify=false \
+  "docker://127.0.0.1:$PORT/bench/src:bench" "oci:$W/pulled:bench"; e=$(now)
+row "baseline: skopeo pull to an OCI dir" "$(echo "$e - $s" | bc -l)"
+s=$(now); HOME=$W/h2 skopeo copy --quiet --dest-tls-verify=false \
+  "oci:$W/pulled:bench" "docker://127.0.0.1:$PORT/bench/fresh:bench"; e=$(now)
+row "baseline: skopeo push of the source blobs" "$(echo "$e - $s" | bc -l)"
+s=$(now); for f in "$W"/img/blobs/sha256/*; do gzip -t "$f" 2>/dev/null && gzip -dc "$f" >/dev/null; done; e=$(now)
+row "baseline: gzip -dc of the layers" "$(echo "$e - $s" | bc -l)"
+
+s=$(now)
+"$CONV" -r "127.0.0.1:$PORT/bench/src" -i bench -o bench_obd --plain -d "$W/conv" >"$W/out.txt" 2>"$W/err.txt"
+e=$(now)
+row "convertor registry -> registry" "$(echo "$e - $s" | bc -l)"
+grep '^stage' "$W/err.txt" | sed 's/^/    /'
+s=$(now)
+"$CONV" -r "oci:$W/img" -i bench -o bench_obd -d "$W/conv2" >"$W/out2.txt" 2>"$W/err2.txt"
+e=$(now)
+row "convertor OCI layout -> same layout" "$(echo "$e - $s" | bc -l)"
+grep '^stage' "$W/err2.txt" | sed 's/^/    /'
+echo
+echo "(stage seconds are summed over layers; download and upload overlap the apply of other layers)"

@@ -1,0 +1,280 @@
+//! `convertor`: convert an OCI/Docker image into an overlaybd image, registry to
+//! registry (or to/from a local OCI image layout). Flags follow upstream's userspace
+//! convertor (accelerated-container-image `cmd/convertor`).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{ArgAction, Parser};
+use obdtools::convert::progress::Progress;
+use obdtools::convert::{open_store, ConvertOptions, Converter};
+use obdtools::oci::{Digest, ImageRef, Reference};
+use obdtools::registry::{ClientOptions, Credentials};
+
+/// Convert an OCI image into an overlaybd image and push it.
+///
+/// Every layer is pulled, applied onto an ext4 filesystem inside an overlaybd
+/// layer stack, committed (ZFile lz4, tar-wrapped) and pushed; the converted
+/// manifest (and index for multi-platform images) goes to the same repository
+/// under the output tag. Input and output may also be a local OCI image layout:
+/// `-r oci:DIR` (e.g. `convertor -r oci:./img -i latest -o latest_obd`).
+#[derive(Parser, Debug)]
+#[command(name = "convertor", version)]
+struct Args {
+    /// Repository of the input and output image, without tag: `host[:port]/path`
+    /// (e.g. localhost:5000/redis; not normalised, the first component is the host),
+    /// or `oci:DIR[:tag]` for an OCI image layout directory.
+    #[arg(short = 'r', long)]
+    repository: String,
+    /// Registry credentials `user:password` (split at the first ':'); `user` alone
+    /// or `:password` means anonymous. Without -u, credentials for each registry are
+    /// taken from Docker's config.json (auths, credHelpers, credsStore) if present.
+    #[arg(short = 'u', long, value_name = "USER[:PASSWORD]")]
+    username: Option<String>,
+    /// Use plain HTTP instead of HTTPS for every registry.
+    #[arg(long)]
+    plain: bool,
+    /// Debug logging.
+    #[arg(long)]
+    verbose: bool,
+    /// Tag of the input image.
+    #[arg(short = 'i', long = "input-tag")]
+    input_tag: Option<String>,
+    /// Digest of the input image (used when no input tag is given).
+    #[arg(short = 'g', long = "input-digest")]
+    input_digest: Option<String>,
+    /// Output tag; the same as --overlaybd (used when --overlaybd is not given).
+    #[arg(short = 'o', long = "output-tag")]
+    output_tag: Option<String>,
+    /// Work directory; per-manifest data is removed afterwards unless --reserve.
+    #[arg(short = 'd', long = "dir", default_value = "tmp_conv")]
+    dir: PathBuf,
+    /// Write OCI media types (default: Docker schema 2).
+    #[arg(long)]
+    oci: bool,
+    /// Filesystem type; only used by TurboOCI output (native output is always ext4).
+    #[arg(long, default_value = "ext4")]
+    fstype: String,
+    /// Make the ext4 in the bottom layer; `--mkfs=false` uses upstream's prebuilt
+    /// base layer /opt/overlaybd/baselayers/ext4_64 instead.
+    #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_name = "BOOL")]
+    mkfs: bool,
+    /// Virtual block device size in GB (with --mkfs).
+    #[arg(long, default_value_t = 64)]
+    vsize: u64,
+    /// Output tag of the overlaybd (native) image.
+    #[arg(long)]
+    overlaybd: Option<String>,
+    /// Output tag of a TurboOCI image (not supported yet).
+    #[arg(long = "turboOCI")]
+    turbo_oci: Option<String>,
+    /// Deprecated alias of --turboOCI.
+    #[arg(long, hide = true)]
+    fastoci: Option<String>,
+    /// Dedup database connection string (MySQL DSN `user:pass@tcp(host:port)/db`).
+    #[arg(long = "db-str")]
+    db_str: Option<String>,
+    /// Dedup database type (`mysql`); empty for no deduplication.
+    #[arg(long = "db-type", default_value = "")]
+    db_type: String,
+    /// Maximum platform manifests converted at once (0 = unlimited).
+    #[arg(long = "concurrency-limit", default_value_t = 4)]
+    concurrency_limit: usize,
+    /// Append-mode instead of sparse writable layer files.
+    #[arg(long = "disable-sparse")]
+    disable_sparse: bool,
+    /// Add `subject` (the source) and `artifactType` to converted manifests and
+    /// indexes, for the referrers API. Implies --oci.
+    #[arg(long)]
+    referrer: bool,
+    /// Directory with `*.crt` root CAs and `*.cert`/`*.key` client pairs (repeatable).
+    #[arg(long = "cert-dir", value_name = "DIR")]
+    cert_dir: Vec<PathBuf>,
+    /// Extra root CA PEM file (repeatable).
+    #[arg(long = "root-ca", value_name = "FILE")]
+    root_ca: Vec<PathBuf>,
+    /// Client certificate `cert-file:key-file` (repeatable; the first is used).
+    #[arg(long = "client-cert", value_name = "CERT:KEY")]
+    client_cert: Vec<String>,
+    /// Skip TLS certificate verification.
+    #[arg(long)]
+    insecure: bool,
+    /// Keep the work directory (layer tars, writable and commit files).
+    #[arg(long)]
+    reserve: bool,
+    /// Convert but push nothing (no layers, configs, manifests or indexes).
+    #[arg(long = "no-upload")]
+    no_upload: bool,
+    /// Write config.json and manifest.json per manifest, and index.json, into --dir
+    /// (kept after the run).
+    #[arg(long = "dump-manifest")]
+    dump_manifest: bool,
+    /// Push the result to this repository instead of --repository
+    /// (`host/path` or `oci:DIR[:tag]`). Credentials and TLS flags apply to both.
+    #[arg(long = "output-repository", value_name = "REPO")]
+    output_repository: Option<String>,
+    /// The prebuilt base layer used with `--mkfs=false` (an overlaybd layer holding
+    /// an empty ext4).
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/opt/overlaybd/baselayers/ext4_64"
+    )]
+    baselayer: PathBuf,
+    /// Upload blobs in chunks of this many MiB instead of one request each.
+    #[arg(long = "push-chunk-size", value_name = "MIB")]
+    push_chunk_size: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    obdtools::cli::init_logging(args.verbose);
+    let abort = Arc::new(AtomicBool::new(false));
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let (a, i) = (abort.clone(), interrupted.clone());
+        let count = AtomicUsize::new(0);
+        let _ = ctrlc::set_handler(move || {
+            i.store(true, Ordering::SeqCst);
+            a.store(true, Ordering::SeqCst);
+            if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                eprintln!(
+                    "convertor: interrupted; cleaning up (press Ctrl-C again to quit at once)"
+                );
+            } else {
+                std::process::exit(130);
+            }
+        });
+    }
+    let res = run(args, abort);
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if interrupted.load(Ordering::SeqCst) {
+                eprintln!("convertor: interrupted");
+                ExitCode::from(130)
+            } else {
+                eprintln!("convertor: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let src_ref = ImageRef::parse(&args.repository).context("-r/--repository")?;
+    let dst_ref = match &args.output_repository {
+        Some(r) => ImageRef::parse(r).context("--output-repository")?,
+        None => src_ref.clone(),
+    };
+    if args.turbo_oci.is_some() || args.fastoci.is_some() {
+        bail!("TurboOCI output (--turboOCI/--fastoci) is not supported yet; use --overlaybd TAG");
+    }
+    if args.fstype != "ext4" {
+        tracing::warn!(
+            "--fstype {} is only used by TurboOCI output; the overlaybd image is ext4",
+            args.fstype
+        );
+    }
+    match args.db_type.as_str() {
+        "" => {}
+        "mysql" => {
+            if args.db_str.as_deref().unwrap_or("").is_empty() {
+                tracing::warn!(
+                    "--db-type mysql without --db-str: converting without deduplication"
+                );
+            } else {
+                tracing::warn!("the dedup database is not wired into this build yet: converting without deduplication");
+            }
+        }
+        other => tracing::warn!("unknown --db-type {other:?}: converting without deduplication"),
+    }
+    let source = match (&args.input_tag, &args.input_digest, &src_ref) {
+        (Some(t), _, _) => Reference::tag(t).context("-i/--input-tag")?,
+        (None, Some(d), _) => Reference::Digest(d.parse::<Digest>().context("-g/--input-digest")?),
+        (None, None, ImageRef::Layout { tag: Some(t), .. }) => Reference::tag(t)?,
+        (None, None, _) => bail!("no input image: give -i/--input-tag or -g/--input-digest"),
+    };
+    let out_tag = match (&args.overlaybd, &args.output_tag, &dst_ref) {
+        (Some(t), _, _) | (None, Some(t), _) => t.clone(),
+        (None, None, ImageRef::Layout { tag: Some(t), .. }) if args.output_repository.is_some() => {
+            t.clone()
+        }
+        _ => bail!("no output tag: give --overlaybd TAG or -o/--output-tag TAG"),
+    };
+    obdtools::oci::reference::validate_tag(&out_tag).context("output tag")?;
+    if args.vsize == 0 {
+        bail!("--vsize must be at least 1 (GB)");
+    }
+
+    let mut client_certs = Vec::new();
+    for cc in &args.client_cert {
+        let Some((c, k)) = cc.split_once(':') else {
+            bail!("--client-cert {cc:?}: expected cert-file:key-file");
+        };
+        client_certs.push((PathBuf::from(c), PathBuf::from(k)));
+    }
+    let client = ClientOptions {
+        plain_http: args.plain,
+        insecure: args.insecure,
+        root_cas: args.root_ca.clone(),
+        cert_dirs: args.cert_dir.clone(),
+        client_certs,
+        credentials: args.username.as_deref().and_then(Credentials::parse),
+        chunk_size: args.push_chunk_size.map(|m| m.max(1) << 20),
+        cancel: Some(abort.clone()),
+        docker_config: args.username.is_none(),
+        ..Default::default()
+    };
+    if args.username.is_some() && client.credentials.is_none() {
+        tracing::warn!("-u without 'user:password': using anonymous access");
+    }
+    let src = open_store(&src_ref, &client, false).with_context(|| format!("opening {src_ref}"))?;
+    let dst = if dst_ref == src_ref {
+        src.clone()
+    } else {
+        open_store(&dst_ref, &client, true).with_context(|| format!("opening {dst_ref}"))?
+    };
+    let opts = ConvertOptions {
+        workdir: args.dir.clone(),
+        oci: args.oci || args.referrer,
+        referrer: args.referrer,
+        mkfs: args.mkfs,
+        vsize_gb: args.vsize,
+        disable_sparse: args.disable_sparse,
+        reserve: args.reserve,
+        no_upload: args.no_upload,
+        dump_manifest: args.dump_manifest,
+        concurrency_limit: args.concurrency_limit,
+        baselayer: args.baselayer.clone(),
+        ..Default::default()
+    };
+    let progress = Progress::new(std::io::stderr().is_terminal(), false);
+    let conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
+    let out = conv.convert(&source, &out_tag)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let verb = if out.pushed {
+        "pushed"
+    } else {
+        "converted (not uploaded)"
+    };
+    println!(
+        "{verb} {}:{out_tag} {} ({} manifest{}, {} layers) in {secs:.1} s",
+        dst.name(),
+        out.descriptor.digest,
+        out.manifests,
+        if out.manifests == 1 { "" } else { "s" },
+        out.layers
+    );
+    for l in progress.summary() {
+        eprintln!("{l}");
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! The per-layer overlaybd chain, in-process, equivalent to upstream's
+//! `overlaybd-create` → `overlaybd-apply` → `overlaybd-commit -z -t` for one layer:
+//!
+//! 1. create a writable LSMT layer (`writable_data`, `writable_index`): the virtual
+//!    size for the bottom layer, taken from the lowers above it;
+//! 2. open the stack lowers + writable layer; on the bottom layer with `--mkfs`, make
+//!    the ext4; apply the layer tar (whiteouts, hard links, xattrs, ...);
+//! 3. commit the writable layer to `overlaybd.commit`: ZFile (lz4, 4 KiB blocks,
+//!    CRC) wrapped in a tar, with uuid = UUID(chain id) and parent = UUID(previous
+//!    chain id).
+//!
+//! `config.json` (the overlaybd image config that `overlaybd-apply` would read) is
+//! written beside them for inspection with our other tools.
+
+use super::{Error, Result};
+use blockdev::commit::{commit_writable, CommitOptions, CommitStats};
+use blockdev::lsmt::{create_writable, CreateOptions};
+use blockdev::zfile::ZfileOptions;
+use blockdev::{BlockDevice, Stack, Uuid};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One layer's inputs.
+pub struct LayerJob<'a> {
+    /// The layer's own directory.
+    pub dir: &'a Path,
+    /// Committed files of the layers below, bottom first.
+    pub lowers: &'a [PathBuf],
+    /// Virtual size in bytes for a layer with no lowers; 0 otherwise.
+    pub virtual_size: u64,
+    /// Make an ext4 before applying (bottom layer with `--mkfs`).
+    pub mkfs: bool,
+    pub sparse: bool,
+    pub uuid: Uuid,
+    pub parent_uuid: Option<Uuid>,
+}
+
+pub const COMMIT_FILE: &str = "overlaybd.commit";
+pub const DATA_FILE: &str = "writable_data";
+pub const INDEX_FILE: &str = "writable_index";
+
+/// What building a layer did.
+pub struct LayerStats {
+    pub apply: obdfs::ApplyStats,
+    pub commit: CommitStats,
+    pub commit_file: PathBuf,
+}
+
+/// Create, fill and commit one layer from its (decompressed) tar stream.
+/// `on_apply` gets tar bytes consumed; `on_commit` is called when the commit starts
+/// and may return a progress callback for it.
+pub fn build_layer(
+    job: &LayerJob<'_>,
+    tar: &mut dyn Read,
+    on_apply: &mut dyn FnMut(u64),
+    on_commit: &mut dyn FnMut() -> Option<blockdev::commit::Progress>,
+) -> Result<LayerStats> {
+    let data = job.dir.join(DATA_FILE);
+    let index = job.dir.join(INDEX_FILE);
+    let out = job.dir.join(COMMIT_FILE);
+    for p in [&data, &index, &out] {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(p, e)),
+        }
+    }
+    create_writable(
+        &data,
+        &index,
+        &CreateOptions {
+            virtual_size: job.virtual_size,
+            sparse: job.sparse,
+            parent_uuid: job.parent_uuid,
+            uuid: Some(job.uuid),
+        },
+    )?;
+    write_image_config(job, &data, &index)?;
+    let apply = {
+        let stack: Arc<dyn BlockDevice> = Arc::new(Stack::open(job.lowers, Some((&data, &index)))?);
+        if job.mkfs {
+            obdfs::mkfs(stack.clone(), &obdfs::MkfsOptions::default())?;
+        }
+        let mut cb = |s: &obdfs::ApplyStats| on_apply(s.tar_bytes);
+        let stats = obdfs::apply_tar(
+            stack.clone(),
+            tar,
+            obdfs::ApplyOptions {
+                progress: Some(&mut cb),
+                ..Default::default()
+            },
+        )?;
+        stack.flush()?;
+        stats
+    };
+    let commit = commit_writable(
+        &data,
+        &index,
+        &out,
+        &CommitOptions {
+            zfile: Some(ZfileOptions::default()),
+            tar: true,
+            uuid: Some(job.uuid),
+            parent_uuid: job.parent_uuid,
+            user_tag: None,
+            force: true,
+            progress: on_commit(),
+        },
+    )?;
+    Ok(LayerStats {
+        apply,
+        commit,
+        commit_file: out,
+    })
+}
+
+/// The overlaybd image config of this step, as upstream's convertor writes it.
+fn write_image_config(job: &LayerJob<'_>, data: &Path, index: &Path) -> Result<()> {
+    let lowers: Vec<_> = job
+        .lowers
+        .iter()
+        .map(|p| serde_json::json!({ "file": p }))
+        .collect();
+    let cfg = serde_json::json!({
+        "repoBlobUrl": "",
+        "lowers": lowers,
+        "upper": { "index": index, "data": data },
+        "resultFile": "",
+    });
+    let p = job.dir.join("config.json");
+    std::fs::write(&p, serde_json::to_vec_pretty(&cfg).expect("in-memory JSON"))
+        .map_err(|e| Error::io(&p, e))
+}

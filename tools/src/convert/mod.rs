@@ -1,0 +1,153 @@
+//! The image convertor: pull an OCI/Docker image, turn every layer into an overlaybd
+//! layer, push the overlaybd image. A reimplementation of upstream's userspace
+//! `convertor` (accelerated-container-image `cmd/convertor`), with the per-layer chain
+//! (create → mkfs/apply → commit) done in-process through `blockdev` and `obdfs`.
+//!
+//! Flow for one source reference:
+//! * an index is converted child by child (attestations dropped, nested indexes
+//!   recursed), at most `concurrency_limit` platform manifests at once;
+//! * per manifest: layers download in parallel (digest-verified), then are decompressed
+//!   and applied strictly bottom-up; each committed layer uploads while the next one is
+//!   applied; then config and manifest are written;
+//! * every manifest and index is pushed only once the whole tree has converted, the
+//!   top-level object last and under the output tag, so a failed run pushes no manifest.
+//!
+//! Work directory (`--dir`, default `tmp_conv`):
+//! ```text
+//! <dir>/<n>-<os_arch[_variant]>-<manifest hex>/     per platform manifest
+//!     NNNN_sha256:<source layer digest>/            per layer
+//!         layer.blob (downloaded source blob), layer.tar (--reserve only),
+//!         config.json, writable_data, writable_index, overlaybd.commit
+//!     config.json, manifest.json                    --dump-manifest (kept)
+//! <dir>/index.json                                  --dump-manifest, index sources
+//! ```
+//! Layer data is removed when a manifest finishes unless `--reserve`.
+
+pub mod cache;
+pub mod chain;
+pub mod decompress;
+pub mod pipeline;
+pub mod progress;
+pub mod store;
+
+pub use pipeline::{ConvertOutcome, Converter};
+pub use store::{open_store, ImageStore};
+
+use std::path::PathBuf;
+
+/// Conversion errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Registry(crate::registry::Error),
+    #[error("{0}")]
+    Oci(crate::oci::Error),
+    #[error("{0}")]
+    Blockdev(blockdev::Error),
+    #[error("{0}")]
+    Fs(obdfs::Error),
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{context}: {inner}")]
+    Context { context: String, inner: Box<Error> },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+macro_rules! from_error {
+    ($($t:ty => $v:ident),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Error {
+                Error::$v(e)
+            }
+        }
+    )*};
+}
+from_error!(crate::registry::Error => Registry, crate::oci::Error => Oci,
+            blockdev::Error => Blockdev, obdfs::Error => Fs);
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            error: source,
+        }
+    }
+
+    pub(crate) fn context(self, c: impl Into<String>) -> Error {
+        match self {
+            Error::Interrupted => Error::Interrupted,
+            e => Error::Context {
+                context: c.into(),
+                inner: Box::new(e),
+            },
+        }
+    }
+
+    /// Whether the root cause is an interruption (Ctrl-C or a sibling's failure).
+    pub fn is_interrupted(&self) -> bool {
+        match self {
+            Error::Interrupted | Error::Registry(crate::registry::Error::Interrupted) => true,
+            Error::Context { inner, .. } => inner.is_interrupted(),
+            Error::Io { error, .. } => error.kind() == std::io::ErrorKind::Interrupted,
+            _ => false,
+        }
+    }
+}
+
+/// Options of a conversion (upstream's flags, same meaning).
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// Work directory (`-d/--dir`).
+    pub workdir: PathBuf,
+    /// OCI media types for the output (`--oci`); forced by `referrer`.
+    pub oci: bool,
+    /// Add `subject` and `artifactType` (`--referrer`).
+    pub referrer: bool,
+    /// Make the filesystem in the bottom layer (`--mkfs`, default true).
+    pub mkfs: bool,
+    /// Virtual device size in GB (`--vsize`, default 64), for the bottom layer.
+    pub vsize_gb: u64,
+    /// Append-mode instead of sparse writable files (`--disable-sparse`).
+    pub disable_sparse: bool,
+    /// Keep the work directory (`--reserve`).
+    pub reserve: bool,
+    /// Convert but push nothing (`--no-upload`).
+    pub no_upload: bool,
+    /// Write config/manifest/index JSON into the work directory (`--dump-manifest`).
+    pub dump_manifest: bool,
+    /// Platform manifests converted at once; 0 = unlimited (`--concurrency-limit`).
+    pub concurrency_limit: usize,
+    /// Parallel layer downloads per manifest.
+    pub download_concurrency: usize,
+    /// The prebuilt base layer used when `mkfs` is false.
+    pub baselayer: PathBuf,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            workdir: PathBuf::from("tmp_conv"),
+            oci: false,
+            referrer: false,
+            mkfs: true,
+            vsize_gb: 64,
+            disable_sparse: false,
+            reserve: false,
+            no_upload: false,
+            dump_manifest: false,
+            concurrency_limit: 4,
+            download_concurrency: 4,
+            baselayer: PathBuf::from("/opt/overlaybd/baselayers/ext4_64"),
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Conversion progress: one bar per layer stage (download, apply, commit, upload) on a
+//! terminal, plain log lines otherwise, and per-stage totals for the final summary.
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    Download,
+    Apply,
+    Commit,
+    Upload,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Download => "download",
+            Stage::Apply => "apply",
+            Stage::Commit => "commit",
+            Stage::Upload => "upload",
+        })
+    }
+}
+
+#[derive(Default, Clone, Copy, Debug)]
+pub struct StageTotal {
+    pub busy: Duration,
+    pub bytes: u64,
+    pub count: u64,
+}
+
+/// Shared progress reporter.
+pub struct Progress {
+    mp: Option<MultiProgress>,
+    totals: Mutex<BTreeMap<Stage, StageTotal>>,
+    quiet: bool,
+}
+
+impl Progress {
+    /// Bars when `tty`, log lines otherwise; `quiet` suppresses per-stage lines.
+    pub fn new(tty: bool, quiet: bool) -> Arc<Progress> {
+        let mp = tty.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        Arc::new(Progress {
+            mp,
+            totals: Mutex::new(BTreeMap::new()),
+            quiet,
+        })
+    }
+
+    /// Print a message without breaking the bars.
+    pub fn println(&self, msg: &str) {
+        match &self.mp {
+            Some(mp) => {
+                let _ = mp.println(msg);
+            }
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    /// Start a stage for `label` (e.g. `1-linux_amd64 layer 3/7`). `total` in bytes.
+    pub fn start(self: &Arc<Self>, label: &str, stage: Stage, total: Option<u64>) -> StageBar {
+        let bar = self.mp.as_ref().map(|mp| {
+            let b = mp.add(ProgressBar::new(total.unwrap_or(0)));
+            let tmpl = if total.is_some() {
+                "{prefix:.bold} {msg:8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}"
+            } else {
+                "{prefix:.bold} {msg:8} {spinner} {bytes} {bytes_per_sec}"
+            };
+            b.set_style(
+                ProgressStyle::with_template(tmpl)
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            b.set_prefix(label.to_string());
+            b.set_message(stage.to_string());
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        });
+        StageBar {
+            progress: self.clone(),
+            bar,
+            label: label.to_string(),
+            stage,
+            start: Instant::now(),
+            pos: Arc::new(AtomicU64::new(0)),
+            finished: false,
+        }
+    }
+
+    fn record(&self, stage: Stage, busy: Duration, bytes: u64) {
+        let mut t = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        let e = t.entry(stage).or_default();
+        e.busy += busy;
+        e.bytes += bytes;
+        e.count += 1;
+    }
+
+    pub fn totals(&self) -> BTreeMap<Stage, StageTotal> {
+        self.totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// One line per stage: `stage <name>: <s> s busy, <MB> MB, <MB/s> MB/s`.
+    pub fn summary(&self) -> Vec<String> {
+        self.totals()
+            .iter()
+            .map(|(s, t)| {
+                let secs = t.busy.as_secs_f64();
+                format!(
+                    "stage {s}: {} layers, {secs:.2} s, {:.1} MB, {:.1} MB/s",
+                    t.count,
+                    t.bytes as f64 / 1e6,
+                    t.bytes as f64 / 1e6 / secs.max(1e-9)
+                )
+            })
+            .collect()
+    }
+}
+
+/// One running stage. Dropping it without `finish` removes the bar silently.
+pub struct StageBar {
+    progress: Arc<Progress>,
+    bar: Option<ProgressBar>,
+    label: String,
+    stage: Stage,
+    start: Instant,
+    pos: Arc<AtomicU64>,
+    finished: bool,
+}
+
+impl StageBar {
+    /// Set the absolute byte position.
+    pub fn set(&self, pos: u64) {
+        self.pos.store(pos, Ordering::Relaxed);
+        if let Some(b) = &self.bar {
+            b.set_position(pos);
+        }
+    }
+
+    /// A `Send + Sync` setter for callbacks.
+    pub fn setter(&self) -> Arc<dyn Fn(u64) + Send + Sync> {
+        let pos = self.pos.clone();
+        let bar = self.bar.clone();
+        Arc::new(move |n| {
+            pos.store(n, Ordering::Relaxed);
+            if let Some(b) = &bar {
+                b.set_position(n);
+            }
+        })
+    }
+
+    /// Finish, reporting `bytes` processed (defaults to the last position).
+    pub fn finish(mut self, bytes: Option<u64>, note: &str) {
+        self.finished = true;
+        let bytes = bytes.unwrap_or_else(|| self.pos.load(Ordering::Relaxed));
+        let el = self.start.elapsed();
+        self.progress.record(self.stage, el, bytes);
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+            if let Some(mp) = &self.progress.mp {
+                mp.remove(&b);
+            }
+        }
+        if !self.progress.quiet {
+            let secs = el.as_secs_f64();
+            self.progress.println(&format!(
+                "{} {}: {:.1} MB in {secs:.2} s ({:.1} MB/s){}{note}",
+                self.label,
+                self.stage,
+                bytes as f64 / 1e6,
+                bytes as f64 / 1e6 / secs.max(1e-9),
+                if note.is_empty() { "" } else { ", " }
+            ));
+        }
+    }
+}
+
+impl Drop for StageBar {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Some(b) = self.bar.take() {
+                b.finish_and_clear();
+                if let Some(mp) = &self.progress.mp {
+                    mp.remove(&b);
+                }
+            }
+        }
+    }
+}
