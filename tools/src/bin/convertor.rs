@@ -12,7 +12,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{ArgAction, Parser};
 use obdtools::convert::progress::Progress;
-use obdtools::convert::{open_store, ConvertOptions, Converter};
+use obdtools::convert::{open_store, ConvertOptions, ConvertOutcome, Converter};
+use obdtools::dedup::resolve::Dedup;
 use obdtools::oci::{Digest, ImageRef, Reference};
 use obdtools::registry::{ClientOptions, Credentials};
 
@@ -77,11 +78,14 @@ struct Args {
     /// Deprecated alias of --turboOCI.
     #[arg(long, hide = true)]
     fastoci: Option<String>,
-    /// Dedup database connection string (MySQL DSN `user:pass@tcp(host:port)/db`).
-    #[arg(long = "db-str")]
+    /// Dedup database: a MySQL DSN `user:pass@tcp(host:port)/db` (go-sql-driver form) for
+    /// --db-type mysql, a file path (created if missing) for --db-type sqlite. Layers and
+    /// manifests converted before (same options) are reused instead of converted again.
+    #[arg(long = "db-str", value_name = "DSN|PATH")]
     db_str: Option<String>,
-    /// Dedup database type (`mysql`); empty for no deduplication.
-    #[arg(long = "db-type", default_value = "")]
+    /// Dedup database type: `mysql`, `sqlite`, or `none`. Empty: none without --db-str,
+    /// else mysql for a DSN with `@tcp(...)`/`@unix(...)` and sqlite for anything else.
+    #[arg(long = "db-type", default_value = "", value_name = "TYPE")]
     db_type: String,
     /// Maximum platform manifests converted at once (0 = unlimited).
     #[arg(long = "concurrency-limit", default_value_t = 4)]
@@ -183,19 +187,6 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
             args.fstype
         );
     }
-    match args.db_type.as_str() {
-        "" => {}
-        "mysql" => {
-            if args.db_str.as_deref().unwrap_or("").is_empty() {
-                tracing::warn!(
-                    "--db-type mysql without --db-str: converting without deduplication"
-                );
-            } else {
-                tracing::warn!("the dedup database is not wired into this build yet: converting without deduplication");
-            }
-        }
-        other => tracing::warn!("unknown --db-type {other:?}: converting without deduplication"),
-    }
     let source = match (&args.input_tag, &args.input_digest, &src_ref) {
         (Some(t), _, _) => Reference::tag(t).context("-i/--input-tag")?,
         (None, Some(d), _) => Reference::Digest(d.parse::<Digest>().context("-g/--input-digest")?),
@@ -236,12 +227,6 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
     if args.username.is_some() && client.credentials.is_none() {
         tracing::warn!("-u without 'user:password': using anonymous access");
     }
-    let src = open_store(&src_ref, &client, false).with_context(|| format!("opening {src_ref}"))?;
-    let dst = if dst_ref == src_ref {
-        src.clone()
-    } else {
-        open_store(&dst_ref, &client, true).with_context(|| format!("opening {dst_ref}"))?
-    };
     let opts = ConvertOptions {
         workdir: args.dir.clone(),
         oci: args.oci || args.referrer,
@@ -256,8 +241,19 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
         baselayer: args.baselayer.clone(),
         ..Default::default()
     };
+    // Before any work: a bad database setting fails here, with nothing touched.
+    let dedup = open_dedup(&args, &dst_ref, &opts)?;
+    let src = open_store(&src_ref, &client, false).with_context(|| format!("opening {src_ref}"))?;
+    let dst = if dst_ref == src_ref {
+        src.clone()
+    } else {
+        open_store(&dst_ref, &client, true).with_context(|| format!("opening {dst_ref}"))?
+    };
     let progress = Progress::new(std::io::stderr().is_terminal(), false);
-    let conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
+    let mut conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
+    if let Some((d, _)) = &dedup {
+        conv = conv.with_dedup(d.clone())?;
+    }
     let out = conv.convert(&source, &out_tag)?;
     let secs = t0.elapsed().as_secs_f64();
     let verb = if out.pushed {
@@ -273,8 +269,60 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
         if out.manifests == 1 { "" } else { "s" },
         out.layers
     );
+    if let Some((_, what)) = &dedup {
+        if let Some(line) = dedup_summary(&out, what) {
+            println!("{line}");
+        }
+    }
     for l in progress.summary() {
         eprintln!("{l}");
     }
     Ok(())
+}
+
+/// Opens the dedup database of `--db-type/--db-str` (`None`: no dedup) and describes it.
+fn open_dedup(
+    args: &Args,
+    dst: &ImageRef,
+    opts: &ConvertOptions,
+) -> anyhow::Result<Option<(Arc<Dedup>, String)>> {
+    // DbError messages already include their cause: print them once, not as a chain.
+    let db_error = |e: obdtools::dedup::DbError| anyhow::anyhow!("dedup database: {e}");
+    let db_str = args.db_str.as_deref().unwrap_or("");
+    if obdtools::dedup::select_kind(&args.db_type, db_str)
+        .map_err(db_error)?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    if let ImageRef::Layout { .. } = dst {
+        bail!("dedup database: deduplication needs a registry destination, not {dst}");
+    }
+    let key = obdtools::convert::dedup::format_key(opts)?;
+    let db = obdtools::dedup::open(&args.db_type, db_str, &key)
+        .map_err(db_error)?
+        .context("dedup database: enabled but not opened")?;
+    let what = format!("{}, format {key}", db.describe());
+    tracing::info!("dedup: using {what}");
+    Ok(Some((Arc::new(Dedup::new(db)), what)))
+}
+
+/// The end-of-run dedup line: what was converted and what reused, from the pipeline's
+/// counts, and what the database lookups did.
+fn dedup_summary(out: &ConvertOutcome, db: &str) -> Option<String> {
+    let s = out.dedup?;
+    Some(format!(
+        "dedup: layers {} converted, {} reused ({} mounted); manifests {} converted, {} reused ({} copied); \
+         {} stale rows deleted, {} conflicts, {} db errors, {} registry errors [{db}]",
+        out.layers_converted,
+        out.layers_reused,
+        s.layer_hits_mounted,
+        out.manifests - out.manifests_reused,
+        out.manifests_reused,
+        s.manifest_hits_copied,
+        s.stale_rows_deleted,
+        s.conflicts,
+        s.db_errors,
+        s.registry_errors,
+    ))
 }

@@ -22,10 +22,14 @@
 //! <dir>/index.json                                  --dump-manifest, index sources
 //! ```
 //! Layer data is removed when a manifest finishes unless `--reserve`.
+//!
+//! With a dedup database ([`Converter::with_dedup`], see [`dedup`]) a manifest converted
+//! before is re-tagged instead, and layers converted before are downloaded as their
+//! commit files instead of being converted.
 
-pub mod cache;
 pub mod chain;
 pub mod decompress;
+pub mod dedup;
 pub mod pipeline;
 pub mod progress;
 pub mod store;

@@ -1,13 +1,14 @@
 //! The conversion pipeline: index recursion, per-manifest conversion, the layer
 //! download → decompress → apply → commit → upload chain, and the final pushes.
 
-use super::cache::{CachedLayer, CachedManifest, ConversionCache};
 use super::chain::{self, LayerJob};
 use super::decompress;
+use super::dedup::{DedupTarget, Reused};
 use super::progress::{Progress, Stage};
 use super::store::ImageStore;
 use super::{ConvertOptions, Error, Result};
-use crate::oci::digest::hash_reader;
+use crate::dedup::resolve::{Dedup, DedupStats};
+use crate::oci::digest::{hash_reader, VerifyReader};
 use crate::oci::model::*;
 use crate::oci::{chain_ids, Descriptor, Digest, Reference};
 use crate::registry::BlobSource;
@@ -27,18 +28,26 @@ pub struct ConvertOutcome {
     pub descriptor: Descriptor,
     /// Platform manifests converted.
     pub manifests: usize,
-    /// Layers converted.
+    /// Layers of the converted platform manifests (not counting reused manifests).
     pub layers: usize,
+    /// Of `layers`, the ones actually converted (downloaded, applied, committed).
+    pub layers_converted: usize,
+    /// Of `layers`, the ones reused from the dedup database (downloaded converted).
+    pub layers_reused: usize,
+    /// Of `manifests`, the ones reused from the dedup database (re-tagged, no layer work).
+    pub manifests_reused: usize,
     /// Whether anything was pushed (false with `--no-upload`).
     pub pushed: bool,
+    /// What the dedup database did, when one is used.
+    pub dedup: Option<DedupStats>,
 }
 
 struct Pending {
     tag: Option<String>,
     desc: Descriptor,
     bytes: Vec<u8>,
-    /// (output media type, source manifest digest) for the manifest cache.
-    cache_key: Option<(String, Digest)>,
+    /// Source manifest digest, to record the pushed manifest in the dedup database.
+    dedup_source: Option<Digest>,
 }
 
 /// A counting semaphore that gives up when the abort flag is set.
@@ -94,19 +103,31 @@ pub struct Converter {
     opts: ConvertOptions,
     progress: Arc<Progress>,
     abort: Arc<AtomicBool>,
-    cache: Option<Arc<dyn ConversionCache>>,
+    dedup: Option<DedupTarget>,
     counter: AtomicUsize,
     layers_done: AtomicUsize,
+    layers_converted: AtomicUsize,
+    layers_reused: AtomicUsize,
+    manifests_reused: AtomicUsize,
     sem: Semaphore,
     pending: Mutex<Vec<Pending>>,
+}
+
+/// A layer ready for the manifest: converted here (its commit file, to hash and push) or
+/// reused (its descriptor; already in the destination).
+enum Committed {
+    Built(PathBuf),
+    Reused(Box<Descriptor>),
 }
 
 /// Where a source layer's bytes are, once fetched.
 enum LayerBlob {
     /// In the source store's own directory: read (and verified) from there.
     Local,
-    /// Downloaded and verified into this file.
-    Downloaded(PathBuf),
+    /// Reused from the dedup database: the converted layer (in the destination), and
+    /// when a layer above it is converted, the file it was downloaded (and verified) as:
+    /// the layer's commit file, the next layer's lower.
+    Reused(Box<Descriptor>, Option<PathBuf>),
     /// Being downloaded into this file; readers follow the download.
     Streaming(PathBuf, Arc<Growing>),
 }
@@ -195,18 +216,38 @@ impl Converter {
             opts,
             progress,
             abort,
-            cache: None,
+            dedup: None,
             counter: AtomicUsize::new(0),
             layers_done: AtomicUsize::new(0),
+            layers_converted: AtomicUsize::new(0),
+            layers_reused: AtomicUsize::new(0),
+            manifests_reused: AtomicUsize::new(0),
             sem,
             pending: Mutex::new(Vec::new()),
         }
     }
 
-    /// Use a conversion cache (dedup database).
-    pub fn with_cache(mut self, cache: Arc<dyn ConversionCache>) -> Converter {
-        self.cache = Some(cache);
-        self
+    /// Deduplicate against a conversion database (`--db-type/--db-str`): reuse manifests
+    /// and layers converted before, record what this run pushes. Needs a registry
+    /// destination. With `no_upload` the database is not used at all: a reuse can write to
+    /// the registry (cross-repository mounts and manifest copies) and nothing may be
+    /// recorded.
+    pub fn with_dedup(mut self, dedup: Arc<Dedup>) -> Result<Converter> {
+        let Some(reg) = self.dst.registry() else {
+            return Err(Error::Unsupported(format!(
+                "deduplication (--db-type/--db-str) needs a registry destination, not {}",
+                self.dst.name()
+            )));
+        };
+        if self.opts.no_upload {
+            tracing::warn!(
+                "--no-upload: the dedup database is not used (nothing is reused or recorded)"
+            );
+            return Ok(self);
+        }
+        let (_, repo) = self.dst.host_repo();
+        self.dedup = Some(DedupTarget::new(dedup, reg, &repo));
+        Ok(self)
     }
 
     fn check_abort(&self) -> Result<()> {
@@ -267,18 +308,8 @@ impl Converter {
                             self.dst.name()
                         ))
                     })?;
-                if let (Some(c), Some((mt, src))) = (&self.cache, &p.cache_key) {
-                    let (h, r) = self.dst.host_repo();
-                    c.store_manifest(
-                        &h,
-                        &r,
-                        mt,
-                        src,
-                        &CachedManifest {
-                            digest: p.desc.digest.clone(),
-                            size: p.desc.size,
-                        },
-                    );
+                if let (Some(dd), Some(src)) = (&self.dedup, &p.dedup_source) {
+                    dd.record_manifest(src, &p.desc);
                 }
             }
         }
@@ -289,7 +320,11 @@ impl Converter {
             descriptor: out,
             manifests: self.counter.load(Ordering::Relaxed),
             layers: self.layers_done.load(Ordering::Relaxed),
+            layers_converted: self.layers_converted.load(Ordering::Relaxed),
+            layers_reused: self.layers_reused.load(Ordering::Relaxed),
+            manifests_reused: self.manifests_reused.load(Ordering::Relaxed),
             pushed: !self.opts.no_upload,
+            dedup: self.dedup.as_ref().map(|d| d.stats()),
         })
     }
 
@@ -415,7 +450,7 @@ impl Converter {
                 tag: tag.map(String::from),
                 desc: new_desc.clone(),
                 bytes: out_bytes,
-                cache_key: None,
+                dedup_source: None,
             });
         Ok(replace_target(desc, &new_desc))
     }
@@ -474,6 +509,22 @@ impl Converter {
             check_layer_type(&l.media_type)
                 .map_err(|e| Error::Unsupported(format!("{what}: layer {}: {e}", l.digest)))?;
         }
+        let out_mt = self.out_manifest_type();
+        // Dedup: this very manifest converted before (same options and output type).
+        if let Some(hit) = self
+            .dedup
+            .as_ref()
+            .and_then(|dd| dd.lookup_manifest(out_mt, &desc.digest))
+        {
+            match self.reuse_manifest(label, desc, out_mt, &hit, tag) {
+                Ok(d) => return Ok(d),
+                Err(e) if e.is_interrupted() => return Err(e),
+                Err(e) => tracing::warn!(
+                    "{what}: cannot reuse its converted manifest {} ({e}); converting",
+                    hit.digest
+                ),
+            }
+        }
         let cfg_bytes = self.src.read_blob(&m.config, MAX_CONFIG_SIZE)?;
         let mut cfg = ImageConfig::parse(&format!("config {}", m.config.digest), &cfg_bytes)?;
         let diff_ids = cfg.diff_ids(&format!("config {}", m.config.digest))?;
@@ -485,37 +536,6 @@ impl Converter {
             )));
         }
         let chain = chain_ids(&diff_ids);
-        let out_mt = self.out_manifest_type();
-        let (host, repo) = self.dst.host_repo();
-
-        // Manifest cache: a previous conversion of this very manifest.
-        if let Some(c) = &self.cache {
-            if let Some(hit) = c.lookup_manifest(&host, &repo, out_mt, &desc.digest) {
-                let d = Descriptor::new(out_mt, hit.digest.clone(), hit.size);
-                match self.dst.fetch_manifest(&d) {
-                    Ok(b) => {
-                        tracing::info!("{what}: already converted as {}", hit.digest);
-                        self.pending
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(Pending {
-                                tag: tag.map(String::from),
-                                desc: d.clone(),
-                                bytes: b,
-                                cache_key: None,
-                            });
-                        return Ok(replace_target(desc, &d));
-                    }
-                    Err(e) => {
-                        tracing::info!(
-                            "{what}: cached conversion {} unusable ({e}); converting",
-                            hit.digest
-                        );
-                        c.forget_manifest(&host, &repo, out_mt, &desc.digest);
-                    }
-                }
-            }
-        }
 
         let mut new_layers = self.convert_layers(mdir, label, &m.layers, &chain)?;
         let mut ids: Vec<Digest> = new_layers.iter().map(|l| l.digest.clone()).collect();
@@ -567,7 +587,7 @@ impl Converter {
                 tag: tag.map(String::from),
                 desc: m_desc.clone(),
                 bytes: m_out,
-                cache_key: Some((out_mt.to_string(), desc.digest.clone())),
+                dedup_source: Some(desc.digest.clone()),
             });
         self.progress.println(&format!(
             "{label} converted {} → {} ({} layers)",
@@ -576,6 +596,44 @@ impl Converter {
             m.layers.len()
         ));
         Ok(replace_target(desc, &m_desc))
+    }
+
+    /// Dedup manifest hit: the converted manifest is in the destination with all its
+    /// blobs; fetch it (verified) and push it again under `tag` at the end (a child of an
+    /// index is referenced by digest and needs no push).
+    fn reuse_manifest(
+        &self,
+        label: &str,
+        desc: &Descriptor,
+        out_mt: &str,
+        hit: &Reused,
+        tag: Option<&str>,
+    ) -> Result<Descriptor> {
+        let d = Descriptor::new(out_mt, hit.digest.clone(), hit.size);
+        let bytes = self.dst.fetch_manifest(&d)?;
+        let d = Descriptor::new(out_mt, hit.digest.clone(), bytes.len() as u64);
+        if tag.is_some() {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Pending {
+                    tag: tag.map(String::from),
+                    desc: d.clone(),
+                    bytes,
+                    dedup_source: None,
+                });
+        }
+        self.manifests_reused.fetch_add(1, Ordering::Relaxed);
+        self.progress.println(&format!(
+            "{label} reused {} → {} (converted before{})",
+            desc.digest,
+            d.digest,
+            match &hit.from {
+                Some(r) => format!(", copied from {r}"),
+                None => String::new(),
+            }
+        ));
+        Ok(replace_target(desc, &d))
     }
 
     /// The upstream base layer (`--mkfs=false`): the prebuilt ext4 image, tar-wrapped
@@ -636,28 +694,10 @@ impl Converter {
         for d in &dirs {
             fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
         }
-        let (host, repo) = self.dst.host_repo();
-        // Layer cache lookups happen before any download.
-        let cached: Vec<Option<CachedLayer>> = chain
-            .iter()
-            .map(|c| {
-                let hit = self.cache.as_ref()?.lookup_layer(&host, &repo, c)?;
-                let d = self.layer_descriptor(hit.digest.clone(), hit.size);
-                let present = match hit.repository.as_deref() {
-                    Some(from) if from != repo => self.dst.mount_blob(&d, from),
-                    _ => self.dst.blob_exists(&d),
-                };
-                match present {
-                    Ok(true) => Some(hit),
-                    _ => {
-                        if let Some(cache) = &self.cache {
-                            cache.forget_layer(&host, &repo, c);
-                        }
-                        None
-                    }
-                }
-            })
-            .collect();
+        // Dedup lookups for every layer first: a reused layer is downloaded only when a
+        // layer above it is converted (it is that layer's lower).
+        let hits = self.lookup_layers(chain);
+        let last_miss = hits.iter().rposition(Option::is_none);
         let chans: Vec<_> = (0..n).map(|_| bounded::<Result<LayerBlob>>(1)).collect();
         let next = AtomicUsize::new(0);
         let workers = self.opts.download_concurrency.max(1).min(n);
@@ -682,12 +722,11 @@ impl Converter {
                     let tx = &chans[i].0;
                     let r = if self.abort.load(Ordering::Relaxed) {
                         Err(Error::Interrupted)
-                    } else if let Some(hit) = &cached[i] {
-                        self.fetch_cached(label, i, n, &dirs[i], hit).map(|b| {
-                            let _ = tx.send(Ok(b));
-                        })
                     } else {
-                        self.fetch_layer(label, i, n, &layers[i], &dirs[i], tx)
+                        let hit = hits[i]
+                            .as_ref()
+                            .map(|h| (h, last_miss.is_some_and(|m| i < m)));
+                        self.get_layer(label, i, n, &layers[i], &dirs[i], hit, tx)
                     };
                     if let Err(e) = r {
                         fail(e);
@@ -698,7 +737,7 @@ impl Converter {
             }
             // Committed layers are hashed and pushed on another thread while the next
             // layer is applied.
-            let (up_tx, up_rx) = unbounded::<(usize, PathBuf)>();
+            let (up_tx, up_rx) = unbounded::<(usize, Committed)>();
             let uploader = s.spawn(move || self.upload_loop(label, n, up_rx, chain));
             let mut lowers: Vec<PathBuf> = Vec::new();
             if !self.opts.mkfs {
@@ -708,21 +747,37 @@ impl Converter {
                 for i in 0..n {
                     let blob = chans[i].1.recv().map_err(|_| Error::Interrupted)??;
                     self.check_abort()?;
-                    // A cached layer was downloaded (and verified) as its commit file.
-                    let commit = if cached[i].is_some() {
-                        dirs[i].join(chain::COMMIT_FILE)
-                    } else {
-                        self.apply_layer(label, i, n, &layers[i], blob, &dirs[i], &lowers, chain)
-                            .map_err(|e| {
-                                if e.is_interrupted() {
-                                    e
-                                } else {
-                                    e.context(format!("layer {}/{n} ({})", i + 1, layers[i].digest))
-                                }
-                            })?
+                    let done = match blob {
+                        LayerBlob::Reused(desc, commit) => {
+                            self.layers_reused.fetch_add(1, Ordering::Relaxed);
+                            // Not downloaded: no layer above is built on it.
+                            if let Some(c) = commit {
+                                lowers.push(c);
+                            }
+                            Committed::Reused(desc)
+                        }
+                        blob => {
+                            let c = self
+                                .apply_layer(
+                                    label, i, n, &layers[i], blob, &dirs[i], &lowers, chain,
+                                )
+                                .map_err(|e| {
+                                    if e.is_interrupted() {
+                                        e
+                                    } else {
+                                        e.context(format!(
+                                            "layer {}/{n} ({})",
+                                            i + 1,
+                                            layers[i].digest
+                                        ))
+                                    }
+                                })?;
+                            self.layers_converted.fetch_add(1, Ordering::Relaxed);
+                            lowers.push(c.clone());
+                            Committed::Built(c)
+                        }
                     };
-                    lowers.push(commit.clone());
-                    let _ = up_tx.send((i, commit));
+                    let _ = up_tx.send((i, done));
                 }
                 Ok(())
             })();
@@ -765,13 +820,20 @@ impl Converter {
         &self,
         label: &str,
         n: usize,
-        rx: Receiver<(usize, PathBuf)>,
+        rx: Receiver<(usize, Committed)>,
         chain: &[Digest],
     ) -> Result<Vec<Descriptor>> {
-        let (host, repo) = self.dst.host_repo();
         let mut out = Vec::with_capacity(n);
-        for (i, path) in rx {
+        for (i, done) in rx {
             self.check_abort()?;
+            let path = match done {
+                // Already in the destination (verified or mounted by dedup); its row exists.
+                Committed::Reused(desc) => {
+                    out.push(*desc);
+                    continue;
+                }
+                Committed::Built(p) => p,
+            };
             if !self.opts.reserve {
                 if let Some(dir) = path.parent() {
                     for f in [chain::DATA_FILE, chain::INDEX_FILE, "layer.blob"] {
@@ -808,17 +870,8 @@ impl Converter {
                 });
             }
             bar.finish(Some(desc.size), "");
-            if let Some(c) = &self.cache {
-                c.store_layer(
-                    &host,
-                    &repo,
-                    &chain[i],
-                    &CachedLayer {
-                        digest: desc.digest.clone(),
-                        size: desc.size,
-                        repository: None,
-                    },
-                );
+            if let Some(dd) = &self.dedup {
+                dd.record_layer(&chain[i], &desc);
             }
         }
         if out.len() != n {
@@ -901,27 +954,129 @@ impl Converter {
         }
     }
 
-    /// A cached converted layer: download it as this layer's commit file.
-    fn fetch_cached(
+    /// Dedup lookups of every layer (by chain ID), a few at once.
+    fn lookup_layers(&self, chain: &[Digest]) -> Vec<Option<Reused>> {
+        let Some(dd) = &self.dedup else {
+            return vec![None; chain.len()];
+        };
+        let found: Vec<Mutex<Option<Reused>>> = chain.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..self.opts.download_concurrency.clamp(1, chain.len().max(1)) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= chain.len() || self.abort.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let hit = dd.lookup_layer(&chain[i]);
+                    *found[i].lock().unwrap_or_else(|e| e.into_inner()) = hit;
+                });
+            }
+        });
+        found
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .collect()
+    }
+
+    /// Get layer `i` for the applier. A reused layer (`hit`): only its descriptor when no
+    /// layer above is converted, else downloaded as its commit file (if that fails, the
+    /// layer is converted after all). Otherwise the source layer ([`Self::fetch_layer`]).
+    #[allow(clippy::too_many_arguments)]
+    fn get_layer(
+        &self,
+        label: &str,
+        i: usize,
+        n: usize,
+        layer: &Descriptor,
+        dir: &Path,
+        hit: Option<(&Reused, bool)>,
+        tx: &crossbeam_channel::Sender<Result<LayerBlob>>,
+    ) -> Result<()> {
+        if let Some((hit, needed_as_lower)) = hit {
+            if !needed_as_lower {
+                let desc = self.layer_descriptor(hit.digest.clone(), hit.size);
+                self.progress.println(&format!(
+                    "{label} layer {}/{n}: reused {}{} (not downloaded: no layer above it is converted)",
+                    i + 1,
+                    hit.digest,
+                    hit.from
+                        .as_ref()
+                        .map(|r| format!(", mounted from {r}"))
+                        .unwrap_or_default()
+                ));
+                let _ = tx.send(Ok(LayerBlob::Reused(Box::new(desc), None)));
+                return Ok(());
+            }
+            match self.fetch_converted(label, i, n, dir, hit) {
+                Ok(b) => {
+                    let _ = tx.send(Ok(b));
+                    return Ok(());
+                }
+                Err(e) if e.is_interrupted() => return Err(e),
+                Err(e) => {
+                    let _ = fs::remove_file(dir.join(chain::COMMIT_FILE));
+                    tracing::warn!(
+                        "{label} layer {}/{n}: cannot download its converted layer {} ({e}); converting the layer",
+                        i + 1,
+                        hit.digest
+                    );
+                }
+            }
+        }
+        self.fetch_layer(label, i, n, layer, dir, tx)
+    }
+
+    /// A converted layer reused from the dedup database: download it from the destination
+    /// as this layer's commit file (the next layer is built on it), verifying its digest.
+    fn fetch_converted(
         &self,
         label: &str,
         i: usize,
         n: usize,
         dir: &Path,
-        hit: &CachedLayer,
+        hit: &Reused,
     ) -> Result<LayerBlob> {
         let desc = self.layer_descriptor(hit.digest.clone(), hit.size);
         let bar = self.progress.start(
-            &format!("{label} layer {}/{n} (cached)", i + 1),
+            &format!("{label} layer {}/{n}", i + 1),
             Stage::Download,
             Some(hit.size),
         );
         let path = dir.join(chain::COMMIT_FILE);
-        let mut r = self.dst.open_blob(&desc)?;
+        let what = format!("converted layer {}@{}", self.dst.name(), desc.digest);
+        let mut r = VerifyReader::new(
+            self.dst.open_blob(&desc)?,
+            desc.digest.clone(),
+            desc.size,
+            what,
+        );
         let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        io::copy(&mut r, &mut f).map_err(|e| Error::io(&path, e))?;
-        bar.finish(Some(hit.size), "cached");
-        Ok(LayerBlob::Downloaded(path))
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let k = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    if self.abort.load(Ordering::Relaxed) {
+                        return Err(Error::Interrupted);
+                    }
+                    continue;
+                }
+                // Stream errors name the registry and blob; mismatches name `what`.
+                Err(e) => return Err(Error::Invalid(e.to_string())),
+            };
+            f.write_all(&buf[..k]).map_err(|e| Error::io(&path, e))?;
+            bar.set(r.position());
+        }
+        bar.finish(
+            Some(hit.size),
+            &match &hit.from {
+                Some(repo) => format!("reused (mounted from {repo})"),
+                None => "reused".to_string(),
+            },
+        );
+        Ok(LayerBlob::Reused(Box::new(desc), Some(path)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -939,7 +1094,11 @@ impl Converter {
         let name = format!("{label} layer {}/{n}", i + 1);
         let input: Box<dyn Read + Send> = match &blob {
             LayerBlob::Local => self.src.open_blob(layer)?,
-            LayerBlob::Downloaded(p) => Box::new(File::open(p).map_err(|e| Error::io(p, e))?),
+            LayerBlob::Reused(..) => {
+                return Err(Error::Invalid(format!(
+                    "{name}: internal error: a reused layer cannot be applied"
+                )))
+            }
             LayerBlob::Streaming(p, g) => Box::new(FollowReader {
                 file: File::open(p).map_err(|e| Error::io(p, e))?,
                 pos: 0,

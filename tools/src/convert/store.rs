@@ -13,7 +13,7 @@ use std::sync::Arc;
 pub trait ImageStore: Send + Sync {
     /// Human-readable name for messages (`host/repo` or `oci:PATH`).
     fn name(&self) -> String;
-    /// (host, repository) keys for the conversion cache.
+    /// (host, repository): the keys of dedup database rows.
     fn host_repo(&self) -> (String, String);
     /// Resolve a tag or digest to a manifest or index and its bytes.
     fn resolve(&self, r: &Reference) -> Result<(Descriptor, Vec<u8>)>;
@@ -32,6 +32,11 @@ pub trait ImageStore: Send + Sync {
     /// copying it (cross-repository mount). Returns whether it is now present.
     fn mount_blob(&self, _desc: &Descriptor, _from_repo: &str) -> Result<bool> {
         Ok(false)
+    }
+    /// The registry client behind this store, if it is a registry repository (dedup needs
+    /// the registry operations of [`crate::dedup::resolve::DedupRegistry`]).
+    fn registry(&self) -> Option<Arc<registry::Registry>> {
+        None
     }
     /// Store a blob unless present.
     fn push_blob(
@@ -102,6 +107,9 @@ impl ImageStore for RegistryStore {
     }
     fn mount_blob(&self, desc: &Descriptor, from_repo: &str) -> Result<bool> {
         Ok(self.repo.mount_blob(desc, from_repo)?)
+    }
+    fn registry(&self) -> Option<Arc<registry::Registry>> {
+        Some(self.repo.registry().clone())
     }
     fn push_blob(
         &self,

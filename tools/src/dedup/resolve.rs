@@ -1,14 +1,16 @@
 //! Upstream's dedup algorithm (reference §3.4), as pure logic over a [`ConversionDatabase`] and
 //! the few registry operations it needs ([`DedupRegistry`]).
 //!
-//! The pipeline calls, per platform manifest:
+//! The convertor's pipeline calls it through `convert::dedup::DedupTarget`, per platform
+//! manifest:
 //! 1. [`Dedup::lookup_manifest`] before any layer work. On a hit the converted manifest is in
 //!    the target repository (verified, or just copied there from another repository): push it
 //!    under the requested tag and stop. If that re-tag fails, convert normally.
 //! 2. [`Dedup::lookup_layer`] for each layer (concurrently is fine). On a hit the converted blob
-//!    is in the target repository (verified, or just mounted): download it as this layer's
-//!    commit file (the next layer needs it as its lower) and skip create/apply/commit. If the
-//!    download fails or its digest is wrong, convert the layer normally.
+//!    is in the target repository (verified, or just mounted): skip create/apply/commit, and
+//!    if a layer above it is converted, download it as this layer's commit file (that layer
+//!    needs it as its lower), verifying its digest. If the download fails or its digest is
+//!    wrong, convert the layer normally.
 //! 3. [`Dedup::record_layer`] after a layer conversion **and its push** succeeded, and
 //!    [`Dedup::record_manifest`] after the manifest push. Never with `--no-upload`: a row must
 //!    only ever name a blob that was pushed (upstream writes rows anyway, §8.1).
@@ -61,7 +63,9 @@ pub trait DedupRegistry {
     fn mount_blob(&self, from_repo: &str, to_repo: &str, digest: &str)
         -> Result<bool, Self::Error>;
 
-    /// Whether manifest `digest` exists in `repo`.
+    /// Whether manifest `digest` exists in `repo` and can be used: the convertor's
+    /// implementation also requires every blob the manifest references to be there (a
+    /// manifest that lost a layer cannot be pulled, nor pushed under a new tag).
     fn manifest_exists(&self, repo: &str, digest: &str) -> Result<bool, Self::Error>;
 
     /// Copies manifest `digest` (media type `media_type`) from `from_repo` into `to_repo` by

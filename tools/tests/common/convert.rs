@@ -52,9 +52,14 @@ pub fn skopeo_push(layout: &Path, tag: &str, host: &str, repo: &str) {
 }
 
 pub fn convertor(args: &[&str]) -> Output {
+    convertor_logging(args, "warn")
+}
+
+/// The convertor with `RUST_LOG=<log>` (e.g. `info` to see dedup decisions).
+pub fn convertor_logging<S: AsRef<std::ffi::OsStr>>(args: &[S], log: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_convertor"))
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log)
         .output()
         .unwrap()
 }

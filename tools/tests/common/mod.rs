@@ -304,6 +304,28 @@ impl Registry {
             .is_file()
     }
 
+    /// A client for one of its repositories (plain HTTP, no credentials).
+    pub fn client(&self, repo: &str) -> obdtools::registry::Repository {
+        let o = obdtools::registry::ClientOptions {
+            plain_http: true,
+            ..Default::default()
+        };
+        obdtools::registry::Registry::new(&self.host(), &o)
+            .unwrap()
+            .repository(repo)
+    }
+
+    /// `DELETE /v2/<repo>/blobs/<digest>` (storage.delete is enabled): the repository
+    /// loses its link to the blob, as after a registry clean-up.
+    pub fn delete_blob(&self, repo: &str, digest: &str) {
+        let url = format!("http://{}/v2/{repo}/blobs/{digest}", self.host());
+        let r = reqwest::blocking::Client::new()
+            .delete(&url)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202, "DELETE {url}: {r:?}");
+    }
+
     /// Number of manifest revisions stored for a repository.
     pub fn manifest_revisions(&self, repo: &str) -> usize {
         let p = self
