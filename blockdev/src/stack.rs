@@ -52,27 +52,24 @@ impl Stack {
 
     /// Open lower files (bottom first) and an optional writable `(data, index)`.
     pub fn open(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Result<Stack> {
-        let mut layers = Vec::with_capacity(lowers.len());
-        for p in lowers {
-            layers.push(open_layer(p)?);
-        }
-        let upper = match upper {
-            Some((d, i)) => Some(WritableLayer::open(d, i)?),
-            None => None,
-        };
-        Stack::from_layers(layers, upper)
+        Self::open_with(lowers, upper, WritableLayer::open)
     }
 
     /// Open lowers and the upper without write access.
     pub fn open_read_only(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Result<Stack> {
-        let mut layers = Vec::with_capacity(lowers.len());
-        for p in lowers {
-            layers.push(open_layer(p)?);
-        }
-        let upper = match upper {
-            Some((d, i)) => Some(WritableLayer::open_read_only(d, i)?),
-            None => None,
-        };
+        Self::open_with(lowers, upper, WritableLayer::open_read_only)
+    }
+
+    fn open_with(
+        lowers: &[PathBuf],
+        upper: Option<(&Path, &Path)>,
+        open_upper: fn(&Path, &Path) -> Result<WritableLayer>,
+    ) -> Result<Stack> {
+        let layers = lowers
+            .iter()
+            .map(|p| open_layer(p))
+            .collect::<Result<Vec<_>>>()?;
+        let upper = upper.map(|(d, i)| open_upper(d, i)).transpose()?;
         Stack::from_layers(layers, upper)
     }
 
