@@ -11,8 +11,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{ArgAction, Parser};
+use obdtools::convert::cache::{ConversionCache, DedupCache};
 use obdtools::convert::progress::Progress;
 use obdtools::convert::{open_store, ConvertOptions, Converter};
+use obdtools::dedup::resolve::Dedup;
 use obdtools::oci::{Digest, ImageRef, Reference};
 use obdtools::registry::{ClientOptions, Credentials};
 
@@ -77,11 +79,9 @@ struct Args {
     /// Deprecated alias of --turboOCI.
     #[arg(long, hide = true)]
     fastoci: Option<String>,
-    /// Dedup database connection string (MySQL DSN `user:pass@tcp(host:port)/db`).
-    #[arg(long = "db-str")]
+    #[arg(long = "db-str", help = obdtools::dedup::DB_STR_HELP)]
     db_str: Option<String>,
-    /// Dedup database type (`mysql`); empty for no deduplication.
-    #[arg(long = "db-type", default_value = "")]
+    #[arg(long = "db-type", default_value = "", help = obdtools::dedup::DB_TYPE_HELP)]
     db_type: String,
     /// Maximum platform manifests converted at once (0 = unlimited).
     #[arg(long = "concurrency-limit", default_value_t = 4)]
@@ -183,19 +183,6 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
             args.fstype
         );
     }
-    match args.db_type.as_str() {
-        "" => {}
-        "mysql" => {
-            if args.db_str.as_deref().unwrap_or("").is_empty() {
-                tracing::warn!(
-                    "--db-type mysql without --db-str: converting without deduplication"
-                );
-            } else {
-                tracing::warn!("the dedup database is not wired into this build yet: converting without deduplication");
-            }
-        }
-        other => tracing::warn!("unknown --db-type {other:?}: converting without deduplication"),
-    }
     let source = match (&args.input_tag, &args.input_digest, &src_ref) {
         (Some(t), _, _) => Reference::tag(t).context("-i/--input-tag")?,
         (None, Some(d), _) => Reference::Digest(d.parse::<Digest>().context("-g/--input-digest")?),
@@ -256,9 +243,18 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
         baselayer: args.baselayer.clone(),
         ..Default::default()
     };
+    // The dedup database is opened (and checked) before any image work starts.
+    let cache = open_dedup(&args, &opts, dst.as_ref())?;
     let progress = Progress::new(std::io::stderr().is_terminal(), false);
-    let conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
-    let out = conv.convert(&source, &out_tag)?;
+    let mut conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
+    if let Some(c) = &cache {
+        conv = conv.with_cache(c.clone());
+    }
+    let out = conv.convert(&source, &out_tag);
+    if let Some(c) = &cache {
+        eprintln!("{}", c.summary());
+    }
+    let out = out?;
     let secs = t0.elapsed().as_secs_f64();
     let verb = if out.pushed {
         "pushed"
@@ -277,4 +273,29 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
         eprintln!("{l}");
     }
     Ok(())
+}
+
+/// Open the dedup database named by `--db-type`/`--db-str`, if any.
+fn open_dedup(
+    args: &Args,
+    opts: &ConvertOptions,
+    dst: &dyn obdtools::convert::ImageStore,
+) -> anyhow::Result<Option<Arc<dyn ConversionCache>>> {
+    let db_str = args.db_str.as_deref().unwrap_or("");
+    if obdtools::dedup::select_kind(&args.db_type, db_str)?.is_none() {
+        return Ok(None);
+    }
+    let Some(registry) = dst.registry() else {
+        bail!(
+            "--db-type/--db-str: deduplication needs a registry destination, not {}",
+            dst.name()
+        );
+    };
+    let key = opts
+        .dedup_format_key()
+        .context("computing the dedup format key")?;
+    let db =
+        obdtools::dedup::open(&args.db_type, db_str, &key)?.context("dedup database not opened")?;
+    tracing::info!("dedup: {} (format {key})", db.describe());
+    Ok(Some(Arc::new(DedupCache::new(Dedup::new(db), registry))))
 }

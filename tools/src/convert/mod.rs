@@ -151,3 +151,32 @@ impl Default for ConvertOptions {
         }
     }
 }
+
+/// Version of the bytes this convertor produces. Bump it whenever a change (in the
+/// LSMT/ZFile writers, mkfs, apply, the tar wrapper, ...) changes the output for the
+/// same input, so the dedup database never hands out layers made by another version.
+pub const FORMAT_VERSION: &str = "overlaybd-rs/1";
+
+impl ConvertOptions {
+    /// The dedup format key for these options: [`FORMAT_VERSION`] plus every option
+    /// that changes the converted bytes. With `--mkfs=false` the base layer's
+    /// content is part of the key, since every layer is applied on top of it.
+    pub fn dedup_format_key(&self) -> Result<String> {
+        let vsize = self.vsize_gb.to_string();
+        let mut opts: Vec<(&str, String)> = vec![
+            ("vsize", vsize),
+            ("mkfs", self.mkfs.to_string()),
+            ("sparse", (!self.disable_sparse).to_string()),
+            ("referrer", self.referrer.to_string()),
+        ];
+        if !self.mkfs {
+            let f =
+                std::fs::File::open(&self.baselayer).map_err(|e| Error::io(&self.baselayer, e))?;
+            let (d, _) =
+                crate::oci::digest::hash_reader(f).map_err(|e| Error::io(&self.baselayer, e))?;
+            opts.push(("base", d.as_str()["sha256:".len()..][..16].to_string()));
+        }
+        let refs: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Ok(crate::dedup::format_key(FORMAT_VERSION, &refs))
+    }
+}

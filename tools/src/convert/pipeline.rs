@@ -105,10 +105,11 @@ pub struct Converter {
 enum LayerBlob {
     /// In the source store's own directory: read (and verified) from there.
     Local,
-    /// Downloaded and verified into this file.
-    Downloaded(PathBuf),
     /// Being downloaded into this file; readers follow the download.
     Streaming(PathBuf, Arc<Growing>),
+    /// An already converted layer (dedup hit), downloaded and verified as this
+    /// layer's commit file.
+    Converted(PathBuf),
 }
 
 /// Progress of a download into a file, for readers that follow it.
@@ -511,7 +512,6 @@ impl Converter {
                             "{what}: cached conversion {} unusable ({e}); converting",
                             hit.digest
                         );
-                        c.forget_manifest(&host, &repo, out_mt, &desc.digest);
                     }
                 }
             }
@@ -640,23 +640,7 @@ impl Converter {
         // Layer cache lookups happen before any download.
         let cached: Vec<Option<CachedLayer>> = chain
             .iter()
-            .map(|c| {
-                let hit = self.cache.as_ref()?.lookup_layer(&host, &repo, c)?;
-                let d = self.layer_descriptor(hit.digest.clone(), hit.size);
-                let present = match hit.repository.as_deref() {
-                    Some(from) if from != repo => self.dst.mount_blob(&d, from),
-                    _ => self.dst.blob_exists(&d),
-                };
-                match present {
-                    Ok(true) => Some(hit),
-                    _ => {
-                        if let Some(cache) = &self.cache {
-                            cache.forget_layer(&host, &repo, c);
-                        }
-                        None
-                    }
-                }
-            })
+            .map(|c| self.cache.as_ref()?.lookup_layer(&host, &repo, c))
             .collect();
         let chans: Vec<_> = (0..n).map(|_| bounded::<Result<LayerBlob>>(1)).collect();
         let next = AtomicUsize::new(0);
@@ -682,10 +666,12 @@ impl Converter {
                     let tx = &chans[i].0;
                     let r = if self.abort.load(Ordering::Relaxed) {
                         Err(Error::Interrupted)
-                    } else if let Some(hit) = &cached[i] {
-                        self.fetch_cached(label, i, n, &dirs[i], hit).map(|b| {
-                            let _ = tx.send(Ok(b));
-                        })
+                    } else if let Some(b) = cached[i]
+                        .as_ref()
+                        .and_then(|hit| self.fetch_cached(label, i, n, &dirs[i], hit))
+                    {
+                        let _ = tx.send(Ok(b));
+                        Ok(())
                     } else {
                         self.fetch_layer(label, i, n, &layers[i], &dirs[i], tx)
                     };
@@ -698,7 +684,7 @@ impl Converter {
             }
             // Committed layers are hashed and pushed on another thread while the next
             // layer is applied.
-            let (up_tx, up_rx) = unbounded::<(usize, PathBuf)>();
+            let (up_tx, up_rx) = unbounded::<(usize, PathBuf, bool)>();
             let uploader = s.spawn(move || self.upload_loop(label, n, up_rx, chain));
             let mut lowers: Vec<PathBuf> = Vec::new();
             if !self.opts.mkfs {
@@ -709,8 +695,9 @@ impl Converter {
                     let blob = chans[i].1.recv().map_err(|_| Error::Interrupted)??;
                     self.check_abort()?;
                     // A cached layer was downloaded (and verified) as its commit file.
-                    let commit = if cached[i].is_some() {
-                        dirs[i].join(chain::COMMIT_FILE)
+                    let converted = matches!(blob, LayerBlob::Converted(_));
+                    let commit = if let LayerBlob::Converted(p) = blob {
+                        p
                     } else {
                         self.apply_layer(label, i, n, &layers[i], blob, &dirs[i], &lowers, chain)
                             .map_err(|e| {
@@ -722,7 +709,7 @@ impl Converter {
                             })?
                     };
                     lowers.push(commit.clone());
-                    let _ = up_tx.send((i, commit));
+                    let _ = up_tx.send((i, commit, converted));
                 }
                 Ok(())
             })();
@@ -765,12 +752,12 @@ impl Converter {
         &self,
         label: &str,
         n: usize,
-        rx: Receiver<(usize, PathBuf)>,
+        rx: Receiver<(usize, PathBuf, bool)>,
         chain: &[Digest],
     ) -> Result<Vec<Descriptor>> {
         let (host, repo) = self.dst.host_repo();
         let mut out = Vec::with_capacity(n);
-        for (i, path) in rx {
+        for (i, path, from_cache) in rx {
             self.check_abort()?;
             if !self.opts.reserve {
                 if let Some(dir) = path.parent() {
@@ -808,7 +795,8 @@ impl Converter {
                 });
             }
             bar.finish(Some(desc.size), "");
-            if let Some(c) = &self.cache {
+            // Reused layers are already recorded (dedup stores mounts itself).
+            if let (Some(c), false) = (&self.cache, from_cache) {
                 c.store_layer(
                     &host,
                     &repo,
@@ -816,7 +804,6 @@ impl Converter {
                     &CachedLayer {
                         digest: desc.digest.clone(),
                         size: desc.size,
-                        repository: None,
                     },
                 );
             }
@@ -902,6 +889,8 @@ impl Converter {
     }
 
     /// A cached converted layer: download it as this layer's commit file.
+    /// Download an already converted layer (a dedup hit) as this layer's commit file.
+    /// `None` (logged) when that fails: the layer is then converted as usual.
     fn fetch_cached(
         &self,
         label: &str,
@@ -909,19 +898,36 @@ impl Converter {
         n: usize,
         dir: &Path,
         hit: &CachedLayer,
-    ) -> Result<LayerBlob> {
+    ) -> Option<LayerBlob> {
         let desc = self.layer_descriptor(hit.digest.clone(), hit.size);
         let bar = self.progress.start(
-            &format!("{label} layer {}/{n} (cached)", i + 1),
+            &format!("{label} layer {}/{n} (already converted)", i + 1),
             Stage::Download,
             Some(hit.size),
         );
         let path = dir.join(chain::COMMIT_FILE);
-        let mut r = self.dst.open_blob(&desc)?;
-        let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        io::copy(&mut r, &mut f).map_err(|e| Error::io(&path, e))?;
-        bar.finish(Some(hit.size), "cached");
-        Ok(LayerBlob::Downloaded(path))
+        let r = (|| -> Result<()> {
+            let mut r = self.dst.open_blob(&desc)?;
+            let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            io::copy(&mut r, &mut f).map_err(|e| Error::io(&path, e))?;
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                bar.finish(Some(hit.size), "reused");
+                Some(LayerBlob::Converted(path))
+            }
+            Err(e) => {
+                bar.finish(None, "failed");
+                let _ = fs::remove_file(&path);
+                tracing::warn!(
+                    "{label} layer {}/{n}: cannot download converted blob {} ({e}); converting it",
+                    i + 1,
+                    hit.digest
+                );
+                None
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -939,13 +945,18 @@ impl Converter {
         let name = format!("{label} layer {}/{n}", i + 1);
         let input: Box<dyn Read + Send> = match &blob {
             LayerBlob::Local => self.src.open_blob(layer)?,
-            LayerBlob::Downloaded(p) => Box::new(File::open(p).map_err(|e| Error::io(p, e))?),
             LayerBlob::Streaming(p, g) => Box::new(FollowReader {
                 file: File::open(p).map_err(|e| Error::io(p, e))?,
                 pos: 0,
                 growing: g.clone(),
                 abort: self.abort.clone(),
             }),
+            LayerBlob::Converted(p) => {
+                return Err(Error::Invalid(format!(
+                    "internal: {} is already converted and cannot be applied",
+                    p.display()
+                )))
+            }
         };
         let tee = if self.opts.reserve {
             let p = dir.join("layer.tar");

@@ -42,6 +42,10 @@ pub trait ImageStore: Send + Sync {
     ) -> Result<()>;
     /// Store a manifest/index, under `tag` if given (by digest otherwise).
     fn push_manifest(&self, tag: Option<&str>, desc: &Descriptor, bytes: &[u8]) -> Result<()>;
+    /// The registry client behind this store, if it is a registry.
+    fn registry(&self) -> Option<Arc<registry::Registry>> {
+        None
+    }
 }
 
 /// Open the store an [`ImageRef`] names. Layout destinations are created if missing.
@@ -73,6 +77,9 @@ pub struct RegistryStore {
 }
 
 impl ImageStore for RegistryStore {
+    fn registry(&self) -> Option<Arc<registry::Registry>> {
+        Some(self.repo.registry().clone())
+    }
     fn name(&self) -> String {
         format!("{}/{}", self.repo.registry().host(), self.repo.name())
     }
