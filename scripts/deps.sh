@@ -4,7 +4,7 @@
 #   scripts/deps.sh test    the above plus every tool the tests drive
 set -euo pipefail
 BUILD=(libext2fs-dev libzstd-dev pkg-config e2fsprogs)
-TEST=(tar gzip zstd python3 libnbd-bin nbdkit qemu-utils docker-registry skopeo umoci
+TEST=(tar gzip zstd python3 curl libnbd-bin nbdkit qemu-utils docker-registry skopeo umoci
       apache2-utils openssl jq mariadb-server mariadb-client sqlite3 fuse2fs)
 case "${1:-build}" in
   build) want=("${BUILD[@]}") ;;
