@@ -19,9 +19,49 @@ use crate::lsmt::{SealedLayer, WritableLayer};
 /// Upstream refuses stacks deeper than this.
 pub const MAX_LAYERS: usize = 255;
 
+/// Where a lower layer comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LowerSource {
+    /// A sealed layer file (plain, ZFile, tar-wrapped).
+    File(PathBuf),
+    /// A writable layer that will not change any more (e.g. still being
+    /// committed), read in place.
+    Writable { data: PathBuf, index: PathBuf },
+}
+
+/// An opened lower layer.
+#[derive(Debug)]
+pub enum Lower {
+    Sealed(SealedLayer),
+    Writable(WritableLayer),
+}
+
+impl Lower {
+    fn virtual_size(&self) -> u64 {
+        match self {
+            Lower::Sealed(l) => l.info().virtual_size,
+            Lower::Writable(w) => w.virtual_size(),
+        }
+    }
+
+    fn entries(&self) -> std::borrow::Cow<'_, [Mapping]> {
+        match self {
+            Lower::Sealed(l) => std::borrow::Cow::Borrowed(l.index().entries()),
+            Lower::Writable(w) => std::borrow::Cow::Owned(w.entries()),
+        }
+    }
+
+    fn read_mapped(&self, buf: &mut [u8], moffset: u64) -> Result<()> {
+        match self {
+            Lower::Sealed(l) => l.read_mapped(buf, moffset),
+            Lower::Writable(w) => w.read_mapped(buf, moffset),
+        }
+    }
+}
+
 /// Lower layers plus an optional writable upper.
 pub struct Stack {
-    lowers: Vec<SealedLayer>,
+    lowers: Vec<Lower>,
     lower_index: RoIndex,
     upper: Option<WritableLayer>,
     size: u64,
@@ -52,32 +92,50 @@ impl Stack {
 
     /// Open lower files (bottom first) and an optional writable `(data, index)`.
     pub fn open(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Result<Stack> {
-        let mut layers = Vec::with_capacity(lowers.len());
-        for p in lowers {
-            layers.push(open_layer(p)?);
-        }
-        let upper = match upper {
-            Some((d, i)) => Some(WritableLayer::open(d, i)?),
-            None => None,
-        };
-        Stack::from_layers(layers, upper)
+        Self::open_with(lowers, upper, WritableLayer::open)
     }
 
     /// Open lowers and the upper without write access.
     pub fn open_read_only(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Result<Stack> {
-        let mut layers = Vec::with_capacity(lowers.len());
-        for p in lowers {
-            layers.push(open_layer(p)?);
-        }
-        let upper = match upper {
-            Some((d, i)) => Some(WritableLayer::open_read_only(d, i)?),
-            None => None,
-        };
-        Stack::from_layers(layers, upper)
+        Self::open_with(lowers, upper, WritableLayer::open_read_only)
+    }
+
+    fn open_with(
+        lowers: &[PathBuf],
+        upper: Option<(&Path, &Path)>,
+        open_upper: fn(&Path, &Path) -> Result<WritableLayer>,
+    ) -> Result<Stack> {
+        let sources: Vec<LowerSource> = lowers.iter().cloned().map(LowerSource::File).collect();
+        Self::open_sources(&sources, upper, open_upper)
+    }
+
+    /// Open lowers of any [`LowerSource`] (bottom first) and an optional upper
+    /// opened with `open_upper` ([`WritableLayer::open`] or `open_read_only`).
+    pub fn open_sources(
+        lowers: &[LowerSource],
+        upper: Option<(&Path, &Path)>,
+        open_upper: fn(&Path, &Path) -> Result<WritableLayer>,
+    ) -> Result<Stack> {
+        let layers = lowers
+            .iter()
+            .map(|l| match l {
+                LowerSource::File(p) => open_layer(p).map(Lower::Sealed),
+                LowerSource::Writable { data, index } => {
+                    WritableLayer::open_read_only(data, index).map(Lower::Writable)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let upper = upper.map(|(d, i)| open_upper(d, i)).transpose()?;
+        Stack::with_lowers(layers, upper)
     }
 
     /// Build from already opened layers.
     pub fn from_layers(lowers: Vec<SealedLayer>, upper: Option<WritableLayer>) -> Result<Stack> {
+        Self::with_lowers(lowers.into_iter().map(Lower::Sealed).collect(), upper)
+    }
+
+    /// Build from opened lowers of either kind.
+    pub fn with_lowers(lowers: Vec<Lower>, upper: Option<WritableLayer>) -> Result<Stack> {
         if lowers.len() > MAX_LAYERS {
             return Err(Error::Invalid(format!(
                 "{} lower layers; at most {MAX_LAYERS} can be stacked",
@@ -90,7 +148,7 @@ impl Stack {
         let lower_vsize = lowers
             .iter()
             .rev()
-            .map(|l| l.info().virtual_size)
+            .map(|l| l.virtual_size())
             .find(|&v| v > 0)
             .unwrap_or(0);
         let mut size = lower_vsize;
@@ -113,8 +171,11 @@ impl Stack {
                 "virtual size of the stack is 0 (no layer records a size)".into(),
             ));
         }
-        let slices: Vec<&[Mapping]> = lowers.iter().map(|l| l.index().entries()).collect();
+        let entries: Vec<_> = lowers.iter().map(|l| l.entries()).collect();
+        let slices: Vec<&[Mapping]> = entries.iter().map(|e| e.as_ref()).collect();
         let lower_index = RoIndex::merge(&slices);
+        drop(slices);
+        drop(entries);
         Ok(Stack {
             lowers,
             lower_index,
@@ -124,7 +185,7 @@ impl Stack {
         })
     }
 
-    pub fn lowers(&self) -> &[SealedLayer] {
+    pub fn lowers(&self) -> &[Lower] {
         &self.lowers
     }
 

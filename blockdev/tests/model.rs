@@ -181,3 +181,50 @@ fn read_only_open_of_a_size_zero_upper_takes_the_lower_size() {
     let s = Stack::open(&[low], Some((&d, &i))).unwrap();
     assert_eq!(s.upper().unwrap().virtual_size(), VSIZE);
 }
+
+#[test]
+fn writable_layer_as_lower_reads_like_its_commit() {
+    use blockdev::stack::LowerSource;
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, i0) = new_upper(dir.path(), 0, true, VSIZE);
+    {
+        let s = Stack::open(&[], Some((&d0, &i0))).unwrap();
+        for k in 0..40u64 {
+            s.write_at(&pattern(3000 + k * 97, k as u8), k * 25_000)
+                .unwrap();
+        }
+        s.flush().unwrap();
+    }
+    let c0 = dir.path().join("c0");
+    commit_writable(&d0, &i0, &c0, &CommitOptions::default()).unwrap();
+    let (d1, i1) = new_upper(dir.path(), 1, true, 0);
+    let a = Stack::open_sources(
+        &[LowerSource::Writable {
+            data: d0.clone(),
+            index: i0.clone(),
+        }],
+        Some((&d1, &i1)),
+        blockdev::lsmt::WritableLayer::open,
+    )
+    .unwrap();
+    assert_eq!(a.size(), VSIZE);
+    a.write_at(&pattern(10_000, 9), 123_456).unwrap();
+    a.flush().unwrap();
+    drop(a);
+    let b = Stack::open(&[c0], Some((&d1, &i1))).unwrap();
+    let a = Stack::open_sources(
+        &[LowerSource::Writable {
+            data: d0,
+            index: i0,
+        }],
+        Some((&d1, &i1)),
+        blockdev::lsmt::WritableLayer::open_read_only,
+    )
+    .unwrap();
+    let mut x = vec![0u8; VSIZE as usize];
+    let mut y = vec![0u8; VSIZE as usize];
+    a.read_at(&mut x, 0).unwrap();
+    b.read_at(&mut y, 0).unwrap();
+    assert!(x == y);
+    assert_eq!(&x[123_456..133_456], &pattern(10_000, 9)[..]);
+}

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 /// The upstream golden fixtures directory: `$OVERLAYBD_FIXTURES`, else
 /// `../shared/fixtures/overlaybd-reference` next to the checkout, else
@@ -108,7 +108,8 @@ pub struct Node {
     pub detail: String,
 }
 
-fn fnv(data: &[u8]) -> String {
+/// A short, stable (FNV-1a) hash of `data`, for comparing contents in tests.
+pub fn fnv(data: &[u8]) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
     for &b in data {
         h ^= b as u64;
@@ -191,4 +192,32 @@ pub fn diff_trees(
         }
     }
     d
+}
+
+/// Run a command, panicking with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert_ok(&out);
+    out
+}
+
+/// Assert that a finished command succeeded, showing its output otherwise.
+pub fn assert_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "command failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The stderr of a command that must have failed cleanly (no panic).
+pub fn err_text(o: &Output) -> String {
+    assert!(!o.status.success(), "unexpected success");
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!e.contains("panicked"), "panic: {e}");
+    e
 }

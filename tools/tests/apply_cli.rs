@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use testutil::{assert_ok, err_text};
 
 const CREATE: &str = env!("CARGO_BIN_EXE_overlaybd-create");
 const APPLY: &str = env!("CARGO_BIN_EXE_overlaybd-apply");
@@ -35,22 +36,6 @@ fn run_stdin(bin: &str, args: &[&str], cwd: &Path, input: &[u8]) -> Output {
     let out = c.wait_with_output().unwrap();
     writer.join().unwrap();
     out
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn err_text(o: &Output) -> String {
-    assert!(!o.status.success(), "unexpected success");
-    let e = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!e.contains("panicked"), "panic: {e}");
-    e
 }
 
 fn write_config(dir: &Path, name: &str, lowers: &[&str], data: &str, index: &str) -> PathBuf {
@@ -113,7 +98,7 @@ fn mkfs_apply_commit_stack_from_stdin() {
     let input = std::fs::read(f.join("input.tar")).unwrap();
 
     // Layer 0: a --mkfs writable layer; input.tar arrives gzipped on stdin.
-    ok(&run(CREATE, &["-s", "data0", "index0", "64", "--mkfs"], d));
+    assert_ok(&run(CREATE, &["-s", "data0", "index0", "64", "--mkfs"], d));
     let cfg0 = write_config(d, "cfg0", &[], "data0", "index0");
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&input).unwrap();
@@ -123,14 +108,14 @@ fn mkfs_apply_commit_stack_from_stdin() {
         d,
         &gz.finish().unwrap(),
     );
-    ok(&out);
+    assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("overlaybd-apply done"));
     assert_eq!(result(d, "cfg0"), "success");
-    ok(&run(COMMIT, &["data0", "index0", "layer0", "-z"], d));
+    assert_ok(&run(COMMIT, &["data0", "index0", "layer0", "-z"], d));
 
     // Layer 1 on top of the committed layer 0: zstd on stdin, with checksum.
     let l1 = second_layer();
-    ok(&run(CREATE, &["-s", "data1", "index1", "0"], d));
+    assert_ok(&run(CREATE, &["-s", "data1", "index1", "0"], d));
     let cfg1 = write_config(d, "cfg1", &["layer0"], "data1", "index1");
     let zst = zstd::encode_all(&l1[..], 3).unwrap();
     let sum = sha256_hex(&l1);
@@ -140,7 +125,7 @@ fn mkfs_apply_commit_stack_from_stdin() {
         d,
         &zst,
     );
-    ok(&out);
+    assert_ok(&out);
     assert_eq!(result(d, "cfg1"), "success");
 
     // The stacked filesystem: clean, and the tree GNU tar makes of
@@ -185,7 +170,7 @@ fn apply_errors_reach_the_result_file() {
     let f = testutil::fixtures();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(&run(CREATE, &["-s", "data", "index", "1", "--mkfs"], d));
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1", "--mkfs"], d));
     let cfg = write_config(d, "cfg", &[], "data", "index");
     let cfg = cfg.to_str().unwrap();
 
@@ -239,16 +224,16 @@ fn raw_image_with_mkfs() {
     let f = testutil::fixtures();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(&run(CREATE, &["--raw", "--mkfs", "img", "unused", "2"], d));
+    assert_ok(&run(CREATE, &["--raw", "--mkfs", "img", "unused", "2"], d));
     let input = f.join("input.tar");
-    ok(&run(APPLY, &["--raw", input.to_str().unwrap(), "img"], d));
+    assert_ok(&run(APPLY, &["--raw", input.to_str().unwrap(), "img"], d));
     // --mkfs on apply starts over: the first layer's files are gone.
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_size(3);
     h.set_mode(0o600);
     b.append_data(&mut h, "only", &b"yes"[..]).unwrap();
-    ok(&run_stdin(
+    assert_ok(&run_stdin(
         APPLY,
         &["--raw", "--mkfs", "-", "img"],
         d,

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use testutil::{assert_ok, err_text};
 
 fn run(bin: &str, args: &[&str], cwd: &Path) -> Output {
     Command::new(bin)
@@ -15,22 +16,6 @@ const CREATE: &str = env!("CARGO_BIN_EXE_overlaybd-create");
 const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
 const ZFILE: &str = env!("CARGO_BIN_EXE_overlaybd-zfile");
 const UUID: &str = "6d5b0bd2-0000-4000-8000-000000000001";
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn err_text(o: &Output) -> String {
-    assert!(!o.status.success(), "unexpected success");
-    let e = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(!e.contains("panicked"), "panic: {e}");
-    e
-}
 
 #[test]
 fn commit_tool_reproduces_upstream_blobs() {
@@ -49,7 +34,7 @@ fn commit_tool_reproduces_upstream_blobs() {
         let out = dir.path().join("out");
         let mut a = vec!["--commit_sealed", lsmt, "out", "--uuid", UUID];
         a.extend(extra);
-        ok(&run(COMMIT, &a, dir.path()));
+        assert_ok(&run(COMMIT, &a, dir.path()));
         assert!(
             std::fs::read(&out).unwrap() == std::fs::read(f.join(want)).unwrap(),
             "{want}"
@@ -57,13 +42,13 @@ fn commit_tool_reproduces_upstream_blobs() {
         std::fs::remove_file(out).unwrap();
     }
     // overlaybd-zfile: same blocks, header not rewritten
-    ok(&run(ZFILE, &[lsmt, "z"], dir.path()));
+    assert_ok(&run(ZFILE, &[lsmt, "z"], dir.path()));
     let ours = std::fs::read(dir.path().join("z")).unwrap();
     let theirs = std::fs::read(f.join("baselayer/commit.lz4.zfile")).unwrap();
     assert_eq!((ours[32], theirs[32]), (0x13, 0x1b));
     assert!(ours[512..] == theirs[512..]);
-    ok(&run(ZFILE, &["--verify", "z"], dir.path()));
-    ok(&run(ZFILE, &["-x", "z", "back"], dir.path()));
+    assert_ok(&run(ZFILE, &["--verify", "z"], dir.path()));
+    assert_ok(&run(ZFILE, &["-x", "z", "back"], dir.path()));
     assert!(std::fs::read(dir.path().join("back")).unwrap() == std::fs::read(lsmt).unwrap());
 }
 
@@ -71,11 +56,11 @@ fn commit_tool_reproduces_upstream_blobs() {
 fn create_commit_roundtrip_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
     // creating over existing files is refused
     let e = err_text(&run(CREATE, &["data", "index", "1"], d));
     assert!(e.contains("data") && e.contains("exists"), "{e}");
-    ok(&run(
+    assert_ok(&run(
         COMMIT,
         &["data", "index", "layer", "-z", "-t", "--uuid", UUID],
         d,
@@ -85,7 +70,7 @@ fn create_commit_roundtrip_and_errors() {
     assert_eq!(l.info().virtual_size, 1 << 30);
     let e = err_text(&run(COMMIT, &["data", "index", "layer"], d));
     assert!(e.contains("layer") && e.contains("exists"), "{e}");
-    ok(&run(COMMIT, &["-f", "data", "index", "layer"], d));
+    assert_ok(&run(COMMIT, &["-f", "data", "index", "layer"], d));
     let e = err_text(&run(COMMIT, &["data", "index", "x", "--uuid", "nope"], d));
     assert!(e.contains("invalid uuid 'nope'"), "{e}");
     let e = err_text(&run(COMMIT, &["data", "index", "x", "-z", "--bs", "3"], d));
@@ -103,8 +88,8 @@ fn create_commit_roundtrip_and_errors() {
     let e = err_text(&run(ZFILE, &["-x", "junk", "y"], d));
     assert!(e.contains("junk") && e.contains("not a ZFile"), "{e}");
     // seal in place, then it opens as a sealed lower
-    ok(&run(CREATE, &["d2", "i2", "1"], d));
-    ok(&run(COMMIT, &["--seal", "d2", "i2"], d));
+    assert_ok(&run(CREATE, &["d2", "i2", "1"], d));
+    assert_ok(&run(COMMIT, &["--seal", "d2", "i2"], d));
     blockdev::layer::open_layer(&d.join("d2")).unwrap();
 }
 
@@ -112,7 +97,7 @@ fn create_commit_roundtrip_and_errors() {
 fn help_explains_flags() {
     for bin in [CREATE, COMMIT, ZFILE] {
         let o = Command::new(bin).arg("--help").output().unwrap();
-        ok(&o);
+        assert_ok(&o);
         let t = String::from_utf8_lossy(&o.stdout);
         assert!(t.contains("Usage"), "{t}");
     }

@@ -14,7 +14,6 @@ mod dedup_support;
 
 use common::convert::*;
 use common::Registry;
-use obdtools::convert::dedup::format_key;
 use obdtools::convert::ConvertOptions;
 use obdtools::dedup::{open, ConversionDatabase, LayerKey, ManifestKey};
 use obdtools::oci::model::*;
@@ -59,7 +58,7 @@ impl Backend {
             vsize_gb: VSIZE.parse().unwrap(),
             ..Default::default()
         };
-        let key = format_key(&opts).unwrap();
+        let key = opts.dedup_format_key().unwrap();
         let (t, s) = match self {
             Backend::Sqlite(p) => ("sqlite", p.display().to_string()),
             Backend::Mysql(dsn) => ("mysql", dsn.clone()),
@@ -202,6 +201,33 @@ fn work_evidence(wd: &Path) -> Work {
     w
 }
 
+/// Tag `v2` in the layout: image `v1` without its top layer. A different manifest (so
+/// no manifest-level hit) whose layers' chain IDs are those of `v1`'s lower layers.
+fn derive_without_top_layer(layout: &Path) {
+    use obdtools::oci::layout::Layout;
+    let l = Layout::open(layout).unwrap();
+    let d = l.resolve(&Reference::Tag("v1".into())).unwrap();
+    let mut m: Manifest = serde_json::from_slice(&l.read_blob(&d, 1 << 20).unwrap()).unwrap();
+    let mut cfg = ImageConfig::parse("config", &l.read_blob(&m.config, 1 << 20).unwrap()).unwrap();
+    let mut ids = cfg.diff_ids("config").unwrap();
+    ids.pop();
+    cfg.set_diff_ids(&ids);
+    m.layers.pop();
+    let cb = cfg.to_bytes();
+    m.config = Descriptor::new(
+        m.config.media_type.clone(),
+        l.write_blob_bytes(&cb).unwrap(),
+        cb.len() as u64,
+    );
+    let mb = serde_json::to_vec(&m).unwrap();
+    let md = Descriptor::new(
+        d.media_type.clone(),
+        l.write_blob_bytes(&mb).unwrap(),
+        mb.len() as u64,
+    );
+    l.tag("v2", &md).unwrap();
+}
+
 fn get_json(repo: &Repository, r: &str) -> (Descriptor, Value) {
     let r = match r.parse::<Digest>() {
         Ok(d) => Reference::Digest(d),
@@ -310,12 +336,12 @@ fn reuse_flow(backend: Backend, t: &Path) {
     let db = backend.open();
 
     let wd = |name: &str| t.join(name).display().to_string();
-    let run = |repo: &str, extra: &[&str], work: &str| -> Run {
+    let run_tag = |repo: &str, input: &str, extra: &[&str], work: &str| -> Run {
         let mut a = strings(&[
             "-r",
             &format!("{host}/{repo}"),
             "-i",
-            "v1",
+            input,
             "--plain",
             "--vsize",
             VSIZE,
@@ -327,6 +353,7 @@ fn reuse_flow(backend: Backend, t: &Path) {
         a.extend(strings(extra));
         convert(&a)
     };
+    let run = |repo: &str, extra: &[&str], work: &str| run_tag(repo, "v1", extra, work);
 
     // 1. First conversion: every layer converted, rows recorded after the push.
     let r1 = run("app/layers", &["-o", "obd1"], &wd("w1"));
@@ -500,24 +527,67 @@ fn reuse_flow(backend: Backend, t: &Path) {
     assert_complete(&third, &m4);
     assert_layer_rows(db.as_ref(), &host, "third/layers", &chain, &layers);
 
-    // 5. Another copy, Docker media types: the converted manifest of app/layers is copied
+    // 5. Another image made of v1's lower layers, in another repository: no manifest
+    //    hit, every layer mounted from a repository holding it, none converted or
+    //    downloaded; the result is that image's filesystem.
+    derive_without_top_layer(&layout);
+    skopeo_push(&layout, "v2", &host, "lower/layers");
+    let lower = reg.client("lower/layers");
+    let r5 = run_tag("lower/layers", "v2", &["-o", "obd"], &wd("w5"));
+    assert_eq!(
+        r5.summary,
+        Summary {
+            layers_reused: 3,
+            layers_mounted: 3,
+            manifests_converted: 1,
+            ..Default::default()
+        },
+        "{}",
+        r5.stdout
+    );
+    assert_eq!(
+        work_evidence(Path::new(&wd("w5"))),
+        Work {
+            untouched: (0..n - 1).collect(),
+            ..Default::default()
+        }
+    );
+    let (_, m5) = get_json(&lower, "obd");
+    assert_eq!(layer_digests(&m5), layers[..n - 1]);
+    assert_complete(&lower, &m5);
+    let files: Vec<PathBuf> = m5["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let desc: Descriptor = serde_json::from_value(l.clone()).unwrap();
+            let f = t.join(format!("lower{i}.tar"));
+            std::fs::write(&f, lower.read_blob(&desc, 1 << 30).unwrap()).unwrap();
+            f
+        })
+        .collect();
+    let tree = flatten_and_scan(&files, t);
+    assert_same_tree(&tree, &reference_tree(&layout, "v2", None));
+
+    // 6. Another copy, Docker media types: the converted manifest of app/layers is copied
     //    (its blobs mounted, its bytes pushed unchanged) and tagged.
     skopeo_push(&layout, "v1", &host, "other/layers");
     let other = reg.client("other/layers");
-    let r5 = run("other/layers", &["-o", "obd"], &wd("w5"));
+    let r6 = run("other/layers", &["-o", "obd"], &wd("w6"));
     assert_eq!(
-        r5.summary,
+        r6.summary,
         Summary {
             manifests_reused: 1,
             manifests_copied: 1,
             ..Default::default()
         },
         "{}",
-        r5.stdout
+        r6.stdout
     );
-    let (d5, m5) = get_json(&other, "obd");
-    assert_eq!(d5.digest, d1.digest);
-    assert_complete(&other, &m5);
+    let (d6, m6) = get_json(&other, "obd");
+    assert_eq!(d6.digest, d1.digest);
+    assert_complete(&other, &m6);
     assert_eq!(
         manifest_row(
             db.as_ref(),
@@ -914,11 +984,11 @@ fn bad_db_settings_fail_before_any_work() {
     assert!(!t.path().join("ok.sqlite").exists());
 }
 
-/// Rows are keyed by `convert::dedup::OUTPUT_FORMAT`: a build whose output differs from
+/// Rows are keyed by `convert::FORMAT_VERSION`: a build whose output differs from
 /// older builds must use a new format version, or it would reuse their layers under its
 /// own (an image mixing layers of two builds). This pins what format `overlaybd-rs/1`
 /// produces for the small sample image with default options. If it fails after a change
-/// of the converted bytes (not of `tests/images/build.py sample`), bump `OUTPUT_FORMAT`
+/// of the converted bytes (not of `tests/images/build.py sample`), bump `FORMAT_VERSION`
 /// and then update the digest here.
 #[test]
 fn output_format_version_pins_the_output() {
@@ -938,9 +1008,9 @@ fn output_format_version_pins_the_output() {
         "-d",
         &t.path().join("w").display().to_string(),
     ]);
-    assert_eq!(obdtools::convert::dedup::OUTPUT_FORMAT, FORMAT);
+    assert_eq!(obdtools::convert::FORMAT_VERSION, FORMAT);
     assert!(
         out.contains(SAMPLE_DIGEST),
-        "the converted output changed ({out}): bump convert::dedup::OUTPUT_FORMAT and update this test"
+        "the converted output changed ({out}): bump convert::FORMAT_VERSION and update this test"
     );
 }

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blockdev::stack::Stack;
@@ -16,7 +16,7 @@ const NBD: &str = env!("CARGO_BIN_EXE_overlaybd-nbd");
 const CREATE: &str = env!("CARGO_BIN_EXE_overlaybd-create");
 const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
 
-use testutil::fixtures;
+use testutil::{fixtures, run_ok};
 
 fn tool(name: &str) -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
@@ -28,20 +28,6 @@ fn tool(name: &str) -> PathBuf {
     panic!(
         "required tool `{name}` not found in PATH (packages: libnbd-bin, qemu-utils, e2fsprogs)"
     );
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// A running `overlaybd-nbd serve`; killed on drop if still running.

@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -84,21 +83,6 @@ pub fn tool(name: &str) -> PathBuf {
     panic!("required NBD client `{name}` not found in PATH; install the Debian package {pkg}");
 }
 
-/// Run a tool, panicking with its stderr if it fails.
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// Deterministic pseudo-random bytes (xorshift64*).
 pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
@@ -136,3 +120,6 @@ pub fn allocated_bytes(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).expect("stat").blocks() * 512
 }
+
+#[allow(unused_imports)]
+pub use testutil::run_ok;

@@ -168,7 +168,7 @@ pub fn layer_set() -> &'static LayerSet {
         // The generator is deterministic: keep its output in the target
         // dir, keyed by the script's contents, instead of one copy per run.
         let script = scripts().join("make-layers.py");
-        let key = fnv(&std::fs::read(&script).unwrap());
+        let key = testutil::fnv(&std::fs::read(&script).unwrap());
         let tmpdir = Path::new(env!("CARGO_TARGET_TMPDIR"));
         let dir = tmpdir.join(format!("obdfs-layers-{key}"));
         if !dir.join("layers.txt").exists() {
@@ -205,15 +205,6 @@ pub fn layer_set() -> &'static LayerSet {
             malicious,
         }
     })
-}
-
-fn fnv(data: &[u8]) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for &b in data {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    format!("{h:016x}")
 }
 
 /// A digest of a sparse image's logical content (non-zero 4 KiB blocks and

@@ -78,14 +78,9 @@ struct Args {
     /// Deprecated alias of --turboOCI.
     #[arg(long, hide = true)]
     fastoci: Option<String>,
-    /// Dedup database: a MySQL DSN `user:pass@tcp(host:port)/db` (go-sql-driver form) for
-    /// --db-type mysql, a file path (created if missing) for --db-type sqlite. Layers and
-    /// manifests converted before (same options) are reused instead of converted again.
-    #[arg(long = "db-str", value_name = "DSN|PATH")]
+    #[arg(long = "db-str", value_name = "DSN|PATH", help = obdtools::dedup::DB_STR_HELP)]
     db_str: Option<String>,
-    /// Dedup database type: `mysql`, `sqlite`, or `none`. Empty: none without --db-str,
-    /// else mysql for a DSN with `@tcp(...)`/`@unix(...)` and sqlite for anything else.
-    #[arg(long = "db-type", default_value = "", value_name = "TYPE")]
+    #[arg(long = "db-type", default_value = "", value_name = "TYPE", help = obdtools::dedup::DB_TYPE_HELP)]
     db_type: String,
     /// Maximum platform manifests converted at once (0 = unlimited).
     #[arg(long = "concurrency-limit", default_value_t = 4)]
@@ -254,7 +249,12 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
     if let Some((d, _)) = &dedup {
         conv = conv.with_dedup(d.clone())?;
     }
-    let out = conv.convert(&source, &out_tag)?;
+    let out = conv.convert(&source, &out_tag);
+    if let (Err(_), Some((d, what))) = (&out, &dedup) {
+        // What dedup did before the failure (rows of pushed layers stay valid).
+        eprintln!("dedup (run failed): {} [{what}]", d.stats());
+    }
+    let out = out?;
     let secs = t0.elapsed().as_secs_f64();
     let verb = if out.pushed {
         "pushed"
@@ -298,7 +298,9 @@ fn open_dedup(
     if let ImageRef::Layout { .. } = dst {
         bail!("dedup database: deduplication needs a registry destination, not {dst}");
     }
-    let key = obdtools::convert::dedup::format_key(opts)?;
+    let key = opts
+        .dedup_format_key()
+        .context("computing the dedup format key")?;
     let db = obdtools::dedup::open(&args.db_type, db_str, &key)
         .map_err(db_error)?
         .context("dedup database: enabled but not opened")?;

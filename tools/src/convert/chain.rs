@@ -9,12 +9,17 @@
 //!    CRC) wrapped in a tar, with uuid = UUID(chain id) and parent = UUID(previous
 //!    chain id).
 //!
+//! Steps 1–2 ([`apply_layer`]) and 3 ([`commit_layer`]) are separate so that the
+//! pipeline can commit layer i while layer i+1 is applied on top of layer i's
+//! writable files.
+//!
 //! `config.json` (the overlaybd image config that `overlaybd-apply` would read) is
 //! written beside them for inspection with our other tools.
 
 use super::{Error, Result};
 use blockdev::commit::{commit_writable, CommitOptions, CommitStats};
-use blockdev::lsmt::{create_writable, CreateOptions};
+use blockdev::lsmt::{create_writable, CreateOptions, WritableLayer};
+use blockdev::stack::LowerSource;
 use blockdev::zfile::ZfileOptions;
 use blockdev::{BlockDevice, Stack, Uuid};
 use std::io::Read;
@@ -25,8 +30,9 @@ use std::sync::Arc;
 pub struct LayerJob<'a> {
     /// The layer's own directory.
     pub dir: &'a Path,
-    /// Committed files of the layers below, bottom first.
-    pub lowers: &'a [PathBuf],
+    /// The layers below, bottom first: committed files, or the previous layer's
+    /// writable files while its commit is still running.
+    pub lowers: &'a [LowerSource],
     /// Virtual size in bytes for a layer with no lowers; 0 otherwise.
     pub virtual_size: u64,
     /// Make an ext4 before applying (bottom layer with `--mkfs`).
@@ -40,22 +46,33 @@ pub const COMMIT_FILE: &str = "overlaybd.commit";
 pub const DATA_FILE: &str = "writable_data";
 pub const INDEX_FILE: &str = "writable_index";
 
-/// What building a layer did.
-pub struct LayerStats {
+/// A layer whose tar has been applied to its writable files, ready to commit.
+pub struct Applied {
+    pub data: PathBuf,
+    pub index: PathBuf,
+    pub out: PathBuf,
+    pub uuid: Uuid,
+    pub parent_uuid: Option<Uuid>,
     pub apply: obdfs::ApplyStats,
-    pub commit: CommitStats,
-    pub commit_file: PathBuf,
 }
 
-/// Create, fill and commit one layer from its (decompressed) tar stream.
-/// `on_apply` gets tar bytes consumed; `on_commit` is called when the commit starts
-/// and may return a progress callback for it.
-pub fn build_layer(
+impl Applied {
+    /// This layer as a lower of the next one while it is being committed.
+    pub fn as_lower(&self) -> LowerSource {
+        LowerSource::Writable {
+            data: self.data.clone(),
+            index: self.index.clone(),
+        }
+    }
+}
+
+/// Create the writable layer and apply one (decompressed) tar stream to it.
+/// `on_apply` gets tar bytes consumed.
+pub fn apply_layer(
     job: &LayerJob<'_>,
     tar: &mut dyn Read,
     on_apply: &mut dyn FnMut(u64),
-    on_commit: &mut dyn FnMut() -> Option<blockdev::commit::Progress>,
-) -> Result<LayerStats> {
+) -> Result<Applied> {
     let data = job.dir.join(DATA_FILE);
     let index = job.dir.join(INDEX_FILE);
     let out = job.dir.join(COMMIT_FILE);
@@ -77,50 +94,68 @@ pub fn build_layer(
         },
     )?;
     write_image_config(job, &data, &index)?;
-    let apply = {
-        let stack: Arc<dyn BlockDevice> = Arc::new(Stack::open(job.lowers, Some((&data, &index)))?);
-        if job.mkfs {
-            obdfs::mkfs(stack.clone(), &obdfs::MkfsOptions::default())?;
-        }
-        let mut cb = |s: &obdfs::ApplyStats| on_apply(s.tar_bytes);
-        let stats = obdfs::apply_tar(
-            stack.clone(),
-            tar,
-            obdfs::ApplyOptions {
-                progress: Some(&mut cb),
-                ..Default::default()
-            },
-        )?;
-        stack.flush()?;
-        stats
-    };
-    let commit = commit_writable(
-        &data,
-        &index,
-        &out,
-        &CommitOptions {
-            zfile: Some(ZfileOptions::default()),
-            tar: true,
-            uuid: Some(job.uuid),
-            parent_uuid: job.parent_uuid,
-            user_tag: None,
-            force: true,
-            progress: on_commit(),
+    let stack: Arc<dyn BlockDevice> = Arc::new(Stack::open_sources(
+        job.lowers,
+        Some((&data, &index)),
+        WritableLayer::open,
+    )?);
+    if job.mkfs {
+        obdfs::mkfs(stack.clone(), &obdfs::MkfsOptions::default())?;
+    }
+    let mut cb = |s: &obdfs::ApplyStats| on_apply(s.tar_bytes);
+    let apply = obdfs::apply_tar(
+        stack.clone(),
+        tar,
+        obdfs::ApplyOptions {
+            progress: Some(&mut cb),
+            ..Default::default()
         },
     )?;
-    Ok(LayerStats {
+    stack.flush()?;
+    Ok(Applied {
+        data,
+        index,
+        out,
+        uuid: job.uuid,
+        parent_uuid: job.parent_uuid,
         apply,
-        commit,
-        commit_file: out,
     })
 }
 
-/// The overlaybd image config of this step, as upstream's convertor writes it.
+/// Commit an applied layer to `overlaybd.commit`: ZFile (lz4, 4 KiB blocks, CRC)
+/// wrapped in a tar, with its uuid and parent uuid.
+pub fn commit_layer(
+    a: &Applied,
+    progress: Option<blockdev::commit::Progress>,
+) -> Result<CommitStats> {
+    Ok(commit_writable(
+        &a.data,
+        &a.index,
+        &a.out,
+        &CommitOptions {
+            zfile: Some(ZfileOptions::default()),
+            tar: true,
+            uuid: Some(a.uuid),
+            parent_uuid: a.parent_uuid,
+            user_tag: None,
+            force: true,
+            progress,
+        },
+    )?)
+}
+
+/// The overlaybd image config of this step, as upstream's convertor writes it
+/// (a lower still being committed is named by the commit file it becomes).
 fn write_image_config(job: &LayerJob<'_>, data: &Path, index: &Path) -> Result<()> {
     let lowers: Vec<_> = job
         .lowers
         .iter()
-        .map(|p| serde_json::json!({ "file": p }))
+        .map(|l| match l {
+            LowerSource::File(p) => serde_json::json!({ "file": p }),
+            LowerSource::Writable { data, .. } => serde_json::json!({
+                "file": data.parent().unwrap_or(Path::new(".")).join(COMMIT_FILE)
+            }),
+        })
         .collect();
     let cfg = serde_json::json!({
         "repoBlobUrl": "",

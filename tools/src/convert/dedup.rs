@@ -6,60 +6,24 @@
 //! [`DedupRegistry`]). Hook points in `pipeline.rs`:
 //! * before building a platform manifest: [`DedupTarget::lookup_manifest`]; a hit is
 //!   re-tagged instead of converted;
-//! * per layer, before its download: [`DedupTarget::lookup_layer`]; a hit is downloaded
-//!   (digest-verified) as that layer's commit file, the next layer is built on it;
+//! * per layer, before any download: [`DedupTarget::lookup_layer`]; a hit is not
+//!   converted; it is downloaded (digest-verified) as that layer's commit file only when a
+//!   layer above it is converted (it is that layer's lower);
 //! * after a layer push / a manifest push: [`DedupTarget::record_layer`] /
 //!   [`DedupTarget::record_manifest`]. Never with `--no-upload` (dedup is off then).
 //!
-//! Rows are namespaced by [`format_key`]: [`OUTPUT_FORMAT`] plus every option that
-//! changes the converted bytes.
+//! Rows are namespaced by [`ConvertOptions::dedup_format_key`]: [`super::FORMAT_VERSION`]
+//! plus every option that changes the converted bytes.
 
-use super::{ConvertOptions, Error, Result};
+#[cfg(doc)]
+use super::ConvertOptions;
 use crate::dedup::resolve::{
     CopyOutcome, Dedup, DedupRegistry, DedupStats, LayerLookup, ManifestLookup, Target,
 };
-use crate::oci::digest::hash_reader;
 use crate::oci::model::{is_manifest, sniff_media_type, Manifest};
 use crate::oci::{Descriptor, Digest, Reference};
 use crate::registry::{self, Registry};
-use std::fs::File;
 use std::sync::Arc;
-
-/// Version of the converted output. Bump it whenever a change makes the convertor produce
-/// different bytes for the same input and options (layer blobs, configs or manifests):
-/// rows written by older builds then stop matching instead of being reused.
-pub const OUTPUT_FORMAT: &str = "overlaybd-rs/1";
-
-/// The format key of a conversion with `opts`: [`OUTPUT_FORMAT`] plus the options that
-/// change the converted bytes:
-/// * `vsize` (with `--mkfs`): the filesystem geometry, hence every layer;
-/// * `mkfs=false` and the first 16 hex digits of the base layer's sha256: every layer is
-///   built on that base;
-/// * `referrer=true`: `subject` and `artifactType` in the manifest.
-///
-/// Not in the key: `--oci` (layer blobs and configs are the same; manifest rows are keyed
-/// by their media type), `--disable-sparse` (the committed layer does not depend on the
-/// writable file layout), concurrency, work directory, `--reserve`, `--dump-manifest`.
-pub fn format_key(opts: &ConvertOptions) -> Result<String> {
-    let mut o: Vec<(&str, String)> = Vec::new();
-    if opts.mkfs {
-        o.push(("vsize", opts.vsize_gb.to_string()));
-        o.push(("mkfs", "true".into()));
-    } else {
-        let base = &opts.baselayer;
-        let f = File::open(base).map_err(|e| {
-            Error::io(base, e).context("--mkfs=false needs upstream's prebuilt base layer")
-        })?;
-        let (d, _) = hash_reader(f).map_err(|e| Error::io(base, e))?;
-        o.push(("mkfs", "false".into()));
-        o.push(("base", d.hex()[..16].to_string()));
-    }
-    if opts.referrer {
-        o.push(("referrer", "true".into()));
-    }
-    let o: Vec<(&str, &str)> = o.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    Ok(crate::dedup::format_key(OUTPUT_FORMAT, &o))
-}
 
 /// [`DedupRegistry`] on one registry host with our client. "Missing" (`Ok(false)`,
 /// [`CopyOutcome::SourceMissing`]) is only ever a 404; every other failure is an `Err`.
@@ -289,61 +253,6 @@ impl DedupTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn format_key_holds_every_output_changing_option() {
-        let base = ConvertOptions::default();
-        let k = format_key(&base).unwrap();
-        assert_eq!(k, format!("{OUTPUT_FORMAT};vsize=64;mkfs=true"));
-        let vs = ConvertOptions {
-            vsize_gb: 4,
-            ..base.clone()
-        };
-        assert_ne!(format_key(&vs).unwrap(), k);
-        let r = ConvertOptions {
-            referrer: true,
-            ..base.clone()
-        };
-        assert_eq!(format_key(&r).unwrap(), format!("{k};referrer=true"));
-        // Options that do not change the bytes share the key.
-        let same = ConvertOptions {
-            oci: true,
-            disable_sparse: true,
-            reserve: true,
-            dump_manifest: true,
-            concurrency_limit: 1,
-            workdir: "/elsewhere".into(),
-            ..base.clone()
-        };
-        assert_eq!(format_key(&same).unwrap(), k);
-
-        // --mkfs=false: keyed by the base layer's content, vsize does not apply.
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        std::fs::write(&a, b"base one").unwrap();
-        std::fs::write(&b, b"base two").unwrap();
-        let nomkfs = |p: &std::path::Path, vsize_gb| ConvertOptions {
-            mkfs: false,
-            baselayer: p.to_path_buf(),
-            vsize_gb,
-            ..base.clone()
-        };
-        let ka = format_key(&nomkfs(&a, 64)).unwrap();
-        let expected_hex = &Digest::of(b"base one").hex()[..16].to_string();
-        assert_eq!(
-            ka,
-            format!("{OUTPUT_FORMAT};mkfs=false;base={expected_hex}")
-        );
-        assert_eq!(format_key(&nomkfs(&a, 8)).unwrap(), ka);
-        assert_ne!(format_key(&nomkfs(&b, 64)).unwrap(), ka);
-        let e = format_key(&nomkfs(&dir.path().join("missing"), 64)).unwrap_err();
-        assert!(e.to_string().contains("missing"), "{e}");
-        // Every key is accepted by the database.
-        let db = dir.path().join("db.sqlite");
-        crate::dedup::open("sqlite", db.to_str().unwrap(), &ka)
-            .unwrap()
-            .unwrap();
-    }
 
     #[test]
     fn manifest_blobs_lists_config_then_layers() {

@@ -155,3 +155,96 @@ impl Default for ConvertOptions {
         }
     }
 }
+
+/// Version of the bytes this convertor produces. Bump it whenever a change (in the
+/// LSMT/ZFile writers, mkfs, apply, the tar wrapper, ...) changes the output for the
+/// same input, so the dedup database never hands out layers made by another version.
+pub const FORMAT_VERSION: &str = "overlaybd-rs/1";
+
+impl ConvertOptions {
+    /// The dedup format key for these options: [`FORMAT_VERSION`] plus every option
+    /// that changes the converted bytes. With `--mkfs=false` the base layer's
+    /// content is part of the key, since every layer is applied on top of it.
+    pub fn dedup_format_key(&self) -> Result<String> {
+        let vsize = self.vsize_gb.to_string();
+        let mut opts: Vec<(&str, String)> = vec![
+            ("vsize", vsize),
+            ("mkfs", self.mkfs.to_string()),
+            ("sparse", (!self.disable_sparse).to_string()),
+            ("referrer", self.referrer.to_string()),
+        ];
+        if !self.mkfs {
+            let f =
+                std::fs::File::open(&self.baselayer).map_err(|e| Error::io(&self.baselayer, e))?;
+            let (d, _) =
+                crate::oci::digest::hash_reader(f).map_err(|e| Error::io(&self.baselayer, e))?;
+            opts.push(("base", d.as_str()["sha256:".len()..][..16].to_string()));
+        }
+        let refs: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Ok(crate::dedup::format_key(FORMAT_VERSION, &refs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_format_key_holds_the_output_changing_options() {
+        let base = ConvertOptions::default();
+        let k = base.dedup_format_key().unwrap();
+        assert!(k.starts_with(&format!("{FORMAT_VERSION};")), "{k}");
+        let changed = [
+            ConvertOptions {
+                vsize_gb: 4,
+                ..base.clone()
+            },
+            ConvertOptions {
+                referrer: true,
+                ..base.clone()
+            },
+            ConvertOptions {
+                disable_sparse: true,
+                ..base.clone()
+            },
+        ];
+        for o in &changed {
+            assert_ne!(o.dedup_format_key().unwrap(), k, "{o:?}");
+        }
+        // Options that only change how the work is done share the key; manifest rows
+        // are keyed by their media type, so --oci needs no part of its own.
+        let same = ConvertOptions {
+            oci: true,
+            reserve: true,
+            dump_manifest: true,
+            concurrency_limit: 1,
+            workdir: "/elsewhere".into(),
+            ..base.clone()
+        };
+        assert_eq!(same.dedup_format_key().unwrap(), k);
+
+        // --mkfs=false: keyed by the base layer's content.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"base one").unwrap();
+        std::fs::write(&b, b"base two").unwrap();
+        let nomkfs = |p: &std::path::Path| ConvertOptions {
+            mkfs: false,
+            baselayer: p.to_path_buf(),
+            ..base.clone()
+        };
+        let ka = nomkfs(&a).dedup_format_key().unwrap();
+        let hex = crate::oci::Digest::of(b"base one").hex()[..16].to_string();
+        assert!(ka.ends_with(&format!(";base={hex}")), "{ka}");
+        assert_ne!(nomkfs(&b).dedup_format_key().unwrap(), ka);
+        let e = nomkfs(&dir.path().join("missing"))
+            .dedup_format_key()
+            .unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+        // Every key is accepted by the database.
+        let db = dir.path().join("db.sqlite");
+        crate::dedup::open("sqlite", db.to_str().unwrap(), &ka)
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -12,6 +12,7 @@ use crate::oci::digest::{hash_reader, VerifyReader};
 use crate::oci::model::*;
 use crate::oci::{chain_ids, Descriptor, Digest, Reference};
 use crate::registry::BlobSource;
+use blockdev::stack::LowerSource;
 use crossbeam_channel::{bounded, unbounded, Receiver};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -124,12 +125,12 @@ enum Committed {
 enum LayerBlob {
     /// In the source store's own directory: read (and verified) from there.
     Local,
+    /// Being downloaded into this file; readers follow the download.
+    Streaming(PathBuf, Arc<Growing>),
     /// Reused from the dedup database: the converted layer (in the destination), and
     /// when a layer above it is converted, the file it was downloaded (and verified) as:
     /// the layer's commit file, the next layer's lower.
     Reused(Box<Descriptor>, Option<PathBuf>),
-    /// Being downloaded into this file; readers follow the download.
-    Streaming(PathBuf, Arc<Growing>),
 }
 
 /// Progress of a download into a file, for readers that follow it.
@@ -739,47 +740,67 @@ impl Converter {
             // layer is applied.
             let (up_tx, up_rx) = unbounded::<(usize, Committed)>();
             let uploader = s.spawn(move || self.upload_loop(label, n, up_rx, chain));
-            let mut lowers: Vec<PathBuf> = Vec::new();
+            let mut lowers: Vec<LowerSource> = Vec::new();
             if !self.opts.mkfs {
-                lowers.push(self.opts.baselayer.clone());
+                lowers.push(LowerSource::File(self.opts.baselayer.clone()));
             }
+            // Layer i is committed on its own thread while layer i+1 is applied on top
+            // of its writable files; at most one commit runs at a time.
+            type Committing<'a> = (usize, std::thread::ScopedJoinHandle<'a, Result<PathBuf>>);
+            let mut committing: Option<Committing<'_>> = None;
+            // Wait for the running commit, swap its writable lower for the commit file
+            // and hand it to the uploader.
+            let finish = |c: &mut Option<Committing<'_>>,
+                          lowers: &mut Vec<LowerSource>|
+             -> Result<()> {
+                if let Some((j, h)) = c.take() {
+                    let path = h
+                        .join()
+                        .unwrap_or_else(|_| Err(Error::Invalid("commit thread panicked".into())))
+                        .map_err(|e| {
+                            if e.is_interrupted() {
+                                e
+                            } else {
+                                e.context(format!("layer {}/{n} ({})", j + 1, layers[j].digest))
+                            }
+                        })?;
+                    if let Some(last) = lowers.last_mut() {
+                        *last = LowerSource::File(path.clone());
+                    }
+                    self.layers_converted.fetch_add(1, Ordering::Relaxed);
+                    let _ = up_tx.send((j, Committed::Built(path)));
+                }
+                Ok(())
+            };
             let res = (|| -> Result<()> {
                 for i in 0..n {
                     let blob = chans[i].1.recv().map_err(|_| Error::Interrupted)??;
                     self.check_abort()?;
-                    let done = match blob {
-                        LayerBlob::Reused(desc, commit) => {
-                            self.layers_reused.fetch_add(1, Ordering::Relaxed);
-                            // Not downloaded: no layer above is built on it.
-                            if let Some(c) = commit {
-                                lowers.push(c);
+                    if let LayerBlob::Reused(desc, commit) = blob {
+                        finish(&mut committing, &mut lowers)?;
+                        self.layers_reused.fetch_add(1, Ordering::Relaxed);
+                        // Downloaded as its commit file when a layer above is built on it.
+                        if let Some(c) = commit {
+                            lowers.push(LowerSource::File(c));
+                        }
+                        let _ = up_tx.send((i, Committed::Reused(desc)));
+                        continue;
+                    }
+                    let applied = self
+                        .apply_layer(label, i, n, &layers[i], blob, &dirs[i], &lowers, chain)
+                        .map_err(|e| {
+                            if e.is_interrupted() {
+                                e
+                            } else {
+                                e.context(format!("layer {}/{n} ({})", i + 1, layers[i].digest))
                             }
-                            Committed::Reused(desc)
-                        }
-                        blob => {
-                            let c = self
-                                .apply_layer(
-                                    label, i, n, &layers[i], blob, &dirs[i], &lowers, chain,
-                                )
-                                .map_err(|e| {
-                                    if e.is_interrupted() {
-                                        e
-                                    } else {
-                                        e.context(format!(
-                                            "layer {}/{n} ({})",
-                                            i + 1,
-                                            layers[i].digest
-                                        ))
-                                    }
-                                })?;
-                            self.layers_converted.fetch_add(1, Ordering::Relaxed);
-                            lowers.push(c.clone());
-                            Committed::Built(c)
-                        }
-                    };
-                    let _ = up_tx.send((i, done));
+                        })?;
+                    finish(&mut committing, &mut lowers)?;
+                    lowers.push(applied.as_lower());
+                    let h = s.spawn(move || self.commit_one(label, i, n, &applied));
+                    committing = Some((i, h));
                 }
-                Ok(())
+                finish(&mut committing, &mut lowers)
             })();
             drop(up_tx);
             if let Err(e) = &res {
@@ -1088,23 +1109,23 @@ impl Converter {
         layer: &Descriptor,
         blob: LayerBlob,
         dir: &Path,
-        lowers: &[PathBuf],
+        lowers: &[LowerSource],
         chain: &[Digest],
-    ) -> Result<PathBuf> {
+    ) -> Result<chain::Applied> {
         let name = format!("{label} layer {}/{n}", i + 1);
         let input: Box<dyn Read + Send> = match &blob {
             LayerBlob::Local => self.src.open_blob(layer)?,
-            LayerBlob::Reused(..) => {
-                return Err(Error::Invalid(format!(
-                    "{name}: internal error: a reused layer cannot be applied"
-                )))
-            }
             LayerBlob::Streaming(p, g) => Box::new(FollowReader {
                 file: File::open(p).map_err(|e| Error::io(p, e))?,
                 pos: 0,
                 growing: g.clone(),
                 abort: self.abort.clone(),
             }),
+            LayerBlob::Reused(..) => {
+                return Err(Error::Invalid(format!(
+                    "{name}: internal error: a reused layer cannot be applied"
+                )))
+            }
         };
         let tee = if self.opts.reserve {
             let p = dir.join("layer.tar");
@@ -1137,7 +1158,7 @@ impl Converter {
         };
         let (tx, rx) = bounded::<io::Result<Vec<u8>>>(16);
         let abort = self.abort.clone();
-        let stats = std::thread::scope(|s| -> Result<chain::LayerStats> {
+        std::thread::scope(|s| -> Result<chain::Applied> {
             s.spawn(move || decompress_into(input, tee, tx, &abort));
             let consumed = Arc::new(AtomicU64::new(0));
             let mut reader = ChannelReader {
@@ -1149,44 +1170,41 @@ impl Converter {
             };
             let apply_bar = self.progress.start(&name, Stage::Apply, None);
             let setter = apply_bar.setter();
-            let mut apply_bar = Some(apply_bar);
-            let mut commit_bar = None;
-            let res = {
-                let mut on_apply = |b: u64| setter(b);
-                let mut on_commit = || {
-                    if let Some(b) = apply_bar.take() {
-                        b.finish(Some(consumed.load(Ordering::Relaxed)), "");
-                    }
-                    let b = self.progress.start(&name, Stage::Commit, None);
-                    let set = b.setter();
-                    commit_bar = Some(b);
-                    Some(blockdev::commit::Progress(Arc::new(move |done, _total| {
-                        set(done)
-                    })))
-                };
-                chain::build_layer(&job, &mut reader, &mut on_apply, &mut on_commit)
-            };
+            let res = chain::apply_layer(&job, &mut reader, &mut |b| setter(b));
             // Read to the end so the source digest is verified even if the tar ended
             // before its padding.
             let drained = io::copy(&mut reader, &mut io::sink());
-            let stats = res?;
+            let applied = res?;
             drained
                 .map_err(|e| Error::io(format!("{} layer {}", self.src.name(), layer.digest), e))?;
-            if let Some(b) = commit_bar {
-                b.finish(
-                    Some(stats.commit.output_size),
-                    &format!(
-                        "{} tar entries, {:.1} MB of file data",
-                        stats.apply.entries,
-                        stats.apply.data_bytes as f64 / 1e6
-                    ),
-                );
-            }
-            Ok(stats)
-        })?;
-        // The writable files and the downloaded blob are removed by the upload
-        // thread: unlinking a large sparse file takes a while.
-        Ok(stats.commit_file)
+            apply_bar.finish(Some(consumed.load(Ordering::Relaxed)), "");
+            Ok(applied)
+        })
+    }
+
+    /// Commit an applied layer; returns its commit file. The writable files are
+    /// removed later by the upload thread: unlinking a large sparse file takes a while.
+    fn commit_one(
+        &self,
+        label: &str,
+        i: usize,
+        n: usize,
+        applied: &chain::Applied,
+    ) -> Result<PathBuf> {
+        let name = format!("{label} layer {}/{n}", i + 1);
+        let bar = self.progress.start(&name, Stage::Commit, None);
+        let set = bar.setter();
+        let progress = blockdev::commit::Progress(Arc::new(move |done, _total| set(done)));
+        let stats = chain::commit_layer(applied, Some(progress))?;
+        bar.finish(
+            Some(stats.output_size),
+            &format!(
+                "{} tar entries, {:.1} MB of file data",
+                applied.apply.entries,
+                applied.apply.data_bytes as f64 / 1e6
+            ),
+        );
+        Ok(applied.out.clone())
     }
 }
 

@@ -33,11 +33,6 @@ pub trait ImageStore: Send + Sync {
     fn mount_blob(&self, _desc: &Descriptor, _from_repo: &str) -> Result<bool> {
         Ok(false)
     }
-    /// The registry client behind this store, if it is a registry repository (dedup needs
-    /// the registry operations of [`crate::dedup::resolve::DedupRegistry`]).
-    fn registry(&self) -> Option<Arc<registry::Registry>> {
-        None
-    }
     /// Store a blob unless present.
     fn push_blob(
         &self,
@@ -47,6 +42,10 @@ pub trait ImageStore: Send + Sync {
     ) -> Result<()>;
     /// Store a manifest/index, under `tag` if given (by digest otherwise).
     fn push_manifest(&self, tag: Option<&str>, desc: &Descriptor, bytes: &[u8]) -> Result<()>;
+    /// The registry client behind this store, if it is a registry.
+    fn registry(&self) -> Option<Arc<registry::Registry>> {
+        None
+    }
 }
 
 /// Open the store an [`ImageRef`] names. Layout destinations are created if missing.
@@ -78,6 +77,9 @@ pub struct RegistryStore {
 }
 
 impl ImageStore for RegistryStore {
+    fn registry(&self) -> Option<Arc<registry::Registry>> {
+        Some(self.repo.registry().clone())
+    }
     fn name(&self) -> String {
         format!("{}/{}", self.repo.registry().host(), self.repo.name())
     }
@@ -107,9 +109,6 @@ impl ImageStore for RegistryStore {
     }
     fn mount_blob(&self, desc: &Descriptor, from_repo: &str) -> Result<bool> {
         Ok(self.repo.mount_blob(desc, from_repo)?)
-    }
-    fn registry(&self) -> Option<Arc<registry::Registry>> {
-        Some(self.repo.registry().clone())
     }
     fn push_blob(
         &self,

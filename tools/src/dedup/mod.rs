@@ -89,11 +89,11 @@ pub enum DbError {
     UnknownType(String),
     #[error("--db-type {0} needs --db-str ({1})")]
     MissingDbStr(&'static str, &'static str),
-    #[error("invalid MySQL --db-str {dsn:?}: {source}")]
+    #[error("invalid MySQL --db-str {dsn:?}: {error}")]
     BadDsn {
         /// The DSN with the password replaced by `***`.
         dsn: String,
-        source: dsn::DsnError,
+        error: dsn::DsnError,
     },
     #[error("cannot connect to MySQL {target}: {detail}")]
     MysqlConnect { target: String, detail: String },
@@ -107,11 +107,11 @@ pub enum DbError {
     },
     #[error("cannot use SQLite database {path}: {detail}")]
     SqliteOpen { path: PathBuf, detail: String },
-    #[error("SQLite database {path}: {op}: {source}")]
+    #[error("SQLite database {path}: {op}: {error}")]
     Sqlite {
         path: PathBuf,
         op: &'static str,
-        source: rusqlite::Error,
+        error: rusqlite::Error,
     },
     #[error("invalid dedup format key {value:?}: {reason}")]
     BadFormat { value: String, reason: &'static str },
@@ -256,9 +256,9 @@ pub fn open(
     validate_format_key(format_key)?;
     let backend: Box<dyn Backend> = match kind {
         DbKind::Mysql => {
-            let parsed = dsn::Dsn::parse(db_str).map_err(|source| DbError::BadDsn {
+            let parsed = dsn::Dsn::parse(db_str).map_err(|error| DbError::BadDsn {
                 dsn: dsn::redact(db_str),
-                source,
+                error,
             })?;
             Box::new(mysql::MysqlBackend::connect(&parsed)?)
         }

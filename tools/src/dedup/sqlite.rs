@@ -104,10 +104,10 @@ impl SqliteBackend {
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, DbError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&conn).map_err(|source| DbError::Sqlite {
+        f(&conn).map_err(|error| DbError::Sqlite {
             path: self.path.clone(),
             op,
-            source,
+            error,
         })
     }
 

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install the overlaybd tools and run the main job on the embedded default:
+# convert a sample OCI image (built offline by tests/images/build.py) held in a
+# local OCI layout into an overlaybd image in the same layout — no registry.
+#   PREFIX (default ~/.local) is where the binaries go; SAMPLE (default
+#   /tmp/overlaybd-sample) is the OCI layout directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PREFIX=${PREFIX:-$HOME/.local}
+SAMPLE=${SAMPLE:-/tmp/overlaybd-sample}
+scripts/deps.sh build
+command -v python3 >/dev/null || { echo "python3 is needed for the sample image" >&2; exit 1; }
+cargo install --quiet --locked --path tools --root "$PREFIX"
+export PATH="$PREFIX/bin:$PATH"
+rm -rf "$SAMPLE"
+python3 tests/images/build.py sample "$SAMPLE"
+convertor -r "oci:$SAMPLE" -i latest -o latest_obd
+echo
+echo "converted image 'latest_obd' in $SAMPLE:"
+python3 - "$SAMPLE" <<'PY'
+import json, sys, os
+d = sys.argv[1]
+idx = json.load(open(os.path.join(d, "index.json")))
+for m in idx["manifests"]:
+    if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == "latest_obd":
+        man = json.load(open(os.path.join(d, "blobs", *m["digest"].split(":"))))
+        for l in man["layers"]:
+            print(f'  {l["digest"]}  {l["size"]:>9} bytes  {l["mediaType"]}')
+PY
+echo "inspect a layer stack with: overlaybd-nbd serve <layer blobs...> (see README)"
