@@ -21,6 +21,7 @@ use super::ConvertOptions;
 use obddedup::resolve::{
     CopyOutcome, Dedup, DedupRegistry, DedupStats, LayerLookup, ManifestLookup, Target,
 };
+use obdoci::error::Chain;
 use obdoci::model::{is_manifest, sniff_media_type, Manifest};
 use obdoci::{Descriptor, Digest, Reference};
 use obdregistry::{self as registry, Registry, Repository};
@@ -64,23 +65,40 @@ fn manifest_blobs(bytes: &[u8]) -> Option<Vec<Descriptor>> {
     Some(std::iter::once(m.config).chain(m.layers).collect())
 }
 
-impl DedupRegistry for RegistryOps {
-    type Error = registry::Error;
+/// A registry error as dedup logs it: with its causes.
+#[derive(Debug)]
+pub struct OpError(pub registry::Error);
 
-    fn blob_exists(&self, repo: &str, digest: &str) -> registry::Result<bool> {
-        self.reg
+impl From<registry::Error> for OpError {
+    fn from(e: registry::Error) -> OpError {
+        OpError(e)
+    }
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", Chain(&self.0))
+    }
+}
+
+impl DedupRegistry for RegistryOps {
+    type Error = OpError;
+
+    fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool, OpError> {
+        Ok(self
+            .reg
             .repository(repo)
-            .blob_exists(&Self::digest(digest)?)
+            .blob_exists(&Self::digest(digest)?)?)
     }
 
-    fn mount_blob(&self, from_repo: &str, to_repo: &str, digest: &str) -> registry::Result<bool> {
+    fn mount_blob(&self, from_repo: &str, to_repo: &str, digest: &str) -> Result<bool, OpError> {
         let d = Descriptor::new("application/octet-stream", Self::digest(digest)?, 0);
-        self.reg.repository(to_repo).mount_blob(&d, from_repo)
+        Ok(self.reg.repository(to_repo).mount_blob(&d, from_repo)?)
     }
 
     /// A manifest counts as present only with every blob it references: one whose config
     /// or layer was deleted from the repository cannot be pulled, so its row is stale.
-    fn manifest_exists(&self, repo: &str, digest: &str) -> registry::Result<bool> {
+    fn manifest_exists(&self, repo: &str, digest: &str) -> Result<bool, OpError> {
         let r = self.reg.repository(repo);
         let Some(bytes) = self.get_manifest(&r, &Self::digest(digest)?)? else {
             return Ok(false);
@@ -103,7 +121,7 @@ impl DedupRegistry for RegistryOps {
         to_repo: &str,
         digest: &str,
         media_type: &str,
-    ) -> registry::Result<CopyOutcome> {
+    ) -> Result<CopyOutcome, OpError> {
         let d = Self::digest(digest)?;
         let from = self.reg.repository(from_repo);
         let Some(bytes) = self.get_manifest(&from, &d)? else {

@@ -36,29 +36,39 @@ pub mod progress;
 pub mod store;
 
 pub use dedup::DedupTarget;
+use obdoci::ErrorKind;
 pub use pipeline::{ConvertOutcome, Converter};
 pub use store::{open_store, ImageStore, LayoutStore, RegistryStore};
 
 use std::path::PathBuf;
 
-/// Conversion errors.
+/// Conversion errors. Causes are kept as sources; show an error with
+/// [`obdoci::error::Chain`] to get them on one line.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    Registry(obdregistry::Error),
-    #[error("{0}")]
-    Oci(obdoci::Error),
-    #[error("{0}")]
-    Blockdev(blockdev::Error),
-    #[error("{0}")]
-    Fs(obdfs::Error),
-    #[error("{path}: {error}")]
+    #[error(transparent)]
+    Registry(#[from] obdregistry::Error),
+    #[error(transparent)]
+    Oci(#[from] obdoci::Error),
+    #[error(transparent)]
+    Blockdev(#[from] blockdev::Error),
+    #[error(transparent)]
+    Fs(#[from] obdfs::Error),
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
-    #[error("{context}: {inner}")]
-    Context { context: String, inner: Box<Error> },
+    /// Reading a blob stream failed; the stream's error names the store and the blob.
+    #[error(transparent)]
+    Stream(std::io::Error),
+    #[error("{context}")]
+    Context {
+        context: String,
+        #[source]
+        inner: Box<Error>,
+    },
     #[error("{0}")]
     Unsupported(String),
     #[error("{0}")]
@@ -67,19 +77,31 @@ pub enum Error {
     Interrupted,
 }
 
-macro_rules! from_error {
-    ($($t:ty => $v:ident),*) => {$(
-        impl From<$t> for Error {
-            fn from(e: $t) -> Error {
-                Error::$v(e)
-            }
-        }
-    )*};
-}
-from_error!(obdregistry::Error => Registry, obdoci::Error => Oci,
-            blockdev::Error => Blockdev, obdfs::Error => Fs);
-
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The kind of the first `io::Error` among `e`'s causes, if it has one.
+fn io_kind_in(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io_kind(io));
+        }
+        cur = c.source();
+    }
+    None
+}
+
+/// The kind of an I/O error, looking into a registry or OCI error it carries.
+fn io_kind(e: &std::io::Error) -> ErrorKind {
+    let inner = e.get_ref();
+    if let Some(r) = inner.and_then(|i| i.downcast_ref::<obdregistry::Error>()) {
+        return r.kind();
+    }
+    if let Some(o) = inner.and_then(|i| i.downcast_ref::<obdoci::Error>()) {
+        return o.kind();
+    }
+    ErrorKind::of_io(e)
+}
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
@@ -89,24 +111,38 @@ impl Error {
         }
     }
 
-    pub(crate) fn context(self, c: impl Into<String>) -> Error {
-        match self {
-            Error::Interrupted => Error::Interrupted,
-            e => Error::Context {
+    /// Adds `c` as context, except to an interruption, which stays as it is: it is not a
+    /// failure of its own and is reported as "interrupted" or dropped in favour of the
+    /// failure that caused it.
+    pub fn context(self, c: impl Into<String>) -> Error {
+        if self.is_interrupted() {
+            self
+        } else {
+            Error::Context {
                 context: c.into(),
-                inner: Box::new(e),
-            },
+                inner: Box::new(self),
+            }
+        }
+    }
+
+    /// What kind of failure this is, from its root cause.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Registry(e) => e.kind(),
+            Error::Oci(e) => e.kind(),
+            Error::Blockdev(blockdev::Error::Corrupt { .. }) => ErrorKind::Corrupt,
+            Error::Blockdev(e) => io_kind_in(e).unwrap_or(ErrorKind::Io),
+            Error::Fs(e) => io_kind_in(e).unwrap_or(ErrorKind::Invalid),
+            Error::Io { error, .. } | Error::Stream(error) => io_kind(error),
+            Error::Context { inner, .. } => inner.kind(),
+            Error::Unsupported(_) | Error::Invalid(_) => ErrorKind::Invalid,
+            Error::Interrupted => ErrorKind::Interrupted,
         }
     }
 
     /// Whether the root cause is an interruption (Ctrl-C or a sibling's failure).
     pub fn is_interrupted(&self) -> bool {
-        match self {
-            Error::Interrupted | Error::Registry(obdregistry::Error::Interrupted) => true,
-            Error::Context { inner, .. } => inner.is_interrupted(),
-            Error::Io { error, .. } => error.kind() == std::io::ErrorKind::Interrupted,
-            _ => false,
-        }
+        self.kind() == ErrorKind::Interrupted
     }
 }
 

@@ -12,6 +12,7 @@ use blockdev::stack::LowerSource;
 use crossbeam_channel::{bounded, unbounded, Receiver};
 use obddedup::resolve::DedupStats;
 use obdoci::digest::{hash_reader, VerifyReader};
+use obdoci::error::Chain;
 use obdoci::model::*;
 use obdoci::{chain_ids, Descriptor, Digest, Reference};
 use obdregistry::BlobSource;
@@ -471,15 +472,11 @@ impl Converter {
         let res = self
             .build_manifest(&mdir, &label, desc, bytes, tag)
             .map_err(|e| {
-                if e.is_interrupted() {
-                    e
-                } else {
-                    e.context(format!(
-                        "converting manifest {}@{}",
-                        self.src.name(),
-                        desc.digest
-                    ))
-                }
+                e.context(format!(
+                    "converting manifest {}@{}",
+                    self.src.name(),
+                    desc.digest
+                ))
             });
         if !self.opts.reserve {
             cleanup_manifest_dir(&mdir);
@@ -515,8 +512,9 @@ impl Converter {
                 Ok(d) => return Ok(d),
                 Err(e) if e.is_interrupted() => return Err(e),
                 Err(e) => tracing::warn!(
-                    "{what}: cannot reuse its converted manifest {} ({e}); converting",
-                    hit.digest
+                    "{what}: cannot reuse its converted manifest {} ({}); converting",
+                    hit.digest,
+                    Chain(&e)
                 ),
             }
         }
@@ -721,7 +719,7 @@ impl Converter {
                         let hit = hits[i]
                             .as_ref()
                             .map(|h| (h, last_miss.is_some_and(|m| i < m)));
-                        self.get_layer(label, i, n, &layers[i], &dirs[i], hit, tx)
+                        self.get_layer(label, i, n, &layers[i], &dirs[i], hit, tx, &fail)
                     };
                     if let Err(e) = r {
                         fail(e);
@@ -752,11 +750,7 @@ impl Converter {
                         .join()
                         .unwrap_or_else(|_| Err(Error::Invalid("commit thread panicked".into())))
                         .map_err(|e| {
-                            if e.is_interrupted() {
-                                e
-                            } else {
-                                e.context(format!("layer {}/{n} ({})", j + 1, layers[j].digest))
-                            }
+                            e.context(format!("layer {}/{n} ({})", j + 1, layers[j].digest))
                         })?;
                     if let Some(last) = lowers.last_mut() {
                         *last = LowerSource::File(path.clone());
@@ -783,11 +777,7 @@ impl Converter {
                     let applied = self
                         .apply_layer(label, i, n, &layers[i], blob, &dirs[i], &lowers, chain)
                         .map_err(|e| {
-                            if e.is_interrupted() {
-                                e
-                            } else {
-                                e.context(format!("layer {}/{n} ({})", i + 1, layers[i].digest))
-                            }
+                            e.context(format!("layer {}/{n} ({})", i + 1, layers[i].digest))
                         })?;
                     finish(&mut committing, &mut lowers)?;
                     lowers.push(applied.as_lower());
@@ -873,16 +863,12 @@ impl Converter {
                 .push_blob(&desc, BlobSource::File(&path), Some(bar.setter()));
             if let Err(e) = r {
                 self.abort.store(true, Ordering::Relaxed);
-                return Err(if e.is_interrupted() {
-                    e
-                } else {
-                    e.context(format!(
-                        "uploading layer {}/{n} ({}) to {}",
-                        i + 1,
-                        desc.digest,
-                        self.dst.name()
-                    ))
-                });
+                return Err(e.context(format!(
+                    "uploading layer {}/{n} ({}) to {}",
+                    i + 1,
+                    desc.digest,
+                    self.dst.name()
+                )));
             }
             bar.finish(Some(desc.size), "");
             if let Some(dd) = &self.dedup {
@@ -907,6 +893,7 @@ impl Converter {
         layer: &Descriptor,
         dir: &Path,
         tx: &crossbeam_channel::Sender<Result<LayerBlob>>,
+        fail: &dyn Fn(Error),
     ) -> Result<()> {
         if self.src.local_blob_path(layer).is_some() {
             let _ = tx.send(Ok(LayerBlob::Local));
@@ -918,13 +905,7 @@ impl Converter {
             Some(layer.size),
         );
         let path = dir.join("layer.blob");
-        let ctx = |e: Error| {
-            if e.is_interrupted() {
-                e
-            } else {
-                e.context(format!("downloading layer {}/{n}", i + 1))
-            }
-        };
+        let ctx = |e: Error| e.context(format!("downloading layer {}/{n}", i + 1));
         let mut r = self.src.open_blob(layer).map_err(ctx)?;
         let mut f = File::create(&path).map_err(|e| ctx(Error::io(&path, e)))?;
         let growing = Growing::new();
@@ -945,8 +926,8 @@ impl Converter {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                         return Err(Error::Interrupted)
                     }
-                    // BlobReader errors name the registry, repository and blob.
-                    Err(e) => return Err(Error::Invalid(e.to_string())),
+                    // The store's stream errors name the registry, repository and blob.
+                    Err(e) => return Err(Error::Stream(e)),
                 };
                 f.write_all(&buf[..k]).map_err(|e| Error::io(&path, e))?;
                 pos += k as u64;
@@ -963,8 +944,11 @@ impl Converter {
                 Ok(())
             }
             Err(e) => {
-                growing.finish(Err(e.to_string()));
-                Err(e)
+                // Recorded as the failure before the applier following the download
+                // sees it fail, so that its failure is not reported instead.
+                fail(e);
+                growing.finish(Err(format!("downloading layer {}/{n} failed", i + 1)));
+                Err(Error::Interrupted)
             }
         }
     }
@@ -1007,6 +991,7 @@ impl Converter {
         dir: &Path,
         hit: Option<(&Reused, bool)>,
         tx: &crossbeam_channel::Sender<Result<LayerBlob>>,
+        fail: &dyn Fn(Error),
     ) -> Result<()> {
         if let Some((hit, needed_as_lower)) = hit {
             if !needed_as_lower {
@@ -1032,14 +1017,15 @@ impl Converter {
                 Err(e) => {
                     let _ = fs::remove_file(dir.join(chain::COMMIT_FILE));
                     tracing::warn!(
-                        "{label} layer {}/{n}: cannot download its converted layer {} ({e}); converting the layer",
+                        "{label} layer {}/{n}: cannot download its converted layer {} ({}); converting the layer",
                         i + 1,
-                        hit.digest
+                        hit.digest,
+                        Chain(&e)
                     );
                 }
             }
         }
-        self.fetch_layer(label, i, n, layer, dir, tx)
+        self.fetch_layer(label, i, n, layer, dir, tx, fail)
     }
 
     /// A converted layer reused from the dedup database: download it from the destination
@@ -1079,7 +1065,7 @@ impl Converter {
                     continue;
                 }
                 // Stream errors name the registry and blob; mismatches name `what`.
-                Err(e) => return Err(Error::Invalid(e.to_string())),
+                Err(e) => return Err(Error::Stream(e)),
             };
             f.write_all(&buf[..k]).map_err(|e| Error::io(&path, e))?;
             bar.set(r.position());

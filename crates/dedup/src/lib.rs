@@ -35,6 +35,9 @@ pub mod resolve;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+#[cfg(feature = "mysql")]
+pub use mysql::MysqlError;
+
 use std::fmt;
 use std::path::PathBuf;
 
@@ -97,25 +100,55 @@ pub enum DbError {
     BadDsn {
         /// The DSN with the password replaced by `***`.
         dsn: String,
+        #[source]
         error: dsn::DsnError,
     },
-    #[error("cannot connect to MySQL {target}: {detail}")]
-    MysqlConnect { target: String, detail: String },
-    #[error("MySQL {target} is not ready for dedup: {detail}")]
-    MysqlSchema { target: String, detail: String },
-    #[error("MySQL {target}: {op}: {detail}")]
+    /// The server cannot be reached or refuses us; `hint` names the usual fix.
+    #[cfg(feature = "mysql")]
+    #[error("cannot connect to MySQL {target}: {error}{hint}")]
+    MysqlConnect {
+        target: String,
+        #[source]
+        error: mysql::MysqlError,
+        hint: &'static str,
+    },
+    #[error("cannot connect to MySQL {target}: the server does not offer TLS, which tls= in --db-str requires")]
+    MysqlNoTls { target: String },
+    /// A dedup table cannot be used (missing, unreadable, other columns).
+    #[cfg(feature = "mysql")]
+    #[error(
+        "MySQL {target} is not ready for dedup: {}",
+        mysql::schema_problem(table, error)
+    )]
+    MysqlSchema {
+        target: String,
+        table: &'static str,
+        #[source]
+        error: mysql::MysqlError,
+    },
+    #[cfg(feature = "mysql")]
+    #[error("MySQL {target}: {op}: {error}")]
     Mysql {
         target: String,
         op: &'static str,
-        detail: String,
+        #[source]
+        error: mysql::MysqlError,
     },
-    #[error("cannot use SQLite database {path}: {detail}")]
-    SqliteOpen { path: PathBuf, detail: String },
+    /// The SQLite file cannot be opened, created, switched to WAL mode or written.
     #[cfg(feature = "sqlite")]
-    #[error("SQLite database {path}: {op}: {error}")]
+    #[error("cannot use SQLite database {}: {}", path.display(), sqlite::open_problem(problem, error))]
+    SqliteOpen {
+        path: PathBuf,
+        problem: Option<String>,
+        #[source]
+        error: Option<rusqlite::Error>,
+    },
+    #[cfg(feature = "sqlite")]
+    #[error("SQLite database {}: {op}: {error}", path.display())]
     Sqlite {
         path: PathBuf,
         op: &'static str,
+        #[source]
         error: rusqlite::Error,
     },
     #[error(

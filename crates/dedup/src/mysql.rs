@@ -84,28 +84,72 @@ fn server_code(e: &::mysql::Error) -> Option<u16> {
     }
 }
 
-/// The text of a driver error without the crate's `MySqlError { ... }` wrapping.
-fn error_text(e: &::mysql::Error) -> String {
-    match e {
-        ::mysql::Error::MySqlError(m) => format!("{} (MySQL error {})", m.message, m.code),
-        ::mysql::Error::DriverError(d) => d.to_string(),
-        ::mysql::Error::IoError(io) => io.to_string(),
-        ::mysql::Error::TlsError(t) => format!("TLS: {t}"),
-        ::mysql::Error::CodecError(c) => c.to_string(),
-        other => other.to_string(),
+/// A MySQL client error, shown as `<server message> (MySQL error <code>)` rather than in the
+/// driver's own `MySqlError { ... }` form.
+#[derive(Debug)]
+pub struct MysqlError(::mysql::Error);
+
+impl MysqlError {
+    /// The server's error code, if the server answered with an error.
+    pub fn code(&self) -> Option<u16> {
+        server_code(&self.0)
+    }
+}
+
+impl std::fmt::Display for MysqlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            ::mysql::Error::MySqlError(m) => write!(f, "{} (MySQL error {})", m.message, m.code),
+            ::mysql::Error::DriverError(d) => write!(f, "{d}"),
+            ::mysql::Error::IoError(io) => write!(f, "{io}"),
+            ::mysql::Error::TlsError(t) => write!(f, "TLS: {t}"),
+            ::mysql::Error::CodecError(c) => write!(f, "{c}"),
+            other => write!(f, "{other}"),
+        }
+    }
+}
+
+impl std::error::Error for MysqlError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The text above already shows the driver error; its own causes follow.
+        match &self.0 {
+            ::mysql::Error::IoError(io) => io.source(),
+            ::mysql::Error::TlsError(t) => t.source(),
+            _ => None,
+        }
     }
 }
 
 /// A connect error with a hint for the usual causes.
-fn connect_error(target: &str, e: &::mysql::Error) -> DbError {
-    let hint = match server_code(e) {
+fn connect_error(target: &str, e: ::mysql::Error) -> DbError {
+    let hint = match server_code(&e) {
         Some(ER_ACCESS_DENIED) => "; check the user and password in --db-str",
         Some(ER_BAD_DB) => "; create it with scripts/mysql-setup.sh --db <name>",
         _ => "",
     };
     DbError::MysqlConnect {
         target: target.to_string(),
-        detail: format!("{}{hint}", error_text(e)),
+        error: MysqlError(e),
+        hint,
+    }
+}
+
+/// What is wrong with `table`, from the error of the check query.
+pub(crate) fn schema_problem(table: &str, e: &MysqlError) -> String {
+    let cols = if table == "overlaybd_layers" {
+        LAYER_COLS
+    } else {
+        MANIFEST_COLS
+    };
+    match e.code() {
+        Some(ER_NO_SUCH_TABLE) => format!(
+            "table {table} does not exist; create the tables with scripts/mysql-setup.sh or scripts/mysql-schema.sql"
+        ),
+        Some(ER_TABLEACCESS_DENIED) => format!(
+            "the user may not read table {table}; grant SELECT, INSERT, DELETE on it ({e})"
+        ),
+        Some(ER_BAD_FIELD) => format!("table {table} lacks upstream's columns ({cols}): {e}"),
+        _ => format!("checking table {table}: {e}"),
     }
 }
 
@@ -181,15 +225,12 @@ impl MysqlBackend {
             Err(::mysql::Error::DriverError(DriverError::TlsNotSupported))
                 if dsn.tls == TlsMode::Preferred =>
             {
-                Pool::new(opts).map_err(|e| connect_error(&target, &e))?
+                Pool::new(opts).map_err(|e| connect_error(&target, e))?
             }
             Err(::mysql::Error::DriverError(DriverError::TlsNotSupported)) => {
-                return Err(DbError::MysqlConnect {
-                    target,
-                    detail: "the server does not offer TLS, which tls= in --db-str requires".into(),
-                })
+                return Err(DbError::MysqlNoTls { target })
             }
-            Err(e) => return Err(connect_error(&target, &e)),
+            Err(e) => return Err(connect_error(&target, e)),
         };
         let backend = MysqlBackend { pool, target };
         backend.check_schema()?;
@@ -204,21 +245,10 @@ impl MysqlBackend {
         ] {
             let q = format!("SELECT {cols} FROM {table} LIMIT 0");
             if let Err(e) = conn.query_drop(&q) {
-                let detail = match server_code(&e) {
-                    Some(ER_NO_SUCH_TABLE) => format!(
-                        "table {table} does not exist; create the tables with scripts/mysql-setup.sh or scripts/mysql-schema.sql"
-                    ),
-                    Some(ER_TABLEACCESS_DENIED) => format!(
-                        "the user may not read table {table}; grant SELECT, INSERT, DELETE on it ({})", error_text(&e)
-                    ),
-                    Some(ER_BAD_FIELD) => format!(
-                        "table {table} lacks upstream's columns ({cols}): {}", error_text(&e)
-                    ),
-                    _ => format!("checking table {table}: {}", error_text(&e)),
-                };
                 return Err(DbError::MysqlSchema {
                     target: self.target.clone(),
-                    detail,
+                    table,
+                    error: MysqlError(e),
                 });
             }
         }
@@ -228,7 +258,7 @@ impl MysqlBackend {
     fn conn(&self) -> Result<PooledConn, DbError> {
         self.pool
             .get_conn()
-            .map_err(|e| connect_error(&self.target, &e))
+            .map_err(|e| connect_error(&self.target, e))
     }
 
     /// Runs `f` on a pooled connection, retrying lost connections and InnoDB deadlocks.
@@ -248,7 +278,7 @@ impl MysqlBackend {
                     last = Some(e);
                     continue;
                 }
-                Err(e) => return Err(connect_error(&self.target, &e)),
+                Err(e) => return Err(connect_error(&self.target, e)),
             };
             match f(&mut conn) {
                 Ok(v) => return Ok(v),
@@ -257,7 +287,7 @@ impl MysqlBackend {
                     return Err(DbError::Mysql {
                         target: self.target.clone(),
                         op,
-                        detail: error_text(&e),
+                        error: MysqlError(e),
                     })
                 }
             }
@@ -265,7 +295,7 @@ impl MysqlBackend {
         Err(DbError::Mysql {
             target: self.target.clone(),
             op,
-            detail: error_text(&last.expect("at least one attempt")),
+            error: MysqlError(last.expect("at least one attempt")),
         })
     }
 

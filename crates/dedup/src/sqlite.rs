@@ -47,19 +47,21 @@ pub(crate) struct SqliteBackend {
 impl SqliteBackend {
     /// Opens or creates the database file and the tables; fails if the file cannot be written.
     pub(crate) fn open(path: &Path) -> Result<SqliteBackend, DbError> {
-        let fail = |detail: String| DbError::SqliteOpen {
+        let fail = |problem: &str, error: Option<rusqlite::Error>| DbError::SqliteOpen {
             path: path.to_path_buf(),
-            detail,
+            problem: (!problem.is_empty()).then(|| problem.to_string()),
+            error,
         };
+        let sqlite = |problem: &'static str| move |e| fail(problem, Some(e));
         if path.is_dir() {
-            return Err(fail("it is a directory, not a database file".into()));
+            return Err(fail("it is a directory, not a database file", None));
         }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             if !parent.is_dir() {
-                return Err(fail(format!(
-                    "directory {} does not exist",
-                    parent.display()
-                )));
+                return Err(fail(
+                    &format!("directory {} does not exist", parent.display()),
+                    None,
+                ));
             }
         }
         let conn = Connection::open_with_flags(
@@ -68,30 +70,27 @@ impl SqliteBackend {
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|e| fail(e.to_string()))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(|e| fail(e.to_string()))?;
-        if conn
-            .is_readonly(rusqlite::MAIN_DB)
-            .map_err(|e| fail(e.to_string()))?
-        {
-            return Err(fail("the file is read-only".into()));
+        .map_err(sqlite(""))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite(""))?;
+        if conn.is_readonly(rusqlite::MAIN_DB).map_err(sqlite(""))? {
+            return Err(fail("the file is read-only", None));
         }
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(|e| fail(format!("cannot switch to WAL mode: {e}")))?;
+            .map_err(sqlite("cannot switch to WAL mode"))?;
         if !mode.eq_ignore_ascii_case("wal") && path != Path::new(":memory:") {
-            return Err(fail(format!(
-                "cannot switch to WAL mode (journal mode stays {mode:?})"
-            )));
+            return Err(fail(
+                &format!("cannot switch to WAL mode (journal mode stays {mode:?})"),
+                None,
+            ));
         }
         conn.execute_batch("PRAGMA synchronous=NORMAL;")
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(sqlite(""))?;
         conn.execute_batch(SCHEMA)
-            .map_err(|e| fail(format!("cannot create the tables: {e}")))?;
+            .map_err(sqlite("cannot create the tables"))?;
         // Prove we can write (a read-only directory or file system shows up here at the latest).
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
-            .map_err(|e| fail(format!("not writable: {e}")))?;
+            .map_err(sqlite("not writable"))?;
         Ok(SqliteBackend {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
@@ -126,6 +125,16 @@ impl SqliteBackend {
             }
             Err(e) => Err(e),
         })
+    }
+}
+
+/// The text of a [`DbError::SqliteOpen`] after the path: what is wrong, then SQLite's error.
+pub(crate) fn open_problem(problem: &Option<String>, error: &Option<rusqlite::Error>) -> String {
+    match (problem, error) {
+        (Some(p), Some(e)) => format!("{p}: {e}"),
+        (Some(p), None) => p.clone(),
+        (None, Some(e)) => e.to_string(),
+        (None, None) => "unusable".into(),
     }
 }
 

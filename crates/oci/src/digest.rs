@@ -240,37 +240,36 @@ impl<R: Read> Read for VerifyReader<R> {
         if n > 0 {
             h.update(&buf[..n]);
             if h.len() > self.expected_size {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{}: more than the expected {} bytes",
-                        self.what, self.expected_size
-                    ),
-                ));
+                return Err(corrupt(Error::TooLong {
+                    what: self.what.clone(),
+                    expected: self.expected_size,
+                }));
             }
             return Ok(n);
         }
         let (d, len) = self.hasher.take().expect("checked above").finish();
         if len != self.expected_size {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{}: size mismatch: expected {} bytes, got {len}",
-                    self.what, self.expected_size
-                ),
-            ));
+            return Err(corrupt(Error::SizeMismatch {
+                what: self.what.clone(),
+                expected: self.expected_size,
+                actual: len,
+            }));
         }
         if d != self.expected {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{}: digest mismatch: expected {}, got {d}",
-                    self.what, self.expected
-                ),
-            ));
+            return Err(corrupt(Error::DigestMismatch {
+                what: self.what.clone(),
+                expected: self.expected.to_string(),
+                actual: d.to_string(),
+            }));
         }
         Ok(0)
     }
+}
+
+/// A content mismatch as the `InvalidData` I/O error a reader returns; [`Error::from_io`]
+/// gets the [`Error`] back.
+fn corrupt(e: Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 #[cfg(test)]

@@ -177,7 +177,7 @@ impl Layout {
         let mut r = self.open_blob(desc)?;
         let mut out = Vec::with_capacity(desc.size as usize);
         r.read_to_end(&mut out)
-            .map_err(|e| Error::io(self.blob_path(&desc.digest), e))?;
+            .map_err(|e| Error::from_io(self.blob_path(&desc.digest), e))?;
         Ok(out)
     }
 
@@ -206,7 +206,7 @@ impl Layout {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::io(tmp.path(), e)),
+                Err(e) => return Err(Error::from_io(tmp.path(), e)),
             };
             h.update(&buf[..n]);
             tmp.write_all(&buf[..n])

@@ -235,11 +235,9 @@ impl Auth {
             rb = rb.header(reqwest::header::AUTHORIZATION, v);
         }
         let what = format!("token request to {realm}");
-        let resp = rb.send().map_err(|source| Error::Transport {
-            peer: self.peer.clone(),
-            what: what.clone(),
-            error: source,
-        })?;
+        let resp = rb
+            .send()
+            .map_err(|source| Error::transport(&self.peer, &what, source))?;
         let status = resp.status();
         if status.as_u16() == 401 || status.as_u16() == 403 {
             return Err(Error::Unauthorized {
@@ -260,21 +258,20 @@ impl Auth {
                 detail: String::new(),
             });
         }
-        let body = resp.bytes().map_err(|source| Error::Transport {
-            peer: self.peer.clone(),
-            what: what.clone(),
-            error: source,
-        })?;
+        let body = resp
+            .bytes()
+            .map_err(|source| Error::transport(&self.peer, &what, source))?;
         #[derive(serde::Deserialize)]
         struct TokenResp {
             token: Option<String>,
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let tr: TokenResp = serde_json::from_slice(&body).map_err(|e| Error::Protocol {
+        let tr: TokenResp = serde_json::from_slice(&body).map_err(|error| Error::BadJson {
             peer: self.peer.clone(),
             what: what.clone(),
-            reason: format!("bad token response: {e}"),
+            reason: "bad token response",
+            error,
         })?;
         let value = tr
             .token

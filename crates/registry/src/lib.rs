@@ -19,7 +19,8 @@
 pub mod auth;
 pub mod dockercfg;
 
-use obdoci::{self as oci, model, Descriptor, Digest, Reference, Sha256Writer};
+use obdoci::error::Chain;
+use obdoci::{self as oci, model, Descriptor, Digest, ErrorKind, Reference, Sha256Writer};
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use std::fmt;
@@ -30,13 +31,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Registry client errors. Every variant names the registry (`peer`) and the operation.
+/// Registry client errors. Every variant names the registry (`peer`) and the operation;
+/// causes are kept as sources (see [`obdoci::error::Chain`] to show them on one line).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{peer}: {what}: {}", chain(error))]
+    /// The request could not be sent or its answer not read. `hint` says what to do about
+    /// the usual TLS mistakes.
+    #[error("{peer}: {what}{hint}")]
     Transport {
         peer: String,
         what: String,
+        hint: &'static str,
+        #[source]
         error: reqwest::Error,
     },
     #[error("{peer}: {what}: HTTP {status}{detail}")]
@@ -64,76 +70,117 @@ pub enum Error {
         what: String,
         reason: String,
     },
-    #[error("TLS setup: {0}")]
-    Tls(String),
-    #[error("{path}: {error}")]
-    Io { path: PathBuf, error: io::Error },
-    #[error("{peer}: {what}: {error}")]
+    /// A JSON answer (e.g. of a token server) that cannot be decoded.
+    #[error("{peer}: {what}: {reason}")]
+    BadJson {
+        peer: String,
+        what: String,
+        reason: &'static str,
+        #[source]
+        error: serde_json::Error,
+    },
+    /// Certificates or keys given for TLS cannot be used.
+    #[error("TLS setup: {what}")]
+    Tls {
+        what: String,
+        #[source]
+        error: Option<reqwest::Error>,
+    },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        error: io::Error,
+    },
+    /// Reading a response body or an upload source failed.
+    #[error("{peer}: {what}")]
     Stream {
         peer: String,
         what: String,
+        #[source]
         error: io::Error,
     },
-    #[error("{0}")]
-    Oci(oci::Error),
+    #[error(transparent)]
+    Oci(#[from] oci::Error),
     #[error("interrupted")]
     Interrupted,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl From<oci::Error> for Error {
-    fn from(e: oci::Error) -> Error {
-        Error::Oci(e)
-    }
+/// HTTP answers worth retrying.
+fn is_transient_status(status: u16) -> bool {
+    matches!(status, 429 | 500 | 502 | 503 | 504)
 }
 
-/// An error and its causes on one line, without repeating a cause that the previous
-/// message already contains.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
+/// The TLS error behind a transport error, if any (rustls errors may be wrapped in an
+/// `io::Error` whose `source()` skips them).
+fn tls_cause(e: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cur {
-        let m = c.to_string();
-        if !out.contains(&m) {
-            out.push_str(": ");
-            out.push_str(&m);
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        if let Some(t) = c
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(t);
         }
         cur = c.source();
     }
-    out
+    None
 }
 
-/// Whether a transport error is worth retrying: not TLS or certificate trouble, which
-/// would fail the same way again.
-fn is_transient(e: &reqwest::Error) -> bool {
-    let c = chain(e);
-    let tls = [
-        "certificate",
-        "InvalidContentType",
-        "tls",
-        "TLS",
-        "handshake",
-        "UnknownIssuer",
-    ];
-    !tls.iter().any(|k| c.contains(k))
-}
-
-/// A hint for errors users commonly hit.
-fn hint(e: &reqwest::Error) -> &'static str {
-    let c = chain(e);
-    if c.contains("InvalidContentType") || c.contains("corrupt message") {
-        " (the registry does not speak TLS here; use --plain for plain HTTP)"
-    } else if c.contains("UnknownIssuer") || c.contains("certificate") {
-        " (TLS verification failed; pass the registry's CA with --root-ca or --cert-dir, or use --insecure)"
-    } else {
-        ""
+/// A hint for the TLS errors users commonly hit.
+fn tls_hint(e: &rustls::Error) -> &'static str {
+    match e {
+        rustls::Error::InvalidMessage(_) => {
+            " (the registry does not speak TLS here; use --plain for plain HTTP)"
+        }
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            " (TLS verification failed; pass the registry's CA with --root-ca or --cert-dir, or use --insecure)"
+        }
+        _ => "",
     }
 }
 
 impl Error {
+    /// A transport error of `what` on `peer`, with a hint for TLS mistakes.
+    pub(crate) fn transport(peer: &str, what: &str, error: reqwest::Error) -> Error {
+        Error::Transport {
+            peer: peer.to_string(),
+            what: what.to_string(),
+            hint: tls_cause(&error).map_or("", tls_hint),
+            error,
+        }
+    }
+
+    /// What kind of failure this is (retries and dedup branch on it).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Transport { error, .. } if tls_cause(error).is_some() => ErrorKind::Tls,
+            Error::Transport { .. } => ErrorKind::Transient,
+            Error::Status { status, .. } if is_transient_status(*status) => ErrorKind::Transient,
+            Error::Status { .. } | Error::Protocol { .. } | Error::BadJson { .. } => {
+                ErrorKind::Protocol
+            }
+            Error::Unauthorized { .. } => ErrorKind::Auth,
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::Tls { .. } => ErrorKind::Tls,
+            Error::Io { error, .. } => ErrorKind::of_io(error),
+            Error::Stream { error, .. } => match ErrorKind::of_io(error) {
+                ErrorKind::Io => ErrorKind::Transient,
+                k => k,
+            },
+            Error::Oci(e) => e.kind(),
+            Error::Interrupted => ErrorKind::Interrupted,
+        }
+    }
+
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Error::NotFound { .. })
+        self.kind() == ErrorKind::NotFound
     }
 }
 
@@ -240,11 +287,14 @@ fn build_http(opts: &ClientOptions, loopback: bool) -> Result<Client> {
                     if key.is_file() {
                         pairs.push((p, key));
                     } else {
-                        return Err(Error::Tls(format!(
-                            "{}: client certificate without matching {}",
-                            p.display(),
-                            key.display()
-                        )));
+                        return Err(Error::Tls {
+                            what: format!(
+                                "{}: client certificate without matching {}",
+                                p.display(),
+                                key.display()
+                            ),
+                            error: None,
+                        });
                     }
                 }
                 _ => {}
@@ -256,13 +306,15 @@ fn build_http(opts: &ClientOptions, loopback: bool) -> Result<Client> {
             path: f.clone(),
             error,
         })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| Error::Tls(format!("{}: not a PEM certificate: {e}", f.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Tls {
+            what: format!("{}: not a PEM certificate", f.display()),
+            error: Some(e),
+        })?;
         if certs.is_empty() {
-            return Err(Error::Tls(format!(
-                "{}: no PEM certificate found",
-                f.display()
-            )));
+            return Err(Error::Tls {
+                what: format!("{}: no PEM certificate found", f.display()),
+                error: None,
+            });
         }
         for c in certs {
             b = b.add_root_certificate(c);
@@ -285,12 +337,13 @@ fn build_http(opts: &ClientOptions, loopback: bool) -> Result<Client> {
             path: key.clone(),
             error,
         })?);
-        let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
-            Error::Tls(format!(
-                "client certificate {} / key {}: {e}",
+        let id = reqwest::Identity::from_pem(&pem).map_err(|e| Error::Tls {
+            what: format!(
+                "client certificate {} / key {}",
                 cert.display(),
                 key.display()
-            ))
+            ),
+            error: Some(e),
         })?;
         b = b.identity(id);
     }
@@ -303,8 +356,10 @@ fn build_http(opts: &ClientOptions, loopback: bool) -> Result<Client> {
             .danger_accept_invalid_certs(true)
             .danger_accept_invalid_hostnames(true);
     }
-    b.build()
-        .map_err(|e| Error::Tls(format!("cannot build the HTTP client: {e}")))
+    b.build().map_err(|e| Error::Tls {
+        what: "cannot build the HTTP client".into(),
+        error: Some(e),
+    })
 }
 
 /// One registry host.
@@ -409,26 +464,18 @@ impl Registry {
             let delay = self.opts.retry_delay * 2u32.saturating_pow(attempt);
             match res {
                 Err(source) => {
+                    let e = Error::transport(&self.host, what, source);
                     if retry
                         && attempt < self.opts.retries
                         && !self.cancelled()
-                        && is_transient(&source)
+                        && e.kind() == ErrorKind::Transient
                     {
-                        tracing::warn!(
-                            "{}: {what}: {}; retrying in {:.1} s",
-                            self.host,
-                            chain(&source),
-                            delay.as_secs_f64()
-                        );
+                        tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
                         std::thread::sleep(delay);
                         attempt += 1;
                         continue;
                     }
-                    return Err(Error::Transport {
-                        peer: self.host.clone(),
-                        what: format!("{what}{}", hint(&source)),
-                        error: source,
-                    });
+                    return Err(e);
                 }
                 Ok(resp) => {
                     let st = resp.status().as_u16();
@@ -457,8 +504,11 @@ impl Registry {
                             },
                         });
                     }
-                    let transient = st == 429 || st == 500 || st == 502 || st == 503 || st == 504;
-                    if transient && retry && attempt < self.opts.retries && !self.cancelled() {
+                    if is_transient_status(st)
+                        && retry
+                        && attempt < self.opts.retries
+                        && !self.cancelled()
+                    {
                         tracing::warn!(
                             "{}: {what}: HTTP {st}; retrying in {:.1} s",
                             self.host,
@@ -814,11 +864,17 @@ impl Repository {
         loop {
             match self.upload_once(desc, src, progress.clone()) {
                 Ok(()) => return Ok(PushOutcome::Uploaded),
-                Err(e @ Error::Transport { .. }) | Err(e @ Error::Stream { .. })
-                    if attempt < self.reg.opts.retries && !self.reg.cancelled() =>
+                Err(e)
+                    if e.kind() == ErrorKind::Transient
+                        && attempt < self.reg.opts.retries
+                        && !self.reg.cancelled() =>
                 {
                     let delay = self.reg.opts.retry_delay * 2u32.pow(attempt);
-                    tracing::warn!("{e}; restarting the upload in {:.1} s", delay.as_secs_f64());
+                    tracing::warn!(
+                        "{}; restarting the upload in {:.1} s",
+                        Chain(&e),
+                        delay.as_secs_f64()
+                    );
                     std::thread::sleep(delay);
                     attempt += 1;
                 }
@@ -993,6 +1049,18 @@ impl<R: Read> Read for CountingReader<R> {
     }
 }
 
+/// A client error as the `io::Error` a reader returns, keeping interruptions, corrupt
+/// data and missing objects recognisable by their `io::ErrorKind`.
+fn io_error(e: Error) -> io::Error {
+    let kind = match e.kind() {
+        ErrorKind::Interrupted => io::ErrorKind::Interrupted,
+        ErrorKind::Corrupt => io::ErrorKind::InvalidData,
+        ErrorKind::NotFound => io::ErrorKind::NotFound,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
 /// A verified, resumable blob download stream.
 pub struct BlobReader {
     repo: Repository,
@@ -1030,7 +1098,7 @@ impl Read for BlobReader {
                     let r = self
                         .repo
                         .get_blob_response(&self.desc, self.hasher.len())
-                        .map_err(|e| io::Error::other(e.to_string()))?;
+                        .map_err(io_error)?;
                     self.resp.insert(r)
                 }
             };
@@ -1065,10 +1133,11 @@ impl Read for BlobReader {
                     if self.resumes_left == 0 {
                         return Err(io::Error::new(
                             e.kind(),
-                            format!(
-                                "{}: blob {}@{}: {e}",
-                                self.repo.reg.host, self.repo.name, self.desc.digest
-                            ),
+                            Error::Stream {
+                                peer: self.repo.reg.host.clone(),
+                                what: format!("blob {}@{}", self.repo.name, self.desc.digest),
+                                error: e,
+                            },
                         ));
                     }
                     tracing::warn!(

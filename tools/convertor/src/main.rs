@@ -161,7 +161,7 @@ fn main() -> ExitCode {
                 eprintln!("convertor: interrupted");
                 ExitCode::from(130)
             } else {
-                eprintln!("convertor: error: {e:#}");
+                obdtools::cli::report("convertor", &e);
                 ExitCode::FAILURE
             }
         }
@@ -303,8 +303,7 @@ fn open_dedup(
     dst: &ImageRef,
     opts: &ConvertOptions,
 ) -> anyhow::Result<Option<(Arc<Dedup>, String)>> {
-    // DbError messages already include their cause: print them once, not as a chain.
-    let db_error = |e: obddedup::DbError| anyhow::anyhow!("dedup database: {e}");
+    let db_error = |e: obddedup::DbError| anyhow::Error::new(e).context("dedup database");
     let db_str = args.db_str.as_deref().unwrap_or("");
     if obddedup::select_kind(&args.db_type, db_str)
         .map_err(db_error)?
