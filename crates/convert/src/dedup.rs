@@ -45,7 +45,7 @@ impl RegistryOps {
     /// The manifest `digest` in `repo` and its bytes, `None` on a 404.
     fn get_manifest(
         &self,
-        repo: &registry::Repository,
+        repo: &Repository,
         digest: &Digest,
     ) -> registry::Result<Option<Vec<u8>>> {
         match repo.get_manifest(&Reference::Digest(digest.clone())) {

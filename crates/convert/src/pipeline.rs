@@ -719,7 +719,7 @@ impl Converter {
                         let hit = hits[i]
                             .as_ref()
                             .map(|h| (h, last_miss.is_some_and(|m| i < m)));
-                        self.get_layer(label, i, n, &layers[i], &dirs[i], hit, tx, &fail)
+                        self.get_layer(Slot { label, i, n }, &layers[i], &dirs[i], hit, tx, &fail)
                     };
                     if let Err(e) = r {
                         fail(e);
@@ -775,13 +775,20 @@ impl Converter {
                         continue;
                     }
                     let applied = self
-                        .apply_layer(label, i, n, &layers[i], blob, &dirs[i], &lowers, chain)
+                        .apply_layer(
+                            Slot { label, i, n },
+                            &layers[i],
+                            blob,
+                            &dirs[i],
+                            &lowers,
+                            chain,
+                        )
                         .map_err(|e| {
                             e.context(format!("layer {}/{n} ({})", i + 1, layers[i].digest))
                         })?;
                     finish(&mut committing, &mut lowers)?;
                     lowers.push(applied.as_lower());
-                    let h = s.spawn(move || self.commit_one(label, i, n, &applied));
+                    let h = s.spawn(move || self.commit_one(Slot { label, i, n }, &applied));
                     committing = Some((i, h));
                 }
                 finish(&mut committing, &mut lowers)
@@ -887,14 +894,13 @@ impl Converter {
     /// apply follows the download instead of waiting for it.
     fn fetch_layer(
         &self,
-        label: &str,
-        i: usize,
-        n: usize,
+        slot: Slot<'_>,
         layer: &Descriptor,
         dir: &Path,
         tx: &crossbeam_channel::Sender<Result<LayerBlob>>,
         fail: &dyn Fn(Error),
     ) -> Result<()> {
+        let Slot { label, i, n } = slot;
         if self.src.local_blob_path(layer).is_some() {
             let _ = tx.send(Ok(LayerBlob::Local));
             return Ok(());
@@ -981,18 +987,16 @@ impl Converter {
     /// Get layer `i` for the applier. A reused layer (`hit`): only its descriptor when no
     /// layer above is converted, else downloaded as its commit file (if that fails, the
     /// layer is converted after all). Otherwise the source layer ([`Self::fetch_layer`]).
-    #[allow(clippy::too_many_arguments)]
     fn get_layer(
         &self,
-        label: &str,
-        i: usize,
-        n: usize,
+        slot: Slot<'_>,
         layer: &Descriptor,
         dir: &Path,
         hit: Option<(&Reused, bool)>,
         tx: &crossbeam_channel::Sender<Result<LayerBlob>>,
         fail: &dyn Fn(Error),
     ) -> Result<()> {
+        let Slot { label, i, n } = slot;
         if let Some((hit, needed_as_lower)) = hit {
             if !needed_as_lower {
                 let desc = self.layer_descriptor(hit.digest.clone(), hit.size);
@@ -1008,7 +1012,7 @@ impl Converter {
                 let _ = tx.send(Ok(LayerBlob::Reused(Box::new(desc), None)));
                 return Ok(());
             }
-            match self.fetch_converted(label, i, n, dir, hit) {
+            match self.fetch_converted(slot, dir, hit) {
                 Ok(b) => {
                     let _ = tx.send(Ok(b));
                     return Ok(());
@@ -1025,19 +1029,13 @@ impl Converter {
                 }
             }
         }
-        self.fetch_layer(label, i, n, layer, dir, tx, fail)
+        self.fetch_layer(slot, layer, dir, tx, fail)
     }
 
     /// A converted layer reused from the dedup database: download it from the destination
     /// as this layer's commit file (the next layer is built on it), verifying its digest.
-    fn fetch_converted(
-        &self,
-        label: &str,
-        i: usize,
-        n: usize,
-        dir: &Path,
-        hit: &Reused,
-    ) -> Result<LayerBlob> {
+    fn fetch_converted(&self, slot: Slot<'_>, dir: &Path, hit: &Reused) -> Result<LayerBlob> {
+        let Slot { label, i, n } = slot;
         let desc = self.layer_descriptor(hit.digest.clone(), hit.size);
         let bar = self.progress.start(
             &format!("{label} layer {}/{n}", i + 1),
@@ -1080,18 +1078,16 @@ impl Converter {
         Ok(LayerBlob::Reused(Box::new(desc), Some(path)))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn apply_layer(
         &self,
-        label: &str,
-        i: usize,
-        n: usize,
+        slot: Slot<'_>,
         layer: &Descriptor,
         blob: LayerBlob,
         dir: &Path,
         lowers: &[LowerSource],
         chain: &[Digest],
     ) -> Result<chain::Applied> {
+        let Slot { label, i, n } = slot;
         let name = format!("{label} layer {}/{n}", i + 1);
         let input: Box<dyn Read + Send> = match &blob {
             LayerBlob::Local => self.src.open_blob(layer)?,
@@ -1164,13 +1160,8 @@ impl Converter {
 
     /// Commit an applied layer; returns its commit file. The writable files are
     /// removed later by the upload thread: unlinking a large sparse file takes a while.
-    fn commit_one(
-        &self,
-        label: &str,
-        i: usize,
-        n: usize,
-        applied: &chain::Applied,
-    ) -> Result<PathBuf> {
+    fn commit_one(&self, slot: Slot<'_>, applied: &chain::Applied) -> Result<PathBuf> {
+        let Slot { label, i, n } = slot;
         let name = format!("{label} layer {}/{n}", i + 1);
         let bar = self.progress.start(&name, Stage::Commit, None);
         let set = bar.setter();
@@ -1186,6 +1177,15 @@ impl Converter {
         );
         Ok(applied.out.clone())
     }
+}
+
+/// Which layer of which platform manifest a step works on: `label` names the manifest
+/// (`[1 linux_amd64]`), `i` is the layer's index of `n`.
+#[derive(Clone, Copy)]
+struct Slot<'a> {
+    label: &'a str,
+    i: usize,
+    n: usize,
 }
 
 /// Why an index child is not a container image (artifacts such as signatures or SBOMs

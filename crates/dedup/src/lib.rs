@@ -109,7 +109,7 @@ pub enum DbError {
     MysqlConnect {
         target: String,
         #[source]
-        error: mysql::MysqlError,
+        error: MysqlError,
         hint: &'static str,
     },
     #[error("cannot connect to MySQL {target}: the server does not offer TLS, which tls= in --db-str requires")]
@@ -124,7 +124,7 @@ pub enum DbError {
         target: String,
         table: &'static str,
         #[source]
-        error: mysql::MysqlError,
+        error: MysqlError,
     },
     #[cfg(feature = "mysql")]
     #[error("MySQL {target}: {op}: {error}")]
@@ -132,7 +132,7 @@ pub enum DbError {
         target: String,
         op: &'static str,
         #[source]
-        error: mysql::MysqlError,
+        error: MysqlError,
     },
     /// The SQLite file cannot be opened, created, switched to WAL mode or written.
     #[cfg(feature = "sqlite")]
