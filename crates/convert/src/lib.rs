@@ -29,7 +29,6 @@
 
 pub mod annotations;
 pub mod chain;
-pub mod decompress;
 pub mod dedup;
 pub mod pipeline;
 pub mod progress;

@@ -3,7 +3,6 @@
 
 use super::annotations::*;
 use super::chain::{self, LayerJob};
-use super::decompress;
 use super::dedup::{DedupTarget, Reused};
 use super::progress::{Progress, Stage};
 use super::store::ImageStore;
@@ -11,9 +10,11 @@ use super::{ConvertOptions, Error, Result};
 use blockdev::stack::LowerSource;
 use crossbeam_channel::{bounded, unbounded, Receiver};
 use obddedup::resolve::DedupStats;
-use obdoci::digest::{hash_reader, VerifyReader};
+use obdoci::decompress;
+use obdoci::digest::hash_reader;
 use obdoci::error::Chain;
 use obdoci::model::*;
+use obdoci::stream::{copy, CopyError, CHUNK};
 use obdoci::{chain_ids, Descriptor, Digest, Reference};
 use obdregistry::BlobSource;
 use std::collections::BTreeMap;
@@ -916,33 +917,12 @@ impl Converter {
         let mut f = File::create(&path).map_err(|e| ctx(Error::io(&path, e)))?;
         let growing = Growing::new();
         let _ = tx.send(Ok(LayerBlob::Streaming(path.clone(), growing.clone())));
-        let res = (|| -> Result<()> {
-            let mut buf = vec![0u8; 1 << 20];
-            let mut pos = 0u64;
-            loop {
-                let k = match r.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(k) => k,
-                    Err(e)
-                        if e.kind() == io::ErrorKind::Interrupted
-                            && !self.abort.load(Ordering::Relaxed) =>
-                    {
-                        continue
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                        return Err(Error::Interrupted)
-                    }
-                    // The store's stream errors name the registry, repository and blob.
-                    Err(e) => return Err(Error::Stream(e)),
-                };
-                f.write_all(&buf[..k]).map_err(|e| Error::io(&path, e))?;
-                pos += k as u64;
+        let res = self
+            .download(&mut r, &mut f, &path, &mut |pos| {
                 growing.advance(pos);
                 bar.set(pos);
-            }
-            Ok(())
-        })()
-        .map_err(ctx);
+            })
+            .map_err(ctx);
         match res {
             Ok(()) => {
                 growing.finish(Ok(()));
@@ -957,6 +937,23 @@ impl Converter {
                 Err(Error::Interrupted)
             }
         }
+    }
+
+    /// Copy a blob stream (it names its store and blob in its errors) into the file
+    /// `f` at `path`, until it ends or the conversion is aborted.
+    fn download(
+        &self,
+        r: &mut dyn Read,
+        f: &mut File,
+        path: &Path,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
+        copy(r, f, &|| self.abort.load(Ordering::Relaxed), progress).map_err(|e| match e {
+            CopyError::Read(e) => Error::Stream(e),
+            CopyError::Write(e) => Error::io(path, e),
+            CopyError::Stopped => Error::Interrupted,
+        })?;
+        Ok(())
     }
 
     /// Dedup lookups of every layer (by chain ID), a few at once.
@@ -1043,31 +1040,10 @@ impl Converter {
             Some(hit.size),
         );
         let path = dir.join(chain::COMMIT_FILE);
-        let what = format!("converted layer {}@{}", self.dst.name(), desc.digest);
-        let mut r = VerifyReader::new(
-            self.dst.open_blob(&desc)?,
-            desc.digest.clone(),
-            desc.size,
-            what,
-        );
+        // The store's stream verifies size and digest at its end.
+        let mut r = self.dst.open_blob(&desc)?;
         let mut f = File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let k = match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(k) => k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    if self.abort.load(Ordering::Relaxed) {
-                        return Err(Error::Interrupted);
-                    }
-                    continue;
-                }
-                // Stream errors name the registry and blob; mismatches name `what`.
-                Err(e) => return Err(Error::Stream(e)),
-            };
-            f.write_all(&buf[..k]).map_err(|e| Error::io(&path, e))?;
-            bar.set(r.position());
-        }
+        self.download(&mut r, &mut f, &path, &mut |pos| bar.set(pos))?;
         bar.finish(
             Some(hit.size),
             &match &hit.from {
@@ -1247,7 +1223,7 @@ fn cleanup_manifest_dir(dir: &Path) {
     let _ = fs::remove_dir(dir);
 }
 
-/// Decompress `input` into 1 MiB chunks on `tx` (and into `tee` with `--reserve`).
+/// Decompress `input` into chunks of up to 1 MiB on `tx` (and into `tee` with `--reserve`).
 fn decompress_into(
     input: Box<dyn Read + Send>,
     tee: Option<(File, PathBuf)>,
@@ -1262,53 +1238,79 @@ fn decompress_into(
         }
     };
     tracing::debug!("layer is {kind}");
-    let mut tee = tee.map(|(f, p)| (io::BufWriter::with_capacity(1 << 20, f), p));
-    loop {
-        if abort.load(Ordering::Relaxed) {
-            let _ = tx.send(Err(io::Error::new(
-                io::ErrorKind::Interrupted,
-                "interrupted",
-            )));
-            return;
+    let mut out = ChunkSender {
+        tx: &tx,
+        chunk: Vec::with_capacity(CHUNK),
+        tee: tee.map(|(f, p)| (io::BufWriter::with_capacity(CHUNK, f), p)),
+        closed: false,
+    };
+    let res = copy(
+        &mut dec,
+        &mut out,
+        &|| abort.load(Ordering::Relaxed),
+        &mut |_| {},
+    )
+    .and_then(|_| out.flush().map_err(CopyError::Write));
+    let e = match res {
+        Ok(()) => return,
+        // The applier stopped reading: it reports why.
+        Err(CopyError::Write(_)) if out.closed => return,
+        Err(CopyError::Read(e)) | Err(CopyError::Write(e)) => e,
+        Err(CopyError::Stopped) => io::Error::new(io::ErrorKind::Interrupted, "interrupted"),
+    };
+    let _ = tx.send(Err(e));
+}
+
+/// Collects decompressed bytes into chunks for the applier's channel, copying them into
+/// the `--reserve` tee file on the way.
+struct ChunkSender<'a> {
+    tx: &'a crossbeam_channel::Sender<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    tee: Option<(io::BufWriter<File>, PathBuf)>,
+    /// The receiving side is gone.
+    closed: bool,
+}
+
+impl ChunkSender<'_> {
+    fn send_chunk(&mut self) -> io::Result<()> {
+        let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK));
+        if self.tx.send(Ok(full)).is_err() {
+            self.closed = true;
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the layer's applier stopped reading",
+            ));
         }
-        let mut buf = vec![0u8; 1 << 20];
-        let mut filled = 0;
-        // Fill the chunk (decoders return short reads).
-        while filled < buf.len() {
-            match dec.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(k) => filled += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            }
+        Ok(())
+    }
+
+    fn tee(
+        &mut self,
+        op: impl FnOnce(&mut io::BufWriter<File>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        match &mut self.tee {
+            Some((w, p)) => op(w).map_err(|e| io::Error::new(e.kind(), obdoci::Error::io(&*p, e))),
+            None => Ok(()),
         }
-        if filled == 0 {
-            if let Some((w, p)) = tee.as_mut() {
-                if let Err(e) = w.flush() {
-                    let _ = tx.send(Err(io::Error::new(
-                        e.kind(),
-                        format!("{}: {e}", p.display()),
-                    )));
-                }
-            }
-            return;
+    }
+}
+
+impl Write for ChunkSender<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tee(|w| w.write_all(buf))?;
+        self.chunk.extend_from_slice(buf);
+        if self.chunk.len() >= CHUNK {
+            self.send_chunk()?;
         }
-        buf.truncate(filled);
-        if let Some((w, p)) = tee.as_mut() {
-            if let Err(e) = w.write_all(&buf) {
-                let _ = tx.send(Err(io::Error::new(
-                    e.kind(),
-                    format!("{}: {e}", p.display()),
-                )));
-                return;
-            }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tee(|w| w.flush())?;
+        if !self.chunk.is_empty() {
+            self.send_chunk()?;
         }
-        if tx.send(Ok(buf)).is_err() {
-            return;
-        }
+        Ok(())
     }
 }
 

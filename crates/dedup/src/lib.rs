@@ -32,6 +32,8 @@ pub mod dsn;
 #[cfg(feature = "mysql")]
 mod mysql;
 pub mod resolve;
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
+mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -87,6 +89,19 @@ pub enum StoreOutcome<E> {
     /// kept; ours is dropped. With deterministic conversion this means two convertors of the
     /// same format key produced different bytes: report it, it is a bug or a misconfiguration.
     Conflict { existing: E },
+}
+
+impl<E> StoreOutcome<E> {
+    /// The same outcome, with the conflicting entry mapped by `f`.
+    pub fn map<F>(self, f: impl FnOnce(E) -> F) -> StoreOutcome<F> {
+        match self {
+            StoreOutcome::Inserted => StoreOutcome::Inserted,
+            StoreOutcome::AlreadyPresent => StoreOutcome::AlreadyPresent,
+            StoreOutcome::Conflict { existing } => StoreOutcome::Conflict {
+                existing: f(existing),
+            },
+        }
+    }
 }
 
 /// Errors of the dedup database. Messages never contain the database password.

@@ -17,6 +17,7 @@ use ::mysql::prelude::Queryable;
 use ::mysql::{DriverError, OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledConn, SslOpts};
 
 use super::dsn::{Dsn, Endpoint, TlsMode};
+use super::sql::{self, Stmt, LAYER_COLS, MANIFEST_COLS};
 use super::{Backend, DbError, Insert, LayerRow, ManifestRow};
 
 /// MySQL error codes we react to.
@@ -47,9 +48,6 @@ impl std::fmt::Debug for MysqlBackend {
             .finish()
     }
 }
-
-const LAYER_COLS: &str = "host, repo, chain_id, data_digest, data_size";
-const MANIFEST_COLS: &str = "host, repo, src_digest, out_digest, data_size, mediatype";
 
 type LayerTuple = (String, String, String, String, i64);
 type ManifestTuple = (String, String, String, String, i64, String);
@@ -299,27 +297,17 @@ impl MysqlBackend {
         })
     }
 
-    fn insert(
-        &self,
-        op: &'static str,
-        sql: &'static str,
-        params: ::mysql::Params,
-    ) -> Result<Insert, DbError> {
-        self.run(op, |c| match c.exec_drop(sql, params.clone()) {
+    fn insert(&self, s: &Stmt, params: ::mysql::Params) -> Result<Insert, DbError> {
+        self.run(s.op, |c| match c.exec_drop(s.sql, params.clone()) {
             Ok(()) => Ok(Insert::Inserted),
             Err(e) if server_code(&e) == Some(ER_DUP_ENTRY) => Ok(Insert::Duplicate),
             Err(e) => Err(e),
         })
     }
 
-    fn delete(
-        &self,
-        op: &'static str,
-        sql: &'static str,
-        params: ::mysql::Params,
-    ) -> Result<u64, DbError> {
-        self.run(op, |c| {
-            c.exec_drop(sql, params.clone())?;
+    fn delete(&self, s: &Stmt, params: ::mysql::Params) -> Result<u64, DbError> {
+        self.run(s.op, |c| {
+            c.exec_drop(s.sql, params.clone())?;
             Ok(c.affected_rows())
         })
     }
@@ -332,8 +320,7 @@ impl Backend for MysqlBackend {
 
     fn insert_layer(&self, r: &LayerRow) -> Result<Insert, DbError> {
         self.insert(
-            "insert into overlaybd_layers",
-            "insert into overlaybd_layers(host, repo, chain_id, data_digest, data_size) values(?, ?, ?, ?, ?)",
+            &sql::INSERT_LAYER,
             (&r.host, &r.repo, &r.chain_id, &r.data_digest, r.data_size).into(),
         )
     }
@@ -344,37 +331,28 @@ impl Backend for MysqlBackend {
         repo: &str,
         chain_id: &str,
     ) -> Result<Option<LayerRow>, DbError> {
-        self.run("select from overlaybd_layers", |c| {
-            c.exec_first::<LayerTuple, _, _>(
-                "select host, repo, chain_id, data_digest, data_size from overlaybd_layers where host=? and repo=? and chain_id=?",
-                (host, repo, chain_id),
-            )
+        let s = &sql::GET_LAYER;
+        self.run(s.op, |c| {
+            c.exec_first::<LayerTuple, _, _>(s.sql, (host, repo, chain_id))
         })
         .map(|r| r.map(layer_row))
     }
 
     fn get_layers(&self, host: &str, chain_id: &str) -> Result<Vec<LayerRow>, DbError> {
-        self.run("select from overlaybd_layers", |c| {
-            c.exec::<LayerTuple, _, _>(
-                "select host, repo, chain_id, data_digest, data_size from overlaybd_layers where host=? and chain_id=?",
-                (host, chain_id),
-            )
+        let s = &sql::GET_LAYERS;
+        self.run(s.op, |c| {
+            c.exec::<LayerTuple, _, _>(s.sql, (host, chain_id))
         })
         .map(|v| v.into_iter().map(layer_row).collect())
     }
 
     fn delete_layer(&self, host: &str, repo: &str, chain_id: &str) -> Result<u64, DbError> {
-        self.delete(
-            "delete from overlaybd_layers",
-            "delete from overlaybd_layers where host=? and repo=? and chain_id=?",
-            (host, repo, chain_id).into(),
-        )
+        self.delete(&sql::DELETE_LAYER, (host, repo, chain_id).into())
     }
 
     fn insert_manifest(&self, r: &ManifestRow) -> Result<Insert, DbError> {
         self.insert(
-            "insert into overlaybd_manifests",
-            "insert into overlaybd_manifests(host, repo, src_digest, out_digest, data_size, mediatype) values(?, ?, ?, ?, ?, ?)",
+            &sql::INSERT_MANIFEST,
             (
                 &r.host,
                 &r.repo,
@@ -394,11 +372,9 @@ impl Backend for MysqlBackend {
         src_digest: &str,
         mediatype: &str,
     ) -> Result<Option<ManifestRow>, DbError> {
-        self.run("select from overlaybd_manifests", |c| {
-            c.exec_first::<ManifestTuple, _, _>(
-                "select host, repo, src_digest, out_digest, data_size, mediatype from overlaybd_manifests where host=? and repo=? and src_digest=? and mediatype=?",
-                (host, repo, src_digest, mediatype),
-            )
+        let s = &sql::GET_MANIFEST;
+        self.run(s.op, |c| {
+            c.exec_first::<ManifestTuple, _, _>(s.sql, (host, repo, src_digest, mediatype))
         })
         .map(|r| r.map(manifest_row))
     }
@@ -409,11 +385,9 @@ impl Backend for MysqlBackend {
         src_digest: &str,
         mediatype: &str,
     ) -> Result<Vec<ManifestRow>, DbError> {
-        self.run("select from overlaybd_manifests", |c| {
-            c.exec::<ManifestTuple, _, _>(
-                "select host, repo, src_digest, out_digest, data_size, mediatype from overlaybd_manifests where host=? and src_digest=? and mediatype=?",
-                (host, src_digest, mediatype),
-            )
+        let s = &sql::GET_MANIFESTS;
+        self.run(s.op, |c| {
+            c.exec::<ManifestTuple, _, _>(s.sql, (host, src_digest, mediatype))
         })
         .map(|v| v.into_iter().map(manifest_row).collect())
     }
@@ -426,8 +400,7 @@ impl Backend for MysqlBackend {
         mediatype: &str,
     ) -> Result<u64, DbError> {
         self.delete(
-            "delete from overlaybd_manifests",
-            "delete from overlaybd_manifests where host=? and repo=? and src_digest=? and mediatype=?",
+            &sql::DELETE_MANIFEST,
             (host, repo, src_digest, mediatype).into(),
         )
     }

@@ -267,130 +267,14 @@ impl Dedup {
         target: Target<'_>,
         chain_id: &str,
     ) -> LayerLookup {
-        let r = self.lookup_layer_inner(reg, target, chain_id);
-        match &r {
-            LayerLookup::Hit {
-                source: HitSource::SameRepo,
+        match self.lookup(reg, target, Object::Layer { chain_id }) {
+            Some((digest, size, source)) => LayerLookup::Hit {
                 digest,
-                ..
-            } => {
-                self.counters.inc(C::LayerSame);
-                info!(
-                    "dedup: layer {chain_id} already converted as {digest} in {}",
-                    target.repository
-                );
-            }
-            LayerLookup::Hit {
-                source: HitSource::OtherRepo { from_repository },
-                digest,
-                ..
-            } => {
-                self.counters.inc(C::LayerMounted);
-                info!("dedup: layer {chain_id} converted as {digest} mounted from {from_repository} into {}", target.repository);
-            }
-            LayerLookup::Miss => {
-                self.counters.inc(C::LayerMiss);
-                debug!("dedup: layer {chain_id}: no usable converted layer");
-            }
-        }
-        r
-    }
-
-    fn lookup_layer_inner<R: DedupRegistry>(
-        &self,
-        reg: &R,
-        target: Target<'_>,
-        chain_id: &str,
-    ) -> LayerLookup {
-        let key = LayerKey {
-            host: target.host,
-            repository: target.repository,
-            chain_id,
-        };
-        match self.db.get_layer_entry_for_repo(key) {
-            Ok(Some(e)) => match reg.blob_exists(target.repository, &e.converted_digest) {
-                Ok(true) => {
-                    return LayerLookup::Hit {
-                        digest: e.converted_digest,
-                        size: e.data_size,
-                        source: HitSource::SameRepo,
-                    }
-                }
-                Ok(false) => self.deleted_stale(
-                    &format!(
-                        "layer {chain_id} → {} (blob gone from {})",
-                        e.converted_digest, target.repository
-                    ),
-                    self.db.delete_layer_entry(key),
-                ),
-                Err(err) => self.reg_error(
-                    &format!(
-                        "checking blob {} in {}",
-                        e.converted_digest, target.repository
-                    ),
-                    &err,
-                ),
+                size,
+                source,
             },
-            Ok(None) => {}
-            Err(e) => {
-                self.db_error(&format!("looking up layer {chain_id}"), &e);
-                return LayerLookup::Miss;
-            }
+            None => LayerLookup::Miss,
         }
-
-        let candidates = match self.db.get_cross_repo_layer_entries(target.host, chain_id) {
-            Ok(c) => c,
-            Err(e) => {
-                self.db_error(
-                    &format!("looking up layer {chain_id} in other repositories"),
-                    &e,
-                );
-                return LayerLookup::Miss;
-            }
-        };
-        for cand in candidates
-            .into_iter()
-            .filter(|c| c.repository != target.repository)
-        {
-            let digest = &cand.converted_digest;
-            match reg.mount_blob(&cand.repository, target.repository, digest) {
-                Ok(true) => {
-                    self.record_layer(target, chain_id, digest, cand.data_size);
-                    return LayerLookup::Hit {
-                        digest: cand.converted_digest.clone(),
-                        size: cand.data_size,
-                        source: HitSource::OtherRepo {
-                            from_repository: cand.repository,
-                        },
-                    };
-                }
-                Ok(false) => match reg.blob_exists(&cand.repository, digest) {
-                    Ok(false) => self.deleted_stale(
-                        &format!(
-                            "layer {chain_id} → {digest} (blob gone from {})",
-                            cand.repository
-                        ),
-                        self.db.delete_layer_entry(LayerKey {
-                            host: target.host,
-                            repository: &cand.repository,
-                            chain_id,
-                        }),
-                    ),
-                    Ok(true) => debug!(
-                        "dedup: registry declined mounting {digest} from {}",
-                        cand.repository
-                    ),
-                    Err(err) => self.reg_error(
-                        &format!("checking blob {digest} in {}", cand.repository),
-                        &err,
-                    ),
-                },
-                Err(err) => {
-                    self.reg_error(&format!("mounting {digest} from {}", cand.repository), &err)
-                }
-            }
-        }
-        LayerLookup::Miss
     }
 
     /// Records that `chain_id` was converted to blob `digest` (`size` bytes), now pushed to
@@ -403,42 +287,7 @@ impl Dedup {
         digest: &str,
         size: u64,
     ) -> bool {
-        let entry = LayerEntry {
-            host: target.host.to_string(),
-            repository: target.repository.to_string(),
-            chain_id: chain_id.to_string(),
-            converted_digest: digest.to_string(),
-            data_size: size,
-        };
-        match self.db.create_layer_entry(&entry) {
-            Ok(StoreOutcome::Inserted) => {
-                self.counters.inc(C::LayerRecorded);
-                debug!(
-                    "dedup: recorded layer {chain_id} → {digest} in {}",
-                    target.repository
-                );
-                true
-            }
-            Ok(StoreOutcome::AlreadyPresent) => {
-                debug!(
-                    "dedup: layer {chain_id} → {digest} in {} was recorded by another worker",
-                    target.repository
-                );
-                true
-            }
-            Ok(StoreOutcome::Conflict { existing }) => {
-                self.counters.inc(C::Conflict);
-                warn!(
-                    "dedup: layer {chain_id} in {}/{}: we made {digest} ({size} bytes) but the database already has {} ({} bytes) for format {}; conversion is not deterministic or two tool builds share a format key",
-                    target.host, target.repository, existing.converted_digest, existing.data_size, self.db.format_key()
-                );
-                false
-            }
-            Err(e) => {
-                self.db_error(&format!("recording layer {chain_id}"), &e);
-                false
-            }
-        }
+        self.record(target, Object::Layer { chain_id }, digest, size)
     }
 
     /// Finds a converted manifest for source manifest `original_digest` with output media type
@@ -450,138 +299,18 @@ impl Dedup {
         original_digest: &str,
         media_type: &str,
     ) -> ManifestLookup {
-        let r = self.lookup_manifest_inner(reg, target, original_digest, media_type);
-        match &r {
-            ManifestLookup::Hit {
-                source: HitSource::SameRepo,
-                digest,
-                ..
-            } => {
-                self.counters.inc(C::ManSame);
-                info!(
-                    "dedup: manifest {original_digest} already converted as {digest} in {}",
-                    target.repository
-                );
-            }
-            ManifestLookup::Hit {
-                source: HitSource::OtherRepo { from_repository },
-                digest,
-                ..
-            } => {
-                self.counters.inc(C::ManCopied);
-                info!("dedup: manifest {original_digest} converted as {digest} copied from {from_repository} into {}", target.repository);
-            }
-            ManifestLookup::Miss => {
-                self.counters.inc(C::ManMiss);
-                debug!("dedup: manifest {original_digest}: no usable converted manifest");
-            }
-        }
-        r
-    }
-
-    fn lookup_manifest_inner<R: DedupRegistry>(
-        &self,
-        reg: &R,
-        target: Target<'_>,
-        original_digest: &str,
-        media_type: &str,
-    ) -> ManifestLookup {
-        let key = ManifestKey {
-            host: target.host,
-            repository: target.repository,
+        let obj = Object::Manifest {
             original_digest,
             media_type,
         };
-        match self.db.get_manifest_entry_for_repo(key) {
-            Ok(Some(e)) => match reg.manifest_exists(target.repository, &e.converted_digest) {
-                Ok(true) => {
-                    return ManifestLookup::Hit {
-                        digest: e.converted_digest,
-                        size: e.data_size,
-                        source: HitSource::SameRepo,
-                    }
-                }
-                Ok(false) => self.deleted_stale(
-                    &format!(
-                        "manifest {original_digest} → {} (gone from {})",
-                        e.converted_digest, target.repository
-                    ),
-                    self.db.delete_manifest_entry(key),
-                ),
-                Err(err) => self.reg_error(
-                    &format!(
-                        "checking manifest {} in {}",
-                        e.converted_digest, target.repository
-                    ),
-                    &err,
-                ),
+        match self.lookup(reg, target, obj) {
+            Some((digest, size, source)) => ManifestLookup::Hit {
+                digest,
+                size,
+                source,
             },
-            Ok(None) => {}
-            Err(e) => {
-                self.db_error(&format!("looking up manifest {original_digest}"), &e);
-                return ManifestLookup::Miss;
-            }
+            None => ManifestLookup::Miss,
         }
-
-        let candidates =
-            match self
-                .db
-                .get_cross_repo_manifest_entries(target.host, media_type, original_digest)
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    self.db_error(
-                        &format!("looking up manifest {original_digest} in other repositories"),
-                        &e,
-                    );
-                    return ManifestLookup::Miss;
-                }
-            };
-        for cand in candidates
-            .into_iter()
-            .filter(|c| c.repository != target.repository)
-        {
-            let digest = &cand.converted_digest;
-            match reg.copy_manifest(&cand.repository, target.repository, digest, media_type) {
-                Ok(CopyOutcome::Copied) => {
-                    self.record_manifest(
-                        target,
-                        original_digest,
-                        media_type,
-                        digest,
-                        cand.data_size,
-                    );
-                    return ManifestLookup::Hit {
-                        digest: cand.converted_digest.clone(),
-                        size: cand.data_size,
-                        source: HitSource::OtherRepo {
-                            from_repository: cand.repository,
-                        },
-                    };
-                }
-                Ok(CopyOutcome::SourceMissing) => self.deleted_stale(
-                    &format!(
-                        "manifest {original_digest} → {digest} (gone from {})",
-                        cand.repository
-                    ),
-                    self.db.delete_manifest_entry(ManifestKey {
-                        host: target.host,
-                        repository: &cand.repository,
-                        original_digest,
-                        media_type,
-                    }),
-                ),
-                Ok(CopyOutcome::NotCopied) => debug!(
-                    "dedup: could not copy manifest {digest} from {}",
-                    cand.repository
-                ),
-                Err(err) => self.reg_error(
-                    &format!("copying manifest {digest} from {}", cand.repository),
-                    &err,
-                ),
-            }
-        }
-        ManifestLookup::Miss
     }
 
     /// Records that source manifest `original_digest` was converted to `digest` (`media_type`,
@@ -594,32 +323,355 @@ impl Dedup {
         digest: &str,
         size: u64,
     ) -> bool {
-        let entry = ManifestEntry {
-            host: target.host.to_string(),
-            repository: target.repository.to_string(),
-            original_digest: original_digest.to_string(),
-            media_type: media_type.to_string(),
-            converted_digest: digest.to_string(),
-            data_size: size,
+        let obj = Object::Manifest {
+            original_digest,
+            media_type,
         };
-        match self.db.create_manifest_entry(&entry) {
+        self.record(target, obj, digest, size)
+    }
+
+    /// The lookup of the module doc, for layers and manifests alike: the target's own row,
+    /// verified in the registry, else another repository's row whose object can be mounted
+    /// or copied over. Rows whose object is gone are deleted. Returns digest, size, source.
+    fn lookup<R: DedupRegistry>(
+        &self,
+        reg: &R,
+        target: Target<'_>,
+        obj: Object<'_>,
+    ) -> Option<(String, u64, HitSource)> {
+        let hit = self.lookup_inner(reg, target, obj);
+        let name = obj.name();
+        match &hit {
+            Some((digest, _, HitSource::SameRepo)) => {
+                self.count(obj, C::LayerSame, C::ManSame);
+                info!(
+                    "dedup: {name} already converted as {digest} in {}",
+                    target.repository
+                );
+            }
+            Some((digest, _, HitSource::OtherRepo { from_repository })) => {
+                self.count(obj, C::LayerMounted, C::ManCopied);
+                let how = obj.pick("mounted", "copied");
+                info!(
+                    "dedup: {name} converted as {digest} {how} from {from_repository} into {}",
+                    target.repository
+                );
+            }
+            None => {
+                self.count(obj, C::LayerMiss, C::ManMiss);
+                debug!(
+                    "dedup: {name}: no usable converted {}",
+                    obj.pick("layer", "manifest")
+                );
+            }
+        }
+        hit
+    }
+
+    fn lookup_inner<R: DedupRegistry>(
+        &self,
+        reg: &R,
+        target: Target<'_>,
+        obj: Object<'_>,
+    ) -> Option<(String, u64, HitSource)> {
+        match self.stored(target.host, target.repository, obj) {
+            Ok(Some(row)) => match obj.exists(reg, target.repository, &row.digest) {
+                Ok(true) => return Some((row.digest, row.size, HitSource::SameRepo)),
+                Ok(false) => self.deleted_stale(
+                    &obj.gone(&row.digest, target.repository),
+                    self.delete(target.host, target.repository, obj),
+                ),
+                Err(err) => self.reg_error(&obj.checking(&row.digest, target.repository), &err),
+            },
+            Ok(None) => {}
+            Err(e) => {
+                self.db_error(&format!("looking up {}", obj.name()), &e);
+                return None;
+            }
+        }
+
+        let candidates = match self.stored_elsewhere(target.host, obj) {
+            Ok(c) => c,
+            Err(e) => {
+                self.db_error(
+                    &format!("looking up {} in other repositories", obj.name()),
+                    &e,
+                );
+                return None;
+            }
+        };
+        for cand in candidates
+            .into_iter()
+            .filter(|c| c.repository != target.repository)
+        {
+            let (from, digest) = (&cand.repository, &cand.digest);
+            match obj.bring(reg, from, target.repository, digest) {
+                Ok(CopyOutcome::Copied) => {
+                    self.record(target, obj, digest, cand.size);
+                    return Some((
+                        cand.digest,
+                        cand.size,
+                        HitSource::OtherRepo {
+                            from_repository: cand.repository,
+                        },
+                    ));
+                }
+                Ok(CopyOutcome::SourceMissing) => {
+                    self.deleted_stale(&obj.gone(digest, from), self.delete(target.host, from, obj))
+                }
+                Ok(CopyOutcome::NotCopied) => {}
+                Err((what, err)) => self.reg_error(&what, &err),
+            }
+        }
+        None
+    }
+
+    /// Stores the row `obj` → `digest` for `target`; see [`Dedup::record_layer`].
+    fn record(&self, target: Target<'_>, obj: Object<'_>, digest: &str, size: u64) -> bool {
+        let name = obj.name();
+        let repo = target.repository;
+        let outcome = match obj {
+            Object::Layer { chain_id } => self
+                .db
+                .create_layer_entry(&LayerEntry {
+                    host: target.host.to_string(),
+                    repository: repo.to_string(),
+                    chain_id: chain_id.to_string(),
+                    converted_digest: digest.to_string(),
+                    data_size: size,
+                })
+                .map(|o| o.map(|e| (e.converted_digest, e.data_size))),
+            Object::Manifest {
+                original_digest,
+                media_type,
+            } => self
+                .db
+                .create_manifest_entry(&ManifestEntry {
+                    host: target.host.to_string(),
+                    repository: repo.to_string(),
+                    original_digest: original_digest.to_string(),
+                    media_type: media_type.to_string(),
+                    converted_digest: digest.to_string(),
+                    data_size: size,
+                })
+                .map(|o| o.map(|e| (e.converted_digest, e.data_size))),
+        };
+        match outcome {
             Ok(StoreOutcome::Inserted) => {
-                self.counters.inc(C::ManRecorded);
+                self.count(obj, C::LayerRecorded, C::ManRecorded);
+                debug!("dedup: recorded {name} → {digest} in {repo}");
                 true
             }
-            Ok(StoreOutcome::AlreadyPresent) => true,
-            Ok(StoreOutcome::Conflict { existing }) => {
+            Ok(StoreOutcome::AlreadyPresent) => {
+                debug!("dedup: {name} → {digest} in {repo} was recorded by another worker");
+                true
+            }
+            Ok(StoreOutcome::Conflict {
+                existing: (existing, existing_size),
+            }) => {
                 self.counters.inc(C::Conflict);
                 warn!(
-                    "dedup: manifest {original_digest} in {}/{}: we made {digest} ({size} bytes) but the database already has {} ({} bytes) for format {}; conversion is not deterministic or two tool builds share a format key",
-                    target.host, target.repository, existing.converted_digest, existing.data_size, self.db.format_key()
+                    "dedup: {name} in {}/{repo}: we made {digest} ({size} bytes) but the database already has {existing} ({existing_size} bytes) for format {}; conversion is not deterministic or two tool builds share a format key",
+                    target.host, self.db.format_key()
                 );
                 false
             }
             Err(e) => {
-                self.db_error(&format!("recording manifest {original_digest}"), &e);
+                self.db_error(&format!("recording {name}"), &e);
                 false
             }
+        }
+    }
+
+    fn count(&self, obj: Object<'_>, layer: C, manifest: C) {
+        self.counters.inc(obj.pick(layer, manifest));
+    }
+
+    /// The row of `obj` for `host/repo`, if any.
+    fn stored(&self, host: &str, repo: &str, obj: Object<'_>) -> Result<Option<Stored>, DbError> {
+        Ok(match obj {
+            Object::Layer { chain_id } => self
+                .db
+                .get_layer_entry_for_repo(LayerKey {
+                    host,
+                    repository: repo,
+                    chain_id,
+                })?
+                .map(Stored::from),
+            Object::Manifest {
+                original_digest,
+                media_type,
+            } => self
+                .db
+                .get_manifest_entry_for_repo(ManifestKey {
+                    host,
+                    repository: repo,
+                    original_digest,
+                    media_type,
+                })?
+                .map(Stored::from),
+        })
+    }
+
+    /// The rows of `obj` in every repository of `host`.
+    fn stored_elsewhere(&self, host: &str, obj: Object<'_>) -> Result<Vec<Stored>, DbError> {
+        Ok(match obj {
+            Object::Layer { chain_id } => self
+                .db
+                .get_cross_repo_layer_entries(host, chain_id)?
+                .into_iter()
+                .map(Stored::from)
+                .collect(),
+            Object::Manifest {
+                original_digest,
+                media_type,
+            } => self
+                .db
+                .get_cross_repo_manifest_entries(host, media_type, original_digest)?
+                .into_iter()
+                .map(Stored::from)
+                .collect(),
+        })
+    }
+
+    fn delete(&self, host: &str, repo: &str, obj: Object<'_>) -> Result<bool, DbError> {
+        match obj {
+            Object::Layer { chain_id } => self.db.delete_layer_entry(LayerKey {
+                host,
+                repository: repo,
+                chain_id,
+            }),
+            Object::Manifest {
+                original_digest,
+                media_type,
+            } => self.db.delete_manifest_entry(ManifestKey {
+                host,
+                repository: repo,
+                original_digest,
+                media_type,
+            }),
+        }
+    }
+}
+
+/// What a lookup or record is about: a layer, by the chain ID of its source layers, or a
+/// manifest, by its source digest and output media type.
+#[derive(Clone, Copy, Debug)]
+enum Object<'a> {
+    Layer {
+        chain_id: &'a str,
+    },
+    Manifest {
+        original_digest: &'a str,
+        media_type: &'a str,
+    },
+}
+
+impl Object<'_> {
+    fn pick<T>(&self, layer: T, manifest: T) -> T {
+        match self {
+            Object::Layer { .. } => layer,
+            Object::Manifest { .. } => manifest,
+        }
+    }
+
+    /// `layer <chain id>` / `manifest <source digest>`, for messages.
+    fn name(&self) -> String {
+        match self {
+            Object::Layer { chain_id } => format!("layer {chain_id}"),
+            Object::Manifest {
+                original_digest, ..
+            } => format!("manifest {original_digest}"),
+        }
+    }
+
+    /// A stale row: its converted object is no longer in `repo`.
+    fn gone(&self, digest: &str, repo: &str) -> String {
+        let what = self.pick("blob gone", "gone");
+        format!("{} → {digest} ({what} from {repo})", self.name())
+    }
+
+    /// The check of a converted object in `repo`, for messages.
+    fn checking(&self, digest: &str, repo: &str) -> String {
+        format!(
+            "checking {} {digest} in {repo}",
+            self.pick("blob", "manifest")
+        )
+    }
+
+    /// Whether the converted object `digest` is usable in `repo`.
+    fn exists<R: DedupRegistry>(
+        &self,
+        reg: &R,
+        repo: &str,
+        digest: &str,
+    ) -> Result<bool, R::Error> {
+        match self {
+            Object::Layer { .. } => reg.blob_exists(repo, digest),
+            Object::Manifest { .. } => reg.manifest_exists(repo, digest),
+        }
+    }
+
+    /// Makes the converted object `digest` of `from` available in `to`: a blob mount or a
+    /// manifest copy. A declined mount is `SourceMissing` only when the blob is gone from
+    /// `from`. An error comes with what was being done.
+    fn bring<R: DedupRegistry>(
+        &self,
+        reg: &R,
+        from: &str,
+        to: &str,
+        digest: &str,
+    ) -> Result<CopyOutcome, (String, R::Error)> {
+        match self {
+            Object::Layer { .. } => match reg.mount_blob(from, to, digest) {
+                Ok(true) => Ok(CopyOutcome::Copied),
+                Ok(false) => match reg.blob_exists(from, digest) {
+                    Ok(false) => Ok(CopyOutcome::SourceMissing),
+                    Ok(true) => {
+                        debug!("dedup: registry declined mounting {digest} from {from}");
+                        Ok(CopyOutcome::NotCopied)
+                    }
+                    Err(e) => Err((self.checking(digest, from), e)),
+                },
+                Err(e) => Err((format!("mounting {digest} from {from}"), e)),
+            },
+            Object::Manifest { media_type, .. } => {
+                match reg.copy_manifest(from, to, digest, media_type) {
+                    Ok(CopyOutcome::NotCopied) => {
+                        debug!("dedup: could not copy manifest {digest} from {from}");
+                        Ok(CopyOutcome::NotCopied)
+                    }
+                    Ok(o) => Ok(o),
+                    Err(e) => Err((format!("copying manifest {digest} from {from}"), e)),
+                }
+            }
+        }
+    }
+}
+
+/// A row as the lookup needs it: where, which converted object, how big.
+struct Stored {
+    repository: String,
+    digest: String,
+    size: u64,
+}
+
+impl From<LayerEntry> for Stored {
+    fn from(e: LayerEntry) -> Stored {
+        Stored {
+            repository: e.repository,
+            digest: e.converted_digest,
+            size: e.data_size,
+        }
+    }
+}
+
+impl From<ManifestEntry> for Stored {
+    fn from(e: ManifestEntry) -> Stored {
+        Stored {
+            repository: e.repository,
+            digest: e.converted_digest,
+            size: e.data_size,
         }
     }
 }

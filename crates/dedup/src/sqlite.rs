@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
+use super::sql::{self, Stmt};
 use super::{Backend, DbError, Insert, LayerRow, ManifestRow};
 
 /// How long a statement waits for another process's write lock.
@@ -97,25 +98,28 @@ impl SqliteBackend {
         })
     }
 
+    /// Runs `f` on the cached prepared statement `s`.
     fn with<T>(
         &self,
-        op: &'static str,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+        s: &Stmt,
+        f: impl FnOnce(&mut rusqlite::CachedStatement<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, DbError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&conn).map_err(|error| DbError::Sqlite {
-            path: self.path.clone(),
-            op,
-            error,
-        })
+        conn.prepare_cached(s.sql)
+            .and_then(|mut st| f(&mut st))
+            .map_err(|error| DbError::Sqlite {
+                path: self.path.clone(),
+                op: s.op,
+                error,
+            })
     }
 
     fn insert(
         &self,
-        op: &'static str,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<usize>,
+        s: &Stmt,
+        f: impl FnOnce(&mut rusqlite::CachedStatement<'_>) -> rusqlite::Result<usize>,
     ) -> Result<Insert, DbError> {
-        self.with(op, |c| match f(c) {
+        self.with(s, |st| match f(st) {
             Ok(_) => Ok(Insert::Inserted),
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.code == ErrorCode::ConstraintViolation
@@ -165,11 +169,14 @@ impl Backend for SqliteBackend {
     }
 
     fn insert_layer(&self, r: &LayerRow) -> Result<Insert, DbError> {
-        self.insert("insert into overlaybd_layers", |c| {
-            c.prepare_cached(
-                "insert into overlaybd_layers(host, repo, chain_id, data_digest, data_size) values(?, ?, ?, ?, ?)",
-            )?
-            .execute(params![r.host, r.repo, r.chain_id, r.data_digest, r.data_size])
+        self.insert(&sql::INSERT_LAYER, |st| {
+            st.execute(params![
+                r.host,
+                r.repo,
+                r.chain_id,
+                r.data_digest,
+                r.data_size
+            ])
         })
     }
 
@@ -179,39 +186,27 @@ impl Backend for SqliteBackend {
         repo: &str,
         chain_id: &str,
     ) -> Result<Option<LayerRow>, DbError> {
-        self.with("select from overlaybd_layers", |c| {
-            c.prepare_cached(
-                "select host, repo, chain_id, data_digest, data_size from overlaybd_layers where host=? and repo=? and chain_id=?",
-            )?
-            .query_row(params![host, repo, chain_id], layer)
-            .optional()
+        self.with(&sql::GET_LAYER, |st| {
+            st.query_row(params![host, repo, chain_id], layer)
+                .optional()
         })
     }
 
     fn get_layers(&self, host: &str, chain_id: &str) -> Result<Vec<LayerRow>, DbError> {
-        self.with("select from overlaybd_layers", |c| {
-            c.prepare_cached(
-                "select host, repo, chain_id, data_digest, data_size from overlaybd_layers where host=? and chain_id=?",
-            )?
-            .query_map(params![host, chain_id], layer)?
-            .collect()
+        self.with(&sql::GET_LAYERS, |st| {
+            st.query_map(params![host, chain_id], layer)?.collect()
         })
     }
 
     fn delete_layer(&self, host: &str, repo: &str, chain_id: &str) -> Result<u64, DbError> {
-        self.with("delete from overlaybd_layers", |c| {
-            c.prepare_cached("delete from overlaybd_layers where host=? and repo=? and chain_id=?")?
-                .execute(params![host, repo, chain_id])
-                .map(|n| n as u64)
+        self.with(&sql::DELETE_LAYER, |st| {
+            st.execute(params![host, repo, chain_id]).map(|n| n as u64)
         })
     }
 
     fn insert_manifest(&self, r: &ManifestRow) -> Result<Insert, DbError> {
-        self.insert("insert into overlaybd_manifests", |c| {
-            c.prepare_cached(
-                "insert into overlaybd_manifests(host, repo, src_digest, out_digest, data_size, mediatype) values(?, ?, ?, ?, ?, ?)",
-            )?
-            .execute(params![
+        self.insert(&sql::INSERT_MANIFEST, |st| {
+            st.execute(params![
                 r.host,
                 r.repo,
                 r.src_digest,
@@ -229,12 +224,9 @@ impl Backend for SqliteBackend {
         src_digest: &str,
         mediatype: &str,
     ) -> Result<Option<ManifestRow>, DbError> {
-        self.with("select from overlaybd_manifests", |c| {
-            c.prepare_cached(
-                "select host, repo, src_digest, out_digest, data_size, mediatype from overlaybd_manifests where host=? and repo=? and src_digest=? and mediatype=?",
-            )?
-            .query_row(params![host, repo, src_digest, mediatype], manifest)
-            .optional()
+        self.with(&sql::GET_MANIFEST, |st| {
+            st.query_row(params![host, repo, src_digest, mediatype], manifest)
+                .optional()
         })
     }
 
@@ -244,12 +236,9 @@ impl Backend for SqliteBackend {
         src_digest: &str,
         mediatype: &str,
     ) -> Result<Vec<ManifestRow>, DbError> {
-        self.with("select from overlaybd_manifests", |c| {
-            c.prepare_cached(
-                "select host, repo, src_digest, out_digest, data_size, mediatype from overlaybd_manifests where host=? and src_digest=? and mediatype=?",
-            )?
-            .query_map(params![host, src_digest, mediatype], manifest)?
-            .collect()
+        self.with(&sql::GET_MANIFESTS, |st| {
+            st.query_map(params![host, src_digest, mediatype], manifest)?
+                .collect()
         })
     }
 
@@ -260,12 +249,9 @@ impl Backend for SqliteBackend {
         src_digest: &str,
         mediatype: &str,
     ) -> Result<u64, DbError> {
-        self.with("delete from overlaybd_manifests", |c| {
-            c.prepare_cached(
-                "delete from overlaybd_manifests where host=? and repo=? and src_digest=? and mediatype=?",
-            )?
-            .execute(params![host, repo, src_digest, mediatype])
-            .map(|n| n as u64)
+        self.with(&sql::DELETE_MANIFEST, |st| {
+            st.execute(params![host, repo, src_digest, mediatype])
+                .map(|n| n as u64)
         })
     }
 }

@@ -1,6 +1,6 @@
-//! sha256 digests (`sha256:<hex>`), streaming hashing, chain ids and the overlaybd layer
-//! UUIDs derived from them.
+//! sha256 digests (`sha256:<hex>`), streaming hashing and verification, chain ids.
 
+use super::stream::{copy, CopyError};
 use super::{Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -111,19 +111,36 @@ impl Write for Sha256Writer {
     }
 }
 
+/// A writer that hashes what it passes on to `inner`.
+pub struct HashingWriter<W> {
+    pub inner: W,
+    pub hash: Sha256Writer,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hash: Sha256Writer::new(),
+        }
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Hash a whole reader (e.g. a file we wrote ourselves). Returns digest and length.
 pub fn hash_reader(mut r: impl Read) -> io::Result<(Digest, u64)> {
     let mut h = Sha256Writer::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        h.update(&buf[..n]);
-    }
+    copy(&mut r, &mut h, &|| false, &mut |_| {}).map_err(CopyError::into_io)?;
     Ok(h.finish())
 }
 
@@ -139,19 +156,6 @@ pub fn chain_ids(diff_ids: &[Digest]) -> Vec<Digest> {
         out.push(next);
     }
     out
-}
-
-/// The overlaybd layer UUID of a chain id: its first 32 hex digits as 8-4-4-4-12.
-pub fn uuid_from_chain_id(chain_id: &Digest) -> String {
-    let h = chain_id.hex();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 #[cfg(test)]
@@ -190,17 +194,6 @@ mod tests {
         assert_eq!(ch[1], ab);
         assert_eq!(ch[2], Digest::of(format!("{} {}", ab, c).as_bytes()));
     }
-
-    #[test]
-    fn uuid_format() {
-        let d: Digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
-            .parse()
-            .unwrap();
-        assert_eq!(
-            uuid_from_chain_id(&d),
-            "01234567-89ab-cdef-0123-456789abcdef"
-        );
-    }
 }
 
 /// A reader that hashes what passes through and, at end of stream, checks the expected
@@ -236,6 +229,9 @@ impl<R: Read> Read for VerifyReader<R> {
         let Some(h) = self.hasher.as_mut() else {
             return Ok(0);
         };
+        if buf.is_empty() {
+            return Ok(0);
+        }
         let n = self.inner.read(buf)?;
         if n > 0 {
             h.update(&buf[..n]);

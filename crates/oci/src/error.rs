@@ -99,16 +99,7 @@ impl Error {
     /// An I/O error on `path`; a content mismatch a [`VerifyReader`](crate::digest::VerifyReader)
     /// found is returned as itself (it names what was read).
     pub fn from_io(path: impl Into<PathBuf>, e: io::Error) -> Self {
-        if !e.get_ref().is_some_and(|i| i.is::<Error>()) {
-            return Error::io(path, e);
-        }
-        let kind = e.kind();
-        match e.into_inner().map(|i| i.downcast::<Error>()) {
-            Some(Ok(mine)) => *mine,
-            // Not reached: checked above.
-            Some(Err(other)) => Error::io(path, io::Error::new(kind, other)),
-            None => Error::io(path, io::Error::from(kind)),
-        }
+        take_inner::<Error>(e).unwrap_or_else(|e| Error::io(path, e))
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -124,6 +115,24 @@ impl Error {
             | Error::Invalid { .. }
             | Error::TooLarge { .. } => ErrorKind::Invalid,
         }
+    }
+}
+
+/// The error of type `E` an `io::Error` carries (readers return typed errors inside
+/// `io::Error`s, e.g. a [`VerifyReader`](crate::digest::VerifyReader)'s mismatches), or
+/// the `io::Error` back.
+pub fn take_inner<E: StdError + Send + Sync + 'static>(
+    e: io::Error,
+) -> std::result::Result<E, io::Error> {
+    if !e.get_ref().is_some_and(|i| i.is::<E>()) {
+        return Err(e);
+    }
+    let kind = e.kind();
+    match e.into_inner().map(|i| i.downcast::<E>()) {
+        Some(Ok(inner)) => Ok(*inner),
+        // Not reached: checked above.
+        Some(Err(other)) => Err(io::Error::new(kind, other)),
+        None => Err(io::Error::from(kind)),
     }
 }
 

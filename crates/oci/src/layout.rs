@@ -11,10 +11,11 @@
 //! their digest is known, so readers never see partial blobs. `index.json` is replaced
 //! atomically the same way.
 
-use super::digest::{hash_reader, Sha256Writer, VerifyReader};
+use super::digest::{hash_reader, HashingWriter, VerifyReader};
 use super::model::{
     parse_json, sniff_media_type, to_json, Descriptor, Index, ANNOTATION_REF_NAME, MT_OCI_INDEX,
 };
+use super::stream::copy;
 use super::{Digest, Error, Reference, Result};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -199,20 +200,11 @@ impl Layout {
     ) -> Result<(Digest, u64)> {
         let dir = self.root.join("blobs").join("sha256");
         let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| Error::io(&dir, e))?;
-        let mut h = Sha256Writer::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::from_io(tmp.path(), e)),
-            };
-            h.update(&buf[..n]);
-            tmp.write_all(&buf[..n])
-                .map_err(|e| Error::io(tmp.path(), e))?;
-        }
-        let (d, len) = h.finish();
+        let tmp_path = tmp.path().to_path_buf();
+        let mut w = HashingWriter::new(tmp.as_file_mut());
+        copy(&mut r, &mut w, &|| false, &mut |_| {})
+            .map_err(|e| Error::from_io(&tmp_path, e.into_io()))?;
+        let (d, len) = w.hash.finish();
         if let Some(exp) = expected {
             if exp.digest != d {
                 return Err(Error::DigestMismatch {

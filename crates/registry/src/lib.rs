@@ -19,8 +19,9 @@
 pub mod auth;
 pub mod dockercfg;
 
-use obdoci::error::Chain;
-use obdoci::{self as oci, model, Descriptor, Digest, ErrorKind, Reference, Sha256Writer};
+use obdoci::digest::VerifyReader;
+use obdoci::error::{take_inner, Chain};
+use obdoci::{self as oci, model, Descriptor, Digest, ErrorKind, Reference};
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use std::fmt;
@@ -780,18 +781,41 @@ impl Repository {
         Ok(resp)
     }
 
+    /// The error of a read from one of our streams: the client or OCI error it carries
+    /// (a failed resume, a digest mismatch), else a stream error of `what`.
+    fn stream_error(&self, what: String, e: io::Error) -> Error {
+        let e = match take_inner::<Error>(e) {
+            Ok(mine) => return mine,
+            Err(e) => e,
+        };
+        match take_inner::<oci::Error>(e) {
+            Ok(o) => Error::Oci(o),
+            Err(error) => Error::Stream {
+                peer: self.reg.host.clone(),
+                what,
+                error,
+            },
+        }
+    }
+
     /// Stream a blob. The reader verifies size and digest at its end and resumes with a
     /// range request if the connection breaks.
     pub fn open_blob(&self, desc: &Descriptor) -> Result<BlobReader> {
         let resp = self.get_blob_response(desc, 0)?;
-        Ok(BlobReader {
+        let body = ResumingBody {
             repo: self.clone(),
             desc: desc.clone(),
             resp: Some(resp),
-            hasher: Sha256Writer::new(),
+            pos: 0,
             resumes_left: self.reg.opts.retries,
-            done: false,
-        })
+        };
+        let what = format!("{}: blob {}@{}", self.reg.host, self.name, desc.digest);
+        Ok(BlobReader(VerifyReader::new(
+            body,
+            desc.digest.clone(),
+            desc.size,
+            what,
+        )))
     }
 
     /// Read a whole small blob (e.g. a config), verified.
@@ -806,11 +830,8 @@ impl Repository {
         }
         let mut r = self.open_blob(desc)?;
         let mut out = Vec::with_capacity(desc.size as usize);
-        r.read_to_end(&mut out).map_err(|error| Error::Stream {
-            peer: self.reg.host.clone(),
-            what: format!("blob {}@{}", self.name, desc.digest),
-            error,
-        })?;
+        r.read_to_end(&mut out)
+            .map_err(|e| self.stream_error(format!("blob {}@{}", self.name, desc.digest), e))?;
         Ok(out)
     }
 
@@ -1061,33 +1082,28 @@ fn io_error(e: Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
-/// A verified, resumable blob download stream.
-pub struct BlobReader {
-    repo: Repository,
-    desc: Descriptor,
-    resp: Option<Response>,
-    hasher: Sha256Writer,
-    resumes_left: u32,
-    done: bool,
-}
-
-impl BlobReader {
-    fn err(&self, msg: String) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{}: blob {}@{}: {msg}",
-                self.repo.reg.host, self.repo.name, self.desc.digest
-            ),
-        )
-    }
-}
+/// A blob download stream: resumed with a range request when the connection breaks,
+/// verified (size and digest) at its end.
+pub struct BlobReader(VerifyReader<ResumingBody>);
 
 impl Read for BlobReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.done || buf.is_empty() {
-            return Ok(0);
-        }
+        self.0.read(buf)
+    }
+}
+
+/// A blob's body, fetched again from where it broke off (`Range`) up to `retries` times.
+struct ResumingBody {
+    repo: Repository,
+    desc: Descriptor,
+    resp: Option<Response>,
+    /// Bytes delivered so far.
+    pos: u64,
+    resumes_left: u32,
+}
+
+impl Read for ResumingBody {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             if self.repo.reg.cancelled() {
                 return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
@@ -1097,35 +1113,14 @@ impl Read for BlobReader {
                 None => {
                     let r = self
                         .repo
-                        .get_blob_response(&self.desc, self.hasher.len())
+                        .get_blob_response(&self.desc, self.pos)
                         .map_err(io_error)?;
                     self.resp.insert(r)
                 }
             };
             match resp.read(buf) {
-                Ok(0) => {
-                    self.done = true;
-                    let h = std::mem::take(&mut self.hasher);
-                    let (d, len) = h.finish();
-                    if len != self.desc.size {
-                        return Err(self.err(format!(
-                            "size mismatch: expected {} bytes, got {len}",
-                            self.desc.size
-                        )));
-                    }
-                    if d != self.desc.digest {
-                        return Err(self.err(format!("digest mismatch: content hashes to {d}")));
-                    }
-                    return Ok(0);
-                }
                 Ok(n) => {
-                    self.hasher.update(&buf[..n]);
-                    if self.hasher.len() > self.desc.size {
-                        self.done = true;
-                        return Err(
-                            self.err(format!("more than the expected {} bytes", self.desc.size))
-                        );
-                    }
+                    self.pos += n as u64;
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1144,7 +1139,7 @@ impl Read for BlobReader {
                         "{}: blob {}: stream broke at byte {} ({e}); resuming",
                         self.repo.reg.host,
                         self.desc.digest,
-                        self.hasher.len()
+                        self.pos
                     );
                     self.resumes_left -= 1;
                     self.resp = None;

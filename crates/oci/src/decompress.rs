@@ -1,4 +1,4 @@
-//! Layer decompression: the format is sniffed from the first bytes (gzip `1f 8b`,
+//! Layer decompression (the convertor and `overlaybd-apply`): the format is sniffed from the first bytes (gzip `1f 8b`,
 //! zstd `28 b5 2f fd`, otherwise an uncompressed tar), not taken from the media type.
 //! bzip2 and xz layers are refused with a clear error.
 
@@ -43,13 +43,11 @@ pub fn sniff(head: &[u8]) -> io::Result<Compression> {
 }
 
 /// Wrap `r` in the decoder its first bytes call for. Returns the decoder and the kind.
-pub fn decoder<'a, R: Read + Send + 'a>(
-    r: R,
-) -> io::Result<(Box<dyn Read + Send + 'a>, Compression)> {
+pub fn decoder<'a, R: Read + 'a>(r: R) -> io::Result<(Box<dyn Read + 'a>, Compression)> {
     let mut br = BufReader::with_capacity(1 << 20, r);
     let head = br.fill_buf()?;
     let kind = sniff(head)?;
-    let out: Box<dyn Read + Send + 'a> = match kind {
+    let out: Box<dyn Read + 'a> = match kind {
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(br)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(br)?),
         Compression::None => Box::new(br),
