@@ -27,13 +27,16 @@
 //! before is re-tagged instead, and layers converted before are downloaded as their
 //! commit files instead of being converted.
 
+pub mod abort;
 pub mod annotations;
 pub mod chain;
 pub mod dedup;
+mod follow;
 pub mod pipeline;
 pub mod progress;
 pub mod store;
 
+pub use abort::Abort;
 pub use dedup::DedupTarget;
 use obdoci::ErrorKind;
 pub use pipeline::{ConvertOutcome, Converter};

@@ -1,9 +1,11 @@
 //! The conversion pipeline: index recursion, per-manifest conversion, the layer
 //! download → decompress → apply → commit → upload chain, and the final pushes.
 
+use super::abort::{Abort, Semaphore};
 use super::annotations::*;
 use super::chain::{self, LayerJob};
 use super::dedup::{DedupTarget, Reused};
+use super::follow::{Follow, Growing};
 use super::progress::{Progress, Stage};
 use super::store::ImageStore;
 use super::{ConvertOptions, Error, Result};
@@ -21,9 +23,8 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Result of a conversion.
 #[derive(Clone, Debug)]
@@ -54,59 +55,13 @@ struct Pending {
     dedup_source: Option<Digest>,
 }
 
-/// A counting semaphore that gives up when the abort flag is set.
-struct Semaphore {
-    free: Mutex<usize>,
-    cv: Condvar,
-    unlimited: bool,
-}
-
-struct Permit<'a>(&'a Semaphore);
-
-impl Semaphore {
-    fn new(n: usize) -> Semaphore {
-        Semaphore {
-            free: Mutex::new(n),
-            cv: Condvar::new(),
-            unlimited: n == 0,
-        }
-    }
-    fn acquire(&self, abort: &AtomicBool) -> Result<Option<Permit<'_>>> {
-        if self.unlimited {
-            return Ok(None);
-        }
-        let mut g = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if abort.load(Ordering::Relaxed) {
-                return Err(Error::Interrupted);
-            }
-            if *g > 0 {
-                *g -= 1;
-                return Ok(Some(Permit(self)));
-            }
-            g = self
-                .cv
-                .wait_timeout(g, Duration::from_millis(200))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-}
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        self.0.cv.notify_one();
-    }
-}
-
 /// Converts images from one store into another.
 pub struct Converter {
     src: Arc<dyn ImageStore>,
     dst: Arc<dyn ImageStore>,
     opts: ConvertOptions,
     progress: Arc<Progress>,
-    abort: Arc<AtomicBool>,
+    abort: Abort,
     dedup: Option<DedupTarget>,
     counter: AtomicUsize,
     layers_done: AtomicUsize,
@@ -129,75 +84,11 @@ enum LayerBlob {
     /// In the source store's own directory: read (and verified) from there.
     Local,
     /// Being downloaded into this file; readers follow the download.
-    Streaming(PathBuf, Arc<Growing>),
+    Streaming(PathBuf, Follow),
     /// Reused from the dedup database: the converted layer (in the destination), and
     /// when a layer above it is converted, the file it was downloaded (and verified) as:
     /// the layer's commit file, the next layer's lower.
     Reused(Box<Descriptor>, Option<PathBuf>),
-}
-
-/// Progress of a download into a file, for readers that follow it.
-struct Growing {
-    /// Bytes written to the file so far.
-    state: Mutex<(u64, Option<std::result::Result<(), String>>)>,
-    cv: Condvar,
-}
-
-impl Growing {
-    fn new() -> Arc<Growing> {
-        Arc::new(Growing {
-            state: Mutex::new((0, None)),
-            cv: Condvar::new(),
-        })
-    }
-    fn advance(&self, written: u64) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = written;
-        self.cv.notify_all();
-    }
-    fn finish(&self, r: std::result::Result<(), String>) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = Some(r);
-        self.cv.notify_all();
-    }
-}
-
-/// Reads a file while another thread downloads into it: waits for more bytes, ends
-/// only once the download finished and verified, fails if it failed.
-struct FollowReader {
-    file: File,
-    pos: u64,
-    growing: Arc<Growing>,
-    abort: Arc<AtomicBool>,
-}
-
-impl Read for FollowReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let avail = {
-            let mut g = self.growing.state.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                if g.0 > self.pos {
-                    break g.0 - self.pos;
-                }
-                match &g.1 {
-                    Some(Ok(())) => return Ok(0),
-                    Some(Err(m)) => return Err(io::Error::other(m.clone())),
-                    None => {}
-                }
-                if self.abort.load(Ordering::Relaxed) {
-                    return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
-                }
-                g = self
-                    .growing
-                    .cv
-                    .wait_timeout(g, Duration::from_millis(100))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-        };
-        let k = (buf.len() as u64).min(avail) as usize;
-        let n = self.file.read(&mut buf[..k])?;
-        self.pos += n as u64;
-        Ok(n)
-    }
 }
 
 impl Converter {
@@ -208,7 +99,7 @@ impl Converter {
         dst: Arc<dyn ImageStore>,
         mut opts: ConvertOptions,
         progress: Arc<Progress>,
-        abort: Arc<AtomicBool>,
+        abort: Abort,
     ) -> Converter {
         if opts.referrer {
             opts.oci = true;
@@ -248,7 +139,7 @@ impl Converter {
     }
 
     fn check_abort(&self) -> Result<()> {
-        if self.abort.load(Ordering::Relaxed) {
+        if self.abort.is_set() {
             Err(Error::Interrupted)
         } else {
             Ok(())
@@ -286,7 +177,7 @@ impl Converter {
         let out = match res {
             Ok(d) => d,
             Err(e) => {
-                self.abort.store(true, Ordering::Relaxed);
+                self.abort.set();
                 let _ = fs::remove_dir(wd);
                 return Err(e);
             }
@@ -381,7 +272,7 @@ impl Converter {
                             self.process(c, b, None).map(Some)
                         });
                         if r.is_err() {
-                            self.abort.store(true, Ordering::Relaxed);
+                            self.abort.set();
                         }
                         r
                     })
@@ -704,7 +595,7 @@ impl Converter {
                     .unwrap_or_else(|p| p.into_inner())
                     .get_or_insert(e);
             }
-            self.abort.store(true, Ordering::Relaxed);
+            self.abort.set();
         };
         std::thread::scope(|s| {
             for _ in 0..workers {
@@ -714,7 +605,7 @@ impl Converter {
                         break;
                     }
                     let tx = &chans[i].0;
-                    let r = if self.abort.load(Ordering::Relaxed) {
+                    let r = if self.abort.is_set() {
                         Err(Error::Interrupted)
                     } else {
                         let hit = hits[i]
@@ -797,7 +688,7 @@ impl Converter {
             drop(up_tx);
             if let Err(e) = &res {
                 if !e.is_interrupted() {
-                    self.abort.store(true, Ordering::Relaxed);
+                    self.abort.set();
                 }
             }
             let res = res.map_err(|e| {
@@ -870,7 +761,7 @@ impl Converter {
                 .dst
                 .push_blob(&desc, BlobSource::File(&path), Some(bar.setter()));
             if let Err(e) = r {
-                self.abort.store(true, Ordering::Relaxed);
+                self.abort.set();
                 return Err(e.context(format!(
                     "uploading layer {}/{n} ({}) to {}",
                     i + 1,
@@ -915,8 +806,8 @@ impl Converter {
         let ctx = |e: Error| e.context(format!("downloading layer {}/{n}", i + 1));
         let mut r = self.src.open_blob(layer).map_err(ctx)?;
         let mut f = File::create(&path).map_err(|e| ctx(Error::io(&path, e)))?;
-        let growing = Growing::new();
-        let _ = tx.send(Ok(LayerBlob::Streaming(path.clone(), growing.clone())));
+        let (growing, follow) = Growing::new();
+        let _ = tx.send(Ok(LayerBlob::Streaming(path.clone(), follow)));
         let res = self
             .download(&mut r, &mut f, &path, &mut |pos| {
                 growing.advance(pos);
@@ -948,7 +839,7 @@ impl Converter {
         path: &Path,
         progress: &mut dyn FnMut(u64),
     ) -> Result<()> {
-        copy(r, f, &|| self.abort.load(Ordering::Relaxed), progress).map_err(|e| match e {
+        copy(r, f, &|| self.abort.is_set(), progress).map_err(|e| match e {
             CopyError::Read(e) => Error::Stream(e),
             CopyError::Write(e) => Error::io(path, e),
             CopyError::Stopped => Error::Interrupted,
@@ -967,7 +858,7 @@ impl Converter {
             for _ in 0..self.opts.download_concurrency.clamp(1, chain.len().max(1)) {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= chain.len() || self.abort.load(Ordering::Relaxed) {
+                    if i >= chain.len() || self.abort.is_set() {
                         break;
                     }
                     let hit = dd.lookup_layer(&chain[i]);
@@ -1065,14 +956,12 @@ impl Converter {
     ) -> Result<chain::Applied> {
         let Slot { label, i, n } = slot;
         let name = format!("{label} layer {}/{n}", i + 1);
-        let input: Box<dyn Read + Send> = match &blob {
+        let input: Box<dyn Read + Send> = match blob {
             LayerBlob::Local => self.src.open_blob(layer)?,
-            LayerBlob::Streaming(p, g) => Box::new(FollowReader {
-                file: File::open(p).map_err(|e| Error::io(p, e))?,
-                pos: 0,
-                growing: g.clone(),
-                abort: self.abort.clone(),
-            }),
+            LayerBlob::Streaming(p, follow) => Box::new(follow.reader(
+                File::open(&p).map_err(|e| Error::io(&p, e))?,
+                self.abort.clone(),
+            )),
             LayerBlob::Reused(..) => {
                 return Err(Error::Invalid(format!(
                     "{name}: internal error: a reused layer cannot be applied"
@@ -1228,7 +1117,7 @@ fn decompress_into(
     input: Box<dyn Read + Send>,
     tee: Option<(File, PathBuf)>,
     tx: crossbeam_channel::Sender<io::Result<Vec<u8>>>,
-    abort: &AtomicBool,
+    abort: &Abort,
 ) {
     let (mut dec, kind) = match decompress::decoder(input) {
         Ok(x) => x,
@@ -1244,13 +1133,8 @@ fn decompress_into(
         tee: tee.map(|(f, p)| (io::BufWriter::with_capacity(CHUNK, f), p)),
         closed: false,
     };
-    let res = copy(
-        &mut dec,
-        &mut out,
-        &|| abort.load(Ordering::Relaxed),
-        &mut |_| {},
-    )
-    .and_then(|_| out.flush().map_err(CopyError::Write));
+    let res = copy(&mut dec, &mut out, &|| abort.is_set(), &mut |_| {})
+        .and_then(|_| out.flush().map_err(CopyError::Write));
     let e = match res {
         Ok(()) => return,
         // The applier stopped reading: it reports why.
@@ -1403,63 +1287,6 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 1);
-    }
-
-    #[test]
-    fn semaphore_bounds_concurrency_and_gives_up_on_abort() {
-        let sem = Semaphore::new(2);
-        let abort = AtomicBool::new(false);
-        let (now, max) = (AtomicUsize::new(0), AtomicUsize::new(0));
-        std::thread::scope(|s| {
-            for _ in 0..6 {
-                s.spawn(|| {
-                    let _p = sem.acquire(&abort).unwrap();
-                    let k = now.fetch_add(1, Ordering::SeqCst) + 1;
-                    max.fetch_max(k, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(30));
-                    now.fetch_sub(1, Ordering::SeqCst);
-                });
-            }
-        });
-        assert_eq!(max.load(Ordering::SeqCst), 2);
-        let held = sem.acquire(&abort).unwrap();
-        let _held2 = sem.acquire(&abort).unwrap();
-        abort.store(true, Ordering::SeqCst);
-        assert!(matches!(sem.acquire(&abort), Err(Error::Interrupted)));
-        drop(held);
-        // 0 means unlimited.
-        assert!(Semaphore::new(0).acquire(&abort).unwrap().is_none());
-    }
-
-    #[test]
-    fn follow_reader_waits_for_the_download() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("blob");
-        let mut w = File::create(&p).unwrap();
-        let g = Growing::new();
-        let mut r = FollowReader {
-            file: File::open(&p).unwrap(),
-            pos: 0,
-            growing: g.clone(),
-            abort: Arc::new(AtomicBool::new(false)),
-        };
-        let writer = std::thread::spawn(move || {
-            for i in 0..5u8 {
-                std::thread::sleep(Duration::from_millis(20));
-                w.write_all(&[i; 1000]).unwrap();
-                g.advance((i as u64 + 1) * 1000);
-            }
-            g.finish(Err("digest mismatch".into()));
-        });
-        let mut out = Vec::new();
-        let e = r.read_to_end(&mut out).unwrap_err();
-        writer.join().unwrap();
-        assert_eq!(
-            out.len(),
-            5000,
-            "everything written was read before the error"
-        );
-        assert!(e.to_string().contains("digest mismatch"));
     }
 
     #[test]

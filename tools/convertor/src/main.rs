@@ -13,7 +13,8 @@ use anyhow::{bail, Context};
 use clap::{ArgAction, Parser};
 use obdconvert::progress::Progress;
 use obdconvert::{
-    open_store, ConvertOptions, ConvertOutcome, Converter, DedupTarget, ImageStore, RegistryStore,
+    open_store, Abort, ConvertOptions, ConvertOutcome, Converter, DedupTarget, ImageStore,
+    RegistryStore,
 };
 use obddedup::resolve::Dedup;
 use obdoci::{Digest, ImageRef, Reference};
@@ -136,14 +137,14 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     obdtools::cli::init_logging(args.verbose);
-    let abort = Arc::new(AtomicBool::new(false));
+    let abort = Abort::new();
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let (a, i) = (abort.clone(), interrupted.clone());
         let count = AtomicUsize::new(0);
         let _ = ctrlc::set_handler(move || {
             i.store(true, Ordering::SeqCst);
-            a.store(true, Ordering::SeqCst);
+            a.set();
             if count.fetch_add(1, Ordering::SeqCst) == 0 {
                 eprintln!(
                     "convertor: interrupted; cleaning up (press Ctrl-C again to quit at once)"
@@ -168,7 +169,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
+fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let src_ref = ImageRef::parse(&args.repository).context("-r/--repository")?;
     let dst_ref = match &args.output_repository {
@@ -217,7 +218,7 @@ fn run(args: Args, abort: Arc<AtomicBool>) -> anyhow::Result<()> {
         client_certs,
         credentials: args.username.as_deref().and_then(Credentials::parse),
         chunk_size: args.push_chunk_size.map(|m| m.max(1) << 20),
-        cancel: Some(abort.clone()),
+        cancel: Some(abort.flag()),
         docker_config: args.username.is_none(),
         ..Default::default()
     };
