@@ -5,6 +5,7 @@
 //! * [`raw`]: a plain image file as a device.
 //! * [`lsmt`]: LSMT layers (sealed and writable) and their indexes.
 //! * [`zfile`]: ZFile random-access compression.
+//! * [`gzindex`]: the `ddgzidx` gzip random-access index (TurboOCI `gzip.meta`).
 //! * [`tarwrap`]: the tar wrapper around pushed layer blobs.
 //! * [`layer`]: opening a lower layer whatever its wrapping.
 //! * [`stack`]: lowers + optional upper read as one disk.
@@ -16,6 +17,7 @@ pub mod commit;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod gzindex;
 pub mod io;
 pub mod layer;
 pub mod lsmt;
