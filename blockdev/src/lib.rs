@@ -9,6 +9,7 @@
 //! * [`tarwrap`]: the tar wrapper around pushed layer blobs.
 //! * [`layer`]: opening a lower layer whatever its wrapping.
 //! * [`stack`]: lowers + optional upper read as one disk.
+//! * [`warp`]: TurboOCI layers, whose file data stays in the layer tar.
 //! * [`commit`]: sealing and compressing layers (overlaybd-commit).
 //! * [`config`]: the overlaybd image config.json.
 //! * [`nbd`]: a userspace NBD server over any device.
@@ -27,6 +28,7 @@ pub mod source;
 pub mod stack;
 pub mod tarwrap;
 pub mod uuid;
+pub mod warp;
 pub mod zfile;
 
 pub use config::ImageConfig;
