@@ -181,3 +181,34 @@ fn our_layer_on_upstream_lowers_and_errors() {
         assert!(!e.contains('\n'), "one line: {e}");
     }
 }
+
+/// The acceptance target: `ext4.fs.meta` rebuilt byte for byte from the
+/// fixture inputs (ext4-gzip, ext4-tar, ext4-gzip-2). Not reached yet: our
+/// apply engine maps every file to the same tar range as upstream and gives
+/// the same tree, but its ext4 metadata layout differs (upstream applies
+/// through PhotonLibOS extfs on the data-accelerator libext2fs fork: htree
+/// directories from `expand_dir`, allocation cursors, inode version counts,
+/// superblock-only writes). Run with `--ignored` to see how far it is.
+#[test]
+#[ignore = "ext4 metadata not yet byte-identical to upstream's (README, TurboOCI section)"]
+fn ext4_fs_meta_matches_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let l0 = make_layer(&d.join("0"), &fx("ext4-gzip/layer.tar.gz"), &[], true);
+    let t0 = make_layer(&d.join("t"), &input_tar(), &[], true);
+    let l1 = make_layer(
+        &d.join("1"),
+        &fx("ext4-gzip-2/layer.tar.gz"),
+        &[l0.lower()],
+        false,
+    );
+    let mut bad = Vec::new();
+    for (m, case) in [(&l0, "ext4-gzip"), (&t0, "ext4-tar"), (&l1, "ext4-gzip-2")] {
+        let ours = std::fs::read(&m.meta).unwrap();
+        let theirs = std::fs::read(fx(&format!("{case}/ext4.fs.meta"))).unwrap();
+        if ours != theirs {
+            bad.push(format!("{case}: {} vs {} bytes", ours.len(), theirs.len()));
+        }
+    }
+    assert!(bad.is_empty(), "ext4.fs.meta differs: {bad:?}");
+}
