@@ -90,7 +90,7 @@ fn upstream_command_lines_build_a_turbo_image_nbd_can_serve() {
     run_layer(
         &d1,
         &fx("ext4-gzip-2/layer.tar.gz"),
-        &[lower0.clone()],
+        std::slice::from_ref(&lower0),
         false,
     );
     for (d, case) in [(&d0, "ext4-gzip"), (&d1, "ext4-gzip-2")] {
