@@ -626,11 +626,15 @@ impl<'a> Applier<'a> {
             i.init_extent_root();
         }
         self.fs.write_inode(ino, &mut i)?;
-        // The name is linked before the data blocks are allocated, as
-        // upstream does (a directory block the link needs comes first).
-        self.dir_add(parent, name, ino, FT_REG)?;
+        let link_first = self.file_data.link_first();
+        if link_first {
+            self.dir_add(parent, name, ino, FT_REG)?;
+        }
         self.write_data(ino, &mut i, e, tar)?;
         self.fs.write_inode(ino, &mut i)?;
+        if !link_first {
+            self.dir_add(parent, name, ino, FT_REG)?;
+        }
         self.stats.data_bytes += e.size;
         Ok(ino)
     }

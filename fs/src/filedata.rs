@@ -73,6 +73,14 @@ pub trait FileData {
 
     /// Fill one run (runs come in increasing `lblk` order).
     fn fill(&mut self, ctx: FillCtx<'_>, run: Run) -> Result<()>;
+
+    /// Whether the file's name is linked before its blocks are allocated
+    /// (upstream's order: `open(O_CREAT)` then `fallocate`, so a directory
+    /// block the link needs is allocated first). The copy engine links
+    /// after, which keeps overlaybd layers byte-stable.
+    fn link_first(&self) -> bool {
+        false
+    }
 }
 
 /// Copy the tar bytes into the file's blocks (overlaybd layers).
@@ -198,5 +206,9 @@ impl FileData for TargetData {
         self.dev
             .map_target(run.pblk * bs, len, self.data_offset + start)
             .map_err(Error::Device)
+    }
+
+    fn link_first(&self) -> bool {
+        true
     }
 }
