@@ -16,7 +16,6 @@ pub mod ops;
     rustdoc::all,
     missing_docs,
     unused_imports,
-    unused_qualifications,
     clippy::undocumented_unsafe_blocks,
     clippy::missing_safety_doc
 )]
