@@ -10,6 +10,7 @@ pub mod cache;
 pub mod inode;
 pub mod io;
 pub mod ops;
+pub mod read;
 #[allow(unsafe_op_in_unsafe_fn, rustdoc::all, missing_docs, unused_imports)]
 pub mod sys;
 
