@@ -42,7 +42,7 @@ struct MountArgs {
     /// Layer files (sealed LSMT, ZFile, tar-wrapped; bottom first), or one
     /// overlaybd config.json, or one converted image oci:DIR[:TAG]; then the
     /// mountpoint (an existing directory).
-    #[arg(required = true, num_args = 2.., value_name = "SOURCE... MOUNTPOINT")]
+    #[arg(required = true, num_args = 1.., value_name = "SOURCE... MOUNTPOINT")]
     args: Vec<String>,
 
     /// Writable upper layer (made by overlaybd-create): writes, discards and
@@ -120,6 +120,9 @@ fn main() -> ExitCode {
 
 fn run(a: &MountArgs, daemon: bool) -> Result<()> {
     set_default_backend(a.io);
+    if a.args.len() < 2 {
+        bail!("give the layers (or config.json, or oci:DIR[:TAG]) and then the mountpoint");
+    }
     let (sources, mp) = a.args.split_at(a.args.len() - 1);
     let mp = PathBuf::from(&mp[0]);
     obdfuse::session::check_mountpoint(&mp)?;
