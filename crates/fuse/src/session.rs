@@ -47,7 +47,14 @@ pub enum Ended {
 /// Refuse a mountpoint that is not a usable directory, naming the fix for a
 /// dead FUSE mount left by a killed daemon.
 pub fn check_mountpoint(mp: &Path) -> Result<()> {
-    match std::fs::metadata(mp) {
+    // stat may be answered from the kernel's attribute cache even when the
+    // daemon behind a FUSE mount is gone; opening the directory is not.
+    let md = std::fs::metadata(mp);
+    let usable = match &md {
+        Ok(m) if m.is_dir() => std::fs::read_dir(mp).map(|_| ()),
+        _ => Ok(()),
+    };
+    match md.and_then(|m| usable.map(|()| m)) {
         Ok(md) if md.is_dir() => Ok(()),
         Ok(_) => Err(Error::Usage(format!(
             "{}: the mountpoint is not a directory",

@@ -128,13 +128,17 @@ fn writable_session_is_committed_and_read_back() {
     let layers = fixture_layers();
     let mut args: Vec<&std::ffi::OsStr> = layers.iter().map(|p| p.as_os_str()).collect();
     args.extend(["--upper".as_ref(), data.as_os_str(), index.as_os_str()]);
-    let f = Fuse::foreground(&args, &t.path().join("mp"));
+    let mut f = Fuse::foreground(&args, &t.path().join("mp"));
     assert!(f.ready.contains("writable"), "{}", f.ready);
 
     // Byte-level: write, punch a hole (unaligned edges), zero a range, fsync.
     let scratch = (64u64 << 30) - (8 << 20);
     {
-        let mut disk = File::options().read(true).write(true).open(f.disk()).unwrap();
+        let mut disk = File::options()
+            .read(true)
+            .write(true)
+            .open(f.disk())
+            .unwrap();
         disk.seek(SeekFrom::Start(scratch)).unwrap();
         disk.write_all(&vec![0xabu8; 1 << 20]).unwrap();
         disk.sync_all().unwrap();
@@ -158,7 +162,10 @@ fn writable_session_is_committed_and_read_back() {
         let mut want = vec![0xabu8; 1 << 20];
         want[1000..21000].fill(0);
         want[500_000..504_096].fill(0);
-        assert!(back == want, "punched/zeroed ranges do not read back as zeros");
+        assert!(
+            back == want,
+            "punched/zeroed ranges do not read back as zeros"
+        );
         // The disk cannot grow.
         let e = disk.set_len(1).unwrap_err();
         assert!(e.raw_os_error().is_some(), "{e}");

@@ -149,8 +149,9 @@ impl Fuse {
         self.child.as_ref().unwrap().id() as i32
     }
 
-    /// Wait for a foreground daemon to exit and return its output.
-    pub fn wait(mut self) -> Output {
+    /// Wait for a foreground daemon to exit and return its output (the
+    /// mount, if still there, is cleaned up when `self` is dropped).
+    pub fn wait(&mut self) -> Output {
         self.child.take().unwrap().wait_with_output().unwrap()
     }
 
@@ -229,7 +230,11 @@ impl KernelMount {
             Command::new("umount").arg(&self.mp).status()
         };
         if check {
-            assert!(st.unwrap().success(), "unmounting {} failed", self.mp.display());
+            assert!(
+                st.unwrap().success(),
+                "unmounting {} failed",
+                self.mp.display()
+            );
         } else if is_mounted(&self.mp) {
             let _ = Command::new("umount").arg("-l").arg(&self.mp).status();
         }
@@ -250,7 +255,9 @@ pub fn assert_same_tree(actual: &serde_json::Value, expected: &serde_json::Value
     for (k, v) in e {
         match a.get(k) {
             None => diffs.push(format!("missing: {k}")),
-            Some(x) if x != v => diffs.push(format!("differs: {k}\n  expected {v}\n  actual   {x}")),
+            Some(x) if x != v => {
+                diffs.push(format!("differs: {k}\n  expected {v}\n  actual   {x}"))
+            }
             _ => {}
         }
     }
@@ -259,5 +266,10 @@ pub fn assert_same_tree(actual: &serde_json::Value, expected: &serde_json::Value
             diffs.push(format!("unexpected: {k}"));
         }
     }
-    assert!(diffs.is_empty(), "{} differences:\n{}", diffs.len(), diffs.join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
 }
