@@ -94,6 +94,9 @@ enum Data {
     Inline(Vec<u8>),
 }
 
+/// Extended attributes: (full name, value).
+type Xattrs = Arc<Vec<(Vec<u8>, Vec<u8>)>>;
+
 /// What is cached about one inode.
 pub struct Node {
     ino: u32,
@@ -102,7 +105,7 @@ pub struct Node {
     dir: OnceLock<Arc<Dir>>,
     data: OnceLock<Arc<Data>>,
     link: OnceLock<Arc<Vec<u8>>>,
-    xattrs: OnceLock<Arc<Vec<(Vec<u8>, Vec<u8>)>>>,
+    xattrs: OnceLock<Xattrs>,
 }
 
 /// The filesystem-mode server.
@@ -260,7 +263,7 @@ impl Ext4Fs {
         Ok(n.link.get_or_init(|| Arc::new(t)).clone())
     }
 
-    fn xattrs(&self, n: &Node) -> obdfs::Result<Arc<Vec<(Vec<u8>, Vec<u8>)>>> {
+    fn xattrs(&self, n: &Node) -> obdfs::Result<Xattrs> {
         if let Some(x) = n.xattrs.get() {
             return Ok(x.clone());
         }

@@ -1,6 +1,6 @@
 //! Helpers for the FUSE integration tests: running `overlaybd-fuse`, the
 //! tools it works with, loop mounts, and teardown that always unmounts.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
