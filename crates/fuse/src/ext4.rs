@@ -73,6 +73,20 @@ fn kind(mode: u16) -> Option<FileType> {
     })
 }
 
+/// The file type byte of a directory entry (`filetype` feature), if set.
+fn dirent_kind(ftype: u8) -> Option<FileType> {
+    Some(match ftype {
+        1 => FileType::RegularFile,
+        2 => FileType::Directory,
+        3 => FileType::CharDevice,
+        4 => FileType::BlockDevice,
+        5 => FileType::NamedPipe,
+        6 => FileType::Socket,
+        7 => FileType::Symlink,
+        _ => return None,
+    })
+}
+
 /// Linux's `new_encode_dev`, which the kernel decodes from FUSE attributes.
 fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
@@ -80,8 +94,9 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 
 /// A directory's names.
 struct Dir {
-    /// (name, ext4 inode), in on-disk order, without `.` and `..`.
-    entries: Vec<(Vec<u8>, u32)>,
+    /// (name, ext4 inode, file type from the entry or None), in on-disk
+    /// order, without `.` and `..`.
+    entries: Vec<(Vec<u8>, u32, Option<FileType>)>,
     by_name: HashMap<Vec<u8>, u32>,
     parent: u32,
 }
@@ -101,7 +116,9 @@ type Xattrs = Arc<Vec<(Vec<u8>, Vec<u8>)>>;
 pub struct Node {
     ino: u32,
     attr: FileAttr,
-    inode: Inode,
+    /// `i_flags` (the inode itself is read again when its data is mapped,
+    /// so a cached node stays small).
+    flags: u32,
     dir: OnceLock<Arc<Dir>>,
     data: OnceLock<Arc<Data>>,
     link: OnceLock<Arc<Vec<u8>>>,
@@ -204,7 +221,7 @@ impl Ext4Fs {
         Ok(Node {
             ino,
             attr,
-            inode,
+            flags: inode.flags(),
             dir: OnceLock::new(),
             data: OnceLock::new(),
             link: OnceLock::new(),
@@ -222,12 +239,12 @@ impl Ext4Fs {
         drop(fs);
         let mut entries = Vec::with_capacity(names.len());
         let mut by_name = HashMap::with_capacity(names.len());
-        for (name, ino, _) in names {
+        for (name, ino, ftype) in names {
             if ino == 0 {
                 continue;
             }
             by_name.insert(name.clone(), ino);
-            entries.push((name, ino));
+            entries.push((name, ino, dirent_kind(ftype)));
         }
         let d = Arc::new(Dir {
             entries,
@@ -241,9 +258,9 @@ impl Ext4Fs {
         if let Some(d) = n.data.get() {
             return Ok(d.clone());
         }
-        let mut inode = n.inode.clone();
         let mut fs = self.fs.lock();
-        let d = if inode.flags() & inode::INLINE_DATA_FL != 0 {
+        let mut inode = fs.read_inode(n.ino)?;
+        let d = if n.flags & inode::INLINE_DATA_FL != 0 {
             let mut v = fs.inline_data(n.ino, &mut inode)?;
             v.truncate(n.attr.size as usize);
             Data::Inline(v)
@@ -258,8 +275,10 @@ impl Ext4Fs {
         if let Some(l) = n.link.get() {
             return Ok(l.clone());
         }
-        let mut inode = n.inode.clone();
-        let t = self.fs.lock().link_target(n.ino, &mut inode)?;
+        let mut fs = self.fs.lock();
+        let mut inode = fs.read_inode(n.ino)?;
+        let t = fs.link_target(n.ino, &mut inode)?;
+        drop(fs);
         Ok(n.link.get_or_init(|| Arc::new(t)).clone())
     }
 
@@ -471,10 +490,13 @@ impl Filesystem for Ext4Fs {
                 0 => (b".", n.ino, FileType::Directory),
                 1 => (b"..", d.parent, FileType::Directory),
                 _ => {
-                    let (name, ino) = &d.entries[(i - 2) as usize];
-                    let kind = match self.node(*ino) {
-                        Ok(c) => c.attr.kind,
-                        Err(e) => return reply.error(ext_errno(&e)),
+                    let (name, ino, ftype) = &d.entries[(i - 2) as usize];
+                    let kind = match ftype {
+                        Some(k) => *k,
+                        None => match self.node(*ino) {
+                            Ok(c) => c.attr.kind,
+                            Err(e) => return reply.error(ext_errno(&e)),
+                        },
                     };
                     (name, *ino, kind)
                 }
@@ -508,7 +530,7 @@ impl Filesystem for Ext4Fs {
                 0 => (b".", n.ino),
                 1 => (b"..", d.parent),
                 _ => {
-                    let (name, ino) = &d.entries[(i - 2) as usize];
+                    let (name, ino, _) = &d.entries[(i - 2) as usize];
                     (name, *ino)
                 }
             };
