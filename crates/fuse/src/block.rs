@@ -3,17 +3,21 @@
 //! The mount holds a root directory (inode 1) with a single regular file
 //! (inode 2) whose bytes are the disk. Reads go straight to the device;
 //! with a writable upper, writes, `fallocate` (punch hole, zero range) and
-//! `fsync` go to it as well. Every failure is answered with an errno.
+//! `fsync` go to it as well. `lseek(SEEK_DATA/SEEK_HOLE)` answers from the
+//! stack's allocation map, so `cp`, `tar -S` and friends skip the unmapped
+//! parts of a 64 GiB disk. Every failure is answered with an errno.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use blockdev::nbd::proto::STATE_HOLE;
+use blockdev::nbd::Allocation;
 use blockdev::BlockDevice;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 
 use crate::error::errno_of;
@@ -28,6 +32,7 @@ pub const MAX_IO: u32 = 1 << 20;
 /// The block-mode filesystem.
 pub struct DiskFs {
     dev: Arc<dyn BlockDevice>,
+    alloc: Option<Arc<dyn Allocation>>,
     writable: bool,
     uid: u32,
     gid: u32,
@@ -41,10 +46,44 @@ impl DiskFs {
         DiskFs {
             writable: writable && !dev.is_read_only(),
             dev,
+            alloc: None,
             uid,
             gid,
             since: SystemTime::now(),
         }
+    }
+
+    /// Answer `SEEK_DATA`/`SEEK_HOLE` from `alloc` (without it, the whole
+    /// disk is data, as for any file system without hole support).
+    pub fn with_allocation(mut self, alloc: Arc<dyn Allocation>) -> Self {
+        self.alloc = Some(alloc);
+        self
+    }
+
+    /// The first offset at or after `from` that is data (`want_hole` false)
+    /// or a hole (true); `None` when there is none before the end.
+    fn seek(&self, from: u64, want_hole: bool) -> blockdev::Result<Option<u64>> {
+        let size = self.dev.size();
+        let Some(alloc) = &self.alloc else {
+            return Ok(Some(if want_hole { size } else { from }));
+        };
+        const STEP: u64 = 1 << 30;
+        let mut pos = from;
+        while pos < size {
+            let len = STEP.min(size - pos);
+            let mut p = pos;
+            for (l, flags) in alloc.extents(pos, len)? {
+                if (flags & STATE_HOLE != 0) == want_hole {
+                    return Ok(Some(p));
+                }
+                p += l;
+            }
+            if p <= pos {
+                break;
+            }
+            pos = p;
+        }
+        Ok(if want_hole { Some(size) } else { None })
     }
 
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
@@ -342,6 +381,37 @@ impl Filesystem for DiskFs {
             }
         }
         reply.ok()
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        if ino != DISK_INO {
+            return reply.error(Errno::EINVAL);
+        }
+        let size = self.dev.size();
+        let want_hole = match whence {
+            libc::SEEK_DATA => false,
+            libc::SEEK_HOLE => true,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        if offset < 0 {
+            return reply.error(Errno::EINVAL);
+        }
+        if offset as u64 >= size {
+            return reply.error(Errno::ENXIO);
+        }
+        match self.seek(offset as u64, want_hole) {
+            Ok(Some(o)) => reply.offset(o as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
+            Err(e) => reply.error(Self::fail(&e, "lseek")),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

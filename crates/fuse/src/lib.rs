@@ -87,7 +87,8 @@ pub fn mount(req: &MountRequest, ready: impl FnOnce(&Ready)) -> Result<Ended> {
                 nix::unistd::geteuid().as_raw(),
                 nix::unistd::getegid().as_raw(),
             );
-            let fs = block::DiskFs::new(dev.clone(), req.writable, uid, gid);
+            let fs = block::DiskFs::new(dev.clone(), req.writable, uid, gid)
+                .with_allocation(stack.clone());
             session::serve(fs, &mcfg, || ready(&info))?
         }
         Mode::Fs => {

@@ -219,3 +219,63 @@ fn writable_session_is_committed_and_read_back() {
     m.unmount();
     f2.unmount();
 }
+
+#[test]
+fn seek_data_and_hole_follow_the_allocation_map() {
+    use nix::unistd::{lseek, Whence};
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    let stack = blockdev::Stack::open_read_only(&layers, None).unwrap();
+    use blockdev::BlockDevice;
+    let size = stack.size();
+    // Data ranges of the stack, merged.
+    let mut want: Vec<(u64, u64)> = Vec::new();
+    for (o, l, data) in stack.allocation(0, size) {
+        if data {
+            match want.last_mut() {
+                Some(w) if w.1 == o => w.1 = o + l,
+                _ => want.push((o, o + l)),
+            }
+        }
+    }
+    assert!(want.len() > 1);
+    let args: Vec<&std::ffi::OsStr> = layers.iter().map(|p| p.as_os_str()).collect();
+    let f = Fuse::background(&args, &t.path().join("mp"));
+    let disk = File::open(f.disk()).unwrap();
+    let mut got = Vec::new();
+    let mut pos = 0i64;
+    loop {
+        let d = match lseek(&disk, pos, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => panic!("SEEK_DATA at {pos}: {e}"),
+        };
+        let h = lseek(&disk, d, Whence::SeekHole).unwrap();
+        assert!(h > d);
+        got.push((d as u64, h as u64));
+        pos = h;
+        if h as u64 >= size {
+            break;
+        }
+    }
+    assert_eq!(got, want);
+    // The data ranges hold everything: a sparse copy of just them is the
+    // same ext4 (e2fsck clean).
+    let copy = t.path().join("copy.raw");
+    let out = File::create(&copy).unwrap();
+    out.set_len(size).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for (a, b) in got {
+        let mut p = a;
+        while p < b {
+            let n = ((b - p) as usize).min(buf.len());
+            disk.read_exact_at(&mut buf[..n], p).unwrap();
+            out.write_all_at(&buf[..n], p).unwrap();
+            p += n as u64;
+        }
+    }
+    drop(out);
+    testutil::e2fsck(&copy).unwrap();
+    drop(disk);
+    f.unmount();
+}
