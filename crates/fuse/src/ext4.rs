@@ -1,4 +1,5 @@
-//! Filesystem mode: the ext4 filesystem inside the stack, served read-only.
+//! Filesystem mode for ext4: the [`FileTree`] of the ext4 filesystem inside
+//! the stack, read-only.
 //!
 //! Metadata (inodes, directories, extent trees, symlinks, xattrs) is read
 //! through libext2fs ([`obdfs::ext2fs::Ext2Fs`], opened read-only over the
@@ -8,49 +9,27 @@
 //! block map is resolved once under the mutex, and reads then go straight to
 //! the block device, so any number of data reads run in parallel.
 //!
-//! Inode numbers are the stored ones, except that ext4's root (2) is FUSE's
-//! root node (1); hard links are therefore one inode. Modes, owners, times
-//! (nanoseconds), device numbers and xattrs are reported as stored.
+//! Inode numbers, modes, owners, times (nanoseconds), device numbers, block
+//! counts and xattrs are reported as stored.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blockdev::BlockDevice;
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
-};
+use fuser::{Errno, FileAttr, FileType, INodeNo};
 use obdfs::ext2fs::inode::{self, Inode, Timestamp};
 use obdfs::ext2fs::read::{Counts, Run};
 use obdfs::ext2fs::Ext2Fs;
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{errno_of, Error, Result};
+use crate::tree::{DirEntry, DirList, FileTree, TreeResult, TreeStats, Xattrs};
 
 /// ext4's root directory inode.
 const EXT4_ROOT: u32 = 2;
-/// The filesystem never changes: let the kernel cache for long.
-const TTL: Duration = Duration::from_secs(24 * 3600);
 /// libext2fs's metadata cache.
 const META_CACHE: usize = 64 << 20;
-/// Largest read the kernel sends.
-const MAX_READ: u32 = 1 << 20;
-
-fn to_fuse(ino: u32) -> INodeNo {
-    INodeNo(if ino == EXT4_ROOT { 1 } else { ino as u64 })
-}
-
-fn from_fuse(ino: INodeNo) -> Option<u32> {
-    match ino.0 {
-        1 => Some(EXT4_ROOT),
-        2 => None, // ext4's root is only reachable as FUSE's root
-        n => u32::try_from(n).ok(),
-    }
-}
 
 fn time(t: Timestamp) -> SystemTime {
     if t.sec >= 0 {
@@ -92,13 +71,10 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
 }
 
-/// A directory's names.
+/// A directory's names, listed and indexed.
 struct Dir {
-    /// (name, ext4 inode, file type from the entry or None), in on-disk
-    /// order, without `.` and `..`.
-    entries: Vec<(Vec<u8>, u32, Option<FileType>)>,
+    list: Arc<DirList>,
     by_name: HashMap<Vec<u8>, u32>,
-    parent: u32,
 }
 
 /// A regular file's data.
@@ -108,9 +84,6 @@ enum Data {
     /// Inline data (stored in the inode).
     Inline(Vec<u8>),
 }
-
-/// Extended attributes: (full name, value).
-type Xattrs = Arc<Vec<(Vec<u8>, Vec<u8>)>>;
 
 /// What is cached about one inode.
 pub struct Node {
@@ -125,8 +98,8 @@ pub struct Node {
     xattrs: OnceLock<Xattrs>,
 }
 
-/// The filesystem-mode server.
-pub struct Ext4Fs {
+/// The ext4 filesystem on a device, as a [`FileTree`].
+pub struct Ext4Tree {
     fs: Mutex<Ext2Fs>,
     dev: Arc<dyn BlockDevice>,
     block_size: u64,
@@ -135,7 +108,17 @@ pub struct Ext4Fs {
     nodes: RwLock<HashMap<u32, Arc<Node>>>,
 }
 
-impl Ext4Fs {
+/// The errno for a libext2fs or device failure (logged).
+fn ext_errno(e: &obdfs::Error) -> Errno {
+    tracing::warn!("{e}");
+    match e {
+        obdfs::Error::Device(d) => Errno::from_i32(errno_of(d)),
+        obdfs::Error::Invalid(_) => Errno::ENOENT,
+        _ => Errno::EIO,
+    }
+}
+
+impl Ext4Tree {
     /// Open the ext4 filesystem on `dev` (read-only).
     pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Self> {
         let fs = Ext2Fs::open_read_only(dev.clone(), META_CACHE).map_err(|source| Error::Ext4 {
@@ -144,7 +127,7 @@ impl Ext4Fs {
         })?;
         let counts = fs.counts();
         let huge_file = fs.has_ro_compat(obdfs::ext2fs::sys::EXT4_FEATURE_RO_COMPAT_HUGE_FILE);
-        let me = Ext4Fs {
+        let me = Ext4Tree {
             block_size: counts.block_size,
             counts,
             huge_file,
@@ -170,11 +153,11 @@ impl Ext4Fs {
             return Ok(n.clone());
         }
         let inode = self.fs.lock().read_inode(ino)?;
-        let n = Arc::new(self.make_node(ino, inode)?);
+        let n = Arc::new(self.make_node(ino, &inode)?);
         Ok(self.nodes.write().entry(ino).or_insert(n).clone())
     }
 
-    fn make_node(&self, ino: u32, inode: Inode) -> obdfs::Result<Node> {
+    fn make_node(&self, ino: u32, inode: &Inode) -> obdfs::Result<Node> {
         let mode = inode.mode();
         if inode.links() == 0 {
             return Err(obdfs::Error::Invalid(format!("inode {ino} is not in use")));
@@ -194,16 +177,13 @@ impl Ext4Fs {
             }
             _ => 0,
         };
+        let sized = matches!(
+            kind,
+            FileType::Directory | FileType::RegularFile | FileType::Symlink
+        );
         let attr = FileAttr {
-            ino: to_fuse(ino),
-            size: if kind == FileType::Directory
-                || kind == FileType::RegularFile
-                || kind == FileType::Symlink
-            {
-                inode.size()
-            } else {
-                0
-            },
+            ino: INodeNo(ino as u64),
+            size: if sized { inode.size() } else { 0 },
             blocks,
             atime: time(inode.atime()),
             mtime: time(inode.mtime()),
@@ -229,7 +209,15 @@ impl Ext4Fs {
         })
     }
 
-    fn dir(&self, n: &Node) -> obdfs::Result<Arc<Dir>> {
+    fn node_of(&self, ino: u64) -> TreeResult<Arc<Node>> {
+        let i = u32::try_from(ino).map_err(|_| Errno::ENOENT)?;
+        if i < EXT4_ROOT {
+            return Err(Errno::ENOENT);
+        }
+        self.node(i).map_err(|e| ext_errno(&e))
+    }
+
+    fn dir_of(&self, n: &Node) -> obdfs::Result<Arc<Dir>> {
         if let Some(d) = n.dir.get() {
             return Ok(d.clone());
         }
@@ -244,12 +232,18 @@ impl Ext4Fs {
                 continue;
             }
             by_name.insert(name.clone(), ino);
-            entries.push((name, ino, dirent_kind(ftype)));
+            entries.push(DirEntry {
+                name,
+                ino: ino as u64,
+                kind: dirent_kind(ftype),
+            });
         }
         let d = Arc::new(Dir {
-            entries,
+            list: Arc::new(DirList {
+                entries,
+                parent: parent as u64,
+            }),
             by_name,
-            parent,
         });
         Ok(n.dir.get_or_init(|| d).clone())
     }
@@ -269,25 +263,6 @@ impl Ext4Fs {
         };
         drop(fs);
         Ok(n.data.get_or_init(|| Arc::new(d)).clone())
-    }
-
-    fn link(&self, n: &Node) -> obdfs::Result<Arc<Vec<u8>>> {
-        if let Some(l) = n.link.get() {
-            return Ok(l.clone());
-        }
-        let mut fs = self.fs.lock();
-        let mut inode = fs.read_inode(n.ino)?;
-        let t = fs.link_target(n.ino, &mut inode)?;
-        drop(fs);
-        Ok(n.link.get_or_init(|| Arc::new(t)).clone())
-    }
-
-    fn xattrs(&self, n: &Node) -> obdfs::Result<Xattrs> {
-        if let Some(x) = n.xattrs.get() {
-            return Ok(x.clone());
-        }
-        let x = self.fs.lock().xattrs(n.ino)?;
-        Ok(n.xattrs.get_or_init(|| Arc::new(x)).clone())
     }
 
     /// Read file bytes `[offset, offset+len)` (clamped to the file size).
@@ -313,7 +288,7 @@ impl Ext4Fs {
         };
         let bs = self.block_size;
         let mut pos = offset;
-        // First run that ends after `pos`.
+        // First run that ends after `pos`; holes stay zero.
         let mut i = runs.partition_point(|r| (r.lblk + r.len) * bs <= pos);
         while pos < end && i < runs.len() {
             let r = runs[i];
@@ -337,264 +312,90 @@ impl Ext4Fs {
         }
         Ok(buf)
     }
+}
 
-    fn lookup_name(&self, parent: INodeNo, name: &[u8]) -> std::result::Result<Arc<Node>, Errno> {
-        let p = self.fuse_node(parent)?;
-        if p.attr.kind != FileType::Directory {
+impl FileTree for Ext4Tree {
+    fn root(&self) -> u64 {
+        EXT4_ROOT as u64
+    }
+
+    fn attr(&self, ino: u64) -> TreeResult<FileAttr> {
+        Ok(self.node_of(ino)?.attr)
+    }
+
+    fn dir(&self, ino: u64) -> TreeResult<Arc<DirList>> {
+        let n = self.node_of(ino)?;
+        if n.attr.kind != FileType::Directory {
             return Err(Errno::ENOTDIR);
         }
-        let d = self.dir(&p).map_err(|e| ext_errno(&e))?;
+        Ok(self.dir_of(&n).map_err(|e| ext_errno(&e))?.list.clone())
+    }
+
+    fn lookup(&self, dir: u64, name: &[u8]) -> TreeResult<u64> {
+        let n = self.node_of(dir)?;
+        if n.attr.kind != FileType::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        let d = self.dir_of(&n).map_err(|e| ext_errno(&e))?;
         let ino = match name {
-            b"." => p.ino,
-            b".." => d.parent,
-            _ => *d.by_name.get(name).ok_or(Errno::ENOENT)?,
+            b"." => n.ino as u64,
+            b".." => d.list.parent,
+            _ => *d.by_name.get(name).ok_or(Errno::ENOENT)? as u64,
         };
-        self.node(ino).map_err(|e| ext_errno(&e))
+        // Make sure the target is readable before handing it out.
+        self.node_of(ino)?;
+        Ok(ino)
     }
 
-    fn fuse_node(&self, ino: INodeNo) -> std::result::Result<Arc<Node>, Errno> {
-        let i = from_fuse(ino).ok_or(Errno::ENOENT)?;
-        self.node(i).map_err(|e| ext_errno(&e))
-    }
-}
-
-fn ext_errno(e: &obdfs::Error) -> Errno {
-    tracing::warn!("{e}");
-    match e {
-        obdfs::Error::Device(d) => Errno::from_i32(errno_of(d)),
-        obdfs::Error::Invalid(_) => Errno::ENOENT,
-        _ => Errno::EIO,
-    }
-}
-
-fn reply_xattr(reply: ReplyXattr, data: &[u8], size: u32) {
-    if size == 0 {
-        reply.size(data.len() as u32)
-    } else if data.len() > size as usize {
-        reply.error(Errno::ERANGE)
-    } else {
-        reply.data(data)
-    }
-}
-
-impl Filesystem for Ext4Fs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_readahead(MAX_READ);
-        let _ = config.set_max_background(64);
-        let _ = config.add_capabilities(
-            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
-        );
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.lookup_name(parent, name.as_bytes()) {
-            Ok(n) => reply.entry(&TTL, &n.attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fuse_node(ino) {
-            Ok(n) => reply.attr(&TTL, &n.attr),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let n = match self.fuse_node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        if n.attr.kind != FileType::Symlink {
-            return reply.error(Errno::EINVAL);
-        }
-        match self.link(&n) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(ext_errno(&e)),
-        }
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        match self.fuse_node(ino) {
-            Ok(n) if n.attr.kind == FileType::Directory => reply.error(Errno::EISDIR),
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let n = match self.fuse_node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+    fn read(&self, ino: u64, offset: u64, len: u32) -> TreeResult<Vec<u8>> {
+        let n = self.node_of(ino)?;
         if n.attr.kind != FileType::RegularFile {
-            return reply.error(Errno::EINVAL);
+            return Err(Errno::EINVAL);
         }
-        match self.read_file(&n, offset, size as u64) {
-            Ok(b) => reply.data(&b),
-            Err(e) => {
-                tracing::warn!("{e}");
-                reply.error(match &e {
-                    Error::Stack { source, .. } => Errno::from_i32(errno_of(source)),
-                    _ => Errno::EIO,
-                })
+        self.read_file(&n, offset, len as u64).map_err(|e| {
+            tracing::warn!("{e}");
+            match &e {
+                Error::Stack { source, .. } => Errno::from_i32(errno_of(source)),
+                _ => Errno::EIO,
             }
-        }
+        })
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fuse_node(ino) {
-            Ok(n) if n.attr.kind == FileType::Directory => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
-            }
-            Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(e) => reply.error(e),
+    fn read_link(&self, ino: u64) -> TreeResult<Arc<Vec<u8>>> {
+        let n = self.node_of(ino)?;
+        if n.attr.kind != FileType::Symlink {
+            return Err(Errno::EINVAL);
         }
+        if let Some(l) = n.link.get() {
+            return Ok(l.clone());
+        }
+        let mut fs = self.fs.lock();
+        let t = fs
+            .read_inode(n.ino)
+            .and_then(|mut i| fs.link_target(n.ino, &mut i))
+            .map_err(|e| ext_errno(&e))?;
+        drop(fs);
+        Ok(n.link.get_or_init(|| Arc::new(t)).clone())
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        let n = match self.fuse_node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        let d = match self.dir(&n) {
-            Ok(d) => d,
-            Err(e) => return reply.error(ext_errno(&e)),
-        };
-        let total = d.entries.len() as u64 + 2;
-        for i in offset..total {
-            let (name, ino, kind): (&[u8], u32, FileType) = match i {
-                0 => (b".", n.ino, FileType::Directory),
-                1 => (b"..", d.parent, FileType::Directory),
-                _ => {
-                    let (name, ino, ftype) = &d.entries[(i - 2) as usize];
-                    let kind = match ftype {
-                        Some(k) => *k,
-                        None => match self.node(*ino) {
-                            Ok(c) => c.attr.kind,
-                            Err(e) => return reply.error(ext_errno(&e)),
-                        },
-                    };
-                    (name, *ino, kind)
-                }
-            };
-            if reply.add(to_fuse(ino), i + 1, kind, OsStr::from_bytes(name)) {
-                break;
-            }
+    fn xattrs(&self, ino: u64) -> TreeResult<Xattrs> {
+        let n = self.node_of(ino)?;
+        if let Some(x) = n.xattrs.get() {
+            return Ok(x.clone());
         }
-        reply.ok()
+        let x = self.fs.lock().xattrs(n.ino).map_err(|e| ext_errno(&e))?;
+        Ok(n.xattrs.get_or_init(|| Arc::new(x)).clone())
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let n = match self.fuse_node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        let d = match self.dir(&n) {
-            Ok(d) => d,
-            Err(e) => return reply.error(ext_errno(&e)),
-        };
-        let total = d.entries.len() as u64 + 2;
-        for i in offset..total {
-            let (name, ino): (&[u8], u32) = match i {
-                0 => (b".", n.ino),
-                1 => (b"..", d.parent),
-                _ => {
-                    let (name, ino, _) = &d.entries[(i - 2) as usize];
-                    (name, *ino)
-                }
-            };
-            let c = match self.node(ino) {
-                Ok(c) => c,
-                Err(e) => return reply.error(ext_errno(&e)),
-            };
-            if reply.add(
-                to_fuse(ino),
-                i + 1,
-                OsStr::from_bytes(name),
-                &TTL,
-                &c.attr,
-                Generation(0),
-            ) {
-                break;
-            }
-        }
-        reply.ok()
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn stats(&self) -> TreeStats {
         let c = self.counts;
-        reply.statfs(
-            c.blocks,
-            c.free_blocks,
-            c.free_blocks.saturating_sub(c.reserved_blocks),
-            c.inodes,
-            c.free_inodes,
-            c.block_size as u32,
-            255,
-            c.block_size as u32,
-        )
-    }
-
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let n = match self.fuse_node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        match self.xattrs(&n) {
-            Ok(x) => match x.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
-                Some((_, v)) => reply_xattr(reply, v, size),
-                None => reply.error(Errno::ENODATA),
-            },
-            Err(e) => reply.error(ext_errno(&e)),
-        }
-    }
-
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let n = match self.fuse_node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        match self.xattrs(&n) {
-            Ok(x) => {
-                let mut list = Vec::new();
-                for (k, _) in x.iter() {
-                    list.extend_from_slice(k);
-                    list.push(0);
-                }
-                reply_xattr(reply, &list, size)
-            }
-            Err(e) => reply.error(ext_errno(&e)),
+        TreeStats {
+            blocks: c.blocks,
+            free_blocks: c.free_blocks,
+            avail_blocks: c.free_blocks.saturating_sub(c.reserved_blocks),
+            files: c.inodes,
+            free_files: c.free_inodes,
+            block_size: c.block_size as u32,
         }
     }
 }

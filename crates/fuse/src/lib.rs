@@ -5,7 +5,9 @@
 //!   ([`oci`]), and the [`source::LayerBlob`] seam for other blob sources.
 //! * [`block`]: block mode, the virtual disk as `MOUNTPOINT/disk` (read-only,
 //!   or writable into an upper layer).
-//! * [`ext4`]: filesystem mode, the ext4 inside the stack served read-only.
+//! * [`tree`]: filesystem mode's seam, a read-only [`tree::FileTree`], and
+//!   its FUSE server [`tree::TreeFs`].
+//! * [`ext4`]: the ext4 inside the stack as a file tree.
 //! * [`session`]: mounting, serving on several threads, clean shutdown.
 //! * [`mount()`]: all of it for one request (what the binary calls).
 
@@ -17,6 +19,7 @@ pub mod ext4;
 pub mod oci;
 pub mod session;
 pub mod source;
+pub mod tree;
 
 use std::sync::Arc;
 
@@ -92,7 +95,7 @@ pub fn mount(req: &MountRequest, ready: impl FnOnce(&Ready)) -> Result<Ended> {
             session::serve(fs, &mcfg, || ready(&info))?
         }
         Mode::Fs => {
-            let fs = ext4::Ext4Fs::open(dev.clone())?;
+            let fs = tree::TreeFs::new(ext4::Ext4Tree::open(dev.clone())?);
             mcfg.default_permissions = true;
             session::serve(fs, &mcfg, || ready(&info))?
         }

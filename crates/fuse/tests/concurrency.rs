@@ -176,7 +176,7 @@ fn fs_mode_reads_file_data_in_parallel() {
     let t = tempfile::tempdir().unwrap();
     let mp: PathBuf = t.path().join("mp");
     std::fs::create_dir_all(&mp).unwrap();
-    let fs = obdfuse::ext4::Ext4Fs::open(dev.clone()).unwrap();
+    let fs = obdfuse::tree::TreeFs::new(obdfuse::ext4::Ext4Tree::open(dev.clone()).unwrap());
     let cfg = config(&mp);
     let (tx, rx) = std::sync::mpsc::channel();
     let server = std::thread::spawn(move || serve(fs, &cfg, || tx.send(()).unwrap()));
