@@ -11,8 +11,7 @@ use std::sync::Arc;
 use blockdev::BlockDevice;
 
 use super::inode::{Inode, EXTENTS_FL, INLINE_DATA_FL};
-use super::io::{self, Channel};
-use super::{cstring, init_error_table, sys, Ext2Fs};
+use super::{cstring, sys, Ext2Fs};
 use crate::error::{Error, Result};
 
 // SAFETY: an Ext2Fs exclusively owns its libext2fs handle and the channel
@@ -55,28 +54,7 @@ impl Ext2Fs {
     /// Open the filesystem on `dev` for reading only: nothing is ever
     /// written to the device, the allocation bitmaps are not loaded.
     pub fn open_read_only(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Result<Self> {
-        init_error_table();
-        let name = io::register(Channel::new(dev, cache_bytes));
-        let mut fs: sys::ext2_filsys = std::ptr::null_mut();
-        let flags = sys::EXT2_FLAG_64BITS as c_int;
-        // SAFETY: name is a valid C string; manager() is our static table;
-        // fs receives the new handle.
-        let rc = unsafe {
-            sys::ext2fs_open2(
-                name.as_ptr(),
-                std::ptr::null(),
-                flags,
-                0,
-                0,
-                io::manager(),
-                &mut fs,
-            )
-        };
-        if rc != 0 {
-            io::unregister(&name);
-            return Err(Error::ext2fs("open the ext4 filesystem", rc, None));
-        }
-        Ok(Ext2Fs { fs, closed: false })
+        Self::open_flags(dev, cache_bytes, sys::EXT2_FLAG_64BITS as c_int)
     }
 
     /// Superblock counters.
