@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-pub use testutil::{assert_ok, err_text, fixtures, run_ok, tool};
+pub use testutil::{assert_ok, assert_same_tree, err_text, fixtures, run_ok, tool};
 
 /// The binary under test.
 pub fn fuse_bin() -> &'static str {
@@ -245,31 +245,4 @@ impl Drop for KernelMount {
     fn drop(&mut self) {
         self.do_unmount(false);
     }
-}
-
-/// Compare two build.py trees, listing every difference.
-pub fn assert_same_tree(actual: &serde_json::Value, expected: &serde_json::Value) {
-    let a = actual.as_object().unwrap();
-    let e = expected.as_object().unwrap();
-    let mut diffs = Vec::new();
-    for (k, v) in e {
-        match a.get(k) {
-            None => diffs.push(format!("missing: {k}")),
-            Some(x) if x != v => {
-                diffs.push(format!("differs: {k}\n  expected {v}\n  actual   {x}"))
-            }
-            _ => {}
-        }
-    }
-    for k in a.keys() {
-        if !e.contains_key(k) {
-            diffs.push(format!("unexpected: {k}"));
-        }
-    }
-    assert!(
-        diffs.is_empty(),
-        "{} differences:\n{}",
-        diffs.len(),
-        diffs.join("\n")
-    );
 }
