@@ -4,18 +4,18 @@
 //!
 //! The seam for other sources is [`LayerBlob`]: a lower layer is either a
 //! local file or any [`ReadAt`] presenting the blob bytes as stored (tar
-//! wrapper, ZFile and LSMT are peeled here, exactly as for files). A lazily
+//! wrapper, ZFile and LSMT are peeled by `blockdev::layer::open_layer_source`,
+//! exactly as for files). A lazily
 //! fetched registry blob (HTTP range requests behind a `ReadAt`) is the
 //! second kind and needs nothing else from this module.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use blockdev::layer::open_layer;
+use blockdev::layer::{open_layer, open_layer_source};
 use blockdev::lsmt::{SealedLayer, WritableLayer};
 use blockdev::source::ReadAt;
 use blockdev::stack::{Lower, Stack};
-use blockdev::zfile::{is_zfile, ZFileReader};
 use blockdev::ImageConfig;
 
 use crate::error::{Error, Result};
@@ -52,52 +52,6 @@ impl LayerBlob {
             }),
         }
     }
-}
-
-/// A window of another source (the blob inside a tar wrapper).
-struct Window {
-    inner: Arc<dyn ReadAt>,
-    base: u64,
-    len: u64,
-}
-
-impl ReadAt for Window {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<usize> {
-        if offset >= self.len {
-            return Ok(0);
-        }
-        let n = (buf.len() as u64).min(self.len - offset) as usize;
-        self.inner.read_at(&mut buf[..n], self.base + offset)
-    }
-    fn size(&self) -> u64 {
-        self.len
-    }
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-}
-
-/// Open a sealed layer from blob bytes as stored: peel a tar wrapper, then a
-/// ZFile, then read the LSMT blob.
-pub fn open_layer_source(src: Arc<dyn ReadAt>) -> blockdev::Result<SealedLayer> {
-    let inner: Arc<dyn ReadAt> = match blockdev::tarwrap::detect(src.as_ref())? {
-        Some((base, len)) => Arc::new(Window {
-            inner: src,
-            base,
-            len,
-        }),
-        None => src,
-    };
-    let blob: Arc<dyn ReadAt> = if is_zfile(inner.as_ref())? {
-        Arc::new(ZFileReader::open(Box::new(Window {
-            len: inner.size(),
-            inner,
-            base: 0,
-        }))?)
-    } else {
-        inner
-    };
-    SealedLayer::open(blob)
 }
 
 /// A layer stack to mount.
