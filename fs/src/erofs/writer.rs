@@ -119,6 +119,8 @@ struct Node {
     base_nid: Option<u64>,
     opaque: bool,
     whiteouts: bool,
+    /// Made for a path below it, not declared by the tar (yet).
+    implicit: bool,
     path: Vec<u8>,
     // Output state.
     ino: u32,
@@ -141,6 +143,17 @@ struct Dentry {
     nid: u64,
     ftype: u8,
     validnid: bool,
+    /// A hard link (made by this layer) to an inode of a lower layer.
+    lower_link: bool,
+}
+
+/// What [`Builder::get_dentry`] found.
+struct Lookup {
+    d: Option<Dent>,
+    /// The directory holding `d`.
+    dir: Id,
+    whout: bool,
+    opq: bool,
 }
 
 fn is_dot_dotdot(n: &[u8]) -> bool {
@@ -162,6 +175,8 @@ struct Builder {
     entries: u64,
     new_inodes: u64,
     sb_bh: Option<BhId>,
+    /// Extra names this layer gives lower inodes (nid -> count).
+    lower_links: HashMap<u64, u32>,
 }
 
 /// Build one layer's EROFS metadata from `tar` onto `dev`: metadata with
@@ -231,6 +246,7 @@ impl Builder {
             entries: 0,
             new_inodes: 0,
             sb_bh: None,
+            lower_links: HashMap::new(),
         };
         // erofs_rebuild_make_root
         let root = b.new_node(0);
@@ -241,6 +257,7 @@ impl Builder {
         n.mtime = b.sb.build_time;
         n.mtime_nsec = b.sb.build_time_nsec;
         n.path = b"/".to_vec();
+        n.implicit = true;
         b.init_empty_dir(root);
         Ok(b)
     }
@@ -270,6 +287,7 @@ impl Builder {
             base_nid: None,
             opaque: false,
             whiteouts: false,
+            implicit: false,
             path: Vec::new(),
             ino: 0,
             nid: 0,
@@ -292,6 +310,7 @@ impl Builder {
             nid: 0,
             ftype,
             validnid: false,
+            lower_link: false,
         });
         let d = self.dents.len() - 1;
         self.nodes[dir].subdirs.push(d);
@@ -337,8 +356,101 @@ impl Builder {
         Ok(())
     }
 
-    /// `erofs_rebuild_mkdir`
-    fn mkdir(&mut self, dir: Id, name: &[u8]) -> Dent {
+    /// `erofs_rebuild_get_dentry` with aufs whiteouts: the dentry of
+    /// `path` (created as UNKNOWN when missing; missing parents become
+    /// implicit directories) and the directory holding it; no dentry for
+    /// the root itself.
+    fn get_dentry(&mut self, path: &[u8]) -> Result<Lookup> {
+        let mut l = Lookup {
+            d: None,
+            dir: self.root,
+            whout: false,
+            opq: false,
+        };
+        let mut pwd = self.root;
+        let comps: Vec<&[u8]> = path.split(|&c| c == b'/').collect();
+        // A component is "last" when no '/' follows it (a trailing slash
+        // makes the previous component an intermediate one).
+        let n = comps.len();
+        for (k, comp) in comps.iter().enumerate() {
+            if comp.is_empty() || *comp == b"." {
+                continue;
+            }
+            let has_slash = k + 1 < n;
+            if *comp == b".." {
+                if self.is_root(pwd) {
+                    return Err(Self::entry_err(path, "path leaves the layer root"));
+                }
+                pwd = self.nodes[pwd].parent;
+                continue;
+            }
+            let mut s: &[u8] = comp;
+            if !has_slash {
+                if s == b".wh..wh..opq" {
+                    l.opq = true;
+                    l.dir = pwd;
+                    break;
+                }
+                if let Some(rest) = s.strip_prefix(b".wh.") {
+                    if rest.is_empty() {
+                        return Err(Self::entry_err(path, "whiteout without a name"));
+                    }
+                    s = rest;
+                    l.whout = true;
+                }
+            }
+            if s.len() > format::NAME_LEN {
+                return Err(Self::entry_err(
+                    path,
+                    format!("name of {} bytes exceeds 255", s.len()),
+                ));
+            }
+            l.dir = pwd;
+            let found = self.nodes[pwd].index.get(s).copied();
+            match found {
+                Some(fd) if has_slash => {
+                    let de = &self.dents[fd];
+                    match de.inode {
+                        Some(i) if de.ftype == ft::DIR => pwd = i,
+                        Some(i) if self.is_whiteout_node(i) => {
+                            // A path below a name this layer whited out:
+                            // a new directory that hides the lower one
+                            // (erofs-utils fails with EIO here).
+                            let ni = self.new_dir_node(pwd, s);
+                            self.nodes[ni].opaque = true;
+                            self.nodes[ni].implicit = false;
+                            self.dents[fd].inode = Some(ni);
+                            self.dents[fd].ftype = ft::DIR;
+                            pwd = ni;
+                        }
+                        _ => {
+                            return Err(Self::entry_err(
+                                path,
+                                format!(
+                                    "'{}' is not a directory in this layer",
+                                    String::from_utf8_lossy(s)
+                                ),
+                            ))
+                        }
+                    }
+                    l.d = Some(fd);
+                }
+                Some(fd) => l.d = Some(fd),
+                None if !has_slash => {
+                    l.d = Some(self.d_alloc(pwd, s, Some(pwd), ft::UNKNOWN));
+                }
+                None => {
+                    let ni = self.new_dir_node(pwd, s);
+                    l.d = Some(self.d_alloc(pwd, s, Some(ni), ft::DIR));
+                    pwd = ni;
+                }
+            }
+        }
+        Ok(l)
+    }
+
+    /// `erofs_rebuild_mkdir` without the dentry: an implicit directory.
+    fn new_dir_node(&mut self, dir: Id, name: &[u8]) -> Id {
         let i = self.new_node(dir);
         let mut path = self.nodes[dir].path.clone();
         if path.last() != Some(&b'/') {
@@ -350,89 +462,110 @@ impl Builder {
         n.mode = mode::S_IFDIR | 0o755;
         n.mtime = self.sb.build_time;
         n.mtime_nsec = self.sb.build_time_nsec;
+        n.implicit = true;
         self.init_empty_dir(i);
-        self.d_alloc(dir, name, Some(i), ft::DIR)
+        i
     }
 
-    /// `erofs_rebuild_get_dentry` with aufs whiteouts: the dentry of
-    /// `path` (created as UNKNOWN when missing; missing parents become
-    /// directories), or `None` for the root itself.
-    fn get_dentry(
-        &mut self,
-        path: &[u8],
-        aufs: bool,
-        whout: &mut bool,
-        opq: &mut bool,
-    ) -> Result<Option<Dent>> {
-        *whout = false;
-        *opq = false;
+    /// Look `path` up in this layer's tree without creating anything.
+    fn find_dentry(&self, path: &[u8]) -> Option<Dent> {
         let mut pwd = self.root;
         let mut d = None;
-        let comps: Vec<&[u8]> = path.split(|&c| c == b'/').collect();
-        // A component is "last" when no '/' follows it (a trailing slash
-        // makes the previous component an intermediate one).
-        let n = comps.len();
+        let comps: Vec<&[u8]> = path
+            .split(|&c| c == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+            .collect();
         for (k, comp) in comps.iter().enumerate() {
-            if comp.is_empty() {
-                continue;
-            }
-            let has_slash = k + 1 < n;
-            let mut s: &[u8] = comp;
-            if s == b"." {
-                continue;
-            }
-            if s == b".." {
-                if self.is_root(pwd) {
-                    return Err(Self::entry_err(path, "path leaves the layer root"));
-                }
+            if *comp == b".." {
                 pwd = self.nodes[pwd].parent;
                 continue;
             }
-            if aufs && !has_slash {
-                if s == b".wh..wh..opq" {
-                    *opq = true;
-                    break;
-                }
-                if let Some(rest) = s.strip_prefix(b".wh.") {
-                    if rest.is_empty() {
-                        return Err(Self::entry_err(path, "whiteout without a name"));
-                    }
-                    s = rest;
-                    *whout = true;
+            let fd = *self.nodes[pwd].index.get(*comp)?;
+            if k + 1 < comps.len() {
+                match self.dents[fd].inode {
+                    Some(i) if self.dents[fd].ftype == ft::DIR => pwd = i,
+                    _ => return None,
                 }
             }
-            if s.len() > format::NAME_LEN {
-                return Err(Self::entry_err(
-                    path,
-                    format!("name of {} bytes exceeds 255", s.len()),
-                ));
-            }
-            let found = self.nodes[pwd].index.get(s).copied();
-            match found {
-                Some(fd) => {
-                    if self.dents[fd].ftype != ft::DIR && has_slash {
-                        return Err(Self::entry_err(
-                            path,
-                            format!(
-                                "'{}' is not a directory in this layer (EIO in erofs-utils)",
-                                String::from_utf8_lossy(s)
-                            ),
-                        ));
+            d = Some(fd);
+        }
+        d
+    }
+
+    /// A hard link target that only a lower layer holds: its nid and
+    /// type, resolving `path` through this layer's tree (whiteouts, opaque
+    /// and replaced directories hide the lower) and then the lower image.
+    fn find_lower(&self, path: &[u8]) -> Result<Option<(u64, u8)>> {
+        let Some(base) = &self.base else {
+            return Ok(None);
+        };
+        let comps: Vec<&[u8]> = path
+            .split(|&c| c == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+            .collect();
+        if comps.contains(&&b".."[..]) {
+            return Ok(None);
+        }
+        let mut tar = Some(self.root);
+        let mut lower = Some(base.inode(base.root_nid())?);
+        for (k, comp) in comps.iter().enumerate() {
+            let last = k + 1 == comps.len();
+            let (mut nt, mut visible) = (None, true);
+            if let Some(t) = tar {
+                if let Some(&d) = self.nodes[t].index.get(*comp) {
+                    let de = &self.dents[d];
+                    if de.lower_link {
+                        return Ok(last.then_some((de.nid, de.ftype)));
                     }
-                    d = Some(fd);
-                    pwd = self.dents[fd].inode.unwrap_or(pwd);
+                    match de.inode {
+                        Some(i) if self.is_dir(i) && de.ftype == ft::DIR => {
+                            nt = Some(i);
+                            visible = !self.nodes[i].opaque;
+                        }
+                        Some(_) => return Ok(None),
+                        None => {}
+                    }
                 }
-                None if !has_slash => {
-                    d = Some(self.d_alloc(pwd, s, Some(pwd), ft::UNKNOWN));
-                }
-                None => {
-                    let nd = self.mkdir(pwd, s);
-                    pwd = self.dents[nd].inode.expect("mkdir sets the inode");
-                    d = Some(nd);
-                }
+            }
+            let nl = match (&lower, visible) {
+                (Some(l), true) if l.is_dir() => match base.lookup_inode(l, comp)? {
+                    Some(e) => Some(base.inode(e.nid)?),
+                    None => None,
+                },
+                _ => None,
+            };
+            if last {
+                return Ok(nl.filter(|i| !i.is_dir()).map(|i| (i.nid, i.dirent_type())));
+            }
+            tar = nt;
+            lower = nl.filter(|i| i.is_dir());
+            if tar.is_none() && lower.is_none() {
+                return Ok(None);
             }
         }
-        Ok(d)
+        Ok(None)
+    }
+
+    /// Forget what dentry `d` holds (`tarerofs_remove_inode` for an
+    /// inode); returns whether it was a whiteout.
+    fn drop_dentry_target(&mut self, d: Dent) -> bool {
+        if self.dents[d].lower_link {
+            let nid = self.dents[d].nid;
+            if let Some(c) = self.lower_links.get_mut(&nid) {
+                *c = c.saturating_sub(1);
+            }
+            self.dents[d].lower_link = false;
+            self.dents[d].validnid = false;
+            return false;
+        }
+        match self.dents[d].inode {
+            Some(i) => {
+                let wh = self.is_whiteout_node(i);
+                self.remove_inode(i);
+                wh
+            }
+            None => false,
+        }
     }
 
     /// `tarerofs_remove_inode`
@@ -443,12 +576,8 @@ impl Builder {
         }
         let subs = self.nodes[i].subdirs.clone();
         for d in subs {
-            if !is_dot_dotdot(&self.dents[d].name) {
-                if let Some(c) = self.dents[d].inode {
-                    if c != i {
-                        self.remove_inode(c);
-                    }
-                }
+            if !is_dot_dotdot(&self.dents[d].name) && self.dents[d].inode != Some(i) {
+                self.drop_dentry_target(d);
             }
             self.dents[d].inode = None;
         }
@@ -472,6 +601,63 @@ impl Builder {
         }
     }
 
+    /// A hard link entry: `d` becomes another name of the target.
+    fn apply_hardlink(&mut self, e: &Entry, d: Dent) -> Result<()> {
+        let path = &e.path;
+        if self.dents[d].ftype != ft::UNKNOWN {
+            self.drop_dentry_target(d);
+        }
+        self.dents[d].inode = None;
+        let missing = || {
+            Self::entry_err(
+                path,
+                format!(
+                    "hard link target '{}' does not exist",
+                    String::from_utf8_lossy(&e.link)
+                ),
+            )
+        };
+        if let Some(d2) = self.find_dentry(&e.link).filter(|&d2| d2 != d) {
+            let de2 = self.dents[d2].clone();
+            if de2.lower_link {
+                self.link_lower(d, de2.nid, de2.ftype);
+                return Ok(());
+            }
+            let target = match de2.inode {
+                Some(t) if de2.ftype != ft::UNKNOWN => t,
+                _ => return Err(missing()),
+            };
+            if self.is_dir(target) {
+                return Err(Self::entry_err(path, "hard link target is a directory"));
+            }
+            if self.is_whiteout_node(target) {
+                return Err(missing());
+            }
+            self.dents[d].inode = Some(target);
+            self.dents[d].ftype = de2.ftype;
+            self.nodes[target].nlink += 1;
+            return Ok(());
+        }
+        // Not in this layer: a file of a lower layer (erofs-utils fails).
+        match self.find_lower(&e.link)? {
+            Some((nid, ftype)) => {
+                self.link_lower(d, nid, ftype);
+                Ok(())
+            }
+            None => Err(missing()),
+        }
+    }
+
+    fn link_lower(&mut self, d: Dent, nid: u64, ftype: u8) {
+        let de = &mut self.dents[d];
+        de.inode = None;
+        de.nid = nid;
+        de.ftype = ftype;
+        de.validnid = true;
+        de.lower_link = true;
+        *self.lower_links.entry(nid).or_insert(0) += 1;
+    }
+
     fn apply_entry(&mut self, e: &Entry, dataoff: u64) -> Result<()> {
         if e.sparse.is_some() {
             return Err(Self::entry_err(
@@ -479,7 +665,7 @@ impl Builder {
                 "sparse files cannot be mapped into an EROFS TurboOCI layer",
             ));
         }
-        let mut st_mode = e.mode
+        let st_mode = e.mode
             | match e.kind {
                 TarKind::File | TarKind::HardLink => mode::S_IFREG,
                 TarKind::Symlink => mode::S_IFLNK,
@@ -489,102 +675,80 @@ impl Builder {
                 TarKind::Fifo => mode::S_IFIFO,
             };
         let path = &e.path;
-        let (mut whout, mut opq) = (false, false);
-        let d = self.get_dentry(path, true, &mut whout, &mut opq)?;
-        let inode;
-        match d {
+        let l = self.get_dentry(path)?;
+        let inode = match l.d {
+            None if l.opq => {
+                return Err(Self::entry_err(path, "opaque marker for the root"));
+            }
             None => {
                 if e.kind != TarKind::Dir {
                     return Err(Self::entry_err(path, "the root must be a directory"));
                 }
-                inode = self.root;
+                let r = self.root;
+                self.nodes[r].xattrs.clear();
+                self.nodes[r].implicit = false;
+                r
             }
-            Some(d) if opq => {
-                let dir = self.dents[d]
-                    .inode
-                    .ok_or_else(|| Self::entry_err(path, "opaque marker in a removed directory"))?;
-                if !self.is_dir(dir) {
-                    return Err(Self::entry_err(path, "opaque marker in a non-directory"));
-                }
+            Some(_) if l.opq => {
+                let dir = l.dir;
                 self.nodes[dir].opaque = true;
                 self.nodes[dir]
                     .xattrs
                     .push((OPAQUE_XATTR.to_vec(), b"y".to_vec()));
                 return Ok(());
             }
-            Some(d) if e.kind == TarKind::HardLink => {
-                if self.dents[d].ftype != ft::UNKNOWN {
-                    if let Some(old) = self.dents[d].inode {
-                        self.remove_inode(old);
-                    }
-                }
-                self.dents[d].inode = None;
-                let (mut a, mut b) = (false, false);
-                let d2 = self.get_dentry(&e.link, true, &mut a, &mut b)?;
-                let d2 = match d2 {
-                    Some(d2) if self.dents[d2].ftype != ft::UNKNOWN => d2,
-                    _ => {
-                        return Err(Self::entry_err(
-                            path,
-                            format!(
-                                "hard link target '{}' does not exist in this layer",
-                                String::from_utf8_lossy(&e.link)
-                            ),
-                        ))
-                    }
-                };
-                let target = self.dents[d2]
-                    .inode
-                    .ok_or_else(|| Self::entry_err(path, "hard link target was removed"))?;
-                if self.is_dir(target) {
-                    return Err(Self::entry_err(path, "hard link target is a directory"));
-                }
-                self.dents[d].inode = Some(target);
-                self.dents[d].ftype = self.dents[d2].ftype;
-                self.nodes[target].nlink += 1;
-                return Ok(());
-            }
+            Some(d) if e.kind == TarKind::HardLink => return self.apply_hardlink(e, d),
             Some(d) => {
                 let existing = self.dents[d].ftype != ft::UNKNOWN;
-                let reuse_dir = existing
-                    && self.dents[d].ftype == ft::DIR
-                    && e.kind == TarKind::Dir
-                    && self.dents[d].inode.is_some();
-                if reuse_dir {
-                    inode = self.dents[d].inode.expect("checked");
-                } else {
-                    let parent = if existing {
-                        match self.dents[d].inode {
-                            Some(old) => {
-                                let p = self.nodes[old].parent;
-                                self.remove_inode(old);
-                                p
-                            }
-                            None => return Err(Self::entry_err(path, "entry was removed")),
+                let cur = self.dents[d].inode.filter(|_| existing);
+                if l.whout && existing {
+                    // OCI: a whiteout hides lower layers only; what this
+                    // layer already put there stays (a directory stops
+                    // showing the lower one's entries). erofs-utils
+                    // deletes it.
+                    if let Some(i) = cur {
+                        if self.is_dir(i) && self.dents[d].ftype == ft::DIR {
+                            self.nodes[i].opaque = true;
                         }
-                    } else {
-                        self.dents[d]
-                            .inode
-                            .expect("unknown dentries point at their dir")
-                    };
-                    let i = self.new_node(parent);
-                    self.dents[d].inode = Some(i);
-                    self.dents[d].ftype = format::ftype_of_mode(st_mode);
-                    inode = i;
+                    }
+                    return Ok(());
                 }
-                if whout {
-                    let n = &mut self.nodes[inode];
-                    n.mode = (n.mode & !mode::S_IFMT) | mode::S_IFCHR;
-                    n.rdev = 0;
-                    self.dents[d].ftype = ft::CHRDEV;
-                    let p = self.nodes[inode].parent;
-                    self.nodes[p].whiteouts = true;
-                    st_mode = self.nodes[inode].mode;
+                match cur {
+                    Some(i)
+                        if self.dents[d].ftype == ft::DIR
+                            && e.kind == TarKind::Dir
+                            && self.is_dir(i) =>
+                    {
+                        // Declared again: the last declaration's metadata.
+                        self.nodes[i].xattrs.clear();
+                        self.nodes[i].implicit = false;
+                        i
+                    }
+                    _ => {
+                        let was_whiteout = existing && self.drop_dentry_target(d);
+                        let i = self.new_node(l.dir);
+                        self.dents[d].inode = Some(i);
+                        self.dents[d].validnid = false;
+                        self.dents[d].ftype = format::ftype_of_mode(st_mode);
+                        if l.whout {
+                            let n = &mut self.nodes[i];
+                            n.mode = mode::S_IFCHR;
+                            n.rdev = 0;
+                            self.dents[d].ftype = ft::CHRDEV;
+                            self.nodes[l.dir].whiteouts = true;
+                        } else if was_whiteout && e.kind == TarKind::Dir {
+                            // Whited out earlier in this layer: the new
+                            // directory must not show the lower one's
+                            // entries (erofs-utils would merge them).
+                            self.nodes[i].opaque = true;
+                        }
+                        i
+                    }
                 }
             }
-        }
+        };
         let n = &mut self.nodes[inode];
-        if !whout {
+        if !l.whout {
             n.mode = st_mode;
             if matches!(e.kind, TarKind::Char | TarKind::Block) {
                 n.rdev = format::encode_dev(e.devmajor, e.devminor);
@@ -602,12 +766,12 @@ impl Builder {
         n.mtime_nsec = e.mtime.nsec;
         n.size = e.size;
         if n.mode & mode::S_IFMT != mode::S_IFDIR {
-            if e.kind == TarKind::Symlink {
+            if e.kind == TarKind::Symlink && !l.whout {
                 n.size = e.link.len() as u64;
                 n.link = e.link.clone();
-            } else if n.size > 0 && e.kind == TarKind::File {
+            } else if n.size > 0 && e.kind == TarKind::File && !l.whout {
                 n.data_off = Some(dataoff);
-            } else if n.size > 0 {
+            } else {
                 n.size = 0;
             }
             n.nlink += 1;
@@ -654,6 +818,30 @@ impl Builder {
         Ok(false)
     }
 
+    /// A directory this layer only made as a parent of its entries keeps
+    /// the lower directory's metadata (erofs-utils resets it to 0755,
+    /// root, build time).
+    fn inherit_lower_attrs(&mut self, i: Id, nid: u64) -> Result<()> {
+        let base = self.base()?;
+        let lo = base.inode(nid)?;
+        if !lo.is_dir() {
+            return Ok(());
+        }
+        let xattrs = base.xattrs_of(&lo)?;
+        let n = &mut self.nodes[i];
+        n.mode = mode::S_IFDIR | (lo.mode & 0o7777);
+        n.uid = lo.uid;
+        n.gid = lo.gid;
+        n.mtime = lo.mtime;
+        n.mtime_nsec = lo.mtime_nsec;
+        n.xattrs = xattrs
+            .into_iter()
+            .filter(|(k, _)| k != OPAQUE_XATTR && format::xattr_split(k).is_some())
+            .collect();
+        n.implicit = false;
+        Ok(())
+    }
+
     /// `erofs_rebuild_load_basedir`
     fn load_basedir(&mut self, dir: Id) -> Result<()> {
         let nid = self.nodes[dir].base_nid.expect("called for base dirs");
@@ -687,6 +875,9 @@ impl Builder {
                             && (de.file_type == ft::DIR || de.file_type == ft::UNKNOWN)
                         {
                             self.nodes[i].base_nid = Some(de.nid);
+                            if self.nodes[i].implicit && de.file_type == ft::DIR {
+                                self.inherit_lower_attrs(i, de.nid)?;
+                            }
                         }
                     }
                 }
@@ -1136,6 +1327,9 @@ impl Builder {
         self.nodes[root].visited = true;
         if self.incremental {
             self.nodes[root].base_nid = Some(self.sb.root_nid as u64);
+            if self.nodes[root].implicit {
+                self.inherit_lower_attrs(root, self.sb.root_nid as u64)?;
+            }
         } else {
             self.nodes[root].xattr_isize = ROOT_XATTR_SIZE;
         }
@@ -1312,8 +1506,34 @@ impl Builder {
         self.write_dev(&buf, meta + (old_nid << format::ISLOT_BITS))
     }
 
+    /// Count this layer's extra names of lower inodes into their nlink,
+    /// in place (as erofs-utils fixes `..` of reused directories).
+    fn bump_lower_links(&mut self) -> Result<()> {
+        let mut links: Vec<(u64, u32)> = self
+            .lower_links
+            .iter()
+            .filter(|(_, &c)| c > 0)
+            .map(|(&n, &c)| (n, c))
+            .collect();
+        links.sort();
+        for (nid, extra) in links {
+            let base = self.base()?;
+            let ino = base.inode(nid)?;
+            let loc = base.iloc(nid)?;
+            let nlink = ino.nlink.saturating_add(extra);
+            if ino.extended {
+                self.write_dev(&nlink.to_le_bytes(), loc + 44)?;
+            } else {
+                let v = nlink.min(u16::MAX as u32) as u16;
+                self.write_dev(&v.to_le_bytes(), loc + 6)?;
+            }
+        }
+        Ok(())
+    }
+
     fn finish(&mut self) -> Result<()> {
         self.run_flush()?;
+        self.bump_lower_links()?;
         self.fixup_root_inode()?;
         // erofs_writesb
         // erofs_writesb: only these fields (the rest, e.g. the checksum

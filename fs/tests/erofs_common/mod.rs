@@ -68,15 +68,18 @@ impl BlockDevice for RecordingDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> BdResult<()> {
         blockdev::device::check_range(offset, buf.len() as u64, self.size)?;
         let w = self.written.lock().unwrap();
-        for (i, b) in buf.iter_mut().enumerate() {
-            let pos = offset + i as u64;
+        let mut pos = offset;
+        let end = offset + buf.len() as u64;
+        while pos < end {
             let sec = pos / SECTOR;
             let o = (pos % SECTOR) as usize;
-            *b = w
-                .get(&sec)
-                .or_else(|| self.base.get(&sec))
-                .map(|s| s[o])
-                .unwrap_or(0);
+            let n = (S - o).min((end - pos) as usize);
+            let b = (pos - offset) as usize;
+            match w.get(&sec).or_else(|| self.base.get(&sec)) {
+                Some(s) => buf[b..b + n].copy_from_slice(&s[o..o + n]),
+                None => buf[b..b + n].fill(0),
+            }
+            pos += n as u64;
         }
         Ok(())
     }
@@ -235,4 +238,155 @@ fn runs_with_data(s: &Sectors) -> Vec<(u64, Vec<u8>)> {
         }
     }
     out
+}
+
+/// The tree of an EROFS image read with our reader, as a `treecmp.py`
+/// manifest (path -> type, mode, uid, gid, mtime, xattrs, size + sha256,
+/// target, rdev, link).
+pub fn reader_manifest(r: &obdfs::erofs::ErofsReader) -> serde_json::Value {
+    use obdfs::erofs::format::mode;
+    use sha2::{Digest, Sha256};
+    let mut entries: Vec<(String, obdfs::erofs::Inode)> = Vec::new();
+    let mut stack = vec![(String::new(), r.root_nid())];
+    while let Some((prefix, nid)) = stack.pop() {
+        for e in r.read_dir(nid).unwrap() {
+            if e.name == b"." || e.name == b".." {
+                continue;
+            }
+            let name = String::from_utf8(e.name.clone()).expect("utf-8 names in tests");
+            let path = format!("{prefix}{name}");
+            let ino = r.inode(e.nid).unwrap();
+            assert_eq!(
+                ino.dirent_type(),
+                e.file_type,
+                "{path}: dirent type does not match the inode"
+            );
+            if ino.is_dir() {
+                stack.push((format!("{path}/"), e.nid));
+            }
+            entries.push((path, ino));
+        }
+    }
+    let mut groups: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (p, i) in &entries {
+        groups.entry(i.nid).or_default().push(p.clone());
+    }
+    let mut man = serde_json::Map::new();
+    for (p, i) in &entries {
+        let kind = match i.file_type() {
+            mode::S_IFREG => "f",
+            mode::S_IFDIR => "d",
+            mode::S_IFLNK => "l",
+            mode::S_IFCHR => "c",
+            mode::S_IFBLK => "b",
+            mode::S_IFIFO => "p",
+            _ => "s",
+        };
+        let mut xattrs = serde_json::Map::new();
+        let mut xs = r.xattrs_of(i).unwrap();
+        xs.sort();
+        for (k, v) in xs {
+            xattrs.insert(String::from_utf8(k).unwrap(), hex(&v).into());
+        }
+        let mut e = serde_json::json!({
+            "type": kind,
+            "mode": i.mode & 0o7777,
+            "uid": i.uid,
+            "gid": i.gid,
+            "mtime": format!("{}.{:09}", i.mtime, i.mtime_nsec),
+            "xattrs": xattrs,
+        });
+        match kind {
+            "f" => {
+                let data = r.read_all(i, 1 << 30).unwrap();
+                e["size"] = data.len().into();
+                e["sha256"] = hex(&Sha256::digest(&data)).into();
+            }
+            "l" => e["target"] = hex(&r.readlink(i.nid).unwrap()).into(),
+            "c" | "b" => {
+                let (ma, mi) = i.device();
+                e["rdev"] = serde_json::json!([ma, mi]);
+            }
+            _ => {}
+        }
+        let g = &groups[&i.nid];
+        if kind != "d" && g.len() > 1 {
+            e["link"] = g.iter().min().unwrap().clone().into();
+        }
+        man.insert(p.clone(), e);
+    }
+    serde_json::Value::Object(man)
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `tests/fs/treecmp.py`.
+pub fn treecmp() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fs/treecmp.py")
+}
+
+/// Run `treecmp.py ARGS` and return its stdout.
+pub fn treecmp_run(args: &[&str]) -> String {
+    let out = std::process::Command::new("python3")
+        .arg(treecmp())
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "treecmp {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Compare two manifest files with `treecmp.py compare`; panics with the
+/// differences.
+pub fn assert_same_manifest(a: &Path, b: &Path, extra: &[&str]) {
+    let mut args = vec!["compare", a.to_str().unwrap(), b.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    treecmp_run(&args);
+}
+
+/// A read-only loop mount of an EROFS image, unmounted (and its loop
+/// device released) when dropped, also when the test fails.
+pub struct ErofsMount {
+    pub dir: PathBuf,
+}
+
+impl ErofsMount {
+    pub fn new(img: &Path, dir: &Path) -> ErofsMount {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "erofs", "-o", "loop,ro"])
+            .arg(img)
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount -t erofs {} failed: {}",
+            img.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ErofsMount {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for ErofsMount {
+    fn drop(&mut self) {
+        // `mount -o loop` sets autoclear: unmounting frees the loop device.
+        let st = std::process::Command::new("umount").arg(&self.dir).status();
+        if !matches!(st, Ok(s) if s.success()) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.dir)
+                .status();
+        }
+    }
 }
