@@ -161,6 +161,12 @@ fn rich_layers_mount_and_match_the_reference_unpack() {
         }
         // Root-reserved xattr space is not an xattr.
         assert!(xattr_names(mnt).is_empty());
+        // Layer 3 declares the root.
+        let root = std::fs::metadata(mnt).unwrap();
+        assert_eq!(
+            (root.mode() & 0o7777, root.mtime(), root.mtime_nsec()),
+            (0o751, 1_600_000_060, 7)
+        );
     };
     check_stack("rich", &layers, &ignore, Some(&mounted));
 }

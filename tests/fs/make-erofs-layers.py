@@ -17,7 +17,8 @@ whiteout then re-creation, a whiteout of an entry of the same layer (OCI:
 it stays), parents missing from a layer (they keep the lower metadata),
 directories re-declared in one layer, directories whose last block does
 not fit inline (with and without full blocks before it), and a directory
-with thousands of entries later thinned out by whiteouts.
+with thousands of entries later thinned out by whiteouts, and a root
+directory entry ("./") in an upper layer only.
 
 Hard link headers carry their target's metadata: upstream's EROFS writer
 (like umoci) ignores a link header's owner, mode and times, containerd
@@ -211,6 +212,9 @@ def layer2(out):
 
 def layer3(out):
     l = Layer(tarfile.PAX_FORMAT)
+    # The root declared by an upper layer: an extended inode replacing the
+    # lower layers' compact one in place.
+    l.dir("./", mode=0o751, mtime=T0 + 60, ns=7)
     for i in range(0, 3000, 2):
         l.whiteout("many/.wh.entry-%05d-with-a-longish-name" % i)
     for i in range(300):

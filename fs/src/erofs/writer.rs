@@ -30,21 +30,37 @@
 //!    the file size rounded up to 512 bytes.
 //!
 //! # Where we deliberately differ from upstream
-//! These only matter for unusual tars; Docker/BuildKit/containerd layers
-//! take the byte-identical path.
-//! * Names of 255 bytes are kept (erofs-utils truncates them to 254).
-//! * A hard link whose target is only in a lower layer works (erofs-utils
-//!   fails with ENOENT); the lower inode is copied into this layer.
-//! * Paths that climb above the root (`../x`) are refused, as the ext4
-//!   applier does (erofs-utils clamps them to the root).
-//! * Sparse members are refused (erofs-utils skips type `S` and would map
+//! Only tars that Docker, BuildKit or containerd do not write take these
+//! paths; every other layer gets upstream's bytes. Each one follows OCI
+//! semantics (and `tests/fs/treecmp.py`'s reference unpack) where
+//! erofs-utils loses data, fails, or keeps what a layer deleted:
+//! * A parent directory a layer does not declare keeps the lower layer's
+//!   mode, owner, times and xattrs (erofs-utils resets it to 0755, root,
+//!   build time, no xattrs).
+//! * A hard link to a file that only a lower layer has works: the new name
+//!   points at the lower inode, whose link count is raised in place
+//!   (erofs-utils fails with ENOENT).
+//! * A whiteout of a name this same layer created keeps it (a directory
+//!   then stops showing the lower one's entries); erofs-utils deletes it.
+//! * A directory made after a whiteout of its name in the same layer does
+//!   not show the lower directory's entries (erofs-utils merges them back);
+//!   so does a directory made for a path below a whited-out name
+//!   (erofs-utils fails with EIO).
+//! * A directory declared twice in one layer gets the xattrs of its last
+//!   declaration (erofs-utils keeps both sets, duplicates included).
+//! * A root inode that an upper layer turns from compact into extended
+//!   (a `./` entry with an mtime) gives up 32 bytes of its reserved xattr
+//!   room so that it still fits over the old one (erofs-utils fails).
+//! * Names of 255 bytes are kept (erofs-utils truncates them to 254);
+//!   paths that climb above the root are refused, as the ext4 applier does
+//!   (erofs-utils clamps them to the root).
+//! * Sparse members are refused (erofs-utils skips type `S` and maps
 //!   PAX-sparse data wrongly); type `\0` (old regular file) and `D` (GNU
 //!   dumpdir) are applied as a file and a directory (erofs-utils skips
-//!   them); GNU volume labels do not set the volume name.
-//! * PAX mtimes use their real nanoseconds (erofs-utils reads the digits
-//!   after the dot as an integer, so `.5` would give 5 ns).
-//! * PAX global headers are ignored, as containerd does.
-//! * An xattr set twice on one directory keeps one value, the later one.
+//!   them); GNU volume labels do not set the volume name; PAX global
+//!   headers and `LIBARCHIVE.xattr` records are ignored, as containerd does.
+//! * PAX mtimes keep their real nanoseconds (erofs-utils reads the digits
+//!   after the dot as an integer: `.5` gives 5 ns).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -847,7 +863,21 @@ impl Builder {
         let nid = self.nodes[dir].base_nid.expect("called for base dirs");
         let fake = self.base()?.inode(nid)?;
         if self.is_root(dir) {
-            self.nodes[dir].xattr_isize = fake.xattr_isize;
+            // Inherit the reserved xattr room. The new root is copied over
+            // the old one: when it became an extended inode and the old
+            // one is compact, give up 32 bytes of the (padding) room so it
+            // still fits (erofs-utils fails with ENOSPC instead).
+            let mut room = fake.xattr_isize;
+            let old_isize = if fake.extended { 64 } else { 32 };
+            let new_isize = self.nodes[dir].inode_isize;
+            if room > 0 && new_isize > old_isize {
+                let capacity = old_isize + room - new_isize;
+                if capacity >= format::XATTR_IBODY_HEADER_SIZE as u32 {
+                    room = (capacity - format::XATTR_IBODY_HEADER_SIZE as u32) / 4 * 4
+                        + format::XATTR_IBODY_HEADER_SIZE as u32;
+                }
+            }
+            self.nodes[dir].xattr_isize = room;
         }
         if !fake.is_dir() {
             return Ok(());
