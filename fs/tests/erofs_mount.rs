@@ -61,6 +61,8 @@ fn check_stack(
     // Our reader, no kernel.
     let dev = Arc::new(blockdev::RawFileDevice::open(&img).unwrap());
     let r = ErofsReader::open(dev).unwrap();
+    r.verify(&Default::default())
+        .unwrap_or_else(|e| panic!("{name}: verify: {e}"));
     let ours = tmp.path().join("reader.json");
     std::fs::write(&ours, reader_manifest(&r).to_string()).unwrap();
     assert_same_manifest(&ours, &refm, extra);

@@ -64,5 +64,5 @@ pub mod reader;
 pub mod writer;
 
 pub use error::{Error, Result};
-pub use reader::{DirEntry, ErofsReader, Extent, Inode};
+pub use reader::{DirEntry, ErofsReader, Extent, Inode, VerifyLimits, VerifyStats};
 pub use writer::{build_layer, BuildOptions, BuildStats};

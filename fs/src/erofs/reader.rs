@@ -17,6 +17,40 @@ use super::format::{self, ft, mode, DataLayout, Dirent, DiskInode, SuperBlock};
 
 /// Largest symlink target we return (PATH_MAX).
 pub const MAX_SYMLINK: u64 = 4096;
+/// Largest directory [`ErofsReader::read_dir_inode`] reads whole.
+pub const MAX_DIR_SIZE: u64 = 256 << 20;
+
+/// Bounds of [`ErofsReader::verify`].
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyLimits {
+    /// Stop with an error after this many inodes.
+    pub max_inodes: u64,
+    /// Read at most this many bytes of file data in total (the rest of
+    /// the files is mapped but not read).
+    pub max_data_bytes: u64,
+}
+
+impl Default for VerifyLimits {
+    fn default() -> Self {
+        VerifyLimits {
+            max_inodes: 10_000_000,
+            max_data_bytes: u64::MAX,
+        }
+    }
+}
+
+/// What [`ErofsReader::verify`] went through.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyStats {
+    pub dirs: u64,
+    pub files: u64,
+    pub symlinks: u64,
+    pub others: u64,
+    /// Names (a hard-linked inode counts once per name).
+    pub entries: u64,
+    pub xattrs: u64,
+    pub data_bytes: u64,
+}
 
 /// A decoded inode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -548,9 +582,17 @@ impl ErofsReader {
         self.read_dir_inode(&dir)
     }
 
-    /// All entries of a directory inode, including `.` and `..`.
+    /// All entries of a directory inode, including `.` and `..`
+    /// (directories above [`MAX_DIR_SIZE`] are refused: use
+    /// [`ErofsReader::readdir`] to go through them a block at a time).
     pub fn read_dir_inode(&self, dir: &Inode) -> Result<Vec<DirEntry>> {
         self.dir_check(dir)?;
+        if dir.size > MAX_DIR_SIZE {
+            return Err(Error::TooBig(format!(
+                "nid {}: directory of {} bytes",
+                dir.nid, dir.size
+            )));
+        }
         let mut out = Vec::new();
         for lblk in 0..self.dir_blocks(dir) {
             out.extend(self.dir_block(dir, lblk)?);
@@ -718,6 +760,128 @@ impl ErofsReader {
             .into_iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v))
+    }
+}
+
+impl ErofsReader {
+    /// Walk the whole tree from the root and check it: every directory
+    /// has `.` (itself) and `..` (its parent), strictly sorted unique
+    /// names, entry types that match the inodes, no directory reached
+    /// twice; every file's data, every symlink and every xattr is read.
+    /// The checks of a filesystem checker, and what the fuzz target runs.
+    pub fn verify(&self, limits: &VerifyLimits) -> Result<VerifyStats> {
+        let mut st = VerifyStats::default();
+        let root = self.inode(self.root_nid())?;
+        if !root.is_dir() {
+            return Err(Error::corrupt(root.nid, "the root is not a directory"));
+        }
+        let mut seen_dirs = std::collections::HashSet::new();
+        let mut seen = std::collections::HashSet::new();
+        seen_dirs.insert(root.nid);
+        let mut stack = vec![(root, self.root_nid())];
+        let mut buf = vec![0u8; 1 << 16];
+        while let Some((dir, parent)) = stack.pop() {
+            st.dirs += 1;
+            self.verify_inode_common(&dir, &mut st)?;
+            let mut prev: Option<Vec<u8>> = None;
+            let (mut dot, mut dotdot) = (false, false);
+            for lblk in 0..self.dir_blocks(&dir) {
+                for e in self.dir_block(&dir, lblk)? {
+                    if let Some(p) = &prev {
+                        if p.as_slice() >= e.name.as_slice() {
+                            return Err(Error::corrupt(
+                                dir.nid,
+                                format!(
+                                    "entries not in order: '{}' after '{}'",
+                                    String::from_utf8_lossy(&e.name),
+                                    String::from_utf8_lossy(p)
+                                ),
+                            ));
+                        }
+                    }
+                    prev = Some(e.name.clone());
+                    if e.name == b"." {
+                        dot = true;
+                        if e.nid != dir.nid {
+                            return Err(Error::corrupt(dir.nid, "'.' is not the directory"));
+                        }
+                        continue;
+                    }
+                    if e.name == b".." {
+                        dotdot = true;
+                        if e.nid != parent {
+                            return Err(Error::corrupt(
+                                dir.nid,
+                                format!("'..' is nid {}, the parent is {parent}", e.nid),
+                            ));
+                        }
+                        continue;
+                    }
+                    if e.name.contains(&b'/') {
+                        return Err(Error::corrupt(dir.nid, "a name contains '/'"));
+                    }
+                    st.entries += 1;
+                    if st.entries > limits.max_inodes {
+                        return Err(Error::TooBig(format!(
+                            "more than {} entries",
+                            limits.max_inodes
+                        )));
+                    }
+                    let ino = self.inode(e.nid)?;
+                    if ino.dirent_type() != e.file_type {
+                        return Err(Error::corrupt(
+                            e.nid,
+                            format!(
+                                "entry '{}' says type {}, the inode is {:o}",
+                                String::from_utf8_lossy(&e.name),
+                                e.file_type,
+                                ino.mode
+                            ),
+                        ));
+                    }
+                    if ino.is_dir() {
+                        if !seen_dirs.insert(ino.nid) {
+                            return Err(Error::corrupt(ino.nid, "directory reached twice"));
+                        }
+                        stack.push((ino, dir.nid));
+                        continue;
+                    }
+                    if !seen.insert(ino.nid) {
+                        continue; // another name of a hard-linked inode
+                    }
+                    self.verify_inode_common(&ino, &mut st)?;
+                    if ino.is_reg() {
+                        st.files += 1;
+                        let mut pos = 0;
+                        while pos < ino.size && st.data_bytes < limits.max_data_bytes {
+                            let n = self.read_data(&ino, pos, &mut buf)?;
+                            if n == 0 {
+                                return Err(Error::corrupt(ino.nid, "short file data"));
+                            }
+                            pos += n as u64;
+                            st.data_bytes += n as u64;
+                        }
+                        if pos < ino.size {
+                            self.extents(&ino)?;
+                        }
+                    } else if ino.is_symlink() {
+                        st.symlinks += 1;
+                        self.readlink(ino.nid)?;
+                    } else {
+                        st.others += 1;
+                    }
+                }
+            }
+            if !dot || !dotdot {
+                return Err(Error::corrupt(dir.nid, "'.' or '..' is missing"));
+            }
+        }
+        Ok(st)
+    }
+
+    fn verify_inode_common(&self, ino: &Inode, st: &mut VerifyStats) -> Result<()> {
+        st.xattrs += self.xattrs_of(ino)?.len() as u64;
+        Ok(())
     }
 }
 
