@@ -40,7 +40,8 @@ pub trait BlockDevice: Send + Sync {
     fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
         let _ = (offset, len, target_offset);
         Err(Error::Invalid(
-            "this device has no target: it cannot map data into a layer tar".into(),
+            "this device has no target: TurboOCI target mappings need a warp (TurboOCI) upper layer"
+                .into(),
         ))
     }
 }
