@@ -78,9 +78,9 @@ fn check_stack(
         mounted(&m.dir);
     }
     assert_same_manifest(&kern, &refm, extra);
-    // fsck.erofs (erofs-utils 1.5) when installed: an independent checker.
-    if Path::new("/usr/bin/fsck.erofs").exists() {
-        let o = std::process::Command::new("fsck.erofs")
+    // fsck.erofs (erofs-utils 1.5, scripts/deps.sh): an independent checker.
+    {
+        let o = std::process::Command::new(testutil::tool("fsck.erofs"))
             .arg(&img)
             .output()
             .unwrap();
