@@ -3,6 +3,7 @@
 //! target `erofs_image` in `fuzz/` runs the same checks unbounded), and
 //! specific corruptions with the message they must produce.
 
+mod common;
 mod erofs_common;
 
 use std::collections::BTreeMap;
@@ -196,4 +197,95 @@ fn specific_corruptions_are_named() {
     let e = corrupt_err(&m);
     assert!(e.contains("corrupt EROFS image"), "{e}");
     assert!(corrupt_err(&img[..2048]).contains("corrupt EROFS image"));
+}
+
+/// A tar of `(path, type, link)` entries with no data.
+fn tar_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, ty, link) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*ty);
+        h.set_mode(0o644);
+        h.set_size(0);
+        if !link.is_empty() {
+            h.set_link_name(link).unwrap();
+        }
+        // Paths with ".." are written raw (the tar crate refuses them).
+        let name = path.as_bytes();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn build_err(tar: &[u8], incremental: bool) -> String {
+    let dev = RecordingDevice::new(BTreeMap::new());
+    match build_layer(dev, tar, &BuildOptions { incremental }) {
+        Ok(_) => panic!("the layer was accepted"),
+        Err(e) => {
+            // One line: the message and its causes.
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(c) = src {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                src = c.source();
+            }
+            s
+        }
+    }
+}
+
+#[test]
+fn bad_layers_are_refused_with_a_clear_message() {
+    use tar::EntryType::{Directory, Link, Regular};
+    let cases: &[(&[(&str, tar::EntryType, &str)], &str)] = &[
+        (
+            &[("../evil", Regular, "")],
+            "'../evil': path leaves the layer root",
+        ),
+        (
+            &[("h", Link, "no/such/file")],
+            "'h': hard link target 'no/such/file' does not exist",
+        ),
+        (
+            &[("d/", Directory, ""), ("h", Link, "d")],
+            "'h': hard link target is a directory",
+        ),
+        (
+            &[("f", Regular, ""), ("f/x", Regular, "")],
+            "'f/x': 'f' is not a directory in this layer",
+        ),
+        (&[("./", Regular, "")], "the root must be a directory"),
+    ];
+    for (entries, want) in cases {
+        let e = build_err(&tar_of(entries), false);
+        assert!(e.contains(want), "got {e:?}, want {want:?}");
+    }
+    // A tar that ends inside a header.
+    let mut t = tar_of(&[("a", Regular, "")]);
+    t.truncate(300);
+    let e = build_err(&t, false);
+    assert!(
+        e.contains("layer tar") && e.contains("malformed tar"),
+        "{e}"
+    );
+    // An upper layer over something that is not EROFS.
+    let e = build_err(&tar_of(&[("a", Regular, "")]), true);
+    assert!(e.contains("bad superblock magic"), "{e}");
+}
+
+#[test]
+fn sparse_members_are_refused() {
+    // layer3 of the ext4 tests' set: old-GNU, PAX 0.1 and 1.0 sparse files.
+    let set = common::layer_set();
+    let f = std::fs::File::open(&set.layers[2]).unwrap();
+    let dev = RecordingDevice::new(BTreeMap::new());
+    let e = build_layer(dev, f, &BuildOptions::default()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("sparse files cannot be mapped into an EROFS TurboOCI layer"),
+        "{e}"
+    );
 }

@@ -601,20 +601,32 @@ impl Builder {
         self.nodes[p].nlink = self.nodes[p].nlink.wrapping_sub(1);
     }
 
-    fn set_xattr(&mut self, i: Id, key: &[u8], value: &[u8]) {
-        if format::xattr_split(key).is_none() {
+    fn set_xattr(&mut self, i: Id, key: &[u8], value: &[u8]) -> Result<()> {
+        let Some((_, suffix)) = format::xattr_split(key) else {
             tracing::warn!(
                 "skipping xattr '{}' of '{}': EROFS cannot store its prefix",
                 String::from_utf8_lossy(key),
                 String::from_utf8_lossy(&self.nodes[i].path)
             );
-            return;
+            return Ok(());
+        };
+        // erofs-utils would truncate these length fields into a corrupt image.
+        if suffix.len() > u8::MAX as usize || value.len() > u16::MAX as usize {
+            return Err(Self::entry_err(
+                &self.nodes[i].path,
+                format!(
+                    "xattr '{}' ({} bytes of value) exceeds EROFS' limits (name 255, value 65535)",
+                    String::from_utf8_lossy(key),
+                    value.len()
+                ),
+            ));
         }
         let x = &mut self.nodes[i].xattrs;
         match x.iter_mut().find(|(k, _)| k == key) {
             Some(kv) => kv.1 = value.to_vec(),
             None => x.push((key.to_vec(), value.to_vec())),
         }
+        Ok(())
     }
 
     /// A hard link entry: `d` becomes another name of the target.
@@ -795,7 +807,7 @@ impl Builder {
             self.init_empty_dir(inode);
         }
         for (k, v) in &e.xattrs {
-            self.set_xattr(inode, k, v);
+            self.set_xattr(inode, k, v)?;
         }
         Ok(())
     }
