@@ -199,8 +199,11 @@ fn specific_corruptions_are_named() {
     assert!(corrupt_err(&img[..2048]).contains("corrupt EROFS image"));
 }
 
-/// A tar of `(path, type, link)` entries with no data.
-fn tar_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+/// A tar member without data: (path, type, link target).
+type Member<'a> = (&'a str, tar::EntryType, &'a str);
+
+/// A tar of data-less members.
+fn tar_of(entries: &[Member]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (path, ty, link) in entries {
         let mut h = tar::Header::new_gnu();
@@ -240,7 +243,7 @@ fn build_err(tar: &[u8], incremental: bool) -> String {
 #[test]
 fn bad_layers_are_refused_with_a_clear_message() {
     use tar::EntryType::{Directory, Link, Regular};
-    let cases: &[(&[(&str, tar::EntryType, &str)], &str)] = &[
+    let cases: &[(&[Member], &str)] = &[
         (
             &[("../evil", Regular, "")],
             "'../evil': path leaves the layer root",
