@@ -1,7 +1,15 @@
 #!/usr/bin/env python3
 """Build the OCI layer tars of the EROFS TurboOCI tests.
 
-Usage: make-erofs-layers.py OUTDIR
+Usage: make-erofs-layers.py [--upstream] OUTDIR
+
+--upstream leaves out what upstream's EROFS writer (erofs-utils) handles
+differently from OCI, on purpose (see fs/src/erofs/writer.rs): hard links
+into lower layers, undeclared parents of lower directories, whiteouts of
+same-layer entries, whiteout then re-creation, a directory declared twice,
+the root declared by an upper layer, 255-byte names. What is left is
+built byte for byte like upstream (fs/tests/erofs_oracle.rs checks that
+against erofs-utils itself).
 
 Writes, deterministically, OUTDIR/layer1.tar layer2.tar layer3.tar and
 OUTDIR/layers.txt. Together they cover what an EROFS layer stack must
@@ -101,10 +109,12 @@ class Layer:
 
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")
 
+UPSTREAM = False
+
 
 def layer1(out):
     l = Layer(tarfile.PAX_FORMAT)
-    l.dir("etc/", mtime=T0 + 1, ns=111)
+    l.dir("etc/", mtime=T0 + 1)
     l.file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n", ns=999_999_999)
     l.file("etc/replace-me-file", b"I become a directory\n")
     l.dir("etc/replace-me-dir/")
@@ -131,7 +141,7 @@ def layer1(out):
     l.file("data/big.bin", data(4, 3 * 1024 * 1024 + 123))
     l.file("data/bigid", b"large ids\n", uid=100_000, gid=70_000)
     l.file("data/ünïcödé-文件.txt", "unicode\n".encode())
-    l.file("data/" + "n" * 255, b"a 255-byte name\n")
+    l.file("data/" + "n" * (254 if UPSTREAM else 255), b"a long name\n")
     deep = "data/" + "/".join(["deep-directory-level-%02d" % i for i in range(8)])
     l.file(deep + "/file-with-a-long-path.txt", b"pax path\n")
     l.symlink("data/long-target", "../" + "x" * 150 + "/target")
@@ -172,8 +182,25 @@ def layer1(out):
     l.save(out)
 
 
+def lower_parents(l, names):
+    """Declare lower directories again with their layer-1 metadata, as
+    Docker-made layers do for the parents of what they change."""
+    meta = {
+        "etc/": dict(mtime=T0 + 1),
+        "usr/": dict(mtime=T0 + 2),
+        "usr/bin/": {},
+        "opt/": {},
+        "data/": dict(xattrs={"user.dirattr": "dir value", "trusted.overlay.opaque": "y"}),
+        "many/": {},
+        "home/": {},
+    }
+    for n in names:
+        l.dir(n, **meta[n])
+
+
 def layer2(out):
     l = Layer(tarfile.GNU_FORMAT)
+    lower_parents(l, ["etc/", "usr/", "usr/bin/", "opt/", "data/"])
     l.whiteout("opt/.wh.gone")
     l.whiteout("data/.wh.medium")
     l.whiteout("data/.wh.not-there")
@@ -183,13 +210,17 @@ def layer2(out):
     l.file("etc/replace-me-dir", b"now a file\n", mode=0o600)
     l.dir("etc/replace-me-file/", mode=0o750)
     l.file("etc/replace-me-file/inner", b"inside the new dir\n")
-    # A hard link into the lower layer (same metadata as its target).
-    l.hardlink("usr/bin/tool-link2", "usr/bin/tool", mode=0o4755)
+    if not UPSTREAM:
+        # A hard link into the lower layer (same metadata as its target).
+        l.hardlink("usr/bin/tool-link2", "usr/bin/tool", mode=0o4755)
     l.file("usr/bin/sgid", b"replaced\n", mode=0o2711, gid=51, mtime=T0 + 21)
     deep = "/".join(["gnu-long-%02d" % i for i in range(10)])
     l.file("data/" + deep + "/leaf", b"gnu long name\n")
     l.symlink("data/gnu-long-link", "/" + "/".join(["t%03d" % i for i in range(40)]))
     l.file("data/gnu-ünïcödé", b"gnu unicode\n")
+    if UPSTREAM:
+        l.save(out)
+        return
     # Parents not in this layer keep the lower metadata.
     l.file("home/user/added", b"parent not declared\n", uid=1000, gid=1000)
     l.file("tmp/x", b"in the sticky dir\n")
@@ -212,24 +243,32 @@ def layer2(out):
 
 def layer3(out):
     l = Layer(tarfile.PAX_FORMAT)
-    # The root declared by an upper layer: an extended inode replacing the
-    # lower layers' compact one in place.
-    l.dir("./", mode=0o751, mtime=T0 + 60, ns=7)
+    lower_parents(l, ["many/", "data/", "home/"])
+    if not UPSTREAM:
+        # The root declared by an upper layer: an extended inode replacing
+        # the lower layers' compact one in place.
+        l.dir("./", mode=0o751, mtime=T0 + 60, ns=7)
     for i in range(0, 3000, 2):
         l.whiteout("many/.wh.entry-%05d-with-a-longish-name" % i)
     for i in range(300):
         l.file("many/new-%04d" % i, data(1000 + i, 100))
     l.file("data/big.bin", data(5, 1 << 20), mtime=T0 + 50)
-    # A hard link to a name a lower layer linked into an even lower one.
-    l.hardlink("usr/bin/tool-link3", "usr/bin/tool-link2", mode=0o4755)
+    if not UPSTREAM:
+        # A hard link to a name a lower layer linked into an even lower one.
+        l.hardlink("usr/bin/tool-link3", "usr/bin/tool-link2", mode=0o4755)
     l.dir("home/user/", mode=0o750, uid=1001, gid=1001, mtime=T0 + 22, xattrs={"user.new": "y"})
     l.save(out)
 
 
 def main():
-    if len(sys.argv) != 2:
+    global UPSTREAM
+    args = sys.argv[1:]
+    if args and args[0] == "--upstream":
+        UPSTREAM = True
+        args = args[1:]
+    if len(args) != 1:
         sys.exit(__doc__)
-    outdir = sys.argv[1]
+    outdir = args[0]
     os.makedirs(outdir, exist_ok=True)
     names = ["layer1.tar", "layer2.tar", "layer3.tar"]
     for fn, name in zip((layer1, layer2, layer3), names):
