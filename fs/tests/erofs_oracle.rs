@@ -115,4 +115,10 @@ fn same_bytes_as_erofs_utils() {
         .map(|n| dir.path().join(n))
         .collect();
     compare_stack(&bin, "rich --upstream", &tars);
+    // More layers to compare, e.g. a tar of /usr/share and an upper layer:
+    // EROFS_ORACLE_LAYERS=bottom.tar:upper.tar
+    if let Some(extra) = std::env::var_os("EROFS_ORACLE_LAYERS") {
+        let tars: Vec<PathBuf> = std::env::split_paths(&extra).collect();
+        compare_stack(&bin, "EROFS_ORACLE_LAYERS", &tars);
+    }
 }

@@ -37,12 +37,24 @@ static size_t nsecs, capsecs;
 static FILE *lower;
 static FILE *tarf;
 
+/* Sectors are kept sorted by number: binary search. */
+static size_t lower_bound(uint64_t no)
+{
+	size_t lo = 0, hi = nsecs;
+	while (lo < hi) {
+		size_t mid = (lo + hi) / 2;
+		if (secs[mid].no < no)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
 static struct sector *find(uint64_t no)
 {
-	for (size_t i = 0; i < nsecs; i++)	/* small images: linear is fine */
-		if (secs[i].no == no)
-			return &secs[i];
-	return NULL;
+	size_t i = lower_bound(no);
+	return i < nsecs && secs[i].no == no ? &secs[i] : NULL;
 }
 
 static void base_read(uint64_t no, unsigned char *d)
@@ -76,11 +88,14 @@ static ssize_t t_pwrite(struct erofs_vfile *vf, const void *buf, u64 off, size_t
 		size_t o = pos % SEC, n = SEC - o < len - done ? SEC - o : len - done;
 		struct sector *s = find(no);
 		if (!s) {
+			size_t i = lower_bound(no);
 			if (nsecs == capsecs) {
 				capsecs = capsecs ? capsecs * 2 : 1024;
 				secs = realloc(secs, capsecs * sizeof(*secs));
 			}
-			s = &secs[nsecs++];
+			memmove(&secs[i + 1], &secs[i], (nsecs - i) * sizeof(*secs));
+			nsecs++;
+			s = &secs[i];
 			s->no = no;
 			base_read(no, s->d);
 		}
@@ -119,12 +134,6 @@ static off_t s_lseek(struct erofs_vfile *vf, u64 off, int whence)
 	if (fseeko(tarf, (off_t)off, whence))
 		return -errno;
 	return ftello(tarf);
-}
-
-static int cmp(const void *a, const void *b)
-{
-	const struct sector *x = a, *y = b;
-	return x->no < y->no ? -1 : x->no > y->no;
 }
 
 int main(int argc, char **argv)
@@ -201,7 +210,6 @@ int main(int argc, char **argv)
 	if (erofs_bflush(g_sbi.bmgr, NULL))
 		return 9;
 
-	qsort(secs, nsecs, sizeof(*secs), cmp);
 	snprintf(path, sizeof(path), "%s.sectors", argv[3]);
 	FILE *o = fopen(path, "wb");
 	for (size_t i = 0; i < nsecs; i++) {
