@@ -301,6 +301,11 @@ impl ErofsReader {
             .ok_or_else(|| Error::corrupt(nid, "nid out of range"))
     }
 
+    /// The attributes of inode `nid` (the same as [`ErofsReader::inode`]).
+    pub fn getattr(&self, nid: u64) -> Result<Inode> {
+        self.inode(nid)
+    }
+
     /// Read inode `nid` (getattr).
     pub fn inode(&self, nid: u64) -> Result<Inode> {
         let loc = self.iloc(nid)?;
