@@ -74,8 +74,8 @@ fn check_stack(
     let kern = tmp.path().join("kernel.json");
     {
         let m = ErofsMount::new(&img, &tmp.path().join("mnt"));
-        std::fs::write(&kern, treecmp_run(&["dir", m.dir.to_str().unwrap()])).unwrap();
-        mounted(&m.dir);
+        std::fs::write(&kern, treecmp_run(&["dir", m.dir().to_str().unwrap()])).unwrap();
+        mounted(m.dir());
     }
     assert_same_manifest(&kern, &refm, extra);
     // fsck.erofs (erofs-utils 1.5, scripts/deps.sh): an independent checker.

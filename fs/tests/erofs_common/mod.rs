@@ -18,10 +18,7 @@ pub type LayerParts<'a> = (&'a Sectors, &'a [(u64, u64, u64)], &'a Path);
 
 /// The TurboOCI reference fixtures.
 pub fn turbo_fixtures() -> PathBuf {
-    testutil::fixtures()
-        .parent()
-        .expect("fixtures have a parent")
-        .join("turbooci-reference")
+    testutil::turbo_fixtures()
 }
 
 /// A sparse 64 GiB device: reads see `base` (the lower layers) under what
@@ -322,25 +319,9 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// `tests/fs/treecmp.py`.
-pub fn treecmp() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fs/treecmp.py")
-}
-
 /// Run `treecmp.py ARGS` and return its stdout.
 pub fn treecmp_run(args: &[&str]) -> String {
-    let out = std::process::Command::new("python3")
-        .arg(treecmp())
-        .args(args)
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "treecmp {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    testutil::treecmp(args)
 }
 
 /// Compare two manifest files with `treecmp.py compare`; panics with the
@@ -348,45 +329,18 @@ pub fn treecmp_run(args: &[&str]) -> String {
 pub fn assert_same_manifest(a: &Path, b: &Path, extra: &[&str]) {
     let mut args = vec!["compare", a.to_str().unwrap(), b.to_str().unwrap()];
     args.extend_from_slice(extra);
-    treecmp_run(&args);
+    testutil::treecmp(&args);
 }
 
-/// A read-only loop mount of an EROFS image, unmounted (and its loop
-/// device released) when dropped, also when the test fails.
-pub struct ErofsMount {
-    pub dir: PathBuf,
-}
+/// A read-only loop mount of an EROFS image.
+pub struct ErofsMount(testutil::LoopMount);
 
 impl ErofsMount {
     pub fn new(img: &Path, dir: &Path) -> ErofsMount {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "erofs", "-o", "loop,ro"])
-            .arg(img)
-            .arg(dir)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mount -t erofs {} failed: {}",
-            img.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        ErofsMount {
-            dir: dir.to_path_buf(),
-        }
+        ErofsMount(testutil::LoopMount::new("erofs", img, dir))
     }
-}
 
-impl Drop for ErofsMount {
-    fn drop(&mut self) {
-        // `mount -o loop` sets autoclear: unmounting frees the loop device.
-        let st = std::process::Command::new("umount").arg(&self.dir).status();
-        if !matches!(st, Ok(s) if s.success()) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.dir)
-                .status();
-        }
+    pub fn dir(&self) -> &Path {
+        &self.0.dir
     }
 }
