@@ -187,3 +187,44 @@ fn xattr_names(p: &Path) -> Vec<Vec<u8>> {
         .map(<[u8]>::to_vec)
         .collect()
 }
+
+/// A tar of (path, contents) files and (path/, None) directories.
+fn small_tar(path: &Path, entries: &[(&str, Option<&[u8]>)]) {
+    let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(1_600_000_000);
+        match data {
+            Some(d) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(d.len() as u64);
+                b.append_data(&mut h, name, *d).unwrap();
+            }
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, name, &[][..]).unwrap();
+            }
+        }
+    }
+    b.finish().unwrap();
+}
+
+#[test]
+fn opaque_root_hides_the_lower_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.tar"), dir.path().join("b.tar"));
+    small_tar(
+        &a,
+        &[
+            ("etc/", None),
+            ("etc/old", Some(b"old")),
+            ("top", Some(b"x")),
+        ],
+    );
+    small_tar(&b, &[(".wh..wh..opq", Some(b"")), ("new", Some(b"new"))]);
+    let n = check_stack("opaque-root", &[a, b], &[], Some(&|_: &Path| {}));
+    assert_eq!(n, 1);
+}

@@ -51,6 +51,8 @@
 //! * A root inode that an upper layer turns from compact into extended
 //!   (a `./` entry with an mtime) gives up 32 bytes of its reserved xattr
 //!   room so that it still fits over the old one (erofs-utils fails).
+//! * An opaque marker at the root (`.wh..wh..opq`) hides every lower
+//!   entry (erofs-utils fails with ENOTDIR).
 //! * Names of 255 bytes are kept (erofs-utils truncates them to 254);
 //!   paths that climb above the root are refused, as the ext4 applier does
 //!   (erofs-utils clamps them to the root).
@@ -706,7 +708,11 @@ impl Builder {
         let l = self.get_dentry(path)?;
         let inode = match l.d {
             None if l.opq => {
-                return Err(Self::entry_err(path, "opaque marker for the root"));
+                // The root made opaque: nothing of the lower layers shows
+                // (erofs-utils fails with ENOTDIR).
+                let r = self.root;
+                self.nodes[r].opaque = true;
+                return Ok(());
             }
             None => {
                 if e.kind != TarKind::Dir {
@@ -870,26 +876,30 @@ impl Builder {
         Ok(())
     }
 
+    /// The root inherits the lower root's reserved xattr room. The new root
+    /// is copied over the old one: when it became an extended inode and the
+    /// old one is compact, it gives up 32 bytes of that (padding) room so
+    /// it still fits (erofs-utils fails with ENOSPC instead).
+    fn inherit_root_room(&mut self, root: Id, fake: &super::reader::Inode) {
+        let mut room = fake.xattr_isize;
+        let old_isize = if fake.extended { 64 } else { 32 };
+        let new_isize = self.nodes[root].inode_isize;
+        if room > 0 && new_isize > old_isize {
+            let capacity = old_isize + room - new_isize;
+            if capacity >= format::XATTR_IBODY_HEADER_SIZE as u32 {
+                room = (capacity - format::XATTR_IBODY_HEADER_SIZE as u32) / 4 * 4
+                    + format::XATTR_IBODY_HEADER_SIZE as u32;
+            }
+        }
+        self.nodes[root].xattr_isize = room;
+    }
+
     /// `erofs_rebuild_load_basedir`
     fn load_basedir(&mut self, dir: Id) -> Result<()> {
         let nid = self.nodes[dir].base_nid.expect("called for base dirs");
         let fake = self.base()?.inode(nid)?;
         if self.is_root(dir) {
-            // Inherit the reserved xattr room. The new root is copied over
-            // the old one: when it became an extended inode and the old
-            // one is compact, give up 32 bytes of the (padding) room so it
-            // still fits (erofs-utils fails with ENOSPC instead).
-            let mut room = fake.xattr_isize;
-            let old_isize = if fake.extended { 64 } else { 32 };
-            let new_isize = self.nodes[dir].inode_isize;
-            if room > 0 && new_isize > old_isize {
-                let capacity = old_isize + room - new_isize;
-                if capacity >= format::XATTR_IBODY_HEADER_SIZE as u32 {
-                    room = (capacity - format::XATTR_IBODY_HEADER_SIZE as u32) / 4 * 4
-                        + format::XATTR_IBODY_HEADER_SIZE as u32;
-                }
-            }
-            self.nodes[dir].xattr_isize = room;
+            self.inherit_root_room(dir, &fake);
         }
         if !fake.is_dir() {
             return Ok(());
@@ -969,6 +979,10 @@ impl Builder {
             && !self.nodes[i].opaque
         {
             self.load_basedir(i)?;
+        } else if self.incremental && self.is_root(i) {
+            // An opaque root still keeps the reserved room.
+            let fake = self.base()?.inode(self.sb.root_nid as u64)?;
+            self.inherit_root_room(i, &fake);
         }
         self.nodes[i].xattrs.retain(|(k, _)| k != OPAQUE_XATTR);
         let noroom = self.incremental && self.is_root(i);
