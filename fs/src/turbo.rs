@@ -233,7 +233,23 @@ pub fn apply_layer(
         let opts = crate::erofs::BuildOptions {
             incremental: !job.lowers.is_empty(),
         };
-        let e = crate::erofs::build_layer(stack.clone(), ReadAtStream::new(target), &opts)?;
+        let mut progress = progress;
+        let mut report = |entries: u64, tar_bytes: u64| {
+            if let Some(p) = progress.as_mut() {
+                p(&ApplyStats {
+                    entries,
+                    tar_bytes,
+                    elapsed: start.elapsed(),
+                    ..Default::default()
+                });
+            }
+        };
+        let e = crate::erofs::build_layer_with_progress(
+            stack.clone(),
+            ReadAtStream::new(target),
+            &opts,
+            Some(&mut report),
+        )?;
         stack.flush().map_err(Error::Device)?;
         let stats = ApplyStats {
             entries: e.entries,

@@ -65,4 +65,4 @@ pub mod writer;
 
 pub use error::{Error, Result};
 pub use reader::{DirEntry, ErofsReader, Extent, Inode, VerifyLimits, VerifyStats};
-pub use writer::{build_layer, BuildOptions, BuildStats};
+pub use writer::{build_layer, build_layer_with_progress, BuildOptions, BuildStats};

@@ -206,9 +206,20 @@ pub fn build_layer<R: Read>(
     tar: R,
     opts: &BuildOptions,
 ) -> Result<BuildStats> {
+    build_layer_with_progress(dev, tar, opts, None)
+}
+
+/// [`build_layer`], calling `progress(entries, tar bytes read)` now and
+/// then while the tar is read (the part that takes time).
+pub fn build_layer_with_progress<R: Read>(
+    dev: Arc<dyn BlockDevice>,
+    tar: R,
+    opts: &BuildOptions,
+    progress: Option<&mut dyn FnMut(u64, u64)>,
+) -> Result<BuildStats> {
     let ov = Arc::new(Overlay::new(dev.clone()));
     let mut b = Builder::new(ov.clone(), opts.incremental)?;
-    b.parse(tar)?;
+    b.parse(tar, progress)?;
     b.dump_tree()?;
     b.finish()?;
     let meta_bytes = ov.commit(1 << 20)?;
@@ -364,12 +375,24 @@ impl Builder {
 
     // ---- parse ----------------------------------------------------------
 
-    fn parse<R: Read>(&mut self, tar: R) -> Result<()> {
+    fn parse<R: Read>(
+        &mut self,
+        tar: R,
+        mut progress: Option<&mut dyn FnMut(u64, u64)>,
+    ) -> Result<()> {
         let mut tr = TarReader::new(std::io::BufReader::with_capacity(1 << 20, tar));
         while let Some(e) = tr.next_entry().map_err(Error::Tar)? {
             let dataoff = tr.position();
             self.entries += 1;
             self.apply_entry(&e, dataoff)?;
+            if self.entries % 256 == 0 {
+                if let Some(p) = progress.as_mut() {
+                    p(self.entries, tr.position());
+                }
+            }
+        }
+        if let Some(p) = progress.as_mut() {
+            p(self.entries, tr.position());
         }
         Ok(())
     }
