@@ -385,7 +385,7 @@ impl Builder {
             let dataoff = tr.position();
             self.entries += 1;
             self.apply_entry(&e, dataoff)?;
-            if self.entries % 256 == 0 {
+            if self.entries.is_multiple_of(256) {
                 if let Some(p) = progress.as_mut() {
                     p(self.entries, tr.position());
                 }
