@@ -33,81 +33,17 @@ Hard link headers carry their target's metadata: upstream's EROFS writer
 applies them; the two agree when they match.
 """
 
-import io
+import importlib.util
 import os
 import sys
 import tarfile
 
-T0 = 1_600_000_000
-
-
-def data(seed, n):
-    out = bytearray()
-    x = seed * 2654435761 + 12345
-    while len(out) < n:
-        x = (x * 6364136223846793005 + 1442695040888963407) % (1 << 64)
-        out += x.to_bytes(8, "little")
-    return bytes(out[:n])
-
-
-class Layer:
-    def __init__(self, fmt):
-        self.buf = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=fmt)
-
-    def _info(self, name, kind, mode, uid=0, gid=0, mtime=T0, ns=None, xattrs=None):
-        ti = tarfile.TarInfo(name)
-        ti.type = kind
-        ti.mode = mode
-        ti.uid, ti.gid = uid, gid
-        ti.uname = ti.gname = ""
-        ti.mtime = mtime
-        pax = {}
-        if ns is not None:
-            pax["mtime"] = "%d.%09d" % (mtime, ns)
-        for k, v in (xattrs or {}).items():
-            if isinstance(v, bytes):
-                v = v.decode("utf-8", "surrogateescape")
-            pax["SCHILY.xattr." + k] = v
-        ti.pax_headers = pax
-        return ti
-
-    def dir(self, name, mode=0o755, **kw):
-        self.tar.addfile(self._info(name, tarfile.DIRTYPE, mode, **kw))
-
-    def file(self, name, content=b"", mode=0o644, **kw):
-        ti = self._info(name, tarfile.REGTYPE, mode, **kw)
-        ti.size = len(content)
-        self.tar.addfile(ti, io.BytesIO(content))
-
-    def symlink(self, name, target, **kw):
-        ti = self._info(name, tarfile.SYMTYPE, 0o777, **kw)
-        ti.linkname = target
-        self.tar.addfile(ti)
-
-    def hardlink(self, name, target, mode=0o644, **kw):
-        ti = self._info(name, tarfile.LNKTYPE, mode, **kw)
-        ti.linkname = target
-        self.tar.addfile(ti)
-
-    def dev(self, name, kind, major, minor, mode=0o600, **kw):
-        ti = self._info(name, kind, mode, **kw)
-        ti.devmajor, ti.devminor = major, minor
-        self.tar.addfile(ti)
-
-    def fifo(self, name, mode=0o644, **kw):
-        self.tar.addfile(self._info(name, tarfile.FIFOTYPE, mode, **kw))
-
-    def whiteout(self, name):
-        self.file(name, b"", mode=0o644)
-
-    def save(self, path):
-        self.tar.close()
-        with open(path, "wb") as f:
-            f.write(self.buf.getvalue())
-
-
-CAP = bytes.fromhex("0100000200200000000000000000000000000000")
+# The tar-writing helpers of the ext4 tests' generator.
+_spec = importlib.util.spec_from_file_location(
+    "make_layers", os.path.join(os.path.dirname(os.path.abspath(__file__)), "make-layers.py"))
+_ml = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ml)
+Layer, data, T0, CAP = _ml.Layer, _ml.data, _ml.T0, _ml.CAP
 
 UPSTREAM = False
 
