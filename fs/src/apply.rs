@@ -183,6 +183,9 @@ const FT_SOCK: u8 = sys::EXT2_FT_SOCK as u8;
 const FT_LNK: u8 = sys::EXT2_FT_SYMLINK as u8;
 const ROOT: u32 = sys::EXT2_ROOT_INO as u32;
 const MAX_SYMLINKS: usize = 40;
+/// Linux device numbers: 12-bit major, 20-bit minor (`new_encode_dev`).
+const MAX_DEV_MAJOR: u64 = (1 << 12) - 1;
+const MAX_DEV_MINOR: u64 = (1 << 20) - 1;
 const LINK_MAX: u16 = sys::EXT2_LINK_MAX as u16;
 /// dtime of deleted inodes: e2fsck treats small nonzero values as orphan
 /// list links, so use the largest value (as upstream does).
@@ -236,6 +239,8 @@ struct Applier {
     csum_tail: usize,
     filetype: bool,
     extents: bool,
+    /// Largest regular file the filesystem holds (Linux's `s_maxbytes`).
+    max_file_size: u64,
     stats: ApplyStats,
 }
 
@@ -250,6 +255,7 @@ impl Applier {
         };
         let filetype = fs.has_incompat(sys::EXT2_FEATURE_INCOMPAT_FILETYPE);
         let extents = fs.has_incompat(sys::EXT3_FEATURE_INCOMPAT_EXTENTS);
+        let max_file_size = fs.max_file_size(extents);
         Applier {
             fs,
             dirs: HashMap::new(),
@@ -261,6 +267,7 @@ impl Applier {
             csum_tail,
             filetype,
             extents,
+            max_file_size,
             stats: ApplyStats::default(),
         }
     }
@@ -607,7 +614,7 @@ impl Applier {
         let ino = self.fs.new_inode(parent, mode)?;
         self.fs.inode_alloc_stats(ino, 1, false);
         let mut i = self.new_inode_buf(mode, e.uid, e.gid, e.mtime);
-        i.set_size(e.size);
+        self.fs.set_file_size(&mut i, e.size)?;
         if self.extents {
             i.init_extent_root();
         }
@@ -729,7 +736,8 @@ impl Applier {
         self.fs.inode_alloc_stats(ino, 1, false);
         let mut i = self.new_inode_buf(mode, e.uid, e.gid, e.mtime);
         if ft != FT_FIFO {
-            i.set_rdev(e.devmajor, e.devminor);
+            // check_limits kept both within 12 and 20 bits.
+            i.set_rdev(e.devmajor as u32, e.devminor as u32);
         }
         self.fs.write_inode(ino, &mut i)?;
         self.dir_add(parent, name, ino, ft)?;
@@ -882,6 +890,7 @@ impl Applier {
                 format!("name is {} bytes long (ext4 allows 255)", name.len()),
             ));
         }
+        self.check_limits(e)?;
         let parent = self.resolve_dir(e, parents, true)?;
 
         if let Some(target) = name.strip_prefix(b".wh.") {
@@ -948,6 +957,47 @@ impl Applier {
             self.fs.set_xattrs(ino, false, &xattrs)?;
         }
         self.mark_unpacked(parent, name);
+        Ok(())
+    }
+
+    /// Refuse numbers the filesystem cannot store instead of truncating
+    /// them: file sizes (and sparse data) past the maximum file size, and
+    /// device numbers past Linux's 12-bit major and 20-bit minor.
+    fn check_limits(&self, e: &Entry) -> Result<()> {
+        match e.kind {
+            Kind::File => {
+                let end = e
+                    .segments()
+                    .iter()
+                    .map(|&(o, l)| o.saturating_add(l))
+                    .max()
+                    .unwrap_or(0)
+                    .max(e.size);
+                if end > self.max_file_size {
+                    return Err(entry_err(
+                        e,
+                        format!(
+                            "file size {end} exceeds the filesystem's maximum file size {} ({} KiB blocks{})",
+                            self.max_file_size,
+                            self.bs / 1024,
+                            if self.extents { "" } else { ", block-mapped files" }
+                        ),
+                    ));
+                }
+            }
+            Kind::Char | Kind::Block
+                if e.devmajor > MAX_DEV_MAJOR || e.devminor > MAX_DEV_MINOR =>
+            {
+                return Err(entry_err(
+                    e,
+                    format!(
+                        "device number {}:{} does not fit in an inode (major at most {MAX_DEV_MAJOR}, minor at most {MAX_DEV_MINOR})",
+                        e.devmajor, e.devminor
+                    ),
+                ));
+            }
+            _ => {}
+        }
         Ok(())
     }
 

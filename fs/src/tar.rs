@@ -72,10 +72,11 @@ pub struct Entry {
     pub mtime: Timestamp,
     /// Logical file size (the real size for sparse files).
     pub size: u64,
-    /// Device major number.
-    pub devmajor: u32,
-    /// Device minor number.
-    pub devminor: u32,
+    /// Device major number (0 unless a device; not range-checked beyond
+    /// being non-negative: what fits depends on the filesystem).
+    pub devmajor: u64,
+    /// Device minor number (as `devmajor`).
+    pub devminor: u64,
     /// Extended attributes from `SCHILY.xattr.*`, in record order.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// For sparse files, the `(offset, length)` data segments in file order;
@@ -352,8 +353,8 @@ impl<R: Read> TarReader<R> {
             sec: num(136..148, "mtime")?,
             nsec: 0,
         };
-        let devmajor = num(329..337, "devmajor")? as u32;
-        let devminor = num(337..345, "devminor")? as u32;
+        let devmajor = num(329..337, "devmajor")?;
+        let devminor = num(337..345, "devminor")?;
         let mut logical_size = size;
         let mut xattrs = Vec::new();
         let mut sparse_name = None;
@@ -450,6 +451,17 @@ impl<R: Read> TarReader<R> {
         if uid < 0 || uid > u32::MAX as i64 || gid < 0 || gid > u32::MAX as i64 {
             return Err(self.tar_err(at, format!("uid/gid {uid}/{gid} out of range")));
         }
+        // Only device entries carry device numbers.
+        let (devmajor, devminor) = if matches!(kind, Kind::Char | Kind::Block) {
+            if devmajor < 0 || devminor < 0 {
+                return Err(
+                    self.tar_err(at, format!("negative device number {devmajor}:{devminor}"))
+                );
+            }
+            (devmajor as u64, devminor as u64)
+        } else {
+            (0, 0)
+        };
         self.start_data(stored);
         mode &= 0o7777;
 
