@@ -2,10 +2,12 @@
 //!
 //! Semantics follow the OCI image spec and upstream overlaybd's `UnTar`
 //! (which mirrors containerd):
-//! * paths are cleaned lexically; a path that leaves the root (`../x`) is
-//!   refused, and so is a parent component that is a symlink to an absolute
-//!   path or that resolves above the root. Relative symlinks in parent
-//!   components that stay inside the root are followed, like containerd.
+//! * paths are cleaned lexically; a name that leaves the root (`../x`, a
+//!   hard link to `../../etc/passwd`) is refused. Symlinks in parent
+//!   components are followed inside the layer root, as containerd's
+//!   `fs.RootPath` does: absolute targets start at the root and `..` never
+//!   goes above it (`var/run -> /run` puts `var/run/foo` at `/run/foo`,
+//!   whichever layer made the link); more than 40 links is a loop.
 //! * missing parent directories are created (mode 0755, root, time 0).
 //! * an existing entry is replaced, unless both are directories, in which
 //!   case the directory keeps its contents and takes the new metadata
@@ -37,7 +39,7 @@ use std::time::{Duration, Instant};
 use blockdev::BlockDevice;
 
 use crate::dirent;
-use crate::error::{Error, Result};
+use crate::error::{quote, Error, Result};
 use crate::ext2fs::cache::STAGE_BYTES;
 use crate::ext2fs::inode::{self, Inode, Timestamp, EXTRA_ISIZE};
 use crate::ext2fs::ops::MAX_EXTENT_LEN;
@@ -429,6 +431,14 @@ impl Applier {
 
     /// Resolve the directory that holds the last component of `comps`,
     /// creating missing directories when `create`.
+    ///
+    /// Symlinks met on the way are followed the way containerd's
+    /// `fs.RootPath` (and a chroot) follows them: an absolute target starts
+    /// again at the layer root, and `..` at the root stays at the root, so
+    /// resolution never leaves the filesystem (Debian's `var/run -> /run`
+    /// makes `var/run/foo` land at `/run/foo`). `comps` itself is already
+    /// clean; only names leaving the root lexically are refused (by the
+    /// callers).
     fn resolve_dir(&mut self, e: &Entry, comps: &[&[u8]], create: bool) -> Result<u32> {
         let mut stack: Vec<u32> = vec![ROOT];
         let mut queue: std::collections::VecDeque<Vec<u8>> =
@@ -438,13 +448,9 @@ impl Applier {
             match c.as_slice() {
                 b"" | b"." => continue,
                 b".." => {
-                    if stack.len() == 1 {
-                        return Err(entry_err(
-                            e,
-                            "a symlink in the path leads outside the layer root; refusing",
-                        ));
+                    if stack.len() > 1 {
+                        stack.pop();
                     }
-                    stack.pop();
                     continue;
                 }
                 _ => {}
@@ -458,10 +464,7 @@ impl Applier {
                 None => {
                     return Err(entry_err(
                         e,
-                        format!(
-                            "path component '{}' does not exist",
-                            String::from_utf8_lossy(&c)
-                        ),
+                        format!("path component '{}' does not exist", quote(&c)),
                     ))
                 }
                 Some(d) if d.ftype == FT_DIR => stack.push(d.ino),
@@ -470,19 +473,15 @@ impl Applier {
                     if followed > MAX_SYMLINKS {
                         return Err(entry_err(
                             e,
-                            "too many levels of symbolic links in the path",
+                            format!(
+                                "too many levels of symbolic links in the path (more than {MAX_SYMLINKS}; a symlink loop?) at '{}'",
+                                quote(&c)
+                            ),
                         ));
                     }
                     let target = self.read_symlink(d.ino)?;
                     if target.first() == Some(&b'/') {
-                        return Err(entry_err(
-                            e,
-                            format!(
-                                "parent component '{}' is a symlink to the absolute path '{}'; refusing to follow it",
-                                String::from_utf8_lossy(&c),
-                                String::from_utf8_lossy(&target)
-                            ),
-                        ));
+                        stack.truncate(1);
                     }
                     let mut parts: Vec<Vec<u8>> =
                         target.split(|&b| b == b'/').map(|p| p.to_vec()).collect();
@@ -492,10 +491,7 @@ impl Applier {
                 Some(_) => {
                     return Err(entry_err(
                         e,
-                        format!(
-                            "path component '{}' is not a directory",
-                            String::from_utf8_lossy(&c)
-                        ),
+                        format!("path component '{}' is not a directory", quote(&c)),
                     ))
                 }
             }
@@ -753,31 +749,21 @@ impl Applier {
         let tdir = self
             .resolve_dir(e, tparents, false)
             .map_err(|err| match err {
-                Error::Entry { msg, .. } => entry_err(
-                    e,
-                    format!(
-                        "hard link target '{}': {msg}",
-                        String::from_utf8_lossy(&e.link)
-                    ),
-                ),
+                Error::Entry { msg, .. } => {
+                    entry_err(e, format!("hard link target '{}': {msg}", quote(&e.link)))
+                }
                 other => other,
             })?;
         let Some(t) = self.lookup(tdir, tname)? else {
             return Err(entry_err(
                 e,
-                format!(
-                    "hard link target '{}' does not exist",
-                    String::from_utf8_lossy(&e.link)
-                ),
+                format!("hard link target '{}' does not exist", quote(&e.link)),
             ));
         };
         if t.ftype == FT_DIR {
             return Err(entry_err(
                 e,
-                format!(
-                    "hard link target '{}' is a directory",
-                    String::from_utf8_lossy(&e.link)
-                ),
+                format!("hard link target '{}' is a directory", quote(&e.link)),
             ));
         }
         let mut i = self.fs.read_inode(t.ino)?;
@@ -1049,16 +1035,16 @@ impl Applier {
             if !known || n.contains(&0) {
                 tracing::warn!(
                     "'{}': ignoring xattr '{}' (namespace not supported by ext4)",
-                    e.path_lossy(),
-                    String::from_utf8_lossy(n)
+                    quote(&e.path),
+                    quote(n)
                 );
                 continue;
             }
             if n.starts_with(b"user.") && !matches!(kind, Kind::File | Kind::Dir) {
                 tracing::warn!(
                     "'{}': ignoring xattr '{}' (user.* only applies to files and directories)",
-                    e.path_lossy(),
-                    String::from_utf8_lossy(n)
+                    quote(&e.path),
+                    quote(n)
                 );
                 continue;
             }

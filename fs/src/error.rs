@@ -74,3 +74,23 @@ impl Error {
         }
     }
 }
+
+/// Longest quoted path or name in a message, in characters.
+const QUOTE_MAX: usize = 200;
+
+/// Bytes from a tar (a path, a name, a link target) as text for a message:
+/// lossy UTF-8, and at most [`QUOTE_MAX`] characters (the head and the tail
+/// around a `...[N bytes]...` marker), so a hostile 100k-component path
+/// cannot make a 200 KB error line.
+pub fn quote(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(b);
+    let n = s.chars().count();
+    if n <= QUOTE_MAX {
+        return s.into_owned();
+    }
+    let keep = QUOTE_MAX / 2;
+    let head: String = s.chars().take(keep).collect();
+    let tail: String = s.chars().skip(n - keep).collect();
+    let cut = b.len() - head.len().min(b.len()) - tail.len().min(b.len());
+    format!("{head}...[{cut} bytes]...{tail}")
+}

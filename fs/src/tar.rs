@@ -24,7 +24,7 @@
 
 use std::io::Read;
 
-use crate::error::{Error, Result};
+use crate::error::{quote, Error, Result};
 use crate::ext2fs::inode::Timestamp;
 
 /// Tar block size.
@@ -87,9 +87,10 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The path as text, for messages.
+    /// The path as text for messages (lossy UTF-8, long paths shortened
+    /// by [`quote`]).
     pub fn path_lossy(&self) -> String {
-        String::from_utf8_lossy(&self.path).into_owned()
+        quote(&self.path)
     }
 
     /// The data segments of a regular file: the sparse map, or one segment
@@ -431,7 +432,7 @@ impl<R: Read> TarReader<R> {
             }
             t => {
                 return Err(Error::Entry {
-                    path: String::from_utf8_lossy(&path).into_owned(),
+                    path: quote(&path),
                     msg: format!(
                         "unsupported tar entry type '{}' at byte {at}",
                         char::from(t).escape_default()
