@@ -4,10 +4,13 @@
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in mkfs or apply.
+///
+/// Display never repeats the cause that `source()` returns: print the whole
+/// chain (`anyhow`'s `{:#}`, [`blockdev::error::Chain`]) to see everything.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A libext2fs call failed.
-    #[error("cannot {op}: {msg}{}", .device.as_ref().map(|d| format!(" (device error: {d})")).unwrap_or_default())]
+    #[error("cannot {op}: {msg}")]
     Ext2fs {
         /// What we were doing.
         op: String,
@@ -16,13 +19,14 @@ pub enum Error {
         /// com_err's text for the code.
         msg: String,
         /// The block device's error, when it caused the failure.
-        device: Option<String>,
+        #[source]
+        device: Option<blockdev::Error>,
     },
     /// The block device failed outside a libext2fs call.
-    #[error("block device: {0}")]
+    #[error("block device I/O failed")]
     Device(#[source] blockdev::Error),
     /// Reading the tar stream failed.
-    #[error("reading the tar stream at byte {offset}: {source}")]
+    #[error("cannot read the tar stream at byte {offset}")]
     Read {
         /// Offset in the (decompressed) tar stream.
         offset: u64,
@@ -47,7 +51,7 @@ pub enum Error {
         msg: String,
     },
     /// A libext2fs or device failure while applying one entry.
-    #[error("tar entry '{path}': {source}")]
+    #[error("tar entry '{path}'")]
     AtEntry {
         /// The entry's path as stored in the tar.
         path: String,
@@ -65,7 +69,7 @@ pub enum Error {
 
 impl Error {
     /// A libext2fs failure.
-    pub fn ext2fs(op: &str, code: i64, device: Option<String>) -> Self {
+    pub fn ext2fs(op: &str, code: i64, device: Option<blockdev::Error>) -> Self {
         Error::Ext2fs {
             op: op.to_string(),
             code,

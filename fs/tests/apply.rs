@@ -202,7 +202,7 @@ fn full_filesystem_is_a_clear_error() {
     b.append_data(&mut h, "big", &big[..]).unwrap();
     let data = b.into_inner().unwrap();
     let err = obdfs::apply_tar(dev, &data[..], obdfs::ApplyOptions::default()).unwrap_err();
-    let msg = err.to_string();
+    let msg = testutil::assert_clean_chain(&err);
     assert!(
         msg.contains("tar entry 'big'") && msg.contains("filesystem full"),
         "{msg}"
@@ -271,7 +271,7 @@ fn malicious_layers_are_refused() {
         let dev = mkfs_image(&img, 1 << 30);
         apply_file(&dev, &set.layers[0]).unwrap();
         let err = apply_file(&dev, tar).expect_err(&format!("{} was accepted", tar.display()));
-        let msg = err.to_string();
+        let msg = testutil::assert_clean_chain(&err);
         assert!(
             msg.contains(want),
             "{}: error '{msg}' lacks '{want}'",
@@ -301,7 +301,7 @@ fn broken_streams_are_clear_errors() {
         obdfs::ApplyOptions::default(),
     )
     .unwrap_err();
-    let msg = err.to_string();
+    let msg = testutil::assert_clean_chain(&err);
     assert!(
         msg.starts_with("tar entry 'usr/") && msg.contains("unexpected end of the stream"),
         "{msg}"
@@ -325,7 +325,7 @@ fn no_filesystem_is_a_clear_error() {
     let dev: std::sync::Arc<dyn blockdev::BlockDevice> =
         std::sync::Arc::new(blockdev::MemDevice::new(64 << 20));
     let err = obdfs::apply_tar(dev, &b""[..], obdfs::ApplyOptions::default()).unwrap_err();
-    let msg = err.to_string();
+    let msg = testutil::assert_clean_chain(&err);
     assert!(
         msg.contains("open the ext4 filesystem") && msg.contains("magic"),
         "{msg}"

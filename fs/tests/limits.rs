@@ -15,7 +15,7 @@ fn apply_bytes(dev: &Arc<dyn BlockDevice>, tar: &[u8]) -> obdfs::Result<obdfs::A
 }
 
 fn assert_refused(err: obdfs::Error, name: &str, what: &str) {
-    let msg = err.to_string();
+    let msg = testutil::assert_clean_chain(&err);
     assert!(
         msg.starts_with(&format!("tar entry '{name}'")) && msg.contains(what),
         "error '{msg}' does not name the entry or lacks '{what}'"
@@ -161,7 +161,7 @@ fn device_numbers_that_do_not_fit_are_refused() {
     for (major, minor) in [(4096, 0), (0, 1 << 20), (1 << 32, 1), (1, (1 << 32) + 5)] {
         let err = apply_bytes(&dev, &device_tar("dev", major, minor))
             .expect_err(&format!("{major}:{minor} applied"));
-        let msg = err.to_string();
+        let msg = testutil::assert_clean_chain(&err);
         assert!(msg.contains("device number"), "{major}:{minor}: {msg}");
         assert!(msg.contains("'dev'"), "{major}:{minor}: {msg}");
     }

@@ -31,9 +31,9 @@ impl Export {
 /// Why a connection ended without an orderly close.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
-    #[error("protocol violation: {0}")]
+    #[error("protocol violation")]
     Proto(#[from] ProtoError),
     #[error("client asked for unknown export '{0}' with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),

@@ -531,7 +531,7 @@ fn serve_connection(inner: &Arc<Inner>, id: u64, stream: Stream, peer: &str) {
         }
         Err(e) => {
             inner.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("{peer}: closing connection: {e}");
+            tracing::warn!("{peer}: closing connection: {}", crate::error::Chain(&e));
         }
     }
     stream.shutdown(Shutdown::Both);
@@ -703,8 +703,9 @@ pub fn execute(
 ) -> Vec<u8> {
     let fail = |e: &Error| {
         let errno = errno_of(e);
-        tracing::debug!("request failed ({errno}): {e}");
-        error_reply(s, handle, errno, &e.to_string())
+        let text = crate::error::Chain(e).to_string();
+        tracing::debug!("request failed ({errno}): {text}");
+        error_reply(s, handle, errno, &text)
     };
     let done =
         |r: Result<()>, fua: bool| match r.and_then(|_| if fua { dev.flush() } else { Ok(()) }) {

@@ -46,9 +46,11 @@ pub enum Error {
     Registry(crate::registry::Error),
     #[error("{0}")]
     Oci(crate::oci::Error),
-    #[error("{0}")]
+    // The library errors keep their causes in source(); until this enum
+    // keeps sources too, print their whole chain here.
+    #[error("{}", blockdev::error::Chain(.0))]
     Blockdev(blockdev::Error),
-    #[error("{0}")]
+    #[error("{}", blockdev::error::Chain(.0))]
     Fs(obdfs::Error),
     #[error("{path}: {error}")]
     Io {
