@@ -33,6 +33,17 @@ pub trait BlockDevice: Send + Sync {
     fn is_read_only(&self) -> bool {
         false
     }
+
+    /// Map `len` bytes at device `offset` to `target_offset` in the layer's target (the
+    /// uncompressed layer tar): a TurboOCI "remote data" mapping (LSMT tag 1). All three are
+    /// multiples of 512. Devices without a target return an error (the default).
+    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
+        let _ = (offset, len, target_offset);
+        Err(Error::Invalid(
+            "this device has no target: TurboOCI target mappings need a warp (TurboOCI) upper layer"
+                .into(),
+        ))
+    }
 }
 
 /// Check that `[offset, offset+len)` lies within a device of `size` bytes.
@@ -118,6 +129,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
     }
+    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
+        (**self).map_target(offset, len, target_offset)
+    }
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
@@ -141,5 +155,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
     }
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
+    }
+    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
+        (**self).map_target(offset, len, target_offset)
     }
 }

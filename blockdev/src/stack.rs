@@ -4,6 +4,12 @@
 //! are merged into one index at open time, newest layer winning; an optional
 //! writable upper sits on top and receives every write. Unmapped ranges read
 //! as zeros; `zeroed` entries hide whatever lies below them.
+//!
+//! TurboOCI (warp) layers take part like any other: a warp lower enters the
+//! merged index with entries that map onto themselves and resolves reads
+//! through its own tagged index (metadata from its blob, file data from its
+//! target tar); a warp upper takes writes like any upper plus
+//! [`BlockDevice::map_target`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +21,7 @@ use crate::layer::open_layer;
 use crate::lsmt::format::{Mapping, SECTOR};
 use crate::lsmt::index::{pieces, Piece, RoIndex};
 use crate::lsmt::{SealedLayer, WritableLayer};
+use crate::warp::{TargetSource, WarpLayer};
 
 /// Upstream refuses stacks deeper than this.
 pub const MAX_LAYERS: usize = 255;
@@ -27,6 +34,38 @@ pub enum LowerSource {
     /// A writable layer that will not change any more (e.g. still being
     /// committed), read in place.
     Writable { data: PathBuf, index: PathBuf },
+    /// A sealed TurboOCI layer (`<fs>.fs.meta`) and its target tar.
+    Warp { file: PathBuf, target: TargetSource },
+    /// A writable TurboOCI layer that will not change any more, read in
+    /// place, and its target tar.
+    WritableWarp {
+        data: PathBuf,
+        index: PathBuf,
+        target: TargetSource,
+    },
+}
+
+impl LowerSource {
+    /// Open this lower layer.
+    pub fn open(&self) -> Result<Lower> {
+        Ok(match self {
+            LowerSource::File(p) => Lower::Sealed(open_layer(p)?),
+            LowerSource::Writable { data, index } => {
+                Lower::Writable(WritableLayer::open_read_only(data, index)?)
+            }
+            LowerSource::Warp { file, target } => Lower::Warp(WarpLayer::open(file, target)?),
+            LowerSource::WritableWarp {
+                data,
+                index,
+                target,
+            } => Lower::Writable(WritableLayer::open_warp(
+                data,
+                index,
+                Some(target.open()?),
+                true,
+            )?),
+        })
+    }
 }
 
 /// An opened lower layer.
@@ -34,6 +73,7 @@ pub enum LowerSource {
 pub enum Lower {
     Sealed(SealedLayer),
     Writable(WritableLayer),
+    Warp(WarpLayer),
 }
 
 impl Lower {
@@ -41,20 +81,34 @@ impl Lower {
         match self {
             Lower::Sealed(l) => l.info().virtual_size,
             Lower::Writable(w) => w.virtual_size(),
+            Lower::Warp(w) => w.meta().info().virtual_size,
         }
     }
 
     fn entries(&self) -> std::borrow::Cow<'_, [Mapping]> {
         match self {
             Lower::Sealed(l) => std::borrow::Cow::Borrowed(l.index().entries()),
+            Lower::Writable(w) if w.is_warp() => std::borrow::Cow::Owned(
+                w.entries()
+                    .into_iter()
+                    .map(|m| Mapping {
+                        moffset: m.offset,
+                        tag: 0,
+                        ..m
+                    })
+                    .collect(),
+            ),
             Lower::Writable(w) => std::borrow::Cow::Owned(w.entries()),
+            Lower::Warp(w) => std::borrow::Cow::Owned(w.identity_entries()),
         }
     }
 
     fn read_mapped(&self, buf: &mut [u8], moffset: u64) -> Result<()> {
         match self {
             Lower::Sealed(l) => l.read_mapped(buf, moffset),
+            Lower::Writable(w) if w.is_warp() => w.read_logical(buf, moffset * SECTOR),
             Lower::Writable(w) => w.read_mapped(buf, moffset),
+            Lower::Warp(w) => w.read_logical(buf, moffset * SECTOR),
         }
     }
 }
@@ -81,13 +135,32 @@ impl std::fmt::Debug for Stack {
 }
 
 impl Stack {
-    /// Open the stack a config.json describes.
+    /// Open the stack a config.json describes (TurboOCI lowers and upper
+    /// included).
     pub fn open_config(cfg: &ImageConfig) -> Result<Stack> {
-        let upper = cfg
-            .upper
-            .as_ref()
-            .map(|u| (u.data.as_path(), u.index.as_path()));
-        Stack::open(&cfg.lowers, upper)
+        Self::open_config_mode(cfg, false)
+    }
+
+    /// [`Self::open_config`] with the upper opened read-only.
+    pub fn open_config_read_only(cfg: &ImageConfig) -> Result<Stack> {
+        Self::open_config_mode(cfg, true)
+    }
+
+    fn open_config_mode(cfg: &ImageConfig, read_only: bool) -> Result<Stack> {
+        let lowers = cfg
+            .lower_sources()
+            .iter()
+            .map(LowerSource::open)
+            .collect::<Result<Vec<_>>>()?;
+        let upper = match &cfg.upper {
+            None => None,
+            Some(u) => Some(match &u.target {
+                Some(t) => WritableLayer::open_warp(&u.data, &u.index, Some(t.open()?), read_only)?,
+                None if read_only => WritableLayer::open_read_only(&u.data, &u.index)?,
+                None => WritableLayer::open(&u.data, &u.index)?,
+            }),
+        };
+        Stack::with_lowers(lowers, upper)
     }
 
     /// Open lower files (bottom first) and an optional writable `(data, index)`.
@@ -118,12 +191,7 @@ impl Stack {
     ) -> Result<Stack> {
         let layers = lowers
             .iter()
-            .map(|l| match l {
-                LowerSource::File(p) => open_layer(p).map(Lower::Sealed),
-                LowerSource::Writable { data, index } => {
-                    WritableLayer::open_read_only(data, index).map(Lower::Writable)
-                }
-            })
+            .map(LowerSource::open)
             .collect::<Result<Vec<_>>>()?;
         let upper = upper.map(|(d, i)| open_upper(d, i)).transpose()?;
         Stack::with_lowers(layers, upper)
@@ -309,7 +377,7 @@ impl Stack {
                     if m.zeroed {
                         b.fill(0);
                     } else {
-                        upper.read_mapped(b, m.moffset)?;
+                        upper.read_entry(b, &m)?;
                     }
                 }
             }
@@ -410,6 +478,16 @@ impl BlockDevice for Stack {
 
     fn is_read_only(&self) -> bool {
         self.upper.as_ref().is_none_or(|u| u.is_read_only())
+    }
+
+    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
+        let upper = self.upper_for_write()?;
+        if !upper.is_warp() {
+            return Err(Error::Invalid(
+                "target mappings need a TurboOCI (warp) upper layer".into(),
+            ));
+        }
+        upper.map_target(offset, len, target_offset)
     }
 }
 

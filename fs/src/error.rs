@@ -23,7 +23,7 @@ pub enum Error {
         device: Option<blockdev::Error>,
     },
     /// The block device failed outside a libext2fs call.
-    #[error("block device I/O failed")]
+    #[error("block device")]
     Device(#[source] blockdev::Error),
     /// Reading the tar stream failed.
     #[error("cannot read the tar stream at byte {offset}")]

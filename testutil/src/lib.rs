@@ -32,6 +32,21 @@ pub fn fixtures() -> PathBuf {
         })
 }
 
+/// The TurboOCI golden fixtures (`turbooci-reference`), next to
+/// [`fixtures`] (`$OVERLAYBD_TURBO_FIXTURES` overrides).
+pub fn turbo_fixtures() -> PathBuf {
+    if let Some(p) = std::env::var_os("OVERLAYBD_TURBO_FIXTURES") {
+        return PathBuf::from(p);
+    }
+    let p = fixtures().join("../turbooci-reference");
+    assert!(
+        p.join("README.md").exists(),
+        "TurboOCI fixtures not found at {} (set OVERLAYBD_TURBO_FIXTURES)",
+        p.display()
+    );
+    p
+}
+
 /// Find a system tool or fail with an install hint.
 pub fn tool(name: &str) -> PathBuf {
     for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/bin"] {

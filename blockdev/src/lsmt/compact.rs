@@ -7,6 +7,11 @@
 //! entries are kept whole with `moffset` = the current data position, then
 //! adjacent pieces are merged ([`compress_entries`]) and the index is padded
 //! to a multiple of 4 KiB with `offset = 2^50-1, length 0` entries.
+//!
+//! Warp (TurboOCI) layers are compacted as upstream's
+//! `LSMTWarpFile::compact`: tag-1 (target) entries are copied into the index
+//! unchanged and their data is not copied, tag-0 data is copied as above,
+//! tags are kept, and the index is **not** padded.
 
 use super::format::*;
 use crate::error::Result;
@@ -34,6 +39,27 @@ pub fn compact(
     read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
     put: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<u64> {
+    compact_impl(entries, info, read, put, false)
+}
+
+/// [`compact`] for a warp layer (see the module documentation); `read` is
+/// only asked for tag-0 data.
+pub fn compact_warp(
+    entries: &[Mapping],
+    info: &SealInfo,
+    read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    put: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<u64> {
+    compact_impl(entries, info, read, put, true)
+}
+
+fn compact_impl(
+    entries: &[Mapping],
+    info: &SealInfo,
+    read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    put: &mut dyn FnMut(&[u8]) -> Result<()>,
+    warp: bool,
+) -> Result<u64> {
     let mut ht = HeaderTrailer {
         flags: FLAG_HEADER | FLAG_DATA | FLAG_SEALED,
         virtual_size: info.virtual_size,
@@ -47,6 +73,10 @@ pub fn compact(
     let mut out: Vec<Mapping> = Vec::with_capacity(entries.len());
     let mut buf = vec![0u8; (COPY_SECTORS * SECTOR) as usize];
     for m in entries {
+        if warp && m.tag != 0 {
+            out.push(*m);
+            continue;
+        }
         if m.zeroed {
             out.push(Mapping::zeroed(m.offset, m.length, pos));
             continue;
@@ -70,7 +100,7 @@ pub fn compact(
     }
     compress_entries(&mut out);
     let per_block = HT_SPACE / ENTRY_SIZE;
-    if !out.len().is_multiple_of(per_block) {
+    if !warp && !out.len().is_multiple_of(per_block) {
         let padded = out.len().div_ceil(per_block) * per_block;
         out.resize(padded, Mapping::padding());
     }
