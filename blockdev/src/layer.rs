@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::io::IoFile;
 use crate::lsmt::SealedLayer;
-use crate::source::{FileSlice, ReadAt};
+use crate::source::{FileSlice, ReadAt, Window};
 use crate::zfile::{is_zfile, ZFileReader};
 
 /// How a layer file is wrapped.
@@ -54,6 +54,22 @@ pub fn open_blob(path: &Path) -> Result<(Arc<dyn ReadAt>, Wrapping)> {
         Ok((Arc::new(z), Wrapping { tar, zfile: true }))
     } else {
         Ok((Arc::new(slice), Wrapping { tar, zfile: false }))
+    }
+}
+
+/// [`open_blob`] for a blob that is not a file of its own (in memory, or
+/// a window of something else): peel the tar wrapper and the ZFile.
+pub fn open_blob_source(src: Arc<dyn ReadAt>) -> Result<(Arc<dyn ReadAt>, Wrapping)> {
+    let tar = crate::tarwrap::detect(src.as_ref())?;
+    let slice: Arc<dyn ReadAt> = match tar {
+        Some((base, len)) => Arc::new(Window::new(src, base, len)),
+        None => src,
+    };
+    if is_zfile(slice.as_ref())? {
+        let z = ZFileReader::open(Box::new(Window::new(slice.clone(), 0, slice.size())))?;
+        Ok((Arc::new(z), Wrapping { tar, zfile: true }))
+    } else {
+        Ok((slice, Wrapping { tar, zfile: false }))
     }
 }
 

@@ -81,6 +81,42 @@ impl ReadAt for FileSlice {
     }
 }
 
+/// A window `[base, base+len)` of any [`ReadAt`] (e.g. the blob inside a
+/// tar wrapper held in memory).
+#[derive(Clone)]
+pub struct Window {
+    inner: Arc<dyn ReadAt>,
+    base: u64,
+    len: u64,
+}
+
+impl Window {
+    /// The window `[base, base+len)` of `inner`, clipped to its size.
+    pub fn new(inner: Arc<dyn ReadAt>, base: u64, len: u64) -> Self {
+        let base = base.min(inner.size());
+        let len = len.min(inner.size() - base);
+        Window { inner, base, len }
+    }
+}
+
+impl ReadAt for Window {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.len - offset) as usize;
+        self.inner.read_at(&mut buf[..n], self.base + offset)
+    }
+
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+}
+
 /// A sequential writer that can also patch bytes it already wrote.
 pub trait BlobSink {
     /// Append bytes.
