@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::io::IoFile;
 use crate::lsmt::SealedLayer;
-use crate::source::{FileSlice, ReadAt, Window};
+use crate::source::{FileSlice, ReadAt, SubSource};
 use crate::zfile::{is_zfile, ZFileReader};
 
 /// How a layer file is wrapped.
@@ -57,24 +57,24 @@ pub fn open_blob(path: &Path) -> Result<(Arc<dyn ReadAt>, Wrapping)> {
     }
 }
 
-/// [`open_blob`] for a blob that is not a file of its own (in memory, or
-/// a window of something else): peel the tar wrapper and the ZFile.
-pub fn open_blob_source(src: Arc<dyn ReadAt>) -> Result<(Arc<dyn ReadAt>, Wrapping)> {
-    let tar = crate::tarwrap::detect(src.as_ref())?;
-    let slice: Arc<dyn ReadAt> = match tar {
-        Some((base, len)) => Arc::new(Window::new(src, base, len)),
-        None => src,
-    };
-    if is_zfile(slice.as_ref())? {
-        let z = ZFileReader::open(Box::new(Window::new(slice.clone(), 0, slice.size())))?;
-        Ok((Arc::new(z), Wrapping { tar, zfile: true }))
-    } else {
-        Ok((slice, Wrapping { tar, zfile: false }))
-    }
-}
-
 /// Open a sealed lower layer file (plain, ZFile, tar-wrapped).
 pub fn open_layer(path: &Path) -> Result<SealedLayer> {
     let (blob, _) = open_blob(path)?;
+    SealedLayer::open(blob)
+}
+
+/// Open a sealed lower layer from its bytes as stored, read through any
+/// source (plain, ZFile, tar-wrapped: peeled as [`open_layer`] does).
+pub fn open_layer_source(src: Arc<dyn ReadAt>) -> Result<SealedLayer> {
+    let inner: Arc<dyn ReadAt> = match crate::tarwrap::detect(src.as_ref())? {
+        Some((base, len)) => Arc::new(SubSource::new(src, base, len)),
+        None => src,
+    };
+    let blob: Arc<dyn ReadAt> = if is_zfile(inner.as_ref())? {
+        let len = inner.size();
+        Arc::new(ZFileReader::open(Box::new(SubSource::new(inner, 0, len)))?)
+    } else {
+        inner
+    };
     SealedLayer::open(blob)
 }

@@ -81,25 +81,33 @@ impl ReadAt for FileSlice {
     }
 }
 
-/// A window `[base, base+len)` of any [`ReadAt`] (e.g. the blob inside a
-/// tar wrapper held in memory).
+/// A window `[base, base+len)` of any source (a blob inside a tar wrapper
+/// that is read over the network, say).
 #[derive(Clone)]
-pub struct Window {
+pub struct SubSource {
     inner: Arc<dyn ReadAt>,
     base: u64,
     len: u64,
 }
 
-impl Window {
-    /// The window `[base, base+len)` of `inner`, clipped to its size.
+impl SubSource {
+    /// The window `[base, base+len)` of `inner`.
     pub fn new(inner: Arc<dyn ReadAt>, base: u64, len: u64) -> Self {
-        let base = base.min(inner.size());
-        let len = len.min(inner.size() - base);
-        Window { inner, base, len }
+        SubSource { inner, base, len }
     }
 }
 
-impl ReadAt for Window {
+impl std::fmt::Debug for SubSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubSource")
+            .field("path", &self.inner.path())
+            .field("base", &self.base)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl ReadAt for SubSource {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         if offset >= self.len {
             return Ok(0);

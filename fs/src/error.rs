@@ -65,6 +65,9 @@ pub enum Error {
     /// A bad argument.
     #[error("{0}")]
     Invalid(String),
+    /// Building or reading an EROFS layer failed.
+    #[error(transparent)]
+    Erofs(Box<crate::erofs::Error>),
 }
 
 impl Error {
@@ -97,4 +100,10 @@ pub fn quote(b: &[u8]) -> String {
     let tail: String = s.chars().skip(n - keep).collect();
     let cut = b.len() - head.len().min(b.len()) - tail.len().min(b.len());
     format!("{head}...[{cut} bytes]...{tail}")
+}
+
+impl From<crate::erofs::Error> for Error {
+    fn from(e: crate::erofs::Error) -> Error {
+        Error::Erofs(Box::new(e))
+    }
 }

@@ -233,13 +233,16 @@ pub fn lsmt_writable(data: &[u8]) {
 }
 
 /// A layer blob as a registry serves it: the tar wrapper (PAX size
-/// records, header checksums), then ZFile or plain LSMT inside.
+/// records, header checksums), then ZFile or plain LSMT inside, read
+/// through a layer stack.
 pub fn tar_wrapper(data: &[u8]) {
-    let Ok((blob, _)) = blockdev::layer::open_blob_source(src(data, "fuzz.tar")) else {
+    let Ok(layer) = blockdev::layer::open_layer_source(src(data, "fuzz.tar")) else {
         return;
     };
-    read_some(blob.as_ref());
-    let _ = SealedLayer::open(blob);
+    let ranges = ranges_of(layer.index().entries());
+    if let Ok(stack) = Stack::from_layers(vec![layer], None) {
+        exercise_device(&stack, &ranges);
+    }
 }
 
 /// An overlaybd `config.json` (lowers, upper, TurboOCI targets).
