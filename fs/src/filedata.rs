@@ -203,6 +203,11 @@ impl FileData for TargetData {
             return Ok(());
         }
         let len = (run.len * bs).min(self.padded - start);
+        // Metadata the cache still holds for these blocks (freed and
+        // reused) was written before the mapping: it must not land after it.
+        ctx.cache
+            .discard(run.pblk * bs, len)
+            .map_err(Error::Device)?;
         self.dev
             .map_target(run.pblk * bs, len, self.data_offset + start)
             .map_err(Error::Device)

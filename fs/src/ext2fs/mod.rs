@@ -12,6 +12,7 @@ pub mod io;
 pub mod ops;
 #[allow(unsafe_op_in_unsafe_fn, rustdoc::all, missing_docs, unused_imports)]
 pub mod sys;
+pub mod sys_ext;
 
 use std::ffi::{c_int, CStr, CString};
 use std::sync::{Arc, Once};
@@ -19,6 +20,7 @@ use std::sync::{Arc, Once};
 use blockdev::BlockDevice;
 
 use crate::error::{Error, Result};
+use cache::WriteMode;
 use inode::Inode;
 use io::Channel;
 
@@ -56,8 +58,17 @@ pub struct Ext2Fs {
 impl Ext2Fs {
     /// Open the ext2/3/4 filesystem on `dev` read-write and load its bitmaps.
     pub fn open(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Result<Self> {
+        Self::open_with(dev, cache_bytes, WriteMode::Pages)
+    }
+
+    /// [`Ext2Fs::open`] with a channel writing back in `mode`.
+    pub fn open_with(
+        dev: Arc<dyn BlockDevice>,
+        cache_bytes: usize,
+        mode: WriteMode,
+    ) -> Result<Self> {
         init_error_table();
-        let name = io::register(Channel::new(dev, cache_bytes));
+        let name = io::register(Channel::with_mode(dev, cache_bytes, mode));
         let mut fs: sys::ext2_filsys = std::ptr::null_mut();
         let flags = (sys::EXT2_FLAG_RW | sys::EXT2_FLAG_64BITS) as c_int;
         // SAFETY: name is a valid C string; manager() is our static table;
@@ -69,7 +80,7 @@ impl Ext2Fs {
                 flags,
                 0,
                 0,
-                io::manager(),
+                io::manager(mode),
                 &mut fs,
             )
         };
@@ -96,9 +107,10 @@ impl Ext2Fs {
         dev: Arc<dyn BlockDevice>,
         param: &mut sys::ext2_super_block,
         cache_bytes: usize,
+        mode: WriteMode,
     ) -> Result<Self> {
         init_error_table();
-        let name = io::register(Channel::new(dev, cache_bytes));
+        let name = io::register(Channel::with_mode(dev, cache_bytes, mode));
         let mut fs: sys::ext2_filsys = std::ptr::null_mut();
         // SAFETY: valid C string, superblock template and manager; fs is an
         // out-pointer.
@@ -107,7 +119,7 @@ impl Ext2Fs {
                 name.as_ptr(),
                 sys::EXT2_FLAG_64BITS as c_int,
                 param,
-                io::manager(),
+                io::manager(mode),
                 &mut fs,
             )
         };
@@ -255,7 +267,7 @@ impl Ext2Fs {
         Ok(())
     }
 
-    /// Overwrite `s_wtime` in every on-disk superblock copy.
+    /// Overwrite `s_wtime` in every superblock copy the flush wrote.
     fn patch_wtime(&mut self, t: u32) -> Result<()> {
         const SB_SIZE: usize = 1024;
         const WTIME_OFF: usize = 48;
@@ -268,7 +280,12 @@ impl Ext2Fs {
         let bs = self.block_size();
         let csum = self.has_ro_compat(sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM);
         let mut offsets = vec![1024u64];
-        for g in 1..groups {
+        // ext2fs_flush2 writes the backup superblocks only without
+        // EXT2_FLAG_MASTER_SB_ONLY (which ext2fs_open sets); patch what it wrote.
+        // SAFETY: fs is open; plain field read.
+        let master_only = unsafe { (*self.fs).flags } & sys::EXT2_FLAG_MASTER_SB_ONLY as c_int != 0;
+        let backups = if master_only { 1 } else { groups };
+        for g in 1..backups {
             // SAFETY: fs is open; g is a valid group number.
             if unsafe { sys::ext2fs_bg_has_super(self.fs, g) } != 0 {
                 // SAFETY: as above.

@@ -160,6 +160,19 @@ impl Ext2Fs {
 
     /// Every name in a directory except `.` and `..`: (name, inode, type byte).
     pub fn dir_entries(&mut self, dir: u32) -> Result<Vec<(Vec<u8>, u32, u8)>> {
+        self.dir_entries_impl(dir, false)
+    }
+
+    /// Every name in a directory, `.` and `..` included, in on-disk order.
+    pub fn dir_entries_all(&mut self, dir: u32) -> Result<Vec<(Vec<u8>, u32, u8)>> {
+        self.dir_entries_impl(dir, true)
+    }
+
+    fn dir_entries_impl(&mut self, dir: u32, dots: bool) -> Result<Vec<(Vec<u8>, u32, u8)>> {
+        struct Out {
+            dots: bool,
+            v: Vec<(Vec<u8>, u32, u8)>,
+        }
         unsafe extern "C" fn cb(
             _dir: sys::ext2_ino_t,
             entry: c_int,
@@ -169,22 +182,25 @@ impl Ext2Fs {
             _buf: *mut c_char,
             priv_data: *mut c_void,
         ) -> c_int {
-            if entry != sys::DIRENT_OTHER_FILE as c_int {
-                return 0;
-            }
             // SAFETY: libext2fs passes a valid entry inside its block buffer
-            // and our Vec as priv_data.
+            // and our Out as priv_data.
             unsafe {
+                let out = &mut *(priv_data as *mut Out);
+                if !out.dots && entry != sys::DIRENT_OTHER_FILE as c_int {
+                    return 0;
+                }
                 let d = &*dirent;
-                let out = &mut *(priv_data as *mut Vec<(Vec<u8>, u32, u8)>);
                 let len = (d.name_len & 0xff) as usize;
                 let ftype = (d.name_len >> 8) as u8;
                 let name = std::slice::from_raw_parts(d.name.as_ptr() as *const u8, len).to_vec();
-                out.push((name, d.inode, ftype));
+                out.v.push((name, d.inode, ftype));
             }
             0
         }
-        let mut out: Vec<(Vec<u8>, u32, u8)> = Vec::new();
+        let mut out = Out {
+            dots,
+            v: Vec::new(),
+        };
         // SAFETY: fs is open; the callback only touches `out`.
         let rc = unsafe {
             sys::ext2fs_dir_iterate2(
@@ -197,7 +213,7 @@ impl Ext2Fs {
             )
         };
         self.check(rc, &format!("read directory inode {dir}"))?;
-        Ok(out)
+        Ok(out.v)
     }
 
     /// Create symlink inode `ino` (from [`Ext2Fs::new_inode`]) pointing to
