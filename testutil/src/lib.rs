@@ -209,6 +209,34 @@ pub fn diff_trees(
     d
 }
 
+/// Compare two JSON trees (path -> attributes, as `tests/images/build.py
+/// tree`/`scan` print them), listing every differing path.
+pub fn assert_same_tree(actual: &serde_json::Value, expected: &serde_json::Value) {
+    let a = actual.as_object().expect("a JSON object of paths");
+    let e = expected.as_object().expect("a JSON object of paths");
+    let mut diffs = Vec::new();
+    for (k, v) in e {
+        match a.get(k) {
+            None => diffs.push(format!("missing: {k}")),
+            Some(x) if x != v => {
+                diffs.push(format!("differs: {k}\n  expected {v}\n  actual   {x}"))
+            }
+            _ => {}
+        }
+    }
+    for k in a.keys() {
+        if !e.contains_key(k) {
+            diffs.push(format!("unexpected: {k}"));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
 /// Run a command, panicking with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd

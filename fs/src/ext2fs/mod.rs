@@ -10,6 +10,7 @@ pub mod cache;
 pub mod inode;
 pub mod io;
 pub mod ops;
+pub mod read;
 #[allow(unsafe_op_in_unsafe_fn, rustdoc::all, missing_docs, unused_imports)]
 pub mod sys;
 pub mod sys_ext;
@@ -67,10 +68,25 @@ impl Ext2Fs {
         cache_bytes: usize,
         mode: WriteMode,
     ) -> Result<Self> {
+        let flags = (sys::EXT2_FLAG_RW | sys::EXT2_FLAG_64BITS) as c_int;
+        let mut me = Self::open_flags(dev, cache_bytes, flags, mode)?;
+        // SAFETY: fs is a valid open handle.
+        let rc = unsafe { sys::ext2fs_read_bitmaps(me.fs) };
+        me.check(rc, "read the allocation bitmaps")?;
+        me.set_now(1);
+        Ok(me)
+    }
+
+    /// `ext2fs_open2` with `flags` over our I/O manager.
+    fn open_flags(
+        dev: Arc<dyn BlockDevice>,
+        cache_bytes: usize,
+        flags: c_int,
+        mode: WriteMode,
+    ) -> Result<Self> {
         init_error_table();
         let name = io::register(Channel::with_mode(dev, cache_bytes, mode));
         let mut fs: sys::ext2_filsys = std::ptr::null_mut();
-        let flags = (sys::EXT2_FLAG_RW | sys::EXT2_FLAG_64BITS) as c_int;
         // SAFETY: name is a valid C string; manager() is our static table;
         // fs receives the new handle.
         let rc = unsafe {
@@ -93,12 +109,7 @@ impl Ext2Fs {
             }
             return Err(Error::ext2fs("open the ext4 filesystem", rc, None));
         }
-        let mut me = Ext2Fs { fs, closed: false };
-        // SAFETY: fs is a valid open handle.
-        let rc = unsafe { sys::ext2fs_read_bitmaps(me.fs) };
-        me.check(rc, "read the allocation bitmaps")?;
-        me.set_now(1);
-        Ok(me)
+        Ok(Ext2Fs { fs, closed: false })
     }
 
     /// Create a new filesystem on `dev` from the superblock template `param`
