@@ -91,7 +91,8 @@ pub struct ApplyOptions<'a> {
     /// Metadata cache size in bytes.
     pub cache_bytes: usize,
     /// Where regular file data goes; `None` copies it into the layer
-    /// ([`CopyData`]). [`crate::filedata::TargetData`] makes a TurboOCI layer.
+    /// ([`CopyData`]). TurboOCI layers are written by the upstream-compatible
+    /// engine ([`crate::photon`]) with a [`crate::filedata::TargetData`].
     pub file_data: Option<Box<dyn FileData + 'a>>,
 }
 
@@ -626,15 +627,9 @@ impl<'a> Applier<'a> {
             i.init_extent_root();
         }
         self.fs.write_inode(ino, &mut i)?;
-        let link_first = self.file_data.link_first();
-        if link_first {
-            self.dir_add(parent, name, ino, FT_REG)?;
-        }
         self.write_data(ino, &mut i, e, tar)?;
         self.fs.write_inode(ino, &mut i)?;
-        if !link_first {
-            self.dir_add(parent, name, ino, FT_REG)?;
-        }
+        self.dir_add(parent, name, ino, FT_REG)?;
         self.stats.data_bytes += e.size;
         Ok(ino)
     }

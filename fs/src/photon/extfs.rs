@@ -19,7 +19,7 @@
 //! Paths are lists of name components from the root. Lookups never follow
 //! symbolic links: a component below a non-directory is not found.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_int;
 use std::sync::Arc;
 
@@ -85,6 +85,8 @@ pub struct Extfs {
     pub fs: Ext2Fs,
     /// (directory, name) -> inode, for names known to exist.
     names: HashMap<(u32, Box<[u8]>), u32>,
+    /// Directories all of whose names are in `names`.
+    complete: HashSet<u32>,
 }
 
 impl Extfs {
@@ -100,6 +102,7 @@ impl Extfs {
         let mut x = Extfs {
             fs,
             names: HashMap::new(),
+            complete: HashSet::new(),
         };
         x.unindex_lost_found()?;
         Ok(x)
@@ -172,33 +175,23 @@ impl Extfs {
     // ----- lookups ---------------------------------------------------------
 
     /// `ext2fs_lookup` of one name; `None` when absent or when `dir` is not
-    /// a directory.
+    /// a directory. A directory's names are read once and then kept up to
+    /// date by the operations here (all changes go through them).
     fn lookup_in(&mut self, dir: u32, name: &[u8]) -> Result<Option<u32>> {
         if let Some(&ino) = self.names.get(&(dir, Box::from(name))) {
             return Ok(Some(ino));
         }
-        let c = cstring(name)?;
-        let mut ino = 0u32;
-        // SAFETY: fs is open; c points to name.len() bytes.
-        let rc = unsafe {
-            sys::ext2fs_lookup(
-                self.fs.raw(),
-                dir,
-                c.as_ptr(),
-                name.len() as c_int,
-                std::ptr::null_mut(),
-                &mut ino,
-            )
-        };
-        if rc == sys::EXT2_ET_FILE_NOT_FOUND as sys::errcode_t
-            || rc == sys::EXT2_ET_NO_DIRECTORY as sys::errcode_t
-        {
+        if self.complete.contains(&dir) {
             return Ok(None);
         }
-        self.fs
-            .check(rc, &format!("look up a name in directory inode {dir}"))?;
-        self.names.insert((dir, Box::from(name)), ino);
-        Ok(Some(ino))
+        if !self.read(dir, SMALL)?.is_dir() {
+            return Ok(None);
+        }
+        for (n, ino, _) in self.fs.dir_entries_all(dir)? {
+            self.names.insert((dir, n.into_boxed_slice()), ino);
+        }
+        self.complete.insert(dir);
+        Ok(self.names.get(&(dir, Box::from(name))).copied())
     }
 
     /// Photon's `string_to_inode(path, follow = 0)`.
@@ -573,6 +566,7 @@ impl Extfs {
         let (parent, name) = self.parent(path)?.ok_or_else(|| not_found(path))?;
         self.unlink_name(parent, name)?;
         self.names.retain(|(d, _), _| *d != ino);
+        self.complete.remove(&ino);
         self.remove_inode(ino)?;
         self.remove_inode(ino)?;
         if dotdot != 0 {
