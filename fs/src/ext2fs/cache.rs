@@ -19,6 +19,10 @@
 //!   [`PageCache::discard`] drops pending sectors that a later target
 //!   mapping replaces, so the device sees writes and mappings in the order
 //!   upstream issues them.
+//! * [`WriteMode::Buffered`] (upstream's `overlaybd-apply`): as `Exact`, but
+//!   a single aligned 4 KiB write dirties its whole 128 KiB block, which is
+//!   written back whole, as photon's `BufferFile` (in front of the image
+//!   when overlaybd-apply runs) does.
 //!
 //! Coherence rules: the newest bytes for any offset are in the staging buffer
 //! if it covers the offset, else in a cached page, else on the device. Every
@@ -53,7 +57,12 @@ pub enum WriteMode {
     Pages,
     /// Exactly the sectors written, always.
     Exact,
+    /// `Exact`, with aligned 4 KiB writes promoted to their 128 KiB block.
+    Buffered,
 }
+
+/// The block of [`WriteMode::Buffered`].
+const BUFFER_BLOCK: u64 = 128 << 10;
 
 struct Page {
     data: Box<[u8]>,
@@ -111,6 +120,8 @@ pub struct PageCache {
     stage_len: usize,
     stats: CacheStats,
     mode: WriteMode,
+    /// [`WriteMode::Buffered`]: 128 KiB blocks to write back whole.
+    dirty_blocks: std::collections::BTreeSet<u64>,
 }
 
 type Result<T> = std::result::Result<T, blockdev::Error>;
@@ -134,6 +145,7 @@ impl PageCache {
             stage_len: 0,
             stats: CacheStats::default(),
             mode,
+            dirty_blocks: Default::default(),
         }
     }
 
@@ -224,6 +236,9 @@ impl PageCache {
             self.flush_stage()?;
         }
         let end = off + buf.len() as u64;
+        if self.mode == WriteMode::Buffered && buf.len() == PAGE && off.is_multiple_of(PAGE_U64) {
+            self.dirty_blocks.insert(off / BUFFER_BLOCK);
+        }
         let mut p = off / PAGE_U64;
         while p * PAGE_U64 < end {
             let pstart = p * PAGE_U64;
@@ -349,7 +364,8 @@ impl PageCache {
     /// written sectors.
     pub fn writeback(&mut self) -> Result<()> {
         self.flush_stage()?;
-        if self.mode == WriteMode::Exact {
+        if self.mode != WriteMode::Pages {
+            self.promote_blocks()?;
             let mut dirty: Vec<u64> = self
                 .pages
                 .iter()
@@ -414,6 +430,23 @@ impl PageCache {
                 }
             }
             i = j;
+        }
+        Ok(())
+    }
+
+    /// [`WriteMode::Buffered`]: every sector of the dirty 128 KiB blocks
+    /// becomes written (pages not cached are read first).
+    fn promote_blocks(&mut self) -> Result<()> {
+        let per = BUFFER_BLOCK / PAGE_U64;
+        for b in std::mem::take(&mut self.dirty_blocks) {
+            for p in b * per..(b + 1) * per {
+                if p * PAGE_U64 >= self.size {
+                    break;
+                }
+                let page = self.load_page(p)?;
+                page.dirty = true;
+                page.sectors = 0xff;
+            }
         }
         Ok(())
     }
@@ -497,6 +530,13 @@ impl PageCache {
         }
         match self.mode {
             WriteMode::Exact => self.write_sectors(&present, off, len)?,
+            WriteMode::Buffered => {
+                self.promote_blocks()?;
+                let present: Vec<u64> = (first..=last)
+                    .filter(|p| self.pages.contains_key(p))
+                    .collect();
+                self.write_sectors(&present, off, len)?
+            }
             WriteMode::Pages => {
                 // No sector bookkeeping: write the dirty pages back whole;
                 // the replacement that follows covers the range.

@@ -8,8 +8,9 @@
 //! is ever opened. Errors from the device are kept in the channel so that
 //! the Rust side can report the real cause next to libext2fs's error code.
 //!
-//! A channel in [`WriteMode::Exact`] behaves as upstream's extfs I/O manager
-//! (PhotonLibOS `fs/extfs/extfs_io.cpp`) as seen from the device: no
+//! A channel in [`WriteMode::Exact`] (or `Buffered`) behaves as upstream's
+//! extfs I/O manager (PhotonLibOS `fs/extfs/extfs_io.cpp`) as seen from the
+//! device: no
 //! `write_byte` (so libext2fs writes the whole 1 KiB superblock), `zeroout`
 //! does nothing (blocks libext2fs would zero keep what the device holds),
 //! and the cache writes back exactly the sectors libext2fs wrote.
@@ -135,7 +136,7 @@ static MANAGER_EXACT: Manager = Manager(sys::struct_io_manager {
 pub fn manager(mode: WriteMode) -> sys::io_manager {
     let m = match mode {
         WriteMode::Pages => &MANAGER,
-        WriteMode::Exact => &MANAGER_EXACT,
+        WriteMode::Exact | WriteMode::Buffered => &MANAGER_EXACT,
     };
     &m.0 as *const sys::struct_io_manager as sys::io_manager
 }

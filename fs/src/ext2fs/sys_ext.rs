@@ -6,7 +6,9 @@
 use std::ffi::{c_char, c_int, c_void};
 
 use super::sys::ext2fs_inode_bitmap;
-use super::sys::{blk64_t, dgrp_t, errcode_t, ext2_filsys, ext2_ino_t, ext2fs_block_bitmap};
+use super::sys::{
+    blk64_t, dgrp_t, errcode_t, ext2_file_t, ext2_filsys, ext2_ino_t, ext2fs_block_bitmap,
+};
 
 /// `errcode_t (*)(ext2_filsys fs, blk64_t goal, blk64_t *ret)`.
 pub type GetAllocBlock =
@@ -62,5 +64,22 @@ unsafe extern "C" {
         out: *mut ext2_ino_t,
     ) -> errcode_t;
     pub fn ext2fs_clear_block_uninit(fs: ext2_filsys, group: dgrp_t);
+    pub fn ext2fs_bg_flags_test(fs: ext2_filsys, group: dgrp_t, flag: u16) -> c_int;
+    pub fn ext2fs_bg_flags_clear(fs: ext2_filsys, group: dgrp_t, flags: u16);
+    pub fn ext2fs_group_desc_csum_set(fs: ext2_filsys, group: dgrp_t);
+    pub fn ext2fs_fast_unmark_inode_bitmap2(bitmap: ext2fs_inode_bitmap, inode: ext2_ino_t);
+    pub fn ext2fs_file_write(
+        file: ext2_file_t,
+        buf: *const c_void,
+        nbytes: std::ffi::c_uint,
+        written: *mut std::ffi::c_uint,
+    ) -> errcode_t;
+    pub fn ext2fs_file_llseek(
+        file: ext2_file_t,
+        offset: u64,
+        whence: c_int,
+        ret_pos: *mut u64,
+    ) -> errcode_t;
+    pub fn ext2fs_file_flush(file: ext2_file_t) -> errcode_t;
     pub fn ext2fs_group_of_blk2(fs: ext2_filsys, blk: blk64_t) -> dgrp_t;
 }

@@ -25,8 +25,11 @@
 //! instead of `ext2fs_new_inode`, and inode numbers are passed to the
 //! libext2fs calls that would otherwise allocate one.
 //!
-//! The uninit_bg bookkeeping of the allocators is not reproduced; the engine
-//! refuses filesystems with group descriptor checksums ([`install`]).
+//! On a filesystem with `uninit_bg` (group descriptor checksums, as
+//! `mke2fs` makes them; upstream's own mkfs does not), the allocators' lazy
+//! initialisation is reproduced: blocks through libext2fs's
+//! `ext2fs_clear_block_uninit`, inodes as stock `check_inode_uninit`.
+//! `metadata_csum` is refused ([`install`]).
 
 use std::ffi::c_int;
 
@@ -42,13 +45,10 @@ const ENOENT: sys::errcode_t = libc::ENOENT as sys::errcode_t;
 /// fork's policy. Fails for filesystems with group descriptor checksums
 /// (uninit_bg, metadata_csum), whose lazy-init bookkeeping is not emulated.
 pub fn install(fs: &mut Ext2Fs) -> Result<()> {
-    let ro = fs.sb().s_feature_ro_compat;
-    let csum =
-        (sys::EXT4_FEATURE_RO_COMPAT_GDT_CSUM | sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM) as u32;
-    if ro & csum != 0 {
+    if fs.has_ro_compat(sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM) {
         return Err(Error::Unsupported(
-            "the upstream-compatible ext4 engine needs a filesystem without group descriptor \
-             checksums (uninit_bg / metadata_csum), as overlaybd's mkfs makes"
+            "the upstream-compatible ext4 engine does not support metadata_csum \
+             (overlaybd's mkfs does not enable it)"
                 .into(),
         ));
     }
@@ -116,8 +116,12 @@ pub fn new_inode(fs: &mut Ext2Fs) -> Result<u32> {
     if start > count {
         return Err(fail());
     }
+    let csum = fs.has_ro_compat(sys::EXT4_FEATURE_RO_COMPAT_GDT_CSUM);
     let mut i = start;
     loop {
+        if csum {
+            check_inode_uninit(fs, map, (i - 1) / ipg);
+        }
         let in_group = (i - 1) % ipg;
         let mut upto = i + (ipg - in_group);
         if i < start && upto >= start {
@@ -149,6 +153,33 @@ pub fn new_inode(fs: &mut Ext2Fs) -> Result<u32> {
     // SAFETY: raw is open; plain field store.
     unsafe { (*raw).reserved[INODE_CURSOR] = i };
     Ok(i)
+}
+
+/// Stock `check_inode_uninit`: a group whose inode table is not
+/// initialised gets its inodes marked free and loses both uninit flags.
+fn check_inode_uninit(fs: &mut Ext2Fs, map: sys::ext2fs_inode_bitmap, group: u32) {
+    const INODE_UNINIT: u16 = 0x0001;
+    const BLOCK_UNINIT: u16 = 0x0002;
+    let raw = fs.raw();
+    // SAFETY: raw is open; map is its inode bitmap; the group number is
+    // checked against the group count before use.
+    unsafe {
+        if group >= (*raw).group_desc_count
+            || sys_ext::ext2fs_bg_flags_test(raw, group, INODE_UNINIT) == 0
+        {
+            return;
+        }
+        let ipg = (*(*raw).super_).s_inodes_per_group;
+        let first = group * ipg + 1;
+        for ino in first..first + ipg {
+            sys_ext::ext2fs_fast_unmark_inode_bitmap2(map, ino);
+        }
+        sys_ext::ext2fs_bg_flags_clear(raw, group, INODE_UNINIT);
+        sys_ext::ext2fs_bg_flags_clear(raw, group, BLOCK_UNINIT);
+        sys_ext::ext2fs_group_desc_csum_set(raw, group);
+        sys::ext2fs_mark_ib_dirty(raw);
+        sys::ext2fs_mark_super_dirty(raw);
+    }
 }
 
 /// `get_alloc_block` hook: the fork's `ext2fs_new_block3` without a bitmap.

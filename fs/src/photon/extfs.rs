@@ -29,6 +29,7 @@ use super::{alloc, htree};
 use crate::error::{Error, Result};
 use crate::ext2fs::cache::WriteMode;
 use crate::ext2fs::inode::{self, Inode};
+use crate::ext2fs::sys_ext;
 use crate::ext2fs::{cstring, sys, Ext2Fs};
 
 /// The small inode structure photon reads and writes.
@@ -36,6 +37,10 @@ const SMALL: usize = inode::GOOD_OLD_INODE_SIZE;
 /// `sizeof(struct ext2_inode_large)` in libext2fs 1.47.0.
 const LARGE: usize = 160;
 const ROOT: u32 = sys::EXT2_ROOT_INO as u32;
+/// `EXT2_FILE_WRITE`, `EXT2_FILE_CREATE` (photon's flags for `O_WRONLY |
+/// O_CREAT`).
+const FILE_WRITE: c_int = 1;
+const FILE_CREATE: c_int = 2;
 const DIR_NO_SPACE: sys::errcode_t = sys::EXT2_ET_DIR_NO_SPACE as sys::errcode_t;
 
 /// What a path names, as `lstat` reports it.
@@ -90,10 +95,11 @@ pub struct Extfs {
 }
 
 impl Extfs {
-    /// Open the ext4 on `dev` with a write-through channel
-    /// ([`WriteMode::Exact`]) and the fork's allocation policy.
-    pub fn open(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Result<Self> {
-        let mut fs = Ext2Fs::open_with(dev, cache_bytes, WriteMode::Exact)?;
+    /// Open the ext4 on `dev` with an upstream-compatible channel
+    /// ([`WriteMode::Exact`], or [`WriteMode::Buffered`] as photon's buffer
+    /// file) and the fork's allocation policy.
+    pub fn open(dev: Arc<dyn BlockDevice>, cache_bytes: usize, mode: WriteMode) -> Result<Self> {
+        let mut fs = Ext2Fs::open_with(dev, cache_bytes, mode)?;
         alloc::install(&mut fs)?;
         // Upstream's handle never stamps times (the fork's NO_TIMESTAMP);
         // stock libext2fs uses `now` where it would, and those fields are
@@ -385,6 +391,72 @@ impl Extfs {
             .check(rc, &format!("allocate the blocks of inode {ino}"))?;
         self.set_size(&mut i, len)?;
         self.write(ino, &mut i)
+    }
+
+    /// Write a regular file's bytes as photon's `pwrite` does, chunk by
+    /// chunk through libext2fs file I/O (`ext2fs_file_llseek`, `_write`,
+    /// `_flush`), which allocates blocks one at a time. `next` fills the
+    /// buffer it is given with the next bytes; chunks are sized as libtar's
+    /// `extract_regfile` sizes them.
+    pub fn write_file(
+        &mut self,
+        ino: u32,
+        size: u64,
+        next: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let bs = self.fs.block_size();
+        let mut f: sys::ext2_file_t = std::ptr::null_mut();
+        // SAFETY: fs is open; f is an out-pointer.
+        let rc =
+            unsafe { sys::ext2fs_file_open(self.fs.raw(), ino, FILE_WRITE | FILE_CREATE, &mut f) };
+        self.fs.check(rc, &format!("open inode {ino}"))?;
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut pos = 0u64;
+        let mut left = size;
+        let result = (|| {
+            while left > 0 {
+                let rsz = if left > CHUNK {
+                    CHUNK
+                } else if left > bs {
+                    left & !(bs - 1)
+                } else {
+                    left
+                };
+                let b = &mut buf[..rsz as usize];
+                next(b)?;
+                let mut written = 0u32;
+                // SAFETY: f is open; b holds rsz bytes.
+                let rc = unsafe {
+                    let rc = sys_ext::ext2fs_file_llseek(f, pos, 0, std::ptr::null_mut());
+                    if rc != 0 {
+                        rc
+                    } else {
+                        let rc = sys_ext::ext2fs_file_write(
+                            f,
+                            b.as_ptr() as *const std::ffi::c_void,
+                            rsz as u32,
+                            &mut written,
+                        );
+                        if rc != 0 {
+                            rc
+                        } else {
+                            sys_ext::ext2fs_file_flush(f)
+                        }
+                    }
+                };
+                if rc != 0 {
+                    return Err(Error::ext2fs(&format!("write inode {ino}"), rc, None));
+                }
+                pos += rsz;
+                left -= rsz;
+            }
+            Ok(())
+        })();
+        // SAFETY: f is open and not used afterwards.
+        let rc = unsafe { sys::ext2fs_file_close(f) };
+        result?;
+        self.fs.check(rc, &format!("close inode {ino}"))
     }
 
     /// Photon's `fiemap`: the file's extents as (physical block, blocks).

@@ -28,6 +28,7 @@ use blockdev::BlockDevice;
 use super::extfs::Extfs;
 use crate::apply::{ApplyOptions, ApplyStats};
 use crate::error::{Error, Result};
+use crate::ext2fs::cache::WriteMode;
 use crate::filedata::{FileData, FillCtx, Run, TarData};
 use crate::tar::{Entry, Kind, TarReader};
 
@@ -110,18 +111,25 @@ fn entry_err(e: &Entry, msg: impl Into<String>) -> Error {
 /// Apply the (uncompressed) layer tar `tar` to the ext4 on `dev` as
 /// upstream's `turboOCI-apply` does. Regular files get their blocks
 /// allocated (`fallocate`) and `opts.file_data` fills each extent (a
-/// [`crate::filedata::TargetData`] maps it into the tar).
+/// [`crate::filedata::TargetData`] maps it into the tar). Without a
+/// `file_data` it does what upstream's `overlaybd-apply` does: the bytes are
+/// written through libext2fs file I/O, and the image is reached through
+/// photon's 128 KiB buffer file ([`WriteMode::Buffered`]).
 pub fn apply_tar<R: Read>(
     dev: Arc<dyn BlockDevice>,
     tar: R,
     opts: ApplyOptions<'_>,
 ) -> Result<ApplyStats> {
     let start = Instant::now();
-    let file_data = opts.file_data.ok_or_else(|| {
-        Error::Invalid("the upstream-compatible engine needs a FileData for regular files".into())
-    })?;
+    let file_data = opts.file_data;
+    // overlaybd-apply (no FileData) puts photon's buffer file in front of
+    // the image; turboOCI-apply does not.
+    let mode = match file_data {
+        Some(_) => WriteMode::Exact,
+        None => WriteMode::Buffered,
+    };
     let mut u = Untar {
-        x: Extfs::open(dev, opts.cache_bytes)?,
+        x: Extfs::open(dev, opts.cache_bytes, mode)?,
         file_data,
         unpacked: HashSet::new(),
         dirs: Vec::new(),
@@ -171,7 +179,9 @@ pub fn apply_tar<R: Read>(
 
 struct Untar<'a> {
     x: Extfs,
-    file_data: Box<dyn FileData + 'a>,
+    /// `Some`: allocate each file and let the FileData fill its extents
+    /// (turboOCI-apply); `None`: write the bytes (overlaybd-apply).
+    file_data: Option<Box<dyn FileData + 'a>>,
     /// Paths this layer unpacked (as cleaned, the strings libtar keeps).
     unpacked: HashSet<Vec<u8>>,
     /// Directory entries and their mtimes, in tar order.
@@ -302,8 +312,9 @@ impl Untar<'_> {
         Ok(())
     }
 
-    /// libtar's `extract_regfile_meta_only`: create the file, allocate its
-    /// blocks and let the [`FileData`] fill (map) each extent.
+    /// libtar's `extract_regfile_meta_only` (with a [`FileData`]): create the
+    /// file, allocate its blocks and let the [`FileData`] fill (map) each
+    /// extent; or `extract_regfile` (without): create it and write its bytes.
     fn extract_regfile<R: Read>(
         &mut self,
         e: &Entry,
@@ -313,14 +324,18 @@ impl Untar<'_> {
         if e.sparse.is_some() {
             return Err(entry_err(
                 e,
-                "sparse tar members cannot be referenced by a TurboOCI layer (their data is not stored contiguously)",
+                "sparse tar members are not supported by the upstream-compatible engine (upstream's libtar cannot expand them)",
             ));
         }
         let ino = self.x.create(path, 0o666)?;
+        self.stats.data_bytes += e.size;
+        let Some(file_data) = self.file_data.as_mut() else {
+            return self.x.write_file(ino, e.size, &mut |b| tar.read_data(b));
+        };
         let data_offset = TarData::stream_position(tar);
         self.x.fallocate(ino, e.size)?;
         let extents = self.x.fiemap(ino)?;
-        self.file_data.begin(e, data_offset)?;
+        file_data.begin(e, data_offset)?;
         let bs = self.x.fs.block_size();
         let mut lblk = 0u64;
         for (pblk, len) in extents {
@@ -330,10 +345,9 @@ impl Untar<'_> {
                 entry: e,
                 tar: &mut *tar,
             };
-            self.file_data.fill(ctx, Run { lblk, pblk, len })?;
+            file_data.fill(ctx, Run { lblk, pblk, len })?;
             lblk += len;
         }
-        self.stats.data_bytes += e.size;
         Ok(())
     }
 
