@@ -221,6 +221,16 @@ impl Ext2Fs {
         }
     }
 
+    /// [`Ext2Fs::check`] with the description built only on failure.
+    pub fn check_with(&mut self, rc: sys::errcode_t, what: impl FnOnce() -> String) -> Result<()> {
+        if rc == 0 {
+            Ok(())
+        } else {
+            let what = what();
+            Err(self.error(rc, &what))
+        }
+    }
+
     /// An error for `rc`, with the device's error when it caused it.
     pub fn error(&mut self, rc: sys::errcode_t, what: &str) -> Error {
         let dev = self.channel().last_error.take();
@@ -233,7 +243,7 @@ impl Ext2Fs {
         let len = i.len() as c_int;
         // SAFETY: the buffer is aligned and holds `len` bytes.
         let rc = unsafe { sys::ext2fs_read_inode_full(self.fs, ino, i.as_ext2_ptr(), len) };
-        self.check(rc, &format!("read inode {ino}"))?;
+        self.check_with(rc, || format!("read inode {ino}"))?;
         Ok(i)
     }
 
@@ -242,7 +252,7 @@ impl Ext2Fs {
         let len = i.len() as c_int;
         // SAFETY: the buffer is aligned and holds `len` bytes.
         let rc = unsafe { sys::ext2fs_write_inode_full(self.fs, ino, i.as_ext2_ptr(), len) };
-        self.check(rc, &format!("write inode {ino}"))
+        self.check_with(rc, || format!("write inode {ino}"))
     }
 
     /// Read `buf.len()` bytes at byte offset `off` through the cache.

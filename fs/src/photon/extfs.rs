@@ -19,7 +19,7 @@
 //! Paths are lists of name components from the root. Lookups never follow
 //! symbolic links: a component below a non-directory is not found.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::c_int;
 use std::sync::Arc;
 
@@ -88,10 +88,9 @@ fn not_found(p: &[&[u8]]) -> Error {
 /// An ext4 filesystem opened as upstream's extfs opens it.
 pub struct Extfs {
     pub fs: Ext2Fs,
-    /// (directory, name) -> inode, for names known to exist.
-    names: HashMap<(u32, Box<[u8]>), u32>,
-    /// Directories all of whose names are in `names`.
-    complete: HashSet<u32>,
+    /// The names of the directories read so far (all of them), kept up to
+    /// date by the operations here: directory -> name -> inode.
+    dirs: HashMap<u32, HashMap<Box<[u8]>, u32>>,
 }
 
 impl Extfs {
@@ -107,8 +106,7 @@ impl Extfs {
         fs.set_now(1);
         let mut x = Extfs {
             fs,
-            names: HashMap::new(),
-            complete: HashSet::new(),
+            dirs: HashMap::new(),
         };
         x.unindex_lost_found()?;
         Ok(x)
@@ -143,7 +141,7 @@ impl Extfs {
         let rc = unsafe {
             sys::ext2fs_read_inode_full(self.fs.raw(), ino, i.as_ext2_ptr(), size as c_int)
         };
-        self.fs.check(rc, &format!("read inode {ino}"))?;
+        self.fs.check_with(rc, || format!("read inode {ino}"))?;
         Ok(i)
     }
 
@@ -151,7 +149,7 @@ impl Extfs {
         let len = i.len() as c_int;
         // SAFETY: the buffer holds `len` aligned bytes.
         let rc = unsafe { sys::ext2fs_write_inode_full(self.fs.raw(), ino, i.as_ext2_ptr(), len) };
-        self.fs.check(rc, &format!("write inode {ino}"))
+        self.fs.check_with(rc, || format!("write inode {ino}"))
     }
 
     /// The fork's `ext2fs_write_new_inode`: the 128-byte structure with
@@ -184,20 +182,28 @@ impl Extfs {
     /// a directory. A directory's names are read once and then kept up to
     /// date by the operations here (all changes go through them).
     fn lookup_in(&mut self, dir: u32, name: &[u8]) -> Result<Option<u32>> {
-        if let Some(&ino) = self.names.get(&(dir, Box::from(name))) {
-            return Ok(Some(ino));
-        }
-        if self.complete.contains(&dir) {
-            return Ok(None);
+        if let Some(m) = self.dirs.get(&dir) {
+            return Ok(m.get(name).copied());
         }
         if !self.read(dir, SMALL)?.is_dir() {
             return Ok(None);
         }
-        for (n, ino, _) in self.fs.dir_entries_all(dir)? {
-            self.names.insert((dir, n.into_boxed_slice()), ino);
+        let m: HashMap<Box<[u8]>, u32> = self
+            .fs
+            .dir_entries_all(dir)?
+            .into_iter()
+            .map(|(n, ino, _)| (n.into_boxed_slice(), ino))
+            .collect();
+        let found = m.get(name).copied();
+        self.dirs.insert(dir, m);
+        Ok(found)
+    }
+
+    /// Record `name -> ino` in `dir` (when its names are loaded).
+    fn remember(&mut self, dir: u32, name: &[u8], ino: u32) {
+        if let Some(m) = self.dirs.get_mut(&dir) {
+            m.insert(Box::from(name), ino);
         }
-        self.complete.insert(dir);
-        Ok(self.names.get(&(dir, Box::from(name))).copied())
     }
 
     /// Photon's `string_to_inode(path, follow = 0)`.
@@ -255,14 +261,16 @@ impl Extfs {
             rc = htree::link(&mut self.fs, dir, name, ino, ftype)?;
         }
         self.fs
-            .check(rc, &format!("add a name to directory inode {dir}"))?;
-        self.names.insert((dir, Box::from(name)), ino);
+            .check_with(rc, || format!("add a name to directory inode {dir}"))?;
+        self.remember(dir, name, ino);
         Ok(())
     }
 
     /// Photon's `unlink_file_by_name`: `ext2fs_unlink` of the last name.
     fn unlink_name(&mut self, dir: u32, name: &[u8]) -> Result<()> {
-        self.names.remove(&(dir, Box::from(name)));
+        if let Some(m) = self.dirs.get_mut(&dir) {
+            m.remove(name);
+        }
         self.fs.unlink(dir, name, 0)
     }
 
@@ -301,8 +309,8 @@ impl Extfs {
             rc = self.mkdir_at(parent, ino, name)?;
         }
         self.fs
-            .check(rc, &format!("create directory {}", path_text(path)))?;
-        self.names.insert((parent, Box::from(name)), ino);
+            .check_with(rc, || format!("create directory {}", path_text(path)))?;
+        self.remember(parent, name, ino);
         let mut i = self.read(ino, LARGE)?;
         i.set_mode(((mode & !(inode::S_IFMT as u32)) as u16) | inode::S_IFDIR);
         i.clear_times();
@@ -388,7 +396,7 @@ impl Extfs {
             )
         };
         self.fs
-            .check(rc, &format!("allocate the blocks of inode {ino}"))?;
+            .check_with(rc, || format!("allocate the blocks of inode {ino}"))?;
         self.set_size(&mut i, len)?;
         self.write(ino, &mut i)
     }
@@ -410,7 +418,7 @@ impl Extfs {
         // SAFETY: fs is open; f is an out-pointer.
         let rc =
             unsafe { sys::ext2fs_file_open(self.fs.raw(), ino, FILE_WRITE | FILE_CREATE, &mut f) };
-        self.fs.check(rc, &format!("open inode {ino}"))?;
+        self.fs.check_with(rc, || format!("open inode {ino}"))?;
         let mut buf = vec![0u8; CHUNK as usize];
         let mut pos = 0u64;
         let mut left = size;
@@ -456,7 +464,7 @@ impl Extfs {
         // SAFETY: f is open and not used afterwards.
         let rc = unsafe { sys::ext2fs_file_close(f) };
         result?;
-        self.fs.check(rc, &format!("close inode {ino}"))
+        self.fs.check_with(rc, || format!("close inode {ino}"))
     }
 
     /// Photon's `fiemap`: the file's extents as (physical block, blocks).
@@ -471,7 +479,7 @@ impl Extfs {
         let rc =
             unsafe { sys::ext2fs_extent_open2(self.fs.raw(), ino, std::ptr::null_mut(), &mut h) };
         self.fs
-            .check(rc, &format!("open the extent tree of inode {ino}"))?;
+            .check_with(rc, || format!("open the extent tree of inode {ino}"))?;
         let mut out = Vec::new();
         let mut op = sys::EXT2_EXTENT_ROOT as c_int;
         let result = loop {
@@ -530,8 +538,8 @@ impl Extfs {
             rc = self.symlink_at(parent, ino, name, target)?;
         }
         self.fs
-            .check(rc, &format!("create symbolic link {}", path_text(path)))?;
-        self.names.insert((parent, Box::from(name)), ino);
+            .check_with(rc, || format!("create symbolic link {}", path_text(path)))?;
+        self.remember(parent, name, ino);
         self.clear_times(ino)
     }
 
@@ -637,8 +645,7 @@ impl Extfs {
         }
         let (parent, name) = self.parent(path)?.ok_or_else(|| not_found(path))?;
         self.unlink_name(parent, name)?;
-        self.names.retain(|(d, _), _| *d != ino);
-        self.complete.remove(&ino);
+        self.dirs.remove(&ino);
         self.remove_inode(ino)?;
         self.remove_inode(ino)?;
         if dotdot != 0 {

@@ -81,7 +81,7 @@ fn read_small(fs: &mut Ext2Fs, ino: u32) -> Result<Inode> {
     let mut i = Inode::zeroed(128);
     // SAFETY: the buffer holds 128 aligned bytes.
     let rc = unsafe { sys::ext2fs_read_inode_full(fs.raw(), ino, i.as_ext2_ptr(), 128) };
-    fs.check(rc, &format!("read inode {ino}"))?;
+    fs.check_with(rc, || format!("read inode {ino}"))?;
     Ok(i)
 }
 
@@ -89,7 +89,7 @@ fn read_small(fs: &mut Ext2Fs, ino: u32) -> Result<Inode> {
 fn write_small(fs: &mut Ext2Fs, ino: u32, i: &mut Inode) -> Result<()> {
     // SAFETY: the buffer holds 128 aligned bytes.
     let rc = unsafe { sys::ext2fs_write_inode_full(fs.raw(), ino, i.as_ext2_ptr(), 128) };
-    fs.check(rc, &format!("write inode {ino}"))
+    fs.check_with(rc, || format!("write inode {ino}"))
 }
 
 /// Load logical block `lblk` of directory `dir`: (physical block, bytes).
