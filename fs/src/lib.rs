@@ -15,6 +15,7 @@
 
 pub mod apply;
 pub mod dirent;
+pub mod erofs;
 pub mod error;
 pub mod ext2fs;
 pub mod filedata;

@@ -13,9 +13,12 @@
 //! 3. [`blockdev::commit::commit_warp`]: the sealed `<fs>.fs.meta`
 //!    (`overlaybd-commit --turboOCI [-z]`).
 //!
-//! The ext4 is written by the upstream-compatible engine
-//! ([`crate::photon`]), so the committed `ext4.fs.meta` has upstream's
-//! bytes.
+//! The layer's filesystem is ext4 (`ext4.fs.meta`) or, with
+//! [`FsType::Erofs`] (`--fstype erofs`), EROFS (`erofs.fs.meta`, built by
+//! [`crate::erofs::build_layer`]: no mkfs, the bottom layer creates the
+//! filesystem and every later one extends its lowers'). The ext4 is written
+//! by the upstream-compatible engine ([`crate::photon`]), so the committed
+//! `ext4.fs.meta` has upstream's bytes.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -128,6 +131,35 @@ pub fn create_layer(data: &Path, index: &Path, virtual_size: u64, with_mkfs: boo
     r
 }
 
+/// The filesystem of a TurboOCI layer's metadata (`--fstype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsType {
+    /// ext4 (`ext4.fs.meta`), the default.
+    #[default]
+    Ext4,
+    /// EROFS (`erofs.fs.meta`).
+    Erofs,
+}
+
+impl FsType {
+    /// Parse `--fstype` as upstream does ("" means ext4).
+    pub fn parse(s: &str) -> Option<FsType> {
+        match s {
+            "" | "ext4" => Some(FsType::Ext4),
+            "erofs" => Some(FsType::Erofs),
+            _ => None,
+        }
+    }
+
+    /// The name of the committed layer file (`<fs>.fs.meta`).
+    pub fn meta_file_name(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4.fs.meta",
+            FsType::Erofs => "erofs.fs.meta",
+        }
+    }
+}
+
 /// Inputs of [`apply_layer`].
 #[derive(Debug, Clone)]
 pub struct TurboApply {
@@ -143,8 +175,11 @@ pub struct TurboApply {
     pub upper_data: PathBuf,
     pub upper_index: PathBuf,
     /// Make a new ext4 first (`--mkfs`; upstream's convertor instead passes
-    /// it to overlaybd-create).
+    /// it to overlaybd-create). Ignored for EROFS, as upstream does.
     pub mkfs: bool,
+    /// The filesystem. EROFS creates it on the bottom layer (no lowers)
+    /// and extends the lowers' image otherwise.
+    pub fstype: FsType,
 }
 
 /// What [`apply_layer`] did.
@@ -154,8 +189,10 @@ pub struct TurboApplyReport {
     pub kind: BlobKind,
     /// The gzip index that was built, for gzip blobs.
     pub gzip_index: Option<gzindex::BuildInfo>,
-    /// The apply counters.
+    /// The apply counters (for EROFS: entries, files and mapped bytes).
     pub stats: ApplyStats,
+    /// What the EROFS writer did, for [`FsType::Erofs`].
+    pub erofs: Option<crate::erofs::BuildStats>,
 }
 
 /// Apply a layer blob in reference mode onto a writable warp layer (what
@@ -194,6 +231,43 @@ pub fn apply_layer(
     .map_err(Error::Device)?;
     let stack: Arc<dyn BlockDevice> =
         Arc::new(Stack::with_lowers(lowers, Some(upper)).map_err(Error::Device)?);
+    if job.fstype == FsType::Erofs {
+        let start = std::time::Instant::now();
+        let opts = crate::erofs::BuildOptions {
+            incremental: !job.lowers.is_empty(),
+        };
+        let mut progress = progress;
+        let mut report = |entries: u64, tar_bytes: u64| {
+            if let Some(p) = progress.as_mut() {
+                p(&ApplyStats {
+                    entries,
+                    tar_bytes,
+                    elapsed: start.elapsed(),
+                    ..Default::default()
+                });
+            }
+        };
+        let e = crate::erofs::build_layer_with_progress(
+            stack.clone(),
+            ReadAtStream::new(target),
+            &opts,
+            Some(&mut report),
+        )?;
+        stack.flush().map_err(Error::Device)?;
+        let stats = ApplyStats {
+            entries: e.entries,
+            files: e.mapped_files,
+            data_bytes: e.mapped_bytes,
+            elapsed: start.elapsed(),
+            ..Default::default()
+        };
+        return Ok(TurboApplyReport {
+            kind,
+            gzip_index: built,
+            stats,
+            erofs: Some(e),
+        });
+    }
     if job.mkfs {
         photon::mkfs(stack.clone(), &MkfsOptions::default())?;
     }
@@ -203,6 +277,7 @@ pub fn apply_layer(
         kind,
         gzip_index: built,
         stats,
+        erofs: None,
     })
 }
 

@@ -13,7 +13,7 @@ use blockdev::warp::TargetSource;
 use blockdev::zfile::ZfileOptions;
 use blockdev::{BlockDevice, Stack};
 use common::*;
-use obdfs::turbo::{apply_layer, create_layer, BlobKind, TurboApply};
+use obdfs::turbo::{apply_layer, create_layer, BlobKind, FsType, TurboApply};
 
 fn fx(p: &str) -> PathBuf {
     testutil::turbo_fixtures().join(p)
@@ -52,6 +52,7 @@ fn make_layer(dir: &Path, blob_src: &Path, lowers: &[LowerSource], bottom: bool)
         upper_data: data.clone(),
         upper_index: index.clone(),
         mkfs: false,
+        fstype: FsType::Ext4,
     };
     let rep = apply_layer(&job, None).unwrap();
     let meta = dir.join("ext4.fs.meta");
@@ -179,6 +180,7 @@ fn our_layer_on_upstream_lowers_and_errors() {
             upper_data: w.join("data"),
             upper_index: w.join("index"),
             mkfs: false,
+            fstype: FsType::Ext4,
         };
         let e = apply_layer(&job, None).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
@@ -281,6 +283,7 @@ fn layer_set_with_upstream_quirks() {
         upper_data: w.join("data"),
         upper_index: w.join("index"),
         mkfs: false,
+        fstype: FsType::Ext4,
     };
     let e = apply_layer(&job, None).unwrap_err().to_string();
     assert!(

@@ -264,3 +264,63 @@ pub fn err_text(o: &Output) -> String {
     assert!(!e.contains("panicked"), "panic: {e}");
     e
 }
+
+/// `tests/fs/treecmp.py` of the workspace.
+pub fn treecmp_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fs/treecmp.py")
+}
+
+/// Run `treecmp.py ARGS` (`reference TAR...`, `dir DIR`, `compare A B
+/// [--ignore-xattr X ...]`); returns its stdout, panics with its output
+/// when it fails (for `compare`: when the trees differ).
+pub fn treecmp(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(treecmp_script())
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "treecmp {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("treecmp prints UTF-8 JSON")
+}
+
+/// A read-only loop mount (`mount -t FSTYPE -o loop,ro`), unmounted when
+/// dropped, also when the test panics; `-o loop` sets autoclear, so the
+/// loop device goes with the mount.
+pub struct LoopMount {
+    pub dir: PathBuf,
+}
+
+impl LoopMount {
+    pub fn new(fstype: &str, img: &Path, dir: &Path) -> LoopMount {
+        fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", fstype, "-o", "loop,ro"])
+            .arg(img)
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount -t {fstype} {} failed: {}",
+            img.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopMount {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let st = Command::new("umount").arg(&self.dir).status();
+        if !matches!(st, Ok(s) if s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}

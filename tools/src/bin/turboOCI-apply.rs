@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use blockdev::ImageConfig;
 use clap::Parser;
-use obdfs::turbo::{apply_layer, BlobKind, TurboApply};
+use obdfs::turbo::{apply_layer, BlobKind, FsType, TurboApply};
 use obdtools::cli;
 
 /// Apply an OCI layer blob (gzip or uncompressed tar) to the writable
@@ -23,13 +23,17 @@ use obdtools::cli;
 /// --turboOCI` with `"target"` = the blob; TurboOCI lowers are given as
 /// `{"gzipIndex", "file", "targetFile", "targetDigest"}`. Commit the result
 /// with `overlaybd-commit -z --turboOCI`.
+///
+/// With --fstype erofs the layer's filesystem is EROFS instead (the layer
+/// file upstream names erofs.fs.meta): the bottom layer (no lowers) creates
+/// it, every later layer extends the lowers' image; --mkfs is not used.
 #[derive(Parser, Debug)]
 #[command(name = "turboOCI-apply", version)]
 struct Args {
     /// Make a new ext4 filesystem before applying.
     #[arg(long)]
     mkfs: bool,
-    /// Filesystem type: ext4 (erofs is not supported yet).
+    /// Filesystem type: ext4 or erofs.
     #[arg(long, default_value = "ext4")]
     fstype: String,
     /// Print debug logs.
@@ -67,7 +71,7 @@ fn main() -> ExitCode {
     let result = run(&args, &cfg);
     let msg = match &result {
         Ok(()) => "success".to_string(),
-        Err(e) => format!("failed:{e:#}"),
+        Err(e) => format!("failed:{}", cli::error_line(e)),
     };
     if let Err(e) = cfg.write_result(&msg) {
         eprintln!("turboOCI-apply: error: cannot write the result file: {e}");
@@ -77,10 +81,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args, cfg: &ImageConfig) -> anyhow::Result<()> {
-    match args.fstype.as_str() {
-        "ext4" | "" => {}
-        "erofs" => bail!("--fstype erofs is not supported yet (only ext4)"),
-        other => bail!("unknown --fstype '{other}' (ext4 or erofs)"),
+    let Some(fstype) = FsType::parse(&args.fstype) else {
+        bail!("unknown --fstype '{}' (ext4 or erofs)", args.fstype);
+    };
+    if fstype == FsType::Erofs && args.mkfs {
+        tracing::warn!("--mkfs does not apply to --fstype erofs; ignored (as upstream)");
     }
     if let Some(p) = &args.service_config_path {
         tracing::debug!("ignoring service config {}", p.display());
@@ -104,6 +109,7 @@ fn run(args: &Args, cfg: &ImageConfig) -> anyhow::Result<()> {
         upper_data: upper.data.clone(),
         upper_index: upper.index.clone(),
         mkfs: args.mkfs,
+        fstype,
     };
     let start = Instant::now();
     let mut last = Instant::now();
@@ -135,6 +141,14 @@ fn run(args: &Args, cfg: &ImageConfig) -> anyhow::Result<()> {
         cli::human(s.data_bytes),
         start.elapsed().as_secs_f64()
     );
+    if let Some(e) = &report.erofs {
+        eprintln!(
+            "turboOCI-apply: EROFS: {} new inodes, {} of metadata, {} blocks",
+            e.inodes,
+            cli::human(e.meta_bytes),
+            e.blocks
+        );
+    }
     println!("turboOCI-apply done");
     Ok(())
 }
