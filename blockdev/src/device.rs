@@ -33,6 +33,60 @@ pub trait BlockDevice: Send + Sync {
     fn is_read_only(&self) -> bool {
         false
     }
+
+    /// Describe `[offset, offset+len)` from the device's own metadata,
+    /// without reading data: consecutive [`Extent`]s, in order, covering
+    /// exactly the range. An extent marked `zero` is known to read as zeros
+    /// (nothing stored there: a hole, an unmapped or a zeroed range); any
+    /// other may hold anything. Implementations must be cheap (index
+    /// lookups, `SEEK_DATA`), as readers call this before reading. The
+    /// default knows nothing and reports the whole range as data.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.size())?;
+        Ok(Extent::data(offset, len).into_iter().collect())
+    }
+}
+
+/// A run of device bytes as [`BlockDevice::extents`] describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Device offset of the first byte.
+    pub offset: u64,
+    /// Length in bytes (never 0).
+    pub len: u64,
+    /// Known to read as zeros without reading.
+    pub zero: bool,
+}
+
+impl Extent {
+    /// One data extent, or none for an empty range.
+    pub fn data(offset: u64, len: u64) -> Option<Extent> {
+        (len > 0).then_some(Extent {
+            offset,
+            len,
+            zero: false,
+        })
+    }
+
+    /// End offset (exclusive).
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// Append `[offset, offset+len)` to `out`, merging with the last extent when
+/// it continues it with the same kind. Empty runs are dropped.
+pub fn push_extent(out: &mut Vec<Extent>, offset: u64, len: u64, zero: bool) {
+    if len == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.zero == zero && last.end() == offset {
+            last.len += len;
+            return;
+        }
+    }
+    out.push(Extent { offset, len, zero });
 }
 
 /// Check that `[offset, offset+len)` lies within a device of `size` bytes.
@@ -118,6 +172,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
     }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        (**self).extents(offset, len)
+    }
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
@@ -141,5 +198,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
     }
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        (**self).extents(offset, len)
     }
 }

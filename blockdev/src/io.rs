@@ -345,10 +345,16 @@ impl IoFile {
     /// The data/hole layout of the file: `(start, end)` byte ranges holding data,
     /// from `from` on, found with `lseek(SEEK_DATA/SEEK_HOLE)`.
     pub fn data_ranges(&self, from: u64) -> Result<Vec<(u64, u64)>> {
+        self.data_ranges_in(from, u64::MAX)
+    }
+
+    /// Like [`IoFile::data_ranges`], limited to `[from, to)`: the ranges are
+    /// clipped to it and the scan stops at `to`.
+    pub fn data_ranges_in(&self, from: u64, to: u64) -> Result<Vec<(u64, u64)>> {
         let fd = self.file.as_raw_fd();
         let mut out = Vec::new();
-        let mut pos = from as libc::off_t;
-        loop {
+        let mut pos = from.min(i64::MAX as u64) as libc::off_t;
+        while (pos as u64) < to {
             // SAFETY: lseek on a valid fd; no memory is passed.
             let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
             if start < 0 {
@@ -363,7 +369,10 @@ impl IoFile {
             if end < 0 {
                 return Err(self.err(io::Error::last_os_error()));
             }
-            out.push((start as u64, end as u64));
+            if start as u64 >= to {
+                break;
+            }
+            out.push((start as u64, (end as u64).min(to)));
             pos = end;
         }
         Ok(out)

@@ -28,7 +28,7 @@ pub mod uuid;
 pub mod zfile;
 
 pub use config::ImageConfig;
-pub use device::{BlockDevice, MemDevice};
+pub use device::{BlockDevice, Extent, MemDevice};
 pub use error::{Error, Result};
 pub use raw::RawFileDevice;
 pub use stack::Stack;

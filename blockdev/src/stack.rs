@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::ImageConfig;
-use crate::device::{check_range, BlockDevice};
+use crate::device::{check_range, push_extent, BlockDevice, Extent};
 use crate::error::{Error, Result};
 use crate::layer::open_layer;
 use crate::lsmt::format::{Mapping, SECTOR};
@@ -410,6 +410,22 @@ impl BlockDevice for Stack {
 
     fn is_read_only(&self) -> bool {
         self.upper.as_ref().is_none_or(|u| u.is_read_only())
+    }
+
+    /// From the LSMT indexes: ranges no layer maps, or that a zeroed entry
+    /// covers, read as zeros.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.size)?;
+        let end = offset + len;
+        let mut out = Vec::new();
+        for (o, l, data) in self.allocation(offset, len) {
+            // Sector-granular answers may start before `offset` or end after `end`.
+            let (s, e) = (o.max(offset), (o + l).min(end));
+            if s < e {
+                push_extent(&mut out, s, e - s, !data);
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -73,6 +73,33 @@ fn check(stack: &Stack, model: &[u8], unknown: &[bool]) {
     let mut piece = vec![0u8; 10_001];
     stack.read_at(&mut piece, 3_333).unwrap();
     assert_eq!(&piece[..], &got[3_333..13_334]);
+    // the allocation map agrees with the data
+    check_extents(stack, &got, 0, VSIZE);
+    check_extents(stack, &got, 3_333, 100_001);
+    check_extents(stack, &got, VSIZE - 777, 777);
+}
+
+/// `extents` covers exactly the range, in order, alternating kinds, and
+/// every extent it calls zero reads as zeros.
+fn check_extents(dev: &dyn BlockDevice, got: &[u8], off: u64, len: u64) {
+    let ext = dev.extents(off, len).unwrap();
+    let mut pos = off;
+    for (k, e) in ext.iter().enumerate() {
+        assert_eq!(e.offset, pos, "extents {ext:?}");
+        assert!(e.len > 0, "empty extent in {ext:?}");
+        if k > 0 {
+            assert_ne!(ext[k - 1].zero, e.zero, "unmerged extents {ext:?}");
+        }
+        if e.zero {
+            let b = &got[e.offset as usize..e.end() as usize];
+            assert!(
+                b.iter().all(|&x| x == 0),
+                "extent {e:?} is called zero but holds data"
+            );
+        }
+        pos = e.end();
+    }
+    assert_eq!(pos, off + len, "extents {ext:?} do not cover {off}+{len}");
 }
 
 fn new_upper(dir: &Path, n: usize, sparse: bool, vsize: u64) -> (PathBuf, PathBuf) {

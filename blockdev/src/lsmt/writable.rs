@@ -451,6 +451,14 @@ impl WritableLayer {
         Ok(())
     }
 
+    /// Append pending index entries to the index file, without fsync.
+    pub fn save_index(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush_index(&mut self.state.lock())
+    }
+
     /// Append pending index entries and fsync both files.
     pub fn flush(&self) -> Result<()> {
         if self.read_only {
