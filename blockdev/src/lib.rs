@@ -5,6 +5,7 @@
 //! * [`raw`]: a plain image file as a device.
 //! * [`lsmt`]: LSMT layers (sealed and writable) and their indexes.
 //! * [`zfile`]: ZFile random-access compression.
+//! * [`compress`]: ZFile block compression on a thread pool, in order.
 //! * [`tarwrap`]: the tar wrapper around pushed layer blobs.
 //! * [`layer`]: opening a lower layer whatever its wrapping.
 //! * [`stack`]: lowers + optional upper read as one disk.
@@ -13,6 +14,7 @@
 //! * [`nbd`]: a userspace NBD server over any device.
 
 pub mod commit;
+pub mod compress;
 pub mod config;
 pub mod device;
 pub mod error;

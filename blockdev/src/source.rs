@@ -91,6 +91,20 @@ pub trait BlobSink {
 
     /// Bytes appended so far.
     fn position(&self) -> u64;
+
+    /// Append `len` bytes that `fill` writes in place: `fill(piece, offset)`
+    /// is called on consecutive pieces covering them, `offset` counting from
+    /// their start. Sinks with a buffer of their own hand out pieces of it,
+    /// saving a copy; the default fills a temporary buffer.
+    fn put_filled(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8], usize) -> Result<()>,
+    ) -> Result<()> {
+        let mut tmp = vec![0u8; len];
+        fill(&mut tmp, 0)?;
+        self.put(&tmp)
+    }
 }
 
 /// A [`BlobSink`] writing into a file from byte `base` on, buffering appends.
@@ -99,10 +113,14 @@ pub struct FileSink {
     file: IoFile,
     base: u64,
     pos: u64,
+    /// Always `SINK_BUFFER` long; `buf[..used]` is waiting to be written.
     buf: Vec<u8>,
+    used: usize,
 }
 
 const SINK_BUFFER: usize = 4 << 20;
+/// Appends at least this large skip the buffer (one copy less).
+const SINK_DIRECT: usize = 256 << 10;
 
 impl FileSink {
     pub fn new(file: IoFile, base: u64) -> Self {
@@ -110,16 +128,17 @@ impl FileSink {
             file,
             base,
             pos: 0,
-            buf: Vec::with_capacity(SINK_BUFFER),
+            buf: vec![0u8; SINK_BUFFER],
+            used: 0,
         }
     }
 
     /// Write out buffered bytes.
     pub fn flush_buffer(&mut self) -> Result<()> {
-        if !self.buf.is_empty() {
-            let at = self.base + self.pos - self.buf.len() as u64;
-            self.file.write_all_at(&self.buf, at)?;
-            self.buf.clear();
+        if self.used > 0 {
+            let at = self.base + self.pos - self.used as u64;
+            self.file.write_all_at(&self.buf[..self.used], at)?;
+            self.used = 0;
         }
         Ok(())
     }
@@ -137,13 +156,14 @@ impl FileSink {
 
 impl BlobSink for FileSink {
     fn put(&mut self, data: &[u8]) -> Result<()> {
-        if self.buf.len() + data.len() > SINK_BUFFER {
+        if self.used + data.len() > SINK_BUFFER || data.len() >= SINK_DIRECT {
             self.flush_buffer()?;
         }
-        if data.len() >= SINK_BUFFER {
+        if data.len() >= SINK_DIRECT {
             self.file.write_all_at(data, self.base + self.pos)?;
         } else {
-            self.buf.extend_from_slice(data);
+            self.buf[self.used..self.used + data.len()].copy_from_slice(data);
+            self.used += data.len();
         }
         self.pos += data.len() as u64;
         Ok(())
@@ -156,6 +176,25 @@ impl BlobSink for FileSink {
 
     fn position(&self) -> u64 {
         self.pos
+    }
+
+    fn put_filled(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8], usize) -> Result<()>,
+    ) -> Result<()> {
+        let mut done = 0;
+        while done < len {
+            if self.used == SINK_BUFFER {
+                self.flush_buffer()?;
+            }
+            let n = (SINK_BUFFER - self.used).min(len - done);
+            fill(&mut self.buf[self.used..self.used + n], done)?;
+            self.used += n;
+            self.pos += n as u64;
+            done += n;
+        }
+        Ok(())
     }
 }
 

@@ -25,6 +25,7 @@
 
 use std::path::Path;
 
+use crate::compress::{BlockEngine, JOB_BYTES};
 use crate::error::{Error, Result};
 use crate::source::{BlobSink, ReadAt};
 
@@ -63,7 +64,7 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             Algorithm::Lz4 => 1,
             Algorithm::Zstd => 2,
@@ -112,7 +113,8 @@ pub struct ZfileOptions {
     /// Rewrite the header with the trailer's information at the end
     /// (`overlaybd-commit -z` does; `overlaybd-zfile` does not).
     pub overwrite_header: bool,
-    /// Compression threads; output bytes never depend on it.
+    /// Compression threads (1 compresses on the writer's thread); the
+    /// output bytes never depend on it. Default: every core.
     pub threads: usize,
 }
 
@@ -123,9 +125,7 @@ impl Default for ZfileOptions {
             block_size: 4096,
             verify: true,
             overwrite_header: true,
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            threads: crate::compress::default_threads(),
         }
     }
 }
@@ -502,17 +502,21 @@ pub fn verify_blocks(r: &ZFileReader) -> Result<()> {
 }
 
 /// Streaming ZFile writer over a [`BlobSink`].
+///
+/// Blocks are compressed on `opts.threads` threads by a
+/// [`BlockEngine`] and written in order, so the output bytes are the same
+/// for every thread count.
 pub struct ZFileWriter<S: BlobSink> {
     sink: S,
     opts: ZfileOptions,
+    engine: BlockEngine,
+    /// The job being filled: `pending[..filled]` (always `JOB_BYTES` long).
     pending: Vec<u8>,
+    filled: usize,
     block_lens: Vec<u32>,
     raw_size: u64,
     header: ZHeader,
 }
-
-/// Raw bytes compressed per batch (spread over the threads).
-const BATCH_BYTES: usize = 4 << 20;
 
 impl<S: BlobSink> ZFileWriter<S> {
     /// Start a ZFile: writes the provisional header.
@@ -525,10 +529,14 @@ impl<S: BlobSink> ZFileWriter<S> {
             verify: opts.verify,
             ..Default::default()
         };
+        let mut engine =
+            BlockEngine::new(opts.algorithm, opts.verify, opts.block_size, opts.threads)?;
         sink.put(&header.encode())?;
         Ok(ZFileWriter {
             sink,
-            pending: Vec::with_capacity(BATCH_BYTES),
+            pending: engine.buffer(),
+            filled: 0,
+            engine,
             opts,
             block_lens: Vec::new(),
             raw_size: 0,
@@ -537,73 +545,57 @@ impl<S: BlobSink> ZFileWriter<S> {
     }
 
     /// Append original bytes.
-    pub fn write(&mut self, mut data: &[u8]) -> Result<()> {
-        self.raw_size += data.len() as u64;
-        while !data.is_empty() {
-            let room = BATCH_BYTES - self.pending.len();
-            let n = room.min(data.len());
-            self.pending.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if self.pending.len() == BATCH_BYTES {
-                self.compress_pending(false)?;
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.write_filled(data.len(), &mut |piece, off| {
+            piece.copy_from_slice(&data[off..off + piece.len()]);
+            Ok(())
+        })
+    }
+
+    /// Append `len` original bytes that `fill` writes straight into the
+    /// writer's job buffers (one copy less than [`ZFileWriter::write`]):
+    /// `fill(piece, offset)` is called on consecutive pieces covering the
+    /// `len` bytes, `offset` counting from their start.
+    pub fn write_filled(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8], usize) -> Result<()>,
+    ) -> Result<()> {
+        let mut done = 0;
+        while done < len {
+            let n = (JOB_BYTES - self.filled).min(len - done);
+            fill(&mut self.pending[self.filled..self.filled + n], done)?;
+            self.filled += n;
+            self.raw_size += n as u64;
+            done += n;
+            if self.filled == JOB_BYTES {
+                self.submit_pending()?;
             }
         }
         Ok(())
     }
 
-    /// Compress the pending full blocks (and the partial tail if `all`).
-    fn compress_pending(&mut self, all: bool) -> Result<()> {
-        let bs = self.opts.block_size as usize;
-        let full = self.pending.len() / bs * bs;
-        let take = if all { self.pending.len() } else { full };
-        if take == 0 {
-            return Ok(());
-        }
-        let blocks: Vec<&[u8]> = self.pending[..take].chunks(bs).collect();
-        let threads = self.opts.threads.clamp(1, 16).min(blocks.len());
-        let algo = self.opts.algorithm;
-        let verify = self.opts.verify;
-        let mut outs: Vec<Result<Vec<u8>>> = Vec::with_capacity(blocks.len());
-        if threads <= 1 {
-            outs.extend(blocks.iter().map(|b| compress_block(algo, b, verify)));
-        } else {
-            let per = blocks.len().div_ceil(threads);
-            let parts: Vec<Vec<Result<Vec<u8>>>> = std::thread::scope(|s| {
-                let handles: Vec<_> = blocks
-                    .chunks(per)
-                    .map(|chunk| {
-                        s.spawn(move || {
-                            chunk
-                                .iter()
-                                .map(|b| compress_block(algo, b, verify))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("compression thread panicked"))
-                    .collect()
-            });
-            for p in parts {
-                outs.extend(p);
-            }
-        }
-        let mut out = Vec::with_capacity(take);
-        for o in outs {
-            let o = o?;
-            self.block_lens.push(o.len() as u32);
-            out.extend_from_slice(&o);
-        }
-        self.sink.put(&out)?;
-        self.pending.drain(..take);
+    /// Hand the pending bytes to the engine; finished jobs go to the sink.
+    fn submit_pending(&mut self) -> Result<()> {
+        let raw = std::mem::take(&mut self.pending);
+        let (sink, lens) = (&mut self.sink, &mut self.block_lens);
+        self.pending = self.engine.submit(raw, self.filled, &mut |d, l| {
+            lens.extend_from_slice(l);
+            sink.put(d)
+        })?;
+        self.filled = 0;
         Ok(())
     }
 
     /// Write the jump table and trailer (and rewrite the header if asked);
     /// returns the sink.
     pub fn finish(mut self) -> Result<S> {
-        self.compress_pending(true)?;
+        self.submit_pending()?;
+        let (sink, lens) = (&mut self.sink, &mut self.block_lens);
+        self.engine.finish(&mut |d, l| {
+            lens.extend_from_slice(l);
+            sink.put(d)
+        })?;
         let index_offset = self.sink.position();
         let mut table = Vec::with_capacity(self.block_lens.len() * 4);
         for l in &self.block_lens {
@@ -623,23 +615,6 @@ impl<S: BlobSink> ZFileWriter<S> {
         }
         Ok(self.sink)
     }
-}
-
-fn compress_block(algo: Algorithm, src: &[u8], verify: bool) -> Result<Vec<u8>> {
-    let mut out = match algo {
-        Algorithm::Lz4 => lz4::block::compress(src, None, false)
-            .map_err(|e| Error::Invalid(format!("lz4 compression failed: {e}")))?,
-        Algorithm::Zstd => zstd::bulk::compress(src, 3)
-            .map_err(|e| Error::Invalid(format!("zstd compression failed: {e}")))?,
-    };
-    if out.is_empty() {
-        return Err(Error::Invalid("compressor produced no output".into()));
-    }
-    if verify {
-        let crc = crc32c_raw(BLOCK_CRC_SEED, &out);
-        out.extend_from_slice(&crc.to_le_bytes());
-    }
-    Ok(out)
 }
 
 /// Compress everything `src` yields into `sink`.
