@@ -34,6 +34,15 @@ pub trait BlockDevice: Send + Sync {
         false
     }
 
+    /// Read several ranges `(offset, buf)`; each gets its own result, in
+    /// order. Devices that can overlap the I/O of several reads override
+    /// this; the default reads them one after the other.
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        reqs.iter_mut()
+            .map(|(off, buf)| self.read_at(buf, *off))
+            .collect()
+    }
+
     /// Describe `[offset, offset+len)` from the device's own metadata,
     /// without reading data: consecutive [`Extent`]s, in order, covering
     /// exactly the range. An extent marked `zero` is known to read as zeros
@@ -175,6 +184,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         (**self).extents(offset, len)
     }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        (**self).read_many(reqs)
+    }
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
@@ -201,5 +213,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
     }
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         (**self).extents(offset, len)
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        (**self).read_many(reqs)
     }
 }

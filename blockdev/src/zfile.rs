@@ -265,6 +265,14 @@ impl std::fmt::Debug for ZFileReader {
 /// Largest compressed span read with one call.
 const READ_CHUNK: u64 = 4 << 20;
 
+thread_local! {
+    /// Compressed bytes of the blocks being read, kept between reads.
+    static STORED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// This thread's zstd decompression context.
+    static ZSTD_DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 impl ZFileReader {
     /// Open and validate a ZFile.
     pub fn open(src: Box<dyn ReadAt>) -> Result<ZFileReader> {
@@ -412,9 +420,19 @@ impl ZFileReader {
                 .map_err(|e| {
                 Error::corrupt(path, "ZFile", format!("block {i}: lz4 decode failed: {e}"))
             })?,
-            Algorithm::Zstd => zstd::bulk::decompress_to_buffer(data, out).map_err(|e| {
-                Error::corrupt(path, "ZFile", format!("block {i}: zstd decode failed: {e}"))
-            })?,
+            Algorithm::Zstd => ZSTD_DCTX
+                .with(|d| {
+                    let mut d = d.borrow_mut();
+                    if d.is_none() {
+                        *d = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    d.as_mut()
+                        .expect("set just above")
+                        .decompress_to_buffer(data, out)
+                })
+                .map_err(|e| {
+                    Error::corrupt(path, "ZFile", format!("block {i}: zstd decode failed: {e}"))
+                })?,
         };
         if n != out.len() {
             return Err(Error::corrupt(
@@ -442,7 +460,8 @@ impl ReadAt for ZFileReader {
         let bs = self.info.block_size as u64;
         let first = (offset / bs) as usize;
         let last = ((offset + want as u64 - 1) / bs) as usize;
-        let mut scratch = vec![0u8; bs as usize];
+        let mut scratch = Vec::new();
+        let mut stored = STORED.with(|v| std::mem::take(&mut *v.borrow_mut()));
         let mut done = 0usize;
         let mut b = first;
         while b <= last {
@@ -452,7 +471,7 @@ impl ReadAt for ZFileReader {
                 e += 1;
             }
             let start = self.offsets[b];
-            let mut stored = vec![0u8; (self.offsets[e] - start) as usize];
+            stored.resize((self.offsets[e] - start) as usize, 0);
             self.src.read_exact_at(&mut stored, start)?;
             for i in b..e {
                 let s = &stored
@@ -464,12 +483,16 @@ impl ReadAt for ZFileReader {
                 if from == 0 && n == blen {
                     self.decode_block(i, s, &mut buf[done..done + n])?;
                 } else {
+                    scratch.resize(bs as usize, 0);
                     self.decode_block(i, s, &mut scratch[..blen])?;
                     buf[done..done + n].copy_from_slice(&scratch[from..from + n]);
                 }
                 done += n;
             }
             b = e;
+        }
+        if stored.capacity() <= READ_CHUNK as usize + MAX_BLOCK_SIZE as usize * 3 {
+            STORED.with(|v| *v.borrow_mut() = stored);
         }
         Ok(done)
     }
