@@ -2,6 +2,7 @@
 //!
 //! * [`device`]: the [`BlockDevice`] trait every format implements.
 //! * [`io`]: positional file I/O over pread or io_uring.
+//! * [`uring`]: the io_uring engine (batches, requests matched by user_data).
 //! * [`raw`]: a plain image file as a device.
 //! * [`lsmt`]: LSMT layers (sealed and writable) and their indexes.
 //! * [`zfile`]: ZFile random-access compression.
@@ -26,6 +27,7 @@ pub mod raw;
 pub mod source;
 pub mod stack;
 pub mod tarwrap;
+pub mod uring;
 pub mod uuid;
 pub mod zfile;
 

@@ -20,6 +20,15 @@ pub trait ReadAt: Send + Sync {
     /// The file this data comes from, for error messages.
     fn path(&self) -> &Path;
 
+    /// Read several ranges `(offset, buf)` exactly, each with its own
+    /// result. Sources that can overlap the reads override this; the
+    /// default reads them one by one.
+    fn read_many_exact(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        reqs.iter_mut()
+            .map(|(off, buf)| self.read_exact_at(buf, *off))
+            .collect()
+    }
+
     /// Read exactly `buf.len()` bytes or fail naming the file.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let n = self.read_at(buf, offset)?;
@@ -70,6 +79,38 @@ impl ReadAt for FileSlice {
         }
         let n = (buf.len() as u64).min(self.len - offset) as usize;
         self.file.read_at(&mut buf[..n], self.base + offset)
+    }
+
+    /// All reads in flight at once when the file uses io_uring.
+    fn read_many_exact(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        let mut out: Vec<Option<Result<()>>> = Vec::with_capacity(reqs.len());
+        let mut io: Vec<(u64, &mut [u8])> = Vec::with_capacity(reqs.len());
+        let mut wanted = Vec::with_capacity(reqs.len());
+        for (off, buf) in reqs.iter_mut() {
+            let len = buf.len() as u64;
+            if off.checked_add(len).is_none_or(|end| end > self.len) {
+                out.push(Some(self.read_exact_at(buf, *off)));
+            } else {
+                out.push(None);
+                wanted.push((out.len() - 1, len as usize, *off));
+                io.push((self.base + *off, &mut buf[..]));
+            }
+        }
+        let results = self.file.read_many(&mut io);
+        for ((k, len, off), r) in wanted.into_iter().zip(results) {
+            out[k] = Some(match r {
+                Ok(n) if n == len => Ok(()),
+                Ok(n) => Err(Error::corrupt(
+                    self.path(),
+                    "blob",
+                    format!("truncated: wanted {len} bytes at offset {off}, got {n}"),
+                )),
+                Err(e) => Err(e),
+            });
+        }
+        out.into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect()
     }
 
     fn size(&self) -> u64 {

@@ -57,6 +57,42 @@ impl Lower {
             Lower::Writable(w) => w.read_mapped(buf, moffset),
         }
     }
+
+    fn read_mapped_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        match self {
+            Lower::Sealed(l) => l.read_mapped_many(reqs),
+            Lower::Writable(w) => w.read_mapped_many(reqs),
+        }
+    }
+}
+
+/// Reads of one layer gathered from a batch: `(moffset, buffer, request)`.
+type LayerReads<'a> = Vec<(u64, &'a mut [u8], usize)>;
+
+/// Run `reads` through `read_many` and record failures in `results`.
+fn run_layer_reads(
+    reads: LayerReads<'_>,
+    results: &mut [Result<()>],
+    read_many: impl FnOnce(&mut [(u64, &mut [u8])]) -> Vec<Result<()>>,
+) {
+    if reads.is_empty() {
+        return;
+    }
+    let mut owners = Vec::with_capacity(reads.len());
+    let mut io: Vec<(u64, &mut [u8])> = reads
+        .into_iter()
+        .map(|(m, b, k)| {
+            owners.push(k);
+            (m, b)
+        })
+        .collect();
+    for (r, k) in read_many(&mut io).into_iter().zip(owners) {
+        if let Err(e) = r {
+            if results[k].is_ok() {
+                results[k] = Err(e);
+            }
+        }
+    }
 }
 
 /// Lower layers plus an optional writable upper.
@@ -410,6 +446,78 @@ impl BlockDevice for Stack {
 
     fn is_read_only(&self) -> bool {
         self.upper.as_ref().is_none_or(|u| u.is_read_only())
+    }
+
+    /// Resolves every read through the indexes first, then reads each
+    /// layer's pieces in one batch ([`crate::io::IoFile::read_many`]: in
+    /// flight together with io_uring). Holes and zeroed ranges are filled
+    /// without reading.
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        let mut results: Vec<Result<()>> = Vec::with_capacity(reqs.len());
+        let mut upper_reads: LayerReads<'_> = Vec::new();
+        let mut lower_reads: Vec<LayerReads<'_>> = Vec::new();
+        lower_reads.resize_with(self.lowers.len(), Vec::new);
+        for (k, (off, buf)) in reqs.iter_mut().enumerate() {
+            let (off, len) = (*off, buf.len() as u64);
+            if let Err(e) = check_range(off, len, self.size) {
+                results.push(Err(e));
+                continue;
+            }
+            if !off.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+                results.push(self.read_at(buf, off));
+                continue;
+            }
+            results.push(Ok(()));
+            let (sector, n) = (off / SECTOR, len / SECTOR);
+            let mut rest: &mut [u8] = buf;
+            let mut take = |sectors: u64| {
+                let (head, tail) =
+                    std::mem::take(&mut rest).split_at_mut((sectors * SECTOR) as usize);
+                rest = tail;
+                head
+            };
+            let upper_maps = self
+                .upper
+                .as_ref()
+                .map(|u| u.lookup(sector, n))
+                .unwrap_or_default();
+            for p in pieces(sector, n, &upper_maps) {
+                match p {
+                    Piece::Mapped(m) => {
+                        let b = take(m.length as u64);
+                        if m.zeroed {
+                            b.fill(0);
+                        } else {
+                            upper_reads.push((m.moffset, b, k));
+                        }
+                    }
+                    Piece::Hole { offset, len } => {
+                        let lm = self.lower_index.lookup(offset, len);
+                        for q in pieces(offset, len, &lm) {
+                            match q {
+                                Piece::Mapped(m) => {
+                                    let b = take(m.length as u64);
+                                    if m.zeroed {
+                                        b.fill(0);
+                                    } else {
+                                        lower_reads[m.tag as usize].push((m.moffset, b, k));
+                                    }
+                                }
+                                Piece::Hole { len, .. } => take(len).fill(0),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(u) = &self.upper {
+            run_layer_reads(upper_reads, &mut results, |io| u.read_mapped_many(io));
+        }
+        for (tag, reads) in lower_reads.into_iter().enumerate() {
+            let l = &self.lowers[tag];
+            run_layer_reads(reads, &mut results, |io| l.read_mapped_many(io));
+        }
+        results
     }
 
     /// From the LSMT indexes: ranges no layer maps, or that a zeroed entry

@@ -444,6 +444,44 @@ impl ZFileReader {
         Ok(())
     }
 
+    /// Decode blocks `first..end`, whose stored bytes are `stored`
+    /// (starting at block `first`), into `out`, which receives the original
+    /// bytes from `offset` on (inside those blocks). Returns the bytes
+    /// written.
+    fn decode_run(
+        &self,
+        first: usize,
+        end: usize,
+        stored: &[u8],
+        offset: u64,
+        out: &mut [u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<usize> {
+        let bs = self.info.block_size as u64;
+        let start = self.offsets[first];
+        let mut done = 0usize;
+        for i in first..end {
+            if done == out.len() {
+                break;
+            }
+            let s =
+                &stored[(self.offsets[i] - start) as usize..(self.offsets[i + 1] - start) as usize];
+            let blen = self.block_len(i);
+            let bstart = i as u64 * bs;
+            let from = (offset + done as u64 - bstart) as usize;
+            let n = (blen - from).min(out.len() - done);
+            if from == 0 && n == blen {
+                self.decode_block(i, s, &mut out[done..done + n])?;
+            } else {
+                scratch.resize(bs as usize, 0);
+                self.decode_block(i, s, &mut scratch[..blen])?;
+                out[done..done + n].copy_from_slice(&scratch[from..from + n]);
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
     fn block_len(&self, i: usize) -> usize {
         let bs = self.info.block_size as u64;
         (self.info.original_size - i as u64 * bs).min(bs) as usize
@@ -473,28 +511,64 @@ impl ReadAt for ZFileReader {
             let start = self.offsets[b];
             stored.resize((self.offsets[e] - start) as usize, 0);
             self.src.read_exact_at(&mut stored, start)?;
-            for i in b..e {
-                let s = &stored
-                    [(self.offsets[i] - start) as usize..(self.offsets[i + 1] - start) as usize];
-                let blen = self.block_len(i);
-                let bstart = i as u64 * bs;
-                let from = (offset + done as u64 - bstart) as usize;
-                let n = (blen - from).min(want - done);
-                if from == 0 && n == blen {
-                    self.decode_block(i, s, &mut buf[done..done + n])?;
-                } else {
-                    scratch.resize(bs as usize, 0);
-                    self.decode_block(i, s, &mut scratch[..blen])?;
-                    buf[done..done + n].copy_from_slice(&scratch[from..from + n]);
-                }
-                done += n;
-            }
+            done += self.decode_run(
+                b,
+                e,
+                &stored,
+                offset + done as u64,
+                &mut buf[done..want],
+                &mut scratch,
+            )?;
             b = e;
         }
         if stored.capacity() <= READ_CHUNK as usize + MAX_BLOCK_SIZE as usize * 3 {
             STORED.with(|v| *v.borrow_mut() = stored);
         }
         Ok(done)
+    }
+
+    /// Reads whose compressed blocks fit one read each are read together
+    /// (overlapping when the source can), then decoded.
+    fn read_many_exact(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        let size = self.info.original_size;
+        let bs = self.info.block_size as u64;
+        let mut results: Vec<Option<Result<()>>> = Vec::with_capacity(reqs.len());
+        // (request, first block, end block, compressed bytes)
+        let mut spans: Vec<(usize, usize, usize, Vec<u8>)> = Vec::new();
+        for (k, (off, buf)) in reqs.iter_mut().enumerate() {
+            let len = buf.len() as u64;
+            if len == 0 || off.checked_add(len).is_none_or(|end| end > size) {
+                results.push(Some(self.read_exact_at(buf, *off)));
+                continue;
+            }
+            let first = (*off / bs) as usize;
+            let end = ((*off + len - 1) / bs) as usize + 1;
+            let span = self.offsets[end] - self.offsets[first];
+            if span > READ_CHUNK {
+                results.push(Some(self.read_exact_at(buf, *off)));
+                continue;
+            }
+            results.push(None);
+            spans.push((k, first, end, vec![0u8; span as usize]));
+        }
+        let mut io: Vec<(u64, &mut [u8])> = spans
+            .iter_mut()
+            .map(|(_, first, _, v)| (self.offsets[*first], &mut v[..]))
+            .collect();
+        let read = self.src.read_many_exact(&mut io);
+        drop(io);
+        let mut scratch = Vec::new();
+        for ((k, first, end, stored), r) in spans.into_iter().zip(read) {
+            let (off, buf) = &mut reqs[k];
+            results[k] = Some(r.and_then(|()| {
+                self.decode_run(first, end, &stored, *off, buf, &mut scratch)
+                    .map(|_| ())
+            }));
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect()
     }
 
     fn size(&self) -> u64 {

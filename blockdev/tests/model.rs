@@ -73,6 +73,31 @@ fn check(stack: &Stack, model: &[u8], unknown: &[bool]) {
     let mut piece = vec![0u8; 10_001];
     stack.read_at(&mut piece, 3_333).unwrap();
     assert_eq!(&piece[..], &got[3_333..13_334]);
+    // batched reads (aligned or not, across layers) agree too
+    let spans: [(u64, usize); 6] = [
+        (0, 4096),
+        (512 * 37, 512 * 300),
+        (3_333, 10_001),
+        (VSIZE / 2, 65_536),
+        (VSIZE - 8192, 8192),
+        (4096 * 100, 4096 * 40),
+    ];
+    let mut bufs: Vec<Vec<u8>> = spans.iter().map(|&(_, l)| vec![0xeeu8; l]).collect();
+    let mut reqs: Vec<(u64, &mut [u8])> = spans
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|(&(o, _), b)| (o, &mut b[..]))
+        .collect();
+    for r in stack.read_many(&mut reqs) {
+        r.unwrap();
+    }
+    drop(reqs);
+    for (&(o, l), b) in spans.iter().zip(&bufs) {
+        assert!(
+            b[..] == got[o as usize..o as usize + l],
+            "read_many at {o}+{l}"
+        );
+    }
     // the allocation map agrees with the data
     check_extents(stack, &got, 0, VSIZE);
     check_extents(stack, &got, 3_333, 100_001);

@@ -306,6 +306,22 @@ impl WritableLayer {
         Ok(())
     }
 
+    /// Several [`WritableLayer::read_mapped`] at once `(moffset, buf)`.
+    pub fn read_mapped_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        for r in reqs.iter_mut() {
+            r.0 *= SECTOR;
+        }
+        let results = self.data.read_many(reqs);
+        reqs.iter_mut()
+            .zip(results)
+            .map(|((_, buf), r)| {
+                let n = r?;
+                buf[n..].fill(0);
+                Ok(())
+            })
+            .collect()
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
