@@ -831,24 +831,50 @@ fn read_replies(
             ));
         }
     }
-    // Read everything at once, into the replies.
+    // Read everything at once, into the replies; large batches in pieces
+    // spread over the cores (decompressing a ZFile lower is CPU work).
     let results = {
         let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(data.len());
+        let mut owner: Vec<usize> = Vec::with_capacity(data.len());
         let mut rest: &mut [u8] = &mut out[..];
         let mut base = 0usize;
-        for &(pos, off, len, _) in &data {
+        let total: usize = data.iter().map(|d| d.2).sum();
+        let piece = if total >= PARALLEL_BYTES {
+            PARALLEL_PIECE
+        } else {
+            usize::MAX
+        };
+        for &(pos, off, len, k) in &data {
             let (_, tail) = std::mem::take(&mut rest).split_at_mut(pos - base);
-            let (buf, tail) = tail.split_at_mut(len);
-            reqs.push((off, buf));
+            let (mut buf, tail) = tail.split_at_mut(len);
+            let mut off = off;
+            while !buf.is_empty() {
+                let n = buf.len().min(piece);
+                let (head, more) = std::mem::take(&mut buf).split_at_mut(n);
+                reqs.push((off, head));
+                owner.push(k);
+                off += n as u64;
+                buf = more;
+            }
             rest = tail;
             base = pos + len;
         }
-        dev.read_many(&mut reqs)
+        let threads = if total >= PARALLEL_BYTES {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(MAX_READ_THREADS)
+                .min(reqs.len())
+        } else {
+            1
+        };
+        let results = read_parallel(dev, &mut reqs, threads);
+        results.into_iter().zip(owner).collect::<Vec<_>>()
     };
     let mut failed: Vec<Option<Error>> = (0..reads.len()).map(|_| None).collect();
-    for (r, d) in results.into_iter().zip(&data) {
+    for (r, k) in results {
         if let Err(e) = r {
-            failed[d.3].get_or_insert(e);
+            failed[k].get_or_insert(e);
         }
     }
     if failed.iter().all(Option::is_none) {
@@ -868,6 +894,51 @@ fn read_replies(
         }
     }
     *out = rebuilt;
+}
+
+/// Batches reading at least this much are read on several threads.
+const PARALLEL_BYTES: usize = 1 << 20;
+/// Pieces requests are cut into for that.
+const PARALLEL_PIECE: usize = 256 << 10;
+/// Threads reading one batch at most.
+const MAX_READ_THREADS: usize = 4;
+
+/// `dev.read_many(reqs)` on up to `threads` threads (consecutive shares
+/// of similar size), results in order. Shares are taken by whichever thread
+/// gets to them first, this one included, so a thread that cannot start or
+/// starts late costs nothing.
+fn read_parallel(
+    dev: &dyn BlockDevice,
+    reqs: &mut [(u64, &mut [u8])],
+    threads: usize,
+) -> Vec<Result<()>> {
+    if threads <= 1 || reqs.len() < 2 {
+        return dev.read_many(reqs);
+    }
+    type Share<'a, 'b> = Mutex<Option<&'a mut [(u64, &'b mut [u8])]>>;
+    let per = reqs.len().div_ceil(threads);
+    let shares: Vec<Share<'_, '_>> = reqs.chunks_mut(per).map(|c| Mutex::new(Some(c))).collect();
+    let outs: Vec<Mutex<Vec<Result<()>>>> = shares.iter().map(|_| Mutex::new(Vec::new())).collect();
+    let run = |i: usize| {
+        let share = shares[i].lock().expect("share lock").take();
+        if let Some(c) = share {
+            *outs[i].lock().expect("result lock") = dev.read_many(c);
+        }
+    };
+    std::thread::scope(|scope| {
+        for i in 1..shares.len() {
+            let run = &run;
+            let _ = std::thread::Builder::new()
+                .name("nbd-read".into())
+                .spawn_scoped(scope, move || run(i));
+        }
+        for i in 0..shares.len() {
+            run(i);
+        }
+    });
+    outs.into_iter()
+        .flat_map(|o| o.into_inner().expect("result lock"))
+        .collect()
 }
 
 fn put_simple(out: &mut Vec<u8>, handle: u64) {
