@@ -1,11 +1,15 @@
-//! Positional file I/O with two interchangeable backends.
+//! Positional file I/O over `pread`/`pwrite` and io_uring.
 //!
-//! [`IoFile`] reads and writes at explicit offsets through either plain
-//! `pread`/`pwrite` or io_uring (the `io-uring` crate). The backend is picked
-//! at run time: [`IoBackend::Auto`] (the default) uses io_uring when the
-//! kernel allows it and falls back to `pread` otherwise. The environment
+//! [`IoFile`] reads and writes at explicit offsets. Single operations use
+//! plain `pread`/`pwrite`, which cost less than a ring round trip when the
+//! data is in the page cache; batches of reads ([`IoFile::read_many`]) go
+//! through the io_uring engine of [`crate::uring`], all in flight at once,
+//! which pays when they reach the device. The backend is picked at run
+//! time: [`IoBackend::Auto`] (the default) as just described when the
+//! kernel allows io_uring, [`IoBackend::Pread`] never uses the ring,
+//! [`IoBackend::Uring`] sends every operation through it. The environment
 //! variable `OVERLAYBD_IO` (`uring`, `pread` or `auto`) overrides the default
-//! for a whole process, which lets every test run against both backends.
+//! for a whole process, which lets every test run against each backend.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -20,11 +24,11 @@ use crate::uring;
 /// Which system interface carries file I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoBackend {
-    /// io_uring if available, else pread/pwrite.
+    /// Batched reads through io_uring if available, the rest pread/pwrite.
     Auto,
-    /// Plain `pread(2)` / `pwrite(2)`.
+    /// Plain `pread(2)` / `pwrite(2)` only.
     Pread,
-    /// io_uring; opening fails if the kernel refuses it.
+    /// Everything through io_uring; opening fails if the kernel refuses it.
     Uring,
 }
 
