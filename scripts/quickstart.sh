@@ -11,6 +11,7 @@ SAMPLE=${SAMPLE:-/tmp/overlaybd-sample}
 scripts/deps.sh build
 command -v python3 >/dev/null || { echo "python3 is needed for the sample image" >&2; exit 1; }
 cargo install --quiet --locked --path tools --root "$PREFIX"
+cargo install --quiet --locked --path crates/fuse --root "$PREFIX"
 export PATH="$PREFIX/bin:$PATH"
 rm -rf "$SAMPLE"
 python3 tests/images/build.py sample "$SAMPLE"
@@ -28,3 +29,4 @@ for m in idx["manifests"]:
             print(f'  {l["digest"]}  {l["size"]:>9} bytes  {l["mediaType"]}')
 PY
 echo "inspect a layer stack with: overlaybd-nbd serve <layer blobs...> (see README)"
+echo "or mount it: mkdir -p /tmp/obd && overlaybd-fuse mount --fs oci:$SAMPLE:latest_obd /tmp/obd"

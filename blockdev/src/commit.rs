@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::io::IoFile;
 use crate::layer::open_blob;
-use crate::lsmt::compact::{compact, SealInfo};
+use crate::lsmt::compact::{compact, compact_warp, SealInfo};
 use crate::lsmt::format::SECTOR;
 use crate::lsmt::{SealedLayer, WritableLayer};
 use crate::source::{BlobSink, FileSink};
@@ -106,6 +106,13 @@ fn create_output(out: &Path, force: bool) -> Result<IoFile> {
     IoFile::create_new(out)
 }
 
+type Compactor = fn(
+    &[crate::lsmt::Mapping],
+    &SealInfo,
+    &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    &mut dyn crate::lsmt::compact::CompactOut,
+) -> Result<u64>;
+
 /// Run the compaction into `out` with the requested wrapping.
 fn write_output(
     out: &Path,
@@ -113,11 +120,12 @@ fn write_output(
     entries: &[crate::lsmt::Mapping],
     info: &SealInfo,
     read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    compact: Compactor,
 ) -> Result<CommitStats> {
     let file = create_output(out, opts.force)?;
     let total: u64 = entries
         .iter()
-        .filter(|m| !m.zeroed)
+        .filter(|m| !m.zeroed && m.tag == 0)
         .map(|m| m.length as u64 * SECTOR)
         .sum();
     let mut done = 0u64;
@@ -185,9 +193,45 @@ pub fn commit_writable(
     let h = layer.header();
     let info = seal_info(opts, h.virtual_size, h.parent_uuid)?;
     let entries = layer.entries();
-    write_output(out, opts, &entries, &info, &mut |buf, moff| {
-        layer.read_mapped(buf, moff)
-    })
+    write_output(
+        out,
+        opts,
+        &entries,
+        &info,
+        &mut |buf, moff| layer.read_mapped(buf, moff),
+        compact,
+    )
+}
+
+/// Commit a writable warp (TurboOCI) layer (`overlaybd-commit --turboOCI
+/// data index out [-z]`): a sealed LSMT blob whose tag-0 data is copied and
+/// whose tag-1 (target) entries are kept as they are, byte-identical to
+/// upstream. As upstream, the uuid is nil unless `opts.uuid` is set, the
+/// parent uuid is nil unless `opts.parent_uuid` is set, and no commit message
+/// is stored.
+pub fn commit_warp(
+    data: &Path,
+    index: &Path,
+    out: &Path,
+    opts: &CommitOptions,
+) -> Result<CommitStats> {
+    let layer = WritableLayer::open_warp(data, index, None, true)?;
+    let h = layer.header();
+    let info = SealInfo {
+        virtual_size: h.virtual_size,
+        uuid: opts.uuid.unwrap_or(Uuid::NIL),
+        parent_uuid: opts.parent_uuid.unwrap_or(Uuid::NIL),
+        user_tag: Vec::new(),
+    };
+    let entries = layer.entries();
+    write_output(
+        out,
+        opts,
+        &entries,
+        &info,
+        &mut |buf, moff| layer.read_mapped(buf, moff),
+        compact_warp,
+    )
 }
 
 /// Commit an already sealed layer, possibly ZFile/tar wrapped
@@ -202,9 +246,14 @@ pub fn commit_sealed(input: &Path, out: &Path, opts: &CommitOptions) -> Result<C
         layer.header().parent_uuid,
     )?;
     let entries = layer.index().entries().to_vec();
-    write_output(out, opts, &entries, &info, &mut |buf, moff| {
-        blob.read_exact_at(buf, moff * SECTOR)
-    })
+    write_output(
+        out,
+        opts,
+        &entries,
+        &info,
+        &mut |buf, moff| blob.read_exact_at(buf, moff * SECTOR),
+        compact,
+    )
 }
 
 /// Compress any file to ZFile (`overlaybd-zfile src dst`); with `tar`, wrap it.

@@ -2,6 +2,10 @@
 //!
 //! `{"repoBlobUrl": "...", "lowers": [{"file": "..."} | {"dir": "..."}],
 //!   "upper": {"data": "...", "index": "..."}, "resultFile": "..."}`.
+//! TurboOCI layers (upstream's shapes): a lower
+//! `{"gzipIndex": ..., "file": "<fs>.fs.meta", "targetFile": "layer blob",
+//! "targetDigest": "sha256:..."}` (no `gzipIndex` for an uncompressed
+//! blob) and an upper `{"index", "data", "target"[, "gzipIndex"]}`.
 //! Unknown keys are ignored. A lower given only as `dir` is looked up as
 //! `dir/overlaybd.commit`, `dir/.commit` or `dir/overlaybd.sealed`, in that
 //! order, as upstream does. Relative paths are taken relative to the
@@ -12,6 +16,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::stack::LowerSource;
+use crate::warp::TargetSource;
 
 #[derive(Debug, Deserialize, Default)]
 struct RawLower {
@@ -23,6 +29,8 @@ struct RawLower {
     target_file: String,
     #[serde(default, rename = "gzipIndex")]
     gzip_index: String,
+    #[serde(default, rename = "targetDigest")]
+    target_digest: String,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -33,6 +41,8 @@ struct RawUpper {
     index: String,
     #[serde(default)]
     target: String,
+    #[serde(default, rename = "gzipIndex")]
+    gzip_index: String,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -50,6 +60,8 @@ struct RawConfig {
 pub struct UpperConfig {
     pub data: PathBuf,
     pub index: PathBuf,
+    /// TurboOCI: the layer blob the warp upper maps file data into.
+    pub target: Option<TargetSource>,
 }
 
 /// A parsed image config.
@@ -57,6 +69,9 @@ pub struct UpperConfig {
 pub struct ImageConfig {
     /// Lower layer files, bottom first.
     pub lowers: Vec<PathBuf>,
+    /// Per lower: its target when it is a TurboOCI layer (same length as
+    /// `lowers`).
+    pub lower_targets: Vec<Option<TargetSource>>,
     pub upper: Option<UpperConfig>,
     pub result_file: Option<PathBuf>,
 }
@@ -82,11 +97,23 @@ impl ImageConfig {
             }
         };
         let mut lowers = Vec::new();
+        let mut lower_targets = Vec::new();
         for (i, l) in raw.lowers.iter().enumerate() {
-            if !l.target_file.is_empty() || !l.gzip_index.is_empty() {
-                return Err(bad(format!(
-                    "lower {i}: TurboOCI lowers (targetFile/gzipIndex) are not supported yet"
-                )));
+            let turbo = !l.target_file.is_empty()
+                || !l.gzip_index.is_empty()
+                || !l.target_digest.is_empty();
+            if turbo {
+                if l.target_file.is_empty() {
+                    return Err(bad(format!(
+                        "lower {i}: a TurboOCI lower needs \"targetFile\" (remote targets by \"targetDigest\" alone are not supported)"
+                    )));
+                }
+                lower_targets.push(Some(TargetSource {
+                    file: abs(&l.target_file),
+                    gzip_index: (!l.gzip_index.is_empty()).then(|| abs(&l.gzip_index)),
+                }));
+            } else {
+                lower_targets.push(None);
             }
             if !l.file.is_empty() {
                 lowers.push(abs(&l.file));
@@ -109,15 +136,19 @@ impl ImageConfig {
         }
         let upper = match raw.upper {
             Some(u) if !u.data.is_empty() || !u.index.is_empty() => {
-                if !u.target.is_empty() {
-                    return Err(bad("TurboOCI upper (target) is not supported yet".into()));
-                }
                 if u.data.is_empty() || u.index.is_empty() {
                     return Err(bad("upper needs both \"data\" and \"index\"".into()));
+                }
+                if u.target.is_empty() && !u.gzip_index.is_empty() {
+                    return Err(bad("upper has \"gzipIndex\" but no \"target\"".into()));
                 }
                 Some(UpperConfig {
                     data: abs(&u.data),
                     index: abs(&u.index),
+                    target: (!u.target.is_empty()).then(|| TargetSource {
+                        file: abs(&u.target),
+                        gzip_index: (!u.gzip_index.is_empty()).then(|| abs(&u.gzip_index)),
+                    }),
                 })
             }
             _ => None,
@@ -125,9 +156,27 @@ impl ImageConfig {
         let result_file = (!raw.result_file.is_empty()).then(|| abs(&raw.result_file));
         Ok(ImageConfig {
             lowers,
+            lower_targets,
             upper,
             result_file,
         })
+    }
+
+    /// The lowers as stack sources (TurboOCI lowers with their targets).
+    pub fn lower_sources(&self) -> Vec<LowerSource> {
+        self.lowers
+            .iter()
+            .enumerate()
+            .map(
+                |(i, f)| match self.lower_targets.get(i).cloned().flatten() {
+                    Some(target) => LowerSource::Warp {
+                        file: f.clone(),
+                        target,
+                    },
+                    None => LowerSource::File(f.clone()),
+                },
+            )
+            .collect()
     }
 
     /// Write `msg` to the result file, if the config names one
@@ -161,6 +210,45 @@ mod tests {
         );
         assert_eq!(c.upper.unwrap().data, PathBuf::from("/w/data"));
         assert_eq!(c.result_file, Some(PathBuf::from("/w/result")));
+    }
+
+    #[test]
+    fn parses_turbooci_shapes() {
+        let c = ImageConfig::parse(
+            r#"{"repoBlobUrl":"","lowers":[{"gzipIndex":"/d0/gzip.meta","file":"/d0/ext4.fs.meta","targetFile":"/d0/layer.tar","targetDigest":"sha256:ab"},
+                {"file":"/d1/ext4.fs.meta","targetFile":"/d1/layer.tar","targetDigest":"sha256:cd"},{"file":"/d2/x"}],
+                "upper":{"index":"/w/i","data":"/w/d","target":"/w/layer.tar"},"resultFile":""}"#,
+            Path::new("/cfg/config.json"),
+        )
+        .unwrap();
+        let s = c.lower_sources();
+        assert_eq!(
+            s[0],
+            LowerSource::Warp {
+                file: "/d0/ext4.fs.meta".into(),
+                target: TargetSource::gzip("/d0/layer.tar", "/d0/gzip.meta")
+            }
+        );
+        assert_eq!(
+            s[1],
+            LowerSource::Warp {
+                file: "/d1/ext4.fs.meta".into(),
+                target: TargetSource::tar("/d1/layer.tar")
+            }
+        );
+        assert_eq!(s[2], LowerSource::File("/d2/x".into()));
+        assert_eq!(
+            c.upper.unwrap().target,
+            Some(TargetSource::tar("/w/layer.tar"))
+        );
+        assert_eq!(c.result_file, None);
+        let e = ImageConfig::parse(
+            r#"{"lowers":[{"file":"/a","targetDigest":"sha256:ab"}]}"#,
+            Path::new("c.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("targetFile"), "{e}");
     }
 
     #[test]

@@ -54,6 +54,17 @@ pub trait BlockDevice: Send + Sync {
         check_range(offset, len, self.size())?;
         Ok(Extent::data(offset, len).into_iter().collect())
     }
+
+    /// Map `len` bytes at device `offset` to `target_offset` in the layer's target (the
+    /// uncompressed layer tar): a TurboOCI "remote data" mapping (LSMT tag 1). All three are
+    /// multiples of 512. Devices without a target return an error (the default).
+    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
+        let _ = (offset, len, target_offset);
+        Err(Error::Invalid(
+            "this device has no target: TurboOCI target mappings need a warp (TurboOCI) upper layer"
+                .into(),
+        ))
+    }
 }
 
 /// A run of device bytes as [`BlockDevice::extents`] describes it.
@@ -187,6 +198,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
         (**self).read_many(reqs)
     }
+    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
+        (**self).map_target(offset, len, target_offset)
+    }
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
@@ -216,5 +230,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
     }
     fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
         (**self).read_many(reqs)
+    }
+    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
+        (**self).map_target(offset, len, target_offset)
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::io::IoFile;
 use crate::lsmt::SealedLayer;
-use crate::source::{FileSlice, ReadAt};
+use crate::source::{FileSlice, ReadAt, SubSource};
 use crate::zfile::{is_zfile, ZFileReader};
 
 /// How a layer file is wrapped.
@@ -60,5 +60,21 @@ pub fn open_blob(path: &Path) -> Result<(Arc<dyn ReadAt>, Wrapping)> {
 /// Open a sealed lower layer file (plain, ZFile, tar-wrapped).
 pub fn open_layer(path: &Path) -> Result<SealedLayer> {
     let (blob, _) = open_blob(path)?;
+    SealedLayer::open(blob)
+}
+
+/// Open a sealed lower layer from its bytes as stored, read through any
+/// source (plain, ZFile, tar-wrapped: peeled as [`open_layer`] does).
+pub fn open_layer_source(src: Arc<dyn ReadAt>) -> Result<SealedLayer> {
+    let inner: Arc<dyn ReadAt> = match crate::tarwrap::detect(src.as_ref())? {
+        Some((base, len)) => Arc::new(SubSource::new(src, base, len)),
+        None => src,
+    };
+    let blob: Arc<dyn ReadAt> = if is_zfile(inner.as_ref())? {
+        let len = inner.size();
+        Arc::new(ZFileReader::open(Box::new(SubSource::new(inner, 0, len)))?)
+    } else {
+        inner
+    };
     SealedLayer::open(blob)
 }

@@ -7,9 +7,11 @@
 //! * [`lsmt`]: LSMT layers (sealed and writable) and their indexes.
 //! * [`zfile`]: ZFile random-access compression.
 //! * [`compress`]: ZFile block compression on a thread pool, in order.
+//! * [`gzindex`]: the `ddgzidx` gzip random-access index (TurboOCI `gzip.meta`).
 //! * [`tarwrap`]: the tar wrapper around pushed layer blobs.
 //! * [`layer`]: opening a lower layer whatever its wrapping.
 //! * [`stack`]: lowers + optional upper read as one disk.
+//! * [`warp`]: TurboOCI layers, whose file data stays in the layer tar.
 //! * [`commit`]: sealing and compressing layers (overlaybd-commit).
 //! * [`config`]: the overlaybd image config.json.
 //! * [`nbd`]: a userspace NBD server over any device.
@@ -19,6 +21,7 @@ pub mod compress;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod gzindex;
 pub mod io;
 pub mod layer;
 pub mod lsmt;
@@ -29,6 +32,7 @@ pub mod stack;
 pub mod tarwrap;
 pub mod uring;
 pub mod uuid;
+pub mod warp;
 pub mod zfile;
 
 pub use config::ImageConfig;

@@ -122,6 +122,50 @@ impl ReadAt for FileSlice {
     }
 }
 
+/// A window `[base, base+len)` of any source (a blob inside a tar wrapper
+/// that is read over the network, say).
+#[derive(Clone)]
+pub struct SubSource {
+    inner: Arc<dyn ReadAt>,
+    base: u64,
+    len: u64,
+}
+
+impl SubSource {
+    /// The window `[base, base+len)` of `inner`.
+    pub fn new(inner: Arc<dyn ReadAt>, base: u64, len: u64) -> Self {
+        SubSource { inner, base, len }
+    }
+}
+
+impl std::fmt::Debug for SubSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubSource")
+            .field("path", &self.inner.path())
+            .field("base", &self.base)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl ReadAt for SubSource {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.len - offset) as usize;
+        self.inner.read_at(&mut buf[..n], self.base + offset)
+    }
+
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+}
+
 /// A sequential writer that can also patch bytes it already wrote.
 pub trait BlobSink {
     /// Append bytes.

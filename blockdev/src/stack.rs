@@ -4,6 +4,12 @@
 //! are merged into one index at open time, newest layer winning; an optional
 //! writable upper sits on top and receives every write. Unmapped ranges read
 //! as zeros; `zeroed` entries hide whatever lies below them.
+//!
+//! TurboOCI (warp) layers take part like any other: a warp lower enters the
+//! merged index with entries that map onto themselves and resolves reads
+//! through its own tagged index (metadata from its blob, file data from its
+//! target tar); a warp upper takes writes like any upper plus
+//! [`BlockDevice::map_target`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +21,7 @@ use crate::layer::open_layer;
 use crate::lsmt::format::{Mapping, SECTOR};
 use crate::lsmt::index::{pieces, Piece, RoIndex};
 use crate::lsmt::{SealedLayer, WritableLayer};
+use crate::warp::{TargetSource, WarpLayer};
 
 /// Upstream refuses stacks deeper than this.
 pub const MAX_LAYERS: usize = 255;
@@ -27,6 +34,38 @@ pub enum LowerSource {
     /// A writable layer that will not change any more (e.g. still being
     /// committed), read in place.
     Writable { data: PathBuf, index: PathBuf },
+    /// A sealed TurboOCI layer (`<fs>.fs.meta`) and its target tar.
+    Warp { file: PathBuf, target: TargetSource },
+    /// A writable TurboOCI layer that will not change any more, read in
+    /// place, and its target tar.
+    WritableWarp {
+        data: PathBuf,
+        index: PathBuf,
+        target: TargetSource,
+    },
+}
+
+impl LowerSource {
+    /// Open this lower layer.
+    pub fn open(&self) -> Result<Lower> {
+        Ok(match self {
+            LowerSource::File(p) => Lower::Sealed(open_layer(p)?),
+            LowerSource::Writable { data, index } => {
+                Lower::Writable(WritableLayer::open_read_only(data, index)?)
+            }
+            LowerSource::Warp { file, target } => Lower::Warp(WarpLayer::open(file, target)?),
+            LowerSource::WritableWarp {
+                data,
+                index,
+                target,
+            } => Lower::Writable(WritableLayer::open_warp(
+                data,
+                index,
+                Some(target.open()?),
+                true,
+            )?),
+        })
+    }
 }
 
 /// An opened lower layer.
@@ -34,6 +73,7 @@ pub enum LowerSource {
 pub enum Lower {
     Sealed(SealedLayer),
     Writable(WritableLayer),
+    Warp(WarpLayer),
 }
 
 impl Lower {
@@ -41,27 +81,46 @@ impl Lower {
         match self {
             Lower::Sealed(l) => l.info().virtual_size,
             Lower::Writable(w) => w.virtual_size(),
+            Lower::Warp(w) => w.meta().info().virtual_size,
         }
     }
 
     fn entries(&self) -> std::borrow::Cow<'_, [Mapping]> {
         match self {
             Lower::Sealed(l) => std::borrow::Cow::Borrowed(l.index().entries()),
+            Lower::Writable(w) if w.is_warp() => std::borrow::Cow::Owned(
+                w.entries()
+                    .into_iter()
+                    .map(|m| Mapping {
+                        moffset: m.offset,
+                        tag: 0,
+                        ..m
+                    })
+                    .collect(),
+            ),
             Lower::Writable(w) => std::borrow::Cow::Owned(w.entries()),
+            Lower::Warp(w) => std::borrow::Cow::Owned(w.identity_entries()),
         }
     }
 
     fn read_mapped(&self, buf: &mut [u8], moffset: u64) -> Result<()> {
         match self {
             Lower::Sealed(l) => l.read_mapped(buf, moffset),
+            Lower::Writable(w) if w.is_warp() => w.read_logical(buf, moffset * SECTOR),
             Lower::Writable(w) => w.read_mapped(buf, moffset),
+            Lower::Warp(w) => w.read_logical(buf, moffset * SECTOR),
         }
     }
 
     fn read_mapped_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
         match self {
             Lower::Sealed(l) => l.read_mapped_many(reqs),
-            Lower::Writable(w) => w.read_mapped_many(reqs),
+            Lower::Writable(w) if !w.is_warp() => w.read_mapped_many(reqs),
+            // TurboOCI layers resolve through their own tagged index.
+            _ => reqs
+                .iter_mut()
+                .map(|(m, buf)| self.read_mapped(buf, *m))
+                .collect(),
         }
     }
 }
@@ -117,13 +176,32 @@ impl std::fmt::Debug for Stack {
 }
 
 impl Stack {
-    /// Open the stack a config.json describes.
+    /// Open the stack a config.json describes (TurboOCI lowers and upper
+    /// included).
     pub fn open_config(cfg: &ImageConfig) -> Result<Stack> {
-        let upper = cfg
-            .upper
-            .as_ref()
-            .map(|u| (u.data.as_path(), u.index.as_path()));
-        Stack::open(&cfg.lowers, upper)
+        Self::open_config_mode(cfg, false)
+    }
+
+    /// [`Self::open_config`] with the upper opened read-only.
+    pub fn open_config_read_only(cfg: &ImageConfig) -> Result<Stack> {
+        Self::open_config_mode(cfg, true)
+    }
+
+    fn open_config_mode(cfg: &ImageConfig, read_only: bool) -> Result<Stack> {
+        let lowers = cfg
+            .lower_sources()
+            .iter()
+            .map(LowerSource::open)
+            .collect::<Result<Vec<_>>>()?;
+        let upper = match &cfg.upper {
+            None => None,
+            Some(u) => Some(match &u.target {
+                Some(t) => WritableLayer::open_warp(&u.data, &u.index, Some(t.open()?), read_only)?,
+                None if read_only => WritableLayer::open_read_only(&u.data, &u.index)?,
+                None => WritableLayer::open(&u.data, &u.index)?,
+            }),
+        };
+        Stack::with_lowers(lowers, upper)
     }
 
     /// Open lower files (bottom first) and an optional writable `(data, index)`.
@@ -154,12 +232,7 @@ impl Stack {
     ) -> Result<Stack> {
         let layers = lowers
             .iter()
-            .map(|l| match l {
-                LowerSource::File(p) => open_layer(p).map(Lower::Sealed),
-                LowerSource::Writable { data, index } => {
-                    WritableLayer::open_read_only(data, index).map(Lower::Writable)
-                }
-            })
+            .map(LowerSource::open)
             .collect::<Result<Vec<_>>>()?;
         let upper = upper.map(|(d, i)| open_upper(d, i)).transpose()?;
         Stack::with_lowers(layers, upper)
@@ -345,7 +418,7 @@ impl Stack {
                     if m.zeroed {
                         b.fill(0);
                     } else {
-                        upper.read_mapped(b, m.moffset)?;
+                        upper.read_entry(b, &m)?;
                     }
                 }
             }
@@ -455,6 +528,9 @@ impl BlockDevice for Stack {
     fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
         let mut results: Vec<Result<()>> = Vec::with_capacity(reqs.len());
         let mut upper_reads: LayerReads<'_> = Vec::new();
+        // A TurboOCI upper reads some entries from its target: entry by entry.
+        let mut upper_entries: Vec<(Mapping, &mut [u8], usize)> = Vec::new();
+        let warp_upper = self.upper.as_ref().is_some_and(|u| u.is_warp());
         let mut lower_reads: Vec<LayerReads<'_>> = Vec::new();
         lower_reads.resize_with(self.lowers.len(), Vec::new);
         for (k, (off, buf)) in reqs.iter_mut().enumerate() {
@@ -487,6 +563,8 @@ impl BlockDevice for Stack {
                         let b = take(m.length as u64);
                         if m.zeroed {
                             b.fill(0);
+                        } else if warp_upper {
+                            upper_entries.push((m, b, k));
                         } else {
                             upper_reads.push((m.moffset, b, k));
                         }
@@ -512,6 +590,13 @@ impl BlockDevice for Stack {
         }
         if let Some(u) = &self.upper {
             run_layer_reads(upper_reads, &mut results, |io| u.read_mapped_many(io));
+            for (m, b, k) in upper_entries {
+                if let Err(e) = u.read_entry(b, &m) {
+                    if results[k].is_ok() {
+                        results[k] = Err(e);
+                    }
+                }
+            }
         }
         for (tag, reads) in lower_reads.into_iter().enumerate() {
             let l = &self.lowers[tag];
@@ -534,6 +619,16 @@ impl BlockDevice for Stack {
             }
         }
         Ok(out)
+    }
+
+    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
+        let upper = self.upper_for_write()?;
+        if !upper.is_warp() {
+            return Err(Error::Invalid(
+                "target mappings need a TurboOCI (warp) upper layer".into(),
+            ));
+        }
+        upper.map_target(offset, len, target_offset)
     }
 }
 

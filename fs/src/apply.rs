@@ -22,6 +22,10 @@
 //!   kernel would refuse them too).
 //! * directory times are set after the whole layer is applied.
 //!
+//! Where the bytes of regular files go is not decided here but by a
+//! [`FileData`] ([`crate::filedata`]): copied into the layer (the default)
+//! or mapped into the layer tar for TurboOCI layers.
+//!
 //! Performance: directories touched are cached in memory (name -> inode and
 //! the entry's place in the directory), so lookups, replacements and
 //! whiteouts never rescan a directory; new names go into the directory's
@@ -38,10 +42,10 @@ use blockdev::BlockDevice;
 
 use crate::dirent;
 use crate::error::{Error, Result};
-use crate::ext2fs::cache::STAGE_BYTES;
 use crate::ext2fs::inode::{self, Inode, Timestamp, EXTRA_ISIZE};
 use crate::ext2fs::ops::MAX_EXTENT_LEN;
 use crate::ext2fs::{sys, Ext2Fs, DEFAULT_CACHE_BYTES};
+use crate::filedata::{CopyData, FileData, FillCtx, Run, TarData};
 use crate::tar::{Entry, Kind, TarReader};
 
 /// Counters reported by [`apply_tar`] and its progress callback.
@@ -86,6 +90,9 @@ pub struct ApplyOptions<'a> {
     pub progress: Option<&'a mut dyn FnMut(&ApplyStats)>,
     /// Metadata cache size in bytes.
     pub cache_bytes: usize,
+    /// Where regular file data goes; `None` copies it into the layer
+    /// ([`CopyData`]). [`crate::filedata::TargetData`] makes a TurboOCI layer.
+    pub file_data: Option<Box<dyn FileData + 'a>>,
 }
 
 impl Default for ApplyOptions<'_> {
@@ -93,6 +100,7 @@ impl Default for ApplyOptions<'_> {
         ApplyOptions {
             progress: None,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            file_data: None,
         }
     }
 }
@@ -102,6 +110,7 @@ impl std::fmt::Debug for ApplyOptions<'_> {
         f.debug_struct("ApplyOptions")
             .field("progress", &self.progress.is_some())
             .field("cache_bytes", &self.cache_bytes)
+            .field("file_data", &self.file_data.is_some())
             .finish()
     }
 }
@@ -121,7 +130,10 @@ pub fn apply_tar<R: Read>(
             "the ext4 journal needs recovery; run e2fsck on the lower layers first".into(),
         ));
     }
-    let mut a = Applier::new(fs);
+    let file_data = opts
+        .file_data
+        .unwrap_or_else(|| Box::new(CopyData::default()));
+    let mut a = Applier::new(fs, file_data);
     let mut reader = TarReader::new(std::io::BufReader::with_capacity(1 << 20, tar));
     let mut progress = opts.progress;
     let mut last_report = Instant::now();
@@ -223,8 +235,9 @@ fn clean_components(path: &[u8]) -> Option<Vec<&[u8]>> {
     Some(out)
 }
 
-struct Applier {
+struct Applier<'a> {
     fs: Ext2Fs,
+    file_data: Box<dyn FileData + 'a>,
     dirs: HashMap<u32, DirCache>,
     /// Names this layer created, per parent directory inode.
     unpacked: HashMap<u32, HashSet<Box<[u8]>>>,
@@ -239,8 +252,8 @@ struct Applier {
     stats: ApplyStats,
 }
 
-impl Applier {
-    fn new(fs: Ext2Fs) -> Self {
+impl<'a> Applier<'a> {
+    fn new(fs: Ext2Fs, file_data: Box<dyn FileData + 'a>) -> Self {
         let bs = fs.block_size();
         let inode_size = fs.inode_size();
         let csum_tail = if fs.has_ro_compat(sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM) {
@@ -252,6 +265,7 @@ impl Applier {
         let extents = fs.has_incompat(sys::EXT3_FEATURE_INCOMPAT_EXTENTS);
         Applier {
             fs,
+            file_data,
             dirs: HashMap::new(),
             unpacked: HashMap::new(),
             dir_times: HashMap::new(),
@@ -612,14 +626,21 @@ impl Applier {
             i.init_extent_root();
         }
         self.fs.write_inode(ino, &mut i)?;
+        let link_first = self.file_data.link_first();
+        if link_first {
+            self.dir_add(parent, name, ino, FT_REG)?;
+        }
         self.write_data(ino, &mut i, e, tar)?;
         self.fs.write_inode(ino, &mut i)?;
-        self.dir_add(parent, name, ino, FT_REG)?;
+        if !link_first {
+            self.dir_add(parent, name, ino, FT_REG)?;
+        }
         self.stats.data_bytes += e.size;
         Ok(ino)
     }
 
-    /// Allocate and write the data of a regular file (holes stay holes).
+    /// Allocate the blocks of a regular file and let the [`FileData`] fill
+    /// them (copy the tar bytes, or map them into the tar).
     fn write_data<R: Read>(
         &mut self,
         ino: u32,
@@ -627,14 +648,15 @@ impl Applier {
         e: &Entry,
         tar: &mut TarReader<R>,
     ) -> Result<()> {
-        let segs = e.segments();
-        if segs.is_empty() {
+        let ranges = self.file_data.allocated_ranges(e)?;
+        self.file_data.begin(e, tar.stream_position())?;
+        if ranges.is_empty() {
             return Ok(());
         }
         let bs = self.bs;
-        // Block runs covering the data segments.
+        // Block runs covering the data ranges.
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for &(off, len) in &segs {
+        for &(off, len) in &ranges {
             if len == 0 {
                 continue;
             }
@@ -644,8 +666,6 @@ impl Applier {
                 _ => runs.push((s, t)),
             }
         }
-        let mut cursor = SegCursor { segs: &segs, i: 0 };
-        let stage_blocks = STAGE_BYTES as u64 / bs;
         let mut handle = if self.extents {
             Some(self.fs.extents(ino, i)?)
         } else {
@@ -667,19 +687,20 @@ impl Applier {
                     Some(h) => h.insert(&mut self.fs, lblk, pblk, plen)?,
                     None => mapped.push((lblk, pblk, plen)),
                 }
-                let mut b = 0;
-                while b < plen {
-                    let n = (plen - b).min(stage_blocks);
-                    let file_off = (lblk + b) * bs;
-                    let buf = self
-                        .fs
-                        .channel()
-                        .cache
-                        .data_buf((pblk + b) * bs, (n * bs) as usize)
-                        .map_err(Error::Device)?;
-                    cursor.fill(buf, file_off, tar)?;
-                    b += n;
-                }
+                let ctx = FillCtx {
+                    cache: &mut self.fs.channel().cache,
+                    block_size: bs,
+                    entry: e,
+                    tar: &mut *tar,
+                };
+                self.file_data.fill(
+                    ctx,
+                    Run {
+                        lblk,
+                        pblk,
+                        len: plen,
+                    },
+                )?;
                 lblk += plen;
             }
         }
@@ -1030,41 +1051,6 @@ impl Applier {
             let cr = i.crtime();
             i.set_times(t, cr);
             self.fs.write_inode(ino, &mut i)?;
-        }
-        Ok(())
-    }
-}
-
-/// Walks the data segments of a file while its blocks are filled in order.
-struct SegCursor<'a> {
-    segs: &'a [(u64, u64)],
-    i: usize,
-}
-
-impl SegCursor<'_> {
-    /// Fill `buf` (file bytes `[off, off+len)`) from the tar, zeros in holes.
-    fn fill<R: Read>(&mut self, buf: &mut [u8], off: u64, tar: &mut TarReader<R>) -> Result<()> {
-        let end = off + buf.len() as u64;
-        let mut pos = off;
-        while pos < end {
-            while self.i < self.segs.len() && self.segs[self.i].0 + self.segs[self.i].1 <= pos {
-                self.i += 1;
-            }
-            let Some(&(so, sl)) = self.segs.get(self.i) else {
-                buf[(pos - off) as usize..].fill(0);
-                break;
-            };
-            if so >= end {
-                buf[(pos - off) as usize..].fill(0);
-                break;
-            }
-            if so > pos {
-                buf[(pos - off) as usize..(so - off) as usize].fill(0);
-                pos = so;
-            }
-            let take = (so + sl).min(end) - pos;
-            tar.read_data(&mut buf[(pos - off) as usize..(pos - off + take) as usize])?;
-            pos += take;
         }
         Ok(())
     }

@@ -61,6 +61,9 @@ pub enum Error {
     /// A bad argument.
     #[error("{0}")]
     Invalid(String),
+    /// Building or reading an EROFS layer failed.
+    #[error(transparent)]
+    Erofs(Box<crate::erofs::Error>),
 }
 
 impl Error {
@@ -72,5 +75,11 @@ impl Error {
             msg: crate::ext2fs::error_text(code),
             device,
         }
+    }
+}
+
+impl From<crate::erofs::Error> for Error {
+    fn from(e: crate::erofs::Error) -> Error {
+        Error::Erofs(Box::new(e))
     }
 }

@@ -3,6 +3,7 @@
 //! stack, a raw image, memory).
 //!
 //! * [`mkfs()`]: a deterministic ext4 with upstream overlaybd's feature set.
+//! * [`turbo`]: TurboOCI layers (file data mapped into the layer tar).
 //! * [`apply_tar()`]: apply one OCI layer tar (whiteouts, opaque dirs, hard
 //!   links, xattrs, devices, sparse files) to the ext4 on a device.
 //!
@@ -14,11 +15,15 @@
 
 pub mod apply;
 pub mod dirent;
+pub mod erofs;
 pub mod error;
 pub mod ext2fs;
+pub mod filedata;
 pub mod mkfs;
 pub mod tar;
+pub mod turbo;
 
 pub use apply::{apply_tar, ApplyOptions, ApplyStats};
 pub use error::{Error, Result};
+pub use filedata::{CopyData, FileData, TargetData};
 pub use mkfs::{mkfs, MkfsOptions};

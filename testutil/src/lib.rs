@@ -32,6 +32,21 @@ pub fn fixtures() -> PathBuf {
         })
 }
 
+/// The TurboOCI golden fixtures (`turbooci-reference`), next to
+/// [`fixtures`] (`$OVERLAYBD_TURBO_FIXTURES` overrides).
+pub fn turbo_fixtures() -> PathBuf {
+    if let Some(p) = std::env::var_os("OVERLAYBD_TURBO_FIXTURES") {
+        return PathBuf::from(p);
+    }
+    let p = fixtures().join("../turbooci-reference");
+    assert!(
+        p.join("README.md").exists(),
+        "TurboOCI fixtures not found at {} (set OVERLAYBD_TURBO_FIXTURES)",
+        p.display()
+    );
+    p
+}
+
 /// Find a system tool or fail with an install hint.
 pub fn tool(name: &str) -> PathBuf {
     for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/bin"] {
@@ -194,6 +209,34 @@ pub fn diff_trees(
     d
 }
 
+/// Compare two JSON trees (path -> attributes, as `tests/images/build.py
+/// tree`/`scan` print them), listing every differing path.
+pub fn assert_same_tree(actual: &serde_json::Value, expected: &serde_json::Value) {
+    let a = actual.as_object().expect("a JSON object of paths");
+    let e = expected.as_object().expect("a JSON object of paths");
+    let mut diffs = Vec::new();
+    for (k, v) in e {
+        match a.get(k) {
+            None => diffs.push(format!("missing: {k}")),
+            Some(x) if x != v => {
+                diffs.push(format!("differs: {k}\n  expected {v}\n  actual   {x}"))
+            }
+            _ => {}
+        }
+    }
+    for k in a.keys() {
+        if !e.contains_key(k) {
+            diffs.push(format!("unexpected: {k}"));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
 /// Run a command, panicking with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd
@@ -220,4 +263,64 @@ pub fn err_text(o: &Output) -> String {
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!e.contains("panicked"), "panic: {e}");
     e
+}
+
+/// `tests/fs/treecmp.py` of the workspace.
+pub fn treecmp_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fs/treecmp.py")
+}
+
+/// Run `treecmp.py ARGS` (`reference TAR...`, `dir DIR`, `compare A B
+/// [--ignore-xattr X ...]`); returns its stdout, panics with its output
+/// when it fails (for `compare`: when the trees differ).
+pub fn treecmp(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(treecmp_script())
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "treecmp {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("treecmp prints UTF-8 JSON")
+}
+
+/// A read-only loop mount (`mount -t FSTYPE -o loop,ro`), unmounted when
+/// dropped, also when the test panics; `-o loop` sets autoclear, so the
+/// loop device goes with the mount.
+pub struct LoopMount {
+    pub dir: PathBuf,
+}
+
+impl LoopMount {
+    pub fn new(fstype: &str, img: &Path, dir: &Path) -> LoopMount {
+        fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", fstype, "-o", "loop,ro"])
+            .arg(img)
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mount -t {fstype} {} failed: {}",
+            img.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopMount {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let st = Command::new("umount").arg(&self.dir).status();
+        if !matches!(st, Ok(s) if s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
 }

@@ -7,6 +7,11 @@
 //! entries are kept whole with `moffset` = the current data position, then
 //! adjacent pieces are merged ([`compress_entries`]) and the index is padded
 //! to a multiple of 4 KiB with `offset = 2^50-1, length 0` entries.
+//!
+//! Warp (TurboOCI) layers are compacted as upstream's
+//! `LSMTWarpFile::compact`: tag-1 (target) entries are copied into the index
+//! unchanged and their data is not copied, tag-0 data is copied as above,
+//! tags are kept, and the index is **not** padded.
 
 use super::format::*;
 use crate::error::Result;
@@ -89,12 +94,33 @@ fn read_piece(
 }
 
 /// Compact `entries` (sorted, non-overlapping) whose data `read(buf, moffset)`
-/// provides, emitting the sealed blob into `out`. Returns the blob size.
+/// provides, emitting the sealed blob into `out_blob`. Returns the blob size.
 pub fn compact(
     entries: &[Mapping],
     info: &SealInfo,
     read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
     out_blob: &mut dyn CompactOut,
+) -> Result<u64> {
+    compact_impl(entries, info, read, out_blob, false)
+}
+
+/// [`compact`] for a warp layer (see the module documentation); `read` is
+/// only asked for tag-0 data.
+pub fn compact_warp(
+    entries: &[Mapping],
+    info: &SealInfo,
+    read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    out_blob: &mut dyn CompactOut,
+) -> Result<u64> {
+    compact_impl(entries, info, read, out_blob, true)
+}
+
+fn compact_impl(
+    entries: &[Mapping],
+    info: &SealInfo,
+    read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    out_blob: &mut dyn CompactOut,
+    warp: bool,
 ) -> Result<u64> {
     let mut ht = HeaderTrailer {
         flags: FLAG_HEADER | FLAG_DATA | FLAG_SEALED,
@@ -108,6 +134,10 @@ pub fn compact(
     let mut pos = HT_SPACE as u64 / SECTOR;
     let mut out: Vec<Mapping> = Vec::with_capacity(entries.len());
     for m in entries {
+        if warp && m.tag != 0 {
+            out.push(*m);
+            continue;
+        }
         if m.zeroed {
             out.push(Mapping::zeroed(m.offset, m.length, pos));
             continue;
@@ -132,7 +162,7 @@ pub fn compact(
     }
     compress_entries(&mut out);
     let per_block = HT_SPACE / ENTRY_SIZE;
-    if !out.len().is_multiple_of(per_block) {
+    if !warp && !out.len().is_multiple_of(per_block) {
         let padded = out.len().div_ceil(per_block) * per_block;
         out.resize(padded, Mapping::padding());
     }

@@ -27,7 +27,20 @@ impl std::fmt::Debug for SealedLayer {
 
 impl SealedLayer {
     /// Open the LSMT blob presented by `src` (already unwrapped from tar/ZFile).
+    /// Every entry's tag is forced to 0, as upstream loads ordinary layers.
     pub fn open(src: Arc<dyn ReadAt>) -> Result<SealedLayer> {
+        Self::open_inner(src, false)
+    }
+
+    /// Open a sealed warp (TurboOCI) layer: tags are kept, shifted so the
+    /// smallest is 0 (upstream's `open_warpfile_ro`); tag-1 entries point
+    /// into the layer's target, so only tag-0 entries are checked against
+    /// the data area here ([`crate::warp`] checks the others).
+    pub fn open_warp(src: Arc<dyn ReadAt>) -> Result<SealedLayer> {
+        Self::open_inner(src, true)
+    }
+
+    fn open_inner(src: Arc<dyn ReadAt>, keep_tags: bool) -> Result<SealedLayer> {
         let path = src.path().to_path_buf();
         let bad = |msg: String| Error::corrupt(&path, "LSMT", msg);
         let size = src.size();
@@ -77,12 +90,25 @@ impl SealedLayer {
         let data_begin = HT_SPACE as u64 / SECTOR;
         let data_end = trailer.index_offset / SECTOR;
         let mut entries = Vec::with_capacity(trailer.index_size as usize);
-        for (i, mut m) in decode_entries(&raw).into_iter().enumerate() {
-            if m.is_padding() {
-                continue;
+        let decoded: Vec<(usize, Mapping)> = decode_entries(&raw)
+            .into_iter()
+            .enumerate()
+            .filter(|(_, m)| !m.is_padding())
+            .collect();
+        let min_tag = decoded.iter().map(|(_, m)| m.tag).min().unwrap_or(0);
+        for (i, mut m) in decoded {
+            m.tag = if keep_tags { m.tag - min_tag } else { 0 };
+            if m.tag > 1 {
+                return Err(bad(format!(
+                    "index entry {i} has tag {}; warp layers use 0 and 1",
+                    m.tag + min_tag
+                )));
             }
-            m.tag = 0;
-            check_entry(&m, i, data_begin, data_end, entries.last()).map_err(bad)?;
+            if m.tag == 0 {
+                check_entry(&m, i, data_begin, data_end, entries.last()).map_err(bad)?;
+            } else {
+                check_entry(&m, i, 0, MAX_MOFFSET, entries.last()).map_err(bad)?;
+            }
             entries.push(m);
         }
         Ok(SealedLayer {

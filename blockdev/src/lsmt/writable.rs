@@ -6,16 +6,31 @@
 //! the data file is `header | data at 4096 + logical offset`, truncated to
 //! `4096 + virtual size`; the index file stays empty and the index is
 //! rebuilt from the data file's allocated ranges (SEEK_DATA/SEEK_HOLE).
+//!
+//! Warp mode (TurboOCI, `overlaybd-create --turboOCI`, upstream's
+//! `LSMTWarpFile`): the data file has **no header** and holds every write at
+//! its own offset (`moffset == offset`), truncated to the virtual size; the
+//! index file is `header | 16-byte entries` as in append mode, and entries
+//! carry a tag: 0 = data in the data file, 1 = "target" data that lives in
+//! the layer's uncompressed tar at `moffset` ([`WritableLayer::map_target`]).
 
 use std::path::Path;
 
 use parking_lot::Mutex;
 
+use std::sync::Arc;
+
 use super::format::*;
 use super::index::IndexMap;
 use crate::error::{Error, Result};
 use crate::io::IoFile;
+use crate::source::ReadAt;
 use crate::uuid::Uuid;
+
+/// Tag of warp entries whose data is in the layer's data file.
+pub const TAG_FS_META: u8 = 0;
+/// Tag of warp entries whose data is in the layer's target (the tar).
+pub const TAG_TARGET: u8 = 1;
 
 /// Options of [`create_writable`].
 #[derive(Debug, Clone, Default)]
@@ -38,6 +53,36 @@ fn random_uuid() -> Uuid {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     Uuid(b)
+}
+
+/// Create a writable warp (TurboOCI) layer, as `overlaybd-create
+/// --turboOCI`: `index` gets an LSMT index header (virtual size, a random
+/// uuid unless given), `data` becomes a sparse headerless file of
+/// `virtual_size` bytes. Both files must not exist.
+pub fn create_warp(data: &Path, index: &Path, virtual_size: u64, uuid: Option<Uuid>) -> Result<()> {
+    if !virtual_size.is_multiple_of(SECTOR) || virtual_size == 0 {
+        return Err(Error::Invalid(format!(
+            "virtual size {virtual_size} is not a positive multiple of 512"
+        )));
+    }
+    let fdata = IoFile::create_new(data)?;
+    let findex = match IoFile::create_new(index) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_file(data);
+            return Err(e);
+        }
+    };
+    let h = HeaderTrailer {
+        flags: FLAG_HEADER,
+        index_offset: HT_SPACE as u64,
+        virtual_size,
+        uuid: uuid.unwrap_or_else(random_uuid),
+        ..Default::default()
+    };
+    findex.write_all_at(&h.encode(), 0)?;
+    fdata.set_len(virtual_size)?;
+    Ok(())
 }
 
 /// Create a writable layer (both files must not exist).
@@ -99,6 +144,10 @@ pub struct WritableLayer {
     index_file: Option<IoFile>,
     header: Mutex<HeaderTrailer>,
     sparse: bool,
+    /// Warp (TurboOCI) layer: headerless data file, tagged entries.
+    warp: bool,
+    /// The uncompressed layer tar of a warp layer (tag-1 data), if known.
+    target: Option<Arc<dyn ReadAt>>,
     read_only: bool,
     state: Mutex<RwState>,
 }
@@ -108,6 +157,7 @@ impl std::fmt::Debug for WritableLayer {
         f.debug_struct("WritableLayer")
             .field("data", &self.data.path())
             .field("sparse", &self.sparse)
+            .field("warp", &self.warp)
             .finish()
     }
 }
@@ -121,6 +171,100 @@ impl WritableLayer {
     /// Open without write access (e.g. to commit it).
     pub fn open_read_only(data: &Path, index: &Path) -> Result<Self> {
         Self::open_mode(data, index, true)
+    }
+
+    /// Open a writable warp (TurboOCI) layer: `data` (headerless), `index`,
+    /// and optionally the `target` its tag-1 entries point into (the
+    /// uncompressed layer tar; needed only to read those ranges back).
+    pub fn open_warp(
+        data: &Path,
+        index: &Path,
+        target: Option<Arc<dyn ReadAt>>,
+        read_only: bool,
+    ) -> Result<Self> {
+        let open = |p: &Path| {
+            if read_only {
+                IoFile::open(p)
+            } else {
+                IoFile::open_rw(p)
+            }
+        };
+        let bad = |p: &Path, msg: String| Error::corrupt(p, "LSMT warp layer", msg);
+        let data_file = open(data)?;
+        let fi = open(index)?;
+        let len = fi.len()?;
+        if len < HT_SPACE as u64 {
+            return Err(bad(index, format!("index file is only {len} bytes")));
+        }
+        let mut buf = vec![0u8; HT_SPACE];
+        fi.read_exact_at(&mut buf, 0)?;
+        if HeaderTrailer::has_magic(&buf[..HT_SPACE]) && data_file.len()? >= HT_SPACE as u64 {
+            // A data file with an LSMT header is an ordinary writable layer.
+            let mut d = vec![0u8; HT_SPACE];
+            data_file.read_exact_at(&mut d, 0)?;
+            if HeaderTrailer::has_magic(&d) {
+                return Err(bad(
+                    data,
+                    "has an LSMT header: this is an ordinary writable layer, not a warp (TurboOCI) layer".into(),
+                ));
+            }
+        }
+        let ih =
+            HeaderTrailer::decode(&buf).ok_or_else(|| bad(index, "bad header magic".into()))?;
+        if !ih.is_header() || ih.is_data_file() || ih.is_sealed() {
+            return Err(bad(
+                index,
+                format!(
+                    "header flags {:#x} are not those of an index file",
+                    ih.flags
+                ),
+            ));
+        }
+        if ih.index_offset != HT_SPACE as u64 {
+            return Err(bad(
+                index,
+                format!("index offset {} is not 4096", ih.index_offset),
+            ));
+        }
+        let n = (len - HT_SPACE as u64) / ENTRY_SIZE as u64;
+        if n > MAX_RW_INDEX_ENTRIES {
+            return Err(bad(
+                index,
+                format!("index of {n} entries exceeds the maximum {MAX_RW_INDEX_ENTRIES}"),
+            ));
+        }
+        let mut raw = vec![0u8; (n as usize) * ENTRY_SIZE];
+        fi.read_exact_at(&mut raw, HT_SPACE as u64)?;
+        let mut all: Vec<Mapping> = decode_entries(&raw)
+            .into_iter()
+            .filter(|m| !m.is_padding() && m.length > 0)
+            .collect();
+        // As upstream (warp_file_tag 3): tags are shifted so the smallest is 0.
+        let min_tag = all.iter().map(|m| m.tag).min().unwrap_or(0);
+        let data_sectors = ih.virtual_size / SECTOR;
+        let target_sectors = target.as_ref().map(|t| t.size() / SECTOR);
+        let mut index_map = IndexMap::new();
+        for (i, m) in all.iter_mut().enumerate() {
+            m.tag -= min_tag;
+            check_warp_entry(m, i, data_sectors, target_sectors, target.as_deref())
+                .map_err(|msg| bad(index, msg))?;
+            index_map.insert(*m);
+        }
+        Ok(WritableLayer {
+            data: data_file,
+            index_file: Some(fi),
+            header: Mutex::new(ih),
+            sparse: false,
+            warp: true,
+            target,
+            read_only,
+            state: Mutex::new(RwState {
+                index: index_map,
+                data_end: 0,
+                pending: Vec::new(),
+                index_end: HT_SPACE as u64 + n * ENTRY_SIZE as u64,
+            }),
+        })
     }
 
     fn open_mode(data_path: &Path, index_path: &Path, read_only: bool) -> Result<Self> {
@@ -240,6 +384,8 @@ impl WritableLayer {
             index_file,
             header: Mutex::new(header),
             sparse,
+            warp: false,
+            target: None,
             read_only,
             state: Mutex::new(RwState {
                 index,
@@ -258,6 +404,16 @@ impl WritableLayer {
         self.read_only
     }
 
+    /// Whether this is a warp (TurboOCI) layer.
+    pub fn is_warp(&self) -> bool {
+        self.warp
+    }
+
+    /// The target (uncompressed layer tar) of a warp layer, if opened with one.
+    pub fn target(&self) -> Option<&Arc<dyn ReadAt>> {
+        self.target.as_ref()
+    }
+
     pub fn header(&self) -> HeaderTrailer {
         self.header.lock().clone()
     }
@@ -274,6 +430,13 @@ impl WritableLayer {
     pub fn set_virtual_size(&self, vsize: u64) -> Result<()> {
         let mut h = self.header.lock();
         h.virtual_size = vsize;
+        if self.warp {
+            if let Some(fi) = &self.index_file {
+                fi.write_all_at(&h.encode(), 0)?;
+            }
+            self.data.set_len(vsize)?;
+            return Ok(());
+        }
         self.data.write_all_at(&h.encode(), 0)?;
         if self.sparse {
             self.data.set_len(HT_SPACE as u64 + vsize)?;
@@ -296,6 +459,48 @@ impl WritableLayer {
     /// A snapshot of the whole index, sorted.
     pub fn entries(&self) -> Vec<Mapping> {
         self.state.lock().index.to_vec()
+    }
+
+    /// Read the data of entry `m` (as returned by [`Self::lookup`]; its
+    /// length is `buf.len()`): from the data file, or for tag-1 entries of a
+    /// warp layer from the target.
+    pub fn read_entry(&self, buf: &mut [u8], m: &Mapping) -> Result<()> {
+        if self.warp && m.tag == TAG_TARGET {
+            let Some(t) = &self.target else {
+                return Err(Error::Invalid(format!(
+                    "{}: reading target data of a warp layer opened without its target",
+                    self.data.path().display()
+                )));
+            };
+            return t.read_exact_at(buf, m.moffset * SECTOR);
+        }
+        self.read_mapped(buf, m.moffset)
+    }
+
+    /// Read `buf` (sector aligned) at logical byte `offset` of this layer
+    /// alone: mapped ranges from the data file (or target), the rest zeros.
+    pub fn read_logical(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let s = offset / SECTOR;
+        let n = buf.len() as u64 / SECTOR;
+        let maps = self.lookup(s, n);
+        for p in super::index::pieces(s, n, &maps) {
+            match p {
+                super::index::Piece::Hole { offset: o, len } => {
+                    let a = ((o - s) * SECTOR) as usize;
+                    buf[a..a + (len * SECTOR) as usize].fill(0);
+                }
+                super::index::Piece::Mapped(m) => {
+                    let a = ((m.offset - s) * SECTOR) as usize;
+                    let b = &mut buf[a..a + m.length as usize * SECTOR as usize];
+                    if m.zeroed {
+                        b.fill(0);
+                    } else {
+                        self.read_entry(b, &m)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Read mapped data at sector `moffset` of the data file.
@@ -342,6 +547,18 @@ impl WritableLayer {
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         Self::check_aligned(offset, buf.len() as u64)?;
+        if self.warp {
+            // As upstream's LSMTWarpFile::pwrite: data at its own offset, one
+            // tag-0 entry per write (split only where an entry cannot hold it).
+            self.data.write_all_at(buf, offset)?;
+            let step = (MAX_IO_SECTORS * SECTOR) as usize;
+            for (i, chunk) in buf.chunks(step).enumerate() {
+                let s = offset / SECTOR + (i * step) as u64 / SECTOR;
+                let n = (chunk.len() as u64 / SECTOR) as u32;
+                self.record(Mapping::new(s, n, s))?;
+            }
+            return Ok(());
+        }
         if self.sparse {
             self.data.write_all_at(buf, HT_SPACE as u64 + offset)?;
             let mut st = self.state.lock();
@@ -394,11 +611,67 @@ impl WritableLayer {
         Ok(())
     }
 
+    /// Map `len` bytes at device `offset` to `target_offset` in the warp
+    /// layer's target (tag-1 entries; all multiples of 512), as upstream's
+    /// `RemoteData` ioctl: entries of at most [`MAX_LENGTH`] sectors.
+    pub fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
+        self.check_writable()?;
+        if !self.warp {
+            return Err(Error::Invalid(format!(
+                "{}: target mappings need a warp (TurboOCI) layer",
+                self.data.path().display()
+            )));
+        }
+        for (v, what) in [
+            (offset, "offset"),
+            (len, "length"),
+            (target_offset, "target offset"),
+        ] {
+            if !v.is_multiple_of(SECTOR) {
+                return Err(Error::Invalid(format!(
+                    "target mapping {what} {v} is not a multiple of 512"
+                )));
+            }
+        }
+        let vsize = self.virtual_size();
+        if offset.checked_add(len).is_none_or(|e| e > vsize) {
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                size: vsize,
+            });
+        }
+        if let Some(t) = &self.target {
+            if target_offset.checked_add(len).is_none_or(|e| e > t.size()) {
+                return Err(Error::Invalid(format!(
+                    "target mapping of {len} bytes at {target_offset} is past the end of the layer tar {} ({} bytes)",
+                    t.path().display(),
+                    t.size()
+                )));
+            }
+        }
+        let (mut s, mut n, mut t) = (offset / SECTOR, len / SECTOR, target_offset / SECTOR);
+        while n > 0 {
+            let k = n.min(MAX_LENGTH as u64);
+            self.record(Mapping {
+                offset: s,
+                length: k as u32,
+                moffset: t,
+                zeroed: false,
+                tag: TAG_TARGET,
+            })?;
+            s += k;
+            t += k;
+            n -= k;
+        }
+        Ok(())
+    }
+
     /// Mark a sector-aligned range as zeros (persisted; hides lower data).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         Self::check_aligned(offset, len)?;
-        if self.sparse {
+        if self.sparse || self.warp {
             // Holes in a sparse layer re-expose lower data after reopening,
             // so zeros must be real data here.
             let zeros = vec![0u8; (len.min(4 << 20)) as usize];
@@ -434,7 +707,11 @@ impl WritableLayer {
         }
         while s < end {
             let n = (end - s).min(MAX_LENGTH as u64);
-            let moff = self.state.lock().data_end / SECTOR;
+            let moff = if self.warp {
+                s
+            } else {
+                self.state.lock().data_end / SECTOR
+            };
             self.record(Mapping::zeroed(s, n as u32, moff))?;
             s += n;
         }
@@ -445,6 +722,11 @@ impl WritableLayer {
     /// and a trailer to the data file, which then opens as a sealed layer.
     pub fn seal(self) -> Result<()> {
         self.check_writable()?;
+        if self.warp {
+            return Err(Error::Invalid(
+                "a warp (TurboOCI) layer cannot be sealed in place; commit it".into(),
+            ));
+        }
         let mut st = self.state.lock();
         self.flush_index(&mut st)?;
         let entries = st.index.to_vec();
@@ -503,4 +785,47 @@ impl Drop for WritableLayer {
             );
         }
     }
+}
+
+/// Validate one entry of a warp index (tags already shifted).
+pub(crate) fn check_warp_entry(
+    m: &Mapping,
+    i: usize,
+    data_sectors: u64,
+    target_sectors: Option<u64>,
+    target: Option<&dyn ReadAt>,
+) -> std::result::Result<(), String> {
+    if m.end() > MAX_OFFSET {
+        return Err(format!("index entry {i} extends past the largest offset"));
+    }
+    match m.tag {
+        TAG_FS_META => {
+            if !m.zeroed && m.mend() > data_sectors {
+                return Err(format!(
+                    "index entry {i} maps sectors {}..{} outside the data ({data_sectors} sectors)",
+                    m.moffset,
+                    m.mend()
+                ));
+            }
+        }
+        TAG_TARGET => {
+            if let (Some(n), Some(t)) = (target_sectors, target) {
+                if m.mend() > n {
+                    return Err(format!(
+                        "index entry {i} maps target bytes {}..{} past the end of the layer tar {} ({} bytes)",
+                        m.moffset * SECTOR,
+                        m.mend() * SECTOR,
+                        t.path().display(),
+                        t.size()
+                    ));
+                }
+            }
+        }
+        t => {
+            return Err(format!(
+                "index entry {i} has tag {t}; warp layers use 0 and 1"
+            ))
+        }
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod inode;
 pub mod io;
 pub mod ops;
+pub mod read;
 #[allow(unsafe_op_in_unsafe_fn, rustdoc::all, missing_docs, unused_imports)]
 pub mod sys;
 
@@ -56,10 +57,20 @@ pub struct Ext2Fs {
 impl Ext2Fs {
     /// Open the ext2/3/4 filesystem on `dev` read-write and load its bitmaps.
     pub fn open(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Result<Self> {
+        let flags = (sys::EXT2_FLAG_RW | sys::EXT2_FLAG_64BITS) as c_int;
+        let mut me = Self::open_flags(dev, cache_bytes, flags)?;
+        // SAFETY: fs is a valid open handle.
+        let rc = unsafe { sys::ext2fs_read_bitmaps(me.fs) };
+        me.check(rc, "read the allocation bitmaps")?;
+        me.set_now(1);
+        Ok(me)
+    }
+
+    /// `ext2fs_open2` with `flags` over our I/O manager.
+    fn open_flags(dev: Arc<dyn BlockDevice>, cache_bytes: usize, flags: c_int) -> Result<Self> {
         init_error_table();
         let name = io::register(Channel::new(dev, cache_bytes));
         let mut fs: sys::ext2_filsys = std::ptr::null_mut();
-        let flags = (sys::EXT2_FLAG_RW | sys::EXT2_FLAG_64BITS) as c_int;
         // SAFETY: name is a valid C string; manager() is our static table;
         // fs receives the new handle.
         let rc = unsafe {
@@ -82,12 +93,7 @@ impl Ext2Fs {
             }
             return Err(Error::ext2fs("open the ext4 filesystem", rc, None));
         }
-        let mut me = Ext2Fs { fs, closed: false };
-        // SAFETY: fs is a valid open handle.
-        let rc = unsafe { sys::ext2fs_read_bitmaps(me.fs) };
-        me.check(rc, "read the allocation bitmaps")?;
-        me.set_now(1);
-        Ok(me)
+        Ok(Ext2Fs { fs, closed: false })
     }
 
     /// Create a new filesystem on `dev` from the superblock template `param`

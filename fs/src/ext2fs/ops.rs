@@ -387,7 +387,7 @@ impl Drop for XattrHandle {
 
 /// An open extent tree (see [`Ext2Fs::extents`]).
 pub struct ExtentHandle<'a> {
-    h: sys::ext2_extent_handle_t,
+    pub(super) h: sys::ext2_extent_handle_t,
     inode: *mut sys::ext2_inode,
     _borrow: PhantomData<&'a mut Inode>,
 }

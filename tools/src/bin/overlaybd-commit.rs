@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use blockdev::commit::{commit_sealed, commit_writable, CommitOptions};
+use blockdev::commit::{commit_sealed, commit_warp, commit_writable, CommitOptions};
 use blockdev::lsmt::WritableLayer;
 use blockdev::zfile::{Algorithm, ZfileOptions};
 use blockdev::Uuid;
@@ -43,7 +43,9 @@ struct Args {
     /// ZFile block size in KB: 4, 8, 16, 32 or 64 (default 4; needs -z).
     #[arg(long = "bs")]
     block_size: Option<u32>,
-    /// Commit a TurboOCI layer (not supported yet).
+    /// Commit a writable TurboOCI (warp) layer: file data stays mapped into
+    /// the layer tar (tag-1 entries are kept), metadata is copied. Upstream
+    /// stores no commit message and no parent uuid unless -p is given.
     #[arg(long = "turboOCI")]
     turbo_oci: bool,
     /// Deprecated alias of --turboOCI.
@@ -89,8 +91,9 @@ fn parse_uuid(v: &Option<String>, flag: &str) -> anyhow::Result<Option<Uuid>> {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if args.turbo_oci || args.fastoci {
-        bail!("TurboOCI layers are not supported yet");
+    let turbo = args.turbo_oci || args.fastoci;
+    if turbo && (args.seal || args.commit_sealed || args.tar) {
+        bail!("--turboOCI cannot be combined with --seal, --commit_sealed or -t");
     }
     let index = args.index_file.clone();
     if args.seal {
@@ -137,7 +140,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         let (Some(index), Some(out)) = (index, args.commit_file.clone()) else {
             bail!("need DATA_FILE INDEX_FILE COMMIT_FILE (see --help)");
         };
-        let s = commit_writable(&args.data_file, &index, &out, &opts).with_context(|| {
+        let commit = if turbo { commit_warp } else { commit_writable };
+        let s = commit(&args.data_file, &index, &out, &opts).with_context(|| {
             format!(
                 "cannot commit {} + {}",
                 args.data_file.display(),

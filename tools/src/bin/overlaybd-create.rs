@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use blockdev::lsmt::{create_writable, CreateOptions};
+use blockdev::lsmt::writable::create_warp;
+use blockdev::lsmt::{create_writable, CreateOptions, WritableLayer};
 use blockdev::Uuid;
 use clap::Parser;
 use obdtools::cli;
@@ -23,7 +24,10 @@ struct Args {
     /// sparse data file and the index file stays empty.
     #[arg(short = 's')]
     sparse: bool,
-    /// Create a TurboOCI layer (not supported yet).
+    /// Create a writable TurboOCI (warp) layer: INDEX_FILE gets an LSMT
+    /// index header, DATA_FILE is a headerless sparse file of VSIZE holding
+    /// filesystem metadata at its own offsets; file data is later mapped into
+    /// the layer tar by turboOCI-apply. -s and -u are ignored, as upstream.
     #[arg(long = "turboOCI")]
     turbo_oci: bool,
     /// Deprecated alias of --turboOCI.
@@ -53,9 +57,6 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if args.turbo_oci || args.fastoci {
-        bail!("TurboOCI layers are not supported yet");
-    }
     let vsize = args
         .vsize
         .checked_mul(1 << 30)
@@ -63,6 +64,31 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("virtual size {} GB is too large", args.vsize))?;
     if args.mkfs && vsize == 0 {
         bail!("--mkfs needs a virtual size greater than 0");
+    }
+    if (args.turbo_oci || args.fastoci) && !args.raw {
+        if vsize == 0 {
+            bail!("a TurboOCI layer needs a virtual size greater than 0");
+        }
+        create_warp(&args.data_file, &args.index_file, vsize, None).with_context(|| {
+            format!(
+                "cannot create TurboOCI layer {} + {}",
+                args.data_file.display(),
+                args.index_file.display()
+            )
+        })?;
+        if args.mkfs {
+            let result = WritableLayer::open_warp(&args.data_file, &args.index_file, None, false)
+                .and_then(|u| blockdev::Stack::with_lowers(Vec::new(), Some(u)))
+                .map_err(anyhow::Error::from)
+                .and_then(|s| mkfs(std::sync::Arc::new(s)));
+            if let Err(e) = result {
+                let _ = std::fs::remove_file(&args.data_file);
+                let _ = std::fs::remove_file(&args.index_file);
+                return Err(e);
+            }
+        }
+        println!("overlaybd-create has created files SUCCESSFULLY");
+        return Ok(());
     }
     if args.raw {
         for p in [&args.data_file, &args.index_file] {

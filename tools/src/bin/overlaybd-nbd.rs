@@ -99,35 +99,55 @@ fn open_device(a: &ServeArgs) -> Result<Opened> {
         let alloc = Arc::new(ZeroScan::new(dev.clone()));
         return Ok((dev, alloc, format!("raw image {}", p.display())));
     }
-    let (lowers, upper, what) = if a.inputs.len() == 1
+    let json = a.inputs.len() == 1
         && a.upper.is_none()
-        && a.inputs[0].extension().is_some_and(|e| e == "json")
-    {
+        && a.inputs[0].extension().is_some_and(|e| e == "json");
+    let (stack, what) = if json {
         let p = &a.inputs[0];
         let cfg = ImageConfig::load(p)
             .with_context(|| format!("cannot read image config {}", p.display()))?;
-        let what = format!("image config {}", p.display());
-        (cfg.lowers, cfg.upper.map(|u| (u.data, u.index)), what)
+        let stack = if a.read_only {
+            Stack::open_config_read_only(&cfg)
+        } else {
+            Stack::open_config(&cfg)
+        }
+        .with_context(|| format!("cannot open the layer stack (image config {})", p.display()))?;
+        let turbo = cfg.lower_targets.iter().filter(|t| t.is_some()).count();
+        let what = format!(
+            "image config {} ({} lower(s){}{})",
+            p.display(),
+            cfg.lowers.len(),
+            if turbo > 0 {
+                format!(", {turbo} TurboOCI")
+            } else {
+                String::new()
+            },
+            match &cfg.upper {
+                Some(u) => format!(", upper {}", u.data.display()),
+                None => String::new(),
+            }
+        );
+        (stack, what)
     } else {
         let upper = a.upper.as_ref().map(|v| (v[0].clone(), v[1].clone()));
-        (a.inputs.clone(), upper, "layer stack".to_string())
-    };
-    let up = upper.as_ref().map(|(d, i)| (d.as_path(), i.as_path()));
-    let stack = if a.read_only {
-        Stack::open_read_only(&lowers, up)
-    } else {
-        Stack::open(&lowers, up)
-    }
-    .with_context(|| format!("cannot open the layer stack ({what})"))?;
-    let stack = Arc::new(stack);
-    let what = format!(
-        "{what} ({} lower(s){})",
-        lowers.len(),
-        match &upper {
-            Some((d, _)) => format!(", upper {}", d.display()),
-            None => String::new(),
+        let up = upper.as_ref().map(|(d, i)| (d.as_path(), i.as_path()));
+        let stack = if a.read_only {
+            Stack::open_read_only(&a.inputs, up)
+        } else {
+            Stack::open(&a.inputs, up)
         }
-    );
+        .context("cannot open the layer stack")?;
+        let what = format!(
+            "layer stack ({} lower(s){})",
+            a.inputs.len(),
+            match &upper {
+                Some((d, _)) => format!(", upper {}", d.display()),
+                None => String::new(),
+            }
+        );
+        (stack, what)
+    };
+    let stack = Arc::new(stack);
     Ok((stack.clone(), stack, what))
 }
 

@@ -155,6 +155,18 @@ fn write_image_config(job: &LayerJob<'_>, data: &Path, index: &Path) -> Result<(
             LowerSource::Writable { data, .. } => serde_json::json!({
                 "file": data.parent().unwrap_or(Path::new(".")).join(COMMIT_FILE)
             }),
+            LowerSource::Warp { file, target }
+            | LowerSource::WritableWarp {
+                data: file, target, ..
+            } => {
+                let mut v = serde_json::Map::new();
+                if let Some(g) = &target.gzip_index {
+                    v.insert("gzipIndex".into(), serde_json::json!(g));
+                }
+                v.insert("file".into(), serde_json::json!(file));
+                v.insert("targetFile".into(), serde_json::json!(target.file));
+                serde_json::Value::Object(v)
+            }
         })
         .collect();
     let cfg = serde_json::json!({

@@ -150,32 +150,8 @@ pub fn flatten_and_scan(layers: &[PathBuf], work: &Path) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-/// Compare two trees, listing every differing path.
-pub fn assert_same_tree(actual: &serde_json::Value, expected: &serde_json::Value) {
-    let a = actual.as_object().unwrap();
-    let e = expected.as_object().unwrap();
-    let mut diffs = Vec::new();
-    for (k, v) in e {
-        match a.get(k) {
-            None => diffs.push(format!("missing: {k}")),
-            Some(x) if x != v => {
-                diffs.push(format!("differs: {k}\n  expected {v}\n  actual   {x}"))
-            }
-            _ => {}
-        }
-    }
-    for k in a.keys() {
-        if !e.contains_key(k) {
-            diffs.push(format!("unexpected: {k}"));
-        }
-    }
-    assert!(
-        diffs.is_empty(),
-        "{} differences:\n{}",
-        diffs.len(),
-        diffs.join("\n")
-    );
-}
+#[allow(unused_imports)]
+pub use testutil::assert_same_tree;
 
 /// Copy `tag` of an OCI layout into a registry byte for byte with our client (skopeo's
 /// OCI transport refuses Docker manifest lists inside a layout).

@@ -1,0 +1,130 @@
+//! The gzip index (`gzip.meta`): byte-identical to upstream's, and random
+//! reads through it give the uncompressed tar.
+
+use std::path::{Path, PathBuf};
+
+use blockdev::gzindex::{self, GzFile};
+use blockdev::source::ReadAt;
+
+fn fixtures() -> PathBuf {
+    testutil::turbo_fixtures()
+}
+
+fn input_tar() -> PathBuf {
+    testutil::fixtures().join("input.tar")
+}
+
+fn check_case(case: &str, tar: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = fixtures().join(case).join("layer.tar.gz");
+    let out = dir.path().join("gzip.meta");
+    let info = gzindex::build_file(&blob, &out).unwrap();
+    let ours = std::fs::read(&out).unwrap();
+    let theirs = std::fs::read(fixtures().join(case).join("gzip.meta")).unwrap();
+    assert_eq!(ours.len(), theirs.len(), "{case}: gzip.meta size");
+    assert!(ours == theirs, "{case}: gzip.meta differs from upstream's");
+    let plain = std::fs::read(tar).unwrap();
+    assert_eq!(info.uncompressed_size, plain.len() as u64);
+    // Random reads through upstream's index equal the tar.
+    let gz = GzFile::open_paths(&blob, &fixtures().join(case).join("gzip.meta")).unwrap();
+    assert_eq!(gz.size(), plain.len() as u64);
+    let mut x = 12345u64;
+    for _ in 0..200 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (x >> 20) % plain.len() as u64;
+        let len = ((x >> 8) % 300_000) as usize;
+        let mut buf = vec![0u8; len];
+        let n = gz.read_at(&mut buf, off).unwrap();
+        let want = &plain[off as usize..(off as usize + len).min(plain.len())];
+        assert_eq!(&buf[..n], want, "{case}: read {len} at {off}");
+    }
+}
+
+#[test]
+fn gzip_meta_matches_upstream_ext4_gzip() {
+    check_case("ext4-gzip", &input_tar());
+}
+
+#[test]
+fn gzip_meta_matches_upstream_ext4_gzip_2() {
+    check_case("ext4-gzip-2", &fixtures().join("ext4-gzip-2/layer.tar"));
+}
+
+#[test]
+fn truncated_gzip_blob_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = std::fs::read(fixtures().join("ext4-gzip/layer.tar.gz")).unwrap();
+    let blob = dir.path().join("short.tar.gz");
+    std::fs::write(&blob, &full[..full.len() / 2]).unwrap();
+    let out = dir.path().join("gzip.meta");
+    let e = gzindex::build_file(&blob, &out).unwrap_err().to_string();
+    assert!(
+        e.contains("short.tar.gz") && e.contains("ends early"),
+        "{e}"
+    );
+    assert!(!out.exists(), "a failed build leaves no index behind");
+    // Not gzip at all.
+    let plain = dir.path().join("plain.bin");
+    std::fs::write(&plain, vec![7u8; 5000]).unwrap();
+    let e = gzindex::build_file(&plain, &out).unwrap_err().to_string();
+    assert!(e.contains("plain.bin") && e.contains("invalid gzip"), "{e}");
+}
+
+#[test]
+fn corrupt_index_files_are_rejected_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let blob = fixtures().join("ext4-gzip/layer.tar.gz");
+    let good = std::fs::read(fixtures().join("ext4-gzip/gzip.meta")).unwrap();
+    let idx = dir.path().join("bad.meta");
+    let open = |bytes: &[u8]| {
+        std::fs::write(&idx, bytes).unwrap();
+        GzFile::open_paths(&blob, &idx).unwrap_err().to_string()
+    };
+    for (what, bytes, want) in [
+        ("short", good[..100].to_vec(), "smaller than"),
+        ("truncated", good[..good.len() - 10].to_vec(), "file size"),
+        (
+            "magic",
+            [b"XXgzidx\0".as_slice(), &good[8..]].concat(),
+            "magic",
+        ),
+        (
+            "crc",
+            {
+                let mut b = good.clone();
+                b[30] ^= 1;
+                b
+            },
+            "checksum",
+        ),
+        (
+            "table",
+            {
+                let mut b = good.clone();
+                let n = b.len();
+                b[n - 5] ^= 0xff;
+                b
+            },
+            "entry table",
+        ),
+    ] {
+        let e = open(&bytes);
+        assert!(e.contains("bad.meta") && e.contains(want), "{what}: {e}");
+    }
+    // An index for another blob.
+    let other = fixtures().join("ext4-gzip-2/layer.tar.gz");
+    let e = GzFile::open_paths(&other, &fixtures().join("ext4-gzip/gzip.meta"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("2806383"), "{e}");
+    // A damaged window is reported when read.
+    let mut b = good.clone();
+    b[400] ^= 0xff;
+    std::fs::write(&idx, &b).unwrap();
+    let gz = GzFile::open_paths(&blob, &idx).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let e = gz.read_at(&mut buf, 1_100_000).unwrap_err().to_string();
+    assert!(e.contains("bad.meta") && e.contains("window"), "{e}");
+}

@@ -1,0 +1,249 @@
+//! `overlaybd-fuse`: mount an overlaybd layer stack through FUSE.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{bail, Context, Result};
+use blockdev::io::{set_default_backend, IoBackend};
+use clap::{Parser, Subcommand};
+use obdfuse::{Ended, ImageSpec, Mode, MountConfig, MountRequest};
+
+/// Set in the environment of the daemon started by `--background`.
+const DAEMON_ENV: &str = "OVERLAYBD_FUSE_DAEMON";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "overlaybd-fuse",
+    version,
+    about = "Mount an overlaybd layer stack or converted image through FUSE",
+    long_about = "Mount an overlaybd layer stack or converted image through FUSE, without \
+                  root (fusermount3 is used), NBD or a loop device.\n\n\
+                  Block mode (default) shows the virtual disk as MOUNTPOINT/disk; mount it \
+                  with `mount -o loop` (root) or `fuse2fs -o ro` (no root). With --fs the \
+                  files of the ext4 inside are served directly, read-only.\n\n\
+                  Stop with Ctrl-C, SIGTERM or `fusermount -u MOUNTPOINT`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Mount and serve until unmounted or signalled.
+    Mount(MountArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct MountArgs {
+    /// Layer files (sealed LSMT, ZFile, tar-wrapped; bottom first), or one
+    /// overlaybd config.json, or one converted image oci:DIR[:TAG]; then the
+    /// mountpoint (an existing directory).
+    #[arg(required = true, num_args = 1.., value_name = "SOURCE... MOUNTPOINT")]
+    args: Vec<String>,
+
+    /// Writable upper layer (made by overlaybd-create): writes, discards and
+    /// fsync go there; seal it afterwards with overlaybd-commit.
+    #[arg(long, num_args = 2, value_names = ["DATA", "INDEX"])]
+    upper: Option<Vec<PathBuf>>,
+
+    /// Serve the files of the ext4 filesystem inside instead of the disk (read-only).
+    #[arg(long)]
+    fs: bool,
+
+    /// Never write, even with an upper layer.
+    #[arg(long)]
+    read_only: bool,
+
+    /// Return once the mount is ready and keep serving in the background.
+    #[arg(long)]
+    background: bool,
+
+    /// With --background: append the daemon's log messages to this file.
+    #[arg(long, value_name = "FILE", requires = "background")]
+    log: Option<PathBuf>,
+
+    /// Threads serving FUSE requests.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    threads: usize,
+
+    /// Let other users access the mount (a non-root user needs
+    /// user_allow_other in /etc/fuse.conf).
+    #[arg(long)]
+    allow_other: bool,
+
+    /// File I/O backend: io_uring, pread, or auto.
+    #[arg(long, value_name = "uring|pread|auto", default_value = "auto")]
+    io: IoBackend,
+
+    /// Debug logging (OVERLAYBD_LOG overrides).
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Cmd::Mount(a) = cli.cmd;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("OVERLAYBD_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(if a.verbose { "debug" } else { "warn" })
+        });
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    let daemon = std::env::var_os(DAEMON_ENV).is_some();
+    let r = if a.background && !daemon {
+        start_background(&a)
+    } else {
+        run(&a, daemon)
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if daemon {
+                // The parent relays this line.
+                println!("error: {e:#}");
+            } else {
+                eprintln!("overlaybd-fuse: error: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(a: &MountArgs, daemon: bool) -> Result<()> {
+    set_default_backend(a.io);
+    if a.args.len() < 2 {
+        bail!("give the layers (or config.json, or oci:DIR[:TAG]) and then the mountpoint");
+    }
+    let (sources, mp) = a.args.split_at(a.args.len() - 1);
+    let mp = PathBuf::from(&mp[0]);
+    obdfuse::session::check_mountpoint(&mp)?;
+    let mp = mp
+        .canonicalize()
+        .with_context(|| format!("{}: cannot resolve the mountpoint", mp.display()))?;
+    let upper = a.upper.as_ref().map(|v| (v[0].clone(), v[1].clone()));
+    let spec = ImageSpec::from_args(sources, upper)?;
+    let mode = if a.fs { Mode::Fs } else { Mode::Block };
+    let req = MountRequest {
+        writable: spec.upper.is_some() && !a.read_only && mode == Mode::Block,
+        spec,
+        mode,
+        mount: MountConfig {
+            mountpoint: mp.clone(),
+            read_only: true,
+            threads: a.threads,
+            allow_other: a.allow_other,
+            default_permissions: false,
+            fsname: "overlaybd".into(),
+        },
+    };
+    let ended = obdfuse::mount(&req, |r| {
+        let what = match mode {
+            Mode::Block => format!("{}/{}", mp.display(), obdfuse::block::DISK_NAME),
+            Mode::Fs => format!("{} (ext4 files)", mp.display()),
+        };
+        let line = format!(
+            "overlaybd-fuse: serving {} ({} bytes, {}) at {what}; stop with Ctrl-C or `fusermount -u {}`",
+            r.description,
+            r.disk_size,
+            if r.writable { "writable" } else { "read-only" },
+            mp.display()
+        );
+        if daemon {
+            println!("ready {line}");
+            let _ = std::io::stdout().flush();
+            // Detach from the parent's pipe and working directory.
+            if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
+                let _ = nix::unistd::dup2_stdout(&null);
+            }
+            let _ = std::env::set_current_dir("/");
+        } else {
+            println!("{line}");
+            let _ = std::io::stdout().flush();
+        }
+    })?;
+    let how = match ended {
+        Ended::Unmounted => "unmounted".to_string(),
+        Ended::Signal(s) => format!(
+            "stopped by {}",
+            nix::sys::signal::Signal::try_from(s)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|_| s.to_string())
+        ),
+    };
+    if !daemon {
+        println!(
+            "overlaybd-fuse: {} {how}{}",
+            mp.display(),
+            if req.writable {
+                "; upper layer flushed"
+            } else {
+                ""
+            }
+        );
+    } else {
+        tracing::info!("{} {how}", mp.display());
+    }
+    Ok(())
+}
+
+/// Start this program again as a daemon and wait until it reports the mount
+/// ready (or fails).
+fn start_background(a: &MountArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let args: Vec<OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|x| x != "--background")
+        .collect();
+    let stderr = match &a.log {
+        Some(p) => Stdio::from(
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open the log file {}", p.display()))?,
+        ),
+        None => Stdio::null(),
+    };
+    let mut child = Command::new(exe)
+        .args(args)
+        .env(DAEMON_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the daemon")?;
+    let out = child.stdout.take().expect("piped stdout");
+    let mut ready = None;
+    let mut errors = Vec::new();
+    for line in BufReader::new(out).lines() {
+        let line = line.context("reading the daemon's status")?;
+        if let Some(r) = line.strip_prefix("ready ") {
+            ready = Some(r.to_string());
+            break;
+        }
+        errors.push(line.strip_prefix("error: ").unwrap_or(&line).to_string());
+    }
+    match ready {
+        Some(line) => {
+            println!("{line} (daemon pid {})", child.id());
+            Ok(())
+        }
+        None => {
+            let st = child.wait().context("waiting for the daemon")?;
+            if errors.is_empty() {
+                bail!("the daemon exited ({st}) before the mount was ready");
+            }
+            bail!("{}", errors.join("; "))
+        }
+    }
+}

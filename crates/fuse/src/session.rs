@@ -1,0 +1,167 @@
+//! Running a FUSE filesystem on a mountpoint until it is unmounted.
+//!
+//! [`serve`] mounts, reports readiness, serves requests on several threads
+//! and returns once the mount is gone: after `fusermount -u`/`umount`, or
+//! after SIGINT/SIGTERM/SIGHUP, which unmount it (lazily when it is busy, so
+//! a loop device or an open file keeps working until released). A second
+//! signal exits at once. A daemon that is killed leaves a dead mountpoint
+//! ("Transport endpoint is not connected") that `fusermount -u` removes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+
+use fuser::{Config, Filesystem, MountOption, Session, SessionACL, SessionUnmounter};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::error::{Error, Result};
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// Where.
+    pub mountpoint: PathBuf,
+    /// Mount read-only.
+    pub read_only: bool,
+    /// Threads serving requests (at least 1).
+    pub threads: usize,
+    /// Let other users than the mounting one in (`allow_other`; for a
+    /// non-root user this needs `user_allow_other` in /etc/fuse.conf).
+    pub allow_other: bool,
+    /// Let the kernel check permissions against the stored modes and owners.
+    pub default_permissions: bool,
+    /// Shown as the mount's source in /proc/mounts.
+    pub fsname: String,
+}
+
+/// How serving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The mount was removed from outside (`fusermount -u`, `umount`).
+    Unmounted,
+    /// A signal asked us to stop and we unmounted.
+    Signal(i32),
+}
+
+/// Refuse a mountpoint that is not a usable directory, naming the fix for a
+/// dead FUSE mount left by a killed daemon.
+pub fn check_mountpoint(mp: &Path) -> Result<()> {
+    // stat may be answered from the kernel's attribute cache even when the
+    // daemon behind a FUSE mount is gone; opening the directory is not.
+    let md = std::fs::metadata(mp);
+    let usable = match &md {
+        Ok(m) if m.is_dir() => std::fs::read_dir(mp).map(|_| ()),
+        _ => Ok(()),
+    };
+    match md.and_then(|m| usable.map(|()| m)) {
+        Ok(md) if md.is_dir() => Ok(()),
+        Ok(_) => Err(Error::Usage(format!(
+            "{}: the mountpoint is not a directory",
+            mp.display()
+        ))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Err(Error::Usage(format!(
+            "{}: a dead FUSE mount is still there (its daemon was killed); \
+             remove it with `fusermount -u {}`",
+            mp.display(),
+            mp.display()
+        ))),
+        Err(e) => Err(Error::io(mp, "cannot use the mountpoint", e)),
+    }
+}
+
+/// Mount `fs` as `cfg` says, call `ready` once the kernel can send requests,
+/// and serve until the mount goes away.
+pub fn serve<F: Filesystem>(fs: F, cfg: &MountConfig, ready: impl FnOnce()) -> Result<Ended> {
+    let mp = &cfg.mountpoint;
+    check_mountpoint(mp)?;
+    // Block the stop signals before any thread starts, so that every thread
+    // inherits the mask and only the signal thread below receives them.
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        sigs.add(s);
+    }
+    sigs.thread_block()
+        .map_err(|e| Error::io(mp, "cannot block SIGINT/SIGTERM", e.into()))?;
+
+    let mut opts = vec![
+        MountOption::FSName(cfg.fsname.clone()),
+        MountOption::Subtype("overlaybd".into()),
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        if cfg.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    if cfg.default_permissions {
+        opts.push(MountOption::DefaultPermissions);
+    }
+    let mut config = Config::default();
+    config.mount_options = opts;
+    config.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(cfg.threads.max(1));
+
+    let mut session = Session::new(fs, mp, &config).map_err(|e| {
+        Error::io(
+            mp,
+            "cannot mount (is /dev/fuse usable? as a non-root user fusermount3 must be installed)",
+            e,
+        )
+    })?;
+    let unmounter = session.unmount_callable();
+    let got = Arc::new(AtomicI32::new(0));
+    {
+        let got = got.clone();
+        let mp = mp.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || signal_loop(sigs, unmounter, &mp, &got))
+            .map_err(|e| Error::io(&cfg.mountpoint, "cannot start the signal thread", e))?;
+    }
+    ready();
+    session
+        .run()
+        .map_err(|e| Error::io(mp, "serving the mount failed", e))?;
+    Ok(match got.load(Ordering::SeqCst) {
+        0 => Ended::Unmounted,
+        s => Ended::Signal(s),
+    })
+}
+
+fn signal_loop(sigs: SigSet, mut unmounter: SessionUnmounter, mp: &Path, got: &AtomicI32) {
+    while let Ok(sig) = sigs.wait() {
+        if got.swap(sig as i32, Ordering::SeqCst) != 0 {
+            eprintln!("overlaybd-fuse: {sig} again: exiting without waiting for the mount");
+            std::process::exit(130);
+        }
+        tracing::info!("{sig}: unmounting {}", mp.display());
+        if let Err(e) = unmounter.unmount() {
+            eprintln!(
+                "overlaybd-fuse: {}: {e}; detaching it lazily (served until its last user lets go)",
+                mp.display()
+            );
+            detach(mp);
+        }
+    }
+}
+
+/// Lazy unmount: `umount2(MNT_DETACH)` as root, `fusermount3 -u -z` otherwise.
+pub fn detach(mp: &Path) {
+    if nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH).is_ok() {
+        return;
+    }
+    for tool in ["fusermount3", "fusermount"] {
+        if let Ok(st) = Command::new(tool).args(["-u", "-z", "--"]).arg(mp).status() {
+            if st.success() {
+                return;
+            }
+        }
+    }
+    tracing::error!("cannot detach {}", mp.display());
+}

@@ -1,0 +1,391 @@
+//! The seam of filesystem mode: a read-only file tree ([`FileTree`]) and the
+//! FUSE server over any such tree ([`TreeFs`]).
+//!
+//! A tree names inodes by its own numbers (ext4 inode numbers, EROFS nids,
+//! ...). [`TreeFs`] swaps the tree's root with FUSE's root node 1 (and the
+//! tree's inode 1, if any, with the root's number), so every other inode
+//! keeps its number and hard links stay one inode. The tree never changes
+//! while mounted: attributes, entries and names are cached by the kernel for
+//! long, and files keep their page cache across opens.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+/// Result of tree operations: an errno for the client on failure.
+pub type TreeResult<T> = std::result::Result<T, Errno>;
+
+/// Extended attributes of an inode: (full name, value).
+pub type Xattrs = Arc<Vec<(Vec<u8>, Vec<u8>)>>;
+
+/// One name in a directory.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    /// The name (no `/`, not `.` or `..`).
+    pub name: Vec<u8>,
+    /// The tree's inode number.
+    pub ino: u64,
+    /// The file type, when the directory records it.
+    pub kind: Option<FileType>,
+}
+
+/// A directory's contents.
+#[derive(Debug, Clone, Default)]
+pub struct DirList {
+    /// Entries in the tree's order, without `.` and `..`.
+    pub entries: Vec<DirEntry>,
+    /// The parent directory's inode number (the root's own for the root).
+    pub parent: u64,
+}
+
+/// Filesystem-wide counters for statfs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TreeStats {
+    /// Blocks in the filesystem (of `block_size`).
+    pub blocks: u64,
+    /// Free blocks.
+    pub free_blocks: u64,
+    /// Free blocks available to unprivileged users.
+    pub avail_blocks: u64,
+    /// Inodes.
+    pub files: u64,
+    /// Free inodes.
+    pub free_files: u64,
+    /// Block size in bytes.
+    pub block_size: u32,
+}
+
+/// A read-only file tree (the ext4 in a stack today; EROFS next).
+pub trait FileTree: Send + Sync + 'static {
+    /// The root directory's inode number.
+    fn root(&self) -> u64;
+    /// Attributes of `ino`; `ino` field = the tree's number.
+    fn attr(&self, ino: u64) -> TreeResult<FileAttr>;
+    /// The names in directory `ino`.
+    fn dir(&self, ino: u64) -> TreeResult<Arc<DirList>>;
+    /// The inode `name` refers to in directory `dir`.
+    fn lookup(&self, dir: u64, name: &[u8]) -> TreeResult<u64>;
+    /// Up to `len` bytes of regular file `ino` from `offset` (fewer at the end).
+    fn read(&self, ino: u64, offset: u64, len: u32) -> TreeResult<Vec<u8>>;
+    /// The target of symlink `ino`.
+    fn read_link(&self, ino: u64) -> TreeResult<Arc<Vec<u8>>>;
+    /// The extended attributes of `ino`.
+    fn xattrs(&self, ino: u64) -> TreeResult<Xattrs>;
+    /// statfs counters.
+    fn stats(&self) -> TreeStats;
+}
+
+/// Everything is immutable while mounted.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+/// Largest read the kernel sends at once.
+const MAX_READ: u32 = 1 << 20;
+
+/// The FUSE server of a [`FileTree`].
+pub struct TreeFs<T: FileTree> {
+    tree: T,
+    root: u64,
+}
+
+impl<T: FileTree> TreeFs<T> {
+    /// Serve `tree`.
+    pub fn new(tree: T) -> Self {
+        TreeFs {
+            root: tree.root(),
+            tree,
+        }
+    }
+
+    /// The tree served.
+    pub fn tree(&self) -> &T {
+        &self.tree
+    }
+
+    fn fuse_ino(&self, ino: u64) -> INodeNo {
+        INodeNo(if ino == self.root {
+            1
+        } else if ino == 1 {
+            self.root
+        } else {
+            ino
+        })
+    }
+
+    fn tree_ino(&self, ino: INodeNo) -> u64 {
+        if ino.0 == 1 {
+            self.root
+        } else if ino.0 == self.root {
+            1
+        } else {
+            ino.0
+        }
+    }
+
+    fn attr(&self, ino: u64) -> TreeResult<FileAttr> {
+        let mut a = self.tree.attr(ino)?;
+        a.ino = self.fuse_ino(ino);
+        Ok(a)
+    }
+
+    fn fuse_attr(&self, ino: INodeNo) -> TreeResult<FileAttr> {
+        self.attr(self.tree_ino(ino))
+    }
+
+    fn dir_of(&self, ino: INodeNo) -> TreeResult<(u64, Arc<DirList>)> {
+        let i = self.tree_ino(ino);
+        Ok((i, self.tree.dir(i)?))
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, data: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(data.len() as u32)
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE)
+    } else {
+        reply.data(data)
+    }
+}
+
+impl<T: FileTree> Filesystem for TreeFs<T> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(MAX_READ);
+        let _ = config.set_max_background(64);
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = self
+            .tree
+            .lookup(self.tree_ino(parent), name.as_bytes())
+            .and_then(|i| self.attr(i));
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fuse_attr(ino) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.tree.read_link(self.tree_ino(ino)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.fuse_attr(ino) {
+            Ok(a) if a.kind == FileType::Directory => reply.error(Errno::EISDIR),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.tree.read(self.tree_ino(ino), offset, size) {
+            Ok(b) => reply.data(&b),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fuse_attr(ino) {
+            Ok(a) if a.kind == FileType::Directory => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let (me, d) = match self.dir_of(ino) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let total = d.entries.len() as u64 + 2;
+        for i in offset..total {
+            let (name, ino, kind): (&[u8], u64, FileType) = match i {
+                0 => (b".", me, FileType::Directory),
+                1 => (b"..", d.parent, FileType::Directory),
+                _ => {
+                    let e = &d.entries[(i - 2) as usize];
+                    let kind = match e.kind {
+                        Some(k) => k,
+                        None => match self.tree.attr(e.ino) {
+                            Ok(a) => a.kind,
+                            Err(err) => return reply.error(err),
+                        },
+                    };
+                    (&e.name, e.ino, kind)
+                }
+            };
+            if reply.add(self.fuse_ino(ino), i + 1, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (me, d) = match self.dir_of(ino) {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let total = d.entries.len() as u64 + 2;
+        for i in offset..total {
+            let (name, ino): (&[u8], u64) = match i {
+                0 => (b".", me),
+                1 => (b"..", d.parent),
+                _ => {
+                    let e = &d.entries[(i - 2) as usize];
+                    (&e.name, e.ino)
+                }
+            };
+            let a = match self.attr(ino) {
+                Ok(a) => a,
+                Err(e) => return reply.error(e),
+            };
+            if reply.add(
+                a.ino,
+                i + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &a,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.tree.stats();
+        reply.statfs(
+            s.blocks,
+            s.free_blocks,
+            s.avail_blocks,
+            s.files,
+            s.free_files,
+            s.block_size,
+            255,
+            s.block_size,
+        )
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.tree.xattrs(self.tree_ino(ino)) {
+            Ok(x) => match x.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
+                Some((_, v)) => reply_xattr(reply, v, size),
+                None => reply.error(Errno::ENODATA),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.tree.xattrs(self.tree_ino(ino)) {
+            Ok(x) => {
+                let mut list = Vec::new();
+                for (k, _) in x.iter() {
+                    list.extend_from_slice(k);
+                    list.push(0);
+                }
+                reply_xattr(reply, &list, size)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tree with nothing but a root numbered like an EROFS nid.
+    struct Root(u64);
+    impl FileTree for Root {
+        fn root(&self) -> u64 {
+            self.0
+        }
+        fn attr(&self, _ino: u64) -> TreeResult<FileAttr> {
+            Err(Errno::ENOENT)
+        }
+        fn dir(&self, _ino: u64) -> TreeResult<Arc<DirList>> {
+            Err(Errno::ENOENT)
+        }
+        fn lookup(&self, _dir: u64, _name: &[u8]) -> TreeResult<u64> {
+            Err(Errno::ENOENT)
+        }
+        fn read(&self, _ino: u64, _offset: u64, _len: u32) -> TreeResult<Vec<u8>> {
+            Err(Errno::ENOENT)
+        }
+        fn read_link(&self, _ino: u64) -> TreeResult<Arc<Vec<u8>>> {
+            Err(Errno::ENOENT)
+        }
+        fn xattrs(&self, _ino: u64) -> TreeResult<Xattrs> {
+            Err(Errno::ENOENT)
+        }
+        fn stats(&self) -> TreeStats {
+            TreeStats::default()
+        }
+    }
+
+    #[test]
+    fn root_and_inode_one_swap_everything_else_stays() {
+        for root in [2u64, 36, 1] {
+            let fs = TreeFs::new(Root(root));
+            assert_eq!(fs.fuse_ino(root), INodeNo(1));
+            assert_eq!(fs.tree_ino(INodeNo(1)), root);
+            for i in [1u64, 2, 3, 36, 37, 1 << 40] {
+                assert_eq!(fs.tree_ino(fs.fuse_ino(i)), i, "root {root}, ino {i}");
+            }
+            assert_eq!(fs.fuse_ino(5), INodeNo(5));
+        }
+    }
+}

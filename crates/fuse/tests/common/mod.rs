@@ -1,0 +1,248 @@
+//! Helpers for the FUSE integration tests: running `overlaybd-fuse`, the
+//! tools it works with, loop mounts, and teardown that always unmounts.
+#![allow(dead_code, unused_imports)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub use testutil::{assert_ok, assert_same_tree, err_text, fixtures, run_ok, tool};
+
+/// The binary under test.
+pub fn fuse_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_overlaybd-fuse")
+}
+
+/// A binary of another workspace package (convertor, overlaybd-create, ...),
+/// built into the same target directory as this test.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo build --release -p overlaybd-tools` (cargo test --workspace builds it)",
+        p.display()
+    );
+    p
+}
+
+/// The reference stack of the upstream fixtures: the base layer and the
+/// committed layer holding `input.tar`, as pushed (tar-wrapped lz4 ZFile).
+pub fn fixture_layers() -> Vec<PathBuf> {
+    let b = fixtures().join("baselayer");
+    vec![b.join("ext4_64"), b.join("commit.lz4.zfile.tar")]
+}
+
+/// `tests/images/build.py`.
+pub fn build_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/images/build.py")
+}
+
+/// `build.py <args>`, returning stdout.
+pub fn build_py_run(args: &[&std::ffi::OsStr]) -> Vec<u8> {
+    run_ok(Command::new(tool("python3")).arg(build_py()).args(args)).stdout
+}
+
+/// Build `build.py <kind>` into `dir` and convert `layout:tag` to `tag_obd`
+/// with the convertor; returns the OCI layout holding both.
+pub fn converted_image(kind: &str, dir: &Path, sub: &str, tag: &str) -> PathBuf {
+    build_py_run(&[kind.as_ref(), dir.as_os_str()]);
+    let layout = dir.join(sub);
+    run_ok(
+        Command::new(workspace_bin("convertor"))
+            .arg("-r")
+            .arg(format!("oci:{}", layout.display()))
+            .args(["-i", tag, "-o", &format!("{tag}_obd")])
+            .arg("-d")
+            .arg(dir.join("work")),
+    );
+    layout
+}
+
+/// The tree of a directory as build.py sees it (content, mode, owner, mtime,
+/// xattrs, symlinks, devices, hard-link groups) as JSON.
+pub fn scan(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&build_py_run(&["scan".as_ref(), dir.as_os_str()])).unwrap()
+}
+
+/// The reference tree of `tag` in an OCI layout (layers merged by build.py).
+pub fn reference_tree(layout: &Path, tag: &str) -> serde_json::Value {
+    serde_json::from_slice(&build_py_run(&[
+        "tree".as_ref(),
+        layout.as_os_str(),
+        tag.as_ref(),
+    ]))
+    .unwrap()
+}
+
+/// Whether `path` is a mountpoint (listed in /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let p = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+}
+
+/// A mounted `overlaybd-fuse`; unmounts (and reaps a foreground daemon) on drop.
+pub struct Fuse {
+    pub mp: PathBuf,
+    pub child: Option<Child>,
+    pub ready: String,
+}
+
+impl Fuse {
+    /// `overlaybd-fuse mount --background ARGS... MP`.
+    pub fn background(args: &[&std::ffi::OsStr], mp: &Path) -> Fuse {
+        std::fs::create_dir_all(mp).unwrap();
+        let o = run_ok(
+            Command::new(fuse_bin())
+                .arg("mount")
+                .arg("--background")
+                .args(args)
+                .arg(mp),
+        );
+        assert!(is_mounted(mp), "not mounted after --background returned");
+        Fuse {
+            mp: mp.to_path_buf(),
+            child: None,
+            ready: String::from_utf8_lossy(&o.stdout).into_owned(),
+        }
+    }
+
+    /// `overlaybd-fuse mount ARGS... MP` in the foreground; returns once it
+    /// printed its ready line.
+    pub fn foreground(args: &[&std::ffi::OsStr], mp: &Path) -> Fuse {
+        std::fs::create_dir_all(mp).unwrap();
+        let mut child = Command::new(fuse_bin())
+            .arg("mount")
+            .args(args)
+            .arg(mp)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if !line.contains("serving") {
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "overlaybd-fuse did not get ready: {line}{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Fuse {
+            mp: mp.to_path_buf(),
+            child: Some(child),
+            ready: line,
+        }
+    }
+
+    pub fn disk(&self) -> PathBuf {
+        self.mp.join("disk")
+    }
+
+    /// The daemon's pid (foreground only).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Wait for a foreground daemon to exit and return its output (the
+    /// mount, if still there, is cleaned up when `self` is dropped).
+    pub fn wait(&mut self) -> Output {
+        self.child.take().unwrap().wait_with_output().unwrap()
+    }
+
+    /// Unmount with `fusermount -u` (the daemon then exits).
+    pub fn unmount(&self) {
+        run_ok(Command::new(tool("fusermount")).arg("-u").arg(&self.mp));
+    }
+}
+
+impl Drop for Fuse {
+    fn drop(&mut self) {
+        if is_mounted(&self.mp) {
+            let _ = Command::new("fusermount").arg("-u").arg(&self.mp).status();
+        }
+        if is_mounted(&self.mp) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mp).status();
+        }
+        if let Some(mut c) = self.child.take() {
+            if c.try_wait().ok().flatten().is_none() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A kernel mount (loop device or fuse2fs); unmounted on drop.
+pub struct KernelMount {
+    pub mp: PathBuf,
+    fuse: bool,
+}
+
+impl KernelMount {
+    /// `mount -o loop,OPTS IMAGE MP`.
+    pub fn loop_mount(image: &Path, mp: &Path, opts: &str) -> KernelMount {
+        std::fs::create_dir_all(mp).unwrap();
+        run_ok(
+            Command::new(tool("mount"))
+                .args(["-o", &format!("loop,{opts}")])
+                .arg(image)
+                .arg(mp),
+        );
+        KernelMount {
+            mp: mp.to_path_buf(),
+            fuse: false,
+        }
+    }
+
+    /// `fuse2fs -o ro IMAGE MP`.
+    pub fn fuse2fs(image: &Path, mp: &Path) -> KernelMount {
+        std::fs::create_dir_all(mp).unwrap();
+        run_ok(
+            Command::new(tool("fuse2fs"))
+                .arg(image)
+                .arg(mp)
+                .args(["-o", "ro"]),
+        );
+        KernelMount {
+            mp: mp.to_path_buf(),
+            fuse: true,
+        }
+    }
+
+    /// Unmount now, failing the test if that fails.
+    pub fn unmount(mut self) {
+        self.do_unmount(true);
+    }
+
+    fn do_unmount(&mut self, check: bool) {
+        if !is_mounted(&self.mp) {
+            return;
+        }
+        let st = if self.fuse {
+            Command::new("fusermount").arg("-u").arg(&self.mp).status()
+        } else {
+            Command::new("umount").arg(&self.mp).status()
+        };
+        if check {
+            assert!(
+                st.unwrap().success(),
+                "unmounting {} failed",
+                self.mp.display()
+            );
+        } else if is_mounted(&self.mp) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mp).status();
+        }
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        self.do_unmount(false);
+    }
+}

@@ -1,0 +1,159 @@
+//! Shutdown and failure behaviour with the real kernel FUSE: signals and
+//! `fusermount -u` unmount and exit 0, a busy mount is detached and served
+//! until released, a killed daemon leaves a mountpoint `fusermount -u`
+//! recovers, and clients get errno values, never a hang.
+
+mod common;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+fn layers_args(layers: &[std::path::PathBuf]) -> Vec<&std::ffi::OsStr> {
+    layers.iter().map(|p| p.as_os_str()).collect()
+}
+
+#[test]
+fn sigterm_and_sigint_unmount_and_exit_zero() {
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        let mp = t.path().join(format!("mp-{sig}"));
+        let mut f = Fuse::foreground(&layers_args(&layers), &mp);
+        assert_eq!(std::fs::metadata(f.disk()).unwrap().len(), 64 << 30);
+        kill(Pid::from_raw(f.pid()), sig).unwrap();
+        let o = f.wait();
+        assert_ok(&o);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains(&format!("stopped by {sig}")), "{out}");
+        assert!(!is_mounted(&mp), "{sig} left {} mounted", mp.display());
+    }
+}
+
+#[test]
+fn fusermount_u_stops_the_daemon_with_status_zero() {
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    let mut f = Fuse::foreground(&layers_args(&layers), &t.path().join("mp"));
+    f.unmount();
+    let o = f.wait();
+    assert_ok(&o);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("unmounted"));
+}
+
+#[test]
+fn busy_mount_is_detached_on_sigterm_and_served_until_released() {
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    let mp = t.path().join("mp");
+    let mut f = Fuse::foreground(&layers_args(&layers), &mp);
+    let disk = File::open(f.disk()).unwrap();
+    let mut sb = [0u8; 2];
+    kill(Pid::from_raw(f.pid()), Signal::SIGTERM).unwrap();
+    // The open file keeps the (now detached) mount alive and readable:
+    // reading the ext4 magic blocks until the daemon answers.
+    disk.read_exact_at(&mut sb, 1024 + 56).unwrap();
+    assert_eq!(u16::from_le_bytes(sb), 0xEF53);
+    // Wait (without a timer) for the detach: the daemon's stderr says it.
+    let mut err = String::new();
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(f.child.as_mut().unwrap().stderr.take().unwrap());
+    while !err.contains("detaching") {
+        let mut l = String::new();
+        assert!(r.read_line(&mut l).unwrap() > 0, "no detach message: {err}");
+        err.push_str(&l);
+    }
+    assert!(!is_mounted(&mp), "still mounted after the detach");
+    disk.read_exact_at(&mut sb, 1024 + 56).unwrap();
+    assert_eq!(u16::from_le_bytes(sb), 0xEF53);
+    drop(disk);
+    let o = f.wait();
+    assert_ok(&o);
+}
+
+#[test]
+fn killed_daemon_leaves_a_mountpoint_that_fusermount_recovers() {
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    let mp = t.path().join("mp");
+    let mut f = Fuse::foreground(&layers_args(&layers), &mp);
+    let disk = File::open(f.disk()).unwrap();
+    kill(Pid::from_raw(f.pid()), Signal::SIGKILL).unwrap();
+    let pid = f.pid();
+    let o = f.wait();
+    assert!(!o.status.success());
+    // Clients get ENOTCONN, not a hang.
+    let mut b = [0u8; 4096];
+    let e = disk.read_at(&mut b, 1 << 30).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "pid {pid}: {e}");
+    let e = std::fs::read_dir(&mp).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    drop(disk);
+    // Mounting again names the fix.
+    let o = Command::new(fuse_bin())
+        .arg("mount")
+        .args(&layers)
+        .arg(&mp)
+        .output()
+        .unwrap();
+    let e = err_text(&o);
+    assert!(e.contains("fusermount -u"), "{e}");
+    // fusermount -u recovers the mountpoint, which mounts again.
+    run_ok(Command::new(tool("fusermount")).arg("-u").arg(&mp));
+    assert!(!is_mounted(&mp));
+    let f = Fuse::background(&layers_args(&layers), &mp);
+    assert_eq!(std::fs::metadata(f.disk()).unwrap().len(), 64 << 30);
+    f.unmount();
+}
+
+#[test]
+fn bad_sources_fail_with_one_line_and_mount_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let mp = t.path().join("mp");
+    std::fs::create_dir_all(&mp).unwrap();
+    let missing = t.path().join("nope.blob");
+    let notdir = t.path().join("file");
+    std::fs::write(&notdir, b"x").unwrap();
+    let garbage = t.path().join("garbage.blob");
+    std::fs::write(&garbage, vec![7u8; 8192]).unwrap();
+    let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
+        (
+            vec![missing.clone().into(), mp.clone().into()],
+            "not a layer file",
+        ),
+        (
+            vec![garbage.clone().into(), mp.clone().into()],
+            "garbage.blob",
+        ),
+        (
+            vec![fixture_layers()[0].clone().into(), notdir.clone().into()],
+            "not a directory",
+        ),
+        (
+            vec![
+                format!("oci:{}", t.path().display()).into(),
+                mp.clone().into(),
+            ],
+            "index.json",
+        ),
+        (vec![mp.clone().into()], "mountpoint"),
+    ];
+    for (args, want) in cases {
+        for bg in [false, true] {
+            let mut c = Command::new(fuse_bin());
+            c.arg("mount");
+            if bg {
+                c.arg("--background");
+            }
+            let o = c.args(&args).output().unwrap();
+            let e = err_text(&o);
+            assert!(e.contains(want), "{args:?}: {e}");
+            assert_eq!(e.trim().lines().count(), 1, "{e}");
+            assert!(!is_mounted(&mp));
+        }
+    }
+}

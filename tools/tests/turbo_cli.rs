@@ -1,0 +1,228 @@
+//! TurboOCI through the binaries, with upstream's exact command lines
+//! (fixture README): `overlaybd-create --turboOCI --mkfs`, `turboOCI-apply
+//! --gz_index_path`, `overlaybd-commit -z --fastoci`; gzip.meta is
+//! byte-identical, target mappings equal upstream's, and `overlaybd-nbd`
+//! serves the resulting TurboOCI stack (read with nbdcopy, e2fsck-clean).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use blockdev::layer::open_blob;
+use blockdev::lsmt::writable::TAG_TARGET;
+use blockdev::lsmt::SealedLayer;
+use testutil::{err_text, run_ok};
+
+const CREATE: &str = env!("CARGO_BIN_EXE_overlaybd-create");
+const APPLY: &str = env!("CARGO_BIN_EXE_turboOCI-apply");
+const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
+const NBD: &str = env!("CARGO_BIN_EXE_overlaybd-nbd");
+
+fn fx(p: &str) -> PathBuf {
+    testutil::turbo_fixtures().join(p)
+}
+
+/// One layer dir as the Go convertor lays it out; returns the config written.
+fn run_layer(d: &Path, blob: &Path, lowers: &[serde_json::Value], mkfs: bool) -> PathBuf {
+    std::fs::create_dir_all(d).unwrap();
+    std::fs::copy(blob, d.join("layer.tar")).unwrap();
+    let mut c = Command::new(CREATE);
+    c.arg(d.join("writable_data"))
+        .arg(d.join("writable_index"))
+        .args(["-s", "64", "--turboOCI"]);
+    if mkfs {
+        c.arg("--mkfs");
+    }
+    run_ok(&mut c);
+    let cfg = d.join("config.json");
+    let j = serde_json::json!({
+        "repoBlobUrl": "",
+        "lowers": lowers,
+        "upper": {"index": d.join("writable_index"), "data": d.join("writable_data"), "target": d.join("layer.tar")},
+        "resultFile": d.join("result"),
+    });
+    std::fs::write(&cfg, j.to_string()).unwrap();
+    let out = run_ok(
+        Command::new(APPLY)
+            .arg(d.join("layer.tar"))
+            .arg(&cfg)
+            .arg("--gz_index_path")
+            .arg(d.join("gzip.meta")),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("turboOCI-apply done"));
+    assert_eq!(
+        std::fs::read_to_string(d.join("result")).unwrap(),
+        "success"
+    );
+    run_ok(
+        Command::new(COMMIT)
+            .arg(d.join("writable_data"))
+            .arg(d.join("writable_index"))
+            .arg(d.join("ext4.fs.meta"))
+            .args(["-z", "--fastoci"]),
+    );
+    cfg
+}
+
+/// Tag-1 entries as (target offset, length), sorted.
+fn target_maps(meta: &Path) -> Vec<(u64, u32)> {
+    let (blob, _) = open_blob(meta).unwrap();
+    let l = SealedLayer::open_warp(blob).unwrap();
+    let mut v: Vec<(u64, u32)> = l
+        .index()
+        .entries()
+        .iter()
+        .filter(|m| m.tag == TAG_TARGET)
+        .map(|m| (m.moffset, m.length))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn upstream_command_lines_build_a_turbo_image_nbd_can_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d0, d1) = (dir.path().join("0000"), dir.path().join("0001"));
+    run_layer(&d0, &fx("ext4-gzip/layer.tar.gz"), &[], true);
+    let lower0 = serde_json::json!({
+        "gzipIndex": d0.join("gzip.meta"), "file": d0.join("ext4.fs.meta"),
+        "targetFile": d0.join("layer.tar"), "targetDigest": "sha256:77ad7703c0bdc0d0498cc02fe565c8ff23fe87975ef2d5ec4e9059034e06f948"});
+    run_layer(
+        &d1,
+        &fx("ext4-gzip-2/layer.tar.gz"),
+        std::slice::from_ref(&lower0),
+        false,
+    );
+    for (d, case) in [(&d0, "ext4-gzip"), (&d1, "ext4-gzip-2")] {
+        assert!(
+            std::fs::read(d.join("gzip.meta")).unwrap()
+                == std::fs::read(fx(&format!("{case}/gzip.meta"))).unwrap(),
+            "{case}: gzip.meta differs from upstream's"
+        );
+        // Every file's data is mapped to the same tar ranges as upstream's.
+        assert_eq!(
+            target_maps(&d.join("ext4.fs.meta")),
+            target_maps(&fx(&format!("{case}/ext4.fs.meta"))),
+            "{case}: target mappings"
+        );
+    }
+
+    // overlaybd-nbd serves the two-layer TurboOCI stack; nbdcopy reads it.
+    let lower1 = serde_json::json!({
+        "gzipIndex": d1.join("gzip.meta"), "file": d1.join("ext4.fs.meta"),
+        "targetFile": d1.join("layer.tar"), "targetDigest": "sha256:ac91"});
+    let cfg = dir.path().join("serve.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"lowers": [lower0, lower1]}).to_string(),
+    )
+    .unwrap();
+    let sock = dir.path().join("s.sock");
+    let mut child = Command::new(NBD)
+        .arg("serve")
+        .arg(&cfg)
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--read-only")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut banner)
+        .unwrap();
+    assert!(banner.contains("2 TurboOCI"), "{banner}");
+    let raw = dir.path().join("flat.raw");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let copied = Command::new(testutil::tool("nbdcopy"))
+        .arg(&uri)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    testutil::assert_ok(&copied);
+    if let Err(out) = testutil::e2fsck(&raw) {
+        panic!("e2fsck: {out}");
+    }
+    let rd = dir.path().join("rd");
+    testutil::rdump(&raw, &rd);
+    std::fs::remove_file(&raw).unwrap();
+    let t = testutil::tree(&rd);
+    let rbash = &t["usr/share/doc/bash/RBASH"];
+    assert_eq!(rbash.size, 1920);
+    assert_eq!(t["usr/share/doc/bash/RBASH.hardlink"], *rbash);
+    assert_eq!(
+        t["usr/share/doc/bash/README.symlink"].detail,
+        "README.abs-guide"
+    );
+    assert!(!t.contains_key("usr/share/doc/bash/inputrc.arrows"));
+    let stats: Vec<&String> = t
+        .keys()
+        .filter(|k| k.starts_with("usr/share/doc/git/contrib/stats/"))
+        .collect();
+    assert_eq!(stats, ["usr/share/doc/git/contrib/stats/after-opaque.txt"]);
+    // A file of the bottom layer reads its bytes from the gzip blob.
+    let want = std::fs::read(testutil::fixtures().join("input.tar")).unwrap();
+    let changes = std::fs::read(rd.join("usr/share/doc/bash/CHANGES.gz")).unwrap();
+    assert_eq!(&changes[..], &want[2560..2560 + 126824]);
+}
+
+#[test]
+fn bad_inputs_fail_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run_ok(
+        Command::new(CREATE)
+            .arg(d.join("data"))
+            .arg(d.join("index"))
+            .args(["64", "--turboOCI"]),
+    );
+    let cfg = d.join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"lowers": [], "upper": {"index": d.join("index"), "data": d.join("data"), "target": d.join("blob")}, "resultFile": d.join("result")}).to_string(),
+    )
+    .unwrap();
+    let apply = |blob: &[u8], extra: &[&str]| {
+        std::fs::write(d.join("blob"), blob).unwrap();
+        let o = Command::new(APPLY)
+            .arg(d.join("blob"))
+            .arg(&cfg)
+            .arg("--gz_index_path")
+            .arg(d.join("gzip.meta"))
+            .args(extra)
+            .output()
+            .unwrap();
+        let e = err_text(&o);
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+        e
+    };
+    let e = apply(&[0x55u8; 3000], &["--mkfs"]);
+    assert!(e.contains("neither a gzip blob nor a tar"), "{e}");
+    assert!(std::fs::read_to_string(d.join("result"))
+        .unwrap()
+        .starts_with("failed:"));
+    let gz = std::fs::read(fx("ext4-gzip/layer.tar.gz")).unwrap();
+    let e = apply(&gz[..100_000], &["--mkfs"]);
+    assert!(e.contains("ends early"), "{e}");
+    let e = apply(&gz, &["--fstype", "xfs"]);
+    assert!(e.contains("unknown --fstype 'xfs'"), "{e}");
+    // A lower whose tar is shorter than what it maps.
+    let short = d.join("short.tar");
+    std::fs::write(
+        &short,
+        &std::fs::read(testutil::fixtures().join("input.tar")).unwrap()[..100_000],
+    )
+    .unwrap();
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"lowers": [{"file": fx("ext4-tar/ext4.fs.meta"), "targetFile": short}],
+            "upper": {"index": d.join("index"), "data": d.join("data"), "target": d.join("blob")}})
+        .to_string(),
+    )
+    .unwrap();
+    let e = apply(&gz, &[]);
+    assert!(e.contains("past the end of the layer tar"), "{e}");
+}
