@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh test
 cargo fmt --all --check
+# Lints: the [workspace.lints] table of Cargo.toml plus clippy's defaults, as errors.
+cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --release
 # By default single reads and writes use pread/pwrite and batches of reads
 # io_uring; run the format and NBD tests again with all file I/O over plain

@@ -247,8 +247,8 @@ fn main() {
         f.nbd_qd16.push(q16);
     }
     let spread = |v: &[f64]| {
-        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().cloned().fold(0.0, f64::max);
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
         format!("{:.0}-{:.0}", lo, hi)
     };
     let mib = |x: f64| x / (1 << 20) as f64;
