@@ -123,7 +123,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.mkfs {
         let result = blockdev::Stack::open(&[], Some((&args.data_file, &args.index_file)))
             .map_err(anyhow::Error::from)
-            .and_then(|s| mkfs(std::sync::Arc::new(s)));
+            .map(std::sync::Arc::new)
+            .and_then(|s| {
+                mkfs(s.clone())?;
+                // Like upstream, no fsync: the layer becomes durable when committed.
+                if let Some(u) = s.upper() {
+                    u.save_index().context("cannot save the layer index")?;
+                }
+                Ok(())
+            });
         if let Err(e) = result {
             let _ = std::fs::remove_file(&args.data_file);
             let _ = std::fs::remove_file(&args.index_file);
