@@ -26,6 +26,15 @@ pub enum Error {
         #[source]
         source: obdfs::Error,
     },
+    /// The EROFS image inside the stack cannot be read.
+    #[error("{what}")]
+    Erofs {
+        /// What was being read.
+        what: String,
+        /// The reader's error.
+        #[source]
+        source: obdfs::erofs::Error,
+    },
     /// An OCI image layout is unusable (missing file, bad JSON, not overlaybd).
     #[error("{path}: {msg}")]
     Oci {

@@ -4,16 +4,19 @@
 //! Metadata (inodes, directories, extent trees, symlinks, xattrs) is read
 //! through libext2fs ([`obdfs::ext2fs::Ext2Fs`], opened read-only over the
 //! stack), which is single-threaded and therefore sits behind one mutex.
-//! What it returns is cached per inode ([`Node`]): the filesystem never
-//! changes while mounted. File data never goes through libext2fs: a file's
-//! block map is resolved once under the mutex, and reads then go straight to
-//! the block device, so any number of data reads run in parallel.
+//! What it returns is cached per inode and piece ([`Node`], directory,
+//! block map, symlink, xattrs) in a bounded [`Cache`]: the filesystem never
+//! changes while mounted, so anything evicted (over budget, or forgotten by
+//! the kernel) is simply read again. File data never goes through
+//! libext2fs: a file's block map is resolved under the mutex, and reads
+//! then go straight to the block device, so any number of data reads run in
+//! parallel.
 //!
 //! Inode numbers, modes, owners, times (nanoseconds), device numbers, block
 //! counts and xattrs are reported as stored.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blockdev::BlockDevice;
@@ -21,8 +24,9 @@ use fuser::{Errno, FileAttr, FileType, INodeNo};
 use obdfs::ext2fs::inode::{self, Inode, Timestamp};
 use obdfs::ext2fs::read::{Counts, Run};
 use obdfs::ext2fs::Ext2Fs;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
+use crate::cache::{xattrs_weight, Cache, CacheStats, Part, DIRENT_WEIGHT, NODE_WEIGHT};
 use crate::error::{errno_of, Error, Result};
 use crate::tree::{DirEntry, DirList, FileTree, TreeResult, TreeStats, Xattrs};
 
@@ -30,6 +34,8 @@ use crate::tree::{DirEntry, DirList, FileTree, TreeResult, TreeStats, Xattrs};
 const EXT4_ROOT: u32 = 2;
 /// libext2fs's metadata cache.
 const META_CACHE: usize = 64 << 20;
+/// Our own metadata cache, by default.
+pub const DEFAULT_CACHE: usize = crate::cache::DEFAULT_BUDGET;
 
 fn time(t: Timestamp) -> SystemTime {
     if t.sec >= 0 {
@@ -72,30 +78,36 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 }
 
 /// A directory's names, listed and indexed.
-struct Dir {
+pub struct Dir {
     list: Arc<DirList>,
     by_name: HashMap<Vec<u8>, u32>,
 }
 
 /// A regular file's data.
-enum Data {
+pub enum Data {
     /// Physical runs of the file's blocks.
     Runs(Vec<Run>),
     /// Inline data (stored in the inode).
     Inline(Vec<u8>),
 }
 
-/// What is cached about one inode.
+/// What is known about one inode without reading more than the inode.
 pub struct Node {
     ino: u32,
     attr: FileAttr,
     /// `i_flags` (the inode itself is read again when its data is mapped,
     /// so a cached node stays small).
     flags: u32,
-    dir: OnceLock<Arc<Dir>>,
-    data: OnceLock<Arc<Data>>,
-    link: OnceLock<Arc<Vec<u8>>>,
-    xattrs: OnceLock<Xattrs>,
+}
+
+/// One cached piece of an inode.
+#[derive(Clone)]
+enum Cached {
+    Node(Arc<Node>),
+    Dir(Arc<Dir>),
+    Data(Arc<Data>),
+    Link(Arc<Vec<u8>>),
+    Xattrs(Xattrs),
 }
 
 /// The ext4 filesystem on a device, as a [`FileTree`].
@@ -105,7 +117,7 @@ pub struct Ext4Tree {
     block_size: u64,
     counts: Counts,
     huge_file: bool,
-    nodes: RwLock<HashMap<u32, Arc<Node>>>,
+    cache: Cache<(u64, Part), Cached>,
 }
 
 /// The errno for a libext2fs or device failure (logged).
@@ -119,8 +131,15 @@ fn ext_errno(e: &obdfs::Error) -> Errno {
 }
 
 impl Ext4Tree {
-    /// Open the ext4 filesystem on `dev` (read-only).
+    /// Open the ext4 filesystem on `dev` (read-only), caching at most
+    /// [`DEFAULT_CACHE`] bytes of metadata.
     pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Self> {
+        Self::open_with_cache(dev, DEFAULT_CACHE)
+    }
+
+    /// Open the ext4 filesystem on `dev` (read-only), caching at most
+    /// `cache_bytes` of metadata (inodes, directories, block maps).
+    pub fn open_with_cache(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Result<Self> {
         let fs = Ext2Fs::open_read_only(dev.clone(), META_CACHE).map_err(|source| Error::Ext4 {
             what: "no readable ext4 filesystem on the disk".into(),
             source,
@@ -133,7 +152,7 @@ impl Ext4Tree {
             huge_file,
             fs: Mutex::new(fs),
             dev,
-            nodes: RwLock::new(HashMap::new()),
+            cache: Cache::new(cache_bytes),
         };
         let root = me.node(EXT4_ROOT).map_err(|source| Error::Ext4 {
             what: "cannot read the root directory".into(),
@@ -147,14 +166,23 @@ impl Ext4Tree {
         Ok(me)
     }
 
-    /// The cached node of ext4 inode `ino`, reading it on first use.
+    /// The node of ext4 inode `ino` (cached).
     pub fn node(&self, ino: u32) -> obdfs::Result<Arc<Node>> {
-        if let Some(n) = self.nodes.read().get(&ino) {
-            return Ok(n.clone());
+        let key = (ino as u64, Part::Node);
+        if let Some(Cached::Node(n)) = self.cache.get(&key) {
+            return Ok(n);
         }
         let inode = self.fs.lock().read_inode(ino)?;
         let n = Arc::new(self.make_node(ino, &inode)?);
-        Ok(self.nodes.write().entry(ino).or_insert(n).clone())
+        match self.cache.insert(key, Cached::Node(n.clone()), NODE_WEIGHT) {
+            Cached::Node(c) => Ok(c),
+            _ => Ok(n),
+        }
+    }
+
+    /// The cache's counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
     }
 
     fn make_node(&self, ino: u32, inode: &Inode) -> obdfs::Result<Node> {
@@ -202,10 +230,6 @@ impl Ext4Tree {
             ino,
             attr,
             flags: inode.flags(),
-            dir: OnceLock::new(),
-            data: OnceLock::new(),
-            link: OnceLock::new(),
-            xattrs: OnceLock::new(),
         })
     }
 
@@ -218,8 +242,9 @@ impl Ext4Tree {
     }
 
     fn dir_of(&self, n: &Node) -> obdfs::Result<Arc<Dir>> {
-        if let Some(d) = n.dir.get() {
-            return Ok(d.clone());
+        let key = (n.ino as u64, Part::Dir);
+        if let Some(Cached::Dir(d)) = self.cache.get(&key) {
+            return Ok(d);
         }
         let mut fs = self.fs.lock();
         let names = fs.dir_entries(n.ino)?;
@@ -227,10 +252,12 @@ impl Ext4Tree {
         drop(fs);
         let mut entries = Vec::with_capacity(names.len());
         let mut by_name = HashMap::with_capacity(names.len());
+        let mut weight = 128;
         for (name, ino, ftype) in names {
             if ino == 0 {
                 continue;
             }
+            weight += 2 * name.len() + DIRENT_WEIGHT;
             by_name.insert(name.clone(), ino);
             entries.push(DirEntry {
                 name,
@@ -245,12 +272,16 @@ impl Ext4Tree {
             }),
             by_name,
         });
-        Ok(n.dir.get_or_init(|| d).clone())
+        match self.cache.insert(key, Cached::Dir(d.clone()), weight) {
+            Cached::Dir(c) => Ok(c),
+            _ => Ok(d),
+        }
     }
 
     fn data(&self, n: &Node) -> obdfs::Result<Arc<Data>> {
-        if let Some(d) = n.data.get() {
-            return Ok(d.clone());
+        let key = (n.ino as u64, Part::Data);
+        if let Some(Cached::Data(d)) = self.cache.get(&key) {
+            return Ok(d);
         }
         let mut fs = self.fs.lock();
         let mut inode = fs.read_inode(n.ino)?;
@@ -262,7 +293,16 @@ impl Ext4Tree {
             Data::Runs(fs.block_map(n.ino, &mut inode)?)
         };
         drop(fs);
-        Ok(n.data.get_or_init(|| Arc::new(d)).clone())
+        let weight = 64
+            + match &d {
+                Data::Runs(r) => std::mem::size_of_val(r.as_slice()),
+                Data::Inline(v) => v.len(),
+            };
+        let d = Arc::new(d);
+        match self.cache.insert(key, Cached::Data(d.clone()), weight) {
+            Cached::Data(c) => Ok(c),
+            _ => Ok(d),
+        }
     }
 
     /// Read file bytes `[offset, offset+len)` (clamped to the file size).
@@ -366,8 +406,9 @@ impl FileTree for Ext4Tree {
         if n.attr.kind != FileType::Symlink {
             return Err(Errno::EINVAL);
         }
-        if let Some(l) = n.link.get() {
-            return Ok(l.clone());
+        let key = (ino, Part::Link);
+        if let Some(Cached::Link(l)) = self.cache.get(&key) {
+            return Ok(l);
         }
         let mut fs = self.fs.lock();
         let t = fs
@@ -375,16 +416,39 @@ impl FileTree for Ext4Tree {
             .and_then(|mut i| fs.link_target(n.ino, &mut i))
             .map_err(|e| ext_errno(&e))?;
         drop(fs);
-        Ok(n.link.get_or_init(|| Arc::new(t)).clone())
+        let t = Arc::new(t);
+        match self
+            .cache
+            .insert(key, Cached::Link(t.clone()), 64 + t.len())
+        {
+            Cached::Link(c) => Ok(c),
+            _ => Ok(t),
+        }
     }
 
     fn xattrs(&self, ino: u64) -> TreeResult<Xattrs> {
         let n = self.node_of(ino)?;
-        if let Some(x) = n.xattrs.get() {
-            return Ok(x.clone());
+        let key = (ino, Part::Xattrs);
+        if let Some(Cached::Xattrs(x)) = self.cache.get(&key) {
+            return Ok(x);
         }
         let x = self.fs.lock().xattrs(n.ino).map_err(|e| ext_errno(&e))?;
-        Ok(n.xattrs.get_or_init(|| Arc::new(x)).clone())
+        let x: Xattrs = Arc::new(x);
+        match self
+            .cache
+            .insert(key, Cached::Xattrs(x.clone()), xattrs_weight(&x))
+        {
+            Cached::Xattrs(c) => Ok(c),
+            _ => Ok(x),
+        }
+    }
+
+    fn forget(&self, ino: u64) {
+        self.cache.remove_all(Part::ALL.map(|p| (ino, p)));
+    }
+
+    fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
     }
 
     fn stats(&self) -> TreeStats {

@@ -1,5 +1,5 @@
-//! Just enough of an OCI image layout to find the layer blobs of a converted
-//! (overlaybd) image: `oci:DIR[:TAG]`.
+//! Just enough of an OCI image layout to find the layers of a converted
+//! (overlaybd or TurboOCI) image: `oci:DIR[:TAG]`.
 //!
 //! Layout: `DIR/index.json` lists descriptors (`mediaType`, `digest`, `size`,
 //! `annotations["org.opencontainers.image.ref.name"]` = tag, `platform`);
@@ -7,17 +7,21 @@
 //! image manifest (`layers`: descriptors, bottom first) or an index of
 //! manifests (one per platform). An overlaybd layer descriptor carries the
 //! annotation `containerd.io/snapshot/overlaybd/blob-digest`; its blob is the
-//! tar-wrapped ZFile/LSMT layer that the stack opens directly.
+//! tar-wrapped ZFile/LSMT layer that the stack opens directly. TurboOCI
+//! layers are resolved by [`crate::image`] through [`LayoutStore`].
 //!
-//! This reader is deliberately small and is the one function the crate uses
-//! ([`layer_blobs`]); it is to be replaced by the shared layout code once that
-//! lives in its own crate.
+//! This reader is deliberately small ([`layers`]); it is to be replaced by
+//! the shared layout code once that lives in its own crate.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use blockdev::io::IoFile;
+use blockdev::source::{FileSlice, ReadAt};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::image::{BlobStore, LayerDesc};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const OBD_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
@@ -107,10 +111,10 @@ fn host_arch() -> &'static str {
     }
 }
 
-/// The layer blob files (bottom first) of the overlaybd image `tag` in the
-/// layout at `dir` (the only image when `tag` is `None`). An index picks the
-/// manifest of the host's architecture.
-pub fn layer_blobs(dir: &Path, tag: Option<&str>) -> Result<Vec<PathBuf>> {
+/// The layer descriptors (bottom first) of image `tag` in the layout at
+/// `dir` (the only image when `tag` is `None`). An index picks the manifest
+/// of the host's architecture.
+pub fn layers(dir: &Path, tag: Option<&str>) -> Result<Vec<LayerDesc>> {
     let index_path = dir.join("index.json");
     let index = read_json(&index_path)?;
     let manifests = index.manifests.unwrap_or_default();
@@ -174,33 +178,71 @@ pub fn layer_blobs(dir: &Path, tag: Option<&str>) -> Result<Vec<PathBuf>> {
     if layers.is_empty() {
         return Err(Error::oci(&path, "the manifest has no layers"));
     }
-    let mut out = Vec::with_capacity(layers.len());
-    for (i, l) in layers.iter().enumerate() {
+    Ok(layers
+        .into_iter()
+        .map(|l| LayerDesc {
+            media_type: l.media_type,
+            digest: l.digest,
+            size: l.size,
+            annotations: l.annotations,
+        })
+        .collect())
+}
+
+/// The layer blob files (bottom first) of the native overlaybd image `tag`
+/// in the layout at `dir`.
+pub fn layer_blobs(dir: &Path, tag: Option<&str>) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for (i, l) in layers(dir, tag)?.iter().enumerate() {
         if !l.annotations.contains_key(OBD_DIGEST) {
             return Err(Error::oci(
-                &path,
-                format!(
-                    "not an overlaybd image: layer {i} ({}) has no overlaybd annotations; \
-                     convert the image first (convertor -r oci:DIR -i TAG -o TAG_obd)",
-                    l.media_type
-                ),
+                dir,
+                format!("layer {i} ({}) is not an overlaybd layer", l.media_type),
             ));
         }
-        let p = blob_path(dir, &l.digest)?;
-        let md = std::fs::metadata(&p).map_err(|e| Error::io(&p, format!("layer {i}"), e))?;
-        if l.size != 0 && md.len() != l.size {
-            return Err(Error::oci(
-                &p,
-                format!(
-                    "layer {i} is {} bytes, the manifest says {}",
-                    md.len(),
-                    l.size
-                ),
-            ));
-        }
-        out.push(p);
+        out.push(blob_path(dir, &l.digest)?);
     }
     Ok(out)
+}
+
+/// The blobs of a layout, as a [`BlobStore`].
+#[derive(Debug, Clone)]
+pub struct LayoutStore {
+    dir: PathBuf,
+}
+
+impl LayoutStore {
+    /// The blobs under `dir/blobs`.
+    pub fn new(dir: &Path) -> Self {
+        LayoutStore {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl BlobStore for LayoutStore {
+    fn name(&self) -> String {
+        format!("oci:{}", self.dir.display())
+    }
+
+    fn open(&self, digest: &str, size: Option<u64>) -> Result<Arc<dyn ReadAt>> {
+        let p = blob_path(&self.dir, digest)?;
+        let f = IoFile::open(&p).map_err(|source| Error::Stack {
+            what: format!("blob {digest} is missing from the layout"),
+            source,
+        })?;
+        let s = FileSlice::whole(Arc::new(f)).map_err(|source| Error::Stack {
+            what: format!("cannot read blob {digest}"),
+            source,
+        })?;
+        if let Some(want) = size.filter(|&n| n != 0 && n != s.size()) {
+            return Err(Error::oci(
+                &p,
+                format!("blob is {} bytes, the manifest says {want}", s.size()),
+            ));
+        }
+        Ok(Arc::new(s))
+    }
 }
 
 #[cfg(test)]

@@ -4,66 +4,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
 use common::*;
-
-/// Everything `lstat` says about every path under `root` (except the
-/// root's own inode number, which FUSE reserves).
-fn stat_tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            out.insert(
-                rel,
-                format!(
-                    "ino={} mode={:o} nlink={} uid={} gid={} size={} blocks={} rdev={:x} \
-                     atime={}.{:09} mtime={}.{:09} ctime={}.{:09}",
-                    m.ino(),
-                    m.mode(),
-                    m.nlink(),
-                    m.uid(),
-                    m.gid(),
-                    m.size(),
-                    m.blocks(),
-                    m.rdev(),
-                    m.atime(),
-                    m.atime_nsec(),
-                    m.mtime(),
-                    m.mtime_nsec(),
-                    m.ctime(),
-                    m.ctime_nsec()
-                ),
-            );
-            if m.is_dir() {
-                stack.push(p);
-            }
-        }
-    }
-    out
-}
-
-fn assert_same_stats(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>) {
-    let mut d = Vec::new();
-    for (k, w) in want {
-        match got.get(k) {
-            None => d.push(format!("missing: {k}")),
-            Some(g) if g != w => d.push(format!("{k}:\n  fuse {g}\n  ext4 {w}")),
-            _ => {}
-        }
-    }
-    for k in got.keys().filter(|k| !want.contains_key(*k)) {
-        d.push(format!("unexpected: {k}"));
-    }
-    assert!(d.is_empty(), "{} differences:\n{}", d.len(), d.join("\n"));
-}
 
 /// Flatten the stack to a sparse raw image (in-process) and loop-mount it.
 fn loop_mount_flat(layers: &[std::path::PathBuf], dir: &Path) -> KernelMount {
@@ -129,7 +73,7 @@ fn fs_mode_serves_the_fixture_stack_and_tar_reads_it() {
 }
 
 #[test]
-fn fs_mode_refuses_a_disk_without_ext4() {
+fn fs_mode_refuses_a_disk_without_a_filesystem() {
     let t = tempfile::tempdir().unwrap();
     let (data, index, blob) = (
         t.path().join("data"),
@@ -158,6 +102,6 @@ fn fs_mode_refuses_a_disk_without_ext4() {
         .output()
         .unwrap();
     let e = err_text(&o);
-    assert!(e.contains("no readable ext4 filesystem"), "{e}");
+    assert!(e.contains("neither ext4 nor EROFS"), "{e}");
     assert!(!is_mounted(&mp));
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use blockdev::source::MemSource;
 use blockdev::BlockDevice;
-use obdfuse::{ImageSpec, LayerBlob};
+use obdfuse::{ImageSpec, LayerBlob, LowerSpec};
 
 #[test]
 fn a_layer_read_through_readat_equals_the_file() {
@@ -21,10 +21,10 @@ fn a_layer_read_through_readat_equals_the_file() {
     let lowers = files
         .iter()
         .map(|p| {
-            LayerBlob::Source(Arc::new(MemSource::new(
+            LowerSpec::layer(LayerBlob::Source(Arc::new(MemSource::new(
                 std::fs::read(p).unwrap(),
                 p.clone(),
-            )))
+            ))))
         })
         .collect();
     let spec = ImageSpec {
@@ -61,13 +61,17 @@ fn config_json_names_lowers_and_upper() {
     .unwrap();
     let s = ImageSpec::from_args(&[cfg.display().to_string()], None).unwrap();
     assert_eq!(s.lowers.len(), 1);
-    assert_eq!(s.upper, Some((t.path().join("d"), t.path().join("i"))));
+    let u = s.upper.unwrap();
+    assert_eq!(
+        (u.data, u.index, u.target),
+        (t.path().join("d"), t.path().join("i"), None)
+    );
     let s = ImageSpec::from_args(
         &[cfg.display().to_string()],
         Some((PathBuf::from("/x/d"), PathBuf::from("/x/i"))),
     )
     .unwrap();
-    assert_eq!(s.upper.unwrap().0, PathBuf::from("/x/d"));
+    assert_eq!(s.upper.unwrap().data, PathBuf::from("/x/d"));
     let e = ImageSpec::from_args(&["/no/such/layer".into()], None).unwrap_err();
     assert!(e.to_string().contains("not a layer file"), "{e}");
 }

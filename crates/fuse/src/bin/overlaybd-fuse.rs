@@ -23,7 +23,8 @@ const DAEMON_ENV: &str = "OVERLAYBD_FUSE_DAEMON";
                   root (fusermount3 is used), NBD or a loop device.\n\n\
                   Block mode (default) shows the virtual disk as MOUNTPOINT/disk; mount it \
                   with `mount -o loop` (root) or `fuse2fs -o ro` (no root). With --fs the \
-                  files of the ext4 inside are served directly, read-only.\n\n\
+                  files of the filesystem inside (ext4, or EROFS from TurboOCI --fstype erofs \
+                  images; detected from the superblock) are served directly, read-only.\n\n\
                   Stop with Ctrl-C, SIGTERM or `fusermount -u MOUNTPOINT`."
 )]
 struct Cli {
@@ -50,9 +51,15 @@ struct MountArgs {
     #[arg(long, num_args = 2, value_names = ["DATA", "INDEX"])]
     upper: Option<Vec<PathBuf>>,
 
-    /// Serve the files of the ext4 filesystem inside instead of the disk (read-only).
+    /// Serve the files of the filesystem inside (ext4 or EROFS) instead of
+    /// the disk (read-only).
     #[arg(long)]
     fs: bool,
+
+    /// With --fs: cache at most this many MiB of metadata (inodes,
+    /// directories, block maps); what the kernel forgets is dropped too.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    meta_cache: usize,
 
     /// Never write, even with an upper layer.
     #[arg(long)]
@@ -144,11 +151,16 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
             default_permissions: false,
             fsname: "overlaybd".into(),
         },
+        cache_bytes: a.meta_cache.saturating_mul(1 << 20),
     };
     let ended = obdfuse::mount(&req, |r| {
         let what = match mode {
             Mode::Block => format!("{}/{}", mp.display(), obdfuse::block::DISK_NAME),
-            Mode::Fs => format!("{} (ext4 files)", mp.display()),
+            Mode::Fs => format!(
+                "{} ({} files)",
+                mp.display(),
+                r.fs.map(|f| f.to_string()).unwrap_or_default()
+            ),
         };
         let line = format!(
             "overlaybd-fuse: serving {} ({} bytes, {}) at {what}; stop with Ctrl-C or `fusermount -u {}`",
