@@ -70,7 +70,8 @@ pub struct CacheStats {
     pub entries: u64,
     /// Weight now.
     pub weight: u64,
-    /// Highest weight ever held.
+    /// Highest weight held after an insert (above the budget only when one
+    /// entry alone is heavier).
     pub peak_weight: u64,
     /// Entries dropped to stay within the budget.
     pub evicted: u64,
@@ -136,8 +137,8 @@ impl<K: Hash + Eq + Copy, V: Clone> Cache<K, V> {
         );
         g.ring.push_back((key, generation));
         g.weight += weight;
-        self.peak.fetch_max(g.weight as u64, Ordering::Relaxed);
         self.shrink(&mut g, &key);
+        self.peak.fetch_max(g.weight as u64, Ordering::Relaxed);
         if g.ring.len() > 2 * g.map.len() + 64 {
             let Inner { map, ring, .. } = &mut *g;
             ring.retain(|(k, gen)| map.get(k).is_some_and(|s| s.generation == *gen));
@@ -232,7 +233,7 @@ mod tests {
         }
         let s = c.stats();
         assert_eq!(s.entries, 10);
-        assert_eq!(s.peak_weight, 110);
+        assert_eq!(s.peak_weight, 100);
         assert_eq!(s.evicted, 990);
         assert_eq!(c.get(&999), Some(999));
     }

@@ -118,6 +118,87 @@ pub struct Ext4Tree {
     counts: Counts,
     huge_file: bool,
     cache: Cache<(u64, Part), Cached>,
+    /// Blocks statfs reports (the kernel's count: without the overhead).
+    statfs_blocks: u64,
+}
+
+/// Whether block group `g` holds a superblock backup (and group descriptors).
+fn has_super(g: u64, sparse: bool, sparse2: Option<[u64; 2]>) -> bool {
+    if g == 0 {
+        return true;
+    }
+    if let Some(b) = sparse2 {
+        return g == b[0] || g == b[1];
+    }
+    if g == 1 || !sparse {
+        return true;
+    }
+    if g.is_multiple_of(2) {
+        return false;
+    }
+    [3u64, 5, 7].iter().any(|&p| {
+        let mut x = g;
+        while x.is_multiple_of(p) {
+            x /= p;
+        }
+        x == 1
+    })
+}
+
+/// The blocks the kernel's ext4 counts as overhead (`ext4_calculate_overhead`:
+/// the first data block, per group its superblock backup, group descriptor
+/// and reserved GDT blocks, two bitmaps and inode table, and the journal),
+/// so statfs reports
+/// the size `df` shows for a kernel mount. `sb` is the 1024-byte
+/// superblock; `None` when the layout is one we do not count (bigalloc).
+fn kernel_overhead(sb: &[u8], journal_blocks: u64) -> Option<u64> {
+    let u16_at = |o: usize| u16::from_le_bytes([sb[o], sb[o + 1]]) as u64;
+    let u32_at = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes")) as u64;
+    let (compat, incompat, ro_compat) = (u32_at(92), u32_at(96), u32_at(100));
+    if ro_compat & 0x200 != 0 {
+        return None; // bigalloc
+    }
+    let stored = u32_at(584);
+    let bs = 1024u64.checked_shl(u32_at(24) as u32)?;
+    let is64 = incompat & 0x80 != 0;
+    let blocks = u32_at(4) | if is64 { u32_at(336) << 32 } else { 0 };
+    if stored != 0 && stored <= blocks {
+        return Some(stored);
+    }
+    let first = u32_at(20);
+    let per_group = u32_at(32);
+    let ipg = u32_at(40);
+    let isize = if u32_at(76) >= 1 { u16_at(88) } else { 128 };
+    let desc = if is64 { u16_at(254).max(32) } else { 32 };
+    if per_group == 0 || isize == 0 || desc > bs || blocks <= first {
+        return None;
+    }
+    let groups = (blocks - first).div_ceil(per_group);
+    let per_block = bs / desc;
+    let gdb_count = groups.div_ceil(per_block);
+    let itb = (ipg * isize).div_ceil(bs);
+    let sparse = ro_compat & 0x1 != 0;
+    let sparse2 = (compat & 0x200 != 0).then(|| [u32_at(588), u32_at(592)]);
+    let meta_bg = incompat & 0x10 != 0;
+    let first_meta_bg = u32_at(260);
+    let reserved_gdt = u16_at(206);
+    let mut total = first;
+    for g in 0..groups {
+        let sup = has_super(g, sparse, sparse2);
+        let metagroup = g / per_block;
+        let gdb = if !meta_bg || metagroup < first_meta_bg {
+            match (sup, meta_bg) {
+                (false, _) => 0,
+                (true, true) => first_meta_bg + reserved_gdt,
+                (true, false) => gdb_count + reserved_gdt,
+            }
+        } else {
+            let r = g % per_block;
+            (r == 0 || r == 1 || r == per_block - 1) as u64
+        };
+        total += sup as u64 + gdb + itb + 2;
+    }
+    Some(total + journal_blocks)
 }
 
 /// The errno for a libext2fs or device failure (logged).
@@ -140,12 +221,29 @@ impl Ext4Tree {
     /// Open the ext4 filesystem on `dev` (read-only), caching at most
     /// `cache_bytes` of metadata (inodes, directories, block maps).
     pub fn open_with_cache(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Result<Self> {
-        let fs = Ext2Fs::open_read_only(dev.clone(), META_CACHE).map_err(|source| Error::Ext4 {
-            what: "no readable ext4 filesystem on the disk".into(),
-            source,
-        })?;
+        let mut fs =
+            Ext2Fs::open_read_only(dev.clone(), META_CACHE).map_err(|source| Error::Ext4 {
+                what: "no readable ext4 filesystem on the disk".into(),
+                source,
+            })?;
         let counts = fs.counts();
         let huge_file = fs.has_ro_compat(obdfs::ext2fs::sys::EXT4_FEATURE_RO_COMPAT_HUGE_FILE);
+        let mut sb = [0u8; 1024];
+        dev.read_at(&mut sb, 1024).map_err(|source| Error::Stack {
+            what: "cannot read the ext4 superblock".into(),
+            source,
+        })?;
+        let journal = u32::from_le_bytes(sb[224..228].try_into().expect("4 bytes"));
+        let journal_blocks = if sb[92] & 0x4 != 0 && journal != 0 {
+            fs.read_inode(journal)
+                .map(|i| i.size() / counts.block_size)
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let statfs_blocks = kernel_overhead(&sb, journal_blocks)
+            .and_then(|o| counts.blocks.checked_sub(o))
+            .unwrap_or(counts.blocks);
         let me = Ext4Tree {
             block_size: counts.block_size,
             counts,
@@ -153,6 +251,7 @@ impl Ext4Tree {
             fs: Mutex::new(fs),
             dev,
             cache: Cache::new(cache_bytes),
+            statfs_blocks,
         };
         let root = me.node(EXT4_ROOT).map_err(|source| Error::Ext4 {
             what: "cannot read the root directory".into(),
@@ -454,7 +553,7 @@ impl FileTree for Ext4Tree {
     fn stats(&self) -> TreeStats {
         let c = self.counts;
         TreeStats {
-            blocks: c.blocks,
+            blocks: self.statfs_blocks,
             free_blocks: c.free_blocks,
             avail_blocks: c.free_blocks.saturating_sub(c.reserved_blocks),
             files: c.inodes,

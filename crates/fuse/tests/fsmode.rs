@@ -44,6 +44,10 @@ fn fs_mode_equals_the_kernel_ext4_on_a_converted_image() {
     let want = nix::sys::statvfs::statvfs(&m.mp).unwrap();
     assert_eq!(st.block_size(), want.block_size());
     assert_eq!(st.files(), want.files());
+    assert_eq!(
+        (st.blocks(), st.blocks_free(), st.files_free()),
+        (want.blocks(), want.blocks_free(), want.files_free())
+    );
     assert!(st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
     m.unmount();
     f.unmount();
@@ -104,4 +108,135 @@ fn fs_mode_refuses_a_disk_without_a_filesystem() {
     let e = err_text(&o);
     assert!(e.contains("neither ext4 nor EROFS"), "{e}");
     assert!(!is_mounted(&mp));
+}
+
+/// Everything a tree says, walking it through the `FileTree` calls the FUSE
+/// server makes (attributes, entries, lookups, link targets, xattrs, the
+/// first bytes of each file).
+fn walk<T: obdfuse::tree::FileTree>(t: &T) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![(t.root(), String::new())];
+    while let Some((dir, path)) = stack.pop() {
+        let list = t.dir(dir).unwrap();
+        for e in &list.entries {
+            let name = String::from_utf8_lossy(&e.name).into_owned();
+            let p = format!("{path}/{name}");
+            assert_eq!(t.lookup(dir, &e.name).unwrap(), e.ino, "{p}");
+            let a = t.attr(e.ino).unwrap();
+            let mut line = format!("{p} {a:?} {:?}", t.xattrs(e.ino).unwrap());
+            match a.kind {
+                fuser::FileType::Directory => stack.push((e.ino, p)),
+                fuser::FileType::Symlink => {
+                    line += &format!(" -> {:?}", t.read_link(e.ino).unwrap())
+                }
+                fuser::FileType::RegularFile => {
+                    let d = t.read(e.ino, 0, 4096).unwrap();
+                    line += &format!(" {}", testutil::fnv(&d));
+                }
+                _ => {}
+            }
+            out.push(line);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_small_metadata_cache_stays_within_its_budget() {
+    let stack: std::sync::Arc<dyn blockdev::BlockDevice> =
+        std::sync::Arc::new(blockdev::Stack::open_read_only(&fixture_layers(), None).unwrap());
+    let big = obdfuse::ext4::Ext4Tree::open(stack.clone()).unwrap();
+    let want = walk(&big);
+    assert!(want.len() > 700, "{}", want.len());
+    // More than the largest single entry (a directory of 600 names).
+    let budget = 64 << 10;
+    let small = obdfuse::ext4::Ext4Tree::open_with_cache(stack, budget).unwrap();
+    // Twice: the second walk reads again what was evicted.
+    for _ in 0..2 {
+        assert_eq!(walk(&small), want);
+    }
+    let s = small.cache_stats();
+    assert!(s.peak_weight <= budget as u64, "{s:?}");
+    assert!(s.evicted > 1000, "{s:?}");
+    let b = big.cache_stats();
+    assert!(b.evicted == 0 && b.peak_weight > 4 * budget as u64, "{b:?}");
+    // What the kernel forgets goes.
+    let before = small.cache_stats().entries;
+    use obdfuse::tree::FileTree;
+    for ino in 1..10_000u64 {
+        small.forget(ino);
+    }
+    let after = small.cache_stats();
+    assert!(
+        before > 0 && after.entries == 0 && after.weight == 0,
+        "{after:?}"
+    );
+}
+
+/// `ls -lR` through a mount with a tiny metadata cache: the same listing
+/// every time, the cache never above its budget, and inodes the kernel
+/// drops (drop_caches) are forgotten by the daemon too.
+#[test]
+fn ls_lr_through_a_tiny_cache_is_bounded_and_forgets() {
+    let t = tempfile::tempdir().unwrap();
+    let log = t.path().join("log");
+    let layers = fixture_layers();
+    let mp = t.path().join("mp");
+    std::fs::create_dir_all(&mp).unwrap();
+    run_ok(
+        Command::new(fuse_bin())
+            .env("OVERLAYBD_LOG", "info")
+            .args([
+                "mount",
+                "--background",
+                "--fs",
+                "--meta-cache",
+                "64K",
+                "--log",
+            ])
+            .arg(&log)
+            .args(&layers)
+            .arg(&mp),
+    );
+    let f = Fuse {
+        mp: mp.clone(),
+        child: None,
+        ready: String::new(),
+    };
+    let ls = || run_ok(Command::new(tool("ls")).arg("-lRn").arg(&f.mp)).stdout;
+    let first = ls();
+    assert!(first.len() > 20_000);
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    assert!(ls() == first);
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    f.unmount();
+    // The daemon logs its cache counters when the session ends.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("metadata cache:") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let line = text
+        .lines()
+        .find(|l| l.contains("metadata cache:"))
+        .unwrap_or_else(|| panic!("no cache line in the log:\n{text}"));
+    let num = |after: &str| -> u64 {
+        let i = line
+            .find(after)
+            .unwrap_or_else(|| panic!("{after} in {line}"))
+            + after.len();
+        line[i..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(num("(peak ") <= 64 << 10, "{line}");
+    assert_eq!(num(" of "), 64 << 10, "{line}");
+    assert!(num("), ") > 0, "nothing evicted: {line}");
+    assert!(num("evicted, ") > 0, "nothing forgotten: {line}");
 }

@@ -56,10 +56,11 @@ struct MountArgs {
     #[arg(long)]
     fs: bool,
 
-    /// With --fs: cache at most this many MiB of metadata (inodes,
-    /// directories, block maps); what the kernel forgets is dropped too.
-    #[arg(long, value_name = "MIB", default_value_t = 64)]
-    meta_cache: usize,
+    /// With --fs: cache at most this much metadata (inodes, directories,
+    /// block maps; bytes, or with a K, M or G suffix); what the kernel
+    /// forgets is dropped too.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    meta_cache: u64,
 
     /// Never write, even with an upper layer.
     #[arg(long)]
@@ -70,7 +71,7 @@ struct MountArgs {
     background: bool,
 
     /// With --background: append the daemon's log messages to this file.
-    #[arg(long, value_name = "FILE", requires = "background")]
+    #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
 
     /// Threads serving FUSE requests.
@@ -91,6 +92,29 @@ struct MountArgs {
     verbose: bool,
 }
 
+/// `123`, `64K`, `64M`, `2G` (binary units).
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix '{c}' (use K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512M)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Cmd::Mount(a) = cli.cmd;
@@ -106,6 +130,11 @@ fn main() -> ExitCode {
         .with_target(false)
         .try_init();
     let daemon = std::env::var_os(DAEMON_ENV).is_some();
+    // (Checked here, not by clap: the daemon runs without --background.)
+    if a.log.is_some() && !a.background && !daemon {
+        eprintln!("overlaybd-fuse: error: --log needs --background (in the foreground, messages go to stderr)");
+        return ExitCode::from(2);
+    }
     let r = if a.background && !daemon {
         start_background(&a)
     } else {
@@ -151,7 +180,7 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
             default_permissions: false,
             fsname: "overlaybd".into(),
         },
-        cache_bytes: a.meta_cache.saturating_mul(1 << 20),
+        cache_bytes: usize::try_from(a.meta_cache).unwrap_or(usize::MAX),
     };
     let ended = obdfuse::mount(&req, |r| {
         let what = match mode {
