@@ -30,7 +30,7 @@ for b in python3 zstd skopeo /usr/bin/docker-registry; do
   command -v "$b" >/dev/null || { echo "missing $b" >&2; exit 1; }
 done
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --release -q -p overlaybd-tools --bin convertor
+cargo build --release -q -p overlaybd-convertor --bin convertor
 CONV=$TARGET/release/convertor
 W=$(mktemp -d /tmp/bench-convert.XXXXXX)
 REG_PID=

@@ -11,6 +11,7 @@ SAMPLE=${SAMPLE:-/tmp/overlaybd-sample}
 scripts/deps.sh build
 command -v python3 >/dev/null || { echo "python3 is needed for the sample image" >&2; exit 1; }
 cargo install --quiet --locked --path tools --root "$PREFIX"
+cargo install --quiet --locked --path tools/convertor --root "$PREFIX"
 cargo install --quiet --locked --path crates/fuse --root "$PREFIX"
 export PATH="$PREFIX/bin:$PATH"
 rm -rf "$SAMPLE"

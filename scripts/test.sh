@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh test
 cargo fmt --all --check
+# Lints: the [workspace.lints] table of Cargo.toml plus clippy's defaults, as errors.
+cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --release
 # File I/O runs over io_uring by default where the kernel allows it; run the
 # format and NBD tests again over plain pread/pwrite so both backends are covered.

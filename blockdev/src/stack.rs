@@ -397,6 +397,15 @@ fn widen(offset: u64, len: u64, align: u64) -> (u64, u64) {
     (a, b - a)
 }
 
+/// The whole `align`-sized blocks inside `offset..offset + len`, as `start..end`
+/// (empty when `end <= start`).
+fn inner_blocks(offset: u64, len: u64, align: u64) -> (u64, u64) {
+    (
+        offset.div_ceil(align) * align,
+        (offset + len) / align * align,
+    )
+}
+
 impl BlockDevice for Stack {
     fn size(&self) -> u64 {
         self.size
@@ -448,9 +457,7 @@ impl BlockDevice for Stack {
         let upper = self.upper_for_write()?;
         check_range(offset, len, self.size)?;
         // Only whole aligned blocks can be discarded; the rest is advisory.
-        let al = self.write_align;
-        let a = offset.div_ceil(al) * al;
-        let b = (offset + len) / al * al;
+        let (a, b) = inner_blocks(offset, len, self.write_align);
         if b > a {
             upper.discard(a, b - a)?;
         }
@@ -460,9 +467,7 @@ impl BlockDevice for Stack {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let upper = self.upper_for_write()?;
         check_range(offset, len, self.size)?;
-        let al = self.write_align;
-        let a = offset.div_ceil(al) * al;
-        let b = (offset + len) / al * al;
+        let (a, b) = inner_blocks(offset, len, self.write_align);
         if b <= a {
             return self.write_at(&vec![0u8; len as usize], offset);
         }

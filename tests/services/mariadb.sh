@@ -51,7 +51,10 @@ trap 'exit 130' INT TERM
 
 user_opt=()
 [ "$(id -u)" = 0 ] && user_opt=(--user=root)
-common=(--innodb-buffer-pool-size=32M --innodb-log-file-size=8M --skip-name-resolve)
+# A private tmpdir: mariadbd deletes every #sql* file in its tmpdir at start-up, which
+# breaks any other MariaDB server sharing /tmp.
+mkdir -p "$dir/tmp"
+common=(--innodb-buffer-pool-size=32M --innodb-log-file-size=8M --skip-name-resolve --tmpdir="$dir/tmp")
 
 "$install_db" --no-defaults --datadir="$dir/data" --auth-root-authentication-method=normal \
     --skip-test-db "${common[@]}" "${user_opt[@]}" >"$dir/install.log" 2>&1 \

@@ -23,10 +23,20 @@ pub fn run(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
     match body() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{tool}: error: {e:#}");
+            report(tool, &e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line (`error: cause: cause`), each cause once.
+pub fn error_line(e: &anyhow::Error) -> String {
+    obdoci::error::Chain(e.as_ref()).to_string()
+}
+
+/// Print `<tool>: error: <cause chain>` on stderr.
+pub fn report(tool: &str, e: &anyhow::Error) {
+    eprintln!("{tool}: error: {}", error_line(e));
 }
 
 /// `1.5 GiB`-style sizes.

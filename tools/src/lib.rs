@@ -1,13 +1,8 @@
-//! Shared code for the overlaybd command-line tools.
+//! Shared code of the overlaybd command-line tools: [`cli`], helpers of the thin
+//! binaries (logging, error reporting, sizes, progress).
 //!
-//! * [`cli`]: helpers shared by the thin binaries.
-//! * [`oci`]: the OCI/Docker image model and the OCI image-layout store.
-//! * [`registry`]: a client for the OCI distribution API.
-//! * [`convert`]: the image convertor (OCI image → overlaybd image).
-//! * [`dedup`]: the conversion database (MySQL, SQLite) for layer/manifest dedup.
+//! The libraries behind the convertor live in their own crates (`crates/`):
+//! `obdoci` (OCI image model and layouts), `obdregistry` (distribution client),
+//! `obddedup` (dedup database), `obdconvert` (the conversion pipeline).
 
 pub mod cli;
-pub mod convert;
-pub mod dedup;
-pub mod oci;
-pub mod registry;

@@ -113,9 +113,10 @@ pub unsafe fn channel_of<'a>(io: sys::io_channel) -> &'a mut Channel {
     unsafe { &mut *((*io).private_data as *mut Channel) }
 }
 
-fn byte_range(io: sys::io_channel, block: u64, count: c_int) -> (u64, usize) {
-    // SAFETY: libext2fs passes a channel this manager opened.
-    let bs = unsafe { (*io).block_size } as u64;
+/// Byte offset and length of a libext2fs block request: `count` blocks of the channel's
+/// `block_size` at `block`, or, when negative, `-count` bytes.
+fn byte_range(block_size: c_int, block: u64, count: c_int) -> (u64, usize) {
+    let bs = block_size as u64;
     if count < 0 {
         (block * bs, (-(count as i64)) as usize)
     } else {
@@ -123,11 +124,27 @@ fn byte_range(io: sys::io_channel, block: u64, count: c_int) -> (u64, usize) {
     }
 }
 
+/// The block size of an open channel.
+///
+/// # Safety
+/// `io` must be a channel opened by this manager and not yet closed.
+unsafe fn block_size(io: sys::io_channel) -> c_int {
+    // SAFETY: guaranteed by the caller: `io` points to the live struct ch_open made.
+    unsafe { (*io).block_size }
+}
+
 fn record(ch: &mut Channel, e: blockdev::Error, code: sys::errcode_t) -> sys::errcode_t {
     ch.last_error = Some(e.to_string());
     code
 }
 
+// The `ch_*` callbacks are called by libext2fs only, through MANAGER, one at a time per
+// channel; each states what libext2fs guarantees it.
+
+/// `io_manager.open`: takes the channel registered under `name` (see [`register`]).
+///
+/// # Safety
+/// `name` is NULL or a NUL-terminated string; `out` is NULL or valid for a write.
 unsafe extern "C" fn ch_open(
     name: *const c_char,
     _flags: c_int,
@@ -160,6 +177,11 @@ unsafe extern "C" fn ch_open(
     0
 }
 
+/// `io_manager.close`: drops a reference; the last one writes the cache back and frees
+/// the channel.
+///
+/// # Safety
+/// `io` is an open channel of this manager; after the last reference it is not used again.
 unsafe extern "C" fn ch_close(io: sys::io_channel) -> sys::errcode_t {
     // SAFETY: `io` was created by ch_open and is still open.
     let chan = unsafe { &mut *io };
@@ -183,6 +205,10 @@ unsafe extern "C" fn ch_close(io: sys::io_channel) -> sys::errcode_t {
     rc
 }
 
+/// `io_manager.set_blksize`.
+///
+/// # Safety
+/// `io` is an open channel of this manager.
 unsafe extern "C" fn ch_set_blksize(io: sys::io_channel, blksize: c_int) -> sys::errcode_t {
     if blksize <= 0 {
         return sys::EXT2_ET_INVALID_ARGUMENT as sys::errcode_t;
@@ -192,13 +218,19 @@ unsafe extern "C" fn ch_set_blksize(io: sys::io_channel, blksize: c_int) -> sys:
     0
 }
 
+/// Read `count` blocks (or `-count` bytes) at `block` into `data`.
+///
+/// # Safety
+/// `io` is an open channel of this manager with no other reference to its [`Channel`]
+/// alive; `data` is valid for writes of the bytes the request covers.
 unsafe fn do_read(
     io: sys::io_channel,
     block: u64,
     count: c_int,
     data: *mut c_void,
 ) -> sys::errcode_t {
-    let (off, len) = byte_range(io, block, count);
+    // SAFETY: guaranteed by the caller.
+    let (off, len) = byte_range(unsafe { block_size(io) }, block, count);
     // SAFETY: libext2fs guarantees `data` holds `len` bytes.
     let buf = unsafe { std::slice::from_raw_parts_mut(data as *mut u8, len) };
     // SAFETY: open channel; no other reference to the Channel exists while
@@ -213,6 +245,11 @@ unsafe fn do_read(
     }
 }
 
+/// Write `len` bytes of `data` at byte `off`.
+///
+/// # Safety
+/// `io` is an open channel of this manager with no other reference to its [`Channel`]
+/// alive; `data` is valid for reads of `len` bytes.
 unsafe fn do_write(
     io: sys::io_channel,
     off: u64,
@@ -229,6 +266,10 @@ unsafe fn do_write(
     }
 }
 
+/// `io_manager.read_blk`.
+///
+/// # Safety
+/// As [`do_read`].
 unsafe extern "C" fn ch_read_blk(
     io: sys::io_channel,
     block: c_ulong,
@@ -239,6 +280,10 @@ unsafe extern "C" fn ch_read_blk(
     unsafe { do_read(io, block, count, data) }
 }
 
+/// `io_manager.read_blk64`.
+///
+/// # Safety
+/// As [`do_read`].
 unsafe extern "C" fn ch_read_blk64(
     io: sys::io_channel,
     block: c_ulonglong,
@@ -249,28 +294,42 @@ unsafe extern "C" fn ch_read_blk64(
     unsafe { do_read(io, block, count, data) }
 }
 
+/// `io_manager.write_blk`.
+///
+/// # Safety
+/// As [`do_write`], for the bytes `count` blocks (or `-count` bytes) at `block` cover.
 unsafe extern "C" fn ch_write_blk(
     io: sys::io_channel,
     block: c_ulong,
     count: c_int,
     data: *const c_void,
 ) -> sys::errcode_t {
-    let (off, len) = byte_range(io, block, count);
+    // SAFETY: `io` is an open channel of this manager (the caller's guarantee).
+    let (off, len) = byte_range(unsafe { block_size(io) }, block, count);
     // SAFETY: forwarded from libext2fs with the same guarantees.
     unsafe { do_write(io, off, len, data) }
 }
 
+/// `io_manager.write_blk64`.
+///
+/// # Safety
+/// As [`ch_write_blk`].
 unsafe extern "C" fn ch_write_blk64(
     io: sys::io_channel,
     block: c_ulonglong,
     count: c_int,
     data: *const c_void,
 ) -> sys::errcode_t {
-    let (off, len) = byte_range(io, block, count);
+    // SAFETY: `io` is an open channel of this manager (the caller's guarantee).
+    let (off, len) = byte_range(unsafe { block_size(io) }, block, count);
     // SAFETY: forwarded from libext2fs with the same guarantees.
     unsafe { do_write(io, off, len, data) }
 }
 
+/// `io_manager.write_byte`: `count` bytes at byte `offset`.
+///
+/// # Safety
+/// As [`do_write`], with `len` = `count`.
 unsafe extern "C" fn ch_write_byte(
     io: sys::io_channel,
     offset: c_ulong,
@@ -288,10 +347,17 @@ unsafe extern "C" fn ch_write_byte(
 /// writes the cache back right after that (once the superblock times are
 /// fixed), so writing back here would only write those blocks twice, which
 /// an append-mode LSMT layer would keep.
+///
+/// # Safety
+/// Touches nothing; any pointer is fine.
 unsafe extern "C" fn ch_flush(_io: sys::io_channel) -> sys::errcode_t {
     0
 }
 
+/// `io_manager.set_option`: no options are supported.
+///
+/// # Safety
+/// Touches nothing; any pointers are fine.
 unsafe extern "C" fn ch_set_option(
     _io: sys::io_channel,
     _opt: *const c_char,
@@ -300,13 +366,18 @@ unsafe extern "C" fn ch_set_option(
     sys::EXT2_ET_INVALID_ARGUMENT as sys::errcode_t
 }
 
+/// `io_manager.zeroout`: zero `count` blocks at `block`.
+///
+/// # Safety
+/// `io` is an open channel of this manager with no other reference to its [`Channel`]
+/// alive.
 unsafe extern "C" fn ch_zeroout(
     io: sys::io_channel,
     block: c_ulonglong,
     count: c_ulonglong,
 ) -> sys::errcode_t {
     // SAFETY: open channel of this manager.
-    let bs = unsafe { (*io).block_size } as u64;
+    let bs = unsafe { block_size(io) } as u64;
     // SAFETY: as in do_read.
     let ch = unsafe { channel_of(io) };
     match ch.cache.zero(block * bs, count * bs) {

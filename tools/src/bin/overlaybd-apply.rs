@@ -1,7 +1,7 @@
 //! `overlaybd-apply`: apply an OCI layer tar to the ext4 filesystem of an
 //! overlaybd image (lowers + writable upper described by a config.json).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,8 +10,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use blockdev::{BlockDevice, ImageConfig};
 use clap::Parser;
+use obdoci::decompress;
+use obdoci::Sha256Writer;
 use obdtools::cli;
-use sha2::Digest;
 
 /// Apply an OCI layer tar (plain, gzip or zstd; `-` reads stdin) to the
 /// ext4 filesystem of an overlaybd image.
@@ -77,7 +78,7 @@ fn main() -> ExitCode {
     let result = run(&args, Some(&cfg));
     let msg = match &result {
         Ok(()) => "success".to_string(),
-        Err(e) => format!("failed:{e:#}"),
+        Err(e) => format!("failed:{}", cli::error_line(e)),
     };
     if let Err(e) = cfg.write_result(&msg) {
         eprintln!("overlaybd-apply: error: cannot write the result file: {e}");
@@ -137,7 +138,7 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
     let input = open_input(&args.input_path)?;
     let mut hashing = HashingReader {
         inner: input,
-        hasher: expected.as_ref().map(|_| sha2::Sha256::new()),
+        hasher: expected.as_ref().map(|_| Sha256Writer::new()),
     };
     let start = Instant::now();
     let mut last = Instant::now();
@@ -159,7 +160,8 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
     let stats = obdfs::apply_tar(dev, &mut hashing, opts)
         .with_context(|| format!("cannot apply {}", args.input_path.display()))?;
     if let (Some(want), Some(h)) = (expected, hashing.hasher.take()) {
-        let got = hex(&h.finalize());
+        let (got, _) = h.finish();
+        let got = got.hex();
         if got != want {
             bail!("sha256 checksum mismatch: expected {want}, got {got}");
         }
@@ -177,8 +179,8 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Open the layer (file or stdin) and undo gzip or zstd compression, found
-/// by magic bytes.
+/// Open the layer (file or stdin) and undo its compression (gzip or zstd, found by
+/// magic bytes; bzip2 and xz are refused), as the convertor does.
 fn open_input(path: &Path) -> anyhow::Result<Box<dyn Read>> {
     let raw: Box<dyn Read> = if path == Path::new("-") {
         Box::new(std::io::stdin().lock())
@@ -187,25 +189,16 @@ fn open_input(path: &Path) -> anyhow::Result<Box<dyn Read>> {
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
         )
     };
-    let mut r = BufReader::with_capacity(1 << 20, raw);
-    let head = r
-        .fill_buf()
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(if head.starts_with(&[0x1f, 0x8b]) {
-        tracing::debug!("{}: gzip", path.display());
-        Box::new(flate2::read::MultiGzDecoder::new(r))
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        tracing::debug!("{}: zstd", path.display());
-        Box::new(zstd::stream::read::Decoder::with_buffer(r).context("cannot start zstd decoding")?)
-    } else {
-        Box::new(r)
-    })
+    let (r, kind) =
+        decompress::decoder(raw).with_context(|| format!("cannot read {}", path.display()))?;
+    tracing::debug!("{}: {kind}", path.display());
+    Ok(r)
 }
 
 /// Hashes what passes through when a checksum was asked for.
 struct HashingReader<R> {
     inner: R,
-    hasher: Option<sha2::Sha256>,
+    hasher: Option<Sha256Writer>,
 }
 
 impl<R: Read> Read for HashingReader<R> {
@@ -216,8 +209,4 @@ impl<R: Read> Read for HashingReader<R> {
         }
         Ok(n)
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -161,7 +161,7 @@ fn main() {
         Cmd::Serve(a) => serve(a),
     };
     if let Err(e) = r {
-        eprintln!("overlaybd-nbd: error: {e:#}");
+        obdtools::cli::report("overlaybd-nbd", &e);
         std::process::exit(1);
     }
 }

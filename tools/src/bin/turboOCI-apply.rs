@@ -71,7 +71,7 @@ fn main() -> ExitCode {
     let result = run(&args, &cfg);
     let msg = match &result {
         Ok(()) => "success".to_string(),
-        Err(e) => format!("failed:{e:#}"),
+        Err(e) => format!("failed:{}", cli::error_line(e)),
     };
     if let Err(e) = cfg.write_result(&msg) {
         eprintln!("turboOCI-apply: error: cannot write the result file: {e}");

@@ -1,0 +1,161 @@
+//! Applying a layer while it downloads: the downloader reports each write on a channel
+//! ([`Growing`]); the applier reads the file through a [`FollowReader`], which blocks on
+//! that channel (or on the conversion stopping) when it has caught up.
+
+use crate::abort::Abort;
+use crossbeam_channel::{select, unbounded, Receiver, Sender};
+use std::fs::File;
+use std::io::{self, Read};
+
+/// What the downloader tells the readers following it.
+enum Event {
+    /// This many bytes are in the file now.
+    Written(u64),
+    /// The download finished and verified.
+    Done,
+    /// The download failed; the downloader reports why.
+    Failed(String),
+}
+
+/// The downloader's side: reports progress of a download into a file.
+pub(crate) struct Growing(Sender<Event>);
+
+/// The side a [`FollowReader`] is made from.
+pub(crate) struct Follow(Receiver<Event>);
+
+impl Growing {
+    pub(crate) fn new() -> (Growing, Follow) {
+        let (tx, rx) = unbounded();
+        (Growing(tx), Follow(rx))
+    }
+
+    /// `written` bytes are in the file.
+    pub(crate) fn advance(&self, written: u64) {
+        let _ = self.0.send(Event::Written(written));
+    }
+
+    /// The download ended: `Ok` once verified, `Err(why)` if it failed.
+    pub(crate) fn finish(&self, r: Result<(), String>) {
+        let _ = self.0.send(match r {
+            Ok(()) => Event::Done,
+            Err(why) => Event::Failed(why),
+        });
+    }
+}
+
+impl Follow {
+    /// A reader of `file` (opened on the downloaded path) that follows the download.
+    pub(crate) fn reader(self, file: File, abort: Abort) -> FollowReader {
+        FollowReader {
+            file,
+            pos: 0,
+            written: 0,
+            end: None,
+            events: self.0,
+            abort,
+        }
+    }
+}
+
+/// Reads a file while another thread downloads into it: waits for more bytes, ends
+/// only once the download finished and verified, fails if it failed.
+pub(crate) struct FollowReader {
+    file: File,
+    pos: u64,
+    /// Bytes the downloader has written so far.
+    written: u64,
+    /// How the download ended, once it has.
+    end: Option<Result<(), String>>,
+    events: Receiver<Event>,
+    abort: Abort,
+}
+
+impl FollowReader {
+    fn take(&mut self, ev: Result<Event, crossbeam_channel::RecvError>) {
+        match ev {
+            Ok(Event::Written(n)) => self.written = self.written.max(n),
+            Ok(Event::Done) => self.end = Some(Ok(())),
+            Ok(Event::Failed(why)) => self.end = Some(Err(why)),
+            Err(_) => {
+                self.end
+                    .get_or_insert_with(|| Err("the download stopped".into()));
+            }
+        }
+    }
+}
+
+impl Read for FollowReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.written <= self.pos {
+            match &self.end {
+                Some(Ok(())) => return Ok(0),
+                Some(Err(why)) => return Err(io::Error::other(why.clone())),
+                None => {}
+            }
+            if self.abort.is_set() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+            }
+            select! {
+                recv(self.events) -> ev => self.take(ev),
+                recv(self.abort.stopped()) -> _ => {
+                    return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"))
+                }
+            }
+        }
+        let k = (buf.len() as u64).min(self.written - self.pos) as usize;
+        let n = self.file.read(&mut buf[..k])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Duration;
+
+    #[test]
+    fn follow_reader_waits_for_the_download() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("blob");
+        let mut w = File::create(&p).unwrap();
+        let (g, follow) = Growing::new();
+        let mut r = follow.reader(File::open(&p).unwrap(), Abort::new());
+        let writer = std::thread::spawn(move || {
+            for i in 0..5u8 {
+                std::thread::sleep(Duration::from_millis(20));
+                w.write_all(&[i; 1000]).unwrap();
+                g.advance((i as u64 + 1) * 1000);
+            }
+            g.finish(Err("digest mismatch".into()));
+        });
+        let mut out = Vec::new();
+        let e = r.read_to_end(&mut out).unwrap_err();
+        writer.join().unwrap();
+        assert_eq!(
+            out.len(),
+            5000,
+            "everything written was read before the error"
+        );
+        assert!(e.to_string().contains("digest mismatch"));
+    }
+
+    #[test]
+    fn a_waiting_follower_wakes_up_when_the_conversion_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("blob");
+        File::create(&p).unwrap();
+        let (_g, follow) = Growing::new();
+        let abort = Abort::new();
+        let mut r = follow.reader(File::open(&p).unwrap(), abort.clone());
+        std::thread::scope(|s| {
+            let reader = s.spawn(move || r.read(&mut [0u8; 10]));
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!reader.is_finished(), "nothing was written yet");
+            abort.set();
+            let e = reader.join().unwrap().unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+        });
+    }
+}

@@ -1,0 +1,204 @@
+//! Where images are read from and written to: a registry repository or an OCI layout
+//! directory, behind one trait so the pipeline does not care which.
+
+use super::{Error, Result};
+use obdoci::layout::Layout;
+use obdoci::{self as oci, Descriptor, ImageRef, Reference};
+use obdregistry::{self as registry, BlobSource, ClientOptions, ProgressFn, Repository};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A place holding images.
+pub trait ImageStore: Send + Sync {
+    /// Human-readable name for messages (`host/repo` or `oci:PATH`).
+    fn name(&self) -> String;
+    /// Resolve a tag or digest to a manifest or index and its bytes.
+    fn resolve(&self, r: &Reference) -> Result<(Descriptor, Vec<u8>)>;
+    /// Fetch a manifest/index by descriptor (verified).
+    fn fetch_manifest(&self, desc: &Descriptor) -> Result<Vec<u8>>;
+    /// Read a small blob (verified), at most `limit` bytes.
+    fn read_blob(&self, desc: &Descriptor, limit: u64) -> Result<Vec<u8>>;
+    /// Stream a blob; the stream fails at its end if the content does not match.
+    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>>;
+    /// A local file holding the blob, if the store is local (no copy needed).
+    fn local_blob_path(&self, _desc: &Descriptor) -> Option<PathBuf> {
+        None
+    }
+    fn blob_exists(&self, desc: &Descriptor) -> Result<bool>;
+    /// Make a blob of another repository of the same host available here without
+    /// copying it (cross-repository mount). Returns whether it is now present.
+    fn mount_blob(&self, _desc: &Descriptor, _from_repo: &str) -> Result<bool> {
+        Ok(false)
+    }
+    /// Store a blob unless present.
+    fn push_blob(
+        &self,
+        desc: &Descriptor,
+        src: BlobSource<'_>,
+        progress: Option<ProgressFn>,
+    ) -> Result<()>;
+    /// Store a manifest/index, under `tag` if given (by digest otherwise).
+    fn push_manifest(&self, tag: Option<&str>, desc: &Descriptor, bytes: &[u8]) -> Result<()>;
+}
+
+/// Open the store an [`ImageRef`] names. Layout destinations are created if missing.
+/// (For a registry repository that is also used for dedup, make the
+/// [`Repository`] yourself and wrap it in a [`RegistryStore`].)
+pub fn open_store(
+    r: &ImageRef,
+    client: &ClientOptions,
+    create: bool,
+) -> Result<Arc<dyn ImageStore>> {
+    Ok(match r {
+        ImageRef::Registry { host, repository } => {
+            let reg = registry::Registry::new(host, client)?;
+            Arc::new(RegistryStore::new(reg.repository(repository)))
+        }
+        ImageRef::Layout { path, .. } => {
+            let l = if create {
+                Layout::open_or_create(path)?
+            } else {
+                Layout::open(path)?
+            };
+            Arc::new(LayoutStore::new(l))
+        }
+    })
+}
+
+/// A repository in a registry.
+pub struct RegistryStore {
+    repo: Repository,
+}
+
+impl RegistryStore {
+    pub fn new(repo: Repository) -> RegistryStore {
+        RegistryStore { repo }
+    }
+
+    /// The registry client behind this store.
+    pub fn repository(&self) -> &Repository {
+        &self.repo
+    }
+}
+
+impl ImageStore for RegistryStore {
+    fn name(&self) -> String {
+        format!("{}/{}", self.repo.registry().host(), self.repo.name())
+    }
+    fn resolve(&self, r: &Reference) -> Result<(Descriptor, Vec<u8>)> {
+        Ok(self.repo.get_manifest(r)?)
+    }
+    fn fetch_manifest(&self, desc: &Descriptor) -> Result<Vec<u8>> {
+        let (_, b) = self
+            .repo
+            .get_manifest(&Reference::Digest(desc.digest.clone()))?;
+        Ok(b)
+    }
+    fn read_blob(&self, desc: &Descriptor, limit: u64) -> Result<Vec<u8>> {
+        Ok(self.repo.read_blob(desc, limit)?)
+    }
+    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {
+        Ok(Box::new(self.repo.open_blob(desc)?))
+    }
+    fn blob_exists(&self, desc: &Descriptor) -> Result<bool> {
+        Ok(self.repo.blob_exists(&desc.digest)?)
+    }
+    fn mount_blob(&self, desc: &Descriptor, from_repo: &str) -> Result<bool> {
+        Ok(self.repo.mount_blob(desc, from_repo)?)
+    }
+    fn push_blob(
+        &self,
+        desc: &Descriptor,
+        src: BlobSource<'_>,
+        progress: Option<ProgressFn>,
+    ) -> Result<()> {
+        self.repo.push_blob(desc, src, None, progress)?;
+        Ok(())
+    }
+    fn push_manifest(&self, tag: Option<&str>, desc: &Descriptor, bytes: &[u8]) -> Result<()> {
+        let r = match tag {
+            Some(t) => Reference::Tag(t.to_string()),
+            None => Reference::Digest(desc.digest.clone()),
+        };
+        self.repo.put_manifest(&r, &desc.media_type, bytes)?;
+        Ok(())
+    }
+}
+
+/// An OCI image layout directory.
+pub struct LayoutStore {
+    layout: Layout,
+}
+
+impl LayoutStore {
+    pub fn new(layout: Layout) -> LayoutStore {
+        LayoutStore { layout }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+}
+
+impl ImageStore for LayoutStore {
+    fn name(&self) -> String {
+        format!("oci:{}", self.layout.root().display())
+    }
+    fn resolve(&self, r: &Reference) -> Result<(Descriptor, Vec<u8>)> {
+        let d = self.layout.resolve(r)?;
+        let bytes = self.layout.read_blob(&d, oci::model::MAX_MANIFEST_SIZE)?;
+        let mut desc = Descriptor::new(d.media_type.clone(), d.digest.clone(), d.size);
+        if desc.media_type.is_empty() {
+            desc.media_type = oci::model::sniff_media_type(&bytes).unwrap_or_default();
+        }
+        Ok((desc, bytes))
+    }
+    fn fetch_manifest(&self, desc: &Descriptor) -> Result<Vec<u8>> {
+        Ok(self.layout.read_blob(desc, oci::model::MAX_MANIFEST_SIZE)?)
+    }
+    fn read_blob(&self, desc: &Descriptor, limit: u64) -> Result<Vec<u8>> {
+        Ok(self.layout.read_blob(desc, limit)?)
+    }
+    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {
+        Ok(Box::new(self.layout.open_blob(desc)?))
+    }
+    fn local_blob_path(&self, desc: &Descriptor) -> Option<PathBuf> {
+        let p = self.layout.blob_path(&desc.digest);
+        p.is_file().then_some(p)
+    }
+    fn blob_exists(&self, desc: &Descriptor) -> Result<bool> {
+        Ok(self.layout.has_blob(&desc.digest))
+    }
+    fn push_blob(
+        &self,
+        desc: &Descriptor,
+        src: BlobSource<'_>,
+        progress: Option<ProgressFn>,
+    ) -> Result<()> {
+        match src {
+            BlobSource::Bytes(b) => {
+                let d = self.layout.write_blob_bytes(b)?;
+                if d != desc.digest {
+                    return Err(Error::Oci(oci::Error::DigestMismatch {
+                        what: format!("blob written to {}", self.name()),
+                        expected: desc.digest.to_string(),
+                        actual: d.to_string(),
+                    }));
+                }
+            }
+            BlobSource::File(p) => self.layout.import_file(p, desc)?,
+        }
+        if let Some(p) = progress {
+            p(desc.size);
+        }
+        Ok(())
+    }
+    fn push_manifest(&self, tag: Option<&str>, desc: &Descriptor, bytes: &[u8]) -> Result<()> {
+        self.layout.write_blob_bytes(bytes)?;
+        if let Some(t) = tag {
+            self.layout.tag(t, desc)?;
+        }
+        Ok(())
+    }
+}

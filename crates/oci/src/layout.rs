@@ -1,0 +1,309 @@
+//! OCI image layout directories (image-spec `image-layout.md`):
+//!
+//! ```text
+//! <root>/oci-layout            {"imageLayoutVersion":"1.0.0"}
+//! <root>/index.json            an image index; entries tagged with
+//!                              "org.opencontainers.image.ref.name": "<tag>"
+//! <root>/blobs/sha256/<hex>    content-addressed blobs
+//! ```
+//!
+//! Blobs are written to a temporary file under `blobs/` and renamed into place once
+//! their digest is known, so readers never see partial blobs. `index.json` is replaced
+//! atomically the same way.
+
+use super::digest::{hash_reader, HashingWriter, VerifyReader};
+use super::model::{
+    parse_json, sniff_media_type, to_json, Descriptor, Index, ANNOTATION_REF_NAME, MT_OCI_INDEX,
+};
+use super::stream::copy;
+use super::{Digest, Error, Reference, Result};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// An OCI image layout directory.
+#[derive(Debug)]
+pub struct Layout {
+    root: PathBuf,
+    index_lock: Mutex<()>,
+}
+
+const LAYOUT_FILE: &str = "oci-layout";
+const LAYOUT_CONTENT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+impl Layout {
+    /// Open an existing layout.
+    pub fn open(root: &Path) -> Result<Layout> {
+        let marker = root.join(LAYOUT_FILE);
+        let bytes = fs::read(&marker).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::Invalid {
+                    what: root.display().to_string(),
+                    reason: "not an OCI image layout (no oci-layout file)".into(),
+                }
+            } else {
+                Error::io(&marker, e)
+            }
+        })?;
+        let v: serde_json::Value = parse_json(&marker.display().to_string(), &bytes)?;
+        if v.get("imageLayoutVersion").and_then(|x| x.as_str()) != Some("1.0.0") {
+            return Err(Error::Invalid {
+                what: marker.display().to_string(),
+                reason: "unsupported imageLayoutVersion (expected 1.0.0)".into(),
+            });
+        }
+        Ok(Layout {
+            root: root.to_path_buf(),
+            index_lock: Mutex::new(()),
+        })
+    }
+
+    /// Open a layout, creating an empty one if the directory has none.
+    pub fn open_or_create(root: &Path) -> Result<Layout> {
+        if root.join(LAYOUT_FILE).exists() {
+            return Self::open(root);
+        }
+        let blobs = root.join("blobs").join("sha256");
+        fs::create_dir_all(&blobs).map_err(|e| Error::io(&blobs, e))?;
+        let l = Layout {
+            root: root.to_path_buf(),
+            index_lock: Mutex::new(()),
+        };
+        if !root.join("index.json").exists() {
+            l.write_index(&Index {
+                schema_version: 2,
+                media_type: Some(MT_OCI_INDEX.into()),
+                artifact_type: None,
+                manifests: vec![],
+                subject: None,
+                annotations: None,
+                extra: Default::default(),
+            })?;
+        }
+        write_atomic(&root.join(LAYOUT_FILE), LAYOUT_CONTENT)?;
+        Ok(l)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs").join("sha256").join(d.hex())
+    }
+
+    pub fn has_blob(&self, d: &Digest) -> bool {
+        self.blob_path(d).is_file()
+    }
+
+    pub fn read_index(&self) -> Result<Index> {
+        let p = self.root.join("index.json");
+        let bytes = fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        parse_json(&p.display().to_string(), &bytes)
+    }
+
+    fn write_index(&self, idx: &Index) -> Result<()> {
+        write_atomic(&self.root.join("index.json"), &to_json(idx))
+    }
+
+    /// Find a manifest by tag (`index.json` ref name) or digest.
+    pub fn resolve(&self, r: &Reference) -> Result<Descriptor> {
+        let idx = self.read_index()?;
+        match r {
+            Reference::Tag(t) => idx
+                .manifests
+                .into_iter()
+                .find(|d| d.annotation(ANNOTATION_REF_NAME) == Some(t.as_str()))
+                .ok_or_else(|| {
+                    Error::NotFound(format!("tag {t:?} in OCI layout {}", self.root.display()))
+                }),
+            Reference::Digest(dg) => {
+                if let Some(d) = idx.manifests.into_iter().find(|d| &d.digest == dg) {
+                    return Ok(d);
+                }
+                let p = self.blob_path(dg);
+                let meta = fs::metadata(&p).map_err(|e| {
+                    if e.kind() == io::ErrorKind::NotFound {
+                        Error::NotFound(format!("{dg} in OCI layout {}", self.root.display()))
+                    } else {
+                        Error::io(&p, e)
+                    }
+                })?;
+                let bytes = self.read_blob(
+                    &Descriptor::new("", dg.clone(), meta.len()),
+                    super::model::MAX_MANIFEST_SIZE,
+                )?;
+                let mt = sniff_media_type(&bytes).ok_or_else(|| Error::Invalid {
+                    what: format!("{dg} in OCI layout {}", self.root.display()),
+                    reason: "not a manifest or index".into(),
+                })?;
+                Ok(Descriptor::new(mt, dg.clone(), meta.len()))
+            }
+        }
+    }
+
+    /// Open a blob for streaming; the reader checks size and digest at its end.
+    pub fn open_blob(&self, desc: &Descriptor) -> Result<VerifyReader<File>> {
+        let p = self.blob_path(&desc.digest);
+        let f = File::open(&p).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::NotFound(format!(
+                    "blob {} in OCI layout {}",
+                    desc.digest,
+                    self.root.display()
+                ))
+            } else {
+                Error::io(&p, e)
+            }
+        })?;
+        Ok(VerifyReader::new(
+            f,
+            desc.digest.clone(),
+            desc.size,
+            format!("blob {} in OCI layout {}", desc.digest, self.root.display()),
+        ))
+    }
+
+    /// Read a whole (small) blob, verifying it.
+    pub fn read_blob(&self, desc: &Descriptor, limit: u64) -> Result<Vec<u8>> {
+        if desc.size > limit {
+            return Err(Error::TooLarge {
+                what: format!("blob {}", desc.digest),
+                size: desc.size,
+                limit,
+            });
+        }
+        let mut r = self.open_blob(desc)?;
+        let mut out = Vec::with_capacity(desc.size as usize);
+        r.read_to_end(&mut out)
+            .map_err(|e| Error::from_io(self.blob_path(&desc.digest), e))?;
+        Ok(out)
+    }
+
+    /// Store bytes as a blob.
+    pub fn write_blob_bytes(&self, bytes: &[u8]) -> Result<Digest> {
+        let d = Digest::of(bytes);
+        if !self.has_blob(&d) {
+            let p = self.blob_path(&d);
+            write_atomic(&p, bytes)?;
+        }
+        Ok(d)
+    }
+
+    /// Store a stream as a blob; if `expected` is given, the content must match it.
+    pub fn write_blob_stream(
+        &self,
+        mut r: impl Read,
+        expected: Option<&Descriptor>,
+    ) -> Result<(Digest, u64)> {
+        let dir = self.root.join("blobs").join("sha256");
+        let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| Error::io(&dir, e))?;
+        let tmp_path = tmp.path().to_path_buf();
+        let mut w = HashingWriter::new(tmp.as_file_mut());
+        copy(&mut r, &mut w, &|| false, &mut |_| {})
+            .map_err(|e| Error::from_io(&tmp_path, e.into_io()))?;
+        let (d, len) = w.hash.finish();
+        if let Some(exp) = expected {
+            if exp.digest != d {
+                return Err(Error::DigestMismatch {
+                    what: "blob written to OCI layout".into(),
+                    expected: exp.digest.to_string(),
+                    actual: d.to_string(),
+                });
+            }
+        }
+        let dest = self.blob_path(&d);
+        tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
+        Ok((d, len))
+    }
+
+    /// Store a file we produced (e.g. a committed layer) as a blob. It is hashed while
+    /// being copied; a hard link is used instead of a copy when `desc` is known and the
+    /// file is on the same filesystem.
+    pub fn import_file(&self, path: &Path, desc: &Descriptor) -> Result<()> {
+        let dest = self.blob_path(&desc.digest);
+        if dest.is_file() {
+            return Ok(());
+        }
+        if fs::hard_link(path, &dest).is_ok() {
+            // Verify what we linked: it must be exactly the blob described.
+            let f = File::open(&dest).map_err(|e| Error::io(&dest, e))?;
+            let (d, len) = hash_reader(f).map_err(|e| Error::io(&dest, e))?;
+            if d != desc.digest || len != desc.size {
+                let _ = fs::remove_file(&dest);
+                return Err(Error::DigestMismatch {
+                    what: path.display().to_string(),
+                    expected: desc.digest.to_string(),
+                    actual: d.to_string(),
+                });
+            }
+            return Ok(());
+        }
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        self.write_blob_stream(f, Some(desc))?;
+        Ok(())
+    }
+
+    /// Point `tag` at `desc` in `index.json`, replacing any previous entry for that tag.
+    pub fn tag(&self, tag: &str, desc: &Descriptor) -> Result<()> {
+        let _g = self.index_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idx = self.read_index()?;
+        idx.manifests
+            .retain(|d| d.annotation(ANNOTATION_REF_NAME) != Some(tag));
+        let mut d = desc.bare();
+        d.platform = desc.platform.clone();
+        let mut ann = BTreeMap::new();
+        ann.insert(ANNOTATION_REF_NAME.to_string(), tag.to_string());
+        d.annotations = Some(ann);
+        idx.manifests.push(d);
+        self.write_index(&idx)
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MT_OCI_MANIFEST;
+
+    #[test]
+    fn create_write_tag_resolve() {
+        let t = tempfile::tempdir().unwrap();
+        let l = Layout::open_or_create(t.path()).unwrap();
+        let m = br#"{"schemaVersion":2,"config":{"digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","size":0},"layers":[]}"#;
+        let d = l.write_blob_bytes(m).unwrap();
+        let desc = Descriptor::new(MT_OCI_MANIFEST, d.clone(), m.len() as u64);
+        l.tag("v1", &desc).unwrap();
+        l.tag("v1", &desc).unwrap();
+        let l2 = Layout::open(t.path()).unwrap();
+        assert_eq!(l2.read_index().unwrap().manifests.len(), 1);
+        let r = l2.resolve(&Reference::Tag("v1".into())).unwrap();
+        assert_eq!(r.digest, d);
+        let r = l2.resolve(&Reference::Digest(d.clone())).unwrap();
+        assert_eq!(r.media_type, MT_OCI_MANIFEST);
+        assert!(matches!(
+            l2.resolve(&Reference::Tag("nope".into())),
+            Err(Error::NotFound(_))
+        ));
+        // A corrupted blob is detected when read.
+        fs::write(l2.blob_path(&d), b"garbage garbage garbage").unwrap();
+        let e = l2.read_blob(&desc, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("mismatch"), "{e}");
+    }
+
+    #[test]
+    fn not_a_layout() {
+        let t = tempfile::tempdir().unwrap();
+        let e = Layout::open(t.path()).unwrap_err();
+        assert!(e.to_string().contains("not an OCI image layout"), "{e}");
+    }
+}

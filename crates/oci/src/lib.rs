@@ -1,0 +1,25 @@
+//! OCI / Docker image model: digests, descriptors, manifests, indexes, image configs,
+//! image references, chain ids, and the OCI image-layout directory format.
+//!
+//! Manifests and indexes are typed but keep every field they do not know in a flattened
+//! map, so re-serialising a source document loses nothing. Image configs are handled as
+//! plain JSON values for the same reason. Documents we push are serialised once and the
+//! exact bytes are hashed and pushed.
+//!
+//! Also the pieces every image tool needs around blobs: layer decompression
+//! ([`decompress`]), the chunked copy loop ([`stream::copy`]), and the error vocabulary
+//! the convertor's crates share ([`error`]).
+
+pub mod decompress;
+pub mod digest;
+pub mod error;
+pub mod layout;
+pub mod model;
+pub mod reference;
+pub mod stream;
+
+pub use digest::{chain_ids, Digest, Sha256Writer};
+pub use model::*;
+pub use reference::{ImageRef, Reference};
+
+pub use error::{Error, ErrorKind, Result};

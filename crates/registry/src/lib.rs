@@ -1,0 +1,1178 @@
+//! A blocking client for the OCI distribution API (`/v2/...`), as used by the convertor.
+//!
+//! Wire protocol summary:
+//! * manifests: `GET|HEAD|PUT /v2/<name>/manifests/<tag|digest>`, with `Accept` listing
+//!   the OCI and Docker schema-2 manifest and index types (distribution 2.8 answers 404
+//!   for OCI manifests otherwise);
+//! * blobs: `HEAD|GET /v2/<name>/blobs/<digest>` (redirects followed, resumed with
+//!   `Range` after a broken stream, digest verified while streaming);
+//! * uploads: `POST /v2/<name>/blobs/uploads/` (or `?mount=<digest>&from=<repo>` for a
+//!   cross-repository mount, 201 = mounted), then either one `PUT <location>&digest=`
+//!   with the whole body (monolithic) or `PATCH <location>` chunks with `Content-Range`
+//!   followed by an empty `PUT`; the answer's `Docker-Content-Digest` must match;
+//! * auth: see [`auth`]; TLS: system roots plus extra CAs, optional client certificate,
+//!   or plain HTTP.
+//!
+//! Transient failures (connection errors, 429, 5xx) are retried with exponential
+//! backoff. Errors name the registry and the operation; credentials are never logged.
+
+pub mod auth;
+pub mod dockercfg;
+
+use obdoci::digest::VerifyReader;
+use obdoci::error::{take_inner, Chain};
+use obdoci::{self as oci, model, Descriptor, Digest, ErrorKind, Reference};
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Registry client errors. Every variant names the registry (`peer`) and the operation;
+/// causes are kept as sources (see [`obdoci::error::Chain`] to show them on one line).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request could not be sent or its answer not read. `hint` says what to do about
+    /// the usual TLS mistakes.
+    #[error("{peer}: {what}{hint}")]
+    Transport {
+        peer: String,
+        what: String,
+        hint: &'static str,
+        #[source]
+        error: reqwest::Error,
+    },
+    #[error("{peer}: {what}: HTTP {status}{detail}")]
+    Status {
+        peer: String,
+        what: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("{peer}: {what}: authentication failed{detail}")]
+    Unauthorized {
+        peer: String,
+        what: String,
+        detail: String,
+    },
+    #[error("{peer}: {what}: not found{detail}")]
+    NotFound {
+        peer: String,
+        what: String,
+        detail: String,
+    },
+    #[error("{peer}: {what}: {reason}")]
+    Protocol {
+        peer: String,
+        what: String,
+        reason: String,
+    },
+    /// A JSON answer (e.g. of a token server) that cannot be decoded.
+    #[error("{peer}: {what}: {reason}")]
+    BadJson {
+        peer: String,
+        what: String,
+        reason: &'static str,
+        #[source]
+        error: serde_json::Error,
+    },
+    /// Certificates or keys given for TLS cannot be used.
+    #[error("TLS setup: {what}")]
+    Tls {
+        what: String,
+        #[source]
+        error: Option<reqwest::Error>,
+    },
+    #[error("{}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        error: io::Error,
+    },
+    /// Reading a response body or an upload source failed.
+    #[error("{peer}: {what}")]
+    Stream {
+        peer: String,
+        what: String,
+        #[source]
+        error: io::Error,
+    },
+    #[error(transparent)]
+    Oci(#[from] oci::Error),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// HTTP answers worth retrying.
+fn is_transient_status(status: u16) -> bool {
+    matches!(status, 429 | 500 | 502 | 503 | 504)
+}
+
+/// The TLS error behind a transport error, if any (rustls errors may be wrapped in an
+/// `io::Error` whose `source()` skips them).
+fn tls_cause(e: &reqwest::Error) -> Option<&rustls::Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        if let Some(t) = c
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(t);
+        }
+        cur = c.source();
+    }
+    None
+}
+
+/// A hint for the TLS errors users commonly hit.
+fn tls_hint(e: &rustls::Error) -> &'static str {
+    match e {
+        rustls::Error::InvalidMessage(_) => {
+            " (the registry does not speak TLS here; use --plain for plain HTTP)"
+        }
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            " (TLS verification failed; pass the registry's CA with --root-ca or --cert-dir, or use --insecure)"
+        }
+        _ => "",
+    }
+}
+
+impl Error {
+    /// A transport error of `what` on `peer`, with a hint for TLS mistakes.
+    pub(crate) fn transport(peer: &str, what: &str, error: reqwest::Error) -> Error {
+        Error::Transport {
+            peer: peer.to_string(),
+            what: what.to_string(),
+            hint: tls_cause(&error).map_or("", tls_hint),
+            error,
+        }
+    }
+
+    /// What kind of failure this is (retries and dedup branch on it).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Transport { error, .. } if tls_cause(error).is_some() => ErrorKind::Tls,
+            Error::Transport { .. } => ErrorKind::Transient,
+            Error::Status { status, .. } if is_transient_status(*status) => ErrorKind::Transient,
+            Error::Status { .. } | Error::Protocol { .. } | Error::BadJson { .. } => {
+                ErrorKind::Protocol
+            }
+            Error::Unauthorized { .. } => ErrorKind::Auth,
+            Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::Tls { .. } => ErrorKind::Tls,
+            Error::Io { error, .. } => ErrorKind::of_io(error),
+            Error::Stream { error, .. } => match ErrorKind::of_io(error) {
+                ErrorKind::Io => ErrorKind::Transient,
+                k => k,
+            },
+            Error::Oci(e) => e.kind(),
+            Error::Interrupted => ErrorKind::Interrupted,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.kind() == ErrorKind::NotFound
+    }
+}
+
+/// Username and password. `Debug` never shows the password.
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credentials({}:***)", self.username)
+    }
+}
+
+impl Credentials {
+    /// Upstream's `-u user:password` rule: split at the first `:`; credentials are used
+    /// only if the user part is non-empty and a colon is present.
+    pub fn parse(s: &str) -> Option<Credentials> {
+        let (u, p) = s.split_once(':')?;
+        if u.is_empty() {
+            return None;
+        }
+        Some(Credentials {
+            username: u.to_string(),
+            password: p.to_string(),
+        })
+    }
+}
+
+/// How to reach registries.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Plain HTTP for every host (`--plain`).
+    pub plain_http: bool,
+    /// Skip TLS verification (`--insecure`).
+    pub insecure: bool,
+    /// Extra root CA PEM files (`--root-ca`).
+    pub root_cas: Vec<PathBuf>,
+    /// Directories with `*.crt` CAs and `*.cert`/`*.key` client pairs (`--cert-dir`).
+    pub cert_dirs: Vec<PathBuf>,
+    /// Client certificate and key PEM files (`--client-cert cert:key`).
+    pub client_certs: Vec<(PathBuf, PathBuf)>,
+    pub credentials: Option<Credentials>,
+    /// Retries after a transient failure.
+    pub retries: u32,
+    /// First retry delay; doubles each time.
+    pub retry_delay: Duration,
+    /// Upload blobs in chunks of this many bytes instead of one PUT.
+    pub chunk_size: Option<u64>,
+    /// Set to abort transfers in progress.
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Without `credentials`, look the host up in Docker's client configuration.
+    pub docker_config: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            plain_http: false,
+            insecure: false,
+            root_cas: vec![],
+            cert_dirs: vec![],
+            client_certs: vec![],
+            credentials: None,
+            retries: 3,
+            retry_delay: Duration::from_millis(500),
+            chunk_size: None,
+            cancel: None,
+            docker_config: false,
+        }
+    }
+}
+
+/// Build the HTTP client: system roots + extra CAs, optional client identity.
+fn build_http(opts: &ClientOptions, loopback: bool) -> Result<Client> {
+    let mut b = Client::builder()
+        .use_rustls_tls()
+        .timeout(None::<Duration>)
+        .connect_timeout(Duration::from_secs(30))
+        .tcp_keepalive(Duration::from_secs(30))
+        .pool_max_idle_per_host(32)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .user_agent(concat!(
+            "overlaybd-rs-convertor/",
+            env!("CARGO_PKG_VERSION")
+        ));
+    let mut ca_files: Vec<PathBuf> = opts.root_cas.clone();
+    let mut pairs: Vec<(PathBuf, PathBuf)> = opts.client_certs.clone();
+    for dir in &opts.cert_dirs {
+        // Like upstream: a missing or unreadable directory is ignored.
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            tracing::warn!("cert dir {} cannot be read; ignored", dir.display());
+            continue;
+        };
+        let mut names: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        names.sort();
+        for p in names {
+            match p.extension().and_then(|e| e.to_str()) {
+                Some("crt") => ca_files.push(p),
+                Some("cert") => {
+                    let key = p.with_extension("key");
+                    if key.is_file() {
+                        pairs.push((p, key));
+                    } else {
+                        return Err(Error::Tls {
+                            what: format!(
+                                "{}: client certificate without matching {}",
+                                p.display(),
+                                key.display()
+                            ),
+                            error: None,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    for f in &ca_files {
+        let pem = std::fs::read(f).map_err(|error| Error::Io {
+            path: f.clone(),
+            error,
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Tls {
+            what: format!("{}: not a PEM certificate", f.display()),
+            error: Some(e),
+        })?;
+        if certs.is_empty() {
+            return Err(Error::Tls {
+                what: format!("{}: no PEM certificate found", f.display()),
+                error: None,
+            });
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    if let Some((cert, key)) = pairs.first() {
+        if pairs.len() > 1 {
+            tracing::warn!(
+                "{} client certificates given; only the first ({}) is used",
+                pairs.len(),
+                cert.display()
+            );
+        }
+        let mut pem = std::fs::read(cert).map_err(|error| Error::Io {
+            path: cert.clone(),
+            error,
+        })?;
+        pem.push(b'\n');
+        pem.extend(std::fs::read(key).map_err(|error| Error::Io {
+            path: key.clone(),
+            error,
+        })?);
+        let id = reqwest::Identity::from_pem(&pem).map_err(|e| Error::Tls {
+            what: format!(
+                "client certificate {} / key {}",
+                cert.display(),
+                key.display()
+            ),
+            error: Some(e),
+        })?;
+        b = b.identity(id);
+    }
+    if loopback {
+        // HTTP(S)_PROXY is honoured, but never for registries on this machine.
+        b = b.no_proxy();
+    }
+    if opts.insecure {
+        b = b
+            .danger_accept_invalid_certs(true)
+            .danger_accept_invalid_hostnames(true);
+    }
+    b.build().map_err(|e| Error::Tls {
+        what: "cannot build the HTTP client".into(),
+        error: Some(e),
+    })
+}
+
+/// One registry host.
+pub struct Registry {
+    host: String,
+    base: String,
+    http: Client,
+    auth: auth::Auth,
+    opts: ClientOptions,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Registry({})", self.base)
+    }
+}
+
+impl Registry {
+    /// A client for `host` (`name[:port]`). `docker.io` is served by
+    /// `registry-1.docker.io`, as in containerd's default configuration.
+    pub fn new(host: &str, opts: &ClientOptions) -> Result<Arc<Registry>> {
+        let name = host.rsplit_once(':').map_or(host, |(h, p)| {
+            if p.bytes().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        });
+        let loopback = name == "localhost"
+            || name.starts_with("127.")
+            || name == "[::1]"
+            || name.ends_with(".localhost");
+        let http = build_http(opts, loopback)?;
+        let endpoint = if host == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            host
+        };
+        let scheme = if opts.plain_http { "http" } else { "https" };
+        Ok(Arc::new(Registry {
+            host: host.to_string(),
+            base: format!("{scheme}://{endpoint}"),
+            http,
+            auth: auth::Auth::new(
+                host,
+                opts.credentials.clone().or_else(|| {
+                    opts.docker_config
+                        .then(|| dockercfg::lookup(host))
+                        .flatten()
+                }),
+            ),
+            opts: opts.clone(),
+        }))
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn repository(self: &Arc<Self>, name: &str) -> Repository {
+        Repository {
+            reg: self.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+
+    fn url(&self, path_or_url: &str) -> String {
+        if path_or_url.starts_with("http://") || path_or_url.starts_with("https://") {
+            path_or_url.to_string()
+        } else {
+            format!("{}{}", self.base, path_or_url)
+        }
+    }
+
+    /// Send a request with auth, re-authenticating once on 401 and retrying transient
+    /// failures when `retry` is set. `build` is called once per attempt.
+    fn send(
+        &self,
+        what: &str,
+        scope: &str,
+        retry: bool,
+        build: &dyn Fn(&Client) -> RequestBuilder,
+    ) -> Result<Response> {
+        let mut attempt = 0u32;
+        let mut reauthed = false;
+        loop {
+            if self.cancelled() {
+                return Err(Error::Interrupted);
+            }
+            let mut rb = build(&self.http);
+            if let Some(h) = self.auth.header_for(&self.http, scope)? {
+                rb = rb.header(AUTHORIZATION, h);
+            }
+            let res = rb.send();
+            let delay = self.opts.retry_delay * 2u32.saturating_pow(attempt);
+            match res {
+                Err(source) => {
+                    let e = Error::transport(&self.host, what, source);
+                    if retry
+                        && attempt < self.opts.retries
+                        && !self.cancelled()
+                        && e.kind() == ErrorKind::Transient
+                    {
+                        tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
+                        std::thread::sleep(delay);
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err(e);
+                }
+                Ok(resp) => {
+                    let st = resp.status().as_u16();
+                    if st == 401 && !reauthed {
+                        let hdr = resp
+                            .headers()
+                            .get_all(reqwest::header::WWW_AUTHENTICATE)
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        reauthed = true;
+                        if self.auth.on_challenge(&self.http, &hdr, scope)? {
+                            continue;
+                        }
+                    }
+                    if st == 401 {
+                        let detail = error_detail(resp);
+                        return Err(Error::Unauthorized {
+                            peer: self.host.clone(),
+                            what: what.to_string(),
+                            detail: if !self.auth.has_credentials() {
+                                format!("{detail} (no credentials given; use -u user:password)")
+                            } else {
+                                format!("{detail} (check the -u user:password)")
+                            },
+                        });
+                    }
+                    if is_transient_status(st)
+                        && retry
+                        && attempt < self.opts.retries
+                        && !self.cancelled()
+                    {
+                        tracing::warn!(
+                            "{}: {what}: HTTP {st}; retrying in {:.1} s",
+                            self.host,
+                            delay.as_secs_f64()
+                        );
+                        std::thread::sleep(delay);
+                        attempt += 1;
+                        continue;
+                    }
+                    return Ok(resp);
+                }
+            }
+        }
+    }
+
+    fn status_error(&self, what: &str, resp: Response) -> Error {
+        let st = resp.status().as_u16();
+        let detail = error_detail(resp);
+        match st {
+            404 => Error::NotFound {
+                peer: self.host.clone(),
+                what: what.to_string(),
+                detail,
+            },
+            401 | 403 => Error::Unauthorized {
+                peer: self.host.clone(),
+                what: what.to_string(),
+                detail: format!(" (HTTP {st}){detail}"),
+            },
+            _ => Error::Status {
+                peer: self.host.clone(),
+                what: what.to_string(),
+                status: st,
+                detail,
+            },
+        }
+    }
+}
+
+/// `": CODE: message"` from a distribution error body, if there is one.
+fn error_detail(resp: Response) -> String {
+    let mut buf = Vec::new();
+    let _ = resp.take(64 << 10).read_to_end(&mut buf);
+    #[derive(serde::Deserialize)]
+    struct E {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Body {
+        errors: Vec<E>,
+    }
+    match serde_json::from_slice::<Body>(&buf) {
+        Ok(b) if !b.errors.is_empty() => b
+            .errors
+            .iter()
+            .map(|e| {
+                format!(
+                    ": {}: {}",
+                    e.code.as_deref().unwrap_or("?"),
+                    e.message.as_deref().unwrap_or("")
+                )
+            })
+            .collect(),
+        _ => String::new(),
+    }
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Where an upload's data comes from. Sources can be re-read for retries.
+#[derive(Clone, Copy, Debug)]
+pub enum BlobSource<'a> {
+    Bytes(&'a [u8]),
+    File(&'a Path),
+}
+
+/// What a blob push did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    Existed,
+    Mounted,
+    Uploaded,
+}
+
+/// Byte counter for transfers (absolute position within the current attempt).
+pub type ProgressFn = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// A repository in a registry.
+#[derive(Clone, Debug)]
+pub struct Repository {
+    reg: Arc<Registry>,
+    name: String,
+}
+
+impl Repository {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.reg
+    }
+
+    fn pull_scope(&self) -> String {
+        format!("repository:{}:pull", self.name)
+    }
+
+    fn push_scope(&self) -> String {
+        format!("repository:{}:pull,push", self.name)
+    }
+
+    /// Fetch a manifest or index by tag or digest, with its descriptor. The bytes are
+    /// verified against the digest (the requested one, or `Docker-Content-Digest`).
+    pub fn get_manifest(&self, r: &Reference) -> Result<(Descriptor, Vec<u8>)> {
+        let what = format!("manifest {}:{r}", self.name);
+        let url = self.reg.url(&format!("/v2/{}/manifests/{r}", self.name));
+        let accept = model::MANIFEST_ACCEPT.join(", ");
+        let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
+            c.get(&url).header(ACCEPT, &accept)
+        })?;
+        if !resp.status().is_success() {
+            return Err(self.reg.status_error(&what, resp));
+        }
+        let hdr_digest = header_str(resp.headers(), "docker-content-digest").map(String::from);
+        let ctype = header_str(resp.headers(), CONTENT_TYPE.as_str())
+            .map(|s| s.split(';').next().unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        if let Some(len) = resp.content_length() {
+            if len > model::MAX_MANIFEST_SIZE {
+                return Err(oci::Error::TooLarge {
+                    what: format!("{}: {what}", self.reg.host),
+                    size: len,
+                    limit: model::MAX_MANIFEST_SIZE,
+                }
+                .into());
+            }
+        }
+        let mut bytes = Vec::new();
+        resp.take(model::MAX_MANIFEST_SIZE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|error| Error::Stream {
+                peer: self.reg.host.clone(),
+                what: what.clone(),
+                error,
+            })?;
+        if bytes.len() as u64 > model::MAX_MANIFEST_SIZE {
+            return Err(oci::Error::TooLarge {
+                what: format!("{}: {what}", self.reg.host),
+                size: bytes.len() as u64,
+                limit: model::MAX_MANIFEST_SIZE,
+            }
+            .into());
+        }
+        let actual = Digest::of(&bytes);
+        let expected = match r {
+            Reference::Digest(d) => Some(d.to_string()),
+            Reference::Tag(_) => hdr_digest,
+        };
+        if let Some(exp) = expected {
+            if exp != actual.as_str() {
+                return Err(oci::Error::DigestMismatch {
+                    what: format!("{}: {what}", self.reg.host),
+                    expected: exp,
+                    actual: actual.to_string(),
+                }
+                .into());
+            }
+        }
+        let media_type = match model::sniff_media_type(&bytes) {
+            Some(mt) => mt,
+            None if !ctype.is_empty() && ctype != "application/json" => ctype,
+            None => {
+                return Err(Error::Protocol {
+                    peer: self.reg.host.clone(),
+                    what,
+                    reason: "response is not a manifest or index".into(),
+                })
+            }
+        };
+        let size = bytes.len() as u64;
+        Ok((Descriptor::new(media_type, actual, size), bytes))
+    }
+
+    /// Whether a manifest exists (HEAD); returns its digest if the registry says.
+    pub fn manifest_exists(&self, r: &Reference) -> Result<Option<Option<Digest>>> {
+        let what = format!("manifest {}:{r}", self.name);
+        let url = self.reg.url(&format!("/v2/{}/manifests/{r}", self.name));
+        let accept = model::MANIFEST_ACCEPT.join(", ");
+        let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
+            c.head(&url).header(ACCEPT, &accept)
+        })?;
+        match resp.status().as_u16() {
+            200 => Ok(Some(
+                header_str(resp.headers(), "docker-content-digest").and_then(|d| d.parse().ok()),
+            )),
+            404 => Ok(None),
+            _ => Err(self.reg.status_error(&what, resp)),
+        }
+    }
+
+    /// Push a manifest or index under a tag or its digest. Returns its digest.
+    pub fn put_manifest(&self, r: &Reference, media_type: &str, bytes: &[u8]) -> Result<Digest> {
+        let what = format!("push manifest {}:{r}", self.name);
+        let url = self.reg.url(&format!("/v2/{}/manifests/{r}", self.name));
+        let digest = Digest::of(bytes);
+        let resp = self.reg.send(&what, &self.push_scope(), true, &|c| {
+            c.put(&url)
+                .header(CONTENT_TYPE, media_type)
+                .body(bytes.to_vec())
+        })?;
+        if !resp.status().is_success() {
+            return Err(self.reg.status_error(&what, resp));
+        }
+        if let Some(d) = header_str(resp.headers(), "docker-content-digest") {
+            if d != digest.as_str() {
+                return Err(Error::Protocol {
+                    peer: self.reg.host.clone(),
+                    what,
+                    reason: format!("registry stored digest {d}, expected {digest}"),
+                });
+            }
+        }
+        Ok(digest)
+    }
+
+    /// Whether a blob exists (HEAD).
+    pub fn blob_exists(&self, d: &Digest) -> Result<bool> {
+        self.blob_exists_scoped(d, &self.pull_scope())
+    }
+
+    fn blob_exists_scoped(&self, d: &Digest, scope: &str) -> Result<bool> {
+        let what = format!("blob {}@{d}", self.name);
+        let url = self.reg.url(&format!("/v2/{}/blobs/{d}", self.name));
+        let resp = self.reg.send(&what, scope, true, &|c| c.head(&url))?;
+        match resp.status().as_u16() {
+            200 => Ok(true),
+            404 => Ok(false),
+            _ => Err(self.reg.status_error(&what, resp)),
+        }
+    }
+
+    fn get_blob_response(&self, desc: &Descriptor, offset: u64) -> Result<Response> {
+        let what = format!("blob {}@{}", self.name, desc.digest);
+        let url = self
+            .reg
+            .url(&format!("/v2/{}/blobs/{}", self.name, desc.digest));
+        let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
+            let rb = c.get(&url);
+            if offset > 0 {
+                rb.header(reqwest::header::RANGE, format!("bytes={offset}-"))
+            } else {
+                rb
+            }
+        })?;
+        let st = resp.status().as_u16();
+        if offset > 0 && st != 206 {
+            return Err(Error::Protocol {
+                peer: self.reg.host.clone(),
+                what,
+                reason: format!("cannot resume at byte {offset}: HTTP {st} instead of 206"),
+            });
+        }
+        if !resp.status().is_success() {
+            return Err(self.reg.status_error(&what, resp));
+        }
+        Ok(resp)
+    }
+
+    /// The error of a read from one of our streams: the client or OCI error it carries
+    /// (a failed resume, a digest mismatch), else a stream error of `what`.
+    fn stream_error(&self, what: String, e: io::Error) -> Error {
+        let e = match take_inner::<Error>(e) {
+            Ok(mine) => return mine,
+            Err(e) => e,
+        };
+        match take_inner::<oci::Error>(e) {
+            Ok(o) => Error::Oci(o),
+            Err(error) => Error::Stream {
+                peer: self.reg.host.clone(),
+                what,
+                error,
+            },
+        }
+    }
+
+    /// Stream a blob. The reader verifies size and digest at its end and resumes with a
+    /// range request if the connection breaks.
+    pub fn open_blob(&self, desc: &Descriptor) -> Result<BlobReader> {
+        let resp = self.get_blob_response(desc, 0)?;
+        let body = ResumingBody {
+            repo: self.clone(),
+            desc: desc.clone(),
+            resp: Some(resp),
+            pos: 0,
+            resumes_left: self.reg.opts.retries,
+        };
+        let what = format!("{}: blob {}@{}", self.reg.host, self.name, desc.digest);
+        Ok(BlobReader(VerifyReader::new(
+            body,
+            desc.digest.clone(),
+            desc.size,
+            what,
+        )))
+    }
+
+    /// Read a whole small blob (e.g. a config), verified.
+    pub fn read_blob(&self, desc: &Descriptor, limit: u64) -> Result<Vec<u8>> {
+        if desc.size > limit {
+            return Err(oci::Error::TooLarge {
+                what: format!("{}: blob {}@{}", self.reg.host, self.name, desc.digest),
+                size: desc.size,
+                limit,
+            }
+            .into());
+        }
+        let mut r = self.open_blob(desc)?;
+        let mut out = Vec::with_capacity(desc.size as usize);
+        r.read_to_end(&mut out)
+            .map_err(|e| self.stream_error(format!("blob {}@{}", self.name, desc.digest), e))?;
+        Ok(out)
+    }
+
+    /// Try a cross-repository mount of `desc` from `from`. Returns true if mounted (or
+    /// already present). A 202 (the registry would rather take an upload) is cancelled.
+    pub fn mount_blob(&self, desc: &Descriptor, from: &str) -> Result<bool> {
+        if self.blob_exists_scoped(&desc.digest, &self.push_scope())? {
+            return Ok(true);
+        }
+        let scope = format!("{} repository:{from}:pull", self.push_scope());
+        let what = format!("mount blob {} from {from} into {}", desc.digest, self.name);
+        let url = self.reg.url(&format!("/v2/{}/blobs/uploads/", self.name));
+        let q = [("mount", desc.digest.as_str()), ("from", from)];
+        let resp = self
+            .reg
+            .send(&what, &scope, true, &|c| c.post(&url).query(&q))?;
+        match resp.status().as_u16() {
+            201 => Ok(true),
+            202 => {
+                // Not mounted; close the upload session we were given (defect 10 upstream).
+                if let Some(loc) = header_str(resp.headers(), "location") {
+                    let u = self.reg.url(loc);
+                    let _ = self
+                        .reg
+                        .send(&what, &self.push_scope(), false, &|c| c.delete(&u));
+                }
+                Ok(false)
+            }
+            _ => Err(self.reg.status_error(&what, resp)),
+        }
+    }
+
+    /// Push a blob unless the registry has it. `mount_from` tries a cross-repo mount
+    /// first. Whole uploads are retried on transient failure.
+    pub fn push_blob(
+        &self,
+        desc: &Descriptor,
+        src: BlobSource<'_>,
+        mount_from: Option<&str>,
+        progress: Option<ProgressFn>,
+    ) -> Result<PushOutcome> {
+        if self.blob_exists_scoped(&desc.digest, &self.push_scope())? {
+            return Ok(PushOutcome::Existed);
+        }
+        if let Some(from) = mount_from {
+            if self.mount_blob(desc, from)? {
+                return Ok(PushOutcome::Mounted);
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            match self.upload_once(desc, src, progress.clone()) {
+                Ok(()) => return Ok(PushOutcome::Uploaded),
+                Err(e)
+                    if e.kind() == ErrorKind::Transient
+                        && attempt < self.reg.opts.retries
+                        && !self.reg.cancelled() =>
+                {
+                    let delay = self.reg.opts.retry_delay * 2u32.pow(attempt);
+                    tracing::warn!(
+                        "{}; restarting the upload in {:.1} s",
+                        Chain(&e),
+                        delay.as_secs_f64()
+                    );
+                    std::thread::sleep(delay);
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn start_upload(&self, what: &str) -> Result<String> {
+        let url = self.reg.url(&format!("/v2/{}/blobs/uploads/", self.name));
+        let resp = self
+            .reg
+            .send(what, &self.push_scope(), true, &|c| c.post(&url))?;
+        if resp.status().as_u16() != 202 {
+            return Err(self.reg.status_error(what, resp));
+        }
+        location(&self.reg, what, &resp)
+    }
+
+    fn upload_once(
+        &self,
+        desc: &Descriptor,
+        src: BlobSource<'_>,
+        progress: Option<ProgressFn>,
+    ) -> Result<()> {
+        let what = format!("upload blob {} to {}", desc.digest, self.name);
+        if let BlobSource::File(p) = src {
+            let len = std::fs::metadata(p)
+                .map_err(|error| Error::Io {
+                    path: p.to_path_buf(),
+                    error,
+                })?
+                .len();
+            if len != desc.size {
+                return Err(Error::Io {
+                    path: p.to_path_buf(),
+                    error: io::Error::other(format!(
+                        "file is {len} bytes, descriptor says {}",
+                        desc.size
+                    )),
+                });
+            }
+        }
+        let mut loc = self.start_upload(&what)?;
+        let cancel = self.reg.opts.cancel.clone();
+        let final_resp = match self.reg.opts.chunk_size {
+            None => {
+                let url = with_query(&self.reg.url(&loc), "digest", desc.digest.as_str());
+                let size = desc.size;
+                self.reg.send(&what, &self.push_scope(), false, &|c| {
+                    let rb = c.put(&url).header(CONTENT_TYPE, "application/octet-stream");
+                    match src {
+                        BlobSource::Bytes(b) => rb.body(b.to_vec()),
+                        BlobSource::File(p) => match File::open(p) {
+                            Ok(f) => rb.body(reqwest::blocking::Body::sized(
+                                CountingReader {
+                                    inner: f,
+                                    pos: 0,
+                                    progress: progress.clone(),
+                                    cancel: cancel.clone(),
+                                },
+                                size,
+                            )),
+                            // Checked to exist above; a vanished file gives a short
+                            // body, which the registry rejects with a digest error.
+                            Err(_) => rb.body(Vec::new()),
+                        },
+                    }
+                })?
+            }
+            Some(chunk) => {
+                let mut reader: Box<dyn Read> = match src {
+                    BlobSource::Bytes(b) => Box::new(b),
+                    BlobSource::File(p) => Box::new(File::open(p).map_err(|error| Error::Io {
+                        path: p.to_path_buf(),
+                        error,
+                    })?),
+                };
+                let mut offset = 0u64;
+                let mut buf = Vec::with_capacity(chunk as usize);
+                loop {
+                    buf.clear();
+                    (&mut reader)
+                        .take(chunk)
+                        .read_to_end(&mut buf)
+                        .map_err(|error| Error::Stream {
+                            peer: self.reg.host.clone(),
+                            what: what.clone(),
+                            error,
+                        })?;
+                    if buf.is_empty() {
+                        break;
+                    }
+                    if self.reg.cancelled() {
+                        return Err(Error::Interrupted);
+                    }
+                    let url = self.reg.url(&loc);
+                    let end = offset + buf.len() as u64 - 1;
+                    let resp = self.reg.send(&what, &self.push_scope(), false, &|c| {
+                        c.patch(&url)
+                            .header(CONTENT_TYPE, "application/octet-stream")
+                            .header("Content-Range", format!("{offset}-{end}"))
+                            .body(buf.clone())
+                    })?;
+                    if resp.status().as_u16() != 202 {
+                        return Err(self.reg.status_error(&what, resp));
+                    }
+                    loc = location(&self.reg, &what, &resp)?;
+                    offset = end + 1;
+                    if let Some(p) = &progress {
+                        p(offset);
+                    }
+                }
+                let url = with_query(&self.reg.url(&loc), "digest", desc.digest.as_str());
+                self.reg.send(&what, &self.push_scope(), false, &|c| {
+                    c.put(&url).header(CONTENT_LENGTH, "0")
+                })?
+            }
+        };
+        if !final_resp.status().is_success() {
+            return Err(self.reg.status_error(&what, final_resp));
+        }
+        match header_str(final_resp.headers(), "docker-content-digest") {
+            Some(d) if d != desc.digest.as_str() => Err(Error::Protocol {
+                peer: self.reg.host.clone(),
+                what,
+                reason: format!("registry stored digest {d}, expected {}", desc.digest),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn location(reg: &Registry, what: &str, resp: &Response) -> Result<String> {
+    header_str(resp.headers(), "location")
+        .map(String::from)
+        .ok_or_else(|| Error::Protocol {
+            peer: reg.host.clone(),
+            what: what.to_string(),
+            reason: "upload response has no Location header".into(),
+        })
+}
+
+fn with_query(url: &str, key: &str, value: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    // Digests contain only [a-z0-9:], which need no escaping in a query.
+    format!("{url}{sep}{key}={value}")
+}
+
+struct CountingReader<R> {
+    inner: R,
+    pos: u64,
+    progress: Option<ProgressFn>,
+    cancel: Option<Arc<AtomicBool>>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+        }
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        if let Some(p) = &self.progress {
+            p(self.pos);
+        }
+        Ok(n)
+    }
+}
+
+/// A client error as the `io::Error` a reader returns, keeping interruptions, corrupt
+/// data and missing objects recognisable by their `io::ErrorKind`.
+fn io_error(e: Error) -> io::Error {
+    let kind = match e.kind() {
+        ErrorKind::Interrupted => io::ErrorKind::Interrupted,
+        ErrorKind::Corrupt => io::ErrorKind::InvalidData,
+        ErrorKind::NotFound => io::ErrorKind::NotFound,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+/// A blob download stream: resumed with a range request when the connection breaks,
+/// verified (size and digest) at its end.
+pub struct BlobReader(VerifyReader<ResumingBody>);
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+/// A blob's body, fetched again from where it broke off (`Range`) up to `retries` times.
+struct ResumingBody {
+    repo: Repository,
+    desc: Descriptor,
+    resp: Option<Response>,
+    /// Bytes delivered so far.
+    pos: u64,
+    resumes_left: u32,
+}
+
+impl Read for ResumingBody {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.repo.reg.cancelled() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+            }
+            let resp = match self.resp.as_mut() {
+                Some(r) => r,
+                None => {
+                    let r = self
+                        .repo
+                        .get_blob_response(&self.desc, self.pos)
+                        .map_err(io_error)?;
+                    self.resp.insert(r)
+                }
+            };
+            match resp.read(buf) {
+                Ok(n) => {
+                    self.pos += n as u64;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if self.resumes_left == 0 {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            Error::Stream {
+                                peer: self.repo.reg.host.clone(),
+                                what: format!("blob {}@{}", self.repo.name, self.desc.digest),
+                                error: e,
+                            },
+                        ));
+                    }
+                    tracing::warn!(
+                        "{}: blob {}: stream broke at byte {} ({e}); resuming",
+                        self.repo.reg.host,
+                        self.desc.digest,
+                        self.pos
+                    );
+                    self.resumes_left -= 1;
+                    self.resp = None;
+                    std::thread::sleep(self.repo.reg.opts.retry_delay);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_rule() {
+        let c = Credentials::parse("u:p:with:colons").unwrap();
+        assert_eq!(c.username, "u");
+        assert_eq!(c.password, "p:with:colons");
+        assert!(Credentials::parse("user").is_none());
+        assert!(Credentials::parse(":token").is_none());
+        assert!(!format!("{c:?}").contains("colons"));
+    }
+
+    #[test]
+    fn query_join() {
+        assert_eq!(
+            with_query("http://h/u?x=1", "digest", "d"),
+            "http://h/u?x=1&digest=d"
+        );
+        assert_eq!(
+            with_query("http://h/u", "digest", "d"),
+            "http://h/u?digest=d"
+        );
+    }
+}

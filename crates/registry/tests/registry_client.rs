@@ -1,0 +1,391 @@
+//! The registry client against a real docker-registry: plain HTTP, TLS + htpasswd,
+//! mutual TLS, and distribution's token (Bearer) auth with a token server.
+
+mod common;
+
+use common::{Auth, Pki, Proxy, Registry, RegistryOpts, TokenServer};
+use obdoci::{Descriptor, Digest, Reference, MT_OCI_CONFIG, MT_OCI_LAYER_TAR, MT_OCI_MANIFEST};
+use obdregistry::{self as registry, BlobSource, ClientOptions, Credentials, PushOutcome};
+use std::io::Read;
+use std::time::Duration;
+
+fn opts() -> ClientOptions {
+    ClientOptions {
+        retries: 1,
+        retry_delay: Duration::from_millis(50),
+        ..Default::default()
+    }
+}
+
+/// A pseudo-random payload (xorshift) so blobs are not trivially compressible.
+fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Push a config + layer + manifest, read everything back, and check the tag.
+fn roundtrip(repo: &registry::Repository, tag: &str) -> Digest {
+    let layer = payload(3 << 20, 7);
+    let ld = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &layer);
+    assert_eq!(
+        repo.push_blob(&ld, BlobSource::Bytes(&layer), None, None)
+            .unwrap(),
+        PushOutcome::Uploaded
+    );
+    assert_eq!(
+        repo.push_blob(&ld, BlobSource::Bytes(&layer), None, None)
+            .unwrap(),
+        PushOutcome::Existed
+    );
+    let cfg = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let cd = Descriptor::of_bytes(MT_OCI_CONFIG, cfg);
+    repo.push_blob(&cd, BlobSource::Bytes(cfg), None, None)
+        .unwrap();
+    let m = serde_json::json!({"schemaVersion":2,"mediaType":MT_OCI_MANIFEST,"config":cd,"layers":[ld]});
+    let mb = serde_json::to_vec(&m).unwrap();
+    let md = repo
+        .put_manifest(&Reference::Tag(tag.into()), MT_OCI_MANIFEST, &mb)
+        .unwrap();
+    assert_eq!(md, Digest::of(&mb));
+    let (desc, bytes) = repo.get_manifest(&Reference::Tag(tag.into())).unwrap();
+    assert_eq!(bytes, mb);
+    assert_eq!(desc.media_type, MT_OCI_MANIFEST);
+    assert_eq!(desc.digest, md);
+    let (_, bytes) = repo.get_manifest(&Reference::Digest(md.clone())).unwrap();
+    assert_eq!(bytes, mb);
+    let mut back = Vec::new();
+    repo.open_blob(&ld).unwrap().read_to_end(&mut back).unwrap();
+    assert_eq!(back, layer);
+    assert_eq!(repo.read_blob(&cd, 1 << 20).unwrap(), cfg);
+    md
+}
+
+#[test]
+fn plain_http_push_pull_mount_chunked_and_errors() {
+    let reg = Registry::plain();
+    let o = ClientOptions {
+        plain_http: true,
+        ..opts()
+    };
+    let client = registry::Registry::new(&reg.host(), &o).unwrap();
+    let repo = client.repository("test/a");
+    let md = roundtrip(&repo, "v1");
+    assert!(reg.tag_link_exists("test/a", "v1"));
+    assert_eq!(
+        repo.manifest_exists(&Reference::Tag("v1".into())).unwrap(),
+        Some(Some(md))
+    );
+
+    // Unknown tag: a clear not-found error naming the registry and the manifest.
+    let e = repo
+        .get_manifest(&Reference::Tag("nope".into()))
+        .unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&reg.host()) && msg.contains("nope") && msg.contains("MANIFEST_UNKNOWN"),
+        "{msg}"
+    );
+
+    // Cross-repository mount.
+    let layer = payload(3 << 20, 7);
+    let ld = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &layer);
+    let other = client.repository("test/b");
+    assert!(!other.blob_exists(&ld.digest).unwrap());
+    assert_eq!(
+        other
+            .push_blob(&ld, BlobSource::Bytes(&layer), Some("test/a"), None)
+            .unwrap(),
+        PushOutcome::Mounted
+    );
+    assert!(other.blob_exists(&ld.digest).unwrap());
+    // Mount from a repo that lacks the blob falls back to an upload.
+    let fresh = payload(1000, 99);
+    let fd = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &fresh);
+    assert_eq!(
+        other
+            .push_blob(&fd, BlobSource::Bytes(&fresh), Some("test/a"), None)
+            .unwrap(),
+        PushOutcome::Uploaded
+    );
+
+    // Chunked upload from a file, with progress.
+    let co = ClientOptions {
+        chunk_size: Some(1 << 20),
+        ..o.clone()
+    };
+    let chunked = registry::Registry::new(&reg.host(), &co)
+        .unwrap()
+        .repository("test/c");
+    let data = payload((5 << 20) + 123, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("blob");
+    std::fs::write(&f, &data).unwrap();
+    let dd = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &data);
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let s2 = seen.clone();
+    let prog: registry::ProgressFn = std::sync::Arc::new(move |n| {
+        s2.store(n, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(
+        chunked
+            .push_blob(&dd, BlobSource::File(&f), None, Some(prog))
+            .unwrap(),
+        PushOutcome::Uploaded
+    );
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::Relaxed),
+        data.len() as u64
+    );
+    let mut back = Vec::new();
+    chunked
+        .open_blob(&dd)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert_eq!(back, data);
+
+    // Monolithic upload from a file.
+    let mono = client.repository("test/d");
+    assert_eq!(
+        mono.push_blob(&dd, BlobSource::File(&f), None, None)
+            .unwrap(),
+        PushOutcome::Uploaded
+    );
+    // A descriptor that does not match the content is rejected by the registry.
+    let mut wrong = dd.clone();
+    wrong.digest = Digest::of(b"something else");
+    let e = client
+        .repository("test/e")
+        .push_blob(&wrong, BlobSource::File(&f), None, None)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("DIGEST_INVALID") || e.to_string().contains("400"),
+        "{e}"
+    );
+
+    // A corrupted blob in the registry's storage is caught while streaming.
+    let p = reg.blob_data_path(dd.digest.as_str());
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&p, &bytes).unwrap();
+    let mut sink = Vec::new();
+    let e = chunked
+        .open_blob(&dd)
+        .unwrap()
+        .read_to_end(&mut sink)
+        .unwrap_err();
+    assert!(e.to_string().contains("digest mismatch"), "{e}");
+}
+
+#[test]
+fn tls_htpasswd_and_client_certs() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let reg = Registry::start(RegistryOpts {
+        tls: Some(&pki),
+        client_ca: false,
+        auth: Auth::Htpasswd {
+            user: "alice".into(),
+            password: "s3cr:et".into(),
+        },
+    });
+    let good = ClientOptions {
+        root_cas: vec![pki.path("ca.crt")],
+        credentials: Credentials::parse("alice:s3cr:et"),
+        ..opts()
+    };
+    let repo = registry::Registry::new(&reg.host(), &good)
+        .unwrap()
+        .repository("sec/x");
+    roundtrip(&repo, "latest");
+
+    // Wrong password: one clear authentication error, password not in the message.
+    let bad = ClientOptions {
+        credentials: Credentials::parse("alice:wrongpass"),
+        ..good.clone()
+    };
+    let e = registry::Registry::new(&reg.host(), &bad)
+        .unwrap()
+        .repository("sec/x")
+        .get_manifest(&Reference::Tag("latest".into()))
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, registry::Error::Unauthorized { .. }), "{msg}");
+    assert!(
+        msg.contains("authentication failed") && !msg.contains("wrongpass"),
+        "{msg}"
+    );
+
+    // No credentials.
+    let anon = ClientOptions {
+        credentials: None,
+        ..good.clone()
+    };
+    let e = registry::Registry::new(&reg.host(), &anon)
+        .unwrap()
+        .repository("sec/x")
+        .blob_exists(&Digest::of(b"x"))
+        .unwrap_err();
+    assert!(e.to_string().contains("-u user:password"), "{e}");
+
+    // Unknown CA: TLS verification fails; --insecure accepts it; --cert-dir supplies it.
+    let no_ca = ClientOptions {
+        root_cas: vec![],
+        ..good.clone()
+    };
+    let e = registry::Registry::new(&reg.host(), &no_ca)
+        .unwrap()
+        .repository("sec/x")
+        .blob_exists(&Digest::of(b"x"))
+        .unwrap_err();
+    assert!(matches!(e, registry::Error::Transport { .. }), "{e}");
+    let insecure = ClientOptions {
+        insecure: true,
+        ..no_ca.clone()
+    };
+    assert!(!registry::Registry::new(&reg.host(), &insecure)
+        .unwrap()
+        .repository("sec/x")
+        .blob_exists(&Digest::of(b"x"))
+        .unwrap());
+    let certdir = dir.path().join("certs.d");
+    std::fs::create_dir_all(&certdir).unwrap();
+    std::fs::copy(pki.path("ca.crt"), certdir.join("ca.crt")).unwrap();
+    let via_dir = ClientOptions {
+        cert_dirs: vec![certdir],
+        ..no_ca.clone()
+    };
+    assert!(!registry::Registry::new(&reg.host(), &via_dir)
+        .unwrap()
+        .repository("sec/x")
+        .blob_exists(&Digest::of(b"x"))
+        .unwrap());
+    // A bad CA file is a clear setup error naming the file.
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a cert").unwrap();
+    let e = registry::Registry::new(
+        &reg.host(),
+        &ClientOptions {
+            root_cas: vec![junk.clone()],
+            ..good.clone()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("junk.pem"), "{e}");
+}
+
+#[test]
+fn mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let reg = Registry::start(RegistryOpts {
+        tls: Some(&pki),
+        client_ca: true,
+        auth: Auth::None,
+    });
+    let base = ClientOptions {
+        root_cas: vec![pki.path("ca.crt")],
+        ..opts()
+    };
+    let e = registry::Registry::new(&reg.host(), &base)
+        .unwrap()
+        .repository("m/x")
+        .blob_exists(&Digest::of(b"x"))
+        .unwrap_err();
+    assert!(matches!(e, registry::Error::Transport { .. }), "{e}");
+    let with_cert = ClientOptions {
+        client_certs: vec![(pki.path("client.crt"), pki.path("client.key"))],
+        ..base
+    };
+    let repo = registry::Registry::new(&reg.host(), &with_cert)
+        .unwrap()
+        .repository("m/x");
+    roundtrip(&repo, "t");
+}
+
+#[test]
+fn bearer_token_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let ts = TokenServer::start(&pki, "bob", "hunter2");
+    let reg = Registry::start(RegistryOpts {
+        tls: Some(&pki),
+        client_ca: false,
+        auth: Auth::Token { realm: ts.realm() },
+    });
+    let good = ClientOptions {
+        root_cas: vec![pki.path("ca.crt")],
+        credentials: Credentials::parse("bob:hunter2"),
+        ..opts()
+    };
+    let client = registry::Registry::new(&reg.host(), &good).unwrap();
+    roundtrip(&client.repository("tok/a"), "v1");
+    let reqs = ts.requests.lock().unwrap().clone();
+    assert!(
+        reqs.iter()
+            .any(|r| r.contains("scope=repository%3Atok%2Fa%3Apull%2Cpush")
+                || r.contains("scope=repository:tok/a:pull,push")),
+        "token requests: {reqs:?}"
+    );
+    assert!(
+        reqs.iter().all(|r| r.contains("service=test-registry")),
+        "{reqs:?}"
+    );
+    // Cross-repo mount asks for pull on the source repo too.
+    let layer = payload(3 << 20, 7);
+    let ld = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &layer);
+    assert_eq!(
+        client
+            .repository("tok/b")
+            .push_blob(&ld, BlobSource::Bytes(&layer), Some("tok/a"), None)
+            .unwrap(),
+        PushOutcome::Mounted
+    );
+    // Wrong credentials: the token server refuses them.
+    let bad = ClientOptions {
+        credentials: Credentials::parse("bob:nope"),
+        ..good.clone()
+    };
+    let e = registry::Registry::new(&reg.host(), &bad)
+        .unwrap()
+        .repository("tok/a")
+        .get_manifest(&Reference::Tag("v1".into()))
+        .unwrap_err();
+    assert!(matches!(e, registry::Error::Unauthorized { .. }), "{e}");
+    assert!(e.to_string().contains("rejected the credentials"), "{e}");
+}
+
+#[test]
+fn broken_download_resumes_with_range() {
+    let reg = Registry::plain();
+    let o = ClientOptions {
+        plain_http: true,
+        ..opts()
+    };
+    let data = payload(3 << 20, 42);
+    let d = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &data);
+    registry::Registry::new(&reg.host(), &o)
+        .unwrap()
+        .repository("r/x")
+        .push_blob(&d, BlobSource::Bytes(&data), None, None)
+        .unwrap();
+    // The first response is cut after 1 MB; the reader must resume at the byte where
+    // it broke and still verify the whole blob.
+    let proxy = Proxy::start_with(reg.port, None, None, Some(1 << 20));
+    let repo = registry::Registry::new(&format!("127.0.0.1:{}", proxy.port), &o)
+        .unwrap()
+        .repository("r/x");
+    let mut back = Vec::new();
+    repo.open_blob(&d).unwrap().read_to_end(&mut back).unwrap();
+    assert!(proxy.was_cut(), "the first download was not cut");
+    assert_eq!(back.len(), data.len());
+    assert!(back == data);
+}

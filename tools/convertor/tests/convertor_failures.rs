@@ -1,0 +1,403 @@
+//! Convertor runs against registries with TLS, htpasswd and token auth, and the
+//! failure cases: wrong password, unknown tag, corrupt source blob, registry going
+//! down mid-push, Ctrl-C. Every failure must be one clear error line, a non-zero exit
+//! and no manifest pushed.
+
+mod common;
+
+use common::convert::*;
+use common::{Auth, Pki, Proxy, Registry, RegistryOpts, TokenServer};
+use obdoci::{Descriptor, Reference};
+use obdregistry::{self as registry, ClientOptions, Credentials};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn tls_htpasswd_conversion_and_wrong_password() {
+    let t = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&t.path().join("pki"));
+    let reg = Registry::start(RegistryOpts {
+        tls: Some(&pki),
+        client_ca: false,
+        auth: Auth::Htpasswd {
+            user: "alice".into(),
+            password: "pa:ss".into(),
+        },
+    });
+    let images = t.path().join("images");
+    build_images("sample", &images, &[]);
+    let copts = ClientOptions {
+        root_cas: vec![pki.path("ca.crt")],
+        credentials: Credentials::parse("alice:pa:ss"),
+        ..Default::default()
+    };
+    let repo = registry::Registry::new(&reg.host(), &copts)
+        .unwrap()
+        .repository("sec/sample");
+    push_layout_tag(&images, "latest", &repo);
+    let r = format!("{}/sec/sample", reg.host());
+    let ca = pki.path("ca.crt");
+    let ca_s = ca.to_str().unwrap();
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+
+    let o = convertor(&[
+        "-r",
+        &r,
+        "-i",
+        "latest",
+        "-o",
+        "obd",
+        "-u",
+        "alice:wrong",
+        "--root-ca",
+        ca_s,
+        "-d",
+        wd_s,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("authentication failed") && !e.contains("wrong"),
+        "{e}"
+    );
+    assert_eq!(e.lines().filter(|l| l.contains("error")).count(), 1, "{e}");
+    assert!(!reg.tag_link_exists("sec/sample", "obd"));
+
+    // Without the CA the TLS handshake fails clearly; with it, conversion works.
+    let o = convertor(&[
+        "-r",
+        &r,
+        "-i",
+        "latest",
+        "-o",
+        "obd",
+        "-u",
+        "alice:pa:ss",
+        "-d",
+        wd_s,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr_of(&o).contains(&reg.host()), "{}", stderr_of(&o));
+    convert_ok(&[
+        "-r",
+        &r,
+        "-i",
+        "latest",
+        "-o",
+        "obd",
+        "-u",
+        "alice:pa:ss",
+        "--root-ca",
+        ca_s,
+        "--vsize",
+        "2",
+        "-d",
+        wd_s,
+    ]);
+    let (d, _) = repo.get_manifest(&Reference::Tag("obd".into())).unwrap();
+    // --cert-dir gives the same image.
+    let cd = t.path().join("certs");
+    std::fs::create_dir_all(&cd).unwrap();
+    std::fs::copy(&ca, cd.join("ca.crt")).unwrap();
+    convert_ok(&[
+        "-r",
+        &r,
+        "-i",
+        "latest",
+        "-o",
+        "obd2",
+        "-u",
+        "alice:pa:ss",
+        "--cert-dir",
+        cd.to_str().unwrap(),
+        "--vsize",
+        "2",
+        "-d",
+        wd_s,
+    ]);
+    let (d2, _) = repo.get_manifest(&Reference::Tag("obd2".into())).unwrap();
+    assert_eq!(d.digest, d2.digest);
+
+    // Without -u, credentials come from Docker's config.json.
+    let dc = t.path().join("docker");
+    std::fs::create_dir_all(&dc).unwrap();
+    std::fs::write(
+        dc.join("config.json"),
+        format!(
+            r#"{{"auths":{{"https://{}/v1/":{{"auth":"YWxpY2U6cGE6c3M="}}}}}}"#,
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_convertor"))
+        .args([
+            "-r",
+            &r,
+            "-i",
+            "latest",
+            "-o",
+            "obd3",
+            "--root-ca",
+            ca_s,
+            "--vsize",
+            "2",
+            "-d",
+            wd_s,
+        ])
+        .env("DOCKER_CONFIG", &dc)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let (d3, _) = repo.get_manifest(&Reference::Tag("obd3".into())).unwrap();
+    assert_eq!(d.digest, d3.digest);
+}
+
+#[test]
+fn token_auth_conversion() {
+    let t = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&t.path().join("pki"));
+    let ts = TokenServer::start(&pki, "bob", "tok-pass");
+    let reg = Registry::start(RegistryOpts {
+        tls: Some(&pki),
+        client_ca: false,
+        auth: Auth::Token { realm: ts.realm() },
+    });
+    let images = t.path().join("images");
+    build_images("sample", &images, &[]);
+    let copts = ClientOptions {
+        root_cas: vec![pki.path("ca.crt")],
+        credentials: Credentials::parse("bob:tok-pass"),
+        ..Default::default()
+    };
+    let repo = registry::Registry::new(&reg.host(), &copts)
+        .unwrap()
+        .repository("tok/sample");
+    push_layout_tag(&images, "latest", &repo);
+    let r = format!("{}/tok/sample", reg.host());
+    let ca = pki.path("ca.crt");
+    let wd = t.path().join("w");
+    convert_ok(&[
+        "-r",
+        &r,
+        "-i",
+        "latest",
+        "--overlaybd",
+        "obd",
+        "-u",
+        "bob:tok-pass",
+        "--root-ca",
+        ca.to_str().unwrap(),
+        "--vsize",
+        "2",
+        "-d",
+        wd.to_str().unwrap(),
+    ]);
+    assert!(repo.get_manifest(&Reference::Tag("obd".into())).is_ok());
+    let o = convertor(&[
+        "-r",
+        &r,
+        "-i",
+        "latest",
+        "--overlaybd",
+        "obd3",
+        "-u",
+        "bob:nope",
+        "--root-ca",
+        ca.to_str().unwrap(),
+        "-d",
+        wd.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr_of(&o).contains("rejected the credentials"),
+        "{}",
+        stderr_of(&o)
+    );
+}
+
+#[test]
+fn unknown_tag_and_corrupt_blob() {
+    let reg = Registry::plain();
+    let t = tempfile::tempdir().unwrap();
+    let images = t.path().join("images");
+    build_images("sample", &images, &[]);
+    skopeo_push(&images, "latest", &reg.host(), "f/sample");
+    let r = format!("{}/f/sample", reg.host());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+
+    let o = convertor(&["-r", &r, "-i", "nope", "-o", "obd", "--plain", "-d", wd_s]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr_of(&o);
+    assert!(e.contains("not found") && e.contains("nope"), "{e}");
+
+    // Corrupt the first layer blob inside the registry's storage (same length).
+    let repo = registry::Registry::new(
+        &reg.host(),
+        &ClientOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .repository("f/sample");
+    let (_, m) = repo.get_manifest(&Reference::Tag("latest".into())).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&m).unwrap();
+    let l0: Descriptor = serde_json::from_value(m["layers"][0].clone()).unwrap();
+    let p = reg.blob_data_path(l0.digest.as_str());
+    let mut b = std::fs::read(&p).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x55;
+    std::fs::write(&p, &b).unwrap();
+    let revs = reg.manifest_revisions("f/sample");
+    let o = convertor(&["-r", &r, "-i", "latest", "-o", "obd", "--plain", "-d", wd_s]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("digest mismatch") && e.contains(l0.digest.as_str()),
+        "{e}"
+    );
+    assert!(!reg.tag_link_exists("f/sample", "obd"));
+    assert_eq!(
+        reg.manifest_revisions("f/sample"),
+        revs,
+        "no manifest pushed"
+    );
+    assert!(!wd.exists(), "work dir cleaned up after failure");
+}
+
+#[test]
+fn registry_down_mid_push() {
+    let mut reg = Registry::plain();
+    let t = tempfile::tempdir().unwrap();
+    let images = t.path().join("images");
+    build_images("testset", &images, &[]);
+    let layout = images.join("layers");
+    // Source: the local layout; destination: the registry behind a proxy that dies
+    // after 1 MB of requests, i.e. during the first layer upload.
+    let proxy = Proxy::start(reg.port, Some(1 << 20), None);
+    let src = format!("oci:{}", layout.display());
+    let dst = format!("127.0.0.1:{}/down/layers", proxy.port);
+    let wd = t.path().join("w");
+    let t0 = Instant::now();
+    let o = convertor(&[
+        "-r",
+        &src,
+        "-i",
+        "v1",
+        "--output-repository",
+        &dst,
+        "-o",
+        "obd",
+        "--plain",
+        "--vsize",
+        "2",
+        "-d",
+        wd.to_str().unwrap(),
+    ]);
+    assert!(proxy.is_dead(), "the proxy never saw 1 MB");
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("uploading layer") && e.contains(&format!("127.0.0.1:{}", proxy.port)),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    reg.restart();
+    assert!(!reg.tag_link_exists("down/layers", "obd"));
+    assert_eq!(
+        reg.manifest_revisions("down/layers"),
+        0,
+        "no manifest pushed"
+    );
+}
+
+#[test]
+fn ctrl_c_exits_130_and_cleans_up() {
+    let reg = Registry::plain();
+    let t = tempfile::tempdir().unwrap();
+    let images = t.path().join("images");
+    build_images("testset", &images, &[]);
+    skopeo_push(&images.join("layers"), "v1", &reg.host(), "int/layers");
+    // Downloads crawl at 200 KB/s through the proxy, so the run is still busy.
+    let proxy = Proxy::start(reg.port, None, Some(200_000));
+    let r = format!("127.0.0.1:{}/int/layers", proxy.port);
+    let wd = t.path().join("w");
+    let child = Command::new(env!("CARGO_BIN_EXE_convertor"))
+        .args([
+            "-r",
+            &r,
+            "-i",
+            "v1",
+            "-o",
+            "obd",
+            "--plain",
+            "-d",
+            wd.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(wd.exists(), "conversion should be under way");
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let t0 = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?} to stop",
+        t0.elapsed()
+    );
+    assert_eq!(o.status.code(), Some(130), "{}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("interrupted"));
+    assert!(!wd.exists(), "work dir cleaned up");
+    assert!(!reg.tag_link_exists("int/layers", "obd"));
+}
+
+#[test]
+fn registry_briefly_down_is_retried() {
+    let mut reg = Registry::plain();
+    let t = tempfile::tempdir().unwrap();
+    let images = t.path().join("images");
+    build_images("sample", &images, &[]);
+    skopeo_push(&images, "latest", &reg.host(), "flap/sample");
+    reg.stop();
+    let r = format!("{}/flap/sample", reg.host());
+    let wd = t.path().join("w");
+    let child = Command::new(env!("CARGO_BIN_EXE_convertor"))
+        .args([
+            "-r",
+            &r,
+            "-i",
+            "latest",
+            "-o",
+            "obd",
+            "--plain",
+            "--vsize",
+            "2",
+            "-d",
+            wd.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Retries back off 0.5 + 1 + 2 s; the registry is back after about 1 s.
+    std::thread::sleep(Duration::from_millis(800));
+    reg.restart();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("retrying"), "{}", stderr_of(&o));
+    assert!(reg.tag_link_exists("flap/sample", "obd"));
+}
