@@ -1,10 +1,8 @@
 //! `overlaybd-fuse`: overlaybd layer stacks and converted images through the
 //! kernel's FUSE, without root (fusermount3), NBD or a loop device.
 //!
-//! * [`source`]: what to serve: layer files, a `config.json`, `oci:DIR[:TAG]`
-//!   ([`oci`]), and the [`source::LayerBlob`] seam for other blob sources.
-//! * [`image`]: the layers of a converted image (overlaybd or TurboOCI) from
-//!   its manifest and a [`image::BlobStore`].
+//! * What to serve (layer files, a `config.json`, `oci:DIR[:TAG]`, a registry
+//!   image read lazily) is [`obdimage::ImageSpec`], shared with `overlaybd-nbd`.
 //! * [`block`]: block mode, the virtual disk as `MOUNTPOINT/disk` (read-only,
 //!   or writable into an upper layer).
 //! * [`tree`]: filesystem mode's seam, a read-only [`tree::FileTree`], and
@@ -22,10 +20,7 @@ pub mod cache;
 pub mod erofs;
 pub mod error;
 pub mod ext4;
-pub mod image;
-pub mod oci;
 pub mod session;
-pub mod source;
 pub mod tree;
 
 use std::sync::Arc;
@@ -33,8 +28,8 @@ use std::sync::Arc;
 use blockdev::BlockDevice;
 
 pub use error::{Error, Result};
+pub use obdimage::{ImageSpec, LayerBlob, LowerSpec, RemoteOptions, Target, UpperSpec};
 pub use session::{Ended, MountConfig};
-pub use source::{ImageSpec, LayerBlob, LowerSpec, Target, UpperSpec};
 
 /// What the mount shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

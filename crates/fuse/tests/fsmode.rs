@@ -27,7 +27,10 @@ fn fs_mode_equals_the_kernel_ext4_on_a_converted_image() {
     let layout = converted_image("testset", &t.path().join("img"), "layers", "v1");
     let src = format!("oci:{}:v1_obd", layout.display());
     let f = Fuse::background(&["--fs".as_ref(), src.as_ref()], &t.path().join("mp"));
-    let layers = obdfuse::oci::layer_blobs(&layout, Some("v1_obd")).unwrap();
+    let layers = obdimage::layout::LayoutStore::open(&layout)
+        .unwrap()
+        .layer_files(Some("v1_obd"))
+        .unwrap();
     let m = loop_mount_flat(&layers, t.path());
 
     let fuse_tree = scan(&f.mp);

@@ -117,7 +117,7 @@ fn assert_reference(mp: &Path, want: &Path, work: &Path) {
 
 /// Flatten the stack of `config` into a sparse raw image.
 fn flatten(config: &Path, img: &Path) {
-    obdfuse::ImageSpec::from_args(&[config.display().to_string()], None)
+    obdfuse::ImageSpec::from_args(&[config.display().to_string()], None, &Default::default())
         .unwrap()
         .open(false)
         .unwrap()

@@ -41,8 +41,9 @@ enum Cmd {
 #[derive(clap::Args, Debug)]
 struct MountArgs {
     /// Layer files (sealed LSMT, ZFile, tar-wrapped; bottom first), or one
-    /// overlaybd config.json, or one converted image oci:DIR[:TAG]; then the
-    /// mountpoint (an existing directory).
+    /// overlaybd config.json, or one converted image oci:DIR[:TAG], or one
+    /// converted image in a registry HOST/REPO[:TAG|@sha256:DIGEST] (read
+    /// lazily); then the mountpoint (an existing directory).
     #[arg(required = true, num_args = 1.., value_name = "SOURCE... MOUNTPOINT")]
     args: Vec<String>,
 
@@ -59,7 +60,7 @@ struct MountArgs {
     /// With --fs: cache at most this much metadata (inodes, directories,
     /// block maps; bytes, or with a K, M or G suffix); what the kernel
     /// forgets is dropped too.
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = obdimage::cli::parse_size)]
     meta_cache: u64,
 
     /// Never write, even with an upper layer.
@@ -90,29 +91,9 @@ struct MountArgs {
     /// Debug logging (OVERLAYBD_LOG overrides).
     #[arg(short, long)]
     verbose: bool,
-}
 
-/// `123`, `64K`, `64M`, `2G` (binary units).
-fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size suffix '{c}' (use K, M, G or T)")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 512M)"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
+    #[command(flatten)]
+    remote: obdimage::cli::RemoteArgs,
 }
 
 fn main() -> ExitCode {
@@ -157,7 +138,7 @@ fn main() -> ExitCode {
 fn run(a: &MountArgs, daemon: bool) -> Result<()> {
     set_default_backend(a.io);
     if a.args.len() < 2 {
-        bail!("give the layers (or config.json, or oci:DIR[:TAG]) and then the mountpoint");
+        bail!("give the layers (or config.json, oci:DIR[:TAG] or an image reference) and then the mountpoint");
     }
     let (sources, mp) = a.args.split_at(a.args.len() - 1);
     let mp = PathBuf::from(&mp[0]);
@@ -166,7 +147,8 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("{}: cannot resolve the mountpoint", mp.display()))?;
     let upper = a.upper.as_ref().map(|v| (v[0].clone(), v[1].clone()));
-    let spec = ImageSpec::from_args(sources, upper)?;
+    let spec = ImageSpec::from_args(sources, upper, &a.remote.options()?)?;
+    let fetch_stats = spec.fetch_stats.clone();
     let mode = if a.fs { Mode::Fs } else { Mode::Block };
     let req = MountRequest {
         writable: spec.upper.is_some() && !a.read_only && mode == Mode::Block,
@@ -220,9 +202,12 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
                 .unwrap_or_else(|_| s.to_string())
         ),
     };
+    let fetched = fetch_stats
+        .map(|s| format!("; registry: {}", s.summary()))
+        .unwrap_or_default();
     if !daemon {
         println!(
-            "overlaybd-fuse: {} {how}{}",
+            "overlaybd-fuse: {} {how}{}{fetched}",
             mp.display(),
             if req.writable {
                 "; upper layer flushed"
@@ -231,7 +216,7 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
             }
         );
     } else {
-        tracing::info!("{} {how}", mp.display());
+        tracing::info!("{} {how}{fetched}", mp.display());
     }
     Ok(())
 }

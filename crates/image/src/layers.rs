@@ -49,6 +49,53 @@ pub struct LayerDesc {
     pub annotations: HashMap<String, String>,
 }
 
+impl From<&obdoci::Descriptor> for LayerDesc {
+    fn from(d: &obdoci::Descriptor) -> Self {
+        LayerDesc {
+            media_type: d.media_type.clone(),
+            digest: d.digest.to_string(),
+            size: d.size,
+            annotations: d
+                .annotations
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// The platform name of this machine in OCI terms (`amd64`, `arm64`, ...).
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        "loongarch64" => "loong64",
+        other => other,
+    }
+}
+
+/// The manifest to use from an index: linux on this machine's
+/// architecture, or the only image in it (attestations never count).
+pub fn pick_manifest(index: &obdoci::Index) -> Option<&obdoci::Descriptor> {
+    let images: Vec<&obdoci::Descriptor> = index
+        .manifests
+        .iter()
+        .filter(|d| !d.is_attestation())
+        .collect();
+    images
+        .iter()
+        .find(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == host_arch())
+        })
+        .copied()
+        .or_else(|| (images.len() == 1).then(|| images[0]))
+}
+
 impl LayerDesc {
     /// The original layer's digest, for a TurboOCI layer.
     pub fn turbo_target(&self) -> Option<&str> {

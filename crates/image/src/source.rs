@@ -1,14 +1,15 @@
 //! What a mount serves: a layer stack described by layer files, an overlaybd
 //! `config.json` (TurboOCI lowers and upper included), or a converted image
-//! (native or TurboOCI) in an OCI layout, plus an optional writable upper.
+//! (native or TurboOCI) in an OCI layout or a registry (read lazily), plus
+//! an optional writable upper.
 //!
 //! The seam for other sources is [`LayerBlob`]: a lower layer is either a
 //! local file or any [`ReadAt`] presenting the blob bytes as stored (tar
 //! wrapper, ZFile and LSMT are peeled by `blockdev::layer::open_blob_source`,
 //! exactly as for files). A TurboOCI lower ([`LowerSpec::target`]) adds its
 //! target, the uncompressed layer tar, again as paths or as any [`ReadAt`].
-//! A lazily fetched registry blob (HTTP range requests behind a `ReadAt`)
-//! needs nothing else from this module.
+//! A lazily fetched registry blob ([`crate::remote::RemoteBlob`], HTTP range
+//! requests behind a `ReadAt`) needs nothing else from this module.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +22,39 @@ use blockdev::stack::{Lower, Stack};
 use blockdev::warp::{TargetSource, WarpLayer};
 use blockdev::ImageConfig;
 
+use crate::chunkcache::ChunkCache;
 use crate::error::{Error, Result};
+use crate::layers::{lowers, LayerDesc};
+use crate::layout::{split_ref, LayoutStore};
+use crate::reference::RemoteRef;
+use crate::remote::{FetchOptions, FetchStats, RegistryStore};
+
+/// How to reach a registry and where to cache what is fetched.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// Registry client options (TLS, credentials, retries).
+    pub client: obdregistry::ClientOptions,
+    /// How blobs are fetched.
+    pub fetch: FetchOptions,
+    /// The chunk cache directory (a temporary one if `None`).
+    pub cache_dir: Option<PathBuf>,
+    /// The chunk cache's budget in bytes.
+    pub cache_size: u64,
+    /// Fetch and cache granularity.
+    pub chunk_size: u64,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            client: Default::default(),
+            fetch: Default::default(),
+            cache_dir: None,
+            cache_size: 1 << 30,
+            chunk_size: 256 << 10,
+        }
+    }
+}
 
 /// The bytes of one lower layer.
 #[derive(Clone)]
@@ -162,14 +195,21 @@ pub struct ImageSpec {
     pub upper: Option<UpperSpec>,
     /// A one-line description for messages.
     pub description: String,
+    /// For a registry image: the fetch counters.
+    pub fetch_stats: Option<Arc<FetchStats>>,
 }
 
 impl ImageSpec {
     /// Interpret the command line's sources: one `config.json` (lowers and
-    /// upper), one `oci:DIR[:TAG]` (a converted image), or layer files
-    /// (bottom first). `upper` adds (or, for a config, replaces) the
-    /// writable layer.
-    pub fn from_args(inputs: &[String], upper: Option<(PathBuf, PathBuf)>) -> Result<ImageSpec> {
+    /// upper), one `oci:DIR[:TAG]` (a converted image), one image reference
+    /// (`host/repo:tag`, `host/repo@sha256:...`: any single argument that is
+    /// neither an existing file nor an `oci:` path), or layer files (bottom
+    /// first). `upper` adds (or, for a config, replaces) the writable layer.
+    pub fn from_args(
+        inputs: &[String],
+        upper: Option<(PathBuf, PathBuf)>,
+        remote: &RemoteOptions,
+    ) -> Result<ImageSpec> {
         let upper = upper.map(|(data, index)| UpperSpec {
             data,
             index,
@@ -177,16 +217,16 @@ impl ImageSpec {
         });
         if inputs.is_empty() {
             return Err(Error::Usage(
-                "no layers, config.json or oci:DIR given".into(),
+                "no layers, config.json, oci:DIR or image reference given".into(),
             ));
         }
         if inputs.len() == 1 {
             let a = &inputs[0];
             if let Some(rest) = a.strip_prefix("oci:") {
-                let (dir, tag) = crate::oci::split_ref(rest);
-                let layers = crate::oci::layers(&dir, tag.as_deref())?;
-                let store = crate::oci::LayoutStore::new(&dir);
-                let (lowers, kind) = crate::image::lowers(&layers, &store)?;
+                let (dir, tag) = split_ref(rest);
+                let store = LayoutStore::open(&dir)?;
+                let layers = store.layers(tag.as_deref())?;
+                let (lowers, kind) = lowers(&layers, &store)?;
                 let description = format!(
                     "{kind} image oci:{}{} ({} layers)",
                     dir.display(),
@@ -197,7 +237,13 @@ impl ImageSpec {
                     lowers,
                     upper,
                     description,
+                    fetch_stats: None,
                 });
+            }
+            if !Path::new(a).exists() && !a.ends_with(".json") {
+                if let Ok(r) = RemoteRef::parse(a) {
+                    return Self::from_registry(&r, upper, remote);
+                }
             }
             if a.ends_with(".json") {
                 let p = Path::new(a);
@@ -228,6 +274,7 @@ impl ImageSpec {
                     ),
                     lowers,
                     upper,
+                    fetch_stats: None,
                 });
             }
         }
@@ -236,7 +283,8 @@ impl ImageSpec {
             let p = Path::new(a);
             if !p.is_file() {
                 return Err(Error::Usage(format!(
-                    "{a}: not a layer file (sources are layer files, one config.json, or one oci:DIR[:TAG])"
+                    "{a}: not a layer file (sources are layer files, one config.json, one \
+                     oci:DIR[:TAG], or one image reference HOST/REPO[:TAG|@DIGEST])"
                 )));
             }
             lowers.push(LowerSpec::layer(LayerBlob::File(p.to_path_buf())));
@@ -245,6 +293,65 @@ impl ImageSpec {
             description: format!("layer stack ({} layers)", lowers.len()),
             lowers,
             upper,
+            fetch_stats: None,
+        })
+    }
+
+    /// A converted image in a registry: its manifest (through an index to
+    /// this machine's platform) is fetched now, its blobs lazily.
+    pub fn from_registry(
+        r: &RemoteRef,
+        upper: Option<UpperSpec>,
+        remote: &RemoteOptions,
+    ) -> Result<ImageSpec> {
+        let reg_err = |what: String| move |source| Error::Registry { what, source };
+        let registry = obdregistry::Registry::new(&r.host, &remote.client).map_err(reg_err(
+            format!("{}: cannot set up the registry client", r.host),
+        ))?;
+        let repo = registry.repository(&r.repository);
+        let mut reference = r.reference.clone();
+        let mut layers: Option<Vec<LayerDesc>> = None;
+        for _ in 0..4 {
+            let (desc, bytes) = repo
+                .get_manifest(&reference)
+                .map_err(reg_err(format!("cannot fetch the manifest of {r}")))?;
+            let what = format!("{r}: {}", desc.digest);
+            let oci_err = |source| Error::Oci {
+                what: what.clone(),
+                source,
+            };
+            if obdoci::model::is_index(&desc.media_type) {
+                let idx: obdoci::Index =
+                    obdoci::model::parse_json(&what, &bytes).map_err(oci_err)?;
+                let pick = crate::layers::pick_manifest(&idx).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "{what}: the index has no linux/{} image",
+                        crate::layers::host_arch()
+                    ))
+                })?;
+                reference = obdoci::Reference::Digest(pick.digest.clone());
+                continue;
+            }
+            let m: obdoci::Manifest = obdoci::model::parse_json(&what, &bytes).map_err(oci_err)?;
+            layers = Some(m.layers.iter().map(LayerDesc::from).collect());
+            break;
+        }
+        let layers =
+            layers.ok_or_else(|| Error::Usage(format!("{r}: indexes nested too deeply")))?;
+        let cache = ChunkCache::new(
+            remote.cache_dir.as_deref(),
+            remote.cache_size,
+            remote.chunk_size,
+        )?;
+        let stats = Arc::new(FetchStats::default());
+        let store = RegistryStore::new(repo, cache, remote.fetch.clone(), stats.clone());
+        let (lowers, kind) = lowers(&layers, &store)?;
+        tracing::info!("lazy: {r} opened: {}", stats.summary());
+        Ok(ImageSpec {
+            description: format!("{kind} image {r} ({} layers, lazily fetched)", lowers.len()),
+            lowers,
+            upper,
+            fetch_stats: Some(stats),
         })
     }
 
