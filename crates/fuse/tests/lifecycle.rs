@@ -138,7 +138,7 @@ fn bad_sources_fail_with_one_line_and_mount_nothing() {
                 format!("oci:{}", t.path().display()).into(),
                 mp.clone().into(),
             ],
-            "index.json",
+            "not an OCI image layout",
         ),
         (vec![mp.clone().into()], "mountpoint"),
     ];

@@ -28,7 +28,7 @@ impl LayoutStore {
     /// Open the layout at `dir`.
     pub fn open(dir: &Path) -> Result<LayoutStore> {
         let layout = Layout::open(dir).map_err(|source| Error::Oci {
-            what: format!("cannot open OCI layout {}", dir.display()),
+            what: "cannot open the OCI layout".into(),
             source,
         })?;
         Ok(LayoutStore { layout })
