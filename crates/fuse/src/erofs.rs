@@ -77,7 +77,7 @@ fn dirent_kind(t: u8) -> Option<FileType> {
 /// The errno for a reader failure (logged): the device's own errno for I/O
 /// failures (EIO when a remote blob cannot be fetched), else the format's.
 fn erofs_errno(e: &ErofsError) -> Errno {
-    tracing::warn!("{e}");
+    tracing::warn!("{}", obdimage::error::Chain(e));
     Errno::from_i32(match e {
         ErofsError::Device(d) => errno_of(d),
         _ => e.errno(),

@@ -203,7 +203,7 @@ fn kernel_overhead(sb: &[u8], journal_blocks: u64) -> Option<u64> {
 
 /// The errno for a libext2fs or device failure (logged).
 fn ext_errno(e: &obdfs::Error) -> Errno {
-    tracing::warn!("{e}");
+    tracing::warn!("{}", obdimage::error::Chain(e));
     match e {
         obdfs::Error::Device(d) => Errno::from_i32(errno_of(d)),
         obdfs::Error::Invalid(_) => Errno::ENOENT,
@@ -492,7 +492,7 @@ impl FileTree for Ext4Tree {
             return Err(Errno::EINVAL);
         }
         self.read_file(&n, offset, len as u64).map_err(|e| {
-            tracing::warn!("{e}");
+            tracing::warn!("{}", obdimage::error::Chain(&e));
             match &e {
                 Error::Stack { source, .. } => Errno::from_i32(errno_of(source)),
                 _ => Errno::EIO,

@@ -43,7 +43,7 @@ pub struct RemoteArgs {
     #[arg(long = "cache-size", value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     pub cache_size: u64,
     /// Fetch and cache granularity (a power of two, at least 4K).
-    #[arg(long = "chunk-size", value_name = "SIZE", default_value = "256K", value_parser = parse_size)]
+    #[arg(long = "chunk-size", value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
     pub chunk_size: u64,
     /// Largest read-ahead window for sequential reads (0: none).
     #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]

@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+/// An error with its causes on one line (for logs).
+pub use obdoci::error::Chain;
+
 /// Result alias of the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

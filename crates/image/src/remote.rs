@@ -16,7 +16,8 @@
 //!   read; on top of that, the blob's sha256 is computed over its chunks in
 //!   order as they arrive (reading cached ones back), and once the whole
 //!   blob has been seen it must equal the digest, or the blob's cache is
-//!   dropped and every later read of it fails.
+//!   dropped and every later read of it fails. (A chunk evicted from a small
+//!   cache before its turn holds the check back until it is fetched again.)
 //!
 //! [`FetchStats`] counts requests and bytes for logs, tests and benchmarks.
 

@@ -51,7 +51,7 @@ impl Default for RemoteOptions {
             fetch: Default::default(),
             cache_dir: None,
             cache_size: 1 << 30,
-            chunk_size: 256 << 10,
+            chunk_size: 64 << 10,
         }
     }
 }

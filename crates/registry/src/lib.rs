@@ -836,8 +836,7 @@ impl Repository {
                 return Err(Error::Protocol {
                     peer: self.reg.host.clone(),
                     what,
-                    reason: "the registry ignores Range requests (HTTP 200 instead of 206)"
-                        .into(),
+                    reason: "the registry ignores Range requests (HTTP 200 instead of 206)".into(),
                 })
             }
             _ => return Err(self.reg.status_error(&what, resp)),

@@ -101,7 +101,13 @@ fn main() -> ExitCode {
     let Cmd::Mount(a) = cli.cmd;
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("OVERLAYBD_LOG").unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(if a.verbose { "debug" } else { "warn" })
+            // fuser warns about requests we leave to the kernel's defaults
+            // and about unmounting what fusermount already unmounted.
+            tracing_subscriber::EnvFilter::new(if a.verbose {
+                "debug"
+            } else {
+                "warn,fuser=error"
+            })
         });
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()

@@ -96,13 +96,19 @@ pub struct Fuse {
 impl Fuse {
     /// `overlaybd-fuse mount --background ARGS... MP`.
     pub fn background(args: &[&std::ffi::OsStr], mp: &Path) -> Fuse {
+        Self::background_env(args, mp, &[])
+    }
+
+    /// The same with environment variables (e.g. `OVERLAYBD_LOG`) set.
+    pub fn background_env(args: &[&std::ffi::OsStr], mp: &Path, env: &[(&str, &str)]) -> Fuse {
         std::fs::create_dir_all(mp).unwrap();
         let o = run_ok(
             Command::new(fuse_bin())
                 .arg("mount")
                 .arg("--background")
                 .args(args)
-                .arg(mp),
+                .arg(mp)
+                .envs(env.iter().copied()),
         );
         assert!(is_mounted(mp), "not mounted after --background returned");
         Fuse {
