@@ -6,7 +6,8 @@
 //! the kernel's own driver (`mount -t erofs` / ext4 on a loop device) shows
 //! on the flattened stack, attribute for attribute, and the reference tree
 //! of the two layer tars. The same layers packed as a TurboOCI image in an
-//! OCI layout (`oci:DIR:TAG`) serve the same tree.
+//! OCI layout (`oci:DIR:TAG`) serve the same tree, and so does that image
+//! pushed to a docker-registry and mounted by reference (lazily).
 
 mod common;
 
@@ -340,4 +341,69 @@ fn a_turbooci_layer_with_a_damaged_blob_is_refused_with_one_line() {
     assert!(e.contains(target.as_str()) && e.contains("missing"), "{e}");
     assert_eq!(e.trim().lines().count(), 1, "{e}");
     assert!(!is_mounted(&mp));
+}
+
+#[path = "../../registry/tests/common/mod.rs"]
+mod services;
+
+#[test]
+fn a_turbooci_image_in_a_registry_is_read_lazily() {
+    // The original layers pushed as they are, the TurboOCI image over them
+    // pushed by skopeo; mounted by reference through a counting proxy.
+    let t = tempfile::tempdir().unwrap();
+    let layout = t.path().join("layout");
+    let layers: Vec<(PathBuf, PathBuf)> = ["erofs-gzip", "erofs-gzip-2"]
+        .iter()
+        .map(|c| {
+            (
+                fx(&format!("{c}/erofs.fs.meta")),
+                fx(&format!("{c}/gzip.meta")),
+            )
+        })
+        .collect();
+    turbo_layout(&layout, &layers, "v1_turbo");
+    let reg = services::Registry::plain();
+    let repo = reg.client("lazy/turbo");
+    let mut image_bytes = 0;
+    for (blob, digest) in blobs() {
+        let data = std::fs::read(&blob).unwrap();
+        let d = obdoci::Descriptor::of_bytes("application/vnd.oci.image.layer.v1.tar+gzip", &data);
+        assert_eq!(d.digest.to_string(), digest);
+        repo.push_blob(&d, obdregistry::BlobSource::Bytes(&data), None, None)
+            .unwrap();
+        image_bytes += data.len() as u64;
+    }
+    run_ok(
+        Command::new(tool("skopeo"))
+            .args([
+                "copy",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+                "--quiet",
+            ])
+            .arg(format!("oci:{}:v1_turbo", layout.display()))
+            .arg(format!("docker://{}/lazy/turbo:v1_turbo", reg.host())),
+    );
+    let proxy = services::Proxy::start(reg.port, None, None);
+    let image = format!("127.0.0.1:{}/lazy/turbo:v1_turbo", proxy.port);
+    let f = Fuse::background(
+        &["--fs".as_ref(), "--plain".as_ref(), image.as_ref()],
+        &t.path().join("mp"),
+    );
+    assert!(f.ready.contains("TurboOCI image"), "{}", f.ready);
+    assert!(f.ready.contains("lazily fetched"), "{}", f.ready);
+    assert!(f.ready.contains("(erofs files)"), "{}", f.ready);
+    // One small file: a part of the gzip targets (through gzip.meta's
+    // checkpoints), plus the small metadata blobs read whole at mount.
+    let rbash = std::fs::read(f.mp.join("usr/share/doc/bash/RBASH")).unwrap();
+    assert_eq!(rbash.len(), 1920);
+    let one_file = proxy.bytes_to_clients();
+    eprintln!("lazy TurboOCI: {one_file} bytes fetched for one file; targets {image_bytes} bytes");
+    assert!(
+        one_file * 10 < image_bytes,
+        "{one_file} bytes fetched of {image_bytes}"
+    );
+    let want = reference(t.path());
+    assert_reference(&f.mp, &want, t.path());
+    f.unmount();
 }
