@@ -86,7 +86,7 @@ impl Image {
 fn mount(host: &str, mp: &Path, log: &Path, args: &[&str]) -> Fuse {
     let image = format!("{host}/{REPO}:bench_obd");
     let mut a: Vec<&std::ffi::OsStr> = vec!["--plain".as_ref(), "--log".as_ref(), log.as_os_str()];
-    a.extend(args.iter().map(|s| std::ffi::OsStr::new(s)));
+    a.extend(args.iter().map(std::ffi::OsStr::new));
     a.push(image.as_ref());
     Fuse::background_env(&a, mp, &[("OVERLAYBD_LOG", "info")])
 }
@@ -240,7 +240,7 @@ fn the_cache_keeps_to_its_budget_and_a_warm_cache_fetches_nothing() {
     // A persistent cache: what one mount fetched, the next one reuses.
     let warm = t.path().join("warm-cache");
     let cache_args = ["--fs", "--cache-dir", warm.to_str().unwrap()];
-    let (name, (_, sum)) = files(&reference).into_iter().last().unwrap();
+    let (name, (_, sum)) = files(&reference).into_iter().next_back().unwrap();
     let f = mount(&host, &t.path().join("mp"), &log, &cache_args);
     assert_eq!(sha256_of(&f.mp.join(&name)).unwrap(), sum);
     unmount_and_wait(&f);
