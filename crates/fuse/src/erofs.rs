@@ -90,7 +90,7 @@ impl ErofsTree {
     pub fn open(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Result<Self> {
         let r = ErofsReader::open(dev).map_err(|source| Error::Erofs {
             what: "no readable EROFS image on the disk".into(),
-            source,
+            source: Box::new(source),
         })?;
         let me = ErofsTree {
             root: r.root_nid(),
@@ -99,7 +99,7 @@ impl ErofsTree {
         };
         let root = me.node(me.root).map_err(|source| Error::Erofs {
             what: "cannot read the root directory".into(),
-            source,
+            source: Box::new(source),
         })?;
         if root.attr.kind != FileType::Directory {
             return Err(Error::Usage(

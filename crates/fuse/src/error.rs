@@ -22,18 +22,18 @@ pub enum Error {
     Ext4 {
         /// What was being read.
         what: String,
-        /// The libext2fs error.
+        /// The libext2fs error (boxed: it is large and rare).
         #[source]
-        source: obdfs::Error,
+        source: Box<obdfs::Error>,
     },
     /// The EROFS image inside the stack cannot be read.
     #[error("{what}")]
     Erofs {
         /// What was being read.
         what: String,
-        /// The reader's error.
+        /// The reader's error (boxed: it is large and rare).
         #[source]
-        source: obdfs::erofs::Error,
+        source: Box<obdfs::erofs::Error>,
     },
     /// What to serve cannot be found or opened.
     #[error(transparent)]
@@ -70,7 +70,7 @@ impl Error {
 /// out of range, `EIO` for everything else (corrupt layers included).
 pub fn errno_of(e: &blockdev::Error) -> i32 {
     match e {
-        blockdev::Error::Io { error, .. } | blockdev::Error::RawIo(error) => {
+        blockdev::Error::Io { source: error, .. } | blockdev::Error::RawIo(error) => {
             error.raw_os_error().unwrap_or(libc::EIO)
         }
         blockdev::Error::ReadOnly => libc::EROFS,

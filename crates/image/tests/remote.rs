@@ -167,7 +167,8 @@ fn a_corrupted_blob_fails_the_read_that_completes_it_and_every_later_one() {
     assert!(line.contains(d.digest.as_str()), "{line}");
     // So does everything after, cached or not, and the cache is dropped.
     let e = read(&b, 0, 100).unwrap_err();
-    assert!(e.to_string().contains("digest check"), "{e}");
+    let line = obdimage::error::Chain(&e).to_string();
+    assert!(line.contains("failed its digest check"), "{line}");
     assert_eq!(cache.used(), 0);
     assert_eq!(stats.verified.load(Ordering::Relaxed), 0);
 }
