@@ -345,3 +345,53 @@ fn a_corrupted_blob_gives_eio_on_the_read_and_a_log_line() {
         "{line}"
     );
 }
+
+#[test]
+fn overlaybd_nbd_serves_the_registry_image_lazily() {
+    // The other front end takes the same sources: nbdcopy pulls the disk
+    // through it (sparse, by block status); the copy is the source image.
+    let t = tempfile::tempdir().unwrap();
+    let img = Image::new(t.path());
+    let sock = t.path().join("nbd.sock");
+    let mut child = Command::new(workspace_bin("overlaybd-nbd"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--plain")
+        .arg(format!("{}/{REPO}:bench_obd", img.reg.host()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let mut child = Reap(child);
+    assert!(
+        line.contains("lazily fetched") && line.contains("read-only"),
+        "{line}"
+    );
+    let raw = t.path().join("disk.raw");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    run_ok(Command::new(tool("nbdcopy")).arg(&uri).arg(&raw));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.0.wait().unwrap().success());
+    run_ok(Command::new(tool("e2fsck")).arg("-fn").arg(&raw));
+    let m = KernelMount::loop_mount(&raw, &t.path().join("loop"), "ro");
+    assert_same_tree(&scan(&m.mp), &img.reference());
+    m.unmount();
+}

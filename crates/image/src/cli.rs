@@ -11,49 +11,51 @@ use crate::error::{Error, Result};
 use crate::remote::FetchOptions;
 use crate::source::RemoteOptions;
 
+/// The help section of these options.
+const HEADING: &str = "Registry images (lazy loading)";
+
 /// Registry access and the local chunk cache.
 #[derive(clap::Args, Debug, Clone)]
-#[command(next_help_heading = "Registry images (lazy loading)")]
 pub struct RemoteArgs {
     /// Registry credentials `user:password` (split at the first ':'); without
     /// -u, Docker's config.json (auths, credHelpers, credsStore) is used.
-    #[arg(short = 'u', long, value_name = "USER[:PASSWORD]")]
+    #[arg(help_heading = HEADING, short = 'u', long, value_name = "USER[:PASSWORD]")]
     pub username: Option<String>,
     /// Plain HTTP instead of HTTPS for the registry.
-    #[arg(long)]
+    #[arg(help_heading = HEADING, long)]
     pub plain: bool,
     /// Directory with `*.crt` root CAs and `*.cert`/`*.key` client pairs (repeatable).
-    #[arg(long = "cert-dir", value_name = "DIR")]
+    #[arg(help_heading = HEADING, long = "cert-dir", value_name = "DIR")]
     pub cert_dir: Vec<PathBuf>,
     /// Extra root CA PEM file (repeatable).
-    #[arg(long = "root-ca", value_name = "FILE")]
+    #[arg(help_heading = HEADING, long = "root-ca", value_name = "FILE")]
     pub root_ca: Vec<PathBuf>,
     /// Client certificate `cert-file:key-file` (repeatable).
-    #[arg(long = "client-cert", value_name = "CERT:KEY")]
+    #[arg(help_heading = HEADING, long = "client-cert", value_name = "CERT:KEY")]
     pub client_cert: Vec<String>,
     /// Skip TLS certificate verification.
-    #[arg(long)]
+    #[arg(help_heading = HEADING, long)]
     pub insecure: bool,
     /// Keep fetched blob chunks here (reused by later mounts); default: a
     /// private temporary directory removed at exit.
-    #[arg(long = "cache-dir", value_name = "DIR")]
+    #[arg(help_heading = HEADING, long = "cache-dir", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Most bytes the chunk cache holds (K, M, G suffixes); the least
     /// recently used chunks go first.
-    #[arg(long = "cache-size", value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    #[arg(help_heading = HEADING, long = "cache-size", value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     pub cache_size: u64,
     /// Fetch and cache granularity (a power of two, at least 4K).
-    #[arg(long = "chunk-size", value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
+    #[arg(help_heading = HEADING, long = "chunk-size", value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
     pub chunk_size: u64,
     /// Largest read-ahead window for sequential reads (0: none).
-    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
+    #[arg(help_heading = HEADING, long, value_name = "SIZE", default_value = "4M", value_parser = parse_size)]
     pub readahead: u64,
     /// Retries of a failed registry request (with backoff) before a read
     /// fails with EIO.
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    #[arg(help_heading = HEADING, long, value_name = "N", default_value_t = 3)]
     pub retries: u32,
     /// Seconds one range request may take before it counts as failed.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(help_heading = HEADING, long, value_name = "SECS", default_value_t = 30)]
     pub timeout: u64,
 }
 

@@ -186,6 +186,14 @@ pub struct UpperSpec {
     pub target: Option<TargetSource>,
 }
 
+/// Whether a lone command-line source names an image (`oci:DIR[:TAG]`, or
+/// a registry reference: not an existing file, not a `.json`, and parses
+/// as `host/repo[:tag|@digest]`) rather than a layer file or config.
+pub fn is_image_argument(a: &str) -> bool {
+    a.starts_with("oci:")
+        || (!Path::new(a).exists() && !a.ends_with(".json") && RemoteRef::parse(a).is_ok())
+}
+
 /// A layer stack to mount.
 #[derive(Debug, Clone)]
 pub struct ImageSpec {
