@@ -102,7 +102,14 @@ fn unmount_and_wait(f: &Fuse) {
         .unwrap_or_else(|| panic!("no daemon pid in {:?}", f.ready));
     f.unmount();
     let t0 = Instant::now();
-    while Path::new(&format!("/proc/{pid}")).exists() {
+    // Gone, or a zombie (its parent exited; init may not reap it at once).
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("State:") && !l.contains("Z (zombie)"))
+        })
+    };
+    while running() {
         assert!(
             t0.elapsed() < Duration::from_secs(20),
             "daemon {pid} still running"

@@ -366,11 +366,26 @@ impl ImageSpec {
     /// Open the stack. The upper (if any) is opened for writing only when
     /// `writable`.
     pub fn open(&self, writable: bool) -> Result<Arc<Stack>> {
-        let lowers = self
-            .lowers
-            .iter()
-            .map(LowerSpec::open)
-            .collect::<Result<Vec<_>>>()?;
+        // Layers open concurrently: for a registry image each one costs
+        // round trips (header, trailer, index).
+        let lowers = if self.fetch_stats.is_some() && self.lowers.len() > 1 {
+            std::thread::scope(|s| {
+                let opening: Vec<_> = self
+                    .lowers
+                    .iter()
+                    .map(|l| s.spawn(move || l.open()))
+                    .collect();
+                opening
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect::<Result<Vec<_>>>()
+            })?
+        } else {
+            self.lowers
+                .iter()
+                .map(LowerSpec::open)
+                .collect::<Result<Vec<_>>>()?
+        };
         let upper = match &self.upper {
             Some(u) => {
                 let (d, i) = (&u.data, &u.index);
