@@ -167,6 +167,13 @@ t0=$(now)
 skopeo copy --quiet --src-tls-verify=false "docker://$ref" "oci:$tmp/pulled:x"
 t_pull=$(since "$t0")
 rm -rf "$tmp/pulled"
+# The least a pull does: download every layer blob (to /dev/null).
+drop
+t0=$(now)
+for l in "${layers[@]}"; do
+    curl -sf -o /dev/null "http://127.0.0.1:$port/v2/bench/blobs/sha256:$(basename "$l")"
+done
+t_get=$(since "$t0")
 drop
 t0=$(now); lazy_mount "$tmp/cold.log" "$tmp/cache1"; cat "$tmp/lazy/$first" >/dev/null
 t_cold=$(since "$t0"); b_cold=$(fetched "$tmp/cold.log")
@@ -179,10 +186,13 @@ drop
 t0=$(now); lazy_mount "$tmp/all.log" "$tmp/cache2"; n_all=$(tar -cf - -C "$tmp/lazy" . 2>/dev/null | wc -c)
 t_all=$(since "$t0"); b_all=$(fetched "$tmp/all.log")
 lazy_umount
-printf "  full pull (skopeo copy, %d bytes of layers)  %.3f s\n" "$image_bytes" "$t_pull"
+printf "  full pull (skopeo copy, %d bytes of layers)  %.3f s; the layer blobs alone (curl) %.3f s\n" \
+    "$image_bytes" "$t_pull" "$t_get"
 printf "  first file, cold: mount + cat %s  %.3f s, %d bytes fetched (%s%% of the image)  -> %s x the pull's time\n" \
     "$first" "$t_cold" "$b_cold" "$(awk -v a="$b_cold" -v b="$image_bytes" 'BEGIN { printf "%.1f", 100 * a / b }')" "$(ratio "$t_cold" "$t_pull")"
 printf "  first file, warm --cache-dir        %.3f s, %d bytes fetched  -> %s x the pull's time\n" \
     "$t_warm" "$b_warm" "$(ratio "$t_warm" "$t_pull")"
 printf "  whole tree, cold: mount + tar -c    %.3f s, %d bytes fetched (%d bytes of tar)  -> %s x the pull's time\n" \
     "$t_all" "$b_all" "$n_all" "$(ratio "$t_all" "$t_pull")"
+printf "  (the blobs alone: first file cold %s x, whole tree %s x their download time)\n" \
+    "$(ratio "$t_cold" "$t_get")" "$(ratio "$t_all" "$t_get")"

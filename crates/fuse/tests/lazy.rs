@@ -402,3 +402,75 @@ fn overlaybd_nbd_serves_the_registry_image_lazily() {
     assert_same_tree(&scan(&m.mp), &img.reference());
     m.unmount();
 }
+
+#[test]
+fn a_registry_behind_tls_and_a_password_takes_the_convertors_flags() {
+    let t = tempfile::tempdir().unwrap();
+    let pki = services::Pki::new(&t.path().join("pki"));
+    let reg = Registry::start(services::RegistryOpts {
+        tls: Some(&pki),
+        client_ca: false,
+        auth: services::Auth::Htpasswd {
+            user: "alice".into(),
+            password: "s3cret".into(),
+        },
+    });
+    let layout = t.path().join("img");
+    build_py_run(&["sample".as_ref(), layout.as_os_str()]);
+    run_ok(
+        Command::new(tool("skopeo"))
+            .args([
+                "copy",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                "alice:s3cret",
+                "--quiet",
+            ])
+            .arg(format!("oci:{}:latest", layout.display()))
+            .arg(format!("docker://{}/sec/sample:latest", reg.host())),
+    );
+    let ca = pki.path("ca.crt");
+    run_ok(
+        Command::new(workspace_bin("convertor"))
+            .args(["-r", &format!("{}/sec/sample", reg.host())])
+            .args(["-i", "latest", "-o", "latest_obd", "-u", "alice:s3cret"])
+            .arg("--root-ca")
+            .arg(&ca)
+            .arg("-d")
+            .arg(t.path().join("work")),
+    );
+    let image = format!("{}/sec/sample:latest_obd", reg.host());
+    let mp = t.path().join("mp");
+    std::fs::create_dir_all(&mp).unwrap();
+    // Without credentials, or without the CA: one line, nothing mounted.
+    for (args, want) in [
+        (vec!["--root-ca", ca.to_str().unwrap()], "-u"),
+        (vec!["-u", "alice:s3cret"], "certificate"),
+    ] {
+        let o = Command::new(fuse_bin())
+            .args(["mount", "--fs"])
+            .args(&args)
+            .arg(&image)
+            .arg(&mp)
+            .output()
+            .unwrap();
+        let e = err_text(&o);
+        assert!(!o.status.success() && e.contains(want), "{args:?}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "{e}");
+        assert!(!is_mounted(&mp));
+    }
+    let f = Fuse::background(
+        &[
+            "--fs".as_ref(),
+            "-u".as_ref(),
+            "alice:s3cret".as_ref(),
+            "--root-ca".as_ref(),
+            ca.as_os_str(),
+            image.as_ref(),
+        ],
+        &mp,
+    );
+    assert_same_tree(&scan(&f.mp), &reference_tree(&layout, "latest"));
+    f.unmount();
+}

@@ -124,12 +124,13 @@ fn tls_cause(e: &reqwest::Error) -> Option<&rustls::Error> {
         if let Some(t) = c.downcast_ref::<rustls::Error>() {
             return Some(t);
         }
-        if let Some(t) = c
-            .downcast_ref::<io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(t);
+        // hyper's connector wraps tokio-rustls's io::Error in another one.
+        let mut inner = c.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
+        while let Some(i) = inner {
+            if let Some(t) = i.downcast_ref::<rustls::Error>() {
+                return Some(t);
+            }
+            inner = i.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
         }
         cur = c.source();
     }
