@@ -25,6 +25,8 @@ struct Image {
     layout: PathBuf,
     /// The converted image's layer digests and sizes.
     layers: Vec<(String, u64)>,
+    /// The converted image's manifest digest.
+    digest: String,
 }
 
 impl Image {
@@ -55,7 +57,7 @@ impl Image {
                 .arg("-d")
                 .arg(dir.join("work")),
         );
-        let (_, bytes) = reg
+        let (desc, bytes) = reg
             .client(REPO)
             .get_manifest(&obdoci::Reference::Tag("bench_obd".into()))
             .unwrap();
@@ -69,6 +71,7 @@ impl Image {
             reg,
             layout,
             layers,
+            digest: desc.digest.to_string(),
         }
     }
 
@@ -355,8 +358,9 @@ fn a_corrupted_blob_gives_eio_on_the_read_and_a_log_line() {
 
 #[test]
 fn overlaybd_nbd_serves_the_registry_image_lazily() {
-    // The other front end takes the same sources: nbdcopy pulls the disk
-    // through it (sparse, by block status); the copy is the source image.
+    // The other front end takes the same sources (here by digest): nbdcopy
+    // pulls the disk through it (sparse, by block status); the copy is the
+    // source image.
     let t = tempfile::tempdir().unwrap();
     let img = Image::new(t.path());
     let sock = t.path().join("nbd.sock");
@@ -365,7 +369,7 @@ fn overlaybd_nbd_serves_the_registry_image_lazily() {
         .arg("--socket")
         .arg(&sock)
         .arg("--plain")
-        .arg(format!("{}/{REPO}:bench_obd", img.reg.host()))
+        .arg(format!("{}/{REPO}@{}", img.reg.host(), img.digest))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

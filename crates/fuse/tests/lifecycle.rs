@@ -62,7 +62,7 @@ fn busy_mount_is_detached_on_sigterm_and_served_until_released() {
     let mut err = String::new();
     use std::io::BufRead;
     let mut r = std::io::BufReader::new(f.child.as_mut().unwrap().stderr.take().unwrap());
-    while !err.contains("detaching") {
+    while !err.contains("detached") {
         let mut l = String::new();
         assert!(r.read_line(&mut l).unwrap() > 0, "no detach message: {err}");
         err.push_str(&l);

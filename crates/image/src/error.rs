@@ -49,6 +49,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Fetched bytes do not match their digest.
+    #[error("{0}")]
+    Integrity(String),
     /// The input is not something we can serve (bad argument, not a
     /// converted image, a damaged TurboOCI blob, ...).
     #[error("{0}")]

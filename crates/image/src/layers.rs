@@ -168,7 +168,7 @@ pub fn read_verified(src: &dyn ReadAt, digest: &str, what: &str) -> Result<Vec<u
     if let Some(hex) = digest.strip_prefix("sha256:") {
         let got = hex::encode(Sha256::digest(&data));
         if got != hex {
-            return Err(Error::Usage(format!(
+            return Err(Error::Integrity(format!(
                 "{what} {digest}: content hashes to sha256:{got}"
             )));
         }

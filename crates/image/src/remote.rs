@@ -298,7 +298,7 @@ impl RemoteBlob {
         }
         self.bad.store(true, Ordering::Relaxed);
         self.cache.purge(&self.file);
-        Err(Error::Usage(format!(
+        Err(Error::Integrity(format!(
             "{}: the blob's bytes hash to sha256:{got}, not its digest; its cache is dropped",
             self.name.display()
         )))
@@ -381,7 +381,7 @@ impl ReadAt for RemoteBlob {
         if self.bad.load(Ordering::Relaxed) {
             return Err(io_error(
                 &self.name,
-                Error::Usage(format!(
+                Error::Integrity(format!(
                     "{}: the blob failed its digest check",
                     self.name.display()
                 )),

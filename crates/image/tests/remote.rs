@@ -228,3 +228,29 @@ fn a_registry_that_goes_away_fails_reads_until_it_is_back() {
     let got = read(&b, 4 * CHUNK, 10).unwrap();
     assert!(got == want[4 * CHUNK as usize..4 * CHUNK as usize + 10]);
 }
+
+#[test]
+fn concurrent_readers_of_a_missing_chunk_fetch_it_once() {
+    let reg = Registry::plain();
+    let repo = client(&reg, "lazy/many");
+    let want = data(16 * CHUNK as usize, 5);
+    let d = push(&repo, &want);
+    let cache = ChunkCache::new(None, 1 << 30, CHUNK).unwrap();
+    let (b, stats) = blob(&repo, &d, &cache, 0);
+    // Eight threads, each reading all 16 chunks in a different order.
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let (b, want) = (&b, &want);
+            s.spawn(move || {
+                for i in 0..16u64 {
+                    let c = (i * 5 + t * 3) % 16;
+                    let got = read(b, c * CHUNK + 100, 1000).unwrap();
+                    let a = (c * CHUNK + 100) as usize;
+                    assert!(got == want[a..a + 1000], "thread {t} chunk {c}");
+                }
+            });
+        }
+    });
+    assert_eq!(stats.bytes.load(Ordering::Relaxed), want.len() as u64);
+    assert_eq!(stats.requests.load(Ordering::Relaxed), 16);
+}
