@@ -142,11 +142,12 @@ fn signal_loop(sigs: SigSet, mut unmounter: SessionUnmounter, mp: &Path, got: &A
         }
         tracing::info!("{sig}: unmounting {}", mp.display());
         if let Err(e) = unmounter.unmount() {
+            // Said once done, so that whoever reads it sees the mount gone.
+            detach(mp);
             eprintln!(
-                "overlaybd-fuse: {}: {e}; detaching it lazily (served until its last user lets go)",
+                "overlaybd-fuse: {}: {e}; detached it lazily (served until its last user lets go)",
                 mp.display()
             );
-            detach(mp);
         }
     }
 }
