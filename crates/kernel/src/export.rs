@@ -143,6 +143,7 @@ impl Export {
             cmd.args(["-o", options]);
         }
         run_tool(cmd.arg(&dev).arg(&root))?;
+        tracing::debug!("ext4 on {} mounted at {}", dev.display(), root.display());
         self.mounted = Some(root);
         Ok(self.mounted.as_deref().expect("just set"))
     }

@@ -405,14 +405,16 @@ fn failures_mid_apply_leave_nothing_behind() {
     assert!(e.to_string().contains("mount"), "{e}");
     assert_nothing_left(&work);
 
-    // 5. Layers that must be refused, refused with the libext2fs engine's words.
+    // 5. Layers that must be refused, refused with the libext2fs engine's
+    // words, each on top of a fresh first layer.
     for (tar, want) in &set.malicious {
+        apply(&k, &dev, true, big);
         let mut f = std::fs::File::open(tar).unwrap();
         let e = k
             .apply(
                 dev.clone(),
                 Job {
-                    mkfs: true,
+                    mkfs: false,
                     tar: &mut f,
                     progress: None,
                 },

@@ -115,6 +115,7 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
         })
         .transpose()?;
 
+    let engine = args.engine.build("overlaybd-apply")?;
     let dev: Arc<dyn BlockDevice> = match cfg {
         None => Arc::new(
             blockdev::RawFileDevice::open_rw(&args.image_config_path).with_context(|| {
@@ -137,7 +138,6 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
         }
     };
 
-    let engine = args.engine.build("overlaybd-apply")?;
     let input = open_input(&args.input_path)?;
     let mut hashing = HashingReader {
         inner: input,
