@@ -233,7 +233,10 @@ impl Drop for Background {
             // Unmounting ends the serving threads. When that fails the mount
             // is busy: detach it and leave the threads serving its last user.
             if let Err(e) = session.umount_and_join() {
-                tracing::warn!("{}: cannot unmount: {e}; detaching", self.mountpoint.display());
+                tracing::warn!(
+                    "{}: cannot unmount: {e}; detaching",
+                    self.mountpoint.display()
+                );
                 detach(&self.mountpoint);
             }
         }

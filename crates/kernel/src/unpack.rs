@@ -2,12 +2,13 @@
 //!
 //! The rules are those of the libext2fs engine ([`obdfs::apply`]), so that
 //! both engines give equal trees from the same layers:
-//! * paths are cleaned lexically ([`clean_components`]); parent components
-//!   are resolved inside the root: relative symlinks that stay inside are
-//!   followed, a symlink to an absolute path or above the root is refused.
-//!   Every later system call names a path made only of real directories,
-//!   relative to the root's file descriptor, and never follows the last
-//!   component.
+//! * paths are cleaned lexically ([`clean_components`]; a name leaving the
+//!   root is refused); symlinks in parent components are followed inside
+//!   the root as containerd's `fs.RootPath` does: an absolute target starts
+//!   again at the root, `..` at the root stays there, more than 40 links is
+//!   a loop. Every later system call names a path made only of real
+//!   directories, relative to the root's file descriptor, and never follows
+//!   the last component.
 //! * missing parents are created (0755, root, time 0); an existing entry is
 //!   replaced unless both are directories (then it takes the new owner,
 //!   mode, time and set of xattrs and keeps its contents).
@@ -39,6 +40,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag};
 use obdfs::apply::{accepted_xattrs, clean_components, MAX_SYMLINKS};
+use obdfs::error::quote;
 use obdfs::tar::{Entry, Kind, TarReader};
 use obdfs::ApplyStats;
 
@@ -349,12 +351,7 @@ impl Unpacker {
             match c.as_slice() {
                 b"" | b"." => continue,
                 b".." => {
-                    if stack.pop().is_none() {
-                        return Err(entry_err(
-                            e,
-                            "a symlink in the path leads outside the layer root; refusing",
-                        ));
-                    }
+                    stack.pop();
                     continue;
                 }
                 _ => {}
@@ -382,21 +379,17 @@ impl Unpacker {
                     if followed > MAX_SYMLINKS {
                         return Err(entry_err(
                             e,
-                            "too many levels of symbolic links in the path",
+                            format!(
+                                "too many levels of symbolic links in the path (more than {MAX_SYMLINKS}; a symlink loop?) at '{}'",
+                                quote(&c)
+                            ),
                         ));
                     }
                     let target = nix::fcntl::readlinkat(&self.root, Self::c(&p).as_c_str())
                         .map_err(|err| self.eio(e, "read the symlink", &p, err.into()))?
                         .into_vec();
                     if target.first() == Some(&b'/') {
-                        return Err(entry_err(
-                            e,
-                            format!(
-                                "parent component '{}' is a symlink to the absolute path '{}'; refusing to follow it",
-                                String::from_utf8_lossy(&c),
-                                String::from_utf8_lossy(&target)
-                            ),
-                        ));
+                        stack.clear();
                     }
                     let mut parts: Vec<Vec<u8>> =
                         target.split(|&b| b == b'/').map(|p| p.to_vec()).collect();
