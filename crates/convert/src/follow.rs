@@ -150,7 +150,10 @@ mod tests {
         let mut w = File::create(&p).unwrap();
         let (g, mut follow) = Growing::new(2);
         let waiter = follow.pop().unwrap();
-        let mut r = follow.pop().unwrap().reader(File::open(&p).unwrap(), Abort::new());
+        let mut r = follow
+            .pop()
+            .unwrap()
+            .reader(File::open(&p).unwrap(), Abort::new());
         let writer = std::thread::spawn(move || {
             for i in 0..5u8 {
                 std::thread::sleep(Duration::from_millis(20));
@@ -197,7 +200,10 @@ mod tests {
         File::create(&p).unwrap();
         let (_g, mut follow) = Growing::new(1);
         let abort = Abort::new();
-        let mut r = follow.pop().unwrap().reader(File::open(&p).unwrap(), abort.clone());
+        let mut r = follow
+            .pop()
+            .unwrap()
+            .reader(File::open(&p).unwrap(), abort.clone());
         std::thread::scope(|s| {
             let reader = s.spawn(move || r.read(&mut [0u8; 10]));
             std::thread::sleep(Duration::from_millis(50));

@@ -26,7 +26,10 @@ pub fn with_tar<T>(
     let what = format!("{} layer {}", input.src.name(), input.layer.digest);
     let blob = input.stream()?;
     let tee = match tee {
-        Some(p) => Some((File::create(p).map_err(|e| Error::io(p, e))?, p.to_path_buf())),
+        Some(p) => Some((
+            File::create(p).map_err(|e| Error::io(p, e))?,
+            p.to_path_buf(),
+        )),
         None => None,
     };
     let (tx, rx) = bounded::<io::Result<Vec<u8>>>(16);

@@ -54,7 +54,13 @@ impl<W: Write> GoTarWriter<W> {
     }
 
     /// Appends a file of `size` bytes read from `data` (which must hold exactly that).
-    pub fn append(&mut self, name: &str, mode: u32, size: u64, data: &mut dyn Read) -> io::Result<()> {
+    pub fn append(
+        &mut self,
+        name: &str,
+        mode: u32,
+        size: u64,
+        data: &mut dyn Read,
+    ) -> io::Result<()> {
         self.out.write_all(&go_ustar_header(name, mode, size))?;
         let copied = io::copy(&mut data.take(size), &mut self.out)?;
         if copied != size {
@@ -123,7 +129,13 @@ mod tests {
         let sum: u32 = h
             .iter()
             .enumerate()
-            .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b as u32 })
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    b as u32
+                }
+            })
             .sum();
         assert_eq!(&h[148..156], format!("{sum:06o}\0 ").as_bytes());
         assert_eq!(&out[512..515], b"abc");

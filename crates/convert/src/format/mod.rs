@@ -31,7 +31,6 @@
 pub mod gotar;
 pub mod native;
 
-
 use crate::dedup::Reused;
 use crate::follow::Follow;
 use crate::Abort;
@@ -42,7 +41,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use native::NativeFormat;
-
 
 /// An output image format.
 pub trait OutputFormat: Send + Sync {

@@ -11,8 +11,8 @@
 
 use super::gotar::go_ustar_header;
 use super::{
-    Applied, LayerChain, LayerInput, LayerJob, LayerOut, ManifestJob, OutputFormat,
-    ProgressFn, Reuse, SealJob, Sealed,
+    Applied, LayerChain, LayerInput, LayerJob, LayerOut, ManifestJob, OutputFormat, ProgressFn,
+    Reuse, SealJob, Sealed,
 };
 use crate::annotations::*;
 use crate::chain::{self, LayerJob as ChainJob};

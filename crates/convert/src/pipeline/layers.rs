@@ -158,7 +158,12 @@ impl Run<'_> {
         let found: Vec<Mutex<Option<Reused>>> = chain.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
         std::thread::scope(|s| {
-            for _ in 0..self.c.opts.download_concurrency.clamp(1, chain.len().max(1)) {
+            for _ in 0..self
+                .c
+                .opts
+                .download_concurrency
+                .clamp(1, chain.len().max(1))
+            {
                 s.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= chain.len() || self.c.abort.is_set() {
@@ -365,9 +370,7 @@ impl Layers<'_, '_> {
             match ready {
                 Ready::Reused(hit, file) => {
                     finish(&mut sealing, chain.as_mut())?;
-                    let out = chain
-                        .reused(&ljob, &hit, file.as_deref())
-                        .map_err(ctx(i))?;
+                    let out = chain.reused(&ljob, &hit, file.as_deref()).map_err(ctx(i))?;
                     stats.layers_reused.fetch_add(1, Ordering::Relaxed);
                     let _ = up.send(Done::Reused(out));
                 }

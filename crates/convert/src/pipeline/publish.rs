@@ -206,7 +206,9 @@ impl Run<'_> {
     /// done with `--no-upload` or when the destination is the source.
     pub(super) fn source_layers_to_copy(&self, layers: &[Descriptor]) -> Result<Vec<bool>> {
         let (src, dst) = (&self.c.src, &self.c.dst);
-        if self.c.opts.no_upload || std::ptr::addr_eq(std::sync::Arc::as_ptr(src), std::sync::Arc::as_ptr(dst)) {
+        if self.c.opts.no_upload
+            || std::ptr::addr_eq(std::sync::Arc::as_ptr(src), std::sync::Arc::as_ptr(dst))
+        {
             return Ok(vec![false; layers.len()]);
         }
         let from = match (src.registry_repository(), dst.registry_repository()) {

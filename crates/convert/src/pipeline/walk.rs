@@ -170,12 +170,10 @@ impl Run<'_> {
             check_layer_type(&l.media_type)
                 .map_err(|e| Error::Unsupported(format!("{what}: layer {}: {e}", l.digest)))?;
             for o in &self.outputs {
-                o.out.format.check_layer(l).map_err(|e| {
-                    Error::Unsupported(format!(
-                        "{what}: layer {}: {e}",
-                        l.digest
-                    ))
-                })?;
+                o.out
+                    .format
+                    .check_layer(l)
+                    .map_err(|e| Error::Unsupported(format!("{what}: layer {}: {e}", l.digest)))?;
             }
         }
         let out_mt = self.out_manifest_type();
