@@ -40,7 +40,8 @@ mod tarstream;
 
 pub use abort::Abort;
 pub use dedup::DedupTarget;
-pub use format::{NativeFormat, OutputFormat};
+pub use format::{NativeFormat, OutputFormat, TurboFormat};
+pub use obdfs::turbo::FsType;
 use obdoci::ErrorKind;
 pub use pipeline::{ConvertOutcome, Converter, Output};
 pub use store::{open_store, ImageStore, LayoutStore, RegistryStore};

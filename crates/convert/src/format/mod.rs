@@ -30,6 +30,7 @@
 
 pub mod gotar;
 pub mod native;
+pub mod turbo;
 
 use crate::dedup::Reused;
 use crate::follow::Follow;
@@ -41,6 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use native::NativeFormat;
+pub use turbo::TurboFormat;
 
 /// An output image format.
 pub trait OutputFormat: Send + Sync {
