@@ -261,6 +261,19 @@ fn turbo_and_native_in_one_run_through_registry() {
             .starts_with("application/vnd.docker."));
     }
 
+    // Dedup: TurboOCI rows are reused by TurboOCI runs and never by native ones.
+    let db = t.path().join("dedup.sqlite");
+    let db_s = db.to_str().unwrap();
+    let dd = ["--db-type", "sqlite", "--db-str", db_s];
+    let first = convert_ok(&[&base[..], &dd[..], &["--turboOCI", "v1_dd1"]].concat());
+    assert!(first.contains("layers 4 converted, 0 reused"), "{first}");
+    let again = convert_ok(&[&base[..], &dd[..], &["--turboOCI", "v1_dd2"]].concat());
+    assert!(again.contains("manifests 0 converted, 1 reused"), "{again}");
+    assert_eq!(get_json(&repo, "v1_dd2").0.digest, td.digest);
+    let native = convert_ok(&[&base[..], &dd[..], &["--overlaybd", "v1_dd3"]].concat());
+    assert!(native.contains("layers 4 converted, 0 reused"), "{native}");
+    assert!(native.contains("manifests 1 converted, 0 reused"), "{native}");
+
     // Another repository on the same registry: the source layers are mounted there,
     // since the runtime reads them from the image's own repository.
     let other = format!("{}/test/turbo-out", reg.host());

@@ -269,12 +269,12 @@ impl Layers<'_, '_> {
                 });
             }
             let mut running = Vec::new();
-            for j in 0..m {
+            for (j, chan) in chans.iter().enumerate() {
                 // Sealed layers are pushed on another thread while the next layer is
                 // applied.
                 let (up_tx, up_rx) = unbounded::<Done>();
                 let uploader = s.spawn(move || self.upload_loop(j, up_rx));
-                let rxs: Vec<&Receiver<Result<Ready>>> = chans[j].iter().map(|c| &c.1).collect();
+                let rxs: Vec<&Receiver<Result<Ready>>> = chan.iter().map(|c| &c.1).collect();
                 let chain = s.spawn(move || {
                     let r = self.run_chain(s, j, &rxs, up_tx);
                     if matches!(&r, Err(e) if !e.is_interrupted()) {
