@@ -174,7 +174,7 @@ fn our_layer_on_upstream_lowers_and_errors() {
             mkfs: false,
             fstype: FsType::Ext4,
         };
-        let e = apply_layer(&job, None).unwrap_err().to_string();
+        let e = testutil::assert_clean_chain(&apply_layer(&job, None).unwrap_err());
         assert!(e.contains(want), "{e}");
         assert!(
             e.contains(blob.file_name().unwrap().to_str().unwrap()),

@@ -23,7 +23,7 @@ pub struct Channel {
     /// The device and its cache.
     pub cache: PageCache,
     /// The last device error, kept for error messages.
-    pub last_error: Option<String>,
+    pub last_error: Option<blockdev::Error>,
 }
 
 impl Channel {
@@ -134,7 +134,7 @@ unsafe fn block_size(io: sys::io_channel) -> c_int {
 }
 
 fn record(ch: &mut Channel, e: blockdev::Error, code: sys::errcode_t) -> sys::errcode_t {
-    ch.last_error = Some(e.to_string());
+    ch.last_error = Some(e);
     code
 }
 

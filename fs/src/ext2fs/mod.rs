@@ -183,6 +183,14 @@ impl Ext2Fs {
         self.sb().s_feature_ro_compat & bit as u32 != 0
     }
 
+    /// The largest size of a regular file, as Linux computes it for this
+    /// filesystem (`s_maxbytes`): see [`max_file_size`].
+    pub fn max_file_size(&self, extents: bool) -> u64 {
+        let bits = self.block_size().trailing_zeros();
+        let huge = self.has_ro_compat(sys::EXT4_FEATURE_RO_COMPAT_HUGE_FILE);
+        max_file_size(bits, extents, huge)
+    }
+
     /// Set the time libext2fs stamps on what it creates (0 means "now" to
     /// libext2fs, so callers overwrite times they care about).
     pub fn set_now(&mut self, t: i64) {
@@ -234,6 +242,18 @@ impl Ext2Fs {
         // SAFETY: the buffer is aligned and holds `len` bytes.
         let rc = unsafe { sys::ext2fs_write_inode_full(self.fs, ino, i.as_ext2_ptr(), len) };
         self.check(rc, &format!("write inode {ino}"))
+    }
+
+    /// Set a regular file's size in `i` (a buffer, not written here); like
+    /// Linux, a size of 2 GiB or more turns on the `large_file` feature.
+    pub fn set_file_size(&mut self, i: &mut Inode, size: u64) -> Result<()> {
+        let size = i64::try_from(size)
+            .map_err(|_| Error::Invalid(format!("file size {size} is out of range")))?;
+        // SAFETY: fs is open; the inode buffer is aligned and at least as
+        // large as struct ext2_inode; the call only stores i_size/i_size_high
+        // and, when needed, the superblock feature bit.
+        let rc = unsafe { sys::ext2fs_inode_size_set(self.fs, i.as_ext2_ptr(), size) };
+        self.check(rc, &format!("set a file size of {size} bytes"))
     }
 
     /// Read `buf.len()` bytes at byte offset `off` through the cache.
@@ -320,6 +340,55 @@ impl Ext2Fs {
     }
 }
 
+/// The largest regular file on an ext2/3/4 filesystem with `2^bits`-byte
+/// blocks, following Linux (`ext4_max_size`, `ext4_max_bitmap_size`):
+///
+/// * extent-mapped files: `ee_block` is 32 bits, and the last block must
+///   stay addressable by an extent, so `(2^32 - 1)` blocks;
+/// * block-mapped files: what 12 direct, one indirect, one double and one
+///   triple indirect block address, and (without `huge_file`) no more
+///   than fits the 32-bit sector count `i_blocks` together with the
+///   indirect blocks;
+/// * without `huge_file`, extent files also stay within 2^32 sectors.
+///
+/// e2fsck's own limits are looser, so a file within this one passes both.
+pub fn max_file_size(bits: u32, extents: bool, huge_file: bool) -> u64 {
+    let lfs_max = i64::MAX as u64;
+    let sector_blocks = ((1u64 << 32) - 1) >> (bits - 9);
+    if extents {
+        let mut blocks = (1u64 << 32) - 1;
+        if !huge_file {
+            blocks = blocks.min(sector_blocks);
+        }
+        return (blocks << bits).min(lfs_max);
+    }
+    let ppb = 1u64 << (bits - 2);
+    let upper = if huge_file {
+        (1u64 << 48) - 1
+    } else {
+        sector_blocks
+    };
+    let tree = 12 + ppb + ppb * ppb + ppb * ppb * ppb;
+    let meta = 1 + (1 + ppb) + (1 + ppb + ppb * ppb);
+    let blocks = if tree + meta <= upper {
+        tree
+    } else {
+        // Data blocks plus the indirect blocks they need must fit `upper`.
+        let mut rest = upper - 12 - ppb;
+        let mut meta = 1;
+        if rest < ppb * ppb {
+            meta += 1 + rest.div_ceil(ppb);
+        } else {
+            meta += 1 + ppb;
+            rest -= ppb * ppb;
+            meta += 1 + rest.div_ceil(ppb) + rest.div_ceil(ppb * ppb);
+        }
+        upper - meta
+    };
+    // Logical block numbers are 32 bits in block maps too.
+    (blocks.min((1u64 << 32) - 1) << bits).min(lfs_max)
+}
+
 /// A superblock image aligned like `struct ext2_super_block`.
 #[repr(C, align(8))]
 struct SbBuf([u8; 1024]);
@@ -343,4 +412,19 @@ impl Drop for Ext2Fs {
 /// Make a C string from a file name (names never contain NUL in tar).
 pub fn cstring(name: &[u8]) -> Result<CString> {
     CString::new(name.to_vec()).map_err(|_| Error::Invalid("file name contains a NUL byte".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_file_size;
+
+    /// Linux's s_maxbytes for common layouts (as `truncate` finds them on a
+    /// loop mount; the mount test checks more against the running kernel).
+    #[test]
+    fn max_file_sizes() {
+        assert_eq!(max_file_size(12, true, true), 17_592_186_040_320);
+        assert_eq!(max_file_size(10, true, true), 4_398_046_510_080);
+        assert_eq!(max_file_size(12, false, false), 2_196_873_666_560);
+        assert_eq!(max_file_size(12, true, false), 2_199_023_251_456);
+    }
 }
