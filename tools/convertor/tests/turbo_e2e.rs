@@ -337,6 +337,36 @@ fn turbo_bad_input_is_one_line() {
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
 
+/// A layer that is neither gzip nor tar (declared gzip) stops the conversion with one
+/// line naming it; nothing is written to the destination.
+#[test]
+fn turbo_garbage_layer_is_one_line() {
+    let t = tempfile::tempdir().unwrap();
+    let garbage = t.path().join("garbage");
+    std::fs::write(&garbage, vec![0x5au8; 4096]).unwrap();
+    let src = t.path().join("src");
+    fixture_layout(&src, &[(garbage.clone(), garbage.clone())]);
+    let dst = t.path().join("dst");
+    let o = convertor(&[
+        "-r",
+        &format!("oci:{}", src.display()),
+        "-i",
+        "v1",
+        "--output-repository",
+        &format!("oci:{}", dst.display()),
+        "--turboOCI",
+        "turbo",
+        "-d",
+        t.path().join("work").to_str().unwrap(),
+    ]);
+    let e = testutil::err_text(&o);
+    assert!(e.contains("neither a gzip blob nor a tar"), "{e}");
+    assert!(e.contains(Digest::of(&[0x5au8; 4096]).hex()), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    let tagged = std::fs::read_to_string(dst.join("index.json")).unwrap_or_default();
+    assert!(!tagged.contains("turbo"), "nothing tagged: {tagged}");
+}
+
 /// Writes a one-manifest OCI layout holding `layers` (gzip blob, uncompressed tar).
 fn fixture_layout(dir: &Path, layers: &[(PathBuf, PathBuf)]) {
     let blobs = dir.join("blobs/sha256");
