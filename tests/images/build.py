@@ -7,6 +7,8 @@ seeded pseudo-random data. Only the Python standard library and the `zstd` CLI a
 
   build.py testset OUT       OUT/layers (tag v1: 4 layers, gzip/zstd/tar/empty-gzip,
                              whiteouts, opaque dirs, hardlinks, xattrs, devices, ...),
+                             OUT/turbo (tag v1: the same layers as a Docker image,
+                             gzip instead of zstd),
                              OUT/multi (tags multi = OCI index amd64+arm64+attestation
                              +SBOM artifact,
                              multi-docker = Docker manifest list, nested = index of
@@ -325,6 +327,12 @@ def artifact(layout):
 def cmd_testset(out):
     lay = Layout(os.path.join(out, "layers"))
     lay.tag(make_image(lay, layers_image()), "v1")
+
+    # The same layers without zstd (TurboOCI reads layers by offset: gzip or tar only),
+    # as a Docker image.
+    turbo = Layout(os.path.join(out, "turbo"))
+    tl = [(tar, "gzip" if kind == "zstd" else kind) for tar, kind in layers_image()]
+    turbo.tag(make_image(turbo, tl, fmt="docker"), "v1")
 
     multi = Layout(os.path.join(out, "multi"))
     amd = make_image(multi, small_image(10, "amd64"), arch="amd64")

@@ -12,3 +12,14 @@ pub const ANNOTATION_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-si
 pub const ANNOTATION_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
 /// Value of [`ANNOTATION_VERSION`] for native overlaybd layers.
 pub const OVERLAYBD_VERSION: &str = "0.1.0";
+
+/// `artifactType` of TurboOCI manifests and indexes with `--referrer`.
+pub const ARTIFACT_TYPE_TURBO: &str = "application/vnd.containerd.overlaybd.turbo.v1+json";
+/// The format version annotation value of TurboOCI v1 layers.
+pub const TURBO_OCI_VERSION: &str = "0.1.0-turbo.ociv1";
+/// TurboOCI: the digest of the source layer the metadata layer reads.
+pub const ANNOTATION_TURBO_TARGET_DIGEST: &str =
+    "containerd.io/snapshot/overlaybd/turbo-oci/target-digest";
+/// TurboOCI: the media type of that source layer (tar or gzip, as sniffed).
+pub const ANNOTATION_TURBO_TARGET_MEDIA_TYPE: &str =
+    "containerd.io/snapshot/overlaybd/turbo-oci/target-media-type";

@@ -4,17 +4,20 @@
 //! [`DedupTarget`]: the destination repository (its registry host and path name the
 //! rows) plus the registry operations dedup needs ([`RegistryOps`], our registry client
 //! behind [`DedupRegistry`]). The image stores know nothing of it. Hook points in
-//! `pipeline.rs`:
+//! the pipeline (`pipeline/walk.rs`, `pipeline/layers.rs`, `pipeline/publish.rs`):
 //! * before building a platform manifest: [`DedupTarget::lookup_manifest`]; a hit is
 //!   re-tagged instead of converted;
 //! * per layer, before any download: [`DedupTarget::lookup_layer`]; a hit is not
-//!   converted; it is downloaded (digest-verified) as that layer's commit file only when a
-//!   layer above it is converted (it is that layer's lower);
+//!   converted; its converted blob is downloaded (digest-verified) only when its format
+//!   needs it (native: as that layer's commit file when a layer above it is converted,
+//!   as that layer's lower; see `OutputFormat::reuse`);
 //! * after a layer push / a manifest push: [`DedupTarget::record_layer`] /
 //!   [`DedupTarget::record_manifest`]. Never with `--no-upload` (dedup is off then).
 //!
-//! Rows are namespaced by [`ConvertOptions::dedup_format_key`]: [`super::FORMAT_VERSION`]
-//! plus every option that changes the converted bytes.
+//! Rows are namespaced by the output format's key
+//! (`OutputFormat::dedup_format_key`; for native images
+//! [`ConvertOptions::dedup_format_key`]): its format version plus every option that
+//! changes the converted bytes. One database handle per output format.
 
 #[cfg(doc)]
 use super::ConvertOptions;
@@ -29,6 +32,7 @@ use std::sync::Arc;
 
 /// [`DedupRegistry`] on one registry host with our client. "Missing" (`Ok(false)`,
 /// [`CopyOutcome::SourceMissing`]) is only ever a 404; every other failure is an `Err`.
+#[derive(Clone)]
 pub struct RegistryOps {
     reg: Arc<Registry>,
 }
@@ -163,6 +167,7 @@ pub struct Reused {
 }
 
 /// Dedup for one destination repository: the pipeline's view of [`Dedup`].
+#[derive(Clone)]
 pub struct DedupTarget {
     dedup: Arc<Dedup>,
     ops: RegistryOps,

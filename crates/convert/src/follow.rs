@@ -1,6 +1,7 @@
 //! Applying a layer while it downloads: the downloader reports each write on a channel
-//! ([`Growing`]); the applier reads the file through a [`FollowReader`], which blocks on
-//! that channel (or on the conversion stopping) when it has caught up.
+//! per follower ([`Growing`]); an applier reads the file through a [`FollowReader`],
+//! which blocks on its channel (or on the conversion stopping) when it has caught up,
+//! or waits for the whole download ([`Follow::wait`]).
 
 use crate::abort::Abort;
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
@@ -17,28 +18,35 @@ enum Event {
     Failed(String),
 }
 
-/// The downloader's side: reports progress of a download into a file.
-pub(crate) struct Growing(Sender<Event>);
+/// The downloader's side: reports progress of a download into a file to every follower.
+pub(crate) struct Growing(Vec<Sender<Event>>);
 
 /// The side a [`FollowReader`] is made from.
 pub(crate) struct Follow(Receiver<Event>);
 
 impl Growing {
-    pub(crate) fn new() -> (Growing, Follow) {
-        let (tx, rx) = unbounded();
-        (Growing(tx), Follow(rx))
+    /// A download followed by `n` readers.
+    pub(crate) fn new(n: usize) -> (Growing, Vec<Follow>) {
+        let (tx, rx): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded()).unzip();
+        (Growing(tx), rx.into_iter().map(Follow).collect())
+    }
+
+    fn send(&self, ev: impl Fn() -> Event) {
+        for tx in &self.0 {
+            let _ = tx.send(ev());
+        }
     }
 
     /// `written` bytes are in the file.
     pub(crate) fn advance(&self, written: u64) {
-        let _ = self.0.send(Event::Written(written));
+        self.send(|| Event::Written(written));
     }
 
     /// The download ended: `Ok` once verified, `Err(why)` if it failed.
     pub(crate) fn finish(&self, r: Result<(), String>) {
-        let _ = self.0.send(match r {
+        self.send(|| match &r {
             Ok(()) => Event::Done,
-            Err(why) => Event::Failed(why),
+            Err(why) => Event::Failed(why.clone()),
         });
     }
 }
@@ -53,6 +61,26 @@ impl Follow {
             end: None,
             events: self.0,
             abort,
+        }
+    }
+
+    /// Waits until the download has finished and verified; fails if it failed or the
+    /// conversion stops.
+    pub(crate) fn wait(self, abort: &Abort) -> io::Result<()> {
+        let interrupted = || io::Error::new(io::ErrorKind::Interrupted, "interrupted");
+        loop {
+            if abort.is_set() {
+                return Err(interrupted());
+            }
+            select! {
+                recv(self.0) -> ev => match ev {
+                    Ok(Event::Written(_)) => {}
+                    Ok(Event::Done) => return Ok(()),
+                    Ok(Event::Failed(why)) => return Err(io::Error::other(why)),
+                    Err(_) => return Err(io::Error::other("the download stopped")),
+                },
+                recv(abort.stopped()) -> _ => return Err(interrupted()),
+            }
         }
     }
 }
@@ -120,8 +148,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("blob");
         let mut w = File::create(&p).unwrap();
-        let (g, follow) = Growing::new();
-        let mut r = follow.reader(File::open(&p).unwrap(), Abort::new());
+        let (g, mut follow) = Growing::new(2);
+        let waiter = follow.pop().unwrap();
+        let mut r = follow
+            .pop()
+            .unwrap()
+            .reader(File::open(&p).unwrap(), Abort::new());
         let writer = std::thread::spawn(move || {
             for i in 0..5u8 {
                 std::thread::sleep(Duration::from_millis(20));
@@ -139,6 +171,26 @@ mod tests {
             "everything written was read before the error"
         );
         assert!(e.to_string().contains("digest mismatch"));
+        // The other follower saw the same end.
+        let e = waiter.wait(&Abort::new()).unwrap_err();
+        assert!(e.to_string().contains("digest mismatch"));
+    }
+
+    #[test]
+    fn a_waiter_returns_once_the_download_is_done() {
+        let (g, mut follow) = Growing::new(1);
+        let w = follow.pop().unwrap();
+        std::thread::scope(|s| {
+            let h = s.spawn(move || w.wait(&Abort::new()));
+            g.advance(10);
+            g.finish(Ok(()));
+            h.join().unwrap().unwrap();
+        });
+        let (_g, mut follow) = Growing::new(1);
+        let abort = Abort::new();
+        abort.set();
+        let e = follow.pop().unwrap().wait(&abort).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
     }
 
     #[test]
@@ -146,9 +198,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("blob");
         File::create(&p).unwrap();
-        let (_g, follow) = Growing::new();
+        let (_g, mut follow) = Growing::new(1);
         let abort = Abort::new();
-        let mut r = follow.reader(File::open(&p).unwrap(), abort.clone());
+        let mut r = follow
+            .pop()
+            .unwrap()
+            .reader(File::open(&p).unwrap(), abort.clone());
         std::thread::scope(|s| {
             let reader = s.spawn(move || r.read(&mut [0u8; 10]));
             std::thread::sleep(Duration::from_millis(50));

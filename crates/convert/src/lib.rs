@@ -32,14 +32,18 @@ pub mod annotations;
 pub mod chain;
 pub mod dedup;
 mod follow;
+pub mod format;
 pub mod pipeline;
 pub mod progress;
 pub mod store;
+mod tarstream;
 
 pub use abort::Abort;
 pub use dedup::DedupTarget;
+pub use format::{NativeFormat, OutputFormat, TurboFormat};
+pub use obdfs::turbo::FsType;
 use obdoci::ErrorKind;
-pub use pipeline::{ConvertOutcome, Converter};
+pub use pipeline::{ConvertOutcome, Converter, Output};
 pub use store::{open_store, ImageStore, LayoutStore, RegistryStore};
 
 use std::path::PathBuf;
@@ -206,30 +210,12 @@ impl Default for ConvertOptions {
 pub const FORMAT_VERSION: &str = "overlaybd-rs/1";
 
 impl ConvertOptions {
-    /// The dedup format key for these options: [`FORMAT_VERSION`] plus every option
-    /// that changes the converted bytes. With `--mkfs=false` the base layer's
-    /// content is part of the key, since every layer is applied on top of it.
+    /// The dedup format key of native overlaybd output with these options:
+    /// [`FORMAT_VERSION`] plus every option that changes the converted bytes. With
+    /// `--mkfs=false` the base layer's content is part of the key, since every layer is
+    /// applied on top of it. (Each [`OutputFormat`] has its own key.)
     pub fn dedup_format_key(&self) -> Result<String> {
-        let vsize = self.vsize_gb.to_string();
-        let mut opts: Vec<(&str, String)> = vec![
-            ("vsize", vsize),
-            ("mkfs", self.mkfs.to_string()),
-            ("sparse", (!self.disable_sparse).to_string()),
-            ("referrer", self.referrer.to_string()),
-        ];
-        // Left out for the default engine, so that its keys stay as they were.
-        if self.engine.name() != "libext2fs" {
-            opts.push(("engine", self.engine.name().to_string()));
-        }
-        if !self.mkfs {
-            let f =
-                std::fs::File::open(&self.baselayer).map_err(|e| Error::io(&self.baselayer, e))?;
-            let (d, _) =
-                obdoci::digest::hash_reader(f).map_err(|e| Error::io(&self.baselayer, e))?;
-            opts.push(("base", d.as_str()["sha256:".len()..][..16].to_string()));
-        }
-        let refs: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Ok(obddedup::format_key(FORMAT_VERSION, &refs))
+        NativeFormat::new(self).dedup_format_key()
     }
 }
 

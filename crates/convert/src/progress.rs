@@ -37,7 +37,8 @@ pub struct StageTotal {
 /// Shared progress reporter.
 pub struct Progress {
     mp: Option<MultiProgress>,
-    totals: Mutex<BTreeMap<Stage, StageTotal>>,
+    /// Per (group, stage); the group names an output format in runs that make several.
+    totals: Mutex<BTreeMap<(String, Stage), StageTotal>>,
     quiet: bool,
 }
 
@@ -64,6 +65,18 @@ impl Progress {
 
     /// Start a stage for `label` (e.g. `1-linux_amd64 layer 3/7`). `total` in bytes.
     pub fn start(self: &Arc<Self>, label: &str, stage: Stage, total: Option<u64>) -> StageBar {
+        self.start_in("", label, stage, total)
+    }
+
+    /// Like [`Progress::start`], totalled under `group` (e.g. an output format's name;
+    /// "" for the common totals).
+    pub fn start_in(
+        self: &Arc<Self>,
+        group: &str,
+        label: &str,
+        stage: Stage,
+        total: Option<u64>,
+    ) -> StageBar {
         let bar = self.mp.as_ref().map(|mp| {
             let b = mp.add(ProgressBar::new(total.unwrap_or(0)));
             let tmpl = if total.is_some() {
@@ -83,6 +96,7 @@ impl Progress {
         });
         StageBar {
             progress: self.clone(),
+            group: group.to_string(),
             bar,
             label: label.to_string(),
             stage,
@@ -92,29 +106,36 @@ impl Progress {
         }
     }
 
-    fn record(&self, stage: Stage, busy: Duration, bytes: u64) {
+    fn record(&self, group: &str, stage: Stage, busy: Duration, bytes: u64) {
         let mut t = self.totals.lock().unwrap_or_else(|e| e.into_inner());
-        let e = t.entry(stage).or_default();
+        let e = t.entry((group.to_string(), stage)).or_default();
         e.busy += busy;
         e.bytes += bytes;
         e.count += 1;
     }
 
-    pub fn totals(&self) -> BTreeMap<Stage, StageTotal> {
+    /// Totals per (group, stage).
+    pub fn totals(&self) -> BTreeMap<(String, Stage), StageTotal> {
         self.totals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    /// One line per stage: `stage <name>: <s> s busy, <MB> MB, <MB/s> MB/s`.
+    /// One line per stage: `stage <name>[ (<group>)]: <n> layers, <s> s, <MB> MB,
+    /// <MB/s> MB/s`.
     pub fn summary(&self) -> Vec<String> {
         self.totals()
             .iter()
-            .map(|(s, t)| {
+            .map(|((g, s), t)| {
                 let secs = t.busy.as_secs_f64();
+                let g = if g.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({g})")
+                };
                 format!(
-                    "stage {s}: {} layers, {secs:.2} s, {:.1} MB, {:.1} MB/s",
+                    "stage {s}{g}: {} layers, {secs:.2} s, {:.1} MB, {:.1} MB/s",
                     t.count,
                     t.bytes as f64 / 1e6,
                     t.bytes as f64 / 1e6 / secs.max(1e-9)
@@ -127,6 +148,7 @@ impl Progress {
 /// One running stage. Dropping it without `finish` removes the bar silently.
 pub struct StageBar {
     progress: Arc<Progress>,
+    group: String,
     bar: Option<ProgressBar>,
     label: String,
     stage: Stage,
@@ -161,7 +183,7 @@ impl StageBar {
         self.finished = true;
         let bytes = bytes.unwrap_or_else(|| self.pos.load(Ordering::Relaxed));
         let el = self.start.elapsed();
-        self.progress.record(self.stage, el, bytes);
+        self.progress.record(&self.group, self.stage, el, bytes);
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
             if let Some(mp) = &self.progress.mp {

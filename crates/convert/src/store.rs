@@ -26,6 +26,11 @@ pub trait ImageStore: Send + Sync {
         None
     }
     fn blob_exists(&self, desc: &Descriptor) -> Result<bool>;
+    /// Registry host (as typed, with `:port`) and repository, for a registry store
+    /// (blobs can be mounted between repositories of one host).
+    fn registry_repository(&self) -> Option<(String, String)> {
+        None
+    }
     /// Make a blob of another repository of the same host available here without
     /// copying it (cross-repository mount). Returns whether it is now present.
     fn mount_blob(&self, _desc: &Descriptor, _from_repo: &str) -> Result<bool> {
@@ -103,6 +108,12 @@ impl ImageStore for RegistryStore {
     }
     fn blob_exists(&self, desc: &Descriptor) -> Result<bool> {
         Ok(self.repo.blob_exists(&desc.digest)?)
+    }
+    fn registry_repository(&self) -> Option<(String, String)> {
+        Some((
+            self.repo.registry().host().to_string(),
+            self.repo.name().to_string(),
+        ))
     }
     fn mount_blob(&self, desc: &Descriptor, from_repo: &str) -> Result<bool> {
         Ok(self.repo.mount_blob(desc, from_repo)?)

@@ -14,7 +14,7 @@ use clap::{ArgAction, Parser};
 use obdconvert::progress::Progress;
 use obdconvert::{
     open_store, Abort, ConvertOptions, ConvertOutcome, Converter, DedupTarget, ImageStore,
-    RegistryStore,
+    NativeFormat, Output, OutputFormat, RegistryStore, TurboFormat,
 };
 use obddedup::resolve::Dedup;
 use obdoci::{Digest, ImageRef, Reference};
@@ -52,7 +52,8 @@ struct Args {
     /// Digest of the input image (used when no input tag is given).
     #[arg(short = 'g', long = "input-digest")]
     input_digest: Option<String>,
-    /// Output tag; the same as --overlaybd (used when --overlaybd is not given).
+    /// Output tag; the same as --overlaybd (used only when none of --overlaybd,
+    /// --turboOCI and --fastoci is given).
     #[arg(short = 'o', long = "output-tag")]
     output_tag: Option<String>,
     /// Work directory; per-manifest data is removed afterwards unless --reserve.
@@ -61,7 +62,7 @@ struct Args {
     /// Write OCI media types (default: Docker schema 2).
     #[arg(long)]
     oci: bool,
-    /// Filesystem type; used by TurboOCI output (native output is always
+    /// Filesystem of TurboOCI layers: ext4 or erofs (native output is always
     /// ext4). With `--engine kernel`, `ctr obdconv`'s form
     /// `ext4;MOUNT_OPTS;MKFS_OPTS` gives the mount and mkfs.ext4 options.
     #[arg(long, default_value = "ext4")]
@@ -79,11 +80,13 @@ struct Args {
     /// Output tag of the overlaybd (native) image.
     #[arg(long)]
     overlaybd: Option<String>,
-    /// Output tag of a TurboOCI image (not supported yet).
+    /// Output tag of a TurboOCI v1 image: small metadata layers (ext4 or EROFS, see
+    /// --fstype) that map file data into the original layer blobs, which stay in the
+    /// repository. With --overlaybd too, both images come from one run.
     #[arg(long = "turboOCI")]
     turbo_oci: Option<String>,
-    /// Deprecated alias of --turboOCI.
-    #[arg(long, hide = true)]
+    /// Deprecated alias of --turboOCI (--turboOCI wins when both are given).
+    #[arg(long)]
     fastoci: Option<String>,
     #[arg(long = "db-str", value_name = "DSN|PATH", help = obddedup::DB_STR_HELP)]
     db_str: Option<String>,
@@ -180,18 +183,27 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         Some(r) => ImageRef::parse(r).context("--output-repository")?,
         None => src_ref.clone(),
     };
-    if args.turbo_oci.is_some() || args.fastoci.is_some() {
-        bail!("TurboOCI output (--turboOCI/--fastoci) is not supported yet; use --overlaybd TAG");
-    }
+    // As upstream: --turboOCI wins over --fastoci; -o only when neither output flag is
+    // given.
+    let turbo_tag = args.turbo_oci.clone().or(args.fastoci.clone());
+    // `ctr obdconv`'s `ext4;MOUNT_OPTS;MKFS_OPTS` configures the kernel engine.
     let engine_fstype = args.fstype.contains(';').then_some(args.fstype.as_str());
     let engine = args
         .engine
         .build_with("convertor", abort.flag(), engine_fstype)?;
-    if args.fstype != "ext4" && engine_fstype.is_none() {
+    let fstype = TurboFormat::parse_fstype(if engine_fstype.is_some() {
+        "ext4"
+    } else {
+        &args.fstype
+    })?;
+    if turbo_tag.is_none() && args.fstype != "ext4" && engine_fstype.is_none() {
         tracing::warn!(
             "--fstype {} is only used by TurboOCI output; the overlaybd image is ext4",
             args.fstype
         );
+    }
+    if turbo_tag.is_some() && args.overlaybd.is_none() && args.output_tag.is_some() {
+        tracing::warn!("-o/--output-tag is ignored with --turboOCI (use --overlaybd for both)");
     }
     let source = match (&args.input_tag, &args.input_digest, &src_ref) {
         (Some(t), _, _) => Reference::tag(t).context("-i/--input-tag")?,
@@ -199,14 +211,19 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         (None, None, ImageRef::Layout { tag: Some(t), .. }) => Reference::tag(t)?,
         (None, None, _) => bail!("no input image: give -i/--input-tag or -g/--input-digest"),
     };
-    let out_tag = match (&args.overlaybd, &args.output_tag, &dst_ref) {
-        (Some(t), _, _) | (None, Some(t), _) => t.clone(),
-        (None, None, ImageRef::Layout { tag: Some(t), .. }) if args.output_repository.is_some() => {
-            t.clone()
+    let native_tag = match (&args.overlaybd, &args.output_tag, &dst_ref, &turbo_tag) {
+        (Some(t), _, _, _) | (None, Some(t), _, None) => Some(t.clone()),
+        (None, None, ImageRef::Layout { tag: Some(t), .. }, None)
+            if args.output_repository.is_some() =>
+        {
+            Some(t.clone())
         }
-        _ => bail!("no output tag: give --overlaybd TAG or -o/--output-tag TAG"),
+        (None, _, _, Some(_)) => None,
+        _ => bail!("no output tag: give --overlaybd TAG, --turboOCI TAG or -o/--output-tag TAG"),
     };
-    obdoci::reference::validate_tag(&out_tag).context("output tag")?;
+    for t in native_tag.iter().chain(&turbo_tag) {
+        obdoci::reference::validate_tag(t).context("output tag")?;
+    }
     if args.vsize == 0 {
         bail!("--vsize must be at least 1 (GB)");
     }
@@ -248,8 +265,19 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         engine,
         ..Default::default()
     };
-    // Before any work: a bad database setting fails here, with nothing touched.
-    let dedup = open_dedup(&args, &dst_ref, &opts)?;
+    let mut formats: Vec<(Arc<dyn OutputFormat>, String)> = Vec::new();
+    if let Some(t) = &native_tag {
+        formats.push((Arc::new(NativeFormat::new(&opts)), t.clone()));
+    }
+    if let Some(t) = &turbo_tag {
+        formats.push((Arc::new(TurboFormat::new(&opts, fstype)), t.clone()));
+    }
+    // Before any work: a bad database setting fails here, with nothing touched. Each
+    // format has its own rows (its dedup format key).
+    let mut dedups = Vec::new();
+    for (f, _) in &formats {
+        dedups.push(open_dedup(&args, &dst_ref, f.as_ref())?);
+    }
     // A registry destination's repository client also serves the dedup lookups.
     let open =
         |r: &ImageRef, create: bool| -> anyhow::Result<(Arc<dyn ImageStore>, Option<Repository>)> {
@@ -272,33 +300,51 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         open(&dst_ref, true)?
     };
     let progress = Progress::new(std::io::stderr().is_terminal(), false);
-    let mut conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
-    if let (Some((d, _)), Some(repo)) = (&dedup, &dst_repo) {
-        conv = conv.with_dedup(DedupTarget::new(d.clone(), repo));
+    let conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
+    let outputs: Vec<Output> = formats
+        .into_iter()
+        .zip(&dedups)
+        .map(|((f, tag), dd)| {
+            let o = Output::new(f, tag);
+            match (dd, &dst_repo) {
+                (Some((d, _)), Some(repo)) => o.with_dedup(DedupTarget::new(d.clone(), repo)),
+                _ => o,
+            }
+        })
+        .collect();
+    let outs = conv.convert_outputs(&source, outputs);
+    if outs.is_err() {
+        for (d, what) in dedups.iter().flatten() {
+            // What dedup did before the failure (rows of pushed layers stay valid).
+            eprintln!("dedup (run failed): {} [{what}]", d.stats());
+        }
     }
-    let out = conv.convert(&source, &out_tag);
-    if let (Err(_), Some((d, what))) = (&out, &dedup) {
-        // What dedup did before the failure (rows of pushed layers stay valid).
-        eprintln!("dedup (run failed): {} [{what}]", d.stats());
-    }
-    let out = out?;
+    let outs = outs?;
     let secs = t0.elapsed().as_secs_f64();
-    let verb = if out.pushed {
-        "pushed"
-    } else {
-        "converted (not uploaded)"
-    };
-    println!(
-        "{verb} {}:{out_tag} {} ({} manifest{}, {} layers) in {secs:.1} s",
-        dst.name(),
-        out.descriptor.digest,
-        out.manifests,
-        if out.manifests == 1 { "" } else { "s" },
-        out.layers
-    );
-    if let Some((_, what)) = &dedup {
-        if let Some(line) = dedup_summary(&out, what) {
-            println!("{line}");
+    for (out, dd) in outs.iter().zip(&dedups) {
+        let verb = if out.pushed {
+            "pushed"
+        } else {
+            "converted (not uploaded)"
+        };
+        let what = if outs.len() > 1 {
+            format!(" [{}]", out.format)
+        } else {
+            String::new()
+        };
+        println!(
+            "{verb} {}:{} {} ({} manifest{}, {} layers) in {secs:.1} s{what}",
+            dst.name(),
+            out.tag,
+            out.descriptor.digest,
+            out.manifests,
+            if out.manifests == 1 { "" } else { "s" },
+            out.layers
+        );
+        if let Some((_, what)) = dd {
+            if let Some(line) = dedup_summary(out, what) {
+                println!("{line}");
+            }
         }
     }
     for l in progress.summary() {
@@ -311,7 +357,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
 fn open_dedup(
     args: &Args,
     dst: &ImageRef,
-    opts: &ConvertOptions,
+    format: &dyn OutputFormat,
 ) -> anyhow::Result<Option<(Arc<Dedup>, String)>> {
     let db_error = |e: obddedup::DbError| anyhow::Error::new(e).context("dedup database");
     let db_str = args.db_str.as_deref().unwrap_or("");
@@ -324,7 +370,7 @@ fn open_dedup(
     if let ImageRef::Layout { .. } = dst {
         bail!("dedup database: deduplication needs a registry destination, not {dst}");
     }
-    let key = opts
+    let key = format
         .dedup_format_key()
         .context("computing the dedup format key")?;
     let db = obddedup::open(&args.db_type, db_str, &key)

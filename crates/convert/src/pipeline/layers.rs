@@ -1,0 +1,634 @@
+//! Per-layer scheduling of one platform manifest, for every output that converts it:
+//!
+//! ```text
+//!  download workers (a few at once)        per output: chain thread          per output: uploader
+//!  ─────────────────────────────────       ───────────────────────────       ──────────────────────
+//!  layer i: converted blobs of dedup  ──►  i: apply onto layers < i     ──►  push sealed blob i,
+//!           hits (per output), then        (seal of i-1 runs meanwhile       record its dedup row;
+//!           the source blob once,          on its own thread), then          copy source layers the
+//!           followed by every output       seal i on a thread                format reads
+//!           that converts layer i
+//! ```
+//!
+//! Dedup lookups come first: a layer found in an output's database is taken over as its
+//! format says ([`OutputFormat::reuse`](crate::format::OutputFormat::reuse)); it is
+//! downloaded only if the format needs its converted blob. The source blob is fetched
+//! once if any output converts the layer: the outputs follow the same download (a stream
+//! that waits for more bytes, or the complete file). A failure anywhere stops everything;
+//! the first real failure is reported.
+
+use super::Run;
+use crate::dedup::Reused;
+use crate::follow::Growing;
+use crate::format::{
+    BlobFile, LayerChain, LayerInput, LayerJob, LayerOut, ManifestJob, Reuse, Sealed, SourceBlob,
+};
+use crate::progress::Stage;
+use crate::{Error, Result};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use obdoci::error::Chain;
+use obdoci::stream::{copy, CopyError};
+use obdoci::{Descriptor, Digest};
+use obdregistry::BlobSource;
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{Scope, ScopedJoinHandle};
+
+/// What one output does with one layer.
+#[derive(Clone)]
+enum Plan {
+    Convert,
+    /// Take over a dedup hit ([`Reuse::Descriptor`] or [`Reuse::Download`]).
+    Reuse(Reused, Reuse),
+}
+
+/// What an output's chain gets for a layer from the download workers.
+enum Ready {
+    /// Convert it from this source blob.
+    Source(SourceBlob),
+    /// Take it over (with its converted blob, if the format asked for it).
+    Reused(Reused, Option<PathBuf>),
+}
+
+/// What an output's uploader gets.
+enum Done {
+    Built(usize, Sealed),
+    Reused(LayerOut),
+    /// Copy this source layer into the destination, from this file (held until then).
+    CopySource(usize, PathBuf, Option<Arc<BlobFile>>),
+}
+
+impl Run<'_> {
+    /// Converts the layers of one manifest for the outputs `todo`: per output, the
+    /// layers of the converted manifest in order.
+    pub(super) fn convert_layers(
+        &self,
+        mdir: &Path,
+        label: &str,
+        layers: &[Descriptor],
+        chain: &[Digest],
+        todo: &[usize],
+    ) -> Result<Vec<Vec<LayerOut>>> {
+        let dirs: Vec<PathBuf> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| mdir.join(format!("{i:04}_{}", l.digest)))
+            .collect();
+        // One format: its files go straight into the layer directory (upstream's
+        // layout); several: one subdirectory per format.
+        let fdirs: Vec<Vec<PathBuf>> = todo
+            .iter()
+            .map(|&k| {
+                dirs.iter()
+                    .map(|d| {
+                        if self.multi() {
+                            d.join(self.format(k).name())
+                        } else {
+                            d.clone()
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        for d in dirs.iter().chain(fdirs.iter().flatten()) {
+            fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+        }
+        let mut copy = Vec::new();
+        let mut plans = Vec::new();
+        for &k in todo {
+            let c = if self.format(k).references_source_layers() {
+                self.source_layers_to_copy(layers)?
+            } else {
+                vec![false; layers.len()]
+            };
+            // Dedup lookups for every layer first: whether a hit is needed as the lower
+            // of a converted layer decides how it is taken over. A layer whose source
+            // must be copied into the destination is converted (it is downloaded anyway).
+            let hits: Vec<Option<Reused>> = self
+                .lookup_layers(k, chain)
+                .into_iter()
+                .zip(&c)
+                .map(|(h, &copy)| h.filter(|_| !copy))
+                .collect();
+            let last_miss = hits.iter().rposition(Option::is_none);
+            plans.push(
+                hits.into_iter()
+                    .enumerate()
+                    .map(|(i, h)| match h {
+                        None => Plan::Convert,
+                        Some(h) => match self.format(k).reuse(last_miss.is_some_and(|m| i < m)) {
+                            Reuse::Convert => Plan::Convert,
+                            r => Plan::Reuse(h, r),
+                        },
+                    })
+                    .collect(),
+            );
+            copy.push(c);
+        }
+        let l = Layers {
+            run: self,
+            mdir,
+            label,
+            layers,
+            chain,
+            todo,
+            dirs,
+            fdirs,
+            plans,
+            copy,
+        };
+        let outs = l.run()?;
+        for &k in todo {
+            self.outputs[k]
+                .stats
+                .layers
+                .fetch_add(layers.len(), Ordering::Relaxed);
+        }
+        Ok(outs)
+    }
+
+    /// Dedup lookups of every layer (by chain ID) for output `k`, a few at once.
+    fn lookup_layers(&self, k: usize, chain: &[Digest]) -> Vec<Option<Reused>> {
+        let Some(dd) = &self.outputs[k].out.dedup else {
+            return vec![None; chain.len()];
+        };
+        let found: Vec<Mutex<Option<Reused>>> = chain.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..self
+                .c
+                .opts
+                .download_concurrency
+                .clamp(1, chain.len().max(1))
+            {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= chain.len() || self.c.abort.is_set() {
+                        break;
+                    }
+                    let hit = dd.lookup_layer(&chain[i]);
+                    *found[i].lock().unwrap_or_else(|e| e.into_inner()) = hit;
+                });
+            }
+        });
+        found
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .collect()
+    }
+}
+
+/// The layer work of one manifest (see the module doc). Outputs are numbered `j` in
+/// `todo` order (output `todo[j]` of the run).
+struct Layers<'r, 'c> {
+    run: &'r Run<'c>,
+    mdir: &'r Path,
+    label: &'r str,
+    layers: &'r [Descriptor],
+    chain: &'r [Digest],
+    todo: &'r [usize],
+    /// Per layer: its work directory (holds the downloaded source blob).
+    dirs: Vec<PathBuf>,
+    /// Per output, per layer: the format's directory.
+    fdirs: Vec<Vec<PathBuf>>,
+    plans: Vec<Vec<Plan>>,
+    /// Per output, per layer: copy the source layer into the destination.
+    copy: Vec<Vec<bool>>,
+}
+
+type ReadyChannel = (Sender<Result<Ready>>, Receiver<Result<Ready>>);
+
+impl Layers<'_, '_> {
+    fn n(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// `[1 linux_amd64] layer 3/7` (with ` (<format>)` in multi-output runs).
+    fn name(&self, j: usize, i: usize) -> String {
+        format!(
+            "{} layer {}/{}{}",
+            self.label,
+            i + 1,
+            self.n(),
+            self.run.suffix(self.todo[j])
+        )
+    }
+
+    /// The progress group of output `j`'s stages.
+    fn group(&self, j: usize) -> &'static str {
+        if self.run.multi() {
+            self.run.format(self.todo[j]).name()
+        } else {
+            ""
+        }
+    }
+
+    fn run(&self) -> Result<Vec<Vec<LayerOut>>> {
+        let (n, m) = (self.n(), self.todo.len());
+        let chans: Vec<Vec<ReadyChannel>> = (0..m)
+            .map(|_| (0..n).map(|_| bounded(1)).collect())
+            .collect();
+        let next = AtomicUsize::new(0);
+        let workers = self.run.c.opts.download_concurrency.max(1).min(n);
+        let abort = &self.run.c.abort;
+        // The first real failure of any thread; the others then stop as interrupted.
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let fail = |e: Error| {
+            if !e.is_interrupted() {
+                failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+            }
+            abort.set();
+        };
+        let (chans, fail) = (&chans, &fail);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let txs: Vec<&Sender<Result<Ready>>> = (0..m).map(|j| &chans[j][i].0).collect();
+                    let r = if abort.is_set() {
+                        Err(Error::Interrupted)
+                    } else {
+                        self.get_layer(i, &txs, fail)
+                    };
+                    if let Err(e) = r {
+                        fail(e);
+                        // Sends nothing where the layer was already handed over.
+                        for tx in txs {
+                            let _ = tx.try_send(Err(Error::Interrupted));
+                        }
+                    }
+                });
+            }
+            let mut running = Vec::new();
+            for (j, chan) in chans.iter().enumerate() {
+                // Sealed layers are pushed on another thread while the next layer is
+                // applied.
+                let (up_tx, up_rx) = unbounded::<Done>();
+                let uploader = s.spawn(move || self.upload_loop(j, up_rx));
+                let rxs: Vec<&Receiver<Result<Ready>>> = chan.iter().map(|c| &c.1).collect();
+                let chain = s.spawn(move || {
+                    let r = self.run_chain(s, j, &rxs, up_tx);
+                    if matches!(&r, Err(e) if !e.is_interrupted()) {
+                        abort.set();
+                    }
+                    r
+                });
+                running.push((chain, uploader));
+            }
+            let mut results = Vec::new();
+            for (chain, uploader) in running {
+                let c = chain
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Invalid("layer thread panicked".into())))
+                    .map_err(|e| {
+                        if e.is_interrupted() {
+                            e
+                        } else {
+                            fail(e);
+                            Error::Interrupted
+                        }
+                    });
+                let u = uploader
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Invalid("upload thread panicked".into())))
+                    .map_err(|e| {
+                        if !e.is_interrupted() {
+                            fail(e);
+                        }
+                        Error::Interrupted
+                    });
+                results.push((c, u));
+            }
+            if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(e);
+            }
+            results
+                .into_iter()
+                .map(|(c, u)| {
+                    c?;
+                    u
+                })
+                .collect()
+        })
+    }
+
+    /// Applies output `j`'s layers bottom-up as they arrive; each layer is sealed on its
+    /// own thread while the next one is applied on top of its unsealed files (at most
+    /// one seal at a time), then handed to the uploader.
+    fn run_chain<'s>(
+        &'s self,
+        s: &'s Scope<'s, '_>,
+        j: usize,
+        rxs: &[&Receiver<Result<Ready>>],
+        up: Sender<Done>,
+    ) -> Result<()> {
+        let (n, k) = (self.n(), self.todo[j]);
+        let run = self.run;
+        let stats = &run.outputs[k].stats;
+        let job = ManifestJob {
+            dir: self.mdir,
+            layers: self.layers,
+            chain_ids: self.chain,
+        };
+        let mut chain = run.format(k).begin(&job)?;
+        let ctx = |i: usize| {
+            let d = &self.layers[i].digest;
+            move |e: Error| e.context(format!("layer {}/{n} ({d})", i + 1))
+        };
+        type Sealing<'a> = (usize, ScopedJoinHandle<'a, Result<Sealed>>);
+        // Waits for the running seal, tells the chain, hands the layer to the uploader.
+        let finish = |c: &mut Option<Sealing<'_>>, chain: &mut dyn LayerChain| -> Result<()> {
+            if let Some((i, h)) = c.take() {
+                let sealed = h
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Invalid("seal thread panicked".into())))
+                    .map_err(ctx(i))?;
+                chain.sealed(i, &sealed);
+                stats.layers_converted.fetch_add(1, Ordering::Relaxed);
+                let _ = up.send(Done::Built(i, sealed));
+            }
+            Ok(())
+        };
+        let mut sealing: Option<Sealing<'s>> = None;
+        for (i, rx) in rxs.iter().enumerate() {
+            let ready = rx.recv().map_err(|_| Error::Interrupted)??;
+            run.check_abort()?;
+            let ljob = LayerJob {
+                index: i,
+                layer: &self.layers[i],
+                dir: &self.fdirs[j][i],
+            };
+            match ready {
+                Ready::Reused(hit, file) => {
+                    finish(&mut sealing, chain.as_mut())?;
+                    let out = chain.reused(&ljob, &hit, file.as_deref()).map_err(ctx(i))?;
+                    stats.layers_reused.fetch_add(1, Ordering::Relaxed);
+                    let _ = up.send(Done::Reused(out));
+                }
+                Ready::Source(blob) => {
+                    let copy = self.copy[j][i].then(|| match &blob {
+                        SourceBlob::Local(p) => (p.clone(), None),
+                        SourceBlob::Downloading { file, .. } => {
+                            (file.path().to_path_buf(), Some(file.clone()))
+                        }
+                    });
+                    let input = LayerInput {
+                        src: run.c.src.as_ref(),
+                        layer: &self.layers[i],
+                        blob: Some(blob),
+                        abort: &run.c.abort,
+                    };
+                    let name = self.name(j, i);
+                    let bar = run
+                        .c
+                        .progress
+                        .start_in(self.group(j), &name, Stage::Apply, None);
+                    let setter = bar.setter();
+                    let applied = chain
+                        .apply(&ljob, input, &mut |b| setter(b))
+                        .map_err(ctx(i))?;
+                    bar.finish(Some(applied.input_bytes), "");
+                    finish(&mut sealing, chain.as_mut())?;
+                    let group = self.group(j);
+                    let h = s.spawn(move || {
+                        let bar = run.c.progress.start_in(group, &name, Stage::Commit, None);
+                        let sealed = applied.seal.seal(bar.setter())?;
+                        bar.finish(Some(sealed.out.desc.size), &sealed.note);
+                        Ok(sealed)
+                    });
+                    sealing = Some((i, h));
+                    if let Some((p, hold)) = copy {
+                        let _ = up.send(Done::CopySource(i, p, hold));
+                    }
+                }
+            }
+        }
+        finish(&mut sealing, chain.as_mut())
+    }
+
+    /// Pushes output `j`'s layers as they are sealed (and the source layers it must
+    /// copy); returns the layers in order.
+    fn upload_loop(&self, j: usize, rx: Receiver<Done>) -> Result<Vec<LayerOut>> {
+        let (n, k) = (self.n(), self.todo[j]);
+        let c = self.run.c;
+        let mut out = Vec::with_capacity(n);
+        for done in rx {
+            self.run.check_abort()?;
+            // `_hold` keeps a downloaded source blob until it is copied.
+            let (i, desc, path, sealed, _hold) = match done {
+                // Already in the destination (verified or mounted by dedup); its row exists.
+                Done::Reused(o) => {
+                    out.push(o);
+                    continue;
+                }
+                Done::CopySource(i, p, hold) => (i, self.layers[i].clone(), p, None, hold),
+                Done::Built(i, s) => {
+                    if !c.opts.reserve {
+                        for f in &s.scratch {
+                            let _ = fs::remove_file(f);
+                        }
+                    }
+                    out.push(s.out.clone());
+                    (i, s.out.desc.clone(), s.blob.clone(), Some(s), None)
+                }
+            };
+            if c.opts.no_upload {
+                continue;
+            }
+            let what = if sealed.is_some() {
+                "uploading layer"
+            } else {
+                "copying source layer"
+            };
+            let bar = c.progress.start_in(
+                self.group(j),
+                &self.name(j, i),
+                Stage::Upload,
+                Some(desc.size),
+            );
+            let r = c
+                .dst
+                .push_blob(&desc, BlobSource::File(&path), Some(bar.setter()));
+            if let Err(e) = r {
+                c.abort.set();
+                return Err(e.context(format!(
+                    "{what} {}/{n} ({}) to {}",
+                    i + 1,
+                    desc.digest,
+                    c.dst.name()
+                )));
+            }
+            bar.finish(
+                Some(desc.size),
+                if sealed.is_some() { "" } else { "source layer" },
+            );
+            if let (Some(dd), Some(_)) = (&self.run.outputs[k].out.dedup, &sealed) {
+                dd.record_layer(&self.chain[i], &desc);
+            }
+        }
+        if out.len() != n {
+            return Err(Error::Interrupted);
+        }
+        Ok(out)
+    }
+
+    /// Gets layer `i` to every output: dedup hits as their format takes them over (if a
+    /// converted blob cannot be downloaded, the layer is converted after all), and the
+    /// source blob, once, to the outputs that convert it.
+    fn get_layer(
+        &self,
+        i: usize,
+        txs: &[&Sender<Result<Ready>>],
+        fail: &dyn Fn(Error),
+    ) -> Result<()> {
+        let mut converting = Vec::new();
+        for (j, tx) in txs.iter().enumerate() {
+            match &self.plans[j][i] {
+                Plan::Convert | Plan::Reuse(_, Reuse::Convert) => converting.push(*tx),
+                Plan::Reuse(hit, Reuse::Descriptor) => {
+                    self.run.c.progress.println(&format!(
+                        "{}: reused {}{} (not downloaded: no layer above it is converted)",
+                        self.name(j, i),
+                        hit.digest,
+                        hit.from
+                            .as_ref()
+                            .map(|r| format!(", mounted from {r}"))
+                            .unwrap_or_default()
+                    ));
+                    let _ = tx.send(Ok(Ready::Reused(hit.clone(), None)));
+                }
+                Plan::Reuse(hit, Reuse::Download(file)) => {
+                    let path = self.fdirs[j][i].join(file);
+                    match self.fetch_converted(j, i, hit, &path) {
+                        Ok(()) => {
+                            let _ = tx.send(Ok(Ready::Reused(hit.clone(), Some(path))));
+                        }
+                        Err(e) if e.is_interrupted() => return Err(e),
+                        Err(e) => {
+                            let _ = fs::remove_file(&path);
+                            tracing::warn!(
+                                "{}: cannot download its converted layer {} ({}); converting the layer",
+                                self.name(j, i),
+                                hit.digest,
+                                Chain(&e)
+                            );
+                            converting.push(*tx);
+                        }
+                    }
+                }
+            }
+        }
+        if converting.is_empty() {
+            return Ok(());
+        }
+        self.fetch_source(i, &converting, fail)
+    }
+
+    /// A converted layer reused from the dedup database: download it from the destination
+    /// into `path`, verifying its digest.
+    fn fetch_converted(&self, j: usize, i: usize, hit: &Reused, path: &Path) -> Result<()> {
+        let c = self.run.c;
+        let desc = Descriptor::new("application/octet-stream", hit.digest.clone(), hit.size);
+        let bar = c.progress.start_in(
+            self.group(j),
+            &self.name(j, i),
+            Stage::Download,
+            Some(hit.size),
+        );
+        // The store's stream verifies size and digest at its end.
+        let mut r = c.dst.open_blob(&desc)?;
+        let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+        self.download(&mut r, &mut f, path, &mut |pos| bar.set(pos))?;
+        bar.finish(
+            Some(hit.size),
+            &match &hit.from {
+                Some(repo) => format!("reused (mounted from {repo})"),
+                None => "reused".to_string(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Gets source layer `i` to the outputs that convert it: local stores need nothing;
+    /// registry blobs are downloaded once into the layer directory (compressed,
+    /// digest-verified while streaming). Each output gets the layer as soon as the
+    /// download starts, and follows it.
+    fn fetch_source(
+        &self,
+        i: usize,
+        txs: &[&Sender<Result<Ready>>],
+        fail: &dyn Fn(Error),
+    ) -> Result<()> {
+        let (c, n, layer) = (self.run.c, self.n(), &self.layers[i]);
+        if let Some(p) = c.src.local_blob_path(layer) {
+            for tx in txs {
+                let _ = tx.send(Ok(Ready::Source(SourceBlob::Local(p.clone()))));
+            }
+            return Ok(());
+        }
+        let bar = c.progress.start(
+            &format!("{} layer {}/{n}", self.label, i + 1),
+            Stage::Download,
+            Some(layer.size),
+        );
+        let path = self.dirs[i].join("layer.blob");
+        let ctx = |e: Error| e.context(format!("downloading layer {}/{n}", i + 1));
+        let mut r = c.src.open_blob(layer).map_err(ctx)?;
+        let mut f = File::create(&path).map_err(|e| ctx(Error::io(&path, e)))?;
+        let file = BlobFile::new(path.clone(), c.opts.reserve);
+        let (growing, follows) = Growing::new(txs.len());
+        for (tx, follow) in txs.iter().zip(follows) {
+            let _ = tx.send(Ok(Ready::Source(SourceBlob::Downloading {
+                file: file.clone(),
+                follow,
+            })));
+        }
+        let res = self
+            .download(&mut r, &mut f, &path, &mut |pos| {
+                growing.advance(pos);
+                bar.set(pos);
+            })
+            .map_err(ctx);
+        match res {
+            Ok(()) => {
+                growing.finish(Ok(()));
+                bar.finish(Some(layer.size), "");
+                Ok(())
+            }
+            Err(e) => {
+                // Recorded as the failure before the outputs following the download
+                // see it fail, so that their failure is not reported instead.
+                fail(e);
+                growing.finish(Err(format!("downloading layer {}/{n} failed", i + 1)));
+                Err(Error::Interrupted)
+            }
+        }
+    }
+
+    /// Copy a blob stream (it names its store and blob in its errors) into the file
+    /// `f` at `path`, until it ends or the conversion is aborted.
+    fn download(
+        &self,
+        r: &mut dyn Read,
+        f: &mut File,
+        path: &Path,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
+        let abort = &self.run.c.abort;
+        copy(r, f, &|| abort.is_set(), progress).map_err(|e| match e {
+            CopyError::Read(e) => Error::Stream(e),
+            CopyError::Write(e) => Error::io(path, e),
+            CopyError::Stopped => Error::Interrupted,
+        })?;
+        Ok(())
+    }
+}
