@@ -175,8 +175,24 @@ fn one_file_and_a_listing_fetch_a_small_fraction_and_everything_equals_the_refer
     let proxy = Proxy::start(img.reg.port, None, None);
     let host = format!("127.0.0.1:{}", proxy.port);
     let log = t.path().join("fuse.log");
-    let f = mount(&host, &t.path().join("mp"), &log, &["--fs"]);
+    // The default cache is a private temporary directory, unlinked once
+    // the blobs are open: nothing is left behind.
+    let tmp = t.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let image_ref = format!("{host}/{REPO}:bench_obd");
+    let f = Fuse::background_env(
+        &[
+            "--fs".as_ref(),
+            "--plain".as_ref(),
+            "--log".as_ref(),
+            log.as_os_str(),
+            image_ref.as_ref(),
+        ],
+        &t.path().join("mp"),
+        &[("OVERLAYBD_LOG", "info"), ("TMPDIR", tmp.to_str().unwrap())],
+    );
     assert!(f.ready.contains("lazily fetched"), "{}", f.ready);
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
     let at_mount = proxy.bytes_to_clients();
 
     // ls -lR, then one small file.

@@ -164,6 +164,18 @@ impl ChunkCache {
         }))
     }
 
+    /// For a private temporary cache: remove its directory now, once every
+    /// blob's files are open (they stay usable through their descriptors),
+    /// so nothing is left behind however the process ends. Later
+    /// [`ChunkCache::file`] calls fail.
+    pub fn unlink_temporary(&self) {
+        if self._tmp.is_some() {
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                tracing::warn!("cache: cannot remove {}: {e}", self.dir.display());
+            }
+        }
+    }
+
     /// The chunk size.
     pub fn chunk_size(&self) -> u64 {
         self.chunk

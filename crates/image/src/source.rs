@@ -352,8 +352,10 @@ impl ImageSpec {
             remote.chunk_size,
         )?;
         let stats = Arc::new(FetchStats::default());
-        let store = RegistryStore::new(repo, cache, remote.fetch.clone(), stats.clone());
+        let store = RegistryStore::new(repo, cache.clone(), remote.fetch.clone(), stats.clone());
         let (lowers, kind) = lowers(&layers, &store)?;
+        // Every blob is open: a temporary cache directory can go now.
+        cache.unlink_temporary();
         tracing::info!("lazy: {r} opened: {}", stats.summary());
         Ok(ImageSpec {
             description: format!("{kind} image {r} ({} layers, lazily fetched)", lowers.len()),
