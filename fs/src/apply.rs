@@ -93,7 +93,8 @@ pub struct ApplyOptions<'a> {
     /// Metadata cache size in bytes.
     pub cache_bytes: usize,
     /// Where regular file data goes; `None` copies it into the layer
-    /// ([`CopyData`]). [`crate::filedata::TargetData`] makes a TurboOCI layer.
+    /// ([`CopyData`]). TurboOCI layers are written by the upstream-compatible
+    /// engine ([`crate::photon`]) with a [`crate::filedata::TargetData`].
     pub file_data: Option<Box<dyn FileData + 'a>>,
 }
 
@@ -198,8 +199,8 @@ const FT_LNK: u8 = sys::EXT2_FT_SYMLINK as u8;
 const ROOT: u32 = sys::EXT2_ROOT_INO as u32;
 const MAX_SYMLINKS: usize = 40;
 /// Linux device numbers: 12-bit major, 20-bit minor (`new_encode_dev`).
-const MAX_DEV_MAJOR: u64 = (1 << 12) - 1;
-const MAX_DEV_MINOR: u64 = (1 << 20) - 1;
+pub(crate) const MAX_DEV_MAJOR: u64 = (1 << 12) - 1;
+pub(crate) const MAX_DEV_MINOR: u64 = (1 << 20) - 1;
 const LINK_MAX: u16 = sys::EXT2_LINK_MAX as u16;
 /// dtime of deleted inodes: e2fsck treats small nonzero values as orphan
 /// list links, so use the largest value (as upstream does).
@@ -629,15 +630,9 @@ impl<'a> Applier<'a> {
             i.init_extent_root();
         }
         self.fs.write_inode(ino, &mut i)?;
-        let link_first = self.file_data.link_first();
-        if link_first {
-            self.dir_add(parent, name, ino, FT_REG)?;
-        }
         self.write_data(ino, &mut i, e, tar)?;
         self.fs.write_inode(ino, &mut i)?;
-        if !link_first {
-            self.dir_add(parent, name, ino, FT_REG)?;
-        }
+        self.dir_add(parent, name, ino, FT_REG)?;
         self.stats.data_bytes += e.size;
         Ok(ino)
     }
