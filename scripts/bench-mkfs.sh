@@ -7,9 +7,9 @@
 # usage: scripts/bench-mkfs.sh [GB]    (default 64; ROUNDS, BENCH_PRIO: see bench-lib.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-9}
 source scripts/bench-lib.sh
 GB=${1:-64}
-ROUNDS=${ROUNDS:-9}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -q -p overlaybd-tools --bin overlaybd-create
 BIN=$CARGO_TARGET_DIR/release
