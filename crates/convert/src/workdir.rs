@@ -140,7 +140,7 @@ fn lock_root(root: &Path, exclusive: bool) -> Result<Flock<File>> {
 /// The "in use" error for `root`, naming the pids holding it (from /proc/locks).
 fn in_use(root: &Path, ino: Option<u64>, we_need_it_alone: bool) -> Error {
     let me = std::process::id();
-    let mut pids: Vec<u32> = ino.map(|i| lock_holders(i)).unwrap_or_default();
+    let mut pids: Vec<u32> = ino.map(lock_holders).unwrap_or_default();
     pids.retain(|&p| p != me);
     pids.sort_unstable();
     pids.dedup();
