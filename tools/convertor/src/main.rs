@@ -136,9 +136,10 @@ struct Args {
         default_value = "/opt/overlaybd/baselayers/ext4_64"
     )]
     baselayer: PathBuf,
-    /// Upload blobs in chunks of this many MiB (1 to 4096) instead of one request each.
+    /// Upload blobs in chunks of this many MiB (1 to 1024; a chunk is held in
+    /// memory) instead of one request each.
     #[arg(long = "push-chunk-size", value_name = "MIB",
-          value_parser = clap::value_parser!(u64).range(1..=4096))]
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
     push_chunk_size: Option<u64>,
 }
 
