@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-TARGETS=(nbd_request tar_reader tar_apply zfile lsmt_sealed lsmt_writable tar_wrapper config_json erofs_image gzip_index oci_manifest www_authenticate docker_config)
+TARGETS=(nbd_request tar_reader tar_apply zfile lsmt_sealed lsmt_writable tar_wrapper config_json erofs_image gzip_index oci_manifest www_authenticate docker_config turbo_layer)
 FIXTURES=${OVERLAYBD_FIXTURES:-}
 if [[ -z $FIXTURES ]]; then
     for d in "$ROOT/../shared/fixtures/overlaybd-reference" /work/shared/fixtures/overlaybd-reference; do

@@ -219,7 +219,10 @@ fn main() {
         seed.extend((index.len() as u16).to_le_bytes());
         seed.extend(&index);
         seed.extend(&blob);
-        assert!(index.len() < 1 << 16 && seed.len() <= MAX_LEN, "seed too big");
+        assert!(
+            index.len() < 1 << 16 && seed.len() <= MAX_LEN,
+            "seed too big"
+        );
         write(&dir, "gzip_index", name, &seed);
     }
 
@@ -272,7 +275,12 @@ fn main() {
         )
         .as_bytes(),
     );
-    write(&dir, "oci_manifest", "reference.txt", b"localhost:5000/library/redis");
+    write(
+        &dir,
+        "oci_manifest",
+        "reference.txt",
+        b"localhost:5000/library/redis",
+    );
 
     // WWW-Authenticate headers.
     for (name, h) in [
@@ -288,6 +296,40 @@ fn main() {
     ] {
         write(&dir, "www_authenticate", name, h);
     }
+
+    // TurboOCI: an EROFS warp layer of a small tar, committed, with the tar
+    // as its target (meta length LE u16, meta, tar).
+    let tarbytes = small_tar();
+    let blob = w.join("layer.tar");
+    std::fs::write(&blob, &tarbytes).unwrap();
+    let (td, ti) = (w.join("turbo_data"), w.join("turbo_index"));
+    obdfs::turbo::create_layer(&td, &ti, 64 << 20, false).unwrap();
+    obdfs::turbo::apply_layer(
+        &obdfs::turbo::TurboApply {
+            blob: blob.clone(),
+            gz_index: w.join("gzip.meta"),
+            lowers: Vec::new(),
+            upper_data: td.clone(),
+            upper_index: ti.clone(),
+            mkfs: false,
+            fstype: obdfs::turbo::FsType::Erofs,
+        },
+        None,
+    )
+    .unwrap();
+    let meta = w.join("erofs.fs.meta");
+    blockdev::commit::commit_warp(&td, &ti, &meta, &CommitOptions::default()).unwrap();
+    let meta = std::fs::read(&meta).unwrap();
+    eprintln!(
+        "turbo meta: {} bytes, tar {} bytes",
+        meta.len(),
+        tarbytes.len()
+    );
+    let mut seed = (meta.len() as u16).to_le_bytes().to_vec();
+    assert!(meta.len() < 1 << 16);
+    seed.extend_from_slice(&meta);
+    seed.extend_from_slice(&tarbytes);
+    write(&dir, "turbo_layer", "erofs.bin", &seed);
 
     // Docker client configuration.
     write(
@@ -328,12 +370,17 @@ impl blockdev::BlockDevice for MapDevice {
     }
 }
 
-fn erofs_seed() -> Vec<u8> {
+/// A small layer tar: files, a symlink, a hard link, a device, an xattr.
+fn small_tar() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut add = |path: &str, ty: tar::EntryType, data: &[u8], link: Option<&str>| {
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(ty);
-        h.set_mode(if ty == tar::EntryType::Directory { 0o755 } else { 0o644 });
+        h.set_mode(if ty == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
         h.set_mtime(1_600_000_000);
         h.set_size(data.len() as u64);
         if ty == tar::EntryType::Char {
@@ -352,7 +399,12 @@ fn erofs_seed() -> Vec<u8> {
     add("d/hard", tar::EntryType::Link, b"", Some("d/small"));
     add("d/null", tar::EntryType::Char, b"", None);
     for i in 0..20 {
-        add(&format!("many/entry-{i:02}"), tar::EntryType::Regular, b"x", None);
+        add(
+            &format!("many/entry-{i:02}"),
+            tar::EntryType::Regular,
+            b"x",
+            None,
+        );
     }
     let mut tarbytes = b.into_inner().unwrap();
     let mut pb = tar::Builder::new(Vec::new());
@@ -365,6 +417,11 @@ fn erofs_seed() -> Vec<u8> {
     let extra = pb.into_inner().unwrap();
     tarbytes.truncate(tarbytes.len() - 1024);
     tarbytes.extend_from_slice(&extra);
+    tarbytes
+}
+
+fn erofs_seed() -> Vec<u8> {
+    let tarbytes = small_tar();
     let dev = std::sync::Arc::new(MapDevice {
         mem: blockdev::MemDevice::new(1 << 20),
         tar: tarbytes.clone(),

@@ -39,6 +39,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("oci_manifest", oci_manifest),
     ("www_authenticate", www_authenticate),
     ("docker_config", docker_config),
+    ("turbo_layer", turbo_layer),
 ];
 
 /// Largest amount of decoded data a target reads back from one input.
@@ -400,5 +401,36 @@ pub fn www_authenticate(data: &[u8]) {
 pub fn docker_config(data: &[u8]) {
     for host in ["docker.io", "localhost:5000", "r.example", ""] {
         let _ = obdregistry::dockercfg::parse(data, host);
+    }
+}
+
+/// A sealed TurboOCI layer (`*.fs.meta`: LSMT whose tag-1 entries point into
+/// the layer tar) with its target: the first two bytes (little endian) give
+/// the length of the meta blob, the rest is the target. Every mapped range
+/// is read through the warp layer (metadata from the blob, file data from
+/// the target).
+pub fn turbo_layer(data: &[u8]) {
+    use blockdev::lsmt::format::SECTOR;
+    use blockdev::warp::WarpLayer;
+    if data.len() < 2 {
+        return;
+    }
+    let split = (u16::from_le_bytes([data[0], data[1]]) as usize).min(data.len() - 2);
+    let (meta, target) = data[2..].split_at(split);
+    let Ok(meta) = SealedLayer::open_warp(src(meta, "fuzz.fs.meta")) else {
+        return;
+    };
+    let Ok(w) = WarpLayer::with_target(meta, src(target, "fuzz.tar")) else {
+        return;
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    let mut budget = READ_BUDGET;
+    for m in w.identity_entries().iter().take(64) {
+        let len = (m.length as u64 * SECTOR).min(buf.len() as u64);
+        if budget < len {
+            break;
+        }
+        budget -= len;
+        let _ = w.read_logical(&mut buf[..len as usize], m.offset * SECTOR);
     }
 }

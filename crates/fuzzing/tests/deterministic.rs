@@ -269,6 +269,11 @@ fn docker_config() {
     run_target("docker_config", 3000);
 }
 
+#[test]
+fn turbo_layer() {
+    run_target("turbo_layer", 1000);
+}
+
 /// Every target has a test above and seeds.
 #[test]
 fn every_target_is_covered() {
