@@ -122,9 +122,7 @@ pub fn parse(bytes: &[u8], host: &str) -> Result<Option<Found>, serde_json::Erro
             }
         }
     }
-    Ok(v.get("credsStore")
-        .and_then(|s| s.as_str())
-        .map(helper))
+    Ok(v.get("credsStore").and_then(|s| s.as_str()).map(helper))
 }
 
 /// Credentials for `host` from the Docker client configuration, if any.
@@ -173,7 +171,10 @@ mod tests {
                 server: s.into(),
             })
         };
-        assert_eq!(parse(cfg, "h.example").unwrap(), helper("pass", "h.example"));
+        assert_eq!(
+            parse(cfg, "h.example").unwrap(),
+            helper("pass", "h.example")
+        );
         assert_eq!(parse(cfg, "other").unwrap(), helper("desktop", "other"));
         assert!(parse(b"{", "x").is_err());
     }
