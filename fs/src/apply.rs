@@ -93,7 +93,8 @@ pub struct ApplyOptions<'a> {
     /// Metadata cache size in bytes.
     pub cache_bytes: usize,
     /// Where regular file data goes; `None` copies it into the layer
-    /// ([`CopyData`]). [`crate::filedata::TargetData`] makes a TurboOCI layer.
+    /// ([`CopyData`]). TurboOCI layers are written by the upstream-compatible
+    /// engine ([`crate::photon`]) with a [`crate::filedata::TargetData`].
     pub file_data: Option<Box<dyn FileData + 'a>>,
 }
 
@@ -196,10 +197,12 @@ const FT_FIFO: u8 = sys::EXT2_FT_FIFO as u8;
 const FT_SOCK: u8 = sys::EXT2_FT_SOCK as u8;
 const FT_LNK: u8 = sys::EXT2_FT_SYMLINK as u8;
 const ROOT: u32 = sys::EXT2_ROOT_INO as u32;
-const MAX_SYMLINKS: usize = 40;
+/// Symbolic links followed while resolving one path before giving up (the
+/// kernel's limit too).
+pub const MAX_SYMLINKS: usize = 40;
 /// Linux device numbers: 12-bit major, 20-bit minor (`new_encode_dev`).
-const MAX_DEV_MAJOR: u64 = (1 << 12) - 1;
-const MAX_DEV_MINOR: u64 = (1 << 20) - 1;
+pub(crate) const MAX_DEV_MAJOR: u64 = (1 << 12) - 1;
+pub(crate) const MAX_DEV_MINOR: u64 = (1 << 20) - 1;
 const LINK_MAX: u16 = sys::EXT2_LINK_MAX as u16;
 /// dtime of deleted inodes: e2fsck treats small nonzero values as orphan
 /// list links, so use the largest value (as upstream does).
@@ -225,8 +228,44 @@ fn entry_err(e: &Entry, msg: impl Into<String>) -> Error {
     }
 }
 
-/// Split a tar path into clean components; `None` if it leaves the root.
-fn clean_components(path: &[u8]) -> Option<Vec<&[u8]>> {
+/// The entry's extended attributes that ext4 accepts on an inode of `kind`:
+/// the `user.`, `trusted.`, `security.` namespaces and POSIX ACLs, with
+/// `user.*` only on files and directories (the kernel refuses it elsewhere).
+/// The others are skipped with a warning, as containerd and upstream do.
+/// Both apply engines use this rule.
+pub fn accepted_xattrs(e: &Entry, kind: Kind) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut v = Vec::new();
+    for (n, val) in &e.xattrs {
+        let known = n.starts_with(b"user.")
+            || n.starts_with(b"trusted.")
+            || n.starts_with(b"security.")
+            || n == b"system.posix_acl_access"
+            || n == b"system.posix_acl_default";
+        if !known || n.contains(&0) {
+            tracing::warn!(
+                "'{}': ignoring xattr '{}' (namespace not supported by ext4)",
+                quote(&e.path),
+                quote(n)
+            );
+            continue;
+        }
+        if n.starts_with(b"user.") && !matches!(kind, Kind::File | Kind::Dir) {
+            tracing::warn!(
+                "'{}': ignoring xattr '{}' (user.* only applies to files and directories)",
+                quote(&e.path),
+                quote(n)
+            );
+            continue;
+        }
+        v.push((n.clone(), val.clone()));
+    }
+    v
+}
+
+/// Split a tar path into clean components (`.` and empty ones dropped, `..`
+/// applied lexically); `None` if it leaves the root. Both apply engines use
+/// this rule.
+pub fn clean_components(path: &[u8]) -> Option<Vec<&[u8]>> {
     let mut out: Vec<&[u8]> = Vec::new();
     for c in path.split(|&b| b == b'/') {
         match c {
@@ -629,15 +668,9 @@ impl<'a> Applier<'a> {
             i.init_extent_root();
         }
         self.fs.write_inode(ino, &mut i)?;
-        let link_first = self.file_data.link_first();
-        if link_first {
-            self.dir_add(parent, name, ino, FT_REG)?;
-        }
         self.write_data(ino, &mut i, e, tar)?;
         self.fs.write_inode(ino, &mut i)?;
-        if !link_first {
-            self.dir_add(parent, name, ino, FT_REG)?;
-        }
+        self.dir_add(parent, name, ino, FT_REG)?;
         self.stats.data_bytes += e.size;
         Ok(ino)
     }
@@ -1046,32 +1079,7 @@ impl<'a> Applier<'a> {
 
     /// The entry's xattrs that the kernel would accept on this kind of inode.
     fn filter_xattrs(&self, e: &Entry, kind: Kind) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut v = Vec::new();
-        for (n, val) in &e.xattrs {
-            let known = n.starts_with(b"user.")
-                || n.starts_with(b"trusted.")
-                || n.starts_with(b"security.")
-                || n == b"system.posix_acl_access"
-                || n == b"system.posix_acl_default";
-            if !known || n.contains(&0) {
-                tracing::warn!(
-                    "'{}': ignoring xattr '{}' (namespace not supported by ext4)",
-                    quote(&e.path),
-                    quote(n)
-                );
-                continue;
-            }
-            if n.starts_with(b"user.") && !matches!(kind, Kind::File | Kind::Dir) {
-                tracing::warn!(
-                    "'{}': ignoring xattr '{}' (user.* only applies to files and directories)",
-                    quote(&e.path),
-                    quote(n)
-                );
-                continue;
-            }
-            v.push((n.clone(), val.clone()));
-        }
-        v
+        accepted_xattrs(e, kind)
     }
 
     /// End of the layer: directory times.

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use blockdev::BlockDevice;
 
 use crate::error::{Error, Result};
+use crate::ext2fs::cache::WriteMode;
 use crate::ext2fs::inode::Timestamp;
 use crate::ext2fs::{cstring, sys, Ext2Fs, DEFAULT_CACHE_BYTES};
 
@@ -38,9 +39,10 @@ pub struct MkfsOptions {
 }
 
 /// Make sure the inode tables read as zeros. libext2fs does not write them
-/// (mke2fs does, or marks them uninitialised); a fresh layer reads zeros
-/// anyway, so only chunks that hold old data are zeroed, which leaves a new
-/// layer untouched.
+/// (mke2fs does, or marks them uninitialised). Only ranges the device may
+/// hold data in ([`BlockDevice::extents`]) are read, and only chunks that
+/// hold old data are zeroed: on a fresh layer, which reads zeros already,
+/// nothing is read or written.
 fn zero_inode_tables(fs: &mut Ext2Fs) -> Result<()> {
     let raw = fs.raw();
     let bs = fs.block_size();
@@ -61,25 +63,68 @@ fn zero_inode_tables(fs: &mut Ext2Fs) -> Result<()> {
         }
     }
     const CHUNK: u64 = 4 << 20;
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = Vec::new();
     let cache = &mut fs.channel().cache;
     for (blk, n) in ranges {
-        let (mut off, end) = (blk * bs, (blk + n) * bs);
-        while off < end {
-            let len = (end - off).min(CHUNK);
-            let b = &mut buf[..len as usize];
-            cache.device().read_at(b, off).map_err(Error::Device)?;
-            if b.iter().any(|&x| x != 0) {
-                cache.zero(off, len).map_err(Error::Device)?;
+        let dev = cache.device().clone();
+        for ext in dev.extents(blk * bs, n * bs).map_err(Error::Device)? {
+            if ext.zero {
+                continue;
             }
-            off += len;
+            let mut off = ext.offset;
+            while off < ext.end() {
+                let len = (ext.end() - off).min(CHUNK);
+                buf.resize(len as usize, 0);
+                dev.read_at(&mut buf, off).map_err(Error::Device)?;
+                if buf.iter().any(|&x| x != 0) {
+                    cache.zero(off, len).map_err(Error::Device)?;
+                }
+                off += len;
+            }
         }
     }
     Ok(())
 }
 
+/// How libext2fs behaves while a filesystem is made: stock (overlaybd
+/// layers, [`Stock`]) or as upstream's fork (TurboOCI layers,
+/// [`crate::photon::Fork`]).
+pub trait Flavor {
+    /// How the I/O channel writes back.
+    fn write_mode(&self) -> WriteMode;
+    /// Set up a freshly initialized or opened filesystem.
+    fn prepare(&self, fs: &mut Ext2Fs) -> Result<()>;
+    /// `ext2fs_expand_dir`.
+    fn expand_dir(&self, fs: &mut Ext2Fs, dir: u32) -> Result<()>;
+}
+
+/// Stock libext2fs through the page cache.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stock;
+
+impl Flavor for Stock {
+    fn write_mode(&self) -> WriteMode {
+        WriteMode::Pages
+    }
+    fn prepare(&self, _fs: &mut Ext2Fs) -> Result<()> {
+        Ok(())
+    }
+    fn expand_dir(&self, fs: &mut Ext2Fs, dir: u32) -> Result<()> {
+        fs.expand_dir(dir)
+    }
+}
+
 /// Make an empty ext4 filesystem on `dev`.
+///
+/// Like upstream's mkfs, the device is not flushed at the end: everything
+/// is written to it, and callers that need durability call
+/// [`BlockDevice::flush`] (a layer is made durable when it is committed).
 pub fn mkfs(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions) -> Result<()> {
+    mkfs_with(dev, opts, &Stock)
+}
+
+/// [`mkfs`] with a libext2fs [`Flavor`].
+pub fn mkfs_with(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions, flavor: &dyn Flavor) -> Result<()> {
     let size = opts.size.unwrap_or_else(|| dev.size());
     if size > dev.size() {
         return Err(Error::Invalid(format!(
@@ -124,7 +169,8 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions) -> Result<()> {
     p.s_r_blocks_count = reserved as u32;
     p.s_r_blocks_count_hi = (reserved >> 32) as u32;
 
-    let mut fs = Ext2Fs::initialize(dev, &mut p, DEFAULT_CACHE_BYTES)?;
+    let mut fs = Ext2Fs::initialize(dev, &mut p, DEFAULT_CACHE_BYTES, flavor.write_mode())?;
+    flavor.prepare(&mut fs)?;
     {
         let sb = fs.sb_mut();
         sb.s_uuid = opts.uuid;
@@ -173,9 +219,7 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions) -> Result<()> {
     };
     fs.check(rc, "look up /lost+found")?;
     for _ in 0..2 {
-        // SAFETY: raw is open, lf is a directory inode.
-        let rc = unsafe { sys::ext2fs_expand_dir(raw, lf) };
-        fs.check(rc, "expand /lost+found")?;
+        flavor.expand_dir(&mut fs, lf)?;
     }
 
     // Mark the reserved inodes in use.
@@ -199,5 +243,5 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions) -> Result<()> {
         i.set_times(Timestamp::default(), Timestamp::default());
         fs.write_inode(ino, &mut i)?;
     }
-    fs.close(Some(0))
+    fs.close_unsynced(Some(0))
 }

@@ -993,6 +993,7 @@ impl Converter {
             lowers,
             virtual_size,
             mkfs: bottom,
+            engine: &*self.opts.engine,
             sparse: !self.opts.disable_sparse,
             uuid: blockdev::Uuid::from_chain_id(chain[i].as_str())?,
             parent_uuid: if i > 0 {

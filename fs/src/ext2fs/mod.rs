@@ -21,6 +21,7 @@ pub mod read;
     clippy::missing_safety_doc
 )]
 pub mod sys;
+pub mod sys_ext;
 
 use std::ffi::{c_int, CStr, CString};
 use std::sync::{Arc, Once};
@@ -28,6 +29,7 @@ use std::sync::{Arc, Once};
 use blockdev::BlockDevice;
 
 use crate::error::{Error, Result};
+use cache::WriteMode;
 use inode::Inode;
 use io::Channel;
 
@@ -65,8 +67,17 @@ pub struct Ext2Fs {
 impl Ext2Fs {
     /// Open the ext2/3/4 filesystem on `dev` read-write and load its bitmaps.
     pub fn open(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Result<Self> {
+        Self::open_with(dev, cache_bytes, WriteMode::Pages)
+    }
+
+    /// [`Ext2Fs::open`] with a channel writing back in `mode`.
+    pub fn open_with(
+        dev: Arc<dyn BlockDevice>,
+        cache_bytes: usize,
+        mode: WriteMode,
+    ) -> Result<Self> {
         let flags = (sys::EXT2_FLAG_RW | sys::EXT2_FLAG_64BITS) as c_int;
-        let mut me = Self::open_flags(dev, cache_bytes, flags)?;
+        let mut me = Self::open_flags(dev, cache_bytes, flags, mode)?;
         // SAFETY: fs is a valid open handle.
         let rc = unsafe { sys::ext2fs_read_bitmaps(me.fs) };
         me.check(rc, "read the allocation bitmaps")?;
@@ -75,9 +86,14 @@ impl Ext2Fs {
     }
 
     /// `ext2fs_open2` with `flags` over our I/O manager.
-    fn open_flags(dev: Arc<dyn BlockDevice>, cache_bytes: usize, flags: c_int) -> Result<Self> {
+    fn open_flags(
+        dev: Arc<dyn BlockDevice>,
+        cache_bytes: usize,
+        flags: c_int,
+        mode: WriteMode,
+    ) -> Result<Self> {
         init_error_table();
-        let name = io::register(Channel::new(dev, cache_bytes));
+        let name = io::register(Channel::with_mode(dev, cache_bytes, mode));
         let mut fs: sys::ext2_filsys = std::ptr::null_mut();
         // SAFETY: name is a valid C string; manager() is our static table;
         // fs receives the new handle.
@@ -88,7 +104,7 @@ impl Ext2Fs {
                 flags,
                 0,
                 0,
-                io::manager(),
+                io::manager(mode),
                 &mut fs,
             )
         };
@@ -110,9 +126,10 @@ impl Ext2Fs {
         dev: Arc<dyn BlockDevice>,
         param: &mut sys::ext2_super_block,
         cache_bytes: usize,
+        mode: WriteMode,
     ) -> Result<Self> {
         init_error_table();
-        let name = io::register(Channel::new(dev, cache_bytes));
+        let name = io::register(Channel::with_mode(dev, cache_bytes, mode));
         let mut fs: sys::ext2_filsys = std::ptr::null_mut();
         // SAFETY: valid C string, superblock template and manager; fs is an
         // out-pointer.
@@ -121,7 +138,7 @@ impl Ext2Fs {
                 name.as_ptr(),
                 sys::EXT2_FLAG_64BITS as c_int,
                 param,
-                io::manager(),
+                io::manager(mode),
                 &mut fs,
             )
         };
@@ -220,6 +237,16 @@ impl Ext2Fs {
         }
     }
 
+    /// [`Ext2Fs::check`] with the description built only on failure.
+    pub fn check_with(&mut self, rc: sys::errcode_t, what: impl FnOnce() -> String) -> Result<()> {
+        if rc == 0 {
+            Ok(())
+        } else {
+            let what = what();
+            Err(self.error(rc, &what))
+        }
+    }
+
     /// An error for `rc`, with the device's error when it caused it.
     pub fn error(&mut self, rc: sys::errcode_t, what: &str) -> Error {
         let dev = self.channel().last_error.take();
@@ -232,7 +259,7 @@ impl Ext2Fs {
         let len = i.len() as c_int;
         // SAFETY: the buffer is aligned and holds `len` bytes.
         let rc = unsafe { sys::ext2fs_read_inode_full(self.fs, ino, i.as_ext2_ptr(), len) };
-        self.check(rc, &format!("read inode {ino}"))?;
+        self.check_with(rc, || format!("read inode {ino}"))?;
         Ok(i)
     }
 
@@ -241,7 +268,7 @@ impl Ext2Fs {
         let len = i.len() as c_int;
         // SAFETY: the buffer is aligned and holds `len` bytes.
         let rc = unsafe { sys::ext2fs_write_inode_full(self.fs, ino, i.as_ext2_ptr(), len) };
-        self.check(rc, &format!("write inode {ino}"))
+        self.check_with(rc, || format!("write inode {ino}"))
     }
 
     /// Set a regular file's size in `i` (a buffer, not written here); like
@@ -269,7 +296,17 @@ impl Ext2Fs {
     /// Flush everything to the device and close. `wtime`, when given, is
     /// stored as the superblock's last-write time in the primary and every
     /// backup superblock (libext2fs would stamp the wall clock there).
-    pub fn close(mut self, wtime: Option<u32>) -> Result<()> {
+    pub fn close(self, wtime: Option<u32>) -> Result<()> {
+        self.finish(wtime, true)
+    }
+
+    /// [`Ext2Fs::close`] without making the device durable: everything is
+    /// written to the device, which is not flushed (no fsync).
+    pub fn close_unsynced(self, wtime: Option<u32>) -> Result<()> {
+        self.finish(wtime, false)
+    }
+
+    fn finish(mut self, wtime: Option<u32>, sync: bool) -> Result<()> {
         // SAFETY: fs is open.
         let rc = unsafe { sys::ext2fs_flush2(self.fs, 0) };
         self.check(rc, "write the superblock, group descriptors and bitmaps")?;
@@ -278,7 +315,9 @@ impl Ext2Fs {
         }
         let ch = self.channel();
         ch.cache.writeback().map_err(Error::Device)?;
-        ch.cache.device().flush().map_err(Error::Device)?;
+        if sync {
+            ch.cache.device().flush().map_err(Error::Device)?;
+        }
         self.closed = true;
         // SAFETY: fs is open and no longer used; ext2fs_free closes the
         // channel, whose cache is already clean.
@@ -289,7 +328,7 @@ impl Ext2Fs {
         Ok(())
     }
 
-    /// Overwrite `s_wtime` in every on-disk superblock copy.
+    /// Overwrite `s_wtime` in every superblock copy the flush wrote.
     fn patch_wtime(&mut self, t: u32) -> Result<()> {
         const SB_SIZE: usize = 1024;
         const WTIME_OFF: usize = 48;
@@ -302,7 +341,12 @@ impl Ext2Fs {
         let bs = self.block_size();
         let csum = self.has_ro_compat(sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM);
         let mut offsets = vec![1024u64];
-        for g in 1..groups {
+        // ext2fs_flush2 writes the backup superblocks only without
+        // EXT2_FLAG_MASTER_SB_ONLY (which ext2fs_open sets); patch what it wrote.
+        // SAFETY: fs is open; plain field read.
+        let master_only = unsafe { (*self.fs).flags } & sys::EXT2_FLAG_MASTER_SB_ONLY as c_int != 0;
+        let backups = if master_only { 1 } else { groups };
+        for g in 1..backups {
             // SAFETY: fs is open; g is a valid group number.
             if unsafe { sys::ext2fs_bg_has_super(self.fs, g) } != 0 {
                 // SAFETY: as above.

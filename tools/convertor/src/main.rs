@@ -65,9 +65,13 @@ struct Args {
     /// Write OCI media types (default: Docker schema 2).
     #[arg(long)]
     oci: bool,
-    /// Filesystem type; only used by TurboOCI output (native output is always ext4).
+    /// Filesystem type; used by TurboOCI output (native output is always
+    /// ext4). With `--engine kernel`, `ctr obdconv`'s form
+    /// `ext4;MOUNT_OPTS;MKFS_OPTS` gives the mount and mkfs.ext4 options.
     #[arg(long, default_value = "ext4")]
     fstype: String,
+    #[command(flatten)]
+    engine: obdtools::engine::EngineArgs,
     /// Make the ext4 in the bottom layer; `--mkfs=false` uses upstream's prebuilt
     /// base layer /opt/overlaybd/baselayers/ext4_64 instead.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
@@ -217,7 +221,11 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     if args.turbo_oci.is_some() || args.fastoci.is_some() {
         bail!("TurboOCI output (--turboOCI/--fastoci) is not supported yet; use --overlaybd TAG");
     }
-    if args.fstype != "ext4" {
+    let engine_fstype = args.fstype.contains(';').then_some(args.fstype.as_str());
+    let engine = args
+        .engine
+        .build_with("convertor", abort.flag(), engine_fstype)?;
+    if args.fstype != "ext4" && engine_fstype.is_none() {
         tracing::warn!(
             "--fstype {} is only used by TurboOCI output; the overlaybd image is ext4",
             args.fstype
@@ -272,6 +280,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         dump_manifest: args.dump_manifest,
         concurrency_limit: args.concurrency_limit,
         baselayer: args.baselayer.clone(),
+        engine,
         ..Default::default()
     };
     // Before any work: a bad database setting fails here, with nothing touched.
