@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-TARGETS=(nbd_request tar_reader tar_apply zfile lsmt_sealed lsmt_writable tar_wrapper config_json erofs_image)
+TARGETS=(nbd_request tar_reader tar_apply zfile lsmt_sealed lsmt_writable tar_wrapper config_json erofs_image gzip_index oci_manifest www_authenticate docker_config turbo_layer)
 FIXTURES=${OVERLAYBD_FIXTURES:-}
 if [[ -z $FIXTURES ]]; then
     for d in "$ROOT/../shared/fixtures/overlaybd-reference" /work/shared/fixtures/overlaybd-reference; do
@@ -52,10 +52,13 @@ run() {
     local log="fuzz/artifacts/$t.log"
     mkdir -p "fuzz/artifacts/$t"
     echo "== $t: $secs s" >&2
-    # Inputs up to 64 KiB: the seeds are smaller; larger inputs only slow
-    # the search down. 2 GiB RSS limit, 10 s per input.
+    # Inputs up to 64 KiB (256 KiB for the image targets, whose seeds are
+    # a whole small image): larger inputs only slow the search down. 2 GiB
+    # RSS limit, 10 s per input.
+    local max_len=65536
+    [[ $t == erofs_image || $t == gzip_index ]] && max_len=262144
     if ! (cd fuzz && cargo +nightly fuzz run -O "$t" "corpus/$t" -- \
-        -max_total_time="$secs" -jobs=1 -workers=1 -max_len=65536 \
+        -max_total_time="$secs" -jobs=1 -workers=1 -max_len="$max_len" \
         -rss_limit_mb=2048 -timeout=10 -print_final_stats=1) >"$log" 2>&1; then
         tail -40 "$log" >&2
         echo "fuzz.sh: $t FAILED; the input is in fuzz/artifacts/$t/ (log: $log)" >&2

@@ -177,6 +177,12 @@ pub(crate) fn compress(level: c_int, data: &[u8]) -> Result<Vec<u8>, c_int> {
 /// Inflate one complete zlib stream that must decompress to exactly
 /// `expected` bytes. `None` if it is not a valid stream of that length.
 pub(crate) fn decompress_exact(data: &[u8], expected: usize) -> Option<Vec<u8>> {
+    // Deflate expands at most 1032:1 (a 258-byte match per 2 bits, rounded
+    // up): a larger `expected` (from an index header) cannot be met, and
+    // allocating it could abort the process.
+    if expected > data.len().saturating_mul(MAX_RATIO).saturating_add(64) {
+        return None;
+    }
     let mut inf = Inflater::new(15).ok()?;
     // One spare byte detects streams longer than expected.
     let mut out = vec![0u8; expected + 1];
@@ -187,6 +193,9 @@ pub(crate) fn decompress_exact(data: &[u8], expected: usize) -> Option<Vec<u8>> 
     out.truncate(expected);
     Some(out)
 }
+
+/// Deflate's largest expansion (output bytes per input byte).
+const MAX_RATIO: usize = 1032;
 
 /// The version string of the linked zlib.
 pub fn zlib_version() -> String {
@@ -207,6 +216,10 @@ mod tests {
         assert!(c.len() < data.len());
         assert_eq!(decompress_exact(&c, data.len()).unwrap(), data);
         assert!(decompress_exact(&c, data.len() - 1).is_none());
+        // An impossible expected size is refused before anything is allocated.
+        assert!(decompress_exact(&c, usize::MAX / 2).is_none());
+        let zeros = compress(9, &vec![0u8; 1 << 20]).unwrap();
+        assert_eq!(decompress_exact(&zeros, 1 << 20).unwrap().len(), 1 << 20);
         assert!(decompress_exact(&c[..c.len() / 2], data.len()).is_none());
     }
 }

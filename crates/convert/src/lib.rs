@@ -21,7 +21,9 @@
 //!     config.json, manifest.json                    --dump-manifest (kept)
 //! <dir>/index.json                                  --dump-manifest, index sources
 //! ```
-//! Layer data is removed when a manifest finishes unless `--reserve`.
+//! Layer data is removed when a manifest finishes unless `--reserve`. Several
+//! convertors can share `--dir`: see [`workdir`] (the binary works in a private
+//! `.run-*` subdirectory unless it keeps files there).
 //!
 //! With a dedup database ([`Converter::with_dedup`], see [`dedup`]) a manifest converted
 //! before is re-tagged instead, and layers converted before are downloaded as their
@@ -37,6 +39,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod store;
 mod tarstream;
+pub mod workdir;
 
 pub use abort::Abort;
 pub use dedup::DedupTarget;
@@ -45,6 +48,7 @@ pub use obdfs::turbo::FsType;
 use obdoci::ErrorKind;
 pub use pipeline::{ConvertOutcome, Converter, Output};
 pub use store::{open_store, ImageStore, LayoutStore, RegistryStore};
+pub use workdir::WorkDir;
 
 use std::path::PathBuf;
 
@@ -203,6 +207,9 @@ impl Default for ConvertOptions {
         }
     }
 }
+
+/// Largest `--vsize` in GB: what LSMT indexes can address (2^50 sectors).
+pub const MAX_VSIZE_GB: u64 = ((blockdev::lsmt::format::MAX_OFFSET + 1) * 512) >> 30;
 
 /// Version of the bytes this convertor produces. Bump it whenever a change (in the
 /// LSMT/ZFile writers, mkfs, apply, the tar wrapper, ...) changes the output for the

@@ -59,7 +59,11 @@ impl Progress {
             Some(mp) => {
                 let _ = mp.println(msg);
             }
-            None => eprintln!("{msg}"),
+            // Never `eprintln!`: it panics once stderr is a closed pipe.
+            None => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "{msg}");
+            }
         }
     }
 

@@ -14,6 +14,10 @@ use blockdev::nbd::proto::*;
 use blockdev::zfile::{Algorithm, ZfileOptions};
 use blockdev::Uuid;
 
+/// The largest input `scripts/fuzz.sh` gives the image targets (erofs_image,
+/// gzip_index; the others get 64 KiB).
+const MAX_LEN: usize = 256 << 10;
+
 fn write(dir: &Path, target: &str, name: &str, data: &[u8]) {
     let d = dir.join(target);
     std::fs::create_dir_all(&d).unwrap();
@@ -166,4 +170,270 @@ fn main() {
     opt(OPT_INFO, &[0, 0, 0, 0, 0, 1, 0, 3]);
     opt(OPT_GO, &[0, 0, 0, 0, 0, 0]);
     write(&dir, "nbd_request", "handshake.bin", &h);
+
+    // EROFS: a TurboOCI layer filesystem of a small tar (files, a symlink, a
+    // hard link, a device, an xattr), file data mapped in from the tar.
+    write(&dir, "erofs_image", "sample.erofs", &erofs_seed());
+
+    // gzip index + blob: flag byte (3: fix up sizes and checksum), index
+    // length, index, blob.
+    // Words and hex digits picked at random: several deflate blocks, so
+    // several access points.
+    let words: Vec<String> = (0..300u32)
+        .map(|i| format!("w{:x}", i.wrapping_mul(2_654_435_761) >> 12))
+        .collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut text = Vec::new();
+    while text.len() < 160_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if x % 5 < 2 {
+            // Random hex digits: literals, which end deflate blocks sooner.
+            text.extend(format!("{:016x}", x.wrapping_mul(0x2545_f491_4f6c_dd1d)).bytes());
+        } else {
+            text.extend_from_slice(words[(x % 300) as usize].as_bytes());
+        }
+        text.push(if x & 0x1f00 == 0 { b'\n' } else { b' ' });
+    }
+    // A flush every 16 KiB ends a deflate block there: access points
+    // (blocks of gzip(1) would be larger than a seed should be).
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    for piece in text.chunks(16 << 10) {
+        std::io::Write::write_all(&mut gz, piece).unwrap();
+        std::io::Write::flush(&mut gz).unwrap();
+    }
+    let blob = gz.finish().unwrap();
+    let mut index = std::io::Cursor::new(Vec::new());
+    let info = blockdev::gzindex::build(
+        &blob[..],
+        Path::new("seed.tar.gz"),
+        &mut index,
+        blockdev::gzindex::MIN_SPAN,
+    )
+    .unwrap();
+    let index = index.into_inner();
+    eprintln!("gzip index: {info:?}, blob {} bytes", blob.len());
+    for (name, flags) in [("fixup.bin", 3u8), ("exact.bin", 0u8)] {
+        let mut seed = vec![flags];
+        seed.extend((index.len() as u16).to_le_bytes());
+        seed.extend(&index);
+        seed.extend(&blob);
+        assert!(
+            index.len() < 1 << 16 && seed.len() <= MAX_LEN,
+            "seed too big"
+        );
+        write(&dir, "gzip_index", name, &seed);
+    }
+
+    // OCI/Docker documents.
+    let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+    write(
+        &dir,
+        "oci_manifest",
+        "oci-manifest.json",
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":7023}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":32654,"annotations":{{"a":"b"}}}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar+zstd","digest":"{}","size":16724,"urls":["http://x/y"]}}],"subject":{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":1}},"annotations":{{"k":"v"}},"x-extra":[1,2.5,null]}}"#,
+            d('a'),
+            d('b'),
+            d('c'),
+            d('d')
+        )
+        .as_bytes(),
+    );
+    write(
+        &dir,
+        "oci_manifest",
+        "docker-manifest.json",
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","size":1457,"digest":"{}"}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":3370706,"digest":"{}"}}]}}"#,
+            d('e'),
+            d('f')
+        )
+        .as_bytes(),
+    );
+    write(
+        &dir,
+        "oci_manifest",
+        "index.json",
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":1,"platform":{{"architecture":"arm64","os":"linux","variant":"v8","os.features":["f"],"os.version":"1"}}}},{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":2,"platform":{{"architecture":"unknown","os":"unknown"}},"annotations":{{"vnd.docker.reference.type":"attestation-manifest","vnd.docker.reference.digest":"{}"}}}}],"artifactType":"application/x"}}"#,
+            d('1'),
+            d('2'),
+            d('1')
+        )
+        .as_bytes(),
+    );
+    write(
+        &dir,
+        "oci_manifest",
+        "config.json",
+        format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["sh"]}},"rootfs":{{"type":"layers","diff_ids":["{}","{}"]}},"history":[{{"created":"2024-01-01T00:00:00Z","created_by":"x"}}]}}"#,
+            d('3'),
+            d('4')
+        )
+        .as_bytes(),
+    );
+    write(
+        &dir,
+        "oci_manifest",
+        "reference.txt",
+        b"localhost:5000/library/redis",
+    );
+
+    // WWW-Authenticate headers.
+    for (name, h) in [
+        (
+            "bearer.txt",
+            &br#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#[..],
+        ),
+        ("basic.txt", br#"Basic realm="Registry Realm""#),
+        (
+            "multi.txt",
+            br#"Basic realm="x", Bearer realm="https://a/t", error="insufficient_scope", k=v, q="a\"b\\c""#,
+        ),
+    ] {
+        write(&dir, "www_authenticate", name, h);
+    }
+
+    // TurboOCI: an EROFS warp layer of a small tar, committed, with the tar
+    // as its target (meta length LE u16, meta, tar).
+    let tarbytes = small_tar();
+    let blob = w.join("layer.tar");
+    std::fs::write(&blob, &tarbytes).unwrap();
+    let (td, ti) = (w.join("turbo_data"), w.join("turbo_index"));
+    obdfs::turbo::create_layer(&td, &ti, 64 << 20, false).unwrap();
+    obdfs::turbo::apply_layer(
+        &obdfs::turbo::TurboApply {
+            blob: blob.clone(),
+            gz_index: w.join("gzip.meta"),
+            lowers: Vec::new(),
+            upper_data: td.clone(),
+            upper_index: ti.clone(),
+            mkfs: false,
+            fstype: obdfs::turbo::FsType::Erofs,
+        },
+        None,
+    )
+    .unwrap();
+    let meta = w.join("erofs.fs.meta");
+    blockdev::commit::commit_warp(&td, &ti, &meta, &CommitOptions::default()).unwrap();
+    let meta = std::fs::read(&meta).unwrap();
+    eprintln!(
+        "turbo meta: {} bytes, tar {} bytes",
+        meta.len(),
+        tarbytes.len()
+    );
+    let mut seed = (meta.len() as u16).to_le_bytes().to_vec();
+    assert!(meta.len() < 1 << 16);
+    seed.extend_from_slice(&meta);
+    seed.extend_from_slice(&tarbytes);
+    write(&dir, "turbo_layer", "erofs.bin", &seed);
+
+    // Docker client configuration.
+    write(
+        &dir,
+        "docker_config",
+        "config.json",
+        br#"{"auths":{"https://index.docker.io/v1/":{"auth":"dXNlcjpwYXNz"},"localhost:5000":{"username":"a","password":"b"},"r.example":{"auth":"!!"}},"credHelpers":{"gcr.io":"gcloud"},"credsStore":"desktop"}"#,
+    );
+}
+
+/// A device that copies the tar bytes it is told to map (what a TurboOCI
+/// layer stack serves from the target file).
+struct MapDevice {
+    mem: blockdev::MemDevice,
+    tar: Vec<u8>,
+}
+
+impl blockdev::BlockDevice for MapDevice {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
+        self.mem.write_at(buf, offset)
+    }
+    fn flush(&self) -> blockdev::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.mem.trim(offset, len)
+    }
+    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> blockdev::Result<()> {
+        let t = target_offset as usize;
+        let n = (len as usize).min(self.tar.len().saturating_sub(t));
+        self.mem.write_at(&self.tar[t..t + n], offset)
+    }
+}
+
+/// A small layer tar: files, a symlink, a hard link, a device, an xattr.
+fn small_tar() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, ty: tar::EntryType, data: &[u8], link: Option<&str>| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(ty);
+        h.set_mode(if ty == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        h.set_mtime(1_600_000_000);
+        h.set_size(data.len() as u64);
+        if ty == tar::EntryType::Char {
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        }
+        if let Some(l) = link {
+            h.set_link_name(l).unwrap();
+        }
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    add("d/", tar::EntryType::Directory, b"", None);
+    add("d/file", tar::EntryType::Regular, &[7u8; 5000], None);
+    add("d/small", tar::EntryType::Regular, b"hello\n", None);
+    add("d/link", tar::EntryType::Symlink, b"", Some("small"));
+    add("d/hard", tar::EntryType::Link, b"", Some("d/small"));
+    add("d/null", tar::EntryType::Char, b"", None);
+    for i in 0..20 {
+        add(
+            &format!("many/entry-{i:02}"),
+            tar::EntryType::Regular,
+            b"x",
+            None,
+        );
+    }
+    let mut tarbytes = b.into_inner().unwrap();
+    let mut pb = tar::Builder::new(Vec::new());
+    pb.append_pax_extensions([("SCHILY.xattr.user.k", &b"value"[..])])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o600);
+    h.set_size(3);
+    pb.append_data(&mut h, "d/xattr", &b"abc"[..]).unwrap();
+    let extra = pb.into_inner().unwrap();
+    tarbytes.truncate(tarbytes.len() - 1024);
+    tarbytes.extend_from_slice(&extra);
+    tarbytes
+}
+
+fn erofs_seed() -> Vec<u8> {
+    let tarbytes = small_tar();
+    let dev = std::sync::Arc::new(MapDevice {
+        mem: blockdev::MemDevice::new(1 << 20),
+        tar: tarbytes.clone(),
+    });
+    obdfs::erofs::build_layer(dev.clone(), &tarbytes[..], &Default::default()).unwrap();
+    let mut img = dev.mem.contents();
+    // Up to the last block holding data.
+    let end = img
+        .chunks(4096)
+        .rposition(|c| c.iter().any(|&b| b != 0))
+        .map_or(4096, |i| (i + 1) * 4096);
+    img.truncate(end);
+    eprintln!("erofs: {} bytes", img.len());
+    img
 }

@@ -244,6 +244,36 @@ fn config_json() {
     run_target("config_json", 3000);
 }
 
+#[test]
+fn erofs_image() {
+    run_target("erofs_image", 1000);
+}
+
+#[test]
+fn gzip_index() {
+    run_target("gzip_index", 1000);
+}
+
+#[test]
+fn oci_manifest() {
+    run_target("oci_manifest", 3000);
+}
+
+#[test]
+fn www_authenticate() {
+    run_target("www_authenticate", 3000);
+}
+
+#[test]
+fn docker_config() {
+    run_target("docker_config", 3000);
+}
+
+#[test]
+fn turbo_layer() {
+    run_target("turbo_layer", 1000);
+}
+
 /// Every target has a test above and seeds.
 #[test]
 fn every_target_is_covered() {

@@ -76,15 +76,30 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// `os_arch[_variant]`, as upstream names per-platform work directories.
+    /// `os_arch[_variant]`, as upstream names per-platform work directories. The
+    /// fields come from the source index: anything but ASCII letters, digits, `.`,
+    /// `-` and `_` becomes `_`, and the name is cut at [`Platform::DIR_NAME_MAX`]
+    /// characters, so it is always one short path component.
     pub fn dir_name(&self) -> String {
         let mut s = format!("{}_{}", self.os, self.architecture);
         if let Some(v) = &self.variant {
             s.push('_');
             s.push_str(v);
         }
-        s.replace('/', "_")
+        s.chars()
+            .take(Self::DIR_NAME_MAX)
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
     }
+
+    /// Longest [`Platform::dir_name`].
+    pub const DIR_NAME_MAX: usize = 64;
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -288,6 +303,23 @@ impl ImageConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn platform_dir_name_is_one_short_component() {
+        let p = |os: &str, arch: &str, variant: Option<&str>| Platform {
+            architecture: arch.into(),
+            os: os.into(),
+            os_version: None,
+            os_features: None,
+            variant: variant.map(String::from),
+            extra: Map::new(),
+        };
+        assert_eq!(p("linux", "arm64", Some("v8")).dir_name(), "linux_arm64_v8");
+        assert_eq!(p("linux", "amd64", None).dir_name(), "linux_amd64");
+        assert_eq!(p("../..", "a/b\0c", None).dir_name(), ".._.._a_b_c");
+        let long = p(&"x".repeat(5000), "\u{e9}", None).dir_name();
+        assert_eq!(long.len(), Platform::DIR_NAME_MAX);
+    }
 
     #[test]
     fn manifest_round_trip_keeps_unknown_fields() {

@@ -189,7 +189,7 @@ impl Error {
 }
 
 /// Username and password. `Debug` never shows the password.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub username: String,
     pub password: String,

@@ -5,20 +5,22 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{ArgAction, Parser};
+use nix::sys::signal::{SigSet, Signal};
 use obdconvert::progress::Progress;
 use obdconvert::{
     open_store, Abort, ConvertOptions, ConvertOutcome, Converter, DedupTarget, ImageStore,
-    NativeFormat, Output, OutputFormat, RegistryStore, TurboFormat,
+    NativeFormat, Output, OutputFormat, RegistryStore, TurboFormat, WorkDir,
 };
 use obddedup::resolve::Dedup;
 use obdoci::{Digest, ImageRef, Reference};
 use obdregistry::{ClientOptions, Credentials, Registry, Repository};
+use obdtools::cli::{print_out, say};
 
 /// Convert an OCI image into an overlaybd image and push it.
 ///
@@ -57,6 +59,8 @@ struct Args {
     #[arg(short = 'o', long = "output-tag")]
     output_tag: Option<String>,
     /// Work directory; per-manifest data is removed afterwards unless --reserve.
+    /// Convertors sharing it work in private subdirectories; --reserve and
+    /// --dump-manifest keep files in it and need it to themselves.
     #[arg(short = 'd', long = "dir", default_value = "tmp_conv")]
     dir: PathBuf,
     /// Write OCI media types (default: Docker schema 2).
@@ -74,8 +78,11 @@ struct Args {
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", value_name = "BOOL")]
     mkfs: bool,
-    /// Virtual block device size in GB (with --mkfs).
-    #[arg(long, default_value_t = 64)]
+    /// Virtual block device size in GB (with --mkfs), 1 to 536870912 (what the
+    /// LSMT format can address); the work directory's filesystem must hold sparse
+    /// files that large unless --disable-sparse.
+    #[arg(long, default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=obdconvert::MAX_VSIZE_GB))]
     vsize: u64,
     /// Output tag of the overlaybd (native) image.
     #[arg(long)]
@@ -136,42 +143,73 @@ struct Args {
         default_value = "/opt/overlaybd/baselayers/ext4_64"
     )]
     baselayer: PathBuf,
-    /// Upload blobs in chunks of this many MiB instead of one request each.
-    #[arg(long = "push-chunk-size", value_name = "MIB")]
+    /// Upload blobs in chunks of this many MiB (1 to 1024; a chunk is held in
+    /// memory) instead of one request each.
+    #[arg(long = "push-chunk-size", value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
     push_chunk_size: Option<u64>,
 }
 
 fn main() -> ExitCode {
+    // Block SIGINT/SIGTERM before any thread starts (threads inherit the mask):
+    // only the signal thread below receives them, with sigwait.
+    let mut sigs = SigSet::empty();
+    sigs.add(Signal::SIGINT);
+    sigs.add(Signal::SIGTERM);
+    let blocked = sigs.thread_block().is_ok();
+    // A bug must still end in one line, not a stack trace (stderr may be gone).
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        say(format_args!(
+            "convertor: internal error (a bug; please report it): {}{at}",
+            msg.replace('\n', " ")
+        ));
+    }));
     let args = Args::parse();
     obdtools::cli::init_logging(args.verbose);
     let abort = Abort::new();
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let (a, i) = (abort.clone(), interrupted.clone());
-        let count = AtomicUsize::new(0);
-        let _ = ctrlc::set_handler(move || {
-            i.store(true, Ordering::SeqCst);
-            a.set();
-            if count.fetch_add(1, Ordering::SeqCst) == 0 {
-                eprintln!(
-                    "convertor: interrupted; cleaning up (press Ctrl-C again to quit at once)"
-                );
-            } else {
-                std::process::exit(130);
-            }
-        });
+    // The signal that stopped the run (0: none).
+    let stopped_by = Arc::new(AtomicI32::new(0));
+    if blocked {
+        let (a, by) = (abort.clone(), stopped_by.clone());
+        let spawned = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                while let Ok(sig) = sigs.wait() {
+                    if by.swap(sig as i32, Ordering::SeqCst) == 0 {
+                        a.set();
+                        say(format_args!(
+                            "convertor: {sig}: stopping and cleaning up (again to quit at once)"
+                        ));
+                    } else {
+                        say(format_args!("convertor: {sig} again: quitting now"));
+                        std::process::exit(128 + sig as i32);
+                    }
+                }
+            });
+        if spawned.is_err() {
+            let _ = sigs.thread_unblock();
+        }
     }
     let res = run(args, abort);
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if interrupted.load(Ordering::SeqCst) {
-                eprintln!("convertor: interrupted");
-                ExitCode::from(130)
-            } else {
-                obdtools::cli::report("convertor", &e);
-                ExitCode::FAILURE
-            }
+    match (res, stopped_by.load(Ordering::SeqCst)) {
+        (Ok(()), _) => ExitCode::SUCCESS,
+        (Err(_), sig) if sig != 0 => {
+            say(format_args!("convertor: interrupted"));
+            ExitCode::from((128 + sig) as u8)
+        }
+        (Err(e), _) => {
+            obdtools::cli::report("convertor", &e);
+            ExitCode::FAILURE
         }
     }
 }
@@ -242,7 +280,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         cert_dirs: args.cert_dir.clone(),
         client_certs,
         credentials: args.username.as_deref().and_then(Credentials::parse),
-        chunk_size: args.push_chunk_size.map(|m| m.max(1) << 20),
+        chunk_size: args.push_chunk_size.map(|m| m << 20),
         cancel: Some(abort.flag()),
         docker_config: args.username.is_none(),
         ..Default::default()
@@ -250,7 +288,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     if args.username.is_some() && client.credentials.is_none() {
         tracing::warn!("-u without 'user:password': using anonymous access");
     }
-    let opts = ConvertOptions {
+    let mut opts = ConvertOptions {
         workdir: args.dir.clone(),
         oci: args.oci || args.referrer,
         referrer: args.referrer,
@@ -278,6 +316,19 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     for (f, _) in &formats {
         dedups.push(open_dedup(&args, &dst_ref, f.as_ref())?);
     }
+    // The work directory: locked, a private subdirectory unless files are kept in
+    // it, leftovers of killed runs removed; cleaned up when `wd` is dropped.
+    let wd = WorkDir::acquire(&args.dir, args.reserve || args.dump_manifest)?;
+    if !args.disable_sparse {
+        wd.check_sparse_size(args.vsize << 30).with_context(|| {
+            format!(
+                "--vsize {}: the work directory's filesystem cannot hold the {} GB sparse \
+                 layer files; use a smaller --vsize, another -d/--dir or --disable-sparse",
+                args.vsize, args.vsize
+            )
+        })?;
+    }
+    opts.workdir = wd.path().to_path_buf();
     // A registry destination's repository client also serves the dedup lookups.
     let open =
         |r: &ImageRef, create: bool| -> anyhow::Result<(Arc<dyn ImageStore>, Option<Repository>)> {
@@ -316,7 +367,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     if outs.is_err() {
         for (d, what) in dedups.iter().flatten() {
             // What dedup did before the failure (rows of pushed layers stay valid).
-            eprintln!("dedup (run failed): {} [{what}]", d.stats());
+            say(format_args!("dedup (run failed): {} [{what}]", d.stats()));
         }
     }
     let outs = outs?;
@@ -332,7 +383,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         } else {
             String::new()
         };
-        println!(
+        print_out(format_args!(
             "{verb} {}:{} {} ({} manifest{}, {} layers) in {secs:.1} s{what}",
             dst.name(),
             out.tag,
@@ -340,15 +391,15 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
             out.manifests,
             if out.manifests == 1 { "" } else { "s" },
             out.layers
-        );
+        ));
         if let Some((_, what)) = dd {
             if let Some(line) = dedup_summary(out, what) {
-                println!("{line}");
+                print_out(format_args!("{line}"));
             }
         }
     }
     for l in progress.summary() {
-        eprintln!("{l}");
+        say(format_args!("{l}"));
     }
     Ok(())
 }

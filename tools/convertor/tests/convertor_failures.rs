@@ -319,6 +319,18 @@ fn registry_down_mid_push() {
 
 #[test]
 fn ctrl_c_exits_130_and_cleans_up() {
+    interrupted_run("INT", 130, false);
+}
+
+/// SIGTERM (a service manager, `timeout`) exits 143, the shell convention, and
+/// cleans up too, also when nobody reads stdout/stderr any more (a closed SSH
+/// session): output must never panic.
+#[test]
+fn sigterm_exits_143_and_cleans_up_with_output_closed() {
+    interrupted_run("TERM", 143, true);
+}
+
+fn interrupted_run(signal: &str, code: i32, close_output: bool) {
     let reg = Registry::plain();
     let t = tempfile::tempdir().unwrap();
     let images = t.path().join("images");
@@ -328,7 +340,7 @@ fn ctrl_c_exits_130_and_cleans_up() {
     let proxy = Proxy::start(reg.port, None, Some(200_000));
     let r = format!("127.0.0.1:{}/int/layers", proxy.port);
     let wd = t.path().join("w");
-    let child = Command::new(env!("CARGO_BIN_EXE_convertor"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_convertor"))
         .args([
             "-r",
             &r,
@@ -340,14 +352,19 @@ fn ctrl_c_exits_130_and_cleans_up() {
             "-d",
             wd.to_str().unwrap(),
         ])
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    if close_output {
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+    }
     std::thread::sleep(Duration::from_millis(1500));
     assert!(wd.exists(), "conversion should be under way");
     let ok = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap()
         .success();
@@ -359,8 +376,12 @@ fn ctrl_c_exits_130_and_cleans_up() {
         "took {:?} to stop",
         t0.elapsed()
     );
-    assert_eq!(o.status.code(), Some(130), "{}", stderr_of(&o));
-    assert!(stderr_of(&o).contains("interrupted"));
+    assert_eq!(o.status.code(), Some(code), "{}", stderr_of(&o));
+    if !close_output {
+        let e = stderr_of(&o);
+        assert!(e.contains("interrupted"), "{e}");
+        assert!(!e.contains("panicked"), "{e}");
+    }
     assert!(!wd.exists(), "work dir cleaned up");
     assert!(!reg.tag_link_exists("int/layers", "obd"));
 }

@@ -132,6 +132,10 @@ impl Run<'_> {
             .opts
             .workdir
             .join(format!("{id}-{plat}-{}", desc.digest.hex()));
+        // Left by a killed run in a kept work dir (held by this run alone): start afresh.
+        if mdir.exists() {
+            let _ = fs::remove_dir_all(&mdir);
+        }
         fs::create_dir_all(&mdir).map_err(|e| Error::io(&mdir, e))?;
         let label = if plat.is_empty() {
             format!("[{id}]")

@@ -1,0 +1,347 @@
+//! The convertor's work directory and its behaviour towards an unlucky operator
+//! (issue #15): convertors sharing `-d`, leftovers of a killed run, a `--reserve`
+//! run that needs the directory alone, closed output streams, flags validated before
+//! any work, and failures reported as one line that names what is wrong. Local OCI
+//! layouts in and out, so no registry is needed.
+
+mod common;
+
+use common::convert::*;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_convertor")
+}
+
+/// The digest a successful run printed (`pushed oci:...:tag sha256:...`).
+fn pushed_digest(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", stderr_of(o));
+    out.split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap_or_else(|| panic!("no digest in {out:?}"))
+        .to_string()
+}
+
+/// `sample` (two small layers) as an OCI layout in `dir`.
+fn sample(dir: &Path) -> PathBuf {
+    let images = dir.join("images");
+    build_images("sample", &images, &[]);
+    images
+}
+
+fn args<'a>(src: &'a str, out: &'a str, wd: &'a str) -> Vec<&'a str> {
+    vec![
+        "-r",
+        src,
+        "-i",
+        "latest",
+        "--output-repository",
+        out,
+        "-o",
+        "obd",
+        "--vsize",
+        "2",
+        "-d",
+        wd,
+    ]
+}
+
+/// The entries of a directory (empty if it does not exist).
+fn entries(d: &Path) -> Vec<String> {
+    std::fs::read_dir(d)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn convertors_sharing_a_work_dir_do_not_disturb_each_other() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    // Three at once on the same -d (the default tmp_conv of a CI job directory).
+    let outs: Vec<String> = (0..3)
+        .map(|i| format!("oci:{}", t.path().join(format!("out{i}")).display()))
+        .collect();
+    let children: Vec<_> = outs
+        .iter()
+        .map(|o| {
+            Command::new(bin())
+                .args(args(&src, o, wd_s))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let digests: Vec<String> = children
+        .into_iter()
+        .map(|c| pushed_digest(&c.wait_with_output().unwrap()))
+        .collect();
+    assert!(
+        digests.iter().all(|d| *d == digests[0]),
+        "same input, same output: {digests:?}"
+    );
+    assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
+}
+
+#[test]
+fn leftovers_of_a_killed_run_are_removed_by_the_next() {
+    let t = tempfile::tempdir().unwrap();
+    let images = t.path().join("images");
+    build_images("testset", &images, &[]);
+    let src = format!("oci:{}", images.join("layers").display());
+    let out = format!("oci:{}", t.path().join("out").display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    let mut a = args(&src, &out, wd_s);
+    a[3] = "v1";
+    let mut child = Command::new(bin())
+        .args(&a)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // kill -9 once its private directory exists.
+    while !entries(&wd).iter().any(|e| e.starts_with(".run-")) {
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("finished ({s}) before it could be killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = entries(&wd);
+    assert!(left.iter().any(|e| e.starts_with(".run-")), "{left:?}");
+    // A leftover with layer files in it, as a run killed later leaves.
+    let stale = wd.join(".run-4000000-7/1-linux_amd64-00/0001_sha256:00");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("writable_data"), vec![1u8; 1 << 20]).unwrap();
+
+    let o = Command::new(bin()).args(&a).output().unwrap();
+    pushed_digest(&o);
+    assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
+}
+
+#[test]
+fn reserve_needs_the_work_dir_alone_and_reuses_its_leftovers() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let out = format!("oci:{}", t.path().join("out").display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    let mut reserve = args(&src, &out, wd_s);
+    reserve.push("--reserve");
+
+    // Another convertor (here: this test, as it would) works in the directory.
+    std::fs::create_dir_all(&wd).unwrap();
+    let held = std::fs::File::open(&wd).unwrap();
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_SH) }, 0);
+    let o = Command::new(bin()).args(&reserve).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let e = stderr_of(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains(&format!(
+            "work directory {wd_s} is in use by another convertor (pid {})",
+            std::process::id()
+        )),
+        "{e}"
+    );
+    drop(held);
+
+    let first = pushed_digest(&Command::new(bin()).args(&reserve).output().unwrap());
+    let kept = entries(&wd);
+    assert!(
+        kept.iter().any(|e| e.starts_with("1-")),
+        "--reserve keeps the manifest directory: {kept:?}"
+    );
+    // While it is there, a run without --reserve still works beside it.
+    let plain = args(&src, &out, wd_s);
+    assert_eq!(
+        pushed_digest(&Command::new(bin()).args(&plain).output().unwrap()),
+        first
+    );
+    // Again over the kept files (as after a killed --reserve run): replaced.
+    assert_eq!(
+        pushed_digest(&Command::new(bin()).args(&reserve).output().unwrap()),
+        first
+    );
+}
+
+#[test]
+fn closed_output_streams_do_not_stop_a_run() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let out = t.path().join("out");
+    let out_s = format!("oci:{}", out.display());
+    let wd = t.path().join("w");
+    let mut child = Command::new(bin())
+        .args(args(&src, &out_s, wd.to_str().unwrap()))
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both read ends closed (a dropped SSH session, `| head`): every write fails.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(out.join("index.json").is_file());
+    assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
+}
+
+#[test]
+fn flags_are_validated_before_any_work() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let out = t.path().join("out");
+    let out_s = format!("oci:{}", out.display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut a = args(&src, &out_s, wd_s);
+        a.truncate(a.len() - 4); // without --vsize 2
+        a.extend_from_slice(&["-d", wd_s]);
+        a.extend_from_slice(extra);
+        Command::new(bin()).args(&a).output().unwrap()
+    };
+    for (flag, value) in [
+        ("--vsize", "0"),
+        ("--vsize", "536870913"),
+        ("--push-chunk-size", "0"),
+        ("--push-chunk-size", "1025"),
+    ] {
+        let o = run(&[flag, value]);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{flag} {value}: {}",
+            stderr_of(&o)
+        );
+        assert!(stderr_of(&o).contains(flag), "{}", stderr_of(&o));
+    }
+    // A device larger than the work directory's filesystem allows as a sparse file
+    // (16 TiB on ext4): refused up front, not at layer 1 with "File too large".
+    let fits = {
+        let p = t.path().join("probe");
+        let r = std::fs::File::create(&p).and_then(|f| f.set_len(100_000 << 30));
+        let _ = std::fs::remove_file(&p);
+        r.is_ok()
+    };
+    if !fits {
+        let o = run(&["--vsize", "100000"]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+        let e = stderr_of(&o);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(
+            e.contains("--vsize 100000") && e.contains("File too large"),
+            "{e}"
+        );
+        assert!(!e.contains("layer 1"), "before any layer: {e}");
+    } else {
+        eprintln!(
+            "the filesystem of {} holds 100000 GB sparse files: part skipped",
+            t.path().display()
+        );
+    }
+    assert!(!out.exists(), "nothing written");
+    assert!(!wd.exists());
+}
+
+/// An OCI layout in `dir` whose one layer is a gzip stream cut short (its digest
+/// right, so the failure is in decompression); returns the layer's digest.
+fn layout_with_truncated_layer(dir: &Path) -> String {
+    use sha2::{Digest as _, Sha256};
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let d = format!("sha256:{:x}", Sha256::digest(b));
+        std::fs::write(blobs.join(&d[7..]), b).unwrap();
+        d
+    };
+    let mut tb = tar::Builder::new(Vec::new());
+    let data: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    tb.append_data(&mut h, "f", &data[..]).unwrap();
+    let tarbytes = tb.into_inner().unwrap();
+    let raw = dir.join("layer.tar");
+    std::fs::write(&raw, &tarbytes).unwrap();
+    let gz = Command::new("gzip").arg("-c").arg(&raw).output().unwrap();
+    assert!(gz.status.success());
+    std::fs::remove_file(&raw).unwrap();
+    let cut = &gz.stdout[..gz.stdout.len() / 2];
+    let layer = put(cut);
+    let diff_id = format!("sha256:{:x}", Sha256::digest(&tarbytes));
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]}})
+    .to_string();
+    let config_d = put(config.as_bytes());
+    let manifest = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_d, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer, "size": cut.len()}]})
+    .to_string();
+    let manifest_d = put(manifest.as_bytes());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": manifest_d, "size": manifest.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    layer
+}
+
+/// Failures are one line naming what failed, each cause once.
+#[test]
+fn failures_are_one_line_without_repeats() {
+    let t = tempfile::tempdir().unwrap();
+    let bad = t.path().join("bad");
+    let layer = layout_with_truncated_layer(&bad);
+    let src = format!("oci:{}", bad.display());
+    let out = format!("oci:{}", t.path().join("out").display());
+    let wd = t.path().join("w");
+    let o = Command::new(bin())
+        .args(args(&src, &out, wd.to_str().unwrap()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let e = stderr_of(&o);
+    let lines: Vec<&str> = e.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(lines.len(), 1, "{e}");
+    let line = lines[0];
+    assert!(line.starts_with("convertor: error: "), "{line}");
+    assert!(line.contains(&layer) && line.contains("deflate"), "{line}");
+    let parts: Vec<&str> = line.split(": ").filter(|p| p.len() > 8).collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(!parts[i + 1..].contains(p), "{p:?} repeated in {line}");
+    }
+    assert!(
+        !e.contains("panicked") && !e.contains("RUST_BACKTRACE"),
+        "{e}"
+    );
+    assert!(!wd.exists());
+}
