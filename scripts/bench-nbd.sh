@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Read throughput through overlaybd-nbd versus reading the same layer stack
-# in-process, printed as ratios (NBD / in-process).
+# Reads through overlaybd-nbd against reads of the same layer stack
+# in-process, printed as ratios (NBD / in-process), by
+# blockdev/examples/nbd_bench.rs (medians of alternating rounds):
 #
-#   scripts/bench-nbd.sh [LAYER...]
+#   1. warm page cache, the given stack (default: the upstream reference
+#      fixture ext4_64 + commit.lsmt): sequential 1 MiB reads, random 4 KiB
+#      reads at queue depth 1 and 16, simple and structured replies;
+#   2. cold page cache (posix_fadvise DONTNEED on the layer files only), a
+#      300 MB layer made from /usr: random 4 KiB reads, with the io_uring
+#      engine (batches of reads in flight) and with plain pread;
+#   3. a real client: nbdcopy of the whole export (block status skips holes).
 #
-# Default stack: the upstream reference fixture ext4_64 + commit.lsmt.
-# Needs libnbd-bin (nbdcopy) for the real-client figure.
+# usage: scripts/bench-nbd.sh [LAYER...]   (ROUNDS, BENCH_PRIO, BENCH_DIR:
+#        see bench-lib.sh; the cold test needs BENCH_DIR on a real disk)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/bench-lib.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 FX="${OVERLAYBD_FIXTURES:-$(cd .. && pwd)/shared/fixtures/overlaybd-reference}"
 [ -d "$FX" ] || FX=/work/shared/fixtures/overlaybd-reference
@@ -18,25 +26,35 @@ for l in "$@"; do [ -f "$l" ] || { echo "bench-nbd: no such layer: $l" >&2; exit
 
 echo "== building (release)"
 cargo build --release -q -p blockdev --example nbd_bench
-cargo build --release -q -p overlaybd-tools --bin overlaybd-nbd
+cargo build --release -q -p overlaybd-tools --bin overlaybd-nbd --bin overlaybd-create --bin overlaybd-commit
+BIN=$CARGO_TARGET_DIR/release
+W=$(mktemp -d "${BENCH_DIR:-/tmp}/bench-nbd.XXXXXX")
+trap 'kill "${pid:-}" 2>/dev/null || true; rm -rf "$W"; rm -f "$BENCH_ERR"' EXIT
 
-for io in uring pread; do
-    echo "== in-process vs NBD (our client), file I/O over $io"
-    OVERLAYBD_IO=$io "$CARGO_TARGET_DIR/release/examples/nbd_bench" "$@"
+echo "== warm page cache, simple replies"
+"$BIN/examples/nbd_bench" --rounds "$ROUNDS" "$@"
+echo "== warm page cache, structured replies"
+"$BIN/examples/nbd_bench" --rounds "$ROUNDS" --structured "$@" | tail -2
+
+echo "== cold page cache: a 300 MB layer of /usr data in $W"
+tar -cf - /usr/lib /usr/share 2>/dev/null | head -c $((300 << 20)) >"$W/payload" || true
+"$BIN/overlaybd-create" -s "$W/data" "$W/index" 64 >/dev/null
+dd if="$W/payload" of="$W/data" bs=1M oflag=seek_bytes seek=4096 conv=notrunc status=none
+rm -f "$W/payload"
+"$BIN/overlaybd-commit" "$W/data" "$W/index" "$W/layer.lsmt" >/dev/null 2>&1
+rm -f "$W/data" "$W/index"
+for io in auto pread; do
+    echo "-- file I/O: $io"
+    OVERLAYBD_IO=$io "$BIN/examples/nbd_bench" --cold --rounds 3 --ops 5000 "$W/layer.lsmt" | tail -2
 done
 
-echo "== whole-export copy with a real client: nbdcopy (block status skips holes) vs in-process flatten"
-tmp=$(mktemp -d)
-trap 'kill "${pid:-}" 2>/dev/null || true; rm -rf "$tmp"' EXIT
-"$CARGO_TARGET_DIR/release/overlaybd-nbd" serve "$@" --read-only --socket "$tmp/s.sock" > "$tmp/log" 2>&1 &
+echo "== whole-export copy with a real client: nbdcopy (block status skips holes)"
+"$BIN/overlaybd-nbd" serve "$@" --read-only --socket "$W/s.sock" >"$W/log" 2>&1 &
 pid=$!
-for _ in $(seq 50); do [ -S "$tmp/s.sock" ] && break; sleep 0.1; done
-uri="nbd+unix:///?socket=$tmp/s.sock"
+for _ in $(seq 50); do [ -S "$W/s.sock" ] && break; sleep 0.1; done
+uri="nbd+unix:///?socket=$W/s.sock"
 data=$(nbdinfo --map --totals "$uri" | awk '$3 == 0 { print $1 }')
-t0=$(date +%s.%N)
-nbdcopy "$uri" null:
-t1=$(date +%s.%N)
-nbd_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+for _ in $(seq "$ROUNDS"); do bench_run nbdcopy nbdcopy "$uri" null:; done
 kill -TERM "$pid"; wait "$pid" || true; pid=
-awk -v d="${data:-0}" -v s="$nbd_s" \
-    'BEGIN { printf "nbdcopy of the whole export (%d mapped bytes): %.3f s, %.1f MiB/s of mapped data\n", d, s, d / 1048576 / s }'
+awk -v d="${data:-0}" -v s="$(bench_median nbdcopy)" -v sp="$(bench_spread nbdcopy)" \
+    'BEGIN { printf "nbdcopy of the whole export (%d mapped bytes): %.3f s (spread %s), %.0f MiB/s of mapped data\n", d, s, sp, d / 1048576 / s }'

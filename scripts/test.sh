@@ -10,6 +10,8 @@ cargo fmt --all --check
 # Lints: the [workspace.lints] table of Cargo.toml plus clippy's defaults, as errors.
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --release
-# File I/O runs over io_uring by default where the kernel allows it; run the
-# format and NBD tests again over plain pread/pwrite so both backends are covered.
+# By default single reads and writes use pread/pwrite and batches of reads
+# io_uring; run the format and NBD tests again with all file I/O over plain
+# pread/pwrite and with all of it through io_uring, so every path is covered.
 OVERLAYBD_IO=pread cargo test --release -p blockdev
+OVERLAYBD_IO=uring cargo test --release -p blockdev

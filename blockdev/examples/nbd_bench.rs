@@ -1,10 +1,19 @@
 //! Read throughput through the NBD server versus reading the same layer
 //! stack in-process; prints each NBD figure as a ratio of the in-process one.
 //!
-//! `cargo run --release -p blockdev --example nbd_bench -- [--span MiB] [--ops N] LAYER...`
-//! (scripts/bench-nbd.sh runs it on the reference fixture stack.)
+//! `cargo run --release -p blockdev --example nbd_bench -- [--span MiB] [--ops N] [--rounds R] [--structured] [--cold] [--workers N] LAYER...`
+//!
+//! Each round measures, one after the other: sequential reads of up to 1 MiB
+//! in-process and through NBD (8 in flight), then random 4 KiB reads
+//! in-process (one at a time), through NBD with 1 and with 16 requests in
+//! flight. The medians of `R` rounds (default 5) are printed with their
+//! spread, so that other load on the machine shows up as spread, not as a
+//! wrong ratio. With `--cold`, the random reads start from an empty page
+//! cache for the layer files (`posix_fadvise(DONTNEED)` on them only), so
+//! they measure device reads. scripts/bench-nbd.sh runs it.
 
 use std::collections::HashMap;
+use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,9 +31,36 @@ fn xorshift(x: &mut u64) -> u64 {
     *x
 }
 
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+/// Drop the page cache of the layer files (only theirs).
+fn evict(layers: &[PathBuf]) {
+    for l in layers {
+        if let Ok(f) = std::fs::File::open(l) {
+            // SAFETY: fadvise on a valid fd owned by `f`; no memory is shared.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+}
+
+struct Figures {
+    local_seq: Vec<f64>,
+    nbd_seq: Vec<f64>,
+    local_rand: Vec<f64>,
+    nbd_qd1: Vec<f64>,
+    nbd_qd16: Vec<f64>,
+}
+
 fn main() {
     let mut span: u64 = 512 << 20;
     let mut ops: usize = 20_000;
+    let mut rounds: usize = 5;
+    let mut structured = false;
+    let mut cold = false;
+    let mut workers = ServerConfig::default().workers_per_connection;
     let mut layers: Vec<PathBuf> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -37,11 +73,27 @@ fn main() {
                     << 20
             }
             "--ops" => ops = args.next().and_then(|v| v.parse().ok()).expect("--ops N"),
+            "--rounds" => {
+                rounds = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--rounds R")
+            }
+            "--structured" => structured = true,
+            "--cold" => cold = true,
+            "--workers" => {
+                workers = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--workers N")
+            }
             _ => layers.push(a.into()),
         }
     }
     if layers.is_empty() {
-        eprintln!("usage: nbd_bench [--span MiB] [--ops N] LAYER...");
+        eprintln!(
+            "usage: nbd_bench [--span MiB] [--ops N] [--rounds R] [--structured] [--cold] [--workers N] LAYER..."
+        );
         std::process::exit(2);
     }
     let stack = Arc::new(Stack::open_read_only(&layers, None).unwrap_or_else(|e| {
@@ -71,21 +123,24 @@ fn main() {
         stack.clone(),
         ServerConfig {
             read_only: true,
+            workers_per_connection: workers,
             ..ServerConfig::default()
         },
     );
     let stop = server.shutdown_handle();
     let t = std::thread::spawn(move || server.serve(&listener).expect("serve"));
     println!(
-        "stack: {} layer(s), {} bytes; reading {} MiB of mapped data in {} extents; {} random 4 KiB reads in it",
+        "stack: {} layer(s), {} bytes; reading {} MiB of mapped data in {} extents; {} random 4 KiB reads in it; {} rounds; {} replies{}",
         layers.len(),
         stack.size(),
         span >> 20,
         extents.len(),
-        ops
+        ops,
+        rounds,
+        if structured { "structured" } else { "simple" },
+        if cold { "; random reads from a cold page cache" } else { "" }
     );
 
-    // Sequential, requests of up to 1 MiB over the mapped extents.
     let chunk = 1u64 << 20;
     let pieces: Vec<(u64, u32)> = extents
         .iter()
@@ -93,6 +148,15 @@ fn main() {
             (0..l.div_ceil(chunk)).map(move |i| (o + i * chunk, chunk.min(l - i * chunk) as u32))
         })
         .collect();
+    let blocks: Vec<u64> = extents
+        .iter()
+        .flat_map(|&(o, l)| (o.div_ceil(4096)..(o + l) / 4096).map(|b| b * 4096))
+        .collect();
+    let opts = ClientOptions {
+        structured,
+        ..ClientOptions::default()
+    };
+    let mut c = Client::connect(&ep, &opts).expect("connect");
     let mut buf = vec![0u8; chunk as usize];
     let local_pass = |buf: &mut [u8]| {
         let mut sum = 0u64;
@@ -103,83 +167,116 @@ fn main() {
         sum
     };
     local_pass(&mut buf); // warm the page cache for both contenders
-    let t0 = Instant::now();
-    let sum_local = local_pass(&mut buf);
-    let local_seq = span as f64 / t0.elapsed().as_secs_f64();
-
-    let opts = ClientOptions::default();
-    let mut c = Client::connect(&ep, &opts).expect("connect");
-    let t0 = Instant::now();
-    let mut sum_nbd = 0u64;
-    let mut next = 0;
-    let mut inflight = 0;
-    while next < pieces.len() || inflight > 0 {
-        while inflight < 8 && next < pieces.len() {
-            c.send(CMD_READ, 0, pieces[next].0, pieces[next].1, &[])
-                .unwrap();
-            next += 1;
-            inflight += 1;
-        }
-        c.flush_requests().unwrap();
-        let r = c.recv().unwrap();
-        assert_eq!(r.error, 0);
-        sum_nbd = sum_nbd.wrapping_add(r.data.iter().map(|&b| b as u64).sum::<u64>());
-        inflight -= 1;
-    }
-    let nbd_seq = span as f64 / t0.elapsed().as_secs_f64();
-    assert_eq!(sum_local, sum_nbd, "NBD data differs from in-process data");
-    let mib = |x: f64| x / (1 << 20) as f64;
-    println!(
-        "sequential reads ≤1 MiB: in-process {:8.1} MiB/s | NBD (8 in flight) {:8.1} MiB/s | ratio {:.2}",
-        mib(local_seq),
-        mib(nbd_seq),
-        nbd_seq / local_seq
-    );
-
-    // Random 4 KiB reads, aligned, within the mapped extents.
-    let blocks: Vec<u64> = extents
-        .iter()
-        .flat_map(|&(o, l)| (o.div_ceil(4096)..(o + l) / 4096).map(|b| b * 4096))
-        .collect();
-    let offsets: Vec<u64> = {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..ops)
-            .map(|_| blocks[(xorshift(&mut x) % blocks.len() as u64) as usize])
-            .collect()
+    let mut f = Figures {
+        local_seq: Vec::new(),
+        nbd_seq: Vec::new(),
+        local_rand: Vec::new(),
+        nbd_qd1: Vec::new(),
+        nbd_qd16: Vec::new(),
     };
-    let mut b4 = [0u8; 4096];
-    let t0 = Instant::now();
-    for &o in &offsets {
-        stack.read_at(&mut b4, o).unwrap();
-    }
-    let local_iops = ops as f64 / t0.elapsed().as_secs_f64();
-
-    let mut rand_nbd = |qd: usize| {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..rounds {
+        // Sequential, requests of up to 1 MiB over the mapped extents.
         let t0 = Instant::now();
-        let mut pending: HashMap<u64, u64> = HashMap::new();
-        let mut i = 0;
-        while i < offsets.len() || !pending.is_empty() {
-            while pending.len() < qd && i < offsets.len() {
-                let h = c.send(CMD_READ, 0, offsets[i], 4096, &[]).unwrap();
-                pending.insert(h, offsets[i]);
-                i += 1;
+        let sum_local = local_pass(&mut buf);
+        f.local_seq.push(span as f64 / t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        let mut sum_nbd = 0u64;
+        let mut next = 0;
+        let mut inflight = 0;
+        while next < pieces.len() || inflight > 0 {
+            while inflight < 8 && next < pieces.len() {
+                c.send(CMD_READ, 0, pieces[next].0, pieces[next].1, &[])
+                    .unwrap();
+                next += 1;
+                inflight += 1;
             }
             c.flush_requests().unwrap();
             let r = c.recv().unwrap();
             assert_eq!(r.error, 0);
-            pending.remove(&r.handle);
+            sum_nbd = sum_nbd.wrapping_add(r.data.iter().map(|&b| b as u64).sum::<u64>());
+            inflight -= 1;
         }
-        ops as f64 / t0.elapsed().as_secs_f64()
+        f.nbd_seq.push(span as f64 / t0.elapsed().as_secs_f64());
+        assert_eq!(sum_local, sum_nbd, "NBD data differs from in-process data");
+
+        // Random 4 KiB reads, aligned, within the mapped extents; a new
+        // sequence each round, the same for every contender.
+        let offsets: Vec<u64> = (0..ops)
+            .map(|_| blocks[(xorshift(&mut seed) % blocks.len() as u64) as usize])
+            .collect();
+        let mut b4 = [0u8; 4096];
+        if cold {
+            evict(&layers);
+        }
+        let t0 = Instant::now();
+        for &o in &offsets {
+            stack.read_at(&mut b4, o).unwrap();
+        }
+        f.local_rand.push(ops as f64 / t0.elapsed().as_secs_f64());
+        let mut rand_nbd = |qd: usize| {
+            if cold {
+                evict(&layers);
+            }
+            let t0 = Instant::now();
+            let mut pending: HashMap<u64, u64> = HashMap::new();
+            let mut i = 0;
+            while i < offsets.len() || !pending.is_empty() {
+                while pending.len() < qd && i < offsets.len() {
+                    let h = c.send(CMD_READ, 0, offsets[i], 4096, &[]).unwrap();
+                    pending.insert(h, offsets[i]);
+                    i += 1;
+                }
+                c.flush_requests().unwrap();
+                // Take every reply that has arrived before sending more, as
+                // an asynchronous client does: one write per burst.
+                loop {
+                    let r = c.recv().unwrap();
+                    assert_eq!(r.error, 0);
+                    pending.remove(&r.handle);
+                    if c.buffered() == 0 {
+                        break;
+                    }
+                }
+            }
+            ops as f64 / t0.elapsed().as_secs_f64()
+        };
+        let q1 = rand_nbd(1);
+        let q16 = rand_nbd(16);
+        f.nbd_qd1.push(q1);
+        f.nbd_qd16.push(q16);
+    }
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        format!("{:.0}-{:.0}", lo, hi)
     };
-    let qd1 = rand_nbd(1);
-    let qd16 = rand_nbd(16);
+    let mib = |x: f64| x / (1 << 20) as f64;
+    let (ls, ns) = (median(&mut f.local_seq), median(&mut f.nbd_seq));
+    println!(
+        "sequential reads ≤1 MiB: in-process {:8.1} MiB/s | NBD (8 in flight) {:8.1} MiB/s | ratio {:.2}",
+        mib(ls),
+        mib(ns),
+        ns / ls
+    );
+    let (lr, q1, q16) = (
+        median(&mut f.local_rand),
+        median(&mut f.nbd_qd1),
+        median(&mut f.nbd_qd16),
+    );
     println!(
         "random 4 KiB reads:     in-process {:8.0} IOPS  | NBD 1 in flight {:8.0} IOPS (ratio {:.2}) | NBD 16 in flight {:8.0} IOPS (ratio {:.2})",
-        local_iops,
-        qd1,
-        qd1 / local_iops,
-        qd16,
-        qd16 / local_iops
+        lr,
+        q1,
+        q1 / lr,
+        q16,
+        q16 / lr
+    );
+    println!(
+        "spread over {rounds} rounds (min-max IOPS): in-process {} | NBD 1 in flight {} | NBD 16 in flight {}",
+        spread(&f.local_rand),
+        spread(&f.nbd_qd1),
+        spread(&f.nbd_qd16)
     );
     c.disconnect().unwrap();
     stop.shutdown();

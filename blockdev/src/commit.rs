@@ -70,6 +70,13 @@ impl BlobSink for SinkRef<'_> {
     fn position(&self) -> u64 {
         self.0.position()
     }
+    fn put_filled(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8], usize) -> Result<()>,
+    ) -> Result<()> {
+        self.0.put_filled(len, fill)
+    }
 }
 
 fn seal_info(opts: &CommitOptions, virtual_size: u64, source_parent: Uuid) -> Result<SealInfo> {
@@ -103,7 +110,7 @@ type Compactor = fn(
     &[crate::lsmt::Mapping],
     &SealInfo,
     &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
-    &mut dyn FnMut(&[u8]) -> Result<()>,
+    &mut dyn crate::lsmt::compact::CompactOut,
 ) -> Result<u64>;
 
 /// Run the compaction into `out` with the requested wrapping.
@@ -142,12 +149,12 @@ fn write_output(
         let (lsmt_size, blob_len) = match &opts.zfile {
             Some(z) => {
                 let mut zw = ZFileWriter::new(SinkRef(&mut sink), z.clone())?;
-                let n = compact(entries, info, &mut read, &mut |b| zw.write(b))?;
+                let n = compact(entries, info, &mut read, &mut zw)?;
                 let s = zw.finish()?;
                 (n, s.position())
             }
             None => {
-                let n = compact(entries, info, &mut read, &mut |b| sink.put(b))?;
+                let n = compact(entries, info, &mut read, &mut sink)?;
                 (n, n)
             }
         };

@@ -34,6 +34,27 @@ pub trait BlockDevice: Send + Sync {
         false
     }
 
+    /// Read several ranges `(offset, buf)`; each gets its own result, in
+    /// order. Devices that can overlap the I/O of several reads override
+    /// this; the default reads them one after the other.
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        reqs.iter_mut()
+            .map(|(off, buf)| self.read_at(buf, *off))
+            .collect()
+    }
+
+    /// Describe `[offset, offset+len)` from the device's own metadata,
+    /// without reading data: consecutive [`Extent`]s, in order, covering
+    /// exactly the range. An extent marked `zero` is known to read as zeros
+    /// (nothing stored there: a hole, an unmapped or a zeroed range); any
+    /// other may hold anything. Implementations must be cheap (index
+    /// lookups, `SEEK_DATA`), as readers call this before reading. The
+    /// default knows nothing and reports the whole range as data.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.size())?;
+        Ok(Extent::data(offset, len).into_iter().collect())
+    }
+
     /// Map `len` bytes at device `offset` to `target_offset` in the layer's target (the
     /// uncompressed layer tar): a TurboOCI "remote data" mapping (LSMT tag 1). All three are
     /// multiples of 512. Devices without a target return an error (the default).
@@ -44,6 +65,48 @@ pub trait BlockDevice: Send + Sync {
                 .into(),
         ))
     }
+}
+
+/// A run of device bytes as [`BlockDevice::extents`] describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Device offset of the first byte.
+    pub offset: u64,
+    /// Length in bytes (never 0).
+    pub len: u64,
+    /// Known to read as zeros without reading.
+    pub zero: bool,
+}
+
+impl Extent {
+    /// One data extent, or none for an empty range.
+    pub fn data(offset: u64, len: u64) -> Option<Extent> {
+        (len > 0).then_some(Extent {
+            offset,
+            len,
+            zero: false,
+        })
+    }
+
+    /// End offset (exclusive).
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// Append `[offset, offset+len)` to `out`, merging with the last extent when
+/// it continues it with the same kind. Empty runs are dropped.
+pub fn push_extent(out: &mut Vec<Extent>, offset: u64, len: u64, zero: bool) {
+    if len == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.zero == zero && last.end() == offset {
+            last.len += len;
+            return;
+        }
+    }
+    out.push(Extent { offset, len, zero });
 }
 
 /// Check that `[offset, offset+len)` lies within a device of `size` bytes.
@@ -129,6 +192,12 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
     }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        (**self).extents(offset, len)
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        (**self).read_many(reqs)
+    }
     fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
         (**self).map_target(offset, len, target_offset)
     }
@@ -155,6 +224,12 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
     }
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
+    }
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        (**self).extents(offset, len)
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        (**self).read_many(reqs)
     }
     fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
         (**self).map_target(offset, len, target_offset)

@@ -63,18 +63,25 @@ pub fn open_layer(path: &Path) -> Result<SealedLayer> {
     SealedLayer::open(blob)
 }
 
-/// Open a sealed lower layer from its bytes as stored, read through any
-/// source (plain, ZFile, tar-wrapped: peeled as [`open_layer`] does).
-pub fn open_layer_source(src: Arc<dyn ReadAt>) -> Result<SealedLayer> {
-    let inner: Arc<dyn ReadAt> = match crate::tarwrap::detect(src.as_ref())? {
+/// The plain LSMT blob inside layer bytes read through any source (tar
+/// wrapper and ZFile peeled as [`open_blob`] does), plus its wrapping.
+pub fn open_blob_source(src: Arc<dyn ReadAt>) -> Result<(Arc<dyn ReadAt>, Wrapping)> {
+    let tar = crate::tarwrap::detect(src.as_ref())?;
+    let inner: Arc<dyn ReadAt> = match tar {
         Some((base, len)) => Arc::new(SubSource::new(src, base, len)),
         None => src,
     };
-    let blob: Arc<dyn ReadAt> = if is_zfile(inner.as_ref())? {
+    if is_zfile(inner.as_ref())? {
         let len = inner.size();
-        Arc::new(ZFileReader::open(Box::new(SubSource::new(inner, 0, len)))?)
+        let z = ZFileReader::open(Box::new(SubSource::new(inner, 0, len)))?;
+        Ok((Arc::new(z), Wrapping { tar, zfile: true }))
     } else {
-        inner
-    };
-    SealedLayer::open(blob)
+        Ok((inner, Wrapping { tar, zfile: false }))
+    }
+}
+
+/// Open a sealed lower layer from its bytes as stored, read through any
+/// source (plain, ZFile, tar-wrapped: peeled as [`open_layer`] does).
+pub fn open_layer_source(src: Arc<dyn ReadAt>) -> Result<SealedLayer> {
+    SealedLayer::open(open_blob_source(src)?.0)
 }

@@ -20,6 +20,15 @@ pub trait ReadAt: Send + Sync {
     /// The file this data comes from, for error messages.
     fn path(&self) -> &Path;
 
+    /// Read several ranges `(offset, buf)` exactly, each with its own
+    /// result. Sources that can overlap the reads override this; the
+    /// default reads them one by one.
+    fn read_many_exact(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        reqs.iter_mut()
+            .map(|(off, buf)| self.read_exact_at(buf, *off))
+            .collect()
+    }
+
     /// Read exactly `buf.len()` bytes or fail naming the file.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let n = self.read_at(buf, offset)?;
@@ -70,6 +79,38 @@ impl ReadAt for FileSlice {
         }
         let n = (buf.len() as u64).min(self.len - offset) as usize;
         self.file.read_at(&mut buf[..n], self.base + offset)
+    }
+
+    /// All reads in flight at once when the file uses io_uring.
+    fn read_many_exact(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        let mut out: Vec<Option<Result<()>>> = Vec::with_capacity(reqs.len());
+        let mut io: Vec<(u64, &mut [u8])> = Vec::with_capacity(reqs.len());
+        let mut wanted = Vec::with_capacity(reqs.len());
+        for (off, buf) in reqs.iter_mut() {
+            let len = buf.len() as u64;
+            if off.checked_add(len).is_none_or(|end| end > self.len) {
+                out.push(Some(self.read_exact_at(buf, *off)));
+            } else {
+                out.push(None);
+                wanted.push((out.len() - 1, len as usize, *off));
+                io.push((self.base + *off, &mut buf[..]));
+            }
+        }
+        let results = self.file.read_many(&mut io);
+        for ((k, len, off), r) in wanted.into_iter().zip(results) {
+            out[k] = Some(match r {
+                Ok(n) if n == len => Ok(()),
+                Ok(n) => Err(Error::corrupt(
+                    self.path(),
+                    "blob",
+                    format!("truncated: wanted {len} bytes at offset {off}, got {n}"),
+                )),
+                Err(e) => Err(e),
+            });
+        }
+        out.into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect()
     }
 
     fn size(&self) -> u64 {
@@ -135,6 +176,20 @@ pub trait BlobSink {
 
     /// Bytes appended so far.
     fn position(&self) -> u64;
+
+    /// Append `len` bytes that `fill` writes in place: `fill(piece, offset)`
+    /// is called on consecutive pieces covering them, `offset` counting from
+    /// their start. Sinks with a buffer of their own hand out pieces of it,
+    /// saving a copy; the default fills a temporary buffer.
+    fn put_filled(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8], usize) -> Result<()>,
+    ) -> Result<()> {
+        let mut tmp = vec![0u8; len];
+        fill(&mut tmp, 0)?;
+        self.put(&tmp)
+    }
 }
 
 /// A [`BlobSink`] writing into a file from byte `base` on, buffering appends.
@@ -143,10 +198,14 @@ pub struct FileSink {
     file: IoFile,
     base: u64,
     pos: u64,
+    /// Always `SINK_BUFFER` long; `buf[..used]` is waiting to be written.
     buf: Vec<u8>,
+    used: usize,
 }
 
 const SINK_BUFFER: usize = 4 << 20;
+/// Appends at least this large skip the buffer (one copy less).
+const SINK_DIRECT: usize = 256 << 10;
 
 impl FileSink {
     pub fn new(file: IoFile, base: u64) -> Self {
@@ -154,16 +213,17 @@ impl FileSink {
             file,
             base,
             pos: 0,
-            buf: Vec::with_capacity(SINK_BUFFER),
+            buf: vec![0u8; SINK_BUFFER],
+            used: 0,
         }
     }
 
     /// Write out buffered bytes.
     pub fn flush_buffer(&mut self) -> Result<()> {
-        if !self.buf.is_empty() {
-            let at = self.base + self.pos - self.buf.len() as u64;
-            self.file.write_all_at(&self.buf, at)?;
-            self.buf.clear();
+        if self.used > 0 {
+            let at = self.base + self.pos - self.used as u64;
+            self.file.write_all_at(&self.buf[..self.used], at)?;
+            self.used = 0;
         }
         Ok(())
     }
@@ -181,13 +241,14 @@ impl FileSink {
 
 impl BlobSink for FileSink {
     fn put(&mut self, data: &[u8]) -> Result<()> {
-        if self.buf.len() + data.len() > SINK_BUFFER {
+        if self.used + data.len() > SINK_BUFFER || data.len() >= SINK_DIRECT {
             self.flush_buffer()?;
         }
-        if data.len() >= SINK_BUFFER {
+        if data.len() >= SINK_DIRECT {
             self.file.write_all_at(data, self.base + self.pos)?;
         } else {
-            self.buf.extend_from_slice(data);
+            self.buf[self.used..self.used + data.len()].copy_from_slice(data);
+            self.used += data.len();
         }
         self.pos += data.len() as u64;
         Ok(())
@@ -200,6 +261,25 @@ impl BlobSink for FileSink {
 
     fn position(&self) -> u64 {
         self.pos
+    }
+
+    fn put_filled(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8], usize) -> Result<()>,
+    ) -> Result<()> {
+        let mut done = 0;
+        while done < len {
+            if self.used == SINK_BUFFER {
+                self.flush_buffer()?;
+            }
+            let n = (SINK_BUFFER - self.used).min(len - done);
+            fill(&mut self.buf[self.used..self.used + n], done)?;
+            self.used += n;
+            self.pos += n as u64;
+            done += n;
+        }
+        Ok(())
     }
 }
 

@@ -96,6 +96,14 @@ impl WarpLayer {
         Self::with_target(meta, target)
     }
 
+    /// Open a sealed warp layer from its bytes as stored, read through any
+    /// source (plain, ZFile, tar-wrapped), with its target already opened
+    /// as the uncompressed layer tar.
+    pub fn open_source(meta: Arc<dyn ReadAt>, target: Arc<dyn ReadAt>) -> Result<WarpLayer> {
+        let (blob, _) = crate::layer::open_blob_source(meta)?;
+        Self::with_target(SealedLayer::open_warp(blob)?, target)
+    }
+
     /// Pair an opened warp layer with an opened target.
     pub fn with_target(meta: SealedLayer, target: Arc<dyn ReadAt>) -> Result<WarpLayer> {
         let tsize = target.size();

@@ -25,6 +25,7 @@
 
 use std::path::Path;
 
+use crate::compress::{BlockEngine, JOB_BYTES};
 use crate::error::{Error, Result};
 use crate::source::{BlobSink, ReadAt};
 
@@ -63,7 +64,7 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             Algorithm::Lz4 => 1,
             Algorithm::Zstd => 2,
@@ -112,7 +113,8 @@ pub struct ZfileOptions {
     /// Rewrite the header with the trailer's information at the end
     /// (`overlaybd-commit -z` does; `overlaybd-zfile` does not).
     pub overwrite_header: bool,
-    /// Compression threads; output bytes never depend on it.
+    /// Compression threads (1 compresses on the writer's thread); the
+    /// output bytes never depend on it. Default: every core.
     pub threads: usize,
 }
 
@@ -123,9 +125,7 @@ impl Default for ZfileOptions {
             block_size: 4096,
             verify: true,
             overwrite_header: true,
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            threads: crate::compress::default_threads(),
         }
     }
 }
@@ -264,6 +264,14 @@ impl std::fmt::Debug for ZFileReader {
 
 /// Largest compressed span read with one call.
 const READ_CHUNK: u64 = 4 << 20;
+
+thread_local! {
+    /// Compressed bytes of the blocks being read, kept between reads.
+    static STORED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// This thread's zstd decompression context.
+    static ZSTD_DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 impl ZFileReader {
     /// Open and validate a ZFile.
@@ -412,9 +420,19 @@ impl ZFileReader {
                 .map_err(|e| {
                 Error::corrupt(path, "ZFile", format!("block {i}: lz4 decode failed: {e}"))
             })?,
-            Algorithm::Zstd => zstd::bulk::decompress_to_buffer(data, out).map_err(|e| {
-                Error::corrupt(path, "ZFile", format!("block {i}: zstd decode failed: {e}"))
-            })?,
+            Algorithm::Zstd => ZSTD_DCTX
+                .with(|d| {
+                    let mut d = d.borrow_mut();
+                    if d.is_none() {
+                        *d = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    d.as_mut()
+                        .expect("set just above")
+                        .decompress_to_buffer(data, out)
+                })
+                .map_err(|e| {
+                    Error::corrupt(path, "ZFile", format!("block {i}: zstd decode failed: {e}"))
+                })?,
         };
         if n != out.len() {
             return Err(Error::corrupt(
@@ -424,6 +442,44 @@ impl ZFileReader {
             ));
         }
         Ok(())
+    }
+
+    /// Decode blocks `first..end`, whose stored bytes are `stored`
+    /// (starting at block `first`), into `out`, which receives the original
+    /// bytes from `offset` on (inside those blocks). Returns the bytes
+    /// written.
+    fn decode_run(
+        &self,
+        first: usize,
+        end: usize,
+        stored: &[u8],
+        offset: u64,
+        out: &mut [u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<usize> {
+        let bs = self.info.block_size as u64;
+        let start = self.offsets[first];
+        let mut done = 0usize;
+        for i in first..end {
+            if done == out.len() {
+                break;
+            }
+            let s =
+                &stored[(self.offsets[i] - start) as usize..(self.offsets[i + 1] - start) as usize];
+            let blen = self.block_len(i);
+            let bstart = i as u64 * bs;
+            let from = (offset + done as u64 - bstart) as usize;
+            let n = (blen - from).min(out.len() - done);
+            if from == 0 && n == blen {
+                self.decode_block(i, s, &mut out[done..done + n])?;
+            } else {
+                scratch.resize(bs as usize, 0);
+                self.decode_block(i, s, &mut scratch[..blen])?;
+                out[done..done + n].copy_from_slice(&scratch[from..from + n]);
+            }
+            done += n;
+        }
+        Ok(done)
     }
 
     fn block_len(&self, i: usize) -> usize {
@@ -442,7 +498,8 @@ impl ReadAt for ZFileReader {
         let bs = self.info.block_size as u64;
         let first = (offset / bs) as usize;
         let last = ((offset + want as u64 - 1) / bs) as usize;
-        let mut scratch = vec![0u8; bs as usize];
+        let mut scratch = Vec::new();
+        let mut stored = STORED.with(|v| std::mem::take(&mut *v.borrow_mut()));
         let mut done = 0usize;
         let mut b = first;
         while b <= last {
@@ -452,26 +509,66 @@ impl ReadAt for ZFileReader {
                 e += 1;
             }
             let start = self.offsets[b];
-            let mut stored = vec![0u8; (self.offsets[e] - start) as usize];
+            stored.resize((self.offsets[e] - start) as usize, 0);
             self.src.read_exact_at(&mut stored, start)?;
-            for i in b..e {
-                let s = &stored
-                    [(self.offsets[i] - start) as usize..(self.offsets[i + 1] - start) as usize];
-                let blen = self.block_len(i);
-                let bstart = i as u64 * bs;
-                let from = (offset + done as u64 - bstart) as usize;
-                let n = (blen - from).min(want - done);
-                if from == 0 && n == blen {
-                    self.decode_block(i, s, &mut buf[done..done + n])?;
-                } else {
-                    self.decode_block(i, s, &mut scratch[..blen])?;
-                    buf[done..done + n].copy_from_slice(&scratch[from..from + n]);
-                }
-                done += n;
-            }
+            done += self.decode_run(
+                b,
+                e,
+                &stored,
+                offset + done as u64,
+                &mut buf[done..want],
+                &mut scratch,
+            )?;
             b = e;
         }
+        if stored.capacity() <= READ_CHUNK as usize + MAX_BLOCK_SIZE as usize * 3 {
+            STORED.with(|v| *v.borrow_mut() = stored);
+        }
         Ok(done)
+    }
+
+    /// Reads whose compressed blocks fit one read each are read together
+    /// (overlapping when the source can), then decoded.
+    fn read_many_exact(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        let size = self.info.original_size;
+        let bs = self.info.block_size as u64;
+        let mut results: Vec<Option<Result<()>>> = Vec::with_capacity(reqs.len());
+        // (request, first block, end block, compressed bytes)
+        let mut spans: Vec<(usize, usize, usize, Vec<u8>)> = Vec::new();
+        for (k, (off, buf)) in reqs.iter_mut().enumerate() {
+            let len = buf.len() as u64;
+            if len == 0 || off.checked_add(len).is_none_or(|end| end > size) {
+                results.push(Some(self.read_exact_at(buf, *off)));
+                continue;
+            }
+            let first = (*off / bs) as usize;
+            let end = ((*off + len - 1) / bs) as usize + 1;
+            let span = self.offsets[end] - self.offsets[first];
+            if span > READ_CHUNK {
+                results.push(Some(self.read_exact_at(buf, *off)));
+                continue;
+            }
+            results.push(None);
+            spans.push((k, first, end, vec![0u8; span as usize]));
+        }
+        let mut io: Vec<(u64, &mut [u8])> = spans
+            .iter_mut()
+            .map(|(_, first, _, v)| (self.offsets[*first], &mut v[..]))
+            .collect();
+        let read = self.src.read_many_exact(&mut io);
+        drop(io);
+        let mut scratch = Vec::new();
+        for ((k, first, end, stored), r) in spans.into_iter().zip(read) {
+            let (off, buf) = &mut reqs[k];
+            results[k] = Some(r.and_then(|()| {
+                self.decode_run(first, end, &stored, *off, buf, &mut scratch)
+                    .map(|_| ())
+            }));
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every request answered"))
+            .collect()
     }
 
     fn size(&self) -> u64 {
@@ -502,17 +599,21 @@ pub fn verify_blocks(r: &ZFileReader) -> Result<()> {
 }
 
 /// Streaming ZFile writer over a [`BlobSink`].
+///
+/// Blocks are compressed on `opts.threads` threads by a
+/// [`BlockEngine`] and written in order, so the output bytes are the same
+/// for every thread count.
 pub struct ZFileWriter<S: BlobSink> {
     sink: S,
     opts: ZfileOptions,
+    engine: BlockEngine,
+    /// The job being filled: `pending[..filled]` (always `JOB_BYTES` long).
     pending: Vec<u8>,
+    filled: usize,
     block_lens: Vec<u32>,
     raw_size: u64,
     header: ZHeader,
 }
-
-/// Raw bytes compressed per batch (spread over the threads).
-const BATCH_BYTES: usize = 4 << 20;
 
 impl<S: BlobSink> ZFileWriter<S> {
     /// Start a ZFile: writes the provisional header.
@@ -525,10 +626,14 @@ impl<S: BlobSink> ZFileWriter<S> {
             verify: opts.verify,
             ..Default::default()
         };
+        let mut engine =
+            BlockEngine::new(opts.algorithm, opts.verify, opts.block_size, opts.threads)?;
         sink.put(&header.encode())?;
         Ok(ZFileWriter {
             sink,
-            pending: Vec::with_capacity(BATCH_BYTES),
+            pending: engine.buffer(),
+            filled: 0,
+            engine,
             opts,
             block_lens: Vec::new(),
             raw_size: 0,
@@ -537,73 +642,57 @@ impl<S: BlobSink> ZFileWriter<S> {
     }
 
     /// Append original bytes.
-    pub fn write(&mut self, mut data: &[u8]) -> Result<()> {
-        self.raw_size += data.len() as u64;
-        while !data.is_empty() {
-            let room = BATCH_BYTES - self.pending.len();
-            let n = room.min(data.len());
-            self.pending.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if self.pending.len() == BATCH_BYTES {
-                self.compress_pending(false)?;
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.write_filled(data.len(), &mut |piece, off| {
+            piece.copy_from_slice(&data[off..off + piece.len()]);
+            Ok(())
+        })
+    }
+
+    /// Append `len` original bytes that `fill` writes straight into the
+    /// writer's job buffers (one copy less than [`ZFileWriter::write`]):
+    /// `fill(piece, offset)` is called on consecutive pieces covering the
+    /// `len` bytes, `offset` counting from their start.
+    pub fn write_filled(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8], usize) -> Result<()>,
+    ) -> Result<()> {
+        let mut done = 0;
+        while done < len {
+            let n = (JOB_BYTES - self.filled).min(len - done);
+            fill(&mut self.pending[self.filled..self.filled + n], done)?;
+            self.filled += n;
+            self.raw_size += n as u64;
+            done += n;
+            if self.filled == JOB_BYTES {
+                self.submit_pending()?;
             }
         }
         Ok(())
     }
 
-    /// Compress the pending full blocks (and the partial tail if `all`).
-    fn compress_pending(&mut self, all: bool) -> Result<()> {
-        let bs = self.opts.block_size as usize;
-        let full = self.pending.len() / bs * bs;
-        let take = if all { self.pending.len() } else { full };
-        if take == 0 {
-            return Ok(());
-        }
-        let blocks: Vec<&[u8]> = self.pending[..take].chunks(bs).collect();
-        let threads = self.opts.threads.clamp(1, 16).min(blocks.len());
-        let algo = self.opts.algorithm;
-        let verify = self.opts.verify;
-        let mut outs: Vec<Result<Vec<u8>>> = Vec::with_capacity(blocks.len());
-        if threads <= 1 {
-            outs.extend(blocks.iter().map(|b| compress_block(algo, b, verify)));
-        } else {
-            let per = blocks.len().div_ceil(threads);
-            let parts: Vec<Vec<Result<Vec<u8>>>> = std::thread::scope(|s| {
-                let handles: Vec<_> = blocks
-                    .chunks(per)
-                    .map(|chunk| {
-                        s.spawn(move || {
-                            chunk
-                                .iter()
-                                .map(|b| compress_block(algo, b, verify))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("compression thread panicked"))
-                    .collect()
-            });
-            for p in parts {
-                outs.extend(p);
-            }
-        }
-        let mut out = Vec::with_capacity(take);
-        for o in outs {
-            let o = o?;
-            self.block_lens.push(o.len() as u32);
-            out.extend_from_slice(&o);
-        }
-        self.sink.put(&out)?;
-        self.pending.drain(..take);
+    /// Hand the pending bytes to the engine; finished jobs go to the sink.
+    fn submit_pending(&mut self) -> Result<()> {
+        let raw = std::mem::take(&mut self.pending);
+        let (sink, lens) = (&mut self.sink, &mut self.block_lens);
+        self.pending = self.engine.submit(raw, self.filled, &mut |d, l| {
+            lens.extend_from_slice(l);
+            sink.put(d)
+        })?;
+        self.filled = 0;
         Ok(())
     }
 
     /// Write the jump table and trailer (and rewrite the header if asked);
     /// returns the sink.
     pub fn finish(mut self) -> Result<S> {
-        self.compress_pending(true)?;
+        self.submit_pending()?;
+        let (sink, lens) = (&mut self.sink, &mut self.block_lens);
+        self.engine.finish(&mut |d, l| {
+            lens.extend_from_slice(l);
+            sink.put(d)
+        })?;
         let index_offset = self.sink.position();
         let mut table = Vec::with_capacity(self.block_lens.len() * 4);
         for l in &self.block_lens {
@@ -623,23 +712,6 @@ impl<S: BlobSink> ZFileWriter<S> {
         }
         Ok(self.sink)
     }
-}
-
-fn compress_block(algo: Algorithm, src: &[u8], verify: bool) -> Result<Vec<u8>> {
-    let mut out = match algo {
-        Algorithm::Lz4 => lz4::block::compress(src, None, false)
-            .map_err(|e| Error::Invalid(format!("lz4 compression failed: {e}")))?,
-        Algorithm::Zstd => zstd::bulk::compress(src, 3)
-            .map_err(|e| Error::Invalid(format!("zstd compression failed: {e}")))?,
-    };
-    if out.is_empty() {
-        return Err(Error::Invalid("compressor produced no output".into()));
-    }
-    if verify {
-        let crc = crc32c_raw(BLOCK_CRC_SEED, &out);
-        out.extend_from_slice(&crc.to_le_bytes());
-    }
-    Ok(out)
 }
 
 /// Compress everything `src` yields into `sink`.

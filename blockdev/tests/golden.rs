@@ -186,3 +186,48 @@ fn zfile_tool_output_differs_only_in_the_header() {
     let (blob, _) = open_blob(&out).unwrap();
     assert_eq!(blob.size(), 11_583_488);
 }
+
+/// Parallel compression writes exactly upstream's bytes whatever the
+/// thread count (1 compresses on the caller's thread).
+#[test]
+fn every_thread_count_gives_upstreams_bytes() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let src = f.join("baselayer/commit.lsmt");
+    for threads in 1..=4 {
+        for (alg, tar, want) in [
+            (Algorithm::Lz4, false, "baselayer/commit.lz4.zfile"),
+            (Algorithm::Zstd, false, "baselayer/commit.zstd.zfile"),
+            (Algorithm::Lz4, true, "baselayer/commit.lz4.zfile.tar"),
+        ] {
+            let out = dir
+                .path()
+                .join(format!("{threads}-{}", want.replace('/', "_")));
+            let mut o = opts(Some(alg), tar);
+            o.zfile.as_mut().unwrap().threads = threads;
+            commit_sealed(&src, &out, &o).unwrap();
+            assert_same_file(&out, &f.join(want));
+        }
+        let out = dir.path().join(format!("{threads}-zfile"));
+        zfile_compress_file(
+            Some(&src),
+            &out,
+            ZfileOptions {
+                overwrite_header: false,
+                threads,
+                ..Default::default()
+            },
+            false,
+            false,
+        )
+        .unwrap();
+        let (ours, theirs) = (
+            std::fs::read(&out).unwrap(),
+            std::fs::read(f.join("baselayer/commit.lz4.zfile")).unwrap(),
+        );
+        assert!(
+            ours[512..] == theirs[512..],
+            "overlaybd-zfile, {threads} threads"
+        );
+    }
+}

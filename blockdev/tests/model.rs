@@ -73,6 +73,58 @@ fn check(stack: &Stack, model: &[u8], unknown: &[bool]) {
     let mut piece = vec![0u8; 10_001];
     stack.read_at(&mut piece, 3_333).unwrap();
     assert_eq!(&piece[..], &got[3_333..13_334]);
+    // batched reads (aligned or not, across layers) agree too
+    let spans: [(u64, usize); 6] = [
+        (0, 4096),
+        (512 * 37, 512 * 300),
+        (3_333, 10_001),
+        (VSIZE / 2, 65_536),
+        (VSIZE - 8192, 8192),
+        (4096 * 100, 4096 * 40),
+    ];
+    let mut bufs: Vec<Vec<u8>> = spans.iter().map(|&(_, l)| vec![0xeeu8; l]).collect();
+    let mut reqs: Vec<(u64, &mut [u8])> = spans
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|(&(o, _), b)| (o, &mut b[..]))
+        .collect();
+    for r in stack.read_many(&mut reqs) {
+        r.unwrap();
+    }
+    drop(reqs);
+    for (&(o, l), b) in spans.iter().zip(&bufs) {
+        assert!(
+            b[..] == got[o as usize..o as usize + l],
+            "read_many at {o}+{l}"
+        );
+    }
+    // the allocation map agrees with the data
+    check_extents(stack, &got, 0, VSIZE);
+    check_extents(stack, &got, 3_333, 100_001);
+    check_extents(stack, &got, VSIZE - 777, 777);
+}
+
+/// `extents` covers exactly the range, in order, alternating kinds, and
+/// every extent it calls zero reads as zeros.
+fn check_extents(dev: &dyn BlockDevice, got: &[u8], off: u64, len: u64) {
+    let ext = dev.extents(off, len).unwrap();
+    let mut pos = off;
+    for (k, e) in ext.iter().enumerate() {
+        assert_eq!(e.offset, pos, "extents {ext:?}");
+        assert!(e.len > 0, "empty extent in {ext:?}");
+        if k > 0 {
+            assert_ne!(ext[k - 1].zero, e.zero, "unmerged extents {ext:?}");
+        }
+        if e.zero {
+            let b = &got[e.offset as usize..e.end() as usize];
+            assert!(
+                b.iter().all(|&x| x == 0),
+                "extent {e:?} is called zero but holds data"
+            );
+        }
+        pos = e.end();
+    }
+    assert_eq!(pos, off + len, "extents {ext:?} do not cover {off}+{len}");
 }
 
 fn new_upper(dir: &Path, n: usize, sparse: bool, vsize: u64) -> (PathBuf, PathBuf) {

@@ -197,8 +197,22 @@ fn broken_handshakes_and_vanishing_clients_do_not_hurt_others() {
 
 #[test]
 fn sixty_four_parallel_readers() {
+    parallel_readers(ServerConfig::default());
+}
+
+/// Several threads per connection take batches in turn; every reply is
+/// still the right one.
+#[test]
+fn sixty_four_parallel_readers_three_threads_per_connection() {
+    parallel_readers(ServerConfig {
+        workers_per_connection: 3,
+        ..ServerConfig::default()
+    });
+}
+
+fn parallel_readers(cfg: ServerConfig) {
     let dev = test_device();
-    let srv = start(dev.clone(), ServerConfig::default());
+    let srv = start(dev.clone(), cfg);
     let contents = Arc::new(dev.contents());
     let size = dev.size();
     let threads: Vec<_> = (0..64u64)

@@ -197,7 +197,9 @@ const FT_FIFO: u8 = sys::EXT2_FT_FIFO as u8;
 const FT_SOCK: u8 = sys::EXT2_FT_SOCK as u8;
 const FT_LNK: u8 = sys::EXT2_FT_SYMLINK as u8;
 const ROOT: u32 = sys::EXT2_ROOT_INO as u32;
-const MAX_SYMLINKS: usize = 40;
+/// Symbolic links followed while resolving one path before giving up (the
+/// kernel's limit too).
+pub const MAX_SYMLINKS: usize = 40;
 /// Linux device numbers: 12-bit major, 20-bit minor (`new_encode_dev`).
 pub(crate) const MAX_DEV_MAJOR: u64 = (1 << 12) - 1;
 pub(crate) const MAX_DEV_MINOR: u64 = (1 << 20) - 1;
@@ -226,8 +228,44 @@ fn entry_err(e: &Entry, msg: impl Into<String>) -> Error {
     }
 }
 
-/// Split a tar path into clean components; `None` if it leaves the root.
-fn clean_components(path: &[u8]) -> Option<Vec<&[u8]>> {
+/// The entry's extended attributes that ext4 accepts on an inode of `kind`:
+/// the `user.`, `trusted.`, `security.` namespaces and POSIX ACLs, with
+/// `user.*` only on files and directories (the kernel refuses it elsewhere).
+/// The others are skipped with a warning, as containerd and upstream do.
+/// Both apply engines use this rule.
+pub fn accepted_xattrs(e: &Entry, kind: Kind) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut v = Vec::new();
+    for (n, val) in &e.xattrs {
+        let known = n.starts_with(b"user.")
+            || n.starts_with(b"trusted.")
+            || n.starts_with(b"security.")
+            || n == b"system.posix_acl_access"
+            || n == b"system.posix_acl_default";
+        if !known || n.contains(&0) {
+            tracing::warn!(
+                "'{}': ignoring xattr '{}' (namespace not supported by ext4)",
+                quote(&e.path),
+                quote(n)
+            );
+            continue;
+        }
+        if n.starts_with(b"user.") && !matches!(kind, Kind::File | Kind::Dir) {
+            tracing::warn!(
+                "'{}': ignoring xattr '{}' (user.* only applies to files and directories)",
+                quote(&e.path),
+                quote(n)
+            );
+            continue;
+        }
+        v.push((n.clone(), val.clone()));
+    }
+    v
+}
+
+/// Split a tar path into clean components (`.` and empty ones dropped, `..`
+/// applied lexically); `None` if it leaves the root. Both apply engines use
+/// this rule.
+pub fn clean_components(path: &[u8]) -> Option<Vec<&[u8]>> {
     let mut out: Vec<&[u8]> = Vec::new();
     for c in path.split(|&b| b == b'/') {
         match c {
@@ -1041,32 +1079,7 @@ impl<'a> Applier<'a> {
 
     /// The entry's xattrs that the kernel would accept on this kind of inode.
     fn filter_xattrs(&self, e: &Entry, kind: Kind) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut v = Vec::new();
-        for (n, val) in &e.xattrs {
-            let known = n.starts_with(b"user.")
-                || n.starts_with(b"trusted.")
-                || n.starts_with(b"security.")
-                || n == b"system.posix_acl_access"
-                || n == b"system.posix_acl_default";
-            if !known || n.contains(&0) {
-                tracing::warn!(
-                    "'{}': ignoring xattr '{}' (namespace not supported by ext4)",
-                    quote(&e.path),
-                    quote(n)
-                );
-                continue;
-            }
-            if n.starts_with(b"user.") && !matches!(kind, Kind::File | Kind::Dir) {
-                tracing::warn!(
-                    "'{}': ignoring xattr '{}' (user.* only applies to files and directories)",
-                    quote(&e.path),
-                    quote(n)
-                );
-                continue;
-            }
-            v.push((n.clone(), val.clone()));
-        }
-        v
+        accepted_xattrs(e, kind)
     }
 
     /// End of the layer: directory times.

@@ -65,6 +65,15 @@ pub enum Error {
     /// A bad argument.
     #[error("{0}")]
     Invalid(String),
+    /// Another apply engine (the kernel engine) failed.
+    #[error("{engine} engine: {source}")]
+    Engine {
+        /// The engine's name.
+        engine: &'static str,
+        /// Its error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// Building or reading an EROFS layer failed.
     #[error(transparent)]
     Erofs(Box<crate::erofs::Error>),

@@ -3,6 +3,8 @@
 //! stack, a raw image, memory).
 //!
 //! * [`mkfs()`]: a deterministic ext4 with upstream overlaybd's feature set.
+//! * [`engine`]: the apply-engine seam ([`Libext2fs`] here, the kernel
+//!   engine in `overlaybd-kernel`).
 //! * [`turbo`]: TurboOCI layers (file data mapped into the layer tar).
 //! * [`apply_tar()`]: apply one OCI layer tar (whiteouts, opaque dirs, hard
 //!   links, xattrs, devices, sparse files) to the ext4 on a device.
@@ -15,6 +17,7 @@
 
 pub mod apply;
 pub mod dirent;
+pub mod engine;
 pub mod erofs;
 pub mod error;
 pub mod ext2fs;
@@ -25,6 +28,7 @@ pub mod tar;
 pub mod turbo;
 
 pub use apply::{apply_tar, ApplyOptions, ApplyStats};
+pub use engine::{Engine, Job, Libext2fs};
 pub use error::{Error, Result};
 pub use filedata::{CopyData, FileData, TargetData};
 pub use mkfs::{mkfs, MkfsOptions};

@@ -39,9 +39,10 @@ pub struct MkfsOptions {
 }
 
 /// Make sure the inode tables read as zeros. libext2fs does not write them
-/// (mke2fs does, or marks them uninitialised); a fresh layer reads zeros
-/// anyway, so only chunks that hold old data are zeroed, which leaves a new
-/// layer untouched.
+/// (mke2fs does, or marks them uninitialised). Only ranges the device may
+/// hold data in ([`BlockDevice::extents`]) are read, and only chunks that
+/// hold old data are zeroed: on a fresh layer, which reads zeros already,
+/// nothing is read or written.
 fn zero_inode_tables(fs: &mut Ext2Fs) -> Result<()> {
     let raw = fs.raw();
     let bs = fs.block_size();
@@ -62,18 +63,24 @@ fn zero_inode_tables(fs: &mut Ext2Fs) -> Result<()> {
         }
     }
     const CHUNK: u64 = 4 << 20;
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = Vec::new();
     let cache = &mut fs.channel().cache;
     for (blk, n) in ranges {
-        let (mut off, end) = (blk * bs, (blk + n) * bs);
-        while off < end {
-            let len = (end - off).min(CHUNK);
-            let b = &mut buf[..len as usize];
-            cache.device().read_at(b, off).map_err(Error::Device)?;
-            if b.iter().any(|&x| x != 0) {
-                cache.zero(off, len).map_err(Error::Device)?;
+        let dev = cache.device().clone();
+        for ext in dev.extents(blk * bs, n * bs).map_err(Error::Device)? {
+            if ext.zero {
+                continue;
             }
-            off += len;
+            let mut off = ext.offset;
+            while off < ext.end() {
+                let len = (ext.end() - off).min(CHUNK);
+                buf.resize(len as usize, 0);
+                dev.read_at(&mut buf, off).map_err(Error::Device)?;
+                if buf.iter().any(|&x| x != 0) {
+                    cache.zero(off, len).map_err(Error::Device)?;
+                }
+                off += len;
+            }
         }
     }
     Ok(())
@@ -108,6 +115,10 @@ impl Flavor for Stock {
 }
 
 /// Make an empty ext4 filesystem on `dev`.
+///
+/// Like upstream's mkfs, the device is not flushed at the end: everything
+/// is written to it, and callers that need durability call
+/// [`BlockDevice::flush`] (a layer is made durable when it is committed).
 pub fn mkfs(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions) -> Result<()> {
     mkfs_with(dev, opts, &Stock)
 }
@@ -232,5 +243,5 @@ pub fn mkfs_with(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions, flavor: &dyn Fla
         i.set_times(Timestamp::default(), Timestamp::default());
         fs.write_inode(ino, &mut i)?;
     }
-    fs.close(Some(0))
+    fs.close_unsynced(Some(0))
 }

@@ -129,6 +129,15 @@ pub fn progress_reporter(label: &str) -> blockdev::commit::Progress {
     }))
 }
 
+/// A `--threads` value: 0 means every core.
+pub fn threads(n: usize) -> usize {
+    if n == 0 {
+        blockdev::compress::default_threads()
+    } else {
+        n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

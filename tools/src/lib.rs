@@ -1,8 +1,10 @@
 //! Shared code of the overlaybd command-line tools: [`cli`], helpers of the thin
-//! binaries (logging, error reporting, sizes, progress).
+//! binaries (logging, error reporting, sizes, progress); [`engine`], the
+//! `--engine` options.
 //!
 //! The libraries behind the convertor live in their own crates (`crates/`):
 //! `obdoci` (OCI image model and layouts), `obdregistry` (distribution client),
 //! `obddedup` (dedup database), `obdconvert` (the conversion pipeline).
 
 pub mod cli;
+pub mod engine;

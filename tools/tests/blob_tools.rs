@@ -30,6 +30,16 @@ fn commit_tool_reproduces_upstream_blobs() {
             "baselayer/commit.zstd.zfile",
         ),
         (vec!["-z", "-t"], "baselayer/commit.lz4.zfile.tar"),
+        // the thread count never changes the bytes
+        (vec!["-z", "--threads", "1"], "baselayer/commit.lz4.zfile"),
+        (
+            vec!["-z", "--algorithm", "zstd", "--threads", "3"],
+            "baselayer/commit.zstd.zfile",
+        ),
+        (
+            vec!["-z", "-t", "--compress_threads", "4"],
+            "baselayer/commit.lz4.zfile.tar",
+        ),
     ] {
         let out = dir.path().join("out");
         let mut a = vec!["--commit_sealed", lsmt, "out", "--uuid", UUID];
@@ -47,6 +57,8 @@ fn commit_tool_reproduces_upstream_blobs() {
     let theirs = std::fs::read(f.join("baselayer/commit.lz4.zfile")).unwrap();
     assert_eq!((ours[32], theirs[32]), (0x13, 0x1b));
     assert!(ours[512..] == theirs[512..]);
+    assert_ok(&run(ZFILE, &["--threads", "1", lsmt, "z1"], dir.path()));
+    assert!(std::fs::read(dir.path().join("z1")).unwrap() == ours);
     assert_ok(&run(ZFILE, &["--verify", "z"], dir.path()));
     assert_ok(&run(ZFILE, &["-x", "z", "back"], dir.path()));
     assert!(std::fs::read(dir.path().join("back")).unwrap() == std::fs::read(lsmt).unwrap());
@@ -103,7 +115,15 @@ fn help_explains_flags() {
     }
     let o = Command::new(COMMIT).arg("--help").output().unwrap();
     let t = String::from_utf8_lossy(&o.stdout);
-    for flag in ["-z", "-t", "--algorithm", "--bs", "--uuid", "--parent-uuid"] {
+    for flag in [
+        "-z",
+        "-t",
+        "--algorithm",
+        "--bs",
+        "--uuid",
+        "--parent-uuid",
+        "--threads",
+    ] {
         assert!(t.contains(flag), "--help lacks {flag}");
     }
 }

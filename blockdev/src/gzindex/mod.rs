@@ -469,7 +469,7 @@ struct Slot {
 pub struct GzFile {
     blob: Arc<dyn ReadAt>,
     index_path: PathBuf,
-    index: Arc<IoFile>,
+    index: Arc<dyn ReadAt>,
     header: Header,
     entries: Vec<Entry>,
     cache: Mutex<VecDeque<Slot>>,
@@ -496,9 +496,19 @@ impl GzFile {
     /// Open `blob` (the gzip bytes) through the index file at `index`. Every
     /// field of the index is validated against both files first.
     pub fn open(blob: Arc<dyn ReadAt>, index: &Path) -> Result<GzFile> {
+        let file = Arc::new(IoFile::open(index)?);
+        let src = crate::source::FileSlice::whole(file)?;
+        Self::open_source(blob, Arc::new(src))
+    }
+
+    /// [`Self::open`] with the index read from any source (a `gzip.meta`
+    /// unpacked from a TurboOCI layer blob into memory, say); the source's
+    /// `path()` names it in errors.
+    pub fn open_source(blob: Arc<dyn ReadAt>, file: Arc<dyn ReadAt>) -> Result<GzFile> {
+        let index = file.path().to_path_buf();
+        let index = index.as_path();
         let bad = |msg: String| Error::corrupt(index, FORMAT, msg);
-        let file = IoFile::open(index)?;
-        let size = file.len()?;
+        let size = file.size();
         if size < HEADER_SIZE as u64 {
             return Err(bad(format!(
                 "file is {size} bytes, smaller than the {HEADER_SIZE}-byte header"
@@ -611,7 +621,7 @@ impl GzFile {
         Ok(GzFile {
             blob,
             index_path: index.to_path_buf(),
-            index: Arc::new(file),
+            index: file,
             header: h,
             entries,
             cache: Mutex::new(VecDeque::new()),

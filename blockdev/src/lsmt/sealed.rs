@@ -140,6 +140,14 @@ impl SealedLayer {
     pub fn read_mapped(&self, buf: &mut [u8], moffset: u64) -> Result<()> {
         self.src.read_exact_at(buf, moffset * SECTOR)
     }
+
+    /// Several [`SealedLayer::read_mapped`] at once `(moffset, buf)`.
+    pub fn read_mapped_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        for r in reqs.iter_mut() {
+            r.0 *= SECTOR;
+        }
+        self.src.read_many_exact(reqs)
+    }
 }
 
 /// Validate one decoded index entry against the data area and its predecessor.

@@ -511,6 +511,22 @@ impl WritableLayer {
         Ok(())
     }
 
+    /// Several [`WritableLayer::read_mapped`] at once `(moffset, buf)`.
+    pub fn read_mapped_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+        for r in reqs.iter_mut() {
+            r.0 *= SECTOR;
+        }
+        let results = self.data.read_many(reqs);
+        reqs.iter_mut()
+            .zip(results)
+            .map(|((_, buf), r)| {
+                let n = r?;
+                buf[n..].fill(0);
+                Ok(())
+            })
+            .collect()
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -731,6 +747,14 @@ impl WritableLayer {
         st.pending.clear();
         drop(st);
         Ok(())
+    }
+
+    /// Append pending index entries to the index file, without fsync.
+    pub fn save_index(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush_index(&mut self.state.lock())
     }
 
     /// Append pending index entries and fsync both files.

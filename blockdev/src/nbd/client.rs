@@ -23,6 +23,10 @@ pub struct Reply {
     pub data: Vec<u8>,
     /// Error message of a structured error chunk.
     pub message: String,
+    /// Content chunks of a structured read reply, in arrival order:
+    /// `(chunk type, offset, length)` (`REPLY_TYPE_OFFSET_DATA` or
+    /// `REPLY_TYPE_OFFSET_HOLE`).
+    pub chunks: Vec<(u16, u64, u64)>,
 }
 
 /// Options for [`Client::connect`].
@@ -151,6 +155,12 @@ impl Client {
         self.w.flush()
     }
 
+    /// Bytes already received but not yet consumed by [`Client::recv`]:
+    /// when nonzero, another reply has started to arrive.
+    pub fn buffered(&self) -> usize {
+        self.r.buffer().len()
+    }
+
     /// Wait for the next complete reply (any handle).
     pub fn recv(&mut self) -> io::Result<Reply> {
         let magic = u32::from_be_bytes(rd(&mut self.r)?);
@@ -171,6 +181,7 @@ impl Client {
                     error,
                     data,
                     message: String::new(),
+                    chunks: Vec::new(),
                 })
             }
             STRUCTURED_REPLY_MAGIC => self.recv_structured(),
@@ -185,6 +196,7 @@ impl Client {
             error: 0,
             data: Vec::new(),
             message: String::new(),
+            chunks: Vec::new(),
         };
         loop {
             if !first {
@@ -245,6 +257,7 @@ impl Client {
                     if let Some(d) = data {
                         out.data[start..start + d.len()].copy_from_slice(d);
                     }
+                    out.chunks.push((typ, off, n));
                 }
                 REPLY_TYPE_BLOCK_STATUS => {
                     if !(p.len() - 4).is_multiple_of(8) {

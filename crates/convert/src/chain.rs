@@ -37,6 +37,8 @@ pub struct LayerJob<'a> {
     pub virtual_size: u64,
     /// Make an ext4 before applying (bottom layer with `--mkfs`).
     pub mkfs: bool,
+    /// How the ext4 is made and the tar applied (`--engine`).
+    pub engine: &'a dyn obdfs::Engine,
     pub sparse: bool,
     pub uuid: Uuid,
     pub parent_uuid: Option<Uuid>,
@@ -99,16 +101,13 @@ pub fn apply_layer(
         Some((&data, &index)),
         WritableLayer::open,
     )?);
-    if job.mkfs {
-        obdfs::mkfs(stack.clone(), &obdfs::MkfsOptions::default())?;
-    }
     let mut cb = |s: &obdfs::ApplyStats| on_apply(s.tar_bytes);
-    let apply = obdfs::apply_tar(
+    let apply = job.engine.apply(
         stack.clone(),
-        tar,
-        obdfs::ApplyOptions {
+        obdfs::Job {
+            mkfs: job.mkfs,
+            tar,
             progress: Some(&mut cb),
-            ..Default::default()
         },
     )?;
     stack.flush()?;

@@ -179,6 +179,9 @@ pub struct ConvertOptions {
     pub download_concurrency: usize,
     /// The prebuilt base layer used when `mkfs` is false.
     pub baselayer: PathBuf,
+    /// How filesystems are made and layers applied (`--engine`; libext2fs by
+    /// default).
+    pub engine: std::sync::Arc<dyn obdfs::Engine>,
 }
 
 impl Default for ConvertOptions {
@@ -196,6 +199,7 @@ impl Default for ConvertOptions {
             concurrency_limit: 4,
             download_concurrency: 4,
             baselayer: PathBuf::from("/opt/overlaybd/baselayers/ext4_64"),
+            engine: std::sync::Arc::new(obdfs::Libext2fs::default()),
         }
     }
 }

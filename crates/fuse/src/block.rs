@@ -117,7 +117,7 @@ impl DiskFs {
     }
 
     fn fail(e: &blockdev::Error, what: &str) -> Errno {
-        tracing::warn!("{what}: {e}");
+        tracing::warn!("{what}: {}", obdimage::error::Chain(e));
         Errno::from_i32(errno_of(e))
     }
 

@@ -26,14 +26,18 @@ pub enum Error {
         #[source]
         source: Box<obdfs::Error>,
     },
-    /// An OCI image layout is unusable (missing file, bad JSON, not overlaybd).
-    #[error("{path}: {msg}")]
-    Oci {
-        /// The file or directory at fault.
-        path: PathBuf,
-        /// What is wrong.
-        msg: String,
+    /// The EROFS image inside the stack cannot be read.
+    #[error("{what}")]
+    Erofs {
+        /// What was being read.
+        what: String,
+        /// The reader's error (boxed: it is large and rare).
+        #[source]
+        source: Box<obdfs::erofs::Error>,
     },
+    /// What to serve cannot be found or opened.
+    #[error(transparent)]
+    Image(#[from] obdimage::Error),
     /// An operating-system error on a named file or mountpoint.
     #[error("{path}: {what}")]
     Io {
@@ -57,14 +61,6 @@ impl Error {
             path: path.into(),
             what: what.into(),
             source,
-        }
-    }
-
-    /// A layout error on `path`.
-    pub fn oci(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Oci {
-            path: path.into(),
-            msg: msg.into(),
         }
     }
 }

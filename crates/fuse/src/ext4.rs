@@ -4,16 +4,19 @@
 //! Metadata (inodes, directories, extent trees, symlinks, xattrs) is read
 //! through libext2fs ([`obdfs::ext2fs::Ext2Fs`], opened read-only over the
 //! stack), which is single-threaded and therefore sits behind one mutex.
-//! What it returns is cached per inode ([`Node`]): the filesystem never
-//! changes while mounted. File data never goes through libext2fs: a file's
-//! block map is resolved once under the mutex, and reads then go straight to
-//! the block device, so any number of data reads run in parallel.
+//! What it returns is cached per inode and piece ([`Node`], directory,
+//! block map, symlink, xattrs) in a bounded [`Cache`]: the filesystem never
+//! changes while mounted, so anything evicted (over budget, or forgotten by
+//! the kernel) is simply read again. File data never goes through
+//! libext2fs: a file's block map is resolved under the mutex, and reads
+//! then go straight to the block device, so any number of data reads run in
+//! parallel.
 //!
 //! Inode numbers, modes, owners, times (nanoseconds), device numbers, block
 //! counts and xattrs are reported as stored.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blockdev::BlockDevice;
@@ -21,8 +24,9 @@ use fuser::{Errno, FileAttr, FileType, INodeNo};
 use obdfs::ext2fs::inode::{self, Inode, Timestamp};
 use obdfs::ext2fs::read::{Counts, Run};
 use obdfs::ext2fs::Ext2Fs;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
+use crate::cache::{xattrs_weight, Cache, CacheStats, Part, DIRENT_WEIGHT, NODE_WEIGHT};
 use crate::error::{errno_of, Error, Result};
 use crate::tree::{DirEntry, DirList, FileTree, TreeResult, TreeStats, Xattrs};
 
@@ -30,6 +34,8 @@ use crate::tree::{DirEntry, DirList, FileTree, TreeResult, TreeStats, Xattrs};
 const EXT4_ROOT: u32 = 2;
 /// libext2fs's metadata cache.
 const META_CACHE: usize = 64 << 20;
+/// Our own metadata cache, by default.
+pub const DEFAULT_CACHE: usize = crate::cache::DEFAULT_BUDGET;
 
 fn time(t: Timestamp) -> SystemTime {
     if t.sec >= 0 {
@@ -72,30 +78,36 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 }
 
 /// A directory's names, listed and indexed.
-struct Dir {
+pub struct Dir {
     list: Arc<DirList>,
     by_name: HashMap<Vec<u8>, u32>,
 }
 
 /// A regular file's data.
-enum Data {
+pub enum Data {
     /// Physical runs of the file's blocks.
     Runs(Vec<Run>),
     /// Inline data (stored in the inode).
     Inline(Vec<u8>),
 }
 
-/// What is cached about one inode.
+/// What is known about one inode without reading more than the inode.
 pub struct Node {
     ino: u32,
     attr: FileAttr,
     /// `i_flags` (the inode itself is read again when its data is mapped,
     /// so a cached node stays small).
     flags: u32,
-    dir: OnceLock<Arc<Dir>>,
-    data: OnceLock<Arc<Data>>,
-    link: OnceLock<Arc<Vec<u8>>>,
-    xattrs: OnceLock<Xattrs>,
+}
+
+/// One cached piece of an inode.
+#[derive(Clone)]
+enum Cached {
+    Node(Arc<Node>),
+    Dir(Arc<Dir>),
+    Data(Arc<Data>),
+    Link(Arc<Vec<u8>>),
+    Xattrs(Xattrs),
 }
 
 /// The ext4 filesystem on a device, as a [`FileTree`].
@@ -105,12 +117,93 @@ pub struct Ext4Tree {
     block_size: u64,
     counts: Counts,
     huge_file: bool,
-    nodes: RwLock<HashMap<u32, Arc<Node>>>,
+    cache: Cache<(u64, Part), Cached>,
+    /// Blocks statfs reports (the kernel's count: without the overhead).
+    statfs_blocks: u64,
+}
+
+/// Whether block group `g` holds a superblock backup (and group descriptors).
+fn has_super(g: u64, sparse: bool, sparse2: Option<[u64; 2]>) -> bool {
+    if g == 0 {
+        return true;
+    }
+    if let Some(b) = sparse2 {
+        return g == b[0] || g == b[1];
+    }
+    if g == 1 || !sparse {
+        return true;
+    }
+    if g.is_multiple_of(2) {
+        return false;
+    }
+    [3u64, 5, 7].iter().any(|&p| {
+        let mut x = g;
+        while x.is_multiple_of(p) {
+            x /= p;
+        }
+        x == 1
+    })
+}
+
+/// The blocks the kernel's ext4 counts as overhead (`ext4_calculate_overhead`:
+/// the first data block, per group its superblock backup, group descriptor
+/// and reserved GDT blocks, two bitmaps and inode table, and the journal),
+/// so statfs reports
+/// the size `df` shows for a kernel mount. `sb` is the 1024-byte
+/// superblock; `None` when the layout is one we do not count (bigalloc).
+fn kernel_overhead(sb: &[u8], journal_blocks: u64) -> Option<u64> {
+    let u16_at = |o: usize| u16::from_le_bytes([sb[o], sb[o + 1]]) as u64;
+    let u32_at = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes")) as u64;
+    let (compat, incompat, ro_compat) = (u32_at(92), u32_at(96), u32_at(100));
+    if ro_compat & 0x200 != 0 {
+        return None; // bigalloc
+    }
+    let stored = u32_at(584);
+    let bs = 1024u64.checked_shl(u32_at(24) as u32)?;
+    let is64 = incompat & 0x80 != 0;
+    let blocks = u32_at(4) | if is64 { u32_at(336) << 32 } else { 0 };
+    if stored != 0 && stored <= blocks {
+        return Some(stored);
+    }
+    let first = u32_at(20);
+    let per_group = u32_at(32);
+    let ipg = u32_at(40);
+    let isize = if u32_at(76) >= 1 { u16_at(88) } else { 128 };
+    let desc = if is64 { u16_at(254).max(32) } else { 32 };
+    if per_group == 0 || isize == 0 || desc > bs || blocks <= first {
+        return None;
+    }
+    let groups = (blocks - first).div_ceil(per_group);
+    let per_block = bs / desc;
+    let gdb_count = groups.div_ceil(per_block);
+    let itb = (ipg * isize).div_ceil(bs);
+    let sparse = ro_compat & 0x1 != 0;
+    let sparse2 = (compat & 0x200 != 0).then(|| [u32_at(588), u32_at(592)]);
+    let meta_bg = incompat & 0x10 != 0;
+    let first_meta_bg = u32_at(260);
+    let reserved_gdt = u16_at(206);
+    let mut total = first;
+    for g in 0..groups {
+        let sup = has_super(g, sparse, sparse2);
+        let metagroup = g / per_block;
+        let gdb = if !meta_bg || metagroup < first_meta_bg {
+            match (sup, meta_bg) {
+                (false, _) => 0,
+                (true, true) => first_meta_bg + reserved_gdt,
+                (true, false) => gdb_count + reserved_gdt,
+            }
+        } else {
+            let r = g % per_block;
+            (r == 0 || r == 1 || r == per_block - 1) as u64
+        };
+        total += sup as u64 + gdb + itb + 2;
+    }
+    Some(total + journal_blocks)
 }
 
 /// The errno for a libext2fs or device failure (logged).
 fn ext_errno(e: &obdfs::Error) -> Errno {
-    tracing::warn!("{e}");
+    tracing::warn!("{}", obdimage::error::Chain(e));
     match e {
         obdfs::Error::Device(d) => Errno::from_i32(errno_of(d)),
         obdfs::Error::Invalid(_) => Errno::ENOENT,
@@ -119,21 +212,46 @@ fn ext_errno(e: &obdfs::Error) -> Errno {
 }
 
 impl Ext4Tree {
-    /// Open the ext4 filesystem on `dev` (read-only).
+    /// Open the ext4 filesystem on `dev` (read-only), caching at most
+    /// [`DEFAULT_CACHE`] bytes of metadata.
     pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Self> {
-        let fs = Ext2Fs::open_read_only(dev.clone(), META_CACHE).map_err(|source| Error::Ext4 {
-            what: "no readable ext4 filesystem on the disk".into(),
-            source: Box::new(source),
-        })?;
+        Self::open_with_cache(dev, DEFAULT_CACHE)
+    }
+
+    /// Open the ext4 filesystem on `dev` (read-only), caching at most
+    /// `cache_bytes` of metadata (inodes, directories, block maps).
+    pub fn open_with_cache(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Result<Self> {
+        let mut fs =
+            Ext2Fs::open_read_only(dev.clone(), META_CACHE).map_err(|source| Error::Ext4 {
+                what: "no readable ext4 filesystem on the disk".into(),
+                source: Box::new(source),
+            })?;
         let counts = fs.counts();
         let huge_file = fs.has_ro_compat(obdfs::ext2fs::sys::EXT4_FEATURE_RO_COMPAT_HUGE_FILE);
+        let mut sb = [0u8; 1024];
+        dev.read_at(&mut sb, 1024).map_err(|source| Error::Stack {
+            what: "cannot read the ext4 superblock".into(),
+            source,
+        })?;
+        let journal = u32::from_le_bytes(sb[224..228].try_into().expect("4 bytes"));
+        let journal_blocks = if sb[92] & 0x4 != 0 && journal != 0 {
+            fs.read_inode(journal)
+                .map(|i| i.size() / counts.block_size)
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let statfs_blocks = kernel_overhead(&sb, journal_blocks)
+            .and_then(|o| counts.blocks.checked_sub(o))
+            .unwrap_or(counts.blocks);
         let me = Ext4Tree {
             block_size: counts.block_size,
             counts,
             huge_file,
             fs: Mutex::new(fs),
             dev,
-            nodes: RwLock::new(HashMap::new()),
+            cache: Cache::new(cache_bytes),
+            statfs_blocks,
         };
         let root = me.node(EXT4_ROOT).map_err(|source| Error::Ext4 {
             what: "cannot read the root directory".into(),
@@ -147,14 +265,23 @@ impl Ext4Tree {
         Ok(me)
     }
 
-    /// The cached node of ext4 inode `ino`, reading it on first use.
+    /// The node of ext4 inode `ino` (cached).
     pub fn node(&self, ino: u32) -> obdfs::Result<Arc<Node>> {
-        if let Some(n) = self.nodes.read().get(&ino) {
-            return Ok(n.clone());
+        let key = (ino as u64, Part::Node);
+        if let Some(Cached::Node(n)) = self.cache.get(&key) {
+            return Ok(n);
         }
         let inode = self.fs.lock().read_inode(ino)?;
         let n = Arc::new(self.make_node(ino, &inode)?);
-        Ok(self.nodes.write().entry(ino).or_insert(n).clone())
+        match self.cache.insert(key, Cached::Node(n.clone()), NODE_WEIGHT) {
+            Cached::Node(c) => Ok(c),
+            _ => Ok(n),
+        }
+    }
+
+    /// The cache's counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
     }
 
     fn make_node(&self, ino: u32, inode: &Inode) -> obdfs::Result<Node> {
@@ -202,10 +329,6 @@ impl Ext4Tree {
             ino,
             attr,
             flags: inode.flags(),
-            dir: OnceLock::new(),
-            data: OnceLock::new(),
-            link: OnceLock::new(),
-            xattrs: OnceLock::new(),
         })
     }
 
@@ -218,8 +341,9 @@ impl Ext4Tree {
     }
 
     fn dir_of(&self, n: &Node) -> obdfs::Result<Arc<Dir>> {
-        if let Some(d) = n.dir.get() {
-            return Ok(d.clone());
+        let key = (n.ino as u64, Part::Dir);
+        if let Some(Cached::Dir(d)) = self.cache.get(&key) {
+            return Ok(d);
         }
         let mut fs = self.fs.lock();
         let names = fs.dir_entries(n.ino)?;
@@ -227,10 +351,12 @@ impl Ext4Tree {
         drop(fs);
         let mut entries = Vec::with_capacity(names.len());
         let mut by_name = HashMap::with_capacity(names.len());
+        let mut weight = 128;
         for (name, ino, ftype) in names {
             if ino == 0 {
                 continue;
             }
+            weight += 2 * name.len() + DIRENT_WEIGHT;
             by_name.insert(name.clone(), ino);
             entries.push(DirEntry {
                 name,
@@ -245,12 +371,16 @@ impl Ext4Tree {
             }),
             by_name,
         });
-        Ok(n.dir.get_or_init(|| d).clone())
+        match self.cache.insert(key, Cached::Dir(d.clone()), weight) {
+            Cached::Dir(c) => Ok(c),
+            _ => Ok(d),
+        }
     }
 
     fn data(&self, n: &Node) -> obdfs::Result<Arc<Data>> {
-        if let Some(d) = n.data.get() {
-            return Ok(d.clone());
+        let key = (n.ino as u64, Part::Data);
+        if let Some(Cached::Data(d)) = self.cache.get(&key) {
+            return Ok(d);
         }
         let mut fs = self.fs.lock();
         let mut inode = fs.read_inode(n.ino)?;
@@ -262,7 +392,16 @@ impl Ext4Tree {
             Data::Runs(fs.block_map(n.ino, &mut inode)?)
         };
         drop(fs);
-        Ok(n.data.get_or_init(|| Arc::new(d)).clone())
+        let weight = 64
+            + match &d {
+                Data::Runs(r) => std::mem::size_of_val(r.as_slice()),
+                Data::Inline(v) => v.len(),
+            };
+        let d = Arc::new(d);
+        match self.cache.insert(key, Cached::Data(d.clone()), weight) {
+            Cached::Data(c) => Ok(c),
+            _ => Ok(d),
+        }
     }
 
     /// Read file bytes `[offset, offset+len)` (clamped to the file size).
@@ -353,7 +492,7 @@ impl FileTree for Ext4Tree {
             return Err(Errno::EINVAL);
         }
         self.read_file(&n, offset, len as u64).map_err(|e| {
-            tracing::warn!("{e}");
+            tracing::warn!("{}", obdimage::error::Chain(&e));
             match &e {
                 Error::Stack { source, .. } => Errno::from_i32(errno_of(source)),
                 _ => Errno::EIO,
@@ -366,8 +505,9 @@ impl FileTree for Ext4Tree {
         if n.attr.kind != FileType::Symlink {
             return Err(Errno::EINVAL);
         }
-        if let Some(l) = n.link.get() {
-            return Ok(l.clone());
+        let key = (ino, Part::Link);
+        if let Some(Cached::Link(l)) = self.cache.get(&key) {
+            return Ok(l);
         }
         let mut fs = self.fs.lock();
         let t = fs
@@ -375,22 +515,45 @@ impl FileTree for Ext4Tree {
             .and_then(|mut i| fs.link_target(n.ino, &mut i))
             .map_err(|e| ext_errno(&e))?;
         drop(fs);
-        Ok(n.link.get_or_init(|| Arc::new(t)).clone())
+        let t = Arc::new(t);
+        match self
+            .cache
+            .insert(key, Cached::Link(t.clone()), 64 + t.len())
+        {
+            Cached::Link(c) => Ok(c),
+            _ => Ok(t),
+        }
     }
 
     fn xattrs(&self, ino: u64) -> TreeResult<Xattrs> {
         let n = self.node_of(ino)?;
-        if let Some(x) = n.xattrs.get() {
-            return Ok(x.clone());
+        let key = (ino, Part::Xattrs);
+        if let Some(Cached::Xattrs(x)) = self.cache.get(&key) {
+            return Ok(x);
         }
         let x = self.fs.lock().xattrs(n.ino).map_err(|e| ext_errno(&e))?;
-        Ok(n.xattrs.get_or_init(|| Arc::new(x)).clone())
+        let x: Xattrs = Arc::new(x);
+        match self
+            .cache
+            .insert(key, Cached::Xattrs(x.clone()), xattrs_weight(&x))
+        {
+            Cached::Xattrs(c) => Ok(c),
+            _ => Ok(x),
+        }
+    }
+
+    fn forget(&self, ino: u64) {
+        self.cache.remove_all(Part::ALL.map(|p| (ino, p)));
+    }
+
+    fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
     }
 
     fn stats(&self) -> TreeStats {
         let c = self.counts;
         TreeStats {
-            blocks: c.blocks,
+            blocks: self.statfs_blocks,
             free_blocks: c.free_blocks,
             avail_blocks: c.free_blocks.saturating_sub(c.reserved_blocks),
             files: c.inodes,

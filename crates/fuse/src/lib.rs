@@ -1,24 +1,26 @@
 //! `overlaybd-fuse`: overlaybd layer stacks and converted images through the
 //! kernel's FUSE, without root (fusermount3), NBD or a loop device.
 //!
-//! * [`source`]: what to serve: layer files, a `config.json`, `oci:DIR[:TAG]`
-//!   ([`oci`]), and the [`source::LayerBlob`] seam for other blob sources.
+//! * What to serve (layer files, a `config.json`, `oci:DIR[:TAG]`, a registry
+//!   image read lazily) is [`obdimage::ImageSpec`], shared with `overlaybd-nbd`.
 //! * [`block`]: block mode, the virtual disk as `MOUNTPOINT/disk` (read-only,
 //!   or writable into an upper layer).
 //! * [`tree`]: filesystem mode's seam, a read-only [`tree::FileTree`], and
 //!   its FUSE server [`tree::TreeFs`].
 //! * [`ext4`]: the ext4 inside the stack as a file tree.
+//! * [`erofs`]: the EROFS inside the stack as a file tree.
+//! * [`cache`]: the bounded metadata cache of both trees.
 //! * [`session`]: mounting, serving on several threads, clean shutdown.
 //! * [`mount()`]: all of it for one request (what the binary calls).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod block;
+pub mod cache;
+pub mod erofs;
 pub mod error;
 pub mod ext4;
-pub mod oci;
 pub mod session;
-pub mod source;
 pub mod tree;
 
 use std::sync::Arc;
@@ -26,16 +28,62 @@ use std::sync::Arc;
 use blockdev::BlockDevice;
 
 pub use error::{Error, Result};
+pub use obdimage::{ImageSpec, LayerBlob, LowerSpec, RemoteOptions, Target, UpperSpec};
 pub use session::{Ended, MountConfig};
-pub use source::{ImageSpec, LayerBlob};
 
 /// What the mount shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// The virtual disk as one file, `MOUNTPOINT/disk`.
     Block,
-    /// The files of the ext4 filesystem on the disk (read-only).
+    /// The files of the filesystem on the disk (ext4 or EROFS, read-only).
     Fs,
+}
+
+/// The filesystems filesystem mode serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsType {
+    Ext4,
+    Erofs,
+}
+
+impl std::fmt::Display for FsType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FsType::Ext4 => "ext4",
+            FsType::Erofs => "erofs",
+        })
+    }
+}
+
+/// ext2/3/4 superblock magic (le16 at byte 1080).
+const EXT4_MAGIC: u16 = 0xef53;
+/// EROFS superblock magic (le32 at byte 1024).
+const EROFS_MAGIC: u32 = 0xe0f5_e1e2;
+
+/// Which filesystem the disk holds, from its superblock (as overlaybd's
+/// snapshotter does before mounting).
+pub fn detect_fs(dev: &dyn BlockDevice) -> Result<FsType> {
+    let mut b = [0u8; 2048];
+    if dev.size() < b.len() as u64 {
+        return Err(Error::Usage(format!(
+            "the disk is {} bytes, too small for a filesystem",
+            dev.size()
+        )));
+    }
+    dev.read_at(&mut b, 0).map_err(|source| Error::Stack {
+        what: "cannot read the filesystem superblock".into(),
+        source,
+    })?;
+    if u32::from_le_bytes(b[1024..1028].try_into().expect("4 bytes")) == EROFS_MAGIC {
+        return Ok(FsType::Erofs);
+    }
+    if u16::from_le_bytes([b[1080], b[1081]]) == EXT4_MAGIC {
+        return Ok(FsType::Ext4);
+    }
+    Err(Error::Usage(
+        "the disk holds neither ext4 nor EROFS (no superblock magic at byte 1024)".into(),
+    ))
 }
 
 /// One mount to make.
@@ -49,6 +97,8 @@ pub struct MountRequest {
     pub writable: bool,
     /// Mount options.
     pub mount: MountConfig,
+    /// Filesystem mode: bytes of metadata to cache at most.
+    pub cache_bytes: usize,
 }
 
 /// Facts about a mount that is ready, for the caller's message.
@@ -60,6 +110,8 @@ pub struct Ready {
     pub writable: bool,
     /// The stack's description.
     pub description: String,
+    /// Filesystem mode: the filesystem served.
+    pub fs: Option<FsType>,
 }
 
 /// Open the stack, mount it, call `ready` once it can be used, serve until it
@@ -77,10 +129,15 @@ pub fn mount(req: &MountRequest, ready: impl FnOnce(&Ready)) -> Result<Ended> {
     }
     let stack = req.spec.open(req.writable)?;
     let dev: Arc<dyn BlockDevice> = stack.clone();
+    let fs = match req.mode {
+        Mode::Fs => Some(detect_fs(dev.as_ref())?),
+        Mode::Block => None,
+    };
     let info = Ready {
         disk_size: dev.size(),
         writable: req.writable,
         description: req.spec.description.clone(),
+        fs,
     };
     let mut mcfg = req.mount.clone();
     mcfg.read_only = !req.writable;
@@ -95,9 +152,17 @@ pub fn mount(req: &MountRequest, ready: impl FnOnce(&Ready)) -> Result<Ended> {
             session::serve(fs, &mcfg, || ready(&info))?
         }
         Mode::Fs => {
-            let fs = tree::TreeFs::new(ext4::Ext4Tree::open(dev.clone())?);
             mcfg.default_permissions = true;
-            session::serve(fs, &mcfg, || ready(&info))?
+            match fs {
+                Some(FsType::Erofs) => {
+                    let t = erofs::ErofsTree::open(dev.clone(), req.cache_bytes)?;
+                    session::serve(tree::TreeFs::new(t), &mcfg, || ready(&info))?
+                }
+                _ => {
+                    let t = ext4::Ext4Tree::open_with_cache(dev.clone(), req.cache_bytes)?;
+                    session::serve(tree::TreeFs::new(t), &mcfg, || ready(&info))?
+                }
+            }
         }
     };
     if req.writable {

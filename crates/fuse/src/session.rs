@@ -84,36 +84,7 @@ pub fn serve<F: Filesystem>(fs: F, cfg: &MountConfig, ready: impl FnOnce()) -> R
     sigs.thread_block()
         .map_err(|e| Error::io(mp, "cannot block SIGINT/SIGTERM", e.into()))?;
 
-    let mut opts = vec![
-        MountOption::FSName(cfg.fsname.clone()),
-        MountOption::Subtype("overlaybd".into()),
-        MountOption::NoSuid,
-        MountOption::NoDev,
-        if cfg.read_only {
-            MountOption::RO
-        } else {
-            MountOption::RW
-        },
-    ];
-    if cfg.default_permissions {
-        opts.push(MountOption::DefaultPermissions);
-    }
-    let mut config = Config::default();
-    config.mount_options = opts;
-    config.acl = if cfg.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
-    config.n_threads = Some(cfg.threads.max(1));
-
-    let mut session = Session::new(fs, mp, &config).map_err(|e| {
-        Error::io(
-            mp,
-            "cannot mount (is /dev/fuse usable? as a non-root user fusermount3 must be installed)",
-            e,
-        )
-    })?;
+    let mut session = new_session(fs, cfg)?;
     let unmounter = session.unmount_callable();
     let got = Arc::new(AtomicI32::new(0));
     {
@@ -142,11 +113,12 @@ fn signal_loop(sigs: SigSet, mut unmounter: SessionUnmounter, mp: &Path, got: &A
         }
         tracing::info!("{sig}: unmounting {}", mp.display());
         if let Err(e) = unmounter.unmount() {
+            // Said once done, so that whoever reads it sees the mount gone.
+            detach(mp);
             eprintln!(
-                "overlaybd-fuse: {}: {e}; detaching it lazily (served until its last user lets go)",
+                "overlaybd-fuse: {}: {e}; detached it lazily (served until its last user lets go)",
                 mp.display()
             );
-            detach(mp);
         }
     }
 }
@@ -164,4 +136,110 @@ pub fn detach(mp: &Path) {
         }
     }
     tracing::error!("cannot detach {}", mp.display());
+}
+
+/// A FUSE session for `fs` mounted as `cfg` says.
+fn new_session<F: Filesystem>(fs: F, cfg: &MountConfig) -> Result<Session<F>> {
+    let mp = &cfg.mountpoint;
+    let mut opts = vec![
+        MountOption::FSName(cfg.fsname.clone()),
+        MountOption::Subtype("overlaybd".into()),
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        if cfg.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    if cfg.default_permissions {
+        opts.push(MountOption::DefaultPermissions);
+    }
+    let mut config = Config::default();
+    config.mount_options = opts;
+    config.acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(cfg.threads.max(1));
+
+    Session::new(fs, mp, &config).map_err(|e| {
+        Error::io(
+            mp,
+            "cannot mount (is /dev/fuse usable? as a non-root user fusermount3 must be installed)",
+            e,
+        )
+    })
+}
+
+/// A mount served by background threads, for a program that uses the mount
+/// itself (a loop device over `MOUNTPOINT/disk`, say) and decides when it
+/// ends: no signal handling here, the owner stops it with [`Background::stop`]
+/// (or by dropping it, which unmounts, lazily when the mount is still busy).
+pub struct Background {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+}
+
+impl std::fmt::Debug for Background {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Background")
+            .field("mountpoint", &self.mountpoint)
+            .field("mounted", &self.session.is_some())
+            .finish()
+    }
+}
+
+/// Mount `fs` as `cfg` says and serve it on background threads until
+/// [`Background::stop`].
+pub fn spawn<F: Filesystem + Send + 'static>(fs: F, cfg: &MountConfig) -> Result<Background> {
+    check_mountpoint(&cfg.mountpoint)?;
+    let session = new_session(fs, cfg)?
+        .spawn()
+        .map_err(|e| Error::io(&cfg.mountpoint, "cannot start the FUSE threads", e))?;
+    Ok(Background {
+        session: Some(session),
+        mountpoint: cfg.mountpoint.clone(),
+    })
+}
+
+impl Background {
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmount and wait for the serving threads to end. Fails (and detaches
+    /// the mount lazily) when the mount is still in use.
+    pub fn stop(mut self) -> Result<()> {
+        let session = self.session.take().expect("stopped only once");
+        match session.umount_and_join() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                detach(&self.mountpoint);
+                Err(Error::io(
+                    &self.mountpoint,
+                    "cannot unmount (detached lazily: it goes once its last user lets go)",
+                    e,
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            // Unmounting ends the serving threads. When that fails the mount
+            // is busy: detach it and leave the threads serving its last user.
+            if let Err(e) = session.umount_and_join() {
+                tracing::warn!(
+                    "{}: cannot unmount: {e}; detaching",
+                    self.mountpoint.display()
+                );
+                detach(&self.mountpoint);
+            }
+        }
+    }
 }

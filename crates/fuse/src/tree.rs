@@ -2,11 +2,15 @@
 //! FUSE server over any such tree ([`TreeFs`]).
 //!
 //! A tree names inodes by its own numbers (ext4 inode numbers, EROFS nids,
-//! ...). [`TreeFs`] swaps the tree's root with FUSE's root node 1 (and the
-//! tree's inode 1, if any, with the root's number), so every other inode
-//! keeps its number and hard links stay one inode. The tree never changes
-//! while mounted: attributes, entries and names are cached by the kernel for
-//! long, and files keep their page cache across opens.
+//! ...). FUSE's node ids are those numbers, except that the tree's root is
+//! FUSE's root node 1 (and the tree's inode 1, if any, takes the root's
+//! number), so hard links stay one inode. `st_ino` is the tree's number
+//! wherever FUSE lets the two differ (getattr, readdir, `.` and `..`): the
+//! root shows the same inode number as under the kernel's own driver (2 for
+//! ext4, its nid for EROFS). The tree never changes while mounted:
+//! attributes, entries and names are cached by the kernel for long, and
+//! files keep their page cache across opens. When the kernel forgets an
+//! inode, the tree may drop what it caches about it ([`FileTree::forget`]).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -16,8 +20,10 @@ use std::time::Duration;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
+
+use crate::cache::CacheStats;
 
 /// Result of tree operations: an errno for the client on failure.
 pub type TreeResult<T> = std::result::Result<T, Errno>;
@@ -80,6 +86,13 @@ pub trait FileTree: Send + Sync + 'static {
     fn xattrs(&self, ino: u64) -> TreeResult<Xattrs>;
     /// statfs counters.
     fn stats(&self) -> TreeStats;
+    /// The kernel dropped `ino` from its cache: whatever the tree caches
+    /// about it can go too.
+    fn forget(&self, _ino: u64) {}
+    /// The counters of the tree's metadata cache.
+    fn cache_stats(&self) -> CacheStats {
+        CacheStats::default()
+    }
 }
 
 /// Everything is immutable while mounted.
@@ -127,14 +140,19 @@ impl<T: FileTree> TreeFs<T> {
         }
     }
 
+    /// Attributes for an entry reply: `ino` is the node id.
     fn attr(&self, ino: u64) -> TreeResult<FileAttr> {
         let mut a = self.tree.attr(ino)?;
         a.ino = self.fuse_ino(ino);
         Ok(a)
     }
 
+    /// Attributes of node `ino` as `stat` shows them: the tree's number.
     fn fuse_attr(&self, ino: INodeNo) -> TreeResult<FileAttr> {
-        self.attr(self.tree_ino(ino))
+        let i = self.tree_ino(ino);
+        let mut a = self.tree.attr(i)?;
+        a.ino = INodeNo(i);
+        Ok(a)
     }
 
     fn dir_of(&self, ino: INodeNo) -> TreeResult<(u64, Arc<DirList>)> {
@@ -257,7 +275,8 @@ impl<T: FileTree> Filesystem for TreeFs<T> {
                     (&e.name, e.ino, kind)
                 }
             };
-            if reply.add(self.fuse_ino(ino), i + 1, kind, OsStr::from_bytes(name)) {
+            // Only d_ino: the tree's number, as stat shows it.
+            if reply.add(INodeNo(ino), i + 1, kind, OsStr::from_bytes(name)) {
                 break;
             }
         }
@@ -286,7 +305,14 @@ impl<T: FileTree> Filesystem for TreeFs<T> {
                     (&e.name, e.ino)
                 }
             };
-            let a = match self.attr(ino) {
+            // The kernel links no inode for `.` and `..`: their numbers are
+            // only d_ino, so they show the tree's number like stat does.
+            let a = if i < 2 {
+                self.tree.attr(ino)
+            } else {
+                self.attr(ino)
+            };
+            let a = match a {
                 Ok(a) => a,
                 Err(e) => return reply.error(e),
             };
@@ -301,6 +327,39 @@ impl<T: FileTree> Filesystem for TreeFs<T> {
                 break;
             }
         }
+        reply.ok()
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        // The kernel sends one forget with the whole lookup count when it
+        // drops the inode; the tree only caches, so it can drop it too.
+        if ino.0 != 1 {
+            self.tree.forget(self.tree_ino(ino));
+        }
+    }
+
+    fn destroy(&mut self) {
+        let s = self.tree.cache_stats();
+        tracing::info!(
+            "metadata cache: {} entries, {} of {} bytes (peak {}), {} evicted, {} forgotten",
+            s.entries,
+            s.weight,
+            s.limit,
+            s.peak_weight,
+            s.evicted,
+            s.forgotten
+        );
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) of a read-only file: nothing to do.
         reply.ok()
     }
 

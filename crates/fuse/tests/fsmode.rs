@@ -4,66 +4,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
 use common::*;
-
-/// Everything `lstat` says about every path under `root` (except the
-/// root's own inode number, which FUSE reserves).
-fn stat_tree(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            let m = std::fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            out.insert(
-                rel,
-                format!(
-                    "ino={} mode={:o} nlink={} uid={} gid={} size={} blocks={} rdev={:x} \
-                     atime={}.{:09} mtime={}.{:09} ctime={}.{:09}",
-                    m.ino(),
-                    m.mode(),
-                    m.nlink(),
-                    m.uid(),
-                    m.gid(),
-                    m.size(),
-                    m.blocks(),
-                    m.rdev(),
-                    m.atime(),
-                    m.atime_nsec(),
-                    m.mtime(),
-                    m.mtime_nsec(),
-                    m.ctime(),
-                    m.ctime_nsec()
-                ),
-            );
-            if m.is_dir() {
-                stack.push(p);
-            }
-        }
-    }
-    out
-}
-
-fn assert_same_stats(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>) {
-    let mut d = Vec::new();
-    for (k, w) in want {
-        match got.get(k) {
-            None => d.push(format!("missing: {k}")),
-            Some(g) if g != w => d.push(format!("{k}:\n  fuse {g}\n  ext4 {w}")),
-            _ => {}
-        }
-    }
-    for k in got.keys().filter(|k| !want.contains_key(*k)) {
-        d.push(format!("unexpected: {k}"));
-    }
-    assert!(d.is_empty(), "{} differences:\n{}", d.len(), d.join("\n"));
-}
 
 /// Flatten the stack to a sparse raw image (in-process) and loop-mount it.
 fn loop_mount_flat(layers: &[std::path::PathBuf], dir: &Path) -> KernelMount {
@@ -83,7 +27,10 @@ fn fs_mode_equals_the_kernel_ext4_on_a_converted_image() {
     let layout = converted_image("testset", &t.path().join("img"), "layers", "v1");
     let src = format!("oci:{}:v1_obd", layout.display());
     let f = Fuse::background(&["--fs".as_ref(), src.as_ref()], &t.path().join("mp"));
-    let layers = obdfuse::oci::layer_blobs(&layout, Some("v1_obd")).unwrap();
+    let layers = obdimage::layout::LayoutStore::open(&layout)
+        .unwrap()
+        .layer_files(Some("v1_obd"))
+        .unwrap();
     let m = loop_mount_flat(&layers, t.path());
 
     let fuse_tree = scan(&f.mp);
@@ -100,6 +47,10 @@ fn fs_mode_equals_the_kernel_ext4_on_a_converted_image() {
     let want = nix::sys::statvfs::statvfs(&m.mp).unwrap();
     assert_eq!(st.block_size(), want.block_size());
     assert_eq!(st.files(), want.files());
+    assert_eq!(
+        (st.blocks(), st.blocks_free(), st.files_free()),
+        (want.blocks(), want.blocks_free(), want.files_free())
+    );
     assert!(st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
     m.unmount();
     f.unmount();
@@ -129,7 +80,7 @@ fn fs_mode_serves_the_fixture_stack_and_tar_reads_it() {
 }
 
 #[test]
-fn fs_mode_refuses_a_disk_without_ext4() {
+fn fs_mode_refuses_a_disk_without_a_filesystem() {
     let t = tempfile::tempdir().unwrap();
     let (data, index, blob) = (
         t.path().join("data"),
@@ -158,6 +109,137 @@ fn fs_mode_refuses_a_disk_without_ext4() {
         .output()
         .unwrap();
     let e = err_text(&o);
-    assert!(e.contains("no readable ext4 filesystem"), "{e}");
+    assert!(e.contains("neither ext4 nor EROFS"), "{e}");
     assert!(!is_mounted(&mp));
+}
+
+/// Everything a tree says, walking it through the `FileTree` calls the FUSE
+/// server makes (attributes, entries, lookups, link targets, xattrs, the
+/// first bytes of each file).
+fn walk<T: obdfuse::tree::FileTree>(t: &T) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![(t.root(), String::new())];
+    while let Some((dir, path)) = stack.pop() {
+        let list = t.dir(dir).unwrap();
+        for e in &list.entries {
+            let name = String::from_utf8_lossy(&e.name).into_owned();
+            let p = format!("{path}/{name}");
+            assert_eq!(t.lookup(dir, &e.name).unwrap(), e.ino, "{p}");
+            let a = t.attr(e.ino).unwrap();
+            let mut line = format!("{p} {a:?} {:?}", t.xattrs(e.ino).unwrap());
+            match a.kind {
+                fuser::FileType::Directory => stack.push((e.ino, p)),
+                fuser::FileType::Symlink => {
+                    line += &format!(" -> {:?}", t.read_link(e.ino).unwrap())
+                }
+                fuser::FileType::RegularFile => {
+                    let d = t.read(e.ino, 0, 4096).unwrap();
+                    line += &format!(" {}", testutil::fnv(&d));
+                }
+                _ => {}
+            }
+            out.push(line);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_small_metadata_cache_stays_within_its_budget() {
+    let stack: std::sync::Arc<dyn blockdev::BlockDevice> =
+        std::sync::Arc::new(blockdev::Stack::open_read_only(&fixture_layers(), None).unwrap());
+    let big = obdfuse::ext4::Ext4Tree::open(stack.clone()).unwrap();
+    let want = walk(&big);
+    assert!(want.len() > 700, "{}", want.len());
+    // More than the largest single entry (a directory of 600 names).
+    let budget = 64 << 10;
+    let small = obdfuse::ext4::Ext4Tree::open_with_cache(stack, budget).unwrap();
+    // Twice: the second walk reads again what was evicted.
+    for _ in 0..2 {
+        assert_eq!(walk(&small), want);
+    }
+    let s = small.cache_stats();
+    assert!(s.peak_weight <= budget as u64, "{s:?}");
+    assert!(s.evicted > 1000, "{s:?}");
+    let b = big.cache_stats();
+    assert!(b.evicted == 0 && b.peak_weight > 4 * budget as u64, "{b:?}");
+    // What the kernel forgets goes.
+    let before = small.cache_stats().entries;
+    use obdfuse::tree::FileTree;
+    for ino in 1..10_000u64 {
+        small.forget(ino);
+    }
+    let after = small.cache_stats();
+    assert!(
+        before > 0 && after.entries == 0 && after.weight == 0,
+        "{after:?}"
+    );
+}
+
+/// `ls -lR` through a mount with a tiny metadata cache: the same listing
+/// every time, the cache never above its budget, and inodes the kernel
+/// drops (drop_caches) are forgotten by the daemon too.
+#[test]
+fn ls_lr_through_a_tiny_cache_is_bounded_and_forgets() {
+    let t = tempfile::tempdir().unwrap();
+    let log = t.path().join("log");
+    let layers = fixture_layers();
+    let mp = t.path().join("mp");
+    std::fs::create_dir_all(&mp).unwrap();
+    run_ok(
+        Command::new(fuse_bin())
+            .env("OVERLAYBD_LOG", "info")
+            .args([
+                "mount",
+                "--background",
+                "--fs",
+                "--meta-cache",
+                "64K",
+                "--log",
+            ])
+            .arg(&log)
+            .args(&layers)
+            .arg(&mp),
+    );
+    let f = Fuse {
+        mp: mp.clone(),
+        child: None,
+        ready: String::new(),
+    };
+    let ls = || run_ok(Command::new(tool("ls")).arg("-lRn").arg(&f.mp)).stdout;
+    let first = ls();
+    assert!(first.len() > 20_000);
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    assert!(ls() == first);
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    f.unmount();
+    // The daemon logs its cache counters when the session ends.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("metadata cache:") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let line = text
+        .lines()
+        .find(|l| l.contains("metadata cache:"))
+        .unwrap_or_else(|| panic!("no cache line in the log:\n{text}"));
+    let num = |after: &str| -> u64 {
+        let i = line
+            .find(after)
+            .unwrap_or_else(|| panic!("{after} in {line}"))
+            + after.len();
+        line[i..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(num("(peak ") <= 64 << 10, "{line}");
+    assert_eq!(num(" of "), 64 << 10, "{line}");
+    assert!(num("), ") > 0, "nothing evicted: {line}");
+    assert!(num("evicted, ") > 0, "nothing forgotten: {line}");
 }

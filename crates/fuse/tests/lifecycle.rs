@@ -62,7 +62,7 @@ fn busy_mount_is_detached_on_sigterm_and_served_until_released() {
     let mut err = String::new();
     use std::io::BufRead;
     let mut r = std::io::BufReader::new(f.child.as_mut().unwrap().stderr.take().unwrap());
-    while !err.contains("detaching") {
+    while !err.contains("detached") {
         let mut l = String::new();
         assert!(r.read_line(&mut l).unwrap() > 0, "no detach message: {err}");
         err.push_str(&l);
@@ -138,7 +138,7 @@ fn bad_sources_fail_with_one_line_and_mount_nothing() {
                 format!("oci:{}", t.path().display()).into(),
                 mp.clone().into(),
             ],
-            "index.json",
+            "not an OCI image layout",
         ),
         (vec![mp.clone().into()], "mountpoint"),
     ];

@@ -5,7 +5,9 @@
 //!   the OCI and Docker schema-2 manifest and index types (distribution 2.8 answers 404
 //!   for OCI manifests otherwise);
 //! * blobs: `HEAD|GET /v2/<name>/blobs/<digest>` (redirects followed, resumed with
-//!   `Range` after a broken stream, digest verified while streaming);
+//!   `Range` after a broken stream, digest verified while streaming); random access
+//!   with one `Range: bytes=A-B` request per read ([`Repository::read_blob_range`],
+//!   206 expected), for lazily loaded images;
 //! * uploads: `POST /v2/<name>/blobs/uploads/` (or `?mount=<digest>&from=<repo>` for a
 //!   cross-repository mount, 201 = mounted), then either one `PUT <location>&digest=`
 //!   with the whole body (monolithic) or `PATCH <location>` chunks with `Content-Range`
@@ -122,12 +124,13 @@ fn tls_cause(e: &reqwest::Error) -> Option<&rustls::Error> {
         if let Some(t) = c.downcast_ref::<rustls::Error>() {
             return Some(t);
         }
-        if let Some(t) = c
-            .downcast_ref::<io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(t);
+        // hyper's connector wraps tokio-rustls's io::Error in another one.
+        let mut inner = c.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
+        while let Some(i) = inner {
+            if let Some(t) = i.downcast_ref::<rustls::Error>() {
+                return Some(t);
+            }
+            inner = i.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
         }
         cur = c.source();
     }
@@ -779,6 +782,92 @@ impl Repository {
             return Err(self.reg.status_error(&what, resp));
         }
         Ok(resp)
+    }
+
+    /// The size of blob `d` (HEAD: `Content-Length`).
+    pub fn blob_size(&self, d: &Digest) -> Result<u64> {
+        let what = format!("blob {}@{d}", self.name);
+        let url = self.reg.url(&format!("/v2/{}/blobs/{d}", self.name));
+        let resp = self
+            .reg
+            .send(&what, &self.pull_scope(), true, &|c| c.head(&url))?;
+        if !resp.status().is_success() {
+            return Err(self.reg.status_error(&what, resp));
+        }
+        header_str(resp.headers(), CONTENT_LENGTH.as_str())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::Protocol {
+                peer: self.reg.host.clone(),
+                what,
+                reason: "HEAD answer without Content-Length".into(),
+            })
+    }
+
+    /// Fill `buf` with the bytes of blob `d` from `offset`, with one range request
+    /// (`Range: bytes=offset-end`, 206 expected; a 200 is taken only for a range that
+    /// starts at 0). Connection failures and 5xx answers are retried as for every
+    /// request; a body that breaks off is an [`Error::Stream`] (transient: the caller
+    /// may ask again). `timeout` bounds the whole request, body included.
+    pub fn read_blob_range(
+        &self,
+        d: &Digest,
+        offset: u64,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = offset + buf.len() as u64 - 1;
+        let what = format!("blob {}@{d} bytes {offset}-{end}", self.name);
+        let url = self.reg.url(&format!("/v2/{}/blobs/{d}", self.name));
+        let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
+            let rb = c
+                .get(&url)
+                .header(reqwest::header::RANGE, format!("bytes={offset}-{end}"));
+            match timeout {
+                Some(t) => rb.timeout(t),
+                None => rb,
+            }
+        })?;
+        match resp.status().as_u16() {
+            206 => {}
+            200 if offset == 0 => {}
+            200 => {
+                return Err(Error::Protocol {
+                    peer: self.reg.host.clone(),
+                    what,
+                    reason: "the registry ignores Range requests (HTTP 200 instead of 206)".into(),
+                })
+            }
+            _ => return Err(self.reg.status_error(&what, resp)),
+        }
+        let mut body = resp.take(buf.len() as u64);
+        let mut done = 0;
+        while done < buf.len() {
+            match body.read(&mut buf[done..]) {
+                Ok(0) => {
+                    return Err(Error::Stream {
+                        peer: self.reg.host.clone(),
+                        what,
+                        error: io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the answer ends after {done} of {} bytes", buf.len()),
+                        ),
+                    })
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    return Err(Error::Stream {
+                        peer: self.reg.host.clone(),
+                        what,
+                        error,
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The error of a read from one of our streams: the client or OCI error it carries

@@ -247,6 +247,9 @@ fn tls_htpasswd_and_client_certs() {
         .blob_exists(&Digest::of(b"x"))
         .unwrap_err();
     assert!(matches!(e, registry::Error::Transport { .. }), "{e}");
+    // Not retried (a certificate does not get better), with a hint.
+    assert_eq!(e.kind(), obdoci::ErrorKind::Tls, "{e}");
+    assert!(e.to_string().contains("--root-ca"), "{e}");
     let insecure = ClientOptions {
         insecure: true,
         ..no_ca.clone()

@@ -296,7 +296,17 @@ impl Ext2Fs {
     /// Flush everything to the device and close. `wtime`, when given, is
     /// stored as the superblock's last-write time in the primary and every
     /// backup superblock (libext2fs would stamp the wall clock there).
-    pub fn close(mut self, wtime: Option<u32>) -> Result<()> {
+    pub fn close(self, wtime: Option<u32>) -> Result<()> {
+        self.finish(wtime, true)
+    }
+
+    /// [`Ext2Fs::close`] without making the device durable: everything is
+    /// written to the device, which is not flushed (no fsync).
+    pub fn close_unsynced(self, wtime: Option<u32>) -> Result<()> {
+        self.finish(wtime, false)
+    }
+
+    fn finish(mut self, wtime: Option<u32>, sync: bool) -> Result<()> {
         // SAFETY: fs is open.
         let rc = unsafe { sys::ext2fs_flush2(self.fs, 0) };
         self.check(rc, "write the superblock, group descriptors and bitmaps")?;
@@ -305,7 +315,9 @@ impl Ext2Fs {
         }
         let ch = self.channel();
         ch.cache.writeback().map_err(Error::Device)?;
-        ch.cache.device().flush().map_err(Error::Device)?;
+        if sync {
+            ch.cache.device().flush().map_err(Error::Device)?;
+        }
         self.closed = true;
         // SAFETY: fs is open and no longer used; ext2fs_free closes the
         // channel, whose cache is already clean.

@@ -62,9 +62,13 @@ struct Args {
     /// Write OCI media types (default: Docker schema 2).
     #[arg(long)]
     oci: bool,
-    /// Filesystem of TurboOCI layers: ext4 or erofs (native output is always ext4).
+    /// Filesystem of TurboOCI layers: ext4 or erofs (native output is always
+    /// ext4). With `--engine kernel`, `ctr obdconv`'s form
+    /// `ext4;MOUNT_OPTS;MKFS_OPTS` gives the mount and mkfs.ext4 options.
     #[arg(long, default_value = "ext4")]
     fstype: String,
+    #[command(flatten)]
+    engine: obdtools::engine::EngineArgs,
     /// Make the ext4 in the bottom layer; `--mkfs=false` uses upstream's prebuilt
     /// base layer /opt/overlaybd/baselayers/ext4_64 instead.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
@@ -182,8 +186,17 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     // As upstream: --turboOCI wins over --fastoci; -o only when neither output flag is
     // given.
     let turbo_tag = args.turbo_oci.clone().or(args.fastoci.clone());
-    let fstype = TurboFormat::parse_fstype(&args.fstype)?;
-    if turbo_tag.is_none() && args.fstype != "ext4" {
+    // `ctr obdconv`'s `ext4;MOUNT_OPTS;MKFS_OPTS` configures the kernel engine.
+    let engine_fstype = args.fstype.contains(';').then_some(args.fstype.as_str());
+    let engine = args
+        .engine
+        .build_with("convertor", abort.flag(), engine_fstype)?;
+    let fstype = TurboFormat::parse_fstype(if engine_fstype.is_some() {
+        "ext4"
+    } else {
+        &args.fstype
+    })?;
+    if turbo_tag.is_none() && args.fstype != "ext4" && engine_fstype.is_none() {
         tracing::warn!(
             "--fstype {} is only used by TurboOCI output; the overlaybd image is ext4",
             args.fstype
@@ -249,6 +262,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         dump_manifest: args.dump_manifest,
         concurrency_limit: args.concurrency_limit,
         baselayer: args.baselayer.clone(),
+        engine,
         ..Default::default()
     };
     let mut formats: Vec<(Arc<dyn OutputFormat>, String)> = Vec::new();

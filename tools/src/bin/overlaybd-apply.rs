@@ -13,6 +13,7 @@ use clap::Parser;
 use obdoci::decompress;
 use obdoci::Sha256Writer;
 use obdtools::cli;
+use obdtools::engine::EngineArgs;
 
 /// Apply an OCI layer tar (plain, gzip or zstd; `-` reads stdin) to the
 /// ext4 filesystem of an overlaybd image.
@@ -20,9 +21,12 @@ use obdtools::cli;
 /// The image is described by an overlaybd config.json: `lowers[].file` (the
 /// layers below, bottom first), `upper.data` / `upper.index` (the writable
 /// layer that receives every change) and `resultFile` (where "success" or
-/// "failed:<error>" is written). Unknown keys are ignored. The filesystem is
-/// changed in userspace through libext2fs; nothing is mounted and no root
-/// rights are needed.
+/// "failed:<error>" is written). Unknown keys are ignored. By default the
+/// filesystem is changed in userspace through libext2fs: nothing is mounted
+/// and no root rights are needed. `--engine kernel` instead exposes the
+/// image through FUSE, runs `mkfs.ext4` (with --mkfs), loop-mounts it and
+/// unpacks the tar into the kernel's ext4, as upstream's embedded convertor
+/// does; everything is unmounted again, also on errors and Ctrl-C.
 #[derive(Parser, Debug)]
 #[command(name = "overlaybd-apply", version)]
 struct Args {
@@ -50,6 +54,8 @@ struct Args {
     /// Build a gzip index for TurboOCI (not supported).
     #[arg(long = "gz_index_path", value_name = "FILEPATH")]
     gz_index_path: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Expected sha256 (hex) of the uncompressed tar; a mismatch is an error.
     #[arg(long)]
     checksum: Option<String>,
@@ -113,6 +119,7 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
         })
         .transpose()?;
 
+    let engine = args.engine.build("overlaybd-apply")?;
     let dev: Arc<dyn BlockDevice> = match cfg {
         None => Arc::new(
             blockdev::RawFileDevice::open_rw(&args.image_config_path).with_context(|| {
@@ -135,10 +142,6 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
         }
     };
 
-    if args.mkfs {
-        obdfs::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).context("mkfs failed")?;
-    }
-
     let input = open_input(&args.input_path)?;
     let mut hashing = HashingReader {
         inner: input,
@@ -157,12 +160,18 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
             );
         }
     };
-    let opts = obdfs::ApplyOptions {
+    let job = obdfs::Job {
+        mkfs: args.mkfs,
+        tar: &mut hashing,
         progress: Some(&mut progress),
-        ..Default::default()
     };
-    let stats = obdfs::apply_tar(dev, &mut hashing, opts)
-        .with_context(|| format!("cannot apply {}", args.input_path.display()))?;
+    let stats = engine.apply(dev, job).with_context(|| {
+        format!(
+            "cannot apply {} ({} engine)",
+            args.input_path.display(),
+            engine.name()
+        )
+    })?;
     if let (Some(want), Some(h)) = (expected, hashing.hasher.take()) {
         let (got, _) = h.finish();
         let got = got.hex();

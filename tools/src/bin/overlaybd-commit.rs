@@ -58,9 +58,14 @@ struct Args {
     /// the second path is the output.
     #[arg(long = "commit_sealed")]
     commit_sealed: bool,
-    /// Compression threads (the output does not depend on it).
-    #[arg(long = "compress_threads", default_value_t = 0)]
-    compress_threads: usize,
+    /// Threads compressing ZFile blocks with -z; 0 = every core. The output
+    /// bytes do not depend on it. (`--compress_threads` is upstream's name.)
+    #[arg(
+        long = "threads",
+        visible_alias = "compress_threads",
+        default_value_t = 0
+    )]
+    threads: usize,
     /// Print debug logs.
     #[arg(long)]
     verbose: bool,
@@ -105,11 +110,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let z = ZfileOptions {
             algorithm,
             block_size: kb.checked_mul(1024).context("invalid --bs")?,
-            threads: if args.compress_threads == 0 {
-                ZfileOptions::default().threads
-            } else {
-                args.compress_threads
-            },
+            threads: cli::threads(args.threads),
             ..Default::default()
         };
         z.validate().context("invalid --bs")?;

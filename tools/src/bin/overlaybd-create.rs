@@ -8,6 +8,7 @@ use blockdev::lsmt::{create_writable, CreateOptions};
 use blockdev::Uuid;
 use clap::Parser;
 use obdtools::cli;
+use obdtools::engine::{EngineArgs, EngineKind};
 
 /// Create a writable overlaybd layer: a data file and an index file.
 ///
@@ -35,9 +36,13 @@ struct Args {
     /// Create a raw image instead: the data file becomes a plain file of vsize bytes.
     #[arg(long)]
     raw: bool,
-    /// Make an ext4 filesystem in the new layer (for the bottom layer of an image).
+    /// Make an ext4 filesystem in the new layer (for the bottom layer of an
+    /// image): upstream's deterministic libext2fs mkfs, or `mkfs.ext4`
+    /// with `--engine kernel` (and `--mkfs-options`).
     #[arg(long)]
     mkfs: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Print debug logs.
     #[arg(long)]
     verbose: bool,
@@ -64,6 +69,21 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.mkfs && vsize == 0 {
         bail!("--mkfs needs a virtual size greater than 0");
     }
+    let engine = match args.mkfs {
+        true => args.engine.build("overlaybd-create")?,
+        false
+            if args.engine.engine != EngineKind::Libext2fs
+                || args.engine.mkfs_options.is_some() =>
+        {
+            bail!("--engine kernel and --mkfs-options only apply with --mkfs")
+        }
+        false => std::sync::Arc::new(obdfs::Libext2fs::default()),
+    };
+    let mkfs = |dev: std::sync::Arc<dyn blockdev::BlockDevice>| -> anyhow::Result<()> {
+        engine
+            .mkfs(dev)
+            .with_context(|| format!("mkfs failed ({} engine)", engine.name()))
+    };
     if (args.turbo_oci || args.fastoci) && !args.raw {
         if vsize == 0 {
             bail!("a TurboOCI layer needs a virtual size greater than 0");
@@ -123,7 +143,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.mkfs {
         let result = blockdev::Stack::open(&[], Some((&args.data_file, &args.index_file)))
             .map_err(anyhow::Error::from)
-            .and_then(|s| mkfs(std::sync::Arc::new(s)));
+            .map(std::sync::Arc::new)
+            .and_then(|s| {
+                mkfs(s.clone())?;
+                // Like upstream, no fsync: the layer becomes durable when committed.
+                if let Some(u) = s.upper() {
+                    u.save_index().context("cannot save the layer index")?;
+                }
+                Ok(())
+            });
         if let Err(e) = result {
             let _ = std::fs::remove_file(&args.data_file);
             let _ = std::fs::remove_file(&args.index_file);
@@ -132,8 +160,4 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("overlaybd-create has created files SUCCESSFULLY");
     Ok(())
-}
-
-fn mkfs(dev: std::sync::Arc<dyn blockdev::BlockDevice>) -> anyhow::Result<()> {
-    obdfs::mkfs(dev, &obdfs::MkfsOptions::default()).context("mkfs failed")
 }

@@ -36,8 +36,10 @@ enum Cmd {
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// An overlaybd config.json (lowers and optional upper), or layer files
-    /// (sealed LSMT, ZFile, or their tar-wrapped form), lowest layer first.
-    #[arg(required = true, value_name = "CONFIG.json | LAYER")]
+    /// (sealed LSMT, ZFile, or their tar-wrapped form), lowest layer first,
+    /// or one converted image: oci:DIR[:TAG], or HOST/REPO[:TAG|@DIGEST] in
+    /// a registry (blobs fetched lazily, see the registry options).
+    #[arg(required = true, value_name = "CONFIG.json | LAYER | IMAGE")]
     inputs: Vec<PathBuf>,
 
     /// Writable upper layer on top of the layer files: its data and index files.
@@ -65,12 +67,17 @@ struct ServeArgs {
     #[arg(long, value_name = "NAME", default_value = "")]
     export: String,
 
+    #[command(flatten)]
+    remote: obdimage::cli::RemoteArgs,
+
     /// File I/O backend: io_uring, pread, or auto (io_uring when the kernel allows it).
     #[arg(long, value_name = "uring|pread|auto", default_value = "auto")]
     io: IoBackend,
 
-    /// Requests served in parallel per connection.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    /// Threads per connection, taking batches of requests in turn. One is
+    /// fastest on small machines (the reads of a batch overlap through
+    /// io_uring); more can help on a device with slow reads and no io_uring.
+    #[arg(long, value_name = "N", default_value_t = 1)]
     workers: usize,
 
     /// Sessions served at once (connections that finished the handshake);
@@ -103,6 +110,15 @@ fn open_device(a: &ServeArgs) -> Result<Opened> {
         );
         let alloc = Arc::new(ZeroScan::new(dev.clone()));
         return Ok((dev, alloc, format!("raw image {}", p.display())));
+    }
+    if let [one] = a.inputs.as_slice() {
+        let arg = one.to_string_lossy().into_owned();
+        if obdimage::source::is_image_argument(&arg) {
+            let upper = a.upper.as_ref().map(|v| (v[0].clone(), v[1].clone()));
+            let spec = obdimage::ImageSpec::from_args(&[arg], upper, &a.remote.options()?)?;
+            let stack = spec.open(!a.read_only && spec.upper.is_some())?;
+            return Ok((stack.clone(), stack, spec.description));
+        }
     }
     let json = a.inputs.len() == 1
         && a.upper.is_none()

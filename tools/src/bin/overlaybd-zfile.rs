@@ -37,6 +37,9 @@ struct Args {
     /// Block size in KB: 4, 8, 16, 32 or 64.
     #[arg(long = "bs", default_value_t = 4)]
     block_size: u32,
+    /// Compression threads; 0 = every core. The output bytes do not depend on it.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Print debug logs.
     #[arg(long)]
     verbose: bool,
@@ -79,6 +82,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         algorithm,
         block_size: args.block_size.checked_mul(1024).context("invalid --bs")?,
         overwrite_header: false,
+        threads: cli::threads(args.threads),
         ..Default::default()
     };
     opts.validate().context("invalid --bs")?;

@@ -38,6 +38,8 @@ pub struct NativeFormat {
     sparse: bool,
     reserve: bool,
     baselayer: PathBuf,
+    /// How the ext4 is made and each tar applied (`--engine`).
+    engine: Arc<dyn obdfs::Engine>,
 }
 
 impl NativeFormat {
@@ -50,6 +52,7 @@ impl NativeFormat {
             sparse: !o.disable_sparse,
             reserve: o.reserve,
             baselayer: o.baselayer.clone(),
+            engine: o.engine.clone(),
         }
     }
 
@@ -117,6 +120,10 @@ impl OutputFormat for NativeFormat {
         let mut opts = key_options(self.vsize_gb, self.mkfs, self.referrer, &self.baselayer)?;
         // Upstream's order: sparse after mkfs.
         opts.insert(2, ("sparse", self.sparse.to_string()));
+        // Left out for the default engine, so that its keys stay as they were.
+        if self.engine.name() != "libext2fs" {
+            opts.push(("engine", self.engine.name().to_string()));
+        }
         let refs: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
         Ok(obddedup::format_key(FORMAT_VERSION, &refs))
     }
@@ -206,6 +213,7 @@ impl LayerChain for NativeChain<'_> {
             lowers: &lowers,
             virtual_size,
             mkfs: i == 0 && f.mkfs,
+            engine: &*f.engine,
             sparse: f.sparse,
             uuid: blockdev::Uuid::from_chain_id(self.chain_ids[i].as_str())?,
             parent_uuid: if i > 0 {

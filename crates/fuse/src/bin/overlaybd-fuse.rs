@@ -23,7 +23,8 @@ const DAEMON_ENV: &str = "OVERLAYBD_FUSE_DAEMON";
                   root (fusermount3 is used), NBD or a loop device.\n\n\
                   Block mode (default) shows the virtual disk as MOUNTPOINT/disk; mount it \
                   with `mount -o loop` (root) or `fuse2fs -o ro` (no root). With --fs the \
-                  files of the ext4 inside are served directly, read-only.\n\n\
+                  files of the filesystem inside (ext4, or EROFS from TurboOCI --fstype erofs \
+                  images; detected from the superblock) are served directly, read-only.\n\n\
                   Stop with Ctrl-C, SIGTERM or `fusermount -u MOUNTPOINT`."
 )]
 struct Cli {
@@ -40,8 +41,9 @@ enum Cmd {
 #[derive(clap::Args, Debug)]
 struct MountArgs {
     /// Layer files (sealed LSMT, ZFile, tar-wrapped; bottom first), or one
-    /// overlaybd config.json, or one converted image oci:DIR[:TAG]; then the
-    /// mountpoint (an existing directory).
+    /// overlaybd config.json, or one converted image oci:DIR[:TAG], or one
+    /// converted image in a registry HOST/REPO[:TAG|@sha256:DIGEST] (read
+    /// lazily); then the mountpoint (an existing directory).
     #[arg(required = true, num_args = 1.., value_name = "SOURCE... MOUNTPOINT")]
     args: Vec<String>,
 
@@ -50,9 +52,16 @@ struct MountArgs {
     #[arg(long, num_args = 2, value_names = ["DATA", "INDEX"])]
     upper: Option<Vec<PathBuf>>,
 
-    /// Serve the files of the ext4 filesystem inside instead of the disk (read-only).
+    /// Serve the files of the filesystem inside (ext4 or EROFS) instead of
+    /// the disk (read-only).
     #[arg(long)]
     fs: bool,
+
+    /// With --fs: cache at most this much metadata (inodes, directories,
+    /// block maps; bytes, or with a K, M or G suffix); what the kernel
+    /// forgets is dropped too.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = obdimage::cli::parse_size)]
+    meta_cache: u64,
 
     /// Never write, even with an upper layer.
     #[arg(long)]
@@ -63,7 +72,7 @@ struct MountArgs {
     background: bool,
 
     /// With --background: append the daemon's log messages to this file.
-    #[arg(long, value_name = "FILE", requires = "background")]
+    #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
 
     /// Threads serving FUSE requests.
@@ -82,6 +91,9 @@ struct MountArgs {
     /// Debug logging (OVERLAYBD_LOG overrides).
     #[arg(short, long)]
     verbose: bool,
+
+    #[command(flatten)]
+    remote: obdimage::cli::RemoteArgs,
 }
 
 fn main() -> ExitCode {
@@ -89,7 +101,13 @@ fn main() -> ExitCode {
     let Cmd::Mount(a) = cli.cmd;
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("OVERLAYBD_LOG").unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(if a.verbose { "debug" } else { "warn" })
+            // fuser warns about requests we leave to the kernel's defaults
+            // and about unmounting what fusermount already unmounted.
+            tracing_subscriber::EnvFilter::new(if a.verbose {
+                "debug"
+            } else {
+                "warn,fuser=error"
+            })
         });
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
@@ -99,6 +117,11 @@ fn main() -> ExitCode {
         .with_target(false)
         .try_init();
     let daemon = std::env::var_os(DAEMON_ENV).is_some();
+    // (Checked here, not by clap: the daemon runs without --background.)
+    if a.log.is_some() && !a.background && !daemon {
+        eprintln!("overlaybd-fuse: error: --log needs --background (in the foreground, messages go to stderr)");
+        return ExitCode::from(2);
+    }
     let r = if a.background && !daemon {
         start_background(&a)
     } else {
@@ -121,7 +144,7 @@ fn main() -> ExitCode {
 fn run(a: &MountArgs, daemon: bool) -> Result<()> {
     set_default_backend(a.io);
     if a.args.len() < 2 {
-        bail!("give the layers (or config.json, or oci:DIR[:TAG]) and then the mountpoint");
+        bail!("give the layers (or config.json, oci:DIR[:TAG] or an image reference) and then the mountpoint");
     }
     let (sources, mp) = a.args.split_at(a.args.len() - 1);
     let mp = PathBuf::from(&mp[0]);
@@ -130,7 +153,8 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("{}: cannot resolve the mountpoint", mp.display()))?;
     let upper = a.upper.as_ref().map(|v| (v[0].clone(), v[1].clone()));
-    let spec = ImageSpec::from_args(sources, upper)?;
+    let spec = ImageSpec::from_args(sources, upper, &a.remote.options()?)?;
+    let fetch_stats = spec.fetch_stats.clone();
     let mode = if a.fs { Mode::Fs } else { Mode::Block };
     let req = MountRequest {
         writable: spec.upper.is_some() && !a.read_only && mode == Mode::Block,
@@ -144,11 +168,16 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
             default_permissions: false,
             fsname: "overlaybd".into(),
         },
+        cache_bytes: usize::try_from(a.meta_cache).unwrap_or(usize::MAX),
     };
     let ended = obdfuse::mount(&req, |r| {
         let what = match mode {
             Mode::Block => format!("{}/{}", mp.display(), obdfuse::block::DISK_NAME),
-            Mode::Fs => format!("{} (ext4 files)", mp.display()),
+            Mode::Fs => format!(
+                "{} ({} files)",
+                mp.display(),
+                r.fs.map(|f| f.to_string()).unwrap_or_default()
+            ),
         };
         let line = format!(
             "overlaybd-fuse: serving {} ({} bytes, {}) at {what}; stop with Ctrl-C or `fusermount -u {}`",
@@ -179,9 +208,12 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
                 .unwrap_or_else(|_| s.to_string())
         ),
     };
+    let fetched = fetch_stats
+        .map(|s| format!("; registry: {}", s.summary()))
+        .unwrap_or_default();
     if !daemon {
         println!(
-            "overlaybd-fuse: {} {how}{}",
+            "overlaybd-fuse: {} {how}{}{fetched}",
             mp.display(),
             if req.writable {
                 "; upper layer flushed"
@@ -190,7 +222,7 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
             }
         );
     } else {
-        tracing::info!("{} {how}", mp.display());
+        tracing::info!("{} {how}{fetched}", mp.display());
     }
     Ok(())
 }

@@ -2,7 +2,9 @@
 //! tools it works with, loop mounts, and teardown that always unmounts.
 #![allow(dead_code, unused_imports)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -94,13 +96,19 @@ pub struct Fuse {
 impl Fuse {
     /// `overlaybd-fuse mount --background ARGS... MP`.
     pub fn background(args: &[&std::ffi::OsStr], mp: &Path) -> Fuse {
+        Self::background_env(args, mp, &[])
+    }
+
+    /// The same with environment variables (e.g. `OVERLAYBD_LOG`) set.
+    pub fn background_env(args: &[&std::ffi::OsStr], mp: &Path, env: &[(&str, &str)]) -> Fuse {
         std::fs::create_dir_all(mp).unwrap();
         let o = run_ok(
             Command::new(fuse_bin())
                 .arg("mount")
                 .arg("--background")
                 .args(args)
-                .arg(mp),
+                .arg(mp)
+                .envs(env.iter().copied()),
         );
         assert!(is_mounted(mp), "not mounted after --background returned");
         Fuse {
@@ -245,4 +253,60 @@ impl Drop for KernelMount {
     fn drop(&mut self) {
         self.do_unmount(false);
     }
+}
+
+/// Everything `lstat` says about every path under `root`, the root itself
+/// (as ".") included, and the inode numbers `readdir` gives (`d_ino`).
+pub fn stat_tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let line = |m: &std::fs::Metadata| {
+        format!(
+            "ino={} mode={:o} nlink={} uid={} gid={} size={} blocks={} rdev={:x} \
+                     atime={}.{:09} mtime={}.{:09} ctime={}.{:09}",
+            m.ino(),
+            m.mode(),
+            m.nlink(),
+            m.uid(),
+            m.gid(),
+            m.size(),
+            m.blocks(),
+            m.rdev(),
+            m.atime(),
+            m.atime_nsec(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        )
+    };
+    out.insert(".".into(), line(&std::fs::symlink_metadata(root).unwrap()));
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            out.insert(rel, format!("{} d_ino={}", line(&m), e.ino()));
+            if m.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+pub fn assert_same_stats(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>) {
+    let mut d = Vec::new();
+    for (k, w) in want {
+        match got.get(k) {
+            None => d.push(format!("missing: {k}")),
+            Some(g) if g != w => d.push(format!("{k}:\n  fuse   {g}\n  kernel {w}")),
+            _ => {}
+        }
+    }
+    for k in got.keys().filter(|k| !want.contains_key(*k)) {
+        d.push(format!("unexpected: {k}"));
+    }
+    assert!(d.is_empty(), "{} differences:\n{}", d.len(), d.join("\n"));
 }

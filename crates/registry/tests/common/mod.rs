@@ -514,11 +514,13 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// A TCP proxy in front of a registry that can die after a number of client bytes
-/// (a registry going down mid-push) or throttle responses (a slow download).
+/// (a registry going down mid-push) or throttle responses (a slow download), and
+/// counts the bytes it relays to clients (what a lazy reader fetched).
 pub struct Proxy {
     pub port: u16,
     dead: Arc<std::sync::atomic::AtomicBool>,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    to_clients: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Proxy {
@@ -543,6 +545,8 @@ impl Proxy {
         let cut_done = Arc::new(AtomicBool::new(false));
         let cut_flag = cut_done.clone();
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let to_clients = Arc::new(AtomicU64::new(0));
+        let relayed_total = to_clients.clone();
         let d = dead.clone();
         std::thread::spawn(move || {
             let kill = |conns: &Mutex<Vec<TcpStream>>| {
@@ -596,6 +600,7 @@ impl Proxy {
                 let (mut sr, mut cw) = (server, client);
                 let d2 = d.clone();
                 let cut = cut_done.clone();
+                let total = relayed_total.clone();
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 8 << 10];
                     let mut relayed = 0u64;
@@ -615,6 +620,7 @@ impl Proxy {
                         if d2.load(Ordering::SeqCst) || cw.write_all(&buf[..n]).is_err() {
                             break;
                         }
+                        total.fetch_add(n as u64, Ordering::SeqCst);
                         if let Some(r) = rate {
                             std::thread::sleep(Duration::from_secs_f64(n as f64 / r as f64));
                         }
@@ -627,12 +633,18 @@ impl Proxy {
             port,
             dead,
             cut: cut_flag,
+            to_clients,
         }
     }
 
     /// Whether a connection was cut (`cut_once_after`).
     pub fn was_cut(&self) -> bool {
         self.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Bytes relayed from the registry to clients so far (headers included).
+    pub fn bytes_to_clients(&self) -> u64 {
+        self.to_clients.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn is_dead(&self) -> bool {

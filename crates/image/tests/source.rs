@@ -7,30 +7,31 @@ use std::sync::Arc;
 
 use blockdev::source::MemSource;
 use blockdev::BlockDevice;
-use obdfuse::{ImageSpec, LayerBlob};
+use obdimage::{ImageSpec, LayerBlob, LowerSpec};
 
 #[test]
 fn a_layer_read_through_readat_equals_the_file() {
     let b = testutil::fixtures().join("baselayer");
     let files = [b.join("ext4_64"), b.join("commit.lz4.zfile.tar")];
     let args: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
-    let from_files = ImageSpec::from_args(&args, None)
+    let from_files = ImageSpec::from_args(&args, None, &Default::default())
         .unwrap()
         .open(false)
         .unwrap();
     let lowers = files
         .iter()
         .map(|p| {
-            LayerBlob::Source(Arc::new(MemSource::new(
+            LowerSpec::layer(LayerBlob::Source(Arc::new(MemSource::new(
                 std::fs::read(p).unwrap(),
                 p.clone(),
-            )))
+            ))))
         })
         .collect();
     let spec = ImageSpec {
         lowers,
         upper: None,
         description: "in memory".into(),
+        fetch_stats: None,
     };
     let from_mem = spec.open(false).unwrap();
     assert_eq!(from_files.size(), from_mem.size());
@@ -59,15 +60,21 @@ fn config_json_names_lowers_and_upper() {
         ),
     )
     .unwrap();
-    let s = ImageSpec::from_args(&[cfg.display().to_string()], None).unwrap();
+    let s = ImageSpec::from_args(&[cfg.display().to_string()], None, &Default::default()).unwrap();
     assert_eq!(s.lowers.len(), 1);
-    assert_eq!(s.upper, Some((t.path().join("d"), t.path().join("i"))));
+    let u = s.upper.unwrap();
+    assert_eq!(
+        (u.data, u.index, u.target),
+        (t.path().join("d"), t.path().join("i"), None)
+    );
     let s = ImageSpec::from_args(
         &[cfg.display().to_string()],
         Some((PathBuf::from("/x/d"), PathBuf::from("/x/i"))),
+        &Default::default(),
     )
     .unwrap();
-    assert_eq!(s.upper.unwrap().0, PathBuf::from("/x/d"));
-    let e = ImageSpec::from_args(&["/no/such/layer".into()], None).unwrap_err();
+    assert_eq!(s.upper.unwrap().data, PathBuf::from("/x/d"));
+    let e =
+        ImageSpec::from_args(&["/no/such/layer".into()], None, &Default::default()).unwrap_err();
     assert!(e.to_string().contains("not a layer file"), "{e}");
 }

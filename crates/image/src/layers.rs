@@ -1,0 +1,260 @@
+//! The layers of a converted image, from its manifest's layer descriptors
+//! and a [`BlobStore`] (an OCI layout, a registry).
+//!
+//! Two kinds of layer (annotations as the convertor writes them):
+//!
+//! * **overlaybd** (`containerd.io/snapshot/overlaybd/blob-digest`): the blob
+//!   is the tar-wrapped ZFile/LSMT layer itself, opened in place.
+//! * **TurboOCI** (`…/overlaybd/turbo-oci/target-digest`, or the legacy
+//!   `…/fastoci/target-digest`): the blob is a small gzip'd tar holding
+//!   `ext4.fs.meta` or `erofs.fs.meta` (the metadata layer), `.turbo.ociv1`
+//!   (an empty marker) and, for a gzip target, `gzip.meta` (its random
+//!   access index). The target digest names the original OCI layer blob in
+//!   the same store, whose uncompressed tar holds the file data. The small
+//!   blob is read whole, checked against its digest and unpacked into
+//!   memory; the target stays where it is and is read at random offsets
+//!   (through `gzip.meta` when it is compressed).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Arc;
+
+use blockdev::gzindex::{is_gzip, GzFile};
+use blockdev::source::{MemSource, ReadAt};
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Result};
+use crate::source::{LayerBlob, LowerSpec, Target};
+
+/// Annotation of an overlaybd layer.
+pub const OBD_DIGEST: &str = "containerd.io/snapshot/overlaybd/blob-digest";
+/// Annotations naming a TurboOCI layer's original blob (current, legacy).
+pub const TURBO_TARGET: [&str; 2] = [
+    "containerd.io/snapshot/overlaybd/turbo-oci/target-digest",
+    "containerd.io/snapshot/overlaybd/fastoci/target-digest",
+];
+/// TurboOCI metadata layers, in the order overlaybd's snapshotter prefers.
+const FS_META: [&str; 2] = ["erofs.fs.meta", "ext4.fs.meta"];
+/// The gzip index member of a TurboOCI blob.
+const GZIP_META: &str = "gzip.meta";
+/// TurboOCI blobs larger than this are refused (they hold metadata only).
+pub const MAX_TURBO_BLOB: u64 = 1 << 30;
+
+/// A layer descriptor of an image manifest.
+#[derive(Debug, Clone, Default)]
+pub struct LayerDesc {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    pub annotations: HashMap<String, String>,
+}
+
+impl From<&obdoci::Descriptor> for LayerDesc {
+    fn from(d: &obdoci::Descriptor) -> Self {
+        LayerDesc {
+            media_type: d.media_type.clone(),
+            digest: d.digest.to_string(),
+            size: d.size,
+            annotations: d
+                .annotations
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// The platform name of this machine in OCI terms (`amd64`, `arm64`, ...).
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        "loongarch64" => "loong64",
+        other => other,
+    }
+}
+
+/// The manifest to use from an index: linux on this machine's
+/// architecture, or the only image in it (attestations never count).
+pub fn pick_manifest(index: &obdoci::Index) -> Option<&obdoci::Descriptor> {
+    let images: Vec<&obdoci::Descriptor> = index
+        .manifests
+        .iter()
+        .filter(|d| !d.is_attestation())
+        .collect();
+    images
+        .iter()
+        .find(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| p.os == "linux" && p.architecture == host_arch())
+        })
+        .copied()
+        .or_else(|| (images.len() == 1).then(|| images[0]))
+}
+
+impl LayerDesc {
+    /// The original layer's digest, for a TurboOCI layer.
+    pub fn turbo_target(&self) -> Option<&str> {
+        TURBO_TARGET
+            .iter()
+            .find_map(|k| self.annotations.get(*k))
+            .map(String::as_str)
+    }
+}
+
+/// Where blobs are read from.
+pub trait BlobStore: Send + Sync {
+    /// A name for messages (`oci:DIR`, `registry/repo`).
+    fn name(&self) -> String;
+    /// Random access to blob `digest`; `size` is the descriptor's, when known.
+    fn open(&self, digest: &str, size: Option<u64>) -> Result<Arc<dyn ReadAt>>;
+}
+
+/// The lower layers (bottom first) of an image with these layers, and a word
+/// for what kind of image it is.
+pub fn lowers(layers: &[LayerDesc], store: &dyn BlobStore) -> Result<(Vec<LowerSpec>, String)> {
+    if layers.is_empty() {
+        return Err(Error::Usage(format!(
+            "{}: the image has no layers",
+            store.name()
+        )));
+    }
+    let mut out = Vec::with_capacity(layers.len());
+    let (mut native, mut turbo) = (0, 0);
+    for (i, l) in layers.iter().enumerate() {
+        if let Some(target) = l.turbo_target() {
+            out.push(turbo_lower(i, l, target, store)?);
+            turbo += 1;
+        } else if l.annotations.contains_key(OBD_DIGEST) {
+            let blob = store.open(&l.digest, Some(l.size))?;
+            out.push(LowerSpec::layer(LayerBlob::Source(blob)));
+            native += 1;
+        } else {
+            return Err(Error::Usage(format!(
+                "{}: not an overlaybd image: layer {i} ({}, {}) has no overlaybd or TurboOCI \
+                 annotations; convert the image first (convertor --overlaybd or --turboOCI)",
+                store.name(),
+                l.digest,
+                l.media_type
+            )));
+        }
+    }
+    let kind = match (native, turbo) {
+        (_, 0) => "overlaybd",
+        (0, _) => "TurboOCI",
+        _ => "overlaybd+TurboOCI",
+    };
+    Ok((out, kind.to_string()))
+}
+
+/// Read a whole (small) blob and check it against its digest.
+pub fn read_verified(src: &dyn ReadAt, digest: &str, what: &str) -> Result<Vec<u8>> {
+    let size = src.size();
+    if size > MAX_TURBO_BLOB {
+        return Err(Error::Usage(format!(
+            "{what} {digest} is {size} bytes; more than {MAX_TURBO_BLOB} is not metadata"
+        )));
+    }
+    let mut data = vec![0u8; size as usize];
+    src.read_exact_at(&mut data, 0)
+        .map_err(|source| Error::Stack {
+            what: format!("cannot read {what} {digest}"),
+            source,
+        })?;
+    if let Some(hex) = digest.strip_prefix("sha256:") {
+        let got = hex::encode(Sha256::digest(&data));
+        if got != hex {
+            return Err(Error::Integrity(format!(
+                "{what} {digest}: content hashes to sha256:{got}"
+            )));
+        }
+    }
+    Ok(data)
+}
+
+/// The members of a TurboOCI blob this crate uses, by name.
+fn unpack_turbo(blob: &[u8], what: &str) -> Result<HashMap<String, Vec<u8>>> {
+    let bad = |msg: String| Error::Usage(format!("{what}: {msg}"));
+    let raw: Box<dyn Read + '_> = if is_gzip(blob) {
+        Box::new(flate2::read::MultiGzDecoder::new(blob))
+    } else {
+        Box::new(blob)
+    };
+    let mut ar = tar::Archive::new(raw);
+    let mut out = HashMap::new();
+    let entries = ar
+        .entries()
+        .map_err(|e| bad(format!("not a TurboOCI layer tar: {e}")))?;
+    for e in entries {
+        let mut e = e.map_err(|e| bad(format!("bad tar: {e}")))?;
+        let path = e
+            .path()
+            .map_err(|e| bad(format!("bad tar entry name: {e}")))?;
+        let name = path.to_string_lossy();
+        let name = name.trim_start_matches("./").to_string();
+        if !FS_META.contains(&name.as_str()) && name != GZIP_META {
+            continue;
+        }
+        let size = e.header().size().map_err(|e| bad(format!("{name}: {e}")))?;
+        if size > MAX_TURBO_BLOB {
+            return Err(bad(format!("{name} is {size} bytes")));
+        }
+        let mut v = Vec::with_capacity(size as usize);
+        e.read_to_end(&mut v)
+            .map_err(|e| bad(format!("cannot unpack {name}: {e}")))?;
+        out.insert(name, v);
+    }
+    Ok(out)
+}
+
+fn turbo_lower(i: usize, l: &LayerDesc, target: &str, store: &dyn BlobStore) -> Result<LowerSpec> {
+    let what = format!("{}: TurboOCI layer {i}", store.name());
+    let src = store.open(&l.digest, Some(l.size))?;
+    let blob = read_verified(src.as_ref(), &l.digest, &what)?;
+    let mut files = unpack_turbo(&blob, &format!("{what} ({})", l.digest))?;
+    let (fs_name, meta) = FS_META
+        .iter()
+        .find_map(|n| files.remove(*n).map(|m| (*n, m)))
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "{what} ({}) holds neither ext4.fs.meta nor erofs.fs.meta",
+                l.digest
+            ))
+        })?;
+    let hex = l.digest.rsplit(':').next().unwrap_or(&l.digest);
+    let short = &hex[..hex.len().min(12)];
+    let meta = MemSource::new(meta, format!("{short}/{fs_name}"));
+    let tblob = store.open(target, None)?;
+    let tar: Arc<dyn ReadAt> = match files.remove(GZIP_META) {
+        Some(idx) => {
+            let idx = MemSource::new(idx, format!("{short}/{GZIP_META}"));
+            Arc::new(
+                GzFile::open_source(tblob, Arc::new(idx)).map_err(|source| Error::Stack {
+                    what: format!("{what}: cannot read target {target} through its gzip.meta"),
+                    source,
+                })?,
+            )
+        }
+        None => {
+            let mut head = [0u8; 2];
+            let n = tblob.read_at(&mut head, 0).map_err(|source| Error::Stack {
+                what: format!("{what}: cannot read target {target}"),
+                source,
+            })?;
+            if is_gzip(&head[..n]) {
+                return Err(Error::Usage(format!(
+                    "{what}: target {target} is gzip-compressed but the layer has no gzip.meta"
+                )));
+            }
+            tblob
+        }
+    };
+    Ok(LowerSpec {
+        blob: LayerBlob::Source(Arc::new(meta)),
+        target: Some(Target::Tar(tar)),
+    })
+}

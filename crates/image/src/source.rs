@@ -1,0 +1,422 @@
+//! What a mount serves: a layer stack described by layer files, an overlaybd
+//! `config.json` (TurboOCI lowers and upper included), or a converted image
+//! (native or TurboOCI) in an OCI layout or a registry (read lazily), plus
+//! an optional writable upper.
+//!
+//! The seam for other sources is [`LayerBlob`]: a lower layer is either a
+//! local file or any [`ReadAt`] presenting the blob bytes as stored (tar
+//! wrapper, ZFile and LSMT are peeled by `blockdev::layer::open_blob_source`,
+//! exactly as for files). A TurboOCI lower ([`LowerSpec::target`]) adds its
+//! target, the uncompressed layer tar, again as paths or as any [`ReadAt`].
+//! A lazily fetched registry blob ([`crate::remote::RemoteBlob`], HTTP range
+//! requests behind a `ReadAt`) needs nothing else from this module.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use blockdev::io::IoFile;
+use blockdev::layer::{open_layer, open_layer_source};
+use blockdev::lsmt::{SealedLayer, WritableLayer};
+use blockdev::source::{FileSlice, ReadAt};
+use blockdev::stack::{Lower, Stack};
+use blockdev::warp::{TargetSource, WarpLayer};
+use blockdev::ImageConfig;
+
+use crate::chunkcache::ChunkCache;
+use crate::error::{Error, Result};
+use crate::layers::{lowers, LayerDesc};
+use crate::layout::{split_ref, LayoutStore};
+use crate::reference::RemoteRef;
+use crate::remote::{FetchOptions, FetchStats, RegistryStore};
+
+/// How to reach a registry and where to cache what is fetched.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// Registry client options (TLS, credentials, retries).
+    pub client: obdregistry::ClientOptions,
+    /// How blobs are fetched.
+    pub fetch: FetchOptions,
+    /// The chunk cache directory (a temporary one if `None`).
+    pub cache_dir: Option<PathBuf>,
+    /// The chunk cache's budget in bytes.
+    pub cache_size: u64,
+    /// Fetch and cache granularity.
+    pub chunk_size: u64,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            client: Default::default(),
+            fetch: Default::default(),
+            cache_dir: None,
+            cache_size: 1 << 30,
+            chunk_size: 64 << 10,
+        }
+    }
+}
+
+/// The bytes of one lower layer.
+#[derive(Clone)]
+pub enum LayerBlob {
+    /// A layer file: sealed LSMT, ZFile, either of them tar-wrapped.
+    File(PathBuf),
+    /// The same formats read through any random-access source.
+    Source(Arc<dyn ReadAt>),
+}
+
+impl std::fmt::Debug for LayerBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayerBlob::File(p) => write!(f, "File({})", p.display()),
+            LayerBlob::Source(s) => write!(f, "Source({}, {} bytes)", s.path().display(), s.size()),
+        }
+    }
+}
+
+impl LayerBlob {
+    /// The blob's bytes as stored.
+    pub fn source(&self) -> Result<Arc<dyn ReadAt>> {
+        match self {
+            LayerBlob::File(p) => {
+                let f = IoFile::open(p).map_err(|source| Error::Stack {
+                    what: format!("cannot open layer {}", p.display()),
+                    source,
+                })?;
+                let s = FileSlice::whole(Arc::new(f)).map_err(|source| Error::Stack {
+                    what: format!("cannot open layer {}", p.display()),
+                    source,
+                })?;
+                Ok(Arc::new(s))
+            }
+            LayerBlob::Source(s) => Ok(s.clone()),
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            LayerBlob::File(p) => p.display().to_string(),
+            LayerBlob::Source(s) => s.path().display().to_string(),
+        }
+    }
+
+    /// Open the sealed layer inside.
+    pub fn open(&self) -> Result<SealedLayer> {
+        match self {
+            LayerBlob::File(p) => open_layer(p).map_err(|source| Error::Stack {
+                what: format!("cannot open layer {}", p.display()),
+                source,
+            }),
+            LayerBlob::Source(s) => open_layer_source(s.clone()).map_err(|source| Error::Stack {
+                what: format!("cannot open layer {}", s.path().display()),
+                source,
+            }),
+        }
+    }
+}
+
+/// The target of a TurboOCI layer: the layer tar its file data lives in.
+#[derive(Clone)]
+pub enum Target {
+    /// A local blob (tar, or gzip with its `gzip.meta`), as config.json names it.
+    Paths(TargetSource),
+    /// Already the uncompressed tar stream.
+    Tar(Arc<dyn ReadAt>),
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Paths(t) => write!(f, "Paths({t:?})"),
+            Target::Tar(s) => write!(f, "Tar({}, {} bytes)", s.path().display(), s.size()),
+        }
+    }
+}
+
+impl Target {
+    /// Open the uncompressed tar stream.
+    pub fn open(&self) -> Result<Arc<dyn ReadAt>> {
+        match self {
+            Target::Paths(t) => t.open().map_err(|source| Error::Stack {
+                what: format!("cannot open the TurboOCI target {}", t.file.display()),
+                source,
+            }),
+            Target::Tar(s) => Ok(s.clone()),
+        }
+    }
+}
+
+/// One lower layer: a native overlaybd layer, or the metadata layer of a
+/// TurboOCI layer with its target.
+#[derive(Debug, Clone)]
+pub struct LowerSpec {
+    /// The layer blob (for TurboOCI, the `<fs>.fs.meta`).
+    pub blob: LayerBlob,
+    /// TurboOCI: where the file data lives.
+    pub target: Option<Target>,
+}
+
+impl LowerSpec {
+    /// A native layer.
+    pub fn layer(blob: LayerBlob) -> Self {
+        LowerSpec { blob, target: None }
+    }
+
+    /// Open the layer for a stack.
+    pub fn open(&self) -> Result<Lower> {
+        let Some(t) = &self.target else {
+            return self.blob.open().map(Lower::Sealed);
+        };
+        let target = t.open()?;
+        let w =
+            WarpLayer::open_source(self.blob.source()?, target).map_err(|source| Error::Stack {
+                what: format!("cannot open TurboOCI layer {}", self.blob.name()),
+                source,
+            })?;
+        Ok(Lower::Warp(w))
+    }
+}
+
+/// A writable upper layer: data and index files, and for a TurboOCI upper
+/// (`overlaybd-create --turboOCI`) its target.
+#[derive(Debug, Clone)]
+pub struct UpperSpec {
+    pub data: PathBuf,
+    pub index: PathBuf,
+    pub target: Option<TargetSource>,
+}
+
+/// Whether a lone command-line source names an image (`oci:DIR[:TAG]`, or
+/// a registry reference: not an existing file, not a `.json`, and parses
+/// as `host/repo[:tag|@digest]`) rather than a layer file or config.
+pub fn is_image_argument(a: &str) -> bool {
+    a.starts_with("oci:")
+        || (!Path::new(a).exists() && !a.ends_with(".json") && RemoteRef::parse(a).is_ok())
+}
+
+/// A layer stack to mount.
+#[derive(Debug, Clone)]
+pub struct ImageSpec {
+    /// Lower layers, bottom first.
+    pub lowers: Vec<LowerSpec>,
+    /// Writable upper.
+    pub upper: Option<UpperSpec>,
+    /// A one-line description for messages.
+    pub description: String,
+    /// For a registry image: the fetch counters.
+    pub fetch_stats: Option<Arc<FetchStats>>,
+}
+
+impl ImageSpec {
+    /// Interpret the command line's sources: one `config.json` (lowers and
+    /// upper), one `oci:DIR[:TAG]` (a converted image), one image reference
+    /// (`host/repo:tag`, `host/repo@sha256:...`: any single argument that is
+    /// neither an existing file nor an `oci:` path), or layer files (bottom
+    /// first). `upper` adds (or, for a config, replaces) the writable layer.
+    pub fn from_args(
+        inputs: &[String],
+        upper: Option<(PathBuf, PathBuf)>,
+        remote: &RemoteOptions,
+    ) -> Result<ImageSpec> {
+        let upper = upper.map(|(data, index)| UpperSpec {
+            data,
+            index,
+            target: None,
+        });
+        if inputs.is_empty() {
+            return Err(Error::Usage(
+                "no layers, config.json, oci:DIR or image reference given".into(),
+            ));
+        }
+        if inputs.len() == 1 {
+            let a = &inputs[0];
+            if let Some(rest) = a.strip_prefix("oci:") {
+                let (dir, tag) = split_ref(rest);
+                let store = LayoutStore::open(&dir)?;
+                let layers = store.layers(tag.as_deref())?;
+                let (lowers, kind) = lowers(&layers, &store)?;
+                let description = format!(
+                    "{kind} image oci:{}{} ({} layers)",
+                    dir.display(),
+                    tag.map(|t| format!(":{t}")).unwrap_or_default(),
+                    lowers.len()
+                );
+                return Ok(ImageSpec {
+                    lowers,
+                    upper,
+                    description,
+                    fetch_stats: None,
+                });
+            }
+            if !Path::new(a).exists() && !a.ends_with(".json") {
+                if let Ok(r) = RemoteRef::parse(a) {
+                    return Self::from_registry(&r, upper, remote);
+                }
+            }
+            if a.ends_with(".json") {
+                let p = Path::new(a);
+                let cfg = ImageConfig::load(p).map_err(|source| Error::Stack {
+                    what: format!("cannot read image config {a}"),
+                    source,
+                })?;
+                let upper = upper.or(cfg.upper.clone().map(|u| UpperSpec {
+                    data: u.data,
+                    index: u.index,
+                    target: u.target,
+                }));
+                let turbo = cfg.lower_targets.iter().any(|t| t.is_some());
+                let lowers = cfg
+                    .lowers
+                    .iter()
+                    .zip(&cfg.lower_targets)
+                    .map(|(f, t)| LowerSpec {
+                        blob: LayerBlob::File(f.clone()),
+                        target: t.clone().map(Target::Paths),
+                    })
+                    .collect::<Vec<_>>();
+                return Ok(ImageSpec {
+                    description: format!(
+                        "image config {a} ({} {}lowers)",
+                        lowers.len(),
+                        if turbo { "TurboOCI " } else { "" }
+                    ),
+                    lowers,
+                    upper,
+                    fetch_stats: None,
+                });
+            }
+        }
+        let mut lowers = Vec::new();
+        for a in inputs {
+            let p = Path::new(a);
+            if !p.is_file() {
+                return Err(Error::Usage(format!(
+                    "{a}: not a layer file (sources are layer files, one config.json, one \
+                     oci:DIR[:TAG], or one image reference HOST/REPO[:TAG|@DIGEST])"
+                )));
+            }
+            lowers.push(LowerSpec::layer(LayerBlob::File(p.to_path_buf())));
+        }
+        Ok(ImageSpec {
+            description: format!("layer stack ({} layers)", lowers.len()),
+            lowers,
+            upper,
+            fetch_stats: None,
+        })
+    }
+
+    /// A converted image in a registry: its manifest (through an index to
+    /// this machine's platform) is fetched now, its blobs lazily.
+    pub fn from_registry(
+        r: &RemoteRef,
+        upper: Option<UpperSpec>,
+        remote: &RemoteOptions,
+    ) -> Result<ImageSpec> {
+        let reg_err = |what: String| move |source| Error::Registry { what, source };
+        let registry = obdregistry::Registry::new(&r.host, &remote.client).map_err(reg_err(
+            format!("{}: cannot set up the registry client", r.host),
+        ))?;
+        let repo = registry.repository(&r.repository);
+        let mut reference = r.reference.clone();
+        let mut layers: Option<Vec<LayerDesc>> = None;
+        for _ in 0..4 {
+            let (desc, bytes) = repo
+                .get_manifest(&reference)
+                .map_err(reg_err(format!("cannot fetch the manifest of {r}")))?;
+            let what = format!("{r}: {}", desc.digest);
+            let oci_err = |source| Error::Oci {
+                what: what.clone(),
+                source,
+            };
+            if obdoci::model::is_index(&desc.media_type) {
+                let idx: obdoci::Index =
+                    obdoci::model::parse_json(&what, &bytes).map_err(oci_err)?;
+                let pick = crate::layers::pick_manifest(&idx).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "{what}: the index has no linux/{} image",
+                        crate::layers::host_arch()
+                    ))
+                })?;
+                reference = obdoci::Reference::Digest(pick.digest.clone());
+                continue;
+            }
+            let m: obdoci::Manifest = obdoci::model::parse_json(&what, &bytes).map_err(oci_err)?;
+            layers = Some(m.layers.iter().map(LayerDesc::from).collect());
+            break;
+        }
+        let layers =
+            layers.ok_or_else(|| Error::Usage(format!("{r}: indexes nested too deeply")))?;
+        let cache = ChunkCache::new(
+            remote.cache_dir.as_deref(),
+            remote.cache_size,
+            remote.chunk_size,
+        )?;
+        let stats = Arc::new(FetchStats::default());
+        let store = RegistryStore::new(repo, cache.clone(), remote.fetch.clone(), stats.clone());
+        let (lowers, kind) = lowers(&layers, &store)?;
+        // Every blob is open: a temporary cache directory can go now.
+        cache.unlink_temporary();
+        tracing::info!("lazy: {r} opened: {}", stats.summary());
+        Ok(ImageSpec {
+            description: format!("{kind} image {r} ({} layers, lazily fetched)", lowers.len()),
+            lowers,
+            upper,
+            fetch_stats: Some(stats),
+        })
+    }
+
+    /// Open the stack. The upper (if any) is opened for writing only when
+    /// `writable`.
+    pub fn open(&self, writable: bool) -> Result<Arc<Stack>> {
+        // Layers open concurrently: for a registry image each one costs
+        // round trips (header, trailer, index).
+        let lowers = if self.fetch_stats.is_some() && self.lowers.len() > 1 {
+            std::thread::scope(|s| {
+                let opening: Vec<_> = self
+                    .lowers
+                    .iter()
+                    .map(|l| s.spawn(move || l.open()))
+                    .collect();
+                opening
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect::<Result<Vec<_>>>()
+            })?
+        } else {
+            self.lowers
+                .iter()
+                .map(LowerSpec::open)
+                .collect::<Result<Vec<_>>>()?
+        };
+        let upper = match &self.upper {
+            Some(u) => {
+                let (d, i) = (&u.data, &u.index);
+                let what = || {
+                    format!(
+                        "cannot open the upper layer {} / {}",
+                        d.display(),
+                        i.display()
+                    )
+                };
+                let layer = match &u.target {
+                    Some(t) => {
+                        let target = Target::Paths(t.clone()).open()?;
+                        WritableLayer::open_warp(d, i, Some(target), !writable)
+                    }
+                    None if writable => WritableLayer::open(d, i),
+                    None => WritableLayer::open_read_only(d, i),
+                };
+                Some(layer.map_err(|source| Error::Stack {
+                    what: what(),
+                    source,
+                })?)
+            }
+            None => None,
+        };
+        let stack = Stack::with_lowers(lowers, upper).map_err(|source| Error::Stack {
+            what: format!("cannot stack {}", self.description),
+            source,
+        })?;
+        Ok(Arc::new(stack))
+    }
+}

@@ -1,0 +1,97 @@
+//! Error type of the crate.
+
+use std::path::PathBuf;
+
+/// Result alias of the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the kernel engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The engine cannot run on this machine (no root, no `/dev/fuse`, no
+    /// loop devices, a tool missing).
+    #[error("the kernel engine is not available: {reason}")]
+    Unavailable {
+        /// Why, and what to do about it.
+        reason: String,
+    },
+    /// A bad option (`--mkfs-options`, `--mount-options`, `--fstype`).
+    #[error("{0}")]
+    Usage(String),
+    /// An operating-system error on a named path.
+    #[error("{}: {what}", .path.display())]
+    Io {
+        /// The file, directory or device.
+        path: PathBuf,
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An external tool (`mkfs.ext4`, `losetup`, `mount`) failed.
+    #[error("`{command}` failed ({status}): {output}")]
+    Tool {
+        /// The command line.
+        command: String,
+        /// How it ended.
+        status: String,
+        /// What it printed on stderr (and stdout), trimmed.
+        output: String,
+    },
+    /// A tar entry cannot be applied (a rule of the OCI layer format).
+    #[error("tar entry '{path}': {msg}")]
+    Entry {
+        /// The entry's path as stored in the tar.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The kernel refused an operation for a tar entry.
+    #[error("tar entry '{path}': cannot {what}")]
+    EntryIo {
+        /// The entry's path as stored in the tar.
+        path: String,
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading the tar stream failed, or it is malformed.
+    #[error(transparent)]
+    Tar(obdfs::Error),
+    /// Exposing the device through FUSE failed.
+    #[error("cannot expose the layer through FUSE")]
+    Fuse(#[source] obdfuse::Error),
+    /// Flushing the layer stack failed.
+    #[error("cannot flush the layer")]
+    Flush(#[source] blockdev::Error),
+    /// Stopped by a signal (Ctrl-C) or by the caller.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl Error {
+    /// An I/O error on `path` while doing `what`.
+    pub fn io(path: impl Into<PathBuf>, what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for obdfs::Error {
+    fn from(e: Error) -> obdfs::Error {
+        match e {
+            // A tar problem is the same problem whichever engine met it.
+            Error::Tar(e) => e,
+            e => obdfs::Error::Engine {
+                engine: crate::NAME,
+                source: Box::new(e),
+            },
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! The kernel engine against real components: kernel FUSE, loop devices,
+//! the kernel's ext4, mkfs.ext4, e2fsck, debugfs (through treecmp.py). These
+//! tests need root; they fail, not skip, without it (CI runs as root).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use blockdev::lsmt::{create_writable, CreateOptions, WritableLayer};
+use blockdev::stack::LowerSource;
+use blockdev::{BlockDevice, RawFileDevice, Stack};
+use obdfs::{Engine, Job, Libext2fs};
+use obdkernel::{Error, Kernel, KernelOptions, Requirements};
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the kernel engine mounts FUSE, loop devices and ext4: run this test as root (CI does)"
+    );
+}
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fs")
+}
+
+/// The multi-layer test set of `tests/fs/make-layers.py`, made once.
+struct LayerSet {
+    _dir: tempfile::TempDir,
+    layers: Vec<PathBuf>,
+    malicious: Vec<(PathBuf, String)>,
+    reference: PathBuf,
+}
+
+fn layer_set() -> &'static LayerSet {
+    static SET: OnceLock<LayerSet> = OnceLock::new();
+    SET.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        testutil::run_ok(
+            std::process::Command::new("python3")
+                .arg(scripts().join("make-layers.py"))
+                .arg(d),
+        );
+        let layers: Vec<PathBuf> = std::fs::read_to_string(d.join("layers.txt"))
+            .unwrap()
+            .lines()
+            .map(|l| d.join(l))
+            .collect();
+        let malicious = std::fs::read_to_string(d.join("malicious.txt"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (f, e) = l.split_once('\t').unwrap();
+                (d.join(f), e.to_string())
+            })
+            .collect();
+        let mut args = vec!["reference".to_string()];
+        args.extend(layers.iter().map(|p| p.to_str().unwrap().to_string()));
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reference = d.join("reference.json");
+        std::fs::write(&reference, testutil::treecmp(&a)).unwrap();
+        LayerSet {
+            _dir: dir,
+            layers,
+            malicious,
+            reference,
+        }
+    })
+}
+
+/// Kernel engine options with a private work directory under `d`, so that
+/// leftovers can be looked for there.
+fn kernel(d: &Path) -> (Kernel, PathBuf) {
+    let work = d.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let k = Kernel::new(KernelOptions {
+        work_dir: Some(work.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    (k, work)
+}
+
+fn apply(engine: &dyn Engine, dev: &Arc<dyn BlockDevice>, mkfs: bool, tar: &Path) {
+    let mut f = std::fs::File::open(tar).unwrap();
+    engine
+        .apply(
+            dev.clone(),
+            Job {
+                mkfs,
+                tar: &mut f,
+                progress: None,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{}: {}: {e:?}", engine.name(), tar.display()));
+}
+
+/// Manifest of the ext4 image `img` (debugfs through treecmp.py).
+fn image_manifest(img: &Path, out: &Path) {
+    std::fs::write(out, testutil::treecmp(&["image", img.to_str().unwrap()])).unwrap();
+}
+
+fn e2fsck_clean(img: &Path) {
+    if let Err(out) = testutil::e2fsck(img) {
+        panic!("e2fsck -fn {} is not clean:\n{out}", img.display());
+    }
+}
+
+/// Nothing of the engine left: no mount below `work` (ext4 or FUSE), no
+/// loop device on a file there, and the work directory itself empty.
+fn assert_nothing_left(work: &Path) {
+    let w = work.to_str().unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let left: Vec<&str> = mounts.lines().filter(|l| l.contains(w)).collect();
+    assert!(left.is_empty(), "mounts left behind: {left:#?}");
+    let out = testutil::run_ok(std::process::Command::new("losetup").args([
+        "-l",
+        "-n",
+        "-O",
+        "NAME,BACK-FILE",
+    ]));
+    let loops = String::from_utf8_lossy(&out.stdout).into_owned();
+    let left: Vec<&str> = loops.lines().filter(|l| l.contains(w)).collect();
+    assert!(left.is_empty(), "loop devices left behind: {left:#?}");
+    let entries: Vec<_> = std::fs::read_dir(work).unwrap().collect();
+    assert!(entries.is_empty(), "work directory not empty: {entries:?}");
+}
+
+/// All layers through one engine onto a sparse raw image; its manifest.
+fn all_layers(engine: &dyn Engine, img: &Path, manifest: &Path) {
+    let dev: Arc<dyn BlockDevice> = Arc::new(RawFileDevice::create(img, 4 << 30).unwrap());
+    for (i, l) in layer_set().layers.iter().enumerate() {
+        apply(engine, &dev, i == 0, l);
+    }
+    drop(dev);
+    e2fsck_clean(img);
+    image_manifest(img, manifest);
+}
+
+#[test]
+fn kernel_engine_tree_equals_reference_and_libext2fs() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (k, work) = kernel(d);
+    let set = layer_set();
+    all_layers(&k, &d.join("kernel.img"), &d.join("kernel.json"));
+    assert_nothing_left(&work);
+    all_layers(
+        &Libext2fs::default(),
+        &d.join("lib.img"),
+        &d.join("lib.json"),
+    );
+    let (kj, lj, rj) = (
+        d.join("kernel.json"),
+        d.join("lib.json"),
+        set.reference.clone(),
+    );
+    testutil::treecmp(&["compare", rj.to_str().unwrap(), kj.to_str().unwrap()]);
+    testutil::treecmp(&["compare", lj.to_str().unwrap(), kj.to_str().unwrap()]);
+    // The kernel's mkfs.ext4 made it: upstream's embedded options.
+    let out = testutil::run_ok(
+        std::process::Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(d.join("kernel.img")),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("has_journal"), "{text}");
+    assert!(!text.contains("metadata_csum"), "{text}");
+    assert!(text.contains("Filesystem UUID:          <none>"), "{text}");
+}
+
+/// A chain of writable layers, each applied by `engines[i % 2]`, read back
+/// through our stack reader.
+fn chain(d: &Path, engines: [&dyn Engine; 2]) -> PathBuf {
+    let set = layer_set();
+    let mut lowers: Vec<LowerSource> = Vec::new();
+    for (i, l) in set.layers.iter().enumerate() {
+        let data = d.join(format!("data{i}"));
+        let index = d.join(format!("index{i}"));
+        create_writable(
+            &data,
+            &index,
+            &CreateOptions {
+                virtual_size: if i == 0 { 8 << 30 } else { 0 },
+                sparse: true,
+                parent_uuid: None,
+                uuid: None,
+            },
+        )
+        .unwrap();
+        let dev: Arc<dyn BlockDevice> = Arc::new(
+            Stack::open_sources(&lowers, Some((&data, &index)), WritableLayer::open).unwrap(),
+        );
+        apply(engines[i % 2], &dev, i == 0, l);
+        drop(dev);
+        lowers.push(LowerSource::Writable { data, index });
+    }
+    let flat = d.join("flat.img");
+    Stack::open_sources(&lowers, None, WritableLayer::open_read_only)
+        .unwrap()
+        .write_raw_image(&flat)
+        .unwrap();
+    for i in 0..set.layers.len() {
+        std::fs::remove_file(d.join(format!("data{i}"))).unwrap();
+        std::fs::remove_file(d.join(format!("index{i}"))).unwrap();
+    }
+    flat
+}
+
+#[test]
+fn kernel_layers_stack_with_libext2fs_layers() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (k, work) = kernel(d);
+    let lib = Libext2fs::default();
+    let set = layer_set();
+    for (name, engines) in [
+        ("kernel-first", [&k as &dyn Engine, &lib]),
+        ("libext2fs-first", [&lib as &dyn Engine, &k]),
+    ] {
+        let sub = d.join(name);
+        std::fs::create_dir(&sub).unwrap();
+        let flat = chain(&sub, engines);
+        e2fsck_clean(&flat);
+        let m = sub.join("flat.json");
+        image_manifest(&flat, &m);
+        testutil::treecmp(&[
+            "compare",
+            set.reference.to_str().unwrap(),
+            m.to_str().unwrap(),
+        ]);
+        std::fs::remove_file(&flat).unwrap();
+    }
+    assert_nothing_left(&work);
+}
+
+#[test]
+fn mkfs_and_mount_options_reach_the_filesystem() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let work = d.join("work");
+    std::fs::create_dir(&work).unwrap();
+    let opts = KernelOptions {
+        work_dir: Some(work.clone()),
+        ..Default::default()
+    }
+    .with_fstype("ext4;noatime,discard;-I 512 -O metadata_csum -L obdtest")
+    .unwrap();
+    let k = Kernel::new(opts).unwrap();
+    let img = d.join("fs.img");
+    let dev: Arc<dyn BlockDevice> = Arc::new(RawFileDevice::create(&img, 1 << 30).unwrap());
+    // Seen from the progress callback, which runs while the ext4 is mounted.
+    let seen = Mutex::new(String::new());
+    let mut cb = |_: &obdfs::ApplyStats| {
+        let w = work.to_str().unwrap().to_string();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        if let Some(l) = info
+            .lines()
+            .find(|l| l.contains(&w) && l.contains(" ext4 "))
+        {
+            *seen.lock().unwrap() = l.to_string();
+        }
+    };
+    let mut tar = std::fs::File::open(&layer_set().layers[0]).unwrap();
+    k.apply(
+        dev.clone(),
+        Job {
+            mkfs: true,
+            tar: &mut tar,
+            progress: Some(&mut cb),
+        },
+    )
+    .unwrap();
+    drop(dev);
+    let line = seen.lock().unwrap().clone();
+    let opts = line.split_whitespace().nth(5).unwrap_or_default();
+    assert!(
+        opts.split(',').any(|o| o == "noatime"),
+        "noatime not in the mount's options: {line}"
+    );
+    let out = testutil::run_ok(std::process::Command::new("dumpe2fs").arg("-h").arg(&img));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Inode size:\t          512"), "{text}");
+    assert!(text.contains("Filesystem volume name:   obdtest"), "{text}");
+    assert!(text.contains("metadata_csum"), "{text}");
+    e2fsck_clean(&img);
+    assert_nothing_left(&work);
+}
+
+/// A reader that hands out `good` bytes of a real layer and then fails, as
+/// a broken download would.
+struct FailAfter<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for FailAfter<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other("injected failure"));
+        }
+        let n = (buf.len() as u64).min(self.left) as usize;
+        let n = self.inner.read(&mut buf[..n])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+#[test]
+fn failures_mid_apply_leave_nothing_behind() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (k, work) = kernel(d);
+    let set = layer_set();
+    let img = d.join("fs.img");
+    let dev: Arc<dyn BlockDevice> = Arc::new(RawFileDevice::create(&img, 1 << 30).unwrap());
+
+    // 1. The stream fails half-way through the first layer.
+    let big = &set.layers[0];
+    let len = std::fs::metadata(big).unwrap().len();
+    let mut r = FailAfter {
+        inner: std::fs::File::open(big).unwrap(),
+        left: len / 2,
+    };
+    let e = k
+        .apply(
+            dev.clone(),
+            Job {
+                mkfs: true,
+                tar: &mut r,
+                progress: None,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        format!("{e}").contains("injected failure")
+            || format!("{e:?}").contains("injected failure"),
+        "{e:?}"
+    );
+    assert_nothing_left(&work);
+
+    // 2. A corrupt header after good entries.
+    let mut bad = std::fs::read(big).unwrap();
+    bad.truncate(len as usize / 2 / 512 * 512);
+    bad.extend_from_slice(&[0x5a; 512]);
+    bad.extend_from_slice(&[0u8; 1024]);
+    let e = k
+        .apply(
+            dev.clone(),
+            Job {
+                mkfs: true,
+                tar: &mut bad.as_slice(),
+                progress: None,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("malformed tar") || e.to_string().contains("tar"),
+        "{e}"
+    );
+    assert_nothing_left(&work);
+
+    // 3. A mkfs that fails (a bad option).
+    let bad_mkfs = Kernel::new(KernelOptions {
+        work_dir: Some(work.clone()),
+        mkfs_options: vec!["-O".into(), "no_such_feature".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    let e = bad_mkfs
+        .apply(
+            dev.clone(),
+            Job {
+                mkfs: true,
+                tar: &mut std::io::empty(),
+                progress: None,
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("mkfs.ext4"), "{e}");
+    assert_nothing_left(&work);
+
+    // 4. A mount that fails (a bad option).
+    let bad_mount = Kernel::new(KernelOptions {
+        work_dir: Some(work.clone()),
+        mount_options: Some("no_such_option".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let e = bad_mount
+        .apply(
+            dev.clone(),
+            Job {
+                mkfs: true,
+                tar: &mut std::io::empty(),
+                progress: None,
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("mount"), "{e}");
+    assert_nothing_left(&work);
+
+    // 5. Layers that must be refused, refused with the libext2fs engine's
+    // words, each on top of a fresh first layer.
+    for (tar, want) in &set.malicious {
+        apply(&k, &dev, true, big);
+        let mut f = std::fs::File::open(tar).unwrap();
+        let e = k
+            .apply(
+                dev.clone(),
+                Job {
+                    mkfs: false,
+                    tar: &mut f,
+                    progress: None,
+                },
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string().contains(want.as_str()),
+            "{}: {e}",
+            tar.display()
+        );
+        assert_nothing_left(&work);
+    }
+
+    // 6. Cancelled (Ctrl-C) before the first entry.
+    let flag = Arc::new(AtomicBool::new(true));
+    let cancelled = Kernel::new(KernelOptions {
+        work_dir: Some(work.clone()),
+        cancel: Some(flag),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut f = std::fs::File::open(big).unwrap();
+    let e = cancelled
+        .apply(
+            dev.clone(),
+            Job {
+                mkfs: false,
+                tar: &mut f,
+                progress: None,
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("interrupted"), "{e}");
+    assert_nothing_left(&work);
+}
+
+#[test]
+fn missing_requirements_are_named() {
+    require_root();
+    for (req, want) in [
+        (
+            Requirements {
+                fuse: "/nonexistent/fuse".into(),
+                ..Default::default()
+            },
+            "/nonexistent/fuse",
+        ),
+        (
+            Requirements {
+                loop_control: "/nonexistent/loop-control".into(),
+                ..Default::default()
+            },
+            "/nonexistent/loop-control",
+        ),
+        (
+            Requirements {
+                tools: vec!["mkfs.no-such-fs"],
+                ..Default::default()
+            },
+            "mkfs.no-such-fs",
+        ),
+    ] {
+        let e = Kernel::new(KernelOptions {
+            requirements: req,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains(want) && text.contains("libext2fs"), "{text}");
+    }
+    let e = KernelOptions::default().with_fstype("xfs;;").unwrap_err();
+    assert!(e.to_string().contains("ext4 only"), "{e}");
+}
