@@ -272,7 +272,10 @@ fn turbo_and_native_in_one_run_through_registry() {
     assert_eq!(get_json(&repo, "v1_dd2").0.digest, td.digest);
     let native = convert_ok(&[&base[..], &dd[..], &["--overlaybd", "v1_dd3"]].concat());
     assert!(native.contains("layers 4 converted, 0 reused"), "{native}");
-    assert!(native.contains("manifests 1 converted, 0 reused"), "{native}");
+    assert!(
+        native.contains("manifests 1 converted, 0 reused"),
+        "{native}"
+    );
 
     // Another repository on the same registry: the source layers are mounted there,
     // since the runtime reads them from the image's own repository.
