@@ -29,6 +29,7 @@
 
 pub mod abort;
 pub mod annotations;
+pub mod archive;
 pub mod chain;
 pub mod dedup;
 mod follow;
@@ -40,7 +41,7 @@ pub use abort::Abort;
 pub use dedup::DedupTarget;
 use obdoci::ErrorKind;
 pub use pipeline::{ConvertOutcome, Converter};
-pub use store::{open_store, ImageStore, LayoutStore, RegistryStore};
+pub use store::{open_store, open_store_in, ImageStore, LayoutStore, RegistryStore};
 
 use std::path::PathBuf;
 
@@ -175,6 +176,10 @@ pub struct ConvertOptions {
     pub download_concurrency: usize,
     /// The prebuilt base layer used when `mkfs` is false.
     pub baselayer: PathBuf,
+    /// ZFile compression of committed layers (`--algorithm lz4|zstd`).
+    pub zfile_algorithm: ZfileAlgorithm,
+    /// ZFile block size in KiB (`--bs 4|8|16|32|64`).
+    pub zfile_block_kib: u32,
 }
 
 impl Default for ConvertOptions {
@@ -192,6 +197,8 @@ impl Default for ConvertOptions {
             concurrency_limit: 4,
             download_concurrency: 4,
             baselayer: PathBuf::from("/opt/overlaybd/baselayers/ext4_64"),
+            zfile_algorithm: ZfileAlgorithm::Lz4,
+            zfile_block_kib: 4,
         }
     }
 }
@@ -201,7 +208,27 @@ impl Default for ConvertOptions {
 /// same input, so the dedup database never hands out layers made by another version.
 pub const FORMAT_VERSION: &str = "overlaybd-rs/1";
 
+pub use blockdev::zfile::Algorithm as ZfileAlgorithm;
+
 impl ConvertOptions {
+    /// The ZFile options of committed layers; a block size other than 4, 8, 16, 32 or
+    /// 64 KiB is refused with an error naming `--bs`.
+    pub fn zfile_options(&self) -> Result<blockdev::zfile::ZfileOptions> {
+        let bad = || {
+            Error::Invalid(format!(
+                "--bs {}: the ZFile block size must be 4, 8, 16, 32 or 64 (KiB)",
+                self.zfile_block_kib
+            ))
+        };
+        let z = blockdev::zfile::ZfileOptions {
+            algorithm: self.zfile_algorithm,
+            block_size: self.zfile_block_kib.checked_mul(1024).ok_or_else(bad)?,
+            ..Default::default()
+        };
+        z.validate().map_err(|_| bad())?;
+        Ok(z)
+    }
+
     /// The dedup format key for these options: [`FORMAT_VERSION`] plus every option
     /// that changes the converted bytes. With `--mkfs=false` the base layer's
     /// content is part of the key, since every layer is applied on top of it.
@@ -213,6 +240,15 @@ impl ConvertOptions {
             ("sparse", (!self.disable_sparse).to_string()),
             ("referrer", self.referrer.to_string()),
         ];
+        // Differently compressed layers never share rows; the default (lz4, 4 KiB)
+        // keeps the key it had before these options existed.
+        let z = self.zfile_options()?;
+        if z.algorithm != ZfileAlgorithm::Lz4 || z.block_size != 4096 {
+            opts.push((
+                "zfile",
+                format!("{}-{}k", self.zfile_algorithm, self.zfile_block_kib),
+            ));
+        }
         if !self.mkfs {
             let f =
                 std::fs::File::open(&self.baselayer).map_err(|e| Error::io(&self.baselayer, e))?;
@@ -246,6 +282,14 @@ mod tests {
             },
             ConvertOptions {
                 disable_sparse: true,
+                ..base.clone()
+            },
+            ConvertOptions {
+                zfile_algorithm: ZfileAlgorithm::Zstd,
+                ..base.clone()
+            },
+            ConvertOptions {
+                zfile_block_kib: 16,
                 ..base.clone()
             },
         ];

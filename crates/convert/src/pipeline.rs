@@ -996,6 +996,7 @@ impl Converter {
             } else {
                 None
             },
+            zfile: self.opts.zfile_options()?,
         };
         let (tx, rx) = bounded::<io::Result<Vec<u8>>>(16);
         let abort = self.abort.clone();

@@ -57,6 +57,37 @@ impl ReadAt for FileSource {
     }
 }
 
+impl FileSource {
+    /// The archive at `path` as uncompressed tar bytes: the file itself, or for a
+    /// gzip-compressed archive (`.tar.gz`, recognised by its magic bytes) its content
+    /// decompressed into an unnamed temporary file in `scratch`, removed when dropped.
+    pub fn open_archive(path: &Path, scratch: &Path) -> Result<FileSource> {
+        let plain = FileSource::open(path)?;
+        let mut magic = [0u8; 2];
+        let n = plain
+            .read_at(&mut magic, 0)
+            .map_err(|e| Error::io(path, e))?;
+        if n < 2 || magic != [0x1f, 0x8b] {
+            return Ok(plain);
+        }
+        std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
+        let mut tmp = tempfile::tempfile_in(scratch).map_err(|e| Error::io(scratch, e))?;
+        let mut dec = flate2::read::MultiGzDecoder::new(io::BufReader::new(plain.file));
+        io::copy(&mut dec, &mut tmp).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::InvalidInput {
+                Error::Invalid {
+                    what: path.display().to_string(),
+                    reason: format!("truncated or corrupt gzip-compressed archive: {e}"),
+                }
+            } else {
+                Error::io(path, e)
+            }
+        })?;
+        let size = tmp.metadata().map_err(|e| Error::io(scratch, e))?.len();
+        Ok(FileSource { file: tmp, size })
+    }
+}
+
 /// A `Read + Seek` view of a [`ReadAt`] source (for the tar header walk).
 struct Cursor<'a> {
     src: &'a dyn ReadAt,
@@ -91,7 +122,10 @@ impl Seek for Cursor<'_> {
 
 #[derive(Clone, Debug)]
 enum Member {
-    File { offset: u64, size: u64 },
+    File {
+        offset: u64,
+        size: u64,
+    },
     /// A symbolic or hard link, resolved to the archive path it points at.
     Link(String),
 }
@@ -509,7 +543,8 @@ mod tests {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_size(0);
-        b.append_link(&mut h, "id/layer.tar", "../a/file.txt").unwrap();
+        b.append_link(&mut h, "id/layer.tar", "../a/file.txt")
+            .unwrap();
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Link);
         h.set_size(0);

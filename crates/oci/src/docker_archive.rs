@@ -111,7 +111,8 @@ mod tests {
 
     #[test]
     fn parse_and_select() {
-        let j = br#"[{"Config":"a.json","RepoTags":["app:1","localhost:5000/x:y"],"Layers":["l1.tar"]},
+        let j =
+            br#"[{"Config":"a.json","RepoTags":["app:1","localhost:5000/x:y"],"Layers":["l1.tar"]},
                      {"Config":"b.json","RepoTags":null,"Layers":["l2.tar"],"Parent":"p"}]"#;
         let items = parse_manifest_json("m", j).unwrap();
         assert_eq!(items[1].extra["Parent"], "p");
@@ -120,11 +121,19 @@ mod tests {
             select(&items, Some(&t("docker.io/library/app:1")), "f").unwrap(),
             0
         );
-        assert_eq!(select(&items, Some(&t("localhost:5000/x:y")), "f").unwrap(), 0);
-        assert_eq!(select(&items, Some(&ArchiveImage::Index(1)), "f").unwrap(), 1);
+        assert_eq!(
+            select(&items, Some(&t("localhost:5000/x:y")), "f").unwrap(),
+            0
+        );
+        assert_eq!(
+            select(&items, Some(&ArchiveImage::Index(1)), "f").unwrap(),
+            1
+        );
         let e = select(&items, None, "f").unwrap_err().to_string();
         assert!(e.contains("holds 2 images") && e.contains("app:1"), "{e}");
-        let e = select(&items, Some(&t("app:2")), "f").unwrap_err().to_string();
+        let e = select(&items, Some(&t("app:2")), "f")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not found"), "{e}");
         assert!(select(&items, Some(&ArchiveImage::Index(2)), "f").is_err());
         assert!(parse_manifest_json("m", b"[]").is_err());

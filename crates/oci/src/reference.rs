@@ -281,7 +281,10 @@ impl ImageName {
                     None | Some("") => None,
                     Some(n) => Some(match n.strip_prefix('@') {
                         Some(i) => ArchiveImage::Index(i.parse().map_err(|_| {
-                            bad(s, "@N must be an image's position in manifest.json (0, 1, ...)")
+                            bad(
+                                s,
+                                "@N must be an image's position in manifest.json (0, 1, ...)",
+                            )
                         })?),
                         None => ArchiveImage::Tagged(DockerName::parse(n)?),
                     }),
@@ -453,7 +456,10 @@ mod tests {
             }
         );
         assert_eq!(r.tag(), Some("v3"));
-        assert_eq!(r.to_string(), "docker-archive:img.tar:localhost:5000/a/b:v3");
+        assert_eq!(
+            r.to_string(),
+            "docker-archive:img.tar:localhost:5000/a/b:v3"
+        );
         assert_eq!(
             ImageRef::parse("docker-archive:img.tar:@1").unwrap(),
             ImageRef::DockerArchive {
@@ -463,7 +469,11 @@ mod tests {
         );
         assert!(ImageRef::parse("docker-archive:img.tar:@x").is_err());
         assert!(ImageRef::parse("docker-archive:").is_err());
-        for bad in ["dir:/tmp/x", "containers-storage:x", "docker-daemon:busybox:latest"] {
+        for bad in [
+            "dir:/tmp/x",
+            "containers-storage:x",
+            "docker-daemon:busybox:latest",
+        ] {
             let e = ImageName::parse(bad).unwrap_err().to_string();
             assert!(e.contains("unknown transport"), "{bad}: {e}");
             assert!(e.contains("oci-archive:"), "{e}");
