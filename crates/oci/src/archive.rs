@@ -346,7 +346,7 @@ impl Read for MemberReader {
 
 enum Out {
     Plain(BufWriter<File>),
-    Gzip(flate2::write::GzEncoder<BufWriter<File>>),
+    Gzip(Box<flate2::write::GzEncoder<BufWriter<File>>>),
 }
 
 impl Out {
@@ -385,10 +385,10 @@ impl TarWriter {
         let f = tmp.as_file().try_clone().map_err(|e| Error::io(dest, e))?;
         let w = BufWriter::with_capacity(1 << 20, f);
         let out = if gzip {
-            Out::Gzip(flate2::write::GzEncoder::new(
+            Out::Gzip(Box::new(flate2::write::GzEncoder::new(
                 w,
                 flate2::Compression::default(),
-            ))
+            )))
         } else {
             Out::Plain(w)
         };
