@@ -300,6 +300,22 @@ fn archives_any_source_to_any_destination() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("multi-platform"), "{err}");
     assert!(!Path::new(&out5).exists());
+    // An OCI archive holds the converted index with every platform; skopeo copies all.
+    let out6 = p("out6.tar");
+    convert_ok(&[
+        "-r", &format!("oci:{}:multi", multi.display()),
+        "--output-repository", &format!("oci-archive:{out6}:multi_obd"), "--vsize", "4", "-d", wd_s,
+    ]);
+    let raw: Value =
+        serde_json::from_str(&skopeo(&["inspect", "--raw", &format!("oci-archive:{out6}:multi_obd")])).unwrap();
+    assert_eq!(raw["mediaType"], "application/vnd.oci.image.index.v1+json");
+    assert_eq!(raw["manifests"].as_array().unwrap().len(), 2, "amd64 + arm64: {raw}");
+    skopeo(&[
+        "copy", "--quiet", "--all", "--preserve-digests", "--dest-tls-verify=false",
+        &format!("oci-archive:{out6}:multi_obd"),
+        &format!("docker://{}/test/multi:obd", reg.host()),
+    ]);
+    assert!(reg.tag_link_exists("test/multi", "obd"));
 }
 
 /// Writes the members of `(name, bytes)` as a tar file.
