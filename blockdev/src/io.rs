@@ -93,27 +93,63 @@ fn with_ring<T>(f: impl FnOnce(&mut io_uring::IoUring) -> io::Result<T>) -> io::
     })
 }
 
+thread_local! {
+    /// user_data of the next request on this thread's ring.
+    static NEXT_TAG: std::cell::Cell<u64> = const { std::cell::Cell::new(1) };
+}
+
 /// Submit one SQE on this thread's ring and wait for its result.
+///
+/// A signal can end the wait early (io_uring_enter then reports the SQE
+/// as submitted, or fails with EINTR) while the kernel still owns the
+/// buffer; so we keep waiting until the completion carrying this request's
+/// tag arrives, and drop any other (stale) completion on the way.
 fn uring_submit(entry: io_uring::squeue::Entry) -> io::Result<usize> {
+    let tag = NEXT_TAG.with(|t| {
+        let v = t.get();
+        t.set(v.wrapping_add(1).max(1));
+        v
+    });
+    let entry = entry.user_data(tag);
     with_ring(|ring| {
         // SAFETY: the buffers referenced by `entry` are borrowed by the caller
-        // for the whole call, and we wait for the completion before returning,
-        // so the kernel never touches them after they are released.
+        // for the whole call, and we do not return before the completion of
+        // this request (matched by its tag) has arrived, so the kernel never
+        // touches them after they are released.
         unsafe {
             ring.submission()
                 .push(&entry)
                 .map_err(|_| io::Error::other("io_uring submission queue full"))?;
         }
-        ring.submit_and_wait(1)?;
-        let cqe = ring
-            .completion()
-            .next()
-            .ok_or_else(|| io::Error::other("io_uring completion missing"))?;
-        let res = cqe.result();
-        if res < 0 {
-            Err(io::Error::from_raw_os_error(-res))
-        } else {
-            Ok(res as usize)
+        let mut submitted = false;
+        loop {
+            let r = if submitted {
+                ring.submitter().submit_and_wait(1)
+            } else {
+                ring.submit_and_wait(1)
+            };
+            match r {
+                Ok(_) => submitted = true,
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) =>
+                {
+                    // Whether the SQE went in is known from the queue.
+                    submitted = ring.submission().is_empty();
+                }
+                // Argument errors: the kernel took nothing from the queue.
+                Err(e) => return Err(e),
+            }
+            while let Some(cqe) = ring.completion().next() {
+                if cqe.user_data() == tag {
+                    let res = cqe.result();
+                    return if res < 0 {
+                        Err(io::Error::from_raw_os_error(-res))
+                    } else {
+                        Ok(res as usize)
+                    };
+                }
+            }
         }
     })
 }

@@ -2,10 +2,12 @@
 //!
 //! Semantics follow the OCI image spec and upstream overlaybd's `UnTar`
 //! (which mirrors containerd):
-//! * paths are cleaned lexically; a path that leaves the root (`../x`) is
-//!   refused, and so is a parent component that is a symlink to an absolute
-//!   path or that resolves above the root. Relative symlinks in parent
-//!   components that stay inside the root are followed, like containerd.
+//! * paths are cleaned lexically; a name that leaves the root (`../x`, a
+//!   hard link to `../../etc/passwd`) is refused. Symlinks in parent
+//!   components are followed inside the layer root, as containerd's
+//!   `fs.RootPath` does: absolute targets start at the root and `..` never
+//!   goes above it (`var/run -> /run` puts `var/run/foo` at `/run/foo`,
+//!   whichever layer made the link); more than 40 links is a loop.
 //! * missing parent directories are created (mode 0755, root, time 0).
 //! * an existing entry is replaced, unless both are directories, in which
 //!   case the directory keeps its contents and takes the new metadata
@@ -41,7 +43,7 @@ use std::time::{Duration, Instant};
 use blockdev::BlockDevice;
 
 use crate::dirent;
-use crate::error::{Error, Result};
+use crate::error::{quote, Error, Result};
 use crate::ext2fs::inode::{self, Inode, Timestamp, EXTRA_ISIZE};
 use crate::ext2fs::ops::MAX_EXTENT_LEN;
 use crate::ext2fs::{sys, Ext2Fs, DEFAULT_CACHE_BYTES};
@@ -91,7 +93,8 @@ pub struct ApplyOptions<'a> {
     /// Metadata cache size in bytes.
     pub cache_bytes: usize,
     /// Where regular file data goes; `None` copies it into the layer
-    /// ([`CopyData`]). [`crate::filedata::TargetData`] makes a TurboOCI layer.
+    /// ([`CopyData`]). TurboOCI layers are written by the upstream-compatible
+    /// engine ([`crate::photon`]) with a [`crate::filedata::TargetData`].
     pub file_data: Option<Box<dyn FileData + 'a>>,
 }
 
@@ -195,6 +198,9 @@ const FT_SOCK: u8 = sys::EXT2_FT_SOCK as u8;
 const FT_LNK: u8 = sys::EXT2_FT_SYMLINK as u8;
 const ROOT: u32 = sys::EXT2_ROOT_INO as u32;
 const MAX_SYMLINKS: usize = 40;
+/// Linux device numbers: 12-bit major, 20-bit minor (`new_encode_dev`).
+pub(crate) const MAX_DEV_MAJOR: u64 = (1 << 12) - 1;
+pub(crate) const MAX_DEV_MINOR: u64 = (1 << 20) - 1;
 const LINK_MAX: u16 = sys::EXT2_LINK_MAX as u16;
 /// dtime of deleted inodes: e2fsck treats small nonzero values as orphan
 /// list links, so use the largest value (as upstream does).
@@ -249,6 +255,8 @@ struct Applier<'a> {
     csum_tail: usize,
     filetype: bool,
     extents: bool,
+    /// Largest regular file the filesystem holds (Linux's `s_maxbytes`).
+    max_file_size: u64,
     stats: ApplyStats,
 }
 
@@ -263,6 +271,7 @@ impl<'a> Applier<'a> {
         };
         let filetype = fs.has_incompat(sys::EXT2_FEATURE_INCOMPAT_FILETYPE);
         let extents = fs.has_incompat(sys::EXT3_FEATURE_INCOMPAT_EXTENTS);
+        let max_file_size = fs.max_file_size(extents);
         Applier {
             fs,
             file_data,
@@ -275,6 +284,7 @@ impl<'a> Applier<'a> {
             csum_tail,
             filetype,
             extents,
+            max_file_size,
             stats: ApplyStats::default(),
         }
     }
@@ -436,6 +446,14 @@ impl<'a> Applier<'a> {
 
     /// Resolve the directory that holds the last component of `comps`,
     /// creating missing directories when `create`.
+    ///
+    /// Symlinks met on the way are followed the way containerd's
+    /// `fs.RootPath` (and a chroot) follows them: an absolute target starts
+    /// again at the layer root, and `..` at the root stays at the root, so
+    /// resolution never leaves the filesystem (Debian's `var/run -> /run`
+    /// makes `var/run/foo` land at `/run/foo`). `comps` itself is already
+    /// clean; only names leaving the root lexically are refused (by the
+    /// callers).
     fn resolve_dir(&mut self, e: &Entry, comps: &[&[u8]], create: bool) -> Result<u32> {
         let mut stack: Vec<u32> = vec![ROOT];
         let mut queue: std::collections::VecDeque<Vec<u8>> =
@@ -445,13 +463,9 @@ impl<'a> Applier<'a> {
             match c.as_slice() {
                 b"" | b"." => continue,
                 b".." => {
-                    if stack.len() == 1 {
-                        return Err(entry_err(
-                            e,
-                            "a symlink in the path leads outside the layer root; refusing",
-                        ));
+                    if stack.len() > 1 {
+                        stack.pop();
                     }
-                    stack.pop();
                     continue;
                 }
                 _ => {}
@@ -465,10 +479,7 @@ impl<'a> Applier<'a> {
                 None => {
                     return Err(entry_err(
                         e,
-                        format!(
-                            "path component '{}' does not exist",
-                            String::from_utf8_lossy(&c)
-                        ),
+                        format!("path component '{}' does not exist", quote(&c)),
                     ))
                 }
                 Some(d) if d.ftype == FT_DIR => stack.push(d.ino),
@@ -477,19 +488,15 @@ impl<'a> Applier<'a> {
                     if followed > MAX_SYMLINKS {
                         return Err(entry_err(
                             e,
-                            "too many levels of symbolic links in the path",
+                            format!(
+                                "too many levels of symbolic links in the path (more than {MAX_SYMLINKS}; a symlink loop?) at '{}'",
+                                quote(&c)
+                            ),
                         ));
                     }
                     let target = self.read_symlink(d.ino)?;
                     if target.first() == Some(&b'/') {
-                        return Err(entry_err(
-                            e,
-                            format!(
-                                "parent component '{}' is a symlink to the absolute path '{}'; refusing to follow it",
-                                String::from_utf8_lossy(&c),
-                                String::from_utf8_lossy(&target)
-                            ),
-                        ));
+                        stack.truncate(1);
                     }
                     let mut parts: Vec<Vec<u8>> =
                         target.split(|&b| b == b'/').map(|p| p.to_vec()).collect();
@@ -499,10 +506,7 @@ impl<'a> Applier<'a> {
                 Some(_) => {
                     return Err(entry_err(
                         e,
-                        format!(
-                            "path component '{}' is not a directory",
-                            String::from_utf8_lossy(&c)
-                        ),
+                        format!("path component '{}' is not a directory", quote(&c)),
                     ))
                 }
             }
@@ -621,20 +625,14 @@ impl<'a> Applier<'a> {
         let ino = self.fs.new_inode(parent, mode)?;
         self.fs.inode_alloc_stats(ino, 1, false);
         let mut i = self.new_inode_buf(mode, e.uid, e.gid, e.mtime);
-        i.set_size(e.size);
+        self.fs.set_file_size(&mut i, e.size)?;
         if self.extents {
             i.init_extent_root();
         }
         self.fs.write_inode(ino, &mut i)?;
-        let link_first = self.file_data.link_first();
-        if link_first {
-            self.dir_add(parent, name, ino, FT_REG)?;
-        }
         self.write_data(ino, &mut i, e, tar)?;
         self.fs.write_inode(ino, &mut i)?;
-        if !link_first {
-            self.dir_add(parent, name, ino, FT_REG)?;
-        }
+        self.dir_add(parent, name, ino, FT_REG)?;
         self.stats.data_bytes += e.size;
         Ok(ino)
     }
@@ -750,7 +748,8 @@ impl<'a> Applier<'a> {
         self.fs.inode_alloc_stats(ino, 1, false);
         let mut i = self.new_inode_buf(mode, e.uid, e.gid, e.mtime);
         if ft != FT_FIFO {
-            i.set_rdev(e.devmajor, e.devminor);
+            // check_limits kept both within 12 and 20 bits.
+            i.set_rdev(e.devmajor as u32, e.devminor as u32);
         }
         self.fs.write_inode(ino, &mut i)?;
         self.dir_add(parent, name, ino, ft)?;
@@ -766,31 +765,21 @@ impl<'a> Applier<'a> {
         let tdir = self
             .resolve_dir(e, tparents, false)
             .map_err(|err| match err {
-                Error::Entry { msg, .. } => entry_err(
-                    e,
-                    format!(
-                        "hard link target '{}': {msg}",
-                        String::from_utf8_lossy(&e.link)
-                    ),
-                ),
+                Error::Entry { msg, .. } => {
+                    entry_err(e, format!("hard link target '{}': {msg}", quote(&e.link)))
+                }
                 other => other,
             })?;
         let Some(t) = self.lookup(tdir, tname)? else {
             return Err(entry_err(
                 e,
-                format!(
-                    "hard link target '{}' does not exist",
-                    String::from_utf8_lossy(&e.link)
-                ),
+                format!("hard link target '{}' does not exist", quote(&e.link)),
             ));
         };
         if t.ftype == FT_DIR {
             return Err(entry_err(
                 e,
-                format!(
-                    "hard link target '{}' is a directory",
-                    String::from_utf8_lossy(&e.link)
-                ),
+                format!("hard link target '{}' is a directory", quote(&e.link)),
             ));
         }
         let mut i = self.fs.read_inode(t.ino)?;
@@ -903,6 +892,7 @@ impl<'a> Applier<'a> {
                 format!("name is {} bytes long (ext4 allows 255)", name.len()),
             ));
         }
+        self.check_limits(e)?;
         let parent = self.resolve_dir(e, parents, true)?;
 
         if let Some(target) = name.strip_prefix(b".wh.") {
@@ -972,6 +962,47 @@ impl<'a> Applier<'a> {
         Ok(())
     }
 
+    /// Refuse numbers the filesystem cannot store instead of truncating
+    /// them: file sizes (and sparse data) past the maximum file size, and
+    /// device numbers past Linux's 12-bit major and 20-bit minor.
+    fn check_limits(&self, e: &Entry) -> Result<()> {
+        match e.kind {
+            Kind::File => {
+                let end = e
+                    .segments()
+                    .iter()
+                    .map(|&(o, l)| o.saturating_add(l))
+                    .max()
+                    .unwrap_or(0)
+                    .max(e.size);
+                if end > self.max_file_size {
+                    return Err(entry_err(
+                        e,
+                        format!(
+                            "file size {end} exceeds the filesystem's maximum file size {} ({} KiB blocks{})",
+                            self.max_file_size,
+                            self.bs / 1024,
+                            if self.extents { "" } else { ", block-mapped files" }
+                        ),
+                    ));
+                }
+            }
+            Kind::Char | Kind::Block
+                if e.devmajor > MAX_DEV_MAJOR || e.devminor > MAX_DEV_MINOR =>
+            {
+                return Err(entry_err(
+                    e,
+                    format!(
+                        "device number {}:{} does not fit in an inode (major at most {MAX_DEV_MAJOR}, minor at most {MAX_DEV_MINOR})",
+                        e.devmajor, e.devminor
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// A directory entry for an existing directory: new owner, mode, time
     /// and xattr set; contents kept.
     fn update_dir(&mut self, ino: u32, e: &Entry) -> Result<()> {
@@ -1020,16 +1051,16 @@ impl<'a> Applier<'a> {
             if !known || n.contains(&0) {
                 tracing::warn!(
                     "'{}': ignoring xattr '{}' (namespace not supported by ext4)",
-                    e.path_lossy(),
-                    String::from_utf8_lossy(n)
+                    quote(&e.path),
+                    quote(n)
                 );
                 continue;
             }
             if n.starts_with(b"user.") && !matches!(kind, Kind::File | Kind::Dir) {
                 tracing::warn!(
                     "'{}': ignoring xattr '{}' (user.* only applies to files and directories)",
-                    e.path_lossy(),
-                    String::from_utf8_lossy(n)
+                    quote(&e.path),
+                    quote(n)
                 );
                 continue;
             }

@@ -4,10 +4,13 @@
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in mkfs or apply.
+///
+/// Display never repeats the cause that `source()` returns: print the whole
+/// chain (`anyhow`'s `{:#}`, [`blockdev::error::Chain`]) to see everything.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A libext2fs call failed.
-    #[error("cannot {op}: {msg}{}", .device.as_ref().map(|d| format!(" (device error: {d})")).unwrap_or_default())]
+    #[error("cannot {op}: {msg}")]
     Ext2fs {
         /// What we were doing.
         op: String,
@@ -16,13 +19,14 @@ pub enum Error {
         /// com_err's text for the code.
         msg: String,
         /// The block device's error, when it caused the failure.
-        device: Option<String>,
+        #[source]
+        device: Option<blockdev::Error>,
     },
     /// The block device failed outside a libext2fs call.
-    #[error("block device: {0}")]
+    #[error("block device")]
     Device(#[source] blockdev::Error),
     /// Reading the tar stream failed.
-    #[error("reading the tar stream at byte {offset}: {source}")]
+    #[error("cannot read the tar stream at byte {offset}")]
     Read {
         /// Offset in the (decompressed) tar stream.
         offset: u64,
@@ -47,7 +51,7 @@ pub enum Error {
         msg: String,
     },
     /// A libext2fs or device failure while applying one entry.
-    #[error("tar entry '{path}': {source}")]
+    #[error("tar entry '{path}'")]
     AtEntry {
         /// The entry's path as stored in the tar.
         path: String,
@@ -68,7 +72,7 @@ pub enum Error {
 
 impl Error {
     /// A libext2fs failure.
-    pub fn ext2fs(op: &str, code: i64, device: Option<String>) -> Self {
+    pub fn ext2fs(op: &str, code: i64, device: Option<blockdev::Error>) -> Self {
         Error::Ext2fs {
             op: op.to_string(),
             code,
@@ -76,6 +80,26 @@ impl Error {
             device,
         }
     }
+}
+
+/// Longest quoted path or name in a message, in characters.
+const QUOTE_MAX: usize = 200;
+
+/// Bytes from a tar (a path, a name, a link target) as text for a message:
+/// lossy UTF-8, and at most [`QUOTE_MAX`] characters (the head and the tail
+/// around a `...[N bytes]...` marker), so a hostile 100k-component path
+/// cannot make a 200 KB error line.
+pub fn quote(b: &[u8]) -> String {
+    let s = String::from_utf8_lossy(b);
+    let n = s.chars().count();
+    if n <= QUOTE_MAX {
+        return s.into_owned();
+    }
+    let keep = QUOTE_MAX / 2;
+    let head: String = s.chars().take(keep).collect();
+    let tail: String = s.chars().skip(n - keep).collect();
+    let cut = b.len() - head.len().min(b.len()) - tail.len().min(b.len());
+    format!("{head}...[{cut} bytes]...{tail}")
 }
 
 impl From<crate::erofs::Error> for Error {

@@ -3,17 +3,18 @@
 //! directories, hard links, xattrs, directory times, which blocks a file
 //! gets) and *where its bytes end up*.
 //!
-//! The apply engine allocates a file's blocks as contiguous runs and
-//! inserts them into the inode; a [`FileData`] then decides what the runs
-//! hold:
+//! The apply engines allocate a file's blocks and insert them into the
+//! inode (the native engine, [`crate::apply`], as contiguous runs; the
+//! upstream-compatible one, [`crate::photon`], with `fallocate`); a
+//! [`FileData`] then decides what the runs hold:
 //!
 //! * [`CopyData`] (overlaybd layers): the tar bytes are copied into the
 //!   blocks; holes of sparse members stay holes.
-//! * [`TargetData`] (TurboOCI layers): nothing is copied. The whole file is
-//!   allocated (as upstream's `fallocate`), and each run becomes a
-//!   [`BlockDevice::map_target`] to the member's data in the uncompressed
-//!   tar, its length rounded up to 512 bytes; the device (a stack with a
-//!   TurboOCI upper) records them as LSMT tag-1 entries.
+//! * [`TargetData`] (TurboOCI layers): nothing is copied. The whole file
+//!   is allocated, and each run becomes a [`BlockDevice::map_target`] to
+//!   the member's data in the uncompressed tar, its length rounded up to
+//!   512 bytes; the device (a stack with a TurboOCI upper) records them as
+//!   LSMT tag-1 entries.
 
 use std::io::Read;
 
@@ -73,14 +74,6 @@ pub trait FileData {
 
     /// Fill one run (runs come in increasing `lblk` order).
     fn fill(&mut self, ctx: FillCtx<'_>, run: Run) -> Result<()>;
-
-    /// Whether the file's name is linked before its blocks are allocated
-    /// (upstream's order: `open(O_CREAT)` then `fallocate`, so a directory
-    /// block the link needs is allocated first). The copy engine links
-    /// after, which keeps overlaybd layers byte-stable.
-    fn link_first(&self) -> bool {
-        false
-    }
 }
 
 /// Copy the tar bytes into the file's blocks (overlaybd layers).
@@ -203,12 +196,13 @@ impl FileData for TargetData {
             return Ok(());
         }
         let len = (run.len * bs).min(self.padded - start);
+        // Metadata the cache still holds for these blocks (freed and
+        // reused) was written before the mapping: it must not land after it.
+        ctx.cache
+            .discard(run.pblk * bs, len)
+            .map_err(Error::Device)?;
         self.dev
             .map_target(run.pblk * bs, len, self.data_offset + start)
             .map_err(Error::Device)
-    }
-
-    fn link_first(&self) -> bool {
-        true
     }
 }

@@ -20,6 +20,7 @@ pub mod error;
 pub mod ext2fs;
 pub mod filedata;
 pub mod mkfs;
+pub mod photon;
 pub mod tar;
 pub mod turbo;
 

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use blockdev::BlockDevice;
 
 use crate::error::{Error, Result};
+use crate::ext2fs::cache::WriteMode;
 use crate::ext2fs::inode::Timestamp;
 use crate::ext2fs::{cstring, sys, Ext2Fs, DEFAULT_CACHE_BYTES};
 
@@ -78,8 +79,41 @@ fn zero_inode_tables(fs: &mut Ext2Fs) -> Result<()> {
     Ok(())
 }
 
+/// How libext2fs behaves while a filesystem is made: stock (overlaybd
+/// layers, [`Stock`]) or as upstream's fork (TurboOCI layers,
+/// [`crate::photon::Fork`]).
+pub trait Flavor {
+    /// How the I/O channel writes back.
+    fn write_mode(&self) -> WriteMode;
+    /// Set up a freshly initialized or opened filesystem.
+    fn prepare(&self, fs: &mut Ext2Fs) -> Result<()>;
+    /// `ext2fs_expand_dir`.
+    fn expand_dir(&self, fs: &mut Ext2Fs, dir: u32) -> Result<()>;
+}
+
+/// Stock libext2fs through the page cache.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stock;
+
+impl Flavor for Stock {
+    fn write_mode(&self) -> WriteMode {
+        WriteMode::Pages
+    }
+    fn prepare(&self, _fs: &mut Ext2Fs) -> Result<()> {
+        Ok(())
+    }
+    fn expand_dir(&self, fs: &mut Ext2Fs, dir: u32) -> Result<()> {
+        fs.expand_dir(dir)
+    }
+}
+
 /// Make an empty ext4 filesystem on `dev`.
 pub fn mkfs(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions) -> Result<()> {
+    mkfs_with(dev, opts, &Stock)
+}
+
+/// [`mkfs`] with a libext2fs [`Flavor`].
+pub fn mkfs_with(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions, flavor: &dyn Flavor) -> Result<()> {
     let size = opts.size.unwrap_or_else(|| dev.size());
     if size > dev.size() {
         return Err(Error::Invalid(format!(
@@ -124,7 +158,8 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions) -> Result<()> {
     p.s_r_blocks_count = reserved as u32;
     p.s_r_blocks_count_hi = (reserved >> 32) as u32;
 
-    let mut fs = Ext2Fs::initialize(dev, &mut p, DEFAULT_CACHE_BYTES)?;
+    let mut fs = Ext2Fs::initialize(dev, &mut p, DEFAULT_CACHE_BYTES, flavor.write_mode())?;
+    flavor.prepare(&mut fs)?;
     {
         let sb = fs.sb_mut();
         sb.s_uuid = opts.uuid;
@@ -173,9 +208,7 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions) -> Result<()> {
     };
     fs.check(rc, "look up /lost+found")?;
     for _ in 0..2 {
-        // SAFETY: raw is open, lf is a directory inode.
-        let rc = unsafe { sys::ext2fs_expand_dir(raw, lf) };
-        fs.check(rc, "expand /lost+found")?;
+        flavor.expand_dir(&mut fs, lf)?;
     }
 
     // Mark the reserved inodes in use.

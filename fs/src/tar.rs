@@ -24,7 +24,7 @@
 
 use std::io::Read;
 
-use crate::error::{Error, Result};
+use crate::error::{quote, Error, Result};
 use crate::ext2fs::inode::Timestamp;
 
 /// Tar block size.
@@ -72,10 +72,11 @@ pub struct Entry {
     pub mtime: Timestamp,
     /// Logical file size (the real size for sparse files).
     pub size: u64,
-    /// Device major number.
-    pub devmajor: u32,
-    /// Device minor number.
-    pub devminor: u32,
+    /// Device major number (0 unless a device; not range-checked beyond
+    /// being non-negative: what fits depends on the filesystem).
+    pub devmajor: u64,
+    /// Device minor number (as `devmajor`).
+    pub devminor: u64,
     /// Extended attributes from `SCHILY.xattr.*`, in record order.
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// For sparse files, the `(offset, length)` data segments in file order;
@@ -86,9 +87,10 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The path as text, for messages.
+    /// The path as text for messages (lossy UTF-8, long paths shortened
+    /// by [`quote`]).
     pub fn path_lossy(&self) -> String {
-        String::from_utf8_lossy(&self.path).into_owned()
+        quote(&self.path)
     }
 
     /// The data segments of a regular file: the sparse map, or one segment
@@ -352,8 +354,8 @@ impl<R: Read> TarReader<R> {
             sec: num(136..148, "mtime")?,
             nsec: 0,
         };
-        let devmajor = num(329..337, "devmajor")? as u32;
-        let devminor = num(337..345, "devminor")? as u32;
+        let devmajor = num(329..337, "devmajor")?;
+        let devminor = num(337..345, "devminor")?;
         let mut logical_size = size;
         let mut xattrs = Vec::new();
         let mut sparse_name = None;
@@ -430,7 +432,7 @@ impl<R: Read> TarReader<R> {
             }
             t => {
                 return Err(Error::Entry {
-                    path: String::from_utf8_lossy(&path).into_owned(),
+                    path: quote(&path),
                     msg: format!(
                         "unsupported tar entry type '{}' at byte {at}",
                         char::from(t).escape_default()
@@ -450,6 +452,17 @@ impl<R: Read> TarReader<R> {
         if uid < 0 || uid > u32::MAX as i64 || gid < 0 || gid > u32::MAX as i64 {
             return Err(self.tar_err(at, format!("uid/gid {uid}/{gid} out of range")));
         }
+        // Only device entries carry device numbers.
+        let (devmajor, devminor) = if matches!(kind, Kind::Char | Kind::Block) {
+            if devmajor < 0 || devminor < 0 {
+                return Err(
+                    self.tar_err(at, format!("negative device number {devmajor}:{devminor}"))
+                );
+            }
+            (devmajor as u64, devminor as u64)
+        } else {
+            (0, 0)
+        };
         self.start_data(stored);
         mode &= 0o7777;
 

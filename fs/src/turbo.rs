@@ -16,7 +16,9 @@
 //! The layer's filesystem is ext4 (`ext4.fs.meta`) or, with
 //! [`FsType::Erofs`] (`--fstype erofs`), EROFS (`erofs.fs.meta`, built by
 //! [`crate::erofs::build_layer`]: no mkfs, the bottom layer creates the
-//! filesystem and every later one extends its lowers').
+//! filesystem and every later one extends its lowers'). The ext4 is written
+//! by the upstream-compatible engine ([`crate::photon`]), so the committed
+//! `ext4.fs.meta` has upstream's bytes.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -30,10 +32,11 @@ use blockdev::stack::LowerSource;
 use blockdev::warp::TargetSource;
 use blockdev::{BlockDevice, Stack};
 
-use crate::apply::{apply_tar, ApplyOptions, ApplyStats};
+use crate::apply::{ApplyOptions, ApplyStats};
 use crate::error::{Error, Result};
 use crate::filedata::TargetData;
-use crate::mkfs::{mkfs, MkfsOptions};
+use crate::mkfs::MkfsOptions;
+use crate::photon;
 
 /// What kind of layer blob a TurboOCI layer can reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +123,7 @@ pub fn create_layer(data: &Path, index: &Path, virtual_size: u64, with_mkfs: boo
     let r = WritableLayer::open_warp(data, index, None, false)
         .and_then(|u| Stack::with_lowers(Vec::new(), Some(u)))
         .map_err(Error::Device)
-        .and_then(|s| mkfs(Arc::new(s), &MkfsOptions::default()));
+        .and_then(|s| photon::mkfs(Arc::new(s), &MkfsOptions::default()));
     if r.is_err() {
         let _ = std::fs::remove_file(data);
         let _ = std::fs::remove_file(index);
@@ -266,7 +269,7 @@ pub fn apply_layer(
         });
     }
     if job.mkfs {
-        mkfs(stack.clone(), &MkfsOptions::default())?;
+        photon::mkfs(stack.clone(), &MkfsOptions::default())?;
     }
     let stats = apply_reference(stack.clone(), ReadAtStream::new(target), progress)?;
     stack.flush().map_err(Error::Device)?;
@@ -279,9 +282,9 @@ pub fn apply_layer(
 }
 
 /// Apply the uncompressed layer tar `tar` to the ext4 on `dev` in reference
-/// mode: file data becomes [`BlockDevice::map_target`] mappings to its
-/// offset in `tar` (so `dev` is a stack with a TurboOCI upper whose target
-/// is that tar).
+/// mode, with the upstream-compatible engine ([`crate::photon`]): file data
+/// becomes [`BlockDevice::map_target`] mappings to its offset in `tar` (so
+/// `dev` is a stack with a TurboOCI upper whose target is that tar).
 pub fn apply_reference<R: Read>(
     dev: Arc<dyn BlockDevice>,
     tar: R,
@@ -292,7 +295,7 @@ pub fn apply_reference<R: Read>(
         file_data: Some(Box::new(TargetData::new(dev.clone()))),
         ..Default::default()
     };
-    apply_tar(dev, tar, opts)
+    photon::apply_tar(dev, tar, opts)
 }
 
 /// A [`ReadAt`] read from start to end as a stream.

@@ -24,12 +24,16 @@ struct Mount(PathBuf);
 
 impl Mount {
     fn new(img: &Path, at: &Path) -> Mount {
+        Mount::with(img, at, "loop,ro")
+    }
+
+    fn with(img: &Path, at: &Path, opts: &str) -> Mount {
         std::fs::create_dir_all(at).unwrap();
         run(
             testutil::tool("mount"),
             &[
                 "-o",
-                "loop,ro",
+                opts,
                 "-t",
                 "ext4",
                 img.to_str().unwrap(),
@@ -148,4 +152,78 @@ fn loop_mount_matches_umoci_unpack() {
             "--ignore-dir-mtime",
         ],
     );
+}
+
+/// The largest size the kernel lets a file on `img` have (its s_maxbytes),
+/// found with ftruncate on a scratch copy mounted read-write.
+fn kernel_max_file_size(img: &Path, mnt: &Path) -> u64 {
+    let scratch = img.with_extension("scratch");
+    std::fs::copy(img, &scratch).unwrap();
+    let max = {
+        let _m = Mount::with(&scratch, mnt, "loop");
+        let f = std::fs::File::create(mnt.join("probe")).unwrap();
+        let (mut lo, mut hi) = (0u64, i64::MAX as u64);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            match f.set_len(mid) {
+                Ok(()) => lo = mid,
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EFBIG), "{e}");
+                    hi = mid - 1;
+                }
+            }
+        }
+        lo
+    };
+    std::fs::remove_file(&scratch).unwrap();
+    max
+}
+
+/// apply's file size limit is the kernel's, on filesystems with extents
+/// (4 KiB and 1 KiB blocks) and with block-mapped files (with and without
+/// huge_file): a sparse file ending exactly there applies, e2fsck agrees
+/// and the kernel reads its last bytes; one byte more is refused.
+#[test]
+fn maximum_file_size_is_the_kernels() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let variants: [&[&str]; 4] = [
+        &[],
+        &["-t", "ext4", "-b", "1024"],
+        &["-t", "ext3"],
+        &["-t", "ext4", "-O", "^extent,^64bit"],
+    ];
+    for (n, opts) in variants.iter().enumerate() {
+        let img = d.join(format!("fs{n}.img"));
+        let dev = if opts.is_empty() {
+            mkfs_image(&img, 128 << 20)
+        } else {
+            mke2fs_image(&img, 128 << 20, opts)
+        };
+        drop(dev);
+        let max = kernel_max_file_size(&img, &d.join("mnt"));
+        let dev: std::sync::Arc<dyn blockdev::BlockDevice> =
+            std::sync::Arc::new(blockdev::RawFileDevice::open_rw(&img).unwrap());
+        let over = sparse_tar("over", max + 1, &[(max - 3, 4)]);
+        let err = obdfs::apply_tar(dev.clone(), &over[..], obdfs::ApplyOptions::default())
+            .expect_err(&format!("{opts:?}: a file of {} bytes applied", max + 1));
+        let msg = testutil::assert_clean_chain(&err);
+        assert!(msg.contains("maximum file size"), "{msg}");
+        let edge = sparse_tar("edge", max, &[(max - 4, 4)]);
+        obdfs::apply_tar(dev.clone(), &edge[..], obdfs::ApplyOptions::default())
+            .unwrap_or_else(|e| panic!("{opts:?}: a file of {max} bytes: {e}"));
+        drop(dev);
+        e2fsck_clean(&img);
+        {
+            let m = d.join("mnt");
+            let _m = Mount::new(&img, &m);
+            let f = std::fs::File::open(m.join("edge")).unwrap();
+            assert_eq!(f.metadata().unwrap().len(), max, "{opts:?}");
+            let mut tail = [0u8; 8];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut tail, max - 8).unwrap();
+            assert_eq!(tail, [0, 0, 0, 0, 0x5a, 0x5a, 0x5a, 0x5a], "{opts:?}");
+        }
+        std::fs::remove_file(&img).unwrap();
+    }
 }

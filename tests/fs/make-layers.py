@@ -18,8 +18,11 @@ Writes, deterministically (fixed mtimes, owners and contents):
       names and link targets, unicode names, absolute member names, sparse
       files in old-GNU, PAX 0.1 and PAX 1.0 formats (made with GNU tar), OCI
       whiteouts across layers, opaque directories, file<->dir replacement,
-      relative symlinks in parent paths, a directory with thousands of
-      entries later thinned out by whiteouts.
+      relative symlinks in parent paths, symlinks in parent paths resolved
+      inside the root (Debian's var/run -> /run from a lower layer, chains
+      of absolute and relative links, '..' clamped at the root, links made
+      in the same layer), a directory with thousands of entries later
+      thinned out by whiteouts.
   OUTDIR/layers.txt             the layer file names in order.
   OUTDIR/malicious-*.tar        layers that must be refused; OUTDIR/malicious.txt
       lists "file<TAB>expected error substring".
@@ -167,6 +170,22 @@ def layer1(out):
     l.file("opt/opq/oldsub/old2", b"old\n")
     l.dir("opt/keep/")
     l.file("opt/keep/x", b"x\n")
+    # Debian's base: /var/run and /var/lock are absolute symlinks into /run.
+    l.dir("run/")
+    l.dir("run/lock/", mode=0o1777)
+    l.file("run/old-pid", b"1\n")
+    l.dir("var/")
+    l.symlink("var/run", "/run")
+    l.symlink("var/lock", "/run/lock")
+    # Chains for layer 6: abs -> /chain/rel -> real; up climbs past the
+    # root; dotdot is the root itself.
+    l.dir("chain/")
+    l.dir("chain/real/")
+    l.symlink("chain/abs", "/chain/rel")
+    l.symlink("chain/rel", "real")
+    l.symlink("chain/up", "../../../../chain/./real/")
+    l.symlink("chain/dotdot", "../..")
+    l.symlink("chain/abs-dotdot", "/../../run")
     l.dir("many/")
     for i in range(3000):
         l.file("many/entry-%05d-with-a-longish-name" % i, b"%d\n" % i)
@@ -271,6 +290,28 @@ def layer5(out):
     l.save(out)
 
 
+def layer6(out):
+    """Symlinks in parent paths, resolved inside the layer root."""
+    l = Layer(tarfile.PAX_FORMAT)
+    l.file("var/run/foo", b"lands at /run/foo\n")
+    l.dir("var/lock/subdir/", mode=0o750)
+    l.file("var/lock/subdir/x", b"lands at /run/lock/subdir/x\n")
+    l.whiteout("var/run/.wh.old-pid")
+    l.file("chain/abs/via-abs", b"abs -> /chain/rel -> real\n")
+    l.file("chain/up/via-up", b"'..' stops at the root\n")
+    l.file("chain/dotdot/at-root", b"../.. from /chain is /\n")
+    l.file("chain/abs-dotdot/via-abs-dotdot", b"/../../run is /run\n")
+    l.hardlink("chain/hl-through-links", "var/run/foo")
+    # A link made in this layer, followed by the next entries.
+    l.dir("same/")
+    l.symlink("same/here", "/chain/abs/")
+    l.file("same/here/new", b"same layer link\n")
+    # Missing directories behind a dangling absolute link are created.
+    l.symlink("same/dangling", "/made/by/apply")
+    l.file("same/dangling/file", b"behind a dangling link\n")
+    l.save(out)
+
+
 def malicious(outdir):
     cases = []
 
@@ -283,12 +324,15 @@ def malicious(outdir):
 
     mk("malicious-dotdot.tar", lambda l: l.file("../evil", b"x"), "leaves the layer root")
     mk("malicious-dotdot-inner.tar", lambda l: l.file("a/../../evil", b"x"), "leaves the layer root")
-    mk("malicious-abs-symlink-parent.tar",
-       lambda l: (l.symlink("escape", "/etc"), l.file("escape/passwd", b"x")),
-       "symlink to the absolute path")
-    mk("malicious-rel-symlink-parent.tar",
-       lambda l: (l.symlink("up", "../../.."), l.file("up/evil", b"x")),
-       "leads outside the layer root")
+    mk("malicious-symlink-loop.tar",
+       lambda l: (l.symlink("loop1", "loop2"), l.symlink("loop2", "/loop1"), l.file("loop1/x", b"x")),
+       "too many levels of symbolic links")
+    mk("malicious-symlink-self-loop.tar",
+       lambda l: (l.symlink("self", "./self/"), l.file("self/x", b"x")),
+       "too many levels of symbolic links")
+    mk("malicious-symlink-to-file-parent.tar",
+       lambda l: (l.file("f", b"f"), l.symlink("s", "/f"), l.file("s/x", b"x")),
+       "is not a directory")
     mk("malicious-hardlink-escape.tar", lambda l: l.hardlink("h", "../../etc/passwd"),
        "hard link target leaves the layer root")
     mk("malicious-hardlink-missing.tar", lambda l: l.hardlink("h", "no/such/file"), "does not exist")
@@ -308,13 +352,14 @@ def main():
         sys.exit(__doc__)
     outdir = args[0]
     os.makedirs(outdir, exist_ok=True)
-    names = ["layer1.tar", "layer2.tar", "layer3.tar", "layer4.tar", "layer5.tar"]
+    names = ["layer1.tar", "layer2.tar", "layer3.tar", "layer4.tar", "layer5.tar", "layer6.tar"]
     layer1(os.path.join(outdir, names[0]))
     layer2(os.path.join(outdir, names[1]))
     with tempfile.TemporaryDirectory() as w:
         gnu_tar_sparse(os.path.join(outdir, names[2]), w)
     layer4(os.path.join(outdir, names[3]))
     layer5(os.path.join(outdir, names[4]))
+    layer6(os.path.join(outdir, names[5]))
     malicious(outdir)
     with open(os.path.join(outdir, "layers.txt"), "w") as f:
         f.write("\n".join(names) + "\n")

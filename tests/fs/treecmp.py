@@ -106,8 +106,9 @@ class Tree:
         self.root = Node("d")
 
     def resolve_dir(self, comps, create):
-        """Directory node holding the last component; follows relative
-        symlinks that stay inside the root, refuses the others."""
+        """Directory node holding the last component. Symlinks are followed
+        inside the root as containerd's fs.RootPath does: an absolute target
+        restarts at the root and '..' stops at the root."""
         stack = [self.root]
         queue = list(comps)
         hops = 0
@@ -116,9 +117,8 @@ class Tree:
             if c in (b"", b"."):
                 continue
             if c == b"..":
-                if len(stack) == 1:
-                    raise RefError("leads outside the layer root")
-                stack.pop()
+                if len(stack) > 1:
+                    stack.pop()
                 continue
             cur = stack[-1]
             n = cur.children.get(c)
@@ -135,7 +135,7 @@ class Tree:
                 if hops > 40:
                     raise RefError("too many levels of symbolic links")
                 if n.target.startswith(b"/"):
-                    raise RefError("symlink to the absolute path")
+                    del stack[1:]
                 queue = n.target.split(b"/") + queue
             else:
                 raise RefError("is not a directory")

@@ -265,6 +265,38 @@ pub fn err_text(o: &Output) -> String {
     e
 }
 
+/// An error and its causes joined with ": ", as `anyhow`'s `{:#}` and the
+/// tools print them.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+/// Assert that no error in the chain repeats its cause in its own text (the
+/// cause is printed once, by whoever walks `source()`), and return the
+/// chain as [`error_chain`] prints it.
+pub fn assert_clean_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(s) = c.source() {
+            let (text, cause) = (c.to_string(), s.to_string());
+            assert!(
+                cause.is_empty() || !text.contains(&cause),
+                "error text repeats its cause: '{text}' contains '{cause}' (chain: {})",
+                error_chain(e)
+            );
+        }
+        cur = c.source();
+    }
+    error_chain(e)
+}
+
 /// `tests/fs/treecmp.py` of the workspace.
 pub fn treecmp_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fs/treecmp.py")

@@ -1,21 +1,60 @@
 //! Small helpers shared by the command-line tools: logging set-up, error
 //! reporting and human-readable sizes.
+//!
+//! Output never panics: `println!`/`eprintln!` panic when the stream is a
+//! closed pipe (a dropped SSH session, `| head`), which would kill whatever
+//! thread printed (a signal handler, a cleanup path). Log through `tracing`
+//! (set up by [`init_logging`]) or print with [`say`] / [`print_out`]:
+//! lines that cannot be written are dropped.
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
 /// Initialise logging: `--verbose` shows debug messages; `RUST_LOG` overrides.
 pub fn init_logging(verbose: bool) {
-    let default = if verbose { "debug" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    init_logging_from("RUST_LOG", if verbose { "debug" } else { "warn" });
+}
+
+/// Initialise logging to stderr with the filter in the environment variable
+/// `var` (default `default`). Writing never fails loudly: events that
+/// cannot be written (stderr closed) are dropped.
+pub fn init_logging_from(var: &str, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env(var)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with_writer(|| QuietStderr)
+        .log_internal_errors(false)
         .with_target(false)
         .try_init();
+}
+
+/// stderr, where a failed write counts as written.
+struct QuietStderr;
+
+impl Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Print a line to stderr; dropped if stderr is closed or broken.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Print a line to stdout (flushed); dropped if stdout is closed or broken.
+pub fn print_out(line: std::fmt::Arguments<'_>) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line}").and_then(|_| o.flush());
 }
 
 /// Run a tool's body, printing `<tool>: error: <cause chain>` on failure.
@@ -36,7 +75,7 @@ pub fn error_line(e: &anyhow::Error) -> String {
 
 /// Print `<tool>: error: <cause chain>` on stderr.
 pub fn report(tool: &str, e: &anyhow::Error) {
-    eprintln!("{tool}: error: {}", error_line(e));
+    say(format_args!("{tool}: error: {}", error_line(e)));
 }
 
 /// `1.5 GiB`-style sizes.
@@ -86,7 +125,7 @@ pub fn progress_reporter(label: &str) -> blockdev::commit::Progress {
                 b.finish_and_clear();
             }
         }
-        None => eprintln!("{label}: {} of {}", human(done), human(total)),
+        None => say(format_args!("{label}: {} of {}", human(done), human(total))),
     }))
 }
 

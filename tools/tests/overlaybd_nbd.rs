@@ -375,3 +375,76 @@ fn clear_errors_for_bad_inputs_and_read_only_upper() {
         std::fs::metadata(q("data")).unwrap().blocks()
     });
 }
+
+/// With its stdout and stderr gone (a closed SSH session, `| head`), the
+/// server keeps serving and still stops on SIGTERM and SIGINT: logging
+/// never panics, and a broken output stream does not block shutdown.
+#[test]
+fn stops_on_signals_after_its_output_is_closed() {
+    use blockdev::nbd::client::{Client, ClientOptions};
+    use blockdev::nbd::Endpoint;
+    use nix::sys::signal::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        let sock = dir.path().join(format!("{sig}.sock"));
+        let mut child = Command::new(NBD)
+            .args(["serve", "--raw", "--read-only", "--socket"])
+            .arg(&sock)
+            .arg(&img)
+            .env("OVERLAYBD_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start overlaybd-nbd");
+        let mut banner = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut banner)
+            .unwrap();
+        assert!(banner.contains("serving"), "{banner}");
+        // Close the read ends: every later write gets EPIPE.
+        drop(child.stdout.take());
+        drop(child.stderr.take());
+        // A client makes the server log (debug) into the closed stderr.
+        // (In a thread: a server that lost a thread to a panic would leave
+        // the client waiting.)
+        let ep = Endpoint::Unix(sock.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = (|| -> std::io::Result<Vec<u8>> {
+                let mut data = Vec::new();
+                for _ in 0..3 {
+                    let mut c = Client::connect(&ep, &ClientOptions::default())?;
+                    data = c.read(0, 4096)?;
+                    c.disconnect()?;
+                }
+                Ok(data)
+            })();
+            let _ = tx.send(r);
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(r) => assert_eq!(r.unwrap(), vec![7u8; 4096]),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the server stopped answering once its output was closed");
+            }
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+        // The deadline only keeps a hung server from hanging the test.
+        let t = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("overlaybd-nbd did not stop on {sig} with its output closed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{sig}: exited with {status}");
+        assert!(!sock.exists(), "{sig}: the socket file was left behind");
+    }
+}

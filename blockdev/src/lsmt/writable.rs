@@ -756,8 +756,9 @@ impl Drop for WritableLayer {
         let mut st = self.state.lock();
         if let Err(e) = self.flush_index(&mut st) {
             tracing::error!(
-                "failed to save the index of {}: {e}",
-                self.data.path().display()
+                "failed to save the index of {}: {}",
+                self.data.path().display(),
+                crate::error::Chain(&e)
             );
         }
     }

@@ -197,42 +197,79 @@ impl Client {
             let flags = be16(&h[0..2]);
             let typ = be16(&h[2..4]);
             let handle = be64(&h[4..12]);
-            let len = be32(&h[12..16]) as usize;
+            let len = be32(&h[12..16]) as u64;
             if !first && handle != out.handle {
                 return Err(bad("interleaved structured replies are not handled"));
             }
             first = false;
             out.handle = handle;
-            let mut p = vec![0u8; len];
-            self.r.read_exact(&mut p)?;
-            let (roff, rlen) = self.pending_reads.get(&handle).copied().unwrap_or((0, 0));
-            if out.data.is_empty()
-                && rlen > 0
-                && (typ == REPLY_TYPE_OFFSET_DATA || typ == REPLY_TYPE_OFFSET_HOLE)
-            {
-                out.data = vec![0u8; rlen as usize];
+            let read = self.pending_reads.get(&handle).copied();
+            // Every length is checked against what the chunk type allows
+            // before anything is allocated or sliced.
+            let (lo, hi) = chunk_len_bounds(typ, read.map(|r| r.1));
+            if len < lo || len > hi {
+                return Err(bad(format!(
+                    "structured reply chunk of type {typ} has length {len} (allowed {lo}..={hi})"
+                )));
             }
+            let mut p = vec![0u8; len as usize];
+            self.r.read_exact(&mut p)?;
+            // Data and holes must fall inside the read they answer.
+            let place = |off: u64, n: u64| -> io::Result<usize> {
+                let (roff, rlen) =
+                    read.ok_or_else(|| bad("data chunk for a request that is not a read"))?;
+                match (off.checked_sub(roff), off.checked_add(n)) {
+                    (Some(start), Some(end)) if end <= roff + rlen as u64 => Ok(start as usize),
+                    _ => Err(bad(format!(
+                        "chunk {off}+{n} is outside the request {roff}+{rlen}"
+                    ))),
+                }
+            };
             match typ {
                 REPLY_TYPE_NONE => {}
-                REPLY_TYPE_OFFSET_DATA => {
+                REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
                     let off = be64(&p[0..8]);
-                    let start = off
-                        .checked_sub(roff)
-                        .ok_or_else(|| bad("data chunk before the request"))?
-                        as usize;
-                    let d = &p[8..];
-                    if start + d.len() > out.data.len() {
-                        return Err(bad("data chunk beyond the request"));
+                    let (n, data) = if typ == REPLY_TYPE_OFFSET_DATA {
+                        ((p.len() - 8) as u64, Some(&p[8..]))
+                    } else {
+                        (be32(&p[8..12]) as u64, None)
+                    };
+                    if n == 0 {
+                        return Err(bad("empty data or hole chunk"));
                     }
-                    out.data[start..start + d.len()].copy_from_slice(d);
+                    let start = place(off, n)?;
+                    if out.data.is_empty() {
+                        let rlen = read.map_or(0, |r| r.1);
+                        out.data = vec![0u8; rlen as usize];
+                    }
+                    if let Some(d) = data {
+                        out.data[start..start + d.len()].copy_from_slice(d);
+                    }
                 }
-                REPLY_TYPE_OFFSET_HOLE => {}
-                REPLY_TYPE_BLOCK_STATUS => out.data = p[4..].to_vec(),
+                REPLY_TYPE_BLOCK_STATUS => {
+                    if !(p.len() - 4).is_multiple_of(8) {
+                        return Err(bad("block status chunk with a partial descriptor"));
+                    }
+                    out.data = p[4..].to_vec();
+                }
                 t if t & 0x8000 != 0 => {
-                    out.error = be32(&p[0..4]);
+                    let error = be32(&p[0..4]);
                     let ml = be16(&p[4..6]) as usize;
-                    out.message =
-                        String::from_utf8_lossy(&p[6..6 + ml.min(p.len() - 6)]).into_owned();
+                    let tail = if t == REPLY_TYPE_ERROR_OFFSET { 8 } else { 0 };
+                    if error == 0 {
+                        return Err(bad("error chunk with error value 0"));
+                    }
+                    if 6 + ml + tail > p.len()
+                        || (matches!(t, REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET)
+                            && 6 + ml + tail != p.len())
+                    {
+                        return Err(bad(format!(
+                            "error chunk of {} bytes with a {ml}-byte message",
+                            p.len()
+                        )));
+                    }
+                    out.error = error;
+                    out.message = String::from_utf8_lossy(&p[6..6 + ml]).into_owned();
                 }
                 t => return Err(bad(format!("unknown chunk type {t}"))),
             }
@@ -302,6 +339,25 @@ impl Client {
     pub fn disconnect(mut self) -> io::Result<()> {
         self.send(CMD_DISC, 0, 0, 0, &[])?;
         self.flush_requests()
+    }
+}
+
+/// Largest block status chunk accepted (8 M descriptors).
+const MAX_BLOCK_STATUS_CHUNK: u64 = 4 + (8 << 23);
+/// Longest error message the protocol allows.
+const MAX_ERROR_MESSAGE: u64 = 4096;
+
+/// The lengths a structured reply chunk of type `typ` may have, given the
+/// length of the read it answers (if it answers a read).
+fn chunk_len_bounds(typ: u16, read_len: Option<u32>) -> (u64, u64) {
+    match typ {
+        REPLY_TYPE_NONE => (0, 0),
+        REPLY_TYPE_OFFSET_DATA => (8, 8 + read_len.unwrap_or(0) as u64),
+        REPLY_TYPE_OFFSET_HOLE => (12, 12),
+        REPLY_TYPE_BLOCK_STATUS => (4, MAX_BLOCK_STATUS_CHUNK),
+        t if t & 0x8000 != 0 => (6, 6 + MAX_ERROR_MESSAGE + 8),
+        // Unknown non-error types are refused after the length check.
+        _ => (0, 0),
     }
 }
 

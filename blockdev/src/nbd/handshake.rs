@@ -31,12 +31,16 @@ impl Export {
 /// Why a connection ended without an orderly close.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
-    #[error("protocol violation: {0}")]
+    #[error("protocol violation")]
     Proto(#[from] ProtoError),
     #[error("client asked for unknown export '{0}' with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
+    /// The server has no room for another session (NBD_OPT_EXPORT_NAME
+    /// cannot be answered with an error, so the connection is closed).
+    #[error("no room for another session")]
+    Busy,
 }
 
 /// Result of option haggling.
@@ -100,6 +104,20 @@ pub fn negotiate<R: Read, W: Write>(
     w: &mut W,
     export: &Export,
 ) -> Result<Negotiated, ConnError> {
+    negotiate_admit(r, w, export, &mut || true)
+}
+
+/// [`negotiate`], asking `admit` for a session slot when the client wants
+/// to enter transmission: a refused `NBD_OPT_GO` gets `NBD_REP_ERR_POLICY`
+/// (the client may try again or give up), a refused
+/// `NBD_OPT_EXPORT_NAME` ends with [`ConnError::Busy`]. `admit` is called
+/// at most once per successful return (its slot belongs to the session).
+pub fn negotiate_admit<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    export: &Export,
+    admit: &mut dyn FnMut() -> bool,
+) -> Result<Negotiated, ConnError> {
     let mut hello = [0u8; 18];
     hello[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
     hello[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
@@ -158,6 +176,9 @@ pub fn negotiate<R: Read, W: Write>(
                 if !export.matches(&name) {
                     return Err(ConnError::UnknownExport(name));
                 }
+                if !admit() {
+                    return Err(ConnError::Busy);
+                }
                 let mut m = Vec::with_capacity(134);
                 m.extend_from_slice(&export.size.to_be_bytes());
                 m.extend_from_slice(&session.transmission_flags().to_be_bytes());
@@ -196,6 +217,12 @@ pub fn negotiate<R: Read, W: Write>(
                         req.name, export.name
                     )
                     .as_bytes(),
+                )?,
+                Ok(_) if opt == OPT_GO && !admit() => reply(
+                    w,
+                    opt,
+                    REP_ERR_POLICY,
+                    b"the server has reached its session limit; try again later",
                 )?,
                 Ok(req) => {
                     let mut e = Vec::with_capacity(10);

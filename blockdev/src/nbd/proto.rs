@@ -206,7 +206,7 @@ pub fn errno_of(e: &crate::Error) -> Errno {
     match e {
         Error::ReadOnly => Errno::Perm,
         Error::OutOfRange { .. } | Error::Invalid(_) => Errno::Inval,
-        Error::Io { error, .. } => os(error),
+        Error::Io { source, .. } => os(source),
         Error::RawIo(source) => os(source),
         Error::Corrupt { .. } => Errno::Io,
     }

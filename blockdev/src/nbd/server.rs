@@ -8,7 +8,7 @@
 //! (as the protocol allows). A client that stops reading replies only
 //! blocks its own workers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
@@ -17,9 +17,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::handshake::{negotiate, read_incoming, ConnError, Export, Incoming, Negotiated};
+use super::handshake::{negotiate_admit, read_incoming, ConnError, Export, Incoming, Negotiated};
 use super::proto::*;
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
@@ -217,6 +217,47 @@ impl Stream {
             Stream::Tcp(s) => s.set_write_timeout(d),
         }
     }
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(d),
+            Stream::Tcp(s) => s.set_read_timeout(d),
+        }
+    }
+}
+
+/// A stream whose reads fail with `TimedOut` once a deadline has passed,
+/// however the bytes trickle in (each read waits at most for the time
+/// left). Without a deadline it is the plain stream.
+struct Deadline {
+    s: Stream,
+    deadline: Option<Instant>,
+}
+
+impl Deadline {
+    /// Lift the deadline (the handshake is over).
+    fn clear(&mut self) -> io::Result<()> {
+        self.deadline = None;
+        self.s.set_read_timeout(None)
+    }
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(d) = self.deadline else {
+            return self.s.read(buf);
+        };
+        let timed_out =
+            || io::Error::new(io::ErrorKind::TimedOut, "handshake not finished in time");
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        self.s.set_read_timeout(Some(left))?;
+        match self.s.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(timed_out()),
+            r => r,
+        }
+    }
 }
 
 impl Read for Stream {
@@ -251,8 +292,16 @@ pub struct ServerConfig {
     pub read_only: bool,
     /// Worker threads per connection (requests in flight at once).
     pub workers_per_connection: usize,
-    /// Connections served at once; more are closed right after accept.
+    /// Sessions (connections past the handshake) served at once; a client
+    /// asking for one more gets an error reply to `NBD_OPT_GO`.
     pub max_connections: usize,
+    /// Connections still in the handshake at once; a new connection beyond
+    /// this closes the oldest of them, so idle connections cannot lock
+    /// clients out.
+    pub max_handshakes: usize,
+    /// Close a connection that has not finished its handshake after this
+    /// long (in total, however slowly its bytes arrive).
+    pub handshake_timeout: Duration,
     /// Give up on a client that does not read its replies for this long.
     pub write_timeout: Duration,
 }
@@ -265,6 +314,8 @@ impl Default for ServerConfig {
             read_only: false,
             workers_per_connection: 4,
             max_connections: 256,
+            max_handshakes: 64,
+            handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(120),
         }
     }
@@ -306,8 +357,32 @@ struct Inner {
     cfg: ServerConfig,
     stopping: AtomicBool,
     conns: Mutex<HashMap<u64, Stream>>,
+    /// Connections in the handshake, oldest first.
+    handshaking: Mutex<VecDeque<u64>>,
+    /// Sessions past the handshake.
+    sessions: AtomicU64,
     requests: AtomicU64,
     protocol_errors: AtomicU64,
+}
+
+impl Inner {
+    /// The connection is no longer in the handshake.
+    fn handshake_done(&self, id: u64) {
+        self.handshaking
+            .lock()
+            .expect("handshake list lock")
+            .retain(|&x| x != id);
+    }
+
+    /// Take a session slot if one is free.
+    fn admit(&self) -> bool {
+        let max = self.cfg.max_connections.max(1) as u64;
+        self.sessions
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
 }
 
 /// An NBD server for one device.
@@ -347,6 +422,8 @@ impl Server {
                 cfg,
                 stopping: AtomicBool::new(false),
                 conns: Mutex::new(HashMap::new()),
+                handshaking: Mutex::new(VecDeque::new()),
+                sessions: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 protocol_errors: AtomicU64::new(0),
             }),
@@ -372,7 +449,6 @@ impl Server {
             .map_err(|e| Error::io(ep.to_string(), e))?;
         let mut threads: Vec<std::thread::JoinHandle<()>> = Vec::new();
         let mut next_id = 0u64;
-        let active = Arc::new(AtomicU64::new(0));
         while !self.inner.stopping.load(Ordering::SeqCst) {
             let mut pfd = libc::pollfd {
                 fd: listener.fd(),
@@ -408,29 +484,40 @@ impl Server {
                     continue;
                 }
             };
-            if active.load(Ordering::SeqCst) >= self.inner.cfg.max_connections as u64 {
-                tracing::warn!(
-                    "{peer}: refusing connection, {} already open",
-                    self.inner.cfg.max_connections
-                );
-                stream.shutdown(Shutdown::Both);
-                continue;
-            }
             let id = next_id;
             next_id += 1;
+            {
+                // Room for this handshake: drop the oldest unfinished one
+                // if needed (an idle client, most likely).
+                let mut hs = self.inner.handshaking.lock().expect("handshake list lock");
+                while hs.len() >= self.inner.cfg.max_handshakes.max(1) {
+                    let Some(old) = hs.pop_front() else { break };
+                    let conns = self.inner.conns.lock().expect("connection table lock");
+                    if let Some(s) = conns.get(&old) {
+                        tracing::info!(
+                            "{peer}: {} handshakes unfinished; closing the oldest",
+                            self.inner.cfg.max_handshakes
+                        );
+                        s.shutdown(Shutdown::Both);
+                    }
+                }
+                hs.push_back(id);
+            }
+            if threads.len() > 2 * (self.inner.cfg.max_handshakes + self.inner.cfg.max_connections)
+            {
+                threads.retain(|t| !t.is_finished());
+            }
             let inner = self.inner.clone();
-            let active2 = active.clone();
-            active.fetch_add(1, Ordering::SeqCst);
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
                     serve_connection(&inner, id, stream, &peer);
-                    active2.fetch_sub(1, Ordering::SeqCst);
+                    inner.handshake_done(id);
                 });
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    active.fetch_sub(1, Ordering::SeqCst);
+                    self.inner.handshake_done(id);
                     tracing::warn!("cannot start a thread for a connection: {e}");
                 }
             }
@@ -515,8 +602,24 @@ fn serve_connection(inner: &Arc<Inner>, id: u64, stream: Stream, peer: &str) {
             }
         }
     }
+    // Dropped for a newer connection before it was registered above (the
+    // accept loop found nothing to close then)?
+    let evicted = !inner
+        .handshaking
+        .lock()
+        .expect("handshake list lock")
+        .contains(&id);
+    if evicted {
+        stream.shutdown(Shutdown::Both);
+        inner
+            .conns
+            .lock()
+            .expect("connection table lock")
+            .remove(&id);
+        return;
+    }
     tracing::debug!("{peer}: connected");
-    let result = run_connection(inner, rstream, wstream, peer);
+    let result = run_connection(inner, id, rstream, wstream, peer);
     match result {
         Ok(()) => tracing::debug!("{peer}: disconnected"),
         Err(ConnError::Io(e))
@@ -529,9 +632,12 @@ fn serve_connection(inner: &Arc<Inner>, id: u64, stream: Stream, peer: &str) {
         {
             tracing::info!("{peer}: client went away: {e}")
         }
+        Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+            tracing::info!("{peer}: closing connection: {e}")
+        }
         Err(e) => {
             inner.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("{peer}: closing connection: {e}");
+            tracing::warn!("{peer}: closing connection: {}", crate::error::Chain(&e));
         }
     }
     stream.shutdown(Shutdown::Both);
@@ -542,18 +648,46 @@ fn serve_connection(inner: &Arc<Inner>, id: u64, stream: Stream, peer: &str) {
         .remove(&id);
 }
 
+/// Gives a session slot back when the session ends.
+struct SessionSlot<'a>(&'a Inner);
+
+impl Drop for SessionSlot<'_> {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn run_connection(
     inner: &Arc<Inner>,
+    id: u64,
     rstream: Stream,
     wstream: Stream,
     peer: &str,
 ) -> std::result::Result<(), ConnError> {
-    let mut reader = BufReader::with_capacity(256 << 10, rstream);
+    let deadline = Deadline {
+        s: rstream,
+        deadline: Some(Instant::now() + inner.cfg.handshake_timeout),
+    };
+    let mut reader = BufReader::with_capacity(256 << 10, deadline);
     let mut wtmp = wstream;
-    let session = match negotiate(&mut reader, &mut wtmp, &inner.export)? {
+    let mut admitted = false;
+    let negotiated = negotiate_admit(&mut reader, &mut wtmp, &inner.export, &mut || {
+        admitted = inner.admit();
+        if !admitted {
+            tracing::warn!(
+                "{peer}: refusing a session: {} already open",
+                inner.cfg.max_connections
+            );
+        }
+        admitted
+    });
+    let _slot = admitted.then(|| SessionSlot(inner));
+    inner.handshake_done(id);
+    let session = match negotiated? {
         Negotiated::Closed => return Ok(()),
         Negotiated::Transmission(s) => s,
     };
+    reader.get_mut().clear()?;
     tracing::debug!(
         "{peer}: transmission (structured replies: {}, block status: {})",
         session.structured,
@@ -703,8 +837,9 @@ pub fn execute(
 ) -> Vec<u8> {
     let fail = |e: &Error| {
         let errno = errno_of(e);
-        tracing::debug!("request failed ({errno}): {e}");
-        error_reply(s, handle, errno, &e.to_string())
+        let text = crate::error::Chain(e).to_string();
+        tracing::debug!("request failed ({errno}): {text}");
+        error_reply(s, handle, errno, &text)
     };
     let done =
         |r: Result<()>, fua: bool| match r.and_then(|_| if fua { dev.flush() } else { Ok(()) }) {

@@ -22,9 +22,9 @@ pub enum Error {
     Ext4 {
         /// What was being read.
         what: String,
-        /// The libext2fs error.
+        /// The libext2fs error (boxed: it is large and rare).
         #[source]
-        source: obdfs::Error,
+        source: Box<obdfs::Error>,
     },
     /// An OCI image layout is unusable (missing file, bad JSON, not overlaybd).
     #[error("{path}: {msg}")]
@@ -74,7 +74,7 @@ impl Error {
 /// out of range, `EIO` for everything else (corrupt layers included).
 pub fn errno_of(e: &blockdev::Error) -> i32 {
     match e {
-        blockdev::Error::Io { error, .. } | blockdev::Error::RawIo(error) => {
+        blockdev::Error::Io { source: error, .. } | blockdev::Error::RawIo(error) => {
             error.raw_os_error().unwrap_or(libc::EIO)
         }
         blockdev::Error::ReadOnly => libc::EROFS,

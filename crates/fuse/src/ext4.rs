@@ -123,7 +123,7 @@ impl Ext4Tree {
     pub fn open(dev: Arc<dyn BlockDevice>) -> Result<Self> {
         let fs = Ext2Fs::open_read_only(dev.clone(), META_CACHE).map_err(|source| Error::Ext4 {
             what: "no readable ext4 filesystem on the disk".into(),
-            source,
+            source: Box::new(source),
         })?;
         let counts = fs.counts();
         let huge_file = fs.has_ro_compat(obdfs::ext2fs::sys::EXT4_FEATURE_RO_COMPAT_HUGE_FILE);
@@ -137,7 +137,7 @@ impl Ext4Tree {
         };
         let root = me.node(EXT4_ROOT).map_err(|source| Error::Ext4 {
             what: "cannot read the root directory".into(),
-            source,
+            source: Box::new(source),
         })?;
         if root.attr.kind != FileType::Directory {
             return Err(Error::Usage(
@@ -275,7 +275,7 @@ impl Ext4Tree {
         let mut buf = vec![0u8; (end - offset) as usize];
         let data = self.data(n).map_err(|source| Error::Ext4 {
             what: format!("inode {}: cannot map its blocks", n.ino),
-            source,
+            source: Box::new(source),
         })?;
         let runs = match data.as_ref() {
             Data::Inline(v) => {

@@ -808,7 +808,18 @@ impl Builder {
         if !l.whout {
             n.mode = st_mode;
             if matches!(e.kind, TarKind::Char | TarKind::Block) {
-                n.rdev = format::encode_dev(e.devmajor, e.devminor);
+                // Linux device numbers: 12-bit major, 20-bit minor; larger
+                // ones would be stored as another device.
+                if e.devmajor > 0xfff || e.devminor > 0xf_ffff {
+                    return Err(Self::entry_err(
+                        path,
+                        format!(
+                            "device number {}:{} does not fit (major at most 4095, minor at most 1048575)",
+                            e.devmajor, e.devminor
+                        ),
+                    ));
+                }
+                n.rdev = format::encode_dev(e.devmajor as u32, e.devminor as u32);
             }
         }
         if n.path.is_empty() {

@@ -8,6 +8,22 @@
 //! in the new layer). File data bypasses the page map: it is gathered in one
 //! contiguous staging buffer and written in large chunks.
 //!
+//! Two write modes ([`WriteMode`]):
+//! * [`WriteMode::Pages`] (overlaybd layers): a dirty page is written back
+//!   whole, and not at all when the device already holds the same bytes.
+//! * [`WriteMode::Exact`] (TurboOCI layers, upstream-compatible): the cache
+//!   remembers which 512-byte sectors of a page were written and writes back
+//!   exactly those, even when unchanged. The layer then records the same
+//!   byte ranges as upstream's extfs I/O manager, which writes every
+//!   libext2fs write straight through (a superblock is 1 KiB, not a page).
+//!   [`PageCache::discard`] drops pending sectors that a later target
+//!   mapping replaces, so the device sees writes and mappings in the order
+//!   upstream issues them.
+//! * [`WriteMode::Buffered`] (upstream's `overlaybd-apply`): as `Exact`, but
+//!   a single aligned 4 KiB write dirties its whole 128 KiB block, which is
+//!   written back whole, as photon's `BufferFile` (in front of the image
+//!   when overlaybd-apply runs) does.
+//!
 //! Coherence rules: the newest bytes for any offset are in the staging buffer
 //! if it covers the offset, else in a cached page, else on the device. Every
 //! metadata read or write that overlaps the staging range writes the staging
@@ -29,9 +45,55 @@ const MAX_RUN_PAGES: usize = 1024;
 /// Default size of the data staging buffer.
 pub const STAGE_BYTES: usize = 8 << 20;
 
+/// Sectors per page (the unit of [`WriteMode::Exact`] tracking).
+const SECTOR: usize = 512;
+const SECTORS_PER_PAGE: usize = PAGE / SECTOR;
+
+/// How dirty pages are written back; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteMode {
+    /// Whole pages, skipping pages the device already holds.
+    #[default]
+    Pages,
+    /// Exactly the sectors written, always.
+    Exact,
+    /// `Exact`, with aligned 4 KiB writes promoted to their 128 KiB block.
+    Buffered,
+}
+
+/// The block of [`WriteMode::Buffered`].
+const BUFFER_BLOCK: u64 = 128 << 10;
+
 struct Page {
     data: Box<[u8]>,
     dirty: bool,
+    /// Written sectors (bit i = bytes `[512 i, 512 i + 512)`), kept in
+    /// [`WriteMode::Exact`].
+    sectors: u8,
+}
+
+impl Page {
+    fn clean(data: Box<[u8]>) -> Self {
+        Page {
+            data,
+            dirty: false,
+            sectors: 0,
+        }
+    }
+}
+
+/// The sectors of page `p` that `[off, end)` touches, as a mask.
+fn sector_mask(p: u64, off: u64, end: u64) -> u8 {
+    let pstart = p * PAGE_U64;
+    if end <= pstart || off >= pstart + PAGE_U64 || off >= end {
+        return 0;
+    }
+    let s = off.max(pstart) - pstart;
+    let e = end.min(pstart + PAGE_U64) - pstart;
+    let first = (s / SECTOR as u64) as u32;
+    let last = ((e - 1) / SECTOR as u64) as u32;
+    let bits = (1u16 << (last + 1)) - (1u16 << first);
+    bits as u8
 }
 
 /// Counters for tests and progress output.
@@ -57,6 +119,9 @@ pub struct PageCache {
     stage_off: u64,
     stage_len: usize,
     stats: CacheStats,
+    mode: WriteMode,
+    /// [`WriteMode::Buffered`]: 128 KiB blocks to write back whole.
+    dirty_blocks: std::collections::BTreeSet<u64>,
 }
 
 type Result<T> = std::result::Result<T, blockdev::Error>;
@@ -64,6 +129,11 @@ type Result<T> = std::result::Result<T, blockdev::Error>;
 impl PageCache {
     /// A cache holding at most `max_bytes` of metadata before it writes back.
     pub fn new(dev: Arc<dyn BlockDevice>, max_bytes: usize) -> Self {
+        Self::with_mode(dev, max_bytes, WriteMode::Pages)
+    }
+
+    /// [`PageCache::new`] with a [`WriteMode`].
+    pub fn with_mode(dev: Arc<dyn BlockDevice>, max_bytes: usize, mode: WriteMode) -> Self {
         let size = dev.size();
         PageCache {
             dev,
@@ -74,7 +144,14 @@ impl PageCache {
             stage_off: 0,
             stage_len: 0,
             stats: CacheStats::default(),
+            mode,
+            dirty_blocks: Default::default(),
         }
+    }
+
+    /// The write mode.
+    pub fn mode(&self) -> WriteMode {
+        self.mode
     }
 
     /// The device behind the cache.
@@ -114,7 +191,7 @@ impl PageCache {
         if !self.pages.contains_key(&p) {
             let mut data = vec![0u8; PAGE].into_boxed_slice();
             self.read_pages_from_dev(p, &mut data)?;
-            self.pages.insert(p, Page { data, dirty: false });
+            self.pages.insert(p, Page::clean(data));
         }
         Ok(self.pages.get_mut(&p).expect("page inserted above"))
     }
@@ -144,13 +221,8 @@ impl PageCache {
             for (i, chunk) in tmp.chunks(PAGE).enumerate() {
                 let pi = p + i as u64;
                 copy_out(chunk, pi, buf, off);
-                self.pages.insert(
-                    pi,
-                    Page {
-                        data: chunk.to_vec().into_boxed_slice(),
-                        dirty: false,
-                    },
-                );
+                self.pages
+                    .insert(pi, Page::clean(chunk.to_vec().into_boxed_slice()));
             }
             p = q;
         }
@@ -164,16 +236,21 @@ impl PageCache {
             self.flush_stage()?;
         }
         let end = off + buf.len() as u64;
+        if self.mode == WriteMode::Buffered && buf.len() == PAGE && off.is_multiple_of(PAGE_U64) {
+            self.dirty_blocks.insert(off / BUFFER_BLOCK);
+        }
         let mut p = off / PAGE_U64;
         while p * PAGE_U64 < end {
             let pstart = p * PAGE_U64;
             let full = off <= pstart && pstart + PAGE_U64 <= end;
+            let mask = sector_mask(p, off, end);
             if full {
                 let src = &buf[(pstart - off) as usize..(pstart - off) as usize + PAGE];
                 match self.pages.get_mut(&p) {
                     Some(page) => {
                         page.data.copy_from_slice(src);
                         page.dirty = true;
+                        page.sectors |= mask;
                     }
                     None => {
                         self.pages.insert(
@@ -181,6 +258,7 @@ impl PageCache {
                             Page {
                                 data: src.to_vec().into_boxed_slice(),
                                 dirty: true,
+                                sectors: mask,
                             },
                         );
                     }
@@ -189,6 +267,7 @@ impl PageCache {
                 let page = self.load_page(p)?;
                 copy_in(&mut page.data, p, buf, off);
                 page.dirty = true;
+                page.sectors |= mask;
             }
             p += 1;
         }
@@ -280,9 +359,22 @@ impl PageCache {
         Ok(())
     }
 
-    /// Write every dirty page back (skipping pages the device already holds).
+    /// Write every dirty page back: in [`WriteMode::Pages`] whole pages,
+    /// skipping those the device already holds; in [`WriteMode::Exact`] the
+    /// written sectors.
     pub fn writeback(&mut self) -> Result<()> {
         self.flush_stage()?;
+        if self.mode != WriteMode::Pages {
+            self.promote_blocks()?;
+            let mut dirty: Vec<u64> = self
+                .pages
+                .iter()
+                .filter(|(_, pg)| pg.dirty)
+                .map(|(&p, _)| p)
+                .collect();
+            dirty.sort_unstable();
+            return self.write_sectors(&dirty, 0, 0);
+        }
         let mut dirty: Vec<u64> = self
             .pages
             .iter()
@@ -338,6 +430,133 @@ impl PageCache {
                 }
             }
             i = j;
+        }
+        Ok(())
+    }
+
+    /// [`WriteMode::Buffered`]: every sector of the dirty 128 KiB blocks
+    /// becomes written (pages not cached are read first).
+    fn promote_blocks(&mut self) -> Result<()> {
+        let per = BUFFER_BLOCK / PAGE_U64;
+        for b in std::mem::take(&mut self.dirty_blocks) {
+            for p in b * per..(b + 1) * per {
+                if p * PAGE_U64 >= self.size {
+                    break;
+                }
+                let page = self.load_page(p)?;
+                page.dirty = true;
+                page.sectors = 0xff;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`WriteMode::Exact`]: write the written sectors of `pages` (sorted)
+    /// that lie outside `[skip_off, skip_off + skip_len)`, in coalesced runs,
+    /// and mark the pages clean.
+    fn write_sectors(&mut self, pages: &[u64], skip_off: u64, skip_len: u64) -> Result<()> {
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_off = 0u64;
+        for &p in pages {
+            let Some(pg) = self.pages.get_mut(&p) else {
+                continue;
+            };
+            let keep = !sector_mask(p, skip_off, skip_off + skip_len);
+            let mask = pg.sectors & keep;
+            pg.dirty = false;
+            pg.sectors = 0;
+            for i in 0..SECTORS_PER_PAGE {
+                if mask & (1 << i) == 0 {
+                    continue;
+                }
+                let off = p * PAGE_U64 + (i * SECTOR) as u64;
+                if run.is_empty()
+                    || run_off + run.len() as u64 != off
+                    || run.len() >= MAX_RUN_PAGES * PAGE
+                {
+                    if !run.is_empty() {
+                        Self::write_run(&self.dev, self.size, &mut self.stats, &run, run_off)?;
+                    }
+                    run.clear();
+                    run_off = off;
+                }
+                let pg = &self.pages[&p];
+                run.extend_from_slice(&pg.data[i * SECTOR..(i + 1) * SECTOR]);
+            }
+        }
+        if !run.is_empty() {
+            Self::write_run(&self.dev, self.size, &mut self.stats, &run, run_off)?;
+        }
+        Ok(())
+    }
+
+    fn write_run(
+        dev: &Arc<dyn BlockDevice>,
+        size: u64,
+        stats: &mut CacheStats,
+        bytes: &[u8],
+        off: u64,
+    ) -> Result<()> {
+        let avail = size.saturating_sub(off).min(bytes.len() as u64) as usize;
+        if avail > 0 {
+            dev.write_at(&bytes[..avail], off)?;
+            stats.dev_writes += 1;
+            stats.bytes_written += avail as u64;
+        }
+        Ok(())
+    }
+
+    /// Forget what the cache holds for `[off, off + len)` because the device
+    /// range is about to be replaced by other means (a TurboOCI target
+    /// mapping). Pending writes inside the range are dropped; pending
+    /// sectors of the same pages outside it are written first (they came
+    /// before the replacement, as upstream's write-through I/O would have
+    /// issued them). Later reads of the range come from the device.
+    pub fn discard(&mut self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check(off, len as usize)?;
+        if self.overlaps_stage(off, len as usize) {
+            self.flush_stage()?;
+        }
+        let first = off / PAGE_U64;
+        let last = (off + len - 1) / PAGE_U64;
+        let present: Vec<u64> = (first..=last)
+            .filter(|p| self.pages.contains_key(p))
+            .collect();
+        if present.is_empty() {
+            return Ok(());
+        }
+        match self.mode {
+            WriteMode::Exact => self.write_sectors(&present, off, len)?,
+            WriteMode::Buffered => {
+                self.promote_blocks()?;
+                let present: Vec<u64> = (first..=last)
+                    .filter(|p| self.pages.contains_key(p))
+                    .collect();
+                self.write_sectors(&present, off, len)?
+            }
+            WriteMode::Pages => {
+                // No sector bookkeeping: write the dirty pages back whole;
+                // the replacement that follows covers the range.
+                for &p in &present {
+                    let pg = &self.pages[&p];
+                    if pg.dirty {
+                        let data = pg.data.clone();
+                        Self::write_run(
+                            &self.dev,
+                            self.size,
+                            &mut self.stats,
+                            &data,
+                            p * PAGE_U64,
+                        )?;
+                    }
+                }
+            }
+        }
+        for p in present {
+            self.pages.remove(&p);
         }
         Ok(())
     }
@@ -479,5 +698,52 @@ mod tests {
             c.read(&mut b, i * PAGE_U64 + 8).unwrap();
             assert_eq!(b, [i as u8; 16]);
         }
+    }
+}
+#[cfg(test)]
+mod exact_tests {
+    use super::*;
+    use blockdev::MemDevice;
+    use std::sync::Mutex;
+
+    /// A device that records the writes it receives.
+    struct Rec {
+        inner: MemDevice,
+        log: Mutex<Vec<(u64, usize)>>,
+    }
+    impl BlockDevice for Rec {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> blockdev::Result<()> {
+            self.inner.read_at(buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> blockdev::Result<()> {
+            self.log.lock().unwrap().push((off, buf.len()));
+            self.inner.write_at(buf, off)
+        }
+        fn flush(&self) -> blockdev::Result<()> {
+            Ok(())
+        }
+        fn trim(&self, off: u64, len: u64) -> blockdev::Result<()> {
+            self.inner.trim(off, len)
+        }
+    }
+
+    #[test]
+    fn exact_writes_back_written_sectors() {
+        let d = Arc::new(Rec {
+            inner: MemDevice::new(1 << 20),
+            log: Mutex::new(Vec::new()),
+        });
+        let mut c = PageCache::with_mode(d.clone(), 1 << 20, WriteMode::Exact);
+        c.write(&[1u8; 1024], 1024).unwrap();
+        c.write(&[2u8; 32768], 4096).unwrap();
+        c.write(&[0u8; 4096], 65536).unwrap();
+        c.writeback().unwrap();
+        assert_eq!(
+            *d.log.lock().unwrap(),
+            vec![(1024, 1024), (4096, 32768), (65536, 4096)]
+        );
     }
 }

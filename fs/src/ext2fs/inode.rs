@@ -249,6 +249,35 @@ impl Inode {
         self.set_u32(20, v)
     }
 
+    /// `osd1.linux1.l_i_version`, the low 32 bits of the inode version.
+    pub fn version_lo(&self) -> u32 {
+        self.u32(36)
+    }
+    /// Set `l_i_version`.
+    pub fn set_version_lo(&mut self, v: u32) {
+        self.set_u32(36, v)
+    }
+
+    /// Set the 32-bit seconds of atime, mtime and ctime only (what a write
+    /// of the 128-byte `struct ext2_inode` changes; the extra fields stay).
+    pub fn set_times_lo(&mut self, atime: u32, mtime: u32, ctime: u32) {
+        self.set_u32(8, atime);
+        self.set_u32(16, mtime);
+        self.set_u32(12, ctime);
+    }
+
+    /// Zero atime, ctime, mtime and crtime with their extra fields.
+    pub fn clear_times(&mut self) {
+        for o in [8, 12, 16] {
+            self.set_u32(o, 0);
+        }
+        if self.has_extra() {
+            for o in [0x84, 0x88, 0x8c, 0x90, 0x94] {
+                self.set_u32(o, 0);
+            }
+        }
+    }
+
     /// `i_flags`.
     pub fn flags(&self) -> u32 {
         self.u32(32)

@@ -7,6 +7,13 @@
 //! libext2fs reads or writes goes through the cache to the device; no file
 //! is ever opened. Errors from the device are kept in the channel so that
 //! the Rust side can report the real cause next to libext2fs's error code.
+//!
+//! A channel in [`WriteMode::Exact`] (or `Buffered`) behaves as upstream's
+//! extfs I/O manager (PhotonLibOS `fs/extfs/extfs_io.cpp`) as seen from the
+//! device: no
+//! `write_byte` (so libext2fs writes the whole 1 KiB superblock), `zeroout`
+//! does nothing (blocks libext2fs would zero keep what the device holds),
+//! and the cache writes back exactly the sectors libext2fs wrote.
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_ulong, c_ulonglong, c_void, CStr, CString};
@@ -15,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use blockdev::BlockDevice;
 
-use super::cache::PageCache;
+use super::cache::{PageCache, WriteMode};
 use super::sys;
 
 /// State behind one open channel.
@@ -23,14 +30,19 @@ pub struct Channel {
     /// The device and its cache.
     pub cache: PageCache,
     /// The last device error, kept for error messages.
-    pub last_error: Option<String>,
+    pub last_error: Option<blockdev::Error>,
 }
 
 impl Channel {
     /// A channel on `dev` with a metadata cache of `cache_bytes`.
     pub fn new(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Self {
+        Self::with_mode(dev, cache_bytes, WriteMode::Pages)
+    }
+
+    /// A channel whose cache writes back in `mode`.
+    pub fn with_mode(dev: Arc<dyn BlockDevice>, cache_bytes: usize, mode: WriteMode) -> Self {
         Channel {
-            cache: PageCache::new(dev, cache_bytes),
+            cache: PageCache::with_mode(dev, cache_bytes, mode),
             last_error: None,
         }
     }
@@ -97,9 +109,36 @@ static MANAGER: Manager = Manager(sys::struct_io_manager {
     reserved: [0; 14],
 });
 
-/// The manager to pass to `ext2fs_open2` / `ext2fs_initialize`.
-pub fn manager() -> sys::io_manager {
-    &MANAGER.0 as *const sys::struct_io_manager as sys::io_manager
+/// The manager of [`WriteMode::Exact`] channels: no `write_byte`, and a
+/// `zeroout` that does nothing.
+static MANAGER_EXACT: Manager = Manager(sys::struct_io_manager {
+    magic: sys::EXT2_ET_MAGIC_IO_MANAGER as sys::errcode_t,
+    name: c"overlaybd block device (write-through)".as_ptr(),
+    open: Some(ch_open),
+    close: Some(ch_close),
+    set_blksize: Some(ch_set_blksize),
+    read_blk: Some(ch_read_blk),
+    write_blk: Some(ch_write_blk),
+    flush: Some(ch_flush),
+    write_byte: None,
+    set_option: Some(ch_set_option),
+    get_stats: None,
+    read_blk64: Some(ch_read_blk64),
+    write_blk64: Some(ch_write_blk64),
+    discard: None,
+    cache_readahead: None,
+    zeroout: Some(ch_zeroout_nop),
+    reserved: [0; 14],
+});
+
+/// The manager to pass to `ext2fs_open2` / `ext2fs_initialize` for a
+/// channel registered in `mode`.
+pub fn manager(mode: WriteMode) -> sys::io_manager {
+    let m = match mode {
+        WriteMode::Pages => &MANAGER,
+        WriteMode::Exact | WriteMode::Buffered => &MANAGER_EXACT,
+    };
+    &m.0 as *const sys::struct_io_manager as sys::io_manager
 }
 
 /// The Rust channel behind an open libext2fs channel.
@@ -134,7 +173,7 @@ unsafe fn block_size(io: sys::io_channel) -> c_int {
 }
 
 fn record(ch: &mut Channel, e: blockdev::Error, code: sys::errcode_t) -> sys::errcode_t {
-    ch.last_error = Some(e.to_string());
+    ch.last_error = Some(e);
     code
 }
 
@@ -158,9 +197,10 @@ unsafe extern "C" fn ch_open(
     let Some(ch) = parse_name(cname).and_then(take) else {
         return sys::EXT2_ET_BAD_DEVICE_NAME as sys::errcode_t;
     };
+    let mode = ch.cache.mode();
     let io = Box::new(sys::struct_io_channel {
         magic: sys::EXT2_ET_MAGIC_IO_CHANNEL as sys::errcode_t,
-        manager: manager(),
+        manager: manager(mode),
         name: cname.to_owned().into_raw(),
         block_size: 1024,
         read_error: None,
@@ -384,4 +424,14 @@ unsafe extern "C" fn ch_zeroout(
         Ok(()) => 0,
         Err(e) => record(ch, e, sys::EXT2_ET_SHORT_WRITE as sys::errcode_t),
     }
+}
+
+/// `zeroout` of [`WriteMode::Exact`] channels: succeed without writing, as
+/// upstream's extfs I/O manager does (libext2fs then skips its own zeroing).
+unsafe extern "C" fn ch_zeroout_nop(
+    _io: sys::io_channel,
+    _block: c_ulonglong,
+    _count: c_ulonglong,
+) -> sys::errcode_t {
+    0
 }

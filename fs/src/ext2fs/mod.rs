@@ -21,6 +21,7 @@ pub mod read;
     clippy::missing_safety_doc
 )]
 pub mod sys;
+pub mod sys_ext;
 
 use std::ffi::{c_int, CStr, CString};
 use std::sync::{Arc, Once};
@@ -28,6 +29,7 @@ use std::sync::{Arc, Once};
 use blockdev::BlockDevice;
 
 use crate::error::{Error, Result};
+use cache::WriteMode;
 use inode::Inode;
 use io::Channel;
 
@@ -65,8 +67,17 @@ pub struct Ext2Fs {
 impl Ext2Fs {
     /// Open the ext2/3/4 filesystem on `dev` read-write and load its bitmaps.
     pub fn open(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Result<Self> {
+        Self::open_with(dev, cache_bytes, WriteMode::Pages)
+    }
+
+    /// [`Ext2Fs::open`] with a channel writing back in `mode`.
+    pub fn open_with(
+        dev: Arc<dyn BlockDevice>,
+        cache_bytes: usize,
+        mode: WriteMode,
+    ) -> Result<Self> {
         let flags = (sys::EXT2_FLAG_RW | sys::EXT2_FLAG_64BITS) as c_int;
-        let mut me = Self::open_flags(dev, cache_bytes, flags)?;
+        let mut me = Self::open_flags(dev, cache_bytes, flags, mode)?;
         // SAFETY: fs is a valid open handle.
         let rc = unsafe { sys::ext2fs_read_bitmaps(me.fs) };
         me.check(rc, "read the allocation bitmaps")?;
@@ -75,9 +86,14 @@ impl Ext2Fs {
     }
 
     /// `ext2fs_open2` with `flags` over our I/O manager.
-    fn open_flags(dev: Arc<dyn BlockDevice>, cache_bytes: usize, flags: c_int) -> Result<Self> {
+    fn open_flags(
+        dev: Arc<dyn BlockDevice>,
+        cache_bytes: usize,
+        flags: c_int,
+        mode: WriteMode,
+    ) -> Result<Self> {
         init_error_table();
-        let name = io::register(Channel::new(dev, cache_bytes));
+        let name = io::register(Channel::with_mode(dev, cache_bytes, mode));
         let mut fs: sys::ext2_filsys = std::ptr::null_mut();
         // SAFETY: name is a valid C string; manager() is our static table;
         // fs receives the new handle.
@@ -88,7 +104,7 @@ impl Ext2Fs {
                 flags,
                 0,
                 0,
-                io::manager(),
+                io::manager(mode),
                 &mut fs,
             )
         };
@@ -110,9 +126,10 @@ impl Ext2Fs {
         dev: Arc<dyn BlockDevice>,
         param: &mut sys::ext2_super_block,
         cache_bytes: usize,
+        mode: WriteMode,
     ) -> Result<Self> {
         init_error_table();
-        let name = io::register(Channel::new(dev, cache_bytes));
+        let name = io::register(Channel::with_mode(dev, cache_bytes, mode));
         let mut fs: sys::ext2_filsys = std::ptr::null_mut();
         // SAFETY: valid C string, superblock template and manager; fs is an
         // out-pointer.
@@ -121,7 +138,7 @@ impl Ext2Fs {
                 name.as_ptr(),
                 sys::EXT2_FLAG_64BITS as c_int,
                 param,
-                io::manager(),
+                io::manager(mode),
                 &mut fs,
             )
         };
@@ -183,6 +200,14 @@ impl Ext2Fs {
         self.sb().s_feature_ro_compat & bit as u32 != 0
     }
 
+    /// The largest size of a regular file, as Linux computes it for this
+    /// filesystem (`s_maxbytes`): see [`max_file_size`].
+    pub fn max_file_size(&self, extents: bool) -> u64 {
+        let bits = self.block_size().trailing_zeros();
+        let huge = self.has_ro_compat(sys::EXT4_FEATURE_RO_COMPAT_HUGE_FILE);
+        max_file_size(bits, extents, huge)
+    }
+
     /// Set the time libext2fs stamps on what it creates (0 means "now" to
     /// libext2fs, so callers overwrite times they care about).
     pub fn set_now(&mut self, t: i64) {
@@ -212,6 +237,16 @@ impl Ext2Fs {
         }
     }
 
+    /// [`Ext2Fs::check`] with the description built only on failure.
+    pub fn check_with(&mut self, rc: sys::errcode_t, what: impl FnOnce() -> String) -> Result<()> {
+        if rc == 0 {
+            Ok(())
+        } else {
+            let what = what();
+            Err(self.error(rc, &what))
+        }
+    }
+
     /// An error for `rc`, with the device's error when it caused it.
     pub fn error(&mut self, rc: sys::errcode_t, what: &str) -> Error {
         let dev = self.channel().last_error.take();
@@ -224,7 +259,7 @@ impl Ext2Fs {
         let len = i.len() as c_int;
         // SAFETY: the buffer is aligned and holds `len` bytes.
         let rc = unsafe { sys::ext2fs_read_inode_full(self.fs, ino, i.as_ext2_ptr(), len) };
-        self.check(rc, &format!("read inode {ino}"))?;
+        self.check_with(rc, || format!("read inode {ino}"))?;
         Ok(i)
     }
 
@@ -233,7 +268,19 @@ impl Ext2Fs {
         let len = i.len() as c_int;
         // SAFETY: the buffer is aligned and holds `len` bytes.
         let rc = unsafe { sys::ext2fs_write_inode_full(self.fs, ino, i.as_ext2_ptr(), len) };
-        self.check(rc, &format!("write inode {ino}"))
+        self.check_with(rc, || format!("write inode {ino}"))
+    }
+
+    /// Set a regular file's size in `i` (a buffer, not written here); like
+    /// Linux, a size of 2 GiB or more turns on the `large_file` feature.
+    pub fn set_file_size(&mut self, i: &mut Inode, size: u64) -> Result<()> {
+        let size = i64::try_from(size)
+            .map_err(|_| Error::Invalid(format!("file size {size} is out of range")))?;
+        // SAFETY: fs is open; the inode buffer is aligned and at least as
+        // large as struct ext2_inode; the call only stores i_size/i_size_high
+        // and, when needed, the superblock feature bit.
+        let rc = unsafe { sys::ext2fs_inode_size_set(self.fs, i.as_ext2_ptr(), size) };
+        self.check(rc, &format!("set a file size of {size} bytes"))
     }
 
     /// Read `buf.len()` bytes at byte offset `off` through the cache.
@@ -269,7 +316,7 @@ impl Ext2Fs {
         Ok(())
     }
 
-    /// Overwrite `s_wtime` in every on-disk superblock copy.
+    /// Overwrite `s_wtime` in every superblock copy the flush wrote.
     fn patch_wtime(&mut self, t: u32) -> Result<()> {
         const SB_SIZE: usize = 1024;
         const WTIME_OFF: usize = 48;
@@ -282,7 +329,12 @@ impl Ext2Fs {
         let bs = self.block_size();
         let csum = self.has_ro_compat(sys::EXT4_FEATURE_RO_COMPAT_METADATA_CSUM);
         let mut offsets = vec![1024u64];
-        for g in 1..groups {
+        // ext2fs_flush2 writes the backup superblocks only without
+        // EXT2_FLAG_MASTER_SB_ONLY (which ext2fs_open sets); patch what it wrote.
+        // SAFETY: fs is open; plain field read.
+        let master_only = unsafe { (*self.fs).flags } & sys::EXT2_FLAG_MASTER_SB_ONLY as c_int != 0;
+        let backups = if master_only { 1 } else { groups };
+        for g in 1..backups {
             // SAFETY: fs is open; g is a valid group number.
             if unsafe { sys::ext2fs_bg_has_super(self.fs, g) } != 0 {
                 // SAFETY: as above.
@@ -320,6 +372,55 @@ impl Ext2Fs {
     }
 }
 
+/// The largest regular file on an ext2/3/4 filesystem with `2^bits`-byte
+/// blocks, following Linux (`ext4_max_size`, `ext4_max_bitmap_size`):
+///
+/// * extent-mapped files: `ee_block` is 32 bits, and the last block must
+///   stay addressable by an extent, so `(2^32 - 1)` blocks;
+/// * block-mapped files: what 12 direct, one indirect, one double and one
+///   triple indirect block address, and (without `huge_file`) no more
+///   than fits the 32-bit sector count `i_blocks` together with the
+///   indirect blocks;
+/// * without `huge_file`, extent files also stay within 2^32 sectors.
+///
+/// e2fsck's own limits are looser, so a file within this one passes both.
+pub fn max_file_size(bits: u32, extents: bool, huge_file: bool) -> u64 {
+    let lfs_max = i64::MAX as u64;
+    let sector_blocks = ((1u64 << 32) - 1) >> (bits - 9);
+    if extents {
+        let mut blocks = (1u64 << 32) - 1;
+        if !huge_file {
+            blocks = blocks.min(sector_blocks);
+        }
+        return (blocks << bits).min(lfs_max);
+    }
+    let ppb = 1u64 << (bits - 2);
+    let upper = if huge_file {
+        (1u64 << 48) - 1
+    } else {
+        sector_blocks
+    };
+    let tree = 12 + ppb + ppb * ppb + ppb * ppb * ppb;
+    let meta = 1 + (1 + ppb) + (1 + ppb + ppb * ppb);
+    let blocks = if tree + meta <= upper {
+        tree
+    } else {
+        // Data blocks plus the indirect blocks they need must fit `upper`.
+        let mut rest = upper - 12 - ppb;
+        let mut meta = 1;
+        if rest < ppb * ppb {
+            meta += 1 + rest.div_ceil(ppb);
+        } else {
+            meta += 1 + ppb;
+            rest -= ppb * ppb;
+            meta += 1 + rest.div_ceil(ppb) + rest.div_ceil(ppb * ppb);
+        }
+        upper - meta
+    };
+    // Logical block numbers are 32 bits in block maps too.
+    (blocks.min((1u64 << 32) - 1) << bits).min(lfs_max)
+}
+
 /// A superblock image aligned like `struct ext2_super_block`.
 #[repr(C, align(8))]
 struct SbBuf([u8; 1024]);
@@ -343,4 +444,19 @@ impl Drop for Ext2Fs {
 /// Make a C string from a file name (names never contain NUL in tar).
 pub fn cstring(name: &[u8]) -> Result<CString> {
     CString::new(name.to_vec()).map_err(|_| Error::Invalid("file name contains a NUL byte".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_file_size;
+
+    /// Linux's s_maxbytes for common layouts (as `truncate` finds them on a
+    /// loop mount; the mount test checks more against the running kernel).
+    #[test]
+    fn max_file_sizes() {
+        assert_eq!(max_file_size(12, true, true), 17_592_186_040_320);
+        assert_eq!(max_file_size(10, true, true), 4_398_046_510_080);
+        assert_eq!(max_file_size(12, false, false), 2_196_873_666_560);
+        assert_eq!(max_file_size(12, true, false), 2_199_023_251_456);
+    }
 }

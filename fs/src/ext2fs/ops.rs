@@ -76,7 +76,7 @@ impl Ext2Fs {
                 &mut pblk,
             )
         };
-        self.check(rc, &format!("map block {lblk} of inode {ino}"))?;
+        self.check_with(rc, || format!("map block {lblk} of inode {ino}"))?;
         Ok(pblk)
     }
 
@@ -97,7 +97,7 @@ impl Ext2Fs {
                 &mut p,
             )
         };
-        self.check(rc, &format!("map block {lblk} of inode {ino}"))
+        self.check_with(rc, || format!("map block {lblk} of inode {ino}"))
     }
 
     /// Add `n` blocks to the inode's block count.
@@ -114,7 +114,7 @@ impl Ext2Fs {
         let rc = unsafe {
             sys::ext2fs_read_dir_block4(self.raw(), blk, b.as_mut_ptr() as *mut c_void, 0, dir)
         };
-        self.check(rc, &format!("read block {blk} of directory inode {dir}"))?;
+        self.check_with(rc, || format!("read block {blk} of directory inode {dir}"))?;
         Ok(b)
     }
 
@@ -125,14 +125,14 @@ impl Ext2Fs {
         let rc = unsafe {
             sys::ext2fs_write_dir_block4(self.raw(), blk, buf.as_mut_ptr() as *mut c_void, 0, dir)
         };
-        self.check(rc, &format!("write block {blk} of directory inode {dir}"))
+        self.check_with(rc, || format!("write block {blk} of directory inode {dir}"))
     }
 
     /// Append an empty block to directory `dir`.
     pub fn expand_dir(&mut self, dir: u32) -> Result<()> {
         // SAFETY: fs is open; dir is a directory inode.
         let rc = unsafe { sys::ext2fs_expand_dir(self.raw(), dir) };
-        self.check(rc, &format!("grow directory inode {dir}"))
+        self.check_with(rc, || format!("grow directory inode {dir}"))
     }
 
     /// Add a name with libext2fs (used for hashed or inline directories).
@@ -145,7 +145,7 @@ impl Ext2Fs {
                 self.expand_dir(dir)?;
                 continue;
             }
-            return self.check(rc, &format!("add a name to directory inode {dir}"));
+            return self.check_with(rc, || format!("add a name to directory inode {dir}"));
         }
         unreachable!("the loop returns on its second pass")
     }
@@ -155,11 +155,24 @@ impl Ext2Fs {
         let c = cstring(name)?;
         // SAFETY: fs is open; c is a valid C string.
         let rc = unsafe { sys::ext2fs_unlink(self.raw(), dir, c.as_ptr(), ino, 0) };
-        self.check(rc, &format!("remove a name from directory inode {dir}"))
+        self.check_with(rc, || format!("remove a name from directory inode {dir}"))
     }
 
     /// Every name in a directory except `.` and `..`: (name, inode, type byte).
     pub fn dir_entries(&mut self, dir: u32) -> Result<Vec<(Vec<u8>, u32, u8)>> {
+        self.dir_entries_impl(dir, false)
+    }
+
+    /// Every name in a directory, `.` and `..` included, in on-disk order.
+    pub fn dir_entries_all(&mut self, dir: u32) -> Result<Vec<(Vec<u8>, u32, u8)>> {
+        self.dir_entries_impl(dir, true)
+    }
+
+    fn dir_entries_impl(&mut self, dir: u32, dots: bool) -> Result<Vec<(Vec<u8>, u32, u8)>> {
+        struct Out {
+            dots: bool,
+            v: Vec<(Vec<u8>, u32, u8)>,
+        }
         unsafe extern "C" fn cb(
             _dir: sys::ext2_ino_t,
             entry: c_int,
@@ -169,22 +182,25 @@ impl Ext2Fs {
             _buf: *mut c_char,
             priv_data: *mut c_void,
         ) -> c_int {
-            if entry != sys::DIRENT_OTHER_FILE as c_int {
-                return 0;
-            }
             // SAFETY: libext2fs passes a valid entry inside its block buffer
-            // and our Vec as priv_data.
+            // and our Out as priv_data.
             unsafe {
+                let out = &mut *(priv_data as *mut Out);
+                if !out.dots && entry != sys::DIRENT_OTHER_FILE as c_int {
+                    return 0;
+                }
                 let d = &*dirent;
-                let out = &mut *(priv_data as *mut Vec<(Vec<u8>, u32, u8)>);
                 let len = (d.name_len & 0xff) as usize;
                 let ftype = (d.name_len >> 8) as u8;
                 let name = std::slice::from_raw_parts(d.name.as_ptr() as *const u8, len).to_vec();
-                out.push((name, d.inode, ftype));
+                out.v.push((name, d.inode, ftype));
             }
             0
         }
-        let mut out: Vec<(Vec<u8>, u32, u8)> = Vec::new();
+        let mut out = Out {
+            dots,
+            v: Vec::new(),
+        };
         // SAFETY: fs is open; the callback only touches `out`.
         let rc = unsafe {
             sys::ext2fs_dir_iterate2(
@@ -196,8 +212,8 @@ impl Ext2Fs {
                 &mut out as *mut _ as *mut c_void,
             )
         };
-        self.check(rc, &format!("read directory inode {dir}"))?;
-        Ok(out)
+        self.check_with(rc, || format!("read directory inode {dir}"))?;
+        Ok(out.v)
     }
 
     /// Create symlink inode `ino` (from [`Ext2Fs::new_inode`]) pointing to
@@ -229,7 +245,7 @@ impl Ext2Fs {
                 !0u64,
             )
         };
-        self.check(rc, &format!("free the blocks of inode {ino}"))
+        self.check_with(rc, || format!("free the blocks of inode {ino}"))
     }
 
     /// Release the extended-attribute block of `ino` (updates `inode`).
@@ -246,7 +262,9 @@ impl Ext2Fs {
                 inode.as_ext2_ptr() as *mut sys::ext2_inode_large,
             )
         };
-        self.check(rc, &format!("free the extended attributes of inode {ino}"))
+        self.check_with(rc, || {
+            format!("free the extended attributes of inode {ino}")
+        })
     }
 
     /// The data of an inline-data inode.
@@ -254,7 +272,7 @@ impl Ext2Fs {
         let mut size = 0usize;
         // SAFETY: fs is open; out-pointer valid.
         let rc = unsafe { sys::ext2fs_inline_data_size(self.raw(), ino, &mut size) };
-        self.check(rc, &format!("read inline data of inode {ino}"))?;
+        self.check_with(rc, || format!("read inline data of inode {ino}"))?;
         let mut buf = vec![0u8; size.max(1)];
         // SAFETY: the buffer holds `size` bytes.
         let rc = unsafe {
@@ -266,7 +284,7 @@ impl Ext2Fs {
                 &mut size,
             )
         };
-        self.check(rc, &format!("read inline data of inode {ino}"))?;
+        self.check_with(rc, || format!("read inline data of inode {ino}"))?;
         buf.truncate(size);
         Ok(buf)
     }
@@ -275,11 +293,15 @@ impl Ext2Fs {
         let mut h: *mut sys::ext2_xattr_handle = std::ptr::null_mut();
         // SAFETY: fs is open; out-pointer valid.
         let rc = unsafe { sys::ext2fs_xattrs_open(self.raw(), ino, &mut h) };
-        self.check(rc, &format!("open the extended attributes of inode {ino}"))?;
+        self.check_with(rc, || {
+            format!("open the extended attributes of inode {ino}")
+        })?;
         let xh = XattrHandle(h);
         // SAFETY: h is an open handle.
         let rc = unsafe { sys::ext2fs_xattrs_read(xh.0) };
-        self.check(rc, &format!("read the extended attributes of inode {ino}"))?;
+        self.check_with(rc, || {
+            format!("read the extended attributes of inode {ino}")
+        })?;
         Ok(xh)
     }
 
@@ -310,7 +332,9 @@ impl Ext2Fs {
         // SAFETY: h is open; the callback only touches `out`.
         let rc =
             unsafe { sys::ext2fs_xattrs_iterate(h.0, Some(cb), &mut out as *mut _ as *mut c_void) };
-        self.check(rc, &format!("list the extended attributes of inode {ino}"))?;
+        self.check_with(rc, || {
+            format!("list the extended attributes of inode {ino}")
+        })?;
         Ok(out)
     }
 
@@ -333,7 +357,7 @@ impl Ext2Fs {
             let c = cstring(name)?;
             // SAFETY: h is open; c is a valid C string.
             let rc = unsafe { sys::ext2fs_xattr_remove(h.0, c.as_ptr()) };
-            self.check(rc, &format!("remove extended attribute of inode {ino}"))?;
+            self.check_with(rc, || format!("remove extended attribute of inode {ino}"))?;
         }
         for (name, value) in attrs {
             let c = cstring(name)?;
@@ -346,13 +370,12 @@ impl Ext2Fs {
                     value.len(),
                 )
             };
-            self.check(
-                rc,
-                &format!(
+            self.check_with(rc, || {
+                format!(
                     "set extended attribute '{}' on inode {ino}",
                     String::from_utf8_lossy(name)
-                ),
-            )?;
+                )
+            })?;
         }
         Ok(())
     }
@@ -366,7 +389,7 @@ impl Ext2Fs {
         // SAFETY: fs is open; `ip` stays valid while the handle lives because
         // the handle borrows the inode.
         let rc = unsafe { sys::ext2fs_extent_open2(self.raw(), ino, ip, &mut h) };
-        self.check(rc, &format!("open the extent tree of inode {ino}"))?;
+        self.check_with(rc, || format!("open the extent tree of inode {ino}"))?;
         Ok(ExtentHandle {
             h,
             inode: ip,

@@ -54,7 +54,12 @@ impl Ext2Fs {
     /// Open the filesystem on `dev` for reading only: nothing is ever
     /// written to the device, the allocation bitmaps are not loaded.
     pub fn open_read_only(dev: Arc<dyn BlockDevice>, cache_bytes: usize) -> Result<Self> {
-        Self::open_flags(dev, cache_bytes, sys::EXT2_FLAG_64BITS as c_int)
+        Self::open_flags(
+            dev,
+            cache_bytes,
+            sys::EXT2_FLAG_64BITS as c_int,
+            super::cache::WriteMode::Pages,
+        )
     }
 
     /// Superblock counters.

@@ -234,3 +234,42 @@ pub fn sparse_digest(img: &Path) -> String {
     }
     format!("{h:016x}")
 }
+
+/// A PAX (GNU sparse 0.1) layer with one sparse file `name` of logical size
+/// `size` whose data segments are `map` (each filled with `0x5a`).
+pub fn sparse_tar(name: &str, size: u64, map: &[(u64, u64)]) -> Vec<u8> {
+    let stored: u64 = map.iter().map(|s| s.1).sum();
+    let map_text = map
+        .iter()
+        .map(|(o, l)| format!("{o},{l}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let size_text = size.to_string();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([
+        ("GNU.sparse.major", &b"0"[..]),
+        ("GNU.sparse.minor", &b"1"[..]),
+        ("GNU.sparse.name", name.as_bytes()),
+        ("GNU.sparse.size", size_text.as_bytes()),
+        ("GNU.sparse.map", map_text.as_bytes()),
+    ])
+    .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(stored);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    let data = vec![0x5au8; stored as usize];
+    b.append_data(&mut h, format!("GNUSparseFile.0/{name}"), &data[..])
+        .unwrap();
+    b.into_inner().unwrap()
+}
+
+/// A sparse image of `size` bytes formatted by stock `mke2fs` with `opts`.
+pub fn mke2fs_image(path: &Path, size: u64, opts: &[&str]) -> Arc<dyn BlockDevice> {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+    let mut args = vec!["-q", "-F"];
+    args.extend_from_slice(opts);
+    args.push(path.to_str().unwrap());
+    run(testutil::tool("mke2fs"), &args);
+    Arc::new(RawFileDevice::open_rw(path).unwrap())
+}

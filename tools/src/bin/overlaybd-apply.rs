@@ -69,8 +69,9 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
-                "overlaybd-apply: error: cannot load image config {}: {e}",
-                args.image_config_path.display()
+                "overlaybd-apply: error: cannot load image config {}: {}",
+                args.image_config_path.display(),
+                blockdev::error::Chain(&e)
             );
             return ExitCode::FAILURE;
         }
@@ -81,7 +82,10 @@ fn main() -> ExitCode {
         Err(e) => format!("failed:{}", cli::error_line(e)),
     };
     if let Err(e) = cfg.write_result(&msg) {
-        eprintln!("overlaybd-apply: error: cannot write the result file: {e}");
+        eprintln!(
+            "overlaybd-apply: error: cannot write the result file: {}",
+            blockdev::error::Chain(&e)
+        );
         return ExitCode::FAILURE;
     }
     cli::run("overlaybd-apply", || result)

@@ -4,8 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use blockdev::lsmt::writable::create_warp;
-use blockdev::lsmt::{create_writable, CreateOptions, WritableLayer};
+use blockdev::lsmt::{create_writable, CreateOptions};
 use blockdev::Uuid;
 use clap::Parser;
 use obdtools::cli;
@@ -69,24 +68,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         if vsize == 0 {
             bail!("a TurboOCI layer needs a virtual size greater than 0");
         }
-        create_warp(&args.data_file, &args.index_file, vsize, None).with_context(|| {
-            format!(
-                "cannot create TurboOCI layer {} + {}",
-                args.data_file.display(),
-                args.index_file.display()
-            )
-        })?;
-        if args.mkfs {
-            let result = WritableLayer::open_warp(&args.data_file, &args.index_file, None, false)
-                .and_then(|u| blockdev::Stack::with_lowers(Vec::new(), Some(u)))
-                .map_err(anyhow::Error::from)
-                .and_then(|s| mkfs(std::sync::Arc::new(s)));
-            if let Err(e) = result {
-                let _ = std::fs::remove_file(&args.data_file);
-                let _ = std::fs::remove_file(&args.index_file);
-                return Err(e);
-            }
-        }
+        // The ext4 of a TurboOCI layer is made by the upstream-compatible
+        // engine (obdfs::photon), as upstream's fork of libext2fs makes it.
+        obdfs::turbo::create_layer(&args.data_file, &args.index_file, vsize, args.mkfs)
+            .with_context(|| {
+                format!(
+                    "cannot create TurboOCI layer {} + {}",
+                    args.data_file.display(),
+                    args.index_file.display()
+                )
+            })?;
         println!("overlaybd-create has created files SUCCESSFULLY");
         return Ok(());
     }

@@ -11,6 +11,7 @@ use blockdev::stack::Stack;
 use blockdev::{BlockDevice, ImageConfig, RawFileDevice};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
+use obdtools::cli::{print_out, say};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -72,9 +73,15 @@ struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 4)]
     workers: usize,
 
-    /// Clients served at once; more are disconnected right away.
+    /// Sessions served at once (connections that finished the handshake);
+    /// a client asking for one more is told to try later.
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_connections: usize,
+
+    /// Close connections that have not finished the NBD handshake after
+    /// this many seconds (idle connections cannot lock clients out).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    handshake_timeout: f64,
 }
 
 /// The device to serve, where block status comes from, and a description.
@@ -149,21 +156,13 @@ fn open_device(a: &ServeArgs) -> Result<Opened> {
     Ok((stack.clone(), stack, what))
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OVERLAYBD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let r = match cli.cmd {
+    // Logging, like every line below, never panics on a closed stderr.
+    obdtools::cli::init_logging_from("OVERLAYBD_LOG", "warn");
+    obdtools::cli::run("overlaybd-nbd", || match cli.cmd {
         Cmd::Serve(a) => serve(a),
-    };
-    if let Err(e) = r {
-        obdtools::cli::report("overlaybd-nbd", &e);
-        std::process::exit(1);
-    }
+    })
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
@@ -174,6 +173,9 @@ fn serve(a: ServeArgs) -> Result<()> {
     sigs.add(Signal::SIGTERM);
     sigs.thread_block().context("cannot block SIGINT/SIGTERM")?;
 
+    if !(a.handshake_timeout > 0.0 && a.handshake_timeout.is_finite()) {
+        bail!("--handshake-timeout must be a positive number of seconds");
+    }
     set_default_backend(a.io);
     let (dev, alloc, what) = open_device(&a)?;
     let ep = match (&a.socket, a.listen) {
@@ -187,6 +189,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         read_only: a.read_only,
         workers_per_connection: a.workers.max(1),
         max_connections: a.max_connections.max(1),
+        handshake_timeout: std::time::Duration::from_secs_f64(a.handshake_timeout),
         ..ServerConfig::default()
     };
     let server = Server::with_allocation(dev, alloc, cfg);
@@ -199,19 +202,23 @@ fn serve(a: ServeArgs) -> Result<()> {
             let mut first = true;
             while let Ok(sig) = sigs.wait() {
                 if first {
-                    eprintln!("overlaybd-nbd: {sig}: finishing in-flight requests and flushing");
                     handle.shutdown();
+                    say(format_args!(
+                        "overlaybd-nbd: {sig}: finishing in-flight requests and flushing"
+                    ));
                     first = false;
                 } else {
-                    eprintln!("overlaybd-nbd: {sig} again: exiting without flushing");
-                    std::process::exit(130);
+                    say(format_args!(
+                        "overlaybd-nbd: {sig} again: exiting without flushing"
+                    ));
+                    std::process::exit(128 + sig as i32);
                 }
             }
         })
         .context("cannot start the signal thread")?;
 
     let export = server.export();
-    println!(
+    print_out(format_args!(
         "overlaybd-nbd: serving {what} ({} bytes, {}) as export '{}' on {ep}",
         export.size,
         if export.read_only {
@@ -220,13 +227,13 @@ fn serve(a: ServeArgs) -> Result<()> {
             "writable"
         },
         export.name
-    );
+    ));
     let stats = server
         .serve(&listener)
         .with_context(|| format!("serving {what}"))?;
-    println!(
+    print_out(format_args!(
         "overlaybd-nbd: stopped cleanly after {} connections and {} requests; device flushed",
         stats.connections, stats.requests
-    );
+    ));
     Ok(())
 }

@@ -1,0 +1,198 @@
+//! Error text: every failure is one line whose causes appear once each (an
+//! error's Display never repeats what its `source()` returns), and paths
+//! from the tar are shortened however long they are.
+
+mod common;
+
+use std::sync::Arc;
+
+use blockdev::{BlockDevice, MemDevice};
+use common::*;
+use testutil::assert_clean_chain;
+
+fn apply(dev: &Arc<dyn BlockDevice>, r: impl std::io::Read) -> obdfs::Error {
+    obdfs::apply_tar(dev.clone(), r, obdfs::ApplyOptions::default()).unwrap_err()
+}
+
+fn count(hay: &str, needle: &str) -> usize {
+    hay.matches(needle).count()
+}
+
+fn fresh() -> Arc<dyn BlockDevice> {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+    obdfs::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).unwrap();
+    dev
+}
+
+/// A tar cut inside a file's data.
+#[test]
+fn truncated_stream_says_so_once() {
+    let dev = fresh();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(4000);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "dir/file", &vec![1u8; 4000][..])
+        .unwrap();
+    let data = b.into_inner().unwrap();
+    let e = apply(&dev, &data[..1000]);
+    let chain = assert_clean_chain(&e);
+    assert!(chain.starts_with("tar entry 'dir/file'"), "{chain}");
+    assert_eq!(count(&chain, "unexpected end of the stream"), 1, "{chain}");
+    assert_eq!(count(&chain, "malformed tar stream"), 1, "{chain}");
+}
+
+/// A reader that fails after `ok` bytes.
+struct Failing {
+    data: Vec<u8>,
+    pos: usize,
+    ok: usize,
+}
+
+impl std::io::Read for Failing {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.ok {
+            return Err(std::io::Error::other("the network went away"));
+        }
+        let n = buf
+            .len()
+            .min(self.ok - self.pos)
+            .min(self.data.len() - self.pos);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// The stream's own read error (a decompressor, a socket).
+#[test]
+fn read_error_is_one_cause() {
+    let dev = fresh();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(100_000);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "f", &vec![1u8; 100_000][..]).unwrap();
+    let data = b.into_inner().unwrap();
+    let e = apply(
+        &dev,
+        Failing {
+            data,
+            pos: 0,
+            ok: 10_000,
+        },
+    );
+    let chain = assert_clean_chain(&e);
+    assert_eq!(count(&chain, "the network went away"), 1, "{chain}");
+    assert!(chain.contains("tar stream at byte"), "{chain}");
+}
+
+/// A device that fails every write after the filesystem is made.
+struct BrokenDisk(MemDevice, std::sync::atomic::AtomicBool);
+
+impl BlockDevice for BrokenDisk {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
+        if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(blockdev::Error::io(
+                "/dev/broken",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> blockdev::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.0.trim(offset, len)
+    }
+}
+
+/// The device's I/O error under a libext2fs failure: each layer once.
+#[test]
+fn device_error_is_one_cause() {
+    let disk = Arc::new(BrokenDisk(
+        MemDevice::new(64 << 20),
+        std::sync::atomic::AtomicBool::new(false),
+    ));
+    let dev: Arc<dyn BlockDevice> = disk.clone();
+    obdfs::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).unwrap();
+    disk.1.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(8 << 20);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "f", &vec![1u8; 8 << 20][..]).unwrap();
+    let data = b.into_inner().unwrap();
+    let e = apply(&dev, &data[..]);
+    let chain = assert_clean_chain(&e);
+    assert_eq!(count(&chain, "/dev/broken"), 1, "{chain}");
+    assert_eq!(count(&chain, "Input/output error"), 1, "{chain}");
+}
+
+/// A 100,000-level path (and link target) makes a short line.
+#[test]
+fn long_paths_are_shortened() {
+    let dev = fresh();
+    let deep = "d/".repeat(100_000);
+    let mut b = tar::Builder::new(Vec::new());
+    // The last component is too long for ext4: refused before any
+    // directory is made.
+    let path = format!("{deep}{}", "n".repeat(300));
+    b.append_pax_extensions([("path", path.as_bytes())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(0);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "placeholder", &b""[..]).unwrap();
+    let e = apply(&dev, &b.into_inner().unwrap()[..]);
+    let chain = assert_clean_chain(&e);
+    assert!(
+        chain.len() < 600,
+        "{} bytes: {}",
+        chain.len(),
+        &chain[..600]
+    );
+    assert!(chain.starts_with("tar entry 'd/d/"), "{chain}");
+    assert!(chain.contains("nnnn'"), "the tail is kept: {chain}");
+    assert!(chain.contains("300 bytes"), "{chain}");
+
+    let mut b = tar::Builder::new(Vec::new());
+    let target = format!("{deep}t");
+    b.append_pax_extensions([("linkpath", target.as_bytes())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    b.append_data(&mut h, "hl", &b""[..]).unwrap();
+    let e = apply(&dev, &b.into_inner().unwrap()[..]);
+    let chain = assert_clean_chain(&e);
+    assert!(chain.len() < 600, "{} bytes", chain.len());
+    assert!(chain.starts_with("tar entry 'hl'"), "{chain}");
+}
+
+/// Errors from a real image file on disk name it once.
+#[test]
+fn missing_image_is_one_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let dev = mkfs_image(&img, 64 << 20);
+    drop(dev);
+    let e = match blockdev::RawFileDevice::open_rw(dir.path().join("nope")) {
+        Err(e) => e,
+        Ok(_) => panic!("opened a missing file"),
+    };
+    assert!(
+        std::error::Error::source(&e).is_some(),
+        "the I/O error is kept as the source"
+    );
+    let chain = assert_clean_chain(&e);
+    assert_eq!(count(&chain, "nope"), 1, "{chain}");
+    assert_eq!(count(&chain, "No such file"), 1, "{chain}");
+}

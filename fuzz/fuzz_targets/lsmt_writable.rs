@@ -1,0 +1,6 @@
+//! Writable LSMT layers: data file and index file, read through a layer stack.
+//! The entry point is `obdfuzz::lsmt_writable` (crates/fuzzing), which the normal
+//! test suite also runs over mutated seeds.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| obdfuzz::lsmt_writable(data));
