@@ -5,8 +5,8 @@
 //!    size for the bottom layer, taken from the lowers above it;
 //! 2. open the stack lowers + writable layer; on the bottom layer with `--mkfs`, make
 //!    the ext4; apply the layer tar (whiteouts, hard links, xattrs, ...);
-//! 3. commit the writable layer to `overlaybd.commit`: ZFile (lz4, 4 KiB blocks,
-//!    CRC) wrapped in a tar, with uuid = UUID(chain id) and parent = UUID(previous
+//! 3. commit the writable layer to `overlaybd.commit`: ZFile (lz4 and 4 KiB blocks
+//!    unless `--algorithm`/`--bs` say otherwise, CRC) wrapped in a tar, with uuid = UUID(chain id) and parent = UUID(previous
 //!    chain id).
 //!
 //! Steps 1–2 ([`apply_layer`]) and 3 ([`commit_layer`]) are separate so that the
@@ -42,6 +42,8 @@ pub struct LayerJob<'a> {
     pub sparse: bool,
     pub uuid: Uuid,
     pub parent_uuid: Option<Uuid>,
+    /// How the commit compresses (`--algorithm`, `--bs`).
+    pub zfile: ZfileOptions,
 }
 
 pub const COMMIT_FILE: &str = "overlaybd.commit";
@@ -55,6 +57,7 @@ pub struct Applied {
     pub out: PathBuf,
     pub uuid: Uuid,
     pub parent_uuid: Option<Uuid>,
+    pub zfile: ZfileOptions,
     pub apply: obdfs::ApplyStats,
 }
 
@@ -117,12 +120,13 @@ pub fn apply_layer(
         out,
         uuid: job.uuid,
         parent_uuid: job.parent_uuid,
+        zfile: job.zfile.clone(),
         apply,
     })
 }
 
-/// Commit an applied layer to `overlaybd.commit`: ZFile (lz4, 4 KiB blocks, CRC)
-/// wrapped in a tar, with its uuid and parent uuid.
+/// Commit an applied layer to `overlaybd.commit`: ZFile (the job's algorithm and block
+/// size, CRC) wrapped in a tar, with its uuid and parent uuid.
 pub fn commit_layer(
     a: &Applied,
     progress: Option<blockdev::commit::Progress>,
@@ -132,7 +136,7 @@ pub fn commit_layer(
         &a.index,
         &a.out,
         &CommitOptions {
-            zfile: Some(ZfileOptions::default()),
+            zfile: Some(a.zfile.clone()),
             tar: true,
             uuid: Some(a.uuid),
             parent_uuid: a.parent_uuid,

@@ -31,6 +31,7 @@
 
 pub mod abort;
 pub mod annotations;
+pub mod archive;
 pub mod chain;
 pub mod dedup;
 mod follow;
@@ -47,7 +48,7 @@ pub use format::{NativeFormat, OutputFormat, TurboFormat};
 pub use obdfs::turbo::FsType;
 use obdoci::ErrorKind;
 pub use pipeline::{ConvertOutcome, Converter, Output};
-pub use store::{open_store, ImageStore, LayoutStore, RegistryStore};
+pub use store::{open_store, open_store_in, ImageStore, LayoutStore, RegistryStore};
 pub use workdir::WorkDir;
 
 use std::path::PathBuf;
@@ -186,6 +187,10 @@ pub struct ConvertOptions {
     /// How filesystems are made and layers applied (`--engine`; libext2fs by
     /// default).
     pub engine: std::sync::Arc<dyn obdfs::Engine>,
+    /// ZFile compression of committed layers (`--algorithm lz4|zstd`).
+    pub zfile_algorithm: ZfileAlgorithm,
+    /// ZFile block size in KiB (`--bs 4|8|16|32|64`).
+    pub zfile_block_kib: u32,
 }
 
 impl Default for ConvertOptions {
@@ -204,6 +209,8 @@ impl Default for ConvertOptions {
             download_concurrency: 4,
             baselayer: PathBuf::from("/opt/overlaybd/baselayers/ext4_64"),
             engine: std::sync::Arc::new(obdfs::Libext2fs::default()),
+            zfile_algorithm: ZfileAlgorithm::Lz4,
+            zfile_block_kib: 4,
         }
     }
 }
@@ -216,7 +223,15 @@ pub const MAX_VSIZE_GB: u64 = ((blockdev::lsmt::format::MAX_OFFSET + 1) * 512) >
 /// same input, so the dedup database never hands out layers made by another version.
 pub const FORMAT_VERSION: &str = "overlaybd-rs/1";
 
+pub use blockdev::zfile::Algorithm as ZfileAlgorithm;
+
 impl ConvertOptions {
+    /// The ZFile options of committed layers; a block size other than 4, 8, 16, 32 or
+    /// 64 KiB is refused with an error naming `--bs`.
+    pub fn zfile_options(&self) -> Result<blockdev::zfile::ZfileOptions> {
+        zfile_options(self.zfile_algorithm, self.zfile_block_kib)
+    }
+
     /// The dedup format key of native overlaybd output with these options:
     /// [`FORMAT_VERSION`] plus every option that changes the converted bytes. With
     /// `--mkfs=false` the base layer's content is part of the key, since every layer is
@@ -247,6 +262,14 @@ mod tests {
             },
             ConvertOptions {
                 disable_sparse: true,
+                ..base.clone()
+            },
+            ConvertOptions {
+                zfile_algorithm: ZfileAlgorithm::Zstd,
+                ..base.clone()
+            },
+            ConvertOptions {
+                zfile_block_kib: 16,
                 ..base.clone()
             },
         ];
@@ -289,4 +312,24 @@ mod tests {
             .unwrap()
             .unwrap();
     }
+}
+
+/// ZFile options from `--algorithm` and `--bs` (KiB); a block size other than 4, 8,
+/// 16, 32 or 64 KiB is refused with an error naming `--bs`.
+pub(crate) fn zfile_options(
+    algorithm: ZfileAlgorithm,
+    block_kib: u32,
+) -> Result<blockdev::zfile::ZfileOptions> {
+    let bad = || {
+        Error::Invalid(format!(
+            "--bs {block_kib}: the ZFile block size must be 4, 8, 16, 32 or 64 (KiB)"
+        ))
+    };
+    let z = blockdev::zfile::ZfileOptions {
+        algorithm,
+        block_size: block_kib.checked_mul(1024).ok_or_else(bad)?,
+        ..Default::default()
+    };
+    z.validate().map_err(|_| bad())?;
+    Ok(z)
 }

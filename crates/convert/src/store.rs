@@ -45,15 +45,38 @@ pub trait ImageStore: Send + Sync {
     ) -> Result<()>;
     /// Store a manifest/index, under `tag` if given (by digest otherwise).
     fn push_manifest(&self, tag: Option<&str>, desc: &Descriptor, bytes: &[u8]) -> Result<()>;
+    /// The image to read when none is named (an archive holding one image).
+    fn default_reference(&self) -> Result<Option<Reference>> {
+        Ok(None)
+    }
+    /// Complete the destination once everything is pushed: an archive is written here
+    /// (returns its size). Stores written as they go have nothing to do.
+    fn finish(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// Open the store an [`ImageRef`] names. Layout destinations are created if missing.
 /// (For a registry repository that is also used for dedup, make the
-/// [`Repository`] yourself and wrap it in a [`RegistryStore`].)
+/// [`Repository`] yourself and wrap it in a [`RegistryStore`].) Archives use a scratch
+/// directory under the system's temporary directory; see [`open_store_in`].
 pub fn open_store(
     r: &ImageRef,
     client: &ClientOptions,
     create: bool,
+) -> Result<Arc<dyn ImageStore>> {
+    open_store_in(r, client, create, &std::env::temp_dir(), false)
+}
+
+/// [`open_store`] with the scratch directory of archives (decompressed input, output
+/// collected before the archive is written; the convertor's work directory) and
+/// whether an `oci-archive:` destination is gzip-compressed.
+pub fn open_store_in(
+    r: &ImageRef,
+    client: &ClientOptions,
+    create: bool,
+    scratch: &std::path::Path,
+    gzip: bool,
 ) -> Result<Arc<dyn ImageStore>> {
     Ok(match r {
         ImageRef::Registry { host, repository } => {
@@ -67,6 +90,10 @@ pub fn open_store(
                 Layout::open(path)?
             };
             Arc::new(LayoutStore::new(l))
+        }
+        ImageRef::OciArchive { .. } | ImageRef::DockerArchive { .. } => {
+            crate::archive::open_archive(r, create, scratch, gzip)?
+                .ok_or_else(|| Error::Invalid(format!("{r}: not an archive")))?
         }
     })
 }

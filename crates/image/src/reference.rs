@@ -57,6 +57,12 @@ impl RemoteRef {
             ImageRef::Layout { .. } => Err(Error::Usage(format!(
                 "{s}: an oci: layout is not a registry reference"
             ))),
+            ImageRef::OciArchive { .. } | ImageRef::DockerArchive { .. } => {
+                Err(Error::Usage(format!(
+                    "{s}: an image archive cannot be served; convert it into an oci: layout \
+                     or a registry first"
+                )))
+            }
         }
     }
 }

@@ -10,8 +10,10 @@
 //! ([`decompress`]), the chunked copy loop ([`stream::copy`]), and the error vocabulary
 //! the convertor's crates share ([`error`]).
 
+pub mod archive;
 pub mod decompress;
 pub mod digest;
+pub mod docker_archive;
 pub mod error;
 pub mod layout;
 pub mod model;
@@ -20,6 +22,6 @@ pub mod stream;
 
 pub use digest::{chain_ids, Digest, Sha256Writer};
 pub use model::*;
-pub use reference::{ImageRef, Reference};
+pub use reference::{ArchiveImage, DockerName, ImageName, ImageRef, Reference};
 
 pub use error::{Error, ErrorKind, Result};

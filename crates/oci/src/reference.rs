@@ -1,10 +1,23 @@
-//! Image repository references as the convertor's `-r` takes them: either
-//! `host[:port]/path` (a registry repository, not normalised: the first component is
-//! always the host, as upstream) or `oci:PATH[:tag]` (an OCI image-layout directory).
+//! Image references as the convertor takes them, named by transport as skopeo names
+//! them:
+//!
+//! * `docker://HOST/REPO[:TAG|@DIGEST]`, or the bare `HOST/REPO[...]`: a registry
+//!   repository, not normalised (the first component is always the host, as upstream);
+//! * `oci:DIR[:TAG]`: an OCI image-layout directory;
+//! * `oci-archive:FILE[:TAG]`: an OCI image layout in a tar file (`.tar.gz` too);
+//! * `docker-archive:FILE[:NAME[:TAG]|:@N]`: a `docker save` archive; NAME:TAG picks
+//!   an image by its `RepoTags` entry, `@N` by its position in `manifest.json`.
+//!
+//! [`ImageRef::parse`] takes the convertor's `-r` form (a repository, no tag or
+//! digest for registries); [`ImageName::parse`] takes a full source or destination
+//! (`convertor obdconv SRC DST`), where a registry reference may carry a tag or digest.
 
 use super::{Digest, Error, Result};
 use std::fmt;
 use std::path::PathBuf;
+
+/// The transports, as written before the `:`.
+pub const TRANSPORTS: &str = "docker://, oci:, oci-archive:, docker-archive:";
 
 /// Where images live.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,6 +26,74 @@ pub enum ImageRef {
     Registry { host: String, repository: String },
     /// An OCI image layout directory; `tag` is an optional default tag.
     Layout { path: PathBuf, tag: Option<String> },
+    /// An OCI image layout in a tar file (optionally gzip-compressed on input).
+    OciArchive { path: PathBuf, tag: Option<String> },
+    /// A `docker save` archive; `name` picks one of its images.
+    DockerArchive {
+        path: PathBuf,
+        name: Option<ArchiveImage>,
+    },
+}
+
+/// Which image of a `docker save` archive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ArchiveImage {
+    /// The image tagged so (`RepoTags`), the name normalised as Docker does.
+    Tagged(DockerName),
+    /// The image at this position of `manifest.json` (`@N`).
+    Index(usize),
+}
+
+/// A normalised Docker image name with a tag: `docker.io/library/busybox:latest`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DockerName {
+    /// The full repository name (`docker.io/library/busybox`, `localhost:5000/x`).
+    pub repository: String,
+    pub tag: String,
+}
+
+impl DockerName {
+    /// Parse `NAME[:TAG]` and normalise it as Docker does: a first component without
+    /// `.` or `:` that is not `localhost` is a Docker Hub path (`busybox` is
+    /// `docker.io/library/busybox`); the tag defaults to `latest`.
+    pub fn parse(s: &str) -> Result<DockerName> {
+        if s.contains('@') {
+            return Err(bad(s, "a docker-archive name takes a tag, not a digest"));
+        }
+        // The tag is after the last ':' if no '/' follows it (else it is a port).
+        let (name, tag) = match s.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t),
+            _ => (s, "latest"),
+        };
+        validate_tag(tag)?;
+        let (host, path) = match name.split_once('/') {
+            Some((h, p)) if h.contains('.') || h.contains(':') || h == "localhost" => {
+                (h.to_string(), p.to_string())
+            }
+            Some(_) => ("docker.io".to_string(), name.to_string()),
+            None => ("docker.io".to_string(), format!("library/{name}")),
+        };
+        check_host(s, &host)?;
+        check_path(s, &path)?;
+        Ok(DockerName {
+            repository: format!("{host}/{path}"),
+            tag: tag.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for DockerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.repository, self.tag)
+    }
+}
+
+/// A source or destination image: where, and optionally which (a tag or digest given
+/// with the name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageName {
+    pub store: ImageRef,
+    pub reference: Option<Reference>,
 }
 
 /// A tag or a digest inside a repository.
@@ -64,73 +145,224 @@ fn bad(reference: &str, reason: &str) -> Error {
     }
 }
 
+fn check_host(s: &str, host: &str) -> Result<()> {
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']'))
+    {
+        return Err(bad(s, "invalid registry host"));
+    }
+    Ok(())
+}
+
+fn check_path(s: &str, repo: &str) -> Result<()> {
+    let comp_ok = |c: &str| {
+        !c.is_empty()
+            && c.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+            })
+            && c.as_bytes()[0].is_ascii_alphanumeric()
+            && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
+    };
+    if !repo.split('/').all(comp_ok) {
+        return Err(bad(
+            s,
+            "repository path components must be lowercase [a-z0-9._-] and start and end alphanumeric",
+        ));
+    }
+    Ok(())
+}
+
+/// `PATH[:TAG]` of `oci:` and `oci-archive:`: a trailing `:tag` is a tag if it contains
+/// no '/'.
+fn path_and_tag(s: &str, rest: &str, transport: &str) -> Result<(PathBuf, Option<String>)> {
+    if rest.is_empty() {
+        return Err(bad(s, &format!("{transport} needs a path")));
+    }
+    if let Some((p, t)) = rest.rsplit_once(':') {
+        if !t.contains('/') && !p.is_empty() {
+            validate_tag(t)?;
+            return Ok((PathBuf::from(p), Some(t.to_string())));
+        }
+    }
+    Ok((PathBuf::from(rest), None))
+}
+
+/// The transport a string names, if it starts with `word:` that is not a registry host
+/// with a port (`localhost:5000/...`): `Err` for a transport we do not know.
+fn split_transport(s: &str) -> Result<Option<(&str, &str)>> {
+    if let Some(rest) = s.strip_prefix("docker://") {
+        return Ok(Some(("docker", rest)));
+    }
+    let Some((word, rest)) = s.split_once(':') else {
+        return Ok(None);
+    };
+    match word {
+        "oci" | "oci-archive" | "docker-archive" => return Ok(Some((word, rest))),
+        _ => {}
+    }
+    let looks_like_transport = !word.is_empty()
+        && !word.contains('/')
+        && word.as_bytes()[0].is_ascii_alphabetic()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !rest.as_bytes().first().is_some_and(u8::is_ascii_digit);
+    if looks_like_transport {
+        return Err(bad(
+            s,
+            &format!("unknown transport {word:?} (known: {TRANSPORTS})"),
+        ));
+    }
+    Ok(None)
+}
+
 impl ImageRef {
+    /// The convertor's `-r/--repository` (and `--output-repository`): a registry
+    /// repository without tag or digest (`[docker://]host[:port]/path`), or any other
+    /// transport.
     pub fn parse(s: &str) -> Result<ImageRef> {
-        if let Some(rest) = s.strip_prefix("oci:") {
-            if rest.is_empty() {
-                return Err(bad(s, "oci: needs a directory path"));
-            }
-            // A trailing ":tag" is a tag if it contains no '/'.
-            if let Some((p, t)) = rest.rsplit_once(':') {
-                if !t.contains('/') && !p.is_empty() {
-                    validate_tag(t)?;
-                    return Ok(ImageRef::Layout {
-                        path: PathBuf::from(p),
-                        tag: Some(t.to_string()),
-                    });
-                }
-            }
-            return Ok(ImageRef::Layout {
-                path: PathBuf::from(rest),
-                tag: None,
-            });
-        }
-        let Some((host, repo)) = s.split_once('/') else {
-            return Err(bad(
-                s,
-                "expected host[:port]/repository (for example localhost:5000/redis) or oci:PATH",
-            ));
-        };
-        if host.is_empty()
-            || !host
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']'))
-        {
-            return Err(bad(s, "invalid registry host"));
-        }
-        if repo.contains('@') || repo.contains(':') {
+        let n = ImageName::parse(s)?;
+        if let (ImageRef::Registry { .. }, Some(_)) = (&n.store, &n.reference) {
             return Err(bad(
                 s,
                 "the repository must not carry a tag or digest; use -i/--input-tag or -g/--input-digest",
             ));
         }
-        let comp_ok = |c: &str| {
-            !c.is_empty()
-                && c.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-                })
-                && c.as_bytes()[0].is_ascii_alphanumeric()
-                && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
+        Ok(n.store)
+    }
+
+    /// Whether this is a single file written as a whole (an archive).
+    pub fn is_archive(&self) -> bool {
+        matches!(
+            self,
+            ImageRef::OciArchive { .. } | ImageRef::DockerArchive { .. }
+        )
+    }
+
+    /// The tag this reference carries (`oci:DIR:TAG`, `oci-archive:FILE:TAG`,
+    /// `docker-archive:FILE:NAME:TAG`).
+    pub fn tag(&self) -> Option<&str> {
+        match self {
+            ImageRef::Registry { .. } => None,
+            ImageRef::Layout { tag, .. } | ImageRef::OciArchive { tag, .. } => tag.as_deref(),
+            ImageRef::DockerArchive { name, .. } => match name {
+                Some(ArchiveImage::Tagged(n)) => Some(&n.tag),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl ImageName {
+    /// A source or destination image in any transport (see the module documentation).
+    pub fn parse(s: &str) -> Result<ImageName> {
+        let (transport, rest) = split_transport(s)?.unwrap_or(("docker", s));
+        let store = match transport {
+            "oci" => {
+                let (path, tag) = path_and_tag(s, rest, "oci:")?;
+                ImageRef::Layout { path, tag }
+            }
+            "oci-archive" => {
+                let (path, tag) = path_and_tag(s, rest, "oci-archive:")?;
+                ImageRef::OciArchive { path, tag }
+            }
+            "docker-archive" => {
+                // skopeo's rule: the path ends at the first ':'.
+                let (path, name) = match rest.split_once(':') {
+                    Some((p, n)) => (p, Some(n)),
+                    None => (rest, None),
+                };
+                if path.is_empty() {
+                    return Err(bad(s, "docker-archive: needs a path"));
+                }
+                let name = match name {
+                    None | Some("") => None,
+                    Some(n) => Some(match n.strip_prefix('@') {
+                        Some(i) => ArchiveImage::Index(i.parse().map_err(|_| {
+                            bad(
+                                s,
+                                "@N must be an image's position in manifest.json (0, 1, ...)",
+                            )
+                        })?),
+                        None => ArchiveImage::Tagged(DockerName::parse(n)?),
+                    }),
+                };
+                ImageRef::DockerArchive {
+                    path: PathBuf::from(path),
+                    name,
+                }
+            }
+            _ => return Self::parse_registry(s, rest),
         };
-        if !repo.split('/').all(comp_ok) {
+        Ok(ImageName {
+            store,
+            reference: None,
+        })
+    }
+
+    fn parse_registry(s: &str, r: &str) -> Result<ImageName> {
+        let Some((host, rest)) = r.split_once('/') else {
             return Err(bad(
                 s,
-                "repository path components must be lowercase [a-z0-9._-] and start and end alphanumeric",
+                &format!(
+                    "expected [docker://]host[:port]/repository (for example localhost:5000/redis) or a transport ({TRANSPORTS})"
+                ),
             ));
-        }
-        Ok(ImageRef::Registry {
-            host: host.to_string(),
-            repository: repo.to_string(),
+        };
+        check_host(s, host)?;
+        let (repo, reference) = if let Some((repo, d)) = rest.split_once('@') {
+            let d: Digest = d.parse()?;
+            (repo, Some(Reference::Digest(d)))
+        } else if let Some((repo, t)) = rest.rsplit_once(':') {
+            validate_tag(t)?;
+            (repo, Some(Reference::Tag(t.to_string())))
+        } else {
+            (rest, None)
+        };
+        check_path(s, repo)?;
+        Ok(ImageName {
+            store: ImageRef::Registry {
+                host: host.to_string(),
+                repository: repo.to_string(),
+            },
+            reference,
         })
     }
 }
 
 impl fmt::Display for ImageRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tagged = |f: &mut fmt::Formatter<'_>, t: &str, p: &PathBuf, tag: &Option<String>| {
+            write!(f, "{t}:{}", p.display())?;
+            match tag {
+                Some(tag) => write!(f, ":{tag}"),
+                None => Ok(()),
+            }
+        };
         match self {
             ImageRef::Registry { host, repository } => write!(f, "{host}/{repository}"),
-            ImageRef::Layout { path, tag: None } => write!(f, "oci:{}", path.display()),
-            ImageRef::Layout { path, tag: Some(t) } => write!(f, "oci:{}:{t}", path.display()),
+            ImageRef::Layout { path, tag } => tagged(f, "oci", path, tag),
+            ImageRef::OciArchive { path, tag } => tagged(f, "oci-archive", path, tag),
+            ImageRef::DockerArchive { path, name } => {
+                write!(f, "docker-archive:{}", path.display())?;
+                match name {
+                    None => Ok(()),
+                    Some(ArchiveImage::Tagged(n)) => write!(f, ":{n}"),
+                    Some(ArchiveImage::Index(i)) => write!(f, ":@{i}"),
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for ImageName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.store, &self.reference) {
+            (s, None) => write!(f, "{s}"),
+            (s @ ImageRef::Registry { .. }, Some(Reference::Digest(d))) => write!(f, "{s}@{d}"),
+            (s, Some(r)) => write!(f, "{s}:{r}"),
         }
     }
 }
@@ -148,6 +380,10 @@ mod tests {
                 repository: "a/b-c".into()
             }
         );
+        assert_eq!(
+            ImageRef::parse("docker://localhost:5000/a").unwrap(),
+            ImageRef::parse("localhost:5000/a").unwrap()
+        );
         // Not normalised, like upstream: the first component is the host.
         assert_eq!(
             ImageRef::parse("overlaybd/redis").unwrap(),
@@ -163,7 +399,22 @@ mod tests {
     }
 
     #[test]
-    fn layout_refs() {
+    fn names_with_tags_and_digests() {
+        let n = ImageName::parse("docker://localhost:5000/a/b:v1").unwrap();
+        assert_eq!(n.reference, Some(Reference::Tag("v1".into())));
+        assert_eq!(n.to_string(), "localhost:5000/a/b:v1");
+        let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let n = ImageName::parse(&format!("127.0.0.1:5000/x@{d}")).unwrap();
+        assert_eq!(n.reference, Some(Reference::Digest(d.parse().unwrap())));
+        assert_eq!(n.to_string(), format!("127.0.0.1:5000/x@{d}"));
+        let n = ImageName::parse("localhost:5000/x").unwrap();
+        assert_eq!(n.reference, None);
+        assert!(ImageName::parse("localhost:5000/x@sha256:12").is_err());
+        assert!(ImageName::parse("localhost:5000/x:-bad").is_err());
+    }
+
+    #[test]
+    fn transports() {
         assert_eq!(
             ImageRef::parse("oci:/tmp/x:v1").unwrap(),
             ImageRef::Layout {
@@ -179,7 +430,67 @@ mod tests {
             }
         );
         assert!(ImageRef::parse("oci:").is_err());
+        assert_eq!(
+            ImageRef::parse("oci-archive:/a/b.tar.gz:v2").unwrap(),
+            ImageRef::OciArchive {
+                path: "/a/b.tar.gz".into(),
+                tag: Some("v2".into())
+            }
+        );
+        assert_eq!(
+            ImageRef::parse("docker-archive:img.tar").unwrap(),
+            ImageRef::DockerArchive {
+                path: "img.tar".into(),
+                name: None
+            }
+        );
+        let r = ImageRef::parse("docker-archive:img.tar:localhost:5000/a/b:v3").unwrap();
+        assert_eq!(
+            r,
+            ImageRef::DockerArchive {
+                path: "img.tar".into(),
+                name: Some(ArchiveImage::Tagged(DockerName {
+                    repository: "localhost:5000/a/b".into(),
+                    tag: "v3".into()
+                }))
+            }
+        );
+        assert_eq!(r.tag(), Some("v3"));
+        assert_eq!(
+            r.to_string(),
+            "docker-archive:img.tar:localhost:5000/a/b:v3"
+        );
+        assert_eq!(
+            ImageRef::parse("docker-archive:img.tar:@1").unwrap(),
+            ImageRef::DockerArchive {
+                path: "img.tar".into(),
+                name: Some(ArchiveImage::Index(1))
+            }
+        );
+        assert!(ImageRef::parse("docker-archive:img.tar:@x").is_err());
+        assert!(ImageRef::parse("docker-archive:").is_err());
+        for bad in [
+            "dir:/tmp/x",
+            "containers-storage:x",
+            "docker-daemon:busybox:latest",
+        ] {
+            let e = ImageName::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("unknown transport"), "{bad}: {e}");
+            assert!(e.contains("oci-archive:"), "{e}");
+        }
         assert!(validate_tag("-x").is_err());
         assert!(validate_tag("v1.0_obd").is_ok());
+    }
+
+    #[test]
+    fn docker_names() {
+        let n = |s: &str| DockerName::parse(s).unwrap().to_string();
+        assert_eq!(n("busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(n("user/app:1"), "docker.io/user/app:1");
+        assert_eq!(n("localhost/app:1"), "localhost/app:1");
+        assert_eq!(n("localhost:5000/app"), "localhost:5000/app:latest");
+        assert_eq!(n("quay.io/a/b:c"), "quay.io/a/b:c");
+        assert!(DockerName::parse("Busybox").is_err());
+        assert!(DockerName::parse("a@sha256:00").is_err());
     }
 }

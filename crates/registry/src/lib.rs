@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod dockercfg;
+pub mod hosts;
 
 use obdoci::digest::VerifyReader;
 use obdoci::error::{take_inner, Chain};
@@ -105,6 +106,9 @@ pub enum Error {
     },
     #[error(transparent)]
     Oci(#[from] oci::Error),
+    /// A registry host configuration file (`hosts.toml`) that cannot be used.
+    #[error("{}: {reason}", file.display())]
+    Config { file: PathBuf, reason: String },
     #[error("interrupted")]
     Interrupted,
 }
@@ -179,6 +183,7 @@ impl Error {
                 k => k,
             },
             Error::Oci(e) => e.kind(),
+            Error::Config { .. } => ErrorKind::Invalid,
             Error::Interrupted => ErrorKind::Interrupted,
         }
     }
@@ -240,6 +245,8 @@ pub struct ClientOptions {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Without `credentials`, look the host up in Docker's client configuration.
     pub docker_config: bool,
+    /// containerd's host configuration directory (`--hosts-dir`, see [`hosts`]).
+    pub hosts_dir: Option<PathBuf>,
 }
 
 impl Default for ClientOptions {
@@ -256,6 +263,7 @@ impl Default for ClientOptions {
             chunk_size: None,
             cancel: None,
             docker_config: false,
+            hosts_dir: None,
         }
     }
 }
@@ -366,13 +374,24 @@ fn build_http(opts: &ClientOptions, loopback: bool) -> Result<Client> {
     })
 }
 
-/// One registry host.
+/// One registry host: the server, and the mirrors its host configuration lists
+/// (`hosts.toml`), each a `Registry` of its own.
 pub struct Registry {
     host: String,
+    /// `scheme://authority`: relative `Location`s are resolved against it.
     base: String,
+    /// The API root: `<base>/v2`, or another path (hosts.toml `override_path`).
+    api_root: String,
     http: Client,
     auth: auth::Auth,
     opts: ClientOptions,
+    /// Extra request headers (hosts.toml `header`).
+    headers: Vec<(String, String)>,
+    /// What this endpoint serves (hosts.toml `capabilities`).
+    can_pull: bool,
+    can_resolve: bool,
+    /// Tried in order before this one for pulls and tag resolution.
+    mirrors: Vec<Arc<Registry>>,
 }
 
 impl fmt::Debug for Registry {
@@ -383,39 +402,75 @@ impl fmt::Debug for Registry {
 
 impl Registry {
     /// A client for `host` (`name[:port]`). `docker.io` is served by
-    /// `registry-1.docker.io`, as in containerd's default configuration.
+    /// `registry-1.docker.io`, as in containerd's default configuration. With
+    /// `opts.hosts_dir`, the host's `hosts.toml` says where the server is, which
+    /// mirrors to try first and how to reach each.
     pub fn new(host: &str, opts: &ClientOptions) -> Result<Arc<Registry>> {
-        let name = host.rsplit_once(':').map_or(host, |(h, p)| {
+        let config = match &opts.hosts_dir {
+            Some(dir) => hosts::load(dir, host, opts.plain_http)?,
+            None => None,
+        };
+        let Some(config) = config else {
+            let scheme = if opts.plain_http { "http" } else { "https" };
+            let ep = hosts::HostEndpoint::default_for(host, scheme);
+            return Self::endpoint(host, &ep, opts, vec![]);
+        };
+        tracing::debug!("{host}: host configuration {}", config.file.display());
+        let mut mirrors = Vec::new();
+        for m in config.mirrors.iter().filter(|m| m.pull || m.resolve) {
+            mirrors.push(Self::endpoint(&m.authority, m, opts, vec![])?);
+        }
+        Self::endpoint(host, &config.server, opts, mirrors)
+    }
+
+    /// A client for one endpoint; `name` names it in messages and Docker's client
+    /// configuration (the registry host for the server, the mirror's own host for a
+    /// mirror).
+    fn endpoint(
+        name: &str,
+        ep: &hosts::HostEndpoint,
+        opts: &ClientOptions,
+        mirrors: Vec<Arc<Registry>>,
+    ) -> Result<Arc<Registry>> {
+        let mut o = opts.clone();
+        o.plain_http = ep.scheme == "http";
+        o.insecure |= ep.skip_verify;
+        o.root_cas.extend(ep.ca.iter().cloned());
+        let mut certs = ep.client.clone();
+        certs.extend(opts.client_certs.iter().cloned());
+        o.client_certs = certs;
+        let authority = ep.authority.as_str();
+        let bare = authority.rsplit_once(':').map_or(authority, |(h, p)| {
             if p.bytes().all(|c| c.is_ascii_digit()) {
                 h
             } else {
-                host
+                authority
             }
         });
-        let loopback = name == "localhost"
-            || name.starts_with("127.")
-            || name == "[::1]"
-            || name.ends_with(".localhost");
-        let http = build_http(opts, loopback)?;
-        let endpoint = if host == "docker.io" {
-            "registry-1.docker.io"
-        } else {
-            host
-        };
-        let scheme = if opts.plain_http { "http" } else { "https" };
+        let loopback = bare == "localhost"
+            || bare.starts_with("127.")
+            || bare == "[::1]"
+            || bare.ends_with(".localhost");
+        let http = build_http(&o, loopback)?;
+        let base = format!("{}://{authority}", ep.scheme);
         Ok(Arc::new(Registry {
-            host: host.to_string(),
-            base: format!("{scheme}://{endpoint}"),
+            host: name.to_string(),
+            api_root: format!("{base}{}", ep.api_path),
+            base,
             http,
             auth: auth::Auth::new(
-                host,
+                name,
                 opts.credentials.clone().or_else(|| {
                     opts.docker_config
-                        .then(|| dockercfg::lookup(host))
+                        .then(|| dockercfg::lookup(name))
                         .flatten()
                 }),
             ),
-            opts: opts.clone(),
+            opts: o,
+            headers: ep.headers.clone(),
+            can_pull: ep.pull,
+            can_resolve: ep.resolve,
+            mirrors,
         }))
     }
 
@@ -435,6 +490,11 @@ impl Registry {
             .cancel
             .as_ref()
             .is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+
+    /// An API URL: `path` below the API root (`/<repo>/manifests/...`).
+    fn api(&self, path: &str) -> String {
+        format!("{}{path}", self.api_root)
     }
 
     fn url(&self, path_or_url: &str) -> String {
@@ -461,6 +521,9 @@ impl Registry {
                 return Err(Error::Interrupted);
             }
             let mut rb = build(&self.http);
+            for (k, v) in &self.headers {
+                rb = rb.header(k.as_str(), v.as_str());
+            }
             if let Some(h) = self.auth.header_for(&self.http, scope)? {
                 rb = rb.header(AUTHORIZATION, h);
             }
@@ -627,11 +690,61 @@ impl Repository {
         format!("repository:{}:pull,push", self.name)
     }
 
+    /// This repository on another endpoint (a mirror).
+    fn on(&self, reg: &Arc<Registry>) -> Repository {
+        Repository {
+            reg: reg.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// Run a pull operation on the mirrors able to serve it (`able`), in order, then on
+    /// the server; the first success wins. A mirror's failure is logged and the next
+    /// endpoint tried; the server's (or, when it cannot serve it, the last mirror's)
+    /// failure is returned.
+    fn pulled<T>(
+        &self,
+        able: impl Fn(&Registry) -> bool,
+        op: impl Fn(&Repository) -> Result<T>,
+    ) -> Result<T> {
+        let mut last = None;
+        for m in self.reg.mirrors.iter().filter(|m| able(m)) {
+            match op(&self.on(m)) {
+                Ok(v) => return Ok(v),
+                Err(Error::Interrupted) => return Err(Error::Interrupted),
+                Err(e) => {
+                    tracing::warn!("mirror {}: {}; trying the next host", m.host, Chain(&e));
+                    last = Some(e);
+                }
+            }
+        }
+        match last {
+            Some(e) if !able(&self.reg) => Err(e),
+            _ => op(self),
+        }
+    }
+
     /// Fetch a manifest or index by tag or digest, with its descriptor. The bytes are
     /// verified against the digest (the requested one, or `Docker-Content-Digest`).
+    /// Mirrors of the host configuration are tried first (`resolve` capability for a
+    /// tag, `pull` for a digest).
     pub fn get_manifest(&self, r: &Reference) -> Result<(Descriptor, Vec<u8>)> {
+        let by_tag = matches!(r, Reference::Tag(_));
+        self.pulled(
+            |reg| {
+                if by_tag {
+                    reg.can_resolve
+                } else {
+                    reg.can_pull
+                }
+            },
+            |repo| repo.get_manifest_here(r),
+        )
+    }
+
+    fn get_manifest_here(&self, r: &Reference) -> Result<(Descriptor, Vec<u8>)> {
         let what = format!("manifest {}:{r}", self.name);
-        let url = self.reg.url(&format!("/v2/{}/manifests/{r}", self.name));
+        let url = self.reg.api(&format!("/{}/manifests/{r}", self.name));
         let accept = model::MANIFEST_ACCEPT.join(", ");
         let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
             c.get(&url).header(ACCEPT, &accept)
@@ -702,7 +815,7 @@ impl Repository {
     /// Whether a manifest exists (HEAD); returns its digest if the registry says.
     pub fn manifest_exists(&self, r: &Reference) -> Result<Option<Option<Digest>>> {
         let what = format!("manifest {}:{r}", self.name);
-        let url = self.reg.url(&format!("/v2/{}/manifests/{r}", self.name));
+        let url = self.reg.api(&format!("/{}/manifests/{r}", self.name));
         let accept = model::MANIFEST_ACCEPT.join(", ");
         let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
             c.head(&url).header(ACCEPT, &accept)
@@ -719,7 +832,7 @@ impl Repository {
     /// Push a manifest or index under a tag or its digest. Returns its digest.
     pub fn put_manifest(&self, r: &Reference, media_type: &str, bytes: &[u8]) -> Result<Digest> {
         let what = format!("push manifest {}:{r}", self.name);
-        let url = self.reg.url(&format!("/v2/{}/manifests/{r}", self.name));
+        let url = self.reg.api(&format!("/{}/manifests/{r}", self.name));
         let digest = Digest::of(bytes);
         let resp = self.reg.send(&what, &self.push_scope(), true, &|c| {
             c.put(&url)
@@ -748,7 +861,7 @@ impl Repository {
 
     fn blob_exists_scoped(&self, d: &Digest, scope: &str) -> Result<bool> {
         let what = format!("blob {}@{d}", self.name);
-        let url = self.reg.url(&format!("/v2/{}/blobs/{d}", self.name));
+        let url = self.reg.api(&format!("/{}/blobs/{d}", self.name));
         let resp = self.reg.send(&what, scope, true, &|c| c.head(&url))?;
         match resp.status().as_u16() {
             200 => Ok(true),
@@ -758,10 +871,17 @@ impl Repository {
     }
 
     fn get_blob_response(&self, desc: &Descriptor, offset: u64) -> Result<Response> {
+        self.pulled(
+            |reg| reg.can_pull,
+            |repo| repo.get_blob_response_here(desc, offset),
+        )
+    }
+
+    fn get_blob_response_here(&self, desc: &Descriptor, offset: u64) -> Result<Response> {
         let what = format!("blob {}@{}", self.name, desc.digest);
         let url = self
             .reg
-            .url(&format!("/v2/{}/blobs/{}", self.name, desc.digest));
+            .api(&format!("/{}/blobs/{}", self.name, desc.digest));
         let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
             let rb = c.get(&url);
             if offset > 0 {
@@ -932,7 +1052,7 @@ impl Repository {
         }
         let scope = format!("{} repository:{from}:pull", self.push_scope());
         let what = format!("mount blob {} from {from} into {}", desc.digest, self.name);
-        let url = self.reg.url(&format!("/v2/{}/blobs/uploads/", self.name));
+        let url = self.reg.api(&format!("/{}/blobs/uploads/", self.name));
         let q = [("mount", desc.digest.as_str()), ("from", from)];
         let resp = self
             .reg
@@ -994,7 +1114,7 @@ impl Repository {
     }
 
     fn start_upload(&self, what: &str) -> Result<String> {
-        let url = self.reg.url(&format!("/v2/{}/blobs/uploads/", self.name));
+        let url = self.reg.api(&format!("/{}/blobs/uploads/", self.name));
         let resp = self
             .reg
             .send(what, &self.push_scope(), true, &|c| c.post(&url))?;

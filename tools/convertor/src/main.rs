@@ -1,6 +1,9 @@
-//! `convertor`: convert an OCI/Docker image into an overlaybd image, registry to
-//! registry (or to/from a local OCI image layout). Flags follow upstream's userspace
-//! convertor (accelerated-container-image `cmd/convertor`).
+//! `convertor`: convert an OCI/Docker image into an overlaybd image, from and to a
+//! registry, an OCI image layout, an OCI archive or a `docker save` archive. Flags
+//! follow upstream's userspace convertor (accelerated-container-image `cmd/convertor`);
+//! `convertor obdconv SRC DST` takes `ctr obdconv`'s form and flags (see [`obdconv`]).
+
+mod obdconv;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -14,7 +17,7 @@ use clap::{ArgAction, Parser};
 use nix::sys::signal::{SigSet, Signal};
 use obdconvert::progress::Progress;
 use obdconvert::{
-    open_store, Abort, ConvertOptions, ConvertOutcome, Converter, DedupTarget, ImageStore,
+    open_store_in, Abort, ConvertOptions, ConvertOutcome, Converter, DedupTarget, ImageStore,
     NativeFormat, Output, OutputFormat, RegistryStore, TurboFormat, WorkDir,
 };
 use obddedup::resolve::Dedup;
@@ -25,16 +28,26 @@ use obdtools::cli::{print_out, say};
 /// Convert an OCI image into an overlaybd image and push it.
 ///
 /// Every layer is pulled, applied onto an ext4 filesystem inside an overlaybd
-/// layer stack, committed (ZFile lz4, tar-wrapped) and pushed; the converted
-/// manifest (and index for multi-platform images) goes to the same repository
-/// under the output tag. Input and output may also be a local OCI image layout:
-/// `-r oci:DIR` (e.g. `convertor -r oci:./img -i latest -o latest_obd`).
+/// layer stack, committed (ZFile, lz4 unless --algorithm, tar-wrapped) and pushed;
+/// the converted manifest (and index for multi-platform images) goes to the same
+/// repository under the output tag, or to --output-repository.
+///
+/// Images are named as skopeo names them: `[docker://]HOST/REPO` (a registry),
+/// `oci:DIR[:TAG]` (an OCI image layout directory), `oci-archive:FILE[:TAG]` (an OCI
+/// layout in a tar; `.tar.gz` is read too) and `docker-archive:FILE[:NAME:TAG|:@N]`
+/// (`docker save` format). For example
+/// `convertor -r docker-archive:app.tar --output-repository oci-archive:app-obd.tar -o obd`.
+/// An archive destination is written only when the whole conversion succeeded.
+///
+/// `convertor obdconv SRC DST [flags]` is the `ctr obdconv` form: see
+/// `convertor obdconv --help`.
 #[derive(Parser, Debug)]
 #[command(name = "convertor", version)]
-struct Args {
-    /// Repository of the input and output image, without tag: `host[:port]/path`
-    /// (e.g. localhost:5000/redis; not normalised, the first component is the host),
-    /// or `oci:DIR[:tag]` for an OCI image layout directory.
+pub(crate) struct Args {
+    /// Repository of the input (and, without --output-repository, output) image,
+    /// without tag: `[docker://]host[:port]/path` (e.g. localhost:5000/redis; not
+    /// normalised, the first component is the host), `oci:DIR[:TAG]`,
+    /// `oci-archive:FILE[:TAG]` or `docker-archive:FILE[:NAME:TAG|:@N]`.
     #[arg(short = 'r', long)]
     repository: String,
     /// Registry credentials `user:password` (split at the first ':'); `user` alone
@@ -121,6 +134,11 @@ struct Args {
     /// Skip TLS certificate verification.
     #[arg(long)]
     insecure: bool,
+    /// containerd's registry host configuration: `<DIR>/<host[:port]>/hosts.toml`
+    /// (`server`, `[host."URL"]` mirrors with `capabilities`, `ca`, `client`,
+    /// `skip_verify`, `override_path`, `header`), as in /etc/containerd/certs.d.
+    #[arg(long = "hosts-dir", value_name = "DIR")]
+    hosts_dir: Option<PathBuf>,
     /// Keep the work directory (layer tars, writable and commit files).
     #[arg(long)]
     reserve: bool,
@@ -131,10 +149,26 @@ struct Args {
     /// (kept after the run).
     #[arg(long = "dump-manifest")]
     dump_manifest: bool,
-    /// Push the result to this repository instead of --repository
-    /// (`host/path` or `oci:DIR[:tag]`). Credentials and TLS flags apply to both.
+    /// Push the result to this repository instead of --repository: any transport
+    /// (`host/path`, `oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`,
+    /// `docker-archive:FILE[:NAME:TAG]`). TLS flags apply to both; credentials too
+    /// unless --dest-creds is given.
     #[arg(long = "output-repository", value_name = "REPO")]
     output_repository: Option<String>,
+    /// Credentials `user:password` for the destination registry only (the source
+    /// keeps -u).
+    #[arg(long = "dest-creds", value_name = "USER:PASSWORD")]
+    dest_creds: Option<String>,
+    /// Gzip-compress an oci-archive: destination (.tar.gz). (An oci-archive:
+    /// destination always gets OCI media types, as if --oci were given.)
+    #[arg(long)]
+    compress: bool,
+    /// ZFile compression of the overlaybd layers: lz4 (upstream's default) or zstd.
+    #[arg(long, default_value = "lz4", value_name = "lz4|zstd")]
+    algorithm: String,
+    /// ZFile block size in KiB: 4 (default), 8, 16, 32 or 64.
+    #[arg(long = "bs", default_value_t = 4, value_name = "KIB")]
+    block_size: u32,
     /// The prebuilt base layer used with `--mkfs=false` (an overlaybd layer holding
     /// an empty ext4).
     #[arg(
@@ -174,7 +208,17 @@ fn main() -> ExitCode {
             msg.replace('\n', " ")
         ));
     }));
-    let args = Args::parse();
+    let args = if std::env::args_os().nth(1).is_some_and(|a| a == "obdconv") {
+        match obdconv::parse(std::env::args_os().skip(1)) {
+            Ok(a) => a,
+            Err(e) => {
+                obdtools::cli::report("convertor obdconv", &e);
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        Args::parse()
+    };
     obdtools::cli::init_logging(args.verbose);
     let abort = Abort::new();
     // The signal that stopped the run (0: none).
@@ -219,8 +263,16 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     let src_ref = ImageRef::parse(&args.repository).context("-r/--repository")?;
     let dst_ref = match &args.output_repository {
         Some(r) => ImageRef::parse(r).context("--output-repository")?,
+        None if src_ref.is_archive() => bail!(
+            "{src_ref}: an archive is read, not rewritten; give the destination with --output-repository"
+        ),
         None => src_ref.clone(),
     };
+    if args.compress && !matches!(dst_ref, ImageRef::OciArchive { .. }) {
+        bail!("--compress applies to an oci-archive: destination, not {dst_ref}");
+    }
+    let zfile_algorithm: obdconvert::ZfileAlgorithm =
+        args.algorithm.parse().context("--algorithm")?;
     // As upstream: --turboOCI wins over --fastoci; -o only when neither output flag is
     // given.
     let turbo_tag = args.turbo_oci.clone().or(args.fastoci.clone());
@@ -243,19 +295,24 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     if turbo_tag.is_some() && args.overlaybd.is_none() && args.output_tag.is_some() {
         tracing::warn!("-o/--output-tag is ignored with --turboOCI (use --overlaybd for both)");
     }
+    // None: the image an archive holds (known once it is opened).
     let source = match (&args.input_tag, &args.input_digest, &src_ref) {
-        (Some(t), _, _) => Reference::tag(t).context("-i/--input-tag")?,
-        (None, Some(d), _) => Reference::Digest(d.parse::<Digest>().context("-g/--input-digest")?),
-        (None, None, ImageRef::Layout { tag: Some(t), .. }) => Reference::tag(t)?,
+        (Some(t), _, _) => Some(Reference::tag(t).context("-i/--input-tag")?),
+        (None, Some(d), _) => Some(Reference::Digest(
+            d.parse::<Digest>().context("-g/--input-digest")?,
+        )),
+        (None, None, ImageRef::Layout { tag: Some(t), .. })
+        | (None, None, ImageRef::OciArchive { tag: Some(t), .. }) => Some(Reference::tag(t)?),
+        (None, None, r) if r.is_archive() => None,
         (None, None, _) => bail!("no input image: give -i/--input-tag or -g/--input-digest"),
     };
     let native_tag = match (&args.overlaybd, &args.output_tag, &dst_ref, &turbo_tag) {
         (Some(t), _, _, _) | (None, Some(t), _, None) => Some(t.clone()),
-        (None, None, ImageRef::Layout { tag: Some(t), .. }, None)
-            if args.output_repository.is_some() =>
-        {
-            Some(t.clone())
+        (None, None, r, None) if args.output_repository.is_some() && r.tag().is_some() => {
+            Some(r.tag().unwrap_or_default().to_string())
         }
+        // An archive holds one image; its name is in the destination if anywhere.
+        (None, None, r, None) if r.is_archive() => Some("latest".to_string()),
         (None, _, _, Some(_)) => None,
         _ => bail!("no output tag: give --overlaybd TAG, --turboOCI TAG or -o/--output-tag TAG"),
     };
@@ -283,14 +340,28 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         chunk_size: args.push_chunk_size.map(|m| m << 20),
         cancel: Some(abort.flag()),
         docker_config: args.username.is_none(),
+        hosts_dir: args.hosts_dir.clone(),
         ..Default::default()
+    };
+    let dst_client = match &args.dest_creds {
+        None => client.clone(),
+        Some(c) => ClientOptions {
+            credentials: Some(
+                Credentials::parse(c)
+                    .with_context(|| format!("--dest-creds {c:?}: expected user:password"))?,
+            ),
+            docker_config: false,
+            ..client.clone()
+        },
     };
     if args.username.is_some() && client.credentials.is_none() {
         tracing::warn!("-u without 'user:password': using anonymous access");
     }
     let mut opts = ConvertOptions {
         workdir: args.dir.clone(),
-        oci: args.oci || args.referrer,
+        // An OCI archive holds OCI media types: skopeo (containers/image) reads no
+        // other manifest type from an OCI layout.
+        oci: args.oci || args.referrer || matches!(dst_ref, ImageRef::OciArchive { .. }),
         referrer: args.referrer,
         mkfs: args.mkfs,
         vsize_gb: args.vsize,
@@ -301,8 +372,11 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         concurrency_limit: args.concurrency_limit,
         baselayer: args.baselayer.clone(),
         engine,
+        zfile_algorithm,
+        zfile_block_kib: args.block_size,
         ..Default::default()
     };
+    opts.zfile_options()?;
     let mut formats: Vec<(Arc<dyn OutputFormat>, String)> = Vec::new();
     if let Some(t) = &native_tag {
         formats.push((Arc::new(NativeFormat::new(&opts)), t.clone()));
@@ -330,25 +404,44 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     }
     opts.workdir = wd.path().to_path_buf();
     // A registry destination's repository client also serves the dedup lookups.
-    let open =
-        |r: &ImageRef, create: bool| -> anyhow::Result<(Arc<dyn ImageStore>, Option<Repository>)> {
-            let opened = match r {
-                ImageRef::Registry { host, repository } => Registry::new(host, &client)
-                    .map(|reg| {
-                        let repo = reg.repository(repository);
-                        let store: Arc<dyn ImageStore> = Arc::new(RegistryStore::new(repo.clone()));
-                        (store, Some(repo))
-                    })
-                    .map_err(obdconvert::Error::from),
-                ImageRef::Layout { .. } => open_store(r, &client, create).map(|s| (s, None)),
-            };
-            opened.with_context(|| format!("opening {r}"))
+    let open = |r: &ImageRef,
+                client: &ClientOptions,
+                create: bool|
+     -> anyhow::Result<(Arc<dyn ImageStore>, Option<Repository>)> {
+        let opened = match r {
+            ImageRef::Registry { host, repository } => Registry::new(host, client)
+                .map(|reg| {
+                    let repo = reg.repository(repository);
+                    let store: Arc<dyn ImageStore> = Arc::new(RegistryStore::new(repo.clone()));
+                    (store, Some(repo))
+                })
+                .map_err(obdconvert::Error::from),
+            _ => open_store_in(r, client, create, wd.path(), args.compress).map(|s| (s, None)),
         };
-    let (src, src_repo) = open(&src_ref, false)?;
-    let (dst, dst_repo) = if dst_ref == src_ref {
+        opened.with_context(|| format!("opening {r}"))
+    };
+    let (src, src_repo) = open(&src_ref, &client, false)?;
+    let source = match source {
+        Some(s) => s,
+        None => src
+            .default_reference()?
+            .with_context(|| format!("{src_ref}: name the input image with -i/--input-tag"))?,
+    };
+    if let ImageRef::DockerArchive { .. } = dst_ref {
+        // One platform's image per docker archive: refuse an index before any work.
+        let (d, _) = src
+            .resolve(&source)
+            .with_context(|| format!("reading {src_ref}"))?;
+        if obdoci::model::is_index(&d.media_type) {
+            bail!(
+                "{dst_ref}: a docker save archive holds one platform's image, and {src_ref} is a multi-platform index; write oci-archive: or oci: instead"
+            );
+        }
+    }
+    let (dst, dst_repo) = if dst_ref == src_ref && args.dest_creds.is_none() {
         (src.clone(), src_repo)
     } else {
-        open(&dst_ref, true)?
+        open(&dst_ref, &dst_client, true)?
     };
     let progress = Progress::new(std::io::stderr().is_terminal(), false);
     let conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
@@ -371,6 +464,12 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         }
     }
     let outs = outs?;
+    let written = dst
+        .finish()
+        .with_context(|| format!("writing {}", dst.name()))?;
+    if let Some(size) = written {
+        tracing::info!("wrote {} ({size} bytes)", dst.name());
+    }
     let secs = t0.elapsed().as_secs_f64();
     for (out, dd) in outs.iter().zip(&dedups) {
         let verb = if out.pushed {
@@ -418,7 +517,7 @@ fn open_dedup(
     {
         return Ok(None);
     }
-    if let ImageRef::Layout { .. } = dst {
+    if !matches!(dst, ImageRef::Registry { .. }) {
         bail!("dedup database: deduplication needs a registry destination, not {dst}");
     }
     let key = format

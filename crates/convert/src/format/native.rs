@@ -40,6 +40,9 @@ pub struct NativeFormat {
     baselayer: PathBuf,
     /// How the ext4 is made and each tar applied (`--engine`).
     engine: Arc<dyn obdfs::Engine>,
+    /// `--algorithm` / `--bs` as given; checked by [`OutputFormat::check`].
+    zfile_algorithm: crate::ZfileAlgorithm,
+    zfile_block_kib: u32,
 }
 
 impl NativeFormat {
@@ -53,7 +56,14 @@ impl NativeFormat {
             reserve: o.reserve,
             baselayer: o.baselayer.clone(),
             engine: o.engine.clone(),
+            zfile_algorithm: o.zfile_algorithm,
+            zfile_block_kib: o.zfile_block_kib,
         }
+    }
+
+    /// The ZFile options of committed layers (`--algorithm`, `--bs`).
+    fn zfile(&self) -> Result<blockdev::zfile::ZfileOptions> {
+        crate::zfile_options(self.zfile_algorithm, self.zfile_block_kib)
     }
 
     /// The descriptor of a native layer blob.
@@ -124,11 +134,21 @@ impl OutputFormat for NativeFormat {
         if self.engine.name() != "libext2fs" {
             opts.push(("engine", self.engine.name().to_string()));
         }
+        // Differently compressed layers never share rows; the default (lz4, 4 KiB)
+        // keeps the key it had before these options existed.
+        let z = self.zfile()?;
+        if z.algorithm != crate::ZfileAlgorithm::Lz4 || z.block_size != 4096 {
+            opts.push((
+                "zfile",
+                format!("{}-{}k", self.zfile_algorithm, self.zfile_block_kib),
+            ));
+        }
         let refs: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
         Ok(obddedup::format_key(FORMAT_VERSION, &refs))
     }
 
     fn check(&self) -> Result<()> {
+        self.zfile()?;
         check_baselayer(self.mkfs, &self.baselayer)
     }
 
@@ -214,6 +234,7 @@ impl LayerChain for NativeChain<'_> {
             virtual_size,
             mkfs: i == 0 && f.mkfs,
             engine: &*f.engine,
+            zfile: f.zfile()?,
             sparse: f.sparse,
             uuid: blockdev::Uuid::from_chain_id(self.chain_ids[i].as_str())?,
             parent_uuid: if i > 0 {

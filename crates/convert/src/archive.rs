@@ -1,0 +1,628 @@
+//! Images in archive files, as [`ImageStore`]s: `oci-archive:` (an OCI image layout in
+//! a tar, optionally gzip-compressed on input) and `docker-archive:` (the `docker save`
+//! format, see [`obdoci::docker_archive`]).
+//!
+//! Sources are read in place through an index of the tar ([`obdoci::archive::TarIndex`]);
+//! a `.tar.gz` is first decompressed into an unnamed scratch file. A docker archive has
+//! no manifest: [`DockerArchiveStore`] makes a Docker schema 2 manifest from the image's
+//! config and layer files, which is what `docker load`/skopeo do too.
+//!
+//! Destinations ([`ArchiveOutput`]) collect the converted image in an OCI layout in a
+//! scratch directory (committed layers are hard-linked there, not copied) and write the
+//! archive only in [`ImageStore::finish`], after the whole conversion succeeded: the
+//! destination file is replaced atomically, so a failed run leaves it as it was.
+
+use super::store::{ImageStore, LayoutStore};
+use super::{Error, Result};
+use obdoci::archive::{FileSource, ReadAt, TarIndex, TarWriter};
+use obdoci::digest::VerifyReader;
+use obdoci::docker_archive::{self as da, ManifestItem};
+use obdoci::layout::Layout;
+use obdoci::model::{
+    parse_json, sniff_media_type, to_json, Descriptor, ImageConfig, Index, Manifest,
+    ANNOTATION_REF_NAME, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, MT_DOCKER_CONFIG,
+    MT_DOCKER_LAYER_GZIP, MT_DOCKER_LAYER_TAR, MT_DOCKER_LAYER_ZSTD, MT_DOCKER_MANIFEST,
+    MT_OCI_INDEX,
+};
+use obdoci::reference::{ArchiveImage, DockerName};
+use obdoci::{self as oci, Digest, ImageRef, Reference};
+use obdregistry::{BlobSource, ProgressFn};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+fn invalid(what: &str, reason: impl Into<String>) -> Error {
+    Error::Oci(oci::Error::Invalid {
+        what: what.to_string(),
+        reason: reason.into(),
+    })
+}
+
+fn read_only(name: &str) -> Error {
+    Error::Unsupported(format!(
+        "{name} is opened as a source; it cannot be written"
+    ))
+}
+
+/// Index the archive at `path` (decompressing a `.tar.gz` into `scratch`).
+fn index_archive(path: &Path, scratch: &Path) -> Result<TarIndex> {
+    let src: Arc<dyn ReadAt> = Arc::new(FileSource::open_archive(path, scratch)?);
+    Ok(TarIndex::build(src, &path.display().to_string())?)
+}
+
+/// Stream member `member` of `tar` as the blob `desc`, checking its size first and its
+/// digest while it is read.
+fn open_member(
+    tar: &TarIndex,
+    member: &str,
+    desc: &Descriptor,
+    name: &str,
+) -> Result<VerifyReader<obdoci::archive::MemberReader>> {
+    let size = tar.size_of(member)?;
+    if size != desc.size {
+        return Err(Error::Oci(oci::Error::SizeMismatch {
+            what: format!("{member} (blob {}) in {}", desc.digest, tar.what()),
+            expected: desc.size,
+            actual: size,
+        }));
+    }
+    Ok(VerifyReader::new(
+        tar.open(member)?,
+        desc.digest.clone(),
+        desc.size,
+        format!("{member} in {name}"),
+    ))
+}
+
+fn read_verified(r: &mut dyn Read, desc: &Descriptor, limit: u64, what: &str) -> Result<Vec<u8>> {
+    if desc.size > limit {
+        return Err(Error::Oci(oci::Error::TooLarge {
+            what: what.to_string(),
+            size: desc.size,
+            limit,
+        }));
+    }
+    let mut out = Vec::with_capacity(desc.size as usize);
+    r.read_to_end(&mut out)
+        .map_err(|e| Error::Oci(oci::Error::from_io(what, e)))?;
+    Ok(out)
+}
+
+/// An OCI image layout in a tar file (`oci-archive:FILE[:TAG]`), read-only.
+pub struct OciArchiveStore {
+    path: PathBuf,
+    tar: TarIndex,
+    index: Index,
+}
+
+impl OciArchiveStore {
+    pub fn open(path: &Path, scratch: &Path) -> Result<OciArchiveStore> {
+        let tar = index_archive(path, scratch)?;
+        let what = path.display().to_string();
+        if !tar.contains("index.json") {
+            let hint = if tar.contains(da::MANIFEST_JSON) {
+                " (it holds a manifest.json: a docker save archive? use docker-archive:)"
+            } else {
+                ""
+            };
+            return Err(invalid(
+                &what,
+                format!("not an OCI archive: no index.json{hint}"),
+            ));
+        }
+        let bytes = tar.read("index.json", MAX_MANIFEST_SIZE)?;
+        let index: Index = parse_json(&format!("index.json in {what}"), &bytes)?;
+        Ok(OciArchiveStore {
+            path: path.to_path_buf(),
+            tar,
+            index,
+        })
+    }
+
+    fn member(&self, d: &Digest) -> String {
+        let (alg, hex) = d.as_str().split_once(':').unwrap_or(("sha256", d.hex()));
+        format!("blobs/{alg}/{hex}")
+    }
+
+    fn open_blob_reader(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {
+        let m = self.member(&desc.digest);
+        if !self.tar.contains(&m) {
+            return Err(invalid(
+                &self.path.display().to_string(),
+                format!(
+                    "blob {} is referenced but the archive does not hold {m}",
+                    desc.digest
+                ),
+            ));
+        }
+        Ok(Box::new(open_member(&self.tar, &m, desc, &self.name())?))
+    }
+}
+
+impl ImageStore for OciArchiveStore {
+    fn name(&self) -> String {
+        format!("oci-archive:{}", self.path.display())
+    }
+    fn default_reference(&self) -> Result<Option<Reference>> {
+        match self.index.manifests.as_slice() {
+            [only] => Ok(Some(Reference::Digest(only.digest.clone()))),
+            [] => Err(invalid(
+                &self.path.display().to_string(),
+                "index.json lists no image",
+            )),
+            many => {
+                let tags: Vec<&str> = many
+                    .iter()
+                    .filter_map(|d| d.annotation(ANNOTATION_REF_NAME))
+                    .collect();
+                Err(invalid(
+                    &self.path.display().to_string(),
+                    format!(
+                        "the archive holds {} images; name one as oci-archive:FILE:TAG (tags: {})",
+                        many.len(),
+                        tags.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+    fn resolve(&self, r: &Reference) -> Result<(Descriptor, Vec<u8>)> {
+        let found = self.index.manifests.iter().find(|d| match r {
+            Reference::Tag(t) => d.annotation(ANNOTATION_REF_NAME) == Some(t.as_str()),
+            Reference::Digest(g) => &d.digest == g,
+        });
+        let d = match (found, r) {
+            (Some(d), _) => d.clone(),
+            (None, Reference::Digest(g)) => {
+                let m = self.member(g);
+                let size = self.tar.size_of(&m).map_err(|_| {
+                    Error::Oci(oci::Error::NotFound(format!("{g} in {}", self.name())))
+                })?;
+                Descriptor::new("", g.clone(), size)
+            }
+            (None, Reference::Tag(t)) => {
+                return Err(Error::Oci(oci::Error::NotFound(format!(
+                    "tag {t:?} in {}",
+                    self.name()
+                ))))
+            }
+        };
+        let bytes = self.fetch_manifest(&d)?;
+        let mut desc = Descriptor::new(d.media_type.clone(), d.digest.clone(), d.size);
+        if desc.media_type.is_empty() {
+            desc.media_type = sniff_media_type(&bytes).unwrap_or_default();
+        }
+        Ok((desc, bytes))
+    }
+    fn fetch_manifest(&self, desc: &Descriptor) -> Result<Vec<u8>> {
+        self.read_blob(desc, MAX_MANIFEST_SIZE)
+    }
+    fn read_blob(&self, desc: &Descriptor, limit: u64) -> Result<Vec<u8>> {
+        let what = format!("blob {} in {}", desc.digest, self.name());
+        read_verified(&mut self.open_blob_reader(desc)?, desc, limit, &what)
+    }
+    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {
+        self.open_blob_reader(desc)
+    }
+    fn blob_exists(&self, desc: &Descriptor) -> Result<bool> {
+        Ok(self.tar.contains(&self.member(&desc.digest)))
+    }
+    fn push_blob(&self, _: &Descriptor, _: BlobSource<'_>, _: Option<ProgressFn>) -> Result<()> {
+        Err(read_only(&self.name()))
+    }
+    fn push_manifest(&self, _: Option<&str>, _: &Descriptor, _: &[u8]) -> Result<()> {
+        Err(read_only(&self.name()))
+    }
+}
+
+/// A `docker save` archive (`docker-archive:FILE[:NAME:TAG|:@N]`), read-only: one of
+/// its images, with a manifest made from its config and layer files.
+pub struct DockerArchiveStore {
+    path: PathBuf,
+    tar: TarIndex,
+    manifest: (Descriptor, Vec<u8>),
+    /// Blob digest → archive member.
+    members: HashMap<Digest, String>,
+}
+
+impl DockerArchiveStore {
+    pub fn open(path: &Path, want: Option<&ArchiveImage>, scratch: &Path) -> Result<Self> {
+        let tar = index_archive(path, scratch)?;
+        let what = path.display().to_string();
+        if !tar.contains(da::MANIFEST_JSON) {
+            let hint = if tar.contains("index.json") {
+                " (it holds an index.json: an OCI archive? use oci-archive:)"
+            } else {
+                ""
+            };
+            return Err(invalid(
+                &what,
+                format!("not a docker save archive: no manifest.json{hint}"),
+            ));
+        }
+        let items = da::parse_manifest_json(
+            &format!("manifest.json in {what}"),
+            &tar.read(da::MANIFEST_JSON, MAX_MANIFEST_SIZE)?,
+        )?;
+        let item = &items[da::select(&items, want, &what)?];
+        let missing = |m: &str, role: &str| {
+            invalid(
+                &what,
+                format!("manifest.json names {role} {m:?}, which the archive does not hold"),
+            )
+        };
+        if !tar.contains(&item.config) {
+            return Err(missing(&item.config, "the config"));
+        }
+        let cfg_bytes = tar.read(&item.config, MAX_CONFIG_SIZE)?;
+        let cfg_what = format!("{} in {what}", item.config);
+        let diff_ids = ImageConfig::parse(&cfg_what, &cfg_bytes)?.diff_ids(&cfg_what)?;
+        if diff_ids.len() != item.layers.len() {
+            return Err(invalid(
+                &what,
+                format!(
+                    "manifest.json lists {} layers but the config {} has {} diff_ids",
+                    item.layers.len(),
+                    item.config,
+                    diff_ids.len()
+                ),
+            ));
+        }
+        let config = Descriptor::of_bytes(MT_DOCKER_CONFIG, &cfg_bytes);
+        let mut members = HashMap::new();
+        members.insert(config.digest.clone(), item.config.clone());
+        let mut layers = Vec::with_capacity(item.layers.len());
+        for (l, diff_id) in item.layers.iter().zip(&diff_ids) {
+            if !tar.contains(l) {
+                return Err(missing(l, "the layer"));
+            }
+            let size = tar.size_of(l)?;
+            let head = tar.head(l, 4)?;
+            let mt = match head.as_slice() {
+                [0x1f, 0x8b, ..] => MT_DOCKER_LAYER_GZIP,
+                [0x28, 0xb5, 0x2f, 0xfd] => MT_DOCKER_LAYER_ZSTD,
+                _ => MT_DOCKER_LAYER_TAR,
+            };
+            // The digest: from a content-addressed path, the diff id for an
+            // uncompressed layer (checked while the layer is read), else hashed now.
+            let from_path = obdoci::archive::clean_path(l)
+                .and_then(|p| p.strip_prefix("blobs/sha256/").map(str::to_string))
+                .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
+            let digest = match from_path {
+                Some(d) => d,
+                None if mt == MT_DOCKER_LAYER_TAR => diff_id.clone(),
+                None => {
+                    obdoci::digest::hash_reader(tar.open(l)?)
+                        .map_err(|e| Error::Oci(oci::Error::from_io(&what, e)))?
+                        .0
+                }
+            };
+            members.insert(digest.clone(), l.clone());
+            layers.push(Descriptor::new(mt, digest, size));
+        }
+        let m = Manifest {
+            schema_version: 2,
+            media_type: Some(MT_DOCKER_MANIFEST.into()),
+            artifact_type: None,
+            config,
+            layers,
+            subject: None,
+            annotations: None,
+            extra: Default::default(),
+        };
+        let bytes = to_json(&m);
+        Ok(DockerArchiveStore {
+            path: path.to_path_buf(),
+            tar,
+            manifest: (Descriptor::of_bytes(MT_DOCKER_MANIFEST, &bytes), bytes),
+            members,
+        })
+    }
+
+    fn open_blob_reader(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {
+        let m = self.members.get(&desc.digest).ok_or_else(|| {
+            Error::Oci(oci::Error::NotFound(format!(
+                "blob {} in {}",
+                desc.digest,
+                self.name()
+            )))
+        })?;
+        Ok(Box::new(open_member(&self.tar, m, desc, &self.name())?))
+    }
+}
+
+impl ImageStore for DockerArchiveStore {
+    fn name(&self) -> String {
+        format!("docker-archive:{}", self.path.display())
+    }
+    fn default_reference(&self) -> Result<Option<Reference>> {
+        Ok(Some(Reference::Digest(self.manifest.0.digest.clone())))
+    }
+    fn resolve(&self, r: &Reference) -> Result<(Descriptor, Vec<u8>)> {
+        match r {
+            Reference::Digest(d) if d == &self.manifest.0.digest => Ok(self.manifest.clone()),
+            _ => Err(Error::Invalid(format!(
+                "{}: pick its image with docker-archive:FILE:NAME:TAG or :@N, not {r}",
+                self.name()
+            ))),
+        }
+    }
+    fn fetch_manifest(&self, desc: &Descriptor) -> Result<Vec<u8>> {
+        self.resolve(&Reference::Digest(desc.digest.clone()))
+            .map(|(_, b)| b)
+    }
+    fn read_blob(&self, desc: &Descriptor, limit: u64) -> Result<Vec<u8>> {
+        let what = format!("blob {} in {}", desc.digest, self.name());
+        read_verified(&mut self.open_blob_reader(desc)?, desc, limit, &what)
+    }
+    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {
+        self.open_blob_reader(desc)
+    }
+    fn blob_exists(&self, desc: &Descriptor) -> Result<bool> {
+        Ok(self.members.contains_key(&desc.digest))
+    }
+    fn push_blob(&self, _: &Descriptor, _: BlobSource<'_>, _: Option<ProgressFn>) -> Result<()> {
+        Err(read_only(&self.name()))
+    }
+    fn push_manifest(&self, _: Option<&str>, _: &Descriptor, _: &[u8]) -> Result<()> {
+        Err(read_only(&self.name()))
+    }
+}
+
+/// What kind of archive an [`ArchiveOutput`] writes.
+#[derive(Clone, Debug)]
+pub enum ArchiveKind {
+    /// `oci-archive:FILE[:TAG]`; the tag, if given, names the image in `index.json`
+    /// (`org.opencontainers.image.ref.name`); `gzip` compresses the archive.
+    Oci { tag: Option<String>, gzip: bool },
+    /// `docker-archive:FILE[:NAME:TAG]`; the name, if given, is the image's `RepoTags`.
+    Docker { name: Option<DockerName> },
+}
+
+/// An archive being written: blobs and manifests collect in a scratch OCI layout, and
+/// [`ImageStore::finish`] writes the archive of the image pushed under a tag.
+pub struct ArchiveOutput {
+    path: PathBuf,
+    kind: ArchiveKind,
+    layout: LayoutStore,
+    _scratch: tempfile::TempDir,
+    /// The top-level image and the tag it was pushed with.
+    root: Mutex<Option<(Descriptor, String)>>,
+}
+
+impl ArchiveOutput {
+    /// Start an archive at `path`, collecting its content under `scratch` (created if
+    /// missing). The directory of `path` must exist.
+    pub fn create(path: &Path, kind: ArchiveKind, scratch: &Path) -> Result<ArchiveOutput> {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
+            ));
+        }
+        std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
+        let tmp = tempfile::Builder::new()
+            .prefix("archive-out.")
+            .tempdir_in(scratch)
+            .map_err(|e| Error::io(scratch, e))?;
+        let layout = LayoutStore::new(Layout::open_or_create(tmp.path())?);
+        Ok(ArchiveOutput {
+            path: path.to_path_buf(),
+            kind,
+            layout,
+            _scratch: tmp,
+            root: Mutex::new(None),
+        })
+    }
+
+    fn layout(&self) -> &Layout {
+        self.layout.layout()
+    }
+
+    fn blob_file(&self, d: &Descriptor) -> Result<(std::fs::File, u64)> {
+        let p = self.layout().blob_path(&d.digest);
+        let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
+        let len = f.metadata().map_err(|e| Error::io(&p, e))?.len();
+        Ok((f, len))
+    }
+
+    fn add_blob(&self, w: &mut TarWriter, member: &str, d: &Descriptor) -> Result<()> {
+        let (mut f, len) = self.blob_file(d)?;
+        let got = w.append(member, len, &mut f, &mut |_| {})?;
+        if got != d.digest {
+            return Err(Error::Oci(oci::Error::DigestMismatch {
+                what: format!("{member} written to {}", self.path.display()),
+                expected: d.digest.to_string(),
+                actual: got.to_string(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Every blob the image `root` consists of (manifests, configs, layers), once each.
+    fn blobs_of(&self, root: &Descriptor, out: &mut Vec<Descriptor>) -> Result<()> {
+        if out.iter().any(|d| d.digest == root.digest) {
+            return Ok(());
+        }
+        out.push(root.bare());
+        let bytes = self.layout().read_blob(root, MAX_MANIFEST_SIZE)?;
+        let mt = sniff_media_type(&bytes).unwrap_or_else(|| root.media_type.clone());
+        if obdoci::model::is_index(&mt) {
+            let idx: Index = parse_json("converted index", &bytes)?;
+            for c in &idx.manifests {
+                self.blobs_of(c, out)?;
+            }
+        } else {
+            let m: Manifest = parse_json("converted manifest", &bytes)?;
+            for d in std::iter::once(&m.config).chain(&m.layers) {
+                if !out.iter().any(|o| o.digest == d.digest) {
+                    out.push(d.bare());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_oci(&self, root: &Descriptor, tag: Option<&str>, gzip: bool) -> Result<u64> {
+        let mut blobs = Vec::new();
+        self.blobs_of(root, &mut blobs)?;
+        let mut entry = root.clone();
+        entry.annotations =
+            tag.map(|t| BTreeMap::from([(ANNOTATION_REF_NAME.to_string(), t.to_string())]));
+        let index = Index {
+            schema_version: 2,
+            media_type: Some(MT_OCI_INDEX.into()),
+            artifact_type: None,
+            manifests: vec![entry],
+            subject: None,
+            annotations: None,
+            extra: Default::default(),
+        };
+        let mut w = TarWriter::create(&self.path, gzip)?;
+        w.append_bytes("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        w.append_bytes("index.json", &to_json(&index))?;
+        w.append_dir("blobs/")?;
+        w.append_dir("blobs/sha256/")?;
+        for b in &blobs {
+            self.add_blob(&mut w, &format!("blobs/sha256/{}", b.digest.hex()), b)?;
+        }
+        Ok(w.finish()?)
+    }
+
+    fn write_docker(&self, root: &Descriptor, name: Option<&DockerName>) -> Result<u64> {
+        let bytes = self.layout().read_blob(root, MAX_MANIFEST_SIZE)?;
+        let mt = sniff_media_type(&bytes).unwrap_or_else(|| root.media_type.clone());
+        if obdoci::model::is_index(&mt) {
+            return Err(Error::Unsupported(format!(
+                "docker-archive:{}: a docker save archive holds one platform's image, and this image is a multi-platform index; write an oci-archive: instead",
+                self.path.display()
+            )));
+        }
+        let m: Manifest = parse_json("converted manifest", &bytes)?;
+        let config_member = format!("{}.json", m.config.digest.hex());
+        let layer_members: Vec<String> = m
+            .layers
+            .iter()
+            .map(|l| format!("{}.tar", l.digest.hex()))
+            .collect();
+        let item = ManifestItem {
+            config: config_member.clone(),
+            repo_tags: name.map(|n| vec![n.to_string()]),
+            layers: layer_members.clone(),
+            extra: Default::default(),
+        };
+        let mut w = TarWriter::create(&self.path, false)?;
+        self.add_blob(&mut w, &config_member, &m.config)?;
+        for (l, member) in m.layers.iter().zip(&layer_members) {
+            self.add_blob(&mut w, member, l)?;
+        }
+        w.append_bytes(da::MANIFEST_JSON, &to_json(&vec![item]))?;
+        if let (Some(n), Some(top)) = (name, m.layers.last()) {
+            let repos = da::repositories(&[(n.clone(), top.digest.hex().to_string())]);
+            w.append_bytes(da::REPOSITORIES, &repos)?;
+        }
+        Ok(w.finish()?)
+    }
+}
+
+impl ImageStore for ArchiveOutput {
+    fn name(&self) -> String {
+        match &self.kind {
+            ArchiveKind::Oci { .. } => format!("oci-archive:{}", self.path.display()),
+            ArchiveKind::Docker { .. } => format!("docker-archive:{}", self.path.display()),
+        }
+    }
+    fn resolve(&self, r: &Reference) -> Result<(Descriptor, Vec<u8>)> {
+        self.layout.resolve(r)
+    }
+    fn fetch_manifest(&self, desc: &Descriptor) -> Result<Vec<u8>> {
+        self.layout.fetch_manifest(desc)
+    }
+    fn read_blob(&self, desc: &Descriptor, limit: u64) -> Result<Vec<u8>> {
+        self.layout.read_blob(desc, limit)
+    }
+    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>> {
+        self.layout.open_blob(desc)
+    }
+    fn blob_exists(&self, desc: &Descriptor) -> Result<bool> {
+        self.layout.blob_exists(desc)
+    }
+    fn push_blob(
+        &self,
+        desc: &Descriptor,
+        src: BlobSource<'_>,
+        progress: Option<ProgressFn>,
+    ) -> Result<()> {
+        self.layout.push_blob(desc, src, progress)
+    }
+    fn push_manifest(&self, tag: Option<&str>, desc: &Descriptor, bytes: &[u8]) -> Result<()> {
+        self.layout.push_manifest(None, desc, bytes)?;
+        if let Some(t) = tag {
+            *self.root.lock().unwrap_or_else(|e| e.into_inner()) = Some((desc.clone(), t.into()));
+        }
+        Ok(())
+    }
+    fn finish(&self) -> Result<Option<u64>> {
+        let root = self.root.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some((root, pushed_tag)) = root else {
+            // Nothing was pushed (--no-upload): the destination stays as it was.
+            return Ok(None);
+        };
+        let size = match &self.kind {
+            ArchiveKind::Oci { tag, gzip } => {
+                self.write_oci(&root, Some(tag.as_deref().unwrap_or(&pushed_tag)), *gzip)?
+            }
+            ArchiveKind::Docker { name } => self.write_docker(&root, name.as_ref())?,
+        };
+        Ok(Some(size))
+    }
+}
+
+/// Open an archive [`ImageRef`] as a source (`create` false) or a destination; `None`
+/// for other transports. `scratch` holds temporary data (decompressed input, the
+/// output being collected); `gzip` compresses an `oci-archive:` destination.
+pub fn open_archive(
+    r: &ImageRef,
+    create: bool,
+    scratch: &Path,
+    gzip: bool,
+) -> Result<Option<Arc<dyn ImageStore>>> {
+    Ok(Some(match (r, create) {
+        (ImageRef::OciArchive { path, .. }, false) => {
+            Arc::new(OciArchiveStore::open(path, scratch)?)
+        }
+        (ImageRef::DockerArchive { path, name }, false) => {
+            Arc::new(DockerArchiveStore::open(path, name.as_ref(), scratch)?)
+        }
+        (ImageRef::OciArchive { path, tag }, true) => Arc::new(ArchiveOutput::create(
+            path,
+            ArchiveKind::Oci {
+                tag: tag.clone(),
+                gzip,
+            },
+            scratch,
+        )?),
+        (ImageRef::DockerArchive { path, name }, true) => {
+            let name = match name {
+                None => None,
+                Some(ArchiveImage::Tagged(n)) => Some(n.clone()),
+                Some(ArchiveImage::Index(_)) => {
+                    return Err(Error::Invalid(format!(
+                        "{r}: @N picks an image of an archive being read; name the image to write as docker-archive:FILE:NAME:TAG"
+                    )))
+                }
+            };
+            Arc::new(ArchiveOutput::create(
+                path,
+                ArchiveKind::Docker { name },
+                scratch,
+            )?)
+        }
+        _ => return Ok(None),
+    }))
+}
