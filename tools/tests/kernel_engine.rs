@@ -208,6 +208,18 @@ fn ctrl_c_mid_apply_unmounts_everything() {
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
+    // Close the stream only once the signal is seen, so that the end of
+    // the input is not mistaken for the cause of the stop.
+    loop {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+        if line.contains("stopping") {
+            break;
+        }
+    }
     drop(stdin);
     let status = c.wait().unwrap();
     let mut rest = String::new();

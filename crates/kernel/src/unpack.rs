@@ -584,11 +584,11 @@ impl Unpacker {
                 let (kind, rdev) = match e.kind {
                     Kind::Char => (
                         SFlag::S_IFCHR,
-                        nix::sys::stat::makedev(e.devmajor.into(), e.devminor.into()),
+                        nix::sys::stat::makedev(e.devmajor, e.devminor),
                     ),
                     Kind::Block => (
                         SFlag::S_IFBLK,
-                        nix::sys::stat::makedev(e.devmajor.into(), e.devminor.into()),
+                        nix::sys::stat::makedev(e.devmajor, e.devminor),
                     ),
                     _ => (SFlag::S_IFIFO, 0),
                 };
