@@ -76,9 +76,21 @@ impl SqliteBackend {
         if conn.is_readonly(rusqlite::MAIN_DB).map_err(sqlite(""))? {
             return Err(fail("the file is read-only", None));
         }
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(sqlite("cannot switch to WAL mode"))?;
+        // Another process creating the same file at the same moment can hold the lock
+        // this needs; SQLite does not call the busy handler for a journal-mode change
+        // (it could deadlock), so wait here, as long as the busy timeout.
+        let started = std::time::Instant::now();
+        let mode: String = loop {
+            match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)) {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(e.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                        && started.elapsed() < BUSY_TIMEOUT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => break r.map_err(sqlite("cannot switch to WAL mode"))?,
+            }
+        };
         if !mode.eq_ignore_ascii_case("wal") && path != Path::new(":memory:") {
             return Err(fail(
                 &format!("cannot switch to WAL mode (journal mode stays {mode:?})"),
