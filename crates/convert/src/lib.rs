@@ -241,6 +241,26 @@ impl ConvertOptions {
     }
 }
 
+/// ZFile options from `--algorithm` and `--bs` (KiB); a block size other than 4, 8,
+/// 16, 32 or 64 KiB is refused with an error naming `--bs`.
+pub(crate) fn zfile_options(
+    algorithm: ZfileAlgorithm,
+    block_kib: u32,
+) -> Result<blockdev::zfile::ZfileOptions> {
+    let bad = || {
+        Error::Invalid(format!(
+            "--bs {block_kib}: the ZFile block size must be 4, 8, 16, 32 or 64 (KiB)"
+        ))
+    };
+    let z = blockdev::zfile::ZfileOptions {
+        algorithm,
+        block_size: block_kib.checked_mul(1024).ok_or_else(bad)?,
+        ..Default::default()
+    };
+    z.validate().map_err(|_| bad())?;
+    Ok(z)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,24 +332,4 @@ mod tests {
             .unwrap()
             .unwrap();
     }
-}
-
-/// ZFile options from `--algorithm` and `--bs` (KiB); a block size other than 4, 8,
-/// 16, 32 or 64 KiB is refused with an error naming `--bs`.
-pub(crate) fn zfile_options(
-    algorithm: ZfileAlgorithm,
-    block_kib: u32,
-) -> Result<blockdev::zfile::ZfileOptions> {
-    let bad = || {
-        Error::Invalid(format!(
-            "--bs {block_kib}: the ZFile block size must be 4, 8, 16, 32 or 64 (KiB)"
-        ))
-    };
-    let z = blockdev::zfile::ZfileOptions {
-        algorithm,
-        block_size: block_kib.checked_mul(1024).ok_or_else(bad)?,
-        ..Default::default()
-    };
-    z.validate().map_err(|_| bad())?;
-    Ok(z)
 }
