@@ -201,8 +201,8 @@ const ROOT: u32 = sys::EXT2_ROOT_INO as u32;
 /// kernel's limit too).
 pub const MAX_SYMLINKS: usize = 40;
 /// Linux device numbers: 12-bit major, 20-bit minor (`new_encode_dev`).
-pub(crate) const MAX_DEV_MAJOR: u64 = (1 << 12) - 1;
-pub(crate) const MAX_DEV_MINOR: u64 = (1 << 20) - 1;
+const MAX_DEV_MAJOR: u64 = (1 << 12) - 1;
+const MAX_DEV_MINOR: u64 = (1 << 20) - 1;
 const LINK_MAX: u16 = sys::EXT2_LINK_MAX as u16;
 /// dtime of deleted inodes: e2fsck treats small nonzero values as orphan
 /// list links, so use the largest value (as upstream does).
@@ -221,7 +221,23 @@ fn ftype_of_mode(mode: u16) -> u8 {
     }
 }
 
-fn entry_err(e: &Entry, msg: impl Into<String>) -> Error {
+/// The entry's device numbers, refused when past Linux's 12-bit major and
+/// 20-bit minor (what an inode stores) instead of truncated.
+pub(crate) fn device_numbers(e: &Entry) -> Result<(u32, u32)> {
+    if e.devmajor > MAX_DEV_MAJOR || e.devminor > MAX_DEV_MINOR {
+        return Err(entry_err(
+            e,
+            format!(
+                "device number {}:{} does not fit in an inode (major at most {MAX_DEV_MAJOR}, minor at most {MAX_DEV_MINOR})",
+                e.devmajor, e.devminor
+            ),
+        ));
+    }
+    // Both fit in u32: checked against the 12/20-bit limits above.
+    Ok((e.devmajor as u32, e.devminor as u32))
+}
+
+pub(crate) fn entry_err(e: &Entry, msg: impl Into<String>) -> Error {
     Error::Entry {
         path: e.path_lossy(),
         msg: msg.into(),
@@ -1025,16 +1041,8 @@ impl<'a> Applier<'a> {
                     ));
                 }
             }
-            Kind::Char | Kind::Block
-                if e.devmajor > MAX_DEV_MAJOR || e.devminor > MAX_DEV_MINOR =>
-            {
-                return Err(entry_err(
-                    e,
-                    format!(
-                        "device number {}:{} does not fit in an inode (major at most {MAX_DEV_MAJOR}, minor at most {MAX_DEV_MINOR})",
-                        e.devmajor, e.devminor
-                    ),
-                ));
+            Kind::Char | Kind::Block => {
+                device_numbers(e)?;
             }
             _ => {}
         }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use blockdev::BlockDevice;
 
 use super::extfs::Extfs;
-use crate::apply::{ApplyOptions, ApplyStats};
+use crate::apply::{device_numbers, entry_err, ApplyOptions, ApplyStats};
 use crate::error::{Error, Result};
 use crate::ext2fs::cache::WriteMode;
 use crate::filedata::{FileData, FillCtx, Run, TarData};
@@ -99,13 +99,6 @@ fn split_path(p: &[u8]) -> (&[u8], &[u8]) {
 
 fn strip_slash(p: &[u8]) -> &[u8] {
     p.strip_suffix(b"/").unwrap_or(p)
-}
-
-fn entry_err(e: &Entry, msg: impl Into<String>) -> Error {
-    Error::Entry {
-        path: e.path_lossy(),
-        msg: msg.into(),
-    }
 }
 
 /// Apply the (uncompressed) layer tar `tar` to the ext4 on `dev` as
@@ -236,23 +229,8 @@ impl Untar<'_> {
                     Kind::Block => crate::ext2fs::inode::S_IFBLK,
                     _ => crate::ext2fs::inode::S_IFIFO,
                 };
-                use crate::apply::{MAX_DEV_MAJOR, MAX_DEV_MINOR};
-                if e.devmajor > MAX_DEV_MAJOR || e.devminor > MAX_DEV_MINOR {
-                    return Err(entry_err(
-                        e,
-                        format!(
-                            "device number {}:{} does not fit in an inode (major at most {MAX_DEV_MAJOR}, minor at most {MAX_DEV_MINOR})",
-                            e.devmajor, e.devminor
-                        ),
-                    ));
-                }
-                // Both fit in u32: checked against the 12/20-bit limits above.
-                self.x.mknod(
-                    &path,
-                    ty | mode as u16,
-                    e.devmajor as u32,
-                    e.devminor as u32,
-                )?;
+                let (major, minor) = device_numbers(e)?;
+                self.x.mknod(&path, ty | mode as u16, major, minor)?;
             }
         }
         self.set_file_perms(e, &path)?;
