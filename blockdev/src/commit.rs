@@ -165,11 +165,11 @@ fn write_output(
             let file = sink.into_file()?;
             file.write_all_at(&tarwrap::header_blocks(blob_len), 0)?;
             output_size = file.len()?;
-            file.sync()?;
         } else {
-            let file = sink.into_file()?;
-            file.sync()?;
+            sink.into_file()?;
         }
+        // No fsync, as upstream's overlaybd-commit: the output is closed, not synced
+        // (the convertor uploads it and deletes it; an fsync cost it seconds).
         Ok(CommitStats {
             lsmt_size,
             output_size,

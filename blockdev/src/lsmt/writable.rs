@@ -149,6 +149,9 @@ pub struct WritableLayer {
     /// The uncompressed layer tar of a warp layer (tag-1 data), if known.
     target: Option<Arc<dyn ReadAt>>,
     read_only: bool,
+    /// [`WritableLayer::flush`] fsyncs (false for scratch layers that are committed
+    /// and deleted, e.g. the convertor's).
+    durable: bool,
     state: Mutex<RwState>,
 }
 
@@ -166,6 +169,15 @@ impl WritableLayer {
     /// Open for writing.
     pub fn open(data: &Path, index: &Path) -> Result<Self> {
         Self::open_mode(data, index, false)
+    }
+
+    /// Open for writing as a scratch layer: [`WritableLayer::flush`] writes the
+    /// pending index entries but does not fsync (the files are committed and
+    /// deleted; nothing needs to survive a crash).
+    pub fn open_scratch(data: &Path, index: &Path) -> Result<Self> {
+        let mut l = Self::open_mode(data, index, false)?;
+        l.durable = false;
+        Ok(l)
     }
 
     /// Open without write access (e.g. to commit it).
@@ -258,6 +270,7 @@ impl WritableLayer {
             warp: true,
             target,
             read_only,
+            durable: true,
             state: Mutex::new(RwState {
                 index: index_map,
                 data_end: 0,
@@ -387,6 +400,7 @@ impl WritableLayer {
             warp: false,
             target: None,
             read_only,
+            durable: true,
             state: Mutex::new(RwState {
                 index,
                 data_end: data_len.div_ceil(SECTOR) * SECTOR,
@@ -757,13 +771,17 @@ impl WritableLayer {
         self.flush_index(&mut self.state.lock())
     }
 
-    /// Append pending index entries and fsync both files.
+    /// Append pending index entries and fsync both files (a scratch layer,
+    /// [`WritableLayer::open_scratch`]: no fsync).
     pub fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
         let mut st = self.state.lock();
         self.flush_index(&mut st)?;
+        if !self.durable {
+            return Ok(());
+        }
         self.data.sync()?;
         if let Some(fi) = &self.index_file {
             fi.sync()?;

@@ -102,7 +102,8 @@ pub fn apply_layer(
     let stack: Arc<dyn BlockDevice> = Arc::new(Stack::open_sources(
         job.lowers,
         Some((&data, &index)),
-        WritableLayer::open,
+        // Scratch: committed, then deleted; no fsync on flush.
+        WritableLayer::open_scratch,
     )?);
     let mut cb = |s: &obdfs::ApplyStats| on_apply(s.tar_bytes);
     let apply = job.engine.apply(
