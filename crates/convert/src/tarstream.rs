@@ -1,18 +1,22 @@
 //! A source layer as its uncompressed tar stream: the blob (gzip, zstd or plain, sniffed)
-//! is decompressed on its own thread into 1 MiB chunks that the consumer reads from a
-//! channel, so decompression and apply run on two cores. With `--reserve` the tar is
+//! is decompressed on its own thread straight into 1 MiB chunks that the consumer reads
+//! from a channel (and hands back for reuse), so decompression and apply run on two
+//! cores with one copy of the tar bytes between them. With `--reserve` the tar is
 //! also written to a file on the way.
 
 use crate::format::LayerInput;
 use crate::{Abort, Error, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use obdoci::decompress;
-use obdoci::stream::{copy, CopyError, CHUNK};
+use obdoci::stream::CHUNK;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// Chunks in flight between the decompression thread and the consumer.
+const IN_FLIGHT: usize = 16;
 
 /// Runs `consume` on the uncompressed tar of `input` (decompressed on another thread;
 /// copied to `tee` too when given). Afterwards the rest of the stream is read, so the
@@ -32,13 +36,17 @@ pub fn with_tar<T>(
         )),
         None => None,
     };
-    let (tx, rx) = bounded::<io::Result<Vec<u8>>>(16);
+    let (tx, rx) = bounded::<io::Result<Vec<u8>>>(IN_FLIGHT);
+    // Read chunks go back to the decompression thread to be filled again: no fresh
+    // 1 MiB allocation (and its page faults) per chunk.
+    let (free_tx, free_rx) = bounded::<Vec<u8>>(IN_FLIGHT + 2);
     let abort = input.abort().clone();
     std::thread::scope(|s| {
-        s.spawn(move || decompress_into(blob, tee, tx, &abort));
+        s.spawn(move || decompress_into(blob, tee, tx, free_rx, &abort));
         let consumed = Arc::new(AtomicU64::new(0));
         let mut reader = ChannelReader {
             rx,
+            free: Some(free_tx),
             cur: Vec::new(),
             off: 0,
             eof: false,
@@ -52,11 +60,14 @@ pub fn with_tar<T>(
     })
 }
 
-/// Decompress `input` into chunks of up to 1 MiB on `tx` (and into `tee` with `--reserve`).
+/// Decompress `input` straight into chunks of [`CHUNK`] bytes (the last one shorter)
+/// sent on `tx` (and written to `tee` with `--reserve`), reusing the buffers that come
+/// back on `free`.
 fn decompress_into(
     input: Box<dyn Read + Send>,
     tee: Option<(File, PathBuf)>,
     tx: Sender<io::Result<Vec<u8>>>,
+    free: Receiver<Vec<u8>>,
     abort: &Abort,
 ) {
     let (mut dec, kind) = match decompress::decoder(input) {
@@ -67,80 +78,55 @@ fn decompress_into(
         }
     };
     tracing::debug!("layer is {kind}");
-    let mut out = ChunkSender {
-        tx: &tx,
-        chunk: Vec::with_capacity(CHUNK),
-        tee: tee.map(|(f, p)| (io::BufWriter::with_capacity(CHUNK, f), p)),
-        closed: false,
-    };
-    let res = copy(&mut dec, &mut out, &|| abort.is_set(), &mut |_| {})
-        .and_then(|_| out.flush().map_err(CopyError::Write));
-    let e = match res {
-        Ok(()) => return,
-        // The consumer stopped reading: it reports why.
-        Err(CopyError::Write(_)) if out.closed => return,
-        Err(CopyError::Read(e)) | Err(CopyError::Write(e)) => e,
-        Err(CopyError::Stopped) => io::Error::new(io::ErrorKind::Interrupted, "interrupted"),
+    let mut tee = tee;
+    let e = loop {
+        let mut chunk = free.try_recv().unwrap_or_default();
+        // A recycled buffer is full length already; only a new one is zero-filled.
+        chunk.resize(CHUNK, 0);
+        let mut filled = 0;
+        let mut failed = None;
+        while filled < CHUNK {
+            // Asked before every read: an aborted source fails its reads as
+            // `Interrupted`, which is otherwise retried.
+            if abort.is_set() {
+                failed = Some(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+                break;
+            }
+            match dec.read(&mut chunk[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        chunk.truncate(filled);
+        if let Some((f, p)) = &mut tee {
+            if let Err(e) = f.write_all(&chunk) {
+                break io::Error::new(e.kind(), obdoci::Error::io(&*p, e));
+            }
+        }
+        if filled > 0 && tx.send(Ok(chunk)).is_err() {
+            // The consumer stopped reading: it reports why.
+            return;
+        }
+        if let Some(e) = failed {
+            break e;
+        }
+        if filled < CHUNK {
+            return;
+        }
     };
     let _ = tx.send(Err(e));
-}
-
-/// Collects decompressed bytes into chunks for the consumer's channel, copying them into
-/// the `--reserve` tee file on the way.
-struct ChunkSender<'a> {
-    tx: &'a Sender<io::Result<Vec<u8>>>,
-    chunk: Vec<u8>,
-    tee: Option<(io::BufWriter<File>, PathBuf)>,
-    /// The receiving side is gone.
-    closed: bool,
-}
-
-impl ChunkSender<'_> {
-    fn send_chunk(&mut self) -> io::Result<()> {
-        let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK));
-        if self.tx.send(Ok(full)).is_err() {
-            self.closed = true;
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the layer's applier stopped reading",
-            ));
-        }
-        Ok(())
-    }
-
-    fn tee(
-        &mut self,
-        op: impl FnOnce(&mut io::BufWriter<File>) -> io::Result<()>,
-    ) -> io::Result<()> {
-        match &mut self.tee {
-            Some((w, p)) => op(w).map_err(|e| io::Error::new(e.kind(), obdoci::Error::io(&*p, e))),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Write for ChunkSender<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tee(|w| w.write_all(buf))?;
-        self.chunk.extend_from_slice(buf);
-        if self.chunk.len() >= CHUNK {
-            self.send_chunk()?;
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.tee(|w| w.flush())?;
-        if !self.chunk.is_empty() {
-            self.send_chunk()?;
-        }
-        Ok(())
-    }
 }
 
 /// Reads the chunks a decompression thread sends.
 struct ChannelReader {
     rx: Receiver<io::Result<Vec<u8>>>,
+    /// Where read chunks go back for reuse.
+    free: Option<Sender<Vec<u8>>>,
     cur: Vec<u8>,
     off: usize,
     eof: bool,
@@ -156,7 +142,12 @@ impl Read for ChannelReader {
             }
             match self.rx.recv() {
                 Ok(Ok(v)) => {
-                    self.cur = v;
+                    let done = std::mem::replace(&mut self.cur, v);
+                    if done.capacity() > 0 {
+                        if let Some(f) = &self.free {
+                            let _ = f.try_send(done);
+                        }
+                    }
                     self.off = 0;
                 }
                 Ok(Err(e)) => {
@@ -188,6 +179,7 @@ mod tests {
         tx.send(Err(io::Error::other("boom"))).unwrap();
         let mut r = ChannelReader {
             rx,
+            free: None,
             cur: vec![],
             off: 0,
             eof: false,
@@ -197,5 +189,82 @@ mod tests {
         let e = r.read_to_end(&mut out).unwrap_err();
         assert_eq!(out, b"abc");
         assert!(e.to_string().contains("boom"));
+    }
+
+    /// Runs [`decompress_into`] on `blob` and reads its output back through a
+    /// [`ChannelReader`] that recycles the chunks, as [`with_tar`] does.
+    fn round_trip(blob: Vec<u8>) -> io::Result<Vec<u8>> {
+        let (tx, rx) = bounded(IN_FLIGHT);
+        let (free_tx, free_rx) = bounded(IN_FLIGHT + 2);
+        let abort = Abort::default();
+        std::thread::scope(|s| {
+            s.spawn(|| decompress_into(Box::new(io::Cursor::new(blob)), None, tx, free_rx, &abort));
+            let mut r = ChannelReader {
+                rx,
+                free: Some(free_tx),
+                cur: vec![],
+                off: 0,
+                eof: false,
+                consumed: Arc::new(AtomicU64::new(0)),
+            };
+            let mut out = Vec::new();
+            r.read_to_end(&mut out)?;
+            assert_eq!(r.consumed.load(Ordering::Relaxed), out.len() as u64);
+            Ok(out)
+        })
+    }
+
+    #[test]
+    fn recycled_chunks_carry_every_byte() {
+        use std::io::Write;
+        // Exactly two chunks, a bit more, and less than one: the chunk boundary and a
+        // short last chunk.
+        for len in [2 * CHUNK, 2 * CHUNK + 5, CHUNK / 3, 0] {
+            let data: Vec<u8> = (0..len as u64)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect();
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&data).unwrap();
+            let out = round_trip(gz.finish().unwrap()).unwrap();
+            assert!(out == data, "{len} bytes: output differs");
+        }
+        // A truncated gzip stream is an error after the bytes before it.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&vec![7u8; 3 * CHUNK]).unwrap();
+        let mut g = gz.finish().unwrap();
+        g.truncate(g.len() - 12);
+        assert!(round_trip(g).is_err());
+    }
+
+    #[test]
+    fn an_abort_stops_a_source_that_fails_as_interrupted() {
+        use std::io::Write;
+        // A gzip stream's first bytes, then reads that fail as `Interrupted` (what an
+        // aborted download does): the conversion stops instead of retrying forever.
+        struct Aborted(io::Cursor<Vec<u8>>);
+        impl Read for Aborted {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                match self.0.read(buf)? {
+                    0 => Err(io::Error::new(io::ErrorKind::Interrupted, "aborted")),
+                    n => Ok(n),
+                }
+            }
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&vec![1u8; 4 * CHUNK]).unwrap();
+        let head = gz.finish().unwrap()[..64].to_vec();
+        let abort = Abort::default();
+        abort.set();
+        let (tx, rx) = bounded(IN_FLIGHT);
+        let (_free_tx, free_rx) = bounded(1);
+        decompress_into(
+            Box::new(Aborted(io::Cursor::new(head))),
+            None,
+            tx,
+            free_rx,
+            &abort,
+        );
+        let e = rx.iter().find_map(|r| r.err()).expect("an error");
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
     }
 }
