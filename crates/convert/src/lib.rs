@@ -182,6 +182,10 @@ pub struct ConvertOptions {
     pub concurrency_limit: usize,
     /// Parallel layer downloads per manifest.
     pub download_concurrency: usize,
+    /// Parallel layer uploads per manifest and output: a sealed layer is pushed while
+    /// the layers before it are still uploading (blobs are independent; the manifest
+    /// lists them in order whatever order they land in).
+    pub upload_concurrency: usize,
     /// The prebuilt base layer used when `mkfs` is false.
     pub baselayer: PathBuf,
     /// How filesystems are made and layers applied (`--engine`; libext2fs by
@@ -207,6 +211,7 @@ impl Default for ConvertOptions {
             dump_manifest: false,
             concurrency_limit: 4,
             download_concurrency: 4,
+            upload_concurrency: 3,
             baselayer: PathBuf::from("/opt/overlaybd/baselayers/ext4_64"),
             engine: std::sync::Arc::new(obdfs::Libext2fs::default()),
             zfile_algorithm: ZfileAlgorithm::Lz4,

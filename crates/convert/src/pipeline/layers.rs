@@ -53,12 +53,23 @@ enum Ready {
     Reused(Reused, Option<PathBuf>),
 }
 
-/// What an output's uploader gets.
+/// What an output's uploader gets (with the layer's index).
 enum Done {
     Built(usize, Sealed),
-    Reused(LayerOut),
+    Reused(usize, LayerOut),
     /// Copy this source layer into the destination, from this file (held until then).
     CopySource(usize, PathBuf, Option<Arc<BlobFile>>),
+}
+
+/// One blob for an uploader's pushers.
+struct Upload {
+    i: usize,
+    desc: Descriptor,
+    path: PathBuf,
+    /// A converted layer (else a source layer the format references).
+    built: bool,
+    /// Keeps a downloaded source blob until it is copied.
+    _hold: Option<Arc<BlobFile>>,
 }
 
 impl Run<'_> {
@@ -372,7 +383,7 @@ impl Layers<'_, '_> {
                     finish(&mut sealing, chain.as_mut())?;
                     let out = chain.reused(&ljob, &hit, file.as_deref()).map_err(ctx(i))?;
                     stats.layers_reused.fetch_add(1, Ordering::Relaxed);
-                    let _ = up.send(Done::Reused(out));
+                    let _ = up.send(Done::Reused(i, out));
                 }
                 Ready::Source(blob) => {
                     let copy = self.copy[j][i].then(|| match &blob {
@@ -416,69 +427,133 @@ impl Layers<'_, '_> {
     }
 
     /// Pushes output `j`'s layers as they are sealed (and the source layers it must
-    /// copy); returns the layers in order.
+    /// copy), up to `upload_concurrency` at once; returns the layers in order.
     fn upload_loop(&self, j: usize, rx: Receiver<Done>) -> Result<Vec<LayerOut>> {
-        let (n, k) = (self.n(), self.todo[j]);
+        let n = self.n();
         let c = self.run.c;
-        let mut out = Vec::with_capacity(n);
-        for done in rx {
-            self.run.check_abort()?;
-            // `_hold` keeps a downloaded source blob until it is copied.
-            let (i, desc, path, sealed, _hold) = match done {
-                // Already in the destination (verified or mounted by dedup); its row exists.
-                Done::Reused(o) => {
-                    out.push(o);
-                    continue;
+        let mut out: Vec<Option<LayerOut>> = vec![None; n];
+        let workers = c.opts.upload_concurrency.clamp(1, n.max(1));
+        let (job_tx, job_rx) = unbounded::<Upload>();
+        std::thread::scope(|s| {
+            let pushers: Vec<_> = (0..workers)
+                .map(|_| {
+                    let job_rx = job_rx.clone();
+                    s.spawn(move || -> Result<()> {
+                        for up in job_rx {
+                            self.run.check_abort()?;
+                            self.push_layer(j, up)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            drop(job_rx);
+            let mut received = Ok(());
+            for done in rx {
+                if let Err(e) = self.run.check_abort() {
+                    received = Err(e);
+                    break;
                 }
-                Done::CopySource(i, p, hold) => (i, self.layers[i].clone(), p, None, hold),
-                Done::Built(i, s) => {
-                    if !c.opts.reserve {
-                        for f in &s.scratch {
-                            let _ = fs::remove_file(f);
+                let up = match done {
+                    // Already in the destination (verified or mounted by dedup); its row
+                    // exists.
+                    Done::Reused(i, o) => {
+                        out[i] = Some(o);
+                        continue;
+                    }
+                    Done::CopySource(i, path, hold) => Upload {
+                        i,
+                        desc: self.layers[i].clone(),
+                        path,
+                        built: false,
+                        _hold: hold,
+                    },
+                    Done::Built(i, sealed) => {
+                        if !c.opts.reserve {
+                            for f in &sealed.scratch {
+                                let _ = fs::remove_file(f);
+                            }
+                        }
+                        out[i] = Some(sealed.out.clone());
+                        Upload {
+                            i,
+                            desc: sealed.out.desc.clone(),
+                            path: sealed.blob.clone(),
+                            built: true,
+                            _hold: None,
                         }
                     }
-                    out.push(s.out.clone());
-                    (i, s.out.desc.clone(), s.blob.clone(), Some(s), None)
+                };
+                if c.opts.no_upload {
+                    continue;
                 }
-            };
-            if c.opts.no_upload {
-                continue;
+                // Every pusher gone: one failed (its error is reported below).
+                if job_tx.send(up).is_err() {
+                    break;
+                }
             }
-            let what = if sealed.is_some() {
-                "uploading layer"
-            } else {
-                "copying source layer"
-            };
-            let bar = c.progress.start_in(
-                self.group(j),
-                &self.name(j, i),
-                Stage::Upload,
-                Some(desc.size),
-            );
-            let r = c
-                .dst
-                .push_blob(&desc, BlobSource::File(&path), Some(bar.setter()));
-            if let Err(e) = r {
-                c.abort.set();
-                return Err(e.context(format!(
-                    "{what} {}/{n} ({}) to {}",
-                    i + 1,
-                    desc.digest,
-                    c.dst.name()
-                )));
+            drop(job_tx);
+            // The first real failure of a pusher, else an interruption.
+            let mut first: Option<Error> = None;
+            for h in pushers {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Invalid("upload thread panicked".into())));
+                if let Err(e) = r {
+                    if first.as_ref().is_none_or(|f| f.is_interrupted()) {
+                        first = Some(e);
+                    }
+                }
             }
-            bar.finish(
-                Some(desc.size),
-                if sealed.is_some() { "" } else { "source layer" },
-            );
-            if let (Some(dd), Some(_)) = (&self.run.outputs[k].out.dedup, &sealed) {
-                dd.record_layer(&self.chain[i], &desc);
+            match first {
+                Some(e) => Err(e),
+                None => received,
             }
+        })?;
+        out.into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or(Error::Interrupted)
+    }
+
+    /// Pushes one layer blob of output `j` (and records a built layer in its dedup
+    /// database).
+    fn push_layer(&self, j: usize, up: Upload) -> Result<()> {
+        let (n, k, c) = (self.n(), self.todo[j], self.run.c);
+        let Upload {
+            i,
+            desc,
+            path,
+            built,
+            ..
+        } = up;
+        let what = if built {
+            "uploading layer"
+        } else {
+            "copying source layer"
+        };
+        let bar = c.progress.start_in(
+            self.group(j),
+            &self.name(j, i),
+            Stage::Upload,
+            Some(desc.size),
+        );
+        let r = c
+            .dst
+            .push_blob(&desc, BlobSource::File(&path), Some(bar.setter()));
+        if let Err(e) = r {
+            c.abort.set();
+            return Err(e.context(format!(
+                "{what} {}/{n} ({}) to {}",
+                i + 1,
+                desc.digest,
+                c.dst.name()
+            )));
         }
-        if out.len() != n {
-            return Err(Error::Interrupted);
+        bar.finish(Some(desc.size), if built { "" } else { "source layer" });
+        if let (Some(dd), true) = (&self.run.outputs[k].out.dedup, built) {
+            dd.record_layer(&self.chain[i], &desc);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Gets layer `i` to every output: dedup hits as their format takes them over (if a
