@@ -12,20 +12,33 @@
 # The registry runs on the same 2 cores as the convertor, so registry-side hashing
 # and writes compete with conversion in the registry runs.
 #
+# With --baseline BIN (or BENCH_BASELINE=BIN) another convertor binary, e.g. one
+# built from an older commit, converts the same image registry -> registry in
+# alternation with this one (ROUNDS times, default 3, medians): the ratio of the two
+# and the peak RSS of each are printed. Both push to fresh repositories every round.
+#
 # usage: scripts/bench-convert.sh [--size-mb N] [--from DIR | --synthetic] [--keep]
+#                                 [--baseline BIN] [--only-baseline]
+#   (ROUNDS, BENCH_PRIO: see bench-lib.sh)
 #   --size-mb N  uncompressed image size (default 400)
 #   --from DIR   take file contents from DIR (default /usr: real binaries and text)
 #   --synthetic  generated data instead (compresses and inflates much faster)
 #   --keep       keep the work directory
+#   --baseline BIN      compare with this convertor binary
+#   --only-baseline     run only that comparison (skip skopeo, gzip, TurboOCI rows)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SIZE=400; FROM=(--from /usr); KEEP=0
+ROUNDS=${ROUNDS:-3}
+. scripts/bench-lib.sh
+SIZE=400; FROM=(--from /usr); KEEP=0; BASELINE=${BENCH_BASELINE:-}; ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mb) SIZE=$2; shift 2 ;;
     --from) FROM=(--from "$2"); shift 2 ;;
     --synthetic) FROM=(); shift ;;
     --keep) KEEP=1; shift ;;
+    --baseline) BASELINE=$2; shift 2 ;;
+    --only-baseline) ONLY=1; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -40,6 +53,7 @@ REG_PID=
 cleanup() {
   [ -n "$REG_PID" ] && kill "$REG_PID" 2>/dev/null || true
   [ "$KEEP" = 1 ] || rm -rf "$W"
+  rm -f "$BENCH_ERR"
 }
 trap cleanup EXIT
 
@@ -78,6 +92,51 @@ read -r UNC_BYTES COMP_BYTES NLAYERS <<<"$UNC"
 printf "image: %d layers, %.1f MB uncompressed, %.1f MB gzip\n\n" "$NLAYERS" "$(echo "$UNC_BYTES/1000000" | bc -l)" "$(echo "$COMP_BYTES/1000000" | bc -l)"
 
 now() { date +%s.%N; }
+uptime | sed 's/^ */load: /'
+
+# conv_round NAME BIN ROUND: one registry -> registry conversion into a fresh
+# repository; wall time into NAME's samples, peak RSS (KiB) into RSS[NAME], CPU
+# seconds (user + system, a figure other load on the machine hardly changes) into
+# CPU_NAME's samples.
+declare -A RSS=()
+conv_round() {
+  local name=$1 bin=$2 r=$3 s e
+  s=$(date +%s%N)
+  if ! /usr/bin/time -f "%M %U %S" -o "$W/rss.$name" "$bin" -r "127.0.0.1:$PORT/bench/src" -i bench \
+      -o "bench_$name" --output-repository "127.0.0.1:$PORT/bench/$name$r" --plain \
+      -d "$W/conv.$name" >"$W/out.$name" 2>"$W/err.$name"; then
+    echo "convertor '$name' ($bin) failed:" >&2
+    tail -5 "$W/err.$name" >&2
+    exit 1
+  fi
+  e=$(date +%s%N)
+  rm -rf "$W/conv.$name"
+  BENCH_SAMPLES[$name]+="$(((e - s) / 1000)) "
+  local k u sy; read -r k u sy < <(tail -1 "$W/rss.$name")
+  [ "${RSS[$name]:-0}" -ge "$k" ] || RSS[$name]=$k
+  BENCH_SAMPLES[cpu_$name]+="$(awk -v u="$u" -v s="$sy" 'BEGIN {printf "%d", (u + s) * 1e6}') "
+}
+if [ -n "$BASELINE" ]; then
+  [ -x "$BASELINE" ] || { echo "--baseline: $BASELINE is not an executable" >&2; exit 1; }
+  for r in $(seq "$ROUNDS"); do
+    conv_round new "$CONV" "$r"
+    conv_round old "$BASELINE" "$r"
+  done
+  bench_header
+  bench_row "convertor registry -> registry (this tree)" new "$UNC_BYTES"
+  grep '^stage' "$W/err.new" | sed 's/^/    (last run) /'
+  bench_row "baseline $(basename "$BASELINE") registry -> registry" old "$UNC_BYTES"
+  grep '^stage' "$W/err.old" | sed 's/^/    (last run) /' || true
+  printf "speed-up over the baseline: %sx (wall, medians); CPU seconds %s vs %s (%sx)\n" \
+    "$(bench_ratio old new)" "$(bench_median cpu_new)" "$(bench_median cpu_old)" "$(bench_ratio cpu_old cpu_new)"
+  printf "peak RSS %d MB (baseline %d MB)\n" $((RSS[new] / 1024)) $((RSS[old] / 1024))
+  # Same bytes? (informational: the baseline may predate format changes)
+  if cmp -s <(grep -o 'sha256:[0-9a-f]*' "$W/out.new" | sort) <(grep -o 'sha256:[0-9a-f]*' "$W/out.old" | sort); then
+    echo "the two convertors printed the same digests"
+  fi
+  echo
+  [ "$ONLY" = 1 ] && exit 0
+fi
 row() { awk -v n="$1" -v s="$2" -v b="$UNC_BYTES" 'BEGIN { printf "%-46s %8.2f s %8.1f MB/s\n", n, s, b / s / 1e6 }'; }
 
 # Separate blob-info caches so skopeo cannot turn the push into cross-repo mounts.
