@@ -11,6 +11,10 @@
 #      engine (batches of reads in flight) and with plain pread;
 #   3. a real client: nbdcopy of the whole export (block status skips holes).
 #
+# Random reads are compared with the faster in-process way: one read at a
+# time, or batches of 16 through read_many (as the server reads 16 requests
+# in flight); the CPU time per read (client + server) is printed too.
+#
 # usage: scripts/bench-nbd.sh [LAYER...]   (ROUNDS, BENCH_PRIO, BENCH_DIR:
 #        see bench-lib.sh; the cold test needs BENCH_DIR on a real disk)
 set -euo pipefail
