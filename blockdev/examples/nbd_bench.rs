@@ -10,9 +10,9 @@
 //! requests in flight. The client reads reply data into one reused buffer
 //! ([`Client::recv_into`]). The CPU time per random read (client and server
 //! together: both run in this process) shows how much of the difference is
-//! work and how much waiting. The medians of `R` rounds (default 5) are printed with their
-//! spread, so that other load on the machine shows up as spread, not as a
-//! wrong ratio. With `--cold`, the random reads start from an empty page
+//! work and how much waiting. The medians of `R` rounds (default 5) are
+//! printed with their spread, so that other load on the machine shows up as
+//! spread, not as a wrong ratio. With `--cold`, the random reads start from an empty page
 //! cache for the layer files (`posix_fadvise(DONTNEED)` on them only), so
 //! they measure device reads. scripts/bench-nbd.sh runs it.
 
