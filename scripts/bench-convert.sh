@@ -17,8 +17,10 @@
 #   --from DIR   take file contents from DIR (default /usr: real binaries and text)
 #   --synthetic  generated data instead (compresses and inflates much faster)
 #   --keep       keep the work directory
+# BENCH_PRIO=1: see scripts/bench-lib.sh (a session of its own at nice -20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/bench-lib.sh
 SIZE=400; FROM=(--from /usr); KEEP=0
 while [ $# -gt 0 ]; do
   case "$1" in

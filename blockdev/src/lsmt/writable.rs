@@ -149,6 +149,8 @@ pub struct WritableLayer {
     /// The uncompressed layer tar of a warp layer (tag-1 data), if known.
     target: Option<Arc<dyn ReadAt>>,
     read_only: bool,
+    /// [`WritableLayer::flush`] fsyncs (see [`WritableLayer::scratch`]).
+    sync: bool,
     state: Mutex<RwState>,
 }
 
@@ -258,6 +260,7 @@ impl WritableLayer {
             warp: true,
             target,
             read_only,
+            sync: true,
             state: Mutex::new(RwState {
                 index: index_map,
                 data_end: 0,
@@ -387,6 +390,7 @@ impl WritableLayer {
             warp: false,
             target: None,
             read_only,
+            sync: true,
             state: Mutex::new(RwState {
                 index,
                 data_end: data_len.div_ceil(SECTOR) * SECTOR,
@@ -757,13 +761,25 @@ impl WritableLayer {
         self.flush_index(&mut self.state.lock())
     }
 
-    /// Append pending index entries and fsync both files.
+    /// The layer as scratch: [`WritableLayer::flush`] writes the pending index
+    /// entries but does not fsync, for a layer that is read back by this process
+    /// (committed) and thrown away if it stops (the convertor's work files).
+    pub fn scratch(mut self) -> Self {
+        self.sync = false;
+        self
+    }
+
+    /// Append pending index entries and fsync both files (unless
+    /// [`WritableLayer::scratch`]).
     pub fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
         let mut st = self.state.lock();
         self.flush_index(&mut st)?;
+        if !self.sync {
+            return Ok(());
+        }
         self.data.sync()?;
         if let Some(fi) = &self.index_file {
             fi.sync()?;
