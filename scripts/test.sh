@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh test
 cargo fmt --all --check
 # Lints: the [workspace.lints] table of Cargo.toml plus clippy's defaults, as errors.
-cargo clippy --workspace --all-targets -- -D warnings
+# In the release profile, so the build scripts (bundled C libraries) and proc macros
+# it compiles are the ones the test build below reuses.
+cargo clippy --workspace --all-targets --release -- -D warnings
 cargo test --workspace --release
 # By default single reads and writes use pread/pwrite and batches of reads
 # io_uring; run the format and NBD tests again with all file I/O over plain

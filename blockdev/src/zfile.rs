@@ -533,8 +533,11 @@ impl ReadAt for ZFileReader {
         let size = self.info.original_size;
         let bs = self.info.block_size as u64;
         let mut results: Vec<Option<Result<()>>> = Vec::with_capacity(reqs.len());
-        // (request, first block, end block, compressed bytes)
-        let mut spans: Vec<(usize, usize, usize, Vec<u8>)> = Vec::new();
+        // (request, first block, end block, where its compressed bytes
+        // start in `stored`): one buffer for the whole batch, reused by the
+        // thread like `read_at`'s.
+        let mut spans: Vec<(usize, usize, usize, usize)> = Vec::new();
+        let mut total = 0usize;
         for (k, (off, buf)) in reqs.iter_mut().enumerate() {
             let len = buf.len() as u64;
             if len == 0 || off.checked_add(len).is_none_or(|end| end > size) {
@@ -549,21 +552,33 @@ impl ReadAt for ZFileReader {
                 continue;
             }
             results.push(None);
-            spans.push((k, first, end, vec![0u8; span as usize]));
+            spans.push((k, first, end, total));
+            total += span as usize;
         }
-        let mut io: Vec<(u64, &mut [u8])> = spans
-            .iter_mut()
-            .map(|(_, first, _, v)| (self.offsets[*first], &mut v[..]))
-            .collect();
-        let read = self.src.read_many_exact(&mut io);
-        drop(io);
+        let mut stored = STORED.with(|v| std::mem::take(&mut *v.borrow_mut()));
+        stored.resize(total, 0);
+        let read = {
+            let mut io: Vec<(u64, &mut [u8])> = Vec::with_capacity(spans.len());
+            let mut rest: &mut [u8] = &mut stored;
+            for &(_, first, end, _) in &spans {
+                let n = (self.offsets[end] - self.offsets[first]) as usize;
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                io.push((self.offsets[first], head));
+                rest = tail;
+            }
+            self.src.read_many_exact(&mut io)
+        };
         let mut scratch = Vec::new();
-        for ((k, first, end, stored), r) in spans.into_iter().zip(read) {
+        for (&(k, first, end, at), r) in spans.iter().zip(read) {
             let (off, buf) = &mut reqs[k];
+            let n = (self.offsets[end] - self.offsets[first]) as usize;
             results[k] = Some(r.and_then(|()| {
-                self.decode_run(first, end, &stored, *off, buf, &mut scratch)
+                self.decode_run(first, end, &stored[at..at + n], *off, buf, &mut scratch)
                     .map(|_| ())
             }));
+        }
+        if stored.capacity() <= READ_CHUNK as usize + MAX_BLOCK_SIZE as usize * 3 {
+            STORED.with(|v| *v.borrow_mut() = stored);
         }
         results
             .into_iter()

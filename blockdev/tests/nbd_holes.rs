@@ -137,3 +137,51 @@ fn unmapped_ranges_are_hole_chunks_and_never_read() {
     assert!(c.read(0, 2 << 20).unwrap() == want(0, 2 << 20));
     c.disconnect().unwrap();
 }
+
+/// One `Reply` reused across reads (`Client::recv_into`, as the benchmark
+/// does): each reply holds exactly its own bytes, zeros of a hole never
+/// keep an earlier read's data, and an error leaves no data behind.
+#[test]
+fn a_reused_reply_never_keeps_earlier_data() {
+    let mem = test_device();
+    let dev = Arc::new(Recording {
+        inner: mem.clone(),
+        reads: Mutex::new(Vec::new()),
+    });
+    let srv = start(dev, ServerConfig::default());
+    let want = |off: u64, len: u32| {
+        let mut v = vec![0u8; len as usize];
+        mem.read_at(&mut v, off).unwrap();
+        v
+    };
+    for opts in [structured(), ClientOptions::default()] {
+        let mut c = Client::connect(&srv.ep, &opts).unwrap();
+        let mut r = blockdev::nbd::client::Reply::default();
+        // data, then a hole of the same size, then data and hole mixed,
+        // then a read past the end, then data again
+        let reads: [(u64, u32); 5] = [
+            (1 << 20, 8192),
+            (5 << 20, 8192),
+            ((1 << 20) - 4096, 8192),
+            (32 << 20, 4096),
+            ((32 << 20) - 8192, 8192),
+        ];
+        for (i, &(off, len)) in reads.iter().enumerate() {
+            let h = c.send(CMD_READ, 0, off, len, &[]).unwrap();
+            c.flush_requests().unwrap();
+            c.recv_into(&mut r).unwrap();
+            assert_eq!(r.handle, h);
+            if i == 3 {
+                assert_ne!(r.error, 0, "read past the end must fail");
+                assert!(r.data.is_empty(), "error reply kept data");
+                continue;
+            }
+            assert_eq!(r.error, 0, "read {i}");
+            assert!(r.data == want(off, len), "read {i} ({opts:?})");
+            if opts.structured && i == 1 {
+                assert_eq!(r.chunks, vec![(REPLY_TYPE_OFFSET_HOLE, off, len as u64)]);
+            }
+        }
+        c.disconnect().unwrap();
+    }
+}

@@ -14,7 +14,7 @@ use super::proto::*;
 use super::server::Endpoint;
 
 /// One reply to a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reply {
     pub handle: u64,
     /// 0 on success, else an NBD error value.
@@ -163,41 +163,47 @@ impl Client {
 
     /// Wait for the next complete reply (any handle).
     pub fn recv(&mut self) -> io::Result<Reply> {
+        let mut r = Reply::default();
+        self.recv_into(&mut r)?;
+        Ok(r)
+    }
+
+    /// [`Client::recv`] into `out`, reusing its buffers: read data goes
+    /// straight from the stream into `out.data`, as a client reading into
+    /// its caller's buffer does (no allocation per reply once `out.data`
+    /// has the size of the reads).
+    pub fn recv_into(&mut self, out: &mut Reply) -> io::Result<()> {
+        out.error = 0;
+        out.message.clear();
+        out.chunks.clear();
         let magic = u32::from_be_bytes(rd(&mut self.r)?);
         match magic {
             SIMPLE_REPLY_MAGIC => {
                 let rest: [u8; 12] = rd(&mut self.r)?;
-                let error = be32(&rest[0..4]);
-                let handle = be64(&rest[4..12]);
-                let mut data = Vec::new();
-                if let Some((_, len)) = self.pending_reads.remove(&handle) {
-                    if error == 0 {
-                        data = vec![0u8; len as usize];
-                        self.r.read_exact(&mut data)?;
+                out.error = be32(&rest[0..4]);
+                out.handle = be64(&rest[4..12]);
+                match self.pending_reads.remove(&out.handle) {
+                    Some((_, len)) if out.error == 0 => {
+                        // Every byte is overwritten below.
+                        if out.data.len() != len as usize {
+                            out.data.clear();
+                            out.data.resize(len as usize, 0);
+                        }
+                        self.r.read_exact(&mut out.data)?;
                     }
+                    _ => out.data.clear(),
                 }
-                Ok(Reply {
-                    handle,
-                    error,
-                    data,
-                    message: String::new(),
-                    chunks: Vec::new(),
-                })
+                Ok(())
             }
-            STRUCTURED_REPLY_MAGIC => self.recv_structured(),
+            STRUCTURED_REPLY_MAGIC => self.recv_structured(out),
             m => Err(bad(format!("bad reply magic {m:#x}"))),
         }
     }
 
-    fn recv_structured(&mut self) -> io::Result<Reply> {
+    fn recv_structured(&mut self, out: &mut Reply) -> io::Result<()> {
         let mut first = true;
-        let mut out = Reply {
-            handle: 0,
-            error: 0,
-            data: Vec::new(),
-            message: String::new(),
-            chunks: Vec::new(),
-        };
+        // Whether `out.data` has been set up for this read.
+        let mut sized = false;
         loop {
             if !first {
                 let magic = u32::from_be_bytes(rd(&mut self.r)?);
@@ -224,8 +230,6 @@ impl Client {
                     "structured reply chunk of type {typ} has length {len} (allowed {lo}..={hi})"
                 )));
             }
-            let mut p = vec![0u8; len as usize];
-            self.r.read_exact(&mut p)?;
             // Data and holes must fall inside the read they answer.
             let place = |off: u64, n: u64| -> io::Result<usize> {
                 let (roff, rlen) =
@@ -240,58 +244,71 @@ impl Client {
             match typ {
                 REPLY_TYPE_NONE => {}
                 REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
-                    let off = be64(&p[0..8]);
-                    let (n, data) = if typ == REPLY_TYPE_OFFSET_DATA {
-                        ((p.len() - 8) as u64, Some(&p[8..]))
+                    let off = u64::from_be_bytes(rd(&mut self.r)?);
+                    let n = if typ == REPLY_TYPE_OFFSET_DATA {
+                        len - 8
                     } else {
-                        (be32(&p[8..12]) as u64, None)
+                        be32(&rd::<4>(&mut self.r)?) as u64
                     };
                     if n == 0 {
                         return Err(bad("empty data or hole chunk"));
                     }
                     let start = place(off, n)?;
-                    if out.data.is_empty() {
-                        let rlen = read.map_or(0, |r| r.1);
-                        out.data = vec![0u8; rlen as usize];
+                    if !sized {
+                        // Parts no chunk covers read as zeros.
+                        out.data.clear();
+                        out.data.resize(read.map_or(0, |r| r.1) as usize, 0);
+                        sized = true;
                     }
-                    if let Some(d) = data {
-                        out.data[start..start + d.len()].copy_from_slice(d);
+                    let dst = &mut out.data[start..start + n as usize];
+                    if typ == REPLY_TYPE_OFFSET_DATA {
+                        self.r.read_exact(dst)?;
+                    } else {
+                        dst.fill(0);
                     }
                     out.chunks.push((typ, off, n));
                 }
-                REPLY_TYPE_BLOCK_STATUS => {
-                    if !(p.len() - 4).is_multiple_of(8) {
-                        return Err(bad("block status chunk with a partial descriptor"));
+                _ => {
+                    let mut p = vec![0u8; len as usize];
+                    self.r.read_exact(&mut p)?;
+                    match typ {
+                        REPLY_TYPE_BLOCK_STATUS => {
+                            if !(p.len() - 4).is_multiple_of(8) {
+                                return Err(bad("block status chunk with a partial descriptor"));
+                            }
+                            out.data.clear();
+                            out.data.extend_from_slice(&p[4..]);
+                            sized = true;
+                        }
+                        t if t & 0x8000 != 0 => {
+                            let error = be32(&p[0..4]);
+                            let ml = be16(&p[4..6]) as usize;
+                            let tail = if t == REPLY_TYPE_ERROR_OFFSET { 8 } else { 0 };
+                            if error == 0 {
+                                return Err(bad("error chunk with error value 0"));
+                            }
+                            if 6 + ml + tail > p.len()
+                                || (matches!(t, REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET)
+                                    && 6 + ml + tail != p.len())
+                            {
+                                return Err(bad(format!(
+                                    "error chunk of {} bytes with a {ml}-byte message",
+                                    p.len()
+                                )));
+                            }
+                            out.error = error;
+                            out.message = String::from_utf8_lossy(&p[6..6 + ml]).into_owned();
+                        }
+                        t => return Err(bad(format!("unknown chunk type {t}"))),
                     }
-                    out.data = p[4..].to_vec();
                 }
-                t if t & 0x8000 != 0 => {
-                    let error = be32(&p[0..4]);
-                    let ml = be16(&p[4..6]) as usize;
-                    let tail = if t == REPLY_TYPE_ERROR_OFFSET { 8 } else { 0 };
-                    if error == 0 {
-                        return Err(bad("error chunk with error value 0"));
-                    }
-                    if 6 + ml + tail > p.len()
-                        || (matches!(t, REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET)
-                            && 6 + ml + tail != p.len())
-                    {
-                        return Err(bad(format!(
-                            "error chunk of {} bytes with a {ml}-byte message",
-                            p.len()
-                        )));
-                    }
-                    out.error = error;
-                    out.message = String::from_utf8_lossy(&p[6..6 + ml]).into_owned();
-                }
-                t => return Err(bad(format!("unknown chunk type {t}"))),
             }
             if flags & REPLY_FLAG_DONE != 0 {
                 self.pending_reads.remove(&handle);
-                if out.error != 0 {
+                if out.error != 0 || !sized {
                     out.data.clear();
                 }
-                return Ok(out);
+                return Ok(());
             }
         }
     }

@@ -915,24 +915,23 @@ fn read_replies(
         // A simple reply carries one data payload whatever the layout, and
         // devices fill what they know to be zero without reading it: no
         // need to look at the extents.
-        let ext = if !s.structured {
-            vec![Extent {
+        if !s.structured {
+            put_simple(out, handle);
+            let at = out.len();
+            out.resize(at + len as usize, 0);
+            data.push((at, offset, len as usize, k));
+            continue;
+        }
+        let ext = match dev.extents(offset, len) {
+            Ok(e) if !e.is_empty() => e,
+            _ => vec![Extent {
                 offset,
                 len,
                 zero: false,
-            }]
-        } else {
-            match dev.extents(offset, len) {
-                Ok(e) if !e.is_empty() => e,
-                _ => vec![Extent {
-                    offset,
-                    len,
-                    zero: false,
-                }],
-            }
+            }],
         };
         let all_zero = ext.iter().all(|e| e.zero);
-        if s.structured && (all_zero || (!df && ext.iter().any(|e| e.zero))) {
+        if all_zero || (!df && ext.iter().any(|e| e.zero)) {
             // Chunk per extent, a hole chunk for each zero one (a single
             // hole chunk when all is zero, which DF allows too).
             let n = ext.len();
@@ -948,12 +947,8 @@ fn read_replies(
             }
             continue;
         }
-        // One data payload for the whole range (zero-filled).
-        if s.structured {
-            put_data_header(out, REPLY_FLAG_DONE, handle, offset, len as u32);
-        } else {
-            put_simple(out, handle);
-        }
+        // One data chunk for the whole range (zero-filled).
+        put_data_header(out, REPLY_FLAG_DONE, handle, offset, len as u32);
         let at = out.len();
         out.resize(at + len as usize, 0);
         for e in ext.iter().filter(|e| !e.zero) {

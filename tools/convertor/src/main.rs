@@ -76,7 +76,8 @@ pub(crate) struct Args {
     /// --dump-manifest keep files in it and need it to themselves.
     #[arg(short = 'd', long = "dir", default_value = "tmp_conv")]
     dir: PathBuf,
-    /// Write OCI media types (default: Docker schema 2).
+    /// Write OCI media types (default: Docker schema 2 into a registry or a `docker save`
+    /// archive; an `oci:` or `oci-archive:` destination always gets OCI types).
     #[arg(long)]
     oci: bool,
     /// Filesystem of TurboOCI layers: ext4 or erofs (native output is always
@@ -359,9 +360,14 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     }
     let mut opts = ConvertOptions {
         workdir: args.dir.clone(),
-        // An OCI archive holds OCI media types: skopeo (containers/image) reads no
-        // other manifest type from an OCI layout.
-        oci: args.oci || args.referrer || matches!(dst_ref, ImageRef::OciArchive { .. }),
+        // An OCI layout (directory or archive) holds OCI media types: skopeo
+        // (containers/image) reads no other manifest type from one.
+        oci: args.oci
+            || args.referrer
+            || matches!(
+                dst_ref,
+                ImageRef::OciArchive { .. } | ImageRef::Layout { .. }
+            ),
         referrer: args.referrer,
         mkfs: args.mkfs,
         vsize_gb: args.vsize,

@@ -467,6 +467,25 @@ fn oci_layout_without_registry() {
         assert!(l2.has_blob(&x.digest));
     }
     assert!(l2.has_blob(&m.config.digest));
+
+    // A layout gets OCI media types, whatever `--oci` says, so that the
+    // containers/image tools read it.
+    assert_eq!(m.media_type.as_deref(), Some(MT_OCI_MANIFEST));
+    assert!(m.layers.iter().all(|x| x.media_type == MT_OCI_LAYER_TAR));
+    let copied = t.path().join("skopeo-dir");
+    let st = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            &format!("oci:{}:converted", other.display()),
+        ])
+        .arg(format!("dir:{}", copied.display()))
+        .status()
+        .unwrap();
+    assert!(st.success(), "skopeo cannot read the converted layout");
+    for x in &m.layers {
+        assert!(copied.join(&x.digest.to_string()[7..]).exists());
+    }
 }
 
 /// `--mkfs=false`: the layers go on top of upstream's own prebuilt base layer

@@ -163,8 +163,24 @@ impl Fuse {
         self.child.take().unwrap().wait_with_output().unwrap()
     }
 
-    /// Unmount with `fusermount -u` (the daemon then exits).
+    /// Unmount with `fusermount -u` (the daemon then exits). A client that was
+    /// just stopped (a fuse2fs daemon, a loop device being torn down) may hold the
+    /// disk open a moment longer: "busy" is retried for a few seconds.
     pub fn unmount(&self) {
+        for _ in 0..50 {
+            let o = Command::new(tool("fusermount"))
+                .arg("-u")
+                .arg(&self.mp)
+                .output()
+                .unwrap();
+            if o.status.success() {
+                return;
+            }
+            if !String::from_utf8_lossy(&o.stderr).contains("busy") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         run_ok(Command::new(tool("fusermount")).arg("-u").arg(&self.mp));
     }
 }
@@ -232,16 +248,30 @@ impl KernelMount {
         if !is_mounted(&self.mp) {
             return;
         }
-        let st = if self.fuse {
-            Command::new("fusermount").arg("-u").arg(&self.mp).status()
-        } else {
-            Command::new("umount").arg(&self.mp).status()
-        };
+        // "busy" right after the last file was closed is transient on a loaded
+        // machine (udev or blkid probing a fresh loop device): retried briefly.
+        let mut out = None;
+        for _ in 0..50 {
+            let o = if self.fuse {
+                Command::new("fusermount").arg("-u").arg(&self.mp).output()
+            } else {
+                Command::new("umount").arg(&self.mp).output()
+            }
+            .unwrap();
+            let busy = String::from_utf8_lossy(&o.stderr).contains("busy");
+            out = Some(o);
+            if !busy {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let out = out.unwrap();
         if check {
             assert!(
-                st.unwrap().success(),
-                "unmounting {} failed",
-                self.mp.display()
+                out.status.success(),
+                "unmounting {} failed: {}",
+                self.mp.display(),
+                String::from_utf8_lossy(&out.stderr)
             );
         } else if is_mounted(&self.mp) {
             let _ = Command::new("umount").arg("-l").arg(&self.mp).status();
