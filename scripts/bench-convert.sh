@@ -19,7 +19,7 @@
 #
 # usage: scripts/bench-convert.sh [--size-mb N] [--from DIR | --synthetic] [--keep]
 #                                 [--baseline BIN] [--only-baseline]
-#   (ROUNDS, BENCH_PRIO: see bench-lib.sh)
+#   (ROUNDS, BENCH_PRIO=1: see bench-lib.sh; a session of its own at nice -20)
 #   --size-mb N  uncompressed image size (default 400)
 #   --from DIR   take file contents from DIR (default /usr: real binaries and text)
 #   --synthetic  generated data instead (compresses and inflates much faster)

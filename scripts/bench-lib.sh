@@ -13,7 +13,7 @@ ROUNDS=${ROUNDS:-5}
 
 if [[ ${BENCH_PRIO:-0} == 1 && -z ${BENCH_PRIO_ACTIVE:-} ]]; then
   export BENCH_PRIO_ACTIVE=1
-  exec setsid bash -c 'echo -20 > /proc/self/autogroup 2>/dev/null || echo "BENCH_PRIO: cannot raise the priority (not root?)" >&2; exec "$0" "$@"' "$0" "$@"
+  exec setsid --wait bash -c 'echo -20 > /proc/self/autogroup 2>/dev/null || echo "BENCH_PRIO: cannot raise the priority (not root?)" >&2; exec "$0" "$@"' "$0" "$@"
 fi
 
 declare -A BENCH_SAMPLES=()

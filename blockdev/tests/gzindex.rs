@@ -25,6 +25,44 @@ fn check_case(case: &str, tar: &Path) {
     assert!(ours == theirs, "{case}: gzip.meta differs from upstream's");
     let plain = std::fs::read(tar).unwrap();
     assert_eq!(info.uncompressed_size, plain.len() as u64);
+    // One pass: the tar handed out while the index is built, the blob
+    // arriving in small pieces and read out in odd sizes, gives the same
+    // index and the tar.
+    let gz_bytes = std::fs::read(&blob).unwrap();
+    let trickle = Trickle(&gz_bytes[..], 1000);
+    let mut ix = gzindex::Indexer::new(
+        trickle,
+        &blob,
+        std::io::Cursor::new(Vec::new()),
+        gzindex::DEFAULT_SPAN,
+    )
+    .unwrap();
+    let mut tar_out = Vec::new();
+    let mut buf = [0u8; 777];
+    // Stop reading part way: finish inflates the rest itself.
+    while tar_out.len() < plain.len() * 2 / 3 {
+        let n = ix.read_uncompressed(&mut buf).unwrap();
+        assert!(n > 0);
+        tar_out.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        tar_out[..] == plain[..tar_out.len()],
+        "{case}: streamed tar"
+    );
+    let (info2, w) = ix.finish().unwrap();
+    assert_eq!(info2, info);
+    assert!(w.into_inner() == theirs, "{case}: streamed gzip.meta");
+    let mut ix = gzindex::Indexer::new(
+        Trickle(&gz_bytes[..], 3000),
+        &blob,
+        std::io::Cursor::new(Vec::new()),
+        gzindex::DEFAULT_SPAN,
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut ix, &mut all).unwrap();
+    assert!(all == plain, "{case}: the whole tar through Read");
+    assert!(ix.finish().unwrap().1.into_inner() == theirs);
     // Random reads through upstream's index equal the tar.
     let gz = GzFile::open_paths(&blob, &fixtures().join(case).join("gzip.meta")).unwrap();
     assert_eq!(gz.size(), plain.len() as u64);
@@ -39,6 +77,18 @@ fn check_case(case: &str, tar: &Path) {
         let n = gz.read_at(&mut buf, off).unwrap();
         let want = &plain[off as usize..(off as usize + len).min(plain.len())];
         assert_eq!(&buf[..n], want, "{case}: read {len} at {off}");
+    }
+}
+
+/// A reader handing out at most `.1` bytes per read (a download arriving).
+struct Trickle<'a>(&'a [u8], usize);
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = buf.len().min(self.1).min(self.0.len());
+        buf[..k].copy_from_slice(&self.0[..k]);
+        self.0 = &self.0[k..];
+        Ok(k)
     }
 }
 

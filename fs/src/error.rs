@@ -25,6 +25,10 @@ pub enum Error {
     /// The block device failed outside a libext2fs call.
     #[error("block device")]
     Device(#[source] blockdev::Error),
+    /// Reading, inflating or indexing a layer blob failed (the error names
+    /// the blob).
+    #[error("layer blob")]
+    Blob(#[source] blockdev::Error),
     /// Reading the tar stream failed.
     #[error("cannot read the tar stream at byte {offset}")]
     Read {

@@ -7,8 +7,9 @@
 //! 1. [`create_layer`]: a writable warp layer (`overlaybd-create
 //!    --turboOCI [--mkfs]`);
 //! 2. [`apply_layer`]: the layer blob applied in reference mode
-//!    (`turboOCI-apply`): for a gzip blob its `gzip.meta` is built first
-//!    ([`blockdev::gzindex::build_file`]); metadata is written into the warp
+//!    (`turboOCI-apply`), in one sequential pass over the blob: a gzip blob
+//!    is inflated once, its `gzip.meta` built on the way
+//!    ([`blockdev::gzindex::Indexer`]); metadata is written into the warp
 //!    layer, file data becomes target mappings into the uncompressed tar;
 //! 3. [`blockdev::commit::commit_warp`]: the sealed `<fs>.fs.meta`
 //!    (`overlaybd-commit --turboOCI [-z]`).
@@ -24,12 +25,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use blockdev::gzindex::{self, GzFile};
+use blockdev::gzindex;
 use blockdev::lsmt::writable::create_warp;
 use blockdev::lsmt::WritableLayer;
-use blockdev::source::ReadAt;
 use blockdev::stack::LowerSource;
-use blockdev::warp::TargetSource;
 use blockdev::{BlockDevice, Stack};
 
 use crate::apply::{ApplyOptions, ApplyStats};
@@ -50,39 +49,48 @@ pub enum BlobKind {
 /// Sniff a layer blob: gzip or an uncompressed tar. Anything else (zstd,
 /// garbage) cannot be read by offset and is refused naming the file.
 pub fn blob_kind(blob: &Path) -> Result<BlobKind> {
-    let mut f = std::fs::File::open(blob)
-        .map_err(|e| Error::Invalid(format!("cannot open {}: {e}", blob.display())))?;
-    let mut head = vec![0u8; 512];
+    let f = std::fs::File::open(blob).map_err(|e| Error::Blob(blockdev::Error::io(blob, e)))?;
+    let head = read_head(f, blob)?;
+    sniff(blob, &head)
+}
+
+/// Up to [`HEAD`] bytes from the start of `r` (fewer only at its end).
+fn read_head(mut r: impl Read, name: &Path) -> Result<Vec<u8>> {
+    let mut head = vec![0u8; HEAD];
     let mut n = 0;
     while n < head.len() {
-        match f.read(&mut head[n..]) {
+        match r.read(&mut head[n..]) {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(Error::Invalid(format!(
-                    "cannot read {}: {e}",
-                    blob.display()
-                )))
-            }
+            Err(e) => return Err(Error::Blob(blockdev::Error::io(name, e))),
         }
     }
-    let head = &head[..n];
+    head.truncate(n);
+    Ok(head)
+}
+
+/// Bytes [`sniff`] looks at: one tar header.
+const HEAD: usize = 512;
+
+/// The kind of the blob `name` that starts with `head` (its first 512
+/// bytes, fewer if it is shorter).
+pub fn sniff(name: &Path, head: &[u8]) -> Result<BlobKind> {
     if gzindex::is_gzip(head) {
         return Ok(BlobKind::Gzip);
     }
     if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         return Err(Error::Invalid(format!(
             "{}: zstd-compressed layers cannot be read by offset; TurboOCI needs a gzip or uncompressed tar layer",
-            blob.display()
+            name.display()
         )));
     }
-    if n == 512 && (is_tar_header(head) || head.iter().all(|&b| b == 0)) {
+    if head.len() == HEAD && (is_tar_header(head) || head.iter().all(|&b| b == 0)) {
         return Ok(BlobKind::Tar);
     }
     Err(Error::Invalid(format!(
         "{}: neither a gzip blob nor a tar archive",
-        blob.display()
+        name.display()
     )))
 }
 
@@ -200,35 +208,231 @@ pub struct TurboApplyReport {
 /// (lowers + the warp upper whose target is the blob), and apply the tar:
 /// directories, inodes, xattrs, symlinks and whiteouts are written, each
 /// regular file's blocks are mapped to its data in the uncompressed tar.
+/// The blob is read once, as [`apply_stream`] does.
 pub fn apply_layer(
     job: &TurboApply,
     progress: Option<&mut dyn FnMut(&ApplyStats)>,
 ) -> Result<TurboApplyReport> {
-    let kind = blob_kind(&job.blob)?;
-    let (target, built): (Arc<dyn ReadAt>, _) = match kind {
-        BlobKind::Gzip => {
-            let info = gzindex::build_file(&job.blob, &job.gz_index).map_err(Error::Device)?;
-            let gz = GzFile::open_paths(&job.blob, &job.gz_index).map_err(Error::Device)?;
-            (Arc::new(gz), Some(info))
+    let f = std::fs::File::open(&job.blob)
+        .map_err(|e| Error::Blob(blockdev::Error::io(&job.blob, e)))?;
+    let blob = std::io::BufReader::with_capacity(1 << 20, f);
+    apply_stream(job, blob, Durability::Fsync, progress)
+}
+
+/// Whether [`apply_stream`] makes the layer's files durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the layer's data and index at the end (a tool's output).
+    Fsync,
+    /// Work files this process commits next and drops if it stops (the
+    /// convertor's): written, not fsynced.
+    Scratch,
+}
+
+/// Uncompressed bytes per message from the inflating thread to the apply.
+const CHUNK: usize = 1 << 20;
+/// Messages in flight between them.
+const IN_FLIGHT: usize = 8;
+
+/// [`apply_layer`] with the blob's bytes read from `blob` (`job.blob`
+/// names it in errors; a stream that follows a download works: nothing is
+/// read from `job.blob` itself). One sequential pass: a thread inflates a
+/// gzip blob, recording the `gzip.meta` access points on the way
+/// ([`gzindex::Indexer`]), and hands the tar to the apply on this thread,
+/// which only needs the headers (file data is mapped, not copied). The blob
+/// is read to its end (the index counts trailing bytes, and a verifying
+/// stream checks its digest there). A blob that ends early, or a tar entry
+/// whose data runs past the end of the tar, fails the apply.
+pub fn apply_stream<R: Read + Send>(
+    job: &TurboApply,
+    mut blob: R,
+    durability: Durability,
+    progress: Option<&mut dyn FnMut(&ApplyStats)>,
+) -> Result<TurboApplyReport> {
+    let head = read_head(&mut blob, &job.blob)?;
+    let kind = sniff(&job.blob, &head)?;
+    let blob = std::io::Cursor::new(head).chain(blob);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(IN_FLIGHT);
+    let (produced, applied) = std::thread::scope(|s| {
+        let producer = s.spawn(move || produce(job, kind, blob, tx));
+        let mut tar = ChannelReader {
+            rx,
+            cur: Vec::new(),
+            off: 0,
+        };
+        let applied = apply_tar_stream(job, &mut tar, durability, progress).and_then(|a| {
+            // The rest (an archive's trailing blocks) so the producer ends;
+            // a failed apply drops the channel instead, which stops it.
+            std::io::copy(&mut tar, &mut std::io::sink()).map_err(|source| Error::Read {
+                offset: a.0.tar_bytes,
+                source,
+            })?;
+            Ok(a)
+        });
+        drop(tar);
+        let produced = producer.join().unwrap_or_else(|_| {
+            Err(Produce::Failed(Error::Invalid(
+                "the inflating thread panicked".into(),
+            )))
+        });
+        (produced, applied)
+    });
+    // A bad or short blob is the cause of whatever the apply saw.
+    let built = match (produced, applied) {
+        (Err(Produce::Failed(e)), _) => {
+            if kind == BlobKind::Gzip {
+                let _ = std::fs::remove_file(&job.gz_index);
+            }
+            return Err(e);
         }
-        BlobKind::Tar => (
-            TargetSource::tar(&job.blob).open().map_err(Error::Device)?,
-            None,
-        ),
+        (_, Err(e)) => {
+            if kind == BlobKind::Gzip {
+                let _ = std::fs::remove_file(&job.gz_index);
+            }
+            return Err(e);
+        }
+        (Err(Produce::Stopped), Ok(_)) => {
+            return Err(Error::Invalid(
+                "internal error: the apply stopped reading the layer early".into(),
+            ))
+        }
+        (Ok(built), Ok((stats, erofs))) => (built, stats, erofs),
     };
+    let (gzip_index, stats, erofs) = built;
+    Ok(TurboApplyReport {
+        kind,
+        gzip_index,
+        stats,
+        erofs,
+    })
+}
+
+/// How the inflating side of [`apply_stream`] failed.
+enum Produce {
+    /// The apply stopped reading (it reports why).
+    Stopped,
+    /// Reading or inflating the blob, or writing its index, failed.
+    Failed(Error),
+}
+
+/// The inflating side of [`apply_stream`]: sends the blob's tar in chunks
+/// to `tx`, building `gzip.meta` on the way for a gzip blob.
+fn produce(
+    job: &TurboApply,
+    kind: BlobKind,
+    blob: impl Read,
+    tx: std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>,
+) -> std::result::Result<Option<gzindex::BuildInfo>, Produce> {
+    match kind {
+        BlobKind::Tar => {
+            let mut blob = blob;
+            pump(&tx, |b| loop {
+                match blob.read(b) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    r => return r.map_err(|e| Error::Blob(blockdev::Error::io(&job.blob, e))),
+                }
+            })
+            .map_err(|p| p.failed_with(&tx))?;
+            Ok(None)
+        }
+        BlobKind::Gzip => {
+            let idx = &job.gz_index;
+            let fail = |e: blockdev::Error| Produce::Failed(Error::Blob(e)).failed_with(&tx);
+            let out = std::fs::File::create(idx).map_err(|e| fail(blockdev::Error::io(idx, e)))?;
+            let w = std::io::BufWriter::new(out);
+            let mut ix =
+                gzindex::Indexer::new(blob, &job.blob, w, gzindex::DEFAULT_SPAN).map_err(fail)?;
+            pump(&tx, |b| ix.read_uncompressed(b).map_err(Error::Blob))
+                .map_err(|p| p.failed_with(&tx))?;
+            let (info, w) = ix.finish().map_err(fail)?;
+            w.into_inner()
+                .map_err(|e| fail(blockdev::Error::io(idx, e.into_error())))?;
+            Ok(Some(info))
+        }
+    }
+}
+
+impl Produce {
+    /// A failure is also sent to the apply, whose stream then fails (the
+    /// producer's error is the one reported).
+    fn failed_with(self, tx: &std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>) -> Self {
+        if let Produce::Failed(_) = &self {
+            let _ = tx.send(Err(std::io::Error::other("the layer blob cannot be read")));
+        }
+        self
+    }
+}
+
+/// Fills [`CHUNK`]s with `read` (0: the end) and sends them to `tx`.
+fn pump(
+    tx: &std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>,
+    mut read: impl FnMut(&mut [u8]) -> Result<usize>,
+) -> std::result::Result<(), Produce> {
+    loop {
+        let mut chunk = vec![0u8; CHUNK];
+        let mut n = 0;
+        while n < CHUNK {
+            match read(&mut chunk[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Err(Produce::Failed(e)),
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        chunk.truncate(n);
+        tx.send(Ok(chunk)).map_err(|_| Produce::Stopped)?;
+        if n < CHUNK {
+            return Ok(());
+        }
+    }
+}
+
+/// The receiving side of [`apply_stream`]'s channel as a stream.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    off: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.off >= self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(v)) => (self.cur, self.off) = (v, 0),
+                Ok(Err(e)) => return Err(e),
+                // The sender is gone after the last chunk.
+                Err(_) => return Ok(0),
+            }
+        }
+        let k = buf.len().min(self.cur.len() - self.off);
+        buf[..k].copy_from_slice(&self.cur[self.off..self.off + k]);
+        self.off += k;
+        Ok(k)
+    }
+}
+
+/// The apply side of [`apply_stream`]: opens the stack (the upper without
+/// its target: the apply maps file data, it never reads it) and applies
+/// `tar` as ext4 or EROFS.
+fn apply_tar_stream(
+    job: &TurboApply,
+    tar: &mut dyn Read,
+    durability: Durability,
+    progress: Option<&mut dyn FnMut(&ApplyStats)>,
+) -> Result<(ApplyStats, Option<crate::erofs::BuildStats>)> {
     let lowers = job
         .lowers
         .iter()
         .map(LowerSource::open)
         .collect::<blockdev::Result<Vec<_>>>()
         .map_err(Error::Device)?;
-    let upper = WritableLayer::open_warp(
-        &job.upper_data,
-        &job.upper_index,
-        Some(target.clone()),
-        false,
-    )
-    .map_err(Error::Device)?;
+    let mut upper = WritableLayer::open_warp(&job.upper_data, &job.upper_index, None, false)
+        .map_err(Error::Device)?;
+    if durability == Durability::Scratch {
+        upper = upper.scratch();
+    }
     let stack: Arc<dyn BlockDevice> =
         Arc::new(Stack::with_lowers(lowers, Some(upper)).map_err(Error::Device)?);
     if job.fstype == FsType::Erofs {
@@ -247,12 +451,8 @@ pub fn apply_layer(
                 });
             }
         };
-        let e = crate::erofs::build_layer_with_progress(
-            stack.clone(),
-            ReadAtStream::new(target),
-            &opts,
-            Some(&mut report),
-        )?;
+        let e =
+            crate::erofs::build_layer_with_progress(stack.clone(), tar, &opts, Some(&mut report))?;
         stack.flush().map_err(Error::Device)?;
         let stats = ApplyStats {
             entries: e.entries,
@@ -261,24 +461,14 @@ pub fn apply_layer(
             elapsed: start.elapsed(),
             ..Default::default()
         };
-        return Ok(TurboApplyReport {
-            kind,
-            gzip_index: built,
-            stats,
-            erofs: Some(e),
-        });
+        return Ok((stats, Some(e)));
     }
     if job.mkfs {
         photon::mkfs(stack.clone(), &MkfsOptions::default())?;
     }
-    let stats = apply_reference(stack.clone(), ReadAtStream::new(target), progress)?;
+    let stats = apply_reference(stack.clone(), tar, progress)?;
     stack.flush().map_err(Error::Device)?;
-    Ok(TurboApplyReport {
-        kind,
-        gzip_index: built,
-        stats,
-        erofs: None,
-    })
+    Ok((stats, None))
 }
 
 /// Apply the uncompressed layer tar `tar` to the ext4 on `dev` in reference
@@ -296,27 +486,4 @@ pub fn apply_reference<R: Read>(
         ..Default::default()
     };
     photon::apply_tar(dev, tar, opts)
-}
-
-/// A [`ReadAt`] read from start to end as a stream.
-pub struct ReadAtStream {
-    src: Arc<dyn ReadAt>,
-    pos: u64,
-}
-
-impl ReadAtStream {
-    pub fn new(src: Arc<dyn ReadAt>) -> Self {
-        ReadAtStream { src, pos: 0 }
-    }
-}
-
-impl Read for ReadAtStream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self
-            .src
-            .read_at(buf, self.pos)
-            .map_err(std::io::Error::other)?;
-        self.pos += n as u64;
-        Ok(n)
-    }
 }

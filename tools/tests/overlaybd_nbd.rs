@@ -326,6 +326,41 @@ fn clear_errors_for_bad_inputs_and_read_only_upper() {
     assert!(err.contains("nope.lsmt") && err.contains("error"), "{err}");
     assert_eq!(err.lines().count(), 1, "error should be one line: {err}");
 
+    // A TurboOCI stack (upstream's lower entries) whose layer maps file data
+    // past the end of its target tar: refused at open, one line naming both.
+    let tfx = testutil::turbo_fixtures();
+    let short = dir.path().join("short.tar");
+    std::fs::write(
+        &short,
+        &std::fs::read(fixtures().join("input.tar")).unwrap()[..1 << 20],
+    )
+    .unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"repoBlobUrl": "", "lowers": [{
+            "file": tfx.join("ext4-tar/ext4.fs.meta"), "targetFile": short,
+            "targetDigest": "sha256:0000000000000000000000000000000000000000000000000000000000000000"}],
+            "resultFile": dir.path().join("result")})
+        .to_string(),
+    )
+    .unwrap();
+    let out = Command::new(NBD)
+        .arg("serve")
+        .arg(&cfg)
+        .args(["--socket", dir.path().join("s2").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("past the end of the layer tar")
+            && err.contains("short.tar")
+            && err.contains("ext4.fs.meta"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "error should be one line: {err}");
+
     let out = Command::new(NBD)
         .args(["serve", "x", "--io", "bogus"])
         .output()

@@ -218,17 +218,17 @@ fn blob_err(blob: &Path, msg: impl Into<String>) -> Error {
 
 /// Upstream's access-point filter: keeps, for each multiple of the span,
 /// the last block boundary at or before it.
-struct Recorder<'a, W: Write> {
+struct Recorder<W: Write> {
     span: u64,
     level: i8,
     expected: u64,
     last: Option<(u8, u64, u64, Box<[u8; WINDOW]>)>,
     entries: Vec<Entry>,
-    out: &'a mut W,
+    out: W,
     pos: u64,
 }
 
-impl<W: Write> Recorder<'_, W> {
+impl<W: Write> Recorder<W> {
     /// A block boundary at uncompressed `de` / compressed `en`; `window`
     /// is the circular output buffer whose next write position is
     /// `WINDOW - left`.
@@ -304,128 +304,265 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// Builds the index of a gzip stream in one sequential pass while handing
+/// out the stream's uncompressed bytes: read the uncompressed data
+/// ([`Indexer::read_uncompressed`], or as a [`Read`]), then
+/// [`Indexer::finish`] writes the entry table and the header. Reading the
+/// whole stream through it and finishing equals [`build`]: the index is
+/// byte-identical to upstream's `create_gz_index` with the same span.
+pub struct Indexer<R: Read, W: Write + Seek> {
+    blob: R,
+    name: PathBuf,
+    rec: Recorder<W>,
+    inf: zlib::Inflater,
+    inbuf: Vec<u8>,
+    /// Valid input in `inbuf` and how much of it inflate consumed.
+    n: usize,
+    inp: usize,
+    /// The circular output buffer (32 KiB: the inflate window).
+    window: Vec<u8>,
+    /// Next write position in `window` (`WINDOW`: wrap before writing).
+    out_pos: usize,
+    /// Output of the last inflate call not yet handed out: `window[a..b]`.
+    pending: (usize, usize),
+    ttin: u64,
+    ttout: u64,
+    read_total: u64,
+    /// The gzip member ended (its uncompressed size is `ttout`).
+    ended: bool,
+    /// A read failed: the indexer cannot go on.
+    failed: bool,
+}
+
+impl<R: Read, W: Write + Seek> Indexer<R, W> {
+    /// Index the gzip stream `blob` (named `name` in errors) into `out`,
+    /// which must be empty: the header is written last, at offset 0.
+    pub fn new(blob: R, name: &Path, mut out: W, span: u32) -> Result<Self> {
+        if !(MIN_SPAN..=i32::MAX as u32).contains(&span) {
+            return Err(Error::Invalid(format!(
+                "gzip index span {span} is out of range ({MIN_SPAN}..2^31)"
+            )));
+        }
+        out.seek(SeekFrom::Start(HEADER_SIZE as u64))
+            .map_err(Error::RawIo)?;
+        let inf = zlib::Inflater::new(47)
+            .map_err(|rc| Error::Invalid(format!("zlib inflateInit2 failed ({rc})")))?;
+        Ok(Indexer {
+            blob,
+            name: name.to_path_buf(),
+            rec: Recorder {
+                span: span as u64,
+                level: DEFAULT_LEVEL,
+                expected: 0,
+                last: None,
+                entries: Vec::new(),
+                out,
+                pos: HEADER_SIZE as u64,
+            },
+            inf,
+            inbuf: vec![0u8; BUILD_INPUT],
+            n: 0,
+            inp: 0,
+            window: vec![0u8; WINDOW],
+            out_pos: WINDOW, // avail_out = WINDOW - out_pos; 0 at the start
+            pending: (0, 0),
+            ttin: 0,
+            ttout: 0,
+            read_total: 0,
+            ended: false,
+            failed: false,
+        })
+    }
+
+    /// Uncompressed bytes handed out or inflated so far.
+    pub fn uncompressed_pos(&self) -> u64 {
+        self.ttout
+    }
+
+    /// One inflate step as upstream steps (32 KiB of input at a time, up to
+    /// a block boundary or the end of the window), recording access points;
+    /// sets `pending` to what it produced. False at the end of the member.
+    fn step(&mut self) -> Result<bool> {
+        loop {
+            if self.ended {
+                return Ok(false);
+            }
+            if self.inp == self.n {
+                let n = read_full(&mut self.blob, &mut self.inbuf).map_err(|e| {
+                    self.failed = true;
+                    Error::io(&self.name, e)
+                })?;
+                self.read_total += n as u64;
+                if n == 0 {
+                    self.failed = true;
+                    return Err(blob_err(
+                        &self.name,
+                        format!(
+                            "gzip stream ends early: truncated after {} bytes",
+                            self.read_total
+                        ),
+                    ));
+                }
+                (self.n, self.inp) = (n, 0);
+            }
+            if self.out_pos == WINDOW {
+                self.out_pos = 0;
+            }
+            let start = self.out_pos;
+            let s = self.inf.inflate(
+                &self.inbuf[self.inp..self.n],
+                &mut self.window[start..],
+                zlib::Z_BLOCK,
+            );
+            self.inp += s.consumed;
+            self.out_pos += s.produced;
+            self.ttin += s.consumed as u64;
+            self.ttout += s.produced as u64;
+            self.pending = (start, self.out_pos);
+            if s.ret == zlib::Z_STREAM_END {
+                self.ended = true;
+                return Ok(s.produced > 0);
+            }
+            let stuck =
+                s.consumed == 0 && s.produced == 0 && self.inp < self.n && self.out_pos < WINDOW;
+            if (s.ret != zlib::Z_OK && s.ret != zlib::Z_BUF_ERROR) || stuck {
+                self.failed = true;
+                return Err(blob_err(
+                    &self.name,
+                    format!(
+                        "invalid gzip/deflate data near compressed offset {} (zlib error {})",
+                        self.ttin, s.ret
+                    ),
+                ));
+            }
+            let dt = self.inf.data_type();
+            if dt & 0x80 != 0 && dt & 0x40 == 0 {
+                self.rec.record(
+                    (dt & 7) as u8,
+                    self.ttin,
+                    self.ttout,
+                    WINDOW - self.out_pos,
+                    &self.window,
+                )?;
+            }
+            if s.produced > 0 {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Inflates what was not read yet, reads the rest of the blob (its size
+    /// counts every byte, also those after the gzip member), writes the
+    /// entry table and the header. Returns what was built and the output.
+    pub fn finish(mut self) -> Result<(BuildInfo, W)> {
+        if self.failed {
+            return Err(Error::Invalid(format!(
+                "{}: the gzip index cannot be finished after a failed read",
+                self.name.display()
+            )));
+        }
+        while self.step()? {}
+        let mut sink = vec![0u8; 65536];
+        loop {
+            let k = read_full(&mut self.blob, &mut sink).map_err(|e| Error::io(&self.name, e))?;
+            if k == 0 {
+                break;
+            }
+            self.read_total += k as u64;
+        }
+        let rec = self.rec;
+        let mut table = Vec::with_capacity(rec.entries.len() * ENTRY_SIZE);
+        for e in &rec.entries {
+            e.encode(&mut table);
+        }
+        let ztable = zlib::compress(DEFAULT_LEVEL as i32, &table)
+            .map_err(|rc| Error::Invalid(format!("zlib deflate failed ({rc})")))?;
+        let index_start = rec.pos;
+        let entries = rec.entries.len();
+        let mut out = rec.out;
+        out.write_all(&ztable).map_err(Error::RawIo)?;
+        let index_size = index_start + ztable.len() as u64;
+        let h = Header {
+            major: 1,
+            minor: 0,
+            dict_compress_algo: 1,
+            dict_compress_level: DEFAULT_LEVEL,
+            flag: 0,
+            span: rec.span as i32,
+            window: WINDOW as i32,
+            entry_size: ENTRY_SIZE as i32,
+            index_num: entries as i64,
+            gzip_file_size: self.read_total as i64,
+            index_file_size: index_size as i64,
+            uncompressed_size: self.ttout as i64,
+            index_start: index_start as i64,
+            index_area_len: ztable.len() as i64,
+            crc: 0,
+        };
+        out.seek(SeekFrom::Start(0)).map_err(Error::RawIo)?;
+        out.write_all(&h.encode()).map_err(Error::RawIo)?;
+        out.flush().map_err(Error::RawIo)?;
+        Ok((
+            BuildInfo {
+                gzip_size: self.read_total,
+                uncompressed_size: self.ttout,
+                entries,
+                index_size,
+            },
+            out,
+        ))
+    }
+}
+
+impl<R: Read, W: Write + Seek> Indexer<R, W> {
+    /// Up to `buf.len()` uncompressed bytes; 0 at the end of the gzip
+    /// member (or for an empty `buf`). After an error nothing more can be
+    /// read.
+    pub fn read_uncompressed(&mut self, buf: &mut [u8]) -> Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while self.pending.0 == self.pending.1 {
+            if self.failed {
+                return Err(blob_err(&self.name, "reading on after a failed read"));
+            }
+            match self.step() {
+                Ok(true) => {}
+                Ok(false) => return Ok(0),
+                Err(e) => {
+                    self.failed = true;
+                    return Err(e);
+                }
+            }
+        }
+        let (a, b) = self.pending;
+        let k = buf.len().min(b - a);
+        buf[..k].copy_from_slice(&self.window[a..a + k]);
+        self.pending.0 += k;
+        Ok(k)
+    }
+}
+
+/// The uncompressed stream ([`Indexer::read_uncompressed`]; errors carry
+/// the [`Error`]).
+impl<R: Read, W: Write + Seek> Read for Indexer<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.read_uncompressed(buf).map_err(std::io::Error::other)
+    }
+}
+
 /// Build the index of the gzip stream read from `blob` into `out` (which
 /// must be empty: the header is written last, at offset 0). `name` names
 /// the blob in errors. Byte-identical to upstream's `create_gz_index` with
 /// the same span (turboOCI-apply: [`DEFAULT_SPAN`]) and level 6.
 pub fn build<R: Read, W: Write + Seek>(
-    mut blob: R,
+    blob: R,
     name: &Path,
     out: &mut W,
     span: u32,
 ) -> Result<BuildInfo> {
-    if span < MIN_SPAN || span > i32::MAX as u32 {
-        return Err(Error::Invalid(format!(
-            "gzip index span {span} is out of range ({MIN_SPAN}..2^31)"
-        )));
-    }
-    out.seek(SeekFrom::Start(HEADER_SIZE as u64))
-        .map_err(Error::RawIo)?;
-    let mut rec = Recorder {
-        span: span as u64,
-        level: DEFAULT_LEVEL,
-        expected: 0,
-        last: None,
-        entries: Vec::new(),
-        out,
-        pos: HEADER_SIZE as u64,
-    };
-    let mut inf = zlib::Inflater::new(47)
-        .map_err(|rc| Error::Invalid(format!("zlib inflateInit2 failed ({rc})")))?;
-    let mut inbuf = vec![0u8; BUILD_INPUT];
-    let mut window = vec![0u8; WINDOW];
-    let mut out_pos = WINDOW; // avail_out = WINDOW - out_pos; 0 at the start
-    let (mut ttin, mut ttout) = (0u64, 0u64);
-    let mut read_total = 0u64;
-    let uncompressed;
-    'outer: loop {
-        let n = read_full(&mut blob, &mut inbuf).map_err(|e| Error::io(name, e))?;
-        read_total += n as u64;
-        if n == 0 {
-            return Err(blob_err(
-                name,
-                format!("gzip stream ends early: truncated after {read_total} bytes"),
-            ));
-        }
-        let mut inp = 0;
-        loop {
-            if out_pos == WINDOW {
-                out_pos = 0;
-            }
-            let s = inf.inflate(&inbuf[inp..n], &mut window[out_pos..], zlib::Z_BLOCK);
-            inp += s.consumed;
-            out_pos += s.produced;
-            ttin += s.consumed as u64;
-            ttout += s.produced as u64;
-            if s.ret == zlib::Z_STREAM_END {
-                uncompressed = ttout;
-                break 'outer;
-            }
-            let stuck = s.consumed == 0 && s.produced == 0 && inp < n && out_pos < WINDOW;
-            if (s.ret != zlib::Z_OK && s.ret != zlib::Z_BUF_ERROR) || stuck {
-                return Err(blob_err(
-                    name,
-                    format!(
-                        "invalid gzip/deflate data near compressed offset {ttin} (zlib error {})",
-                        s.ret
-                    ),
-                ));
-            }
-            let dt = inf.data_type();
-            if dt & 0x80 != 0 && dt & 0x40 == 0 {
-                rec.record((dt & 7) as u8, ttin, ttout, WINDOW - out_pos, &window)?;
-            }
-            if inp == n {
-                break;
-            }
-        }
-    }
-    // The blob's size counts every byte, also those after the gzip member.
-    let mut sink = [0u8; 65536];
-    loop {
-        let k = read_full(&mut blob, &mut sink).map_err(|e| Error::io(name, e))?;
-        if k == 0 {
-            break;
-        }
-        read_total += k as u64;
-    }
-    let mut table = Vec::with_capacity(rec.entries.len() * ENTRY_SIZE);
-    for e in &rec.entries {
-        e.encode(&mut table);
-    }
-    let ztable = zlib::compress(DEFAULT_LEVEL as i32, &table)
-        .map_err(|rc| Error::Invalid(format!("zlib deflate failed ({rc})")))?;
-    let index_start = rec.pos;
-    let entries = rec.entries.len();
-    let out = rec.out;
-    out.write_all(&ztable).map_err(Error::RawIo)?;
-    let index_size = index_start + ztable.len() as u64;
-    let h = Header {
-        major: 1,
-        minor: 0,
-        dict_compress_algo: 1,
-        dict_compress_level: DEFAULT_LEVEL,
-        flag: 0,
-        span: span as i32,
-        window: WINDOW as i32,
-        entry_size: ENTRY_SIZE as i32,
-        index_num: entries as i64,
-        gzip_file_size: read_total as i64,
-        index_file_size: index_size as i64,
-        uncompressed_size: uncompressed as i64,
-        index_start: index_start as i64,
-        index_area_len: ztable.len() as i64,
-        crc: 0,
-    };
-    out.seek(SeekFrom::Start(0)).map_err(Error::RawIo)?;
-    out.write_all(&h.encode()).map_err(Error::RawIo)?;
-    out.flush().map_err(Error::RawIo)?;
-    Ok(BuildInfo {
-        gzip_size: read_total,
-        uncompressed_size: uncompressed,
-        entries,
-        index_size,
-    })
+    let ix = Indexer::new(blob, name, out, span)?;
+    ix.finish().map(|(info, _)| info)
 }
 
 /// Build `index` (created or truncated) for the gzip blob at `blob`, as

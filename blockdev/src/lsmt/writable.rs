@@ -150,7 +150,7 @@ pub struct WritableLayer {
     target: Option<Arc<dyn ReadAt>>,
     read_only: bool,
     /// [`WritableLayer::flush`] fsyncs (false for scratch layers that are committed
-    /// and deleted, e.g. the convertor's).
+    /// and deleted, e.g. the convertor's: [`WritableLayer::scratch`]).
     durable: bool,
     state: Mutex<RwState>,
 }
@@ -175,9 +175,7 @@ impl WritableLayer {
     /// pending index entries but does not fsync (the files are committed and
     /// deleted; nothing needs to survive a crash).
     pub fn open_scratch(data: &Path, index: &Path) -> Result<Self> {
-        let mut l = Self::open_mode(data, index, false)?;
-        l.durable = false;
-        Ok(l)
+        Ok(Self::open_mode(data, index, false)?.scratch())
     }
 
     /// Open without write access (e.g. to commit it).
@@ -771,8 +769,16 @@ impl WritableLayer {
         self.flush_index(&mut self.state.lock())
     }
 
-    /// Append pending index entries and fsync both files (a scratch layer,
-    /// [`WritableLayer::open_scratch`]: no fsync).
+    /// The layer as scratch: [`WritableLayer::flush`] writes the pending index
+    /// entries but does not fsync, for a layer that is read back by this process
+    /// (committed) and thrown away if it stops (the convertor's work files).
+    pub fn scratch(mut self) -> Self {
+        self.durable = false;
+        self
+    }
+
+    /// Append pending index entries and fsync both files (unless
+    /// [`WritableLayer::scratch`], [`WritableLayer::open_scratch`]).
     pub fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());

@@ -340,34 +340,63 @@ fn turbo_bad_input_is_one_line() {
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
 
-/// A layer that is neither gzip nor tar (declared gzip) stops the conversion with one
-/// line naming it; nothing is written to the destination.
+/// A layer that is neither gzip nor tar (declared gzip), a gzip layer that ends in the
+/// middle of its stream (stored with the digest of its truncated bytes, so only the
+/// inflate can tell), and a tar whose last entry claims more data than the tar holds:
+/// each stops the conversion with one line naming the layer; nothing is written to the
+/// destination.
 #[test]
-fn turbo_garbage_layer_is_one_line() {
+fn turbo_bad_layers_are_one_line() {
     let t = tempfile::tempdir().unwrap();
-    let garbage = t.path().join("garbage");
-    std::fs::write(&garbage, vec![0x5au8; 4096]).unwrap();
-    let src = t.path().join("src");
-    fixture_layout(&src, &[(garbage.clone(), garbage.clone())]);
-    let dst = t.path().join("dst");
-    let o = convertor(&[
-        "-r",
-        &format!("oci:{}", src.display()),
-        "-i",
-        "v1",
-        "--output-repository",
-        &format!("oci:{}", dst.display()),
-        "--turboOCI",
-        "turbo",
-        "-d",
-        t.path().join("work").to_str().unwrap(),
-    ]);
-    let e = testutil::err_text(&o);
-    assert!(e.contains("neither a gzip blob nor a tar"), "{e}");
-    assert!(e.contains(Digest::of(&[0x5au8; 4096]).hex()), "{e}");
-    assert_eq!(e.trim().lines().count(), 1, "{e}");
-    let tagged = std::fs::read_to_string(dst.join("index.json")).unwrap_or_default();
-    assert!(!tagged.contains("turbo"), "nothing tagged: {tagged}");
+    let garbage = vec![0x5au8; 4096];
+    let gz = std::fs::read(testutil::turbo_fixtures().join("ext4-gzip/layer.tar.gz")).unwrap();
+    let short_gz = gz[..gz.len() / 2].to_vec();
+    // A tar of one 100 KB file, cut 10 KB into the file's data.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_path("big.bin").unwrap();
+    h.set_size(100_000);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append(&h, &vec![7u8; 100_000][..]).unwrap();
+    let long_tar = b.into_inner().unwrap()[..512 + 10_240].to_vec();
+    for (name, bytes, want) in [
+        ("garbage", garbage, "neither a gzip blob nor a tar"),
+        ("short-gzip", short_gz, "ends early"),
+        ("long-entry", long_tar, "unexpected end of the stream"),
+    ] {
+        let blob = t.path().join(name);
+        std::fs::write(&blob, &bytes).unwrap();
+        let src = t.path().join(format!("src-{name}"));
+        fixture_layout(&src, &[(blob.clone(), blob.clone())]);
+        let dst = t.path().join(format!("dst-{name}"));
+        let o = convertor(&[
+            "-r",
+            &format!("oci:{}", src.display()),
+            "-i",
+            "v1",
+            "--output-repository",
+            &format!("oci:{}", dst.display()),
+            "--turboOCI",
+            "turbo",
+            "-d",
+            t.path().join(format!("work-{name}")).to_str().unwrap(),
+        ]);
+        let e = testutil::err_text(&o);
+        assert!(!o.status.success(), "{name}");
+        assert!(e.contains(want), "{name}: {e}");
+        assert!(e.contains(Digest::of(&bytes).hex()), "{name}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "{name}: {e}");
+        let tagged = std::fs::read_to_string(dst.join("index.json")).unwrap_or_default();
+        assert!(
+            !tagged.contains("turbo"),
+            "{name}: nothing tagged: {tagged}"
+        );
+        let blobs = std::fs::read_dir(dst.join("blobs/sha256"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(blobs, 0, "{name}: nothing pushed");
+    }
 }
 
 /// Writes a one-manifest OCI layout holding `layers` (gzip blob, uncompressed tar).

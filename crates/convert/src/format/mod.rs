@@ -240,6 +240,24 @@ impl LayerInput<'_> {
         }
     }
 
+    /// The source blob as a stream (as [`LayerInput::stream`]) together with the file
+    /// that holds the complete blob once the stream has ended.
+    pub fn stream_and_file(&mut self) -> Result<StreamAndFile> {
+        match self.blob.take() {
+            Some(SourceBlob::Local(p)) => Ok((self.src.open_blob(self.layer)?, p, None)),
+            Some(SourceBlob::Downloading { file, follow }) => {
+                let f = std::fs::File::open(file.path()).map_err(|e| Error::io(file.path(), e))?;
+                let path = file.path().to_path_buf();
+                let r = HoldingReader {
+                    inner: follow.reader(f, self.abort.clone()),
+                    _file: file.clone(),
+                };
+                Ok((Box::new(r), path, Some(file)))
+            }
+            None => Err(taken()),
+        }
+    }
+
     /// The complete source blob as a file, its digest verified; the handle keeps a
     /// downloaded file from being removed while it is held.
     pub fn file(&mut self) -> Result<(PathBuf, Option<Arc<BlobFile>>)> {
@@ -256,6 +274,10 @@ impl LayerInput<'_> {
         }
     }
 }
+
+/// [`LayerInput::stream_and_file`]: the stream, the path of the blob's file, and the
+/// handle that keeps a downloaded file from being removed while it is held.
+pub type StreamAndFile = (Box<dyn Read + Send>, PathBuf, Option<Arc<BlobFile>>);
 
 fn taken() -> Error {
     Error::Invalid("internal error: a layer input was taken twice".into())

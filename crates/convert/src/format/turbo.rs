@@ -7,8 +7,9 @@
 //! 1. a writable warp layer (`overlaybd-create -s <vsize> --turboOCI [--mkfs]`): vsize is
 //!    `--vsize` with `--mkfs`, else 64, for every layer; the ext4 is made on the bottom
 //!    layer with `--mkfs` (never for EROFS);
-//! 2. the blob applied in reference mode ([`obdfs::turbo::apply_layer`], upstream's
-//!    `turboOCI-apply`): `gzip.meta` (the gzip random-access index) for a gzip blob;
+//! 2. the blob applied in reference mode ([`obdfs::turbo::apply_stream`], upstream's
+//!    `turboOCI-apply`) in one pass while it downloads: a gzip blob is inflated once,
+//!    `gzip.meta` (the gzip random-access index) built on the way;
 //!    directories, inodes, symlinks, xattrs and whiteouts written into the layer, each
 //!    regular file's data a *target* mapping (LSMT tag 1) into the uncompressed tar;
 //! 3. sealed ([`blockdev::commit::commit_warp`], `overlaybd-commit -z --fastoci`): a
@@ -42,7 +43,7 @@ use blockdev::commit::{commit_warp, CommitOptions};
 use blockdev::stack::LowerSource;
 use blockdev::warp::TargetSource;
 use blockdev::zfile::ZfileOptions;
-use obdfs::turbo::{BlobKind, FsType, TurboApply};
+use obdfs::turbo::{BlobKind, Durability, FsType, TurboApply};
 use obdoci::digest::{hash_reader, HashingWriter};
 use obdoci::model::*;
 use obdoci::{Descriptor, Digest};
@@ -281,7 +282,9 @@ impl LayerChain for TurboChain<'_> {
         progress: &mut dyn FnMut(u64),
     ) -> Result<Applied> {
         let f = self.fmt;
-        let (blob, hold) = input.file()?;
+        // One pass over the blob as it downloads (verified at its end): inflated once,
+        // the gzip index built on the way, the tar's headers applied.
+        let (stream, blob, hold) = input.stream_and_file()?;
         self.held.extend(hold);
         let dir = job.dir;
         let data = dir.join(DATA_FILE);
@@ -303,8 +306,8 @@ impl LayerChain for TurboChain<'_> {
             fstype: f.fstype,
         };
         let mut cb = |s: &obdfs::ApplyStats| progress(s.tar_bytes);
-        let report = obdfs::turbo::apply_layer(&turbo, Some(&mut cb))
-            .map_err(|e| Error::Fs(e).context(format!("applying {}", blob.display())))?;
+        let report = obdfs::turbo::apply_stream(&turbo, stream, Durability::Scratch, Some(&mut cb))
+            .map_err(|e| Error::Fs(e).context("TurboOCI apply"))?;
         let gzip = report.kind == BlobKind::Gzip;
         let target = if gzip {
             TargetSource::gzip(&blob, &gz_index)
