@@ -14,7 +14,8 @@
 //!   own); if one ever shows up it is counted ([`stats`]) and dropped,
 //!   never taken for someone else's.
 //! * Requests that finish short (a read or write of fewer bytes, or a
-//!   request that itself failed with `EINTR`/`EAGAIN`) are resubmitted for
+//!   request that itself failed with `EINTR`/`EAGAIN`, or was cancelled by
+//!   the kernel: `ECANCELED`, a bounded number of times) are resubmitted for
 //!   the rest.
 //! * If `io_uring_enter` fails for another reason while entries are pushed,
 //!   entries the kernel has not consumed are abandoned with the ring (which
@@ -112,9 +113,14 @@ pub struct Req<'a> {
     len: usize,
     offset: u64,
     done: usize,
+    /// Completions with `ECANCELED` so far (see [`Req::complete`]).
+    cancelled: u32,
     result: Option<io::Result<usize>>,
     _buf: PhantomData<&'a mut [u8]>,
 }
+
+/// How often one request is submitted again after the kernel cancelled it.
+const MAX_CANCELLED: u32 = 64;
 
 impl<'a> Req<'a> {
     /// Read into all of `buf` from `offset` (short only at end of file).
@@ -126,6 +132,7 @@ impl<'a> Req<'a> {
             len: buf.len(),
             offset,
             done: 0,
+            cancelled: 0,
             result: None,
             _buf: PhantomData,
         }
@@ -141,6 +148,7 @@ impl<'a> Req<'a> {
             len: buf.len(),
             offset,
             done: 0,
+            cancelled: 0,
             result: None,
             _buf: PhantomData,
         }
@@ -155,6 +163,7 @@ impl<'a> Req<'a> {
             len: 0,
             offset: 0,
             done: 0,
+            cancelled: 0,
             result: None,
             _buf: PhantomData,
         }
@@ -204,6 +213,14 @@ impl<'a> Req<'a> {
     /// request must be submitted again for the rest.
     fn complete(&mut self, res: i32) -> bool {
         if res == -libc::EINTR || res == -libc::EAGAIN {
+            return true;
+        }
+        // This engine never cancels a request, yet the kernel completes one with
+        // ECANCELED when io-wq cannot start a worker for it (the submitting thread
+        // had a signal pending while the worker was being created): submit it
+        // again, a bounded number of times.
+        if res == -libc::ECANCELED && self.cancelled < MAX_CANCELLED {
+            self.cancelled += 1;
             return true;
         }
         if res < 0 {
