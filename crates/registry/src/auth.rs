@@ -173,8 +173,15 @@ impl Auth {
         }
     }
 
-    /// React to a `401`. Returns whether the request should be retried.
-    pub(crate) fn on_challenge(&self, http: &Client, header: &str, scope: &str) -> Result<bool> {
+    /// React to a `401` of a request that carried `sent` as its `Authorization`.
+    /// Returns whether the request should be retried.
+    pub(crate) fn on_challenge(
+        &self,
+        http: &Client,
+        header: &str,
+        scope: &str,
+        sent: Option<&str>,
+    ) -> Result<bool> {
         let ch = parse_challenges(header);
         if let Some(b) = ch.iter().find(|c| c.scheme == "bearer") {
             let realm = b
@@ -203,12 +210,14 @@ impl Auth {
             return Ok(true);
         }
         if ch.iter().any(|c| c.scheme == "basic") {
-            let mut s = self.scheme.lock().unwrap_or_else(|e| e.into_inner());
-            if self.creds.is_none() || matches!(*s, Scheme::Basic) {
-                // Nothing new to offer: no credentials, or these were already refused.
+            let basic = self.basic_value();
+            if basic.is_none() || sent == basic.as_deref() {
+                // Nothing new to offer: no credentials, or these were refused.
                 return Ok(false);
             }
-            *s = Scheme::Basic;
+            // A request sent before another one's challenge switched to Basic
+            // (concurrent uploads) is simply sent again, now with the credentials.
+            *self.scheme.lock().unwrap_or_else(|e| e.into_inner()) = Scheme::Basic;
             return Ok(true);
         }
         Ok(false)
@@ -320,5 +329,23 @@ mod tests {
         assert_eq!(c[1].params["service"], "y");
         let c = parse_challenges(r#"Bearer realm="a\"b""#);
         assert_eq!(c[0].params["realm"], "a\"b");
+    }
+
+    /// Concurrent requests: both go out before the first challenge; the second
+    /// `401` (a request sent without credentials) must be retried too, while a
+    /// `401` to the credentials themselves is final.
+    #[test]
+    fn basic_challenge_to_a_request_without_credentials_is_retried() {
+        let http = Client::new();
+        let auth = Auth::new("reg", Credentials::parse("bob:pw"));
+        let ch = r#"Basic realm="r""#;
+        assert_eq!(auth.header_for(&http, "s").unwrap(), None);
+        assert!(auth.on_challenge(&http, ch, "s", None).unwrap());
+        assert!(auth.on_challenge(&http, ch, "s", None).unwrap());
+        let sent = auth.header_for(&http, "s").unwrap();
+        assert!(sent.as_deref().unwrap().starts_with("Basic "));
+        assert!(!auth.on_challenge(&http, ch, "s", sent.as_deref()).unwrap());
+        let anonymous = Auth::new("reg", None);
+        assert!(!anonymous.on_challenge(&http, ch, "s", None).unwrap());
     }
 }

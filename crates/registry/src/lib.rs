@@ -524,7 +524,8 @@ impl Registry {
             for (k, v) in &self.headers {
                 rb = rb.header(k.as_str(), v.as_str());
             }
-            if let Some(h) = self.auth.header_for(&self.http, scope)? {
+            let sent = self.auth.header_for(&self.http, scope)?;
+            if let Some(h) = &sent {
                 rb = rb.header(AUTHORIZATION, h);
             }
             let res = rb.send();
@@ -555,7 +556,10 @@ impl Registry {
                             .collect::<Vec<_>>()
                             .join(", ");
                         reauthed = true;
-                        if self.auth.on_challenge(&self.http, &hdr, scope)? {
+                        if self
+                            .auth
+                            .on_challenge(&self.http, &hdr, scope, sent.as_deref())?
+                        {
                             continue;
                         }
                     }
