@@ -171,13 +171,6 @@ impl WritableLayer {
         Self::open_mode(data, index, false)
     }
 
-    /// Open for writing as a scratch layer: [`WritableLayer::flush`] writes the
-    /// pending index entries but does not fsync (the files are committed and
-    /// deleted; nothing needs to survive a crash).
-    pub fn open_scratch(data: &Path, index: &Path) -> Result<Self> {
-        Ok(Self::open_mode(data, index, false)?.scratch())
-    }
-
     /// Open without write access (e.g. to commit it).
     pub fn open_read_only(data: &Path, index: &Path) -> Result<Self> {
         Self::open_mode(data, index, true)
@@ -778,7 +771,7 @@ impl WritableLayer {
     }
 
     /// Append pending index entries and fsync both files (unless
-    /// [`WritableLayer::scratch`], [`WritableLayer::open_scratch`]).
+    /// [`WritableLayer::scratch`]).
     pub fn flush(&self) -> Result<()> {
         if self.read_only {
             return Ok(());

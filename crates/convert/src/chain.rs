@@ -103,7 +103,7 @@ pub fn apply_layer(
         job.lowers,
         Some((&data, &index)),
         // Scratch: committed, then deleted; no fsync on flush.
-        WritableLayer::open_scratch,
+        |data, index| WritableLayer::open(data, index).map(WritableLayer::scratch),
     )?);
     let mut cb = |s: &obdfs::ApplyStats| on_apply(s.tar_bytes);
     let apply = job.engine.apply(

@@ -227,17 +227,7 @@ impl LayerInput<'_> {
     /// The source blob (compressed, as stored) as a stream that follows the download
     /// and fails at its end if the blob does not match its digest.
     pub fn stream(&mut self) -> Result<Box<dyn Read + Send>> {
-        match self.blob.take() {
-            Some(SourceBlob::Local(_)) => self.src.open_blob(self.layer),
-            Some(SourceBlob::Downloading { file, follow }) => {
-                let f = std::fs::File::open(file.path()).map_err(|e| Error::io(file.path(), e))?;
-                Ok(Box::new(HoldingReader {
-                    inner: follow.reader(f, self.abort.clone()),
-                    _file: file,
-                }))
-            }
-            None => Err(taken()),
-        }
+        Ok(self.stream_and_file()?.0)
     }
 
     /// The source blob as a stream (as [`LayerInput::stream`]) together with the file
