@@ -167,21 +167,18 @@ impl Fuse {
     /// just stopped (a fuse2fs daemon, a loop device being torn down) may hold the
     /// disk open a moment longer: "busy" is retried for a few seconds.
     pub fn unmount(&self) {
-        for _ in 0..50 {
-            let o = Command::new(tool("fusermount"))
+        let o = retry_busy(|| {
+            Command::new(tool("fusermount"))
                 .arg("-u")
                 .arg(&self.mp)
                 .output()
-                .unwrap();
-            if o.status.success() {
-                return;
-            }
-            if !String::from_utf8_lossy(&o.stderr).contains("busy") {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        run_ok(Command::new(tool("fusermount")).arg("-u").arg(&self.mp));
+        });
+        assert!(
+            o.status.success(),
+            "unmounting {} failed: {}",
+            self.mp.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 }
 
@@ -199,6 +196,25 @@ impl Drop for Fuse {
             }
             let _ = c.wait();
         }
+    }
+}
+
+/// Runs an unmount command until it stops failing with "busy" (for up to 5 s):
+/// right after a client closed the disk (a fuse2fs daemon exiting, udev or blkid
+/// probing a fresh loop device) the mount can stay busy for a moment on a loaded
+/// machine. Returns the last attempt's output.
+fn retry_busy(mut unmount: impl FnMut() -> std::io::Result<Output>) -> Output {
+    let mut attempts = 0;
+    loop {
+        let o = unmount().unwrap();
+        attempts += 1;
+        if o.status.success()
+            || attempts == 50
+            || !String::from_utf8_lossy(&o.stderr).contains("busy")
+        {
+            return o;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 
@@ -248,24 +264,13 @@ impl KernelMount {
         if !is_mounted(&self.mp) {
             return;
         }
-        // "busy" right after the last file was closed is transient on a loaded
-        // machine (udev or blkid probing a fresh loop device): retried briefly.
-        let mut out = None;
-        for _ in 0..50 {
-            let o = if self.fuse {
+        let out = retry_busy(|| {
+            if self.fuse {
                 Command::new("fusermount").arg("-u").arg(&self.mp).output()
             } else {
                 Command::new("umount").arg(&self.mp).output()
             }
-            .unwrap();
-            let busy = String::from_utf8_lossy(&o.stderr).contains("busy");
-            out = Some(o);
-            if !busy {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let out = out.unwrap();
+        });
         if check {
             assert!(
                 out.status.success(),
