@@ -68,22 +68,29 @@ impl NativeFormat {
 
     /// The descriptor of a native layer blob.
     fn layer_descriptor(&self, d: Digest, size: u64) -> Descriptor {
-        let mt = if self.oci {
-            MT_OCI_LAYER_TAR
-        } else {
-            MT_DOCKER_LAYER_TAR
-        };
-        let mut desc = Descriptor::new(mt, d.clone(), size);
-        let mut ann = BTreeMap::new();
-        ann.insert(ANNOTATION_BLOB_DIGEST.to_string(), d.to_string());
-        ann.insert(ANNOTATION_BLOB_SIZE.to_string(), size.to_string());
-        ann.insert(
-            ANNOTATION_VERSION.to_string(),
-            OVERLAYBD_VERSION.to_string(),
-        );
-        desc.annotations = Some(ann);
-        desc
+        native_layer_descriptor(self.oci, d, size)
     }
+}
+
+/// The descriptor of a native overlaybd layer blob (also upstream's base layer with
+/// `--mkfs=false`, in either format): tar media type (OCI or Docker), blob digest,
+/// size and version annotations.
+pub(super) fn native_layer_descriptor(oci: bool, d: Digest, size: u64) -> Descriptor {
+    let mt = if oci {
+        MT_OCI_LAYER_TAR
+    } else {
+        MT_DOCKER_LAYER_TAR
+    };
+    let mut desc = Descriptor::new(mt, d.clone(), size);
+    let mut ann = BTreeMap::new();
+    ann.insert(ANNOTATION_BLOB_DIGEST.to_string(), d.to_string());
+    ann.insert(ANNOTATION_BLOB_SIZE.to_string(), size.to_string());
+    ann.insert(
+        ANNOTATION_VERSION.to_string(),
+        OVERLAYBD_VERSION.to_string(),
+    );
+    desc.annotations = Some(ann);
+    desc
 }
 
 /// The dedup key options shared by the formats: vsize, mkfs, referrer, and the base

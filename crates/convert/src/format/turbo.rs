@@ -31,7 +31,7 @@
 //! ID, is the same for the same `<fs>.fs.meta`.
 
 use super::gotar::GoTarWriter;
-use super::native::{check_baselayer, key_options};
+use super::native::{check_baselayer, key_options, native_layer_descriptor};
 use super::{
     Applied, BlobFile, LayerChain, LayerInput, LayerJob, LayerOut, ManifestJob, OutputFormat,
     ProgressFn, Reuse, SealJob, Sealed,
@@ -239,21 +239,10 @@ impl OutputFormat for TurboFormat {
             Error::io(base, e).context("--mkfs=false needs upstream's prebuilt base layer")
         })?;
         let (d, size) = hash_reader(f).map_err(|e| Error::io(base, e))?;
-        let mt = if self.oci {
-            MT_OCI_LAYER_TAR
-        } else {
-            MT_DOCKER_LAYER_TAR
-        };
-        let mut desc = Descriptor::new(mt, d.clone(), size);
-        let mut ann = BTreeMap::new();
-        ann.insert(ANNOTATION_BLOB_DIGEST.to_string(), d.to_string());
-        ann.insert(ANNOTATION_BLOB_SIZE.to_string(), size.to_string());
-        ann.insert(
-            ANNOTATION_VERSION.to_string(),
-            OVERLAYBD_VERSION.to_string(),
-        );
-        desc.annotations = Some(ann);
-        Ok(vec![(desc, base.clone())])
+        Ok(vec![(
+            native_layer_descriptor(self.oci, d, size),
+            base.clone(),
+        )])
     }
 }
 
