@@ -314,13 +314,17 @@ pub struct Indexer<R: Read, W: Write + Seek> {
     blob: R,
     name: PathBuf,
     rec: Recorder<W>,
-    inf: zlib::Inflater,
+    inf: zlib::BlockInflater,
     inbuf: Vec<u8>,
     /// Valid input in `inbuf` and how much of it inflate consumed.
     n: usize,
     inp: usize,
     /// The circular output buffer (32 KiB: the inflate window).
     window: Vec<u8>,
+    /// Where inflate writes before its output is copied into `window`:
+    /// zlib-rs may use the output buffer past what it produced as scratch,
+    /// which would clobber the older part of the circular window.
+    scratch: Vec<u8>,
     /// Next write position in `window` (`WINDOW`: wrap before writing).
     out_pos: usize,
     /// Output of the last inflate call not yet handed out: `window[a..b]`.
@@ -345,8 +349,8 @@ impl<R: Read, W: Write + Seek> Indexer<R, W> {
         }
         out.seek(SeekFrom::Start(HEADER_SIZE as u64))
             .map_err(Error::RawIo)?;
-        let inf = zlib::Inflater::new(47)
-            .map_err(|rc| Error::Invalid(format!("zlib inflateInit2 failed ({rc})")))?;
+        let inf = zlib::BlockInflater::new_gzip()
+            .map_err(|rc| Error::Invalid(format!("zlib-rs inflate init failed ({rc})")))?;
         Ok(Indexer {
             blob,
             name: name.to_path_buf(),
@@ -364,6 +368,7 @@ impl<R: Read, W: Write + Seek> Indexer<R, W> {
             n: 0,
             inp: 0,
             window: vec![0u8; WINDOW],
+            scratch: vec![0u8; WINDOW],
             out_pos: WINDOW, // avail_out = WINDOW - out_pos; 0 at the start
             pending: (0, 0),
             ttin: 0,
@@ -409,43 +414,52 @@ impl<R: Read, W: Write + Seek> Indexer<R, W> {
                 self.out_pos = 0;
             }
             let start = self.out_pos;
-            let s = self.inf.inflate(
+            let (ret, consumed, produced) = self.inf.inflate(
                 &self.inbuf[self.inp..self.n],
-                &mut self.window[start..],
-                zlib::Z_BLOCK,
+                &mut self.scratch[..WINDOW - start],
             );
-            self.inp += s.consumed;
-            self.out_pos += s.produced;
-            self.ttin += s.consumed as u64;
-            self.ttout += s.produced as u64;
+            self.window[start..start + produced].copy_from_slice(&self.scratch[..produced]);
+            self.inp += consumed;
+            self.out_pos += produced;
+            self.ttin += consumed as u64;
+            self.ttout += produced as u64;
             self.pending = (start, self.out_pos);
-            if s.ret == zlib::Z_STREAM_END {
+            if ret == zlib::BlockRet::StreamEnd {
                 self.ended = true;
-                return Ok(s.produced > 0);
+                return Ok(produced > 0);
             }
             let stuck =
-                s.consumed == 0 && s.produced == 0 && self.inp < self.n && self.out_pos < WINDOW;
-            if (s.ret != zlib::Z_OK && s.ret != zlib::Z_BUF_ERROR) || stuck {
+                consumed == 0 && produced == 0 && self.inp < self.n && self.out_pos < WINDOW;
+            if let zlib::BlockRet::Error(rc) = ret {
                 self.failed = true;
                 return Err(blob_err(
                     &self.name,
                     format!(
-                        "invalid gzip/deflate data near compressed offset {} (zlib error {})",
-                        self.ttin, s.ret
+                        "invalid gzip/deflate data near compressed offset {} (zlib error {rc})",
+                        self.ttin
                     ),
                 ));
             }
-            let dt = self.inf.data_type();
-            if dt & 0x80 != 0 && dt & 0x40 == 0 {
+            if stuck {
+                self.failed = true;
+                return Err(blob_err(
+                    &self.name,
+                    format!(
+                        "invalid gzip/deflate data near compressed offset {} (inflate makes no progress)",
+                        self.ttin
+                    ),
+                ));
+            }
+            if let Some(b) = self.inf.boundary() {
                 self.rec.record(
-                    (dt & 7) as u8,
-                    self.ttin,
+                    b.bits,
+                    b.en,
                     self.ttout,
                     WINDOW - self.out_pos,
                     &self.window,
                 )?;
             }
-            if s.produced > 0 {
+            if produced > 0 {
                 return Ok(true);
             }
         }

@@ -1,12 +1,21 @@
-//! The few zlib calls the gzip index needs, over the system libz.
+//! The few zlib calls the gzip index needs.
 //!
-//! Why the C zlib and not flate2's Rust backend: the index stores every
-//! access-point window and its entry table as zlib streams, and upstream
-//! wrote them with Debian's zlib 1.2.13 at level 6. Other deflate
-//! implementations (zlib-rs, miniz, zlib-ng) produce different (equally
-//! valid) bytes, so a byte-identical `gzip.meta` needs the same library.
-//! Building the index also needs `inflate(Z_BLOCK)`, `data_type` and
-//! `inflatePrime`, which flate2 does not expose.
+//! Two libraries, each for what it does best:
+//!
+//! * Deflate (every access-point window and the entry table) and the
+//!   random-access reader use the system C zlib: upstream wrote its index
+//!   with Debian's zlib 1.2.13 at level 6, and other deflate
+//!   implementations (zlib-rs, miniz, zlib-ng) produce different (equally
+//!   valid) bytes, so a byte-identical `gzip.meta` needs the same library.
+//! * Inflating while building the index ([`BlockInflater`]) uses zlib-rs
+//!   (flate2's backend, with AVX2 paths), several times faster than the
+//!   C inflate. It needs `inflate(Z_BLOCK)` and `data_type`, which flate2
+//!   does not expose, so it goes through zlib-rs's `__internal-api`
+//!   modules (pinned to an exact version). Inflate output is defined by the
+//!   stream, so the windows are the same; only the bit position of a block
+//!   boundary is reported differently (zlib-rs buffers up to 63 bits, C
+//!   zlib fewer than 8), and [`BlockInflater::boundary`] converts it to C
+//!   zlib's (byte offset, unused bits) form that the index stores.
 //!
 //! Every `unsafe` block of the crate's gzip code is in this file; the rest
 //! uses the safe wrappers below.
@@ -19,8 +28,9 @@ pub(crate) const Z_OK: c_int = z::Z_OK;
 pub(crate) const Z_STREAM_END: c_int = z::Z_STREAM_END;
 pub(crate) const Z_BUF_ERROR: c_int = z::Z_BUF_ERROR;
 pub(crate) const Z_NO_FLUSH: c_int = z::Z_NO_FLUSH;
-pub(crate) const Z_BLOCK: c_int = z::Z_BLOCK;
 pub(crate) const Z_FINISH: c_int = z::Z_FINISH;
+#[cfg(test)]
+const Z_BLOCK: c_int = z::Z_BLOCK;
 
 /// zlib allocation callback (the C default would be the same calloc).
 extern "C" fn zalloc(_opaque: z::voidpf, items: z::uInt, size: z::uInt) -> z::voidpf {
@@ -124,9 +134,10 @@ impl Inflater {
         step
     }
 
-    /// `data_type` after the last call: bits 0-2 unused bits of the last
-    /// byte, 64 last block seen, 128 stopped at a block boundary.
-    pub fn data_type(&self) -> c_int {
+    /// `data_type` after the last call (C zlib: bits 0-2 unused bits of
+    /// the last byte, 64 last block seen, 128 stopped at a block boundary).
+    #[cfg(test)]
+    fn data_type(&self) -> c_int {
         self.strm.data_type
     }
 }
@@ -135,6 +146,118 @@ impl Drop for Inflater {
     fn drop(&mut self) {
         // SAFETY: the stream was initialised and is ended exactly once.
         unsafe { z::inflateEnd(&mut *self.strm) };
+    }
+}
+
+/// What a [`BlockInflater::inflate`] call ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockRet {
+    /// Progress (or none possible: needs input or output space).
+    Ok,
+    /// The end of the gzip member.
+    StreamEnd,
+    /// Invalid data (or a zlib-rs failure); the zlib return code.
+    Error(c_int),
+}
+
+/// A gzip inflate stream (zlib-rs) that stops at every deflate block
+/// boundary (`Z_BLOCK`) and tells the exact bit position there.
+pub(crate) struct BlockInflater {
+    /// zlib-rs keeps no pointer back to the stream, but it stays boxed
+    /// (like the C streams) so its address never matters.
+    strm: Box<zlib_rs::c_api::z_stream>,
+    /// Input bytes zlib-rs took so far (including those in its bit buffer).
+    total_in: u64,
+}
+
+// SAFETY: the stream and the state it owns are used by one owner at a time;
+// zlib-rs keeps no thread-local state.
+unsafe impl Send for BlockInflater {}
+
+/// Block boundary position in C zlib's form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Boundary {
+    /// Offset of the first input byte not (fully) consumed.
+    pub en: u64,
+    /// Unused bits of byte `en - 1` (0..=7) that belong to the next block.
+    pub bits: u8,
+}
+
+impl BlockInflater {
+    /// Inflate a gzip (or zlib) member (`inflateInit2(.., 47)`).
+    pub fn new_gzip() -> Result<Self, c_int> {
+        let mut strm = Box::new(zlib_rs::c_api::z_stream::default());
+        let config = zlib_rs::inflate::InflateConfig { window_bits: 47 };
+        let rc = zlib_rs::inflate::init(&mut strm, config);
+        if rc != zlib_rs::ReturnCode::Ok {
+            return Err(rc as c_int);
+        }
+        Ok(BlockInflater { strm, total_in: 0 })
+    }
+
+    fn stream(&mut self) -> &mut zlib_rs::inflate::InflateStream<'static> {
+        // SAFETY: `strm` was initialised by `inflate::init` (checked in
+        // `new_gzip`) and is only ended in Drop; InflateStream is the
+        // layout-compatible view of an initialised z_stream.
+        unsafe { zlib_rs::inflate::InflateStream::from_stream_mut(&mut *self.strm) }
+            .expect("initialised zlib-rs stream")
+    }
+
+    /// One `inflate(Z_BLOCK)` call from `input` into `output`: returns what
+    /// it ended with, input consumed, output produced.
+    pub fn inflate(&mut self, input: &[u8], output: &mut [u8]) -> (BlockRet, usize, usize) {
+        let in_len = input.len().min(u32::MAX as usize);
+        let out_len = output.len().min(u32::MAX as usize);
+        self.strm.next_in = input.as_ptr();
+        self.strm.avail_in = in_len as u32;
+        self.strm.next_out = output.as_mut_ptr();
+        self.strm.avail_out = out_len as u32;
+        let stream = self.stream();
+        // SAFETY: next_in/next_out point into the borrowed slices for their
+        // stated lengths (zlib-rs never writes through next_in); they are
+        // reset below, before the borrows end.
+        let rc = unsafe { zlib_rs::inflate::inflate(stream, zlib_rs::InflateFlush::Block) };
+        let consumed = in_len - self.strm.avail_in as usize;
+        let produced = out_len - self.strm.avail_out as usize;
+        self.strm.next_in = std::ptr::null();
+        self.strm.avail_in = 0;
+        self.strm.next_out = std::ptr::null_mut();
+        self.strm.avail_out = 0;
+        self.total_in += consumed as u64;
+        let ret = match rc {
+            zlib_rs::ReturnCode::Ok | zlib_rs::ReturnCode::BufError => BlockRet::Ok,
+            zlib_rs::ReturnCode::StreamEnd => BlockRet::StreamEnd,
+            other => BlockRet::Error(other as c_int),
+        };
+        (ret, consumed, produced)
+    }
+
+    /// After a call that stopped at a block boundary that is not after the
+    /// last block (C zlib: `data_type & 128` set, `& 64` clear), its
+    /// position in C zlib's form; `None` elsewhere.
+    pub fn boundary(&self) -> Option<Boundary> {
+        let dt = self.strm.data_type;
+        if dt & 128 == 0 || dt & 64 != 0 {
+            return None;
+        }
+        // zlib-rs: bits 0-5 are the bits still in its bit buffer (up to
+        // 63), all taken from the input already counted in total_in.
+        let held = (dt & 63) as u64;
+        let bit_pos = self.total_in * 8 - held;
+        // C zlib holds fewer than 8 bits at a boundary: it reports the
+        // byte after the one holding the boundary, with the unused bits.
+        let en = bit_pos.div_ceil(8);
+        Some(Boundary {
+            en,
+            bits: (en * 8 - bit_pos) as u8,
+        })
+    }
+}
+
+impl Drop for BlockInflater {
+    fn drop(&mut self) {
+        let stream = self.stream();
+        zlib_rs::inflate::end(stream);
     }
 }
 
@@ -221,5 +344,78 @@ mod tests {
         let zeros = compress(9, &vec![0u8; 1 << 20]).unwrap();
         assert_eq!(decompress_exact(&zeros, 1 << 20).unwrap().len(), 1 << 20);
         assert!(decompress_exact(&c[..c.len() / 2], data.len()).is_none());
+    }
+
+    /// Pseudo-random words: compresses to many deflate blocks of all kinds.
+    fn text(len: usize) -> Vec<u8> {
+        let words: [&[u8]; 8] = [
+            b"usr ", b"lib ", b"x86_64", b"\n", b"share/", b"0", b"doc ", b"zz",
+        ];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x.is_multiple_of(16) {
+                out.push((x >> 32) as u8);
+            } else {
+                out.extend_from_slice(words[(x >> 40) as usize % 8]);
+            }
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// zlib-rs and C zlib stop at the same block boundaries, and
+    /// `BlockInflater::boundary` gives C zlib's (byte, bits) there, fed in
+    /// odd pieces with small output buffers (bit buffers at all fill levels).
+    #[test]
+    fn block_boundaries_match_c_zlib() {
+        let data = text(3 << 20);
+        let mut z = compress(6, &data).unwrap();
+        z.extend(compress(1, &text(200_000)).unwrap()); // trailing bytes
+        let boundaries_c = {
+            let mut inf = Inflater::new(47).unwrap();
+            let (mut pos, mut out, mut seen) = (0usize, 0u64, Vec::new());
+            let mut buf = vec![0u8; 7000];
+            loop {
+                let end = (pos + 1237).min(z.len());
+                let s = inf.inflate(&z[pos..end], &mut buf, Z_BLOCK);
+                pos += s.consumed;
+                out += s.produced as u64;
+                if s.ret == Z_STREAM_END {
+                    break;
+                }
+                assert!(s.ret == Z_OK || s.ret == Z_BUF_ERROR, "{}", s.ret);
+                let dt = inf.data_type();
+                if dt & 128 != 0 && dt & 64 == 0 {
+                    seen.push((out, pos as u64, (dt & 7) as u8));
+                }
+            }
+            seen
+        };
+        let boundaries_rs = {
+            let mut inf = BlockInflater::new_gzip().unwrap();
+            let (mut pos, mut out, mut seen) = (0usize, 0u64, Vec::new());
+            let mut buf = vec![0u8; 5000];
+            loop {
+                let end = (pos + 3001).min(z.len());
+                let (ret, consumed, produced) = inf.inflate(&z[pos..end], &mut buf);
+                pos += consumed;
+                out += produced as u64;
+                if ret == BlockRet::StreamEnd {
+                    break;
+                }
+                assert_eq!(ret, BlockRet::Ok);
+                if let Some(b) = inf.boundary() {
+                    seen.push((out, b.en, b.bits));
+                }
+            }
+            seen
+        };
+        assert!(boundaries_c.len() > 20, "{}", boundaries_c.len());
+        assert!(boundaries_c.iter().any(|b| b.2 != 0));
+        assert_eq!(boundaries_rs, boundaries_c);
     }
 }
