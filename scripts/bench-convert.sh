@@ -17,8 +17,13 @@
 # alternation with this one (ROUNDS times, default 3, medians): the ratio of the two
 # and the peak RSS of each are printed. Both push to fresh repositories every round.
 #
+# With --turbo only TurboOCI against native is measured: OCI layout -> layout
+# conversions of the same image, native, TurboOCI ext4 and TurboOCI EROFS in
+# alternation (ROUNDS times, medians), with CPU seconds and the speed-up of each
+# TurboOCI output over native.
+#
 # usage: scripts/bench-convert.sh [--size-mb N] [--from DIR | --synthetic] [--keep]
-#                                 [--baseline BIN] [--only-baseline]
+#                                 [--baseline BIN] [--only-baseline] [--turbo]
 #   (ROUNDS, BENCH_PRIO=1: see bench-lib.sh; a session of its own at nice -20)
 #   --size-mb N  uncompressed image size (default 400)
 #   --from DIR   take file contents from DIR (default /usr: real binaries and text)
@@ -26,11 +31,12 @@
 #   --keep       keep the work directory
 #   --baseline BIN      compare with this convertor binary
 #   --only-baseline     run only that comparison (skip skopeo, gzip, TurboOCI rows)
+#   --turbo      run only the TurboOCI vs native comparison (OCI layout -> layout)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 . scripts/bench-lib.sh
-SIZE=400; FROM=(--from /usr); KEEP=0; BASELINE=${BENCH_BASELINE:-}; ONLY=0
+SIZE=400; FROM=(--from /usr); KEEP=0; BASELINE=${BENCH_BASELINE:-}; ONLY=0; TURBO=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mb) SIZE=$2; shift 2 ;;
@@ -39,6 +45,7 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=1; shift ;;
     --baseline) BASELINE=$2; shift 2 ;;
     --only-baseline) ONLY=1; shift ;;
+    --turbo) TURBO=1; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -116,6 +123,41 @@ conv_round() {
   [ "${RSS[$name]:-0}" -ge "$k" ] || RSS[$name]=$k
   BENCH_SAMPLES[cpu_$name]+="$(awk -v u="$u" -v s="$sy" 'BEGIN {printf "%d", (u + s) * 1e6}') "
 }
+# layout_round NAME ARGS...: one OCI layout -> layout conversion with ARGS (the
+# output flags); wall and CPU seconds into NAME's and cpu_NAME's samples.
+layout_round() {
+  local name=$1 s e k u sy
+  shift
+  s=$(date +%s%N)
+  if ! /usr/bin/time -f "%M %U %S" -o "$W/rss.$name" "$CONV" -r "oci:$W/img" -i bench "$@" \
+      -d "$W/conv.$name" >"$W/out.$name" 2>"$W/err.$name"; then
+    echo "convertor '$name' failed:" >&2
+    tail -5 "$W/err.$name" >&2
+    exit 1
+  fi
+  e=$(date +%s%N)
+  rm -rf "$W/conv.$name"
+  BENCH_SAMPLES[$name]+="$(((e - s) / 1000)) "
+  read -r k u sy < <(tail -1 "$W/rss.$name")
+  BENCH_SAMPLES[cpu_$name]+="$(awk -v u="$u" -v s="$sy" 'BEGIN {printf "%d", (u + s) * 1e6}') "
+}
+if [ "$TURBO" = 1 ]; then
+  for r in $(seq "$ROUNDS"); do
+    layout_round native -o bench_obd
+    layout_round ext4 --turboOCI bench_ext4
+    layout_round erofs --turboOCI bench_erofs --fstype erofs
+  done
+  bench_header
+  bench_row "native, OCI layout -> layout" native "$UNC_BYTES"
+  bench_row "--turboOCI ext4, OCI layout -> layout" ext4 "$UNC_BYTES"
+  bench_row "--turboOCI --fstype erofs, layout -> layout" erofs "$UNC_BYTES"
+  printf "CPU seconds (medians): native %s, ext4 %s, erofs %s\n" \
+    "$(bench_median cpu_native)" "$(bench_median cpu_ext4)" "$(bench_median cpu_erofs)"
+  printf "TurboOCI speed-up over native (wall, medians): ext4 %sx, erofs %sx\n" \
+    "$(bench_ratio native ext4)" "$(bench_ratio native erofs)"
+  uptime | sed 's/^ */load after: /'
+  exit 0
+fi
 if [ -n "$BASELINE" ]; then
   [ -x "$BASELINE" ] || { echo "--baseline: $BASELINE is not an executable" >&2; exit 1; }
   for r in $(seq "$ROUNDS"); do

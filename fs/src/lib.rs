@@ -25,6 +25,7 @@ pub mod filedata;
 pub mod mkfs;
 pub mod photon;
 pub mod tar;
+pub mod tarskel;
 pub mod turbo;
 
 pub use apply::{apply_tar, ApplyOptions, ApplyStats};

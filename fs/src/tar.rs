@@ -134,6 +134,11 @@ impl<R: Read> TarReader<R> {
         }
     }
 
+    /// The underlying stream.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
+
     /// Bytes consumed from the stream so far.
     pub fn position(&self) -> u64 {
         self.pos

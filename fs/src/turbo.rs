@@ -36,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::filedata::TargetData;
 use crate::mkfs::MkfsOptions;
 use crate::photon;
+use crate::tarskel::{self, Halt, Piece, SkeletonReader};
 
 /// What kind of layer blob a TurboOCI layer can reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,76 +230,123 @@ pub enum Durability {
     Scratch,
 }
 
-/// Uncompressed bytes per message from the inflating thread to the apply.
-const CHUNK: usize = 1 << 20;
-/// Messages in flight between them.
-const IN_FLIGHT: usize = 8;
+/// Skeleton pieces in flight between a blob's reading thread and its apply
+/// ([`crate::tarskel`]: at most 256 KiB of headers and 8 MiB of tar each).
+const IN_FLIGHT: usize = 64;
 
 /// [`apply_layer`] with the blob's bytes read from `blob` (`job.blob`
 /// names it in errors; a stream that follows a download works: nothing is
-/// read from `job.blob` itself). One sequential pass: a thread inflates a
-/// gzip blob, recording the `gzip.meta` access points on the way
-/// ([`gzindex::Indexer`]), and hands the tar to the apply on this thread,
-/// which only needs the headers (file data is mapped, not copied). The blob
-/// is read to its end (the index counts trailing bytes, and a verifying
-/// stream checks its digest there). A blob that ends early, or a tar entry
-/// whose data runs past the end of the tar, fails the apply.
-pub fn apply_stream<R: Read + Send>(
+/// read from `job.blob` itself): [`read_ahead`] then [`apply_read_ahead`].
+pub fn apply_stream<R: Read + Send + 'static>(
     job: &TurboApply,
-    mut blob: R,
+    blob: R,
     durability: Durability,
     progress: Option<&mut dyn FnMut(&ApplyStats)>,
 ) -> Result<TurboApplyReport> {
-    let head = read_head(&mut blob, &job.blob)?;
-    let kind = sniff(&job.blob, &head)?;
-    let blob = std::io::Cursor::new(head).chain(blob);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(IN_FLIGHT);
-    let (produced, applied) = std::thread::scope(|s| {
-        let producer = s.spawn(move || produce(job, kind, blob, tx));
-        let mut tar = ChannelReader {
-            rx,
-            cur: Vec::new(),
-            off: 0,
-        };
-        let applied = apply_tar_stream(job, &mut tar, durability, progress).and_then(|a| {
-            // The rest (an archive's trailing blocks) so the producer ends;
-            // a failed apply drops the channel instead, which stops it.
-            std::io::copy(&mut tar, &mut std::io::sink()).map_err(|source| Error::Read {
-                offset: a.0.tar_bytes,
-                source,
-            })?;
-            Ok(a)
-        });
-        drop(tar);
-        let produced = producer.join().unwrap_or_else(|_| {
+    let ahead = read_ahead(&job.blob, &job.gz_index, blob)?;
+    apply_read_ahead(job, ahead, durability, progress)
+}
+
+/// A layer blob being read on a thread of its own ([`read_ahead`]), for
+/// [`apply_read_ahead`]. Dropping it stops the thread and waits for it.
+pub struct ReadAhead {
+    blob: PathBuf,
+    gz_index: PathBuf,
+    rx: Option<std::sync::mpsc::Receiver<std::io::Result<Piece>>>,
+    thread: Option<std::thread::JoinHandle<Produced>>,
+}
+
+type Produced = std::result::Result<(BlobKind, Option<gzindex::BuildInfo>), Produce>;
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        // Without its reader the thread stops at its next piece.
+        drop(self.rx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts reading the layer blob `blob` (named `name` in errors) on a
+/// thread of its own, ahead of its apply ([`apply_read_ahead`]) and while
+/// other layers are applied: a gzip blob is inflated once, its `gzip.meta`
+/// written to `gz_index` on the way ([`gzindex::Indexer`]); a tar blob is
+/// read. The apply only needs the tar's headers (file data is mapped, not
+/// copied), so the thread keeps only those ([`crate::tarskel`]): it can run
+/// through a whole layer ahead with little memory, and stops (bounded) when
+/// the apply falls [`IN_FLIGHT`] pieces behind. The blob is read to its end
+/// (the index counts trailing bytes, and a verifying stream checks its
+/// digest there).
+pub fn read_ahead<R: Read + Send + 'static>(
+    name: &Path,
+    gz_index: &Path,
+    blob: R,
+) -> Result<ReadAhead> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Piece>>(IN_FLIGHT);
+    let (n, idx) = (name.to_path_buf(), gz_index.to_path_buf());
+    let thread = std::thread::Builder::new()
+        .name("layer-read".into())
+        .spawn(move || produce(&n, &idx, blob, tx))
+        .map_err(|e| {
+            Error::Invalid(format!(
+                "cannot start a thread to read {}: {e}",
+                name.display()
+            ))
+        })?;
+    Ok(ReadAhead {
+        blob: name.to_path_buf(),
+        gz_index: gz_index.to_path_buf(),
+        rx: Some(rx),
+        thread: Some(thread),
+    })
+}
+
+/// Applies a blob read by [`read_ahead`] as [`apply_layer`] does (`job`'s
+/// `blob` and `gz_index` are those of the read). A blob that ends early,
+/// or a tar entry whose data runs past the end of the tar, fails the apply.
+pub fn apply_read_ahead(
+    job: &TurboApply,
+    mut ahead: ReadAhead,
+    durability: Durability,
+    progress: Option<&mut dyn FnMut(&ApplyStats)>,
+) -> Result<TurboApplyReport> {
+    let rx = ahead.rx.take().expect("a ReadAhead is applied once");
+    let mut tar = SkeletonReader::new(rx);
+    let applied = apply_tar_stream(job, &mut tar, durability, progress).and_then(|a| {
+        // The rest (an archive's trailing blocks) so the reading ends; a
+        // failed apply drops the reader instead, which stops it.
+        std::io::copy(&mut tar, &mut std::io::sink()).map_err(|source| Error::Read {
+            offset: a.0.tar_bytes,
+            source,
+        })?;
+        Ok(a)
+    });
+    drop(tar);
+    let produced = ahead
+        .thread
+        .take()
+        .expect("a ReadAhead is applied once")
+        .join()
+        .unwrap_or_else(|_| {
             Err(Produce::Failed(Error::Invalid(
-                "the inflating thread panicked".into(),
+                "the layer reading thread panicked".into(),
             )))
         });
-        (produced, applied)
-    });
     // A bad or short blob is the cause of whatever the apply saw.
-    let built = match (produced, applied) {
-        (Err(Produce::Failed(e)), _) => {
-            if kind == BlobKind::Gzip {
-                let _ = std::fs::remove_file(&job.gz_index);
-            }
-            return Err(e);
-        }
-        (_, Err(e)) => {
-            if kind == BlobKind::Gzip {
-                let _ = std::fs::remove_file(&job.gz_index);
-            }
+    let ((kind, gzip_index), (stats, erofs)) = match (produced, applied) {
+        (Err(Produce::Failed(e)), _) | (_, Err(e)) => {
+            let _ = std::fs::remove_file(&ahead.gz_index);
             return Err(e);
         }
         (Err(Produce::Stopped), Ok(_)) => {
-            return Err(Error::Invalid(
-                "internal error: the apply stopped reading the layer early".into(),
-            ))
+            return Err(Error::Invalid(format!(
+                "internal error: the apply stopped reading {} early",
+                ahead.blob.display()
+            )))
         }
-        (Ok(built), Ok((stats, erofs))) => (built, stats, erofs),
+        (Ok(p), Ok(a)) => (p, a),
     };
-    let (gzip_index, stats, erofs) = built;
     Ok(TurboApplyReport {
         kind,
         gzip_index,
@@ -307,7 +355,7 @@ pub fn apply_stream<R: Read + Send>(
     })
 }
 
-/// How the inflating side of [`apply_stream`] failed.
+/// How the reading side of [`read_ahead`] failed.
 enum Produce {
     /// The apply stopped reading (it reports why).
     Stopped,
@@ -315,101 +363,52 @@ enum Produce {
     Failed(Error),
 }
 
-/// The inflating side of [`apply_stream`]: sends the blob's tar in chunks
-/// to `tx`, building `gzip.meta` on the way for a gzip blob.
+/// The reading side of [`read_ahead`]: sniffs the blob and sends its tar's
+/// skeleton to `tx`, building `gzip.meta` on the way for a gzip blob.
 fn produce(
-    job: &TurboApply,
-    kind: BlobKind,
-    blob: impl Read,
-    tx: std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>,
-) -> std::result::Result<Option<gzindex::BuildInfo>, Produce> {
+    name: &Path,
+    idx: &Path,
+    mut blob: impl Read,
+    tx: std::sync::mpsc::SyncSender<std::io::Result<Piece>>,
+) -> Produced {
+    let failed = |e: Error| {
+        // The apply's stream then fails too (this error is the one reported).
+        let _ = tx.send(Err(std::io::Error::other("the layer blob cannot be read")));
+        Produce::Failed(e)
+    };
+    let head = read_head(&mut blob, name).map_err(failed)?;
+    let kind = sniff(name, &head).map_err(failed)?;
+    let blob = std::io::Cursor::new(head).chain(blob);
+    let send = |p: Piece| tx.send(Ok(p)).is_ok();
+    let halted = |h: Halt| match h {
+        Halt::Sink => Produce::Stopped,
+        Halt::Source(e) => failed(e),
+    };
     match kind {
         BlobKind::Tar => {
-            let mut blob = blob;
-            pump(&tx, |b| loop {
+            let mut blob = std::io::BufReader::with_capacity(1 << 20, blob);
+            let read = |b: &mut [u8]| loop {
                 match blob.read(b) {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    r => return r.map_err(|e| Error::Blob(blockdev::Error::io(&job.blob, e))),
+                    r => return r.map_err(|e| Error::Blob(blockdev::Error::io(name, e))),
                 }
-            })
-            .map_err(|p| p.failed_with(&tx))?;
-            Ok(None)
+            };
+            tarskel::record(read, send).map_err(halted)?;
+            Ok((kind, None))
         }
         BlobKind::Gzip => {
-            let idx = &job.gz_index;
-            let fail = |e: blockdev::Error| Produce::Failed(Error::Blob(e)).failed_with(&tx);
+            let fail = |e: blockdev::Error| failed(Error::Blob(e));
             let out = std::fs::File::create(idx).map_err(|e| fail(blockdev::Error::io(idx, e)))?;
             let w = std::io::BufWriter::new(out);
             let mut ix =
-                gzindex::Indexer::new(blob, &job.blob, w, gzindex::DEFAULT_SPAN).map_err(fail)?;
-            pump(&tx, |b| ix.read_uncompressed(b).map_err(Error::Blob))
-                .map_err(|p| p.failed_with(&tx))?;
+                gzindex::Indexer::new(blob, name, w, gzindex::DEFAULT_SPAN).map_err(fail)?;
+            tarskel::record(|b| ix.read_uncompressed(b).map_err(Error::Blob), send)
+                .map_err(halted)?;
             let (info, w) = ix.finish().map_err(fail)?;
             w.into_inner()
                 .map_err(|e| fail(blockdev::Error::io(idx, e.into_error())))?;
-            Ok(Some(info))
+            Ok((kind, Some(info)))
         }
-    }
-}
-
-impl Produce {
-    /// A failure is also sent to the apply, whose stream then fails (the
-    /// producer's error is the one reported).
-    fn failed_with(self, tx: &std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>) -> Self {
-        if let Produce::Failed(_) = &self {
-            let _ = tx.send(Err(std::io::Error::other("the layer blob cannot be read")));
-        }
-        self
-    }
-}
-
-/// Fills [`CHUNK`]s with `read` (0: the end) and sends them to `tx`.
-fn pump(
-    tx: &std::sync::mpsc::SyncSender<std::io::Result<Vec<u8>>>,
-    mut read: impl FnMut(&mut [u8]) -> Result<usize>,
-) -> std::result::Result<(), Produce> {
-    loop {
-        let mut chunk = vec![0u8; CHUNK];
-        let mut n = 0;
-        while n < CHUNK {
-            match read(&mut chunk[n..]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) => return Err(Produce::Failed(e)),
-            }
-        }
-        if n == 0 {
-            return Ok(());
-        }
-        chunk.truncate(n);
-        tx.send(Ok(chunk)).map_err(|_| Produce::Stopped)?;
-        if n < CHUNK {
-            return Ok(());
-        }
-    }
-}
-
-/// The receiving side of [`apply_stream`]'s channel as a stream.
-struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
-    cur: Vec<u8>,
-    off: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.off >= self.cur.len() {
-            match self.rx.recv() {
-                Ok(Ok(v)) => (self.cur, self.off) = (v, 0),
-                Ok(Err(e)) => return Err(e),
-                // The sender is gone after the last chunk.
-                Err(_) => return Ok(0),
-            }
-        }
-        let k = buf.len().min(self.cur.len() - self.off);
-        buf[..k].copy_from_slice(&self.cur[self.off..self.off + k]);
-        self.off += k;
-        Ok(k)
     }
 }
 

@@ -10,7 +10,9 @@
 //!   one bottom-up layer stack (its lowers);
 //! * per layer, bottom-up and one at a time: [`LayerChain::apply`] consumes the source
 //!   layer ([`LayerInput`]: a stream that follows the download, or the complete file) and
-//!   returns a [`SealJob`]. The pipeline runs the seal on another thread while the next
+//!   returns a [`SealJob`]. A format with a [`OutputFormat::lookahead`] gets each layer's
+//!   input that many layers early in [`OutputFormat::prepare`], which may start reading
+//!   it on threads of its own while the layers below are applied; The pipeline runs the seal on another thread while the next
 //!   layer is applied on top of this one's unsealed files, then tells the chain
 //!   ([`LayerChain::sealed`]) so it can swap that lower for the sealed file;
 //! * a layer found in the dedup database is taken over as [`OutputFormat::reuse`] says:
@@ -37,6 +39,7 @@ use crate::follow::Follow;
 use crate::Abort;
 use crate::{Error, Result};
 use obdoci::{Descriptor, Digest};
+use std::any::Any;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,6 +76,21 @@ pub trait OutputFormat: Send + Sync {
     /// How a layer found in the dedup database is taken over. `needed_as_lower`: a layer
     /// above it is converted and applies on top of it.
     fn reuse(&self, needed_as_lower: bool) -> Reuse;
+
+    /// How many layers above the one being applied [`OutputFormat::prepare`] gets early
+    /// (0, the default: none, each layer is read by its apply).
+    fn lookahead(&self) -> usize {
+        0
+    }
+
+    /// A layer's input, handed over before the layers below it are applied (at most
+    /// [`OutputFormat::lookahead`] layers ahead, in order): the format may start reading
+    /// it on threads of its own, with bounded memory, and leave what it started in
+    /// `input` ([`LayerInput::set_prepared`]) for [`LayerChain::apply`]. The result must
+    /// not depend on whether or when a layer was prepared.
+    fn prepare(&self, _job: &LayerJob<'_>, _input: &mut LayerInput<'_>) -> Result<()> {
+        Ok(())
+    }
 
     /// Per-manifest setup: the chain that applies this manifest's layers.
     fn begin<'a>(&'a self, job: &ManifestJob<'a>) -> Result<Box<dyn LayerChain + 'a>>;
@@ -216,12 +234,31 @@ pub struct LayerInput<'a> {
     pub(crate) layer: &'a Descriptor,
     pub(crate) blob: Option<SourceBlob>,
     pub(crate) abort: &'a Abort,
+    /// What [`OutputFormat::prepare`] started.
+    pub(crate) prepared: Option<Box<dyn Any + Send>>,
 }
 
 impl LayerInput<'_> {
     /// The stop signal of the conversion.
     pub fn abort(&self) -> &Abort {
         self.abort
+    }
+
+    /// Leaves what [`OutputFormat::prepare`] started for [`LayerChain::apply`].
+    pub fn set_prepared<T: Any + Send>(&mut self, prepared: T) {
+        self.prepared = Some(Box::new(prepared));
+    }
+
+    /// What [`OutputFormat::prepare`] left (if it left a `T`).
+    pub fn take_prepared<T: Any + Send>(&mut self) -> Option<T> {
+        let p = self.prepared.take()?;
+        match p.downcast::<T>() {
+            Ok(t) => Some(*t),
+            Err(p) => {
+                self.prepared = Some(p);
+                None
+            }
+        }
     }
 
     /// The source blob (compressed, as stored) as a stream that follows the download

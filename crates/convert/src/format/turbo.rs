@@ -7,9 +7,11 @@
 //! 1. a writable warp layer (`overlaybd-create -s <vsize> --turboOCI [--mkfs]`): vsize is
 //!    `--vsize` with `--mkfs`, else 64, for every layer; the ext4 is made on the bottom
 //!    layer with `--mkfs` (never for EROFS);
-//! 2. the blob applied in reference mode ([`obdfs::turbo::apply_stream`], upstream's
+//! 2. the blob applied in reference mode ([`obdfs::turbo::apply_read_ahead`], upstream's
 //!    `turboOCI-apply`) in one pass while it downloads: a gzip blob is inflated once,
-//!    `gzip.meta` (the gzip random-access index) built on the way;
+//!    `gzip.meta` (the gzip random-access index) built on the way, up to two layers
+//!    ahead of the apply ([`OutputFormat::lookahead`]: the apply needs only the tar's
+//!    headers, so the inflating of several layers runs on all cores);
 //!    directories, inodes, symlinks, xattrs and whiteouts written into the layer, each
 //!    regular file's data a *target* mapping (LSMT tag 1) into the uncompressed tar;
 //! 3. sealed ([`blockdev::commit::commit_warp`], `overlaybd-commit -z --fastoci`): a
@@ -43,7 +45,7 @@ use blockdev::commit::{commit_warp, CommitOptions};
 use blockdev::stack::LowerSource;
 use blockdev::warp::TargetSource;
 use blockdev::zfile::ZfileOptions;
-use obdfs::turbo::{BlobKind, Durability, FsType, TurboApply};
+use obdfs::turbo::{BlobKind, Durability, FsType, ReadAhead, TurboApply};
 use obdoci::digest::{hash_reader, HashingWriter};
 use obdoci::model::*;
 use obdoci::{Descriptor, Digest};
@@ -216,6 +218,22 @@ impl OutputFormat for TurboFormat {
         }
     }
 
+    /// The two layers above the one being applied are inflated and indexed meanwhile
+    /// (the apply needs only their tar headers): on two cores the inflating, most of
+    /// the work, runs on both.
+    fn lookahead(&self) -> usize {
+        2
+    }
+
+    /// Starts reading the layer's blob ([`obdfs::turbo::read_ahead`]): inflated on a
+    /// thread of its own, `gzip.meta` built on the way, the tar's headers kept for the
+    /// apply.
+    fn prepare(&self, job: &LayerJob<'_>, input: &mut LayerInput<'_>) -> Result<()> {
+        let ahead = ReadingLayer::start(job, input)?;
+        input.set_prepared(ahead);
+        Ok(())
+    }
+
     fn begin<'a>(&'a self, _job: &ManifestJob<'a>) -> Result<Box<dyn LayerChain + 'a>> {
         let mut lowers = Vec::new();
         if !self.mkfs {
@@ -255,6 +273,33 @@ struct TurboChain<'a> {
     held: Vec<Arc<BlobFile>>,
 }
 
+/// A layer's blob being read ahead of its apply.
+struct ReadingLayer {
+    ahead: ReadAhead,
+    blob: PathBuf,
+    gz_index: PathBuf,
+    /// Keeps a downloaded blob until the chain holds it.
+    hold: Option<Arc<BlobFile>>,
+}
+
+impl ReadingLayer {
+    fn start(job: &LayerJob<'_>, input: &mut LayerInput<'_>) -> Result<ReadingLayer> {
+        // One pass over the blob as it downloads (verified at its end): inflated once,
+        // the gzip index built on the way, the tar's headers kept for the apply.
+        let (stream, blob, hold) = input.stream_and_file()?;
+        let gz_index = job.dir.join(GZIP_META);
+        remove_stale(&gz_index)?;
+        let ahead = obdfs::turbo::read_ahead(&blob, &gz_index, stream)
+            .map_err(|e| Error::Fs(e).context("TurboOCI apply"))?;
+        Ok(ReadingLayer {
+            ahead,
+            blob,
+            gz_index,
+            hold,
+        })
+    }
+}
+
 fn remove_stale(p: &Path) -> Result<()> {
     match std::fs::remove_file(p) {
         Ok(()) => Ok(()),
@@ -271,16 +316,22 @@ impl LayerChain for TurboChain<'_> {
         progress: &mut dyn FnMut(u64),
     ) -> Result<Applied> {
         let f = self.fmt;
-        // One pass over the blob as it downloads (verified at its end): inflated once,
-        // the gzip index built on the way, the tar's headers applied.
-        let (stream, blob, hold) = input.stream_and_file()?;
+        let reading = match input.take_prepared::<ReadingLayer>() {
+            Some(r) => r,
+            None => ReadingLayer::start(job, &mut input)?,
+        };
+        let ReadingLayer {
+            ahead,
+            blob,
+            gz_index,
+            hold,
+        } = reading;
         self.held.extend(hold);
         let dir = job.dir;
         let data = dir.join(DATA_FILE);
         let index = dir.join(INDEX_FILE);
-        let gz_index = dir.join(GZIP_META);
         let meta = dir.join(f.fstype.meta_file_name());
-        for p in [&data, &index, &gz_index, &meta] {
+        for p in [&data, &index, &meta] {
             remove_stale(p)?;
         }
         let mkfs = job.index == 0 && f.mkfs && f.fstype == FsType::Ext4;
@@ -295,8 +346,9 @@ impl LayerChain for TurboChain<'_> {
             fstype: f.fstype,
         };
         let mut cb = |s: &obdfs::ApplyStats| progress(s.tar_bytes);
-        let report = obdfs::turbo::apply_stream(&turbo, stream, Durability::Scratch, Some(&mut cb))
-            .map_err(|e| Error::Fs(e).context("TurboOCI apply"))?;
+        let report =
+            obdfs::turbo::apply_read_ahead(&turbo, ahead, Durability::Scratch, Some(&mut cb))
+                .map_err(|e| Error::Fs(e).context("TurboOCI apply"))?;
         let gzip = report.kind == BlobKind::Gzip;
         let target = if gzip {
             TargetSource::gzip(&blob, &gz_index)

@@ -53,6 +53,18 @@ enum Ready {
     Reused(Reused, Option<PathBuf>),
 }
 
+/// A layer as an output's chain takes it.
+enum Staged<'a> {
+    /// Take it over (see [`Ready::Reused`]).
+    Reused(Reused, Option<PathBuf>),
+    /// Apply it from `input` (prepared ahead by formats that read ahead); `copy`: the
+    /// source blob to copy into the destination afterwards.
+    Source {
+        input: LayerInput<'a>,
+        copy: Option<(PathBuf, Option<Arc<BlobFile>>)>,
+    },
+}
+
 /// What an output's uploader gets (with the layer's index).
 enum Done {
     Built(usize, Sealed),
@@ -342,7 +354,7 @@ impl Layers<'_, '_> {
         rxs: &[&Receiver<Result<Ready>>],
         up: Sender<Done>,
     ) -> Result<()> {
-        let (n, k) = (self.n(), self.todo[j]);
+        let k = self.todo[j];
         let run = self.run;
         let stats = &run.outputs[k].stats;
         let job = ManifestJob {
@@ -351,10 +363,7 @@ impl Layers<'_, '_> {
             chain_ids: self.chain,
         };
         let mut chain = run.format(k).begin(&job)?;
-        let ctx = |i: usize| {
-            let d = &self.layers[i].digest;
-            move |e: Error| e.context(format!("layer {}/{n} ({d})", i + 1))
-        };
+        let ctx = |i: usize| self.layer_context(i);
         type Sealing<'a> = (usize, ScopedJoinHandle<'a, Result<Sealed>>);
         // Waits for the running seal, tells the chain, hands the layer to the uploader.
         let finish = |c: &mut Option<Sealing<'_>>, chain: &mut dyn LayerChain| -> Result<()> {
@@ -370,60 +379,123 @@ impl Layers<'_, '_> {
             Ok(())
         };
         let mut sealing: Option<Sealing<'s>> = None;
-        for (i, rx) in rxs.iter().enumerate() {
-            let ready = rx.recv().map_err(|_| Error::Interrupted)??;
-            run.check_abort()?;
-            let ljob = LayerJob {
-                index: i,
-                layer: &self.layers[i],
-                dir: &self.fdirs[j][i],
-            };
-            match ready {
-                Ready::Reused(hit, file) => {
-                    finish(&mut sealing, chain.as_mut())?;
-                    let out = chain.reused(&ljob, &hit, file.as_deref()).map_err(ctx(i))?;
-                    stats.layers_reused.fetch_add(1, Ordering::Relaxed);
-                    let _ = up.send(Done::Reused(i, out));
-                }
-                Ready::Source(blob) => {
-                    let copy = self.copy[j][i].then(|| match &blob {
-                        SourceBlob::Local(p) => (p.clone(), None),
-                        SourceBlob::Downloading { file, .. } => {
-                            (file.path().to_path_buf(), Some(file.clone()))
+        // A format that reads layers ahead gets them from a thread that prepares each
+        // as soon as it is ready, up to `ahead` layers above the one being applied.
+        let ahead = run.format(k).lookahead();
+        std::thread::scope(|ps| -> Result<()> {
+            let (staged_tx, staged_rx) = bounded::<Result<Staged<'_>>>(ahead.saturating_sub(1));
+            if ahead > 0 {
+                ps.spawn(move || {
+                    for (i, rx) in rxs.iter().enumerate() {
+                        let st = rx
+                            .recv()
+                            .map_err(|_| Error::Interrupted)
+                            .and_then(|r| r)
+                            .and_then(|ready| self.stage(j, i, ready, true));
+                        let failed = st.is_err();
+                        if staged_tx.send(st).is_err() || failed {
+                            break;
                         }
-                    });
-                    let input = LayerInput {
-                        src: run.c.src.as_ref(),
-                        layer: &self.layers[i],
-                        blob: Some(blob),
-                        abort: &run.c.abort,
+                    }
+                });
+            } else {
+                drop(staged_tx);
+            }
+            let mut apply_all = || -> Result<()> {
+                for (i, rx) in rxs.iter().enumerate() {
+                    let staged = if ahead > 0 {
+                        staged_rx.recv().map_err(|_| Error::Interrupted)??
+                    } else {
+                        let ready = rx.recv().map_err(|_| Error::Interrupted)??;
+                        self.stage(j, i, ready, false)?
                     };
-                    let name = self.name(j, i);
-                    let bar = run
-                        .c
-                        .progress
-                        .start_in(self.group(j), &name, Stage::Apply, None);
-                    let setter = bar.setter();
-                    let applied = chain
-                        .apply(&ljob, input, &mut |b| setter(b))
-                        .map_err(ctx(i))?;
-                    bar.finish(Some(applied.input_bytes), "");
-                    finish(&mut sealing, chain.as_mut())?;
-                    let group = self.group(j);
-                    let h = s.spawn(move || {
-                        let bar = run.c.progress.start_in(group, &name, Stage::Commit, None);
-                        let sealed = applied.seal.seal(bar.setter())?;
-                        bar.finish(Some(sealed.out.desc.size), &sealed.note);
-                        Ok(sealed)
-                    });
-                    sealing = Some((i, h));
-                    if let Some((p, hold)) = copy {
-                        let _ = up.send(Done::CopySource(i, p, hold));
+                    run.check_abort()?;
+                    let ljob = self.layer_job(j, i);
+                    match staged {
+                        Staged::Reused(hit, file) => {
+                            finish(&mut sealing, chain.as_mut())?;
+                            let out = chain.reused(&ljob, &hit, file.as_deref()).map_err(ctx(i))?;
+                            stats.layers_reused.fetch_add(1, Ordering::Relaxed);
+                            let _ = up.send(Done::Reused(i, out));
+                        }
+                        Staged::Source { input, copy } => {
+                            let name = self.name(j, i);
+                            let bar =
+                                run.c
+                                    .progress
+                                    .start_in(self.group(j), &name, Stage::Apply, None);
+                            let setter = bar.setter();
+                            let applied = chain
+                                .apply(&ljob, input, &mut |b| setter(b))
+                                .map_err(ctx(i))?;
+                            bar.finish(Some(applied.input_bytes), "");
+                            finish(&mut sealing, chain.as_mut())?;
+                            let group = self.group(j);
+                            let h = s.spawn(move || {
+                                let bar =
+                                    run.c.progress.start_in(group, &name, Stage::Commit, None);
+                                let sealed = applied.seal.seal(bar.setter())?;
+                                bar.finish(Some(sealed.out.desc.size), &sealed.note);
+                                Ok(sealed)
+                            });
+                            sealing = Some((i, h));
+                            if let Some((p, hold)) = copy {
+                                let _ = up.send(Done::CopySource(i, p, hold));
+                            }
+                        }
                     }
                 }
+                Ok(())
+            };
+            let r = apply_all();
+            if matches!(&r, Err(e) if !e.is_interrupted()) {
+                // Stop the downloads the preparing thread may be waiting for.
+                run.c.abort.set();
             }
-        }
+            r
+        })?;
         finish(&mut sealing, chain.as_mut())
+    }
+
+    /// A layer for output `j`'s chain: taken over, or its input (prepared by the format
+    /// with `prepare`).
+    fn stage(&self, j: usize, i: usize, ready: Ready, prepare: bool) -> Result<Staged<'_>> {
+        let blob = match ready {
+            Ready::Reused(hit, file) => return Ok(Staged::Reused(hit, file)),
+            Ready::Source(blob) => blob,
+        };
+        let run = self.run;
+        let copy = self.copy[j][i].then(|| match &blob {
+            SourceBlob::Local(p) => (p.clone(), None),
+            SourceBlob::Downloading { file, .. } => (file.path().to_path_buf(), Some(file.clone())),
+        });
+        let mut input = LayerInput {
+            src: run.c.src.as_ref(),
+            layer: &self.layers[i],
+            blob: Some(blob),
+            abort: &run.c.abort,
+            prepared: None,
+        };
+        if prepare {
+            run.format(self.todo[j])
+                .prepare(&self.layer_job(j, i), &mut input)
+                .map_err(self.layer_context(i))?;
+        }
+        Ok(Staged::Source { input, copy })
+    }
+
+    /// Adds `layer i/n (digest)` to an error.
+    fn layer_context(&self, i: usize) -> impl Fn(Error) -> Error + '_ {
+        let (n, d) = (self.n(), &self.layers[i].digest);
+        move |e: Error| e.context(format!("layer {}/{n} ({d})", i + 1))
+    }
+
+    fn layer_job(&self, j: usize, i: usize) -> LayerJob<'_> {
+        LayerJob {
+            index: i,
+            layer: &self.layers[i],
+            dir: &self.fdirs[j][i],
+        }
     }
 
     /// Pushes output `j`'s layers as they are sealed (and the source layers it must
