@@ -231,8 +231,9 @@ pub enum Durability {
 }
 
 /// Skeleton pieces in flight between a blob's reading thread and its apply
-/// ([`crate::tarskel`]: at most 256 KiB of headers and 8 MiB of tar each).
-const IN_FLIGHT: usize = 64;
+/// ([`crate::tarskel`]: at most 256 KiB of headers and 32 MiB of tar each):
+/// at most 8 MiB of headers, and at least 1 GiB of tar ahead.
+const IN_FLIGHT: usize = 32;
 
 /// [`apply_layer`] with the blob's bytes read from `blob` (`job.blob`
 /// names it in errors; a stream that follows a download works: nothing is

@@ -396,6 +396,35 @@ fn turbo_bad_layers_are_one_line() {
             .map(|d| d.count())
             .unwrap_or(0);
         assert_eq!(blobs, 0, "{name}: nothing pushed");
+        // Above a good layer, the bad one is read ahead while the good one applies:
+        // the same error, for layer 2, and nothing tagged (the good layer's blobs may
+        // be pushed by then).
+        let src = t.path().join(format!("src2-{name}"));
+        let good = testutil::turbo_fixtures().join("ext4-gzip/layer.tar.gz");
+        let good_tar = testutil::fixtures().join("input.tar");
+        fixture_layout(&src, &[(good, good_tar), (blob.clone(), blob.clone())]);
+        let dst = t.path().join(format!("dst2-{name}"));
+        let o = convertor(&[
+            "-r",
+            &format!("oci:{}", src.display()),
+            "-i",
+            "v1",
+            "--output-repository",
+            &format!("oci:{}", dst.display()),
+            "--turboOCI",
+            "turbo",
+            "--plain",
+            "-d",
+            t.path().join(format!("work2-{name}")).to_str().unwrap(),
+        ]);
+        assert!(!o.status.success(), "{name}");
+        let e = testutil::err_text(&o);
+        let last = e.trim().lines().last().unwrap_or_default();
+        assert!(last.contains(want), "{name}: {e}");
+        assert!(last.contains("layer 2/2"), "{name}: {e}");
+        assert!(last.contains(Digest::of(&bytes).hex()), "{name}: {e}");
+        let tagged = std::fs::read_to_string(dst.join("index.json")).unwrap_or_default();
+        assert!(!tagged.contains("turbo"), "{name}: {tagged}");
     }
 }
 
