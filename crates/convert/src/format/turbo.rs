@@ -9,7 +9,7 @@
 //!    layer with `--mkfs` (never for EROFS);
 //! 2. the blob applied in reference mode ([`obdfs::turbo::apply_read_ahead`], upstream's
 //!    `turboOCI-apply`) in one pass while it downloads: a gzip blob is inflated once,
-//!    `gzip.meta` (the gzip random-access index) built on the way, up to two layers
+//!    `gzip.meta` (the gzip random-access index) built on the way, a few layers
 //!    ahead of the apply ([`OutputFormat::lookahead`]: the apply needs only the tar's
 //!    headers, so the inflating of several layers runs on all cores);
 //!    directories, inodes, symlinks, xattrs and whiteouts written into the layer, each
@@ -218,12 +218,14 @@ impl OutputFormat for TurboFormat {
         }
     }
 
-    /// The two layers above the one being applied are inflated and indexed meanwhile
-    /// (the apply needs only their tar headers, at most 8 MiB of them per layer are
-    /// held): the inflating, most of the work, runs on both cores of a 2-core machine
-    /// (three ahead measured no faster there).
+    /// Layers above the one being applied are inflated and indexed meanwhile (the
+    /// apply needs only their tar headers, at most 8 MiB of them per layer are held):
+    /// one more than there are cores, so the inflating, most of the work, keeps every
+    /// core busy until the last layer (on 2 cores, 3 ahead: a 4-layer image 0.61 s,
+    /// 2 ahead: 0.70 s, where the last layer inflated alone).
     fn lookahead(&self) -> usize {
-        2
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        (cores + 1).clamp(2, 8)
     }
 
     /// Starts reading the layer's blob ([`obdfs::turbo::read_ahead`]): inflated on a
