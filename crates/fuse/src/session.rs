@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use fuser::{Config, Filesystem, MountOption, Session, SessionACL, SessionUnmounter};
 use nix::sys::signal::{SigSet, Signal};
@@ -123,6 +124,30 @@ fn signal_loop(sigs: SigSet, mut unmounter: SessionUnmounter, mp: &Path, got: &A
     }
 }
 
+/// How long [`unmount_when_idle`] retries a busy mount by default.
+pub const BUSY_RETRY: Duration = Duration::from_secs(5);
+
+/// `umount2(mp)`, retried for at most `limit` while it fails with EBUSY.
+///
+/// A mount can stay busy for a moment after its owner closed the last file
+/// in it: a child process that another thread is starting holds a copy of
+/// every descriptor until it execs, and udev probes a loop device after each
+/// change. Fails with the last error (EPERM for a non-root user, who must
+/// go through fusermount).
+pub fn unmount_when_idle(mp: &Path, limit: Duration) -> nix::Result<()> {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match nix::mount::umount2(mp, nix::mount::MntFlags::empty()) {
+            Err(nix::errno::Errno::EBUSY) if start.elapsed() < limit => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Lazy unmount: `umount2(MNT_DETACH)` as root, `fusermount3 -u -z` otherwise.
 pub fn detach(mp: &Path) {
     if nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH).is_ok() {
@@ -214,17 +239,25 @@ impl Background {
     /// the mount lazily) when the mount is still in use.
     pub fn stop(mut self) -> Result<()> {
         let session = self.session.take().expect("stopped only once");
-        match session.umount_and_join() {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                detach(&self.mountpoint);
-                Err(Error::io(
-                    &self.mountpoint,
-                    "cannot unmount (detached lazily: it goes once its last user lets go)",
-                    e,
-                ))
-            }
-        }
+        unmount_and_join(session, &self.mountpoint).map_err(|e| {
+            detach(&self.mountpoint);
+            Error::io(
+                &self.mountpoint,
+                "cannot unmount (detached lazily: it goes once its last user lets go)",
+                e,
+            )
+        })
+    }
+}
+
+/// Unmount (waiting out a briefly busy mount) and join the serving threads,
+/// which end when they find the mount gone. A non-root user's umount2 fails
+/// with EPERM: fuser then goes through fusermount.
+fn unmount_and_join(session: fuser::BackgroundSession, mp: &Path) -> std::io::Result<()> {
+    match unmount_when_idle(mp, BUSY_RETRY) {
+        Ok(()) => session.join(),
+        Err(nix::errno::Errno::EPERM) => session.umount_and_join(),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -233,7 +266,7 @@ impl Drop for Background {
         if let Some(session) = self.session.take() {
             // Unmounting ends the serving threads. When that fails the mount
             // is busy: detach it and leave the threads serving its last user.
-            if let Err(e) = session.umount_and_join() {
+            if let Err(e) = unmount_and_join(session, &self.mountpoint) {
                 tracing::warn!(
                     "{}: cannot unmount: {e}; detaching",
                     self.mountpoint.display()

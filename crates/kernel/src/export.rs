@@ -177,7 +177,7 @@ impl Export {
         let Some(root) = self.mounted.take() else {
             return Ok(());
         };
-        match umount2(&root, MntFlags::empty()) {
+        match session::unmount_when_idle(&root, session::BUSY_RETRY) {
             Ok(()) => Ok(()),
             Err(e) => {
                 let _ = umount2(&root, MntFlags::MNT_DETACH);
@@ -196,8 +196,9 @@ impl Export {
         let Some(dev) = self.loop_dev.take() else {
             return Ok(());
         };
-        // On a device still in use (a lazily detached mount) the kernel
-        // sets auto-clear instead: it goes with its last user.
+        // On a device still in use (a lazily detached mount, or udev still
+        // probing it) the kernel sets auto-clear instead: it goes with its
+        // last user, and the FUSE unmount after this waits for that.
         run_tool(Command::new("losetup").arg("-d").arg(&dev)).map(|_| ())
     }
 
