@@ -101,16 +101,16 @@ printf "image: %d layers, %.1f MB uncompressed, %.1f MB gzip\n\n" "$NLAYERS" "$(
 now() { date +%s.%N; }
 uptime | sed 's/^ */load: /'
 
-# conv_round NAME BIN ROUND: one registry -> registry conversion into a fresh
-# repository; wall time into NAME's samples, peak RSS (KiB) into RSS[NAME], CPU
-# seconds (user + system, a figure other load on the machine hardly changes) into
-# CPU_NAME's samples.
+# timed_conv NAME BIN ARGS...: one conversion by BIN with ARGS (its work directory
+# added); wall time into NAME's samples, peak RSS (KiB) into RSS[NAME], CPU seconds
+# (user + system, a figure other load on the machine hardly changes) into
+# cpu_NAME's samples.
 declare -A RSS=()
-conv_round() {
-  local name=$1 bin=$2 r=$3 s e
+timed_conv() {
+  local name=$1 bin=$2 s e k u sy
+  shift 2
   s=$(date +%s%N)
-  if ! /usr/bin/time -f "%M %U %S" -o "$W/rss.$name" "$bin" -r "127.0.0.1:$PORT/bench/src" -i bench \
-      -o "bench_$name" --output-repository "127.0.0.1:$PORT/bench/$name$r" --plain \
+  if ! /usr/bin/time -f "%M %U %S" -o "$W/rss.$name" "$bin" "$@" \
       -d "$W/conv.$name" >"$W/out.$name" 2>"$W/err.$name"; then
     echo "convertor '$name' ($bin) failed:" >&2
     tail -5 "$W/err.$name" >&2
@@ -119,27 +119,22 @@ conv_round() {
   e=$(date +%s%N)
   rm -rf "$W/conv.$name"
   BENCH_SAMPLES[$name]+="$(((e - s) / 1000)) "
-  local k u sy; read -r k u sy < <(tail -1 "$W/rss.$name")
+  read -r k u sy < <(tail -1 "$W/rss.$name")
   [ "${RSS[$name]:-0}" -ge "$k" ] || RSS[$name]=$k
   BENCH_SAMPLES[cpu_$name]+="$(awk -v u="$u" -v s="$sy" 'BEGIN {printf "%d", (u + s) * 1e6}') "
 }
+# conv_round NAME BIN ROUND: one registry -> registry conversion into a fresh
+# repository.
+conv_round() {
+  timed_conv "$1" "$2" -r "127.0.0.1:$PORT/bench/src" -i bench -o "bench_$1" \
+    --output-repository "127.0.0.1:$PORT/bench/$1$3" --plain
+}
 # layout_round NAME ARGS...: one OCI layout -> layout conversion with ARGS (the
-# output flags); wall and CPU seconds into NAME's and cpu_NAME's samples.
+# output flags).
 layout_round() {
-  local name=$1 s e k u sy
+  local name=$1
   shift
-  s=$(date +%s%N)
-  if ! /usr/bin/time -f "%M %U %S" -o "$W/rss.$name" "$CONV" -r "oci:$W/img" -i bench "$@" \
-      -d "$W/conv.$name" >"$W/out.$name" 2>"$W/err.$name"; then
-    echo "convertor '$name' failed:" >&2
-    tail -5 "$W/err.$name" >&2
-    exit 1
-  fi
-  e=$(date +%s%N)
-  rm -rf "$W/conv.$name"
-  BENCH_SAMPLES[$name]+="$(((e - s) / 1000)) "
-  read -r k u sy < <(tail -1 "$W/rss.$name")
-  BENCH_SAMPLES[cpu_$name]+="$(awk -v u="$u" -v s="$sy" 'BEGIN {printf "%d", (u + s) * 1e6}') "
+  timed_conv "$name" "$CONV" -r "oci:$W/img" -i bench "$@"
 }
 if [ "$TURBO" = 1 ]; then
   for r in $(seq "$ROUNDS"); do

@@ -430,22 +430,17 @@ impl<R: Read, W: Write + Seek> Indexer<R, W> {
             }
             let stuck =
                 consumed == 0 && produced == 0 && self.inp < self.n && self.out_pos < WINDOW;
-            if let zlib::BlockRet::Error(rc) = ret {
+            let why = match ret {
+                zlib::BlockRet::Error(rc) => Some(format!("zlib error {rc}")),
+                _ if stuck => Some("inflate makes no progress".to_string()),
+                _ => None,
+            };
+            if let Some(why) = why {
                 self.failed = true;
                 return Err(blob_err(
                     &self.name,
                     format!(
-                        "invalid gzip/deflate data near compressed offset {} (zlib error {rc})",
-                        self.ttin
-                    ),
-                ));
-            }
-            if stuck {
-                self.failed = true;
-                return Err(blob_err(
-                    &self.name,
-                    format!(
-                        "invalid gzip/deflate data near compressed offset {} (inflate makes no progress)",
+                        "invalid gzip/deflate data near compressed offset {} ({why})",
                         self.ttin
                     ),
                 ));

@@ -360,6 +360,20 @@ fn turbo_bad_layers_are_one_line() {
     h.set_cksum();
     b.append(&h, &vec![7u8; 100_000][..]).unwrap();
     let long_tar = b.into_inner().unwrap()[..512 + 10_240].to_vec();
+    let convert = |src: &Path, dst: &Path, work: &str| {
+        convertor(&[
+            "-r",
+            &format!("oci:{}", src.display()),
+            "-i",
+            "v1",
+            "--output-repository",
+            &format!("oci:{}", dst.display()),
+            "--turboOCI",
+            "turbo",
+            "-d",
+            t.path().join(work).to_str().unwrap(),
+        ])
+    };
     for (name, bytes, want) in [
         ("garbage", garbage, "neither a gzip blob nor a tar"),
         ("short-gzip", short_gz, "ends early"),
@@ -370,18 +384,7 @@ fn turbo_bad_layers_are_one_line() {
         let src = t.path().join(format!("src-{name}"));
         fixture_layout(&src, &[(blob.clone(), blob.clone())]);
         let dst = t.path().join(format!("dst-{name}"));
-        let o = convertor(&[
-            "-r",
-            &format!("oci:{}", src.display()),
-            "-i",
-            "v1",
-            "--output-repository",
-            &format!("oci:{}", dst.display()),
-            "--turboOCI",
-            "turbo",
-            "-d",
-            t.path().join(format!("work-{name}")).to_str().unwrap(),
-        ]);
+        let o = convert(&src, &dst, &format!("work-{name}"));
         let e = testutil::err_text(&o);
         assert!(!o.status.success(), "{name}");
         assert!(e.contains(want), "{name}: {e}");
@@ -404,19 +407,7 @@ fn turbo_bad_layers_are_one_line() {
         let good_tar = testutil::fixtures().join("input.tar");
         fixture_layout(&src, &[(good, good_tar), (blob.clone(), blob.clone())]);
         let dst = t.path().join(format!("dst2-{name}"));
-        let o = convertor(&[
-            "-r",
-            &format!("oci:{}", src.display()),
-            "-i",
-            "v1",
-            "--output-repository",
-            &format!("oci:{}", dst.display()),
-            "--turboOCI",
-            "turbo",
-            "--plain",
-            "-d",
-            t.path().join(format!("work2-{name}")).to_str().unwrap(),
-        ]);
+        let o = convert(&src, &dst, &format!("work2-{name}"));
         assert!(!o.status.success(), "{name}");
         let e = testutil::err_text(&o);
         let last = e.trim().lines().last().unwrap_or_default();
