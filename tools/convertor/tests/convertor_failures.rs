@@ -269,6 +269,27 @@ fn unknown_tag_and_corrupt_blob() {
         "no manifest pushed"
     );
     assert!(!wd.exists(), "work dir cleaned up after failure");
+
+    // The same with the second layer, which is decompressed while the first one is
+    // applied: the same one-line error, for that layer.
+    b[mid] ^= 0x55;
+    std::fs::write(&p, &b).unwrap();
+    let l1: Descriptor = serde_json::from_value(m["layers"][1].clone()).unwrap();
+    let p1 = reg.blob_data_path(l1.digest.as_str());
+    let mut b1 = std::fs::read(&p1).unwrap();
+    let mid1 = b1.len() / 2;
+    b1[mid1] ^= 0x55;
+    std::fs::write(&p1, &b1).unwrap();
+    let o = convertor(&["-r", &r, "-i", "latest", "-o", "obd", "--plain", "-d", wd_s]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("digest mismatch") && e.contains(l1.digest.as_str()) && e.contains("layer 2/2"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    assert!(!reg.tag_link_exists("f/sample", "obd"));
+    assert!(!wd.exists(), "work dir cleaned up after failure");
 }
 
 #[test]
