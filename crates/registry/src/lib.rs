@@ -1165,7 +1165,9 @@ impl Repository {
                         BlobSource::File(p) => match File::open(p) {
                             Ok(f) => rb.body(reqwest::blocking::Body::sized(
                                 CountingReader {
-                                    inner: f,
+                                    // reqwest reads the body 8 KiB at a time: one read
+                                    // call per MiB instead of one per 8 KiB.
+                                    inner: io::BufReader::with_capacity(1 << 20, f),
                                     pos: 0,
                                     progress: progress.clone(),
                                     cancel: cancel.clone(),
