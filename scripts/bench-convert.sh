@@ -17,10 +17,10 @@
 # alternation with this one (ROUNDS times, default 3, medians): the ratio of the two
 # and the peak RSS of each are printed. Both push to fresh repositories every round.
 #
-# With --turbo only TurboOCI against native is measured: OCI layout -> layout
-# conversions of the same image, native, TurboOCI ext4 and TurboOCI EROFS in
-# alternation (ROUNDS times, medians), with CPU seconds and the speed-up of each
-# TurboOCI output over native.
+# With --turbo only TurboOCI against native is measured: registry -> registry
+# (fresh destination repositories) and OCI layout -> layout conversions of the same
+# image, native, TurboOCI ext4 and TurboOCI EROFS in alternation (ROUNDS times,
+# medians), with CPU seconds and the speed-up of each TurboOCI output over native.
 #
 # usage: scripts/bench-convert.sh [--size-mb N] [--from DIR | --synthetic] [--keep]
 #                                 [--baseline BIN] [--only-baseline] [--turbo]
@@ -31,7 +31,7 @@
 #   --keep       keep the work directory
 #   --baseline BIN      compare with this convertor binary
 #   --only-baseline     run only that comparison (skip skopeo, gzip, TurboOCI rows)
-#   --turbo      run only the TurboOCI vs native comparison (OCI layout -> layout)
+#   --turbo      run only the TurboOCI vs native comparison
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -136,19 +136,37 @@ layout_round() {
   shift
   timed_conv "$name" "$CONV" -r "oci:$W/img" -i bench "$@"
 }
+# reg_round NAME ROUND ARGS...: one registry -> registry conversion with ARGS (the
+# output flags) into a fresh repository (TurboOCI mounts the source layers there).
+reg_round() {
+  local name=$1 r=$2
+  shift 2
+  timed_conv "$name" "$CONV" -r "127.0.0.1:$PORT/bench/src" -i bench "$@" \
+    --output-repository "127.0.0.1:$PORT/bench/$name$r" --plain
+}
 if [ "$TURBO" = 1 ]; then
   for r in $(seq "$ROUNDS"); do
+    reg_round rnative "$r" -o bench_obd
+    reg_round rext4 "$r" --turboOCI bench_ext4
+    reg_round rerofs "$r" --turboOCI bench_erofs --fstype erofs
     layout_round native -o bench_obd
     layout_round ext4 --turboOCI bench_ext4
     layout_round erofs --turboOCI bench_erofs --fstype erofs
   done
   bench_header
+  bench_row "native, registry -> registry" rnative "$UNC_BYTES"
+  bench_row "--turboOCI ext4, registry -> registry" rext4 "$UNC_BYTES"
+  bench_row "--turboOCI --fstype erofs, registry" rerofs "$UNC_BYTES"
   bench_row "native, OCI layout -> layout" native "$UNC_BYTES"
   bench_row "--turboOCI ext4, OCI layout -> layout" ext4 "$UNC_BYTES"
   bench_row "--turboOCI --fstype erofs, layout -> layout" erofs "$UNC_BYTES"
-  printf "CPU seconds (medians): native %s, ext4 %s, erofs %s\n" \
+  printf "CPU seconds of the convertor (medians), registry: native %s, ext4 %s, erofs %s\n" \
+    "$(bench_median cpu_rnative)" "$(bench_median cpu_rext4)" "$(bench_median cpu_rerofs)"
+  printf "CPU seconds (medians), layout: native %s, ext4 %s, erofs %s\n" \
     "$(bench_median cpu_native)" "$(bench_median cpu_ext4)" "$(bench_median cpu_erofs)"
-  printf "TurboOCI speed-up over native (wall, medians): ext4 %sx, erofs %sx\n" \
+  printf "TurboOCI speed-up over native (wall, medians), registry -> registry: ext4 %sx, erofs %sx\n" \
+    "$(bench_ratio rnative rext4)" "$(bench_ratio rnative rerofs)"
+  printf "TurboOCI speed-up over native (wall, medians), layout -> layout: ext4 %sx, erofs %sx\n" \
     "$(bench_ratio native ext4)" "$(bench_ratio native erofs)"
   uptime | sed 's/^ */load after: /'
   exit 0
