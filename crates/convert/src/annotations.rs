@@ -1,6 +1,9 @@
 //! What marks an image as overlaybd: the layer annotations the overlaybd snapshotter reads
 //! and the `artifactType` of converted manifests and indexes (`--referrer`).
 
+use obdoci::Digest;
+use std::collections::BTreeMap;
+
 /// `artifactType` of converted overlaybd manifests and indexes (`--referrer`).
 pub const ARTIFACT_TYPE_OVERLAYBD: &str = "application/vnd.containerd.overlaybd.native.v1+json";
 
@@ -12,6 +15,16 @@ pub const ANNOTATION_BLOB_SIZE: &str = "containerd.io/snapshot/overlaybd/blob-si
 pub const ANNOTATION_VERSION: &str = "containerd.io/snapshot/overlaybd/version";
 /// Value of [`ANNOTATION_VERSION`] for native overlaybd layers.
 pub const OVERLAYBD_VERSION: &str = "0.1.0";
+
+/// The annotations every converted layer blob carries, native or TurboOCI: its digest,
+/// its size and the format `version`.
+pub(crate) fn blob_annotations(d: &Digest, size: u64, version: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (ANNOTATION_BLOB_DIGEST.to_string(), d.to_string()),
+        (ANNOTATION_BLOB_SIZE.to_string(), size.to_string()),
+        (ANNOTATION_VERSION.to_string(), version.to_string()),
+    ])
+}
 
 /// `artifactType` of TurboOCI manifests and indexes with `--referrer`.
 pub const ARTIFACT_TYPE_TURBO: &str = "application/vnd.containerd.overlaybd.turbo.v1+json";

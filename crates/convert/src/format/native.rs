@@ -22,7 +22,6 @@ use blockdev::stack::LowerSource;
 use obdoci::digest::hash_reader;
 use obdoci::model::*;
 use obdoci::{Descriptor, Digest};
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -81,14 +80,8 @@ pub(super) fn native_layer_descriptor(oci: bool, d: Digest, size: u64) -> Descri
     } else {
         MT_DOCKER_LAYER_TAR
     };
-    let mut desc = Descriptor::new(mt, d.clone(), size);
-    let mut ann = BTreeMap::new();
-    ann.insert(ANNOTATION_BLOB_DIGEST.to_string(), d.to_string());
-    ann.insert(ANNOTATION_BLOB_SIZE.to_string(), size.to_string());
-    ann.insert(
-        ANNOTATION_VERSION.to_string(),
-        OVERLAYBD_VERSION.to_string(),
-    );
+    let ann = blob_annotations(&d, size, OVERLAYBD_VERSION);
+    let mut desc = Descriptor::new(mt, d, size);
     desc.annotations = Some(ann);
     desc
 }

@@ -49,7 +49,6 @@ use obdfs::turbo::{BlobKind, Durability, FsType, ReadAhead, TurboApply};
 use obdoci::digest::{hash_reader, HashingWriter};
 use obdoci::model::*;
 use obdoci::{Descriptor, Digest};
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -115,14 +114,7 @@ impl TurboFormat {
         source: &Descriptor,
         gzip: bool,
     ) -> Descriptor {
-        let mut desc = Descriptor::new(self.layer_media_type(), d.clone(), size);
-        let mut ann = BTreeMap::new();
-        ann.insert(ANNOTATION_BLOB_DIGEST.to_string(), d.to_string());
-        ann.insert(ANNOTATION_BLOB_SIZE.to_string(), size.to_string());
-        ann.insert(
-            ANNOTATION_VERSION.to_string(),
-            TURBO_OCI_VERSION.to_string(),
-        );
+        let mut ann = blob_annotations(&d, size, TURBO_OCI_VERSION);
         ann.insert(
             ANNOTATION_TURBO_TARGET_DIGEST.to_string(),
             source.digest.to_string(),
@@ -131,6 +123,7 @@ impl TurboFormat {
             ANNOTATION_TURBO_TARGET_MEDIA_TYPE.to_string(),
             target_media_type(&source.media_type, gzip).to_string(),
         );
+        let mut desc = Descriptor::new(self.layer_media_type(), d, size);
         desc.annotations = Some(ann);
         desc
     }
