@@ -387,19 +387,18 @@ impl<R: Read, W: Write + Seek> Indexer<R, W> {
     /// One inflate step as upstream steps (32 KiB of input at a time, up to
     /// a block boundary or the end of the window), recording access points;
     /// sets `pending` to what it produced. False at the end of the member.
+    /// After an error the indexer cannot go on: [`Indexer::read_uncompressed`]
+    /// marks it failed, [`Indexer::finish`] consumes it.
     fn step(&mut self) -> Result<bool> {
         loop {
             if self.ended {
                 return Ok(false);
             }
             if self.inp == self.n {
-                let n = read_full(&mut self.blob, &mut self.inbuf).map_err(|e| {
-                    self.failed = true;
-                    Error::io(&self.name, e)
-                })?;
+                let n = read_full(&mut self.blob, &mut self.inbuf)
+                    .map_err(|e| Error::io(&self.name, e))?;
                 self.read_total += n as u64;
                 if n == 0 {
-                    self.failed = true;
                     return Err(blob_err(
                         &self.name,
                         format!(
@@ -436,7 +435,6 @@ impl<R: Read, W: Write + Seek> Indexer<R, W> {
                 _ => None,
             };
             if let Some(why) = why {
-                self.failed = true;
                 return Err(blob_err(
                     &self.name,
                     format!(
