@@ -76,7 +76,7 @@ pub fn record(
                     let stored = tar.remaining();
                     let padding = (BLOCK as u64 - stored % BLOCK as u64) % BLOCK as u64;
                     // `TarReader` skips exactly these bytes first when asked for the next entry.
-                    tar_hole(&mut tar, stored + padding);
+                    tar.get_mut().hole = stored + padding;
                 }
                 Ok(Some(_)) => {}
                 // The end, or a header the apply will refuse too: the rest as it is.
@@ -98,15 +98,6 @@ pub fn record(
     }
     rec.flush()?;
     Ok(rec.total)
-}
-
-/// Sets the recorder under `tar` to turn its next `n` bytes into a hole.
-fn tar_hole<F, S>(tar: &mut TarReader<&mut Recorder<F, S>>, n: u64)
-where
-    F: FnMut(&mut [u8]) -> Result<usize>,
-    S: FnMut(Piece) -> bool,
-{
-    tar.get_mut().hole = n;
 }
 
 /// The [`Read`] under [`record`]'s tar reader: passes the stream on,
