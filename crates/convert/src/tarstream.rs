@@ -65,7 +65,7 @@ pub fn with_tar<T>(
 /// back on `free`.
 fn decompress_into(
     input: Box<dyn Read + Send>,
-    tee: Option<(File, PathBuf)>,
+    mut tee: Option<(File, PathBuf)>,
     tx: Sender<io::Result<Vec<u8>>>,
     free: Receiver<Vec<u8>>,
     abort: &Abort,
@@ -78,7 +78,6 @@ fn decompress_into(
         }
     };
     tracing::debug!("layer is {kind}");
-    let mut tee = tee;
     let e = loop {
         let mut chunk = free.try_recv().unwrap_or_default();
         // A recycled buffer is full length already; only a new one is zero-filled.
