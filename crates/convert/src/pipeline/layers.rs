@@ -379,36 +379,28 @@ impl Layers<'_, '_> {
             Ok(())
         };
         let mut sealing: Option<Sealing<'s>> = None;
-        // A format that reads layers ahead gets them from a thread that prepares each
-        // as soon as it is ready, up to `ahead` layers above the one being applied.
+        // A thread stages the layers in order as their sources are ready; a format that
+        // reads ahead has each prepared there, up to `ahead` layers above the one being
+        // applied (with none, one layer waits staged, unread).
         let ahead = run.format(k).lookahead();
         std::thread::scope(|ps| -> Result<()> {
             let (staged_tx, staged_rx) = bounded::<Result<Staged<'_>>>(ahead.saturating_sub(1));
-            if ahead > 0 {
-                ps.spawn(move || {
-                    for (i, rx) in rxs.iter().enumerate() {
-                        let st = rx
-                            .recv()
-                            .map_err(|_| Error::Interrupted)
-                            .and_then(|r| r)
-                            .and_then(|ready| self.stage(j, i, ready, true));
-                        let failed = st.is_err();
-                        if staged_tx.send(st).is_err() || failed {
-                            break;
-                        }
-                    }
-                });
-            } else {
-                drop(staged_tx);
-            }
-            let mut apply_all = || -> Result<()> {
+            ps.spawn(move || {
                 for (i, rx) in rxs.iter().enumerate() {
-                    let staged = if ahead > 0 {
-                        staged_rx.recv().map_err(|_| Error::Interrupted)??
-                    } else {
-                        let ready = rx.recv().map_err(|_| Error::Interrupted)??;
-                        self.stage(j, i, ready, false)?
-                    };
+                    let st = rx
+                        .recv()
+                        .map_err(|_| Error::Interrupted)
+                        .and_then(|r| r)
+                        .and_then(|ready| self.stage(j, i, ready, ahead > 0));
+                    let failed = st.is_err();
+                    if staged_tx.send(st).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            let mut apply_all = || -> Result<()> {
+                for i in 0..rxs.len() {
+                    let staged = staged_rx.recv().map_err(|_| Error::Interrupted)??;
                     run.check_abort()?;
                     let ljob = self.layer_job(j, i);
                     match staged {
@@ -449,7 +441,7 @@ impl Layers<'_, '_> {
             };
             let r = apply_all();
             if matches!(&r, Err(e) if !e.is_interrupted()) {
-                // Stop the downloads the preparing thread may be waiting for.
+                // Stop the downloads the staging thread may be waiting for.
                 run.c.abort.set();
             }
             r
