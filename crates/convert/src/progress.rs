@@ -98,6 +98,7 @@ impl Progress {
             b.enable_steady_tick(Duration::from_millis(200));
             b
         });
+        tracing::debug!("{label} {stage}: started");
         StageBar {
             progress: self.clone(),
             group: group.to_string(),
@@ -187,6 +188,12 @@ impl StageBar {
         self.finished = true;
         let bytes = bytes.unwrap_or_else(|| self.pos.load(Ordering::Relaxed));
         let el = self.start.elapsed();
+        tracing::debug!(
+            "{} {}: finished, {bytes} bytes in {:.3} s",
+            self.label,
+            self.stage,
+            el.as_secs_f64()
+        );
         self.progress.record(&self.group, self.stage, el, bytes);
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();

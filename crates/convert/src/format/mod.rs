@@ -175,11 +175,12 @@ pub trait SealJob: Send {
 }
 
 /// A sealed layer: the blob to push and what the manifest and config say about it.
+#[derive(Clone, Debug)]
 pub struct Sealed {
     pub out: LayerOut,
     /// The blob file (`out.desc` describes it).
     pub blob: PathBuf,
-    /// Work files to remove once the blob is pushed (unless `--reserve`).
+    /// Work files to remove once no layer reads them (unless `--reserve`).
     pub scratch: Vec<PathBuf>,
     /// For the progress line.
     pub note: String,

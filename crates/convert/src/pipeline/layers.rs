@@ -71,6 +71,8 @@ enum Done {
     Reused(usize, LayerOut),
     /// Copy this source layer into the destination, from this file (held until then).
     CopySource(usize, PathBuf, Option<Arc<BlobFile>>),
+    /// Work files no layer reads any more (kept with `--reserve`).
+    Remove(Vec<PathBuf>),
 }
 
 /// One blob for an uploader's pushers.
@@ -346,7 +348,8 @@ impl Layers<'_, '_> {
 
     /// Applies output `j`'s layers bottom-up as they arrive; each layer is sealed on its
     /// own thread while the next one is applied on top of its unsealed files (at most
-    /// one seal at a time), then handed to the uploader.
+    /// one seal at a time), and handed to the uploader as soon as it is sealed; its work
+    /// files go once the layer above is applied.
     fn run_chain<'s>(
         &'s self,
         s: &'s Scope<'s, '_>,
@@ -374,7 +377,10 @@ impl Layers<'_, '_> {
                     .map_err(ctx(i))?;
                 chain.sealed(i, &sealed);
                 stats.layers_converted.fetch_add(1, Ordering::Relaxed);
-                let _ = up.send(Done::Built(i, sealed));
+                // The layer above, applied meanwhile, was the last to read these files
+                // (removed by the uploader's thread: unlinking a large sparse file takes
+                // a while).
+                let _ = up.send(Done::Remove(sealed.scratch));
             }
             Ok(())
         };
@@ -423,11 +429,14 @@ impl Layers<'_, '_> {
                             bar.finish(Some(applied.input_bytes), "");
                             finish(&mut sealing, chain.as_mut())?;
                             let group = self.group(j);
+                            let push = up.clone();
                             let h = s.spawn(move || {
                                 let bar =
                                     run.c.progress.start_in(group, &name, Stage::Commit, None);
                                 let sealed = applied.seal.seal(bar.setter())?;
                                 bar.finish(Some(sealed.out.desc.size), &sealed.note);
+                                // Pushed right away, while the layer above is applied.
+                                let _ = push.send(Done::Built(i, sealed.clone()));
                                 Ok(sealed)
                             });
                             sealing = Some((i, h));
@@ -525,6 +534,14 @@ impl Layers<'_, '_> {
                         out[i] = Some(o);
                         continue;
                     }
+                    Done::Remove(files) => {
+                        if !c.opts.reserve {
+                            for f in &files {
+                                let _ = fs::remove_file(f);
+                            }
+                        }
+                        continue;
+                    }
                     Done::CopySource(i, path, hold) => Upload {
                         i,
                         desc: self.layers[i].clone(),
@@ -533,11 +550,6 @@ impl Layers<'_, '_> {
                         _hold: hold,
                     },
                     Done::Built(i, sealed) => {
-                        if !c.opts.reserve {
-                            for f in &sealed.scratch {
-                                let _ = fs::remove_file(f);
-                            }
-                        }
                         out[i] = Some(sealed.out.clone());
                         Upload {
                             i,
