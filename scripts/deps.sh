@@ -3,7 +3,7 @@
 #   scripts/deps.sh build   what building and running the tools needs
 #   scripts/deps.sh test    the above plus every tool the tests drive
 set -euo pipefail
-BUILD=(libext2fs-dev libzstd-dev zlib1g-dev pkg-config e2fsprogs fuse3)
+BUILD=(gcc libext2fs-dev libzstd-dev zlib1g-dev libisal-dev pkg-config e2fsprogs fuse3)
 TEST=(tar gzip zstd python3 curl libnbd-bin nbdkit qemu-utils docker-registry skopeo umoci
       apache2-utils openssl jq mariadb-server mariadb-client sqlite3 fuse2fs erofs-utils)
 case "${1:-build}" in

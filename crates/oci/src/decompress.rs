@@ -1,6 +1,10 @@
 //! Layer decompression (the convertor and `overlaybd-apply`): the format is sniffed from the first bytes (gzip `1f 8b`,
 //! zstd `28 b5 2f fd`, otherwise an uncompressed tar), not taken from the media type.
 //! bzip2 and xz layers are refused with a clear error.
+//!
+//! gzip is inflated by ISA-L when the build found it ([`crate::isal`], Debian
+//! `libisal-dev`), else by zlib-rs; `OBD_INFLATE=zlib-rs` in the environment picks
+//! zlib-rs anyway (to compare, or to rule ISA-L out).
 
 use std::io::{self, BufRead, BufReader, Read};
 
@@ -42,12 +46,25 @@ pub fn sniff(head: &[u8]) -> io::Result<Compression> {
     }
 }
 
+/// The gzip inflater [`decoder`] uses: `"isa-l"` or `"zlib-rs"`.
+pub fn gzip_inflater() -> &'static str {
+    #[cfg(isal)]
+    if std::env::var("OBD_INFLATE").map_or(true, |v| v != "zlib-rs") {
+        return "isa-l";
+    }
+    "zlib-rs"
+}
+
 /// Wrap `r` in the decoder its first bytes call for. Returns the decoder and the kind.
 pub fn decoder<'a, R: Read + 'a>(r: R) -> io::Result<(Box<dyn Read + 'a>, Compression)> {
     let mut br = BufReader::with_capacity(1 << 20, r);
     let head = br.fill_buf()?;
     let kind = sniff(head)?;
     let out: Box<dyn Read + 'a> = match kind {
+        #[cfg(isal)]
+        Compression::Gzip if gzip_inflater() == "isa-l" => {
+            Box::new(crate::isal::GzDecoder::new(br)?)
+        }
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(br)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(br)?),
         Compression::None => Box::new(br),

@@ -15,6 +15,8 @@ pub mod decompress;
 pub mod digest;
 pub mod docker_archive;
 pub mod error;
+#[cfg(isal)]
+pub mod isal;
 pub mod layout;
 pub mod model;
 pub mod reference;
