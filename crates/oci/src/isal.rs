@@ -143,7 +143,8 @@ impl<R: BufRead> Read for GzDecoder<R> {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!(
-                        "gzip stream ends inside a member (after {} compressed bytes)",
+                        "truncated deflate stream: the gzip data ends inside a member, \
+                         after {} compressed bytes",
                         self.pos
                     ),
                 ));
