@@ -268,11 +268,71 @@ impl Default for ClientOptions {
     }
 }
 
-/// The HTTP clients, both with system roots + extra CAs and the optional client
-/// identity: the blocking one for every request, and an async one that only streams
-/// blob uploads ([`Repository::put_file`]; no idle connections are kept, as each
-/// upload runs on a runtime of its own).
-fn build_http(opts: &ClientOptions, loopback: bool) -> Result<(Client, reqwest::Client)> {
+/// What a registry's HTTP clients trust and how they connect: system roots + extra
+/// CAs, the optional client identity, proxies, `--insecure`.
+#[derive(Clone)]
+struct HttpConfig {
+    roots: Vec<reqwest::Certificate>,
+    identity: Option<reqwest::Identity>,
+    /// Never through a proxy.
+    loopback: bool,
+    insecure: bool,
+}
+
+/// The same settings on either client builder (their types differ, their methods do
+/// not).
+macro_rules! configure {
+    ($b:expr, $cfg:expr) => {{
+        let cfg: &HttpConfig = $cfg;
+        let mut b = $b
+            .use_rustls_tls()
+            .connect_timeout(Duration::from_secs(30))
+            .tcp_keepalive(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .user_agent(concat!(
+                "overlaybd-rs-convertor/",
+                env!("CARGO_PKG_VERSION")
+            ));
+        for c in &cfg.roots {
+            b = b.add_root_certificate(c.clone());
+        }
+        if let Some(id) = &cfg.identity {
+            b = b.identity(id.clone());
+        }
+        if cfg.loopback {
+            // HTTP(S)_PROXY is honoured, but never for registries on this machine.
+            b = b.no_proxy();
+        }
+        if cfg.insecure {
+            b = b
+                .danger_accept_invalid_certs(true)
+                .danger_accept_invalid_hostnames(true);
+        }
+        b.build().map_err(|e| Error::Tls {
+            what: "cannot build the HTTP client".into(),
+            error: Some(e),
+        })
+    }};
+}
+
+/// The blocking client, for every request but streamed uploads.
+fn build_http(cfg: &HttpConfig) -> Result<Client> {
+    configure!(
+        Client::builder()
+            .timeout(None::<Duration>)
+            .pool_max_idle_per_host(32),
+        cfg
+    )
+}
+
+/// The async client that streams blob uploads ([`Repository::put_file`]); it keeps no
+/// idle connections, as each upload runs on a runtime of its own.
+fn build_stream_http(cfg: &HttpConfig) -> Result<reqwest::Client> {
+    configure!(reqwest::Client::builder().pool_max_idle_per_host(0), cfg)
+}
+
+/// Reads the certificates and the client identity the options name.
+fn http_config(opts: &ClientOptions, loopback: bool) -> Result<HttpConfig> {
     let mut roots = Vec::new();
     let mut identity = None;
     let mut ca_files: Vec<PathBuf> = opts.root_cas.clone();
@@ -351,44 +411,12 @@ fn build_http(opts: &ClientOptions, loopback: bool) -> Result<(Client, reqwest::
         })?;
         identity = Some(id);
     }
-    // The same settings on either builder (their types differ, their methods do not).
-    macro_rules! configure {
-        ($b:expr) => {{
-            let mut b = $b
-                .use_rustls_tls()
-                .connect_timeout(Duration::from_secs(30))
-                .tcp_keepalive(Duration::from_secs(30))
-                .pool_idle_timeout(Duration::from_secs(30))
-                .user_agent(concat!(
-                    "overlaybd-rs-convertor/",
-                    env!("CARGO_PKG_VERSION")
-                ));
-            for c in &roots {
-                b = b.add_root_certificate(c.clone());
-            }
-            if let Some(id) = &identity {
-                b = b.identity(id.clone());
-            }
-            if loopback {
-                // HTTP(S)_PROXY is honoured, but never for registries on this machine.
-                b = b.no_proxy();
-            }
-            if opts.insecure {
-                b = b
-                    .danger_accept_invalid_certs(true)
-                    .danger_accept_invalid_hostnames(true);
-            }
-            b.build().map_err(|e| Error::Tls {
-                what: "cannot build the HTTP client".into(),
-                error: Some(e),
-            })
-        }};
-    }
-    let blocking = configure!(Client::builder()
-        .timeout(None::<Duration>)
-        .pool_max_idle_per_host(32))?;
-    let stream = configure!(reqwest::Client::builder().pool_max_idle_per_host(0))?;
-    Ok((blocking, stream))
+    Ok(HttpConfig {
+        roots,
+        identity,
+        loopback,
+        insecure: opts.insecure,
+    })
 }
 
 /// One registry host: the server, and the mirrors its host configuration lists
@@ -400,8 +428,9 @@ pub struct Registry {
     /// The API root: `<base>/v2`, or another path (hosts.toml `override_path`).
     api_root: String,
     http: Client,
-    /// Streams blob uploads (see [`build_http`]).
-    http_stream: reqwest::Client,
+    http_config: HttpConfig,
+    /// Streams blob uploads; built on the first one (see [`build_stream_http`]).
+    http_stream: std::sync::OnceLock<reqwest::Client>,
     auth: auth::Auth,
     opts: ClientOptions,
     /// Extra request headers (hosts.toml `header`).
@@ -470,14 +499,16 @@ impl Registry {
             || bare.starts_with("127.")
             || bare == "[::1]"
             || bare.ends_with(".localhost");
-        let (http, http_stream) = build_http(&o, loopback)?;
+        let http_config = http_config(&o, loopback)?;
+        let http = build_http(&http_config)?;
         let base = format!("{}://{authority}", ep.scheme);
         Ok(Arc::new(Registry {
             host: name.to_string(),
             api_root: format!("{base}{}", ep.api_path),
             base,
             http,
-            http_stream,
+            http_config,
+            http_stream: std::sync::OnceLock::new(),
             auth: auth::Auth::new(
                 name,
                 opts.credentials.clone().or_else(|| {
@@ -613,6 +644,15 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// The client that streams uploads (built on first use).
+    fn stream_client(&self) -> Result<&reqwest::Client> {
+        if let Some(c) = self.http_stream.get() {
+            return Ok(c);
+        }
+        let c = build_stream_http(&self.http_config)?;
+        Ok(self.http_stream.get_or_init(|| c))
     }
 
     fn status_error(&self, what: &str, resp: Response) -> Error {
@@ -1310,7 +1350,7 @@ impl Repository {
                 cancel: reg.opts.cancel.clone(),
             };
             let mut rb = reg
-                .http_stream
+                .stream_client()?
                 .put(url)
                 .header(CONTENT_TYPE, "application/octet-stream")
                 .header(CONTENT_LENGTH, size)
