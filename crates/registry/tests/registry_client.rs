@@ -152,13 +152,25 @@ fn plain_http_push_pull_mount_chunked_and_errors() {
         .unwrap();
     assert_eq!(back, data);
 
-    // Monolithic upload from a file.
+    // Monolithic upload from a file (streamed in pieces), with progress to the end.
     let mono = client.repository("test/d");
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let s2 = seen.clone();
+    let prog: registry::ProgressFn = std::sync::Arc::new(move |n| {
+        s2.store(n, std::sync::atomic::Ordering::Relaxed);
+    });
     assert_eq!(
-        mono.push_blob(&dd, BlobSource::File(&f), None, None)
+        mono.push_blob(&dd, BlobSource::File(&f), None, Some(prog))
             .unwrap(),
         PushOutcome::Uploaded
     );
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::Relaxed),
+        data.len() as u64
+    );
+    let mut back = Vec::new();
+    mono.open_blob(&dd).unwrap().read_to_end(&mut back).unwrap();
+    assert_eq!(back, data);
     // A descriptor that does not match the content is rejected by the registry.
     let mut wrong = dd.clone();
     wrong.digest = Digest::of(b"something else");
@@ -352,6 +364,21 @@ fn bearer_token_flow() {
             .unwrap(),
         PushOutcome::Mounted
     );
+    // A file streamed to a repository whose token the client has not asked for yet: the
+    // upload's first request is challenged, the PUT reuses the token.
+    let f = dir.path().join("blob");
+    let big = payload(5 << 20, 11);
+    std::fs::write(&f, &big).unwrap();
+    let fd = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &big);
+    let repo = client.repository("tok/c");
+    assert_eq!(
+        repo.push_blob(&fd, BlobSource::File(&f), None, None)
+            .unwrap(),
+        PushOutcome::Uploaded
+    );
+    let mut back = Vec::new();
+    repo.open_blob(&fd).unwrap().read_to_end(&mut back).unwrap();
+    assert_eq!(back, big);
     // Wrong credentials: the token server refuses them.
     let bad = ClientOptions {
         credentials: Credentials::parse("bob:nope"),
