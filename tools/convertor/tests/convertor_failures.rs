@@ -248,12 +248,16 @@ fn unknown_tag_and_corrupt_blob() {
     .repository("f/sample");
     let (_, m) = repo.get_manifest(&Reference::Tag("latest".into())).unwrap();
     let m: serde_json::Value = serde_json::from_slice(&m).unwrap();
+    // Flips the middle byte of a stored blob (flipping it again restores the blob).
+    let flip_middle = |d: &Descriptor| {
+        let p = reg.blob_data_path(d.digest.as_str());
+        let mut b = std::fs::read(&p).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x55;
+        std::fs::write(&p, &b).unwrap();
+    };
     let l0: Descriptor = serde_json::from_value(m["layers"][0].clone()).unwrap();
-    let p = reg.blob_data_path(l0.digest.as_str());
-    let mut b = std::fs::read(&p).unwrap();
-    let mid = b.len() / 2;
-    b[mid] ^= 0x55;
-    std::fs::write(&p, &b).unwrap();
+    flip_middle(&l0);
     let revs = reg.manifest_revisions("f/sample");
     let o = convertor(&["-r", &r, "-i", "latest", "-o", "obd", "--plain", "-d", wd_s]);
     assert_eq!(o.status.code(), Some(1));
@@ -272,14 +276,9 @@ fn unknown_tag_and_corrupt_blob() {
 
     // The same with the second layer, after the first one converted: the same
     // one-line error, for that layer.
-    b[mid] ^= 0x55;
-    std::fs::write(&p, &b).unwrap();
+    flip_middle(&l0);
     let l1: Descriptor = serde_json::from_value(m["layers"][1].clone()).unwrap();
-    let p1 = reg.blob_data_path(l1.digest.as_str());
-    let mut b1 = std::fs::read(&p1).unwrap();
-    let mid1 = b1.len() / 2;
-    b1[mid1] ^= 0x55;
-    std::fs::write(&p1, &b1).unwrap();
+    flip_middle(&l1);
     let o = convertor(&["-r", &r, "-i", "latest", "-o", "obd", "--plain", "-d", wd_s]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr_of(&o);
