@@ -599,18 +599,8 @@ impl Registry {
                 Ok(resp) => {
                     let st = resp.status().as_u16();
                     if st == 401 && !reauthed {
-                        let hdr = resp
-                            .headers()
-                            .get_all(reqwest::header::WWW_AUTHENTICATE)
-                            .iter()
-                            .filter_map(|v| v.to_str().ok())
-                            .collect::<Vec<_>>()
-                            .join(", ");
                         reauthed = true;
-                        if self
-                            .auth
-                            .on_challenge(&self.http, &hdr, scope, sent.as_deref())?
-                        {
+                        if self.reauth(resp.headers(), scope, sent.as_deref())? {
                             continue;
                         }
                     }
@@ -644,6 +634,24 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// After a 401 carrying `headers` (to a request that sent `sent`): whether new
+    /// credentials for `scope` were obtained from its challenge, so that the request is
+    /// worth one more try.
+    fn reauth(
+        &self,
+        headers: &reqwest::header::HeaderMap,
+        scope: &str,
+        sent: Option<&str>,
+    ) -> Result<bool> {
+        let challenge = headers
+            .get_all(reqwest::header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.auth.on_challenge(&self.http, &challenge, scope, sent)
     }
 
     /// The client that streams uploads (built on first use).
@@ -1226,8 +1234,8 @@ impl Repository {
         let final_resp = match (self.reg.opts.chunk_size, src) {
             (None, BlobSource::File(p)) => {
                 let url = with_query(&self.reg.url(&loc), "digest", desc.digest.as_str());
-                let (status, headers) = self.put_file(&what, &url, p, desc.size, progress)?;
-                return self.check_pushed(what, desc, status, &headers);
+                let headers = self.put_file(&what, &url, p, desc.size, progress)?;
+                return self.check_pushed(what, desc, &headers);
             }
             (None, BlobSource::Bytes(b)) => {
                 let url = with_query(&self.reg.url(&loc), "digest", desc.digest.as_str());
@@ -1289,20 +1297,17 @@ impl Repository {
         if !final_resp.status().is_success() {
             return Err(self.reg.status_error(&what, final_resp));
         }
-        let status = final_resp.status().as_u16();
-        self.check_pushed(what, desc, status, final_resp.headers())
+        self.check_pushed(what, desc, final_resp.headers())
     }
 
-    /// The end of an upload that succeeded (`status` 2xx): the registry must have stored
-    /// the digest we sent.
+    /// The end of an upload that succeeded (`headers`: of its 2xx reply): the registry
+    /// must have stored the digest we sent.
     fn check_pushed(
         &self,
         what: String,
         desc: &Descriptor,
-        status: u16,
         headers: &reqwest::header::HeaderMap,
     ) -> Result<()> {
-        debug_assert!((200..300).contains(&status));
         match header_str(headers, "docker-content-digest") {
             Some(d) if d != desc.digest.as_str() => Err(Error::Protocol {
                 peer: self.reg.host.clone(),
@@ -1317,8 +1322,8 @@ impl Repository {
     /// in 1 MiB pieces by the async client on this thread. (The blocking client hands a
     /// reader body to its runtime thread 8 KiB at a time, each piece a thread wake-up
     /// and a small socket write: about 0.5 CPU-s per 200 MB on this project's 2-core
-    /// machines.) Authenticates as [`Registry::send`] does; returns the 2xx status and
-    /// headers, else the error.
+    /// machines.) Authenticates as [`Registry::send`] does; returns the headers of the
+    /// 2xx reply, else the error.
     fn put_file(
         &self,
         what: &str,
@@ -1326,7 +1331,7 @@ impl Repository {
         path: &Path,
         size: u64,
         progress: Option<ProgressFn>,
-    ) -> Result<(u16, reqwest::header::HeaderMap)> {
+    ) -> Result<reqwest::header::HeaderMap> {
         let reg = &self.reg;
         let scope = self.push_scope();
         let io_err = |error: io::Error| Error::Io {
@@ -1377,16 +1382,7 @@ impl Repository {
                 .map_err(|e| Error::transport(&reg.host, what, e))?;
             if st == 401 && !reauthed {
                 reauthed = true;
-                let hdr = headers
-                    .get_all(reqwest::header::WWW_AUTHENTICATE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                if reg
-                    .auth
-                    .on_challenge(&reg.http, &hdr, &scope, sent.as_deref())?
-                {
+                if reg.reauth(&headers, &scope, sent.as_deref())? {
                     continue;
                 }
             }
@@ -1394,7 +1390,7 @@ impl Repository {
                 let n = body.len().min(64 << 10);
                 return Err(reg.status_error_of(what, st, error_detail_of(&body[..n])));
             }
-            return Ok((st, headers));
+            return Ok(headers);
         }
     }
 }
