@@ -123,12 +123,6 @@ timed_conv() {
   [ "${RSS[$name]:-0}" -ge "$k" ] || RSS[$name]=$k
   BENCH_SAMPLES[cpu_$name]+="$(awk -v u="$u" -v s="$sy" 'BEGIN {printf "%d", (u + s) * 1e6}') "
 }
-# conv_round NAME BIN ROUND: one registry -> registry conversion into a fresh
-# repository.
-conv_round() {
-  timed_conv "$1" "$2" -r "127.0.0.1:$PORT/bench/src" -i bench -o "bench_$1" \
-    --output-repository "127.0.0.1:$PORT/bench/$1$3" --plain
-}
 # layout_round NAME ARGS...: one OCI layout -> layout conversion with ARGS (the
 # output flags).
 layout_round() {
@@ -136,19 +130,20 @@ layout_round() {
   shift
   timed_conv "$name" "$CONV" -r "oci:$W/img" -i bench "$@"
 }
-# reg_round NAME ROUND ARGS...: one registry -> registry conversion with ARGS (the
-# output flags) into a fresh repository (TurboOCI mounts the source layers there).
+# reg_round NAME BIN ROUND ARGS...: one registry -> registry conversion by BIN with
+# ARGS (the output flags) into a fresh repository (TurboOCI mounts the source layers
+# there).
 reg_round() {
-  local name=$1 r=$2
-  shift 2
-  timed_conv "$name" "$CONV" -r "127.0.0.1:$PORT/bench/src" -i bench "$@" \
+  local name=$1 bin=$2 r=$3
+  shift 3
+  timed_conv "$name" "$bin" -r "127.0.0.1:$PORT/bench/src" -i bench "$@" \
     --output-repository "127.0.0.1:$PORT/bench/$name$r" --plain
 }
 if [ "$TURBO" = 1 ]; then
   for r in $(seq "$ROUNDS"); do
-    reg_round rnative "$r" -o bench_obd
-    reg_round rext4 "$r" --turboOCI bench_ext4
-    reg_round rerofs "$r" --turboOCI bench_erofs --fstype erofs
+    reg_round rnative "$CONV" "$r" -o bench_obd
+    reg_round rext4 "$CONV" "$r" --turboOCI bench_ext4
+    reg_round rerofs "$CONV" "$r" --turboOCI bench_erofs --fstype erofs
     layout_round native -o bench_obd
     layout_round ext4 --turboOCI bench_ext4
     layout_round erofs --turboOCI bench_erofs --fstype erofs
@@ -174,8 +169,8 @@ fi
 if [ -n "$BASELINE" ]; then
   [ -x "$BASELINE" ] || { echo "--baseline: $BASELINE is not an executable" >&2; exit 1; }
   for r in $(seq "$ROUNDS"); do
-    conv_round new "$CONV" "$r"
-    conv_round old "$BASELINE" "$r"
+    reg_round new "$CONV" "$r" -o bench_new
+    reg_round old "$BASELINE" "$r" -o bench_old
   done
   bench_header
   bench_row "convertor registry -> registry (this tree)" new "$UNC_BYTES"
