@@ -111,8 +111,8 @@ impl<R: BufRead> Read for GzDecoder<R> {
             let (mut consumed, mut produced, mut finished) = (0u32, 0u32, 0i32);
             // SAFETY: `input` and `out` are live slices of at least the lengths passed;
             // ISA-L reads at most in_len bytes of one and writes at most out_len bytes
-            // of the other, and keeps neither pointer after returning (the shim sets
-            // them again on every call).
+            // of the other, and uses neither pointer after returning (the state still
+            // holds them, but the shim sets both anew before every call).
             let code = unsafe {
                 obd_isal_inflate(
                     self.state.as_ptr(),

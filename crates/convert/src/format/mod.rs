@@ -13,9 +13,9 @@
 //!   returns a [`SealJob`]. A format with a [`OutputFormat::lookahead`] gets each layer's
 //!   input that many layers early in [`OutputFormat::prepare`], which may start reading
 //!   it on threads of its own while the layers below are applied. The pipeline runs the
-//!   seal on another thread while the next
-//!   layer is applied on top of this one's unsealed files, then tells the chain
-//!   ([`LayerChain::sealed`]) so it can swap that lower for the sealed file;
+//!   seal on another thread while the next layer is applied on top of this one's
+//!   unsealed files, then tells the chain ([`LayerChain::sealed`]) so it can swap that
+//!   lower for the sealed file;
 //! * a layer found in the dedup database is taken over as [`OutputFormat::reuse`] says:
 //!   by descriptor alone, or by downloading its converted blob, then
 //!   [`LayerChain::reused`]; or it is converted again;

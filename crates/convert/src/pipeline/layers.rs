@@ -366,15 +366,15 @@ impl Layers<'_, '_> {
             chain_ids: self.chain,
         };
         let mut chain = run.format(k).begin(&job)?;
-        let ctx = |i: usize| self.layer_context(i);
         type Sealing<'a> = (usize, ScopedJoinHandle<'a, Result<Sealed>>);
-        // Waits for the running seal, tells the chain, hands the layer to the uploader.
+        // Waits for the running seal (which hands its layer to the uploader), tells the
+        // chain, and has the layer's work files removed.
         let finish = |c: &mut Option<Sealing<'_>>, chain: &mut dyn LayerChain| -> Result<()> {
             if let Some((i, h)) = c.take() {
                 let sealed = h
                     .join()
                     .unwrap_or_else(|_| Err(Error::Invalid("seal thread panicked".into())))
-                    .map_err(ctx(i))?;
+                    .map_err(self.layer_context(i))?;
                 chain.sealed(i, &sealed);
                 stats.layers_converted.fetch_add(1, Ordering::Relaxed);
                 // The layer above, applied meanwhile, was the last to read these files
@@ -412,7 +412,9 @@ impl Layers<'_, '_> {
                     match staged {
                         Staged::Reused(hit, file) => {
                             finish(&mut sealing, chain.as_mut())?;
-                            let out = chain.reused(&ljob, &hit, file.as_deref()).map_err(ctx(i))?;
+                            let out = chain
+                                .reused(&ljob, &hit, file.as_deref())
+                                .map_err(self.layer_context(i))?;
                             stats.layers_reused.fetch_add(1, Ordering::Relaxed);
                             let _ = up.send(Done::Reused(i, out));
                         }
@@ -425,7 +427,7 @@ impl Layers<'_, '_> {
                             let setter = bar.setter();
                             let applied = chain
                                 .apply(&ljob, input, &mut |b| setter(b))
-                                .map_err(ctx(i))?;
+                                .map_err(self.layer_context(i))?;
                             bar.finish(Some(applied.input_bytes), "");
                             finish(&mut sealing, chain.as_mut())?;
                             let group = self.group(j);
