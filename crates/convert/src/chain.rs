@@ -78,6 +78,37 @@ pub fn apply_layer(
     tar: &mut dyn Read,
     on_apply: &mut dyn FnMut(u64),
 ) -> Result<Applied> {
+    prepare_layer(job, false)?.apply(job.engine, tar, on_apply)
+}
+
+/// A layer's writable files, created and opened on top of its lowers, waiting for its
+/// tar: what [`apply_layer`] does before it reads the tar. The bottom layer's ext4 is
+/// made here when asked ([`prepare_layer`]), so that it is done while the tar is still
+/// being downloaded; otherwise with the apply.
+pub struct Prepared {
+    stack: Arc<dyn BlockDevice>,
+    engine_mkfs: bool,
+    data: PathBuf,
+    index: PathBuf,
+    out: PathBuf,
+    uuid: Uuid,
+    parent_uuid: Option<Uuid>,
+    zfile: ZfileOptions,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("data", &self.data)
+            .field("mkfs pending", &self.engine_mkfs)
+            .finish()
+    }
+}
+
+/// Create the writable layer of `job` and open it on its lowers; with `mkfs_now` (and
+/// `job.mkfs`), make the ext4 right away. The device sees the same writes in the same
+/// order either way: the engine's apply with `mkfs` is its mkfs followed by the apply.
+pub fn prepare_layer(job: &LayerJob<'_>, mkfs_now: bool) -> Result<Prepared> {
     let data = job.dir.join(DATA_FILE);
     let index = job.dir.join(INDEX_FILE);
     let out = job.dir.join(COMMIT_FILE);
@@ -105,25 +136,52 @@ pub fn apply_layer(
         // Scratch: committed, then deleted; no fsync on flush.
         |data, index| WritableLayer::open(data, index).map(WritableLayer::scratch),
     )?);
-    let mut cb = |s: &obdfs::ApplyStats| on_apply(s.tar_bytes);
-    let apply = job.engine.apply(
-        stack.clone(),
-        obdfs::Job {
-            mkfs: job.mkfs,
-            tar,
-            progress: Some(&mut cb),
-        },
-    )?;
-    stack.flush()?;
-    Ok(Applied {
+    let mut engine_mkfs = job.mkfs;
+    if job.mkfs && mkfs_now {
+        job.engine.mkfs(stack.clone())?;
+        engine_mkfs = false;
+    }
+    Ok(Prepared {
+        stack,
+        engine_mkfs,
         data,
         index,
         out,
         uuid: job.uuid,
         parent_uuid: job.parent_uuid,
         zfile: job.zfile.clone(),
-        apply,
     })
+}
+
+impl Prepared {
+    /// Apply one (decompressed) tar stream to the layer with `engine` (the job's), after
+    /// its mkfs if that is still to do. `on_apply` gets tar bytes consumed.
+    pub fn apply(
+        self,
+        engine: &dyn obdfs::Engine,
+        tar: &mut dyn Read,
+        on_apply: &mut dyn FnMut(u64),
+    ) -> Result<Applied> {
+        let mut cb = |s: &obdfs::ApplyStats| on_apply(s.tar_bytes);
+        let apply = engine.apply(
+            self.stack.clone(),
+            obdfs::Job {
+                mkfs: self.engine_mkfs,
+                tar,
+                progress: Some(&mut cb),
+            },
+        )?;
+        self.stack.flush()?;
+        Ok(Applied {
+            data: self.data,
+            index: self.index,
+            out: self.out,
+            uuid: self.uuid,
+            parent_uuid: self.parent_uuid,
+            zfile: self.zfile,
+            apply,
+        })
+    }
 }
 
 /// Commit an applied layer to `overlaybd.commit`: ZFile (the job's algorithm and block
@@ -182,4 +240,87 @@ fn write_image_config(job: &LayerJob<'_>, data: &Path, index: &Path) -> Result<(
     let p = job.dir.join("config.json");
     std::fs::write(&p, serde_json::to_vec_pretty(&cfg).expect("in-memory JSON"))
         .map_err(|e| Error::io(&p, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small layer tar: a directory, two files (one spanning several blocks) and a
+    /// symbolic link.
+    fn layer_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(kind);
+            h.set_mode(if kind == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
+            h.set_mtime(1_700_000_000);
+            h.set_size(data.len() as u64);
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            b.append_data(&mut h, path, data).unwrap();
+        };
+        add("etc/", tar::EntryType::Directory, b"", None);
+        add("etc/hello", tar::EntryType::Regular, b"hello\n", None);
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        add("etc/big", tar::EntryType::Regular, &big, None);
+        add("etc/link", tar::EntryType::Symlink, b"", Some("hello"));
+        b.into_inner().unwrap()
+    }
+
+    fn job<'a>(dir: &'a Path, engine: &'a dyn obdfs::Engine) -> LayerJob<'a> {
+        LayerJob {
+            dir,
+            lowers: &[],
+            virtual_size: 64 << 30,
+            mkfs: true,
+            engine,
+            sparse: true,
+            uuid: Uuid::from_chain_id(
+                "sha256:1111111111111111111111111111111111111111111111111111111111111111",
+            )
+            .unwrap(),
+            parent_uuid: None,
+            zfile: ZfileOptions {
+                threads: 1,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The bottom layer's mkfs done ahead ([`prepare_layer`] with `mkfs_now`, as the
+    /// pipeline does while the layer downloads) gives the same writable files and the
+    /// same commit, byte for byte, as the mkfs done by the apply.
+    #[test]
+    fn mkfs_ahead_gives_the_same_layer() {
+        let engine = obdfs::Libext2fs::default();
+        let tar = layer_tar();
+        let mut outputs = Vec::new();
+        for ahead in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let j = job(tmp.path(), &engine);
+            let prepared = prepare_layer(&j, ahead).unwrap();
+            let mut read = 0;
+            let applied = prepared
+                .apply(&engine, &mut &tar[..], &mut |n| read = n)
+                .unwrap();
+            assert_eq!(applied.apply.entries, 4);
+            assert!(
+                read >= tar.len() as u64 - 1024,
+                "tar bytes reported: {read}"
+            );
+            commit_layer(&applied, None).unwrap();
+            let index = std::fs::read(&applied.index).unwrap();
+            let commit = std::fs::read(&applied.out).unwrap();
+            outputs.push((index, commit));
+        }
+        assert!(!outputs[0].1.is_empty());
+        assert_eq!(outputs[0].0, outputs[1].0, "writable index differs");
+        assert_eq!(outputs[0].1, outputs[1].1, "commit differs");
+    }
 }

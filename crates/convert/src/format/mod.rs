@@ -147,6 +147,14 @@ pub trait LayerChain: Send {
         progress: &mut dyn FnMut(u64),
     ) -> Result<Applied>;
 
+    /// Work on the bottom layer that needs none of its input (the native format's
+    /// mkfs), done while its source is still on the way; `job` is layer 0's. Called at
+    /// most once, before the first [`LayerChain::apply`], only when layer 0 is
+    /// converted.
+    fn prime(&mut self, _job: &LayerJob<'_>) -> Result<()> {
+        Ok(())
+    }
+
     /// The seal of layer `index` finished ([`SealJob::seal`]); layers applied from now on
     /// read it from the sealed file.
     fn sealed(&mut self, index: usize, sealed: &Sealed);

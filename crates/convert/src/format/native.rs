@@ -174,6 +174,7 @@ impl OutputFormat for NativeFormat {
             fmt: self,
             chain_ids: job.chain_ids.to_vec(),
             lowers,
+            primed: None,
         }))
     }
 
@@ -211,15 +212,17 @@ struct NativeChain<'a> {
     chain_ids: Vec<Digest>,
     /// Bottom first; each with the index of its layer (`None`: the base layer).
     lowers: Vec<(Option<usize>, LowerSource)>,
+    /// The bottom layer, made ready (its ext4 made) before its tar arrived.
+    primed: Option<chain::Prepared>,
 }
 
-impl LayerChain for NativeChain<'_> {
-    fn apply(
-        &mut self,
-        job: &LayerJob<'_>,
-        input: LayerInput<'_>,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<Applied> {
+impl NativeChain<'_> {
+    /// The chain step of layer `job.index` on `lowers` (the layers below it).
+    fn chain_job<'j>(
+        &'j self,
+        job: &'j LayerJob<'_>,
+        lowers: &'j [LowerSource],
+    ) -> Result<ChainJob<'j>> {
         let i = job.index;
         let f = self.fmt;
         let virtual_size = match (i, f.mkfs) {
@@ -227,10 +230,9 @@ impl LayerChain for NativeChain<'_> {
             (0, false) => 64 << 30,
             _ => 0,
         };
-        let lowers: Vec<LowerSource> = self.lowers.iter().map(|(_, l)| l.clone()).collect();
-        let cj = ChainJob {
+        Ok(ChainJob {
             dir: job.dir,
-            lowers: &lowers,
+            lowers,
             virtual_size,
             mkfs: i == 0 && f.mkfs,
             engine: &*f.engine,
@@ -244,10 +246,39 @@ impl LayerChain for NativeChain<'_> {
             } else {
                 None
             },
+        })
+    }
+}
+
+impl LayerChain for NativeChain<'_> {
+    /// Creates the bottom layer and makes its ext4 (with `--mkfs`), which needs no tar.
+    fn prime(&mut self, job: &LayerJob<'_>) -> Result<()> {
+        if job.index != 0 || !self.fmt.mkfs || self.primed.is_some() {
+            return Ok(());
+        }
+        let cj = self.chain_job(job, &[])?;
+        self.primed = Some(chain::prepare_layer(&cj, true)?);
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        job: &LayerJob<'_>,
+        input: LayerInput<'_>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Applied> {
+        let i = job.index;
+        let f = self.fmt;
+        let lowers: Vec<LowerSource> = self.lowers.iter().map(|(_, l)| l.clone()).collect();
+        let primed = self.primed.take().filter(|_| i == 0);
+        let cj = self.chain_job(job, &lowers)?;
+        let prepared = match primed {
+            Some(p) => p,
+            None => chain::prepare_layer(&cj, false)?,
         };
         let tee = f.reserve.then(|| job.dir.join("layer.tar"));
         let (applied, bytes) = crate::tarstream::with_tar(input, tee.as_deref(), |tar| {
-            chain::apply_layer(&cj, tar, progress)
+            prepared.apply(&*f.engine, tar, progress)
         })?;
         self.lowers.push((Some(i), applied.as_lower()));
         Ok(Applied {

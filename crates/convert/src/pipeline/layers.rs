@@ -385,6 +385,17 @@ impl Layers<'_, '_> {
             Ok(())
         };
         let mut sealing: Option<Sealing<'s>> = None;
+        // The bottom layer's work that needs no input (the mkfs) is done while its
+        // source is being fetched.
+        if matches!(
+            self.plans[j].first(),
+            Some(Plan::Convert | Plan::Reuse(_, Reuse::Convert))
+        ) {
+            run.check_abort()?;
+            chain
+                .prime(&self.layer_job(j, 0))
+                .map_err(self.layer_context(0))?;
+        }
         // A thread stages the layers in order as their sources are ready; a format that
         // reads ahead has each prepared there, up to `ahead` layers above the one being
         // applied (with none, one layer waits staged, unread).
