@@ -50,14 +50,22 @@ pub const COMMIT_FILE: &str = "overlaybd.commit";
 pub const DATA_FILE: &str = "writable_data";
 pub const INDEX_FILE: &str = "writable_index";
 
-/// A layer whose tar has been applied to its writable files, ready to commit.
-pub struct Applied {
+/// One layer's work files and what its commit records.
+#[derive(Debug)]
+pub struct LayerFiles {
+    /// The writable layer.
     pub data: PathBuf,
     pub index: PathBuf,
+    /// The commit file to write.
     pub out: PathBuf,
     pub uuid: Uuid,
     pub parent_uuid: Option<Uuid>,
     pub zfile: ZfileOptions,
+}
+
+/// A layer whose tar has been applied to its writable files, ready to commit.
+pub struct Applied {
+    pub files: LayerFiles,
     pub apply: obdfs::ApplyStats,
 }
 
@@ -65,8 +73,8 @@ impl Applied {
     /// This layer as a lower of the next one while it is being committed.
     pub fn as_lower(&self) -> LowerSource {
         LowerSource::Writable {
-            data: self.data.clone(),
-            index: self.index.clone(),
+            data: self.files.data.clone(),
+            index: self.files.index.clone(),
         }
     }
 }
@@ -87,22 +95,9 @@ pub fn apply_layer(
 /// being downloaded; otherwise with the apply.
 pub struct Prepared {
     stack: Arc<dyn BlockDevice>,
+    /// The engine's apply makes the ext4 first (not done ahead).
     engine_mkfs: bool,
-    data: PathBuf,
-    index: PathBuf,
-    out: PathBuf,
-    uuid: Uuid,
-    parent_uuid: Option<Uuid>,
-    zfile: ZfileOptions,
-}
-
-impl std::fmt::Debug for Prepared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Prepared")
-            .field("data", &self.data)
-            .field("mkfs pending", &self.engine_mkfs)
-            .finish()
-    }
+    files: LayerFiles,
 }
 
 /// Create the writable layer of `job` and open it on its lowers; with `mkfs_now` (and
@@ -144,12 +139,14 @@ pub fn prepare_layer(job: &LayerJob<'_>, mkfs_now: bool) -> Result<Prepared> {
     Ok(Prepared {
         stack,
         engine_mkfs,
-        data,
-        index,
-        out,
-        uuid: job.uuid,
-        parent_uuid: job.parent_uuid,
-        zfile: job.zfile.clone(),
+        files: LayerFiles {
+            data,
+            index,
+            out,
+            uuid: job.uuid,
+            parent_uuid: job.parent_uuid,
+            zfile: job.zfile.clone(),
+        },
     })
 }
 
@@ -173,12 +170,7 @@ impl Prepared {
         )?;
         self.stack.flush()?;
         Ok(Applied {
-            data: self.data,
-            index: self.index,
-            out: self.out,
-            uuid: self.uuid,
-            parent_uuid: self.parent_uuid,
-            zfile: self.zfile,
+            files: self.files,
             apply,
         })
     }
@@ -187,7 +179,7 @@ impl Prepared {
 /// Commit an applied layer to `overlaybd.commit`: ZFile (the job's algorithm and block
 /// size, CRC) wrapped in a tar, with its uuid and parent uuid.
 pub fn commit_layer(
-    a: &Applied,
+    a: &LayerFiles,
     progress: Option<blockdev::commit::Progress>,
 ) -> Result<CommitStats> {
     Ok(commit_writable(
@@ -314,9 +306,9 @@ mod tests {
                 read >= tar.len() as u64 - 1024,
                 "tar bytes reported: {read}"
             );
-            commit_layer(&applied, None).unwrap();
-            let index = std::fs::read(&applied.index).unwrap();
-            let commit = std::fs::read(&applied.out).unwrap();
+            commit_layer(&applied.files, None).unwrap();
+            let index = std::fs::read(&applied.files.index).unwrap();
+            let commit = std::fs::read(&applied.files.out).unwrap();
             outputs.push((index, commit));
         }
         assert!(!outputs[0].1.is_empty());

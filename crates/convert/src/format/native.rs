@@ -269,12 +269,12 @@ impl LayerChain for NativeChain<'_> {
     ) -> Result<Applied> {
         let i = job.index;
         let f = self.fmt;
-        let lowers: Vec<LowerSource> = self.lowers.iter().map(|(_, l)| l.clone()).collect();
-        let primed = self.primed.take().filter(|_| i == 0);
-        let cj = self.chain_job(job, &lowers)?;
-        let prepared = match primed {
+        let prepared = match self.primed.take().filter(|_| i == 0) {
             Some(p) => p,
-            None => chain::prepare_layer(&cj, false)?,
+            None => {
+                let lowers: Vec<LowerSource> = self.lowers.iter().map(|(_, l)| l.clone()).collect();
+                chain::prepare_layer(&self.chain_job(job, &lowers)?, false)?
+            }
         };
         let tee = f.reserve.then(|| job.dir.join("layer.tar"));
         let (applied, bytes) = crate::tarstream::with_tar(input, tee.as_deref(), |tar| {
@@ -322,7 +322,7 @@ struct NativeSeal {
 
 impl SealJob for NativeSeal {
     fn seal(self: Box<Self>, progress: ProgressFn) -> Result<Sealed> {
-        let a = &self.applied;
+        let (a, stats) = (&self.applied.files, &self.applied.apply);
         let p = blockdev::commit::Progress(Arc::new(move |done, _total| progress(done)));
         chain::commit_layer(a, Some(p))?;
         let f = File::open(&a.out).map_err(|e| Error::io(&a.out, e))?;
@@ -337,8 +337,8 @@ impl SealJob for NativeSeal {
             scratch: vec![a.data.clone(), a.index.clone()],
             note: format!(
                 "{} tar entries, {:.1} MB of file data",
-                a.apply.entries,
-                a.apply.data_bytes as f64 / 1e6
+                stats.entries,
+                stats.data_bytes as f64 / 1e6
             ),
         })
     }
