@@ -495,7 +495,7 @@ fn bad_archives_fail_with_one_line_and_write_nothing() {
             "-d".into(),
             wd.display().to_string(),
         ]);
-        let o = convertor(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let o = convertor(&a);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{a:?}: {err}");
         // One line says what failed (progress lines of layers read before may precede it).
@@ -676,25 +676,23 @@ fn hosts_toml_mirror_ca_and_header() {
     let wd = t.path().join("work");
     let out = t.path().join("out.tar");
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "-r",
-            "docker://registry.invalid:5000/lib/app",
-            "-i",
-            "v1",
-            "--output-repository",
-            &format!("oci-archive:{}:obd", out.display()),
-            "--vsize",
-            "4",
-            "-d",
-            wd.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
+        args_with(
+            &[
+                "-r",
+                "docker://registry.invalid:5000/lib/app",
+                "-i",
+                "v1",
+                "--output-repository",
+                &format!("oci-archive:{}:obd", out.display()),
+                "--vsize",
+                "4",
+                "-d",
+                wd.to_str().unwrap(),
+            ],
+            extra,
+        )
     };
-    let run = |a: Vec<String>| convertor(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = |a: Vec<String>| convertor(&a);
     let o = run(args(&["--hosts-dir", hosts.to_str().unwrap()]));
     assert!(
         o.status.success(),

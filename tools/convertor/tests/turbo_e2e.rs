@@ -361,8 +361,7 @@ fn turbo_bad_layers_are_one_line() {
     b.append(&h, &vec![7u8; 100_000][..]).unwrap();
     let long_tar = b.into_inner().unwrap()[..512 + 10_240].to_vec();
     let convert = |src: &Path, dst: &Path, work: &str| {
-        let args = layout_turbo_args(src, dst, &t.path().join(work), &[]);
-        convertor(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        convertor(&layout_turbo_args(src, dst, &t.path().join(work), &[]))
     };
     for (name, bytes, want) in [
         ("garbage", garbage, "neither a gzip blob nor a tar"),
@@ -409,29 +408,27 @@ fn turbo_bad_layers_are_one_line() {
     }
 }
 
-/// Writes a one-manifest OCI layout holding `layers` (gzip blob, uncompressed tar).
 /// `convertor` arguments that convert tag `v1` of the layout `src` into the TurboOCI
 /// image `turbo` in the layout `dst`, working in `work`, plus `extra`.
 fn layout_turbo_args(src: &Path, dst: &Path, work: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "-r",
-        &format!("oci:{}", src.display()),
-        "-i",
-        "v1",
-        "--output-repository",
-        &format!("oci:{}", dst.display()),
-        "--turboOCI",
-        "turbo",
-        "-d",
-        work.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    args_with(
+        &[
+            "-r",
+            &format!("oci:{}", src.display()),
+            "-i",
+            "v1",
+            "--output-repository",
+            &format!("oci:{}", dst.display()),
+            "--turboOCI",
+            "turbo",
+            "-d",
+            work.to_str().unwrap(),
+        ],
+        extra,
+    )
 }
 
+/// Writes a one-manifest OCI layout holding `layers` (gzip blob, uncompressed tar).
 fn fixture_layout(dir: &Path, layers: &[(PathBuf, PathBuf)]) {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
@@ -501,8 +498,12 @@ fn turbo_layers_equal_upstreams_golden_files() {
     ] {
         let wd = t.path().join(format!("work-{fs}"));
         let dst = t.path().join(format!("dst-{fs}"));
-        let args = layout_turbo_args(&src, &dst, &wd, &["--fstype", fs, "--reserve"]);
-        convert_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        convert_ok(&layout_turbo_args(
+            &src,
+            &dst,
+            &wd,
+            &["--fstype", fs, "--reserve"],
+        ));
         let mdirs: Vec<PathBuf> = std::fs::read_dir(&wd)
             .unwrap()
             .flatten()

@@ -51,8 +51,13 @@ pub fn skopeo_push(layout: &Path, tag: &str, host: &str, repo: &str) {
     );
 }
 
-pub fn convertor(args: &[&str]) -> Output {
+pub fn convertor<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     convertor_logging(args, "warn")
+}
+
+/// Owned arguments: `base` followed by `extra`.
+pub fn args_with(base: &[&str], extra: &[&str]) -> Vec<String> {
+    base.iter().chain(extra).map(|s| s.to_string()).collect()
 }
 
 /// The convertor with `RUST_LOG=<log>` (e.g. `info` to see dedup decisions).
@@ -65,7 +70,7 @@ pub fn convertor_logging<S: AsRef<std::ffi::OsStr>>(args: &[S], log: &str) -> Ou
 }
 
 /// Run the convertor and require success.
-pub fn convert_ok(args: &[&str]) -> String {
+pub fn convert_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
     let o = convertor(args);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(
