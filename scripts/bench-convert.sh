@@ -16,6 +16,8 @@
 # built from an older commit, converts the same image registry -> registry in
 # alternation with this one (ROUNDS times, default 3, medians): the ratio of the two
 # and the peak RSS of each are printed. Both push to fresh repositories every round.
+# Then the two convert the image's OCI layout into a fresh copy of it, in alternation
+# (no registry sharing the cores): that ratio is printed too.
 #
 # With --turbo only TurboOCI against native is measured: registry -> registry
 # (fresh destination repositories) and OCI layout -> layout conversions of the same
@@ -166,12 +168,27 @@ if [ "$TURBO" = 1 ]; then
   uptime | sed 's/^ */load after: /'
   exit 0
 fi
+# layout_copy_round NAME BIN: one OCI layout -> layout conversion by BIN into a fresh
+# copy of the image's layout (copied before the timing starts: a layout that already
+# holds the converted blobs, e.g. from the other binary's run, skips writing them).
+layout_copy_round() {
+  local name=$1 bin=$2
+  rm -rf "$W/lay"
+  cp -r "$W/img" "$W/lay"
+  timed_conv "$name" "$bin" -r "oci:$W/lay" -i bench -o bench_obd
+}
 if [ -n "$BASELINE" ]; then
   [ -x "$BASELINE" ] || { echo "--baseline: $BASELINE is not an executable" >&2; exit 1; }
   for r in $(seq "$ROUNDS"); do
     reg_round new "$CONV" "$r" -o bench_new
     reg_round old "$BASELINE" "$r" -o bench_old
   done
+  # The same comparison without a registry on the 2 cores: layout -> layout.
+  for r in $(seq "$ROUNDS"); do
+    layout_copy_round lnew "$CONV"
+    layout_copy_round lold "$BASELINE"
+  done
+  rm -rf "$W/lay"
   bench_header
   bench_row "convertor registry -> registry (this tree)" new "$UNC_BYTES"
   grep '^stage' "$W/err.new" | sed 's/^/    (last run) /'
@@ -180,6 +197,10 @@ if [ -n "$BASELINE" ]; then
   printf "speed-up over the baseline: %sx (wall, medians); CPU seconds %s vs %s (%sx)\n" \
     "$(bench_ratio old new)" "$(bench_median cpu_new)" "$(bench_median cpu_old)" "$(bench_ratio cpu_old cpu_new)"
   printf "peak RSS %d MB (baseline %d MB)\n" $((RSS[new] / 1024)) $((RSS[old] / 1024))
+  bench_row "convertor OCI layout -> layout (this tree)" lnew "$UNC_BYTES"
+  bench_row "baseline $(basename "$BASELINE") layout -> layout" lold "$UNC_BYTES"
+  printf "speed-up over the baseline, layout -> layout: %sx (wall, medians); CPU seconds %s vs %s (%sx)\n" \
+    "$(bench_ratio lold lnew)" "$(bench_median cpu_lnew)" "$(bench_median cpu_lold)" "$(bench_ratio cpu_lold cpu_lnew)"
   # Same bytes? (informational: the baseline may predate format changes)
   if cmp -s <(grep -o 'sha256:[0-9a-f]*' "$W/out.new" | sort) <(grep -o 'sha256:[0-9a-f]*' "$W/out.old" | sort); then
     echo "the two convertors printed the same digests"
