@@ -9,9 +9,9 @@
 //!    unless `--algorithm`/`--bs` say otherwise, CRC) wrapped in a tar, with uuid = UUID(chain id) and parent = UUID(previous
 //!    chain id).
 //!
-//! Steps 1–2 ([`apply_layer`]) and 3 ([`commit_layer`]) are separate so that the
-//! pipeline can commit layer i while layer i+1 is applied on top of layer i's
-//! writable files.
+//! Steps 1–2 ([`prepare_layer`], then [`Prepared::apply`]) and 3 ([`commit_layer`])
+//! are separate so that the pipeline can commit layer i while layer i+1 is applied on
+//! top of layer i's writable files.
 //!
 //! `config.json` (the overlaybd image config that `overlaybd-apply` would read) is
 //! written beside them for inspection with our other tools.
@@ -79,20 +79,10 @@ impl Applied {
     }
 }
 
-/// Create the writable layer and apply one (decompressed) tar stream to it.
-/// `on_apply` gets tar bytes consumed.
-pub fn apply_layer(
-    job: &LayerJob<'_>,
-    tar: &mut dyn Read,
-    on_apply: &mut dyn FnMut(u64),
-) -> Result<Applied> {
-    prepare_layer(job, false)?.apply(job.engine, tar, on_apply)
-}
-
-/// A layer's writable files, created and opened on top of its lowers, waiting for its
-/// tar: what [`apply_layer`] does before it reads the tar. The bottom layer's ext4 is
-/// made here when asked ([`prepare_layer`]), so that it is done while the tar is still
-/// being downloaded; otherwise with the apply.
+/// A layer's writable files, created and opened on top of its lowers ([`prepare_layer`]),
+/// waiting for its tar ([`Prepared::apply`]). The bottom layer's ext4 is made by
+/// [`prepare_layer`] when asked, so that it is done while the tar is still being
+/// downloaded; otherwise with the apply.
 pub struct Prepared {
     stack: Arc<dyn BlockDevice>,
     /// The engine's apply makes the ext4 first (not done ahead).
