@@ -11,6 +11,9 @@ cargo fmt --all --check
 # In the release profile, so the build scripts (bundled C libraries) and proc macros
 # it compiles are the ones the test build below reuses.
 cargo clippy --workspace --all-targets --release -- -D warnings
+# The API docs build without broken or private intra-doc links (release profile for
+# the same reason).
+RUSTDOCFLAGS="${RUSTDOCFLAGS:-} -D warnings" cargo doc --workspace --no-deps --release
 cargo test --workspace --release
 # By default single reads and writes use pread/pwrite and batches of reads
 # io_uring; run the format and NBD tests again with all file I/O over plain

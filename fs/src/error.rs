@@ -99,7 +99,7 @@ impl Error {
 const QUOTE_MAX: usize = 200;
 
 /// Bytes from a tar (a path, a name, a link target) as text for a message:
-/// lossy UTF-8, and at most [`QUOTE_MAX`] characters (the head and the tail
+/// lossy UTF-8, and at most `QUOTE_MAX` characters (the head and the tail
 /// around a `...[N bytes]...` marker), so a hostile 100k-component path
 /// cannot make a 200 KB error line.
 pub fn quote(b: &[u8]) -> String {

@@ -276,7 +276,7 @@ impl Drop for ReadAhead {
 /// read. The apply only needs the tar's headers (file data is mapped, not
 /// copied), so the thread keeps only those ([`crate::tarskel`]): it can run
 /// through a whole layer ahead with little memory, and stops (bounded) when
-/// the apply falls [`IN_FLIGHT`] pieces behind. The blob is read to its end
+/// the apply falls `IN_FLIGHT` pieces behind. The blob is read to its end
 /// (the index counts trailing bytes, and a verifying stream checks its
 /// digest there).
 pub fn read_ahead<R: Read + Send + 'static>(

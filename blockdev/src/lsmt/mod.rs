@@ -1,6 +1,6 @@
 //! LSMT layers: the log-structured block format of overlaybd.
 //!
-//! * [`format`]: header/trailer and index-entry encoding.
+//! * [`format`](mod@format): header/trailer and index-entry encoding.
 //! * [`index`]: in-memory indexes.
 //! * [`sealed`]: read-only committed layers.
 //! * [`writable`]: data+index writable layers (append or sparse).

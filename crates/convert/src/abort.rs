@@ -1,8 +1,8 @@
 //! Stopping a conversion, and the waits that must end when it stops.
 //!
 //! [`Abort`] is set by Ctrl-C or by the first failing part of a conversion. Threads that
-//! block (for a manifest slot in [`Semaphore`], for more bytes of a download in
-//! [`follow`](crate::follow)) wait on channels that [`Abort::set`] disconnects, so they
+//! block (for a manifest slot in `Semaphore`, for more bytes of a download in the
+//! `follow` module) wait on channels that [`Abort::set`] disconnects, so they
 //! wake up at once instead of polling the flag on a timer.
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};

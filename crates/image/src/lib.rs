@@ -11,7 +11,7 @@
 //! * [`remote`]: registry blobs read on demand with HTTP range requests
 //!   ([`remote::RemoteBlob`]), with read-ahead, retries and digest checks.
 //! * [`chunkcache`]: the bounded local cache of fetched chunks.
-//! * [`reference`]: image references.
+//! * [`reference`](mod@reference): image references.
 //! * [`cli`]: the registry and cache options both binaries take.
 
 pub mod chunkcache;

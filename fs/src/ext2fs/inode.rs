@@ -15,7 +15,7 @@
 //! | 26 | i_links_count u16 | 128 | i_extra_isize u16 |
 //! | 28 | i_blocks (low) u32 | 132/136/140 | i_ctime/mtime/atime_extra u32 |
 //! | 32 | i_flags u32 | 144/148 | i_crtime, i_crtime_extra u32 |
-//! | 40 | i_block[15] (60 bytes) | 160 | end of the 32 extra bytes |
+//! | 40 | i_block\[15\] (60 bytes) | 160 | end of the 32 extra bytes |
 //!
 //! A `*_extra` time field holds `nsec << 2 | epoch`, where the two epoch bits
 //! extend the signed 32-bit seconds to 34 bits. libext2fs keeps inodes in

@@ -21,7 +21,7 @@ use obdtools::engine::EngineArgs;
 /// The image is described by an overlaybd config.json: `lowers[].file` (the
 /// layers below, bottom first), `upper.data` / `upper.index` (the writable
 /// layer that receives every change) and `resultFile` (where "success" or
-/// "failed:<error>" is written). Unknown keys are ignored. By default the
+/// "failed:" and the error is written). Unknown keys are ignored. By default the
 /// filesystem is changed in userspace through libext2fs: nothing is mounted
 /// and no root rights are needed. `--engine kernel` instead exposes the
 /// image through FUSE, runs `mkfs.ext4` (with --mkfs), loop-mounts it and

@@ -1,4 +1,8 @@
 //! `overlaybd-nbd`: serve an overlaybd layer stack over the NBD protocol.
+//!
+//! The doc comments of the argument structs are clap's `--help` text, where `[:TAG]`
+//! means an optional part, not an intra-doc link.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,14 +1,14 @@
 //! The conversion pipeline, in three stages around the [`OutputFormat`] seam:
 //!
-//! * [`walk`]: the index walk. Indexes are converted child by child (attestations and
+//! * `walk`: the index walk. Indexes are converted child by child (attestations and
 //!   artifacts dropped, nested indexes recursed), platform manifests at most
 //!   `concurrency_limit` at once; per manifest: parse, checks, manifest-level dedup per
 //!   output, then the layers, then publishing;
-//! * [`layers`]: per-layer scheduling for one manifest and every output at once. Each
+//! * `layers`: per-layer scheduling for one manifest and every output at once. Each
 //!   source blob is downloaded once (digest-verified while streaming) and fanned out to
 //!   the outputs that convert it; per output the layers are applied strictly bottom-up,
 //!   each sealed on its own thread while the next one applies, then uploaded on another;
-//! * [`publish`]: what is pushed besides layers: base layers, source layers kept for
+//! * `publish`: what is pushed besides layers: base layers, source layers kept for
 //!   formats that reference them, configs, and the manifests and indexes, which are all
 //!   pushed only once the whole tree has converted (a failed run pushes no manifest),
 //!   the top-level objects last under their output tags.

@@ -1,4 +1,8 @@
 //! `overlaybd-fuse`: mount an overlaybd layer stack through FUSE.
+//!
+//! The doc comments of the argument structs are clap's `--help` text, where `[:TAG]`
+//! means an optional part, not an intra-doc link.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
