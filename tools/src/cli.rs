@@ -12,8 +12,13 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 /// Initialise logging: `--verbose` shows debug messages; `RUST_LOG` overrides.
+/// By default `fuser` (the kernel engine's FUSE side) shows errors only: it
+/// warns about unmounting a mount the engine has already unmounted.
 pub fn init_logging(verbose: bool) {
-    init_logging_from("RUST_LOG", if verbose { "debug" } else { "warn" });
+    init_logging_from(
+        "RUST_LOG",
+        if verbose { "debug" } else { "warn,fuser=error" },
+    );
 }
 
 /// Initialise logging to stderr with the filter in the environment variable

@@ -5,10 +5,12 @@
 //! with a writable upper, writes, `fallocate` (punch hole, zero range) and
 //! `fsync` go to it as well. `lseek(SEEK_DATA/SEEK_HOLE)` answers from the
 //! stack's allocation map, so `cp`, `tar -S` and friends skip the unmapped
-//! parts of a 64 GiB disk. Every failure is answered with an errno.
+//! parts of a 64 GiB disk. Every failure is answered with an errno, and
+//! recorded in the mount's [`IoFailures`] for an owner that must know.
 
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use blockdev::nbd::proto::STATE_HOLE;
@@ -29,9 +31,39 @@ const TTL: Duration = Duration::from_secs(3600);
 /// Largest read or write the kernel sends at once.
 pub const MAX_IO: u32 = 1 << 20;
 
+/// The device errors a [`DiskFs`] answered with an errno. The kernel does not
+/// always pass them on: a failed writeback of a loop device over the disk
+/// file is logged by ext4 and dropped, and the unmount still succeeds. So an
+/// owner that writes through the mount (the kernel apply engine) checks here
+/// before it calls the result good.
+#[derive(Debug, Default)]
+pub struct IoFailures {
+    count: AtomicU64,
+    first: Mutex<Option<String>>,
+}
+
+impl IoFailures {
+    /// How many requests failed.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The first failure: the request and the device's error.
+    pub fn first(&self) -> Option<String> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn record(&self, what: String) {
+        if self.count.fetch_add(1, Ordering::Relaxed) == 0 {
+            *self.first.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
+        }
+    }
+}
+
 /// The block-mode filesystem.
 pub struct DiskFs {
     dev: Arc<dyn BlockDevice>,
+    failures: Arc<IoFailures>,
     alloc: Option<Arc<dyn Allocation>>,
     writable: bool,
     uid: u32,
@@ -46,11 +78,17 @@ impl DiskFs {
         DiskFs {
             writable: writable && !dev.is_read_only(),
             dev,
+            failures: Arc::default(),
             alloc: None,
             uid,
             gid,
             since: SystemTime::now(),
         }
+    }
+
+    /// The record of the requests it failed, shared with the mount.
+    pub fn failures(&self) -> Arc<IoFailures> {
+        self.failures.clone()
     }
 
     /// Answer `SEEK_DATA`/`SEEK_HOLE` from `alloc` (without it, the whole
@@ -116,8 +154,10 @@ impl DiskFs {
         })
     }
 
-    fn fail(e: &blockdev::Error, what: &str) -> Errno {
-        tracing::warn!("{what}: {}", obdimage::error::Chain(e));
+    fn fail(&self, e: &blockdev::Error, what: &str) -> Errno {
+        let line = format!("{what}: {}", obdimage::error::Chain(e));
+        tracing::warn!("{line}");
+        self.failures.record(line);
         Errno::from_i32(errno_of(e))
     }
 
@@ -286,7 +326,7 @@ impl Filesystem for DiskFs {
         let mut buf = vec![0u8; n];
         match self.dev.read_at(&mut buf, offset) {
             Ok(()) => reply.data(&buf),
-            Err(e) => reply.error(Self::fail(&e, &format!("read {n} bytes at {offset}"))),
+            Err(e) => reply.error(self.fail(&e, &format!("read {n} bytes at {offset}"))),
         }
     }
 
@@ -315,7 +355,7 @@ impl Filesystem for DiskFs {
         let n = (data.len() as u64).min(end.saturating_sub(offset)) as usize;
         match self.dev.write_at(&data[..n], offset) {
             Ok(()) => reply.written(n as u32),
-            Err(e) => reply.error(Self::fail(&e, &format!("write {n} bytes at {offset}"))),
+            Err(e) => reply.error(self.fail(&e, &format!("write {n} bytes at {offset}"))),
         }
     }
 
@@ -344,7 +384,7 @@ impl Filesystem for DiskFs {
         }
         match self.dev.flush() {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(Self::fail(&e, "fsync")),
+            Err(e) => reply.error(self.fail(&e, "fsync")),
         }
     }
 
@@ -389,7 +429,7 @@ impl Filesystem for DiskFs {
         }
         match self.zero_range(offset, end - offset, punch) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(Self::fail(
+            Err(e) => reply.error(self.fail(
                 &e,
                 &format!("fallocate mode {mode:#x} at {offset}+{length}"),
             )),
@@ -447,7 +487,7 @@ impl Filesystem for DiskFs {
         match self.seek(offset as u64, want_hole) {
             Ok(Some(o)) => reply.offset(o as i64),
             Ok(None) => reply.error(Errno::ENXIO),
-            Err(e) => reply.error(Self::fail(&e, "lseek")),
+            Err(e) => reply.error(self.fail(&e, "lseek")),
         }
     }
 

@@ -64,6 +64,16 @@ pub enum Error {
     /// Exposing the device through FUSE failed.
     #[error("cannot expose the layer through FUSE")]
     Fuse(#[source] obdfuse::Error),
+    /// Reads or writes of the layer stack failed while the kernel used it
+    /// (a full disk under the upper layer, say): the filesystem may miss
+    /// data even where every call the engine made succeeded.
+    #[error("{count} read(s) or write(s) of the layer stack failed; the first: {first}")]
+    Device {
+        /// How many requests failed.
+        count: u64,
+        /// The first: the request and the device's error.
+        first: String,
+    },
     /// Flushing the layer stack failed.
     #[error("cannot flush the layer")]
     Flush(#[source] blockdev::Error),

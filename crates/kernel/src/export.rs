@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use blockdev::BlockDevice;
 use nix::mount::{umount2, MntFlags};
-use obdfuse::block::{DiskFs, DISK_NAME};
+use obdfuse::block::{DiskFs, IoFailures, DISK_NAME};
 use obdfuse::session::{self, Background};
 use obdfuse::MountConfig;
 
@@ -27,6 +27,8 @@ const FUSE_THREADS: usize = 4;
 pub struct Export {
     work: Option<PathBuf>,
     fuse: Option<Background>,
+    /// Device errors the FUSE side answered: the kernel may drop them.
+    failures: Arc<IoFailures>,
     disk: PathBuf,
     loop_dev: Option<PathBuf>,
     mounted: Option<PathBuf>,
@@ -91,15 +93,16 @@ impl Export {
             default_permissions: false,
             fsname: "overlaybd-kernel".into(),
         };
+        let fs = DiskFs::new(dev, true, 0, 0);
         let mut export = Export {
             disk: fuse_dir.join(DISK_NAME),
             work: Some(work),
             fuse: None,
+            failures: fs.failures(),
             loop_dev: None,
             mounted: None,
         };
-        export.fuse =
-            Some(session::spawn(DiskFs::new(dev, true, 0, 0), &cfg).map_err(Error::Fuse)?);
+        export.fuse = Some(session::spawn(fs, &cfg).map_err(Error::Fuse)?);
         Ok(export)
     }
 
@@ -154,7 +157,9 @@ impl Export {
     }
 
     /// Take everything down in order, reporting the first failure (the
-    /// rest is still taken down).
+    /// rest is still taken down). Any read or write of the device that
+    /// failed while it was exposed fails the close too, even if the kernel
+    /// carried on (ext4 drops a failed writeback with a log line).
     pub fn close(mut self) -> Result<()> {
         let mut first: Option<Error> = None;
         let mut note = |r: Result<()>| {
@@ -170,7 +175,21 @@ impl Export {
             note(f.stop().map_err(Error::Fuse));
         }
         note(self.remove_work());
+        if let (None, Some(e)) = (&first, self.device_failures()) {
+            first = Some(e);
+        }
         first.map_or(Ok(()), Err)
+    }
+
+    /// [`Error::Device`] when a request of the kernel to the device failed.
+    fn device_failures(&self) -> Option<Error> {
+        match self.failures.count() {
+            0 => None,
+            count => Some(Error::Device {
+                count,
+                first: self.failures.first().unwrap_or_default(),
+            }),
+        }
     }
 
     fn unmount(&mut self, lazy_on_busy: bool) -> Result<()> {

@@ -451,6 +451,86 @@ fn failures_mid_apply_leave_nothing_behind() {
     assert_nothing_left(&work);
 }
 
+/// A device whose large writes fail once armed, as a full disk under the
+/// upper layer fails the writeback of file data while the metadata still fits.
+struct FullDisk {
+    inner: RawFileDevice,
+    armed: AtomicBool,
+}
+
+impl BlockDevice for FullDisk {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
+        if self.armed.load(std::sync::atomic::Ordering::Relaxed) && buf.len() >= 64 << 10 {
+            return Err(blockdev::Error::io(
+                "/dev/full-upper",
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> blockdev::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.inner.trim(offset, len)
+    }
+}
+
+/// Writes the kernel's ext4 issues in writeback, after the engine's own
+/// calls returned, fail the apply: ext4 logs such an error and drops it, and
+/// the unmount succeeds, so only the FUSE side sees it.
+#[test]
+fn device_write_errors_fail_the_apply() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (k, work) = kernel(d);
+    let disk = Arc::new(FullDisk {
+        inner: RawFileDevice::create(d.join("fs.img"), 1 << 30).unwrap(),
+        armed: AtomicBool::new(false),
+    });
+    let dev: Arc<dyn BlockDevice> = disk.clone();
+    k.make_fs(dev.clone()).unwrap();
+    assert_nothing_left(&work);
+
+    // One 8 MiB file: its data reaches the device in large writeback writes.
+    let src = d.join("src");
+    std::fs::create_dir(&src).unwrap();
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(src.join("big"), &data).unwrap();
+    let tar = d.join("layer.tar");
+    testutil::run_ok(
+        std::process::Command::new("tar")
+            .arg("-cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&src)
+            .arg("big"),
+    );
+
+    disk.armed.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut f = std::fs::File::open(&tar).unwrap();
+    let e = k
+        .apply_layer(dev.clone(), false, &mut f, None)
+        .expect_err("an apply whose data could not be written must fail");
+    let text = format!("{e}");
+    assert!(
+        text.contains("/dev/full-upper") && text.contains("No space left on device"),
+        "{text}"
+    );
+    assert!(
+        matches!(e, Error::Device { count, .. } if count > 0) || text.contains("tar entry"),
+        "{e:?}"
+    );
+    assert_nothing_left(&work);
+}
+
 #[test]
 fn missing_requirements_are_named() {
     require_root();
