@@ -95,7 +95,24 @@ fn seal_info(opts: &CommitOptions, virtual_size: u64, source_parent: Uuid) -> Re
     })
 }
 
-fn create_output(out: &Path, force: bool) -> Result<IoFile> {
+/// Create the output file `out` (replacing an existing one with `force`),
+/// refusing when it is one of `inputs`: replacing it would lose the input,
+/// and a failure half-way would leave neither.
+fn create_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<IoFile> {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(o) = std::fs::metadata(out) {
+        for i in inputs {
+            if let Ok(m) = std::fs::metadata(i) {
+                if (m.dev(), m.ino()) == (o.dev(), o.ino()) {
+                    return Err(Error::Invalid(format!(
+                        "output {} is the input file {}: write to another path",
+                        out.display(),
+                        i.display()
+                    )));
+                }
+            }
+        }
+    }
     if force {
         match std::fs::remove_file(out) {
             Ok(()) => {}
@@ -116,13 +133,14 @@ type Compactor = fn(
 /// Run the compaction into `out` with the requested wrapping.
 fn write_output(
     out: &Path,
+    inputs: &[&Path],
     opts: &CommitOptions,
     entries: &[crate::lsmt::Mapping],
     info: &SealInfo,
     read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
     compact: Compactor,
 ) -> Result<CommitStats> {
-    let file = create_output(out, opts.force)?;
+    let file = create_output(out, opts.force, inputs)?;
     let total: u64 = entries
         .iter()
         .filter(|m| !m.zeroed && m.tag == 0)
@@ -195,6 +213,7 @@ pub fn commit_writable(
     let entries = layer.entries();
     write_output(
         out,
+        &[data, index],
         opts,
         &entries,
         &info,
@@ -226,6 +245,7 @@ pub fn commit_warp(
     let entries = layer.entries();
     write_output(
         out,
+        &[data, index],
         opts,
         &entries,
         &info,
@@ -248,6 +268,7 @@ pub fn commit_sealed(input: &Path, out: &Path, opts: &CommitOptions) -> Result<C
     let entries = layer.index().entries().to_vec();
     write_output(
         out,
+        &[input],
         opts,
         &entries,
         &info,
@@ -264,7 +285,8 @@ pub fn zfile_compress_file(
     tar: bool,
     force: bool,
 ) -> Result<u64> {
-    let file = create_output(dst, force)?;
+    let inputs: Vec<&Path> = src.into_iter().collect();
+    let file = create_output(dst, force, &inputs)?;
     let result = (|| {
         let base = if tar { tarwrap::DATA_OFFSET } else { 0 };
         let mut sink = FileSink::new(file, base);
@@ -311,7 +333,7 @@ pub fn zfile_decompress_file(src: &Path, dst: &Path, force: bool) -> Result<u64>
             "not a ZFile (bad header magic)",
         ));
     }
-    let out = create_output(dst, force)?;
+    let out = create_output(dst, force, &[src])?;
     let result = (|| {
         let mut buf = vec![0u8; 4 << 20];
         let mut off = 0;

@@ -99,10 +99,52 @@ fn create_commit_roundtrip_and_errors() {
     assert!(!d.join("x").exists());
     let e = err_text(&run(ZFILE, &["-x", "junk", "y"], d));
     assert!(e.contains("junk") && e.contains("not a ZFile"), "{e}");
+    // an output that is an input is refused, even with -f, and the input kept
+    let before = std::fs::read(d.join("junk")).unwrap();
+    for (tool, args) in [
+        (ZFILE, vec!["-f", "junk", "junk"]),
+        (ZFILE, vec!["-f", "junk", "./junk"]),
+        (COMMIT, vec!["-f", "data", "index", "index"]),
+    ] {
+        let e = err_text(&run(tool, &args, d));
+        assert!(e.contains("is the input file"), "{args:?}: {e}");
+    }
+    assert_eq!(std::fs::read(d.join("junk")).unwrap(), before);
+    assert_ok(&run(COMMIT, &["-f", "data", "index", "layer"], d));
+    assert_ok(&run(ZFILE, &["-f", "layer", "layer.z"], d));
+    let e = err_text(&run(ZFILE, &["-x", "-f", "layer.z", "layer.z"], d));
+    assert!(e.contains("is the input file"), "{e}");
     // seal in place, then it opens as a sealed lower
     assert_ok(&run(CREATE, &["d2", "i2", "1"], d));
+    // --seal writes no other file: output options are refused, not ignored
+    let e = err_text(&run(COMMIT, &["--seal", "-z", "d2", "i2", "out"], d));
+    assert!(e.contains("--seal") && e.contains("-z, COMMIT_FILE"), "{e}");
+    assert!(!d.join("out").exists());
     assert_ok(&run(COMMIT, &["--seal", "d2", "i2"], d));
     blockdev::layer::open_layer(&d.join("d2")).unwrap();
+    // a sealed data file is no longer writable: neither sealed again nor committed
+    let len = std::fs::metadata(d.join("d2")).unwrap().len();
+    for args in [vec!["--seal", "d2", "i2"], vec!["d2", "i2", "o2"]] {
+        let e = err_text(&run(COMMIT, &args, d));
+        assert!(e.contains("already sealed"), "{args:?}: {e}");
+    }
+    assert_eq!(std::fs::metadata(d.join("d2")).unwrap().len(), len);
+    // an index cut inside its last entry (an interrupted append): that entry
+    // is ignored with a warning, the others are committed
+    assert_ok(&run(CREATE, &["d3", "i3", "1", "--mkfs"], d));
+    let index = std::fs::read(d.join("i3")).unwrap();
+    assert!(index.len() >= 4096 + 2 * 16, "{}", index.len());
+    std::fs::write(d.join("i3t"), &index[..index.len() - 8]).unwrap();
+    std::fs::write(d.join("i3w"), &index[..index.len() - 16]).unwrap();
+    let out = run(COMMIT, &["d3", "i3t", "torn"], d);
+    assert_ok(&out);
+    let warn = String::from_utf8_lossy(&out.stderr);
+    assert!(warn.contains("partial index entry"), "{warn}");
+    assert_ok(&run(COMMIT, &["d3", "i3w", "whole"], d));
+    assert_eq!(
+        std::fs::read(d.join("torn")).unwrap(),
+        std::fs::read(d.join("whole")).unwrap()
+    );
 }
 
 #[test]

@@ -307,6 +307,18 @@ impl WritableLayer {
                 "layer is sealed; open it as a lower layer instead".into(),
             ));
         }
+        // Sealing in place (`--seal`) leaves the header as it was and appends
+        // the index and a trailer: such a file ends with a sealed trailer.
+        if data_len >= 2 * HT_SPACE as u64 {
+            let mut t = vec![0u8; HT_SPACE];
+            data.read_exact_at(&mut t, data_len - HT_SPACE as u64)?;
+            if HeaderTrailer::decode(&t).is_some_and(|t| t.is_sealed() && !t.is_header()) {
+                return Err(bad(
+                    data_path,
+                    "layer is already sealed (it ends with an LSMT trailer); open it as a lower layer, or commit it with --commit_sealed".into(),
+                ));
+            }
+        }
         let sparse = header.is_sparse_rw();
         let mut index = IndexMap::new();
         let mut index_file = None;
@@ -353,6 +365,15 @@ impl WritableLayer {
                     index_path,
                     format!("index of {n} entries exceeds the maximum {MAX_RW_INDEX_ENTRIES}"),
                 ));
+            }
+            let torn = (len - HT_SPACE as u64) % ENTRY_SIZE as u64;
+            if torn != 0 {
+                // An append cut short (a crash): the last write's entry is
+                // incomplete, so that write is lost. Later entries overwrite it.
+                tracing::warn!(
+                    "{}: ignoring the last {torn} bytes, a partial index entry (an interrupted write?); the data of that write is not in the layer",
+                    index_path.display()
+                );
             }
             let data_end = data_len.div_ceil(SECTOR);
             let mut pos = HT_SPACE as u64;

@@ -51,7 +51,8 @@ struct Args {
     /// Deprecated alias of --turboOCI.
     #[arg(long)]
     fastoci: bool,
-    /// Seal only: append the index and a trailer to DATA_FILE itself.
+    /// Seal only: append the index and a trailer to DATA_FILE itself (no
+    /// output file; no -z, -t, -m or uuids).
     #[arg(long)]
     seal: bool,
     /// DATA_FILE is an already sealed layer (plain, ZFile or tar-wrapped);
@@ -97,6 +98,28 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let index = args.index_file.clone();
     if args.seal {
+        // Sealing appends the index and a trailer to DATA_FILE: nothing else
+        // is written, so options that shape an output would be ignored.
+        let ignored: Vec<&str> = [
+            (args.zfile, "-z"),
+            (args.tar, "-t"),
+            (args.algorithm.is_some(), "--algorithm"),
+            (args.block_size.is_some(), "--bs"),
+            (args.message.is_some(), "-m"),
+            (args.uuid.is_some(), "--uuid"),
+            (args.parent_uuid.is_some(), "--parent-uuid"),
+            (args.commit_sealed, "--commit_sealed"),
+            (args.commit_file.is_some(), "COMMIT_FILE"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        if !ignored.is_empty() {
+            bail!(
+                "--seal seals DATA_FILE in place and writes no other file: it takes no {}",
+                ignored.join(", ")
+            );
+        }
         let index = index.context("--seal needs DATA_FILE and INDEX_FILE")?;
         WritableLayer::open(&args.data_file, &index)
             .and_then(|l| l.seal())
