@@ -401,7 +401,31 @@ fn clear_errors_for_bad_inputs_and_read_only_upper() {
     let j: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(j["exports"][0]["export-name"], "base");
     assert_eq!(j["exports"][0]["is_read_only"], true);
+    // A second server on the same socket path is refused while the first
+    // serves (it used to replace the socket, which the first one's exit then
+    // deleted); the first keeps its socket and serves on.
+    let out = Command::new(NBD)
+        .arg("serve")
+        .arg(fx.join("baselayer/ext4_64"))
+        .args(["--socket", &p("ro.sock")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another server is listening"), "{err}");
+    run_ok(Command::new(tool("nbdinfo")).arg("--size").arg(&uri));
+    // Thread counts are bounded when parsed, not when a thread fails to start.
+    for bad in [["--workers", "100000"], ["--max-connections", "0"]] {
+        let out = Command::new(NBD)
+            .args(["serve", "x"])
+            .args(bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(bad[0]));
+    }
     srv.terminate();
+    assert!(!dir.path().join("ro.sock").exists());
     assert_eq!(std::fs::metadata(p("data")).unwrap().blocks(), {
         // Nothing was written to the upper's data file.
         let fresh = tempfile::tempdir().unwrap();

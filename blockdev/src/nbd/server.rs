@@ -15,7 +15,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -111,13 +111,23 @@ impl std::fmt::Display for Endpoint {
 /// A bound listening socket.
 #[derive(Debug)]
 pub enum Listener {
-    Unix(UnixListener, PathBuf),
+    /// The listener, its path, and the path's (device, inode) once bound.
+    Unix(UnixListener, PathBuf, Option<(u64, u64)>),
     Tcp(TcpListener),
 }
 
+/// The (device, inode) of the file at `p`.
+fn socket_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
 impl Listener {
-    /// Bind `ep`. A stale Unix socket file at the path is removed first;
-    /// any other existing file is an error.
+    /// Bind `ep`. A stale Unix socket file at the path (nobody accepts on
+    /// it) is removed first; a live one, or any other existing file, is an
+    /// error.
     pub fn bind(ep: &Endpoint) -> Result<Listener> {
         match ep {
             Endpoint::Unix(p) => {
@@ -132,10 +142,20 @@ impl Listener {
                             ),
                         ));
                     }
+                    if UnixStream::connect(p).is_ok() {
+                        return Err(Error::io(
+                            p,
+                            io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                "another server is listening on this socket",
+                            ),
+                        ));
+                    }
                     std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
                 }
                 let l = UnixListener::bind(p).map_err(|e| Error::io(p, e))?;
-                Ok(Listener::Unix(l, p.clone()))
+                let id = socket_id(p);
+                Ok(Listener::Unix(l, p.clone(), id))
             }
             Endpoint::Tcp(a) => {
                 let l =
@@ -148,7 +168,7 @@ impl Listener {
     /// The endpoint actually bound (with the real port for `:0`).
     pub fn endpoint(&self) -> Endpoint {
         match self {
-            Listener::Unix(_, p) => Endpoint::Unix(p.clone()),
+            Listener::Unix(_, p, _) => Endpoint::Unix(p.clone()),
             Listener::Tcp(l) => Endpoint::Tcp(
                 l.local_addr()
                     .expect("a bound TCP listener has a local address"),
@@ -158,21 +178,21 @@ impl Listener {
 
     fn fd(&self) -> i32 {
         match self {
-            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Unix(l, ..) => l.as_raw_fd(),
             Listener::Tcp(l) => l.as_raw_fd(),
         }
     }
 
     fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         match self {
-            Listener::Unix(l, _) => l.set_nonblocking(on),
+            Listener::Unix(l, ..) => l.set_nonblocking(on),
             Listener::Tcp(l) => l.set_nonblocking(on),
         }
     }
 
     fn accept(&self) -> io::Result<(Stream, String)> {
         match self {
-            Listener::Unix(l, p) => {
+            Listener::Unix(l, p, _) => {
                 let (s, _) = l.accept()?;
                 Ok((Stream::Unix(s), format!("unix:{}", p.display())))
             }
@@ -186,8 +206,11 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
+        // Only our own socket file: not one that replaced it meanwhile.
+        if let Listener::Unix(_, p, Some(id)) = self {
+            if socket_id(p) == Some(*id) {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }

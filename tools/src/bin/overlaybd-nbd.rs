@@ -78,15 +78,17 @@ struct ServeArgs {
     #[arg(long, value_name = "uring|pread|auto", default_value = "auto")]
     io: IoBackend,
 
-    /// Threads per connection, taking batches of requests in turn. One is
-    /// fastest on small machines (the reads of a batch overlap through
+    /// Threads per connection (1 to 64), taking batches of requests in turn.
+    /// One is fastest on small machines (the reads of a batch overlap through
     /// io_uring); more can help on a device with slow reads and no io_uring.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     workers: usize,
 
-    /// Sessions served at once (connections that finished the handshake);
-    /// a client asking for one more is told to try later.
-    #[arg(long, value_name = "N", default_value_t = 256)]
+    /// Sessions served at once (1 to 4096; connections that finished the
+    /// handshake); a client asking for one more is told to try later.
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     max_connections: usize,
 
     /// Close connections that have not finished the NBD handshake after

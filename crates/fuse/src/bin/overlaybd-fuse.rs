@@ -79,8 +79,9 @@ struct MountArgs {
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
 
-    /// Threads serving FUSE requests.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    /// Threads serving FUSE requests (1 to 64).
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     threads: usize,
 
     /// Let other users access the mount (a non-root user needs
