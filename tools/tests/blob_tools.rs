@@ -72,6 +72,18 @@ fn create_commit_roundtrip_and_errors() {
     // creating over existing files is refused
     let e = err_text(&run(CREATE, &["data", "index", "1"], d));
     assert!(e.contains("data") && e.contains("exists"), "{e}");
+    let e = err_text(&run(CREATE, &["-s", "same", "same", "1"], d));
+    assert!(e.contains("same path"), "{e}");
+    assert!(!d.join("same").exists());
+    // 20,000 GB is more than ext4 (CI's /tmp) holds in one file: refused with
+    // the reason, and nothing left in the way of a retry
+    let out = run(CREATE, &["-s", "huge", "hugei", "20000"], d);
+    if !out.status.success() {
+        let e = err_text(&out);
+        assert!(e.contains("the filesystem cannot hold"), "{e}");
+        assert!(!d.join("huge").exists() && !d.join("hugei").exists());
+        assert_ok(&run(CREATE, &["-s", "huge", "hugei", "1"], d));
+    }
     assert_ok(&run(
         COMMIT,
         &["data", "index", "layer", "-z", "-t", "--uuid", UUID],

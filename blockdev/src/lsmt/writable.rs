@@ -65,24 +65,56 @@ pub fn create_warp(data: &Path, index: &Path, virtual_size: u64, uuid: Option<Uu
             "virtual size {virtual_size} is not a positive multiple of 512"
         )));
     }
+    create_pair(data, index, |fdata, findex| {
+        let h = HeaderTrailer {
+            flags: FLAG_HEADER,
+            index_offset: HT_SPACE as u64,
+            virtual_size,
+            uuid: uuid.unwrap_or_else(random_uuid),
+            ..Default::default()
+        };
+        findex.write_all_at(&h.encode(), 0)?;
+        set_sparse_len(fdata, data, virtual_size)
+    })
+}
+
+/// Create the new files `data` and `index` and fill them with `fill`; on
+/// any failure neither is left behind (a retry would find them in the way).
+fn create_pair(
+    data: &Path,
+    index: &Path,
+    fill: impl FnOnce(&IoFile, &IoFile) -> Result<()>,
+) -> Result<()> {
+    if data == index {
+        return Err(Error::Invalid(format!(
+            "the data and index files are the same path, {}",
+            data.display()
+        )));
+    }
     let fdata = IoFile::create_new(data)?;
-    let findex = match IoFile::create_new(index) {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = std::fs::remove_file(data);
-            return Err(e);
+    let r = IoFile::create_new(index).and_then(|findex| {
+        fill(&fdata, &findex).inspect_err(|_| {
+            let _ = std::fs::remove_file(index);
+        })
+    });
+    if r.is_err() {
+        let _ = std::fs::remove_file(data);
+    }
+    r
+}
+
+/// Size the sparse data file `f` (at `path`) to `len` bytes, saying so when
+/// the filesystem cannot hold a file that large.
+fn set_sparse_len(f: &IoFile, path: &Path, len: u64) -> Result<()> {
+    f.set_len(len).map_err(|e| match &e {
+        Error::Io { source, .. } if source.raw_os_error() == Some(libc::EFBIG) => {
+            Error::Invalid(format!(
+                "{}: the filesystem cannot hold a sparse file of {len} bytes (its largest file size is smaller; ext4 with 4 KiB blocks allows 16 TiB): choose a smaller virtual size or another filesystem",
+                path.display()
+            ))
         }
-    };
-    let h = HeaderTrailer {
-        flags: FLAG_HEADER,
-        index_offset: HT_SPACE as u64,
-        virtual_size,
-        uuid: uuid.unwrap_or_else(random_uuid),
-        ..Default::default()
-    };
-    findex.write_all_at(&h.encode(), 0)?;
-    fdata.set_len(virtual_size)?;
-    Ok(())
+        _ => e,
+    })
 }
 
 /// Create a writable layer (both files must not exist).
@@ -93,34 +125,30 @@ pub fn create_writable(data: &Path, index: &Path, opts: &CreateOptions) -> Resul
             opts.virtual_size
         )));
     }
-    let fdata = IoFile::create_new(data)?;
-    let findex = match IoFile::create_new(index) {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = std::fs::remove_file(data);
-            return Err(e);
+    create_pair(data, index, |fdata, findex| {
+        let mut h = HeaderTrailer {
+            flags: FLAG_HEADER | FLAG_DATA,
+            virtual_size: opts.virtual_size,
+            uuid: opts.uuid.unwrap_or_else(random_uuid),
+            parent_uuid: opts.parent_uuid.unwrap_or(Uuid::NIL),
+            ..Default::default()
+        };
+        if opts.sparse {
+            h.flags |= FLAG_SPARSE_RW;
         }
-    };
-    let mut h = HeaderTrailer {
-        flags: FLAG_HEADER | FLAG_DATA,
-        virtual_size: opts.virtual_size,
-        uuid: opts.uuid.unwrap_or_else(random_uuid),
-        parent_uuid: opts.parent_uuid.unwrap_or(Uuid::NIL),
-        ..Default::default()
-    };
-    if opts.sparse {
-        h.flags |= FLAG_SPARSE_RW;
-    }
-    fdata.write_all_at(&h.encode(), 0)?;
-    if opts.sparse {
-        fdata.set_len(HT_SPACE as u64 + opts.virtual_size)?;
-    } else {
-        let mut hi = h.clone();
-        hi.flags = FLAG_HEADER;
-        hi.index_offset = HT_SPACE as u64;
-        findex.write_all_at(&hi.encode(), 0)?;
-    }
-    Ok(())
+        fdata.write_all_at(&h.encode(), 0)?;
+        if opts.sparse {
+            let len = (HT_SPACE as u64)
+                .checked_add(opts.virtual_size)
+                .ok_or_else(|| Error::Invalid("virtual size too large".into()))?;
+            set_sparse_len(fdata, data, len)
+        } else {
+            let mut hi = h.clone();
+            hi.flags = FLAG_HEADER;
+            hi.index_offset = HT_SPACE as u64;
+            findex.write_all_at(&hi.encode(), 0)
+        }
+    })
 }
 
 struct RwState {
