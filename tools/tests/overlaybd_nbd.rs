@@ -507,3 +507,42 @@ fn stops_on_signals_after_its_output_is_closed() {
         assert!(!sock.exists(), "{sig}: the socket file was left behind");
     }
 }
+
+/// A corrupt layer block: the client gets EIO and the operator a warning
+/// naming the layer file and the block (not only at debug level).
+#[test]
+fn corrupt_blocks_are_logged_as_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixtures();
+    let bad = dir.path().join("bad.zfile");
+    let mut bytes = std::fs::read(fx.join("baselayer/commit.lz4.zfile")).unwrap();
+    bytes[100_000..100_004].copy_from_slice(&[0xff; 4]);
+    std::fs::write(&bad, bytes).unwrap();
+    let sock = dir.path().join("s.sock");
+    let srv = Served::start(&[
+        fx.join("baselayer/ext4_64").to_str().unwrap(),
+        bad.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    let out = Command::new(tool("nbdcopy"))
+        .arg(&srv.uri)
+        .arg("-")
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = srv.terminate();
+    assert!(
+        log.contains("WARN")
+            && log.contains("request failed (EIO)")
+            && log.contains("bad.zfile")
+            && log.contains("checksum mismatch"),
+        "{log}"
+    );
+}

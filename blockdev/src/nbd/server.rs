@@ -1039,7 +1039,7 @@ fn read_replies(
         match f {
             Some(e) => {
                 let errno = errno_of(&e);
-                tracing::debug!("request failed ({errno}): {e}");
+                log_failure(errno, &crate::error::Chain(&e).to_string());
                 rebuilt.extend_from_slice(&error_reply(s, reads[k].0, errno, &e.to_string()));
             }
             None => rebuilt.extend_from_slice(&out[starts[k]..end]),
@@ -1157,7 +1157,7 @@ pub fn execute(
     let fail = |e: &Error| {
         let errno = errno_of(e);
         let text = crate::error::Chain(e).to_string();
-        tracing::debug!("request failed ({errno}): {text}");
+        log_failure(errno, &text);
         error_reply(s, handle, errno, &text)
     };
     let done =
@@ -1271,3 +1271,28 @@ impl Allocation for crate::stack::Stack {
         Ok(out)
     }
 }
+
+/// Device failures (EIO: a corrupt or unreadable layer; ENOSPC) the operator
+/// must hear of: logged as warnings, the first [`WARN_FAILURES`] of the
+/// process, then at debug level so that a client retrying a bad block cannot
+/// flood the log. Requests the client got wrong (EINVAL, EPERM on a
+/// read-only export) are logged at debug level only.
+fn log_failure(errno: Errno, text: &str) {
+    static WARNED: AtomicU64 = AtomicU64::new(0);
+    if matches!(errno, Errno::Io | Errno::NoSpc) {
+        match WARNED.fetch_add(1, Ordering::Relaxed) {
+            n if n < WARN_FAILURES => {
+                tracing::warn!("request failed ({errno}): {text}");
+                return;
+            }
+            WARN_FAILURES => tracing::warn!(
+                "more requests failed; further failures are logged at debug level (OVERLAYBD_LOG=debug)"
+            ),
+            _ => {}
+        }
+    }
+    tracing::debug!("request failed ({errno}): {text}");
+}
+
+/// How many device failures are logged as warnings.
+const WARN_FAILURES: u64 = 20;
