@@ -191,6 +191,57 @@ fn ssl_opts(mode: TlsMode) -> Option<SslOpts> {
     }
 }
 
+/// A MySQL server speaks first: its greeting (protocol 10 handshake, or an
+/// error packet such as "host blocked") arrives right after the connection is
+/// accepted. Wait for it at most `timeout`, so that a DSN naming some other
+/// service fails in seconds with a clear message instead of after the
+/// client's I/O timeout with "Resource temporarily unavailable". The probe
+/// connection is closed before any authentication.
+fn expect_greeting(host: &str, port: u16, timeout: Duration, target: &str) -> Result<(), DbError> {
+    use std::io::Read;
+    use std::net::{TcpStream, ToSocketAddrs};
+    let fail = |reason: String| DbError::MysqlNoGreeting {
+        target: target.to_string(),
+        reason,
+    };
+    // Unresolvable or refused: left to the client library, which says so.
+    let Some(addr) = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+    else {
+        return Ok(());
+    };
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, timeout) else {
+        return Ok(());
+    };
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| fail(format!("cannot set a read timeout: {e}")))?;
+    // 4-byte packet header, then 10 (handshake v10) or 0xff (error packet).
+    let mut head = [0u8; 5];
+    match s.read_exact(&mut head) {
+        Ok(()) if head[4] == 10 || head[4] == 0xff => Ok(()),
+        Ok(()) => Err(fail(format!(
+            "the server's first bytes {:02x?} are not a MySQL greeting",
+            head
+        ))),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(fail(format!(
+                "no greeting within {:.1} s of connecting",
+                timeout.as_secs_f64()
+            )))
+        }
+        Err(e) => Err(fail(format!(
+            "the connection ended before a greeting ({e})"
+        ))),
+    }
+}
+
 impl MysqlBackend {
     /// Connects (one connection is opened right away) and checks both tables.
     pub(crate) fn connect(dsn: &Dsn) -> Result<MysqlBackend, DbError> {
@@ -215,7 +266,15 @@ impl MysqlBackend {
                     .with_reset_connection(false),
             );
         opts = match &dsn.endpoint {
-            Endpoint::Tcp { host, port } => opts.ip_or_hostname(Some(host.clone())).tcp_port(*port),
+            Endpoint::Tcp { host, port } => {
+                expect_greeting(
+                    host,
+                    *port,
+                    dsn.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+                    &target,
+                )?;
+                opts.ip_or_hostname(Some(host.clone())).tcp_port(*port)
+            }
             Endpoint::Unix(path) => opts.socket(Some(path.clone())),
         };
         let pool = match Pool::new(opts.clone().ssl_opts(ssl_opts(dsn.tls))) {

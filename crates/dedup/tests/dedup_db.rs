@@ -783,6 +783,40 @@ fn bad_db_str_and_type_errors() {
     assert!(e.contains("unknown --db-type \"redis\""), "{e}");
 }
 
+/// A DSN naming a service that is not MySQL fails within `timeout=`, saying
+/// so: a silent one (no greeting) and one that answers something else.
+#[test]
+fn mysql_dsn_of_another_service() {
+    use std::io::Write;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let talker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (sp, tp) = (
+        silent.local_addr().unwrap().port(),
+        talker.local_addr().unwrap().port(),
+    );
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
+    std::thread::spawn(move || {
+        for mut c in talker.incoming().flatten() {
+            let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let t = std::time::Instant::now();
+    let e = open_err("mysql", &format!("u:p@tcp(127.0.0.1:{sp})/db?timeout=1s"));
+    assert!(e.contains("no greeting within 1.0 s"), "{e}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    let e = open_err("mysql", &format!("u:p@tcp(127.0.0.1:{tp})/db?timeout=1s"));
+    assert!(e.contains("not a MySQL greeting"), "{e}");
+}
+
 #[test]
 fn sqlite_unusable_paths() {
     let dir = tempfile::tempdir().unwrap();
