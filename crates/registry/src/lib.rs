@@ -32,8 +32,8 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Registry client errors. Every variant names the registry (`peer`) and the operation;
 /// causes are kept as sources (see [`obdoci::error::Chain`] to show them on one line).
@@ -247,7 +247,20 @@ pub struct ClientOptions {
     pub docker_config: bool,
     /// containerd's host configuration directory (`--hosts-dir`, see [`hosts`]).
     pub hosts_dir: Option<PathBuf>,
+    /// A connection on which nothing moves for this long has stalled: waiting
+    /// for an answer or for more of a body, or, while uploading, for the
+    /// registry to take more data. The request fails as a transient error
+    /// (retried; a download resumes where it broke off). After an upload's
+    /// body is sent, the registry gets [`UPLOAD_COMMIT_TIMEOUT`] to answer.
+    pub stall_timeout: Duration,
 }
+
+/// How long a registry may take to answer once an upload's body is sent (it
+/// hashes the blob, and some storage drivers copy it).
+pub const UPLOAD_COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The default [`ClientOptions::stall_timeout`].
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -264,6 +277,7 @@ impl Default for ClientOptions {
             cancel: None,
             docker_config: false,
             hosts_dir: None,
+            stall_timeout: STALL_TIMEOUT,
         }
     }
 }
@@ -277,6 +291,8 @@ struct HttpConfig {
     /// Never through a proxy.
     loopback: bool,
     insecure: bool,
+    /// [`ClientOptions::stall_timeout`].
+    stall: Duration,
 }
 
 /// The same settings on either client builder (their types differ, their methods do
@@ -315,20 +331,33 @@ macro_rules! configure {
     }};
 }
 
-/// The blocking client, for every request but streamed uploads.
+/// The blocking client, for every request but streamed uploads. A request,
+/// body included, must end within the stall timeout: a silent connection
+/// cannot hang the caller. Requests that may rightly take longer say so: a
+/// blob download ends at that deadline and resumes where it stopped (see
+/// [`ResumingBody`]), upload chunks get [`UPLOAD_COMMIT_TIMEOUT`]. (The
+/// blocking client cannot time out single reads: reqwest's read timeout needs
+/// a Tokio runtime on the reading thread.)
 fn build_http(cfg: &HttpConfig) -> Result<Client> {
     configure!(
         Client::builder()
-            .timeout(None::<Duration>)
+            .timeout(cfg.stall)
             .pool_max_idle_per_host(32),
         cfg
     )
 }
 
 /// The async client that streams blob uploads ([`Repository::put_file`]); it keeps no
-/// idle connections, as each upload runs on a runtime of its own.
+/// idle connections, as each upload runs on a runtime of its own. Its stalls are
+/// watched by the upload itself (a registry that stops taking data, then one that
+/// takes long to commit what it got).
 fn build_stream_http(cfg: &HttpConfig) -> Result<reqwest::Client> {
-    configure!(reqwest::Client::builder().pool_max_idle_per_host(0), cfg)
+    configure!(
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .read_timeout(UPLOAD_COMMIT_TIMEOUT),
+        cfg
+    )
 }
 
 /// Reads the certificates and the client identity the options name.
@@ -416,6 +445,7 @@ fn http_config(opts: &ClientOptions, loopback: bool) -> Result<HttpConfig> {
         identity,
         loopback,
         insecure: opts.insecure,
+        stall: opts.stall_timeout,
     })
 }
 
@@ -1098,6 +1128,7 @@ impl Repository {
             desc: desc.clone(),
             resp: Some(resp),
             pos: 0,
+            pos_at_request: 0,
             resumes_left: self.reg.opts.retries,
         };
         let what = format!("{}: blob {}@{}", self.reg.host, self.name, desc.digest);
@@ -1241,6 +1272,7 @@ impl Repository {
                 let url = with_query(&self.reg.url(&loc), "digest", desc.digest.as_str());
                 self.reg.send(&what, &self.push_scope(), false, &|c| {
                     c.put(&url)
+                        .timeout(UPLOAD_COMMIT_TIMEOUT)
                         .header(CONTENT_TYPE, "application/octet-stream")
                         .body(b.to_vec())
                 })?
@@ -1275,6 +1307,7 @@ impl Repository {
                     let end = offset + buf.len() as u64 - 1;
                     let resp = self.reg.send(&what, &self.push_scope(), false, &|c| {
                         c.patch(&url)
+                            .timeout(UPLOAD_COMMIT_TIMEOUT)
                             .header(CONTENT_TYPE, "application/octet-stream")
                             .header("Content-Range", format!("{offset}-{end}"))
                             .body(buf.clone())
@@ -1290,7 +1323,9 @@ impl Repository {
                 }
                 let url = with_query(&self.reg.url(&loc), "digest", desc.digest.as_str());
                 self.reg.send(&what, &self.push_scope(), false, &|c| {
-                    c.put(&url).header(CONTENT_LENGTH, "0")
+                    c.put(&url)
+                        .timeout(UPLOAD_COMMIT_TIMEOUT)
+                        .header(CONTENT_LENGTH, "0")
                 })?
             }
         };
@@ -1348,11 +1383,14 @@ impl Repository {
                 return Err(Error::Interrupted);
             }
             let file = File::open(path).map_err(io_err)?;
+            let moved = Arc::new(Progressed::default());
             let chunks = FileChunks {
                 file,
                 pos: 0,
                 progress: progress.clone(),
                 cancel: reg.opts.cancel.clone(),
+                moved: moved.clone(),
+                size,
             };
             let mut rb = reg
                 .stream_client()?
@@ -1367,19 +1405,39 @@ impl Repository {
             if let Some(h) = &sent {
                 rb = rb.header(AUTHORIZATION, h);
             }
-            let (st, headers, body) = rt
-                .block_on(async {
-                    let resp = rb.send().await?;
-                    let st = resp.status().as_u16();
-                    let headers = resp.headers().clone();
-                    let body = if (200..300).contains(&st) {
-                        Default::default()
-                    } else {
-                        resp.bytes().await.unwrap_or_default()
-                    };
-                    Ok::<_, reqwest::Error>((st, headers, body))
-                })
-                .map_err(|e| Error::transport(&reg.host, what, e))?;
+            let exchange = async {
+                let resp = rb.send().await?;
+                let st = resp.status().as_u16();
+                let headers = resp.headers().clone();
+                let body = if (200..300).contains(&st) {
+                    Default::default()
+                } else {
+                    resp.bytes().await.unwrap_or_default()
+                };
+                Ok::<_, reqwest::Error>((st, headers, body))
+            };
+            let watch = watch_upload(&moved, reg.opts.cancel.as_deref(), reg.opts.stall_timeout);
+            let (st, headers, body) = match rt.block_on(futures_util::future::select(
+                std::pin::pin!(exchange),
+                std::pin::pin!(watch),
+            )) {
+                futures_util::future::Either::Left((r, _)) => {
+                    r.map_err(|e| Error::transport(&reg.host, what, e))?
+                }
+                futures_util::future::Either::Right((stop, _)) => {
+                    return Err(match stop {
+                        UploadStop::Cancelled => Error::Interrupted,
+                        UploadStop::Stalled(secs) => Error::Stream {
+                            peer: reg.host.clone(),
+                            what: what.to_string(),
+                            error: io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!("the registry took no data for {secs:.0} s"),
+                            ),
+                        },
+                    })
+                }
+            };
             if st == 401 && !reauthed {
                 reauthed = true;
                 if reg.reauth(&headers, &scope, sent.as_deref())? {
@@ -1395,6 +1453,52 @@ impl Repository {
     }
 }
 
+/// How an upload's body moves: when the client last took a piece, and whether
+/// it took the last one.
+struct Progressed {
+    last: Mutex<Instant>,
+    done: AtomicBool,
+}
+
+impl Default for Progressed {
+    fn default() -> Self {
+        Progressed {
+            last: Mutex::new(Instant::now()),
+            done: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Progressed {
+    fn moved(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+}
+
+/// Why [`watch_upload`] stopped an upload.
+enum UploadStop {
+    Cancelled,
+    /// No piece of the body was taken for this many seconds.
+    Stalled(f64),
+}
+
+/// Ends when the upload must stop: cancelled, or its body stalled (the client
+/// takes the next piece only when the connection can send it, so a registry
+/// that stops reading stops it) for `stall`. Once the whole body is taken, the
+/// answer is left to the client's read timeout.
+async fn watch_upload(p: &Progressed, cancel: Option<&AtomicBool>, stall: Duration) -> UploadStop {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return UploadStop::Cancelled;
+        }
+        let idle = p.last.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+        if !p.done.load(Ordering::Relaxed) && idle > stall {
+            return UploadStop::Stalled(idle.as_secs_f64());
+        }
+    }
+}
+
 /// A file read in 1 MiB pieces for a streamed request body, with progress and
 /// cancellation between pieces.
 struct FileChunks {
@@ -1402,6 +1506,9 @@ struct FileChunks {
     pos: u64,
     progress: Option<ProgressFn>,
     cancel: Option<Arc<AtomicBool>>,
+    moved: Arc<Progressed>,
+    /// The body's length (its Content-Length).
+    size: u64,
 }
 
 impl FileChunks {
@@ -1416,10 +1523,16 @@ impl FileChunks {
             // which serves this one upload.
             let mut buf = Vec::with_capacity(Self::PIECE as usize);
             (&mut c.file).take(Self::PIECE).read_to_end(&mut buf)?;
+            c.moved.moved();
             if buf.is_empty() {
+                c.moved.done.store(true, Ordering::Relaxed);
                 return Ok(None);
             }
             c.pos += buf.len() as u64;
+            if c.pos >= c.size {
+                // The client may not ask past the Content-Length it sent.
+                c.moved.done.store(true, Ordering::Relaxed);
+            }
             if let Some(p) = &c.progress {
                 p(c.pos);
             }
@@ -1444,6 +1557,14 @@ fn with_query(url: &str, key: &str, value: &str) -> String {
     format!("{url}{sep}{key}={value}")
 }
 
+/// Whether a body read failed on the request's deadline.
+fn timed_out(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::TimedOut
+        || e.get_ref()
+            .and_then(|i| i.downcast_ref::<reqwest::Error>())
+            .is_some_and(reqwest::Error::is_timeout)
+}
+
 /// A client error as the `io::Error` a reader returns, keeping interruptions, corrupt
 /// data and missing objects recognisable by their `io::ErrorKind`.
 fn io_error(e: Error) -> io::Error {
@@ -1466,14 +1587,25 @@ impl Read for BlobReader {
     }
 }
 
-/// A blob's body, fetched again from where it broke off (`Range`) up to `retries` times.
+/// A blob's body, fetched again from where it broke off (`Range`). Every request
+/// ends at the client's deadline (the stall timeout), so a long download is
+/// several requests; a resume after at least [`ResumingBody::PROGRESS`] bytes
+/// came is free, others count against `retries` (a stalled or failing source
+/// gives up after that many).
 struct ResumingBody {
     repo: Repository,
     desc: Descriptor,
     resp: Option<Response>,
     /// Bytes delivered so far.
     pos: u64,
+    /// `pos` when the current request was made.
+    pos_at_request: u64,
     resumes_left: u32,
+}
+
+impl ResumingBody {
+    /// Progress that makes a resume free.
+    const PROGRESS: u64 = 1 << 20;
 }
 
 impl Read for ResumingBody {
@@ -1489,6 +1621,7 @@ impl Read for ResumingBody {
                         .repo
                         .get_blob_response(&self.desc, self.pos)
                         .map_err(io_error)?;
+                    self.pos_at_request = self.pos;
                     self.resp.insert(r)
                 }
             };
@@ -1499,7 +1632,20 @@ impl Read for ResumingBody {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    if self.resumes_left == 0 {
+                    let progressed = self.pos - self.pos_at_request >= Self::PROGRESS;
+                    if progressed && timed_out(&e) {
+                        // The request's deadline, with data still coming: go on
+                        // with a new request.
+                        tracing::debug!(
+                            "{}: blob {}: request deadline at byte {}; continuing",
+                            self.repo.reg.host,
+                            self.desc.digest,
+                            self.pos
+                        );
+                        self.resp = None;
+                        continue;
+                    }
+                    if !progressed && self.resumes_left == 0 {
                         return Err(io::Error::new(
                             e.kind(),
                             Error::Stream {
@@ -1515,7 +1661,9 @@ impl Read for ResumingBody {
                         self.desc.digest,
                         self.pos
                     );
-                    self.resumes_left -= 1;
+                    if !progressed {
+                        self.resumes_left -= 1;
+                    }
                     self.resp = None;
                     std::thread::sleep(self.repo.reg.opts.retry_delay);
                 }

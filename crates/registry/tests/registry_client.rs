@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Auth, Pki, Proxy, Registry, RegistryOpts, TokenServer};
+use common::{Auth, Pki, Proxy, Registry, RegistryOpts, Stall, TokenServer};
 use obdoci::{Descriptor, Digest, Reference, MT_OCI_CONFIG, MT_OCI_LAYER_TAR, MT_OCI_MANIFEST};
 use obdregistry::{self as registry, BlobSource, ClientOptions, Credentials, PushOutcome};
 use std::io::Read;
@@ -418,4 +418,83 @@ fn broken_download_resumes_with_range() {
     assert!(proxy.was_cut(), "the first download was not cut");
     assert_eq!(back.len(), data.len());
     assert!(back == data);
+}
+
+/// A connection on which nothing moves fails after the stall timeout instead
+/// of hanging: a download that stops resumes with a range request, an upload
+/// the registry stops taking is restarted, and a request never answered is
+/// retried, then fails naming the stall.
+#[test]
+fn stalled_connections_fail_after_the_stall_timeout() {
+    let reg = Registry::plain();
+    let o = ClientOptions {
+        plain_http: true,
+        stall_timeout: Duration::from_secs(1),
+        ..opts()
+    };
+    let data = payload(8 << 20, 43);
+    let d = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &data);
+    let via = |p: &Proxy| {
+        registry::Registry::new(&format!("127.0.0.1:{}", p.port), &o)
+            .unwrap()
+            .repository("r/stall")
+    };
+
+    // An upload the registry stops reading after 1 MB: restarted, then stored.
+    let up = Proxy::start_stalling(reg.port, Stall::FromClient, 1 << 20);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &data).unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(
+        via(&up)
+            .push_blob(&d, BlobSource::File(file.path()), None, None)
+            .unwrap(),
+        PushOutcome::Uploaded
+    );
+    assert!(up.has_stalled(), "the upload did not stall");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+
+    // A download that stops after 1 MB: resumed where it stopped, verified.
+    let down = Proxy::start_stalling(reg.port, Stall::ToClient, 1 << 20);
+    let mut back = Vec::new();
+    via(&down)
+        .open_blob(&d)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert!(down.has_stalled(), "the download did not stall");
+    assert!(back == data);
+
+    // A slow but steady download outlasts the deadline of its requests: it
+    // goes on with new ones and never gives up.
+    let slow = Proxy::start(reg.port, None, Some(3 << 20));
+    let mut back = Vec::new();
+    let t = std::time::Instant::now();
+    via(&slow)
+        .open_blob(&d)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert!(t.elapsed() > Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(back == data);
+
+    // A server that accepts connections and never answers: every attempt
+    // times out, then the request fails.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
+    let t = std::time::Instant::now();
+    let e = registry::Registry::new(&format!("127.0.0.1:{port}"), &o)
+        .unwrap()
+        .repository("r/stall")
+        .get_manifest(&Reference::Tag("latest".into()))
+        .unwrap_err();
+    let text = format!("{}", obdoci::error::Chain(&e));
+    assert!(text.contains("timed out"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
 }

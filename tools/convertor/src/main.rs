@@ -183,6 +183,12 @@ pub(crate) struct Args {
     #[arg(long = "push-chunk-size", value_name = "MIB",
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     push_chunk_size: Option<u64>,
+    /// Fail a registry connection on which nothing moves for this many seconds
+    /// (1 to 3600): no answer, no more of a download, or an upload the registry
+    /// stops taking. Retried like other network errors; downloads resume.
+    #[arg(long = "stall-timeout", value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    stall_timeout: u64,
 }
 
 fn main() -> ExitCode {
@@ -342,6 +348,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         cancel: Some(abort.flag()),
         docker_config: args.username.is_none(),
         hosts_dir: args.hosts_dir.clone(),
+        stall_timeout: std::time::Duration::from_secs(args.stall_timeout),
         ..Default::default()
     };
     let dst_client = match &args.dest_creds {

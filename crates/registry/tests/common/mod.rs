@@ -513,6 +513,15 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Which way a [`Proxy`] stalls.
+#[derive(Clone, Copy, Debug)]
+pub enum Stall {
+    /// It stops sending the registry's answer (a download that stops).
+    ToClient,
+    /// It stops reading what the client sends (a registry that stops taking an upload).
+    FromClient,
+}
+
 /// A TCP proxy in front of a registry that can die after a number of client bytes
 /// (a registry going down mid-push) or throttle responses (a slow download), and
 /// counts the bytes it relays to clients (what a lazy reader fetched).
@@ -521,6 +530,7 @@ pub struct Proxy {
     dead: Arc<std::sync::atomic::AtomicBool>,
     cut: Arc<std::sync::atomic::AtomicBool>,
     to_clients: Arc<std::sync::atomic::AtomicU64>,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -536,7 +546,31 @@ impl Proxy {
         rate: Option<u64>,
         cut_once_after: Option<u64>,
     ) -> Proxy {
+        Self::start_full(upstream, die_after, rate, cut_once_after, None)
+    }
+
+    /// A proxy whose first connection to pass `after` bytes in the direction
+    /// `stall` names stops relaying there and holds the connection open,
+    /// silent (a stalled registry); later connections pass through.
+    pub fn start_stalling(upstream: u16, stall: Stall, after: u64) -> Proxy {
+        Self::start_full(upstream, None, None, None, Some((stall, after)))
+    }
+
+    fn start_full(
+        upstream: u16,
+        die_after: Option<u64>,
+        rate: Option<u64>,
+        cut_once_after: Option<u64>,
+        stall: Option<(Stall, u64)>,
+    ) -> Proxy {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stalled = Arc::new(AtomicBool::new(false));
+        // Holds a connection: relays nothing more until the proxy dies.
+        let hold = |dead: &AtomicBool| {
+            while !dead.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         l.set_nonblocking(true).unwrap();
@@ -548,6 +582,7 @@ impl Proxy {
         let to_clients = Arc::new(AtomicU64::new(0));
         let relayed_total = to_clients.clone();
         let d = dead.clone();
+        let stalled_flag = stalled.clone();
         std::thread::spawn(move || {
             let kill = |conns: &Mutex<Vec<TcpStream>>| {
                 for c in conns.lock().unwrap().iter() {
@@ -575,13 +610,22 @@ impl Proxy {
                 // client -> server, counting bytes.
                 let (mut cr, mut sw) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (d1, s1, c1) = (d.clone(), sent.clone(), conns.clone());
+                let st1 = stalled.clone();
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 16 << 10];
+                    let mut this_conn = 0u64;
                     loop {
                         let n = match cr.read(&mut buf) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        this_conn += n as u64;
+                        if let Some((Stall::FromClient, after)) = stall {
+                            if this_conn > after && !st1.swap(true, Ordering::SeqCst) {
+                                hold(&d1);
+                                break;
+                            }
+                        }
                         let total = s1.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
                         if die_after.is_some_and(|lim| total > lim) {
                             d1.store(true, Ordering::SeqCst);
@@ -601,6 +645,7 @@ impl Proxy {
                 let d2 = d.clone();
                 let cut = cut_done.clone();
                 let total = relayed_total.clone();
+                let st2 = stalled.clone();
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 8 << 10];
                     let mut relayed = 0u64;
@@ -610,6 +655,12 @@ impl Proxy {
                             Ok(n) => n,
                         };
                         relayed += n as u64;
+                        if let Some((Stall::ToClient, after)) = stall {
+                            if relayed > after && !st2.swap(true, Ordering::SeqCst) {
+                                hold(&d2);
+                                break;
+                            }
+                        }
                         if cut_once_after.is_some_and(|lim| relayed > lim)
                             && !cut.swap(true, Ordering::SeqCst)
                         {
@@ -634,7 +685,13 @@ impl Proxy {
             dead,
             cut: cut_flag,
             to_clients,
+            stalled: stalled_flag,
         }
+    }
+
+    /// Whether a connection stalled (`start_stalling`).
+    pub fn has_stalled(&self) -> bool {
+        self.stalled.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether a connection was cut (`cut_once_after`).
