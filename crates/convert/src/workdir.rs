@@ -119,8 +119,18 @@ fn lock_root(root: &Path, exclusive: bool) -> Result<Flock<File>> {
     // A finishing run may remove an empty `root` between our mkdir and our lock:
     // then lock the new one.
     for _ in 0..10 {
-        fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-        let f = File::open(root).map_err(|e| Error::io(root, e))?;
+        let as_work_dir = |e: std::io::Error| {
+            let e = match fs::metadata(root) {
+                Ok(m) if !m.is_dir() => std::io::Error::new(
+                    std::io::ErrorKind::NotADirectory,
+                    "exists and is not a directory",
+                ),
+                _ => e,
+            };
+            Error::io(root, e).context("work directory (-d/--dir)")
+        };
+        fs::create_dir_all(root).map_err(as_work_dir)?;
+        let f = File::open(root).map_err(as_work_dir)?;
         let ino = f.metadata().map(|m| m.ino()).ok();
         let lock = match Flock::lock(f, arg) {
             Ok(l) => l,

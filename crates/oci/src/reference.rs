@@ -153,6 +153,19 @@ fn check_host(s: &str, host: &str) -> Result<()> {
     {
         return Err(bad(s, "invalid registry host"));
     }
+    // A port, if any: after the last ':' outside an IPv6 literal's brackets.
+    let port = match host.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') && (!h.starts_with('[') || h.ends_with(']')) => Some(p),
+        _ => None,
+    };
+    if let Some(p) = port {
+        if !p.parse::<u16>().is_ok_and(|n| n > 0) {
+            return Err(bad(
+                s,
+                &format!("invalid registry port {p:?} (expected 1 to 65535)"),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -395,6 +408,18 @@ mod tests {
         assert!(ImageRef::parse("redis").is_err());
         assert!(ImageRef::parse("localhost:5000/redis:latest").is_err());
         assert!(ImageRef::parse("localhost:5000/Redis").is_err());
+        for bad_port in [
+            "127.0.0.1:99999/x",
+            "h:0/x",
+            "localhost:123456/x",
+            "[::1]:70000/x",
+        ] {
+            let e = ImageRef::parse(bad_port).unwrap_err().to_string();
+            assert!(e.contains("invalid registry port"), "{bad_port}: {e}");
+        }
+        for good in ["[::1]:5000/x", "[::1]/x", "h:65535/x"] {
+            ImageRef::parse(good).unwrap();
+        }
         assert!(ImageRef::parse("localhost:5000/").is_err());
     }
 

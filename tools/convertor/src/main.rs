@@ -311,7 +311,9 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         (None, None, ImageRef::Layout { tag: Some(t), .. })
         | (None, None, ImageRef::OciArchive { tag: Some(t), .. }) => Some(Reference::tag(t)?),
         (None, None, r) if r.is_archive() => None,
-        (None, None, _) => bail!("no input image: give -i/--input-tag or -g/--input-digest"),
+        (None, None, _) => bail!(
+            "no input image: give -i/--input-tag or -g/--input-digest, or the tag with the source (oci:DIR:TAG; with obdconv also HOST/REPO:TAG)"
+        ),
     };
     let native_tag = match (&args.overlaybd, &args.output_tag, &dst_ref, &turbo_tag) {
         (Some(t), _, _, _) | (None, Some(t), _, None) => Some(t.clone()),

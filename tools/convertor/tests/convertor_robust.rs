@@ -238,6 +238,49 @@ fn flags_are_validated_before_any_work() {
         );
         assert!(stderr_of(&o).contains(flag), "{}", stderr_of(&o));
     }
+    for (flag, value) in [("--stall-timeout", "0"), ("--stall-timeout", "3601")] {
+        let o = run(&[flag, value]);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{flag} {value}: {}",
+            stderr_of(&o)
+        );
+    }
+    // A registry port out of range is a bad reference, not a network error to retry.
+    let o = Command::new(bin())
+        .args([
+            "-r",
+            "127.0.0.1:99999/x",
+            "-i",
+            "latest",
+            "-o",
+            "obd",
+            "--plain",
+            "-d",
+            wd_s,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr_of(&o).contains("invalid registry port \"99999\""),
+        "{}",
+        stderr_of(&o)
+    );
+    // A work directory that is a file: said so, naming the flag.
+    let file = t.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let o = Command::new(bin())
+        .args(args(&src, &out_s, file.to_str().unwrap()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("work directory (-d/--dir)") && e.contains("not a directory"),
+        "{e}"
+    );
     // A device larger than the work directory's filesystem allows as a sparse file
     // (16 TiB on ext4): refused up front, not at layer 1 with "File too large".
     let fits = {

@@ -93,7 +93,7 @@ impl TurboFormat {
     pub fn parse_fstype(s: &str) -> Result<FsType> {
         FsType::parse(s).ok_or_else(|| {
             Error::Invalid(format!(
-                "--fstype {s:?} is not supported for TurboOCI output (ext4 or erofs)"
+                "--fstype {s:?}: expected ext4 or erofs (the filesystem of TurboOCI layers; overlaybd layers are ext4), or ext4;MOUNT_OPTS;MKFS_OPTS for --engine kernel"
             ))
         })
     }
