@@ -30,6 +30,7 @@ use blockdev::lsmt::writable::create_warp;
 use blockdev::lsmt::WritableLayer;
 use blockdev::stack::LowerSource;
 use blockdev::{BlockDevice, Stack};
+use sha2::{Digest as _, Sha256};
 
 use crate::apply::{ApplyOptions, ApplyStats};
 use crate::error::{Error, Result};
@@ -284,11 +285,23 @@ pub fn read_ahead<R: Read + Send + 'static>(
     gz_index: &Path,
     blob: R,
 ) -> Result<ReadAhead> {
+    read_ahead_checked(name, gz_index, blob, None)
+}
+
+/// [`read_ahead`], and the uncompressed tar must have the SHA-256 digest
+/// `diff_id` (`sha256:<hex>`, the layer's `rootfs.diff_ids` entry) when given:
+/// the apply fails at the end of the tar otherwise.
+pub fn read_ahead_checked<R: Read + Send + 'static>(
+    name: &Path,
+    gz_index: &Path,
+    blob: R,
+    diff_id: Option<String>,
+) -> Result<ReadAhead> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Piece>>(IN_FLIGHT);
     let (n, idx) = (name.to_path_buf(), gz_index.to_path_buf());
     let thread = std::thread::Builder::new()
         .name("layer-read".into())
-        .spawn(move || produce(&n, &idx, blob, tx))
+        .spawn(move || produce(&n, &idx, blob, diff_id, tx))
         .map_err(|e| {
             Error::Invalid(format!(
                 "cannot start a thread to read {}: {e}",
@@ -370,6 +383,7 @@ fn produce(
     name: &Path,
     idx: &Path,
     mut blob: impl Read,
+    diff_id: Option<String>,
     tx: std::sync::mpsc::SyncSender<std::io::Result<Piece>>,
 ) -> Produced {
     let failed = |e: Error| {
@@ -385,17 +399,28 @@ fn produce(
         Halt::Sink => Produce::Stopped,
         Halt::Source(e) => failed(e),
     };
-    match kind {
+    // Every uncompressed byte goes through `hash` when a diff_id is to match.
+    let mut hash = diff_id.as_ref().map(|_| Sha256::new());
+    let mut hashed = |r: Result<usize>, b: &[u8]| {
+        if let (Ok(n), Some(h)) = (&r, hash.as_mut()) {
+            h.update(&b[..*n]);
+        }
+        r
+    };
+    let out = match kind {
         BlobKind::Tar => {
             let mut blob = std::io::BufReader::with_capacity(1 << 20, blob);
             let read = |b: &mut [u8]| loop {
                 match blob.read(b) {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    r => return r.map_err(|e| Error::Blob(blockdev::Error::io(name, e))),
+                    r => {
+                        let r = r.map_err(|e| Error::Blob(blockdev::Error::io(name, e)));
+                        return hashed(r, b);
+                    }
                 }
             };
             tarskel::record(read, send).map_err(halted)?;
-            Ok((kind, None))
+            (kind, None)
         }
         BlobKind::Gzip => {
             let fail = |e: blockdev::Error| failed(Error::Blob(e));
@@ -403,14 +428,30 @@ fn produce(
             let w = std::io::BufWriter::new(out);
             let mut ix =
                 gzindex::Indexer::new(blob, name, w, gzindex::DEFAULT_SPAN).map_err(fail)?;
-            tarskel::record(|b| ix.read_uncompressed(b).map_err(Error::Blob), send)
-                .map_err(halted)?;
+            tarskel::record(
+                |b| {
+                    let r = ix.read_uncompressed(b).map_err(Error::Blob);
+                    hashed(r, b)
+                },
+                send,
+            )
+            .map_err(halted)?;
             let (info, w) = ix.finish().map_err(fail)?;
             w.into_inner()
                 .map_err(|e| fail(blockdev::Error::io(idx, e.into_error())))?;
-            Ok((kind, Some(info)))
+            (kind, Some(info))
+        }
+    };
+    if let (Some(want), Some(h)) = (diff_id, hash) {
+        let got = format!("sha256:{:x}", h.finalize());
+        if got != want {
+            return Err(failed(Error::Invalid(format!(
+                "{}: the uncompressed layer is {got}, but the config's rootfs.diff_ids entry says {want}",
+                name.display()
+            ))));
         }
     }
+    Ok(out)
 }
 
 /// The apply side of [`apply_stream`]: opens the stack (the upper without

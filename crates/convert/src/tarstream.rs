@@ -7,8 +7,9 @@
 use crate::format::LayerInput;
 use crate::{Abort, Error, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
-use obdoci::decompress;
+use obdoci::digest::VerifyReader;
 use obdoci::stream::CHUNK;
+use obdoci::{decompress, Digest};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -28,6 +29,15 @@ pub fn with_tar<T>(
     consume: impl FnOnce(&mut dyn Read) -> Result<T>,
 ) -> Result<(T, u64)> {
     let what = format!("{} layer {}", input.src.name(), input.layer.digest);
+    let check = input.take_diff_id().map(|d| {
+        (
+            d,
+            format!(
+                "uncompressed layer {} (its rootfs.diff_ids entry in the config)",
+                input.layer.digest
+            ),
+        )
+    });
     let blob = input.stream()?;
     let tee = match tee {
         Some(p) => Some((
@@ -42,7 +52,7 @@ pub fn with_tar<T>(
     let (free_tx, free_rx) = bounded::<Vec<u8>>(IN_FLIGHT + 2);
     let abort = input.abort().clone();
     std::thread::scope(|s| {
-        s.spawn(move || decompress_into(blob, tee, tx, free_rx, &abort));
+        s.spawn(move || decompress_into(blob, check, tee, tx, free_rx, &abort));
         let consumed = Arc::new(AtomicU64::new(0));
         let mut reader = ChannelReader {
             rx,
@@ -65,17 +75,23 @@ pub fn with_tar<T>(
 /// back on `free`.
 fn decompress_into(
     input: Box<dyn Read + Send>,
+    check: Option<(Digest, String)>,
     mut tee: Option<(File, PathBuf)>,
     tx: Sender<io::Result<Vec<u8>>>,
     free: Receiver<Vec<u8>>,
     abort: &Abort,
 ) {
-    let (mut dec, kind) = match decompress::decoder(input) {
+    let (dec, kind) = match decompress::decoder(input) {
         Ok(x) => x,
         Err(e) => {
             let _ = tx.send(Err(e));
             return;
         }
+    };
+    // With a diff_id to match, the end of the stream fails on a mismatch.
+    let mut dec: Box<dyn Read> = match check {
+        Some((d, what)) => Box::new(VerifyReader::digest_only(dec, d, what)),
+        None => dec,
     };
     tracing::debug!("layer is {kind}");
     let e = loop {
@@ -193,11 +209,26 @@ mod tests {
     /// Runs [`decompress_into`] on `blob` and reads its output back through a
     /// [`ChannelReader`] that recycles the chunks, as [`with_tar`] does.
     fn round_trip(blob: Vec<u8>) -> io::Result<Vec<u8>> {
+        round_trip_checked(blob, None)
+    }
+
+    /// [`round_trip`], the output checked against `diff_id` when given.
+    fn round_trip_checked(blob: Vec<u8>, diff_id: Option<Digest>) -> io::Result<Vec<u8>> {
         let (tx, rx) = bounded(IN_FLIGHT);
         let (free_tx, free_rx) = bounded(IN_FLIGHT + 2);
         let abort = Abort::default();
+        let check = diff_id.map(|d| (d, "the layer".to_string()));
         std::thread::scope(|s| {
-            s.spawn(|| decompress_into(Box::new(io::Cursor::new(blob)), None, tx, free_rx, &abort));
+            s.spawn(|| {
+                decompress_into(
+                    Box::new(io::Cursor::new(blob)),
+                    check,
+                    None,
+                    tx,
+                    free_rx,
+                    &abort,
+                )
+            });
             let mut r = ChannelReader {
                 rx,
                 free: Some(free_tx),
@@ -236,6 +267,23 @@ mod tests {
     }
 
     #[test]
+    fn the_uncompressed_stream_is_checked_against_its_diff_id() {
+        use std::io::Write;
+        let data = vec![3u8; CHUNK + 17];
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&data).unwrap();
+        let blob = gz.finish().unwrap();
+        let out = round_trip_checked(blob.clone(), Some(Digest::of(&data))).unwrap();
+        assert!(out == data);
+        let e = round_trip_checked(blob, Some(Digest::of(b"other"))).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            e.to_string().contains("the layer") && e.to_string().contains("mismatch"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn an_abort_stops_a_source_that_fails_as_interrupted() {
         use std::io::Write;
         // A gzip stream's first bytes, then reads that fail as `Interrupted` (what an
@@ -258,6 +306,7 @@ mod tests {
         let (_free_tx, free_rx) = bounded(1);
         decompress_into(
             Box::new(Aborted(io::Cursor::new(head))),
+            None,
             None,
             tx,
             free_rx,

@@ -204,6 +204,10 @@ pub struct VerifyReader<R> {
     hasher: Option<Sha256Writer>,
     expected: Digest,
     expected_size: u64,
+    /// Whether `expected_size` is known (else only the digest is checked).
+    check_size: bool,
+    /// Bytes read in all, once the end was reached.
+    total: u64,
     what: String,
 }
 
@@ -214,13 +218,24 @@ impl<R: Read> VerifyReader<R> {
             hasher: Some(Sha256Writer::new()),
             expected,
             expected_size,
+            check_size: true,
+            total: 0,
             what: what.into(),
+        }
+    }
+
+    /// A reader that checks only the digest at the end (an uncompressed
+    /// layer against its `rootfs.diff_ids` entry: no size is recorded).
+    pub fn digest_only(inner: R, expected: Digest, what: impl Into<String>) -> Self {
+        VerifyReader {
+            check_size: false,
+            ..Self::new(inner, expected, u64::MAX, what)
         }
     }
 
     /// Bytes read so far.
     pub fn position(&self) -> u64 {
-        self.hasher.as_ref().map_or(self.expected_size, |h| h.len())
+        self.hasher.as_ref().map_or(self.total, |h| h.len())
     }
 }
 
@@ -244,7 +259,8 @@ impl<R: Read> Read for VerifyReader<R> {
             return Ok(n);
         }
         let (d, len) = self.hasher.take().expect("checked above").finish();
-        if len != self.expected_size {
+        self.total = len;
+        if self.check_size && len != self.expected_size {
             return Err(corrupt(Error::SizeMismatch {
                 what: self.what.clone(),
                 expected: self.expected_size,

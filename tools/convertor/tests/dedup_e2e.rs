@@ -680,6 +680,106 @@ fn corrupt_converted_layer_is_converted_again() {
     assert_eq!(d2.digest, d1.digest);
 }
 
+/// Tag `liar` in the layout: image `latest` whose config claims another diff_id
+/// for layer 1 (a well-formed digest of other content).
+fn derive_lying_diff_id(layout: &Path) {
+    use obdoci::layout::Layout;
+    let l = Layout::open(layout).unwrap();
+    let d = l.resolve(&Reference::Tag("latest".into())).unwrap();
+    let mut m: Manifest = serde_json::from_slice(&l.read_blob(&d, 1 << 20).unwrap()).unwrap();
+    let mut cfg = ImageConfig::parse("config", &l.read_blob(&m.config, 1 << 20).unwrap()).unwrap();
+    let mut ids = cfg.diff_ids("config").unwrap();
+    ids[1] = Digest::of(b"not this layer");
+    cfg.set_diff_ids(&ids);
+    let cb = cfg.to_bytes();
+    m.config = Descriptor::new(
+        m.config.media_type.clone(),
+        l.write_blob_bytes(&cb).unwrap(),
+        cb.len() as u64,
+    );
+    let mb = serde_json::to_vec(&m).unwrap();
+    let md = Descriptor::new(
+        d.media_type.clone(),
+        l.write_blob_bytes(&mb).unwrap(),
+        mb.len() as u64,
+    );
+    l.tag("liar", &md).unwrap();
+}
+
+/// The chain IDs of tag `liar`, from its (lying) config.
+fn lying_chain_ids(layout: &Path) -> Vec<Digest> {
+    use obdoci::layout::Layout;
+    let l = Layout::open(layout).unwrap();
+    let d = l.resolve(&Reference::Tag("liar".into())).unwrap();
+    let m: Manifest = serde_json::from_slice(&l.read_blob(&d, 1 << 20).unwrap()).unwrap();
+    let cfg = ImageConfig::parse("config", &l.read_blob(&m.config, 1 << 20).unwrap()).unwrap();
+    obdoci::chain_ids(&cfg.diff_ids("config").unwrap())
+}
+
+/// Dedup rows are keyed by chain IDs computed from the config's diff_ids. A
+/// config that lies about a layer would store its conversion under another
+/// layer's key, for every later image with that key to reuse; so with a
+/// database, each converted layer's uncompressed stream must match its diff_id
+/// (native and TurboOCI), and the run fails naming the layer. Without a
+/// database the image converts as upstream's convertor converts it.
+#[test]
+fn lying_diff_ids_fail_a_dedup_conversion() {
+    let t = tempfile::tempdir().unwrap();
+    let backend = Backend::sqlite(t.path());
+    let reg = Registry::plain();
+    let host = reg.host();
+    // `sample`: two gzip layers, which TurboOCI takes too.
+    let layout = t.path().join("images");
+    build_images("sample", &layout, &[]);
+    derive_lying_diff_id(&layout);
+    let src = format!("oci:{}", layout.display());
+    for output in [["-o", "obd"], ["--turboOCI", "turbo"]] {
+        let mut a = strings(&[
+            "-r",
+            &src,
+            "-i",
+            "liar",
+            "--output-repository",
+            &format!("{host}/app/liar"),
+            "--plain",
+            "--vsize",
+            VSIZE,
+            "-d",
+            &t.path().join("w").display().to_string(),
+        ]);
+        a.extend(strings(&output));
+        let mut with_db = a.clone();
+        with_db.extend(backend.args());
+        let o = convertor_logging(&with_db, "warn");
+        let e = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "{output:?}: {e}");
+        assert!(e.contains("rootfs.diff_ids"), "{output:?}: {e}");
+        assert!(
+            e.contains(&Digest::of(b"not this layer").to_string()),
+            "{e}"
+        );
+        if output[0] == "-o" {
+            // No row under the key the lie makes (layer 0's, honest, may be stored).
+            let chain = lying_chain_ids(&layout);
+            let row = backend
+                .open()
+                .get_layer_entry_for_repo(LayerKey {
+                    host: &host,
+                    repository: "app/liar",
+                    chain_id: chain[1].as_str(),
+                })
+                .unwrap();
+            assert!(row.is_none(), "{row:?}");
+        }
+        let o = convertor_logging(&a, "warn");
+        assert!(
+            o.status.success(),
+            "{output:?} without a database: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
 /// A multi-platform index: every platform manifest is reused on the second run and the
 /// converted index, rebuilt from them, is the same.
 #[test]

@@ -246,12 +246,24 @@ pub struct LayerInput<'a> {
     pub(crate) abort: &'a Abort,
     /// What [`OutputFormat::prepare`] started.
     pub(crate) prepared: Option<Box<dyn Any + Send>>,
+    /// The layer's `rootfs.diff_ids` entry, when the uncompressed stream must be
+    /// checked against it: with a dedup database, whose rows are keyed by chain IDs
+    /// computed from these entries (a config that lies about them would otherwise
+    /// store a converted layer under another layer's key, for every later image
+    /// with that key to reuse).
+    pub(crate) diff_id: Option<Digest>,
 }
 
 impl LayerInput<'_> {
     /// The stop signal of the conversion.
     pub fn abort(&self) -> &Abort {
         self.abort
+    }
+
+    /// The `rootfs.diff_ids` entry the uncompressed layer must match, if it is
+    /// to be checked (taken: one reader checks it).
+    pub fn take_diff_id(&mut self) -> Option<Digest> {
+        self.diff_id.take()
     }
 
     /// Leaves what [`OutputFormat::prepare`] started for [`LayerChain::apply`].

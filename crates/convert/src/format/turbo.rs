@@ -282,10 +282,11 @@ impl ReadingLayer {
     fn start(job: &LayerJob<'_>, input: &mut LayerInput<'_>) -> Result<ReadingLayer> {
         // One pass over the blob as it downloads (verified at its end): inflated once,
         // the gzip index built on the way, the tar's headers kept for the apply.
+        let diff_id = input.take_diff_id().map(|d| d.to_string());
         let (stream, blob, hold) = input.stream_and_file()?;
         let gz_index = job.dir.join(GZIP_META);
         remove_stale(&gz_index)?;
-        let ahead = obdfs::turbo::read_ahead(&blob, &gz_index, stream)
+        let ahead = obdfs::turbo::read_ahead_checked(&blob, &gz_index, stream, diff_id)
             .map_err(|e| Error::Fs(e).context("TurboOCI apply"))?;
         Ok(ReadingLayer {
             ahead,

@@ -94,6 +94,7 @@ impl Run<'_> {
         mdir: &Path,
         label: &str,
         layers: &[Descriptor],
+        diff_ids: &[Digest],
         chain: &[Digest],
         todo: &[usize],
     ) -> Result<Vec<Vec<LayerOut>>> {
@@ -158,6 +159,7 @@ impl Run<'_> {
             mdir,
             label,
             layers,
+            diff_ids,
             chain,
             todo,
             dirs,
@@ -213,6 +215,8 @@ struct Layers<'r, 'c> {
     mdir: &'r Path,
     label: &'r str,
     layers: &'r [Descriptor],
+    /// The config's `rootfs.diff_ids`, one per layer.
+    diff_ids: &'r [Digest],
     chain: &'r [Digest],
     todo: &'r [usize],
     /// Per layer: its work directory (holds the downloaded source blob).
@@ -489,6 +493,11 @@ impl Layers<'_, '_> {
             blob: Some(blob),
             abort: &run.c.abort,
             prepared: None,
+            diff_id: run.outputs[self.todo[j]]
+                .out
+                .dedup
+                .is_some()
+                .then(|| self.diff_ids[i].clone()),
         };
         if prepare {
             run.format(self.todo[j])

@@ -227,7 +227,7 @@ impl Run<'_> {
                 )));
             }
             let chain = chain_ids(&diff_ids);
-            let layers = self.convert_layers(mdir, label, &m.layers, &chain, &todo)?;
+            let layers = self.convert_layers(mdir, label, &m.layers, &diff_ids, &chain, &todo)?;
             for (k, l) in todo.iter().zip(layers) {
                 results[*k] = Some(self.finish_manifest(*k, mdir, label, desc, &m, &cfg, l, top)?);
             }
