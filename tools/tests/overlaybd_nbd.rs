@@ -325,6 +325,22 @@ fn clear_errors_for_bad_inputs_and_read_only_upper() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nope.lsmt") && err.contains("error"), "{err}");
     assert_eq!(err.lines().count(), 1, "error should be one line: {err}");
+    // A missing path with a '/' whose first component is no host name is a
+    // missing file, not an image on a registry called `layers`.
+    let out = Command::new(NBD)
+        .args(["serve", "layers/base.lsmt", "--socket"])
+        .arg(dir.path().join("s"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("layers/base.lsmt")
+            && err.to_lowercase().contains("no such file")
+            && !err.contains("http"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "error should be one line: {err}");
 
     // A TurboOCI stack (upstream's lower entries) whose layer maps file data
     // past the end of its target tar: refused at open, one line naming both.

@@ -123,8 +123,14 @@ fn bad_sources_fail_with_one_line_and_mount_nothing() {
     let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
         (
             vec![missing.clone().into(), mp.clone().into()],
-            "not a layer file",
+            "no such file",
         ),
+        // A mistyped relative path is a missing file, not a registry host `layers`.
+        (
+            vec!["layers/base.lsmt".into(), mp.clone().into()],
+            "layers/base.lsmt: no such file",
+        ),
+        (vec![t.path().into(), mp.clone().into()], "not a layer file"),
         (
             vec![garbage.clone().into(), mp.clone().into()],
             "garbage.blob",

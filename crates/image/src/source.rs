@@ -190,8 +190,21 @@ pub struct UpperSpec {
 /// a registry reference: not an existing file, not a `.json`, and parses
 /// as `host/repo[:tag|@digest]`) rather than a layer file or config.
 pub fn is_image_argument(a: &str) -> bool {
-    a.starts_with("oci:")
-        || (!Path::new(a).exists() && !a.ends_with(".json") && RemoteRef::parse(a).is_ok())
+    a.starts_with("oci:") || could_be_registry(a)
+}
+
+/// A missing path that reads as a registry reference: its first component
+/// names a host as Docker's rule has it (a `.` or `:` in it, or `localhost`),
+/// so that a mistyped layer path (`layers/base.lsmt`) is reported as a missing
+/// file instead of being fetched from a host called `layers`.
+fn could_be_registry(a: &str) -> bool {
+    let host = a.split('/').next().unwrap_or_default();
+    let hostlike = host.contains('.') || host.contains(':') || host == "localhost";
+    hostlike
+        && a.contains('/')
+        && !Path::new(a).exists()
+        && !a.ends_with(".json")
+        && RemoteRef::parse(a).is_ok()
 }
 
 /// A layer stack to mount.
@@ -248,7 +261,7 @@ impl ImageSpec {
                     fetch_stats: None,
                 });
             }
-            if !Path::new(a).exists() && !a.ends_with(".json") {
+            if could_be_registry(a) {
                 if let Ok(r) = RemoteRef::parse(a) {
                     return Self::from_registry(&r, upper, remote);
                 }
@@ -289,6 +302,11 @@ impl ImageSpec {
         let mut lowers = Vec::new();
         for a in inputs {
             let p = Path::new(a);
+            if !p.exists() {
+                return Err(Error::Usage(format!(
+                    "{a}: no such file (a registry image is named HOST/REPO[:TAG], its host with a '.' or ':', or localhost)"
+                )));
+            }
             if !p.is_file() {
                 return Err(Error::Usage(format!(
                     "{a}: not a layer file (sources are layer files, one config.json, one \
