@@ -91,6 +91,18 @@ fn sealed_layer_corruptions() {
         b[trailer..].copy_from_slice(&t.encode());
     });
     expect_err(&bad, "exceeds the maximum");
+    // a virtual size that is not whole sectors, or beyond what LSMT addresses
+    for vsize in [1000, u64::MAX] {
+        mutate(&good, &bad, |b| {
+            let mut t = HeaderTrailer::decode(&b[trailer..]).unwrap();
+            t.virtual_size = vsize;
+            b[trailer..].copy_from_slice(&t.encode());
+        });
+        expect_err(
+            &bad,
+            &format!("virtual size {vsize} is not a multiple of 512"),
+        );
+    }
     // an entry whose data lies beyond the data area
     mutate(&good, &bad, |b| {
         let t = HeaderTrailer::decode(&b[trailer..]).unwrap();

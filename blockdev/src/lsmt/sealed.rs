@@ -69,6 +69,14 @@ impl SealedLayer {
                 trailer.flags
             )));
         }
+        // 0 is allowed: upper layers may leave the size to the layers below.
+        let vsize = trailer.virtual_size;
+        if vsize % SECTOR != 0 || vsize / SECTOR > MAX_OFFSET + 1 {
+            return Err(bad(format!(
+                "virtual size {vsize} is not a multiple of 512 up to {} bytes",
+                (MAX_OFFSET + 1) * SECTOR
+            )));
+        }
         if trailer.index_size > MAX_RO_INDEX_ENTRIES {
             return Err(bad(format!(
                 "index of {} entries exceeds the maximum {MAX_RO_INDEX_ENTRIES}",
