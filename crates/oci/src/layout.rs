@@ -158,6 +158,13 @@ impl Layout {
                 Error::io(&p, e)
             }
         })?;
+        // A directory opens, and fails only at its first read, without a path.
+        if f.metadata().is_ok_and(|m| !m.is_file()) {
+            return Err(Error::io(
+                &p,
+                io::Error::new(io::ErrorKind::InvalidData, "is not a regular file"),
+            ));
+        }
         Ok(VerifyReader::new(
             f,
             desc.digest.clone(),
@@ -298,6 +305,15 @@ mod tests {
         fs::write(l2.blob_path(&d), b"garbage garbage garbage").unwrap();
         let e = l2.read_blob(&desc, 1 << 20).unwrap_err();
         assert!(e.to_string().contains("mismatch"), "{e}");
+        // A directory where a blob should be: refused naming the path.
+        fs::remove_file(l2.blob_path(&d)).unwrap();
+        fs::create_dir(l2.blob_path(&d)).unwrap();
+        let e = l2.open_blob(&desc).err().expect("a directory is no blob");
+        let text = crate::error::Chain(&e).to_string();
+        assert!(
+            text.contains(&d.as_str()[7..]) && text.contains("not a regular file"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -855,7 +855,7 @@ impl Repository {
     }
 
     fn get_manifest_here(&self, r: &Reference) -> Result<(Descriptor, Vec<u8>)> {
-        let what = format!("manifest {}:{r}", self.name);
+        let what = format!("manifest {}", ref_name(&self.name, r));
         let url = self.reg.api(&format!("/{}/manifests/{r}", self.name));
         let accept = model::MANIFEST_ACCEPT.join(", ");
         let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
@@ -926,7 +926,7 @@ impl Repository {
 
     /// Whether a manifest exists (HEAD); returns its digest if the registry says.
     pub fn manifest_exists(&self, r: &Reference) -> Result<Option<Option<Digest>>> {
-        let what = format!("manifest {}:{r}", self.name);
+        let what = format!("manifest {}", ref_name(&self.name, r));
         let url = self.reg.api(&format!("/{}/manifests/{r}", self.name));
         let accept = model::MANIFEST_ACCEPT.join(", ");
         let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
@@ -943,7 +943,7 @@ impl Repository {
 
     /// Push a manifest or index under a tag or its digest. Returns its digest.
     pub fn put_manifest(&self, r: &Reference, media_type: &str, bytes: &[u8]) -> Result<Digest> {
-        let what = format!("push manifest {}:{r}", self.name);
+        let what = format!("push manifest {}", ref_name(&self.name, r));
         let url = self.reg.api(&format!("/{}/manifests/{r}", self.name));
         let digest = Digest::of(bytes);
         let resp = self.reg.send(&what, &self.push_scope(), true, &|c| {
@@ -1555,6 +1555,14 @@ fn with_query(url: &str, key: &str, value: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
     // Digests contain only [a-z0-9:], which need no escaping in a query.
     format!("{url}{sep}{key}={value}")
+}
+
+/// `repo:tag` or `repo@digest`, as references are written.
+fn ref_name(repo: &str, r: &Reference) -> String {
+    match r {
+        Reference::Tag(t) => format!("{repo}:{t}"),
+        Reference::Digest(d) => format!("{repo}@{d}"),
+    }
 }
 
 /// Whether a body read failed on the request's deadline.

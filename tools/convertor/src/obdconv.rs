@@ -94,7 +94,11 @@ struct ObdconvArgs {
 pub(crate) fn parse(argv: impl Iterator<Item = OsString>) -> anyhow::Result<Args> {
     let o = match ObdconvArgs::try_parse_from(argv) {
         Ok(o) => o,
-        Err(e) if e.use_stderr() => bail!("{}", e.to_string().trim_end()),
+        Err(e) if e.use_stderr() => {
+            // clap's own report (its "error: " prefix, usage and hint), exit 2.
+            let _ = e.print();
+            std::process::exit(2);
+        }
         Err(e) => {
             // --help, --version
             let _ = e.print();

@@ -634,6 +634,12 @@ fn obdconv_between_registries_with_zstd_16k() {
     assert!(!o.status.success());
     assert!(err.contains("authentication failed"), "{err}");
     assert!(!dst.tag_link_exists("other/app", "obd2"));
+    // Usage errors are clap's, once ("error: " not doubled), exit 2.
+    let o = convertor(&["obdconv", "oci:x"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
+    assert!(err.contains("<DST>"), "{err}");
 }
 
 #[test]
