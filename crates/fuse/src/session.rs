@@ -56,6 +56,11 @@ pub fn check_mountpoint(mp: &Path) -> Result<()> {
         _ => Ok(()),
     };
     match md.and_then(|m| usable.map(|()| m)) {
+        Ok(md) if md.is_dir() && is_fuse_mount_root(mp, &md) => Err(Error::Usage(format!(
+            "{}: a FUSE filesystem is already mounted there; unmount it first (`fusermount -u {}`) or choose another directory",
+            mp.display(),
+            mp.display()
+        ))),
         Ok(md) if md.is_dir() => Ok(()),
         Ok(_) => Err(Error::Usage(format!(
             "{}: the mountpoint is not a directory",
@@ -69,6 +74,24 @@ pub fn check_mountpoint(mp: &Path) -> Result<()> {
         ))),
         Err(e) => Err(Error::io(mp, "cannot use the mountpoint", e)),
     }
+}
+
+/// Whether `mp` (a directory, `md` its metadata) is the root of a FUSE mount:
+/// another device than its parent's, and a FUSE filesystem. Mounting over it
+/// would stack two mounts that one unmount takes down together.
+fn is_fuse_mount_root(mp: &Path, md: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    let parent = mp
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    let other_dev = parent
+        .and_then(|p| std::fs::metadata(p).ok())
+        .is_some_and(|pm| pm.dev() != md.dev());
+    other_dev
+        && nix::sys::statfs::statfs(mp)
+            .is_ok_and(|s| s.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC)
 }
 
 /// Mount `fs` as `cfg` says, call `ready` once the kernel can send requests,

@@ -163,3 +163,25 @@ fn bad_sources_fail_with_one_line_and_mount_nothing() {
         }
     }
 }
+
+/// A second mount on a live FUSE mountpoint is refused (stacked, one
+/// `fusermount -u` took both down); the first mount keeps serving.
+#[test]
+fn a_second_mount_on_a_live_mountpoint_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    let mp = t.path().join("mp");
+    let mut f = Fuse::foreground(&layers_args(&layers), &mp);
+    let o = Command::new(fuse_bin())
+        .arg("mount")
+        .args(layers_args(&layers))
+        .arg(&mp)
+        .output()
+        .unwrap();
+    let e = err_text(&o);
+    assert!(e.contains("already mounted there"), "{e}");
+    assert_eq!(std::fs::metadata(f.disk()).unwrap().len(), 64 << 30);
+    f.unmount();
+    assert_ok(&f.wait());
+    assert!(!is_mounted(&mp));
+}
