@@ -81,7 +81,6 @@ pub fn check_mountpoint(mp: &Path) -> Result<()> {
 /// would stack two mounts that one unmount takes down together.
 fn is_fuse_mount_root(mp: &Path, md: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
-    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
     let parent = mp
         .canonicalize()
         .ok()
@@ -91,7 +90,7 @@ fn is_fuse_mount_root(mp: &Path, md: &std::fs::Metadata) -> bool {
         .is_some_and(|pm| pm.dev() != md.dev());
     other_dev
         && nix::sys::statfs::statfs(mp)
-            .is_ok_and(|s| s.filesystem_type().0 as i64 == FUSE_SUPER_MAGIC)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC)
 }
 
 /// Mount `fs` as `cfg` says, call `ready` once the kernel can send requests,
