@@ -302,6 +302,11 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     if turbo_tag.is_some() && args.overlaybd.is_none() && args.output_tag.is_some() {
         tracing::warn!("-o/--output-tag is ignored with --turboOCI (use --overlaybd for both)");
     }
+    if let (Some(i), Some(t)) = (&args.input_tag, src_ref.tag()) {
+        if i != t {
+            tracing::warn!("-i/--input-tag {i} is used, not the tag {t} in -r/--repository");
+        }
+    }
     // None: the image an archive holds (known once it is opened).
     let source = match (&args.input_tag, &args.input_digest, &src_ref) {
         (Some(t), _, _) => Some(Reference::tag(t).context("-i/--input-tag")?),

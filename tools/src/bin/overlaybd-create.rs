@@ -84,6 +84,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             .mkfs(dev)
             .with_context(|| format!("mkfs failed ({} engine)", engine.name()))
     };
+    if (args.turbo_oci || args.fastoci) && args.raw {
+        tracing::warn!(
+            "--raw and --turboOCI: a raw image is made, as upstream does; --turboOCI is ignored"
+        );
+    }
     if (args.turbo_oci || args.fastoci) && !args.raw {
         if vsize == 0 {
             bail!("a TurboOCI layer needs a virtual size greater than 0");
