@@ -247,11 +247,14 @@ pub struct ClientOptions {
     pub docker_config: bool,
     /// containerd's host configuration directory (`--hosts-dir`, see [`hosts`]).
     pub hosts_dir: Option<PathBuf>,
-    /// A connection on which nothing moves for this long has stalled: waiting
-    /// for an answer or for more of a body, or, while uploading, for the
-    /// registry to take more data. The request fails as a transient error
-    /// (retried; a download resumes where it broke off). After an upload's
-    /// body is sent, the registry gets [`UPLOAD_COMMIT_TIMEOUT`] to answer.
+    /// How long a transfer may go without an end or without progress. A
+    /// request (body included) must end within it: it fails as a transient
+    /// error (retried), except a blob download, which goes on with a range
+    /// request from where it got to (a stalled one gives up after `retries`
+    /// such attempts without progress). A streamed upload fails (and is
+    /// restarted) when the registry takes none of its body for this long;
+    /// once the body is sent, the registry gets [`UPLOAD_COMMIT_TIMEOUT`] to
+    /// answer.
     pub stall_timeout: Duration,
 }
 
