@@ -228,6 +228,8 @@ fn flags_are_validated_before_any_work() {
         ("--vsize", "536870913"),
         ("--push-chunk-size", "0"),
         ("--push-chunk-size", "1025"),
+        ("--stall-timeout", "0"),
+        ("--stall-timeout", "3601"),
     ] {
         let o = run(&[flag, value]);
         assert_eq!(
@@ -237,15 +239,6 @@ fn flags_are_validated_before_any_work() {
             stderr_of(&o)
         );
         assert!(stderr_of(&o).contains(flag), "{}", stderr_of(&o));
-    }
-    for (flag, value) in [("--stall-timeout", "0"), ("--stall-timeout", "3601")] {
-        let o = run(&[flag, value]);
-        assert_eq!(
-            o.status.code(),
-            Some(2),
-            "{flag} {value}: {}",
-            stderr_of(&o)
-        );
     }
     // A registry port out of range is a bad reference, not a network error to retry.
     let o = Command::new(bin())

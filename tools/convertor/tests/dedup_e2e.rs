@@ -204,15 +204,28 @@ fn work_evidence(wd: &Path) -> Work {
 /// Tag `v2` in the layout: image `v1` without its top layer. A different manifest (so
 /// no manifest-level hit) whose layers' chain IDs are those of `v1`'s lower layers.
 fn derive_without_top_layer(layout: &Path) {
+    derive_image(layout, "v1", "v2", |m, ids| {
+        m.layers.pop();
+        ids.pop();
+    });
+}
+
+/// Tag `to` in the layout: image `from` with its manifest's layers and its
+/// config's diff_ids edited by `edit`.
+fn derive_image(
+    layout: &Path,
+    from: &str,
+    to: &str,
+    edit: impl FnOnce(&mut Manifest, &mut Vec<Digest>),
+) {
     use obdoci::layout::Layout;
     let l = Layout::open(layout).unwrap();
-    let d = l.resolve(&Reference::Tag("v1".into())).unwrap();
+    let d = l.resolve(&Reference::Tag(from.into())).unwrap();
     let mut m: Manifest = serde_json::from_slice(&l.read_blob(&d, 1 << 20).unwrap()).unwrap();
     let mut cfg = ImageConfig::parse("config", &l.read_blob(&m.config, 1 << 20).unwrap()).unwrap();
     let mut ids = cfg.diff_ids("config").unwrap();
-    ids.pop();
+    edit(&mut m, &mut ids);
     cfg.set_diff_ids(&ids);
-    m.layers.pop();
     let cb = cfg.to_bytes();
     m.config = Descriptor::new(
         m.config.media_type.clone(),
@@ -225,7 +238,7 @@ fn derive_without_top_layer(layout: &Path) {
         l.write_blob_bytes(&mb).unwrap(),
         mb.len() as u64,
     );
-    l.tag("v2", &md).unwrap();
+    l.tag(to, &md).unwrap();
 }
 
 fn get_json(repo: &Repository, r: &str) -> (Descriptor, Value) {
@@ -683,27 +696,9 @@ fn corrupt_converted_layer_is_converted_again() {
 /// Tag `liar` in the layout: image `latest` whose config claims another diff_id
 /// for layer 1 (a well-formed digest of other content).
 fn derive_lying_diff_id(layout: &Path) {
-    use obdoci::layout::Layout;
-    let l = Layout::open(layout).unwrap();
-    let d = l.resolve(&Reference::Tag("latest".into())).unwrap();
-    let mut m: Manifest = serde_json::from_slice(&l.read_blob(&d, 1 << 20).unwrap()).unwrap();
-    let mut cfg = ImageConfig::parse("config", &l.read_blob(&m.config, 1 << 20).unwrap()).unwrap();
-    let mut ids = cfg.diff_ids("config").unwrap();
-    ids[1] = Digest::of(b"not this layer");
-    cfg.set_diff_ids(&ids);
-    let cb = cfg.to_bytes();
-    m.config = Descriptor::new(
-        m.config.media_type.clone(),
-        l.write_blob_bytes(&cb).unwrap(),
-        cb.len() as u64,
-    );
-    let mb = serde_json::to_vec(&m).unwrap();
-    let md = Descriptor::new(
-        d.media_type.clone(),
-        l.write_blob_bytes(&mb).unwrap(),
-        mb.len() as u64,
-    );
-    l.tag("liar", &md).unwrap();
+    derive_image(layout, "latest", "liar", |_, ids| {
+        ids[1] = Digest::of(b"not this layer");
+    });
 }
 
 /// The chain IDs of tag `liar`, from its (lying) config.
