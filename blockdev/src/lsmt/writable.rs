@@ -336,11 +336,15 @@ impl WritableLayer {
             ));
         }
         // Sealing in place (`--seal`) leaves the header as it was and appends
-        // the index and a trailer: such a file ends with a sealed trailer.
+        // the index and a trailer: such a file ends with a sealed trailer that
+        // carries the header's uuid (a sealed layer stored as file data in
+        // the filesystem, say, has another).
         if data_len >= 2 * HT_SPACE as u64 {
             let mut t = vec![0u8; HT_SPACE];
             data.read_exact_at(&mut t, data_len - HT_SPACE as u64)?;
-            if HeaderTrailer::decode(&t).is_some_and(|t| t.is_sealed() && !t.is_header()) {
+            if HeaderTrailer::decode(&t)
+                .is_some_and(|t| t.is_sealed() && !t.is_header() && t.uuid == header.uuid)
+            {
                 return Err(bad(
                     data_path,
                     "layer is already sealed (it ends with an LSMT trailer); open it as a lower layer, or commit it with --commit_sealed".into(),
