@@ -76,5 +76,12 @@ fn config_json_names_lowers_and_upper() {
     assert_eq!(s.upper.unwrap().data, PathBuf::from("/x/d"));
     let e =
         ImageSpec::from_args(&["/no/such/layer".into()], None, &Default::default()).unwrap_err();
+    assert!(
+        e.to_string().contains("/no/such/layer: no such file"),
+        "{e}"
+    );
+    // A directory is no layer file.
+    let e = ImageSpec::from_args(&[t.path().display().to_string()], None, &Default::default())
+        .unwrap_err();
     assert!(e.to_string().contains("not a layer file"), "{e}");
 }
