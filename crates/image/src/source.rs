@@ -190,21 +190,20 @@ pub struct UpperSpec {
 /// a registry reference: not an existing file, not a `.json`, and parses
 /// as `host/repo[:tag|@digest]`) rather than a layer file or config.
 pub fn is_image_argument(a: &str) -> bool {
-    a.starts_with("oci:") || could_be_registry(a)
+    a.starts_with("oci:") || registry_ref(a).is_some()
 }
 
 /// A missing path that reads as a registry reference: its first component
 /// names a host as Docker's rule has it (a `.` or `:` in it, or `localhost`),
 /// so that a mistyped layer path (`layers/base.lsmt`) is reported as a missing
 /// file instead of being fetched from a host called `layers`.
-fn could_be_registry(a: &str) -> bool {
+fn registry_ref(a: &str) -> Option<RemoteRef> {
     let host = a.split('/').next().unwrap_or_default();
     let hostlike = host.contains('.') || host.contains(':') || host == "localhost";
-    hostlike
-        && a.contains('/')
-        && !Path::new(a).exists()
-        && !a.ends_with(".json")
-        && RemoteRef::parse(a).is_ok()
+    if !hostlike || !a.contains('/') || Path::new(a).exists() || a.ends_with(".json") {
+        return None;
+    }
+    RemoteRef::parse(a).ok()
 }
 
 /// A layer stack to mount.
@@ -261,10 +260,8 @@ impl ImageSpec {
                     fetch_stats: None,
                 });
             }
-            if could_be_registry(a) {
-                if let Ok(r) = RemoteRef::parse(a) {
-                    return Self::from_registry(&r, upper, remote);
-                }
+            if let Some(r) = registry_ref(a) {
+                return Self::from_registry(&r, upper, remote);
             }
             if a.ends_with(".json") {
                 let p = Path::new(a);
