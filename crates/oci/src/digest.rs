@@ -203,9 +203,8 @@ pub struct VerifyReader<R> {
     inner: R,
     hasher: Option<Sha256Writer>,
     expected: Digest,
-    expected_size: u64,
-    /// Whether `expected_size` is known (else only the digest is checked).
-    check_size: bool,
+    /// `None`: only the digest is checked.
+    expected_size: Option<u64>,
     /// Bytes read in all, once the end was reached.
     total: u64,
     what: String,
@@ -217,8 +216,7 @@ impl<R: Read> VerifyReader<R> {
             inner,
             hasher: Some(Sha256Writer::new()),
             expected,
-            expected_size,
-            check_size: true,
+            expected_size: Some(expected_size),
             total: 0,
             what: what.into(),
         }
@@ -228,8 +226,8 @@ impl<R: Read> VerifyReader<R> {
     /// layer against its `rootfs.diff_ids` entry: no size is recorded).
     pub fn digest_only(inner: R, expected: Digest, what: impl Into<String>) -> Self {
         VerifyReader {
-            check_size: false,
-            ..Self::new(inner, expected, u64::MAX, what)
+            expected_size: None,
+            ..Self::new(inner, expected, 0, what)
         }
     }
 
@@ -250,20 +248,20 @@ impl<R: Read> Read for VerifyReader<R> {
         let n = self.inner.read(buf)?;
         if n > 0 {
             h.update(&buf[..n]);
-            if h.len() > self.expected_size {
+            if let Some(expected) = self.expected_size.filter(|&e| h.len() > e) {
                 return Err(corrupt(Error::TooLong {
                     what: self.what.clone(),
-                    expected: self.expected_size,
+                    expected,
                 }));
             }
             return Ok(n);
         }
         let (d, len) = self.hasher.take().expect("checked above").finish();
         self.total = len;
-        if self.check_size && len != self.expected_size {
+        if let Some(expected) = self.expected_size.filter(|&e| e != len) {
             return Err(corrupt(Error::SizeMismatch {
                 what: self.what.clone(),
-                expected: self.expected_size,
+                expected,
                 actual: len,
             }));
         }
