@@ -73,6 +73,10 @@ enum Done {
     CopySource(usize, PathBuf, Option<Arc<BlobFile>>),
     /// Work files no layer reads any more (kept with `--reserve`).
     Remove(Vec<PathBuf>),
+    /// Every layer is applied: no apply reads the sealed blobs as lowers any more, so
+    /// each is removed once pushed (not at the end of the run, while nothing else is
+    /// left to do).
+    Applied,
 }
 
 /// One blob for an uploader's pushers.
@@ -472,6 +476,7 @@ impl Layers<'_, '_> {
             }
             r
         })?;
+        let _ = up.send(Done::Applied);
         finish(&mut sealing, chain.as_mut())
     }
 
@@ -529,6 +534,11 @@ impl Layers<'_, '_> {
         let mut out: Vec<Option<LayerOut>> = vec![None; n];
         let workers = c.opts.upload_concurrency.clamp(1, n.max(1));
         let (job_tx, job_rx) = unbounded::<Upload>();
+        // Pushed sealed blobs, kept while a layer may still be applied on them; `None`
+        // once every layer is applied (then a pushed blob is removed at once).
+        let discard = !c.opts.reserve && !c.opts.no_upload;
+        let pushed: Mutex<Option<Vec<PathBuf>>> = Mutex::new(Some(Vec::new()));
+        let pushed = &pushed;
         std::thread::scope(|s| {
             let pushers: Vec<_> = (0..workers)
                 .map(|_| {
@@ -536,7 +546,18 @@ impl Layers<'_, '_> {
                     s.spawn(move || -> Result<()> {
                         for up in job_rx {
                             self.run.check_abort()?;
+                            let blob = (discard && up.built).then(|| up.path.clone());
                             self.push_layer(j, up)?;
+                            if let Some(blob) = blob {
+                                let mut kept = pushed.lock().unwrap_or_else(|p| p.into_inner());
+                                match kept.as_mut() {
+                                    Some(list) => list.push(blob),
+                                    None => {
+                                        drop(kept);
+                                        let _ = fs::remove_file(&blob);
+                                    }
+                                }
+                            }
                         }
                         Ok(())
                     })
@@ -561,6 +582,13 @@ impl Layers<'_, '_> {
                             for f in &files {
                                 let _ = fs::remove_file(f);
                             }
+                        }
+                        continue;
+                    }
+                    Done::Applied => {
+                        let kept = pushed.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        for f in kept.into_iter().flatten() {
+                            let _ = fs::remove_file(&f);
                         }
                         continue;
                     }
