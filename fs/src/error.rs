@@ -1,5 +1,14 @@
 //! Error type of the crate.
 
+/// " past byte N" for a position in a stream, nothing for its start.
+fn past_byte(offset: u64) -> String {
+    if offset == 0 {
+        String::new()
+    } else {
+        format!(" past byte {offset}")
+    }
+}
+
 /// Result alias of the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -29,10 +38,12 @@ pub enum Error {
     /// the blob).
     #[error("layer blob")]
     Blob(#[source] blockdev::Error),
-    /// Reading the tar stream failed.
-    #[error("cannot read the tar stream at byte {offset}")]
+    /// Reading the tar stream failed. The offset is how far the tar reader got, not
+    /// where the fault is (a decompressor reads ahead), hence "past byte", and
+    /// nothing for 0 (a small gzip layer's CRC fails before any byte reaches it).
+    #[error("cannot read the tar stream{}", past_byte(*offset))]
     Read {
-        /// Offset in the (decompressed) tar stream.
+        /// Bytes of the (decompressed) tar stream read before the failure.
         offset: u64,
         /// The I/O error.
         #[source]
@@ -118,5 +129,23 @@ pub fn quote(b: &[u8]) -> String {
 impl From<crate::erofs::Error> for Error {
     fn from(e: crate::erofs::Error) -> Error {
         Error::Erofs(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_errors_say_how_far_the_reader_got() {
+        let e = |offset| Error::Read {
+            offset,
+            source: std::io::Error::other("gzip checksum mismatch"),
+        };
+        assert_eq!(e(0).to_string(), "cannot read the tar stream");
+        assert_eq!(
+            e(1 << 20).to_string(),
+            "cannot read the tar stream past byte 1048576"
+        );
     }
 }
