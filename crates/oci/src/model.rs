@@ -256,15 +256,25 @@ impl ImageConfig {
     }
 
     /// `rootfs.diff_ids`.
+    /// A missing `rootfs` or `diff_ids` is an empty list; one of the wrong JSON type is
+    /// an error that says so.
     pub fn diff_ids(&self, what: &str) -> Result<Vec<Digest>> {
-        let ids = self
-            .0
-            .get("rootfs")
-            .and_then(|r| r.get("diff_ids"))
-            .and_then(Value::as_array);
-        let Some(ids) = ids else {
+        let invalid = |field: &str, v: &Value, want: &str| Error::Invalid {
+            what: what.to_string(),
+            reason: format!("{field} is {}, not {want}", json_kind(v)),
+        };
+        let Some(rootfs) = self.0.get("rootfs") else {
             return Ok(Vec::new());
         };
+        if !rootfs.is_object() {
+            return Err(invalid("rootfs", rootfs, "an object"));
+        }
+        let Some(ids) = rootfs.get("diff_ids") else {
+            return Ok(Vec::new());
+        };
+        let ids = ids
+            .as_array()
+            .ok_or_else(|| invalid("rootfs.diff_ids", ids, "an array"))?;
         ids.iter()
             .map(|v| {
                 v.as_str()
@@ -297,6 +307,18 @@ impl ImageConfig {
 
     pub fn to_bytes(&self) -> Vec<u8> {
         to_json(&self.0)
+    }
+}
+
+/// "a string", "null", ...: the JSON type of `v`, for messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -338,6 +360,25 @@ mod tests {
         let src = br#"{"architecture":"amd64","os":"linux","config":{"Healthcheck":{"Test":["CMD","true"]},"OnBuild":["RUN x"],"Shell":["/bin/sh"]},"container_config":{"Cmd":["x"]},"docker_version":"24","rootfs":{"type":"layers","diff_ids":["sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"]}}"#;
         let mut c = ImageConfig::parse("c", src).unwrap();
         assert_eq!(c.diff_ids("c").unwrap().len(), 1);
+        for (json, want) in [
+            (
+                r#"{"rootfs":{"diff_ids":"sha256:00"}}"#,
+                "rootfs.diff_ids is a string, not an array",
+            ),
+            (
+                r#"{"rootfs":{"diff_ids":null}}"#,
+                "rootfs.diff_ids is null, not an array",
+            ),
+            (r#"{"rootfs":[]}"#, "rootfs is an array, not an object"),
+        ] {
+            let e = ImageConfig::parse("cfg", json.as_bytes())
+                .unwrap()
+                .diff_ids("cfg");
+            let e = e.unwrap_err().to_string();
+            assert!(e.contains("cfg") && e.contains(want), "{e}");
+        }
+        let none = ImageConfig::parse("cfg", br#"{"rootfs":{"type":"layers"}}"#).unwrap();
+        assert!(none.diff_ids("cfg").unwrap().is_empty());
         let d = Digest::of(b"x");
         c.set_diff_ids(&[d.clone(), d.clone()]);
         let v: Value = serde_json::from_slice(&c.to_bytes()).unwrap();
