@@ -381,3 +381,37 @@ fn failures_are_one_line_without_repeats() {
     );
     assert!(!wd.exists());
 }
+
+/// A descriptor whose media type contradicts its content (an index entry that calls a
+/// manifest an index) is named as such, not reported as an index without manifests.
+#[test]
+fn a_media_type_that_contradicts_the_content_is_named() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let index_path = images.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let m = &mut index["manifests"][0];
+    assert_eq!(m["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    m["mediaType"] = "application/vnd.oci.image.index.v1+json".into();
+    let digest = m["digest"].as_str().unwrap().to_string();
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let src = format!("oci:{}", images.display());
+    let out = format!("oci:{}", t.path().join("out").display());
+    let wd = t.path().join("w");
+    let o = Command::new(bin())
+        .args(args(&src, &out, wd.to_str().unwrap()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let e = stderr_of(&o);
+    assert!(
+        e.contains(&digest)
+            && e.contains(
+                "the descriptor's media type is application/vnd.oci.image.index.v1+json \
+                 but the content is application/vnd.oci.image.manifest.v1+json"
+            ),
+        "{e}"
+    );
+    assert!(!e.contains("no image manifests"), "{e}");
+}

@@ -23,9 +23,23 @@ impl Run<'_> {
         top: bool,
     ) -> Result<Vec<Descriptor>> {
         self.check_abort()?;
+        let sniffed = sniff_media_type(&bytes);
         let mt = if desc.media_type.is_empty() {
-            sniff_media_type(&bytes).unwrap_or_default()
+            sniffed.unwrap_or_default()
         } else {
+            // A descriptor that calls a manifest an index (or the other way round) would
+            // otherwise be parsed as what it is not, e.g. "no image manifests".
+            if let Some(found) = sniffed.filter(|f| {
+                (is_manifest(f) && is_index(&desc.media_type))
+                    || (is_index(f) && is_manifest(&desc.media_type))
+            }) {
+                return Err(Error::Invalid(format!(
+                    "{}@{}: the descriptor's media type is {} but the content is {found}",
+                    self.c.src.name(),
+                    desc.digest,
+                    desc.media_type
+                )));
+            }
             desc.media_type.clone()
         };
         if is_manifest(&mt) {
