@@ -405,6 +405,18 @@ impl ArchiveOutput {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
             ));
         }
+        // The archive is written beside `path` at the end: a directory that takes no
+        // new file fails now, not after the whole conversion.
+        let probe = dir.join(format!(".archive-probe.{}", std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&probe)
+            .map_err(|e| {
+                let e = std::io::Error::new(e.kind(), format!("cannot create a file here: {e}"));
+                Error::io(dir, e)
+            })?;
+        let _ = std::fs::remove_file(&probe);
         std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
         let tmp = tempfile::Builder::new()
             .prefix("archive-out.")

@@ -261,6 +261,19 @@ fn flags_are_validated_before_any_work() {
         "{}",
         stderr_of(&o)
     );
+    // An archive destination in a directory that takes no new file (procfs): refused
+    // before any layer is converted, not when the archive is written at the end.
+    let o = Command::new(bin())
+        .args(args(&src, "oci-archive:/proc/out.tar", wd_s))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("oci-archive:/proc/out.tar") && e.contains("cannot create a file here"),
+        "{e}"
+    );
+    assert!(!e.contains("converted") && !e.contains("layer 1"), "{e}");
     // A work directory that is a file: said so, naming the flag.
     let file = t.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
