@@ -458,6 +458,11 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
             );
         }
     }
+    // A layout directory this run creates goes again if the run fails.
+    let new_layout = NewLayout(match &dst_ref {
+        ImageRef::Layout { path, .. } if !path.exists() => Some(path.clone()),
+        _ => None,
+    });
     let (dst, dst_repo) = if dst_ref == src_ref && args.dest_creds.is_none() {
         (src.clone(), src_repo)
     } else {
@@ -490,6 +495,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     if let Some(size) = written {
         tracing::info!("wrote {} ({size} bytes)", dst.name());
     }
+    new_layout.keep();
     let secs = t0.elapsed().as_secs_f64();
     for (out, dd) in outs.iter().zip(&dedups) {
         let verb = if out.pushed {
@@ -521,6 +527,25 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         say(format_args!("{l}"));
     }
     Ok(())
+}
+
+/// An OCI layout directory created by this run: removed when dropped unless the run
+/// succeeded ([`NewLayout::keep`]); after a failure it would hold only the blobs of an
+/// unfinished conversion and no image.
+struct NewLayout(Option<PathBuf>);
+
+impl NewLayout {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for NewLayout {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
 }
 
 /// Opens the dedup database of `--db-type/--db-str` (`None`: no dedup) and describes it.

@@ -393,6 +393,23 @@ fn failures_are_one_line_without_repeats() {
         "{e}"
     );
     assert!(!wd.exists());
+    // The destination layout this run created is gone again: it held no image.
+    assert!(
+        !t.path().join("out").exists(),
+        "{:?}",
+        entries(&t.path().join("out"))
+    );
+    // One that existed before stays, with what it held.
+    let kept = t.path().join("kept");
+    std::fs::create_dir(&kept).unwrap();
+    std::fs::write(kept.join("mine"), b"x").unwrap();
+    let kept_s = format!("oci:{}", kept.display());
+    let o = Command::new(bin())
+        .args(args(&src, &kept_s, wd.to_str().unwrap()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert!(kept.join("mine").is_file() && kept.join("oci-layout").is_file());
 }
 
 /// A descriptor whose media type contradicts its content (an index entry that calls a
