@@ -179,6 +179,30 @@ impl ImageConfig {
             .collect()
     }
 
+    /// Whether the result file can be written where the config says (its directory
+    /// exists and it is not a directory), so that a tool finds out before its work,
+    /// not after it.
+    pub fn check_result_file(&self) -> Result<()> {
+        let Some(p) = &self.result_file else {
+            return Ok(());
+        };
+        let bad = |why: &str| {
+            Error::io(
+                p,
+                std::io::Error::new(std::io::ErrorKind::NotFound, format!("resultFile: {why}")),
+            )
+        };
+        if p.is_dir() {
+            return Err(bad("is a directory"));
+        }
+        match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => {
+                Err(bad("its directory does not exist"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Write `msg` to the result file, if the config names one
     /// ("success" or the error text, as upstream's tools do).
     pub fn write_result(&self, msg: &str) -> Result<()> {

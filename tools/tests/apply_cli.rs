@@ -217,6 +217,32 @@ fn apply_errors_reach_the_result_file() {
     std::fs::write(d.join("noupper.json"), r#"{"lowers": []}"#).unwrap();
     let e = err_text(&run(APPLY, &[input.to_str().unwrap(), "noupper.json"], d));
     assert!(e.contains("no writable upper"), "{e}");
+
+    // A result file that cannot be written fails the run before the layer changes.
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let missing = d.join("no-such-dir/cfg.result");
+    let text = text.replace(
+        d.join("cfg.result").to_str().unwrap(),
+        missing.to_str().unwrap(),
+    );
+    std::fs::write(d.join("badresult.json"), text).unwrap();
+    // (The data file is a sparse 1 GiB: its modification time stands for it.)
+    let state = || {
+        (
+            std::fs::metadata(d.join("data"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            std::fs::read(d.join("index")).unwrap(),
+        )
+    };
+    let before = state();
+    let e = err_text(&run(APPLY, &[input.to_str().unwrap(), "badresult.json"], d));
+    assert!(
+        e.contains("no-such-dir/cfg.result") && e.contains("its directory does not exist"),
+        "{e}"
+    );
+    assert!(before == state(), "the layer was changed");
 }
 
 #[test]

@@ -82,6 +82,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Where the outcome goes must work before the layer is applied.
+    if let Err(e) = cfg.check_result_file() {
+        eprintln!(
+            "overlaybd-apply: error: {}: {}",
+            args.image_config_path.display(),
+            blockdev::error::Chain(&e)
+        );
+        return ExitCode::FAILURE;
+    }
     let result = run(&args, Some(&cfg));
     let msg = match &result {
         Ok(()) => "success".to_string(),
