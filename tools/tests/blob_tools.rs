@@ -60,6 +60,10 @@ fn commit_tool_reproduces_upstream_blobs() {
     assert_ok(&run(ZFILE, &["--threads", "1", lsmt, "z1"], dir.path()));
     assert!(std::fs::read(dir.path().join("z1")).unwrap() == ours);
     assert_ok(&run(ZFILE, &["--verify", "z"], dir.path()));
+    // --verify takes one file: a second path is a usage error, not ignored.
+    let o = run(ZFILE, &["--verify", "z", "z1"], dir.path());
+    assert_eq!(o.status.code(), Some(2), "{}", err_text(&o));
+    assert!(err_text(&o).contains("--verify"), "{}", err_text(&o));
     assert_ok(&run(ZFILE, &["-x", "z", "back"], dir.path()));
     assert!(std::fs::read(dir.path().join("back")).unwrap() == std::fs::read(lsmt).unwrap());
 }

@@ -26,7 +26,7 @@ struct Args {
     #[arg(short = 'x')]
     extract: bool,
     /// Check every block checksum of SOURCE_FILE and exit.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["target_file", "extract", "force"])]
     verify: bool,
     /// Replace the target if it exists.
     #[arg(short = 'f')]
