@@ -53,6 +53,16 @@ fn args<'a>(src: &'a str, out: &'a str, wd: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// A conversion of `src` into `out` that must fail with exit code 1: its stderr.
+fn fails(src: &str, out: &str, wd: &Path) -> String {
+    let o = Command::new(bin())
+        .args(args(src, out, wd.to_str().unwrap()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    stderr_of(&o)
+}
+
 /// The entries of a directory (empty if it does not exist).
 fn entries(d: &Path) -> Vec<String> {
     std::fs::read_dir(d)
@@ -373,12 +383,7 @@ fn failures_are_one_line_without_repeats() {
     let src = format!("oci:{}", bad.display());
     let out = format!("oci:{}", t.path().join("out").display());
     let wd = t.path().join("w");
-    let o = Command::new(bin())
-        .args(args(&src, &out, wd.to_str().unwrap()))
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
-    let e = stderr_of(&o);
+    let e = fails(&src, &out, &wd);
     let lines: Vec<&str> = e.lines().filter(|l| l.contains("error")).collect();
     assert_eq!(lines.len(), 1, "{e}");
     let line = lines[0];
@@ -404,11 +409,7 @@ fn failures_are_one_line_without_repeats() {
     std::fs::create_dir(&kept).unwrap();
     std::fs::write(kept.join("mine"), b"x").unwrap();
     let kept_s = format!("oci:{}", kept.display());
-    let o = Command::new(bin())
-        .args(args(&src, &kept_s, wd.to_str().unwrap()))
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    fails(&src, &kept_s, &wd);
     assert!(kept.join("mine").is_file() && kept.join("oci-layout").is_file());
 }
 
@@ -429,12 +430,7 @@ fn a_media_type_that_contradicts_the_content_is_named() {
     let src = format!("oci:{}", images.display());
     let out = format!("oci:{}", t.path().join("out").display());
     let wd = t.path().join("w");
-    let o = Command::new(bin())
-        .args(args(&src, &out, wd.to_str().unwrap()))
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
-    let e = stderr_of(&o);
+    let e = fails(&src, &out, &wd);
     assert!(
         e.contains(&digest)
             && e.contains(
