@@ -610,6 +610,46 @@ pub fn verify_blocks(r: &ZFileReader) -> Result<()> {
         let n = r.read_at(&mut buf, off)?;
         off += n as u64;
     }
+    verify_trailer(r)
+}
+
+/// A file whose header was rewritten at the end (flags 0x1b) is read through its header
+/// alone; [`verify_blocks`] still wants its trailer to be a sealed data trailer that
+/// agrees with the header (the other files' trailers are checked by opening them).
+fn verify_trailer(r: &ZFileReader) -> Result<()> {
+    let h = &r.info;
+    if !h.has_flag(ZF_OVERWRITE) {
+        return Ok(());
+    }
+    let bad = |msg: String| Error::corrupt(r.src.path(), "ZFile", msg);
+    let mut raw = [0u8; ZF_SPACE];
+    r.src
+        .read_exact_at(&mut raw, r.src.size() - ZF_SPACE as u64)?;
+    let t = ZHeader::decode(&raw).ok_or_else(|| bad("bad trailer magic".into()))?;
+    if t.has_flag(ZF_HEADER) || !t.has_flag(ZF_DATA) || !t.has_flag(ZF_SEALED) {
+        return Err(bad(format!(
+            "trailer flags {:#x} are not those of a sealed data trailer",
+            t.flags & MEANINGFUL_FLAGS
+        )));
+    }
+    if !ZHeader::digest_ok(&raw) {
+        return Err(bad("trailer checksum mismatch".into()));
+    }
+    let fields = |z: &ZHeader| {
+        (
+            z.index_offset,
+            z.index_size,
+            z.original_size,
+            z.block_size,
+            z.algorithm,
+        )
+    };
+    if fields(&t) != fields(h) {
+        return Err(bad(format!(
+            "the trailer (index at {}, {} entries, {} bytes) disagrees with the rewritten header (index at {}, {} entries, {} bytes)",
+            t.index_offset, t.index_size, t.original_size, h.index_offset, h.index_size, h.original_size
+        )));
+    }
     Ok(())
 }
 

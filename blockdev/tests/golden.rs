@@ -231,3 +231,27 @@ fn every_thread_count_gives_upstreams_bytes() {
         );
     }
 }
+
+/// `verify_blocks` passes upstream's header-rewritten (0x1b) ZFile, whose reader uses
+/// the header alone, and fails it once its trailer is damaged.
+#[test]
+fn verify_checks_the_trailer_of_header_rewritten_files() {
+    use blockdev::layer::open_zfile;
+    use blockdev::zfile::{verify_blocks, ZF_SPACE};
+    let theirs = fixtures().join("baselayer/commit.lz4.zfile");
+    let bytes = std::fs::read(&theirs).unwrap();
+    assert_eq!(bytes[32], 0x1b, "the fixture's header was rewritten");
+    let dir = tempfile::tempdir().unwrap();
+    let open = |b: &[u8]| {
+        let p = dir.path().join("z");
+        std::fs::write(&p, b).unwrap();
+        open_zfile(&p).unwrap()
+    };
+    verify_blocks(&open(&bytes)).unwrap();
+    // A bit flipped in the trailer's index offset: still readable, not valid.
+    let mut bad = bytes.clone();
+    let at = bad.len() - ZF_SPACE + 40;
+    bad[at] ^= 1;
+    let e = verify_blocks(&open(&bad)).unwrap_err().to_string();
+    assert!(e.contains("trailer"), "{e}");
+}
