@@ -441,3 +441,26 @@ fn a_media_type_that_contradicts_the_content_is_named() {
     );
     assert!(!e.contains("no image manifests"), "{e}");
 }
+
+/// A manifest that is not one (valid JSON of the wrong shape, its digest right) is named
+/// once in the error line, not once by each layer of context.
+#[test]
+fn a_bad_manifest_is_named_once() {
+    use sha2::{Digest as _, Sha256};
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let bad = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":5}"#;
+    let digest = format!("sha256:{:x}", Sha256::digest(bad));
+    std::fs::write(images.join("blobs/sha256").join(&digest[7..]), bad).unwrap();
+    let index_path = images.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["manifests"][0]["digest"] = digest.clone().into();
+    index["manifests"][0]["size"] = bad.len().into();
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let src = format!("oci:{}", images.display());
+    let out = format!("oci:{}", t.path().join("out").display());
+    let e = fails(&src, &out, &t.path().join("w"));
+    assert_eq!(e.matches(&digest).count(), 1, "{e}");
+    assert!(e.contains("invalid JSON"), "{e}");
+}

@@ -179,19 +179,21 @@ impl Run<'_> {
         bytes: &[u8],
         top: bool,
     ) -> Result<Vec<Descriptor>> {
+        // For logs; errors get "converting manifest ..." from the caller, so they do not
+        // name it again.
         let what = format!("manifest {}@{}", self.c.src.name(), desc.digest);
-        let m: Manifest = parse_json(&what, bytes)?;
+        let m: Manifest = parse_json("its content", bytes)?;
         if m.layers.is_empty() {
-            return Err(Error::Invalid(format!("{what}: the image has no layers")));
+            return Err(Error::Invalid("the image has no layers".into()));
         }
         for l in &m.layers {
             check_layer_type(&l.media_type)
-                .map_err(|e| Error::Unsupported(format!("{what}: layer {}: {e}", l.digest)))?;
+                .map_err(|e| Error::Unsupported(format!("layer {}: {e}", l.digest)))?;
             for o in &self.outputs {
                 o.out
                     .format
                     .check_layer(l)
-                    .map_err(|e| Error::Unsupported(format!("{what}: layer {}: {e}", l.digest)))?;
+                    .map_err(|e| Error::Unsupported(format!("layer {}: {e}", l.digest)))?;
             }
         }
         let out_mt = self.out_manifest_type();
@@ -235,7 +237,7 @@ impl Run<'_> {
             let diff_ids = cfg.diff_ids(&format!("config {}", m.config.digest))?;
             if diff_ids.len() != m.layers.len() {
                 return Err(Error::Invalid(format!(
-                    "{what}: the config has {} rootfs.diff_ids but the manifest has {} layers",
+                    "the config has {} rootfs.diff_ids but the manifest has {} layers",
                     diff_ids.len(),
                     m.layers.len()
                 )));
