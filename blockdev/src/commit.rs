@@ -260,11 +260,9 @@ pub fn commit_warp(
 pub fn commit_sealed(input: &Path, out: &Path, opts: &CommitOptions) -> Result<CommitStats> {
     let (blob, _) = open_blob(input)?;
     let layer = SealedLayer::open(blob.clone())?;
-    let info = seal_info(
-        opts,
-        layer.header().virtual_size,
-        layer.header().parent_uuid,
-    )?;
+    // The trailer is authoritative, as for every reader of a sealed layer (upstream's
+    // `open_file_ro` loads the trailer; so does the NBD/FUSE stack).
+    let info = seal_info(opts, layer.info().virtual_size, layer.info().parent_uuid)?;
     let entries = layer.index().entries().to_vec();
     write_output(
         out,

@@ -255,3 +255,31 @@ fn verify_checks_the_trailer_of_header_rewritten_files() {
     let e = verify_blocks(&open(&bad)).unwrap_err().to_string();
     assert!(e.contains("trailer"), "{e}");
 }
+
+/// `--commit_sealed` takes the virtual size and parent from the trailer, as every
+/// reader of a sealed layer does, when the header says otherwise.
+#[test]
+fn commit_sealed_takes_the_trailers_virtual_size() {
+    use blockdev::lsmt::SealedLayer;
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(f.join("baselayer/commit.lsmt")).unwrap();
+    let vsize = u64::from_le_bytes(bytes[48..56].try_into().unwrap());
+    bytes[48..56].copy_from_slice(&(vsize * 2).to_le_bytes());
+    let src = dir.path().join("in.lsmt");
+    std::fs::write(&src, &bytes).unwrap();
+    let open = |p: &Path| {
+        let (blob, _) = open_blob(p).unwrap();
+        SealedLayer::open(blob).unwrap()
+    };
+    let input = open(&src);
+    assert_eq!(
+        (input.header().virtual_size, input.info().virtual_size),
+        (vsize * 2, vsize)
+    );
+    let out = dir.path().join("out.lsmt");
+    commit_sealed(&src, &out, &opts(None, false)).unwrap();
+    let output = open(&out);
+    assert_eq!(output.info().virtual_size, vsize);
+    assert_eq!(output.header().virtual_size, vsize);
+}
