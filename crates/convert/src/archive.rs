@@ -407,7 +407,11 @@ impl ArchiveOutput {
         }
         // The archive is written beside `path` at the end: a directory that takes no
         // new file fails now, not after the whole conversion.
-        let probe = dir.join(format!(".archive-probe.{}", std::process::id()));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let probe = dir.join(format!(".archive-probe.{}.{nanos}", std::process::id()));
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
