@@ -405,6 +405,15 @@ impl ArchiveOutput {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory"),
             ));
         }
+        if path.is_dir() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::IsADirectory,
+                    "is a directory: name the archive file to write",
+                ),
+            ));
+        }
         // The archive is written beside `path` at the end: a directory that takes no
         // new file fails now, not after the whole conversion.
         let nanos = std::time::SystemTime::now()

@@ -284,6 +284,16 @@ fn flags_are_validated_before_any_work() {
         "{e}"
     );
     assert!(!e.contains("converted") && !e.contains("layer 1"), "{e}");
+    // An archive destination that is a directory: said so before any work.
+    let dir_s = format!("oci-archive:{}/", t.path().display());
+    let o = Command::new(bin())
+        .args(args(&src, &dir_s, wd_s))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let e = stderr_of(&o);
+    assert!(e.contains("is a directory"), "{e}");
+    assert!(!e.contains("converted") && !e.contains("layer 1"), "{e}");
     // A work directory that is a file: said so, naming the flag.
     let file = t.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
