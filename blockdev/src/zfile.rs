@@ -300,18 +300,7 @@ impl ZFileReader {
             if !header.has_flag(ZF_DATA) {
                 return Err(bad("header is not marked as a data file".into()));
             }
-            src.read_exact_at(&mut raw, trailer_offset)?;
-            let t = ZHeader::decode(&raw).ok_or_else(|| bad("bad trailer magic".into()))?;
-            if t.has_flag(ZF_HEADER) || !t.has_flag(ZF_DATA) || !t.has_flag(ZF_SEALED) {
-                return Err(bad(format!(
-                    "trailer flags {:#x} are not those of a sealed data trailer",
-                    t.flags & MEANINGFUL_FLAGS
-                )));
-            }
-            if !ZHeader::digest_ok(&raw) {
-                return Err(bad("trailer checksum mismatch".into()));
-            }
-            t
+            read_trailer(&*src, trailer_offset, &bad)?
         };
         if info.has_flag(ZF_INDEX_COMPRESSED) {
             return Err(bad("compressed jump tables are not supported".into()));
@@ -595,6 +584,24 @@ impl ReadAt for ZFileReader {
     }
 }
 
+/// The trailer at `offset` of `src`, which must be a sealed data trailer with a valid
+/// checksum; `bad` makes the error for one that is not.
+fn read_trailer(src: &dyn ReadAt, offset: u64, bad: &dyn Fn(String) -> Error) -> Result<ZHeader> {
+    let mut raw = [0u8; ZF_SPACE];
+    src.read_exact_at(&mut raw, offset)?;
+    let t = ZHeader::decode(&raw).ok_or_else(|| bad("bad trailer magic".into()))?;
+    if t.has_flag(ZF_HEADER) || !t.has_flag(ZF_DATA) || !t.has_flag(ZF_SEALED) {
+        return Err(bad(format!(
+            "trailer flags {:#x} are not those of a sealed data trailer",
+            t.flags & MEANINGFUL_FLAGS
+        )));
+    }
+    if !ZHeader::digest_ok(&raw) {
+        return Err(bad("trailer checksum mismatch".into()));
+    }
+    Ok(t)
+}
+
 /// Check every block's CRC without keeping the output (`overlaybd-zfile --verify`).
 pub fn verify_blocks(r: &ZFileReader) -> Result<()> {
     if !r.info.verify {
@@ -622,19 +629,7 @@ fn verify_trailer(r: &ZFileReader) -> Result<()> {
         return Ok(());
     }
     let bad = |msg: String| Error::corrupt(r.src.path(), "ZFile", msg);
-    let mut raw = [0u8; ZF_SPACE];
-    r.src
-        .read_exact_at(&mut raw, r.src.size() - ZF_SPACE as u64)?;
-    let t = ZHeader::decode(&raw).ok_or_else(|| bad("bad trailer magic".into()))?;
-    if t.has_flag(ZF_HEADER) || !t.has_flag(ZF_DATA) || !t.has_flag(ZF_SEALED) {
-        return Err(bad(format!(
-            "trailer flags {:#x} are not those of a sealed data trailer",
-            t.flags & MEANINGFUL_FLAGS
-        )));
-    }
-    if !ZHeader::digest_ok(&raw) {
-        return Err(bad("trailer checksum mismatch".into()));
-    }
+    let t = read_trailer(&*r.src, r.src.size() - ZF_SPACE as u64, &bad)?;
     let fields = |z: &ZHeader| {
         (
             z.index_offset,
