@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::io::IoFile;
 use crate::layer::open_blob;
-use crate::lsmt::compact::{compact, compact_warp, SealInfo};
+use crate::lsmt::compact::{compact, compact_stored, compact_warp, SealInfo};
 use crate::lsmt::format::SECTOR;
 use crate::lsmt::{SealedLayer, WritableLayer};
 use crate::source::{BlobSink, FileSink};
 use crate::tarwrap;
 use crate::uuid::Uuid;
-use crate::zfile::{ZFileWriter, ZfileOptions};
+use crate::zfile::{StoredSource, ZFileWriter, ZfileOptions};
 
 /// A progress callback: `(bytes of layer data copied, total bytes)`.
 #[derive(Clone)]
@@ -123,12 +123,30 @@ fn create_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<IoFile> {
     IoFile::create_new(out)
 }
 
-type Compactor = fn(
-    &[crate::lsmt::Mapping],
-    &SealInfo,
-    &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
-    &mut dyn crate::lsmt::compact::CompactOut,
-) -> Result<u64>;
+/// How the sealed blob is made from the entries, their data and, for data some of
+/// whose ZFile blocks are already compressed, those blocks.
+#[derive(Clone, Copy)]
+enum Compactor<'a> {
+    Plain,
+    Warp,
+    Stored(&'a dyn StoredSource),
+}
+
+impl Compactor<'_> {
+    fn run(
+        self,
+        entries: &[crate::lsmt::Mapping],
+        info: &SealInfo,
+        read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+        out: &mut dyn crate::lsmt::compact::CompactOut,
+    ) -> Result<u64> {
+        match self {
+            Compactor::Plain => compact(entries, info, read, out),
+            Compactor::Warp => compact_warp(entries, info, read, out),
+            Compactor::Stored(st) => compact_stored(entries, info, read, st, out),
+        }
+    }
+}
 
 /// Run the compaction into `out` with the requested wrapping.
 fn write_output(
@@ -138,7 +156,7 @@ fn write_output(
     entries: &[crate::lsmt::Mapping],
     info: &SealInfo,
     read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
-    compact: Compactor,
+    compact: Compactor<'_>,
 ) -> Result<CommitStats> {
     let file = create_output(out, opts.force, inputs)?;
     let total: u64 = entries
@@ -167,12 +185,12 @@ fn write_output(
         let (lsmt_size, blob_len) = match &opts.zfile {
             Some(z) => {
                 let mut zw = ZFileWriter::new(SinkRef(&mut sink), z.clone())?;
-                let n = compact(entries, info, &mut read, &mut zw)?;
+                let n = compact.run(entries, info, &mut read, &mut zw)?;
                 let s = zw.finish()?;
                 (n, s.position())
             }
             None => {
-                let n = compact(entries, info, &mut read, &mut sink)?;
+                let n = compact.run(entries, info, &mut read, &mut sink)?;
                 (n, n)
             }
         };
@@ -218,7 +236,39 @@ pub fn commit_writable(
         &entries,
         &info,
         &mut |buf, moff| layer.read_mapped(buf, moff),
-        compact,
+        Compactor::Plain,
+    )
+}
+
+/// Commit a packed sparse layer ([`crate::lsmt::writable::create_packed`], open as
+/// `layer`, e.g. a read-only view of it): the same output as [`commit_writable`]
+/// of that layer's sparse data and index files, but the ZFile blocks of its data
+/// are copied as they were stored when written (with `-z`, 4 KiB blocks and the
+/// store's algorithm and checksums; other options compress them again).
+pub fn commit_packed(
+    layer: &WritableLayer,
+    out: &Path,
+    opts: &CommitOptions,
+) -> Result<CommitStats> {
+    let store = layer.packed().ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: not a packed layer",
+            layer.data_path().display()
+        ))
+    })?;
+    // Every block written is stored before its bytes are copied.
+    store.sync()?;
+    let h = layer.header();
+    let info = seal_info(opts, h.virtual_size, h.parent_uuid)?;
+    let entries = layer.entries();
+    write_output(
+        out,
+        &[store.path()],
+        opts,
+        &entries,
+        &info,
+        &mut |buf, moff| layer.read_mapped(buf, moff),
+        Compactor::Stored(&**store),
     )
 }
 
@@ -250,7 +300,7 @@ pub fn commit_warp(
         &entries,
         &info,
         &mut |buf, moff| layer.read_mapped(buf, moff),
-        compact_warp,
+        Compactor::Warp,
     )
 }
 
@@ -271,7 +321,7 @@ pub fn commit_sealed(input: &Path, out: &Path, opts: &CommitOptions) -> Result<C
         &entries,
         &info,
         &mut |buf, moff| blob.read_exact_at(buf, moff * SECTOR),
-        compact,
+        Compactor::Plain,
     )
 }
 

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::layer::open_layer;
 use crate::lsmt::format::{Mapping, SECTOR};
 use crate::lsmt::index::{pieces, Piece, RoIndex};
+use crate::lsmt::packed::PackedStore;
 use crate::lsmt::{SealedLayer, WritableLayer};
 use crate::warp::{TargetSource, WarpLayer};
 
@@ -43,6 +44,9 @@ pub enum LowerSource {
         index: PathBuf,
         target: TargetSource,
     },
+    /// A packed sparse layer of this process that will not change any more
+    /// ([`crate::lsmt::writable::create_packed`]), read from its store.
+    Packed(Arc<PackedStore>),
 }
 
 impl LowerSource {
@@ -64,6 +68,9 @@ impl LowerSource {
                 Some(target.open()?),
                 true,
             )?),
+            LowerSource::Packed(store) => {
+                Lower::Writable(WritableLayer::open_packed(store.clone(), true)?)
+            }
         })
     }
 }

@@ -389,48 +389,8 @@ impl ZFileReader {
 
     /// Decompress block `i` (whose stored bytes are `stored`) into `out`.
     fn decode_block(&self, i: usize, stored: &[u8], out: &mut [u8]) -> Result<()> {
-        let path = self.src.path();
-        let data = if self.info.verify {
-            let (d, crc) = stored.split_at(stored.len() - 4);
-            let want = u32::from_le_bytes(crc.try_into().unwrap());
-            if crc32c_raw(BLOCK_CRC_SEED, d) != want {
-                return Err(Error::corrupt(
-                    path,
-                    "ZFile",
-                    format!("block {i} checksum mismatch"),
-                ));
-            }
-            d
-        } else {
-            stored
-        };
-        let n = match self.algorithm {
-            Algorithm::Lz4 => lz4::block::decompress_to_buffer(data, Some(out.len() as i32), out)
-                .map_err(|e| {
-                Error::corrupt(path, "ZFile", format!("block {i}: lz4 decode failed: {e}"))
-            })?,
-            Algorithm::Zstd => ZSTD_DCTX
-                .with(|d| {
-                    let mut d = d.borrow_mut();
-                    if d.is_none() {
-                        *d = Some(zstd::bulk::Decompressor::new()?);
-                    }
-                    d.as_mut()
-                        .expect("set just above")
-                        .decompress_to_buffer(data, out)
-                })
-                .map_err(|e| {
-                    Error::corrupt(path, "ZFile", format!("block {i}: zstd decode failed: {e}"))
-                })?,
-        };
-        if n != out.len() {
-            return Err(Error::corrupt(
-                path,
-                "ZFile",
-                format!("block {i} decodes to {n} bytes, expected {}", out.len()),
-            ));
-        }
-        Ok(())
+        decode_stored(self.algorithm, self.info.verify, stored, out)
+            .map_err(|msg| Error::corrupt(self.src.path(), "ZFile", format!("block {i}{msg}")))
     }
 
     /// Decode blocks `first..end`, whose stored bytes are `stored`
@@ -648,6 +608,69 @@ fn verify_trailer(r: &ZFileReader) -> Result<()> {
     Ok(())
 }
 
+/// Data whose 4 KiB ZFile blocks are already compressed (a packed layer,
+/// [`crate::lsmt::packed`]), for a commit to copy instead of compressing.
+pub trait StoredSource {
+    /// Algorithm and checksums of the stored blocks (4 KiB each).
+    fn stored_format(&self) -> (Algorithm, bool);
+    /// Append the stored forms of the blocks from data byte `offset` on (4 KiB
+    /// aligned) to `out` and their lengths to `lens`, at most `max` and as many
+    /// as are at hand; returns how many (0: the block at `offset` is not stored).
+    fn stored_blocks(
+        &self,
+        offset: u64,
+        max: u64,
+        out: &mut Vec<u8>,
+        lens: &mut Vec<u32>,
+    ) -> Result<u64>;
+}
+
+/// Decompress one stored ZFile block (compressed bytes, then a CRC32C when
+/// `verify`) into `out`, which it must fill exactly. The error says what is
+/// wrong, to follow "block N".
+pub(crate) fn decode_stored(
+    algorithm: Algorithm,
+    verify: bool,
+    stored: &[u8],
+    out: &mut [u8],
+) -> std::result::Result<(), String> {
+    let data = if verify {
+        if stored.len() < 4 {
+            return Err(format!(
+                " is {} bytes, too short for its checksum",
+                stored.len()
+            ));
+        }
+        let (d, crc) = stored.split_at(stored.len() - 4);
+        let want = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+        if crc32c_raw(BLOCK_CRC_SEED, d) != want {
+            return Err(" checksum mismatch".into());
+        }
+        d
+    } else {
+        stored
+    };
+    let n = match algorithm {
+        Algorithm::Lz4 => lz4::block::decompress_to_buffer(data, Some(out.len() as i32), out)
+            .map_err(|e| format!(": lz4 decode failed: {e}"))?,
+        Algorithm::Zstd => ZSTD_DCTX
+            .with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = Some(zstd::bulk::Decompressor::new()?);
+                }
+                d.as_mut()
+                    .expect("set just above")
+                    .decompress_to_buffer(data, out)
+            })
+            .map_err(|e| format!(": zstd decode failed: {e}"))?,
+    };
+    if n != out.len() {
+        return Err(format!(" decodes to {n} bytes, expected {}", out.len()));
+    }
+    Ok(())
+}
+
 /// Streaming ZFile writer over a [`BlobSink`].
 ///
 /// Blocks are compressed on `opts.threads` threads by a
@@ -719,6 +742,45 @@ impl<S: BlobSink> ZFileWriter<S> {
                 self.submit_pending()?;
             }
         }
+        Ok(())
+    }
+
+    /// Whether the next byte written starts a block.
+    pub fn at_block_boundary(&self) -> bool {
+        self.raw_size.is_multiple_of(self.opts.block_size as u64)
+    }
+
+    /// The options of the blocks this writer stores.
+    pub fn options(&self) -> &ZfileOptions {
+        &self.opts
+    }
+
+    /// Append whole blocks already in their stored form (as this writer would
+    /// store them: same algorithm, checksums and block size): `data` holds
+    /// them back to back, `lens` their lengths. The writer must be at a block
+    /// boundary ([`ZFileWriter::at_block_boundary`]); the file is the same as
+    /// if their original bytes had been written.
+    pub fn write_stored(&mut self, data: &[u8], lens: &[u32]) -> Result<()> {
+        if !self.at_block_boundary() {
+            return Err(Error::Invalid(
+                "stored ZFile blocks must start at a block boundary".into(),
+            ));
+        }
+        if lens.iter().map(|&l| l as usize).sum::<usize>() != data.len() {
+            return Err(Error::Invalid(
+                "stored ZFile blocks do not add up to their lengths".into(),
+            ));
+        }
+        // Everything before them goes out first, in order.
+        self.submit_pending()?;
+        let (sink, block_lens) = (&mut self.sink, &mut self.block_lens);
+        self.engine.finish(&mut |d, l| {
+            block_lens.extend_from_slice(l);
+            sink.put(d)
+        })?;
+        self.sink.put(data)?;
+        self.block_lens.extend_from_slice(lens);
+        self.raw_size += lens.len() as u64 * self.opts.block_size as u64;
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use super::format::*;
 use crate::error::Result;
 use crate::source::BlobSink;
 use crate::uuid::Uuid;
-use crate::zfile::ZFileWriter;
+use crate::zfile::{StoredSource, ZFileWriter};
 
 /// Identity fields written into the sealed header and trailer.
 #[derive(Debug, Clone, Default)]
@@ -44,6 +44,21 @@ pub trait CompactOut {
         len: usize,
         fill: &mut dyn FnMut(&mut [u8], usize) -> Result<()>,
     ) -> Result<()>;
+    /// Append `sectors` of mapped data starting at sector `moffset`, read
+    /// with `read`. A ZFile writer copies the blocks `stored` already holds
+    /// compressed in its own format instead of compressing them again.
+    fn append_mapped(
+        &mut self,
+        sectors: u64,
+        moffset: u64,
+        read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+        stored: Option<&dyn StoredSource>,
+    ) -> Result<()> {
+        let _ = stored;
+        self.append_filled((sectors * SECTOR) as usize, &mut |piece, off| {
+            read_piece(read, piece, moffset, off)
+        })
+    }
 }
 
 impl<T: BlobSink> CompactOut for T {
@@ -69,6 +84,51 @@ impl<S: BlobSink> CompactOut for ZFileWriter<S> {
         fill: &mut dyn FnMut(&mut [u8], usize) -> Result<()>,
     ) -> Result<()> {
         self.write_filled(len, fill)
+    }
+    fn append_mapped(
+        &mut self,
+        sectors: u64,
+        moffset: u64,
+        read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+        stored: Option<&dyn StoredSource>,
+    ) -> Result<()> {
+        const BS: u64 = crate::lsmt::packed::BLOCK;
+        let o = self.options();
+        let usable = stored.filter(|st| {
+            o.block_size as u64 == BS && st.stored_format() == (o.algorithm, o.verify)
+        });
+        let Some(st) = usable else {
+            return self.write_filled((sectors * SECTOR) as usize, &mut |piece, off| {
+                read_piece(read, piece, moffset, off)
+            });
+        };
+        // Entries are cut at 16383 sectors, so a piece may start or end inside
+        // a block: such parts are read and compressed (the writer completes the
+        // block across pieces), whole blocks are copied.
+        let (start, end) = (moffset * SECTOR, (moffset + sectors) * SECTOR);
+        let (mut out, mut lens) = (Vec::new(), Vec::new());
+        let mut pos = start;
+        while pos < end {
+            let mut n = 0;
+            if pos.is_multiple_of(BS) && end - pos >= BS && self.at_block_boundary() {
+                out.clear();
+                lens.clear();
+                n = st.stored_blocks(pos, (end - pos) / BS, &mut out, &mut lens)?;
+            }
+            if n > 0 {
+                self.write_stored(&out, &lens)?;
+                pos += n * BS;
+                continue;
+            }
+            // Up to the next block boundary (or the end), read.
+            let step = ((pos / BS + 1) * BS).min(end) - pos;
+            let at = pos;
+            self.write_filled(step as usize, &mut |piece, off| {
+                read_piece(read, piece, moffset, (at - start) as usize + off)
+            })?;
+            pos += step;
+        }
+        Ok(())
     }
 }
 
@@ -101,7 +161,20 @@ pub fn compact(
     read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
     out_blob: &mut dyn CompactOut,
 ) -> Result<u64> {
-    compact_impl(entries, info, read, out_blob, false)
+    compact_impl(entries, info, read, None, out_blob, false)
+}
+
+/// [`compact`] of data some of whose blocks are already compressed
+/// (`stored`, addressed by data offset = `moffset` × 512): a ZFile output
+/// copies them; the blob is the same as [`compact`]'s.
+pub fn compact_stored(
+    entries: &[Mapping],
+    info: &SealInfo,
+    read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    stored: &dyn StoredSource,
+    out_blob: &mut dyn CompactOut,
+) -> Result<u64> {
+    compact_impl(entries, info, read, Some(stored), out_blob, false)
 }
 
 /// [`compact`] for a warp layer (see the module documentation); `read` is
@@ -112,13 +185,14 @@ pub fn compact_warp(
     read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
     out_blob: &mut dyn CompactOut,
 ) -> Result<u64> {
-    compact_impl(entries, info, read, out_blob, true)
+    compact_impl(entries, info, read, None, out_blob, true)
 }
 
 fn compact_impl(
     entries: &[Mapping],
     info: &SealInfo,
     read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+    stored: Option<&dyn StoredSource>,
     out_blob: &mut dyn CompactOut,
     warp: bool,
 ) -> Result<u64> {
@@ -146,10 +220,7 @@ fn compact_impl(
         let len = m.length as u64;
         while done < len {
             let n = (len - done).min(COPY_SECTORS);
-            let moffset = m.moffset + done;
-            out_blob.append_filled((n * SECTOR) as usize, &mut |piece, off| {
-                read_piece(read, piece, moffset, off)
-            })?;
+            out_blob.append_mapped(n, m.moffset + done, read, stored)?;
             done += n;
         }
         let mut k = 0;
@@ -238,5 +309,98 @@ mod tests {
         // the data really is the mapped data, in logical order
         assert!(plain.0[HT_SPACE..HT_SPACE + 70 * 512] == data[..70 * 512]);
         assert!(plain.0[HT_SPACE + 70 * 512..HT_SPACE + 200 * 512] == data[70 * 512..]);
+    }
+
+    /// Blocks a [`StoredSource`] holds are copied into a ZFile output whatever
+    /// the cuts of the entries (a long run is cut every 16383 sectors, inside
+    /// a block, and so are the pieces copied from such entries): only the
+    /// blocks cut in two are read, and the blob is the one plain compaction
+    /// makes.
+    #[test]
+    fn stored_blocks_are_copied_and_only_cut_blocks_read() {
+        use crate::compress::Codec;
+        use crate::zfile::{Algorithm, ZFileWriter, ZfileOptions};
+        const BS: usize = 4096;
+        let data: Vec<u8> = (0..(20usize << 20))
+            .map(|i| ((i / 3) % 251) as u8 ^ (i >> 16) as u8)
+            .collect();
+        // The sparse data file: header, then the data at its logical offset.
+        let mut file = vec![0u8; HT_SPACE];
+        file.extend_from_slice(&data);
+        let base = HT_SPACE as u64 / SECTOR;
+        let total = data.len() as u64 / SECTOR;
+        let mut entries = Vec::new();
+        let mut off = 0;
+        while off < total {
+            let n = (total - off).min(MAX_LENGTH as u64);
+            entries.push(Mapping::new(off, n as u32, off + base));
+            off += n;
+        }
+        // Pieces are copied COPY_SECTORS at a time from each entry's start.
+        let cuts = entries
+            .iter()
+            .flat_map(|m| (m.offset..m.offset + m.length as u64).step_by(COPY_SECTORS as usize))
+            .filter(|&s| s % (BS as u64 / SECTOR) != 0)
+            .count();
+        assert!(cuts > 0);
+        struct Blocks {
+            stored: Vec<Vec<u8>>,
+        }
+        impl StoredSource for Blocks {
+            fn stored_format(&self) -> (Algorithm, bool) {
+                (Algorithm::Lz4, true)
+            }
+            fn stored_blocks(
+                &self,
+                offset: u64,
+                max: u64,
+                out: &mut Vec<u8>,
+                lens: &mut Vec<u32>,
+            ) -> Result<u64> {
+                let first = (offset as usize - HT_SPACE) / BS;
+                // a few at a time, as a store hands out its runs
+                let n = (max as usize).min(37).min(self.stored.len() - first);
+                for b in &self.stored[first..first + n] {
+                    out.extend_from_slice(b);
+                    lens.push(b.len() as u32);
+                }
+                Ok(n as u64)
+            }
+        }
+        let mut codec = Codec::new(Algorithm::Lz4, true).unwrap();
+        let stored = Blocks {
+            stored: data
+                .chunks(BS)
+                .map(|c| {
+                    let mut v = Vec::new();
+                    codec.compress_block(c, &mut v).unwrap();
+                    v
+                })
+                .collect(),
+        };
+        let info = SealInfo {
+            virtual_size: 1 << 30,
+            ..Default::default()
+        };
+        let opts = ZfileOptions {
+            threads: 2,
+            ..Default::default()
+        };
+        let read_bytes = std::cell::Cell::new(0usize);
+        let mut read = |buf: &mut [u8], moff: u64| -> Result<()> {
+            let a = (moff * SECTOR) as usize;
+            buf.copy_from_slice(&file[a..a + buf.len()]);
+            read_bytes.set(read_bytes.get() + buf.len());
+            Ok(())
+        };
+        let mut plain = ZFileWriter::new(VecSink::default(), opts.clone()).unwrap();
+        compact(&entries, &info, &mut read, &mut plain).unwrap();
+        let plain = plain.finish().unwrap().0;
+        read_bytes.set(0);
+        let mut copied = ZFileWriter::new(VecSink::default(), opts).unwrap();
+        compact_stored(&entries, &info, &mut read, &stored, &mut copied).unwrap();
+        let copied = copied.finish().unwrap().0;
+        assert_eq!(read_bytes.get(), cuts * BS, "only the cut blocks are read");
+        assert!(plain == copied, "the blob differs");
     }
 }

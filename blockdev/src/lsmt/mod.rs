@@ -4,11 +4,13 @@
 //! * [`index`]: in-memory indexes.
 //! * [`sealed`]: read-only committed layers.
 //! * [`writable`]: data+index writable layers (append or sparse).
+//! * [`packed`]: a sparse writable layer's data kept as ZFile blocks (the convertor's scratch layers).
 //! * [`compact`]: producing a sealed blob (commit).
 
 pub mod compact;
 pub mod format;
 pub mod index;
+pub mod packed;
 pub mod sealed;
 pub mod writable;
 

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use super::format::*;
 use super::index::IndexMap;
+use super::packed::PackedStore;
 use crate::error::{Error, Result};
 use crate::io::IoFile;
 use crate::source::ReadAt;
@@ -151,6 +152,118 @@ pub fn create_writable(data: &Path, index: &Path, opts: &CreateOptions) -> Resul
     })
 }
 
+/// Create a sparse writable layer whose data is packed ([`PackedStore`] in the new
+/// file `side`) instead of a data file: the same header as [`create_writable`] with
+/// `sparse`, its blocks stored as 4 KiB ZFile blocks of `zfile`'s algorithm and
+/// checksums, ready for [`crate::commit::commit_packed`]. Open it with
+/// [`WritableLayer::open_packed`].
+pub fn create_packed(
+    side: &Path,
+    opts: &CreateOptions,
+    zfile: &crate::zfile::ZfileOptions,
+) -> Result<Arc<PackedStore>> {
+    if !opts.virtual_size.is_multiple_of(SECTOR) {
+        return Err(Error::Invalid(format!(
+            "virtual size {} is not a multiple of 512",
+            opts.virtual_size
+        )));
+    }
+    if zfile.block_size as u64 != super::packed::BLOCK {
+        return Err(Error::Invalid(format!(
+            "a packed layer stores 4 KiB ZFile blocks, not {} bytes",
+            zfile.block_size
+        )));
+    }
+    let h = HeaderTrailer {
+        flags: FLAG_HEADER | FLAG_DATA | FLAG_SPARSE_RW,
+        virtual_size: opts.virtual_size,
+        uuid: opts.uuid.unwrap_or_else(random_uuid),
+        parent_uuid: opts.parent_uuid.unwrap_or(Uuid::NIL),
+        ..Default::default()
+    };
+    let len = (HT_SPACE as u64)
+        .checked_add(opts.virtual_size)
+        .ok_or_else(|| Error::Invalid("virtual size too large".into()))?;
+    Ok(Arc::new(PackedStore::create(
+        side,
+        &h.encode(),
+        len,
+        zfile.algorithm,
+        zfile.verify,
+        zfile.threads,
+    )?))
+}
+
+/// Where a writable layer's data is: its data file, or packed ZFile blocks
+/// (sparse layers that this process commits itself, [`create_packed`]).
+enum DataFile {
+    File(IoFile),
+    Packed(Arc<PackedStore>),
+}
+
+impl DataFile {
+    fn path(&self) -> &Path {
+        match self {
+            DataFile::File(f) => f.path(),
+            DataFile::Packed(p) => p.path(),
+        }
+    }
+    fn len(&self) -> Result<u64> {
+        match self {
+            DataFile::File(f) => f.len(),
+            DataFile::Packed(p) => p.len(),
+        }
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        match self {
+            DataFile::File(f) => f.set_len(len),
+            DataFile::Packed(p) => p.set_len(len),
+        }
+    }
+    fn sync(&self) -> Result<()> {
+        match self {
+            DataFile::File(f) => f.sync(),
+            DataFile::Packed(p) => p.sync(),
+        }
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        match self {
+            DataFile::File(f) => f.read_at(buf, offset),
+            DataFile::Packed(p) => p.read_at(buf, offset),
+        }
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match self {
+            DataFile::File(f) => f.read_exact_at(buf, offset),
+            DataFile::Packed(p) => p.read_exact_at(buf, offset),
+        }
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<usize>> {
+        match self {
+            DataFile::File(f) => f.read_many(reqs),
+            DataFile::Packed(p) => p.read_many(reqs),
+        }
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        match self {
+            DataFile::File(f) => f.write_all_at(buf, offset),
+            DataFile::Packed(p) => p.write_all_at(buf, offset),
+        }
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        match self {
+            DataFile::File(f) => f.punch_hole(offset, len),
+            DataFile::Packed(p) => p.punch_hole(offset, len),
+        }
+    }
+    fn data_ranges(&self, from: u64) -> Result<Vec<(u64, u64)>> {
+        match self {
+            DataFile::File(f) => f.data_ranges(from),
+            DataFile::Packed(p) => p.data_ranges(from),
+        }
+    }
+}
+
 struct RwState {
     index: IndexMap,
     /// Append position of the data file (bytes).
@@ -168,7 +281,7 @@ const INDEX_BATCH: usize = 4096;
 
 /// An open writable layer.
 pub struct WritableLayer {
-    data: IoFile,
+    data: DataFile,
     index_file: Option<IoFile>,
     header: Mutex<HeaderTrailer>,
     sparse: bool,
@@ -282,7 +395,7 @@ impl WritableLayer {
             index_map.insert(*m);
         }
         Ok(WritableLayer {
-            data: data_file,
+            data: DataFile::File(data_file),
             index_file: Some(fi),
             header: Mutex::new(ih),
             sparse: false,
@@ -307,7 +420,42 @@ impl WritableLayer {
                 IoFile::open_rw(p)
             }
         };
-        let data = open(data_path)?;
+        Self::open_data(DataFile::File(open(data_path)?), index_path, read_only)
+    }
+
+    /// Open a packed sparse layer ([`create_packed`]); read-only views share the
+    /// store with the layer being written (e.g. a lower of the next layer, or the
+    /// commit), and see its allocation as a reopened sparse data file shows it.
+    pub fn open_packed(store: Arc<PackedStore>, read_only: bool) -> Result<Self> {
+        let path = store.path().to_path_buf();
+        let l = Self::open_data(DataFile::Packed(store), &path, read_only)?;
+        if !l.sparse {
+            return Err(Error::Invalid(format!(
+                "{}: a packed layer must be sparse",
+                path.display()
+            )));
+        }
+        Ok(l)
+    }
+
+    /// The packed store of this layer, if its data is packed.
+    pub fn packed(&self) -> Option<&Arc<PackedStore>> {
+        match &self.data {
+            DataFile::Packed(p) => Some(p),
+            DataFile::File(_) => None,
+        }
+    }
+
+    fn open_data(data: DataFile, index_path: &Path, read_only: bool) -> Result<Self> {
+        let data_path = data.path().to_path_buf();
+        let data_path = data_path.as_path();
+        let open = |p: &Path| {
+            if read_only {
+                IoFile::open(p)
+            } else {
+                IoFile::open_rw(p)
+            }
+        };
         let bad = |p: &Path, msg: String| Error::corrupt(p, "LSMT writable layer", msg);
         let data_len = data.len()?;
         if data_len < HT_SPACE as u64 {

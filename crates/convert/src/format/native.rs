@@ -238,6 +238,8 @@ impl NativeChain<'_> {
             engine: &*f.engine,
             zfile: f.zfile()?,
             sparse: f.sparse,
+            // With --reserve the writable files are kept to look at.
+            packed: !f.reserve,
             uuid: blockdev::Uuid::from_chain_id(self.chain_ids[i].as_str())?,
             parent_uuid: if i > 0 {
                 Some(blockdev::Uuid::from_chain_id(
