@@ -196,3 +196,70 @@ fn missing_image_is_one_cause() {
     assert_eq!(count(&chain, "nope"), 1, "{chain}");
     assert_eq!(count(&chain, "No such file"), 1, "{chain}");
 }
+
+/// The upstream-compatible engine (TurboOCI ext4) refuses what the native one
+/// refuses instead of corrupting the filesystem: a hard link to a directory
+/// (a second name for a directory, which e2fsck reports) and a name longer
+/// than the 255 bytes a directory entry holds (it was cut to its length
+/// modulo 256).
+#[test]
+fn photon_refuses_hard_links_to_directories_and_long_names() {
+    let tar_of = |entries: &[(&str, tar::EntryType, &str)]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(0o755);
+            h.set_size(0);
+            if !link.is_empty() {
+                h.set_link_name(link).unwrap();
+            }
+            b.append_data(&mut h, path, &b""[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    let photon = |t: Vec<u8>| {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+        obdfs::photon::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).unwrap();
+        obdfs::photon::apply_tar(dev, &t[..], obdfs::ApplyOptions::default())
+    };
+    // The whole chain of causes, as the tools print it.
+    let text = |e: obdfs::Error| {
+        let mut s = e.to_string();
+        let mut c = std::error::Error::source(&e);
+        while let Some(x) = c {
+            s += &format!(": {x}");
+            c = x.source();
+        }
+        s
+    };
+    let e = photon(tar_of(&[
+        ("bin/", tar::EntryType::Directory, ""),
+        ("etc/", tar::EntryType::Directory, ""),
+        ("etc/hd", tar::EntryType::Link, "bin"),
+    ]))
+    .map_err(text)
+    .unwrap_err();
+    assert!(
+        e.contains("etc/hd") && e.contains("hard link target '/bin' is a directory"),
+        "{e}"
+    );
+    let long = format!("etc/{}", "a".repeat(300));
+    let e = photon(tar_of(&[
+        ("etc/", tar::EntryType::Directory, ""),
+        (long.as_str(), tar::EntryType::Directory, ""),
+    ]))
+    .map_err(text)
+    .unwrap_err();
+    assert!(
+        e.contains("a name is 300 bytes long (ext4 allows 255)"),
+        "{e}"
+    );
+    // 255 bytes are fine.
+    let ok = format!("etc/{}", "a".repeat(255));
+    photon(tar_of(&[
+        ("etc/", tar::EntryType::Directory, ""),
+        (ok.as_str(), tar::EntryType::Directory, ""),
+    ]))
+    .unwrap();
+}

@@ -519,6 +519,20 @@ impl Extfs {
         let (parent, name) = self.parent(dest)?.ok_or_else(|| not_found(dest))?;
         let ino = self.resolve(src)?.ok_or_else(|| not_found(src))?;
         let mut i = self.read(ino, LARGE)?;
+        // A second name for a directory would corrupt the filesystem (e2fsck
+        // reports it); the kernel refuses it too (EPERM).
+        if i.mode() & inode::S_IFMT == inode::S_IFDIR {
+            return Err(Error::Invalid(format!(
+                "hard link target '{}' is a directory",
+                path_text(src)
+            )));
+        }
+        if i.links() >= sys::EXT2_LINK_MAX as u16 {
+            return Err(Error::Invalid(format!(
+                "too many hard links to '{}'",
+                path_text(src)
+            )));
+        }
         i.set_links(i.links() + 1);
         self.write(ino, &mut i)?;
         let ft = file_type(i.mode());

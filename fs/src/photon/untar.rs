@@ -81,6 +81,14 @@ fn comps(p: &[u8]) -> Result<Vec<&[u8]>> {
             String::from_utf8_lossy(p)
         )));
     }
+    // A directory entry's name length is one byte: a longer name would be cut.
+    if let Some(c) = v.iter().find(|c| c.len() > 255) {
+        return Err(Error::Invalid(format!(
+            "'{}': a name is {} bytes long (ext4 allows 255)",
+            String::from_utf8_lossy(p),
+            c.len()
+        )));
+    }
     Ok(v)
 }
 
