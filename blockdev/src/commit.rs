@@ -99,19 +99,12 @@ fn seal_info(opts: &CommitOptions, virtual_size: u64, source_parent: Uuid) -> Re
 /// refusing when it is one of `inputs`: replacing it would lose the input,
 /// and a failure half-way would leave neither.
 fn create_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<IoFile> {
-    use std::os::unix::fs::MetadataExt;
-    if let Ok(o) = std::fs::metadata(out) {
-        for i in inputs {
-            if let Ok(m) = std::fs::metadata(i) {
-                if (m.dev(), m.ino()) == (o.dev(), o.ino()) {
-                    return Err(Error::Invalid(format!(
-                        "output {} is the input file {}: write to another path",
-                        out.display(),
-                        i.display()
-                    )));
-                }
-            }
-        }
+    if let Some(i) = inputs.iter().find(|i| crate::io::same_file(out, i)) {
+        return Err(Error::Invalid(format!(
+            "output {} is the input file {}: write to another path",
+            out.display(),
+            i.display()
+        )));
     }
     if force {
         match std::fs::remove_file(out) {

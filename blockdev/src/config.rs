@@ -179,28 +179,70 @@ impl ImageConfig {
             .collect()
     }
 
-    /// Whether the result file can be written where the config says (its directory
-    /// exists and it is not a directory), so that a tool finds out before its work,
-    /// not after it.
-    pub fn check_result_file(&self) -> Result<()> {
+    /// Every file the layers of this config are read from or written to: lower
+    /// files and their targets and gzip indexes, the upper's data, index, target and
+    /// gzip index.
+    pub fn layer_files(&self) -> Vec<PathBuf> {
+        let mut v = self.lowers.clone();
+        let target = |t: &TargetSource| std::iter::once(t.file.clone()).chain(t.gzip_index.clone());
+        v.extend(self.lower_targets.iter().flatten().flat_map(target));
+        if let Some(u) = &self.upper {
+            v.push(u.data.clone());
+            v.push(u.index.clone());
+            v.extend(u.target.iter().flat_map(target));
+        }
+        v
+    }
+
+    /// Whether the result file can be written where the config says, so that a
+    /// tool finds out before its work, not after it: not a directory, in an
+    /// existing directory, writable (not on a read-only filesystem), and not one of
+    /// the layers' files nor of `inputs` (the layer tar, the config itself), which
+    /// writing "success" into would destroy.
+    pub fn check_result_file(&self, inputs: &[&Path]) -> Result<()> {
         let Some(p) = &self.result_file else {
             return Ok(());
         };
-        let bad = |why: &str| {
-            Error::io(
-                p,
-                std::io::Error::new(std::io::ErrorKind::NotFound, format!("resultFile: {why}")),
-            )
+        let bad = |kind: std::io::ErrorKind, why: String| {
+            Error::io(p, std::io::Error::new(kind, format!("resultFile: {why}")))
         };
         if p.is_dir() {
-            return Err(bad("is a directory"));
+            return Err(bad(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory".into(),
+            ));
         }
-        match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => {
-                Err(bad("its directory does not exist"))
+        let files = self.layer_files();
+        let others = files
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(inputs.iter().copied());
+        for f in others {
+            if crate::io::same_file(p, f) {
+                return Err(bad(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "is {}, an input of this apply; writing the result would destroy it",
+                        f.display()
+                    ),
+                ));
             }
-            _ => Ok(()),
         }
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(bad(
+                std::io::ErrorKind::NotFound,
+                "its directory does not exist".into(),
+            ));
+        }
+        // The file if it exists, else its directory, must take writes (access(2)
+        // also fails with EROFS on a read-only filesystem, even for root).
+        let probe = if p.exists() { p.as_path() } else { dir };
+        crate::io::check_writable(probe)
+            .map_err(|e| bad(e.kind(), format!("cannot be written ({e})")))
     }
 
     /// Write `msg` to the result file, if the config names one

@@ -254,6 +254,10 @@ pub fn apply_stream<R: Read + Send + 'static>(
 pub struct ReadAhead {
     blob: PathBuf,
     gz_index: PathBuf,
+    /// Where the index is written: renamed to `gz_index` once the apply
+    /// succeeded, removed otherwise (a file already at `gz_index` is never
+    /// touched by a failed apply).
+    gz_tmp: PathBuf,
     rx: Option<std::sync::mpsc::Receiver<std::io::Result<Piece>>>,
     thread: Option<std::thread::JoinHandle<Produced>>,
 }
@@ -267,7 +271,16 @@ impl Drop for ReadAhead {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        let _ = std::fs::remove_file(&self.gz_tmp);
     }
+}
+
+/// A new name next to `p` for its content while it is being written.
+fn temp_beside(p: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = p.file_name().unwrap_or_default().to_string_lossy();
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    p.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
 /// Starts reading the layer blob `blob` (named `name` in errors) on a
@@ -298,10 +311,11 @@ pub fn read_ahead_checked<R: Read + Send + 'static>(
     diff_id: Option<String>,
 ) -> Result<ReadAhead> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Piece>>(IN_FLIGHT);
-    let (n, idx) = (name.to_path_buf(), gz_index.to_path_buf());
+    let gz_tmp = temp_beside(gz_index);
+    let (n, idx, tmp) = (name.to_path_buf(), gz_index.to_path_buf(), gz_tmp.clone());
     let thread = std::thread::Builder::new()
         .name("layer-read".into())
-        .spawn(move || produce(&n, &idx, blob, diff_id, tx))
+        .spawn(move || produce(&n, &idx, &tmp, blob, diff_id, tx))
         .map_err(|e| {
             Error::Invalid(format!(
                 "cannot start a thread to read {}: {e}",
@@ -311,6 +325,7 @@ pub fn read_ahead_checked<R: Read + Send + 'static>(
     Ok(ReadAhead {
         blob: name.to_path_buf(),
         gz_index: gz_index.to_path_buf(),
+        gz_tmp,
         rx: Some(rx),
         thread: Some(thread),
     })
@@ -349,10 +364,7 @@ pub fn apply_read_ahead(
         });
     // A bad or short blob is the cause of whatever the apply saw.
     let ((kind, gzip_index), (stats, erofs)) = match (produced, applied) {
-        (Err(Produce::Failed(e)), _) | (_, Err(e)) => {
-            let _ = std::fs::remove_file(&ahead.gz_index);
-            return Err(e);
-        }
+        (Err(Produce::Failed(e)), _) | (_, Err(e)) => return Err(e),
         (Err(Produce::Stopped), Ok(_)) => {
             return Err(Error::Invalid(format!(
                 "internal error: the apply stopped reading {} early",
@@ -361,6 +373,10 @@ pub fn apply_read_ahead(
         }
         (Ok(p), Ok(a)) => (p, a),
     };
+    if kind == BlobKind::Gzip {
+        std::fs::rename(&ahead.gz_tmp, &ahead.gz_index)
+            .map_err(|e| Error::Blob(blockdev::Error::io(&ahead.gz_index, e)))?;
+    }
     Ok(TurboApplyReport {
         kind,
         gzip_index,
@@ -382,6 +398,7 @@ enum Produce {
 fn produce(
     name: &Path,
     idx: &Path,
+    tmp: &Path,
     mut blob: impl Read,
     diff_id: Option<String>,
     tx: std::sync::mpsc::SyncSender<std::io::Result<Piece>>,
@@ -424,7 +441,9 @@ fn produce(
         }
         BlobKind::Gzip => {
             let fail = |e: blockdev::Error| failed(Error::Blob(e));
-            let out = std::fs::File::create(idx).map_err(|e| fail(blockdev::Error::io(idx, e)))?;
+            // Written beside `idx` and renamed once the apply succeeded; errors
+            // name `idx`, the file asked for.
+            let out = std::fs::File::create(tmp).map_err(|e| fail(blockdev::Error::io(idx, e)))?;
             let w = std::io::BufWriter::new(out);
             let mut ix =
                 gzindex::Indexer::new(blob, name, w, gzindex::DEFAULT_SPAN).map_err(fail)?;

@@ -243,6 +243,30 @@ fn apply_errors_reach_the_result_file() {
         "{e}"
     );
     assert!(before == state(), "the layer was changed");
+    // A result file that is one of the apply's inputs would be overwritten with
+    // "success": refused, the input untouched.
+    let tar_copy = d.join("layer.tar");
+    std::fs::copy(&input, &tar_copy).unwrap();
+    for (victim, name) in [(tar_copy.clone(), "layer.tar"), (d.join("index"), "index")] {
+        let text = std::fs::read_to_string(cfg).unwrap().replace(
+            d.join("cfg.result").to_str().unwrap(),
+            victim.to_str().unwrap(),
+        );
+        std::fs::write(d.join("selfresult.json"), text).unwrap();
+        let want = std::fs::read(&victim).unwrap();
+        let e = err_text(&run(APPLY, &["layer.tar", "selfresult.json"], d));
+        assert!(
+            e.contains(&format!("resultFile: is {name}"))
+                || e.contains(&format!("resultFile: is {}", victim.display())),
+            "{name}: {e}"
+        );
+        assert!(e.contains("writing the result would destroy it"), "{e}");
+        assert!(
+            std::fs::read(&victim).unwrap() == want,
+            "{name} was changed"
+        );
+    }
+    assert!(before == state(), "the layer was changed");
 }
 
 #[test]

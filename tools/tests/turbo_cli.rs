@@ -223,3 +223,80 @@ fn bad_inputs_fail_with_one_line() {
     let e = apply(&gz, &[]);
     assert!(e.contains("past the end of the layer tar"), "{e}");
 }
+
+/// `--gz_index_path` and `resultFile` never destroy an input: naming the blob, the
+/// config or the upper's files is refused before the apply, and a failed apply
+/// leaves a file already at the index path as it was.
+#[test]
+fn outputs_never_replace_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run_ok(
+        Command::new(CREATE)
+            .arg(d.join("data"))
+            .arg(d.join("index"))
+            .args(["64", "--turboOCI", "--mkfs"]),
+    );
+    std::fs::copy(fx("ext4-gzip/layer.tar.gz"), d.join("blob")).unwrap();
+    let config = |result: &Path| {
+        let cfg = d.join("config.json");
+        std::fs::write(
+            &cfg,
+            serde_json::json!({"lowers": [], "upper": {"index": d.join("index"), "data": d.join("data"), "target": d.join("blob")}, "resultFile": result}).to_string(),
+        )
+        .unwrap();
+        cfg
+    };
+    let apply = |cfg: &Path, gz: &Path| {
+        Command::new(APPLY)
+            .arg(d.join("blob"))
+            .arg(cfg)
+            .arg("--gz_index_path")
+            .arg(gz)
+            .output()
+            .unwrap()
+    };
+    let cfg = config(&d.join("result"));
+    let state =
+        || [d.join("blob"), d.join("index"), cfg.clone()].map(|p| std::fs::read(p).unwrap());
+    let before = state();
+    for victim in [d.join("blob"), d.join("index"), cfg.clone()] {
+        let e = err_text(&apply(&cfg, &victim));
+        assert!(
+            e.contains("--gz_index_path") && e.contains("which this apply reads or writes"),
+            "{e}"
+        );
+        assert!(before == state(), "{} was changed", victim.display());
+    }
+    for victim in [d.join("blob"), d.join("data")] {
+        let bad = config(&victim);
+        let e = err_text(&apply(&bad, &d.join("gzip.meta")));
+        assert!(e.contains("writing the result would destroy it"), "{e}");
+    }
+    let cfg = config(&d.join("result"));
+    let before = state();
+    assert!(before[2] == std::fs::read(&cfg).unwrap());
+    // A failed apply of a tar blob keeps what was at the index path.
+    std::fs::write(d.join("gzip.meta"), b"precious").unwrap();
+    let tar = std::fs::read(testutil::fixtures().join("input.tar")).unwrap();
+    std::fs::write(d.join("blob"), &tar[..100_000]).unwrap();
+    let e = err_text(&apply(&cfg, &d.join("gzip.meta")));
+    assert!(e.contains("unexpected end"), "{e}");
+    assert_eq!(std::fs::read(d.join("gzip.meta")).unwrap(), b"precious");
+    // So does a failed apply of a gzip blob, and no temporary file is left.
+    let gz = std::fs::read(fx("ext4-gzip/layer.tar.gz")).unwrap();
+    std::fs::write(d.join("blob"), &gz[..gz.len() / 2]).unwrap();
+    let e = err_text(&apply(&cfg, &d.join("gzip.meta")));
+    assert!(e.contains("ends early"), "{e}");
+    assert_eq!(std::fs::read(d.join("gzip.meta")).unwrap(), b"precious");
+    let names: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains(".tmp-")), "{names:?}");
+    // A good one replaces it.
+    std::fs::write(d.join("blob"), &gz).unwrap();
+    let o = apply(&cfg, &d.join("gzip.meta"));
+    assert!(o.status.success(), "{}", err_text(&o));
+    assert_ne!(std::fs::read(d.join("gzip.meta")).unwrap(), b"precious");
+}

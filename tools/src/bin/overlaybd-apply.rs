@@ -83,7 +83,7 @@ fn main() -> ExitCode {
         }
     };
     // Where the outcome goes must work before the layer is applied.
-    if let Err(e) = cfg.check_result_file() {
+    if let Err(e) = cfg.check_result_file(&[&args.input_path, &args.image_config_path]) {
         eprintln!(
             "overlaybd-apply: error: {}: {}",
             args.image_config_path.display(),
@@ -97,6 +97,10 @@ fn main() -> ExitCode {
         Err(e) => format!("failed:{}", cli::error_line(e)),
     };
     if let Err(e) = cfg.write_result(&msg) {
+        // The apply's own failure (e.g. a full disk) comes first.
+        if let Err(a) = &result {
+            eprintln!("overlaybd-apply: error: {}", cli::error_line(a));
+        }
         eprintln!(
             "overlaybd-apply: error: cannot write the result file: {}",
             blockdev::error::Chain(&e)

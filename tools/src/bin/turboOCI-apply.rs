@@ -1,7 +1,7 @@
 //! `turboOCI-apply`: apply an OCI layer blob to a TurboOCI layer, mapping
 //! file data into the blob instead of copying it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -62,22 +62,69 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
-                "turboOCI-apply: error: cannot load image config {}: {e}",
-                args.image_config_path.display()
+                "turboOCI-apply: error: cannot load image config {}: {}",
+                args.image_config_path.display(),
+                blockdev::error::Chain(&e)
             );
             return ExitCode::FAILURE;
         }
     };
+    // Where the outputs go must work, and destroy no input, before the layer is
+    // applied.
+    let inputs = [args.input_path.as_path(), args.image_config_path.as_path()];
+    if let Err(e) = check_outputs(&args, &cfg, &inputs) {
+        eprintln!(
+            "turboOCI-apply: error: {}: {}",
+            args.image_config_path.display(),
+            blockdev::error::Chain(&e)
+        );
+        return ExitCode::FAILURE;
+    }
     let result = run(&args, &cfg);
     let msg = match &result {
         Ok(()) => "success".to_string(),
         Err(e) => format!("failed:{}", cli::error_line(e)),
     };
     if let Err(e) = cfg.write_result(&msg) {
-        eprintln!("turboOCI-apply: error: cannot write the result file: {e}");
+        if let Err(a) = &result {
+            eprintln!("turboOCI-apply: error: {}", cli::error_line(a));
+        }
+        eprintln!(
+            "turboOCI-apply: error: cannot write the result file: {}",
+            blockdev::error::Chain(&e)
+        );
         return ExitCode::FAILURE;
     }
     cli::run("turboOCI-apply", || result)
+}
+
+/// The result file ([`ImageConfig::check_result_file`]) and `--gz_index_path`, which
+/// must not be one of the files the apply reads or writes (the blob, the config, the
+/// layers' files, the result file): it is replaced when the blob is gzip.
+fn check_outputs(args: &Args, cfg: &ImageConfig, inputs: &[&Path]) -> blockdev::Result<()> {
+    cfg.check_result_file(inputs)?;
+    let gz = &args.gz_index_path;
+    let files = cfg.layer_files();
+    let taken = files
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(inputs.iter().copied())
+        .chain(cfg.result_file.as_deref())
+        .find(|f| blockdev::io::same_file(gz, f));
+    if let Some(f) = taken {
+        return Err(blockdev::Error::Invalid(format!(
+            "--gz_index_path {} is {}, which this apply reads or writes: give the index a path of its own",
+            gz.display(),
+            f.display()
+        )));
+    }
+    if gz.is_dir() {
+        return Err(blockdev::Error::Invalid(format!(
+            "--gz_index_path {} is a directory",
+            gz.display()
+        )));
+    }
+    Ok(())
 }
 
 fn run(args: &Args, cfg: &ImageConfig) -> anyhow::Result<()> {
