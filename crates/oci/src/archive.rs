@@ -377,11 +377,14 @@ impl TarWriter {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".partial")
-            .tempfile_in(dir)
-            .map_err(|e| Error::io(dir, e))?;
+        let tmp = crate::layout::temp_for(
+            dir,
+            Some(dest),
+            tempfile::Builder::new()
+                .prefix(&format!(".{name}."))
+                .suffix(".partial"),
+        )
+        .map_err(|e| Error::io(dir, e))?;
         let f = tmp.as_file().try_clone().map_err(|e| Error::io(dest, e))?;
         let w = BufWriter::with_capacity(1 << 20, f);
         let out = if gzip {

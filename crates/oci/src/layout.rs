@@ -206,7 +206,8 @@ impl Layout {
         expected: Option<&Descriptor>,
     ) -> Result<(Digest, u64)> {
         let dir = self.root.join("blobs").join("sha256");
-        let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| Error::io(&dir, e))?;
+        let mut tmp =
+            temp_for(&dir, None, &mut tempfile::Builder::new()).map_err(|e| Error::io(&dir, e))?;
         let tmp_path = tmp.path().to_path_buf();
         let mut w = HashingWriter::new(tmp.as_file_mut());
         copy(&mut r, &mut w, &|| false, &mut |_| {})
@@ -269,9 +270,30 @@ impl Layout {
     }
 }
 
+/// A temporary file in `dir` that becomes `dest` (renamed over it): created as
+/// `File::create` creates files, mode 0666 less the umask (tempfile's own default
+/// is 0600, which other users and services reading the layout could not read), or
+/// with the mode `dest` has when it exists, so that replacing it changes no
+/// permissions.
+pub(crate) fn temp_for(
+    dir: &Path,
+    dest: Option<&Path>,
+    builder: &mut tempfile::Builder<'_, '_>,
+) -> std::io::Result<tempfile::NamedTempFile> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = builder
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)?;
+    if let Some(m) = dest.and_then(|d| std::fs::metadata(d).ok()) {
+        tmp.as_file().set_permissions(m.permissions())?;
+    }
+    Ok(tmp)
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    let mut tmp =
+        temp_for(dir, Some(path), &mut tempfile::Builder::new()).map_err(|e| Error::io(dir, e))?;
     tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())
@@ -281,6 +303,39 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::model::MT_OCI_MANIFEST;
+
+    /// Files the layout writes get the modes of ordinarily created files (0666
+    /// less the umask), not tempfile's 0600, and a replaced `index.json` keeps
+    /// its mode.
+    #[test]
+    fn written_files_are_readable_by_others_and_keep_their_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let umask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+            .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let t = tempfile::tempdir().unwrap();
+        let l = Layout::open_or_create(t.path()).unwrap();
+        let d = l.write_blob_bytes(b"{}").unwrap();
+        let (d2, _) = l.write_blob_stream(&b"[]"[..], None).unwrap();
+        let desc = Descriptor::new(MT_OCI_MANIFEST, d.clone(), 2);
+        l.tag("v1", &desc).unwrap();
+        for p in [
+            t.path().join("index.json"),
+            t.path().join("oci-layout"),
+            l.blob_path(&d),
+            l.blob_path(&d2),
+        ] {
+            assert_eq!(mode(&p), 0o666 & !umask, "{}", p.display());
+        }
+        let idx = t.path().join("index.json");
+        std::fs::set_permissions(&idx, std::fs::Permissions::from_mode(0o640)).unwrap();
+        l.tag("v2", &desc).unwrap();
+        assert_eq!(mode(&idx), 0o640);
+    }
 
     #[test]
     fn create_write_tag_resolve() {
