@@ -333,6 +333,20 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     for t in native_tag.iter().chain(&turbo_tag) {
         obdoci::reference::validate_tag(t).context("output tag")?;
     }
+    if let (Some(n), Some(t)) = (&native_tag, &turbo_tag) {
+        if n == t {
+            bail!(
+                "the overlaybd and the TurboOCI image would both be tagged {t}, and the second would replace the first: give them different tags"
+            );
+        }
+    }
+    if let (Some(n), Some(d)) = (&native_tag, dst_ref.tag()) {
+        if args.output_repository.is_some() && turbo_tag.is_none() && n != d {
+            tracing::warn!(
+                "the output is tagged {n} (--overlaybd/-o), not {d} as --output-repository says"
+            );
+        }
+    }
     if args.vsize == 0 {
         bail!("--vsize must be at least 1 (GB)");
     }

@@ -284,6 +284,15 @@ fn flags_are_validated_before_any_work() {
         "{e}"
     );
     assert!(!e.contains("converted") && !e.contains("layer 1"), "{e}");
+    // The same tag for both outputs: one image would replace the other.
+    let o = run(&["--vsize", "2", "--overlaybd", "obd", "--turboOCI", "obd"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("would both be tagged obd") && !e.contains("layer 1"),
+        "{e}"
+    );
+    assert!(!out.exists(), "the destination was created");
     // An archive destination that is a directory: said so before any work.
     let dir_s = format!("oci-archive:{}/", t.path().display());
     let o = Command::new(bin())
