@@ -1006,7 +1006,34 @@ impl Repository {
             }
         })?;
         let st = resp.status().as_u16();
-        if offset > 0 && st != 206 {
+        if offset > 0 && st == 200 {
+            // A server (or proxy) that ignores Range sends the whole blob again:
+            // skip what was already read, as containerd's fetcher does.
+            tracing::warn!(
+                "{}: {what}: the resume at byte {offset} was answered with the whole blob (Range ignored); skipping {offset} bytes",
+                self.reg.host
+            );
+            let mut resp = resp;
+            let skipped =
+                io::copy(&mut (&mut resp).take(offset), &mut io::sink()).map_err(|error| {
+                    Error::Stream {
+                        peer: self.reg.host.clone(),
+                        what: what.clone(),
+                        error,
+                    }
+                })?;
+            if skipped != offset {
+                return Err(Error::Protocol {
+                    peer: self.reg.host.clone(),
+                    what,
+                    reason: format!(
+                        "cannot resume at byte {offset}: the whole blob sent again ended after {skipped} bytes"
+                    ),
+                });
+            }
+            return Ok(resp);
+        }
+        if offset > 0 && st != 206 && resp.status().is_success() {
             return Err(Error::Protocol {
                 peer: self.reg.host.clone(),
                 what,

@@ -420,6 +420,34 @@ fn broken_download_resumes_with_range() {
     assert!(back == data);
 }
 
+/// A resume answered with the whole blob (a server or proxy that ignores
+/// `Range`) skips what was read already instead of failing the download.
+#[test]
+fn broken_download_resumes_when_range_is_ignored() {
+    let reg = Registry::plain();
+    let o = ClientOptions {
+        plain_http: true,
+        ..opts()
+    };
+    let data = payload(3 << 20, 43);
+    let d = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &data);
+    registry::Registry::new(&reg.host(), &o)
+        .unwrap()
+        .repository("r/y")
+        .push_blob(&d, BlobSource::Bytes(&data), None, None)
+        .unwrap();
+    let proxy = Proxy::start_cut_ignoring_range(reg.port, 1 << 20);
+    let repo = registry::Registry::new(&format!("127.0.0.1:{}", proxy.port), &o)
+        .unwrap()
+        .repository("r/y");
+    let mut back = Vec::new();
+    repo.open_blob(&d).unwrap().read_to_end(&mut back).unwrap();
+    assert!(proxy.was_cut(), "the first download was not cut");
+    assert!(back == data);
+    // The whole blob came twice, less what the cut dropped.
+    assert!(proxy.bytes_to_clients() > data.len() as u64 + (1 << 19));
+}
+
 /// A connection on which nothing moves fails after the stall timeout instead
 /// of hanging: a download that stops resumes with a range request, an upload
 /// the registry stops taking is restarted, and a request never answered is

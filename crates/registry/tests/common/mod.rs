@@ -513,6 +513,18 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `req` without its `Range:` header lines (request heads arrive whole here).
+fn without_range_header(req: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(req);
+    if !text.to_ascii_lowercase().contains("\r\nrange:") {
+        return req.to_vec();
+    }
+    text.split_inclusive("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("range:"))
+        .collect::<String>()
+        .into_bytes()
+}
+
 /// Which way a [`Proxy`] stalls.
 #[derive(Clone, Copy, Debug)]
 pub enum Stall {
@@ -556,12 +568,30 @@ impl Proxy {
         Self::start_full(upstream, None, None, None, Some((stall, after)))
     }
 
+    /// Like `start_with(upstream, None, None, Some(cut_once_after))`, and the
+    /// `Range` header of every request is removed (a server or proxy that
+    /// ignores ranges: resumed downloads get the whole blob again).
+    pub fn start_cut_ignoring_range(upstream: u16, cut_once_after: u64) -> Proxy {
+        Self::start_opts(upstream, None, None, Some(cut_once_after), None, true)
+    }
+
     fn start_full(
         upstream: u16,
         die_after: Option<u64>,
         rate: Option<u64>,
         cut_once_after: Option<u64>,
         stall: Option<(Stall, u64)>,
+    ) -> Proxy {
+        Self::start_opts(upstream, die_after, rate, cut_once_after, stall, false)
+    }
+
+    fn start_opts(
+        upstream: u16,
+        die_after: Option<u64>,
+        rate: Option<u64>,
+        cut_once_after: Option<u64>,
+        stall: Option<(Stall, u64)>,
+        strip_range: bool,
     ) -> Proxy {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let stalled = Arc::new(AtomicBool::new(false));
@@ -634,7 +664,11 @@ impl Proxy {
                             }
                             break;
                         }
-                        if d1.load(Ordering::SeqCst) || sw.write_all(&buf[..n]).is_err() {
+                        let mut chunk = buf[..n].to_vec();
+                        if strip_range {
+                            chunk = without_range_header(&chunk);
+                        }
+                        if d1.load(Ordering::SeqCst) || sw.write_all(&chunk).is_err() {
                             break;
                         }
                     }
