@@ -182,6 +182,60 @@ fn writable_layer_corruptions() {
     assert!(e.contains("nope") && e.contains("No such file"), "{e}");
 }
 
+/// A data file with the index of another layer (the uuids differ) is refused
+/// instead of committing garbage; a sparse layer's index file must exist.
+#[test]
+fn writable_files_of_different_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    for (d, i) in [("da", "ia"), ("db", "ib")] {
+        create_writable(
+            &p(d),
+            &p(i),
+            &CreateOptions {
+                virtual_size: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    WritableLayer::open(&p("da"), &p("ia")).unwrap();
+    let e = testutil::assert_clean_chain(&WritableLayer::open(&p("da"), &p("ib")).unwrap_err());
+    assert!(
+        e.contains(&p("ib").display().to_string())
+            && e.contains("index of another layer")
+            && e.contains(&p("da").display().to_string()),
+        "{e}"
+    );
+    let e = commit_writable(&p("da"), &p("ib"), &p("o"), &CommitOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("index of another layer"), "{e}");
+    assert!(!p("o").exists());
+    create_writable(
+        &p("ds"),
+        &p("is"),
+        &CreateOptions {
+            virtual_size: 1 << 20,
+            sparse: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    WritableLayer::open(&p("ds"), &p("is")).unwrap();
+    let e = testutil::assert_clean_chain(
+        &WritableLayer::open(&p("ds"), &p("no-such-index")).unwrap_err(),
+    );
+    assert!(
+        e.contains("no-such-index") && e.contains("No such file"),
+        "{e}"
+    );
+    let e = WritableLayer::open(&p("ds"), dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+}
+
 #[test]
 fn tar_wrapper_claiming_too_much_data() {
     let dir = tempfile::tempdir().unwrap();

@@ -503,6 +503,14 @@ impl WritableLayer {
         let mut index = IndexMap::new();
         let mut index_file = None;
         let mut index_end = 0;
+        if sparse && matches!(data, DataFile::File(_)) {
+            // Unused (the index is the data file's allocation), but it is part of
+            // the layer upstream's tools create: a mistyped path is an error.
+            let m = std::fs::metadata(index_path).map_err(|e| Error::io(index_path, e))?;
+            if !m.is_file() {
+                return Err(bad(index_path, "index file is not a regular file".into()));
+            }
+        }
         if sparse {
             let base = HT_SPACE as u64;
             for (start, end) in data.data_ranges(base)? {
@@ -537,6 +545,19 @@ impl WritableLayer {
                 return Err(bad(
                     index_path,
                     format!("index offset {} is not 4096", ih.index_offset),
+                ));
+            }
+            // Both headers carry the layer's uuid (upstream writes the same one):
+            // a data file with another layer's index would commit garbage.
+            if ih.uuid != header.uuid {
+                return Err(bad(
+                    index_path,
+                    format!(
+                        "index of another layer: its uuid is {}, the data file {} has {}",
+                        ih.uuid,
+                        data_path.display(),
+                        header.uuid
+                    ),
                 ));
             }
             let n = (len - HT_SPACE as u64) / ENTRY_SIZE as u64;
