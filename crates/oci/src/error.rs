@@ -152,7 +152,7 @@ impl fmt::Display for Chain<'_> {
         let mut cause = self.0.source();
         while let Some(c) = cause {
             let text = c.to_string();
-            if !text.is_empty() && !line.contains(&text) {
+            if !text.is_empty() && !says(&line, &text) {
                 line.push_str(": ");
                 line.push_str(&text);
             }
@@ -160,6 +160,18 @@ impl fmt::Display for Chain<'_> {
         }
         f.write_str(&line)
     }
+}
+
+/// Whether `line` already says `text`: it appears as a whole part, not inside a
+/// longer word or path ("layer.lsmt" is not said by "cannot commit
+/// layer.lsmt.orig", nor "o" by "cannot commit o + t").
+fn says(line: &str, text: &str) -> bool {
+    line.match_indices(text).any(|(i, _)| {
+        let before = line[..i].chars().next_back();
+        let after = line[i + text.len()..].chars().next();
+        before.is_none_or(|c| matches!(c, ' ' | '(' | '\'' | '"' | '[' | ':'))
+            && after.is_none_or(|c| matches!(c, ':' | ')' | '\'' | '"' | ']' | ','))
+    })
 }
 
 #[cfg(test)]
@@ -181,5 +193,19 @@ mod tests {
         };
         assert_eq!(Chain(&r).to_string(), "outer (boom)");
         assert_eq!(e.kind(), ErrorKind::Io);
+        // A cause inside a longer name is not the same thing: it is kept.
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot commit {0}")]
+        struct Ctx(&'static str, #[source] Error);
+        let exists = || Error::io("layer.lsmt", io::Error::other("File exists"));
+        let c = Ctx("layer.lsmt.orig", exists());
+        assert_eq!(
+            Chain(&c).to_string(),
+            "cannot commit layer.lsmt.orig: layer.lsmt: File exists"
+        );
+        let c = Ctx("'layer.lsmt'", exists());
+        assert_eq!(Chain(&c).to_string(), "cannot commit 'layer.lsmt': File exists");
+        let c = Ctx("o + t", Error::io("o", io::Error::other("missing")));
+        assert_eq!(Chain(&c).to_string(), "cannot commit o + t: o: missing");
     }
 }
