@@ -298,4 +298,17 @@ fn raw_image_with_mkfs() {
     let t = testutil::tree(&got);
     let names: Vec<&String> = t.keys().filter(|k| !k.starts_with("lost+found")).collect();
     assert_eq!(names, ["only"]);
+    // A failed create leaves none of its files behind: an index path that exists,
+    // a size the filesystem cannot hold.
+    std::fs::write(d.join("taken"), b"x").unwrap();
+    let e = err_text(&run(CREATE, &["--raw", "new-img", "taken", "2"], d));
+    assert!(e.contains("taken") && e.contains("File exists"), "{e}");
+    assert!(!d.join("new-img").exists(), "new-img left behind");
+    let e = err_text(&run(
+        CREATE,
+        &["--raw", "huge-img", "huge-idx", "100000000"],
+        d,
+    ));
+    assert!(e.contains("cannot size"), "{e}");
+    assert!(!d.join("huge-img").exists() && !d.join("huge-idx").exists());
 }

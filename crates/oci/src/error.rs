@@ -204,7 +204,10 @@ mod tests {
             "cannot commit layer.lsmt.orig: layer.lsmt: File exists"
         );
         let c = Ctx("'layer.lsmt'", exists());
-        assert_eq!(Chain(&c).to_string(), "cannot commit 'layer.lsmt': File exists");
+        assert_eq!(
+            Chain(&c).to_string(),
+            "cannot commit 'layer.lsmt': File exists"
+        );
         let c = Ctx("o + t", Error::io("o", io::Error::other("missing")));
         assert_eq!(Chain(&c).to_string(), "cannot commit o + t: o: missing");
     }

@@ -53,6 +53,12 @@ pub struct GzDecoder<R> {
     eof: bool,
     /// Compressed bytes consumed so far (for error messages).
     pos: u64,
+    /// Where the current member began, when a complete member came before it
+    /// (bytes that follow the last member but are no gzip member are trailing
+    /// garbage, and said so).
+    next_member_at: Option<u64>,
+    /// The current member produced data.
+    member_output: bool,
 }
 
 // SAFETY: the ISA-L state is plain memory owned by this decoder alone; ISA-L keeps no
@@ -70,7 +76,21 @@ impl<R: BufRead> GzDecoder<R> {
             member_done: false,
             eof: false,
             pos: 0,
+            next_member_at: None,
+            member_output: false,
         })
+    }
+
+    /// The error for bytes after a complete member that are no gzip member.
+    fn trailing(&self) -> Option<io::Error> {
+        let at = self.next_member_at.filter(|_| !self.member_output)?;
+        Some(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} bytes of data that is not gzip follow the last gzip member (at compressed byte {at})",
+                self.pos.saturating_sub(at).max(1)
+            ),
+        ))
     }
 
     fn corrupt(&self, what: &str) -> io::Error {
@@ -105,6 +125,8 @@ impl<R: BufRead> Read for GzDecoder<R> {
                 // SAFETY: a valid state owned by self.
                 unsafe { obd_isal_reset(self.state.as_ptr()) };
                 self.member_done = false;
+                self.next_member_at = Some(self.pos);
+                self.member_output = false;
             }
             let in_len = input.len().min(u32::MAX as usize);
             let at_end = input.is_empty();
@@ -128,18 +150,24 @@ impl<R: BufRead> Read for GzDecoder<R> {
             self.inner.consume(consumed as usize);
             self.pos += u64::from(consumed);
             if code < 0 {
-                return Err(self.corrupt(describe(code)));
+                return Err(self
+                    .trailing()
+                    .unwrap_or_else(|| self.corrupt(describe(code))));
             }
             if finished != 0 {
                 self.member_done = true;
             }
             if produced > 0 {
+                self.member_output = true;
                 return Ok(produced as usize);
             }
             if self.member_done {
                 continue;
             }
             if at_end {
+                if let Some(e) = self.trailing() {
+                    return Err(e);
+                }
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!(
@@ -247,5 +275,34 @@ mod tests {
             flipped[i] ^= 0x5a;
         }
         assert!(inflate(&flipped, 1 << 16, 1 << 16).is_err());
+    }
+
+    /// Bytes after the last member that are not gzip are named as such, not as
+    /// a truncated member; a truncated second member still is one.
+    #[test]
+    fn trailing_garbage_is_named() {
+        let mut blob = gz(&sample(100_000), 6, None);
+        let member = blob.len();
+        blob.extend_from_slice(b"JUNKJUNK");
+        let mut out = Vec::new();
+        let e = GzDecoder::new(BufReader::new(&blob[..]))
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not gzip follow the last gzip member")
+                && e.contains(&format!("at compressed byte {member}")),
+            "{e}"
+        );
+        let second = gz(&sample(50_000), 6, None);
+        let mut cut = gz(&sample(100_000), 6, None);
+        cut.extend_from_slice(&second[..second.len() / 2]);
+        let e = GzDecoder::new(BufReader::new(&cut[..]))
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("truncated deflate stream"), "{e}");
     }
 }

@@ -123,6 +123,9 @@ pub(crate) fn parse(argv: impl Iterator<Item = OsString>) -> anyhow::Result<Args
         None if matches!(src.store, ImageRef::Registry { .. }) => {
             argv.extend(["-i".into(), "latest".into()])
         }
+        None if matches!(src.store, ImageRef::Layout { tag: None, .. }) => {
+            bail!("SRC {}: name the image in the layout: oci:DIR:TAG", o.src)
+        }
         None => {}
     }
     match (&dst.reference, &dst.store) {
@@ -131,6 +134,9 @@ pub(crate) fn parse(argv: impl Iterator<Item = OsString>) -> anyhow::Result<Args
             bail!("DST {}: a destination takes a tag, not a digest", o.dst)
         }
         (None, ImageRef::Registry { .. }) => argv.extend(["-o".into(), "latest".into()]),
+        (None, ImageRef::Layout { tag: None, .. }) => {
+            bail!("DST {}: give the tag to write: oci:DIR:TAG", o.dst)
+        }
         (None, _) => {}
     }
     let mut a = Args::try_parse_from(argv).context("obdconv arguments")?;

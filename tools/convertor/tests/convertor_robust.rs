@@ -284,6 +284,23 @@ fn flags_are_validated_before_any_work() {
         "{e}"
     );
     assert!(!e.contains("converted") && !e.contains("layer 1"), "{e}");
+    // `obdconv` with a layout and no tag names its own arguments, not flags it
+    // does not have.
+    for (a, b, want) in [
+        (src.clone(), format!("{out_s}:t"), "SRC"),
+        (format!("{src}:latest"), out_s.clone(), "DST"),
+    ] {
+        let o = Command::new(bin())
+            .args(["obdconv", &a, &b, "--dir", wd_s])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
+        let e = stderr_of(&o);
+        assert!(
+            e.contains(&format!("{want} ")) && e.contains("oci:DIR:TAG") && !e.contains("--"),
+            "{e}"
+        );
+    }
     // The same tag for both outputs: one image would replace the other.
     let o = run(&["--vsize", "2", "--overlaybd", "obd", "--turboOCI", "obd"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));

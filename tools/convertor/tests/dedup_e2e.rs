@@ -1033,7 +1033,7 @@ fn bad_db_settings_fail_before_any_work() {
                 "--db-str",
                 &t.path().join("ok.sqlite").display().to_string(),
                 "--output-repository",
-                &format!("oci:{}:out", layout_out.display()),
+                &format!("oci:{}", layout_out.display()),
             ]),
             "needs a registry destination",
         ),

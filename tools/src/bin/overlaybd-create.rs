@@ -107,22 +107,36 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.raw {
-        for p in [&args.data_file, &args.index_file] {
-            std::fs::OpenOptions::new()
+        // Files this run created are removed again if it fails (a retry would
+        // find them in the way).
+        let mut created: Vec<&std::path::Path> = Vec::new();
+        let r = (|| -> anyhow::Result<()> {
+            for p in [&args.data_file, &args.index_file] {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(p)
+                    .with_context(|| format!("cannot create {}", p.display()))?;
+                created.push(p);
+            }
+            let f = std::fs::OpenOptions::new()
                 .write(true)
-                .create_new(true)
-                .open(p)
-                .with_context(|| format!("cannot create {}", p.display()))?;
+                .open(&args.data_file)
+                .with_context(|| format!("cannot open {}", args.data_file.display()))?;
+            f.set_len(vsize)
+                .with_context(|| format!("cannot size {}", args.data_file.display()))?;
+            if args.mkfs {
+                let dev = blockdev::RawFileDevice::open_rw(&args.data_file)?;
+                mkfs(std::sync::Arc::new(dev))?;
+            }
+            Ok(())
+        })();
+        if r.is_err() {
+            for p in created {
+                let _ = std::fs::remove_file(p);
+            }
         }
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&args.data_file)?;
-        f.set_len(vsize)
-            .with_context(|| format!("cannot size {}", args.data_file.display()))?;
-        if args.mkfs {
-            let dev = blockdev::RawFileDevice::open_rw(&args.data_file)?;
-            mkfs(std::sync::Arc::new(dev))?;
-        }
+        r?;
         println!("overlaybd-create has created files SUCCESSFULLY");
         return Ok(());
     }
