@@ -66,6 +66,25 @@ fn commit_tool_reproduces_upstream_blobs() {
     assert!(err_text(&o).contains("--verify"), "{}", err_text(&o));
     assert_ok(&run(ZFILE, &["-x", "z", "back"], dir.path()));
     assert!(std::fs::read(dir.path().join("back")).unwrap() == std::fs::read(lsmt).unwrap());
+    // Compression options with -x or --verify are said to be ignored.
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let o = run(
+        ZFILE,
+        &["--verify", "z", "--bs", "3", "--algorithm", "x"],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--algorithm, --bs only apply to compression"));
+    let o = run(ZFILE, &["-x", "z", "back2", "--threads", "7"], dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--threads only apply to compression; ignored with -x"));
+    // A block size that overflows says what is allowed.
+    let o = run(ZFILE, &[lsmt, "z2", "--bs", "4294967295"], dir.path());
+    assert!(
+        err_text(&o).contains("4, 8, 16, 32 or 64"),
+        "{}",
+        err_text(&o)
+    );
 }
 
 #[test]

@@ -132,7 +132,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         let kb = args.block_size.unwrap_or(4);
         let z = ZfileOptions {
             algorithm,
-            block_size: kb.checked_mul(1024).context("invalid --bs")?,
+            block_size: kb
+                .checked_mul(1024)
+                .with_context(|| format!("invalid --bs {kb}: 4, 8, 16, 32 or 64 (KB)"))?,
             threads: cli::threads(args.threads),
             ..Default::default()
         };

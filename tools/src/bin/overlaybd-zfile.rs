@@ -31,15 +31,16 @@ struct Args {
     /// Replace the target if it exists.
     #[arg(short = 'f')]
     force: bool,
-    /// Compression algorithm: lz4 or zstd.
-    #[arg(long, default_value = "lz4")]
-    algorithm: String,
-    /// Block size in KB: 4, 8, 16, 32 or 64.
-    #[arg(long = "bs", default_value_t = 4)]
-    block_size: u32,
-    /// Compression threads; 0 = every core. The output bytes do not depend on it.
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
+    /// Compression algorithm: lz4 or zstd [default: lz4].
+    #[arg(long)]
+    algorithm: Option<String>,
+    /// Block size in KB: 4, 8, 16, 32 or 64 [default: 4].
+    #[arg(long = "bs")]
+    block_size: Option<u32>,
+    /// Compression threads; 0 = every core [default: 0]. The output bytes do not
+    /// depend on it.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Print debug logs.
     #[arg(long)]
     verbose: bool,
@@ -56,6 +57,24 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if args.verify || args.extract {
+        let given: Vec<&str> = [
+            ("--algorithm", args.algorithm.is_some()),
+            ("--bs", args.block_size.is_some()),
+            ("--threads", args.threads.is_some()),
+        ]
+        .iter()
+        .filter(|(_, g)| *g)
+        .map(|(f, _)| *f)
+        .collect();
+        if !given.is_empty() {
+            tracing::warn!(
+                "{} only apply to compression; ignored with {}",
+                given.join(", "),
+                if args.verify { "--verify" } else { "-x" }
+            );
+        }
+    }
     if args.verify {
         let r = open_zfile(&args.source_file)?;
         verify_blocks(&r)
@@ -77,12 +96,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let algorithm: Algorithm = args.algorithm.parse()?;
+    let algorithm: Algorithm = args.algorithm.as_deref().unwrap_or("lz4").parse()?;
+    let kb = args.block_size.unwrap_or(4);
     let opts = ZfileOptions {
         algorithm,
-        block_size: args.block_size.checked_mul(1024).context("invalid --bs")?,
+        block_size: kb
+            .checked_mul(1024)
+            .with_context(|| format!("invalid --bs {kb}: 4, 8, 16, 32 or 64 (KB)"))?,
         overwrite_header: false,
-        threads: cli::threads(args.threads),
+        threads: cli::threads(args.threads.unwrap_or(0)),
         ..Default::default()
     };
     opts.validate().context("invalid --bs")?;
