@@ -276,6 +276,14 @@ impl Stack {
                 u.set_virtual_size(lower_vsize)?;
             }
             if u.virtual_size() > 0 {
+                if u.virtual_size() < lower_vsize {
+                    return Err(Error::Invalid(format!(
+                        "the upper layer {} has a virtual size of {} bytes, smaller than its lower layers' {} bytes: their filesystem would not fit (create it with at least that size, or 0 to take the lowers')",
+                        u.data_path().display(),
+                        u.virtual_size(),
+                        lower_vsize
+                    )));
+                }
                 size = u.virtual_size();
             }
             if u.is_sparse() {

@@ -236,6 +236,44 @@ fn writable_files_of_different_layers() {
     assert!(e.contains("not a regular file"), "{e}");
 }
 
+/// An upper smaller than its lowers cannot hold their filesystem: said so when
+/// the stack opens, not as a read beyond the device later.
+#[test]
+fn upper_smaller_than_its_lowers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, i) = (dir.path().join("d"), dir.path().join("i"));
+    create_writable(
+        &d,
+        &i,
+        &CreateOptions {
+            virtual_size: 1 << 30,
+            sparse: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let lower = testutil::fixtures().join("baselayer/ext4_64");
+    let e = blockdev::Stack::open(std::slice::from_ref(&lower), Some((&d, &i)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("smaller than its lower layers' 68719476736 bytes"),
+        "{e}"
+    );
+    // As large or 0 (take the lowers') is fine.
+    let (d0, i0) = (dir.path().join("d0"), dir.path().join("i0"));
+    create_writable(
+        &d0,
+        &i0,
+        &CreateOptions {
+            sparse: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    blockdev::Stack::open(&[lower], Some((&d0, &i0))).unwrap();
+}
+
 #[test]
 fn tar_wrapper_claiming_too_much_data() {
     let dir = tempfile::tempdir().unwrap();
