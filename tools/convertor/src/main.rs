@@ -522,10 +522,19 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         } else {
             String::new()
         };
+        // A docker archive names its image by the destination's NAME:TAG (its
+        // RepoTags), or not at all: the output tag is not in it.
+        let written_as = match &dst_ref {
+            ImageRef::DockerArchive { name, .. } => match name {
+                Some(obdoci::reference::ArchiveImage::Tagged(n)) => {
+                    format!("{} ({}:{})", dst.name(), n.repository, n.tag)
+                }
+                _ => format!("{} (untagged)", dst.name()),
+            },
+            _ => format!("{}:{}", dst.name(), out.tag),
+        };
         print_out(format_args!(
-            "{verb} {}:{} {} ({} manifest{}, {} layers) in {secs:.1} s{what}",
-            dst.name(),
-            out.tag,
+            "{verb} {written_as} {} ({} manifest{}, {} layers) in {secs:.1} s{what}",
             out.descriptor.digest,
             out.manifests,
             if out.manifests == 1 { "" } else { "s" },

@@ -187,7 +187,7 @@ fn archives_any_source_to_any_destination() {
 
     // 2. skopeo's docker-archive -> docker-archive, picked by name.
     let out2 = p("out2.tar");
-    convert_ok(&[
+    let said = convert_ok(&[
         "-r",
         &format!("docker-archive:{docker_src}:example.com/app:v1"),
         "--output-repository",
@@ -197,6 +197,11 @@ fn archives_any_source_to_any_destination() {
         "-d",
         wd_s,
     ]);
+    // The summary names the image as the archive does.
+    assert!(
+        said.contains(&format!("pushed docker-archive:{out2} (localhost/app:obd)")),
+        "{said}"
+    );
     // skopeo finds the image by the name we gave it.
     let inspect: Value = serde_json::from_str(&skopeo(&[
         "inspect",
