@@ -162,6 +162,14 @@ impl<R: Read> TarReader<R> {
         while n < buf.len() {
             match self.r.read(&mut buf[n..]) {
                 Ok(0) => {
+                    if n == 0 && eof_ok && self.pos == 0 {
+                        // Upstream's libtar applies it as an empty layer (and so do
+                        // we), but a layer of 0 bytes is more often a lost one than
+                        // an empty one (that is an archive of two zero blocks).
+                        tracing::warn!(
+                            "the layer tar is empty (0 bytes): applied as an empty layer"
+                        );
+                    }
                     if n == 0 && eof_ok {
                         return Ok(false);
                     }

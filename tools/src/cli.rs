@@ -25,8 +25,12 @@ pub fn init_logging(verbose: bool) {
 /// `var` (default `default`). Writing never fails loudly: events that
 /// cannot be written (stderr closed) are dropped.
 pub fn init_logging_from(var: &str, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env(var)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // An empty variable (`RUST_LOG=`) means the default, not "errors only".
+    let filter = std::env::var(var)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
