@@ -250,6 +250,10 @@ impl PackedStore {
         for chunk in src.chunks(JOB_BYTES) {
             let n = chunk.len() as u64 / BLOCK;
             let mut buf = std::mem::take(&mut g.buf);
+            if buf.len() < chunk.len() {
+                // Not handed back by a submit that failed.
+                buf = g.engine.buffer();
+            }
             buf[..chunk.len()].copy_from_slice(chunk);
             g.map.inflight.push_back((first, n));
             let Inner { engine, map, .. } = &mut *g;
