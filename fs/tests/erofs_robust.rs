@@ -254,7 +254,15 @@ fn bad_layers_are_refused_with_a_clear_message() {
         ),
         (
             &[("d/", Directory, ""), ("h", Link, "d")],
-            "'h': hard link target is a directory",
+            "'h': hard link target 'd' is a directory",
+        ),
+        (
+            &[
+                ("bin/", Directory, ""),
+                ("etc/", Directory, ""),
+                ("etc/hd", Link, "bin"),
+            ],
+            "'etc/hd': hard link target 'bin' is a directory",
         ),
         (
             &[("f", Regular, ""), ("f/x", Regular, "")],

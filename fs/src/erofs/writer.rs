@@ -676,12 +676,24 @@ impl Builder {
                 self.link_lower(d, de2.nid, de2.ftype);
                 return Ok(());
             }
+            let is_dir = || {
+                Self::entry_err(
+                    path,
+                    format!(
+                        "hard link target '{}' is a directory",
+                        String::from_utf8_lossy(&e.link)
+                    ),
+                )
+            };
+            if de2.ftype == ft::DIR {
+                return Err(is_dir());
+            }
             let target = match de2.inode {
                 Some(t) if de2.ftype != ft::UNKNOWN => t,
                 _ => return Err(missing()),
             };
             if self.is_dir(target) {
-                return Err(Self::entry_err(path, "hard link target is a directory"));
+                return Err(is_dir());
             }
             if self.is_whiteout_node(target) {
                 return Err(missing());
