@@ -195,11 +195,7 @@ impl Stack {
     }
 
     fn open_config_mode(cfg: &ImageConfig, read_only: bool) -> Result<Stack> {
-        let lowers = cfg
-            .lower_sources()
-            .iter()
-            .map(LowerSource::open)
-            .collect::<Result<Vec<_>>>()?;
+        let lowers = Stack::open_lowers(&cfg.lower_sources())?;
         let upper = match &cfg.upper {
             None => None,
             Some(u) => Some(match &u.target {
@@ -237,12 +233,14 @@ impl Stack {
         upper: Option<(&Path, &Path)>,
         open_upper: fn(&Path, &Path) -> Result<WritableLayer>,
     ) -> Result<Stack> {
-        let layers = lowers
-            .iter()
-            .map(LowerSource::open)
-            .collect::<Result<Vec<_>>>()?;
+        let layers = Stack::open_lowers(lowers)?;
         let upper = upper.map(|(d, i)| open_upper(d, i)).transpose()?;
         Stack::with_lowers(layers, upper)
+    }
+
+    /// Open lowers of any [`LowerSource`] (bottom first), for [`Stack::with_lowers`].
+    pub fn open_lowers(lowers: &[LowerSource]) -> Result<Vec<Lower>> {
+        lowers.iter().map(LowerSource::open).collect()
     }
 
     /// Build from already opened layers.

@@ -482,12 +482,7 @@ fn apply_tar_stream(
     durability: Durability,
     progress: Option<&mut dyn FnMut(&ApplyStats)>,
 ) -> Result<(ApplyStats, Option<crate::erofs::BuildStats>)> {
-    let lowers = job
-        .lowers
-        .iter()
-        .map(LowerSource::open)
-        .collect::<blockdev::Result<Vec<_>>>()
-        .map_err(Error::Device)?;
+    let lowers = Stack::open_lowers(&job.lowers).map_err(Error::Device)?;
     let mut upper = WritableLayer::open_warp(&job.upper_data, &job.upper_index, None, false)
         .map_err(Error::Device)?;
     if durability == Durability::Scratch {

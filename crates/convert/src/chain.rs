@@ -114,7 +114,9 @@ pub struct Prepared {
 /// `job.mkfs`), make the ext4 right away. The device sees the same writes in the same
 /// order either way: the engine's apply with `mkfs` is its mkfs followed by the apply.
 pub fn prepare_layer(job: &LayerJob<'_>, mkfs_now: bool) -> Result<Prepared> {
-    let packed = job.packed && job.sparse && job.zfile.block_size == 4096;
+    let packed = job.packed
+        && job.sparse
+        && u64::from(job.zfile.block_size) == blockdev::lsmt::packed::BLOCK;
     let data = job.dir.join(if packed { PACKED_FILE } else { DATA_FILE });
     let index = job.dir.join(INDEX_FILE);
     let out = job.dir.join(COMMIT_FILE);
@@ -133,11 +135,7 @@ pub fn prepare_layer(job: &LayerJob<'_>, mkfs_now: bool) -> Result<Prepared> {
     };
     let (stack, store): (Arc<dyn BlockDevice>, _) = if packed {
         let store = create_packed(&data, &create, &job.zfile)?;
-        let lowers = job
-            .lowers
-            .iter()
-            .map(LowerSource::open)
-            .collect::<blockdev::Result<Vec<_>>>()?;
+        let lowers = Stack::open_lowers(job.lowers)?;
         let upper = WritableLayer::open_packed(store.clone(), false)?.scratch();
         (
             Arc::new(Stack::with_lowers(lowers, Some(upper))?),
