@@ -55,10 +55,21 @@ pub trait CompactOut {
         stored: Option<&dyn StoredSource>,
     ) -> Result<()> {
         let _ = stored;
-        self.append_filled((sectors * SECTOR) as usize, &mut |piece, off| {
-            read_piece(read, piece, moffset, off)
-        })
+        append_read(self, sectors, moffset, read)
     }
+}
+
+/// Append `sectors` of mapped data starting at sector `moffset`, read with `read`
+/// into `out`'s own buffers.
+fn append_read<O: CompactOut + ?Sized>(
+    out: &mut O,
+    sectors: u64,
+    moffset: u64,
+    read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
+) -> Result<()> {
+    out.append_filled((sectors * SECTOR) as usize, &mut |piece, off| {
+        read_piece(read, piece, moffset, off)
+    })
 }
 
 impl<T: BlobSink> CompactOut for T {
@@ -98,9 +109,7 @@ impl<S: BlobSink> CompactOut for ZFileWriter<S> {
             o.block_size as u64 == BS && st.stored_format() == (o.algorithm, o.verify)
         });
         let Some(st) = usable else {
-            return self.write_filled((sectors * SECTOR) as usize, &mut |piece, off| {
-                read_piece(read, piece, moffset, off)
-            });
+            return append_read(self, sectors, moffset, read);
         };
         // Entries are cut at 16383 sectors, so a piece may start or end inside
         // a block: such parts are read and compressed (the writer completes the

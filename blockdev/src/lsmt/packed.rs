@@ -211,14 +211,6 @@ impl PackedStore {
         self.file.path()
     }
 
-    pub fn algorithm(&self) -> Algorithm {
-        self.algorithm
-    }
-
-    pub fn verify(&self) -> bool {
-        self.verify
-    }
-
     /// Length of the data file this store stands for.
     pub fn len(&self) -> Result<u64> {
         Ok(*self.len.lock())

@@ -79,6 +79,15 @@ pub fn create_warp(data: &Path, index: &Path, virtual_size: u64, uuid: Option<Uu
     })
 }
 
+/// Open a layer file for reading, or also for writing unless `read_only`.
+fn open_file(p: &Path, read_only: bool) -> Result<IoFile> {
+    if read_only {
+        IoFile::open(p)
+    } else {
+        IoFile::open_rw(p)
+    }
+}
+
 /// Create the new files `data` and `index` and fill them with `fill`; on
 /// any failure neither is left behind (a retry would find them in the way).
 fn create_pair(
@@ -326,13 +335,7 @@ impl WritableLayer {
         target: Option<Arc<dyn ReadAt>>,
         read_only: bool,
     ) -> Result<Self> {
-        let open = |p: &Path| {
-            if read_only {
-                IoFile::open(p)
-            } else {
-                IoFile::open_rw(p)
-            }
-        };
+        let open = |p: &Path| open_file(p, read_only);
         let bad = |p: &Path, msg: String| Error::corrupt(p, "LSMT warp layer", msg);
         let data_file = open(data)?;
         let fi = open(index)?;
@@ -413,14 +416,11 @@ impl WritableLayer {
     }
 
     fn open_mode(data_path: &Path, index_path: &Path, read_only: bool) -> Result<Self> {
-        let open = |p: &Path| {
-            if read_only {
-                IoFile::open(p)
-            } else {
-                IoFile::open_rw(p)
-            }
-        };
-        Self::open_data(DataFile::File(open(data_path)?), index_path, read_only)
+        Self::open_data(
+            DataFile::File(open_file(data_path, read_only)?),
+            index_path,
+            read_only,
+        )
     }
 
     /// Open a packed sparse layer ([`create_packed`]); read-only views share the
@@ -449,13 +449,7 @@ impl WritableLayer {
     fn open_data(data: DataFile, index_path: &Path, read_only: bool) -> Result<Self> {
         let data_path = data.path().to_path_buf();
         let data_path = data_path.as_path();
-        let open = |p: &Path| {
-            if read_only {
-                IoFile::open(p)
-            } else {
-                IoFile::open_rw(p)
-            }
-        };
+        let open = |p: &Path| open_file(p, read_only);
         let bad = |p: &Path, msg: String| Error::corrupt(p, "LSMT writable layer", msg);
         let data_len = data.len()?;
         if data_len < HT_SPACE as u64 {
