@@ -194,6 +194,18 @@ impl ImageConfig {
         v
     }
 
+    /// The layer file ([`ImageConfig::layer_files`]) or one of `others` that is the
+    /// same file as `p`, if any: an output at `p` would destroy it.
+    pub fn same_as_layer_file(&self, p: &Path, others: &[&Path]) -> Option<PathBuf> {
+        let files = self.layer_files();
+        files
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(others.iter().copied())
+            .find(|f| crate::io::same_file(p, f))
+            .map(Path::to_path_buf)
+    }
+
     /// Whether the result file can be written where the config says, so that a
     /// tool finds out before its work, not after it: not a directory, in an
     /// existing directory, writable (not on a read-only filesystem), and not one of
@@ -212,21 +224,14 @@ impl ImageConfig {
                 "is a directory".into(),
             ));
         }
-        let files = self.layer_files();
-        let others = files
-            .iter()
-            .map(PathBuf::as_path)
-            .chain(inputs.iter().copied());
-        for f in others {
-            if crate::io::same_file(p, f) {
-                return Err(bad(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "is {}, an input of this apply; writing the result would destroy it",
-                        f.display()
-                    ),
-                ));
-            }
+        if let Some(f) = self.same_as_layer_file(p, inputs) {
+            return Err(bad(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "is {}, an input of this apply; writing the result would destroy it",
+                    f.display()
+                ),
+            ));
         }
         let dir = match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,

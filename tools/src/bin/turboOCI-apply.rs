@@ -104,14 +104,12 @@ fn main() -> ExitCode {
 fn check_outputs(args: &Args, cfg: &ImageConfig, inputs: &[&Path]) -> blockdev::Result<()> {
     cfg.check_result_file(inputs)?;
     let gz = &args.gz_index_path;
-    let files = cfg.layer_files();
-    let taken = files
+    let others: Vec<&Path> = inputs
         .iter()
-        .map(PathBuf::as_path)
-        .chain(inputs.iter().copied())
+        .copied()
         .chain(cfg.result_file.as_deref())
-        .find(|f| blockdev::io::same_file(gz, f));
-    if let Some(f) = taken {
+        .collect();
+    if let Some(f) = cfg.same_as_layer_file(gz, &others) {
         return Err(blockdev::Error::Invalid(format!(
             "--gz_index_path {} is {}, which this apply reads or writes: give the index a path of its own",
             gz.display(),
