@@ -727,23 +727,39 @@ impl Registry {
 
 /// `": CODE: message"` from a distribution error body, if there is one.
 fn error_detail(resp: Response) -> String {
+    error_detail_of(&read_error_body(resp))
+}
+
+/// The start of an error response's body (enough for any distribution error list).
+fn read_error_body(resp: Response) -> Vec<u8> {
     let mut buf = Vec::new();
     let _ = resp.take(64 << 10).read_to_end(&mut buf);
-    error_detail_of(&buf)
+    buf
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorEntry {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorBody {
+    errors: Vec<ErrorEntry>,
+}
+
+/// The error codes (`MANIFEST_BLOB_UNKNOWN`, ...) of a distribution error body.
+fn error_codes(buf: &[u8]) -> impl Iterator<Item = String> {
+    serde_json::from_slice::<ErrorBody>(buf)
+        .map(|b| b.errors)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| e.code)
 }
 
 /// [`error_detail`] of a response body already read.
 fn error_detail_of(buf: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct E {
-        code: Option<String>,
-        message: Option<String>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Body {
-        errors: Vec<E>,
-    }
-    match serde_json::from_slice::<Body>(buf) {
+    match serde_json::from_slice::<ErrorBody>(buf) {
         Ok(b) if !b.errors.is_empty() => b
             .errors
             .iter()
@@ -949,14 +965,42 @@ impl Repository {
         let what = format!("push manifest {}", ref_name(&self.name, r));
         let url = self.reg.api(&format!("/{}/manifests/{r}", self.name));
         let digest = Digest::of(bytes);
-        let resp = self.reg.send(&what, &self.push_scope(), true, &|c| {
-            c.put(&url)
-                .header(CONTENT_TYPE, media_type)
-                .body(bytes.to_vec())
-        })?;
-        if !resp.status().is_success() {
-            return Err(self.reg.status_error(&what, resp));
-        }
+        let mut attempt = 0u32;
+        let resp = loop {
+            let resp = self.reg.send(&what, &self.push_scope(), true, &|c| {
+                c.put(&url)
+                    .header(CONTENT_TYPE, media_type)
+                    .body(bytes.to_vec())
+            })?;
+            let st = resp.status().as_u16();
+            if resp.status().is_success() {
+                break resp;
+            }
+            let body = read_error_body(resp);
+            // A registry may not see a blob it has just taken: distribution's
+            // filesystem storage rewrites a repository's link to a blob in place
+            // (truncate, then write) whenever the blob is pushed again, so a
+            // manifest put that races another client's push of the same blob
+            // finds the link empty. Eventually consistent storage does the
+            // same. Blobs that are really missing fail once the retries are used.
+            if st == 400
+                && error_codes(&body).any(|c| c == "MANIFEST_BLOB_UNKNOWN")
+                && attempt < self.reg.opts.retries
+                && !self.reg.cancelled()
+            {
+                let delay = self.reg.opts.retry_delay * 2u32.saturating_pow(attempt);
+                tracing::warn!(
+                    "{}: {what}: the registry does not see a blob the manifest names{}; retrying in {:.1} s",
+                    self.reg.host,
+                    error_detail_of(&body),
+                    delay.as_secs_f64()
+                );
+                std::thread::sleep(delay);
+                attempt += 1;
+                continue;
+            }
+            return Err(self.reg.status_error_of(&what, st, error_detail_of(&body)));
+        };
         if let Some(d) = header_str(resp.headers(), "docker-content-digest") {
             if d != digest.as_str() {
                 return Err(Error::Protocol {

@@ -526,3 +526,65 @@ fn stalled_connections_fail_after_the_stall_timeout() {
     assert!(text.contains("timed out"), "{text}");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
 }
+
+/// A manifest put that finds a blob's link momentarily empty (what distribution's
+/// filesystem storage shows while another client pushes the same blob: it rewrites
+/// the link in place) is retried and succeeds; a blob that is really gone still
+/// fails, naming the registry's error, once the retries are used.
+#[test]
+fn manifest_push_waits_for_a_blob_link_being_rewritten() {
+    let reg = Registry::plain();
+    let o = ClientOptions {
+        plain_http: true,
+        retries: 3,
+        retry_delay: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let repo = registry::Registry::new(&reg.host(), &o)
+        .unwrap()
+        .repository("race/m");
+    let layer = payload(1 << 16, 9);
+    let ld = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &layer);
+    repo.push_blob(&ld, BlobSource::Bytes(&layer), None, None)
+        .unwrap();
+    let cfg = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let cd = Descriptor::of_bytes(MT_OCI_CONFIG, cfg);
+    repo.push_blob(&cd, BlobSource::Bytes(cfg), None, None)
+        .unwrap();
+    let m = serde_json::json!({"schemaVersion":2,"mediaType":MT_OCI_MANIFEST,"config":cd,"layers":[ld]});
+    let mb = serde_json::to_vec(&m).unwrap();
+
+    // The link is empty now and written again 300 ms later.
+    let link = reg.layer_link_path("race/m", ld.digest.as_str());
+    let content = std::fs::read(&link).unwrap();
+    assert_eq!(content, ld.digest.as_str().as_bytes());
+    std::fs::write(&link, b"").unwrap();
+    let restore = {
+        let link = link.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::write(&link, content).unwrap();
+        })
+    };
+    let md = repo
+        .put_manifest(&Reference::Tag("t".into()), MT_OCI_MANIFEST, &mb)
+        .unwrap();
+    restore.join().unwrap();
+    assert_eq!(md, Digest::of(&mb));
+    assert!(reg.tag_link_exists("race/m", "t"));
+
+    // A blob the repository does not hold: the same error, after the retries.
+    reg.delete_blob("race/m", ld.digest.as_str());
+    let t0 = std::time::Instant::now();
+    let e = repo
+        .put_manifest(&Reference::Tag("u".into()), MT_OCI_MANIFEST, &mb)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MANIFEST_BLOB_UNKNOWN"), "{e}");
+    assert!(e.contains("push manifest race/m:u"), "{e}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(200 + 400 + 800),
+        "gave up without retrying"
+    );
+    assert!(!reg.tag_link_exists("race/m", "u"));
+}

@@ -290,6 +290,19 @@ impl Registry {
             .join("data")
     }
 
+    /// Path of the file that links a repository to a blob it holds
+    /// (`_layers/sha256/<hex>/link`, which holds the digest).
+    pub fn layer_link_path(&self, repo: &str, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/repositories")
+            .join(repo)
+            .join("_layers/sha256")
+            .join(hex)
+            .join("link")
+    }
+
     /// Tags of a repository as the registry lists them.
     pub fn tag_link_exists(&self, repo: &str, tag: &str) -> bool {
         self.dir
