@@ -5,7 +5,9 @@
 #
 #   1. warm page cache, the given stack (default: the upstream reference
 #      fixture ext4_64 + commit.lsmt): sequential 1 MiB reads, random 4 KiB
-#      reads at queue depth 1 and 16, simple and structured replies;
+#      reads at queue depth 1 and 16, simple and structured replies, and
+#      simple replies again with the server's busy polling off (the server
+#      sleeping in read between batches, as before it polled);
 #   2. cold page cache (posix_fadvise DONTNEED on the layer files only), a
 #      300 MB layer made from /usr: random 4 KiB reads, with the io_uring
 #      engine (batches of reads in flight) and with plain pread;
@@ -39,6 +41,8 @@ echo "== warm page cache, simple replies"
 "$BIN/examples/nbd_bench" --rounds "$ROUNDS" "$@"
 echo "== warm page cache, structured replies"
 "$BIN/examples/nbd_bench" --rounds "$ROUNDS" --structured "$@" | tail -4
+echo "== warm page cache, simple replies, busy polling off (--busy-poll-us 0)"
+"$BIN/examples/nbd_bench" --rounds "$ROUNDS" --busy-poll-us 0 "$@" | tail -4
 
 echo "== cold page cache: a 300 MB layer of /usr data in $W"
 tar -cf - /usr/lib /usr/share 2>/dev/null | head -c $((300 << 20)) >"$W/payload" || true

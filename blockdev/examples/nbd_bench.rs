@@ -19,7 +19,7 @@
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blockdev::nbd::client::{Client, ClientOptions, Reply};
 use blockdev::nbd::proto::CMD_READ;
@@ -95,6 +95,7 @@ fn main() {
     let mut structured = false;
     let mut cold = false;
     let mut workers = ServerConfig::default().workers_per_connection;
+    let mut busy_poll = ServerConfig::default().busy_poll;
     let mut layers: Vec<PathBuf> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -113,6 +114,13 @@ fn main() {
                     .and_then(|v| v.parse().ok())
                     .expect("--rounds R")
             }
+            "--busy-poll-us" => {
+                busy_poll = Duration::from_micros(
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("--busy-poll-us N"),
+                )
+            }
             "--structured" => structured = true,
             "--cold" => cold = true,
             "--workers" => {
@@ -126,7 +134,7 @@ fn main() {
     }
     if layers.is_empty() {
         eprintln!(
-            "usage: nbd_bench [--span MiB] [--ops N] [--rounds R] [--structured] [--cold] [--workers N] LAYER..."
+            "usage: nbd_bench [--span MiB] [--ops N] [--rounds R] [--structured] [--cold] [--workers N] [--busy-poll-us N] LAYER..."
         );
         std::process::exit(2);
     }
@@ -158,6 +166,7 @@ fn main() {
         ServerConfig {
             read_only: true,
             workers_per_connection: workers,
+            busy_poll,
             ..ServerConfig::default()
         },
     );

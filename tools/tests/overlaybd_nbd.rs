@@ -562,3 +562,85 @@ fn corrupt_blocks_are_logged_as_warnings() {
         "{log}"
     );
 }
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which ends with the last ')'):
+    // state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64
+        / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .unwrap()
+            .unwrap() as f64
+}
+
+/// `--busy-poll-us`: a pipelining client is answered correctly while the
+/// server polls for its requests, and a client whose requests come far
+/// apart does not keep the server polling (it would burn the window's CPU
+/// on every request).
+#[test]
+fn busy_polling_stops_for_slow_clients() {
+    use blockdev::nbd::client::{Client, ClientOptions};
+    use blockdev::nbd::proto::CMD_READ;
+    use blockdev::nbd::Endpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&img, &data).unwrap();
+    let sock = dir.path().join("s.sock");
+    let window_us = 5000u64;
+    let served = Served::start(&[
+        "--raw",
+        "--read-only",
+        "--busy-poll-us",
+        &window_us.to_string(),
+        "--socket",
+        sock.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let pid = served.child.id();
+    let mut c = Client::connect(&Endpoint::Unix(sock.clone()), &ClientOptions::default()).unwrap();
+
+    // Pipelined: 16 requests in flight, every reply checked.
+    let mut x = 1u64;
+    let mut offsets = std::collections::VecDeque::new();
+    for i in 0..4000 {
+        if i < 3985 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let off = (x >> 33) % ((4 << 20) / 4096) * 4096;
+            c.send(CMD_READ, 0, off, 4096, &[]).unwrap();
+            offsets.push_back(off);
+        }
+        if offsets.len() == 16 || i >= 3985 {
+            c.flush_requests().unwrap();
+            let r = c.recv().unwrap();
+            let off = offsets.pop_front().unwrap() as usize;
+            assert_eq!(r.error, 0);
+            assert!(r.data == data[off..off + 4096], "wrong data at {off}");
+        }
+        if offsets.is_empty() && i >= 3985 {
+            break;
+        }
+    }
+
+    // Slow: one request every 15 ms, 40 times. Polling 5 ms after each
+    // would take 0.2 s of CPU; after the first long wait it stops.
+    let cpu0 = cpu_seconds(pid);
+    for i in 0..40u64 {
+        std::thread::sleep(Duration::from_millis(15));
+        let off = i * 4096;
+        assert!(c.read(off, 4096).unwrap() == data[off as usize..off as usize + 4096]);
+    }
+    let used = cpu_seconds(pid) - cpu0;
+    assert!(
+        used < 0.06,
+        "the server used {used:.3} s of CPU for 40 requests 15 ms apart (it kept polling)"
+    );
+    c.disconnect().unwrap();
+    served.terminate();
+}

@@ -27,4 +27,5 @@ pub mod server;
 pub use handshake::{process_client_bytes, Export};
 pub use server::{
     Allocation, Endpoint, Listener, ServeStats, Server, ServerConfig, ShutdownHandle, ZeroScan,
+    BUSY_POLL,
 };

@@ -251,10 +251,12 @@ impl Stream {
 
 /// A stream whose reads fail with `TimedOut` once a deadline has passed,
 /// however the bytes trickle in (each read waits at most for the time
-/// left). Without a deadline it is the plain stream.
+/// left). Without a deadline it is the plain stream, read through
+/// [`BusyPoll`].
 struct Deadline {
     s: Stream,
     deadline: Option<Instant>,
+    poll: BusyPoll,
 }
 
 impl Deadline {
@@ -265,10 +267,67 @@ impl Deadline {
     }
 }
 
+/// Waiting for the next requests by polling the socket for a short window
+/// before sleeping in `read` ([`ServerConfig::busy_poll`]).
+///
+/// A client that pipelines sends its next requests as soon as it has read
+/// the replies, a few microseconds later; sleeping in `read` meanwhile
+/// costs a wake-up when they come, which on a virtual machine (an
+/// inter-processor interrupt, the idle vCPU's exit) takes longer than the
+/// reads themselves. Between polls the thread yields its CPU, so a client
+/// running on the same CPU gets to send. The window is adaptive: after a
+/// wait longer than twice the window (an idle or slow client) the next
+/// wait sleeps at once, so an idle connection costs no CPU, and polling
+/// comes back once requests follow each other closely again.
+struct BusyPoll {
+    window: Duration,
+    /// Whether the last wait was short enough for polling to pay.
+    pays: bool,
+}
+
+impl BusyPoll {
+    fn new(window: Duration) -> BusyPoll {
+        BusyPoll {
+            window,
+            pays: !window.is_zero(),
+        }
+    }
+
+    /// Read from `s`: poll it while the window lasts (if polling pays),
+    /// then block.
+    fn read(&mut self, s: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
+        if self.window.is_zero() || buf.is_empty() {
+            return s.read(buf);
+        }
+        let t0 = Instant::now();
+        if self.pays {
+            loop {
+                match s.recv_nowait(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => return r,
+                }
+                if t0.elapsed() >= self.window {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+        let r = s.read(buf);
+        self.pays = self.pays_after(t0.elapsed());
+        r
+    }
+
+    /// Whether polling pays after a wait of `waited`.
+    fn pays_after(&self, waited: Duration) -> bool {
+        waited < 2 * self.window
+    }
+}
+
 impl Read for Deadline {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let Some(d) = self.deadline else {
-            return self.s.read(buf);
+            return self.poll.read(&mut self.s, buf);
         };
         let timed_out =
             || io::Error::new(io::ErrorKind::TimedOut, "handshake not finished in time");
@@ -281,6 +340,23 @@ impl Read for Deadline {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(timed_out()),
             r => r,
         }
+    }
+}
+
+impl Stream {
+    /// `recv` with `MSG_DONTWAIT`: what is there, or `WouldBlock`.
+    fn recv_nowait(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        };
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
+        // duration of the call, and `fd` is the open socket `self` owns.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }
 
@@ -331,7 +407,13 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Give up on a client that does not read its replies for this long.
     pub write_timeout: Duration,
+    /// How long a connection polls its socket for the next requests before
+    /// it sleeps (adaptive: see `BusyPoll`); zero sleeps at once.
+    pub busy_poll: Duration,
 }
+
+/// The default [`ServerConfig::busy_poll`].
+pub const BUSY_POLL: Duration = Duration::from_micros(50);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -344,6 +426,7 @@ impl Default for ServerConfig {
             max_handshakes: 64,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(120),
+            busy_poll: BUSY_POLL,
         }
     }
 }
@@ -666,6 +749,7 @@ fn run_connection(
     let deadline = Deadline {
         s: rstream,
         deadline: Some(Instant::now() + inner.cfg.handshake_timeout),
+        poll: BusyPoll::new(inner.cfg.busy_poll),
     };
     let mut reader = BufReader::with_capacity(256 << 10, deadline);
     let mut writer = wstream;
