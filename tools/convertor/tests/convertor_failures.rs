@@ -444,3 +444,61 @@ fn registry_briefly_down_is_retried() {
     assert!(stderr_of(&o).contains("retrying"), "{}", stderr_of(&o));
     assert!(reg.tag_link_exists("flap/sample", "obd"));
 }
+
+/// A converted image given as the source again is refused with one line
+/// naming a layer (its blobs have a tar media type, and would otherwise be
+/// applied as tars), before anything is downloaded or pushed.
+#[test]
+fn converting_a_converted_image_is_refused() {
+    let reg = Registry::plain();
+    let t = tempfile::tempdir().unwrap();
+    let images = t.path().join("images");
+    build_images("sample", &images, &[]);
+    skopeo_push(&images, "latest", &reg.host(), "c/sample");
+    let r = format!("{}/c/sample", reg.host());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    for (from, to, extra) in [
+        ("latest", "obd", &[][..]),
+        ("latest", "turbo", &["--turboOCI", "turbo"][..]),
+    ] {
+        let mut args = vec!["-r", &r, "-i", from, "--plain", "-d", wd_s];
+        if extra.is_empty() {
+            args.extend(["-o", to]);
+        } else {
+            args.extend(extra);
+        }
+        let o = convertor(&args);
+        assert!(o.status.success(), "{}", stderr_of(&o));
+    }
+    let repo = registry::Registry::new(
+        &reg.host(),
+        &ClientOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .repository("c/sample");
+    for tag in ["obd", "turbo"] {
+        let (_, m) = repo.get_manifest(&Reference::Tag(tag.into())).unwrap();
+        let m: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        let first = m["layers"][0]["digest"].as_str().unwrap().to_string();
+        let revs = reg.manifest_revisions("c/sample");
+        let o = convertor(&["-r", &r, "-i", tag, "-o", "again", "--plain", "-d", wd_s]);
+        assert_eq!(o.status.code(), Some(1), "{tag}");
+        let e = stderr_of(&o);
+        assert!(
+            e.contains("converted already") && e.contains(&first),
+            "{tag}: {e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{tag}: one line: {e}");
+        assert!(!reg.tag_link_exists("c/sample", "again"));
+        assert_eq!(
+            reg.manifest_revisions("c/sample"),
+            revs,
+            "no manifest pushed"
+        );
+        assert!(!wd.exists(), "work dir cleaned up after the refusal");
+    }
+}

@@ -4,6 +4,7 @@
 
 use super::publish::Pending;
 use super::Run;
+use crate::annotations::ANNOTATION_BLOB_DIGEST;
 use crate::dedup::Reused;
 use crate::{Error, Result};
 use obdoci::error::Chain;
@@ -189,6 +190,15 @@ impl Run<'_> {
         for l in &m.layers {
             check_layer_type(&l.media_type)
                 .map_err(|e| Error::Unsupported(format!("layer {}: {e}", l.digest)))?;
+            // An overlaybd blob has a tar's media type (and tar-wrapped blobs parse
+            // as a tar): converting it again would make an image holding the
+            // previous conversion's blob files.
+            if l.annotation(ANNOTATION_BLOB_DIGEST).is_some() {
+                return Err(Error::Unsupported(format!(
+                    "layer {} is an overlaybd layer (it has the {ANNOTATION_BLOB_DIGEST} annotation): the image is converted already; convert the OCI image it was made from",
+                    l.digest
+                )));
+            }
             for o in &self.outputs {
                 o.out
                     .format
