@@ -274,6 +274,27 @@ fn bad_layers_are_refused_with_a_clear_message() {
         let e = build_err(&tar_of(entries), false);
         assert!(e.contains(want), "got {e:?}, want {want:?}");
     }
+    // Symlink targets symlink(2) refuses: empty, and longer than 4095 bytes
+    // (a GNU long-link member carries it). 4095 bytes are fine.
+    let e = build_err(&tar_of(&[("s", tar::EntryType::Symlink, "")]), false);
+    assert!(e.contains("'s': symbolic link with an empty target"), "{e}");
+    let symlink_tar = |len: usize| {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        b.append_link(&mut h, "long", "x".repeat(len)).unwrap();
+        b.into_inner().unwrap()
+    };
+    let e = build_err(&symlink_tar(5000), false);
+    assert!(
+        e.contains("'long': symbolic link target of 5000 bytes is too long (limit 4095)"),
+        "{e}"
+    );
+    let dev = RecordingDevice::new(BTreeMap::new());
+    build_layer(dev, &symlink_tar(4095)[..], &BuildOptions::default())
+        .expect("a 4095-byte symlink target");
     // A tar that ends inside a header.
     let mut t = tar_of(&[("a", Regular, "")]);
     t.truncate(300);

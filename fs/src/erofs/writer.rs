@@ -80,6 +80,8 @@ use crate::tar::{Entry, Kind as TarKind, TarReader};
 /// Root xattr space reserved by the bottom layer (`EROFS_ROOT_XATTR_SZ`).
 pub const ROOT_XATTR_SIZE: u32 = 16 * 1024;
 const BLKSZBITS: u32 = 12;
+/// Longest symlink target (PATH_MAX less its terminating NUL).
+const MAX_SYMLINK_TARGET: usize = 4095;
 const OPAQUE_XATTR: &[u8] = b"trusted.overlay.opaque";
 
 /// How to build a layer.
@@ -740,6 +742,21 @@ impl Builder {
                 TarKind::Fifo => mode::S_IFIFO,
             };
         let path = &e.path;
+        if e.kind == TarKind::Symlink {
+            // What symlink(2) refuses (and the ext4 engine too).
+            if e.link.is_empty() {
+                return Err(Self::entry_err(path, "symbolic link with an empty target"));
+            }
+            if e.link.len() > MAX_SYMLINK_TARGET {
+                return Err(Self::entry_err(
+                    path,
+                    format!(
+                        "symbolic link target of {} bytes is too long (limit {MAX_SYMLINK_TARGET})",
+                        e.link.len()
+                    ),
+                ));
+            }
+        }
         let l = self.get_dentry(path)?;
         let inode = match l.d {
             None if l.opq => {
