@@ -381,22 +381,30 @@ impl<R: Read> TarReader<R> {
                 b"path" => path = v.clone(),
                 b"linkpath" => link = v.clone(),
                 b"size" => {
-                    logical_size = parse_dec(v)
-                        .ok_or_else(|| self.tar_err(at, format!("PAX size '{}'", vs())))?
+                    logical_size = parse_dec(v).ok_or_else(|| {
+                        self.tar_err(at, format!("PAX size '{}' {}", vs(), dec_problem(v)))
+                    })?
                 }
                 b"uid" => {
-                    uid = parse_dec(v)
-                        .ok_or_else(|| self.tar_err(at, format!("PAX uid '{}'", vs())))?
-                        as i64
+                    uid = parse_dec(v).ok_or_else(|| {
+                        self.tar_err(at, format!("PAX uid '{}' {}", vs(), dec_problem(v)))
+                    })? as i64
                 }
                 b"gid" => {
-                    gid = parse_dec(v)
-                        .ok_or_else(|| self.tar_err(at, format!("PAX gid '{}'", vs())))?
-                        as i64
+                    gid = parse_dec(v).ok_or_else(|| {
+                        self.tar_err(at, format!("PAX gid '{}' {}", vs(), dec_problem(v)))
+                    })? as i64
                 }
                 b"mtime" => {
-                    mtime = parse_pax_time(v)
-                        .ok_or_else(|| self.tar_err(at, format!("PAX mtime '{}'", vs())))?
+                    mtime = parse_pax_time(v).ok_or_else(|| {
+                        self.tar_err(
+                            at,
+                            format!(
+                                "PAX mtime '{}' is not a time ([-]seconds[.fraction], seconds within 64 bits)",
+                                vs()
+                            ),
+                        )
+                    })?
                 }
                 b"GNU.sparse.name" => sparse_name = Some(v.clone()),
                 b"GNU.sparse.major" => gnu_sparse.major = Some(vs()),
@@ -780,6 +788,17 @@ fn parse_dec(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
+/// Why [`parse_dec`] refused `v`.
+fn dec_problem(v: &[u8]) -> &'static str {
+    if v.is_empty() {
+        "is empty"
+    } else if !v.iter().all(u8::is_ascii_digit) {
+        "is not a decimal number"
+    } else {
+        "is too large (more than 64 bits)"
+    }
+}
+
 /// Parse a PAX time `[-]sec[.frac]`.
 pub fn parse_pax_time(v: &[u8]) -> Option<Timestamp> {
     let s = std::str::from_utf8(v).ok()?;
@@ -972,6 +991,46 @@ mod tests {
         let mut d = vec![0u8; 4000];
         let e = r.read_data(&mut d).unwrap_err().to_string();
         assert!(e.contains("unexpected end"), "{e}");
+    }
+
+    /// A tar of one empty file `f` with the PAX records `recs`.
+    fn pax_tar(recs: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(0);
+        h.set_mode(0o644);
+        b.append_pax_extensions(recs.iter().map(|(k, v)| (*k, v.as_bytes())))
+            .unwrap();
+        b.append_data(&mut h, "f", &[][..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn bad_pax_numbers_say_what_is_wrong() {
+        let cases = [
+            ("size", "12x", "PAX size '12x' is not a decimal number"),
+            ("size", "", "PAX size '' is empty"),
+            (
+                "size",
+                "99999999999999999999",
+                "is too large (more than 64 bits)",
+            ),
+            ("uid", "-5", "PAX uid '-5' is not a decimal number"),
+            ("uid", "4294967296", "uid/gid 4294967296/0 out of range"),
+            ("mtime", "1.2.3", "PAX mtime '1.2.3' is not a time"),
+        ];
+        for (k, v, want) in cases {
+            let data = pax_tar(&[(k, v)]);
+            let e = TarReader::new(&data[..])
+                .next_entry()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{k}={v}: {e}");
+        }
+        // The largest valid ids pass.
+        let data = pax_tar(&[("uid", "4294967295"), ("gid", "70000")]);
+        let e = TarReader::new(&data[..]).next_entry().unwrap().unwrap();
+        assert_eq!((e.uid, e.gid), (4_294_967_295, 70_000));
     }
 
     #[test]
