@@ -19,6 +19,8 @@ enum Event {
 }
 
 /// The downloader's side: reports progress of a download into a file to every follower.
+/// Clones report to the same followers.
+#[derive(Clone)]
 pub(crate) struct Growing(Vec<Sender<Event>>);
 
 /// The side a [`FollowReader`] is made from.

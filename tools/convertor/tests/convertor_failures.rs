@@ -6,7 +6,7 @@
 mod common;
 
 use common::convert::*;
-use common::{Auth, Pki, Proxy, Registry, RegistryOpts, TokenServer};
+use common::{Auth, Pki, Proxy, Registry, RegistryOpts, Stall, TokenServer};
 use obdoci::{Descriptor, Reference};
 use obdregistry::{self as registry, ClientOptions, Credentials};
 use std::process::{Command, Stdio};
@@ -501,4 +501,65 @@ fn converting_a_converted_image_is_refused() {
         );
         assert!(!wd.exists(), "work dir cleaned up after the refusal");
     }
+}
+
+/// Ctrl-C while a download hangs on a silent registry connection stops the run at
+/// once: the read that waits for the stall timeout (here the default, 60 s) is not
+/// waited for.
+#[test]
+fn ctrl_c_during_a_stalled_download_stops_at_once() {
+    let reg = Registry::plain();
+    let t = tempfile::tempdir().unwrap();
+    let images = t.path().join("images");
+    build_images("testset", &images, &[]);
+    skopeo_push(&images.join("layers"), "v1", &reg.host(), "st/layers");
+    // The first connection to pass 200 KB to the client goes silent.
+    let proxy = Proxy::start_stalling(reg.port, Stall::ToClient, 200_000);
+    let r = format!("127.0.0.1:{}/st/layers", proxy.port);
+    let wd = t.path().join("w");
+    let child = Command::new(env!("CARGO_BIN_EXE_convertor"))
+        .args([
+            "-r",
+            &r,
+            "-i",
+            "v1",
+            "-o",
+            "obd",
+            "--plain",
+            "-d",
+            wd.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !proxy.has_stalled() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the download never stalled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let t1 = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    // Far below the 60 s stall timeout (the bound only keeps a slow CI machine
+    // from failing the test).
+    assert!(
+        t1.elapsed() < Duration::from_secs(10),
+        "took {:?} to stop",
+        t1.elapsed()
+    );
+    assert_eq!(o.status.code(), Some(130), "{}", stderr_of(&o));
+    let e = stderr_of(&o);
+    assert!(e.contains("interrupted") && !e.contains("panicked"), "{e}");
+    assert!(!wd.exists(), "work dir cleaned up");
+    assert!(!reg.tag_link_exists("st/layers", "obd"));
 }

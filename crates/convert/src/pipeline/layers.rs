@@ -25,7 +25,7 @@ use crate::format::{
 };
 use crate::progress::Stage;
 use crate::{Error, Result};
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use obdoci::error::Chain;
 use obdoci::stream::{copy, CopyError};
 use obdoci::{Descriptor, Digest};
@@ -33,9 +33,10 @@ use obdregistry::BlobSource;
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{Scope, ScopedJoinHandle};
+use std::time::Duration;
 
 /// What one output does with one layer.
 #[derive(Clone)]
@@ -746,9 +747,11 @@ impl Layers<'_, '_> {
             Some(hit.size),
         );
         // The store's stream verifies size and digest at its end.
-        let mut r = c.dst.open_blob(&desc)?;
-        let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
-        self.download(&mut r, &mut f, path, &mut |pos| bar.set(pos))?;
+        let f = File::create(path).map_err(|e| Error::io(path, e))?;
+        let dst = c.dst.clone();
+        self.download(move || dst.open_blob(&desc), f, path, |_| {}, &|pos| {
+            bar.set(pos)
+        })?;
         bar.finish(
             Some(hit.size),
             &match &hit.from {
@@ -783,8 +786,7 @@ impl Layers<'_, '_> {
         );
         let path = self.dirs[i].join("layer.blob");
         let ctx = |e: Error| e.context(format!("downloading layer {}/{n}", i + 1));
-        let mut r = c.src.open_blob(layer).map_err(ctx)?;
-        let mut f = File::create(&path).map_err(|e| ctx(Error::io(&path, e)))?;
+        let f = File::create(&path).map_err(|e| ctx(Error::io(&path, e)))?;
         let file = BlobFile::new(path.clone(), c.opts.reserve);
         let (growing, follows) = Growing::new(txs.len());
         for (tx, follow) in txs.iter().zip(follows) {
@@ -793,11 +795,15 @@ impl Layers<'_, '_> {
                 follow,
             })));
         }
+        let (src, desc, writer) = (c.src.clone(), layer.clone(), growing.clone());
         let res = self
-            .download(&mut r, &mut f, &path, &mut |pos| {
-                growing.advance(pos);
-                bar.set(pos);
-            })
+            .download(
+                move || src.open_blob(&desc),
+                f,
+                &path,
+                move |pos| writer.advance(pos),
+                &|pos| bar.set(pos),
+            )
             .map_err(ctx);
         match res {
             Ok(()) => {
@@ -815,21 +821,55 @@ impl Layers<'_, '_> {
         }
     }
 
-    /// Copy a blob stream (it names its store and blob in its errors) into the file
-    /// `f` at `path`, until it ends or the conversion is aborted.
+    /// Copy the blob stream `open` opens (it names its store and blob in its errors)
+    /// into the file `f` at `path`, until it ends or the conversion is aborted.
+    /// `written` gets the bytes in the file after each write; `bar` is updated ten
+    /// times a second.
+    ///
+    /// The copy runs on a thread of its own that is not waited for once the
+    /// conversion stops: a read from a registry connection that went silent returns
+    /// only at the stall timeout (the blocking HTTP client cannot be interrupted),
+    /// and Ctrl-C must not wait for it. That thread ends by itself at its next read.
     fn download(
         &self,
-        r: &mut dyn Read,
-        f: &mut File,
+        open: impl FnOnce() -> Result<Box<dyn Read + Send>> + Send + 'static,
+        mut f: File,
         path: &Path,
-        progress: &mut dyn FnMut(u64),
+        written: impl Fn(u64) + Send + 'static,
+        bar: &dyn Fn(u64),
     ) -> Result<()> {
-        let abort = &self.run.c.abort;
-        copy(r, f, &|| abort.is_set(), progress).map_err(|e| match e {
-            CopyError::Read(e) => Error::Stream(e),
-            CopyError::Write(e) => Error::io(path, e),
-            CopyError::Stopped => Error::Interrupted,
-        })?;
-        Ok(())
+        let abort = self.run.c.abort.clone();
+        let pos = Arc::new(AtomicU64::new(0));
+        let (done_tx, done) = bounded::<Result<()>>(1);
+        let (stop, at, file) = (abort.clone(), pos.clone(), path.to_path_buf());
+        std::thread::Builder::new()
+            .name("download".into())
+            .spawn(move || {
+                let r = open().and_then(|mut r| {
+                    let progress = &mut |n| {
+                        at.store(n, Ordering::Relaxed);
+                        written(n);
+                    };
+                    copy(&mut r, &mut f, &|| stop.is_set(), progress)
+                        .map(|_| ())
+                        .map_err(|e| match e {
+                            CopyError::Read(e) => Error::Stream(e),
+                            CopyError::Write(e) => Error::io(&file, e),
+                            CopyError::Stopped => Error::Interrupted,
+                        })
+                });
+                let _ = done_tx.send(r);
+            })
+            .map_err(|e| Error::io("a download thread", e))?;
+        loop {
+            select! {
+                recv(done) -> r => {
+                    bar(pos.load(Ordering::Relaxed));
+                    return r.unwrap_or(Err(Error::Interrupted));
+                }
+                recv(abort.stopped()) -> _ => return Err(Error::Interrupted),
+                default(Duration::from_millis(100)) => bar(pos.load(Ordering::Relaxed)),
+            }
+        }
     }
 }
