@@ -29,7 +29,7 @@ use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1352,55 +1352,64 @@ impl Repository {
                 })?
             }
             (Some(chunk), src) => {
-                let mut reader: Box<dyn Read> = match src {
-                    BlobSource::Bytes(b) => Box::new(b),
-                    BlobSource::File(p) => Box::new(File::open(p).map_err(|error| Error::Io {
-                        path: p.to_path_buf(),
-                        error,
-                    })?),
+                // Each chunk is a PATCH streamed as put_file streams a whole blob:
+                // cancelled at once, failed when the registry stops taking it.
+                let total = match src {
+                    BlobSource::Bytes(b) => b.len() as u64,
+                    BlobSource::File(_) => desc.size,
+                };
+                let path = match src {
+                    BlobSource::File(p) => p.to_path_buf(),
+                    BlobSource::Bytes(_) => PathBuf::from(format!("blob {}", desc.digest)),
                 };
                 let mut offset = 0u64;
-                let mut buf = Vec::with_capacity(chunk as usize);
-                loop {
-                    buf.clear();
-                    (&mut reader)
-                        .take(chunk)
-                        .read_to_end(&mut buf)
-                        .map_err(|error| Error::Stream {
-                            peer: self.reg.host.clone(),
-                            what: what.clone(),
-                            error,
-                        })?;
-                    if buf.is_empty() {
-                        break;
-                    }
-                    if self.reg.cancelled() {
-                        return Err(Error::Interrupted);
-                    }
+                while offset < total {
+                    let len = chunk.min(total - offset);
+                    let open = || -> io::Result<Box<dyn Read + Send>> {
+                        Ok(match src {
+                            BlobSource::Bytes(b) => Box::new(io::Cursor::new(
+                                b[offset as usize..(offset + len) as usize].to_vec(),
+                            )),
+                            BlobSource::File(p) => {
+                                let mut f = File::open(p)?;
+                                f.seek(io::SeekFrom::Start(offset))?;
+                                Box::new(f.take(len))
+                            }
+                        })
+                    };
+                    let body = StreamedBody {
+                        open: &open,
+                        size: len,
+                        base: offset,
+                        progress: progress.clone(),
+                    };
+                    let end = offset + len - 1;
                     let url = self.reg.url(&loc);
-                    let end = offset + buf.len() as u64 - 1;
-                    let resp = self.reg.send(&what, &self.push_scope(), false, &|c| {
-                        c.patch(&url)
-                            .timeout(UPLOAD_COMMIT_TIMEOUT)
-                            .header(CONTENT_TYPE, "application/octet-stream")
-                            .header("Content-Range", format!("{offset}-{end}"))
-                            .body(buf.clone())
-                    })?;
-                    if resp.status().as_u16() != 202 {
-                        return Err(self.reg.status_error(&what, resp));
+                    let (st, headers) = self.send_streamed(
+                        &what,
+                        reqwest::Method::PATCH,
+                        &url,
+                        &[("Content-Range", format!("{offset}-{end}"))],
+                        body,
+                        &path,
+                    )?;
+                    if st != 202 {
+                        return Err(self.reg.status_error_of(&what, st, String::new()));
                     }
-                    loc = location(&self.reg, &what, &resp)?;
+                    loc = location_of(&self.reg, &what, &headers)?;
                     offset = end + 1;
-                    if let Some(p) = &progress {
-                        p(offset);
-                    }
                 }
                 let url = with_query(&self.reg.url(&loc), "digest", desc.digest.as_str());
-                self.reg.send(&what, &self.push_scope(), false, &|c| {
-                    c.put(&url)
-                        .timeout(UPLOAD_COMMIT_TIMEOUT)
-                        .header(CONTENT_LENGTH, "0")
-                })?
+                let none = || -> io::Result<Box<dyn Read + Send>> { Ok(Box::new(io::empty())) };
+                let body = StreamedBody {
+                    open: &none,
+                    size: 0,
+                    base: total,
+                    progress: None,
+                };
+                let (_, headers) =
+                    self.send_streamed(&what, reqwest::Method::PUT, &url, &[], body, &path)?;
+                return self.check_pushed(what, desc, &headers);
             }
         };
         if !final_resp.status().is_success() {
@@ -1427,12 +1436,8 @@ impl Repository {
         }
     }
 
-    /// PUT the file at `path` (`size` bytes) to `url` as one request, its body streamed
-    /// in 1 MiB pieces by the async client on this thread. (The blocking client hands a
-    /// reader body to its runtime thread 8 KiB at a time, each piece a thread wake-up
-    /// and a small socket write: about 0.5 CPU-s per 200 MB on this project's 2-core
-    /// machines.) Authenticates as [`Registry::send`] does; returns the headers of the
-    /// 2xx reply, else the error.
+    /// PUT the file at `path` (`size` bytes) to `url` as one request (see
+    /// [`Repository::send_streamed`]).
     fn put_file(
         &self,
         what: &str,
@@ -1441,6 +1446,35 @@ impl Repository {
         size: u64,
         progress: Option<ProgressFn>,
     ) -> Result<reqwest::header::HeaderMap> {
+        let open = || -> io::Result<Box<dyn Read + Send>> { Ok(Box::new(File::open(path)?)) };
+        let body = StreamedBody {
+            open: &open,
+            size,
+            base: 0,
+            progress,
+        };
+        let (_, headers) = self.send_streamed(what, reqwest::Method::PUT, url, &[], body, path)?;
+        Ok(headers)
+    }
+
+    /// Sends `body` to `url` with `method` (and the `extra` headers) as one request,
+    /// the body streamed in 1 MiB pieces by the async client on this thread. (The
+    /// blocking client hands a reader body to its runtime thread 8 KiB at a time, each
+    /// piece a thread wake-up and a small socket write: about 0.5 CPU-s per 200 MB on
+    /// this project's 2-core machines.) The request fails as soon as the conversion is
+    /// cancelled, or when the registry takes none of the body for the stall timeout;
+    /// once the body is sent, the registry has [`UPLOAD_COMMIT_TIMEOUT`] to answer.
+    /// Authenticates as [`Registry::send`] does; returns the status and headers of the
+    /// 2xx reply, else the error (`path`: what read errors of the body name).
+    fn send_streamed(
+        &self,
+        what: &str,
+        method: reqwest::Method,
+        url: &str,
+        extra: &[(&str, String)],
+        body: StreamedBody<'_>,
+        path: &Path,
+    ) -> Result<(u16, reqwest::header::HeaderMap)> {
         let reg = &self.reg;
         let scope = self.push_scope();
         let io_err = |error: io::Error| Error::Io {
@@ -1456,22 +1490,25 @@ impl Repository {
             if reg.cancelled() {
                 return Err(Error::Interrupted);
             }
-            let file = File::open(path).map_err(io_err)?;
             let moved = Arc::new(Progressed::default());
             let chunks = FileChunks {
-                file,
+                src: (body.open)().map_err(io_err)?,
                 pos: 0,
-                progress: progress.clone(),
+                base: body.base,
+                progress: body.progress.clone(),
                 cancel: reg.opts.cancel.clone(),
                 moved: moved.clone(),
-                size,
+                size: body.size,
             };
             let mut rb = reg
                 .stream_client()?
-                .put(url)
+                .request(method.clone(), url)
                 .header(CONTENT_TYPE, "application/octet-stream")
-                .header(CONTENT_LENGTH, size)
+                .header(CONTENT_LENGTH, body.size)
                 .body(reqwest::Body::wrap_stream(chunks.into_stream()));
+            for (k, v) in extra {
+                rb = rb.header(*k, v.as_str());
+            }
             for (k, v) in &reg.headers {
                 rb = rb.header(k.as_str(), v.as_str());
             }
@@ -1522,9 +1559,18 @@ impl Repository {
                 let n = body.len().min(64 << 10);
                 return Err(reg.status_error_of(what, st, error_detail_of(&body[..n])));
             }
-            return Ok(headers);
+            return Ok((st, headers));
         }
     }
+}
+
+/// The body of [`Repository::send_streamed`]: `size` bytes from a reader `open`
+/// makes (again for a retry); `progress` gets `base` plus the bytes sent.
+struct StreamedBody<'a> {
+    open: &'a dyn Fn() -> io::Result<Box<dyn Read + Send>>,
+    size: u64,
+    base: u64,
+    progress: Option<ProgressFn>,
 }
 
 /// How an upload's body moves: when the client last took a piece, and whether
@@ -1573,11 +1619,13 @@ async fn watch_upload(p: &Progressed, cancel: Option<&AtomicBool>, stall: Durati
     }
 }
 
-/// A file read in 1 MiB pieces for a streamed request body, with progress and
-/// cancellation between pieces.
+/// A file (or any reader) read in 1 MiB pieces for a streamed request body, with
+/// progress and cancellation between pieces.
 struct FileChunks {
-    file: File,
+    src: Box<dyn Read + Send>,
     pos: u64,
+    /// Added to `pos` for progress (the body's offset in the blob).
+    base: u64,
     progress: Option<ProgressFn>,
     cancel: Option<Arc<AtomicBool>>,
     moved: Arc<Progressed>,
@@ -1596,7 +1644,7 @@ impl FileChunks {
             // A read of the page cache: brief enough to do on the runtime's thread,
             // which serves this one upload.
             let mut buf = Vec::with_capacity(Self::PIECE as usize);
-            (&mut c.file).take(Self::PIECE).read_to_end(&mut buf)?;
+            (&mut c.src).take(Self::PIECE).read_to_end(&mut buf)?;
             c.moved.moved();
             if buf.is_empty() {
                 c.moved.done.store(true, Ordering::Relaxed);
@@ -1608,7 +1656,7 @@ impl FileChunks {
                 c.moved.done.store(true, Ordering::Relaxed);
             }
             if let Some(p) = &c.progress {
-                p(c.pos);
+                p(c.base + c.pos);
             }
             Ok(Some((bytes::Bytes::from(buf), c)))
         })
@@ -1616,7 +1664,12 @@ impl FileChunks {
 }
 
 fn location(reg: &Registry, what: &str, resp: &Response) -> Result<String> {
-    header_str(resp.headers(), "location")
+    location_of(reg, what, resp.headers())
+}
+
+/// The `Location` of an upload reply's headers.
+fn location_of(reg: &Registry, what: &str, headers: &HeaderMap) -> Result<String> {
+    header_str(headers, "location")
         .map(String::from)
         .ok_or_else(|| Error::Protocol {
             peer: reg.host.clone(),

@@ -482,6 +482,45 @@ fn stalled_connections_fail_after_the_stall_timeout() {
     assert!(up.has_stalled(), "the upload did not stall");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
 
+    // The same in 16 MiB chunks (--push-chunk-size), stalled inside the first
+    // (each PATCH is a connection of its own): that PATCH fails after the stall
+    // timeout too, not after the 10 minutes a registry gets to answer once it has
+    // the body, and the upload is restarted. (The chunk must be larger than what
+    // the sockets buffer, or the stall looks like a registry busy committing.)
+    let up = Proxy::start_stalling(reg.port, Stall::FromClient, 1 << 20);
+    let chunked = ClientOptions {
+        chunk_size: Some(16 << 20),
+        ..o.clone()
+    };
+    let big = payload(24 << 20, 44);
+    let d2 = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &big);
+    let file2 = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file2.path(), &big).unwrap();
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = progress.clone();
+    let report: registry::ProgressFn = std::sync::Arc::new(move |n| {
+        seen.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+    });
+    let t = std::time::Instant::now();
+    assert_eq!(
+        registry::Registry::new(&format!("127.0.0.1:{}", up.port), &chunked)
+            .unwrap()
+            .repository("r/stall")
+            .push_blob(&d2, BlobSource::File(file2.path()), None, Some(report))
+            .unwrap(),
+        PushOutcome::Uploaded
+    );
+    assert!(up.has_stalled(), "the chunked upload did not stall");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert_eq!(progress.load(std::sync::atomic::Ordering::Relaxed), d2.size);
+    let mut back = Vec::new();
+    via(&up)
+        .open_blob(&d2)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert!(back == big);
+
     // A download that stops after 1 MB: resumed where it stopped, verified.
     let down = Proxy::start_stalling(reg.port, Stall::ToClient, 1 << 20);
     let mut back = Vec::new();
