@@ -30,6 +30,20 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The image config the tests push.
+const CONFIG: &[u8] =
+    br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+
+/// Pushes [`CONFIG`] and returns its descriptor with the bytes of an OCI manifest of
+/// it and `layer`.
+fn manifest_over(repo: &registry::Repository, layer: &Descriptor) -> (Descriptor, Vec<u8>) {
+    let cd = Descriptor::of_bytes(MT_OCI_CONFIG, CONFIG);
+    repo.push_blob(&cd, BlobSource::Bytes(CONFIG), None, None)
+        .unwrap();
+    let m = serde_json::json!({"schemaVersion":2,"mediaType":MT_OCI_MANIFEST,"config":cd,"layers":[layer]});
+    (cd, serde_json::to_vec(&m).unwrap())
+}
+
 /// Push a config + layer + manifest, read everything back, and check the tag.
 fn roundtrip(repo: &registry::Repository, tag: &str) -> Digest {
     let layer = payload(3 << 20, 7);
@@ -44,12 +58,7 @@ fn roundtrip(repo: &registry::Repository, tag: &str) -> Digest {
             .unwrap(),
         PushOutcome::Existed
     );
-    let cfg = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let cd = Descriptor::of_bytes(MT_OCI_CONFIG, cfg);
-    repo.push_blob(&cd, BlobSource::Bytes(cfg), None, None)
-        .unwrap();
-    let m = serde_json::json!({"schemaVersion":2,"mediaType":MT_OCI_MANIFEST,"config":cd,"layers":[ld]});
-    let mb = serde_json::to_vec(&m).unwrap();
+    let (cd, mb) = manifest_over(repo, &ld);
     let md = repo
         .put_manifest(&Reference::Tag(tag.into()), MT_OCI_MANIFEST, &mb)
         .unwrap();
@@ -63,7 +72,7 @@ fn roundtrip(repo: &registry::Repository, tag: &str) -> Digest {
     let mut back = Vec::new();
     repo.open_blob(&ld).unwrap().read_to_end(&mut back).unwrap();
     assert_eq!(back, layer);
-    assert_eq!(repo.read_blob(&cd, 1 << 20).unwrap(), cfg);
+    assert_eq!(repo.read_blob(&cd, 1 << 20).unwrap(), CONFIG);
     md
 }
 
@@ -586,12 +595,7 @@ fn manifest_push_waits_for_a_blob_link_being_rewritten() {
     let ld = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &layer);
     repo.push_blob(&ld, BlobSource::Bytes(&layer), None, None)
         .unwrap();
-    let cfg = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let cd = Descriptor::of_bytes(MT_OCI_CONFIG, cfg);
-    repo.push_blob(&cd, BlobSource::Bytes(cfg), None, None)
-        .unwrap();
-    let m = serde_json::json!({"schemaVersion":2,"mediaType":MT_OCI_MANIFEST,"config":cd,"layers":[ld]});
-    let mb = serde_json::to_vec(&m).unwrap();
+    let (_, mb) = manifest_over(&repo, &ld);
 
     // The link is empty now and written again 300 ms later.
     let link = reg.layer_link_path("race/m", ld.digest.as_str());
