@@ -578,9 +578,9 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// `--busy-poll-us`: a pipelining client is answered correctly while the
-/// server polls for its requests, and a client whose requests come far
-/// apart does not keep the server polling (it would burn the window's CPU
-/// on every request).
+/// server polls for its requests, requests that come within the window are
+/// polled for, and a client whose requests come far apart does not keep the
+/// server polling (it would burn the window's CPU on every request).
 #[test]
 fn busy_polling_stops_for_slow_clients() {
     use blockdev::nbd::client::{Client, ClientOptions};
@@ -627,6 +627,20 @@ fn busy_polling_stops_for_slow_clients() {
             break;
         }
     }
+
+    // Requests 3 ms apart, within the window: the server polls for each
+    // (about 90 ms of CPU for 30; the bound leaves room for a busy machine).
+    let cpu0 = cpu_seconds(pid);
+    for i in 0..30u64 {
+        std::thread::sleep(Duration::from_millis(3));
+        let off = i * 4096;
+        assert!(c.read(off, 4096).unwrap() == data[off as usize..off as usize + 4096]);
+    }
+    let used = cpu_seconds(pid) - cpu0;
+    assert!(
+        used >= 0.02,
+        "the server used {used:.3} s of CPU for 30 requests 3 ms apart (it did not poll)"
+    );
 
     // Slow: one request every 15 ms, 40 times. Polling 5 ms after each
     // would take 0.2 s of CPU; after the first long wait it stops.

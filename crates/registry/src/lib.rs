@@ -1364,7 +1364,7 @@ impl Repository {
                 };
                 let mut offset = 0u64;
                 while offset < total {
-                    let len = chunk.min(total - offset);
+                    let len = chunk.max(1).min(total - offset);
                     let open = || -> io::Result<Box<dyn Read + Send>> {
                         Ok(match src {
                             BlobSource::Bytes(b) => Box::new(io::Cursor::new(
@@ -1491,6 +1491,9 @@ impl Repository {
                 return Err(Error::Interrupted);
             }
             let moved = Arc::new(Progressed::default());
+            // An empty body is never polled (the client sends none): the answer
+            // is all there is to wait for.
+            moved.done.store(body.size == 0, Ordering::Relaxed);
             let chunks = FileChunks {
                 src: (body.open)().map_err(io_err)?,
                 pos: 0,

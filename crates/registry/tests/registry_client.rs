@@ -631,3 +631,92 @@ fn manifest_push_waits_for_a_blob_link_being_rewritten() {
     );
     assert!(!reg.tag_link_exists("race/m", "u"));
 }
+
+/// A registry that takes longer than the stall timeout to answer an upload's
+/// final PUT (it is committing the blob: hashing it, or copying it on slow
+/// storage) is waited for. The stall timeout is for a body the registry stops
+/// taking, and an empty body (the final PUT of a chunked upload, or an empty
+/// blob's PUT) has nothing to take.
+#[test]
+fn a_slow_commit_is_not_a_stall() {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let commit = Duration::from_millis(2500);
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let mut parts = line.split_whitespace();
+            let (method, target) = (
+                parts.next().unwrap_or("").to_string(),
+                parts.next().unwrap_or("").to_string(),
+            );
+            let mut len = 0usize;
+            loop {
+                let mut h = String::new();
+                r.read_line(&mut h).unwrap();
+                if h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0u8; len];
+            std::io::Read::read_exact(&mut r, &mut body).unwrap();
+            let loc = "Location: /v2/r/slow/blobs/uploads/u1\r\n";
+            let head = match method.as_str() {
+                "HEAD" => "404 Not Found\r\n".to_string(),
+                "POST" | "PATCH" => format!("202 Accepted\r\n{loc}"),
+                "PUT" => {
+                    std::thread::sleep(commit);
+                    let d = target.split("digest=").nth(1).unwrap_or("").to_string();
+                    format!("201 Created\r\nDocker-Content-Digest: {d}\r\n")
+                }
+                _ => "400 Bad Request\r\n".to_string(),
+            };
+            let _ = write!(
+                c,
+                "HTTP/1.1 {head}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    let o = ClientOptions {
+        plain_http: true,
+        stall_timeout: Duration::from_secs(1),
+        retries: 0,
+        ..opts()
+    };
+    let host = format!("127.0.0.1:{port}");
+    // Chunked: two PATCHes, then the empty final PUT.
+    let data = payload(3 << 19, 5);
+    let d = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &data);
+    let chunked = ClientOptions {
+        chunk_size: Some(1 << 20),
+        ..o.clone()
+    };
+    let repo = registry::Registry::new(&host, &chunked)
+        .unwrap()
+        .repository("r/slow");
+    assert_eq!(
+        repo.push_blob(&d, BlobSource::Bytes(&data), None, None)
+            .unwrap(),
+        PushOutcome::Uploaded
+    );
+    // An empty blob from a file: one streamed PUT with no body.
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    let e = Descriptor::of_bytes(MT_OCI_LAYER_TAR, b"");
+    let repo = registry::Registry::new(&host, &o)
+        .unwrap()
+        .repository("r/slow");
+    let t = std::time::Instant::now();
+    assert_eq!(
+        repo.push_blob(&e, BlobSource::File(empty.path()), None, None)
+            .unwrap(),
+        PushOutcome::Uploaded
+    );
+    assert!(t.elapsed() >= commit);
+}

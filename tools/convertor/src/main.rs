@@ -178,8 +178,8 @@ pub(crate) struct Args {
         default_value = "/opt/overlaybd/baselayers/ext4_64"
     )]
     baselayer: PathBuf,
-    /// Upload blobs in chunks of this many MiB (1 to 1024; a chunk is held in
-    /// memory) instead of one request each.
+    /// Upload blobs in chunks of this many MiB (1 to 1024), one request each
+    /// (streamed from the file), instead of one request per blob.
     #[arg(long = "push-chunk-size", value_name = "MIB",
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     push_chunk_size: Option<u64>,

@@ -860,12 +860,14 @@ impl Layers<'_, '_> {
                 });
                 let _ = done_tx.send(r);
             })
-            .map_err(|e| Error::io("a download thread", e))?;
+            .map_err(|e| Error::Invalid(format!("cannot start a download thread: {e}")))?;
         loop {
             select! {
                 recv(done) -> r => {
                     bar(pos.load(Ordering::Relaxed));
-                    return r.unwrap_or(Err(Error::Interrupted));
+                    return r.unwrap_or_else(|_| {
+                        Err(Error::Invalid("download thread panicked".into()))
+                    });
                 }
                 recv(abort.stopped()) -> _ => return Err(Error::Interrupted),
                 default(Duration::from_millis(100)) => bar(pos.load(Ordering::Relaxed)),
