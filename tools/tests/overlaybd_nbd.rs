@@ -606,37 +606,47 @@ fn busy_polling_stops_for_slow_clients() {
     let pid = served.child.id();
     let mut c = Client::connect(&Endpoint::Unix(sock.clone()), &ClientOptions::default()).unwrap();
 
+    let same = |got: &[u8], off: u64| got == &data[off as usize..off as usize + 4096];
+
+    // The next reply must be the data at `off`.
+    let check_next = |c: &mut Client, off: u64| {
+        let r = c.recv().unwrap();
+        assert_eq!(r.error, 0);
+        assert!(same(&r.data, off), "wrong data at {off}");
+    };
+
     // Pipelined: 16 requests in flight, every reply checked.
     let mut x = 1u64;
-    let mut offsets = std::collections::VecDeque::new();
-    for i in 0..4000 {
-        if i < 3985 {
-            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            let off = (x >> 33) % ((4 << 20) / 4096) * 4096;
-            c.send(CMD_READ, 0, off, 4096, &[]).unwrap();
-            offsets.push_back(off);
+    let mut inflight = std::collections::VecDeque::new();
+    for _ in 0..4000 {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        let off = (x >> 33) % ((4 << 20) / 4096) * 4096;
+        c.send(CMD_READ, 0, off, 4096, &[]).unwrap();
+        inflight.push_back(off);
+        if inflight.len() < 16 {
+            continue;
         }
-        if offsets.len() == 16 || i >= 3985 {
-            c.flush_requests().unwrap();
-            let r = c.recv().unwrap();
-            let off = offsets.pop_front().unwrap() as usize;
-            assert_eq!(r.error, 0);
-            assert!(r.data == data[off..off + 4096], "wrong data at {off}");
-        }
-        if offsets.is_empty() && i >= 3985 {
-            break;
-        }
+        c.flush_requests().unwrap();
+        check_next(&mut c, inflight.pop_front().unwrap());
     }
+    c.flush_requests().unwrap();
+    while let Some(off) = inflight.pop_front() {
+        check_next(&mut c, off);
+    }
+
+    // `n` reads `gap` apart, each checked: the server's CPU seconds meanwhile.
+    let mut spaced = |n: u64, gap: Duration| {
+        let cpu0 = cpu_seconds(pid);
+        for i in 0..n {
+            std::thread::sleep(gap);
+            assert!(same(&c.read(i * 4096, 4096).unwrap(), i * 4096));
+        }
+        cpu_seconds(pid) - cpu0
+    };
 
     // Requests 3 ms apart, within the window: the server polls for each
     // (about 90 ms of CPU for 30; the bound leaves room for a busy machine).
-    let cpu0 = cpu_seconds(pid);
-    for i in 0..30u64 {
-        std::thread::sleep(Duration::from_millis(3));
-        let off = i * 4096;
-        assert!(c.read(off, 4096).unwrap() == data[off as usize..off as usize + 4096]);
-    }
-    let used = cpu_seconds(pid) - cpu0;
+    let used = spaced(30, Duration::from_millis(3));
     assert!(
         used >= 0.02,
         "the server used {used:.3} s of CPU for 30 requests 3 ms apart (it did not poll)"
@@ -644,13 +654,7 @@ fn busy_polling_stops_for_slow_clients() {
 
     // Slow: one request every 15 ms, 40 times. Polling 5 ms after each
     // would take 0.2 s of CPU; after the first long wait it stops.
-    let cpu0 = cpu_seconds(pid);
-    for i in 0..40u64 {
-        std::thread::sleep(Duration::from_millis(15));
-        let off = i * 4096;
-        assert!(c.read(off, 4096).unwrap() == data[off as usize..off as usize + 4096]);
-    }
-    let used = cpu_seconds(pid) - cpu0;
+    let used = spaced(40, Duration::from_millis(15));
     assert!(
         used < 0.06,
         "the server used {used:.3} s of CPU for 40 requests 15 ms apart (it kept polling)"
