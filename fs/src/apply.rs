@@ -48,7 +48,7 @@ use crate::ext2fs::inode::{self, Inode, Timestamp, EXTRA_ISIZE};
 use crate::ext2fs::ops::MAX_EXTENT_LEN;
 use crate::ext2fs::{sys, Ext2Fs, DEFAULT_CACHE_BYTES};
 use crate::filedata::{CopyData, FileData, FillCtx, Run, TarData};
-use crate::tar::{Entry, Kind, TarReader};
+use crate::tar::{symlink_target_problem, Entry, Kind, TarReader};
 
 /// Counters reported by [`apply_tar`] and its progress callback.
 #[derive(Debug, Default, Clone)]
@@ -767,18 +767,8 @@ impl<'a> Applier<'a> {
     }
 
     fn make_symlink(&mut self, parent: u32, name: &[u8], e: &Entry) -> Result<u32> {
-        if e.link.is_empty() {
-            return Err(entry_err(e, "symbolic link with an empty target"));
-        }
-        if e.link.len() >= self.bs as usize {
-            return Err(entry_err(
-                e,
-                format!(
-                    "symbolic link target of {} bytes is too long (limit {})",
-                    e.link.len(),
-                    self.bs - 1
-                ),
-            ));
+        if let Some(problem) = symlink_target_problem(&e.link, self.bs as usize - 1) {
+            return Err(entry_err(e, problem));
         }
         let ino = self.fs.new_inode(parent, inode::S_IFLNK | 0o777)?;
         self.fs.symlink(parent, ino, &e.link)?;

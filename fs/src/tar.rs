@@ -374,27 +374,22 @@ impl<R: Read> TarReader<R> {
         let mut sparse_name = None;
         let mut gnu_sparse = SparsePax::default();
 
+        // A PAX record's decimal number, or why it is none.
+        let dec = |name: &str, v: &[u8]| {
+            parse_dec(v).ok_or_else(|| {
+                let v_text = String::from_utf8_lossy(v);
+                self.tar_err(at, format!("PAX {name} '{v_text}' {}", dec_problem(v)))
+            })
+        };
         // PAX records override the header.
         for (k, v) in &p.pax {
             let vs = || String::from_utf8_lossy(v).into_owned();
             match k.as_slice() {
                 b"path" => path = v.clone(),
                 b"linkpath" => link = v.clone(),
-                b"size" => {
-                    logical_size = parse_dec(v).ok_or_else(|| {
-                        self.tar_err(at, format!("PAX size '{}' {}", vs(), dec_problem(v)))
-                    })?
-                }
-                b"uid" => {
-                    uid = parse_dec(v).ok_or_else(|| {
-                        self.tar_err(at, format!("PAX uid '{}' {}", vs(), dec_problem(v)))
-                    })? as i64
-                }
-                b"gid" => {
-                    gid = parse_dec(v).ok_or_else(|| {
-                        self.tar_err(at, format!("PAX gid '{}' {}", vs(), dec_problem(v)))
-                    })? as i64
-                }
+                b"size" => logical_size = dec("size", v)?,
+                b"uid" => uid = dec("uid", v)? as i64,
+                b"gid" => gid = dec("gid", v)? as i64,
                 b"mtime" => {
                     mtime = parse_pax_time(v).ok_or_else(|| {
                         self.tar_err(
@@ -786,6 +781,22 @@ fn parse_dec(v: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Why `link` cannot be the target of a symbolic link whose filesystem takes
+/// targets of at most `limit` bytes (symlink(2) refuses an empty one), if it
+/// cannot.
+pub fn symlink_target_problem(link: &[u8], limit: usize) -> Option<String> {
+    if link.is_empty() {
+        Some("symbolic link with an empty target".into())
+    } else if link.len() > limit {
+        Some(format!(
+            "symbolic link target of {} bytes is too long (limit {limit})",
+            link.len()
+        ))
+    } else {
+        None
+    }
 }
 
 /// Why [`parse_dec`] refused `v`.

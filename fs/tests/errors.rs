@@ -263,3 +263,31 @@ fn photon_refuses_hard_links_to_directories_and_long_names() {
     ]))
     .unwrap();
 }
+
+/// The native engine refuses symlink targets symlink(2) refuses, with the
+/// words the EROFS engine uses: empty, and longer than a block less one byte.
+#[test]
+fn bad_symlink_targets_are_refused() {
+    let tar_of = |target_len: usize| {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        if target_len == 0 {
+            b.append_data(&mut h, "s", &b""[..]).unwrap();
+        } else {
+            b.append_link(&mut h, "s", "x".repeat(target_len)).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    let e = assert_clean_chain(&apply(&fresh(), &tar_of(0)[..]));
+    assert!(e.contains("symbolic link with an empty target"), "{e}");
+    let e = assert_clean_chain(&apply(&fresh(), &tar_of(5000)[..]));
+    assert!(
+        e.contains("symbolic link target of 5000 bytes is too long (limit 4095)"),
+        "{e}"
+    );
+    obdfs::apply_tar(fresh(), &tar_of(4095)[..], obdfs::ApplyOptions::default())
+        .expect("a 4095-byte target");
+}

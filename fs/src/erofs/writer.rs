@@ -75,7 +75,7 @@ use super::error::{Error, Result};
 use super::format::{self, ft, mode, DataLayout, DiskInode, SuperBlock};
 use super::overlay::Overlay;
 use super::reader::ErofsReader;
-use crate::tar::{Entry, Kind as TarKind, TarReader};
+use crate::tar::{symlink_target_problem, Entry, Kind as TarKind, TarReader};
 
 /// Root xattr space reserved by the bottom layer (`EROFS_ROOT_XATTR_SZ`).
 pub const ROOT_XATTR_SIZE: u32 = 16 * 1024;
@@ -744,17 +744,8 @@ impl Builder {
         let path = &e.path;
         if e.kind == TarKind::Symlink {
             // What symlink(2) refuses (and the ext4 engine too).
-            if e.link.is_empty() {
-                return Err(Self::entry_err(path, "symbolic link with an empty target"));
-            }
-            if e.link.len() > MAX_SYMLINK_TARGET {
-                return Err(Self::entry_err(
-                    path,
-                    format!(
-                        "symbolic link target of {} bytes is too long (limit {MAX_SYMLINK_TARGET})",
-                        e.link.len()
-                    ),
-                ));
+            if let Some(problem) = symlink_target_problem(&e.link, MAX_SYMLINK_TARGET) {
+                return Err(Self::entry_err(path, problem));
             }
         }
         let l = self.get_dentry(path)?;
