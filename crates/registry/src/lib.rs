@@ -576,6 +576,12 @@ impl Registry {
             .is_some_and(|c| c.load(Ordering::Relaxed))
     }
 
+    /// How long to wait before retry number `attempt` (from 0): the first
+    /// delay, doubled each time.
+    fn backoff(&self, attempt: u32) -> Duration {
+        self.opts.retry_delay * 2u32.saturating_pow(attempt)
+    }
+
     /// An API URL: `path` below the API root (`/<repo>/manifests/...`).
     fn api(&self, path: &str) -> String {
         format!("{}{path}", self.api_root)
@@ -613,7 +619,7 @@ impl Registry {
                 rb = rb.header(AUTHORIZATION, h);
             }
             let res = rb.send();
-            let delay = self.opts.retry_delay * 2u32.saturating_pow(attempt);
+            let delay = self.backoff(attempt);
             match res {
                 Err(source) => {
                     let e = Error::transport(&self.host, what, source);
@@ -988,7 +994,7 @@ impl Repository {
                 && attempt < self.reg.opts.retries
                 && !self.reg.cancelled()
             {
-                let delay = self.reg.opts.retry_delay * 2u32.saturating_pow(attempt);
+                let delay = self.reg.backoff(attempt);
                 tracing::warn!(
                     "{}: {what}: the registry does not see a blob the manifest names{}; retrying in {:.1} s",
                     self.reg.host,
@@ -1286,7 +1292,7 @@ impl Repository {
                         && attempt < self.reg.opts.retries
                         && !self.reg.cancelled() =>
                 {
-                    let delay = self.reg.opts.retry_delay * 2u32.pow(attempt);
+                    let delay = self.reg.backoff(attempt);
                     tracing::warn!(
                         "{}; restarting the upload in {:.1} s",
                         Chain(&e),
