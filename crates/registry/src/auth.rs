@@ -13,7 +13,8 @@ use super::{Credentials, Error, Result};
 use base64::Engine as _;
 use reqwest::blocking::Client;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One parsed challenge from a `WWW-Authenticate` header.
@@ -117,15 +118,22 @@ struct Token {
 /// Per-registry authentication state.
 pub(crate) struct Auth {
     creds: Option<Credentials>,
+    /// The run's cancel flag: a token request in progress is given up when set.
+    cancel: Option<Arc<AtomicBool>>,
     peer: String,
     scheme: Mutex<Scheme>,
     tokens: Mutex<HashMap<String, Token>>,
 }
 
 impl Auth {
-    pub(crate) fn new(peer: &str, creds: Option<Credentials>) -> Auth {
+    pub(crate) fn new(
+        peer: &str,
+        cancel: Option<Arc<AtomicBool>>,
+        creds: Option<Credentials>,
+    ) -> Auth {
         Auth {
             creds,
+            cancel,
             peer: peer.to_string(),
             scheme: Mutex::new(Scheme::Unknown),
             tokens: Mutex::new(HashMap::new()),
@@ -244,8 +252,7 @@ impl Auth {
             rb = rb.header(reqwest::header::AUTHORIZATION, v);
         }
         let what = format!("token request to {realm}");
-        let resp = rb
-            .send()
+        let resp = crate::send_cancellable(&self.peer, rb, self.cancel.as_deref())?
             .map_err(|source| Error::transport(&self.peer, &what, source))?;
         let status = resp.status();
         if status.as_u16() == 401 || status.as_u16() == 403 {
@@ -337,7 +344,7 @@ mod tests {
     #[test]
     fn basic_challenge_to_a_request_without_credentials_is_retried() {
         let http = Client::new();
-        let auth = Auth::new("reg", Credentials::parse("bob:pw"));
+        let auth = Auth::new("reg", None, Credentials::parse("bob:pw"));
         let ch = r#"Basic realm="r""#;
         assert_eq!(auth.header_for(&http, "s").unwrap(), None);
         assert!(auth.on_challenge(&http, ch, "s", None).unwrap());
@@ -345,7 +352,7 @@ mod tests {
         let sent = auth.header_for(&http, "s").unwrap();
         assert!(sent.as_deref().unwrap().starts_with("Basic "));
         assert!(!auth.on_challenge(&http, ch, "s", sent.as_deref()).unwrap());
-        let anonymous = Auth::new("reg", None);
+        let anonymous = Auth::new("reg", None, None);
         assert!(!anonymous.on_challenge(&http, ch, "s", None).unwrap());
     }
 }

@@ -544,6 +544,7 @@ impl Registry {
             http_stream: std::sync::OnceLock::new(),
             auth: auth::Auth::new(
                 name,
+                opts.cancel.clone(),
                 opts.credentials.clone().or_else(|| {
                     opts.docker_config
                         .then(|| dockercfg::lookup(name))
@@ -582,6 +583,11 @@ impl Registry {
         self.opts.retry_delay * 2u32.saturating_pow(attempt)
     }
 
+    /// Sleep for `d` (a retry's delay), or until the run is cancelled.
+    fn pause(&self, d: Duration) {
+        pause(d, self.opts.cancel.as_deref())
+    }
+
     /// An API URL: `path` below the API root (`/<repo>/manifests/...`).
     fn api(&self, path: &str) -> String {
         format!("{}{path}", self.api_root)
@@ -618,7 +624,7 @@ impl Registry {
             if let Some(h) = &sent {
                 rb = rb.header(AUTHORIZATION, h);
             }
-            let res = rb.send();
+            let res = send_cancellable(&self.host, rb, self.opts.cancel.as_deref())?;
             let delay = self.backoff(attempt);
             match res {
                 Err(source) => {
@@ -629,7 +635,7 @@ impl Registry {
                         && e.kind() == ErrorKind::Transient
                     {
                         tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
-                        std::thread::sleep(delay);
+                        self.pause(delay);
                         attempt += 1;
                         continue;
                     }
@@ -665,7 +671,7 @@ impl Registry {
                             self.host,
                             delay.as_secs_f64()
                         );
-                        std::thread::sleep(delay);
+                        self.pause(delay);
                         attempt += 1;
                         continue;
                     }
@@ -1001,7 +1007,7 @@ impl Repository {
                     error_detail_of(&body),
                     delay.as_secs_f64()
                 );
-                std::thread::sleep(delay);
+                self.reg.pause(delay);
                 attempt += 1;
                 continue;
             }
@@ -1298,7 +1304,7 @@ impl Repository {
                         Chain(&e),
                         delay.as_secs_f64()
                     );
-                    std::thread::sleep(delay);
+                    self.reg.pause(delay);
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -1702,6 +1708,70 @@ fn ref_name(repo: &str, r: &Reference) -> String {
 }
 
 /// Whether a body read failed on the request's deadline.
+/// How often a caller waiting for a request checks whether the run was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
+
+/// `rb.send()`, which waits for the registry's answer up to the stall
+/// timeout, given up (`Error::Interrupted`) as soon as `cancel` is set: with
+/// a cancel flag the request runs on a thread of its own, which is left to
+/// end by itself (within the stall timeout) and whose answer is dropped.
+pub(crate) fn send_cancellable(
+    peer: &str,
+    rb: RequestBuilder,
+    cancel: Option<&AtomicBool>,
+) -> Result<reqwest::Result<Response>> {
+    let Some(cancel) = cancel else {
+        return Ok(rb.send());
+    };
+    if cancel.load(Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("registry-request".into())
+        .spawn(move || {
+            let _ = tx.send(rb.send());
+        })
+        .map_err(|error| Error::Stream {
+            peer: peer.to_string(),
+            what: "cannot start a thread for a request".into(),
+            error,
+        })?;
+    loop {
+        match rx.recv_timeout(CANCEL_POLL) {
+            Ok(r) => return Ok(r),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Interrupted);
+                }
+            }
+            // The thread ended without an answer: only a panic in the HTTP client does that.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Error::Stream {
+                    peer: peer.to_string(),
+                    what: "request".into(),
+                    error: io::Error::other("the HTTP client failed without an answer"),
+                })
+            }
+        }
+    }
+}
+
+/// Sleep for `d`, or until `cancel` is set.
+fn pause(d: Duration, cancel: Option<&AtomicBool>) {
+    let end = Instant::now() + d;
+    loop {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return;
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(CANCEL_POLL));
+    }
+}
+
 fn timed_out(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::TimedOut
         || e.get_ref()
@@ -1809,7 +1879,7 @@ impl Read for ResumingBody {
                         self.resumes_left -= 1;
                     }
                     self.resp = None;
-                    std::thread::sleep(self.repo.reg.opts.retry_delay);
+                    self.repo.reg.pause(self.repo.reg.opts.retry_delay);
                 }
             }
         }
@@ -1840,5 +1910,55 @@ mod tests {
             with_query("http://h/u", "digest", "d"),
             "http://h/u?digest=d"
         );
+    }
+
+    /// Sets `flag` after `after`, from another thread.
+    fn cancel_after(flag: &Arc<AtomicBool>, after: Duration) {
+        let f = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            f.store(true, Ordering::Relaxed);
+        });
+    }
+
+    /// A request the server never answers is given up once the cancel flag is
+    /// set, long before the client's timeout; without a flag it waits for that.
+    #[test]
+    fn a_cancelled_request_is_not_waited_for() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v2/", l.local_addr().unwrap());
+        let held = std::thread::spawn(move || l.accept().map(|(s, _)| s));
+        let http = Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        cancel_after(&cancel, Duration::from_millis(200));
+        let t0 = Instant::now();
+        let r = send_cancellable("h", http.get(&url), Some(&cancel));
+        assert!(matches!(r, Err(Error::Interrupted)), "{r:?}");
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        drop(held.join());
+        // Already cancelled: nothing is sent.
+        assert!(matches!(
+            send_cancellable("h", http.get(&url), Some(&cancel)),
+            Err(Error::Interrupted)
+        ));
+        // Without a flag the answer (here a refused connection) is returned.
+        let r = send_cancellable("h", http.get("http://127.0.0.1:1/"), None).unwrap();
+        assert!(r.is_err());
+    }
+
+    /// A retry's delay ends when the run is cancelled.
+    #[test]
+    fn a_retry_delay_ends_on_cancel() {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let t0 = Instant::now();
+        pause(Duration::from_millis(100), Some(&cancel));
+        assert!(t0.elapsed() >= Duration::from_millis(100));
+        cancel_after(&cancel, Duration::from_millis(100));
+        let t0 = Instant::now();
+        pause(Duration::from_secs(30), Some(&cancel));
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     }
 }
