@@ -40,9 +40,9 @@ trap 'kill "${pid:-}" 2>/dev/null || true; rm -rf "$W"; rm -f "$BENCH_ERR"' EXIT
 echo "== warm page cache, simple replies"
 "$BIN/examples/nbd_bench" --rounds "$ROUNDS" "$@"
 echo "== warm page cache, structured replies"
-"$BIN/examples/nbd_bench" --rounds "$ROUNDS" --structured "$@" | tail -4
+"$BIN/examples/nbd_bench" --rounds "$ROUNDS" --structured "$@" | tail -5
 echo "== warm page cache, simple replies, busy polling off (--busy-poll-us 0)"
-"$BIN/examples/nbd_bench" --rounds "$ROUNDS" --busy-poll-us 0 "$@" | tail -4
+"$BIN/examples/nbd_bench" --rounds "$ROUNDS" --busy-poll-us 0 "$@" | tail -5
 
 echo "== cold page cache: a 300 MB layer of /usr data in $W"
 tar -cf - /usr/lib /usr/share 2>/dev/null | head -c $((300 << 20)) >"$W/payload" || true
@@ -53,7 +53,7 @@ rm -f "$W/payload"
 rm -f "$W/data" "$W/index"
 for io in auto pread; do
     echo "-- file I/O: $io"
-    OVERLAYBD_IO=$io "$BIN/examples/nbd_bench" --cold --rounds 3 --ops 5000 "$W/layer.lsmt" | tail -4
+    OVERLAYBD_IO=$io "$BIN/examples/nbd_bench" --cold --rounds 3 --ops 5000 "$W/layer.lsmt" | tail -5
 done
 
 echo "== whole-export copy with a real client: nbdcopy (block status skips holes)"

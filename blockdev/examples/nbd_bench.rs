@@ -14,7 +14,11 @@
 //! printed with their spread, so that other load on the machine shows up as
 //! spread, not as a wrong ratio. With `--cold`, the random reads start from an empty page
 //! cache for the layer files (`posix_fadvise(DONTNEED)` on them only), so
-//! they measure device reads. scripts/bench-nbd.sh runs it.
+//! they measure device reads. Last, the random reads with 16 in flight go
+//! to the same server and client serving a memory device instead, whose
+//! reads cost next to nothing: the ceiling of the connection itself, as a
+//! ratio of the same in-process baseline (a device read cannot make the
+//! stack's figure higher). scripts/bench-nbd.sh runs it.
 
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
@@ -86,6 +90,61 @@ struct Figures {
     cpu_local: Vec<f64>,
     cpu_qd16: Vec<f64>,
     cpu_qd16_client: Vec<f64>,
+}
+
+/// Random 4 KiB reads at `offsets` through `c` with `qd` in flight; IOPS.
+fn random_reads(c: &mut Client, offsets: &[u64], qd: usize) -> f64 {
+    let mut reply = Reply::default();
+    let t0 = Instant::now();
+    let (mut inflight, mut i) = (0usize, 0usize);
+    while i < offsets.len() || inflight > 0 {
+        while inflight < qd && i < offsets.len() {
+            c.send(CMD_READ, 0, offsets[i], 4096, &[]).unwrap();
+            inflight += 1;
+            i += 1;
+        }
+        c.flush_requests().unwrap();
+        // Take every reply that has arrived before sending more, as an
+        // asynchronous client does: one write per burst. The data lands in
+        // one reused buffer, as a client reading into its caller's buffers
+        // does.
+        loop {
+            c.recv_into(&mut reply).unwrap();
+            assert_eq!((reply.error, reply.data.len()), (0, 4096));
+            inflight -= 1;
+            if c.buffered() == 0 {
+                break;
+            }
+        }
+    }
+    offsets.len() as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// The same random reads (16 in flight) from a server whose device is
+/// memory: what the connection itself allows, reads costing next to nothing.
+fn transport_ceiling(cfg: &ServerConfig, opts: &ClientOptions, ops: usize, rounds: usize) -> f64 {
+    const SIZE: usize = 64 << 20;
+    let dev = Arc::new(blockdev::device::MemDevice::new(SIZE));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ep = Endpoint::Unix(dir.path().join("mem.sock"));
+    let listener = Listener::bind(&ep).expect("bind");
+    let server = Server::new(dev, cfg.clone());
+    let stop = server.shutdown_handle();
+    let t = std::thread::spawn(move || server.serve(&listener).expect("serve"));
+    let mut c = Client::connect(&ep, opts).expect("connect");
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut v: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let offsets: Vec<u64> = (0..ops)
+                .map(|_| xorshift(&mut seed) % (SIZE as u64 / 4096) * 4096)
+                .collect();
+            random_reads(&mut c, &offsets, 16)
+        })
+        .collect();
+    c.disconnect().unwrap();
+    stop.shutdown();
+    t.join().unwrap();
+    median(&mut v)
 }
 
 fn main() {
@@ -160,16 +219,13 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ep = Endpoint::Unix(dir.path().join("bench.sock"));
     let listener = Listener::bind(&ep).expect("bind");
-    let server = Server::with_allocation(
-        stack.clone(),
-        stack.clone(),
-        ServerConfig {
-            read_only: true,
-            workers_per_connection: workers,
-            busy_poll,
-            ..ServerConfig::default()
-        },
-    );
+    let cfg = ServerConfig {
+        read_only: true,
+        workers_per_connection: workers,
+        busy_poll,
+        ..ServerConfig::default()
+    };
+    let server = Server::with_allocation(stack.clone(), stack.clone(), cfg.clone());
     let stop = server.shutdown_handle();
     let t = std::thread::spawn(move || server.serve(&listener).expect("serve"));
     println!(
@@ -278,38 +334,15 @@ fn main() {
             }
         }
         f.local_batch.push(ops as f64 / t0.elapsed().as_secs_f64());
-        let mut reply = Reply::default();
-        let mut rand_nbd = |qd: usize| {
+        let rand_nbd = |c: &mut Client, qd: usize| {
             if cold {
                 evict(&layers);
             }
-            let t0 = Instant::now();
-            let (mut inflight, mut i) = (0usize, 0usize);
-            while i < offsets.len() || inflight > 0 {
-                while inflight < qd && i < offsets.len() {
-                    c.send(CMD_READ, 0, offsets[i], 4096, &[]).unwrap();
-                    inflight += 1;
-                    i += 1;
-                }
-                c.flush_requests().unwrap();
-                // Take every reply that has arrived before sending more, as
-                // an asynchronous client does: one write per burst. The
-                // data lands in one reused buffer, as a client reading into
-                // its caller's buffers does.
-                loop {
-                    c.recv_into(&mut reply).unwrap();
-                    assert_eq!((reply.error, reply.data.len()), (0, 4096));
-                    inflight -= 1;
-                    if c.buffered() == 0 {
-                        break;
-                    }
-                }
-            }
-            ops as f64 / t0.elapsed().as_secs_f64()
+            random_reads(c, &offsets, qd)
         };
-        let q1 = rand_nbd(1);
+        let q1 = rand_nbd(&mut c, 1);
         let (c0, t0) = (cpu_seconds(), thread_cpu_seconds());
-        let q16 = rand_nbd(16);
+        let q16 = rand_nbd(&mut c, 16);
         f.cpu_qd16.push((cpu_seconds() - c0) * 1e6 / ops as f64);
         f.cpu_qd16_client
             .push((thread_cpu_seconds() - t0) * 1e6 / ops as f64);
@@ -362,4 +395,9 @@ fn main() {
     c.disconnect().unwrap();
     stop.shutdown();
     t.join().unwrap();
+    let ceiling = transport_ceiling(&cfg, &opts, ops, rounds);
+    println!(
+        "transport ceiling (the same server and client, a memory device): 16 in flight {ceiling:.0} IOPS = {:.2} of the in-process baseline",
+        ceiling / base
+    );
 }
