@@ -23,6 +23,8 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use nix::fcntl::{Flock, FlockArg};
+
 /// An OCI image layout directory.
 #[derive(Debug)]
 pub struct Layout {
@@ -71,6 +73,9 @@ impl Layout {
             root: root.to_path_buf(),
             index_lock: Mutex::new(()),
         };
+        // Another process creating the same layout may have tagged an image
+        // in it already: its index is kept.
+        let _g = lock_dir(root)?;
         if !root.join("index.json").exists() {
             l.write_index(&Index {
                 schema_version: 2,
@@ -255,8 +260,12 @@ impl Layout {
     }
 
     /// Point `tag` at `desc` in `index.json`, replacing any previous entry for that tag.
+    /// The index is read, changed and replaced under the layout's lock
+    /// ([`lock_dir`]), so that processes tagging images in one layout at once
+    /// keep each other's tags.
     pub fn tag(&self, tag: &str, desc: &Descriptor) -> Result<()> {
         let _g = self.index_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _l = lock_dir(&self.root)?;
         let mut idx = self.read_index()?;
         idx.manifests
             .retain(|d| d.annotation(ANNOTATION_REF_NAME) != Some(tag));
@@ -268,6 +277,40 @@ impl Layout {
         idx.manifests.push(d);
         self.write_index(&idx)
     }
+}
+
+/// Remove the layout at `root` if no image is tagged in it (its `index.json`
+/// lists no manifest, or it has none), under the layout's lock: what a run
+/// that created the layout and failed leaves, unless another process tagged
+/// an image there meanwhile. Returns whether it was removed.
+pub fn remove_if_untagged(root: &Path) -> Result<bool> {
+    let _g = lock_dir(root)?;
+    let p = root.join("index.json");
+    match fs::read(&p) {
+        Ok(bytes) => {
+            let idx: Index = parse_json(&p.display().to_string(), &bytes)?;
+            if !idx.manifests.is_empty() {
+                return Ok(false);
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(&p, e)),
+    }
+    fs::remove_dir_all(root).map_err(|e| Error::io(root, e))?;
+    Ok(true)
+}
+
+/// The cross-process lock of the layout at `root`: an exclusive `flock` on its
+/// directory, held until the returned value is dropped. Taken by every change
+/// of `index.json`.
+fn lock_dir(root: &Path) -> Result<Flock<File>> {
+    let dir = File::open(root).map_err(|e| Error::io(root, e))?;
+    Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, errno)| {
+        Error::io(
+            root,
+            io::Error::other(format!("cannot lock the layout: {errno}")),
+        )
+    })
 }
 
 /// A temporary file in `dir` that becomes `dest` (renamed over it): created as
@@ -369,6 +412,47 @@ mod tests {
             text.contains(&d.as_str()[7..]) && text.contains("not a regular file"),
             "{text}"
         );
+    }
+
+    /// Writers that share a layout, each with a layout of its own as separate
+    /// processes have, keep each other's tags: `index.json` is changed under
+    /// the layout's lock.
+    #[test]
+    fn concurrent_taggers_keep_every_tag() {
+        let t = tempfile::tempdir().unwrap();
+        let l = Layout::open_or_create(t.path()).unwrap();
+        let d = l.write_blob_bytes(b"{}").unwrap();
+        let desc = Descriptor::new(MT_OCI_MANIFEST, d, 2);
+        std::thread::scope(|s| {
+            for w in 0..6 {
+                let (root, desc) = (t.path(), &desc);
+                s.spawn(move || {
+                    let l = Layout::open(root).unwrap();
+                    for i in 0..25 {
+                        l.tag(&format!("w{w}-{i}"), desc).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(l.read_index().unwrap().manifests.len(), 6 * 25);
+    }
+
+    /// A failed run's layout goes unless an image is tagged in it.
+    #[test]
+    fn only_an_untagged_layout_is_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("out");
+        let l = Layout::open_or_create(&root).unwrap();
+        let d = l.write_blob_bytes(b"{}").unwrap();
+        l.tag("kept", &Descriptor::new(MT_OCI_MANIFEST, d, 2))
+            .unwrap();
+        assert!(!remove_if_untagged(&root).unwrap());
+        assert!(l.resolve(&Reference::Tag("kept".into())).is_ok());
+        let root = t.path().join("empty");
+        let l = Layout::open_or_create(&root).unwrap();
+        l.write_blob_bytes(b"[]").unwrap();
+        assert!(remove_if_untagged(&root).unwrap());
+        assert!(!root.exists());
     }
 
     #[test]

@@ -553,8 +553,9 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
 }
 
 /// An OCI layout directory created by this run: removed when dropped unless the run
-/// succeeded ([`NewLayout::keep`]); after a failure it would hold only the blobs of an
-/// unfinished conversion and no image.
+/// succeeded ([`NewLayout::keep`]) or another process tagged an image in it meanwhile;
+/// after a failure it would hold only the blobs of an unfinished conversion and no
+/// image.
 struct NewLayout(Option<PathBuf>);
 
 impl NewLayout {
@@ -566,7 +567,11 @@ impl NewLayout {
 impl Drop for NewLayout {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(&p);
+            if p.exists() {
+                if let Err(e) = obdoci::layout::remove_if_untagged(&p) {
+                    tracing::warn!("cannot remove the unfinished layout: {e}");
+                }
+            }
         }
     }
 }
