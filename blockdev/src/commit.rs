@@ -106,6 +106,7 @@ fn create_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<IoFile> {
             i.display()
         )));
     }
+    crate::io::check_replaceable(out)?;
     if force {
         match std::fs::remove_file(out) {
             Ok(()) => {}

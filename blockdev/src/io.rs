@@ -380,9 +380,62 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Refuses an output path that exists and is not a regular file (or a link
+/// to one): a device, FIFO, socket or directory there is never replaced by
+/// an output file (`-f` on `/dev/null` must not destroy it).
+pub fn check_replaceable(out: &Path) -> crate::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(m) = std::fs::metadata(out) else {
+        return Ok(());
+    };
+    let t = m.file_type();
+    let kind = if t.is_file() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(crate::Error::Invalid(format!(
+        "output {} exists and is {kind}: refusing to replace it with a file",
+        out.display()
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_regular_files_are_replaceable() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        assert!(check_replaceable(&f).is_ok(), "a new path");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(check_replaceable(&f).is_ok(), "a regular file");
+        let fifo = d.path().join("p");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        for (p, kind) in [
+            (Path::new("/dev/null"), "a character device"),
+            (fifo.as_path(), "a FIFO"),
+            (d.path(), "a directory"),
+        ] {
+            let e = check_replaceable(p).unwrap_err().to_string();
+            assert!(e.contains(kind) && e.contains(&*p.to_string_lossy()), "{e}");
+        }
+    }
 
     fn roundtrip(backend: IoBackend) {
         let dir = tempfile::tempdir().unwrap();

@@ -145,6 +145,27 @@ fn create_commit_roundtrip_and_errors() {
         assert!(e.contains("is the input file"), "{args:?}: {e}");
     }
     assert_eq!(std::fs::read(d.join("junk")).unwrap(), before);
+    // -f never replaces what is not a regular file: a FIFO (or /dev/null)
+    // stays what it is
+    assert!(Command::new("mkfifo")
+        .arg(d.join("fifo"))
+        .status()
+        .unwrap()
+        .success());
+    for (tool, args) in [
+        (COMMIT, vec!["-f", "data", "index", "fifo"]),
+        (ZFILE, vec!["-f", "junk", "fifo"]),
+    ] {
+        let e = err_text(&run(tool, &args, d));
+        assert!(
+            e.contains("fifo") && e.contains("is a FIFO"),
+            "{args:?}: {e}"
+        );
+        let t = std::fs::symlink_metadata(d.join("fifo"))
+            .unwrap()
+            .file_type();
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&t), "{args:?}");
+    }
     assert_ok(&run(COMMIT, &["-f", "data", "index", "layer"], d));
     assert_ok(&run(ZFILE, &["-f", "layer", "layer.z"], d));
     let e = err_text(&run(ZFILE, &["-x", "-f", "layer.z", "layer.z"], d));

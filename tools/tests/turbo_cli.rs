@@ -276,6 +276,18 @@ fn outputs_never_replace_inputs() {
     let cfg = config(&d.join("result"));
     let before = state();
     assert!(before[2] == std::fs::read(&cfg).unwrap());
+    // A FIFO at the index path is not replaced by the index.
+    let fifo = d.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let e = err_text(&apply(&cfg, &fifo));
+    assert!(e.contains("is a FIFO"), "{e}");
+    let t = std::fs::symlink_metadata(&fifo).unwrap().file_type();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&t));
+    assert!(before == state());
     // A failed apply of a tar blob keeps what was at the index path.
     std::fs::write(d.join("gzip.meta"), b"precious").unwrap();
     let tar = std::fs::read(testutil::fixtures().join("input.tar")).unwrap();

@@ -116,13 +116,7 @@ fn check_outputs(args: &Args, cfg: &ImageConfig, inputs: &[&Path]) -> blockdev::
             f.display()
         )));
     }
-    if gz.is_dir() {
-        return Err(blockdev::Error::Invalid(format!(
-            "--gz_index_path {} is a directory",
-            gz.display()
-        )));
-    }
-    Ok(())
+    blockdev::io::check_replaceable(gz)
 }
 
 fn run(args: &Args, cfg: &ImageConfig) -> anyhow::Result<()> {
