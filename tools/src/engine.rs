@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::cli;
 use anyhow::{bail, Context};
 use obdfs::Engine;
 use obdkernel::{Kernel, KernelOptions};
@@ -89,7 +90,9 @@ impl EngineArgs {
         match Kernel::new(opts) {
             Ok(k) => Ok(Arc::new(k)),
             Err(e @ obdkernel::Error::Unavailable { .. }) if self.fallback => {
-                eprintln!("{tool}: {e}; using the libext2fs engine (--engine-fallback)");
+                cli::say(format_args!(
+                    "{tool}: {e}; using the libext2fs engine (--engine-fallback)"
+                ));
                 Ok(Arc::new(obdfs::Libext2fs::default()))
             }
             Err(e) => Err(e).context("--engine kernel"),
@@ -104,7 +107,9 @@ fn stop_on_signal(tool: &'static str, cancel: Arc<AtomicBool>) -> anyhow::Result
         if cancel.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("{tool}: stopping: unmounting and cleaning up (again to exit at once)");
+        cli::say(format_args!(
+            "{tool}: stopping: unmounting and cleaning up (again to exit at once)"
+        ));
     })
     .context("cannot install the Ctrl-C handler")
 }

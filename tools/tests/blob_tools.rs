@@ -225,3 +225,33 @@ fn help_explains_flags() {
         assert!(t.contains(flag), "--help lacks {flag}");
     }
 }
+
+/// A stdout that cannot be written (a full device; a reader that went away is
+/// the same to the tool) does not turn finished work into a crash: the tools
+/// exit 0 and print no panic.
+#[test]
+fn an_unwritable_stdout_is_not_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let full = || std::fs::File::options().write(true).open("/dev/full").unwrap();
+    for (tool, args) in [
+        (CREATE, vec!["-s", "data", "index", "1", "--mkfs"]),
+        (COMMIT, vec!["data", "index", "layer"]),
+        (ZFILE, vec!["layer", "layer.z"]),
+        (ZFILE, vec!["--verify", "layer.z"]),
+        (ZFILE, vec!["-x", "layer.z", "layer.x"]),
+    ] {
+        let o = Command::new(tool)
+            .args(&args)
+            .current_dir(d)
+            .stdout(full())
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && !e.contains("panicked"), "{args:?}: {e}");
+    }
+    assert_eq!(
+        std::fs::read(d.join("layer")).unwrap(),
+        std::fs::read(d.join("layer.x")).unwrap()
+    );
+}

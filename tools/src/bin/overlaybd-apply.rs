@@ -74,21 +74,21 @@ fn main() -> ExitCode {
     let cfg = match ImageConfig::load(&args.image_config_path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!(
+            cli::say(format_args!(
                 "overlaybd-apply: error: cannot load image config {}: {}",
                 args.image_config_path.display(),
                 blockdev::error::Chain(&e)
-            );
+            ));
             return ExitCode::FAILURE;
         }
     };
     // Where the outcome goes must work before the layer is applied.
     if let Err(e) = cfg.check_result_file(&[&args.input_path, &args.image_config_path]) {
-        eprintln!(
+        cli::say(format_args!(
             "overlaybd-apply: error: {}: {}",
             args.image_config_path.display(),
             blockdev::error::Chain(&e)
-        );
+        ));
         return ExitCode::FAILURE;
     }
     let result = run(&args, Some(&cfg));
@@ -99,12 +99,15 @@ fn main() -> ExitCode {
     if let Err(e) = cfg.write_result(&msg) {
         // The apply's own failure (e.g. a full disk) comes first.
         if let Err(a) = &result {
-            eprintln!("overlaybd-apply: error: {}", cli::error_line(a));
+            cli::say(format_args!(
+                "overlaybd-apply: error: {}",
+                cli::error_line(a)
+            ));
         }
-        eprintln!(
+        cli::say(format_args!(
             "overlaybd-apply: error: cannot write the result file: {}",
             blockdev::error::Chain(&e)
-        );
+        ));
         return ExitCode::FAILURE;
     }
     cli::run("overlaybd-apply", || result)
@@ -165,12 +168,12 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
     let mut progress = |s: &obdfs::ApplyStats| {
         if last.elapsed().as_secs() >= 2 {
             last = Instant::now();
-            eprintln!(
+            cli::say(format_args!(
                 "overlaybd-apply: {} entries, {} of tar, {:.0} MB/s",
                 s.entries,
                 cli::human(s.tar_bytes),
                 s.mb_per_sec()
-            );
+            ));
         }
     };
     let job = obdfs::Job {
@@ -192,7 +195,7 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
             bail!("sha256 checksum mismatch: expected {want}, got {got}");
         }
     }
-    eprintln!(
+    cli::say(format_args!(
         "overlaybd-apply: applied {} entries ({} files, {} of data) in {:.2}s: {}, {:.0} files/s",
         stats.entries,
         stats.files,
@@ -200,8 +203,8 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
         start.elapsed().as_secs_f64(),
         cli::rate(stats.tar_bytes, start),
         stats.files as f64 / start.elapsed().as_secs_f64().max(1e-6)
-    );
-    println!("overlaybd-apply done");
+    ));
+    cli::print_out(format_args!("overlaybd-apply done"));
     Ok(())
 }
 

@@ -124,7 +124,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         WritableLayer::open(&args.data_file, &index)
             .and_then(|l| l.seal())
             .with_context(|| format!("cannot seal {}", args.data_file.display()))?;
-        println!("overlaybd-commit has sealed files SUCCESSFULLY");
+        cli::print_out(format_args!(
+            "overlaybd-commit has sealed files SUCCESSFULLY"
+        ));
         return Ok(());
     }
     let zfile = if args.zfile {
@@ -142,7 +144,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(z)
     } else {
         if args.algorithm.is_some() || args.block_size.is_some() {
-            eprintln!("WARNING option '--bs' and '--algorithm' will be ignored without '-z'");
+            cli::say(format_args!(
+                "WARNING option '--bs' and '--algorithm' will be ignored without '-z'"
+            ));
         }
         None
     };
@@ -175,14 +179,16 @@ fn run(args: Args) -> anyhow::Result<()> {
         })?;
         (out, s)
     };
-    eprintln!(
+    cli::say(format_args!(
         "committed {} of data into {} ({}, {} in {:.2}s)",
         cli::human(stats.data_bytes),
         out.display(),
         cli::human(stats.output_size),
         cli::rate(stats.data_bytes, start),
         start.elapsed().as_secs_f64()
-    );
-    println!("overlaybd-commit has committed files SUCCESSFULLY");
+    ));
+    cli::print_out(format_args!(
+        "overlaybd-commit has committed files SUCCESSFULLY"
+    ));
     Ok(())
 }

@@ -103,7 +103,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                     args.index_file.display()
                 )
             })?;
-        println!("overlaybd-create has created files SUCCESSFULLY");
+        cli::print_out(format_args!(
+            "overlaybd-create has created files SUCCESSFULLY"
+        ));
         return Ok(());
     }
     if args.raw {
@@ -137,7 +139,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         r?;
-        println!("overlaybd-create has created files SUCCESSFULLY");
+        cli::print_out(format_args!(
+            "overlaybd-create has created files SUCCESSFULLY"
+        ));
         return Ok(());
     }
     let parent_uuid = args
@@ -177,6 +181,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             return Err(e);
         }
     }
-    println!("overlaybd-create has created files SUCCESSFULLY");
+    cli::print_out(format_args!(
+        "overlaybd-create has created files SUCCESSFULLY"
+    ));
     Ok(())
 }

@@ -79,7 +79,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         let r = open_zfile(&args.source_file)?;
         verify_blocks(&r)
             .with_context(|| format!("{} is not a valid zfile blob", args.source_file.display()))?;
-        println!("{} is a valid zfile blob.", args.source_file.display());
+        cli::print_out(format_args!(
+            "{} is a valid zfile blob.",
+            args.source_file.display()
+        ));
         return Ok(());
     }
     if args.extract {
@@ -88,12 +91,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             .as_ref()
             .context("decompression needs SOURCE_FILE and TARGET_FILE (stdin is not supported)")?;
         let n = zfile_decompress_file(&args.source_file, dst, args.force)?;
-        println!(
+        cli::print_out(format_args!(
             "decompressed {} into {} ({})",
             args.source_file.display(),
             dst.display(),
             cli::human(n)
-        );
+        ));
         return Ok(());
     }
     let algorithm: Algorithm = args.algorithm.as_deref().unwrap_or("lz4").parse()?;
@@ -113,12 +116,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         None => (None, args.source_file.clone()),
     };
     let n = zfile_compress_file(src, &dst, opts, args.tar, args.force)?;
-    println!(
+    cli::print_out(format_args!(
         "compressed {} into {} ({})",
         src.map(|p| p.display().to_string())
             .unwrap_or_else(|| "stdin".into()),
         dst.display(),
         cli::human(n)
-    );
+    ));
     Ok(())
 }

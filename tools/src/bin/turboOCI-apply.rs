@@ -61,11 +61,11 @@ fn main() -> ExitCode {
     let cfg = match ImageConfig::load(&args.image_config_path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!(
+            cli::say(format_args!(
                 "turboOCI-apply: error: cannot load image config {}: {}",
                 args.image_config_path.display(),
                 blockdev::error::Chain(&e)
-            );
+            ));
             return ExitCode::FAILURE;
         }
     };
@@ -73,11 +73,11 @@ fn main() -> ExitCode {
     // applied.
     let inputs = [args.input_path.as_path(), args.image_config_path.as_path()];
     if let Err(e) = check_outputs(&args, &cfg, &inputs) {
-        eprintln!(
+        cli::say(format_args!(
             "turboOCI-apply: error: {}: {}",
             args.image_config_path.display(),
             blockdev::error::Chain(&e)
-        );
+        ));
         return ExitCode::FAILURE;
     }
     let result = run(&args, &cfg);
@@ -87,12 +87,15 @@ fn main() -> ExitCode {
     };
     if let Err(e) = cfg.write_result(&msg) {
         if let Err(a) = &result {
-            eprintln!("turboOCI-apply: error: {}", cli::error_line(a));
+            cli::say(format_args!(
+                "turboOCI-apply: error: {}",
+                cli::error_line(a)
+            ));
         }
-        eprintln!(
+        cli::say(format_args!(
             "turboOCI-apply: error: cannot write the result file: {}",
             blockdev::error::Chain(&e)
-        );
+        ));
         return ExitCode::FAILURE;
     }
     cli::run("turboOCI-apply", || result)
@@ -155,39 +158,39 @@ fn run(args: &Args, cfg: &ImageConfig) -> anyhow::Result<()> {
     let mut progress = |s: &obdfs::ApplyStats| {
         if last.elapsed().as_secs() >= 2 {
             last = Instant::now();
-            eprintln!(
+            cli::say(format_args!(
                 "turboOCI-apply: {} entries, {} of tar",
                 s.entries,
                 cli::human(s.tar_bytes)
-            );
+            ));
         }
     };
     let report = apply_layer(&job, Some(&mut progress))
         .with_context(|| format!("cannot apply {}", args.input_path.display()))?;
     if let (BlobKind::Gzip, Some(i)) = (report.kind, &report.gzip_index) {
-        eprintln!(
+        cli::say(format_args!(
             "turboOCI-apply: gzip index {} ({} access points, {} uncompressed)",
             args.gz_index_path.display(),
             i.entries,
             cli::human(i.uncompressed_size)
-        );
+        ));
     }
     let s = &report.stats;
-    eprintln!(
+    cli::say(format_args!(
         "turboOCI-apply: applied {} entries ({} files, {} of file data referenced) in {:.2}s",
         s.entries,
         s.files,
         cli::human(s.data_bytes),
         start.elapsed().as_secs_f64()
-    );
+    ));
     if let Some(e) = &report.erofs {
-        eprintln!(
+        cli::say(format_args!(
             "turboOCI-apply: EROFS: {} new inodes, {} of metadata, {} blocks",
             e.inodes,
             cli::human(e.meta_bytes),
             e.blocks
-        );
+        ));
     }
-    println!("turboOCI-apply done");
+    cli::print_out(format_args!("turboOCI-apply done"));
     Ok(())
 }

@@ -124,7 +124,10 @@ fn main() -> ExitCode {
     let daemon = std::env::var_os(DAEMON_ENV).is_some();
     // (Checked here, not by clap: the daemon runs without --background.)
     if a.log.is_some() && !a.background && !daemon {
-        eprintln!("overlaybd-fuse: error: --log needs --background (in the foreground, messages go to stderr)");
+        let _ = writeln!(
+            std::io::stderr(),
+            "overlaybd-fuse: error: --log needs --background (in the foreground, messages go to stderr)"
+        );
         return ExitCode::from(2);
     }
     let r = if a.background && !daemon {
@@ -137,9 +140,9 @@ fn main() -> ExitCode {
         Err(e) => {
             if daemon {
                 // The parent relays this line.
-                println!("error: {e:#}");
+                print_out(format_args!("error: {e:#}"));
             } else {
-                eprintln!("overlaybd-fuse: error: {e:#}");
+                let _ = writeln!(std::io::stderr(), "overlaybd-fuse: error: {e:#}");
             }
             ExitCode::FAILURE
         }
@@ -192,16 +195,14 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
             mp.display()
         );
         if daemon {
-            println!("ready {line}");
-            let _ = std::io::stdout().flush();
+            print_out(format_args!("ready {line}"));
             // Detach from the parent's pipe and working directory.
             if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
                 let _ = nix::unistd::dup2_stdout(&null);
             }
             let _ = std::env::set_current_dir("/");
         } else {
-            println!("{line}");
-            let _ = std::io::stdout().flush();
+            print_out(format_args!("{line}"));
         }
     })?;
     let how = match ended {
@@ -217,7 +218,7 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
         .map(|s| format!("; registry: {}", s.summary()))
         .unwrap_or_default();
     if !daemon {
-        println!(
+        print_out(format_args!(
             "overlaybd-fuse: {} {how}{}{fetched}",
             mp.display(),
             if req.writable {
@@ -225,11 +226,18 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
             } else {
                 ""
             }
-        );
+        ));
     } else {
         tracing::info!("{} {how}{fetched}", mp.display());
     }
     Ok(())
+}
+
+/// Print a line to stdout (flushed); dropped if stdout is closed or broken (a
+/// reader that went away must not turn a served mount into a failure).
+fn print_out(line: std::fmt::Arguments<'_>) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line}").and_then(|_| o.flush());
 }
 
 /// Start this program again as a daemon and wait until it reports the mount
@@ -272,7 +280,7 @@ fn start_background(a: &MountArgs) -> Result<()> {
     }
     match ready {
         Some(line) => {
-            println!("{line} (daemon pid {})", child.id());
+            print_out(format_args!("{line} (daemon pid {})", child.id()));
             Ok(())
         }
         None => {
