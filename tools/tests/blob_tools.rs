@@ -233,7 +233,12 @@ fn help_explains_flags() {
 fn an_unwritable_stdout_is_not_a_failure() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let full = || std::fs::File::options().write(true).open("/dev/full").unwrap();
+    let full = || {
+        std::fs::File::options()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
     for (tool, args) in [
         (CREATE, vec!["-s", "data", "index", "1", "--mkfs"]),
         (COMMIT, vec!["data", "index", "layer"]),
@@ -248,7 +253,10 @@ fn an_unwritable_stdout_is_not_a_failure() {
             .output()
             .unwrap();
         let e = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success() && !e.contains("panicked"), "{args:?}: {e}");
+        assert!(
+            o.status.success() && !e.contains("panicked"),
+            "{args:?}: {e}"
+        );
     }
     assert_eq!(
         std::fs::read(d.join("layer")).unwrap(),

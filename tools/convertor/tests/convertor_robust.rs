@@ -500,3 +500,59 @@ fn a_bad_manifest_is_named_once() {
     assert_eq!(e.matches(&digest).count(), 1, "{e}");
     assert!(e.contains("invalid JSON"), "{e}");
 }
+
+/// A tmpfs of `mb` MB mounted at a new directory in `dir`, unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, mb: u32) -> SmallFs {
+        let p = dir.join("small");
+        std::fs::create_dir(&p).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "mounting a tmpfs (the tests run as root): {}",
+            stderr_of(&o)
+        );
+        SmallFs(p)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// When the destination fills up, the error is that (the first push that failed),
+/// not what the abort it causes does to the layers still being applied (their tar
+/// streams end early, which read as corrupt source layers).
+#[test]
+fn a_full_destination_is_reported_as_such() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    build_images("bench", &src, &["--size-mb", "60"]);
+    let small = SmallFs::mount(t.path(), 3);
+    let src = format!("oci:{}", src.display());
+    for round in 0..3 {
+        let out = format!("oci:{}", small.0.join(format!("out{round}")).display());
+        let wd = t.path().join("w");
+        let mut a = args(&src, &out, wd.to_str().unwrap());
+        a[3] = "bench";
+        let o = Command::new(bin()).args(&a).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+        let e = stderr_of(&o);
+        let errors: Vec<&str> = e.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(errors.len(), 1, "round {round}: {e}");
+        let line = errors[0];
+        assert!(
+            line.contains("uploading layer") && line.contains("No space left on device"),
+            "round {round}: {line}"
+        );
+        assert!(!line.contains("tar"), "round {round}: {line}");
+    }
+}

@@ -307,14 +307,19 @@ impl Layers<'_, '_> {
                 // Sealed layers are pushed on another thread while the next layer is
                 // applied.
                 let (up_tx, up_rx) = unbounded::<Done>();
-                let uploader = s.spawn(move || self.upload_loop(j, up_rx));
+                let uploader = s.spawn(move || self.upload_loop(j, up_rx, fail));
                 let rxs: Vec<&Receiver<Result<Ready>>> = chan.iter().map(|c| &c.1).collect();
+                // A failure is recorded as it happens (before the abort it causes
+                // makes other outputs' chains fail too).
                 let chain = s.spawn(move || {
-                    let r = self.run_chain(s, j, &rxs, up_tx);
-                    if matches!(&r, Err(e) if !e.is_interrupted()) {
-                        abort.set();
-                    }
-                    r
+                    self.run_chain(s, j, &rxs, up_tx).map_err(|e| {
+                        if e.is_interrupted() {
+                            e
+                        } else {
+                            fail(e);
+                            Error::Interrupted
+                        }
+                    })
                 });
                 running.push((chain, uploader));
             }
@@ -529,7 +534,15 @@ impl Layers<'_, '_> {
 
     /// Pushes output `j`'s layers as they are sealed (and the source layers it must
     /// copy), up to `upload_concurrency` at once; returns the layers in order.
-    fn upload_loop(&self, j: usize, rx: Receiver<Done>) -> Result<Vec<LayerOut>> {
+    /// A failed push is reported through `fail` at once, before the abort it causes
+    /// makes the layers still being applied fail as well (their errors would
+    /// otherwise hide the cause).
+    fn upload_loop(
+        &self,
+        j: usize,
+        rx: Receiver<Done>,
+        fail: &(dyn Fn(Error) + Sync),
+    ) -> Result<Vec<LayerOut>> {
         let n = self.n();
         let c = self.run.c;
         let mut out: Vec<Option<LayerOut>> = vec![None; n];
@@ -548,7 +561,10 @@ impl Layers<'_, '_> {
                         for up in job_rx {
                             self.run.check_abort()?;
                             let blob = (discard && up.built).then(|| up.path.clone());
-                            self.push_layer(j, up)?;
+                            if let Err(e) = self.push_layer(j, up) {
+                                fail(e);
+                                return Err(Error::Interrupted);
+                            }
                             if let Some(blob) = blob {
                                 let mut kept = pushed.lock().unwrap_or_else(|p| p.into_inner());
                                 match kept.as_mut() {
@@ -668,7 +684,6 @@ impl Layers<'_, '_> {
             .dst
             .push_blob(&desc, BlobSource::File(&path), Some(bar.setter()));
         if let Err(e) = r {
-            c.abort.set();
             return Err(e.context(format!(
                 "{what} {}/{n} ({}) to {}",
                 i + 1,
