@@ -373,22 +373,24 @@ impl ImageStore for DockerArchiveStore {
 /// What kind of archive an [`ArchiveOutput`] writes.
 #[derive(Clone, Debug)]
 pub enum ArchiveKind {
-    /// `oci-archive:FILE[:TAG]`; the tag, if given, names the image in `index.json`
-    /// (`org.opencontainers.image.ref.name`); `gzip` compresses the archive.
-    Oci { tag: Option<String>, gzip: bool },
+    /// `oci-archive:FILE[:TAG]`: every image pushed with a tag is in `index.json`,
+    /// named by that tag (`org.opencontainers.image.ref.name`), as in an `oci:`
+    /// layout; `gzip` compresses the archive.
+    Oci { gzip: bool },
     /// `docker-archive:FILE[:NAME:TAG]`; the name, if given, is the image's `RepoTags`.
     Docker { name: Option<DockerName> },
 }
 
 /// An archive being written: blobs and manifests collect in a scratch OCI layout, and
-/// [`ImageStore::finish`] writes the archive of the image pushed under a tag.
+/// [`ImageStore::finish`] writes the archive of the images pushed under a tag (a
+/// docker archive holds one).
 pub struct ArchiveOutput {
     path: PathBuf,
     kind: ArchiveKind,
     layout: LayoutStore,
     _scratch: tempfile::TempDir,
-    /// The top-level image and the tag it was pushed with.
-    root: Mutex<Option<(Descriptor, String)>>,
+    /// The top-level images and the tags they were pushed with, in push order.
+    roots: Mutex<Vec<(Descriptor, String)>>,
 }
 
 impl ArchiveOutput {
@@ -441,7 +443,7 @@ impl ArchiveOutput {
             kind,
             layout,
             _scratch: tmp,
-            root: Mutex::new(None),
+            roots: Mutex::new(Vec::new()),
         })
     }
 
@@ -493,17 +495,23 @@ impl ArchiveOutput {
         Ok(())
     }
 
-    fn write_oci(&self, root: &Descriptor, tag: Option<&str>, gzip: bool) -> Result<u64> {
+    fn write_oci(&self, roots: &[(Descriptor, String)], gzip: bool) -> Result<u64> {
         let mut blobs = Vec::new();
-        self.blobs_of(root, &mut blobs)?;
-        let mut entry = root.clone();
-        entry.annotations =
-            tag.map(|t| BTreeMap::from([(ANNOTATION_REF_NAME.to_string(), t.to_string())]));
+        let mut entries = Vec::new();
+        for (root, tag) in roots {
+            self.blobs_of(root, &mut blobs)?;
+            let mut entry = root.clone();
+            entry.annotations = Some(BTreeMap::from([(
+                ANNOTATION_REF_NAME.to_string(),
+                tag.clone(),
+            )]));
+            entries.push(entry);
+        }
         let index = Index {
             schema_version: 2,
             media_type: Some(MT_OCI_INDEX.into()),
             artifact_type: None,
-            manifests: vec![entry],
+            manifests: entries,
             subject: None,
             annotations: None,
             extra: Default::default(),
@@ -588,21 +596,30 @@ impl ImageStore for ArchiveOutput {
     fn push_manifest(&self, tag: Option<&str>, desc: &Descriptor, bytes: &[u8]) -> Result<()> {
         self.layout.push_manifest(None, desc, bytes)?;
         if let Some(t) = tag {
-            *self.root.lock().unwrap_or_else(|e| e.into_inner()) = Some((desc.clone(), t.into()));
+            let mut roots = self.roots.lock().unwrap_or_else(|e| e.into_inner());
+            roots.retain(|(_, other)| other != t);
+            roots.push((desc.clone(), t.into()));
         }
         Ok(())
     }
     fn finish(&self) -> Result<Option<u64>> {
-        let root = self.root.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some((root, pushed_tag)) = root else {
+        let roots = self.roots.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if roots.is_empty() {
             // Nothing was pushed (--no-upload): the destination stays as it was.
             return Ok(None);
-        };
+        }
         let size = match &self.kind {
-            ArchiveKind::Oci { tag, gzip } => {
-                self.write_oci(&root, Some(tag.as_deref().unwrap_or(&pushed_tag)), *gzip)?
-            }
-            ArchiveKind::Docker { name } => self.write_docker(&root, name.as_ref())?,
+            ArchiveKind::Oci { gzip } => self.write_oci(&roots, *gzip)?,
+            ArchiveKind::Docker { name } => match roots.as_slice() {
+                [(root, _)] => self.write_docker(root, name.as_ref())?,
+                _ => {
+                    return Err(Error::Unsupported(format!(
+                        "docker-archive:{}: this destination holds one image, and {} were converted; write an oci-archive: or oci: destination",
+                        self.path.display(),
+                        roots.len()
+                    )))
+                }
+            },
         };
         Ok(Some(size))
     }
@@ -624,12 +641,9 @@ pub fn open_archive(
         (ImageRef::DockerArchive { path, name }, false) => {
             Arc::new(DockerArchiveStore::open(path, name.as_ref(), scratch)?)
         }
-        (ImageRef::OciArchive { path, tag }, true) => Arc::new(ArchiveOutput::create(
+        (ImageRef::OciArchive { path, .. }, true) => Arc::new(ArchiveOutput::create(
             path,
-            ArchiveKind::Oci {
-                tag: tag.clone(),
-                gzip,
-            },
+            ArchiveKind::Oci { gzip },
             scratch,
         )?),
         (ImageRef::DockerArchive { path, name }, true) => {

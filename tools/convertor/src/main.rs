@@ -340,7 +340,33 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
             );
         }
     }
-    if let (Some(n), Some(d)) = (&native_tag, dst_ref.tag()) {
+    if let ImageRef::DockerArchive { name, .. } = &dst_ref {
+        if native_tag.is_some() && turbo_tag.is_some() {
+            bail!(
+                "{dst_ref}: a docker archive holds one image, and --overlaybd with --turboOCI makes two: write an oci-archive: or oci: destination"
+            );
+        }
+        // Its image is named by the destination (RepoTags), not by the output tag.
+        let given = args
+            .overlaybd
+            .as_ref()
+            .or(turbo_tag.as_ref())
+            .or(args.output_tag.as_ref());
+        match name {
+            Some(obdoci::reference::ArchiveImage::Tagged(n)) => {
+                if let Some(t) = given.filter(|t| **t != n.tag) {
+                    tracing::warn!(
+                        "{dst_ref}: the image is named {}:{} (the destination's NAME:TAG); the output tag {t} is not written",
+                        n.repository,
+                        n.tag
+                    );
+                }
+            }
+            _ => tracing::warn!(
+                "{dst_ref}: the image is written without a name (no RepoTags); name it with docker-archive:FILE:NAME:TAG"
+            ),
+        }
+    } else if let (Some(n), Some(d)) = (&native_tag, dst_ref.tag()) {
         if args.output_repository.is_some() && turbo_tag.is_none() && n != d {
             tracing::warn!(
                 "the output is tagged {n} (--overlaybd/-o), not {d} as --output-repository says"

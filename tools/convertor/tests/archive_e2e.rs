@@ -740,3 +740,86 @@ fn hosts_toml_mirror_ca_and_header() {
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+/// Archive destinations name their images as `oci:` layouts do: an `oci-archive:`
+/// holds every image converted (the overlaybd and the TurboOCI one), each under the
+/// tag the run printed; a docker archive, which names its one image by the
+/// destination's NAME:TAG, refuses two images before any work and says when an
+/// output tag is not written.
+#[test]
+fn archive_destinations_hold_what_the_run_reports() {
+    let t = tempfile::tempdir().unwrap();
+    build_images("sample", &t.path().join("img"), &[]);
+    let src = format!("oci:{}", t.path().join("img").display());
+    let run = |dst: &str, extra: &[&str]| {
+        let wd = t.path().join("w");
+        let mut a = vec![
+            "-r",
+            &src,
+            "-i",
+            "latest",
+            "--output-repository",
+            dst,
+            "-d",
+            wd.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_convertor"))
+            .args(&a)
+            .output()
+            .unwrap()
+    };
+    let text = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    };
+    let both = t.path().join("both.tar");
+    let o = run(
+        &format!("oci-archive:{}", both.display()),
+        &["--overlaybd", "a", "--turboOCI", "b"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    for tag in ["a", "b"] {
+        let raw = skopeo(&[
+            "inspect",
+            "--raw",
+            &format!("oci-archive:{}:{tag}", both.display()),
+        ]);
+        assert!(raw.contains("layers"), "{tag}: {raw}");
+    }
+    // The output tag wins over the destination's, as the run prints and warns.
+    let one = t.path().join("one.tar");
+    let o = run(
+        &format!("oci-archive:{}:foo", one.display()),
+        &["-o", "obd"],
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!("pushed oci-archive:{}:obd", one.display())),
+        "{out}"
+    );
+    skopeo(&[
+        "inspect",
+        "--raw",
+        &format!("oci-archive:{}:obd", one.display()),
+    ]);
+    let docker = t.path().join("d.tar");
+    let o = run(
+        &format!("docker-archive:{}:app:v1", docker.display()),
+        &["--overlaybd", "a", "--turboOCI", "b"],
+    );
+    let out = text(&o);
+    assert!(
+        !o.status.success() && out.contains("holds one image"),
+        "{out}"
+    );
+    assert!(!docker.exists() && !t.path().join("w").exists());
+    let o = run(
+        &format!("docker-archive:{}:app:v1", docker.display()),
+        &["-o", "obd"],
+    );
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("the output tag obd is not written"), "{out}");
+    assert!(out.contains("app:v1"), "{out}");
+}
