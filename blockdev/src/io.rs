@@ -119,6 +119,28 @@ impl IoFile {
         )
     }
 
+    /// Claim the file for this open, without waiting: an exclusive `flock`
+    /// (`exclusive`) or a shared one, released when the file is closed.
+    /// `Ok(false)`: another open file holds a conflicting claim.
+    pub fn try_lock(&self, exclusive: bool) -> Result<bool> {
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        } | libc::LOCK_NB;
+        // SAFETY: flock on the descriptor `self.file` owns and keeps open; no
+        // memory is passed.
+        if unsafe { libc::flock(self.file.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(false)
+        } else {
+            Err(Error::io(&self.path, e))
+        }
+    }
+
     /// Open with explicit options and backend.
     pub fn open_with(
         path: impl AsRef<Path>,

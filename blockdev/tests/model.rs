@@ -263,7 +263,7 @@ fn writable_layer_as_lower_reads_like_its_commit() {
     a.write_at(&pattern(10_000, 9), 123_456).unwrap();
     a.flush().unwrap();
     drop(a);
-    let b = Stack::open(&[c0], Some((&d1, &i1))).unwrap();
+    let b = Stack::open_read_only(&[c0], Some((&d1, &i1))).unwrap();
     let a = Stack::open_sources(
         &[LowerSource::Writable {
             data: d0,

@@ -80,6 +80,22 @@ pub fn create_warp(data: &Path, index: &Path, virtual_size: u64, uuid: Option<Uu
 }
 
 /// Open a layer file for reading, or also for writing unless `read_only`.
+/// Claims the data file of a writable layer for this open (see
+/// [`IoFile::try_lock`]): exclusively to write it, shared to read it, so that
+/// two processes never write one layer at once (an `overlaybd-nbd` serving it
+/// and an `overlaybd-apply`, say: each would overwrite the other's blocks and
+/// index), and a layer being written is not read (committed) meanwhile.
+fn claim(f: &IoFile, read_only: bool) -> Result<()> {
+    if f.try_lock(!read_only)? {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "{}: the layer is in use: another process is {} it (an overlaybd-nbd, overlaybd-fuse, overlaybd-apply or overlaybd-commit); stop that first",
+        f.path().display(),
+        if read_only { "writing" } else { "using" }
+    )))
+}
+
 fn open_file(p: &Path, read_only: bool) -> Result<IoFile> {
     if read_only {
         IoFile::open(p)
@@ -338,6 +354,7 @@ impl WritableLayer {
         let open = |p: &Path| open_file(p, read_only);
         let bad = |p: &Path, msg: String| Error::corrupt(p, "LSMT warp layer", msg);
         let data_file = open(data)?;
+        claim(&data_file, read_only)?;
         let fi = open(index)?;
         let len = fi.len()?;
         if len < HT_SPACE as u64 {
@@ -416,11 +433,9 @@ impl WritableLayer {
     }
 
     fn open_mode(data_path: &Path, index_path: &Path, read_only: bool) -> Result<Self> {
-        Self::open_data(
-            DataFile::File(open_file(data_path, read_only)?),
-            index_path,
-            read_only,
-        )
+        let data = open_file(data_path, read_only)?;
+        claim(&data, read_only)?;
+        Self::open_data(DataFile::File(data), index_path, read_only)
     }
 
     /// Open a packed sparse layer ([`create_packed`]); read-only views share the
