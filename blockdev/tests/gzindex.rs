@@ -122,6 +122,51 @@ fn truncated_gzip_blob_is_one_clear_error() {
     assert!(e.contains("plain.bin") && e.contains("invalid gzip"), "{e}");
 }
 
+/// A multi-member gzip (members concatenated, RFC 1952) is refused when
+/// its first member ends, before the uncompressed stream reports its end:
+/// the index covers one member only (upstream's too), so the rest of the
+/// layer would be silently missing. Other trailing bytes stay accepted.
+#[test]
+fn multi_member_gzip_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = std::fs::read(fixtures().join("ext4-gzip-2/layer.tar.gz")).unwrap();
+    let plain = std::fs::read(fixtures().join("ext4-gzip-2/layer.tar")).unwrap();
+    let two = [&one[..], &one[..]].concat();
+    let blob = dir.path().join("two-members.tar.gz");
+    std::fs::write(&blob, &two).unwrap();
+    let out = dir.path().join("gzip.meta");
+    let e = gzindex::build_file(&blob, &out).unwrap_err().to_string();
+    assert!(
+        e.contains("two-members.tar.gz") && e.contains("multi-member gzip is not supported"),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("compressed offset {}", one.len())),
+        "{e}"
+    );
+    assert!(!out.exists(), "a failed build leaves no index behind");
+    // Streaming: the first member's bytes, then the error instead of the end.
+    for piece in [1, 7, 4096] {
+        let mut ix = gzindex::Indexer::new(
+            Trickle(&two[..], piece),
+            &blob,
+            std::io::Cursor::new(Vec::new()),
+            gzindex::DEFAULT_SPAN,
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        let e = std::io::Read::read_to_end(&mut ix, &mut got).unwrap_err();
+        assert!(e.to_string().contains("multi-member"), "{piece}: {e}");
+        assert!(got.len() <= plain.len() && got[..] == plain[..got.len()]);
+    }
+    // Trailing bytes that are not a gzip member are counted, as upstream does.
+    let padded = dir.path().join("padded.tar.gz");
+    std::fs::write(&padded, [&one[..], &[0u8; 100][..]].concat()).unwrap();
+    let info = gzindex::build_file(&padded, &out).unwrap();
+    assert_eq!(info.gzip_size, one.len() as u64 + 100);
+    assert_eq!(info.uncompressed_size, plain.len() as u64);
+}
+
 #[test]
 fn corrupt_index_files_are_rejected_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();

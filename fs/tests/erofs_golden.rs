@@ -54,3 +54,40 @@ fn golden_erofs_gzip_2_on_reference_lower() {
     assert_eq!(st.mapped_files, 3);
     check("erofs-gzip-2", &dev, &want, &want_maps);
 }
+
+/// A layer tar without a `./` entry (input.tar, as BuildKit writes layers)
+/// leaves the root as erofs-utils makes it in tar mode
+/// (`erofs_rebuild_make_root`: `S_IFDIR | 0777`, owner 0): upstream's
+/// `erofs-gzip` layer, mounted by the kernel, has a 0777 root, and ours is
+/// the same inode (the native and ext4 engines give 0755; EROFS layers
+/// follow upstream's bytes, see the golden tests above).
+#[test]
+fn root_without_a_dot_entry_is_0777_as_upstreams() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let tar = layer1_tar();
+    let (theirs, theirs_maps) =
+        read_turbo_lsmt(&turbo_fixtures().join("erofs-gzip/erofs.fs.meta.lsmt"));
+    let dev = RecordingDevice::new(BTreeMap::new());
+    build_layer(
+        dev.clone(),
+        std::fs::File::open(&tar).unwrap(),
+        &BuildOptions { incremental: false },
+    )
+    .unwrap();
+    let ours = (dev.written(), dev.mappings());
+    for (name, sectors, maps) in [
+        ("upstream", &theirs, &theirs_maps[..]),
+        ("ours", &ours.0, &ours.1[..]),
+    ] {
+        let img = tmp.path().join(format!("{name}.img"));
+        assemble(&img, &[(sectors, maps, tar.as_path())]);
+        let m = ErofsMount::new(&img, &tmp.path().join(format!("mnt-{name}")));
+        let root = std::fs::metadata(m.dir()).unwrap();
+        assert_eq!(
+            (root.mode(), root.uid(), root.gid()),
+            (0o40777, 0, 0),
+            "{name}"
+        );
+    }
+}

@@ -228,3 +228,31 @@ fn opaque_root_hides_the_lower_layers() {
     let n = check_stack("opaque-root", &[a, b], &[], Some(&|_: &Path| {}));
     assert_eq!(n, 1);
 }
+
+/// A later entry of one layer replaces an earlier one of the same path
+/// (the later entry wins, as the native and the ext4 engines apply it):
+/// a file by a directory declared with a trailing slash (`z`, `z/`,
+/// `z/in`), a directory by a file, and a lower layer's file by a
+/// directory. The directory entry was refused ("'z' is not a directory in
+/// this layer").
+#[test]
+fn later_entries_replace_earlier_ones_of_another_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.tar"), dir.path().join("b.tar"));
+    small_tar(
+        &a,
+        &[
+            ("z", Some(b"file first")),
+            ("z/", None),
+            ("z/in", Some(b"inside")),
+            ("w/", None),
+            ("w/x", Some(b"x")),
+            ("w", Some(b"a file now")),
+            ("y", Some(b"lower file")),
+        ],
+    );
+    small_tar(&b, &[("y/", None), ("y/in", Some(b"upper")), ("z", None)]);
+    check_stack("replace", std::slice::from_ref(&a), &[], None);
+    let n = check_stack("replace2", &[a, b], &[], Some(&|_: &Path| {}));
+    assert_eq!(n, 5);
+}

@@ -324,3 +324,94 @@ fn layer_set_with_upstream_quirks() {
     ];
     assert_eq!(diffs, want, "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A tar entry for [`tar_of`].
+enum Ent<'a> {
+    Dir(&'a str, u64),
+    File(&'a str, &'a [u8], u64),
+    Link(&'a str, &'a str),
+}
+
+/// An uncompressed USTAR tar of `entries` (name, kind, mtime).
+fn tar_of(entries: &[Ent<'_>]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_ustar();
+        let (path, data, mtime): (&str, &[u8], u64) = match *e {
+            Ent::Dir(p, t) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o750);
+                (p, b"", t)
+            }
+            Ent::File(p, d, t) => {
+                h.set_mode(0o640);
+                (p, d, t)
+            }
+            Ent::Link(p, target) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_link_name(target).unwrap();
+                h.set_mode(0o640);
+                (p, b"", 1_700_000_000)
+            }
+        };
+        h.set_path(path).unwrap();
+        h.set_size(data.len() as u64);
+        h.set_mtime(mtime);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A later entry of one layer replaces an earlier directory of the same
+/// path with a non-directory (valid tar: the later entry wins): the whole
+/// directory goes, also what this layer put in it, as the native engine
+/// and the reference unpack do. Before, the directory was kept and the new
+/// name added next to it ("Duplicate entry" for e2fsck).
+#[test]
+fn a_non_directory_replaces_a_directory_of_the_same_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let t0 = d.join("l0.tar");
+    std::fs::write(
+        &t0,
+        tar_of(&[
+            // dir -> file
+            Ent::Dir("f/", 1_600_000_001),
+            Ent::File("f", b"x\n", 1_600_000_002),
+            // file -> dir -> file
+            Ent::File("g", b"one", 1_600_000_003),
+            Ent::Dir("g/", 1_600_000_004),
+            Ent::File("g", b"two", 1_600_000_005),
+            // a tree (with a hard link from outside into it) -> file
+            Ent::Dir("h/", 1_600_000_006),
+            Ent::File("h/child", b"child", 1_600_000_007),
+            Ent::Dir("h/sub/", 1_600_000_008),
+            Ent::File("h/sub/x", b"x", 1_600_000_009),
+            Ent::Link("hl", "h/child"),
+            Ent::File("h", b"h is a file now", 1_600_000_010),
+            // a lower layer's directory, for the second layer
+            Ent::Dir("k/", 1_600_000_011),
+            Ent::File("k/old", b"old", 1_600_000_012),
+        ]),
+    )
+    .unwrap();
+    let t1 = d.join("l1.tar");
+    std::fs::write(
+        &t1,
+        tar_of(&[
+            // a lower directory that this layer adds to, then replaces
+            Ent::File("k/new", b"new", 1_600_000_013),
+            Ent::File("k", b"k is a file now", 1_600_000_014),
+            // and a directory of this layer replaced by a hard link
+            Ent::Dir("m/", 1_600_000_015),
+            Ent::File("m/in", b"in", 1_600_000_016),
+            Ent::Link("m", "f"),
+        ]),
+    )
+    .unwrap();
+    let l0 = make_layer(&d.join("0"), &t0, &[], true);
+    check_stack(d, vec![l0.lower()], std::slice::from_ref(&t0));
+    let l1 = make_layer(&d.join("1"), &t1, &[l0.lower()], false);
+    check_stack(d, vec![l0.lower(), l1.lower()], &[t0, t1]);
+}

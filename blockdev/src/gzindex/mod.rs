@@ -425,6 +425,7 @@ impl<R: Read, W: Write + Seek> Indexer<R, W> {
             self.pending = (start, self.out_pos);
             if ret == zlib::BlockRet::StreamEnd {
                 self.ended = true;
+                self.refuse_next_member()?;
                 return Ok(produced > 0);
             }
             let stuck =
@@ -456,6 +457,33 @@ impl<R: Read, W: Write + Seek> Indexer<R, W> {
                 return Ok(true);
             }
         }
+    }
+
+    /// At the end of the first gzip member: fails when another member
+    /// follows (a multi-member gzip, RFC 1952 2.2). Upstream's index, like
+    /// this one, covers the first member only and its reader ends there, so
+    /// the rest of the stream would be silently missing from the layer.
+    /// Other trailing bytes are counted in the blob size, as upstream does.
+    fn refuse_next_member(&mut self) -> Result<()> {
+        if self.n - self.inp < 2 {
+            self.inbuf.copy_within(self.inp..self.n, 0);
+            (self.n, self.inp) = (self.n - self.inp, 0);
+            let k = read_full(&mut self.blob, &mut self.inbuf[self.n..])
+                .map_err(|e| Error::io(&self.name, e))?;
+            self.read_total += k as u64;
+            self.n += k;
+        }
+        if is_gzip(&self.inbuf[self.inp..self.n]) {
+            return Err(Error::Invalid(format!(
+                "{}: multi-member gzip is not supported for TurboOCI: the first gzip member \
+                 ends at compressed offset {} (uncompressed {}) and another one follows; the \
+                 gzip index, as upstream's, covers the first member only",
+                self.name.display(),
+                self.ttin,
+                self.ttout
+            )));
+        }
+        Ok(())
     }
 
     /// Inflates what was not read yet, reads the rest of the blob (its size

@@ -412,10 +412,15 @@ impl Builder {
         };
         let mut pwd = self.root;
         let comps: Vec<&[u8]> = path.split(|&c| c == b'/').collect();
-        // A component is "last" when no '/' follows it (a trailing slash
-        // makes the previous component an intermediate one).
-        let n = comps.len();
-        for (k, comp) in comps.iter().enumerate() {
+        // Trailing slashes do not count, as erofs-utils strips them from
+        // the tar path: the last component of `z/` is `z`, so a directory
+        // entry replaces a non-directory of that name. A component is
+        // "last" when no '/' follows it.
+        let n = comps
+            .iter()
+            .rposition(|c| !c.is_empty())
+            .map_or(0, |i| i + 1);
+        for (k, comp) in comps[..n].iter().enumerate() {
             if comp.is_empty() || *comp == b"." {
                 continue;
             }

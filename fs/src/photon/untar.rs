@@ -8,7 +8,11 @@
 //! 3. whiteouts: `.wh..wh..opq` empties its directory, `.wh.<name>` removes
 //!    `<name>`, recursively; anything this layer unpacked is kept;
 //! 4. an existing non-directory is unlinked; an existing directory is
-//!    removed recursively unless the entry is a directory too;
+//!    removed with everything in it unless the entry is a directory too
+//!    (also what this layer unpacked there: the later entry wins, as the
+//!    native engine does; upstream's `remove_all` keeps those, its `rmdir`
+//!    fails and the new name is added next to the directory's, which
+//!    e2fsck reports as a duplicate entry);
 //! 5. the entry is made: directory (an existing one is kept), regular file
 //!    (created, its blocks allocated and mapped by the [`FileData`]), hard
 //!    link, symbolic link (to the cleaned target), device node or FIFO;
@@ -208,7 +212,7 @@ impl Untar<'_> {
             if !st.is_dir() {
                 self.x.unlink(&path)?;
             } else if e.kind != Kind::Dir {
-                self.remove_all(name, true)?;
+                self.remove_dir_tree(name)?;
             }
         }
         let mode = e.mode & 0o7777;
@@ -310,6 +314,37 @@ impl Untar<'_> {
         if rmdir && !self.unpacked.contains(path) {
             self.x.rmdir(&p)?;
         }
+        Ok(())
+    }
+
+    /// Remove the directory `path` and everything in it, also what this
+    /// layer unpacked there, for a later entry of the layer that is not a
+    /// directory: it replaces the directory. What this layer unpacked below
+    /// `path` is forgotten (a later whiteout must not keep a name of the
+    /// new entry's), and so are the directory times still to be set there.
+    fn remove_dir_tree(&mut self, path: &[u8]) -> Result<()> {
+        let p = comps(path)?;
+        for name in self.x.readdir(&p)? {
+            let child = [path, b"/", &name].concat();
+            let c = comps(&child)?;
+            match self.x.lstat(&c)? {
+                Some(st) if st.is_dir() => self.remove_dir_tree(&child)?,
+                Some(_) => self.x.unlink(&c)?,
+                None => {}
+            }
+        }
+        if !self.x.rmdir(&p)? {
+            return Err(Error::Invalid(format!(
+                "'{}': the directory to replace is not empty after removing its entries",
+                String::from_utf8_lossy(path)
+            )));
+        }
+        let below = |q: &[u8]| {
+            q.strip_prefix(path)
+                .is_some_and(|r| r.is_empty() || r[0] == b'/')
+        };
+        self.unpacked.retain(|q| !below(q));
+        self.dirs.retain(|(q, _)| !below(q));
         Ok(())
     }
 

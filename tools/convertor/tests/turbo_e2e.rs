@@ -342,7 +342,8 @@ fn turbo_bad_input_is_one_line() {
 
 /// A layer that is neither gzip nor tar (declared gzip), a gzip layer that ends in the
 /// middle of its stream (stored with the digest of its truncated bytes, so only the
-/// inflate can tell), and a tar whose last entry claims more data than the tar holds:
+/// inflate can tell), a tar whose last entry claims more data than the tar holds, and
+/// gzip layers of more than one member (which TurboOCI's gzip index cannot cover):
 /// each stops the conversion with one line naming the layer; nothing is written to the
 /// destination.
 #[test]
@@ -360,6 +361,29 @@ fn turbo_bad_layers_are_one_line() {
     h.set_cksum();
     b.append(&h, &vec![7u8; 100_000][..]).unwrap();
     let long_tar = b.into_inner().unwrap()[..512 + 10_240].to_vec();
+    // Multi-member gzip (concatenated members, RFC 1952): a tar of three 1000-byte files
+    // cut between two entries and inside one, each part its own member. TurboOCI cannot
+    // index past the first member: before, the first cut gave an image of the first file
+    // only and the second one a misleading "unexpected end of the stream".
+    let mut b = tar::Builder::new(Vec::new());
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_size(1000);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, &vec![i as u8 + 1; 1000][..]).unwrap();
+    }
+    let three = b.into_inner().unwrap();
+    let members = |cut: usize| {
+        let gz = |part: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut e, part).unwrap();
+            e.finish().unwrap()
+        };
+        [gz(&three[..cut]), gz(&three[cut..])].concat()
+    };
+    let multi = "multi-member gzip is not supported for TurboOCI";
     let convert = |src: &Path, dst: &Path, work: &str| {
         convertor(&layout_turbo_args(src, dst, &t.path().join(work), &[]))
     };
@@ -367,6 +391,8 @@ fn turbo_bad_layers_are_one_line() {
         ("garbage", garbage, "neither a gzip blob nor a tar"),
         ("short-gzip", short_gz, "ends early"),
         ("long-entry", long_tar, "unexpected end of the stream"),
+        ("members-between-entries", members(1536), multi),
+        ("members-inside-an-entry", members(1000), multi),
     ] {
         let blob = t.path().join(name);
         std::fs::write(&blob, &bytes).unwrap();
