@@ -225,3 +225,34 @@ fn help_explains_flags() {
         assert!(t.contains(flag), "--help lacks {flag}");
     }
 }
+
+/// A failed write removes its unfinished output and, with `-f`, leaves the
+/// file that was there as it was (it used to be removed first).
+#[test]
+fn a_failed_write_keeps_the_previous_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("dir")).unwrap();
+    std::fs::write(d.join("out"), b"previous").unwrap();
+    // Reading a directory fails once the output exists.
+    let e = err_text(&run(ZFILE, &["-f", "dir", "out"], d));
+    assert!(e.contains("dir: Is a directory"), "{e}");
+    assert_eq!(std::fs::read(d.join("out")).unwrap(), b"previous");
+    // A ZFile with a damaged block in the middle fails -x half-way.
+    let lsmt = testutil::fixtures().join("baselayer/commit.lsmt");
+    assert_ok(&run(ZFILE, &[lsmt.to_str().unwrap(), "z"], d));
+    let mut z = std::fs::read(d.join("z")).unwrap();
+    let at = z.len() / 2;
+    z[at] ^= 0xff;
+    std::fs::write(d.join("z"), &z).unwrap();
+    let e = err_text(&run(ZFILE, &["-x", "-f", "z", "out"], d));
+    assert!(e.contains("checksum mismatch"), "{e}");
+    assert_eq!(std::fs::read(d.join("out")).unwrap(), b"previous");
+    assert_eq!(testutil::temp_files(d), Vec::<String>::new());
+    let mut names: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["dir", "out", "z"]);
+}
