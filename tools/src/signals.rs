@@ -26,6 +26,10 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::cli::{report, say};
 
+/// What a signal leaves behind an apply ([`Signals::on_signal`]): the
+/// filesystem is changed in place, never undone.
+pub const PARTIAL_LAYER: &str = "the layer is applied only in part: discard the upper layer";
+
 /// The signal handling of a tool ([module docs](self)).
 #[derive(Clone)]
 pub struct Signals {
