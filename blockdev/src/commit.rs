@@ -4,6 +4,7 @@
 //! LSMT blob, optionally ZFile-compressed (`-z`) and tar-wrapped (`-t`).
 //! The output bytes equal upstream's for the same input and options.
 
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -12,6 +13,7 @@ use crate::layer::open_blob;
 use crate::lsmt::compact::{compact, compact_stored, compact_warp, SealInfo};
 use crate::lsmt::format::SECTOR;
 use crate::lsmt::{SealedLayer, WritableLayer};
+use crate::pending::PendingFile;
 use crate::source::{BlobSink, FileSink};
 use crate::tarwrap;
 use crate::uuid::Uuid;
@@ -95,10 +97,12 @@ fn seal_info(opts: &CommitOptions, virtual_size: u64, source_parent: Uuid) -> Re
     })
 }
 
-/// Create the output file `out` (replacing an existing one with `force`),
-/// refusing when it is one of `inputs`: replacing it would lose the input,
-/// and a failure half-way would leave neither.
-fn create_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<IoFile> {
+/// Create the file that becomes `out` once complete: a [`PendingFile`]
+/// beside it, renamed over it (with `force`; never over an existing file
+/// without) by [`PendingFile::persist`], removed if dropped before. Refused
+/// when `out` is one of `inputs` (replacing it would lose the input), when
+/// it is not a regular file, and when it exists without `force`.
+fn create_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<(IoFile, PendingFile)> {
     if let Some(i) = inputs.iter().find(|i| crate::io::same_file(out, i)) {
         return Err(Error::Invalid(format!(
             "output {} is the input file {}: write to another path",
@@ -107,14 +111,21 @@ fn create_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<IoFile> {
         )));
     }
     crate::io::check_replaceable(out)?;
-    if force {
-        match std::fs::remove_file(out) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(out, e)),
-        }
+    // Found before the work; the final rename refuses one made meanwhile.
+    if !force && std::fs::symlink_metadata(out).is_ok() {
+        return Err(Error::io(
+            out,
+            std::io::Error::from_raw_os_error(libc::EEXIST),
+        ));
     }
-    IoFile::create_new(out)
+    let pending = PendingFile::new(out)?;
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        pending.create(OpenOptions::new().read(true).write(true).mode(0o644))?
+    };
+    // Errors name the destination, the file asked for.
+    let file = IoFile::from_file(out.to_path_buf(), file, crate::io::default_backend())?;
+    Ok((file, pending))
 }
 
 /// How the sealed blob is made from the entries, their data and, for data some of
@@ -152,7 +163,8 @@ fn write_output(
     read: &mut dyn FnMut(&mut [u8], u64) -> Result<()>,
     compact: Compactor<'_>,
 ) -> Result<CommitStats> {
-    let file = create_output(out, opts.force, inputs)?;
+    // On error `pending` removes the unfinished file; `out` is not touched.
+    let (file, pending) = create_output(out, opts.force, inputs)?;
     let total: u64 = entries
         .iter()
         .filter(|m| !m.zeroed && m.tag == 0)
@@ -172,44 +184,40 @@ fn write_output(
         }
         Ok(())
     };
-    let result = (|| {
-        let base = if opts.tar { tarwrap::DATA_OFFSET } else { 0 };
-        let mut sink = FileSink::new(file, base);
-        let data_bytes = total;
-        let (lsmt_size, blob_len) = match &opts.zfile {
-            Some(z) => {
-                let mut zw = ZFileWriter::new(SinkRef(&mut sink), z.clone())?;
-                let n = compact.run(entries, info, &mut read, &mut zw)?;
-                let s = zw.finish()?;
-                (n, s.position())
-            }
-            None => {
-                let n = compact.run(entries, info, &mut read, &mut sink)?;
-                (n, n)
-            }
-        };
-        let mut output_size = blob_len;
-        if opts.tar {
-            sink.put(&vec![0u8; tarwrap::trailer_len(blob_len) as usize])?;
-            sink.flush_buffer()?;
-            let file = sink.into_file()?;
-            file.write_all_at(&tarwrap::header_blocks(blob_len), 0)?;
-            output_size = file.len()?;
-        } else {
-            sink.into_file()?;
+    let base = if opts.tar { tarwrap::DATA_OFFSET } else { 0 };
+    let mut sink = FileSink::new(file, base);
+    let data_bytes = total;
+    let (lsmt_size, blob_len) = match &opts.zfile {
+        Some(z) => {
+            let mut zw = ZFileWriter::new(SinkRef(&mut sink), z.clone())?;
+            let n = compact.run(entries, info, &mut read, &mut zw)?;
+            let s = zw.finish()?;
+            (n, s.position())
         }
-        // No fsync, as upstream's overlaybd-commit: the output is closed, not synced
-        // (the convertor uploads it and deletes it; an fsync cost it seconds).
-        Ok(CommitStats {
-            lsmt_size,
-            output_size,
-            data_bytes,
-        })
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(out);
+        None => {
+            let n = compact.run(entries, info, &mut read, &mut sink)?;
+            (n, n)
+        }
+    };
+    let mut output_size = blob_len;
+    if opts.tar {
+        sink.put(&vec![0u8; tarwrap::trailer_len(blob_len) as usize])?;
+        sink.flush_buffer()?;
+        let file = sink.into_file()?;
+        file.write_all_at(&tarwrap::header_blocks(blob_len), 0)?;
+        output_size = file.len()?;
+    } else {
+        sink.into_file()?;
     }
-    result
+    // No fsync, as upstream's overlaybd-commit: the output is closed, not synced
+    // (the convertor uploads it and deletes it; an fsync cost it seconds).
+    let stats = CommitStats {
+        lsmt_size,
+        output_size,
+        data_bytes,
+    };
+    pending.persist(opts.force)?;
+    Ok(stats)
 }
 
 /// Commit a writable layer (`overlaybd-commit [-z] [-t] data index out`).
@@ -328,41 +336,39 @@ pub fn zfile_compress_file(
     force: bool,
 ) -> Result<u64> {
     let inputs: Vec<&Path> = src.into_iter().collect();
-    let file = create_output(dst, force, &inputs)?;
-    let result = (|| {
-        let base = if tar { tarwrap::DATA_OFFSET } else { 0 };
-        let mut sink = FileSink::new(file, base);
-        let name = src
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("<stdin>"));
-        let shifted = SinkRef(&mut sink);
-        let s = match src {
-            Some(p) => {
-                let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
-                crate::zfile::compress_stream(
-                    std::io::BufReader::with_capacity(1 << 20, f),
-                    &name,
-                    shifted,
-                    opts,
-                )?
-            }
-            None => crate::zfile::compress_stream(std::io::stdin().lock(), &name, shifted, opts)?,
-        };
-        let len = s.position();
-        if tar {
-            sink.put(&vec![0u8; tarwrap::trailer_len(len) as usize])?;
+    let (file, pending) = create_output(dst, force, &inputs)?;
+    // On error `pending` removes the unfinished file; `dst` is not touched.
+    let base = if tar { tarwrap::DATA_OFFSET } else { 0 };
+    let mut sink = FileSink::new(file, base);
+    let name = src
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("<stdin>"));
+    let shifted = SinkRef(&mut sink);
+    let s = match src {
+        Some(p) => {
+            let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+            crate::zfile::compress_stream(
+                std::io::BufReader::with_capacity(1 << 20, f),
+                &name,
+                shifted,
+                opts,
+            )?
         }
-        let file = sink.into_file()?;
-        if tar {
-            file.write_all_at(&tarwrap::header_blocks(len), 0)?;
-        }
-        file.sync()?;
-        file.len()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(dst);
+        None => crate::zfile::compress_stream(std::io::stdin().lock(), &name, shifted, opts)?,
+    };
+    let len = s.position();
+    if tar {
+        sink.put(&vec![0u8; tarwrap::trailer_len(len) as usize])?;
     }
-    result
+    let file = sink.into_file()?;
+    if tar {
+        file.write_all_at(&tarwrap::header_blocks(len), 0)?;
+    }
+    file.sync()?;
+    let size = file.len()?;
+    drop(file);
+    pending.persist(force)?;
+    Ok(size)
 }
 
 /// Decompress a (possibly tar-wrapped) ZFile to a plain file (`overlaybd-zfile -x`).
@@ -375,23 +381,19 @@ pub fn zfile_decompress_file(src: &Path, dst: &Path, force: bool) -> Result<u64>
             "not a ZFile (bad header magic)",
         ));
     }
-    let out = create_output(dst, force, &[src])?;
-    let result = (|| {
-        let mut buf = vec![0u8; 4 << 20];
-        let mut off = 0;
-        while off < blob.size() {
-            let n = blob.read_at(&mut buf, off)?;
-            if n == 0 {
-                break;
-            }
-            out.write_all_at(&buf[..n], off)?;
-            off += n as u64;
+    let (out, pending) = create_output(dst, force, &[src])?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut off = 0;
+    while off < blob.size() {
+        let n = blob.read_at(&mut buf, off)?;
+        if n == 0 {
+            break;
         }
-        out.sync()?;
-        Ok(off)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(dst);
+        out.write_all_at(&buf[..n], off)?;
+        off += n as u64;
     }
-    result
+    out.sync()?;
+    drop(out);
+    pending.persist(force)?;
+    Ok(off)
 }

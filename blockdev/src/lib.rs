@@ -2,6 +2,7 @@
 //!
 //! * [`device`]: the [`BlockDevice`] trait every format implements.
 //! * [`io`]: positional file I/O over pread or io_uring.
+//! * [`pending`]: outputs written beside their destination, renamed into place when complete.
 //! * [`uring`]: the io_uring engine (batches, requests matched by user_data).
 //! * [`raw`]: a plain image file as a device.
 //! * [`lsmt`]: LSMT layers (sealed and writable) and their indexes.
@@ -26,6 +27,7 @@ pub mod io;
 pub mod layer;
 pub mod lsmt;
 pub mod nbd;
+pub mod pending;
 pub mod raw;
 pub mod source;
 pub mod stack;

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use blockdev::gzindex;
 use blockdev::lsmt::writable::create_warp;
 use blockdev::lsmt::WritableLayer;
+use blockdev::pending::PendingFile;
 use blockdev::stack::LowerSource;
 use blockdev::{BlockDevice, Stack};
 use sha2::{Digest as _, Sha256};
@@ -253,11 +254,10 @@ pub fn apply_stream<R: Read + Send + 'static>(
 /// [`apply_read_ahead`]. Dropping it stops the thread and waits for it.
 pub struct ReadAhead {
     blob: PathBuf,
-    gz_index: PathBuf,
-    /// Where the index is written: renamed to `gz_index` once the apply
-    /// succeeded, removed otherwise (a file already at `gz_index` is never
-    /// touched by a failed apply).
-    gz_tmp: PathBuf,
+    /// Where the index is written: renamed to the `gz_index` asked for once
+    /// the apply succeeded, removed otherwise (a file already at `gz_index` is
+    /// never touched by a failed apply). Shared with the reading thread.
+    gz_tmp: Arc<PendingFile>,
     rx: Option<std::sync::mpsc::Receiver<std::io::Result<Piece>>>,
     thread: Option<std::thread::JoinHandle<Produced>>,
 }
@@ -271,16 +271,8 @@ impl Drop for ReadAhead {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.gz_tmp);
+        // `gz_tmp`, dropped next, removes an index not renamed into place.
     }
-}
-
-/// A new name next to `p` for its content while it is being written.
-fn temp_beside(p: &Path) -> PathBuf {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let name = p.file_name().unwrap_or_default().to_string_lossy();
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    p.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
 /// Starts reading the layer blob `blob` (named `name` in errors) on a
@@ -311,7 +303,7 @@ pub fn read_ahead_checked<R: Read + Send + 'static>(
     diff_id: Option<String>,
 ) -> Result<ReadAhead> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Piece>>(IN_FLIGHT);
-    let gz_tmp = temp_beside(gz_index);
+    let gz_tmp = Arc::new(PendingFile::new(gz_index).map_err(Error::Blob)?);
     let (n, idx, tmp) = (name.to_path_buf(), gz_index.to_path_buf(), gz_tmp.clone());
     let thread = std::thread::Builder::new()
         .name("layer-read".into())
@@ -324,7 +316,6 @@ pub fn read_ahead_checked<R: Read + Send + 'static>(
         })?;
     Ok(ReadAhead {
         blob: name.to_path_buf(),
-        gz_index: gz_index.to_path_buf(),
         gz_tmp,
         rx: Some(rx),
         thread: Some(thread),
@@ -374,8 +365,7 @@ pub fn apply_read_ahead(
         (Ok(p), Ok(a)) => (p, a),
     };
     if kind == BlobKind::Gzip {
-        std::fs::rename(&ahead.gz_tmp, &ahead.gz_index)
-            .map_err(|e| Error::Blob(blockdev::Error::io(&ahead.gz_index, e)))?;
+        ahead.gz_tmp.persist(true).map_err(Error::Blob)?;
     }
     Ok(TurboApplyReport {
         kind,
@@ -398,7 +388,7 @@ enum Produce {
 fn produce(
     name: &Path,
     idx: &Path,
-    tmp: &Path,
+    tmp: &PendingFile,
     mut blob: impl Read,
     diff_id: Option<String>,
     tx: std::sync::mpsc::SyncSender<std::io::Result<Piece>>,
@@ -443,7 +433,9 @@ fn produce(
             let fail = |e: blockdev::Error| failed(Error::Blob(e));
             // Written beside `idx` and renamed once the apply succeeded; errors
             // name `idx`, the file asked for.
-            let out = std::fs::File::create(tmp).map_err(|e| fail(blockdev::Error::io(idx, e)))?;
+            let out = tmp
+                .create(std::fs::OpenOptions::new().write(true))
+                .map_err(fail)?;
             let w = std::io::BufWriter::new(out);
             let mut ix =
                 gzindex::Indexer::new(blob, name, w, gzindex::DEFAULT_SPAN).map_err(fail)?;

@@ -265,6 +265,54 @@ pub fn err_text(o: &Output) -> String {
     e
 }
 
+/// Names of the unfinished outputs in `dir`: `.NAME.tmp-PID-N`, as the
+/// tools write a file before they rename it into place.
+pub fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect()
+}
+
+/// Waits until `ready()` holds (`what`: e.g. "its temporary output") while
+/// `child` runs: fails if `child` ends first or after a minute.
+pub fn wait_until(child: &mut std::process::Child, what: &str, ready: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !ready() {
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("the tool ended ({s}) while waiting for {what}");
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "waited a minute for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Sends `sig` to `child` and waits for it: it must exit with 128 + `sig`
+/// (130, 143), its stderr ending in one line that says it was interrupted
+/// by `sig` (no panic, no other such line). Returns that line.
+pub fn interrupt(child: std::process::Child, sig: nix::sys::signal::Signal) -> String {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, sig).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(128 + sig as i32),
+        "{}: {e}",
+        out.status
+    );
+    assert!(!e.contains("panicked"), "panic: {e}");
+    let said: Vec<&str> = e.lines().filter(|l| l.contains("interrupted")).collect();
+    assert_eq!(said.len(), 1, "{e}");
+    assert_eq!(e.lines().last(), Some(said[0]), "{e}");
+    assert!(said[0].contains(&format!("interrupted by {sig}")), "{e}");
+    said[0].to_string()
+}
+
 /// An error and its causes joined with ": ", as `anyhow`'s `{:#}` and the
 /// tools print them.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

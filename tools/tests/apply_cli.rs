@@ -312,3 +312,42 @@ fn raw_image_with_mkfs() {
     assert!(e.contains("cannot size"), "{e}");
     assert!(!d.join("huge-img").exists() && !d.join("huge-idx").exists());
 }
+
+/// An apply interrupted while its layer streams in stops at once: the result
+/// file says it failed (a previous run's "success" is not left there), one
+/// line on stderr, exit 128 + the signal.
+#[test]
+fn an_interrupted_apply_marks_the_result_failed() {
+    use nix::sys::signal::Signal;
+    let f = testutil::fixtures();
+    let tar = std::fs::read(f.join("input.tar")).unwrap();
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_ok(&run(CREATE, &["-s", "data", "index", "1", "--mkfs"], d));
+        let cfg = write_config(d, "img", &[], "data", "index");
+        std::fs::write(d.join("img.result"), "success").unwrap();
+        let mut c = Command::new(APPLY)
+            .arg("-")
+            .arg(&cfg)
+            .current_dir(d)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Most of the layer, then the stream stalls: once the pipe took it
+        // all, the apply has read it and waits for more.
+        let mut stdin = c.stdin.take().unwrap();
+        stdin.write_all(&tar[..tar.len() * 2 / 3]).unwrap();
+        let line = testutil::interrupt(c, sig);
+        drop(stdin);
+        assert!(line.contains("the layer is applied only in part"), "{line}");
+        assert!(line.contains("result file marked failed"), "{line}");
+        let r = result(d, "img");
+        assert!(
+            r.starts_with(&format!("failed:interrupted by {sig}")),
+            "{r}"
+        );
+    }
+}

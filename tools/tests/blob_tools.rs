@@ -263,3 +263,181 @@ fn an_unwritable_stdout_is_not_a_failure() {
         std::fs::read(d.join("layer.x")).unwrap()
     );
 }
+
+/// `overlaybd-zfile` reading a stream that stalls, interrupted: no partial output
+/// is left (not even its temporary file), `-f` keeps the file that was there,
+/// and a rerun works.
+#[test]
+fn an_interrupted_zfile_leaves_no_partial_output() {
+    use nix::sys::signal::Signal;
+    use std::io::Write;
+    use std::process::Stdio;
+    for (sig, force) in [(Signal::SIGINT, false), (Signal::SIGTERM, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let out = d.join("out.zf");
+        if force {
+            std::fs::write(&out, b"the previous good file").unwrap();
+        }
+        let mut args = vec!["--threads", "1", "out.zf"];
+        if force {
+            args.insert(0, "-f");
+        }
+        let mut c = Command::new(ZFILE)
+            .args(&args)
+            .current_dir(d)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // 4 MiB, then the stream stalls (stdin stays open until the end).
+        let mut stdin = c.stdin.take().unwrap();
+        stdin.write_all(&vec![7u8; 4 << 20]).unwrap();
+        testutil::wait_until(&mut c, "its temporary output", || {
+            !testutil::temp_files(d).is_empty()
+        });
+        let line = testutil::interrupt(c, sig);
+        drop(stdin);
+        assert!(line.contains("removed the unfinished out.zf"), "{line}");
+        assert_eq!(testutil::temp_files(d), Vec::<String>::new());
+        if force {
+            assert_eq!(std::fs::read(&out).unwrap(), b"the previous good file");
+        } else {
+            assert!(!out.exists());
+        }
+        // Nothing is in the way of a rerun.
+        let o = Command::new(ZFILE)
+            .args(&args)
+            .current_dir(d)
+            .stdin(std::fs::File::open(testutil::fixtures().join("input.tar")).unwrap())
+            .output()
+            .unwrap();
+        assert_ok(&o);
+        assert_ok(&run(ZFILE, &["--verify", "out.zf"], d));
+    }
+}
+
+/// A SIGINT the tool was started with ignored (a script's background job)
+/// stays ignored: the work goes on and completes.
+#[test]
+fn an_ignored_sigint_stays_ignored() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut c = Command::new("sh")
+        .arg("-c")
+        .arg(format!("trap '' INT; exec {ZFILE} --threads 1 out.zf"))
+        .current_dir(d)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    stdin.write_all(&vec![7u8; 4 << 20]).unwrap();
+    testutil::wait_until(&mut c, "its temporary output", || {
+        !testutil::temp_files(d).is_empty()
+    });
+    let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    stdin.write_all(&vec![8u8; 1 << 20]).unwrap();
+    drop(stdin);
+    assert_ok(&c.wait_with_output().unwrap());
+    assert_ok(&run(ZFILE, &["--verify", "out.zf"], d));
+    assert_ok(&run(ZFILE, &["-x", "out.zf", "back"], d));
+    assert_eq!(std::fs::metadata(d.join("back")).unwrap().len(), 5 << 20);
+}
+
+/// A commit interrupted half-way leaves no partial output, and with `-f` the
+/// previous output stays whole until the new one is complete.
+#[test]
+fn an_interrupted_commit_leaves_no_partial_output() {
+    use nix::sys::signal::Signal;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 128 MiB that zstd has work with: compressing it on one thread takes about
+    // a second here, the signal is sent as soon as the output appears.
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    let layer = blockdev::lsmt::WritableLayer::open(&d.join("data"), &d.join("index")).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 16 << 20];
+    for i in 0..8u64 {
+        for b in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // 4 bits of entropy a byte: the compressor has work to do.
+            for (j, c) in b.iter_mut().enumerate() {
+                *c = b'a' + (x >> (4 * j)) as u8 % 16;
+            }
+        }
+        layer.write(&buf, i * buf.len() as u64).unwrap();
+    }
+    layer.flush().unwrap();
+    drop(layer);
+    let commit = |force: bool| {
+        let mut c = Command::new(COMMIT);
+        if force {
+            c.arg("-f");
+        }
+        c.args(["-z", "--algorithm", "zstd", "--threads", "1"])
+            .args(["data", "index", "c.zf"])
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut c = commit(false).spawn().unwrap();
+    testutil::wait_until(&mut c, "its temporary output", || {
+        !testutil::temp_files(d).is_empty()
+    });
+    let line = testutil::interrupt(c, Signal::SIGINT);
+    assert!(line.contains("removed the unfinished c.zf"), "{line}");
+    assert_eq!(testutil::temp_files(d), Vec::<String>::new());
+    assert!(!d.join("c.zf").exists());
+    // A rerun is not refused; with -f, an interrupted commit keeps it.
+    assert_ok(&commit(false).output().unwrap());
+    let good = std::fs::read(d.join("c.zf")).unwrap();
+    let mut c = commit(true).spawn().unwrap();
+    testutil::wait_until(&mut c, "its temporary output", || {
+        !testutil::temp_files(d).is_empty()
+    });
+    testutil::interrupt(c, Signal::SIGTERM);
+    assert_eq!(testutil::temp_files(d), Vec::<String>::new());
+    assert!(std::fs::read(d.join("c.zf")).unwrap() == good);
+    assert_ok(&run(ZFILE, &["--verify", "c.zf"], d));
+}
+
+/// A failed write removes its unfinished output and, with `-f`, leaves the
+/// file that was there as it was (it used to be removed first).
+#[test]
+fn a_failed_write_keeps_the_previous_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("dir")).unwrap();
+    std::fs::write(d.join("out"), b"previous").unwrap();
+    // Reading a directory fails once the output exists.
+    let e = err_text(&run(ZFILE, &["-f", "dir", "out"], d));
+    assert!(e.contains("dir: Is a directory"), "{e}");
+    assert_eq!(std::fs::read(d.join("out")).unwrap(), b"previous");
+    // A ZFile with a damaged block in the middle fails -x half-way.
+    let lsmt = testutil::fixtures().join("baselayer/commit.lsmt");
+    assert_ok(&run(ZFILE, &[lsmt.to_str().unwrap(), "z"], d));
+    let mut z = std::fs::read(d.join("z")).unwrap();
+    let at = z.len() / 2;
+    z[at] ^= 0xff;
+    std::fs::write(d.join("z"), &z).unwrap();
+    let e = err_text(&run(ZFILE, &["-x", "-f", "z", "out"], d));
+    assert!(e.contains("checksum mismatch"), "{e}");
+    assert_eq!(std::fs::read(d.join("out")).unwrap(), b"previous");
+    assert_eq!(testutil::temp_files(d), Vec::<String>::new());
+    let mut names: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["dir", "out", "z"]);
+}

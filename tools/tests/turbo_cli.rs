@@ -312,3 +312,67 @@ fn outputs_never_replace_inputs() {
     assert!(o.status.success(), "{}", err_text(&o));
     assert_ne!(std::fs::read(d.join("gzip.meta")).unwrap(), b"precious");
 }
+
+/// An apply interrupted while the blob streams in (a FIFO that stalls):
+/// its unfinished gzip index is removed, a file already at the index path
+/// is kept, the result file says it failed, exit 128 + the signal.
+#[test]
+fn an_interrupted_apply_leaves_no_temporary_index() {
+    use nix::sys::signal::Signal;
+    use std::io::Write;
+    let gz = std::fs::read(fx("ext4-gzip/layer.tar.gz")).unwrap();
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        run_ok(
+            Command::new(CREATE)
+                .arg(d.join("data"))
+                .arg(d.join("index"))
+                .args(["64", "--turboOCI", "--mkfs"]),
+        );
+        let blob = d.join("layer.tar");
+        assert!(Command::new("mkfifo")
+            .arg(&blob)
+            .status()
+            .unwrap()
+            .success());
+        let cfg = d.join("config.json");
+        std::fs::write(
+            &cfg,
+            serde_json::json!({"lowers": [], "upper": {"index": d.join("index"), "data": d.join("data"), "target": &blob}, "resultFile": d.join("result")}).to_string(),
+        )
+        .unwrap();
+        std::fs::write(d.join("result"), "success").unwrap();
+        std::fs::write(d.join("gzip.meta"), b"precious").unwrap();
+        let mut c = Command::new(APPLY)
+            .arg(&blob)
+            .arg(&cfg)
+            .arg("--gz_index_path")
+            .arg(d.join("gzip.meta"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Half the blob, then the stream stalls (the FIFO stays open).
+        let half = gz[..gz.len() / 2].to_vec();
+        let fifo = blob.clone();
+        let writer = std::thread::spawn(move || {
+            let mut w = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+            let _ = w.write_all(&half);
+            w
+        });
+        testutil::wait_until(&mut c, "the temporary gzip index", || {
+            !testutil::temp_files(d).is_empty()
+        });
+        let line = testutil::interrupt(c, sig);
+        drop(writer.join().unwrap());
+        assert!(line.contains("the layer is applied only in part"), "{line}");
+        assert_eq!(testutil::temp_files(d), Vec::<String>::new());
+        assert_eq!(std::fs::read(d.join("gzip.meta")).unwrap(), b"precious");
+        let r = std::fs::read_to_string(d.join("result")).unwrap();
+        assert!(
+            r.starts_with(&format!("failed:interrupted by {sig}")),
+            "{r}"
+        );
+    }
+}

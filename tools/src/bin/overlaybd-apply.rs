@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use obdoci::decompress;
 use obdoci::Sha256Writer;
 use obdtools::cli;
 use obdtools::engine::EngineArgs;
+use obdtools::signals::{Signals, PARTIAL_LAYER};
 
 /// Apply an OCI layer tar (plain, gzip or zstd; `-` reads stdin) to the
 /// ext4 filesystem of an overlaybd image.
@@ -66,10 +68,13 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // First: no thread may start with the signals unblocked.
+    let signals = Signals::install("overlaybd-apply");
     let args = Args::parse();
     cli::init_logging(args.verbose);
     if args.raw {
-        return cli::run("overlaybd-apply", || run(&args, None));
+        signals.on_signal(None, "the image is changed only in part");
+        return signals.run(|| run(&args, None, &signals));
     }
     let cfg = match ImageConfig::load(&args.image_config_path) {
         Ok(c) => c,
@@ -79,7 +84,7 @@ fn main() -> ExitCode {
                 args.image_config_path.display(),
                 blockdev::error::Chain(&e)
             ));
-            return ExitCode::FAILURE;
+            return signals.failure();
         }
     };
     // Where the outcome goes must work before the layer is applied.
@@ -89,31 +94,29 @@ fn main() -> ExitCode {
             args.image_config_path.display(),
             blockdev::error::Chain(&e)
         ));
-        return ExitCode::FAILURE;
+        return signals.failure();
     }
-    let result = run(&args, Some(&cfg));
+    signals.on_signal(Some(&cfg), PARTIAL_LAYER);
+    let result = run(&args, Some(&cfg), &signals);
     let msg = match &result {
         Ok(()) => "success".to_string(),
         Err(e) => format!("failed:{}", cli::error_line(e)),
     };
-    if let Err(e) = cfg.write_result(&msg) {
+    if let Err(e) = signals.write_result(&cfg, &msg) {
         // The apply's own failure (e.g. a full disk) comes first.
         if let Err(a) = &result {
-            cli::say(format_args!(
-                "overlaybd-apply: error: {}",
-                cli::error_line(a)
-            ));
+            cli::report("overlaybd-apply", a);
         }
         cli::say(format_args!(
             "overlaybd-apply: error: cannot write the result file: {}",
             blockdev::error::Chain(&e)
         ));
-        return ExitCode::FAILURE;
+        return signals.failure();
     }
-    cli::run("overlaybd-apply", || result)
+    signals.run(|| result)
 }
 
-fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
+fn run(args: &Args, cfg: Option<&ImageConfig>, signals: &Signals) -> anyhow::Result<()> {
     if args.from_qcow2 {
         bail!("--from_qcow2 is not supported");
     }
@@ -135,7 +138,14 @@ fn run(args: &Args, cfg: Option<&ImageConfig>) -> anyhow::Result<()> {
         })
         .transpose()?;
 
-    let engine = args.engine.build("overlaybd-apply")?;
+    // The kernel engine unmounts before it stops: the first signal cancels it.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let engine = args
+        .engine
+        .build_with("overlaybd-apply", cancel.clone(), None)?;
+    if engine.name() == obdkernel::NAME {
+        signals.cancel_first(cancel);
+    }
     let dev: Arc<dyn BlockDevice> = match cfg {
         None => Arc::new(
             blockdev::RawFileDevice::open_rw(&args.image_config_path).with_context(|| {

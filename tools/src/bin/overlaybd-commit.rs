@@ -11,6 +11,7 @@ use blockdev::zfile::{Algorithm, ZfileOptions};
 use blockdev::Uuid;
 use clap::Parser;
 use obdtools::cli;
+use obdtools::signals::Signals;
 
 /// Commit a writable overlaybd layer: compact its data and index into one
 /// sealed layer blob, optionally ZFile-compressed (-z) and tar-wrapped (-t)
@@ -79,9 +80,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // First: no thread may start with the signals unblocked.
+    let signals = Signals::install("overlaybd-commit");
     let args = Args::parse();
     cli::init_logging(args.verbose);
-    cli::run("overlaybd-commit", || run(args))
+    signals.run(|| run(args))
 }
 
 fn parse_uuid(v: &Option<String>, flag: &str) -> anyhow::Result<Option<Uuid>> {

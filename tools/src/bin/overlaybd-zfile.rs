@@ -9,6 +9,7 @@ use blockdev::layer::open_zfile;
 use blockdev::zfile::{verify_blocks, Algorithm, ZfileOptions};
 use clap::Parser;
 use obdtools::cli;
+use obdtools::signals::Signals;
 
 /// Create or extract a ZFile (random-access compressed file).
 ///
@@ -51,9 +52,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // First: no thread may start with the signals unblocked.
+    let signals = Signals::install("overlaybd-zfile");
     let args = Args::parse();
     cli::init_logging(args.verbose);
-    cli::run("overlaybd-zfile", || run(args))
+    signals.run(|| run(args))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

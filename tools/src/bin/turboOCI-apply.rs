@@ -10,6 +10,7 @@ use blockdev::ImageConfig;
 use clap::Parser;
 use obdfs::turbo::{apply_layer, BlobKind, FsType, TurboApply};
 use obdtools::cli;
+use obdtools::signals::{Signals, PARTIAL_LAYER};
 
 /// Apply an OCI layer blob (gzip or uncompressed tar) to the writable
 /// TurboOCI layer of an overlaybd image, as upstream's turboOCI-apply.
@@ -56,6 +57,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // First: no thread may start with the signals unblocked.
+    let signals = Signals::install("turboOCI-apply");
     let args = Args::parse();
     cli::init_logging(args.verbose);
     let cfg = match ImageConfig::load(&args.image_config_path) {
@@ -66,7 +69,7 @@ fn main() -> ExitCode {
                 args.image_config_path.display(),
                 blockdev::error::Chain(&e)
             ));
-            return ExitCode::FAILURE;
+            return signals.failure();
         }
     };
     // Where the outputs go must work, and destroy no input, before the layer is
@@ -78,27 +81,26 @@ fn main() -> ExitCode {
             args.image_config_path.display(),
             blockdev::error::Chain(&e)
         ));
-        return ExitCode::FAILURE;
+        return signals.failure();
     }
+    // The gzip index is written beside its path and removed on a signal.
+    signals.on_signal(Some(&cfg), PARTIAL_LAYER);
     let result = run(&args, &cfg);
     let msg = match &result {
         Ok(()) => "success".to_string(),
         Err(e) => format!("failed:{}", cli::error_line(e)),
     };
-    if let Err(e) = cfg.write_result(&msg) {
+    if let Err(e) = signals.write_result(&cfg, &msg) {
         if let Err(a) = &result {
-            cli::say(format_args!(
-                "turboOCI-apply: error: {}",
-                cli::error_line(a)
-            ));
+            cli::report("turboOCI-apply", a);
         }
         cli::say(format_args!(
             "turboOCI-apply: error: cannot write the result file: {}",
             blockdev::error::Chain(&e)
         ));
-        return ExitCode::FAILURE;
+        return signals.failure();
     }
-    cli::run("turboOCI-apply", || result)
+    signals.run(|| result)
 }
 
 /// The result file ([`ImageConfig::check_result_file`]) and `--gz_index_path`, which
