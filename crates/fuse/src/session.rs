@@ -61,7 +61,15 @@ pub fn check_mountpoint(mp: &Path) -> Result<()> {
             mp.display(),
             mp.display()
         ))),
-        Ok(md) if md.is_dir() => Ok(()),
+        Ok(md) if md.is_dir() => {
+            if std::fs::read_dir(mp).is_ok_and(|mut d| d.next().is_some()) {
+                tracing::warn!(
+                    "{}: the mountpoint is not empty: what it holds is hidden while the image is mounted",
+                    mp.display()
+                );
+            }
+            Ok(())
+        }
         Ok(_) => Err(Error::Usage(format!(
             "{}: the mountpoint is not a directory",
             mp.display()

@@ -185,3 +185,28 @@ fn a_second_mount_on_a_live_mountpoint_is_refused() {
     assert_ok(&f.wait());
     assert!(!is_mounted(&mp));
 }
+
+/// Mounting over a directory that holds files works (as mount does) but says
+/// that they are hidden meanwhile; they are there again after the unmount.
+#[test]
+fn a_mount_over_files_warns_that_they_are_hidden() {
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    let mp = t.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    std::fs::write(mp.join("mine"), b"kept").unwrap();
+    let mut f = Fuse::foreground(&layers_args(&layers), &mp);
+    assert!(!mp.join("mine").exists());
+    f.unmount();
+    let o = f.wait();
+    assert_ok(&o);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("not empty") && e.contains("hidden"), "{e}");
+    assert_eq!(std::fs::read(mp.join("mine")).unwrap(), b"kept");
+    // An empty mountpoint gets no such warning.
+    let empty = t.path().join("empty");
+    let mut f = Fuse::foreground(&layers_args(&layers), &empty);
+    f.unmount();
+    let o = f.wait();
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("not empty"));
+}
