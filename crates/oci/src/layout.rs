@@ -261,7 +261,7 @@ impl Layout {
 
     /// Point `tag` at `desc` in `index.json`, replacing any previous entry for that tag.
     /// The index is read, changed and replaced under the layout's lock
-    /// ([`lock_dir`]), so that processes tagging images in one layout at once
+    /// (an exclusive `flock` on its directory), so that processes tagging images in one layout at once
     /// keep each other's tags.
     pub fn tag(&self, tag: &str, desc: &Descriptor) -> Result<()> {
         let _g = self.index_lock.lock().unwrap_or_else(|e| e.into_inner());
