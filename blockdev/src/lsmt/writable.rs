@@ -410,6 +410,8 @@ impl WritableLayer {
         let mut index_map = IndexMap::new();
         for (i, m) in all.iter_mut().enumerate() {
             m.tag -= min_tag;
+            super::sealed::check_within_vsize(m, i, ih.virtual_size)
+                .map_err(|msg| bad(index, msg))?;
             check_warp_entry(m, i, data_sectors, target_sectors, target.as_deref())
                 .map_err(|msg| bad(index, msg))?;
             index_map.insert(*m);
@@ -522,9 +524,20 @@ impl WritableLayer {
         }
         if sparse {
             let base = HT_SPACE as u64;
+            let vsize = header.virtual_size;
             for (start, end) in data.data_ranges(base)? {
                 let start = start.max(base);
                 let (s, e) = ((start - base) / SECTOR, (end - base).div_ceil(SECTOR));
+                if vsize != 0 && e * SECTOR > vsize {
+                    return Err(bad(
+                        data_path,
+                        format!(
+                            "holds data at bytes {}..{} of the disk, beyond the virtual size of {vsize} bytes",
+                            s * SECTOR,
+                            e * SECTOR
+                        ),
+                    ));
+                }
                 let mut off = s;
                 while off < e {
                     let len = (e - off).min(MAX_LENGTH as u64);
@@ -605,6 +618,8 @@ impl WritableLayer {
                                 ),
                             ));
                         }
+                        super::sealed::check_within_vsize(&m, i, header.virtual_size)
+                            .map_err(|msg| bad(index_path, msg))?;
                         index.insert(Mapping { tag: 0, ..m });
                     }
                     i += 1;
