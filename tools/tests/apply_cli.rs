@@ -269,6 +269,62 @@ fn apply_errors_reach_the_result_file() {
     assert!(before == state(), "the layer was changed");
 }
 
+/// A 0-byte input is a failed download, not a layer: refused before the layer
+/// is touched (also with --mkfs), the result file says why. A tar of just the
+/// two zero end blocks is an empty layer and stays valid.
+#[test]
+fn empty_input_is_refused_but_an_empty_tar_is_a_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1", "--mkfs"], d));
+    let cfg = write_config(d, "cfg", &[], "data", "index");
+    let cfg = cfg.to_str().unwrap();
+    let state = || {
+        let m = std::fs::metadata(d.join("data")).unwrap();
+        (
+            m.modified().unwrap(),
+            m.len(),
+            std::fs::read(d.join("index")).unwrap(),
+        )
+    };
+    let before = state();
+    std::fs::write(d.join("e.tar"), b"").unwrap();
+    for mkfs in [false, true] {
+        let mut args = vec!["e.tar", cfg];
+        if mkfs {
+            args.insert(0, "--mkfs");
+        }
+        let e = err_text(&run(APPLY, &args, d));
+        assert!(e.contains("e.tar: empty input: not a tar archive"), "{e}");
+        let r = result(d, "cfg");
+        assert!(r.starts_with("failed:") && r.contains("empty input"), "{r}");
+    }
+    // `false | overlaybd-apply - cfg`, and a gzip stream of nothing.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(b"").unwrap();
+    for input in [Vec::new(), gz.finish().unwrap()] {
+        let e = err_text(&run_stdin(APPLY, &["-", cfg], d, &input));
+        assert!(
+            e.contains("standard input: empty input: not a tar archive"),
+            "{e}"
+        );
+        assert!(result(d, "cfg").starts_with("failed:"));
+    }
+    assert!(before == state(), "the layer was changed");
+
+    // An empty layer: two zero blocks.
+    std::fs::write(d.join("empty-layer.tar"), [0u8; 1024]).unwrap();
+    assert_ok(&run(APPLY, &["empty-layer.tar", cfg], d));
+    assert_eq!(result(d, "cfg"), "success");
+    let s =
+        blockdev::Stack::open_read_only(&[], Some((&d.join("data"), &d.join("index")))).unwrap();
+    let img = d.join("flat.img");
+    s.write_raw_image(&img).unwrap();
+    if let Err(e) = testutil::e2fsck(&img) {
+        panic!("e2fsck: {e}");
+    }
+}
+
 #[test]
 fn raw_image_with_mkfs() {
     let f = testutil::fixtures();

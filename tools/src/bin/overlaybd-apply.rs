@@ -1,7 +1,7 @@
 //! `overlaybd-apply`: apply an OCI layer tar to the ext4 filesystem of an
 //! overlaybd image (lowers + writable upper described by a config.json).
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -219,8 +219,33 @@ fn run(args: &Args, cfg: Option<&ImageConfig>, signals: &Signals) -> anyhow::Res
 }
 
 /// Open the layer (file or stdin) and undo its compression (gzip or zstd, found by
-/// magic bytes; bzip2 and xz are refused), as the convertor does.
+/// magic bytes; bzip2 and xz are refused), as the convertor does. An input of
+/// no bytes at all is refused before the layer is touched: it is a failed
+/// download (`curl -f URL | overlaybd-apply - cfg`) far more often than a layer,
+/// and an empty layer is a tar of two zero blocks, as GNU tar insists.
 fn open_input(path: &Path) -> anyhow::Result<Box<dyn Read>> {
+    let mut r = BufReader::with_capacity(1 << 20, open_decoded(path)?);
+    let first = loop {
+        match r.fill_buf() {
+            Ok(b) => break b.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    };
+    if first == 0 {
+        bail!(
+            "{}: empty input: not a tar archive (0 bytes; an empty layer is a tar of two zero blocks)",
+            if path == Path::new("-") {
+                "standard input".to_string()
+            } else {
+                path.display().to_string()
+            }
+        );
+    }
+    Ok(Box::new(r))
+}
+
+fn open_decoded(path: &Path) -> anyhow::Result<Box<dyn Read>> {
     let raw: Box<dyn Read> = if path == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
