@@ -183,15 +183,83 @@ fn apply_errors_reach_the_result_file() {
         result(d, "cfg")
     );
 
-    // Checksum mismatch.
+    // Checksum mismatch: verified before the layer is touched, from a file or
+    // from stdin (gzipped), the layer left as it was.
     let input = f.join("input.tar");
+    let layer_state = || {
+        let m = std::fs::metadata(d.join("data")).unwrap();
+        (
+            m.modified().unwrap(),
+            m.len(),
+            std::fs::read(d.join("index")).unwrap(),
+        )
+    };
+    let before = layer_state();
     let e = err_text(&run(
         APPLY,
         &["--checksum", &"0".repeat(64), input.to_str().unwrap(), cfg],
         d,
     ));
-    assert!(e.contains("sha256 checksum mismatch"), "{e}");
+    assert!(
+        e.contains("input.tar: sha256 checksum mismatch")
+            && e.contains("the layer was not changed"),
+        "{e}"
+    );
     assert!(result(d, "cfg").contains("checksum mismatch"));
+    let tar = std::fs::read(&input).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let gz = gz.finish().unwrap();
+    let e = err_text(&run_stdin(
+        APPLY,
+        &["--checksum", &"0".repeat(64), "-", cfg],
+        d,
+        &gz,
+    ));
+    assert!(
+        e.contains("standard input: sha256 checksum mismatch"),
+        "{e}"
+    );
+    assert!(result(d, "cfg").contains("checksum mismatch"));
+    assert!(
+        before == layer_state(),
+        "a tar failing its checksum changed the layer"
+    );
+    // The filesystem is still the empty one mkfs made.
+    let s =
+        blockdev::Stack::open_read_only(&[], Some((&d.join("data"), &d.join("index")))).unwrap();
+    let img = d.join("flat.img");
+    s.write_raw_image(&img).unwrap();
+    drop(s);
+    if let Err(e) = testutil::e2fsck(&img) {
+        panic!("e2fsck: {e}");
+    }
+    let got = d.join("got");
+    testutil::rdump(&img, &got);
+    let names: Vec<_> = std::fs::read_dir(&got)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        ["lost+found"],
+        "files of the refused tar are in the layer"
+    );
+    std::fs::remove_file(&img).unwrap();
+    // The right checksum from stdin (kept in a temporary file while verified).
+    let files = || {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let files_before = files();
+    let out = run_stdin(APPLY, &["--checksum", &sha256_hex(&tar), "-", cfg], d, &gz);
+    assert_ok(&out);
+    assert_eq!(result(d, "cfg"), "success");
+    assert_eq!(files(), files_before, "a temporary file was left");
 
     // A path escaping the root.
     let mut b = tar::Builder::new(Vec::new());
