@@ -393,6 +393,46 @@ fn empty_input_is_refused_but_an_empty_tar_is_a_layer() {
     }
 }
 
+/// --mkfs over lower layers reformats, as upstream does, but says that every
+/// lower's files are hidden; without lowers it says nothing.
+#[test]
+fn mkfs_over_lowers_warns() {
+    let f = testutil::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("empty.tar"), [0u8; 1024]).unwrap();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "0"], d));
+    let lower = f.join("baselayer/ext4_64");
+    let cfg = write_config(d, "cfg", &[lower.to_str().unwrap()], "data", "index");
+    let out = run(APPLY, &["--mkfs", "empty.tar", cfg.to_str().unwrap()], d);
+    assert_ok(&out);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("warning: --mkfs with 1 lower layer(s)")
+            && e.contains("cfg.json")
+            && e.contains("hides all of their files"),
+        "{e}"
+    );
+    assert_eq!(result(d, "cfg"), "success");
+    let s = blockdev::Stack::open_read_only(
+        std::slice::from_ref(&lower),
+        Some((&d.join("data"), &d.join("index"))),
+    )
+    .unwrap();
+    let img = d.join("flat.img");
+    s.write_raw_image(&img).unwrap();
+    if let Err(e) = testutil::e2fsck(&img) {
+        panic!("e2fsck: {e}");
+    }
+
+    assert_ok(&run(CREATE, &["-s", "data1", "index1", "1"], d));
+    let cfg1 = write_config(d, "cfg1", &[], "data1", "index1");
+    let out = run(APPLY, &["--mkfs", "empty.tar", cfg1.to_str().unwrap()], d);
+    assert_ok(&out);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!e.contains("warning"), "{e}");
+}
+
 #[test]
 fn raw_image_with_mkfs() {
     let f = testutil::fixtures();

@@ -161,6 +161,14 @@ fn run(args: &Args, cfg: Option<&ImageConfig>, signals: &Signals) -> anyhow::Res
                     args.image_config_path.display()
                 );
             }
+            if args.mkfs && !cfg.lowers.is_empty() {
+                // Upstream makes the filesystem all the same; say what it means.
+                cli::say(format_args!(
+                    "overlaybd-apply: warning: --mkfs with {} lower layer(s) in {}: the new, empty filesystem hides all of their files",
+                    cfg.lowers.len(),
+                    args.image_config_path.display()
+                ));
+            }
             blockdev::stack::open_shared(cfg).with_context(|| {
                 format!(
                     "cannot open the image of {}",
