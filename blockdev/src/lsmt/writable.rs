@@ -117,8 +117,8 @@ fn create_pair(
             data.display()
         )));
     }
-    let fdata = IoFile::create_new(data)?;
-    let r = IoFile::create_new(index).and_then(|findex| {
+    let fdata = create_new(data)?;
+    let r = create_new(index).and_then(|findex| {
         fill(&fdata, &findex).inspect_err(|_| {
             let _ = std::fs::remove_file(index);
         })
@@ -127,6 +127,25 @@ fn create_pair(
         let _ = std::fs::remove_file(data);
     }
     r
+}
+
+/// Create the new file `p`; a missing directory is named (ENOENT alone does
+/// not say which of the layer's paths, or which part of it, is missing).
+fn create_new(p: &Path) -> Result<IoFile> {
+    IoFile::create_new(p).map_err(|e| match (&e, p.parent()) {
+        (Error::Io { source, .. }, Some(dir))
+            if source.kind() == std::io::ErrorKind::NotFound
+                && !dir.as_os_str().is_empty()
+                && !dir.exists() =>
+        {
+            Error::Invalid(format!(
+                "cannot create {}: the directory {} does not exist",
+                p.display(),
+                dir.display()
+            ))
+        }
+        _ => e,
+    })
 }
 
 /// Size the sparse data file `f` (at `path`) to `len` bytes, saying so when
