@@ -108,6 +108,12 @@ impl ImageConfig {
                         "lower {i}: a TurboOCI lower needs \"targetFile\" (remote targets by \"targetDigest\" alone are not supported)"
                     )));
                 }
+                if !l.target_digest.is_empty() && !is_digest(&l.target_digest) {
+                    return Err(bad(format!(
+                        "lower {i}: \"targetDigest\" '{}' is not a layer digest (sha256: and 64 lowercase hex digits, or sha512: and 128)",
+                        l.target_digest.escape_debug()
+                    )));
+                }
                 lower_targets.push(Some(TargetSource {
                     file: abs(&l.target_file),
                     gzip_index: (!l.gzip_index.is_empty()).then(|| abs(&l.gzip_index)),
@@ -260,6 +266,25 @@ impl ImageConfig {
     }
 }
 
+/// An OCI digest of a layer blob: `sha256:` and 64 lowercase hex digits (or
+/// `sha512:` and 128). Upstream uses `targetDigest` to fetch the target from
+/// the registry and to key its gzip cache; it is not checked against a local
+/// `targetFile`, here either, but a malformed one is a broken config.
+fn is_digest(d: &str) -> bool {
+    let hex = |h: &str, n: usize| {
+        h.len() == n
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if let Some(h) = d.strip_prefix("sha256:") {
+        hex(h, 64)
+    } else if let Some(h) = d.strip_prefix("sha512:") {
+        hex(h, 128)
+    } else {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,8 +311,8 @@ mod tests {
     #[test]
     fn parses_turbooci_shapes() {
         let c = ImageConfig::parse(
-            r#"{"repoBlobUrl":"","lowers":[{"gzipIndex":"/d0/gzip.meta","file":"/d0/ext4.fs.meta","targetFile":"/d0/layer.tar","targetDigest":"sha256:ab"},
-                {"file":"/d1/ext4.fs.meta","targetFile":"/d1/layer.tar","targetDigest":"sha256:cd"},{"file":"/d2/x"}],
+            r#"{"repoBlobUrl":"","lowers":[{"gzipIndex":"/d0/gzip.meta","file":"/d0/ext4.fs.meta","targetFile":"/d0/layer.tar","targetDigest":"sha256:abababababababababababababababababababababababababababababababab"},
+                {"file":"/d1/ext4.fs.meta","targetFile":"/d1/layer.tar","targetDigest":"sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd"},{"file":"/d2/x"}],
                 "upper":{"index":"/w/i","data":"/w/d","target":"/w/layer.tar"},"resultFile":""}"#,
             Path::new("/cfg/config.json"),
         )
@@ -320,6 +345,37 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("targetFile"), "{e}");
+        // A malformed targetDigest is refused, naming the config and the lower.
+        for d in [
+            "xyz",
+            "sha256:ab",
+            "sha256:0000",
+            &format!("sha256:{}", "AB".repeat(32)),
+            &format!("sha256:{}", "ab".repeat(33)),
+            &format!("md5:{}", "ab".repeat(32)),
+        ] {
+            let text = format!(
+                r#"{{"lowers":[{{"file":"/a","targetFile":"/t"}},{{"file":"/b","targetFile":"/t","targetDigest":"{d}"}}]}}"#
+            );
+            let e = ImageConfig::parse(&text, Path::new("/cfg/config.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("/cfg/config.json")
+                    && e.contains(&format!(
+                        "lower 1: \"targetDigest\" '{d}' is not a layer digest"
+                    )),
+                "{e}"
+            );
+        }
+        for d in [
+            format!("sha256:{}", "0".repeat(64)),
+            format!("sha512:{}", "0f".repeat(64)),
+        ] {
+            let text =
+                format!(r#"{{"lowers":[{{"file":"/b","targetFile":"/t","targetDigest":"{d}"}}]}}"#);
+            ImageConfig::parse(&text, Path::new("/cfg/config.json")).unwrap();
+        }
     }
 
     #[test]

@@ -26,16 +26,40 @@ pub struct Wrapping {
 pub fn open_zfile(path: &Path) -> Result<ZFileReader> {
     let file = Arc::new(IoFile::open(path)?);
     let whole = FileSlice::whole(file.clone())?;
-    let slice = match crate::tarwrap::detect(&whole)? {
+    if whole.size() == 0 {
+        return Err(crate::Error::corrupt(
+            path,
+            "ZFile",
+            "the file is empty (0 bytes): not a ZFile",
+        ));
+    }
+    let tar = match crate::tarwrap::detect(&whole) {
+        Ok(t) => t,
+        // A tar, but not the one-file wrapper (say, a layer tar).
+        Err(crate::Error::Corrupt {
+            format: "tar wrapper",
+            msg,
+            ..
+        }) => {
+            return Err(crate::Error::corrupt(
+                path,
+                "ZFile",
+                format!("not a ZFile, nor a tar-wrapped ZFile: a tar, but {msg}"),
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    let slice = match tar {
         Some((base, len)) => FileSlice::new(file, base, len),
         None => whole,
     };
     if !is_zfile(&slice)? {
-        return Err(crate::Error::corrupt(
-            path,
-            "ZFile",
-            "not a ZFile (bad header magic)",
-        ));
+        let msg = if tar.is_some() {
+            "not a tar-wrapped ZFile: the file in the tar is not a ZFile (bad header magic)"
+        } else {
+            "not a ZFile (bad header magic)"
+        };
+        return Err(crate::Error::corrupt(path, "ZFile", msg));
     }
     ZFileReader::open(Box::new(slice))
 }

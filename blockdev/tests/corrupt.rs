@@ -103,6 +103,29 @@ fn sealed_layer_corruptions() {
             &format!("virtual size {vsize} is not a multiple of 512"),
         );
     }
+    // a virtual size smaller than what the index maps (header and trailer
+    // both patched, as a tool would): the layer is not a 4 KiB disk
+    mutate(&good, &bad, |b| {
+        for at in [0, trailer] {
+            let mut h = HeaderTrailer::decode(&b[at..]).unwrap();
+            h.virtual_size = 4096;
+            b[at..at + HT_SPACE].copy_from_slice(&h.encode());
+        }
+    });
+    expect_err(
+        &bad,
+        "index entry 0 maps bytes 4096..69632 beyond the virtual size of 4096 bytes",
+    );
+    // ... also compressed: the ZFile holds the same LSMT blob
+    let zbad = dir.path().join("bad.zfile");
+    let mut w = blockdev::zfile::ZFileWriter::new(
+        blockdev::source::VecSink::default(),
+        ZfileOptions::default(),
+    )
+    .unwrap();
+    w.write(&std::fs::read(&bad).unwrap()).unwrap();
+    std::fs::write(&zbad, w.finish().unwrap().0).unwrap();
+    expect_err(&zbad, "beyond the virtual size of 4096 bytes");
     // an entry whose data lies beyond the data area
     mutate(&good, &bad, |b| {
         let t = HeaderTrailer::decode(&b[trailer..]).unwrap();
@@ -163,6 +186,24 @@ fn writable_layer_corruptions() {
     let e = WritableLayer::open(&d, &i).unwrap_err().to_string();
     assert!(
         e.contains(&i.display().to_string()) && e.contains("outside the data file"),
+        "{e}"
+    );
+    // an entry beyond the virtual size (1 MiB) of the layer
+    let mut idx = std::fs::read(&i).unwrap();
+    idx.truncate(HT_SPACE);
+    idx.extend_from_slice(&Mapping::new(2048, 8, 8).encode());
+    std::fs::write(&i, &idx).unwrap();
+    {
+        let mut data = std::fs::read(&d).unwrap();
+        data.resize(HT_SPACE + 4096, 0);
+        std::fs::write(&d, data).unwrap();
+    }
+    let e = WritableLayer::open(&d, &i).unwrap_err().to_string();
+    assert!(
+        e.contains(&i.display().to_string())
+            && e.contains(
+                "entry 0 maps bytes 1048576..1052672 beyond the virtual size of 1048576 bytes"
+            ),
         "{e}"
     );
     // a data file that is not an LSMT file

@@ -183,15 +183,83 @@ fn apply_errors_reach_the_result_file() {
         result(d, "cfg")
     );
 
-    // Checksum mismatch.
+    // Checksum mismatch: verified before the layer is touched, from a file or
+    // from stdin (gzipped), the layer left as it was.
     let input = f.join("input.tar");
+    let layer_state = || {
+        let m = std::fs::metadata(d.join("data")).unwrap();
+        (
+            m.modified().unwrap(),
+            m.len(),
+            std::fs::read(d.join("index")).unwrap(),
+        )
+    };
+    let before = layer_state();
     let e = err_text(&run(
         APPLY,
         &["--checksum", &"0".repeat(64), input.to_str().unwrap(), cfg],
         d,
     ));
-    assert!(e.contains("sha256 checksum mismatch"), "{e}");
+    assert!(
+        e.contains("input.tar: sha256 checksum mismatch")
+            && e.contains("the layer was not changed"),
+        "{e}"
+    );
     assert!(result(d, "cfg").contains("checksum mismatch"));
+    let tar = std::fs::read(&input).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let gz = gz.finish().unwrap();
+    let e = err_text(&run_stdin(
+        APPLY,
+        &["--checksum", &"0".repeat(64), "-", cfg],
+        d,
+        &gz,
+    ));
+    assert!(
+        e.contains("standard input: sha256 checksum mismatch"),
+        "{e}"
+    );
+    assert!(result(d, "cfg").contains("checksum mismatch"));
+    assert!(
+        before == layer_state(),
+        "a tar failing its checksum changed the layer"
+    );
+    // The filesystem is still the empty one mkfs made.
+    let s =
+        blockdev::Stack::open_read_only(&[], Some((&d.join("data"), &d.join("index")))).unwrap();
+    let img = d.join("flat.img");
+    s.write_raw_image(&img).unwrap();
+    drop(s);
+    if let Err(e) = testutil::e2fsck(&img) {
+        panic!("e2fsck: {e}");
+    }
+    let got = d.join("got");
+    testutil::rdump(&img, &got);
+    let names: Vec<_> = std::fs::read_dir(&got)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        ["lost+found"],
+        "files of the refused tar are in the layer"
+    );
+    std::fs::remove_file(&img).unwrap();
+    // The right checksum from stdin (kept in a temporary file while verified).
+    let files = || {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let files_before = files();
+    let out = run_stdin(APPLY, &["--checksum", &sha256_hex(&tar), "-", cfg], d, &gz);
+    assert_ok(&out);
+    assert_eq!(result(d, "cfg"), "success");
+    assert_eq!(files(), files_before, "a temporary file was left");
 
     // A path escaping the root.
     let mut b = tar::Builder::new(Vec::new());
@@ -267,6 +335,102 @@ fn apply_errors_reach_the_result_file() {
         );
     }
     assert!(before == state(), "the layer was changed");
+}
+
+/// A 0-byte input is a failed download, not a layer: refused before the layer
+/// is touched (also with --mkfs), the result file says why. A tar of just the
+/// two zero end blocks is an empty layer and stays valid.
+#[test]
+fn empty_input_is_refused_but_an_empty_tar_is_a_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1", "--mkfs"], d));
+    let cfg = write_config(d, "cfg", &[], "data", "index");
+    let cfg = cfg.to_str().unwrap();
+    let state = || {
+        let m = std::fs::metadata(d.join("data")).unwrap();
+        (
+            m.modified().unwrap(),
+            m.len(),
+            std::fs::read(d.join("index")).unwrap(),
+        )
+    };
+    let before = state();
+    std::fs::write(d.join("e.tar"), b"").unwrap();
+    for mkfs in [false, true] {
+        let mut args = vec!["e.tar", cfg];
+        if mkfs {
+            args.insert(0, "--mkfs");
+        }
+        let e = err_text(&run(APPLY, &args, d));
+        assert!(e.contains("e.tar: empty input: not a tar archive"), "{e}");
+        let r = result(d, "cfg");
+        assert!(r.starts_with("failed:") && r.contains("empty input"), "{r}");
+    }
+    // `false | overlaybd-apply - cfg`, and a gzip stream of nothing.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(b"").unwrap();
+    for input in [Vec::new(), gz.finish().unwrap()] {
+        let e = err_text(&run_stdin(APPLY, &["-", cfg], d, &input));
+        assert!(
+            e.contains("standard input: empty input: not a tar archive"),
+            "{e}"
+        );
+        assert!(result(d, "cfg").starts_with("failed:"));
+    }
+    assert!(before == state(), "the layer was changed");
+
+    // An empty layer: two zero blocks.
+    std::fs::write(d.join("empty-layer.tar"), [0u8; 1024]).unwrap();
+    assert_ok(&run(APPLY, &["empty-layer.tar", cfg], d));
+    assert_eq!(result(d, "cfg"), "success");
+    let s =
+        blockdev::Stack::open_read_only(&[], Some((&d.join("data"), &d.join("index")))).unwrap();
+    let img = d.join("flat.img");
+    s.write_raw_image(&img).unwrap();
+    if let Err(e) = testutil::e2fsck(&img) {
+        panic!("e2fsck: {e}");
+    }
+}
+
+/// --mkfs over lower layers reformats, as upstream does, but says that every
+/// lower's files are hidden; without lowers it says nothing.
+#[test]
+fn mkfs_over_lowers_warns() {
+    let f = testutil::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("empty.tar"), [0u8; 1024]).unwrap();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "0"], d));
+    let lower = f.join("baselayer/ext4_64");
+    let cfg = write_config(d, "cfg", &[lower.to_str().unwrap()], "data", "index");
+    let out = run(APPLY, &["--mkfs", "empty.tar", cfg.to_str().unwrap()], d);
+    assert_ok(&out);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("warning: --mkfs with 1 lower layer(s)")
+            && e.contains("cfg.json")
+            && e.contains("hides all of their files"),
+        "{e}"
+    );
+    assert_eq!(result(d, "cfg"), "success");
+    let s = blockdev::Stack::open_read_only(
+        std::slice::from_ref(&lower),
+        Some((&d.join("data"), &d.join("index"))),
+    )
+    .unwrap();
+    let img = d.join("flat.img");
+    s.write_raw_image(&img).unwrap();
+    if let Err(e) = testutil::e2fsck(&img) {
+        panic!("e2fsck: {e}");
+    }
+
+    assert_ok(&run(CREATE, &["-s", "data1", "index1", "1"], d));
+    let cfg1 = write_config(d, "cfg1", &[], "data1", "index1");
+    let out = run(APPLY, &["--mkfs", "empty.tar", cfg1.to_str().unwrap()], d);
+    assert_ok(&out);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!e.contains("warning"), "{e}");
 }
 
 #[test]

@@ -60,6 +60,23 @@ fn commit_tool_reproduces_upstream_blobs() {
     assert_ok(&run(ZFILE, &["--threads", "1", lsmt, "z1"], dir.path()));
     assert!(std::fs::read(dir.path().join("z1")).unwrap() == ours);
     assert_ok(&run(ZFILE, &["--verify", "z"], dir.path()));
+    // Not a ZFile: a layer tar, an empty file.
+    let tar = f.join("input.tar");
+    let e = err_text(&run(
+        ZFILE,
+        &["--verify", tar.to_str().unwrap()],
+        dir.path(),
+    ));
+    assert!(
+        e.contains("input.tar: corrupt ZFile: not a ZFile, nor a tar-wrapped ZFile: a tar, but unexpected entry type '5'"),
+        "{e}"
+    );
+    std::fs::write(dir.path().join("empty"), b"").unwrap();
+    let e = err_text(&run(ZFILE, &["--verify", "empty"], dir.path()));
+    assert!(
+        e.contains("empty: corrupt ZFile: the file is empty (0 bytes): not a ZFile"),
+        "{e}"
+    );
     // --verify takes one file: a second path is a usage error, not ignored.
     let o = run(ZFILE, &["--verify", "z", "z1"], dir.path());
     assert_eq!(o.status.code(), Some(2), "{}", err_text(&o));
@@ -98,6 +115,18 @@ fn create_commit_roundtrip_and_errors() {
     let e = err_text(&run(CREATE, &["-s", "same", "same", "1"], d));
     assert!(e.contains("same path"), "{e}");
     assert!(!d.join("same").exists());
+    // a missing directory is named, for the index as for the data file
+    let e = err_text(&run(CREATE, &["-s", "d", "nodir/i", "64"], d));
+    assert!(
+        e.contains("cannot create nodir/i: the directory nodir does not exist"),
+        "{e}"
+    );
+    let e = err_text(&run(CREATE, &["-s", "nodir/d", "i", "64"], d));
+    assert!(
+        e.contains("cannot create nodir/d: the directory nodir does not exist"),
+        "{e}"
+    );
+    assert!(!d.join("d").exists() && !d.join("i").exists());
     // 20,000 GB is more than ext4 (CI's /tmp) holds in one file: refused with
     // the reason, and nothing left in the way of a retry
     let out = run(CREATE, &["-s", "huge", "hugei", "20000"], d);

@@ -107,7 +107,7 @@ fn upstream_command_lines_build_a_turbo_image_nbd_can_serve() {
     // overlaybd-nbd serves the two-layer TurboOCI stack; nbdcopy reads it.
     let lower1 = serde_json::json!({
         "gzipIndex": d1.join("gzip.meta"), "file": d1.join("ext4.fs.meta"),
-        "targetFile": d1.join("layer.tar"), "targetDigest": "sha256:ac91"});
+        "targetFile": d1.join("layer.tar"), "targetDigest": "sha256:ac91f170fd64725f7469966566647eb1d8611c3333222b250a9c1ff065dda4a0"});
     let cfg = dir.path().join("serve.json");
     std::fs::write(
         &cfg,
@@ -222,6 +222,38 @@ fn bad_inputs_fail_with_one_line() {
     .unwrap();
     let e = apply(&gz, &[]);
     assert!(e.contains("past the end of the layer tar"), "{e}");
+    // A malformed targetDigest: refused by turboOCI-apply and overlaybd-nbd,
+    // naming the config.
+    for digest in ["xyz", "sha256:0000"] {
+        std::fs::write(
+            &cfg,
+            serde_json::json!({"lowers": [{"file": fx("ext4-gzip/ext4.fs.meta"),
+                "gzipIndex": fx("ext4-gzip/gzip.meta"),
+                "targetFile": fx("ext4-gzip/layer.tar.gz"), "targetDigest": digest}],
+                "upper": {"index": d.join("index"), "data": d.join("data"), "target": d.join("blob")}})
+            .to_string(),
+        )
+        .unwrap();
+        let want = format!("lower 0: \"targetDigest\" '{digest}' is not a layer digest");
+        let e = apply(&gz, &[]);
+        assert!(
+            e.contains(cfg.to_str().unwrap()) && e.contains(&want),
+            "{e}"
+        );
+        let o = Command::new(NBD)
+            .arg("serve")
+            .arg(&cfg)
+            .arg("--socket")
+            .arg(d.join("s.sock"))
+            .arg("--read-only")
+            .output()
+            .unwrap();
+        let e = err_text(&o);
+        assert!(
+            e.contains(cfg.to_str().unwrap()) && e.contains(&want),
+            "{e}"
+        );
+    }
 }
 
 /// `--gz_index_path` and `resultFile` never destroy an input: naming the blob, the

@@ -105,6 +105,7 @@ impl SealedLayer {
             .collect();
         let min_tag = decoded.iter().map(|(_, m)| m.tag).min().unwrap_or(0);
         for (i, mut m) in decoded {
+            check_within_vsize(&m, i, vsize).map_err(bad)?;
             m.tag = if keep_tags { m.tag - min_tag } else { 0 };
             if m.tag > 1 {
                 return Err(bad(format!(
@@ -156,6 +157,25 @@ impl SealedLayer {
         }
         self.src.read_many_exact(reqs)
     }
+}
+
+/// Check that entry `i` lies within the virtual size `vsize` (bytes; 0: the
+/// layer leaves its size to the layers below, so nothing to check). Data
+/// mapped beyond the disk would be silently unreachable, or claim a disk
+/// smaller than the filesystem it holds.
+pub(crate) fn check_within_vsize(
+    m: &Mapping,
+    i: usize,
+    vsize: u64,
+) -> std::result::Result<(), String> {
+    if vsize != 0 && m.end() > vsize / SECTOR {
+        return Err(format!(
+            "index entry {i} maps bytes {}..{} beyond the virtual size of {vsize} bytes",
+            m.offset * SECTOR,
+            m.end() * SECTOR
+        ));
+    }
+    Ok(())
 }
 
 /// Validate one decoded index entry against the data area and its predecessor.

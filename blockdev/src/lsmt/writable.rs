@@ -117,8 +117,8 @@ fn create_pair(
             data.display()
         )));
     }
-    let fdata = IoFile::create_new(data)?;
-    let r = IoFile::create_new(index).and_then(|findex| {
+    let fdata = create_new(data)?;
+    let r = create_new(index).and_then(|findex| {
         fill(&fdata, &findex).inspect_err(|_| {
             let _ = std::fs::remove_file(index);
         })
@@ -127,6 +127,25 @@ fn create_pair(
         let _ = std::fs::remove_file(data);
     }
     r
+}
+
+/// Create the new file `p`; a missing directory is named (ENOENT alone does
+/// not say which of the layer's paths, or which part of it, is missing).
+fn create_new(p: &Path) -> Result<IoFile> {
+    IoFile::create_new(p).map_err(|e| match (&e, p.parent()) {
+        (Error::Io { source, .. }, Some(dir))
+            if source.kind() == std::io::ErrorKind::NotFound
+                && !dir.as_os_str().is_empty()
+                && !dir.exists() =>
+        {
+            Error::Invalid(format!(
+                "cannot create {}: the directory {} does not exist",
+                p.display(),
+                dir.display()
+            ))
+        }
+        _ => e,
+    })
 }
 
 /// Size the sparse data file `f` (at `path`) to `len` bytes, saying so when
@@ -410,6 +429,8 @@ impl WritableLayer {
         let mut index_map = IndexMap::new();
         for (i, m) in all.iter_mut().enumerate() {
             m.tag -= min_tag;
+            super::sealed::check_within_vsize(m, i, ih.virtual_size)
+                .map_err(|msg| bad(index, msg))?;
             check_warp_entry(m, i, data_sectors, target_sectors, target.as_deref())
                 .map_err(|msg| bad(index, msg))?;
             index_map.insert(*m);
@@ -522,9 +543,20 @@ impl WritableLayer {
         }
         if sparse {
             let base = HT_SPACE as u64;
+            let vsize = header.virtual_size;
             for (start, end) in data.data_ranges(base)? {
                 let start = start.max(base);
                 let (s, e) = ((start - base) / SECTOR, (end - base).div_ceil(SECTOR));
+                if vsize != 0 && e * SECTOR > vsize {
+                    return Err(bad(
+                        data_path,
+                        format!(
+                            "holds data at bytes {}..{} of the disk, beyond the virtual size of {vsize} bytes",
+                            s * SECTOR,
+                            e * SECTOR
+                        ),
+                    ));
+                }
                 let mut off = s;
                 while off < e {
                     let len = (e - off).min(MAX_LENGTH as u64);
@@ -605,6 +637,8 @@ impl WritableLayer {
                                 ),
                             ));
                         }
+                        super::sealed::check_within_vsize(&m, i, header.virtual_size)
+                            .map_err(|msg| bad(index_path, msg))?;
                         index.insert(Mapping { tag: 0, ..m });
                     }
                     i += 1;

@@ -1,7 +1,7 @@
 //! `overlaybd-apply`: apply an OCI layer tar to the ext4 filesystem of an
 //! overlaybd image (lowers + writable upper described by a config.json).
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -58,7 +58,9 @@ struct Args {
     gz_index_path: Option<PathBuf>,
     #[command(flatten)]
     engine: EngineArgs,
-    /// Expected sha256 (hex) of the uncompressed tar; a mismatch is an error.
+    /// Expected sha256 (hex) of the uncompressed tar, verified before the layer
+    /// is changed (the input is read twice; stdin is kept in a temporary file
+    /// beside the upper layer); a mismatch is an error.
     #[arg(long)]
     checksum: Option<String>,
     /// The layer tar (plain, gzip or zstd), or `-` for standard input.
@@ -159,6 +161,14 @@ fn run(args: &Args, cfg: Option<&ImageConfig>, signals: &Signals) -> anyhow::Res
                     args.image_config_path.display()
                 );
             }
+            if args.mkfs && !cfg.lowers.is_empty() {
+                // Upstream makes the filesystem all the same; say what it means.
+                cli::say(format_args!(
+                    "overlaybd-apply: warning: --mkfs with {} lower layer(s) in {}: the new, empty filesystem hides all of their files",
+                    cfg.lowers.len(),
+                    args.image_config_path.display()
+                ));
+            }
             blockdev::stack::open_shared(cfg).with_context(|| {
                 format!(
                     "cannot open the image of {}",
@@ -168,7 +178,20 @@ fn run(args: &Args, cfg: Option<&ImageConfig>, signals: &Signals) -> anyhow::Res
         }
     };
 
-    let input = open_input(&args.input_path)?;
+    // A layer cannot be un-applied: with --checksum the whole input is read
+    // and verified first (standard input kept in a temporary file beside the
+    // layer), so an input that does not match never reaches the layer.
+    let spooled = match &expected {
+        Some(want) => {
+            let spool_dir = match cfg.and_then(|c| c.upper.as_ref()) {
+                Some(u) => parent_dir(&u.data),
+                None => parent_dir(&args.image_config_path),
+            };
+            verify_checksum(&args.input_path, spool_dir, want)?
+        }
+        None => None,
+    };
+    let input = open_input(&args.input_path, spooled)?;
     let mut hashing = HashingReader {
         inner: input,
         hasher: expected.as_ref().map(|_| Sha256Writer::new()),
@@ -202,7 +225,11 @@ fn run(args: &Args, cfg: Option<&ImageConfig>, signals: &Signals) -> anyhow::Res
         let (got, _) = h.finish();
         let got = got.hex();
         if got != want {
-            bail!("sha256 checksum mismatch: expected {want}, got {got}");
+            // It matched when verified before the apply.
+            bail!(
+                "{} changed while it was applied: sha256 checksum mismatch: expected {want}, got {got}; the layer holds part of it: discard it",
+                input_name(&args.input_path)
+            );
         }
     }
     cli::say(format_args!(
@@ -218,10 +245,140 @@ fn run(args: &Args, cfg: Option<&ImageConfig>, signals: &Signals) -> anyhow::Res
     Ok(())
 }
 
-/// Open the layer (file or stdin) and undo its compression (gzip or zstd, found by
-/// magic bytes; bzip2 and xz are refused), as the convertor does.
-fn open_input(path: &Path) -> anyhow::Result<Box<dyn Read>> {
-    let raw: Box<dyn Read> = if path == Path::new("-") {
+/// How messages name the input.
+fn input_name(path: &Path) -> String {
+    if path == Path::new("-") {
+        "standard input".to_string()
+    } else {
+        path.display().to_string()
+    }
+}
+
+fn parent_dir(p: &Path) -> &Path {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+fn empty_input(path: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: empty input: not a tar archive (0 bytes; an empty layer is a tar of two zero blocks)",
+        input_name(path)
+    )
+}
+
+/// Read the whole (decompressed) input and compare its sha256 with `want`.
+/// Standard input is kept, as it came, in an unnamed temporary file in
+/// `spool_dir`, returned rewound for the apply; a file is read again.
+fn verify_checksum(
+    path: &Path,
+    spool_dir: &Path,
+    want: &str,
+) -> anyhow::Result<Option<std::fs::File>> {
+    let mut spool = None;
+    let mut tee = if path == Path::new("-") {
+        let f = tempfile::tempfile_in(spool_dir).with_context(|| {
+            format!(
+                "cannot make a temporary file in {} to keep standard input while its checksum is verified",
+                spool_dir.display()
+            )
+        })?;
+        Tee {
+            inner: Box::new(std::io::stdin().lock()) as Box<dyn Read>,
+            copy: Some(spool.insert(f)),
+        }
+    } else {
+        Tee {
+            inner: Box::new(
+                std::fs::File::open(path)
+                    .with_context(|| format!("cannot open {}", path.display()))?,
+            ),
+            copy: None,
+        }
+    };
+    let cannot_read = || format!("cannot read {}", input_name(path));
+    let mut hasher = Sha256Writer::new();
+    {
+        let (mut r, _) = decompress::decoder(&mut tee).with_context(cannot_read)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).with_context(cannot_read),
+            }
+        }
+    }
+    // Whatever follows the compressed stream is kept too.
+    std::io::copy(&mut tee, &mut std::io::sink()).with_context(cannot_read)?;
+    let (got, len) = hasher.finish();
+    if len == 0 {
+        return Err(empty_input(path));
+    }
+    let got = got.hex();
+    if got != want {
+        bail!(
+            "{}: sha256 checksum mismatch: expected {want}, got {got}; the layer was not changed",
+            input_name(path)
+        );
+    }
+    spool
+        .map(|mut f| {
+            f.seek(SeekFrom::Start(0))
+                .context("cannot rewind the temporary copy of standard input")?;
+            Ok(f)
+        })
+        .transpose()
+}
+
+/// Reads `inner`, writing what it read to `copy`.
+struct Tee<'a> {
+    inner: Box<dyn Read>,
+    copy: Option<&'a mut std::fs::File>,
+}
+
+impl Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(c) = self.copy.as_mut() {
+            c.write_all(&buf[..n]).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot keep standard input in a temporary file: {e}"),
+                )
+            })?;
+        }
+        Ok(n)
+    }
+}
+
+/// Open the layer (file or stdin, or `spooled`: stdin kept by
+/// [`verify_checksum`]) and undo its compression (gzip or zstd, found by
+/// magic bytes; bzip2 and xz are refused), as the convertor does. An input of
+/// no bytes at all is refused before the layer is touched: it is a failed
+/// download (`curl -f URL | overlaybd-apply - cfg`) far more often than a layer,
+/// and an empty layer is a tar of two zero blocks, as GNU tar insists.
+fn open_input(path: &Path, spooled: Option<std::fs::File>) -> anyhow::Result<Box<dyn Read>> {
+    let mut r = BufReader::with_capacity(1 << 20, open_decoded(path, spooled)?);
+    let first = loop {
+        match r.fill_buf() {
+            Ok(b) => break b.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", input_name(path))),
+        }
+    };
+    if first == 0 {
+        return Err(empty_input(path));
+    }
+    Ok(Box::new(r))
+}
+
+fn open_decoded(path: &Path, spooled: Option<std::fs::File>) -> anyhow::Result<Box<dyn Read>> {
+    let raw: Box<dyn Read> = if let Some(f) = spooled {
+        Box::new(f)
+    } else if path == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
         Box::new(
