@@ -18,9 +18,10 @@ use nix::sys::signal::{SigSet, Signal};
 use obdconvert::progress::Progress;
 use obdconvert::{
     open_store_in, Abort, ConvertOptions, ConvertOutcome, Converter, DedupTarget, ImageStore,
-    NativeFormat, Output, OutputFormat, RegistryStore, TurboFormat, WorkDir,
+    LayoutStore, NativeFormat, Output, OutputFormat, RegistryStore, TurboFormat, WorkDir,
 };
 use obddedup::resolve::Dedup;
+use obdoci::layout::Layout;
 use obdoci::{Digest, ImageRef, Reference};
 use obdregistry::{ClientOptions, Credentials, Registry, Repository};
 use obdtools::cli::{print_out, say};
@@ -503,10 +504,21 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         ImageRef::Layout { path, .. } if !path.exists() => Some(path.clone()),
         _ => None,
     });
-    let (dst, dst_repo) = if dst_ref == src_ref && args.dest_creds.is_none() {
-        (src.clone(), src_repo)
-    } else {
-        open(&dst_ref, &dst_client, true)?
+    let (dst, dst_repo) = match &dst_ref {
+        // --no-upload: a layout destination is neither created nor written.
+        ImageRef::Layout { path, .. } if args.no_upload => {
+            let store: Arc<dyn ImageStore> = Arc::new(LayoutStore::new(Layout::unopened(path)));
+            (store, None)
+        }
+        _ if dst_ref == src_ref && args.dest_creds.is_none() => {
+            if let ImageRef::Layout { path, .. } = &dst_ref {
+                // Converting in place: the layout is written too, so it must be
+                // writable (checked now, not at the first blob pushed).
+                Layout::open_writable(path).with_context(|| format!("opening {dst_ref}"))?;
+            }
+            (src.clone(), src_repo)
+        }
+        _ => open(&dst_ref, &dst_client, true)?,
     };
     let progress = Progress::new(std::io::stderr().is_terminal(), false);
     let conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);

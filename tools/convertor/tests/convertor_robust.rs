@@ -556,3 +556,78 @@ fn a_full_destination_is_reported_as_such() {
         assert!(!line.contains("tar"), "round {round}: {line}");
     }
 }
+
+/// A layout destination that cannot be written (here on a read-only mount) is refused
+/// before any layer is converted, also when it is the source converted in place, not
+/// at the first upload after every layer was converted.
+#[test]
+fn an_unwritable_layout_destination_fails_before_any_work() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let small = SmallFs::mount(t.path(), 16);
+    let img = small.0.join("img");
+    let o = Command::new("cp")
+        .arg("-a")
+        .arg(&images)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let o = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&small.0)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let img_s = format!("oci:{}", img.display());
+    let src_s = format!("oci:{}", images.display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    let in_place = [
+        "-r", &img_s, "-i", "latest", "-o", "obd", "--vsize", "2", "-d", wd_s,
+    ];
+    for a in [
+        in_place.to_vec(),
+        args(&img_s, &img_s, wd_s),
+        args(&src_s, &img_s, wd_s),
+    ] {
+        let o = Command::new(bin()).args(&a).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{a:?}: {}", stderr_of(&o));
+        let e = stderr_of(&o);
+        assert_eq!(e.lines().count(), 1, "{a:?}: {e}");
+        assert!(
+            e.contains(&img_s) && e.to_lowercase().contains("read-only"),
+            "{a:?}: {e}"
+        );
+        assert!(!e.contains("apply") && !e.contains("layer 1"), "{a:?}: {e}");
+    }
+    assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
+}
+
+/// `--no-upload` pushes nothing, and a new layout destination is not even created.
+#[test]
+fn no_upload_creates_no_destination() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let out = t.path().join("out");
+    let out_s = format!("oci:{}", out.display());
+    let wd = t.path().join("w");
+    let mut a = args(&src, &out_s, wd.to_str().unwrap());
+    a.push("--no-upload");
+    let o = Command::new(bin()).args(&a).output().unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("converted (not uploaded)"), "{stdout}");
+    assert!(!out.exists(), "created: {:?}", entries(&out));
+    // Converting a layout in place with --no-upload leaves it as it was.
+    let before = std::fs::read(images.join("index.json")).unwrap();
+    let blobs = entries(&images.join("blobs/sha256")).len();
+    let mut a = args(&src, &src, wd.to_str().unwrap());
+    a.push("--no-upload");
+    let o = Command::new(bin()).args(&a).output().unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(std::fs::read(images.join("index.json")).unwrap(), before);
+    assert_eq!(entries(&images.join("blobs/sha256")).len(), blobs);
+    assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
+}
