@@ -631,3 +631,86 @@ fn no_upload_creates_no_destination() {
     assert_eq!(entries(&images.join("blobs/sha256")).len(), blobs);
     assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
 }
+
+/// An OCI layout in `dir` holding one image (`latest`) of `n` small uncompressed layers.
+fn layout_with_layers(dir: &Path, n: usize) {
+    use sha2::{Digest as _, Sha256};
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let d = format!("sha256:{:x}", Sha256::digest(b));
+        std::fs::write(blobs.join(&d[7..]), b).unwrap();
+        d
+    };
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    for i in 0..n {
+        let mut tb = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(2);
+        h.set_mode(0o644);
+        tb.append_data(&mut h, format!("f{i}"), &b"x\n"[..])
+            .unwrap();
+        let bytes = tb.into_inner().unwrap();
+        let d = put(&bytes);
+        diff_ids.push(d.clone());
+        layers.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": d, "size": bytes.len()}));
+    }
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}})
+    .to_string();
+    let config_d = put(config.as_bytes());
+    let manifest = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_d, "size": config.len()},
+        "layers": layers})
+    .to_string();
+    let manifest_d = put(manifest.as_bytes());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": manifest_d, "size": manifest.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+/// More layers than overlaybd stacks (255) is known from the manifest: refused before
+/// any layer is converted, not when layer 257 finds 256 layers below it.
+#[test]
+fn too_many_layers_are_refused_before_any_work() {
+    let t = tempfile::tempdir().unwrap();
+    let deep = t.path().join("deep");
+    layout_with_layers(&deep, 256);
+    let src = format!("oci:{}", deep.display());
+    let out = t.path().join("out");
+    let out_s = format!("oci:{}", out.display());
+    let wd = t.path().join("w");
+    let e = fails(&src, &out_s, &wd);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("the image has 256 layers; at most 255 can be stacked"),
+        "{e}"
+    );
+    assert!(!e.contains("apply") && !e.contains("layer 1"), "{e}");
+    assert!(!out.exists() && !wd.exists());
+    // Without --mkfs, the base layer is at the bottom of the stack too.
+    let shallower = t.path().join("shallower");
+    layout_with_layers(&shallower, 255);
+    let base = t.path().join("base");
+    std::fs::write(&base, b"a base layer").unwrap();
+    let src = format!("oci:{}", shallower.display());
+    let mut a = args(&src, &out_s, wd.to_str().unwrap());
+    a.extend(["--mkfs=false", "--baselayer", base.to_str().unwrap()]);
+    let o = Command::new(bin()).args(&a).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("the image has 255 layers and the base layer; at most 255 can be stacked"),
+        "{e}"
+    );
+    assert!(!e.contains("apply") && !e.contains("layer 1"), "{e}");
+    assert!(!out.exists() && !wd.exists());
+}
