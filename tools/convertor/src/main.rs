@@ -268,9 +268,13 @@ fn main() -> ExitCode {
 
 fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    not_a_path("-r/--repository", &args.repository)?;
     let src_ref = ImageRef::parse(&args.repository).context("-r/--repository")?;
     let dst_ref = match &args.output_repository {
-        Some(r) => ImageRef::parse(r).context("--output-repository")?,
+        Some(r) => {
+            not_a_path("--output-repository", r)?;
+            ImageRef::parse(r).context("--output-repository")?
+        }
         None if src_ref.is_archive() => bail!(
             "{src_ref}: an archive is read, not rewritten; give the destination with --output-repository"
         ),
@@ -588,6 +592,52 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         say(format_args!("{l}"));
     }
     Ok(())
+}
+
+/// Refuses a filesystem path given where an image is named without a transport
+/// (`-r ./sample` for `-r oci:./sample`), which would otherwise be taken for a
+/// registry and fail only after retries, as a DNS error: a name starting with `/`,
+/// `./` or `../`, or a relative path to an OCI layout directory whose first component
+/// cannot be a registry host (no `.` or `:`, not `localhost`). Registry references
+/// are left alone, even when a directory of that name exists.
+pub(crate) fn not_a_path(what: &str, s: &str) -> anyhow::Result<()> {
+    use std::path::Path;
+    if s.starts_with("docker://")
+        || ["oci", "oci-archive", "docker-archive"]
+            .iter()
+            .any(|t| s.strip_prefix(t).is_some_and(|r| r.starts_with(':')))
+    {
+        return Ok(());
+    }
+    let explicit = s == "." || s == ".." || ["/", "./", "../"].iter().any(|p| s.starts_with(p));
+    let first = s.split('/').next().unwrap_or_default();
+    let may_be_host = first.contains('.') || first.contains(':') || first == "localhost";
+    if !explicit && may_be_host {
+        return Ok(());
+    }
+    // The path named, or without a trailing `:TAG` (obdconv's SRC and DST).
+    let tagless = s
+        .rsplit_once(':')
+        .filter(|(_, t)| !t.contains('/'))
+        .map(|(p, _)| p);
+    let path = [Some(s), tagless]
+        .into_iter()
+        .flatten()
+        .map(Path::new)
+        .find(|p| p.exists());
+    match path {
+        Some(p) if p.join("oci-layout").is_file() => {
+            bail!("{what} {s}: an OCI image layout directory, not a registry reference: did you mean oci:{s}?")
+        }
+        Some(p) if explicit && p.is_file() => bail!(
+            "{what} {s}: a file, not a registry reference: did you mean docker-archive:{s} or oci-archive:{s}?"
+        ),
+        _ if explicit => bail!(
+            "{what} {s}: a filesystem path, not a registry reference ([docker://]HOST[:PORT]/REPOSITORY); \
+             name a local image as oci:DIR, oci-archive:FILE or docker-archive:FILE"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// An OCI layout directory created by this run: removed when dropped unless the run

@@ -714,3 +714,84 @@ fn too_many_layers_are_refused_before_any_work() {
     assert!(!e.contains("apply") && !e.contains("layer 1"), "{e}");
     assert!(!out.exists() && !wd.exists());
 }
+
+/// An OCI layout named without `oci:` (`-r ./sample`) is not tried as a registry
+/// (retries, then a DNS error): refused at once with the right spelling. Registry
+/// references stay registry references even when a directory of that name exists.
+#[test]
+fn a_path_without_a_transport_gets_a_hint() {
+    let t = tempfile::tempdir().unwrap();
+    sample(t.path());
+    std::fs::create_dir_all(t.path().join("ts")).unwrap();
+    std::fs::rename(t.path().join("images"), t.path().join("ts/multi")).unwrap();
+    std::fs::write(t.path().join("app.tar"), b"x").unwrap();
+    let abs = t.path().join("ts/multi").display().to_string();
+    let run = |a: &[&str]| {
+        let o = Command::new(bin())
+            .current_dir(t.path())
+            .args(a)
+            .args(["-d", "w"])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{a:?}: {}", stderr_of(&o));
+        let e = stderr_of(&o);
+        assert_eq!(e.lines().count(), 1, "{a:?}: {e}");
+        assert!(!e.contains("retrying") && !e.contains("dns"), "{a:?}: {e}");
+        e
+    };
+    for (r, hint) in [
+        ("./ts/multi", "did you mean oci:./ts/multi?"),
+        ("ts/multi", "did you mean oci:ts/multi?"),
+        (abs.as_str(), &format!("did you mean oci:{abs}?")),
+        (
+            "./app.tar",
+            "did you mean docker-archive:./app.tar or oci-archive:./app.tar?",
+        ),
+        (
+            "./nothing/here",
+            "a filesystem path, not a registry reference",
+        ),
+    ] {
+        let e = run(&["-r", r, "-i", "latest", "-o", "obd"]);
+        assert!(e.contains(&format!("-r/--repository {r}: ")), "{e}");
+        assert!(e.contains(hint), "{r}: {e}");
+        let e = run(&[
+            "-r",
+            "oci:ts/multi",
+            "-i",
+            "latest",
+            "-o",
+            "obd",
+            "--output-repository",
+            r,
+        ]);
+        assert!(e.contains(&format!("--output-repository {r}: ")), "{e}");
+        assert!(e.contains(hint), "{r}: {e}");
+    }
+    let o = Command::new(bin())
+        .current_dir(t.path())
+        .args(["obdconv", "ts/multi:latest", "oci:out:obd", "-d", "w"])
+        .output()
+        .unwrap();
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("SRC ts/multi:latest") && e.contains("did you mean oci:ts/multi:latest?"),
+        "{e}"
+    );
+    // A registry reference whose name is also a local directory is still a registry
+    // reference (here an unreachable one: a refused connection, not a hint).
+    std::fs::create_dir_all(t.path().join("localhost:1/ts/multi")).unwrap();
+    std::fs::write(t.path().join("localhost:1/ts/multi/oci-layout"), b"{}").unwrap();
+    let o = Command::new(bin())
+        .current_dir(t.path())
+        .args(["-r", "localhost:1/ts/multi", "-i", "latest", "-o", "obd"])
+        .args(["--plain", "-d", "w"])
+        .output()
+        .unwrap();
+    let e = stderr_of(&o);
+    assert!(
+        !e.contains("did you mean") && e.contains("localhost:1"),
+        "{e}"
+    );
+    assert!(!t.path().join("out").exists());
+}
