@@ -158,6 +158,29 @@ pub fn clean_path(p: &str) -> Option<String> {
     Some(out.join("/"))
 }
 
+/// A message of the tar reader, which quotes header fields it cannot parse (the bytes
+/// of a file that is no tar): all but printable ASCII becomes `?`, so that no raw
+/// bytes reach a terminal, and it is cut at 160 characters.
+fn printable(e: &impl std::fmt::Display) -> String {
+    const MAX: usize = 160;
+    let s = e.to_string();
+    let mut out: String = s
+        .chars()
+        .take(MAX)
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if s.chars().nth(MAX).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
 impl TarIndex {
     /// Index the archive in `src`; `what` names it in errors (usually its path).
     pub fn build(src: Arc<dyn ReadAt>, what: &str) -> Result<TarIndex> {
@@ -175,12 +198,15 @@ impl TarIndex {
             });
             let entries = ar
                 .entries_with_seek()
-                .map_err(|e| bad(format!("not a tar archive: {e}")))?;
+                .map_err(|e| bad(format!("not a tar archive: {}", printable(&e))))?;
             for e in entries {
                 let e = e.map_err(|e| {
-                    bad(format!(
-                        "not a tar archive, or truncated after byte {end}: {e}"
-                    ))
+                    let e = printable(&e);
+                    bad(if end == 0 {
+                        format!("not a tar archive: {e}")
+                    } else {
+                        format!("not a tar archive, or truncated after byte {end}: {e}")
+                    })
                 })?;
                 let (offset, len) = (e.raw_file_position(), e.size());
                 let data_end = offset.checked_add(len).filter(|&x| x <= size);
@@ -591,6 +617,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a tar archive"), "{e}");
+        // Bytes that are no tar header are not quoted raw.
+        let mut x = 0x9e37_79b9_u32;
+        let noise: Vec<u8> = (0..1000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 24) as u8
+            })
+            .collect();
+        let e = index_of(noise).unwrap_err().to_string();
+        assert!(e.starts_with("test.tar: not a tar archive: "), "{e}");
+        assert!(e.chars().all(|c| c == ' ' || c.is_ascii_graphic()), "{e:?}");
     }
 
     #[test]
