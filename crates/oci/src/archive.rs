@@ -41,6 +41,17 @@ pub struct FileSource {
 }
 
 impl FileSource {
+    /// A stream (`path`, already opened as `file`) copied into an unnamed temporary
+    /// file in `scratch`, removed when dropped.
+    fn spool(mut file: File, path: &Path, scratch: &Path) -> Result<FileSource> {
+        std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
+        let mut tmp = tempfile::tempfile_in(scratch).map_err(|e| Error::io(scratch, e))?;
+        let size = io::copy(&mut file, &mut tmp).map_err(|e| Error::io(path, e))?;
+        tmp.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io(scratch, e))?;
+        Ok(FileSource { file: tmp, size })
+    }
+
     pub fn open(path: &Path) -> Result<FileSource> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -61,8 +72,29 @@ impl FileSource {
     /// The archive at `path` as uncompressed tar bytes: the file itself, or for a
     /// gzip-compressed archive (`.tar.gz`, recognised by its magic bytes) its content
     /// decompressed into an unnamed temporary file in `scratch`, removed when dropped.
+    ///
+    /// An archive that is not a regular file (a pipe: `docker-archive:/dev/stdin`)
+    /// can be read only once, from the start: it is copied into an unnamed temporary
+    /// file in `scratch` first.
     pub fn open_archive(path: &Path, scratch: &Path) -> Result<FileSource> {
-        let plain = FileSource::open(path)?;
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        let plain = if meta.is_file() {
+            FileSource {
+                file,
+                size: meta.len(),
+            }
+        } else if meta.is_dir() {
+            return Err(Error::io(
+                path,
+                io::Error::new(
+                    io::ErrorKind::IsADirectory,
+                    "is a directory, not an archive file",
+                ),
+            ));
+        } else {
+            Self::spool(file, path, scratch)?
+        };
         let mut magic = [0u8; 2];
         let n = plain
             .read_at(&mut magic, 0)

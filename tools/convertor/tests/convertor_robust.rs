@@ -795,3 +795,66 @@ fn a_path_without_a_transport_gets_a_hint() {
     );
     assert!(!t.path().join("out").exists());
 }
+
+/// An archive read from a pipe (`cat x.tar | convertor -r oci-archive:/dev/stdin`) is
+/// copied into the work directory first, plain or gzip-compressed, instead of failing
+/// with "Illegal seek".
+#[test]
+fn an_archive_can_be_piped_in() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let want = pushed_digest(
+        &Command::new(bin())
+            .args(args(
+                &format!("oci:{}", images.display()),
+                &format!("oci:{}", t.path().join("direct").display()),
+                t.path().join("w").to_str().unwrap(),
+            ))
+            .output()
+            .unwrap(),
+    );
+    let tar = t.path().join("sample.tar");
+    let o = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&images)
+        .arg(".")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let gz = t.path().join("sample.tar.gz");
+    let o = Command::new("gzip").arg("-k").arg(&tar).output().unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    for (i, input) in [&tar, &gz].into_iter().enumerate() {
+        let out = t.path().join(format!("out{i}"));
+        let wd = t.path().join("w");
+        let mut a = args(
+            "oci-archive:/dev/stdin",
+            &format!("oci:{}", out.display()),
+            wd.to_str().unwrap(),
+        )
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        a[3] = "latest".into();
+        // A pipe, not the file itself (a file on stdin would be seekable).
+        let mut child = Command::new(bin())
+            .args(&a)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let bytes = std::fs::read(input).unwrap();
+        let feeder = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(&bytes);
+        });
+        let o = child.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        assert_eq!(pushed_digest(&o), want, "{}", input.display());
+        assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
+    }
+}
