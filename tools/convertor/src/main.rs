@@ -47,8 +47,10 @@ use obdtools::cli::{print_out, say};
 pub(crate) struct Args {
     /// Repository of the input (and, without --output-repository, output) image,
     /// without tag: `[docker://]host[:port]/path` (e.g. localhost:5000/redis; not
-    /// normalised, the first component is the host), `oci:DIR[:TAG]`,
-    /// `oci-archive:FILE[:TAG]` or `docker-archive:FILE[:NAME:TAG|:@N]`.
+    /// normalised, the first component is the host), `oci:DIR[:REF]`,
+    /// `oci-archive:FILE[:REF]` (split at the first ':', as skopeo does; REF is an OCI
+    /// reference name such as `v1.0+build` or `example.com/app:1.0`) or
+    /// `docker-archive:FILE[:NAME:TAG|:@N]`.
     #[arg(short = 'r', long)]
     repository: String,
     /// Registry credentials `user:password` (split at the first ':'); `user` alone
@@ -62,7 +64,8 @@ pub(crate) struct Args {
     /// Debug logging.
     #[arg(long)]
     verbose: bool,
-    /// Tag of the input image.
+    /// Tag of the input image (in an OCI layout or archive: its reference name, e.g.
+    /// `v1.0+build`).
     #[arg(short = 'i', long = "input-tag")]
     input_tag: Option<String>,
     /// Digest of the input image (used when no input tag is given).
@@ -312,14 +315,22 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
             tracing::warn!("-i/--input-tag {i} is used, not the tag {t} in -r/--repository");
         }
     }
+    // An OCI layout or archive names images by OCI reference names (`v1.0+build`,
+    // `example.com/app:1.0`), a registry and a docker archive by tags.
+    let ref_name = |r: &ImageRef, t: &str| match r {
+        ImageRef::Layout { .. } | ImageRef::OciArchive { .. } => Reference::ref_name(t),
+        _ => Reference::tag(t),
+    };
     // None: the image an archive holds (known once it is opened).
     let source = match (&args.input_tag, &args.input_digest, &src_ref) {
-        (Some(t), _, _) => Some(Reference::tag(t).context("-i/--input-tag")?),
+        (Some(t), _, r) => Some(ref_name(r, t).context("-i/--input-tag")?),
         (None, Some(d), _) => Some(Reference::Digest(
             d.parse::<Digest>().context("-g/--input-digest")?,
         )),
         (None, None, ImageRef::Layout { tag: Some(t), .. })
-        | (None, None, ImageRef::OciArchive { tag: Some(t), .. }) => Some(Reference::tag(t)?),
+        | (None, None, ImageRef::OciArchive { tag: Some(t), .. }) => {
+            Some(Reference::Tag(t.clone()))
+        }
         (None, None, r) if r.is_archive() => None,
         (None, None, _) => bail!(
             "no input image: give -i/--input-tag or -g/--input-digest, or the tag with the source (oci:DIR:TAG; with obdconv also HOST/REPO:TAG)"
@@ -336,7 +347,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         _ => bail!("no output tag: give --overlaybd TAG, --turboOCI TAG or -o/--output-tag TAG"),
     };
     for t in native_tag.iter().chain(&turbo_tag) {
-        obdoci::reference::validate_tag(t).context("output tag")?;
+        ref_name(&dst_ref, t).context("output tag")?;
     }
     if let (Some(n), Some(t)) = (&native_tag, &turbo_tag) {
         if n == t {

@@ -858,3 +858,94 @@ fn an_archive_can_be_piped_in() {
         assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
     }
 }
+
+/// Images in an OCI layout are named as skopeo names them: `oci:DIR:REF` splits at the
+/// first ':', and REF (or -i) may be any OCI reference name, such as the
+/// `example.com/app:1.0` containers/image writes or `v1.0+build`.
+#[test]
+fn oci_reference_names_select_images() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let index_path = images.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let m = index["manifests"][0].clone();
+    for name in ["v1.0+build", "example.com/app:1.0"] {
+        let mut e = m.clone();
+        e["annotations"]["org.opencontainers.image.ref.name"] = name.into();
+        index["manifests"].as_array_mut().unwrap().push(e);
+    }
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let wd = t.path().join("w");
+    let out = t.path().join("out");
+    let plain = format!("oci:{}", images.display());
+    let want = pushed_digest(
+        &Command::new(bin())
+            .args(args(
+                &plain,
+                &format!("oci:{}", out.display()),
+                wd.to_str().unwrap(),
+            ))
+            .output()
+            .unwrap(),
+    );
+    let named = format!("oci:{}:example.com/app:1.0", images.display());
+    let out_named = format!("oci:{}:obd+1", out.display());
+    for (src, tag) in [
+        (plain.as_str(), "v1.0+build"),
+        (named.as_str(), "example.com/app:1.0"),
+    ] {
+        let o = Command::new(bin())
+            .args([
+                "-r",
+                src,
+                "-i",
+                tag,
+                "--output-repository",
+                &out_named,
+                "--vsize",
+                "2",
+                "-d",
+            ])
+            .arg(&wd)
+            .output()
+            .unwrap();
+        assert_eq!(pushed_digest(&o), want, "{src} -i {tag}");
+    }
+    // The tag in the reference alone selects the image too.
+    let o = Command::new(bin())
+        .args([
+            "-r",
+            &named,
+            "--output-repository",
+            &out_named,
+            "--vsize",
+            "2",
+            "-d",
+        ])
+        .arg(&wd)
+        .output()
+        .unwrap();
+    assert_eq!(pushed_digest(&o), want);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    let names: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
+        .collect();
+    assert!(names.contains(&"obd+1"), "{names:?}");
+    // A registry keeps docker's tag rule.
+    let o = Command::new(bin())
+        .args(["-r", "localhost:1/x", "-i", "v1.0+build", "-o", "obd", "-d"])
+        .arg(&wd)
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr_of(&o).contains("-i/--input-tag"),
+        "{}",
+        stderr_of(&o)
+    );
+}
