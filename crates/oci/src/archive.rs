@@ -41,6 +41,17 @@ pub struct FileSource {
 }
 
 impl FileSource {
+    /// A stream (`path`, already opened as `file`) copied into an unnamed temporary
+    /// file in `scratch`, removed when dropped.
+    fn spool(mut file: File, path: &Path, scratch: &Path) -> Result<FileSource> {
+        std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
+        let mut tmp = tempfile::tempfile_in(scratch).map_err(|e| Error::io(scratch, e))?;
+        let size = io::copy(&mut file, &mut tmp).map_err(|e| Error::io(path, e))?;
+        tmp.seek(SeekFrom::Start(0))
+            .map_err(|e| Error::io(scratch, e))?;
+        Ok(FileSource { file: tmp, size })
+    }
+
     pub fn open(path: &Path) -> Result<FileSource> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -61,8 +72,29 @@ impl FileSource {
     /// The archive at `path` as uncompressed tar bytes: the file itself, or for a
     /// gzip-compressed archive (`.tar.gz`, recognised by its magic bytes) its content
     /// decompressed into an unnamed temporary file in `scratch`, removed when dropped.
+    ///
+    /// An archive that is not a regular file (a pipe: `docker-archive:/dev/stdin`)
+    /// can be read only once, from the start: it is copied into an unnamed temporary
+    /// file in `scratch` first.
     pub fn open_archive(path: &Path, scratch: &Path) -> Result<FileSource> {
-        let plain = FileSource::open(path)?;
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        let plain = if meta.is_file() {
+            FileSource {
+                file,
+                size: meta.len(),
+            }
+        } else if meta.is_dir() {
+            return Err(Error::io(
+                path,
+                io::Error::new(
+                    io::ErrorKind::IsADirectory,
+                    "is a directory, not an archive file",
+                ),
+            ));
+        } else {
+            Self::spool(file, path, scratch)?
+        };
         let mut magic = [0u8; 2];
         let n = plain
             .read_at(&mut magic, 0)
@@ -158,6 +190,29 @@ pub fn clean_path(p: &str) -> Option<String> {
     Some(out.join("/"))
 }
 
+/// A message of the tar reader, which quotes header fields it cannot parse (the bytes
+/// of a file that is no tar): all but printable ASCII becomes `?`, so that no raw
+/// bytes reach a terminal, and it is cut at 160 characters.
+fn printable(e: &impl std::fmt::Display) -> String {
+    const MAX: usize = 160;
+    let s = e.to_string();
+    let mut out: String = s
+        .chars()
+        .take(MAX)
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if s.chars().nth(MAX).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
 impl TarIndex {
     /// Index the archive in `src`; `what` names it in errors (usually its path).
     pub fn build(src: Arc<dyn ReadAt>, what: &str) -> Result<TarIndex> {
@@ -175,12 +230,15 @@ impl TarIndex {
             });
             let entries = ar
                 .entries_with_seek()
-                .map_err(|e| bad(format!("not a tar archive: {e}")))?;
+                .map_err(|e| bad(format!("not a tar archive: {}", printable(&e))))?;
             for e in entries {
                 let e = e.map_err(|e| {
-                    bad(format!(
-                        "not a tar archive, or truncated after byte {end}: {e}"
-                    ))
+                    let e = printable(&e);
+                    bad(if end == 0 {
+                        format!("not a tar archive: {e}")
+                    } else {
+                        format!("not a tar archive, or truncated after byte {end}: {e}")
+                    })
                 })?;
                 let (offset, len) = (e.raw_file_position(), e.size());
                 let data_end = offset.checked_add(len).filter(|&x| x <= size);
@@ -591,6 +649,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a tar archive"), "{e}");
+        // Bytes that are no tar header are not quoted raw.
+        let mut x = 0x9e37_79b9_u32;
+        let noise: Vec<u8> = (0..1000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 24) as u8
+            })
+            .collect();
+        let e = index_of(noise).unwrap_err().to_string();
+        assert!(e.starts_with("test.tar: not a tar archive: "), "{e}");
+        assert!(e.chars().all(|c| c == ' ' || c.is_ascii_graphic()), "{e:?}");
     }
 
     #[test]

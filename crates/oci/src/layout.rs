@@ -62,10 +62,11 @@ impl Layout {
         })
     }
 
-    /// Open a layout, creating an empty one if the directory has none.
+    /// Open a layout to write into, creating an empty one if the directory has none;
+    /// fails if it cannot be written ([`Layout::check_writable`]).
     pub fn open_or_create(root: &Path) -> Result<Layout> {
         if root.join(LAYOUT_FILE).exists() {
-            return Self::open(root);
+            return Self::open_writable(root);
         }
         let blobs = root.join("blobs").join("sha256");
         fs::create_dir_all(&blobs).map_err(|e| Error::io(&blobs, e))?;
@@ -88,7 +89,57 @@ impl Layout {
             })?;
         }
         write_atomic(&root.join(LAYOUT_FILE), LAYOUT_CONTENT)?;
+        l.check_writable()?;
         Ok(l)
+    }
+
+    /// Open an existing layout to write into: [`Layout::open`], then
+    /// [`Layout::check_writable`].
+    pub fn open_writable(root: &Path) -> Result<Layout> {
+        let l = Self::open(root)?;
+        l.check_writable()?;
+        Ok(l)
+    }
+
+    /// A handle on the layout at `root` that neither reads nor creates anything there:
+    /// for a destination that is named but not written (a run that pushes nothing).
+    /// Reads through it fail as they would in a layout without images.
+    pub fn unopened(root: &Path) -> Layout {
+        Layout {
+            root: root.to_path_buf(),
+            index_lock: Mutex::new(()),
+        }
+    }
+
+    /// Checks that blobs can be added and `index.json` replaced, by creating (and
+    /// removing) a temporary file in `blobs/sha256` and in the root: a read-only mount
+    /// or a directory without write permission fails here, before any work, not at the
+    /// first blob written.
+    pub fn check_writable(&self) -> Result<()> {
+        let blobs = self.root.join("blobs").join("sha256");
+        if !blobs.is_dir() {
+            fs::create_dir_all(&blobs).map_err(|e| Error::io(&blobs, e))?;
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = format!(".write-probe.{}.{nanos}", std::process::id());
+        for dir in [&blobs, &self.root] {
+            let probe = dir.join(&name);
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&probe)
+                .map_err(|e| {
+                    Error::io(
+                        dir,
+                        io::Error::new(e.kind(), format!("cannot create a file here: {e}")),
+                    )
+                })?;
+            fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))?;
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {

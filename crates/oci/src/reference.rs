@@ -3,8 +3,9 @@
 //!
 //! * `docker://HOST/REPO[:TAG|@DIGEST]`, or the bare `HOST/REPO[...]`: a registry
 //!   repository, not normalised (the first component is always the host, as upstream);
-//! * `oci:DIR[:TAG]`: an OCI image-layout directory;
-//! * `oci-archive:FILE[:TAG]`: an OCI image layout in a tar file (`.tar.gz` too);
+//! * `oci:DIR[:REF]`: an OCI image-layout directory (split at the first `:`, as
+//!   skopeo splits it; REF is an OCI reference name, [`validate_ref_name`]);
+//! * `oci-archive:FILE[:REF]`: an OCI image layout in a tar file (`.tar.gz` too);
 //! * `docker-archive:FILE[:NAME[:TAG]|:@N]`: a `docker save` archive; NAME:TAG picks
 //!   an image by its `RepoTags` entry, `@N` by its position in `manifest.json`.
 //!
@@ -113,8 +114,15 @@ impl fmt::Display for Reference {
 }
 
 impl Reference {
+    /// A registry tag ([`validate_tag`]).
     pub fn tag(t: &str) -> Result<Reference> {
         validate_tag(t)?;
+        Ok(Reference::Tag(t.to_string()))
+    }
+
+    /// An image named in an OCI layout or OCI archive ([`validate_ref_name`]).
+    pub fn ref_name(t: &str) -> Result<Reference> {
+        validate_ref_name(t)?;
         Ok(Reference::Tag(t.to_string()))
     }
 }
@@ -135,6 +143,47 @@ pub fn validate_tag(t: &str) -> Result<()> {
             reason: "a tag is 1-128 characters of [A-Za-z0-9_.-] not starting with '.' or '-'"
                 .into(),
         })
+    }
+}
+
+/// An OCI image-layout reference name (`org.opencontainers.image.ref.name`, as
+/// containers/image checks it): components of `[A-Za-z0-9]+` joined by one of
+/// `-._:@+` or `--`, separated by `/`; e.g. `v1.0+build` or
+/// `example.com/app:1.0`. Broader than a registry tag ([`validate_tag`]).
+pub fn validate_ref_name(r: &str) -> Result<()> {
+    let component_ok = |c: &str| {
+        let b = c.as_bytes();
+        if !b.first().is_some_and(u8::is_ascii_alphanumeric) {
+            return false;
+        }
+        let mut i = 0;
+        while i < b.len() {
+            if b[i].is_ascii_alphanumeric() {
+                i += 1;
+                continue;
+            }
+            if !matches!(b[i], b'-' | b'.' | b'_' | b':' | b'@' | b'+') {
+                return false;
+            }
+            i += if b[i] == b'-' && b.get(i + 1) == Some(&b'-') {
+                2
+            } else {
+                1
+            };
+            // A separator is followed by an alphanumeric.
+            if !b.get(i).is_some_and(u8::is_ascii_alphanumeric) {
+                return false;
+            }
+        }
+        true
+    };
+    if r.split('/').all(component_ok) {
+        Ok(())
+    } else {
+        Err(bad(
+            r,
+            "an OCI layout reference name is components of [A-Za-z0-9] joined by one of -._:@+ or --, separated by '/'",
+        ))
     }
 }
 
@@ -187,19 +236,21 @@ fn check_path(s: &str, repo: &str) -> Result<()> {
     Ok(())
 }
 
-/// `PATH[:TAG]` of `oci:` and `oci-archive:`: a trailing `:tag` is a tag if it contains
-/// no '/'.
+/// `PATH[:REF]` of `oci:` and `oci-archive:`, split as skopeo (containers/image) splits
+/// it: the path ends at the first ':', and the rest, if any, is an OCI reference name
+/// ([`validate_ref_name`]; `oci:dir:example.com/app:1.0` names `example.com/app:1.0`).
 fn path_and_tag(s: &str, rest: &str, transport: &str) -> Result<(PathBuf, Option<String>)> {
-    if rest.is_empty() {
+    let (p, t) = match rest.split_once(':') {
+        Some((p, t)) => (p, Some(t).filter(|t| !t.is_empty())),
+        None => (rest, None),
+    };
+    if p.is_empty() {
         return Err(bad(s, &format!("{transport} needs a path")));
     }
-    if let Some((p, t)) = rest.rsplit_once(':') {
-        if !t.contains('/') && !p.is_empty() {
-            validate_tag(t)?;
-            return Ok((PathBuf::from(p), Some(t.to_string())));
-        }
+    if let Some(t) = t {
+        validate_ref_name(t)?;
     }
-    Ok((PathBuf::from(rest), None))
+    Ok((PathBuf::from(p), t.map(str::to_string)))
 }
 
 /// The transport a string names, if it starts with `word:` that is not a registry host
@@ -503,6 +554,37 @@ mod tests {
             assert!(e.contains("unknown transport"), "{bad}: {e}");
             assert!(e.contains("oci-archive:"), "{e}");
         }
+        // Split at the first ':' as skopeo does; the rest is an OCI reference name.
+        assert_eq!(
+            ImageRef::parse("oci:cc:example.com/app:1.0").unwrap(),
+            ImageRef::Layout {
+                path: "cc".into(),
+                tag: Some("example.com/app:1.0".into())
+            }
+        );
+        assert_eq!(
+            ImageRef::parse("oci-archive:a.tar:v1.0+build").unwrap(),
+            ImageRef::OciArchive {
+                path: "a.tar".into(),
+                tag: Some("v1.0+build".into())
+            }
+        );
+        assert_eq!(
+            ImageRef::parse("oci:dir:").unwrap(),
+            ImageRef::Layout {
+                path: "dir".into(),
+                tag: None
+            }
+        );
+        assert!(ImageRef::parse("oci::v1").is_err());
+        for good in ["v1.0+build", "a--b", "x/y:z@w", "_"] {
+            let ok = validate_ref_name(good).is_ok();
+            assert_eq!(ok, good != "_", "{good}");
+        }
+        for bad in ["", "-x", "a---b", "a..b", "a/", "/a", "a b", "a+"] {
+            assert!(validate_ref_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_tag("v1.0+build").is_err());
         assert!(validate_tag("-x").is_err());
         assert!(validate_tag("v1.0_obd").is_ok());
     }

@@ -18,9 +18,10 @@ use nix::sys::signal::{SigSet, Signal};
 use obdconvert::progress::Progress;
 use obdconvert::{
     open_store_in, Abort, ConvertOptions, ConvertOutcome, Converter, DedupTarget, ImageStore,
-    NativeFormat, Output, OutputFormat, RegistryStore, TurboFormat, WorkDir,
+    LayoutStore, NativeFormat, Output, OutputFormat, RegistryStore, TurboFormat, WorkDir,
 };
 use obddedup::resolve::Dedup;
+use obdoci::layout::Layout;
 use obdoci::{Digest, ImageRef, Reference};
 use obdregistry::{ClientOptions, Credentials, Registry, Repository};
 use obdtools::cli::{print_out, say};
@@ -46,8 +47,10 @@ use obdtools::cli::{print_out, say};
 pub(crate) struct Args {
     /// Repository of the input (and, without --output-repository, output) image,
     /// without tag: `[docker://]host[:port]/path` (e.g. localhost:5000/redis; not
-    /// normalised, the first component is the host), `oci:DIR[:TAG]`,
-    /// `oci-archive:FILE[:TAG]` or `docker-archive:FILE[:NAME:TAG|:@N]`.
+    /// normalised, the first component is the host), `oci:DIR[:REF]`,
+    /// `oci-archive:FILE[:REF]` (split at the first ':', as skopeo does; REF is an OCI
+    /// reference name such as `v1.0+build` or `example.com/app:1.0`) or
+    /// `docker-archive:FILE[:NAME:TAG|:@N]`.
     #[arg(short = 'r', long)]
     repository: String,
     /// Registry credentials `user:password` (split at the first ':'); `user` alone
@@ -61,7 +64,8 @@ pub(crate) struct Args {
     /// Debug logging.
     #[arg(long)]
     verbose: bool,
-    /// Tag of the input image.
+    /// Tag of the input image (in an OCI layout or archive: its reference name, e.g.
+    /// `v1.0+build`).
     #[arg(short = 'i', long = "input-tag")]
     input_tag: Option<String>,
     /// Digest of the input image (used when no input tag is given).
@@ -267,9 +271,13 @@ fn main() -> ExitCode {
 
 fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    not_a_path("-r/--repository", &args.repository)?;
     let src_ref = ImageRef::parse(&args.repository).context("-r/--repository")?;
     let dst_ref = match &args.output_repository {
-        Some(r) => ImageRef::parse(r).context("--output-repository")?,
+        Some(r) => {
+            not_a_path("--output-repository", r)?;
+            ImageRef::parse(r).context("--output-repository")?
+        }
         None if src_ref.is_archive() => bail!(
             "{src_ref}: an archive is read, not rewritten; give the destination with --output-repository"
         ),
@@ -307,14 +315,22 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
             tracing::warn!("-i/--input-tag {i} is used, not the tag {t} in -r/--repository");
         }
     }
+    // An OCI layout or archive names images by OCI reference names (`v1.0+build`,
+    // `example.com/app:1.0`), a registry and a docker archive by tags.
+    let ref_name = |r: &ImageRef, t: &str| match r {
+        ImageRef::Layout { .. } | ImageRef::OciArchive { .. } => Reference::ref_name(t),
+        _ => Reference::tag(t),
+    };
     // None: the image an archive holds (known once it is opened).
     let source = match (&args.input_tag, &args.input_digest, &src_ref) {
-        (Some(t), _, _) => Some(Reference::tag(t).context("-i/--input-tag")?),
+        (Some(t), _, r) => Some(ref_name(r, t).context("-i/--input-tag")?),
         (None, Some(d), _) => Some(Reference::Digest(
             d.parse::<Digest>().context("-g/--input-digest")?,
         )),
         (None, None, ImageRef::Layout { tag: Some(t), .. })
-        | (None, None, ImageRef::OciArchive { tag: Some(t), .. }) => Some(Reference::tag(t)?),
+        | (None, None, ImageRef::OciArchive { tag: Some(t), .. }) => {
+            Some(Reference::Tag(t.clone()))
+        }
         (None, None, r) if r.is_archive() => None,
         (None, None, _) => bail!(
             "no input image: give -i/--input-tag or -g/--input-digest, or the tag with the source (oci:DIR:TAG; with obdconv also HOST/REPO:TAG)"
@@ -331,7 +347,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         _ => bail!("no output tag: give --overlaybd TAG, --turboOCI TAG or -o/--output-tag TAG"),
     };
     for t in native_tag.iter().chain(&turbo_tag) {
-        obdoci::reference::validate_tag(t).context("output tag")?;
+        ref_name(&dst_ref, t).context("output tag")?;
     }
     if let (Some(n), Some(t)) = (&native_tag, &turbo_tag) {
         if n == t {
@@ -503,10 +519,21 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         ImageRef::Layout { path, .. } if !path.exists() => Some(path.clone()),
         _ => None,
     });
-    let (dst, dst_repo) = if dst_ref == src_ref && args.dest_creds.is_none() {
-        (src.clone(), src_repo)
-    } else {
-        open(&dst_ref, &dst_client, true)?
+    let (dst, dst_repo) = match &dst_ref {
+        // --no-upload: a layout destination is neither created nor written.
+        ImageRef::Layout { path, .. } if args.no_upload => {
+            let store: Arc<dyn ImageStore> = Arc::new(LayoutStore::new(Layout::unopened(path)));
+            (store, None)
+        }
+        _ if dst_ref == src_ref && args.dest_creds.is_none() => {
+            if let ImageRef::Layout { path, .. } = &dst_ref {
+                // Converting in place: the layout is written too, so it must be
+                // writable (checked now, not at the first blob pushed).
+                Layout::open_writable(path).with_context(|| format!("opening {dst_ref}"))?;
+            }
+            (src.clone(), src_repo)
+        }
+        _ => open(&dst_ref, &dst_client, true)?,
     };
     let progress = Progress::new(std::io::stderr().is_terminal(), false);
     let conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
@@ -576,6 +603,52 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         say(format_args!("{l}"));
     }
     Ok(())
+}
+
+/// Refuses a filesystem path given where an image is named without a transport
+/// (`-r ./sample` for `-r oci:./sample`), which would otherwise be taken for a
+/// registry and fail only after retries, as a DNS error: a name starting with `/`,
+/// `./` or `../`, or a relative path to an OCI layout directory whose first component
+/// cannot be a registry host (no `.` or `:`, not `localhost`). Registry references
+/// are left alone, even when a directory of that name exists.
+pub(crate) fn not_a_path(what: &str, s: &str) -> anyhow::Result<()> {
+    use std::path::Path;
+    if s.starts_with("docker://")
+        || ["oci", "oci-archive", "docker-archive"]
+            .iter()
+            .any(|t| s.strip_prefix(t).is_some_and(|r| r.starts_with(':')))
+    {
+        return Ok(());
+    }
+    let explicit = s == "." || s == ".." || ["/", "./", "../"].iter().any(|p| s.starts_with(p));
+    let first = s.split('/').next().unwrap_or_default();
+    let may_be_host = first.contains('.') || first.contains(':') || first == "localhost";
+    if !explicit && may_be_host {
+        return Ok(());
+    }
+    // The path named, or without a trailing `:TAG` (obdconv's SRC and DST).
+    let tagless = s
+        .rsplit_once(':')
+        .filter(|(_, t)| !t.contains('/'))
+        .map(|(p, _)| p);
+    let path = [Some(s), tagless]
+        .into_iter()
+        .flatten()
+        .map(Path::new)
+        .find(|p| p.exists());
+    match path {
+        Some(p) if p.join("oci-layout").is_file() => {
+            bail!("{what} {s}: an OCI image layout directory, not a registry reference: did you mean oci:{s}?")
+        }
+        Some(p) if explicit && p.is_file() => bail!(
+            "{what} {s}: a file, not a registry reference: did you mean docker-archive:{s} or oci-archive:{s}?"
+        ),
+        _ if explicit => bail!(
+            "{what} {s}: a filesystem path, not a registry reference ([docker://]HOST[:PORT]/REPOSITORY); \
+             name a local image as oci:DIR, oci-archive:FILE or docker-archive:FILE"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// An OCI layout directory created by this run: removed when dropped unless the run

@@ -105,6 +105,8 @@ pub(crate) fn parse(argv: impl Iterator<Item = OsString>) -> anyhow::Result<Args
             std::process::exit(0);
         }
     };
+    super::not_a_path("SRC", &o.src)?;
+    super::not_a_path("DST", &o.dst)?;
     let src = ImageName::parse(&o.src).context("SRC")?;
     let dst = ImageName::parse(&o.dst).context("DST")?;
     let store_arg = |n: &ImageName| n.store.to_string();

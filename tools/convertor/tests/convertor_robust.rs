@@ -556,3 +556,396 @@ fn a_full_destination_is_reported_as_such() {
         assert!(!line.contains("tar"), "round {round}: {line}");
     }
 }
+
+/// A layout destination that cannot be written (here on a read-only mount) is refused
+/// before any layer is converted, also when it is the source converted in place, not
+/// at the first upload after every layer was converted.
+#[test]
+fn an_unwritable_layout_destination_fails_before_any_work() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let small = SmallFs::mount(t.path(), 16);
+    let img = small.0.join("img");
+    let o = Command::new("cp")
+        .arg("-a")
+        .arg(&images)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let o = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&small.0)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let img_s = format!("oci:{}", img.display());
+    let src_s = format!("oci:{}", images.display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    let in_place = [
+        "-r", &img_s, "-i", "latest", "-o", "obd", "--vsize", "2", "-d", wd_s,
+    ];
+    for a in [
+        in_place.to_vec(),
+        args(&img_s, &img_s, wd_s),
+        args(&src_s, &img_s, wd_s),
+    ] {
+        let o = Command::new(bin()).args(&a).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{a:?}: {}", stderr_of(&o));
+        let e = stderr_of(&o);
+        assert_eq!(e.lines().count(), 1, "{a:?}: {e}");
+        assert!(
+            e.contains(&img_s) && e.to_lowercase().contains("read-only"),
+            "{a:?}: {e}"
+        );
+        assert!(!e.contains("apply") && !e.contains("layer 1"), "{a:?}: {e}");
+    }
+    assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
+}
+
+/// `--no-upload` pushes nothing, and a new layout destination is not even created.
+#[test]
+fn no_upload_creates_no_destination() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let out = t.path().join("out");
+    let out_s = format!("oci:{}", out.display());
+    let wd = t.path().join("w");
+    let mut a = args(&src, &out_s, wd.to_str().unwrap());
+    a.push("--no-upload");
+    let o = Command::new(bin()).args(&a).output().unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("converted (not uploaded)"), "{stdout}");
+    assert!(!out.exists(), "created: {:?}", entries(&out));
+    // Converting a layout in place with --no-upload leaves it as it was.
+    let before = std::fs::read(images.join("index.json")).unwrap();
+    let blobs = entries(&images.join("blobs/sha256")).len();
+    let mut a = args(&src, &src, wd.to_str().unwrap());
+    a.push("--no-upload");
+    let o = Command::new(bin()).args(&a).output().unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(std::fs::read(images.join("index.json")).unwrap(), before);
+    assert_eq!(entries(&images.join("blobs/sha256")).len(), blobs);
+    assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
+}
+
+/// An OCI layout in `dir` holding one image (`latest`) of `n` small uncompressed layers.
+fn layout_with_layers(dir: &Path, n: usize) {
+    use sha2::{Digest as _, Sha256};
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let d = format!("sha256:{:x}", Sha256::digest(b));
+        std::fs::write(blobs.join(&d[7..]), b).unwrap();
+        d
+    };
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    for i in 0..n {
+        let mut tb = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(2);
+        h.set_mode(0o644);
+        tb.append_data(&mut h, format!("f{i}"), &b"x\n"[..])
+            .unwrap();
+        let bytes = tb.into_inner().unwrap();
+        let d = put(&bytes);
+        diff_ids.push(d.clone());
+        layers.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": d, "size": bytes.len()}));
+    }
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}})
+    .to_string();
+    let config_d = put(config.as_bytes());
+    let manifest = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_d, "size": config.len()},
+        "layers": layers})
+    .to_string();
+    let manifest_d = put(manifest.as_bytes());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": manifest_d, "size": manifest.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+/// More layers than overlaybd stacks (255) is known from the manifest: refused before
+/// any layer is converted, not when layer 257 finds 256 layers below it.
+#[test]
+fn too_many_layers_are_refused_before_any_work() {
+    let t = tempfile::tempdir().unwrap();
+    let deep = t.path().join("deep");
+    layout_with_layers(&deep, 256);
+    let src = format!("oci:{}", deep.display());
+    let out = t.path().join("out");
+    let out_s = format!("oci:{}", out.display());
+    let wd = t.path().join("w");
+    let e = fails(&src, &out_s, &wd);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("the image has 256 layers; at most 255 can be stacked"),
+        "{e}"
+    );
+    assert!(!e.contains("apply") && !e.contains("layer 1"), "{e}");
+    assert!(!out.exists() && !wd.exists());
+    // Without --mkfs, the base layer is at the bottom of the stack too.
+    let shallower = t.path().join("shallower");
+    layout_with_layers(&shallower, 255);
+    let base = t.path().join("base");
+    std::fs::write(&base, b"a base layer").unwrap();
+    let src = format!("oci:{}", shallower.display());
+    let mut a = args(&src, &out_s, wd.to_str().unwrap());
+    a.extend(["--mkfs=false", "--baselayer", base.to_str().unwrap()]);
+    let o = Command::new(bin()).args(&a).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("the image has 255 layers and the base layer; at most 255 can be stacked"),
+        "{e}"
+    );
+    assert!(!e.contains("apply") && !e.contains("layer 1"), "{e}");
+    assert!(!out.exists() && !wd.exists());
+}
+
+/// An OCI layout named without `oci:` (`-r ./sample`) is not tried as a registry
+/// (retries, then a DNS error): refused at once with the right spelling. Registry
+/// references stay registry references even when a directory of that name exists.
+#[test]
+fn a_path_without_a_transport_gets_a_hint() {
+    let t = tempfile::tempdir().unwrap();
+    sample(t.path());
+    std::fs::create_dir_all(t.path().join("ts")).unwrap();
+    std::fs::rename(t.path().join("images"), t.path().join("ts/multi")).unwrap();
+    std::fs::write(t.path().join("app.tar"), b"x").unwrap();
+    let abs = t.path().join("ts/multi").display().to_string();
+    let run = |a: &[&str]| {
+        let o = Command::new(bin())
+            .current_dir(t.path())
+            .args(a)
+            .args(["-d", "w"])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{a:?}: {}", stderr_of(&o));
+        let e = stderr_of(&o);
+        assert_eq!(e.lines().count(), 1, "{a:?}: {e}");
+        assert!(!e.contains("retrying") && !e.contains("dns"), "{a:?}: {e}");
+        e
+    };
+    for (r, hint) in [
+        ("./ts/multi", "did you mean oci:./ts/multi?"),
+        ("ts/multi", "did you mean oci:ts/multi?"),
+        (abs.as_str(), &format!("did you mean oci:{abs}?")),
+        (
+            "./app.tar",
+            "did you mean docker-archive:./app.tar or oci-archive:./app.tar?",
+        ),
+        (
+            "./nothing/here",
+            "a filesystem path, not a registry reference",
+        ),
+    ] {
+        let e = run(&["-r", r, "-i", "latest", "-o", "obd"]);
+        assert!(e.contains(&format!("-r/--repository {r}: ")), "{e}");
+        assert!(e.contains(hint), "{r}: {e}");
+        let e = run(&[
+            "-r",
+            "oci:ts/multi",
+            "-i",
+            "latest",
+            "-o",
+            "obd",
+            "--output-repository",
+            r,
+        ]);
+        assert!(e.contains(&format!("--output-repository {r}: ")), "{e}");
+        assert!(e.contains(hint), "{r}: {e}");
+    }
+    let o = Command::new(bin())
+        .current_dir(t.path())
+        .args(["obdconv", "ts/multi:latest", "oci:out:obd", "-d", "w"])
+        .output()
+        .unwrap();
+    let e = stderr_of(&o);
+    assert!(
+        e.contains("SRC ts/multi:latest") && e.contains("did you mean oci:ts/multi:latest?"),
+        "{e}"
+    );
+    // A registry reference whose name is also a local directory is still a registry
+    // reference (here an unreachable one: a refused connection, not a hint).
+    std::fs::create_dir_all(t.path().join("localhost:1/ts/multi")).unwrap();
+    std::fs::write(t.path().join("localhost:1/ts/multi/oci-layout"), b"{}").unwrap();
+    let o = Command::new(bin())
+        .current_dir(t.path())
+        .args(["-r", "localhost:1/ts/multi", "-i", "latest", "-o", "obd"])
+        .args(["--plain", "-d", "w"])
+        .output()
+        .unwrap();
+    let e = stderr_of(&o);
+    assert!(
+        !e.contains("did you mean") && e.contains("localhost:1"),
+        "{e}"
+    );
+    assert!(!t.path().join("out").exists());
+}
+
+/// An archive read from a pipe (`cat x.tar | convertor -r oci-archive:/dev/stdin`) is
+/// copied into the work directory first, plain or gzip-compressed, instead of failing
+/// with "Illegal seek".
+#[test]
+fn an_archive_can_be_piped_in() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let want = pushed_digest(
+        &Command::new(bin())
+            .args(args(
+                &format!("oci:{}", images.display()),
+                &format!("oci:{}", t.path().join("direct").display()),
+                t.path().join("w").to_str().unwrap(),
+            ))
+            .output()
+            .unwrap(),
+    );
+    let tar = t.path().join("sample.tar");
+    let o = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&images)
+        .arg(".")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let gz = t.path().join("sample.tar.gz");
+    let o = Command::new("gzip").arg("-k").arg(&tar).output().unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    for (i, input) in [&tar, &gz].into_iter().enumerate() {
+        let out = t.path().join(format!("out{i}"));
+        let wd = t.path().join("w");
+        let mut a = args(
+            "oci-archive:/dev/stdin",
+            &format!("oci:{}", out.display()),
+            wd.to_str().unwrap(),
+        )
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        a[3] = "latest".into();
+        // A pipe, not the file itself (a file on stdin would be seekable).
+        let mut child = Command::new(bin())
+            .args(&a)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let bytes = std::fs::read(input).unwrap();
+        let feeder = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(&bytes);
+        });
+        let o = child.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        assert_eq!(pushed_digest(&o), want, "{}", input.display());
+        assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
+    }
+}
+
+/// Images in an OCI layout are named as skopeo names them: `oci:DIR:REF` splits at the
+/// first ':', and REF (or -i) may be any OCI reference name, such as the
+/// `example.com/app:1.0` containers/image writes or `v1.0+build`.
+#[test]
+fn oci_reference_names_select_images() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let index_path = images.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let m = index["manifests"][0].clone();
+    for name in ["v1.0+build", "example.com/app:1.0"] {
+        let mut e = m.clone();
+        e["annotations"]["org.opencontainers.image.ref.name"] = name.into();
+        index["manifests"].as_array_mut().unwrap().push(e);
+    }
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    let wd = t.path().join("w");
+    let out = t.path().join("out");
+    let plain = format!("oci:{}", images.display());
+    let want = pushed_digest(
+        &Command::new(bin())
+            .args(args(
+                &plain,
+                &format!("oci:{}", out.display()),
+                wd.to_str().unwrap(),
+            ))
+            .output()
+            .unwrap(),
+    );
+    let named = format!("oci:{}:example.com/app:1.0", images.display());
+    let out_named = format!("oci:{}:obd+1", out.display());
+    for (src, tag) in [
+        (plain.as_str(), "v1.0+build"),
+        (named.as_str(), "example.com/app:1.0"),
+    ] {
+        let o = Command::new(bin())
+            .args([
+                "-r",
+                src,
+                "-i",
+                tag,
+                "--output-repository",
+                &out_named,
+                "--vsize",
+                "2",
+                "-d",
+            ])
+            .arg(&wd)
+            .output()
+            .unwrap();
+        assert_eq!(pushed_digest(&o), want, "{src} -i {tag}");
+    }
+    // The tag in the reference alone selects the image too.
+    let o = Command::new(bin())
+        .args([
+            "-r",
+            &named,
+            "--output-repository",
+            &out_named,
+            "--vsize",
+            "2",
+            "-d",
+        ])
+        .arg(&wd)
+        .output()
+        .unwrap();
+    assert_eq!(pushed_digest(&o), want);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    let names: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
+        .collect();
+    assert!(names.contains(&"obd+1"), "{names:?}");
+    // A registry keeps docker's tag rule.
+    let o = Command::new(bin())
+        .args(["-r", "localhost:1/x", "-i", "v1.0+build", "-o", "obd", "-d"])
+        .arg(&wd)
+        .output()
+        .unwrap();
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr_of(&o).contains("-i/--input-tag"),
+        "{}",
+        stderr_of(&o)
+    );
+}

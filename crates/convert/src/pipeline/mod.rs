@@ -156,7 +156,12 @@ impl Converter {
             }
         }
         for o in &outputs {
-            obdoci::reference::validate_tag(&o.tag)?;
+            // A registry takes tags; an OCI layout or archive any reference name.
+            if self.dst.registry_repository().is_some() {
+                obdoci::reference::validate_tag(&o.tag)?;
+            } else {
+                obdoci::reference::validate_ref_name(&o.tag)?;
+            }
             o.format.check()?;
         }
         let wd = &self.opts.workdir;

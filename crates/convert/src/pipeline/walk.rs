@@ -7,6 +7,7 @@ use super::Run;
 use crate::annotations::ANNOTATION_BLOB_DIGEST;
 use crate::dedup::Reused;
 use crate::{Error, Result};
+use blockdev::stack::MAX_LAYERS;
 use obdoci::error::Chain;
 use obdoci::model::*;
 use obdoci::{chain_ids, Descriptor};
@@ -186,6 +187,17 @@ impl Run<'_> {
         let m: Manifest = parse_json("its content", bytes)?;
         if m.layers.is_empty() {
             return Err(Error::Invalid("the image has no layers".into()));
+        }
+        // The converted layers (on the base layer without --mkfs) are stacked when
+        // each is applied and when the image is used: a stack deeper than overlaybd
+        // takes is refused now, not after hundreds of layers were converted.
+        let base = usize::from(!self.c.opts.mkfs);
+        if m.layers.len() + base > MAX_LAYERS {
+            return Err(Error::Unsupported(format!(
+                "the image has {} layers{}; at most {MAX_LAYERS} can be stacked",
+                m.layers.len(),
+                if base == 1 { " and the base layer" } else { "" }
+            )));
         }
         for l in &m.layers {
             check_layer_type(&l.media_type)
