@@ -169,10 +169,10 @@ pub(crate) struct Args {
     #[arg(long)]
     compress: bool,
     /// ZFile compression of the overlaybd layers: lz4 (upstream's default) or zstd.
-    #[arg(long, default_value = "lz4", value_name = "lz4|zstd")]
+    #[arg(long, default_value = "lz4", value_name = "lz4|zstd", value_parser = ["lz4", "zstd"])]
     algorithm: String,
     /// ZFile block size in KiB: 4 (default), 8, 16, 32 or 64.
-    #[arg(long = "bs", default_value_t = 4, value_name = "KIB")]
+    #[arg(long = "bs", default_value_t = 4, value_name = "KIB", value_parser = zfile_block_kib)]
     block_size: u32,
     /// The prebuilt base layer used with `--mkfs=false` (an overlaybd layer holding
     /// an empty ext4).
@@ -193,6 +193,15 @@ pub(crate) struct Args {
     #[arg(long = "stall-timeout", value_name = "SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     stall_timeout: u64,
+}
+
+/// `--bs`: a ZFile block size in KiB (a usage error otherwise, exit code 2, as
+/// clap's other checks).
+pub(crate) fn zfile_block_kib(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n @ (4 | 8 | 16 | 32 | 64)) => Ok(n),
+        _ => Err("the ZFile block size must be 4, 8, 16, 32 or 64 (KiB)".into()),
+    }
 }
 
 fn main() -> ExitCode {

@@ -61,10 +61,10 @@ struct ObdconvArgs {
     #[arg(long = "dbstr", value_name = "DSN")]
     dbstr: Option<String>,
     /// ZFile compression: lz4 or zstd.
-    #[arg(long, default_value = "lz4", value_name = "lz4|zstd")]
+    #[arg(long, default_value = "lz4", value_name = "lz4|zstd", value_parser = ["lz4", "zstd"])]
     algorithm: String,
     /// ZFile block size in KiB: 4, 8, 16, 32 or 64.
-    #[arg(long = "bs", default_value_t = 4, value_name = "KIB")]
+    #[arg(long = "bs", default_value_t = 4, value_name = "KIB", value_parser = crate::zfile_block_kib)]
     bs: u32,
     /// Virtual block device size in GB.
     #[arg(long, default_value_t = 64)]

@@ -472,23 +472,35 @@ fn bad_archives_fail_with_one_line_and_write_nothing() {
             "no manifest.json",
         ),
         (vec!["dir:/tmp/x".into()], "unknown transport"),
-        (
-            vec![
-                format!("oci-archive:{}", oci_src.display()),
-                "--bs".into(),
-                "3".into(),
-            ],
-            "--bs 3",
-        ),
-        (
-            vec![
-                format!("oci-archive:{}", oci_src.display()),
-                "--algorithm".into(),
-                "gzip".into(),
-            ],
-            "invalid algorithm",
-        ),
     ];
+    // Bad ZFile options are usage errors (exit code 2, as clap's other checks), in
+    // both forms, and nothing is written.
+    let src_arg = format!("oci-archive:{}", oci_src.display());
+    for (flag, value, want) in [
+        (
+            "--bs",
+            "3",
+            "the ZFile block size must be 4, 8, 16, 32 or 64",
+        ),
+        ("--algorithm", "gzip", "possible values: lz4, zstd"),
+    ] {
+        for obdconv in [false, true] {
+            let mut a: Vec<String> = Vec::new();
+            if obdconv {
+                a.extend(["obdconv".into(), flag.into(), value.into()]);
+                a.extend([src_arg.clone(), out.clone()]);
+            } else {
+                a.extend(["-r".into(), src_arg.clone(), flag.into(), value.into()]);
+                a.extend(["--output-repository".into(), out.clone()]);
+            }
+            a.extend(["-d".into(), wd.display().to_string()]);
+            let o = convertor(&a);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{a:?}: {err}");
+            assert!(err.contains(flag) && err.contains(want), "{a:?}: {err}");
+            assert!(!dest.exists(), "{a:?}: nothing written to the destination");
+        }
+    }
     for (args, want) in cases {
         let mut a: Vec<String> = vec!["-r".into()];
         a.extend(args.iter().cloned());
