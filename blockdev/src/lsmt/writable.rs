@@ -79,7 +79,6 @@ pub fn create_warp(data: &Path, index: &Path, virtual_size: u64, uuid: Option<Uu
     })
 }
 
-/// Open a layer file for reading, or also for writing unless `read_only`.
 /// Claims the data file of a writable layer for this open (see
 /// [`IoFile::try_lock`]): exclusively to write it, shared to read it, so that
 /// two processes never write one layer at once (an `overlaybd-nbd` serving it
@@ -96,6 +95,7 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     )))
 }
 
+/// Open a layer file for reading, or also for writing unless `read_only`.
 fn open_file(p: &Path, read_only: bool) -> Result<IoFile> {
     if read_only {
         IoFile::open(p)

@@ -1707,7 +1707,6 @@ fn ref_name(repo: &str, r: &Reference) -> String {
     }
 }
 
-/// Whether a body read failed on the request's deadline.
 /// How often a caller waiting for a request checks whether the run was cancelled.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
 
@@ -1772,6 +1771,7 @@ fn pause(d: Duration, cancel: Option<&AtomicBool>) {
     }
 }
 
+/// Whether a body read failed on the request's deadline.
 fn timed_out(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::TimedOut
         || e.get_ref()
