@@ -253,6 +253,12 @@ fn path_and_tag(s: &str, rest: &str, transport: &str) -> Result<(PathBuf, Option
     Ok((PathBuf::from(p), t.map(str::to_string)))
 }
 
+/// Whether `s` starts with a transport this module knows (`docker://`, `oci:`,
+/// `oci-archive:`, `docker-archive:`).
+pub fn names_transport(s: &str) -> bool {
+    matches!(split_transport(s), Ok(Some(_)))
+}
+
 /// The transport a string names, if it starts with `word:` that is not a registry host
 /// with a port (`localhost:5000/...`): `Err` for a transport we do not know.
 fn split_transport(s: &str) -> Result<Option<(&str, &str)>> {

@@ -622,11 +622,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
 /// are left alone, even when a directory of that name exists.
 pub(crate) fn not_a_path(what: &str, s: &str) -> anyhow::Result<()> {
     use std::path::Path;
-    if s.starts_with("docker://")
-        || ["oci", "oci-archive", "docker-archive"]
-            .iter()
-            .any(|t| s.strip_prefix(t).is_some_and(|r| r.starts_with(':')))
-    {
+    if obdoci::reference::names_transport(s) {
         return Ok(());
     }
     let explicit = s == "." || s == ".." || ["/", "./", "../"].iter().any(|p| s.starts_with(p));
