@@ -418,20 +418,7 @@ impl ArchiveOutput {
         }
         // The archive is written beside `path` at the end: a directory that takes no
         // new file fails now, not after the whole conversion.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let probe = dir.join(format!(".archive-probe.{}.{nanos}", std::process::id()));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&probe)
-            .map_err(|e| {
-                let e = std::io::Error::new(e.kind(), format!("cannot create a file here: {e}"));
-                Error::io(dir, e)
-            })?;
-        let _ = std::fs::remove_file(&probe);
+        obdoci::layout::check_can_create_in(dir)?;
         std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
         let tmp = tempfile::Builder::new()
             .prefix("archive-out.")

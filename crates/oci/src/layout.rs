@@ -120,26 +120,8 @@ impl Layout {
         if !blobs.is_dir() {
             fs::create_dir_all(&blobs).map_err(|e| Error::io(&blobs, e))?;
         }
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let name = format!(".write-probe.{}.{nanos}", std::process::id());
-        for dir in [&blobs, &self.root] {
-            let probe = dir.join(&name);
-            fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&probe)
-                .map_err(|e| {
-                    Error::io(
-                        dir,
-                        io::Error::new(e.kind(), format!("cannot create a file here: {e}")),
-                    )
-                })?;
-            fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))?;
-        }
-        Ok(())
+        check_can_create_in(&blobs)?;
+        check_can_create_in(&self.root)
     }
 
     pub fn root(&self) -> &Path {
@@ -328,6 +310,29 @@ impl Layout {
         idx.manifests.push(d);
         self.write_index(&idx)
     }
+}
+
+/// Checks that a new file can be created in `dir`, by creating (and removing) a
+/// probe file: a read-only mount or a directory without write permission fails
+/// with "cannot create a file here", before any work is done for a file to be
+/// written there at the end.
+pub fn check_can_create_in(dir: &Path) -> Result<()> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let probe = dir.join(format!(".write-probe.{}.{nanos}", std::process::id()));
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| {
+            Error::io(
+                dir,
+                io::Error::new(e.kind(), format!("cannot create a file here: {e}")),
+            )
+        })?;
+    fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))
 }
 
 /// Remove the layout at `root` if no image is tagged in it (its `index.json`
