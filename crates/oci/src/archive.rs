@@ -41,21 +41,21 @@ pub struct FileSource {
 }
 
 impl FileSource {
-    /// A stream (`path`, already opened as `file`) copied into an unnamed temporary
-    /// file in `scratch`, removed when dropped.
-    fn spool(mut file: File, path: &Path, scratch: &Path) -> Result<FileSource> {
+    /// What `src` reads, copied into an unnamed temporary file in `scratch`
+    /// (created if missing), removed when dropped, and rewound (a spooled
+    /// archive may be read on as a stream, to decompress it); `read_err` makes
+    /// the error of a failed copy.
+    fn copy_to_scratch(
+        src: &mut dyn Read,
+        scratch: &Path,
+        read_err: impl FnOnce(io::Error) -> Error,
+    ) -> Result<FileSource> {
         std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
         let mut tmp = tempfile::tempfile_in(scratch).map_err(|e| Error::io(scratch, e))?;
-        let size = io::copy(&mut file, &mut tmp).map_err(|e| Error::io(path, e))?;
+        let size = io::copy(src, &mut tmp).map_err(read_err)?;
         tmp.seek(SeekFrom::Start(0))
             .map_err(|e| Error::io(scratch, e))?;
         Ok(FileSource { file: tmp, size })
-    }
-
-    pub fn open(path: &Path) -> Result<FileSource> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        Ok(FileSource { file, size })
     }
 }
 
@@ -77,7 +77,7 @@ impl FileSource {
     /// can be read only once, from the start: it is copied into an unnamed temporary
     /// file in `scratch` first.
     pub fn open_archive(path: &Path, scratch: &Path) -> Result<FileSource> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         let plain = if meta.is_file() {
             FileSource {
@@ -93,7 +93,7 @@ impl FileSource {
                 ),
             ));
         } else {
-            Self::spool(file, path, scratch)?
+            Self::copy_to_scratch(&mut file, scratch, |e| Error::io(path, e))?
         };
         let mut magic = [0u8; 2];
         let n = plain
@@ -102,10 +102,8 @@ impl FileSource {
         if n < 2 || magic != [0x1f, 0x8b] {
             return Ok(plain);
         }
-        std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
-        let mut tmp = tempfile::tempfile_in(scratch).map_err(|e| Error::io(scratch, e))?;
         let mut dec = flate2::read::MultiGzDecoder::new(io::BufReader::new(plain.file));
-        io::copy(&mut dec, &mut tmp).map_err(|e| {
+        Self::copy_to_scratch(&mut dec, scratch, |e| {
             if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::InvalidInput {
                 Error::Invalid {
                     what: path.display().to_string(),
@@ -114,9 +112,7 @@ impl FileSource {
             } else {
                 Error::io(path, e)
             }
-        })?;
-        let size = tmp.metadata().map_err(|e| Error::io(scratch, e))?.len();
-        Ok(FileSource { file: tmp, size })
+        })
     }
 }
 
