@@ -298,22 +298,12 @@ fn verify_checksum(
         }
     };
     let cannot_read = || format!("cannot read {}", input_name(path));
-    let mut hasher = Sha256Writer::new();
-    {
-        let (mut r, _) = decompress::decoder(&mut tee).with_context(cannot_read)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => hasher.update(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).with_context(cannot_read),
-            }
-        }
-    }
+    let (got, len) = {
+        let (r, _) = decompress::decoder(&mut tee).with_context(cannot_read)?;
+        obdoci::digest::hash_reader(r).with_context(cannot_read)?
+    };
     // Whatever follows the compressed stream is kept too.
     std::io::copy(&mut tee, &mut std::io::sink()).with_context(cannot_read)?;
-    let (got, len) = hasher.finish();
     if len == 0 {
         return Err(empty_input(path));
     }
