@@ -323,12 +323,25 @@ impl Untar<'_> {
     /// `path` is forgotten (a later whiteout must not keep a name of the
     /// new entry's), and so are the directory times still to be set there.
     fn remove_dir_tree(&mut self, path: &[u8]) -> Result<()> {
+        self.remove_dir_entries(path)?;
+        let below = |q: &[u8]| {
+            q.strip_prefix(path)
+                .is_some_and(|r| r.is_empty() || r[0] == b'/')
+        };
+        self.unpacked.retain(|q| !below(q));
+        self.dirs.retain(|(q, _)| !below(q));
+        Ok(())
+    }
+
+    /// The filesystem side of [`Self::remove_dir_tree`]: `path`, its entries
+    /// and theirs, depth first.
+    fn remove_dir_entries(&mut self, path: &[u8]) -> Result<()> {
         let p = comps(path)?;
         for name in self.x.readdir(&p)? {
             let child = [path, b"/", &name].concat();
             let c = comps(&child)?;
             match self.x.lstat(&c)? {
-                Some(st) if st.is_dir() => self.remove_dir_tree(&child)?,
+                Some(st) if st.is_dir() => self.remove_dir_entries(&child)?,
                 Some(_) => self.x.unlink(&c)?,
                 None => {}
             }
@@ -339,12 +352,6 @@ impl Untar<'_> {
                 String::from_utf8_lossy(path)
             )));
         }
-        let below = |q: &[u8]| {
-            q.strip_prefix(path)
-                .is_some_and(|r| r.is_empty() || r[0] == b'/')
-        };
-        self.unpacked.retain(|q| !below(q));
-        self.dirs.retain(|(q, _)| !below(q));
         Ok(())
     }
 
