@@ -44,7 +44,7 @@ impl LayoutStore {
         let root = self.layout.root().display().to_string();
         let mut desc = match tag {
             Some(t) => {
-                let r = Reference::tag(t).map_err(self.oci_err(format!("oci:{root}:{t}")))?;
+                let r = Reference::ref_name(t).map_err(self.oci_err(format!("oci:{root}:{t}")))?;
                 self.layout
                     .resolve(&r)
                     .map_err(self.oci_err(format!("oci:{root}")))?
@@ -120,17 +120,20 @@ impl LayoutStore {
     }
 }
 
-/// Split `oci:DIR[:TAG]` (without `oci:`) into the directory and tag; a
-/// `DIR` that exists as given keeps its colons.
+/// Split `oci:DIR[:TAG]` (without `oci:`) into the directory and tag, as
+/// the convertor and skopeo do: at the first colon, so that the tag may be
+/// any OCI reference name (`v1.0+build`, `example.com/app:1.0`). A `DIR`
+/// that is a layout as given keeps its colons.
 pub fn split_ref(s: &str) -> (PathBuf, Option<String>) {
     if Path::new(s).join("index.json").exists() {
         return (PathBuf::from(s), None);
     }
-    match s.rsplit_once(':') {
-        Some((dir, tag)) if !tag.is_empty() && !tag.contains('/') => {
-            (PathBuf::from(dir), Some(tag.to_string()))
-        }
-        _ => (PathBuf::from(s), None),
+    match s.split_once(':') {
+        Some((dir, tag)) => (
+            PathBuf::from(dir),
+            Some(tag.to_string()).filter(|t| !t.is_empty()),
+        ),
+        None => (PathBuf::from(s), None),
     }
 }
 
@@ -160,5 +163,63 @@ impl BlobStore for LayoutStore {
             )));
         }
         Ok(Arc::new(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use obdoci::{Descriptor, Digest};
+
+    #[test]
+    fn the_tag_starts_at_the_first_colon() {
+        let t = |s: &str| {
+            let (d, t) = split_ref(s);
+            (d.display().to_string(), t)
+        };
+        assert_eq!(t("/x/lay"), ("/x/lay".into(), None));
+        assert_eq!(t("/x/lay:"), ("/x/lay".into(), None));
+        assert_eq!(t("/x/lay:v1"), ("/x/lay".into(), Some("v1".into())));
+        assert_eq!(
+            t("/x/lay:example.com/app:1.0"),
+            ("/x/lay".into(), Some("example.com/app:1.0".into()))
+        );
+        // A layout whose directory name has a colon is taken whole.
+        let dir = tempfile::tempdir().unwrap();
+        let lay = dir.path().join("a:b");
+        Layout::open_or_create(&lay).unwrap();
+        let whole = lay.display().to_string();
+        assert_eq!(t(&whole), (whole.clone(), None));
+    }
+
+    #[test]
+    fn an_image_is_found_by_an_oci_reference_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::open_or_create(dir.path()).unwrap();
+        let layer = layout.write_blob_bytes(b"layer").unwrap();
+        let config = layout.write_blob_bytes(b"{}").unwrap();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config.to_string(), "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer.to_string(), "size": 5}],
+        });
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        let d: Digest = layout.write_blob_bytes(&bytes).unwrap();
+        let desc = Descriptor::new(
+            "application/vnd.oci.image.manifest.v1+json",
+            d,
+            bytes.len() as u64,
+        );
+        // Not a tag in the registry's grammar ('+', '/', ':').
+        for name in ["v1.0+build", "example.com/app:1.0"] {
+            layout.tag(name, &desc).unwrap();
+            let store = LayoutStore::open(dir.path()).unwrap();
+            let layers = store.layers(Some(name)).unwrap();
+            assert_eq!(layers.len(), 1, "{name}");
+            assert_eq!(layers[0].digest, layer.to_string());
+        }
     }
 }
