@@ -580,6 +580,14 @@ impl ImageStore for ArchiveOutput {
     ) -> Result<()> {
         self.layout.push_blob(desc, src, progress)
     }
+    fn push_own_file(
+        &self,
+        desc: &Descriptor,
+        path: &Path,
+        progress: Option<ProgressFn>,
+    ) -> Result<()> {
+        self.layout.push_own_file(desc, path, progress)
+    }
     fn push_manifest(&self, tag: Option<&str>, desc: &Descriptor, bytes: &[u8]) -> Result<()> {
         self.layout.push_manifest(None, desc, bytes)?;
         if let Some(t) = tag {

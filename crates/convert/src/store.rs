@@ -6,7 +6,7 @@ use obdoci::layout::Layout;
 use obdoci::{self as oci, Descriptor, ImageRef, Reference};
 use obdregistry::{self as registry, BlobSource, ClientOptions, ProgressFn, Repository};
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A place holding images.
@@ -43,6 +43,18 @@ pub trait ImageStore: Send + Sync {
         src: BlobSource<'_>,
         progress: Option<ProgressFn>,
     ) -> Result<()>;
+    /// Store a blob file this run produced and hashed itself (`desc` was computed from
+    /// its bytes and nothing has written it since: a layer sealed in the run's private
+    /// work directory), unless present. Stores that verify what they take may skip
+    /// hashing it again.
+    fn push_own_file(
+        &self,
+        desc: &Descriptor,
+        path: &Path,
+        progress: Option<ProgressFn>,
+    ) -> Result<()> {
+        self.push_blob(desc, BlobSource::File(path), progress)
+    }
     /// Store a manifest/index, under `tag` if given (by digest otherwise).
     fn push_manifest(&self, tag: Option<&str>, desc: &Descriptor, bytes: &[u8]) -> Result<()>;
     /// The image to read when none is named (an archive holding one image).
@@ -227,6 +239,18 @@ impl ImageStore for LayoutStore {
             }
             BlobSource::File(p) => self.layout.import_file(p, desc)?,
         }
+        if let Some(p) = progress {
+            p(desc.size);
+        }
+        Ok(())
+    }
+    fn push_own_file(
+        &self,
+        desc: &Descriptor,
+        path: &Path,
+        progress: Option<ProgressFn>,
+    ) -> Result<()> {
+        self.layout.import_own_file(path, desc)?;
         if let Some(p) = progress {
             p(desc.size);
         }

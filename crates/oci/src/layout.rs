@@ -269,20 +269,38 @@ impl Layout {
     /// being copied; a hard link is used instead of a copy when `desc` is known and the
     /// file is on the same filesystem.
     pub fn import_file(&self, path: &Path, desc: &Descriptor) -> Result<()> {
+        self.import(path, desc, true)
+    }
+
+    /// [`Layout::import_file`] for a file whose descriptor the caller computed from its
+    /// bytes and that nothing has written since (a layer this process sealed in its
+    /// private work directory): a hard link is checked for its size only, not hashed
+    /// again. A copy is hashed as it is written, as always.
+    pub fn import_own_file(&self, path: &Path, desc: &Descriptor) -> Result<()> {
+        self.import(path, desc, false)
+    }
+
+    fn import(&self, path: &Path, desc: &Descriptor, verify_link: bool) -> Result<()> {
         let dest = self.blob_path(&desc.digest);
         if dest.is_file() {
             return Ok(());
         }
         if fs::hard_link(path, &dest).is_ok() {
-            // Verify what we linked: it must be exactly the blob described.
-            let f = File::open(&dest).map_err(|e| Error::io(&dest, e))?;
-            let (d, len) = hash_reader(f).map_err(|e| Error::io(&dest, e))?;
-            if d != desc.digest || len != desc.size {
+            // What we linked must be exactly the blob described.
+            let mismatch = if verify_link {
+                let f = File::open(&dest).map_err(|e| Error::io(&dest, e))?;
+                let (d, len) = hash_reader(f).map_err(|e| Error::io(&dest, e))?;
+                (d != desc.digest || len != desc.size).then(|| d.to_string())
+            } else {
+                let len = fs::metadata(&dest).map_err(|e| Error::io(&dest, e))?.len();
+                (len != desc.size).then(|| format!("a file of {len} bytes, not {}", desc.size))
+            };
+            if let Some(actual) = mismatch {
                 let _ = fs::remove_file(&dest);
                 return Err(Error::DigestMismatch {
                     what: path.display().to_string(),
                     expected: desc.digest.to_string(),
-                    actual: d.to_string(),
+                    actual,
                 });
             }
             return Ok(());
@@ -434,6 +452,41 @@ mod tests {
         std::fs::set_permissions(&idx, std::fs::Permissions::from_mode(0o640)).unwrap();
         l.tag("v2", &desc).unwrap();
         assert_eq!(mode(&idx), 0o640);
+    }
+
+    /// `import_file` hashes what it links; `import_own_file` links the caller's own
+    /// file (the same inode, nothing copied) and checks its size only.
+    #[test]
+    fn imported_files_are_linked_and_checked() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        let l = Layout::open_or_create(&t.path().join("lay")).unwrap();
+        let file = t.path().join("sealed");
+        std::fs::write(&file, b"layer bytes").unwrap();
+        let (d, len) = hash_reader(File::open(&file).unwrap()).unwrap();
+        let right = Descriptor::new(MT_OCI_MANIFEST, d.clone(), len);
+        // A descriptor of other bytes of the same size.
+        let (other, _) = hash_reader(&b"other bytes"[..]).unwrap();
+        let wrong = Descriptor::new(MT_OCI_MANIFEST, other.clone(), len);
+        let short = Descriptor::new(MT_OCI_MANIFEST, other.clone(), len - 1);
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+
+        assert!(matches!(
+            l.import_file(&file, &wrong),
+            Err(Error::DigestMismatch { .. })
+        ));
+        assert!(!l.has_blob(&other));
+        assert!(matches!(
+            l.import_own_file(&file, &short),
+            Err(Error::DigestMismatch { .. })
+        ));
+        assert!(!l.has_blob(&other));
+
+        l.import_own_file(&file, &right).unwrap();
+        assert_eq!(ino(&l.blob_path(&d)), ino(&file));
+        assert_eq!(l.read_blob(&right, 100).unwrap(), b"layer bytes");
+        // Present already: nothing to do.
+        l.import_file(&file, &right).unwrap();
     }
 
     #[test]

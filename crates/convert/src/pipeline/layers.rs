@@ -680,9 +680,14 @@ impl Layers<'_, '_> {
             Stage::Upload,
             Some(desc.size),
         );
-        let r = c
-            .dst
-            .push_blob(&desc, BlobSource::File(&path), Some(bar.setter()));
+        // A built layer was hashed by its seal, from this file in the run's own work
+        // directory.
+        let r = if built {
+            c.dst.push_own_file(&desc, &path, Some(bar.setter()))
+        } else {
+            c.dst
+                .push_blob(&desc, BlobSource::File(&path), Some(bar.setter()))
+        };
         if let Err(e) = r {
             return Err(e.context(format!(
                 "{what} {}/{n} ({}) to {}",
