@@ -22,6 +22,7 @@ use crate::lsmt::format::{Mapping, SECTOR};
 use crate::lsmt::index::{pieces, Piece, RoIndex};
 use crate::lsmt::packed::PackedStore;
 use crate::lsmt::{SealedLayer, WritableLayer};
+use crate::uuid::Uuid;
 use crate::warp::{TargetSource, WarpLayer};
 
 /// Upstream refuses stacks deeper than this.
@@ -75,6 +76,25 @@ impl LowerSource {
     }
 }
 
+/// Whether layers given bottom first look out of order: a layer whose header
+/// names a parent uuid (as the convertor's and upstream's commits record the
+/// layer below) sitting on a layer with another uuid. Layers without uuids
+/// (nil, e.g. committed without `--uuid`) are not compared. Upstream's runtime
+/// does not check either, so [`Stack::with_lowers`] only warns with this text.
+pub fn order_problem(lowers: &[Lower]) -> Option<String> {
+    lowers.windows(2).enumerate().find_map(|(i, pair)| {
+        let (below, _) = pair[0].uuids();
+        let (_, parent) = pair[1].uuids();
+        (!below.is_nil() && !parent.is_nil() && below != parent).then(|| {
+            format!(
+                "the layers may be out of order (give them bottom first): layer {} records its parent as {parent}, but layer {} below it is {below}",
+                i + 2,
+                i + 1
+            )
+        })
+    })
+}
+
 /// An opened lower layer.
 #[derive(Debug)]
 pub enum Lower {
@@ -84,6 +104,19 @@ pub enum Lower {
 }
 
 impl Lower {
+    /// The layer's uuid and its parent's, as its header records them.
+    fn uuids(&self) -> (Uuid, Uuid) {
+        let (uuid, parent) = match self {
+            Lower::Sealed(l) => (l.info().uuid, l.info().parent_uuid),
+            Lower::Writable(w) => {
+                let h = w.header();
+                (h.uuid, h.parent_uuid)
+            }
+            Lower::Warp(w) => (w.meta().info().uuid, w.meta().info().parent_uuid),
+        };
+        (uuid, parent)
+    }
+
     fn virtual_size(&self) -> u64 {
         match self {
             Lower::Sealed(l) => l.info().virtual_size,
@@ -250,6 +283,9 @@ impl Stack {
 
     /// Build from opened lowers of either kind.
     pub fn with_lowers(lowers: Vec<Lower>, upper: Option<WritableLayer>) -> Result<Stack> {
+        if let Some(problem) = order_problem(&lowers) {
+            tracing::warn!("{problem}");
+        }
         if lowers.len() > MAX_LAYERS {
             return Err(Error::Invalid(format!(
                 "{} lower layers; at most {MAX_LAYERS} can be stacked",
