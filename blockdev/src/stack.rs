@@ -356,11 +356,14 @@ impl Stack {
         &self.lower_index
     }
 
-    /// Allocation map of `[offset, offset+len)` (sector aligned): which
-    /// sector ranges hold data in some layer (`true`) and which read as
-    /// zeros because nothing maps them or a zeroed entry covers them.
+    /// Allocation map of the sectors that `[offset, offset+len)` touches
+    /// (any byte range; the answer is in whole sectors, so it may start
+    /// before `offset` and end after `offset + len`): which sector ranges
+    /// hold data in some layer (`true`) and which read as zeros because
+    /// nothing maps them or a zeroed entry covers them.
     pub fn allocation(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
-        let (s, n) = (offset / SECTOR, len.div_ceil(SECTOR));
+        let s = offset / SECTOR;
+        let n = (offset + len).div_ceil(SECTOR) - s;
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
         let mut push = |o: u64, l: u64, d: bool| {
             if let Some(last) = out.last_mut() {

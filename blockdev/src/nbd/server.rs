@@ -1079,8 +1079,10 @@ fn read_replies(
             data.push((at, offset, len as usize, k));
             continue;
         }
+        // Extents that do not cover the range exactly (a device breaking
+        // its contract) are not trusted: the whole range is read.
         let ext = match dev.extents(offset, len) {
-            Ok(e) if !e.is_empty() => e,
+            Ok(e) if covers(&e, offset, len) => e,
             _ => vec![Extent {
                 offset,
                 len,
@@ -1180,6 +1182,19 @@ fn read_replies(
         }
     }
     *out = rebuilt;
+}
+
+/// Whether `ext` are consecutive nonempty extents covering exactly
+/// `[offset, offset+len)`.
+fn covers(ext: &[Extent], offset: u64, len: u64) -> bool {
+    let mut pos = offset;
+    for e in ext {
+        if e.offset != pos || e.len == 0 {
+            return false;
+        }
+        pos += e.len;
+    }
+    !ext.is_empty() && pos == offset + len
 }
 
 /// Batches reading at least this much are read on several threads.
