@@ -41,9 +41,19 @@ impl Layout {
         let marker = root.join(LAYOUT_FILE);
         let bytes = fs::read(&marker).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
+                let reason = match fs::metadata(root) {
+                    Err(_) => "no such directory",
+                    Ok(m) if !m.is_dir() => "not a directory",
+                    Ok(_) => "not an OCI image layout (no oci-layout file)",
+                };
                 Error::Invalid {
                     what: root.display().to_string(),
-                    reason: "not an OCI image layout (no oci-layout file)".into(),
+                    reason: reason.into(),
+                }
+            } else if e.kind() == io::ErrorKind::NotADirectory {
+                Error::Invalid {
+                    what: root.display().to_string(),
+                    reason: "not a directory".into(),
                 }
             } else {
                 Error::io(&marker, e)
@@ -487,6 +497,23 @@ mod tests {
         assert_eq!(l.read_blob(&right, 100).unwrap(), b"layer bytes");
         // Present already: nothing to do.
         l.import_file(&file, &right).unwrap();
+    }
+
+    #[test]
+    fn opening_a_missing_layout_says_what_is_missing() {
+        let t = tempfile::tempdir().unwrap();
+        let why = |p: &Path| match Layout::open(p) {
+            Err(Error::Invalid { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(why(&t.path().join("nope")), "no such directory");
+        let file = t.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert_eq!(why(&file), "not a directory");
+        assert_eq!(
+            why(t.path()),
+            "not an OCI image layout (no oci-layout file)"
+        );
     }
 
     #[test]
