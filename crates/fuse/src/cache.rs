@@ -19,6 +19,8 @@ use crate::tree::Xattrs;
 pub const DEFAULT_BUDGET: usize = 64 << 20;
 /// Weight of a cached inode (attributes and bookkeeping).
 pub const NODE_WEIGHT: usize = 256;
+/// Weight of the mark of a damaged inode.
+pub const DAMAGED_WEIGHT: usize = 64;
 /// Weight of a directory entry besides its name.
 pub const DIRENT_WEIGHT: usize = 64;
 
@@ -35,10 +37,15 @@ pub enum Part {
     Link,
     /// Extended attributes.
     Xattrs,
+    /// The mark of a damaged inode. The kernel's forget does not drop it
+    /// (it is not in [`Part::ALL`]): the kernel forgets the placeholder a
+    /// listing gave it at each failed lookup, and the damage would be read
+    /// (and logged) again each time.
+    Damaged,
 }
 
 impl Part {
-    /// Every part, for forgetting an inode.
+    /// Every part the kernel's forget drops.
     pub const ALL: [Part; 5] = [Part::Node, Part::Dir, Part::Data, Part::Link, Part::Xattrs];
 }
 

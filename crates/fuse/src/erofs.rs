@@ -22,14 +22,19 @@ use obdfs::erofs::format::{ft, mode};
 use obdfs::erofs::reader::Inode;
 use obdfs::erofs::{ErofsReader, Error as ErofsError};
 
-use crate::cache::{xattrs_weight, Cache, CacheStats, Part, DIRENT_WEIGHT, NODE_WEIGHT};
-use crate::error::{errno_of, Error, Result};
-use crate::tree::{DirEntry, DirList, FileTree, TreeResult, TreeStats, Xattrs};
+use crate::cache::{
+    xattrs_weight, Cache, CacheStats, Part, DAMAGED_WEIGHT, DIRENT_WEIGHT, NODE_WEIGHT,
+};
+use crate::error::{Error, Result};
+use crate::tree::{DirEntry, DirList, Fault, FileTree, TreeResult, TreeStats, Xattrs};
 
 /// One cached piece of an inode.
 #[derive(Clone)]
 enum Cached {
     Node(Arc<Node>),
+    /// The inode is damaged (it stays so: the image never changes): the
+    /// errno every access gets (kept under [`Part::Damaged`]).
+    Damaged(Errno),
     Dir(Arc<DirList>),
     Link(Arc<Vec<u8>>),
     Xattrs(Xattrs),
@@ -74,14 +79,21 @@ fn dirent_kind(t: u8) -> Option<FileType> {
     })
 }
 
-/// The errno for a reader failure (logged): the device's own errno for I/O
-/// failures (EIO when a remote blob cannot be fetched), else the format's.
+/// What a reader failure means: the device's own errno for I/O failures
+/// (EIO when a remote blob cannot be fetched); `EIO` for a damaged image
+/// (the kernel's EROFS says `EUCLEAN`), as for ext4; else the format's.
+fn fault(e: &ErofsError) -> Fault {
+    match e {
+        ErofsError::Device(d) => Fault::of_device(d),
+        ErofsError::Corrupt { .. } => Fault::Damaged(Errno::EIO),
+        _ => Fault::Damaged(Errno::from_i32(e.errno())),
+    }
+}
+
+/// The errno for a reader failure (logged).
 fn erofs_errno(e: &ErofsError) -> Errno {
     tracing::warn!("{}", obdimage::error::Chain(e));
-    Errno::from_i32(match e {
-        ErofsError::Device(d) => errno_of(d),
-        _ => e.errno(),
-    })
+    fault(e).errno()
 }
 
 impl ErofsTree {
@@ -151,8 +163,28 @@ impl ErofsTree {
         }
     }
 
+    /// The node of `ino`, or why it cannot be served (logged; a damaged
+    /// inode is remembered, so it is logged once while cached).
+    fn load(&self, ino: u64) -> std::result::Result<Arc<Node>, Fault> {
+        if let Some(Cached::Node(n)) = self.cache.get(&(ino, Part::Node)) {
+            return Ok(n);
+        }
+        let key = (ino, Part::Damaged);
+        if let Some(Cached::Damaged(e)) = self.cache.get(&key) {
+            return Err(Fault::Damaged(e));
+        }
+        self.node(ino).map_err(|e| {
+            tracing::warn!("{}", obdimage::error::Chain(&e));
+            let f = fault(&e);
+            if let Fault::Damaged(e) = f {
+                self.cache.insert(key, Cached::Damaged(e), DAMAGED_WEIGHT);
+            }
+            f
+        })
+    }
+
     fn node_of(&self, ino: u64) -> TreeResult<Arc<Node>> {
-        self.node(ino).map_err(|e| erofs_errno(&e))
+        self.load(ino).map_err(Fault::errno)
     }
 
     fn dir_of(&self, n: &Node) -> TreeResult<Arc<DirList>> {
@@ -188,7 +220,7 @@ impl ErofsTree {
         // miss names that readdir shows.
         if entries.windows(2).any(|w| w[0].name >= w[1].name) {
             tracing::warn!("nid {}: directory entries are not sorted", n.inode.nid);
-            return Err(Errno::from_i32(libc::EUCLEAN));
+            return Err(Errno::EIO);
         }
         let d = Arc::new(DirList { entries, parent });
         match self.cache.insert(key, Cached::Dir(d.clone()), weight) {
@@ -205,6 +237,14 @@ impl FileTree for ErofsTree {
 
     fn attr(&self, ino: u64) -> TreeResult<FileAttr> {
         Ok(self.node_of(ino)?.attr)
+    }
+
+    fn entry_attr(&self, ino: u64) -> TreeResult<Option<FileAttr>> {
+        match self.load(ino) {
+            Ok(n) => Ok(Some(n.attr)),
+            Err(Fault::Damaged(_)) => Ok(None),
+            Err(Fault::Io(e)) => Err(e),
+        }
     }
 
     fn dir(&self, ino: u64) -> TreeResult<Arc<DirList>> {

@@ -26,9 +26,11 @@ use obdfs::ext2fs::read::{Counts, Run};
 use obdfs::ext2fs::Ext2Fs;
 use parking_lot::Mutex;
 
-use crate::cache::{xattrs_weight, Cache, CacheStats, Part, DIRENT_WEIGHT, NODE_WEIGHT};
-use crate::error::{errno_of, Error, Result};
-use crate::tree::{DirEntry, DirList, FileTree, TreeResult, TreeStats, Xattrs};
+use crate::cache::{
+    xattrs_weight, Cache, CacheStats, Part, DAMAGED_WEIGHT, DIRENT_WEIGHT, NODE_WEIGHT,
+};
+use crate::error::{Error, Result};
+use crate::tree::{DirEntry, DirList, Fault, FileTree, TreeResult, TreeStats, Xattrs};
 
 /// ext4's root directory inode.
 const EXT4_ROOT: u32 = 2;
@@ -104,6 +106,9 @@ pub struct Node {
 #[derive(Clone)]
 enum Cached {
     Node(Arc<Node>),
+    /// The inode is damaged (it stays so: the image never changes): the
+    /// errno every access gets (kept under [`Part::Damaged`]).
+    Damaged(Errno),
     Dir(Arc<Dir>),
     Data(Arc<Data>),
     Link(Arc<Vec<u8>>),
@@ -201,14 +206,24 @@ fn kernel_overhead(sb: &[u8], journal_blocks: u64) -> Option<u64> {
     Some(total + journal_blocks)
 }
 
+/// What a libext2fs or device failure means: damage is `EIO` (as with
+/// fuse2fs; the kernel's ext4 says `EUCLEAN`), never `ENOENT`, which would
+/// tell the client the name does not exist.
+fn fault(e: &obdfs::Error) -> Fault {
+    match e {
+        obdfs::Error::Device(d)
+        | obdfs::Error::Blob(d)
+        | obdfs::Error::Ext2fs {
+            device: Some(d), ..
+        } => Fault::of_device(d),
+        _ => Fault::Damaged(Errno::EIO),
+    }
+}
+
 /// The errno for a libext2fs or device failure (logged).
 fn ext_errno(e: &obdfs::Error) -> Errno {
     tracing::warn!("{}", obdimage::error::Chain(e));
-    match e {
-        obdfs::Error::Device(d) => Errno::from_i32(errno_of(d)),
-        obdfs::Error::Invalid(_) => Errno::ENOENT,
-        _ => Errno::EIO,
-    }
+    fault(e).errno()
 }
 
 impl Ext4Tree {
@@ -332,12 +347,38 @@ impl Ext4Tree {
         })
     }
 
-    fn node_of(&self, ino: u64) -> TreeResult<Arc<Node>> {
-        let i = u32::try_from(ino).map_err(|_| Errno::ENOENT)?;
-        if i < EXT4_ROOT {
-            return Err(Errno::ENOENT);
+    /// The node of `ino`, or why it cannot be served (logged; a damaged
+    /// inode is remembered, so it is logged once while cached).
+    fn load(&self, ino: u64) -> std::result::Result<Arc<Node>, Fault> {
+        if let Some(Cached::Node(n)) = self.cache.get(&(ino, Part::Node)) {
+            return Ok(n);
         }
-        self.node(i).map_err(|e| ext_errno(&e))
+        let key = (ino, Part::Damaged);
+        if let Some(Cached::Damaged(e)) = self.cache.get(&key) {
+            return Err(Fault::Damaged(e));
+        }
+        let f = match u32::try_from(ino) {
+            Ok(i) if i >= EXT4_ROOT => match self.node(i) {
+                Ok(n) => return Ok(n),
+                Err(e) => {
+                    tracing::warn!("{}", obdimage::error::Chain(&e));
+                    fault(&e)
+                }
+            },
+            // Only a damaged directory entry names these.
+            _ => {
+                tracing::warn!("inode {ino} is reserved or out of range");
+                Fault::Damaged(Errno::EIO)
+            }
+        };
+        if let Fault::Damaged(e) = f {
+            self.cache.insert(key, Cached::Damaged(e), DAMAGED_WEIGHT);
+        }
+        Err(f)
+    }
+
+    fn node_of(&self, ino: u64) -> TreeResult<Arc<Node>> {
+        self.load(ino).map_err(Fault::errno)
     }
 
     fn dir_of(&self, n: &Node) -> obdfs::Result<Arc<Dir>> {
@@ -462,6 +503,14 @@ impl FileTree for Ext4Tree {
         Ok(self.node_of(ino)?.attr)
     }
 
+    fn entry_attr(&self, ino: u64) -> TreeResult<Option<FileAttr>> {
+        match self.load(ino) {
+            Ok(n) => Ok(Some(n.attr)),
+            Err(Fault::Damaged(_)) => Ok(None),
+            Err(Fault::Io(e)) => Err(e),
+        }
+    }
+
     fn dir(&self, ino: u64) -> TreeResult<Arc<DirList>> {
         let n = self.node_of(ino)?;
         if n.attr.kind != FileType::Directory {
@@ -494,7 +543,8 @@ impl FileTree for Ext4Tree {
         self.read_file(&n, offset, len as u64).map_err(|e| {
             tracing::warn!("{}", obdimage::error::Chain(&e));
             match &e {
-                Error::Stack { source, .. } => Errno::from_i32(errno_of(source)),
+                Error::Stack { source, .. } => Fault::of_device(source).errno(),
+                Error::Ext4 { source, .. } => fault(source).errno(),
                 _ => Errno::EIO,
             }
         })

@@ -11,11 +11,17 @@
 //! attributes, entries and names are cached by the kernel for long, and
 //! files keep their page cache across opens. When the kernel forgets an
 //! inode, the tree may drop what it caches about it ([`FileTree::forget`]).
+//!
+//! A damaged inode (invalid on disk) fails every access with `EIO`, never
+//! `ENOENT`, which would tell the client that the name does not exist (and
+//! end a directory listing early). Its name is still listed: readdir sends
+//! the type its directory entry records, readdirplus the same with no
+//! attributes to cache ([`FileTree::entry_attr`]).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -51,6 +57,34 @@ pub struct DirList {
     pub parent: u64,
 }
 
+/// Why an inode cannot be served, for the trees' own use.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Fault {
+    /// It is damaged (or uses a feature not implemented) on disk: every
+    /// access fails the same way, with this errno (`EIO` for damage).
+    Damaged(Errno),
+    /// The device failed, perhaps only for now, with this errno.
+    Io(Errno),
+}
+
+impl Fault {
+    /// What a device failure means: a read past the end of the device (or
+    /// otherwise refused) comes from a damaged block number.
+    pub(crate) fn of_device(e: &blockdev::Error) -> Fault {
+        match crate::error::errno_of(e) {
+            libc::EINVAL | libc::EROFS => Fault::Damaged(Errno::EIO),
+            n => Fault::Io(Errno::from_i32(n)),
+        }
+    }
+
+    /// The errno the client gets.
+    pub(crate) fn errno(self) -> Errno {
+        match self {
+            Fault::Damaged(e) | Fault::Io(e) => e,
+        }
+    }
+}
+
 /// Filesystem-wide counters for statfs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TreeStats {
@@ -74,6 +108,14 @@ pub trait FileTree: Send + Sync + 'static {
     fn root(&self) -> u64;
     /// Attributes of `ino`; `ino` field = the tree's number.
     fn attr(&self, ino: u64) -> TreeResult<FileAttr>;
+    /// Attributes of `ino` for listing it in a directory, as
+    /// [`FileTree::attr`], but `Ok(None)` when the inode is damaged (its
+    /// on-disk structure is invalid, so every access to it fails with
+    /// `EIO`): the name is still listed. Other failures (the device's, which
+    /// may pass) are errors.
+    fn entry_attr(&self, ino: u64) -> TreeResult<Option<FileAttr>> {
+        self.attr(ino).map(Some)
+    }
     /// The names in directory `ino`.
     fn dir(&self, ino: u64) -> TreeResult<Arc<DirList>>;
     /// The inode `name` refers to in directory `dir`.
@@ -97,6 +139,9 @@ pub trait FileTree: Send + Sync + 'static {
 
 /// Everything is immutable while mounted.
 const TTL: Duration = Duration::from_secs(24 * 3600);
+/// The file type listed for a damaged inode whose directory entry does not
+/// record one (FUSE has no `DT_UNKNOWN` in fuser's API).
+const DAMAGED_KIND: FileType = FileType::RegularFile;
 /// Largest read the kernel sends at once.
 const MAX_READ: u32 = 1 << 20;
 
@@ -158,6 +203,33 @@ impl<T: FileTree> TreeFs<T> {
     fn dir_of(&self, ino: INodeNo) -> TreeResult<(u64, Arc<DirList>)> {
         let i = self.tree_ino(ino);
         Ok((i, self.tree.dir(i)?))
+    }
+}
+
+/// What readdirplus sends for a damaged inode: its number and the type its
+/// directory entry records, nothing else. It goes with a zero TTL, so the
+/// kernel's entry and attributes are stale at once: any use of the name
+/// looks it up again (and gets the error), and nothing shows these
+/// attributes. (A node id of 0 would be the way to send no attributes, but
+/// fuser sends the node id as `d_ino` too, and older glibc readdir, glob and
+/// Go skip entries whose `d_ino` is 0.)
+fn placeholder(ino: INodeNo, kind: FileType) -> FileAttr {
+    FileAttr {
+        ino,
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind,
+        perm: 0,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
     }
 }
 
@@ -267,8 +339,13 @@ impl<T: FileTree> Filesystem for TreeFs<T> {
                     let e = &d.entries[(i - 2) as usize];
                     let kind = match e.kind {
                         Some(k) => k,
-                        None => match self.tree.attr(e.ino) {
-                            Ok(a) => a.kind,
+                        // Only the type is wanted: a damaged inode is listed
+                        // all the same.
+                        None => match self.tree.entry_attr(e.ino) {
+                            Ok(a) => a.map_or(DAMAGED_KIND, |a| a.kind),
+                            // Send what is listed so far; the error comes
+                            // with the next call, which starts here.
+                            Err(_) if i > offset => break,
                             Err(err) => return reply.error(err),
                         },
                     };
@@ -307,20 +384,34 @@ impl<T: FileTree> Filesystem for TreeFs<T> {
             };
             // The kernel links no inode for `.` and `..`: their numbers are
             // only d_ino, so they show the tree's number like stat does.
-            let a = if i < 2 {
-                self.tree.attr(ino)
+            let shown = if i < 2 {
+                INodeNo(ino)
             } else {
-                self.attr(ino)
+                self.fuse_ino(ino)
             };
-            let a = match a {
-                Ok(a) => a,
+            let (a, ttl) = match self.tree.entry_attr(ino) {
+                Ok(Some(mut a)) => {
+                    a.ino = shown;
+                    (a, TTL)
+                }
+                // Listed, but nothing about it is cached.
+                Ok(None) => {
+                    let kind = match i {
+                        0 | 1 => FileType::Directory,
+                        _ => d.entries[(i - 2) as usize].kind.unwrap_or(DAMAGED_KIND),
+                    };
+                    (placeholder(shown, kind), Duration::ZERO)
+                }
+                // Send what is listed so far; the error comes with the
+                // next call, which starts here.
+                Err(_) if i > offset => break,
                 Err(e) => return reply.error(e),
             };
             if reply.add(
                 a.ino,
                 i + 1,
                 OsStr::from_bytes(name),
-                &TTL,
+                &ttl,
                 &a,
                 Generation(0),
             ) {
