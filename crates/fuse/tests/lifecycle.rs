@@ -210,3 +210,77 @@ fn a_mount_over_files_warns_that_they_are_hidden() {
     let o = f.wait();
     assert!(!String::from_utf8_lossy(&o.stderr).contains("not empty"));
 }
+
+/// Read the daemon's stderr until a line contains `want`; returns what was read.
+fn stderr_until(f: &mut Fuse, want: &str) -> String {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(f.child.as_mut().unwrap().stderr.take().unwrap());
+    let mut err = String::new();
+    while !err.contains(want) {
+        let mut l = String::new();
+        assert!(r.read_line(&mut l).unwrap() > 0, "no {want:?} in: {err}");
+        err.push_str(&l);
+    }
+    f.child.as_mut().unwrap().stderr = Some(r.into_inner());
+    err
+}
+
+/// A second signal exits without waiting for a busy mount, but only after
+/// saving the upper's index: writes that completed survive (the upper made
+/// without `-s`, whose index entries are kept in memory until flushed), and
+/// the status says which signal (128 + its number).
+#[test]
+fn a_second_signal_saves_completed_writes_and_exits_with_128_plus_signal() {
+    let t = tempfile::tempdir().unwrap();
+    let (data, index) = (t.path().join("data"), t.path().join("index"));
+    run_ok(
+        Command::new(workspace_bin("overlaybd-create"))
+            .arg(&data)
+            .arg(&index)
+            .arg("64"),
+    );
+    let layers = fixture_layers();
+    let mut args = layers_args(&layers);
+    args.extend(["--upper".as_ref(), data.as_os_str(), index.as_os_str()]);
+    let mp = t.path().join("mp");
+    let mut f = Fuse::foreground(&args, &mp);
+    let payload: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect();
+    let at = 40u64 << 30;
+    {
+        let w = File::options().write(true).open(f.disk()).unwrap();
+        w.write_all_at(&payload, at).unwrap();
+    }
+    // An open file keeps the mount busy: the first signal only detaches it.
+    let busy = File::open(f.disk()).unwrap();
+    kill(Pid::from_raw(f.pid()), Signal::SIGTERM).unwrap();
+    stderr_until(&mut f, "detached");
+    kill(Pid::from_raw(f.pid()), Signal::SIGTERM).unwrap();
+    let o = f.wait();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{err}");
+    assert!(err.contains("completed writes saved"), "{err}");
+    drop(busy);
+
+    let mut ro = args.clone();
+    ro.insert(0, "--read-only".as_ref());
+    let f = Fuse::background(&ro, &t.path().join("ro"));
+    let mut back = vec![0u8; payload.len()];
+    File::open(f.disk())
+        .unwrap()
+        .read_exact_at(&mut back, at)
+        .unwrap();
+    assert!(back == payload, "the completed writes were lost");
+    f.unmount();
+
+    // Without an upper there is nothing to save: SIGHUP twice gives 129.
+    let mut f = Fuse::foreground(&layers_args(&layers), &t.path().join("mp2"));
+    let busy = File::open(f.disk()).unwrap();
+    kill(Pid::from_raw(f.pid()), Signal::SIGHUP).unwrap();
+    stderr_until(&mut f, "detached");
+    kill(Pid::from_raw(f.pid()), Signal::SIGHUP).unwrap();
+    let o = f.wait();
+    assert_eq!(o.status.code(), Some(128 + libc::SIGHUP));
+    drop(busy);
+}
