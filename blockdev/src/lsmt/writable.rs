@@ -96,7 +96,10 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
 }
 
 /// Open a layer file for reading, or also for writing unless `read_only`.
+/// Anything but a regular file is refused first (a FIFO's open for reading
+/// would wait for a writer).
 fn open_file(p: &Path, read_only: bool) -> Result<IoFile> {
+    crate::io::check_regular(p, "a layer file")?;
     if read_only {
         IoFile::open(p)
     } else {

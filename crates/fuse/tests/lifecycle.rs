@@ -284,3 +284,134 @@ fn a_second_signal_saves_completed_writes_and_exits_with_128_plus_signal() {
     assert_eq!(o.status.code(), Some(128 + libc::SIGHUP));
     drop(busy);
 }
+
+/// `cmd`'s output, failing the test when it runs longer than `secs` (it is
+/// killed then).
+fn output_within(cmd: &mut Command, secs: u64) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still running after {secs} s: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A FIFO given as the upper (in every mode), as the config or as a lower
+/// that a config names is refused at once, naming it; a `--log` FIFO is
+/// never waited for: refused when nothing reads it, used when something does.
+#[test]
+fn fifos_are_refused_or_used_without_hanging() {
+    let t = tempfile::tempdir().unwrap();
+    let mp = t.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let fifo = |name: &str| {
+        let p = t.path().join(name);
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        p
+    };
+    let (f1, f2, fj) = (fifo("f1"), fifo("f2"), fifo("f.json"));
+    let config = t.path().join("c.json");
+    std::fs::write(
+        &config,
+        format!(r#"{{"lowers": [{{"file": "{}"}}]}}"#, f2.display()),
+    )
+    .unwrap();
+    let base = fixture_layers()[0].clone();
+    let cases: Vec<(Vec<&std::ffi::OsStr>, String)> = vec![
+        (
+            vec![
+                "--read-only".as_ref(),
+                base.as_os_str(),
+                "--upper".as_ref(),
+                f1.as_os_str(),
+                f2.as_os_str(),
+            ],
+            format!("{}: not a layer file: it is a FIFO", f1.display()),
+        ),
+        (
+            vec![
+                base.as_os_str(),
+                "--upper".as_ref(),
+                f1.as_os_str(),
+                f2.as_os_str(),
+            ],
+            format!("{}: not a layer file: it is a FIFO", f1.display()),
+        ),
+        (
+            vec![fj.as_os_str()],
+            format!("{}: not an image config file: it is a FIFO", fj.display()),
+        ),
+        (
+            vec![config.as_os_str()],
+            format!("{}: not a layer file: it is a FIFO", f2.display()),
+        ),
+    ];
+    for (args, want) in cases {
+        for bg in [false, true] {
+            let mut c = Command::new(fuse_bin());
+            c.arg("mount");
+            if bg {
+                c.arg("--background");
+            }
+            let o = output_within(c.args(&args).arg(&mp), 20);
+            let e = err_text(&o);
+            assert!(e.contains(&want), "{args:?}: {e}");
+            assert!(!is_mounted(&mp));
+        }
+    }
+
+    // --log FIFO with no reader: refused at once.
+    let o = output_within(
+        Command::new(fuse_bin())
+            .args(["mount", "--background", "--log"])
+            .arg(&f1)
+            .arg(&base)
+            .arg(&mp),
+        20,
+    );
+    let e = err_text(&o);
+    assert!(e.contains("no process reads"), "{e}");
+    assert!(!is_mounted(&mp));
+    // With a reader it gets the daemon's messages.
+    let reader = {
+        let f1 = f1.clone();
+        std::thread::spawn(move || std::fs::read_to_string(f1).unwrap())
+    };
+    // The reader opens the FIFO in its own time: until then it is refused.
+    let f = loop {
+        let o = output_within(
+            Command::new(fuse_bin())
+                .args(["mount", "--background", "-v", "--log"])
+                .arg(&f1)
+                .arg(&base)
+                .arg(&mp),
+            20,
+        );
+        if o.status.success() {
+            break Fuse {
+                mp: mp.clone(),
+                child: None,
+                ready: String::from_utf8_lossy(&o.stdout).into_owned(),
+            };
+        }
+        assert!(err_text(&o).contains("no process reads"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    f.unmount();
+    let log = reader.join().unwrap();
+    assert!(log.contains("unmounted"), "{log}");
+}

@@ -79,10 +79,12 @@ impl LayerBlob {
     pub fn source(&self) -> Result<Arc<dyn ReadAt>> {
         match self {
             LayerBlob::File(p) => {
-                let f = IoFile::open(p).map_err(|source| Error::Stack {
-                    what: format!("cannot open layer {}", p.display()),
-                    source,
-                })?;
+                let f = blockdev::io::check_regular(p, "a layer file")
+                    .and_then(|()| IoFile::open(p))
+                    .map_err(|source| Error::Stack {
+                        what: format!("cannot open layer {}", p.display()),
+                        source,
+                    })?;
                 let s = FileSlice::whole(Arc::new(f)).map_err(|source| Error::Stack {
                     what: format!("cannot open layer {}", p.display()),
                     source,

@@ -7,10 +7,10 @@
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use blockdev::io::{set_default_backend, IoBackend};
 use clap::{Parser, Subcommand};
 use obdfuse::{Ended, ImageSpec, Mode, MountConfig, MountRequest};
@@ -75,7 +75,9 @@ struct MountArgs {
     #[arg(long)]
     background: bool,
 
-    /// With --background: append the daemon's log messages to this file.
+    /// With --background: append the daemon's log messages to this file
+    /// (created if missing). It may be a FIFO, which must have a reader
+    /// already (it is not waited for), or /dev/null.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
 
@@ -240,6 +242,34 @@ fn print_out(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(o, "{line}").and_then(|_| o.flush());
 }
 
+/// Open the `--log` file for appending, without waiting: a FIFO that no
+/// process reads fails at once (its plain open would block until one does).
+fn open_log(p: &Path) -> Result<std::fs::File> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(p)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => anyhow!(
+                "--log {}: a FIFO (or socket) that no process reads; start its reader first",
+                p.display()
+            ),
+            _ => anyhow!(e).context(format!("cannot open the log file {}", p.display())),
+        })?;
+    // Blocking writes again: a FIFO's slow reader delays log lines, rather
+    // than making the daemon drop them.
+    fcntl(&f, FcntlArg::F_GETFL)
+        .and_then(|fl| {
+            let fl = OFlag::from_bits_truncate(fl) - OFlag::O_NONBLOCK;
+            fcntl(&f, FcntlArg::F_SETFL(fl))
+        })
+        .with_context(|| format!("cannot set up the log file {}", p.display()))?;
+    Ok(f)
+}
+
 /// Start this program again as a daemon and wait until it reports the mount
 /// ready (or fails).
 fn start_background(a: &MountArgs) -> Result<()> {
@@ -249,13 +279,7 @@ fn start_background(a: &MountArgs) -> Result<()> {
         .filter(|x| x != "--background")
         .collect();
     let stderr = match &a.log {
-        Some(p) => Stdio::from(
-            std::fs::File::options()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("cannot open the log file {}", p.display()))?,
-        ),
+        Some(p) => Stdio::from(open_log(p)?),
         None => Stdio::null(),
     };
     let mut child = Command::new(exe)
