@@ -395,7 +395,7 @@ fn fifos_are_refused_or_used_without_hanging() {
     let f = loop {
         let o = output_within(
             Command::new(fuse_bin())
-                .args(["mount", "--background", "-v", "--log"])
+                .args(["mount", "--background", "--log"])
                 .arg(&f1)
                 .arg(&base)
                 .arg(&mp),
@@ -414,4 +414,47 @@ fn fifos_are_refused_or_used_without_hanging() {
     f.unmount();
     let log = reader.join().unwrap();
     assert!(log.contains("unmounted"), "{log}");
+}
+
+/// The daemon's `--log` gets the line saying how the mount ended (at the
+/// default log level), as the foreground prints it.
+#[test]
+fn the_log_file_gets_the_unmount_line() {
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    let log = t.path().join("log");
+    for (sig, want) in [
+        (None, "unmounted"),
+        (Some(Signal::SIGTERM), "stopped by SIGTERM"),
+    ] {
+        let mp = t.path().join(format!("mp-{}", sig.is_some()));
+        let mut args = vec!["--log".as_ref(), log.as_os_str()];
+        args.extend(layers_args(&layers));
+        let f = Fuse::background(&args, &mp);
+        let pid: i32 = f
+            .ready
+            .split("daemon pid ")
+            .nth(1)
+            .and_then(|s| s.trim_end_matches([')', '\n']).parse().ok())
+            .unwrap_or_else(|| panic!("no daemon pid in {:?}", f.ready));
+        match sig {
+            None => f.unmount(),
+            Some(s) => kill(Pid::from_raw(pid), s).unwrap(),
+        }
+        // The line is written just before the daemon exits.
+        let line = format!(
+            "overlaybd-fuse: {} {want}",
+            mp.canonicalize().unwrap().display()
+        );
+        let t0 = std::time::Instant::now();
+        let mut text = String::new();
+        while !text.lines().any(|l| l == line) {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(20),
+                "no {line:?} in the log: {text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            text = std::fs::read_to_string(&log).unwrap();
+        }
+    }
 }

@@ -219,18 +219,20 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
     let fetched = fetch_stats
         .map(|s| format!("; registry: {}", s.summary()))
         .unwrap_or_default();
-    if !daemon {
-        print_out(format_args!(
-            "overlaybd-fuse: {} {how}{}{fetched}",
-            mp.display(),
-            if req.writable {
-                "; upper layer flushed"
-            } else {
-                ""
-            }
-        ));
+    let line = format!(
+        "overlaybd-fuse: {} {how}{}{fetched}",
+        mp.display(),
+        if req.writable {
+            "; upper layer flushed"
+        } else {
+            ""
+        }
+    );
+    if daemon {
+        // Its stdout is gone; stderr is the --log file.
+        let _ = writeln!(std::io::stderr(), "{line}");
     } else {
-        tracing::info!("{} {how}{fetched}", mp.display());
+        print_out(format_args!("{line}"));
     }
     Ok(())
 }
