@@ -458,3 +458,42 @@ fn the_log_file_gets_the_unmount_line() {
         }
     }
 }
+
+/// A "registry" that accepts connections and never answers; its port.
+fn silent_registry() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming() {
+            held.push(c);
+        }
+    });
+    port
+}
+
+/// `--timeout` bounds each request of the mount itself (the manifest), not
+/// only the reads: against a registry that never answers, the mount fails
+/// after its attempts (1 + `--retries`) have each had that long, saying so.
+#[test]
+fn timeout_bounds_the_mount_time_requests_of_a_silent_registry() {
+    let t = tempfile::tempdir().unwrap();
+    let mp = t.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let image = format!("127.0.0.1:{}/x:y", silent_registry());
+    let t0 = std::time::Instant::now();
+    // Two attempts of 2 s and a backoff: about 4.5 s (the registry client's
+    // own 60 s per attempt would take two minutes).
+    let o = output_within(
+        Command::new(fuse_bin())
+            .args(["mount", "--background", "--plain", "--timeout", "2"])
+            .args(["--retries", "1", &image])
+            .arg(&mp),
+        30,
+    );
+    let e = err_text(&o);
+    assert!(e.contains("no answer within 2 s, 2 attempts"), "{e}");
+    assert!(t0.elapsed() >= std::time::Duration::from_secs(4), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(!is_mounted(&mp));
+}
