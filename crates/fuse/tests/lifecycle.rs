@@ -459,17 +459,92 @@ fn the_log_file_gets_the_unmount_line() {
     }
 }
 
-/// A "registry" that accepts connections and never answers; its port.
-fn silent_registry() -> u16 {
+/// A "registry" that accepts connections and never answers: its port, and
+/// a channel that gets () for each connection.
+fn silent_registry_watched() -> (u16, std::sync::mpsc::Receiver<()>) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for c in l.incoming() {
             held.push(c);
+            let _ = tx.send(());
         }
     });
-    port
+    (port, rx)
+}
+
+/// The port of a registry that accepts connections and never answers.
+fn silent_registry() -> u16 {
+    silent_registry_watched().0
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            // "pid (comm) state ppid ...": comm may hold spaces, not ')'.
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// A stop signal to `--background` while it waits for the daemon (here:
+/// fetching a manifest that never comes) stops the daemon too, which must
+/// not mount later unseen; the status is 128 + the signal's number.
+#[test]
+fn a_signal_while_waiting_for_the_daemon_stops_it() {
+    let t = tempfile::tempdir().unwrap();
+    let mp = t.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let (port, connected) = silent_registry_watched();
+    let image = format!("127.0.0.1:{port}/x:y");
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        let mut parent = Command::new(fuse_bin())
+            .args(["mount", "--background", "--plain", &image])
+            .arg(&mp)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The daemon is asking the registry.
+        connected
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the daemon never connected");
+        let daemons = children_of(parent.id());
+        assert_eq!(daemons.len(), 1, "{daemons:?}");
+        kill(Pid::from_raw(parent.id() as i32), sig).unwrap();
+        let t0 = std::time::Instant::now();
+        while parent.try_wait().unwrap().is_none() {
+            if t0.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = parent.kill();
+                panic!("{sig}: still waiting after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let o = parent.wait_with_output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(128 + sig as i32), "{sig}: {e}");
+        assert!(
+            e.contains(&format!("{sig}: stopped the daemon")),
+            "{sig}: {e}"
+        );
+        assert_eq!(e.trim().lines().count(), 1, "{e}");
+        // Gone, and reaped (by the parent).
+        let daemon = daemons[0];
+        assert!(
+            !std::path::Path::new(&format!("/proc/{daemon}")).exists(),
+            "{sig}: the daemon {daemon} is still there"
+        );
+        assert!(!is_mounted(&mp));
+    }
 }
 
 /// `--timeout` bounds each request of the mount itself (the manifest), not
