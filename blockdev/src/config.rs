@@ -79,6 +79,7 @@ pub struct ImageConfig {
 impl ImageConfig {
     /// Read and parse a config file.
     pub fn load(path: &Path) -> Result<ImageConfig> {
+        crate::io::check_regular(path, "an image config file")?;
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::parse(&text, path)
     }

@@ -402,17 +402,12 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Refuses an output path that exists and is not a regular file (or a link
-/// to one): a device, FIFO, socket or directory there is never replaced by
-/// an output file (`-f` on `/dev/null` must not destroy it).
-pub fn check_replaceable(out: &Path) -> crate::Result<()> {
+/// What a file that is not a regular one is, for messages ("a FIFO", ...);
+/// `None` for a regular file.
+fn irregular_kind(t: std::fs::FileType) -> Option<&'static str> {
     use std::os::unix::fs::FileTypeExt;
-    let Ok(m) = std::fs::metadata(out) else {
-        return Ok(());
-    };
-    let t = m.file_type();
-    let kind = if t.is_file() {
-        return Ok(());
+    Some(if t.is_file() {
+        return None;
     } else if t.is_dir() {
         "a directory"
     } else if t.is_char_device() {
@@ -425,11 +420,41 @@ pub fn check_replaceable(out: &Path) -> crate::Result<()> {
         "a socket"
     } else {
         "not a regular file"
+    })
+}
+
+/// Refuses an output path that exists and is not a regular file (or a link
+/// to one): a device, FIFO, socket or directory there is never replaced by
+/// an output file (`-f` on `/dev/null` must not destroy it).
+pub fn check_replaceable(out: &Path) -> crate::Result<()> {
+    let Some(kind) = std::fs::metadata(out)
+        .ok()
+        .and_then(|m| irregular_kind(m.file_type()))
+    else {
+        return Ok(());
     };
     Err(crate::Error::Invalid(format!(
         "output {} exists and is {kind}: refusing to replace it with a file",
         out.display()
     )))
+}
+
+/// Refuses an input `path` that exists and is not a regular file (or a link
+/// to one), naming it and what it is: `what` it should be ("a layer file").
+/// Opening a FIFO to read it would wait for a writer, forever; a device or
+/// a directory is no layer or config. A missing path passes: opening it
+/// then says so.
+pub fn check_regular(path: &Path, what: &str) -> crate::Result<()> {
+    match std::fs::metadata(path)
+        .ok()
+        .and_then(|m| irregular_kind(m.file_type()))
+    {
+        Some(kind) => Err(crate::Error::Invalid(format!(
+            "{}: not {what}: it is {kind}",
+            path.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -456,7 +481,15 @@ mod tests {
         ] {
             let e = check_replaceable(p).unwrap_err().to_string();
             assert!(e.contains(kind) && e.contains(&*p.to_string_lossy()), "{e}");
+            // The same files are no inputs either.
+            let e = check_regular(p, "a layer file").unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!("{}: not a layer file: it is {kind}", p.display())
+            );
         }
+        assert!(check_regular(&f, "a layer file").is_ok());
+        assert!(check_regular(&d.path().join("missing"), "a layer file").is_ok());
     }
 
     fn roundtrip(backend: IoBackend) {

@@ -66,6 +66,7 @@ pub fn open_zfile(path: &Path) -> Result<ZFileReader> {
 
 /// Open `path` and return the plain LSMT blob it holds, plus its wrapping.
 pub fn open_blob(path: &Path) -> Result<(Arc<dyn ReadAt>, Wrapping)> {
+    crate::io::check_regular(path, "a layer file")?;
     let file = Arc::new(IoFile::open(path)?);
     let whole = FileSlice::whole(file.clone())?;
     let tar = crate::tarwrap::detect(&whole)?;

@@ -57,6 +57,7 @@ impl TargetSource {
         if let Some(idx) = &self.gzip_index {
             return Ok(Arc::new(GzFile::open_paths(&self.file, idx)?));
         }
+        crate::io::check_regular(&self.file, "a layer tar")?;
         let f = Arc::new(IoFile::open(&self.file)?);
         let src = FileSlice::whole(f)?;
         let mut head = [0u8; 2];

@@ -15,10 +15,10 @@
 //! the layer's uncompressed tar at `moffset` ([`WritableLayer::map_target`]).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
-
-use std::sync::Arc;
 
 use super::format::*;
 use super::index::IndexMap;
@@ -96,7 +96,10 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
 }
 
 /// Open a layer file for reading, or also for writing unless `read_only`.
+/// Anything but a regular file is refused first (a FIFO's open for reading
+/// would wait for a writer).
 fn open_file(p: &Path, read_only: bool) -> Result<IoFile> {
+    crate::io::check_regular(p, "a layer file")?;
     if read_only {
         IoFile::open(p)
     } else {
@@ -337,6 +340,10 @@ pub struct WritableLayer {
     /// [`WritableLayer::flush`] fsyncs (false for scratch layers that are committed
     /// and deleted, e.g. the convertor's: [`WritableLayer::scratch`]).
     durable: bool,
+    /// Set by [`WritableLayer::freeze`]: every later change is refused. Set
+    /// while holding `state`, so a change that records under that lock
+    /// either is in what `freeze` saved or is refused.
+    frozen: AtomicBool,
     state: Mutex<RwState>,
 }
 
@@ -444,6 +451,7 @@ impl WritableLayer {
             target,
             read_only,
             durable: true,
+            frozen: AtomicBool::new(false),
             state: Mutex::new(RwState {
                 index: index_map,
                 data_end: 0,
@@ -657,6 +665,7 @@ impl WritableLayer {
             target: None,
             read_only,
             durable: true,
+            frozen: AtomicBool::new(false),
             state: Mutex::new(RwState {
                 index,
                 data_end: data_len.div_ceil(SECTOR) * SECTOR,
@@ -798,7 +807,7 @@ impl WritableLayer {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only || self.frozen.load(Ordering::Acquire) {
             return Err(Error::ReadOnly);
         }
         Ok(())
@@ -832,6 +841,7 @@ impl WritableLayer {
         if self.sparse {
             self.data.write_all_at(buf, HT_SPACE as u64 + offset)?;
             let mut st = self.state.lock();
+            self.check_writable()?;
             let mut s = offset / SECTOR;
             let end = s + buf.len() as u64 / SECTOR;
             while s < end {
@@ -860,6 +870,9 @@ impl WritableLayer {
 
     fn record(&self, m: Mapping) -> Result<()> {
         let mut st = self.state.lock();
+        // Checked again under the lock: a write that began before
+        // [`Self::freeze`] must not complete after it unsaved.
+        self.check_writable()?;
         st.index.insert(m);
         st.pending.push(m);
         if st.pending.len() >= INDEX_BATCH {
@@ -967,6 +980,7 @@ impl WritableLayer {
         if self.sparse {
             self.data.punch_hole(HT_SPACE as u64 + offset, len)?;
             let mut st = self.state.lock();
+            self.check_writable()?;
             while s < end {
                 let n = (end - s).min(MAX_LENGTH as u64);
                 st.index
@@ -1046,6 +1060,28 @@ impl WritableLayer {
         if !self.durable {
             return Ok(());
         }
+        self.data.sync()?;
+        if let Some(fi) = &self.index_file {
+            fi.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Make every change made so far durable, as [`WritableLayer::flush`]
+    /// does (even for a [`WritableLayer::scratch`] layer), and refuse every
+    /// later one with [`Error::ReadOnly`]: for a process about to exit
+    /// without closing the layer while other threads may still be writing
+    /// to it. A write under way meanwhile is either saved or fails (having
+    /// perhaps changed some data, as a failed write may); none succeeds
+    /// after this returns. Fails when the index cannot be written or the
+    /// files cannot be synced (the layer stays frozen).
+    pub fn freeze(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut st = self.state.lock();
+        self.frozen.store(true, Ordering::Release);
+        self.flush_index(&mut st)?;
         self.data.sync()?;
         if let Some(fi) = &self.index_file {
             fi.sync()?;

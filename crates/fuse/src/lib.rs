@@ -115,7 +115,9 @@ pub struct Ready {
 }
 
 /// Open the stack, mount it, call `ready` once it can be used, serve until it
-/// is unmounted or a stop signal arrives, then flush a writable upper.
+/// is unmounted or a stop signal arrives, then flush a writable upper. A
+/// second stop signal makes the upper's completed writes durable and exits
+/// the process at once ([`session::serve_saving`]).
 pub fn mount(req: &MountRequest, ready: impl FnOnce(&Ready)) -> Result<Ended> {
     if req.writable && req.spec.upper.is_none() {
         return Err(Error::Usage(
@@ -149,7 +151,21 @@ pub fn mount(req: &MountRequest, ready: impl FnOnce(&Ready)) -> Result<Ended> {
             );
             let fs = block::DiskFs::new(dev.clone(), req.writable, uid, gid)
                 .with_allocation(stack.clone());
-            session::serve(fs, &mcfg, || ready(&info))?
+            // A second stop signal exits without returning here: the writes
+            // the kernel was told are done must be saved first.
+            let save: Option<session::Save> = req.writable.then(|| {
+                let stack = stack.clone();
+                Box::new(move || {
+                    stack
+                        .upper()
+                        .map_or(Ok(()), |u| u.freeze())
+                        .map_err(|source| Error::Stack {
+                            what: "cannot save the upper layer".into(),
+                            source,
+                        })
+                }) as session::Save
+            });
+            session::serve_saving(fs, &mcfg, || ready(&info), save)?
         }
         Mode::Fs => {
             mcfg.default_permissions = true;

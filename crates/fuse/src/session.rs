@@ -4,8 +4,10 @@
 //! and returns once the mount is gone: after `fusermount -u`/`umount`, or
 //! after SIGINT/SIGTERM/SIGHUP, which unmount it (lazily when it is busy, so
 //! a loop device or an open file keeps working until released). A second
-//! signal exits at once. A daemon that is killed leaves a dead mountpoint
-//! ("Transport endpoint is not connected") that `fusermount -u` removes.
+//! signal exits at once with status 128 + the signal's number, after saving
+//! what a writable mount must keep ([`serve_saving`]). A daemon that is
+//! killed leaves a dead mountpoint ("Transport endpoint is not connected")
+//! that `fusermount -u` removes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -104,6 +106,24 @@ fn is_fuse_mount_root(mp: &Path, md: &std::fs::Metadata) -> bool {
 /// Mount `fs` as `cfg` says, call `ready` once the kernel can send requests,
 /// and serve until the mount goes away.
 pub fn serve<F: Filesystem>(fs: F, cfg: &MountConfig, ready: impl FnOnce()) -> Result<Ended> {
+    serve_saving(fs, cfg, ready, None)
+}
+
+/// Makes every write a mount has completed durable and refuses later ones
+/// (see [`serve_saving`]).
+pub type Save = Box<dyn FnOnce() -> Result<()> + Send>;
+
+/// [`serve`], with `save` (for a writable mount) called by a second stop
+/// signal before the process exits: that exit does not wait for the mount
+/// to go, nor for [`serve`] to return to its caller, who would otherwise
+/// save the writes. The exit status is 128 + the signal's number once
+/// `save` succeeded (or without one), 1 when it failed.
+pub fn serve_saving<F: Filesystem>(
+    fs: F,
+    cfg: &MountConfig,
+    ready: impl FnOnce(),
+    save: Option<Save>,
+) -> Result<Ended> {
     let mp = &cfg.mountpoint;
     check_mountpoint(mp)?;
     // Block the stop signals before any thread starts, so that every thread
@@ -123,7 +143,7 @@ pub fn serve<F: Filesystem>(fs: F, cfg: &MountConfig, ready: impl FnOnce()) -> R
         let mp = mp.clone();
         std::thread::Builder::new()
             .name("signals".into())
-            .spawn(move || signal_loop(sigs, unmounter, &mp, &got))
+            .spawn(move || signal_loop(sigs, unmounter, &mp, &got, save))
             .map_err(|e| Error::io(&cfg.mountpoint, "cannot start the signal thread", e))?;
     }
     ready();
@@ -136,11 +156,16 @@ pub fn serve<F: Filesystem>(fs: F, cfg: &MountConfig, ready: impl FnOnce()) -> R
     })
 }
 
-fn signal_loop(sigs: SigSet, mut unmounter: SessionUnmounter, mp: &Path, got: &AtomicI32) {
+fn signal_loop(
+    sigs: SigSet,
+    mut unmounter: SessionUnmounter,
+    mp: &Path,
+    got: &AtomicI32,
+    mut save: Option<Save>,
+) {
     while let Ok(sig) = sigs.wait() {
         if got.swap(sig as i32, Ordering::SeqCst) != 0 {
-            eprintln!("overlaybd-fuse: {sig} again: exiting without waiting for the mount");
-            std::process::exit(130);
+            quick_exit(sig, save.take());
         }
         tracing::info!("{sig}: unmounting {}", mp.display());
         if let Err(e) = unmounter.unmount() {
@@ -152,6 +177,44 @@ fn signal_loop(sigs: SigSet, mut unmounter: SessionUnmounter, mp: &Path, got: &A
             );
         }
     }
+}
+
+/// Exit at once on a second stop signal `sig`, after `save` (see
+/// [`serve_saving`]). Further signals stay blocked (pending) meanwhile, so a
+/// third one cannot cut the save short.
+fn quick_exit(sig: Signal, save: Option<Save>) -> ! {
+    let code = 128 + sig as i32;
+    match save.map(|save| save()) {
+        None => {
+            eprintln!("overlaybd-fuse: {sig} again: exiting without waiting for the mount");
+            std::process::exit(code)
+        }
+        Some(Ok(())) => {
+            eprintln!(
+                "overlaybd-fuse: {sig} again: completed writes saved; exiting without waiting for the mount"
+            );
+            std::process::exit(code)
+        }
+        Some(Err(e)) => {
+            eprintln!(
+                "overlaybd-fuse: {sig} again: {}; exiting without waiting for the mount: writes may be lost",
+                error_chain(&e)
+            );
+            std::process::exit(1)
+        }
+    }
+}
+
+/// `e` and its sources, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// How long [`unmount_when_idle`] retries a busy mount by default.

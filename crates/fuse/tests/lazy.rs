@@ -229,6 +229,13 @@ fn one_file_and_a_listing_fetch_a_small_fraction_and_everything_equals_the_refer
     unmount_and_wait(&f);
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("lazy: fetched"), "{log}");
+    // The unmount line, as in the foreground, sums the fetches up.
+    assert!(
+        log.lines().any(|l| l.starts_with("overlaybd-fuse: ")
+            && l.contains(" unmounted; registry: ")
+            && l.contains(" bytes fetched in ")),
+        "{log}"
+    );
 }
 
 #[test]

@@ -210,3 +210,365 @@ fn a_mount_over_files_warns_that_they_are_hidden() {
     let o = f.wait();
     assert!(!String::from_utf8_lossy(&o.stderr).contains("not empty"));
 }
+
+/// Read the daemon's stderr until a line contains `want`; returns what was read.
+fn stderr_until(f: &mut Fuse, want: &str) -> String {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(f.child.as_mut().unwrap().stderr.take().unwrap());
+    let mut err = String::new();
+    while !err.contains(want) {
+        let mut l = String::new();
+        assert!(r.read_line(&mut l).unwrap() > 0, "no {want:?} in: {err}");
+        err.push_str(&l);
+    }
+    f.child.as_mut().unwrap().stderr = Some(r.into_inner());
+    err
+}
+
+/// A second signal exits without waiting for a busy mount, but only after
+/// saving the upper's index: writes that completed survive (the upper made
+/// without `-s`, whose index entries are kept in memory until flushed), and
+/// the status says which signal (128 + its number).
+#[test]
+fn a_second_signal_saves_completed_writes_and_exits_with_128_plus_signal() {
+    let t = tempfile::tempdir().unwrap();
+    let (data, index) = (t.path().join("data"), t.path().join("index"));
+    run_ok(
+        Command::new(workspace_bin("overlaybd-create"))
+            .arg(&data)
+            .arg(&index)
+            .arg("64"),
+    );
+    let layers = fixture_layers();
+    let mut args = layers_args(&layers);
+    args.extend(["--upper".as_ref(), data.as_os_str(), index.as_os_str()]);
+    let mp = t.path().join("mp");
+    let mut f = Fuse::foreground(&args, &mp);
+    let payload: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect();
+    let at = 40u64 << 30;
+    {
+        let w = File::options().write(true).open(f.disk()).unwrap();
+        w.write_all_at(&payload, at).unwrap();
+    }
+    // An open file keeps the mount busy: the first signal only detaches it.
+    let busy = File::open(f.disk()).unwrap();
+    kill(Pid::from_raw(f.pid()), Signal::SIGTERM).unwrap();
+    stderr_until(&mut f, "detached");
+    kill(Pid::from_raw(f.pid()), Signal::SIGTERM).unwrap();
+    let o = f.wait();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(128 + libc::SIGTERM), "{err}");
+    assert!(err.contains("completed writes saved"), "{err}");
+    drop(busy);
+
+    let mut ro = args.clone();
+    ro.insert(0, "--read-only".as_ref());
+    let f = Fuse::background(&ro, &t.path().join("ro"));
+    let mut back = vec![0u8; payload.len()];
+    File::open(f.disk())
+        .unwrap()
+        .read_exact_at(&mut back, at)
+        .unwrap();
+    assert!(back == payload, "the completed writes were lost");
+    f.unmount();
+
+    // Without an upper there is nothing to save: SIGHUP twice gives 129.
+    let mut f = Fuse::foreground(&layers_args(&layers), &t.path().join("mp2"));
+    let busy = File::open(f.disk()).unwrap();
+    kill(Pid::from_raw(f.pid()), Signal::SIGHUP).unwrap();
+    stderr_until(&mut f, "detached");
+    kill(Pid::from_raw(f.pid()), Signal::SIGHUP).unwrap();
+    let o = f.wait();
+    assert_eq!(o.status.code(), Some(128 + libc::SIGHUP));
+    drop(busy);
+}
+
+/// `cmd`'s output, failing the test when it runs longer than `secs` (it is
+/// killed then).
+fn output_within(cmd: &mut Command, secs: u64) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still running after {secs} s: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A FIFO given as the upper (in every mode), as the config or as a lower
+/// that a config names is refused at once, naming it; a `--log` FIFO is
+/// never waited for: refused when nothing reads it, used when something does.
+#[test]
+fn fifos_are_refused_or_used_without_hanging() {
+    let t = tempfile::tempdir().unwrap();
+    let mp = t.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let fifo = |name: &str| {
+        let p = t.path().join(name);
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        p
+    };
+    let (f1, f2, fj) = (fifo("f1"), fifo("f2"), fifo("f.json"));
+    let config = t.path().join("c.json");
+    std::fs::write(
+        &config,
+        format!(r#"{{"lowers": [{{"file": "{}"}}]}}"#, f2.display()),
+    )
+    .unwrap();
+    let base = fixture_layers()[0].clone();
+    let cases: Vec<(Vec<&std::ffi::OsStr>, String)> = vec![
+        (
+            vec![
+                "--read-only".as_ref(),
+                base.as_os_str(),
+                "--upper".as_ref(),
+                f1.as_os_str(),
+                f2.as_os_str(),
+            ],
+            format!("{}: not a layer file: it is a FIFO", f1.display()),
+        ),
+        (
+            vec![
+                base.as_os_str(),
+                "--upper".as_ref(),
+                f1.as_os_str(),
+                f2.as_os_str(),
+            ],
+            format!("{}: not a layer file: it is a FIFO", f1.display()),
+        ),
+        (
+            vec![fj.as_os_str()],
+            format!("{}: not an image config file: it is a FIFO", fj.display()),
+        ),
+        (
+            vec![config.as_os_str()],
+            format!("{}: not a layer file: it is a FIFO", f2.display()),
+        ),
+    ];
+    for (args, want) in cases {
+        for bg in [false, true] {
+            let mut c = Command::new(fuse_bin());
+            c.arg("mount");
+            if bg {
+                c.arg("--background");
+            }
+            let o = output_within(c.args(&args).arg(&mp), 20);
+            let e = err_text(&o);
+            assert!(e.contains(&want), "{args:?}: {e}");
+            assert!(!is_mounted(&mp));
+        }
+    }
+
+    // --log FIFO with no reader: refused at once.
+    let o = output_within(
+        Command::new(fuse_bin())
+            .args(["mount", "--background", "--log"])
+            .arg(&f1)
+            .arg(&base)
+            .arg(&mp),
+        20,
+    );
+    let e = err_text(&o);
+    assert!(e.contains("no process reads"), "{e}");
+    assert!(!is_mounted(&mp));
+    // With a reader it gets the daemon's messages.
+    let reader = {
+        let f1 = f1.clone();
+        std::thread::spawn(move || std::fs::read_to_string(f1).unwrap())
+    };
+    // The reader opens the FIFO in its own time: until then it is refused.
+    let f = loop {
+        let o = output_within(
+            Command::new(fuse_bin())
+                .args(["mount", "--background", "--log"])
+                .arg(&f1)
+                .arg(&base)
+                .arg(&mp),
+            20,
+        );
+        if o.status.success() {
+            break Fuse {
+                mp: mp.clone(),
+                child: None,
+                ready: String::from_utf8_lossy(&o.stdout).into_owned(),
+            };
+        }
+        assert!(err_text(&o).contains("no process reads"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    f.unmount();
+    let log = reader.join().unwrap();
+    assert!(log.contains("unmounted"), "{log}");
+}
+
+/// The daemon's `--log` gets the line saying how the mount ended (at the
+/// default log level), as the foreground prints it.
+#[test]
+fn the_log_file_gets_the_unmount_line() {
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    let log = t.path().join("log");
+    for (sig, want) in [
+        (None, "unmounted"),
+        (Some(Signal::SIGTERM), "stopped by SIGTERM"),
+    ] {
+        let mp = t.path().join(format!("mp-{}", sig.is_some()));
+        let mut args = vec!["--log".as_ref(), log.as_os_str()];
+        args.extend(layers_args(&layers));
+        let f = Fuse::background(&args, &mp);
+        let pid: i32 = f
+            .ready
+            .split("daemon pid ")
+            .nth(1)
+            .and_then(|s| s.trim_end_matches([')', '\n']).parse().ok())
+            .unwrap_or_else(|| panic!("no daemon pid in {:?}", f.ready));
+        match sig {
+            None => f.unmount(),
+            Some(s) => kill(Pid::from_raw(pid), s).unwrap(),
+        }
+        // The line is written just before the daemon exits.
+        let line = format!(
+            "overlaybd-fuse: {} {want}",
+            mp.canonicalize().unwrap().display()
+        );
+        let t0 = std::time::Instant::now();
+        let mut text = String::new();
+        while !text.lines().any(|l| l == line) {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(20),
+                "no {line:?} in the log: {text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            text = std::fs::read_to_string(&log).unwrap();
+        }
+    }
+}
+
+/// A "registry" that accepts connections and never answers: its port, and
+/// a channel that gets () for each connection.
+fn silent_registry_watched() -> (u16, std::sync::mpsc::Receiver<()>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming() {
+            held.push(c);
+            let _ = tx.send(());
+        }
+    });
+    (port, rx)
+}
+
+/// The port of a registry that accepts connections and never answers.
+fn silent_registry() -> u16 {
+    silent_registry_watched().0
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            // "pid (comm) state ppid ...": comm may hold spaces, not ')'.
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|st| {
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// A stop signal to `--background` while it waits for the daemon (here:
+/// fetching a manifest that never comes) stops the daemon too, which must
+/// not mount later unseen; the status is 128 + the signal's number.
+#[test]
+fn a_signal_while_waiting_for_the_daemon_stops_it() {
+    let t = tempfile::tempdir().unwrap();
+    let mp = t.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let (port, connected) = silent_registry_watched();
+    let image = format!("127.0.0.1:{port}/x:y");
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        let mut parent = Command::new(fuse_bin())
+            .args(["mount", "--background", "--plain", &image])
+            .arg(&mp)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The daemon is asking the registry.
+        connected
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the daemon never connected");
+        let daemons = children_of(parent.id());
+        assert_eq!(daemons.len(), 1, "{daemons:?}");
+        kill(Pid::from_raw(parent.id() as i32), sig).unwrap();
+        let t0 = std::time::Instant::now();
+        while parent.try_wait().unwrap().is_none() {
+            if t0.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = parent.kill();
+                panic!("{sig}: still waiting after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let o = parent.wait_with_output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(128 + sig as i32), "{sig}: {e}");
+        assert!(
+            e.contains(&format!("{sig}: stopped the daemon")),
+            "{sig}: {e}"
+        );
+        assert_eq!(e.trim().lines().count(), 1, "{e}");
+        // Gone, and reaped (by the parent).
+        let daemon = daemons[0];
+        assert!(
+            !std::path::Path::new(&format!("/proc/{daemon}")).exists(),
+            "{sig}: the daemon {daemon} is still there"
+        );
+        assert!(!is_mounted(&mp));
+    }
+}
+
+/// `--timeout` bounds each request of the mount itself (the manifest), not
+/// only the reads: against a registry that never answers, the mount fails
+/// after its attempts (1 + `--retries`) have each had that long, saying so.
+#[test]
+fn timeout_bounds_the_mount_time_requests_of_a_silent_registry() {
+    let t = tempfile::tempdir().unwrap();
+    let mp = t.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    let image = format!("127.0.0.1:{}/x:y", silent_registry());
+    let t0 = std::time::Instant::now();
+    // Two attempts of 2 s and a backoff: about 4.5 s (the registry client's
+    // own 60 s per attempt would take two minutes).
+    let o = output_within(
+        Command::new(fuse_bin())
+            .args(["mount", "--background", "--plain", "--timeout", "2"])
+            .args(["--retries", "1", &image])
+            .arg(&mp),
+        30,
+    );
+    let e = err_text(&o);
+    assert!(e.contains("no answer within 2 s, 2 attempts"), "{e}");
+    assert!(t0.elapsed() >= std::time::Duration::from_secs(4), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(!is_mounted(&mp));
+}

@@ -54,7 +54,9 @@ pub struct RemoteArgs {
     /// fails with EIO.
     #[arg(help_heading = HEADING, long, value_name = "N", default_value_t = 3)]
     pub retries: u32,
-    /// Seconds one range request may take before it counts as failed.
+    /// Seconds one registry request may take before it counts as failed
+    /// (and is retried, see --retries): those at start (the manifest) as
+    /// well as the range requests of reads.
     #[arg(help_heading = HEADING, long, value_name = "SECS", default_value_t = 30)]
     pub timeout: u64,
 }
@@ -71,6 +73,7 @@ impl RemoteArgs {
             };
             client_certs.push((PathBuf::from(c), PathBuf::from(k)));
         }
+        let timeout = Duration::from_secs(self.timeout.max(1));
         let credentials = self.username.as_deref().and_then(Credentials::parse);
         if self.username.is_some() && credentials.is_none() {
             tracing::warn!("-u without 'user:password': using anonymous access");
@@ -85,12 +88,13 @@ impl RemoteArgs {
                 docker_config: self.username.is_none(),
                 credentials,
                 retries: self.retries,
+                stall_timeout: timeout,
                 ..Default::default()
             },
             fetch: FetchOptions {
                 readahead: self.readahead,
                 retries: self.retries,
-                timeout: Duration::from_secs(self.timeout.max(1)),
+                timeout,
                 ..Default::default()
             },
             cache_dir: self.cache_dir.clone(),

@@ -79,10 +79,12 @@ impl LayerBlob {
     pub fn source(&self) -> Result<Arc<dyn ReadAt>> {
         match self {
             LayerBlob::File(p) => {
-                let f = IoFile::open(p).map_err(|source| Error::Stack {
-                    what: format!("cannot open layer {}", p.display()),
-                    source,
-                })?;
+                let f = blockdev::io::check_regular(p, "a layer file")
+                    .and_then(|()| IoFile::open(p))
+                    .map_err(|source| Error::Stack {
+                        what: format!("cannot open layer {}", p.display()),
+                        source,
+                    })?;
                 let s = FileSlice::whole(Arc::new(f)).map_err(|source| Error::Stack {
                     what: format!("cannot open layer {}", p.display()),
                     source,
@@ -206,6 +208,19 @@ fn registry_ref(a: &str) -> Option<RemoteRef> {
     RemoteRef::parse(a).ok()
 }
 
+/// For a request that ran out of time: how long each attempt had and how
+/// many there were (the options that set them: `--timeout`, `--retries`).
+fn timed_out_note(e: &obdregistry::Error, opts: &obdregistry::ClientOptions) -> String {
+    if !e.is_timeout() {
+        return String::new();
+    }
+    format!(
+        " (no answer within {} s, {} attempts; see --timeout and --retries)",
+        opts.stall_timeout.as_secs_f64(),
+        u64::from(opts.retries) + 1
+    )
+}
+
 /// A layer stack to mount.
 #[derive(Debug, Clone)]
 pub struct ImageSpec {
@@ -327,7 +342,12 @@ impl ImageSpec {
         upper: Option<UpperSpec>,
         remote: &RemoteOptions,
     ) -> Result<ImageSpec> {
-        let reg_err = |what: String| move |source| Error::Registry { what, source };
+        let reg_err = |what: String| {
+            move |source: obdregistry::Error| Error::Registry {
+                what: format!("{what}{}", timed_out_note(&source, &remote.client)),
+                source,
+            }
+        };
         let registry = obdregistry::Registry::new(&r.host, &remote.client).map_err(reg_err(
             format!("{}: cannot set up the registry client", r.host),
         ))?;

@@ -191,6 +191,16 @@ impl Error {
     pub fn is_not_found(&self) -> bool {
         self.kind() == ErrorKind::NotFound
     }
+
+    /// Whether the request (or reading its answer) ran out of time: the
+    /// registry did not answer within [`ClientOptions::stall_timeout`].
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Error::Transport { error, .. } => error.is_timeout(),
+            Error::Stream { error, .. } => timed_out(error),
+            _ => false,
+        }
+    }
 }
 
 /// Username and password. `Debug` never shows the password.

@@ -5,14 +5,18 @@
 #![allow(rustdoc::broken_intra_doc_links)]
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use blockdev::io::{set_default_backend, IoBackend};
 use clap::{Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use obdfuse::{Ended, ImageSpec, Mode, MountConfig, MountRequest};
 
 /// Set in the environment of the daemon started by `--background`.
@@ -71,11 +75,14 @@ struct MountArgs {
     #[arg(long)]
     read_only: bool,
 
-    /// Return once the mount is ready and keep serving in the background.
+    /// Return once the mount is ready and keep serving in the background
+    /// (Ctrl-C, SIGTERM or SIGHUP before that stops the daemon too).
     #[arg(long)]
     background: bool,
 
-    /// With --background: append the daemon's log messages to this file.
+    /// With --background: append the daemon's log messages to this file
+    /// (created if missing). It may be a FIFO, which must have a reader
+    /// already (it is not waited for), or /dev/null.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
 
@@ -122,6 +129,12 @@ fn main() -> ExitCode {
         .with_target(false)
         .try_init();
     let daemon = std::env::var_os(DAEMON_ENV).is_some();
+    if daemon {
+        // The parent blocks these while it waits for us to get ready, and
+        // the mask is inherited: until serving (which handles them), they
+        // must stop us, as the parent's stop_daemon expects.
+        let _ = stop_signals().thread_unblock();
+    }
     // (Checked here, not by clap: the daemon runs without --background.)
     if a.log.is_some() && !a.background && !daemon {
         let _ = writeln!(
@@ -133,10 +146,10 @@ fn main() -> ExitCode {
     let r = if a.background && !daemon {
         start_background(&a)
     } else {
-        run(&a, daemon)
+        run(&a, daemon).map(|()| ExitCode::SUCCESS)
     };
     match r {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             if daemon {
                 // The parent relays this line.
@@ -209,7 +222,7 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
         Ended::Unmounted => "unmounted".to_string(),
         Ended::Signal(s) => format!(
             "stopped by {}",
-            nix::sys::signal::Signal::try_from(s)
+            Signal::try_from(s)
                 .map(|s| s.to_string())
                 .unwrap_or_else(|_| s.to_string())
         ),
@@ -217,18 +230,20 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
     let fetched = fetch_stats
         .map(|s| format!("; registry: {}", s.summary()))
         .unwrap_or_default();
-    if !daemon {
-        print_out(format_args!(
-            "overlaybd-fuse: {} {how}{}{fetched}",
-            mp.display(),
-            if req.writable {
-                "; upper layer flushed"
-            } else {
-                ""
-            }
-        ));
+    let line = format!(
+        "overlaybd-fuse: {} {how}{}{fetched}",
+        mp.display(),
+        if req.writable {
+            "; upper layer flushed"
+        } else {
+            ""
+        }
+    );
+    if daemon {
+        // Its stdout is gone; stderr is the --log file.
+        let _ = writeln!(std::io::stderr(), "{line}");
     } else {
-        tracing::info!("{} {how}{fetched}", mp.display());
+        print_out(format_args!("{line}"));
     }
     Ok(())
 }
@@ -240,55 +255,183 @@ fn print_out(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(o, "{line}").and_then(|_| o.flush());
 }
 
+/// Open the `--log` file for appending, without waiting: a FIFO that no
+/// process reads fails at once (its plain open would block until one does).
+fn open_log(p: &Path) -> Result<std::fs::File> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(p)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => anyhow!(
+                "--log {}: a FIFO (or socket) that no process reads; start its reader first",
+                p.display()
+            ),
+            _ => anyhow!(e).context(format!("cannot open the log file {}", p.display())),
+        })?;
+    // Blocking writes again: a FIFO's slow reader delays log lines, rather
+    // than making the daemon drop them.
+    fcntl(&f, FcntlArg::F_GETFL)
+        .and_then(|fl| {
+            let fl = OFlag::from_bits_truncate(fl) - OFlag::O_NONBLOCK;
+            fcntl(&f, FcntlArg::F_SETFL(fl))
+        })
+        .with_context(|| format!("cannot set up the log file {}", p.display()))?;
+    Ok(f)
+}
+
 /// Start this program again as a daemon and wait until it reports the mount
-/// ready (or fails).
-fn start_background(a: &MountArgs) -> Result<()> {
+/// ready (or fails). SIGINT, SIGTERM or SIGHUP meanwhile stops the daemon
+/// (it must not mount later, unseen) and ends with 128 + the signal's number.
+fn start_background(a: &MountArgs) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let args: Vec<OsString> = std::env::args_os()
         .skip(1)
         .filter(|x| x != "--background")
         .collect();
     let stderr = match &a.log {
-        Some(p) => Stdio::from(
-            std::fs::File::options()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("cannot open the log file {}", p.display()))?,
-        ),
+        Some(p) => Stdio::from(open_log(p)?),
         None => Stdio::null(),
     };
+    // Blocked before the daemon starts, so that none of them can end this
+    // process with the daemon left behind; they are read from a signalfd
+    // while waiting. (The daemon inherits the mask and unblocks them.)
+    let stops = stop_signals();
+    stops
+        .thread_block()
+        .context("cannot block SIGINT/SIGTERM/SIGHUP")?;
+    let sfd = SignalFd::with_flags(&stops, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .context("cannot watch for SIGINT/SIGTERM/SIGHUP")?;
     let mut child = Command::new(exe)
         .args(args)
         .env(DAEMON_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)
+        // Its own process group: a Ctrl-C at the terminal later is not for it.
         .process_group(0)
         .spawn()
         .context("cannot start the daemon")?;
     let out = child.stdout.take().expect("piped stdout");
-    let mut ready = None;
-    let mut errors = Vec::new();
-    for line in BufReader::new(out).lines() {
-        let line = line.context("reading the daemon's status")?;
-        if let Some(r) = line.strip_prefix("ready ") {
-            ready = Some(r.to_string());
-            break;
-        }
-        errors.push(line.strip_prefix("error: ").unwrap_or(&line).to_string());
-    }
-    match ready {
-        Some(line) => {
+    match wait_for_daemon(out, &sfd) {
+        Ok(Status::Ready(line)) => {
             print_out(format_args!("{line} (daemon pid {})", child.id()));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        None => {
+        Ok(Status::Exited(errors)) => {
             let st = child.wait().context("waiting for the daemon")?;
             if errors.is_empty() {
                 bail!("the daemon exited ({st}) before the mount was ready");
             }
             bail!("{}", errors.join("; "))
         }
+        Ok(Status::Stopped(sig)) => {
+            let how = stop_daemon(&mut child);
+            let _ = writeln!(
+                std::io::stderr(),
+                "overlaybd-fuse: {sig}: stopped the daemon (pid {}{how}) before the mount was ready",
+                child.id()
+            );
+            Ok(ExitCode::from(128 + sig as u8))
+        }
+        Err(e) => {
+            stop_daemon(&mut child);
+            Err(e)
+        }
     }
+}
+
+/// SIGINT, SIGTERM and SIGHUP.
+fn stop_signals() -> SigSet {
+    let mut s = SigSet::empty();
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        s.add(sig);
+    }
+    s
+}
+
+/// How waiting for the daemon ended.
+enum Status {
+    /// It reported the mount ready: its line.
+    Ready(String),
+    /// It exited first, after reporting these errors.
+    Exited(Vec<String>),
+    /// A stop signal came first.
+    Stopped(Signal),
+}
+
+/// Read the daemon's status lines from `out` until it reports ready or
+/// exits, or a stop signal arrives on `sfd`.
+fn wait_for_daemon(mut out: impl Read + AsFd, sfd: &SignalFd) -> Result<Status> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut pending = Vec::new();
+    let mut errors = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut fds = [
+            PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(out.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => r.context("waiting for the daemon")?,
+        };
+        let [signalled, readable] = fds.map(|f| f.revents().is_some_and(|r| !r.is_empty()));
+        if signalled {
+            if let Some(info) = sfd.read_signal().context("reading a signal")? {
+                let sig = i32::try_from(info.ssi_signo)
+                    .ok()
+                    .and_then(|s| Signal::try_from(s).ok())
+                    .unwrap_or(Signal::SIGTERM);
+                return Ok(Status::Stopped(sig));
+            }
+        }
+        if !readable {
+            continue;
+        }
+        let n = match out.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.context("reading the daemon's status")?,
+        };
+        if n == 0 {
+            if !pending.is_empty() {
+                errors.push(String::from_utf8_lossy(&pending).into_owned());
+            }
+            return Ok(Status::Exited(errors));
+        }
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+            let raw: Vec<u8> = pending.drain(..=i).collect();
+            let line = String::from_utf8_lossy(&raw[..i]).into_owned();
+            if let Some(r) = line.strip_prefix("ready ") {
+                return Ok(Status::Ready(r.to_string()));
+            }
+            errors.push(line.strip_prefix("error: ").unwrap_or(&line).to_string());
+        }
+    }
+}
+
+/// How long a daemon stopped before it was ready gets to exit after SIGTERM
+/// (it unmounts if it had mounted) before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Stop the daemon and wait for it: SIGTERM, then SIGKILL after
+/// [`STOP_GRACE`]. Returns what had to be done beyond SIGTERM, for the
+/// message.
+fn stop_daemon(child: &mut Child) -> &'static str {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+    let start = Instant::now();
+    while start.elapsed() < STOP_GRACE {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return "";
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    ", killed: it did not stop on SIGTERM"
 }
