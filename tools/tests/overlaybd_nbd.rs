@@ -431,7 +431,15 @@ fn clear_errors_for_bad_inputs_and_read_only_upper() {
     assert!(err.contains("another server is listening"), "{err}");
     run_ok(Command::new(tool("nbdinfo")).arg("--size").arg(&uri));
     // Thread counts are bounded when parsed, not when a thread fails to start.
-    for bad in [["--workers", "100000"], ["--max-connections", "0"]] {
+    for bad in [
+        ["--workers", "100000"],
+        ["--max-connections", "0"],
+        ["--handshake-timeout", "1e30"],
+        ["--handshake-timeout", "1e19"],
+        ["--handshake-timeout", "86401"],
+        ["--handshake-timeout", "0"],
+        ["--handshake-timeout", "NaN"],
+    ] {
         let out = Command::new(NBD)
             .args(["serve", "x"])
             .args(bad)

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use blockdev::config::UpperConfig;
@@ -96,9 +97,10 @@ struct ServeArgs {
     max_connections: usize,
 
     /// Close connections that have not finished the NBD handshake after
-    /// this many seconds (idle connections cannot lock clients out).
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
-    handshake_timeout: f64,
+    /// this many seconds (more than 0, at most 86400: a day); idle
+    /// connections cannot lock clients out.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_handshake_timeout)]
+    handshake_timeout: Duration,
 
     /// Microseconds (0 to 10000) a connection polls for the next requests
     /// before it sleeps. A pipelining client's next requests come within
@@ -108,6 +110,18 @@ struct ServeArgs {
     #[arg(long, value_name = "US", default_value_t = blockdev::nbd::BUSY_POLL.as_micros() as u64,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     busy_poll_us: u64,
+}
+
+/// `--handshake-timeout`: seconds, fractions allowed, in (0, 86400].
+fn parse_handshake_timeout(s: &str) -> std::result::Result<Duration, String> {
+    const MAX: f64 = 86_400.0;
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= MAX) {
+        return Err(format!("{s} is not in (0, {MAX}] seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// The device to serve, where block status comes from, and a description.
@@ -230,9 +244,6 @@ fn serve(a: ServeArgs) -> Result<()> {
     sigs.add(Signal::SIGTERM);
     sigs.thread_block().context("cannot block SIGINT/SIGTERM")?;
 
-    if !(a.handshake_timeout > 0.0 && a.handshake_timeout.is_finite()) {
-        bail!("--handshake-timeout must be a positive number of seconds");
-    }
     // The signal thread starts before the layers open (a registry image
     // can take long): until the server exists a signal exits at once.
     let server_handle: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
@@ -280,8 +291,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         read_only: a.read_only,
         workers_per_connection: a.workers.max(1),
         max_connections: a.max_connections.max(1),
-        handshake_timeout: std::time::Duration::from_secs_f64(a.handshake_timeout),
-        busy_poll: std::time::Duration::from_micros(a.busy_poll_us),
+        handshake_timeout: a.handshake_timeout,
+        busy_poll: Duration::from_micros(a.busy_poll_us),
         ..ServerConfig::default()
     };
     let server = Server::with_allocation(dev, alloc, cfg);
