@@ -478,6 +478,45 @@ impl Stack {
         Ok(())
     }
 
+    /// Zero `[offset, offset + len)` (multiples of the write alignment) in
+    /// the upper. A sparse upper's holes read from the lowers once the layer
+    /// is reopened, so it punches holes only where no lower maps data (the
+    /// hole then reads as zeros for good) and writes real zeros over the
+    /// 4 KiB blocks where some lower does: zeroing a large range of a sparse
+    /// upper stays sparse.
+    fn zero_upper(&self, upper: &WritableLayer, offset: u64, len: u64) -> Result<()> {
+        if !upper.is_sparse() {
+            return upper.write_zeroes(offset, len);
+        }
+        let al = self.write_align;
+        let end = offset + len;
+        // Byte ranges (whole blocks) that some lower holds data in, merged.
+        let mut data: Vec<(u64, u64)> = Vec::new();
+        for m in self.lower_index.lookup(offset / SECTOR, len / SECTOR) {
+            if m.zeroed {
+                continue;
+            }
+            let (a, l) = widen(m.offset * SECTOR, m.length as u64 * SECTOR, al);
+            let (a, b) = (a.max(offset), (a + l).min(end));
+            match data.last_mut() {
+                Some(last) if last.1 >= a => last.1 = last.1.max(b),
+                _ => data.push((a, b)),
+            }
+        }
+        let mut pos = offset;
+        for (a, b) in data {
+            if a > pos {
+                upper.discard(pos, a - pos)?;
+            }
+            upper.write_zeroes(a, b - a)?;
+            pos = b;
+        }
+        if end > pos {
+            upper.discard(pos, end - pos)?;
+        }
+        Ok(())
+    }
+
     fn upper_for_write(&self) -> Result<&WritableLayer> {
         self.upper.as_ref().ok_or(Error::ReadOnly)
     }
@@ -567,7 +606,7 @@ impl BlockDevice for Stack {
         if a > offset {
             self.write_at(&vec![0u8; (a - offset) as usize], offset)?;
         }
-        upper.write_zeroes(a, b - a)?;
+        self.zero_upper(upper, a, b - a)?;
         if offset + len > b {
             self.write_at(&vec![0u8; (offset + len - b) as usize], b)?;
         }

@@ -314,3 +314,76 @@ fn shutdown_finishes_in_flight_requests_and_flushes() {
     assert!(!socket.exists());
     assert!(Client::connect(&blockdev::nbd::Endpoint::Unix(socket), &opts(false)).is_err());
 }
+
+/// A device whose reads panic (a bug somewhere below the server).
+struct Panicking(Arc<MemDevice>);
+
+impl BlockDevice for Panicking {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, _buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
+        panic!("test device: read at {offset}");
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> blockdev::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.0.trim(offset, len)
+    }
+}
+
+/// `f` on another thread, failing the test if it takes over 10 s.
+fn within_10s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what}: still waiting after 10 s"))
+}
+
+/// A connection thread that panics still closes its client's socket (the
+/// client hung forever waiting for a reply) and leaves the connection table;
+/// the server goes on serving and stops cleanly.
+#[test]
+fn a_panicking_connection_closes_its_socket() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(Panicking(test_device()));
+    let srv = start(dev, ServerConfig::default());
+    for _ in 0..2 {
+        let ep = srv.ep.clone();
+        let r = within_10s("reply to a read that panics", move || {
+            let mut c = Client::connect(&ep, &opts(false)).expect("connect");
+            c.read(0, 4096).map(|_| ())
+        });
+        assert!(r.is_err(), "a read that panicked succeeded");
+    }
+    within_10s("shutdown", move || srv.stop());
+}
+
+/// A handshake timeout too large for the clock (it overflowed `Instant` and
+/// panicked every connection thread) is as good as none.
+#[test]
+fn a_huge_handshake_timeout_does_not_overflow() {
+    let dev = test_device();
+    let srv = start(
+        dev.clone(),
+        ServerConfig {
+            handshake_timeout: Duration::MAX,
+            ..ServerConfig::default()
+        },
+    );
+    let ep = srv.ep.clone();
+    let (off, len) = DATA_RANGES[1];
+    let got = within_10s("a read", move || {
+        let mut c = Client::connect(&ep, &opts(true)).expect("connect");
+        c.read(off, len as u32).expect("read")
+    });
+    let mut want = vec![0u8; len as usize];
+    dev.read_at(&mut want, off).unwrap();
+    assert!(got == want);
+    srv.stop();
+}

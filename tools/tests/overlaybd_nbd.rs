@@ -431,7 +431,15 @@ fn clear_errors_for_bad_inputs_and_read_only_upper() {
     assert!(err.contains("another server is listening"), "{err}");
     run_ok(Command::new(tool("nbdinfo")).arg("--size").arg(&uri));
     // Thread counts are bounded when parsed, not when a thread fails to start.
-    for bad in [["--workers", "100000"], ["--max-connections", "0"]] {
+    for bad in [
+        ["--workers", "100000"],
+        ["--max-connections", "0"],
+        ["--handshake-timeout", "1e30"],
+        ["--handshake-timeout", "1e19"],
+        ["--handshake-timeout", "86401"],
+        ["--handshake-timeout", "0"],
+        ["--handshake-timeout", "NaN"],
+    ] {
         let out = Command::new(NBD)
             .args(["serve", "x"])
             .args(bad)
@@ -661,4 +669,142 @@ fn busy_polling_stops_for_slow_clients() {
     );
     c.disconnect().unwrap();
     served.terminate();
+}
+
+/// Wait up to `secs` for `child` to exit; kill it and fail if it does not.
+fn exit_within(mut child: Child, secs: u64, what: &str) -> (Option<i32>, String) {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+            return (st.code(), err);
+        }
+        if t.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: overlaybd-nbd still running after {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A FIFO as a layer, in a config.json or as a `--raw` image is refused
+/// naming it (opening it blocked the server, which ignored SIGTERM), and a
+/// signal while the layers open (here a registry that never answers) exits
+/// at once with 128 + the signal.
+#[test]
+fn fifo_inputs_are_refused_and_signals_stop_a_slow_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("f.lsmt");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"repoBlobUrl": "", "lowers": [{"file": fifo}],
+            "resultFile": dir.path().join("result")})
+        .to_string(),
+    )
+    .unwrap();
+    let sock = dir.path().join("s");
+    let runs: [(Vec<&std::ffi::OsStr>, &str); 3] = [
+        (vec![fifo.as_os_str()], "not a layer file"),
+        (
+            vec![fifo.as_os_str(), "--raw".as_ref()],
+            "not a raw disk image",
+        ),
+        (vec![cfg.as_os_str()], "not a layer file"),
+    ];
+    for (args, want) in runs {
+        let child = Command::new(NBD)
+            .arg("serve")
+            .args(&args)
+            .arg("--socket")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (code, err) = exit_within(child, 10, &format!("{args:?}"));
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(want) && err.contains("f.lsmt"),
+            "{args:?}: {err}"
+        );
+    }
+
+    // A registry that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let image = format!("{}/repo:tag", silent.local_addr().unwrap());
+    for (sig, code) in [
+        (nix::sys::signal::Signal::SIGTERM, 143),
+        (nix::sys::signal::Signal::SIGINT, 130),
+    ] {
+        let child = Command::new(NBD)
+            .args(["serve", &image, "--plain", "--socket"])
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+        let (got, err) = exit_within(child, 5, &format!("{sig} while opening"));
+        assert_eq!(got, Some(code), "{err}");
+        assert!(err.contains("while opening"), "{err}");
+    }
+    drop(silent);
+}
+
+/// A config.json with `--upper` serves the config's lowers under that upper
+/// (as overlaybd-fuse does: it replaces the config's upper), whatever the
+/// case of its extension, and a config is recognised by its content too.
+#[test]
+fn config_json_takes_an_upper_and_is_recognised_by_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixtures();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let json = serde_json::json!({"repoBlobUrl": "", "lowers": [
+        {"file": fx.join("baselayer/ext4_64")}, {"file": fx.join("baselayer/commit.lsmt")}],
+        "resultFile": dir.path().join("result")})
+    .to_string();
+    std::fs::write(p("ok.JSON"), &json).unwrap();
+    std::fs::write(p("image.cfg"), format!("\n {json}")).unwrap();
+    run_ok(Command::new(CREATE).args([&p("data"), &p("index"), "0", "-s"]));
+    for cfg in ["ok.JSON", "image.cfg"] {
+        let srv = Served::start(&[
+            &p(cfg),
+            "--upper",
+            &p("data"),
+            &p("index"),
+            "--socket",
+            &p("c.sock"),
+        ]);
+        assert!(
+            srv.banner.contains("image config")
+                && srv.banner.contains("2 lower(s)")
+                && srv.banner.contains(&format!("upper {}", p("data")))
+                && srv.banner.contains("writable"),
+            "{}",
+            srv.banner
+        );
+        run_ok(
+            Command::new(tool("qemu-io"))
+                .args(["-f", "raw"])
+                .arg(&srv.uri)
+                .args(["-c", "write -P 7 1M 4k"]),
+        );
+        srv.terminate();
+    }
+    let stack = Stack::open(
+        &[
+            fx.join("baselayer/ext4_64"),
+            fx.join("baselayer/commit.lsmt"),
+        ],
+        Some((Path::new(&p("data")), Path::new(&p("index")))),
+    )
+    .unwrap();
+    let mut b = vec![0u8; 4096];
+    stack.read_at(&mut b, 1 << 20).unwrap();
+    assert!(b.iter().all(|&x| x == 7));
 }

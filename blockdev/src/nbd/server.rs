@@ -686,6 +686,14 @@ fn serve_connection(inner: &Arc<Inner>, id: u64, stream: Stream, peer: &str) {
             }
         }
     }
+    // From here on the socket is closed and the connection unregistered
+    // however this thread ends, a panic included (the client would wait for
+    // a reply forever otherwise).
+    let _registered = Registered {
+        inner,
+        id,
+        stream: &stream,
+    };
     // Dropped for a newer connection before it was registered above (the
     // accept loop found nothing to close then)?
     let evicted = !inner
@@ -694,12 +702,6 @@ fn serve_connection(inner: &Arc<Inner>, id: u64, stream: Stream, peer: &str) {
         .expect("handshake list lock")
         .contains(&id);
     if evicted {
-        stream.shutdown(Shutdown::Both);
-        inner
-            .conns
-            .lock()
-            .expect("connection table lock")
-            .remove(&id);
         return;
     }
     tracing::debug!("{peer}: connected");
@@ -724,12 +726,32 @@ fn serve_connection(inner: &Arc<Inner>, id: u64, stream: Stream, peer: &str) {
             tracing::warn!("{peer}: closing connection: {}", crate::error::Chain(&e));
         }
     }
-    stream.shutdown(Shutdown::Both);
-    inner
-        .conns
-        .lock()
-        .expect("connection table lock")
-        .remove(&id);
+}
+
+/// A connection in the server's table: on drop (also when its thread
+/// panics) the socket is shut down in both directions and the connection
+/// leaves the table and the handshake list.
+struct Registered<'a> {
+    inner: &'a Inner,
+    id: u64,
+    stream: &'a Stream,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.stream.shutdown(Shutdown::Both);
+        // A poisoned lock must not turn an unwinding panic into an abort.
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        self.inner
+            .handshaking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&x| x != self.id);
+    }
 }
 
 /// Gives a session slot back when the session ends.
@@ -748,9 +770,15 @@ fn run_connection(
     wstream: Stream,
     peer: &str,
 ) -> std::result::Result<(), ConnError> {
+    // A timeout too large for the clock is as good as none: a year.
+    let now = Instant::now();
     let deadline = Deadline {
         s: rstream,
-        deadline: Some(Instant::now() + inner.cfg.handshake_timeout),
+        deadline: Some(
+            now.checked_add(inner.cfg.handshake_timeout)
+                .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+                .unwrap_or(now),
+        ),
         poll: BusyPoll::new(inner.cfg.busy_poll),
     };
     let mut reader = BufReader::with_capacity(256 << 10, deadline);

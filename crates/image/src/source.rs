@@ -202,7 +202,7 @@ pub fn is_image_argument(a: &str) -> bool {
 fn registry_ref(a: &str) -> Option<RemoteRef> {
     let host = a.split('/').next().unwrap_or_default();
     let hostlike = host.contains('.') || host.contains(':') || host == "localhost";
-    if !hostlike || !a.contains('/') || Path::new(a).exists() || a.ends_with(".json") {
+    if !hostlike || !a.contains('/') || Path::new(a).exists() || is_config_file(Path::new(a)) {
         return None;
     }
     RemoteRef::parse(a).ok()
@@ -219,6 +219,47 @@ fn timed_out_note(e: &obdregistry::Error, opts: &obdregistry::ClientOptions) -> 
         opts.stall_timeout.as_secs_f64(),
         u64::from(opts.retries) + 1
     )
+}
+
+/// Refuse a command-line source that is not an existing regular file where
+/// a layer file is expected: a FIFO, a directory or a device would block or
+/// fail when the layer is opened.
+pub fn check_layer_file(a: &str) -> Result<()> {
+    let p = Path::new(a);
+    if !p.exists() {
+        return Err(Error::Usage(format!(
+            "{a}: no such file (a registry image is named HOST/REPO[:TAG], its host with a '.' or ':', or localhost)"
+        )));
+    }
+    if !p.is_file() {
+        return Err(Error::Usage(format!(
+            "{a}: not a layer file (sources are layer files, one config.json, one \
+             oci:DIR[:TAG], or one image reference HOST/REPO[:TAG|@DIGEST])"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a lone command-line source is an overlaybd `config.json`: its
+/// name ends in `.json` (any case), or it is a regular file whose first
+/// non-blank byte is `{` (no layer file starts so).
+pub fn is_config_file(p: &Path) -> bool {
+    if p.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+    {
+        return true;
+    }
+    if !p.is_file() {
+        return false;
+    }
+    let mut head = [0u8; 64];
+    let n = std::fs::File::open(p)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .unwrap_or(0);
+    head[..n]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{')
 }
 
 /// A layer stack to mount.
@@ -278,7 +319,7 @@ impl ImageSpec {
             if let Some(r) = registry_ref(a) {
                 return Self::from_registry(&r, upper, remote);
             }
-            if a.ends_with(".json") {
+            if is_config_file(Path::new(a)) {
                 let p = Path::new(a);
                 let cfg = ImageConfig::load(p).map_err(|source| Error::Stack {
                     what: format!("cannot read image config {a}"),
@@ -313,19 +354,8 @@ impl ImageSpec {
         }
         let mut lowers = Vec::new();
         for a in inputs {
-            let p = Path::new(a);
-            if !p.exists() {
-                return Err(Error::Usage(format!(
-                    "{a}: no such file (a registry image is named HOST/REPO[:TAG], its host with a '.' or ':', or localhost)"
-                )));
-            }
-            if !p.is_file() {
-                return Err(Error::Usage(format!(
-                    "{a}: not a layer file (sources are layer files, one config.json, one \
-                     oci:DIR[:TAG], or one image reference HOST/REPO[:TAG|@DIGEST])"
-                )));
-            }
-            lowers.push(LowerSpec::layer(LayerBlob::File(p.to_path_buf())));
+            check_layer_file(a)?;
+            lowers.push(LowerSpec::layer(LayerBlob::File(PathBuf::from(a))));
         }
         Ok(ImageSpec {
             description: format!("layer stack ({} layers)", lowers.len()),

@@ -5,12 +5,17 @@
 #![allow(rustdoc::broken_intra_doc_links)]
 
 use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use blockdev::config::UpperConfig;
 use blockdev::io::{set_default_backend, IoBackend};
-use blockdev::nbd::{Allocation, Endpoint, Listener, Server, ServerConfig, ZeroScan};
+use blockdev::nbd::{
+    Allocation, Endpoint, Listener, Server, ServerConfig, ShutdownHandle, ZeroScan,
+};
 use blockdev::stack::Stack;
 use blockdev::{BlockDevice, ImageConfig, RawFileDevice};
 use clap::{Parser, Subcommand};
@@ -92,9 +97,10 @@ struct ServeArgs {
     max_connections: usize,
 
     /// Close connections that have not finished the NBD handshake after
-    /// this many seconds (idle connections cannot lock clients out).
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
-    handshake_timeout: f64,
+    /// this many seconds (more than 0, at most 86400: a day); idle
+    /// connections cannot lock clients out.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_handshake_timeout)]
+    handshake_timeout: Duration,
 
     /// Microseconds (0 to 10000) a connection polls for the next requests
     /// before it sleeps. A pipelining client's next requests come within
@@ -106,6 +112,18 @@ struct ServeArgs {
     busy_poll_us: u64,
 }
 
+/// `--handshake-timeout`: seconds, fractions allowed, in (0, 86400].
+fn parse_handshake_timeout(s: &str) -> std::result::Result<Duration, String> {
+    const MAX: f64 = 86_400.0;
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= MAX) {
+        return Err(format!("{s} is not in (0, {MAX}] seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 /// The device to serve, where block status comes from, and a description.
 type Opened = (Arc<dyn BlockDevice>, Arc<dyn Allocation>, String);
 
@@ -115,6 +133,16 @@ fn open_device(a: &ServeArgs) -> Result<Opened> {
             bail!("--raw takes exactly one image file, got {}", a.inputs.len());
         }
         let p = &a.inputs[0];
+        // A FIFO (or a character device) would block the open or serve a
+        // stream: a raw image is a regular file or a block device.
+        let meta = std::fs::metadata(p)
+            .with_context(|| format!("cannot open raw image {}", p.display()))?;
+        if !(meta.is_file() || meta.file_type().is_block_device()) {
+            bail!(
+                "{}: not a raw disk image (--raw serves a regular file or a block device)",
+                p.display()
+            );
+        }
         let dev: Arc<dyn BlockDevice> = Arc::new(
             if a.read_only {
                 RawFileDevice::open(p)
@@ -135,13 +163,22 @@ fn open_device(a: &ServeArgs) -> Result<Opened> {
             return Ok((stack.clone(), stack, spec.description));
         }
     }
-    let json = a.inputs.len() == 1
-        && a.upper.is_none()
-        && a.inputs[0].extension().is_some_and(|e| e == "json");
+    let json = a.inputs.len() == 1 && obdimage::source::is_config_file(&a.inputs[0]);
     let (stack, what) = if json {
         let p = &a.inputs[0];
-        let cfg = ImageConfig::load(p)
+        let mut cfg = ImageConfig::load(p)
             .with_context(|| format!("cannot read image config {}", p.display()))?;
+        // As in overlaybd-fuse, --upper replaces the config's upper.
+        if let Some(v) = &a.upper {
+            cfg.upper = Some(UpperConfig {
+                data: v[0].clone(),
+                index: v[1].clone(),
+                target: None,
+            });
+        }
+        for l in &cfg.lowers {
+            obdimage::source::check_layer_file(&l.to_string_lossy())?;
+        }
         let stack = if a.read_only {
             Stack::open_config_read_only(&cfg)
         } else {
@@ -165,6 +202,9 @@ fn open_device(a: &ServeArgs) -> Result<Opened> {
         );
         (stack, what)
     } else {
+        for l in &a.inputs {
+            obdimage::source::check_layer_file(&l.to_string_lossy())?;
+        }
         let upper = a.upper.as_ref().map(|v| (v[0].clone(), v[1].clone()));
         let up = upper.as_ref().map(|(d, i)| (d.as_path(), i.as_path()));
         let stack = if a.read_only {
@@ -204,9 +244,40 @@ fn serve(a: ServeArgs) -> Result<()> {
     sigs.add(Signal::SIGTERM);
     sigs.thread_block().context("cannot block SIGINT/SIGTERM")?;
 
-    if !(a.handshake_timeout > 0.0 && a.handshake_timeout.is_finite()) {
-        bail!("--handshake-timeout must be a positive number of seconds");
-    }
+    // The signal thread starts before the layers open (a registry image
+    // can take long): until the server exists a signal exits at once.
+    let server_handle: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
+    let handle = server_handle.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut first = true;
+            while let Ok(sig) = sigs.wait() {
+                let h = handle.lock().unwrap_or_else(|p| p.into_inner());
+                match h.as_ref() {
+                    None => {
+                        say(format_args!(
+                            "overlaybd-nbd: {sig} while opening the layers: exiting"
+                        ));
+                        std::process::exit(128 + sig as i32);
+                    }
+                    Some(h) if first => {
+                        h.shutdown();
+                        say(format_args!(
+                            "overlaybd-nbd: {sig}: finishing in-flight requests and flushing"
+                        ));
+                        first = false;
+                    }
+                    Some(_) => {
+                        say(format_args!(
+                            "overlaybd-nbd: {sig} again: exiting without flushing"
+                        ));
+                        std::process::exit(128 + sig as i32);
+                    }
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
     set_default_backend(a.io);
     let (dev, alloc, what) = open_device(&a)?;
     let ep = match (&a.socket, a.listen) {
@@ -220,34 +291,14 @@ fn serve(a: ServeArgs) -> Result<()> {
         read_only: a.read_only,
         workers_per_connection: a.workers.max(1),
         max_connections: a.max_connections.max(1),
-        handshake_timeout: std::time::Duration::from_secs_f64(a.handshake_timeout),
-        busy_poll: std::time::Duration::from_micros(a.busy_poll_us),
+        handshake_timeout: a.handshake_timeout,
+        busy_poll: Duration::from_micros(a.busy_poll_us),
         ..ServerConfig::default()
     };
     let server = Server::with_allocation(dev, alloc, cfg);
     let listener = Listener::bind(&ep).with_context(|| format!("cannot listen on {ep}"))?;
     let ep = listener.endpoint();
-    let handle = server.shutdown_handle();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut first = true;
-            while let Ok(sig) = sigs.wait() {
-                if first {
-                    handle.shutdown();
-                    say(format_args!(
-                        "overlaybd-nbd: {sig}: finishing in-flight requests and flushing"
-                    ));
-                    first = false;
-                } else {
-                    say(format_args!(
-                        "overlaybd-nbd: {sig} again: exiting without flushing"
-                    ));
-                    std::process::exit(128 + sig as i32);
-                }
-            }
-        })
-        .context("cannot start the signal thread")?;
+    *server_handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(server.shutdown_handle());
 
     let export = server.export();
     print_out(format_args!(
