@@ -387,3 +387,33 @@ fn a_huge_handshake_timeout_does_not_overflow() {
     assert!(got == want);
     srv.stop();
 }
+
+/// A client that stops reading its replies does not hold a stopping server
+/// for the write timeout (minutes): after the grace period its connection
+/// is closed and the server stops.
+#[test]
+fn a_client_that_stops_reading_does_not_hold_the_shutdown() {
+    let dev = test_device();
+    let srv = start(
+        dev,
+        ServerConfig {
+            shutdown_grace: Duration::from_secs(1),
+            ..ServerConfig::default()
+        },
+    );
+    let mut c = Client::connect(&srv.ep, &opts(false)).unwrap();
+    // 64 MiB of replies, far more than the socket buffers hold; never read.
+    for i in 0..32u64 {
+        c.send(CMD_READ, 0, (i % 8) << 20, 2 << 20, &[]).unwrap();
+    }
+    c.flush_requests().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = std::time::Instant::now();
+    within_10s("stop with a client not reading", move || srv.stop());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    drop(c);
+}

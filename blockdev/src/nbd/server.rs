@@ -412,7 +412,15 @@ pub struct ServerConfig {
     /// How long a connection polls its socket for the next requests before
     /// it sleeps (adaptive: see `BusyPoll`); zero sleeps at once.
     pub busy_poll: Duration,
+    /// After a shutdown, how long connections get to send the replies of
+    /// requests already read; then the remaining ones are closed (a client
+    /// that stopped reading its replies would otherwise hold the server for
+    /// up to `write_timeout` per write).
+    pub shutdown_grace: Duration,
 }
+
+/// The default [`ServerConfig::shutdown_grace`].
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The default [`ServerConfig::busy_poll`].
 pub const BUSY_POLL: Duration = Duration::from_micros(50);
@@ -429,6 +437,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(120),
             busy_poll: BUSY_POLL,
+            shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 }
@@ -637,6 +646,23 @@ impl Server {
         // Make sure every connection sees the shutdown, including ones that
         // registered between the flag and now.
         self.shutdown_handle().shutdown();
+        let deadline = Instant::now() + self.inner.cfg.shutdown_grace;
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        {
+            let conns = self.inner.conns.lock().expect("connection table lock");
+            if !conns.is_empty() {
+                tracing::warn!(
+                    "closing {} connection(s) still busy {:?} after the stop (a client not reading its replies?)",
+                    conns.len(),
+                    self.inner.cfg.shutdown_grace
+                );
+                for s in conns.values() {
+                    s.shutdown(Shutdown::Both);
+                }
+            }
+        }
         for t in threads {
             let _ = t.join();
         }
