@@ -1,6 +1,8 @@
 //! Corrupt or truncated inputs give clear errors naming the file, never a
 //! panic or a huge allocation.
 
+mod small_layer;
+
 use std::path::{Path, PathBuf};
 
 use blockdev::commit::{commit_writable, CommitOptions};
@@ -9,33 +11,19 @@ use blockdev::lsmt::format::{HeaderTrailer, Mapping, HT_SPACE};
 use blockdev::lsmt::{create_writable, CreateOptions, WritableLayer};
 use blockdev::zfile::ZfileOptions;
 use blockdev::{BlockDevice, Stack};
+use small_layer::committed_layer;
 
 fn small_layer(dir: &Path, zfile: bool) -> PathBuf {
-    let (d, i) = (dir.join("d"), dir.join("i"));
-    create_writable(
-        &d,
-        &i,
-        &CreateOptions {
-            virtual_size: 1 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    {
-        let s = Stack::open(&[], Some((&d, &i))).unwrap();
-        s.write_at(&vec![0x5a; 64 << 10], 4096).unwrap();
-        s.write_at(&vec![0xa5; 8192], 512 << 10).unwrap();
-        s.flush().unwrap();
-    }
-    let out = dir.join(if zfile { "layer.zfile" } else { "layer.lsmt" });
     let opts = CommitOptions {
         zfile: zfile.then(ZfileOptions::default),
         ..Default::default()
     };
-    commit_writable(&d, &i, &out, &opts).unwrap();
-    std::fs::remove_file(d).unwrap();
-    std::fs::remove_file(i).unwrap();
-    out
+    committed_layer(
+        dir,
+        if zfile { "layer.zfile" } else { "layer.lsmt" },
+        &[(4096, vec![0x5a; 64 << 10]), (512 << 10, vec![0xa5; 8192])],
+        &opts,
+    )
 }
 
 fn expect_err(path: &Path, needle: &str) {

@@ -3,37 +3,25 @@
 //! stack's bytes.
 
 mod nbd_common;
+mod small_layer;
 
 use std::sync::Arc;
 
-use blockdev::commit::{commit_writable, CommitOptions};
-use blockdev::lsmt::{create_writable, CreateOptions};
+use blockdev::commit::CommitOptions;
 use blockdev::nbd::client::{Client, ClientOptions};
 use blockdev::nbd::ServerConfig;
 use blockdev::{BlockDevice, Stack};
 use nbd_common::*;
+use small_layer::committed_layer;
 
 /// A stack of one committed layer mapping data at [4096, 8192) and
 /// [64 KiB, 64 KiB + 1000) (rounded to sectors) of a 1 MiB disk.
 fn stack(dir: &std::path::Path) -> Stack {
-    let (d, i) = (dir.join("d"), dir.join("i"));
-    create_writable(
-        &d,
-        &i,
-        &CreateOptions {
-            virtual_size: 1 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    {
-        let s = Stack::open(&[], Some((&d, &i))).unwrap();
-        s.write_at(&pseudo_random(1, 4096), 4096).unwrap();
-        s.write_at(&pseudo_random(2, 1024), 64 << 10).unwrap();
-        s.flush().unwrap();
-    }
-    let out = dir.join("layer.lsmt");
-    commit_writable(&d, &i, &out, &CommitOptions::default()).unwrap();
+    let writes = [
+        (4096, pseudo_random(1, 4096)),
+        (64 << 10, pseudo_random(2, 1024)),
+    ];
+    let out = committed_layer(dir, "layer.lsmt", &writes, &CommitOptions::default());
     Stack::open_read_only(&[out], None).unwrap()
 }
 

@@ -1,32 +1,22 @@
 //! Layers given out of order are noticed from the uuids their commits record.
 
+mod small_layer;
+
 use std::path::{Path, PathBuf};
 
-use blockdev::commit::{commit_writable, CommitOptions};
-use blockdev::lsmt::{create_writable, CreateOptions};
+use blockdev::commit::CommitOptions;
 use blockdev::stack::{order_problem, LowerSource};
 use blockdev::{Stack, Uuid};
+use small_layer::committed_layer;
 
 /// A small committed layer with the given uuids.
 fn layer(dir: &Path, name: &str, uuid: Option<Uuid>, parent: Option<Uuid>) -> PathBuf {
-    let (d, i) = (dir.join(format!("{name}.d")), dir.join(format!("{name}.i")));
-    create_writable(
-        &d,
-        &i,
-        &CreateOptions {
-            virtual_size: 1 << 20,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let out = dir.join(name);
     let opts = CommitOptions {
         uuid,
         parent_uuid: parent,
         ..Default::default()
     };
-    commit_writable(&d, &i, &out, &opts).unwrap();
-    out
+    committed_layer(dir, name, &[], &opts)
 }
 
 fn problem(layers: &[&PathBuf]) -> Option<String> {
