@@ -48,7 +48,10 @@ pub enum Ended {
 }
 
 /// Refuse a mountpoint that is not a usable directory, naming the fix for a
-/// dead FUSE mount left by a killed daemon.
+/// dead FUSE mount left by a killed daemon. Silent: mounting ([`serve`],
+/// [`spawn`]) warns about a mountpoint that is not empty
+/// ([`warn_if_not_empty`]), so that a caller checking early does not make
+/// it say so twice.
 pub fn check_mountpoint(mp: &Path) -> Result<()> {
     // stat may be answered from the kernel's attribute cache even when the
     // daemon behind a FUSE mount is gone; opening the directory is not.
@@ -63,15 +66,7 @@ pub fn check_mountpoint(mp: &Path) -> Result<()> {
             mp.display(),
             mp.display()
         ))),
-        Ok(md) if md.is_dir() => {
-            if std::fs::read_dir(mp).is_ok_and(|mut d| d.next().is_some()) {
-                tracing::warn!(
-                    "{}: the mountpoint is not empty: what it holds is hidden while the image is mounted",
-                    mp.display()
-                );
-            }
-            Ok(())
-        }
+        Ok(md) if md.is_dir() => Ok(()),
         Ok(_) => Err(Error::Usage(format!(
             "{}: the mountpoint is not a directory",
             mp.display()
@@ -83,6 +78,16 @@ pub fn check_mountpoint(mp: &Path) -> Result<()> {
             mp.display()
         ))),
         Err(e) => Err(Error::io(mp, "cannot use the mountpoint", e)),
+    }
+}
+
+/// Warn that what `mp` holds is hidden while mounted, if it holds anything.
+pub fn warn_if_not_empty(mp: &Path) {
+    if std::fs::read_dir(mp).is_ok_and(|mut d| d.next().is_some()) {
+        tracing::warn!(
+            "{}: the mountpoint is not empty: what it holds is hidden while the image is mounted",
+            mp.display()
+        );
     }
 }
 
@@ -126,6 +131,7 @@ pub fn serve_saving<F: Filesystem>(
 ) -> Result<Ended> {
     let mp = &cfg.mountpoint;
     check_mountpoint(mp)?;
+    warn_if_not_empty(mp);
     // Block the stop signals before any thread starts, so that every thread
     // inherits the mask and only the signal thread below receives them.
     let mut sigs = SigSet::empty();
@@ -313,6 +319,7 @@ impl std::fmt::Debug for Background {
 /// [`Background::stop`].
 pub fn spawn<F: Filesystem + Send + 'static>(fs: F, cfg: &MountConfig) -> Result<Background> {
     check_mountpoint(&cfg.mountpoint)?;
+    warn_if_not_empty(&cfg.mountpoint);
     let session = new_session(fs, cfg)?
         .spawn()
         .map_err(|e| Error::io(&cfg.mountpoint, "cannot start the FUSE threads", e))?;

@@ -151,11 +151,13 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
+            // Each cause once (a cause that repeats its context is dropped).
+            let line = obdimage::error::Chain(e.as_ref());
             if daemon {
                 // The parent relays this line.
-                print_out(format_args!("error: {e:#}"));
+                print_out(format_args!("error: {line}"));
             } else {
-                let _ = writeln!(std::io::stderr(), "overlaybd-fuse: error: {e:#}");
+                let _ = writeln!(std::io::stderr(), "overlaybd-fuse: error: {line}");
             }
             ExitCode::FAILURE
         }
@@ -296,6 +298,12 @@ fn start_background(a: &MountArgs) -> Result<ExitCode> {
         Some(p) => Stdio::from(open_log(p)?),
         None => Stdio::null(),
     };
+    // The daemon's warnings go to --log (or nowhere): this one is said here.
+    if let Some(mp) = a.args.last().map(Path::new) {
+        if obdfuse::session::check_mountpoint(mp).is_ok() {
+            obdfuse::session::warn_if_not_empty(mp);
+        }
+    }
     // Blocked before the daemon starts, so that none of them can end this
     // process with the daemon left behind; they are read from a signalfd
     // while waiting. (The daemon inherits the mask and unblocks them.)
