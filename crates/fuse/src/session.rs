@@ -288,13 +288,75 @@ fn new_session<F: Filesystem>(fs: F, cfg: &MountConfig) -> Result<Session<F>> {
     };
     config.n_threads = Some(cfg.threads.max(1));
 
-    Session::new(fs, mp, &config).map_err(|e| {
-        Error::io(
+    Session::new(fs, mp, &config).map_err(|e| match dev_fuse_denied() {
+        // fuser does not go through fusermount3 then, and it would not help:
+        // fusermount3 opens /dev/fuse with the user's rights too ("failed to
+        // open /dev/fuse: Permission denied"), the device's mode being how
+        // an administrator grants FUSE to users.
+        Some(dev) => Error::io(
+            mp,
+            format!(
+                "cannot mount: this user may not open /dev/fuse ({dev}), nor can fusermount3 \
+                 for it; make /dev/fuse accessible (crw-rw-rw-, as most distributions ship it: \
+                 `chmod 0666 /dev/fuse`; or give the user its group, with mode 0660), or run \
+                 as root"
+            ),
+            e,
+        ),
+        None => Error::io(
             mp,
             "cannot mount (is /dev/fuse usable? as a non-root user fusermount3 must be installed)",
             e,
-        )
+        ),
     })
+}
+
+/// When this process may not open /dev/fuse (a non-root user, the device
+/// 0600 or group-restricted): its mode and owner, `crw------- root:root`.
+fn dev_fuse_denied() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    const DEV: &str = "/dev/fuse";
+    let denied = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(DEV)
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied);
+    if !denied {
+        return None;
+    }
+    let Ok(md) = std::fs::metadata(DEV) else {
+        return Some("its mode unknown".into());
+    };
+    let bits: String = (0..9)
+        .map(|i| {
+            let on = md.mode() & (0o400 >> i) != 0;
+            match (on, i % 3) {
+                (false, _) => '-',
+                (true, 0) => 'r',
+                (true, 1) => 'w',
+                (true, _) => 'x',
+            }
+        })
+        .collect();
+    let name = |id: u32, user: bool| {
+        let n = if user {
+            nix::unistd::User::from_uid(id.into())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        } else {
+            nix::unistd::Group::from_gid(id.into())
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+        };
+        n.unwrap_or_else(|| id.to_string())
+    };
+    Some(format!(
+        "c{bits} {}:{}",
+        name(md.uid(), true),
+        name(md.gid(), false)
+    ))
 }
 
 /// A mount served by background threads, for a program that uses the mount

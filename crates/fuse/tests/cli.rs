@@ -392,3 +392,59 @@ fn a_layer_that_shrinks_while_mounted_is_reported_with_its_real_size() {
         }
     }
 }
+
+/// Restores the mode /dev/fuse had when dropped (also when the test fails).
+struct DevFuseMode(u32);
+
+impl Drop for DevFuseMode {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0)).unwrap();
+    }
+}
+
+/// A user who may not open /dev/fuse cannot mount through fusermount3
+/// either (it opens the device with the user's rights): the error says so
+/// and what to do, in one line, exit code 1. /dev/fuse is made 0660 for
+/// the test when others may open it, and restored.
+#[test]
+fn a_user_who_may_not_open_dev_fuse_is_told_what_to_do() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = std::fs::metadata("/dev/fuse").unwrap().mode() & 0o7777;
+    let _restore = DevFuseMode(mode);
+    if mode & 0o006 != 0 {
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o660)).unwrap();
+    }
+    let t = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mp = t.path().join("mp");
+    std::fs::create_dir(&mp).unwrap();
+    std::os::unix::fs::chown(&mp, Some(65534), None).unwrap();
+    for bg in [false, true] {
+        let mut c = Command::new(tool("setpriv"));
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(fuse_bin())
+            .arg("mount");
+        if bg {
+            c.arg("--background");
+        }
+        let o = c.arg(&fixture_layers()[0]).arg(&mp).output().unwrap();
+        let e = err_text(&o);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        let want = format!(
+            "overlaybd-fuse: error: {}: cannot mount: this user may not open /dev/fuse (c",
+            mp.display()
+        );
+        assert!(e.starts_with(&want), "{e}");
+        assert!(
+            e.contains(
+                "nor can fusermount3 for it; make /dev/fuse accessible (crw-rw-rw-, as most \
+                 distributions ship it: `chmod 0666 /dev/fuse`; or give the user its group, \
+                 with mode 0660), or run as root: Permission denied (os error 13)"
+            ),
+            "{e}"
+        );
+        assert!(!is_mounted(&mp));
+    }
+}
