@@ -33,18 +33,68 @@ pub trait ReadAt: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let n = self.read_at(buf, offset)?;
         if n != buf.len() {
-            return Err(Error::corrupt(
+            return Err(short_read(
                 self.path(),
-                "blob",
-                format!(
-                    "truncated: wanted {} bytes at offset {offset}, file has {}",
-                    buf.len(),
-                    self.size()
-                ),
+                self.size(),
+                None,
+                offset,
+                buf.len(),
+                n,
             ));
         }
         Ok(())
     }
+}
+
+/// The error of a read of `len` bytes at `offset` of a source of `size`
+/// bytes that got `got`: a range past the end (the format points there),
+/// or data that ends early (the file shrank since it was opened). `base`:
+/// where the source starts in its file, when known (a blob inside a tar
+/// wrapper starts after the tar header), to give file offsets too.
+fn short_read(
+    path: &Path,
+    size: u64,
+    base: Option<u64>,
+    offset: u64,
+    len: usize,
+    got: usize,
+) -> Error {
+    let end = offset.saturating_add(len as u64);
+    let at_file = match base {
+        Some(b) if b > 0 => format!(
+            " (bytes {}..{} of the file)",
+            b.saturating_add(offset),
+            b.saturating_add(end)
+        ),
+        _ => String::new(),
+    };
+    let msg = if end > size {
+        format!("truncated: wanted bytes {offset}..{end}{at_file}, but the blob is {size} bytes")
+    } else {
+        // A read that got nothing only shows that the data ends by its start.
+        let stop = offset + got as u64;
+        let ends = |shift: u64| {
+            if got > 0 {
+                format!("at byte {}", shift + stop)
+            } else {
+                format!("at or before byte {}", shift + stop)
+            }
+        };
+        match base {
+            Some(b) => format!(
+                "truncated: wanted bytes {offset}..{end}{at_file}, but the file ends {}, \
+                 before the blob's end at byte {} (did the file shrink?)",
+                ends(b),
+                b + size
+            ),
+            None => format!(
+                "truncated: wanted bytes {offset}..{end}, but the data ends {}, \
+                 before the blob's end at byte {size}",
+                ends(0)
+            ),
+        }
+    };
+    Error::corrupt(path, "blob", msg)
 }
 
 /// A window `[base, base+len)` of a file.
@@ -81,6 +131,22 @@ impl ReadAt for FileSlice {
         self.file.read_at(&mut buf[..n], self.base + offset)
     }
 
+    /// As the default, with file offsets in the error.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let n = self.read_at(buf, offset)?;
+        if n != buf.len() {
+            return Err(short_read(
+                self.path(),
+                self.len,
+                Some(self.base),
+                offset,
+                buf.len(),
+                n,
+            ));
+        }
+        Ok(())
+    }
+
     /// All reads in flight at once when the file uses io_uring.
     fn read_many_exact(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
         let mut out: Vec<Option<Result<()>>> = Vec::with_capacity(reqs.len());
@@ -100,10 +166,13 @@ impl ReadAt for FileSlice {
         for ((k, len, off), r) in wanted.into_iter().zip(results) {
             out[k] = Some(match r {
                 Ok(n) if n == len => Ok(()),
-                Ok(n) => Err(Error::corrupt(
+                Ok(n) => Err(short_read(
                     self.path(),
-                    "blob",
-                    format!("truncated: wanted {len} bytes at offset {off}, got {n}"),
+                    self.len,
+                    Some(self.base),
+                    off,
+                    len,
+                    n,
                 )),
                 Err(e) => Err(e),
             });
@@ -340,5 +409,86 @@ impl ReadAt for MemSource {
 
     fn path(&self) -> &Path {
         &self.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short read names the real end of the file and the blob's expected
+    /// end, in file offsets for a blob inside the file; a range past the
+    /// blob names its size.
+    #[test]
+    fn short_reads_say_where_the_data_ends() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("blob");
+        std::fs::write(&p, vec![1u8; 10_000]).unwrap();
+        let f = Arc::new(IoFile::open(&p).unwrap());
+        let whole = FileSlice::whole(f.clone()).unwrap();
+        let inner = FileSlice::new(f, 1000, 8000);
+        // The file shrinks after it was opened.
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(5000)
+            .unwrap();
+        let mut buf = vec![0u8; 2000];
+        let e = whole.read_exact_at(&mut buf, 4000).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: corrupt blob: truncated: wanted bytes 4000..6000, but the file ends at \
+                 byte 5000, before the blob's end at byte 10000 (did the file shrink?)",
+                p.display()
+            )
+        );
+        let e = inner.read_exact_at(&mut buf, 3500).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: corrupt blob: truncated: wanted bytes 3500..5500 (bytes 4500..6500 of \
+                 the file), but the file ends at byte 5000, before the blob's end at byte \
+                 9000 (did the file shrink?)",
+                p.display()
+            )
+        );
+        // read_many_exact says the same for its reads.
+        let mut b2 = vec![0u8; 2000];
+        let mut b3 = [0u8; 100];
+        let r = inner.read_many_exact(&mut [(3500, &mut b2[..]), (0, &mut b3[..])]);
+        assert_eq!(r[0].as_ref().unwrap_err().to_string(), e);
+        assert!(r[1].is_ok());
+        let e = inner.read_exact_at(&mut buf, 6000).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: corrupt blob: truncated: wanted bytes 6000..8000 (bytes 7000..9000 of \
+                 the file), but the file ends at or before byte 7000, before the blob's end \
+                 at byte 9000 (did the file shrink?)",
+                p.display()
+            )
+        );
+        let e = inner.read_exact_at(&mut buf, 8000).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: corrupt blob: truncated: wanted bytes 8000..10000 (bytes 9000..11000 of \
+                 the file), but the blob is 8000 bytes",
+                p.display()
+            )
+        );
+        // A source that does not know its file offsets.
+        let sub = SubSource::new(Arc::new(whole), 1000, 8000);
+        let e = sub.read_exact_at(&mut buf, 3500).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: corrupt blob: truncated: wanted bytes 3500..5500, but the data ends at \
+                 byte 4000, before the blob's end at byte 8000",
+                p.display()
+            )
+        );
     }
 }

@@ -48,7 +48,10 @@ pub enum Ended {
 }
 
 /// Refuse a mountpoint that is not a usable directory, naming the fix for a
-/// dead FUSE mount left by a killed daemon.
+/// dead FUSE mount left by a killed daemon. Silent: mounting ([`serve`],
+/// [`spawn`]) warns about a mountpoint that is not empty
+/// ([`warn_if_not_empty`]), so that a caller checking early does not make
+/// it say so twice.
 pub fn check_mountpoint(mp: &Path) -> Result<()> {
     // stat may be answered from the kernel's attribute cache even when the
     // daemon behind a FUSE mount is gone; opening the directory is not.
@@ -63,15 +66,7 @@ pub fn check_mountpoint(mp: &Path) -> Result<()> {
             mp.display(),
             mp.display()
         ))),
-        Ok(md) if md.is_dir() => {
-            if std::fs::read_dir(mp).is_ok_and(|mut d| d.next().is_some()) {
-                tracing::warn!(
-                    "{}: the mountpoint is not empty: what it holds is hidden while the image is mounted",
-                    mp.display()
-                );
-            }
-            Ok(())
-        }
+        Ok(md) if md.is_dir() => Ok(()),
         Ok(_) => Err(Error::Usage(format!(
             "{}: the mountpoint is not a directory",
             mp.display()
@@ -83,6 +78,16 @@ pub fn check_mountpoint(mp: &Path) -> Result<()> {
             mp.display()
         ))),
         Err(e) => Err(Error::io(mp, "cannot use the mountpoint", e)),
+    }
+}
+
+/// Warn that what `mp` holds is hidden while mounted, if it holds anything.
+pub fn warn_if_not_empty(mp: &Path) {
+    if std::fs::read_dir(mp).is_ok_and(|mut d| d.next().is_some()) {
+        tracing::warn!(
+            "{}: the mountpoint is not empty: what it holds is hidden while the image is mounted",
+            mp.display()
+        );
     }
 }
 
@@ -126,6 +131,7 @@ pub fn serve_saving<F: Filesystem>(
 ) -> Result<Ended> {
     let mp = &cfg.mountpoint;
     check_mountpoint(mp)?;
+    warn_if_not_empty(mp);
     // Block the stop signals before any thread starts, so that every thread
     // inherits the mask and only the signal thread below receives them.
     let mut sigs = SigSet::empty();
@@ -282,13 +288,75 @@ fn new_session<F: Filesystem>(fs: F, cfg: &MountConfig) -> Result<Session<F>> {
     };
     config.n_threads = Some(cfg.threads.max(1));
 
-    Session::new(fs, mp, &config).map_err(|e| {
-        Error::io(
+    Session::new(fs, mp, &config).map_err(|e| match dev_fuse_denied() {
+        // fuser does not go through fusermount3 then, and it would not help:
+        // fusermount3 opens /dev/fuse with the user's rights too ("failed to
+        // open /dev/fuse: Permission denied"), the device's mode being how
+        // an administrator grants FUSE to users.
+        Some(dev) => Error::io(
+            mp,
+            format!(
+                "cannot mount: this user may not open /dev/fuse ({dev}), nor can fusermount3 \
+                 for it; make /dev/fuse accessible (crw-rw-rw-, as most distributions ship it: \
+                 `chmod 0666 /dev/fuse`; or give the user its group, with mode 0660), or run \
+                 as root"
+            ),
+            e,
+        ),
+        None => Error::io(
             mp,
             "cannot mount (is /dev/fuse usable? as a non-root user fusermount3 must be installed)",
             e,
-        )
+        ),
     })
+}
+
+/// When this process may not open /dev/fuse (a non-root user, the device
+/// 0600 or group-restricted): its mode and owner, `crw------- root:root`.
+fn dev_fuse_denied() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    const DEV: &str = "/dev/fuse";
+    let denied = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(DEV)
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied);
+    if !denied {
+        return None;
+    }
+    let Ok(md) = std::fs::metadata(DEV) else {
+        return Some("its mode unknown".into());
+    };
+    let bits: String = (0..9)
+        .map(|i| {
+            let on = md.mode() & (0o400 >> i) != 0;
+            match (on, i % 3) {
+                (false, _) => '-',
+                (true, 0) => 'r',
+                (true, 1) => 'w',
+                (true, _) => 'x',
+            }
+        })
+        .collect();
+    let name = |id: u32, user: bool| {
+        let n = if user {
+            nix::unistd::User::from_uid(id.into())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        } else {
+            nix::unistd::Group::from_gid(id.into())
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+        };
+        n.unwrap_or_else(|| id.to_string())
+    };
+    Some(format!(
+        "c{bits} {}:{}",
+        name(md.uid(), true),
+        name(md.gid(), false)
+    ))
 }
 
 /// A mount served by background threads, for a program that uses the mount
@@ -313,6 +381,7 @@ impl std::fmt::Debug for Background {
 /// [`Background::stop`].
 pub fn spawn<F: Filesystem + Send + 'static>(fs: F, cfg: &MountConfig) -> Result<Background> {
     check_mountpoint(&cfg.mountpoint)?;
+    warn_if_not_empty(&cfg.mountpoint);
     let session = new_session(fs, cfg)?
         .spawn()
         .map_err(|e| Error::io(&cfg.mountpoint, "cannot start the FUSE threads", e))?;

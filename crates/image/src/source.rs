@@ -81,38 +81,48 @@ impl LayerBlob {
             LayerBlob::File(p) => {
                 let f = blockdev::io::check_regular(p, "a layer file")
                     .and_then(|()| IoFile::open(p))
-                    .map_err(|source| Error::Stack {
-                        what: format!("cannot open layer {}", p.display()),
-                        source,
-                    })?;
-                let s = FileSlice::whole(Arc::new(f)).map_err(|source| Error::Stack {
-                    what: format!("cannot open layer {}", p.display()),
-                    source,
-                })?;
+                    .map_err(stack_err("cannot open layer", p))?;
+                let s = FileSlice::whole(Arc::new(f)).map_err(stack_err("cannot open layer", p))?;
                 Ok(Arc::new(s))
             }
             LayerBlob::Source(s) => Ok(s.clone()),
         }
     }
 
-    fn name(&self) -> String {
+    fn name(&self) -> PathBuf {
         match self {
-            LayerBlob::File(p) => p.display().to_string(),
-            LayerBlob::Source(s) => s.path().display().to_string(),
+            LayerBlob::File(p) => p.clone(),
+            LayerBlob::Source(s) => s.path().to_path_buf(),
         }
     }
 
     /// Open the sealed layer inside.
     pub fn open(&self) -> Result<SealedLayer> {
         match self {
-            LayerBlob::File(p) => open_layer(p).map_err(|source| Error::Stack {
-                what: format!("cannot open layer {}", p.display()),
-                source,
-            }),
-            LayerBlob::Source(s) => open_layer_source(s.clone()).map_err(|source| Error::Stack {
-                what: format!("cannot open layer {}", s.path().display()),
-                source,
-            }),
+            LayerBlob::File(p) => open_layer(p).map_err(stack_err("cannot open layer", p)),
+            LayerBlob::Source(s) => {
+                open_layer_source(s.clone()).map_err(stack_err("cannot open layer", s.path()))
+            }
+        }
+    }
+}
+
+/// An [`Error::Stack`] saying `what` about `path`: `what PATH: cause`, or
+/// `what: cause` when the cause already begins with the path (an I/O or
+/// format error on that file), so that the path is said once.
+fn stack_err<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(blockdev::Error) -> Error + 'a {
+    move |source| {
+        let named = source
+            .to_string()
+            .strip_prefix(&*path.to_string_lossy())
+            .is_some_and(|rest| rest.starts_with(':'));
+        Error::Stack {
+            what: if named {
+                what.to_string()
+            } else {
+                format!("{what} {}", path.display())
+            },
+            source,
         }
     }
 }
@@ -139,10 +149,9 @@ impl Target {
     /// Open the uncompressed tar stream.
     pub fn open(&self) -> Result<Arc<dyn ReadAt>> {
         match self {
-            Target::Paths(t) => t.open().map_err(|source| Error::Stack {
-                what: format!("cannot open the TurboOCI target {}", t.file.display()),
-                source,
-            }),
+            Target::Paths(t) => t
+                .open()
+                .map_err(stack_err("cannot open the TurboOCI target", &t.file)),
             Target::Tar(s) => Ok(s.clone()),
         }
     }
@@ -170,11 +179,8 @@ impl LowerSpec {
             return self.blob.open().map(Lower::Sealed);
         };
         let target = t.open()?;
-        let w =
-            WarpLayer::open_source(self.blob.source()?, target).map_err(|source| Error::Stack {
-                what: format!("cannot open TurboOCI layer {}", self.blob.name()),
-                source,
-            })?;
+        let w = WarpLayer::open_source(self.blob.source()?, target)
+            .map_err(stack_err("cannot open TurboOCI layer", &self.blob.name()))?;
         Ok(Lower::Warp(w))
     }
 }
@@ -321,10 +327,7 @@ impl ImageSpec {
             }
             if is_config_file(Path::new(a)) {
                 let p = Path::new(a);
-                let cfg = ImageConfig::load(p).map_err(|source| Error::Stack {
-                    what: format!("cannot read image config {a}"),
-                    source,
-                })?;
+                let cfg = ImageConfig::load(p).map_err(stack_err("cannot read image config", p))?;
                 let upper = upper.or(cfg.upper.clone().map(|u| UpperSpec {
                     data: u.data,
                     index: u.index,

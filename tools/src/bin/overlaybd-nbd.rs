@@ -18,7 +18,7 @@ use blockdev::nbd::{
 };
 use blockdev::stack::Stack;
 use blockdev::{BlockDevice, ImageConfig, RawFileDevice};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use obdtools::cli::{print_out, say};
 
@@ -129,9 +129,6 @@ type Opened = (Arc<dyn BlockDevice>, Arc<dyn Allocation>, String);
 
 fn open_device(a: &ServeArgs) -> Result<Opened> {
     if a.raw {
-        if a.inputs.len() != 1 {
-            bail!("--raw takes exactly one image file, got {}", a.inputs.len());
-        }
         let p = &a.inputs[0];
         // A FIFO (or a character device) would block the open or serve a
         // stream: a raw image is a regular file or a block device.
@@ -166,8 +163,15 @@ fn open_device(a: &ServeArgs) -> Result<Opened> {
     let json = a.inputs.len() == 1 && obdimage::source::is_config_file(&a.inputs[0]);
     let (stack, what) = if json {
         let p = &a.inputs[0];
-        let mut cfg = ImageConfig::load(p)
-            .with_context(|| format!("cannot read image config {}", p.display()))?;
+        let mut cfg = ImageConfig::load(p).map_err(|e| {
+            // Said once: the error names the file when it is about the file.
+            let what = if e.to_string().starts_with(&format!("{}:", p.display())) {
+                "cannot read the image config".to_string()
+            } else {
+                format!("cannot read image config {}", p.display())
+            };
+            anyhow::Error::new(e).context(what)
+        })?;
         // As in overlaybd-fuse, --upper replaces the config's upper.
         if let Some(v) = &a.upper {
             cfg.upper = Some(UpperConfig {
@@ -228,12 +232,54 @@ fn open_device(a: &ServeArgs) -> Result<Opened> {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Logging, like every line below, never panics on a closed stderr.
     obdtools::cli::init_logging_from("OVERLAYBD_LOG", "warn");
+    let Cmd::Serve(a) = &cli.cmd;
+    let m = matches
+        .subcommand_matches("serve")
+        .expect("serve is the only subcommand");
+    match check_usage(a, m) {
+        Ok(warnings) => {
+            for w in warnings {
+                say(format_args!("overlaybd-nbd: warning: {w}"));
+            }
+        }
+        Err(msg) => {
+            // A usage error: exit code 2, as clap's own.
+            say(format_args!("overlaybd-nbd: error: {msg}"));
+            return std::process::ExitCode::from(2);
+        }
+    }
     obdtools::cli::run("overlaybd-nbd", || match cli.cmd {
         Cmd::Serve(a) => serve(a),
     })
+}
+
+/// The usage errors clap cannot see (the message; exit code 2), and
+/// warnings about flags given on the command line (`m`) that do not apply.
+fn check_usage(a: &ServeArgs, m: &clap::ArgMatches) -> std::result::Result<Vec<String>, String> {
+    if a.raw && a.inputs.len() != 1 {
+        return Err(format!(
+            "--raw takes exactly one image file, got {}",
+            a.inputs.len()
+        ));
+    }
+    let sources: Vec<String> = a
+        .inputs
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    if !a.raw {
+        obdimage::cli::check_sources(&sources)?;
+    }
+    let mut warnings = Vec::new();
+    let remote_given = obdimage::cli::remote_flags_given(m);
+    if !remote_given.is_empty() && (a.raw || !obdimage::cli::is_registry_source(&sources)) {
+        warnings.push(obdimage::cli::ignored_remote_flags(&remote_given));
+    }
+    Ok(warnings)
 }
 
 fn serve(a: ServeArgs) -> Result<()> {

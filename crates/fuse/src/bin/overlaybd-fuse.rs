@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use blockdev::io::{set_default_backend, IoBackend};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use obdfuse::{Ended, ImageSpec, Mode, MountConfig, MountRequest};
@@ -109,7 +109,8 @@ struct MountArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let Cmd::Mount(a) = cli.cmd;
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("OVERLAYBD_LOG").unwrap_or_else(|_| {
@@ -135,13 +136,22 @@ fn main() -> ExitCode {
         // must stop us, as the parent's stop_daemon expects.
         let _ = stop_signals().thread_unblock();
     }
-    // (Checked here, not by clap: the daemon runs without --background.)
-    if a.log.is_some() && !a.background && !daemon {
-        let _ = writeln!(
-            std::io::stderr(),
-            "overlaybd-fuse: error: --log needs --background (in the foreground, messages go to stderr)"
-        );
-        return ExitCode::from(2);
+    // The daemon's arguments were checked (and warned about) by its parent.
+    if !daemon {
+        let m = matches
+            .subcommand_matches("mount")
+            .expect("mount is the only subcommand");
+        match check_usage(&a, m) {
+            Ok(warnings) => {
+                for w in warnings {
+                    let _ = writeln!(std::io::stderr(), "overlaybd-fuse: warning: {w}");
+                }
+            }
+            Err(msg) => {
+                let _ = writeln!(std::io::stderr(), "overlaybd-fuse: error: {msg}");
+                return ExitCode::from(2);
+            }
+        }
     }
     let r = if a.background && !daemon {
         start_background(&a)
@@ -151,15 +161,42 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
+            // Each cause once (a cause that repeats its context is dropped).
+            let line = obdimage::error::Chain(e.as_ref());
             if daemon {
                 // The parent relays this line.
-                print_out(format_args!("error: {e:#}"));
+                print_out(format_args!("error: {line}"));
             } else {
-                let _ = writeln!(std::io::stderr(), "overlaybd-fuse: error: {e:#}");
+                let _ = writeln!(std::io::stderr(), "overlaybd-fuse: error: {line}");
             }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The usage errors clap cannot see (exit code 2, as clap's own, with the
+/// message returned here); runtime failures (a file that cannot be opened,
+/// a registry that does not answer, a failed mount) exit 1 later. Returns
+/// warnings about flags that are given (`m`: the command line) but do not
+/// apply.
+fn check_usage(a: &MountArgs, m: &clap::ArgMatches) -> std::result::Result<Vec<String>, String> {
+    // (Checked here, not by clap: the daemon runs without --background.)
+    if a.log.is_some() && !a.background {
+        return Err("--log needs --background (in the foreground, messages go to stderr)".into());
+    }
+    let Some((_, sources)) = a.args.split_last().filter(|(_, s)| !s.is_empty()) else {
+        return Err("give the layers (or config.json, oci:DIR[:TAG] or an image reference) and then the mountpoint".into());
+    };
+    obdimage::cli::check_sources(sources)?;
+    let mut warnings = Vec::new();
+    let remote_given = obdimage::cli::remote_flags_given(m);
+    if !remote_given.is_empty() && !obdimage::cli::is_registry_source(sources) {
+        warnings.push(obdimage::cli::ignored_remote_flags(&remote_given));
+    }
+    if !a.fs && m.value_source("meta_cache") == Some(clap::parser::ValueSource::CommandLine) {
+        warnings.push("--meta-cache only applies with --fs: ignored".into());
+    }
+    Ok(warnings)
 }
 
 fn run(a: &MountArgs, daemon: bool) -> Result<()> {
@@ -296,6 +333,12 @@ fn start_background(a: &MountArgs) -> Result<ExitCode> {
         Some(p) => Stdio::from(open_log(p)?),
         None => Stdio::null(),
     };
+    // The daemon's warnings go to --log (or nowhere): this one is said here.
+    if let Some(mp) = a.args.last().map(Path::new) {
+        if obdfuse::session::check_mountpoint(mp).is_ok() {
+            obdfuse::session::warn_if_not_empty(mp);
+        }
+    }
     // Blocked before the daemon starts, so that none of them can end this
     // process with the daemon left behind; they are read from a signalfd
     // while waiting. (The daemon inherits the mask and unblocks them.)
