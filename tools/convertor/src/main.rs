@@ -255,6 +255,9 @@ fn main() -> ExitCode {
                             "convertor: {sig}: stopping and cleaning up (again to quit at once)"
                         ));
                     } else {
+                        // No destructor runs now: remove the run's work files and
+                        // unfinished outputs first.
+                        obdconvert::workdir::remove_for_exit();
                         say(format_args!("convertor: {sig} again: quitting now"));
                         std::process::exit(128 + sig as i32);
                     }

@@ -949,3 +949,78 @@ fn oci_reference_names_select_images() {
         stderr_of(&o)
     );
 }
+
+/// Every path below `d` (recursively), relative to it.
+fn all_below(d: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![d.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            let q = e.path();
+            out.push(q.strip_prefix(d).unwrap().display().to_string());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(q);
+            }
+        }
+    }
+    out
+}
+
+/// A second stop signal quits at once, and still removes the run's work files:
+/// the unfinished commit file being written and, unless the run keeps its files
+/// (`--reserve`), its private directory (both were left for the next run).
+#[test]
+fn a_second_signal_quits_without_leaving_work_files() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    build_images("bench", &src, &["--size-mb", "60"]);
+    let src = format!("oci:{}", src.display());
+    for reserve in [false, true] {
+        let out = format!("oci:{}", t.path().join(format!("out-{reserve}")).display());
+        let wd = t.path().join(format!("w-{reserve}"));
+        let mut a = args(&src, &out, wd.to_str().unwrap());
+        a[3] = "bench";
+        if reserve {
+            a.push("--reserve");
+        }
+        let child = Command::new(bin())
+            .args(&a)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Both signals once a commit file is being written (SIGINT, then SIGTERM
+        // while the run is still cleaning up: two SIGINTs sent at once may arrive
+        // as one).
+        let committing = || {
+            all_below(&wd)
+                .iter()
+                .any(|p| p.contains(".overlaybd.commit.tmp-"))
+        };
+        let mut child = child;
+        while !committing() {
+            if let Some(s) = child.try_wait().unwrap() {
+                panic!("finished ({s}) before a commit was seen");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let o = child.wait_with_output().unwrap();
+        let e = stderr_of(&o);
+        assert!(e.contains("SIGTERM again: quitting now"), "{e}");
+        assert_eq!(o.status.code(), Some(143), "{e}");
+        let left = all_below(&wd);
+        assert!(
+            !left.iter().any(|p| p.contains(".tmp-")),
+            "reserve {reserve}: unfinished files left: {left:?}"
+        );
+        if !reserve {
+            assert!(
+                !left.iter().any(|p| p.starts_with(".run-")),
+                "the run's private directory is left: {left:?}"
+            );
+        }
+    }
+}
