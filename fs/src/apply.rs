@@ -800,6 +800,26 @@ impl<'a> Applier<'a> {
         Ok(ino)
     }
 
+    /// Whether the hard link entry `e`, at `name` in directory `parent`, names
+    /// that same directory entry as its target. A target that cannot be
+    /// resolved is not (the link then fails as any other would).
+    fn links_to_itself(&mut self, e: &Entry, parent: u32, name: &[u8]) -> Result<bool> {
+        let Some(comps) = clean_components(&e.link) else {
+            return Ok(false);
+        };
+        let Some((tname, tparents)) = comps.split_last() else {
+            return Ok(false);
+        };
+        if *tname != name {
+            return Ok(false);
+        }
+        match self.resolve_dir(e, tparents, false) {
+            Ok(d) => Ok(d == parent),
+            Err(Error::Entry { .. }) => Ok(false),
+            Err(other) => Err(other),
+        }
+    }
+
     fn make_hardlink(&mut self, parent: u32, name: &[u8], e: &Entry) -> Result<u32> {
         let comps = clean_components(&e.link)
             .ok_or_else(|| entry_err(e, "hard link target leaves the layer root; refusing"))?;
@@ -959,6 +979,17 @@ impl<'a> Applier<'a> {
         }
 
         let existing = self.lookup(parent, name)?;
+        if e.kind == Kind::HardLink
+            && existing.is_some()
+            && self.links_to_itself(e, parent, name)?
+        {
+            // A hard link to its own name (`tar cf x.tar f f` writes one for the
+            // second `f`) changes nothing, as in erofs-utils and GNU tar: the
+            // file stays as it is.
+            self.stats.hardlinks += 1;
+            self.mark_unpacked(parent, name);
+            return Ok(());
+        }
         if e.kind == Kind::Dir {
             if let Some(d) = existing {
                 if d.ftype == FT_DIR {

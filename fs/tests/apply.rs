@@ -399,3 +399,34 @@ fn debian_var_run_link_in_a_sealed_lower_layer() {
     let stat = run(testutil::tool("debugfs"), &["-R", "stat /var/run", i]);
     assert!(stat.contains("Type: symlink"), "{stat}");
 }
+
+/// A hard link to its own name (`tar cf x.tar f f`) changes nothing: the file
+/// stays, in the layer that made it and in a layer above, as GNU tar and
+/// erofs-utils have it (it failed: "hard link target does not exist", the
+/// file having been removed to make room for the link).
+#[test]
+fn a_hard_link_to_itself_keeps_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tars = testutil::self_link_tars(d);
+    let img = d.join("fs.img");
+    let dev = mkfs_image(&img, 1 << 30);
+    for (i, t) in tars.iter().enumerate() {
+        apply_file(&dev, t).unwrap_or_else(|e| panic!("{}: {e}", t.display()));
+        e2fsck_clean(&img);
+        let (refj, ours) = (
+            d.join(format!("ref{i}.json")),
+            d.join(format!("ours{i}.json")),
+        );
+        reference_manifest(&tars[..=i], &refj);
+        image_manifest(&img, &ours);
+        assert_same_tree(&refj, &ours, &[]);
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&ours).unwrap()).unwrap();
+        assert_eq!(m["z/in"]["size"], 7, "{m}");
+        assert_eq!(
+            m["z/in"]["link"], m["h"]["link"],
+            "one file, two names: {m}"
+        );
+    }
+}

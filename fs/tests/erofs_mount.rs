@@ -256,3 +256,22 @@ fn later_entries_replace_earlier_ones_of_another_type() {
     let n = check_stack("replace2", &[a, b], &[], Some(&|_: &Path| {}));
     assert_eq!(n, 5);
 }
+
+/// A hard link to its own name (`tar cf x.tar f f`) changes nothing: the file
+/// stays, in the layer that made it and in a layer above, as erofs-utils
+/// (since "tar: fix self-hardlink handling") and GNU tar have it. It was
+/// refused ("hard link target 'z/in' does not exist").
+#[test]
+fn a_hard_link_to_itself_keeps_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let [t0, t1] = testutil::self_link_tars(dir.path());
+    // One file of two names (`z/in`, `h`), and no link added by the self-links.
+    let nlink = |m: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(m.join("z/in")).unwrap().nlink(), 2);
+    };
+    let n = check_stack("self-link", std::slice::from_ref(&t0), &[], Some(&nlink));
+    assert_eq!(n, 3);
+    let n = check_stack("self-link2", &[t0, t1], &[], Some(&nlink));
+    assert_eq!(n, 4);
+}

@@ -415,3 +415,18 @@ fn a_non_directory_replaces_a_directory_of_the_same_layer() {
     let l1 = make_layer(&d.join("1"), &t1, &[l0.lower()], false);
     check_stack(d, vec![l0.lower(), l1.lower()], &[t0, t1]);
 }
+
+/// A hard link to its own name (`tar cf x.tar f f`) changes nothing: the file
+/// stays, in the layer that made it and in a layer above, as GNU tar and
+/// erofs-utils have it (the file was unlinked to make room for the link,
+/// which then failed: "z/in: not found").
+#[test]
+fn a_hard_link_to_itself_keeps_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let [t0, t1] = testutil::self_link_tars(d);
+    let l0 = make_layer(&d.join("0"), &t0, &[], true);
+    check_stack(d, vec![l0.lower()], std::slice::from_ref(&t0));
+    let l1 = make_layer(&d.join("1"), &t1, &[l0.lower()], false);
+    check_stack(d, vec![l0.lower(), l1.lower()], &[t0, t1]);
+}

@@ -152,6 +152,17 @@ class Tree:
         elif not mine:
             del parent.children[name]
 
+    def names_itself(self, m, parent, name):
+        """Whether hard link `m`, at `name` in `parent`, names that entry."""
+        lc = clean(os.fsencode(m.linkname))
+        if not lc:
+            return False
+        *lp, ln = lc
+        try:
+            return ln == name and self.resolve_dir(lp, False) is parent
+        except RefError:
+            return False
+
     def apply(self, path):
         unpacked = set()
         dirtimes = []
@@ -182,6 +193,11 @@ class Tree:
                     existing.mode, existing.uid, existing.gid = m.mode & 0o7777, m.uid, m.gid
                     existing.xattrs = member_xattrs(m, "d")
                     dirtimes.append((existing, mt))
+                    unpacked.add((id(parent), name))
+                    continue
+                if m.islnk() and existing is not None and self.names_itself(m, parent, name):
+                    # A hard link to its own name (`tar cf x.tar f f`) changes
+                    # nothing (erofs-utils, GNU tar): the file stays as it is.
                     unpacked.add((id(parent), name))
                     continue
                 if existing is not None:

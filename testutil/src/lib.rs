@@ -404,3 +404,35 @@ impl Drop for LoopMount {
         }
     }
 }
+
+/// Two layer tars with hard links to their own names, as `tar cf x.tar f f`
+/// writes one for the second `f` (erofs-utils and GNU tar keep the file; the
+/// reference unpack of `treecmp.py` too): `self-link-0.tar` has `z/in`, a link
+/// `z/in` -> `z/in`, a second name `h` and again `z/in` -> `./z/in`;
+/// `self-link-1.tar` links a lower layer's `z/in` to itself and adds `n`.
+/// Written into `dir`; returns their paths, bottom first.
+pub fn self_link_tars(dir: &Path) -> [PathBuf; 2] {
+    let paths = [dir.join("self-link-0.tar"), dir.join("self-link-1.tar")];
+    let script = r#"
+import sys, tarfile, io
+def member(t, name, kind, data=b"", link=""):
+    i = tarfile.TarInfo(name)
+    i.type, i.mtime, i.linkname = kind, 1600000000, link
+    i.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    i.size = len(data)
+    t.addfile(i, io.BytesIO(data) if data else None)
+with tarfile.open(sys.argv[1], "w", format=tarfile.USTAR_FORMAT) as t:
+    member(t, "z/", tarfile.DIRTYPE)
+    member(t, "z/in", tarfile.REGTYPE, b"inside\n")
+    member(t, "z/in", tarfile.LNKTYPE, link="z/in")
+    member(t, "h", tarfile.LNKTYPE, link="z/in")
+    member(t, "z/in", tarfile.LNKTYPE, link="./z/in")
+with tarfile.open(sys.argv[2], "w", format=tarfile.USTAR_FORMAT) as t:
+    member(t, "z/in", tarfile.LNKTYPE, link="z/in")
+    member(t, "n", tarfile.REGTYPE, b"new\n")
+"#;
+    assert_ok(&run_ok(
+        Command::new("python3").args(["-c", script]).args(&paths),
+    ));
+    paths
+}

@@ -421,7 +421,7 @@ impl ArchiveOutput {
         obdoci::layout::check_can_create_in(dir)?;
         std::fs::create_dir_all(scratch).map_err(|e| Error::io(scratch, e))?;
         let tmp = tempfile::Builder::new()
-            .prefix("archive-out.")
+            .prefix(crate::workdir::ARCHIVE_SCRATCH_PREFIX)
             .tempdir_in(scratch)
             .map_err(|e| Error::io(scratch, e))?;
         let layout = LayoutStore::new(Layout::open_or_create(tmp.path())?);

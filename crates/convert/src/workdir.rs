@@ -18,11 +18,15 @@
 //! * A `.run-*` directory nobody holds is left over from a killed run: the next run
 //!   removes it. Per-manifest directories left in `<dir>` by a killed `--reserve`
 //!   run are replaced when the same manifest is converted again.
+//! * A run that quits at once (a second Ctrl-C) calls [`remove_for_exit`] first: no
+//!   destructor runs then, and its private directory and unfinished files would stay
+//!   until the next run.
 
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -30,6 +34,55 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::{Error, Result};
 
 const RUN_PREFIX: &str = ".run-";
+
+/// Prefix of an archive destination's scratch layout in the work directory
+/// (see [`crate::archive::ArchiveOutput::create`]).
+pub(crate) const ARCHIVE_SCRATCH_PREFIX: &str = "archive-out.";
+
+/// Where the process's live work directories keep their files: `(path, private)`.
+static LIVE: Mutex<Vec<(PathBuf, bool)>> = Mutex::new(Vec::new());
+
+fn live() -> MutexGuard<'static, Vec<(PathBuf, bool)>> {
+    // Every change under the lock is one push or retain.
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// For a process about to exit without running destructors (a second stop signal):
+/// removes every unfinished output file ([`blockdev::pending::abandon_all`], e.g. a
+/// commit file being written, and no new one is started), the private directories
+/// of the live work directories with everything in them, and the scratch layouts of
+/// archive destinations in a work directory a run keeps its files in (`--reserve`).
+/// Files that threads still running create afterwards go with the next run.
+pub fn remove_for_exit() {
+    blockdev::pending::abandon_all();
+    for (p, private) in live().iter() {
+        if *private {
+            // Threads still working may add files meanwhile: a few tries.
+            for _ in 0..3 {
+                if fs::remove_dir_all(p).is_ok() || !p.exists() {
+                    break;
+                }
+            }
+        } else {
+            remove_archive_scratch(p);
+        }
+    }
+}
+
+/// Removes the archive scratch layouts in `dir`.
+fn remove_archive_scratch(dir: &Path) {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(ARCHIVE_SCRATCH_PREFIX)
+        {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
 
 /// A locked work directory; dropping it removes what the run leaves behind
 /// (its private directory, and `<dir>` itself when empty and unused).
@@ -49,10 +102,16 @@ impl WorkDir {
         let root_lock = lock_root(root, in_root)?;
         remove_stale_runs(root);
         let run = if in_root {
+            // The directory is ours alone: scratch of a run that was killed.
+            remove_archive_scratch(root);
             None
         } else {
             Some(private_dir(root)?)
         };
+        live().push((
+            run.as_ref().map_or(root, |(p, _)| p).to_path_buf(),
+            run.is_some(),
+        ));
         Ok(WorkDir {
             root: root.to_path_buf(),
             root_lock,
@@ -86,6 +145,8 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
+        let mine = self.path().to_path_buf();
+        live().retain(|(p, _)| *p != mine);
         if let Some((p, lock)) = self.run.take() {
             let _ = fs::remove_dir_all(&p);
             drop(lock);

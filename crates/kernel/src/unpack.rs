@@ -533,6 +533,17 @@ impl Unpacker {
 
         let p = join(&parent, name);
         let existing = self.found(e, &p)?;
+        if e.kind == Kind::HardLink
+            && existing.is_some()
+            && self.links_to_itself(e, &parent, name)?
+        {
+            // A hard link to its own name (`tar cf x.tar f f` writes one for the
+            // second `f`) changes nothing, as in erofs-utils and GNU tar: the
+            // file stays as it is.
+            self.stats.hardlinks += 1;
+            self.unpacked.insert(p);
+            return Ok(());
+        }
         if e.kind == Kind::Dir {
             if let Some((Found::Dir, _)) = existing {
                 self.owner_mode(e, &p, e.uid, e.gid, Some(e.mode))?;
@@ -650,6 +661,26 @@ impl Unpacker {
                 .map_err(|err| self.eio(e, "set the size of", p, err))?;
         }
         Ok(())
+    }
+
+    /// Whether the hard link entry `e`, at `name` in directory `parent`, names
+    /// that same directory entry as its target. A target that cannot be
+    /// resolved is not (the link then fails as any other would).
+    fn links_to_itself(&mut self, e: &Entry, parent: &Rel, name: &[u8]) -> Result<bool> {
+        let Some(comps) = clean_components(&e.link) else {
+            return Ok(false);
+        };
+        let Some((tname, tparents)) = comps.split_last() else {
+            return Ok(false);
+        };
+        if *tname != name {
+            return Ok(false);
+        }
+        match self.resolve_dir(e, tparents, false) {
+            Ok(d) => Ok(d == *parent),
+            Err(Error::Entry { .. }) => Ok(false),
+            Err(other) => Err(other),
+        }
     }
 
     fn hardlink(&mut self, e: &Entry, p: &[u8]) -> Result<()> {

@@ -569,3 +569,33 @@ fn missing_requirements_are_named() {
     let e = KernelOptions::default().with_fstype("xfs;;").unwrap_err();
     assert!(e.to_string().contains("ext4 only"), "{e}");
 }
+
+/// A hard link to its own name (`tar cf x.tar f f`) changes nothing: the file
+/// stays, in the layer that made it and in a layer above, as GNU tar and
+/// erofs-utils have it (it failed: "hard link target does not exist", the
+/// file having been removed to make room for the link).
+#[test]
+fn a_hard_link_to_itself_keeps_the_file() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (k, work) = kernel(d);
+    let tars = testutil::self_link_tars(d);
+    let img = d.join("kernel.img");
+    let dev: Arc<dyn BlockDevice> = Arc::new(RawFileDevice::create(&img, 1 << 30).unwrap());
+    for (i, t) in tars.iter().enumerate() {
+        apply(&k, &dev, i == 0, t);
+    }
+    drop(dev);
+    assert_nothing_left(&work);
+    e2fsck_clean(&img);
+    let (ours, refj) = (d.join("ours.json"), d.join("ref.json"));
+    image_manifest(&img, &ours);
+    let mut args = vec!["reference"];
+    args.extend(tars.iter().map(|t| t.to_str().unwrap()));
+    std::fs::write(&refj, testutil::treecmp(&args)).unwrap();
+    testutil::treecmp(&["compare", refj.to_str().unwrap(), ours.to_str().unwrap()]);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ours).unwrap()).unwrap();
+    assert_eq!(m["z/in"]["size"], 7, "{m}");
+}

@@ -274,9 +274,12 @@ impl Auth {
                 detail: String::new(),
             });
         }
-        let body = resp
-            .bytes()
-            .map_err(|source| Error::transport(&self.peer, &what, source))?;
+        // A token server that sends its answer's head and then stalls is not
+        // waited for once the run is cancelled.
+        let body = crate::cancellable(&self.peer, &what, self.cancel.as_deref(), move || {
+            resp.bytes()
+        })?
+        .map_err(|source| Error::transport(&self.peer, &what, source))?;
         #[derive(serde::Deserialize)]
         struct TokenResp {
             token: Option<String>,

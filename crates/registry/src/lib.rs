@@ -580,6 +580,11 @@ impl Registry {
         }
     }
 
+    /// The run's cancel flag, if any.
+    fn cancel_flag(&self) -> Option<&AtomicBool> {
+        self.opts.cancel.as_deref()
+    }
+
     fn cancelled(&self) -> bool {
         self.opts
             .cancel
@@ -660,7 +665,7 @@ impl Registry {
                         }
                     }
                     if st == 401 {
-                        let detail = error_detail(resp);
+                        let detail = error_detail(resp, self.opts.cancel.as_deref());
                         return Err(Error::Unauthorized {
                             peer: self.host.clone(),
                             what: what.to_string(),
@@ -720,7 +725,7 @@ impl Registry {
 
     fn status_error(&self, what: &str, resp: Response) -> Error {
         let st = resp.status().as_u16();
-        let detail = error_detail(resp);
+        let detail = error_detail(resp, self.opts.cancel.as_deref());
         self.status_error_of(what, st, detail)
     }
 
@@ -748,15 +753,19 @@ impl Registry {
 }
 
 /// `": CODE: message"` from a distribution error body, if there is one.
-fn error_detail(resp: Response) -> String {
-    error_detail_of(&read_error_body(resp))
+fn error_detail(resp: Response, cancel: Option<&AtomicBool>) -> String {
+    error_detail_of(&read_error_body(resp, cancel))
 }
 
-/// The start of an error response's body (enough for any distribution error list).
-fn read_error_body(resp: Response) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let _ = resp.take(64 << 10).read_to_end(&mut buf);
-    buf
+/// The start of an error response's body (enough for any distribution error list);
+/// nothing once `cancel` is set (the read is not waited for, see [`cancellable`]).
+fn read_error_body(resp: Response, cancel: Option<&AtomicBool>) -> Vec<u8> {
+    cancellable("", "error body", cancel, move || {
+        let mut buf = Vec::new();
+        let _ = resp.take(64 << 10).read_to_end(&mut buf);
+        buf
+    })
+    .unwrap_or_default()
 }
 
 #[derive(serde::Deserialize)]
@@ -919,14 +928,17 @@ impl Repository {
                 .into());
             }
         }
-        let mut bytes = Vec::new();
-        resp.take(model::MAX_MANIFEST_SIZE + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|error| Error::Stream {
-                peer: self.reg.host.clone(),
-                what: what.clone(),
-                error,
-            })?;
+        let bytes = cancellable(&self.reg.host, &what, self.reg.cancel_flag(), move || {
+            let mut bytes = Vec::new();
+            resp.take(model::MAX_MANIFEST_SIZE + 1)
+                .read_to_end(&mut bytes)
+                .map(|_| bytes)
+        })?
+        .map_err(|error| Error::Stream {
+            peer: self.reg.host.clone(),
+            what: what.clone(),
+            error,
+        })?;
         if bytes.len() as u64 > model::MAX_MANIFEST_SIZE {
             return Err(oci::Error::TooLarge {
                 what: format!("{}: {what}", self.reg.host),
@@ -998,7 +1010,7 @@ impl Repository {
             if resp.status().is_success() {
                 break resp;
             }
-            let body = read_error_body(resp);
+            let body = read_error_body(resp, self.reg.opts.cancel.as_deref());
             // A registry may not see a blob it has just taken: distribution's
             // filesystem storage rewrites a repository's link to a blob in place
             // (truncate, then write) whenever the blob is pushed again, so a
@@ -1079,15 +1091,17 @@ impl Repository {
                 "{}: {what}: the resume at byte {offset} was answered with the whole blob (Range ignored); skipping {offset} bytes",
                 self.reg.host
             );
-            let mut resp = resp;
-            let skipped =
-                io::copy(&mut (&mut resp).take(offset), &mut io::sink()).map_err(|error| {
-                    Error::Stream {
-                        peer: self.reg.host.clone(),
-                        what: what.clone(),
-                        error,
-                    }
+            let (resp, skipped) =
+                cancellable(&self.reg.host, &what, self.reg.cancel_flag(), move || {
+                    let mut resp = resp;
+                    let skipped = io::copy(&mut (&mut resp).take(offset), &mut io::sink());
+                    (resp, skipped)
                 })?;
+            let skipped = skipped.map_err(|error| Error::Stream {
+                peer: self.reg.host.clone(),
+                what: what.clone(),
+                error,
+            })?;
             if skipped != offset {
                 return Err(Error::Protocol {
                     peer: self.reg.host.clone(),
@@ -1170,32 +1184,26 @@ impl Repository {
             }
             _ => return Err(self.reg.status_error(&what, resp)),
         }
-        let mut body = resp.take(buf.len() as u64);
-        let mut done = 0;
-        while done < buf.len() {
-            match body.read(&mut buf[done..]) {
-                Ok(0) => {
-                    return Err(Error::Stream {
-                        peer: self.reg.host.clone(),
-                        what,
-                        error: io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("the answer ends after {done} of {} bytes", buf.len()),
-                        ),
-                    })
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => {
-                    return Err(Error::Stream {
-                        peer: self.reg.host.clone(),
-                        what,
-                        error,
-                    })
-                }
+        let body = resp.take(buf.len() as u64);
+        let read = match self.reg.cancel_flag() {
+            None => fill(body, buf),
+            // On a thread of its own (see `cancellable`): into a buffer it owns.
+            Some(cancel) => {
+                let len = buf.len();
+                let (got, read) = cancellable(&self.reg.host, &what, Some(cancel), move || {
+                    let mut got = vec![0u8; len];
+                    let read = fill(body, &mut got);
+                    (got, read)
+                })?;
+                buf.copy_from_slice(&got);
+                read
             }
-        }
-        Ok(())
+        };
+        read.map_err(|error| Error::Stream {
+            peer: self.reg.host.clone(),
+            what,
+            error,
+        })
     }
 
     /// The error of a read from one of our streams: the client or OCI error it carries
@@ -1247,10 +1255,13 @@ impl Repository {
             .into());
         }
         let mut r = self.open_blob(desc)?;
-        let mut out = Vec::with_capacity(desc.size as usize);
-        r.read_to_end(&mut out)
-            .map_err(|e| self.stream_error(format!("blob {}@{}", self.name, desc.digest), e))?;
-        Ok(out)
+        let size = desc.size as usize;
+        let what = format!("blob {}@{}", self.name, desc.digest);
+        cancellable(&self.reg.host, &what, self.reg.cancel_flag(), move || {
+            let mut out = Vec::with_capacity(size);
+            r.read_to_end(&mut out).map(|_| out)
+        })?
+        .map_err(|e| self.stream_error(what, e))
     }
 
     /// Try a cross-repository mount of `desc` from `from`. Returns true if mounted (or
@@ -1729,8 +1740,22 @@ pub(crate) fn send_cancellable(
     rb: RequestBuilder,
     cancel: Option<&AtomicBool>,
 ) -> Result<reqwest::Result<Response>> {
+    cancellable(peer, "request", cancel, move || rb.send())
+}
+
+/// Run `work`, a blocking request or read of an answer's body (which a registry
+/// that stops sending holds until the stall timeout), given up
+/// (`Error::Interrupted`) as soon as `cancel` is set: with a cancel flag it runs
+/// on a thread of its own, which is left to end by itself (within the stall
+/// timeout) and whose result is dropped. `what` names the work in errors.
+pub(crate) fn cancellable<T: Send + 'static>(
+    peer: &str,
+    what: &str,
+    cancel: Option<&AtomicBool>,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
     let Some(cancel) = cancel else {
-        return Ok(rb.send());
+        return Ok(work());
     };
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Interrupted);
@@ -1739,11 +1764,11 @@ pub(crate) fn send_cancellable(
     std::thread::Builder::new()
         .name("registry-request".into())
         .spawn(move || {
-            let _ = tx.send(rb.send());
+            let _ = tx.send(work());
         })
         .map_err(|error| Error::Stream {
             peer: peer.to_string(),
-            what: "cannot start a thread for a request".into(),
+            what: format!("cannot start a thread for a {what}"),
             error,
         })?;
     loop {
@@ -1758,12 +1783,31 @@ pub(crate) fn send_cancellable(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(Error::Stream {
                     peer: peer.to_string(),
-                    what: "request".into(),
+                    what: what.into(),
                     error: io::Error::other("the HTTP client failed without an answer"),
                 })
             }
         }
     }
+}
+
+/// Fill `buf` from `body`; an answer that ends first is an `UnexpectedEof`.
+fn fill(mut body: impl Read, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match body.read(&mut buf[done..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the answer ends after {done} of {} bytes", buf.len()),
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Sleep for `d`, or until `cancel` is set.

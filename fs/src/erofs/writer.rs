@@ -664,6 +664,25 @@ impl Builder {
     /// A hard link entry: `d` becomes another name of the target.
     fn apply_hardlink(&mut self, e: &Entry, d: Dent) -> Result<()> {
         let path = &e.path;
+        // A hard link to its own name (`tar cf x.tar f f` writes one for the
+        // second `f`) changes nothing: the file stays (erofs-utils 1.9's "tar:
+        // fix self-hardlink handling"; GNU tar does the same).
+        if self.find_dentry(&e.link) == Some(d) {
+            if self.dents[d].ftype != ft::UNKNOWN {
+                return Ok(());
+            }
+            // A name that only a lower layer has so far: it stays that file,
+            // without a new link to it. (A new dentry points at its parent
+            // directory until it gets a target: not a target to resolve.)
+            self.dents[d].inode = None;
+            if let Some((nid, ftype)) = self.find_lower(&e.link)? {
+                self.link_lower(d, nid, ftype);
+                if let Some(c) = self.lower_links.get_mut(&nid) {
+                    *c = c.saturating_sub(1);
+                }
+                return Ok(());
+            }
+        }
         if self.dents[d].ftype != ft::UNKNOWN {
             self.drop_dentry_target(d);
         }

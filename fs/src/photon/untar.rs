@@ -208,6 +208,17 @@ impl Untar<'_> {
             return Ok(());
         }
         let path = comps(name)?;
+        if e.kind == Kind::HardLink
+            && comps(&clean_name(&e.link)).is_ok_and(|t| t == path)
+            && self.x.lstat(&path)?.is_some()
+        {
+            // A hard link to its own name (`tar cf x.tar f f` writes one for the
+            // second `f`) changes nothing, as in erofs-utils and GNU tar: the
+            // file stays as it is (unlinking it first would lose the target).
+            self.stats.hardlinks += 1;
+            self.unpacked.insert(name.to_vec());
+            return Ok(());
+        }
         if let Some(st) = self.x.lstat(&path)? {
             if !st.is_dir() {
                 self.x.unlink(&path)?;

@@ -255,6 +255,9 @@ fn main() -> ExitCode {
                             "convertor: {sig}: stopping and cleaning up (again to quit at once)"
                         ));
                     } else {
+                        // No destructor runs now: remove the run's work files and
+                        // unfinished outputs first.
+                        obdconvert::workdir::remove_for_exit();
                         say(format_args!("convertor: {sig} again: quitting now"));
                         std::process::exit(128 + sig as i32);
                     }
@@ -271,32 +274,73 @@ fn main() -> ExitCode {
             say(format_args!("convertor: interrupted"));
             ExitCode::from((128 + sig) as u8)
         }
-        (Err(e), _) => {
-            obdtools::cli::report("convertor", &e);
-            ExitCode::FAILURE
-        }
+        (Err(e), _) => match e.downcast::<Usage>() {
+            Ok(Usage(e)) => {
+                obdtools::cli::report("convertor", &e);
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                obdtools::cli::report("convertor", &e);
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// A usage error: arguments that cannot work together or do not parse (a
+/// malformed image reference, tag or digest, conflicting flags), found before any
+/// work. The convertor exits 2 for it, as for clap's own checks and in both forms
+/// (`-r ...` and `obdconv SRC DST`); other failures exit 1.
+#[derive(Debug)]
+pub(crate) struct Usage(pub(crate) anyhow::Error);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", obdtools::cli::error_line(&self.0))
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// Marks an error as a [`Usage`] error.
+pub(crate) trait UsageExt<T> {
+    fn usage(self) -> anyhow::Result<T>;
+}
+
+impl<T, E: Into<anyhow::Error>> UsageExt<T> for Result<T, E> {
+    fn usage(self) -> anyhow::Result<T> {
+        self.map_err(|e| anyhow::Error::new(Usage(e.into())))
+    }
+}
+
+/// `bail!` for a [`Usage`] error.
+macro_rules! usage_bail {
+    ($($t:tt)*) => {
+        return Err(anyhow::Error::new(Usage(anyhow::anyhow!($($t)*))))
+    };
 }
 
 fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    not_a_path("-r/--repository", &args.repository)?;
-    let src_ref = ImageRef::parse(&args.repository).context("-r/--repository")?;
+    not_a_path("-r/--repository", &args.repository).usage()?;
+    let src_ref = ImageRef::parse(&args.repository)
+        .context("-r/--repository")
+        .usage()?;
     let dst_ref = match &args.output_repository {
         Some(r) => {
-            not_a_path("--output-repository", r)?;
-            ImageRef::parse(r).context("--output-repository")?
+            not_a_path("--output-repository", r).usage()?;
+            ImageRef::parse(r).context("--output-repository").usage()?
         }
-        None if src_ref.is_archive() => bail!(
+        None if src_ref.is_archive() => usage_bail!(
             "{src_ref}: an archive is read, not rewritten; give the destination with --output-repository"
         ),
         None => src_ref.clone(),
     };
     if args.compress && !matches!(dst_ref, ImageRef::OciArchive { .. }) {
-        bail!("--compress applies to an oci-archive: destination, not {dst_ref}");
+        usage_bail!("--compress applies to an oci-archive: destination, not {dst_ref}");
     }
     let zfile_algorithm: obdconvert::ZfileAlgorithm =
-        args.algorithm.parse().context("--algorithm")?;
+        args.algorithm.parse().context("--algorithm").usage()?;
     // As upstream: --turboOCI wins over --fastoci; -o only when neither output flag is
     // given.
     let turbo_tag = args.turbo_oci.clone().or(args.fastoci.clone());
@@ -309,7 +353,8 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         "ext4"
     } else {
         &args.fstype
-    })?;
+    })
+    .usage()?;
     if turbo_tag.is_none() && args.fstype != "ext4" && engine_fstype.is_none() {
         tracing::warn!(
             "--fstype {} is only used by TurboOCI output; the overlaybd image is ext4",
@@ -332,16 +377,16 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     };
     // None: the image an archive holds (known once it is opened).
     let source = match (&args.input_tag, &args.input_digest, &src_ref) {
-        (Some(t), _, r) => Some(ref_name(r, t).context("-i/--input-tag")?),
+        (Some(t), _, r) => Some(ref_name(r, t).context("-i/--input-tag").usage()?),
         (None, Some(d), _) => Some(Reference::Digest(
-            d.parse::<Digest>().context("-g/--input-digest")?,
+            d.parse::<Digest>().context("-g/--input-digest").usage()?,
         )),
         (None, None, ImageRef::Layout { tag: Some(t), .. })
         | (None, None, ImageRef::OciArchive { tag: Some(t), .. }) => {
             Some(Reference::Tag(t.clone()))
         }
         (None, None, r) if r.is_archive() => None,
-        (None, None, _) => bail!(
+        (None, None, _) => usage_bail!(
             "no input image: give -i/--input-tag or -g/--input-digest, or the tag with the source (oci:DIR:TAG; with obdconv also HOST/REPO:TAG)"
         ),
     };
@@ -353,21 +398,23 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         // An archive holds one image; its name is in the destination if anywhere.
         (None, None, r, None) if r.is_archive() => Some("latest".to_string()),
         (None, _, _, Some(_)) => None,
-        _ => bail!("no output tag: give --overlaybd TAG, --turboOCI TAG or -o/--output-tag TAG"),
+        _ => usage_bail!(
+            "no output tag: give --overlaybd TAG, --turboOCI TAG or -o/--output-tag TAG"
+        ),
     };
     for t in native_tag.iter().chain(&turbo_tag) {
-        ref_name(&dst_ref, t).context("output tag")?;
+        ref_name(&dst_ref, t).context("output tag").usage()?;
     }
     if let (Some(n), Some(t)) = (&native_tag, &turbo_tag) {
         if n == t {
-            bail!(
+            usage_bail!(
                 "the overlaybd and the TurboOCI image would both be tagged {t}, and the second would replace the first: give them different tags"
             );
         }
     }
     if let ImageRef::DockerArchive { name, .. } = &dst_ref {
         if native_tag.is_some() && turbo_tag.is_some() {
-            bail!(
+            usage_bail!(
                 "{dst_ref}: a docker archive holds one image, and --overlaybd with --turboOCI makes two: write an oci-archive: or oci: destination"
             );
         }
@@ -399,13 +446,13 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         }
     }
     if args.vsize == 0 {
-        bail!("--vsize must be at least 1 (GB)");
+        usage_bail!("--vsize must be at least 1 (GB)");
     }
 
     let mut client_certs = Vec::new();
     for cc in &args.client_cert {
         let Some((c, k)) = cc.split_once(':') else {
-            bail!("--client-cert {cc:?}: expected cert-file:key-file");
+            usage_bail!("--client-cert {cc:?}: expected cert-file:key-file");
         };
         client_certs.push((PathBuf::from(c), PathBuf::from(k)));
     }
@@ -428,7 +475,8 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         Some(c) => ClientOptions {
             credentials: Some(
                 Credentials::parse(c)
-                    .with_context(|| format!("--dest-creds {c:?}: expected user:password"))?,
+                    .with_context(|| format!("--dest-creds {c:?}: expected user:password"))
+                    .usage()?,
             ),
             docker_config: false,
             ..client.clone()
@@ -461,7 +509,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         zfile_block_kib: args.block_size,
         ..Default::default()
     };
-    opts.zfile_options()?;
+    opts.zfile_options().usage()?;
     let mut formats: Vec<(Arc<dyn OutputFormat>, String)> = Vec::new();
     if let Some(t) = &native_tag {
         formats.push((Arc::new(NativeFormat::new(&opts)), t.clone()));
@@ -689,13 +737,14 @@ fn open_dedup(
     let db_error = |e: obddedup::DbError| anyhow::Error::new(e).context("dedup database");
     let db_str = args.db_str.as_deref().unwrap_or("");
     if obddedup::select_kind(&args.db_type, db_str)
-        .map_err(db_error)?
+        .map_err(db_error)
+        .usage()?
         .is_none()
     {
         return Ok(None);
     }
     if !matches!(dst, ImageRef::Registry { .. }) {
-        bail!("dedup database: deduplication needs a registry destination, not {dst}");
+        usage_bail!("dedup database: deduplication needs a registry destination, not {dst}");
     }
     let key = format
         .dedup_format_key()

@@ -471,7 +471,6 @@ fn bad_archives_fail_with_one_line_and_write_nothing() {
             vec![format!("docker-archive:{}", oci_src.display())],
             "no manifest.json",
         ),
-        (vec!["dir:/tmp/x".into()], "unknown transport"),
     ];
     // Bad ZFile options are usage errors (exit code 2, as clap's other checks), in
     // both forms, and nothing is written.

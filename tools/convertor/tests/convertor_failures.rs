@@ -531,3 +531,200 @@ fn converting_a_converted_image_is_refused() {
         assert!(!wd.exists(), "work dir cleaned up after the refusal");
     }
 }
+
+/// An answer of [`BodyStaller`]: (path suffix, status, content type, body).
+type Answer = (String, u16, &'static str, Vec<u8>);
+
+/// A registry of one repository `x` (tag `v1`) whose answer to the first GET
+/// of a path containing `stall_on` is its head, `Content-Length` and the first 10
+/// bytes of its body, and then silence; every other request gets the matching
+/// `(path suffix, status, content type, body)` of `answers`, or a 404.
+struct BodyStaller {
+    port: u16,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BodyStaller {
+    fn start(answers: Vec<Answer>, stall_on: &str) -> BodyStaller {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let (flag, stall_on) = (stalled.clone(), stall_on.to_string());
+        let answers = Arc::new(answers);
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let (flag, stall_on, answers) = (flag.clone(), stall_on.clone(), answers.clone());
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    let mut w = conn;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let get = line.starts_with("GET ");
+                        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                        // The rest of the head (no request here has a body).
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                                break;
+                            }
+                        }
+                        let (status, ctype, body) = if path == "/v2/" {
+                            (200, "application/json", b"{}".to_vec())
+                        } else {
+                            answers
+                                .iter()
+                                .find(|(p, ..)| path.ends_with(p.as_str()))
+                                .map(|(_, s, c, b)| (*s, *c, b.clone()))
+                                .unwrap_or((404, "application/json", b"{}".to_vec()))
+                        };
+                        let head = format!(
+                            "HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        if get && path.contains(&stall_on) && !flag.swap(true, Ordering::SeqCst) {
+                            let _ = w.write_all(head.as_bytes());
+                            let _ = w.write_all(&body[..10.min(body.len())]);
+                            let _ = w.flush();
+                            // Silent, the connection held open.
+                            std::thread::sleep(Duration::from_secs(600));
+                            return;
+                        }
+                        if w.write_all(head.as_bytes()).is_err() || w.write_all(&body).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        BodyStaller { port, stalled }
+    }
+}
+
+/// `{"mediaType": ..., ...}` JSON and its digest.
+fn json_blob(v: serde_json::Value) -> (Vec<u8>, String) {
+    use sha2::Digest as _;
+    let b = serde_json::to_vec(&v).unwrap();
+    let d = format!("sha256:{:x}", sha2::Sha256::digest(&b));
+    (b, d)
+}
+
+/// Ctrl-C while the registry has sent an answer's head and then stalls its body
+/// (a manifest, an index, the config, an error answer's body) stops the run at
+/// once, exit 130, nothing written: the read that waits for the stall timeout
+/// (here the default, 60 s) is not waited for.
+#[test]
+fn ctrl_c_during_a_stalled_answer_body_stops_at_once() {
+    const MT_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    const MT_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    let (config, config_d) = json_blob(serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"]}
+    }));
+    let (manifest, manifest_d) = json_blob(serde_json::json!({
+        "schemaVersion": 2, "mediaType": MT_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_d, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef", "size": 1024}]
+    }));
+    let (index, _) = json_blob(serde_json::json!({
+        "schemaVersion": 2, "mediaType": MT_INDEX,
+        "manifests": [{"mediaType": MT_MANIFEST, "digest": manifest_d, "size": manifest.len(),
+                       "platform": {"architecture": "amd64", "os": "linux"}}]
+    }));
+    let by_digest = format!("/manifests/{manifest_d}");
+    let config_blob = format!("/blobs/{config_d}");
+    let cases: Vec<(&str, Vec<Answer>, &str)> = vec![
+        (
+            "manifest",
+            vec![("/manifests/v1".into(), 200, MT_MANIFEST, manifest.clone())],
+            "/manifests/v1",
+        ),
+        (
+            "platform manifest of an index",
+            vec![
+                ("/manifests/v1".into(), 200, MT_INDEX, index.clone()),
+                (by_digest.clone(), 200, MT_MANIFEST, manifest.clone()),
+            ],
+            &by_digest,
+        ),
+        (
+            "config",
+            vec![
+                ("/manifests/v1".into(), 200, MT_MANIFEST, manifest.clone()),
+                (
+                    format!("/blobs/{config_d}"),
+                    200,
+                    "application/octet-stream",
+                    config.clone(),
+                ),
+            ],
+            &config_blob,
+        ),
+        (
+            "error answer",
+            vec![(
+                "/manifests/v1".into(),
+                404,
+                "application/json",
+                br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#
+                    .to_vec(),
+            )],
+            "/manifests/v1",
+        ),
+    ];
+    for (what, answers, stall_on) in cases {
+        let reg = BodyStaller::start(answers, stall_on);
+        let t = tempfile::tempdir().unwrap();
+        let wd = t.path().join("w");
+        let out = t.path().join("out");
+        let child = Command::new(env!("CARGO_BIN_EXE_convertor"))
+            .args([
+                "-r",
+                &format!("127.0.0.1:{}/x", reg.port),
+                "-i",
+                "v1",
+                "-o",
+                "obd",
+            ])
+            .args(["--plain", "--vsize", "2", "-d", wd.to_str().unwrap()])
+            .arg("--output-repository")
+            .arg(format!("oci:{}", out.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !reg.stalled.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(t0.elapsed() < Duration::from_secs(30), "{what}: no stall");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+        let t0 = Instant::now();
+        let o = child.wait_with_output().unwrap();
+        // Far below the 60 s stall timeout (the bound only keeps a slow machine from
+        // failing the test).
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{what}: took {:?} to stop",
+            t0.elapsed()
+        );
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(130), "{what}: {e}");
+        assert!(
+            e.contains("interrupted") && !e.contains("panicked"),
+            "{what}: {e}"
+        );
+        assert!(!wd.exists(), "{what}: work dir cleaned up");
+        assert!(!out.exists(), "{what}: nothing written");
+    }
+}

@@ -265,7 +265,7 @@ fn flags_are_validated_before_any_work() {
         ])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2), "a usage error: {}", stderr_of(&o));
     assert!(
         stderr_of(&o).contains("invalid registry port \"99999\""),
         "{}",
@@ -303,7 +303,7 @@ fn flags_are_validated_before_any_work() {
     }
     // The same tag for both outputs: one image would replace the other.
     let o = run(&["--vsize", "2", "--overlaybd", "obd", "--turboOCI", "obd"]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert_eq!(o.status.code(), Some(2), "a usage error: {}", stderr_of(&o));
     let e = stderr_of(&o);
     assert!(
         e.contains("would both be tagged obd") && !e.contains("layer 1"),
@@ -733,7 +733,8 @@ fn a_path_without_a_transport_gets_a_hint() {
             .args(["-d", "w"])
             .output()
             .unwrap();
-        assert_eq!(o.status.code(), Some(1), "{a:?}: {}", stderr_of(&o));
+        // A usage error, as in the obdconv form below.
+        assert_eq!(o.status.code(), Some(2), "{a:?}: {}", stderr_of(&o));
         let e = stderr_of(&o);
         assert_eq!(e.lines().count(), 1, "{a:?}: {e}");
         assert!(!e.contains("retrying") && !e.contains("dns"), "{a:?}: {e}");
@@ -773,6 +774,7 @@ fn a_path_without_a_transport_gets_a_hint() {
         .args(["obdconv", "ts/multi:latest", "oci:out:obd", "-d", "w"])
         .output()
         .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr_of(&o));
     let e = stderr_of(&o);
     assert!(
         e.contains("SRC ts/multi:latest") && e.contains("did you mean oci:ts/multi:latest?"),
@@ -948,4 +950,172 @@ fn oci_reference_names_select_images() {
         "{}",
         stderr_of(&o)
     );
+}
+
+/// Every path below `d` (recursively), relative to it.
+fn all_below(d: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![d.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            let q = e.path();
+            out.push(q.strip_prefix(d).unwrap().display().to_string());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(q);
+            }
+        }
+    }
+    out
+}
+
+/// A second stop signal quits at once, and still removes the run's work files:
+/// the unfinished commit file being written and, unless the run keeps its files
+/// (`--reserve`), its private directory (both were left for the next run).
+#[test]
+fn a_second_signal_quits_without_leaving_work_files() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    build_images("bench", &src, &["--size-mb", "60"]);
+    let src = format!("oci:{}", src.display());
+    for reserve in [false, true] {
+        let out = format!("oci:{}", t.path().join(format!("out-{reserve}")).display());
+        let wd = t.path().join(format!("w-{reserve}"));
+        let mut a = args(&src, &out, wd.to_str().unwrap());
+        a[3] = "bench";
+        if reserve {
+            a.push("--reserve");
+        }
+        let child = Command::new(bin())
+            .args(&a)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Both signals once a commit file is being written (SIGINT, then SIGTERM
+        // while the run is still cleaning up: two SIGINTs sent at once may arrive
+        // as one).
+        let committing = || {
+            all_below(&wd)
+                .iter()
+                .any(|p| p.contains(".overlaybd.commit.tmp-"))
+        };
+        let mut child = child;
+        while !committing() {
+            if let Some(s) = child.try_wait().unwrap() {
+                panic!("finished ({s}) before a commit was seen");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let o = child.wait_with_output().unwrap();
+        let e = stderr_of(&o);
+        assert!(e.contains("SIGTERM again: quitting now"), "{e}");
+        assert_eq!(o.status.code(), Some(143), "{e}");
+        let left = all_below(&wd);
+        assert!(
+            !left.iter().any(|p| p.contains(".tmp-")),
+            "reserve {reserve}: unfinished files left: {left:?}"
+        );
+        if !reserve {
+            assert!(
+                !left.iter().any(|p| p.starts_with(".run-")),
+                "the run's private directory is left: {left:?}"
+            );
+        }
+    }
+}
+
+/// A malformed image reference, tag or digest is a usage error: exit 2, in the
+/// `-r` form as in the `obdconv` form, with one line naming the argument, before
+/// any work (it was 1 with -r and 2 as obdconv's DST).
+#[test]
+fn malformed_references_are_usage_errors_in_every_form() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let out = t.path().join("out");
+    let out_s = format!("oci:{}", out.display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    let with = |base: &[&str], extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let cases: Vec<(Vec<String>, &str, &str)> = vec![
+        (
+            with(
+                &["-r", "127.0.0.1:99999/x", "-i", "latest", "-o", "obd"],
+                &[],
+            ),
+            "-r/--repository",
+            "invalid registry port",
+        ),
+        (
+            with(
+                &["-r", &src, "-i", "latest", "-o", "obd"],
+                &["--output-repository", "dir:/tmp/x"],
+            ),
+            "--output-repository",
+            "unknown transport",
+        ),
+        (
+            with(
+                &["-r", &src, "-i", "no spaces", "-o", "obd"],
+                &["--output-repository", &out_s],
+            ),
+            "-i/--input-tag",
+            "no spaces",
+        ),
+        (
+            with(
+                &["-r", &src, "-g", "sha256:xyz", "-o", "obd"],
+                &["--output-repository", &out_s],
+            ),
+            "-g/--input-digest",
+            "sha256:xyz",
+        ),
+        (
+            with(
+                &["-r", &src, "-i", "latest", "-o", "bad tag"],
+                &["--output-repository", &out_s],
+            ),
+            "output tag",
+            "bad tag",
+        ),
+        (
+            with(
+                &["-r", "dir:/tmp/x", "-i", "latest", "-o", "obd"],
+                &["--output-repository", &out_s],
+            ),
+            "-r/--repository",
+            "unknown transport",
+        ),
+        (
+            with(
+                &[
+                    "obdconv",
+                    "127.0.0.1:99999/x:latest",
+                    &format!("{out_s}:obd"),
+                ],
+                &[],
+            ),
+            "SRC",
+            "invalid registry port",
+        ),
+        (
+            with(&["obdconv", &format!("{src}:latest"), "dir:/tmp/x"], &[]),
+            "DST",
+            "unknown transport",
+        ),
+    ];
+    for (mut a, arg, want) in cases {
+        a.extend(["-d".to_string(), wd_s.to_string()]);
+        let o = Command::new(bin()).args(&a).output().unwrap();
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(2), "{a:?}: {e}");
+        assert_eq!(e.lines().count(), 1, "{a:?}: {e}");
+        assert!(e.contains(arg) && e.contains(want), "{a:?}: {e}");
+        assert!(!out.exists() && !wd.exists(), "{a:?}: nothing done");
+    }
 }
