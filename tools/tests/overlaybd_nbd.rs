@@ -808,3 +808,132 @@ fn config_json_takes_an_upper_and_is_recognised_by_content() {
     stack.read_at(&mut b, 1 << 20).unwrap();
     assert!(b.iter().all(|&x| x == 7));
 }
+
+/// An OCI layout (`oci:DIR:v1`) with one native overlaybd layer whose blob
+/// file `make_blob` creates.
+fn layout_with_layer(dir: &Path, make_blob: impl FnOnce(&Path)) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let hex = |b: &[u8]| -> String {
+        Sha256::digest(b)
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect()
+    };
+    let lay = dir.join("layout");
+    let blobs = lay.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(lay.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let layer = "ab".repeat(32);
+    make_blob(&blobs.join(&layer));
+    let config = b"{}";
+    let config_hex = hex(config);
+    std::fs::write(blobs.join(&config_hex), config).unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{config_hex}"), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": format!("sha256:{layer}"), "size": 4096,
+                    "annotations": {"containerd.io/snapshot/overlaybd/blob-digest":
+                                    format!("sha256:{layer}")}}],
+    }))
+    .unwrap();
+    let manifest_hex = hex(&manifest);
+    std::fs::write(blobs.join(&manifest_hex), &manifest).unwrap();
+    std::fs::write(
+        lay.join("index.json"),
+        serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_hex}"), "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "v1"}}]})
+        .to_string(),
+    )
+    .unwrap();
+    lay
+}
+
+/// A FIFO as a TurboOCI layer's `gzipIndex` or gzip `targetFile` in a
+/// config.json, or as a layer blob (or `index.json`) of an OCI layout, is
+/// refused at once naming it (the open used to wait for a writer forever).
+#[test]
+fn fifos_as_turbo_targets_and_layout_blobs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let gz = testutil::turbo_fixtures().join("ext4-gzip");
+    let config = |name: &str, target: &Path, index: &Path| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            serde_json::json!({"repoBlobUrl": "", "lowers": [{
+                "file": gz.join("ext4.fs.meta"), "targetFile": target, "gzipIndex": index,
+                "targetDigest": format!("sha256:{}", "0".repeat(64))}],
+                "resultFile": dir.path().join("result")})
+            .to_string(),
+        )
+        .unwrap();
+        p
+    };
+    // The fixture itself opens (and so the refusals below are about the FIFO).
+    let good = config("good.json", &gz.join("layer.tar.gz"), &gz.join("gzip.meta"));
+    let srv = Served::start(&[
+        good.to_str().unwrap(),
+        "--socket",
+        dir.path().join("ok.sock").to_str().unwrap(),
+    ]);
+    srv.terminate();
+    let index_fifo = config("index.json", &gz.join("layer.tar.gz"), &fifo);
+    let target_fifo = config("target.json", &fifo, &gz.join("gzip.meta"));
+    let layout = layout_with_layer(dir.path(), |p| {
+        nix::unistd::mkfifo(p, nix::sys::stat::Mode::S_IRWXU).unwrap()
+    });
+    let blob = layout.join(format!("blobs/sha256/{}", "ab".repeat(32)));
+    let image = format!("oci:{}:v1", layout.display());
+    let runs: [(&str, String); 3] = [
+        (
+            index_fifo.to_str().unwrap(),
+            format!("{}: not a gzip index: it is a FIFO", fifo.display()),
+        ),
+        (
+            target_fifo.to_str().unwrap(),
+            format!("{}: not a gzip layer blob: it is a FIFO", fifo.display()),
+        ),
+        (
+            &image,
+            format!(
+                "blob sha256:{} ({}) is not a regular file: it is a FIFO",
+                "ab".repeat(32),
+                blob.display()
+            ),
+        ),
+    ];
+    for (arg, want) in &runs {
+        let child = Command::new(NBD)
+            .args(["serve", arg, "--read-only", "--socket"])
+            .arg(dir.path().join("s"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (code, err) = exit_within(child, 10, arg);
+        assert_eq!(code, Some(1), "{arg}: {err}");
+        assert!(err.contains(want.as_str()), "{arg}: {err}");
+    }
+    // The layout's index.json as a FIFO.
+    std::fs::remove_file(layout.join("index.json")).unwrap();
+    nix::unistd::mkfifo(&layout.join("index.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let child = Command::new(NBD)
+        .args(["serve", &image, "--socket"])
+        .arg(dir.path().join("s"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, err) = exit_within(child, 10, "index.json FIFO");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("index.json") && err.contains("is not a regular file"),
+        "{err}"
+    );
+}
