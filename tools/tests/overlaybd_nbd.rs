@@ -937,3 +937,93 @@ fn fifos_as_turbo_targets_and_layout_blobs_are_refused() {
         "{err}"
     );
 }
+
+/// `VmRSS` and `VmHWM` (peak) of process `pid`, in bytes.
+fn rss(pid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let l = s.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = l.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb << 10)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// A client that sends 64 reads of 32 MiB and never reads the replies,
+/// to a server with 16 workers per connection: the server's memory grows
+/// by about its 64 MiB per-connection reply budget (it grew by 16 x 32 MiB,
+/// with `--workers 64` by 2 GiB), and another client is served meanwhile.
+#[test]
+fn a_client_not_reading_replies_pins_only_its_reply_budget() {
+    use blockdev::nbd::client::{Client, ClientOptions};
+    use blockdev::nbd::proto::CMD_READ;
+    use blockdev::nbd::Endpoint;
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    // A sparse 1 GiB image with a little data at 512 MiB.
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(1 << 30).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[9u8; 4096], 512 * MIB).unwrap();
+    drop(f);
+    let sock = dir.path().join("s");
+    let srv = Served::start(&[
+        img.to_str().unwrap(),
+        "--raw",
+        "--read-only",
+        "--workers",
+        "16",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    let pid = srv.child.id();
+    let (base, _) = rss(pid).unwrap();
+    let ep = Endpoint::Unix(sock.clone());
+    // Simple replies: every byte of a read is in its reply.
+    let mut stalled = Client::connect(&ep, &ClientOptions::default()).unwrap();
+    for i in 0..64u64 {
+        stalled
+            .send(CMD_READ, 0, (i % 32) * 32 * MIB, 32 << 20, &[])
+            .unwrap();
+    }
+    stalled.flush_requests().unwrap();
+    // The server has built what it may (a bound, not a measurement).
+    let t = Instant::now();
+    while rss(pid).unwrap().0 < base + 48 * MIB {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the server never built the replies"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another client is served meanwhile.
+    let mut c = Client::connect(&ep, &ClientOptions::default()).unwrap();
+    assert_eq!(c.read(512 * MIB, 4096).unwrap(), vec![9u8; 4096]);
+    c.disconnect().unwrap();
+    // Stop: in the 5 s grace for the stalled connection the server builds
+    // nothing more; record its peak until it has exited.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut peak = 0;
+    let mut child = srv;
+    let t = Instant::now();
+    while child.child.try_wait().unwrap().is_none() {
+        if let Some((_, hwm)) = rss(pid) {
+            peak = peak.max(hwm);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the server did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stalled);
+    assert!(
+        peak < base + 64 * MIB + 40 * MIB,
+        "the server's memory grew by {} MiB for a client not reading its replies (budget 64 MiB)",
+        (peak - base) >> 20
+    );
+}
