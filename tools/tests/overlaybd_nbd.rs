@@ -1027,3 +1027,69 @@ fn a_client_not_reading_replies_pins_only_its_reply_budget() {
         (peak - base) >> 20
     );
 }
+
+/// Unix-socket connections are told apart in the log (they were all
+/// `unix:PATH`), and `--listen` takes a host name.
+#[test]
+fn unix_peers_are_numbered_and_listen_takes_host_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("s");
+    let mut child = Command::new(NBD)
+        .args(["serve", "--raw", "--read-only", "--socket"])
+        .arg(&sock)
+        .arg(&img)
+        .env("OVERLAYBD_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut banner)
+        .unwrap();
+    let srv = Served {
+        child,
+        uri: format!("nbd+unix:///?socket={}", sock.display()),
+        banner,
+    };
+    for _ in 0..2 {
+        run_ok(Command::new(tool("nbdinfo")).arg("--size").arg(&srv.uri));
+    }
+    let log = srv.terminate();
+    for id in ["unix:#0: connected", "unix:#1: connected"] {
+        assert!(log.contains(id), "no {id:?} in the log: {log}");
+    }
+
+    let srv = Served::start(&[
+        img.to_str().unwrap(),
+        "--raw",
+        "--read-only",
+        "--listen",
+        "localhost:0",
+    ]);
+    assert!(srv.uri.starts_with("nbd://127.0.0.1:"), "{}", srv.banner);
+    let out = run_ok(Command::new(tool("nbdinfo")).arg("--size").arg(&srv.uri));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1048576");
+    srv.terminate();
+    for (bad, want) in [
+        (
+            "no-such-host.invalid:10809",
+            "cannot resolve \"no-such-host.invalid\"",
+        ),
+        ("localhost", "expected HOST:PORT"),
+        ("localhost:http", "is not a port number"),
+    ] {
+        let out = Command::new(NBD)
+            .args(["serve", "x", "--listen", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--listen") && err.contains(want),
+            "{bad}: {err}"
+        );
+    }
+}

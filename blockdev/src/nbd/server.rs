@@ -211,11 +211,14 @@ impl Listener {
         }
     }
 
-    fn accept(&self) -> io::Result<(Stream, String)> {
+    /// Accept a connection; its peer's name for messages: the client's
+    /// address, or for a Unix socket (whose clients have no address)
+    /// `unix:#ID` with the connection's number `id`.
+    fn accept(&self, id: u64) -> io::Result<(Stream, String)> {
         match self {
-            Listener::Unix(l, p, _) => {
+            Listener::Unix(l, ..) => {
                 let (s, _) = l.accept()?;
-                Ok((Stream::Unix(s), format!("unix:{}", p.display())))
+                Ok((Stream::Unix(s), format!("unix:#{id}")))
             }
             Listener::Tcp(l) => {
                 let (s, a) = l.accept()?;
@@ -795,7 +798,7 @@ impl Server {
                 threads.retain(|t| !t.is_finished());
                 continue;
             }
-            let (stream, peer) = match listener.accept() {
+            let (stream, peer) = match listener.accept(next_id) {
                 Ok(x) => x,
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
