@@ -1164,7 +1164,10 @@ fn serve_batches(
             }
             drop(w);
             drop(held);
-            if out.capacity() > keep {
+            // Only what a batch wrote is resident (a grown buffer's spare
+            // capacity is not): a buffer is kept while every batch it held
+            // fitted.
+            if out.len() > keep {
                 out = Vec::new();
             }
         }
