@@ -439,22 +439,47 @@ pub fn check_replaceable(out: &Path) -> crate::Result<()> {
     )))
 }
 
+/// Why an input path is not a regular file ([`check_regular_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRegular {
+    /// Nothing is there.
+    Missing,
+    /// Something else is: "a FIFO", "a directory", ...
+    Is(&'static str),
+}
+
+/// The one check of input files: `refuse` chooses the error (or, returning
+/// `None`, lets it pass) when `path` is missing or exists and is not a
+/// regular file (or a link to one). Opening a FIFO to read it would wait
+/// for a writer, forever; a device or a directory is no layer or config.
+/// A path that cannot be looked at (no permission) passes: opening it then
+/// says why.
+pub fn check_regular_with<E>(
+    path: &Path,
+    refuse: impl FnOnce(NotRegular) -> Option<E>,
+) -> std::result::Result<(), E> {
+    let why = match std::fs::metadata(path) {
+        Ok(m) => irregular_kind(m.file_type()).map(NotRegular::Is),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(NotRegular::Missing),
+        Err(_) => None,
+    };
+    match why.and_then(refuse) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// Refuses an input `path` that exists and is not a regular file (or a link
 /// to one), naming it and what it is: `what` it should be ("a layer file").
-/// Opening a FIFO to read it would wait for a writer, forever; a device or
-/// a directory is no layer or config. A missing path passes: opening it
-/// then says so.
+/// A missing path passes: opening it then says so.
 pub fn check_regular(path: &Path, what: &str) -> crate::Result<()> {
-    match std::fs::metadata(path)
-        .ok()
-        .and_then(|m| irregular_kind(m.file_type()))
-    {
-        Some(kind) => Err(crate::Error::Invalid(format!(
+    check_regular_with(path, |why| match why {
+        NotRegular::Missing => None,
+        NotRegular::Is(kind) => Some(crate::Error::Invalid(format!(
             "{}: not {what}: it is {kind}",
             path.display()
         ))),
-        None => Ok(()),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -490,6 +515,12 @@ mod tests {
         }
         assert!(check_regular(&f, "a layer file").is_ok());
         assert!(check_regular(&d.path().join("missing"), "a layer file").is_ok());
+        // The caller chooses the message, also for a missing path.
+        let why = |p: &Path| check_regular_with(p, Some).err();
+        assert_eq!(why(&f), None);
+        assert_eq!(why(&d.path().join("missing")), Some(NotRegular::Missing));
+        assert_eq!(why(&fifo), Some(NotRegular::Is("a FIFO")));
+        assert_eq!(why(d.path()), Some(NotRegular::Is("a directory")));
     }
 
     fn roundtrip(backend: IoBackend) {

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::gzindex::{self, GzFile};
 use crate::io::IoFile;
 use crate::layer::open_blob;
-use crate::lsmt::format::{Mapping, SECTOR};
+use crate::lsmt::format::{sector_bytes, Mapping, SECTOR};
 use crate::lsmt::index::{pieces, Piece};
 use crate::lsmt::writable::{TAG_FS_META, TAG_TARGET};
 use crate::lsmt::SealedLayer;
@@ -109,14 +109,14 @@ impl WarpLayer {
     pub fn with_target(meta: SealedLayer, target: Arc<dyn ReadAt>) -> Result<WarpLayer> {
         let tsize = target.size();
         for (i, m) in meta.index().entries().iter().enumerate() {
-            if m.tag == TAG_TARGET && m.mend() * SECTOR > tsize {
+            if m.tag == TAG_TARGET && sector_bytes(m.mend()) > u128::from(tsize) {
                 return Err(Error::corrupt(
                     meta.source().path(),
                     "TurboOCI layer",
                     format!(
                         "index entry {i} maps target bytes {}..{} past the end of the layer tar {} ({tsize} bytes)",
-                        m.moffset * SECTOR,
-                        m.mend() * SECTOR,
+                        sector_bytes(m.moffset),
+                        sector_bytes(m.mend()),
                         target.path().display()
                     ),
                 ));

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use blockdev::commit::{commit_writable, CommitOptions};
 use blockdev::layer::open_layer;
-use blockdev::lsmt::format::{HeaderTrailer, Mapping, HT_SPACE};
+use blockdev::lsmt::format::{HeaderTrailer, Mapping, HT_SPACE, MAX_MOFFSET};
 use blockdev::lsmt::{create_writable, CreateOptions, WritableLayer};
 use blockdev::zfile::ZfileOptions;
 use blockdev::{BlockDevice, Stack};
@@ -122,7 +122,29 @@ fn sealed_layer_corruptions() {
         m.moffset = 1 << 40;
         b[io..io + 16].copy_from_slice(&m.encode());
     });
-    expect_err(&bad, "outside the data area");
+    // (in bytes, like every other offset in these messages)
+    let data_end = HeaderTrailer::decode(&std::fs::read(&good).unwrap()[trailer..])
+        .unwrap()
+        .index_offset;
+    expect_err(
+        &bad,
+        &format!(
+            "index entry 0 maps layer bytes 562949953421312..562949953486848 outside the data area (bytes 4096..{data_end})"
+        ),
+    );
+    // ... also at the largest mapped offset, whose byte offset does not
+    // fit in 64 bits
+    mutate(&good, &bad, |b| {
+        let t = HeaderTrailer::decode(&b[trailer..]).unwrap();
+        let io = t.index_offset as usize;
+        let mut m = Mapping::decode(&b[io..io + 16]);
+        m.moffset = MAX_MOFFSET;
+        b[io..io + 16].copy_from_slice(&m.encode());
+    });
+    expect_err(
+        &bad,
+        "index entry 0 maps layer bytes 18446744073709551104..18446744073709616640 outside",
+    );
     // overlapping / unsorted entries
     mutate(&good, &bad, |b| {
         let t = HeaderTrailer::decode(&b[trailer..]).unwrap();
@@ -132,7 +154,10 @@ fn sealed_layer_corruptions() {
         m1.offset = m0.offset;
         b[io + 16..io + 32].copy_from_slice(&m1.encode());
     });
-    expect_err(&bad, "overlaps");
+    expect_err(
+        &bad,
+        "index entry 1 (device bytes 4096..12288) overlaps or is out of order with the previous one (which ends at byte 69632)",
+    );
 }
 
 #[test]
@@ -173,7 +198,10 @@ fn writable_layer_corruptions() {
     std::fs::write(&i, &idx).unwrap();
     let e = WritableLayer::open(&d, &i).unwrap_err().to_string();
     assert!(
-        e.contains(&i.display().to_string()) && e.contains("outside the data file"),
+        e.contains(&i.display().to_string())
+            && e.contains(
+                "entry 0 maps data file bytes 549755813888..549755817984 outside the data file (data at bytes 4096..4096, the file is 4096 bytes)"
+            ),
         "{e}"
     );
     // an entry beyond the virtual size (1 MiB) of the layer

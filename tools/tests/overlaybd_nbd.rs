@@ -808,3 +808,288 @@ fn config_json_takes_an_upper_and_is_recognised_by_content() {
     stack.read_at(&mut b, 1 << 20).unwrap();
     assert!(b.iter().all(|&x| x == 7));
 }
+
+/// An OCI layout (`oci:DIR:v1`) with one native overlaybd layer whose blob
+/// file `make_blob` creates.
+fn layout_with_layer(dir: &Path, make_blob: impl FnOnce(&Path)) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let hex = |b: &[u8]| -> String {
+        Sha256::digest(b)
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect()
+    };
+    let lay = dir.join("layout");
+    let blobs = lay.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(lay.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let layer = "ab".repeat(32);
+    make_blob(&blobs.join(&layer));
+    let config = b"{}";
+    let config_hex = hex(config);
+    std::fs::write(blobs.join(&config_hex), config).unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{config_hex}"), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": format!("sha256:{layer}"), "size": 4096,
+                    "annotations": {"containerd.io/snapshot/overlaybd/blob-digest":
+                                    format!("sha256:{layer}")}}],
+    }))
+    .unwrap();
+    let manifest_hex = hex(&manifest);
+    std::fs::write(blobs.join(&manifest_hex), &manifest).unwrap();
+    std::fs::write(
+        lay.join("index.json"),
+        serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_hex}"), "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "v1"}}]})
+        .to_string(),
+    )
+    .unwrap();
+    lay
+}
+
+/// A FIFO as a TurboOCI layer's `gzipIndex` or gzip `targetFile` in a
+/// config.json, or as a layer blob (or `index.json`) of an OCI layout, is
+/// refused at once naming it (the open used to wait for a writer forever).
+#[test]
+fn fifos_as_turbo_targets_and_layout_blobs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let gz = testutil::turbo_fixtures().join("ext4-gzip");
+    let config = |name: &str, target: &Path, index: &Path| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            serde_json::json!({"repoBlobUrl": "", "lowers": [{
+                "file": gz.join("ext4.fs.meta"), "targetFile": target, "gzipIndex": index,
+                "targetDigest": format!("sha256:{}", "0".repeat(64))}],
+                "resultFile": dir.path().join("result")})
+            .to_string(),
+        )
+        .unwrap();
+        p
+    };
+    // The fixture itself opens (and so the refusals below are about the FIFO).
+    let good = config("good.json", &gz.join("layer.tar.gz"), &gz.join("gzip.meta"));
+    let srv = Served::start(&[
+        good.to_str().unwrap(),
+        "--socket",
+        dir.path().join("ok.sock").to_str().unwrap(),
+    ]);
+    srv.terminate();
+    let index_fifo = config("index.json", &gz.join("layer.tar.gz"), &fifo);
+    let target_fifo = config("target.json", &fifo, &gz.join("gzip.meta"));
+    let layout = layout_with_layer(dir.path(), |p| {
+        nix::unistd::mkfifo(p, nix::sys::stat::Mode::S_IRWXU).unwrap()
+    });
+    let blob = layout.join(format!("blobs/sha256/{}", "ab".repeat(32)));
+    let image = format!("oci:{}:v1", layout.display());
+    let runs: [(&str, String); 3] = [
+        (
+            index_fifo.to_str().unwrap(),
+            format!("{}: not a gzip index: it is a FIFO", fifo.display()),
+        ),
+        (
+            target_fifo.to_str().unwrap(),
+            format!("{}: not a gzip layer blob: it is a FIFO", fifo.display()),
+        ),
+        (
+            &image,
+            format!(
+                "blob sha256:{} ({}) is not a regular file: it is a FIFO",
+                "ab".repeat(32),
+                blob.display()
+            ),
+        ),
+    ];
+    for (arg, want) in &runs {
+        let child = Command::new(NBD)
+            .args(["serve", arg, "--read-only", "--socket"])
+            .arg(dir.path().join("s"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (code, err) = exit_within(child, 10, arg);
+        assert_eq!(code, Some(1), "{arg}: {err}");
+        assert!(err.contains(want.as_str()), "{arg}: {err}");
+    }
+    // The layout's index.json as a FIFO.
+    std::fs::remove_file(layout.join("index.json")).unwrap();
+    nix::unistd::mkfifo(&layout.join("index.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let child = Command::new(NBD)
+        .args(["serve", &image, "--socket"])
+        .arg(dir.path().join("s"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, err) = exit_within(child, 10, "index.json FIFO");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("index.json") && err.contains("is not a regular file"),
+        "{err}"
+    );
+}
+
+/// `VmRSS` and `VmHWM` (peak) of process `pid`, in bytes.
+fn rss(pid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let l = s.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = l.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb << 10)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// A client that sends 64 reads of 32 MiB and never reads the replies,
+/// to a server with 16 workers per connection: the server's memory grows
+/// by about its 64 MiB per-connection reply budget (it grew by 16 x 32 MiB,
+/// with `--workers 64` by 2 GiB), and another client is served meanwhile.
+#[test]
+fn a_client_not_reading_replies_pins_only_its_reply_budget() {
+    use blockdev::nbd::client::{Client, ClientOptions};
+    use blockdev::nbd::proto::CMD_READ;
+    use blockdev::nbd::Endpoint;
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    // A sparse 1 GiB image with a little data at 512 MiB.
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(1 << 30).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[9u8; 4096], 512 * MIB).unwrap();
+    drop(f);
+    let sock = dir.path().join("s");
+    let srv = Served::start(&[
+        img.to_str().unwrap(),
+        "--raw",
+        "--read-only",
+        "--workers",
+        "16",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    let pid = srv.child.id();
+    let (base, _) = rss(pid).unwrap();
+    let ep = Endpoint::Unix(sock.clone());
+    // Simple replies: every byte of a read is in its reply.
+    let mut stalled = Client::connect(&ep, &ClientOptions::default()).unwrap();
+    for i in 0..64u64 {
+        stalled
+            .send(CMD_READ, 0, (i % 32) * 32 * MIB, 32 << 20, &[])
+            .unwrap();
+    }
+    stalled.flush_requests().unwrap();
+    // The server has built what it may (a bound, not a measurement).
+    let t = Instant::now();
+    while rss(pid).unwrap().0 < base + 48 * MIB {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the server never built the replies"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another client is served meanwhile.
+    let mut c = Client::connect(&ep, &ClientOptions::default()).unwrap();
+    assert_eq!(c.read(512 * MIB, 4096).unwrap(), vec![9u8; 4096]);
+    c.disconnect().unwrap();
+    // Stop: in the 5 s grace for the stalled connection the server builds
+    // nothing more; record its peak until it has exited.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut peak = 0;
+    let mut child = srv;
+    let t = Instant::now();
+    while child.child.try_wait().unwrap().is_none() {
+        if let Some((_, hwm)) = rss(pid) {
+            peak = peak.max(hwm);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the server did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stalled);
+    assert!(
+        peak < base + 64 * MIB + 40 * MIB,
+        "the server's memory grew by {} MiB for a client not reading its replies (budget 64 MiB)",
+        (peak - base) >> 20
+    );
+}
+
+/// Unix-socket connections are told apart in the log (they were all
+/// `unix:PATH`), and `--listen` takes a host name.
+#[test]
+fn unix_peers_are_numbered_and_listen_takes_host_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("s");
+    let mut child = Command::new(NBD)
+        .args(["serve", "--raw", "--read-only", "--socket"])
+        .arg(&sock)
+        .arg(&img)
+        .env("OVERLAYBD_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut banner)
+        .unwrap();
+    let srv = Served {
+        child,
+        uri: format!("nbd+unix:///?socket={}", sock.display()),
+        banner,
+    };
+    for _ in 0..2 {
+        run_ok(Command::new(tool("nbdinfo")).arg("--size").arg(&srv.uri));
+    }
+    let log = srv.terminate();
+    for id in ["unix:#0: connected", "unix:#1: connected"] {
+        assert!(log.contains(id), "no {id:?} in the log: {log}");
+    }
+
+    let srv = Served::start(&[
+        img.to_str().unwrap(),
+        "--raw",
+        "--read-only",
+        "--listen",
+        "localhost:0",
+    ]);
+    assert!(srv.uri.starts_with("nbd://127.0.0.1:"), "{}", srv.banner);
+    let out = run_ok(Command::new(tool("nbdinfo")).arg("--size").arg(&srv.uri));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1048576");
+    srv.terminate();
+    for (bad, want) in [
+        (
+            "no-such-host.invalid:10809",
+            "cannot resolve \"no-such-host.invalid\"",
+        ),
+        ("localhost", "expected HOST:PORT"),
+        ("localhost:http", "is not a port number"),
+    ] {
+        let out = Command::new(NBD)
+            .args(["serve", "x", "--listen", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--listen") && err.contains(want),
+            "{bad}: {err}"
+        );
+    }
+}

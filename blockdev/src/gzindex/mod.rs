@@ -660,6 +660,7 @@ impl std::fmt::Debug for GzFile {
 impl GzFile {
     /// Open the blob at `blob` through the index file at `index`.
     pub fn open_paths(blob: &Path, index: &Path) -> Result<GzFile> {
+        crate::io::check_regular(blob, "a gzip layer blob")?;
         let f = Arc::new(IoFile::open(blob)?);
         let src = crate::source::FileSlice::whole(f)?;
         Self::open(Arc::new(src), index)
@@ -668,6 +669,7 @@ impl GzFile {
     /// Open `blob` (the gzip bytes) through the index file at `index`. Every
     /// field of the index is validated against both files first.
     pub fn open(blob: Arc<dyn ReadAt>, index: &Path) -> Result<GzFile> {
+        crate::io::check_regular(index, "a gzip index")?;
         let file = Arc::new(IoFile::open(index)?);
         let src = crate::source::FileSlice::whole(file)?;
         Self::open_source(blob, Arc::new(src))

@@ -45,6 +45,12 @@ pub const MAX_LENGTH: u32 = (1 << 14) - 1;
 pub const MAX_OFFSET: u64 = (1 << 50) - 1;
 /// Largest mapped offset, in sectors.
 pub const MAX_MOFFSET: u64 = (1 << 55) - 1;
+
+/// `n` sectors in bytes, for messages: as a `u128`, so that no offset read
+/// from an index (up to 2^55 sectors) overflows.
+pub fn sector_bytes(n: u64) -> u128 {
+    u128::from(n) * u128::from(SECTOR)
+}
 /// Upstream refuses sealed indexes larger than this many entries.
 pub const MAX_RO_INDEX_ENTRIES: u64 = 1_000_000;
 /// Upstream refuses writable indexes larger than this many entries.

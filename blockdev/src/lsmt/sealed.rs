@@ -178,6 +178,15 @@ pub(crate) fn check_within_vsize(
     Ok(())
 }
 
+/// The message for an entry that ends past [`MAX_OFFSET`] (in bytes).
+pub(crate) fn past_largest_offset(m: &Mapping, i: usize) -> String {
+    format!(
+        "index entry {i} ends at device byte {}, past the largest offset ({} bytes)",
+        sector_bytes(m.end()),
+        sector_bytes(MAX_OFFSET)
+    )
+}
+
 /// Validate one decoded index entry against the data area and its predecessor.
 pub(crate) fn check_entry(
     m: &Mapping,
@@ -190,20 +199,24 @@ pub(crate) fn check_entry(
         return Err(format!("index entry {i} has length 0"));
     }
     if m.end() > MAX_OFFSET {
-        return Err(format!("index entry {i} extends past the largest offset"));
+        return Err(past_largest_offset(m, i));
     }
     if !m.zeroed && (m.moffset < data_begin || m.mend() > data_end) {
         return Err(format!(
-            "index entry {i} maps sectors {}..{} outside the data area {data_begin}..{data_end}",
-            m.moffset,
-            m.mend()
+            "index entry {i} maps layer bytes {}..{} outside the data area (bytes {}..{})",
+            sector_bytes(m.moffset),
+            sector_bytes(m.mend()),
+            sector_bytes(data_begin),
+            sector_bytes(data_end)
         ));
     }
     if let Some(p) = prev {
         if p.end() > m.offset {
             return Err(format!(
-                "index entry {i} (offset {}) overlaps or is out of order with the previous one",
-                m.offset
+                "index entry {i} (device bytes {}..{}) overlaps or is out of order with the previous one (which ends at byte {})",
+                sector_bytes(m.offset),
+                sector_bytes(m.end()),
+                sector_bytes(p.end())
             ));
         }
     }

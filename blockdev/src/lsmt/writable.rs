@@ -639,9 +639,10 @@ impl WritableLayer {
                             return Err(bad(
                                 index_path,
                                 format!(
-                                    "entry {i} maps sectors {}..{} outside the data file ({data_end} sectors)",
-                                    m.moffset,
-                                    m.mend()
+                                    "entry {i} maps data file bytes {}..{} outside the data file (data at bytes 4096..{}, the file is {data_len} bytes)",
+                                    sector_bytes(m.moffset),
+                                    sector_bytes(m.mend()),
+                                    sector_bytes(data_end)
                                 ),
                             ));
                         }
@@ -1115,15 +1116,16 @@ pub(crate) fn check_warp_entry(
     target: Option<&dyn ReadAt>,
 ) -> std::result::Result<(), String> {
     if m.end() > MAX_OFFSET {
-        return Err(format!("index entry {i} extends past the largest offset"));
+        return Err(super::sealed::past_largest_offset(m, i));
     }
     match m.tag {
         TAG_FS_META => {
             if !m.zeroed && m.mend() > data_sectors {
                 return Err(format!(
-                    "index entry {i} maps sectors {}..{} outside the data ({data_sectors} sectors)",
-                    m.moffset,
-                    m.mend()
+                    "index entry {i} maps data bytes {}..{} outside the data ({} bytes)",
+                    sector_bytes(m.moffset),
+                    sector_bytes(m.mend()),
+                    sector_bytes(data_sectors)
                 ));
             }
         }
@@ -1132,8 +1134,8 @@ pub(crate) fn check_warp_entry(
                 if m.mend() > n {
                     return Err(format!(
                         "index entry {i} maps target bytes {}..{} past the end of the layer tar {} ({} bytes)",
-                        m.moffset * SECTOR,
-                        m.mend() * SECTOR,
+                        sector_bytes(m.moffset),
+                        sector_bytes(m.mend()),
                         t.path().display(),
                         t.size()
                     ));

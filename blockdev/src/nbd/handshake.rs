@@ -338,12 +338,31 @@ pub enum Incoming {
 /// allocated for payloads that passed [`check_request`] (at most
 /// [`MAX_PAYLOAD`]); other payloads are skipped.
 pub fn read_incoming<R: Read>(r: &mut R, s: &Session) -> Result<Incoming, ConnError> {
+    match read_request_header(r)? {
+        None => Ok(Incoming::Eof),
+        Some(h) => read_request_body(r, &h, s),
+    }
+}
+
+/// The first half of [`read_incoming`]: the next request's header, `None`
+/// at the end of the stream (before a header starts). The server looks at
+/// it to reserve memory for the reply before the payload is read.
+pub fn read_request_header<R: Read>(r: &mut R) -> Result<Option<RequestHeader>, ConnError> {
     let mut hb = [0u8; REQUEST_LEN];
     if !read_exact_or_eof(r, &mut hb)? {
-        return Ok(Incoming::Eof);
+        return Ok(None);
     }
-    let h = parse_request_header(&hb)?;
-    match check_request(&h, s) {
+    Ok(Some(parse_request_header(&hb)?))
+}
+
+/// The second half of [`read_incoming`]: validate header `h` and read (or
+/// skip) its payload.
+pub fn read_request_body<R: Read>(
+    r: &mut R,
+    h: &RequestHeader,
+    s: &Session,
+) -> Result<Incoming, ConnError> {
+    match check_request(h, s) {
         Ok(cmd) => {
             let payload = if let Command::Write { len, .. } = cmd {
                 let mut p = vec![0u8; len as usize];

@@ -27,5 +27,5 @@ pub mod server;
 pub use handshake::{process_client_bytes, Export};
 pub use server::{
     Allocation, Endpoint, Listener, ServeStats, Server, ServerConfig, ShutdownHandle, ZeroScan,
-    BUSY_POLL,
+    BUSY_POLL, REPLY_MEMORY, REPLY_MEMORY_PER_CONNECTION,
 };

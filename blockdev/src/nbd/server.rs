@@ -11,6 +11,22 @@
 //! (as the protocol allows). Reads answer unmapped ranges with hole chunks
 //! when structured replies were negotiated. A client that stops reading
 //! replies only blocks its own connection.
+//!
+//! Memory for replies is bounded. A worker takes room for each request
+//! (its reply, or its write payload) before it reads the payload or builds
+//! the reply, and gives it back when the batch's replies are sent: at most
+//! [`ServerConfig::reply_memory_per_connection`] (default a little over 64
+//! MiB: two of the largest, 32 MiB reads) per connection, all its workers together, and
+//! [`ServerConfig::reply_memory`] (default 1 GiB) for the whole server. A
+//! request bigger than that still runs when the connection (or the server)
+//! holds nothing else, so none waits forever. So a client that sends large
+//! reads and never reads the replies pins at most its connection's budget
+//! (until `write_timeout` drops it), whatever `workers_per_connection` is,
+//! and enough such clients to fill the server's budget make the others wait
+//! (for at most `write_timeout`), not the machine run out of memory. Between
+//! batches a worker keeps a reply buffer of at most its share of the
+//! connection's budget and 5 MiB. Waiting for room ends when the
+//! connection's send fails or when a stop's `shutdown_grace` is over.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader, Read, Write};
@@ -22,7 +38,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::handshake::{negotiate_admit, read_incoming, ConnError, Export, Incoming, Negotiated};
+use super::handshake::{
+    negotiate_admit, read_incoming, read_request_body, read_request_header, ConnError, Export,
+    Incoming, Negotiated,
+};
 use super::proto::*;
 use crate::device::{BlockDevice, Extent};
 use crate::error::{Error, Result};
@@ -192,11 +211,14 @@ impl Listener {
         }
     }
 
-    fn accept(&self) -> io::Result<(Stream, String)> {
+    /// Accept a connection; its peer's name for messages: the client's
+    /// address, or for a Unix socket (whose clients have no address)
+    /// `unix:#ID` with the connection's number `id`.
+    fn accept(&self, id: u64) -> io::Result<(Stream, String)> {
         match self {
-            Listener::Unix(l, p, _) => {
+            Listener::Unix(l, ..) => {
                 let (s, _) = l.accept()?;
-                Ok((Stream::Unix(s), format!("unix:{}", p.display())))
+                Ok((Stream::Unix(s), format!("unix:#{id}")))
             }
             Listener::Tcp(l) => {
                 let (s, a) = l.accept()?;
@@ -417,6 +439,15 @@ pub struct ServerConfig {
     /// that stopped reading its replies would otherwise hold the server for
     /// up to `write_timeout` per write).
     pub shutdown_grace: Duration,
+    /// Bytes one connection's batches may hold at once (replies being built
+    /// or sent, and write payloads), all its workers together: a worker
+    /// waits for room before it takes a request, so a client that does not
+    /// read its replies pins at most this much. A request bigger than this
+    /// (up to 32 MiB) still runs when the connection holds nothing else.
+    pub reply_memory_per_connection: u64,
+    /// The same for all connections together; a request bigger than this
+    /// runs when no connection holds anything.
+    pub reply_memory: u64,
 }
 
 /// The default [`ServerConfig::shutdown_grace`].
@@ -424,6 +455,13 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The default [`ServerConfig::busy_poll`].
 pub const BUSY_POLL: Duration = Duration::from_micros(50);
+
+/// The default [`ServerConfig::reply_memory_per_connection`]: two of the
+/// largest reads (32 MiB) with their reply headers, or 16 batches of 4 MiB.
+pub const REPLY_MEMORY_PER_CONNECTION: u64 = 2 * (MAX_PAYLOAD as u64 + (64 << 10));
+
+/// The default [`ServerConfig::reply_memory`].
+pub const REPLY_MEMORY: u64 = 1 << 30;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -438,6 +476,8 @@ impl Default for ServerConfig {
             write_timeout: Duration::from_secs(120),
             busy_poll: BUSY_POLL,
             shutdown_grace: SHUTDOWN_GRACE,
+            reply_memory_per_connection: REPLY_MEMORY_PER_CONNECTION,
+            reply_memory: REPLY_MEMORY,
         }
     }
 }
@@ -448,6 +488,8 @@ pub struct ServeStats {
     pub connections: u64,
     pub requests: u64,
     pub protocol_errors: u64,
+    /// The most reply memory ([`ServerConfig::reply_memory`]) held at once.
+    pub peak_reply_memory: u64,
 }
 
 /// Stops a running [`Server::serve`] from another thread (e.g. a signal
@@ -469,6 +511,12 @@ impl ShutdownHandle {
     pub fn is_stopping(&self) -> bool {
         self.0.stopping.load(Ordering::SeqCst)
     }
+
+    /// Reply memory ([`ServerConfig::reply_memory`]) the connections hold
+    /// now: replies being built or sent, write payloads not yet written.
+    pub fn reply_memory(&self) -> u64 {
+        self.0.mem.state.lock().total
+    }
 }
 
 struct Inner {
@@ -484,6 +532,7 @@ struct Inner {
     sessions: AtomicU64,
     requests: AtomicU64,
     protocol_errors: AtomicU64,
+    mem: ReplyMemory,
 }
 
 impl Inner {
@@ -503,6 +552,163 @@ impl Inner {
                 (n < max).then_some(n + 1)
             })
             .is_ok()
+    }
+}
+
+/// Memory held by batches (their replies, and write payloads until they
+/// are written), counted per connection and for the whole server. A worker
+/// takes room for a request before it reads the request's payload or
+/// builds its reply, and gives it back once the replies are sent.
+struct ReplyMemory {
+    conn_limit: u64,
+    server_limit: u64,
+    state: parking_lot::Mutex<MemState>,
+    freed: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct MemState {
+    /// Held by all connections.
+    total: u64,
+    /// The most `total` was.
+    peak: u64,
+    /// The server closes its connections (the stop's grace is over): nobody
+    /// waits for room any more.
+    closing: bool,
+}
+
+/// One connection's share of [`ReplyMemory`]. Changed only under the
+/// `ReplyMemory` lock (the atomics make it shareable, not lock-free).
+#[derive(Default)]
+struct ConnMemory {
+    held: AtomicU64,
+    /// The connection can no longer send (a reply write failed): its
+    /// workers stop waiting for room.
+    closed: AtomicBool,
+}
+
+impl ReplyMemory {
+    fn new(cfg: &ServerConfig) -> ReplyMemory {
+        ReplyMemory {
+            conn_limit: cfg.reply_memory_per_connection,
+            server_limit: cfg.reply_memory,
+            state: parking_lot::Mutex::new(MemState::default()),
+            freed: parking_lot::Condvar::new(),
+        }
+    }
+
+    /// Whether `n` more bytes for `conn` fit now. Whoever holds nothing may
+    /// always take one request, so none waits forever.
+    fn fits(&self, st: &MemState, conn: &ConnMemory, n: u64) -> bool {
+        let held = conn.held.load(Ordering::Relaxed);
+        (held == 0 || held.saturating_add(n) <= self.conn_limit)
+            && (st.total == 0 || st.total.saturating_add(n) <= self.server_limit)
+    }
+
+    fn add(st: &mut MemState, conn: &ConnMemory, n: u64) {
+        conn.held.fetch_add(n, Ordering::Relaxed);
+        st.total += n;
+        st.peak = st.peak.max(st.total);
+    }
+
+    /// Take `n` bytes for `conn` if they fit now.
+    fn try_take(&self, conn: &ConnMemory, n: u64) -> bool {
+        let mut st = self.state.lock();
+        if !self.fits(&st, conn, n) {
+            return false;
+        }
+        Self::add(&mut st, conn, n);
+        true
+    }
+
+    /// Take `n` bytes for `conn`, waiting until they fit; `false` (nothing
+    /// taken) once the connection is closed or the server closes them all.
+    fn take(&self, conn: &ConnMemory, n: u64) -> bool {
+        let mut st = self.state.lock();
+        loop {
+            if st.closing || conn.closed.load(Ordering::Relaxed) {
+                return false;
+            }
+            if self.fits(&st, conn, n) {
+                Self::add(&mut st, conn, n);
+                return true;
+            }
+            self.freed.wait(&mut st);
+        }
+    }
+
+    /// Take `n` bytes for `conn` whether they fit or not (a reply that came
+    /// out a little larger than reckoned).
+    fn force(&self, conn: &ConnMemory, n: u64) {
+        Self::add(&mut self.state.lock(), conn, n);
+    }
+
+    fn give(&self, conn: &ConnMemory, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut st = self.state.lock();
+        conn.held.fetch_sub(n, Ordering::Relaxed);
+        st.total -= n;
+        drop(st);
+        self.freed.notify_all();
+    }
+
+    /// `conn` can no longer send: wake its workers waiting for room.
+    fn close(&self, conn: &ConnMemory) {
+        let _st = self.state.lock();
+        conn.closed.store(true, Ordering::Relaxed);
+        self.freed.notify_all();
+    }
+
+    /// The server closes every connection: nobody waits for room any more.
+    fn close_all(&self) {
+        self.state.lock().closing = true;
+        self.freed.notify_all();
+    }
+
+    fn peak(&self) -> u64 {
+        self.state.lock().peak
+    }
+}
+
+/// Bytes of [`ReplyMemory`] a worker holds for its batch, given back when
+/// dropped (also when the worker panics).
+struct Held<'a> {
+    mem: &'a ReplyMemory,
+    conn: &'a ConnMemory,
+    n: u64,
+}
+
+impl Held<'_> {
+    /// Hold exactly `n` bytes from now on: give back what the batch no
+    /// longer needs, or take what its replies need beyond the reckoning.
+    fn settle(&mut self, n: u64) {
+        if n > self.n {
+            self.mem.force(self.conn, n - self.n);
+        } else {
+            self.mem.give(self.conn, self.n - n);
+        }
+        self.n = n;
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.mem.give(self.conn, self.n);
+    }
+}
+
+/// Reply memory reckoned for a request before it is read: its write
+/// payload, or the reply to a read (data plus chunk headers) or to a block
+/// status query (a descriptor per 512-byte sector, at most 64 Ki).
+/// Whatever its reply really takes is settled after the batch ran.
+fn reply_cost(h: &RequestHeader, s: &Session) -> u64 {
+    const HEADERS: u64 = 64;
+    match check_request(h, s) {
+        Ok(Command::Read { len, .. } | Command::Write { len, .. }) => len as u64 + HEADERS,
+        Ok(Command::BlockStatus { len, .. }) => (len as u64 / 512 + 1).min(1 << 16) * 8 + HEADERS,
+        _ => HEADERS,
     }
 }
 
@@ -535,6 +741,7 @@ impl Server {
             size: dev.size(),
             read_only: cfg.read_only || dev.is_read_only(),
         };
+        let mem = ReplyMemory::new(&cfg);
         Server {
             inner: Arc::new(Inner {
                 dev,
@@ -547,6 +754,7 @@ impl Server {
                 sessions: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 protocol_errors: AtomicU64::new(0),
+                mem,
             }),
         }
     }
@@ -590,7 +798,7 @@ impl Server {
                 threads.retain(|t| !t.is_finished());
                 continue;
             }
-            let (stream, peer) = match listener.accept() {
+            let (stream, peer) = match listener.accept(next_id) {
                 Ok(x) => x,
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
@@ -663,6 +871,8 @@ impl Server {
                 }
             }
         }
+        // Workers waiting for reply memory give up too.
+        self.inner.mem.close_all();
         for t in threads {
             let _ = t.join();
         }
@@ -671,6 +881,7 @@ impl Server {
             connections: next_id,
             requests: self.inner.requests.load(Ordering::Relaxed),
             protocol_errors: self.inner.protocol_errors.load(Ordering::Relaxed),
+            peak_reply_memory: self.inner.mem.peak(),
         })
     }
 }
@@ -876,7 +1087,8 @@ fn transmit(
     });
     let output = parking_lot::Mutex::new(writer);
     let threads = inner.cfg.workers_per_connection.max(1);
-    let run = || serve_batches(inner, &input, &output, session, peer);
+    let mem = ConnMemory::default();
+    let run = || serve_batches(inner, &mem, &input, &output, session, peer);
     let results: Vec<std::result::Result<(), ConnError>> = std::thread::scope(|scope| {
         let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(run)).collect();
         let mut r = vec![run()];
@@ -901,8 +1113,15 @@ struct Input {
 
 /// One thread of a connection: take a batch, execute it, send the replies,
 /// until the stream ends. Errors returned are reply-writing errors.
+///
+/// The batch's requests hold reply memory ([`ReplyMemory`]) from before
+/// they are read until their replies are sent. Between batches a worker
+/// keeps its reply buffer only up to its share of the connection's budget
+/// (and [`KEEP_BYTES`]), so idle workers do not pin what a burst of large
+/// reads needed.
 fn serve_batches(
     inner: &Inner,
+    mem: &ConnMemory,
     input: &parking_lot::Mutex<Input>,
     output: &parking_lot::Mutex<Stream>,
     session: &Session,
@@ -910,27 +1129,46 @@ fn serve_batches(
 ) -> std::result::Result<(), ConnError> {
     let mut batch: Vec<Incoming> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
+    let workers = inner.cfg.workers_per_connection.max(1) as u64;
+    let keep = (inner.cfg.reply_memory_per_connection / workers).min(KEEP_BYTES) as usize;
     loop {
         batch.clear();
+        let mut held = Held {
+            mem: &inner.mem,
+            conn: mem,
+            n: 0,
+        };
         let ended = {
             let mut inp = input.lock();
             if inp.end.is_some() {
                 return Ok(());
             }
             let Input { reader, split, .. } = &mut *inp;
-            let end = read_batch(inner, reader, session, &mut batch, split);
+            let end = read_batch(inner, reader, session, &mut batch, split, &mut held);
             let ended = end.is_some();
             inp.end = end;
             ended
         };
         if !batch.is_empty() {
             run_batch(inner, session, &mut batch, &mut out, peer);
+            // Write payloads are written: only the replies stay.
+            batch.clear();
+            held.settle(out.len() as u64);
             let mut w = output.lock();
             if let Err(e) = w.write_all(&out) {
                 tracing::info!("{peer}: cannot send reply: {e}");
                 // Wake the other threads: nobody is listening any more.
                 w.shutdown(Shutdown::Both);
+                inner.mem.close(mem);
                 return Err(e.into());
+            }
+            drop(w);
+            drop(held);
+            // Only what a batch wrote is resident (a grown buffer's spare
+            // capacity is not): a buffer is kept while every batch it held
+            // fitted.
+            if out.len() > keep {
+                out = Vec::new();
             }
         }
         if ended {
@@ -939,8 +1177,18 @@ fn serve_batches(
     }
 }
 
+/// Reply buffers larger than this are not kept between batches (a batch
+/// gathers about [`BATCH_BYTES`], plus its last read).
+const KEEP_BYTES: u64 = BATCH_BYTES + (1 << 20);
+
 /// Read one request, then every further one already received (up to the
 /// batch limits). Returns how the stream ended, if it did.
+///
+/// Each request first takes room for its reply (and write payload) in
+/// `held` ([`ReplyMemory`]): the first one waits for it, with the socket's
+/// read side to itself (the connection's other workers could only wait
+/// too), before its payload is read; a further one that does not fit now
+/// ends the batch.
 ///
 /// When `split` is set and several requests are waiting, the batch takes
 /// only the first half of them (and clears `split`; the next batch takes
@@ -956,11 +1204,38 @@ fn read_batch(
     session: &Session,
     batch: &mut Vec<Incoming>,
     split: &mut bool,
+    held: &mut Held<'_>,
 ) -> Option<std::result::Result<(), ConnError>> {
     let mut bytes = 0u64;
     let mut limit = BATCH_REQUESTS;
     loop {
-        let inc = match read_incoming(reader, session) {
+        let inc = if batch.is_empty() {
+            match read_request_header(reader) {
+                Ok(Some(h)) => {
+                    let cost = reply_cost(&h, session);
+                    if !inner.mem.take(held.conn, cost) {
+                        // Closed while waiting: the worker whose send
+                        // failed reports why.
+                        return Some(Ok(()));
+                    }
+                    held.n += cost;
+                    read_request_body(reader, &h, session)
+                }
+                Ok(None) => Ok(Incoming::Eof),
+                Err(e) => Err(e),
+            }
+        } else {
+            // The next request is all in the buffer (checked below).
+            let cost = parse_request_header(reader.buffer())
+                .map(|h| reply_cost(&h, session))
+                .unwrap_or(0);
+            if !inner.mem.try_take(held.conn, cost) {
+                return None;
+            }
+            held.n += cost;
+            read_incoming(reader, session)
+        };
+        let inc = match inc {
             Ok(i) => i,
             // Answer what was read before the stream ended.
             Err(_) if inner.stopping.load(Ordering::SeqCst) => return Some(Ok(())),
@@ -1532,6 +1807,7 @@ mod tests {
             deadline: None,
             poll: BusyPoll::new(Duration::ZERO),
         });
+        let conn_mem = ConnMemory::default();
         let (mut split, mut sizes, mut handle) = (true, Vec::new(), 0);
         for &n in sends {
             let mut bytes = Vec::new();
@@ -1543,7 +1819,19 @@ mod tests {
             let mut taken = 0;
             while taken < n {
                 let mut batch = Vec::new();
-                let end = read_batch(&server.inner, &mut reader, &session, &mut batch, &mut split);
+                let mut held = Held {
+                    mem: &server.inner.mem,
+                    conn: &conn_mem,
+                    n: 0,
+                };
+                let end = read_batch(
+                    &server.inner,
+                    &mut reader,
+                    &session,
+                    &mut batch,
+                    &mut split,
+                    &mut held,
+                );
                 assert!(end.is_none());
                 taken += batch.len();
                 sizes.push(batch.len());

@@ -147,6 +147,15 @@ impl BlobStore for LayoutStore {
             .parse()
             .map_err(self.oci_err(format!("{}: bad blob digest", self.name())))?;
         let p = self.layout.blob_path(&d);
+        // A FIFO would block the open; a directory or device is no blob.
+        blockdev::io::check_regular_with(&p, |why| match why {
+            blockdev::io::NotRegular::Missing => None,
+            blockdev::io::NotRegular::Is(kind) => Some(Error::Usage(format!(
+                "{}: blob {digest} ({}) is not a regular file: it is {kind}",
+                self.name(),
+                p.display()
+            ))),
+        })?;
         let f = IoFile::open(&p).map_err(|source| Error::Stack {
             what: format!("{}: blob {digest} is missing", self.name()),
             source,

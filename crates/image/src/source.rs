@@ -229,21 +229,20 @@ fn timed_out_note(e: &obdregistry::Error, opts: &obdregistry::ClientOptions) -> 
 
 /// Refuse a command-line source that is not an existing regular file where
 /// a layer file is expected: a FIFO, a directory or a device would block or
-/// fail when the layer is opened.
+/// fail when the layer is opened ([`blockdev::io::check_regular_with`]).
 pub fn check_layer_file(a: &str) -> Result<()> {
-    let p = Path::new(a);
-    if !p.exists() {
-        return Err(Error::Usage(format!(
-            "{a}: no such file (a registry image is named HOST/REPO[:TAG], its host with a '.' or ':', or localhost)"
-        )));
-    }
-    if !p.is_file() {
-        return Err(Error::Usage(format!(
-            "{a}: not a layer file (sources are layer files, one config.json, one \
-             oci:DIR[:TAG], or one image reference HOST/REPO[:TAG|@DIGEST])"
-        )));
-    }
-    Ok(())
+    use blockdev::io::NotRegular;
+    blockdev::io::check_regular_with(Path::new(a), |why| {
+        Some(Error::Usage(match why {
+            NotRegular::Missing => format!(
+                "{a}: no such file (a registry image is named HOST/REPO[:TAG], its host with a '.' or ':', or localhost)"
+            ),
+            NotRegular::Is(kind) => format!(
+                "{a}: not a layer file: it is {kind} (sources are layer files, one config.json, one \
+                 oci:DIR[:TAG], or one image reference HOST/REPO[:TAG|@DIGEST])"
+            ),
+        }))
+    })
 }
 
 /// Whether a lone command-line source is an overlaybd `config.json`: its

@@ -85,3 +85,51 @@ fn config_json_names_lowers_and_upper() {
         .unwrap_err();
     assert!(e.to_string().contains("not a layer file"), "{e}");
 }
+
+/// A layer blob of an OCI layout that is a FIFO is refused naming it, at
+/// once (the open waited for a writer: `overlaybd-fuse oci:DIR` hung).
+#[test]
+fn a_fifo_blob_in_an_oci_layout_is_refused() {
+    use obdoci::layout::Layout;
+    use obdoci::Descriptor;
+    let t = tempfile::tempdir().unwrap();
+    let layout = Layout::open_or_create(t.path()).unwrap();
+    let layer = layout.write_blob_bytes(b"not read").unwrap();
+    let config = layout.write_blob_bytes(b"{}").unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config.to_string(), "size": 2},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": layer.to_string(), "size": 8,
+                    "annotations": {"containerd.io/snapshot/overlaybd/blob-digest":
+                                    layer.to_string()}}],
+    }))
+    .unwrap();
+    let d = layout.write_blob_bytes(&manifest).unwrap();
+    let desc = Descriptor::new(
+        "application/vnd.oci.image.manifest.v1+json",
+        d,
+        manifest.len() as u64,
+    );
+    layout.tag("v1", &desc).unwrap();
+    let blob = layout.blob_path(&layer);
+    std::fs::remove_file(&blob).unwrap();
+    nix::unistd::mkfifo(&blob, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let arg = format!("oci:{}:v1", t.path().display());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = ImageSpec::from_args(&[arg], None, &Default::default()).map(|_| ());
+        let _ = tx.send(r);
+    });
+    let e = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("opening the layout still blocked after 10 s")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&blob.display().to_string()) && e.contains("it is a FIFO"),
+        "{e}"
+    );
+}

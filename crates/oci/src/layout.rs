@@ -39,6 +39,7 @@ impl Layout {
     /// Open an existing layout.
     pub fn open(root: &Path) -> Result<Layout> {
         let marker = root.join(LAYOUT_FILE);
+        refuse_irregular(&marker)?;
         let bytes = fs::read(&marker).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 let reason = match fs::metadata(root) {
@@ -148,6 +149,7 @@ impl Layout {
 
     pub fn read_index(&self) -> Result<Index> {
         let p = self.root.join("index.json");
+        refuse_irregular(&p)?;
         let bytes = fs::read(&p).map_err(|e| Error::io(&p, e))?;
         parse_json(&p.display().to_string(), &bytes)
     }
@@ -195,6 +197,8 @@ impl Layout {
     /// Open a blob for streaming; the reader checks size and digest at its end.
     pub fn open_blob(&self, desc: &Descriptor) -> Result<VerifyReader<File>> {
         let p = self.blob_path(&desc.digest);
+        // Before opening: opening a FIFO would wait for a writer.
+        refuse_irregular(&p)?;
         let f = File::open(&p).map_err(|e| {
             if e.kind() == io::ErrorKind::NotFound {
                 Error::NotFound(format!(
@@ -206,7 +210,8 @@ impl Layout {
                 Error::io(&p, e)
             }
         })?;
-        // A directory opens, and fails only at its first read, without a path.
+        // Replaced since it was looked at: a directory opens, and fails only
+        // at its first read, without a path.
         if f.metadata().is_ok_and(|m| !m.is_file()) {
             return Err(Error::io(
                 &p,
@@ -382,6 +387,19 @@ pub fn remove_if_untagged(root: &Path) -> Result<bool> {
     }
     fs::remove_dir_all(root).map_err(|e| Error::io(root, e))?;
     Ok(true)
+}
+
+/// Refuse `p` if it exists and is not a regular file (or a link to one):
+/// a FIFO would block the open until a writer comes, a directory or device
+/// is no blob. A missing path passes (the open says so).
+fn refuse_irregular(p: &Path) -> Result<()> {
+    match fs::metadata(p) {
+        Ok(m) if !m.is_file() => Err(Error::io(
+            p,
+            io::Error::new(io::ErrorKind::InvalidData, "is not a regular file"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The cross-process lock of the layout at `root`: an exclusive `flock` on its

@@ -63,10 +63,11 @@ struct ServeArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "listen")]
     socket: Option<PathBuf>,
 
-    /// Listen on this TCP address (clients: nbd://ADDR). Default 127.0.0.1:10809
-    /// when --socket is not given.
-    #[arg(long, value_name = "ADDR:PORT")]
-    listen: Option<SocketAddr>,
+    /// Listen on this TCP address (clients: nbd://ADDR): an IP address or a
+    /// host name (the first of its addresses that can be bound, IPv4 ones
+    /// first) and a port. Default 127.0.0.1:10809 when --socket is not given.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_listen)]
+    listen: Option<ListenAddrs>,
 
     /// Refuse writes (EPERM) even when the stack has a writable upper layer.
     #[arg(long)]
@@ -122,6 +123,53 @@ fn parse_handshake_timeout(s: &str) -> std::result::Result<Duration, String> {
         return Err(format!("{s} is not in (0, {MAX}] seconds"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// `--listen`: what it says, and its addresses (resolved when parsed).
+#[derive(Debug, Clone)]
+struct ListenAddrs {
+    arg: String,
+    addrs: Vec<SocketAddr>,
+}
+
+fn parse_listen(s: &str) -> std::result::Result<ListenAddrs, String> {
+    use std::net::ToSocketAddrs;
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("{s:?}: expected HOST:PORT"));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!("{s:?}: {port:?} is not a port number"));
+    }
+    if host.is_empty() {
+        return Err(format!("{s:?}: no host before the port"));
+    }
+    let mut addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{host:?} has no addresses"));
+    }
+    // Stable: the resolver's order among each family.
+    addrs.sort_by_key(SocketAddr::is_ipv6);
+    addrs.dedup();
+    Ok(ListenAddrs {
+        arg: s.to_string(),
+        addrs,
+    })
+}
+
+/// Bind the first of `--listen`'s addresses that can be bound.
+fn bind_listen(l: &ListenAddrs) -> Result<Listener> {
+    let mut last = None;
+    for a in &l.addrs {
+        match Listener::bind(&Endpoint::Tcp(*a)) {
+            Ok(b) => return Ok(b),
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.expect("parse_listen returns at least one address");
+    Err(anyhow::Error::new(e).context(format!("cannot listen on {}", l.arg)))
 }
 
 /// The device to serve, where block status comes from, and a description.
@@ -326,11 +374,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         .context("cannot start the signal thread")?;
     set_default_backend(a.io);
     let (dev, alloc, what) = open_device(&a)?;
-    let ep = match (&a.socket, a.listen) {
-        (Some(p), _) => Endpoint::Unix(p.clone()),
-        (None, Some(addr)) => Endpoint::Tcp(addr),
-        (None, None) => Endpoint::Tcp("127.0.0.1:10809".parse().expect("valid address")),
-    };
+
     let cfg = ServerConfig {
         export_name: a.export.clone(),
         description: what.clone(),
@@ -342,7 +386,17 @@ fn serve(a: ServeArgs) -> Result<()> {
         ..ServerConfig::default()
     };
     let server = Server::with_allocation(dev, alloc, cfg);
-    let listener = Listener::bind(&ep).with_context(|| format!("cannot listen on {ep}"))?;
+    let listener = match (&a.socket, &a.listen) {
+        (Some(p), _) => {
+            let ep = Endpoint::Unix(p.clone());
+            Listener::bind(&ep).with_context(|| format!("cannot listen on {ep}"))?
+        }
+        (None, Some(l)) => bind_listen(l)?,
+        (None, None) => {
+            let ep = Endpoint::Tcp("127.0.0.1:10809".parse().expect("valid address"));
+            Listener::bind(&ep).with_context(|| format!("cannot listen on {ep}"))?
+        }
+    };
     let ep = listener.endpoint();
     *server_handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(server.shutdown_handle());
 
