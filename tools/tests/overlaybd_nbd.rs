@@ -733,6 +733,30 @@ fn fifo_inputs_are_refused_and_signals_stop_a_slow_open() {
         );
     }
 
+    // A config's missing lower is named, without the hint about registry
+    // references that a command-line source gets.
+    let missing = dir.path().join("gone.lsmt");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"repoBlobUrl": "", "lowers": [{"file": missing}],
+            "resultFile": dir.path().join("result")})
+        .to_string(),
+    )
+    .unwrap();
+    let child = Command::new(NBD)
+        .args(["serve".as_ref(), cfg.as_os_str(), "--socket".as_ref()])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, err) = exit_within(child, 10, "missing lower");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{}: No such file", missing.display())) && !err.contains("registry"),
+        "{err}"
+    );
+
     // A registry that accepts connections and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let image = format!("{}/repo:tag", silent.local_addr().unwrap());

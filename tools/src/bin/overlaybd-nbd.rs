@@ -228,9 +228,9 @@ fn open_device(a: &ServeArgs) -> Result<Opened> {
                 target: None,
             });
         }
-        for l in &cfg.lowers {
-            obdimage::source::check_layer_file(&l.to_string_lossy())?;
-        }
+        // (Opening the stack refuses a missing or irregular lower, naming
+        // it; the command-line check would add the registry-reference hint,
+        // which a config's lowers do not need.)
         let stack = if a.read_only {
             Stack::open_config_read_only(&cfg)
         } else {
