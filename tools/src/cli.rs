@@ -66,15 +66,61 @@ pub fn print_out(line: std::fmt::Arguments<'_>) {
     let _ = writeln!(o, "{line}").and_then(|_| o.flush());
 }
 
-/// Run a tool's body, printing `<tool>: error: <cause chain>` on failure.
+/// Run a tool's body, printing `<tool>: error: <cause chain>` on failure
+/// (exit code 2 for a [`Usage`] error, 1 for any other).
 pub fn run(tool: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
     match body() {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(tool, e),
+    }
+}
+
+/// Report a tool's failure: exit code 2 for a [`Usage`] error (as clap's
+/// own usage errors), 1 for any other.
+pub fn fail(tool: &str, e: anyhow::Error) -> ExitCode {
+    match e.downcast::<Usage>() {
+        Ok(Usage(e)) => {
+            report(tool, &e);
+            ExitCode::from(2)
+        }
         Err(e) => {
             report(tool, &e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// A usage error: arguments that cannot work together or do not parse (a
+/// malformed image reference, conflicting flags), found before any work. The
+/// tools exit 2 for it, as for clap's own checks; other failures exit 1.
+#[derive(Debug)]
+pub struct Usage(pub anyhow::Error);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", error_line(&self.0))
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// Marks an error as a [`Usage`] error.
+pub trait UsageExt<T> {
+    fn usage(self) -> anyhow::Result<T>;
+}
+
+impl<T, E: Into<anyhow::Error>> UsageExt<T> for Result<T, E> {
+    fn usage(self) -> anyhow::Result<T> {
+        self.map_err(|e| anyhow::Error::new(Usage(e.into())))
+    }
+}
+
+/// `anyhow::bail!` for a [`Usage`](cli::Usage) error.
+#[macro_export]
+macro_rules! usage_bail {
+    ($($t:tt)*) => {
+        return Err(anyhow::Error::new($crate::cli::Usage(anyhow::anyhow!($($t)*))))
+    };
 }
 
 /// An error and its causes on one line (`error: cause: cause`), each cause once.

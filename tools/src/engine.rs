@@ -4,8 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::cli;
-use anyhow::{bail, Context};
+use crate::cli::{self, UsageExt};
+use anyhow::Context;
 use obdfs::Engine;
 use obdkernel::{Kernel, KernelOptions};
 
@@ -67,10 +67,10 @@ impl EngineArgs {
     ) -> anyhow::Result<Arc<dyn Engine>> {
         if self.engine == EngineKind::Libext2fs {
             if self.mkfs_options.is_some() || self.mount_options.is_some() {
-                bail!("--mkfs-options and --mount-options need --engine kernel");
+                crate::usage_bail!("--mkfs-options and --mount-options need --engine kernel");
             }
             if let Some(f) = fstype {
-                bail!("--fstype '{f}' (mount and mkfs options) needs --engine kernel");
+                crate::usage_bail!("--fstype '{f}' (mount and mkfs options) needs --engine kernel");
             }
             return Ok(Arc::new(obdfs::Libext2fs::default()));
         }
@@ -85,7 +85,7 @@ impl EngineArgs {
             ..Default::default()
         };
         if let Some(f) = fstype {
-            opts = opts.with_fstype(f).context("--fstype")?;
+            opts = opts.with_fstype(f).context("--fstype").usage()?;
         }
         match Kernel::new(opts) {
             Ok(k) => Ok(Arc::new(k)),

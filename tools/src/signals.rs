@@ -137,9 +137,13 @@ impl Signals {
         }
     }
 
-    /// Report `e` as the tool's error; the exit code for it.
+    /// Report `e` as the tool's error; the exit code for it (2 for a
+    /// [`Usage`](crate::cli::Usage) error, as in [`crate::cli::run`]).
     pub fn failed(&self, e: &anyhow::Error) -> ExitCode {
         report(self.shared.tool, e);
+        if self.caught().is_none() && e.is::<crate::cli::Usage>() {
+            return ExitCode::from(2);
+        }
         self.failure()
     }
 

@@ -24,7 +24,8 @@ use obddedup::resolve::Dedup;
 use obdoci::layout::Layout;
 use obdoci::{Digest, ImageRef, Reference};
 use obdregistry::{ClientOptions, Credentials, Registry, Repository};
-use obdtools::cli::{print_out, say};
+use obdtools::cli::{print_out, say, UsageExt};
+use obdtools::usage_bail;
 
 /// Convert an OCI image into an overlaybd image and push it.
 ///
@@ -274,50 +275,8 @@ fn main() -> ExitCode {
             say(format_args!("convertor: interrupted"));
             ExitCode::from((128 + sig) as u8)
         }
-        (Err(e), _) => match e.downcast::<Usage>() {
-            Ok(Usage(e)) => {
-                obdtools::cli::report("convertor", &e);
-                ExitCode::from(2)
-            }
-            Err(e) => {
-                obdtools::cli::report("convertor", &e);
-                ExitCode::FAILURE
-            }
-        },
+        (Err(e), _) => obdtools::cli::fail("convertor", e),
     }
-}
-
-/// A usage error: arguments that cannot work together or do not parse (a
-/// malformed image reference, tag or digest, conflicting flags), found before any
-/// work. The convertor exits 2 for it, as for clap's own checks and in both forms
-/// (`-r ...` and `obdconv SRC DST`); other failures exit 1.
-#[derive(Debug)]
-pub(crate) struct Usage(pub(crate) anyhow::Error);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", obdtools::cli::error_line(&self.0))
-    }
-}
-
-impl std::error::Error for Usage {}
-
-/// Marks an error as a [`Usage`] error.
-pub(crate) trait UsageExt<T> {
-    fn usage(self) -> anyhow::Result<T>;
-}
-
-impl<T, E: Into<anyhow::Error>> UsageExt<T> for Result<T, E> {
-    fn usage(self) -> anyhow::Result<T> {
-        self.map_err(|e| anyhow::Error::new(Usage(e.into())))
-    }
-}
-
-/// `bail!` for a [`Usage`] error.
-macro_rules! usage_bail {
-    ($($t:tt)*) => {
-        return Err(anyhow::Error::new(Usage(anyhow::anyhow!($($t)*))))
-    };
 }
 
 fn run(args: Args, abort: Abort) -> anyhow::Result<()> {

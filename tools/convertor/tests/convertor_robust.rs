@@ -1108,6 +1108,22 @@ fn malformed_references_are_usage_errors_in_every_form() {
             "DST",
             "unknown transport",
         ),
+        (
+            with(
+                &["-r", &src, "-i", "latest", "-o", "obd"],
+                &["--output-repository", &out_s, "--mkfs-options", "-I 512"],
+            ),
+            "--mkfs-options",
+            "need --engine kernel",
+        ),
+        (
+            with(
+                &["obdconv", &format!("{src}:latest"), &format!("{out_s}:obd")],
+                &["--fstype", "ext4;ro;-I 512"],
+            ),
+            "--fstype",
+            "needs --engine kernel",
+        ),
     ];
     for (mut a, arg, want) in cases {
         a.extend(["-d".to_string(), wd_s.to_string()]);

@@ -7,8 +7,9 @@ use anyhow::{bail, Context};
 use blockdev::lsmt::{create_writable, CreateOptions};
 use blockdev::Uuid;
 use clap::Parser;
-use obdtools::cli;
+use obdtools::cli::{self, UsageExt};
 use obdtools::engine::{EngineArgs, EngineKind};
+use obdtools::usage_bail;
 
 /// Create a writable overlaybd layer: a data file and an index file.
 ///
@@ -65,9 +66,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .vsize
         .checked_mul(1 << 30)
         .filter(|v| *v < 1 << 58)
-        .with_context(|| format!("virtual size {} GB is too large", args.vsize))?;
+        .with_context(|| format!("virtual size {} GB is too large", args.vsize))
+        .usage()?;
     if args.mkfs && vsize == 0 {
-        bail!("--mkfs needs a virtual size greater than 0");
+        usage_bail!("--mkfs needs a virtual size greater than 0");
     }
     let engine = match args.mkfs {
         true => args.engine.build("overlaybd-create")?,
