@@ -115,7 +115,7 @@ impl<T, E: Into<anyhow::Error>> UsageExt<T> for Result<T, E> {
     }
 }
 
-/// `anyhow::bail!` for a [`Usage`](cli::Usage) error.
+/// `anyhow::bail!` for a [`Usage`](crate::cli::Usage) error.
 #[macro_export]
 macro_rules! usage_bail {
     ($($t:tt)*) => {
