@@ -678,6 +678,9 @@ struct Held<'a> {
     mem: &'a ReplyMemory,
     conn: &'a ConnMemory,
     n: u64,
+    /// Of `n`, taken ahead for further requests of the batch and not yet
+    /// reckoned to one (see [`RESERVE_BYTES`]).
+    spare: u64,
 }
 
 impl Held<'_> {
@@ -690,8 +693,33 @@ impl Held<'_> {
             self.mem.give(self.conn, self.n - n);
         }
         self.n = n;
+        self.spare = 0;
+    }
+
+    /// Room for a further request of the batch, `cost` bytes, if there is
+    /// some now: from what was taken ahead, else taken (with
+    /// [`RESERVE_BYTES`] more ahead when that fits), so that a batch of
+    /// small requests locks the budget once, not once per request.
+    fn take_more(&mut self, cost: u64) -> bool {
+        if self.spare < cost {
+            let ahead = cost.max(RESERVE_BYTES);
+            let got = if self.mem.try_take(self.conn, ahead) {
+                ahead
+            } else if self.mem.try_take(self.conn, cost) {
+                cost
+            } else {
+                return false;
+            };
+            self.n += got;
+            self.spare += got;
+        }
+        self.spare -= cost;
+        true
     }
 }
+
+/// Reply memory a batch takes ahead for its further requests at a time.
+const RESERVE_BYTES: u64 = 256 << 10;
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
@@ -1137,6 +1165,7 @@ fn serve_batches(
             mem: &inner.mem,
             conn: mem,
             n: 0,
+            spare: 0,
         };
         let ended = {
             let mut inp = input.lock();
@@ -1229,10 +1258,9 @@ fn read_batch(
             let cost = parse_request_header(reader.buffer())
                 .map(|h| reply_cost(&h, session))
                 .unwrap_or(0);
-            if !inner.mem.try_take(held.conn, cost) {
+            if !held.take_more(cost) {
                 return None;
             }
-            held.n += cost;
             read_incoming(reader, session)
         };
         let inc = match inc {
@@ -1823,6 +1851,7 @@ mod tests {
                     mem: &server.inner.mem,
                     conn: &conn_mem,
                     n: 0,
+                    spare: 0,
                 };
                 let end = read_batch(
                     &server.inner,
