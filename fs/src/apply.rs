@@ -295,6 +295,17 @@ pub fn clean_components(path: &[u8]) -> Option<Vec<&[u8]>> {
     Some(out)
 }
 
+/// For a hard link entry at `name` whose target is `link`: the target's
+/// parent directories (clean components) when the target's last component
+/// is `name`, i.e. when the link may name its own entry; the caller then
+/// resolves them and compares with the entry's directory. `None` when it
+/// cannot (another name, or a target that leaves the root or is empty).
+/// Both apply engines use this rule.
+pub fn self_link_parents<'a>(link: &'a [u8], name: &[u8]) -> Option<Vec<&'a [u8]>> {
+    let mut comps = clean_components(link)?;
+    (comps.pop()? == name).then_some(comps)
+}
+
 struct Applier<'a> {
     fs: Ext2Fs,
     file_data: Box<dyn FileData + 'a>,
@@ -804,16 +815,10 @@ impl<'a> Applier<'a> {
     /// that same directory entry as its target. A target that cannot be
     /// resolved is not (the link then fails as any other would).
     fn links_to_itself(&mut self, e: &Entry, parent: u32, name: &[u8]) -> Result<bool> {
-        let Some(comps) = clean_components(&e.link) else {
+        let Some(tparents) = self_link_parents(&e.link, name) else {
             return Ok(false);
         };
-        let Some((tname, tparents)) = comps.split_last() else {
-            return Ok(false);
-        };
-        if *tname != name {
-            return Ok(false);
-        }
-        match self.resolve_dir(e, tparents, false) {
+        match self.resolve_dir(e, &tparents, false) {
             Ok(d) => Ok(d == parent),
             Err(Error::Entry { .. }) => Ok(false),
             Err(other) => Err(other),

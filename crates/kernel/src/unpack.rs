@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag};
-use obdfs::apply::{accepted_xattrs, clean_components, MAX_SYMLINKS};
+use obdfs::apply::{accepted_xattrs, clean_components, self_link_parents, MAX_SYMLINKS};
 use obdfs::error::quote;
 use obdfs::tar::{Entry, Kind, TarReader};
 use obdfs::ApplyStats;
@@ -667,16 +667,10 @@ impl Unpacker {
     /// that same directory entry as its target. A target that cannot be
     /// resolved is not (the link then fails as any other would).
     fn links_to_itself(&mut self, e: &Entry, parent: &Rel, name: &[u8]) -> Result<bool> {
-        let Some(comps) = clean_components(&e.link) else {
+        let Some(tparents) = self_link_parents(&e.link, name) else {
             return Ok(false);
         };
-        let Some((tname, tparents)) = comps.split_last() else {
-            return Ok(false);
-        };
-        if *tname != name {
-            return Ok(false);
-        }
-        match self.resolve_dir(e, tparents, false) {
+        match self.resolve_dir(e, &tparents, false) {
             Ok(d) => Ok(d == *parent),
             Err(Error::Entry { .. }) => Ok(false),
             Err(other) => Err(other),
