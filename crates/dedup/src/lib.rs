@@ -292,6 +292,23 @@ pub fn select_kind(db_type: &str, db_str: &str) -> Result<Option<DbKind>, DbErro
     }
 }
 
+/// [`select_kind`], and for MySQL the DSN parsed too: every setting that can be wrong whatever
+/// the database holds (a usage error), checked without connecting.
+pub fn check_settings(db_type: &str, db_str: &str) -> Result<Option<DbKind>, DbError> {
+    let kind = select_kind(db_type, db_str)?;
+    if kind == Some(DbKind::Mysql) {
+        parse_dsn(db_str)?;
+    }
+    Ok(kind)
+}
+
+fn parse_dsn(db_str: &str) -> Result<dsn::Dsn, DbError> {
+    dsn::Dsn::parse(db_str).map_err(|error| DbError::BadDsn {
+        dsn: dsn::redact(db_str),
+        error,
+    })
+}
+
 /// Opens the dedup database named by `--db-type` / `--db-str` (see [`select_kind`]), connects,
 /// and checks that the tables are usable, so that a bad setting fails before any conversion
 /// work. `format_key` namespaces every row (see the module doc); pass the tool's output format
@@ -315,13 +332,7 @@ pub fn open(
     }
     validate_format_key(format_key)?;
     let backend: Box<dyn Backend> = match kind {
-        DbKind::Mysql => {
-            let parsed = dsn::Dsn::parse(db_str).map_err(|error| DbError::BadDsn {
-                dsn: dsn::redact(db_str),
-                error,
-            })?;
-            connect_mysql(&parsed)?
-        }
+        DbKind::Mysql => connect_mysql(&parse_dsn(db_str)?)?,
         DbKind::Sqlite => open_sqlite(db_str.as_ref())?,
     };
     Ok(Some(Box::new(Database {

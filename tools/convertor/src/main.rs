@@ -695,7 +695,7 @@ fn open_dedup(
 ) -> anyhow::Result<Option<(Arc<Dedup>, String)>> {
     let db_error = |e: obddedup::DbError| anyhow::Error::new(e).context("dedup database");
     let db_str = args.db_str.as_deref().unwrap_or("");
-    if obddedup::select_kind(&args.db_type, db_str)
+    if obddedup::check_settings(&args.db_type, db_str)
         .map_err(db_error)
         .usage()?
         .is_none()

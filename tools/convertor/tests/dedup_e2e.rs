@@ -1051,6 +1051,8 @@ fn bad_db_settings_fail_before_any_work() {
         // Settings that cannot work whatever the database holds are usage
         // errors (exit 2, as clap's); a database that refuses is not.
         let usage = [
+            "malformed DSN",
+            "unknown DSN parameter",
             "mysql without --db-str",
             "unknown --db-type",
             "OCI layout destination",
