@@ -49,12 +49,15 @@ fn live() -> MutexGuard<'static, Vec<(PathBuf, bool)>> {
 
 /// For a process about to exit without running destructors (a second stop signal):
 /// removes every unfinished output file ([`blockdev::pending::abandon_all`], e.g. a
-/// commit file being written, and no new one is started), the private directories
+/// commit file being written, and no new one is started), the temporary files of
+/// layout and archive destinations ([`obdoci::tempfiles::abandon_all`]: a blob or
+/// `index.json` being written, an archive's `.partial` file), the private directories
 /// of the live work directories with everything in them, and the scratch layouts of
 /// archive destinations in a work directory a run keeps its files in (`--reserve`).
 /// Files that threads still running create afterwards go with the next run.
 pub fn remove_for_exit() {
     blockdev::pending::abandon_all();
+    obdoci::tempfiles::abandon_all();
     for (p, private) in live().iter() {
         if *private {
             // Threads still working may add files meanwhile: a few tries.

@@ -415,7 +415,7 @@ impl Out {
 /// Writes a tar archive to a temporary file and puts it in place when finished.
 pub struct TarWriter {
     dest: PathBuf,
-    tmp: tempfile::NamedTempFile,
+    tmp: crate::tempfiles::Temp,
     out: Out,
 }
 

@@ -419,16 +419,19 @@ fn lock_dir(root: &Path) -> Result<Flock<File>> {
 /// `File::create` creates files, mode 0666 less the umask (tempfile's own default
 /// is 0600, which other users and services reading the layout could not read), or
 /// with the mode `dest` has when it exists, so that replacing it changes no
-/// permissions.
+/// permissions. It is listed for [`crate::tempfiles::abandon_all`] while it
+/// exists.
 pub(crate) fn temp_for(
     dir: &Path,
     dest: Option<&Path>,
     builder: &mut tempfile::Builder<'_, '_>,
-) -> std::io::Result<tempfile::NamedTempFile> {
+) -> std::io::Result<crate::tempfiles::Temp> {
     use std::os::unix::fs::PermissionsExt;
-    let tmp = builder
-        .permissions(std::fs::Permissions::from_mode(0o666))
-        .tempfile_in(dir)?;
+    let tmp = crate::tempfiles::Temp::track(
+        builder
+            .permissions(std::fs::Permissions::from_mode(0o666))
+            .tempfile_in(dir)?,
+    )?;
     if let Some(m) = dest.and_then(|d| std::fs::metadata(d).ok()) {
         tmp.as_file().set_permissions(m.permissions())?;
     }

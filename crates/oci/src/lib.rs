@@ -21,6 +21,7 @@ pub mod layout;
 pub mod model;
 pub mod reference;
 pub mod stream;
+pub mod tempfiles;
 
 pub use digest::{chain_ids, Digest, Sha256Writer};
 pub use model::*;

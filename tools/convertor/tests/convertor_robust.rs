@@ -1018,6 +1018,15 @@ fn a_second_signal_quits_without_leaving_work_files() {
             !left.iter().any(|p| p.contains(".tmp-")),
             "reserve {reserve}: unfinished files left: {left:?}"
         );
+        // Nor in the destination layout (a blob or index.json being written).
+        let out_dir = t.path().join(format!("out-{reserve}"));
+        let in_out = all_below(&out_dir);
+        assert!(
+            !in_out
+                .iter()
+                .any(|p| p.contains("/.tmp") || p.starts_with(".tmp") || p.ends_with(".partial")),
+            "reserve {reserve}: temporary files left in the destination: {in_out:?}"
+        );
         if !reserve {
             assert!(
                 !left.iter().any(|p| p.starts_with(".run-")),
