@@ -699,13 +699,17 @@ fn fifo_inputs_are_refused_and_signals_stop_a_slow_open() {
     let fifo = dir.path().join("f.lsmt");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let cfg = dir.path().join("config.json");
-    std::fs::write(
-        &cfg,
-        serde_json::json!({"repoBlobUrl": "", "lowers": [{"file": fifo}],
-            "resultFile": dir.path().join("result")})
-        .to_string(),
-    )
-    .unwrap();
+    // A config.json whose only lower is `lower`.
+    let config_with = |lower: &Path| {
+        std::fs::write(
+            &cfg,
+            serde_json::json!({"repoBlobUrl": "", "lowers": [{"file": lower}],
+                "resultFile": dir.path().join("result")})
+            .to_string(),
+        )
+        .unwrap()
+    };
+    config_with(&fifo);
     let sock = dir.path().join("s");
     let runs: [(Vec<&std::ffi::OsStr>, &str); 3] = [
         (vec![fifo.as_os_str()], "not a layer file"),
@@ -736,13 +740,7 @@ fn fifo_inputs_are_refused_and_signals_stop_a_slow_open() {
     // A config's missing lower is named, without the hint about registry
     // references that a command-line source gets.
     let missing = dir.path().join("gone.lsmt");
-    std::fs::write(
-        &cfg,
-        serde_json::json!({"repoBlobUrl": "", "lowers": [{"file": missing}],
-            "resultFile": dir.path().join("result")})
-        .to_string(),
-    )
-    .unwrap();
+    config_with(&missing);
     let child = Command::new(NBD)
         .args(["serve".as_ref(), cfg.as_os_str(), "--socket".as_ref()])
         .arg(&sock)
