@@ -157,19 +157,7 @@ fn flags_that_do_not_apply_are_named_once() {
         ];
         args.extend(layers.iter().map(|p| p.as_os_str()));
         let (stderr, f) = if bg {
-            std::fs::create_dir_all(&mp).unwrap();
-            let o = Command::new(fuse_bin())
-                .args(["mount", "--background"])
-                .args(&args)
-                .arg(&mp)
-                .output()
-                .unwrap();
-            assert_ok(&o);
-            let f = Fuse {
-                mp: mp.clone(),
-                child: None,
-                ready: String::new(),
-            };
+            let (f, o) = Fuse::background_output(&args, &mp);
             (o.stderr, f)
         } else {
             let mut f = Fuse::foreground(&args, &mp);
@@ -232,18 +220,7 @@ fn the_not_empty_warning_is_said_once() {
             mp.display()
         );
         let stderr = if bg {
-            let o = Command::new(fuse_bin())
-                .args(["mount", "--background"])
-                .args(&args)
-                .arg(&mp)
-                .output()
-                .unwrap();
-            assert_ok(&o);
-            let f = Fuse {
-                mp: mp.clone(),
-                child: None,
-                ready: String::new(),
-            };
+            let (f, o) = Fuse::background_output(&args, &mp);
             f.unmount();
             o.stderr
         } else {

@@ -99,8 +99,21 @@ impl Fuse {
         Self::background_env(args, mp, &[])
     }
 
+    /// The same, with what the mount command printed (its warnings).
+    pub fn background_output(args: &[&std::ffi::OsStr], mp: &Path) -> (Fuse, std::process::Output) {
+        Self::background_env_output(args, mp, &[])
+    }
+
     /// The same with environment variables (e.g. `OVERLAYBD_LOG`) set.
     pub fn background_env(args: &[&std::ffi::OsStr], mp: &Path, env: &[(&str, &str)]) -> Fuse {
+        Self::background_env_output(args, mp, env).0
+    }
+
+    fn background_env_output(
+        args: &[&std::ffi::OsStr],
+        mp: &Path,
+        env: &[(&str, &str)],
+    ) -> (Fuse, std::process::Output) {
         std::fs::create_dir_all(mp).unwrap();
         let o = run_ok(
             Command::new(fuse_bin())
@@ -111,11 +124,12 @@ impl Fuse {
                 .envs(env.iter().copied()),
         );
         assert!(is_mounted(mp), "not mounted after --background returned");
-        Fuse {
+        let f = Fuse {
             mp: mp.to_path_buf(),
             child: None,
             ready: String::from_utf8_lossy(&o.stdout).into_owned(),
-        }
+        };
+        (f, o)
     }
 
     /// `overlaybd-fuse mount ARGS... MP` in the foreground; returns once it
