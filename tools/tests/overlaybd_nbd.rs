@@ -439,6 +439,8 @@ fn clear_errors_for_bad_inputs_and_read_only_upper() {
         ["--handshake-timeout", "86401"],
         ["--handshake-timeout", "0"],
         ["--handshake-timeout", "NaN"],
+        ["--reply-memory", "0"],
+        ["--connection-reply-memory", "65537"],
     ] {
         let out = Command::new(NBD)
             .args(["serve", "x"])
@@ -1048,6 +1050,76 @@ fn a_client_not_reading_replies_pins_only_its_reply_budget() {
         "the server's memory grew by {} MiB for a client not reading its replies (budget 64 MiB)",
         (peak - base) >> 20
     );
+}
+
+/// `--reply-memory` and `--connection-reply-memory` set the budgets: with
+/// 40 MiB for the server, a client holding a 32 MiB reply it does not read
+/// makes another client's 16 MiB read wait (with the default 1 GiB it is
+/// served at once) until the first one goes away; a connection budget over
+/// the server's is a usage error.
+#[test]
+fn reply_memory_flags_set_the_budgets() {
+    use blockdev::nbd::client::{Client, ClientOptions};
+    use blockdev::nbd::proto::CMD_READ;
+    use blockdev::nbd::Endpoint;
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(256 * MIB).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[5u8; 4096], 128 * MIB).unwrap();
+    drop(f);
+    let out = Command::new(NBD)
+        .args(["serve", "--raw", "--read-only"])
+        .args(["--reply-memory", "64", "--connection-reply-memory", "65"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--connection-reply-memory (65 MiB) is more than --reply-memory (64 MiB)"),
+        "{err}"
+    );
+    for (flags, waits) in [(&[][..], false), (&["--reply-memory", "40"][..], true)] {
+        let sock = dir.path().join("s");
+        let mut args = vec![img.to_str().unwrap(), "--raw", "--read-only"];
+        args.extend(["--connection-reply-memory", "33", "--socket"]);
+        args.push(sock.to_str().unwrap());
+        args.extend(flags);
+        let srv = Served::start(&args);
+        let pid = srv.child.id();
+        let (base, _) = rss(pid).unwrap();
+        let ep = Endpoint::Unix(sock.clone());
+        let mut stalled = Client::connect(&ep, &ClientOptions::default()).unwrap();
+        stalled.send(CMD_READ, 0, 0, 32 << 20, &[]).unwrap();
+        stalled.flush_requests().unwrap();
+        // The server has built the 32 MiB reply (it cannot all be sent).
+        let t = Instant::now();
+        while rss(pid).unwrap().0 < base + 24 * MIB {
+            assert!(t.elapsed() < Duration::from_secs(60), "reply never built");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ep2 = ep.clone();
+        let other = std::thread::spawn(move || {
+            let mut c = Client::connect(&ep2, &ClientOptions::default()).unwrap();
+            let data = c.read(120 * MIB, 16 << 20).unwrap();
+            tx.send(()).unwrap();
+            data
+        });
+        let served = rx.recv_timeout(Duration::from_secs(2)).is_ok();
+        assert_eq!(served, !waits, "flags {flags:?}: served at once: {served}");
+        // The stalled client goes away: its room is given back.
+        drop(stalled);
+        let data = other.join().unwrap();
+        assert_eq!(data.len(), 16 << 20);
+        assert_eq!(
+            &data[8 * MIB as usize..8 * MIB as usize + 4096],
+            &[5u8; 4096][..]
+        );
+        srv.terminate();
+    }
 }
 
 /// Unix-socket connections are told apart in the log (they were all

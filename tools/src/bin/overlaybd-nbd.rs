@@ -111,6 +111,36 @@ struct ServeArgs {
     #[arg(long, value_name = "US", default_value_t = blockdev::nbd::BUSY_POLL.as_micros() as u64,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
     busy_poll_us: u64,
+
+    /// MiB (1 to 65536) of replies and write payloads one connection may
+    /// hold at once, all its workers together (default a little over 64:
+    /// two of the largest, 32 MiB reads). A client that does not read its replies pins
+    /// at most this much; a single larger request still runs when its
+    /// connection holds nothing else.
+    #[arg(long, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    connection_reply_memory: Option<u64>,
+
+    /// MiB (1 to 1048576) of replies and write payloads all connections
+    /// together may hold at once (default 1024); when it is full, connections
+    /// wait for room (at most the 120 s write timeout of the clients holding
+    /// it) instead of the machine running out of memory. At least
+    /// --connection-reply-memory.
+    #[arg(long, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    reply_memory: Option<u64>,
+}
+
+impl ServeArgs {
+    /// The reply memory budgets in bytes: (per connection, whole server).
+    fn reply_memory(&self) -> (u64, u64) {
+        (
+            self.connection_reply_memory
+                .map_or(blockdev::nbd::REPLY_MEMORY_PER_CONNECTION, |m| m << 20),
+            self.reply_memory
+                .map_or(blockdev::nbd::REPLY_MEMORY, |m| m << 20),
+        )
+    }
 }
 
 /// `--handshake-timeout`: seconds, fractions allowed, in (0, 86400].
@@ -322,6 +352,15 @@ fn check_usage(a: &ServeArgs, m: &clap::ArgMatches) -> std::result::Result<Vec<S
     if !a.raw {
         obdimage::cli::check_sources(&sources)?;
     }
+    let (conn, server) = a.reply_memory();
+    if conn > server {
+        return Err(format!(
+            "--connection-reply-memory ({} MiB) is more than --reply-memory ({} MiB): \
+             one connection can never hold more than the whole server",
+            conn.div_ceil(1 << 20),
+            server >> 20
+        ));
+    }
     let mut warnings = Vec::new();
     let remote_given = obdimage::cli::remote_flags_given(m);
     if !remote_given.is_empty() && (a.raw || !obdimage::cli::is_registry_source(&sources)) {
@@ -383,6 +422,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         max_connections: a.max_connections.max(1),
         handshake_timeout: a.handshake_timeout,
         busy_poll: Duration::from_micros(a.busy_poll_us),
+        reply_memory_per_connection: a.reply_memory().0,
+        reply_memory: a.reply_memory().1,
         ..ServerConfig::default()
     };
     let server = Server::with_allocation(dev, alloc, cfg);
