@@ -432,7 +432,7 @@ fn a_hard_link_to_itself_keeps_the_file() {
 }
 
 /// A layer's entry for the root directory sets the root's owner, mode, time
-/// and xattrs, in the bottom layer and above; `/` is skipped, as libtar
+/// and xattrs, in the bottom layer and above; `/.` is skipped, as libtar
 /// skips it. (The entry was skipped: the root stayed 0755, root, mkfs time.)
 #[test]
 fn the_root_entry_sets_the_root() {

@@ -435,7 +435,7 @@ fn a_hard_link_to_itself_keeps_the_file() {
 }
 
 /// A layer's entry for the root directory (`./`, `./.`) gives the root its
-/// owner, mode, mtime and xattrs, in the bottom layer and above; `/` is
+/// owner, mode, mtime and xattrs, in the bottom layer and above; `/.` is
 /// skipped, as upstream's libtar has it ([`testutil::EXT4_ROOT_AFTER`]).
 #[test]
 fn the_root_entry_sets_the_root() {

@@ -444,9 +444,9 @@ with tarfile.open(sys.argv[2], "w", format=tarfile.USTAR_FORMAT) as t:
 ///   `user.root=base`), then a file `f`;
 /// * `root-1.tar`: `g`, then `./.` (0750, 2000:2001, 1222222222,
 ///   `user.root=top`);
-/// * `root-2.tar`: `/` (0705, 3000:3001, 1333333333, `user.root=slash`) and
-///   a file `h`: an absolute name, which libtar (upstream's ext4 appliers)
-///   skips and erofs-utils applies to the root;
+/// * `root-2.tar`: `/.` (0705, 3000:3001, 1333333333, `user.root=slash`)
+///   and a file `h`: an absolute name, which libtar (upstream's ext4
+///   appliers) skips and erofs-utils applies to the root;
 /// * `root-3.tar`: a file `i` and no root entry.
 ///
 /// Written into `dir`; returns their paths, bottom first.
@@ -473,7 +473,7 @@ layer(sys.argv[2], lambda t: (
     member(t, "g", F, data=b"g\n"),
     member(t, "./.", D, 0o750, (2000, 2001), 1222222222, {"user.root": "top"})))
 layer(sys.argv[3], lambda t: (
-    member(t, "/", D, 0o705, (3000, 3001), 1333333333, {"user.root": "slash"}),
+    member(t, "/.", D, 0o705, (3000, 3001), 1333333333, {"user.root": "slash"}),
     member(t, "h", F, data=b"h\n")))
 layer(sys.argv[4], lambda t: member(t, "i", F, data=b"i\n"))
 "#;
@@ -487,7 +487,7 @@ layer(sys.argv[4], lambda t: member(t, "i", F, data=b"i\n"))
 /// [`root_entry_tars`] on the ext4 engines, as upstream's libtar
 /// (overlaybd-apply, turboOCI-apply) leaves it: a relative root entry
 /// (`./`, `./.`) gives the root its owner, mode, mtime and xattrs in any
-/// layer; an absolute one (`/`) and a layer without one leave it as it was.
+/// layer; an absolute one (`/.`) and a layer without one leave it as it was.
 pub const EXT4_ROOT_AFTER: [(u32, u32, u32, u32, &str); 4] = [
     (0o040700, 1000, 1001, 1111111111, "user.root=base"),
     (0o040750, 2000, 2001, 1222222222, "user.root=top"),

@@ -601,7 +601,7 @@ fn a_hard_link_to_itself_keeps_the_file() {
 }
 
 /// A layer's entry for the root directory (`./`, `./.`) gives the root its
-/// owner, mode, mtime and xattrs, in the bottom layer and above, and `/` is
+/// owner, mode, mtime and xattrs, in the bottom layer and above, and `/.` is
 /// skipped: the same root as the libext2fs engine and upstream's libtar
 /// ([`testutil::EXT4_ROOT_AFTER`]). The entry was skipped before.
 #[test]
