@@ -9,6 +9,10 @@
 //!   goes above it (`var/run -> /run` puts `var/run/foo` at `/run/foo`,
 //!   whichever layer made the link); more than 40 links is a loop.
 //! * missing parent directories are created (mode 0755, root, time 0).
+//! * an entry for the root itself (`./`, `.`, `./.`) gives the root its
+//!   owner, mode, time and xattrs, in any layer, as upstream's libtar
+//!   does; an absolute one (`/`, `/.`) is skipped, as libtar skips it
+//!   ([`RootEntry`]).
 //! * an existing entry is replaced, unless both are directories, in which
 //!   case the directory keeps its contents and takes the new metadata
 //!   (including the new set of extended attributes).
@@ -276,6 +280,37 @@ pub fn accepted_xattrs(e: &Entry, kind: Kind) -> Vec<(Vec<u8>, Vec<u8>)> {
         v.push((n.clone(), val.clone()));
     }
     v
+}
+
+/// What an entry naming the root directory (its path cleans to nothing)
+/// does to the root, as upstream's libtar `UnTar` has it: `clean_name`
+/// turns a relative name (`./`, `.`, `./.`, `a/..`) into `.`, which is
+/// extracted like any existing directory (owner, xattrs, times and mode
+/// of the header go to the root, in every layer), and an absolute one
+/// (`/`, `/.`) into `/`, which is skipped ("resolved to root").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootEntry {
+    /// Give the root the entry's metadata.
+    Apply,
+    /// Ignore the entry.
+    Skip,
+}
+
+/// Classify an entry whose path names the root ([`RootEntry`]); a root
+/// entry that is not a directory is refused (libtar would remove the
+/// root's contents to put it there).
+pub fn root_entry(e: &Entry) -> Result<RootEntry> {
+    if e.path.first() == Some(&b'/') {
+        tracing::warn!("file '{}' ignored: resolved to root", e.path_lossy());
+        return Ok(RootEntry::Skip);
+    }
+    if e.kind != Kind::Dir {
+        return Err(entry_err(
+            e,
+            "names the root directory but is not a directory; refusing",
+        ));
+    }
+    Ok(RootEntry::Apply)
 }
 
 /// Split a tar path into clean components (`.` and empty ones dropped, `..`
@@ -948,11 +983,14 @@ impl<'a> Applier<'a> {
         let comps = clean_components(&e.path)
             .ok_or_else(|| entry_err(e, "path leaves the layer root ('..' above '/'); refusing"))?;
         let Some((name, parents)) = comps.split_last() else {
-            tracing::debug!(
-                "skipping entry '{}': it is the root directory",
-                e.path_lossy()
-            );
-            return Ok(());
+            return match root_entry(e)? {
+                RootEntry::Skip => Ok(()),
+                RootEntry::Apply => {
+                    self.update_dir(ROOT, e)?;
+                    self.stats.dirs += 1;
+                    Ok(())
+                }
+            };
         };
         let name: &[u8] = name;
         if name.len() > sys::EXT2_NAME_LEN as usize {

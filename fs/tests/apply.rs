@@ -430,3 +430,53 @@ fn a_hard_link_to_itself_keeps_the_file() {
         );
     }
 }
+
+/// A layer's entry for the root directory sets the root's owner, mode, time
+/// and xattrs, in the bottom layer and above; `/.` is skipped, as libtar
+/// skips it. (The entry was skipped: the root stayed 0755, root, mkfs time.)
+#[test]
+fn the_root_entry_sets_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tars = testutil::root_entry_tars(d);
+    let img = d.join("fs.img");
+    let dev = mkfs_image(&img, 1 << 30);
+    for (i, t) in tars.iter().enumerate() {
+        apply_file(&dev, t).unwrap_or_else(|e| panic!("{}: {e}", t.display()));
+        e2fsck_clean(&img);
+        let (mode, uid, gid, mtime, xattrs) = testutil::ext4_root(&img);
+        let want = testutil::EXT4_ROOT_AFTER[i];
+        assert_eq!(
+            (mode, uid, gid, mtime, xattrs.join(" ").as_str()),
+            want,
+            "root after layer {i}"
+        );
+        let (refj, ours) = (
+            d.join(format!("ref{i}.json")),
+            d.join(format!("ours{i}.json")),
+        );
+        reference_manifest(&tars[..=i], &refj);
+        image_manifest(&img, &ours);
+        assert_same_tree(&refj, &ours, &[]);
+    }
+}
+
+/// An entry naming the root that is not a directory is refused with a line
+/// naming it (libtar would empty the root to put a file there).
+#[test]
+fn a_root_entry_that_is_not_a_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.set_path(".").unwrap();
+    h.set_cksum();
+    b.append(&h, &b"x\n"[..]).unwrap();
+    std::fs::write(d.join("t.tar"), b.into_inner().unwrap()).unwrap();
+    let img = d.join("fs.img");
+    let dev = mkfs_image(&img, 1 << 30);
+    let e = apply_file(&dev, &d.join("t.tar")).unwrap_err().to_string();
+    assert!(e.contains("'.'") && e.contains("not a directory"), "{e}");
+}

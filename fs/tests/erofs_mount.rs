@@ -275,3 +275,107 @@ fn a_hard_link_to_itself_keeps_the_file() {
     let n = check_stack("self-link2", &[t0, t1], &[], Some(&nlink));
     assert_eq!(n, 4);
 }
+
+/// A layer's entry for the root directory gives the root its owner, mode,
+/// mtime and xattrs, in the bottom layer and above, as erofs-utils'
+/// `tarerofs_parse_tar` has it: `./`, `./.` and also `/.` (which libtar, and
+/// so the ext4 engines, skip). A layer without one gets erofs-utils' fresh
+/// root: 0777, owner 0, the build time (0), no xattrs; it kept the lower
+/// root's metadata, unlike erofs-utils' bytes. Checked on the kernel's
+/// mount and by fsck.erofs.
+#[test]
+fn the_root_entry_sets_the_root() {
+    const AFTER: [(u32, u32, u32, u32, &str); 4] = [
+        (0o040700, 1000, 1001, 1111111111, "user.root=base"),
+        (0o040750, 2000, 2001, 1222222222, "user.root=top"),
+        (0o040705, 3000, 3001, 1333333333, "user.root=slash"),
+        (0o040777, 0, 0, 0, ""),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let tars = testutil::root_entry_tars(dir.path());
+    for i in 0..tars.len() {
+        let root = |m: &Path| {
+            let (mode, uid, gid, mtime, xattrs) = testutil::dir_root(m);
+            assert_eq!(
+                (mode, uid, gid, mtime, xattrs.join(" ").as_str()),
+                AFTER[i],
+                "root after layer {i}"
+            );
+        };
+        let n = check_stack(&format!("root{i}"), &tars[..=i], &[], Some(&root));
+        assert_eq!(n, i + 1);
+    }
+}
+
+/// A path below a symbolic link to a directory, as erofs-utils builds it:
+/// when a lower layer made the link, the new layer's `a/f` makes a new
+/// directory `a` (0755) that replaces the link, and the link's target is
+/// untouched; when the same layer made it, the layer is refused
+/// (erofs-utils: EIO). (The ext4 engines differ: README, "The root entry
+/// and symlinked parents, per engine".)
+#[test]
+fn a_path_below_a_symlink_replaces_a_lower_link_with_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tar_of = |path: &Path, build: &dyn Fn(&mut tar::Builder<Vec<u8>>)| {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        std::fs::write(path, b.into_inner().unwrap()).unwrap();
+    };
+    let link = |b: &mut tar::Builder<Vec<u8>>| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, "d/", &b""[..]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "a", "d").unwrap();
+    };
+    let file = |b: &mut tar::Builder<Vec<u8>>| {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(2);
+        b.append_data(&mut h, "a/f", &b"f\n"[..]).unwrap();
+    };
+    let (lower, upper, same) = (d.join("lower.tar"), d.join("upper.tar"), d.join("same.tar"));
+    tar_of(&lower, &|b| link(b));
+    tar_of(&upper, &|b| file(b));
+    tar_of(&same, &|b| {
+        link(b);
+        file(b)
+    });
+
+    let dev = RecordingDevice::new(Default::default());
+    let e = build_layer(
+        dev,
+        std::fs::File::open(&same).unwrap(),
+        &BuildOptions { incremental: false },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("a/f") && e.contains("not a directory"), "{e}");
+
+    let tars = [lower, upper];
+    let layers = build_stack(&tars);
+    let img = d.join("img");
+    let parts: Vec<LayerParts> = layers
+        .iter()
+        .zip(&tars)
+        .map(|((s, m), t)| (s, m.as_slice(), t.as_path()))
+        .collect();
+    assemble(&img, &parts);
+    {
+        let m = ErofsMount::new(&img, &d.join("mnt"));
+        let a = std::fs::symlink_metadata(m.dir().join("a")).unwrap();
+        assert!(a.is_dir(), "{a:?}");
+        assert_eq!(std::fs::read(m.dir().join("a/f")).unwrap(), b"f\n");
+        assert_eq!(std::fs::read_dir(m.dir().join("d")).unwrap().count(), 0);
+    }
+    let o = std::process::Command::new(testutil::tool("fsck.erofs"))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+}

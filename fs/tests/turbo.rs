@@ -79,8 +79,9 @@ fn make_layer(dir: &Path, blob_src: &Path, lowers: &[LowerSource], bottom: bool)
 }
 
 /// Flatten `lowers` and check e2fsck and the tree against the reference
-/// unpack of `tars`.
-fn check_stack(dir: &Path, lowers: Vec<LowerSource>, tars: &[PathBuf]) {
+/// unpack of `tars`; the root directory as debugfs shows it
+/// ([`testutil::ext4_root`]).
+fn check_stack(dir: &Path, lowers: Vec<LowerSource>, tars: &[PathBuf]) -> testutil::Ext4Root {
     let opened = lowers.iter().map(|l| l.open().unwrap()).collect();
     let s = Stack::with_lowers(opened, None).unwrap();
     assert_eq!(s.size(), 64 << 30);
@@ -91,7 +92,9 @@ fn check_stack(dir: &Path, lowers: Vec<LowerSource>, tars: &[PathBuf]) {
     image_manifest(&img, &a);
     reference_manifest(tars, &b);
     assert_same_tree(&a, &b, &[]);
+    let root = testutil::ext4_root(&img);
     std::fs::remove_file(&img).unwrap();
+    root
 }
 
 fn input_tar() -> PathBuf {
@@ -429,4 +432,54 @@ fn a_hard_link_to_itself_keeps_the_file() {
     check_stack(d, vec![l0.lower()], std::slice::from_ref(&t0));
     let l1 = make_layer(&d.join("1"), &t1, &[l0.lower()], false);
     check_stack(d, vec![l0.lower(), l1.lower()], &[t0, t1]);
+}
+
+/// A layer's entry for the root directory (`./`, `./.`) gives the root its
+/// owner, mode, mtime and xattrs, in the bottom layer and above; `/.` is
+/// skipped, as upstream's libtar has it ([`testutil::EXT4_ROOT_AFTER`]).
+#[test]
+fn the_root_entry_sets_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tars = testutil::root_entry_tars(d);
+    let mut lowers = Vec::new();
+    for (i, t) in tars.iter().enumerate() {
+        let l = make_layer(&d.join(format!("{i}")), t, &lowers, i == 0);
+        lowers.push(l.lower());
+        let (mode, uid, gid, mtime, xattrs) = check_stack(d, lowers.clone(), &tars[..=i]);
+        assert_eq!(
+            (mode, uid, gid, mtime, xattrs.join(" ").as_str()),
+            testutil::EXT4_ROOT_AFTER[i],
+            "root after layer {i}"
+        );
+    }
+}
+
+/// An entry naming the root that is not a directory is refused with a line
+/// naming it (it removed the root's contents, then unlinked the root
+/// itself: libtar's sequence for a file replacing a directory).
+#[test]
+fn a_root_entry_that_is_not_a_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.set_path(".").unwrap();
+    h.set_cksum();
+    b.append(&h, &b"x\n"[..]).unwrap();
+    std::fs::write(d.join("layer.tar"), b.into_inner().unwrap()).unwrap();
+    create_layer(&d.join("data"), &d.join("index"), 64 << 30, true).unwrap();
+    let job = TurboApply {
+        blob: d.join("layer.tar"),
+        gz_index: d.join("gzip.meta"),
+        lowers: Vec::new(),
+        upper_data: d.join("data"),
+        upper_index: d.join("index"),
+        mkfs: false,
+        fstype: FsType::Ext4,
+    };
+    let e = apply_layer(&job, None).unwrap_err().to_string();
+    assert!(e.contains("'.'") && e.contains("not a directory"), "{e}");
 }

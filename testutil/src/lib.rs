@@ -436,3 +436,114 @@ with tarfile.open(sys.argv[2], "w", format=tarfile.USTAR_FORMAT) as t:
     ));
     paths
 }
+
+/// Four layer tars whose entries for the root directory carry distinctive
+/// metadata, spelled the ways tars spell the root (PAX format, so xattrs
+/// ride as `SCHILY.xattr.*`):
+/// * `root-0.tar`: `./` (mode 0700, uid 1000, gid 1001, mtime 1111111111,
+///   `user.root=base`), then a file `f`;
+/// * `root-1.tar`: `g`, then `./.` (0750, 2000:2001, 1222222222,
+///   `user.root=top`);
+/// * `root-2.tar`: `/.` (0705, 3000:3001, 1333333333, `user.root=slash`)
+///   and a file `h`: an absolute name, which libtar (upstream's ext4
+///   appliers) skips and erofs-utils applies to the root;
+/// * `root-3.tar`: a file `i` and no root entry.
+///
+/// Written into `dir`; returns their paths, bottom first.
+pub fn root_entry_tars(dir: &Path) -> [PathBuf; 4] {
+    let paths = [0, 1, 2, 3].map(|i| dir.join(format!("root-{i}.tar")));
+    let script = r#"
+import sys, tarfile, io
+def member(t, name, kind, mode=0o644, owner=(0, 0), mtime=1600000000, xattrs=None, data=b""):
+    i = tarfile.TarInfo(name)
+    i.type, i.mode, i.mtime = kind, mode, mtime
+    i.uid, i.gid = owner
+    i.size = len(data)
+    if xattrs:
+        i.pax_headers = {"SCHILY.xattr." + k: v for k, v in xattrs.items()}
+    t.addfile(i, io.BytesIO(data) if data else None)
+D, F = tarfile.DIRTYPE, tarfile.REGTYPE
+def layer(path, build):
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+        build(t)
+layer(sys.argv[1], lambda t: (
+    member(t, "./", D, 0o700, (1000, 1001), 1111111111, {"user.root": "base"}),
+    member(t, "f", F, data=b"f\n")))
+layer(sys.argv[2], lambda t: (
+    member(t, "g", F, data=b"g\n"),
+    member(t, "./.", D, 0o750, (2000, 2001), 1222222222, {"user.root": "top"})))
+layer(sys.argv[3], lambda t: (
+    member(t, "/.", D, 0o705, (3000, 3001), 1333333333, {"user.root": "slash"}),
+    member(t, "h", F, data=b"h\n")))
+layer(sys.argv[4], lambda t: member(t, "i", F, data=b"i\n"))
+"#;
+    assert_ok(&run_ok(
+        Command::new("python3").args(["-c", script]).args(&paths),
+    ));
+    paths
+}
+
+/// The root's (mode, uid, gid, mtime, xattrs) after each layer of
+/// [`root_entry_tars`] on the ext4 engines, as upstream's libtar
+/// (overlaybd-apply, turboOCI-apply) leaves it: a relative root entry
+/// (`./`, `./.`) gives the root its owner, mode, mtime and xattrs in any
+/// layer; an absolute one (`/.`) and a layer without one leave it as it was.
+pub const EXT4_ROOT_AFTER: [(u32, u32, u32, u32, &str); 4] = [
+    (0o040700, 1000, 1001, 1111111111, "user.root=base"),
+    (0o040750, 2000, 2001, 1222222222, "user.root=top"),
+    (0o040750, 2000, 2001, 1222222222, "user.root=top"),
+    (0o040750, 2000, 2001, 1222222222, "user.root=top"),
+];
+
+/// (mode with type bits, uid, gid, mtime seconds, xattrs as `name=value`).
+pub type Ext4Root = (u32, u32, u32, u32, Vec<String>);
+
+/// The root directory of the ext4 image `img` as `debugfs` shows it:
+/// (mode with type bits, uid, gid, mtime seconds, xattrs as `name=value`
+/// strings in debugfs's order).
+pub fn ext4_root(img: &Path) -> Ext4Root {
+    let run = |req: &str| {
+        let o = run_ok(Command::new(tool("debugfs")).args(["-R", req]).arg(img));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let stat = run("stat /");
+    let field = |key: &str| -> String {
+        stat.split(key)
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {key} in debugfs stat /:\n{stat}"))
+            .to_string()
+    };
+    assert_eq!(field("Type:"), "directory", "{stat}");
+    let mode = u32::from_str_radix(&field("Mode:"), 8).unwrap();
+    let uid = field("User:").parse().unwrap();
+    let gid = field("Group:").parse().unwrap();
+    let mtime = field(" mtime:");
+    let secs = mtime.trim_start_matches("0x").split(':').next().unwrap();
+    let mtime = u32::from_str_radix(secs, 16).unwrap();
+    let xattrs = run("ea_list /")
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(" = ")?;
+            let name = k.split_whitespace().next()?;
+            Some(format!("{name}={}", v.trim().trim_matches('"')))
+        })
+        .collect();
+    (0o040000 | mode, uid, gid, mtime, xattrs)
+}
+
+/// A directory (a mount point) as the kernel shows it, in the shape of
+/// [`ext4_root`]: xattrs read with Python's `os.listxattr`/`os.getxattr`.
+pub fn dir_root(dir: &Path) -> Ext4Root {
+    let m = fs::symlink_metadata(dir).unwrap();
+    let script = "import os, sys\n\
+        p = sys.argv[1]\n\
+        print(' '.join(k + '=' + os.getxattr(p, k, follow_symlinks=False).decode() \
+        for k in sorted(os.listxattr(p, follow_symlinks=False))))";
+    let o = run_ok(Command::new("python3").args(["-c", script]).arg(dir));
+    let xattrs = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    (m.mode(), m.uid(), m.gid(), m.mtime() as u32, xattrs)
+}

@@ -9,6 +9,8 @@
 //!   a loop. Every later system call names a path made only of real
 //!   directories, relative to the root's file descriptor, and never follows
 //!   the last component.
+//! * the root's own entry (`./`) gives the root its owner, mode, time and
+//!   xattrs; an absolute one (`/`) is skipped ([`obdfs::apply::RootEntry`]).
 //! * missing parents are created (0755, root, time 0); an existing entry is
 //!   replaced unless both are directories (then it takes the new owner,
 //!   mode, time and set of xattrs and keeps its contents).
@@ -39,7 +41,9 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag};
-use obdfs::apply::{accepted_xattrs, clean_components, self_link_parents, MAX_SYMLINKS};
+use obdfs::apply::{
+    accepted_xattrs, clean_components, root_entry, self_link_parents, RootEntry, MAX_SYMLINKS,
+};
 use obdfs::error::quote;
 use obdfs::tar::{Entry, Kind, TarReader};
 use obdfs::ApplyStats;
@@ -493,10 +497,14 @@ impl Unpacker {
         let comps = clean_components(&e.path)
             .ok_or_else(|| entry_err(e, "path leaves the layer root ('..' above '/'); refusing"))?;
         let Some((name, parents)) = comps.split_last() else {
-            tracing::debug!(
-                "skipping entry '{}': it is the root directory",
-                e.path_lossy()
-            );
+            // The root's own entry: as the libext2fs engine (and libtar).
+            if root_entry(e).map_err(Error::Tar)? == RootEntry::Apply {
+                self.owner_mode(e, b"", e.uid, e.gid, Some(e.mode))?;
+                self.xattrs(e, b"", Kind::Dir, true)?;
+                self.dir_times
+                    .insert(Vec::new(), (e.mtime.sec, e.mtime.nsec));
+                self.stats.dirs += 1;
+            }
             return Ok(());
         };
         let name: &[u8] = name;

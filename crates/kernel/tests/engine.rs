@@ -599,3 +599,40 @@ fn a_hard_link_to_itself_keeps_the_file() {
         serde_json::from_str(&std::fs::read_to_string(&ours).unwrap()).unwrap();
     assert_eq!(m["z/in"]["size"], 7, "{m}");
 }
+
+/// A layer's entry for the root directory (`./`, `./.`) gives the root its
+/// owner, mode, mtime and xattrs, in the bottom layer and above, and `/.` is
+/// skipped: the same root as the libext2fs engine and upstream's libtar
+/// ([`testutil::EXT4_ROOT_AFTER`]). The entry was skipped before.
+#[test]
+fn the_root_entry_sets_the_root() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (k, work) = kernel(d);
+    let tars = testutil::root_entry_tars(d);
+    let img = d.join("kernel.img");
+    for (i, t) in tars.iter().enumerate() {
+        let dev: Arc<dyn BlockDevice> = Arc::new(if i == 0 {
+            RawFileDevice::create(&img, 1 << 30).unwrap()
+        } else {
+            RawFileDevice::open_rw(&img).unwrap()
+        });
+        apply(&k, &dev, i == 0, t);
+        drop(dev);
+        e2fsck_clean(&img);
+        let (mode, uid, gid, mtime, xattrs) = testutil::ext4_root(&img);
+        assert_eq!(
+            (mode, uid, gid, mtime, xattrs.join(" ").as_str()),
+            testutil::EXT4_ROOT_AFTER[i],
+            "root after layer {i}"
+        );
+    }
+    assert_nothing_left(&work);
+    let (ours, refj) = (d.join("ours.json"), d.join("ref.json"));
+    image_manifest(&img, &ours);
+    let mut args = vec!["reference"];
+    args.extend(tars.iter().map(|t| t.to_str().unwrap()));
+    std::fs::write(&refj, testutil::treecmp(&args)).unwrap();
+    testutil::treecmp(&["compare", refj.to_str().unwrap(), ours.to_str().unwrap()]);
+}

@@ -36,7 +36,10 @@
 //! erofs-utils loses data, fails, or keeps what a layer deleted:
 //! * A parent directory a layer does not declare keeps the lower layer's
 //!   mode, owner, times and xattrs (erofs-utils resets it to 0755, root,
-//!   build time, no xattrs).
+//!   build time, no xattrs). The root is not such a directory: a layer
+//!   without a root entry (`./`) gets erofs-utils' fresh root (0777,
+//!   owner 0, build time, no xattrs) whatever the lower root was, since
+//!   ordinary upper layers (which never hold `./`) take that path.
 //! * A hard link to a file that only a lower layer has works: the new name
 //!   points at the lower inode, whose link count is raised in place
 //!   (erofs-utils fails with ENOENT).
@@ -158,7 +161,8 @@ struct Node {
 #[derive(Debug, Clone)]
 struct Dentry {
     name: Vec<u8>,
-    /// The inode (None once only the nid is known).
+    /// The inode; None once only the nid is known, and for a new name
+    /// that has no type yet (`ft::UNKNOWN`).
     inode: Option<Id>,
     nid: u64,
     ftype: u8,
@@ -485,7 +489,11 @@ impl Builder {
                 }
                 Some(fd) => l.d = Some(fd),
                 None if !has_slash => {
-                    l.d = Some(self.d_alloc(pwd, s, Some(pwd), ft::UNKNOWN));
+                    // No inode until the entry gets its type: erofs-utils
+                    // points the new dentry at its directory (`d->inode =
+                    // pwd`), but a lookup meeting it must not take the
+                    // directory for the entry (the directory is `l.dir`).
+                    l.d = Some(self.d_alloc(pwd, s, None, ft::UNKNOWN));
                 }
                 None => {
                     let ni = self.new_dir_node(pwd, s);
@@ -672,9 +680,7 @@ impl Builder {
                 return Ok(());
             }
             // A name that only a lower layer has so far: it stays that file,
-            // without a new link to it. (A new dentry points at its parent
-            // directory until it gets a target: not a target to resolve.)
-            self.dents[d].inode = None;
+            // without a new link to it.
             if let Some((nid, ftype)) = self.find_lower(&e.link)? {
                 self.link_lower(d, nid, ftype);
                 if let Some(c) = self.lower_links.get_mut(&nid) {
@@ -1460,10 +1466,13 @@ impl Builder {
         let root = self.root;
         self.nodes[root].visited = true;
         if self.incremental {
+            // The root takes in the lower root's entries but, unlike other
+            // directories a layer does not declare, not its metadata: a
+            // layer without a root entry (`./`) gets erofs-utils' fresh
+            // root (0777, owner 0, build time, no xattrs), as every
+            // ordinary upper layer would otherwise differ from upstream's
+            // bytes whenever the bottom layer's tar had a `./` entry.
             self.nodes[root].base_nid = Some(self.sb.root_nid as u64);
-            if self.nodes[root].implicit {
-                self.inherit_lower_attrs(root, self.sb.root_nid as u64)?;
-            }
         } else {
             self.nodes[root].xattr_isize = ROOT_XATTR_SIZE;
         }
@@ -1507,7 +1516,12 @@ impl Builder {
                 if is_dot_dotdot(&de.name) || de.validnid {
                     continue;
                 }
-                let i = de.inode.expect("tree dentries have inodes");
+                let Some(i) = de.inode else {
+                    return Err(Error::Unsupported(format!(
+                        "internal: entry '{}' was never given a type",
+                        String::from_utf8_lossy(&de.name)
+                    )));
+                };
                 if !self.nodes[i].visited {
                     self.nodes[i].visited = true;
                     self.nodes[i].parent = dir;
@@ -1702,5 +1716,49 @@ impl Builder {
             self.bm.drop_bh(h, false);
         }
         self.run_flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockdev::MemDevice;
+
+    fn tar_of(files: &[&str]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for f in files {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(0);
+            h.set_mode(0o644);
+            b.append_data(&mut h, f, &b""[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// A name a layer is about to create (its dentry made, no type yet)
+    /// is no entry of this layer: looking it up still finds what a lower
+    /// layer has there. It pointed at its parent directory, so the lookup
+    /// took the name for a non-directory of this layer and found nothing.
+    #[test]
+    fn a_new_name_without_a_type_hides_nothing_of_the_lower_layers() {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+        build_layer(
+            dev.clone(),
+            &tar_of(&["x", "d/y"])[..],
+            &BuildOptions { incremental: false },
+        )
+        .unwrap();
+        let mut b = Builder::new(Arc::new(Overlay::new(dev)), true).unwrap();
+        let lower_x = b.find_lower(b"x").unwrap().expect("the lower layer's x");
+        let lower_y = b
+            .find_lower(b"d/y")
+            .unwrap()
+            .expect("the lower layer's d/y");
+        let l = b.get_dentry(b"x").unwrap();
+        let d = l.d.expect("a dentry for x");
+        assert_eq!(b.dents[d].ftype, ft::UNKNOWN);
+        assert_eq!(b.find_lower(b"x").unwrap(), Some(lower_x));
+        b.get_dentry(b"d/y").unwrap();
+        assert_eq!(b.find_lower(b"d/y").unwrap(), Some(lower_y));
     }
 }

@@ -3,7 +3,9 @@
 //! [`Extfs`].
 //!
 //! Per entry, in tar order:
-//! 1. the path is cleaned lexically (Plan 9 `cleanname`; `/` is skipped);
+//! 1. the path is cleaned lexically (Plan 9 `cleanname`; `/` is skipped;
+//!    `.`, the root's own entry, is applied to the root like any existing
+//!    directory, and refused when it is not a directory);
 //! 2. missing parent directories are made (mode 0755, owner 0, times 0);
 //! 3. whiteouts: `.wh..wh..opq` empties its directory, `.wh.<name>` removes
 //!    `<name>`, recursively; anything this layer unpacked is kept;
@@ -30,7 +32,7 @@ use std::time::{Duration, Instant};
 use blockdev::BlockDevice;
 
 use super::extfs::Extfs;
-use crate::apply::{device_numbers, entry_err, ApplyOptions, ApplyStats};
+use crate::apply::{device_numbers, entry_err, root_entry, ApplyOptions, ApplyStats};
 use crate::error::{Error, Result};
 use crate::ext2fs::cache::WriteMode;
 use crate::filedata::{FileData, FillCtx, Run, TarData};
@@ -149,6 +151,13 @@ pub fn apply_tar<R: Read>(
         if name == b"/" {
             tracing::warn!("file '/' ignored: resolved to root");
             continue;
+        }
+        if name == b"." {
+            // The root's own entry: a directory goes through the sequence
+            // below like any existing directory (owner, xattrs, times,
+            // mode). Anything else is refused: libtar would remove the
+            // root's contents and then the root itself to make room.
+            root_entry(&e)?;
         }
         match u.extract_file(&e, &name, &mut reader) {
             Ok(()) => {}
