@@ -1260,6 +1260,12 @@ fn a_failed_run_leaves_destination_and_work_dir_as_found() {
         assert!(!new_wd.exists(), "left: {:?}", listing(&new_wd));
         e
     };
+    // Converted in place: the source layout keeps exactly its files.
+    let before = listing(&bench);
+    let bench_s = format!("oci:{}", bench.display());
+    let e = run(&bench, "bench", &bench_s, &[]);
+    assert_eq!(listing(&bench), before);
+    assert!(e.contains(" blobs this run added to "), "{e}");
     for (src, tag, extra) in [
         (&bench, "bench", &[][..]),
         (&multi, "multi", &["--concurrency-limit", "1"][..]),
