@@ -26,7 +26,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -39,10 +39,20 @@ const RUN_PREFIX: &str = ".run-";
 /// (see [`crate::archive::ArchiveOutput::create`]).
 pub(crate) const ARCHIVE_SCRATCH_PREFIX: &str = "archive-out.";
 
-/// Where the process's live work directories keep their files: `(path, private)`.
-static LIVE: Mutex<Vec<(PathBuf, bool)>> = Mutex::new(Vec::new());
+/// A live work directory of the process.
+struct Live {
+    /// Where its files go.
+    path: PathBuf,
+    /// `path` is its private directory (removed at exit), not `root`.
+    private: bool,
+    root: PathBuf,
+    root_lock: Arc<Flock<File>>,
+}
 
-fn live() -> MutexGuard<'static, Vec<(PathBuf, bool)>> {
+/// The process's live work directories.
+static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
+
+fn live() -> MutexGuard<'static, Vec<Live>> {
     // Every change under the lock is one push or retain.
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -53,23 +63,35 @@ fn live() -> MutexGuard<'static, Vec<(PathBuf, bool)>> {
 /// layout and archive destinations ([`obdoci::tempfiles::abandon_all`]: a blob or
 /// `index.json` being written, an archive's `.partial` file), the private directories
 /// of the live work directories with everything in them, and the scratch layouts of
-/// archive destinations in a work directory a run keeps its files in (`--reserve`).
-/// Files that threads still running create afterwards go with the next run.
-pub fn remove_for_exit() {
+/// archive destinations in a work directory a run keeps its files in (`--reserve`);
+/// then what the run added to OCI layout destinations ([`obdoci::journal::undo_all`]:
+/// a layout it created, blobs no image uses), and `<dir>` itself when that leaves it
+/// empty and no other run holds it, as [`WorkDir`]'s drop does. Files that threads
+/// still running create afterwards go with the next run. Returns what it removed or
+/// kept, for the exit message.
+pub fn remove_for_exit() -> Vec<String> {
     blockdev::pending::abandon_all();
     obdoci::tempfiles::abandon_all();
-    for (p, private) in live().iter() {
-        if *private {
+    let mut done = obdoci::journal::undo_all();
+    for l in live().iter() {
+        if l.private {
             // Threads still working may add files meanwhile: a few tries.
             for _ in 0..3 {
-                if fs::remove_dir_all(p).is_ok() || !p.exists() {
+                if fs::remove_dir_all(&l.path).is_ok() || !l.path.exists() {
                     break;
                 }
             }
         } else {
-            remove_archive_scratch(p);
+            remove_archive_scratch(&l.path);
+            if fs::read_dir(&l.path).is_ok_and(|mut rd| rd.next().is_some()) {
+                done.push(format!("work files kept in {}", l.path.display()));
+            }
+        }
+        if l.root_lock.relock(FlockArg::LockExclusiveNonblock).is_ok() {
+            let _ = fs::remove_dir(&l.root);
         }
     }
+    done
 }
 
 /// Removes the archive scratch layouts in `dir`.
@@ -92,7 +114,8 @@ fn remove_archive_scratch(dir: &Path) {
 #[derive(Debug)]
 pub struct WorkDir {
     root: PathBuf,
-    root_lock: Flock<File>,
+    /// Shared with [`LIVE`], for [`remove_for_exit`].
+    root_lock: Arc<Flock<File>>,
     /// The private directory and its lock; `None` when working in `root`.
     run: Option<(PathBuf, Flock<File>)>,
 }
@@ -102,7 +125,7 @@ impl WorkDir {
     /// files in `root` itself (`--reserve`, `--dump-manifest`) and needs it alone;
     /// otherwise it shares `root` and works in a private subdirectory.
     pub fn acquire(root: &Path, in_root: bool) -> Result<WorkDir> {
-        let root_lock = lock_root(root, in_root)?;
+        let root_lock = Arc::new(lock_root(root, in_root)?);
         remove_stale_runs(root);
         let run = if in_root {
             // The directory is ours alone: scratch of a run that was killed.
@@ -111,10 +134,12 @@ impl WorkDir {
         } else {
             Some(private_dir(root)?)
         };
-        live().push((
-            run.as_ref().map_or(root, |(p, _)| p).to_path_buf(),
-            run.is_some(),
-        ));
+        live().push(Live {
+            path: run.as_ref().map_or(root, |(p, _)| p).to_path_buf(),
+            private: run.is_some(),
+            root: root.to_path_buf(),
+            root_lock: root_lock.clone(),
+        });
         Ok(WorkDir {
             root: root.to_path_buf(),
             root_lock,
@@ -149,7 +174,7 @@ impl WorkDir {
 impl Drop for WorkDir {
     fn drop(&mut self) {
         let mine = self.path().to_path_buf();
-        live().retain(|(p, _)| *p != mine);
+        live().retain(|l| l.path != mine);
         if let Some((p, lock)) = self.run.take() {
             let _ = fs::remove_dir_all(&p);
             drop(lock);

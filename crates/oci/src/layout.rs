@@ -75,11 +75,22 @@ impl Layout {
 
     /// Open a layout to write into, creating an empty one if the directory has none;
     /// fails if it cannot be written ([`Layout::check_writable`]).
+    /// In a journaled directory ([`crate::journal::start`]) the files and directories
+    /// it makes are recorded.
     pub fn open_or_create(root: &Path) -> Result<Layout> {
         if root.join(LAYOUT_FILE).exists() {
             return Self::open_writable(root);
         }
         let blobs = root.join("blobs").join("sha256");
+        let made = |p: &Path| {
+            if fs::symlink_metadata(p).is_err() {
+                crate::journal::created(root, p);
+            }
+        };
+        if root.is_dir() {
+            made(&root.join("blobs"));
+            made(&blobs);
+        }
         fs::create_dir_all(&blobs).map_err(|e| Error::io(&blobs, e))?;
         let l = Layout {
             root: root.to_path_buf(),
@@ -89,6 +100,7 @@ impl Layout {
         // in it already: its index is kept.
         let _g = lock_dir(root)?;
         if !root.join("index.json").exists() {
+            made(&root.join("index.json"));
             l.write_index(&Index {
                 schema_version: 2,
                 media_type: Some(MT_OCI_INDEX.into()),
@@ -99,6 +111,7 @@ impl Layout {
                 extra: Default::default(),
             })?;
         }
+        made(&root.join(LAYOUT_FILE));
         write_atomic(&root.join(LAYOUT_FILE), LAYOUT_CONTENT)?;
         l.check_writable()?;
         Ok(l)
@@ -247,7 +260,9 @@ impl Layout {
         let d = Digest::of(bytes);
         if !self.has_blob(&d) {
             let p = self.blob_path(&d);
+            crate::journal::may_add(&self.root).map_err(|e| Error::io(&p, e))?;
             write_atomic(&p, bytes)?;
+            crate::journal::added_blob(&self.root, &d);
         }
         Ok(d)
     }
@@ -276,7 +291,12 @@ impl Layout {
             }
         }
         let dest = self.blob_path(&d);
+        let new = !dest.exists();
+        crate::journal::may_add(&self.root).map_err(|e| Error::io(&dest, e))?;
         tmp.persist(&dest).map_err(|e| Error::io(&dest, e.error))?;
+        if new {
+            crate::journal::added_blob(&self.root, &d);
+        }
         Ok((d, len))
     }
 
@@ -300,7 +320,9 @@ impl Layout {
         if dest.is_file() {
             return Ok(());
         }
+        crate::journal::may_add(&self.root).map_err(|e| Error::io(&dest, e))?;
         if fs::hard_link(path, &dest).is_ok() {
+            crate::journal::added_blob(&self.root, &desc.digest);
             // What we linked must be exactly the blob described.
             let mismatch = if verify_link {
                 let f = File::open(&dest).map_err(|e| Error::io(&dest, e))?;
@@ -368,27 +390,6 @@ pub fn check_can_create_in(dir: &Path) -> Result<()> {
     fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))
 }
 
-/// Remove the layout at `root` if no image is tagged in it (its `index.json`
-/// lists no manifest, or it has none), under the layout's lock: what a run
-/// that created the layout and failed leaves, unless another process tagged
-/// an image there meanwhile. Returns whether it was removed.
-pub fn remove_if_untagged(root: &Path) -> Result<bool> {
-    let _g = lock_dir(root)?;
-    let p = root.join("index.json");
-    match fs::read(&p) {
-        Ok(bytes) => {
-            let idx: Index = parse_json(&p.display().to_string(), &bytes)?;
-            if !idx.manifests.is_empty() {
-                return Ok(false);
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(&p, e)),
-    }
-    fs::remove_dir_all(root).map_err(|e| Error::io(root, e))?;
-    Ok(true)
-}
-
 /// Refuse `p` if it exists and is not a regular file (or a link to one):
 /// a FIFO would block the open until a writer comes, a directory or device
 /// is no blob. A missing path passes (the open says so).
@@ -405,7 +406,7 @@ fn refuse_irregular(p: &Path) -> Result<()> {
 /// The cross-process lock of the layout at `root`: an exclusive `flock` on its
 /// directory, held until the returned value is dropped. Taken by every change
 /// of `index.json`.
-fn lock_dir(root: &Path) -> Result<Flock<File>> {
+pub(crate) fn lock_dir(root: &Path) -> Result<Flock<File>> {
     let dir = File::open(root).map_err(|e| Error::io(root, e))?;
     Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, errno)| {
         Error::io(
@@ -592,24 +593,6 @@ mod tests {
             }
         });
         assert_eq!(l.read_index().unwrap().manifests.len(), 6 * 25);
-    }
-
-    /// A failed run's layout goes unless an image is tagged in it.
-    #[test]
-    fn only_an_untagged_layout_is_removed() {
-        let t = tempfile::tempdir().unwrap();
-        let root = t.path().join("out");
-        let l = Layout::open_or_create(&root).unwrap();
-        let d = l.write_blob_bytes(b"{}").unwrap();
-        l.tag("kept", &Descriptor::new(MT_OCI_MANIFEST, d, 2))
-            .unwrap();
-        assert!(!remove_if_untagged(&root).unwrap());
-        assert!(l.resolve(&Reference::Tag("kept".into())).is_ok());
-        let root = t.path().join("empty");
-        let l = Layout::open_or_create(&root).unwrap();
-        l.write_blob_bytes(b"[]").unwrap();
-        assert!(remove_if_untagged(&root).unwrap());
-        assert!(!root.exists());
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod docker_archive;
 pub mod error;
 #[cfg(isal)]
 pub mod isal;
+pub mod journal;
 pub mod layout;
 pub mod model;
 pub mod reference;

@@ -258,8 +258,9 @@ fn main() -> ExitCode {
                     } else {
                         // No destructor runs now: remove the run's work files and
                         // unfinished outputs first.
-                        obdconvert::workdir::remove_for_exit();
+                        let done = obdconvert::workdir::remove_for_exit();
                         say(format_args!("convertor: {sig} again: quitting now"));
+                        say_cleanup(&done);
                         std::process::exit(128 + sig as i32);
                     }
                 }
@@ -269,14 +270,18 @@ fn main() -> ExitCode {
         }
     }
     let res = run(args, abort);
-    match (res, stopped_by.load(Ordering::SeqCst)) {
+    let code = match (res, stopped_by.load(Ordering::SeqCst)) {
         (Ok(()), _) => ExitCode::SUCCESS,
         (Err(_), sig) if sig != 0 => {
             say(format_args!("convertor: interrupted"));
             ExitCode::from((128 + sig) as u8)
         }
         (Err(e), _) => obdtools::cli::fail("convertor", e),
-    }
+    };
+    say_cleanup(&std::mem::take(
+        &mut *CLEANED.lock().unwrap_or_else(|e| e.into_inner()),
+    ));
+    code
 }
 
 fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
@@ -530,11 +535,17 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
             );
         }
     }
-    // A layout directory this run creates goes again if the run fails.
-    let new_layout = NewLayout(match &dst_ref {
-        ImageRef::Layout { path, .. } if !path.exists() => Some(path.clone()),
-        _ => None,
-    });
+    // What this run adds to a layout destination goes again if the run fails: the
+    // layout itself if the run created it, else the blobs no image uses.
+    let mut undo = Undo {
+        armed: true,
+        kept: (args.reserve || args.dump_manifest).then(|| wd.path().to_path_buf()),
+    };
+    if let ImageRef::Layout { path, .. } = &dst_ref {
+        if !args.no_upload {
+            obdoci::journal::start(path);
+        }
+    }
     let (dst, dst_repo) = match &dst_ref {
         // --no-upload: a layout destination is neither created nor written.
         ImageRef::Layout { path, .. } if args.no_upload => {
@@ -578,7 +589,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     if let Some(size) = written {
         tracing::info!("wrote {} ({size} bytes)", dst.name());
     }
-    new_layout.keep();
+    undo.keep();
     let secs = t0.elapsed().as_secs_f64();
     for (out, dd) in outs.iter().zip(&dedups) {
         let verb = if out.pushed {
@@ -663,27 +674,53 @@ pub(crate) fn not_a_path(what: &str, s: &str) -> anyhow::Result<()> {
     }
 }
 
-/// An OCI layout directory created by this run: removed when dropped unless the run
-/// succeeded ([`NewLayout::keep`]) or another process tagged an image in it meanwhile;
-/// after a failure it would hold only the blobs of an unfinished conversion and no
-/// image.
-struct NewLayout(Option<PathBuf>);
+/// A failed or interrupted run's clean-up, when dropped unless the run succeeded
+/// ([`Undo::keep`]): what the run added to a layout destination is taken back
+/// ([`obdoci::journal::undo_all`]); what was removed, and where work files were kept
+/// (`--reserve`, `--dump-manifest`), is said after the error line ([`say_cleanup`]).
+/// Declared before the converter and the destination, so that it runs after they are gone.
+struct Undo {
+    armed: bool,
+    /// The work directory the run keeps its files in.
+    kept: Option<PathBuf>,
+}
 
-impl NewLayout {
-    fn keep(mut self) {
-        self.0 = None;
+impl Undo {
+    fn keep(&mut self) {
+        self.armed = false;
+        obdoci::journal::keep_all();
     }
 }
 
-impl Drop for NewLayout {
+impl Drop for Undo {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            if p.exists() {
-                if let Err(e) = obdoci::layout::remove_if_untagged(&p) {
-                    tracing::warn!("cannot remove the unfinished layout: {e}");
-                }
-            }
+        if !self.armed {
+            return;
         }
+        let mut done = obdoci::journal::undo_all();
+        if let Some(p) = self
+            .kept
+            .as_ref()
+            .filter(|p| std::fs::read_dir(p).is_ok_and(|mut rd| rd.next().is_some()))
+        {
+            done.push(format!("work files kept in {}", p.display()));
+        }
+        // Said after the error line.
+        CLEANED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(done);
+    }
+}
+
+/// What [`Undo`] did, for [`say_cleanup`] after the error line.
+static CLEANED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The one line saying what a failed or interrupted run removed or kept (nothing when
+/// there is nothing to say).
+fn say_cleanup(done: &[String]) {
+    if !done.is_empty() {
+        say(format_args!("convertor: cleanup: {}", done.join("; ")));
     }
 }
 

@@ -446,7 +446,7 @@ fn failures_are_one_line_without_repeats() {
     std::fs::write(kept.join("mine"), b"x").unwrap();
     let kept_s = format!("oci:{}", kept.display());
     fails(&src, &kept_s, &wd);
-    assert!(kept.join("mine").is_file() && kept.join("oci-layout").is_file());
+    assert_eq!(entries(&kept), ["mine"], "as it was: no layout files");
 }
 
 /// A descriptor whose media type contradicts its content (an index entry that calls a
@@ -689,7 +689,15 @@ fn too_many_layers_are_refused_before_any_work() {
     let out_s = format!("oci:{}", out.display());
     let wd = t.path().join("w");
     let e = fails(&src, &out_s, &wd);
-    assert_eq!(e.lines().count(), 1, "{e}");
+    // The error, and the empty layout the run made going again.
+    assert_eq!(e.lines().count(), 2, "{e}");
+    assert_eq!(
+        e.lines().last().unwrap(),
+        format!(
+            "convertor: cleanup: removed {} (created by this run)",
+            out.display()
+        )
+    );
     assert!(
         e.contains("the image has 256 layers; at most 255 can be stacked"),
         "{e}"
@@ -1142,5 +1150,269 @@ fn malformed_references_are_usage_errors_in_every_form() {
         assert_eq!(e.lines().count(), 1, "{a:?}: {e}");
         assert!(e.contains(arg) && e.contains(want), "{a:?}: {e}");
         assert!(!out.exists() && !wd.exists(), "{a:?}: nothing done");
+    }
+}
+
+/// What is below `d`, sorted, with each file's size: a directory's state to compare
+/// before and after a run (empty if `d` does not exist).
+fn listing(d: &Path) -> Vec<String> {
+    let mut l: Vec<String> = all_below(d)
+        .into_iter()
+        .map(|p| match std::fs::metadata(d.join(&p)) {
+            Ok(m) if m.is_file() => format!("{p} {}", m.len()),
+            _ => p,
+        })
+        .collect();
+    l.sort();
+    l
+}
+
+/// `cp -a from to`.
+fn copy_dir(from: &Path, to: &Path) {
+    let o = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+}
+
+/// Damages the middle of layer `layer` of the image `tag` (its `platform`'s
+/// manifest, for an index) in the OCI layout `dir`: its conversion fails part-way.
+fn corrupt_layer(dir: &Path, tag: &str, platform: Option<&str>, layer: usize) {
+    let read = |d: &str| -> serde_json::Value {
+        let p = dir.join("blobs/sha256").join(&d[7..]);
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let index = read_json(&dir.join("index.json"));
+    let top = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap();
+    let mut manifest = read(top["digest"].as_str().unwrap());
+    if let Some(arch) = platform {
+        let m = manifest["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["platform"]["architecture"] == arch)
+            .unwrap()
+            .clone();
+        manifest = read(m["digest"].as_str().unwrap());
+    }
+    let d = manifest["layers"][layer]["digest"].as_str().unwrap();
+    let p = dir.join("blobs/sha256").join(&d[7..]);
+    let mut b = std::fs::read(&p).unwrap();
+    let mid = b.len() / 2;
+    for x in &mut b[mid..mid + 2000] {
+        *x ^= 0x5a;
+    }
+    std::fs::write(&p, b).unwrap();
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+/// A failed run takes back what it added to its destination and work directory:
+/// a layout directory it created goes (with the parents it made), in a directory
+/// that existed only the files it added go (the blobs of the layers it converted
+/// before the failure, the layout files it made in a directory that was no layout),
+/// an archive destination is not written, and a work directory keeps only what it
+/// held. Sources: a single image whose last layer is corrupt part-way, and a
+/// multi-platform image whose second platform's layer is corrupt (converted one
+/// platform at a time, so the first one's layers were written).
+#[test]
+fn a_failed_run_leaves_destination_and_work_dir_as_found() {
+    let t = tempfile::tempdir().unwrap();
+    let bench = t.path().join("bench");
+    build_images("bench", &bench, &["--size-mb", "20"]);
+    corrupt_layer(&bench, "bench", None, 3);
+    let testset = t.path().join("testset");
+    build_images("testset", &testset, &[]);
+    let multi = testset.join("multi");
+    corrupt_layer(&multi, "multi", Some("arm64"), 0);
+    let images = sample(t.path());
+    // A work directory that exists, with a file of its own.
+    let wd = t.path().join("w");
+    std::fs::create_dir(&wd).unwrap();
+    std::fs::write(wd.join("mine"), b"x").unwrap();
+    let wd_before = listing(&wd);
+    let mut n = 0;
+    let mut run = |src: &Path, tag: &str, dst: &str, extra: &[&str]| -> String {
+        let src = format!("oci:{}", src.display());
+        let new_wd = t.path().join(format!("new-w{n}"));
+        n += 1;
+        let mut e = String::new();
+        for w in [&wd, &new_wd] {
+            let mut a = args(&src, dst, w.to_str().unwrap());
+            a[3] = tag;
+            a.extend_from_slice(extra);
+            let o = Command::new(bin()).args(&a).output().unwrap();
+            e = stderr_of(&o);
+            assert_eq!(o.status.code(), Some(1), "{a:?}: {e}");
+            assert!(!e.contains("cleanup: could not"), "{a:?}: {e}");
+        }
+        assert_eq!(listing(&wd), wd_before, "the work directory that existed");
+        assert!(!new_wd.exists(), "left: {:?}", listing(&new_wd));
+        e
+    };
+    // Converted in place: the source layout keeps exactly its files.
+    let before = listing(&bench);
+    let bench_s = format!("oci:{}", bench.display());
+    let e = run(&bench, "bench", &bench_s, &[]);
+    assert_eq!(listing(&bench), before);
+    assert!(e.contains(" blobs this run added to "), "{e}");
+    for (src, tag, extra) in [
+        (&bench, "bench", &[][..]),
+        (&multi, "multi", &["--concurrency-limit", "1"][..]),
+    ] {
+        // A new layout, in directories that do not exist either.
+        let top = t.path().join("new");
+        let new = format!("oci:{}", top.join("a/out").display());
+        let e = run(src, tag, &new, extra);
+        assert!(!top.exists(), "{tag}: left: {:?}", listing(&top));
+        assert!(
+            e.contains(&format!("convertor: cleanup: removed {}", top.display())),
+            "{tag}: {e}"
+        );
+        // A layout holding another image.
+        let old = t.path().join("old");
+        copy_dir(&images, &old);
+        let before = listing(&old);
+        let old_s = format!("oci:{}", old.display());
+        let e = run(src, tag, &old_s, extra);
+        assert_eq!(listing(&old), before, "{tag}");
+        // The blobs of the layers converted before the failure. (The platforms of
+        // `multi` start in no fixed order: when arm64's starts first, amd64's never
+        // writes any.)
+        let last = e.lines().last().unwrap();
+        assert!(
+            (tag == "multi" && last.starts_with("convertor: error: "))
+                || (last.starts_with("convertor: cleanup: removed ")
+                    && last.contains(" blobs this run added to ")
+                    && last.contains(old.to_str().unwrap())),
+            "{tag}: {e}"
+        );
+        std::fs::remove_dir_all(&old).unwrap();
+        // A directory that was no layout keeps only its own file.
+        let plain = t.path().join("plain");
+        std::fs::create_dir(&plain).unwrap();
+        std::fs::write(plain.join("mine"), b"x").unwrap();
+        let before = listing(&plain);
+        run(src, tag, &format!("oci:{}", plain.display()), extra);
+        assert_eq!(listing(&plain), before, "{tag}");
+        std::fs::remove_dir_all(&plain).unwrap();
+        // An archive.
+        let dir = t.path().join("archives");
+        std::fs::create_dir(&dir).unwrap();
+        let tar = format!("oci-archive:{}", dir.join("out.tar").display());
+        run(src, tag, &tar, extra);
+        assert!(listing(&dir).is_empty(), "{tag}: {:?}", listing(&dir));
+        std::fs::remove_dir(&dir).unwrap();
+    }
+}
+
+/// A run stopped by a signal (SIGINT; or SIGINT and SIGTERM, the second of which
+/// quits at once without running destructors) leaves its destination and work
+/// directory as it found them too, once a layer blob was written: a new layout
+/// directory goes with the parents the run made, a layout that existed keeps
+/// exactly its files, an archive is not written; a new work directory goes, one
+/// that existed keeps its own file, and with --reserve the work files stay and
+/// the last line says where.
+#[test]
+fn an_interrupted_run_leaves_destination_and_work_dir_as_found() {
+    use nix::sys::signal::{kill, Signal};
+    let t = tempfile::tempdir().unwrap();
+    let bench = t.path().join("bench");
+    build_images("bench", &bench, &["--size-mb", "60"]);
+    let src = format!("oci:{}", bench.display());
+    let images = sample(t.path());
+    for (k, signals) in [vec![Signal::SIGINT], vec![Signal::SIGINT, Signal::SIGTERM]]
+        .into_iter()
+        .enumerate()
+    {
+        let code = 128 + *signals.last().unwrap() as i32;
+        let base = t.path().join(format!("sig{k}"));
+        std::fs::create_dir(&base).unwrap();
+        // Runs until `started` holds, then gets the signals: its stderr.
+        let stop = |dst: &str, wd: &Path, extra: &[&str], started: &dyn Fn() -> bool| {
+            let mut a = args(&src, dst, wd.to_str().unwrap());
+            a[3] = "bench";
+            a.extend_from_slice(extra);
+            let mut child = Command::new(bin())
+                .args(&a)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            while !started() {
+                if let Some(s) = child.try_wait().unwrap() {
+                    panic!("{a:?}: finished ({s}) before it was stopped");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            for s in &signals {
+                kill(pid, *s).unwrap();
+            }
+            let o = child.wait_with_output().unwrap();
+            let e = stderr_of(&o);
+            assert_eq!(o.status.code(), Some(code), "{a:?}: {e}");
+            assert!(!e.contains("cleanup: could not"), "{a:?}: {e}");
+            e
+        };
+        // A new layout in a new directory; a new work directory.
+        let top = base.join("new");
+        let out = top.join("out");
+        let wd = base.join("w-new");
+        let blobs = out.join("blobs/sha256");
+        let e = stop(&format!("oci:{}", out.display()), &wd, &[], &|| {
+            entries(&blobs).len() > 1
+        });
+        assert!(!top.exists(), "{signals:?}: left: {:?}", listing(&top));
+        assert!(!wd.exists(), "{signals:?}: left: {:?}", listing(&wd));
+        assert!(
+            e.lines().last().unwrap()
+                == format!(
+                    "convertor: cleanup: removed {} (created by this run)",
+                    top.display()
+                ),
+            "{signals:?}: {e}"
+        );
+        // A layout that held an image; a work directory with a file of its own.
+        let old = base.join("old");
+        copy_dir(&images, &old);
+        let before = listing(&old);
+        let n = entries(&old.join("blobs/sha256")).len();
+        let wd = base.join("w-old");
+        std::fs::create_dir(&wd).unwrap();
+        std::fs::write(wd.join("mine"), b"x").unwrap();
+        let e = stop(&format!("oci:{}", old.display()), &wd, &[], &|| {
+            entries(&old.join("blobs/sha256")).len() > n + 1
+        });
+        assert_eq!(listing(&old), before, "{signals:?}: {e}");
+        assert_eq!(entries(&wd), ["mine"], "{signals:?}");
+        assert!(e.contains(" blobs this run added to "), "{signals:?}: {e}");
+        // An archive, with --reserve: the work files stay, and the run says where.
+        let dir = base.join("archives");
+        std::fs::create_dir(&dir).unwrap();
+        let wd = base.join("w-reserve");
+        let tar = format!("oci-archive:{}", dir.join("out.tar").display());
+        let e = stop(&tar, &wd, &["--reserve"], &|| {
+            all_below(&wd)
+                .iter()
+                .any(|p| p.contains(".overlaybd.commit.tmp-"))
+        });
+        assert!(listing(&dir).is_empty(), "{signals:?}: {:?}", listing(&dir));
+        assert!(
+            e.lines().last().unwrap()
+                == format!("convertor: cleanup: work files kept in {}", wd.display()),
+            "{signals:?}: {e}"
+        );
+        assert!(!entries(&wd).is_empty());
     }
 }
