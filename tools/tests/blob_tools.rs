@@ -588,3 +588,23 @@ fn zfile_sources_that_are_no_zfile_are_named() {
         );
     }
 }
+
+/// A writable layer's data and index files given the wrong way round: the
+/// error says which file each one is.
+#[test]
+fn swapped_data_and_index_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["data", "index", "1"], d));
+    let e = err_text(&run(COMMIT, &["index", "data", "out"], d));
+    assert!(
+        e.contains("index: corrupt LSMT writable layer: header flags 0x1 are not those of a data file (it is an index file: are the data and index files swapped?)"),
+        "{e}"
+    );
+    let e = err_text(&run(COMMIT, &["data", "data", "out"], d));
+    assert!(
+        e.contains("(it is a data file: are the data and index files swapped?)"),
+        "{e}"
+    );
+    assert!(!d.join("out").exists());
+}
