@@ -115,7 +115,10 @@ fn create_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<(IoFile, P
     if !force && std::fs::symlink_metadata(out).is_ok() {
         return Err(Error::io(
             out,
-            std::io::Error::from_raw_os_error(libc::EEXIST),
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the output already exists (force, -f, replaces it)",
+            ),
         ));
     }
     let pending = PendingFile::new(out)?;
@@ -373,6 +376,9 @@ pub fn zfile_compress_file(
 
 /// Decompress a (possibly tar-wrapped) ZFile to a plain file (`overlaybd-zfile -x`).
 pub fn zfile_decompress_file(src: &Path, dst: &Path, force: bool) -> Result<u64> {
+    // What is wrong with a source that is no ZFile, said as --verify says it
+    // (an empty file, a tar that is not the one-file wrapper, a FIFO).
+    crate::layer::open_zfile(src)?;
     let (blob, wrap) = open_blob(src)?;
     if !wrap.zfile {
         return Err(Error::corrupt(

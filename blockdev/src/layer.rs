@@ -24,6 +24,8 @@ pub struct Wrapping {
 
 /// Open a (possibly tar-wrapped) ZFile.
 pub fn open_zfile(path: &Path) -> Result<ZFileReader> {
+    // A FIFO would block the open until a writer came; a directory says so.
+    crate::io::check_regular(path, "a ZFile")?;
     let file = Arc::new(IoFile::open(path)?);
     let whole = FileSlice::whole(file.clone())?;
     if whole.size() == 0 {

@@ -133,6 +133,28 @@ pub fn report(tool: &str, e: &anyhow::Error) {
     say(format_args!("{tool}: error: {}", error_line(e)));
 }
 
+/// Why the file given as a tool's config.json cannot be one, when it looks
+/// like a layer blob instead (the arguments given the wrong way round):
+/// "a tar archive", "gzip data" or "zstd data". `None` for anything else.
+pub fn looks_like_layer(path: &std::path::Path) -> Option<&'static str> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(512);
+    std::fs::File::open(path)
+        .ok()?
+        .take(512)
+        .read_to_end(&mut head)
+        .ok()?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Some("gzip data")
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Some("zstd data")
+    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
+        Some("a tar archive")
+    } else {
+        None
+    }
+}
+
 /// `1.5 GiB`-style sizes.
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

@@ -1,5 +1,5 @@
-//! SIGINT and SIGTERM in the tools that write files (overlaybd-commit,
-//! overlaybd-zfile, overlaybd-apply, turboOCI-apply).
+//! SIGINT and SIGTERM in the tools that write files (overlaybd-create,
+//! overlaybd-commit, overlaybd-zfile, overlaybd-apply, turboOCI-apply).
 //!
 //! [`Signals::install`], first thing in `main`, blocks both signals (every
 //! thread started later inherits the mask) and takes them on a thread of its
@@ -17,6 +17,7 @@
 //! script's background job, `cmd &`) stays ignored, as it was before the
 //! tools handled signals.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -52,6 +53,8 @@ struct State {
     left: Option<String>,
     /// Set by the first signal instead of exiting.
     cancel: Option<Arc<AtomicBool>>,
+    /// Files the tool is making in place, removed by a signal.
+    remove: Vec<PathBuf>,
 }
 
 impl Shared {
@@ -111,6 +114,13 @@ impl Signals {
         let mut st = self.shared.state();
         st.result = None;
         cfg.write_result(msg)
+    }
+
+    /// A signal removes `paths` (files the tool makes in place, such as a new
+    /// layer's data and index files, that would look complete when left
+    /// half made); an empty list once they are complete.
+    pub fn remove_on_signal(&self, paths: Vec<PathBuf>) {
+        self.shared.state().remove = paths;
     }
 
     /// The first signal sets `flag` (the work then stops and fails) instead
@@ -195,7 +205,13 @@ fn stop(s: &Shared, sig: Signal) -> ! {
     // Held until the process ends: the tool cannot write its own outcome
     // over "failed" any more.
     let st = s.state();
-    let removed = blockdev::pending::abandon_all();
+    let mut removed = blockdev::pending::abandon_all();
+    removed.extend(
+        st.remove
+            .iter()
+            .filter(|p| std::fs::remove_file(p).is_ok())
+            .cloned(),
+    );
     let mut line = format!("{}: interrupted by {sig}", s.tool);
     if let Some(left) = &st.left {
         line.push_str(&format!(": {left}"));

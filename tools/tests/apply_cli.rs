@@ -466,7 +466,7 @@ fn raw_image_with_mkfs() {
     // a size the filesystem cannot hold.
     std::fs::write(d.join("taken"), b"x").unwrap();
     let e = err_text(&run(CREATE, &["--raw", "new-img", "taken", "2"], d));
-    assert!(e.contains("taken") && e.contains("File exists"), "{e}");
+    assert!(e.contains("taken") && e.contains("already exists"), "{e}");
     assert!(!d.join("new-img").exists(), "new-img left behind");
     let e = err_text(&run(
         CREATE,

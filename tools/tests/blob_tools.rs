@@ -470,3 +470,141 @@ fn a_failed_write_keeps_the_previous_output() {
     names.sort();
     assert_eq!(names, ["dir", "out", "z"]);
 }
+
+/// `-t` wraps ZFile output only, as upstream's overlaybd-commit (its tar
+/// adaptor is set up for `-z` alone): without `-z` the output is the plain
+/// LSMT layer, with a warning. With `--turboOCI -z` it wraps the warp ZFile,
+/// as upstream accepts it.
+#[test]
+fn tar_wraps_zfile_output_only_as_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    assert_ok(&run(COMMIT, &["data", "index", "plain", "--uuid", UUID], d));
+    let o = run(COMMIT, &["-t", "data", "index", "t", "--uuid", UUID], d);
+    assert_ok(&o);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("'-t' will be ignored without '-z'"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(std::fs::read(d.join("t")).unwrap() == std::fs::read(d.join("plain")).unwrap());
+
+    assert_ok(&run(CREATE, &["wd", "wi", "1", "--turboOCI"], d));
+    assert_ok(&run(COMMIT, &["-z", "--turboOCI", "wd", "wi", "w.z"], d));
+    assert_ok(&run(
+        COMMIT,
+        &["-z", "-t", "--turboOCI", "wd", "wi", "w.z.tar"],
+        d,
+    ));
+    let z = std::fs::read(d.join("w.z")).unwrap();
+    let wrapped = std::fs::read(d.join("w.z.tar")).unwrap();
+    assert!(wrapped.len() > z.len() && wrapped[..512].starts_with(b"overlaybd.pax"));
+    assert_ok(&run(ZFILE, &["-x", "w.z", "w.raw"], d));
+    assert_ok(&run(ZFILE, &["-x", "w.z.tar", "w.tar.raw"], d));
+    assert!(std::fs::read(d.join("w.raw")).unwrap() == std::fs::read(d.join("w.tar.raw")).unwrap());
+}
+
+/// A signal during `overlaybd-create --mkfs` (seconds for a large sparse
+/// layer) removes the data and index files it was making: left behind, they
+/// looked like a finished layer without a filesystem (commit accepted them)
+/// and a rerun was refused because they exist.
+#[test]
+fn an_interrupted_create_leaves_no_layer() {
+    use nix::sys::signal::Signal;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // mkfs of a 1 TiB sparse layer takes a second or more here.
+    let create = |more: &[&str]| {
+        let mut c = Command::new(CREATE);
+        c.args(["-s", "data", "index", "1024"])
+            .args(more)
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        let mut c = create(&["--mkfs"]).spawn().unwrap();
+        testutil::wait_until(&mut c, "the data file", || d.join("data").exists());
+        let line = testutil::interrupt(c, sig);
+        assert!(
+            line.contains("removed the unfinished data, index"),
+            "{line}"
+        );
+        assert!(
+            !d.join("data").exists() && !d.join("index").exists(),
+            "{sig}"
+        );
+    }
+    // Nothing is in the way of a rerun.
+    assert_ok(&create(&[]).output().unwrap());
+}
+
+/// `overlaybd-zfile -x` says what is wrong with a source that is no ZFile as
+/// `--verify` does (an empty file, a layer tar), and neither waits on a FIFO
+/// for a writer nor opens a directory: both name what the path is.
+#[test]
+fn zfile_sources_that_are_no_zfile_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("empty"), b"").unwrap();
+    let tar = testutil::fixtures().join("input.tar");
+    let tar = tar.to_str().unwrap();
+    for (src, want) in [
+        ("empty", "empty: corrupt ZFile: the file is empty (0 bytes): not a ZFile"),
+        (
+            tar,
+            "input.tar: corrupt ZFile: not a ZFile, nor a tar-wrapped ZFile: a tar, but unexpected entry type '5'",
+        ),
+        (".", ".: not a ZFile: it is a directory"),
+    ] {
+        for args in [vec!["-x", src, "out"], vec!["--verify", src]] {
+            let o = run(ZFILE, &args, d);
+            assert_eq!(o.status.code(), Some(1), "{args:?}: {}", err_text(&o));
+            assert!(err_text(&o).contains(want), "{args:?}: {}", err_text(&o));
+            assert!(!d.join("out").exists());
+        }
+    }
+    let fifo = d.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for args in [vec!["-x", "fifo", "out"], vec!["--verify", "fifo"]] {
+        // Should the tool open the FIFO, a writer comes and goes: it then reads
+        // no bytes and the message below is not the one it gives.
+        let f = fifo.clone();
+        std::thread::spawn(move || drop(std::fs::OpenOptions::new().write(true).open(f)));
+        let o = run(ZFILE, &args, d);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", err_text(&o));
+        assert!(
+            err_text(&o).contains("fifo: not a ZFile: it is a FIFO")
+                || err_text(&o).contains("fifo: not a layer file: it is a FIFO"),
+            "{args:?}: {}",
+            err_text(&o)
+        );
+    }
+}
+
+/// A writable layer's data and index files given the wrong way round: the
+/// error says which file each one is.
+#[test]
+fn swapped_data_and_index_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["data", "index", "1"], d));
+    let e = err_text(&run(COMMIT, &["index", "data", "out"], d));
+    assert!(
+        e.contains("index: corrupt LSMT writable layer: header flags 0x1 are not those of a data file (it is an index file: are the data and index files swapped?)"),
+        "{e}"
+    );
+    let e = err_text(&run(COMMIT, &["data", "data", "out"], d));
+    assert!(
+        e.contains("(it is a data file: are the data and index files swapped?)"),
+        "{e}"
+    );
+    assert!(!d.join("out").exists());
+}

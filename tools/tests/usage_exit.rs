@@ -1,5 +1,6 @@
-//! Usage errors found after argument parsing (options that need another
-//! option, values out of range) exit 2, as clap's own do; runtime failures
+//! How the tools refuse what they cannot do. Usage errors found after
+//! argument parsing (options that need another option, values out of range,
+//! arguments the wrong way round) exit 2, as clap's own do; runtime failures
 //! exit 1. One line on stderr names what is wrong.
 
 use std::process::Command;
@@ -75,4 +76,229 @@ fn usage_errors_exit_2_and_runtime_failures_exit_1() {
     let (code, err) = run(Command::new(APPLY).arg(p("missing.tar")).arg(&cfg));
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("missing.tar"), "{err}");
+}
+
+/// Values that cannot work and arguments that are missing, found by the tools
+/// themselves rather than by clap: exit 2 with one line naming the option,
+/// and nothing is written.
+#[test]
+fn bad_values_exit_2_in_every_tool() {
+    const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
+    const ZFILE: &str = env!("CARGO_BIN_EXE_overlaybd-zfile");
+    const TURBO: &str = env!("CARGO_BIN_EXE_turboOCI-apply");
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let (code, err) = run(Command::new(CREATE).args([&p("data"), &p("index"), "1", "-s"]));
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::write(p("layer.tar"), [0u8; 1024]).unwrap();
+    std::fs::write(
+        p("config.json"),
+        serde_json::json!({"lowers": [],
+            "upper": {"index": p("index"), "data": p("data"), "target": p("layer.tar")},
+            "resultFile": p("result")})
+        .to_string(),
+    )
+    .unwrap();
+    let (data, index, out) = (p("data"), p("index"), p("out"));
+    let (out2, tar, cfg) = (p("out2"), p("layer.tar"), p("config.json"));
+    let long = "m".repeat(257);
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (COMMIT, vec!["-z", "--bs", "3", &data, &index, &out], "--bs"),
+        (
+            COMMIT,
+            vec!["-z", "--algorithm", "gzip", &data, &index, &out],
+            "gzip",
+        ),
+        (COMMIT, vec!["--uuid", "xyz", &data, &index, &out], "--uuid"),
+        (
+            COMMIT,
+            vec!["-p", "xyz", &data, &index, &out],
+            "--parent-uuid",
+        ),
+        (COMMIT, vec!["-m", &long, &data, &index, &out], "-m"),
+        (COMMIT, vec![&data, &index], "COMMIT_FILE"),
+        (COMMIT, vec!["--commit_sealed", &data], "output path"),
+        (COMMIT, vec!["--seal", "-z", &data, &index], "--seal"),
+        (
+            COMMIT,
+            vec!["--turboOCI", "--commit_sealed", &data, &out],
+            "--turboOCI",
+        ),
+        (ZFILE, vec!["--bs", "3", &data, &out], "--bs"),
+        (ZFILE, vec!["--algorithm", "gzip", &data, &out], "gzip"),
+        (ZFILE, vec!["-x", &data], "TARGET_FILE"),
+        (CREATE, vec!["-u", "xyz", &out, &out2, "1"], "-u"),
+        (CREATE, vec!["--turboOCI", &out, &out2, "0"], "virtual size"),
+        (
+            CREATE,
+            vec!["--engine", "kernel", &out, &out2, "1"],
+            "--mkfs",
+        ),
+        (APPLY, vec!["--checksum", "abc", &tar, &cfg], "--checksum"),
+        (TURBO, vec!["--fstype", "xfs", &tar, &cfg], "--fstype"),
+    ];
+    for (tool, args, want) in cases {
+        let (code, err) = run(Command::new(tool).args(&args));
+        assert_eq!(code, Some(2), "{tool} {args:?}: {err}");
+        assert!(err.contains(want), "{tool} {args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{tool} {args:?}: {err}");
+        assert!(
+            !d.path().join("out").exists() && !d.path().join("out2").exists(),
+            "{tool} {args:?}"
+        );
+    }
+    // The appliers also say so in the result file.
+    let result = std::fs::read_to_string(p("result")).unwrap();
+    assert!(
+        result.starts_with("failed:") && result.contains("--fstype"),
+        "{result}"
+    );
+}
+
+/// Upstream's flags for what we do not do (overlaybd-commit's registry
+/// upload, turboOCI-apply's tar-header export and import) are recognised and
+/// refused by name (exit 1, nothing written), not rejected by the parser as
+/// unknown; the upload's companions alone are ignored with a warning, as
+/// upstream ignores them without --upload.
+#[test]
+fn upstreams_unsupported_flags_are_named() {
+    const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
+    const TURBO: &str = env!("CARGO_BIN_EXE_turboOCI-apply");
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let (code, err) = run(Command::new(CREATE).args([&p("data"), &p("index"), "1", "-s"]));
+    assert_eq!(code, Some(0), "{err}");
+    let (data, index, out) = (p("data"), p("index"), p("out"));
+
+    let (code, err) = run(Command::new(COMMIT).args([
+        "-z",
+        "--upload",
+        "https://registry.example/v2/x/blobs/uploads/",
+        "--upload_bs",
+        "1024",
+        &data,
+        &index,
+        &out,
+    ]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--upload") && err.contains("not supported"),
+        "{err}"
+    );
+    assert!(!d.path().join("out").exists());
+
+    let (code, err) = run(Command::new(COMMIT).args([
+        "--cred_file_path",
+        "/nonexistent",
+        "--tls_cert_path",
+        "/nonexistent",
+        &data,
+        &index,
+        &out,
+    ]));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("--cred_file_path, --tls_cert_path only apply with --upload"),
+        "{err}"
+    );
+    assert!(d.path().join("out").exists());
+
+    std::fs::write(p("layer.tar"), [0u8; 1024]).unwrap();
+    for flag in ["--export", "--import"] {
+        let (code, err) = run(Command::new(TURBO).args([flag, &p("layer.tar"), &p("headers")]));
+        assert_eq!(code, Some(1), "{flag}: {err}");
+        assert!(err.contains(flag) && err.contains("not supported"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(!d.path().join("headers").exists());
+    }
+}
+
+/// The layer and the config.json given the wrong way round: the message says
+/// so (the config "is a tar archive") and names the order; exit 2, and the
+/// layer is not touched.
+#[test]
+fn a_layer_given_as_the_config_names_the_order() {
+    const TURBO: &str = env!("CARGO_BIN_EXE_turboOCI-apply");
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let tar = testutil::fixtures().join("input.tar");
+    let tar = tar.to_str().unwrap();
+    std::fs::write(p("config.json"), "{}").unwrap();
+    let gz = p("layer.tgz");
+    let o = Command::new("gzip")
+        .arg("-c")
+        .arg(tar)
+        .stdout(std::fs::File::create(&gz).unwrap())
+        .status()
+        .unwrap();
+    assert!(o.success());
+    for (tool, name) in [(APPLY, "overlaybd-apply"), (TURBO, "turboOCI-apply")] {
+        for (layer, kind) in [(tar, "a tar archive"), (gz.as_str(), "gzip data")] {
+            let (code, err) = run(Command::new(tool).args([&p("config.json"), layer]));
+            assert_eq!(code, Some(2), "{tool} {layer}: {err}");
+            assert!(
+                err.contains(&format!(
+                    "(it is {kind}: the layer comes first, then the config.json: {name} LAYER CONFIG)"
+                )),
+                "{err}"
+            );
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+    }
+    // A config that is merely broken keeps exit 1 and no hint.
+    std::fs::write(p("bad.json"), "{").unwrap();
+    let (code, err) = run(Command::new(APPLY).args([tar, &p("bad.json")]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(!err.contains("comes first"), "{err}");
+}
+
+/// An output that exists is refused saying so, and how to replace it where the
+/// tool can (commit and zfile: -f), not as a bare "File exists (os error
+/// 17)"; overlaybd-create never replaces files and says so before any work.
+#[test]
+fn an_existing_output_is_named_with_the_way_out() {
+    const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
+    const ZFILE: &str = env!("CARGO_BIN_EXE_overlaybd-zfile");
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    let (code, err) = run(Command::new(CREATE).args([&p("data"), &p("index"), "1", "-s"]));
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::write(p("out"), "keep").unwrap();
+    for (tool, args) in [
+        (COMMIT, vec![p("data"), p("index"), p("out")]),
+        (COMMIT, vec!["-z".into(), p("data"), p("index"), p("out")]),
+        (ZFILE, vec![p("index"), p("out")]),
+    ] {
+        let (code, err) = run(Command::new(tool).args(&args));
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "{}: the output already exists (force, -f, replaces it)",
+                p("out")
+            )),
+            "{args:?}: {err}"
+        );
+        assert_eq!(std::fs::read_to_string(p("out")).unwrap(), "keep");
+    }
+    for (args, existing) in [
+        (vec![p("data"), p("new"), "1".into()], p("data")),
+        (
+            vec![p("new"), p("index"), "1".into(), "--raw".into()],
+            p("index"),
+        ),
+        (
+            vec![p("new"), p("index"), "1".into(), "--turboOCI".into()],
+            p("index"),
+        ),
+    ] {
+        let (code, err) = run(Command::new(CREATE).args(&args));
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "{existing} already exists: overlaybd-create makes new files only"
+            )),
+            "{args:?}: {err}"
+        );
+        assert!(!d.path().join("new").exists(), "{args:?}");
+    }
 }

@@ -132,6 +132,16 @@ fn create_pair(
     r
 }
 
+/// For a header in the wrong file of a writable pair: what the file is, when
+/// it is the other file of a pair (the paths given the wrong way round).
+fn swapped_hint(h: &HeaderTrailer) -> &'static str {
+    match (h.is_header(), h.is_data_file(), h.is_sealed()) {
+        (true, false, false) => " (it is an index file: are the data and index files swapped?)",
+        (true, true, false) => " (it is a data file: are the data and index files swapped?)",
+        _ => "",
+    }
+}
+
 /// Create the new file `p`; a missing directory is named (ENOENT alone does
 /// not say which of the layer's paths, or which part of it, is missing).
 fn create_new(p: &Path) -> Result<IoFile> {
@@ -405,8 +415,9 @@ impl WritableLayer {
             return Err(bad(
                 index,
                 format!(
-                    "header flags {:#x} are not those of an index file",
-                    ih.flags
+                    "header flags {:#x} are not those of an index file{}",
+                    ih.flags,
+                    swapped_hint(&ih)
                 ),
             ));
         }
@@ -510,8 +521,9 @@ impl WritableLayer {
             return Err(bad(
                 data_path,
                 format!(
-                    "header flags {:#x} are not those of a data file",
-                    header.flags
+                    "header flags {:#x} are not those of a data file{}",
+                    header.flags,
+                    swapped_hint(&header)
                 ),
             ));
         }
@@ -585,8 +597,9 @@ impl WritableLayer {
                 return Err(bad(
                     index_path,
                     format!(
-                        "header flags {:#x} are not those of an index file",
-                        ih.flags
+                        "header flags {:#x} are not those of an index file{}",
+                        ih.flags,
+                        swapped_hint(&ih)
                     ),
                 ));
             }

@@ -13,7 +13,7 @@ use blockdev::{BlockDevice, ImageConfig};
 use clap::Parser;
 use obdoci::decompress;
 use obdoci::Sha256Writer;
-use obdtools::cli;
+use obdtools::cli::{self, UsageExt};
 use obdtools::engine::EngineArgs;
 use obdtools::signals::{Signals, PARTIAL_LAYER};
 
@@ -81,11 +81,22 @@ fn main() -> ExitCode {
     let cfg = match ImageConfig::load(&args.image_config_path) {
         Ok(c) => c,
         Err(e) => {
+            // Arguments the wrong way round are a usage error (exit 2).
+            let kind = cli::looks_like_layer(&args.image_config_path);
+            let order = match kind {
+                Some(kind) => format!(
+                    " (it is {kind}: the layer comes first, then the config.json: overlaybd-apply LAYER CONFIG)"
+                ),
+                None => String::new(),
+            };
             cli::say(format_args!(
-                "overlaybd-apply: error: cannot load image config {}: {}",
+                "overlaybd-apply: error: cannot load image config {}: {}{order}",
                 args.image_config_path.display(),
                 blockdev::error::Chain(&e)
             ));
+            if kind.is_some() {
+                return ExitCode::from(2);
+            }
             return signals.failure();
         }
     };
@@ -138,7 +149,8 @@ fn run(args: &Args, cfg: Option<&ImageConfig>, signals: &Signals) -> anyhow::Res
             }
             Ok(c)
         })
-        .transpose()?;
+        .transpose()
+        .usage()?;
 
     // The kernel engine unmounts before it stops: the first signal cancels it.
     let cancel = Arc::new(AtomicBool::new(false));

@@ -4,14 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use blockdev::commit::{commit_sealed, commit_warp, commit_writable, CommitOptions};
 use blockdev::lsmt::WritableLayer;
 use blockdev::zfile::{Algorithm, ZfileOptions};
 use blockdev::Uuid;
 use clap::Parser;
-use obdtools::cli;
+use obdtools::cli::{self, UsageExt};
 use obdtools::signals::Signals;
+use obdtools::usage_bail;
 
 /// Commit a writable overlaybd layer: compact its data and index into one
 /// sealed layer blob, optionally ZFile-compressed (-z) and tar-wrapped (-t)
@@ -32,7 +33,8 @@ struct Args {
     /// Compress the output to ZFile.
     #[arg(short = 'z')]
     zfile: bool,
-    /// Wrap the output in a tar holding one entry, overlaybd.commit.
+    /// With -z: wrap the output in a tar holding one entry, overlaybd.commit.
+    /// Without -z it is ignored (with a warning), as upstream does.
     #[arg(short = 't')]
     tar: bool,
     /// Replace the output file if it exists.
@@ -68,6 +70,23 @@ struct Args {
         default_value_t = 0
     )]
     threads: usize,
+    /// Upstream's upload of the commit to a registry blob URL while it is
+    /// written: not supported (commit to a file, then push it, e.g. with the
+    /// convertor). Accepted so that upstream's command lines get this answer.
+    #[arg(long, value_name = "URL")]
+    upload: Option<String>,
+    /// With --upload (upstream): the upload block size in KB.
+    #[arg(long = "upload_bs", value_name = "KB")]
+    upload_bs: Option<String>,
+    /// With --upload (upstream): the registry credentials file.
+    #[arg(long = "cred_file_path", value_name = "FILEPATH")]
+    cred_file_path: Option<PathBuf>,
+    /// With --upload (upstream): the TLS key of a private registry.
+    #[arg(long = "tls_key_path", value_name = "FILEPATH")]
+    tls_key_path: Option<PathBuf>,
+    /// With --upload (upstream): the TLS certificate of a private registry.
+    #[arg(long = "tls_cert_path", value_name = "FILEPATH")]
+    tls_cert_path: Option<PathBuf>,
     /// Print debug logs.
     #[arg(long)]
     verbose: bool,
@@ -87,17 +106,42 @@ fn main() -> ExitCode {
     signals.run(|| run(args))
 }
 
+/// The longest `-m` message, in bytes (the header's user tag field).
+const MAX_MESSAGE: usize = 256;
+
 fn parse_uuid(v: &Option<String>, flag: &str) -> anyhow::Result<Option<Uuid>> {
     v.as_deref()
         .map(Uuid::parse)
         .transpose()
         .with_context(|| format!("bad {flag} value"))
+        .usage()
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(url) = &args.upload {
+        anyhow::bail!(
+            "--upload {url}: uploading the commit to a registry is not supported; commit to a file and push that (the convertor uploads the layers it converts)"
+        );
+    }
+    let upload_only: Vec<&str> = [
+        (args.upload_bs.is_some(), "--upload_bs"),
+        (args.cred_file_path.is_some(), "--cred_file_path"),
+        (args.tls_key_path.is_some(), "--tls_key_path"),
+        (args.tls_cert_path.is_some(), "--tls_cert_path"),
+    ]
+    .into_iter()
+    .filter_map(|(set, name)| set.then_some(name))
+    .collect();
+    if !upload_only.is_empty() {
+        // As upstream: they only shape an upload.
+        tracing::warn!(
+            "{} only apply with --upload; ignored",
+            upload_only.join(", ")
+        );
+    }
     let turbo = args.turbo_oci || args.fastoci;
-    if turbo && (args.seal || args.commit_sealed || args.tar) {
-        bail!("--turboOCI cannot be combined with --seal, --commit_sealed or -t");
+    if turbo && (args.seal || args.commit_sealed) {
+        usage_bail!("--turboOCI cannot be combined with --seal or --commit_sealed");
     }
     let index = args.index_file.clone();
     if args.seal {
@@ -118,12 +162,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .filter_map(|(set, name)| set.then_some(name))
         .collect();
         if !ignored.is_empty() {
-            bail!(
+            usage_bail!(
                 "--seal seals DATA_FILE in place and writes no other file: it takes no {}",
                 ignored.join(", ")
             );
         }
-        let index = index.context("--seal needs DATA_FILE and INDEX_FILE")?;
+        let index = index
+            .context("--seal needs DATA_FILE and INDEX_FILE")
+            .usage()?;
         WritableLayer::open(&args.data_file, &index)
             .and_then(|l| l.seal())
             .with_context(|| format!("cannot seal {}", args.data_file.display()))?;
@@ -133,17 +179,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let zfile = if args.zfile {
-        let algorithm: Algorithm = args.algorithm.as_deref().unwrap_or("lz4").parse()?;
+        let algorithm: Algorithm = args.algorithm.as_deref().unwrap_or("lz4").parse().usage()?;
         let kb = args.block_size.unwrap_or(4);
         let z = ZfileOptions {
             algorithm,
             block_size: kb
                 .checked_mul(1024)
-                .with_context(|| format!("invalid --bs {kb}: 4, 8, 16, 32 or 64 (KB)"))?,
+                .with_context(|| format!("invalid --bs {kb}: 4, 8, 16, 32 or 64 (KB)"))
+                .usage()?,
             threads: cli::threads(args.threads),
             ..Default::default()
         };
-        z.validate().context("invalid --bs")?;
+        z.validate().context("invalid --bs").usage()?;
         Some(z)
     } else {
         if args.algorithm.is_some() || args.block_size.is_some() {
@@ -153,9 +200,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         None
     };
+    if let Some(m) = &args.message {
+        if m.len() > MAX_MESSAGE {
+            usage_bail!(
+                "-m: the commit message is {} bytes; at most {MAX_MESSAGE} are allowed",
+                m.len()
+            );
+        }
+    }
+    // Upstream wraps only ZFile output in a tar; a plain commit stays plain.
+    if args.tar && zfile.is_none() {
+        cli::say(format_args!(
+            "WARNING option '-t' will be ignored without '-z': the output is a plain LSMT layer, as upstream's"
+        ));
+    }
     let opts = CommitOptions {
+        tar: args.tar && zfile.is_some(),
         zfile,
-        tar: args.tar,
         uuid: parse_uuid(&args.uuid, "--uuid")?,
         parent_uuid: parse_uuid(&args.parent_uuid, "--parent-uuid")?,
         user_tag: args.message.clone(),
@@ -164,13 +225,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let start = Instant::now();
     let (out, stats) = if args.commit_sealed {
-        let out = index.context("--commit_sealed needs an output path")?;
+        let out = index
+            .context("--commit_sealed needs an output path")
+            .usage()?;
         let s = commit_sealed(&args.data_file, &out, &opts)
             .with_context(|| format!("cannot commit {}", args.data_file.display()))?;
         (out, s)
     } else {
         let (Some(index), Some(out)) = (index, args.commit_file.clone()) else {
-            bail!("need DATA_FILE INDEX_FILE COMMIT_FILE (see --help)");
+            usage_bail!("need DATA_FILE INDEX_FILE COMMIT_FILE (see --help)");
         };
         let commit = if turbo { commit_warp } else { commit_writable };
         let s = commit(&args.data_file, &index, &out, &opts).with_context(|| {

@@ -9,6 +9,7 @@ use blockdev::Uuid;
 use clap::Parser;
 use obdtools::cli::{self, UsageExt};
 use obdtools::engine::{EngineArgs, EngineKind};
+use obdtools::signals::Signals;
 use obdtools::usage_bail;
 
 /// Create a writable overlaybd layer: a data file and an index file.
@@ -56,12 +57,14 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // First: no thread may start with the signals unblocked.
+    let signals = Signals::install("overlaybd-create");
     let args = Args::parse();
     cli::init_logging(args.verbose);
-    cli::run("overlaybd-create", || run(args))
+    signals.run(|| run(args, &signals))
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
     let vsize = args
         .vsize
         .checked_mul(1 << 30)
@@ -71,13 +74,37 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.mkfs && vsize == 0 {
         usage_bail!("--mkfs needs a virtual size greater than 0");
     }
+    // Never replaced, as upstream (O_EXCL); said before any work. A file
+    // made meanwhile is still refused when created.
+    for p in [&args.data_file, &args.index_file] {
+        if std::fs::symlink_metadata(p).is_ok() {
+            bail!(
+                "{} already exists: overlaybd-create makes new files only (remove it or choose another path)",
+                p.display()
+            );
+        }
+    }
+    // A signal removes the new files: half made (say, before mkfs ended), they
+    // would look like a finished layer. Nothing was there a moment ago.
+    signals.remove_on_signal(vec![args.data_file.clone(), args.index_file.clone()]);
     let engine = match args.mkfs {
-        true => args.engine.build("overlaybd-create")?,
+        true => {
+            // The kernel engine unmounts before it stops: the first signal
+            // cancels it (the files are then removed as on any failure).
+            let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let engine = args
+                .engine
+                .build_with("overlaybd-create", cancel.clone(), None)?;
+            if engine.name() == obdkernel::NAME {
+                signals.cancel_first(cancel);
+            }
+            engine
+        }
         false
             if args.engine.engine != EngineKind::Libext2fs
                 || args.engine.mkfs_options.is_some() =>
         {
-            bail!("--engine kernel and --mkfs-options only apply with --mkfs")
+            usage_bail!("--engine kernel and --mkfs-options only apply with --mkfs")
         }
         false => std::sync::Arc::new(obdfs::Libext2fs::default()),
     };
@@ -93,7 +120,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if (args.turbo_oci || args.fastoci) && !args.raw {
         if vsize == 0 {
-            bail!("a TurboOCI layer needs a virtual size greater than 0");
+            usage_bail!("a TurboOCI layer needs a virtual size greater than 0");
         }
         // The ext4 of a TurboOCI layer is made by the upstream-compatible
         // engine (obdfs::photon), as upstream's fork of libext2fs makes it.
@@ -105,6 +132,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     args.index_file.display()
                 )
             })?;
+        signals.remove_on_signal(Vec::new());
         cli::print_out(format_args!(
             "overlaybd-create has created files SUCCESSFULLY"
         ));
@@ -141,6 +169,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         r?;
+        signals.remove_on_signal(Vec::new());
         cli::print_out(format_args!(
             "overlaybd-create has created files SUCCESSFULLY"
         ));
@@ -151,7 +180,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         .as_deref()
         .map(Uuid::parse)
         .transpose()
-        .context("bad -u value")?;
+        .context("bad -u value")
+        .usage()?;
     let opts = CreateOptions {
         virtual_size: vsize,
         sparse: args.sparse,
@@ -183,6 +213,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             return Err(e);
         }
     }
+    signals.remove_on_signal(Vec::new());
     cli::print_out(format_args!(
         "overlaybd-create has created files SUCCESSFULLY"
     ));

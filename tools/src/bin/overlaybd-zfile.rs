@@ -8,7 +8,7 @@ use blockdev::commit::{zfile_compress_file, zfile_decompress_file};
 use blockdev::layer::open_zfile;
 use blockdev::zfile::{verify_blocks, Algorithm, ZfileOptions};
 use clap::Parser;
-use obdtools::cli;
+use obdtools::cli::{self, UsageExt};
 use obdtools::signals::Signals;
 
 /// Create or extract a ZFile (random-access compressed file).
@@ -92,7 +92,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         let dst = args
             .target_file
             .as_ref()
-            .context("decompression needs SOURCE_FILE and TARGET_FILE (stdin is not supported)")?;
+            .context("decompression needs SOURCE_FILE and TARGET_FILE (stdin is not supported)")
+            .usage()?;
         let n = zfile_decompress_file(&args.source_file, dst, args.force)?;
         cli::print_out(format_args!(
             "decompressed {} into {} ({})",
@@ -102,18 +103,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         ));
         return Ok(());
     }
-    let algorithm: Algorithm = args.algorithm.as_deref().unwrap_or("lz4").parse()?;
+    let algorithm: Algorithm = args.algorithm.as_deref().unwrap_or("lz4").parse().usage()?;
     let kb = args.block_size.unwrap_or(4);
     let opts = ZfileOptions {
         algorithm,
         block_size: kb
             .checked_mul(1024)
-            .with_context(|| format!("invalid --bs {kb}: 4, 8, 16, 32 or 64 (KB)"))?,
+            .with_context(|| format!("invalid --bs {kb}: 4, 8, 16, 32 or 64 (KB)"))
+            .usage()?,
         overwrite_header: false,
         threads: cli::threads(args.threads.unwrap_or(0)),
         ..Default::default()
     };
-    opts.validate().context("invalid --bs")?;
+    opts.validate().context("invalid --bs").usage()?;
     let (src, dst) = match &args.target_file {
         Some(t) => (Some(args.source_file.as_path()), t.clone()),
         None => (None, args.source_file.clone()),

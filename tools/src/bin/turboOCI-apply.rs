@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use blockdev::ImageConfig;
 use clap::Parser;
 use obdfs::turbo::{apply_layer, BlobKind, FsType, TurboApply};
-use obdtools::cli;
+use obdtools::cli::{self, UsageExt};
 use obdtools::signals::{Signals, PARTIAL_LAYER};
 
 /// Apply an OCI layer blob (gzip or uncompressed tar) to the writable
@@ -50,6 +50,14 @@ struct Args {
         default_value = "gzip.meta"
     )]
     gz_index_path: PathBuf,
+    /// Upstream: apply a tar of headers only (made by --export) to
+    /// generate the TurboOCI layer. Not supported.
+    #[arg(long)]
+    import: bool,
+    /// Upstream: write the tar headers of INPUT_PATH into the file
+    /// IMAGE_CONFIG_PATH instead of applying. Not supported.
+    #[arg(long)]
+    export: bool,
     /// The layer blob: gzip-compressed or uncompressed tar.
     input_path: PathBuf,
     /// The overlaybd image config.json.
@@ -61,14 +69,34 @@ fn main() -> ExitCode {
     let signals = Signals::install("turboOCI-apply");
     let args = Args::parse();
     cli::init_logging(args.verbose);
+    // --export names an output where the config goes: refused before the
+    // config is read (no result file is written).
+    if args.import || args.export {
+        let flag = if args.export { "--export" } else { "--import" };
+        cli::say(format_args!(
+            "turboOCI-apply: error: {flag} (tar headers only) is not supported: apply the whole layer blob"
+        ));
+        return signals.failure();
+    }
     let cfg = match ImageConfig::load(&args.image_config_path) {
         Ok(c) => c,
         Err(e) => {
+            // Arguments the wrong way round are a usage error (exit 2).
+            let kind = cli::looks_like_layer(&args.image_config_path);
+            let order = match kind {
+                Some(kind) => format!(
+                    " (it is {kind}: the layer comes first, then the config.json: turboOCI-apply LAYER CONFIG)"
+                ),
+                None => String::new(),
+            };
             cli::say(format_args!(
-                "turboOCI-apply: error: cannot load image config {}: {}",
+                "turboOCI-apply: error: cannot load image config {}: {}{order}",
                 args.image_config_path.display(),
                 blockdev::error::Chain(&e)
             ));
+            if kind.is_some() {
+                return ExitCode::from(2);
+            }
             return signals.failure();
         }
     };
@@ -126,7 +154,11 @@ fn check_outputs(args: &Args, cfg: &ImageConfig, inputs: &[&Path]) -> blockdev::
 
 fn run(args: &Args, cfg: &ImageConfig) -> anyhow::Result<()> {
     let Some(fstype) = FsType::parse(&args.fstype) else {
-        bail!("unknown --fstype '{}' (ext4 or erofs)", args.fstype);
+        return Err(anyhow::anyhow!(
+            "unknown --fstype '{}' (ext4 or erofs)",
+            args.fstype
+        ))
+        .usage();
     };
     if fstype == FsType::Erofs && args.mkfs {
         tracing::warn!("--mkfs does not apply to --fstype erofs; ignored (as upstream)");
