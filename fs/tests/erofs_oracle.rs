@@ -115,9 +115,6 @@ fn same_bytes_as_erofs_utils() {
         .map(|n| dir.path().join(n))
         .collect();
     compare_stack(&bin, "rich --upstream", &tars);
-    // Root entries (`./`, `./.`, `/.`) and a layer without one.
-    let roots = testutil::root_entry_tars(dir.path());
-    compare_stack(&bin, "root entries", &roots);
     // More layers to compare, e.g. a tar of /usr/share and an upper layer:
     // EROFS_ORACLE_LAYERS=bottom.tar:upper.tar
     if let Some(extra) = std::env::var_os("EROFS_ORACLE_LAYERS") {

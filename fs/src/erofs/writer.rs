@@ -36,10 +36,11 @@
 //! erofs-utils loses data, fails, or keeps what a layer deleted:
 //! * A parent directory a layer does not declare keeps the lower layer's
 //!   mode, owner, times and xattrs (erofs-utils resets it to 0755, root,
-//!   build time, no xattrs). The root is not such a directory: a layer
-//!   without a root entry (`./`) gets erofs-utils' fresh root (0777,
-//!   owner 0, build time, no xattrs) whatever the lower root was, since
-//!   ordinary upper layers (which never hold `./`) take that path.
+//!   build time, no xattrs). So does the root of a layer without a root
+//!   entry (`./`) over a lower root that had one (erofs-utils gives it
+//!   0777, owner 0, build time, no xattrs): unlike the other cases, an
+//!   ordinary upper layer takes this path when the bottom layer's tar had
+//!   a `./` entry with other metadata.
 //! * A hard link to a file that only a lower layer has works: the new name
 //!   points at the lower inode, whose link count is raised in place
 //!   (erofs-utils fails with ENOENT).
@@ -1466,13 +1467,10 @@ impl Builder {
         let root = self.root;
         self.nodes[root].visited = true;
         if self.incremental {
-            // The root takes in the lower root's entries but, unlike other
-            // directories a layer does not declare, not its metadata: a
-            // layer without a root entry (`./`) gets erofs-utils' fresh
-            // root (0777, owner 0, build time, no xattrs), as every
-            // ordinary upper layer would otherwise differ from upstream's
-            // bytes whenever the bottom layer's tar had a `./` entry.
             self.nodes[root].base_nid = Some(self.sb.root_nid as u64);
+            if self.nodes[root].implicit {
+                self.inherit_lower_attrs(root, self.sb.root_nid as u64)?;
+            }
         } else {
             self.nodes[root].xattr_isize = ROOT_XATTR_SIZE;
         }
