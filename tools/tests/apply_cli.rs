@@ -473,7 +473,10 @@ fn raw_image_with_mkfs() {
         &["--raw", "huge-img", "huge-idx", "100000000"],
         d,
     ));
-    assert!(e.contains("cannot size"), "{e}");
+    assert!(
+        e.contains("cannot size") && e.contains("cannot hold a file of") && e.contains("16 TiB"),
+        "{e}"
+    );
     assert!(!d.join("huge-img").exists() && !d.join("huge-idx").exists());
 }
 

@@ -155,8 +155,18 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
                 .write(true)
                 .open(&args.data_file)
                 .with_context(|| format!("cannot open {}", args.data_file.display()))?;
-            f.set_len(vsize)
-                .with_context(|| format!("cannot size {}", args.data_file.display()))?;
+            f.set_len(vsize).map_err(|e| {
+                let why = if e.kind() == std::io::ErrorKind::FileTooLarge {
+                    anyhow::anyhow!(
+                        "the filesystem cannot hold a file of {vsize} bytes (its largest file \
+                         size is smaller; ext4 with 4 KiB blocks allows 16 TiB): choose a \
+                         smaller virtual size or another filesystem"
+                    )
+                } else {
+                    anyhow::Error::new(e)
+                };
+                why.context(format!("cannot size {}", args.data_file.display()))
+            })?;
             if args.mkfs {
                 let dev = blockdev::RawFileDevice::open_rw(&args.data_file)?;
                 mkfs(std::sync::Arc::new(dev))?;
