@@ -467,14 +467,7 @@ fn the_root_entry_sets_the_root() {
 fn a_root_entry_that_is_not_a_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_ustar();
-    h.set_size(2);
-    h.set_mode(0o644);
-    h.set_path(".").unwrap();
-    h.set_cksum();
-    b.append(&h, &b"x\n"[..]).unwrap();
-    std::fs::write(d.join("t.tar"), b.into_inner().unwrap()).unwrap();
+    testutil::root_as_file_tar(&d.join("t.tar"));
     let img = d.join("fs.img");
     let dev = mkfs_image(&img, 1 << 30);
     let e = apply_file(&dev, &d.join("t.tar")).unwrap_err().to_string();

@@ -462,14 +462,7 @@ fn the_root_entry_sets_the_root() {
 fn a_root_entry_that_is_not_a_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_ustar();
-    h.set_size(2);
-    h.set_mode(0o644);
-    h.set_path(".").unwrap();
-    h.set_cksum();
-    b.append(&h, &b"x\n"[..]).unwrap();
-    std::fs::write(d.join("layer.tar"), b.into_inner().unwrap()).unwrap();
+    testutil::root_as_file_tar(&d.join("layer.tar"));
     create_layer(&d.join("data"), &d.join("index"), 64 << 30, true).unwrap();
     let job = TurboApply {
         blob: d.join("layer.tar"),

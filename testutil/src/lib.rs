@@ -483,6 +483,21 @@ layer(sys.argv[4], lambda t: member(t, "i", F, data=b"i\n"))
     paths
 }
 
+/// Writes at `path` a layer tar whose only entry names the root (`.`) but
+/// is a regular file: every engine must refuse it.
+pub fn root_as_file_tar(path: &Path) {
+    let script = r#"
+import sys, tarfile, io
+with tarfile.open(sys.argv[1], "w", format=tarfile.USTAR_FORMAT) as t:
+    i = tarfile.TarInfo(".")
+    i.size, i.mode = 2, 0o644
+    t.addfile(i, io.BytesIO(b"x\n"))
+"#;
+    assert_ok(&run_ok(
+        Command::new("python3").args(["-c", script]).arg(path),
+    ));
+}
+
 /// The root's (mode, uid, gid, mtime, xattrs) after each layer of
 /// [`root_entry_tars`] on the ext4 engines, as upstream's libtar
 /// (overlaybd-apply, turboOCI-apply) leaves it: a relative root entry
