@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use std::path::{Path, PathBuf};
 
 /// input.tar on a new --mkfs layer (a writable LSMT upper, no lowers):
 /// clean, equal to the tar, and equal to what upstream's apply produced.
@@ -410,24 +411,38 @@ fn a_hard_link_to_itself_keeps_the_file() {
     let d = dir.path();
     let tars = testutil::self_link_tars(d);
     let img = d.join("fs.img");
-    let dev = mkfs_image(&img, 1 << 30);
-    for (i, t) in tars.iter().enumerate() {
-        apply_file(&dev, t).unwrap_or_else(|e| panic!("{}: {e}", t.display()));
-        e2fsck_clean(&img);
-        let (refj, ours) = (
-            d.join(format!("ref{i}.json")),
-            d.join(format!("ours{i}.json")),
-        );
-        reference_manifest(&tars[..=i], &refj);
-        image_manifest(&img, &ours);
-        assert_same_tree(&refj, &ours, &[]);
+    apply_each_as_reference(d, &img, &tars, |_, ours| {
         let m: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&ours).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(ours).unwrap()).unwrap();
         assert_eq!(m["z/in"]["size"], 7, "{m}");
         assert_eq!(
             m["z/in"]["link"], m["h"]["link"],
             "one file, two names: {m}"
         );
+    });
+}
+
+/// Applies `tars` in order onto a fresh ext4 at `img`; after each layer the
+/// image is e2fsck-clean and holds the tree the layers so far unpack to
+/// (manifests written into `d`), and `check(i, manifest)` looks further.
+fn apply_each_as_reference(
+    d: &Path,
+    img: &Path,
+    tars: &[PathBuf],
+    mut check: impl FnMut(usize, &Path),
+) {
+    let dev = mkfs_image(img, 1 << 30);
+    for (i, t) in tars.iter().enumerate() {
+        apply_file(&dev, t).unwrap_or_else(|e| panic!("{}: {e}", t.display()));
+        e2fsck_clean(img);
+        let (refj, ours) = (
+            d.join(format!("ref{i}.json")),
+            d.join(format!("ours{i}.json")),
+        );
+        reference_manifest(&tars[..=i], &refj);
+        image_manifest(img, &ours);
+        assert_same_tree(&refj, &ours, &[]);
+        check(i, &ours);
     }
 }
 
@@ -440,25 +455,14 @@ fn the_root_entry_sets_the_root() {
     let d = dir.path();
     let tars = testutil::root_entry_tars(d);
     let img = d.join("fs.img");
-    let dev = mkfs_image(&img, 1 << 30);
-    for (i, t) in tars.iter().enumerate() {
-        apply_file(&dev, t).unwrap_or_else(|e| panic!("{}: {e}", t.display()));
-        e2fsck_clean(&img);
+    apply_each_as_reference(d, &img, &tars, |i, _| {
         let (mode, uid, gid, mtime, xattrs) = testutil::ext4_root(&img);
-        let want = testutil::EXT4_ROOT_AFTER[i];
         assert_eq!(
             (mode, uid, gid, mtime, xattrs.join(" ").as_str()),
-            want,
+            testutil::EXT4_ROOT_AFTER[i],
             "root after layer {i}"
         );
-        let (refj, ours) = (
-            d.join(format!("ref{i}.json")),
-            d.join(format!("ours{i}.json")),
-        );
-        reference_manifest(&tars[..=i], &refj);
-        image_manifest(&img, &ours);
-        assert_same_tree(&refj, &ours, &[]);
-    }
+    });
 }
 
 /// An entry naming the root that is not a directory is refused with a line

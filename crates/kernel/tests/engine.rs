@@ -101,6 +101,22 @@ fn image_manifest(img: &Path, out: &Path) {
     std::fs::write(out, testutil::treecmp(&["image", img.to_str().unwrap()])).unwrap();
 }
 
+/// The tree of the ext4 image `img` is the tree the `tars` unpacked in order
+/// give (treecmp.py, manifests written into `d`); returns the image's manifest.
+fn assert_same_as_reference<'a>(
+    d: &Path,
+    img: &Path,
+    tars: impl Iterator<Item = &'a PathBuf>,
+) -> PathBuf {
+    let (ours, refj) = (d.join("ours.json"), d.join("ref.json"));
+    image_manifest(img, &ours);
+    let mut args = vec!["reference"];
+    args.extend(tars.map(|t| t.to_str().unwrap()));
+    std::fs::write(&refj, testutil::treecmp(&args)).unwrap();
+    testutil::treecmp(&["compare", refj.to_str().unwrap(), ours.to_str().unwrap()]);
+    ours
+}
+
 fn e2fsck_clean(img: &Path) {
     if let Err(out) = testutil::e2fsck(img) {
         panic!("e2fsck -fn {} is not clean:\n{out}", img.display());
@@ -589,12 +605,7 @@ fn a_hard_link_to_itself_keeps_the_file() {
     drop(dev);
     assert_nothing_left(&work);
     e2fsck_clean(&img);
-    let (ours, refj) = (d.join("ours.json"), d.join("ref.json"));
-    image_manifest(&img, &ours);
-    let mut args = vec!["reference"];
-    args.extend(tars.iter().map(|t| t.to_str().unwrap()));
-    std::fs::write(&refj, testutil::treecmp(&args)).unwrap();
-    testutil::treecmp(&["compare", refj.to_str().unwrap(), ours.to_str().unwrap()]);
+    let ours = assert_same_as_reference(d, &img, tars.iter());
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&ours).unwrap()).unwrap();
     assert_eq!(m["z/in"]["size"], 7, "{m}");
@@ -629,10 +640,5 @@ fn the_root_entry_sets_the_root() {
         );
     }
     assert_nothing_left(&work);
-    let (ours, refj) = (d.join("ours.json"), d.join("ref.json"));
-    image_manifest(&img, &ours);
-    let mut args = vec!["reference"];
-    args.extend(tars.iter().map(|t| t.to_str().unwrap()));
-    std::fs::write(&refj, testutil::treecmp(&args)).unwrap();
-    testutil::treecmp(&["compare", refj.to_str().unwrap(), ours.to_str().unwrap()]);
+    assert_same_as_reference(d, &img, tars.iter());
 }
