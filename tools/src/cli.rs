@@ -133,10 +133,30 @@ pub fn report(tool: &str, e: &anyhow::Error) {
     say(format_args!("{tool}: error: {}", error_line(e)));
 }
 
+/// Report on stderr that `tool` (taking `LAYER CONFIG`) cannot load its
+/// config.json at `path` (`e`). When the file looks like a layer blob
+/// instead, the arguments were given the wrong way round: the line names the
+/// order, and this returns true (a usage error, exit code 2).
+pub fn report_config_load(tool: &str, path: &std::path::Path, e: &blockdev::Error) -> bool {
+    let kind = looks_like_layer(path);
+    let order = match kind {
+        Some(kind) => format!(
+            " (it is {kind}: the layer comes first, then the config.json: {tool} LAYER CONFIG)"
+        ),
+        None => String::new(),
+    };
+    say(format_args!(
+        "{tool}: error: cannot load image config {}: {}{order}",
+        path.display(),
+        blockdev::error::Chain(e)
+    ));
+    kind.is_some()
+}
+
 /// Why the file given as a tool's config.json cannot be one, when it looks
 /// like a layer blob instead (the arguments given the wrong way round):
 /// "a tar archive", "gzip data" or "zstd data". `None` for anything else.
-pub fn looks_like_layer(path: &std::path::Path) -> Option<&'static str> {
+fn looks_like_layer(path: &std::path::Path) -> Option<&'static str> {
     use std::io::Read;
     let mut head = Vec::with_capacity(512);
     std::fs::File::open(path)

@@ -82,19 +82,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             // Arguments the wrong way round are a usage error (exit 2).
-            let kind = cli::looks_like_layer(&args.image_config_path);
-            let order = match kind {
-                Some(kind) => format!(
-                    " (it is {kind}: the layer comes first, then the config.json: overlaybd-apply LAYER CONFIG)"
-                ),
-                None => String::new(),
-            };
-            cli::say(format_args!(
-                "overlaybd-apply: error: cannot load image config {}: {}{order}",
-                args.image_config_path.display(),
-                blockdev::error::Chain(&e)
-            ));
-            if kind.is_some() {
+            if cli::report_config_load("overlaybd-apply", &args.image_config_path, &e) {
                 return ExitCode::from(2);
             }
             return signals.failure();

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use blockdev::ImageConfig;
 use clap::Parser;
 use obdfs::turbo::{apply_layer, BlobKind, FsType, TurboApply};
-use obdtools::cli::{self, UsageExt};
+use obdtools::cli;
 use obdtools::signals::{Signals, PARTIAL_LAYER};
 
 /// Apply an OCI layer blob (gzip or uncompressed tar) to the writable
@@ -82,19 +82,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             // Arguments the wrong way round are a usage error (exit 2).
-            let kind = cli::looks_like_layer(&args.image_config_path);
-            let order = match kind {
-                Some(kind) => format!(
-                    " (it is {kind}: the layer comes first, then the config.json: turboOCI-apply LAYER CONFIG)"
-                ),
-                None => String::new(),
-            };
-            cli::say(format_args!(
-                "turboOCI-apply: error: cannot load image config {}: {}{order}",
-                args.image_config_path.display(),
-                blockdev::error::Chain(&e)
-            ));
-            if kind.is_some() {
+            if cli::report_config_load("turboOCI-apply", &args.image_config_path, &e) {
                 return ExitCode::from(2);
             }
             return signals.failure();
@@ -154,11 +142,7 @@ fn check_outputs(args: &Args, cfg: &ImageConfig, inputs: &[&Path]) -> blockdev::
 
 fn run(args: &Args, cfg: &ImageConfig) -> anyhow::Result<()> {
     let Some(fstype) = FsType::parse(&args.fstype) else {
-        return Err(anyhow::anyhow!(
-            "unknown --fstype '{}' (ext4 or erofs)",
-            args.fstype
-        ))
-        .usage();
+        obdtools::usage_bail!("unknown --fstype '{}' (ext4 or erofs)", args.fstype);
     };
     if fstype == FsType::Erofs && args.mkfs {
         tracing::warn!("--mkfs does not apply to --fstype erofs; ignored (as upstream)");
