@@ -963,6 +963,16 @@ fn fifos_as_turbo_targets_and_layout_blobs_are_refused() {
 }
 
 /// `VmRSS` and `VmHWM` (peak) of process `pid`, in bytes.
+/// A sparse raw image `disk.img` of `size` bytes in `dir` whose only data is
+/// 4 KiB of `byte` at `at`.
+fn sparse_image(dir: &Path, size: u64, at: u64, byte: u8) -> PathBuf {
+    let img = dir.join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(size).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[byte; 4096], at).unwrap();
+    img
+}
+
 fn rss(pid: u32) -> Option<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| -> Option<u64> {
@@ -985,11 +995,7 @@ fn a_client_not_reading_replies_pins_only_its_reply_budget() {
     const MIB: u64 = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
     // A sparse 1 GiB image with a little data at 512 MiB.
-    let img = dir.path().join("disk.img");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(1 << 30).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &[9u8; 4096], 512 * MIB).unwrap();
-    drop(f);
+    let img = sparse_image(dir.path(), 1 << 30, 512 * MIB, 9);
     let sock = dir.path().join("s");
     let srv = Served::start(&[
         img.to_str().unwrap(),
@@ -1064,11 +1070,7 @@ fn reply_memory_flags_set_the_budgets() {
     use blockdev::nbd::Endpoint;
     const MIB: u64 = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(256 * MIB).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &[5u8; 4096], 128 * MIB).unwrap();
-    drop(f);
+    let img = sparse_image(dir.path(), 256 * MIB, 128 * MIB, 5);
     let out = Command::new(NBD)
         .args(["serve", "--raw", "--read-only"])
         .args(["--reply-memory", "64", "--connection-reply-memory", "65"])

@@ -7,6 +7,17 @@ use std::process::Command;
 
 const CREATE: &str = env!("CARGO_BIN_EXE_overlaybd-create");
 const APPLY: &str = env!("CARGO_BIN_EXE_overlaybd-apply");
+const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
+const ZFILE: &str = env!("CARGO_BIN_EXE_overlaybd-zfile");
+const TURBO: &str = env!("CARGO_BIN_EXE_turboOCI-apply");
+
+/// A sparse 1 GB writable layer `data` + `index` in `dir`.
+fn sparse_layer(dir: &std::path::Path) {
+    let (code, err) = run(Command::new(CREATE)
+        .current_dir(dir)
+        .args(["data", "index", "1", "-s"]));
+    assert_eq!(code, Some(0), "{err}");
+}
 
 fn run(cmd: &mut Command) -> (Option<i32>, String) {
     let o = cmd.output().unwrap();
@@ -83,13 +94,9 @@ fn usage_errors_exit_2_and_runtime_failures_exit_1() {
 /// and nothing is written.
 #[test]
 fn bad_values_exit_2_in_every_tool() {
-    const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
-    const ZFILE: &str = env!("CARGO_BIN_EXE_overlaybd-zfile");
-    const TURBO: &str = env!("CARGO_BIN_EXE_turboOCI-apply");
     let d = tempfile::tempdir().unwrap();
     let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
-    let (code, err) = run(Command::new(CREATE).args([&p("data"), &p("index"), "1", "-s"]));
-    assert_eq!(code, Some(0), "{err}");
+    sparse_layer(d.path());
     std::fs::write(p("layer.tar"), [0u8; 1024]).unwrap();
     std::fs::write(
         p("config.json"),
@@ -162,12 +169,9 @@ fn bad_values_exit_2_in_every_tool() {
 /// upstream ignores them without --upload.
 #[test]
 fn upstreams_unsupported_flags_are_named() {
-    const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
-    const TURBO: &str = env!("CARGO_BIN_EXE_turboOCI-apply");
     let d = tempfile::tempdir().unwrap();
     let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
-    let (code, err) = run(Command::new(CREATE).args([&p("data"), &p("index"), "1", "-s"]));
-    assert_eq!(code, Some(0), "{err}");
+    sparse_layer(d.path());
     let (data, index, out) = (p("data"), p("index"), p("out"));
 
     let (code, err) = run(Command::new(COMMIT).args([
@@ -218,7 +222,6 @@ fn upstreams_unsupported_flags_are_named() {
 /// layer is not touched.
 #[test]
 fn a_layer_given_as_the_config_names_the_order() {
-    const TURBO: &str = env!("CARGO_BIN_EXE_turboOCI-apply");
     let d = tempfile::tempdir().unwrap();
     let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
     let tar = testutil::fixtures().join("input.tar");
@@ -257,12 +260,9 @@ fn a_layer_given_as_the_config_names_the_order() {
 /// 17)"; overlaybd-create never replaces files and says so before any work.
 #[test]
 fn an_existing_output_is_named_with_the_way_out() {
-    const COMMIT: &str = env!("CARGO_BIN_EXE_overlaybd-commit");
-    const ZFILE: &str = env!("CARGO_BIN_EXE_overlaybd-zfile");
     let d = tempfile::tempdir().unwrap();
     let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
-    let (code, err) = run(Command::new(CREATE).args([&p("data"), &p("index"), "1", "-s"]));
-    assert_eq!(code, Some(0), "{err}");
+    sparse_layer(d.path());
     std::fs::write(p("out"), "keep").unwrap();
     for (tool, args) in [
         (COMMIT, vec![p("data"), p("index"), p("out")]),
