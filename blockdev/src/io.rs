@@ -469,6 +469,16 @@ pub fn check_regular_with<E>(
     }
 }
 
+/// Why a file of `len` bytes cannot be made (`set_len` failed with EFBIG):
+/// the filesystem's largest file is smaller. `what` names the file ("a
+/// sparse file").
+pub fn too_large_for_fs(what: &str, len: u64) -> String {
+    format!(
+        "the filesystem cannot hold {what} of {len} bytes (its largest file size is smaller; \
+         ext4 with 4 KiB blocks allows 16 TiB): choose a smaller virtual size or another filesystem"
+    )
+}
+
 /// Refuses an input `path` that exists and is not a regular file (or a link
 /// to one), naming it and what it is: `what` it should be ("a layer file").
 /// A missing path passes: opening it then says so.

@@ -167,8 +167,9 @@ fn set_sparse_len(f: &IoFile, path: &Path, len: u64) -> Result<()> {
     f.set_len(len).map_err(|e| match &e {
         Error::Io { source, .. } if source.raw_os_error() == Some(libc::EFBIG) => {
             Error::Invalid(format!(
-                "{}: the filesystem cannot hold a sparse file of {len} bytes (its largest file size is smaller; ext4 with 4 KiB blocks allows 16 TiB): choose a smaller virtual size or another filesystem",
-                path.display()
+                "{}: {}",
+                path.display(),
+                crate::io::too_large_for_fs("a sparse file", len)
             ))
         }
         _ => e,

@@ -157,11 +157,7 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot open {}", args.data_file.display()))?;
             f.set_len(vsize).map_err(|e| {
                 let why = if e.kind() == std::io::ErrorKind::FileTooLarge {
-                    anyhow::anyhow!(
-                        "the filesystem cannot hold a file of {vsize} bytes (its largest file \
-                         size is smaller; ext4 with 4 KiB blocks allows 16 TiB): choose a \
-                         smaller virtual size or another filesystem"
-                    )
+                    anyhow::anyhow!(blockdev::io::too_large_for_fs("a file", vsize))
                 } else {
                     anyhow::Error::new(e)
                 };
