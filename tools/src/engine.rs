@@ -1,7 +1,7 @@
 //! `--engine` and its options, shared by the tools that make filesystems and
 //! apply layers (overlaybd-apply, overlaybd-create, the convertor).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::cli::{self, UsageExt};
@@ -45,17 +45,6 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    /// The engine asked for. The kernel engine stops cleanly (unmounting
-    /// everything) on the first Ctrl-C or SIGTERM; a second one exits.
-    pub fn build(&self, tool: &'static str) -> anyhow::Result<Arc<dyn Engine>> {
-        let cancel = Arc::new(AtomicBool::new(false));
-        let engine = self.build_with(tool, cancel.clone(), None)?;
-        if engine.name() == obdkernel::NAME {
-            stop_on_signal(tool, cancel)?;
-        }
-        Ok(engine)
-    }
-
     /// The engine asked for, stopping when `cancel` is set (for a tool
     /// that handles signals itself). `fstype` is `ctr obdconv`'s form
     /// `ext4;MOUNT_OPTS;MKFS_OPTS`, for the kernel engine.
@@ -98,18 +87,4 @@ impl EngineArgs {
             Err(e) => Err(e).context("--engine kernel"),
         }
     }
-}
-
-/// First SIGINT/SIGTERM: set `cancel` (the engine tears down and fails
-/// with "interrupted"); second: exit at once.
-fn stop_on_signal(tool: &'static str, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
-    ctrlc::set_handler(move || {
-        if cancel.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        cli::say(format_args!(
-            "{tool}: stopping: unmounting and cleaning up (again to exit at once)"
-        ));
-    })
-    .context("cannot install the Ctrl-C handler")
 }

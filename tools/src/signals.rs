@@ -76,13 +76,8 @@ impl Signals {
             caught: AtomicI32::new(0),
             state: Mutex::new(State::default()),
         });
-        let mut sigs = SigSet::empty();
-        for sig in [Signal::SIGINT, Signal::SIGTERM] {
-            if !ignored(sig) {
-                sigs.add(sig);
-            }
-        }
-        if sigs != SigSet::empty() && sigs.thread_block().is_ok() {
+        let blocked = obdsignals::block(&[Signal::SIGINT, Signal::SIGTERM]);
+        if let Some(sigs) = blocked.ok().filter(|s| *s != SigSet::empty()) {
             let s = shared.clone();
             let spawned = std::thread::Builder::new()
                 .name("signals".into())
@@ -164,20 +159,6 @@ impl Signals {
             None => ExitCode::FAILURE,
         }
     }
-}
-
-/// Whether `sig` is ignored (SIG_IGN inherited from the parent).
-fn ignored(sig: Signal) -> bool {
-    let mut old = std::mem::MaybeUninit::<nix::libc::sigaction>::zeroed();
-    // SAFETY: with a null new action, sigaction(2) only writes the current one
-    // into `old`, which points to writable memory of the right type.
-    let r = unsafe {
-        nix::libc::sigaction(sig as nix::libc::c_int, std::ptr::null(), old.as_mut_ptr())
-    };
-    // SAFETY: `old` is initialised: zeroed, a valid value of this plain C
-    // struct of integers and masks, and filled in by sigaction when r == 0.
-    let old = unsafe { old.assume_init() };
-    r == 0 && old.sa_sigaction == nix::libc::SIG_IGN
 }
 
 /// A signal arrived: cancel (the first, if asked to) or clean up and exit.

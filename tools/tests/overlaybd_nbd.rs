@@ -39,9 +39,22 @@ struct Served {
 
 impl Served {
     fn start(args: &[&str]) -> Served {
-        let mut child = Command::new(NBD)
-            .arg("serve")
-            .args(args)
+        let mut cmd = Command::new(NBD);
+        cmd.arg("serve").args(args);
+        Served::spawn(cmd)
+    }
+
+    /// [`start`](Self::start) with SIGINT ignored, as a non-interactive
+    /// shell starts a background job (`overlaybd-nbd serve ... &`).
+    fn start_with_sigint_ignored(args: &[&str]) -> Served {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap '' INT; exec \"$0\" serve \"$@\"", NBD])
+            .args(args);
+        Served::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Served {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -459,6 +472,37 @@ fn clear_errors_for_bad_inputs_and_read_only_upper() {
         run_ok(Command::new(CREATE).args([&q("data"), &q("index"), "64", "-s"]));
         std::fs::metadata(q("data")).unwrap().blocks()
     });
+}
+
+/// Started with SIGINT ignored (a script's `overlaybd-nbd serve ... &`, which
+/// a Ctrl-C meant for the script's foreground must not stop), the server
+/// leaves it ignored: it keeps serving, and SIGTERM still stops it cleanly.
+#[test]
+fn an_ignored_sigint_stays_ignored() {
+    use nix::sys::signal::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("s.sock");
+    let mut s = Served::start_with_sigint_ignored(&[
+        "--raw",
+        "--read-only",
+        "--socket",
+        sock.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    let pid = nix::unistd::Pid::from_raw(s.child.id() as i32);
+    nix::sys::signal::kill(pid, Signal::SIGINT).unwrap();
+    // A server that took the signal has exited well within this.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        s.child.try_wait().unwrap().is_none(),
+        "the server stopped on an ignored SIGINT"
+    );
+    let size = run_ok(Command::new(tool("nbdinfo")).arg("--size").arg(&s.uri));
+    assert_eq!(String::from_utf8_lossy(&size.stdout).trim(), "1048576");
+    let rest = s.terminate();
+    assert!(rest.contains("stopped cleanly"), "{rest}");
 }
 
 /// With its stdout and stderr gone (a closed SSH session, `| head`), the

@@ -7,7 +7,8 @@
 //! signal exits at once with status 128 + the signal's number, after saving
 //! what a writable mount must keep ([`serve_saving`]). A daemon that is
 //! killed leaves a dead mountpoint ("Transport endpoint is not connected")
-//! that `fusermount -u` removes.
+//! that `fusermount -u` removes. A stop signal the process was started with
+//! ignored (SIGHUP under `nohup`, SIGINT in a script's `cmd &`) stays ignored.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +20,9 @@ use fuser::{Config, Filesystem, MountOption, Session, SessionACL, SessionUnmount
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::error::{Error, Result};
+
+/// The signals that stop a mount: unmount it, a second one exits.
+pub const STOP_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
 /// How to mount.
 #[derive(Debug, Clone)]
@@ -134,12 +138,8 @@ pub fn serve_saving<F: Filesystem>(
     warn_if_not_empty(mp);
     // Block the stop signals before any thread starts, so that every thread
     // inherits the mask and only the signal thread below receives them.
-    let mut sigs = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        sigs.add(s);
-    }
-    sigs.thread_block()
-        .map_err(|e| Error::io(mp, "cannot block SIGINT/SIGTERM", e.into()))?;
+    let sigs = obdsignals::block(&STOP_SIGNALS)
+        .map_err(|e| Error::io(mp, "cannot block SIGINT/SIGTERM/SIGHUP", e.into()))?;
 
     let mut session = new_session(fs, cfg)?;
     let unmounter = session.unmount_callable();

@@ -34,6 +34,30 @@ fn sigterm_and_sigint_unmount_and_exit_zero() {
     }
 }
 
+/// A stop signal the daemon was started with ignored stays ignored: SIGHUP
+/// under `nohup` (the terminal closing must not unmount) and SIGINT in a
+/// script's background job. The mount keeps serving; SIGTERM still stops it.
+#[test]
+fn signals_started_ignored_stay_ignored() {
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    for (ignored, sig) in [("HUP", Signal::SIGHUP), ("INT", Signal::SIGINT)] {
+        let mp = t.path().join(format!("mp-{sig}"));
+        let mut f = Fuse::foreground_ignoring(ignored, &layers_args(&layers), &mp);
+        kill(Pid::from_raw(f.pid()), sig).unwrap();
+        // A daemon that took the signal has unmounted well within this.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(is_mounted(&mp), "{sig} unmounted though ignored");
+        assert_eq!(std::fs::metadata(f.disk()).unwrap().len(), 64 << 30);
+        kill(Pid::from_raw(f.pid()), Signal::SIGTERM).unwrap();
+        let o = f.wait();
+        assert_ok(&o);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("stopped by SIGTERM"), "{out}");
+        assert!(!is_mounted(&mp));
+    }
+}
+
 #[test]
 fn fusermount_u_stops_the_daemon_with_status_zero() {
     let t = tempfile::tempdir().unwrap();

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{ArgAction, Parser};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 use obdconvert::progress::Progress;
 use obdconvert::{
     open_store_in, Abort, ConvertOptions, ConvertOutcome, Converter, DedupTarget, ImageStore,
@@ -208,10 +208,8 @@ pub(crate) fn zfile_block_kib(s: &str) -> Result<u32, String> {
 fn main() -> ExitCode {
     // Block SIGINT/SIGTERM before any thread starts (threads inherit the mask):
     // only the signal thread below receives them, with sigwait.
-    let mut sigs = SigSet::empty();
-    sigs.add(Signal::SIGINT);
-    sigs.add(Signal::SIGTERM);
-    let blocked = sigs.thread_block().is_ok();
+    // Those it was started with ignored stay ignored (a script's `convertor &`).
+    let blocked = obdsignals::block(&[Signal::SIGINT, Signal::SIGTERM]).ok();
     // A bug must still end in one line, not a stack trace (stderr may be gone).
     std::panic::set_hook(Box::new(|info| {
         let at = info
@@ -244,7 +242,7 @@ fn main() -> ExitCode {
     let abort = Abort::new();
     // The signal that stopped the run (0: none).
     let stopped_by = Arc::new(AtomicI32::new(0));
-    if blocked {
+    if let Some(sigs) = blocked {
         let (a, by) = (abort.clone(), stopped_by.clone());
         let spawned = std::thread::Builder::new()
             .name("signals".into())

@@ -360,6 +360,48 @@ fn ctrl_c_while_the_registry_does_not_answer_stops_at_once() {
     interrupted_run("INT", 130, false, Slow::Silent);
 }
 
+/// Started with SIGINT ignored (a script's `convertor ... &`, which a Ctrl-C
+/// meant for the script's foreground must not stop), the run leaves it
+/// ignored; SIGTERM still stops it (143). The "registry" takes the
+/// connection and never answers, so the run is waiting when the signals come.
+#[test]
+fn an_ignored_sigint_stays_ignored() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let r = format!(
+        "127.0.0.1:{}/int/layers",
+        silent.local_addr().unwrap().port()
+    );
+    let t = tempfile::tempdir().unwrap();
+    let wd = t.path().join("w");
+    let mut child = Command::new("sh")
+        .args(["-c", "trap '' INT; exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_convertor"))
+        .args(["-r", &r, "-i", "v1", "-o", "obd", "--plain", "-d"])
+        .arg(&wd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its request is waiting for the answer.
+    let (_conn, _) = silent.accept().unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    // A run that took the signal has stopped well within this.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run stopped on an ignored SIGINT"
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(143), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("SIGTERM: stopping"),
+        "{}",
+        stderr_of(&o)
+    );
+}
+
 /// How the registry is slow when the signal comes.
 enum Slow {
     /// Downloads crawl at 200 KB/s.

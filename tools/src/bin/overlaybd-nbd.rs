@@ -19,7 +19,7 @@ use blockdev::nbd::{
 use blockdev::stack::Stack;
 use blockdev::{BlockDevice, ImageConfig, RawFileDevice};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 use obdtools::cli::{print_out, say};
 
 #[derive(Parser, Debug)]
@@ -372,10 +372,8 @@ fn check_usage(a: &ServeArgs, m: &clap::ArgMatches) -> std::result::Result<Vec<S
 fn serve(a: ServeArgs) -> Result<()> {
     // Block the shutdown signals before any thread starts so that only the
     // signal thread below receives them.
-    let mut sigs = SigSet::empty();
-    sigs.add(Signal::SIGINT);
-    sigs.add(Signal::SIGTERM);
-    sigs.thread_block().context("cannot block SIGINT/SIGTERM")?;
+    let sigs = obdsignals::block(&[Signal::SIGINT, Signal::SIGTERM])
+        .context("cannot block SIGINT/SIGTERM")?;
 
     // The signal thread starts before the layers open (a registry image
     // can take long): until the server exists a signal exits at once.

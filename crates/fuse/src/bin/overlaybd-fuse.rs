@@ -17,6 +17,7 @@ use blockdev::io::{set_default_backend, IoBackend};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use obdfuse::session::STOP_SIGNALS;
 use obdfuse::{Ended, ImageSpec, Mode, MountConfig, MountRequest};
 
 /// Set in the environment of the daemon started by `--background`.
@@ -134,7 +135,7 @@ fn main() -> ExitCode {
         // The parent blocks these while it waits for us to get ready, and
         // the mask is inherited: until serving (which handles them), they
         // must stop us, as the parent's stop_daemon expects.
-        let _ = stop_signals().thread_unblock();
+        let _ = SigSet::from_iter(STOP_SIGNALS).thread_unblock();
     }
     // The daemon's arguments were checked (and warned about) by its parent.
     if !daemon {
@@ -342,10 +343,7 @@ fn start_background(a: &MountArgs) -> Result<ExitCode> {
     // Blocked before the daemon starts, so that none of them can end this
     // process with the daemon left behind; they are read from a signalfd
     // while waiting. (The daemon inherits the mask and unblocks them.)
-    let stops = stop_signals();
-    stops
-        .thread_block()
-        .context("cannot block SIGINT/SIGTERM/SIGHUP")?;
+    let stops = obdsignals::block(&STOP_SIGNALS).context("cannot block SIGINT/SIGTERM/SIGHUP")?;
     let sfd = SignalFd::with_flags(&stops, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .context("cannot watch for SIGINT/SIGTERM/SIGHUP")?;
     let mut child = Command::new(exe)
@@ -385,15 +383,6 @@ fn start_background(a: &MountArgs) -> Result<ExitCode> {
             Err(e)
         }
     }
-}
-
-/// SIGINT, SIGTERM and SIGHUP.
-fn stop_signals() -> SigSet {
-    let mut s = SigSet::empty();
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        s.add(sig);
-    }
-    s
 }
 
 /// How waiting for the daemon ended.

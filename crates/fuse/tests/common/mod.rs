@@ -135,11 +135,26 @@ impl Fuse {
     /// `overlaybd-fuse mount ARGS... MP` in the foreground; returns once it
     /// printed its ready line.
     pub fn foreground(args: &[&std::ffi::OsStr], mp: &Path) -> Fuse {
-        std::fs::create_dir_all(mp).unwrap();
-        let mut child = Command::new(fuse_bin())
-            .arg("mount")
+        let mut cmd = Command::new(fuse_bin());
+        cmd.arg("mount").args(args).arg(mp);
+        Self::spawn(cmd, mp)
+    }
+
+    /// [`foreground`](Self::foreground), started with the signal `sig`
+    /// (`HUP`, `INT`, ...) ignored, as `nohup` or a script's `cmd &` do.
+    pub fn foreground_ignoring(sig: &str, args: &[&std::ffi::OsStr], mp: &Path) -> Fuse {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("trap '' {sig}; exec \"$0\" mount \"$@\""))
+            .arg(fuse_bin())
             .args(args)
-            .arg(mp)
+            .arg(mp);
+        Self::spawn(cmd, mp)
+    }
+
+    fn spawn(mut cmd: Command, mp: &Path) -> Fuse {
+        std::fs::create_dir_all(mp).unwrap();
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
