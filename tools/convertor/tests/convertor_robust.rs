@@ -1416,3 +1416,98 @@ fn an_interrupted_run_leaves_destination_and_work_dir_as_found() {
         assert!(!entries(&wd).is_empty());
     }
 }
+
+/// A destination that would replace the source image is a usage error (exit 2) before
+/// any work, in both forms: the source's own tag in the same registry repository or
+/// OCI layout (however the layout's path is spelled), or the source archive itself,
+/// which is written whole at the end and would hold only the converted image.
+#[test]
+fn a_destination_that_would_replace_the_source_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let spelled = format!("oci:{}/./", images.display());
+    let archive = t.path().join("app.tar");
+    let o = Command::new("tar")
+        .arg("-cf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&images)
+        .args(["oci-layout", "index.json", "blobs"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let archive_bytes = std::fs::read(&archive).unwrap();
+    let index_before = std::fs::read(images.join("index.json")).unwrap();
+    let a = |s: &str| format!("oci-archive:{}", archive.display()) + s;
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    // The registry is never contacted: the check comes before any work.
+    let reg = "127.0.0.1:9/app";
+    let cases: Vec<Vec<String>> = vec![
+        vec!["-r", reg, "-i", "1", "-o", "1"],
+        vec![
+            "-r",
+            reg,
+            "-i",
+            "1",
+            "--turboOCI",
+            "1",
+            "--overlaybd",
+            "obd",
+        ],
+        vec!["obdconv", "127.0.0.1:9/app:1", "127.0.0.1:9/app:1"],
+        vec!["obdconv", "127.0.0.1:9/app", "docker://127.0.0.1:9/app"],
+        vec!["-r", &src, "-i", "latest", "-o", "latest"],
+        vec![
+            "-r",
+            &src,
+            "-i",
+            "latest",
+            "--output-repository",
+            &spelled,
+            "-o",
+            "latest",
+        ],
+        vec![
+            "obdconv",
+            &format!("{src}:latest"),
+            &format!("{spelled}:latest"),
+        ],
+        vec!["obdconv", &a(""), &a(":obd")],
+        vec![
+            "-r",
+            &a(""),
+            "--output-repository",
+            &format!("docker-archive:{}:app:obd", archive.display()),
+        ],
+    ]
+    .into_iter()
+    .map(|v| v.into_iter().map(String::from).collect())
+    .collect();
+    for mut c in cases {
+        c.extend(["-d".into(), wd_s.into()]);
+        let o = Command::new(bin()).args(&c).output().unwrap();
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(2), "{c:?}: {e}");
+        assert_eq!(e.lines().count(), 1, "{c:?}: {e}");
+        assert!(
+            e.contains("would replace the source") || e.contains("losing the source"),
+            "{c:?}: {e}"
+        );
+        assert!(!wd.exists(), "{c:?}: nothing done");
+    }
+    assert_eq!(std::fs::read(&archive).unwrap(), archive_bytes);
+    assert_eq!(
+        std::fs::read(images.join("index.json")).unwrap(),
+        index_before
+    );
+    // Another tag of the same layout is fine.
+    let o = Command::new(bin())
+        .args([
+            "-r", &src, "-i", "latest", "-o", "obd", "--vsize", "2", "-d", wd_s,
+        ])
+        .output()
+        .unwrap();
+    pushed_digest(&o);
+}
