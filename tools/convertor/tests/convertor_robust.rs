@@ -1511,3 +1511,71 @@ fn a_destination_that_would_replace_the_source_is_refused() {
         .unwrap();
     pushed_digest(&o);
 }
+
+/// Bad layouts and work directories are named for what they are, and a run that
+/// added nothing to a layout says nothing about taking anything back: a destination
+/// that is a file, a layout without index.json or with a broken one (converted in
+/// place), a work directory on a read-only filesystem.
+#[test]
+fn bad_layouts_and_work_dirs_are_named() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let wd = t.path().join("w");
+    let run = |a: &[&str]| {
+        let o = Command::new(bin()).args(a).output().unwrap();
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(1), "{a:?}: {e}");
+        assert_eq!(e.lines().count(), 1, "{a:?}: {e}");
+        e
+    };
+    let wd_s = wd.to_str().unwrap();
+
+    let file = t.path().join("afile");
+    std::fs::write(&file, b"x").unwrap();
+    let dst = format!("oci:{}", file.display());
+    let e = run(&args(&src, &dst, wd_s));
+    assert!(
+        e.ends_with(&format!("{}: not a directory\n", file.display())),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+
+    let noidx = t.path().join("noidx");
+    std::fs::create_dir(&noidx).unwrap();
+    std::fs::copy(images.join("oci-layout"), noidx.join("oci-layout")).unwrap();
+    let noidx_s = format!("oci:{}", noidx.display());
+    let e = run(&["-r", &noidx_s, "-i", "latest", "-o", "obd", "-d", wd_s]);
+    assert!(
+        e.contains(&format!(
+            "{}: not an OCI image layout (no index.json)",
+            noidx.display()
+        )),
+        "{e}"
+    );
+
+    std::fs::write(images.join("index.json"), b"garbage").unwrap();
+    let e = run(&["-r", &src, "-i", "latest", "-o", "obd", "-d", wd_s]);
+    assert!(e.contains("index.json: invalid JSON"), "{e}");
+    assert!(!wd.exists());
+
+    let small = SmallFs::mount(t.path(), 4);
+    let ro_wd = small.0.join("w");
+    std::fs::create_dir(&ro_wd).unwrap();
+    let o = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&small.0)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let sample2 = sample(&t.path().join("s2"));
+    let e = run(&args(
+        &format!("oci:{}", sample2.display()),
+        &format!("oci:{}", t.path().join("o2").display()),
+        ro_wd.to_str().unwrap(),
+    ));
+    assert!(
+        e.contains("work directory (-d/--dir)") && e.contains("Read-only"),
+        "{e}"
+    );
+}
