@@ -1579,3 +1579,58 @@ fn bad_layouts_and_work_dirs_are_named() {
         "{e}"
     );
 }
+
+/// A manifest named on its own that is not a container image (a Helm chart, an SBOM
+/// artifact) is refused as what it is, not for its first layer's media type.
+#[test]
+fn a_manifest_that_is_not_an_image_is_refused_as_such() {
+    use obdoci::layout::Layout;
+    use obdoci::Descriptor;
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let l = Layout::open(&images).unwrap();
+    let put = |b: &[u8], mt: &str| {
+        let d = l.write_blob_bytes(b).unwrap();
+        serde_json::json!({"mediaType": mt, "digest": d.to_string(), "size": b.len()})
+    };
+    let helm_cfg = put(
+        br#"{"name":"chart"}"#,
+        "application/vnd.cncf.helm.config.v1+json",
+    );
+    let chart = put(
+        b"tgz",
+        "application/vnd.cncf.helm.chart.content.v1.tar+gzip",
+    );
+    let empty = put(b"{}", "application/vnd.oci.empty.v1+json");
+    let sbom = put(b"sbom", "application/spdx+json");
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    for (tag, m, want) in [
+        (
+            "helm",
+            serde_json::json!({"schemaVersion": 2, "mediaType": mt, "config": helm_cfg, "layers": [chart]}),
+            "not a container image (config media type \"application/vnd.cncf.helm.config.v1+json\" is not an image config)",
+        ),
+        (
+            "sbom",
+            serde_json::json!({"schemaVersion": 2, "mediaType": mt, "artifactType": "application/spdx+json",
+                               "config": empty, "layers": [sbom]}),
+            "not a container image (an artifact of type application/spdx+json)",
+        ),
+    ] {
+        let b = m.to_string();
+        let d = l.write_blob_bytes(b.as_bytes()).unwrap();
+        l.tag(tag, &Descriptor::new(mt, d, b.len() as u64)).unwrap();
+        for out in [["-o", "obd"], ["--turboOCI", "t"]] {
+            let o = Command::new(bin())
+                .args(["-r", &format!("oci:{}", images.display()), "-i", tag])
+                .args(out)
+                .args(["-d", t.path().join("w").to_str().unwrap()])
+                .output()
+                .unwrap();
+            let e = stderr_of(&o);
+            assert_eq!(o.status.code(), Some(1), "{e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+            assert!(e.contains(want), "{e}");
+        }
+    }
+}
