@@ -69,7 +69,8 @@ pub(crate) struct Args {
     /// `v1.0+build`).
     #[arg(short = 'i', long = "input-tag")]
     input_tag: Option<String>,
-    /// Digest of the input image (used when no input tag is given).
+    /// Digest of the input image (used when no input tag is given; with -i it is
+    /// ignored, with a warning)
     #[arg(short = 'g', long = "input-digest")]
     input_digest: Option<String>,
     /// Output tag; the same as --overlaybd (used only when none of --overlaybd,
@@ -327,6 +328,12 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     }
     if turbo_tag.is_some() && args.overlaybd.is_none() && args.output_tag.is_some() {
         tracing::warn!("-o/--output-tag is ignored with --turboOCI (use --overlaybd for both)");
+    }
+    if let (Some(i), Some(g)) = (&args.input_tag, &args.input_digest) {
+        // As upstream: the digest is only used when no tag is given.
+        tracing::warn!(
+            "-g/--input-digest {g} is ignored: the image tagged {i} (-i/--input-tag) is converted; give only -g to convert by digest"
+        );
     }
     if let (Some(i), Some(t)) = (&args.input_tag, src_ref.tag()) {
         if i != t {

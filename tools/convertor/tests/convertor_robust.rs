@@ -1634,3 +1634,30 @@ fn a_manifest_that_is_not_an_image_is_refused_as_such() {
         }
     }
 }
+
+/// `-i` with `-g`: the tag wins, as upstream, and a warning says the digest is ignored
+/// (a digest pin given with a tag must not be silently dropped).
+#[test]
+fn a_digest_given_with_a_tag_is_ignored_with_a_warning() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let wd = t.path().join("w");
+    let zero = format!("sha256:{}", "0".repeat(64));
+    let o = Command::new(bin())
+        .args([
+            "-r", &src, "-i", "latest", "-g", &zero, "-o", "obd", "--vsize", "2",
+        ])
+        .arg("-d")
+        .arg(&wd)
+        .output()
+        .unwrap();
+    pushed_digest(&o);
+    let e = stderr_of(&o);
+    assert!(
+        e.lines()
+            .any(|l| l.contains("WARN")
+                && l.contains(&format!("-g/--input-digest {zero} is ignored"))),
+        "{e}"
+    );
+}
