@@ -311,8 +311,14 @@ fn private_dir(root: &Path) -> Result<(PathBuf, Flock<File>)> {
         let n = N.fetch_add(1, Ordering::Relaxed);
         let p = root.join(format!("{RUN_PREFIX}{}-{n}", std::process::id()));
         if let Err(e) = fs::create_dir(&p) {
-            last = Some(Error::io(&p, e));
-            continue;
+            let exists = e.kind() == std::io::ErrorKind::AlreadyExists;
+            last = Some(Error::io(&p, e).context("work directory (-d/--dir)"));
+            // Another name helps only if this one was taken (a read-only or full
+            // filesystem, or no permission, fails them all).
+            if exists {
+                continue;
+            }
+            break;
         }
         let locked = File::open(&p)
             .ok()

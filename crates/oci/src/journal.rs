@@ -142,7 +142,10 @@ pub fn undo_all() -> Vec<String> {
 }
 
 fn undo(j: &Journal) -> crate::Result<Option<String>> {
-    if fs::symlink_metadata(&j.root).is_err() {
+    // Nothing added (the layout could not even be opened, say): nothing to take back,
+    // and nothing to read (its index.json may be what the run failed on).
+    let added = j.created_dir.is_some() || !j.created.is_empty() || !j.blobs.is_empty();
+    if !added || fs::symlink_metadata(&j.root).is_err() {
         return Ok(None);
     }
     let layout = crate::layout::Layout::unopened(&j.root);

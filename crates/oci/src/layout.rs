@@ -81,6 +81,12 @@ impl Layout {
         if root.join(LAYOUT_FILE).exists() {
             return Self::open_writable(root);
         }
+        if fs::metadata(root).is_ok_and(|m| !m.is_dir()) {
+            return Err(Error::Invalid {
+                what: root.display().to_string(),
+                reason: "not a directory".into(),
+            });
+        }
         let blobs = root.join("blobs").join("sha256");
         let made = |p: &Path| {
             if fs::symlink_metadata(p).is_err() {
@@ -163,7 +169,13 @@ impl Layout {
     pub fn read_index(&self) -> Result<Index> {
         let p = self.root.join("index.json");
         refuse_irregular(&p)?;
-        let bytes = fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        let bytes = fs::read(&p).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Error::Invalid {
+                what: self.root.display().to_string(),
+                reason: "not an OCI image layout (no index.json)".into(),
+            },
+            _ => Error::io(&p, e),
+        })?;
         parse_json(&p.display().to_string(), &bytes)
     }
 
@@ -536,6 +548,24 @@ mod tests {
             why(t.path()),
             "not an OCI image layout (no oci-layout file)"
         );
+        // A destination that is a file is named as such, not by a path below it.
+        match Layout::open_or_create(&file) {
+            Err(Error::Invalid { what, reason }) => {
+                assert_eq!(
+                    (what.as_str(), reason.as_str()),
+                    (file.to_str().unwrap(), "not a directory")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // A layout without index.json.
+        std::fs::write(t.path().join(LAYOUT_FILE), LAYOUT_CONTENT).unwrap();
+        match Layout::open(t.path()).unwrap().read_index() {
+            Err(Error::Invalid { reason, .. }) => {
+                assert_eq!(reason, "not an OCI image layout (no index.json)")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -69,7 +69,8 @@ pub(crate) struct Args {
     /// `v1.0+build`).
     #[arg(short = 'i', long = "input-tag")]
     input_tag: Option<String>,
-    /// Digest of the input image (used when no input tag is given).
+    /// Digest of the input image (used when no input tag is given; with -i it is
+    /// ignored, with a warning)
     #[arg(short = 'g', long = "input-digest")]
     input_digest: Option<String>,
     /// Output tag; the same as --overlaybd (used only when none of --overlaybd,
@@ -326,6 +327,12 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     if turbo_tag.is_some() && args.overlaybd.is_none() && args.output_tag.is_some() {
         tracing::warn!("-o/--output-tag is ignored with --turboOCI (use --overlaybd for both)");
     }
+    if let (Some(i), Some(g)) = (&args.input_tag, &args.input_digest) {
+        // As upstream: the digest is only used when no tag is given.
+        tracing::warn!(
+            "-g/--input-digest {g} is ignored: the image tagged {i} (-i/--input-tag) is converted; give only -g to convert by digest"
+        );
+    }
     if let (Some(i), Some(t)) = (&args.input_tag, src_ref.tag()) {
         if i != t {
             tracing::warn!("-i/--input-tag {i} is used, not the tag {t} in -r/--repository");
@@ -367,6 +374,12 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     for t in native_tag.iter().chain(&turbo_tag) {
         ref_name(&dst_ref, t).context("output tag").usage()?;
     }
+    refuse_overwriting_source(
+        &src_ref,
+        source.as_ref(),
+        &dst_ref,
+        native_tag.iter().chain(&turbo_tag),
+    )?;
     if let (Some(n), Some(t)) = (&native_tag, &turbo_tag) {
         if n == t {
             usage_bail!(
@@ -626,6 +639,60 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     }
     for l in progress.summary() {
         say(format_args!("{l}"));
+    }
+    Ok(())
+}
+
+/// Refuses (a usage error) a destination that would replace the source image: an
+/// output tag equal to the source's tag in the same registry repository or OCI layout
+/// (the source would lose its tag, and a later run would find an overlaybd image
+/// there), or an archive destination that is the source archive (written whole at the
+/// end, it would hold only the converted image).
+fn refuse_overwriting_source<'a>(
+    src: &ImageRef,
+    source: Option<&Reference>,
+    dst: &ImageRef,
+    out_tags: impl Iterator<Item = &'a String>,
+) -> anyhow::Result<()> {
+    use std::path::Path;
+    let same_file = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b))
+    {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    let archive_path = |r: &ImageRef| match r {
+        ImageRef::OciArchive { path, .. } | ImageRef::DockerArchive { path, .. } => {
+            Some(path.clone())
+        }
+        _ => None,
+    };
+    if let (Some(s), Some(d)) = (archive_path(src), archive_path(dst)) {
+        if same_file(&s, &d) {
+            usage_bail!(
+                "{dst}: the destination is the source archive {}: it is written whole at the end and would hold only the converted image, losing the source; write another file",
+                s.display()
+            );
+        }
+        return Ok(());
+    }
+    let same_place = match (src, dst) {
+        (
+            ImageRef::Registry { host, repository },
+            ImageRef::Registry {
+                host: h,
+                repository: r,
+            },
+        ) => host == h && repository == r,
+        (ImageRef::Layout { path, .. }, ImageRef::Layout { path: p, .. }) => same_file(path, p),
+        _ => false,
+    };
+    let Some(Reference::Tag(src_tag)) = source.filter(|_| same_place) else {
+        return Ok(());
+    };
+    if let Some(t) = out_tags.into_iter().find(|t| *t == src_tag) {
+        usage_bail!(
+            "{dst}: the output tag {t} is the source image's tag: the converted image would replace the source image there; give another output tag"
+        );
     }
     Ok(())
 }

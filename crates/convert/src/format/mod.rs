@@ -65,7 +65,8 @@ pub trait OutputFormat: Send + Sync {
     fn check(&self) -> Result<()>;
 
     /// Refuses a source layer this format cannot convert (checked for every layer of a
-    /// manifest before any of its work); the error says why.
+    /// manifest before any of its work); the error says why (the caller names the
+    /// layer).
     fn check_layer(&self, layer: &Descriptor) -> std::result::Result<(), String>;
 
     /// Whether the converted image reads the source layers at run time: they must then

@@ -185,6 +185,13 @@ impl Run<'_> {
         // name it again.
         let what = format!("manifest {}@{}", self.c.src.name(), desc.digest);
         let m: Manifest = parse_json("its content", bytes)?;
+        // An index drops such children; named on its own, it is refused as what it is
+        // (a Helm chart, an SBOM), not for its first layer's media type.
+        if let Some(why) = not_an_image(bytes) {
+            return Err(Error::Unsupported(format!(
+                "not a container image ({why}); only images can be converted"
+            )));
+        }
         if m.layers.is_empty() {
             return Err(Error::Invalid("the image has no layers".into()));
         }
