@@ -374,7 +374,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     for t in native_tag.iter().chain(&turbo_tag) {
         ref_name(&dst_ref, t).context("output tag").usage()?;
     }
-    refuse_overwriting_source(
+    check_source_kept(
         &src_ref,
         source.as_ref(),
         &dst_ref,
@@ -643,12 +643,12 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses (a usage error) a destination that would replace the source image: an
-/// output tag equal to the source's tag in the same registry repository or OCI layout
-/// (the source would lose its tag, and a later run would find an overlaybd image
-/// there), or an archive destination that is the source archive (written whole at the
-/// end, it would hold only the converted image).
-fn refuse_overwriting_source<'a>(
+/// Refuses (a usage error) an archive destination that is the source archive: it is
+/// written whole at the end and would hold only the converted image. Warns about an
+/// output tag equal to the source's tag in the same registry repository or OCI layout:
+/// upstream converts in place so, and scripts may mean it, but the source image then
+/// keeps no tag there (and a later run of the same command finds an overlaybd image).
+fn check_source_kept<'a>(
     src: &ImageRef,
     source: Option<&Reference>,
     dst: &ImageRef,
@@ -690,8 +690,8 @@ fn refuse_overwriting_source<'a>(
         return Ok(());
     };
     if let Some(t) = out_tags.into_iter().find(|t| *t == src_tag) {
-        usage_bail!(
-            "{dst}: the output tag {t} is the source image's tag: the converted image would replace the source image there; give another output tag"
+        tracing::warn!(
+            "{dst}: the output tag {t} is the source image's tag: the converted image replaces the source image there, which then has no tag (only its digest reaches it)"
         );
     }
     Ok(())

