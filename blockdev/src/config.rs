@@ -8,8 +8,10 @@
 //! blob) and an upper `{"index", "data", "target"[, "gzipIndex"]}`.
 //! Unknown keys are ignored. A lower given only as `dir` is looked up as
 //! `dir/overlaybd.commit`, `dir/.commit` or `dir/overlaybd.sealed`, in that
-//! order, as upstream does. Relative paths are taken relative to the
-//! config file's directory.
+//! order, as upstream does. Relative paths are used as given, relative to
+//! the current directory, as upstream opens them: its convertor (and ours,
+//! with `--reserve`) writes them relative to where it runs, e.g. under
+//! `-d tmp_conv`, not to the config file's directory.
 
 use std::path::{Path, PathBuf};
 
@@ -84,19 +86,12 @@ impl ImageConfig {
         Self::parse(&text, path)
     }
 
-    /// Parse config text; `path` names it in errors and anchors relative paths.
+    /// Parse config text; `path` names it in errors. Relative paths in it stay
+    /// relative to the current directory, as upstream's tools open them.
     pub fn parse(text: &str, path: &Path) -> Result<ImageConfig> {
         let bad = |msg: String| Error::corrupt(path, "config.json", msg);
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let abs = |s: &str| {
-            let p = Path::new(s);
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
+        let as_given = |s: &str| PathBuf::from(s);
         let mut lowers = Vec::new();
         let mut lower_targets = Vec::new();
         for (i, l) in raw.lowers.iter().enumerate() {
@@ -116,16 +111,16 @@ impl ImageConfig {
                     )));
                 }
                 lower_targets.push(Some(TargetSource {
-                    file: abs(&l.target_file),
-                    gzip_index: (!l.gzip_index.is_empty()).then(|| abs(&l.gzip_index)),
+                    file: as_given(&l.target_file),
+                    gzip_index: (!l.gzip_index.is_empty()).then(|| as_given(&l.gzip_index)),
                 }));
             } else {
                 lower_targets.push(None);
             }
             if !l.file.is_empty() {
-                lowers.push(abs(&l.file));
+                lowers.push(as_given(&l.file));
             } else if !l.dir.is_empty() {
-                let dir = abs(&l.dir);
+                let dir = as_given(&l.dir);
                 let found = ["overlaybd.commit", ".commit", "overlaybd.sealed"]
                     .iter()
                     .map(|n| dir.join(n))
@@ -150,17 +145,17 @@ impl ImageConfig {
                     return Err(bad("upper has \"gzipIndex\" but no \"target\"".into()));
                 }
                 Some(UpperConfig {
-                    data: abs(&u.data),
-                    index: abs(&u.index),
+                    data: as_given(&u.data),
+                    index: as_given(&u.index),
                     target: (!u.target.is_empty()).then(|| TargetSource {
-                        file: abs(&u.target),
-                        gzip_index: (!u.gzip_index.is_empty()).then(|| abs(&u.gzip_index)),
+                        file: as_given(&u.target),
+                        gzip_index: (!u.gzip_index.is_empty()).then(|| as_given(&u.gzip_index)),
                     }),
                 })
             }
             _ => None,
         };
-        let result_file = (!raw.result_file.is_empty()).then(|| abs(&raw.result_file));
+        let result_file = (!raw.result_file.is_empty()).then(|| as_given(&raw.result_file));
         Ok(ImageConfig {
             lowers,
             lower_targets,
@@ -302,7 +297,10 @@ mod tests {
             c.lowers,
             vec![
                 PathBuf::from("/a/ext4_64"),
-                PathBuf::from("/cfg/b/overlaybd.commit")
+                // Relative to the current directory, as upstream opens it, not
+                // to the config's: upstream's convertor writes `-d tmp_conv`
+                // paths so.
+                PathBuf::from("b/overlaybd.commit")
             ]
         );
         assert_eq!(c.upper.unwrap().data, PathBuf::from("/w/data"));

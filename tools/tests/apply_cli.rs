@@ -165,6 +165,73 @@ fn mkfs_apply_commit_stack_from_stdin() {
     assert!(diffs.is_empty(), "trees differ:\n{}", diffs.join("\n"));
 }
 
+/// Relative paths in config.json are relative to the current directory, as
+/// upstream's tools open them: upstream's convertor (and ours with `--reserve`)
+/// runs in one directory and writes `tmp_conv/<manifest>/<layer>/...` paths
+/// into `tmp_conv/<manifest>/<layer>/config.json`, then runs the tools from
+/// that directory. Taken relative to the config's directory, they named
+/// `tmp_conv/.../tmp_conv/...` and the apply failed.
+#[test]
+fn config_paths_are_relative_to_the_current_directory() {
+    let f = testutil::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (l0, l1) = ("tmp_conv/1-m/0000_l0", "tmp_conv/1-m/0001_l1");
+    for l in [l0, l1] {
+        std::fs::create_dir_all(d.join(l)).unwrap();
+    }
+    let data = |l: &str| format!("{l}/writable_data");
+    let index = |l: &str| format!("{l}/writable_index");
+    let config = |l: &str, lowers: &str| {
+        let p = d.join(l).join("config.json");
+        std::fs::write(
+            &p,
+            format!(
+                r#"{{"repoBlobUrl": "", "lowers": [{lowers}], "upper": {{"data": "{}", "index": "{}"}}, "resultFile": "{l}/result"}}"#,
+                data(l),
+                index(l)
+            ),
+        )
+        .unwrap();
+        format!("{l}/config.json")
+    };
+    assert_ok(&run(
+        CREATE,
+        &["-s", &data(l0), &index(l0), "1", "--mkfs"],
+        d,
+    ));
+    let input = f.join("input.tar");
+    let out = run(APPLY, &[input.to_str().unwrap(), &config(l0, "")], d);
+    assert_ok(&out);
+    let result = |l: &str| std::fs::read_to_string(d.join(l).join("result")).unwrap();
+    assert_eq!(result(l0), "success");
+    let commit = format!("{l0}/overlaybd.commit");
+    assert_ok(&run(COMMIT, &[&data(l0), &index(l0), &commit], d));
+
+    // The next layer names the committed one as its lower, the same way.
+    assert_ok(&run(CREATE, &["-s", &data(l1), &index(l1), "0"], d));
+    let tar = d.join("layer1.tar");
+    std::fs::write(&tar, second_layer()).unwrap();
+    let cfg1 = config(l1, &format!(r#"{{"file": "{commit}"}}"#));
+    assert_ok(&run(APPLY, &[tar.to_str().unwrap(), &cfg1], d));
+    assert_eq!(result(l1), "success");
+    let s = blockdev::Stack::open_read_only(
+        &[d.join(&commit)],
+        Some((&d.join(data(l1)), &d.join(index(l1)))),
+    )
+    .unwrap();
+    let img = d.join("flat.img");
+    s.write_raw_image(&img).unwrap();
+    let got = d.join("got");
+    testutil::rdump(&img, &got);
+    assert_eq!(
+        std::fs::read(got.join("usr/share/doc/new-file")).unwrap(),
+        b"added\n"
+    );
+    assert!(got.join("usr/share/doc/bash").is_dir());
+    assert!(!got.join("usr/share/doc/bash/CHANGES.gz").exists());
+}
+
 #[test]
 fn apply_errors_reach_the_result_file() {
     let f = testutil::fixtures();

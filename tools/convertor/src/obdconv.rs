@@ -55,6 +55,8 @@ struct ObdconvArgs {
     #[arg(long = "hosts-dir", value_name = "DIR")]
     hosts_dir: Option<PathBuf>,
     /// Filesystem of the image: ext4 (the native overlaybd image is always ext4).
+    /// `ctr obdconv`'s `ext4;MOUNT_OPTS;MKFS_OPTS` needs the kernel engine, which
+    /// only the `-r` form selects (`--engine kernel`).
     #[arg(long, default_value = "ext4")]
     fstype: String,
     /// Dedup database: a MySQL DSN `user:pass@tcp(host:port)/db`.

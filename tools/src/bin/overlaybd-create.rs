@@ -35,7 +35,8 @@ struct Args {
     /// Deprecated alias of --turboOCI.
     #[arg(long)]
     fastoci: bool,
-    /// Create a raw image instead: the data file becomes a plain file of vsize bytes.
+    /// Create a raw image instead: the data file becomes a plain (sparse) file of VSIZE GiB;
+    /// the index file is created empty.
     #[arg(long)]
     raw: bool,
     /// Make an ext4 filesystem in the new layer (for the bottom layer of an
