@@ -55,8 +55,8 @@ struct ObdconvArgs {
     #[arg(long = "hosts-dir", value_name = "DIR")]
     hosts_dir: Option<PathBuf>,
     /// Filesystem of the image: ext4 (the native overlaybd image is always ext4).
-    /// `ctr obdconv`'s `ext4;MOUNT_OPTS;MKFS_OPTS` needs the kernel engine, which
-    /// only the `-r` form selects (`--engine kernel`).
+    /// `ctr obdconv`'s `ext4;MOUNT_OPTS;MKFS_OPTS` converts with the kernel engine
+    /// (mkfs.ext4 and a mounted ext4, as `ctr obdconv`; needs root).
     #[arg(long, default_value = "ext4")]
     fstype: String,
     /// Dedup database: a MySQL DSN `user:pass@tcp(host:port)/db`.
@@ -155,6 +155,11 @@ pub(crate) fn parse(argv: impl Iterator<Item = OsString>) -> anyhow::Result<Args
         _ => bail!("--tlscert and --tlskey go together"),
     }
     a.hosts_dir = o.hosts_dir;
+    if o.fstype.contains(';') {
+        // Mount and mkfs options: `ctr obdconv` makes and fills the ext4 with the
+        // kernel's tools, which is what they configure.
+        a.engine.engine = obdtools::engine::EngineKind::Kernel;
+    }
     a.fstype = o.fstype;
     if let Some(dsn) = o.dbstr {
         a.db_type = "mysql".into();

@@ -1133,14 +1133,6 @@ fn malformed_references_are_usage_errors_in_every_form() {
             "--mkfs-options",
             "need --engine kernel",
         ),
-        (
-            with(
-                &["obdconv", &format!("{src}:latest"), &format!("{out_s}:obd")],
-                &["--fstype", "ext4;ro;-I 512"],
-            ),
-            "--fstype",
-            "needs --engine kernel",
-        ),
     ];
     for (mut a, arg, want) in cases {
         a.extend(["-d".to_string(), wd_s.to_string()]);

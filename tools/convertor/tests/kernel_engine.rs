@@ -68,6 +68,21 @@ fn kernel_engine_conversion_equals_the_source_and_libext2fs() {
     std::fs::create_dir(&ldir).unwrap();
     let lib = flatten_and_scan(&layers_of(&sample, "lib_obd"), &ldir);
     assert_same_tree(&kernel, &lib);
+    // The `ctr obdconv` form: its mount and mkfs options select the kernel engine.
+    let out = convert_ok(&[
+        "obdconv",
+        &format!("{src}:latest"),
+        &format!("{src}:obdconv_obd"),
+        "--fstype",
+        "ext4;discard,noatime;-I 256",
+        "-d",
+        wd.to_str().unwrap(),
+    ]);
+    assert!(out.contains("obdconv_obd"), "{out}");
+    let odir = t.path().join("o");
+    std::fs::create_dir(&odir).unwrap();
+    let obdconv = flatten_and_scan(&layers_of(&sample, "obdconv_obd"), &odir);
+    assert_same_tree(&obdconv, &want);
     // The engines' bytes differ, so their layers must not share dedup keys.
     assert_ne!(
         layers_of(&sample, "kernel_obd"),
