@@ -206,6 +206,13 @@ fn upstreams_unsupported_flags_are_named() {
         "{err}"
     );
     assert!(d.path().join("out").exists());
+    let (code, err) =
+        run(Command::new(COMMIT).args(["-f", "--upload_bs", "1024", &data, &index, &out]));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("--upload_bs only applies with --upload"),
+        "{err}"
+    );
 
     std::fs::write(p("layer.tar"), [0u8; 1024]).unwrap();
     for flag in ["--export", "--import"] {

@@ -134,8 +134,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     .collect();
     if !upload_only.is_empty() {
         // As upstream: they only shape an upload.
+        let verb = if upload_only.len() == 1 {
+            "applies"
+        } else {
+            "apply"
+        };
         tracing::warn!(
-            "{} only apply with --upload; ignored",
+            "{} only {verb} with --upload; ignored",
             upload_only.join(", ")
         );
     }
