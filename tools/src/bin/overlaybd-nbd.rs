@@ -38,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Serve a layer stack (or a raw image) until SIGINT/SIGTERM.
+    /// Serve a layer stack (or a raw image) until SIGINT, SIGTERM or SIGHUP.
     Serve(ServeArgs),
 }
 
@@ -373,9 +373,14 @@ fn serve(a: ServeArgs) -> Result<()> {
     // Block the shutdown signals before any thread starts so that only the
     // signal thread below receives them.
     let mut sigs = SigSet::empty();
+    // SIGHUP too (a closed terminal or SSH session), as overlaybd-fuse: its
+    // default action killed the server without flushing, leaving the
+    // socket file.
     sigs.add(Signal::SIGINT);
     sigs.add(Signal::SIGTERM);
-    sigs.thread_block().context("cannot block SIGINT/SIGTERM")?;
+    sigs.add(Signal::SIGHUP);
+    sigs.thread_block()
+        .context("cannot block SIGINT/SIGTERM/SIGHUP")?;
 
     // The signal thread starts before the layers open (a registry image
     // can take long): until the server exists a signal exits at once.
