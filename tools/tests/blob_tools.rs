@@ -603,4 +603,13 @@ fn swapped_data_and_index_files_are_named() {
         "{e}"
     );
     assert!(!d.join("out").exists());
+    // A sparse layer's index file is empty: given as the data file, it is
+    // too small to be one, and the other path holds the data file's header.
+    assert_ok(&run(CREATE, &["-s", "sdata", "sindex", "1"], d));
+    let e = err_text(&run(COMMIT, &["sindex", "sdata", "out"], d));
+    assert!(
+        e.contains("sindex: corrupt LSMT writable layer: data file is only 0 bytes (and sdata is a data file: are the data and index files swapped?)"),
+        "{e}"
+    );
+    assert!(!d.join("out").exists());
 }

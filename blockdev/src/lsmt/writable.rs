@@ -142,6 +142,19 @@ fn swapped_hint(h: &HeaderTrailer) -> &'static str {
     }
 }
 
+/// The LSMT header at the start of the file `p`, if it has one (to tell
+/// swapped paths; any failure to read it is no header). Only a regular
+/// file is opened (a FIFO would block).
+fn index_header(p: &Path) -> Option<HeaderTrailer> {
+    if !std::fs::metadata(p).ok()?.is_file() {
+        return None;
+    }
+    let f = std::fs::File::open(p).ok()?;
+    let mut buf = vec![0u8; HT_SPACE];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0).ok()?;
+    HeaderTrailer::decode(&buf)
+}
+
 /// Create the new file `p`; a missing directory is named (ENOENT alone does
 /// not say which of the layer's paths, or which part of it, is missing).
 fn create_new(p: &Path) -> Result<IoFile> {
@@ -509,9 +522,18 @@ impl WritableLayer {
         let bad = |p: &Path, msg: String| Error::corrupt(p, "LSMT writable layer", msg);
         let data_len = data.len()?;
         if data_len < HT_SPACE as u64 {
+            // A sparse layer's index file is empty: given as the data file
+            // (the paths swapped), it is the index path that holds the header.
+            let hint = match index_header(index_path) {
+                Some(h) if h.is_header() && h.is_data_file() && !h.is_sealed() => format!(
+                    " (and {} is a data file: are the data and index files swapped?)",
+                    index_path.display()
+                ),
+                _ => String::new(),
+            };
             return Err(bad(
                 data_path,
-                format!("data file is only {data_len} bytes"),
+                format!("data file is only {data_len} bytes{hint}"),
             ));
         }
         let mut buf = vec![0u8; HT_SPACE];
