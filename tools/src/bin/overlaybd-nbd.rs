@@ -314,6 +314,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Logging, like every line below, never panics on a closed stderr.
     obdtools::cli::init_logging_from("OVERLAYBD_LOG", "warn");
+    obdtools::cli::wait_for_layer_claims();
     let Cmd::Serve(a) = &cli.cmd;
     let m = matches
         .subcommand_matches("serve")
