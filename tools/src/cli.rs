@@ -235,16 +235,6 @@ pub fn threads(n: usize) -> usize {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn human_sizes() {
-        assert_eq!(super::human(512), "512 B");
-        assert_eq!(super::human(1536), "1.5 KiB");
-        assert_eq!(super::human(64 << 30), "64.0 GiB");
-    }
-}
-
 /// How long a tool waits for another process to let go of a writable layer
 /// before "the layer is in use" ([`blockdev::lsmt::set_claim_wait`]): a
 /// server just stopped (`fusermount -u` returns before the daemon has
@@ -257,4 +247,14 @@ pub const LAYER_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs
 /// for a claim another process holds.
 pub fn wait_for_layer_claims() {
     blockdev::lsmt::set_claim_wait(LAYER_CLAIM_WAIT);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn human_sizes() {
+        assert_eq!(super::human(512), "512 B");
+        assert_eq!(super::human(1536), "1.5 KiB");
+        assert_eq!(super::human(64 << 30), "64.0 GiB");
+    }
 }
