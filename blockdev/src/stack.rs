@@ -81,8 +81,11 @@ impl LowerSource {
 /// layer below) sitting on a layer with another uuid. Layers without uuids
 /// (nil, e.g. committed without `--uuid`) are not compared. Upstream's runtime
 /// does not check either, so [`Stack::with_lowers`] only warns with this text.
+///
+/// The bottom layer naming a parent is noticed too: its parent is one of the
+/// layers above it (two layers given top first), or missing.
 pub fn order_problem(lowers: &[Lower]) -> Option<String> {
-    lowers.windows(2).enumerate().find_map(|(i, pair)| {
+    let pairs = lowers.windows(2).enumerate().find_map(|(i, pair)| {
         let (below, _) = pair[0].uuids();
         let (_, parent) = pair[1].uuids();
         (!below.is_nil() && !parent.is_nil() && below != parent).then(|| {
@@ -92,7 +95,55 @@ pub fn order_problem(lowers: &[Lower]) -> Option<String> {
                 i + 1
             )
         })
+    });
+    pairs.or_else(|| {
+        let (_, parent) = lowers.first()?.uuids();
+        if parent.is_nil() {
+            return None;
+        }
+        Some(
+            match lowers.iter().position(|l| !l.uuids().0.is_nil() && l.uuids().0 == parent) {
+                Some(k) => format!(
+                    "the layers may be out of order (give them bottom first): layer 1, the bottom one, records its parent as {parent}, which is layer {} above it",
+                    k + 1
+                ),
+                None => format!(
+                    "a layer may be missing (give every layer, bottom first): layer 1, the bottom one, records its parent as {parent}, which is not in the stack"
+                ),
+            },
+        )
     })
+}
+
+/// Whether a lower layer records a larger virtual size than the disk's, which
+/// the topmost layer recording a size sets (as upstream's stack does): what
+/// that layer holds past the disk's end is not visible. Upstream does not
+/// check, so [`Stack::with_lowers`] only warns with this text.
+pub fn size_problem(lowers: &[Lower]) -> Option<String> {
+    let size = lowers_vsize(lowers);
+    let (k, l) = lowers
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.virtual_size() > size)?;
+    let top = lowers.iter().rposition(|l| l.virtual_size() == size)?;
+    Some(format!(
+        "the layers disagree on the disk's size: layer {} records {} bytes, layer {} above it {size}, and the topmost size counts (as upstream), so what layer {} holds past byte {size} is not visible (are the layers in order, and all of one image?)",
+        k + 1,
+        l.virtual_size(),
+        top + 1,
+        k + 1
+    ))
+}
+
+/// The virtual size of a stack of lowers: the topmost one recorded (0 when
+/// none is), as upstream's `open_files_ro`.
+fn lowers_vsize(lowers: &[Lower]) -> u64 {
+    lowers
+        .iter()
+        .rev()
+        .map(|l| l.virtual_size())
+        .find(|&v| v > 0)
+        .unwrap_or(0)
 }
 
 /// An opened lower layer.
@@ -295,12 +346,10 @@ impl Stack {
         if lowers.is_empty() && upper.is_none() {
             return Err(Error::Invalid("a stack needs at least one layer".into()));
         }
-        let lower_vsize = lowers
-            .iter()
-            .rev()
-            .map(|l| l.virtual_size())
-            .find(|&v| v > 0)
-            .unwrap_or(0);
+        let lower_vsize = lowers_vsize(&lowers);
+        if let Some(problem) = size_problem(&lowers) {
+            tracing::warn!("{problem}");
+        }
         let mut size = lower_vsize;
         let mut write_align = SECTOR;
         if let Some(u) = &upper {

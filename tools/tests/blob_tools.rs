@@ -603,4 +603,55 @@ fn swapped_data_and_index_files_are_named() {
         "{e}"
     );
     assert!(!d.join("out").exists());
+    // A sparse layer's index file is empty: given as the data file, it is
+    // too small to be one, and the other path holds the data file's header.
+    assert_ok(&run(CREATE, &["-s", "sdata", "sindex", "1"], d));
+    let e = err_text(&run(COMMIT, &["sindex", "sdata", "out"], d));
+    assert!(
+        e.contains("sindex: corrupt LSMT writable layer: data file is only 0 bytes (and sdata is a data file: are the data and index files swapped?)"),
+        "{e}"
+    );
+    assert!(!d.join("out").exists());
+}
+
+/// A layer whose writer is stopping (`fusermount -u` returns before the
+/// overlaybd-fuse daemon has flushed the upper and exited) is waited for: a
+/// commit that finds it claimed goes on once the claim ends, instead of
+/// failing with "the layer is in use" (it did, in 4 of 6 runs of the
+/// README's `fusermount -u /mnt/obd; overlaybd-commit ...`).
+#[test]
+fn a_commit_waits_for_a_writer_that_lets_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    let writer = blockdev::lsmt::WritableLayer::open(&d.join("data"), &d.join("index")).unwrap();
+    let mut commit = Command::new(COMMIT)
+        .args(["data", "index", "out"])
+        .current_dir(d)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the commit has the data file open, its claim is tried (or about
+    // to be) while the writer holds the layer.
+    let data = d.join("data").canonicalize().unwrap();
+    let fds = format!("/proc/{}/fd", commit.id());
+    let has_data_open = || {
+        std::fs::read_dir(&fds).is_ok_and(|fds| {
+            fds.flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == data))
+        })
+    };
+    while !has_data_open() {
+        assert!(
+            commit.try_wait().unwrap().is_none(),
+            "the commit ended before it opened the layer: {}",
+            err_text(&commit.wait_with_output().unwrap())
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(writer);
+    let o = commit.wait_with_output().unwrap();
+    assert_ok(&o);
+    assert!(d.join("out").exists());
 }

@@ -133,3 +133,24 @@ fn registry_flags_with_layer_files_are_named_once() {
         "{e}"
     );
 }
+
+/// A `--socket` path in a directory that does not exist says so, naming the
+/// directory (ENOENT alone read as if the socket file itself were missing).
+#[test]
+fn a_socket_in_a_missing_directory_names_the_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let base = testutil::fixtures().join("baselayer/ext4_64");
+    let dir = t.path().join("no/such");
+    let sock = dir.join("s.sock");
+    let o = serve(&os(&[&base, &"--socket", &sock]));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains(&format!(
+            "{}: the directory {} does not exist",
+            sock.display(),
+            dir.display()
+        )),
+        "{e}"
+    );
+}

@@ -506,8 +506,10 @@ fn an_ignored_sigint_stays_ignored() {
 }
 
 /// With its stdout and stderr gone (a closed SSH session, `| head`), the
-/// server keeps serving and still stops on SIGTERM and SIGINT: logging
-/// never panics, and a broken output stream does not block shutdown.
+/// server keeps serving and still stops on SIGTERM, SIGINT and SIGHUP (what
+/// a closed terminal sends; it used to kill the server, leaving the socket
+/// file): logging never panics, and a broken output stream does not block
+/// shutdown.
 #[test]
 fn stops_on_signals_after_its_output_is_closed() {
     use blockdev::nbd::client::{Client, ClientOptions};
@@ -516,7 +518,7 @@ fn stops_on_signals_after_its_output_is_closed() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
-    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         let sock = dir.path().join(format!("{sig}.sock"));
         let mut child = Command::new(NBD)
             .args(["serve", "--raw", "--read-only", "--socket"])

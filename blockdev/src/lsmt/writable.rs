@@ -15,8 +15,9 @@
 //! the layer's uncompressed tar at `moffset` ([`WritableLayer::map_target`]).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -84,15 +85,51 @@ pub fn create_warp(data: &Path, index: &Path, virtual_size: u64, uuid: Option<Uu
 /// two processes never write one layer at once (an `overlaybd-nbd` serving it
 /// and an `overlaybd-apply`, say: each would overwrite the other's blocks and
 /// index), and a layer being written is not read (committed) meanwhile.
+///
+/// A claim held by another process is waited for up to [`set_claim_wait`]
+/// (none unless set): a server stopped just before (`fusermount -u`, a
+/// signal) may still be flushing the layer when the next tool opens it.
 fn claim(f: &IoFile, read_only: bool) -> Result<()> {
-    if f.try_lock(!read_only)? {
-        return Ok(());
+    let deadline = Instant::now() + claim_wait();
+    loop {
+        if f.try_lock(!read_only)? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let waited = claim_wait();
     Err(Error::Invalid(format!(
-        "{}: the layer is in use: another process is {} it (an overlaybd-nbd, overlaybd-fuse, overlaybd-apply or overlaybd-commit); stop that first",
+        "{}: the layer is in use: another process is {} it (an overlaybd-nbd, overlaybd-fuse, overlaybd-apply or overlaybd-commit); stop that first{}",
         f.path().display(),
-        if read_only { "writing" } else { "using" }
+        if read_only { "writing" } else { "using" },
+        if waited.is_zero() {
+            String::new()
+        } else {
+            format!(" (waited {} s for it to let go)", waited.as_secs_f64())
+        }
     )))
+}
+
+/// Milliseconds [`claim`] waits for another process's claim to end.
+static CLAIM_WAIT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// How long opening a writable layer that another process holds waits for
+/// it to let go before failing with "the layer is in use" (default: not at
+/// all). The tools set a few seconds: a server that was just stopped
+/// (`fusermount -u` returns before the daemon has flushed the upper and
+/// exited) still holds the layer for a moment.
+pub fn set_claim_wait(wait: Duration) {
+    CLAIM_WAIT_MS.store(
+        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+}
+
+fn claim_wait() -> Duration {
+    Duration::from_millis(CLAIM_WAIT_MS.load(Ordering::Relaxed))
 }
 
 /// Open a layer file for reading, or also for writing unless `read_only`.
@@ -140,6 +177,19 @@ fn swapped_hint(h: &HeaderTrailer) -> &'static str {
         (true, true, false) => " (it is a data file: are the data and index files swapped?)",
         _ => "",
     }
+}
+
+/// The LSMT header at the start of the file `p`, if it has one (to tell
+/// swapped paths; any failure to read it is no header). Only a regular
+/// file is opened (a FIFO would block).
+fn index_header(p: &Path) -> Option<HeaderTrailer> {
+    if !std::fs::metadata(p).ok()?.is_file() {
+        return None;
+    }
+    let f = std::fs::File::open(p).ok()?;
+    let mut buf = vec![0u8; HT_SPACE];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0).ok()?;
+    HeaderTrailer::decode(&buf)
 }
 
 /// Create the new file `p`; a missing directory is named (ENOENT alone does
@@ -509,9 +559,18 @@ impl WritableLayer {
         let bad = |p: &Path, msg: String| Error::corrupt(p, "LSMT writable layer", msg);
         let data_len = data.len()?;
         if data_len < HT_SPACE as u64 {
+            // A sparse layer's index file is empty: given as the data file
+            // (the paths swapped), it is the index path that holds the header.
+            let hint = match index_header(index_path) {
+                Some(h) if h.is_header() && h.is_data_file() && !h.is_sealed() => format!(
+                    " (and {} is a data file: are the data and index files swapped?)",
+                    index_path.display()
+                ),
+                _ => String::new(),
+            };
             return Err(bad(
                 data_path,
-                format!("data file is only {data_len} bytes"),
+                format!("data file is only {data_len} bytes{hint}"),
             ));
         }
         let mut buf = vec![0u8; HT_SPACE];

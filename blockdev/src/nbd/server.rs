@@ -174,7 +174,23 @@ impl Listener {
                     }
                     std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
                 }
-                let l = UnixListener::bind(p).map_err(|e| Error::io(p, e))?;
+                let l = UnixListener::bind(p).map_err(|e| match p.parent() {
+                    // ENOENT alone does not say that the directory is missing.
+                    Some(dir)
+                        if e.kind() == io::ErrorKind::NotFound
+                            && !dir.as_os_str().is_empty()
+                            && !dir.exists() =>
+                    {
+                        Error::io(
+                            p,
+                            io::Error::new(
+                                io::ErrorKind::NotFound,
+                                format!("the directory {} does not exist", dir.display()),
+                            ),
+                        )
+                    }
+                    _ => Error::io(p, e),
+                })?;
                 let id = socket_id(p);
                 Ok(Listener::Unix(l, p.clone(), id))
             }

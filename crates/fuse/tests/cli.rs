@@ -425,3 +425,48 @@ fn a_user_who_may_not_open_dev_fuse_is_told_what_to_do() {
         assert!(!is_mounted(&mp));
     }
 }
+
+/// A committed 1 MiB layer with the given uuids.
+fn uuid_layer(
+    dir: &std::path::Path,
+    name: &str,
+    uuid: blockdev::Uuid,
+    parent: Option<blockdev::Uuid>,
+) -> std::path::PathBuf {
+    let (d, i) = (dir.join(format!("{name}.d")), dir.join(format!("{name}.i")));
+    let create = blockdev::lsmt::CreateOptions {
+        virtual_size: 1 << 20,
+        ..Default::default()
+    };
+    blockdev::lsmt::create_writable(&d, &i, &create).unwrap();
+    let out = dir.join(name);
+    let commit = blockdev::commit::CommitOptions {
+        uuid: Some(uuid),
+        parent_uuid: parent,
+        ..Default::default()
+    };
+    blockdev::commit::commit_writable(&d, &i, &out, &commit).unwrap();
+    out
+}
+
+/// The daemon's warnings from before the mount is ready (here: layers out
+/// of order) reach the terminal with --background and no --log, once, as in
+/// the foreground; its stderr was /dev/null, so they were lost.
+#[test]
+fn background_daemon_warnings_reach_the_terminal() {
+    let t = tempfile::tempdir().unwrap();
+    let u = |c: char| {
+        blockdev::Uuid::from_chain_id(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
+    };
+    let l0 = uuid_layer(t.path(), "l0", u('a'), None);
+    let l1 = uuid_layer(t.path(), "l1", u('b'), Some(u('a')));
+    let l2 = uuid_layer(t.path(), "l2", u('c'), Some(u('b')));
+    let args = [l0.as_os_str(), l2.as_os_str(), l1.as_os_str()];
+    let (f, o) = Fuse::background_output(&args, &t.path().join("mp"));
+    f.unmount();
+    let got = lines_with(&o.stderr, "out of order");
+    assert_eq!(got.len(), 1, "{}", err_text(&o));
+    assert!(got[0].contains("layer 2 records its parent as"), "{got:?}");
+    // The ready line is still the only line on stdout.
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
+}

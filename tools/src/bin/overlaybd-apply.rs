@@ -72,6 +72,7 @@ struct Args {
 fn main() -> ExitCode {
     // First: no thread may start with the signals unblocked.
     let signals = Signals::install("overlaybd-apply");
+    obdtools::cli::wait_for_layer_claims();
     let args = Args::parse();
     cli::init_logging(args.verbose);
     if args.raw {

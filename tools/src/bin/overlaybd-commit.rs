@@ -101,6 +101,7 @@ struct Args {
 fn main() -> ExitCode {
     // First: no thread may start with the signals unblocked.
     let signals = Signals::install("overlaybd-commit");
+    obdtools::cli::wait_for_layer_claims();
     let args = Args::parse();
     cli::init_logging(args.verbose);
     signals.run(|| run(args))

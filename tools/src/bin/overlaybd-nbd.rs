@@ -38,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Serve a layer stack (or a raw image) until SIGINT/SIGTERM.
+    /// Serve a layer stack (or a raw image) until SIGINT, SIGTERM or SIGHUP.
     Serve(ServeArgs),
 }
 
@@ -314,6 +314,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Logging, like every line below, never panics on a closed stderr.
     obdtools::cli::init_logging_from("OVERLAYBD_LOG", "warn");
+    obdtools::cli::wait_for_layer_claims();
     let Cmd::Serve(a) = &cli.cmd;
     let m = matches
         .subcommand_matches("serve")
@@ -372,8 +373,11 @@ fn check_usage(a: &ServeArgs, m: &clap::ArgMatches) -> std::result::Result<Vec<S
 fn serve(a: ServeArgs) -> Result<()> {
     // Block the shutdown signals before any thread starts so that only the
     // signal thread below receives them.
-    let sigs = obdsignals::block(&[Signal::SIGINT, Signal::SIGTERM])
-        .context("cannot block SIGINT/SIGTERM")?;
+    // SIGHUP too (a closed terminal or SSH session), as overlaybd-fuse: its
+    // default action killed the server without flushing, leaving the
+    // socket file. (Under `nohup` it stays ignored.)
+    let sigs = obdsignals::block(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP])
+        .context("cannot block SIGINT/SIGTERM/SIGHUP")?;
 
     // The signal thread starts before the layers open (a registry image
     // can take long): until the server exists a signal exits at once.

@@ -67,6 +67,7 @@ struct Args {
 fn main() -> ExitCode {
     // First: no thread may start with the signals unblocked.
     let signals = Signals::install("turboOCI-apply");
+    obdtools::cli::wait_for_layer_claims();
     let args = Args::parse();
     cli::init_logging(args.verbose);
     // --export names an output where the config goes: refused before the

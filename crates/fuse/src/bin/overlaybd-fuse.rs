@@ -130,6 +130,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
+    // A server stopped just before may still be flushing a writable upper
+    // (as overlaybd-nbd and the layer tools: obdtools::cli::LAYER_CLAIM_WAIT).
+    blockdev::lsmt::set_claim_wait(Duration::from_secs(10));
     let daemon = std::env::var_os(DAEMON_ENV).is_some();
     if daemon {
         // The parent blocks these while it waits for us to get ready, and
@@ -247,9 +250,14 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
         );
         if daemon {
             print_out(format_args!("ready {line}"));
-            // Detach from the parent's pipe and working directory.
+            // Detach from the parent's pipe and working directory (without
+            // --log, stderr is that pipe too: the parent relays the messages
+            // from before the mount was ready).
             if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
                 let _ = nix::unistd::dup2_stdout(&null);
+                if a.log.is_none() {
+                    let _ = nix::unistd::dup2_stderr(&null);
+                }
             }
             let _ = std::env::set_current_dir("/");
         } else {
@@ -330,16 +338,26 @@ fn start_background(a: &MountArgs) -> Result<ExitCode> {
         .skip(1)
         .filter(|x| x != "--background")
         .collect();
+    // The daemon's status lines come on its stdout. Without --log its stderr
+    // is the same pipe until the mount is ready, so that its warnings then
+    // (layers out of order, a mountpoint that is not empty) are relayed here;
+    // with --log they go there, and this one is said here too.
+    let (status, status_w) = std::io::pipe().context("cannot make a pipe for the daemon")?;
     let stderr = match &a.log {
-        Some(p) => Stdio::from(open_log(p)?),
-        None => Stdio::null(),
-    };
-    // The daemon's warnings go to --log (or nowhere): this one is said here.
-    if let Some(mp) = a.args.last().map(Path::new) {
-        if obdfuse::session::check_mountpoint(mp).is_ok() {
-            obdfuse::session::warn_if_not_empty(mp);
+        Some(p) => {
+            if let Some(mp) = a.args.last().map(Path::new) {
+                if obdfuse::session::check_mountpoint(mp).is_ok() {
+                    obdfuse::session::warn_if_not_empty(mp);
+                }
+            }
+            Stdio::from(open_log(p)?)
         }
-    }
+        None => Stdio::from(
+            status_w
+                .try_clone()
+                .context("cannot make a pipe for the daemon")?,
+        ),
+    };
     // Blocked before the daemon starts, so that none of them can end this
     // process with the daemon left behind; they are read from a signalfd
     // while waiting. (The daemon inherits the mask and unblocks them.)
@@ -350,14 +368,15 @@ fn start_background(a: &MountArgs) -> Result<ExitCode> {
         .args(args)
         .env(DAEMON_ENV, "1")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(status_w)
         .stderr(stderr)
         // Its own process group: a Ctrl-C at the terminal later is not for it.
         .process_group(0)
         .spawn()
         .context("cannot start the daemon")?;
-    let out = child.stdout.take().expect("piped stdout");
-    match wait_for_daemon(out, &sfd) {
+    // (The Command, with this process's copies of the pipe's write end, is
+    // gone: the pipe ends when the daemon exits or detaches.)
+    match wait_for_daemon(status, &sfd) {
         Ok(Status::Ready(line)) => {
             print_out(format_args!("{line} (daemon pid {})", child.id()));
             Ok(ExitCode::SUCCESS)
@@ -441,7 +460,13 @@ fn wait_for_daemon(mut out: impl Read + AsFd, sfd: &SignalFd) -> Result<Status> 
             if let Some(r) = line.strip_prefix("ready ") {
                 return Ok(Status::Ready(r.to_string()));
             }
-            errors.push(line.strip_prefix("error: ").unwrap_or(&line).to_string());
+            match line.strip_prefix("error: ") {
+                Some(e) => errors.push(e.to_string()),
+                // The daemon's log (its stderr, without --log), said as it comes.
+                None => {
+                    let _ = writeln!(std::io::stderr(), "{line}");
+                }
+            }
         }
     }
 }
