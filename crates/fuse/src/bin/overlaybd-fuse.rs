@@ -342,7 +342,9 @@ fn start_background(a: &MountArgs) -> Result<ExitCode> {
     // is the same pipe until the mount is ready, so that its warnings then
     // (layers out of order, a mountpoint that is not empty) are relayed here;
     // with --log they go there, and this one is said here too.
-    let (status, status_w) = std::io::pipe().context("cannot make a pipe for the daemon")?;
+    let (status, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map(|(r, w)| (std::fs::File::from(r), std::fs::File::from(w)))
+        .context("cannot make a pipe for the daemon")?;
     let stderr = match &a.log {
         Some(p) => {
             if let Some(mp) = a.args.last().map(Path::new) {
