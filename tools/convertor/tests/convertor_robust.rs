@@ -723,6 +723,27 @@ fn too_many_layers_are_refused_before_any_work() {
     assert!(!out.exists() && !wd.exists());
 }
 
+/// `--mkfs=false` without upstream's base layer fails before any work, saying where it
+/// was looked for and how to give it (`--baselayer`) or do without it (`--mkfs`).
+#[test]
+fn a_missing_base_layer_says_how_to_give_it() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let out = t.path().join("out");
+    let wd = t.path().join("w");
+    let missing = t.path().join("no-such-base");
+    let out_s = format!("oci:{}", out.display());
+    let mut a = args(&src, &out_s, wd.to_str().unwrap());
+    a.extend(["--mkfs=false", "--baselayer", missing.to_str().unwrap()]);
+    let o = Command::new(bin()).args(&a).output().unwrap();
+    let e = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains(missing.to_str().unwrap()), "{e}");
+    assert!(e.contains("--baselayer") && e.contains("--mkfs"), "{e}");
+    assert!(!out.exists() && !wd.exists());
+}
+
 /// An OCI layout named without `oci:` (`-r ./sample`) is not tried as a registry
 /// (retries, then a DNS error): refused at once with the right spelling. Registry
 /// references stay registry references even when a directory of that name exists.

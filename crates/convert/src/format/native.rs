@@ -110,7 +110,8 @@ pub(crate) fn check_baselayer(mkfs: bool, baselayer: &Path) -> Result<()> {
     if !mkfs && !baselayer.is_file() {
         return Err(Error::Invalid(format!(
             "--mkfs=false needs upstream's prebuilt base layer at {}, which is missing; \
-             use --mkfs (the default) to make the filesystem in the bottom layer",
+             give its path with --baselayer, or use --mkfs (the default) to make the \
+             filesystem in the bottom layer",
             baselayer.display()
         )));
     }
