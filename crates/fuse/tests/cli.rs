@@ -249,6 +249,14 @@ fn open_errors_name_the_file_once() {
     std::fs::write(&cut, &whole[..100_000]).unwrap();
     let tiny = t.path().join("tiny.lsmt");
     std::fs::write(&tiny, [0u8; 100]).unwrap();
+    // A config.json naming a layer that is not there: both are named.
+    let gone = t.path().join("gone.lsmt");
+    let config = t.path().join("config.json");
+    std::fs::write(
+        &config,
+        format!(r#"{{"lowers": [{{"file": "{}"}}]}}"#, gone.display()),
+    )
+    .unwrap();
     let cases = [
         (
             &missing,
@@ -275,6 +283,14 @@ fn open_errors_name_the_file_once() {
                 "cannot open layer: {}: corrupt LSMT: blob is 100 bytes, too small for a header \
                  and a trailer",
                 tiny.display()
+            ),
+        ),
+        (
+            &config,
+            format!(
+                "image config {}: cannot open layer {}: No such file or directory (os error 2)",
+                config.display(),
+                gone.display()
             ),
         ),
     ];

@@ -127,6 +127,11 @@ fn stack_err<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(blockdev::Error) 
     }
 }
 
+/// `n` and `what`, plural unless `n` is 1 ("1 layer", "3 layers").
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 /// The target of a TurboOCI layer: the layer tar its file data lives in.
 #[derive(Clone)]
 pub enum Target {
@@ -309,10 +314,10 @@ impl ImageSpec {
                 let layers = store.layers(tag.as_deref())?;
                 let (lowers, kind) = lowers(&layers, &store)?;
                 let description = format!(
-                    "{kind} image oci:{}{} ({} layers)",
+                    "{kind} image oci:{}{} ({})",
                     dir.display(),
                     tag.map(|t| format!(":{t}")).unwrap_or_default(),
-                    lowers.len()
+                    count(lowers.len(), "layer")
                 );
                 return Ok(ImageSpec {
                     lowers,
@@ -327,6 +332,15 @@ impl ImageSpec {
             if is_config_file(Path::new(a)) {
                 let p = Path::new(a);
                 let cfg = ImageConfig::load(p).map_err(stack_err("cannot read image config", p))?;
+                // A lower that is missing (or not a file) is named with the config
+                // that names it.
+                let what = format!("image config {a}: cannot open layer");
+                for f in &cfg.lowers {
+                    std::fs::metadata(f)
+                        .map_err(|e| blockdev::Error::io(f, e))
+                        .and_then(|_| blockdev::io::check_regular(f, "a layer file"))
+                        .map_err(stack_err(&what, f))?;
+                }
                 let upper = upper.or(cfg.upper.clone().map(|u| UpperSpec {
                     data: u.data,
                     index: u.index,
@@ -344,9 +358,8 @@ impl ImageSpec {
                     .collect::<Vec<_>>();
                 return Ok(ImageSpec {
                     description: format!(
-                        "image config {a} ({} {}lowers)",
-                        lowers.len(),
-                        if turbo { "TurboOCI " } else { "" }
+                        "image config {a} ({})",
+                        count(lowers.len(), if turbo { "TurboOCI lower" } else { "lower" })
                     ),
                     lowers,
                     upper,
@@ -360,7 +373,7 @@ impl ImageSpec {
             lowers.push(LowerSpec::layer(LayerBlob::File(PathBuf::from(a))));
         }
         Ok(ImageSpec {
-            description: format!("layer stack ({} layers)", lowers.len()),
+            description: format!("layer stack ({})", count(lowers.len(), "layer")),
             lowers,
             upper,
             fetch_stats: None,
@@ -425,7 +438,10 @@ impl ImageSpec {
         cache.unlink_temporary();
         tracing::info!("lazy: {r} opened: {}", stats.summary());
         Ok(ImageSpec {
-            description: format!("{kind} image {r} ({} layers, lazily fetched)", lowers.len()),
+            description: format!(
+                "{kind} image {r} ({}, lazily fetched)",
+                count(lowers.len(), "layer")
+            ),
             lowers,
             upper,
             fetch_stats: Some(stats),
