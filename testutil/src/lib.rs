@@ -562,3 +562,20 @@ pub fn dir_root(dir: &Path) -> Ext4Root {
         .collect();
     (m.mode(), m.uid(), m.gid(), m.mtime() as u32, xattrs)
 }
+
+/// Restores the default action of SIGINT, SIGTERM and SIGHUP in this test
+/// process when it was started with them ignored (under `nohup`, or as a
+/// script's background job): the binaries under test inherit the
+/// dispositions and keep an ignored stop signal ignored, so a test that
+/// stops one with a signal calls this first. Once per process.
+pub fn default_stop_signals() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            // SAFETY: SIG_DFL installs no handler function, so no code runs in
+            // signal context; the test process takes these signals' default.
+            let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+        }
+    });
+}

@@ -552,6 +552,7 @@ fn raw_image_with_mkfs() {
 /// line on stderr, exit 128 + the signal.
 #[test]
 fn an_interrupted_apply_marks_the_result_failed() {
+    testutil::default_stop_signals();
     use nix::sys::signal::Signal;
     let f = testutil::fixtures();
     let tar = std::fs::read(f.join("input.tar")).unwrap();

@@ -298,6 +298,7 @@ fn an_unwritable_stdout_is_not_a_failure() {
 /// and a rerun works.
 #[test]
 fn an_interrupted_zfile_leaves_no_partial_output() {
+    testutil::default_stop_signals();
     use nix::sys::signal::Signal;
     use std::io::Write;
     use std::process::Stdio;
@@ -351,6 +352,7 @@ fn an_interrupted_zfile_leaves_no_partial_output() {
 /// stays ignored: the work goes on and completes.
 #[test]
 fn an_ignored_sigint_stays_ignored() {
+    testutil::default_stop_signals();
     use std::io::Write;
     use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
@@ -383,6 +385,7 @@ fn an_ignored_sigint_stays_ignored() {
 /// previous output stays whole until the new one is complete.
 #[test]
 fn an_interrupted_commit_leaves_no_partial_output() {
+    testutil::default_stop_signals();
     use nix::sys::signal::Signal;
     use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
@@ -511,6 +514,7 @@ fn tar_wraps_zfile_output_only_as_upstream() {
 /// and a rerun was refused because they exist.
 #[test]
 fn an_interrupted_create_leaves_no_layer() {
+    testutil::default_stop_signals();
     use nix::sys::signal::Signal;
     use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();

@@ -164,6 +164,7 @@ fn assert_nothing_left(work: &Path) {
 
 #[test]
 fn ctrl_c_mid_apply_unmounts_everything() {
+    testutil::default_stop_signals();
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

@@ -54,6 +54,8 @@ impl Served {
     }
 
     fn spawn(mut cmd: Command) -> Served {
+        // Served ones are stopped with SIGTERM.
+        testutil::default_stop_signals();
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -326,6 +328,7 @@ fn writable_session_is_flushed_on_sigterm_and_survives_commit() {
 
 #[test]
 fn clear_errors_for_bad_inputs_and_read_only_upper() {
+    testutil::default_stop_signals();
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.lsmt");
     let out = Command::new(NBD)
@@ -479,6 +482,7 @@ fn clear_errors_for_bad_inputs_and_read_only_upper() {
 /// leaves it ignored: it keeps serving, and SIGTERM still stops it cleanly.
 #[test]
 fn an_ignored_sigint_stays_ignored() {
+    testutil::default_stop_signals();
     use nix::sys::signal::Signal;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
@@ -512,6 +516,7 @@ fn an_ignored_sigint_stays_ignored() {
 /// shutdown.
 #[test]
 fn stops_on_signals_after_its_output_is_closed() {
+    testutil::default_stop_signals();
     use blockdev::nbd::client::{Client, ClientOptions};
     use blockdev::nbd::Endpoint;
     use nix::sys::signal::Signal;
@@ -743,6 +748,7 @@ fn exit_within(mut child: Child, secs: u64, what: &str) -> (Option<i32>, String)
 /// at once with 128 + the signal.
 #[test]
 fn fifo_inputs_are_refused_and_signals_stop_a_slow_open() {
+    testutil::default_stop_signals();
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("f.lsmt");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
@@ -1035,6 +1041,7 @@ fn rss(pid: u32) -> Option<(u64, u64)> {
 /// with `--workers 64` by 2 GiB), and another client is served meanwhile.
 #[test]
 fn a_client_not_reading_replies_pins_only_its_reply_budget() {
+    testutil::default_stop_signals();
     use blockdev::nbd::client::{Client, ClientOptions};
     use blockdev::nbd::proto::CMD_READ;
     use blockdev::nbd::Endpoint;

@@ -350,6 +350,7 @@ fn outputs_never_replace_inputs() {
 /// is kept, the result file says it failed, exit 128 + the signal.
 #[test]
 fn an_interrupted_apply_leaves_no_temporary_index() {
+    testutil::default_stop_signals();
     use nix::sys::signal::Signal;
     use std::io::Write;
     let gz = std::fs::read(fx("ext4-gzip/layer.tar.gz")).unwrap();

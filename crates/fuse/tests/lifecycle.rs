@@ -19,6 +19,7 @@ fn layers_args(layers: &[std::path::PathBuf]) -> Vec<&std::ffi::OsStr> {
 
 #[test]
 fn sigterm_and_sigint_unmount_and_exit_zero() {
+    testutil::default_stop_signals();
     let t = tempfile::tempdir().unwrap();
     let layers = fixture_layers();
     for sig in [Signal::SIGTERM, Signal::SIGINT] {
@@ -39,6 +40,7 @@ fn sigterm_and_sigint_unmount_and_exit_zero() {
 /// script's background job. The mount keeps serving; SIGTERM still stops it.
 #[test]
 fn signals_started_ignored_stay_ignored() {
+    testutil::default_stop_signals();
     let t = tempfile::tempdir().unwrap();
     let layers = fixture_layers();
     for (ignored, sig) in [("HUP", Signal::SIGHUP), ("INT", Signal::SIGINT)] {
@@ -71,6 +73,7 @@ fn fusermount_u_stops_the_daemon_with_status_zero() {
 
 #[test]
 fn busy_mount_is_detached_on_sigterm_and_served_until_released() {
+    testutil::default_stop_signals();
     let t = tempfile::tempdir().unwrap();
     let layers = fixture_layers();
     let mp = t.path().join("mp");
@@ -255,6 +258,7 @@ fn stderr_until(f: &mut Fuse, want: &str) -> String {
 /// the status says which signal (128 + its number).
 #[test]
 fn a_second_signal_saves_completed_writes_and_exits_with_128_plus_signal() {
+    testutil::default_stop_signals();
     let t = tempfile::tempdir().unwrap();
     let (data, index) = (t.path().join("data"), t.path().join("index"));
     run_ok(
@@ -444,6 +448,7 @@ fn fifos_are_refused_or_used_without_hanging() {
 /// default log level), as the foreground prints it.
 #[test]
 fn the_log_file_gets_the_unmount_line() {
+    testutil::default_stop_signals();
     let t = tempfile::tempdir().unwrap();
     let layers = fixture_layers();
     let log = t.path().join("log");
@@ -525,6 +530,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 /// not mount later unseen; the status is 128 + the signal's number.
 #[test]
 fn a_signal_while_waiting_for_the_daemon_stops_it() {
+    testutil::default_stop_signals();
     let t = tempfile::tempdir().unwrap();
     let mp = t.path().join("mp");
     std::fs::create_dir(&mp).unwrap();

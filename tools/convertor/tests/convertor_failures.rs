@@ -333,6 +333,7 @@ fn registry_down_mid_push() {
 
 #[test]
 fn ctrl_c_exits_130_and_cleans_up() {
+    testutil::default_stop_signals();
     interrupted_run("INT", 130, false, Slow::Crawl);
 }
 
@@ -341,6 +342,7 @@ fn ctrl_c_exits_130_and_cleans_up() {
 /// session): output must never panic.
 #[test]
 fn sigterm_exits_143_and_cleans_up_with_output_closed() {
+    testutil::default_stop_signals();
     interrupted_run("TERM", 143, true, Slow::Crawl);
 }
 
@@ -349,6 +351,7 @@ fn sigterm_exits_143_and_cleans_up_with_output_closed() {
 /// waited for.
 #[test]
 fn ctrl_c_during_a_stalled_download_stops_at_once() {
+    testutil::default_stop_signals();
     interrupted_run("INT", 130, false, Slow::Stalled);
 }
 
@@ -357,6 +360,7 @@ fn ctrl_c_during_a_stalled_download_stops_at_once() {
 /// the stall timeout.
 #[test]
 fn ctrl_c_while_the_registry_does_not_answer_stops_at_once() {
+    testutil::default_stop_signals();
     interrupted_run("INT", 130, false, Slow::Silent);
 }
 
@@ -366,6 +370,7 @@ fn ctrl_c_while_the_registry_does_not_answer_stops_at_once() {
 /// connection and never answers, so the run is waiting when the signals come.
 #[test]
 fn an_ignored_sigint_stays_ignored() {
+    testutil::default_stop_signals();
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let r = format!(
         "127.0.0.1:{}/int/layers",
@@ -413,6 +418,7 @@ enum Slow {
 }
 
 fn interrupted_run(signal: &str, code: i32, close_output: bool, slow: Slow) {
+    testutil::default_stop_signals();
     let reg = Registry::plain();
     let t = tempfile::tempdir().unwrap();
     let images = t.path().join("images");
@@ -662,6 +668,7 @@ fn json_blob(v: serde_json::Value) -> (Vec<u8>, String) {
 /// (here the default, 60 s) is not waited for.
 #[test]
 fn ctrl_c_during_a_stalled_answer_body_stops_at_once() {
+    testutil::default_stop_signals();
     const MT_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
     const MT_INDEX: &str = "application/vnd.oci.image.index.v1+json";
     let (config, config_d) = json_blob(serde_json::json!({

@@ -1002,6 +1002,7 @@ fn all_below(d: &Path) -> Vec<String> {
 /// (`--reserve`), its private directory (both were left for the next run).
 #[test]
 fn a_second_signal_quits_without_leaving_work_files() {
+    testutil::default_stop_signals();
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     build_images("bench", &src, &["--size-mb", "60"]);
@@ -1240,6 +1241,7 @@ fn read_json(p: &Path) -> serde_json::Value {
 /// platform at a time, so the first one's layers were written).
 #[test]
 fn a_failed_run_leaves_destination_and_work_dir_as_found() {
+    testutil::default_stop_signals();
     let t = tempfile::tempdir().unwrap();
     let bench = t.path().join("bench");
     build_images("bench", &bench, &["--size-mb", "20"]);
@@ -1338,6 +1340,7 @@ fn a_failed_run_leaves_destination_and_work_dir_as_found() {
 /// the last line says where.
 #[test]
 fn an_interrupted_run_leaves_destination_and_work_dir_as_found() {
+    testutil::default_stop_signals();
     use nix::sys::signal::{kill, Signal};
     let t = tempfile::tempdir().unwrap();
     let bench = t.path().join("bench");

@@ -153,6 +153,8 @@ impl Fuse {
     }
 
     fn spawn(mut cmd: Command, mp: &Path) -> Fuse {
+        // Foreground daemons are stopped with signals.
+        testutil::default_stop_signals();
         std::fs::create_dir_all(mp).unwrap();
         let mut child = cmd
             .stdout(Stdio::piped())
