@@ -235,18 +235,10 @@ pub fn threads(n: usize) -> usize {
     }
 }
 
-/// How long a tool waits for another process to let go of a writable layer
-/// before "the layer is in use" ([`blockdev::lsmt::set_claim_wait`]): a
-/// server just stopped (`fusermount -u` returns before the daemon has
-/// flushed the upper and exited; `kill` before the server has) still holds
-/// it for a moment, and `fusermount -u M && overlaybd-commit data index out`
-/// must work.
-pub const LAYER_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Make writable layers opened by this tool wait up to [`LAYER_CLAIM_WAIT`]
-/// for a claim another process holds.
+/// Make writable layers opened by this tool wait up to
+/// [`blockdev::lsmt::TOOL_CLAIM_WAIT`] for a claim another process holds.
 pub fn wait_for_layer_claims() {
-    blockdev::lsmt::set_claim_wait(LAYER_CLAIM_WAIT);
+    blockdev::lsmt::set_claim_wait(blockdev::lsmt::TOOL_CLAIM_WAIT);
 }
 
 #[cfg(test)]

@@ -16,4 +16,6 @@ pub mod writable;
 
 pub use format::{HeaderTrailer, Mapping};
 pub use sealed::SealedLayer;
-pub use writable::{create_writable, set_claim_wait, CreateOptions, WritableLayer};
+pub use writable::{
+    create_writable, set_claim_wait, CreateOptions, WritableLayer, TOOL_CLAIM_WAIT,
+};

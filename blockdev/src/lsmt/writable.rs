@@ -113,6 +113,14 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     )))
 }
 
+/// How long the tools (`overlaybd-commit`, `-apply`, `-nbd`, `-fuse`,
+/// `turboOCI-apply`) wait for another process to let go of a writable layer
+/// ([`set_claim_wait`]): a server just stopped (`fusermount -u` returns
+/// before the daemon has flushed the upper and exited; `kill` before the
+/// server has) still holds it for a moment, and
+/// `fusermount -u M && overlaybd-commit data index out` must work.
+pub const TOOL_CLAIM_WAIT: Duration = Duration::from_secs(10);
+
 /// Milliseconds [`claim`] waits for another process's claim to end.
 static CLAIM_WAIT_MS: AtomicU64 = AtomicU64::new(0);
 

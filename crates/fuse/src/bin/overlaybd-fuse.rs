@@ -130,9 +130,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
-    // A server stopped just before may still be flushing a writable upper
-    // (as overlaybd-nbd and the layer tools: obdtools::cli::LAYER_CLAIM_WAIT).
-    blockdev::lsmt::set_claim_wait(Duration::from_secs(10));
+    // A server stopped just before may still be flushing a writable upper.
+    blockdev::lsmt::set_claim_wait(blockdev::lsmt::TOOL_CLAIM_WAIT);
     let daemon = std::env::var_os(DAEMON_ENV).is_some();
     if daemon {
         // The parent blocks these while it waits for us to get ready, and
