@@ -625,11 +625,9 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
             _ => format!("{}:{}", dst.name(), out.tag),
         };
         print_out(format_args!(
-            "{verb} {written_as} {} ({} manifest{}, {} layers) in {secs:.1} s{what}",
+            "{verb} {written_as} {} ({}) in {secs:.1} s{what}",
             out.descriptor.digest,
-            out.manifests,
-            if out.manifests == 1 { "" } else { "s" },
-            out.layers
+            result_counts(out)
         ));
         if let Some((_, what)) = dd {
             if let Some(line) = dedup_summary(out, what) {
@@ -816,6 +814,33 @@ fn open_dedup(
     let what = format!("{}, format {key}", db.describe());
     tracing::info!("dedup: using {what}");
     Ok(Some((Arc::new(Dedup::new(db)), what)))
+}
+
+/// `n` and the noun, singular for 1 (`1 layer`, `2 layers`).
+fn counted(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
+/// The result line's counts: the platform manifests and the layers converted, or that
+/// the manifests were reused from the dedup database (re-tagged or copied: no layer work).
+fn result_counts(out: &ConvertOutcome) -> String {
+    let (m, reused) = (out.manifests, out.manifests_reused);
+    if reused == 0 {
+        format!(
+            "{}, {}",
+            counted(m, "manifest"),
+            counted(out.layers, "layer")
+        )
+    } else if reused >= m {
+        format!("{} reused from the dedup database", counted(m, "manifest"))
+    } else {
+        format!(
+            "{}: {reused} reused from the dedup database, {} converted with {}",
+            counted(m, "manifest"),
+            m - reused,
+            counted(out.layers, "layer")
+        )
+    }
 }
 
 /// The end-of-run dedup line: what was converted and what reused, from the pipeline's

@@ -677,6 +677,26 @@ fn layout_with_layers(dir: &Path, n: usize) {
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
 }
 
+/// The result line counts in words: `1 manifest, 1 layer`, `1 manifest, 2 layers`.
+#[test]
+fn the_result_line_counts_in_words() {
+    let t = tempfile::tempdir().unwrap();
+    for (n, want) in [(1, "(1 manifest, 1 layer)"), (2, "(1 manifest, 2 layers)")] {
+        let src = t.path().join(format!("src{n}"));
+        layout_with_layers(&src, n);
+        let src_s = format!("oci:{}", src.display());
+        let out_s = format!("oci:{}", t.path().join(format!("out{n}")).display());
+        let wd = t.path().join("w");
+        let o = Command::new(bin())
+            .args(args(&src_s, &out_s, wd.to_str().unwrap()))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{stdout}\n{}", stderr_of(&o));
+        assert!(stdout.contains(want), "{n} layers: {stdout}");
+    }
+}
+
 /// More layers than overlaybd stacks (255) is known from the manifest: refused before
 /// any layer is converted, not when layer 257 finds 256 layers below it.
 #[test]

@@ -376,6 +376,11 @@ fn reuse_flow(backend: Backend, t: &Path) {
         "{}",
         r1.stdout
     );
+    assert!(
+        r1.stdout.contains("(1 manifest, 4 layers)"),
+        "{}",
+        r1.stdout
+    );
     assert_eq!(
         (r1.summary.manifests_converted, r1.summary.manifests_reused),
         (1, 0)
@@ -417,6 +422,13 @@ fn reuse_flow(backend: Backend, t: &Path) {
         work_evidence(Path::new(&wd("w2"))),
         Work::default(),
         "no layer work at all"
+    );
+    // The result line says what happened, not "0 layers".
+    assert!(
+        r2.stdout
+            .contains("(1 manifest reused from the dedup database)"),
+        "{}",
+        r2.stdout
     );
     let (d2, _) = get_json(&app, "obd2");
     assert_eq!(d2.digest, d1.digest);
@@ -811,6 +823,7 @@ fn index_reuse_sqlite() {
         r1.stdout
     );
     assert!(r1.summary.layers_converted > 0);
+    assert!(r1.stdout.contains("(2 manifests, "), "{}", r1.stdout);
     let r2 = run("m2");
     assert_eq!(
         r2.summary,
@@ -818,6 +831,12 @@ fn index_reuse_sqlite() {
             manifests_reused: 2,
             ..Default::default()
         },
+        "{}",
+        r2.stdout
+    );
+    assert!(
+        r2.stdout
+            .contains("(2 manifests reused from the dedup database)"),
         "{}",
         r2.stdout
     );
