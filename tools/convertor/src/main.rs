@@ -206,7 +206,21 @@ pub(crate) fn zfile_block_kib(s: &str) -> Result<u32, String> {
     }
 }
 
+/// The name the run's messages start with: `convertor`, or `convertor obdconv` for the
+/// `ctr obdconv` form (its usage and runtime errors alike).
+static PROG: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+fn prog() -> &'static str {
+    PROG.get().copied().unwrap_or("convertor")
+}
+
 fn main() -> ExitCode {
+    let obdconv_form = std::env::args_os().nth(1).is_some_and(|a| a == "obdconv");
+    let _ = PROG.set(if obdconv_form {
+        "convertor obdconv"
+    } else {
+        "convertor"
+    });
     // Block SIGINT/SIGTERM before any thread starts (threads inherit the mask):
     // only the signal thread below receives them, with sigwait.
     // Those it was started with ignored stay ignored (a script's `convertor &`).
@@ -224,15 +238,16 @@ fn main() -> ExitCode {
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
         say(format_args!(
-            "convertor: internal error (a bug; please report it): {}{at}",
+            "{}: internal error (a bug; please report it): {}{at}",
+            prog(),
             msg.replace('\n', " ")
         ));
     }));
-    let args = if std::env::args_os().nth(1).is_some_and(|a| a == "obdconv") {
+    let args = if obdconv_form {
         match obdconv::parse(std::env::args_os().skip(1)) {
             Ok(a) => a,
             Err(e) => {
-                obdtools::cli::report("convertor obdconv", &e);
+                obdtools::cli::report(prog(), &e);
                 return ExitCode::from(2);
             }
         }
@@ -252,13 +267,14 @@ fn main() -> ExitCode {
                     if by.swap(sig as i32, Ordering::SeqCst) == 0 {
                         a.set();
                         say(format_args!(
-                            "convertor: {sig}: stopping and cleaning up (again to quit at once)"
+                            "{}: {sig}: stopping and cleaning up (again to quit at once)",
+                            prog()
                         ));
                     } else {
                         // No destructor runs now: remove the run's work files and
                         // unfinished outputs first.
                         let done = obdconvert::workdir::remove_for_exit();
-                        say(format_args!("convertor: {sig} again: quitting now"));
+                        say(format_args!("{}: {sig} again: quitting now", prog()));
                         say_cleanup(&done);
                         std::process::exit(128 + sig as i32);
                     }
@@ -272,10 +288,10 @@ fn main() -> ExitCode {
     let code = match (res, stopped_by.load(Ordering::SeqCst)) {
         (Ok(()), _) => ExitCode::SUCCESS,
         (Err(_), sig) if sig != 0 => {
-            say(format_args!("convertor: interrupted"));
+            say(format_args!("{}: interrupted", prog()));
             ExitCode::from((128 + sig) as u8)
         }
-        (Err(e), _) => obdtools::cli::fail("convertor", e),
+        (Err(e), _) => obdtools::cli::fail(prog(), e),
     };
     say_cleanup(&std::mem::take(
         &mut *CLEANED.lock().unwrap_or_else(|e| e.into_inner()),
@@ -311,7 +327,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     let engine_fstype = args.fstype.contains(';').then_some(args.fstype.as_str());
     let engine = args
         .engine
-        .build_with("convertor", abort.flag(), engine_fstype)?;
+        .build_with(prog(), abort.flag(), engine_fstype)?;
     let fstype = TurboFormat::parse_fstype(if engine_fstype.is_some() {
         "ext4"
     } else {
@@ -783,7 +799,7 @@ static CLEANED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new()
 /// there is nothing to say).
 fn say_cleanup(done: &[String]) {
     if !done.is_empty() {
-        say(format_args!("convertor: cleanup: {}", done.join("; ")));
+        say(format_args!("{}: cleanup: {}", prog(), done.join("; ")));
     }
 }
 

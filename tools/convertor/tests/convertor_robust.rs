@@ -1187,6 +1187,63 @@ fn malformed_references_are_usage_errors_in_every_form() {
     }
 }
 
+/// The `obdconv` form's messages all start `convertor obdconv:`: its usage errors found
+/// while parsing, those found later, and runtime errors; the `-r` form's `convertor:`.
+#[test]
+fn obdconv_errors_name_the_obdconv_form() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let out_s = format!("oci:{}", t.path().join("out").display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    let cases: Vec<(Vec<String>, i32, &str)> = vec![
+        // Usage errors: in SRC, and a flag that does not fit DST.
+        (
+            args_with(&["obdconv", "dir:/tmp/x", &format!("{out_s}:obd")], &[]),
+            2,
+            "convertor obdconv: error: SRC",
+        ),
+        (
+            args_with(
+                &["obdconv", &format!("{src}:latest"), &format!("{out_s}:obd")],
+                &["--compress"],
+            ),
+            2,
+            "convertor obdconv: error: --compress",
+        ),
+        // A runtime error: no such image in the source layout.
+        (
+            args_with(
+                &["obdconv", &format!("{src}:nosuch"), &format!("{out_s}:obd")],
+                &[],
+            ),
+            1,
+            "convertor obdconv: error: ",
+        ),
+        (
+            args_with(
+                &["-r", &src, "-i", "nosuch", "-o", "obd"],
+                &["--output-repository", &out_s],
+            ),
+            1,
+            "convertor: error: ",
+        ),
+    ];
+    for (mut a, code, want) in cases {
+        a.extend(["-d".to_string(), wd_s.to_string()]);
+        let o = Command::new(bin()).args(&a).output().unwrap();
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(code), "{a:?}: {e}");
+        assert!(e.starts_with(want), "{a:?}: {e}");
+        assert!(
+            e.lines()
+                .all(|l| l.starts_with(want.split(" error").next().unwrap())),
+            "{a:?}: {e}"
+        );
+    }
+}
+
 /// What is below `d`, sorted, with each file's size: a directory's state to compare
 /// before and after a run (empty if `d` does not exist).
 fn listing(d: &Path) -> Vec<String> {
