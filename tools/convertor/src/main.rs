@@ -82,8 +82,9 @@ pub(crate) struct Args {
     /// --dump-manifest keep files in it and need it to themselves.
     #[arg(short = 'd', long = "dir", default_value = "tmp_conv")]
     dir: PathBuf,
-    /// Write OCI media types (default: Docker schema 2 into a registry or a `docker save`
-    /// archive; an `oci:` or `oci-archive:` destination always gets OCI types).
+    /// Write OCI media types (default: Docker schema 2 into a registry; an `oci:` or
+    /// `oci-archive:` destination always gets OCI types; refused with a `docker-archive:`
+    /// destination, which holds Docker schema 2 only).
     #[arg(long)]
     oci: bool,
     /// Filesystem of TurboOCI layers: ext4 or erofs (native output is always
@@ -317,6 +318,17 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     };
     if args.compress && !matches!(dst_ref, ImageRef::OciArchive { .. }) {
         usage_bail!("--compress applies to an oci-archive: destination, not {dst_ref}");
+    }
+    if let ImageRef::DockerArchive { .. } = dst_ref {
+        // A docker archive has no manifest of its own: `docker load` and skopeo read
+        // Docker schema 2 from it, never OCI media types.
+        for (set, flag) in [(args.oci, "--oci"), (args.referrer, "--referrer")] {
+            if set {
+                usage_bail!(
+                    "{flag} cannot be written to {dst_ref}: a docker-archive holds Docker schema 2 manifests only; write an oci-archive: or oci: destination for OCI media types"
+                );
+            }
+        }
     }
     let zfile_algorithm: obdconvert::ZfileAlgorithm =
         args.algorithm.parse().context("--algorithm").usage()?;

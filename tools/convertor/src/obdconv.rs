@@ -80,7 +80,7 @@ struct ObdconvArgs {
     /// Debug logging of registry requests (ctr traces connections).
     #[arg(long = "http-trace")]
     http_trace: bool,
-    /// Write OCI media types (default: Docker schema 2).
+    /// Write OCI media types (default: Docker schema 2; refused with a docker-archive: DST).
     #[arg(long)]
     oci: bool,
     /// Gzip-compress an oci-archive: DST.

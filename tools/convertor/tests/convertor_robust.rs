@@ -310,6 +310,35 @@ fn flags_are_validated_before_any_work() {
         "{e}"
     );
     assert!(!out.exists(), "the destination was created");
+    // --oci (or --referrer, which implies it) with a docker-archive destination, which
+    // holds Docker schema 2 only: a usage error naming both, in both forms, with
+    // nothing written.
+    let da = t.path().join("out-docker.tar");
+    let da_s = format!("docker-archive:{}", da.display());
+    for (a, flag) in [
+        (args_with(&args(&src, &da_s, wd_s), &["--oci"]), "--oci"),
+        (
+            args_with(&args(&src, &da_s, wd_s), &["--referrer"]),
+            "--referrer",
+        ),
+        (
+            args_with(
+                &["obdconv", &format!("{src}:latest"), &da_s, "-d", wd_s],
+                &["--oci"],
+            ),
+            "--oci",
+        ),
+    ] {
+        let o = Command::new(bin()).args(&a).output().unwrap();
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(2), "{a:?}: {e}");
+        assert!(
+            e.contains(flag) && e.contains(&da_s) && e.contains("Docker schema 2"),
+            "{a:?}: {e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{a:?}: {e}");
+        assert!(!da.exists() && !wd.exists(), "{a:?}: nothing done");
+    }
     // An archive destination that is a directory: said so before any work.
     let dir_s = format!("oci-archive:{}/", t.path().display());
     let o = Command::new(bin())
