@@ -1047,6 +1047,26 @@ impl Repository {
         Ok(digest)
     }
 
+    /// Checks, before any work, that the registry answers and takes our credentials for
+    /// a push to this repository: one `HEAD` of a blob (the empty one) with the push
+    /// scope, the request every blob push starts with, through the same auth handshake
+    /// (a token obtained here is cached for the pushes). Nothing in the registry changes;
+    /// whether the blob is there does not matter. Transient failures are retried as
+    /// for any request.
+    pub fn check_push_access(&self) -> Result<()> {
+        let what = format!("checking push access to {}", self.name);
+        let url = self
+            .reg
+            .api(&format!("/{}/blobs/{}", self.name, Digest::of(b"")));
+        let resp = self
+            .reg
+            .send(&what, &self.push_scope(), true, &|c| c.head(&url))?;
+        match resp.status().as_u16() {
+            200 | 404 => Ok(()),
+            _ => Err(self.reg.status_error(&what, resp)),
+        }
+    }
+
     /// Whether a blob exists (HEAD).
     pub fn blob_exists(&self, d: &Digest) -> Result<bool> {
         self.blob_exists_scoped(d, &self.pull_scope())

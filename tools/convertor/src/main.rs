@@ -601,6 +601,12 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         }
         _ => open(&dst_ref, &dst_client, true)?,
     };
+    // A registry destination that is down or refuses our credentials is found now, in
+    // one request, not at the first layer's upload after that layer was converted.
+    if let Some(repo) = dst_repo.as_ref().filter(|_| !args.no_upload) {
+        repo.check_push_access()
+            .with_context(|| format!("destination {dst_ref} (checked before converting)"))?;
+    }
     let progress = Progress::new(std::io::stderr().is_terminal(), false);
     let conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
     let outputs: Vec<Output> = formats

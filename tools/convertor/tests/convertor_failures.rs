@@ -157,6 +157,98 @@ fn tls_htpasswd_conversion_and_wrong_password() {
     assert_eq!(d.digest, d3.digest);
 }
 
+/// A registry destination that is down, or that refuses the credentials, is found
+/// before any layer is converted (one request checks it), not at the first upload;
+/// the error names the registry.
+#[test]
+fn a_bad_destination_registry_fails_before_any_conversion() {
+    let t = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&t.path().join("pki"));
+    let reg = Registry::start(RegistryOpts {
+        tls: Some(&pki),
+        client_ca: false,
+        auth: Auth::Htpasswd {
+            user: "alice".into(),
+            password: "secret".into(),
+        },
+    });
+    let images = t.path().join("images");
+    build_images("sample", &images, &[]);
+    let src = format!("oci:{}", images.display());
+    let ca = pki.path("ca.crt");
+    let wd = t.path().join("w");
+    let run = |dst: &str, extra: &[&str]| {
+        let mut a = args_with(
+            &[
+                "-r",
+                &src,
+                "-i",
+                "latest",
+                "--output-repository",
+                dst,
+                "-o",
+                "obd",
+                "--vsize",
+                "2",
+                "-d",
+                wd.to_str().unwrap(),
+            ],
+            extra,
+        );
+        a.extend(["--root-ca".into(), ca.display().to_string()]);
+        let o = convertor(&a);
+        assert_eq!(o.status.code(), Some(1), "{a:?}: {}", stderr_of(&o));
+        let e = stderr_of(&o);
+        assert!(
+            !e.contains("converted") && !e.contains("layer 1"),
+            "{a:?}: no layer is converted first: {e}"
+        );
+        assert!(!wd.exists(), "{a:?}: work dir left");
+        e
+    };
+    // Nothing listens there (connection refused).
+    let down = format!("127.0.0.1:{}", common::free_port());
+    let e = run(&format!("{down}/x/app"), &["--plain"]);
+    assert!(
+        e.contains(&down) && e.contains("checked before converting"),
+        "{e}"
+    );
+    // Wrong credentials for the destination.
+    let dst = format!("{}/x/app", reg.host());
+    let e = run(&dst, &["--dest-creds", "alice:wrong"]);
+    assert!(
+        e.contains(&reg.host()) && e.contains("authentication failed"),
+        "{e}"
+    );
+    // No credentials at all.
+    let e = run(&dst, &[]);
+    assert!(
+        e.contains(&reg.host()) && e.contains("authentication failed"),
+        "{e}"
+    );
+    // The right ones: converted and pushed.
+    convert_ok(&args_with(
+        &[
+            "-r",
+            &src,
+            "-i",
+            "latest",
+            "--output-repository",
+            &dst,
+            "-o",
+            "obd",
+            "--vsize",
+            "2",
+            "-d",
+            wd.to_str().unwrap(),
+            "--root-ca",
+            ca.to_str().unwrap(),
+        ],
+        &["--dest-creds", "alice:secret"],
+    ));
+    assert!(reg.tag_link_exists("x/app", "obd"));
+}
+
 #[test]
 fn token_auth_conversion() {
     let t = tempfile::tempdir().unwrap();
