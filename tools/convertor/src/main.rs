@@ -628,11 +628,27 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         }
     }
     let outs = outs?;
+    // An archive destination is written whole to a temporary file beside it and renamed
+    // into place: an existing file of that name is replaced (re-runs of a script), and
+    // said so.
+    let replaced = match &dst_ref {
+        ImageRef::OciArchive { path, .. } | ImageRef::DockerArchive { path, .. } => {
+            path.symlink_metadata().is_ok()
+        }
+        _ => false,
+    };
     let written = dst
         .finish()
         .with_context(|| format!("writing {}", dst.name()))?;
     if let Some(size) = written {
         tracing::info!("wrote {} ({size} bytes)", dst.name());
+        if replaced {
+            say(format_args!(
+                "{}: {}: replaced the existing file",
+                prog(),
+                dst.name()
+            ));
+        }
     }
     undo.keep();
     let secs = t0.elapsed().as_secs_f64();

@@ -876,6 +876,65 @@ fn a_path_without_a_transport_gets_a_hint() {
     assert!(!t.path().join("out").exists());
 }
 
+/// An archive destination that exists is replaced (a script's re-run), atomically (a
+/// new file renamed over it: the old one is never written into), and said so; a new
+/// one is not said to replace anything.
+#[test]
+fn an_existing_archive_destination_is_replaced_and_said_so() {
+    use std::os::unix::fs::MetadataExt;
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let wd = t.path().join("w");
+    for (kind, file) in [
+        ("oci-archive", "out.tar"),
+        ("docker-archive", "out-docker.tar"),
+    ] {
+        let out = t.path().join(file);
+        let dst = format!("{kind}:{}", out.display());
+        let run = || {
+            let o = Command::new(bin())
+                .args(args(&src, &dst, wd.to_str().unwrap()))
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{dst}: {}", stderr_of(&o));
+            stderr_of(&o)
+        };
+        let e = run();
+        assert!(!e.contains("replaced"), "{dst}: a new file: {e}");
+        let first = std::fs::read(&out).unwrap();
+        // An old file there, kept open as a script's reader would: it stays as it was.
+        std::fs::write(&out, b"old contents").unwrap();
+        let old = std::fs::File::open(&out).unwrap();
+        let old_ino = old.metadata().unwrap().ino();
+        let e = run();
+        assert!(
+            e.contains(&format!("{dst}: replaced the existing file")),
+            "{dst}: {e}"
+        );
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            first,
+            "{dst}: the same archive"
+        );
+        assert_ne!(
+            std::fs::metadata(&out).unwrap().ino(),
+            old_ino,
+            "renamed into place"
+        );
+        assert_eq!(
+            std::io::read_to_string(old).unwrap(),
+            "old contents",
+            "{dst}: the old file was not written into"
+        );
+        let left: Vec<_> = entries(t.path())
+            .into_iter()
+            .filter(|n| n.ends_with(".partial"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
+
 /// An archive read from a pipe (`cat x.tar | convertor -r oci-archive:/dev/stdin`) is
 /// copied into the work directory first, plain or gzip-compressed, instead of failing
 /// with "Illegal seek".
