@@ -661,6 +661,59 @@ fn no_upload_creates_no_destination() {
     assert!(!wd.exists(), "left behind: {:?}", entries(&wd));
 }
 
+/// `--dump-manifest` into a work directory used before: the per-manifest folder this
+/// run writes (upstream's name, the same as the earlier run's) holds only this run's
+/// files; what else is in the work directory stays.
+#[test]
+fn dump_manifest_into_a_used_work_dir_keeps_no_stale_files() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let out_s = format!("oci:{}", t.path().join("out").display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let a = args_with(&args(&src, &out_s, wd_s), extra);
+        let o = Command::new(bin()).args(&a).output().unwrap();
+        assert!(o.status.success(), "{a:?}: {}", stderr_of(&o));
+    };
+    // Two outputs: per-output dump names (config-overlaybd.json, ...).
+    run(&[
+        "--dump-manifest",
+        "--overlaybd",
+        "obd",
+        "--turboOCI",
+        "turbo",
+    ]);
+    let mdirs: Vec<String> = entries(&wd)
+        .into_iter()
+        .filter(|n| wd.join(n).is_dir())
+        .collect();
+    assert_eq!(mdirs.len(), 1, "{mdirs:?}");
+    let mdir = wd.join(&mdirs[0]);
+    assert!(
+        mdir.join("manifest-turboOCI.json").is_file(),
+        "{:?}",
+        entries(&mdir)
+    );
+    // Left by hand or by other runs: in the folder, and beside it.
+    std::fs::write(mdir.join("stale.json"), b"{}").unwrap();
+    std::fs::create_dir_all(mdir.join("0000_stale")).unwrap();
+    std::fs::write(wd.join("notes.txt"), b"mine").unwrap();
+    std::fs::create_dir_all(wd.join("7-linux_amd64-other")).unwrap();
+    std::fs::write(wd.join("7-linux_amd64-other/manifest.json"), b"{}").unwrap();
+    run(&["--dump-manifest"]);
+    let mut kept = entries(&mdir);
+    kept.sort();
+    assert_eq!(
+        kept,
+        ["config.json", "manifest.json"],
+        "only this run's dumps"
+    );
+    assert_eq!(std::fs::read(wd.join("notes.txt")).unwrap(), b"mine");
+    assert!(wd.join("7-linux_amd64-other/manifest.json").is_file());
+}
+
 /// An OCI layout in `dir` holding one image (`latest`) of `n` small uncompressed layers.
 fn layout_with_layers(dir: &Path, n: usize) {
     use sha2::{Digest as _, Sha256};
