@@ -165,6 +165,13 @@ fn multi_member_gzip_is_refused() {
     let info = gzindex::build_file(&padded, &out).unwrap();
     assert_eq!(info.gzip_size, one.len() as u64 + 100);
     assert_eq!(info.uncompressed_size, plain.len() as u64);
+    // Where the member ends is told, so that a caller can refuse them (the convertor).
+    assert_eq!(info.member_size, one.len() as u64);
+    let info = gzindex::build_file(&fixtures().join("ext4-gzip-2/layer.tar.gz"), &out).unwrap();
+    assert_eq!(
+        (info.member_size, info.gzip_size),
+        (one.len() as u64, one.len() as u64)
+    );
 }
 
 #[test]

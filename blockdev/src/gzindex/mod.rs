@@ -205,6 +205,9 @@ pub struct BuildInfo {
     pub gzip_size: u64,
     /// Size of the uncompressed stream (of the first gzip member).
     pub uncompressed_size: u64,
+    /// Compressed size of the first gzip member (header and trailer included):
+    /// less than `gzip_size` when other bytes follow it.
+    pub member_size: u64,
     /// Access points written.
     pub entries: usize,
     /// Size of the index file.
@@ -541,6 +544,7 @@ impl<R: Read, W: Write + Seek> Indexer<R, W> {
             BuildInfo {
                 gzip_size: self.read_total,
                 uncompressed_size: self.ttout,
+                member_size: self.ttin,
                 entries,
                 index_size,
             },

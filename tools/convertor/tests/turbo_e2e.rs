@@ -446,6 +446,57 @@ fn turbo_bad_layers_are_one_line() {
     }
 }
 
+/// A gzip layer with bytes after its gzip member (not another member) is refused by the
+/// native conversion, as upstream's Go gzip reader refuses it, and by TurboOCI the same
+/// way (its gzip index would ignore them): one line naming the layer and what follows.
+#[test]
+fn turbo_refuses_trailing_garbage_as_native_does() {
+    let t = tempfile::tempdir().unwrap();
+    let gz = std::fs::read(testutil::turbo_fixtures().join("ext4-gzip/layer.tar.gz")).unwrap();
+    let bytes = [&gz[..], b"trailing garbage"].concat();
+    let blob = t.path().join("trailing.tar.gz");
+    std::fs::write(&blob, &bytes).unwrap();
+    let src = t.path().join("src");
+    fixture_layout(&src, &[(blob, testutil::fixtures().join("input.tar"))]);
+    // (Natively, the count is of the bytes the inflater took before it gave up.)
+    let want = format!(
+        "bytes of data that is not gzip follow the last gzip member (at compressed byte {})",
+        gz.len()
+    );
+    for (name, output) in [("native", "--overlaybd"), ("turbo", "--turboOCI")] {
+        let dst = t.path().join(format!("dst-{name}"));
+        let mut a = layout_turbo_args(&src, &dst, &t.path().join(format!("w-{name}")), &[]);
+        // The same arguments, for the format of this round.
+        let at = a.iter().position(|x| x == "--turboOCI").unwrap();
+        a[at] = output.to_string();
+        let o = convertor(&a);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{name}: {}",
+            testutil::err_text(&o)
+        );
+        let e = testutil::err_text(&o);
+        let line = e
+            .lines()
+            .find(|l| l.contains("error:"))
+            .unwrap_or_else(|| panic!("{name}: no error line: {e}"));
+        // (zlib-rs, when the build has no ISA-L, says "invalid gzip header" natively.)
+        assert!(
+            line.contains(&want) || (name == "native" && line.contains("invalid gzip header")),
+            "{name}: {e}"
+        );
+        assert!(
+            line.contains("layer 1/1") && line.contains(Digest::of(&bytes).hex()),
+            "{name}: {e}"
+        );
+        if name == "turbo" {
+            assert!(line.contains(&format!(": 16 {want}")), "{e}");
+        }
+        assert!(!dst.exists(), "{name}: the run made it");
+    }
+}
+
 /// `convertor` arguments that convert tag `v1` of the layout `src` into the TurboOCI
 /// image `turbo` in the layout `dst`, working in `work`, plus `extra`.
 fn layout_turbo_args(src: &Path, dst: &Path, work: &Path, extra: &[&str]) -> Vec<String> {

@@ -346,6 +346,20 @@ impl LayerChain for TurboChain<'_> {
         let report =
             obdfs::turbo::apply_read_ahead(&turbo, ahead, Durability::Scratch, Some(&mut cb))
                 .map_err(|e| Error::Fs(e).context("TurboOCI apply"))?;
+        // Bytes after the gzip member: the gzip index (as upstream's) ignores them, but a
+        // gzip reader refuses the blob (Go's, upstream's native conversion, ours): so
+        // does TurboOCI, rather than make an image of a blob nothing else reads.
+        if let Some(i) = report
+            .gzip_index
+            .as_ref()
+            .filter(|i| i.gzip_size > i.member_size)
+        {
+            return Err(Error::Invalid(format!(
+                "{} bytes of data that is not gzip follow the last gzip member (at compressed byte {})",
+                i.gzip_size - i.member_size,
+                i.member_size
+            )));
+        }
         let gzip = report.kind == BlobKind::Gzip;
         let target = if gzip {
             TargetSource::gzip(&blob, &gz_index)
