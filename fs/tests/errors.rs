@@ -373,3 +373,32 @@ fn photon_refuses_to_split_a_corrupt_hashed_directory_leaf() {
         "{e}"
     );
 }
+
+/// A base with inodes larger than the 1 KiB this crate handles (stock
+/// mke2fs -I 2048) is refused when opened, naming the size, by both
+/// engines (each inode read asserted the size: a panic).
+#[test]
+fn inodes_larger_than_1_kib_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(3);
+    b.append_data(&mut h, "f", &b"abc"[..]).unwrap();
+    let t = b.into_inner().unwrap();
+    for photon in [false, true] {
+        let img = dir.path().join(format!("big-inodes-{photon}.img"));
+        let dev = mke2fs_image(&img, 64 << 20, &["-t", "ext4", "-b", "4096", "-I", "2048"]);
+        let r = if photon {
+            obdfs::photon::apply_tar(dev, &t[..], obdfs::ApplyOptions::default())
+        } else {
+            obdfs::apply_tar(dev, &t[..], obdfs::ApplyOptions::default())
+        };
+        let e = assert_clean_chain(&r.unwrap_err());
+        assert!(
+            e.contains("inode size 2048") && e.contains("1024"),
+            "photon {photon}: {e}"
+        );
+    }
+}
