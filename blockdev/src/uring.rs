@@ -186,7 +186,7 @@ impl<'a> Req<'a> {
         let e = match self.kind {
             Kind::Read => opcode::Read::new(
                 Fd(self.fd),
-                // In bounds: done < len, and the buffer holds len bytes.
+                // In bounds: done <= len, and the buffer holds len bytes.
                 self.ptr.wrapping_add(self.done),
                 rest,
             )
@@ -237,7 +237,8 @@ impl<'a> Req<'a> {
                 self.result = Some(Ok(self.done));
                 false
             }
-            Kind::Write if n == 0 => {
+            // A write of nothing (an empty buffer) is done, not stuck.
+            Kind::Write if n == 0 && self.done < self.len => {
                 self.result = Some(Err(io::Error::new(
                     io::ErrorKind::WriteZero,
                     "write returned 0",
@@ -261,8 +262,9 @@ impl<'a> Req<'a> {
         while !self.finished() {
             let rest = self.len - self.done;
             // SAFETY: `ptr + done .. ptr + len` lies in the buffer borrowed
-            // for 'a (done < len), which is alive and not otherwise accessed
-            // during the call; the fd is the caller's open file.
+            // for 'a (done <= len; the range is empty, at the slice's own
+            // pointer, for an empty buffer), which is alive and not otherwise
+            // accessed during the call; the fd is the caller's open file.
             let r = unsafe {
                 match self.kind {
                     Kind::Read => libc::pread(
@@ -379,6 +381,30 @@ fn abandon(ring: &mut io_uring::IoUring, in_flight: usize, err: io::Error) -> io
 mod tests {
     use super::*;
     use std::os::unix::io::AsRawFd;
+
+    /// Empty reads and writes succeed with 0 bytes, on the ring and off it
+    /// (a write of nothing returned 0 and was reported as `WriteZero`).
+    #[test]
+    fn empty_requests_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let fd = f.as_raw_fd();
+        for uring in [false, true] {
+            let mut empty: [u8; 0] = [];
+            let mut rs = [Req::write(fd, 4096, &[]), Req::read(fd, 0, &mut empty)];
+            run(&mut rs, uring);
+            for (k, r) in rs.iter_mut().enumerate() {
+                assert_eq!(r.take_result().unwrap(), 0, "uring {uring}, request {k}");
+            }
+        }
+        assert_eq!(f.metadata().unwrap().len(), 0);
+    }
 
     #[test]
     fn batches_read_write_and_resubmit_short_requests() {

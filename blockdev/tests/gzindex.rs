@@ -230,3 +230,44 @@ fn corrupt_index_files_are_rejected_naming_the_file() {
     let e = gz.read_at(&mut buf, 1_100_000).unwrap_err().to_string();
     assert!(e.contains("bad.meta") && e.contains("window"), "{e}");
 }
+
+/// The first access point must be the start of the stream: a read before
+/// an index's first point had nothing to start inflating from (and panicked
+/// with a subtraction overflow).
+#[test]
+fn first_access_point_past_the_start_is_rejected() {
+    use gzindex::{Header, ENTRY_SIZE, HEADER_SIZE, WINDOW};
+    let dir = tempfile::tempdir().unwrap();
+    let blob = fixtures().join("ext4-gzip/layer.tar.gz");
+    let good = std::fs::read(fixtures().join("ext4-gzip/gzip.meta")).unwrap();
+    let mut h = Header::decode(good[..HEADER_SIZE].try_into().unwrap());
+    // One access point at uncompressed offset 100, with a raw window and a
+    // raw entry table (dict_compress_algo 0).
+    let table_at = HEADER_SIZE + WINDOW;
+    h.dict_compress_algo = 0;
+    h.index_num = 1;
+    h.index_start = table_at as i64;
+    h.index_area_len = ENTRY_SIZE as i64;
+    h.index_file_size = (table_at + ENTRY_SIZE) as i64;
+    let mut b = h.encode().to_vec();
+    b.resize(table_at, 0);
+    b.extend_from_slice(&100u64.to_le_bytes()); // uncompressed offset
+    b.extend_from_slice(&10u64.to_le_bytes()); // compressed offset
+    b.extend_from_slice(&(HEADER_SIZE as u64).to_le_bytes()); // window offset
+    b.push(0); // bits
+    b.extend_from_slice(&(WINDOW as u32).to_le_bytes());
+    let idx = dir.path().join("late-start.meta");
+    std::fs::write(&idx, &b).unwrap();
+    let e = match GzFile::open_paths(&blob, &idx) {
+        Ok(gz) => {
+            let mut buf = vec![0u8; 10];
+            let r = gz.read_at(&mut buf, 0);
+            panic!("opened; a read at 0 gave {r:?}");
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("late-start.meta") && e.contains("entry 0") && e.contains("uncompressed 100"),
+        "{e}"
+    );
+}

@@ -291,3 +291,114 @@ fn bad_symlink_targets_are_refused() {
     obdfs::apply_tar(fresh(), &tar_of(4095)[..], obdfs::ApplyOptions::default())
         .expect("a 4095-byte target");
 }
+
+/// The upstream-compatible engine splits a full leaf of a hashed directory
+/// when a name does not fit: a corrupt leaf whose entries stop 4 bytes short
+/// of the block end (which the lookup before it accepts) is reported as a
+/// corrupt directory, not read past the block (a panic).
+#[test]
+fn photon_refuses_to_split_a_corrupt_hashed_directory_leaf() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let dev: Arc<dyn BlockDevice> =
+        Arc::new(blockdev::RawFileDevice::create(&img, 64 << 20).unwrap());
+    obdfs::photon::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).unwrap();
+    let tar_of = |names: &[String]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for n in names {
+            let mut h = tar::Header::new_gnu();
+            let kind = if n.ends_with('/') {
+                tar::EntryType::Directory
+            } else {
+                tar::EntryType::Regular
+            };
+            h.set_entry_type(kind);
+            h.set_mode(0o755);
+            h.set_size(0);
+            b.append_data(&mut h, n, &b""[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    // 30 names of 200 bytes need more than one block: /d becomes hashed
+    // (block 0 the index root, the others leaves).
+    let mut names = vec!["d/".to_string()];
+    names.extend((0..30).map(|i| format!("d/{i:0200}")));
+    obdfs::photon::apply_tar(
+        dev.clone(),
+        &tar_of(&names)[..],
+        obdfs::ApplyOptions::default(),
+    )
+    .unwrap();
+    let path = img.to_str().unwrap();
+    let stat = run(testutil::tool("debugfs"), &["-R", "stat /d", path]);
+    assert!(stat.contains("Flags: 0x81000"), "/d is not hashed:\n{stat}");
+    // Every leaf: 341 entries of 12 bytes (4-byte names, no room left),
+    // ending at byte 4092 instead of 4096.
+    let mut b = vec![0u8; 4096];
+    for i in 0..341 {
+        let o = i * 12;
+        b[o..o + 4].copy_from_slice(&11u32.to_le_bytes());
+        b[o + 4..o + 6].copy_from_slice(&12u16.to_le_bytes());
+        b[o + 6] = 4;
+        b[o + 7] = 1;
+        b[o + 8..o + 12].copy_from_slice(format!("n{i:03}").as_bytes());
+    }
+    let size: u64 = stat
+        .split("Size: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("Size in debugfs stat");
+    for lblk in 1..size / 4096 {
+        let bmap = run(
+            testutil::tool("debugfs"),
+            &["-R", &format!("bmap /d {lblk}"), path],
+        );
+        let leaf: u64 = bmap
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("bmap: {bmap}"));
+        dev.write_at(&b, leaf * 4096).unwrap();
+    }
+    dev.flush().unwrap();
+    let e = obdfs::photon::apply_tar(
+        dev,
+        &tar_of(&["d/new".to_string()])[..],
+        obdfs::ApplyOptions::default(),
+    )
+    .unwrap_err();
+    let e = assert_clean_chain(&e);
+    assert!(
+        e.contains("directory inode") && e.contains("corrupt"),
+        "{e}"
+    );
+}
+
+/// A base with inodes larger than the 1 KiB this crate handles (stock
+/// mke2fs -I 2048) is refused when opened, naming the size, by both
+/// engines (each inode read asserted the size: a panic).
+#[test]
+fn inodes_larger_than_1_kib_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(3);
+    b.append_data(&mut h, "f", &b"abc"[..]).unwrap();
+    let t = b.into_inner().unwrap();
+    for photon in [false, true] {
+        let img = dir.path().join(format!("big-inodes-{photon}.img"));
+        let dev = mke2fs_image(&img, 64 << 20, &["-t", "ext4", "-b", "4096", "-I", "2048"]);
+        let r = if photon {
+            obdfs::photon::apply_tar(dev, &t[..], obdfs::ApplyOptions::default())
+        } else {
+            obdfs::apply_tar(dev, &t[..], obdfs::ApplyOptions::default())
+        };
+        let e = assert_clean_chain(&r.unwrap_err());
+        assert!(
+            e.contains("inode size 2048") && e.contains("1024"),
+            "photon {photon}: {e}"
+        );
+    }
+}

@@ -780,7 +780,10 @@ impl GzFile {
         for (i, raw) in table.chunks_exact(ENTRY_SIZE).enumerate() {
             let e = Entry::decode(raw);
             let win_end = e.win_pos.checked_add(e.win_len as u64);
+            // The first access point is the start of the stream (reads before
+            // it would have nothing to inflate from); the rest are in order.
             let bad_entry = e.bits > 7
+                || (i == 0 && e.de_pos != 0)
                 || e.de_pos > usize_
                 || e.en_pos > blob_size
                 || (e.bits > 0 && e.en_pos == 0)

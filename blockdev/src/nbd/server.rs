@@ -75,14 +75,13 @@ impl ZeroScan {
     }
 }
 
-/// Whether a buffer is all zero bytes.
+/// Whether a buffer is all zero bytes. The 64-byte chunks are OR-folded
+/// without an early exit, which the compiler vectorises; no `unsafe`
+/// reinterpretation is needed for speed.
 pub fn is_zero(b: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: every bit pattern is a valid u128, and align_to only
-        // reinterprets the correctly aligned middle part of the slice.
-        unsafe { b.align_to::<u128>() }
-    };
-    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+    let mut chunks = b.chunks_exact(64);
+    chunks.all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+        && chunks.remainder().iter().all(|&x| x == 0)
 }
 
 impl Allocation for ZeroScan {
@@ -1823,6 +1822,24 @@ const WARN_FAILURES: u64 = 20;
 mod tests {
     use super::*;
     use crate::device::MemDevice;
+
+    /// Every length and alignment, and a set byte anywhere (in the 64-byte
+    /// chunks or the tail) is seen.
+    #[test]
+    fn is_zero_sees_every_byte() {
+        let buf = vec![0u8; 300];
+        for start in 0..70 {
+            for len in 0..(300 - start) {
+                let b = &buf[start..start + len];
+                assert!(is_zero(b), "{start}+{len}");
+                for k in 0..len {
+                    let mut v = b.to_vec();
+                    v[k] = 0x80;
+                    assert!(!is_zero(&v), "{start}+{len}: byte {k}");
+                }
+            }
+        }
+    }
 
     fn read_request(handle: u64) -> [u8; REQUEST_LEN] {
         RequestHeader {

@@ -117,7 +117,17 @@ impl Ext2Fs {
             }
             return Err(Error::ext2fs("open the ext4 filesystem", rc, None));
         }
-        Ok(Ext2Fs { fs, closed: false })
+        let me = Ext2Fs { fs, closed: false };
+        // libext2fs accepts inodes up to the block size; the inode buffers
+        // here hold at most MAX_INODE_SIZE bytes (dropping `me` writes nothing).
+        let isz = me.inode_size();
+        if isz > inode::MAX_INODE_SIZE {
+            return Err(Error::Unsupported(format!(
+                "the ext4 filesystem has an inode size {isz}; at most {} bytes is supported",
+                inode::MAX_INODE_SIZE
+            )));
+        }
+        Ok(me)
     }
 
     /// Create a new filesystem on `dev` from the superblock template `param`

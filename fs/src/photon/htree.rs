@@ -483,11 +483,16 @@ fn dx_split_leaf(
     let mut map: Vec<(u32, usize, usize)> = Vec::new();
     let mut off = 0usize;
     while off < bs {
-        let rl = de_rec_len(buf, off);
-        if rl == 0 {
-            return Err(corrupted(dir, "entry of length 0"));
+        // The checks of add_to_block, whose walk stops 8 bytes before the end
+        // of the block: a chain that stops short of the end is corrupt here.
+        if off + 8 > bs {
+            return Err(corrupted(dir, "entry crosses the end of the block"));
         }
+        let rl = de_rec_len(buf, off);
         let nl = de_name_len(buf, off);
+        if off + rl > bs || rl < 8 || !rl.is_multiple_of(4) || nl + 8 > rl {
+            return Err(corrupted(dir, "bad entry length"));
+        }
         if nl > 0 && de_inode(buf, off) != 0 {
             let h = dirhash(
                 fs,

@@ -13,10 +13,23 @@ use std::io::{self, Read, Write};
 /// Tar block size.
 pub const BLOCK: usize = 512;
 
+/// Largest size the 12-byte octal size field holds (11 digits): 8 GiB - 1.
+pub const MAX_USTAR_SIZE: u64 = (1 << 33) - 1;
+
 /// A regular-file header as Go's `archive/tar` writes it for `{Name, Mode, Size,
-/// Typeflag: '0'}`. `name` must fit the 100-byte name field.
-pub fn go_ustar_header(name: &str, mode: u32, size: u64) -> [u8; BLOCK] {
-    assert!(name.len() < 100, "tar name too long: {name}");
+/// Typeflag: '0'}`. A name that does not fit the 100-byte name field, or a size
+/// or mode beyond the octal fields (where Go would switch to a PAX header), is an
+/// `InvalidInput` error.
+pub fn go_ustar_header(name: &str, mode: u32, size: u64) -> io::Result<[u8; BLOCK]> {
+    if name.len() >= 100 || size > MAX_USTAR_SIZE || mode > 0o7777777 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "tar member {name:?} (mode {mode:o}, {size} bytes) does not fit a ustar header \
+                 (names under 100 bytes, sizes up to {MAX_USTAR_SIZE})"
+            ),
+        ));
+    }
     let mut h = [0u8; BLOCK];
     let oct = |h: &mut [u8; BLOCK], off: usize, len: usize, v: u64| {
         let s = format!("{v:0w$o}", w = len - 1);
@@ -40,7 +53,7 @@ pub fn go_ustar_header(name: &str, mode: u32, size: u64) -> [u8; BLOCK] {
     h[148..154].copy_from_slice(s.as_bytes());
     h[154] = 0;
     h[155] = b' ';
-    h
+    Ok(h)
 }
 
 /// Writes regular files into a tar as Go's `archive/tar` does (see the module doc).
@@ -61,7 +74,7 @@ impl<W: Write> GoTarWriter<W> {
         size: u64,
         data: &mut dyn Read,
     ) -> io::Result<()> {
-        self.out.write_all(&go_ustar_header(name, mode, size))?;
+        self.out.write_all(&go_ustar_header(name, mode, size)?)?;
         let copied = io::copy(&mut data.take(size), &mut self.out)?;
         if copied != size {
             return Err(io::Error::new(
@@ -86,7 +99,7 @@ mod tests {
 
     #[test]
     fn go_header_is_valid_ustar() {
-        let h = go_ustar_header("overlaybd.commit", 0o444, 12345);
+        let h = go_ustar_header("overlaybd.commit", 0o444, 12345).unwrap();
         let mut data = h.to_vec();
         data.extend(vec![7u8; 12345]);
         data.extend(vec![0u8; (512 - 12345 % 512) + 1024]);
@@ -148,6 +161,27 @@ mod tests {
             .map(|e| e.unwrap().path().unwrap().display().to_string())
             .collect();
         assert_eq!(names, ["a", ".empty"]);
+    }
+
+    /// What the octal fields cannot hold is an error, not a panic (the size
+    /// field overflowed its slice at 8 GiB).
+    #[test]
+    fn what_ustar_cannot_hold_is_an_error() {
+        let h = go_ustar_header("big", 0o644, MAX_USTAR_SIZE).unwrap();
+        assert_eq!(&h[124..136], b"77777777777\0");
+        for (name, size) in [("big", MAX_USTAR_SIZE + 1), ("big", u64::MAX)] {
+            let e = go_ustar_header(name, 0o644, size).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{size}");
+            assert!(e.to_string().contains(&format!("{size} bytes")), "{e}");
+        }
+        let long = "n".repeat(100);
+        let e = go_ustar_header(&long, 0o644, 1).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let mut w = GoTarWriter::new(Vec::new());
+        let e = w
+            .append("big", 0o644, MAX_USTAR_SIZE + 1, &mut &b""[..])
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -192,7 +192,8 @@ impl OutputFormat for NativeFormat {
         let len = f.metadata().map_err(|e| Error::io(base, e))?.len();
         let out = mdir.join("ext4_64.tar");
         let mut w = io::BufWriter::new(File::create(&out).map_err(|e| Error::io(&out, e))?);
-        w.write_all(&go_ustar_header("overlaybd.commit", 0o444, len))
+        go_ustar_header("overlaybd.commit", 0o444, len)
+            .and_then(|h| w.write_all(&h))
             .and_then(|_| io::copy(&mut f, &mut w).map(|_| ()))
             .and_then(|_| {
                 let pad = (512 - len % 512) % 512;
