@@ -175,7 +175,8 @@ pub fn mount(req: &MountRequest, ready: impl FnOnce(&Ready)) -> Result<Ended> {
                     session::serve(tree::TreeFs::new(t), &mcfg, || ready(&info))?
                 }
                 _ => {
-                    let t = ext4::Ext4Tree::open_with_cache(dev.clone(), req.cache_bytes)?;
+                    let t = ext4::Ext4Tree::open_with_cache(dev.clone(), req.cache_bytes)?
+                        .with_allocation(stack.clone());
                     session::serve(tree::TreeFs::new(t), &mcfg, || ready(&info))?
                 }
             }
