@@ -110,6 +110,12 @@ fn fs_mode_refuses_a_disk_without_a_filesystem() {
         .unwrap();
     let e = err_text(&o);
     assert!(e.contains("neither ext4 nor EROFS"), "{e}");
+    // The likely cause, and where to look.
+    assert!(e.contains("reads as zeros"), "{e}");
+    assert!(
+        e.contains("missing its base layer") && e.contains("overlaybd-create --mkfs"),
+        "{e}"
+    );
     assert!(!is_mounted(&mp));
 }
 
