@@ -33,3 +33,10 @@ pub use engine::{Engine, Job, Libext2fs};
 pub use error::{Error, Result};
 pub use filedata::{CopyData, FileData, TargetData};
 pub use mkfs::{mkfs, MkfsOptions};
+
+/// What to check when a layer stack's disk holds no filesystem: every
+/// image's stack starts with the layer holding the ext4 made by mkfs;
+/// without it the layers above hold only the blocks they changed.
+pub const NO_FS_HINT: &str = "is the stack missing its base layer, the one holding the ext4 \
+made by mkfs (`overlaybd-create --mkfs`, a converted image's first layer, or upstream's \
+baselayer)? It comes first among the layers given, or in config.json's lowers";

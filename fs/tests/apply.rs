@@ -331,6 +331,11 @@ fn no_filesystem_is_a_clear_error() {
         msg.contains("open the ext4 filesystem") && msg.contains("magic"),
         "{msg}"
     );
+    // With the likely cause: the stack lacks its mkfs'ed base layer.
+    assert!(
+        msg.contains("no ext4 superblock") && msg.contains("missing its base layer"),
+        "{msg}"
+    );
 }
 
 /// Debian's base layer has `var/run -> /run`; a later layer writing

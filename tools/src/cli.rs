@@ -236,9 +236,24 @@ pub fn threads(n: usize) -> usize {
 }
 
 /// Make writable layers opened by this tool wait up to
-/// [`blockdev::lsmt::TOOL_CLAIM_WAIT`] for a claim another process holds.
+/// [`blockdev::lsmt::TOOL_CLAIM_WAIT`] for a claim another process holds,
+/// saying so on stderr (`<tool>: waiting up to 10 s for PATH: in use by
+/// another process (pid N, NAME) ...`) once the wait passes a second.
 pub fn wait_for_layer_claims() {
     blockdev::lsmt::set_claim_wait(blockdev::lsmt::TOOL_CLAIM_WAIT);
+    blockdev::lsmt::set_claim_notice(Some(|m| {
+        let tool = std::env::args_os()
+            .next()
+            .map(|a| {
+                std::path::Path::new(&a)
+                    .file_name()
+                    .unwrap_or(&a)
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .unwrap_or_default();
+        say(format_args!("{tool}: {m}"));
+    }));
 }
 
 #[cfg(test)]

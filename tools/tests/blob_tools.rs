@@ -659,3 +659,66 @@ fn a_commit_waits_for_a_writer_that_lets_go() {
     assert_ok(&o);
     assert!(d.join("out").exists());
 }
+
+/// A layer that really is in use: after a second of waiting the tool says
+/// on stderr what it waits for and who holds it (one line), and goes on
+/// once the holder lets go.
+#[test]
+fn a_commit_says_after_a_second_that_it_waits_and_for_whom() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    let writer = blockdev::lsmt::WritableLayer::open(&d.join("data"), &d.join("index")).unwrap();
+    let start = std::time::Instant::now();
+    let mut commit = Command::new(COMMIT)
+        .args(["data", "index", "out"])
+        .current_dir(d)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(commit.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let waited = start.elapsed();
+    assert!(
+        line.starts_with("overlaybd-commit: waiting up to 10 s for ")
+            && line.contains("data: in use by another process")
+            && line.contains(&format!("(pid {}, ", std::process::id())),
+        "{line}"
+    );
+    assert!(waited >= blockdev::lsmt::CLAIM_NOTICE_AFTER, "{waited:?}");
+    assert!(waited < std::time::Duration::from_secs(5), "{waited:?}");
+    drop(writer);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert!(commit.wait().unwrap().success(), "{rest}");
+    // Said once.
+    assert!(!rest.contains("waiting"), "{rest}");
+    assert!(d.join("out").exists());
+}
+
+/// A holder that never lets go is named in the final error: its pid and
+/// program, so the user knows what to stop.
+#[test]
+fn a_commit_of_a_layer_in_use_names_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    let _writer = blockdev::lsmt::WritableLayer::open(&d.join("data"), &d.join("index")).unwrap();
+    let o = run(COMMIT, &["data", "index", "out"], d);
+    assert!(!o.status.success());
+    let e = err_text(&o);
+    let me = std::env::current_exe().unwrap();
+    let name = me.file_name().unwrap().to_string_lossy();
+    assert!(e.contains("waiting up to 10 s for "), "{e}");
+    assert!(
+        e.contains(&format!(
+            "the layer is in use: another process (pid {}, {name}) is writing it",
+            std::process::id()
+        )),
+        "{e}"
+    );
+    assert!(!d.join("out").exists());
+}

@@ -17,5 +17,6 @@ pub mod writable;
 pub use format::{HeaderTrailer, Mapping};
 pub use sealed::SealedLayer;
 pub use writable::{
-    create_writable, set_claim_wait, CreateOptions, WritableLayer, TOOL_CLAIM_WAIT,
+    claim_holder, create_writable, set_claim_notice, set_claim_wait, ClaimHolder, ClaimNotice,
+    CreateOptions, WritableLayer, CLAIM_NOTICE_AFTER, TOOL_CLAIM_WAIT,
 };

@@ -89,28 +89,149 @@ pub fn create_warp(data: &Path, index: &Path, virtual_size: u64, uuid: Option<Uu
 /// A claim held by another process is waited for up to [`set_claim_wait`]
 /// (none unless set): a server stopped just before (`fusermount -u`, a
 /// signal) may still be flushing the layer when the next tool opens it.
+/// After [`CLAIM_NOTICE_AFTER`] of waiting, the [`set_claim_notice`]
+/// callback (if any) is told once. The error names the holder when it is a
+/// live process that is not exiting.
 fn claim(f: &IoFile, read_only: bool) -> Result<()> {
-    let deadline = Instant::now() + claim_wait();
+    let wait = claim_wait();
+    let start = Instant::now();
+    let deadline = start + wait;
+    let mut noticed = false;
     loop {
         if f.try_lock(!read_only)? {
             return Ok(());
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             break;
+        }
+        if !noticed && now - start >= CLAIM_NOTICE_AFTER {
+            noticed = true;
+            if let Some(notice) = *CLAIM_NOTICE.read().unwrap_or_else(|p| p.into_inner()) {
+                let who = claim_holder(f.path())
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default();
+                notice(&format!(
+                    "waiting up to {} s for {}: in use by another process{who} ...",
+                    wait.as_secs_f64(),
+                    f.path().display()
+                ));
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let waited = claim_wait();
+    // The holder named when it runs on (not one that is exiting now).
+    let who = match claim_holder(f.path()).filter(|h| h.live) {
+        Some(h) => format!(" ({h})"),
+        None => String::new(),
+    };
+    let kinds = if who.is_empty() {
+        " (an overlaybd-nbd, overlaybd-fuse, overlaybd-apply or overlaybd-commit)"
+    } else {
+        ""
+    };
     Err(Error::Invalid(format!(
-        "{}: the layer is in use: another process is {} it (an overlaybd-nbd, overlaybd-fuse, overlaybd-apply or overlaybd-commit); stop that first{}",
+        "{}: the layer is in use: another process{who} is {} it{kinds}; stop that first{}",
         f.path().display(),
         if read_only { "writing" } else { "using" },
-        if waited.is_zero() {
+        if wait.is_zero() {
             String::new()
         } else {
-            format!(" (waited {} s for it to let go)", waited.as_secs_f64())
+            format!(" (waited {} s for it to let go)", wait.as_secs_f64())
         }
     )))
+}
+
+/// How long [`claim`] waits before telling the [`set_claim_notice`] callback.
+pub const CLAIM_NOTICE_AFTER: Duration = Duration::from_secs(1);
+
+/// What is told about a wait for another process's claim: one line.
+pub type ClaimNotice = fn(&str);
+
+static CLAIM_NOTICE: std::sync::RwLock<Option<ClaimNotice>> = std::sync::RwLock::new(None);
+
+/// Have opening a writable layer that another process holds call `notice`
+/// with one line ("waiting up to 10 s for PATH: in use by another process
+/// (pid N, NAME) ...") once it has waited [`CLAIM_NOTICE_AFTER`] (only when
+/// [`set_claim_wait`] lets it wait that long). By default nothing is told:
+/// the library prints nothing; the tools print the line on stderr.
+pub fn set_claim_notice(notice: Option<ClaimNotice>) {
+    *CLAIM_NOTICE.write().unwrap_or_else(|p| p.into_inner()) = notice;
+}
+
+/// A process holding an `flock` claim on a file, from `/proc/locks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimHolder {
+    /// Its pid (as `/proc/locks` records it: the process that took the lock).
+    pub pid: u32,
+    /// Its program name (argv[0]'s file name, else `comm`), if readable.
+    pub name: Option<String>,
+    /// Whether it is running (not a zombie, not exiting).
+    pub live: bool,
+}
+
+impl std::fmt::Display for ClaimHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {}", self.pid)?;
+        if let Some(n) = &self.name {
+            write!(f, ", {n}")?;
+        }
+        if !self.live {
+            f.write_str(", exiting")?;
+        }
+        Ok(())
+    }
+}
+
+/// Another process holding an `flock` on `path`, if `/proc/locks` names
+/// one (the first listed; waiters are skipped).
+pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let dev = m.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let want = format!("{major:02x}:{minor:02x}:{}", m.ino());
+    let me = std::process::id();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let pid = locks.lines().find_map(|l| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters are
+        // listed as "1: -> FLOCK ...".
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.get(1) != Some(&"FLOCK") || f.get(5) != Some(&want.as_str()) {
+            return None;
+        }
+        let pid: u32 = f.get(4)?.parse().ok()?;
+        (pid != me).then_some(pid)
+    })?;
+    let proc = format!("/proc/{pid}");
+    let stat = std::fs::read_to_string(format!("{proc}/stat")).ok();
+    // After "(comm) ": state, ppid, pgrp, session, tty_nr, tpgid, flags.
+    let live = stat.as_deref().is_some_and(|s| {
+        let rest: Vec<&str> = s
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        const PF_EXITING: u64 = 0x4;
+        let state_ok = rest
+            .first()
+            .is_some_and(|st| !matches!(*st, "Z" | "X" | "x"));
+        let flags: u64 = rest.get(6).and_then(|x| x.parse().ok()).unwrap_or(0);
+        state_ok && flags & PF_EXITING == 0
+    });
+    let name = std::fs::read(format!("{proc}/cmdline"))
+        .ok()
+        .and_then(|c| {
+            let argv0 = c.split(|&b| b == 0).next()?;
+            let base = argv0.rsplit(|&b| b == b'/').next()?;
+            (!base.is_empty()).then(|| String::from_utf8_lossy(base).into_owned())
+        })
+        .or_else(|| {
+            std::fs::read_to_string(format!("{proc}/comm"))
+                .ok()
+                .map(|c| c.trim_end().to_string())
+        })
+        .filter(|n| !n.is_empty());
+    Some(ClaimHolder { pid, name, live })
 }
 
 /// How long the tools (`overlaybd-commit`, `-apply`, `-nbd`, `-fuse`,

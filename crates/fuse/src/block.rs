@@ -69,6 +69,8 @@ pub struct DiskFs {
     uid: u32,
     gid: u32,
     since: SystemTime,
+    /// A read-only disk's `st_blocks`, counted once.
+    mapped: std::sync::OnceLock<u64>,
 }
 
 impl DiskFs {
@@ -83,6 +85,7 @@ impl DiskFs {
             uid,
             gid,
             since: SystemTime::now(),
+            mapped: std::sync::OnceLock::new(),
         }
     }
 
@@ -124,6 +127,54 @@ impl DiskFs {
         Ok(if want_hole { Some(size) } else { None })
     }
 
+    /// Bytes of the disk that the stack maps to data (what the layers hold;
+    /// ranges that read as zeros because no layer maps them, or a zeroed
+    /// entry covers them, do not count). Without an allocation map, the
+    /// whole disk.
+    fn mapped_bytes(&self) -> blockdev::Result<u64> {
+        let size = self.dev.size();
+        let Some(alloc) = &self.alloc else {
+            return Ok(size);
+        };
+        const STEP: u64 = 1 << 30;
+        let mut total = 0;
+        let mut pos = 0;
+        while pos < size {
+            let before = pos;
+            for (l, flags) in alloc.extents(pos, STEP.min(size - pos))? {
+                if flags & STATE_HOLE == 0 {
+                    total += l;
+                }
+                pos += l;
+            }
+            if pos == before {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// The disk's `st_blocks` (512-byte units): what the stack maps, so
+    /// `du` tells how much the layers hold. Counted once for a read-only
+    /// disk (it never changes), at every getattr for a writable one.
+    fn disk_blocks(&self) -> u64 {
+        let count = || match self.mapped_bytes() {
+            Ok(b) => b.div_ceil(512),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot count the disk's mapped blocks: {}",
+                    obdimage::error::Chain(&e)
+                );
+                self.dev.size().div_ceil(512)
+            }
+        };
+        if self.writable {
+            count()
+        } else {
+            *self.mapped.get_or_init(count)
+        }
+    }
+
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
         let (kind, perm, size, nlink) = match ino {
             INodeNo::ROOT => (FileType::Directory, 0o755, 0, 2),
@@ -138,7 +189,11 @@ impl DiskFs {
         Some(FileAttr {
             ino,
             size,
-            blocks: size.div_ceil(512),
+            blocks: if ino == DISK_INO {
+                self.disk_blocks()
+            } else {
+                0
+            },
             atime: self.since,
             mtime: self.since,
             ctime: self.since,

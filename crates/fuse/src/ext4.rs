@@ -19,6 +19,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use blockdev::nbd::proto::STATE_HOLE;
+use blockdev::nbd::Allocation;
 use blockdev::BlockDevice;
 use fuser::{Errno, FileAttr, FileType, INodeNo};
 use obdfs::ext2fs::inode::{self, Inode, Timestamp};
@@ -125,6 +127,9 @@ pub struct Ext4Tree {
     cache: Cache<(u64, Part), Cached>,
     /// Blocks statfs reports (the kernel's count: without the overhead).
     statfs_blocks: u64,
+    /// The device's allocation map, for holes of the layer stack inside
+    /// a file's extents ([`Ext4Tree::with_allocation`]).
+    alloc: Option<Arc<dyn Allocation>>,
 }
 
 /// Whether block group `g` holds a superblock backup (and group descriptors).
@@ -226,6 +231,16 @@ fn ext_errno(e: &obdfs::Error) -> Errno {
     fault(e).errno()
 }
 
+/// The errno for a failure to read or map a file's data (logged).
+fn data_errno(e: &Error) -> Errno {
+    tracing::warn!("{}", obdimage::error::Chain(e));
+    match e {
+        Error::Stack { source, .. } => Fault::of_device(source).errno(),
+        Error::Ext4 { source, .. } => fault(source).errno(),
+        _ => Errno::EIO,
+    }
+}
+
 impl Ext4Tree {
     /// Open the ext4 filesystem on `dev` (read-only), caching at most
     /// [`DEFAULT_CACHE`] bytes of metadata.
@@ -267,6 +282,7 @@ impl Ext4Tree {
             dev,
             cache: Cache::new(cache_bytes),
             statfs_blocks,
+            alloc: None,
         };
         let root = me.node(EXT4_ROOT).map_err(|source| Error::Ext4 {
             what: "cannot read the root directory".into(),
@@ -278,6 +294,119 @@ impl Ext4Tree {
             ));
         }
         Ok(me)
+    }
+
+    /// Let `SEEK_HOLE` also find the ranges of a file's extents that no
+    /// layer of the stack maps (they read as zeros): `alloc` is the
+    /// allocation map of the device the tree was opened on.
+    pub fn with_allocation(mut self, alloc: Arc<dyn Allocation>) -> Self {
+        self.alloc = Some(alloc);
+        self
+    }
+
+    /// The whole blocks of device range `[phys, phys + len)` (block-aligned
+    /// start) that the stack does not map, as ranges relative to `phys`,
+    /// in order. Empty without an allocation map.
+    fn stack_holes(&self, phys: u64, len: u64) -> blockdev::Result<Vec<(u64, u64)>> {
+        let Some(alloc) = &self.alloc else {
+            return Ok(Vec::new());
+        };
+        let bs = self.block_size;
+        let mut holes: Vec<(u64, u64)> = Vec::new();
+        let mut p = 0;
+        while p < len {
+            let ext = alloc.extents(phys + p, len - p)?;
+            let before = p;
+            for (l, flags) in ext {
+                if flags & STATE_HOLE != 0 {
+                    match holes.last_mut() {
+                        Some(h) if h.1 == p => h.1 = p + l,
+                        _ => holes.push((p, p + l)),
+                    }
+                }
+                p += l;
+            }
+            if p == before {
+                break;
+            }
+        }
+        // Only whole blocks are holes (the map is in 512-byte sectors).
+        Ok(holes
+            .into_iter()
+            .map(|(a, b)| (a.div_ceil(bs) * bs, (b.min(len) / bs) * bs))
+            .filter(|(a, b)| a < b)
+            .collect())
+    }
+
+    /// `SEEK_DATA` / `SEEK_HOLE` in regular file `n` from `from` (below
+    /// its size): holes are the blocks no extent maps, unwritten extents,
+    /// and the blocks of extents that no layer of the stack maps.
+    fn seek_file(&self, n: &Node, from: u64, want_hole: bool) -> Result<Option<u64>> {
+        let size = n.attr.size;
+        let data = self.data(n).map_err(|source| Error::Ext4 {
+            what: format!("inode {}: cannot map its blocks", n.ino),
+            source: Box::new(source),
+        })?;
+        let runs = match data.as_ref() {
+            Data::Inline(_) => return Ok(Some(if want_hole { size } else { from })),
+            Data::Runs(r) => r,
+        };
+        let bs = self.block_size;
+        let mut pos = from;
+        let mut i = runs.partition_point(|r| (r.lblk + r.len) * bs <= pos);
+        while pos < size {
+            let Some(r) = runs.get(i).filter(|r| r.lblk * bs <= pos) else {
+                // In a hole before the next run (or the end).
+                if want_hole {
+                    return Ok(Some(pos));
+                }
+                match runs.get(i) {
+                    Some(r) => pos = r.lblk * bs,
+                    None => break,
+                }
+                continue;
+            };
+            let (start, end) = (r.lblk * bs, (r.lblk + r.len) * bs);
+            i += 1;
+            if r.uninit {
+                if want_hole {
+                    return Ok(Some(pos));
+                }
+                pos = pos.max(end);
+                continue;
+            }
+            // The stack's holes from the block of `pos` to the run's end.
+            let base = start + (pos - start) / bs * bs;
+            let stop = end.min(size.div_ceil(bs) * bs);
+            let holes = self
+                .stack_holes(r.pblk * bs + (base - start), stop - base)
+                .map_err(|source| Error::Stack {
+                    what: format!("inode {}: the allocation map of its blocks", n.ino),
+                    source,
+                })?;
+            let found = if want_hole {
+                holes
+                    .iter()
+                    .find(|&&(_, b)| base + b > pos)
+                    .map(|&(a, _)| pos.max(base + a))
+            } else {
+                match holes
+                    .iter()
+                    .find(|&&(a, b)| base + a <= pos && pos < base + b)
+                {
+                    None => Some(pos),
+                    // Data follows the stack's hole, if within the run.
+                    Some(&(_, b)) if base + b < stop => Some(base + b),
+                    Some(_) => None,
+                }
+            };
+            match found {
+                Some(o) if o < size => return Ok(Some(o)),
+                Some(_) => break,
+                None => pos = pos.max(end),
+            }
+        }
+        Ok(want_hole.then_some(size))
     }
 
     /// The node of ext4 inode `ino` (cached).
@@ -540,14 +669,21 @@ impl FileTree for Ext4Tree {
         if n.attr.kind != FileType::RegularFile {
             return Err(Errno::EINVAL);
         }
-        self.read_file(&n, offset, len as u64).map_err(|e| {
-            tracing::warn!("{}", obdimage::error::Chain(&e));
-            match &e {
-                Error::Stack { source, .. } => Fault::of_device(source).errno(),
-                Error::Ext4 { source, .. } => fault(source).errno(),
-                _ => Errno::EIO,
-            }
-        })
+        self.read_file(&n, offset, len as u64)
+            .map_err(|e| data_errno(&e))
+    }
+
+    fn seek(&self, ino: u64, offset: u64, want_hole: bool) -> TreeResult<u64> {
+        let n = self.node_of(ino)?;
+        if n.attr.kind != FileType::RegularFile {
+            return Err(Errno::EINVAL);
+        }
+        if offset >= n.attr.size {
+            return Err(Errno::ENXIO);
+        }
+        self.seek_file(&n, offset, want_hole)
+            .map_err(|e| data_errno(&e))?
+            .ok_or(Errno::ENXIO)
     }
 
     fn read_link(&self, ino: u64) -> TreeResult<Arc<Vec<u8>>> {

@@ -81,9 +81,15 @@ pub fn detect_fs(dev: &dyn BlockDevice) -> Result<FsType> {
     if u16::from_le_bytes([b[1080], b[1081]]) == EXT4_MAGIC {
         return Ok(FsType::Ext4);
     }
-    Err(Error::Usage(
-        "the disk holds neither ext4 nor EROFS (no superblock magic at byte 1024)".into(),
-    ))
+    let what = if b.iter().all(|&x| x == 0) {
+        "it reads as zeros where the superblock would be"
+    } else {
+        "no superblock magic at byte 1024"
+    };
+    Err(Error::Usage(format!(
+        "the disk holds neither ext4 nor EROFS ({what}): {}",
+        obdfs::NO_FS_HINT
+    )))
 }
 
 /// One mount to make.
@@ -175,7 +181,8 @@ pub fn mount(req: &MountRequest, ready: impl FnOnce(&Ready)) -> Result<Ended> {
                     session::serve(tree::TreeFs::new(t), &mcfg, || ready(&info))?
                 }
                 _ => {
-                    let t = ext4::Ext4Tree::open_with_cache(dev.clone(), req.cache_bytes)?;
+                    let t = ext4::Ext4Tree::open_with_cache(dev.clone(), req.cache_bytes)?
+                        .with_allocation(stack.clone());
                     session::serve(tree::TreeFs::new(t), &mcfg, || ready(&info))?
                 }
             }

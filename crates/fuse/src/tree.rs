@@ -26,7 +26,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 
 use crate::cache::CacheStats;
@@ -122,6 +123,18 @@ pub trait FileTree: Send + Sync + 'static {
     fn lookup(&self, dir: u64, name: &[u8]) -> TreeResult<u64>;
     /// Up to `len` bytes of regular file `ino` from `offset` (fewer at the end).
     fn read(&self, ino: u64, offset: u64, len: u32) -> TreeResult<Vec<u8>>;
+    /// `lseek(SEEK_DATA)` (`want_hole` false) or `lseek(SEEK_HOLE)` (true)
+    /// in regular file `ino` from `offset`: the first offset at or after
+    /// it that is data or a hole (the end of the file is one), `ENXIO` when
+    /// `offset` is at or past the end or no data follows. By default the
+    /// whole file is data, as for a filesystem without holes.
+    fn seek(&self, ino: u64, offset: u64, want_hole: bool) -> TreeResult<u64> {
+        let size = self.attr(ino)?.size;
+        if offset >= size {
+            return Err(Errno::ENXIO);
+        }
+        Ok(if want_hole { size } else { offset })
+    }
     /// The target of symlink `ino`.
     fn read_link(&self, ino: u64) -> TreeResult<Arc<Vec<u8>>>;
     /// The extended attributes of `ino`.
@@ -304,6 +317,30 @@ impl<T: FileTree> Filesystem for TreeFs<T> {
     ) {
         match self.tree.read(self.tree_ino(ino), offset, size) {
             Ok(b) => reply.data(&b),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        // The kernel answers SEEK_SET/CUR/END itself; only these come here.
+        let want_hole = match whence {
+            libc::SEEK_DATA => false,
+            libc::SEEK_HOLE => true,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(Errno::ENXIO);
+        };
+        match self.tree.seek(self.tree_ino(ino), offset, want_hole) {
+            Ok(o) => reply.offset(o as i64),
             Err(e) => reply.error(e),
         }
     }

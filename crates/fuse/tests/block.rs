@@ -139,9 +139,13 @@ fn writable_session_is_committed_and_read_back() {
             .write(true)
             .open(f.disk())
             .unwrap();
+        let blocks = |d: &File| std::os::unix::fs::MetadataExt::blocks(&d.metadata().unwrap());
+        let before = blocks(&disk);
         disk.seek(SeekFrom::Start(scratch)).unwrap();
         disk.write_all(&vec![0xabu8; 1 << 20]).unwrap();
         disk.sync_all().unwrap();
+        // du follows what the upper now maps.
+        assert_eq!(blocks(&disk), before + (1 << 20) / 512);
         run_ok(
             Command::new(tool("fallocate"))
                 .args(["--punch-hole", "--keep-size", "-o"])
@@ -242,6 +246,13 @@ fn seek_data_and_hole_follow_the_allocation_map() {
     let args: Vec<&std::ffi::OsStr> = layers.iter().map(|p| p.as_os_str()).collect();
     let f = Fuse::background(&args, &t.path().join("mp"));
     let disk = File::open(f.disk()).unwrap();
+    // du tells what the layers hold: st_blocks counts the data ranges,
+    // st_size stays the virtual size.
+    let st = std::os::unix::fs::MetadataExt::blocks(&disk.metadata().unwrap());
+    let mapped: u64 = want.iter().map(|(a, b)| b - a).sum();
+    assert!(mapped < size / 2, "{mapped} of {size}");
+    assert_eq!(st, mapped.div_ceil(512));
+    assert_eq!(disk.metadata().unwrap().len(), size);
     let mut got = Vec::new();
     let mut pos = 0i64;
     loop {

@@ -110,6 +110,12 @@ fn fs_mode_refuses_a_disk_without_a_filesystem() {
         .unwrap();
     let e = err_text(&o);
     assert!(e.contains("neither ext4 nor EROFS"), "{e}");
+    // The likely cause, and where to look.
+    assert!(e.contains("reads as zeros"), "{e}");
+    assert!(
+        e.contains("missing its base layer") && e.contains("overlaybd-create --mkfs"),
+        "{e}"
+    );
     assert!(!is_mounted(&mp));
 }
 
@@ -242,4 +248,124 @@ fn ls_lr_through_a_tiny_cache_is_bounded_and_forgets() {
     assert_eq!(num(" of "), 64 << 10, "{line}");
     assert!(num("), ") > 0, "nothing evicted: {line}");
     assert!(num("evicted, ") > 0, "nothing forgotten: {line}");
+}
+
+/// `lseek(SEEK_DATA / SEEK_HOLE)` on a sparse file of the image: holes are
+/// the blocks no ext4 extent maps and the blocks of an extent that no layer
+/// of the stack maps (they read as zeros); `cp --sparse=always` keeps them.
+#[test]
+fn fs_mode_seek_data_and_hole_find_the_holes_of_a_sparse_file() {
+    use nix::unistd::{lseek, Whence};
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    const K: u64 = 1024;
+    let t = tempfile::tempdir().unwrap();
+    let (data, index) = (t.path().join("data"), t.path().join("index"));
+    run_ok(
+        Command::new(workspace_bin("overlaybd-create"))
+            .arg("-s")
+            .arg(&data)
+            .arg(&index)
+            .arg("64"),
+    );
+    // Data at [0, 64K) and [512K, 768K) of a 2 MiB file.
+    let src = t.path().join("src");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(2048 * K).unwrap();
+    f.write_all_at(&vec![0xab; 64 * K as usize], 0).unwrap();
+    f.write_all_at(&vec![0xcd; 256 * K as usize], 512 * K)
+        .unwrap();
+    drop(f);
+
+    let layers = fixture_layers();
+    let mut args: Vec<&std::ffi::OsStr> = layers.iter().map(|p| p.as_os_str()).collect();
+    args.extend(["--upper".as_ref(), data.as_os_str(), index.as_os_str()]);
+    let b = Fuse::background(&args, &t.path().join("blk"));
+    let disk = b.disk();
+    let cmd = format!("write {} /sparse", src.display());
+    run_ok(
+        Command::new(tool("debugfs"))
+            .args(["-w", "-R", &cmd])
+            .arg(&disk),
+    );
+    let mut sb = [0u8; 4];
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    d.read_exact_at(&mut sb, 1024 + 24).unwrap();
+    let bs = 1024u64 << u32::from_le_bytes(sb);
+    // Unmap the file's blocks of [640K, 704K) from the stack (punch the
+    // disk there): ext4 still maps them, they read as zeros.
+    for lblk in (640 * K / bs)..(704 * K / bs) {
+        let o = run_ok(
+            Command::new(tool("debugfs"))
+                .args(["-R", &format!("bmap /sparse {lblk}")])
+                .arg(&disk),
+        );
+        let pblk: u64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+        assert!(pblk > 0);
+        nix::fcntl::fallocate(
+            &d,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            (pblk * bs) as i64,
+            bs as i64,
+        )
+        .unwrap();
+    }
+    drop(d);
+    b.unmount();
+
+    let mut fs_args = vec!["--fs".as_ref()];
+    fs_args.extend(&args);
+    let f = Fuse::background(&fs_args, &t.path().join("fs"));
+    let p = f.mp.join("sparse");
+    let file = std::fs::File::open(&p).unwrap();
+    let seek = |o: u64, w: Whence| lseek(&file, o as i64, w).map(|r| r as u64);
+    let (data, hole) = (Whence::SeekData, Whence::SeekHole);
+    assert_eq!(seek(0, data), Ok(0));
+    assert_eq!(seek(0, hole), Ok(64 * K));
+    assert_eq!(seek(100, hole), Ok(64 * K));
+    assert_eq!(seek(64 * K, data), Ok(512 * K));
+    assert_eq!(seek(70 * K, hole), Ok(70 * K));
+    assert_eq!(seek(512 * K, hole), Ok(640 * K));
+    assert_eq!(seek(640 * K, data), Ok(704 * K));
+    assert_eq!(seek(650 * K, hole), Ok(650 * K));
+    assert_eq!(seek(704 * K, hole), Ok(768 * K));
+    assert_eq!(seek(768 * K, data), Err(nix::errno::Errno::ENXIO));
+    assert_eq!(seek(2000 * K, hole), Ok(2000 * K));
+    assert_eq!(seek(2048 * K, hole), Err(nix::errno::Errno::ENXIO));
+    // What reads back agrees.
+    let bytes = std::fs::read(&p).unwrap();
+    assert_eq!(bytes.len() as u64, 2048 * K);
+    assert!(bytes[..64 * K as usize].iter().all(|&x| x == 0xab));
+    assert!(bytes[64 * K as usize..512 * K as usize]
+        .iter()
+        .all(|&x| x == 0));
+    assert!(bytes[512 * K as usize..640 * K as usize]
+        .iter()
+        .all(|&x| x == 0xcd));
+    assert!(bytes[640 * K as usize..704 * K as usize]
+        .iter()
+        .all(|&x| x == 0));
+    assert!(bytes[704 * K as usize..768 * K as usize]
+        .iter()
+        .all(|&x| x == 0xcd));
+    // cp copies it sparse.
+    let copy = t.path().join("copy");
+    run_ok(
+        Command::new(tool("cp"))
+            .arg("--sparse=always")
+            .arg(&p)
+            .arg(&copy),
+    );
+    assert_eq!(std::fs::read(&copy).unwrap(), bytes);
+    assert!(
+        std::fs::metadata(&copy).unwrap().blocks() * 512 <= 256 * K,
+        "not sparse"
+    );
+    drop(file);
+    f.unmount();
 }

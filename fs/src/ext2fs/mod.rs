@@ -115,7 +115,16 @@ impl Ext2Fs {
                 // normally null); freeing it releases the channel.
                 unsafe { sys::ext2fs_free(fs) };
             }
-            return Err(Error::ext2fs("open the ext4 filesystem", rc, None));
+            let mut e = Error::ext2fs("open the ext4 filesystem", rc, None);
+            if rc == sys::EXT2_ET_BAD_MAGIC as sys::errcode_t {
+                if let Error::Ext2fs { msg, .. } = &mut e {
+                    *msg = format!(
+                        "{msg}: no ext4 superblock on the disk; {}",
+                        crate::NO_FS_HINT
+                    );
+                }
+            }
+            return Err(e);
         }
         let me = Ext2Fs { fs, closed: false };
         // libext2fs accepts inodes up to the block size; the inode buffers

@@ -132,6 +132,10 @@ fn main() -> ExitCode {
         .try_init();
     // A server stopped just before may still be flushing a writable upper.
     blockdev::lsmt::set_claim_wait(blockdev::lsmt::TOOL_CLAIM_WAIT);
+    // Say so when that wait is for a layer that really is in use.
+    blockdev::lsmt::set_claim_notice(Some(|m| {
+        let _ = writeln!(std::io::stderr(), "overlaybd-fuse: {m}");
+    }));
     let daemon = std::env::var_os(DAEMON_ENV).is_some();
     if daemon {
         // The parent blocks these while it waits for us to get ready, and
