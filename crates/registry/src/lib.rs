@@ -245,6 +245,9 @@ pub struct ClientOptions {
     /// Client certificate and key PEM files (`--client-cert cert:key`).
     pub client_certs: Vec<(PathBuf, PathBuf)>,
     pub credentials: Option<Credentials>,
+    /// The flag that gives `credentials`, named when a registry refuses them (`-u`,
+    /// or e.g. `--dest-creds` for a destination client).
+    pub credentials_flag: &'static str,
     /// Retries after a transient failure.
     pub retries: u32,
     /// First retry delay; doubles each time.
@@ -284,6 +287,7 @@ impl Default for ClientOptions {
             cert_dirs: vec![],
             client_certs: vec![],
             credentials: None,
+            credentials_flag: "-u",
             retries: 3,
             retry_delay: Duration::from_millis(500),
             chunk_size: None,
@@ -670,9 +674,20 @@ impl Registry {
                             peer: self.host.clone(),
                             what: what.to_string(),
                             detail: if !self.auth.has_credentials() {
-                                format!("{detail} (no credentials given; use -u user:password)")
+                                format!(
+                                    "{detail} (no credentials given; use {} user:password)",
+                                    self.opts.credentials_flag
+                                )
+                            } else if self.opts.credentials.is_none() {
+                                format!(
+                                    "{detail} (check the credentials for {} in the Docker configuration, or give {} user:password)",
+                                    self.host, self.opts.credentials_flag
+                                )
                             } else {
-                                format!("{detail} (check the -u user:password)")
+                                format!(
+                                    "{detail} (check the {} user:password)",
+                                    self.opts.credentials_flag
+                                )
                             },
                         });
                     }

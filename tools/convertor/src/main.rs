@@ -482,6 +482,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
                     .usage()?,
             ),
             docker_config: false,
+            credentials_flag: "--dest-creds",
             ..client.clone()
         },
     };

@@ -215,15 +215,25 @@ fn a_bad_destination_registry_fails_before_any_conversion() {
     );
     // Wrong credentials for the destination.
     let dst = format!("{}/x/app", reg.host());
+    // The hint names the flag that gave them.
     let e = run(&dst, &["--dest-creds", "alice:wrong"]);
     assert!(
-        e.contains(&reg.host()) && e.contains("authentication failed"),
+        e.contains(&reg.host())
+            && e.contains("authentication failed")
+            && e.contains("check the --dest-creds user:password"),
+        "{e}"
+    );
+    let e = run(&dst, &["-u", "alice:wrong"]);
+    assert!(
+        e.contains("authentication failed") && e.contains("check the -u user:password"),
         "{e}"
     );
     // No credentials at all.
     let e = run(&dst, &[]);
     assert!(
-        e.contains(&reg.host()) && e.contains("authentication failed"),
+        e.contains(&reg.host())
+            && e.contains("authentication failed")
+            && e.contains("no credentials given"),
         "{e}"
     );
     // The right ones: converted and pushed.
