@@ -33,6 +33,86 @@ pub struct Run {
     pub uninit: bool,
 }
 
+/// Direct block pointers in a block-mapped inode's `i_block`; the three
+/// after them root the single, double and triple indirect trees.
+const DIRECT_BLOCKS: u64 = 12;
+
+/// The state of one walk of a block-mapped file's indirect trees.
+struct IndirectWalk {
+    ino: u32,
+    /// Block pointers (u32) in a block.
+    per_block: u64,
+    /// Logical blocks `i_size` covers.
+    end: u64,
+    /// Blocks in the filesystem.
+    blocks: u64,
+    first_data: u64,
+    /// The most data blocks the inode can have (its `i_blocks`), and how many
+    /// were found: a corrupt tree cannot map more than the inode holds.
+    most: u64,
+    found: u64,
+    runs: Vec<Run>,
+}
+
+impl IndirectWalk {
+    fn check(&self, p: u64, what: &str) -> Result<()> {
+        if p < self.first_data || p >= self.blocks {
+            return Err(Error::Unsupported(format!(
+                "inode {}: {what} block {p} is outside the filesystem ({} blocks): the inode is corrupt",
+                self.ino, self.blocks
+            )));
+        }
+        Ok(())
+    }
+
+    /// Logical block `lblk` is at `p`.
+    fn push(&mut self, lblk: u64, p: u64) -> Result<()> {
+        self.check(p, "data")?;
+        self.found += 1;
+        if self.found > self.most {
+            return Err(Error::Unsupported(format!(
+                "inode {}: maps more blocks than its block count ({}): the inode is corrupt",
+                self.ino, self.most
+            )));
+        }
+        match self.runs.last_mut() {
+            Some(r) if r.lblk + r.len == lblk && r.pblk + r.len == p => r.len += 1,
+            _ => self.runs.push(Run {
+                lblk,
+                pblk: p,
+                len: 1,
+                uninit: false,
+            }),
+        }
+        Ok(())
+    }
+
+    /// The tree of indirect block `p` at `depth` (1: it points at data),
+    /// mapping logical blocks from `first`.
+    fn tree(&mut self, fs: &mut Ext2Fs, p: u64, depth: u32, first: u64) -> Result<()> {
+        self.check(p, "indirect")?;
+        let mut buf = vec![0u8; (self.per_block * 4) as usize];
+        fs.read_bytes(&mut buf, p * self.per_block * 4)?;
+        let span = self.per_block.saturating_pow(depth - 1);
+        for (k, ptr) in buf.chunks_exact(4).enumerate() {
+            let lblk = first.saturating_add(k as u64 * span);
+            if lblk >= self.end {
+                break;
+            }
+            let q = u32::from_le_bytes([ptr[0], ptr[1], ptr[2], ptr[3]]) as u64;
+            if q == 0 {
+                continue;
+            }
+            if depth == 1 {
+                self.push(lblk, q)?;
+            } else {
+                self.tree(fs, q, depth - 1, lblk)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Filesystem-wide counters for statfs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Counts {
@@ -107,25 +187,63 @@ impl Ext2Fs {
         if inode.flags() & EXTENTS_FL != 0 {
             return self.extent_runs(ino, inode);
         }
+        self.indirect_runs(ino, inode)
+    }
+
+    /// The blocks (of the filesystem's size) `i_blocks` of `inode` counts:
+    /// data and indirect blocks.
+    fn inode_blocks(&self, inode: &Inode) -> u64 {
+        let b = inode.as_bytes();
+        let lo = u32::from_le_bytes([b[28], b[29], b[30], b[31]]) as u64;
+        let hi = if self.has_ro_compat(sys::EXT4_FEATURE_RO_COMPAT_HUGE_FILE) {
+            u16::from_le_bytes([b[116], b[117]]) as u64
+        } else {
+            0
+        };
+        let n = lo | hi << 32;
+        if inode.flags() & sys::EXT4_HUGE_FILE_FL as u32 != 0 {
+            n
+        } else {
+            n / (self.block_size() / 512)
+        }
+    }
+
+    /// The runs of a block-mapped (ext2/ext3) file: its 12 direct pointers and
+    /// the single, double and triple indirect trees of `i_block`, walked as
+    /// trees, so a hole costs nothing and a corrupt `i_size` cannot make the
+    /// walk visit billions of logical blocks. Blocks past `i_size` are left
+    /// out; a pointer outside the filesystem is corruption.
+    fn indirect_runs(&mut self, ino: u32, inode: &Inode) -> Result<Vec<Run>> {
         let bs = self.block_size();
-        let nblocks = inode.size().div_ceil(bs);
-        let mut runs: Vec<Run> = Vec::new();
-        for lblk in 0..nblocks {
-            let p = self.bmap(ino, inode, lblk)?;
-            if p == 0 {
-                continue;
-            }
-            match runs.last_mut() {
-                Some(r) if r.lblk + r.len == lblk && r.pblk + r.len == p => r.len += 1,
-                _ => runs.push(Run {
-                    lblk,
-                    pblk: p,
-                    len: 1,
-                    uninit: false,
-                }),
+        let end = inode.size().div_ceil(bs);
+        let mut walk = IndirectWalk {
+            ino,
+            per_block: bs / 4,
+            end,
+            blocks: self.blocks_count(),
+            first_data: self.sb().s_first_data_block as u64,
+            most: self.inode_blocks(inode),
+            found: 0,
+            runs: Vec::new(),
+        };
+        for i in 0..DIRECT_BLOCKS {
+            let p = inode.block(i as usize) as u64;
+            if p != 0 && i < end {
+                walk.push(i, p)?;
             }
         }
-        Ok(runs)
+        let mut first = DIRECT_BLOCKS;
+        for depth in 1..=3u32 {
+            let p = inode.block(DIRECT_BLOCKS as usize + depth as usize - 1) as u64;
+            if first >= end {
+                break;
+            }
+            if p != 0 {
+                walk.tree(self, p, depth, first)?;
+            }
+            first = first.saturating_add(walk.per_block.saturating_pow(depth));
+        }
+        Ok(walk.runs)
     }
 
     fn extent_runs(&mut self, ino: u32, inode: &mut Inode) -> Result<Vec<Run>> {
