@@ -271,3 +271,34 @@ fn first_access_point_past_the_start_is_rejected() {
         "{e}"
     );
 }
+
+/// Sizes in an index header are bounded before anything is allocated for
+/// them: an uncompressed size no gzip blob of this size can hold, and an
+/// entry table larger than its entries take (a sparse terabyte file: the
+/// table was allocated whole, and the allocation aborted the process).
+#[test]
+fn index_sizes_are_bounded_before_allocating() {
+    use gzindex::{Header, HEADER_SIZE};
+    let dir = tempfile::tempdir().unwrap();
+    let blob = fixtures().join("ext4-gzip/layer.tar.gz");
+    let blob_size = std::fs::metadata(&blob).unwrap().len() as i64;
+    let good = std::fs::read(fixtures().join("ext4-gzip/gzip.meta")).unwrap();
+    let idx = dir.path().join("huge.meta");
+
+    let mut h = Header::decode(good[..HEADER_SIZE].try_into().unwrap());
+    h.uncompressed_size = blob_size * 2000;
+    std::fs::write(&idx, [&h.encode()[..], &good[HEADER_SIZE..]].concat()).unwrap();
+    let e = GzFile::open_paths(&blob, &idx).unwrap_err().to_string();
+    assert!(e.contains("huge.meta") && e.contains("can hold"), "{e}");
+
+    let mut h = Header::decode(good[..HEADER_SIZE].try_into().unwrap());
+    let len = 1i64 << 40;
+    h.index_area_len = len;
+    h.index_file_size = h.index_start + len;
+    let f = std::fs::File::create(&idx).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &h.encode(), 0).unwrap();
+    f.set_len(h.index_file_size as u64).unwrap();
+    drop(f);
+    let e = GzFile::open_paths(&blob, &idx).unwrap_err().to_string();
+    assert!(e.contains("huge.meta") && e.contains("entry table"), "{e}");
+}

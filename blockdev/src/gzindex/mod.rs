@@ -753,6 +753,13 @@ impl GzFile {
             )));
         }
         let usize_ = h.uncompressed_size as u64;
+        // Deflate expands at most MAX_RATIO:1, which bounds the uncompressed
+        // size, so the entry count, so what is read and allocated below.
+        if usize_ > blob_size.saturating_mul(zlib::MAX_RATIO as u64) {
+            return Err(bad(format!(
+                "uncompressed size {usize_} is more than a gzip blob of {blob_size} bytes can hold"
+            )));
+        }
         let max_entries = usize_ / h.span as u64 + 2;
         if h.index_num < 1 || h.index_num as u64 > max_entries {
             return Err(bad(format!(
@@ -761,6 +768,18 @@ impl GzFile {
             )));
         }
         let n = h.index_num as usize;
+        let table_len = n * ENTRY_SIZE;
+        let area_max = if h.dict_compress_algo == 1 {
+            zlib::compress_bound(table_len)
+        } else {
+            table_len
+        };
+        if h.index_area_len as u64 > area_max as u64 {
+            return Err(bad(format!(
+                "entry table is {} bytes, more than {n} entries take ({area_max})",
+                h.index_area_len
+            )));
+        }
         let mut area = vec![0u8; h.index_area_len as usize];
         file.read_exact_at(&mut area, h.index_start as u64)?;
         let table = if h.dict_compress_algo == 1 {

@@ -318,7 +318,13 @@ pub(crate) fn decompress_exact(data: &[u8], expected: usize) -> Option<Vec<u8>> 
 }
 
 /// Deflate's largest expansion (output bytes per input byte).
-const MAX_RATIO: usize = 1032;
+pub(crate) const MAX_RATIO: usize = 1032;
+
+/// The most bytes zlib's `compress` makes of `len` bytes (zlib's
+/// `compressBound`, with the zlib wrapper).
+pub(crate) fn compress_bound(len: usize) -> usize {
+    len + (len >> 12) + (len >> 14) + (len >> 25) + 13
+}
 
 /// The version string of the linked zlib.
 pub fn zlib_version() -> String {
