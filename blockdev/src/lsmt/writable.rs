@@ -142,7 +142,7 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     )))
 }
 
-/// How long [`claim`] waits before telling the [`set_claim_notice`] callback.
+/// How long opening a writable layer waits before telling the [`set_claim_notice`] callback.
 pub const CLAIM_NOTICE_AFTER: Duration = Duration::from_secs(1);
 
 /// What is told about a wait for another process's claim: one line.
@@ -164,7 +164,7 @@ pub fn set_claim_notice(notice: Option<ClaimNotice>) {
 pub struct ClaimHolder {
     /// Its pid (as `/proc/locks` records it: the process that took the lock).
     pub pid: u32,
-    /// Its program name (argv[0]'s file name, else `comm`), if readable.
+    /// Its program name (`argv[0]`'s file name, else `comm`), if readable.
     pub name: Option<String>,
     /// Whether it is running (not a zombie, not exiting).
     pub live: bool,
