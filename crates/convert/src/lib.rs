@@ -141,7 +141,9 @@ impl Error {
         match self {
             Error::Registry(e) => e.kind(),
             Error::Oci(e) => e.kind(),
-            Error::Blockdev(blockdev::Error::Corrupt { .. }) => ErrorKind::Corrupt,
+            Error::Blockdev(blockdev::Error::Corrupt { .. } | blockdev::Error::Json { .. }) => {
+                ErrorKind::Corrupt
+            }
             Error::Blockdev(e) => io_kind_in(e).unwrap_or(ErrorKind::Io),
             Error::Fs(e) => io_kind_in(e).unwrap_or(ErrorKind::Invalid),
             Error::Io { error, .. } | Error::Stream(error) => io_kind(error),
@@ -269,6 +271,13 @@ pub(crate) fn zfile_options(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config.json that does not parse is corrupt, as other corrupt blockdev input.
+    #[test]
+    fn unparsable_config_json_is_corrupt() {
+        let e = blockdev::ImageConfig::parse("{", std::path::Path::new("c.json")).unwrap_err();
+        assert_eq!(Error::Blockdev(e).kind(), ErrorKind::Corrupt);
+    }
 
     #[test]
     #[cfg(feature = "sqlite")]
