@@ -45,6 +45,14 @@ pub fn default_threads() -> usize {
         .unwrap_or(1)
 }
 
+/// The error of a failed lz4 call.
+fn lz4_failed(source: std::io::Error) -> Error {
+    Error::Compress {
+        what: "lz4 compression failed",
+        source,
+    }
+}
+
 /// Compresses blocks on one thread, reusing its buffers and zstd context.
 pub struct Codec {
     algorithm: Algorithm,
@@ -56,13 +64,17 @@ pub struct Codec {
 impl Codec {
     /// A codec for `algorithm`, appending CRCs when `verify`.
     pub fn new(algorithm: Algorithm, verify: bool) -> Result<Codec> {
-        let zstd =
-            match algorithm {
-                Algorithm::Zstd => Some(zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(|e| {
-                    Error::Invalid(format!("cannot set up the zstd compressor: {e}"))
-                })?),
-                Algorithm::Lz4 => None,
-            };
+        let zstd = match algorithm {
+            Algorithm::Zstd => {
+                Some(
+                    zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(|source| Error::Compress {
+                        what: "cannot set up the zstd compressor",
+                        source,
+                    })?,
+                )
+            }
+            Algorithm::Lz4 => None,
+        };
         Ok(Codec {
             algorithm,
             verify,
@@ -75,8 +87,7 @@ impl Codec {
     /// stored length.
     pub fn compress_block(&mut self, src: &[u8], out: &mut Vec<u8>) -> Result<u32> {
         let bound = match self.algorithm {
-            Algorithm::Lz4 => lz4::block::compress_bound(src.len())
-                .map_err(|e| Error::Invalid(format!("lz4 compression failed: {e}")))?,
+            Algorithm::Lz4 => lz4::block::compress_bound(src.len()).map_err(lz4_failed)?,
             Algorithm::Zstd => zstd::zstd_safe::compress_bound(src.len()),
         };
         if self.scratch.len() < bound {
@@ -84,11 +95,13 @@ impl Codec {
         }
         let dst = &mut self.scratch[..bound];
         let n = match &mut self.zstd {
-            None => lz4::block::compress_to_buffer(src, None, false, dst)
-                .map_err(|e| Error::Invalid(format!("lz4 compression failed: {e}")))?,
+            None => lz4::block::compress_to_buffer(src, None, false, dst).map_err(lz4_failed)?,
             Some(z) => z
                 .compress_to_buffer(src, dst)
-                .map_err(|e| Error::Invalid(format!("zstd compression failed: {e}")))?,
+                .map_err(|source| Error::Compress {
+                    what: "zstd compression failed",
+                    source,
+                })?,
         };
         if n == 0 {
             return Err(Error::Invalid("compressor produced no output".into()));

@@ -90,7 +90,11 @@ impl ImageConfig {
     /// relative to the current directory, as upstream's tools open them.
     pub fn parse(text: &str, path: &Path) -> Result<ImageConfig> {
         let bad = |msg: String| Error::corrupt(path, "config.json", msg);
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let raw: RawConfig = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            format: "config.json",
+            source,
+        })?;
         let as_given = |s: &str| PathBuf::from(s);
         let mut lowers = Vec::new();
         let mut lower_targets = Vec::new();
@@ -387,5 +391,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("lower 0"), "{e}");
+    }
+
+    /// Malformed JSON is a corrupt config.json whose source is serde_json's
+    /// error (callers can downcast to it); the chain names the file and the
+    /// JSON problem once.
+    #[test]
+    fn malformed_json_keeps_the_parser_error() {
+        let e = ImageConfig::parse("{nope", Path::new("/x/config.json")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Json {
+                    format: "config.json",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let json = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<serde_json::Error>())
+            .expect("the serde_json error is the source");
+        assert!(json.is_syntax(), "{json}");
+        assert_eq!(
+            testutil::assert_clean_chain(&e),
+            format!("/x/config.json: corrupt config.json: {json}")
+        );
     }
 }

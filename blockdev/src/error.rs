@@ -29,12 +29,30 @@ pub enum Error {
         format: &'static str,
         msg: String,
     },
+    /// A JSON file (an image config.json) does not parse: corrupt like
+    /// [`Error::Corrupt`], with the parser's error (which says where and
+    /// why) as the source.
+    #[error("{path}: corrupt {format}")]
+    Json {
+        path: PathBuf,
+        format: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     /// A request that the device or format cannot serve.
     #[error("{0}")]
     Invalid(String),
     /// A write or trim on a read-only device.
     #[error("device is read-only")]
     ReadOnly,
+    /// Compressing a block failed (the compression library's error).
+    #[error("{what}")]
+    Compress {
+        /// What failed ("lz4 compression failed", ...).
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
     /// A request beyond the end of the device.
     #[error("range {offset}+{len} is beyond the device size {size}")]
     OutOfRange { offset: u64, len: u64, size: u64 },
@@ -99,5 +117,27 @@ mod tests {
         );
         let e = crate::nbd::handshake::ConnError::from(io::Error::other("reset"));
         assert_eq!(Chain(&e).to_string(), "reset");
+    }
+
+    /// A compression library's error is the source of a compression
+    /// failure (printed once, after what failed).
+    #[test]
+    fn compression_failures_keep_their_cause() {
+        let e = Error::Compress {
+            what: "lz4 compression failed",
+            source: io::Error::other("buffer too small"),
+        };
+        assert_eq!(
+            testutil::assert_clean_chain(&e),
+            "lz4 compression failed: buffer too small"
+        );
+        let io = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .expect("the library's error is the source");
+        assert_eq!(io.to_string(), "buffer too small");
+        assert_eq!(
+            crate::nbd::proto::errno_of(&e),
+            crate::nbd::proto::Errno::Io
+        );
     }
 }

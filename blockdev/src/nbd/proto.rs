@@ -208,7 +208,7 @@ pub fn errno_of(e: &crate::Error) -> Errno {
         Error::OutOfRange { .. } | Error::Invalid(_) => Errno::Inval,
         Error::Io { source, .. } => os(source),
         Error::RawIo(source) => os(source),
-        Error::Corrupt { .. } => Errno::Io,
+        Error::Corrupt { .. } | Error::Json { .. } | Error::Compress { .. } => Errno::Io,
     }
 }
 

@@ -80,6 +80,13 @@ pub enum Error {
         #[source]
         inner: Box<Error>,
     },
+    /// A worker thread could not be started (the OS refused: thread or memory limits).
+    #[error("{what}")]
+    Spawn {
+        what: &'static str,
+        #[source]
+        error: std::io::Error,
+    },
     #[error("{0}")]
     Unsupported(String),
     #[error("{0}")]
@@ -141,10 +148,14 @@ impl Error {
         match self {
             Error::Registry(e) => e.kind(),
             Error::Oci(e) => e.kind(),
-            Error::Blockdev(blockdev::Error::Corrupt { .. }) => ErrorKind::Corrupt,
+            Error::Blockdev(blockdev::Error::Corrupt { .. } | blockdev::Error::Json { .. }) => {
+                ErrorKind::Corrupt
+            }
             Error::Blockdev(e) => io_kind_in(e).unwrap_or(ErrorKind::Io),
             Error::Fs(e) => io_kind_in(e).unwrap_or(ErrorKind::Invalid),
-            Error::Io { error, .. } | Error::Stream(error) => io_kind(error),
+            Error::Io { error, .. } | Error::Stream(error) | Error::Spawn { error, .. } => {
+                io_kind(error)
+            }
             Error::Context { inner, .. } => inner.kind(),
             Error::Unsupported(_) | Error::Invalid(_) => ErrorKind::Invalid,
             Error::Interrupted => ErrorKind::Interrupted,
@@ -269,6 +280,37 @@ pub(crate) fn zfile_options(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config.json that does not parse is corrupt, as other corrupt blockdev input.
+    #[test]
+    fn unparsable_config_json_is_corrupt() {
+        let e = blockdev::ImageConfig::parse("{", std::path::Path::new("c.json")).unwrap_err();
+        assert_eq!(Error::Blockdev(e).kind(), ErrorKind::Corrupt);
+    }
+
+    /// A thread that cannot be started is a local failure whose OS error is
+    /// the source, printed once after what failed.
+    #[test]
+    fn spawn_failures_keep_the_os_error() {
+        let e = Error::Spawn {
+            what: "cannot start a download thread",
+            error: std::io::Error::from_raw_os_error(nix::libc::EAGAIN),
+        }
+        .context("layer 1");
+        assert_eq!(e.kind(), ErrorKind::Io);
+        let Error::Context { inner, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(inner.to_string(), "cannot start a download thread");
+        let os = std::error::Error::source(inner.as_ref())
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("the OS error is the source");
+        assert_eq!(os.raw_os_error(), Some(nix::libc::EAGAIN));
+        assert_eq!(
+            obdoci::error::Chain(&e).to_string(),
+            format!("layer 1: cannot start a download thread: {os}")
+        );
+    }
 
     #[test]
     #[cfg(feature = "sqlite")]

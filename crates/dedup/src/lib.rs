@@ -130,8 +130,15 @@ pub enum DbError {
     #[error("cannot connect to MySQL {target}: the server does not offer TLS, which tls= in --db-str requires")]
     MysqlNoTls { target: String },
     /// The endpoint accepted the connection but did not greet as a MySQL server.
+    /// `error` is the socket's error when one cut the wait short (not shown
+    /// by Display: it is the source).
     #[error("cannot connect to MySQL {target}: {reason} (is it a MySQL or MariaDB server? timeout= in --db-str sets the wait)")]
-    MysqlNoGreeting { target: String, reason: String },
+    MysqlNoGreeting {
+        target: String,
+        reason: String,
+        #[source]
+        error: Option<std::io::Error>,
+    },
     /// A dedup table cannot be used (missing, unreadable, other columns).
     #[cfg(feature = "mysql")]
     #[error(

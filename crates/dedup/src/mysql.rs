@@ -200,9 +200,10 @@ fn ssl_opts(mode: TlsMode) -> Option<SslOpts> {
 fn expect_greeting(host: &str, port: u16, timeout: Duration, target: &str) -> Result<(), DbError> {
     use std::io::Read;
     use std::net::{TcpStream, ToSocketAddrs};
-    let fail = |reason: String| DbError::MysqlNoGreeting {
+    let fail = |reason: String, error: Option<std::io::Error>| DbError::MysqlNoGreeting {
         target: target.to_string(),
         reason,
+        error,
     };
     // Unresolvable or refused: left to the client library, which says so.
     let Some(addr) = (host, port)
@@ -216,29 +217,36 @@ fn expect_greeting(host: &str, port: u16, timeout: Duration, target: &str) -> Re
         return Ok(());
     };
     s.set_read_timeout(Some(timeout))
-        .map_err(|e| fail(format!("cannot set a read timeout: {e}")))?;
+        .map_err(|e| fail("cannot set a read timeout".into(), Some(e)))?;
     // 4-byte packet header, then 10 (handshake v10) or 0xff (error packet).
     let mut head = [0u8; 5];
     match s.read_exact(&mut head) {
         Ok(()) if head[4] == 10 || head[4] == 0xff => Ok(()),
-        Ok(()) => Err(fail(format!(
-            "the server's first bytes {:02x?} are not a MySQL greeting",
-            head
-        ))),
+        Ok(()) => Err(fail(
+            format!(
+                "the server's first bytes {:02x?} are not a MySQL greeting",
+                head
+            ),
+            None,
+        )),
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            Err(fail(format!(
-                "no greeting within {:.1} s of connecting",
-                timeout.as_secs_f64()
-            )))
+            Err(fail(
+                format!(
+                    "no greeting within {:.1} s of connecting",
+                    timeout.as_secs_f64()
+                ),
+                None,
+            ))
         }
-        Err(e) => Err(fail(format!(
-            "the connection ended before a greeting ({e})"
-        ))),
+        Err(e) => Err(fail(
+            "the connection ended before a greeting".into(),
+            Some(e),
+        )),
     }
 }
 

@@ -817,6 +817,44 @@ fn mysql_dsn_of_another_service() {
     assert!(e.contains("not a MySQL greeting"), "{e}");
 }
 
+/// A DSN naming a service that hangs up before greeting: the socket's error
+/// is the source (callers can downcast to it), not repeated in the message.
+#[test]
+fn mysql_dsn_of_a_service_that_hangs_up() {
+    let closer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closer.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in closer.incoming() {
+            drop(c);
+        }
+    });
+    let e = match open(
+        "mysql",
+        &format!("u:p@tcp(127.0.0.1:{port})/db?timeout=1s"),
+        FORMAT,
+    ) {
+        Ok(_) => panic!("opening a MySQL DSN of a service that hangs up succeeded"),
+        Err(e) => e,
+    };
+    let DbError::MysqlNoGreeting {
+        error: Some(io), ..
+    } = &e
+    else {
+        panic!("{e:?}")
+    };
+    assert_eq!(io.kind(), std::io::ErrorKind::UnexpectedEof, "{io}");
+    let source = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .expect("the socket's error is the source");
+    assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof);
+    let text = e.to_string();
+    assert!(
+        text.contains("the connection ended before a greeting (is it a MySQL or MariaDB server?"),
+        "{text}"
+    );
+    assert!(!text.contains(&io.to_string()), "{text}");
+}
+
 #[test]
 fn sqlite_unusable_paths() {
     let dir = tempfile::tempdir().unwrap();

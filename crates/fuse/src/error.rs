@@ -75,6 +75,8 @@ pub fn errno_of(e: &blockdev::Error) -> i32 {
         }
         blockdev::Error::ReadOnly => libc::EROFS,
         blockdev::Error::OutOfRange { .. } | blockdev::Error::Invalid(_) => libc::EINVAL,
-        blockdev::Error::Corrupt { .. } => libc::EIO,
+        blockdev::Error::Corrupt { .. }
+        | blockdev::Error::Json { .. }
+        | blockdev::Error::Compress { .. } => libc::EIO,
     }
 }

@@ -49,11 +49,20 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A TurboOCI blob cannot be unpacked (a damaged gzip stream or tar).
+    #[error("{what}")]
+    Unpack {
+        /// The blob and what in it could not be read.
+        what: String,
+        /// The decompressor's or tar reader's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Fetched bytes do not match their digest.
     #[error("{0}")]
     Integrity(String),
     /// The input is not something we can serve (bad argument, not a
-    /// converted image, a damaged TurboOCI blob, ...).
+    /// converted image, a TurboOCI blob without its metadata, ...).
     #[error("{0}")]
     Usage(String),
 }

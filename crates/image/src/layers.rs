@@ -179,6 +179,12 @@ pub fn read_verified(src: &dyn ReadAt, digest: &str, what: &str) -> Result<Vec<u
 /// The members of a TurboOCI blob this crate uses, by name.
 fn unpack_turbo(blob: &[u8], what: &str) -> Result<HashMap<String, Vec<u8>>> {
     let bad = |msg: String| Error::Usage(format!("{what}: {msg}"));
+    let unpack = |msg: String| {
+        move |source| Error::Unpack {
+            what: format!("{what}: {msg}"),
+            source,
+        }
+    };
     let raw: Box<dyn Read + '_> = if is_gzip(blob) {
         Box::new(flate2::read::MultiGzDecoder::new(blob))
     } else {
@@ -188,24 +194,25 @@ fn unpack_turbo(blob: &[u8], what: &str) -> Result<HashMap<String, Vec<u8>>> {
     let mut out = HashMap::new();
     let entries = ar
         .entries()
-        .map_err(|e| bad(format!("not a TurboOCI layer tar: {e}")))?;
+        .map_err(unpack("not a TurboOCI layer tar".into()))?;
     for e in entries {
-        let mut e = e.map_err(|e| bad(format!("bad tar: {e}")))?;
-        let path = e
-            .path()
-            .map_err(|e| bad(format!("bad tar entry name: {e}")))?;
+        let mut e = e.map_err(unpack("bad tar".into()))?;
+        let path = e.path().map_err(unpack("bad tar entry name".into()))?;
         let name = path.to_string_lossy();
         let name = name.trim_start_matches("./").to_string();
         if !FS_META.contains(&name.as_str()) && name != GZIP_META {
             continue;
         }
-        let size = e.header().size().map_err(|e| bad(format!("{name}: {e}")))?;
+        let size = e
+            .header()
+            .size()
+            .map_err(unpack(format!("{name}: bad tar header")))?;
         if size > MAX_TURBO_BLOB {
             return Err(bad(format!("{name} is {size} bytes")));
         }
         let mut v = Vec::with_capacity(size as usize);
         e.read_to_end(&mut v)
-            .map_err(|e| bad(format!("cannot unpack {name}: {e}")))?;
+            .map_err(unpack(format!("cannot unpack {name}")))?;
         out.insert(name, v);
     }
     Ok(out)
@@ -257,4 +264,80 @@ fn turbo_lower(i: usize, l: &LayerDesc, target: &str, store: &dyn BlobStore) -> 
         blob: LayerBlob::Source(Arc::new(meta)),
         target: Some(Target::Tar(tar)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A store holding one blob.
+    struct OneBlob(Vec<u8>);
+
+    impl BlobStore for OneBlob {
+        fn name(&self) -> String {
+            "test".into()
+        }
+        fn open(&self, _: &str, _: Option<u64>) -> Result<Arc<dyn ReadAt>> {
+            Ok(Arc::new(MemSource::new(self.0.clone(), "blob")))
+        }
+    }
+
+    /// The lowers of a one-layer TurboOCI image whose metadata blob is `blob`.
+    fn turbo_lowers(blob: Vec<u8>) -> Result<(Vec<LowerSpec>, String)> {
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&blob)));
+        let layer = LayerDesc {
+            digest,
+            size: blob.len() as u64,
+            annotations: [(
+                TURBO_TARGET[0].to_string(),
+                format!("sha256:{}", "0".repeat(64)),
+            )]
+            .into(),
+            ..Default::default()
+        };
+        lowers(&[layer], &OneBlob(blob))
+    }
+
+    /// A gzip'd tar holding `ext4.fs.meta` (`size` bytes of noise), cut short
+    /// inside that member.
+    fn truncated_turbo_blob(size: usize) -> Vec<u8> {
+        let mut tar = tar::Builder::new(Vec::new());
+        let data: Vec<u8> = (0..size as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, "ext4.fs.meta", &data[..]).unwrap();
+        let tar = tar.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        gz[..gz.len() / 2].to_vec()
+    }
+
+    /// A damaged TurboOCI blob: the error keeps the decompressor's error as
+    /// its source, after naming the blob and the member once.
+    #[test]
+    fn damaged_turbo_blob_keeps_the_io_error() {
+        let e = match turbo_lowers(truncated_turbo_blob(64 << 10)) {
+            Ok(_) => panic!("a truncated blob unpacked"),
+            Err(e) => e,
+        };
+        let chain = testutil::assert_clean_chain(&e);
+        assert!(matches!(e, Error::Unpack { .. }), "{e:?}");
+        let io = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("the I/O error is the source");
+        assert!(
+            chain.starts_with("test: TurboOCI layer 0 (sha256:"),
+            "{chain}"
+        );
+        assert!(
+            chain.ends_with(&format!(": cannot unpack ext4.fs.meta: {io}")),
+            "{chain}"
+        );
+    }
 }

@@ -880,7 +880,10 @@ impl Layers<'_, '_> {
                 });
                 let _ = done_tx.send(r);
             })
-            .map_err(|e| Error::Invalid(format!("cannot start a download thread: {e}")))?;
+            .map_err(|error| Error::Spawn {
+                what: "cannot start a download thread",
+                error,
+            })?;
         loop {
             select! {
                 recv(done) -> r => {
