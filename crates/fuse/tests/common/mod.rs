@@ -21,10 +21,13 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
     let p = dir.join(name);
+    // The profile of this test build: target/<profile>/deps/<test>.
+    let release = dir.file_name().is_some_and(|n| n == "release");
     assert!(
         p.exists(),
-        "{} is not built; run `cargo build --release -p overlaybd-tools` (cargo test --workspace builds it)",
-        p.display()
+        "{} is not built; run `cargo build{} --workspace --bins` (cargo test --workspace builds it)",
+        p.display(),
+        if release { " --release" } else { "" }
     );
     p
 }
