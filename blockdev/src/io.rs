@@ -563,8 +563,7 @@ mod tests {
 
     #[test]
     fn uring_backend_roundtrip() {
-        if !uring_available() {
-            eprintln!("io_uring unavailable here; skipping");
+        if !crate::uring::test_gate() {
             return;
         }
         roundtrip(IoBackend::Uring);

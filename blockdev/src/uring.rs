@@ -76,7 +76,38 @@ pub fn set_force_async(on: bool) {
 
 /// Whether this thread can use io_uring.
 pub fn available() -> bool {
-    with_ring(|_| Ok(())).is_ok()
+    probe().is_ok()
+}
+
+/// Set up this thread's ring if it has none: the error says why io_uring
+/// is unavailable (a kernel without it, a seccomp profile refusing it).
+pub(crate) fn probe() -> io::Result<()> {
+    with_ring(|_| Ok(()))
+}
+
+/// For tests that need io_uring: whether to run. Without io_uring the test
+/// is skipped with `skipped: io_uring unavailable (<reason>)` on stderr;
+/// when the environment variable `CI` is set (not empty, `false` or `0`) it
+/// fails instead, as CI machines have io_uring (`.ci/run` sets `CI`) and a
+/// test that skips there tests nothing.
+#[cfg(test)]
+pub(crate) fn test_gate() -> bool {
+    test_gate_with(std::env::var_os("CI").as_deref())
+}
+
+#[cfg(test)]
+fn test_gate_with(ci: Option<&std::ffi::OsStr>) -> bool {
+    let Err(e) = probe() else {
+        return true;
+    };
+    let why = format!("io_uring unavailable ({e})");
+    let ci = ci.is_some_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        !ci,
+        "{why}, and CI is set: CI machines have io_uring, so this test fails instead of skipping"
+    );
+    eprintln!("skipped: {why}");
+    false
 }
 
 fn with_ring<T>(f: impl FnOnce(&mut io_uring::IoUring) -> io::Result<T>) -> io::Result<T> {
@@ -406,10 +437,90 @@ mod tests {
         assert_eq!(f.metadata().unwrap().len(), 0);
     }
 
+    /// Without io_uring (here: a thread whose seccomp filter refuses
+    /// `io_uring_setup`, as Docker's default profile does) a test needing it
+    /// skips, saying why, or fails when `CI` is set; with io_uring it runs.
+    #[test]
+    fn tests_needing_io_uring_fail_under_ci_when_it_is_unavailable() {
+        use std::ffi::OsStr;
+        let refused = std::thread::spawn(|| {
+            refuse_io_uring_setup_on_this_thread();
+            let e = probe().unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSYS), "{e}");
+            let skips = [None, Some(OsStr::new("")), Some(OsStr::new("false"))]
+                .map(|ci| test_gate_with(ci));
+            let fails = [Some(OsStr::new("true")), Some(OsStr::new("1"))].map(|ci| {
+                std::panic::catch_unwind(|| test_gate_with(ci))
+                    .map_err(|p| p.downcast_ref::<String>().cloned().unwrap_or_default())
+            });
+            (skips, fails)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(refused.0, [false; 3]);
+        for f in refused.1 {
+            let msg = f.expect_err("CI is set: the test must fail");
+            assert!(
+                msg.starts_with("io_uring unavailable (Function not implemented")
+                    && msg.contains("CI is set"),
+                "{msg}"
+            );
+        }
+        // On this thread io_uring is as the machine has it: a test runs
+        // (or skips, outside CI).
+        assert_eq!(test_gate_with(None), available());
+    }
+
+    /// Install a seccomp filter on the calling thread (only) that fails
+    /// `io_uring_setup` with ENOSYS and allows every other system call.
+    fn refuse_io_uring_setup_on_this_thread() {
+        let stmt = |code: u32, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let filter = [
+            // A = seccomp_data.nr
+            stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+            libc::sock_filter {
+                code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 1,
+                k: libc::SYS_io_uring_setup as u32,
+            },
+            stmt(
+                libc::BPF_RET | libc::BPF_K,
+                libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+            ),
+            stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+        ];
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: prctl with integer arguments; PR_SET_NO_NEW_PRIVS (needed
+        // for an unprivileged filter) and the filter apply to this thread
+        // only (no SECCOMP_FILTER_FLAG_TSYNC). `prog` points to `filter`,
+        // both alive during the call; the kernel copies the program.
+        unsafe {
+            assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+            assert_eq!(
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                    &prog as *const libc::sock_fprog,
+                ),
+                0,
+                "{}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+
     #[test]
     fn batches_read_write_and_resubmit_short_requests() {
-        if !available() {
-            eprintln!("io_uring unavailable here; skipping");
+        if !test_gate() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

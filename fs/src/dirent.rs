@@ -40,8 +40,9 @@ fn rd32(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
-/// Decode a stored `rec_len` (64 KiB blocks store 65536 as 0 or 65535).
-fn decode_rec_len(raw: u16, bs: usize) -> usize {
+/// Decode a stored `rec_len` of a block of `bs` bytes (64 KiB blocks store
+/// 65536 as 0 or 65535, and bits 16-17 of larger lengths in the low bits).
+pub(crate) fn decode_rec_len(raw: u16, bs: usize) -> usize {
     if bs < 65536 {
         raw as usize
     } else if raw == 65535 || raw == 0 {
@@ -51,7 +52,9 @@ fn decode_rec_len(raw: u16, bs: usize) -> usize {
     }
 }
 
-fn encode_rec_len(len: usize, bs: usize) -> u16 {
+/// Encode `len` as stored in a block of `bs` bytes (a whole 64 KiB block is
+/// 65535, as libext2fs and the kernel write it).
+pub(crate) fn encode_rec_len(len: usize, bs: usize) -> u16 {
     if bs < 65536 || len < 65536 {
         len as u16
     } else if len == bs {

@@ -403,6 +403,78 @@ fn inodes_larger_than_1_kib_are_refused() {
     }
 }
 
+/// The upstream-compatible engine on a 64 KiB-block base (stock mke2fs -b
+/// 65536): a record length of 65536 is stored as 65535 (or 0), which the
+/// hashed-directory code read as is. A directory grows to several blocks
+/// (indexed, leaves split), a second layer empties it (each leaf is left
+/// with one unused entry spanning the block) and adds names: they went
+/// into such a leaf, which was "corrupt" (a record length of 65535).
+#[test]
+fn photon_on_64_kib_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let opts = ["-t", "ext4", "-b", "65536", "-O", "^metadata_csum"];
+    let dev = mke2fs_image(&img, 256 << 20, &opts);
+    assert_eq!(dumpe2fs_header(&img)["Block size"], "65536");
+    let tar_of = |names: &[String]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for n in names {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(if n.ends_with('/') {
+                tar::EntryType::Directory
+            } else {
+                tar::EntryType::Regular
+            });
+            h.set_mode(0o755);
+            h.set_size(0);
+            b.append_data(&mut h, n, &b""[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    let apply = |names: &[String]| {
+        obdfs::photon::apply_tar(
+            dev.clone(),
+            &tar_of(names)[..],
+            obdfs::ApplyOptions::default(),
+        )
+        .map_err(|e| assert_clean_chain(&e))
+        .unwrap();
+        dev.flush().unwrap();
+    };
+    let ls = |img: &std::path::Path| {
+        let out = run(
+            testutil::tool("debugfs"),
+            &["-R", "ls -p /d", img.to_str().unwrap()],
+        );
+        let mut v: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split('/').nth(5).map(str::to_string))
+            .filter(|n| !n.is_empty() && n != "." && n != "..")
+            .collect();
+        v.sort();
+        v
+    };
+    // 208-byte entries: about 315 a block, so /d is indexed and its leaves split.
+    let mut names = vec!["d/".to_string()];
+    names.extend((0..1000).map(|i| format!("d/{i:0200}")));
+    apply(&names);
+    e2fsck_clean(&img);
+    let stat = run(
+        testutil::tool("debugfs"),
+        &["-R", "stat /d", img.to_str().unwrap()],
+    );
+    assert!(stat.contains("Flags: 0x81000"), "/d is not hashed:\n{stat}");
+    assert_eq!(ls(&img).len(), 1000);
+    let mut names = vec!["d/.wh..wh..opq".to_string()];
+    names.extend((0..20).map(|i| format!("d/new{i}")));
+    apply(&names);
+    drop(dev);
+    e2fsck_clean(&img);
+    let mut want: Vec<String> = (0..20).map(|i| format!("new{i}")).collect();
+    want.sort();
+    assert_eq!(ls(&img), want);
+}
+
 /// A block-mapped (ext3) file is read through its indirect trees: a sparse
 /// file with data in the direct, single, double and triple indirect ranges
 /// reads back exactly from its runs; a corrupt `i_size` of 2^48 bytes

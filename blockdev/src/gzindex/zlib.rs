@@ -44,6 +44,14 @@ extern "C" fn zfree(_opaque: z::voidpf, address: z::voidpf) {
     unsafe { libc::free(address) }
 }
 
+/// The part of a buffer of `len` bytes one zlib call takes: zlib counts in
+/// 32-bit `uInt`s, so a longer buffer is offered in pieces (each caller
+/// goes on from what was consumed/produced). A plain `as` cast would wrap,
+/// offering only `len mod 2^32` bytes while the caller counted `len`.
+fn clamp(len: usize) -> z::uInt {
+    len.min(z::uInt::MAX as usize) as z::uInt
+}
+
 fn new_stream() -> Box<z::z_stream> {
     // zlib keeps a pointer back to the stream in its state, so the stream
     // lives in a Box and never moves.
@@ -114,20 +122,22 @@ impl Inflater {
         unsafe { z::inflateSetDictionary(&mut *self.strm, dict.as_ptr(), dict.len() as z::uInt) }
     }
 
-    /// One `inflate` call from `input` into `output`.
+    /// One `inflate` call from `input` into `output` (at most 4 GiB - 1 of
+    /// each: the caller goes on from what was consumed and produced).
     pub fn inflate(&mut self, input: &[u8], output: &mut [u8], flush: c_int) -> Step {
+        let (in_len, out_len) = (clamp(input.len()), clamp(output.len()));
         self.strm.next_in = input.as_ptr() as *mut u8;
-        self.strm.avail_in = input.len() as z::uInt;
+        self.strm.avail_in = in_len;
         self.strm.next_out = output.as_mut_ptr();
-        self.strm.avail_out = output.len() as z::uInt;
-        // SAFETY: next_in/next_out point into the borrowed slices for their
-        // stated lengths (zlib never writes through next_in); the pointers
-        // are not used after this call returns.
+        self.strm.avail_out = out_len;
+        // SAFETY: next_in/next_out point into the borrowed slices for at
+        // most their lengths (zlib never writes through next_in); the
+        // pointers are not used after this call returns.
         let ret = unsafe { z::inflate(&mut *self.strm, flush) };
         let step = Step {
             ret,
-            consumed: input.len() - self.strm.avail_in as usize,
-            produced: output.len() - self.strm.avail_out as usize,
+            consumed: (in_len - self.strm.avail_in) as usize,
+            produced: (out_len - self.strm.avail_out) as usize,
         };
         self.strm.next_in = std::ptr::null_mut();
         self.strm.next_out = std::ptr::null_mut();
@@ -206,19 +216,18 @@ impl BlockInflater {
     /// One `inflate(Z_BLOCK)` call from `input` into `output`: returns what
     /// it ended with, input consumed, output produced.
     pub fn inflate(&mut self, input: &[u8], output: &mut [u8]) -> (BlockRet, usize, usize) {
-        let in_len = input.len().min(u32::MAX as usize);
-        let out_len = output.len().min(u32::MAX as usize);
+        let (in_len, out_len) = (clamp(input.len()), clamp(output.len()));
         self.strm.next_in = input.as_ptr();
-        self.strm.avail_in = in_len as u32;
+        self.strm.avail_in = in_len;
         self.strm.next_out = output.as_mut_ptr();
-        self.strm.avail_out = out_len as u32;
+        self.strm.avail_out = out_len;
         let stream = self.stream();
         // SAFETY: next_in/next_out point into the borrowed slices for their
         // stated lengths (zlib-rs never writes through next_in); they are
         // reset below, before the borrows end.
         let rc = unsafe { zlib_rs::inflate::inflate(stream, zlib_rs::InflateFlush::Block) };
-        let consumed = in_len - self.strm.avail_in as usize;
-        let produced = out_len - self.strm.avail_out as usize;
+        let consumed = (in_len - self.strm.avail_in) as usize;
+        let produced = (out_len - self.strm.avail_out) as usize;
         self.strm.next_in = std::ptr::null();
         self.strm.avail_in = 0;
         self.strm.next_out = std::ptr::null_mut();
@@ -280,20 +289,36 @@ pub(crate) fn compress(level: c_int, data: &[u8]) -> Result<Vec<u8>, c_int> {
     // SAFETY: the stream was just initialised; deflateBound only reads it.
     let bound = unsafe { z::deflateBound(&mut *strm, data.len() as z::uLong) } as usize;
     let mut out = vec![0u8; bound + 64];
-    strm.next_in = data.as_ptr() as *mut u8;
-    strm.avail_in = data.len() as z::uInt;
-    strm.next_out = out.as_mut_ptr();
-    strm.avail_out = out.len() as z::uInt;
-    // SAFETY: the pointers cover the borrowed input and the owned output
-    // buffer for their stated lengths and are not used after the call.
-    let ret = unsafe { z::deflate(&mut *strm, Z_FINISH) };
-    let produced = out.len() - strm.avail_out as usize;
+    // One deflate(Z_FINISH) call when the data and the output fit zlib's
+    // 32-bit counts (always, in practice); larger data goes in pieces of
+    // at most 4 GiB - 1 (Z_NO_FLUSH, then Z_FINISH with the last one).
+    let (mut used, mut made) = (0usize, 0usize);
+    let ret = loop {
+        let (in_len, out_len) = (clamp(data.len() - used), clamp(out.len() - made));
+        let flush = if used + in_len as usize == data.len() {
+            Z_FINISH
+        } else {
+            Z_NO_FLUSH
+        };
+        strm.next_in = data[used..].as_ptr() as *mut u8;
+        strm.avail_in = in_len;
+        strm.next_out = out[made..].as_mut_ptr();
+        strm.avail_out = out_len;
+        // SAFETY: the pointers cover at most the rest of the borrowed input
+        // and of the owned output buffer and are not used after the call.
+        let ret = unsafe { z::deflate(&mut *strm, flush) };
+        used += (in_len - strm.avail_in) as usize;
+        made += (out_len - strm.avail_out) as usize;
+        if ret != Z_OK {
+            break ret;
+        }
+    };
     // SAFETY: initialised stream, ended once.
     unsafe { z::deflateEnd(&mut *strm) };
     if ret != Z_STREAM_END {
         return Err(ret);
     }
-    out.truncate(produced);
+    out.truncate(made);
     Ok(out)
 }
 
@@ -309,8 +334,20 @@ pub(crate) fn decompress_exact(data: &[u8], expected: usize) -> Option<Vec<u8>> 
     let mut inf = Inflater::new(15).ok()?;
     // One spare byte detects streams longer than expected.
     let mut out = vec![0u8; expected + 1];
-    let s = inf.inflate(data, &mut out, Z_FINISH);
-    if s.ret != Z_STREAM_END || s.produced != expected {
+    // Inflate goes on from what each call took and made (one call takes
+    // at most 4 GiB - 1 of each).
+    let (mut used, mut made) = (0usize, 0usize);
+    loop {
+        let s = inf.inflate(&data[used..], &mut out[made..], Z_NO_FLUSH);
+        used += s.consumed;
+        made += s.produced;
+        match s.ret {
+            Z_STREAM_END => break,
+            Z_OK if s.consumed + s.produced > 0 => {}
+            _ => return None,
+        }
+    }
+    if made != expected {
         return None;
     }
     out.truncate(expected);
@@ -371,6 +408,45 @@ mod tests {
         }
         out.truncate(len);
         out
+    }
+
+    /// Slices longer than zlib's 32-bit counts are offered in pieces of at
+    /// most 4 GiB - 1, and the counts returned are what zlib took and made
+    /// (a wrapping cast offered `len mod 2^32` bytes and reported nearly
+    /// the whole slice as consumed and produced). The 4 GiB buffers are
+    /// zeroed allocations (calloc'd mappings) touched only at their start:
+    /// they take address space, not memory.
+    #[test]
+    fn slices_over_4_gib_are_clamped() {
+        assert_eq!(clamp(5), 5);
+        assert_eq!(clamp(u32::MAX as usize), u32::MAX);
+        assert_eq!(clamp((4usize << 30) + 7), u32::MAX);
+        let data = text(100_000);
+        let c = compress(6, &data).unwrap();
+        let big = (4usize << 30) + 1000;
+        let mut input = vec![0u8; big];
+        input[..c.len()].copy_from_slice(&c);
+        let mut output = vec![0u8; big];
+        let mut inf = Inflater::new(15).unwrap();
+        let s = inf.inflate(&input, &mut output, Z_NO_FLUSH);
+        assert_eq!(
+            (s.ret, s.consumed, s.produced),
+            (Z_STREAM_END, c.len(), data.len())
+        );
+        assert!(output[..data.len()] == data[..]);
+        let mut inf = BlockInflater::new_gzip().unwrap();
+        let (mut used, mut made) = (0usize, 0usize);
+        loop {
+            let (ret, consumed, produced) = inf.inflate(&input[used..], &mut output[made..]);
+            used += consumed;
+            made += produced;
+            if ret == BlockRet::StreamEnd {
+                break;
+            }
+            assert_eq!(ret, BlockRet::Ok);
+            assert!(consumed + produced > 0, "no progress");
+        }
+        assert_eq!((used, made), (c.len(), data.len()));
     }
 
     /// zlib-rs and C zlib stop at the same block boundaries, and

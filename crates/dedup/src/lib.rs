@@ -104,14 +104,16 @@ impl<E> StoreOutcome<E> {
     }
 }
 
-/// Errors of the dedup database. Messages never contain the database password.
+/// Errors of the dedup database. Messages never contain the database password. The
+/// driver's or parser's error is the `source()`, not part of the message (print the chain,
+/// as [`with_causes`] does).
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("unknown --db-type {0:?} (expected mysql, sqlite, or none)")]
     UnknownType(String),
     #[error("--db-type {0} needs --db-str ({1})")]
     MissingDbStr(&'static str, &'static str),
-    #[error("invalid MySQL --db-str {dsn:?}: {error}")]
+    #[error("invalid MySQL --db-str {dsn:?}")]
     BadDsn {
         /// The DSN with the password replaced by `***`.
         dsn: String,
@@ -120,7 +122,7 @@ pub enum DbError {
     },
     /// The server cannot be reached or refuses us; `hint` names the usual fix.
     #[cfg(feature = "mysql")]
-    #[error("cannot connect to MySQL {target}: {error}{hint}")]
+    #[error("cannot connect to MySQL {target}{hint}")]
     MysqlConnect {
         target: String,
         #[source]
@@ -152,7 +154,7 @@ pub enum DbError {
         error: MysqlError,
     },
     #[cfg(feature = "mysql")]
-    #[error("MySQL {target}: {op}: {error}")]
+    #[error("MySQL {target}: {op}")]
     Mysql {
         target: String,
         op: &'static str,
@@ -161,7 +163,7 @@ pub enum DbError {
     },
     /// The SQLite file cannot be opened, created, switched to WAL mode or written.
     #[cfg(feature = "sqlite")]
-    #[error("cannot use SQLite database {}: {}", path.display(), sqlite::open_problem(problem, error))]
+    #[error("cannot use SQLite database {}{}", path.display(), sqlite::open_problem(problem, error))]
     SqliteOpen {
         path: PathBuf,
         problem: Option<String>,
@@ -169,7 +171,7 @@ pub enum DbError {
         error: Option<rusqlite::Error>,
     },
     #[cfg(feature = "sqlite")]
-    #[error("SQLite database {}: {op}: {error}", path.display())]
+    #[error("SQLite database {}: {op}", path.display())]
     Sqlite {
         path: PathBuf,
         op: &'static str,
@@ -188,6 +190,25 @@ pub enum DbError {
         value: String,
         reason: String,
     },
+}
+
+/// An error and its causes on one line (`error: cause: cause`), as the tools print errors.
+///
+/// ```
+/// let e = obddedup::check_settings("mysql", "u:p@tcp(127.0.0.1:3306").unwrap_err();
+/// assert_eq!(e.to_string(), "invalid MySQL --db-str \"u:***@tcp(127.0.0.1:3306\"");
+/// let line = obddedup::with_causes(&e);
+/// assert!(line.starts_with("invalid MySQL --db-str \"u:***@tcp(127.0.0.1:3306\": no '/' "), "{line}");
+/// ```
+pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        line.push_str(": ");
+        line.push_str(&c.to_string());
+        cause = c.source();
+    }
+    line
 }
 
 /// Key of a layer row.
@@ -812,6 +833,23 @@ mod tests {
         assert!(msg.contains("invalid MySQL --db-str"), "{msg}");
         assert!(msg.contains("u:***@tcp(h:1)"), "{msg}");
         assert!(!msg.contains("topsecret"), "{msg}");
+        // The DSN parser's and SQLite's errors are the source, not in the message: printed
+        // with the causes, they appear once.
+        let once = |e: &DbError| {
+            let source = std::error::Error::source(e).expect("a source").to_string();
+            let line = with_causes(e);
+            assert!(!e.to_string().contains(&source), "{line}");
+            assert_eq!(line.matches(&source).count(), 1, "{line}");
+            line
+        };
+        assert!(once(&e).contains("no '/' before the database name"));
+        let e = open("sqlite", "/proc/obd-dedup-test.sqlite", "f/1").unwrap_err();
+        let line = once(&e);
+        assert!(
+            line.starts_with("cannot use SQLite database /proc/obd-dedup-test.sqlite: ")
+                && line.contains("unable to open database file"),
+            "{line}"
+        );
         let e = open("sqlite", "/nonexistent-dir/x/y.db", "f/1").unwrap_err();
         assert!(e.to_string().contains("/nonexistent-dir/x/y.db"), "{e}");
         let e = open("sqlite", "/tmp/whatever.db", "").unwrap_err();

@@ -121,8 +121,8 @@ impl std::error::Error for MysqlError {
 /// A connect error with a hint for the usual causes.
 fn connect_error(target: &str, e: ::mysql::Error) -> DbError {
     let hint = match server_code(&e) {
-        Some(ER_ACCESS_DENIED) => "; check the user and password in --db-str",
-        Some(ER_BAD_DB) => "; create it with scripts/mysql-setup.sh --db <name>",
+        Some(ER_ACCESS_DENIED) => " (check the user and password in --db-str)",
+        Some(ER_BAD_DB) => " (create the database with scripts/mysql-setup.sh --db <name>)",
         _ => "",
     };
     DbError::MysqlConnect {
@@ -132,7 +132,8 @@ fn connect_error(target: &str, e: ::mysql::Error) -> DbError {
     }
 }
 
-/// What is wrong with `table`, from the error of the check query.
+/// What is wrong with `table`, from the error of the check query (whose text is not
+/// repeated: it is the error's source).
 pub(crate) fn schema_problem(table: &str, e: &MysqlError) -> String {
     let cols = if table == "overlaybd_layers" {
         LAYER_COLS
@@ -144,10 +145,10 @@ pub(crate) fn schema_problem(table: &str, e: &MysqlError) -> String {
             "table {table} does not exist; create the tables with scripts/mysql-setup.sh or scripts/mysql-schema.sql"
         ),
         Some(ER_TABLEACCESS_DENIED) => format!(
-            "the user may not read table {table}; grant SELECT, INSERT, DELETE on it ({e})"
+            "the user may not read table {table}; grant SELECT, INSERT, DELETE on it"
         ),
-        Some(ER_BAD_FIELD) => format!("table {table} lacks upstream's columns ({cols}): {e}"),
-        _ => format!("checking table {table}: {e}"),
+        Some(ER_BAD_FIELD) => format!("table {table} lacks upstream's columns ({cols})"),
+        _ => format!("cannot check table {table}"),
     }
 }
 

@@ -240,7 +240,10 @@ impl Dedup {
 
     fn db_error(&self, what: &str, e: &DbError) {
         self.counters.inc(C::DbErr);
-        warn!("dedup: {what}: {e}; continuing without dedup for it");
+        warn!(
+            "dedup: {what}: {}; continuing without dedup for it",
+            crate::with_causes(e)
+        );
     }
 
     fn reg_error(&self, what: &str, e: &dyn fmt::Display) {

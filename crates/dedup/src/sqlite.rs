@@ -144,13 +144,13 @@ impl SqliteBackend {
     }
 }
 
-/// The text of a [`DbError::SqliteOpen`] after the path: what is wrong, then SQLite's error.
+/// The text of a [`DbError::SqliteOpen`] after the path: what is wrong, if known (SQLite's
+/// error, if any, is the source and follows).
 pub(crate) fn open_problem(problem: &Option<String>, error: &Option<rusqlite::Error>) -> String {
     match (problem, error) {
-        (Some(p), Some(e)) => format!("{p}: {e}"),
-        (Some(p), None) => p.clone(),
-        (None, Some(e)) => e.to_string(),
-        (None, None) => "unusable".into(),
+        (Some(p), _) => format!(": {p}"),
+        (None, Some(_)) => String::new(),
+        (None, None) => ": unusable".into(),
     }
 }
 

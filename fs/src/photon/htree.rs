@@ -28,6 +28,7 @@
 
 use std::ffi::c_int;
 
+use crate::dirent::{decode_rec_len, encode_rec_len};
 use crate::error::{Error, Result};
 use crate::ext2fs::inode::{Inode, INDEX_FL};
 use crate::ext2fs::sys_ext;
@@ -51,12 +52,20 @@ fn wr32(b: &mut [u8], o: usize, v: u32) {
     b[o..o + 4].copy_from_slice(&v.to_le_bytes());
 }
 
-/// Directory entry fields at `o`: inode, rec_len, name_len (low byte).
+/// Directory entry fields at `o` of the directory block `b`: inode,
+/// rec_len, name_len (low byte). The stored rec_len is decoded for the
+/// block's size (`b` is one whole block): 64 KiB blocks store 65536 as
+/// 65535 (or 0).
 fn de_inode(b: &[u8], o: usize) -> u32 {
     rd32(b, o)
 }
 fn de_rec_len(b: &[u8], o: usize) -> usize {
-    rd16(b, o + 4) as usize
+    decode_rec_len(rd16(b, o + 4), b.len())
+}
+/// Store `len` as the rec_len of the entry at `o` of the block `b`.
+fn set_rec_len(b: &mut [u8], o: usize, len: usize) {
+    let raw = encode_rec_len(len, b.len());
+    wr16(b, o + 4, raw);
 }
 fn de_name_len(b: &[u8], o: usize) -> usize {
     b[o + 6] as usize
@@ -141,10 +150,10 @@ fn make_indexed(fs: &mut Ext2Fs, dir: u32) -> Result<()> {
         }
         de = next;
     }
-    wr16(&mut b1, de + 4, (bs - de) as u16);
+    set_rec_len(&mut b1, de, bs - de);
     // Block 0 becomes the root.
     diri.set_flags(diri.flags() | INDEX_FL);
-    wr16(&mut b0, 12 + 4, (bs - 12) as u16);
+    set_rec_len(&mut b0, 12, bs - 12);
     b0[24..32].fill(0);
     b0[24 + 4] = fs.sb().s_def_hash_version;
     b0[24 + 5] = 8;
@@ -348,18 +357,18 @@ fn add_to_block(
         let nx = off + curr;
         if nx < bs - 8 && de_inode(&buf, nx) == 0 && nx + de_rec_len(&buf, nx) <= bs {
             curr += de_rec_len(&buf, nx);
-            wr16(&mut buf, off + 4, curr as u16);
+            set_rec_len(&mut buf, off, curr);
             ret_changed = true;
         }
         if de_inode(&buf, off) != 0 {
             let min = rec_len_for(de_name_len(&buf, off));
             if curr >= min + need {
                 let rest = curr - min;
-                wr16(&mut buf, off + 4, min as u16);
+                set_rec_len(&mut buf, off, min);
                 let n = off + min;
                 wr32(&mut buf, n, 0);
                 wr16(&mut buf, n + 6, 0);
-                wr16(&mut buf, n + 4, rest as u16);
+                set_rec_len(&mut buf, n, rest);
                 ret_changed = true;
             }
         } else if curr >= need {
@@ -457,11 +466,11 @@ fn move_dirents(from: &[u8], offs: &[usize], bs: usize) -> Vec<u8> {
     for &o in offs {
         rl = rec_len_for(de_name_len(from, o));
         to[pos..pos + rl].copy_from_slice(&from[o..o + rl]);
-        wr16(&mut to, pos + 4, rl as u16);
+        set_rec_len(&mut to, pos, rl);
         pos += rl;
     }
     let last = pos - rl;
-    wr16(&mut to, last + 4, (bs - last) as u16);
+    set_rec_len(&mut to, last, bs - last);
     to
 }
 
@@ -582,7 +591,7 @@ fn dx_grow_tree(
     // The new index block: an empty entry spanning the block, then entries.
     wr32(buf, 0, 0);
     wr16(buf, 6, 0);
-    wr16(buf, 4, bsu as u16);
+    set_rec_len(buf, 0, bsu);
     let head = 8usize;
     let child = (i + 1) as usize;
     let count = lk.frames[child].count();

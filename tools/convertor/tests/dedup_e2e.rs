@@ -1057,6 +1057,18 @@ fn bad_db_settings_fail_before_any_work() {
             "needs a registry destination",
         ),
     ];
+    // The underlying reason (the DSN parser's, the server's, SQLite's) is printed exactly
+    // once: the database errors leave it to their source.
+    let reasons = [
+        ("malformed DSN", "no '/' before the database name"),
+        ("unreachable server", "Connection refused"),
+        ("wrong password", "Access denied for user"),
+        (
+            "database without the tables",
+            "doesn't exist (MySQL error 1146)",
+        ),
+        ("unwritable SQLite path", "unable to open database file"),
+    ];
     for (i, (name, db_args, expected)) in cases.iter().enumerate() {
         let work = t.path().join(format!("work{i}"));
         let mut a = strings(&["-r", &repo, "-i", "v1", "-o", "obd", "--plain", "-d"]);
@@ -1089,6 +1101,13 @@ fn bad_db_settings_fail_before_any_work() {
             lines[0].contains(expected),
             "{name}: expected {expected:?} in {stderr}"
         );
+        if let Some((_, reason)) = reasons.iter().find(|(n, _)| n == name) {
+            assert_eq!(
+                lines[0].matches(reason).count(),
+                1,
+                "{name}: {reason:?} once expected in {stderr}"
+            );
+        }
         assert!(
             !lines[0].contains(secret),
             "{name}: password shown: {stderr}"
