@@ -631,11 +631,10 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     let outs = outs?;
     // An archive destination is written whole to a temporary file beside it and renamed
     // into place: an existing file of that name is replaced (re-runs of a script), and
-    // said so.
+    // said so. A symbolic link is written through: its target is replaced (none for a
+    // dangling link), the link stays.
     let replaced = match &dst_ref {
-        ImageRef::OciArchive { path, .. } | ImageRef::DockerArchive { path, .. } => {
-            path.symlink_metadata().is_ok()
-        }
+        ImageRef::OciArchive { path, .. } | ImageRef::DockerArchive { path, .. } => path.exists(),
         _ => false,
     };
     let written = dst

@@ -988,6 +988,91 @@ fn an_existing_archive_destination_is_replaced_and_said_so() {
     }
 }
 
+/// An archive destination that is a symbolic link is written through, as `cp` and shell
+/// redirection do: the file it points to (here by a relative link to another directory)
+/// gets the archive and the link stays; a dangling link creates its target; a dangling
+/// link into a missing directory fails before any work, naming it. No `.partial` is
+/// left beside the link or the target.
+#[test]
+fn an_archive_destination_that_is_a_symbolic_link_is_written_through() {
+    use std::os::unix::fs::symlink;
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let wd = t.path().join("w");
+    let real = t.path().join("real");
+    let links = t.path().join("links");
+    std::fs::create_dir_all(&real).unwrap();
+    std::fs::create_dir_all(&links).unwrap();
+    for kind in ["oci-archive", "docker-archive"] {
+        let run = |out: &Path| {
+            let dst = format!("{kind}:{}", out.display());
+            let o = Command::new(bin())
+                .args(args(&src, &dst, wd.to_str().unwrap()))
+                .output()
+                .unwrap();
+            (o.status.code(), stderr_of(&o))
+        };
+        let plain = t.path().join(format!("{kind}-plain.tar"));
+        assert_eq!(run(&plain).0, Some(0));
+        let want = std::fs::read(&plain).unwrap();
+        // A link to an existing file.
+        let target = real.join(format!("{kind}.tar"));
+        std::fs::write(&target, b"old contents").unwrap();
+        let link = links.join(format!("{kind}.tar"));
+        symlink(format!("../real/{kind}.tar"), &link).unwrap();
+        let (code, e) = run(&link);
+        assert_eq!(code, Some(0), "{e}");
+        assert!(e.contains("replaced the existing file"), "{e}");
+        assert!(
+            link.symlink_metadata().unwrap().file_type().is_symlink(),
+            "{kind}: the link stays a link"
+        );
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            PathBuf::from(format!("../real/{kind}.tar"))
+        );
+        assert!(
+            std::fs::read(&target).unwrap() == want,
+            "{kind}: the target holds the archive"
+        );
+        // A dangling link (through a second link): its target is created.
+        let target2 = real.join(format!("{kind}-new.tar"));
+        let mid = links.join(format!("{kind}-mid"));
+        symlink(&target2, &mid).unwrap();
+        let link2 = links.join(format!("{kind}-new.tar"));
+        symlink(&mid, &link2).unwrap();
+        let (code, e) = run(&link2);
+        assert_eq!(code, Some(0), "{e}");
+        assert!(!e.contains("replaced"), "{kind}: nothing was replaced: {e}");
+        assert!(link2.symlink_metadata().unwrap().file_type().is_symlink());
+        assert!(mid.symlink_metadata().unwrap().file_type().is_symlink());
+        assert!(
+            std::fs::read(&target2).unwrap() == want,
+            "{kind}: created through the link"
+        );
+        // A dangling link into a missing directory: a clear error, nothing written.
+        let link3 = links.join(format!("{kind}-nowhere.tar"));
+        symlink(t.path().join("missing/x.tar"), &link3).unwrap();
+        let (code, e) = run(&link3);
+        assert_eq!(code, Some(1), "{e}");
+        assert!(
+            e.contains(&format!("{}", link3.display()))
+                && e.contains("missing/x.tar")
+                && e.contains("whose directory does not exist"),
+            "{e}"
+        );
+        assert!(link3.symlink_metadata().unwrap().file_type().is_symlink());
+    }
+    for d in [&real, &links, &t.path().to_path_buf()] {
+        let left: Vec<_> = entries(d)
+            .into_iter()
+            .filter(|n| n.ends_with(".partial"))
+            .collect();
+        assert!(left.is_empty(), "{}: {left:?}", d.display());
+    }
+}
+
 /// An archive read from a pipe (`cat x.tar | convertor -r oci-archive:/dev/stdin`) is
 /// copied into the work directory first, plain or gzip-compressed, instead of failing
 /// with "Illegal seek".
