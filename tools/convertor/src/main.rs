@@ -154,7 +154,7 @@ pub(crate) struct Args {
     #[arg(long = "no-upload")]
     no_upload: bool,
     /// Write config.json and manifest.json per manifest, and index.json, into --dir
-    /// (kept after the run).
+    /// (kept after the run; an earlier run's index*.json dumps there are removed first).
     #[arg(long = "dump-manifest")]
     dump_manifest: bool,
     /// Push the result to this repository instead of --repository: any transport

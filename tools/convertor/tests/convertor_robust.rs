@@ -714,6 +714,87 @@ fn dump_manifest_into_a_used_work_dir_keeps_no_stale_files() {
     assert!(wd.join("7-linux_amd64-other/manifest.json").is_file());
 }
 
+/// `--dump-manifest` into a work directory used before: the top-level index dumps of
+/// earlier runs (`index.json`, `index-<hex>.json` of a nested index, `index-<format>.json`
+/// of a run that built several formats) are removed before this run writes its own, so
+/// the folder does not mix runs; other files there stay, even with similar names.
+#[test]
+fn dump_manifest_removes_earlier_index_dumps() {
+    let t = tempfile::tempdir().unwrap();
+    let testset = t.path().join("testset");
+    build_images("testset", &testset, &[]);
+    let multi = format!("oci:{}", testset.join("multi").display());
+    let images = sample(t.path());
+    let single = format!("oci:{}", images.display());
+    let out_s = format!("oci:{}", t.path().join("out").display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    let run = |src: &str, tag: &str, outputs: &[&str]| {
+        let mut a = vec![
+            "-r",
+            src,
+            "-i",
+            tag,
+            "--output-repository",
+            &out_s,
+            "--vsize",
+            "2",
+            "-d",
+            wd_s,
+            "--dump-manifest",
+        ];
+        a.extend(outputs);
+        let o = Command::new(bin()).args(&a).output().unwrap();
+        assert!(o.status.success(), "{a:?}: {}", stderr_of(&o));
+    };
+    let top_files = || {
+        let mut v: Vec<String> = entries(&wd)
+            .into_iter()
+            .filter(|n| wd.join(n).is_file())
+            .collect();
+        v.sort();
+        v
+    };
+    let nested_dump = |n: &String| n.starts_with("index-") && n.len() == "index-.json".len() + 64;
+    // An index of an index: index.json and index-<hex>.json.
+    run(&multi, "nested", &["-o", "obd"]);
+    let first = top_files();
+    assert!(
+        first.contains(&"index.json".to_string()) && first.iter().any(nested_dump),
+        "{first:?}"
+    );
+    let mine = [
+        "index.json.bak",
+        "index-notes.json",
+        "myindex.json",
+        "notes.txt",
+    ];
+    for n in mine {
+        std::fs::write(wd.join(n), b"mine").unwrap();
+    }
+    // A plain index, two formats: index-overlaybd.json and index-turboOCI.json only.
+    run(
+        &multi,
+        "multi",
+        &["--overlaybd", "obd", "--turboOCI", "turbo"],
+    );
+    let mut want: Vec<String> = ["index-overlaybd.json", "index-turboOCI.json"]
+        .iter()
+        .chain(&mine)
+        .map(|s| s.to_string())
+        .collect();
+    want.sort();
+    assert_eq!(top_files(), want);
+    // One image: no index dump at all.
+    run(&single, "latest", &["-o", "obd"]);
+    let mut want: Vec<String> = mine.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(top_files(), want);
+    for n in mine {
+        assert_eq!(std::fs::read(wd.join(n)).unwrap(), b"mine", "{n}");
+    }
+}
+
 /// An OCI layout in `dir` holding one image (`latest`) of `n` small uncompressed layers.
 fn layout_with_layers(dir: &Path, n: usize) {
     use sha2::{Digest as _, Sha256};
