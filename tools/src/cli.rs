@@ -236,9 +236,10 @@ pub fn threads(n: usize) -> usize {
 }
 
 /// Make writable layers opened by this tool wait up to
-/// [`blockdev::lsmt::TOOL_CLAIM_WAIT`] for a claim another process holds,
-/// saying so on stderr (`<tool>: waiting up to 10 s for PATH: in use by
-/// another process (pid N, NAME) ...`) once the wait passes a second.
+/// [`blockdev::lsmt::TOOL_CLAIM_WAIT`] for a claim another process holds
+/// (one that runs on idle fails after a second instead), saying so on
+/// stderr (`<tool>: waiting up to 10 s for PATH: in use by another process
+/// (pid N, NAME, exiting) ...`) once the wait passes a second.
 pub fn wait_for_layer_claims() {
     blockdev::lsmt::set_claim_wait(blockdev::lsmt::TOOL_CLAIM_WAIT);
     blockdev::lsmt::set_claim_notice(Some(|m| {

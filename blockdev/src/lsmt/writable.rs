@@ -89,14 +89,21 @@ pub fn create_warp(data: &Path, index: &Path, virtual_size: u64, uuid: Option<Uu
 /// A claim held by another process is waited for up to [`set_claim_wait`]
 /// (none unless set): a server stopped just before (`fusermount -u`, a
 /// signal) may still be flushing the layer when the next tool opens it.
-/// After [`CLAIM_NOTICE_AFTER`] of waiting, the [`set_claim_notice`]
-/// callback (if any) is told once. The error names the holder when it is a
-/// live process that is not exiting.
+/// After [`CLAIM_NOTICE_AFTER`] the holder is looked up (every 100 ms): one
+/// that runs on idle ([`ClaimHolder::runs_on`] at two looks in a row: a
+/// server serving the layer) will not let go by itself, and the error comes
+/// at once; otherwise (one that is exiting or busy, or none identified) the
+/// [`set_claim_notice`] callback (if any) is told once and the wait goes on.
+/// The error names the holder when it is a live process that is not exiting.
 fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     let wait = claim_wait();
     let start = Instant::now();
     let deadline = start + wait;
     let mut noticed = false;
+    let mut next_look = start + CLAIM_NOTICE_AFTER;
+    // The holder found idle at the last look: one that is idle at two looks
+    // in a row runs on (not one caught between its flush and its exit).
+    let mut idle_before: Option<u32> = None;
     loop {
         if f.try_lock(!read_only)? {
             return Ok(());
@@ -105,23 +112,54 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
         if now >= deadline {
             break;
         }
-        if !noticed && now - start >= CLAIM_NOTICE_AFTER {
-            noticed = true;
-            if let Some(notice) = *CLAIM_NOTICE.read().unwrap_or_else(|p| p.into_inner()) {
-                let who = claim_holder(f.path())
-                    .map(|h| format!(" ({h})"))
-                    .unwrap_or_default();
-                notice(&format!(
-                    "waiting up to {} s for {}: in use by another process{who} ...",
-                    wait.as_secs_f64(),
-                    f.path().display()
+        if now >= next_look {
+            next_look = now + Duration::from_millis(100);
+            let holder = claim_holder(f.path());
+            let idle = holder.as_ref().filter(|h| h.runs_on()).map(|h| h.pid);
+            if let Some(h) = holder
+                .as_ref()
+                .filter(|_| idle.is_some() && idle == idle_before)
+            {
+                return Err(in_use(
+                    f,
+                    read_only,
+                    Some(h),
+                    format!(
+                        " (it has held it for {} s and is not exiting)",
+                        (now - start).as_secs()
+                    ),
                 ));
+            }
+            idle_before = idle;
+            // (An idle holder is looked at again before anything is said.)
+            if !noticed && idle.is_none() {
+                noticed = true;
+                if let Some(notice) = *CLAIM_NOTICE.read().unwrap_or_else(|p| p.into_inner()) {
+                    let who = holder.map(|h| format!(" ({h})")).unwrap_or_default();
+                    notice(&format!(
+                        "waiting up to {} s for {}: in use by another process{who} ...",
+                        wait.as_secs_f64(),
+                        f.path().display()
+                    ));
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     // The holder named when it runs on (not one that is exiting now).
-    let who = match claim_holder(f.path()).filter(|h| h.live) {
+    let holder = claim_holder(f.path()).filter(|h| h.live);
+    let waited = if wait.is_zero() {
+        String::new()
+    } else {
+        format!(" (waited {} s for it to let go)", wait.as_secs_f64())
+    };
+    Err(in_use(f, read_only, holder.as_ref(), waited))
+}
+
+/// "PATH: the layer is in use: another process (HOLDER) is writing it; stop
+/// that first" and `why`.
+fn in_use(f: &IoFile, read_only: bool, holder: Option<&ClaimHolder>, why: String) -> Error {
+    let who = match holder {
         Some(h) => format!(" ({h})"),
         None => String::new(),
     };
@@ -130,16 +168,11 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     } else {
         ""
     };
-    Err(Error::Invalid(format!(
-        "{}: the layer is in use: another process{who} is {} it{kinds}; stop that first{}",
+    Error::Invalid(format!(
+        "{}: the layer is in use: another process{who} is {} it{kinds}; stop that first{why}",
         f.path().display(),
         if read_only { "writing" } else { "using" },
-        if wait.is_zero() {
-            String::new()
-        } else {
-            format!(" (waited {} s for it to let go)", wait.as_secs_f64())
-        }
-    )))
+    ))
 }
 
 /// How long opening a writable layer waits before telling the [`set_claim_notice`] callback.
@@ -168,6 +201,19 @@ pub struct ClaimHolder {
     pub name: Option<String>,
     /// Whether it is running (not a zombie, not exiting).
     pub live: bool,
+    /// Whether its main thread was running or in uninterruptible I/O (state
+    /// `R` or `D`, as a server flushing a layer before it exits is) rather
+    /// than sleeping.
+    pub busy: bool,
+}
+
+impl ClaimHolder {
+    /// A live holder that is neither exiting nor busy: a process that keeps
+    /// the layer (a server serving it, waiting for requests), not one about
+    /// to let go, so waiting for it is pointless.
+    pub fn runs_on(&self) -> bool {
+        self.live && !self.busy
+    }
 }
 
 impl std::fmt::Display for ClaimHolder {
@@ -201,23 +247,25 @@ pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
             return None;
         }
         let pid: u32 = f.get(4)?.parse().ok()?;
-        (pid != me).then_some(pid)
+        // 0: a holder outside this pid namespace, or one that exited
+        // (the lock then held by a process that inherited it): unknown.
+        (pid != me && pid != 0).then_some(pid)
     })?;
     let proc = format!("/proc/{pid}");
     let stat = std::fs::read_to_string(format!("{proc}/stat")).ok();
     // After "(comm) ": state, ppid, pgrp, session, tty_nr, tpgid, flags.
-    let live = stat.as_deref().is_some_and(|s| {
-        let rest: Vec<&str> = s
-            .rsplit_once(')')
-            .map(|(_, r)| r.split_whitespace().collect())
-            .unwrap_or_default();
+    let rest: Vec<&str> = stat
+        .as_deref()
+        .and_then(|s| s.rsplit_once(')'))
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let state = rest.first().copied();
+    let live = state.is_some_and(|st| {
         const PF_EXITING: u64 = 0x4;
-        let state_ok = rest
-            .first()
-            .is_some_and(|st| !matches!(*st, "Z" | "X" | "x"));
         let flags: u64 = rest.get(6).and_then(|x| x.parse().ok()).unwrap_or(0);
-        state_ok && flags & PF_EXITING == 0
+        !matches!(st, "Z" | "X" | "x") && flags & PF_EXITING == 0
     });
+    let busy = matches!(state, Some("R" | "D"));
     let name = std::fs::read(format!("{proc}/cmdline"))
         .ok()
         .and_then(|c| {
@@ -231,7 +279,12 @@ pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
                 .map(|c| c.trim_end().to_string())
         })
         .filter(|n| !n.is_empty());
-    Some(ClaimHolder { pid, name, live })
+    Some(ClaimHolder {
+        pid,
+        name,
+        live,
+        busy,
+    })
 }
 
 /// How long the tools (`overlaybd-commit`, `-apply`, `-nbd`, `-fuse`,

@@ -395,9 +395,12 @@ pub struct ArchiveOutput {
 
 impl ArchiveOutput {
     /// Start an archive at `path`, collecting its content under `scratch` (created if
-    /// missing). The directory of `path` must exist.
+    /// missing). The directory of `path` must exist; a `path` that is a symbolic link
+    /// is written through (its target is replaced, the link stays), and the directory
+    /// checked is its target's.
     pub fn create(path: &Path, kind: ArchiveKind, scratch: &Path) -> Result<ArchiveOutput> {
-        let dir = match path.parent() {
+        let target = obdoci::archive::write_target(path)?;
+        let dir = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };

@@ -412,6 +412,54 @@ impl Out {
     }
 }
 
+/// The file an archive written to `dest` replaces: `dest` itself, or, when `dest` is a
+/// symbolic link, the file the link (chain) points to, as `cp` and shell redirection
+/// write through a link: the link stays and its target gets the new content. A
+/// dangling link names the file to create, whose directory must exist.
+pub fn write_target(dest: &Path) -> Result<PathBuf> {
+    let mut p = dest.to_path_buf();
+    // Linux's own limit on links followed in one lookup.
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {}
+            Ok(_) => return Ok(p),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && p == dest => return Ok(p),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let dir = match p.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+                if dir.is_dir() {
+                    return Ok(p);
+                }
+                return Err(Error::io(
+                    dest,
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!(
+                            "a symbolic link to {}, whose directory does not exist",
+                            p.display()
+                        ),
+                    ),
+                ));
+            }
+            Err(e) => return Err(Error::io(&p, e)),
+        }
+        let target = std::fs::read_link(&p).map_err(|e| Error::io(&p, e))?;
+        p = match p.parent() {
+            Some(d) if target.is_relative() => d.join(target),
+            _ => target,
+        };
+    }
+    Err(Error::io(
+        dest,
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many levels of symbolic links",
+        ),
+    ))
+}
+
 /// Writes a tar archive to a temporary file and puts it in place when finished.
 pub struct TarWriter {
     dest: PathBuf,
@@ -420,9 +468,11 @@ pub struct TarWriter {
 }
 
 impl TarWriter {
-    /// Start an archive that [`finish`](Self::finish) will put at `dest`; `gzip`
+    /// Start an archive that [`finish`](Self::finish) will put at `dest` (at the file
+    /// it points to if it is a symbolic link: see [`write_target`]); `gzip`
     /// compresses the whole archive.
     pub fn create(dest: &Path, gzip: bool) -> Result<TarWriter> {
+        let dest = write_target(dest)?;
         let dir = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -433,13 +483,13 @@ impl TarWriter {
             .unwrap_or_default();
         let tmp = crate::layout::temp_for(
             dir,
-            Some(dest),
+            Some(&dest),
             tempfile::Builder::new()
                 .prefix(&format!(".{name}."))
                 .suffix(".partial"),
         )
         .map_err(|e| Error::io(dir, e))?;
-        let f = tmp.as_file().try_clone().map_err(|e| Error::io(dest, e))?;
+        let f = tmp.as_file().try_clone().map_err(|e| Error::io(&dest, e))?;
         let w = BufWriter::with_capacity(1 << 20, f);
         let out = if gzip {
             Out::Gzip(Box::new(flate2::write::GzEncoder::new(
@@ -449,11 +499,7 @@ impl TarWriter {
         } else {
             Out::Plain(w)
         };
-        Ok(TarWriter {
-            dest: dest.to_path_buf(),
-            tmp,
-            out,
-        })
+        Ok(TarWriter { dest, tmp, out })
     }
 
     fn header(name: &str, size: u64, kind: tar::EntryType, mode: u32) -> Result<tar::Header> {

@@ -81,15 +81,14 @@ impl<R: BufRead> GzDecoder<R> {
         })
     }
 
-    /// The error for bytes after a complete member that are no gzip member.
+    /// The error for bytes after a complete member that are no gzip member. Without
+    /// a count: only the bytes the inflater took before it gave up were read (a few,
+    /// of maybe megabytes), and reading the rest only to count it is not worth it.
     fn trailing(&self) -> Option<io::Error> {
         let at = self.next_member_at.filter(|_| !self.member_output)?;
         Some(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "{} bytes of data that is not gzip follow the last gzip member (at compressed byte {at})",
-                self.pos.saturating_sub(at).max(1)
-            ),
+            format!("data that is not gzip follows the last gzip member (at compressed byte {at})"),
         ))
     }
 
@@ -290,10 +289,12 @@ mod tests {
             .read_to_end(&mut out)
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("not gzip follow the last gzip member")
-                && e.contains(&format!("at compressed byte {member}")),
-            "{e}"
+        // No count: the decoder read only a few of the bytes that follow.
+        assert_eq!(
+            e,
+            format!(
+                "data that is not gzip follows the last gzip member (at compressed byte {member})"
+            )
         );
         let second = gz(&sample(50_000), 6, None);
         let mut cut = gz(&sample(100_000), 6, None);

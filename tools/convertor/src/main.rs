@@ -154,7 +154,7 @@ pub(crate) struct Args {
     #[arg(long = "no-upload")]
     no_upload: bool,
     /// Write config.json and manifest.json per manifest, and index.json, into --dir
-    /// (kept after the run).
+    /// (kept after the run; an earlier run's index*.json dumps there are removed first).
     #[arg(long = "dump-manifest")]
     dump_manifest: bool,
     /// Push the result to this repository instead of --repository: any transport
@@ -631,11 +631,10 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     let outs = outs?;
     // An archive destination is written whole to a temporary file beside it and renamed
     // into place: an existing file of that name is replaced (re-runs of a script), and
-    // said so.
+    // said so. A symbolic link is written through: its target is replaced (none for a
+    // dangling link), the link stays.
     let replaced = match &dst_ref {
-        ImageRef::OciArchive { path, .. } | ImageRef::DockerArchive { path, .. } => {
-            path.symlink_metadata().is_ok()
-        }
+        ImageRef::OciArchive { path, .. } | ImageRef::DockerArchive { path, .. } => path.exists(),
         _ => false,
     };
     let written = dst

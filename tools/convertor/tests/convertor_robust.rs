@@ -714,6 +714,87 @@ fn dump_manifest_into_a_used_work_dir_keeps_no_stale_files() {
     assert!(wd.join("7-linux_amd64-other/manifest.json").is_file());
 }
 
+/// `--dump-manifest` into a work directory used before: the top-level index dumps of
+/// earlier runs (`index.json`, `index-<hex>.json` of a nested index, `index-<format>.json`
+/// of a run that built several formats) are removed before this run writes its own, so
+/// the folder does not mix runs; other files there stay, even with similar names.
+#[test]
+fn dump_manifest_removes_earlier_index_dumps() {
+    let t = tempfile::tempdir().unwrap();
+    let testset = t.path().join("testset");
+    build_images("testset", &testset, &[]);
+    let multi = format!("oci:{}", testset.join("multi").display());
+    let images = sample(t.path());
+    let single = format!("oci:{}", images.display());
+    let out_s = format!("oci:{}", t.path().join("out").display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    let run = |src: &str, tag: &str, outputs: &[&str]| {
+        let mut a = vec![
+            "-r",
+            src,
+            "-i",
+            tag,
+            "--output-repository",
+            &out_s,
+            "--vsize",
+            "2",
+            "-d",
+            wd_s,
+            "--dump-manifest",
+        ];
+        a.extend(outputs);
+        let o = Command::new(bin()).args(&a).output().unwrap();
+        assert!(o.status.success(), "{a:?}: {}", stderr_of(&o));
+    };
+    let top_files = || {
+        let mut v: Vec<String> = entries(&wd)
+            .into_iter()
+            .filter(|n| wd.join(n).is_file())
+            .collect();
+        v.sort();
+        v
+    };
+    let nested_dump = |n: &String| n.starts_with("index-") && n.len() == "index-.json".len() + 64;
+    // An index of an index: index.json and index-<hex>.json.
+    run(&multi, "nested", &["-o", "obd"]);
+    let first = top_files();
+    assert!(
+        first.contains(&"index.json".to_string()) && first.iter().any(nested_dump),
+        "{first:?}"
+    );
+    let mine = [
+        "index.json.bak",
+        "index-notes.json",
+        "myindex.json",
+        "notes.txt",
+    ];
+    for n in mine {
+        std::fs::write(wd.join(n), b"mine").unwrap();
+    }
+    // A plain index, two formats: index-overlaybd.json and index-turboOCI.json only.
+    run(
+        &multi,
+        "multi",
+        &["--overlaybd", "obd", "--turboOCI", "turbo"],
+    );
+    let mut want: Vec<String> = ["index-overlaybd.json", "index-turboOCI.json"]
+        .iter()
+        .chain(&mine)
+        .map(|s| s.to_string())
+        .collect();
+    want.sort();
+    assert_eq!(top_files(), want);
+    // One image: no index dump at all.
+    run(&single, "latest", &["-o", "obd"]);
+    let mut want: Vec<String> = mine.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(top_files(), want);
+    for n in mine {
+        assert_eq!(std::fs::read(wd.join(n)).unwrap(), b"mine", "{n}");
+    }
+}
+
 /// An OCI layout in `dir` holding one image (`latest`) of `n` small uncompressed layers.
 fn layout_with_layers(dir: &Path, n: usize) {
     use sha2::{Digest as _, Sha256};
@@ -985,6 +1066,91 @@ fn an_existing_archive_destination_is_replaced_and_said_so() {
             .filter(|n| n.ends_with(".partial"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+}
+
+/// An archive destination that is a symbolic link is written through, as `cp` and shell
+/// redirection do: the file it points to (here by a relative link to another directory)
+/// gets the archive and the link stays; a dangling link creates its target; a dangling
+/// link into a missing directory fails before any work, naming it. No `.partial` is
+/// left beside the link or the target.
+#[test]
+fn an_archive_destination_that_is_a_symbolic_link_is_written_through() {
+    use std::os::unix::fs::symlink;
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let wd = t.path().join("w");
+    let real = t.path().join("real");
+    let links = t.path().join("links");
+    std::fs::create_dir_all(&real).unwrap();
+    std::fs::create_dir_all(&links).unwrap();
+    for kind in ["oci-archive", "docker-archive"] {
+        let run = |out: &Path| {
+            let dst = format!("{kind}:{}", out.display());
+            let o = Command::new(bin())
+                .args(args(&src, &dst, wd.to_str().unwrap()))
+                .output()
+                .unwrap();
+            (o.status.code(), stderr_of(&o))
+        };
+        let plain = t.path().join(format!("{kind}-plain.tar"));
+        assert_eq!(run(&plain).0, Some(0));
+        let want = std::fs::read(&plain).unwrap();
+        // A link to an existing file.
+        let target = real.join(format!("{kind}.tar"));
+        std::fs::write(&target, b"old contents").unwrap();
+        let link = links.join(format!("{kind}.tar"));
+        symlink(format!("../real/{kind}.tar"), &link).unwrap();
+        let (code, e) = run(&link);
+        assert_eq!(code, Some(0), "{e}");
+        assert!(e.contains("replaced the existing file"), "{e}");
+        assert!(
+            link.symlink_metadata().unwrap().file_type().is_symlink(),
+            "{kind}: the link stays a link"
+        );
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            PathBuf::from(format!("../real/{kind}.tar"))
+        );
+        assert!(
+            std::fs::read(&target).unwrap() == want,
+            "{kind}: the target holds the archive"
+        );
+        // A dangling link (through a second link): its target is created.
+        let target2 = real.join(format!("{kind}-new.tar"));
+        let mid = links.join(format!("{kind}-mid"));
+        symlink(&target2, &mid).unwrap();
+        let link2 = links.join(format!("{kind}-new.tar"));
+        symlink(&mid, &link2).unwrap();
+        let (code, e) = run(&link2);
+        assert_eq!(code, Some(0), "{e}");
+        assert!(!e.contains("replaced"), "{kind}: nothing was replaced: {e}");
+        assert!(link2.symlink_metadata().unwrap().file_type().is_symlink());
+        assert!(mid.symlink_metadata().unwrap().file_type().is_symlink());
+        assert!(
+            std::fs::read(&target2).unwrap() == want,
+            "{kind}: created through the link"
+        );
+        // A dangling link into a missing directory: a clear error, nothing written.
+        let link3 = links.join(format!("{kind}-nowhere.tar"));
+        symlink(t.path().join("missing/x.tar"), &link3).unwrap();
+        let (code, e) = run(&link3);
+        assert_eq!(code, Some(1), "{e}");
+        assert!(
+            e.contains(&format!("{}", link3.display()))
+                && e.contains("missing/x.tar")
+                && e.contains("whose directory does not exist"),
+            "{e}"
+        );
+        assert!(link3.symlink_metadata().unwrap().file_type().is_symlink());
+    }
+    for d in [&real, &links, &t.path().to_path_buf()] {
+        let left: Vec<_> = entries(d)
+            .into_iter()
+            .filter(|n| n.ends_with(".partial"))
+            .collect();
+        assert!(left.is_empty(), "{}: {left:?}", d.display());
     }
 }
 

@@ -458,11 +458,15 @@ fn turbo_refuses_trailing_garbage_as_native_does() {
     std::fs::write(&blob, &bytes).unwrap();
     let src = t.path().join("src");
     fixture_layout(&src, &[(blob, testutil::fixtures().join("input.tar"))]);
-    // (Natively, the count is of the bytes the inflater took before it gave up.)
+    // TurboOCI's gzip index reads the whole blob and counts what follows the member;
+    // the native inflater stops at the first bytes, so it gives no count (it said "10
+    // bytes" of these 16: the bytes it happened to read).
     let want = format!(
-        "bytes of data that is not gzip follow the last gzip member (at compressed byte {})",
+        "data that is not gzip follow{{}} the last gzip member (at compressed byte {})",
         gz.len()
     );
+    let native_want = want.replace("{}", "s");
+    let turbo_want = format!("16 bytes of {}", want.replace("{}", ""));
     for (name, output) in [("native", "--overlaybd"), ("turbo", "--turboOCI")] {
         let dst = t.path().join(format!("dst-{name}"));
         let mut a = layout_turbo_args(&src, &dst, &t.path().join(format!("w-{name}")), &[]);
@@ -482,17 +486,20 @@ fn turbo_refuses_trailing_garbage_as_native_does() {
             .find(|l| l.contains("error:"))
             .unwrap_or_else(|| panic!("{name}: no error line: {e}"));
         // (zlib-rs, when the build has no ISA-L, says "invalid gzip header" natively.)
+        let want = if name == "native" {
+            &native_want
+        } else {
+            &turbo_want
+        };
         assert!(
-            line.contains(&want) || (name == "native" && line.contains("invalid gzip header")),
+            line.contains(&format!(": {want}"))
+                || (name == "native" && line.contains("invalid gzip header")),
             "{name}: {e}"
         );
         assert!(
             line.contains("layer 1/1") && line.contains(Digest::of(&bytes).hex()),
             "{name}: {e}"
         );
-        if name == "turbo" {
-            assert!(line.contains(&format!(": 16 {want}")), "{e}");
-        }
         assert!(!dst.exists(), "{name}: the run made it");
     }
 }

@@ -48,6 +48,9 @@ use std::sync::Arc;
 pub use native::NativeFormat;
 pub use turbo::TurboFormat;
 
+/// Every format's [`OutputFormat::name`] (the names a run's files may carry).
+pub const FORMAT_NAMES: &[&str] = &["overlaybd", "turboOCI"];
+
 /// An output image format.
 pub trait OutputFormat: Send + Sync {
     /// Short name: names the format in messages and, when a run builds several

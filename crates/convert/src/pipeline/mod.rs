@@ -166,6 +166,9 @@ impl Converter {
         }
         let wd = &self.opts.workdir;
         fs::create_dir_all(wd).map_err(|e| Error::io(wd, e))?;
+        if self.opts.dump_manifest {
+            remove_stale_index_dumps(wd);
+        }
         let (desc, bytes) = self.src.resolve(source)?;
         tracing::info!(
             "source {}:{source} is {} {}",
@@ -216,6 +219,59 @@ impl Converter {
                 dedup: o.out.dedup.as_ref().map(|d| d.stats()),
             })
             .collect())
+    }
+}
+
+/// Before a `--dump-manifest` run writes its dumps: removes the index dumps an earlier
+/// run left at the top of the work directory (`index.json` of a top-level index,
+/// `index-<hex>.json` of nested ones, each also with a `-<format>` suffix from a run that
+/// built several formats), which would otherwise mix with this run's (the per-manifest
+/// folders are emptied when they are written). Only those names go, never other files;
+/// a work directory that is an OCI layout (it has `oci-layout`) is left alone, as its
+/// `index.json` is no dump.
+fn remove_stale_index_dumps(wd: &Path) {
+    if wd.join("oci-layout").exists() {
+        return;
+    }
+    let Ok(rd) = fs::read_dir(wd) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        if !name.to_str().is_some_and(is_index_dump_name)
+            || !e.file_type().is_ok_and(|t| t.is_file())
+        {
+            continue;
+        }
+        let p = e.path();
+        match fs::remove_file(&p) {
+            Ok(()) => tracing::info!("removed {} (an earlier run's dump)", p.display()),
+            Err(err) => {
+                tracing::warn!("{}: an earlier run's dump, not removed: {err}", p.display())
+            }
+        }
+    }
+}
+
+/// Whether `name` is one `--dump-manifest` writes at the top of the work directory:
+/// `index.json`, `index-<hex>.json`, `index-<format>.json`, `index-<hex>-<format>.json`.
+fn is_index_dump_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".json") else {
+        return false;
+    };
+    if stem == "index" {
+        return true;
+    }
+    let Some(rest) = stem.strip_prefix("index-") else {
+        return false;
+    };
+    let hex = |s: &str| {
+        matches!(s.len(), 64 | 128) && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let format = |s: &str| crate::format::FORMAT_NAMES.contains(&s);
+    match rest.split_once('-') {
+        Some((h, f)) => hex(h) && format(f),
+        None => hex(rest) || format(rest),
     }
 }
 
@@ -284,4 +340,44 @@ pub(crate) fn verify_file(p: &Path, desc: &Descriptor) -> Result<()> {
         }));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::TurboFormat;
+    use obdfs::turbo::FsType;
+
+    #[test]
+    fn index_dump_names_are_those_the_dump_writes() {
+        let o = ConvertOptions::default();
+        for f in [
+            NativeFormat::new(&o).name(),
+            TurboFormat::new(&o, FsType::Ext4).name(),
+        ] {
+            assert!(crate::format::FORMAT_NAMES.contains(&f), "{f}");
+        }
+        let h = "0123456789abcdef".repeat(4);
+        for n in [
+            "index.json".to_string(),
+            format!("index-{h}.json"),
+            "index-overlaybd.json".to_string(),
+            "index-turboOCI.json".to_string(),
+            format!("index-{h}-overlaybd.json"),
+        ] {
+            assert!(is_index_dump_name(&n), "{n}");
+        }
+        for n in [
+            "index.json.bak".to_string(),
+            "myindex.json".to_string(),
+            "index-notes.json".to_string(),
+            "index-.json".to_string(),
+            format!("index-{}.json", &h[1..]),
+            format!("index-{h}-notes.json"),
+            format!("index-overlaybd-{h}.json"),
+            "manifest.json".to_string(),
+        ] {
+            assert!(!is_index_dump_name(&n), "{n}");
+        }
+    }
 }
