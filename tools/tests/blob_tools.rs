@@ -755,31 +755,93 @@ fn a_commit_waits_for_a_busy_holder() {
     assert!(d.join("out").exists());
 }
 
+/// Starts `python3 -c CODE` in `d` and waits until it prints "locked" (it
+/// has taken the claim on `data`).
+fn python_holder(d: &std::path::Path, code: &str) -> std::process::Child {
+    let mut holder = Command::new("python3")
+        .args(["-c", code])
+        .current_dir(d)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut locked = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut locked,
+    )
+    .unwrap();
+    assert_eq!(locked, "locked\n");
+    holder
+}
+
 /// A holder that never lets go (a live process that is not exiting and
-/// sleeps, as a server serving the layer) is not waited for past a second:
-/// the error names it, its pid and program, so the user knows what to stop.
+/// sleeps, as a server serving the layer) is not waited for past a second
+/// and a half: the error names it, its pid and program, so the user knows
+/// what to stop. (The holder is a process of its own: this test process
+/// runs other tests on other threads, and a holder with a running thread
+/// is waited for.)
 #[test]
 fn a_commit_of_a_layer_in_use_names_the_holder() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
-    let _writer = blockdev::lsmt::WritableLayer::open(&d.join("data"), &d.join("index")).unwrap();
+    let mut holder = python_holder(
+        d,
+        "import fcntl, time\n\
+         f = open('data', 'r+b')\n\
+         fcntl.flock(f, fcntl.LOCK_EX)\n\
+         print('locked', flush=True)\n\
+         time.sleep(60)\n",
+    );
     let start = std::time::Instant::now();
     let o = run(COMMIT, &["data", "index", "out"], d);
     let took = start.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
     assert!(!o.status.success());
     let e = err_text(&o);
-    let me = std::env::current_exe().unwrap();
-    let name = me.file_name().unwrap().to_string_lossy();
     assert!(!e.contains("waiting up to"), "{e}");
     assert!(
         e.contains(&format!(
-            "the layer is in use: another process (pid {}, {name}) is writing it; stop that first (it has held it for 1 s and is not exiting)",
-            std::process::id()
+            "the layer is in use: another process (pid {}, python3) is writing it; stop that first (it has held it for 1 s and is not exiting)",
+            holder.id()
         )),
         "{e}"
     );
     assert!(took >= blockdev::lsmt::CLAIM_NOTICE_AFTER, "{took:?}");
     assert!(took < std::time::Duration::from_secs(5), "{took:?}");
     assert!(!d.join("out").exists());
+}
+
+/// A holder whose main thread sleeps while another of its threads works (a
+/// server flushing the layer on a worker before it exits) is busy: it is
+/// waited for, not failed after a second and a half.
+#[test]
+fn a_commit_waits_for_a_holder_busy_on_another_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    let mut holder = python_holder(
+        d,
+        "import fcntl, threading, time\n\
+         f = open('data', 'r+b')\n\
+         fcntl.flock(f, fcntl.LOCK_EX)\n\
+         def spin():\n\
+         \x20   end = time.monotonic() + 2.5\n\
+         \x20   while time.monotonic() < end: pass\n\
+         t = threading.Thread(target=spin)\n\
+         t.start()\n\
+         print('locked', flush=True)\n\
+         t.join()\n",
+    );
+    let start = std::time::Instant::now();
+    let o = run(COMMIT, &["data", "index", "out"], d);
+    assert_ok(&o);
+    assert!(
+        start.elapsed() >= std::time::Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(holder.wait().unwrap().success());
+    assert!(d.join("out").exists());
 }

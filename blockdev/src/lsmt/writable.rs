@@ -90,7 +90,7 @@ pub fn create_warp(data: &Path, index: &Path, virtual_size: u64, uuid: Option<Uu
 /// (none unless set): a server stopped just before (`fusermount -u`, a
 /// signal) may still be flushing the layer when the next tool opens it.
 /// After [`CLAIM_NOTICE_AFTER`] the holder is looked up (every 100 ms): one
-/// that runs on idle ([`ClaimHolder::runs_on`] at two looks in a row: a
+/// that runs on idle ([`ClaimHolder::runs_on`] at [`IDLE_LOOKS`] looks in a row: a
 /// server serving the layer) will not let go by itself, and the error comes
 /// at once; otherwise (one that is exiting or busy, or none identified) the
 /// [`set_claim_notice`] callback (if any) is told once and the wait goes on.
@@ -101,9 +101,10 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     let deadline = start + wait;
     let mut noticed = false;
     let mut next_look = start + CLAIM_NOTICE_AFTER;
-    // The holder found idle at the last look: one that is idle at two looks
-    // in a row runs on (not one caught between its flush and its exit).
-    let mut idle_before: Option<u32> = None;
+    // The holder found idle at the last looks, and at how many in a row: one
+    // idle at every look for half a second runs on (not one caught between
+    // two writes of its flush, or between its flush and its exit).
+    let mut idle_before: Option<(u32, u32)> = None;
     loop {
         if f.try_lock(!read_only)? {
             return Ok(());
@@ -115,10 +116,16 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
         if now >= next_look {
             next_look = now + Duration::from_millis(100);
             let holder = claim_holder(f.path());
-            let idle = holder.as_ref().filter(|h| h.runs_on()).map(|h| h.pid);
+            let idle = holder.as_ref().filter(|h| h.runs_on()).map(|h| {
+                let looks = match idle_before {
+                    Some((pid, n)) if pid == h.pid => n + 1,
+                    _ => 1,
+                };
+                (h.pid, looks)
+            });
             if let Some(h) = holder
                 .as_ref()
-                .filter(|_| idle.is_some() && idle == idle_before)
+                .filter(|_| idle.is_some_and(|(_, n)| n >= IDLE_LOOKS))
             {
                 return Err(in_use(
                     f,
@@ -155,6 +162,10 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     };
     Err(in_use(f, read_only, holder.as_ref(), waited))
 }
+
+/// Looks (100 ms apart) at which a claim's holder must be found idle before
+/// opening gives up on it.
+const IDLE_LOOKS: u32 = 6;
 
 /// "PATH: the layer is in use: another process (HOLDER) is writing it; stop
 /// that first" and `why`.
@@ -201,9 +212,9 @@ pub struct ClaimHolder {
     pub name: Option<String>,
     /// Whether it is running (not a zombie, not exiting).
     pub live: bool,
-    /// Whether its main thread was running or in uninterruptible I/O (state
-    /// `R` or `D`, as a server flushing a layer before it exits is) rather
-    /// than sleeping.
+    /// Whether one of its threads was running or in uninterruptible I/O
+    /// (state `R` or `D`, as a server flushing a layer before it exits is)
+    /// rather than every thread sleeping.
     pub busy: bool,
 }
 
@@ -265,7 +276,20 @@ pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
         let flags: u64 = rest.get(6).and_then(|x| x.parse().ok()).unwrap_or(0);
         !matches!(st, "Z" | "X" | "x") && flags & PF_EXITING == 0
     });
-    let busy = matches!(state, Some("R" | "D"));
+    // Any thread: a server flushes on a worker while its main thread waits
+    // (io_uring's io-wq workers are threads of the process too).
+    let busy = matches!(state, Some("R" | "D"))
+        || std::fs::read_dir(format!("{proc}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                    s.rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().next())
+                        .is_some_and(|st| matches!(st, "R" | "D"))
+                })
+            });
     let name = std::fs::read(format!("{proc}/cmdline"))
         .ok()
         .and_then(|c| {
