@@ -722,27 +722,11 @@ fn a_commit_waits_for_a_busy_holder() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
-    let mut holder = Command::new("python3")
-        .args([
-            "-c",
-            "import fcntl, sys, time\n\
-             f = open('data', 'r+b')\n\
-             fcntl.flock(f, fcntl.LOCK_EX)\n\
-             print('locked', flush=True)\n\
-             end = time.monotonic() + 2.5\n\
-             while time.monotonic() < end: pass\n",
-        ])
-        .current_dir(d)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut locked = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
-        &mut locked,
-    )
-    .unwrap();
-    assert_eq!(locked, "locked\n");
+    let mut holder = python_holder(
+        d,
+        "end = time.monotonic() + 2.5\n\
+         while time.monotonic() < end: pass\n",
+    );
     let start = std::time::Instant::now();
     let o = run(COMMIT, &["data", "index", "out"], d);
     assert_ok(&o);
@@ -755,11 +739,19 @@ fn a_commit_waits_for_a_busy_holder() {
     assert!(d.join("out").exists());
 }
 
-/// Starts `python3 -c CODE` in `d` and waits until it prints "locked" (it
-/// has taken the claim on `data`).
-fn python_holder(d: &std::path::Path, code: &str) -> std::process::Child {
+/// Starts a `python3` in `d` that takes the claim on `data` (an exclusive
+/// `flock`), says so, then runs `then` (Python code); returns once the claim
+/// is taken.
+fn python_holder(d: &std::path::Path, then: &str) -> std::process::Child {
+    let code = format!(
+        "import fcntl, time\n\
+         f = open('data', 'r+b')\n\
+         fcntl.flock(f, fcntl.LOCK_EX)\n\
+         print('locked', flush=True)\n\
+         {then}"
+    );
     let mut holder = Command::new("python3")
-        .args(["-c", code])
+        .args(["-c", &code])
         .current_dir(d)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -785,14 +777,7 @@ fn a_commit_of_a_layer_in_use_names_the_holder() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
-    let mut holder = python_holder(
-        d,
-        "import fcntl, time\n\
-         f = open('data', 'r+b')\n\
-         fcntl.flock(f, fcntl.LOCK_EX)\n\
-         print('locked', flush=True)\n\
-         time.sleep(60)\n",
-    );
+    let mut holder = python_holder(d, "time.sleep(60)\n");
     let start = std::time::Instant::now();
     let o = run(COMMIT, &["data", "index", "out"], d);
     let took = start.elapsed();
@@ -823,15 +808,12 @@ fn a_commit_waits_for_a_holder_busy_on_another_thread() {
     assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
     let mut holder = python_holder(
         d,
-        "import fcntl, threading, time\n\
-         f = open('data', 'r+b')\n\
-         fcntl.flock(f, fcntl.LOCK_EX)\n\
+        "import threading\n\
          def spin():\n\
          \x20   end = time.monotonic() + 2.5\n\
          \x20   while time.monotonic() < end: pass\n\
          t = threading.Thread(target=spin)\n\
          t.start()\n\
-         print('locked', flush=True)\n\
          t.join()\n",
     );
     let start = std::time::Instant::now();
