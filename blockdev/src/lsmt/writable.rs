@@ -123,14 +123,11 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
                 };
                 (h.pid, looks)
             });
-            if let Some(h) = holder
-                .as_ref()
-                .filter(|_| idle.is_some_and(|(_, n)| n >= IDLE_LOOKS))
-            {
+            if idle.is_some_and(|(_, n)| n >= IDLE_LOOKS) {
                 return Err(in_use(
                     f,
                     read_only,
-                    Some(h),
+                    holder.as_ref(),
                     format!(
                         " (it has held it for {} s and is not exiting)",
                         (now - start).as_secs()
@@ -240,6 +237,14 @@ impl std::fmt::Display for ClaimHolder {
     }
 }
 
+/// The fields of a `/proc/PID/stat` (or `/proc/PID/task/TID/stat`) line
+/// after "(comm) ": state, ppid, pgrp, session, tty_nr, tpgid, flags, ...
+fn stat_fields(stat: &str) -> Vec<&str> {
+    stat.rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default()
+}
+
 /// Another process holding an `flock` on `path`, if `/proc/locks` names
 /// one (the first listed; waiters are skipped).
 pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
@@ -264,12 +269,7 @@ pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
     })?;
     let proc = format!("/proc/{pid}");
     let stat = std::fs::read_to_string(format!("{proc}/stat")).ok();
-    // After "(comm) ": state, ppid, pgrp, session, tty_nr, tpgid, flags.
-    let rest: Vec<&str> = stat
-        .as_deref()
-        .and_then(|s| s.rsplit_once(')'))
-        .map(|(_, r)| r.split_whitespace().collect())
-        .unwrap_or_default();
+    let rest = stat.as_deref().map(stat_fields).unwrap_or_default();
     let state = rest.first().copied();
     let live = state.is_some_and(|st| {
         const PF_EXITING: u64 = 0x4;
@@ -278,17 +278,15 @@ pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
     });
     // Any thread: a server flushes on a worker while its main thread waits
     // (io_uring's io-wq workers are threads of the process too).
-    let busy = matches!(state, Some("R" | "D"))
+    let working = |state: Option<&str>| matches!(state, Some("R" | "D"));
+    let busy = working(state)
         || std::fs::read_dir(format!("{proc}/task"))
             .into_iter()
             .flatten()
             .flatten()
             .any(|t| {
-                std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
-                    s.rsplit_once(')')
-                        .and_then(|(_, r)| r.split_whitespace().next())
-                        .is_some_and(|st| matches!(st, "R" | "D"))
-                })
+                std::fs::read_to_string(t.path().join("stat"))
+                    .is_ok_and(|s| working(stat_fields(&s).first().copied()))
             });
     let name = std::fs::read(format!("{proc}/cmdline"))
         .ok()
