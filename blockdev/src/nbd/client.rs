@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 
 use super::proto::*;
@@ -61,18 +62,29 @@ fn rd<const N: usize>(r: &mut impl Read) -> io::Result<[u8; N]> {
     Ok(b)
 }
 
+/// A socket's read side that waits for data in `poll(POLLIN)`, not in a
+/// blocking `recv`, so that the server's reads of our requests do not wake
+/// us while we wait for replies ([`super::sock`]).
+struct PollIn<S>(S);
+
+impl<S: Read + AsRawFd> Read for PollIn<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        super::sock::recv_waiting(self.0.as_raw_fd(), buf)
+    }
+}
+
 impl Client {
     /// Open a raw byte stream to `ep` (for sending malformed input).
     pub fn raw(ep: &Endpoint) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
         Ok(match ep {
             Endpoint::Unix(p) => {
                 let s = UnixStream::connect(p)?;
-                (Box::new(s.try_clone()?), Box::new(s))
+                (Box::new(PollIn(s.try_clone()?)), Box::new(s))
             }
             Endpoint::Tcp(a) => {
                 let s = TcpStream::connect(a)?;
                 s.set_nodelay(true)?;
-                (Box::new(s.try_clone()?), Box::new(s))
+                (Box::new(PollIn(s.try_clone()?)), Box::new(s))
             }
         })
     }

@@ -23,6 +23,7 @@ pub mod client;
 pub mod handshake;
 pub mod proto;
 pub mod server;
+mod sock;
 
 pub use handshake::{process_client_bytes, Export};
 pub use server::{

@@ -31,7 +31,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -336,7 +336,7 @@ impl BusyPoll {
     /// then block.
     fn read(&mut self, s: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
         if self.window.is_zero() || buf.is_empty() {
-            return s.read(buf);
+            return s.recv_waiting(buf);
         }
         let t0 = Instant::now();
         if self.pays {
@@ -352,7 +352,7 @@ impl BusyPoll {
                 std::thread::yield_now();
             }
         }
-        let r = s.read(buf);
+        let r = s.recv_waiting(buf);
         self.pays = self.pays_after(t0.elapsed());
         r
     }
@@ -383,19 +383,22 @@ impl Read for Deadline {
 }
 
 impl Stream {
-    /// `recv` with `MSG_DONTWAIT`: what is there, or `WouldBlock`.
-    fn recv_nowait(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let fd = match self {
+    fn fd(&self) -> RawFd {
+        match self {
             Stream::Unix(s) => s.as_raw_fd(),
             Stream::Tcp(s) => s.as_raw_fd(),
-        };
-        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
-        // duration of the call, and `fd` is the open socket `self` owns.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
         }
-        Ok(n as usize)
+    }
+
+    /// `recv` with `MSG_DONTWAIT`: what is there, or `WouldBlock`.
+    fn recv_nowait(&self, buf: &mut [u8]) -> io::Result<usize> {
+        super::sock::recv_nowait(self.fd(), buf)
+    }
+
+    /// A blocking read that sleeps in `poll(POLLIN)`, so that the client's
+    /// reads of our replies do not wake us ([`super::sock`]).
+    fn recv_waiting(&self, buf: &mut [u8]) -> io::Result<usize> {
+        super::sock::recv_waiting(self.fd(), buf)
     }
 }
 
