@@ -158,11 +158,9 @@ impl IoFile {
             IoBackend::Pread => false,
             IoBackend::Auto => uring_available(),
             IoBackend::Uring => {
-                if !uring_available() {
-                    return Err(Error::io(
-                        &path,
-                        io::Error::other("io_uring unavailable (the kernel refused a ring)"),
-                    ));
+                if let Err(e) = crate::uring::probe() {
+                    let why = io::Error::new(e.kind(), format!("io_uring unavailable ({e})"));
+                    return Err(Error::io(&path, why));
                 }
                 true
             }
@@ -495,6 +493,43 @@ pub fn check_regular(path: &Path, what: &str) -> crate::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--io uring` without io_uring (a thread whose seccomp filter refuses
+    /// `io_uring_setup`) fails at open, naming the file and the kernel's
+    /// reason.
+    #[test]
+    fn a_forced_uring_open_says_why_io_uring_is_unavailable() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("layer");
+        std::fs::write(&f, b"x").unwrap();
+        let msg = std::thread::spawn(move || {
+            crate::uring::tests::refuse_io_uring_setup_on_this_thread();
+            let e =
+                IoFile::open_with(&f, OpenOptions::new().read(true), IoBackend::Uring).unwrap_err();
+            (e.to_string(), crate::error::Chain(&e).to_string())
+        })
+        .join()
+        .unwrap();
+        assert!(msg.0.contains("layer"), "{msg:?}");
+        assert!(
+            msg.1
+                .contains("io_uring unavailable (Function not implemented"),
+            "{msg:?}"
+        );
+        // Automatic choice falls back to pread there.
+        let d2 = tempfile::tempdir().unwrap();
+        let g = d2.path().join("g");
+        std::fs::write(&g, b"x").unwrap();
+        let uses = std::thread::spawn(move || {
+            crate::uring::tests::refuse_io_uring_setup_on_this_thread();
+            IoFile::open_with(&g, OpenOptions::new().read(true), IoBackend::Auto)
+                .unwrap()
+                .uses_uring()
+        })
+        .join()
+        .unwrap();
+        assert!(!uses);
+    }
 
     #[test]
     fn only_regular_files_are_replaceable() {

@@ -89,13 +89,13 @@ pub(crate) fn probe() -> io::Result<()> {
 /// is skipped with `skipped: io_uring unavailable (<reason>)` on stderr;
 /// when the environment variable `CI` is set (not empty, `false` or `0`) it
 /// fails instead, as CI machines have io_uring (`.ci/run` sets `CI`) and a
-/// test that skips there tests nothing.
-#[cfg(test)]
-pub(crate) fn test_gate() -> bool {
+/// test that skips there tests nothing. Public for the crate's integration
+/// tests.
+#[doc(hidden)]
+pub fn test_gate() -> bool {
     test_gate_with(std::env::var_os("CI").as_deref())
 }
 
-#[cfg(test)]
 fn test_gate_with(ci: Option<&std::ffi::OsStr>) -> bool {
     let Err(e) = probe() else {
         return true;
@@ -409,7 +409,7 @@ fn abandon(ring: &mut io_uring::IoUring, in_flight: usize, err: io::Error) -> io
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::io::AsRawFd;
 
@@ -473,7 +473,7 @@ mod tests {
 
     /// Install a seccomp filter on the calling thread (only) that fails
     /// `io_uring_setup` with ENOSYS and allows every other system call.
-    fn refuse_io_uring_setup_on_this_thread() {
+    pub(crate) fn refuse_io_uring_setup_on_this_thread() {
         let stmt = |code: u32, k: u32| libc::sock_filter {
             code: code as u16,
             jt: 0,
