@@ -660,32 +660,20 @@ fn a_commit_waits_for_a_writer_that_lets_go() {
     assert!(d.join("out").exists());
 }
 
-/// A layer held by a process that cannot be identified (the one that took
-/// the lock exited; a process that inherited it holds it) is waited for:
-/// after a second the tool says on stderr what it waits for (one line), and
-/// goes on once the holder lets go.
+/// A layer held by a busy process (one that may let go soon) is waited
+/// for: after a second the tool says on stderr what it waits for and who
+/// holds it (one line), and goes on once the holder lets go.
 #[test]
 fn a_commit_says_after_a_second_that_it_waits() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
-    // flock(1) takes the lock on the shell's descriptor and exits; the shell
-    // (then sleep) keeps it.
-    let mut holder = Command::new("sh")
-        .args([
-            "-c",
-            "exec 9<>data; flock -x 9 && echo locked; exec sleep 60",
-        ])
-        .current_dir(d)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut locked = String::new();
-    std::io::BufReader::new(holder.stdout.take().unwrap())
-        .read_line(&mut locked)
-        .unwrap();
-    assert_eq!(locked, "locked\n");
+    let mut holder = python_holder(
+        d,
+        "end = time.monotonic() + 60\n\
+         while time.monotonic() < end: pass\n",
+    );
     let start = std::time::Instant::now();
     let mut commit = Command::new(COMMIT)
         .args(["data", "index", "out"])
@@ -700,7 +688,10 @@ fn a_commit_says_after_a_second_that_it_waits() {
     let waited = start.elapsed();
     assert!(
         line.starts_with("overlaybd-commit: waiting up to 10 s for ")
-            && line.contains("data: in use by another process"),
+            && line.contains(&format!(
+                "data: in use by another process (pid {}, python3) ...",
+                holder.id()
+            )),
         "{line}"
     );
     assert!(waited >= blockdev::lsmt::CLAIM_NOTICE_AFTER, "{waited:?}");
@@ -800,6 +791,52 @@ fn a_commit_of_a_layer_in_use_names_the_holder() {
         "{e}"
     );
     assert!(took >= blockdev::lsmt::CLAIM_NOTICE_AFTER, "{took:?}");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    assert!(!d.join("out").exists());
+}
+
+/// A claim inherited by a child of the process that took it, which then
+/// exited (as a server that forked, or here `flock(1)` on a shell's
+/// descriptor): `/proc/locks` still names the dead process, the child holds
+/// the lock. The child is found through its open files, named, and (idle)
+/// not waited for.
+#[test]
+fn a_commit_names_the_child_that_inherited_the_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    // flock(1) takes the lock on the shell's descriptor and exits; the shell
+    // (then sleep) keeps it.
+    let mut holder = Command::new("sh")
+        .args([
+            "-c",
+            "exec 9<>data; flock -x 9 && echo locked; exec sleep 60",
+        ])
+        .current_dir(d)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut locked = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut locked,
+    )
+    .unwrap();
+    assert_eq!(locked, "locked\n");
+    let start = std::time::Instant::now();
+    let o = run(COMMIT, &["data", "index", "out"], d);
+    let took = start.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(!o.status.success());
+    let e = err_text(&o);
+    assert!(
+        e.contains(&format!(
+            "another process (pid {}, sleep) is writing it; stop that first (it has held it for 1 s and is not exiting)",
+            holder.id()
+        )),
+        "{e}"
+    );
     assert!(took < std::time::Duration::from_secs(5), "{took:?}");
     assert!(!d.join("out").exists());
 }

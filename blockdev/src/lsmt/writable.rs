@@ -245,8 +245,43 @@ fn stat_fields(stat: &str) -> Vec<&str> {
         .unwrap_or_default()
 }
 
-/// Another process holding an `flock` on `path`, if `/proc/locks` names
-/// one (the first listed; waiters are skipped).
+/// Whether `line` (of `/proc/locks`, or a `lock:` line of an fdinfo file,
+/// without its prefix) is an `flock` held on the file `want`
+/// ("MAJOR:MINOR:INODE"): "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0
+/// EOF"; waiters read "1: -> FLOCK ...". Returns the pid it records.
+fn flock_on(line: &str, want: &str) -> Option<u32> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.get(1) != Some(&"FLOCK") || f.get(5) != Some(&want) {
+        return None;
+    }
+    f.get(4)?.parse().ok()
+}
+
+/// Whether process `pid` holds an `flock` on `want` through one of its
+/// open files (`/proc/PID/fdinfo/*` list the locks held through each).
+fn holds_flock(pid: u32, want: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_to_string(e.path()).is_ok_and(|info| {
+                info.lines()
+                    .filter_map(|l| l.strip_prefix("lock:"))
+                    .any(|l| flock_on(l, want).is_some())
+            })
+        })
+}
+
+/// Another process holding an `flock` on `path`, if one can be found (the
+/// first listed; waiters are skipped).
+///
+/// `/proc/locks` records the process that took the lock, but the lock
+/// belongs to the open file: a child that inherited it (a server that
+/// forked, then exited in the parent) holds it after the recorded process
+/// is gone, and a holder outside this pid namespace is recorded as 0. The
+/// recorded process is named only if it still holds the lock through one of
+/// its files; otherwise every process's open files are searched for it.
 pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
@@ -255,18 +290,17 @@ pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
     let want = format!("{major:02x}:{minor:02x}:{}", m.ino());
     let me = std::process::id();
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    let pid = locks.lines().find_map(|l| {
-        // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters are
-        // listed as "1: -> FLOCK ...".
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.get(1) != Some(&"FLOCK") || f.get(5) != Some(&want.as_str()) {
-            return None;
-        }
-        let pid: u32 = f.get(4)?.parse().ok()?;
-        // 0: a holder outside this pid namespace, or one that exited
-        // (the lock then held by a process that inherited it): unknown.
-        (pid != me && pid != 0).then_some(pid)
-    })?;
+    let recorded = locks.lines().find_map(|l| flock_on(l, &want))?;
+    let pid = if recorded != 0 && recorded != me && holds_flock(recorded, &want) {
+        recorded
+    } else {
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&p| p != me)
+            .find(|&p| holds_flock(p, &want))?
+    };
     let proc = format!("/proc/{pid}");
     let stat = std::fs::read_to_string(format!("{proc}/stat")).ok();
     let rest = stat.as_deref().map(stat_fields).unwrap_or_default();
