@@ -747,8 +747,14 @@ fn python_holder(d: &std::path::Path, then: &str) -> std::process::Child {
          print('locked', flush=True)\n\
          {then}"
     );
-    let mut holder = Command::new("python3")
-        .args(["-c", &code])
+    locked_holder(d, "python3", &["-c", &code])
+}
+
+/// Starts `program` with `args` in `d` and returns once it has printed
+/// "locked" (it holds the claim on `data`).
+fn locked_holder(d: &std::path::Path, program: &str, args: &[&str]) -> std::process::Child {
+    let mut holder = Command::new(program)
+        .args(args)
         .current_dir(d)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -771,10 +777,20 @@ fn python_holder(d: &std::path::Path, then: &str) -> std::process::Child {
 /// is waited for.)
 #[test]
 fn a_commit_of_a_layer_in_use_names_the_holder() {
+    commit_fails_naming_idle_holder(|d| (python_holder(d, "time.sleep(60)\n"), "python3"));
+}
+
+/// Runs `overlaybd-commit` on a layer that `holder` (returning the holder
+/// and its program's name) claims and then keeps, sleeping: the commit
+/// fails after a second and a half without saying it waits, naming the
+/// holder.
+fn commit_fails_naming_idle_holder(
+    holder: impl FnOnce(&std::path::Path) -> (std::process::Child, &'static str),
+) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
-    let mut holder = python_holder(d, "time.sleep(60)\n");
+    let (mut holder, name) = holder(d);
     let start = std::time::Instant::now();
     let o = run(COMMIT, &["data", "index", "out"], d);
     let took = start.elapsed();
@@ -785,7 +801,7 @@ fn a_commit_of_a_layer_in_use_names_the_holder() {
     assert!(!e.contains("waiting up to"), "{e}");
     assert!(
         e.contains(&format!(
-            "the layer is in use: another process (pid {}, python3) is writing it; stop that first (it has held it for 1 s and is not exiting)",
+            "the layer is in use: another process (pid {}, {name}) is writing it; stop that first (it has held it for 1 s and is not exiting)",
             holder.id()
         )),
         "{e}"
@@ -802,43 +818,12 @@ fn a_commit_of_a_layer_in_use_names_the_holder() {
 /// not waited for.
 #[test]
 fn a_commit_names_the_child_that_inherited_the_claim() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
     // flock(1) takes the lock on the shell's descriptor and exits; the shell
     // (then sleep) keeps it.
-    let mut holder = Command::new("sh")
-        .args([
-            "-c",
-            "exec 9<>data; flock -x 9 && echo locked; exec sleep 60",
-        ])
-        .current_dir(d)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut locked = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
-        &mut locked,
-    )
-    .unwrap();
-    assert_eq!(locked, "locked\n");
-    let start = std::time::Instant::now();
-    let o = run(COMMIT, &["data", "index", "out"], d);
-    let took = start.elapsed();
-    let _ = holder.kill();
-    let _ = holder.wait();
-    assert!(!o.status.success());
-    let e = err_text(&o);
-    assert!(
-        e.contains(&format!(
-            "another process (pid {}, sleep) is writing it; stop that first (it has held it for 1 s and is not exiting)",
-            holder.id()
-        )),
-        "{e}"
-    );
-    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
-    assert!(!d.join("out").exists());
+    commit_fails_naming_idle_holder(|d| {
+        let sh = "exec 9<>data; flock -x 9 && echo locked; exec sleep 60";
+        (locked_holder(d, "sh", &["-c", sh]), "sleep")
+    });
 }
 
 /// A holder whose main thread sleeps while another of its threads works (a
