@@ -307,10 +307,10 @@ impl Deadline {
 }
 
 /// Waiting for the next requests by polling the socket for a short window
-/// before sleeping in `read` ([`ServerConfig::busy_poll`]).
+/// before sleeping in `poll` ([`ServerConfig::busy_poll`]; [`super::sock`]).
 ///
 /// A client that pipelines sends its next requests as soon as it has read
-/// the replies, a few microseconds later; sleeping in `read` meanwhile
+/// the replies, a few microseconds later; sleeping meanwhile
 /// costs a wake-up when they come, which on a virtual machine (an
 /// inter-processor interrupt, the idle vCPU's exit) takes longer than the
 /// reads themselves. Between polls the thread yields its CPU, so a client
