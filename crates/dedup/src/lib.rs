@@ -170,6 +170,19 @@ pub enum DbError {
         #[source]
         error: Option<rusqlite::Error>,
     },
+    /// A new SQLite file cannot be created: its directory is not writable.
+    #[cfg(feature = "sqlite")]
+    #[error(
+        "cannot create SQLite database {}: directory {} is not writable by this process (SQLite creates the file and its -wal and -shm files there)",
+        path.display(),
+        dir.display()
+    )]
+    SqliteDir {
+        path: PathBuf,
+        dir: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
     #[cfg(feature = "sqlite")]
     #[error("SQLite database {}: {op}", path.display())]
     Sqlite {

@@ -884,6 +884,43 @@ fn sqlite_unusable_paths() {
     );
 }
 
+/// A new SQLite file in a directory that cannot be written (here a read-only
+/// bind mount: the tests run as root, which file modes do not stop) fails
+/// naming the directory and the system's reason, before SQLite tries.
+#[test]
+fn sqlite_in_a_read_only_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let mount = |args: &[&str]| {
+        let st = std::process::Command::new("mount")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount {args:?}");
+    };
+    let ro_s = ro.to_str().unwrap();
+    mount(&["--bind", ro_s, ro_s]);
+    struct Unmount<'a>(&'a str);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(ro_s);
+    mount(&["-o", "remount,bind,ro", ro_s]);
+    let db = ro.join("dedup.db");
+    let e = open_err("sqlite", db.to_str().unwrap());
+    assert_eq!(
+        e,
+        format!(
+            "cannot create SQLite database {}: directory {ro_s} is not writable by this process (SQLite creates the file and its -wal and -shm files there): Read-only file system (os error 30)",
+            db.display()
+        )
+    );
+    assert!(!db.exists());
+}
+
 #[test]
 fn sqlite_file_is_shared_and_persistent() {
     let f = SqliteFixture::new();
