@@ -141,6 +141,20 @@ fn tls_cause(e: &reqwest::Error) -> Option<&rustls::Error> {
     None
 }
 
+/// Whether `e` is a refused TCP connection (nothing listens at the address).
+fn refused(e: &reqwest::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
 /// A hint for the TLS errors users commonly hit.
 fn tls_hint(e: &rustls::Error) -> &'static str {
     match e {
@@ -160,7 +174,13 @@ impl Error {
         Error::Transport {
             peer: peer.to_string(),
             what: what.to_string(),
-            hint: tls_cause(&error).map_or("", tls_hint),
+            hint: match tls_cause(&error) {
+                Some(t) => tls_hint(t),
+                None if refused(&error) => {
+                    " (nothing listens there: check the host and port, and that the registry runs)"
+                }
+                None => "",
+            },
             error,
         }
     }

@@ -210,7 +210,11 @@ fn a_bad_destination_registry_fails_before_any_conversion() {
     let down = format!("127.0.0.1:{}", common::free_port());
     let e = run(&format!("{down}/x/app"), &["--plain"]);
     assert!(
-        e.contains(&down) && e.contains("checked before converting"),
+        e.contains(&down)
+            && e.contains("checked before converting")
+            && e.contains(
+                "(nothing listens there: check the host and port, and that the registry runs)"
+            ),
         "{e}"
     );
     // Wrong credentials for the destination.
