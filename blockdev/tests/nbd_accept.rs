@@ -6,32 +6,13 @@ mod nbd_common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::Duration;
 
 use blockdev::nbd::client::{Client, ClientOptions};
 use blockdev::nbd::proto::*;
-use blockdev::nbd::{Endpoint, Listener, Server, ServerConfig};
+use blockdev::nbd::{Endpoint, ServerConfig};
 use blockdev::BlockDevice;
 use nbd_common::*;
-
-/// A server on a TCP port of 127.0.0.1.
-fn start_tcp(dev: Arc<dyn BlockDevice>, cfg: ServerConfig) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap())).unwrap();
-    let ep = listener.endpoint();
-    let server = Server::new(dev, cfg);
-    let handle = server.shutdown_handle();
-    let thread = std::thread::spawn(move || server.serve(&listener).expect("serve"));
-    Running {
-        handle,
-        thread: Some(thread),
-        ep,
-        socket: dir.path().join("unused"),
-        export: String::new(),
-        dir,
-    }
-}
 
 fn tcp(ep: &Endpoint) -> TcpStream {
     let Endpoint::Tcp(a) = ep else { unreachable!() };

@@ -417,3 +417,65 @@ fn a_client_that_stops_reading_does_not_hold_the_shutdown() {
     );
     drop(c);
 }
+
+/// A session waiting for its next request (its thread asleep in `poll`, or
+/// busy polling) ends at once when its client goes away and when the server
+/// stops (long before the stop's grace period), on a Unix socket and on
+/// TCP; a client waiting for a reply then sees the end of the stream.
+#[test]
+fn idle_sessions_end_promptly_on_disconnect_and_on_stop() {
+    for tcp in [false, true] {
+        for busy_poll in [Duration::ZERO, ServerConfig::default().busy_poll] {
+            let what = format!("tcp {tcp}, busy_poll {busy_poll:?}");
+            let dev = test_device();
+            let cfg = ServerConfig {
+                max_connections: 1,
+                shutdown_grace: Duration::from_secs(60),
+                busy_poll,
+                ..ServerConfig::default()
+            };
+            let srv = if tcp {
+                start_tcp(dev, cfg)
+            } else {
+                start(dev, cfg)
+            };
+            // The only session slot: a second client gets in only once the
+            // server has seen the first one's socket close.
+            let mut first = Client::connect(&srv.ep, &opts(false)).unwrap();
+            first.read(0, 4096).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            drop(first);
+            let ep = srv.ep.clone();
+            let mut c = within_10s(&format!("{what}: admitted after a disconnect"), move || {
+                let t0 = std::time::Instant::now();
+                loop {
+                    if let Ok(mut c) = Client::connect(&ep, &opts(false)) {
+                        if c.read(0, 4096).is_ok() {
+                            return c;
+                        }
+                    }
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(5),
+                        "the session of a client that went away still holds its slot"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+            // Idle; the server stops; the client sees the end.
+            std::thread::sleep(Duration::from_millis(100));
+            let t0 = std::time::Instant::now();
+            within_10s(&format!("{what}: stop with an idle session"), move || {
+                srv.stop()
+            });
+            assert!(
+                t0.elapsed() < Duration::from_secs(3),
+                "{what}: an idle session held the stop for {:?}",
+                t0.elapsed()
+            );
+            let e = within_10s(&format!("{what}: end of stream"), move || {
+                c.recv().unwrap_err()
+            });
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{what}: {e}");
+        }
+    }
+}

@@ -67,6 +67,26 @@ pub fn start(dev: Arc<dyn BlockDevice>, cfg: ServerConfig) -> Running {
     }
 }
 
+/// A server on a TCP port of 127.0.0.1.
+pub fn start_tcp(dev: Arc<dyn BlockDevice>, cfg: ServerConfig) -> Running {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener =
+        Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap())).expect("bind TCP port");
+    let ep = listener.endpoint();
+    let export = cfg.export_name.clone();
+    let server = Server::new(dev, cfg);
+    let handle = server.shutdown_handle();
+    let thread = std::thread::spawn(move || server.serve(&listener).expect("serve"));
+    Running {
+        handle,
+        thread: Some(thread),
+        ep,
+        socket: dir.path().join("unused"),
+        export,
+        dir,
+    }
+}
+
 /// Path of a required client tool; panics with an install hint if absent.
 pub fn tool(name: &str) -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
