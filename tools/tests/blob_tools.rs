@@ -777,22 +777,36 @@ fn locked_holder(d: &std::path::Path, program: &str, args: &[&str]) -> std::proc
 /// is waited for.)
 #[test]
 fn a_commit_of_a_layer_in_use_names_the_holder() {
-    commit_fails_naming_idle_holder(|d| (python_holder(d, "time.sleep(60)\n"), "python3"));
+    commit_fails_naming_idle_holder(None, |d| (python_holder(d, "time.sleep(60)\n"), "python3"));
 }
 
 /// Runs `overlaybd-commit` on a layer that `holder` (returning the holder
 /// and its program's name) claims and then keeps, sleeping: the commit
 /// fails after a second and a half without saying it waits, naming the
-/// holder.
+/// holder. The commit runs as `commit_uid` if given (the layer's files and
+/// directory are then open to all).
 fn commit_fails_naming_idle_holder(
+    commit_uid: Option<u32>,
     holder: impl FnOnce(&std::path::Path) -> (std::process::Child, &'static str),
 ) {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    if commit_uid.is_some() {
+        for (p, mode) in [(d.to_path_buf(), 0o777), (d.join("data"), 0o666)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+    }
     let (mut holder, name) = holder(d);
     let start = std::time::Instant::now();
-    let o = run(COMMIT, &["data", "index", "out"], d);
+    let mut commit = Command::new(COMMIT);
+    commit.args(["data", "index", "out"]).current_dir(d);
+    if let Some(uid) = commit_uid {
+        commit.uid(uid).gid(uid);
+    }
+    let o = commit.output().expect("spawn tool");
     let took = start.elapsed();
     let _ = holder.kill();
     let _ = holder.wait();
@@ -820,9 +834,33 @@ fn commit_fails_naming_idle_holder(
 fn a_commit_names_the_child_that_inherited_the_claim() {
     // flock(1) takes the lock on the shell's descriptor and exits; the shell
     // (then sleep) keeps it.
-    commit_fails_naming_idle_holder(|d| {
+    commit_fails_naming_idle_holder(None, |d| {
         let sh = "exec 9<>data; flock -x 9 && echo locked; exec sleep 60";
         (locked_holder(d, "sh", &["-c", sh]), "sleep")
+    });
+}
+
+/// A holder running as another user (a server started by root, the commit
+/// run by a user who may read the layer): its open files are not the
+/// commit's to look at, so the process `/proc/locks` records is taken at
+/// its word, named, and (idle) not waited for.
+#[test]
+fn a_commit_names_a_holder_of_another_user() {
+    commit_fails_naming_idle_holder(Some(65533), |d| {
+        let code = "import fcntl, time\n\
+                    f = open('data', 'r+b')\n\
+                    fcntl.flock(f, fcntl.LOCK_EX)\n\
+                    print('locked', flush=True)\n\
+                    time.sleep(60)\n";
+        let args = [
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3", // not a shim under /root: nobody may run it
+            "-c",
+            code,
+        ];
+        (locked_holder(d, "setpriv", &args), "python3")
     });
 }
 

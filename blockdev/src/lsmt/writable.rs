@@ -258,19 +258,22 @@ fn flock_on(line: &str, want: &str) -> Option<u32> {
 }
 
 /// Whether process `pid` holds an `flock` on `want` through one of its
-/// open files (`/proc/PID/fdinfo/*` list the locks held through each).
-fn holds_flock(pid: u32, want: &str) -> bool {
-    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| {
-            std::fs::read_to_string(e.path()).is_ok_and(|info| {
-                info.lines()
-                    .filter_map(|l| l.strip_prefix("lock:"))
-                    .any(|l| flock_on(l, want).is_some())
-            })
+/// open files (`/proc/PID/fdinfo/*` list the locks held through each);
+/// `None` if its open files are not ours to look at (another user's
+/// process, to one without `CAP_SYS_PTRACE`).
+fn holds_flock(pid: u32, want: &str) -> Option<bool> {
+    let dir = match std::fs::read_dir(format!("/proc/{pid}/fdinfo")) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return None,
+        Err(_) => return Some(false),
+    };
+    Some(dir.flatten().any(|e| {
+        std::fs::read_to_string(e.path()).is_ok_and(|info| {
+            info.lines()
+                .filter_map(|l| l.strip_prefix("lock:"))
+                .any(|l| flock_on(l, want).is_some())
         })
+    }))
 }
 
 /// Another process holding an `flock` on `path`, if one can be found (the
@@ -281,7 +284,8 @@ fn holds_flock(pid: u32, want: &str) -> bool {
 /// forked, then exited in the parent) holds it after the recorded process
 /// is gone, and a holder outside this pid namespace is recorded as 0. The
 /// recorded process is named only if it still holds the lock through one of
-/// its files; otherwise every process's open files are searched for it.
+/// its files (or its files cannot be looked at: another user's process);
+/// otherwise every process's open files are searched for it.
 pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
@@ -291,7 +295,7 @@ pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
     let me = std::process::id();
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     let recorded = locks.lines().find_map(|l| flock_on(l, &want))?;
-    let pid = if recorded != 0 && recorded != me && holds_flock(recorded, &want) {
+    let pid = if recorded != 0 && recorded != me && holds_flock(recorded, &want) != Some(false) {
         recorded
     } else {
         std::fs::read_dir("/proc")
@@ -299,7 +303,7 @@ pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
             .filter(|&p| p != me)
-            .find(|&p| holds_flock(p, &want))?
+            .find(|&p| holds_flock(p, &want) == Some(true))?
     };
     let proc = format!("/proc/{pid}");
     let stat = std::fs::read_to_string(format!("{proc}/stat")).ok();
