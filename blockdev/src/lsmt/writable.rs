@@ -105,6 +105,7 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     // idle at every look for half a second runs on (not one caught between
     // two writes of its flush, or between its flush and its exit).
     let mut idle_before: Option<(u32, u32)> = None;
+    let mut search = HolderSearch::default();
     loop {
         if f.try_lock(!read_only)? {
             return Ok(());
@@ -115,7 +116,7 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
         }
         if now >= next_look {
             next_look = now + Duration::from_millis(100);
-            let holder = claim_holder(f.path());
+            let holder = claim_holder_with(f.path(), &mut search);
             let idle = holder.as_ref().filter(|h| h.runs_on()).map(|h| {
                 let looks = match idle_before {
                     Some((pid, n)) if pid == h.pid => n + 1,
@@ -151,7 +152,7 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The holder named when it runs on (not one that is exiting now).
-    let holder = claim_holder(f.path()).filter(|h| h.live);
+    let holder = claim_holder_with(f.path(), &mut search).filter(|h| h.live);
     let waited = if wait.is_zero() {
         String::new()
     } else {
@@ -276,6 +277,18 @@ fn holds_flock(pid: u32, want: &str) -> Option<bool> {
     }))
 }
 
+/// What the last search of every process's open files for a claim's holder
+/// found, so that the looks of a wait (100 ms apart) do not repeat it: it
+/// reads a file per open file of every process (a few milliseconds with a
+/// hundred processes, far more than 100 ms on a host running thousands).
+#[derive(Debug, Default)]
+struct HolderSearch {
+    /// The pid `/proc/locks` recorded at the search, and the holder found.
+    last: Option<(u32, Option<u32>)>,
+    /// Searches made.
+    searches: u32,
+}
+
 /// Another process holding an `flock` on `path`, if one can be found (the
 /// first listed; waiters are skipped).
 ///
@@ -287,6 +300,15 @@ fn holds_flock(pid: u32, want: &str) -> Option<bool> {
 /// its files (or its files cannot be looked at: another user's process);
 /// otherwise every process's open files are searched for it.
 pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
+    claim_holder_with(path, &mut HolderSearch::default())
+}
+
+/// [`claim_holder`], searching every process's open files only if `search`
+/// (the previous look's) was made for another recorded pid, or the holder
+/// it found no longer holds the lock. A search that found nothing is not
+/// repeated for the same recorded pid (the holder is outside this pid
+/// namespace, or this process, or another user's: it stays unseen).
+fn claim_holder_with(path: &Path, search: &mut HolderSearch) -> Option<ClaimHolder> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     let dev = m.dev();
@@ -298,12 +320,24 @@ pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
     let pid = if recorded != 0 && recorded != me && holds_flock(recorded, &want) != Some(false) {
         recorded
     } else {
-        std::fs::read_dir("/proc")
-            .ok()?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|&p| p != me)
-            .find(|&p| holds_flock(p, &want) == Some(true))?
+        match search.last {
+            Some((r, found))
+                if r == recorded && found.is_none_or(|p| holds_flock(p, &want) == Some(true)) =>
+            {
+                found?
+            }
+            _ => {
+                search.searches += 1;
+                let found = std::fs::read_dir("/proc")
+                    .ok()?
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .filter(|&p| p != me)
+                    .find(|&p| holds_flock(p, &want) == Some(true));
+                search.last = Some((recorded, found));
+                found?
+            }
+        }
     };
     let proc = format!("/proc/{pid}");
     let stat = std::fs::read_to_string(format!("{proc}/stat")).ok();
@@ -1464,4 +1498,44 @@ pub(crate) fn check_warp_entry(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A claim inherited by a child of the process that took it (which then
+    /// exited) is found by searching every process's open files once; the
+    /// next looks of the wait check that child only.
+    #[test]
+    fn the_holder_of_an_inherited_claim_is_searched_for_once() {
+        use std::io::BufRead;
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        std::fs::write(&data, b"x").unwrap();
+        // flock(1) takes the lock on the shell's descriptor and exits; the
+        // shell (then sleep) keeps it.
+        let mut holder = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "exec 9<>data; flock -x 9 && echo locked; exec sleep 60",
+            ])
+            .current_dir(d.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "locked\n");
+        let mut search = HolderSearch::default();
+        let pids: Vec<Option<u32>> = (0..5)
+            .map(|_| claim_holder_with(&data, &mut search).map(|h| h.pid))
+            .collect();
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert_eq!(pids, vec![Some(holder.id()); 5]);
+        assert_eq!(search.searches, 1);
+    }
 }
