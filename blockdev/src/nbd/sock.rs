@@ -17,7 +17,8 @@ use std::os::unix::io::RawFd;
 /// `recv` with `MSG_DONTWAIT` on `fd`: what is there, or `WouldBlock`.
 pub(crate) fn recv_nowait(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
-    // duration of the call; `fd` is an open socket the caller owns.
+    // duration of the call, and `recv` writes nothing else; `fd` is any
+    // number (one that is not an open socket fails with EBADF or ENOTSOCK).
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
     if n < 0 {
         return Err(io::Error::last_os_error());
