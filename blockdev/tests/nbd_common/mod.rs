@@ -51,20 +51,8 @@ impl Drop for Running {
 pub fn start(dev: Arc<dyn BlockDevice>, cfg: ServerConfig) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("nbd.sock");
-    let ep = Endpoint::Unix(socket.clone());
-    let listener = Listener::bind(&ep).expect("bind socket");
-    let export = cfg.export_name.clone();
-    let server = Server::new(dev, cfg);
-    let handle = server.shutdown_handle();
-    let thread = std::thread::spawn(move || server.serve(&listener).expect("serve"));
-    Running {
-        handle,
-        thread: Some(thread),
-        ep,
-        socket,
-        export,
-        dir,
-    }
+    let listener = Listener::bind(&Endpoint::Unix(socket.clone())).expect("bind socket");
+    serve(listener, socket, dir, dev, cfg)
 }
 
 /// A server on a TCP port of 127.0.0.1.
@@ -72,6 +60,18 @@ pub fn start_tcp(dev: Arc<dyn BlockDevice>, cfg: ServerConfig) -> Running {
     let dir = tempfile::tempdir().expect("tempdir");
     let listener =
         Listener::bind(&Endpoint::Tcp("127.0.0.1:0".parse().unwrap())).expect("bind TCP port");
+    let unused = dir.path().join("unused");
+    serve(listener, unused, dir, dev, cfg)
+}
+
+/// Serve `dev` on `listener` on a thread of its own.
+fn serve(
+    listener: Listener,
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+    dev: Arc<dyn BlockDevice>,
+    cfg: ServerConfig,
+) -> Running {
     let ep = listener.endpoint();
     let export = cfg.export_name.clone();
     let server = Server::new(dev, cfg);
@@ -81,7 +81,7 @@ pub fn start_tcp(dev: Arc<dyn BlockDevice>, cfg: ServerConfig) -> Running {
         handle,
         thread: Some(thread),
         ep,
-        socket: dir.path().join("unused"),
+        socket,
         export,
         dir,
     }
