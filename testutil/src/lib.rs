@@ -291,6 +291,30 @@ pub fn wait_until(child: &mut std::process::Child, what: &str, ready: impl Fn() 
     }
 }
 
+/// Starts `program` with `args` in `dir` and returns once it has printed the
+/// line "locked" (it holds the lock the test needs).
+pub fn locked_holder(dir: &Path, program: &str, args: &[&str]) -> std::process::Child {
+    let mut holder = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+    let mut locked = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut locked,
+    )
+    .unwrap();
+    assert_eq!(locked, "locked\n", "{program} did not take the lock");
+    holder
+}
+
+/// A `sh -c` script for [`locked_holder`] whose lock on `data` is inherited:
+/// flock(1) takes it on the shell's descriptor and exits; the shell, then
+/// `sleep`, keeps it (`/proc/locks` still records flock's pid).
+pub const INHERITED_FLOCK_SH: &str = "exec 9<>data; flock -x 9 && echo locked; exec sleep 60";
+
 /// Sends `sig` to `child` and waits for it: it must exit with 128 + `sig`
 /// (130, 143), its stderr ending in one line that says it was interrupted
 /// by `sig` (no panic, no other such line). Returns that line.

@@ -736,37 +736,22 @@ fn commit_waits_for_busy_holder(then: &str) {
     assert!(d.join("out").exists());
 }
 
-/// Starts a `python3` in `d` that takes the claim on `data` (an exclusive
-/// `flock`), says so, then runs `then` (Python code); returns once the claim
-/// is taken.
-fn python_holder(d: &std::path::Path, then: &str) -> std::process::Child {
-    let code = format!(
+/// Python code that takes the claim on `data` (an exclusive `flock`), says
+/// so, then runs `then`.
+fn python_lock_code(then: &str) -> String {
+    format!(
         "import fcntl, time\n\
          f = open('data', 'r+b')\n\
          fcntl.flock(f, fcntl.LOCK_EX)\n\
          print('locked', flush=True)\n\
          {then}"
-    );
-    locked_holder(d, "python3", &["-c", &code])
+    )
 }
 
-/// Starts `program` with `args` in `d` and returns once it has printed
-/// "locked" (it holds the claim on `data`).
-fn locked_holder(d: &std::path::Path, program: &str, args: &[&str]) -> std::process::Child {
-    let mut holder = Command::new(program)
-        .args(args)
-        .current_dir(d)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut locked = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
-        &mut locked,
-    )
-    .unwrap();
-    assert_eq!(locked, "locked\n");
-    holder
+/// Starts a `python3` in `d` that takes the claim on `data`, then runs
+/// `then` (Python code); returns once the claim is taken.
+fn python_holder(d: &std::path::Path, then: &str) -> std::process::Child {
+    testutil::locked_holder(d, "python3", &["-c", &python_lock_code(then)])
 }
 
 /// A holder that never lets go (a live process that is not exiting and
@@ -835,8 +820,8 @@ fn a_commit_names_the_child_that_inherited_the_claim() {
     // flock(1) takes the lock on the shell's descriptor and exits; the shell
     // (then sleep) keeps it.
     commit_fails_naming_idle_holder(None, |d| {
-        let sh = "exec 9<>data; flock -x 9 && echo locked; exec sleep 60";
-        (locked_holder(d, "sh", &["-c", sh]), "sleep")
+        let sh = testutil::INHERITED_FLOCK_SH;
+        (testutil::locked_holder(d, "sh", &["-c", sh]), "sleep")
     });
 }
 
@@ -847,20 +832,16 @@ fn a_commit_names_the_child_that_inherited_the_claim() {
 #[test]
 fn a_commit_names_a_holder_of_another_user() {
     commit_fails_naming_idle_holder(Some(65533), |d| {
-        let code = "import fcntl, time\n\
-                    f = open('data', 'r+b')\n\
-                    fcntl.flock(f, fcntl.LOCK_EX)\n\
-                    print('locked', flush=True)\n\
-                    time.sleep(60)\n";
+        let code = python_lock_code("time.sleep(60)\n");
         let args = [
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "/usr/bin/python3", // not a shim under /root: nobody may run it
             "-c",
-            code,
+            &code,
         ];
-        (locked_holder(d, "setpriv", &args), "python3")
+        (testutil::locked_holder(d, "setpriv", &args), "python3")
     });
 }
 

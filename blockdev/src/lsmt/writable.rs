@@ -1509,26 +1509,11 @@ mod tests {
     /// next looks of the wait check that child only.
     #[test]
     fn the_holder_of_an_inherited_claim_is_searched_for_once() {
-        use std::io::BufRead;
         let d = tempfile::tempdir().unwrap();
         let data = d.path().join("data");
         std::fs::write(&data, b"x").unwrap();
-        // flock(1) takes the lock on the shell's descriptor and exits; the
-        // shell (then sleep) keeps it.
-        let mut holder = std::process::Command::new("sh")
-            .args([
-                "-c",
-                "exec 9<>data; flock -x 9 && echo locked; exec sleep 60",
-            ])
-            .current_dir(d.path())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(holder.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line, "locked\n");
+        let mut holder =
+            testutil::locked_holder(d.path(), "sh", &["-c", testutil::INHERITED_FLOCK_SH]);
         let mut search = HolderSearch::default();
         let pids: Vec<Option<u32>> = (0..5)
             .map(|_| claim_holder_with(&data, &mut search).map(|h| h.pid))
