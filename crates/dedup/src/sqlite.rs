@@ -57,27 +57,28 @@ impl SqliteBackend {
         if path.is_dir() {
             return Err(fail("it is a directory, not a database file", None));
         }
-        let dir = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            Some(parent) if !parent.is_dir() => {
-                return Err(fail(
-                    &format!("directory {} does not exist", parent.display()),
-                    None,
-                ));
-            }
-            Some(parent) => parent.to_path_buf(),
-            None => std::env::current_dir().unwrap_or_else(|_| ".".into()),
-        };
-        // A new database file is created in `dir` (and its -wal and -shm files
-        // beside it): say so when that cannot be, rather than SQLite's "unable to
-        // open database file".
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent.filter(|p| !p.is_dir()) {
+            return Err(fail(
+                &format!("directory {} does not exist", parent.display()),
+                None,
+            ));
+        }
+        // A new database file is created in its directory (and its -wal and -shm
+        // files beside it): say so when that cannot be, rather than SQLite's
+        // "unable to open database file".
         if path != Path::new(":memory:") && !path.exists() {
-            nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).map_err(|e| {
-                DbError::SqliteDir {
+            let dir = parent.map_or_else(
+                || std::env::current_dir().unwrap_or_else(|_| ".".into()),
+                Path::to_path_buf,
+            );
+            if let Err(e) = nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK) {
+                return Err(DbError::SqliteDir {
                     path: path.to_path_buf(),
-                    dir: dir.clone(),
+                    dir,
                     error: e.into(),
-                }
-            })?;
+                });
+            }
         }
         let conn = Connection::open_with_flags(
             path,
