@@ -123,8 +123,7 @@ fn is_transient_status(status: u16) -> bool {
 /// The TLS error behind a transport error, if any (rustls errors may be wrapped in an
 /// `io::Error` whose `source()` skips them).
 fn tls_cause(e: &reqwest::Error) -> Option<&rustls::Error> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cur {
+    causes(e).find_map(|c| {
         if let Some(t) = c.downcast_ref::<rustls::Error>() {
             return Some(t);
         }
@@ -136,23 +135,23 @@ fn tls_cause(e: &reqwest::Error) -> Option<&rustls::Error> {
             }
             inner = i.downcast_ref::<io::Error>().and_then(|io| io.get_ref());
         }
-        cur = c.source();
-    }
-    None
+        None
+    })
 }
 
 /// Whether `e` is a refused TCP connection (nothing listens at the address).
 fn refused(e: &reqwest::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cur {
-        if c.downcast_ref::<io::Error>()
+    causes(e).any(|c| {
+        c.downcast_ref::<io::Error>()
             .is_some_and(|io| io.kind() == io::ErrorKind::ConnectionRefused)
-        {
-            return true;
-        }
-        cur = c.source();
-    }
-    false
+    })
+}
+
+/// `e` and its sources, outermost first.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |c| c.source())
 }
 
 /// A hint for the TLS errors users commonly hit.
