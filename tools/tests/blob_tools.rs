@@ -845,6 +845,56 @@ fn a_commit_names_a_holder_of_another_user() {
     });
 }
 
+/// A holder the commit cannot see (outside its pid namespace, as a server on
+/// the host is to a tool run in a container): `/proc/locks` records it as
+/// pid 0 and no process the commit can look at holds the lock. Nothing says
+/// it runs on, so the commit waits its full 10 s although the holder is
+/// idle, says after a second that it waits (naming no one), and its error
+/// lists the tools that may hold a layer.
+#[test]
+fn a_commit_waits_for_a_holder_it_cannot_see_and_says_who_may_hold_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    let mut holder = python_holder(d, "time.sleep(60)\n");
+    let start = std::time::Instant::now();
+    let o = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            COMMIT,
+            "data",
+            "index",
+            "out",
+        ])
+        .current_dir(d)
+        .output()
+        .expect("spawn unshare");
+    let took = start.elapsed();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(!o.status.success());
+    let e = err_text(&o);
+    assert!(
+        e.contains(
+            "overlaybd-commit: waiting up to 10 s for data: in use by another process ...\n"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains(
+            "data: the layer is in use: another process is writing it (an overlaybd-nbd, \
+             overlaybd-fuse, overlaybd-apply or overlaybd-commit); stop that first \
+             (waited 10 s for it to let go)"
+        ),
+        "{e}"
+    );
+    assert!(!e.contains("pid "), "{e}");
+    assert!(took >= std::time::Duration::from_secs(10), "{took:?}");
+    assert!(!d.join("out").exists());
+}
+
 /// A holder whose main thread sleeps while another of its threads works (a
 /// server flushing the layer on a worker before it exits) is busy: it is
 /// waited for, not failed after a second and a half.
