@@ -52,7 +52,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 for b in python3 zstd skopeo /usr/bin/docker-registry; do
-  command -v "$b" >/dev/null || { echo "missing $b" >&2; exit 1; }
+  command -v "$b" >/dev/null || { echo "missing $b (scripts/deps.sh test installs it)" >&2; exit 1; }
 done
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -q -p overlaybd-convertor --bin convertor
