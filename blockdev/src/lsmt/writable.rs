@@ -117,6 +117,11 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
         if now >= next_look {
             next_look = now + Duration::from_millis(100);
             let holder = claim_holder_with(f.path(), &mut search);
+            // A lock `/proc/locks` does not list may have been let go just
+            // before it was read, rather than held from outside.
+            if search.outside && f.try_lock(!read_only)? {
+                return Ok(());
+            }
             let idle = holder.as_ref().filter(|h| h.runs_on()).map(|h| {
                 let looks = match idle_before {
                     Some((pid, n)) if pid == h.pid => n + 1,
@@ -129,6 +134,7 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
                     f,
                     read_only,
                     holder.as_ref(),
+                    &search,
                     format!(
                         " (it has held it for {} s and is not exiting)",
                         (now - start).as_secs()
@@ -140,7 +146,7 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
             if !noticed && idle.is_none() {
                 noticed = true;
                 if let Some(notice) = *CLAIM_NOTICE.read().unwrap_or_else(|p| p.into_inner()) {
-                    let who = holder.map(|h| format!(" ({h})")).unwrap_or_default();
+                    let who = who(holder.as_ref(), &search);
                     notice(&format!(
                         "waiting up to {} s for {}: in use by another process{who} ...",
                         wait.as_secs_f64(),
@@ -153,29 +159,47 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     }
     // The holder named when it runs on (not one that is exiting now).
     let holder = claim_holder_with(f.path(), &mut search).filter(|h| h.live);
+    if search.outside && f.try_lock(!read_only)? {
+        return Ok(());
+    }
     let waited = if wait.is_zero() {
         String::new()
     } else {
         format!(" (waited {} s for it to let go)", wait.as_secs_f64())
     };
-    Err(in_use(f, read_only, holder.as_ref(), waited))
+    Err(in_use(f, read_only, holder.as_ref(), &search, waited))
 }
 
 /// Looks (100 ms apart) at which a claim's holder must be found idle before
 /// opening gives up on it.
 const IDLE_LOOKS: u32 = 6;
 
-/// "PATH: the layer is in use: another process (HOLDER) is writing it; stop
-/// that first" and `why`.
-fn in_use(f: &IoFile, read_only: bool, holder: Option<&ClaimHolder>, why: String) -> Error {
-    let who = match holder {
+/// What follows "another process" when a claim's holder is described: " (pid
+/// N, NAME)"; " outside this pid namespace (...)" when the latest look found
+/// the lock unlisted or listed as pid 0; else nothing.
+fn who(holder: Option<&ClaimHolder>, search: &HolderSearch) -> String {
+    match holder {
         Some(h) => format!(" ({h})"),
+        None if search.outside => {
+            " outside this pid namespace (on the host or in another container)".to_string()
+        }
         None => String::new(),
-    };
-    let kinds = if who.is_empty() {
-        " (an overlaybd-nbd, overlaybd-fuse, overlaybd-apply or overlaybd-commit)"
-    } else {
-        ""
+    }
+}
+
+/// "PATH: the layer is in use: another process (HOLDER) is writing it; stop
+/// that first" and `why`; when no holder is named, which tools hold layers.
+fn in_use(
+    f: &IoFile,
+    read_only: bool,
+    holder: Option<&ClaimHolder>,
+    search: &HolderSearch,
+    why: String,
+) -> Error {
+    let who = who(holder, search);
+    let kinds = match holder {
+        Some(_) => "",
+        None => " (an overlaybd-nbd, overlaybd-fuse, overlaybd-apply or overlaybd-commit)",
     };
     Error::Invalid(format!(
         "{}: the layer is in use: another process{who} is {} it{kinds}; stop that first{why}",
@@ -285,6 +309,12 @@ fn holds_flock(pid: u32, want: &str) -> Option<bool> {
 struct HolderSearch {
     /// The pid `/proc/locks` recorded at the search, and the holder found.
     last: Option<(u32, Option<u32>)>,
+    /// Whether the latest look found the lock held by a process outside this
+    /// pid namespace: `/proc/locks` lists only the locks of processes this
+    /// namespace sees (older kernels list the others with pid 0), so a lock
+    /// that `flock` finds taken but `/proc/locks` does not list, or lists as
+    /// pid 0 while no process here holds it, is held from outside.
+    outside: bool,
     /// Searches made.
     searches: u32,
 }
@@ -295,7 +325,8 @@ struct HolderSearch {
 /// `/proc/locks` records the process that took the lock, but the lock
 /// belongs to the open file: a child that inherited it (a server that
 /// forked, then exited in the parent) holds it after the recorded process
-/// is gone, and a holder outside this pid namespace is recorded as 0. The
+/// is gone, and a holder outside this pid namespace is not listed (older
+/// kernels list it as pid 0). The
 /// recorded process is named only if it still holds the lock through one of
 /// its files (or its files cannot be looked at: another user's process);
 /// otherwise every process's open files are searched for it.
@@ -310,21 +341,25 @@ pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
 /// namespace, or this process, or another user's: it stays unseen).
 fn claim_holder_with(path: &Path, search: &mut HolderSearch) -> Option<ClaimHolder> {
     use std::os::unix::fs::MetadataExt;
+    search.outside = false;
     let m = std::fs::metadata(path).ok()?;
     let dev = m.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let want = format!("{major:02x}:{minor:02x}:{}", m.ino());
     let me = std::process::id();
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    let recorded = locks.lines().find_map(|l| flock_on(l, &want))?;
+    let Some(recorded) = locks.lines().find_map(|l| flock_on(l, &want)) else {
+        search.outside = true;
+        return None;
+    };
     let pid = if recorded != 0 && recorded != me && holds_flock(recorded, &want) != Some(false) {
         recorded
     } else {
-        match search.last {
+        let found = match search.last {
             Some((r, found))
                 if r == recorded && found.is_none_or(|p| holds_flock(p, &want) == Some(true)) =>
             {
-                found?
+                found
             }
             _ => {
                 search.searches += 1;
@@ -335,9 +370,11 @@ fn claim_holder_with(path: &Path, search: &mut HolderSearch) -> Option<ClaimHold
                     .filter(|&p| p != me)
                     .find(|&p| holds_flock(p, &want) == Some(true));
                 search.last = Some((recorded, found));
-                found?
+                found
             }
-        }
+        };
+        search.outside = found.is_none() && recorded == 0;
+        found?
     };
     let proc = format!("/proc/{pid}");
     let stat = std::fs::read_to_string(format!("{proc}/stat")).ok();
