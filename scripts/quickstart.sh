@@ -10,6 +10,10 @@ PREFIX=${PREFIX:-$HOME/.local}
 SAMPLE=${SAMPLE:-/tmp/overlaybd-sample}
 scripts/deps.sh build
 command -v python3 >/dev/null || { echo "python3 is needed for the sample image" >&2; exit 1; }
+# One target directory for the three installs (cargo install otherwise builds
+# each in a fresh temporary one, the shared dependencies three times over);
+# the repository's own, so that binaries already built are reused.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo install --quiet --locked --path tools --root "$PREFIX"
 cargo install --quiet --locked --path tools/convertor --root "$PREFIX"
 cargo install --quiet --locked --path crates/fuse --root "$PREFIX"
