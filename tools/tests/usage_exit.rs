@@ -309,3 +309,65 @@ fn an_existing_output_is_named_with_the_way_out() {
         assert!(!d.path().join("new").exists(), "{args:?}");
     }
 }
+
+/// `overlaybd-zfile PATH` (one path) compresses standard input into PATH.
+/// Typed for `overlaybd-zfile SRC` (the target forgotten), it must not wait
+/// for a terminal, nor, with -f, replace the file with the compression of an
+/// empty stream (`< /dev/null` in CI, a failed download piped in): the
+/// file stays as it was and the message says what the one-path form does.
+#[test]
+fn zfile_from_standard_input_refuses_a_terminal_and_an_empty_stream() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    std::fs::write(p("layer.tar"), "keep").unwrap();
+    // `< /dev/null`, and a pipe closed without data.
+    for stdin in [std::process::Stdio::null(), std::process::Stdio::piped()] {
+        let mut c = Command::new(ZFILE)
+            .args(["-f", &p("layer.tar")])
+            .stdin(stdin)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(c.stdin.take());
+        let o = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(
+            err.trim_end(),
+            format!(
+                "overlaybd-zfile: error: standard input is empty (0 bytes): nothing to compress into {}, which is left as it was (with one path, overlaybd-zfile compresses standard input; to compress a file: overlaybd-zfile SOURCE_FILE TARGET_FILE)",
+                p("layer.tar")
+            )
+        );
+        assert_eq!(std::fs::read_to_string(p("layer.tar")).unwrap(), "keep");
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
+    }
+    // A terminal on standard input: a usage error at once, nothing written
+    // (`script` gives the tool a pseudo-terminal).
+    let o = Command::new("script")
+        .args(["-qec", &format!("{ZFILE} {}", p("new.zfile")), "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("overlaybd-zfile: error: standard input is a terminal: with one path, overlaybd-zfile compresses standard input into it; to compress a file: overlaybd-zfile SOURCE_FILE TARGET_FILE"),
+        "{out}"
+    );
+    assert!(!d.path().join("new.zfile").exists());
+    // Data on standard input is compressed as before.
+    let mut c = Command::new(ZFILE)
+        .arg(p("new.zfile"))
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut c.stdin.take().unwrap(), b"data").unwrap();
+    let o = c.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, err) = run(Command::new(ZFILE).args(["-x", &p("new.zfile"), &p("back")]));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(std::fs::read(p("back")).unwrap(), b"data");
+}
