@@ -371,3 +371,74 @@ fn zfile_from_standard_input_refuses_a_terminal_and_an_empty_stream() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(std::fs::read(p("back")).unwrap(), b"data");
 }
+
+/// Runs `cmd`, killing it after 60 s (a hang fails the test instead of
+/// stopping the suite).
+fn run_bounded(cmd: &mut Command) -> (Option<i32>, String) {
+    let mut c = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while c.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = c.kill();
+            let o = c.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still ran after 60 s: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = c.wait_with_output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// An ext4 of 2^28 block groups or more cannot give each group its inode
+/// table block within ext4's 2^32 inodes: libext2fs's ext2fs_initialize
+/// then loops forever (at 64 PiB and up). `--mkfs` with such a size is a
+/// usage error, and mkfs itself refuses such a device (`overlaybd-apply
+/// --mkfs` onto a layer created that large), at once, naming the limit.
+#[test]
+fn mkfs_of_a_device_ext4_cannot_describe_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    // Just past the limit, 64 PiB and the largest virtual size
+    // overlaybd-create takes.
+    for gb in ["33554432", "67108864", "268435455"] {
+        let (code, err) =
+            run_bounded(Command::new(CREATE).args(["--mkfs", &p("data"), &p("index"), gb]));
+        assert_eq!(code, Some(2), "{gb}: {err}");
+        assert_eq!(
+            err.trim_end(),
+            format!("overlaybd-create: error: --mkfs makes an ext4 of at most 33554431 GB (2^28 - 1 block groups of 128 MiB), not {gb} GB"),
+        );
+        assert!(!d.path().join("data").exists() && !d.path().join("index").exists());
+    }
+    // A layer of 64 PiB (created without a filesystem), given --mkfs by
+    // overlaybd-apply: mkfs refuses the device.
+    let (code, err) = run(Command::new(CREATE).args([&p("data"), &p("index"), "67108864"]));
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::write(p("layer.tar"), [0u8; 1024]).unwrap();
+    std::fs::write(
+        p("config.json"),
+        serde_json::json!({"lowers": [],
+            "upper": {"index": p("index"), "data": p("data")},
+            "resultFile": p("result")})
+        .to_string(),
+    )
+    .unwrap();
+    let (code, err) =
+        run_bounded(Command::new(APPLY).args(["--mkfs", &p("layer.tar"), &p("config.json")]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("device of 72057594037927936 bytes is too large for an ext4 filesystem (at most 36028796884746240 bytes: 2^28 - 1 block groups of 128 MiB)"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
