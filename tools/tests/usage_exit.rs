@@ -442,3 +442,35 @@ fn mkfs_of_a_device_ext4_cannot_describe_is_refused() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// An output in a directory that does not exist is named as such, as
+/// overlaybd-create names it, not as a bare "No such file or directory",
+/// which reads as if the input were missing.
+#[test]
+fn an_output_in_a_missing_directory_names_the_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    sparse_layer(d.path());
+    let out = p("nodir/out");
+    let want = format!(
+        "cannot create {out}: the directory {} does not exist",
+        p("nodir")
+    );
+    let blob = testutil::fixtures().join("baselayer/commit.lz4.zfile");
+    let blob = blob.to_str().unwrap();
+    for (tool, args) in [
+        (COMMIT, vec![p("data"), p("index"), out.clone()]),
+        (
+            COMMIT,
+            vec!["-z".into(), p("data"), p("index"), out.clone()],
+        ),
+        (ZFILE, vec![p("index"), out.clone()]),
+        (ZFILE, vec!["-x".into(), blob.into(), out.clone()]),
+    ] {
+        let (code, err) = run(Command::new(tool).args(&args));
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+    assert!(!d.path().join("nodir").exists());
+}
