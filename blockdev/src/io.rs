@@ -437,6 +437,27 @@ pub fn check_replaceable(out: &Path) -> crate::Result<()> {
     )))
 }
 
+/// `e`, the error of creating the file `p`, or, when it is "not found"
+/// because the directory of `p` does not exist, an error that says so (ENOENT
+/// alone does not say which path, or which part of it, is missing: it reads as
+/// if an input were missing).
+pub fn name_missing_dir(p: &Path, e: crate::Error) -> crate::Error {
+    match (&e, p.parent()) {
+        (crate::Error::Io { source, .. }, Some(dir))
+            if source.kind() == std::io::ErrorKind::NotFound
+                && !dir.as_os_str().is_empty()
+                && !dir.exists() =>
+        {
+            crate::Error::Invalid(format!(
+                "cannot create {}: the directory {} does not exist",
+                p.display(),
+                dir.display()
+            ))
+        }
+        _ => e,
+    }
+}
+
 /// Why an input path is not a regular file ([`check_regular_with`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotRegular {

@@ -97,7 +97,8 @@ impl PendingFile {
     }
 
     /// Creates the temporary file with `opts` (and `create_new`: the name is
-    /// this process's own). Errors name the destination.
+    /// this process's own). Errors name the destination (and its directory
+    /// when that does not exist).
     pub fn create(&self, opts: &mut OpenOptions) -> Result<File> {
         let r = registry();
         if r.closed || !r.files.iter().any(|f| f.0 == self.id) {
@@ -105,7 +106,7 @@ impl PendingFile {
         }
         opts.create_new(true)
             .open(&self.temp)
-            .map_err(|e| Error::io(&self.dest, e))
+            .map_err(|e| crate::io::name_missing_dir(&self.dest, Error::io(&self.dest, e)))
     }
 
     /// Renames the complete file to its destination. With `replace`, a file

@@ -28,6 +28,16 @@ const INODE_RATIO: u64 = 16384;
 const INODE_SIZE: u16 = 256;
 const RESERVED_RATIO: f64 = 0.05;
 const LOST_FOUND: &[u8] = b"lost+found";
+/// Blocks per group (one block of bitmap bits), libext2fs's default.
+const BLOCKS_PER_GROUP: u64 = 8 * BLOCK_SIZE;
+/// Fewer block groups than this, each with at least one inode-table block
+/// (16 inodes), stay within ext4's 2^32 - 1 inodes. From 2^28 groups on,
+/// `ext2fs_initialize` shrinks the inodes per group below a block and, from
+/// 2^29 on (64 PiB), loops forever looking for a count that fits.
+const MAX_GROUPS: u64 = 1 << 28;
+/// The largest filesystem [`mkfs`] makes, in bytes: 2^28 - 1 block groups
+/// of 128 MiB (32 PiB less 128 MiB).
+pub const MAX_SIZE: u64 = (MAX_GROUPS - 1) * BLOCKS_PER_GROUP * BLOCK_SIZE;
 
 /// Options of [`mkfs`].
 #[derive(Debug, Clone, Default)]
@@ -137,6 +147,11 @@ pub fn mkfs_with(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions, flavor: &dyn Fla
     if blocks < 1024 {
         return Err(Error::Invalid(format!(
             "device of {size} bytes is too small for an ext4 filesystem (need at least 4 MiB)"
+        )));
+    }
+    if size > MAX_SIZE {
+        return Err(Error::Invalid(format!(
+            "device of {size} bytes is too large for an ext4 filesystem (at most {MAX_SIZE} bytes: 2^28 - 1 block groups of 128 MiB)"
         )));
     }
     let mut p = sys::ext2_super_block {

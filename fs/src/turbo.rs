@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use blockdev::gzindex;
+use blockdev::io::NotRegular;
 use blockdev::lsmt::writable::create_warp;
 use blockdev::lsmt::WritableLayer;
 use blockdev::pending::PendingFile;
@@ -216,6 +217,18 @@ pub fn apply_layer(
     job: &TurboApply,
     progress: Option<&mut dyn FnMut(&ApplyStats)>,
 ) -> Result<TurboApplyReport> {
+    // The layer maps file data into the blob by offset. A FIFO streams one
+    // (a writer comes), but a directory, a socket or a character device
+    // (/dev/zero never ends: the apply would read forever) is no blob.
+    blockdev::io::check_regular_with(&job.blob, |why| match why {
+        NotRegular::Is(kind @ ("a directory" | "a character device" | "a socket")) => {
+            Some(Error::Blob(blockdev::Error::Invalid(format!(
+                "{}: not a layer blob: it is {kind}",
+                job.blob.display()
+            ))))
+        }
+        _ => None,
+    })?;
     let f = std::fs::File::open(&job.blob)
         .map_err(|e| Error::Blob(blockdev::Error::io(&job.blob, e)))?;
     let blob = std::io::BufReader::with_capacity(1 << 20, f);

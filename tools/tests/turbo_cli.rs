@@ -409,3 +409,62 @@ fn an_interrupted_apply_leaves_no_temporary_index() {
         );
     }
 }
+
+/// A TurboOCI layer maps file data into its blob by offset. `/dev/zero` (or
+/// any character device) and a directory are no blob: refused at once,
+/// naming the path and what it is, in one line and in the result file (the
+/// apply used to read `/dev/zero` forever). A FIFO still streams a blob
+/// (see `an_interrupted_apply_leaves_no_temporary_index`).
+#[test]
+fn a_blob_that_is_a_device_or_a_directory_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run_ok(
+        Command::new(CREATE)
+            .arg(d.join("data"))
+            .arg(d.join("index"))
+            .args(["64", "--turboOCI", "--mkfs"]),
+    );
+    for (blob, kind) in [
+        (Path::new("/dev/zero"), "a character device"),
+        (d, "a directory"),
+    ] {
+        let cfg = d.join("config.json");
+        std::fs::write(
+            &cfg,
+            serde_json::json!({"lowers": [], "upper": {"index": d.join("index"), "data": d.join("data"), "target": blob}, "resultFile": d.join("result")}).to_string(),
+        )
+        .unwrap();
+        let mut c = Command::new(APPLY)
+            .arg(blob)
+            .arg(&cfg)
+            .arg("--gz_index_path")
+            .arg(d.join("gzip.meta"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while c.try_wait().unwrap().is_none() {
+            if start.elapsed() > std::time::Duration::from_secs(30) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("turboOCI-apply {} still ran after 30 s", blob.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let o = c.wait_with_output().unwrap();
+        let e = err_text(&o);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        let want = format!(
+            "cannot apply {0}: layer blob: {0}: not a layer blob: it is {kind}",
+            blob.display()
+        );
+        assert_eq!(e.trim_end(), format!("turboOCI-apply: error: {want}"));
+        assert_eq!(
+            std::fs::read_to_string(d.join("result")).unwrap(),
+            format!("failed:{want}")
+        );
+        assert!(!d.join("gzip.meta").exists());
+    }
+}

@@ -309,3 +309,168 @@ fn an_existing_output_is_named_with_the_way_out() {
         assert!(!d.path().join("new").exists(), "{args:?}");
     }
 }
+
+/// `overlaybd-zfile PATH` (one path) compresses standard input into PATH.
+/// Typed for `overlaybd-zfile SRC` (the target forgotten), it must not wait
+/// for a terminal, nor, with -f, replace the file with the compression of an
+/// empty stream (`< /dev/null` in CI, a failed download piped in): the
+/// file stays as it was and the message says what the one-path form does.
+#[test]
+fn zfile_from_standard_input_refuses_a_terminal_and_an_empty_stream() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    std::fs::write(p("layer.tar"), "keep").unwrap();
+    // `< /dev/null`, and a pipe closed without data.
+    for stdin in [std::process::Stdio::null(), std::process::Stdio::piped()] {
+        let mut c = Command::new(ZFILE)
+            .args(["-f", &p("layer.tar")])
+            .stdin(stdin)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(c.stdin.take());
+        let o = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(
+            err.trim_end(),
+            format!(
+                "overlaybd-zfile: error: standard input is empty (0 bytes): nothing to compress into {}, which is left as it was (with one path, overlaybd-zfile compresses standard input; to compress a file: overlaybd-zfile SOURCE_FILE TARGET_FILE)",
+                p("layer.tar")
+            )
+        );
+        assert_eq!(std::fs::read_to_string(p("layer.tar")).unwrap(), "keep");
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
+    }
+    // A terminal on standard input: a usage error at once, nothing written
+    // (`script` gives the tool a pseudo-terminal).
+    let o = Command::new("script")
+        .args(["-qec", &format!("{ZFILE} {}", p("new.zfile")), "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("overlaybd-zfile: error: standard input is a terminal: with one path, overlaybd-zfile compresses standard input into it; to compress a file: overlaybd-zfile SOURCE_FILE TARGET_FILE"),
+        "{out}"
+    );
+    assert!(!d.path().join("new.zfile").exists());
+    // Data on standard input is compressed as before.
+    let mut c = Command::new(ZFILE)
+        .arg(p("new.zfile"))
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut c.stdin.take().unwrap(), b"data").unwrap();
+    let o = c.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, err) = run(Command::new(ZFILE).args(["-x", &p("new.zfile"), &p("back")]));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(std::fs::read(p("back")).unwrap(), b"data");
+}
+
+/// Runs `cmd`, killing it after 60 s (a hang fails the test instead of
+/// stopping the suite).
+fn run_bounded(cmd: &mut Command) -> (Option<i32>, String) {
+    let mut c = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while c.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = c.kill();
+            let o = c.wait_with_output().unwrap();
+            panic!(
+                "{cmd:?} still ran after 60 s: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = c.wait_with_output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// An ext4 of 2^28 block groups or more cannot give each group its inode
+/// table block within ext4's 2^32 inodes: libext2fs's ext2fs_initialize
+/// then loops forever (at 64 PiB and up). `--mkfs` with such a size is a
+/// usage error, and mkfs itself refuses such a device (`overlaybd-apply
+/// --mkfs` onto a layer created that large), at once, naming the limit.
+#[test]
+fn mkfs_of_a_device_ext4_cannot_describe_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    // Just past the limit, 64 PiB and the largest virtual size
+    // overlaybd-create takes.
+    for gb in ["33554432", "67108864", "268435455"] {
+        let (code, err) =
+            run_bounded(Command::new(CREATE).args(["--mkfs", &p("data"), &p("index"), gb]));
+        assert_eq!(code, Some(2), "{gb}: {err}");
+        assert_eq!(
+            err.trim_end(),
+            format!("overlaybd-create: error: --mkfs makes an ext4 of at most 33554431 GB (2^28 - 1 block groups of 128 MiB), not {gb} GB"),
+        );
+        assert!(!d.path().join("data").exists() && !d.path().join("index").exists());
+    }
+    // A layer of 64 PiB (created without a filesystem), given --mkfs by
+    // overlaybd-apply: mkfs refuses the device.
+    let (code, err) = run(Command::new(CREATE).args([&p("data"), &p("index"), "67108864"]));
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::write(p("layer.tar"), [0u8; 1024]).unwrap();
+    std::fs::write(
+        p("config.json"),
+        serde_json::json!({"lowers": [],
+            "upper": {"index": p("index"), "data": p("data")},
+            "resultFile": p("result")})
+        .to_string(),
+    )
+    .unwrap();
+    let (code, err) =
+        run_bounded(Command::new(APPLY).args(["--mkfs", &p("layer.tar"), &p("config.json")]));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("device of 72057594037927936 bytes is too large for an ext4 filesystem (at most 36028796884746240 bytes: 2^28 - 1 block groups of 128 MiB)"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// An output in a directory that does not exist is named as such, as
+/// overlaybd-create names it, not as a bare "No such file or directory",
+/// which reads as if the input were missing.
+#[test]
+fn an_output_in_a_missing_directory_names_the_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n).to_str().unwrap().to_string();
+    sparse_layer(d.path());
+    let out = p("nodir/out");
+    let want = format!(
+        "cannot create {out}: the directory {} does not exist",
+        p("nodir")
+    );
+    let blob = testutil::fixtures().join("baselayer/commit.lz4.zfile");
+    let blob = blob.to_str().unwrap();
+    for (tool, args) in [
+        (COMMIT, vec![p("data"), p("index"), out.clone()]),
+        (
+            COMMIT,
+            vec!["-z".into(), p("data"), p("index"), out.clone()],
+        ),
+        (ZFILE, vec![p("index"), out.clone()]),
+        (ZFILE, vec!["-x".into(), blob.into(), out.clone()]),
+    ] {
+        let (code, err) = run(Command::new(tool).args(&args));
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+    assert!(!d.path().join("nodir").exists());
+}

@@ -505,23 +505,10 @@ fn index_header(p: &Path) -> Option<HeaderTrailer> {
     HeaderTrailer::decode(&buf)
 }
 
-/// Create the new file `p`; a missing directory is named (ENOENT alone does
-/// not say which of the layer's paths, or which part of it, is missing).
+/// Create the new file `p`; a missing directory is named
+/// ([`crate::io::name_missing_dir`]).
 fn create_new(p: &Path) -> Result<IoFile> {
-    IoFile::create_new(p).map_err(|e| match (&e, p.parent()) {
-        (Error::Io { source, .. }, Some(dir))
-            if source.kind() == std::io::ErrorKind::NotFound
-                && !dir.as_os_str().is_empty()
-                && !dir.exists() =>
-        {
-            Error::Invalid(format!(
-                "cannot create {}: the directory {} does not exist",
-                p.display(),
-                dir.display()
-            ))
-        }
-        _ => e,
-    })
+    IoFile::create_new(p).map_err(|e| crate::io::name_missing_dir(p, e))
 }
 
 /// Size the sparse data file `f` (at `path`) to `len` bytes, saying so when

@@ -120,6 +120,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(t) => (Some(args.source_file.as_path()), t.clone()),
         None => (None, args.source_file.clone()),
     };
+    if src.is_none() {
+        check_stdin(&dst)?;
+    }
     let n = zfile_compress_file(src, &dst, opts, args.tar, args.force)?;
     cli::print_out(format_args!(
         "compressed {} into {} ({})",
@@ -128,5 +131,35 @@ fn run(args: Args) -> anyhow::Result<()> {
         dst.display(),
         cli::human(n)
     ));
+    Ok(())
+}
+
+/// The one-path form compresses standard input into `dst`. Given for
+/// `overlaybd-zfile SRC` (the target forgotten), it must neither wait on a
+/// terminal nor, with -f, replace `dst` with an empty stream's ZFile
+/// (`< /dev/null`, a failed download piped in). Peeking keeps the bytes in
+/// the process's shared stdin buffer, where the compression reads them.
+fn check_stdin(dst: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    const FORM: &str = "to compress a file: overlaybd-zfile SOURCE_FILE TARGET_FILE";
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        obdtools::usage_bail!(
+            "standard input is a terminal: with one path, overlaybd-zfile compresses standard input into it; {FORM}"
+        );
+    }
+    let empty = loop {
+        match stdin.lock().fill_buf() {
+            Ok(b) => break b.is_empty(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("cannot read standard input"),
+        }
+    };
+    if empty {
+        anyhow::bail!(
+            "standard input is empty (0 bytes): nothing to compress into {}, which is left as it was (with one path, overlaybd-zfile compresses standard input; {FORM})",
+            dst.display()
+        );
+    }
     Ok(())
 }
