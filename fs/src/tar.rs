@@ -104,6 +104,10 @@ impl Entry {
     }
 }
 
+/// Most bytes read (and ignored) after the end-of-archive blocks: a pipe's
+/// writer is let finish its padding, an endless stream is not read forever.
+pub const DRAIN_LIMIT: u64 = 64 << 20;
+
 /// Streaming tar reader.
 pub struct TarReader<R: Read> {
     r: R,
@@ -313,9 +317,20 @@ impl<R: Read> TarReader<R> {
             ));
         }
         self.done = true;
-        // Drain the rest so a writer feeding us through a pipe finishes.
+        // Drain the rest so a writer feeding us through a pipe finishes
+        // (tar pads its output to whole records), but not forever: an
+        // endless stream (`/dev/zero`) is left once `DRAIN_LIMIT` is read.
         let mut buf = [0u8; 64 * 1024];
+        let end = self.pos;
         loop {
+            if self.pos - end >= DRAIN_LIMIT {
+                tracing::warn!(
+                    "ignoring what follows the end of the archive at offset {end}: \
+                     more than {} MiB of it",
+                    DRAIN_LIMIT >> 20
+                );
+                break;
+            }
             match self.r.read(&mut buf) {
                 Ok(0) => break,
                 Ok(k) => self.pos += k as u64,
@@ -983,6 +998,32 @@ mod tests {
         );
         assert_eq!(v[2].0.kind, Kind::Symlink);
         assert_eq!(v[2].0.link, "t/".repeat(70).as_bytes());
+    }
+
+    /// What follows the end-of-archive blocks is read (a pipe's writer
+    /// finishes), up to a limit: an endless stream of zeros (`/dev/zero`)
+    /// is an empty archive, not a read that never ends.
+    #[test]
+    fn an_endless_stream_after_the_end_is_read_only_so_far() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "f", &b"abc"[..]).unwrap();
+        let data = b.into_inner().unwrap();
+        let len = data.len() as u64;
+        let tail = 3 << 20;
+        let padded = data.as_slice().chain(std::io::repeat(0).take(tail));
+        let mut r = TarReader::new(padded);
+        assert_eq!(r.next_entry().unwrap().unwrap().path, b"f");
+        assert!(r.next_entry().unwrap().is_none());
+        assert_eq!(r.position(), len + tail);
+
+        let mut r = TarReader::new(std::io::repeat(0));
+        assert!(r.next_entry().unwrap().is_none());
+        assert!(r.position() >= DRAIN_LIMIT, "{}", r.position());
+        assert!(r.position() < DRAIN_LIMIT + (1 << 20), "{}", r.position());
     }
 
     #[test]
