@@ -885,15 +885,16 @@ fn a_commit_waits_for_a_holder_outside_its_pid_namespace_and_says_so() {
     let e = err_text(&o);
     assert!(
         e.contains(
-            "overlaybd-commit: waiting up to 10 s for data: in use by another process outside \
-             this pid namespace (on the host or in another container) ...\n"
+            "overlaybd-commit: waiting up to 10 s for data: in use by another process not \
+             visible here (in another pid namespace: on the host or in another container; or \
+             on another machine) ...\n"
         ),
         "{e}"
     );
     assert!(
         e.contains(
-            "data: the layer is in use: another process outside this pid namespace (on the \
-             host or in another container) is writing it (an overlaybd-nbd, \
+            "data: the layer is in use: another process not visible here (in another pid \
+             namespace: on the host or in another container; or on another machine) is writing it (an overlaybd-nbd, \
              overlaybd-fuse, overlaybd-apply or overlaybd-commit); stop that first \
              (waited 10 s for it to let go)"
         ),

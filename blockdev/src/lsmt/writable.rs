@@ -175,13 +175,16 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
 const IDLE_LOOKS: u32 = 6;
 
 /// What follows "another process" when a claim's holder is described: " (pid
-/// N, NAME)"; " outside this pid namespace (...)" when the latest look found
-/// the lock unlisted or listed as pid 0; else nothing.
+/// N, NAME)"; " not visible here (...)" when the latest look found the lock
+/// unlisted or listed as pid 0 (a process in another pid namespace, or on
+/// another machine for a file on a network filesystem); else nothing.
 fn who(holder: Option<&ClaimHolder>, search: &HolderSearch) -> String {
     match holder {
         Some(h) => format!(" ({h})"),
         None if search.outside => {
-            " outside this pid namespace (on the host or in another container)".to_string()
+            " not visible here (in another pid namespace: on the host or in another \
+             container; or on another machine)"
+                .to_string()
         }
         None => String::new(),
     }
@@ -309,11 +312,12 @@ fn holds_flock(pid: u32, want: &str) -> Option<bool> {
 struct HolderSearch {
     /// The pid `/proc/locks` recorded at the search, and the holder found.
     last: Option<(u32, Option<u32>)>,
-    /// Whether the latest look found the lock held by a process outside this
-    /// pid namespace: `/proc/locks` lists only the locks of processes this
-    /// namespace sees (older kernels list the others with pid 0), so a lock
-    /// that `flock` finds taken but `/proc/locks` does not list, or lists as
-    /// pid 0 while no process here holds it, is held from outside.
+    /// Whether the latest look found the lock held by a process this one
+    /// cannot see: `/proc/locks` lists only the locks of processes this pid
+    /// namespace sees (older kernels list the others with pid 0), and not
+    /// the locks other machines hold on a network filesystem's file, so a
+    /// lock that `flock` finds taken but `/proc/locks` does not list, or
+    /// lists as pid 0 while no process here holds it, is held from outside.
     outside: bool,
     /// Searches made.
     searches: u32,
