@@ -905,6 +905,98 @@ fn a_commit_waits_for_a_holder_outside_its_pid_namespace_and_says_so() {
     assert!(!d.join("out").exists());
 }
 
+/// Runs `script` with `sh` in `d` under `unshare` with `ns` (new
+/// namespaces: "--pid --fork --mount-proc", "--mount"), `$CREATE`, `$COMMIT`
+/// and `$HOLD` (Python code that claims `data`, says so and sleeps) in its
+/// environment. Returns its output and how long it took, or `None`, said on
+/// stderr, when the script exits with 77 (something it needs, a mount, is
+/// not available here).
+fn run_in_namespaces(d: &Path, ns: &[&str], script: &str) -> Option<(Output, std::time::Duration)> {
+    let start = std::time::Instant::now();
+    let o = Command::new("unshare")
+        .args(ns)
+        .args(["sh", "-c", script])
+        .env("CREATE", CREATE)
+        .env("COMMIT", COMMIT)
+        .env("HOLD", python_lock_code("time.sleep(60)\n"))
+        .current_dir(d)
+        .output()
+        .expect("spawn unshare");
+    let took = start.elapsed();
+    if o.status.code() == Some(77) {
+        eprintln!("skipped: {}", err_text(&o));
+        return None;
+    }
+    Some((o, took))
+}
+
+/// The commit's error names an idle holder `name` (pid not known here) and
+/// came before the wait's 10 s, without a notice of waiting.
+fn assert_names_idle_holder(o: &Output, took: std::time::Duration, name: &str) {
+    assert!(!o.status.success());
+    let e = err_text(o);
+    assert!(!e.contains("waiting up to"), "{e}");
+    assert!(!e.contains("not visible here"), "{e}");
+    let said = format!(", {name}) is writing it; stop that first (it has held it for ");
+    assert!(
+        e.contains("data: the layer is in use: another process (pid ") && e.contains(&said),
+        "{e}"
+    );
+    assert!(took < std::time::Duration::from_secs(9), "{took:?}");
+}
+
+/// In a pid namespace of its own (a container), a claim inherited by a child
+/// of the process that took it, which then exited, is not listed in
+/// `/proc/locks` at all (the kernel cannot translate the gone process's
+/// pid), though the child is in the namespace: it is found through its open
+/// files and named, not said to be "not visible here" and waited for.
+#[test]
+fn a_commit_in_a_pid_namespace_names_the_child_that_inherited_the_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    let script = format!(
+        "sh -c '{}' &\n\
+         until ! flock -n data true; do sleep 0.05; done\n\
+         exec \"$COMMIT\" data index out\n",
+        testutil::INHERITED_FLOCK_SH
+    );
+    let ns = ["--pid", "--fork", "--mount-proc"];
+    let (o, took) = run_in_namespaces(d, &ns, &script).unwrap();
+    assert_names_idle_holder(&o, took, "sleep");
+    assert!(!d.join("out").exists());
+}
+
+/// `/proc/locks` keys a lock by the device of the file system's superblock,
+/// which is not `stat`'s device on btrfs (each subvolume has its own) nor
+/// on an overlayfs over two file systems (here two tmpfs, in a mount
+/// namespace of the test's own): the holder is found all the same, named,
+/// and (idle) not waited for, rather than said to be "not visible here".
+#[test]
+fn a_commit_names_the_holder_of_a_layer_on_an_overlayfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "mkdir lower upper m\n\
+        mount -t tmpfs tmpfs lower && mount -t tmpfs tmpfs upper && \
+        mkdir upper/u upper/w && \
+        mount -t overlay overlay -o lowerdir=lower,upperdir=upper/u,workdir=upper/w m \
+        || { echo 'no overlayfs of two tmpfs here' >&2; exit 77; }\n\
+        set -e\n\
+        cd m\n\
+        \"$CREATE\" -s data index 1 >/dev/null\n\
+        python3 -c \"$HOLD\" >/dev/null &\n\
+        until ! flock -n data true; do sleep 0.05; done\n\
+        set +e\n\
+        \"$COMMIT\" data index out\n\
+        rc=$?\n\
+        test ! -e out || { echo 'out was made' >&2; exit 3; }\n\
+        kill $!\n\
+        exit $rc\n";
+    let Some((o, took)) = run_in_namespaces(dir.path(), &["--mount"], script) else {
+        return;
+    };
+    assert_names_idle_holder(&o, took, "python3");
+}
+
 /// A holder whose main thread sleeps while another of its threads works (a
 /// server flushing the layer on a worker before it exits) is busy: it is
 /// waited for, not failed after a second and a half.

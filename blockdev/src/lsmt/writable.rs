@@ -304,20 +304,49 @@ fn holds_flock(pid: u32, want: &str) -> Option<bool> {
     }))
 }
 
+/// The device (major, minor) of the file system `path` is on, as
+/// `/proc/locks` gives it: its superblock's, which `/proc/self/mountinfo`
+/// lists for the file's mount. `stat`'s device differs on btrfs (each
+/// subvolume has one of its own) and on an overlayfs over several file
+/// systems (the layer's), where a lock keyed by it is never found.
+fn mount_dev(path: &Path) -> Option<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)
+        .ok()?;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.as_raw_fd())).ok()?;
+    let id = info.lines().find_map(|l| l.strip_prefix("mnt_id:"))?.trim();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|l| {
+        // "ID PARENT MAJOR:MINOR ROOT MOUNT_POINT ..."
+        let mut f = l.split(' ');
+        if f.next()? != id {
+            return None;
+        }
+        let (major, minor) = f.nth(1)?.split_once(':')?;
+        Some((major.parse().ok()?, minor.parse().ok()?))
+    })
+}
+
 /// What the last search of every process's open files for a claim's holder
 /// found, so that the looks of a wait (100 ms apart) do not repeat it: it
 /// reads a file per open file of every process (a few milliseconds with a
 /// hundred processes, far more than 100 ms on a host running thousands).
 #[derive(Debug, Default)]
 struct HolderSearch {
-    /// The pid `/proc/locks` recorded at the search, and the holder found.
+    /// The pid `/proc/locks` recorded at the search (0: none, or unlisted),
+    /// and the holder found.
     last: Option<(u32, Option<u32>)>,
     /// Whether the latest look found the lock held by a process this one
     /// cannot see: `/proc/locks` lists only the locks of processes this pid
     /// namespace sees (older kernels list the others with pid 0), and not
     /// the locks other machines hold on a network filesystem's file, so a
     /// lock that `flock` finds taken but `/proc/locks` does not list, or
-    /// lists as pid 0 while no process here holds it, is held from outside.
+    /// lists as pid 0, while no process here holds it (by its open files'
+    /// `lock:` lines), is held from outside.
     outside: bool,
     /// Searches made.
     searches: u32,
@@ -330,10 +359,12 @@ struct HolderSearch {
 /// belongs to the open file: a child that inherited it (a server that
 /// forked, then exited in the parent) holds it after the recorded process
 /// is gone, and a holder outside this pid namespace is not listed (older
-/// kernels list it as pid 0). The
-/// recorded process is named only if it still holds the lock through one of
-/// its files (or its files cannot be looked at: another user's process);
-/// otherwise every process's open files are searched for it.
+/// kernels list it as pid 0); nor, in a pid namespace other than the
+/// first, is a lock whose recorded process is gone. The recorded process
+/// is named only if it still holds the lock through one of its files (or
+/// its files cannot be looked at: another user's process); otherwise (or
+/// when the lock is not listed) every process's open files are searched
+/// for it.
 pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
     claim_holder_with(path, &mut HolderSearch::default())
 }
@@ -347,15 +378,16 @@ fn claim_holder_with(path: &Path, search: &mut HolderSearch) -> Option<ClaimHold
     use std::os::unix::fs::MetadataExt;
     search.outside = false;
     let m = std::fs::metadata(path).ok()?;
-    let dev = m.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let (major, minor) = mount_dev(path).unwrap_or((libc::major(m.dev()), libc::minor(m.dev())));
     let want = format!("{major:02x}:{minor:02x}:{}", m.ino());
     let me = std::process::id();
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    let Some(recorded) = locks.lines().find_map(|l| flock_on(l, &want)) else {
-        search.outside = true;
-        return None;
-    };
+    // Unlisted, the lock is looked for as one listed as pid 0 is: its
+    // recorded process is not in this pid namespace, yet the holder may be
+    // (a child that inherited it from a process gone since, which the
+    // kernel can no longer translate); the `lock:` lines of open files
+    // list it (as pid 0).
+    let recorded = locks.lines().find_map(|l| flock_on(l, &want)).unwrap_or(0);
     let pid = if recorded != 0 && recorded != me && holds_flock(recorded, &want) != Some(false) {
         recorded
     } else {
