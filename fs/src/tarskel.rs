@@ -69,7 +69,8 @@ pub fn record(
         halt: None,
     };
     {
-        let mut tar = TarReader::new(&mut rec);
+        // The rest is read below, whatever its length.
+        let mut tar = TarReader::new(&mut rec).drain_limit(0);
         loop {
             match tar.next_entry() {
                 Ok(Some(e)) if e.kind == Kind::File && e.sparse.is_none() => {
