@@ -103,6 +103,22 @@ fn seal_info(opts: &CommitOptions, virtual_size: u64, source_parent: Uuid) -> Re
 /// when `out` is one of `inputs` (replacing it would lose the input), when
 /// it is not a regular file, and when it exists without `force`.
 fn create_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<(IoFile, PendingFile)> {
+    check_output(out, force, inputs)?;
+    let pending = PendingFile::new(out)?;
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        pending.create(OpenOptions::new().read(true).write(true).mode(0o644))?
+    };
+    // Errors name the destination, the file asked for.
+    let file = IoFile::from_file(out.to_path_buf(), file, crate::io::default_backend())?;
+    Ok((file, pending))
+}
+
+/// Whether `out` may be written as a commit's or compression's output: not
+/// one of `inputs`, not a device, FIFO, socket or directory, and not an
+/// existing file unless `force` (what [`create_output`] checks first, for
+/// tools that want to say so before reading their input).
+pub fn check_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
     if let Some(i) = inputs.iter().find(|i| crate::io::same_file(out, i)) {
         return Err(Error::Invalid(format!(
             "output {} is the input file {}: write to another path",
@@ -121,14 +137,7 @@ fn create_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<(IoFile, P
             ),
         ));
     }
-    let pending = PendingFile::new(out)?;
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        pending.create(OpenOptions::new().read(true).write(true).mode(0o644))?
-    };
-    // Errors name the destination, the file asked for.
-    let file = IoFile::from_file(out.to_path_buf(), file, crate::io::default_backend())?;
-    Ok((file, pending))
+    Ok(())
 }
 
 /// How the sealed blob is made from the entries, their data and, for data some of

@@ -343,6 +343,29 @@ fn zfile_from_standard_input_refuses_a_terminal_and_an_empty_stream() {
         let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
     }
+    // An existing output without -f is refused at once, before standard
+    // input (a pipe nobody writes to yet) is waited for.
+    let mut c = Command::new(ZFILE)
+        .arg(p("layer.tar"))
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let idle_writer = c.stdin.take();
+    let start = std::time::Instant::now();
+    while c.try_wait().unwrap().is_none() && start.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = c.kill();
+    drop(idle_writer);
+    let o = c.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the output already exists (force, -f, replaces it)"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(p("layer.tar")).unwrap(), "keep");
     // A terminal on standard input: a usage error at once, nothing written
     // (`script` gives the tool a pseudo-terminal).
     let o = Command::new("script")

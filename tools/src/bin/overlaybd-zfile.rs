@@ -121,6 +121,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         None => (None, args.source_file.clone()),
     };
     if src.is_none() {
+        // An output that will be refused is said before standard input is
+        // waited for.
+        blockdev::commit::check_output(&dst, args.force, &[])?;
         check_stdin(&dst)?;
     }
     let n = zfile_compress_file(src, &dst, opts, args.tar, args.force)?;
