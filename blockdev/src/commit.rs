@@ -116,8 +116,8 @@ fn create_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<(IoFile, P
 
 /// Whether `out` may be written as a commit's or compression's output: not
 /// one of `inputs`, not a device, FIFO, socket or directory, and not an
-/// existing file unless `force` (what [`create_output`] checks first, for
-/// tools that want to say so before reading their input).
+/// existing file unless `force`. A commit checks this before it creates the
+/// output; tools call it themselves to say so before reading their input.
 pub fn check_output(out: &Path, force: bool, inputs: &[&Path]) -> Result<()> {
     if let Some(i) = inputs.iter().find(|i| crate::io::same_file(out, i)) {
         return Err(Error::Invalid(format!(
