@@ -95,6 +95,14 @@ impl ImageConfig {
             format: "config.json",
             source,
         })?;
+        // serde reads a struct from an array of its fields too.
+        if text.trim_start().starts_with('[') {
+            return Err(bad(
+                "it is a JSON array; a config.json is an object: {\"lowers\": [{\"file\": ...}], \
+                 \"upper\": {\"data\": ..., \"index\": ...}, \"resultFile\": ...}"
+                    .into(),
+            ));
+        }
         let as_given = |s: &str| PathBuf::from(s);
         let mut lowers = Vec::new();
         let mut lower_targets = Vec::new();
@@ -391,6 +399,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("lower 0"), "{e}");
+        // An array is not taken for the object it could spell.
+        for text in ["[]", " [[{\"file\":\"/a\"}]]"] {
+            let e = ImageConfig::parse(text, Path::new("c.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(
+                    "c.json: corrupt config.json: it is a JSON array; a config.json is an object"
+                ),
+                "{e}"
+            );
+        }
     }
 
     /// Malformed JSON is a corrupt config.json whose source is serde_json's
