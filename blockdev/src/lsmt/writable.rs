@@ -106,6 +106,12 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     // two writes of its flush, or between its flush and its exit).
     let mut idle_before: Option<(u32, u32)> = None;
     let mut search = HolderSearch::default();
+    // The lock's key, worked out once for the wait (from the open file).
+    let key = lock_key(f.file());
+    let look = |search: &mut HolderSearch| {
+        key.as_deref()
+            .and_then(|key| claim_holder_with(key, search))
+    };
     loop {
         if f.try_lock(!read_only)? {
             return Ok(());
@@ -116,7 +122,7 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
         }
         if now >= next_look {
             next_look = now + Duration::from_millis(100);
-            let holder = claim_holder_with(f.path(), &mut search);
+            let holder = look(&mut search);
             // A lock `/proc/locks` does not list may have been let go just
             // before it was read, rather than held from outside.
             if search.outside && f.try_lock(!read_only)? {
@@ -158,7 +164,7 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The holder named when it runs on (not one that is exiting now).
-    let holder = claim_holder_with(f.path(), &mut search).filter(|h| h.live);
+    let holder = look(&mut search).filter(|h| h.live);
     if search.outside && f.try_lock(!read_only)? {
         return Ok(());
     }
@@ -304,19 +310,22 @@ fn holds_flock(pid: u32, want: &str) -> Option<bool> {
     }))
 }
 
-/// The device (major, minor) of the file system `path` is on, as
+/// How `/proc/locks` names the file `f`: "MAJOR:MINOR:INODE" in hex, the
+/// device being that of the file system's superblock.
+fn lock_key(f: &std::fs::File) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata().ok()?;
+    let (major, minor) = mount_dev(f).unwrap_or((libc::major(m.dev()), libc::minor(m.dev())));
+    Some(format!("{major:02x}:{minor:02x}:{}", m.ino()))
+}
+
+/// The device (major, minor) of the file system `f` is on, as
 /// `/proc/locks` gives it: its superblock's, which `/proc/self/mountinfo`
 /// lists for the file's mount. `stat`'s device differs on btrfs (each
 /// subvolume has one of its own) and on an overlayfs over several file
 /// systems (the layer's), where a lock keyed by it is never found.
-fn mount_dev(path: &Path) -> Option<(u32, u32)> {
+fn mount_dev(f: &std::fs::File) -> Option<(u32, u32)> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH)
-        .open(path)
-        .ok()?;
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", f.as_raw_fd())).ok()?;
     let id = info.lines().find_map(|l| l.strip_prefix("mnt_id:"))?.trim();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
@@ -366,20 +375,23 @@ struct HolderSearch {
 /// when the lock is not listed) every process's open files are searched
 /// for it.
 pub fn claim_holder(path: &Path) -> Option<ClaimHolder> {
-    claim_holder_with(path, &mut HolderSearch::default())
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)
+        .ok()?;
+    claim_holder_with(&lock_key(&f)?, &mut HolderSearch::default())
 }
 
-/// [`claim_holder`], searching every process's open files only if `search`
+/// [`claim_holder`] of the file whose lock key ([`lock_key`]) is `want`,
+/// searching every process's open files only if `search`
 /// (the previous look's) was made for another recorded pid, or the holder
 /// it found no longer holds the lock. A search that found nothing is not
 /// repeated for the same recorded pid (the holder is outside this pid
 /// namespace, or this process, or another user's: it stays unseen).
-fn claim_holder_with(path: &Path, search: &mut HolderSearch) -> Option<ClaimHolder> {
-    use std::os::unix::fs::MetadataExt;
+fn claim_holder_with(want: &str, search: &mut HolderSearch) -> Option<ClaimHolder> {
     search.outside = false;
-    let m = std::fs::metadata(path).ok()?;
-    let (major, minor) = mount_dev(path).unwrap_or((libc::major(m.dev()), libc::minor(m.dev())));
-    let want = format!("{major:02x}:{minor:02x}:{}", m.ino());
     let me = std::process::id();
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     // Unlisted, the lock is looked for as one listed as pid 0 is: its
@@ -387,13 +399,13 @@ fn claim_holder_with(path: &Path, search: &mut HolderSearch) -> Option<ClaimHold
     // (a child that inherited it from a process gone since, which the
     // kernel can no longer translate); the `lock:` lines of open files
     // list it (as pid 0).
-    let recorded = locks.lines().find_map(|l| flock_on(l, &want)).unwrap_or(0);
-    let pid = if recorded != 0 && recorded != me && holds_flock(recorded, &want) != Some(false) {
+    let recorded = locks.lines().find_map(|l| flock_on(l, want)).unwrap_or(0);
+    let pid = if recorded != 0 && recorded != me && holds_flock(recorded, want) != Some(false) {
         recorded
     } else {
         let found = match search.last {
             Some((r, found))
-                if r == recorded && found.is_none_or(|p| holds_flock(p, &want) == Some(true)) =>
+                if r == recorded && found.is_none_or(|p| holds_flock(p, want) == Some(true)) =>
             {
                 found
             }
@@ -404,7 +416,7 @@ fn claim_holder_with(path: &Path, search: &mut HolderSearch) -> Option<ClaimHold
                     .flatten()
                     .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
                     .filter(|&p| p != me)
-                    .find(|&p| holds_flock(p, &want) == Some(true));
+                    .find(|&p| holds_flock(p, want) == Some(true));
                 search.last = Some((recorded, found));
                 found
             }
@@ -1574,9 +1586,10 @@ mod tests {
         std::fs::write(&data, b"x").unwrap();
         let mut holder =
             testutil::locked_holder(d.path(), "sh", &["-c", testutil::INHERITED_FLOCK_SH]);
+        let key = lock_key(&std::fs::File::open(&data).unwrap()).unwrap();
         let mut search = HolderSearch::default();
         let pids: Vec<Option<u32>> = (0..5)
-            .map(|_| claim_holder_with(&data, &mut search).map(|h| h.pid))
+            .map(|_| claim_holder_with(&key, &mut search).map(|h| h.pid))
             .collect();
         let _ = holder.kill();
         let _ = holder.wait();
