@@ -106,10 +106,12 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     // two writes of its flush, or between its flush and its exit).
     let mut idle_before: Option<(u32, u32)> = None;
     let mut search = HolderSearch::default();
-    // The lock's key, worked out once for the wait (from the open file).
-    let key = lock_key(f.file());
+    // The lock's key, worked out at the first look (from the open file) and
+    // kept for the wait.
+    let key = std::cell::OnceCell::new();
     let look = |search: &mut HolderSearch| {
-        key.as_deref()
+        key.get_or_init(|| lock_key(f.file()))
+            .as_deref()
             .and_then(|key| claim_holder_with(key, search))
     };
     loop {
