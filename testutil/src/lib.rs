@@ -291,6 +291,26 @@ pub fn wait_until(child: &mut std::process::Child, what: &str, ready: impl Fn() 
     }
 }
 
+/// The output of `child` once it exits; killed, failing the test, if it
+/// still runs after `limit` (a hang fails the test instead of stopping the
+/// suite). Its standard input, if piped, stays open until it exits.
+#[track_caller]
+pub fn output_within(mut child: std::process::Child, limit: std::time::Duration) -> Output {
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "the tool still ran after {limit:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Starts `program` with `args` in `dir` and returns once it has printed the
 /// line "locked" (it holds the lock the test needs).
 pub fn locked_holder(dir: &Path, program: &str, args: &[&str]) -> std::process::Child {

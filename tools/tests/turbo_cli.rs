@@ -70,6 +70,16 @@ fn run_layer(d: &Path, blob: &Path, lowers: &[serde_json::Value], mkfs: bool) ->
     cfg
 }
 
+/// A 64 GB TurboOCI upper with an ext4 (`data`, `index`) in `d`.
+fn turbo_upper(d: &Path) {
+    run_ok(
+        Command::new(CREATE)
+            .arg(d.join("data"))
+            .arg(d.join("index"))
+            .args(["64", "--turboOCI", "--mkfs"]),
+    );
+}
+
 fn assert_same_file(ours: &Path, theirs: &Path) {
     let (a, b) = (std::fs::read(ours).unwrap(), std::fs::read(theirs).unwrap());
     if a != b {
@@ -263,12 +273,7 @@ fn bad_inputs_fail_with_one_line() {
 fn outputs_never_replace_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    run_ok(
-        Command::new(CREATE)
-            .arg(d.join("data"))
-            .arg(d.join("index"))
-            .args(["64", "--turboOCI", "--mkfs"]),
-    );
+    turbo_upper(d);
     std::fs::copy(fx("ext4-gzip/layer.tar.gz"), d.join("blob")).unwrap();
     let config = |result: &Path| {
         let cfg = d.join("config.json");
@@ -357,12 +362,7 @@ fn an_interrupted_apply_leaves_no_temporary_index() {
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        run_ok(
-            Command::new(CREATE)
-                .arg(d.join("data"))
-                .arg(d.join("index"))
-                .args(["64", "--turboOCI", "--mkfs"]),
-        );
+        turbo_upper(d);
         let blob = d.join("layer.tar");
         assert!(Command::new("mkfifo")
             .arg(&blob)
@@ -419,12 +419,7 @@ fn an_interrupted_apply_leaves_no_temporary_index() {
 fn a_blob_that_is_a_device_or_a_directory_is_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    run_ok(
-        Command::new(CREATE)
-            .arg(d.join("data"))
-            .arg(d.join("index"))
-            .args(["64", "--turboOCI", "--mkfs"]),
-    );
+    turbo_upper(d);
     for (blob, kind) in [
         (Path::new("/dev/zero"), "a character device"),
         (d, "a directory"),
@@ -435,7 +430,7 @@ fn a_blob_that_is_a_device_or_a_directory_is_refused_at_once() {
             serde_json::json!({"lowers": [], "upper": {"index": d.join("index"), "data": d.join("data"), "target": blob}, "resultFile": d.join("result")}).to_string(),
         )
         .unwrap();
-        let mut c = Command::new(APPLY)
+        let c = Command::new(APPLY)
             .arg(blob)
             .arg(&cfg)
             .arg("--gz_index_path")
@@ -444,16 +439,7 @@ fn a_blob_that_is_a_device_or_a_directory_is_refused_at_once() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let start = std::time::Instant::now();
-        while c.try_wait().unwrap().is_none() {
-            if start.elapsed() > std::time::Duration::from_secs(30) {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("turboOCI-apply {} still ran after 30 s", blob.display());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let o = c.wait_with_output().unwrap();
+        let o = testutil::output_within(c, std::time::Duration::from_secs(30));
         let e = err_text(&o);
         assert_eq!(o.status.code(), Some(1), "{e}");
         let want = format!(

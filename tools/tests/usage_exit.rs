@@ -345,20 +345,13 @@ fn zfile_from_standard_input_refuses_a_terminal_and_an_empty_stream() {
     }
     // An existing output without -f is refused at once, before standard
     // input (a pipe nobody writes to yet) is waited for.
-    let mut c = Command::new(ZFILE)
+    let c = Command::new(ZFILE)
         .arg(p("layer.tar"))
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let idle_writer = c.stdin.take();
-    let start = std::time::Instant::now();
-    while c.try_wait().unwrap().is_none() && start.elapsed().as_secs() < 30 {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let _ = c.kill();
-    drop(idle_writer);
-    let o = c.wait_with_output().unwrap();
+    let o = testutil::output_within(c, std::time::Duration::from_secs(30));
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
@@ -398,24 +391,12 @@ fn zfile_from_standard_input_refuses_a_terminal_and_an_empty_stream() {
 /// Runs `cmd`, killing it after 60 s (a hang fails the test instead of
 /// stopping the suite).
 fn run_bounded(cmd: &mut Command) -> (Option<i32>, String) {
-    let mut c = cmd
+    let c = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let start = std::time::Instant::now();
-    while c.try_wait().unwrap().is_none() {
-        if start.elapsed() > std::time::Duration::from_secs(60) {
-            let _ = c.kill();
-            let o = c.wait_with_output().unwrap();
-            panic!(
-                "{cmd:?} still ran after 60 s: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let o = c.wait_with_output().unwrap();
+    let o = testutil::output_within(c, std::time::Duration::from_secs(60));
     (
         o.status.code(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
