@@ -11,6 +11,17 @@ use blockdev::lsmt::{create_writable, CreateOptions, WritableLayer};
 const BLOCK: usize = 4096;
 /// Blocks each writer thread cycles over (its own range).
 const BLOCKS: u64 = 64;
+const THREADS: u64 = 4;
+
+/// What the writer threads have done, under one lock so that a snapshot
+/// sees each write either under way or finished.
+#[derive(Clone, Default)]
+struct Writes {
+    /// The last write of each block that succeeded: offset → (thread, n).
+    done: std::collections::BTreeMap<u64, (u64, u64)>,
+    /// The write each thread has started and not seen return: (offset, n).
+    in_flight: [Option<(u64, u64)>; THREADS as usize],
+}
 
 fn pattern(thread: u64, n: u64) -> Vec<u8> {
     let seed = (thread << 32 | n).to_le_bytes();
@@ -37,11 +48,10 @@ fn writes_that_succeeded_before_freeze_are_saved_and_later_ones_fail() {
         .unwrap();
         let layer = Arc::new(WritableLayer::open(&d, &i).unwrap());
         let stop = Arc::new(AtomicBool::new(false));
-        // The last write of each block that succeeded.
-        let done = Arc::new(Mutex::new(std::collections::BTreeMap::new()));
-        let writers: Vec<_> = (0..4u64)
+        let writes = Arc::new(Mutex::new(Writes::default()));
+        let writers: Vec<_> = (0..THREADS)
             .map(|th| {
-                let (layer, stop, done) = (layer.clone(), stop.clone(), done.clone());
+                let (layer, stop, writes) = (layer.clone(), stop.clone(), writes.clone());
                 std::thread::spawn(move || {
                     let mut failed = 0u64;
                     for n in 0u64.. {
@@ -49,10 +59,14 @@ fn writes_that_succeeded_before_freeze_are_saved_and_later_ones_fail() {
                             break;
                         }
                         let off = (th * BLOCKS + n % BLOCKS) * BLOCK as u64;
-                        match layer.write(&pattern(th, n), off) {
+                        writes.lock().unwrap().in_flight[th as usize] = Some((off, n));
+                        let result = layer.write(&pattern(th, n), off);
+                        let mut w = writes.lock().unwrap();
+                        w.in_flight[th as usize] = None;
+                        match result {
                             Ok(()) => {
                                 assert_eq!(failed, 0, "a write succeeded after one was refused");
-                                done.lock().unwrap().insert(off, (th, n));
+                                w.done.insert(off, (th, n));
                             }
                             Err(blockdev::Error::ReadOnly) => failed += 1,
                             Err(e) => panic!("{e}"),
@@ -62,10 +76,11 @@ fn writes_that_succeeded_before_freeze_are_saved_and_later_ones_fail() {
             })
             .collect();
         // Let them write a while (the index batch is far from full).
-        while done.lock().unwrap().len() < 100 {
+        while writes.lock().unwrap().done.len() < 100 {
             std::thread::yield_now();
         }
         layer.freeze().unwrap();
+        let at_freeze = writes.lock().unwrap().clone();
         // Every write from now on fails.
         assert!(matches!(
             layer.write(&[1u8; BLOCK], 0),
@@ -82,13 +97,25 @@ fn writes_that_succeeded_before_freeze_are_saved_and_later_ones_fail() {
         );
         std::fs::copy(&d, &cd).unwrap();
         std::fs::copy(&i, &ci).unwrap();
-        let saved = done.lock().unwrap().clone();
         stop.store(true, Ordering::Relaxed);
         for w in writers {
             w.join().unwrap();
         }
-        // Nothing succeeded after the freeze.
-        assert_eq!(*done.lock().unwrap(), saved);
+        // Nothing that started after the freeze succeeded. A write under
+        // way as it returned may have returned since: if it succeeded, it
+        // was accepted before the freeze, so the copy must hold it too.
+        let saved = writes.lock().unwrap().done.clone();
+        for (off, last) in &saved {
+            if at_freeze.done.get(off) != Some(last) {
+                assert_eq!(
+                    at_freeze.in_flight[last.0 as usize],
+                    Some((*off, last.1)),
+                    "sparse {sparse}: thread {} #{} at {off} succeeded after the freeze",
+                    last.0,
+                    last.1
+                );
+            }
+        }
 
         let copy = WritableLayer::open_read_only(&cd, &ci).unwrap();
         let mut back = vec![0u8; BLOCK];
