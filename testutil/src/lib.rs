@@ -311,6 +311,21 @@ pub fn output_within(mut child: std::process::Child, limit: std::time::Duration)
     child.wait_with_output().unwrap()
 }
 
+/// For a test that cannot run on this machine (`why` says what is missing):
+/// prints `skipped: WHY` so the test can return, or fails the test when the
+/// environment variable `CI` is set (not empty, `false` or `0`): CI
+/// machines have what the tests need (`.ci/run` sets `CI`), and a test that
+/// skips there tests nothing.
+#[track_caller]
+pub fn skip(why: &str) {
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(
+        !ci,
+        "{why}, and CI is set: this test fails instead of skipping"
+    );
+    eprintln!("skipped: {why}");
+}
+
 /// Starts `program` with `args` in `dir` and returns once it has printed the
 /// line "locked" (it holds the lock the test needs).
 pub fn locked_holder(dir: &Path, program: &str, args: &[&str]) -> std::process::Child {

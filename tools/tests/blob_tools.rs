@@ -911,7 +911,7 @@ fn run_in_namespaces(d: &Path, ns: &[&str], script: &str) -> Option<(Output, std
         .expect("spawn unshare");
     let took = start.elapsed();
     if o.status.code() == Some(77) {
-        eprintln!("skipped: {}", err_text(&o));
+        testutil::skip(err_text(&o).trim_end());
         return None;
     }
     Some((o, took))
