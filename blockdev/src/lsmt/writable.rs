@@ -109,10 +109,18 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
     // The lock's key, worked out at the first look (from the open file) and
     // kept for the wait.
     let key = std::cell::OnceCell::new();
-    let look = |search: &mut HolderSearch| {
-        key.get_or_init(|| lock_key(f.file()))
+    // The holder, if one is found; `None` once the claim is taken: a lock
+    // `/proc/locks` does not list may have been let go just before it was
+    // read, rather than held from outside, so it is tried again then.
+    let look = |search: &mut HolderSearch| -> Result<Option<Option<ClaimHolder>>> {
+        let holder = key
+            .get_or_init(|| lock_key(f.file()))
             .as_deref()
-            .and_then(|key| claim_holder_with(key, search))
+            .and_then(|key| claim_holder_with(key, search));
+        if search.outside && f.try_lock(!read_only)? {
+            return Ok(None);
+        }
+        Ok(Some(holder))
     };
     loop {
         if f.try_lock(!read_only)? {
@@ -124,12 +132,9 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
         }
         if now >= next_look {
             next_look = now + Duration::from_millis(100);
-            let holder = look(&mut search);
-            // A lock `/proc/locks` does not list may have been let go just
-            // before it was read, rather than held from outside.
-            if search.outside && f.try_lock(!read_only)? {
+            let Some(holder) = look(&mut search)? else {
                 return Ok(());
-            }
+            };
             let idle = holder.as_ref().filter(|h| h.runs_on()).map(|h| {
                 let looks = match idle_before {
                     Some((pid, n)) if pid == h.pid => n + 1,
@@ -166,10 +171,10 @@ fn claim(f: &IoFile, read_only: bool) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The holder named when it runs on (not one that is exiting now).
-    let holder = look(&mut search).filter(|h| h.live);
-    if search.outside && f.try_lock(!read_only)? {
+    let Some(holder) = look(&mut search)? else {
         return Ok(());
-    }
+    };
+    let holder = holder.filter(|h| h.live);
     let waited = if wait.is_zero() {
         String::new()
     } else {
@@ -359,7 +364,8 @@ struct HolderSearch {
     /// lists as pid 0, while no process here holds it (by its open files'
     /// `lock:` lines), is held from outside.
     outside: bool,
-    /// Searches made.
+    /// Searches made (for the test that they are not repeated).
+    #[cfg(test)]
     searches: u32,
 }
 
@@ -412,7 +418,10 @@ fn claim_holder_with(want: &str, search: &mut HolderSearch) -> Option<ClaimHolde
                 found
             }
             _ => {
-                search.searches += 1;
+                #[cfg(test)]
+                {
+                    search.searches += 1;
+                }
                 let found = std::fs::read_dir("/proc")
                     .ok()?
                     .flatten()
