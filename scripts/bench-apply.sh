@@ -17,6 +17,7 @@
 # and prints seconds, MB/s (tar bytes / s) and files/s for each; the ext4
 # results are checked with e2fsck -fn.
 set -euo pipefail
+case ${1:-} in -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 
 SRC=${1:-/usr}

@@ -9,6 +9,7 @@
 #        BENCH_DIR: see bench-lib.sh; the work files go to /dev/shm when it
 #        has room, so that the disk does not set the pace)
 set -euo pipefail
+case ${1:-} in -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 source scripts/bench-lib.sh
 MB=${1:-300}

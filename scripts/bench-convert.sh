@@ -48,7 +48,8 @@ while [ $# -gt 0 ]; do
     --baseline) BASELINE=$2; shift 2 ;;
     --only-baseline) ONLY=1; shift ;;
     --turbo) TURBO=1; shift ;;
-    *) echo "unknown option $1" >&2; exit 2 ;;
+    -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 for b in python3 zstd skopeo /usr/bin/docker-registry; do

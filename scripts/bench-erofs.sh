@@ -12,6 +12,7 @@
 # path (mkfs + apply in reference mode) on the same tar. Prints the
 # metadata sizes against the tar size and the criterion times.
 set -euo pipefail
+case ${1:-} in -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 
 SRC=${1:-/usr/share}

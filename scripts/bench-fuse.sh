@@ -20,6 +20,7 @@
 # Needs python3, zstd, libnbd-bin (nbdfuse), fuse2fs, fuse3. Caches are dropped
 # before every fs-mode pass when run as root; file reads use O_DIRECT.
 set -euo pipefail
+case ${1:-} in -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 SIZE_MB=${SIZE_MB:-256}

@@ -14,6 +14,7 @@
 # equality, is what crates/kernel/tests/engine.rs checks.)
 # Needs root (the kernel engine mounts FUSE, a loop device and ext4).
 set -euo pipefail
+case ${1:-} in -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 
 if [[ $(id -u) != 0 ]]; then

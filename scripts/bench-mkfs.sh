@@ -4,8 +4,10 @@
 # metadata_csum, no uninit_bg, sparse_super2, one group per flex group) on a
 # sparse file of the same size, in alternating runs.
 #
-# usage: scripts/bench-mkfs.sh [GB]    (default 64; ROUNDS, BENCH_PRIO: see bench-lib.sh)
+# usage: scripts/bench-mkfs.sh [GB]    (default 64; ROUNDS, default 9 here, and BENCH_PRIO:
+#        see bench-lib.sh)
 set -euo pipefail
+case ${1:-} in -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-9}
 source scripts/bench-lib.sh

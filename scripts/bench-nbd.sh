@@ -20,6 +20,7 @@
 # usage: scripts/bench-nbd.sh [LAYER...]   (ROUNDS, BENCH_PRIO, BENCH_DIR:
 #        see bench-lib.sh; the cold test needs BENCH_DIR on a real disk)
 set -euo pipefail
+case ${1:-} in -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 source scripts/bench-lib.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"

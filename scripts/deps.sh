@@ -3,6 +3,7 @@
 #   scripts/deps.sh build   what building and running the tools needs
 #   scripts/deps.sh test    the above plus every tool the tests drive
 set -euo pipefail
+case ${1:-} in -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;; esac
 BUILD=(gcc libext2fs-dev libzstd-dev zlib1g-dev libisal-dev pkg-config e2fsprogs fuse3)
 TEST=(tar gzip zstd python3 curl libnbd-bin nbdkit qemu-utils docker-registry skopeo umoci
       apache2-utils openssl jq mariadb-server mariadb-client sqlite3 fuse2fs erofs-utils)

@@ -16,6 +16,7 @@
 # every file there). Needs the nightly toolchain (rustup) and cargo-fuzz
 # (installed with `cargo install cargo-fuzz --locked` when missing).
 set -euo pipefail
+case ${1:-} in -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 TARGETS=(nbd_request tar_reader tar_apply zfile lsmt_sealed lsmt_writable tar_wrapper config_json erofs_image gzip_index oci_manifest www_authenticate docker_config turbo_layer)
@@ -87,9 +88,9 @@ list) printf '%s\n' "${TARGETS[@]}" ;;
     exit $failed
     ;;
 *)
-    need_tools
     t=$1
-    [[ " ${TARGETS[*]} " == *" $t "* ]] || { echo "fuzz.sh: unknown target $t (try: scripts/fuzz.sh list)" >&2; exit 2; }
+    [[ " ${TARGETS[*]} " == *" $t "* ]] || { echo "fuzz.sh: unknown target $t (try: scripts/fuzz.sh list, or --help)" >&2; exit 2; }
+    need_tools
     line=$(run "$t" "${2:-60}")
     printf '%-14s %14s %10s\n' target executions exec/s
     printf '%-14s %14s %10s\n' $line

@@ -5,6 +5,11 @@
 #   PREFIX (default ~/.local) is where the binaries go; SAMPLE (default
 #   /tmp/overlaybd-sample) is the OCI layout directory.
 set -euo pipefail
+case ${1:-} in
+  -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
+  "") ;;
+  *) echo "usage: scripts/quickstart.sh   (no arguments; PREFIX and SAMPLE in the environment; --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PREFIX=${PREFIX:-$HOME/.local}
 SAMPLE=${SAMPLE:-/tmp/overlaybd-sample}
@@ -17,6 +22,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo install --quiet --locked --path tools --root "$PREFIX"
 cargo install --quiet --locked --path tools/convertor --root "$PREFIX"
 cargo install --quiet --locked --path crates/fuse --root "$PREFIX"
+ON_PATH=0
+case ":$PATH:" in *":$PREFIX/bin:"* | *":$PREFIX/bin/:"*) ON_PATH=1 ;; esac
 export PATH="$PREFIX/bin:$PATH"
 rm -rf "$SAMPLE"
 python3 tests/images/build.py sample "$SAMPLE"
@@ -35,3 +42,7 @@ for m in idx["manifests"]:
 PY
 echo "inspect a layer stack with: overlaybd-nbd serve <layer blobs...> (see README)"
 echo "or mount it: mkdir -p /tmp/obd && overlaybd-fuse mount --fs oci:$SAMPLE:latest_obd /tmp/obd"
+if [ "$ON_PATH" = 0 ]; then
+    echo "note: $PREFIX/bin is not on your PATH; to run the tools by name:"
+    echo "  export PATH=\"$PREFIX/bin:\$PATH\""
+fi

@@ -4,6 +4,11 @@
 # need themselves (docker-registry, MariaDB, NBD servers) on 127.0.0.1.
 # Some tests loop-mount images and must run as root.
 set -euo pipefail
+case ${1:-} in
+  -h | --help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
+  "") ;;
+  *) echo "usage: scripts/test.sh   (no arguments; --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 scripts/deps.sh test
 cargo fmt --all --check

@@ -1250,3 +1250,56 @@ fn unix_peers_are_numbered_and_listen_takes_host_names() {
         );
     }
 }
+
+/// `OVERLAYBD_IO` chooses the file I/O backend of a server started without
+/// `--io`, as it does for every user of the library (the README's "I/O
+/// backends"); `--io` overrides it. A default `--io auto` used to override the
+/// variable. Seen from outside: a process that set up io_uring holds a ring's
+/// file descriptor, `anon_inode:[io_uring]`; one that serves over pread does not.
+#[test]
+fn overlaybd_io_chooses_the_backend_unless_io_is_given() {
+    if !blockdev::uring::test_gate() {
+        return;
+    }
+    let base = fixtures().join("baselayer/ext4_64");
+    let dir = tempfile::tempdir().unwrap();
+    let rings = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.as_os_str() == "anon_inode:[io_uring]")
+            .count()
+    };
+    for (env, flag, ring) in [
+        (Some("pread"), None, false),
+        (Some("uring"), None, true),
+        (None, None, true),
+        (Some("pread"), Some("uring"), true),
+        (Some("uring"), Some("pread"), false),
+    ] {
+        let sock = dir.path().join("io.sock");
+        let mut cmd = Command::new(NBD);
+        cmd.arg("serve")
+            .arg(&base)
+            .arg("--read-only")
+            .arg("--socket")
+            .arg(&sock);
+        if let Some(f) = flag {
+            cmd.args(["--io", f]);
+        }
+        match env {
+            Some(v) => cmd.env("OVERLAYBD_IO", v),
+            None => cmd.env_remove("OVERLAYBD_IO"),
+        };
+        let srv = Served::spawn(cmd);
+        // A read, so that a server that would use the ring has used it.
+        run_ok(Command::new(tool("nbdinfo")).arg("--map").arg(&srv.uri));
+        let n = rings(srv.child.id());
+        assert_eq!(
+            n > 0,
+            ring,
+            "OVERLAYBD_IO={env:?} --io {flag:?}: {n} io_uring descriptors"
+        );
+        srv.terminate();
+    }
+}

@@ -486,3 +486,56 @@ fn background_daemon_warnings_reach_the_terminal() {
     // The ready line is still the only line on stdout.
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1);
 }
+
+/// `OVERLAYBD_IO` chooses the file I/O backend of a mount without `--io`, as it
+/// does for every user of the library (the README's "I/O backends"); `--io`
+/// overrides it. A default `--io auto` used to override the variable. Seen from
+/// outside: a daemon that set up io_uring holds a ring's file descriptor,
+/// `anon_inode:[io_uring]`; one that reads with pread does not.
+#[test]
+fn overlaybd_io_chooses_the_backend_unless_io_is_given() {
+    if !blockdev::uring::test_gate() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    let cases = [
+        ("pread", None, false),
+        ("uring", None, true),
+        ("pread", Some("uring"), true),
+        ("uring", Some("pread"), false),
+    ];
+    for (i, (env, flag, ring)) in cases.into_iter().enumerate() {
+        let mut args: Vec<&std::ffi::OsStr> = layers.iter().map(|p| p.as_os_str()).collect();
+        if let Some(f) = flag {
+            args.extend([std::ffi::OsStr::new("--io"), std::ffi::OsStr::new(f)]);
+        }
+        let mp = t.path().join(format!("mp{i}"));
+        let f = Fuse::background_env(&args, &mp, &[("OVERLAYBD_IO", env)]);
+        let pid: u32 = f
+            .ready
+            .split("daemon pid ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no daemon pid in {:?}", f.ready));
+        // A read, so that a daemon that would use the ring has used it.
+        let mut sb = [0u8; 4096];
+        std::fs::File::open(f.disk())
+            .unwrap()
+            .read_exact_at(&mut sb, 0)
+            .unwrap();
+        let n = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.as_os_str() == std::ffi::OsStr::new("anon_inode:[io_uring]"))
+            .count();
+        f.unmount();
+        assert_eq!(
+            n > 0,
+            ring,
+            "OVERLAYBD_IO={env} --io {flag:?}: {n} io_uring descriptors"
+        );
+    }
+}

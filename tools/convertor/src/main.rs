@@ -94,8 +94,8 @@ pub(crate) struct Args {
     fstype: String,
     #[command(flatten)]
     engine: obdtools::engine::EngineArgs,
-    /// Make the ext4 in the bottom layer; `--mkfs=false` uses upstream's prebuilt
-    /// base layer /opt/overlaybd/baselayers/ext4_64 instead.
+    /// Make the ext4 in the bottom layer; `--mkfs=false` stacks the prebuilt base
+    /// layer of --baselayer (upstream's /opt/overlaybd/baselayers/ext4_64) instead.
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", value_name = "BOOL")]
     mkfs: bool,

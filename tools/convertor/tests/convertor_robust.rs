@@ -1494,6 +1494,42 @@ fn malformed_references_are_usage_errors_in_every_form() {
     }
 }
 
+/// `--vsize` is checked by the parser in the `obdconv` form as in the `-r` form: 1 to
+/// 2^29 GB (what LSMT indexes address), a usage error (exit 2) naming it before any
+/// work. The `obdconv` form used to take any value: too large, it failed later (exit 1)
+/// making sparse files, or went on with `--disable-sparse`.
+#[test]
+fn obdconv_checks_vsize_as_the_r_form_does() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}:latest", images.display());
+    let out = t.path().join("out");
+    let dst = format!("oci:{}:obd", out.display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    for v in ["0", "536870913"] {
+        for form in [
+            vec!["obdconv", &src, &dst, "--vsize", v, "-d", wd_s],
+            vec![
+                "-r",
+                &src,
+                "--output-repository",
+                &dst,
+                "--vsize",
+                v,
+                "-d",
+                wd_s,
+            ],
+        ] {
+            let o = Command::new(bin()).args(&form).output().unwrap();
+            let e = stderr_of(&o);
+            assert_eq!(o.status.code(), Some(2), "{form:?}: {e}");
+            assert!(e.contains("--vsize") && e.contains(v), "{form:?}: {e}");
+            assert!(!out.exists() && !wd.exists(), "{form:?}: nothing done");
+        }
+    }
+}
+
 /// The `obdconv` form's messages all start `convertor obdconv:`: its usage errors found
 /// while parsing, those found later, and runtime errors; the `-r` form's `convertor:`.
 #[test]

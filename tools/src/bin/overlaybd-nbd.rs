@@ -51,7 +51,8 @@ struct ServeArgs {
     #[arg(required = true, value_name = "CONFIG.json | LAYER | IMAGE")]
     inputs: Vec<PathBuf>,
 
-    /// Writable upper layer on top of the layer files: its data and index files.
+    /// Writable upper layer on top of the layers: its data and index files (it
+    /// replaces a config.json's upper).
     #[arg(long, num_args = 2, value_names = ["DATA", "INDEX"], conflicts_with = "raw")]
     upper: Option<Vec<PathBuf>>,
 
@@ -80,9 +81,11 @@ struct ServeArgs {
     #[command(flatten)]
     remote: obdimage::cli::RemoteArgs,
 
-    /// File I/O backend: io_uring, pread, or auto (io_uring when the kernel allows it).
-    #[arg(long, value_name = "uring|pread|auto", default_value = "auto")]
-    io: IoBackend,
+    /// File I/O backend: uring (every read and write), pread (none), or auto
+    /// (batches of reads through io_uring when the kernel allows it). Default:
+    /// the environment variable OVERLAYBD_IO, else auto.
+    #[arg(long, value_name = "uring|pread|auto")]
+    io: Option<IoBackend>,
 
     /// Threads per connection (1 to 64), taking batches of requests in turn.
     /// One is fastest on small machines (the reads of a batch overlap through
@@ -413,7 +416,10 @@ fn serve(a: ServeArgs) -> Result<()> {
             }
         })
         .context("cannot start the signal thread")?;
-    set_default_backend(a.io);
+    // Without --io, OVERLAYBD_IO (or auto) applies, as in every user of blockdev.
+    if let Some(io) = a.io {
+        set_default_backend(io);
+    }
     let (dev, alloc, what) = open_device(&a)?;
 
     let cfg = ServerConfig {

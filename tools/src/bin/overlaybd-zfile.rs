@@ -20,7 +20,8 @@ use obdtools::signals::Signals;
 #[derive(Parser, Debug)]
 #[command(name = "overlaybd-zfile", version)]
 struct Args {
-    /// Wrap the output in a tar (compress) / read a tar-wrapped ZFile.
+    /// Wrap the compressed output in a tar (-x and --verify recognise a
+    /// tar-wrapped ZFile without -t).
     #[arg(short = 't')]
     tar: bool,
     /// Extract (decompress) SOURCE_FILE into TARGET_FILE.

@@ -34,7 +34,7 @@ const DAEMON_ENV: &str = "OVERLAYBD_FUSE_DAEMON";
                   with `mount -o loop` (root) or `fuse2fs -o ro` (no root). With --fs the \
                   files of the filesystem inside (ext4, or EROFS from TurboOCI --fstype erofs \
                   images; detected from the superblock) are served directly, read-only.\n\n\
-                  Stop with Ctrl-C, SIGTERM or `fusermount -u MOUNTPOINT`."
+                  Stop with Ctrl-C, SIGTERM, SIGHUP or `fusermount -u MOUNTPOINT`."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -97,9 +97,11 @@ struct MountArgs {
     #[arg(long)]
     allow_other: bool,
 
-    /// File I/O backend: io_uring, pread, or auto.
-    #[arg(long, value_name = "uring|pread|auto", default_value = "auto")]
-    io: IoBackend,
+    /// File I/O backend: uring (every read and write), pread (none), or auto
+    /// (batches of reads through io_uring when the kernel allows it). Default:
+    /// the environment variable OVERLAYBD_IO, else auto.
+    #[arg(long, value_name = "uring|pread|auto")]
+    io: Option<IoBackend>,
 
     /// Debug logging (OVERLAYBD_LOG overrides).
     #[arg(short, long)]
@@ -207,7 +209,10 @@ fn check_usage(a: &MountArgs, m: &clap::ArgMatches) -> std::result::Result<Vec<S
 }
 
 fn run(a: &MountArgs, daemon: bool) -> Result<()> {
-    set_default_backend(a.io);
+    // Without --io, OVERLAYBD_IO (or auto) applies, as in every user of blockdev.
+    if let Some(io) = a.io {
+        set_default_backend(io);
+    }
     if a.args.len() < 2 {
         bail!("give the layers (or config.json, oci:DIR[:TAG] or an image reference) and then the mountpoint");
     }
