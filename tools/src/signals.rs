@@ -3,10 +3,11 @@
 //!
 //! [`Signals::install`], first thing in `main`, blocks both signals (every
 //! thread started later inherits the mask) and takes them on a thread of its
-//! own with `sigwait`. On a signal that thread removes every unfinished
-//! output ([`blockdev::pending::abandon_all`]: outputs are written beside
-//! their destination and renamed into place only when complete), writes
-//! `failed:` into the result file registered with [`Signals::on_signal`],
+//! own ([`obdsignals::Stops`]: copies of one signal sent together count as
+//! one). On a signal that thread removes every unfinished output
+//! ([`blockdev::pending::abandon_all`]: outputs are written beside their
+//! destination and renamed into place only when complete), writes `failed:`
+//! into the result file registered with [`Signals::on_signal`],
 //! prints one line and exits with 128 + the signal number (130 for SIGINT,
 //! 143 for SIGTERM). Work that must undo things itself (the kernel engine
 //! unmounts) hands over a flag with [`Signals::cancel_first`]: the first
@@ -79,14 +80,17 @@ impl Signals {
         let blocked = obdsignals::block(&[Signal::SIGINT, Signal::SIGTERM]);
         if let Some(sigs) = blocked.ok().filter(|s| *s != SigSet::empty()) {
             let s = shared.clone();
-            let spawned = std::thread::Builder::new()
-                .name("signals".into())
-                .spawn(move || {
-                    while let Ok(sig) = sigs.wait() {
-                        take(&s, sig);
-                    }
-                });
-            if spawned.is_err() {
+            let started = obdsignals::Stops::new(&sigs).ok().and_then(|mut stops| {
+                std::thread::Builder::new()
+                    .name("signals".into())
+                    .spawn(move || {
+                        while let Ok(sig) = stops.wait() {
+                            take(&s, sig);
+                        }
+                    })
+                    .ok()
+            });
+            if started.is_none() {
                 let _ = sigs.thread_unblock();
             }
         }

@@ -334,6 +334,46 @@ fn writable_session_is_flushed_on_sigterm_and_survives_commit() {
     assert_eq!(read(&after, 4096, 1 << 20), read(&before, 4096, 1 << 20));
 }
 
+/// A stop signal sent twice at once is one request to stop, not "stop now":
+/// `timeout` sends its signal to the command and then to its process group
+/// (the command gets it twice), and a wrapper may forward a Ctrl-C the
+/// group already got. Here the two come 5 ms apart: the server flushes the
+/// writable upper and exits 0 (a second signal would exit at once without
+/// flushing, losing the write).
+#[test]
+fn a_signal_sent_twice_at_once_still_flushes() {
+    let fx = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let lower = fx.join("baselayer/ext4_64");
+    run_ok(Command::new(CREATE).args([&p("data"), &p("index"), "0"]));
+    let mut srv = Served::start(&[lower.to_str().unwrap(), "--upper", &p("data"), &p("index")]);
+    run_ok(
+        Command::new(tool("qemu-io"))
+            .args(["-f", "raw"])
+            .arg(&srv.uri)
+            .args(["-c", "write -P 0x5a 40G 1M"]),
+    );
+    let pid = nix::unistd::Pid::from_raw(srv.child.id() as i32);
+    for _ in 0..2 {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let child = std::mem::replace(&mut srv.child, Command::new("true").spawn().unwrap());
+    let o = testutil::output_within(child, Duration::from_secs(20));
+    let said = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{}: {said}", o.status);
+    assert!(!said.contains("again"), "{said}");
+    assert!(said.contains("stopped cleanly"), "{said}");
+    assert!(said.contains("flushed"), "{said}");
+
+    run_ok(Command::new(COMMIT).args([&p("data"), &p("index"), &p("c.lsmt")]));
+    let s = Stack::open_read_only(&[lower, dir.path().join("c.lsmt")], None).unwrap();
+    let mut back = vec![0u8; 1 << 20];
+    s.read_at(&mut back, 40 << 30).unwrap();
+    assert!(back == vec![0x5a; 1 << 20]);
+}
+
 #[test]
 fn clear_errors_for_bad_inputs_and_read_only_upper() {
     testutil::default_stop_signals();

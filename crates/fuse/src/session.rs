@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuser::{Config, Filesystem, MountOption, Session, SessionACL, SessionUnmounter};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 
 use crate::error::{Error, Result};
 
@@ -140,6 +140,8 @@ pub fn serve_saving<F: Filesystem>(
     // inherits the mask and only the signal thread below receives them.
     let sigs = obdsignals::block(&STOP_SIGNALS)
         .map_err(|e| Error::io(mp, "cannot block SIGINT/SIGTERM/SIGHUP", e.into()))?;
+    let stops = obdsignals::Stops::new(&sigs)
+        .map_err(|e| Error::io(mp, "cannot watch for SIGINT/SIGTERM/SIGHUP", e.into()))?;
 
     let mut session = new_session(fs, cfg)?;
     let unmounter = session.unmount_callable();
@@ -149,7 +151,7 @@ pub fn serve_saving<F: Filesystem>(
         let mp = mp.clone();
         std::thread::Builder::new()
             .name("signals".into())
-            .spawn(move || signal_loop(sigs, unmounter, &mp, &got, save))
+            .spawn(move || signal_loop(stops, unmounter, &mp, &got, save))
             .map_err(|e| Error::io(&cfg.mountpoint, "cannot start the signal thread", e))?;
     }
     ready();
@@ -163,13 +165,13 @@ pub fn serve_saving<F: Filesystem>(
 }
 
 fn signal_loop(
-    sigs: SigSet,
+    mut stops: obdsignals::Stops,
     mut unmounter: SessionUnmounter,
     mp: &Path,
     got: &AtomicI32,
     mut save: Option<Save>,
 ) {
-    while let Ok(sig) = sigs.wait() {
+    while let Ok(sig) = stops.wait() {
         if got.swap(sig as i32, Ordering::SeqCst) != 0 {
             quick_exit(sig, save.take());
         }

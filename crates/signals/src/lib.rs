@@ -4,7 +4,7 @@
 //! `overlaybd-fuse`, `convertor`) takes SIGINT and SIGTERM (and
 //! `overlaybd-fuse` SIGHUP) the same way: blocked in the main thread before
 //! any other thread starts, so that every thread inherits the mask, then
-//! taken by one thread with `sigwait` or a signalfd, which stops the work
+//! taken by one thread from a signalfd ([`Stops`]), which stops the work
 //! cleanly.
 //!
 //! A signal the process was started with ignored stays ignored, as it would
@@ -13,8 +13,96 @@
 //! foreground does not stop them, and `nohup` starts its command with SIGHUP
 //! ignored. Blocking such a signal would make it deliverable again (Linux
 //! never discards a blocked signal), so [`block`] leaves it out.
+//!
+//! A second stop signal means "stop now" to every binary, so copies of one
+//! request must not count as two: `timeout` sends its signal to the command
+//! and then to the command's whole process group, and a wrapper may forward
+//! a terminal's Ctrl-C that the process group already got. [`Stops`] takes
+//! the copies of a signal that arrive within [`TOGETHER`] of it with it.
 
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+/// How soon after a stop signal a copy of it counts as the same request
+/// (the copies `timeout` or a wrapper sends come within microseconds to a
+/// few milliseconds). Nothing is said or done about a signal before this
+/// time has passed (unless another signal comes), so a second signal sent
+/// in reply to what the first one made the process say is never taken for
+/// a copy.
+pub const TOGETHER: Duration = Duration::from_millis(50);
+
+/// The stop requests made with the (blocked, see [`block`]) signals of a
+/// set, read from a signalfd.
+#[derive(Debug)]
+pub struct Stops {
+    fd: SignalFd,
+    /// Another signal that came while copies of the last one were taken:
+    /// the next request.
+    next: Option<Signal>,
+}
+
+impl Stops {
+    /// Watch the signals of `set`, which must be blocked in every thread.
+    pub fn new(set: &SigSet) -> nix::Result<Stops> {
+        let fd = SignalFd::with_flags(set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+        Ok(Stops { fd, next: None })
+    }
+
+    /// Wait for the next stop request: its signal, once [`TOGETHER`] has
+    /// passed, taking with it the copies of that signal that came meanwhile.
+    /// Another signal that comes meanwhile ends the wait: it is the next
+    /// request, returned at once by the next call.
+    pub fn wait(&mut self) -> nix::Result<Signal> {
+        if let Some(sig) = self.next.take() {
+            return Ok(sig);
+        }
+        let sig = loop {
+            if let Some(sig) = self.read(None)? {
+                break sig;
+            }
+        };
+        let until = Instant::now() + TOGETHER;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.read(Some(left))? {
+                None => {}
+                Some(copy) if copy == sig => {}
+                Some(other) => {
+                    self.next = Some(other);
+                    break;
+                }
+            }
+        }
+        Ok(sig)
+    }
+
+    /// The next signal, waiting at most `limit` (`None`: without a limit).
+    /// `None` when none came in time.
+    fn read(&self, limit: Option<Duration>) -> nix::Result<Option<Signal>> {
+        let timeout = match limit {
+            None => PollTimeout::NONE,
+            Some(d) => PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
+        };
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) | Err(Errno::EINTR) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(e),
+        }
+        match self.fd.read_signal()? {
+            Some(info) => Signal::try_from(info.ssi_signo as i32).map(Some),
+            None => Ok(None),
+        }
+    }
+}
 
 /// Block those of `sigs` that this process was not started with ignored,
 /// in the calling thread (call it before other threads start: they inherit
@@ -47,7 +135,60 @@ pub fn ignored(sig: Signal) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::pthread::{pthread_kill, pthread_self};
     use nix::sys::signal::{pthread_sigmask, signal, SigHandler, SigmaskHow};
+
+    /// Copies of a signal a few milliseconds apart (as `timeout` sends
+    /// them) are one request; the same signal after [`TOGETHER`] is a
+    /// second one, and so is another signal, even at once. The signals are
+    /// sent to the test's own thread, which blocks them (a signal sent to
+    /// the process could go to another thread of the test harness).
+    #[test]
+    fn copies_within_the_window_are_one_request() {
+        std::thread::spawn(|| {
+            let (usr1, usr2) = (Signal::SIGUSR1, Signal::SIGUSR2);
+            let mut set = SigSet::empty();
+            set.add(usr1);
+            set.add(usr2);
+            set.thread_block().unwrap();
+            let mut stops = Stops::new(&set).unwrap();
+            let me = pthread_self();
+            let send = |sig| pthread_kill(me, sig).unwrap();
+            let gap = || std::thread::sleep(Duration::from_millis(5));
+            let nothing_pending = |stops: &Stops| stops.read(Some(Duration::ZERO)).unwrap();
+
+            // Two copies, 5 ms apart (taken one by one: a signal already
+            // pending would merge with the second in the kernel).
+            send(usr1);
+            let t = std::thread::spawn(move || {
+                gap();
+                pthread_kill(me, usr1).unwrap();
+            });
+            let took = Instant::now();
+            assert_eq!(stops.wait().unwrap(), usr1);
+            assert!(took.elapsed() >= TOGETHER);
+            t.join().unwrap();
+            assert_eq!(nothing_pending(&stops), None);
+
+            // The same signal after the window: a second request.
+            send(usr1);
+            assert_eq!(stops.wait().unwrap(), usr1);
+            send(usr1);
+            assert_eq!(stops.wait().unwrap(), usr1);
+
+            // Another signal within the window: the next request, at once
+            // (a stop, then a "stop now": the second is not held back).
+            send(usr1);
+            send(usr2);
+            let took = Instant::now();
+            assert_eq!(stops.wait().unwrap(), usr1);
+            assert_eq!(stops.wait().unwrap(), usr2);
+            assert!(took.elapsed() < TOGETHER, "{:?}", took.elapsed());
+            assert_eq!(nothing_pending(&stops), None);
+        })
+        .join()
+        .unwrap();
+    }
 
     /// Runs in a thread of its own (signal masks are per thread; dispositions
     /// are per process, so this is the only test that changes one).

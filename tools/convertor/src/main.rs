@@ -223,7 +223,7 @@ fn main() -> ExitCode {
         "convertor"
     });
     // Block SIGINT/SIGTERM before any thread starts (threads inherit the mask):
-    // only the signal thread below receives them, with sigwait.
+    // only the signal thread below receives them (obdsignals::Stops).
     // Those it was started with ignored stay ignored (a script's `convertor &`).
     let blocked = obdsignals::block(&[Signal::SIGINT, Signal::SIGTERM]).ok();
     // A bug must still end in one line, not a stack trace (stderr may be gone).
@@ -261,27 +261,30 @@ fn main() -> ExitCode {
     let stopped_by = Arc::new(AtomicI32::new(0));
     if let Some(sigs) = blocked {
         let (a, by) = (abort.clone(), stopped_by.clone());
-        let spawned = std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                while let Ok(sig) = sigs.wait() {
-                    if by.swap(sig as i32, Ordering::SeqCst) == 0 {
-                        a.set();
-                        say(format_args!(
-                            "{}: {sig}: stopping and cleaning up (again to quit at once)",
-                            prog()
-                        ));
-                    } else {
-                        // No destructor runs now: remove the run's work files and
-                        // unfinished outputs first.
-                        let done = obdconvert::workdir::remove_for_exit();
-                        say(format_args!("{}: {sig} again: quitting now", prog()));
-                        say_cleanup(&done);
-                        std::process::exit(128 + sig as i32);
+        let stops = obdsignals::Stops::new(&sigs);
+        let spawned = stops.map(|mut stops| {
+            std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || {
+                    while let Ok(sig) = stops.wait() {
+                        if by.swap(sig as i32, Ordering::SeqCst) == 0 {
+                            a.set();
+                            say(format_args!(
+                                "{}: {sig}: stopping and cleaning up (again to quit at once)",
+                                prog()
+                            ));
+                        } else {
+                            // No destructor runs now: remove the run's work files and
+                            // unfinished outputs first.
+                            let done = obdconvert::workdir::remove_for_exit();
+                            say(format_args!("{}: {sig} again: quitting now", prog()));
+                            say_cleanup(&done);
+                            std::process::exit(128 + sig as i32);
+                        }
                     }
-                }
-            });
-        if spawned.is_err() {
+                })
+        });
+        if !matches!(spawned, Ok(Ok(_))) {
             let _ = sigs.thread_unblock();
         }
     }

@@ -381,6 +381,8 @@ fn serve(a: ServeArgs) -> Result<()> {
     // socket file. (Under `nohup` it stays ignored.)
     let sigs = obdsignals::block(&[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP])
         .context("cannot block SIGINT/SIGTERM/SIGHUP")?;
+    let mut stops =
+        obdsignals::Stops::new(&sigs).context("cannot watch for SIGINT/SIGTERM/SIGHUP")?;
 
     // The signal thread starts before the layers open (a registry image
     // can take long): until the server exists a signal exits at once.
@@ -390,7 +392,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         .name("signals".into())
         .spawn(move || {
             let mut first = true;
-            while let Ok(sig) = sigs.wait() {
+            while let Ok(sig) = stops.wait() {
                 let h = handle.lock().unwrap_or_else(|p| p.into_inner());
                 match h.as_ref() {
                     None => {
