@@ -91,10 +91,10 @@ fn commit_tool_reproduces_upstream_blobs() {
         dir.path(),
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--algorithm, --bs only apply to compression"));
+    assert!(stderr(&o).contains("--algorithm, --bs apply only to compression"));
     let o = run(ZFILE, &["-x", "z", "back2", "--threads", "7"], dir.path());
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("--threads only apply to compression; ignored with -x"));
+    assert!(stderr(&o).contains("--threads applies only to compression; ignored with -x"));
     // A block size that overflows says what is allowed.
     let o = run(ZFILE, &[lsmt, "z2", "--bs", "4294967295"], dir.path());
     assert!(

@@ -125,6 +125,13 @@ fn bad_values_exit_2_in_every_tool() {
         (COMMIT, vec!["-m", &long, &data, &index, &out], "-m"),
         (COMMIT, vec![&data, &index], "COMMIT_FILE"),
         (COMMIT, vec!["--commit_sealed", &data], "output path"),
+        // The second path is the output: a third would be ignored (upstream
+        // ignores it), and the index given as the second overwritten with -f.
+        (
+            COMMIT,
+            vec!["--commit_sealed", "-f", &data, &out, &out2],
+            "--commit_sealed takes SEALED_FILE OUTPUT_FILE",
+        ),
         (COMMIT, vec!["--seal", "-z", &data, &index], "--seal"),
         (
             COMMIT,

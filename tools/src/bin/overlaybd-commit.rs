@@ -234,6 +234,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         let out = index
             .context("--commit_sealed needs an output path")
             .usage()?;
+        if let Some(extra) = &args.commit_file {
+            usage_bail!(
+                "--commit_sealed takes SEALED_FILE OUTPUT_FILE (the second path is the output); \
+                 a third path was given: {}",
+                extra.display()
+            );
+        }
         let s = commit_sealed(&args.data_file, &out, &opts)
             .with_context(|| format!("cannot commit {}", args.data_file.display()))?;
         (out, s)

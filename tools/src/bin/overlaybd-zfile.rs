@@ -73,8 +73,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         .collect();
         if !given.is_empty() {
             tracing::warn!(
-                "{} only apply to compression; ignored with {}",
+                "{} {} only to compression; ignored with {}",
                 given.join(", "),
+                if given.len() == 1 { "applies" } else { "apply" },
                 if args.verify { "--verify" } else { "-x" }
             );
         }
