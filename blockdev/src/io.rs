@@ -67,11 +67,27 @@ pub fn default_backend() -> IoBackend {
         1 => IoBackend::Auto,
         2 => IoBackend::Pread,
         3 => IoBackend::Uring,
-        _ => std::env::var("OVERLAYBD_IO")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(IoBackend::Auto),
+        _ => env_backend(),
     }
+}
+
+/// The backend `OVERLAYBD_IO` names, read once; `Auto` without it. A value
+/// that names none (a typo) is `Auto` too, with a warning, once.
+fn env_backend() -> IoBackend {
+    static FROM_ENV: std::sync::OnceLock<IoBackend> = std::sync::OnceLock::new();
+    *FROM_ENV.get_or_init(|| {
+        let v = match std::env::var("OVERLAYBD_IO") {
+            Ok(v) => v,
+            Err(std::env::VarError::NotPresent) => return IoBackend::Auto,
+            Err(std::env::VarError::NotUnicode(v)) => v.to_string_lossy().into_owned(),
+        };
+        v.parse().unwrap_or_else(|_| {
+            tracing::warn!(
+                "OVERLAYBD_IO={v:?} names no I/O backend (uring, pread or auto): using auto"
+            );
+            IoBackend::Auto
+        })
+    })
 }
 
 /// Whether this process can create an io_uring instance.

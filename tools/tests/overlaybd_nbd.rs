@@ -1342,4 +1342,16 @@ fn overlaybd_io_chooses_the_backend_unless_io_is_given() {
         );
         srv.terminate();
     }
+    // A value that names no backend (a typo) is said, not silently dropped.
+    let sock = dir.path().join("io.sock");
+    let mut cmd = Command::new(NBD);
+    cmd.arg("serve").arg(&base).arg("--socket").arg(&sock);
+    cmd.env("OVERLAYBD_IO", "io-urnig");
+    let said = Served::spawn(cmd).terminate();
+    assert!(
+        said.contains(
+            "OVERLAYBD_IO=\"io-urnig\" names no I/O backend (uring, pread or auto): using auto"
+        ),
+        "{said}"
+    );
 }
