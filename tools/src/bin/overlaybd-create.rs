@@ -75,13 +75,14 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
     if args.mkfs && vsize == 0 {
         usage_bail!("--mkfs needs a virtual size greater than 0");
     }
-    // libext2fs never returns for much larger sizes (mkfs.ext4 of the
-    // kernel engine has limits of its own).
+    // Larger filesystems write GBs of bitmaps into the layer (mkfs.ext4 of
+    // the kernel engine has limits of its own).
     if args.mkfs && args.engine.engine == EngineKind::Libext2fs && vsize > obdfs::mkfs::MAX_SIZE {
         usage_bail!(
-            "--mkfs makes an ext4 of at most {} GB (2^28 - 1 block groups of 128 MiB), not {} GB",
+            "--mkfs makes an ext4 of at most {} GB (64 TiB), not {} GB: {}",
             obdfs::mkfs::MAX_SIZE >> 30,
-            args.vsize
+            args.vsize,
+            obdfs::mkfs::MAX_SIZE_WHY
         );
     }
     // Never replaced, as upstream (O_EXCL); said before any work. A file
