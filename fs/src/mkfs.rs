@@ -48,6 +48,15 @@ pub const MAX_SIZE: u64 = 64 << 40;
 pub const MAX_SIZE_WHY: &str =
     "every 128 MiB block group needs its own 8 KiB of bitmaps: 1/16384 of the size is written, 4 GiB at 64 TiB";
 
+/// About how many bytes [`mkfs`] writes to a fresh device of `size` bytes:
+/// the bitmaps of every group and the group descriptors (with their two
+/// backups), which is nearly all of it from a few TiB on. For progress
+/// reports.
+pub fn write_estimate(size: u64) -> u64 {
+    let groups = (size / BLOCK_SIZE).div_ceil(BLOCKS_PER_GROUP);
+    groups * (2 * BLOCK_SIZE + 3 * sys::EXT2_MIN_DESC_SIZE_64BIT as u64)
+}
+
 /// Options of [`mkfs`].
 #[derive(Debug, Clone, Default)]
 pub struct MkfsOptions {

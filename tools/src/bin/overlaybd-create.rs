@@ -120,9 +120,23 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
         false => std::sync::Arc::new(obdfs::Libext2fs::default()),
     };
     let mkfs = |dev: std::sync::Arc<dyn blockdev::BlockDevice>| -> anyhow::Result<()> {
+        // libext2fs's mkfs of many TiB writes GBs of bitmaps (seconds to
+        // half a minute): shown once it takes more than 2 s.
+        let progress = (engine.name() != obdkernel::NAME).then(|| {
+            let total = obdfs::mkfs::write_estimate(dev.size());
+            cli::WriteProgress::new(dev.clone(), "mkfs: block group bitmaps", total)
+        });
+        let dev = match &progress {
+            Some(p) => p.clone(),
+            None => dev,
+        };
         engine
             .mkfs(dev)
-            .with_context(|| format!("mkfs failed ({} engine)", engine.name()))
+            .with_context(|| format!("mkfs failed ({} engine)", engine.name()))?;
+        if let Some(p) = progress {
+            p.finish();
+        }
+        Ok(())
     };
     if (args.turbo_oci || args.fastoci) && args.raw {
         tracing::warn!(
