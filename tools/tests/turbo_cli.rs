@@ -211,6 +211,23 @@ fn bad_inputs_fail_with_one_line() {
     assert!(std::fs::read_to_string(d.join("result"))
         .unwrap()
         .starts_with("failed:"));
+    // A symlink target longer than ext4 takes: the blob, the entry and what
+    // is wrong (was libext2fs's "Invalid argument passed to ext2 library").
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("linkpath", "x".repeat(5000).as_bytes())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    b.append_data(&mut h, "a/b", &b""[..]).unwrap();
+    let e = apply(&b.into_inner().unwrap(), &["--mkfs"]);
+    assert!(
+        e.contains(d.join("blob").to_str().unwrap())
+            && e.contains(
+                "tar entry 'a/b': symbolic link target of 5000 bytes is too long (limit 4095)"
+            ),
+        "{e}"
+    );
     let gz = std::fs::read(fx("ext4-gzip/layer.tar.gz")).unwrap();
     let e = apply(&gz[..100_000], &["--mkfs"]);
     assert!(e.contains("ends early"), "{e}");

@@ -36,7 +36,7 @@ use crate::apply::{device_numbers, entry_err, root_entry, ApplyOptions, ApplySta
 use crate::error::{Error, Result};
 use crate::ext2fs::cache::WriteMode;
 use crate::filedata::{FileData, FillCtx, Run, TarData};
-use crate::tar::{Entry, Kind, TarReader};
+use crate::tar::{symlink_target_problem, Entry, Kind, TarReader};
 
 /// Plan 9's `cleanname`, as libtar's `clean_name`: collapse `//`, drop `.`,
 /// resolve `..` lexically (`/..` is `/`; a relative path keeps leading
@@ -210,6 +210,15 @@ impl Untar<'_> {
         name: &[u8],
         tar: &mut TarReader<R>,
     ) -> Result<()> {
+        if e.kind == Kind::Symlink {
+            // ext2fs_symlink refuses a target of a block or more with a bare
+            // "Invalid argument passed to ext2 library"; said before anything
+            // is changed, as the native engine says it.
+            let limit = self.x.fs.block_size() as usize - 1;
+            if let Some(problem) = symlink_target_problem(&clean_name(&e.link), limit) {
+                return Err(entry_err(e, problem));
+            }
+        }
         let (dir, base) = split_path(name);
         self.mkdir_hier(e, dir)?;
         if self.convert_whiteout(dir, base)? {
