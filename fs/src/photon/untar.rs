@@ -293,10 +293,7 @@ impl Untar<'_> {
             return Err(entry_err(e, "a parent directory is not a directory"));
         }
         // photon's mkdir_recursive: every prefix, existing ones skipped.
-        for k in 1..=parts.len() {
-            self.x.mkdir(&parts[..k], 0o755)?;
-        }
-        Ok(())
+        self.x.mkdir_all(&parts, 0o755)
     }
 
     /// libtar's `convert_whiteout`: whether the entry was a whiteout.
