@@ -26,7 +26,7 @@ use std::sync::Arc;
 use blockdev::BlockDevice;
 
 use super::{alloc, htree};
-use crate::error::{Error, Result};
+use crate::error::{quote, Error, Result};
 use crate::ext2fs::cache::WriteMode;
 use crate::ext2fs::inode::{self, Inode};
 use crate::ext2fs::sys_ext;
@@ -74,11 +74,9 @@ fn file_type(mode: u16) -> u8 {
 }
 
 fn path_text(p: &[&[u8]]) -> String {
-    let v: Vec<String> = p
-        .iter()
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .collect();
-    format!("/{}", v.join("/"))
+    let mut b = p.join(&b'/');
+    b.insert(0, b'/');
+    quote(&b)
 }
 
 fn not_found(p: &[&[u8]]) -> Error {

@@ -33,7 +33,7 @@ use blockdev::BlockDevice;
 
 use super::extfs::Extfs;
 use crate::apply::{device_numbers, entry_err, root_entry, ApplyOptions, ApplyStats};
-use crate::error::{Error, Result};
+use crate::error::{quote, Error, Result};
 use crate::ext2fs::cache::WriteMode;
 use crate::filedata::{FileData, FillCtx, Run, TarData};
 use crate::tar::{symlink_target_problem, Entry, Kind, TarReader};
@@ -84,14 +84,14 @@ fn comps(p: &[u8]) -> Result<Vec<&[u8]>> {
     if v.iter().any(|c| *c == b"..") {
         return Err(Error::Invalid(format!(
             "'{}' leaves the layer root; refusing",
-            String::from_utf8_lossy(p)
+            quote(p)
         )));
     }
     // A directory entry's name length is one byte: a longer name would be cut.
     if let Some(c) = v.iter().find(|c| c.len() > 255) {
         return Err(Error::Invalid(format!(
             "'{}': a name is {} bytes long (ext4 allows 255)",
-            String::from_utf8_lossy(p),
+            quote(p),
             c.len()
         )));
     }
@@ -303,7 +303,7 @@ impl Untar<'_> {
             if self.x.lstat(&comps(d)?)?.is_none() {
                 return Err(Error::Invalid(format!(
                     "opaque whiteout in '{}', which does not exist",
-                    String::from_utf8_lossy(d)
+                    quote(d)
                 )));
             }
             self.remove_all(d, false)?;
@@ -375,7 +375,7 @@ impl Untar<'_> {
         if !self.x.rmdir(&p)? {
             return Err(Error::Invalid(format!(
                 "'{}': the directory to replace is not empty after removing its entries",
-                String::from_utf8_lossy(path)
+                quote(path)
             )));
         }
         Ok(())
@@ -433,7 +433,7 @@ impl Untar<'_> {
                 tracing::warn!(
                     "'{}': ignored xattr '{}' (namespace not supported)",
                     e.path_lossy(),
-                    String::from_utf8_lossy(name)
+                    quote(name)
                 );
             }
         }
