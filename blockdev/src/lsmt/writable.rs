@@ -730,6 +730,10 @@ struct RwState {
     pending: Vec<Mapping>,
     /// Append position of the index file (bytes).
     index_end: u64,
+    /// The last attempt to append `pending` failed and its caller got the
+    /// error (nothing was recorded since): the drop, which tries again,
+    /// does not log the same failure a second time.
+    save_failure_returned: bool,
 }
 
 /// Largest single write mapping, in sectors (upstream's 4 MiB MAX_IO_SIZE).
@@ -869,6 +873,7 @@ impl WritableLayer {
                 data_end: 0,
                 pending: Vec::new(),
                 index_end: HT_SPACE as u64 + n * ENTRY_SIZE as u64,
+                save_failure_returned: false,
             }),
         })
     }
@@ -1095,6 +1100,7 @@ impl WritableLayer {
                 data_end: data_len.div_ceil(SECTOR) * SECTOR,
                 pending: Vec::new(),
                 index_end,
+                save_failure_returned: false,
             }),
         })
     }
@@ -1299,10 +1305,19 @@ impl WritableLayer {
         self.check_writable()?;
         st.index.insert(m);
         st.pending.push(m);
+        st.save_failure_returned = false;
         if st.pending.len() >= INDEX_BATCH {
-            self.flush_index(&mut st)?;
+            self.save_pending(&mut st)?;
         }
         Ok(())
+    }
+
+    /// [`Self::flush_index`] for a caller that returns its error: a failure
+    /// is then not logged again by the drop.
+    fn save_pending(&self, st: &mut RwState) -> Result<()> {
+        let r = self.flush_index(st);
+        st.save_failure_returned = r.is_err();
+        r
     }
 
     fn flush_index(&self, st: &mut RwState) -> Result<()> {
@@ -1436,7 +1451,7 @@ impl WritableLayer {
             ));
         }
         let mut st = self.state.lock();
-        self.flush_index(&mut st)?;
+        self.save_pending(&mut st)?;
         let entries = st.index.to_vec();
         let index_offset = self.data.len()?.div_ceil(SECTOR) * SECTOR;
         let mut raw = encode_entries(&entries);
@@ -1462,7 +1477,7 @@ impl WritableLayer {
         if self.read_only {
             return Ok(());
         }
-        self.flush_index(&mut self.state.lock())
+        self.save_pending(&mut self.state.lock())
     }
 
     /// The layer as scratch: [`WritableLayer::flush`] writes the pending index
@@ -1480,7 +1495,7 @@ impl WritableLayer {
             return Ok(());
         }
         let mut st = self.state.lock();
-        self.flush_index(&mut st)?;
+        self.save_pending(&mut st)?;
         if !self.durable {
             return Ok(());
         }
@@ -1505,7 +1520,7 @@ impl WritableLayer {
         }
         let mut st = self.state.lock();
         self.frozen.store(true, Ordering::Release);
-        self.flush_index(&mut st)?;
+        self.save_pending(&mut st)?;
         self.data.sync()?;
         if let Some(fi) = &self.index_file {
             fi.sync()?;
@@ -1521,11 +1536,20 @@ impl Drop for WritableLayer {
         }
         let mut st = self.state.lock();
         if let Err(e) = self.flush_index(&mut st) {
-            tracing::error!(
-                "failed to save the index of {}: {}",
-                self.data.path().display(),
-                crate::error::Chain(&e)
-            );
+            // A failure the owner was given (and reports) is not said twice.
+            if st.save_failure_returned {
+                tracing::debug!(
+                    "failed again to save the index of {}: {}",
+                    self.data.path().display(),
+                    crate::error::Chain(&e)
+                );
+            } else {
+                tracing::error!(
+                    "failed to save the index of {}: {}",
+                    self.data.path().display(),
+                    crate::error::Chain(&e)
+                );
+            }
         }
     }
 }
