@@ -587,10 +587,10 @@ fn an_interrupted_apply_marks_the_result_failed() {
     }
 }
 
-/// An upper whose file system fills up just as the index is saved (here a
-/// small tmpfs, in a mount namespace of the test's own, filled so that the
-/// layer's data fits and its index does not) fails the apply, said once:
-/// the layer's drop, which tries to save the index again, also logged
+/// An upper whose file system fills up (here a small tmpfs, in a mount
+/// namespace of the test's own, filled so that the layer's data fits and
+/// its index does not, or half of the data fits) fails the apply, said
+/// once: the layer's drop, which tries to save the index again, also logged
 /// "failed to save the index of .../data" before the tool's own error.
 #[test]
 fn a_full_upper_is_reported_once() {
@@ -619,33 +619,35 @@ fn a_full_upper_is_reported_once() {
     let cfg = write_config(d, "ref", &[], "ref/data", "ref/index");
     assert_ok(&run(APPLY, &["layer.tar", cfg.to_str().unwrap()], d));
     let grown = std::fs::metadata(d.join("ref/data")).unwrap().len() - before;
-    std::fs::create_dir(d.join("x")).unwrap();
-    let cfg = write_config(d, "full", &[], "x/data", "x/index");
-    let script = "mount -t tmpfs -o size=32M tmpfs x \
-        || { echo 'no tmpfs mount here' >&2; exit 77; }\n\
-        \"$CREATE\" x/data x/index 64 --mkfs >/dev/null || exit 3\n\
-        head -c $(( $(stat -f -c '%a*%S' x) - GROWN )) /dev/zero > x/filler\n\
-        exec \"$APPLY\" layer.tar \"$CFG\"\n";
-    let o = Command::new("unshare")
-        .args(["--mount", "sh", "-c", script])
-        .env("CREATE", CREATE)
-        .env("APPLY", APPLY)
-        .env("CFG", &cfg)
-        .env("GROWN", grown.to_string())
-        .current_dir(d)
-        .output()
-        .expect("spawn unshare");
-    if o.status.code() == Some(77) {
-        eprintln!("skipped: {}", err_text(&o));
-        return;
+    for (room, full) in [(grown, "x/index"), (grown / 8192 * 4096, "x/data")] {
+        let cfg = write_config(d, "full", &[], "x/data", "x/index");
+        let _ = std::fs::create_dir(d.join("x"));
+        let script = "mount -t tmpfs -o size=32M tmpfs x \
+            || { echo 'no tmpfs mount here' >&2; exit 77; }\n\
+            \"$CREATE\" x/data x/index 64 --mkfs >/dev/null || exit 3\n\
+            head -c $(( $(stat -f -c '%a*%S' x) - ROOM )) /dev/zero > x/filler\n\
+            exec \"$APPLY\" layer.tar \"$CFG\"\n";
+        let o = Command::new("unshare")
+            .args(["--mount", "sh", "-c", script])
+            .env("CREATE", CREATE)
+            .env("APPLY", APPLY)
+            .env("CFG", &cfg)
+            .env("ROOM", room.to_string())
+            .current_dir(d)
+            .output()
+            .expect("spawn unshare");
+        if o.status.code() == Some(77) {
+            eprintln!("skipped: {}", err_text(&o));
+            return;
+        }
+        let e = err_text(&o);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(
+            e.contains(&format!("{full}: No space left on device")),
+            "{full} should be the file that does not fit: {e}"
+        );
+        assert_eq!(e.matches("failed to save the index").count(), 0, "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(result(d, "full").starts_with("failed:"));
     }
-    let e = err_text(&o);
-    assert_eq!(o.status.code(), Some(1), "{e}");
-    assert!(
-        e.contains("x/index: No space left on device"),
-        "the index should not fit: {e}"
-    );
-    assert_eq!(e.matches("failed to save the index").count(), 0, "{e}");
-    assert_eq!(e.lines().count(), 1, "{e}");
-    assert!(result(d, "full").starts_with("failed:"));
 }

@@ -730,10 +730,12 @@ struct RwState {
     pending: Vec<Mapping>,
     /// Append position of the index file (bytes).
     index_end: u64,
-    /// The last attempt to append `pending` failed and its caller got the
-    /// error (nothing was recorded since): the drop, which tries again,
-    /// does not log the same failure a second time.
-    save_failure_returned: bool,
+    /// The owner was given an error by the last write or attempt to append
+    /// `pending` (nothing was recorded since): it reports the failure and
+    /// discards or saves the layer, so the drop, which tries to append
+    /// `pending` again, does not log a failure of its own as well (on a
+    /// full disk: the same one, or the index's after the data's).
+    failure_returned: bool,
 }
 
 /// Largest single write mapping, in sectors (upstream's 4 MiB MAX_IO_SIZE).
@@ -873,7 +875,7 @@ impl WritableLayer {
                 data_end: 0,
                 pending: Vec::new(),
                 index_end: HT_SPACE as u64 + n * ENTRY_SIZE as u64,
-                save_failure_returned: false,
+                failure_returned: false,
             }),
         })
     }
@@ -1100,7 +1102,7 @@ impl WritableLayer {
                 data_end: data_len.div_ceil(SECTOR) * SECTOR,
                 pending: Vec::new(),
                 index_end,
-                save_failure_returned: false,
+                failure_returned: false,
             }),
         })
     }
@@ -1254,6 +1256,14 @@ impl WritableLayer {
 
     /// Write sector-aligned data at logical byte `offset`.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let r = self.write_data(buf, offset);
+        if r.is_err() {
+            self.state.lock().failure_returned = true;
+        }
+        r
+    }
+
+    fn write_data(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         Self::check_aligned(offset, buf.len() as u64)?;
         if self.warp {
@@ -1305,7 +1315,7 @@ impl WritableLayer {
         self.check_writable()?;
         st.index.insert(m);
         st.pending.push(m);
-        st.save_failure_returned = false;
+        st.failure_returned = false;
         if st.pending.len() >= INDEX_BATCH {
             self.save_pending(&mut st)?;
         }
@@ -1316,7 +1326,7 @@ impl WritableLayer {
     /// is then not logged again by the drop.
     fn save_pending(&self, st: &mut RwState) -> Result<()> {
         let r = self.flush_index(st);
-        st.save_failure_returned = r.is_err();
+        st.failure_returned = r.is_err();
         r
     }
 
@@ -1536,8 +1546,8 @@ impl Drop for WritableLayer {
         }
         let mut st = self.state.lock();
         if let Err(e) = self.flush_index(&mut st) {
-            // A failure the owner was given (and reports) is not said twice.
-            if st.save_failure_returned {
+            // The owner was given a failure (and reports it).
+            if st.failure_returned {
                 tracing::debug!(
                     "failed again to save the index of {}: {}",
                     self.data.path().display(),
