@@ -292,6 +292,99 @@ fn bad_symlink_targets_are_refused() {
         .expect("a 4095-byte target");
 }
 
+/// The upstream-compatible engine (turboOCI-apply) names a symlink target
+/// longer than ext4 takes (a block less one byte) and the entry, as the
+/// native engine does, instead of libext2fs's bare "Invalid argument passed
+/// to ext2 library"; the target is measured as upstream stores it, cleaned
+/// (`y/` 2048 times is 4095 bytes then).
+#[test]
+fn photon_refuses_symlink_targets_longer_than_a_block() {
+    let tar_of = |target: &str| {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, "a/", &b""[..]).unwrap();
+        b.append_pax_extensions([("linkpath", target.as_bytes())])
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        b.append_data(&mut h, "a/b", &b""[..]).unwrap();
+        b.into_inner().unwrap()
+    };
+    let photon = |t: Vec<u8>| {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+        obdfs::photon::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).unwrap();
+        obdfs::photon::apply_tar(dev, &t[..], obdfs::ApplyOptions::default())
+    };
+    let e = photon(tar_of(&"x".repeat(5000))).unwrap_err();
+    let chain = assert_clean_chain(&e);
+    assert_eq!(
+        chain,
+        "tar entry 'a/b': symbolic link target of 5000 bytes is too long (limit 4095)"
+    );
+    photon(tar_of(&"x".repeat(4095))).expect("a 4095-byte target");
+    photon(tar_of(&"y/".repeat(2048))).expect("a target 4095 bytes long once cleaned");
+}
+
+/// The upstream-compatible engine (turboOCI-apply) shortens the paths it
+/// quotes too: a 3,000-level path whose last name is too long for ext4,
+/// and a hard link to such a path that does not exist, each make a short
+/// line (they quoted the whole path: 200 KB at 100,000 levels, which blocks
+/// a tool whose stderr pipe is read only once it exits).
+#[test]
+fn photon_long_paths_are_shortened() {
+    let photon = |t: Vec<u8>| {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+        obdfs::photon::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).unwrap();
+        obdfs::photon::apply_tar(dev, &t[..], obdfs::ApplyOptions::default()).unwrap_err()
+    };
+    // As many directories as the 64 MiB filesystem has inodes for.
+    let deep = "d/".repeat(3_000);
+    let mut b = tar::Builder::new(Vec::new());
+    let path = format!("{deep}{}", "n".repeat(300));
+    b.append_pax_extensions([("path", path.as_bytes())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(0);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "placeholder", &b""[..]).unwrap();
+    let chain = assert_clean_chain(&photon(b.into_inner().unwrap()));
+    assert!(
+        chain.len() < 600,
+        "{} bytes: {}",
+        chain.len(),
+        &chain[..600]
+    );
+    assert!(
+        chain.contains("a name is 300 bytes long (ext4 allows 255)"),
+        "{chain}"
+    );
+
+    let mut b = tar::Builder::new(Vec::new());
+    let target = format!("{deep}t");
+    b.append_pax_extensions([("linkpath", target.as_bytes())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    b.append_data(&mut h, "hl", &b""[..]).unwrap();
+    let chain = assert_clean_chain(&photon(b.into_inner().unwrap()));
+    assert!(
+        chain.len() < 600,
+        "{} bytes: {}",
+        chain.len(),
+        &chain[..600]
+    );
+    assert!(
+        chain.starts_with("tar entry 'hl'") && chain.contains("d/d/"),
+        "{chain}"
+    );
+}
+
 /// The upstream-compatible engine splits a full leaf of a hashed directory
 /// when a name does not fit: a corrupt leaf whose entries stop 4 bytes short
 /// of the block end (which the lookup before it accepts) is reported as a

@@ -226,6 +226,130 @@ pub fn progress_reporter(label: &str) -> blockdev::commit::Progress {
     }))
 }
 
+/// A device that reports the bytes written to it as the progress of a long
+/// write of about `total` bytes (the bitmaps a large mkfs writes): nothing
+/// for the first `after`, so a quick run prints nothing; then a bar on a
+/// terminal, or a line every 5 s otherwise ([`progress_reporter`]).
+/// [`WriteProgress::finish`] clears the bar.
+pub struct WriteProgress {
+    dev: std::sync::Arc<dyn blockdev::BlockDevice>,
+    written: std::sync::atomic::AtomicU64,
+    total: u64,
+    start: Instant,
+    after: std::time::Duration,
+    every: std::time::Duration,
+    /// When progress was last reported, if it was.
+    last: std::sync::Mutex<Option<Instant>>,
+    /// Makes the reporter, at the first report (a bar is drawn when made).
+    make: Box<dyn Fn() -> blockdev::commit::Progress + Send + Sync>,
+    report: std::sync::OnceLock<blockdev::commit::Progress>,
+}
+
+impl WriteProgress {
+    /// Report writes to `dev` as progress of `label` towards `total` bytes.
+    pub fn new(
+        dev: std::sync::Arc<dyn blockdev::BlockDevice>,
+        label: &str,
+        total: u64,
+    ) -> std::sync::Arc<Self> {
+        use std::io::IsTerminal;
+        let every = match std::io::stderr().is_terminal() {
+            true => std::time::Duration::from_millis(200),
+            false => std::time::Duration::from_secs(5),
+        };
+        let label = label.to_string();
+        Self::with(
+            dev,
+            total,
+            std::time::Duration::from_secs(2),
+            every,
+            move || progress_reporter(&label),
+        )
+    }
+
+    /// [`WriteProgress::new`] with its timing and reporter given.
+    pub fn with(
+        dev: std::sync::Arc<dyn blockdev::BlockDevice>,
+        total: u64,
+        after: std::time::Duration,
+        every: std::time::Duration,
+        make: impl Fn() -> blockdev::commit::Progress + Send + Sync + 'static,
+    ) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(WriteProgress {
+            dev,
+            written: 0.into(),
+            total: total.max(1),
+            start: Instant::now(),
+            after,
+            every,
+            last: std::sync::Mutex::new(None),
+            make: Box::new(make),
+            report: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn wrote(&self, n: usize) {
+        use std::sync::atomic::Ordering;
+        let done = self.written.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if self.start.elapsed() < self.after {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < self.every) {
+            return;
+        }
+        *last = Some(Instant::now());
+        // An estimate: the bar stays short of its end until finish.
+        let total = self.total.max(done + 1);
+        (self.report.get_or_init(&self.make).0)(done.min(total - 1), total);
+    }
+
+    /// The work is done: a bar shown is completed and cleared (a line
+    /// printed gets its last one).
+    pub fn finish(&self) {
+        use std::sync::atomic::Ordering;
+        if let Some(report) = self.report.get() {
+            let done = self.written.load(Ordering::Relaxed);
+            (report.0)(done, done);
+        }
+    }
+}
+
+impl blockdev::BlockDevice for WriteProgress {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockdev::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> blockdev::Result<()> {
+        self.dev.write_at(buf, offset)?;
+        self.wrote(buf.len());
+        Ok(())
+    }
+    fn flush(&self) -> blockdev::Result<()> {
+        self.dev.flush()
+    }
+    fn trim(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.dev.trim(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.dev.write_zeroes(offset, len)
+    }
+    fn is_read_only(&self) -> bool {
+        self.dev.is_read_only()
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<blockdev::Result<()>> {
+        self.dev.read_many(reqs)
+    }
+    fn extents(&self, offset: u64, len: u64) -> blockdev::Result<Vec<blockdev::Extent>> {
+        self.dev.extents(offset, len)
+    }
+    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> blockdev::Result<()> {
+        self.dev.map_target(offset, len, target_offset)
+    }
+}
+
 /// A `--threads` value: 0 means every core.
 pub fn threads(n: usize) -> usize {
     if n == 0 {
@@ -259,6 +383,69 @@ pub fn wait_for_layer_claims() {
 
 #[cfg(test)]
 mod tests {
+
+    /// Writes are reported once `after` has passed, at most every `every`,
+    /// short of the estimate until `finish`, which reports the end; a run
+    /// done before `after` reports nothing (no bar drawn).
+    #[test]
+    fn write_progress_reports_long_writes_only() {
+        use blockdev::BlockDevice;
+        use std::sync::{Arc, Mutex};
+        use std::time::Duration;
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let reporter = |calls: &Arc<Mutex<Vec<(u64, u64)>>>| {
+            let calls = calls.clone();
+            move || {
+                let calls = calls.clone();
+                blockdev::commit::Progress(Arc::new(move |d, t| calls.lock().unwrap().push((d, t))))
+            }
+        };
+        let mem = || Arc::new(blockdev::MemDevice::new(1 << 20)) as Arc<dyn BlockDevice>;
+        // Quick: nothing, not even at the end.
+        let p = super::WriteProgress::with(
+            mem(),
+            8192,
+            Duration::from_secs(3600),
+            Duration::ZERO,
+            reporter(&calls),
+        );
+        p.write_at(&[1; 4096], 0).unwrap();
+        p.finish();
+        assert!(calls.lock().unwrap().is_empty());
+        // Long (after = 0): every write, kept short of the total until the end,
+        // also when the estimate was low.
+        let p = super::WriteProgress::with(
+            mem(),
+            8192,
+            Duration::ZERO,
+            Duration::ZERO,
+            reporter(&calls),
+        );
+        for i in 0..3 {
+            p.write_at(&[1; 4096], i * 4096).unwrap();
+        }
+        let mut buf = [0u8; 4096];
+        p.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [1; 4096]);
+        p.finish();
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [(4096, 8192), (8192, 8193), (12288, 12289), (12288, 12288)]
+        );
+        // At most every `every`.
+        calls.lock().unwrap().clear();
+        let p = super::WriteProgress::with(
+            mem(),
+            1 << 20,
+            Duration::ZERO,
+            Duration::from_secs(3600),
+            reporter(&calls),
+        );
+        for i in 0..3 {
+            p.write_at(&[1; 4096], i * 4096).unwrap();
+        }
+        assert_eq!(*calls.lock().unwrap(), [(4096, 1 << 20)]);
+    }
     #[test]
     fn human_sizes() {
         assert_eq!(super::human(512), "512 B");

@@ -586,3 +586,68 @@ fn an_interrupted_apply_marks_the_result_failed() {
         );
     }
 }
+
+/// An upper whose file system fills up (here a small tmpfs, in a mount
+/// namespace of the test's own, filled so that the layer's data fits and
+/// its index does not, or half of the data fits) fails the apply, said
+/// once: the layer's drop, which tries to save the index again, also logged
+/// "failed to save the index of .../data" before the tool's own error.
+#[test]
+fn a_full_upper_is_reported_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 1500 directories with a file each: spread over the block groups, they
+    // make 3000 index entries (48 KB of index) besides 13 MB of data.
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..1500 {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        h.set_mode(0o755);
+        b.append_data(&mut h, format!("d{i}/"), &b""[..]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1000);
+        h.set_mode(0o644);
+        b.append_data(&mut h, format!("d{i}/f"), &[i as u8; 1000][..])
+            .unwrap();
+    }
+    std::fs::write(d.join("layer.tar"), b.into_inner().unwrap()).unwrap();
+    // How much the data file grows, on a disk with room.
+    std::fs::create_dir(d.join("ref")).unwrap();
+    assert_ok(&run(CREATE, &["ref/data", "ref/index", "64", "--mkfs"], d));
+    let before = std::fs::metadata(d.join("ref/data")).unwrap().len();
+    let cfg = write_config(d, "ref", &[], "ref/data", "ref/index");
+    assert_ok(&run(APPLY, &["layer.tar", cfg.to_str().unwrap()], d));
+    let grown = std::fs::metadata(d.join("ref/data")).unwrap().len() - before;
+    for (room, full) in [(grown, "x/index"), (grown / 8192 * 4096, "x/data")] {
+        let cfg = write_config(d, "full", &[], "x/data", "x/index");
+        let _ = std::fs::create_dir(d.join("x"));
+        let script = "mount -t tmpfs -o size=32M tmpfs x \
+            || { echo 'no tmpfs mount here' >&2; exit 77; }\n\
+            \"$CREATE\" x/data x/index 64 --mkfs >/dev/null || exit 3\n\
+            head -c $(( $(stat -f -c '%a*%S' x) - ROOM )) /dev/zero > x/filler\n\
+            exec \"$APPLY\" layer.tar \"$CFG\"\n";
+        let o = Command::new("unshare")
+            .args(["--mount", "sh", "-c", script])
+            .env("CREATE", CREATE)
+            .env("APPLY", APPLY)
+            .env("CFG", &cfg)
+            .env("ROOM", room.to_string())
+            .current_dir(d)
+            .output()
+            .expect("spawn unshare");
+        if o.status.code() == Some(77) {
+            eprintln!("skipped: {}", err_text(&o));
+            return;
+        }
+        let e = err_text(&o);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(
+            e.contains(&format!("{full}: No space left on device")),
+            "{full} should be the file that does not fit: {e}"
+        );
+        assert_eq!(e.matches("failed to save the index").count(), 0, "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(result(d, "full").starts_with("failed:"));
+    }
+}

@@ -211,6 +211,23 @@ fn bad_inputs_fail_with_one_line() {
     assert!(std::fs::read_to_string(d.join("result"))
         .unwrap()
         .starts_with("failed:"));
+    // A symlink target longer than ext4 takes: the blob, the entry and what
+    // is wrong (was libext2fs's "Invalid argument passed to ext2 library").
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("linkpath", "x".repeat(5000).as_bytes())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    b.append_data(&mut h, "a/b", &b""[..]).unwrap();
+    let e = apply(&b.into_inner().unwrap(), &["--mkfs"]);
+    assert!(
+        e.contains(d.join("blob").to_str().unwrap())
+            && e.contains(
+                "tar entry 'a/b': symbolic link target of 5000 bytes is too long (limit 4095)"
+            ),
+        "{e}"
+    );
     let gz = std::fs::read(fx("ext4-gzip/layer.tar.gz")).unwrap();
     let e = apply(&gz[..100_000], &["--mkfs"]);
     assert!(e.contains("ends early"), "{e}");
@@ -452,5 +469,65 @@ fn a_blob_that_is_a_device_or_a_directory_is_refused_at_once() {
             format!("failed:{want}")
         );
         assert!(!d.join("gzip.meta").exists());
+    }
+}
+
+/// A path far longer than PATH_MAX (100,000 directories, 200 KB) applies
+/// as it does with overlaybd-apply, in a moment: its missing directories
+/// were made by a `mkdir` of every prefix, each resolved from the root
+/// (n^2 lookups: about 12 minutes here). With a name too long for ext4 at
+/// its end, the error is one short line (it quoted the path whole, and a
+/// 200 KB line blocked the tool on this unread pipe).
+#[test]
+fn a_path_of_100000_directories_applies_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let deep = "d/".repeat(100_000);
+    for (last, want) in [("f", None), (&*"n".repeat(300), Some("300 bytes"))] {
+        let _ = std::fs::remove_file(d.join("data"));
+        let _ = std::fs::remove_file(d.join("index"));
+        turbo_upper(d);
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("path", format!("{deep}{last}").as_bytes())])
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(3);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "placeholder", &b"abc"[..]).unwrap();
+        std::fs::write(d.join("blob"), b.into_inner().unwrap()).unwrap();
+        let cfg = d.join("config.json");
+        std::fs::write(
+            &cfg,
+            serde_json::json!({"lowers": [], "upper": {"index": d.join("index"), "data": d.join("data"), "target": d.join("blob")}, "resultFile": d.join("result")}).to_string(),
+        )
+        .unwrap();
+        let c = Command::new(APPLY)
+            .arg(d.join("blob"))
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let o = testutil::output_within(c, std::time::Duration::from_secs(60));
+        match want {
+            None => {
+                testutil::assert_ok(&o);
+                assert_eq!(
+                    std::fs::read_to_string(d.join("result")).unwrap(),
+                    "success"
+                );
+            }
+            Some(want) => {
+                let e = err_text(&o);
+                assert_eq!(o.status.code(), Some(1), "{e}");
+                assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+                assert!(
+                    e.len() < 1000 && e.contains(want),
+                    "{} bytes: {}",
+                    e.len(),
+                    &e[..1000]
+                );
+            }
+        }
     }
 }

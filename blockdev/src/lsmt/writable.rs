@@ -739,6 +739,12 @@ struct RwState {
     pending: Vec<Mapping>,
     /// Append position of the index file (bytes).
     index_end: u64,
+    /// The owner was given an error by the last write or attempt to append
+    /// `pending` (nothing was recorded since): it reports the failure and
+    /// discards or saves the layer, so the drop, which tries to append
+    /// `pending` again, does not log a failure of its own as well (on a
+    /// full disk: the same one, or the index's after the data's).
+    failure_returned: bool,
 }
 
 /// Largest single write mapping, in sectors (upstream's 4 MiB MAX_IO_SIZE).
@@ -878,6 +884,7 @@ impl WritableLayer {
                 data_end: 0,
                 pending: Vec::new(),
                 index_end: HT_SPACE as u64 + n * ENTRY_SIZE as u64,
+                failure_returned: false,
             }),
         })
     }
@@ -1104,6 +1111,7 @@ impl WritableLayer {
                 data_end: data_len.div_ceil(SECTOR) * SECTOR,
                 pending: Vec::new(),
                 index_end,
+                failure_returned: false,
             }),
         })
     }
@@ -1257,6 +1265,14 @@ impl WritableLayer {
 
     /// Write sector-aligned data at logical byte `offset`.
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let r = self.write_data(buf, offset);
+        if r.is_err() {
+            self.state.lock().failure_returned = true;
+        }
+        r
+    }
+
+    fn write_data(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         Self::check_aligned(offset, buf.len() as u64)?;
         if self.warp {
@@ -1308,10 +1324,19 @@ impl WritableLayer {
         self.check_writable()?;
         st.index.insert(m);
         st.pending.push(m);
+        st.failure_returned = false;
         if st.pending.len() >= INDEX_BATCH {
-            self.flush_index(&mut st)?;
+            self.save_pending(&mut st)?;
         }
         Ok(())
+    }
+
+    /// [`Self::flush_index`] for a caller that returns its error: a failure
+    /// is then not logged again by the drop.
+    fn save_pending(&self, st: &mut RwState) -> Result<()> {
+        let r = self.flush_index(st);
+        st.failure_returned = r.is_err();
+        r
     }
 
     fn flush_index(&self, st: &mut RwState) -> Result<()> {
@@ -1445,7 +1470,7 @@ impl WritableLayer {
             ));
         }
         let mut st = self.state.lock();
-        self.flush_index(&mut st)?;
+        self.save_pending(&mut st)?;
         let entries = st.index.to_vec();
         let index_offset = self.data.len()?.div_ceil(SECTOR) * SECTOR;
         let mut raw = encode_entries(&entries);
@@ -1471,7 +1496,7 @@ impl WritableLayer {
         if self.read_only {
             return Ok(());
         }
-        self.flush_index(&mut self.state.lock())
+        self.save_pending(&mut self.state.lock())
     }
 
     /// The layer as scratch: [`WritableLayer::flush`] writes the pending index
@@ -1489,7 +1514,7 @@ impl WritableLayer {
             return Ok(());
         }
         let mut st = self.state.lock();
-        self.flush_index(&mut st)?;
+        self.save_pending(&mut st)?;
         if !self.durable {
             return Ok(());
         }
@@ -1514,7 +1539,7 @@ impl WritableLayer {
         }
         let mut st = self.state.lock();
         self.frozen.store(true, Ordering::Release);
-        self.flush_index(&mut st)?;
+        self.save_pending(&mut st)?;
         self.data.sync()?;
         if let Some(fi) = &self.index_file {
             fi.sync()?;
@@ -1530,11 +1555,20 @@ impl Drop for WritableLayer {
         }
         let mut st = self.state.lock();
         if let Err(e) = self.flush_index(&mut st) {
-            tracing::error!(
-                "failed to save the index of {}: {}",
-                self.data.path().display(),
-                crate::error::Chain(&e)
-            );
+            // The owner was given a failure (and reports it).
+            if st.failure_returned {
+                tracing::debug!(
+                    "failed again to save the index of {}: {}",
+                    self.data.path().display(),
+                    crate::error::Chain(&e)
+                );
+            } else {
+                tracing::error!(
+                    "failed to save the index of {}: {}",
+                    self.data.path().display(),
+                    crate::error::Chain(&e)
+                );
+            }
         }
     }
 }

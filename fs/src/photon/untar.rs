@@ -33,10 +33,10 @@ use blockdev::BlockDevice;
 
 use super::extfs::Extfs;
 use crate::apply::{device_numbers, entry_err, root_entry, ApplyOptions, ApplyStats};
-use crate::error::{Error, Result};
+use crate::error::{quote, Error, Result};
 use crate::ext2fs::cache::WriteMode;
 use crate::filedata::{FileData, FillCtx, Run, TarData};
-use crate::tar::{Entry, Kind, TarReader};
+use crate::tar::{symlink_target_problem, Entry, Kind, TarReader};
 
 /// Plan 9's `cleanname`, as libtar's `clean_name`: collapse `//`, drop `.`,
 /// resolve `..` lexically (`/..` is `/`; a relative path keeps leading
@@ -84,14 +84,14 @@ fn comps(p: &[u8]) -> Result<Vec<&[u8]>> {
     if v.iter().any(|c| *c == b"..") {
         return Err(Error::Invalid(format!(
             "'{}' leaves the layer root; refusing",
-            String::from_utf8_lossy(p)
+            quote(p)
         )));
     }
     // A directory entry's name length is one byte: a longer name would be cut.
     if let Some(c) = v.iter().find(|c| c.len() > 255) {
         return Err(Error::Invalid(format!(
             "'{}': a name is {} bytes long (ext4 allows 255)",
-            String::from_utf8_lossy(p),
+            quote(p),
             c.len()
         )));
     }
@@ -210,6 +210,15 @@ impl Untar<'_> {
         name: &[u8],
         tar: &mut TarReader<R>,
     ) -> Result<()> {
+        if e.kind == Kind::Symlink {
+            // ext2fs_symlink refuses a target of a block or more with a bare
+            // "Invalid argument passed to ext2 library"; said before anything
+            // is changed, as the native engine says it.
+            let limit = self.x.fs.block_size() as usize - 1;
+            if let Some(problem) = symlink_target_problem(&clean_name(&e.link), limit) {
+                return Err(entry_err(e, problem));
+            }
+        }
         let (dir, base) = split_path(name);
         self.mkdir_hier(e, dir)?;
         if self.convert_whiteout(dir, base)? {
@@ -284,10 +293,7 @@ impl Untar<'_> {
             return Err(entry_err(e, "a parent directory is not a directory"));
         }
         // photon's mkdir_recursive: every prefix, existing ones skipped.
-        for k in 1..=parts.len() {
-            self.x.mkdir(&parts[..k], 0o755)?;
-        }
-        Ok(())
+        self.x.mkdir_all(&parts, 0o755)
     }
 
     /// libtar's `convert_whiteout`: whether the entry was a whiteout.
@@ -297,7 +303,7 @@ impl Untar<'_> {
             if self.x.lstat(&comps(d)?)?.is_none() {
                 return Err(Error::Invalid(format!(
                     "opaque whiteout in '{}', which does not exist",
-                    String::from_utf8_lossy(d)
+                    quote(d)
                 )));
             }
             self.remove_all(d, false)?;
@@ -369,7 +375,7 @@ impl Untar<'_> {
         if !self.x.rmdir(&p)? {
             return Err(Error::Invalid(format!(
                 "'{}': the directory to replace is not empty after removing its entries",
-                String::from_utf8_lossy(path)
+                quote(path)
             )));
         }
         Ok(())
@@ -427,7 +433,7 @@ impl Untar<'_> {
                 tracing::warn!(
                     "'{}': ignored xattr '{}' (namespace not supported)",
                     e.path_lossy(),
-                    String::from_utf8_lossy(name)
+                    quote(name)
                 );
             }
         }

@@ -75,13 +75,14 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
     if args.mkfs && vsize == 0 {
         usage_bail!("--mkfs needs a virtual size greater than 0");
     }
-    // libext2fs never returns for much larger sizes (mkfs.ext4 of the
-    // kernel engine has limits of its own).
+    // Larger filesystems write GBs of bitmaps into the layer (mkfs.ext4 of
+    // the kernel engine has limits of its own).
     if args.mkfs && args.engine.engine == EngineKind::Libext2fs && vsize > obdfs::mkfs::MAX_SIZE {
         usage_bail!(
-            "--mkfs makes an ext4 of at most {} GB (2^28 - 1 block groups of 128 MiB), not {} GB",
+            "--mkfs makes an ext4 of at most {} GB (64 TiB), not {} GB: {}",
             obdfs::mkfs::MAX_SIZE >> 30,
-            args.vsize
+            args.vsize,
+            obdfs::mkfs::MAX_SIZE_WHY
         );
     }
     // Never replaced, as upstream (O_EXCL); said before any work. A file
@@ -119,9 +120,23 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
         false => std::sync::Arc::new(obdfs::Libext2fs::default()),
     };
     let mkfs = |dev: std::sync::Arc<dyn blockdev::BlockDevice>| -> anyhow::Result<()> {
+        // libext2fs's mkfs of many TiB writes GBs of bitmaps (seconds to
+        // half a minute): shown once it takes more than 2 s.
+        let progress = (engine.name() != obdkernel::NAME).then(|| {
+            let total = obdfs::mkfs::write_estimate(dev.size());
+            cli::WriteProgress::new(dev.clone(), "mkfs: block group bitmaps", total)
+        });
+        let dev = match &progress {
+            Some(p) => p.clone(),
+            None => dev,
+        };
         engine
             .mkfs(dev)
-            .with_context(|| format!("mkfs failed ({} engine)", engine.name()))
+            .with_context(|| format!("mkfs failed ({} engine)", engine.name()))?;
+        if let Some(p) = progress {
+            p.finish();
+        }
+        Ok(())
     };
     if (args.turbo_oci || args.fastoci) && args.raw {
         tracing::warn!(
