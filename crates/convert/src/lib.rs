@@ -234,6 +234,12 @@ impl Default for ConvertOptions {
 /// Largest `--vsize` in GB: what LSMT indexes can address (2^50 sectors).
 pub const MAX_VSIZE_GB: u64 = ((blockdev::lsmt::format::MAX_OFFSET + 1) * 512) >> 30;
 
+/// Largest `--vsize` in GB with `--mkfs` by libext2fs ([`obdfs::mkfs::MAX_SIZE`]).
+pub const MAX_MKFS_VSIZE_GB: u64 = obdfs::mkfs::MAX_SIZE >> 30;
+
+/// Why [`MAX_MKFS_VSIZE_GB`] is the limit, for messages.
+pub const MKFS_SIZE_WHY: &str = obdfs::mkfs::MAX_SIZE_WHY;
+
 /// Version of the bytes this convertor produces. Bump it whenever a change (in the
 /// LSMT/ZFile writers, mkfs, apply, the tar wrapper, ...) changes the output for the
 /// same input, so the dedup database never hands out layers made by another version.

@@ -100,7 +100,7 @@ pub(crate) struct Args {
           default_missing_value = "true", value_name = "BOOL")]
     mkfs: bool,
     /// Virtual block device size in GB (with --mkfs), 1 to 536870912 (what the
-    /// LSMT format can address); the work directory's filesystem must hold sparse
+    /// LSMT format can address; with --mkfs at most 65536, 64 TiB); the work directory's filesystem must hold sparse
     /// files that large unless --disable-sparse.
     #[arg(long, default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..=obdconvert::MAX_VSIZE_GB))]
@@ -453,6 +453,21 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     }
     if args.vsize == 0 {
         usage_bail!("--vsize must be at least 1 (GB)");
+    }
+    // The bottom layer's ext4 (an overlaybd image's, or TurboOCI ext4's) made by
+    // libext2fs has a size limit of its own (the kernel engine's mkfs.ext4 too).
+    let makes_ext4 = native_tag.is_some() || fstype == obdconvert::FsType::Ext4;
+    if args.mkfs
+        && makes_ext4
+        && args.engine.engine == obdtools::engine::EngineKind::Libext2fs
+        && args.vsize > obdconvert::MAX_MKFS_VSIZE_GB
+    {
+        usage_bail!(
+            "--vsize {}: --mkfs makes an ext4 of at most {} GB (64 TiB): {}",
+            args.vsize,
+            obdconvert::MAX_MKFS_VSIZE_GB,
+            obdconvert::MKFS_SIZE_WHY
+        );
     }
 
     let mut client_certs = Vec::new();

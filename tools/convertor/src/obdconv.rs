@@ -69,7 +69,7 @@ struct ObdconvArgs {
     #[arg(long = "bs", default_value_t = 4, value_name = "KIB", value_parser = crate::zfile_block_kib)]
     bs: u32,
     /// Virtual block device size in GB, 1 to 536870912 (what the LSMT format can
-    /// address).
+    /// address; with --mkfs at most 65536, 64 TiB).
     #[arg(long, default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..=obdconvert::MAX_VSIZE_GB))]
     vsize: u64,

@@ -1497,7 +1497,10 @@ fn malformed_references_are_usage_errors_in_every_form() {
 /// `--vsize` is checked by the parser in the `obdconv` form as in the `-r` form: 1 to
 /// 2^29 GB (what LSMT indexes address), a usage error (exit 2) naming it before any
 /// work. The `obdconv` form used to take any value: too large, it failed later (exit 1)
-/// making sparse files, or went on with `--disable-sparse`.
+/// making sparse files, or went on with `--disable-sparse`. With `--mkfs` (the
+/// default) past 64 TiB, what libext2fs's mkfs makes, it is refused before any work
+/// too (it failed at the mkfs, or on a filesystem without such large files, making
+/// them).
 #[test]
 fn obdconv_checks_vsize_as_the_r_form_does() {
     let t = tempfile::tempdir().unwrap();
@@ -1507,7 +1510,7 @@ fn obdconv_checks_vsize_as_the_r_form_does() {
     let dst = format!("oci:{}:obd", out.display());
     let wd = t.path().join("w");
     let wd_s = wd.to_str().unwrap();
-    for v in ["0", "536870913"] {
+    for v in ["0", "536870913", "65537"] {
         for form in [
             vec!["obdconv", &src, &dst, "--vsize", v, "-d", wd_s],
             vec![
@@ -1525,6 +1528,9 @@ fn obdconv_checks_vsize_as_the_r_form_does() {
             let e = stderr_of(&o);
             assert_eq!(o.status.code(), Some(2), "{form:?}: {e}");
             assert!(e.contains("--vsize") && e.contains(v), "{form:?}: {e}");
+            if v == "65537" {
+                assert!(e.contains("at most 65536 GB"), "{form:?}: {e}");
+            }
             assert!(!out.exists() && !wd.exists(), "{form:?}: nothing done");
         }
     }
