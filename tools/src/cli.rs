@@ -202,27 +202,33 @@ pub fn progress_reporter(label: &str) -> blockdev::commit::Progress {
     use std::io::IsTerminal;
     let label = label.to_string();
     let tty = std::io::stderr().is_terminal();
-    let bar = tty.then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        b.set_message(label.clone());
-        b
-    });
-    blockdev::commit::Progress(std::sync::Arc::new(move |done, total| match &bar {
-        Some(b) => {
-            b.set_length(total);
-            b.set_position(done);
-            if done >= total {
-                b.finish_and_clear();
-            }
+    // Made at the first report that has something left to do (a bar is drawn
+    // when made: made up front, it showed a full "0 B/0 B" first).
+    let bar = std::sync::OnceLock::new();
+    blockdev::commit::Progress(std::sync::Arc::new(move |done, total| {
+        if !tty {
+            return say(format_args!("{label}: {} of {}", human(done), human(total)));
         }
-        None => say(format_args!("{label}: {} of {}", human(done), human(total))),
+        if bar.get().is_none() && done >= total {
+            return;
+        }
+        let b = bar.get_or_init(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
+            );
+            b.set_message(label.clone());
+            b
+        });
+        b.set_length(total);
+        b.set_position(done);
+        if done >= total {
+            b.finish_and_clear();
+        }
     }))
 }
 

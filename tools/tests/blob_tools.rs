@@ -293,6 +293,29 @@ fn an_unwritable_stdout_is_not_a_failure() {
     );
 }
 
+/// On a terminal a commit's progress bar starts when there is something to
+/// show: it used to draw a full bar of "0 B/0 B" first (and leave it on the
+/// screen for an empty layer). `script` gives the commit a terminal.
+#[test]
+fn a_commit_on_a_terminal_draws_no_empty_bar() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(CREATE, &["-s", "data", "index", "1", "--mkfs"], d);
+    run(CREATE, &["-s", "empty", "eindex", "1"], d);
+    for (data, index) in [("data", "index"), ("empty", "eindex")] {
+        let cmd = format!("'{COMMIT}' -z {data} {index} {data}.out");
+        let o = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .current_dir(d)
+            .output()
+            .expect("script (util-linux) runs");
+        let said = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{said}");
+        assert!(said.contains("committed"), "{said}");
+        assert!(!said.contains("0 B/0 B"), "{data}: {said:?}");
+    }
+}
+
 /// `overlaybd-zfile` reading a stream that stalls, interrupted: no partial output
 /// is left (not even its temporary file), `-f` keeps the file that was there,
 /// and a rerun works.
