@@ -337,7 +337,7 @@ fn writable_session_is_flushed_on_sigterm_and_survives_commit() {
 /// A stop signal sent twice at once is one request to stop, not "stop now":
 /// `timeout` sends its signal to the command and then to its process group
 /// (the command gets it twice), and a wrapper may forward a Ctrl-C the
-/// group already got. Here the two come 5 ms apart: the server flushes the
+/// group already got. Here the two come 1 ms apart: the server flushes the
 /// writable upper and exits 0 (a second signal would exit at once without
 /// flushing, losing the write).
 #[test]
@@ -357,7 +357,7 @@ fn a_signal_sent_twice_at_once_still_flushes() {
     let pid = nix::unistd::Pid::from_raw(srv.child.id() as i32);
     for _ in 0..2 {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     }
     let child = std::mem::replace(&mut srv.child, Command::new("true").spawn().unwrap());
     let o = testutil::output_within(child, Duration::from_secs(20));
