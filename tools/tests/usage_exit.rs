@@ -432,6 +432,20 @@ fn mkfs_past_its_size_limit_is_refused() {
         );
         assert!(!d.path().join("data").exists() && !d.path().join("index").exists());
     }
+    // A TurboOCI layer's ext4 is made by libext2fs (obdfs::photon) whatever
+    // --engine says: refused with --engine kernel too (it failed at the mkfs).
+    let (code, err) = run_bounded(Command::new(CREATE).args([
+        "--turboOCI",
+        "--mkfs",
+        "--engine",
+        "kernel",
+        &p("data"),
+        &p("index"),
+        "65537",
+    ]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("at most 65536 GB"), "{err}");
+    assert!(!d.path().join("data").exists() && !d.path().join("index").exists());
     // A layer of 64 TiB + 1 GiB (created without a filesystem), given
     // --mkfs by overlaybd-apply: mkfs refuses the device.
     let (code, err) = run(Command::new(CREATE).args([&p("data"), &p("index"), "65537"]));

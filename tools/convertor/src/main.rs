@@ -454,14 +454,12 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     if args.vsize == 0 {
         usage_bail!("--vsize must be at least 1 (GB)");
     }
-    // The bottom layer's ext4 (an overlaybd image's, or TurboOCI ext4's) made by
-    // libext2fs has a size limit of its own (the kernel engine's mkfs.ext4 too).
-    let makes_ext4 = native_tag.is_some() || fstype == obdconvert::FsType::Ext4;
-    if args.mkfs
-        && makes_ext4
-        && args.engine.engine == obdtools::engine::EngineKind::Libext2fs
-        && args.vsize > obdconvert::MAX_MKFS_VSIZE_GB
-    {
+    // The bottom layer's ext4 made by libext2fs has a size limit of its own (the
+    // kernel engine's mkfs.ext4 too): an overlaybd image's unless the kernel engine
+    // makes it, a TurboOCI ext4 image's always (obdfs::photon, whatever --engine).
+    let libext2fs_mkfs = (native_tag.is_some() && obdtools::engine::mkfs_by_libext2fs(&*engine))
+        || (turbo_tag.is_some() && fstype == obdconvert::FsType::Ext4);
+    if args.mkfs && libext2fs_mkfs && args.vsize > obdconvert::MAX_MKFS_VSIZE_GB {
         usage_bail!(
             "--vsize {}: --mkfs makes an ext4 of at most {} GB (64 TiB): {}",
             args.vsize,

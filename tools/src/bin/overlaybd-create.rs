@@ -76,14 +76,20 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
         usage_bail!("--mkfs needs a virtual size greater than 0");
     }
     // Larger filesystems write GBs of bitmaps into the layer (mkfs.ext4 of
-    // the kernel engine has limits of its own).
-    if args.mkfs && args.engine.engine == EngineKind::Libext2fs && vsize > obdfs::mkfs::MAX_SIZE {
-        usage_bail!(
+    // the kernel engine has limits of its own). A TurboOCI layer's ext4 is
+    // made by libext2fs (obdfs::photon) whatever --engine says.
+    let turbo = (args.turbo_oci || args.fastoci) && !args.raw;
+    let too_large = || {
+        anyhow::Error::new(cli::Usage(anyhow::anyhow!(
             "--mkfs makes an ext4 of at most {} GB (64 TiB), not {} GB: {}",
             obdfs::mkfs::MAX_SIZE >> 30,
             args.vsize,
             obdfs::mkfs::MAX_SIZE_WHY
-        );
+        )))
+    };
+    let mkfs_too_large = args.mkfs && vsize > obdfs::mkfs::MAX_SIZE;
+    if mkfs_too_large && (turbo || args.engine.engine == EngineKind::Libext2fs) {
+        return Err(too_large());
     }
     // Never replaced, as upstream (O_EXCL); said before any work. A file
     // made meanwhile is still refused when created.
@@ -106,6 +112,10 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
             let engine = args
                 .engine
                 .build_with("overlaybd-create", cancel.clone(), None)?;
+            // --engine-fallback may have given the libext2fs engine.
+            if mkfs_too_large && obdtools::engine::mkfs_by_libext2fs(&*engine) {
+                return Err(too_large());
+            }
             if engine.name() == obdkernel::NAME {
                 signals.cancel_first(cancel);
             }
