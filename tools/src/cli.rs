@@ -222,6 +222,9 @@ pub fn progress_reporter(label: &str) -> blockdev::commit::Progress {
                 .progress_chars("=> "),
             );
             b.set_message(label.clone());
+            BARS.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(b.clone());
             b
         });
         b.set_length(total);
@@ -230,6 +233,19 @@ pub fn progress_reporter(label: &str) -> blockdev::commit::Progress {
             b.finish_and_clear();
         }
     }))
+}
+
+/// The progress bars [`progress_reporter`] made, for [`clear_progress`].
+static BARS: std::sync::Mutex<Vec<indicatif::ProgressBar>> = std::sync::Mutex::new(Vec::new());
+
+/// Take the progress bars off the screen for good, before a last line
+/// printed while the work goes on (a signal's): else the line lands at the
+/// end of the bar's, and the bar stays on screen after the exit.
+pub fn clear_progress() {
+    for b in BARS.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        b.finish_and_clear();
+        b.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
 }
 
 /// A device that reports the bytes written to it as the progress of a long

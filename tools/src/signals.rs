@@ -219,6 +219,7 @@ fn stop(s: &Shared, sig: Signal) -> ! {
             )),
         }
     }
+    crate::cli::clear_progress();
     say(format_args!("{line}"));
     std::process::exit(128 + sig as i32)
 }

@@ -181,7 +181,11 @@ mod tests {
             send(usr1);
             send(usr2);
             assert_eq!(stops.wait().unwrap(), usr1);
-            assert_eq!(stops.next, Some(usr2), "taken, to be returned without a wait");
+            assert_eq!(
+                stops.next,
+                Some(usr2),
+                "taken, to be returned without a wait"
+            );
             assert_eq!(stops.wait().unwrap(), usr2);
             assert_eq!(nothing_pending(&stops), None);
         })
