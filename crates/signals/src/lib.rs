@@ -146,10 +146,14 @@ mod tests {
     #[test]
     fn copies_within_the_window_are_one_request() {
         std::thread::spawn(|| {
-            let (usr1, usr2) = (Signal::SIGUSR1, Signal::SIGUSR2);
+            // Not SIGUSR1: the other test sets it ignored for the whole
+            // process meanwhile, which would discard it. A signalfd gives
+            // the lowest-numbered pending signal first: `a` (12) before
+            // `b` (14).
+            let (a, b) = (Signal::SIGUSR2, Signal::SIGALRM);
             let mut set = SigSet::empty();
-            set.add(usr1);
-            set.add(usr2);
+            set.add(a);
+            set.add(b);
             set.thread_block().unwrap();
             let mut stops = Stops::new(&set).unwrap();
             let me = pthread_self();
@@ -159,34 +163,30 @@ mod tests {
 
             // Two copies, 5 ms apart (taken one by one: a signal already
             // pending would merge with the second in the kernel).
-            send(usr1);
+            send(a);
             let t = std::thread::spawn(move || {
                 gap();
-                pthread_kill(me, usr1).unwrap();
+                pthread_kill(me, a).unwrap();
             });
             let took = Instant::now();
-            assert_eq!(stops.wait().unwrap(), usr1);
+            assert_eq!(stops.wait().unwrap(), a);
             assert!(took.elapsed() >= TOGETHER);
             t.join().unwrap();
             assert_eq!(nothing_pending(&stops), None);
 
             // The same signal after the window: a second request.
-            send(usr1);
-            assert_eq!(stops.wait().unwrap(), usr1);
-            send(usr1);
-            assert_eq!(stops.wait().unwrap(), usr1);
+            send(a);
+            assert_eq!(stops.wait().unwrap(), a);
+            send(a);
+            assert_eq!(stops.wait().unwrap(), a);
 
             // Another signal within the window: the next request, at once
             // (a stop, then a "stop now": the second is not held back).
-            send(usr1);
-            send(usr2);
-            assert_eq!(stops.wait().unwrap(), usr1);
-            assert_eq!(
-                stops.next,
-                Some(usr2),
-                "taken, to be returned without a wait"
-            );
-            assert_eq!(stops.wait().unwrap(), usr2);
+            send(a);
+            send(b);
+            assert_eq!(stops.wait().unwrap(), a);
+            assert_eq!(stops.next, Some(b), "taken, to be returned without a wait");
+            assert_eq!(stops.wait().unwrap(), b);
             assert_eq!(nothing_pending(&stops), None);
         })
         .join()
