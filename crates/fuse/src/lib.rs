@@ -171,7 +171,18 @@ pub fn mount(req: &MountRequest, ready: impl FnOnce(&Ready)) -> Result<Ended> {
                         })
                 }) as session::Save
             });
-            session::serve_saving(fs, &mcfg, || ready(&info), save)?
+            let served = session::serve_saving(fs, &mcfg, || ready(&info), save);
+            if served.is_err() && req.writable {
+                // The writes the kernel was told are done are saved all the
+                // same, and a failure to is said (the drop would not).
+                if let Err(e) = dev.flush() {
+                    tracing::error!(
+                        "cannot flush the upper layer: {}",
+                        blockdev::error::Chain(&e)
+                    );
+                }
+            }
+            served?
         }
         Mode::Fs => {
             mcfg.default_permissions = true;
