@@ -9,7 +9,7 @@ use anyhow::Context;
 use obdfs::Engine;
 use obdkernel::{Kernel, KernelOptions};
 
-/// Whether `engine` makes its ext4 with libext2fs ([`obdfs::mkfs`], at most
+/// Whether `engine` makes its ext4 with libext2fs ([`mod@obdfs::mkfs`], at most
 /// [`obdfs::mkfs::MAX_SIZE`]): any but the kernel engine, so also the
 /// libext2fs engine that `--engine kernel --engine-fallback` fell back to.
 pub fn mkfs_by_libext2fs(engine: &dyn Engine) -> bool {
