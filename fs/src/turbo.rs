@@ -128,6 +128,19 @@ fn is_tar_header(h: &[u8]) -> bool {
 /// `data` + `index` of `virtual_size` bytes, with a fresh ext4 when `mkfs`.
 /// Both files must not exist; on error they are removed.
 pub fn create_layer(data: &Path, index: &Path, virtual_size: u64, with_mkfs: bool) -> Result<()> {
+    create_layer_through(data, index, virtual_size, with_mkfs, |dev| dev)
+}
+
+/// [`create_layer`], the ext4 made through the device `through` returns for
+/// the layer's (a wrapper that reports the progress of a long mkfs, say; it
+/// must write what it is given).
+pub fn create_layer_through(
+    data: &Path,
+    index: &Path,
+    virtual_size: u64,
+    with_mkfs: bool,
+    through: impl FnOnce(Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice>,
+) -> Result<()> {
     create_warp(data, index, virtual_size, None).map_err(Error::Device)?;
     if !with_mkfs {
         return Ok(());
@@ -135,7 +148,7 @@ pub fn create_layer(data: &Path, index: &Path, virtual_size: u64, with_mkfs: boo
     let r = WritableLayer::open_warp(data, index, None, false)
         .and_then(|u| Stack::with_lowers(Vec::new(), Some(u)))
         .map_err(Error::Device)
-        .and_then(|s| photon::mkfs(Arc::new(s), &MkfsOptions::default()));
+        .and_then(|s| photon::mkfs(through(Arc::new(s)), &MkfsOptions::default()));
     if r.is_err() {
         let _ = std::fs::remove_file(data);
         let _ = std::fs::remove_file(index);

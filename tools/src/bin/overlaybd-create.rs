@@ -129,13 +129,14 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
         }
         false => std::sync::Arc::new(obdfs::Libext2fs::default()),
     };
+    // libext2fs's mkfs of many TiB writes GBs of bitmaps (seconds to half a
+    // minute): shown once it takes more than 2 s.
+    let mkfs_progress = |dev: &std::sync::Arc<dyn blockdev::BlockDevice>| {
+        let total = obdfs::mkfs::write_estimate(dev.size());
+        cli::WriteProgress::new(dev.clone(), "mkfs: block group bitmaps", total)
+    };
     let mkfs = |dev: std::sync::Arc<dyn blockdev::BlockDevice>| -> anyhow::Result<()> {
-        // libext2fs's mkfs of many TiB writes GBs of bitmaps (seconds to
-        // half a minute): shown once it takes more than 2 s.
-        let progress = (engine.name() != obdkernel::NAME).then(|| {
-            let total = obdfs::mkfs::write_estimate(dev.size());
-            cli::WriteProgress::new(dev.clone(), "mkfs: block group bitmaps", total)
-        });
+        let progress = (engine.name() != obdkernel::NAME).then(|| mkfs_progress(&dev));
         let dev = match &progress {
             Some(p) => p.clone(),
             None => dev,
@@ -159,14 +160,28 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
         }
         // The ext4 of a TurboOCI layer is made by the upstream-compatible
         // engine (obdfs::photon), as upstream's fork of libext2fs makes it.
-        obdfs::turbo::create_layer(&args.data_file, &args.index_file, vsize, args.mkfs)
-            .with_context(|| {
-                format!(
-                    "cannot create TurboOCI layer {} + {}",
-                    args.data_file.display(),
-                    args.index_file.display()
-                )
-            })?;
+        let mut progress = None;
+        let made = obdfs::turbo::create_layer_through(
+            &args.data_file,
+            &args.index_file,
+            vsize,
+            args.mkfs,
+            |dev| {
+                let p = mkfs_progress(&dev);
+                progress = Some(p.clone());
+                p
+            },
+        );
+        if let Some(p) = progress {
+            p.finish();
+        }
+        made.with_context(|| {
+            format!(
+                "cannot create TurboOCI layer {} + {}",
+                args.data_file.display(),
+                args.index_file.display()
+            )
+        })?;
         signals.remove_on_signal(Vec::new());
         cli::print_out(format_args!(
             "overlaybd-create has created files SUCCESSFULLY"
