@@ -24,6 +24,40 @@ fn fresh() -> Arc<dyn BlockDevice> {
     dev
 }
 
+/// `tar` applied by the upstream-compatible engine (turboOCI-apply) to a
+/// fresh 64 MiB ext4 of its own making.
+fn photon(tar: Vec<u8>) -> obdfs::Result<obdfs::ApplyStats> {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+    obdfs::photon::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).unwrap();
+    obdfs::photon::apply_tar(dev, &tar[..], obdfs::ApplyOptions::default())
+}
+
+/// A tar of one empty file at `deep` followed by a 300-byte name, too long
+/// for ext4 (the path in a PAX header).
+fn long_name_tar(deep: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let path = format!("{deep}{}", "n".repeat(300));
+    b.append_pax_extensions([("path", path.as_bytes())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(0);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "placeholder", &b""[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+/// A tar of one hard link `hl` to `target` (in a PAX header).
+fn hard_link_tar(target: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("linkpath", target.as_bytes())])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    b.append_data(&mut h, "hl", &b""[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
 /// A tar cut inside a file's data.
 #[test]
 fn truncated_stream_says_so_once() {
@@ -141,17 +175,9 @@ fn device_error_is_one_cause() {
 fn long_paths_are_shortened() {
     let dev = fresh();
     let deep = "d/".repeat(100_000);
-    let mut b = tar::Builder::new(Vec::new());
     // The last component is too long for ext4: refused before any
     // directory is made.
-    let path = format!("{deep}{}", "n".repeat(300));
-    b.append_pax_extensions([("path", path.as_bytes())])
-        .unwrap();
-    let mut h = tar::Header::new_ustar();
-    h.set_size(0);
-    h.set_mode(0o644);
-    b.append_data(&mut h, "placeholder", &b""[..]).unwrap();
-    let e = apply(&dev, &b.into_inner().unwrap()[..]);
+    let e = apply(&dev, &long_name_tar(&deep)[..]);
     let chain = assert_clean_chain(&e);
     assert!(
         chain.len() < 600,
@@ -163,15 +189,7 @@ fn long_paths_are_shortened() {
     assert!(chain.contains("nnnn'"), "the tail is kept: {chain}");
     assert!(chain.contains("300 bytes"), "{chain}");
 
-    let mut b = tar::Builder::new(Vec::new());
-    let target = format!("{deep}t");
-    b.append_pax_extensions([("linkpath", target.as_bytes())])
-        .unwrap();
-    let mut h = tar::Header::new_ustar();
-    h.set_entry_type(tar::EntryType::Link);
-    h.set_size(0);
-    b.append_data(&mut h, "hl", &b""[..]).unwrap();
-    let e = apply(&dev, &b.into_inner().unwrap()[..]);
+    let e = apply(&dev, &hard_link_tar(&format!("{deep}t"))[..]);
     let chain = assert_clean_chain(&e);
     assert!(chain.len() < 600, "{} bytes", chain.len());
     assert!(chain.starts_with("tar entry 'hl'"), "{chain}");
@@ -217,11 +235,6 @@ fn photon_refuses_hard_links_to_directories_and_long_names() {
             b.append_data(&mut h, path, &b""[..]).unwrap();
         }
         b.into_inner().unwrap()
-    };
-    let photon = |t: Vec<u8>| {
-        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
-        obdfs::photon::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).unwrap();
-        obdfs::photon::apply_tar(dev, &t[..], obdfs::ApplyOptions::default())
     };
     // The whole chain of causes, as the tools print it.
     let text = |e: obdfs::Error| {
@@ -315,11 +328,6 @@ fn photon_refuses_symlink_targets_longer_than_a_block() {
         b.append_data(&mut h, "a/b", &b""[..]).unwrap();
         b.into_inner().unwrap()
     };
-    let photon = |t: Vec<u8>| {
-        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
-        obdfs::photon::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).unwrap();
-        obdfs::photon::apply_tar(dev, &t[..], obdfs::ApplyOptions::default())
-    };
     let e = photon(tar_of(&"x".repeat(5000))).unwrap_err();
     let chain = assert_clean_chain(&e);
     assert_eq!(
@@ -337,22 +345,9 @@ fn photon_refuses_symlink_targets_longer_than_a_block() {
 /// a tool whose stderr pipe is read only once it exits).
 #[test]
 fn photon_long_paths_are_shortened() {
-    let photon = |t: Vec<u8>| {
-        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
-        obdfs::photon::mkfs(dev.clone(), &obdfs::MkfsOptions::default()).unwrap();
-        obdfs::photon::apply_tar(dev, &t[..], obdfs::ApplyOptions::default()).unwrap_err()
-    };
     // As many directories as the 64 MiB filesystem has inodes for.
     let deep = "d/".repeat(3_000);
-    let mut b = tar::Builder::new(Vec::new());
-    let path = format!("{deep}{}", "n".repeat(300));
-    b.append_pax_extensions([("path", path.as_bytes())])
-        .unwrap();
-    let mut h = tar::Header::new_ustar();
-    h.set_size(0);
-    h.set_mode(0o644);
-    b.append_data(&mut h, "placeholder", &b""[..]).unwrap();
-    let chain = assert_clean_chain(&photon(b.into_inner().unwrap()));
+    let chain = assert_clean_chain(&photon(long_name_tar(&deep)).unwrap_err());
     assert!(
         chain.len() < 600,
         "{} bytes: {}",
@@ -364,15 +359,7 @@ fn photon_long_paths_are_shortened() {
         "{chain}"
     );
 
-    let mut b = tar::Builder::new(Vec::new());
-    let target = format!("{deep}t");
-    b.append_pax_extensions([("linkpath", target.as_bytes())])
-        .unwrap();
-    let mut h = tar::Header::new_ustar();
-    h.set_entry_type(tar::EntryType::Link);
-    h.set_size(0);
-    b.append_data(&mut h, "hl", &b""[..]).unwrap();
-    let chain = assert_clean_chain(&photon(b.into_inner().unwrap()));
+    let chain = assert_clean_chain(&photon(hard_link_tar(&format!("{deep}t"))).unwrap_err());
     assert!(
         chain.len() < 600,
         "{} bytes: {}",
