@@ -313,29 +313,18 @@ fn a_second_signal_saves_completed_writes_and_exits_with_128_plus_signal() {
     drop(busy);
 }
 
-/// `cmd`'s output, failing the test when it runs longer than `secs` (it is
-/// killed then).
+/// `cmd`'s output (stdin closed), failing the test when it runs longer than
+/// `secs` (it is killed then): [`testutil::output_within`].
+#[track_caller]
 fn output_within(cmd: &mut Command, secs: u64) -> std::process::Output {
     use std::process::Stdio;
-    let mut child = cmd
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let o = child.wait_with_output().unwrap();
-            panic!(
-                "{cmd:?} still running after {secs} s: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    testutil::output_within(child, std::time::Duration::from_secs(secs))
 }
 
 /// A FIFO given as the upper (in every mode), as the config or as a lower
