@@ -100,8 +100,9 @@ pub(crate) struct Args {
           default_missing_value = "true", value_name = "BOOL")]
     mkfs: bool,
     /// Virtual block device size in GB (with --mkfs), 1 to 536870912 (what the
-    /// LSMT format can address; with --mkfs at most 65536, 64 TiB); the work directory's filesystem must hold sparse
-    /// files that large unless --disable-sparse.
+    /// LSMT format can address; with --mkfs at most 65536, 64 TiB); the work
+    /// directory's filesystem must hold sparse files that large unless
+    /// --disable-sparse.
     #[arg(long, default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..=obdconvert::MAX_VSIZE_GB))]
     vsize: u64,

@@ -136,25 +136,21 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
         cli::WriteProgress::new(dev.clone(), "mkfs: block group bitmaps", total)
     };
     let mkfs = |dev: std::sync::Arc<dyn blockdev::BlockDevice>| -> anyhow::Result<()> {
-        let progress = (engine.name() != obdkernel::NAME).then(|| mkfs_progress(&dev));
+        let progress = obdtools::engine::mkfs_by_libext2fs(&*engine).then(|| mkfs_progress(&dev));
         let dev = match &progress {
             Some(p) => p.clone(),
             None => dev,
         };
-        engine
-            .mkfs(dev)
-            .with_context(|| format!("mkfs failed ({} engine)", engine.name()))?;
-        if let Some(p) = progress {
-            p.finish();
-        }
-        Ok(())
+        let made = engine.mkfs(dev);
+        finish_progress(progress, made.is_ok());
+        made.with_context(|| format!("mkfs failed ({} engine)", engine.name()))
     };
     if (args.turbo_oci || args.fastoci) && args.raw {
         tracing::warn!(
             "--raw and --turboOCI: a raw image is made, as upstream does; --turboOCI is ignored"
         );
     }
-    if (args.turbo_oci || args.fastoci) && !args.raw {
+    if turbo {
         if vsize == 0 {
             usage_bail!("a TurboOCI layer needs a virtual size greater than 0");
         }
@@ -172,9 +168,7 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
                 p
             },
         );
-        if let Some(p) = progress {
-            p.finish();
-        }
+        finish_progress(progress, made.is_ok());
         made.with_context(|| {
             format!(
                 "cannot create TurboOCI layer {} + {}",
@@ -274,4 +268,15 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
         "overlaybd-create has created files SUCCESSFULLY"
     ));
     Ok(())
+}
+
+/// A mkfs's progress ends: completed and cleared after success; after a
+/// failure only taken off the screen, before the error is said (not
+/// reported as complete).
+fn finish_progress(progress: Option<std::sync::Arc<cli::WriteProgress>>, done: bool) {
+    match progress {
+        Some(p) if done => p.finish(),
+        Some(_) => cli::clear_progress(),
+        None => {}
+    }
 }
