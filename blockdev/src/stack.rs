@@ -14,6 +14,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use crate::config::ImageConfig;
 use crate::device::{check_range, push_extent, BlockDevice, Extent};
 use crate::error::{Error, Result};
@@ -254,7 +256,15 @@ pub struct Stack {
     /// Granularity of upper writes: 4 KiB for sparse uppers (holes are
     /// page-sized), 512 otherwise.
     write_align: u64,
+    /// Serialise the read-modify-writes of partly written blocks, striped by
+    /// block number: two writes to disjoint bytes of one block (from two NBD
+    /// connections, or two FUSE threads) would otherwise both read the block
+    /// as it was and the later write-back would undo the other write.
+    rmw_locks: Box<[Mutex<()>]>,
 }
+
+/// Stripes of [`Stack`]'s read-modify-write locks.
+const RMW_STRIPES: u64 = 64;
 
 impl std::fmt::Debug for Stack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -389,6 +399,7 @@ impl Stack {
             upper,
             size,
             write_align,
+            rmw_locks: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
         })
     }
 
@@ -620,6 +631,13 @@ impl BlockDevice for Stack {
         }
         let (a, l) = widen(offset, buf.len() as u64, al);
         let (a, l) = (a, l.min(self.size - a));
+        // Only the first and last blocks hold bytes this write does not
+        // replace; a concurrent write to those bytes must not land between
+        // the read and the write-back. Stripes are taken in order.
+        let (first, last) = (a / al % RMW_STRIPES, (a + l - 1) / al % RMW_STRIPES);
+        let (lo, hi) = (first.min(last), first.max(last));
+        let _lo = self.rmw_locks[lo as usize].lock();
+        let _hi = (hi != lo).then(|| self.rmw_locks[hi as usize].lock());
         let mut tmp = vec![0u8; l as usize];
         self.read_at(&mut tmp, a)?;
         let d = (offset - a) as usize;
