@@ -216,28 +216,13 @@ impl DiskFs {
         Errno::from_i32(errno_of(e))
     }
 
-    fn zero_range(&self, offset: u64, len: u64, punch: bool) -> blockdev::Result<()> {
-        if !punch {
-            return self.dev.write_zeroes(offset, len);
-        }
-        // Discard whole 4 KiB blocks (holes in the upper), write zeros over
-        // the unaligned edges so the whole range reads back as zeros.
-        const B: u64 = 4096;
-        let end = offset + len;
-        let a = offset.div_ceil(B) * B;
-        let b = end / B * B;
-        if b <= a {
-            return self.dev.write_at(&vec![0u8; len as usize], offset);
-        }
-        if a > offset {
-            self.dev
-                .write_at(&vec![0u8; (a - offset) as usize], offset)?;
-        }
-        self.dev.trim(a, b - a)?;
-        if end > b {
-            self.dev.write_at(&vec![0u8; (end - b) as usize], b)?;
-        }
-        Ok(())
+    /// Punch-hole and zero-range alike: the range reads as zeros from now on,
+    /// also after the upper is reopened. The stack's write-zeroes leaves holes
+    /// in a sparse upper where no lower holds data, and writes zeros only over
+    /// the blocks a lower does (where a hole would show the lower's bytes
+    /// again once reopened, as a trim does); unaligned edges are written.
+    fn zero_range(&self, offset: u64, len: u64) -> blockdev::Result<()> {
+        self.dev.write_zeroes(offset, len)
     }
 }
 
@@ -482,7 +467,7 @@ impl Filesystem for DiskFs {
         if offset >= end {
             return reply.ok();
         }
-        match self.zero_range(offset, end - offset, punch) {
+        match self.zero_range(offset, end - offset) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail(
                 &e,

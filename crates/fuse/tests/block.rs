@@ -224,6 +224,65 @@ fn writable_session_is_committed_and_read_back() {
     f2.unmount();
 }
 
+/// A hole punched over blocks a lower layer holds data in reads as zeros
+/// after the upper is reopened (and after a commit), as it did in the session:
+/// a loop device turns the kernel's write-zeroes into a punch-hole, and ext4
+/// zeroes parts of unwritten extents that way, so the lower layer's bytes
+/// coming back would be data in files that should read as zeros.
+#[test]
+fn a_punched_hole_over_lower_data_stays_zeros_after_remount() {
+    let t = tempfile::tempdir().unwrap();
+    let (data, index) = (t.path().join("data"), t.path().join("index"));
+    run_ok(
+        Command::new(workspace_bin("overlaybd-create"))
+            .arg("-s")
+            .arg(&data)
+            .arg(&index)
+            .arg("64"),
+    );
+    let layers = fixture_layers();
+    let mut args: Vec<&std::ffi::OsStr> = layers.iter().map(|p| p.as_os_str()).collect();
+    args.extend(["--upper".as_ref(), data.as_os_str(), index.as_os_str()]);
+    // The first backup superblock and group descriptors (group 1): data in
+    // the base layer. Whole blocks, and an unaligned range around them.
+    let (at, len) = (128u64 << 20, 16384u64);
+    let read = |disk: &std::path::Path| {
+        let mut b = vec![0u8; 3 * len as usize];
+        File::open(disk)
+            .unwrap()
+            .read_exact_at(&mut b, at - len)
+            .unwrap();
+        b
+    };
+    let f = Fuse::background(&args, &t.path().join("mp"));
+    let before = read(&f.disk());
+    assert!(before[len as usize..].iter().any(|&b| b != 0));
+    for (off, l) in [(at, len), (at + len + 100, len - 200)] {
+        run_ok(
+            Command::new(tool("fallocate"))
+                .args(["--punch-hole", "--keep-size", "-o"])
+                .arg(off.to_string())
+                .arg("-l")
+                .arg(l.to_string())
+                .arg(f.disk()),
+        );
+    }
+    let mut want = before.clone();
+    want[len as usize..2 * len as usize].fill(0);
+    want[2 * len as usize + 100..3 * len as usize - 100].fill(0);
+    assert!(
+        read(&f.disk()) == want,
+        "punched ranges do not read as zeros"
+    );
+    f.unmount();
+    let f = Fuse::background(&args, &t.path().join("mp"));
+    assert!(
+        read(&f.disk()) == want,
+        "punched ranges read as zeros only until the upper was reopened"
+    );
+    f.unmount();
+}
+
 #[test]
 fn seek_data_and_hole_follow_the_allocation_map() {
     use nix::unistd::{lseek, Whence};
