@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::config::ImageConfig;
 use crate::device::{check_range, push_extent, BlockDevice, Extent};
@@ -256,15 +256,23 @@ pub struct Stack {
     /// Granularity of upper writes: 4 KiB for sparse uppers (holes are
     /// page-sized), 512 otherwise.
     write_align: u64,
-    /// Serialise the read-modify-writes of partly written blocks, striped by
-    /// block number: two writes to disjoint bytes of one block (from two NBD
-    /// connections, or two FUSE threads) would otherwise both read the block
-    /// as it was and the later write-back would undo the other write.
-    rmw_locks: Box<[Mutex<()>]>,
+    /// Block locks, striped by block number ([`Stack::lock_blocks`]): a
+    /// write covering part of a block is a read-modify-write of the whole
+    /// block, and no other write to that block may land between its read and
+    /// its write-back (from another NBD connection or FUSE thread), or the
+    /// write-back would put the block back as it was before that write.
+    block_locks: Box<[RwLock<()>]>,
 }
 
-/// Stripes of [`Stack`]'s read-modify-write locks.
-const RMW_STRIPES: u64 = 64;
+/// Stripes of [`Stack`]'s block locks.
+const BLOCK_STRIPES: u64 = 64;
+
+/// A held stripe of [`Stack`]'s block locks, released when dropped.
+#[expect(dead_code, reason = "the guards are held for their drop, never read")]
+enum BlockGuard<'a> {
+    Shared(RwLockReadGuard<'a, ()>),
+    Exclusive(RwLockWriteGuard<'a, ()>),
+}
 
 impl std::fmt::Debug for Stack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -399,7 +407,7 @@ impl Stack {
             upper,
             size,
             write_align,
-            rmw_locks: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
+            block_locks: (0..BLOCK_STRIPES).map(|_| RwLock::new(())).collect(),
         })
     }
 
@@ -577,6 +585,37 @@ impl Stack {
         Ok(())
     }
 
+    /// Locks the stripes of the blocks `[a, a + l)` (whole write blocks,
+    /// `l > 0`), in stripe order so that no two writers wait for each other.
+    /// A write that replaces whole blocks shares them with other such writes;
+    /// a `partial` write (a read-modify-write of its first and last blocks)
+    /// holds those two alone until its write-back, and shares the middle.
+    fn lock_blocks(&self, a: u64, l: u64, partial: bool) -> Vec<BlockGuard<'_>> {
+        let al = self.write_align;
+        let (first, last) = (a / al, (a + l - 1) / al);
+        let (start, end) = (first % BLOCK_STRIPES, last % BLOCK_STRIPES);
+        // The stripes covered, in ascending order: all of them, one run, or
+        // (wrapping past the last stripe) two runs.
+        let (low, high) = if last - first + 1 >= BLOCK_STRIPES {
+            (0..BLOCK_STRIPES, 0..0)
+        } else if start <= end {
+            (start..end + 1, 0..0)
+        } else {
+            (0..end + 1, start..BLOCK_STRIPES)
+        };
+        let edge = |s: u64| partial && (s == start || s == end);
+        low.chain(high)
+            .map(|s| {
+                let lock = &self.block_locks[s as usize];
+                if edge(s) {
+                    BlockGuard::Exclusive(lock.write())
+                } else {
+                    BlockGuard::Shared(lock.read())
+                }
+            })
+            .collect()
+    }
+
     fn upper_for_write(&self) -> Result<&WritableLayer> {
         self.upper.as_ref().ok_or(Error::ReadOnly)
     }
@@ -627,17 +666,12 @@ impl BlockDevice for Stack {
         }
         let al = self.write_align;
         if offset.is_multiple_of(al) && (buf.len() as u64).is_multiple_of(al) {
+            let _held = self.lock_blocks(offset, buf.len() as u64, false);
             return upper.write(buf, offset);
         }
         let (a, l) = widen(offset, buf.len() as u64, al);
         let (a, l) = (a, l.min(self.size - a));
-        // Only the first and last blocks hold bytes this write does not
-        // replace; a concurrent write to those bytes must not land between
-        // the read and the write-back. Stripes are taken in order.
-        let (first, last) = (a / al % RMW_STRIPES, (a + l - 1) / al % RMW_STRIPES);
-        let (lo, hi) = (first.min(last), first.max(last));
-        let _lo = self.rmw_locks[lo as usize].lock();
-        let _hi = (hi != lo).then(|| self.rmw_locks[hi as usize].lock());
+        let _held = self.lock_blocks(a, l, true);
         let mut tmp = vec![0u8; l as usize];
         self.read_at(&mut tmp, a)?;
         let d = (offset - a) as usize;
@@ -658,6 +692,7 @@ impl BlockDevice for Stack {
         // Only whole aligned blocks can be discarded; the rest is advisory.
         let (a, b) = inner_blocks(offset, len, self.write_align);
         if b > a {
+            let _held = self.lock_blocks(a, b - a, false);
             upper.discard(a, b - a)?;
         }
         Ok(())
@@ -673,7 +708,10 @@ impl BlockDevice for Stack {
         if a > offset {
             self.write_at(&vec![0u8; (a - offset) as usize], offset)?;
         }
-        self.zero_upper(upper, a, b - a)?;
+        {
+            let _held = self.lock_blocks(a, b - a, false);
+            self.zero_upper(upper, a, b - a)?;
+        }
         if offset + len > b {
             self.write_at(&vec![0u8; (offset + len - b) as usize], b)?;
         }

@@ -327,3 +327,75 @@ fn concurrent_writes_to_disjoint_parts_of_a_block_all_land() {
         }
     }
 }
+
+/// A write covering part of a block against a write to the whole block at the
+/// same time (whole-block writes, or the middle blocks of a longer unaligned
+/// write): in whichever order they land, the bytes only the whole-block write
+/// covers hold its data. The partial write's read-modify-write must not take
+/// the block as it was before the other write and put that back.
+#[test]
+fn a_partial_write_never_puts_back_what_a_concurrent_whole_block_write_replaced() {
+    const BLOCKS: u64 = 255;
+    const ROUNDS: u64 = 8;
+    for sparse in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, i) = new_upper(dir.path(), 0, sparse, VSIZE);
+        let stack = Stack::open(&[], Some((&d, &i))).unwrap();
+        let block: u64 = if sparse { 4096 } else { 512 };
+        // The partial write's bytes in each block.
+        let (q, part) = (block / 4, block / 4);
+        for round in 0..ROUNDS {
+            // Whole blocks written aligned (even rounds), or as the middle
+            // block of an unaligned write over half of each neighbour (odd).
+            let spanning = round % 2 == 1;
+            let (old, whole, partial) = (
+                3 * round as u8 + 1,
+                3 * round as u8 + 2,
+                3 * round as u8 + 3,
+            );
+            stack
+                .write_at(&vec![old; (BLOCKS * block) as usize], 0)
+                .unwrap();
+            // Odd blocks are the contested ones.
+            std::thread::scope(|s| {
+                let stack = &stack;
+                s.spawn(move || {
+                    for b in (1..BLOCKS - 1).step_by(2) {
+                        if spanning {
+                            let bytes = vec![whole; (2 * block) as usize];
+                            stack.write_at(&bytes, b * block - block / 2).unwrap();
+                        } else {
+                            stack
+                                .write_at(&vec![whole; block as usize], b * block)
+                                .unwrap();
+                        }
+                    }
+                });
+                s.spawn(move || {
+                    for b in (1..BLOCKS - 1).step_by(2) {
+                        stack
+                            .write_at(&vec![partial; part as usize], b * block + q)
+                            .unwrap();
+                    }
+                });
+            });
+            let mut got = vec![0u8; block as usize];
+            for b in (1..BLOCKS - 1).step_by(2) {
+                stack.read_at(&mut got, b * block).unwrap();
+                for (k, &x) in got.iter().enumerate() {
+                    let k = k as u64;
+                    let ok = if (q..q + part).contains(&k) {
+                        x == whole || x == partial
+                    } else {
+                        x == whole
+                    };
+                    assert!(
+                        ok,
+                        "sparse={sparse} round {round} (spanning={spanning}): block {b} byte {k} \
+                         is {x}, not the whole-block write's {whole}"
+                    );
+                }
+            }
+        }
+    }
+}
