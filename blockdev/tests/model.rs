@@ -281,6 +281,16 @@ fn writable_layer_as_lower_reads_like_its_commit() {
     assert_eq!(&x[123_456..133_456], &pattern(10_000, 9)[..]);
 }
 
+/// A stack of one new upper (`sparse` or not) and no lowers, in a temporary
+/// directory, with the size of its write blocks: 4 KiB in a sparse upper, a
+/// sector otherwise (a write covering less is a read-modify-write).
+fn upper_only(sparse: bool) -> (tempfile::TempDir, Stack, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, i) = new_upper(dir.path(), 0, sparse, VSIZE);
+    let stack = Stack::open(&[], Some((&d, &i))).unwrap();
+    (dir, stack, if sparse { 4096 } else { 512 })
+}
+
 /// Writes from several threads at once to disjoint bytes of the same blocks
 /// (NBD clients on several connections of a multi-conn export, or
 /// `--workers`): every write lands. A write that covers part of a block is a
@@ -293,11 +303,8 @@ fn concurrent_writes_to_disjoint_parts_of_a_block_all_land() {
     const BLOCKS: u64 = 256;
     const ROUNDS: u64 = 8;
     for sparse in [true, false] {
-        let dir = tempfile::tempdir().unwrap();
-        let (d, i) = new_upper(dir.path(), 0, sparse, VSIZE);
-        let stack = Stack::open(&[], Some((&d, &i))).unwrap();
         // In a non-sparse upper blocks are sectors: split those.
-        let block: u64 = if sparse { 4096 } else { 512 };
+        let (_dir, stack, block) = upper_only(sparse);
         let part = block / THREADS;
         for round in 0..ROUNDS {
             let fill = |t: u64| (round * THREADS + t + 1) as u8;
@@ -338,10 +345,7 @@ fn a_partial_write_never_puts_back_what_a_concurrent_whole_block_write_replaced(
     const BLOCKS: u64 = 255;
     const ROUNDS: u64 = 8;
     for sparse in [true, false] {
-        let dir = tempfile::tempdir().unwrap();
-        let (d, i) = new_upper(dir.path(), 0, sparse, VSIZE);
-        let stack = Stack::open(&[], Some((&d, &i))).unwrap();
-        let block: u64 = if sparse { 4096 } else { 512 };
+        let (_dir, stack, block) = upper_only(sparse);
         // The partial write's bytes in each block.
         let (q, part) = (block / 4, block / 4);
         for round in 0..ROUNDS {
