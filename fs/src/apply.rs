@@ -572,6 +572,18 @@ impl<'a> Applier<'a> {
             }
             let cur = *stack.last().expect("never empty");
             match self.lookup(cur, &c)? {
+                // A directory entry stores 255 bytes of name at most; a longer
+                // one would be written with its length modulo 256.
+                None if create && c.len() > sys::EXT2_NAME_LEN as usize => {
+                    return Err(entry_err(
+                        e,
+                        format!(
+                            "'{}': name is {} bytes long (ext4 allows 255)",
+                            quote(&c),
+                            c.len()
+                        ),
+                    ))
+                }
                 None if create => {
                     let ino = self.make_dir(cur, &c, 0o755, 0, 0, Timestamp::default())?;
                     stack.push(ino);

@@ -195,6 +195,63 @@ fn long_paths_are_shortened() {
     assert!(chain.starts_with("tar entry 'hl'"), "{chain}");
 }
 
+/// A directory the tar does not declare (a missing parent, or one a symlink
+/// on the path names) is refused like a last component when its name is over
+/// 255 bytes: it was made with the length stored modulo 256, a zero-length
+/// name that e2fsck reports and the kernel's ext4 fails the listing on.
+#[test]
+fn long_parent_names_are_refused() {
+    let long = "p".repeat(256);
+    let tar_of = |entries: &[(&str, tar::EntryType, &str)]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, link) in entries {
+            let mut pax = vec![("path", path.as_bytes())];
+            if !link.is_empty() {
+                pax.push(("linkpath", link.as_bytes()));
+            }
+            b.append_pax_extensions(pax).unwrap();
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            h.set_size(0);
+            b.append_data(&mut h, "placeholder", &b""[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    };
+    let below = format!("{long}/f");
+    let through_link = format!("/{long}");
+    for (what, tar) in [
+        (
+            "missing parent",
+            tar_of(&[(below.as_str(), tar::EntryType::Regular, "")]),
+        ),
+        (
+            "symlink target",
+            tar_of(&[
+                ("s", tar::EntryType::Symlink, through_link.as_str()),
+                ("s/f", tar::EntryType::Regular, ""),
+            ]),
+        ),
+    ] {
+        let dev = fresh();
+        let e = apply(&dev, &tar[..]);
+        let chain = assert_clean_chain(&e);
+        assert!(
+            chain.contains("256 bytes long (ext4 allows 255)"),
+            "{what}: {chain}"
+        );
+    }
+    // 255 bytes are fine.
+    let ok = format!("{}/f", "p".repeat(255));
+    let dev = fresh();
+    obdfs::apply_tar(
+        dev.clone(),
+        &tar_of(&[(ok.as_str(), tar::EntryType::Regular, "")])[..],
+        obdfs::ApplyOptions::default(),
+    )
+    .unwrap();
+}
+
 /// Errors from a real image file on disk name it once.
 #[test]
 fn missing_image_is_one_cause() {
