@@ -265,6 +265,10 @@ impl<T: FileTree> Filesystem for TreeFs<T> {
         );
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_CACHE_SYMLINKS);
+        // Without it the kernel refuses getxattr of `system.posix_acl_*`
+        // (EOPNOTSUPP, while listxattr names them) and checks permissions by
+        // the mode alone; with it, it asks getxattr for the ACLs and uses them.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_POSIX_ACL);
         Ok(())
     }
 

@@ -369,3 +369,115 @@ fn fs_mode_seek_data_and_hole_find_the_holes_of_a_sparse_file() {
     drop(file);
     f.unmount();
 }
+
+/// POSIX ACLs are served (the FUSE connection says it handles them): the
+/// kernel answers `getxattr` of `system.posix_acl_*` only then, and checks
+/// permissions against them only then. Without it, listxattr named the ACL
+/// and getxattr failed with EOPNOTSUPP.
+#[test]
+fn fs_mode_serves_posix_acls() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let t = tempfile::tempdir().unwrap();
+    let (data, index) = (t.path().join("data"), t.path().join("index"));
+    run_ok(
+        Command::new(workspace_bin("overlaybd-create"))
+            .arg("-s")
+            .arg(&data)
+            .arg(&index)
+            .arg("64"),
+    );
+    // user::rw-, user:1234:r--, group::r--, mask::r--, other::---
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (1u16, 6u16, u32::MAX),
+        (2, 4, 1234),
+        (4, 4, u32::MAX),
+        (0x10, 4, u32::MAX),
+        (0x20, 0, u32::MAX),
+    ] {
+        acl.extend(tag.to_le_bytes());
+        acl.extend(perm.to_le_bytes());
+        acl.extend(id.to_le_bytes());
+    }
+    let (src, value) = (t.path().join("src"), t.path().join("acl"));
+    std::fs::write(&src, b"acl'd").unwrap();
+    std::fs::write(&value, &acl).unwrap();
+
+    let layers = fixture_layers();
+    let mut args: Vec<&std::ffi::OsStr> = layers.iter().map(|p| p.as_os_str()).collect();
+    args.extend(["--upper".as_ref(), data.as_os_str(), index.as_os_str()]);
+    let b = Fuse::background(&args, &t.path().join("blk"));
+    let disk = b.disk();
+    for cmd in [
+        format!("write {} /acl", src.display()),
+        format!("ea_set -f {} /acl system.posix_acl_access", value.display()),
+        format!("ea_set -f {} / system.posix_acl_default", value.display()),
+        "sif /acl mode 0100640".to_string(),
+    ] {
+        run_ok(
+            Command::new(tool("debugfs"))
+                .args(["-w", "-R", &cmd])
+                .arg(&disk),
+        );
+    }
+    b.unmount();
+
+    let mut fs_args = vec!["--fs".as_ref(), "--allow-other".as_ref()];
+    fs_args.extend(&args);
+    let f = Fuse::background(&fs_args, &t.path().join("fs"));
+    let get = |p: &Path, name: &str| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let n = std::ffi::CString::new(name).unwrap();
+        let mut buf = vec![0u8; 256];
+        // SAFETY: both strings are NUL-terminated and live across the call;
+        // the kernel writes at most `buf.len()` bytes into `buf`.
+        let r =
+            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        buf.truncate(r as usize);
+        Ok(buf)
+    };
+    let file = f.mp.join("acl");
+    assert_eq!(std::fs::read(&file).unwrap(), b"acl'd");
+    assert_eq!(
+        get(&file, "system.posix_acl_access").unwrap(),
+        acl,
+        "the access ACL"
+    );
+    assert_eq!(
+        get(&f.mp, "system.posix_acl_default").unwrap(),
+        acl,
+        "the root's default ACL"
+    );
+    let e = get(&f.mp, "system.posix_acl_access").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENODATA), "{e}");
+    // The kernel checks permissions against the ACL: user 1234 may read the
+    // file (0640, owner root: the mode alone would refuse it), user 1235 not.
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cat_as = |uid: u32| {
+        Command::new(tool("cat"))
+            .arg(&file)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap()
+    };
+    let o = cat_as(1234);
+    assert!(
+        o.status.success(),
+        "user 1234 is granted read by the ACL: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(o.stdout, b"acl'd");
+    let o = cat_as(1235);
+    assert!(!o.status.success(), "user 1235 has no entry: other::---");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    f.unmount();
+}

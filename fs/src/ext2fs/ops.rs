@@ -335,6 +335,36 @@ impl Ext2Fs {
         self.check_with(rc, || {
             format!("list the extended attributes of inode {ino}")
         })?;
+        // The iteration hands out values as stored; POSIX ACLs are stored in
+        // ext4's own compact form, which `ext2fs_xattr_get` turns back into
+        // the `system.posix_acl_*` value every reader expects (as the kernel's
+        // ext4 does; the stored form is refused by getxattr's callers).
+        for (name, value) in out.iter_mut() {
+            if name != b"system.posix_acl_access" && name != b"system.posix_acl_default" {
+                continue;
+            }
+            let c = cstring(name)?;
+            let mut p: *mut c_void = std::ptr::null_mut();
+            let mut len = 0usize;
+            // SAFETY: h is open; c is a valid C string; both out-pointers are
+            // valid for the call.
+            let rc = unsafe { sys::ext2fs_xattr_get(h.0, c.as_ptr(), &mut p, &mut len) };
+            self.check_with(rc, || {
+                format!(
+                    "read extended attribute '{}' of inode {ino}",
+                    String::from_utf8_lossy(name)
+                )
+            })?;
+            if !p.is_null() {
+                // SAFETY: on success p holds `len` bytes that libext2fs
+                // allocated for us; they are copied before it is freed, once,
+                // by the library's own free (it takes the pointer's address).
+                unsafe {
+                    *value = std::slice::from_raw_parts(p as *const u8, len).to_vec();
+                    sys::ext2fs_free_mem(&mut p as *mut *mut c_void as *mut c_void);
+                }
+            }
+        }
         Ok(out)
     }
 
