@@ -5,15 +5,21 @@
 //! ```text
 //! DIR/.lock                  held (flock) by the process using the cache
 //! DIR/<hex>.data             sparse file, the blob's bytes at their offsets
-//! DIR/<hex>.chunks           16-byte header "obdchunk" + chunk size (le64),
-//!                            then one byte per chunk: 1 = present in .data
+//! DIR/<hex>.chunks           16-byte header "obdchnk2" + chunk size (le64),
+//!                            then 8 bytes per chunk: a flag (1 = present in
+//!                            .data), 3 zero bytes, the chunk's crc32c (le32)
 //! ```
 //!
 //! A blob is cached in whole chunks (the last one shorter). A chunk's bytes
 //! are written before its flag, and its flag is cleared before its bytes are
-//! punched out, so a flag never claims bytes that are not there (after a
-//! crash the worst case is a chunk fetched again). Files whose header or
-//! size do not match are started afresh. The total of present chunks stays
+//! punched out. Nothing is synced, though, so after a crash of the machine
+//! a flag may claim bytes that never reached the disk; and a cache
+//! directory kept across mounts can be damaged by anything else. So the
+//! first read of a chunk found in the cache at open checks the whole chunk
+//! against the crc32c stored with its flag: a chunk that fails is dropped
+//! (with a warning) and fetched again, never served. Chunks written by this
+//! process are trusted. Files whose header or size do not match are started
+//! afresh. The total of present chunks stays
 //! within the budget: the least recently used chunks (of any blob) are
 //! punched out first. Readers of a chunk hold its file's lock shared, so a
 //! chunk is never punched out under a reader.
@@ -22,6 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
@@ -29,8 +36,18 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
 
-const MAGIC: &[u8; 8] = b"obdchunk";
+const MAGIC: &[u8; 8] = b"obdchnk2";
 const HEADER: u64 = 16;
+/// Bytes per chunk in the flags file: flag, 3 zero bytes, crc32c (le32).
+const SLOT: u64 = 8;
+
+/// A chunk's entry in the flags file.
+fn slot(present: bool, crc: u32) -> [u8; SLOT as usize] {
+    let mut b = [0u8; SLOT as usize];
+    b[0] = present as u8;
+    b[4..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
 
 /// Ages of present chunks, oldest first.
 #[derive(Default)]
@@ -62,6 +79,10 @@ pub struct CacheFile {
     size: u64,
     chunk: u64,
     present: RwLock<Vec<bool>>,
+    /// The crc32c of each present chunk's bytes.
+    crcs: Vec<AtomicU32>,
+    /// Chunks kept from an earlier run whose bytes are not checked yet.
+    unchecked: Vec<AtomicBool>,
 }
 
 impl CacheFile {
@@ -217,6 +238,7 @@ impl ChunkCache {
         let flags = open(&flags_path)?;
         let nchunks = size.div_ceil(self.chunk);
         let mut present = vec![false; nchunks as usize];
+        let mut crcs = Vec::with_capacity(nchunks as usize);
         let mut head = [0u8; HEADER as usize];
         let fl_len = flags
             .metadata()
@@ -226,18 +248,21 @@ impl ChunkCache {
             .metadata()
             .map_err(|e| Error::io(&data_path, "cannot stat", e))?
             .len();
-        let reusable = fl_len == HEADER + nchunks
+        let reusable = fl_len == HEADER + SLOT * nchunks
             && d_len == size
             && flags.read_exact_at(&mut head, 0).is_ok()
             && &head[..8] == MAGIC
             && head[8..] == self.chunk.to_le_bytes();
         if reusable {
-            let mut b = vec![0u8; nchunks as usize];
+            let mut b = vec![0u8; (SLOT * nchunks) as usize];
             flags
                 .read_exact_at(&mut b, HEADER)
                 .map_err(|e| Error::io(&flags_path, "cannot read", e))?;
-            for (p, v) in present.iter_mut().zip(&b) {
-                *p = *v == 1;
+            for (p, v) in present.iter_mut().zip(b.chunks_exact(SLOT as usize)) {
+                *p = v[0] == 1;
+                crcs.push(AtomicU32::new(u32::from_le_bytes(
+                    v[4..].try_into().expect("4 bytes"),
+                )));
             }
         } else {
             let init = |f: &File, len: u64, p: &Path| {
@@ -246,13 +271,15 @@ impl ChunkCache {
                     .map_err(|e| Error::io(p, "cannot size the cache file", e))
             };
             init(&data, size, &data_path)?;
-            init(&flags, HEADER + nchunks, &flags_path)?;
+            init(&flags, HEADER + SLOT * nchunks, &flags_path)?;
+            crcs.resize_with(nchunks as usize, || AtomicU32::new(0));
             head[..8].copy_from_slice(MAGIC);
             head[8..].copy_from_slice(&self.chunk.to_le_bytes());
             flags
                 .write_all_at(&head, 0)
                 .map_err(|e| Error::io(&flags_path, "cannot write", e))?;
         }
+        let unchecked = present.iter().map(|&p| AtomicBool::new(p)).collect();
         let mut files = self.files.write();
         let f = Arc::new(CacheFile {
             id: files.len(),
@@ -263,6 +290,8 @@ impl ChunkCache {
             size,
             chunk: self.chunk,
             present: RwLock::new(present),
+            crcs,
+            unchecked,
         });
         files.push(f.clone());
         drop(files);
@@ -287,15 +316,43 @@ impl ChunkCache {
 
     /// Copy `buf.len()` bytes at offset `off` of chunk `c` into `buf` if
     /// the chunk is cached.
+    /// A chunk kept from an earlier run is checked against its crc32c on
+    /// its first read: one that fails is dropped (the caller fetches it
+    /// again) and `false` returned.
     pub fn read(&self, f: &CacheFile, c: u64, off: u64, buf: &mut [u8]) -> Result<bool> {
         {
             let p = f.present.read();
             if !p.get(c as usize).copied().unwrap_or(false) {
                 return Ok(false);
             }
-            f.data
-                .read_exact_at(buf, c * f.chunk + off)
-                .map_err(|e| Error::io(&f.data_path, "cannot read the cache", e))?;
+            if f.unchecked[c as usize].load(Ordering::Acquire) {
+                let mut whole = vec![0u8; f.chunk_len(c) as usize];
+                f.data
+                    .read_exact_at(&mut whole, c * f.chunk)
+                    .map_err(|e| Error::io(&f.data_path, "cannot read the cache", e))?;
+                let want = f.crcs[c as usize].load(Ordering::Relaxed);
+                let got = crc32c::crc32c(&whole);
+                if got != want {
+                    drop(p);
+                    tracing::warn!(
+                        "cache: chunk {c} of {} (bytes {}..{} of {}) does not match its checksum \
+                         (crc32c {got:08x}, stored {want:08x}); dropped, fetching it again",
+                        f.data_path.display(),
+                        c * f.chunk,
+                        c * f.chunk + f.chunk_len(c),
+                        f.name
+                    );
+                    let mut lru = self.lru.lock();
+                    self.drop_chunk(&mut lru, f, c);
+                    return Ok(false);
+                }
+                f.unchecked[c as usize].store(false, Ordering::Release);
+                buf.copy_from_slice(&whole[off as usize..off as usize + buf.len()]);
+            } else {
+                f.data
+                    .read_exact_at(buf, c * f.chunk + off)
+                    .map_err(|e| Error::io(&f.data_path, "cannot read the cache", e))?;
+            }
         }
         self.lru.lock().touch((f.id, c));
         Ok(true)
@@ -312,12 +369,15 @@ impl ChunkCache {
             if p[c as usize] {
                 return Ok(());
             }
+            let crc = crc32c::crc32c(data);
             f.data
                 .write_all_at(data, c * f.chunk)
                 .map_err(|e| Error::io(&f.data_path, "cannot write the cache", e))?;
             f.flags
-                .write_all_at(&[1], HEADER + c)
+                .write_all_at(&slot(true, crc), HEADER + SLOT * c)
                 .map_err(|e| Error::io(&f.data_path, "cannot write the cache flags", e))?;
+            f.crcs[c as usize].store(crc, Ordering::Relaxed);
+            f.unchecked[c as usize].store(false, Ordering::Release);
             p[c as usize] = true;
         }
         let mut lru = self.lru.lock();
@@ -336,12 +396,25 @@ impl ChunkCache {
             lru.by_age.remove(&age);
             lru.age.remove(&(id, c));
             let f = self.files.read()[id].clone();
-            let mut p = f.present.write();
-            if !std::mem::replace(&mut p[c as usize], false) {
-                continue;
-            }
-            lru.used -= f.chunk_len(c);
-            let r = f.flags.write_all_at(&[0], HEADER + c).and_then(|_| {
+            self.drop_chunk(lru, &f, c);
+        }
+    }
+
+    /// Drop chunk `c` of `f` if present: clear its flag, punch its bytes
+    /// out, forget its age.
+    fn drop_chunk(&self, lru: &mut Lru, f: &CacheFile, c: u64) {
+        let mut p = f.present.write();
+        if !std::mem::replace(&mut p[c as usize], false) {
+            return;
+        }
+        if let Some(age) = lru.age.remove(&(f.id, c)) {
+            lru.by_age.remove(&age);
+        }
+        lru.used -= f.chunk_len(c);
+        let r = f
+            .flags
+            .write_all_at(&slot(false, 0), HEADER + SLOT * c)
+            .and_then(|_| {
                 fallocate(
                     &f.data,
                     FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
@@ -350,12 +423,11 @@ impl ChunkCache {
                 )
                 .map_err(std::io::Error::from)
             });
-            if let Err(e) = r {
-                tracing::warn!(
-                    "cache: cannot drop a chunk of {}: {e}",
-                    f.data_path.display()
-                );
-            }
+        if let Err(e) = r {
+            tracing::warn!(
+                "cache: cannot drop a chunk of {}: {e}",
+                f.data_path.display()
+            );
         }
     }
 
@@ -369,7 +441,7 @@ impl ChunkCache {
                 if let Some(age) = lru.age.remove(&(f.id, c)) {
                     lru.by_age.remove(&age);
                 }
-                let _ = f.flags.write_all_at(&[0], HEADER + c);
+                let _ = f.flags.write_all_at(&slot(false, 0), HEADER + SLOT * c);
             }
         }
         let _ = f.data.set_len(0).and_then(|_| f.data.set_len(f.size));

@@ -254,3 +254,44 @@ fn concurrent_readers_of_a_missing_chunk_fetch_it_once() {
     assert_eq!(stats.bytes.load(Ordering::Relaxed), want.len() as u64);
     assert_eq!(stats.requests.load(Ordering::Relaxed), 16);
 }
+
+#[test]
+fn a_damaged_chunk_in_a_reused_cache_is_fetched_again_not_served() {
+    let reg = Registry::plain();
+    let repo = client(&reg, "lazy/rot");
+    let want = data(6 * CHUNK as usize + 123, 6);
+    let d = push(&repo, &want);
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = ChunkCache::new(Some(dir.path()), 1 << 30, CHUNK).unwrap();
+        let (b, stats) = blob(&repo, &d, &cache, 0);
+        assert!(read(&b, 0, want.len()).unwrap() == want);
+        assert_eq!(stats.verified.load(Ordering::Relaxed), 1);
+    }
+    // Between two mounts the cached bytes change: a flipped byte in chunk
+    // 2, chunk 4 zeroed (as a crash can leave a chunk whose flag reached
+    // the disk and whose bytes did not), the flags untouched.
+    let data_file = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "data"))
+        .unwrap();
+    let mut stored = std::fs::read(&data_file).unwrap();
+    assert!(stored == want);
+    stored[2 * CHUNK as usize + 77] ^= 0x20;
+    stored[4 * CHUNK as usize..5 * CHUNK as usize].fill(0);
+    std::fs::write(&data_file, &stored).unwrap();
+
+    let cache = ChunkCache::new(Some(dir.path()), 1 << 30, CHUNK).unwrap();
+    let (b, stats) = blob(&repo, &d, &cache, 0);
+    // Every byte is the blob's: the two damaged chunks, and only they,
+    // come from the registry again.
+    assert!(read(&b, 0, want.len()).unwrap() == want);
+    assert_eq!(stats.bytes.load(Ordering::Relaxed), 2 * CHUNK);
+    assert_eq!(stats.requests.load(Ordering::Relaxed), 2);
+    assert!(
+        read(&b, 2 * CHUNK, CHUNK as usize).unwrap()
+            == want[2 * CHUNK as usize..3 * CHUNK as usize]
+    );
+    assert_eq!(stats.requests.load(Ordering::Relaxed), 2);
+}
