@@ -1227,7 +1227,26 @@ impl Repository {
             }
         })?;
         match resp.status().as_u16() {
-            206 => {}
+            206 => {
+                // The bytes must be those asked for: a server or proxy answering
+                // another part of the blob would have them taken for these.
+                let got = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                if content_range(got.as_deref()) != Some((offset, end)) {
+                    return Err(Error::Protocol {
+                        peer: self.reg.host.clone(),
+                        what,
+                        reason: format!(
+                            "the answer's Content-Range is {}, not bytes {offset}-{end}",
+                            got.as_deref()
+                                .map_or("missing".into(), |g| format!("{g:?}"))
+                        ),
+                    });
+                }
+            }
             200 if offset == 0 => {}
             200 => {
                 return Err(Error::Protocol {
@@ -1877,6 +1896,13 @@ fn pause(d: Duration, cancel: Option<&AtomicBool>) {
         }
         std::thread::sleep(left.min(CANCEL_POLL));
     }
+}
+
+/// The first and last byte of a `Content-Range: bytes A-B/TOTAL` (TOTAL may be `*`).
+fn content_range(v: Option<&str>) -> Option<(u64, u64)> {
+    let (range, _total) = v?.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
 }
 
 /// Whether a body read failed on the request's deadline.

@@ -720,3 +720,77 @@ fn a_slow_commit_is_not_a_stall() {
     );
     assert!(t.elapsed() >= commit);
 }
+
+/// A server that answers every request with `206` and the `Content-Range`
+/// `range` over `body` (whatever range was asked).
+fn serve_partial(range: &'static str, body: Vec<u8>) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { break };
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    // Skip the headers.
+                    while {
+                        line.clear();
+                        r.read_line(&mut line).unwrap_or(0) > 0 && line.trim_end() != ""
+                    } {}
+                    let head = format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Range: {range}\r\n\
+                         Content-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if w.write_all(head.as_bytes()).is_err() || w.write_all(&body).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A `206` whose `Content-Range` is not the range asked for (a proxy or
+/// server that answers another part of the blob) fails the read: its bytes
+/// belong elsewhere and must not be taken for those asked.
+#[test]
+fn a_range_answered_with_other_bytes_fails_the_read() {
+    let d = Descriptor::of_bytes(MT_OCI_LAYER_TAR, b"x").digest;
+    let o = ClientOptions {
+        plain_http: true,
+        ..opts()
+    };
+    for (range, ok) in [
+        ("bytes 4096-8191/100000", true),
+        ("bytes 8192-12287/100000", false),
+        ("bytes 0-4095/100000", false),
+        ("bytes 4096-8191/*", true),
+        ("bytes */100000", false),
+        ("garbage", false),
+    ] {
+        let port = serve_partial(range, vec![7u8; 4096]);
+        let repo = registry::Registry::new(&format!("127.0.0.1:{port}"), &o)
+            .unwrap()
+            .repository("r/range");
+        let mut buf = vec![0u8; 4096];
+        let r = repo.read_blob_range(&d, 4096, &mut buf, Some(Duration::from_secs(5)));
+        match (ok, r) {
+            (true, Ok(())) => assert!(buf.iter().all(|&b| b == 7)),
+            (false, Err(e)) => {
+                let line = obdoci::error::Chain(&e).to_string();
+                assert!(line.contains("Content-Range"), "{range}: {line}");
+                assert!(line.contains("4096-8191"), "{range}: {line}");
+            }
+            (_, r) => panic!("{range}: {r:?}"),
+        }
+    }
+}
