@@ -58,6 +58,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A fetch that a read waited for (another reader's) failed.
+    #[error("{0}")]
+    Fetch(String),
     /// Fetched bytes do not match their digest.
     #[error("{0}")]
     Integrity(String),

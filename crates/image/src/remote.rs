@@ -7,7 +7,8 @@
 //!   previous one ended) widen the request by a read-ahead window that
 //!   doubles up to the configured maximum.
 //! * Two readers needing the same missing chunk fetch it once: the second
-//!   waits for the first.
+//!   waits for the first, and fails with it if that fetch fails (it has been
+//!   retried already; the next read tries again).
 //! * A failed request (connection refused, timeout, 5xx, a body that breaks
 //!   off) is retried with backoff; when the retries are used up, the read
 //!   fails with an I/O error (EIO for a FUSE or NBD client) and the next
@@ -21,10 +22,10 @@
 //!
 //! [`FetchStats`] counts requests and bytes for logs, tests and benchmarks.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use blockdev::source::ReadAt;
@@ -100,6 +101,13 @@ struct Verify {
     done: bool,
 }
 
+/// A fetch in flight, shared by the readers that wait for its chunks.
+#[derive(Default)]
+struct Pending {
+    /// Set if it failed: why, on one line.
+    failed: OnceLock<String>,
+}
+
 /// The read-ahead state of sequential readers.
 struct Ahead {
     /// Where the last read ended.
@@ -118,7 +126,8 @@ pub struct RemoteBlob {
     file: Arc<CacheFile>,
     opts: FetchOptions,
     stats: Arc<FetchStats>,
-    inflight: Mutex<HashSet<u64>>,
+    /// Chunks being fetched, each with its fetch.
+    inflight: Mutex<HashMap<u64, Arc<Pending>>>,
     landed: Condvar,
     ahead: Mutex<Ahead>,
     verify: Mutex<Verify>,
@@ -165,7 +174,7 @@ impl RemoteBlob {
             cache,
             opts,
             stats,
-            inflight: Mutex::new(HashSet::new()),
+            inflight: Mutex::new(HashMap::new()),
             landed: Condvar::new(),
             ahead: Mutex::new(Ahead {
                 last_end: u64::MAX,
@@ -324,8 +333,17 @@ impl RemoteBlob {
             }
             // Claim the run of missing chunks from c (up to the read-ahead).
             let mut inflight = self.inflight.lock();
-            if inflight.contains(&c) {
-                self.landed.wait(&mut inflight);
+            if let Some(p) = inflight.get(&c).cloned() {
+                // Wait for that fetch to end; share its failure.
+                while inflight.get(&c).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                    self.landed.wait(&mut inflight);
+                }
+                drop(inflight);
+                if let Some(why) = p.failed.get() {
+                    return Err(Error::Fetch(format!(
+                        "the fetch this read waited for failed: {why}"
+                    )));
+                }
                 continue;
             }
             if self.file.has(c) {
@@ -334,13 +352,14 @@ impl RemoteBlob {
             let limit = (((end + ahead).min(self.size) - 1) / cs).max(last);
             let mut run_end = c;
             while run_end < limit
-                && !inflight.contains(&(run_end + 1))
+                && !inflight.contains_key(&(run_end + 1))
                 && !self.file.has(run_end + 1)
             {
                 run_end += 1;
             }
+            let pending = Arc::new(Pending::default());
             for k in c..=run_end {
-                inflight.insert(k);
+                inflight.insert(k, pending.clone());
             }
             drop(inflight);
             let fetched = self.fetch(c, run_end);
@@ -360,6 +379,9 @@ impl RemoteBlob {
                 }
                 self.advance_digest(c, &data)
             });
+            if let Err(e) = &result {
+                let _ = pending.failed.set(obdoci::error::Chain(e).to_string());
+            }
             let mut inflight = self.inflight.lock();
             for k in c..=run_end {
                 inflight.remove(&k);

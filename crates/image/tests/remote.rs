@@ -295,3 +295,71 @@ fn a_damaged_chunk_in_a_reused_cache_is_fetched_again_not_served() {
     );
     assert_eq!(stats.requests.load(Ordering::Relaxed), 2);
 }
+
+#[test]
+fn readers_waiting_on_a_failed_fetch_share_its_failure() {
+    // A registry that accepts connections and never answers: each fetch
+    // fails after the timeout. Eight readers of one missing chunk: one
+    // fetches, the others wait for it and fail with it, instead of each
+    // trying again in turn (eight timeouts for the last one, with every
+    // server thread held meanwhile).
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = l.local_addr().unwrap().to_string();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming() {
+            n.fetch_add(1, Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let o = obdregistry::ClientOptions {
+        plain_http: true,
+        retries: 0,
+        ..Default::default()
+    };
+    let repo = obdregistry::Registry::new(&host, &o)
+        .unwrap()
+        .repository("lazy/silent");
+    let digest: obdoci::Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
+    let cache = ChunkCache::new(None, 1 << 30, CHUNK).unwrap();
+    let stats = Arc::new(FetchStats::default());
+    let b = RemoteBlob::new(
+        repo,
+        digest,
+        4 * CHUNK,
+        cache,
+        FetchOptions {
+            timeout: Duration::from_secs(2),
+            ..opts(0)
+        },
+        stats.clone(),
+    )
+    .unwrap();
+    let start = std::sync::Barrier::new(8);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8u64)
+            .map(|t| {
+                let (b, start, accepted) = (&b, &start, &accepted);
+                s.spawn(move || {
+                    start.wait();
+                    if t > 0 {
+                        // The first reader's fetch is under way.
+                        while accepted.load(Ordering::SeqCst) == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                    read(b, CHUNK + 10 * t, 100)
+                })
+            })
+            .collect();
+        for h in hs {
+            let e = h.join().unwrap().unwrap_err();
+            let line = obdimage::error::Chain(&e).to_string();
+            assert!(line.contains("cannot fetch bytes"), "{line}");
+        }
+    });
+    assert_eq!(stats.failures.load(Ordering::Relaxed), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
