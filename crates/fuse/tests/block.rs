@@ -117,14 +117,7 @@ fn converted_oci_image_mounts_by_tag() {
 #[test]
 fn writable_session_is_committed_and_read_back() {
     let t = tempfile::tempdir().unwrap();
-    let (data, index) = (t.path().join("data"), t.path().join("index"));
-    run_ok(
-        Command::new(workspace_bin("overlaybd-create"))
-            .arg("-s")
-            .arg(&data)
-            .arg(&index)
-            .arg("64"),
-    );
+    let (data, index) = sparse_upper(t.path(), 64);
     let layers = fixture_layers();
     let mut args: Vec<&std::ffi::OsStr> = layers.iter().map(|p| p.as_os_str()).collect();
     args.extend(["--upper".as_ref(), data.as_os_str(), index.as_os_str()]);
@@ -232,14 +225,7 @@ fn writable_session_is_committed_and_read_back() {
 #[test]
 fn a_punched_hole_over_lower_data_stays_zeros_after_remount() {
     let t = tempfile::tempdir().unwrap();
-    let (data, index) = (t.path().join("data"), t.path().join("index"));
-    run_ok(
-        Command::new(workspace_bin("overlaybd-create"))
-            .arg("-s")
-            .arg(&data)
-            .arg(&index)
-            .arg("64"),
-    );
+    let (data, index) = sparse_upper(t.path(), 64);
     let layers = fixture_layers();
     let mut args: Vec<&std::ffi::OsStr> = layers.iter().map(|p| p.as_os_str()).collect();
     args.extend(["--upper".as_ref(), data.as_os_str(), index.as_os_str()]);

@@ -43,14 +43,7 @@ fn debugfs(disk: &Path, cmd: &str) {
 fn a_damaged_inode_fails_alone_with_eio_and_its_name_is_listed() {
     let t = tempfile::tempdir().unwrap();
     let layers = fixture_layers();
-    let (data, index) = (t.path().join("data"), t.path().join("index"));
-    run_ok(
-        Command::new(workspace_bin("overlaybd-create"))
-            .arg("-s")
-            .arg(&data)
-            .arg(&index)
-            .arg("64"),
-    );
+    let (data, index) = sparse_upper(t.path(), 64);
     let mut args: Vec<&OsStr> = layers.iter().map(|p| p.as_os_str()).collect();
     let mut fs_args = vec!["--fs".as_ref()];
     fs_args.extend(&args);

@@ -82,18 +82,8 @@ fn fs_mode_serves_the_fixture_stack_and_tar_reads_it() {
 #[test]
 fn fs_mode_refuses_a_disk_without_a_filesystem() {
     let t = tempfile::tempdir().unwrap();
-    let (data, index, blob) = (
-        t.path().join("data"),
-        t.path().join("index"),
-        t.path().join("empty.blob"),
-    );
-    run_ok(
-        Command::new(workspace_bin("overlaybd-create"))
-            .arg("-s")
-            .arg(&data)
-            .arg(&index)
-            .arg("1"),
-    );
+    let (data, index) = sparse_upper(t.path(), 1);
+    let blob = t.path().join("empty.blob");
     run_ok(
         Command::new(workspace_bin("overlaybd-commit"))
             .arg(&data)
@@ -260,14 +250,7 @@ fn fs_mode_seek_data_and_hole_find_the_holes_of_a_sparse_file() {
 
     const K: u64 = 1024;
     let t = tempfile::tempdir().unwrap();
-    let (data, index) = (t.path().join("data"), t.path().join("index"));
-    run_ok(
-        Command::new(workspace_bin("overlaybd-create"))
-            .arg("-s")
-            .arg(&data)
-            .arg(&index)
-            .arg("64"),
-    );
+    let (data, index) = sparse_upper(t.path(), 64);
     // Data at [0, 64K) and [512K, 768K) of a 2 MiB file.
     let src = t.path().join("src");
     let f = std::fs::File::create(&src).unwrap();
@@ -379,14 +362,7 @@ fn fs_mode_serves_posix_acls() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     let t = tempfile::tempdir().unwrap();
-    let (data, index) = (t.path().join("data"), t.path().join("index"));
-    run_ok(
-        Command::new(workspace_bin("overlaybd-create"))
-            .arg("-s")
-            .arg(&data)
-            .arg(&index)
-            .arg("64"),
-    );
+    let (data, index) = sparse_upper(t.path(), 64);
     // user::rw-, user:1234:r--, group::r--, mask::r--, other::---
     let mut acl = 2u32.to_le_bytes().to_vec();
     for (tag, perm, id) in [

@@ -32,6 +32,20 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     p
 }
 
+/// A new sparse writable layer of `gib` GiB (`overlaybd-create -s`) in
+/// `dir`: its data and index files.
+pub fn sparse_upper(dir: &Path, gib: u64) -> (PathBuf, PathBuf) {
+    let (data, index) = (dir.join("data"), dir.join("index"));
+    run_ok(
+        Command::new(workspace_bin("overlaybd-create"))
+            .arg("-s")
+            .arg(&data)
+            .arg(&index)
+            .arg(gib.to_string()),
+    );
+    (data, index)
+}
+
 /// The reference stack of the upstream fixtures: the base layer and the
 /// committed layer holding `input.tar`, as pushed (tar-wrapped lz4 ZFile).
 pub fn fixture_layers() -> Vec<PathBuf> {
