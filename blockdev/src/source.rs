@@ -29,6 +29,16 @@ pub trait ReadAt: Send + Sync {
             .collect()
     }
 
+    /// Forget any copy of `[offset, offset + len)` this source keeps (a
+    /// cache of bytes fetched over the network), so that the next read
+    /// fetches them again: for a reader whose own check of those bytes
+    /// (a ZFile block's checksum) failed. Returns whether a read could now
+    /// give other bytes; sources that read files as they are give `false`.
+    fn refetch(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
     /// Read exactly `buf.len()` bytes or fail naming the file.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let n = self.read_at(buf, offset)?;
@@ -224,6 +234,14 @@ impl ReadAt for SubSource {
         }
         let n = (buf.len() as u64).min(self.len - offset) as usize;
         self.inner.read_at(&mut buf[..n], self.base + offset)
+    }
+
+    fn refetch(&self, offset: u64, len: u64) -> bool {
+        if offset >= self.len {
+            return false;
+        }
+        self.inner
+            .refetch(self.base + offset, len.min(self.len - offset))
     }
 
     fn size(&self) -> u64 {

@@ -431,6 +431,29 @@ impl ZFileReader {
         Ok(done)
     }
 
+    /// [`Self::decode_run`] once more after it failed with `err`, on the
+    /// stored bytes read again, if the source can fetch them again
+    /// ([`ReadAt::refetch`]: bytes a lazily loaded blob cached may have
+    /// been damaged on their way); otherwise `err`.
+    fn decode_run_again(
+        &self,
+        first: usize,
+        end: usize,
+        offset: u64,
+        out: &mut [u8],
+        scratch: &mut Vec<u8>,
+        err: Error,
+    ) -> Result<usize> {
+        let start = self.offsets[first];
+        let n = self.offsets[end] - start;
+        if !self.src.refetch(start, n) {
+            return Err(err);
+        }
+        let mut stored = vec![0u8; n as usize];
+        self.src.read_exact_at(&mut stored, start)?;
+        self.decode_run(first, end, &stored, offset, out, scratch)
+    }
+
     fn block_len(&self, i: usize) -> usize {
         let bs = self.info.block_size as u64;
         (self.info.original_size - i as u64 * bs).min(bs) as usize
@@ -460,14 +483,13 @@ impl ReadAt for ZFileReader {
             let start = self.offsets[b];
             stored.resize((self.offsets[e] - start) as usize, 0);
             self.src.read_exact_at(&mut stored, start)?;
-            done += self.decode_run(
-                b,
-                e,
-                &stored,
-                offset + done as u64,
-                &mut buf[done..want],
-                &mut scratch,
-            )?;
+            let at = offset + done as u64;
+            done += match self.decode_run(b, e, &stored, at, &mut buf[done..want], &mut scratch) {
+                Ok(n) => n,
+                Err(err) => {
+                    self.decode_run_again(b, e, at, &mut buf[done..want], &mut scratch, err)?
+                }
+            };
             b = e;
         }
         if stored.capacity() <= READ_CHUNK as usize + MAX_BLOCK_SIZE as usize * 3 {
@@ -523,6 +545,7 @@ impl ReadAt for ZFileReader {
             let n = (self.offsets[end] - self.offsets[first]) as usize;
             results[k] = Some(r.and_then(|()| {
                 self.decode_run(first, end, &stored[at..at + n], *off, buf, &mut scratch)
+                    .or_else(|err| self.decode_run_again(first, end, *off, buf, &mut scratch, err))
                     .map(|_| ())
             }));
         }

@@ -400,6 +400,17 @@ impl ChunkCache {
         }
     }
 
+    /// Drop chunk `c` of `f` if it is cached (its bytes failed a reader's
+    /// own check): the next read fetches it again. Returns whether it was.
+    pub fn forget(&self, f: &CacheFile, c: u64) -> bool {
+        if !f.has(c) {
+            return false;
+        }
+        let mut lru = self.lru.lock();
+        self.drop_chunk(&mut lru, f, c);
+        true
+    }
+
     /// Drop chunk `c` of `f` if present: clear its flag, punch its bytes
     /// out, forget its age.
     fn drop_chunk(&self, lru: &mut Lru, f: &CacheFile, c: u64) {

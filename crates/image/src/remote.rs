@@ -415,6 +415,41 @@ impl ReadAt for RemoteBlob {
         Ok(n)
     }
 
+    /// Drops the cached chunks of the range, so that they are fetched
+    /// again: bytes that failed a reader's check (a ZFile block's checksum)
+    /// may have been damaged on their way, by a proxy say. A blob already
+    /// verified whole, or found bad, is what the registry holds: no.
+    fn refetch(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || offset >= self.size || self.bad.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut v = self.verify.lock();
+        if v.done {
+            return false;
+        }
+        let cs = self.cache.chunk_size();
+        let (first, last) = (offset / cs, ((offset + len).min(self.size) - 1) / cs);
+        let dropped: Vec<u64> = (first..=last)
+            .filter(|&c| self.cache.forget(&self.file, c))
+            .collect();
+        if dropped.is_empty() {
+            return false;
+        }
+        // The whole-blob digest has taken in those bytes: start it again.
+        if dropped[0] < v.next {
+            v.next = 0;
+            v.hasher = Sha256::new();
+        }
+        tracing::warn!(
+            "lazy: {}: bytes {offset}..{} failed their check; fetching chunks {}..={} again",
+            self.name.display(),
+            offset + len,
+            dropped[0],
+            dropped[dropped.len() - 1]
+        );
+        true
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

@@ -363,3 +363,47 @@ fn readers_waiting_on_a_failed_fetch_share_its_failure() {
     assert_eq!(stats.failures.load(Ordering::Relaxed), 1);
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
+
+/// A ZFile block whose bytes were damaged on their way (here the registry's
+/// copy is damaged, then repaired) fails its read with the checksum error,
+/// is fetched again once by that read, and is fetched again by the next
+/// read instead of failing from the cache for the rest of the mount.
+#[test]
+fn a_zfile_block_failing_its_checksum_is_fetched_again_not_kept() {
+    use blockdev::source::VecSink;
+    use blockdev::zfile::{ZFileReader, ZFileWriter, ZfileOptions};
+    let reg = Registry::plain();
+    let repo = client(&reg, "lazy/zfile");
+    // Incompressible: the ZFile spans some 33 chunks, so opening it (header
+    // and trailer) does not bring the whole blob in.
+    let raw = data(2 << 20, 4);
+    let mut w = ZFileWriter::new(VecSink::default(), ZfileOptions::default()).unwrap();
+    w.write(&raw).unwrap();
+    let z = w.finish().unwrap().0;
+    let d = push(&repo, &z);
+    let p = reg.blob_data_path(d.digest.as_str());
+    // A byte of block 0's stored bytes (after the 512-byte header).
+    let mut damaged = z.clone();
+    damaged[612] ^= 0xff;
+    std::fs::write(&p, &damaged).unwrap();
+
+    let cache = ChunkCache::new(None, 1 << 30, CHUNK).unwrap();
+    let (b, stats) = blob(&repo, &d, &cache, 0);
+    let r = ZFileReader::open(Box::new(b)).unwrap();
+    let mut block = vec![0u8; 4096];
+    let before = stats.requests.load(Ordering::Relaxed);
+    let e = r.read_exact_at(&mut block, 0).unwrap_err();
+    let line = obdimage::error::Chain(&e).to_string();
+    assert!(line.contains("checksum"), "{line}");
+    // The read fetched the chunk once more before failing.
+    assert_eq!(stats.requests.load(Ordering::Relaxed), before + 1);
+
+    std::fs::write(&p, &z).unwrap();
+    r.read_exact_at(&mut block, 0).unwrap();
+    assert!(block == raw[..4096]);
+    // The whole blob reads right, and its digest checks out.
+    let mut all = vec![0u8; raw.len()];
+    r.read_exact_at(&mut all, 0).unwrap();
+    assert!(all == raw);
+    assert_eq!(stats.verified.load(Ordering::Relaxed), 1);
+}
