@@ -658,12 +658,23 @@ impl Registry {
             for (k, v) in &self.headers {
                 rb = rb.header(k.as_str(), v.as_str());
             }
-            let sent = self.auth.header_for(&self.http, scope)?;
+            let delay = self.backoff(attempt);
+            // A token request (to a token server that may be another host) that
+            // fails transiently is retried like the request it is for.
+            let sent = match self.auth.header_for(&self.http, scope) {
+                Ok(sent) => sent,
+                Err(e) if self.retries_auth(retry, attempt, &e) => {
+                    tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
+                    self.pause(delay);
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if let Some(h) = &sent {
                 rb = rb.header(AUTHORIZATION, h);
             }
             let res = send_cancellable(&self.host, rb, self.opts.cancel.as_deref())?;
-            let delay = self.backoff(attempt);
             match res {
                 Err(source) => {
                     let e = Error::transport(&self.host, what, source);
@@ -683,8 +694,22 @@ impl Registry {
                     let st = resp.status().as_u16();
                     if st == 401 && !reauthed {
                         reauthed = true;
-                        if self.reauth(resp.headers(), scope, sent.as_deref())? {
-                            continue;
+                        match self.reauth(resp.headers(), scope, sent.as_deref()) {
+                            Ok(true) => continue,
+                            Ok(false) => {}
+                            Err(e) if self.retries_auth(retry, attempt, &e) => {
+                                tracing::warn!(
+                                    "{}; retrying in {:.1} s",
+                                    Chain(&e),
+                                    delay.as_secs_f64()
+                                );
+                                self.pause(delay);
+                                attempt += 1;
+                                // The retry is challenged again: answer it.
+                                reauthed = false;
+                                continue;
+                            }
+                            Err(e) => return Err(e),
                         }
                     }
                     if st == 401 {
@@ -728,6 +753,15 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// Whether a failed token request `e`, made for attempt `attempt` of a
+    /// request that `retry`s, is worth another attempt (a transient failure).
+    fn retries_auth(&self, retry: bool, attempt: u32, e: &Error) -> bool {
+        retry
+            && attempt < self.opts.retries
+            && !self.cancelled()
+            && e.kind() == ErrorKind::Transient
     }
 
     /// After a 401 carrying `headers` (to a request that sent `sent`): whether new
@@ -942,37 +976,58 @@ impl Repository {
         let what = format!("manifest {}", ref_name(&self.name, r));
         let url = self.reg.api(&format!("/{}/manifests/{r}", self.name));
         let accept = model::MANIFEST_ACCEPT.join(", ");
-        let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
-            c.get(&url).header(ACCEPT, &accept)
-        })?;
-        if !resp.status().is_success() {
-            return Err(self.reg.status_error(&what, resp));
-        }
-        let hdr_digest = header_str(resp.headers(), "docker-content-digest").map(String::from);
-        let ctype = header_str(resp.headers(), CONTENT_TYPE.as_str())
-            .map(|s| s.split(';').next().unwrap_or("").trim().to_string())
-            .unwrap_or_default();
-        if let Some(len) = resp.content_length() {
-            if len > model::MAX_MANIFEST_SIZE {
-                return Err(oci::Error::TooLarge {
-                    what: format!("{}: {what}", self.reg.host),
-                    size: len,
-                    limit: model::MAX_MANIFEST_SIZE,
-                }
-                .into());
+        let mut attempt = 0u32;
+        let (hdr_digest, ctype, bytes) = loop {
+            let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
+                c.get(&url).header(ACCEPT, &accept)
+            })?;
+            if !resp.status().is_success() {
+                return Err(self.reg.status_error(&what, resp));
             }
-        }
-        let bytes = cancellable(&self.reg.host, &what, self.reg.cancel_flag(), move || {
-            let mut bytes = Vec::new();
-            resp.take(model::MAX_MANIFEST_SIZE + 1)
-                .read_to_end(&mut bytes)
-                .map(|_| bytes)
-        })?
-        .map_err(|error| Error::Stream {
-            peer: self.reg.host.clone(),
-            what: what.clone(),
-            error,
-        })?;
+            let hdr_digest = header_str(resp.headers(), "docker-content-digest").map(String::from);
+            let ctype = header_str(resp.headers(), CONTENT_TYPE.as_str())
+                .map(|s| s.split(';').next().unwrap_or("").trim().to_string())
+                .unwrap_or_default();
+            if let Some(len) = resp.content_length() {
+                if len > model::MAX_MANIFEST_SIZE {
+                    return Err(oci::Error::TooLarge {
+                        what: format!("{}: {what}", self.reg.host),
+                        size: len,
+                        limit: model::MAX_MANIFEST_SIZE,
+                    }
+                    .into());
+                }
+            }
+            let read = cancellable(&self.reg.host, &what, self.reg.cancel_flag(), move || {
+                let mut bytes = Vec::new();
+                resp.take(model::MAX_MANIFEST_SIZE + 1)
+                    .read_to_end(&mut bytes)
+                    .map(|_| bytes)
+            })?;
+            match read {
+                Ok(bytes) => break (hdr_digest, ctype, bytes),
+                Err(error) => {
+                    let e = Error::Stream {
+                        peer: self.reg.host.clone(),
+                        what: what.clone(),
+                        error,
+                    };
+                    // An answer that breaks off (or stalls) is asked for again,
+                    // as a request that fails before its answer is.
+                    if attempt < self.reg.opts.retries
+                        && !self.reg.cancelled()
+                        && e.kind() == ErrorKind::Transient
+                    {
+                        let delay = self.reg.backoff(attempt);
+                        tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
+                        self.reg.pause(delay);
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        };
         if bytes.len() as u64 > model::MAX_MANIFEST_SIZE {
             return Err(oci::Error::TooLarge {
                 what: format!("{}: {what}", self.reg.host),

@@ -794,3 +794,128 @@ fn a_range_answered_with_other_bytes_fails_the_read() {
         }
     }
 }
+
+/// A TCP front for `upstream` whose connections numbered in `fail` (from 0) are
+/// answered `503 Service Unavailable` after their request head (a token server
+/// or registry blip); the others are relayed. Returns its port.
+fn flaky_front(upstream: u16, fail: &'static [usize]) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (i, c) in l.incoming().enumerate() {
+            let Ok(mut c) = c else { continue };
+            if fail.contains(&i) {
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                continue;
+            }
+            let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let (mut cr, mut sw) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut cr, &mut sw);
+                let _ = sw.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut sr, mut cw) = (s, c);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut sr, &mut cw);
+                let _ = cw.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    port
+}
+
+/// A token server that fails a request now and then (503) is asked again, like
+/// the registry itself: both when a challenge asks for a first token and when a
+/// token for another scope is fetched ahead of a request. A failure of the
+/// token request used to fail the request at once, without a retry.
+#[test]
+fn a_token_server_blip_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let ts = TokenServer::start(&pki, "bob", "hunter2");
+    // Token requests 0 (the first challenge's) and 2 (the pull scope's, asked
+    // for ahead of the manifest read) fail.
+    let front = flaky_front(ts.port, &[0, 2]);
+    let reg = Registry::start(RegistryOpts {
+        tls: Some(&pki),
+        client_ca: false,
+        auth: Auth::Token {
+            realm: format!("http://127.0.0.1:{front}/token"),
+        },
+    });
+    let o = ClientOptions {
+        root_cas: vec![pki.path("ca.crt")],
+        credentials: Credentials::parse("bob:hunter2"),
+        ..opts()
+    };
+    let client = registry::Registry::new(&reg.host(), &o).unwrap();
+    roundtrip(&client.repository("tok/blip"), "v1");
+    let reqs = ts.requests.lock().unwrap().clone();
+    assert!(reqs.len() >= 2, "token requests: {reqs:?}");
+
+    // A token server that keeps failing still fails the request, naming it.
+    let down = flaky_front(ts.port, &[0, 1, 2, 3]);
+    let reg2 = Registry::start(RegistryOpts {
+        tls: Some(&pki),
+        client_ca: false,
+        auth: Auth::Token {
+            realm: format!("http://127.0.0.1:{down}/token"),
+        },
+    });
+    let e = registry::Registry::new(&reg2.host(), &o)
+        .unwrap()
+        .repository("tok/blip")
+        .get_manifest(&Reference::Tag("v1".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("token request") && e.contains("HTTP 503"), "{e}");
+}
+
+/// A manifest whose answer breaks off in its body is asked for again (the
+/// request is retried when it fails before its answer; its body used to fail
+/// the read at once).
+#[test]
+fn a_manifest_cut_in_its_body_is_read_again() {
+    let reg = Registry::plain();
+    let o = ClientOptions {
+        plain_http: true,
+        ..opts()
+    };
+    let repo = reg.client("cut/m");
+    let layer = payload(1 << 10, 3);
+    let ld = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &layer);
+    repo.push_blob(&ld, BlobSource::Bytes(&layer), None, None)
+        .unwrap();
+    let cd = Descriptor::of_bytes(MT_OCI_CONFIG, CONFIG);
+    repo.push_blob(&cd, BlobSource::Bytes(CONFIG), None, None)
+        .unwrap();
+    // 200 KB of annotations: the answer's body is read in many pieces.
+    let m = serde_json::json!({"schemaVersion":2,"mediaType":MT_OCI_MANIFEST,"config":cd,
+        "layers":[ld],"annotations":{"pad": "x".repeat(200 << 10)}});
+    let mb = serde_json::to_vec(&m).unwrap();
+    let md = repo
+        .put_manifest(&Reference::Tag("t".into()), MT_OCI_MANIFEST, &mb)
+        .unwrap();
+    // The first answer is cut after 64 KB (its head and part of its body).
+    let proxy = Proxy::start_with(reg.port, None, None, Some(64 << 10));
+    let via = registry::Registry::new(&format!("127.0.0.1:{}", proxy.port), &o)
+        .unwrap()
+        .repository("cut/m");
+    let (desc, bytes) = via.get_manifest(&Reference::Tag("t".into())).unwrap();
+    assert!(proxy.was_cut(), "the answer was not cut");
+    assert_eq!(desc.digest, md);
+    assert!(bytes == mb);
+}
