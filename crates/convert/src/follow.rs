@@ -87,6 +87,15 @@ impl Follow {
     }
 }
 
+/// The error of a read once the conversion stops. Not `Interrupted`: readers
+/// retry such reads (std's `read_to_end` and `io::copy`, the TurboOCI reader,
+/// which inflates and indexes the blob), and one that did spun at full speed
+/// for ever once a download failed or Ctrl-C came, the run never ending. It is
+/// still an interruption to the conversion (its kind is looked for inside).
+fn stopped() -> io::Error {
+    io::Error::other(obdregistry::Error::Interrupted)
+}
+
 /// Reads a file while another thread downloads into it: waits for more bytes, ends
 /// only once the download finished and verified, fails if it failed.
 pub(crate) struct FollowReader {
@@ -123,13 +132,11 @@ impl Read for FollowReader {
                 None => {}
             }
             if self.abort.is_set() {
-                return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+                return Err(stopped());
             }
             select! {
                 recv(self.events) -> ev => self.take(ev),
-                recv(self.abort.stopped()) -> _ => {
-                    return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"))
-                }
+                recv(self.abort.stopped()) -> _ => return Err(stopped()),
             }
         }
         let k = (buf.len() as u64).min(self.written - self.pos) as usize;
@@ -212,7 +219,31 @@ mod tests {
             assert!(!reader.is_finished(), "nothing was written yet");
             abort.set();
             let e = reader.join().unwrap().unwrap_err();
-            assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+            assert!(crate::Error::Stream(e).is_interrupted());
         });
+    }
+
+    /// A reader that retries `Interrupted` reads (`read_to_end`, the TurboOCI
+    /// layer reader) ends once the conversion stops: the follower's reads failed
+    /// as `Interrupted` for ever, and a TurboOCI conversion whose download failed
+    /// spun without end.
+    #[test]
+    fn a_stopped_follower_ends_readers_that_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("blob");
+        File::create(&p).unwrap();
+        let (_g, mut follow) = Growing::new(1);
+        let abort = Abort::new();
+        abort.set();
+        let mut r = follow.pop().unwrap().reader(File::open(&p).unwrap(), abort);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(r.read_to_end(&mut Vec::new()));
+        });
+        let e = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the read did not end")
+            .unwrap_err();
+        assert!(crate::Error::Stream(e).is_interrupted());
     }
 }

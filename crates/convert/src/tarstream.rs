@@ -5,7 +5,7 @@
 //! also written to a file on the way.
 
 use crate::format::LayerInput;
-use crate::{Abort, Error, Result};
+use crate::{Abort, Error, ErrorKind, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use obdoci::digest::VerifyReader;
 use obdoci::stream::CHUNK;
@@ -60,6 +60,7 @@ pub fn with_tar<T>(
             cur: Vec::new(),
             off: 0,
             eof: false,
+            failed: None,
             consumed: consumed.clone(),
         };
         let res = consume(&mut reader);
@@ -145,13 +146,36 @@ struct ChannelReader {
     cur: Vec<u8>,
     off: usize,
     eof: bool,
+    /// How the stream failed, once it has (its error's kind and text): every
+    /// later read fails too.
+    failed: Option<(io::ErrorKind, String)>,
     /// Bytes handed out so far.
     consumed: Arc<AtomicU64>,
+}
+
+impl ChannelReader {
+    /// The error of a read after the stream failed. A failed stream never reads as
+    /// one that ended: a caller that retries an `Interrupted` read (the tar reader,
+    /// `read_to_end`, `io::copy`: what an aborted source fails with) would take the
+    /// end for the layer's end, and a layer cut by Ctrl-C or by a failed download
+    /// for a complete (or, at its first byte, an empty) one. An interruption is
+    /// repeated as an error that is not retried but still says "interrupted".
+    fn failed_again(&self) -> Option<io::Error> {
+        let (kind, msg) = self.failed.as_ref()?;
+        Some(if *kind == io::ErrorKind::Interrupted {
+            io::Error::other(obdregistry::Error::Interrupted)
+        } else {
+            io::Error::new(*kind, msg.clone())
+        })
+    }
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.off >= self.cur.len() {
+            if let Some(e) = self.failed_again() {
+                return Err(e);
+            }
             if self.eof {
                 return Ok(0);
             }
@@ -166,7 +190,12 @@ impl Read for ChannelReader {
                     self.off = 0;
                 }
                 Ok(Err(e)) => {
-                    self.eof = true;
+                    // An interruption (whatever its io kind) is repeated as one.
+                    let kind = match crate::io_kind(&e) {
+                        ErrorKind::Interrupted => io::ErrorKind::Interrupted,
+                        _ => e.kind(),
+                    };
+                    self.failed = Some((kind, e.to_string()));
                     return Err(e);
                 }
                 Err(_) => {
@@ -198,12 +227,56 @@ mod tests {
             cur: vec![],
             off: 0,
             eof: false,
+            failed: None,
             consumed: Arc::new(AtomicU64::new(0)),
         };
         let mut out = Vec::new();
         let e = r.read_to_end(&mut out).unwrap_err();
         assert_eq!(out, b"abc");
         assert!(e.to_string().contains("boom"));
+    }
+
+    /// A stream that failed as `Interrupted` (an aborted download) is not taken
+    /// for one that ended by callers that retry such reads: the tar reader applied
+    /// it as an empty layer, saying so ("the layer tar is empty"), when a download
+    /// failed or Ctrl-C came before its first byte.
+    #[test]
+    fn an_interrupted_stream_never_reads_as_ended() {
+        // `head`, then the failure an aborted source sends.
+        let failing = |head: &[u8]| {
+            let (tx, rx) = bounded(4);
+            if !head.is_empty() {
+                tx.send(Ok(head.to_vec())).unwrap();
+            }
+            tx.send(Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "interrupted",
+            )))
+            .unwrap();
+            ChannelReader {
+                rx,
+                free: None,
+                cur: vec![],
+                off: 0,
+                eof: false,
+                failed: None,
+                consumed: Arc::new(AtomicU64::new(0)),
+            }
+        };
+        for head in [&b""[..], b"abc"] {
+            let mut r = failing(head);
+            let mut out = Vec::new();
+            let e = r.read_to_end(&mut out).unwrap_err();
+            assert_eq!(out, head);
+            // Still an interruption to the conversion, not a failure of its own.
+            assert!(crate::Error::Stream(e).is_interrupted());
+            let e = io::copy(&mut r, &mut io::sink()).unwrap_err();
+            assert!(crate::Error::Stream(e).is_interrupted());
+        }
+        // The tar reader retries `Interrupted` reads: the layer fails, it is not empty.
+        let mut r = failing(b"");
+        let e = obdfs::tar::TarReader::new(&mut r).next_entry().unwrap_err();
+        assert!(crate::Error::Fs(e).is_interrupted());
     }
 
     /// Runs [`decompress_into`] on `blob` and reads its output back through a
@@ -235,6 +308,7 @@ mod tests {
                 cur: vec![],
                 off: 0,
                 eof: false,
+                failed: None,
                 consumed: Arc::new(AtomicU64::new(0)),
             };
             let mut out = Vec::new();
