@@ -740,6 +740,17 @@ impl Registry {
                         && attempt < self.opts.retries
                         && !self.cancelled()
                     {
+                        // A registry that says when to come back (429 and 503
+                        // answers may) is asked again no sooner, up to the stall
+                        // timeout; the back-off's delay if it is longer.
+                        let delay = match header_str(resp.headers(), "retry-after")
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                        {
+                            Some(secs) => {
+                                delay.max(Duration::from_secs(secs).min(self.opts.stall_timeout))
+                            }
+                            None => delay,
+                        };
                         tracing::warn!(
                             "{}: {what}: HTTP {st}; retrying in {:.1} s",
                             self.host,

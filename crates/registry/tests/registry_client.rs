@@ -919,3 +919,67 @@ fn a_manifest_cut_in_its_body_is_read_again() {
     assert_eq!(desc.digest, md);
     assert!(bytes == mb);
 }
+
+/// A registry that answers 429 with `Retry-After` is asked again no sooner
+/// than it said: the back-off's first delays (here 50 ms) came back too early,
+/// were refused again, and the request failed with the retries unused.
+#[test]
+fn retry_after_is_waited_for() {
+    use std::io::{BufRead, BufReader, Write};
+    let reg = Registry::plain();
+    let repo = reg.client("slow/down");
+    let layer = payload(1 << 10, 4);
+    let ld = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &layer);
+    repo.push_blob(&ld, BlobSource::Bytes(&layer), None, None)
+        .unwrap();
+    // For 2 s after the first request, every request is answered 429
+    // (Retry-After: 2); later ones are relayed.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let upstream = reg.port;
+    std::thread::spawn(move || {
+        let mut first = None;
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let t0 = *first.get_or_insert_with(std::time::Instant::now);
+            if t0.elapsed() < Duration::from_secs(2) {
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                continue;
+            }
+            let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                continue;
+            };
+            let (mut cr, mut sw) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut cr, &mut sw);
+                let _ = sw.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut sr, mut cw) = (s, c);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut sr, &mut cw);
+                let _ = cw.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let o = ClientOptions {
+        plain_http: true,
+        retries: 2,
+        ..opts()
+    };
+    let via = registry::Registry::new(&format!("127.0.0.1:{port}"), &o)
+        .unwrap()
+        .repository("slow/down");
+    let t = std::time::Instant::now();
+    assert!(via.blob_exists(&ld.digest).unwrap());
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+}
