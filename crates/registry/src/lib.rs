@@ -663,7 +663,7 @@ impl Registry {
             // fails transiently is retried like the request it is for.
             let sent = match self.auth.header_for(&self.http, scope) {
                 Ok(sent) => sent,
-                Err(e) if self.retries_auth(retry, attempt, &e) => {
+                Err(e) if self.retries_after(retry, attempt, &e) => {
                     tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
                     self.pause(delay);
                     attempt += 1;
@@ -678,11 +678,7 @@ impl Registry {
             match res {
                 Err(source) => {
                     let e = Error::transport(&self.host, what, source);
-                    if retry
-                        && attempt < self.opts.retries
-                        && !self.cancelled()
-                        && e.kind() == ErrorKind::Transient
-                    {
+                    if self.retries_after(retry, attempt, &e) {
                         tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
                         self.pause(delay);
                         attempt += 1;
@@ -697,7 +693,7 @@ impl Registry {
                         match self.reauth(resp.headers(), scope, sent.as_deref()) {
                             Ok(true) => continue,
                             Ok(false) => {}
-                            Err(e) if self.retries_auth(retry, attempt, &e) => {
+                            Err(e) if self.retries_after(retry, attempt, &e) => {
                                 tracing::warn!(
                                     "{}; retrying in {:.1} s",
                                     Chain(&e),
@@ -766,9 +762,10 @@ impl Registry {
         }
     }
 
-    /// Whether a failed token request `e`, made for attempt `attempt` of a
-    /// request that `retry`s, is worth another attempt (a transient failure).
-    fn retries_auth(&self, retry: bool, attempt: u32, e: &Error) -> bool {
+    /// Whether a request that `retry`s, failed with `e` at attempt `attempt`
+    /// (its own failure, its token request's or its answer's), is tried again:
+    /// a transient failure, retries left, the conversion not cancelled.
+    fn retries_after(&self, retry: bool, attempt: u32, e: &Error) -> bool {
         retry
             && attempt < self.opts.retries
             && !self.cancelled()
@@ -1025,10 +1022,7 @@ impl Repository {
                     };
                     // An answer that breaks off (or stalls) is asked for again,
                     // as a request that fails before its answer is.
-                    if attempt < self.reg.opts.retries
-                        && !self.reg.cancelled()
-                        && e.kind() == ErrorKind::Transient
-                    {
+                    if self.reg.retries_after(true, attempt, &e) {
                         let delay = self.reg.backoff(attempt);
                         tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
                         self.reg.pause(delay);
@@ -1453,11 +1447,7 @@ impl Repository {
         loop {
             match self.upload_once(desc, src, progress.clone()) {
                 Ok(()) => return Ok(PushOutcome::Uploaded),
-                Err(e)
-                    if e.kind() == ErrorKind::Transient
-                        && attempt < self.reg.opts.retries
-                        && !self.reg.cancelled() =>
-                {
+                Err(e) if self.reg.retries_after(true, attempt, &e) => {
                     let delay = self.reg.backoff(attempt);
                     tracing::warn!(
                         "{}; restarting the upload in {:.1} s",
