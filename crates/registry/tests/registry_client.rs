@@ -795,17 +795,21 @@ fn a_range_answered_with_other_bytes_fails_the_read() {
     }
 }
 
-/// A TCP front for `upstream` whose connections numbered in `fail` (from 0) are
-/// answered `503 Service Unavailable` after their request head (a token server
-/// or registry blip); the others are relayed. Returns its port.
-fn flaky_front(upstream: u16, fail: &'static [usize]) -> u16 {
+/// A TCP front for `upstream`: connection `i` (from 0) is answered with the
+/// response head `answer(i)` gives, after its request head, and closed (a
+/// token server or registry blip, a rate limit); the others are relayed.
+/// Returns its port.
+fn front(
+    upstream: u16,
+    mut answer: impl FnMut(usize) -> Option<&'static str> + Send + 'static,
+) -> u16 {
     use std::io::{BufRead, BufReader, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for (i, c) in l.incoming().enumerate() {
             let Ok(mut c) = c else { continue };
-            if fail.contains(&i) {
+            if let Some(head) = answer(i) {
                 let mut r = BufReader::new(c.try_clone().unwrap());
                 loop {
                     let mut h = String::new();
@@ -813,10 +817,7 @@ fn flaky_front(upstream: u16, fail: &'static [usize]) -> u16 {
                         break;
                     }
                 }
-                let _ = write!(
-                    c,
-                    "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                );
+                let _ = write!(c, "{head}");
                 continue;
             }
             let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
@@ -835,6 +836,16 @@ fn flaky_front(upstream: u16, fail: &'static [usize]) -> u16 {
         }
     });
     port
+}
+
+/// A [`front`] whose connections numbered in `fail` are answered `503 Service
+/// Unavailable`.
+fn flaky_front(upstream: u16, fail: &'static [usize]) -> u16 {
+    front(upstream, move |i| {
+        fail.contains(&i).then_some(
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+    })
 }
 
 /// A token server that fails a request now and then (503) is asked again, like
@@ -925,7 +936,6 @@ fn a_manifest_cut_in_its_body_is_read_again() {
 /// were refused again, and the request failed with the retries unused.
 #[test]
 fn retry_after_is_waited_for() {
-    use std::io::{BufRead, BufReader, Write};
     let reg = Registry::plain();
     let repo = reg.client("slow/down");
     let layer = payload(1 << 10, 4);
@@ -934,42 +944,12 @@ fn retry_after_is_waited_for() {
         .unwrap();
     // For 2 s after the first request, every request is answered 429
     // (Retry-After: 2); later ones are relayed.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let upstream = reg.port;
-    std::thread::spawn(move || {
-        let mut first = None;
-        for c in l.incoming() {
-            let Ok(mut c) = c else { continue };
-            let t0 = *first.get_or_insert_with(std::time::Instant::now);
-            if t0.elapsed() < Duration::from_secs(2) {
-                let mut r = BufReader::new(c.try_clone().unwrap());
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
-                        break;
-                    }
-                }
-                let _ = write!(
-                    c,
-                    "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                );
-                continue;
-            }
-            let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
-                continue;
-            };
-            let (mut cr, mut sw) = (c.try_clone().unwrap(), s.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut cr, &mut sw);
-                let _ = sw.shutdown(std::net::Shutdown::Write);
-            });
-            let (mut sr, mut cw) = (s, c);
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut sr, &mut cw);
-                let _ = cw.shutdown(std::net::Shutdown::Write);
-            });
-        }
+    let mut first = None;
+    let port = front(reg.port, move |_| {
+        let t0 = *first.get_or_insert_with(std::time::Instant::now);
+        (t0.elapsed() < Duration::from_secs(2)).then_some(
+            "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
     });
     let o = ClientOptions {
         plain_http: true,
