@@ -54,15 +54,7 @@ pub fn with_tar<T>(
     std::thread::scope(|s| {
         s.spawn(move || decompress_into(blob, check, tee, tx, free_rx, &abort));
         let consumed = Arc::new(AtomicU64::new(0));
-        let mut reader = ChannelReader {
-            rx,
-            free: Some(free_tx),
-            cur: Vec::new(),
-            off: 0,
-            eof: false,
-            failed: None,
-            consumed: consumed.clone(),
-        };
+        let mut reader = ChannelReader::new(rx, Some(free_tx), consumed.clone());
         let res = consume(&mut reader);
         let drained = io::copy(&mut reader, &mut io::sink());
         let out = res?;
@@ -154,6 +146,24 @@ struct ChannelReader {
 }
 
 impl ChannelReader {
+    /// A reader of the chunks `rx` brings, handing each back to `free` once read
+    /// (if given) and counting the bytes handed out in `consumed`.
+    fn new(
+        rx: Receiver<io::Result<Vec<u8>>>,
+        free: Option<Sender<Vec<u8>>>,
+        consumed: Arc<AtomicU64>,
+    ) -> ChannelReader {
+        ChannelReader {
+            rx,
+            free,
+            cur: Vec::new(),
+            off: 0,
+            eof: false,
+            failed: None,
+            consumed,
+        }
+    }
+
     /// The error of a read after the stream failed. A failed stream never reads as
     /// one that ended: a caller that retries an `Interrupted` read (the tar reader,
     /// `read_to_end`, `io::copy`: what an aborted source fails with) would take the
@@ -221,15 +231,7 @@ mod tests {
         let (tx, rx) = bounded(4);
         tx.send(Ok(b"abc".to_vec())).unwrap();
         tx.send(Err(io::Error::other("boom"))).unwrap();
-        let mut r = ChannelReader {
-            rx,
-            free: None,
-            cur: vec![],
-            off: 0,
-            eof: false,
-            failed: None,
-            consumed: Arc::new(AtomicU64::new(0)),
-        };
+        let mut r = ChannelReader::new(rx, None, Arc::new(AtomicU64::new(0)));
         let mut out = Vec::new();
         let e = r.read_to_end(&mut out).unwrap_err();
         assert_eq!(out, b"abc");
@@ -253,15 +255,7 @@ mod tests {
                 "interrupted",
             )))
             .unwrap();
-            ChannelReader {
-                rx,
-                free: None,
-                cur: vec![],
-                off: 0,
-                eof: false,
-                failed: None,
-                consumed: Arc::new(AtomicU64::new(0)),
-            }
+            ChannelReader::new(rx, None, Arc::new(AtomicU64::new(0)))
         };
         for head in [&b""[..], b"abc"] {
             let mut r = failing(head);
@@ -302,15 +296,7 @@ mod tests {
                     &abort,
                 )
             });
-            let mut r = ChannelReader {
-                rx,
-                free: Some(free_tx),
-                cur: vec![],
-                off: 0,
-                eof: false,
-                failed: None,
-                consumed: Arc::new(AtomicU64::new(0)),
-            };
+            let mut r = ChannelReader::new(rx, Some(free_tx), Arc::new(AtomicU64::new(0)));
             let mut out = Vec::new();
             r.read_to_end(&mut out)?;
             assert_eq!(r.consumed.load(Ordering::Relaxed), out.len() as u64);
