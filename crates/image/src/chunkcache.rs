@@ -403,20 +403,16 @@ impl ChunkCache {
     /// Drop chunk `c` of `f` if it is cached (its bytes failed a reader's
     /// own check): the next read fetches it again. Returns whether it was.
     pub fn forget(&self, f: &CacheFile, c: u64) -> bool {
-        if !f.has(c) {
-            return false;
-        }
         let mut lru = self.lru.lock();
-        self.drop_chunk(&mut lru, f, c);
-        true
+        self.drop_chunk(&mut lru, f, c)
     }
 
     /// Drop chunk `c` of `f` if present: clear its flag, punch its bytes
-    /// out, forget its age.
-    fn drop_chunk(&self, lru: &mut Lru, f: &CacheFile, c: u64) {
+    /// out, forget its age. Returns whether it was present.
+    fn drop_chunk(&self, lru: &mut Lru, f: &CacheFile, c: u64) -> bool {
         let mut p = f.present.write();
         if !std::mem::replace(&mut p[c as usize], false) {
-            return;
+            return false;
         }
         if let Some(age) = lru.age.remove(&(f.id, c)) {
             lru.by_age.remove(&age);
@@ -440,6 +436,7 @@ impl ChunkCache {
                 f.data_path.display()
             );
         }
+        true
     }
 
     /// Drop every cached chunk of `f` (its bytes failed a digest check).
