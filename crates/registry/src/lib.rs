@@ -33,7 +33,7 @@ use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Registry client errors. Every variant names the registry (`peer`) and the operation;
 /// causes are kept as sources (see [`obdoci::error::Chain`] to show them on one line).
@@ -740,11 +740,9 @@ impl Registry {
                         // answers may) is asked again no sooner, up to the stall
                         // timeout; the back-off's delay if it is longer.
                         let delay = match header_str(resp.headers(), "retry-after")
-                            .and_then(|v| v.trim().parse::<u64>().ok())
+                            .and_then(|v| retry_after(v, SystemTime::now()))
                         {
-                            Some(secs) => {
-                                delay.max(Duration::from_secs(secs).min(self.opts.stall_timeout))
-                            }
+                            Some(wait) => delay.max(wait.min(self.opts.stall_timeout)),
                             None => delay,
                         };
                         tracing::warn!(
@@ -1954,6 +1952,56 @@ fn pause(d: Duration, cancel: Option<&AtomicBool>) {
     }
 }
 
+/// How long a `Retry-After` value asks to wait at `now`: delay seconds, or an HTTP
+/// date (IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`; a date passed is no wait).
+/// `None` for anything else.
+fn retry_after(v: &str, now: SystemTime) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = UNIX_EPOCH + Duration::from_secs(http_date(v)?);
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// Seconds since the epoch of an IMF-fixdate (RFC 9110 §5.6.7), the form every
+/// current server sends.
+fn http_date(v: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (_weekday, rest) = v.split_once(", ")?;
+    let f: Vec<&str> = rest.split(' ').collect();
+    let [day, month, year, time, "GMT"] = f[..] else {
+        return None;
+    };
+    let num = |s: &str, len: usize| {
+        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+    };
+    let (day, year) = (num(day, 2)?, num(year, 4)?);
+    let month = MONTHS.iter().position(|m| *m == month)? as u64 + 1;
+    let t: Vec<&str> = time.split(':').collect();
+    let [h, m, s] = t[..] else { return None };
+    let (h, m, s) = (num(h, 2)?, num(m, 2)?, num(s, 2)?);
+    if !(1..=31).contains(&day) || year < 1970 || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    // Days from the civil date (the proleptic Gregorian calendar; March-based
+    // years put the leap day last).
+    let (y, mp) = if month > 2 {
+        (year, month - 3)
+    } else {
+        (year - 1, month + 9)
+    };
+    let (era, yoe) = (y / 400, y % 400);
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    Some(days * 86_400 + h * 3600 + m * 60 + s)
+}
+
 /// The first and last byte of a `Content-Range: bytes A-B/TOTAL` (TOTAL may be `*`).
 fn content_range(v: Option<&str>) -> Option<(u64, u64)> {
     let (range, _total) = v?.trim().strip_prefix("bytes ")?.split_once('/')?;
@@ -2137,6 +2185,44 @@ mod tests {
         // Without a flag the answer (here a refused connection) is returned.
         let r = send_cancellable("h", http.get("http://127.0.0.1:1/"), None).unwrap();
         assert!(r.is_err());
+    }
+
+    /// `Retry-After` in both its forms; anything else is no answer.
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777 - 30);
+        assert_eq!(retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        // RFC 9110's example date, 30 s after `now`.
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        // A date passed: no wait.
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:48:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            http_date("Tue, 29 Feb 2028 23:59:59 GMT"),
+            Some(1_835_481_599)
+        );
+        assert_eq!(
+            http_date("Sat, 05 Dec 2026 01:09:00 GMT"),
+            Some(1_796_432_940)
+        );
+        for bad in [
+            "-5",
+            "soon",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 6 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 24:00:00 GMT",
+        ] {
+            assert_eq!(retry_after(bad, now), None, "{bad}");
+        }
     }
 
     /// A retry's delay ends when the run is cancelled.
