@@ -2077,7 +2077,26 @@ impl Read for ResumingBody {
                     self.resp.insert(r)
                 }
             };
-            match resp.read(buf) {
+            let read = match resp.read(buf) {
+                // A body that ends cleanly but short of the blob (close-delimited,
+                // as a proxy without `Content-Length` sends it) broke off too.
+                Ok(0) if !buf.is_empty() && self.pos < self.desc.size => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the answer ended at byte {}", self.pos),
+                )),
+                // A stream that breaks once every byte of the blob came is complete
+                // (a resume at its end would be answered 416): the digest decides.
+                Err(e) if self.pos == self.desc.size && e.kind() != io::ErrorKind::Interrupted => {
+                    tracing::debug!(
+                        "{}: blob {}: the answer broke after its last byte ({e})",
+                        self.repo.reg.host,
+                        self.desc.digest
+                    );
+                    Ok(0)
+                }
+                r => r,
+            };
+            match read {
                 Ok(n) => {
                     self.pos += n as u64;
                     return Ok(n);

@@ -963,3 +963,147 @@ fn retry_after_is_waited_for() {
     assert!(via.blob_exists(&ld.digest).unwrap());
     assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
 }
+
+/// A blob server for `data` at any `/blobs/` path: the first blob request is
+/// answered by `first(request_range_start)` (status line and headers with the
+/// blank line, then the body bytes it returns, then the connection is closed);
+/// later ones are answered properly (200, or 206 with its `Content-Range` for
+/// `Range: bytes=A-`, 416 past the end). Other paths get `200 {}`. Returns the
+/// port and the ranges asked for, in order.
+#[allow(clippy::type_complexity)]
+fn serve_blob(
+    data: Vec<u8>,
+    first: impl Fn(&[u8]) -> (String, Vec<u8>) + Send + 'static,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Option<u64>>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { break };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let mut start = None;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                    let lower = h.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("range: bytes=") {
+                        start = v.trim().trim_end_matches('-').parse::<u64>().ok();
+                    }
+                }
+                if !path.contains("/blobs/") {
+                    let _ = w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+                    continue;
+                }
+                let n = {
+                    let mut a = seen.lock().unwrap();
+                    a.push(start);
+                    a.len()
+                };
+                if n == 1 {
+                    let (head, body) = first(&data);
+                    let _ = w.write_all(head.as_bytes());
+                    let _ = w.write_all(&body);
+                    break;
+                }
+                let from = start.unwrap_or(0) as usize;
+                let ok = if from >= data.len() && start.is_some() {
+                    w.write_all(
+                        format!(
+                            "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{}\r\nContent-Length: 0\r\n\r\n",
+                            data.len()
+                        )
+                        .as_bytes(),
+                    )
+                } else if start.is_some() {
+                    w.write_all(
+                        format!(
+                            "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {from}-{}/{}\r\nContent-Length: {}\r\n\r\n",
+                            data.len() - 1,
+                            data.len(),
+                            data.len() - from
+                        )
+                        .as_bytes(),
+                    )
+                    .and_then(|_| w.write_all(&data[from..]))
+                } else {
+                    w.write_all(
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", data.len())
+                            .as_bytes(),
+                    )
+                    .and_then(|_| w.write_all(&data))
+                };
+                if ok.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (port, asked)
+}
+
+/// A download whose answer ends cleanly but early (a close-delimited body, as
+/// a proxy without `Content-Length` sends, closed after part of the blob) is
+/// resumed where it ended, as a broken one is; it used to fail the size check.
+#[test]
+fn a_body_that_ends_early_is_resumed() {
+    let data = payload(300 << 10, 44);
+    let d = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &data);
+    let (port, asked) = serve_blob(data.clone(), |data| {
+        (
+            "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".into(),
+            data[..100 << 10].to_vec(),
+        )
+    });
+    let o = ClientOptions {
+        plain_http: true,
+        ..opts()
+    };
+    let repo = registry::Registry::new(&format!("127.0.0.1:{port}"), &o)
+        .unwrap()
+        .repository("r/short");
+    let mut back = Vec::new();
+    repo.open_blob(&d).unwrap().read_to_end(&mut back).unwrap();
+    assert!(back == data);
+    assert_eq!(*asked.lock().unwrap(), vec![None, Some(100 << 10)]);
+}
+
+/// A download that breaks after its last byte (a chunked answer whose end
+/// never comes) is not resumed at the blob's end, which a registry answers
+/// with 416: every byte is there and the digest decides.
+#[test]
+fn a_download_broken_after_its_last_byte_is_complete() {
+    let data = payload(300 << 10, 46);
+    let d = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &data);
+    let (port, asked) = serve_blob(data.clone(), |data| {
+        let mut body = format!("{:x}\r\n", data.len()).into_bytes();
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+        (
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+            body,
+        )
+    });
+    let o = ClientOptions {
+        plain_http: true,
+        ..opts()
+    };
+    let repo = registry::Registry::new(&format!("127.0.0.1:{port}"), &o)
+        .unwrap()
+        .repository("r/end");
+    let mut back = Vec::new();
+    repo.open_blob(&d).unwrap().read_to_end(&mut back).unwrap();
+    assert!(back == data);
+    assert_eq!(*asked.lock().unwrap(), vec![None]);
+}
