@@ -12,6 +12,7 @@
 //! archive only in [`ImageStore::finish`], after the whole conversion succeeded: the
 //! destination file is replaced atomically, so a failed run leaves it as it was.
 
+use super::annotations::{ANNOTATION_TURBO_TARGET_DIGEST, ANNOTATION_TURBO_TARGET_MEDIA_TYPE};
 use super::store::{ImageStore, LayoutStore};
 use super::{Error, Result};
 use obdoci::archive::{FileSource, ReadAt, TarIndex, TarWriter};
@@ -461,7 +462,8 @@ impl ArchiveOutput {
         Ok(())
     }
 
-    /// Every blob the image `root` consists of (manifests, configs, layers), once each.
+    /// Every blob the image `root` consists of (manifests, configs, layers, and the
+    /// source layers TurboOCI layers read), once each.
     fn blobs_of(&self, root: &Descriptor, out: &mut Vec<Descriptor>) -> Result<()> {
         if out.iter().any(|d| d.digest == root.digest) {
             return Ok(());
@@ -479,6 +481,26 @@ impl ArchiveOutput {
             for d in std::iter::once(&m.config).chain(&m.layers) {
                 if !out.iter().any(|o| o.digest == d.digest) {
                     out.push(d.bare());
+                }
+            }
+            // A TurboOCI layer reads its file data from the source layer it names,
+            // which the pipeline put beside the image, as in an `oci:` layout.
+            for l in &m.layers {
+                let Some(t) = l.annotation(ANNOTATION_TURBO_TARGET_DIGEST) else {
+                    continue;
+                };
+                let digest: Digest = t.parse().map_err(|_| {
+                    invalid(
+                        "converted manifest",
+                        format!("layer {} names a target that is no digest: {t:?}", l.digest),
+                    )
+                })?;
+                if !out.iter().any(|o| o.digest == digest) {
+                    let (_, size) = self.blob_file(&Descriptor::new("", digest.clone(), 0))?;
+                    let mt = l
+                        .annotation(ANNOTATION_TURBO_TARGET_MEDIA_TYPE)
+                        .unwrap_or_default();
+                    out.push(Descriptor::new(mt, digest, size));
                 }
             }
         }

@@ -834,3 +834,75 @@ fn archive_destinations_hold_what_the_run_reports() {
     assert!(out.contains("the output tag obd is not written"), "{out}");
     assert!(out.contains("app:v1"), "{out}");
 }
+
+/// A TurboOCI image reads its file data from the source layers (each metadata
+/// layer's `turbo-oci/target-digest`), which the runtime finds beside the image:
+/// an `oci-archive:` destination holds them, as an `oci:` destination does, so that
+/// the archive unpacked is the same layout; without them the image cannot be read.
+#[test]
+fn turbo_oci_archive_holds_the_source_layers() {
+    let t = tempfile::tempdir().unwrap();
+    build_images("sample", &t.path().join("img"), &[]);
+    let src = format!("oci:{}", t.path().join("img").display());
+    let wd = t.path().join("w");
+    let archive = t.path().join("turbo.tar");
+    let layout = t.path().join("layout");
+    for dst in [
+        format!("oci-archive:{}", archive.display()),
+        format!("oci:{}", layout.display()),
+    ] {
+        convert_ok(&[
+            "-r",
+            &src,
+            "-i",
+            "latest",
+            "--output-repository",
+            &dst,
+            "--overlaybd",
+            "obd",
+            "--turboOCI",
+            "turbo",
+            "-d",
+            wd.to_str().unwrap(),
+        ]);
+    }
+    let members: std::collections::BTreeMap<String, Vec<u8>> =
+        read_tar(&archive).into_iter().collect();
+    let blob = |d: &str| members.get(&format!("blobs/sha256/{}", &d[7..]));
+    let index: Value = serde_json::from_slice(&members["index.json"]).unwrap();
+    let turbo = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "turbo")
+        .expect("the TurboOCI image is in index.json");
+    let manifest: Value =
+        serde_json::from_slice(blob(turbo["digest"].as_str().unwrap()).unwrap()).unwrap();
+    let targets: Vec<&str> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["annotations"]["containerd.io/snapshot/overlaybd/turbo-oci/target-digest"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(targets.len(), 2);
+    for d in &targets {
+        let bytes = blob(d).unwrap_or_else(|| panic!("the archive lacks the source layer {d}"));
+        assert_eq!(&obdoci::Digest::of(bytes).to_string(), d);
+    }
+    // The archive holds what the layout destination holds, no more, no less.
+    let mut in_layout: Vec<String> = std::fs::read_dir(layout.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| format!("blobs/sha256/{}", e.unwrap().file_name().to_string_lossy()))
+        .collect();
+    in_layout.sort();
+    let in_archive: Vec<String> = members
+        .keys()
+        .filter(|k| k.starts_with("blobs/sha256/"))
+        .cloned()
+        .collect();
+    assert_eq!(in_archive, in_layout);
+}
