@@ -14,6 +14,7 @@
 
 use super::annotations::{ANNOTATION_TURBO_TARGET_DIGEST, ANNOTATION_TURBO_TARGET_MEDIA_TYPE};
 use super::store::{ImageStore, LayoutStore};
+use super::Abort;
 use super::{Error, Result};
 use obdoci::archive::{FileSource, ReadAt, TarIndex, TarWriter};
 use obdoci::digest::VerifyReader;
@@ -371,6 +372,23 @@ impl ImageStore for DockerArchiveStore {
     }
 }
 
+/// A blob file read into an archive being written, failing its reads once the
+/// conversion stops (a large archive takes a while to write).
+struct Stoppable<'a> {
+    inner: std::fs::File,
+    abort: &'a Abort,
+}
+
+impl Read for Stoppable<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.abort.is_set() {
+            // Not `Interrupted`, which readers retry.
+            return Err(std::io::Error::other("interrupted"));
+        }
+        self.inner.read(buf)
+    }
+}
+
 /// What kind of archive an [`ArchiveOutput`] writes.
 #[derive(Clone, Debug)]
 pub enum ArchiveKind {
@@ -449,9 +467,23 @@ impl ArchiveOutput {
         Ok((f, len))
     }
 
-    fn add_blob(&self, w: &mut TarWriter, member: &str, d: &Descriptor) -> Result<()> {
-        let (mut f, len) = self.blob_file(d)?;
-        let got = w.append(member, len, &mut f, &mut |_| {})?;
+    /// Append blob `d` as `member`; a stop (`abort`) ends it between reads.
+    fn add_blob(
+        &self,
+        w: &mut TarWriter,
+        member: &str,
+        d: &Descriptor,
+        abort: &Abort,
+    ) -> Result<()> {
+        if abort.is_set() {
+            return Err(Error::Interrupted);
+        }
+        let (f, len) = self.blob_file(d)?;
+        let mut r = Stoppable { inner: f, abort };
+        let got = match w.append(member, len, &mut r, &mut |_| {}) {
+            Err(_) if abort.is_set() => return Err(Error::Interrupted),
+            r => r?,
+        };
         if got != d.digest {
             return Err(Error::Oci(oci::Error::DigestMismatch {
                 what: format!("{member} written to {}", self.path.display()),
@@ -507,7 +539,7 @@ impl ArchiveOutput {
         Ok(())
     }
 
-    fn write_oci(&self, roots: &[(Descriptor, String)], gzip: bool) -> Result<u64> {
+    fn write_oci(&self, roots: &[(Descriptor, String)], gzip: bool, abort: &Abort) -> Result<u64> {
         let mut blobs = Vec::new();
         let mut entries = Vec::new();
         for (root, tag) in roots {
@@ -534,12 +566,22 @@ impl ArchiveOutput {
         w.append_dir("blobs/")?;
         w.append_dir("blobs/sha256/")?;
         for b in &blobs {
-            self.add_blob(&mut w, &format!("blobs/sha256/{}", b.digest.hex()), b)?;
+            self.add_blob(
+                &mut w,
+                &format!("blobs/sha256/{}", b.digest.hex()),
+                b,
+                abort,
+            )?;
         }
         Ok(w.finish()?)
     }
 
-    fn write_docker(&self, root: &Descriptor, name: Option<&DockerName>) -> Result<u64> {
+    fn write_docker(
+        &self,
+        root: &Descriptor,
+        name: Option<&DockerName>,
+        abort: &Abort,
+    ) -> Result<u64> {
         let bytes = self.layout().read_blob(root, MAX_MANIFEST_SIZE)?;
         let mt = sniff_media_type(&bytes).unwrap_or_else(|| root.media_type.clone());
         if obdoci::model::is_index(&mt) {
@@ -562,9 +604,9 @@ impl ArchiveOutput {
             extra: Default::default(),
         };
         let mut w = TarWriter::create(&self.path, false)?;
-        self.add_blob(&mut w, &config_member, &m.config)?;
+        self.add_blob(&mut w, &config_member, &m.config, abort)?;
         for (l, member) in m.layers.iter().zip(&layer_members) {
-            self.add_blob(&mut w, member, l)?;
+            self.add_blob(&mut w, member, l, abort)?;
         }
         w.append_bytes(da::MANIFEST_JSON, &to_json(&vec![item]))?;
         if let (Some(n), Some(top)) = (name, m.layers.last()) {
@@ -622,16 +664,21 @@ impl ImageStore for ArchiveOutput {
         }
         Ok(())
     }
-    fn finish(&self) -> Result<Option<u64>> {
+    fn finish(&self, abort: &Abort) -> Result<Option<u64>> {
         let roots = self.roots.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if roots.is_empty() {
             // Nothing was pushed (--no-upload): the destination stays as it was.
             return Ok(None);
         }
+        // Stopped (Ctrl-C) before or while the archive is written: it is not put in
+        // place, the destination stays as it was.
+        if abort.is_set() {
+            return Err(Error::Interrupted);
+        }
         let size = match &self.kind {
-            ArchiveKind::Oci { gzip } => self.write_oci(&roots, *gzip)?,
+            ArchiveKind::Oci { gzip } => self.write_oci(&roots, *gzip, abort)?,
             ArchiveKind::Docker { name } => match roots.as_slice() {
-                [(root, _)] => self.write_docker(root, name.as_ref())?,
+                [(root, _)] => self.write_docker(root, name.as_ref(), abort)?,
                 _ => {
                     return Err(Error::Unsupported(format!(
                         "docker-archive:{}: this destination holds one image, and {} were converted; write an oci-archive: or oci: destination",
@@ -684,4 +731,79 @@ pub fn open_archive(
         }
         _ => return Ok(None),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use obdoci::model::{MT_OCI_CONFIG, MT_OCI_LAYER_TAR, MT_OCI_MANIFEST};
+
+    /// An archive destination holding one image (a 3 MiB layer) under tag `t`.
+    fn one_image(dest: &Path, scratch: &Path) -> ArchiveOutput {
+        let out = ArchiveOutput::create(dest, ArchiveKind::Oci { gzip: false }, scratch).unwrap();
+        let layer = vec![7u8; 3 << 20];
+        let config = br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let (l, c) = (
+            Descriptor::of_bytes(MT_OCI_LAYER_TAR, &layer),
+            Descriptor::of_bytes(MT_OCI_CONFIG, config),
+        );
+        out.push_blob(&l, BlobSource::Bytes(&layer), None).unwrap();
+        out.push_blob(&c, BlobSource::Bytes(config), None).unwrap();
+        let m = Manifest {
+            schema_version: 2,
+            media_type: Some(MT_OCI_MANIFEST.into()),
+            artifact_type: None,
+            config: c,
+            layers: vec![l],
+            subject: None,
+            annotations: None,
+            extra: Default::default(),
+        };
+        let bytes = to_json(&m);
+        out.push_manifest(
+            Some("t"),
+            &Descriptor::of_bytes(MT_OCI_MANIFEST, &bytes),
+            &bytes,
+        )
+        .unwrap();
+        out
+    }
+
+    /// A Ctrl-C that comes while the converted image is written into the archive (or
+    /// just before) stops it: the run fails as interrupted and the destination keeps
+    /// its old content, no `.partial` file left. The archive was written and put in
+    /// place regardless, and the run ended with success after saying it was stopping.
+    #[test]
+    fn a_stop_leaves_the_destination_as_it_was() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("out.tar");
+        std::fs::write(&dest, b"old").unwrap();
+        let out = one_image(&dest, &d.path().join("scratch"));
+        let abort = Abort::new();
+        abort.set();
+        let e = out.finish(&abort).unwrap_err();
+        assert!(e.is_interrupted(), "{e}");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"old");
+        // While a blob is copied: its next read fails.
+        let abort = Abort::new();
+        let f = std::fs::File::open(&dest).unwrap();
+        let mut r = Stoppable {
+            inner: f,
+            abort: &abort,
+        };
+        let mut buf = [0u8; 2];
+        assert_eq!(r.read(&mut buf).unwrap(), 2);
+        abort.set();
+        let e = r.read(&mut buf).unwrap_err();
+        assert_ne!(e.kind(), std::io::ErrorKind::Interrupted, "not retried");
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "out.tar and the scratch directory: {left:?}");
+        // Not stopped: the archive replaces the file.
+        let size = out.finish(&Abort::new()).unwrap().unwrap();
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), size);
+        assert!(size > 3 << 20);
+    }
 }

@@ -62,8 +62,9 @@ pub trait ImageStore: Send + Sync {
         Ok(None)
     }
     /// Complete the destination once everything is pushed: an archive is written here
-    /// (returns its size). Stores written as they go have nothing to do.
-    fn finish(&self) -> Result<Option<u64>> {
+    /// (returns its size). Stores written as they go have nothing to do. Once `abort`
+    /// is set (Ctrl-C), this fails as interrupted and leaves the destination as it was.
+    fn finish(&self, _abort: &crate::Abort) -> Result<Option<u64>> {
         Ok(None)
     }
 }

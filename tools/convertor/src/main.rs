@@ -626,7 +626,13 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
             .with_context(|| format!("destination {dst_ref} (checked before converting)"))?;
     }
     let progress = Progress::new(std::io::stderr().is_terminal(), false);
-    let conv = Converter::new(src.clone(), dst.clone(), opts, progress.clone(), abort);
+    let conv = Converter::new(
+        src.clone(),
+        dst.clone(),
+        opts,
+        progress.clone(),
+        abort.clone(),
+    );
     let outputs: Vec<Output> = formats
         .into_iter()
         .zip(&dedups)
@@ -655,7 +661,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         _ => false,
     };
     let written = dst
-        .finish()
+        .finish(&abort)
         .with_context(|| format!("writing {}", dst.name()))?;
     if let Some(size) = written {
         tracing::info!("wrote {} ({size} bytes)", dst.name());
