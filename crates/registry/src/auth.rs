@@ -9,7 +9,7 @@
 //!
 //! Tokens are cached per scope string until shortly before they expire.
 
-use super::{Credentials, Error, Result};
+use super::{Credentials, Error, FlagNames, Result};
 use base64::Engine as _;
 use reqwest::blocking::Client;
 use std::collections::HashMap;
@@ -120,6 +120,8 @@ pub(crate) struct Auth {
     creds: Option<Credentials>,
     /// The run's cancel flag: a token request in progress is given up when set.
     cancel: Option<Arc<AtomicBool>>,
+    /// The tool's flags, named in error hints.
+    flags: FlagNames,
     peer: String,
     scheme: Mutex<Scheme>,
     tokens: Mutex<HashMap<String, Token>>,
@@ -129,11 +131,13 @@ impl Auth {
     pub(crate) fn new(
         peer: &str,
         cancel: Option<Arc<AtomicBool>>,
+        flags: FlagNames,
         creds: Option<Credentials>,
     ) -> Auth {
         Auth {
             creds,
             cancel,
+            flags,
             peer: peer.to_string(),
             scheme: Mutex::new(Scheme::Unknown),
             tokens: Mutex::new(HashMap::new()),
@@ -253,7 +257,7 @@ impl Auth {
         }
         let what = format!("token request to {realm}");
         let resp = crate::send_cancellable(&self.peer, rb, self.cancel.as_deref())?
-            .map_err(|source| Error::transport(&self.peer, &what, source))?;
+            .map_err(|source| Error::transport(&self.peer, &what, source, &self.flags))?;
         let status = resp.status();
         if status.as_u16() == 401 || status.as_u16() == 403 {
             return Err(Error::Unauthorized {
@@ -262,7 +266,10 @@ impl Auth {
                 detail: if self.creds.is_some() {
                     ": the token server rejected the credentials".into()
                 } else {
-                    ": anonymous access refused; pass -u user:password".into()
+                    format!(
+                        ": anonymous access refused; pass {} user:password",
+                        self.flags.credentials
+                    )
                 },
             });
         }
@@ -279,7 +286,7 @@ impl Auth {
         let body = crate::cancellable(&self.peer, &what, self.cancel.as_deref(), move || {
             resp.bytes()
         })?
-        .map_err(|source| Error::transport(&self.peer, &what, source))?;
+        .map_err(|source| Error::transport(&self.peer, &what, source, &self.flags))?;
         #[derive(serde::Deserialize)]
         struct TokenResp {
             token: Option<String>,
@@ -347,7 +354,12 @@ mod tests {
     #[test]
     fn basic_challenge_to_a_request_without_credentials_is_retried() {
         let http = Client::new();
-        let auth = Auth::new("reg", None, Credentials::parse("bob:pw"));
+        let auth = Auth::new(
+            "reg",
+            None,
+            FlagNames::default(),
+            Credentials::parse("bob:pw"),
+        );
         let ch = r#"Basic realm="r""#;
         assert_eq!(auth.header_for(&http, "s").unwrap(), None);
         assert!(auth.on_challenge(&http, ch, "s", None).unwrap());
@@ -355,7 +367,7 @@ mod tests {
         let sent = auth.header_for(&http, "s").unwrap();
         assert!(sent.as_deref().unwrap().starts_with("Basic "));
         assert!(!auth.on_challenge(&http, ch, "s", sent.as_deref()).unwrap());
-        let anonymous = Auth::new("reg", None, None);
+        let anonymous = Auth::new("reg", None, FlagNames::default(), None);
         assert!(!anonymous.on_challenge(&http, ch, "s", None).unwrap());
     }
 }

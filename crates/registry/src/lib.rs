@@ -45,7 +45,7 @@ pub enum Error {
     Transport {
         peer: String,
         what: String,
-        hint: &'static str,
+        hint: String,
         #[source]
         error: reqwest::Error,
     },
@@ -154,31 +154,40 @@ fn causes<'a>(
     std::iter::successors(Some(e), |c| c.source())
 }
 
-/// A hint for the TLS errors users commonly hit.
-fn tls_hint(e: &rustls::Error) -> &'static str {
+/// A hint for the TLS errors users commonly hit, naming the tool's `flags`.
+fn tls_hint(e: &rustls::Error, flags: &FlagNames) -> String {
     match e {
-        rustls::Error::InvalidMessage(_) => {
-            " (the registry does not speak TLS here; use --plain for plain HTTP)"
-        }
-        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
-            " (TLS verification failed; pass the registry's CA with --root-ca or --cert-dir, or use --insecure)"
-        }
-        _ => "",
+        rustls::Error::InvalidMessage(_) => format!(
+            " (the registry does not speak TLS here; use {} for plain HTTP)",
+            flags.plain_http
+        ),
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => format!(
+            " (TLS verification failed; pass the registry's CA with {}, or use {})",
+            flags.tls_ca, flags.insecure
+        ),
+        _ => String::new(),
     }
 }
 
 impl Error {
-    /// A transport error of `what` on `peer`, with a hint for TLS mistakes.
-    pub(crate) fn transport(peer: &str, what: &str, error: reqwest::Error) -> Error {
+    /// A transport error of `what` on `peer`, with a hint for TLS mistakes naming
+    /// the tool's `flags`.
+    pub(crate) fn transport(
+        peer: &str,
+        what: &str,
+        error: reqwest::Error,
+        flags: &FlagNames,
+    ) -> Error {
         Error::Transport {
             peer: peer.to_string(),
             what: what.to_string(),
             hint: match tls_cause(&error) {
-                Some(t) => tls_hint(t),
+                Some(t) => tls_hint(t, flags),
                 None if refused(&error) => {
                     " (nothing listens there: check the host and port, and that the registry runs)"
+                        .into()
                 }
-                None => "",
+                None => String::new(),
             },
             error,
         }
@@ -264,9 +273,8 @@ pub struct ClientOptions {
     /// Client certificate and key PEM files (`--client-cert cert:key`).
     pub client_certs: Vec<(PathBuf, PathBuf)>,
     pub credentials: Option<Credentials>,
-    /// The flag that gives `credentials`, named when a registry refuses them (`-u`,
-    /// or e.g. `--dest-creds` for a destination client).
-    pub credentials_flag: &'static str,
+    /// The tool's flags, as its error hints name them.
+    pub flags: FlagNames,
     /// Retries after a transient failure.
     pub retries: u32,
     /// First retry delay; doubles each time.
@@ -290,6 +298,33 @@ pub struct ClientOptions {
     pub stall_timeout: Duration,
 }
 
+/// The flags of the tool using the client, named in the hints of its errors (a
+/// refused login, a TLS mistake). The defaults are the convertor's and
+/// `overlaybd-fuse`'s.
+#[derive(Clone, Debug)]
+pub struct FlagNames {
+    /// What gives `credentials` (`-u`, or e.g. `--dest-creds` for a destination
+    /// client).
+    pub credentials: &'static str,
+    /// What selects plain HTTP.
+    pub plain_http: &'static str,
+    /// What passes a registry's CA.
+    pub tls_ca: &'static str,
+    /// What skips TLS verification.
+    pub insecure: &'static str,
+}
+
+impl Default for FlagNames {
+    fn default() -> Self {
+        FlagNames {
+            credentials: "-u",
+            plain_http: "--plain",
+            tls_ca: "--root-ca or --cert-dir",
+            insecure: "--insecure",
+        }
+    }
+}
+
 /// How long a registry may take to answer once an upload's body is sent (it
 /// hashes the blob, and some storage drivers copy it).
 pub const UPLOAD_COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -306,7 +341,7 @@ impl Default for ClientOptions {
             cert_dirs: vec![],
             client_certs: vec![],
             credentials: None,
-            credentials_flag: "-u",
+            flags: FlagNames::default(),
             retries: 3,
             retry_delay: Duration::from_millis(500),
             chunk_size: None,
@@ -578,6 +613,7 @@ impl Registry {
             auth: auth::Auth::new(
                 name,
                 opts.cancel.clone(),
+                opts.flags.clone(),
                 opts.credentials.clone().or_else(|| {
                     opts.docker_config
                         .then(|| dockercfg::lookup(name))
@@ -677,7 +713,7 @@ impl Registry {
             let res = send_cancellable(&self.host, rb, self.opts.cancel.as_deref())?;
             match res {
                 Err(source) => {
-                    let e = Error::transport(&self.host, what, source);
+                    let e = Error::transport(&self.host, what, source, &self.opts.flags);
                     if self.retries_after(retry, attempt, &e) {
                         tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
                         self.pause(delay);
@@ -716,17 +752,17 @@ impl Registry {
                             detail: if !self.auth.has_credentials() {
                                 format!(
                                     "{detail} (no credentials given; use {} user:password)",
-                                    self.opts.credentials_flag
+                                    self.opts.flags.credentials
                                 )
                             } else if self.opts.credentials.is_none() {
                                 format!(
                                     "{detail} (check the credentials for {} in the Docker configuration, or give {} user:password)",
-                                    self.host, self.opts.credentials_flag
+                                    self.host, self.opts.flags.credentials
                                 )
                             } else {
                                 format!(
                                     "{detail} (check the {} user:password)",
-                                    self.opts.credentials_flag
+                                    self.opts.flags.credentials
                                 )
                             },
                         });
@@ -1696,7 +1732,7 @@ impl Repository {
                 std::pin::pin!(watch),
             )) {
                 futures_util::future::Either::Left((r, _)) => {
-                    r.map_err(|e| Error::transport(&reg.host, what, e))?
+                    r.map_err(|e| Error::transport(&reg.host, what, e, &reg.opts.flags))?
                 }
                 futures_util::future::Either::Right((stop, _)) => {
                     return Err(match stop {

@@ -23,7 +23,7 @@ use obdconvert::{
 use obddedup::resolve::Dedup;
 use obdoci::layout::Layout;
 use obdoci::{Digest, ImageRef, Reference};
-use obdregistry::{ClientOptions, Credentials, Registry, Repository};
+use obdregistry::{ClientOptions, Credentials, FlagNames, Registry, Repository};
 use obdtools::cli::{print_out, say, UsageExt};
 use obdtools::usage_bail;
 
@@ -219,7 +219,7 @@ fn prog() -> &'static str {
 fn main() -> ExitCode {
     let obdconv_form = std::env::args_os().nth(1).is_some_and(|a| a == "obdconv");
     let _ = PROG.set(if obdconv_form {
-        "convertor obdconv"
+        obdconv::PROG
     } else {
         "convertor"
     });
@@ -488,6 +488,11 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         docker_config: args.username.is_none(),
         hosts_dir: args.hosts_dir.clone(),
         stall_timeout: std::time::Duration::from_secs(args.stall_timeout),
+        flags: if prog() == obdconv::PROG {
+            obdconv::flag_names()
+        } else {
+            FlagNames::default()
+        },
         ..Default::default()
     };
     let dst_client = match &args.dest_creds {
@@ -499,7 +504,10 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
                     .usage()?,
             ),
             docker_config: false,
-            credentials_flag: "--dest-creds",
+            flags: FlagNames {
+                credentials: "--dest-creds",
+                ..client.flags.clone()
+            },
             ..client.clone()
         },
     };

@@ -8,8 +8,22 @@ use super::Args;
 use anyhow::{bail, Context};
 use clap::Parser;
 use obdoci::{ImageName, ImageRef, Reference};
+use obdregistry::FlagNames;
 use std::ffi::OsString;
 use std::path::PathBuf;
+
+/// The name this form's messages start with.
+pub const PROG: &str = "convertor obdconv";
+
+/// This form's flags, as the registry client's error hints name them.
+pub fn flag_names() -> FlagNames {
+    FlagNames {
+        credentials: "-u",
+        plain_http: "--plain-http",
+        tls_ca: "--tlscacert",
+        insecure: "-k/--skip-verify",
+    }
+}
 
 /// Convert SRC into an overlaybd image at DST, as `ctr obdconv SRC DST` does.
 ///

@@ -883,3 +883,59 @@ fn ctrl_c_during_a_stalled_answer_body_stops_at_once() {
         assert!(!out.exists(), "{what}: nothing written");
     }
 }
+
+/// The hints of TLS failures name the flags of the form that was run: the `-r`
+/// form's `--plain`, `--root-ca`/`--cert-dir` and `--insecure`, the `obdconv`
+/// form's `--plain-http`, `--tlscacert` and `-k/--skip-verify` (it used to be told
+/// of flags it does not have).
+#[test]
+fn tls_hints_name_the_flags_of_the_form_run() {
+    let t = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&t.path().join("pki"));
+    let tls = Registry::start(RegistryOpts {
+        tls: Some(&pki),
+        client_ca: false,
+        auth: Auth::None,
+    });
+    let plain = Registry::plain();
+    let out = format!("oci:{}:obd", t.path().join("out").display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    for (reg, r_form, obdconv_form) in [
+        (
+            &tls,
+            "TLS verification failed; pass the registry's CA with --root-ca or --cert-dir, or use --insecure)",
+            "TLS verification failed; pass the registry's CA with --tlscacert, or use -k/--skip-verify)",
+        ),
+        (
+            &plain,
+            "the registry does not speak TLS here; use --plain for plain HTTP)",
+            "the registry does not speak TLS here; use --plain-http for plain HTTP)",
+        ),
+    ] {
+        let src = format!("{}/hint/app", reg.host());
+        let out_dir = t.path().join("out");
+        let o = convertor(&[
+            "-r",
+            &src,
+            "-i",
+            "latest",
+            "--output-repository",
+            &format!("oci:{}", out_dir.display()),
+            "-o",
+            "obd",
+            "-d",
+            wd_s,
+        ]);
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(e.starts_with("convertor: error: ") && e.contains(r_form), "{e}");
+        let o = convertor(&["obdconv", &format!("{src}:latest"), &out, "-d", wd_s]);
+        let e = stderr_of(&o);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(
+            e.starts_with("convertor obdconv: error: ") && e.contains(obdconv_form),
+            "{e}"
+        );
+    }
+}
