@@ -425,6 +425,14 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
                 "{dst_ref}: a docker archive holds one image, and --overlaybd with --turboOCI makes two: write an oci-archive: or oci: destination"
             );
         }
+        // A TurboOCI layer is read through its annotations (which blob holds its
+        // files' data, and where) from the source layers beside it: a docker archive
+        // keeps neither.
+        if turbo_tag.is_some() {
+            usage_bail!(
+                "{dst_ref}: a TurboOCI image cannot be written to a docker archive, which keeps no layer annotations and no source layers for it to read its files' data from: write an oci-archive: or oci: destination"
+            );
+        }
         // Its image is named by the destination (RepoTags), not by the output tag.
         let given = args
             .overlaybd

@@ -825,6 +825,19 @@ fn archive_destinations_hold_what_the_run_reports() {
         "{out}"
     );
     assert!(!docker.exists() && !t.path().join("w").exists());
+    // A TurboOCI image alone is refused too: without its annotations and the
+    // source layers beside it, nothing could read it.
+    let o = run(
+        &format!("docker-archive:{}:app:v1", docker.display()),
+        &["--turboOCI", "b"],
+    );
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("a TurboOCI image cannot be written to a docker archive"),
+        "{out}"
+    );
+    assert!(!docker.exists() && !t.path().join("w").exists());
     let o = run(
         &format!("docker-archive:{}:app:v1", docker.display()),
         &["-o", "obd"],
