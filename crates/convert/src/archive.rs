@@ -29,7 +29,7 @@ use obdoci::model::{
 use obdoci::reference::{ArchiveImage, DockerName};
 use obdoci::{self as oci, Digest, ImageRef, Reference};
 use obdregistry::{BlobSource, ProgressFn};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -226,6 +226,10 @@ pub struct DockerArchiveStore {
     manifest: (Descriptor, Vec<u8>),
     /// Blob digest → archive member.
     members: HashMap<Digest, String>,
+    /// Compressed layers kept at a path that is not their digest: their digest is
+    /// hashed from the member itself, so only their `rootfs.diff_ids` entry vouches
+    /// for their content.
+    self_hashed: HashSet<Digest>,
 }
 
 impl DockerArchiveStore {
@@ -275,6 +279,7 @@ impl DockerArchiveStore {
         let mut members = HashMap::new();
         members.insert(config.digest.clone(), item.config.clone());
         let mut layers = Vec::with_capacity(item.layers.len());
+        let mut self_hashed = HashSet::new();
         for (l, diff_id) in item.layers.iter().zip(&diff_ids) {
             if !tar.contains(l) {
                 return Err(missing(l, "the layer"));
@@ -295,9 +300,11 @@ impl DockerArchiveStore {
                 Some(d) => d,
                 None if mt == MT_DOCKER_LAYER_TAR => diff_id.clone(),
                 None => {
-                    obdoci::digest::hash_reader(tar.open(l)?)
+                    let d = obdoci::digest::hash_reader(tar.open(l)?)
                         .map_err(|e| Error::Oci(oci::Error::from_io(&what, e)))?
-                        .0
+                        .0;
+                    self_hashed.insert(d.clone());
+                    d
                 }
             };
             members.insert(digest.clone(), l.clone());
@@ -319,6 +326,7 @@ impl DockerArchiveStore {
             tar,
             manifest: (Descriptor::of_bytes(MT_DOCKER_MANIFEST, &bytes), bytes),
             members,
+            self_hashed,
         })
     }
 
@@ -337,6 +345,9 @@ impl DockerArchiveStore {
 impl ImageStore for DockerArchiveStore {
     fn name(&self) -> String {
         format!("docker-archive:{}", self.path.display())
+    }
+    fn digest_vouches_for(&self, layer: &Descriptor) -> bool {
+        !self.self_hashed.contains(&layer.digest)
     }
     fn default_reference(&self) -> Result<Option<Reference>> {
         Ok(Some(Reference::Digest(self.manifest.0.digest.clone())))

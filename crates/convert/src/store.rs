@@ -21,6 +21,13 @@ pub trait ImageStore: Send + Sync {
     fn read_blob(&self, desc: &Descriptor, limit: u64) -> Result<Vec<u8>>;
     /// Stream a blob; the stream fails at its end if the content does not match.
     fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send>>;
+    /// Whether `layer`'s digest vouches for its content (it names the content, as a
+    /// registry's or a layout's blobs do). A layer whose digest the store computed
+    /// from the content itself is checked against its `rootfs.diff_ids` entry
+    /// while it is uncompressed instead.
+    fn digest_vouches_for(&self, _layer: &Descriptor) -> bool {
+        true
+    }
     /// A local file holding the blob, if the store is local (no copy needed).
     fn local_blob_path(&self, _desc: &Descriptor) -> Option<PathBuf> {
         None

@@ -444,9 +444,36 @@ fn bad_archives_fail_with_one_line_and_write_nothing() {
             .cloned()
             .collect::<Vec<_>>(),
     );
+    // A gzipped layer at a path that is not its digest (as `docker save` wrote
+    // them) is hashed from itself: swapped for another layer's bytes, only its
+    // diff_id in the config can tell.
+    let docker_swapped = p("docker-swapped.tar");
+    let other = p("other-layer.tar");
+    write_tar(&other, &[("etc/other".into(), b"not the layer\n".to_vec())]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &std::fs::read(&other).unwrap()).unwrap();
+    let gz = gz.finish().unwrap();
+    write_tar(
+        &docker_swapped,
+        &docker
+            .iter()
+            .map(|(n, d)| {
+                let d = if n == &docker_layer0 {
+                    gz.clone()
+                } else {
+                    d.clone()
+                };
+                (n.clone(), d)
+            })
+            .collect::<Vec<_>>(),
+    );
 
     let out = format!("oci-archive:{}", dest.display());
     let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![format!("docker-archive:{}", docker_swapped.display())],
+            "rootfs.diff_ids",
+        ),
         (
             vec![format!("oci-archive:{}", truncated.display())],
             "truncated",

@@ -504,11 +504,11 @@ impl Layers<'_, '_> {
             blob: Some(blob),
             abort: &run.c.abort,
             prepared: None,
-            diff_id: run.outputs[self.todo[j]]
-                .out
-                .dedup
-                .is_some()
-                .then(|| self.diff_ids[i].clone()),
+            // Checked for dedup (its keys are made of diff_ids) and where nothing
+            // else vouches for the layer's content.
+            diff_id: (run.outputs[self.todo[j]].out.dedup.is_some()
+                || !run.c.src.digest_vouches_for(&self.layers[i]))
+            .then(|| self.diff_ids[i].clone()),
         };
         if prepare {
             run.format(self.todo[j])
