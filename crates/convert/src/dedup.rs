@@ -88,11 +88,23 @@ impl std::fmt::Display for OpError {
 impl DedupRegistry for RegistryOps {
     type Error = OpError;
 
-    fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool, OpError> {
-        Ok(self
+    /// A blob whose size the registry gives (`Content-Length`) and which is not `size` is
+    /// not the blob the row means: a manifest naming it with `size` bytes cannot be pulled.
+    fn blob_exists(&self, repo: &str, digest: &str, size: u64) -> Result<bool, OpError> {
+        let stat = self
             .reg
             .repository(repo)
-            .blob_exists(&Self::digest(digest)?)?)
+            .blob_stat(&Self::digest(digest)?)?;
+        Ok(match stat {
+            registry::BlobStat::Missing => false,
+            registry::BlobStat::Present { size: Some(s) } if s != size => {
+                tracing::warn!(
+                    "dedup: blob {digest} in {repo} has {s} bytes, not the {size} of its database row"
+                );
+                false
+            }
+            registry::BlobStat::Present { .. } => true,
+        })
     }
 
     fn mount_blob(&self, from_repo: &str, to_repo: &str, digest: &str) -> Result<bool, OpError> {

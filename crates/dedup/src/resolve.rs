@@ -16,8 +16,9 @@
 //!    only ever name a blob that was pushed (upstream writes rows anyway, §8.1).
 //!
 //! Differences from upstream, on purpose:
-//! - Only a definite "not found" from the registry deletes a row. Any other failure (auth,
-//!   5xx, network) makes the lookup skip that row and keeps it (upstream deletes on some of them).
+//! - Only a definite "not found" from the registry (or a layer blob whose size it gives is
+//!   not the row's) deletes a row. Any other failure (auth, 5xx, network) makes the lookup
+//!   skip that row and keeps it (upstream deletes on some of them).
 //! - A cross-repo layer candidate whose mount is declined is checked in its own repository,
 //!   and its row is deleted if the blob is gone there (upstream keeps retrying such rows).
 //! - Cross-repo manifest copies push the manifest bytes unchanged ([`DedupRegistry::copy_manifest`]),
@@ -48,13 +49,16 @@ pub enum CopyOutcome {
 /// The convertor implements this with its registry client.
 ///
 /// `Ok(false)` / [`CopyOutcome::SourceMissing`] must mean a definite "not found" answer (HTTP
-/// 404 with `BLOB_UNKNOWN` / `MANIFEST_UNKNOWN` or no body); every other failure, including 401
-/// and 403, must be an `Err`, because "not found" deletes database rows.
+/// 404 with `BLOB_UNKNOWN` / `MANIFEST_UNKNOWN` or no body), or for [`DedupRegistry::blob_exists`]
+/// a blob of another size; every other failure, including 401 and 403, must be an `Err`,
+/// because "not found" deletes database rows.
 pub trait DedupRegistry {
     type Error: fmt::Display;
 
-    /// Whether blob `digest` exists in `repo`.
-    fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool, Self::Error>;
+    /// Whether blob `digest` exists in `repo` with `size` bytes. `Ok(false)` also when the
+    /// registry gives it another size: a row naming that size is wrong (a manifest giving
+    /// the blob that size cannot be pulled), and is deleted as a stale one.
+    fn blob_exists(&self, repo: &str, digest: &str, size: u64) -> Result<bool, Self::Error>;
 
     /// Cross-repository blob mount `from_repo` → `to_repo`. `Ok(true)` when the blob is in
     /// `to_repo` afterwards (mounted, or already there). `Ok(false)` when the registry declined
@@ -378,7 +382,7 @@ impl Dedup {
         obj: Object<'_>,
     ) -> Option<(String, u64, HitSource)> {
         match self.stored(target.host, target.repository, obj) {
-            Ok(Some(row)) => match obj.exists(reg, target.repository, &row.digest) {
+            Ok(Some(row)) => match obj.exists(reg, target.repository, &row.digest, row.size) {
                 Ok(true) => return Some((row.digest, row.size, HitSource::SameRepo)),
                 Ok(false) => self.deleted_stale(
                     &obj.gone(&row.digest, target.repository),
@@ -408,7 +412,7 @@ impl Dedup {
             .filter(|c| c.repository != target.repository)
         {
             let (from, digest) = (&cand.repository, &cand.digest);
-            match obj.bring(reg, from, target.repository, digest) {
+            match obj.bring(reg, from, target.repository, digest, cand.size) {
                 Ok(CopyOutcome::Copied) => {
                     self.record(target, obj, digest, cand.size);
                     return Some((
@@ -602,33 +606,41 @@ impl Object<'_> {
         )
     }
 
-    /// Whether the converted object `digest` is usable in `repo`.
+    /// Whether the converted object `digest` is usable in `repo` (a blob: with `size`
+    /// bytes; a manifest's size is that of the bytes fetched to reuse it).
     fn exists<R: DedupRegistry>(
         &self,
         reg: &R,
         repo: &str,
         digest: &str,
+        size: u64,
     ) -> Result<bool, R::Error> {
         match self {
-            Object::Layer { .. } => reg.blob_exists(repo, digest),
+            Object::Layer { .. } => reg.blob_exists(repo, digest, size),
             Object::Manifest { .. } => reg.manifest_exists(repo, digest),
         }
     }
 
     /// Makes the converted object `digest` of `from` available in `to`: a blob mount or a
     /// manifest copy. A declined mount is `SourceMissing` only when the blob is gone from
-    /// `from`. An error comes with what was being done.
+    /// `from`; a mounted blob must have the row's `size` (else the row is wrong:
+    /// `SourceMissing`). An error comes with what was being done.
     fn bring<R: DedupRegistry>(
         &self,
         reg: &R,
         from: &str,
         to: &str,
         digest: &str,
+        size: u64,
     ) -> Result<CopyOutcome, (String, R::Error)> {
         match self {
             Object::Layer { .. } => match reg.mount_blob(from, to, digest) {
-                Ok(true) => Ok(CopyOutcome::Copied),
-                Ok(false) => match reg.blob_exists(from, digest) {
+                Ok(true) => match reg.blob_exists(to, digest, size) {
+                    Ok(true) => Ok(CopyOutcome::Copied),
+                    Ok(false) => Ok(CopyOutcome::SourceMissing),
+                    Err(e) => Err((self.checking(digest, to), e)),
+                },
+                Ok(false) => match reg.blob_exists(from, digest, size) {
                     Ok(false) => Ok(CopyOutcome::SourceMissing),
                     Ok(true) => {
                         debug!("dedup: registry declined mounting {digest} from {from}");
@@ -703,6 +715,9 @@ mod tests {
         broken: HashSet<String>,
         /// Repositories the registry refuses to mount from (answers 202).
         no_mount_from: HashSet<String>,
+        /// Blob sizes the registry reports (digest → bytes); a blob not listed has the
+        /// size it is asked about.
+        sizes: Mutex<HashMap<String, u64>>,
     }
 
     impl MemRegistry {
@@ -751,9 +766,15 @@ mod tests {
 
     impl DedupRegistry for MemRegistry {
         type Error = String;
-        fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool, String> {
+        fn blob_exists(&self, repo: &str, digest: &str, size: u64) -> Result<bool, String> {
             self.check(repo)?;
-            Ok(self.has_blob(repo, digest))
+            let sized = self
+                .sizes
+                .lock()
+                .unwrap()
+                .get(digest)
+                .is_none_or(|&s| s == size);
+            Ok(self.has_blob(repo, digest) && sized)
         }
         fn mount_blob(&self, from: &str, to: &str, digest: &str) -> Result<bool, String> {
             self.check(from)?;
@@ -868,6 +889,35 @@ mod tests {
         };
         assert_eq!(dd.db().get_layer_entry_for_repo(key).unwrap(), None);
         assert_eq!(dd.stats().stale_rows_deleted, 1);
+    }
+
+    /// A row whose size is not its blob's would make a manifest that cannot be pulled:
+    /// it is deleted, in the target repository and as a candidate of another one.
+    #[test]
+    fn a_row_with_another_size_is_deleted_and_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dd = dedup(&dir, "test/1");
+        let reg = MemRegistry::default();
+        let (chain, blob) = (d('1'), d('a'));
+        reg.sizes.lock().unwrap().insert(blob.clone(), 4096);
+        for repo in ["app", "lib"] {
+            reg.put_blob(repo, &blob);
+            assert!(dd.record_layer(t(repo), &chain, &blob, 4608));
+        }
+        assert_eq!(dd.lookup_layer(&reg, t("app"), &chain), LayerLookup::Miss);
+        assert_eq!(dd.lookup_layer(&reg, t("new"), &chain), LayerLookup::Miss);
+        assert!(dd
+            .db()
+            .get_cross_repo_layer_entries(HOST, &chain)
+            .unwrap()
+            .is_empty());
+        assert_eq!(dd.stats().stale_rows_deleted, 2);
+        // The right size is reused.
+        assert!(dd.record_layer(t("lib"), &chain, &blob, 4096));
+        assert!(matches!(
+            dd.lookup_layer(&reg, t("new"), &chain),
+            LayerLookup::Hit { size: 4096, .. }
+        ));
     }
 
     #[test]

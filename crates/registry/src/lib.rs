@@ -927,6 +927,15 @@ pub enum BlobSource<'a> {
     File(&'a Path),
 }
 
+/// What a `HEAD` of a blob found ([`Repository::blob_stat`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobStat {
+    /// The registry answered 404.
+    Missing,
+    /// The blob is there; `size` is the answer's `Content-Length`, when it has one.
+    Present { size: Option<u64> },
+}
+
 /// What a blob push did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PushOutcome {
@@ -1200,13 +1209,26 @@ impl Repository {
         self.blob_exists_scoped(d, &self.pull_scope())
     }
 
+    /// Whether a blob exists and, if the registry says, its size: the same `HEAD` as
+    /// [`Repository::blob_exists`].
+    pub fn blob_stat(&self, d: &Digest) -> Result<BlobStat> {
+        self.blob_stat_scoped(d, &self.pull_scope())
+    }
+
     fn blob_exists_scoped(&self, d: &Digest, scope: &str) -> Result<bool> {
+        Ok(self.blob_stat_scoped(d, scope)? != BlobStat::Missing)
+    }
+
+    fn blob_stat_scoped(&self, d: &Digest, scope: &str) -> Result<BlobStat> {
         let what = format!("blob {}@{d}", self.name);
         let url = self.reg.api(&format!("/{}/blobs/{d}", self.name));
         let resp = self.reg.send(&what, scope, true, &|c| c.head(&url))?;
         match resp.status().as_u16() {
-            200 => Ok(true),
-            404 => Ok(false),
+            200 => Ok(BlobStat::Present {
+                size: header_str(resp.headers(), CONTENT_LENGTH.as_str())
+                    .and_then(|v| v.parse().ok()),
+            }),
+            404 => Ok(BlobStat::Missing),
             _ => Err(self.reg.status_error(&what, resp)),
         }
     }

@@ -15,7 +15,7 @@ mod dedup_support;
 use common::convert::*;
 use common::Registry;
 use obdconvert::ConvertOptions;
-use obddedup::{open, ConversionDatabase, LayerKey, ManifestKey};
+use obddedup::{open, ConversionDatabase, LayerEntry, LayerKey, ManifestKey};
 use obdoci::model::*;
 use obdoci::{Descriptor, Digest, Reference};
 use obdregistry::Repository;
@@ -703,6 +703,102 @@ fn corrupt_converted_layer_is_converted_again() {
     );
     let (d2, _) = get_json(&app, "obd2");
     assert_eq!(d2.digest, d1.digest);
+}
+
+/// A layer row whose size is not the size of its blob (a row written by hand, or by a
+/// broken tool) is not reused: a manifest naming the blob with that size cannot be pulled
+/// (overlaybd reads the blob by the size its descriptor gives). The registry says the
+/// size when asked whether the blob is there; the row is deleted and the layer converted
+/// again, and the image has the sizes of a run without the bad row.
+#[test]
+fn a_layer_row_with_another_size_is_not_reused() {
+    let t = tempfile::tempdir().unwrap();
+    let backend = Backend::sqlite(t.path());
+    let reg = Registry::plain();
+    let host = reg.host();
+    let images = t.path().join("images");
+    build_images("testset", &images, &[]);
+    skopeo_push(&images.join("layers"), "v1", &host, "app/layers");
+    let app = reg.client("app/layers");
+    let run = |tag: &str, work: &str, extra: &[&str]| {
+        let mut a = strings(&[
+            "-r",
+            &format!("{host}/app/layers"),
+            "-i",
+            "v1",
+            "--plain",
+            "--vsize",
+            VSIZE,
+            "-o",
+            tag,
+            "--reserve",
+            "-d",
+            &t.path().join(work).display().to_string(),
+        ]);
+        a.extend(strings(extra));
+        a.extend(backend.args());
+        convert(&a)
+    };
+    run("obd1", "w1", &["--oci"]);
+    let (_, m1) = get_json(&app, "obd1");
+    let layers = layer_digests(&m1);
+    let top = &m1["layers"][3];
+    let size = top["size"].as_u64().unwrap();
+    let chain = chain_ids(&app, "v1");
+    let db = backend.open();
+    let key = LayerKey {
+        host: &host,
+        repository: "app/layers",
+        chain_id: &chain[3],
+    };
+    assert!(db.delete_layer_entry(key).unwrap());
+    let wrong = LayerEntry {
+        host: host.clone(),
+        repository: "app/layers".into(),
+        chain_id: chain[3].clone(),
+        converted_digest: layers[3].clone(),
+        data_size: size + 512,
+    };
+    assert!(matches!(
+        db.create_layer_entry(&wrong).unwrap(),
+        obddedup::StoreOutcome::Inserted
+    ));
+
+    // Docker media types this time: a manifest miss, whose layers are all looked up; the
+    // top one is not downloaded unless it is converted.
+    let r = run("obd2", "w2", &[]);
+    let (_, m2) = get_json(&app, "obd2");
+    for (i, (a, b)) in m1["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(m2["layers"].as_array().unwrap())
+        .enumerate()
+    {
+        assert_eq!(
+            (&a["digest"], &a["size"]),
+            (&b["digest"], &b["size"]),
+            "layer {i}\n{}\n{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+    assert_eq!(r.summary.stale_rows, 1, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(
+        (r.summary.layers_converted, r.summary.layers_reused),
+        (1, 3),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(
+        db.get_layer_entry_for_repo(key)
+            .unwrap()
+            .map(|e| e.data_size),
+        Some(size),
+        "the row was replaced by the converted layer's"
+    );
+    assert_complete(&app, &m2);
 }
 
 /// Tag `liar` in the layout: image `latest` whose config claims another diff_id
