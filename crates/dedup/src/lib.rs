@@ -205,6 +205,29 @@ pub enum DbError {
     },
 }
 
+impl DbError {
+    /// Whether the database did not answer in time: a MySQL server that stopped answering
+    /// (its connect, read or write timeout), an SQLite file whose lock another process kept
+    /// past the busy timeout. The next statement would most likely wait as long.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            #[cfg(feature = "mysql")]
+            DbError::Mysql { error, .. } | DbError::MysqlConnect { error, .. } => {
+                error.is_timeout()
+            }
+            #[cfg(feature = "sqlite")]
+            DbError::Sqlite {
+                error: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// An error and its causes on one line (`error: cause: cause`), as the tools print errors.
 ///
 /// ```
@@ -836,6 +859,20 @@ mod tests {
         ] {
             assert!(check_digest("d", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    #[cfg(feature = "sqlite")]
+    fn a_busy_sqlite_file_is_a_timeout() {
+        let sqlite = |code| DbError::Sqlite {
+            path: "/x.db".into(),
+            op: "select from overlaybd_layers",
+            error: rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None),
+        };
+        assert!(sqlite(rusqlite::ffi::SQLITE_BUSY).is_timeout());
+        assert!(sqlite(rusqlite::ffi::SQLITE_LOCKED).is_timeout());
+        assert!(!sqlite(rusqlite::ffi::SQLITE_CORRUPT).is_timeout());
+        assert!(!DbError::UnknownType("x".into()).is_timeout());
     }
 
     #[test]

@@ -92,6 +92,30 @@ impl MysqlError {
     pub fn code(&self) -> Option<u16> {
         server_code(&self.0)
     }
+
+    /// Whether the server did not answer in time (connect, read or write timeout).
+    pub fn is_timeout(&self) -> bool {
+        Self::timed_out(&self.0)
+    }
+
+    fn timed_out(e: &::mysql::Error) -> bool {
+        let timed_out = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            )
+        };
+        match e {
+            ::mysql::Error::IoError(e) => timed_out(e),
+            // A socket timeout during a statement comes through the packet codec (its
+            // source is the socket's error).
+            ::mysql::Error::CodecError(c) => std::error::Error::source(c)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .is_some_and(timed_out),
+            ::mysql::Error::DriverError(DriverError::ConnectTimeout | DriverError::Timeout) => true,
+            _ => false,
+        }
+    }
 }
 
 impl std::fmt::Display for MysqlError {
@@ -152,8 +176,10 @@ pub(crate) fn schema_problem(table: &str, e: &MysqlError) -> String {
     }
 }
 
+/// A lost connection or an InnoDB deadlock. Not a timeout: that attempt waited its full
+/// timeout (and the pool's ping and reconnection theirs), and the next would wait as long.
 fn is_retryable(e: &::mysql::Error) -> bool {
-    e.is_connectivity_error()
+    (e.is_connectivity_error() && !MysqlError::timed_out(e))
         || matches!(
             server_code(e),
             Some(ER_LOCK_DEADLOCK) | Some(ER_LOCK_WAIT_TIMEOUT)

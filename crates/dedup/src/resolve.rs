@@ -26,7 +26,7 @@
 //! - Database errors never fail a conversion: they are logged, counted, and treated as a miss.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tracing::{debug, info, warn};
 
@@ -201,6 +201,10 @@ impl Counters {
 pub struct Dedup {
     db: Box<dyn ConversionDatabase>,
     counters: Counters,
+    /// A statement timed out ([`DbError::is_timeout`]): the database is not used any more
+    /// in this run (every lookup a miss, nothing recorded). A server that stopped answering
+    /// would otherwise make every statement wait out its timeouts again.
+    given_up: AtomicBool,
 }
 
 impl fmt::Debug for Dedup {
@@ -217,6 +221,7 @@ impl Dedup {
         Dedup {
             db,
             counters: Counters::default(),
+            given_up: AtomicBool::new(false),
         }
     }
 
@@ -248,6 +253,17 @@ impl Dedup {
             "dedup: {what}: {}; continuing without dedup for it",
             crate::with_causes(e)
         );
+        if e.is_timeout() && !self.given_up.swap(true, Ordering::Relaxed) {
+            warn!(
+                "dedup: {} did not answer in time; not using it for the rest of this run",
+                self.db.describe()
+            );
+        }
+    }
+
+    /// Whether the database is not used any more in this run (see `given_up`).
+    fn given_up(&self) -> bool {
+        self.given_up.load(Ordering::Relaxed)
     }
 
     fn reg_error(&self, what: &str, e: &dyn fmt::Display) {
@@ -381,6 +397,9 @@ impl Dedup {
         target: Target<'_>,
         obj: Object<'_>,
     ) -> Option<(String, u64, HitSource)> {
+        if self.given_up() {
+            return None;
+        }
         match self.stored(target.host, target.repository, obj) {
             Ok(Some(row)) => match obj.exists(reg, target.repository, &row.digest, row.size) {
                 Ok(true) => return Some((row.digest, row.size, HitSource::SameRepo)),
@@ -397,6 +416,9 @@ impl Dedup {
             }
         }
 
+        if self.given_up() {
+            return None;
+        }
         let candidates = match self.stored_elsewhere(target.host, obj) {
             Ok(c) => c,
             Err(e) => {
@@ -436,6 +458,10 @@ impl Dedup {
     /// Stores the row `obj` → `digest` for `target`; see [`Dedup::record_layer`].
     fn record(&self, target: Target<'_>, obj: Object<'_>, digest: &str, size: u64) -> bool {
         let name = obj.name();
+        if self.given_up() {
+            debug!("dedup: not recording {name} → {digest}: the database is not used any more");
+            return false;
+        }
         let repo = target.repository;
         let outcome = match obj {
             Object::Layer { chain_id } => self

@@ -1042,6 +1042,71 @@ fn mysql_reconnects_after_a_server_restart() {
     );
 }
 
+/// Dedup's registry for runs whose lookups never get past the database.
+struct NoRegistry;
+
+impl obddedup::resolve::DedupRegistry for NoRegistry {
+    type Error = String;
+    fn blob_exists(&self, _: &str, _: &str, _: u64) -> Result<bool, String> {
+        Err("not expected".into())
+    }
+    fn mount_blob(&self, _: &str, _: &str, _: &str) -> Result<bool, String> {
+        Err("not expected".into())
+    }
+    fn manifest_exists(&self, _: &str, _: &str) -> Result<bool, String> {
+        Err("not expected".into())
+    }
+    fn copy_manifest(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: &str,
+    ) -> Result<obddedup::resolve::CopyOutcome, String> {
+        Err("not expected".into())
+    }
+}
+
+/// A server that stops answering (a network partition, a paused VM) costs a conversion one
+/// statement's wait, not one per statement: each waited out its read timeout on every
+/// attempt and reconnection (about 9 of them), for every lookup and store of every layer,
+/// so that a 4-layer image took 27 read timeouts (30 minutes at the default 60 s) to
+/// convert without dedup. After the first statement that times out, the run stops using
+/// the database.
+#[test]
+fn mysql_server_that_stops_answering_is_given_up_on() {
+    use obddedup::resolve::{Dedup, LayerLookup, Target};
+    let m = dedup_support::MariaDb::start();
+    let name = m.fresh_database("t");
+    let dsn = format!(
+        "{}?timeout=500ms&readTimeout=500ms&writeTimeout=500ms",
+        m.dsn(&name)
+    );
+    let dd = Dedup::new(open("mysql", &dsn, FORMAT).unwrap().unwrap());
+    let target = Target {
+        host: HOST,
+        repository: "app",
+    };
+    m.pause();
+    let t0 = Instant::now();
+    for i in 0..8 {
+        let chain = digest(i);
+        assert_eq!(
+            dd.lookup_layer(&NoRegistry, target, &chain),
+            LayerLookup::Miss
+        );
+        assert!(!dd.record_layer(target, &chain, &digest(100 + i), 10));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    m.resume();
+    let s = dd.stats();
+    assert_eq!(s.db_errors, 1, "only the first statement was tried: {s}");
+    assert!(
+        secs < 15.0,
+        "16 statements on a server that does not answer took {secs:.1} s ({s})"
+    );
+}
+
 /// A test CA and a server certificate for 127.0.0.1, made with the openssl CLI.
 fn make_certs(dir: &Path) {
     let run = |args: &[&str]| {

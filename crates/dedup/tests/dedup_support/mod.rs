@@ -200,6 +200,27 @@ impl MariaDb {
         self.spawn_server();
     }
 
+    /// Stops the server without closing anything (SIGSTOP): connections are accepted by the
+    /// kernel and never answered, as behind a network partition. [`MariaDb::resume`] undoes it;
+    /// dropping the server kills it even while paused.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let c = self.child.as_ref().expect("a running server");
+        let status = Command::new("kill")
+            .args([sig, &c.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {sig} mariadbd failed");
+    }
+
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
