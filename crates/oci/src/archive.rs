@@ -102,7 +102,7 @@ impl FileSource {
         if n < 2 || magic != [0x1f, 0x8b] {
             return Ok(plain);
         }
-        let mut dec = flate2::read::MultiGzDecoder::new(io::BufReader::new(plain.file));
+        let mut dec = PaddedGz::new(io::BufReader::new(plain.file));
         Self::copy_to_scratch(&mut dec, scratch, |e| {
             if e.kind() == io::ErrorKind::UnexpectedEof || e.kind() == io::ErrorKind::InvalidInput {
                 Error::Invalid {
@@ -113,6 +113,60 @@ impl FileSource {
                 Error::io(path, e)
             }
         })
+    }
+}
+
+/// The data of a gzip file of one or more members, which may end in zero bytes (a
+/// tape-style padded `.tar.gz`, which `gzip -t` and `tar -tz` take): anything else
+/// after a member is an `InvalidInput` error.
+struct PaddedGz<R: io::BufRead> {
+    /// The member being read; `None` once the data ended.
+    member: Option<flate2::bufread::GzDecoder<R>>,
+}
+
+impl<R: io::BufRead> PaddedGz<R> {
+    fn new(r: R) -> Self {
+        PaddedGz {
+            member: Some(flate2::bufread::GzDecoder::new(r)),
+        }
+    }
+}
+
+impl<R: io::BufRead> Read for PaddedGz<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let Some(member) = self.member.as_mut() else {
+                return Ok(0);
+            };
+            let n = member.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            // The member ended: another one, zero padding to the end, or the end.
+            let mut rest = self.member.take().expect("checked above").into_inner();
+            let next = rest.fill_buf()?;
+            if next.is_empty() {
+                return Ok(0);
+            }
+            if next[0] != 0 {
+                self.member = Some(flate2::bufread::GzDecoder::new(rest));
+                continue;
+            }
+            loop {
+                let chunk = rest.fill_buf()?;
+                if chunk.is_empty() {
+                    return Ok(0);
+                }
+                if chunk.iter().any(|&b| b != 0) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "data after the zero padding that follows the gzip data",
+                    ));
+                }
+                let len = chunk.len();
+                rest.consume(len);
+            }
+        }
     }
 }
 
@@ -613,6 +667,48 @@ impl TarWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut e, data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// A `.tar.gz` of several members, and one padded with zeros as tapes pad
+    /// (which `gzip -t` and `tar -tz` take), is read whole; anything but zeros
+    /// after the gzip data is an error that names the archive.
+    #[test]
+    fn gzip_archives_with_members_and_zero_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar = sample();
+        let (a, b) = tar.split_at(1000);
+        let mut two = gzip(a);
+        two.extend(gzip(b));
+        let mut padded = two.clone();
+        padded.extend(vec![0u8; 10240 - padded.len() % 10240]);
+        for (name, bytes) in [("two.tar.gz", &two), ("padded.tar.gz", &padded)] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            let src = FileSource::open_archive(&p, dir.path()).unwrap();
+            let mut back = vec![0u8; src.size() as usize];
+            src.read_at(&mut back, 0).unwrap();
+            assert!(back == tar, "{name}");
+        }
+        for (head, tail, want) in [
+            (&padded, &[0u8, 0, 0, 7][..], "data after the zero padding"),
+            (&two, b"this is not gzip data", "invalid gzip header"),
+        ] {
+            let p = dir.path().join("bad.tar.gz");
+            let mut bad = head.clone();
+            bad.extend_from_slice(tail);
+            std::fs::write(&p, &bad).unwrap();
+            let Err(e) = FileSource::open_archive(&p, dir.path()) else {
+                panic!("{tail:?} taken");
+            };
+            let msg = e.to_string();
+            assert!(msg.contains("bad.tar.gz") && msg.contains(want), "{msg}");
+        }
+    }
 
     fn index_of(bytes: Vec<u8>) -> Result<TarIndex> {
         struct Mem(Vec<u8>);
