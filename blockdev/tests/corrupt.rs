@@ -239,6 +239,67 @@ fn writable_layer_corruptions() {
     assert!(e.contains("nope") && e.contains("No such file"), "{e}");
 }
 
+/// A writable layer whose header claims a virtual size its index cannot
+/// address (a flipped top bit of the size, say) is refused when opened:
+/// accepted, a write past 2^59 bytes was stored under an offset cut to the
+/// index's 50 bits and came back over the start of the disk after a reopen.
+#[test]
+fn writable_layer_with_an_impossible_virtual_size() {
+    use blockdev::lsmt::format::{MAX_OFFSET, SECTOR};
+    let dir = tempfile::tempdir().unwrap();
+    let set_vsize = |p: &Path, vsize: u64| {
+        let mut b = std::fs::read(p).unwrap();
+        let mut h = HeaderTrailer::decode(&b).unwrap();
+        h.virtual_size = vsize;
+        b[..HT_SPACE].copy_from_slice(&h.encode());
+        std::fs::write(p, b).unwrap();
+    };
+    for sparse in [false, true] {
+        let (d, i) = (
+            dir.path().join(format!("d{sparse}")),
+            dir.path().join(format!("i{sparse}")),
+        );
+        create_writable(
+            &d,
+            &i,
+            &CreateOptions {
+                virtual_size: 1 << 20,
+                sparse,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // The largest size every sector of which an index entry can map is fine.
+        set_vsize(&d, MAX_OFFSET * SECTOR);
+        WritableLayer::open(&d, &i).unwrap();
+        for vsize in [1 << 63, (MAX_OFFSET + 1) * SECTOR, (1 << 20) + 1] {
+            set_vsize(&d, vsize);
+            let e = testutil::assert_clean_chain(&WritableLayer::open(&d, &i).unwrap_err());
+            assert!(
+                e.contains(&d.display().to_string())
+                    && e.contains(&format!("virtual size {vsize} is not a multiple of 512")),
+                "{e}"
+            );
+            let o = dir.path().join("o");
+            let e = commit_writable(&d, &i, &o, &CommitOptions::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("virtual size"), "{e}");
+            assert!(!o.exists());
+        }
+    }
+    // A warp layer's size is in its index file's header.
+    let (d, i) = (dir.path().join("wd"), dir.path().join("wi"));
+    blockdev::lsmt::writable::create_warp(&d, &i, 1 << 20, None).unwrap();
+    set_vsize(&i, 1 << 63);
+    let e =
+        testutil::assert_clean_chain(&WritableLayer::open_warp(&d, &i, None, true).unwrap_err());
+    assert!(
+        e.contains(&i.display().to_string()) && e.contains("virtual size 9223372036854775808"),
+        "{e}"
+    );
+}
+
 /// A data file with the index of another layer (the uuids differ) is refused
 /// instead of committing garbage; a sparse layer's index file must exist.
 #[test]

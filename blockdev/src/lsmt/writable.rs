@@ -843,6 +843,7 @@ impl WritableLayer {
                 format!("index offset {} is not 4096", ih.index_offset),
             ));
         }
+        check_writable_vsize(ih.virtual_size).map_err(|msg| bad(index, msg))?;
         let n = (len - HT_SPACE as u64) / ENTRY_SIZE as u64;
         if n > MAX_RW_INDEX_ENTRIES {
             return Err(bad(
@@ -975,6 +976,7 @@ impl WritableLayer {
                 ));
             }
         }
+        check_writable_vsize(header.virtual_size).map_err(|msg| bad(data_path, msg))?;
         let sparse = header.is_sparse_rw();
         let mut index = IndexMap::new();
         let mut index_file = None;
@@ -1571,6 +1573,21 @@ impl Drop for WritableLayer {
             }
         }
     }
+}
+
+/// Check the virtual size (bytes) in a writable layer's header: whole sectors,
+/// every one of which an index entry can map (its 50-bit offset, up to
+/// [`MAX_OFFSET`], where padding entries sit). A larger size (a flipped top
+/// bit, a hand-edited header) would take writes whose offsets the index cuts
+/// to 50 bits: after a reopen their data would show at another offset.
+fn check_writable_vsize(vsize: u64) -> std::result::Result<(), String> {
+    if !vsize.is_multiple_of(SECTOR) || vsize / SECTOR > MAX_OFFSET {
+        return Err(format!(
+            "virtual size {vsize} is not a multiple of 512 up to {} bytes",
+            sector_bytes(MAX_OFFSET)
+        ));
+    }
+    Ok(())
 }
 
 /// Validate one entry of a warp index (tags already shifted).
