@@ -30,6 +30,19 @@ use crate::warp::{TargetSource, WarpLayer};
 /// Upstream refuses stacks deeper than this.
 pub const MAX_LAYERS: usize = 255;
 
+/// Refuse `n` lowers when more than [`MAX_LAYERS`]; callers check before
+/// opening any: every open layer holds a file and its index, so a config.json
+/// (or manifest) naming 100,000 layers would take gigabytes, or every file
+/// descriptor, before the count was looked at.
+pub fn check_lower_count(n: usize) -> Result<()> {
+    if n > MAX_LAYERS {
+        return Err(Error::Invalid(format!(
+            "{n} lower layers; at most {MAX_LAYERS} can be stacked"
+        )));
+    }
+    Ok(())
+}
+
 /// Where a lower layer comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LowerSource {
@@ -342,6 +355,7 @@ impl Stack {
 
     /// Open lowers of any [`LowerSource`] (bottom first), for [`Stack::with_lowers`].
     pub fn open_lowers(lowers: &[LowerSource]) -> Result<Vec<Lower>> {
+        check_lower_count(lowers.len())?;
         lowers.iter().map(LowerSource::open).collect()
     }
 
@@ -355,12 +369,7 @@ impl Stack {
         if let Some(problem) = order_problem(&lowers) {
             tracing::warn!("{problem}");
         }
-        if lowers.len() > MAX_LAYERS {
-            return Err(Error::Invalid(format!(
-                "{} lower layers; at most {MAX_LAYERS} can be stacked",
-                lowers.len()
-            )));
-        }
+        check_lower_count(lowers.len())?;
         if lowers.is_empty() && upper.is_none() {
             return Err(Error::Invalid("a stack needs at least one layer".into()));
         }

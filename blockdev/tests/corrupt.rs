@@ -402,3 +402,20 @@ fn tar_wrapper_claiming_too_much_data() {
     let e = open_layer(&p).unwrap_err().to_string();
     assert!(e.contains("w.tar") && e.contains("10485760"), "{e}");
 }
+
+/// More lowers than can be stacked are refused before any is opened (the last
+/// one here is no layer: it is never reached), not after opening them all.
+#[test]
+fn too_many_lowers_are_refused_before_any_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = small_layer(dir.path(), true);
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"not a layer").unwrap();
+    let mut lowers = vec![good; 299];
+    lowers.push(junk);
+    let e = testutil::assert_clean_chain(&Stack::open(&lowers, None).unwrap_err());
+    assert!(
+        e.contains("300 lower layers; at most 255 can be stacked"),
+        "{e}"
+    );
+}

@@ -451,6 +451,11 @@ impl ImageSpec {
     /// Open the stack. The upper (if any) is opened for writing only when
     /// `writable`.
     pub fn open(&self, writable: bool) -> Result<Arc<Stack>> {
+        // Before any layer opens (or a thread starts for each).
+        blockdev::stack::check_lower_count(self.lowers.len()).map_err(|source| Error::Stack {
+            what: format!("cannot stack {}", self.description),
+            source,
+        })?;
         // Layers open concurrently: for a registry image each one costs
         // round trips (header, trailer, index).
         let lowers = if self.fetch_stats.is_some() && self.lowers.len() > 1 {

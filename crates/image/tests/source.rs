@@ -135,3 +135,35 @@ fn a_fifo_blob_in_an_oci_layout_is_refused() {
         "{e}"
     );
 }
+
+/// A config.json naming more lowers than can be stacked (255) is refused before
+/// any of them is opened: each open layer holds a file and its index (~35 KB
+/// for a small ZFile), so a 10 MB config of 190,000 lowers took gigabytes, or
+/// ran out of file descriptors, before the count was checked. Here the last
+/// lower is not a layer at all: it must not be reached.
+#[test]
+fn too_many_lowers_are_refused_before_any_opens() {
+    let t = tempfile::tempdir().unwrap();
+    let good = testutil::fixtures().join("baselayer/commit.lz4.zfile");
+    let junk = t.path().join("junk");
+    std::fs::write(&junk, b"not a layer").unwrap();
+    let mut files = vec![good.display().to_string(); 299];
+    files.push(junk.display().to_string());
+    let lowers: Vec<String> = files
+        .iter()
+        .map(|f| format!(r#"{{"file":"{f}"}}"#))
+        .collect();
+    let cfg = t.path().join("config.json");
+    std::fs::write(&cfg, format!(r#"{{"lowers":[{}]}}"#, lowers.join(","))).unwrap();
+    for args in [vec![cfg.display().to_string()], files] {
+        let e = ImageSpec::from_args(&args, None, &Default::default())
+            .unwrap()
+            .open(false)
+            .unwrap_err();
+        let e = testutil::assert_clean_chain(&e);
+        assert!(
+            e.contains("300 lower layers; at most 255 can be stacked"),
+            "{e}"
+        );
+    }
+}
