@@ -452,6 +452,15 @@ impl Ext4Tree {
             kind,
             FileType::Directory | FileType::RegularFile | FileType::Symlink
         );
+        // As the kernel's `ext4_iget` refuses a damaged size: no ext4 file maps
+        // more than 2^32 blocks (a served size past that reads as zeros forever).
+        let max = self.block_size << 32;
+        if sized && inode.size() > max {
+            return Err(obdfs::Error::Invalid(format!(
+                "inode {ino} has size {}, more than an ext4 file can hold ({max} bytes)",
+                inode.size()
+            )));
+        }
         let attr = FileAttr {
             ino: INodeNo(ino as u64),
             size: if sized { inode.size() } else { 0 },

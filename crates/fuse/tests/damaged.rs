@@ -75,6 +75,12 @@ fn a_damaged_inode_fails_alone_with_eio_and_its_name_is_listed() {
         &f.disk(),
         &format!("sif {d}/changelog.Debian.gz block[5] 0xF0000000"),
     );
+    // A size no ext4 file can have (a flipped bit): it was served, and
+    // reading the file went on with zeros without end.
+    debugfs(
+        &f.disk(),
+        &format!("sif {d}/changelog.Debian.amd64.gz size 0x800000000000000"),
+    );
     f.unmount();
 
     let log = t.path().join("log");
@@ -90,7 +96,12 @@ fn a_damaged_inode_fails_alone_with_eio_and_its_name_is_listed() {
 
     // Every damaged name fails with EIO, however it is reached; the rest
     // of the directory is whole.
-    for n in ["README.Debian", "index.html", "_static"] {
+    for n in [
+        "README.Debian",
+        "index.html",
+        "_static",
+        "changelog.Debian.amd64.gz",
+    ] {
         let p = dir.join(n);
         assert_eq!(
             errno_of(std::fs::symlink_metadata(&p)),
@@ -121,7 +132,7 @@ fn a_damaged_inode_fails_alone_with_eio_and_its_name_is_listed() {
     for n in &want {
         assert!(out.contains(n.as_str()), "{n} missing:\n{out}");
     }
-    assert_eq!(err.matches("Input/output error").count(), 3, "{err}");
+    assert_eq!(err.matches("Input/output error").count(), 4, "{err}");
     f.unmount();
 
     // One warning per damaged inode, naming what is wrong.
@@ -134,6 +145,12 @@ fn a_damaged_inode_fails_alone_with_eio_and_its_name_is_listed() {
         assert_eq!(text.matches(what).count(), times, "{what}:\n{text}");
     }
     assert!(text.contains("beyond the device size"), "{text}");
+    assert_eq!(
+        text.matches("has size 576460752303423488, more than an ext4 file can hold")
+            .count(),
+        1,
+        "{text}"
+    );
 }
 
 /// The EROFS tree over an image with one inode of no valid file type.
