@@ -123,6 +123,11 @@ pub fn lowers(layers: &[LayerDesc], store: &dyn BlobStore) -> Result<(Vec<LowerS
             store.name()
         )));
     }
+    // Before any blob is opened or fetched.
+    blockdev::stack::check_lower_count(layers.len()).map_err(|source| Error::Stack {
+        what: format!("cannot stack {}", store.name()),
+        source,
+    })?;
     let mut out = Vec::with_capacity(layers.len());
     let (mut native, mut turbo) = (0, 0);
     for (i, l) in layers.iter().enumerate() {
@@ -281,6 +286,36 @@ mod tests {
         fn open(&self, _: &str, _: Option<u64>) -> Result<Arc<dyn ReadAt>> {
             Ok(Arc::new(MemSource::new(self.0.clone(), "blob")))
         }
+    }
+
+    /// An image of more layers than can be stacked is refused before any of
+    /// its blobs is opened (for a registry image: fetched).
+    #[test]
+    fn too_many_layers_are_refused_before_any_blob_opens() {
+        struct NoOpen;
+        impl BlobStore for NoOpen {
+            fn name(&self) -> String {
+                "oci:big".into()
+            }
+            fn open(&self, d: &str, _: Option<u64>) -> Result<Arc<dyn ReadAt>> {
+                panic!("{d} opened");
+            }
+        }
+        let layers: Vec<LayerDesc> = (0..256)
+            .map(|i| LayerDesc {
+                digest: format!("sha256:{i:064x}"),
+                annotations: [(OBD_DIGEST.to_string(), format!("sha256:{i:064x}"))].into(),
+                ..Default::default()
+            })
+            .collect();
+        let e = match lowers(&layers, &NoOpen) {
+            Ok(_) => panic!("256 layers stacked"),
+            Err(e) => testutil::assert_clean_chain(&e),
+        };
+        assert!(
+            e.contains("oci:big") && e.contains("256 lower layers; at most 255"),
+            "{e}"
+        );
     }
 
     /// The lowers of a one-layer TurboOCI image whose metadata blob is `blob`.
