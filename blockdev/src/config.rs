@@ -6,6 +6,9 @@
 //! `{"gzipIndex": ..., "file": "<fs>.fs.meta", "targetFile": "layer blob",
 //! "targetDigest": "sha256:..."}` (no `gzipIndex` for an uncompressed
 //! blob) and an upper `{"index", "data", "target"[, "gzipIndex"]}`.
+//! With `"accelerationLayer": true` (the snapshotter's config of an image with a
+//! `ctr record-trace` layer) the last lower is that layer's directory, holding the
+//! trace, and is left out of the stack, as upstream's `image_file.cpp` does.
 //! Unknown keys are ignored. A lower given only as `dir` is looked up as
 //! `dir/overlaybd.commit`, `dir/.commit` or `dir/overlaybd.sealed`, in that
 //! order, as upstream does. Relative paths are used as given, relative to
@@ -51,6 +54,10 @@ struct RawUpper {
 struct RawConfig {
     #[serde(default)]
     lowers: Vec<RawLower>,
+    /// The last lower is an acceleration layer (a directory holding the trace), not
+    /// a layer: upstream's `image_file.cpp` leaves it out of the stack.
+    #[serde(default, rename = "accelerationLayer")]
+    acceleration_layer: bool,
     #[serde(default)]
     upper: Option<RawUpper>,
     #[serde(default, rename = "resultFile")]
@@ -106,7 +113,11 @@ impl ImageConfig {
         let as_given = |s: &str| PathBuf::from(s);
         let mut lowers = Vec::new();
         let mut lower_targets = Vec::new();
-        for (i, l) in raw.lowers.iter().enumerate() {
+        let raw_lowers = match raw.lowers.split_last() {
+            Some((_, below)) if raw.acceleration_layer => below,
+            _ => &raw.lowers[..],
+        };
+        for (i, l) in raw_lowers.iter().enumerate() {
             let turbo = !l.target_file.is_empty()
                 || !l.gzip_index.is_empty()
                 || !l.target_digest.is_empty();
@@ -317,6 +328,31 @@ mod tests {
         );
         assert_eq!(c.upper.unwrap().data, PathBuf::from("/w/data"));
         assert_eq!(c.result_file, Some(PathBuf::from("/w/result")));
+    }
+
+    /// The snapshotter's config of an image with an acceleration (trace) layer:
+    /// `accelerationLayer: true` and that layer's directory, holding only `trace`, as
+    /// the last lower (accelerated-container-image `pkg/snapshot/storage.go`
+    /// `constructSpecForAccelLayer`, `updateSpec`). overlaybd leaves the last lower out
+    /// of the stack (`src/image_file.cpp:455-458`); so does the parser.
+    #[test]
+    fn acceleration_layer_is_not_a_lower() {
+        let c = ImageConfig::parse(
+            r#"{"repoBlobUrl":"","lowers":[{"file":"/a/overlaybd.commit"},{"dir":"/no/such/accel/fs"}],
+                "upper":{},"resultFile":"/r","accelerationLayer":true}"#,
+            Path::new("/cfg/config.v1.json"),
+        )
+        .unwrap();
+        assert_eq!(c.lowers, vec![PathBuf::from("/a/overlaybd.commit")]);
+        assert_eq!(c.lower_targets, vec![None]);
+        // Without the flag the same lower is a layer, and its directory has no layer file.
+        let e = ImageConfig::parse(
+            r#"{"lowers":[{"file":"/a/overlaybd.commit"},{"dir":"/no/such/accel/fs"}]}"#,
+            Path::new("/cfg/config.v1.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("lower 1: no overlaybd.commit"), "{e}");
     }
 
     #[test]

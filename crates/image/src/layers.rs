@@ -33,6 +33,9 @@ pub const TURBO_TARGET: [&str; 2] = [
     "containerd.io/snapshot/overlaybd/turbo-oci/target-digest",
     "containerd.io/snapshot/overlaybd/fastoci/target-digest",
 ];
+/// Annotation (`yes`) of the acceleration layer `ctr record-trace` puts on top of an
+/// image: a tar holding the trace overlaybd prefetches by, not a layer of the disk.
+pub const ACCELERATION_LAYER: &str = "containerd.io/snapshot/overlaybd/acceleration-layer";
 /// TurboOCI metadata layers, in the order overlaybd's snapshotter prefers.
 const FS_META: [&str; 2] = ["erofs.fs.meta", "ext4.fs.meta"];
 /// The gzip index member of a TurboOCI blob.
@@ -116,7 +119,34 @@ pub trait BlobStore: Send + Sync {
 
 /// The lower layers (bottom first) of an image with these layers, and a word
 /// for what kind of image it is.
+///
+/// An acceleration layer on top (`ctr record-trace`'s trace, [`ACCELERATION_LAYER`]) is
+/// left out, as overlaybd leaves it out of the stack; one anywhere else is refused.
 pub fn lowers(layers: &[LayerDesc], store: &dyn BlobStore) -> Result<(Vec<LowerSpec>, String)> {
+    let is_accel = |l: &LayerDesc| {
+        l.annotations
+            .get(ACCELERATION_LAYER)
+            .is_some_and(|v| v == "yes")
+    };
+    let layers = match layers.split_last() {
+        Some((top, below)) if is_accel(top) => {
+            tracing::info!(
+                "{}: the top layer {} is an acceleration layer (a trace): not a layer of the disk",
+                store.name(),
+                top.digest
+            );
+            below
+        }
+        _ => layers,
+    };
+    if let Some((i, l)) = layers.iter().enumerate().find(|(_, l)| is_accel(l)) {
+        return Err(Error::Usage(format!(
+            "{}: layer {i} ({}) is an acceleration layer (a trace) with layers above it; \
+             overlaybd reads one only on top",
+            store.name(),
+            l.digest
+        )));
+    }
     if layers.is_empty() {
         return Err(Error::Usage(format!(
             "{}: the image has no layers",
@@ -351,6 +381,97 @@ mod tests {
         gz.write_all(&tar).unwrap();
         let gz = gz.finish().unwrap();
         gz[..gz.len() / 2].to_vec()
+    }
+
+    /// A store of named blobs that records which ones were opened.
+    struct Blobs(HashMap<String, Vec<u8>>, std::sync::Mutex<Vec<String>>);
+
+    impl BlobStore for Blobs {
+        fn name(&self) -> String {
+            "test".into()
+        }
+        fn open(&self, digest: &str, _: Option<u64>) -> Result<Arc<dyn ReadAt>> {
+            self.1.lock().unwrap().push(digest.to_string());
+            let b = self.0.get(digest).expect("a blob of the store");
+            Ok(Arc::new(MemSource::new(b.clone(), digest.to_string())))
+        }
+    }
+
+    /// A native layer descriptor (blob digest, size, version annotations) named
+    /// `digest`, marked as `ctr record-trace` marks its acceleration layer when `accel`.
+    fn native_layer(digest: &str, accel: bool) -> LayerDesc {
+        let mut annotations: HashMap<String, String> = [
+            (OBD_DIGEST.to_string(), digest.to_string()),
+            (
+                "containerd.io/snapshot/overlaybd/blob-size".to_string(),
+                "3".to_string(),
+            ),
+        ]
+        .into();
+        if accel {
+            annotations.insert(ACCELERATION_LAYER.to_string(), "yes".to_string());
+        }
+        LayerDesc {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest: digest.to_string(),
+            size: 3,
+            annotations,
+        }
+    }
+
+    fn store(digests: &[&str]) -> Blobs {
+        Blobs(
+            digests
+                .iter()
+                .map(|d| (d.to_string(), b"obd".to_vec()))
+                .collect(),
+            Default::default(),
+        )
+    }
+
+    /// `ctr record-trace` (upstream `pkg/convertor/convertor.go:195-210`) pushes the
+    /// trace as a top layer with the blob digest and size annotations of a native layer
+    /// and `acceleration-layer: yes`; its blob is a tar holding `trace`, not a layer.
+    /// The snapshotter gives it to overlaybd as the last lower with
+    /// `accelerationLayer: true` (`pkg/snapshot/overlay.go:480-498, 586-596`), and
+    /// overlaybd leaves that lower out of the stack (`src/image_file.cpp:455-458`).
+    /// So is it here: the image's layers are the ones below it, and its blob is not read.
+    #[test]
+    fn acceleration_layer_on_top_is_left_out() {
+        let s = store(&["sha256:l0", "sha256:l1", "sha256:trace"]);
+        let layers = [
+            native_layer("sha256:l0", false),
+            native_layer("sha256:l1", false),
+            native_layer("sha256:trace", true),
+        ];
+        let (lowers, kind) = lowers(&layers, &s).unwrap();
+        assert_eq!(lowers.len(), 2);
+        assert_eq!(kind, "overlaybd");
+        assert_eq!(*s.1.lock().unwrap(), ["sha256:l0", "sha256:l1"]);
+    }
+
+    /// Anywhere but on top an acceleration layer would be stacked as a layer (overlaybd
+    /// drops only the last lower): refused, naming it. An image of nothing else has no
+    /// layers.
+    #[test]
+    fn acceleration_layer_below_the_top_or_alone_is_refused() {
+        let s = store(&["sha256:l0", "sha256:trace"]);
+        let layers = [
+            native_layer("sha256:trace", true),
+            native_layer("sha256:l0", false),
+        ];
+        let refused = |layers: &[LayerDesc]| match lowers(layers, &s) {
+            Ok(_) => panic!("an acceleration layer was stacked"),
+            Err(e) => e.to_string(),
+        };
+        let e = refused(&layers);
+        assert!(
+            e.contains("layer 0 (sha256:trace) is an acceleration layer"),
+            "{e}"
+        );
+        let e = refused(&[native_layer("sha256:trace", true)]);
+        assert!(e.contains("no layers"), "{e}");
+        assert!(s.1.lock().unwrap().is_empty());
     }
 
     /// A damaged TurboOCI blob: the error keeps the decompressor's error as
