@@ -169,9 +169,11 @@ impl Kernel {
 
     /// Make the ext4 on `dev` with `mkfs.ext4`.
     pub fn make_fs(&self, dev: Arc<dyn BlockDevice>) -> Result<()> {
-        let x = self.export(dev.clone())?;
+        let mut x = self.export(dev.clone())?;
         x.mkfs(&self.opts.mkfs_args())?;
         self.opts.cancelled()?;
+        let root = x.mount(self.opts.mount_opts())?.to_path_buf();
+        zero_mkfs_times(&root)?;
         x.close()?;
         dev.flush().map_err(Error::Flush)
     }
@@ -190,6 +192,9 @@ impl Kernel {
             self.opts.cancelled()?;
         }
         let root = x.mount(self.opts.mount_opts())?.to_path_buf();
+        if mkfs {
+            zero_mkfs_times(&root)?;
+        }
         let stats = Unpacker::new(&root)?.apply(
             tar,
             UnpackOptions {
@@ -201,6 +206,27 @@ impl Kernel {
         dev.flush().map_err(Error::Flush)?;
         Ok(stats)
     }
+}
+
+/// Give the directories mkfs.ext4 made (the root and `lost+found`) time 0,
+/// as the libext2fs engine's mkfs makes every time: mkfs.ext4 stamps them
+/// with the clock, so the root of every image would carry the date of its
+/// conversion (a layer's root entry still sets the root's time).
+fn zero_mkfs_times(root: &std::path::Path) -> Result<()> {
+    let zero = nix::sys::time::TimeSpec::new(0, 0);
+    for p in [root.to_path_buf(), root.join("lost+found")] {
+        match nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &p,
+            &zero,
+            &zero,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(Error::io(&p, "cannot set the time of", e.into())),
+        }
+    }
+    Ok(())
 }
 
 impl obdfs::Engine for Kernel {

@@ -642,3 +642,66 @@ fn the_root_entry_sets_the_root() {
     assert_nothing_left(&work);
     assert_same_as_reference(d, &img, tars.iter());
 }
+
+/// The mtime (seconds) of `path` in the ext4 image `img` (debugfs).
+fn ext4_mtime(img: &Path, path: &str) -> u32 {
+    let o = testutil::run_ok(
+        std::process::Command::new(testutil::tool("debugfs"))
+            .args(["-R", &format!("stat {path}")])
+            .arg(img),
+    );
+    let stat = String::from_utf8_lossy(&o.stdout).into_owned();
+    let m = stat
+        .split(" mtime:")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no mtime in debugfs stat {path}:\n{stat}"));
+    u32::from_str_radix(m.trim_start_matches("0x").split(':').next().unwrap(), 16).unwrap()
+}
+
+/// The directories mkfs makes (the root and `lost+found`) have time 0, as
+/// the libext2fs engine makes them, when the bottom layer does not give the
+/// root a time: mkfs.ext4 stamped them with the clock, so the kernel
+/// engine's images had the conversion's date on `/`, differing from the
+/// libext2fs engine's tree and from one run to the next. Both for a mkfs
+/// alone (`overlaybd-create --mkfs`) and for an apply that makes the ext4.
+#[test]
+fn the_directories_mkfs_makes_have_time_zero() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (k, work) = kernel(d);
+    // The bottom layer has no entry for the root.
+    let tar = testutil::root_entry_tars(d)[3].clone();
+    let lib_img = d.join("lib.img");
+    let dev: Arc<dyn BlockDevice> = Arc::new(RawFileDevice::create(&lib_img, 1 << 30).unwrap());
+    apply(&Libext2fs::default(), &dev, true, &tar);
+    drop(dev);
+    let want = [
+        ext4_mtime(&lib_img, "/"),
+        ext4_mtime(&lib_img, "/lost+found"),
+    ];
+    assert_eq!(want, [0, 0]);
+
+    let img = d.join("kernel.img");
+    let dev: Arc<dyn BlockDevice> = Arc::new(RawFileDevice::create(&img, 1 << 30).unwrap());
+    apply(&k, &dev, true, &tar);
+    drop(dev);
+    assert_nothing_left(&work);
+    e2fsck_clean(&img);
+    let got = [ext4_mtime(&img, "/"), ext4_mtime(&img, "/lost+found")];
+    assert_eq!(got, want, "apply with mkfs: / and /lost+found");
+
+    let img = d.join("mkfs.img");
+    let dev: Arc<dyn BlockDevice> = Arc::new(RawFileDevice::create(&img, 1 << 30).unwrap());
+    k.make_fs(dev.clone()).unwrap();
+    assert_nothing_left(&work);
+    e2fsck_clean(&img);
+    let got = [ext4_mtime(&img, "/"), ext4_mtime(&img, "/lost+found")];
+    assert_eq!(got, want, "mkfs alone: / and /lost+found");
+    apply(&k, &dev, false, &tar);
+    drop(dev);
+    assert_nothing_left(&work);
+    let got = [ext4_mtime(&img, "/"), ext4_mtime(&img, "/lost+found")];
+    assert_eq!(got, want, "mkfs, then an apply: / and /lost+found");
+}
