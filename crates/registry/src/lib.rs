@@ -1419,6 +1419,7 @@ impl Repository {
         let body = ResumingBody {
             repo: self.clone(),
             desc: desc.clone(),
+            length_declared: resp.content_length().is_some(),
             resp: Some(resp),
             pos: 0,
             pos_at_request: 0,
@@ -2110,6 +2111,10 @@ struct ResumingBody {
     pos: u64,
     /// `pos` when the current request was made.
     pos_at_request: u64,
+    /// The current answer has a `Content-Length`: a body that ends short of it
+    /// breaks (an error), so one that ends cleanly ends where the server says the
+    /// blob does, whatever the descriptor says (the size check names both sizes).
+    length_declared: bool,
     resumes_left: u32,
 }
 
@@ -2132,16 +2137,20 @@ impl Read for ResumingBody {
                         .get_blob_response(&self.desc, self.pos)
                         .map_err(io_error)?;
                     self.pos_at_request = self.pos;
+                    self.length_declared = r.content_length().is_some();
                     self.resp.insert(r)
                 }
             };
             let read = match resp.read(buf) {
-                // A body that ends cleanly but short of the blob (close-delimited,
-                // as a proxy without `Content-Length` sends it) broke off too.
-                Ok(0) if !buf.is_empty() && self.pos < self.desc.size => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the answer ended at byte {}", self.pos),
-                )),
+                // A body of no declared length that ends cleanly but short of the
+                // blob (close-delimited, as a proxy without `Content-Length` sends
+                // it) broke off too.
+                Ok(0) if !buf.is_empty() && !self.length_declared && self.pos < self.desc.size => {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the answer ended at byte {}", self.pos),
+                    ))
+                }
                 // A stream that breaks once every byte of the blob came is complete
                 // (a resume at its end would be answered 416): the digest decides.
                 Err(e) if self.pos == self.desc.size && e.kind() != io::ErrorKind::Interrupted => {

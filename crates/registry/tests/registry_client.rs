@@ -1107,3 +1107,40 @@ fn a_download_broken_after_its_last_byte_is_complete() {
     assert!(back == data);
     assert_eq!(*asked.lock().unwrap(), vec![None]);
 }
+
+/// A blob shorter than its descriptor says, served whole with its `Content-Length`
+/// (a manifest giving a layer the wrong size): the answer ended where the server said
+/// it ends, so it is not resumed (a resume past the blob's end is answered 416); the
+/// size check names the sizes.
+#[test]
+fn a_blob_shorter_than_its_descriptor_fails_the_size_check() {
+    let data = payload(100 << 10, 47);
+    let mut d = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &data);
+    d.size += 512;
+    let (port, asked) = serve_blob(data.clone(), |data| {
+        (
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", data.len()),
+            data.to_vec(),
+        )
+    });
+    let o = ClientOptions {
+        plain_http: true,
+        ..opts()
+    };
+    let repo = registry::Registry::new(&format!("127.0.0.1:{port}"), &o)
+        .unwrap()
+        .repository("r/wrong");
+    let mut back = Vec::new();
+    let e = repo
+        .open_blob(&d)
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+    let msg = obdoci::error::Chain(&e).to_string();
+    assert!(
+        msg.contains(&d.size.to_string()) && msg.contains(&data.len().to_string()),
+        "{msg}"
+    );
+    assert_eq!(*asked.lock().unwrap(), vec![None]);
+}
