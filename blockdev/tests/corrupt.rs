@@ -300,6 +300,55 @@ fn writable_layer_with_an_impossible_virtual_size() {
     );
 }
 
+/// A writable layer is not created with a virtual size its index cannot address:
+/// opening it would refuse it (see above), so the files would be useless.
+#[test]
+fn writable_layer_is_not_created_with_an_impossible_virtual_size() {
+    use blockdev::lsmt::format::{MAX_OFFSET, SECTOR};
+    let dir = tempfile::tempdir().unwrap();
+    let (d, i) = (dir.path().join("d"), dir.path().join("i"));
+    for vsize in [(MAX_OFFSET + 1) * SECTOR, 1 << 63] {
+        let e = create_writable(
+            &d,
+            &i,
+            &CreateOptions {
+                virtual_size: vsize,
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!(
+                "virtual size {vsize} is not a multiple of 512 up to"
+            )),
+            "{e}"
+        );
+        assert!(!d.exists() && !i.exists());
+        let e = blockdev::lsmt::writable::create_warp(&d, &i, vsize, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "virtual size {vsize} is not a multiple of 512 up to"
+            )),
+            "{e}"
+        );
+        assert!(!d.exists() && !i.exists());
+    }
+    // The largest addressable size is created, and opens.
+    create_writable(
+        &d,
+        &i,
+        &CreateOptions {
+            virtual_size: MAX_OFFSET * SECTOR,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    WritableLayer::open(&d, &i).unwrap();
+}
+
 /// A data file with the index of another layer (the uuids differ) is refused
 /// instead of committing garbage; a sparse layer's index file must exist.
 #[test]

@@ -67,6 +67,7 @@ pub fn create_warp(data: &Path, index: &Path, virtual_size: u64, uuid: Option<Uu
             "virtual size {virtual_size} is not a positive multiple of 512"
         )));
     }
+    check_writable_vsize(virtual_size).map_err(Error::Invalid)?;
     create_pair(data, index, |fdata, findex| {
         let h = HeaderTrailer {
             flags: FLAG_HEADER,
@@ -587,12 +588,8 @@ fn set_sparse_len(f: &IoFile, path: &Path, len: u64) -> Result<()> {
 
 /// Create a writable layer (both files must not exist).
 pub fn create_writable(data: &Path, index: &Path, opts: &CreateOptions) -> Result<()> {
-    if !opts.virtual_size.is_multiple_of(SECTOR) {
-        return Err(Error::Invalid(format!(
-            "virtual size {} is not a multiple of 512",
-            opts.virtual_size
-        )));
-    }
+    // Nothing that opening the layer would refuse.
+    check_writable_vsize(opts.virtual_size).map_err(Error::Invalid)?;
     create_pair(data, index, |fdata, findex| {
         let mut h = HeaderTrailer {
             flags: FLAG_HEADER | FLAG_DATA,
@@ -629,12 +626,7 @@ pub fn create_packed(
     opts: &CreateOptions,
     zfile: &crate::zfile::ZfileOptions,
 ) -> Result<Arc<PackedStore>> {
-    if !opts.virtual_size.is_multiple_of(SECTOR) {
-        return Err(Error::Invalid(format!(
-            "virtual size {} is not a multiple of 512",
-            opts.virtual_size
-        )));
-    }
+    check_writable_vsize(opts.virtual_size).map_err(Error::Invalid)?;
     if zfile.block_size as u64 != super::packed::BLOCK {
         return Err(Error::Invalid(format!(
             "a packed layer stores 4 KiB ZFile blocks, not {} bytes",
@@ -1150,6 +1142,8 @@ impl WritableLayer {
 
     /// Persist a new virtual size (used when a layer created with size 0 is stacked).
     pub fn set_virtual_size(&self, vsize: u64) -> Result<()> {
+        check_writable_vsize(vsize)
+            .map_err(|msg| Error::Invalid(format!("{}: {msg}", self.data.path().display())))?;
         let mut h = self.header.lock();
         h.virtual_size = vsize;
         if self.warp {
