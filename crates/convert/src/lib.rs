@@ -231,8 +231,9 @@ impl Default for ConvertOptions {
     }
 }
 
-/// Largest `--vsize` in GB: what LSMT indexes can address (2^50 sectors).
-pub const MAX_VSIZE_GB: u64 = ((blockdev::lsmt::format::MAX_OFFSET + 1) * 512) >> 30;
+/// Largest `--vsize` in GB: what a writable layer's index can address (2^50 - 1
+/// sectors: the last offset marks padding), in whole GB.
+pub const MAX_VSIZE_GB: u64 = (blockdev::lsmt::format::MAX_OFFSET * 512) >> 30;
 
 /// Largest `--vsize` in GB with `--mkfs` by libext2fs ([`obdfs::mkfs::MAX_SIZE`]).
 pub const MAX_MKFS_VSIZE_GB: u64 = obdfs::mkfs::MAX_SIZE >> 30;

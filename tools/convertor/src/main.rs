@@ -99,7 +99,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = true, action = ArgAction::Set, num_args = 0..=1,
           default_missing_value = "true", value_name = "BOOL")]
     mkfs: bool,
-    /// Virtual block device size in GB (with --mkfs), 1 to 536870912 (what the
+    /// Virtual block device size in GB (with --mkfs), 1 to 536870911 (what the
     /// LSMT format can address; with --mkfs at most 65536, 64 TiB); the work
     /// directory's filesystem must hold sparse files that large unless
     /// --disable-sparse.

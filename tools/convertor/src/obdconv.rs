@@ -82,7 +82,7 @@ struct ObdconvArgs {
     /// ZFile block size in KiB: 4, 8, 16, 32 or 64.
     #[arg(long = "bs", default_value_t = 4, value_name = "KIB", value_parser = crate::zfile_block_kib)]
     bs: u32,
-    /// Virtual block device size in GB, 1 to 536870912 (what the LSMT format can
+    /// Virtual block device size in GB, 1 to 536870911 (what the LSMT format can
     /// address; with --mkfs at most 65536, 64 TiB).
     #[arg(long, default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..=obdconvert::MAX_VSIZE_GB))]

@@ -250,6 +250,14 @@ fn flags_are_validated_before_any_work() {
         );
         assert!(stderr_of(&o).contains(flag), "{}", stderr_of(&o));
     }
+    // A writable layer's index addresses 2^50 - 1 sectors (the last offset marks
+    // padding), and opening one of a larger size fails: the largest --vsize is the
+    // whole GB below, 2^29 - 1, refused as a flag (where --mkfs's 64 TiB limit does
+    // not apply, 2^29 was taken and its layer refused mid-run).
+    let o = run(&["--vsize", "536870912"]);
+    let e = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("--vsize") && e.contains("1..=536870911"), "{e}");
     // A registry port out of range is a bad reference, not a network error to retry.
     let o = Command::new(bin())
         .args([
