@@ -649,8 +649,9 @@ impl Object<'_> {
 
     /// Makes the converted object `digest` of `from` available in `to`: a blob mount or a
     /// manifest copy. A declined mount is `SourceMissing` only when the blob is gone from
-    /// `from`; a mounted blob must have the row's `size` (else the row is wrong:
-    /// `SourceMissing`). An error comes with what was being done.
+    /// `from`; a mounted blob must show in `to` with the row's `size`, and when it does
+    /// not, the row is wrong (`SourceMissing`) only if `from` does not have it with that
+    /// size either. An error comes with what was being done.
     fn bring<R: DedupRegistry>(
         &self,
         reg: &R,
@@ -663,7 +664,16 @@ impl Object<'_> {
             Object::Layer { .. } => match reg.mount_blob(from, to, digest) {
                 Ok(true) => match reg.blob_exists(to, digest, size) {
                     Ok(true) => Ok(CopyOutcome::Copied),
-                    Ok(false) => Ok(CopyOutcome::SourceMissing),
+                    // Not there (yet: an eventually consistent registry), or of
+                    // another size: the source decides whether the row is wrong.
+                    Ok(false) => match reg.blob_exists(from, digest, size) {
+                        Ok(false) => Ok(CopyOutcome::SourceMissing),
+                        Ok(true) => {
+                            debug!("dedup: mounted {digest} from {from} is not in {to} yet");
+                            Ok(CopyOutcome::NotCopied)
+                        }
+                        Err(e) => Err((self.checking(digest, from), e)),
+                    },
                     Err(e) => Err((self.checking(digest, to), e)),
                 },
                 Ok(false) => match reg.blob_exists(from, digest, size) {
@@ -744,6 +754,9 @@ mod tests {
         /// Blob sizes the registry reports (digest → bytes); a blob not listed has the
         /// size it is asked about.
         sizes: Mutex<HashMap<String, u64>>,
+        /// Mounts answered 201 whose blob the target repository does not show yet (an
+        /// eventually consistent registry).
+        lagging_mounts: bool,
     }
 
     impl MemRegistry {
@@ -811,7 +824,9 @@ mod tests {
             if self.no_mount_from.contains(from) || !self.has_blob(from, digest) {
                 return Ok(false);
             }
-            self.put_blob(to, digest);
+            if !self.lagging_mounts {
+                self.put_blob(to, digest);
+            }
             Ok(true)
         }
         fn manifest_exists(&self, repo: &str, digest: &str) -> Result<bool, String> {
@@ -944,6 +959,31 @@ mod tests {
             dd.lookup_layer(&reg, t("new"), &chain),
             LayerLookup::Hit { size: 4096, .. }
         ));
+    }
+
+    /// A mounted blob the target repository does not show yet (an eventually
+    /// consistent registry) is not copied, but the source's row, whose blob is
+    /// there with its size, stays: only a definite "not found" deletes a row.
+    #[test]
+    fn a_mount_not_visible_yet_keeps_the_source_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let dd = dedup(&dir, "test/1");
+        let reg = MemRegistry {
+            lagging_mounts: true,
+            ..Default::default()
+        };
+        let (chain, blob) = (d('1'), d('a'));
+        reg.put_blob("lib", &blob);
+        assert!(dd.record_layer(t("lib"), &chain, &blob, 4096));
+        assert_eq!(dd.lookup_layer(&reg, t("new"), &chain), LayerLookup::Miss);
+        assert_eq!(
+            dd.db()
+                .get_cross_repo_layer_entries(HOST, &chain)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(dd.stats().stale_rows_deleted, 0);
     }
 
     #[test]
