@@ -932,7 +932,9 @@ pub enum BlobSource<'a> {
 pub enum BlobStat {
     /// The registry answered 404.
     Missing,
-    /// The blob is there; `size` is the answer's `Content-Length`, when it has one.
+    /// The blob is there; `size` is the answer's `Content-Length`, when it has one (a
+    /// length of 0 counts only for the empty blob: a proxy or CDN may answer any `HEAD`
+    /// with `Content-Length: 0`).
     Present { size: Option<u64> },
 }
 
@@ -1226,7 +1228,8 @@ impl Repository {
         match resp.status().as_u16() {
             200 => Ok(BlobStat::Present {
                 size: header_str(resp.headers(), CONTENT_LENGTH.as_str())
-                    .and_then(|v| v.parse().ok()),
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n| n > 0 || *d == Digest::of(b"")),
             }),
             404 => Ok(BlobStat::Missing),
             _ => Err(self.reg.status_error(&what, resp)),

@@ -1144,3 +1144,41 @@ fn a_blob_shorter_than_its_descriptor_fails_the_size_check() {
     );
     assert_eq!(*asked.lock().unwrap(), vec![None]);
 }
+
+/// A `HEAD` of a blob answered with `Content-Length: 0` (some proxies and CDNs
+/// answer every `HEAD` so) gives no size, unless the blob is the empty one: dedup
+/// deletes a row whose blob has another size than the row's.
+#[test]
+fn a_head_answered_with_length_0_gives_no_size() {
+    let reg = Registry::plain();
+    let repo = reg.client("head/zero");
+    let layer = payload(1 << 10, 5);
+    let ld = Descriptor::of_bytes(MT_OCI_LAYER_TAR, &layer);
+    repo.push_blob(&ld, BlobSource::Bytes(&layer), None, None)
+        .unwrap();
+    let empty = Descriptor::of_bytes(MT_OCI_LAYER_TAR, b"");
+    repo.push_blob(&empty, BlobSource::Bytes(b""), None, None)
+        .unwrap();
+    assert_eq!(
+        repo.blob_stat(&ld.digest).unwrap(),
+        registry::BlobStat::Present { size: Some(1024) }
+    );
+    let port = front(reg.port, |_| {
+        Some("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    });
+    let o = ClientOptions {
+        plain_http: true,
+        ..opts()
+    };
+    let via = registry::Registry::new(&format!("127.0.0.1:{port}"), &o)
+        .unwrap()
+        .repository("head/zero");
+    assert_eq!(
+        via.blob_stat(&ld.digest).unwrap(),
+        registry::BlobStat::Present { size: None }
+    );
+    assert_eq!(
+        via.blob_stat(&empty.digest).unwrap(),
+        registry::BlobStat::Present { size: Some(0) }
+    );
+}
