@@ -379,3 +379,39 @@ fn a_path_below_a_symlink_replaces_a_lower_link_with_a_directory() {
         .unwrap();
     assert!(o.status.success(), "{o:?}");
 }
+
+/// Times before 1970 are kept: a PAX `mtime=-1234567890.5` (GNU tar, Go's
+/// archive/tar and Python write such records for files older than the
+/// epoch) and a GNU header's base-256 `-1`. EROFS keeps `i_mtime` in 64
+/// bits that the kernel reads as a signed time, and erofs-utils stores a
+/// negative PAX mtime as it is; the layer was refused ("negative mtime").
+#[test]
+fn mtimes_before_1970_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("old.tar");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o644);
+    h.set_size(3);
+    b.append_pax_extensions([("mtime", &b"-1234567890.5"[..])])
+        .unwrap();
+    b.append_data(&mut h, "pax", &b"pax"[..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(3);
+    h.as_old_mut().mtime = [0xff; 12];
+    b.append_data(&mut h, "gnu", &b"gnu"[..]).unwrap();
+    std::fs::write(&t, b.into_inner().unwrap()).unwrap();
+
+    let times = |m: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let at = |p: &str| {
+            let md = std::fs::symlink_metadata(m.join(p)).unwrap();
+            (md.mtime(), md.mtime_nsec())
+        };
+        assert_eq!(at("pax"), (-1_234_567_891, 500_000_000));
+        assert_eq!(at("gnu"), (-1, 0));
+    };
+    let n = check_stack("pre-1970", &[t], &["--ignore-dir-mtime"], Some(&times));
+    assert_eq!(n, 2);
+}

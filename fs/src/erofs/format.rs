@@ -246,6 +246,8 @@ pub struct DiskInode {
     pub uid: u32,
     pub gid: u32,
     /// Only stored in extended inodes; compact ones take the build time.
+    /// A time before 1970 is the two's complement of its negative value
+    /// (the kernel reads it as a signed time64_t).
     pub mtime: u64,
     pub mtime_nsec: u32,
 }

@@ -65,6 +65,8 @@ pub struct Inode {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
+    /// Seconds since 1970 as stored: a time before 1970 is the two's
+    /// complement of its negative value (`as i64` reads it, as the kernel does).
     pub mtime: u64,
     pub mtime_nsec: u32,
     /// Encoded device number for character and block devices, else 0.

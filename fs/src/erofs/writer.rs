@@ -878,9 +878,8 @@ impl Builder {
         }
         n.uid = e.uid;
         n.gid = e.gid;
-        if e.mtime.sec < 0 {
-            return Err(Self::entry_err(path, "negative mtime"));
-        }
+        // Before 1970: two's complement, as erofs-utils stores a negative
+        // PAX mtime; the kernel reads `i_mtime` as a signed time64_t.
         n.mtime = e.mtime.sec as u64;
         n.mtime_nsec = e.mtime.nsec;
         n.size = e.size;

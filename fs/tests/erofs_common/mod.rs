@@ -290,7 +290,7 @@ pub fn reader_manifest(r: &obdfs::erofs::ErofsReader) -> serde_json::Value {
             "mode": i.mode & 0o7777,
             "uid": i.uid,
             "gid": i.gid,
-            "mtime": format!("{}.{:09}", i.mtime, i.mtime_nsec),
+            "mtime": format!("{}.{:09}", i.mtime as i64, i.mtime_nsec),
             "xattrs": xattrs,
         });
         match kind {
