@@ -14,7 +14,7 @@
 //! free blocks.
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blockdev::BlockDevice;
 use fuser::{Errno, FileAttr, FileType, INodeNo};
@@ -51,6 +51,22 @@ pub struct ErofsTree {
     r: ErofsReader,
     root: u64,
     cache: Cache<(u64, Part), Cached>,
+}
+
+/// An inode's mtime: seconds since 1970 in two's complement (a time before
+/// 1970 is stored negative, and the kernel reads it as a signed time64_t),
+/// and nanoseconds (past a second taken as 999,999,999).
+fn time(sec: u64, nsec: u32) -> SystemTime {
+    let nsec = Duration::from_nanos(u64::from(nsec.min(999_999_999)));
+    let sec = sec as i64;
+    let base = if sec >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(sec.unsigned_abs()))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(sec.unsigned_abs()))
+    };
+    // SystemTime holds any i64 second count on Linux; a time beyond it
+    // shows as the epoch rather than failing the inode.
+    base.and_then(|t| t.checked_add(nsec)).unwrap_or(UNIX_EPOCH)
 }
 
 fn kind(m: u32) -> Option<FileType> {
@@ -137,7 +153,7 @@ impl ErofsTree {
             nid: Some(nid),
             msg: format!("file type {:o}", inode.mode),
         })?;
-        let mtime = UNIX_EPOCH + Duration::new(inode.mtime, inode.mtime_nsec.min(999_999_999));
+        let mtime = time(inode.mtime, inode.mtime_nsec);
         let bs = self.r.block_size();
         let attr = FileAttr {
             ino: INodeNo(nid),

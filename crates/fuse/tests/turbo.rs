@@ -407,3 +407,83 @@ fn a_turbooci_image_in_a_registry_is_read_lazily() {
     assert_reference(&f.mp, &want, t.path());
     f.unmount();
 }
+
+/// A file of an EROFS TurboOCI layer whose mtime is before 1970 (EROFS keeps
+/// it as the two's complement of the negative seconds, as erofs-utils writes
+/// a negative PAX mtime and `turboOCI-apply` a GNU base-256 one) shows that
+/// time, as the kernel's driver does. Building its attributes overflowed the
+/// time (`UNIX_EPOCH` + 2^64 - 1 seconds): the file, and the listing of its
+/// directory, failed with EIO.
+#[test]
+fn an_erofs_file_older_than_1970_shows_its_time() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("0000");
+    std::fs::create_dir_all(&d).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(3);
+    h.as_old_mut().mtime = [0xff; 12];
+    b.append_data(&mut h, "old", &b"old"[..]).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o644);
+    h.set_size(3);
+    b.append_pax_extensions([("mtime", &b"-1234567890.5"[..])])
+        .unwrap();
+    b.append_data(&mut h, "older", &b"pax"[..]).unwrap();
+    let tar_bytes = b.into_inner().unwrap();
+    std::fs::write(d.join("layer.tar"), &tar_bytes).unwrap();
+    run_ok(
+        Command::new(workspace_bin("overlaybd-create"))
+            .arg(d.join("writable_data"))
+            .arg(d.join("writable_index"))
+            .args(["-s", "1", "--turboOCI"]),
+    );
+    let cfg = d.join("config.json");
+    let j = serde_json::json!({
+        "lowers": [],
+        "upper": {"index": d.join("writable_index"), "data": d.join("writable_data"),
+                  "target": d.join("layer.tar")},
+        "resultFile": "",
+    });
+    std::fs::write(&cfg, j.to_string()).unwrap();
+    run_ok(
+        Command::new(workspace_bin("turboOCI-apply"))
+            .arg(d.join("layer.tar"))
+            .arg(&cfg)
+            .args(["--fstype", "erofs"]),
+    );
+    run_ok(
+        Command::new(workspace_bin("overlaybd-commit"))
+            .arg(d.join("writable_data"))
+            .arg(d.join("writable_index"))
+            .arg(d.join("erofs.fs.meta"))
+            .args(["-z", "--fastoci"]),
+    );
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&tar_bytes)));
+    let config = t.path().join("config.json");
+    let j = serde_json::json!({"lowers": [{
+        "file": d.join("erofs.fs.meta"), "targetFile": d.join("layer.tar"), "targetDigest": digest,
+    }], "resultFile": ""});
+    std::fs::write(&config, j.to_string()).unwrap();
+    let f = Fuse::background(
+        &["--fs".as_ref(), config.as_os_str()],
+        &t.path().join("fuse"),
+    );
+    assert!(f.ready.contains("(erofs files)"), "{}", f.ready);
+    let at = |p: &str| {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::symlink_metadata(f.mp.join(p)).unwrap();
+        (md.mtime(), md.mtime_nsec())
+    };
+    assert_eq!(at("old"), (-1, 0));
+    assert_eq!(at("older"), (-1_234_567_891, 500_000_000));
+    let mut names: Vec<_> = std::fs::read_dir(&f.mp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["old", "older"]);
+    assert_eq!(std::fs::read(f.mp.join("older")).unwrap(), b"pax");
+    f.unmount();
+}
