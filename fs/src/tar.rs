@@ -408,12 +408,26 @@ impl<R: Read> TarReader<R> {
                 self.tar_err(at, format!("PAX {name} '{v_text}' {}", dec_problem(v)))
             })
         };
+        // A name record with a NUL byte, refused as Go's archive/tar refuses
+        // it: no file can have that name (GNU tar cuts it at the NUL).
+        let name = |key: &str, v: &[u8]| {
+            if v.contains(&0) {
+                return Err(self.tar_err(
+                    at,
+                    format!(
+                        "PAX {key} '{}' contains a NUL byte",
+                        String::from_utf8_lossy(v).replace('\0', "\\0")
+                    ),
+                ));
+            }
+            Ok(v.to_vec())
+        };
         // PAX records override the header.
         for (k, v) in &p.pax {
             let vs = || String::from_utf8_lossy(v).into_owned();
             match k.as_slice() {
-                b"path" => path = v.clone(),
-                b"linkpath" => link = v.clone(),
+                b"path" => path = name("path", v)?,
+                b"linkpath" => link = name("linkpath", v)?,
                 b"size" => logical_size = dec("size", v)?,
                 b"uid" => uid = dec("uid", v)? as i64,
                 b"gid" => gid = dec("gid", v)? as i64,
@@ -428,7 +442,7 @@ impl<R: Read> TarReader<R> {
                         )
                     })?
                 }
-                b"GNU.sparse.name" => sparse_name = Some(v.clone()),
+                b"GNU.sparse.name" => sparse_name = Some(name("GNU.sparse.name", v)?),
                 b"GNU.sparse.major" => gnu_sparse.major = Some(vs()),
                 b"GNU.sparse.minor" => gnu_sparse.minor = Some(vs()),
                 b"GNU.sparse.size" => gnu_sparse.size = Some(vs()),
@@ -1097,6 +1111,28 @@ mod tests {
         let data = pax_tar(&[("uid", "4294967295"), ("gid", "70000")]);
         let e = TarReader::new(&data[..]).next_entry().unwrap().unwrap();
         assert_eq!((e.uid, e.gid), (4_294_967_295, 70_000));
+    }
+
+    /// A PAX `path`, `linkpath` or `GNU.sparse.name` with a NUL byte is
+    /// refused, naming the record, as Go's archive/tar refuses it (GNU tar
+    /// cuts the name there). It was taken whole: the name went into the
+    /// ext4 directory with its NUL (e2fsck: "has illegal characters in its
+    /// name"), an entry no path can reach.
+    #[test]
+    fn pax_names_with_a_nul_byte_are_refused() {
+        for key in ["path", "linkpath", "GNU.sparse.name"] {
+            let mut recs = vec![(key, "ab\0cd")];
+            if key == "GNU.sparse.name" {
+                recs.extend([("GNU.sparse.major", "1"), ("GNU.sparse.minor", "0")]);
+            }
+            let data = pax_tar(&recs);
+            let e = TarReader::new(&data[..])
+                .next_entry()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("PAX {key} 'ab")), "{key}: {e}");
+            assert!(e.contains("NUL byte"), "{key}: {e}");
+        }
     }
 
     #[test]
