@@ -74,27 +74,17 @@ impl Timestamp {
     /// Largest time ext4 can store (34-bit seconds).
     pub const MAX_SEC: i64 = i32::MAX as i64 + (3 << 32);
 
-    /// Clamp to what ext4 can store; returns whether clamping happened.
+    /// Clamp to what ext4 can store, as the kernel's `timestamp_truncate`
+    /// does: to the first or last second with 0 nanoseconds (a time within
+    /// that bound second too); returns whether the time changed.
     pub fn clamped(self) -> (Timestamp, bool) {
-        if self.sec < Self::MIN_SEC {
-            (
-                Timestamp {
-                    sec: Self::MIN_SEC,
-                    nsec: 0,
-                },
-                true,
-            )
-        } else if self.sec > Self::MAX_SEC {
-            (
-                Timestamp {
-                    sec: Self::MAX_SEC,
-                    nsec: 999_999_999,
-                },
-                true,
-            )
+        let sec = self.sec.clamp(Self::MIN_SEC, Self::MAX_SEC);
+        let t = if sec == Self::MIN_SEC || sec == Self::MAX_SEC {
+            Timestamp { sec, nsec: 0 }
         } else {
-            (self, false)
-        }
+            self
+        };
+        (t, t != self)
     }
 }
 
@@ -456,6 +446,32 @@ mod tests {
             assert_eq!(i.mtime(), t, "sec {sec}");
             assert_eq!(i.atime(), t);
             assert_eq!(i.ctime(), t);
+        }
+    }
+
+    /// Times outside ext4's range (1901-12-13 to 2446-05-10) are clamped
+    /// as the kernel's `timestamp_truncate` clamps them when `tar -x` sets
+    /// them: to the first or last second, with 0 nanoseconds, also for a
+    /// time within that bound second. The last second kept 999,999,999 ns.
+    #[test]
+    fn times_beyond_the_range_clamp_as_the_kernel_does() {
+        let mut i = Inode::zeroed(256);
+        i.set_extra_isize(EXTRA_ISIZE);
+        let ts = |sec, nsec| Timestamp { sec, nsec };
+        for (t, want) in [
+            (ts(17_179_869_189, 500_000_000), ts(Timestamp::MAX_SEC, 0)),
+            (ts(i64::MAX, 999_999_999), ts(Timestamp::MAX_SEC, 0)),
+            (ts(Timestamp::MAX_SEC, 700), ts(Timestamp::MAX_SEC, 0)),
+            (
+                ts(Timestamp::MAX_SEC - 1, 700),
+                ts(Timestamp::MAX_SEC - 1, 700),
+            ),
+            (ts(-8_589_934_600, 5), ts(Timestamp::MIN_SEC, 0)),
+            (ts(Timestamp::MIN_SEC, 5), ts(Timestamp::MIN_SEC, 0)),
+            (ts(Timestamp::MIN_SEC + 1, 5), ts(Timestamp::MIN_SEC + 1, 5)),
+        ] {
+            i.set_times(t, Timestamp::default());
+            assert_eq!(i.mtime(), want, "{t:?}");
         }
     }
 
