@@ -219,10 +219,7 @@ impl DbError {
             DbError::Sqlite {
                 error: rusqlite::Error::SqliteFailure(e, _),
                 ..
-            } => matches!(
-                e.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ),
+            } => matches!(e.code, rusqlite::ErrorCode::DatabaseBusy),
             _ => false,
         }
     }
@@ -870,7 +867,8 @@ mod tests {
             error: rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None),
         };
         assert!(sqlite(rusqlite::ffi::SQLITE_BUSY).is_timeout());
-        assert!(sqlite(rusqlite::ffi::SQLITE_LOCKED).is_timeout());
+        // A lock conflict inside one connection, not a wait past the busy timeout.
+        assert!(!sqlite(rusqlite::ffi::SQLITE_LOCKED).is_timeout());
         assert!(!sqlite(rusqlite::ffi::SQLITE_CORRUPT).is_timeout());
         assert!(!DbError::UnknownType("x".into()).is_timeout());
     }

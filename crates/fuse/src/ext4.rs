@@ -452,8 +452,9 @@ impl Ext4Tree {
             kind,
             FileType::Directory | FileType::RegularFile | FileType::Symlink
         );
-        // As the kernel's `ext4_iget` refuses a damaged size: no ext4 file maps
-        // more than 2^32 blocks (a served size past that reads as zeros forever).
+        // A damaged size: no ext4 file maps more than 2^32 blocks, and a served
+        // size past that reads as zeros for ever. (The kernel's `ext4_iget`
+        // refuses only sizes of 2^63 and more.)
         let max = self.block_size << 32;
         if sized && inode.size() > max {
             return Err(obdfs::Error::Invalid(format!(

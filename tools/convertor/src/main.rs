@@ -434,11 +434,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
             );
         }
         // Its image is named by the destination (RepoTags), not by the output tag.
-        let given = args
-            .overlaybd
-            .as_ref()
-            .or(turbo_tag.as_ref())
-            .or(args.output_tag.as_ref());
+        let given = args.overlaybd.as_ref().or(args.output_tag.as_ref());
         match name {
             Some(obdoci::reference::ArchiveImage::Tagged(n)) => {
                 if let Some(t) = given.filter(|t| **t != n.tag) {

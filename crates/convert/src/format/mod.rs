@@ -254,7 +254,8 @@ pub struct LayerInput<'a> {
     /// checked against it: with a dedup database, whose rows are keyed by chain IDs
     /// computed from these entries (a config that lies about them would otherwise
     /// store a converted layer under another layer's key, for every later image
-    /// with that key to reuse).
+    /// with that key to reuse), and for a layer whose digest does not vouch for its
+    /// content ([`crate::ImageStore::digest_vouches_for`]).
     pub(crate) diff_id: Option<Digest>,
 }
 
