@@ -1980,3 +1980,73 @@ fn a_destination_that_would_replace_the_source() {
     assert_ne!(converted, source);
     assert_eq!(tagged("latest"), converted);
 }
+
+/// Tags in `images` (the sample layout) an OCI index named `multi` that lists the
+/// sample image (as linux/amd64, `entry` merged into its descriptor) and `extra`.
+fn sample_in_an_index(
+    images: &Path,
+    entry: serde_json::Value,
+    extra: Vec<serde_json::Value>,
+) -> String {
+    use sha2::{Digest as _, Sha256};
+    let index_path = images.join("index.json");
+    let mut top = read_json(&index_path);
+    let mut m = top["manifests"][0].clone();
+    m.as_object_mut().unwrap().remove("annotations");
+    m["platform"] = serde_json::json!({"architecture": "amd64", "os": "linux"});
+    for (k, v) in entry.as_object().unwrap() {
+        m[k] = v.clone();
+    }
+    let mut manifests = vec![m];
+    manifests.extend(extra);
+    let index = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests})
+    .to_string();
+    let d = format!("sha256:{:x}", Sha256::digest(index.as_bytes()));
+    std::fs::write(images.join("blobs/sha256").join(&d[7..]), &index).unwrap();
+    top["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": d, "size": index.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "multi"}}));
+    std::fs::write(&index_path, top.to_string()).unwrap();
+    d
+}
+
+/// The converted index of a `sample_in_an_index` layout, converted into `out`.
+fn convert_multi(images: &Path, out: &Path, wd: &Path) -> serde_json::Value {
+    let o = Command::new(bin())
+        .args([
+            "-r",
+            &format!("oci:{}", images.display()),
+            "-i",
+            "multi",
+            "--output-repository",
+            &format!("oci:{}", out.display()),
+            "-o",
+            "obd",
+            "--vsize",
+            "2",
+            "-d",
+        ])
+        .arg(wd)
+        .output()
+        .unwrap();
+    let d = pushed_digest(&o);
+    read_json(&out.join("blobs/sha256").join(&d[7..]))
+}
+
+/// A source index entry that embeds its manifest (`data`) does not pass that data on:
+/// the converted entry names another manifest, which the source's bytes do not match.
+#[test]
+fn embedded_data_of_a_source_index_entry_is_not_kept() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    sample_in_an_index(&images, serde_json::json!({"data": "e30="}), vec![]);
+    let out = convert_multi(&images, &t.path().join("out"), &t.path().join("w"));
+    let m = &out["manifests"][0];
+    assert_eq!(m["platform"]["architecture"], "amd64");
+    assert!(m.get("data").is_none(), "{out}");
+}

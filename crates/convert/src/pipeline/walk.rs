@@ -343,11 +343,14 @@ fn not_an_image(bytes: &[u8]) -> Option<String> {
 }
 
 /// The source descriptor (platform, annotations, ...) pointing at the converted object.
+/// Embedded `data` is the source object's bytes, which the converted digest does not
+/// match: it is dropped (the object is fetched by its digest).
 pub(super) fn replace_target(src: &Descriptor, new: &Descriptor) -> Descriptor {
     let mut d = src.clone();
     d.digest = new.digest.clone();
     d.size = new.size;
     d.media_type = new.media_type.clone();
+    d.data = None;
     d
 }
 
