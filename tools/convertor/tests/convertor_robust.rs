@@ -2050,3 +2050,28 @@ fn embedded_data_of_a_source_index_entry_is_not_kept() {
     assert_eq!(m["platform"]["architecture"], "amd64");
     assert!(m.get("data").is_none(), "{out}");
 }
+/// An index entry of a media type that is neither a manifest nor an index (a Helm
+/// chart's config, a future format) is ignored, as the image spec says an unknown
+/// `mediaType` in an index must be: the platforms beside it are converted.
+#[test]
+fn an_index_entry_of_an_unknown_media_type_is_ignored() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let blob = b"{\"name\":\"chart\"}";
+    let bd = {
+        use sha2::{Digest as _, Sha256};
+        format!("sha256:{:x}", Sha256::digest(blob))
+    };
+    std::fs::write(images.join("blobs/sha256").join(&bd[7..]), blob).unwrap();
+    sample_in_an_index(
+        &images,
+        serde_json::json!({}),
+        vec![serde_json::json!({
+            "mediaType": "application/vnd.cncf.helm.config.v1+json",
+            "digest": bd, "size": blob.len()})],
+    );
+    let out = convert_multi(&images, &t.path().join("out"), &t.path().join("w"));
+    let m = out["manifests"].as_array().unwrap();
+    assert_eq!(m.len(), 1, "{out}");
+    assert_eq!(m[0]["platform"]["architecture"], "amd64");
+}

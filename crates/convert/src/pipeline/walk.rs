@@ -66,6 +66,16 @@ impl Run<'_> {
                 tracing::warn!("{what}: skipping attestation manifest {}", c.digest);
                 continue;
             }
+            // "An encountered mediaType that is unknown to the implementation MUST be
+            // ignored" (image spec, image index): a Helm chart, a future format.
+            if !c.media_type.is_empty() && !is_manifest(&c.media_type) && !is_index(&c.media_type) {
+                tracing::warn!(
+                    "{what}: skipping {} of media type {:?} (not a manifest or an index)",
+                    c.digest,
+                    c.media_type
+                );
+                continue;
+            }
             children.push(c.clone());
         }
         if children.is_empty() {
