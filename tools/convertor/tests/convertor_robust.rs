@@ -2075,3 +2075,41 @@ fn an_index_entry_of_an_unknown_media_type_is_ignored() {
     assert_eq!(m.len(), 1, "{out}");
     assert_eq!(m[0]["platform"]["architecture"], "amd64");
 }
+
+/// A nested index that is an artifact (its `artifactType` set, e.g. a signature bundle
+/// or an SBOM index listing artifact manifests) is dropped from the converted index, as
+/// artifact manifests are, instead of failing the run for having no image to convert.
+#[test]
+fn a_nested_artifact_index_is_dropped() {
+    use sha2::{Digest as _, Sha256};
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let put = |b: &[u8]| {
+        let d = format!("sha256:{:x}", Sha256::digest(b));
+        std::fs::write(images.join("blobs/sha256").join(&d[7..]), b).unwrap();
+        serde_json::json!({"digest": d, "size": b.len()})
+    };
+    let empty = put(b"{}");
+    let sbom = put(b"{\"spdxVersion\":\"SPDX-2.3\"}");
+    let mut config = empty.clone();
+    config["mediaType"] = "application/vnd.oci.empty.v1+json".into();
+    let mut layer = sbom;
+    layer["mediaType"] = "application/spdx+json".into();
+    let artifact = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/spdx+json", "config": config, "layers": [layer]})
+    .to_string();
+    let mut a = put(artifact.as_bytes());
+    a["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
+    let bundle = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "artifactType": "application/vnd.example.sbom-bundle", "manifests": [a]})
+    .to_string();
+    let mut b = put(bundle.as_bytes());
+    b["mediaType"] = "application/vnd.oci.image.index.v1+json".into();
+    sample_in_an_index(&images, serde_json::json!({}), vec![b]);
+    let out = convert_multi(&images, &t.path().join("out"), &t.path().join("w"));
+    let m = out["manifests"].as_array().unwrap();
+    assert_eq!(m.len(), 1, "{out}");
+    assert_eq!(m[0]["platform"]["architecture"], "amd64");
+}

@@ -334,9 +334,15 @@ impl Run<'_> {
 
 /// Why an index child is not a container image (artifacts such as signatures or SBOMs
 /// are dropped from the converted index, like attestations), or `None` for images and
-/// nested indexes.
+/// nested indexes of images. An index with an `artifactType` is an artifact too.
 fn not_an_image(bytes: &[u8]) -> Option<String> {
     let mt = sniff_media_type(bytes)?;
+    if is_index(&mt) {
+        let idx: Index = serde_json::from_slice(bytes).ok()?;
+        return idx
+            .artifact_type
+            .map(|a| format!("an artifact index of type {a}"));
+    }
     if !is_manifest(&mt) {
         return None;
     }
