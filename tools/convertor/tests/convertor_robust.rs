@@ -2113,3 +2113,37 @@ fn a_nested_artifact_index_is_dropped() {
     assert_eq!(m.len(), 1, "{out}");
     assert_eq!(m[0]["platform"]["architecture"], "amd64");
 }
+
+/// A BuildKit attestation manifest whose index entry lost its
+/// `vnd.docker.reference.type` annotation (its platform `unknown/unknown` left) is
+/// still recognised by its in-toto layers and dropped, not converted as an image
+/// whose layer media type is refused.
+#[test]
+fn an_attestation_without_its_annotation_is_dropped() {
+    use sha2::{Digest as _, Sha256};
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let put = |b: &[u8]| {
+        let d = format!("sha256:{:x}", Sha256::digest(b));
+        std::fs::write(images.join("blobs/sha256").join(&d[7..]), b).unwrap();
+        serde_json::json!({"digest": d, "size": b.len()})
+    };
+    let mut config = put(br#"{"architecture":"unknown","os":"unknown","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#);
+    config["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+    let mut layer = put(br#"{"_type":"https://in-toto.io/Statement/v0.1"}"#);
+    layer["mediaType"] = "application/vnd.in-toto+json".into();
+    layer["annotations"] =
+        serde_json::json!({"in-toto.io/predicate-type": "https://spdx.dev/Document"});
+    let att = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config, "layers": [layer]})
+    .to_string();
+    let mut a = put(att.as_bytes());
+    a["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
+    a["platform"] = serde_json::json!({"architecture": "unknown", "os": "unknown"});
+    sample_in_an_index(&images, serde_json::json!({}), vec![a]);
+    let out = convert_multi(&images, &t.path().join("out"), &t.path().join("w"));
+    let m = out["manifests"].as_array().unwrap();
+    assert_eq!(m.len(), 1, "{out}");
+    assert_eq!(m[0]["platform"]["architecture"], "amd64");
+}

@@ -350,6 +350,11 @@ fn not_an_image(bytes: &[u8]) -> Option<String> {
     if let Some(a) = &m.artifact_type {
         return Some(format!("an artifact of type {a}"));
     }
+    // A BuildKit attestation manifest has an image config and in-toto statements for
+    // layers; its index entry's annotation says so, but a copy may have dropped it.
+    if !m.layers.is_empty() && m.layers.iter().all(|l| l.media_type == MT_IN_TOTO) {
+        return Some("an attestation manifest: its layers are in-toto statements".into());
+    }
     match m.config.media_type.as_str() {
         MT_OCI_CONFIG | MT_DOCKER_CONFIG => None,
         other => Some(format!(
@@ -369,6 +374,9 @@ pub(super) fn replace_target(src: &Descriptor, new: &Descriptor) -> Descriptor {
     d.data = None;
     d
 }
+
+/// The media type of BuildKit's attestation layers (in-toto statements).
+const MT_IN_TOTO: &str = "application/vnd.in-toto+json";
 
 fn check_layer_type(mt: &str) -> std::result::Result<(), String> {
     match mt {
