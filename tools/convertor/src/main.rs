@@ -587,21 +587,46 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
         opened.with_context(|| format!("opening {r}"))
     };
     let (src, src_repo) = open(&src_ref, &client, false)?;
-    let source = match source {
+    let mut source = match source {
         Some(s) => s,
         None => src
             .default_reference()?
             .with_context(|| format!("{src_ref}: name the input image with -i/--input-tag"))?,
     };
     if let ImageRef::DockerArchive { .. } = dst_ref {
-        // One platform's image per docker archive: refuse an index before any work.
-        let (d, _) = src
+        // One platform's image per docker archive: an index of one image (BuildKit's
+        // default: the image and its attestation) gives that image; an index of
+        // several is refused before any work.
+        let (d, bytes) = src
             .resolve(&source)
             .with_context(|| format!("reading {src_ref}"))?;
         if obdoci::model::is_index(&d.media_type) {
-            bail!(
-                "{dst_ref}: a docker save archive holds one platform's image, and {src_ref} is a multi-platform index; write oci-archive: or oci: instead"
-            );
+            let idx: obdoci::model::Index =
+                obdoci::model::parse_json(&format!("index {src_ref}@{}", d.digest), &bytes)?;
+            let images: Vec<_> = idx
+                .manifests
+                .iter()
+                .filter(|c| {
+                    !c.is_attestation()
+                        && c.artifact_type.is_none()
+                        && (c.media_type.is_empty()
+                            || obdoci::model::is_manifest(&c.media_type)
+                            || obdoci::model::is_index(&c.media_type))
+                })
+                .collect();
+            match images[..] {
+                [one] if !obdoci::model::is_index(&one.media_type) => {
+                    tracing::info!(
+                        "{src_ref}: index {} holds one image, {}: converting it",
+                        d.digest,
+                        one.digest
+                    );
+                    source = Reference::Digest(one.digest.clone());
+                }
+                _ => bail!(
+                    "{dst_ref}: a docker save archive holds one platform's image, and {src_ref} is a multi-platform index; write oci-archive: or oci: instead"
+                ),
+            }
         }
     }
     // What this run adds to a layout destination goes again if the run fails: the

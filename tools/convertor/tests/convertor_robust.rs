@@ -2147,3 +2147,62 @@ fn an_attestation_without_its_annotation_is_dropped() {
     assert_eq!(m.len(), 1, "{out}");
     assert_eq!(m[0]["platform"]["architecture"], "amd64");
 }
+
+/// A docker-archive destination takes an index of one image and its attestation
+/// (BuildKit's default output): that image is converted. An index of two images is
+/// still refused before any work.
+#[test]
+fn a_docker_archive_takes_an_index_of_one_image() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let first = read_json(&images.join("index.json"))["manifests"][0].clone();
+    let mut att = first.clone();
+    att["platform"] = serde_json::json!({"architecture": "unknown", "os": "unknown"});
+    att["annotations"] = serde_json::json!({
+        "vnd.docker.reference.type": "attestation-manifest",
+        "vnd.docker.reference.digest": first["digest"]});
+    sample_in_an_index(&images, serde_json::json!({}), vec![att]);
+    let src = format!("oci:{}", images.display());
+    let wd = t.path().join("w");
+    let run = |dst: &Path| {
+        Command::new(bin())
+            .args([
+                "-r",
+                &src,
+                "-i",
+                "multi",
+                "--output-repository",
+                &format!("docker-archive:{}:app:1", dst.display()),
+                "--vsize",
+                "2",
+                "-d",
+            ])
+            .arg(&wd)
+            .output()
+            .unwrap()
+    };
+    let one = t.path().join("one.tar");
+    let o = run(&one);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(one.is_file());
+    // Two images: refused, nothing written.
+    let index_path = images.join("index.json");
+    let mut top = read_json(&index_path);
+    top["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|m| m["annotations"]["org.opencontainers.image.ref.name"] != "multi");
+    std::fs::write(&index_path, top.to_string()).unwrap();
+    let mut two = first.clone();
+    two["platform"] = serde_json::json!({"architecture": "arm64", "os": "linux"});
+    sample_in_an_index(&images, serde_json::json!({}), vec![two]);
+    let refused = t.path().join("two.tar");
+    let o = run(&refused);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("multi-platform index"),
+        "{}",
+        stderr_of(&o)
+    );
+    assert!(!refused.exists());
+}
