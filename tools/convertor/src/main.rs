@@ -607,11 +607,7 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
                 .manifests
                 .iter()
                 .filter(|c| {
-                    !c.is_attestation()
-                        && c.artifact_type.is_none()
-                        && (c.media_type.is_empty()
-                            || obdoci::model::is_manifest(&c.media_type)
-                            || obdoci::model::is_index(&c.media_type))
+                    obdconvert::pipeline::skipped_entry(c).is_none() && c.artifact_type.is_none()
                 })
                 .collect();
             match images[..] {

@@ -16,6 +16,7 @@
 mod layers;
 mod publish;
 mod walk;
+pub use walk::skipped_entry;
 
 use crate::abort::{Abort, Semaphore};
 use crate::dedup::DedupTarget;

@@ -62,18 +62,8 @@ impl Run<'_> {
         let idx: Index = parse_json(&what, bytes)?;
         let mut children = Vec::new();
         for c in &idx.manifests {
-            if c.is_attestation() {
-                tracing::warn!("{what}: skipping attestation manifest {}", c.digest);
-                continue;
-            }
-            // "An encountered mediaType that is unknown to the implementation MUST be
-            // ignored" (image spec, image index): a Helm chart, a future format.
-            if !c.media_type.is_empty() && !is_manifest(&c.media_type) && !is_index(&c.media_type) {
-                tracing::warn!(
-                    "{what}: skipping {} of media type {:?} (not a manifest or an index)",
-                    c.digest,
-                    c.media_type
-                );
+            if let Some(why) = skipped_entry(c) {
+                tracing::warn!("{what}: skipping {}: {why}", c.digest);
                 continue;
             }
             children.push(c.clone());
@@ -330,6 +320,24 @@ impl Run<'_> {
         ));
         Ok(replace_target(desc, &d))
     }
+}
+
+/// Why an index entry is left out without fetching it: an attestation manifest (by its
+/// annotation), or a media type that is neither a manifest's nor an index's ("an
+/// encountered mediaType that is unknown to the implementation MUST be ignored", image
+/// spec: a Helm chart, a future format). `None`: the entry is fetched and converted
+/// (and may still turn out to be an artifact, see [`not_an_image`]).
+pub fn skipped_entry(c: &Descriptor) -> Option<String> {
+    if c.is_attestation() {
+        return Some("an attestation manifest".into());
+    }
+    if !c.media_type.is_empty() && !is_manifest(&c.media_type) && !is_index(&c.media_type) {
+        return Some(format!(
+            "media type {:?} is not a manifest's or an index's",
+            c.media_type
+        ));
+    }
+    None
 }
 
 /// Why an index child is not a container image (artifacts such as signatures or SBOMs
