@@ -326,7 +326,7 @@ impl Run<'_> {
 /// annotation), or a media type that is neither a manifest's nor an index's ("an
 /// encountered mediaType that is unknown to the implementation MUST be ignored", image
 /// spec: a Helm chart, a future format). `None`: the entry is fetched and converted
-/// (and may still turn out to be an artifact, see [`not_an_image`]).
+/// (and may still turn out to be an artifact once fetched).
 pub fn skipped_entry(c: &Descriptor) -> Option<String> {
     if c.is_attestation() {
         return Some("an attestation manifest".into());
