@@ -6,7 +6,7 @@
 mod obdconv;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
@@ -304,6 +304,28 @@ fn main() -> ExitCode {
     code
 }
 
+/// Whether `a` and `b` are the same repository (tags aside): one registry repository,
+/// or one layout directory or archive file.
+fn same_repository(a: &ImageRef, b: &ImageRef) -> bool {
+    let same_file = |x: &Path, y: &Path| {
+        x == y || matches!((x.canonicalize(), y.canonicalize()), (Ok(p), Ok(q)) if p == q)
+    };
+    match (a, b) {
+        (
+            ImageRef::Registry { host, repository },
+            ImageRef::Registry {
+                host: h,
+                repository: r,
+            },
+        ) => host == h && repository == r,
+        (ImageRef::Layout { path, .. }, ImageRef::Layout { path: p, .. })
+        | (ImageRef::OciArchive { path, .. }, ImageRef::OciArchive { path: p, .. }) => {
+            same_file(path, p)
+        }
+        _ => false,
+    }
+}
+
 fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     let t0 = Instant::now();
     not_a_path("-r/--repository", &args.repository).usage()?;
@@ -333,6 +355,11 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    if args.referrer && !same_repository(&src_ref, &dst_ref) {
+        tracing::warn!(
+            "--referrer: the converted images name their source manifests in {src_ref} as their subject, and {dst_ref} does not hold those: referrers are looked up in the subject's repository, where these will not be listed"
+        );
     }
     let zfile_algorithm: obdconvert::ZfileAlgorithm =
         args.algorithm.parse().context("--algorithm").usage()?;

@@ -2206,3 +2206,27 @@ fn a_docker_archive_takes_an_index_of_one_image() {
     );
     assert!(!refused.exists());
 }
+
+/// `--referrer` into another repository than the source's says that the referrers
+/// will not be found: their subjects (the source manifests) are not there, and
+/// referrers are looked up in the subject's repository. Into the source's own
+/// repository it says nothing.
+#[test]
+fn referrers_written_elsewhere_than_their_subjects_are_warned_about() {
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let src = format!("oci:{}", images.display());
+    let wd = t.path().join("w");
+    let wd_s = wd.to_str().unwrap();
+    let other = format!("oci:{}", t.path().join("other").display());
+    let warning = "--referrer: the converted images name their source manifests";
+    for (dst, warned) in [(other.as_str(), true), (src.as_str(), false)] {
+        let o = Command::new(bin())
+            .args(args_with(&args(&src, dst, wd_s), &["--referrer"]))
+            .output()
+            .unwrap();
+        let e = stderr_of(&o);
+        assert!(o.status.success(), "{dst}: {e}");
+        assert_eq!(e.contains(warning), warned, "{dst}: {e}");
+    }
+}
