@@ -700,8 +700,7 @@ impl Registry {
             let sent = match self.auth.header_for(&self.http, scope) {
                 Ok(sent) => sent,
                 Err(e) if self.retries_after(retry, attempt, &e) => {
-                    tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
-                    self.pause(delay);
+                    self.pause_to_retry(&e, delay);
                     attempt += 1;
                     continue;
                 }
@@ -715,8 +714,7 @@ impl Registry {
                 Err(source) => {
                     let e = Error::transport(&self.host, what, source, &self.opts.flags);
                     if self.retries_after(retry, attempt, &e) {
-                        tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
-                        self.pause(delay);
+                        self.pause_to_retry(&e, delay);
                         attempt += 1;
                         continue;
                     }
@@ -730,12 +728,7 @@ impl Registry {
                             Ok(true) => continue,
                             Ok(false) => {}
                             Err(e) if self.retries_after(retry, attempt, &e) => {
-                                tracing::warn!(
-                                    "{}; retrying in {:.1} s",
-                                    Chain(&e),
-                                    delay.as_secs_f64()
-                                );
-                                self.pause(delay);
+                                self.pause_to_retry(&e, delay);
                                 attempt += 1;
                                 // The retry is challenged again: answer it.
                                 reauthed = false;
@@ -804,6 +797,13 @@ impl Registry {
             && attempt < self.opts.retries
             && !self.cancelled()
             && e.kind() == ErrorKind::Transient
+    }
+
+    /// Says that `e` is retried after `delay`, and waits that long (less if the
+    /// run is cancelled).
+    fn pause_to_retry(&self, e: &Error, delay: Duration) {
+        tracing::warn!("{}; retrying in {:.1} s", Chain(e), delay.as_secs_f64());
+        self.pause(delay);
     }
 
     /// After a 401 carrying `headers` (to a request that sent `sent`): whether new
@@ -1068,9 +1068,7 @@ impl Repository {
                     // An answer that breaks off (or stalls) is asked for again,
                     // as a request that fails before its answer is.
                     if self.reg.retries_after(true, attempt, &e) {
-                        let delay = self.reg.backoff(attempt);
-                        tracing::warn!("{}; retrying in {:.1} s", Chain(&e), delay.as_secs_f64());
-                        self.reg.pause(delay);
+                        self.reg.pause_to_retry(&e, self.reg.backoff(attempt));
                         attempt += 1;
                         continue;
                     }
@@ -1422,7 +1420,6 @@ impl Repository {
         let body = ResumingBody {
             repo: self.clone(),
             desc: desc.clone(),
-            length_declared: resp.content_length().is_some(),
             resp: Some(resp),
             pos: 0,
             pos_at_request: 0,
@@ -2114,10 +2111,6 @@ struct ResumingBody {
     pos: u64,
     /// `pos` when the current request was made.
     pos_at_request: u64,
-    /// The current answer has a `Content-Length`: a body that ends short of it
-    /// breaks (an error), so one that ends cleanly ends where the server says the
-    /// blob does, whatever the descriptor says (the size check names both sizes).
-    length_declared: bool,
     resumes_left: u32,
 }
 
@@ -2140,15 +2133,21 @@ impl Read for ResumingBody {
                         .get_blob_response(&self.desc, self.pos)
                         .map_err(io_error)?;
                     self.pos_at_request = self.pos;
-                    self.length_declared = r.content_length().is_some();
                     self.resp.insert(r)
                 }
             };
             let read = match resp.read(buf) {
                 // A body of no declared length that ends cleanly but short of the
                 // blob (close-delimited, as a proxy without `Content-Length` sends
-                // it) broke off too.
-                Ok(0) if !buf.is_empty() && !self.length_declared && self.pos < self.desc.size => {
+                // it) broke off too. One with a `Content-Length` that ends cleanly
+                // ends where the server says the blob does, whatever the descriptor
+                // says (a body short of its length is an error): the size check
+                // names both sizes.
+                Ok(0)
+                    if !buf.is_empty()
+                        && self.pos < self.desc.size
+                        && !resp.headers().contains_key(CONTENT_LENGTH) =>
+                {
                     Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         format!("the answer ended at byte {}", self.pos),
