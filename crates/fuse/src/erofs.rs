@@ -14,7 +14,7 @@
 //! free blocks.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use blockdev::BlockDevice;
 use fuser::{Errno, FileAttr, FileType, INodeNo};
@@ -57,16 +57,7 @@ pub struct ErofsTree {
 /// 1970 is stored negative, and the kernel reads it as a signed time64_t),
 /// and nanoseconds (past a second taken as 999,999,999).
 fn time(sec: u64, nsec: u32) -> SystemTime {
-    let nsec = Duration::from_nanos(u64::from(nsec.min(999_999_999)));
-    let sec = sec as i64;
-    let base = if sec >= 0 {
-        UNIX_EPOCH.checked_add(Duration::from_secs(sec.unsigned_abs()))
-    } else {
-        UNIX_EPOCH.checked_sub(Duration::from_secs(sec.unsigned_abs()))
-    };
-    // SystemTime holds any i64 second count on Linux; a time beyond it
-    // shows as the epoch rather than failing the inode.
-    base.and_then(|t| t.checked_add(nsec)).unwrap_or(UNIX_EPOCH)
+    crate::tree::system_time(sec as i64, nsec.min(999_999_999))
 }
 
 fn kind(m: u32) -> Option<FileType> {

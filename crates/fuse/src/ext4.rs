@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use blockdev::nbd::proto::STATE_HOLE;
 use blockdev::nbd::Allocation;
@@ -42,11 +42,7 @@ const META_CACHE: usize = 64 << 20;
 pub const DEFAULT_CACHE: usize = crate::cache::DEFAULT_BUDGET;
 
 fn time(t: Timestamp) -> SystemTime {
-    if t.sec >= 0 {
-        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(t.nsec as u64)
-    }
+    crate::tree::system_time(t.sec, t.nsec)
 }
 
 fn kind(mode: u16) -> Option<FileType> {

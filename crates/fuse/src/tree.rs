@@ -49,6 +49,19 @@ pub struct DirEntry {
     pub kind: Option<FileType>,
 }
 
+/// The time `sec` seconds (negative: before 1970) and `nsec` nanoseconds after
+/// the epoch, as filesystems store inode times. A time `SystemTime` cannot hold
+/// shows as the epoch rather than failing the inode.
+pub fn system_time(sec: i64, nsec: u32) -> std::time::SystemTime {
+    let base = if sec >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(sec.unsigned_abs()))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(sec.unsigned_abs()))
+    };
+    base.and_then(|t| t.checked_add(Duration::from_nanos(u64::from(nsec))))
+        .unwrap_or(UNIX_EPOCH)
+}
+
 /// A directory's contents.
 #[derive(Debug, Clone, Default)]
 pub struct DirList {
