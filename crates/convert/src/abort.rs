@@ -9,6 +9,15 @@ use crossbeam_channel::{bounded, select, Receiver, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// The error of a read once the conversion stops. Not `Interrupted`: readers retry
+/// such reads (std's `read_to_end` and `io::copy`, the tar reader, the TurboOCI
+/// reader, which inflates and indexes the blob), and one that did spun at full speed
+/// for ever once a download failed or Ctrl-C came, the run never ending. It is still
+/// an interruption to the conversion (its kind is looked for inside).
+pub(crate) fn stopped_read() -> std::io::Error {
+    std::io::Error::other(obdregistry::Error::Interrupted)
+}
+
 /// The stop signal of a conversion; clones share it.
 #[derive(Clone, Debug)]
 pub struct Abort {

@@ -393,8 +393,7 @@ struct Stoppable<'a> {
 impl Read for Stoppable<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.abort.is_set() {
-            // Not `Interrupted`, which readers retry.
-            return Err(std::io::Error::other("interrupted"));
+            return Err(crate::abort::stopped_read());
         }
         self.inner.read(buf)
     }

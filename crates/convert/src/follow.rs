@@ -87,15 +87,6 @@ impl Follow {
     }
 }
 
-/// The error of a read once the conversion stops. Not `Interrupted`: readers
-/// retry such reads (std's `read_to_end` and `io::copy`, the TurboOCI reader,
-/// which inflates and indexes the blob), and one that did spun at full speed
-/// for ever once a download failed or Ctrl-C came, the run never ending. It is
-/// still an interruption to the conversion (its kind is looked for inside).
-fn stopped() -> io::Error {
-    io::Error::other(obdregistry::Error::Interrupted)
-}
-
 /// Reads a file while another thread downloads into it: waits for more bytes, ends
 /// only once the download finished and verified, fails if it failed.
 pub(crate) struct FollowReader {
@@ -132,11 +123,11 @@ impl Read for FollowReader {
                 None => {}
             }
             if self.abort.is_set() {
-                return Err(stopped());
+                return Err(crate::abort::stopped_read());
             }
             select! {
                 recv(self.events) -> ev => self.take(ev),
-                recv(self.abort.stopped()) -> _ => return Err(stopped()),
+                recv(self.abort.stopped()) -> _ => return Err(crate::abort::stopped_read()),
             }
         }
         let k = (buf.len() as u64).min(self.written - self.pos) as usize;

@@ -173,7 +173,7 @@ impl ChannelReader {
     fn failed_again(&self) -> Option<io::Error> {
         let (kind, msg) = self.failed.as_ref()?;
         Some(if *kind == io::ErrorKind::Interrupted {
-            io::Error::other(obdregistry::Error::Interrupted)
+            crate::abort::stopped_read()
         } else {
             io::Error::new(*kind, msg.clone())
         })
