@@ -304,12 +304,18 @@ fn main() -> ExitCode {
     code
 }
 
+/// Whether `a` and `b` name the same file or directory (both resolved when they
+/// exist).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// Whether `a` and `b` are the same repository (tags aside): one registry repository,
-/// or one layout directory or archive file.
+/// or one layout directory or OCI archive file.
 fn same_repository(a: &ImageRef, b: &ImageRef) -> bool {
-    let same_file = |x: &Path, y: &Path| {
-        x == y || matches!((x.canonicalize(), y.canonicalize()), (Ok(p), Ok(q)) if p == q)
-    };
     match (a, b) {
         (
             ImageRef::Registry { host, repository },
@@ -785,12 +791,6 @@ fn check_source_kept<'a>(
     dst: &ImageRef,
     out_tags: impl Iterator<Item = &'a String>,
 ) -> anyhow::Result<()> {
-    use std::path::Path;
-    let same_file = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b))
-    {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    };
     let archive_path = |r: &ImageRef| match r {
         ImageRef::OciArchive { path, .. } | ImageRef::DockerArchive { path, .. } => {
             Some(path.clone())
@@ -806,18 +806,8 @@ fn check_source_kept<'a>(
         }
         return Ok(());
     }
-    let same_place = match (src, dst) {
-        (
-            ImageRef::Registry { host, repository },
-            ImageRef::Registry {
-                host: h,
-                repository: r,
-            },
-        ) => host == h && repository == r,
-        (ImageRef::Layout { path, .. }, ImageRef::Layout { path: p, .. }) => same_file(path, p),
-        _ => false,
-    };
-    let Some(Reference::Tag(src_tag)) = source.filter(|_| same_place) else {
+    // (Archives were handled above.)
+    let Some(Reference::Tag(src_tag)) = source.filter(|_| same_repository(src, dst)) else {
         return Ok(());
     };
     if let Some(t) = out_tags.into_iter().find(|t| *t == src_tag) {
