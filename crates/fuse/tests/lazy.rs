@@ -368,14 +368,15 @@ fn a_corrupted_blob_gives_eio_on_the_read_and_a_log_line() {
         .unwrap();
     unmount_and_wait(&f);
     let log = std::fs::read_to_string(&log).unwrap();
+    // A warning names the blob and the failed check. (Another warning naming
+    // the blob may come first: the refetch of the damaged chunks, when the
+    // whole-blob digest was not verified yet.)
     let short = &top["sha256:".len().."sha256:".len() + 12];
-    let line = log
-        .lines()
-        .find(|l| l.contains("WARN") && l.contains(short))
-        .unwrap_or_else(|| panic!("no log line naming blob {top}:\n{log}"));
+    let says_check = |l: &str| l.contains("CRC") || l.contains("checksum") || l.contains("digest");
     assert!(
-        line.contains("CRC") || line.contains("checksum") || line.contains("digest"),
-        "{line}"
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains(short) && says_check(l)),
+        "no log line naming blob {top} and its failed check:\n{log}"
     );
 }
 
