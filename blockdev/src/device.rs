@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Result};
 use parking_lot::RwLock;
+use std::sync::Arc;
 
 /// A virtual disk of `size()` bytes.
 pub trait BlockDevice: Send + Sync {
@@ -170,68 +171,43 @@ impl BlockDevice for MemDevice {
     }
 }
 
-impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> Result<()> {
-        (**self).flush()
-    }
-    fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        (**self).trim(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        (**self).write_zeroes(offset, len)
-    }
-    fn is_read_only(&self) -> bool {
-        (**self).is_read_only()
-    }
-    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        (**self).extents(offset, len)
-    }
-    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
-        (**self).read_many(reqs)
-    }
-    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
-        (**self).map_target(offset, len, target_offset)
-    }
+/// Forwards every method of [`BlockDevice`] to the device behind a smart pointer, so an
+/// `Arc<dyn BlockDevice>` or a `Box<T>` stands wherever a device does.
+macro_rules! forward_block_device {
+    ($($ptr:ident),+) => {$(
+        impl<T: BlockDevice + ?Sized> BlockDevice for $ptr<T> {
+            fn size(&self) -> u64 {
+                (**self).size()
+            }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+                (**self).read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+                (**self).write_at(buf, offset)
+            }
+            fn flush(&self) -> Result<()> {
+                (**self).flush()
+            }
+            fn trim(&self, offset: u64, len: u64) -> Result<()> {
+                (**self).trim(offset, len)
+            }
+            fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+                (**self).write_zeroes(offset, len)
+            }
+            fn is_read_only(&self) -> bool {
+                (**self).is_read_only()
+            }
+            fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+                (**self).extents(offset, len)
+            }
+            fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
+                (**self).read_many(reqs)
+            }
+            fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
+                (**self).map_target(offset, len, target_offset)
+            }
+        }
+    )+};
 }
 
-impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
-    fn size(&self) -> u64 {
-        (**self).size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> Result<()> {
-        (**self).flush()
-    }
-    fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        (**self).trim(offset, len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        (**self).write_zeroes(offset, len)
-    }
-    fn is_read_only(&self) -> bool {
-        (**self).is_read_only()
-    }
-    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        (**self).extents(offset, len)
-    }
-    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<()>> {
-        (**self).read_many(reqs)
-    }
-    fn map_target(&self, offset: u64, len: u64, target_offset: u64) -> Result<()> {
-        (**self).map_target(offset, len, target_offset)
-    }
-}
+forward_block_device!(Arc, Box);
