@@ -59,28 +59,6 @@ pub struct CommitStats {
     pub data_bytes: u64,
 }
 
-/// Lends a [`FileSink`] to a writer that takes its sink by value.
-struct SinkRef<'a>(&'a mut FileSink);
-
-impl BlobSink for SinkRef<'_> {
-    fn put(&mut self, buf: &[u8]) -> Result<()> {
-        self.0.put(buf)
-    }
-    fn put_at(&mut self, buf: &[u8], pos: u64) -> Result<()> {
-        self.0.put_at(buf, pos)
-    }
-    fn position(&self) -> u64 {
-        self.0.position()
-    }
-    fn put_filled(
-        &mut self,
-        len: usize,
-        fill: &mut dyn FnMut(&mut [u8], usize) -> Result<()>,
-    ) -> Result<()> {
-        self.0.put_filled(len, fill)
-    }
-}
-
 fn seal_info(opts: &CommitOptions, virtual_size: u64, source_parent: Uuid) -> Result<SealInfo> {
     let tag = opts.user_tag.clone().unwrap_or_default().into_bytes();
     if tag.len() > 256 {
@@ -201,7 +179,7 @@ fn write_output(
     let data_bytes = total;
     let (lsmt_size, blob_len) = match &opts.zfile {
         Some(z) => {
-            let mut zw = ZFileWriter::new(SinkRef(&mut sink), z.clone())?;
+            let mut zw = ZFileWriter::new(&mut sink, z.clone())?;
             let n = compact.run(entries, info, &mut read, &mut zw)?;
             let s = zw.finish()?;
             (n, s.position())
@@ -355,7 +333,7 @@ pub fn zfile_compress_file(
     let name = src
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("<stdin>"));
-    let shifted = SinkRef(&mut sink);
+    let shifted = &mut sink;
     let s = match src {
         Some(p) => {
             let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;

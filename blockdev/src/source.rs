@@ -326,6 +326,27 @@ impl FileSink {
     }
 }
 
+/// Lends a sink to a writer that takes its sink by value (a ZFile writer over a file
+/// that is written on after it).
+impl<S: BlobSink + ?Sized> BlobSink for &mut S {
+    fn put(&mut self, buf: &[u8]) -> Result<()> {
+        (**self).put(buf)
+    }
+    fn put_at(&mut self, buf: &[u8], pos: u64) -> Result<()> {
+        (**self).put_at(buf, pos)
+    }
+    fn position(&self) -> u64 {
+        (**self).position()
+    }
+    fn put_filled(
+        &mut self,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8], usize) -> Result<()>,
+    ) -> Result<()> {
+        (**self).put_filled(len, fill)
+    }
+}
+
 impl BlobSink for FileSink {
     fn put(&mut self, data: &[u8]) -> Result<()> {
         if self.used + data.len() > SINK_BUFFER || data.len() >= SINK_DIRECT {
