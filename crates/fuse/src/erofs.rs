@@ -18,7 +18,6 @@ use std::time::SystemTime;
 
 use blockdev::BlockDevice;
 use fuser::{Errno, FileAttr, FileType, INodeNo};
-use obdfs::erofs::format::{ft, mode};
 use obdfs::erofs::reader::Inode;
 use obdfs::erofs::{ErofsReader, Error as ErofsError};
 
@@ -58,32 +57,6 @@ pub struct ErofsTree {
 /// and nanoseconds (past a second taken as 999,999,999).
 fn time(sec: u64, nsec: u32) -> SystemTime {
     crate::tree::system_time(sec as i64, nsec.min(999_999_999))
-}
-
-fn kind(m: u32) -> Option<FileType> {
-    Some(match m & mode::S_IFMT {
-        mode::S_IFREG => FileType::RegularFile,
-        mode::S_IFDIR => FileType::Directory,
-        mode::S_IFLNK => FileType::Symlink,
-        mode::S_IFCHR => FileType::CharDevice,
-        mode::S_IFBLK => FileType::BlockDevice,
-        mode::S_IFIFO => FileType::NamedPipe,
-        mode::S_IFSOCK => FileType::Socket,
-        _ => return None,
-    })
-}
-
-fn dirent_kind(t: u8) -> Option<FileType> {
-    Some(match t {
-        ft::REG_FILE => FileType::RegularFile,
-        ft::DIR => FileType::Directory,
-        ft::CHRDEV => FileType::CharDevice,
-        ft::BLKDEV => FileType::BlockDevice,
-        ft::FIFO => FileType::NamedPipe,
-        ft::SOCK => FileType::Socket,
-        ft::SYMLINK => FileType::Symlink,
-        _ => return None,
-    })
 }
 
 /// What a reader failure means: the device's own errno for I/O failures
@@ -140,7 +113,7 @@ impl ErofsTree {
             return Ok(n);
         }
         let inode = self.r.inode(nid)?;
-        let kind = kind(inode.mode).ok_or_else(|| ErofsError::Corrupt {
+        let kind = crate::tree::file_kind(inode.mode).ok_or_else(|| ErofsError::Corrupt {
             nid: Some(nid),
             msg: format!("file type {:o}", inode.mode),
         })?;
@@ -216,7 +189,7 @@ impl ErofsTree {
                 _ => {
                     weight += e.name.len() + DIRENT_WEIGHT;
                     entries.push(DirEntry {
-                        kind: dirent_kind(e.file_type),
+                        kind: crate::tree::dirent_kind(e.file_type),
                         name: e.name,
                         ino: e.nid,
                     });

@@ -45,33 +45,6 @@ fn time(t: Timestamp) -> SystemTime {
     crate::tree::system_time(t.sec, t.nsec)
 }
 
-fn kind(mode: u16) -> Option<FileType> {
-    Some(match mode & inode::S_IFMT {
-        inode::S_IFREG => FileType::RegularFile,
-        inode::S_IFDIR => FileType::Directory,
-        inode::S_IFLNK => FileType::Symlink,
-        inode::S_IFCHR => FileType::CharDevice,
-        inode::S_IFBLK => FileType::BlockDevice,
-        inode::S_IFIFO => FileType::NamedPipe,
-        inode::S_IFSOCK => FileType::Socket,
-        _ => return None,
-    })
-}
-
-/// The file type byte of a directory entry (`filetype` feature), if set.
-fn dirent_kind(ftype: u8) -> Option<FileType> {
-    Some(match ftype {
-        1 => FileType::RegularFile,
-        2 => FileType::Directory,
-        3 => FileType::CharDevice,
-        4 => FileType::BlockDevice,
-        5 => FileType::NamedPipe,
-        6 => FileType::Socket,
-        7 => FileType::Symlink,
-        _ => return None,
-    })
-}
-
 /// Linux's `new_encode_dev`, which the kernel decodes from FUSE attributes.
 fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
@@ -429,7 +402,7 @@ impl Ext4Tree {
         if inode.links() == 0 {
             return Err(obdfs::Error::Invalid(format!("inode {ino} is not in use")));
         }
-        let kind = kind(mode)
+        let kind = crate::tree::file_kind(u32::from(mode))
             .ok_or_else(|| obdfs::Error::Invalid(format!("inode {ino} has file type {mode:o}")))?;
         let b = inode.as_bytes();
         let mut blocks = u32::from_le_bytes(b[28..32].try_into().expect("4 bytes")) as u64
@@ -537,7 +510,7 @@ impl Ext4Tree {
             entries.push(DirEntry {
                 name,
                 ino: ino as u64,
-                kind: dirent_kind(ftype),
+                kind: crate::tree::dirent_kind(ftype),
             });
         }
         let d = Arc::new(Dir {

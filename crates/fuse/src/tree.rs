@@ -62,6 +62,36 @@ pub fn system_time(sec: i64, nsec: u32) -> std::time::SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
+/// The file type in an inode's mode: the POSIX type bits, which ext4 and EROFS
+/// inodes both store; `None` for a value that is no type.
+pub fn file_kind(mode: u32) -> Option<FileType> {
+    Some(match mode & libc::S_IFMT {
+        libc::S_IFREG => FileType::RegularFile,
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => return None,
+    })
+}
+
+/// The file type byte of a directory entry, numbered alike by ext4 (its `filetype`
+/// feature) and EROFS (`EROFS_FT_*`); `None` for 0 (unknown) and values past 7.
+pub fn dirent_kind(ftype: u8) -> Option<FileType> {
+    Some(match ftype {
+        1 => FileType::RegularFile,
+        2 => FileType::Directory,
+        3 => FileType::CharDevice,
+        4 => FileType::BlockDevice,
+        5 => FileType::NamedPipe,
+        6 => FileType::Socket,
+        7 => FileType::Symlink,
+        _ => return None,
+    })
+}
+
 /// A directory's contents.
 #[derive(Debug, Clone, Default)]
 pub struct DirList {
