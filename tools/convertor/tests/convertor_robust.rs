@@ -2230,3 +2230,97 @@ fn referrers_written_elsewhere_than_their_subjects_are_warned_about() {
         assert_eq!(e.contains(warning), warned, "{dst}: {e}");
     }
 }
+
+/// An index that lists one manifest several times (as two platforms, and an entry
+/// repeated), or lists it beside a nested index that lists it too, has it converted
+/// once: one "converted" line, one manifest counted. The converted index keeps every
+/// entry, each with its own platform, all naming the one converted manifest.
+#[test]
+fn a_manifest_listed_twice_is_converted_once() {
+    use sha2::{Digest as _, Sha256};
+    let t = tempfile::tempdir().unwrap();
+    let images = sample(t.path());
+    let first = read_json(&images.join("index.json"))["manifests"][0].clone();
+    let mut arm = first.clone();
+    arm.as_object_mut().unwrap().remove("annotations");
+    arm["platform"] = serde_json::json!({"architecture": "arm64", "os": "linux"});
+    let mut amd = arm.clone();
+    amd["platform"] = serde_json::json!({"architecture": "amd64", "os": "linux"});
+    let multi = sample_in_an_index(&images, serde_json::json!({}), vec![arm, amd.clone()]);
+    // `outer`: the index above and the manifest itself.
+    let index_path = images.join("index.json");
+    let mut top = read_json(&index_path);
+    let multi_entry = top["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["digest"] == multi.as_str())
+        .unwrap()
+        .clone();
+    let mut nested = multi_entry.clone();
+    nested.as_object_mut().unwrap().remove("annotations");
+    let outer = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [nested, amd]})
+    .to_string();
+    let od = format!("sha256:{:x}", Sha256::digest(outer.as_bytes()));
+    std::fs::write(images.join("blobs/sha256").join(&od[7..]), &outer).unwrap();
+    top["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": od, "size": outer.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "outer"}}));
+    std::fs::write(&index_path, top.to_string()).unwrap();
+
+    let src = format!("oci:{}", images.display());
+    let wd = t.path().join("w");
+    for (i, tag) in ["multi", "outer"].into_iter().enumerate() {
+        let out = t.path().join(format!("out{i}"));
+        let dst = format!("oci:{}", out.display());
+        let mut a = args(&src, &dst, wd.to_str().unwrap());
+        a[3] = tag;
+        let o = Command::new(bin()).args(&a).output().unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+        let read = |d: &str| read_json(&out.join("blobs/sha256").join(&d[7..]));
+        let index = read(&pushed_digest(&o));
+        let stderr = stderr_of(&o);
+        let converted: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("] converted sha256:"))
+            .collect();
+        assert_eq!(converted.len(), 1, "{tag}: {stderr}");
+        assert!(stdout.contains("(1 manifest, 2 layers)"), "{tag}: {stdout}");
+        let entries = index["manifests"].as_array().unwrap();
+        let m = if tag == "multi" {
+            assert_eq!(entries.len(), 3, "{index}");
+            let archs: Vec<&str> = entries
+                .iter()
+                .map(|e| e["platform"]["architecture"].as_str().unwrap())
+                .collect();
+            assert_eq!(archs, ["amd64", "arm64", "amd64"]);
+            entries[0]["digest"].clone()
+        } else {
+            assert_eq!(entries.len(), 2, "{index}");
+            let inner = read(entries[0]["digest"].as_str().unwrap());
+            assert_eq!(inner["manifests"].as_array().unwrap().len(), 3, "{inner}");
+            assert_eq!(inner["manifests"][0]["digest"], entries[1]["digest"]);
+            entries[1]["digest"].clone()
+        };
+        for e in entries
+            .iter()
+            .filter(|e| e["mediaType"] != "application/vnd.oci.image.index.v1+json")
+        {
+            assert_eq!(e["digest"], m, "{index}");
+            assert!(e.get("annotations").is_none(), "{index}");
+        }
+        assert_ne!(m, first["digest"]);
+        assert_eq!(
+            read(m.as_str().unwrap())["layers"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+}

@@ -26,7 +26,8 @@ use crate::store::ImageStore;
 use crate::{ConvertOptions, Error, Result};
 use obddedup::resolve::DedupStats;
 use obdoci::digest::hash_reader;
-use obdoci::{Descriptor, Reference};
+use obdoci::{Descriptor, Digest, Reference};
+use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -189,6 +190,7 @@ impl Converter {
             sem: Semaphore::new(self.opts.concurrency_limit),
             manifest_ids: AtomicUsize::new(0),
             pending: Mutex::new(Vec::new()),
+            children: Mutex::new(HashMap::new()),
         };
         let descs = match run.process(&desc, bytes, true) {
             Ok(d) => d,
@@ -299,7 +301,13 @@ struct Run<'c> {
     /// Numbers the platform manifests (work directory names).
     manifest_ids: AtomicUsize,
     pending: Mutex<Vec<publish::Pending>>,
+    /// Index entries converted or being converted, by digest (see `Run::child`).
+    children: Mutex<HashMap<Digest, Arc<ChildSlot>>>,
 }
+
+/// The result of converting an index entry, once converted (`Some(None)`: not an
+/// image, dropped); locked while it converts.
+type ChildSlot = Mutex<Option<Option<Vec<Descriptor>>>>;
 
 impl Run<'_> {
     fn check_abort(&self) -> Result<()> {

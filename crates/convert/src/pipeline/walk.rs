@@ -80,14 +80,7 @@ impl Run<'_> {
                 .iter()
                 .map(|c| {
                     s.spawn(move || {
-                        let what = what_ref;
-                        let r = self.c.src.fetch_manifest(c).and_then(|b| {
-                            if let Some(why) = not_an_image(&b) {
-                                tracing::warn!("{what}: skipping {} ({why})", c.digest);
-                                return Ok(None);
-                            }
-                            self.process(c, b, false).map(Some)
-                        });
+                        let r = self.child(what_ref, c);
                         if r.is_err() {
                             self.c.abort.set();
                         }
@@ -132,6 +125,43 @@ impl Run<'_> {
                 self.finish_index(k, desc, out, top)
             })
             .collect()
+    }
+
+    /// Index entry `c` of index `what`, converted (`None`: dropped, not an image). A
+    /// manifest or index listed more than once in the tree (two platforms' entries naming
+    /// one manifest, an entry repeated, a nested index listing it again) is converted
+    /// once: the other entries wait for that conversion and take its result, keeping
+    /// their own platform and annotations.
+    fn child(&self, what: &str, c: &Descriptor) -> Result<Option<Vec<Descriptor>>> {
+        let slot = self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(c.digest.clone())
+            .or_default()
+            .clone();
+        // Held while converting: the other entries naming it wait here.
+        let mut done = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = &*done {
+            tracing::debug!("{what}: {} is listed again; converted once", c.digest);
+            return Ok(r
+                .as_ref()
+                .map(|ds| ds.iter().map(|d| replace_target(c, d)).collect()));
+        }
+        let r = self.c.src.fetch_manifest(c).and_then(|b| {
+            if let Some(why) = not_an_image(&b) {
+                tracing::warn!("{what}: skipping {} ({why})", c.digest);
+                return Ok(None);
+            }
+            self.process(c, b, false).map(Some)
+        });
+        match &r {
+            Ok(v) => *done = Some(v.clone()),
+            // Stop the run before the next entry naming it takes the slot, so that it
+            // does not convert it again.
+            Err(_) => self.c.abort.set(),
+        }
+        r
     }
 
     /// A platform manifest: in its own work directory, at most `concurrency_limit` at once.
