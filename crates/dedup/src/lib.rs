@@ -282,8 +282,10 @@ pub trait ConversionDatabase: Send + Sync + fmt::Debug {
         host: &str,
         chain_id: &str,
     ) -> Result<Vec<LayerEntry>, DbError>;
-    /// Returns whether a row was deleted.
-    fn delete_layer_entry(&self, key: LayerKey<'_>) -> Result<bool, DbError>;
+    /// Deletes the row `entry` was read as: only while the row of its key still names its
+    /// converted digest and size, so that a row another convertor wrote meanwhile under
+    /// that key stays. Returns whether a row was deleted.
+    fn delete_layer_entry(&self, entry: &LayerEntry) -> Result<bool, DbError>;
 
     fn create_manifest_entry(
         &self,
@@ -299,7 +301,8 @@ pub trait ConversionDatabase: Send + Sync + fmt::Debug {
         media_type: &str,
         original_digest: &str,
     ) -> Result<Vec<ManifestEntry>, DbError>;
-    fn delete_manifest_entry(&self, key: ManifestKey<'_>) -> Result<bool, DbError>;
+    /// Deletes the row `entry` was read as (see [`ConversionDatabase::delete_layer_entry`]).
+    fn delete_manifest_entry(&self, entry: &ManifestEntry) -> Result<bool, DbError>;
 }
 
 /// `--help` text for the convertor's `--db-type` flag.
@@ -555,7 +558,8 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
         chain_id: &str,
     ) -> Result<Option<LayerRow>, DbError>;
     fn get_layers(&self, host: &str, chain_id: &str) -> Result<Vec<LayerRow>, DbError>;
-    fn delete_layer(&self, host: &str, repo: &str, chain_id: &str) -> Result<u64, DbError>;
+    /// Deletes `row` if it is still stored exactly so.
+    fn delete_layer(&self, row: &LayerRow) -> Result<u64, DbError>;
     fn insert_manifest(&self, row: &ManifestRow) -> Result<Insert, DbError>;
     fn get_manifest(
         &self,
@@ -570,13 +574,8 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
         src_digest: &str,
         mediatype: &str,
     ) -> Result<Vec<ManifestRow>, DbError>;
-    fn delete_manifest(
-        &self,
-        host: &str,
-        repo: &str,
-        src_digest: &str,
-        mediatype: &str,
-    ) -> Result<u64, DbError>;
+    /// Deletes `row` if it is still stored exactly so.
+    fn delete_manifest(&self, row: &ManifestRow) -> Result<u64, DbError>;
 }
 
 /// A backend plus the format key: the [`ConversionDatabase`] handed out by [`open`].
@@ -626,6 +625,44 @@ impl Database {
         self.ns(key.original_digest)
     }
 
+    /// The stored row of `entry` (its key namespaced), its values checked.
+    fn layer_row(&self, entry: &LayerEntry) -> Result<LayerRow, DbError> {
+        let key = LayerKey {
+            host: &entry.host,
+            repository: &entry.repository,
+            chain_id: &entry.chain_id,
+        };
+        let row = LayerRow {
+            host: entry.host.clone(),
+            repo: entry.repository.clone(),
+            chain_id: self.layer_key(key)?,
+            data_digest: entry.converted_digest.clone(),
+            data_size: check_size(entry.data_size)?,
+        };
+        check_digest("converted layer digest", &row.data_digest)?;
+        Ok(row)
+    }
+
+    /// The stored row of `entry` (its key namespaced), its values checked.
+    fn manifest_row(&self, entry: &ManifestEntry) -> Result<ManifestRow, DbError> {
+        let key = ManifestKey {
+            host: &entry.host,
+            repository: &entry.repository,
+            original_digest: &entry.original_digest,
+            media_type: &entry.media_type,
+        };
+        let row = ManifestRow {
+            host: entry.host.clone(),
+            repo: entry.repository.clone(),
+            src_digest: self.manifest_key(key)?,
+            out_digest: entry.converted_digest.clone(),
+            data_size: check_size(entry.data_size)?,
+            mediatype: entry.media_type.clone(),
+        };
+        check_digest("converted manifest digest", &row.out_digest)?;
+        Ok(row)
+    }
+
     fn layer_entry(&self, row: LayerRow) -> Option<LayerEntry> {
         Some(LayerEntry {
             chain_id: self.strip(&row.chain_id)?.to_string(),
@@ -658,19 +695,7 @@ impl ConversionDatabase for Database {
     }
 
     fn create_layer_entry(&self, entry: &LayerEntry) -> Result<StoreOutcome<LayerEntry>, DbError> {
-        let key = LayerKey {
-            host: &entry.host,
-            repository: &entry.repository,
-            chain_id: &entry.chain_id,
-        };
-        let row = LayerRow {
-            host: entry.host.clone(),
-            repo: entry.repository.clone(),
-            chain_id: self.layer_key(key)?,
-            data_digest: entry.converted_digest.clone(),
-            data_size: check_size(entry.data_size)?,
-        };
-        check_digest("converted layer digest", &row.data_digest)?;
+        let row = self.layer_row(entry)?;
         for _ in 0..STORE_ATTEMPTS {
             if self.backend.insert_layer(&row)? == Insert::Inserted {
                 return Ok(StoreOutcome::Inserted);
@@ -717,33 +742,15 @@ impl ConversionDatabase for Database {
             .collect())
     }
 
-    fn delete_layer_entry(&self, key: LayerKey<'_>) -> Result<bool, DbError> {
-        let chain = self.layer_key(key)?;
-        Ok(self
-            .backend
-            .delete_layer(key.host, key.repository, &chain)?
-            > 0)
+    fn delete_layer_entry(&self, entry: &LayerEntry) -> Result<bool, DbError> {
+        Ok(self.backend.delete_layer(&self.layer_row(entry)?)? > 0)
     }
 
     fn create_manifest_entry(
         &self,
         entry: &ManifestEntry,
     ) -> Result<StoreOutcome<ManifestEntry>, DbError> {
-        let key = ManifestKey {
-            host: &entry.host,
-            repository: &entry.repository,
-            original_digest: &entry.original_digest,
-            media_type: &entry.media_type,
-        };
-        let row = ManifestRow {
-            host: entry.host.clone(),
-            repo: entry.repository.clone(),
-            src_digest: self.manifest_key(key)?,
-            out_digest: entry.converted_digest.clone(),
-            data_size: check_size(entry.data_size)?,
-            mediatype: entry.media_type.clone(),
-        };
-        check_digest("converted manifest digest", &row.out_digest)?;
+        let row = self.manifest_row(entry)?;
         for _ in 0..STORE_ATTEMPTS {
             if self.backend.insert_manifest(&row)? == Insert::Inserted {
                 return Ok(StoreOutcome::Inserted);
@@ -798,12 +805,8 @@ impl ConversionDatabase for Database {
             .collect())
     }
 
-    fn delete_manifest_entry(&self, key: ManifestKey<'_>) -> Result<bool, DbError> {
-        let src = self.manifest_key(key)?;
-        Ok(self
-            .backend
-            .delete_manifest(key.host, key.repository, &src, key.media_type)?
-            > 0)
+    fn delete_manifest_entry(&self, entry: &ManifestEntry) -> Result<bool, DbError> {
+        Ok(self.backend.delete_manifest(&self.manifest_row(entry)?)? > 0)
     }
 }
 

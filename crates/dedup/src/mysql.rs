@@ -440,8 +440,11 @@ impl Backend for MysqlBackend {
         .map(|v| v.into_iter().map(layer_row).collect())
     }
 
-    fn delete_layer(&self, host: &str, repo: &str, chain_id: &str) -> Result<u64, DbError> {
-        self.delete(&sql::DELETE_LAYER, (host, repo, chain_id).into())
+    fn delete_layer(&self, r: &LayerRow) -> Result<u64, DbError> {
+        self.delete(
+            &sql::DELETE_LAYER,
+            (&r.host, &r.repo, &r.chain_id, &r.data_digest, r.data_size).into(),
+        )
     }
 
     fn insert_manifest(&self, r: &ManifestRow) -> Result<Insert, DbError> {
@@ -486,16 +489,18 @@ impl Backend for MysqlBackend {
         .map(|v| v.into_iter().map(manifest_row).collect())
     }
 
-    fn delete_manifest(
-        &self,
-        host: &str,
-        repo: &str,
-        src_digest: &str,
-        mediatype: &str,
-    ) -> Result<u64, DbError> {
+    fn delete_manifest(&self, r: &ManifestRow) -> Result<u64, DbError> {
         self.delete(
             &sql::DELETE_MANIFEST,
-            (host, repo, src_digest, mediatype).into(),
+            (
+                &r.host,
+                &r.repo,
+                &r.src_digest,
+                &r.mediatype,
+                &r.out_digest,
+                r.data_size,
+            )
+                .into(),
         )
     }
 }

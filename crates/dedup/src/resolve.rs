@@ -19,6 +19,8 @@
 //! - Only a definite "not found" from the registry (or a layer blob whose size it gives is
 //!   not the row's) deletes a row. Any other failure (auth, 5xx, network) makes the lookup
 //!   skip that row and keeps it (upstream deletes on some of them).
+//! - A stale row is deleted only as it was read (key, converted digest and size): a row
+//!   another convertor wrote meanwhile under the same key stays (upstream deletes by key).
 //! - A cross-repo layer candidate whose mount is declined is checked in its own repository,
 //!   and its row is deleted if the blob is gone there (upstream keeps retrying such rows).
 //! - Cross-repo manifest copies push the manifest bytes unchanged ([`DedupRegistry::copy_manifest`]),
@@ -405,7 +407,7 @@ impl Dedup {
                 Ok(true) => return Some((row.digest, row.size, HitSource::SameRepo)),
                 Ok(false) => self.deleted_stale(
                     &obj.gone(&row.digest, target.repository),
-                    self.delete(target.host, target.repository, obj),
+                    self.delete(target.host, obj, &row),
                 ),
                 Err(err) => self.reg_error(&obj.checking(&row.digest, target.repository), &err),
             },
@@ -445,9 +447,10 @@ impl Dedup {
                         },
                     ));
                 }
-                Ok(CopyOutcome::SourceMissing) => {
-                    self.deleted_stale(&obj.gone(digest, from), self.delete(target.host, from, obj))
-                }
+                Ok(CopyOutcome::SourceMissing) => self.deleted_stale(
+                    &obj.gone(digest, from),
+                    self.delete(target.host, obj, &cand),
+                ),
                 Ok(CopyOutcome::NotCopied) => {}
                 Err((what, err)) => self.reg_error(&what, &err),
             }
@@ -567,21 +570,27 @@ impl Dedup {
         })
     }
 
-    fn delete(&self, host: &str, repo: &str, obj: Object<'_>) -> Result<bool, DbError> {
+    /// Deletes the row of `obj` found stale, as it was read (`row`): a row written
+    /// meanwhile under its key by another convertor is not the stale one and stays.
+    fn delete(&self, host: &str, obj: Object<'_>, row: &Stored) -> Result<bool, DbError> {
         match obj {
-            Object::Layer { chain_id } => self.db.delete_layer_entry(LayerKey {
-                host,
-                repository: repo,
-                chain_id,
+            Object::Layer { chain_id } => self.db.delete_layer_entry(&LayerEntry {
+                host: host.to_string(),
+                repository: row.repository.clone(),
+                chain_id: chain_id.to_string(),
+                converted_digest: row.digest.clone(),
+                data_size: row.size,
             }),
             Object::Manifest {
                 original_digest,
                 media_type,
-            } => self.db.delete_manifest_entry(ManifestKey {
-                host,
-                repository: repo,
-                original_digest,
-                media_type,
+            } => self.db.delete_manifest_entry(&ManifestEntry {
+                host: host.to_string(),
+                repository: row.repository.clone(),
+                original_digest: original_digest.to_string(),
+                media_type: media_type.to_string(),
+                converted_digest: row.digest.clone(),
+                data_size: row.size,
             }),
         }
     }

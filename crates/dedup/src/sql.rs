@@ -26,10 +26,11 @@ pub(crate) const GET_LAYERS: Stmt = Stmt {
     op: "select from overlaybd_layers",
     sql: "select host, repo, chain_id, data_digest, data_size from overlaybd_layers where host=? and chain_id=?",
 };
-/// Parameters: host, repo, chain_id.
+/// Parameters: host, repo, chain_id, data_digest, data_size: the row as it was read, so
+/// that a row written since under the same key (by another convertor) stays.
 pub(crate) const DELETE_LAYER: Stmt = Stmt {
     op: "delete from overlaybd_layers",
-    sql: "delete from overlaybd_layers where host=? and repo=? and chain_id=?",
+    sql: "delete from overlaybd_layers where host=? and repo=? and chain_id=? and data_digest=? and data_size=?",
 };
 
 pub(crate) const INSERT_MANIFEST: Stmt = Stmt {
@@ -46,10 +47,11 @@ pub(crate) const GET_MANIFESTS: Stmt = Stmt {
     op: "select from overlaybd_manifests",
     sql: "select host, repo, src_digest, out_digest, data_size, mediatype from overlaybd_manifests where host=? and src_digest=? and mediatype=?",
 };
-/// Parameters: host, repo, src_digest, mediatype.
+/// Parameters: host, repo, src_digest, mediatype, out_digest, data_size: the row as it
+/// was read (see [`DELETE_LAYER`]).
 pub(crate) const DELETE_MANIFEST: Stmt = Stmt {
     op: "delete from overlaybd_manifests",
-    sql: "delete from overlaybd_manifests where host=? and repo=? and src_digest=? and mediatype=?",
+    sql: "delete from overlaybd_manifests where host=? and repo=? and src_digest=? and mediatype=? and out_digest=? and data_size=?",
 };
 
 #[cfg(test)]

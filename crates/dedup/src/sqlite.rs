@@ -225,9 +225,16 @@ impl Backend for SqliteBackend {
         })
     }
 
-    fn delete_layer(&self, host: &str, repo: &str, chain_id: &str) -> Result<u64, DbError> {
+    fn delete_layer(&self, r: &LayerRow) -> Result<u64, DbError> {
         self.with(&sql::DELETE_LAYER, |st| {
-            st.execute(params![host, repo, chain_id]).map(|n| n as u64)
+            st.execute(params![
+                r.host,
+                r.repo,
+                r.chain_id,
+                r.data_digest,
+                r.data_size
+            ])
+            .map(|n| n as u64)
         })
     }
 
@@ -269,16 +276,17 @@ impl Backend for SqliteBackend {
         })
     }
 
-    fn delete_manifest(
-        &self,
-        host: &str,
-        repo: &str,
-        src_digest: &str,
-        mediatype: &str,
-    ) -> Result<u64, DbError> {
+    fn delete_manifest(&self, r: &ManifestRow) -> Result<u64, DbError> {
         self.with(&sql::DELETE_MANIFEST, |st| {
-            st.execute(params![host, repo, src_digest, mediatype])
-                .map(|n| n as u64)
+            st.execute(params![
+                r.host,
+                r.repo,
+                r.src_digest,
+                r.mediatype,
+                r.out_digest,
+                r.data_size
+            ])
+            .map(|n| n as u64)
         })
     }
 }

@@ -221,8 +221,11 @@ fn layer_crud(f: &dyn Fixture) {
         "other host's row excluded"
     );
 
-    assert!(db.delete_layer_entry(lkey("app", &chain)).unwrap());
-    assert!(!db.delete_layer_entry(lkey("app", &chain)).unwrap());
+    // Only the row as it is stored is deleted.
+    assert!(!db.delete_layer_entry(&layer("app", 1, 0xb, 4096)).unwrap());
+    assert!(!db.delete_layer_entry(&layer("app", 1, 0xa, 4097)).unwrap());
+    assert!(db.delete_layer_entry(&a).unwrap());
+    assert!(!db.delete_layer_entry(&a).unwrap());
     assert_eq!(
         db.get_layer_entry_for_repo(lkey("app", &chain)).unwrap(),
         None
@@ -260,8 +263,17 @@ fn manifest_crud(f: &dyn Fixture) {
     let mut cross = db.get_cross_repo_manifest_entries(HOST, MT, &src).unwrap();
     cross.sort_by(|x, y| x.repository.cmp(&y.repository));
     assert_eq!(cross, vec![m1.clone(), m3.clone()]);
-    assert!(db.delete_manifest_entry(mkey("app", &src, MT)).unwrap());
-    assert!(!db.delete_manifest_entry(mkey("app", &src, MT)).unwrap());
+    assert!(!db
+        .delete_manifest_entry(&manifest("app", 7, 0x71, MT))
+        .unwrap());
+    assert!(!db
+        .delete_manifest_entry(&ManifestEntry {
+            data_size: 1,
+            ..m1.clone()
+        })
+        .unwrap());
+    assert!(db.delete_manifest_entry(&m1).unwrap());
+    assert!(!db.delete_manifest_entry(&m1).unwrap());
     assert_eq!(
         db.get_manifest_entry_for_repo(mkey("app", &src, MT))
             .unwrap(),
@@ -352,8 +364,14 @@ fn format_isolation_and_upstream_rows(f: &dyn Fixture) {
             .unwrap(),
         None
     );
-    assert!(!v1.delete_layer_entry(lkey("app", &chain)).unwrap());
-    assert!(!v1.delete_manifest_entry(mkey("app", &src, MT)).unwrap());
+    // Their very values under our format: not their rows.
+    assert!(!v1.delete_layer_entry(&layer("app", 1, 0xf, 77)).unwrap());
+    assert!(!v1
+        .delete_manifest_entry(&ManifestEntry {
+            data_size: 88,
+            ..manifest("app", 5, 0xe, MT)
+        })
+        .unwrap());
 
     // Same keys for us: no primary-key clash with the upstream rows.
     let ours = layer("app", 1, 0xa, 10);
@@ -378,13 +396,13 @@ fn format_isolation_and_upstream_rows(f: &dyn Fixture) {
     );
     assert_eq!(
         v2.get_layer_entry_for_repo(lkey("app", &chain)).unwrap(),
-        Some(v2_row)
+        Some(v2_row.clone())
     );
     assert_eq!(
         v1.get_layer_entry_for_repo(lkey("app", &chain)).unwrap(),
         Some(ours)
     );
-    assert!(v2.delete_layer_entry(lkey("app", &chain)).unwrap());
+    assert!(v2.delete_layer_entry(&v2_row).unwrap());
     assert!(v1
         .get_layer_entry_for_repo(lkey("app", &chain))
         .unwrap()
@@ -627,6 +645,135 @@ fn race_child() {
     println!("RACE-RESULT inserted={ins} present={present} conflicts={conflict}");
 }
 
+/// A registry for [`a_stale_row_rewritten_meanwhile_is_kept`]: the converted blobs and
+/// manifests `gone` are missing, and asking about one lets "another process" rewrite its
+/// row first (`rewrite`, raw SQL) with a good value, as a second convertor that found
+/// the row stale, deleted it and recorded its own conversion would.
+struct RewritingRegistry<'a> {
+    f: &'a dyn Fixture,
+    gone: Vec<String>,
+    /// Per missing digest: the statement and parameters that rewrite its row.
+    rewrite: Vec<(String, &'static str, Vec<String>)>,
+}
+
+impl obddedup::resolve::DedupRegistry for RewritingRegistry<'_> {
+    type Error = String;
+    fn blob_exists(&self, _: &str, digest: &str, _: u64) -> Result<bool, String> {
+        self.exists(digest)
+    }
+    fn mount_blob(&self, _: &str, _: &str, _: &str) -> Result<bool, String> {
+        Ok(false)
+    }
+    fn manifest_exists(&self, _: &str, digest: &str) -> Result<bool, String> {
+        self.exists(digest)
+    }
+    fn copy_manifest(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: &str,
+    ) -> Result<obddedup::resolve::CopyOutcome, String> {
+        Ok(obddedup::resolve::CopyOutcome::NotCopied)
+    }
+}
+
+impl RewritingRegistry<'_> {
+    fn exists(&self, digest: &str) -> Result<bool, String> {
+        for (d, sql, params) in &self.rewrite {
+            if d == digest {
+                let p: Vec<&str> = params.iter().map(String::as_str).collect();
+                self.f.raw_exec(sql, &p);
+            }
+        }
+        Ok(!self.gone.iter().any(|g| g == digest))
+    }
+}
+
+/// A row found stale (its blob or manifest missing) is deleted only as it was read: a row
+/// another process wrote meanwhile under the same key, naming a good object, stays (and
+/// is used by the next lookup). A stale row nobody touched is still deleted.
+fn a_stale_row_rewritten_meanwhile_is_kept(f: &dyn Fixture) {
+    use obddedup::resolve::{Dedup, LayerLookup, ManifestLookup, Target};
+    let dd = Dedup::new(f.open(FORMAT));
+    let db = dd.db();
+    let app = Target {
+        host: HOST,
+        repository: "app",
+    };
+    // Layers: chain 1's row is rewritten (another blob and size), chain 2's is not.
+    for e in [layer("app", 1, 0xa, 10), layer("app", 2, 0xc, 30)] {
+        assert_eq!(db.create_layer_entry(&e).unwrap(), StoreOutcome::Inserted);
+    }
+    let good = layer("app", 1, 0xb, 20);
+    // Manifest 5's row is rewritten, manifest 6's is not.
+    for e in [manifest("app", 5, 0x50, MT), manifest("app", 6, 0x60, MT)] {
+        assert_eq!(
+            db.create_manifest_entry(&e).unwrap(),
+            StoreOutcome::Inserted
+        );
+    }
+    let good_m = manifest("app", 5, 0x51, MT);
+    let reg = RewritingRegistry {
+        f,
+        gone: vec![digest(0xa), digest(0xc), digest(0x50), digest(0x60)],
+        rewrite: vec![
+            (
+                digest(0xa),
+                "update overlaybd_layers set data_digest=?, data_size=? where data_digest=?",
+                vec![digest(0xb), "20".into(), digest(0xa)],
+            ),
+            (
+                digest(0x50),
+                "update overlaybd_manifests set out_digest=?, data_size=? where out_digest=?",
+                vec![digest(0x51), good_m.data_size.to_string(), digest(0x50)],
+            ),
+        ],
+    };
+    assert_eq!(dd.lookup_layer(&reg, app, &digest(1)), LayerLookup::Miss);
+    assert_eq!(
+        db.get_layer_entry_for_repo(lkey("app", &digest(1)))
+            .unwrap(),
+        Some(good.clone()),
+        "the row written meanwhile is kept"
+    );
+    assert_eq!(dd.lookup_layer(&reg, app, &digest(2)), LayerLookup::Miss);
+    assert_eq!(
+        db.get_layer_entry_for_repo(lkey("app", &digest(2)))
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        dd.lookup_manifest(&reg, app, &digest(5), MT),
+        ManifestLookup::Miss
+    );
+    assert_eq!(
+        db.get_manifest_entry_for_repo(mkey("app", &digest(5), MT))
+            .unwrap(),
+        Some(good_m.clone()),
+        "the row written meanwhile is kept"
+    );
+    assert_eq!(
+        dd.lookup_manifest(&reg, app, &digest(6), MT),
+        ManifestLookup::Miss
+    );
+    assert_eq!(
+        db.get_manifest_entry_for_repo(mkey("app", &digest(6), MT))
+            .unwrap(),
+        None
+    );
+    assert_eq!(dd.stats().stale_rows_deleted, 2);
+    // The kept rows are used.
+    assert!(matches!(
+        dd.lookup_layer(&reg, app, &digest(1)),
+        LayerLookup::Hit { size: 20, .. }
+    ));
+    assert!(matches!(
+        dd.lookup_manifest(&reg, app, &digest(5), MT),
+        ManifestLookup::Hit { .. }
+    ));
+}
+
 macro_rules! suite {
     ($module:ident, $fixture:expr) => {
         mod $module {
@@ -654,6 +801,10 @@ macro_rules! suite {
             #[test]
             fn threads_race_on_the_same_keys() {
                 super::threads_race_on_the_same_keys(&$fixture);
+            }
+            #[test]
+            fn a_stale_row_rewritten_meanwhile_is_kept() {
+                super::a_stale_row_rewritten_meanwhile_is_kept(&$fixture);
             }
             #[test]
             fn processes_race_on_the_same_keys() {
@@ -978,14 +1129,12 @@ fn mysql_setup_script() {
     }
     let dsn = format!("obd_setup:{password}@tcp(127.0.0.1:{})/setup_test", m.port);
     let db = open("mysql", &dsn, FORMAT).unwrap().unwrap();
+    let entry = manifest("app", 1, 2, MT);
     assert_eq!(
-        db.create_manifest_entry(&manifest("app", 1, 2, MT))
-            .unwrap(),
+        db.create_manifest_entry(&entry).unwrap(),
         StoreOutcome::Inserted
     );
-    assert!(db
-        .delete_manifest_entry(mkey("app", &digest(1), MT))
-        .unwrap());
+    assert!(db.delete_manifest_entry(&entry).unwrap());
     // The account has exactly SELECT, INSERT, DELETE: no DROP.
     let mut c = mysql::Conn::new(
         mysql::OptsBuilder::new()

@@ -746,18 +746,17 @@ fn a_layer_row_with_another_size_is_not_reused() {
     let size = top["size"].as_u64().unwrap();
     let chain = chain_ids(&app, "v1");
     let db = backend.open();
-    let key = LayerKey {
-        host: &host,
-        repository: "app/layers",
-        chain_id: &chain[3],
-    };
-    assert!(db.delete_layer_entry(key).unwrap());
-    let wrong = LayerEntry {
+    let right = LayerEntry {
         host: host.clone(),
         repository: "app/layers".into(),
         chain_id: chain[3].clone(),
         converted_digest: layers[3].clone(),
+        data_size: size,
+    };
+    assert!(db.delete_layer_entry(&right).unwrap());
+    let wrong = LayerEntry {
         data_size: size + 512,
+        ..right
     };
     assert!(matches!(
         db.create_layer_entry(&wrong).unwrap(),
@@ -791,6 +790,11 @@ fn a_layer_row_with_another_size_is_not_reused() {
         r.stdout,
         r.stderr
     );
+    let key = LayerKey {
+        host: &host,
+        repository: "app/layers",
+        chain_id: &chain[3],
+    };
     assert_eq!(
         db.get_layer_entry_for_repo(key)
             .unwrap()
