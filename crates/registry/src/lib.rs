@@ -1192,9 +1192,7 @@ impl Repository {
     /// for any request.
     pub fn check_push_access(&self) -> Result<()> {
         let what = format!("checking push access to {}", self.name);
-        let url = self
-            .reg
-            .api(&format!("/{}/blobs/{}", self.name, Digest::of(b"")));
+        let url = self.blob_url(&Digest::of(b""));
         let resp = self
             .reg
             .send(&what, &self.push_scope(), true, &|c| c.head(&url))?;
@@ -1219,9 +1217,16 @@ impl Repository {
         Ok(self.blob_stat_scoped(d, scope)? != BlobStat::Missing)
     }
 
+    /// The URL of blob `d` in this repository, under the registry's API root.
+    fn blob_url(&self, d: &Digest) -> String {
+        self.reg.api(&format!("/{}/blobs/{d}", self.name))
+    }
+
+    /// The one `HEAD` of a blob, for every caller (see [`BlobStat`]): a 404 is
+    /// [`BlobStat::Missing`], another answer than 200 an error.
     fn blob_stat_scoped(&self, d: &Digest, scope: &str) -> Result<BlobStat> {
         let what = format!("blob {}@{d}", self.name);
-        let url = self.reg.api(&format!("/{}/blobs/{d}", self.name));
+        let url = self.blob_url(d);
         let resp = self.reg.send(&what, scope, true, &|c| c.head(&url))?;
         match resp.status().as_u16() {
             200 => Ok(BlobStat::Present {
@@ -1243,9 +1248,7 @@ impl Repository {
 
     fn get_blob_response_here(&self, desc: &Descriptor, offset: u64) -> Result<Response> {
         let what = format!("blob {}@{}", self.name, desc.digest);
-        let url = self
-            .reg
-            .api(&format!("/{}/blobs/{}", self.name, desc.digest));
+        let url = self.blob_url(&desc.digest);
         let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
             let rb = c.get(&url);
             if offset > 0 {
@@ -1297,23 +1300,21 @@ impl Repository {
         Ok(resp)
     }
 
-    /// The size of blob `d` (HEAD: `Content-Length`).
+    /// The size of blob `d`: [`Repository::blob_stat`]'s `HEAD`, where a missing blob
+    /// is an [`Error::NotFound`] and an answer without a usable `Content-Length` (none,
+    /// or 0 for a blob that is not the empty one) an [`Error::Protocol`].
     pub fn blob_size(&self, d: &Digest) -> Result<u64> {
-        let what = format!("blob {}@{d}", self.name);
-        let url = self.reg.url(&format!("/v2/{}/blobs/{d}", self.name));
-        let resp = self
-            .reg
-            .send(&what, &self.pull_scope(), true, &|c| c.head(&url))?;
-        if !resp.status().is_success() {
-            return Err(self.reg.status_error(&what, resp));
-        }
-        header_str(resp.headers(), CONTENT_LENGTH.as_str())
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| Error::Protocol {
+        let what = || format!("blob {}@{d}", self.name);
+        match self.blob_stat(d)? {
+            BlobStat::Present { size: Some(n) } => Ok(n),
+            BlobStat::Present { size: None } => Err(Error::Protocol {
                 peer: self.reg.host.clone(),
-                what,
-                reason: "HEAD answer without Content-Length".into(),
-            })
+                what: what(),
+                reason: "HEAD answer without a Content-Length giving its size".into(),
+            }),
+            // A HEAD answer has no body to give details.
+            BlobStat::Missing => Err(self.reg.status_error_of(&what(), 404, String::new())),
+        }
     }
 
     /// Fill `buf` with the bytes of blob `d` from `offset`, with one range request
@@ -1333,7 +1334,7 @@ impl Repository {
         }
         let end = offset + buf.len() as u64 - 1;
         let what = format!("blob {}@{d} bytes {offset}-{end}", self.name);
-        let url = self.reg.url(&format!("/v2/{}/blobs/{d}", self.name));
+        let url = self.blob_url(d);
         let resp = self.reg.send(&what, &self.pull_scope(), true, &|c| {
             let rb = c
                 .get(&url)

@@ -1181,4 +1181,90 @@ fn a_head_answered_with_length_0_gives_no_size() {
         via.blob_stat(&empty.digest).unwrap(),
         registry::BlobStat::Present { size: Some(0) }
     );
+    // The lazy reader's size of a blob (its descriptor gave none): the same HEAD, where
+    // no size is an error, not a blob of 0 bytes whose every read would end at once.
+    assert_eq!(repo.blob_size(&ld.digest).unwrap(), 1024);
+    let e = via.blob_size(&ld.digest).unwrap_err();
+    assert!(matches!(e, registry::Error::Protocol { .. }), "{e:?}");
+    assert_eq!(via.blob_size(&empty.digest).unwrap(), 0);
+    let missing = Digest::of(b"not pushed");
+    let e = repo.blob_size(&missing).unwrap_err();
+    assert!(matches!(e, registry::Error::NotFound { .. }), "{e:?}");
+    assert_eq!(
+        repo.blob_stat(&missing).unwrap(),
+        registry::BlobStat::Missing
+    );
+}
+
+/// A registry whose API is not at `/v2` (hosts.toml: a server URL with a path) is
+/// asked for a blob's size and ranges of it there, as for everything else.
+#[test]
+fn blob_heads_and_ranges_use_the_configured_api_path() {
+    use std::io::{BufRead, BufReader, Write};
+    let data = payload(1000, 9);
+    let d = Digest::of(&data);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let blob_path = format!("/prefix/v2/r/blobs/{d}");
+    let served = data.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { break };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let mut line = String::new();
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let mut range = None;
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    let (a, b) = v.trim().split_once('-').unwrap();
+                    range = Some((a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()));
+                }
+            }
+            let _ = match (path == blob_path, method, range) {
+                (true, "HEAD", _) => write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    served.len()
+                ),
+                (true, "GET", Some((a, b))) => write!(
+                    w,
+                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    served.len(),
+                    b + 1 - a
+                )
+                .and_then(|()| w.write_all(&served[a..=b])),
+                _ => w.write_all(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                ),
+            };
+        }
+    });
+    let hosts = tempfile::tempdir().unwrap();
+    let hdir = hosts.path().join("registry.example");
+    std::fs::create_dir_all(&hdir).unwrap();
+    std::fs::write(
+        hdir.join("hosts.toml"),
+        format!("server = \"http://127.0.0.1:{port}/prefix\"\n"),
+    )
+    .unwrap();
+    let o = ClientOptions {
+        hosts_dir: Some(hosts.path().to_path_buf()),
+        ..opts()
+    };
+    let repo = registry::Registry::new("registry.example", &o)
+        .unwrap()
+        .repository("r");
+    assert_eq!(repo.blob_size(&d).unwrap(), 1000);
+    let mut buf = vec![0u8; 100];
+    repo.read_blob_range(&d, 200, &mut buf, None).unwrap();
+    assert_eq!(buf, data[200..300]);
 }
