@@ -478,12 +478,14 @@ impl ArchiveOutput {
     }
 
     /// Append blob `d` as `member`; a stop (`abort`) ends it between reads.
+    /// `appended` is told each member written.
     fn add_blob(
         &self,
         w: &mut TarWriter,
         member: &str,
         d: &Descriptor,
         abort: &Abort,
+        appended: &mut dyn FnMut(&str),
     ) -> Result<()> {
         if abort.is_set() {
             return Err(Error::Interrupted);
@@ -501,6 +503,7 @@ impl ArchiveOutput {
                 actual: got.to_string(),
             }));
         }
+        appended(member);
         Ok(())
     }
 
@@ -549,7 +552,13 @@ impl ArchiveOutput {
         Ok(())
     }
 
-    fn write_oci(&self, roots: &[(Descriptor, String)], gzip: bool, abort: &Abort) -> Result<u64> {
+    fn write_oci(
+        &self,
+        roots: &[(Descriptor, String)],
+        gzip: bool,
+        abort: &Abort,
+        appended: &mut dyn FnMut(&str),
+    ) -> Result<u64> {
         let mut blobs = Vec::new();
         let mut entries = Vec::new();
         for (root, tag) in roots {
@@ -581,6 +590,7 @@ impl ArchiveOutput {
                 &format!("blobs/sha256/{}", b.digest.hex()),
                 b,
                 abort,
+                appended,
             )?;
         }
         Ok(w.finish()?)
@@ -591,6 +601,7 @@ impl ArchiveOutput {
         root: &Descriptor,
         name: Option<&DockerName>,
         abort: &Abort,
+        appended: &mut dyn FnMut(&str),
     ) -> Result<u64> {
         let bytes = self.layout().read_blob(root, MAX_MANIFEST_SIZE)?;
         let mt = sniff_media_type(&bytes).unwrap_or_else(|| root.media_type.clone());
@@ -614,9 +625,9 @@ impl ArchiveOutput {
             extra: Default::default(),
         };
         let mut w = TarWriter::create(&self.path, false)?;
-        self.add_blob(&mut w, &config_member, &m.config, abort)?;
+        self.add_blob(&mut w, &config_member, &m.config, abort, appended)?;
         for (l, member) in m.layers.iter().zip(&layer_members) {
-            self.add_blob(&mut w, member, l, abort)?;
+            self.add_blob(&mut w, member, l, abort, appended)?;
         }
         w.append_bytes(da::MANIFEST_JSON, &to_json(&vec![item]))?;
         if let (Some(n), Some(top)) = (name, m.layers.last()) {
@@ -624,6 +635,34 @@ impl ArchiveOutput {
             w.append_bytes(da::REPOSITORIES, &repos)?;
         }
         Ok(w.finish()?)
+    }
+
+    /// [`ImageStore::finish`], telling `appended` each blob member written.
+    fn write(&self, abort: &Abort, appended: &mut dyn FnMut(&str)) -> Result<Option<u64>> {
+        let roots = self.roots.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if roots.is_empty() {
+            // Nothing was pushed (--no-upload): the destination stays as it was.
+            return Ok(None);
+        }
+        // Stopped (Ctrl-C) before or while the archive is written: it is not put in
+        // place, the destination stays as it was.
+        if abort.is_set() {
+            return Err(Error::Interrupted);
+        }
+        let size = match &self.kind {
+            ArchiveKind::Oci { gzip } => self.write_oci(&roots, *gzip, abort, appended)?,
+            ArchiveKind::Docker { name } => match roots.as_slice() {
+                [(root, _)] => self.write_docker(root, name.as_ref(), abort, appended)?,
+                _ => {
+                    return Err(Error::Unsupported(format!(
+                        "docker-archive:{}: this destination holds one image, and {} were converted; write an oci-archive: or oci: destination",
+                        self.path.display(),
+                        roots.len()
+                    )))
+                }
+            },
+        };
+        Ok(Some(size))
     }
 }
 
@@ -675,30 +714,7 @@ impl ImageStore for ArchiveOutput {
         Ok(())
     }
     fn finish(&self, abort: &Abort) -> Result<Option<u64>> {
-        let roots = self.roots.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if roots.is_empty() {
-            // Nothing was pushed (--no-upload): the destination stays as it was.
-            return Ok(None);
-        }
-        // Stopped (Ctrl-C) before or while the archive is written: it is not put in
-        // place, the destination stays as it was.
-        if abort.is_set() {
-            return Err(Error::Interrupted);
-        }
-        let size = match &self.kind {
-            ArchiveKind::Oci { gzip } => self.write_oci(&roots, *gzip, abort)?,
-            ArchiveKind::Docker { name } => match roots.as_slice() {
-                [(root, _)] => self.write_docker(root, name.as_ref(), abort)?,
-                _ => {
-                    return Err(Error::Unsupported(format!(
-                        "docker-archive:{}: this destination holds one image, and {} were converted; write an oci-archive: or oci: destination",
-                        self.path.display(),
-                        roots.len()
-                    )))
-                }
-            },
-        };
-        Ok(Some(size))
+        self.write(abort, &mut |_| {})
     }
 }
 
@@ -815,5 +831,58 @@ mod tests {
         let size = out.finish(&Abort::new()).unwrap().unwrap();
         assert_eq!(std::fs::metadata(&dest).unwrap().len(), size);
         assert!(size > 3 << 20);
+    }
+
+    /// A Ctrl-C between two blobs of an archive being written (the archive's
+    /// temporary file open, a blob in it) stops it as one before: the run fails as
+    /// interrupted, the destination keeps its old content and no temporary file is
+    /// left beside it; an OCI archive (plain and gzip) and a docker archive alike.
+    #[test]
+    fn a_stop_between_two_blobs_leaves_the_destination_as_it_was() {
+        for kind in [
+            ArchiveKind::Oci { gzip: false },
+            ArchiveKind::Oci { gzip: true },
+            ArchiveKind::Docker { name: None },
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let dest = d.path().join("out.tar");
+            std::fs::write(&dest, b"old").unwrap();
+            let scratch = d.path().join("scratch");
+            let mut out = one_image(&dest, &scratch);
+            out.kind = kind.clone();
+            let abort = Abort::new();
+            let mut written = Vec::new();
+            let e = out
+                .write(&abort, &mut |member| {
+                    written.push(member.to_string());
+                    // The temporary archive is there while it is written.
+                    let partial = std::fs::read_dir(d.path())
+                        .unwrap()
+                        .filter(|e| {
+                            e.as_ref()
+                                .unwrap()
+                                .file_name()
+                                .to_string_lossy()
+                                .ends_with(".partial")
+                        })
+                        .count();
+                    assert_eq!(partial, 1, "{kind:?}");
+                    abort.set();
+                })
+                .unwrap_err();
+            assert!(e.is_interrupted(), "{kind:?}: {e}");
+            assert_eq!(
+                written.len(),
+                1,
+                "{kind:?}: stopped after one blob: {written:?}"
+            );
+            assert_eq!(std::fs::read(&dest).unwrap(), b"old", "{kind:?}");
+            let mut left: Vec<_> = std::fs::read_dir(d.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            left.sort();
+            assert_eq!(left, ["out.tar", "scratch"], "{kind:?}");
+        }
     }
 }
