@@ -19,6 +19,7 @@ use obdfuse::session::{self, Background};
 use obdfuse::MountConfig;
 
 use crate::error::{Error, Result};
+use crate::watchdog::Watchdog;
 
 /// FUSE threads serving the disk file: the loop device's I/O and mkfs.
 const FUSE_THREADS: usize = 4;
@@ -32,6 +33,9 @@ pub struct Export {
     disk: PathBuf,
     loop_dev: Option<PathBuf>,
     mounted: Option<PathBuf>,
+    /// Takes everything down if this process is killed; told "done" (by
+    /// being dropped) once the export took it down itself.
+    watchdog: Option<Watchdog>,
 }
 
 impl std::fmt::Debug for Export {
@@ -80,6 +84,17 @@ impl Export {
             .tempdir_in(work_dir)
             .map_err(|e| Error::io(work_dir, "cannot make a work directory", e))?
             .keep();
+        // The path the kernel shows in mountinfo and in the loop device's
+        // backing file, for the watchdog.
+        let work = match work.canonicalize() {
+            Ok(w) => w,
+            Err(e) => {
+                let err = Error::io(&work, "cannot resolve the work directory", e);
+                let _ = std::fs::remove_dir(&work);
+                return Err(err);
+            }
+        };
+        let watchdog = Watchdog::start(&work);
         let fuse_dir = work.join("disk");
         let root = work.join("root");
         for d in [&fuse_dir, &root] {
@@ -101,8 +116,12 @@ impl Export {
             failures: fs.failures(),
             loop_dev: None,
             mounted: None,
+            watchdog,
         };
         export.fuse = Some(session::spawn(fs, &cfg).map_err(Error::Fuse)?);
+        if let Some(w) = export.watchdog.as_mut() {
+            w.fuse_mounted(&fuse_dir);
+        }
         Ok(export)
     }
 
@@ -139,6 +158,9 @@ impl Export {
             });
         }
         self.loop_dev = Some(dev.clone());
+        if let Some(w) = self.watchdog.as_mut() {
+            w.loop_attached(&dev);
+        }
         let root = self.work_dir().join("root");
         let mut cmd = Command::new("mount");
         cmd.args(["-t", "ext4"]);
@@ -146,6 +168,9 @@ impl Export {
             cmd.args(["-o", options]);
         }
         run_tool(cmd.arg(&dev).arg(&root))?;
+        if let Some(w) = self.watchdog.as_mut() {
+            w.root_mounted(&root);
+        }
         tracing::debug!("ext4 on {} mounted at {}", dev.display(), root.display());
         self.mounted = Some(root);
         Ok(self.mounted.as_deref().expect("just set"))
@@ -175,6 +200,8 @@ impl Export {
             note(f.stop().map_err(Error::Fuse));
         }
         note(self.remove_work());
+        // Everything is down (or left to auto-clear): the watchdog may go.
+        self.watchdog.take();
         if let (None, Some(e)) = (&first, self.device_failures()) {
             first = Some(e);
         }
@@ -265,5 +292,6 @@ impl Drop for Export {
         if let Err(e) = self.remove_work() {
             tracing::warn!("{e}");
         }
+        self.watchdog.take();
     }
 }

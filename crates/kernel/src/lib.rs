@@ -27,6 +27,7 @@ pub mod error;
 pub mod export;
 pub mod preflight;
 pub mod unpack;
+pub mod watchdog;
 
 use std::io::Read;
 use std::path::PathBuf;
