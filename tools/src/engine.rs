@@ -16,6 +16,14 @@ pub fn mkfs_by_libext2fs(engine: &dyn Engine) -> bool {
     engine.name() != obdkernel::NAME
 }
 
+/// Call first thing in `main` of a tool with `--engine`, before any thread
+/// starts: the kernel engine's watchdog (which cleans up after a SIGKILL) is
+/// the tool itself started again, and in that process this serves as the
+/// watchdog and exits ([`obdkernel::watchdog`]).
+pub fn init_watchdog() {
+    obdkernel::watchdog::init();
+}
+
 /// Which apply engine.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineKind {

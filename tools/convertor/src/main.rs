@@ -217,6 +217,8 @@ fn prog() -> &'static str {
 }
 
 fn main() -> ExitCode {
+    // Before anything: this process may be the kernel engine's watchdog.
+    obdtools::engine::init_watchdog();
     let obdconv_form = std::env::args_os().nth(1).is_some_and(|a| a == "obdconv");
     let _ = PROG.set(if obdconv_form {
         obdconv::PROG

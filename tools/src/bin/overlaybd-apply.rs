@@ -70,7 +70,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // First: no thread may start with the signals unblocked.
+    // Before anything: this process may be the kernel engine's watchdog.
+    obdtools::engine::init_watchdog();
+    // Then: no thread may start with the signals unblocked.
     let signals = Signals::install("overlaybd-apply");
     obdtools::cli::wait_for_layer_claims();
     let args = Args::parse();

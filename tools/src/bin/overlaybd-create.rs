@@ -58,7 +58,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // First: no thread may start with the signals unblocked.
+    // Before anything: this process may be the kernel engine's watchdog.
+    obdtools::engine::init_watchdog();
+    // Then: no thread may start with the signals unblocked.
     let signals = Signals::install("overlaybd-create");
     let args = Args::parse();
     cli::init_logging(args.verbose);
