@@ -256,3 +256,270 @@ fn a_non_root_user_is_told_what_is_missing() {
     );
     assert_eq!(e.lines().count(), 1, "{e}");
 }
+
+/// The `watchdog PID watches DIR` debug line of a run: the watchdog's pid.
+fn watchdog_pid(log: &str) -> Option<i32> {
+    log.lines().find_map(|l| {
+        l.split_once("watchdog ")?
+            .1
+            .split_once(" watches ")?
+            .0
+            .parse()
+            .ok()
+    })
+}
+
+/// Whether `pid` is (still) a kernel-engine watchdog.
+fn is_watchdog(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.starts_with(obdkernel::watchdog::ARG0.as_bytes()))
+}
+
+/// What of a kernel-engine run is still set up below `work`: mounts, loop
+/// devices backed by a file there, entries. Empty when nothing is.
+fn leftovers(work: &Path) -> Vec<String> {
+    let w = work.to_str().unwrap();
+    let mut left: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(w))
+        .map(|l| format!("mount: {l}"))
+        .collect();
+    for d in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        if let Ok(b) = std::fs::read_to_string(d.path().join("loop/backing_file")) {
+            if b.contains(w) {
+                left.push(format!("loop device {:?} on {}", d.file_name(), b.trim()));
+            }
+        }
+    }
+    for e in std::fs::read_dir(work).unwrap().flatten() {
+        left.push(format!("entry: {}", e.path().display()));
+    }
+    left
+}
+
+/// A tar of one directory and `files` files of `mib` MiB each (data that
+/// does not compress, so that it goes to the disk), written to `to` as it
+/// is made.
+fn write_big_layer(to: &mut dyn Write, files: usize, mib: usize) -> std::io::Result<()> {
+    let mut b = tar::Builder::new(to);
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    b.append_data(&mut h, "big/", &[][..])?;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..files {
+        let mut data = vec![0u8; mib << 20];
+        for c in data.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, format!("big/f{i}"), &data[..])?;
+    }
+    b.into_inner().map(|_| ())
+}
+
+/// SIGKILL a kernel-engine `overlaybd-apply` once `ready` says so (given
+/// its pid and the log so far), then: the run is reaped, and within a
+/// bound its watchdog has taken down the FUSE and ext4 mounts and the loop
+/// device, removed the work directory and exited. The time that took.
+fn kill_and_expect_the_watchdog_to_clean_up(
+    feed: impl FnOnce(std::process::ChildStdin) -> Option<std::process::ChildStdin> + Send + 'static,
+    ready: impl Fn(i32, &str) -> bool,
+) -> std::time::Duration {
+    use std::time::{Duration, Instant};
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let work = d.join("tmp");
+    std::fs::create_dir(&work).unwrap();
+    let img = d.join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 30)
+        .unwrap();
+    let mut c = Command::new(APPLY)
+        .args(["--verbose", "--engine", "kernel", "--mkfs", "--raw", "-"])
+        .arg(&img)
+        .env("TMPDIR", &work)
+        .env("RUST_LOG", "debug,fuser=warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = c.id() as i32;
+    let stdin = c.stdin.take().unwrap();
+    // What `feed` gives back stays open until the end of the test.
+    let feeder = std::thread::spawn(move || feed(stdin));
+    // The log, read on a thread: the watchdog keeps stderr open until it is
+    // done, so its end is not the run's end.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let err = c.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let start = Instant::now();
+    loop {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(20)) {
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        if ready(pid, &seen) {
+            break;
+        }
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "overlaybd-apply ended before it was killed:\n{seen}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "overlaybd-apply never got ready to be killed:\n{seen}"
+        );
+    }
+    let watchdog = watchdog_pid(&seen).unwrap_or_else(|| panic!("no watchdog started:\n{seen}"));
+    assert!(is_watchdog(watchdog), "{seen}");
+    assert!(!leftovers(&work).is_empty(), "nothing was set up:\n{seen}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    let bound = Duration::from_secs(30);
+    let mut status = None;
+    let mut left = leftovers(&work);
+    while killed.elapsed() < bound {
+        if status.is_none() {
+            status = c.try_wait().unwrap();
+        }
+        left = leftovers(&work);
+        if status.is_some() && left.is_empty() && !is_watchdog(watchdog) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = killed.elapsed();
+    while let Ok(line) = rx.try_recv() {
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    if status.is_none() || !left.is_empty() {
+        // A dead FUSE mount would hang the removal of the temporary
+        // directory (and a stuck run its feeder): leave both.
+        let kept = dir.keep();
+        eprintln!(
+            "kept {} for scripts/kernel-engine-cleanup.sh",
+            kept.display()
+        );
+    } else {
+        // The run is gone: its end of the stream is closed.
+        let _ = feeder.join();
+    }
+    assert!(
+        status.is_some(),
+        "the killed run was not reaped in {bound:?}:\n{seen}"
+    );
+    assert!(
+        left.is_empty(),
+        "left behind after {bound:?}: {left:#?}\n{seen}"
+    );
+    assert!(
+        !is_watchdog(watchdog),
+        "the watchdog is still there:\n{seen}"
+    );
+    eprintln!("cleaned up {took:?} after SIGKILL");
+    took
+}
+
+#[test]
+fn sigkill_mid_apply_is_cleaned_up_by_the_watchdog() {
+    // Half a layer, then the stream stalls: the run is mid-apply, the ext4
+    // mounted, when it is killed.
+    kill_and_expect_the_watchdog_to_clean_up(
+        |mut stdin| {
+            let tar = layer();
+            let _ = stdin.write_all(&tar[..tar.len() / 2]);
+            Some(stdin)
+        },
+        |_, log| log.contains("mounted at"),
+    );
+}
+
+/// Whether a thread of `pid` waits in state D for the writeback of the
+/// ext4 (the unmount at the end of the layer syncs it through the loop
+/// device and FUSE).
+fn waiting_for_writeback(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let in_d = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('D'));
+            in_d && std::fs::read_to_string(t.path().join("wchan"))
+                .is_ok_and(|w| w.starts_with("wb_wait"))
+        })
+}
+
+#[test]
+fn sigkill_while_writing_back_is_cleaned_up_by_the_watchdog() {
+    // A layer of incompressible data: the run is killed while its unmount
+    // waits for the writeback, which without the watchdog leaves it stuck
+    // in state D for good (its FUSE server died with it).
+    kill_and_expect_the_watchdog_to_clean_up(
+        |mut stdin| {
+            let _ = write_big_layer(&mut stdin, 24, 32);
+            None
+        },
+        |pid, _| waiting_for_writeback(pid),
+    );
+}
+
+#[test]
+fn a_normal_run_leaves_no_watchdog_behind() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let work = d.join("tmp");
+    std::fs::create_dir(&work).unwrap();
+    let img = d.join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let mut c = Command::new(APPLY)
+        .args(["--verbose", "--engine", "kernel", "--mkfs", "--raw", "-"])
+        .arg(&img)
+        .env("TMPDIR", &work)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(&layer()).unwrap();
+    // The output ends when the run and its watchdog have both closed it.
+    let out = c.wait_with_output().unwrap();
+    assert_ok(&out);
+    let log = String::from_utf8_lossy(&out.stderr);
+    let watchdog = watchdog_pid(&log).unwrap_or_else(|| panic!("no watchdog started:\n{log}"));
+    assert!(!is_watchdog(watchdog), "watchdog {watchdog} left running");
+    assert!(!log.contains("overlaybd-kernel-watchdog:"), "{log}");
+    assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));
+}
