@@ -5,6 +5,10 @@
 # stuck (a zombie with a thread in state D) writing through the loop device to the FUSE
 # server that died with it; aborting the FUSE connection ends it.
 #
+# Runs of versions with the watchdog (obdkernel::watchdog) do this by themselves within
+# a second; this is for older versions and for a kill that took the watchdog too (a
+# whole cgroup killed).
+#
 # The FUSE mount of a dead server is never touched (a stat of it would hang too): its
 # connection is found in /proc/self/mountinfo and aborted through fusectl first.
 #
