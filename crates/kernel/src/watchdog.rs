@@ -331,7 +331,7 @@ fn serve(run: Pid, dir: &Path) -> i32 {
     let left = leftovers(dir);
     if left.is_empty() {
         say(format_args!(
-            "the run (pid {run}) was killed; cleaned up {}",
+            "the run (pid {run}) died with {} set up; cleaned it up",
             dir.display()
         ));
         0
@@ -340,7 +340,7 @@ fn serve(run: Pid, dir: &Path) -> i32 {
             say(format_args!("{e}"));
         }
         say(format_args!(
-            "the run (pid {run}) was killed; left behind: {}; see scripts/kernel-engine-cleanup.sh",
+            "the run (pid {run}) died with its work directory set up; left behind: {}; see scripts/kernel-engine-cleanup.sh",
             left.join(", ")
         ));
         1
