@@ -6,7 +6,9 @@
 //! reverse order: by [`Export::close`] on success (every failure reported),
 //! or when dropped on an error path (best effort: a busy mount is detached
 //! lazily, a busy loop device is left to auto-clear, so nothing stays behind
-//! once its last user is gone). The work directory is removed last.
+//! once its last user is gone). The work directory is removed last. If the
+//! process dies with them set up (SIGKILL), its [`crate::watchdog`] process
+//! takes them down.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -94,7 +94,10 @@ fn watched_run() -> Option<(Pid, PathBuf)> {
     Some((Pid::from_raw(pid), dir))
 }
 
-/// What the run tells its watchdog: one tag byte, a path, a NUL.
+/// What the run tells its watchdog: one tag byte, a path, a NUL. The
+/// watchdog acts on what it finds in mountinfo and sysfs for its directory;
+/// what it is told says what to look for (a told loop device is detached
+/// only while still backed by the disk file: it may have been reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tag {
     /// FUSE is mounted at this path.
