@@ -77,6 +77,10 @@ impl Signals {
             caught: AtomicI32::new(0),
             state: Mutex::new(State::default()),
         });
+        // A write past `ulimit -f` fails with EFBIG, reported and cleaned
+        // up after, instead of SIGXFSZ killing the tool. (It cannot fail: a
+        // valid signal and SIG_IGN.)
+        let _ = obdsignals::fail_writes_past_file_size_limit();
         let blocked = obdsignals::block(&[Signal::SIGINT, Signal::SIGTERM]);
         if let Some(sigs) = blocked.ok().filter(|s| *s != SigSet::empty()) {
             let s = shared.clone();

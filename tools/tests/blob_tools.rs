@@ -497,6 +497,46 @@ fn a_failed_write_keeps_the_previous_output() {
     assert_eq!(names, ["dir", "out", "z"]);
 }
 
+/// Under a file size limit (`ulimit -f`, which some CI sandboxes set) a
+/// write past it fails as any failed write does: one line naming the file,
+/// exit status 1, the unfinished output removed. SIGXFSZ used to kill the
+/// tools without a word (exit status 153), leaving a commit's `.c.tmp-PID-N`
+/// and a create's data and index files behind.
+#[test]
+fn a_file_size_limit_fails_the_write_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 4 MiB of data: the plain commit is bigger than the limit.
+    assert_ok(&run(CREATE, &["-s", "data", "index", "1"], d));
+    let layer = blockdev::lsmt::WritableLayer::open(&d.join("data"), &d.join("index")).unwrap();
+    layer.write(&vec![0x5a; 4 << 20], 0).unwrap();
+    layer.flush().unwrap();
+    drop(layer);
+    // At most 2 MiB (`ulimit -f` counts 512-byte blocks in dash, 1 KiB
+    // ones in bash).
+    let limited = |bin: &str, args: &[&str]| {
+        Command::new("sh")
+            .args(["-c", "ulimit -f 2048 && exec \"$0\" \"$@\"", bin])
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("spawn sh")
+    };
+    let o = limited(COMMIT, &["data", "index", "c"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let e = err_text(&o);
+    assert!(e.contains("c: File too large"), "{e}");
+    assert_eq!(e.lines().filter(|l| l.contains("error")).count(), 1, "{e}");
+    assert_eq!(testutil::temp_files(d), Vec::<String>::new());
+    assert!(!d.join("c").exists());
+
+    // A 1 GB sparse layer cannot be made under the limit: nothing is left.
+    let o = limited(CREATE, &["-s", "d2", "i2", "1"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    err_text(&o);
+    assert!(!d.join("d2").exists() && !d.join("i2").exists());
+}
+
 /// `-t` wraps ZFile output only, as upstream's overlaybd-commit (its tar
 /// adaptor is set up for `-z` alone): without `-z` the output is the plain
 /// LSMT layer, with a warning. With `--turboOCI -z` it wraps the warp ZFile,

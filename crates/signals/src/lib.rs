@@ -19,13 +19,19 @@
 //! and then to the command's whole process group, and a wrapper may forward
 //! a terminal's Ctrl-C that the process group already got. [`Stops`] takes
 //! the copies of a signal that arrive within [`TOGETHER`] of it with it.
+//!
+//! A write past the file size limit (`ulimit -f`, RLIMIT_FSIZE, which some
+//! CI sandboxes set) sends SIGXFSZ, whose default action kills the process
+//! without a word and without its clean-up; every binary ignores it first
+//! thing ([`fail_writes_past_file_size_limit`]), so that such a write fails
+//! with EFBIG (`File too large`) like any other failed write.
 
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::{signal, SigHandler, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 /// How soon after a stop signal a copy of it counts as the same request
@@ -118,6 +124,20 @@ pub fn block(sigs: &[Signal]) -> nix::Result<SigSet> {
     Ok(set)
 }
 
+/// Ignore SIGXFSZ, so that a write or truncate past the file size limit
+/// (RLIMIT_FSIZE) fails with EFBIG, reported and cleaned up after as any
+/// other failed write, instead of killing the process (exit status 153, no
+/// message, temporary and half-written files left behind). Call it first
+/// thing in `main`. Programs this process starts inherit the ignored
+/// disposition (as they would from a shell that ignores it) and see EFBIG
+/// too.
+pub fn fail_writes_past_file_size_limit() -> nix::Result<()> {
+    // SAFETY: SIG_IGN runs no code in signal context (no handler whose
+    // async-signal safety would matter), and nothing in these binaries
+    // installs a handler for SIGXFSZ that this would replace.
+    unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }.map(drop)
+}
+
 /// Whether `sig` is ignored (SIG_IGN, as inherited from the parent).
 pub fn ignored(sig: Signal) -> bool {
     let mut old = std::mem::MaybeUninit::<nix::libc::sigaction>::zeroed();
@@ -136,7 +156,7 @@ pub fn ignored(sig: Signal) -> bool {
 mod tests {
     use super::*;
     use nix::sys::pthread::{pthread_kill, pthread_self};
-    use nix::sys::signal::{pthread_sigmask, signal, SigHandler, SigmaskHow};
+    use nix::sys::signal::{pthread_sigmask, SigmaskHow};
 
     /// Copies of a signal a few milliseconds apart (as `timeout` sends
     /// them) are one request; the same signal after [`TOGETHER`] is a

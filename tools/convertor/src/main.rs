@@ -225,6 +225,10 @@ fn main() -> ExitCode {
     } else {
         "convertor"
     });
+    // A write past `ulimit -f` fails with EFBIG, one line and the usual
+    // clean-up, instead of SIGXFSZ killing the run (exit 153, no message,
+    // the work directory left behind).
+    let _ = obdsignals::fail_writes_past_file_size_limit();
     // Block SIGINT/SIGTERM before any thread starts (threads inherit the mask):
     // only the signal thread below receives them (obdsignals::Stops).
     // Those it was started with ignored stay ignored (a script's `convertor &`).

@@ -595,6 +595,38 @@ fn a_full_destination_is_reported_as_such() {
     }
 }
 
+/// Under a file size limit (`ulimit -f`, which some CI sandboxes set) a
+/// write past it fails the run as a full disk does: exit status 1, one line
+/// saying "File too large" (here the sparse layer files do not fit), and the
+/// run's work directory and destination removed. SIGXFSZ used to kill the
+/// run without a word (exit status 153), its work directory left behind.
+#[test]
+fn a_file_size_limit_fails_the_run_in_one_line() {
+    let t = tempfile::tempdir().unwrap();
+    let src = format!("oci:{}", sample(t.path()).display());
+    let out = t.path().join("out");
+    let wd = t.path().join("w");
+    // At most 2 MiB (`ulimit -f` counts 512-byte blocks in dash, 1 KiB ones
+    // in bash): less than the 2 GB sparse layer files.
+    let o = Command::new("sh")
+        .args(["-c", "ulimit -f 2048 && exec \"$0\" \"$@\"", bin()])
+        .args(args(
+            &src,
+            &format!("oci:{}", out.display()),
+            wd.to_str().unwrap(),
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let e = stderr_of(&o);
+    let errors: Vec<&str> = e.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "{e}");
+    assert!(errors[0].contains("File too large"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(!wd.exists(), "{:?}", entries(&wd));
+    assert!(!out.exists(), "{:?}", entries(&out));
+}
+
 /// A layout destination that cannot be written (here on a read-only mount) is refused
 /// before any layer is converted, also when it is the source converted in place, not
 /// at the first upload after every layer was converted.

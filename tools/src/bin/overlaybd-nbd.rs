@@ -313,6 +313,9 @@ fn open_device(a: &ServeArgs) -> Result<Opened> {
 }
 
 fn main() -> std::process::ExitCode {
+    // A write to the upper layer past `ulimit -f` fails with EFBIG (an error
+    // reply) instead of SIGXFSZ killing the server unflushed.
+    let _ = obdsignals::fail_writes_past_file_size_limit();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Logging, like every line below, never panics on a closed stderr.

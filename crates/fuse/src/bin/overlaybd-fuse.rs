@@ -112,6 +112,9 @@ struct MountArgs {
 }
 
 fn main() -> ExitCode {
+    // A write to the upper layer past `ulimit -f` fails with EFBIG (EIO to
+    // the writer) instead of SIGXFSZ killing the server, mount left behind.
+    let _ = obdsignals::fail_writes_past_file_size_limit();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let Cmd::Mount(a) = cli.cmd;
