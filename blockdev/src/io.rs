@@ -505,13 +505,32 @@ pub fn check_regular_with<E>(
 }
 
 /// Why a file of `len` bytes cannot be made (`set_len` failed with EFBIG):
-/// the filesystem's largest file is smaller. `what` names the file ("a
+/// this process's file size limit (`ulimit -f`, RLIMIT_FSIZE) is smaller,
+/// or else the filesystem's largest file is. `what` names the file ("a
 /// sparse file").
-pub fn too_large_for_fs(what: &str, len: u64) -> String {
-    format!(
-        "the filesystem cannot hold {what} of {len} bytes (its largest file size is smaller; \
-         ext4 with 4 KiB blocks allows 16 TiB): choose a smaller virtual size or another filesystem"
-    )
+pub fn too_large_to_make(what: &str, len: u64) -> String {
+    match file_size_limit() {
+        Some(limit) if limit < len => format!(
+            "{what} of {len} bytes is larger than this process's file size limit (ulimit -f) \
+             of {limit} bytes: raise the limit or choose a smaller virtual size"
+        ),
+        _ => format!(
+            "the filesystem cannot hold {what} of {len} bytes (its largest file size is \
+             smaller; ext4 with 4 KiB blocks allows 16 TiB): choose a smaller virtual size or \
+             another filesystem"
+        ),
+    }
+}
+
+/// This process's file size limit (`ulimit -f`, the soft RLIMIT_FSIZE) in
+/// bytes, if it has one: writes past it fail with EFBIG (the binaries ignore
+/// SIGXFSZ), as they do past the filesystem's largest file size.
+pub fn file_size_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+    getrlimit(Resource::RLIMIT_FSIZE)
+        .ok()
+        .map(|(soft, _)| soft)
+        .filter(|&soft| soft != RLIM_INFINITY)
 }
 
 /// Refuses an input `path` that exists and is not a regular file (or a link

@@ -531,9 +531,12 @@ fn a_file_size_limit_fails_the_write_in_one_line() {
     assert!(!d.join("c").exists());
 
     // A 1 GB sparse layer cannot be made under the limit: nothing is left.
+    // The message names the limit, not the filesystem.
     let o = limited(CREATE, &["-s", "d2", "i2", "1"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
-    err_text(&o);
+    let e = err_text(&o);
+    assert!(e.contains("file size limit (ulimit -f)"), "{e}");
+    assert!(!e.contains("the filesystem cannot hold"), "{e}");
     assert!(!d.join("d2").exists() && !d.join("i2").exists());
 }
 

@@ -579,7 +579,7 @@ fn set_sparse_len(f: &IoFile, path: &Path, len: u64) -> Result<()> {
             Error::Invalid(format!(
                 "{}: {}",
                 path.display(),
-                crate::io::too_large_for_fs("a sparse file", len)
+                crate::io::too_large_to_make("a sparse file", len)
             ))
         }
         _ => e,

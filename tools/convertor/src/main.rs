@@ -599,13 +599,21 @@ fn run(args: Args, abort: Abort) -> anyhow::Result<()> {
     // it, leftovers of killed runs removed; cleaned up when `wd` is dropped.
     let wd = WorkDir::acquire(&args.dir, args.reserve || args.dump_manifest)?;
     if !args.disable_sparse {
-        wd.check_sparse_size(args.vsize << 30).with_context(|| {
-            format!(
-                "--vsize {}: the work directory's filesystem cannot hold the {} GB sparse \
+        let len = args.vsize << 30;
+        wd.check_sparse_size(len)
+            .with_context(|| match blockdev::io::file_size_limit() {
+                Some(limit) if limit < len => format!(
+                    "--vsize {}: the {} GB sparse layer files are larger than this process's \
+                 file size limit (ulimit -f) of {limit} bytes; raise the limit, or use a \
+                 smaller --vsize or --disable-sparse",
+                    args.vsize, args.vsize
+                ),
+                _ => format!(
+                    "--vsize {}: the work directory's filesystem cannot hold the {} GB sparse \
                  layer files; use a smaller --vsize, another -d/--dir or --disable-sparse",
-                args.vsize, args.vsize
-            )
-        })?;
+                    args.vsize, args.vsize
+                ),
+            })?;
     }
     opts.workdir = wd.path().to_path_buf();
     // A registry destination's repository client also serves the dedup lookups.

@@ -622,6 +622,9 @@ fn a_file_size_limit_fails_the_run_in_one_line() {
     let errors: Vec<&str> = e.lines().filter(|l| l.contains("error")).collect();
     assert_eq!(errors.len(), 1, "{e}");
     assert!(errors[0].contains("File too large"), "{e}");
+    // It names the limit, not the work directory's filesystem.
+    assert!(errors[0].contains("file size limit (ulimit -f)"), "{e}");
+    assert!(!errors[0].contains("filesystem cannot hold"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
     assert!(!wd.exists(), "{:?}", entries(&wd));
     assert!(!out.exists(), "{:?}", entries(&out));

@@ -203,7 +203,7 @@ fn run(args: Args, signals: &Signals) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot open {}", args.data_file.display()))?;
             f.set_len(vsize).map_err(|e| {
                 let why = if e.kind() == std::io::ErrorKind::FileTooLarge {
-                    anyhow::anyhow!(blockdev::io::too_large_for_fs("a file", vsize))
+                    anyhow::anyhow!(blockdev::io::too_large_to_make("a file", vsize))
                 } else {
                     anyhow::Error::new(e)
                 };
