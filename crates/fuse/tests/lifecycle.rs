@@ -477,6 +477,87 @@ fn the_log_file_gets_the_unmount_line() {
     }
 }
 
+/// A failure after the mount was ready (here: the final flush of a
+/// writable upper whose filesystem is full) reaches the daemon's `--log` as
+/// one error line. The daemon printed it to its stdout, which the parent
+/// relays only until the mount is ready (then /dev/null): the log said
+/// nothing, and nothing else told that the writes were lost.
+#[test]
+fn the_log_file_gets_a_failure_after_the_mount_was_ready() {
+    let t = tempfile::tempdir().unwrap();
+    // A 4 MiB tmpfs for the upper (the tests run as root).
+    let small = t.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&small),
+    );
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _small = Unmount(&small);
+    // An append-mode upper: its index entries are written at the flush.
+    let (data, index) = (small.join("data"), small.join("index"));
+    run_ok(
+        Command::new(workspace_bin("overlaybd-create"))
+            .arg(&data)
+            .arg(&index)
+            .arg("64"),
+    );
+    let log = t.path().join("log");
+    let mp = t.path().join("mp");
+    let layers = fixture_layers();
+    let mut args = vec![
+        "--log".as_ref(),
+        log.as_os_str(),
+        "--upper".as_ref(),
+        data.as_os_str(),
+        index.as_os_str(),
+    ];
+    args.extend(layers_args(&layers));
+    let f = Fuse::background(&args, &mp);
+    let pid: i32 = f
+        .ready
+        .split("daemon pid ")
+        .nth(1)
+        .and_then(|s| s.trim_end_matches([')', '\n']).parse().ok())
+        .unwrap_or_else(|| panic!("no daemon pid in {:?}", f.ready));
+    // Fill the tmpfs with data: the writes past it fail, the index
+    // entries of those that went in cannot be written.
+    let disk = File::options().write(true).open(f.disk()).unwrap();
+    let block = vec![0x5au8; 256 << 10];
+    for i in 0..32u64 {
+        let _ = disk.write_all_at(&block, i * block.len() as u64);
+    }
+    drop(disk);
+    f.unmount();
+    let t0 = std::time::Instant::now();
+    while kill(Pid::from_raw(pid), None).is_ok() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "the daemon did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("overlaybd-fuse: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{text}");
+    assert!(
+        errors[0].contains("cannot flush the upper layer")
+            && errors[0].contains(&*index.to_string_lossy())
+            && errors[0].contains("No space left on device"),
+        "{text}"
+    );
+    assert!(!text.contains("upper layer flushed"), "{text}");
+}
+
 /// A "registry" that accepts connections and never answers: its port, and
 /// a channel that gets () for each connection.
 fn silent_registry_watched() -> (u16, std::sync::mpsc::Receiver<()>) {

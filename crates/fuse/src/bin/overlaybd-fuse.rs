@@ -10,6 +10,7 @@ use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -111,6 +112,11 @@ struct MountArgs {
     remote: obdimage::cli::RemoteArgs,
 }
 
+/// Set in the daemon when the mount is ready and it detaches from the
+/// parent's pipe: from then on its failures go to stderr (the `--log` file),
+/// not to the parent, which no longer reads them.
+static DETACHED: AtomicBool = AtomicBool::new(false);
+
 fn main() -> ExitCode {
     // A write to the upper layer past `ulimit -f` fails with EFBIG (EIO to
     // the writer) instead of SIGXFSZ killing the server, mount left behind.
@@ -175,9 +181,13 @@ fn main() -> ExitCode {
         Err(e) => {
             // Each cause once (a cause that repeats its context is dropped).
             let line = obdimage::error::Chain(e.as_ref());
-            if daemon {
+            if daemon && !DETACHED.load(Ordering::Relaxed) {
                 // The parent relays this line.
                 print_out(format_args!("error: {line}"));
+            } else if daemon {
+                // After the mount was ready: the parent is gone and stdout
+                // is /dev/null; stderr is the --log file.
+                let _ = writeln!(std::io::stderr(), "overlaybd-fuse: error: {line}");
             } else {
                 let _ = writeln!(std::io::stderr(), "overlaybd-fuse: error: {line}");
             }
@@ -264,6 +274,7 @@ fn run(a: &MountArgs, daemon: bool) -> Result<()> {
             // Detach from the parent's pipe and working directory (without
             // --log, stderr is that pipe too: the parent relays the messages
             // from before the mount was ready).
+            DETACHED.store(true, Ordering::Relaxed);
             if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
                 let _ = nix::unistd::dup2_stdout(&null);
                 if a.log.is_none() {
