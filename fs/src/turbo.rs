@@ -456,9 +456,14 @@ fn produce(
             (kind, None)
         }
         BlobKind::Gzip => {
-            let fail = |e: blockdev::Error| failed(Error::Blob(e));
             // Written beside `idx` and renamed once the apply succeeded; errors
-            // name `idx`, the file asked for.
+            // name `idx`, the file asked for: the indexer's own failed writes
+            // (a full disk) come without a path.
+            let at_idx = |e: blockdev::Error| match e {
+                blockdev::Error::RawIo(io) => blockdev::Error::io(idx, io),
+                other => other,
+            };
+            let fail = |e: blockdev::Error| failed(Error::Blob(at_idx(e)));
             let out = tmp
                 .create(std::fs::OpenOptions::new().write(true))
                 .map_err(fail)?;
@@ -467,7 +472,7 @@ fn produce(
                 gzindex::Indexer::new(blob, name, w, gzindex::DEFAULT_SPAN).map_err(fail)?;
             tarskel::record(
                 |b| {
-                    let r = ix.read_uncompressed(b).map_err(Error::Blob);
+                    let r = ix.read_uncompressed(b).map_err(|e| Error::Blob(at_idx(e)));
                     hashed(r, b)
                 },
                 send,

@@ -427,6 +427,50 @@ fn an_interrupted_apply_leaves_no_temporary_index() {
     }
 }
 
+/// A gzip index whose file system is full (here a full tmpfs, in a mount
+/// namespace of the test's own) fails the apply in one line that names the
+/// index file; it said "cannot apply BLOB: layer blob: No space left on
+/// device", naming neither the file that ran out of room nor where.
+#[test]
+fn a_full_gzip_index_disk_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    turbo_upper(d);
+    let blob = fx("ext4-gzip/layer.tar.gz");
+    let cfg = d.join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"lowers": [], "upper": {"index": d.join("index"), "data": d.join("data"), "target": &blob}, "resultFile": d.join("result")}).to_string(),
+    )
+    .unwrap();
+    std::fs::create_dir(d.join("x")).unwrap();
+    let script = "mount -t tmpfs -o size=1M tmpfs x \
+        || { echo 'no tmpfs mount here' >&2; exit 77; }\n\
+        head -c $(( $(stat -f -c '%a*%S' x) )) /dev/zero > x/filler\n\
+        \"$APPLY\" \"$BLOB\" \"$CFG\" --gz_index_path x/gzip.meta\n\
+        rc=$?; ls -a x >&2; exit $rc\n";
+    let o = Command::new("unshare")
+        .args(["--mount", "sh", "-c", script])
+        .env("APPLY", APPLY)
+        .env("BLOB", &blob)
+        .env("CFG", &cfg)
+        .current_dir(d)
+        .output()
+        .expect("spawn unshare");
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let e = err_text(&o);
+    let errors: Vec<&str> = e.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "{e}");
+    assert!(
+        errors[0].contains("x/gzip.meta: No space left on device"),
+        "{e}"
+    );
+    // Nothing but the filler is left on the full disk.
+    assert!(e.ends_with(".\n..\nfiller\n"), "{e}");
+    let r = std::fs::read_to_string(d.join("result")).unwrap();
+    assert!(r.contains("x/gzip.meta: No space left on device"), "{r}");
+}
+
 /// A TurboOCI layer maps file data into its blob by offset. `/dev/zero` (or
 /// any character device) and a directory are no blob: refused at once,
 /// naming the path and what it is, in one line and in the result file (the
