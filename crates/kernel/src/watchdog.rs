@@ -15,7 +15,7 @@
 //! pipe, and:
 //! * on "done" (the run took everything down itself, also after Ctrl-C)
 //!   exits at once: the run reaps it;
-//! * once the run is dying (see [`run_is_dying`]) does what
+//! * once the run is dying (see `run_is_dying`) does what
 //!   `scripts/kernel-engine-cleanup.sh` does, for its own directory only:
 //!   aborts the FUSE connection through fusectl (found in mountinfo: the
 //!   dead mount itself is never looked at, a stat would hang), unmounts the
