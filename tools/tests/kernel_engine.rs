@@ -331,6 +331,7 @@ fn write_big_layer(to: &mut dyn Write, files: usize, mib: usize) -> std::io::Res
 /// bound its watchdog has taken down the FUSE and ext4 mounts and the loop
 /// device, removed the work directory and exited. The time that took.
 fn kill_and_expect_the_watchdog_to_clean_up(
+    env: &[(&str, std::ffi::OsString)],
     feed: impl FnOnce(std::process::ChildStdin) -> Option<std::process::ChildStdin> + Send + 'static,
     ready: impl Fn(i32, &str) -> bool,
 ) -> std::time::Duration {
@@ -350,6 +351,7 @@ fn kill_and_expect_the_watchdog_to_clean_up(
         .arg(&img)
         .env("TMPDIR", &work)
         .env("RUST_LOG", "debug,fuser=warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -450,6 +452,7 @@ fn sigkill_mid_apply_is_cleaned_up_by_the_watchdog() {
     // Half a layer, then the stream stalls: the run is mid-apply, the ext4
     // mounted, when it is killed.
     kill_and_expect_the_watchdog_to_clean_up(
+        &[],
         |mut stdin| {
             let tar = layer();
             let _ = stdin.write_all(&tar[..tar.len() / 2]);
@@ -483,12 +486,94 @@ fn sigkill_while_writing_back_is_cleaned_up_by_the_watchdog() {
     // waits for the writeback, which without the watchdog leaves it stuck
     // in state D for good (its FUSE server died with it).
     kill_and_expect_the_watchdog_to_clean_up(
+        &[],
         |mut stdin| {
             let _ = write_big_layer(&mut stdin, 24, 32);
             None
         },
         |pid, _| waiting_for_writeback(pid),
     );
+}
+
+/// The real `losetup` (the first in PATH).
+fn real_losetup() -> PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("losetup"))
+        .find(|p| p.is_file())
+        .expect("losetup is not in PATH")
+}
+
+#[test]
+fn sigkill_while_losetup_attaches_leaves_no_loop_device() {
+    // The run's `losetup --find --show DISK` outlives the run: one that
+    // opened the disk file before the kill attaches a loop device to it
+    // after the kill. This one (a stand-in that holds the file open and
+    // attaches it 3 s later, as a slow losetup on a loaded machine would)
+    // is what the watchdog must wait for before its last look.
+    let fake = tempfile::tempdir().unwrap();
+    let script = fake.path().join("losetup");
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/usr/bin/env python3
+import fcntl, os, sys, time
+a = sys.argv[1:]
+if a[:2] == ["--find", "--show"]:
+    fd = os.open(a[2], os.O_RDWR)
+    open(os.path.join(os.environ["FAKE_DIR"], "opened"), "w").close()
+    time.sleep(3)
+    ctl = os.open("/dev/loop-control", os.O_RDWR)
+    dev = "/dev/loop%d" % fcntl.ioctl(ctl, 0x4C82)  # LOOP_CTL_GET_FREE
+    lfd = os.open(dev, os.O_RDWR)
+    fcntl.ioctl(lfd, 0x4C00, fd)  # LOOP_SET_FD
+    os.close(lfd)
+    try:
+        os.close(fd)  # the flush fails on the aborted FUSE connection
+    except OSError:
+        pass
+    with open(os.path.join(os.environ["FAKE_DIR"], "attached.tmp"), "w") as f:
+        f.write(dev)
+    os.rename(f.name, os.path.join(os.environ["FAKE_DIR"], "attached"))
+    print(dev)  # to the dead run: a broken pipe
+    sys.exit(0)
+os.execv({real:?}, ["losetup"] + a)
+"#,
+            real = real_losetup().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut path = std::ffi::OsString::from(fake.path());
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    let opened = fake.path().join("opened");
+    kill_and_expect_the_watchdog_to_clean_up(
+        &[("PATH", path), ("FAKE_DIR", fake.path().into())],
+        |mut stdin| {
+            let _ = stdin.write_all(&layer());
+            Some(stdin)
+        },
+        move |_, _| opened.exists(),
+    );
+    // The stand-in attaches 3 s after the kill; give it time.
+    let attached = fake.path().join("attached");
+    let start = std::time::Instant::now();
+    while !attached.exists() && start.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let dev = std::fs::read_to_string(&attached).expect("the stand-in losetup never attached");
+    let name = Path::new(dev.trim()).file_name().unwrap().to_owned();
+    let backing = Path::new("/sys/block")
+        .join(&name)
+        .join("loop/backing_file");
+    if let Ok(b) = std::fs::read_to_string(&backing) {
+        let _ = Command::new("losetup").arg("-d").arg(dev.trim()).status();
+        panic!(
+            "{} was left attached to {} after the watchdog cleaned up",
+            dev.trim(),
+            b.trim()
+        );
+    }
 }
 
 #[test]

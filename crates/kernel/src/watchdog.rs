@@ -19,10 +19,13 @@
 //!   `scripts/kernel-engine-cleanup.sh` does, for its own directory only:
 //!   aborts the FUSE connection through fusectl (found in mountinfo: the
 //!   dead mount itself is never looked at, a stat would hang), unmounts the
-//!   ext4 lazily, detaches the loop devices backed by its disk file,
-//!   unmounts FUSE lazily and removes the (empty) directories. The abort
-//!   fails the stuck write, so the run's last thread exits and the run is
-//!   reaped by its parent as usual.
+//!   ext4 lazily, detaches the loop devices backed by its disk file; once
+//!   the run and the tools it started (any process naming the directory: a
+//!   `losetup` that opened the disk file before the abort still attaches
+//!   it) are gone, at most [`GONE_WAIT`], does that again; then unmounts
+//!   FUSE lazily and removes the (empty) directories. The abort fails the
+//!   stuck write, so the run's last thread exits and the run is reaped by
+//!   its parent as usual.
 //!
 //! The watchdog never acts while the run is alive: it acts only when every
 //! thread of the run has exited (it was reparented), when the run's main
@@ -61,8 +64,8 @@ const TICK: Duration = Duration::from_millis(200);
 /// run to be seen dying before it leaves without touching anything.
 const EOF_GRACE: Duration = Duration::from_secs(60);
 
-/// How long the watchdog waits for the run to be gone after the clean-up,
-/// to detach a loop device that was still in use then.
+/// How long the watchdog waits for the run, and the tools it started, to be
+/// gone after the first clean-up, before it looks again.
 const GONE_WAIT: Duration = Duration::from_secs(10);
 
 /// The mount of fusectl, whose `N/abort` ends FUSE connection `N`.
@@ -322,14 +325,24 @@ fn serve(run: Pid, dir: &Path) -> i32 {
         return 1;
     }
     let mut errors = Vec::new();
-    clean_up(dir, &told, &mut errors);
-    // A loop device still in use by the stuck thread, or whose detach raced
-    // with its auto-clear: once the run is gone, look again.
+    take_down(dir, &told, &mut errors);
+    // The tools the run started (losetup, mount, mkfs.ext4) outlive it: one
+    // that opened the disk file before the abort may still attach a loop
+    // device to it or mount the ext4, and a loop device still in use by the
+    // stuck thread, or whose detach raced with its auto-clear, may still be
+    // there. Once the run and every process naming the directory are gone,
+    // look again, while FUSE is still mounted: a loop device on the disk
+    // file is found by its backing file's path only as long as the file is
+    // reachable there.
     let start = Instant::now();
-    while nix::unistd::getppid() == run && start.elapsed() < GONE_WAIT {
+    while (nix::unistd::getppid() == run || names_dir(dir)) && start.elapsed() < GONE_WAIT {
         std::thread::sleep(TICK / 4);
     }
-    detach_loops(dir, &told, &mut errors);
+    take_down(dir, &told, &mut errors);
+    let fuse_point = dir.join("disk");
+    if told.fuse || mounts().iter().any(|m| m.point == fuse_point) {
+        lazy_unmount(&fuse_point, &mut errors);
+    }
     remove_dirs(dir, &mut errors);
     let left = leftovers(dir);
     if left.is_empty() {
@@ -448,9 +461,31 @@ fn unescape(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Abort the FUSE connection, unmount the ext4, detach the loop devices and
-/// unmount FUSE, in that order; what failed goes to `errors`.
-fn clean_up(dir: &Path, told: &Told, errors: &mut Vec<String>) {
+/// Whether a process other than this one has an argument naming `dir` or
+/// a path below it: a tool the run started (`losetup --find --show
+/// DIR/disk/disk`, `mount ... DIR/root`, `mkfs.ext4 ... DIR/disk/disk`).
+fn names_dir(dir: &Path) -> bool {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|p| {
+            let n = p.file_name();
+            n.as_bytes().iter().all(u8::is_ascii_digit) && n != me.as_str()
+        })
+        .any(|p| {
+            std::fs::read(p.path().join("cmdline")).is_ok_and(|c| {
+                c.split(|&b| b == 0)
+                    .any(|a| Path::new(OsStr::from_bytes(a)).starts_with(dir))
+            })
+        })
+}
+
+/// Abort the FUSE connection, unmount the ext4 and detach the loop devices,
+/// in that order, leaving FUSE mounted (aborted); what failed goes to
+/// `errors`.
+fn take_down(dir: &Path, told: &Told, errors: &mut Vec<String>) {
     let fuse_point = dir.join("disk");
     let root_point = dir.join("root");
     let all = mounts();
@@ -470,9 +505,6 @@ fn clean_up(dir: &Path, told: &Told, errors: &mut Vec<String>) {
         lazy_unmount(&root_point, errors);
     }
     detach_loops(dir, told, errors);
-    if told.fuse || all.iter().any(|m| m.point == fuse_point) {
-        lazy_unmount(&fuse_point, errors);
-    }
 }
 
 /// What is still there of `dir`: its mounts, the loop devices on its disk
