@@ -99,9 +99,6 @@ impl Export {
         let watchdog = Watchdog::start(&work);
         let fuse_dir = work.join("disk");
         let root = work.join("root");
-        for d in [&fuse_dir, &root] {
-            std::fs::create_dir(d).map_err(|e| Error::io(d, "cannot create", e))?;
-        }
         let cfg = MountConfig {
             mountpoint: fuse_dir.clone(),
             read_only: false,
@@ -120,6 +117,11 @@ impl Export {
             mounted: None,
             watchdog,
         };
+        // Made once `export` owns the work directory: its drop removes what was
+        // made if one fails (out of inodes, say).
+        for d in [&fuse_dir, &root] {
+            std::fs::create_dir(d).map_err(|e| Error::io(d, "cannot create", e))?;
+        }
         export.fuse = Some(session::spawn(fs, &cfg).map_err(Error::Fuse)?);
         if let Some(w) = export.watchdog.as_mut() {
             w.fuse_mounted(&fuse_dir);

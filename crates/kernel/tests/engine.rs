@@ -705,3 +705,57 @@ fn the_directories_mkfs_makes_have_time_zero() {
     let got = [ext4_mtime(&img, "/"), ext4_mtime(&img, "/lost+found")];
     assert_eq!(got, want, "mkfs, then an apply: / and /lost+found");
 }
+
+/// A work directory whose filesystem runs out of inodes while the engine makes its
+/// mountpoints fails the apply naming the directory it could not create, and
+/// leaves nothing behind (the engine's `overlaybd-kernel-*` directory was left).
+#[test]
+fn a_work_dir_out_of_inodes_leaves_nothing_behind() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let work = d.join("work");
+    std::fs::create_dir(&work).unwrap();
+    // The tmpfs root and the engine's directory take the two inodes: its
+    // mountpoints below it cannot be made.
+    testutil::run_ok(std::process::Command::new("mount").args([
+        "-t",
+        "tmpfs",
+        "-o",
+        "size=1m,nr_inodes=2",
+        "none",
+        work.to_str().unwrap(),
+    ]));
+    let k = Kernel::new(KernelOptions {
+        work_dir: Some(work.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let dev: Arc<dyn BlockDevice> =
+        Arc::new(RawFileDevice::create(d.join("fs.img"), 1 << 30).unwrap());
+    let mut f = std::fs::File::open(&layer_set().layers[0]).unwrap();
+    let e = k.apply(
+        dev,
+        Job {
+            mkfs: true,
+            tar: &mut f,
+            progress: None,
+        },
+    );
+    // Names only: a `DirEntry` keeps the directory open, and the tmpfs busy.
+    let entries: Vec<_> = std::fs::read_dir(&work)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    testutil::run_ok(std::process::Command::new("umount").arg(&work));
+    let e = e.unwrap_err().to_string();
+    assert!(
+        e.contains("cannot create") && e.contains("overlaybd-kernel-"),
+        "{e}"
+    );
+    assert!(
+        entries.is_empty(),
+        "left in the work directory: {entries:?}"
+    );
+}
