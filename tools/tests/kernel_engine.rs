@@ -608,3 +608,57 @@ fn a_normal_run_leaves_no_watchdog_behind() {
     assert!(!log.contains("overlaybd-kernel-watchdog:"), "{log}");
     assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));
 }
+
+/// A run in a PID namespace of its own whose /proc is still the parent
+/// namespace's (`unshare --pid --fork` without `--mount-proc`, as some
+/// sandboxes start jobs): its pid (what `getppid` gives its watchdog) is
+/// another process's number in /proc, or none. Its watchdog must not take
+/// it for dying: it took down the FUSE mount under the live run ("mkfs.ext4
+/// ... does not exist", then a 5 s wait for the watchdog at the end).
+#[test]
+fn a_run_in_a_pid_namespace_without_its_own_proc_is_left_alone() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let work = d.join("tmp");
+    std::fs::create_dir(&work).unwrap();
+    let img = d.join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    // The run's pid in its namespace: a number no process has in /proc.
+    let max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = (max - 2000..max - 1000)
+        .rev()
+        .find(|p| !Path::new(&format!("/proc/{p}")).exists())
+        .expect("a free pid");
+    // Not the last command of the script: sh forks it (an exec would make
+    // it the namespace's pid 1).
+    let script = r#"echo "$1" > /proc/sys/kernel/ns_last_pid || exit 1; shift; "$@"; exit $?"#;
+    let mut c = Command::new("unshare")
+        .args(["--pid", "--fork", "sh", "-c", script, "sh"])
+        .arg((pid - 1).to_string())
+        .args([APPLY, "--engine", "kernel", "--mkfs", "--raw", "-"])
+        .arg(&img)
+        .env("TMPDIR", &work)
+        .env("RUST_LOG", "debug,fuser=warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A run that failed early closed its end: its log says why.
+    let _ = c.stdin.take().unwrap().write_all(&layer());
+    let out = c.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_ok(&out);
+    assert!(watchdog_pid(&log).is_some(), "no watchdog started:\n{log}");
+    assert!(!log.contains("overlaybd-kernel-watchdog:"), "{log}");
+    assert!(!log.contains("did not exit"), "{log}");
+    assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));
+}

@@ -285,6 +285,7 @@ fn serve(run: Pid, dir: &Path) -> i32 {
         }
     });
 
+    let proc_run = run_in_proc(run);
     let mut told = Told::default();
     let mut closed_at: Option<Instant> = None;
     loop {
@@ -302,7 +303,7 @@ fn serve(run: Pid, dir: &Path) -> i32 {
         } else {
             std::thread::sleep(TICK / 4);
         }
-        if run_is_dying(run) {
+        if run_is_dying(run, proc_run) {
             break;
         }
         if closed_at.is_some_and(|t| t.elapsed() > EOF_GRACE) {
@@ -363,17 +364,37 @@ fn serve(run: Pid, dir: &Path) -> i32 {
     }
 }
 
-/// Whether the run `run`, the watchdog's parent, is dying or gone. Never
-/// true for a run that is alive, even stopped or traced.
-fn run_is_dying(run: Pid) -> bool {
+/// The run's pid as /proc shows it (its `PPid` in `/proc/self/status`),
+/// when the run is still the watchdog's parent. It is not `run` when /proc
+/// was mounted for another PID namespace than this process's
+/// (`unshare --pid --fork` without `--mount-proc`): `/proc/{run}` is then
+/// another process, or none. `None` when /proc does not show the parent.
+fn run_in_proc(run: Pid) -> Option<Pid> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let ppid: i32 = field(&status, "PPid:")?.parse().ok()?;
+    // The run was still the parent after the read (a parent never comes
+    // back), so the number read is the run's.
+    (ppid > 0 && nix::unistd::getppid() == run).then(|| Pid::from_raw(ppid))
+}
+
+/// Whether the run `run` (`proc_run` in /proc, see [`run_in_proc`]), the
+/// watchdog's parent, is dying or gone. Never true for a run that is alive,
+/// even stopped or traced.
+fn run_is_dying(run: Pid, proc_run: Option<Pid>) -> bool {
     // Reparented: every thread of the run has exited.
     if nix::unistd::getppid() != run {
         return true;
     }
-    // The run is still the parent, so its pid is its own while it is read.
-    let proc = PathBuf::from(format!("/proc/{run}"));
+    // Not in /proc: only its end can be seen.
+    let Some(proc_run) = proc_run else {
+        return false;
+    };
+    // The run is still the parent, so its pid is its own while it is read,
+    // and its /proc entry is there (a zombie's too): one that cannot be read
+    // says nothing.
+    let proc = PathBuf::from(format!("/proc/{proc_run}"));
     let Ok(status) = std::fs::read_to_string(proc.join("status")) else {
-        return true;
+        return false;
     };
     // The main thread exited (exit_group or a fatal signal) and the process
     // waits for a last thread: a zombie leader.
