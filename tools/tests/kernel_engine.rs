@@ -298,6 +298,38 @@ fn leftovers(work: &Path) -> Vec<String> {
     left
 }
 
+/// The loop devices backed by a file below `work` (sysfs names).
+fn loops_below(work: &Path) -> Vec<std::ffi::OsString> {
+    let w = work.to_str().unwrap();
+    std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter(|d| {
+            std::fs::read_to_string(d.path().join("loop/backing_file")).is_ok_and(|b| b.contains(w))
+        })
+        .map(|d| d.file_name())
+        .collect()
+}
+
+/// Of the loop devices `names` (once backed by the disk file below `work`),
+/// those still bound to it: by its path, or, once the FUSE mount it is on was
+/// detached (`umount -l`), by the path sysfs gives a file on a detached
+/// mount, `/disk` (which [`leftovers`] cannot tell from another file).
+fn still_bound(names: &[std::ffi::OsString], work: &Path) -> Vec<String> {
+    let w = work.to_str().unwrap();
+    // The disk file is `disk` at the root of the FUSE mount.
+    let detached = "/disk";
+    names
+        .iter()
+        .filter_map(|n| {
+            let p = Path::new("/sys/block").join(n).join("loop/backing_file");
+            let b = std::fs::read_to_string(p).ok()?;
+            let b = b.trim_end_matches('\n');
+            (b.contains(w) || b == detached).then(|| format!("loop device {n:?} on {b}"))
+        })
+        .collect()
+}
+
 /// A tar of one directory and `files` files of `mib` MiB each (data that
 /// does not compress, so that it goes to the disk), written to `to` as it
 /// is made.
@@ -395,6 +427,7 @@ fn kill_and_expect_the_watchdog_to_clean_up(
     let watchdog = watchdog_pid(&seen).unwrap_or_else(|| panic!("no watchdog started:\n{seen}"));
     assert!(is_watchdog(watchdog), "{seen}");
     assert!(!leftovers(&work).is_empty(), "nothing was set up:\n{seen}");
+    let loops = loops_below(&work);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -409,6 +442,7 @@ fn kill_and_expect_the_watchdog_to_clean_up(
             status = c.try_wait().unwrap();
         }
         left = leftovers(&work);
+        left.extend(still_bound(&loops, &work));
         if status.is_some() && left.is_empty() && !is_watchdog(watchdog) {
             break;
         }
