@@ -22,7 +22,7 @@
 //!   ext4 lazily, detaches the loop devices backed by its disk file; once
 //!   the run and the tools it started (any process naming the directory: a
 //!   `losetup` that opened the disk file before the abort still attaches
-//!   it) are gone, at most [`GONE_WAIT`], does that again; then unmounts
+//!   it) are gone, at most `GONE_WAIT`, does that again; then unmounts
 //!   FUSE lazily and removes the (empty) directories. The abort fails the
 //!   stuck write, so the run's last thread exits and the run is reaped by
 //!   its parent as usual.
@@ -59,6 +59,10 @@ pub const ARG0: &str = "overlaybd-kernel-watchdog";
 
 /// How often the watchdog looks at the run.
 const TICK: Duration = Duration::from_millis(200);
+
+/// Every how many looks the watchdog reads each thread of the run, not only
+/// its main thread (see `run_is_dying`).
+const THREAD_SWEEP: u32 = 5;
 
 /// How long after the pipe closed without "done" the watchdog waits for the
 /// run to be seen dying before it leaves without touching anything.
@@ -288,7 +292,9 @@ fn serve(run: Pid, dir: &Path) -> i32 {
     let proc_run = run_in_proc(run);
     let mut told = Told::default();
     let mut closed_at: Option<Instant> = None;
+    let mut looks: u32 = 0;
     loop {
+        looks = looks.wrapping_add(1);
         if closed_at.is_none() {
             match rx.recv_timeout(TICK) {
                 Ok(Msg::Note(Tag::Done, _)) => return 0,
@@ -303,7 +309,7 @@ fn serve(run: Pid, dir: &Path) -> i32 {
         } else {
             std::thread::sleep(TICK / 4);
         }
-        if run_is_dying(run, proc_run) {
+        if run_is_dying(run, proc_run, looks.is_multiple_of(THREAD_SWEEP)) {
             break;
         }
         if closed_at.is_some_and(|t| t.elapsed() > EOF_GRACE) {
@@ -379,8 +385,10 @@ fn run_in_proc(run: Pid) -> Option<Pid> {
 
 /// Whether the run `run` (`proc_run` in /proc, see [`run_in_proc`]), the
 /// watchdog's parent, is dying or gone. Never true for a run that is alive,
-/// even stopped or traced.
-fn run_is_dying(run: Pid, proc_run: Option<Pid>) -> bool {
+/// even stopped or traced. With `threads`, every thread's pending signals are
+/// read too, not only the main thread's: that costs a read per thread (a
+/// convertor has dozens), so it is done every [`THREAD_SWEEP`] looks only.
+fn run_is_dying(run: Pid, proc_run: Option<Pid>, threads: bool) -> bool {
     // Reparented: every thread of the run has exited.
     if nix::unistd::getppid() != run {
         return true;
@@ -413,6 +421,12 @@ fn run_is_dying(run: Pid, proc_run: Option<Pid>) -> bool {
     };
     if pending(&status) {
         return true;
+    }
+    // The SIGKILL queued for every thread is seen in the main thread's set
+    // above, unless the main thread took it and is stuck on its way out (in
+    // D, not yet a zombie): then another thread's set shows it.
+    if !threads {
+        return false;
     }
     let Ok(tasks) = std::fs::read_dir(proc.join("task")) else {
         return false;
@@ -486,14 +500,17 @@ fn unescape(s: &[u8]) -> Vec<u8> {
 /// a path below it: a tool the run started (`losetup --find --show
 /// DIR/disk/disk`, `mount ... DIR/root`, `mkfs.ext4 ... DIR/disk/disk`).
 fn names_dir(dir: &Path) -> bool {
-    let me = std::process::id().to_string();
+    // This process's own name in /proc (not `process::id()`, its number in
+    // its own PID namespace, which /proc may not show): its argument names
+    // the directory too.
+    let me = std::fs::read_link("/proc/self").unwrap_or_default();
     std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter(|p| {
             let n = p.file_name();
-            n.as_bytes().iter().all(u8::is_ascii_digit) && n != me.as_str()
+            n.as_bytes().iter().all(u8::is_ascii_digit) && Path::new(&n) != me
         })
         .any(|p| {
             std::fs::read(p.path().join("cmdline")).is_ok_and(|c| {
