@@ -183,6 +183,11 @@ struct Pool {
     free_raw: Vec<Vec<u8>>,
     free_out: Vec<Output>,
     max_in_flight: u64,
+    /// The error of the first job whose compression or emit failed. That
+    /// job is out of the queue and will not come back, so jobs after it can
+    /// no longer be emitted in order: every later call fails with this,
+    /// instead of waiting for it forever.
+    failed: Option<String>,
 }
 
 impl BlockEngine {
@@ -321,10 +326,12 @@ impl Pool {
             free_raw: Vec::new(),
             free_out: Vec::new(),
             max_in_flight,
+            failed: None,
         })
     }
 
     fn submit(&mut self, raw: Vec<u8>, len: usize, emit: &mut Emit<'_>) -> Result<()> {
+        self.check_failed()?;
         let mut out = self.free_out.pop().unwrap_or_default();
         out.data.clear();
         out.lens.clear();
@@ -352,6 +359,7 @@ impl Pool {
     /// `wait`, make progress first: compress a queued job here, or else wait
     /// for a worker to finish one.
     fn collect(&mut self, wait: bool, emit: &mut Emit<'_>) -> Result<()> {
+        self.check_failed()?;
         if wait && !self.ready.contains_key(&self.next_emit) {
             let d = match self.queue.try_recv() {
                 Ok(job) => run_job(&mut self.codec, self.block_size, job),
@@ -366,13 +374,26 @@ impl Pool {
             self.ready.insert(d.seq, d);
         }
         while let Some(d) = self.ready.remove(&self.next_emit) {
-            d.result?;
-            emit(&d.out.data, &d.out.lens)?;
-            self.next_emit += 1;
+            let done = d.result.and_then(|()| emit(&d.out.data, &d.out.lens));
             self.free_raw.push(d.raw);
             self.free_out.push(d.out);
+            if let Err(e) = done {
+                self.failed = Some(crate::error::Chain(&e).to_string());
+                return Err(e);
+            }
+            self.next_emit += 1;
         }
         Ok(())
+    }
+
+    /// [`Error::Invalid`] with the first failure, once a job failed.
+    fn check_failed(&self) -> Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some(first) => Err(Error::Invalid(format!(
+                "an earlier block could not be stored ({first}); the blocks after it cannot be stored in order"
+            ))),
+        }
     }
 }
 
@@ -507,5 +528,59 @@ mod tests {
         };
         assert!(err.to_string().contains("disk full"), "{err}");
         drop(e); // joins the workers
+    }
+
+    /// A caller that keeps writing after a failed emit (the packed layer
+    /// behind FUSE: the kernel writes back the next pages after a failed
+    /// one) gets errors, never a wait for the job whose emit failed: it was
+    /// taken out of the queue, so no worker will finish it again. That wait
+    /// hung the FUSE thread, and with it the kernel engine's unmount, for
+    /// good once the work directory's disk was full.
+    #[test]
+    fn writes_after_a_failed_emit_fail_instead_of_waiting_forever() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let data = sample(4 * JOB_BYTES, 7);
+            let mut e = BlockEngine::new(Algorithm::Lz4, true, 4096, 3).unwrap();
+            let mut n = 0;
+            let mut emit = |_: &[u8], _: &[u32]| {
+                n += 1;
+                if n == 1 {
+                    Err(Error::Invalid("disk full".into()))
+                } else {
+                    Ok(())
+                }
+            };
+            let mut results = Vec::new();
+            for _ in 0..4 * e.max_in_flight() {
+                for c in data.chunks(JOB_BYTES) {
+                    let mut b = e.buffer();
+                    b[..c.len()].copy_from_slice(c);
+                    results.push(e.submit(b, c.len(), &mut emit).map(drop));
+                }
+            }
+            results.push(e.finish(&mut emit));
+            let _ = tx.send(results);
+        });
+        let results = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a write after the failed emit waits forever");
+        let first = results.iter().position(Result::is_err).expect("an error");
+        assert!(
+            results[first]
+                .as_ref()
+                .unwrap_err()
+                .to_string()
+                .contains("disk full"),
+            "{:?}",
+            results[first]
+        );
+        // Nothing is stored out of order after the lost job.
+        for r in &results[first + 1..] {
+            let e = r
+                .as_ref()
+                .expect_err("a write after the failed one succeeded");
+            assert!(e.to_string().contains("disk full"), "{e}");
+        }
     }
 }
