@@ -99,7 +99,15 @@ fn busy_mount_is_detached_on_sigterm_and_served_until_released() {
     assert_eq!(u16::from_le_bytes(sb), 0xEF53);
     drop(disk);
     let o = f.wait();
-    assert_ok(&o);
+    // The daemon's stderr was taken above: what it said after the detach is in `r`.
+    use std::io::Read;
+    let _ = r.read_to_string(&mut err);
+    assert!(
+        o.status.success(),
+        "the daemon failed ({}) after the detach:\n{err}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 #[test]
