@@ -27,6 +27,8 @@
 //! with EFBIG (`File too large`) like any other failed write.
 
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -50,13 +52,26 @@ pub struct Stops {
     /// Another signal that came while copies of the last one were taken:
     /// the next request.
     next: Option<Signal>,
+    /// The requests read so far (the one in `next` included).
+    requests: Arc<AtomicUsize>,
 }
 
 impl Stops {
     /// Watch the signals of `set`, which must be blocked in every thread.
     pub fn new(set: &SigSet) -> nix::Result<Stops> {
         let fd = SignalFd::with_flags(set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-        Ok(Stops { fd, next: None })
+        Ok(Stops {
+            fd,
+            next: None,
+            requests: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The number of requests read so far, for another thread: it counts a
+    /// request as soon as its first signal is read, before [`wait`](Self::wait)
+    /// returns it (a signal sent but not read yet is [`pending`]).
+    pub fn requests(&self) -> Arc<AtomicUsize> {
+        self.requests.clone()
     }
 
     /// Wait for the next stop request: its signal, once [`TOGETHER`] has
@@ -69,6 +84,7 @@ impl Stops {
         }
         let sig = loop {
             if let Some(sig) = self.read(None)? {
+                self.requests.fetch_add(1, Ordering::SeqCst);
                 break sig;
             }
         };
@@ -82,6 +98,7 @@ impl Stops {
                 None => {}
                 Some(copy) if copy == sig => {}
                 Some(other) => {
+                    self.requests.fetch_add(1, Ordering::SeqCst);
                     self.next = Some(other);
                     break;
                 }
@@ -108,6 +125,17 @@ impl Stops {
             None => Ok(None),
         }
     }
+}
+
+/// Whether a signal of `set` (blocked, see [`block`]) was sent to the process
+/// or the calling thread and not taken yet: by [`Stops`], it is the next
+/// request, or a copy of the current one.
+pub fn pending(set: &SigSet) -> nix::Result<bool> {
+    // A signalfd of its own, polled and never read: it shows what is pending
+    // without taking it from the `Stops` that will read it.
+    let fd = SignalFd::with_flags(set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    Ok(poll(&mut fds, PollTimeout::ZERO)? > 0)
 }
 
 /// Block those of `sigs` that this process was not started with ignored,
@@ -181,9 +209,15 @@ mod tests {
             let gap = || std::thread::sleep(Duration::from_millis(5));
             let nothing_pending = |stops: &Stops| stops.read(Some(Duration::ZERO)).unwrap();
 
+            let requests = stops.requests();
+            assert!(!pending(&set).unwrap());
+
             // Two copies, 5 ms apart (taken one by one: a signal already
             // pending would merge with the second in the kernel).
             send(a);
+            assert!(pending(&set).unwrap(), "sent, not read");
+            assert!(pending(&set).unwrap(), "polling takes nothing");
+            assert_eq!(requests.load(Ordering::SeqCst), 0);
             let t = std::thread::spawn(move || {
                 gap();
                 pthread_kill(me, a).unwrap();
@@ -193,6 +227,8 @@ mod tests {
             assert!(took.elapsed() >= TOGETHER);
             t.join().unwrap();
             assert_eq!(nothing_pending(&stops), None);
+            assert!(!pending(&set).unwrap());
+            assert_eq!(requests.load(Ordering::SeqCst), 1, "copies are no request");
 
             // The same signal after the window: a second request.
             send(a);
@@ -206,6 +242,7 @@ mod tests {
             send(b);
             assert_eq!(stops.wait().unwrap(), a);
             assert_eq!(stops.next, Some(b), "taken, to be returned without a wait");
+            assert_eq!(requests.load(Ordering::SeqCst), 5, "counted once read");
             assert_eq!(stops.wait().unwrap(), b);
             assert_eq!(nothing_pending(&stops), None);
         })

@@ -8,7 +8,7 @@ mod obdconv;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -266,9 +266,14 @@ fn main() -> ExitCode {
     let abort = Abort::new();
     // The signal that stopped the run (0: none).
     let stopped_by = Arc::new(AtomicI32::new(0));
+    // The signals watched and the requests the signals thread has read.
+    let mut watched = None;
     if let Some(sigs) = blocked {
         let (a, by) = (abort.clone(), stopped_by.clone());
         let stops = obdsignals::Stops::new(&sigs);
+        if let Ok(stops) = &stops {
+            watched = Some((sigs, stops.requests()));
+        }
         let spawned = stops.map(|mut stops| {
             std::thread::Builder::new()
                 .name("signals".into())
@@ -282,10 +287,14 @@ fn main() -> ExitCode {
                             ));
                         } else {
                             // No destructor runs now: remove the run's work files and
-                            // unfinished outputs first.
-                            let done = obdconvert::workdir::remove_for_exit();
+                            // unfinished outputs first, after a clean-up under way
+                            // (which must not be cut short), and say what both did.
+                            let cleaned = cleaned();
+                            let mut done = cleaned.clone();
+                            done.extend(obdconvert::workdir::remove_for_exit());
                             say(format_args!("{}: {sig} again: quitting now", prog()));
                             say_cleanup(&done);
+                            // With the lock held: the run's own end cannot say more.
                             std::process::exit(128 + sig as i32);
                         }
                     }
@@ -296,6 +305,19 @@ fn main() -> ExitCode {
         }
     }
     let res = run(args, abort);
+    let stopped = stopped_by.load(Ordering::SeqCst) != 0;
+    let mut cleaned = cleaned();
+    let again = |(sigs, requests): &(nix::sys::signal::SigSet, Arc<AtomicUsize>)| {
+        requests.load(Ordering::SeqCst) > 1 || obdsignals::pending(sigs).unwrap_or(false)
+    };
+    if stopped && watched.as_ref().is_some_and(again) {
+        // A second stop signal came while the run was cleaning up: the signals
+        // thread quits, as it says, once it has the lock (a moment; this thread
+        // goes on if it does not).
+        drop(cleaned);
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        cleaned = self::cleaned();
+    }
     let code = match (res, stopped_by.load(Ordering::SeqCst)) {
         (Ok(()), _) => ExitCode::SUCCESS,
         (Err(_), sig) if sig != 0 => {
@@ -304,9 +326,10 @@ fn main() -> ExitCode {
         }
         (Err(e), _) => obdtools::cli::fail(prog(), e),
     };
-    say_cleanup(&std::mem::take(
-        &mut *CLEANED.lock().unwrap_or_else(|e| e.into_inner()),
-    ));
+    say_cleanup(&std::mem::take(&mut *cleaned));
+    // Kept until the process ends: a stop signal from now on changes nothing
+    // (its thread waits for the lock), as the run's last lines are said.
+    let _held = std::mem::ManuallyDrop::new(cleaned);
     code
 }
 
@@ -897,6 +920,8 @@ impl Drop for Undo {
         if !self.armed {
             return;
         }
+        // Held while taking back: a second stop signal's exit waits for it.
+        let mut cleaned = cleaned();
         let mut done = obdoci::journal::undo_all();
         if let Some(p) = self
             .kept
@@ -906,15 +931,19 @@ impl Drop for Undo {
             done.push(format!("work files kept in {}", p.display()));
         }
         // Said after the error line.
-        CLEANED
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(done);
+        cleaned.extend(done);
     }
 }
 
-/// What [`Undo`] did, for [`say_cleanup`] after the error line.
+/// What [`Undo`] did, for [`say_cleanup`] after the error line. Its lock is also
+/// the exit lock, held while [`Undo`] takes back what the run added, while the
+/// run's last lines are said (and then until the process ends), and by a second
+/// stop signal's exit: that exit neither cuts a clean-up short nor loses its line.
 static CLEANED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn cleaned() -> std::sync::MutexGuard<'static, Vec<String>> {
+    CLEANED.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The one line saying what a failed or interrupted run removed or kept (nothing when
 /// there is nothing to say).
