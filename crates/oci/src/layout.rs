@@ -382,24 +382,22 @@ impl Layout {
 /// Checks that a new file can be created in `dir`, by creating (and removing) a
 /// probe file: a read-only mount or a directory without write permission fails
 /// with "cannot create a file here", before any work is done for a file to be
-/// written there at the end.
+/// written there at the end. The probe is a listed temporary file
+/// ([`crate::tempfiles`]), so that a process quitting at once meanwhile does not
+/// leave it behind.
 pub fn check_can_create_in(dir: &Path) -> Result<()> {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let probe = dir.join(format!(".write-probe.{}.{nanos}", std::process::id()));
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
+    let probe = tempfile::Builder::new()
+        .prefix(&format!(".write-probe.{}.", std::process::id()))
+        .tempfile_in(dir)
+        .and_then(crate::tempfiles::Temp::track)
         .map_err(|e| {
             Error::io(
                 dir,
                 io::Error::new(e.kind(), format!("cannot create a file here: {e}")),
             )
         })?;
-    fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))
+    let path = probe.path().to_path_buf();
+    probe.close().map_err(|e| Error::io(&path, e))
 }
 
 /// Refuse `p` if it exists and is not a regular file (or a link to one):

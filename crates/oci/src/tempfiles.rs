@@ -117,6 +117,14 @@ impl Temp {
         drop(listed);
         r
     }
+
+    /// Removes the file (see [`NamedTempFile::close`]) and unlists it.
+    pub fn close(self) -> io::Result<()> {
+        let Temp { file, listed } = self;
+        let r = file.close();
+        drop(listed);
+        r
+    }
 }
 
 impl Deref for Temp {
