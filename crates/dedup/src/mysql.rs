@@ -407,16 +407,32 @@ impl MysqlBackend {
     }
 }
 
+/// A layer row's columns in order ([`sql::LAYER_COLS`]), for its insert and its delete.
+fn layer_params(r: &LayerRow) -> ::mysql::Params {
+    (&r.host, &r.repo, &r.chain_id, &r.data_digest, r.data_size).into()
+}
+
+/// A manifest row's columns in order ([`sql::MANIFEST_COLS`]), for its insert and its
+/// delete.
+fn manifest_params(r: &ManifestRow) -> ::mysql::Params {
+    (
+        &r.host,
+        &r.repo,
+        &r.src_digest,
+        &r.out_digest,
+        r.data_size,
+        &r.mediatype,
+    )
+        .into()
+}
+
 impl Backend for MysqlBackend {
     fn describe(&self) -> String {
         format!("mysql {}", self.target)
     }
 
     fn insert_layer(&self, r: &LayerRow) -> Result<Insert, DbError> {
-        self.insert(
-            &sql::INSERT_LAYER,
-            (&r.host, &r.repo, &r.chain_id, &r.data_digest, r.data_size).into(),
-        )
+        self.insert(&sql::INSERT_LAYER, layer_params(r))
     }
 
     fn get_layer(
@@ -441,25 +457,11 @@ impl Backend for MysqlBackend {
     }
 
     fn delete_layer(&self, r: &LayerRow) -> Result<u64, DbError> {
-        self.delete(
-            &sql::DELETE_LAYER,
-            (&r.host, &r.repo, &r.chain_id, &r.data_digest, r.data_size).into(),
-        )
+        self.delete(&sql::DELETE_LAYER, layer_params(r))
     }
 
     fn insert_manifest(&self, r: &ManifestRow) -> Result<Insert, DbError> {
-        self.insert(
-            &sql::INSERT_MANIFEST,
-            (
-                &r.host,
-                &r.repo,
-                &r.src_digest,
-                &r.out_digest,
-                r.data_size,
-                &r.mediatype,
-            )
-                .into(),
-        )
+        self.insert(&sql::INSERT_MANIFEST, manifest_params(r))
     }
 
     fn get_manifest(
@@ -490,17 +492,6 @@ impl Backend for MysqlBackend {
     }
 
     fn delete_manifest(&self, r: &ManifestRow) -> Result<u64, DbError> {
-        self.delete(
-            &sql::DELETE_MANIFEST,
-            (
-                &r.host,
-                &r.repo,
-                &r.src_digest,
-                &r.mediatype,
-                &r.out_digest,
-                r.data_size,
-            )
-                .into(),
-        )
+        self.delete(&sql::DELETE_MANIFEST, manifest_params(r))
     }
 }

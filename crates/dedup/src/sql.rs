@@ -26,8 +26,9 @@ pub(crate) const GET_LAYERS: Stmt = Stmt {
     op: "select from overlaybd_layers",
     sql: "select host, repo, chain_id, data_digest, data_size from overlaybd_layers where host=? and chain_id=?",
 };
-/// Parameters: host, repo, chain_id, data_digest, data_size: the row as it was read, so
-/// that a row written since under the same key (by another convertor) stays.
+/// Parameters: the row's columns in order ([`LAYER_COLS`], as [`INSERT_LAYER`]): the
+/// row as it was read, so that a row written since under the same key (by another
+/// convertor) stays.
 pub(crate) const DELETE_LAYER: Stmt = Stmt {
     op: "delete from overlaybd_layers",
     sql: "delete from overlaybd_layers where host=? and repo=? and chain_id=? and data_digest=? and data_size=?",
@@ -47,11 +48,11 @@ pub(crate) const GET_MANIFESTS: Stmt = Stmt {
     op: "select from overlaybd_manifests",
     sql: "select host, repo, src_digest, out_digest, data_size, mediatype from overlaybd_manifests where host=? and src_digest=? and mediatype=?",
 };
-/// Parameters: host, repo, src_digest, mediatype, out_digest, data_size: the row as it
-/// was read (see [`DELETE_LAYER`]).
+/// Parameters: the row's columns in order ([`MANIFEST_COLS`], as [`INSERT_MANIFEST`]):
+/// the row as it was read (see [`DELETE_LAYER`]).
 pub(crate) const DELETE_MANIFEST: Stmt = Stmt {
     op: "delete from overlaybd_manifests",
-    sql: "delete from overlaybd_manifests where host=? and repo=? and src_digest=? and mediatype=? and out_digest=? and data_size=?",
+    sql: "delete from overlaybd_manifests where host=? and repo=? and src_digest=? and out_digest=? and data_size=? and mediatype=?",
 };
 
 #[cfg(test)]
@@ -74,6 +75,15 @@ mod tests {
         }
         for (s, cols) in [(INSERT_LAYER, LAYER_COLS), (INSERT_MANIFEST, MANIFEST_COLS)] {
             assert!(s.sql.contains(&format!("({cols}) values")), "{}", s.sql);
+        }
+    }
+
+    /// The backends bind a row the same way for its insert and its delete.
+    #[test]
+    fn deletes_match_the_row_columns_in_insert_order() {
+        for (s, cols) in [(DELETE_LAYER, LAYER_COLS), (DELETE_MANIFEST, MANIFEST_COLS)] {
+            let cond = cols.replace(", ", "=? and ") + "=?";
+            assert!(s.sql.ends_with(&format!(" where {cond}")), "{}", s.sql);
         }
     }
 }

@@ -190,21 +190,31 @@ fn manifest(r: &rusqlite::Row<'_>) -> rusqlite::Result<ManifestRow> {
     })
 }
 
+/// A layer row's columns in order ([`sql::LAYER_COLS`]), for its insert and its delete.
+fn layer_params(r: &LayerRow) -> [&dyn rusqlite::ToSql; 5] {
+    [&r.host, &r.repo, &r.chain_id, &r.data_digest, &r.data_size]
+}
+
+/// A manifest row's columns in order ([`sql::MANIFEST_COLS`]), for its insert and its
+/// delete.
+fn manifest_params(r: &ManifestRow) -> [&dyn rusqlite::ToSql; 6] {
+    [
+        &r.host,
+        &r.repo,
+        &r.src_digest,
+        &r.out_digest,
+        &r.data_size,
+        &r.mediatype,
+    ]
+}
+
 impl Backend for SqliteBackend {
     fn describe(&self) -> String {
         format!("sqlite {}", self.path.display())
     }
 
     fn insert_layer(&self, r: &LayerRow) -> Result<Insert, DbError> {
-        self.insert(&sql::INSERT_LAYER, |st| {
-            st.execute(params![
-                r.host,
-                r.repo,
-                r.chain_id,
-                r.data_digest,
-                r.data_size
-            ])
-        })
+        self.insert(&sql::INSERT_LAYER, |st| st.execute(layer_params(r)))
     }
 
     fn get_layer(
@@ -227,28 +237,12 @@ impl Backend for SqliteBackend {
 
     fn delete_layer(&self, r: &LayerRow) -> Result<u64, DbError> {
         self.with(&sql::DELETE_LAYER, |st| {
-            st.execute(params![
-                r.host,
-                r.repo,
-                r.chain_id,
-                r.data_digest,
-                r.data_size
-            ])
-            .map(|n| n as u64)
+            st.execute(layer_params(r)).map(|n| n as u64)
         })
     }
 
     fn insert_manifest(&self, r: &ManifestRow) -> Result<Insert, DbError> {
-        self.insert(&sql::INSERT_MANIFEST, |st| {
-            st.execute(params![
-                r.host,
-                r.repo,
-                r.src_digest,
-                r.out_digest,
-                r.data_size,
-                r.mediatype
-            ])
-        })
+        self.insert(&sql::INSERT_MANIFEST, |st| st.execute(manifest_params(r)))
     }
 
     fn get_manifest(
@@ -278,15 +272,7 @@ impl Backend for SqliteBackend {
 
     fn delete_manifest(&self, r: &ManifestRow) -> Result<u64, DbError> {
         self.with(&sql::DELETE_MANIFEST, |st| {
-            st.execute(params![
-                r.host,
-                r.repo,
-                r.src_digest,
-                r.mediatype,
-                r.out_digest,
-                r.data_size
-            ])
-            .map(|n| n as u64)
+            st.execute(manifest_params(r)).map(|n| n as u64)
         })
     }
 }
