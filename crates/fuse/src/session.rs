@@ -206,23 +206,11 @@ fn quick_exit(sig: Signal, save: Option<Save>) -> ! {
         Some(Err(e)) => {
             eprintln!(
                 "overlaybd-fuse: {sig} again: {}; exiting without waiting for the mount: writes may be lost",
-                error_chain(&e)
+                blockdev::error::Chain(&e)
             );
             std::process::exit(1)
         }
     }
-}
-
-/// `e` and its sources, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// How long [`unmount_when_idle`] retries a busy mount by default.
