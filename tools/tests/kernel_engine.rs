@@ -4,6 +4,7 @@
 //! runs as root); fails, not skips, without it.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -367,6 +368,24 @@ fn kill_and_expect_the_watchdog_to_clean_up(
     feed: impl FnOnce(std::process::ChildStdin) -> Option<std::process::ChildStdin> + Send + 'static,
     ready: impl Fn(i32, &str) -> bool,
 ) -> std::time::Duration {
+    kill_with_and_expect_the_watchdog_to_clean_up(env, feed, ready, |pid| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap()
+    })
+}
+
+/// [`kill_and_expect_the_watchdog_to_clean_up`], the run (the leader of a
+/// process group of its own) killed by `kill` (given its pid) instead of a
+/// SIGKILL.
+fn kill_with_and_expect_the_watchdog_to_clean_up(
+    env: &[(&str, std::ffi::OsString)],
+    feed: impl FnOnce(std::process::ChildStdin) -> Option<std::process::ChildStdin> + Send + 'static,
+    ready: impl Fn(i32, &str) -> bool,
+    kill: impl FnOnce(i32),
+) -> std::time::Duration {
     use std::time::{Duration, Instant};
     require_root();
     let dir = tempfile::tempdir().unwrap();
@@ -384,6 +403,7 @@ fn kill_and_expect_the_watchdog_to_clean_up(
         .env("TMPDIR", &work)
         .env("RUST_LOG", "debug,fuser=warn")
         .envs(env.iter().map(|(k, v)| (k, v)))
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -428,11 +448,7 @@ fn kill_and_expect_the_watchdog_to_clean_up(
     assert!(is_watchdog(watchdog), "{seen}");
     assert!(!leftovers(&work).is_empty(), "nothing was set up:\n{seen}");
     let loops = loops_below(&work);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill(pid);
     let killed = Instant::now();
     let bound = Duration::from_secs(30);
     let mut status = None;
@@ -526,6 +542,64 @@ fn sigkill_while_writing_back_is_cleaned_up_by_the_watchdog() {
             None
         },
         |pid, _| waiting_for_writeback(pid),
+    );
+}
+
+/// A terminal's hangup (SIGHUP to its foreground process group, which the
+/// run does not take: it dies at once, everything set up) that comes while
+/// the watchdog starts, before it could leave the run's process group: it
+/// must not end the watchdog too. A preloaded library holds the watchdog for
+/// 3 s before its `main` (as a loaded machine may hold an exec), and says so.
+#[test]
+fn a_hangup_while_the_watchdog_starts_is_cleaned_up_by_it() {
+    require_root();
+    let lib = tempfile::tempdir().unwrap();
+    let src = lib.path().join("hold.c");
+    std::fs::write(
+        &src,
+        format!(
+            r#"#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+__attribute__((constructor)) static void hold(int argc, char **argv, char **envp) {{
+    const char *mark = getenv("HOLD_MARK");
+    (void)envp;
+    if (argc < 1 || !mark || strcmp(argv[0], "{arg0}") != 0) return;
+    int fd = open(mark, O_CREAT | O_EXCL | O_WRONLY, 0644);
+    if (fd < 0) return;
+    close(fd);
+    sleep(3);
+}}
+"#,
+            arg0 = obdkernel::watchdog::ARG0
+        ),
+    )
+    .unwrap();
+    let so = lib.path().join("hold.so");
+    testutil::run_ok(
+        Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&so)
+            .arg(&src),
+    );
+    let mark = lib.path().join("held");
+    let held = mark.clone();
+    kill_with_and_expect_the_watchdog_to_clean_up(
+        &[("LD_PRELOAD", so.into()), ("HOLD_MARK", mark.into())],
+        |mut stdin| {
+            let tar = layer();
+            let _ = stdin.write_all(&tar[..tar.len() / 2]);
+            Some(stdin)
+        },
+        move |_, log| held.exists() && watchdog_pid(log).is_some(),
+        |pid| {
+            nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGHUP,
+            )
+            .unwrap()
+        },
     );
 }
 

@@ -47,7 +47,8 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use nix::mount::{umount2, MntFlags};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::Pid;
 use obdfuse::block::DISK_NAME;
 
@@ -154,6 +155,14 @@ impl Watchdog {
             );
             return None;
         }
+        // The watchdog starts in the run's process group and session, and
+        // leaves them (`serve`) only once its `main` runs: a signal sent to
+        // the group meanwhile (a terminal's hangup, Ctrl-C, Ctrl-\) must
+        // not end it. So it starts with every signal blocked (the mask
+        // passes through the spawn and the exec), and discards what came
+        // once it is in its own session. This thread's mask is back as it
+        // was right after the spawn.
+        let mask = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK);
         let spawned = Command::new("/proc/self/exe")
             .arg0(ARG0)
             .arg(dir)
@@ -163,6 +172,9 @@ impl Watchdog {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn();
+        if let Ok(mask) = mask {
+            let _ = mask.thread_set_mask();
+        }
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -254,15 +266,23 @@ fn say(msg: std::fmt::Arguments<'_>) {
 /// [`TICK`], clean up once it is dying. The exit status.
 fn serve(run: Pid, dir: &Path) -> i32 {
     // Out of the run's session and process group: Ctrl-C, a terminal
-    // hangup or a kill of the group reach the run only. It cannot fail: the
-    // watchdog was not started as a group leader.
+    // hangup or a kill of the group reach the run only; and without a
+    // controlling terminal, writing to one never stops it (SIGTTOU). It
+    // cannot fail: the watchdog was not started as a group leader (so not
+    // with `process_group(0)`).
     let _ = nix::unistd::setsid();
+    // It started with every signal blocked (`Watchdog::start`): what was
+    // sent to the run's process group until now is pending. Discard it:
+    // the run got it too, and may have died of it.
+    if let Ok(pending) = SignalFd::with_flags(&SigSet::all(), SfdFlags::SFD_NONBLOCK) {
+        while let Ok(Some(_)) = pending.read_signal() {}
+    }
     // Nor does a plain kill end it before the run: it ends with the run.
     let mut quiet = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         quiet.add(s);
     }
-    let _ = quiet.thread_block();
+    let _ = quiet.thread_set_mask();
     let _ = nix::sys::prctl::set_name(c"obd-watchdog");
 
     let (tx, rx) = mpsc::channel();
