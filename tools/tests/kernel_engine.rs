@@ -770,3 +770,48 @@ fn a_run_in_a_pid_namespace_without_its_own_proc_is_left_alone() {
     assert!(!log.contains("did not exit"), "{log}");
     assert!(leftovers(&work).is_empty(), "{:?}", leftovers(&work));
 }
+
+/// Start a watchdog for `dir` as the engine does (the tool again, as
+/// [`obdkernel::watchdog::ARG0`], told its run's pid), from a shell that
+/// then dies of SIGKILL having told it nothing; what the watchdog said.
+fn watchdog_of_a_killed_shell(dir: &Path) -> String {
+    let script = format!(
+        r#"( export {env}=$$; exec -a {arg0} "$0" "$1" ) & sleep 0.2; kill -9 $$"#,
+        env = obdkernel::watchdog::ENV,
+        arg0 = obdkernel::watchdog::ARG0
+    );
+    let c = Command::new("bash")
+        .args(["-c", &script, APPLY])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The output ends when the shell and the watchdog have both exited.
+    let out = testutil::output_within(c, std::time::Duration::from_secs(60));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A watchdog whose run died with nothing of it set up has nothing to say;
+/// one that found only the work directory says that it removed it, not
+/// that it took down mounts.
+#[test]
+fn the_watchdog_says_what_it_took_down() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().canonicalize().unwrap();
+    let said = watchdog_of_a_killed_shell(&work.join("overlaybd-kernel-none"));
+    assert_eq!(said, "", "the watchdog spoke with nothing set up");
+    let w = work.join("overlaybd-kernel-empty");
+    for d in [w.clone(), w.join("disk"), w.join("root")] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let said = watchdog_of_a_killed_shell(&w);
+    assert!(!w.exists(), "{said}");
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(said.contains("removed the directory"), "{said}");
+    for word in ["abort", "unmount", "detach", "cleaned"] {
+        assert!(!said.contains(word), "{said}");
+    }
+}

@@ -352,7 +352,8 @@ fn serve(run: Pid, dir: &Path) -> i32 {
         return 1;
     }
     let mut errors = Vec::new();
-    take_down(dir, &told, &mut errors);
+    let mut did = Did::default();
+    take_down(dir, &told, &mut errors, &mut did);
     // The tools the run started (losetup, mount, mkfs.ext4) outlive it: one
     // that opened the disk file before the abort may still attach a loop
     // device to it or mount the ext4, and a loop device still in use by the
@@ -365,18 +366,26 @@ fn serve(run: Pid, dir: &Path) -> i32 {
     while (nix::unistd::getppid() == run || names_dir(dir)) && start.elapsed() < GONE_WAIT {
         std::thread::sleep(TICK / 4);
     }
-    take_down(dir, &told, &mut errors);
+    take_down(dir, &told, &mut errors, &mut did);
     let fuse_point = dir.join("disk");
-    if told.fuse || mounts().iter().any(|m| m.point == fuse_point) {
-        lazy_unmount(&fuse_point, &mut errors);
+    if (told.fuse || mounts().iter().any(|m| m.point == fuse_point))
+        && lazy_unmount(&fuse_point, &mut errors)
+    {
+        did.note("unmounted FUSE");
     }
-    remove_dirs(dir, &mut errors);
+    if remove_dirs(dir, &mut errors) {
+        did.note("removed the directory");
+    }
     let left = leftovers(dir);
     if left.is_empty() {
-        say(format_args!(
-            "the run (pid {run}) died with {} set up; cleaned it up",
-            dir.display()
-        ));
+        // Nothing to say when nothing was there (the run had taken it all
+        // down, or set nothing up, before it died).
+        if let Some(what) = did.list() {
+            say(format_args!(
+                "the run (pid {run}) died with {} set up; {what}",
+                dir.display()
+            ));
+        }
         0
     } else {
         for e in &errors {
@@ -454,6 +463,29 @@ fn run_is_dying(run: Pid, proc_run: Option<Pid>, threads: bool) -> bool {
     tasks
         .flatten()
         .any(|t| std::fs::read_to_string(t.path().join("status")).is_ok_and(|s| pending(&s)))
+}
+
+/// What the watchdog took down, in order, each once.
+#[derive(Debug, Default)]
+struct Did(Vec<String>);
+
+impl Did {
+    fn note(&mut self, what: impl Into<String>) {
+        let what = what.into();
+        if !self.0.contains(&what) {
+            self.0.push(what);
+        }
+    }
+
+    /// "a, b and c"; `None` when nothing was done.
+    fn list(&self) -> Option<String> {
+        let (last, rest) = self.0.split_last()?;
+        Some(if rest.is_empty() {
+            last.clone()
+        } else {
+            format!("{} and {last}", rest.join(", "))
+        })
+    }
 }
 
 /// The value of the `/proc/PID/status` line starting with `key`.
@@ -542,8 +574,8 @@ fn names_dir(dir: &Path) -> bool {
 
 /// Abort the FUSE connection, unmount the ext4 and detach the loop devices,
 /// in that order, leaving FUSE mounted (aborted); what failed goes to
-/// `errors`.
-fn take_down(dir: &Path, told: &Told, errors: &mut Vec<String>) {
+/// `errors`, what was done to `did`.
+fn take_down(dir: &Path, told: &Told, errors: &mut Vec<String>, did: &mut Did) {
     let fuse_point = dir.join("disk");
     let root_point = dir.join("root");
     let all = mounts();
@@ -551,18 +583,22 @@ fn take_down(dir: &Path, told: &Told, errors: &mut Vec<String>) {
         .iter()
         .filter(|m| m.point == fuse_point && m.fstype.starts_with("fuse"))
     {
-        if let Err(e) = abort_fuse(m) {
-            errors.push(format!(
+        match abort_fuse(m) {
+            Ok(()) => did.note("aborted the FUSE connection"),
+            Err(e) => errors.push(format!(
                 "{}: cannot abort FUSE connection {}: {e}",
                 fuse_point.display(),
                 m.minor
-            ));
+            )),
         }
     }
-    if told.root || all.iter().any(|m| m.point == root_point) {
-        lazy_unmount(&root_point, errors);
+    if (told.root || all.iter().any(|m| m.point == root_point)) && lazy_unmount(&root_point, errors)
+    {
+        did.note("unmounted the ext4");
     }
-    detach_loops(dir, told, errors);
+    for dev in detach_loops(dir, told, errors) {
+        did.note(format!("detached {}", dev.display()));
+    }
 }
 
 /// What is still there of `dir`: its mounts, the loop devices on its disk
@@ -605,12 +641,16 @@ fn abort_fuse(m: &MountEntry) -> std::io::Result<()> {
     std::fs::write(&abort, b"1")
 }
 
-/// `umount -l POINT`, unless it is no longer mounted.
-fn lazy_unmount(point: &Path, errors: &mut Vec<String>) {
+/// `umount -l POINT`, unless it is no longer mounted; whether it unmounted.
+fn lazy_unmount(point: &Path, errors: &mut Vec<String>) -> bool {
     match umount2(point, MntFlags::MNT_DETACH) {
+        Ok(()) => true,
         // Not a mount point (any more): taken down meanwhile.
-        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-        Err(e) => errors.push(format!("{}: cannot unmount: {e}", point.display())),
+        Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => false,
+        Err(e) => {
+            errors.push(format!("{}: cannot unmount: {e}", point.display()));
+            false
+        }
     }
 }
 
@@ -642,26 +682,31 @@ fn backing_file(dev: &Path) -> Option<PathBuf> {
     Some(PathBuf::from(OsStr::from_bytes(b)))
 }
 
-/// `losetup -d` each loop device on the disk file.
-fn detach_loops(dir: &Path, told: &Told, errors: &mut Vec<String>) {
+/// `losetup -d` each loop device on the disk file; those detached.
+fn detach_loops(dir: &Path, told: &Told, errors: &mut Vec<String>) -> Vec<PathBuf> {
     let file = dir.join("disk").join(DISK_NAME);
+    let mut detached = Vec::new();
     for dev in loops_on(&file, &told.loops) {
-        if let Err(e) = crate::export::run_tool(Command::new("losetup").arg("-d").arg(&dev)) {
-            errors.push(e.to_string());
+        match crate::export::run_tool(Command::new("losetup").arg("-d").arg(&dev)) {
+            Ok(_) => detached.push(dev),
+            Err(e) => errors.push(e.to_string()),
         }
     }
+    detached
 }
 
 /// Remove the mount points and the directory, never recursively (what is
-/// still mounted keeps its contents).
-fn remove_dirs(dir: &Path, errors: &mut Vec<String>) {
+/// still mounted keeps its contents); whether any was there to remove.
+fn remove_dirs(dir: &Path, errors: &mut Vec<String>) -> bool {
+    let mut removed = false;
     for p in [dir.join("root"), dir.join("disk"), dir.to_path_buf()] {
         match std::fs::remove_dir(&p) {
-            Ok(()) => {}
+            Ok(()) => removed = true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => errors.push(format!("{}: cannot remove: {e}", p.display())),
         }
     }
+    removed
 }
 
 #[cfg(test)]
@@ -705,6 +750,18 @@ mod tests {
         assert_eq!(field(s, "State:"), Some("Z (zombie)"));
         assert_eq!(field(s, "ShdPnd:"), Some("0000000000000100"));
         assert_eq!(field(s, "SigPnd:"), None);
+    }
+
+    #[test]
+    fn what_was_done_is_listed_once_each() {
+        let mut did = Did::default();
+        assert_eq!(did.list(), None);
+        did.note("a");
+        assert_eq!(did.list().as_deref(), Some("a"));
+        did.note("b");
+        did.note("a");
+        did.note("c");
+        assert_eq!(did.list().as_deref(), Some("a, b and c"));
     }
 
     #[test]
