@@ -815,3 +815,42 @@ fn the_watchdog_says_what_it_took_down() {
         assert!(!said.contains(word), "{said}");
     }
 }
+
+/// A full disk under the upper layer (here a 40 MiB tmpfs, in a mount
+/// namespace of the test's own) fails a kernel-engine apply with its one
+/// error line; the FUSE server says the first failed request and how many
+/// more failed, not one line each (there were dozens).
+#[test]
+fn a_full_disk_under_the_kernel_engine_is_said_in_a_few_lines() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut tar = std::fs::File::create(d.join("big.tar")).unwrap();
+    write_big_layer(&mut tar, 2, 32).unwrap();
+    drop(tar);
+    std::fs::write(
+        d.join("config.json"),
+        r#"{"lowers": [], "upper": {"data": "x/data", "index": "x/index"}}"#,
+    )
+    .unwrap();
+    std::fs::create_dir(d.join("x")).unwrap();
+    let script = "mount -t tmpfs -o size=40M tmpfs x \
+        || { echo 'no tmpfs mount here' >&2; exit 77; }\n\
+        \"$CREATE\" x/data x/index 64 --mkfs >/dev/null || exit 3\n\
+        mkdir x/tmp && TMPDIR=$PWD/x/tmp exec \"$APPLY\" --engine kernel big.tar config.json\n";
+    let o = Command::new("unshare")
+        .args(["--mount", "sh", "-c", script])
+        .env("CREATE", CREATE)
+        .env("APPLY", APPLY)
+        .env_remove("RUST_LOG")
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let e = err_text(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    let errors: Vec<&str> = e.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(errors.len(), 1, "{e}");
+    assert!(errors[0].contains("No space left on device"), "{e}");
+    assert!(e.lines().count() <= 3, "{e}");
+    assert!(e.contains("more device requests failed"), "{e}");
+}

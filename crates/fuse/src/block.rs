@@ -11,7 +11,7 @@
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use blockdev::nbd::proto::STATE_HOLE;
 use blockdev::nbd::Allocation;
@@ -31,6 +31,11 @@ const TTL: Duration = Duration::from_secs(3600);
 /// Largest read or write the kernel sends at once.
 pub const MAX_IO: u32 = 1 << 20;
 
+/// How often at most a [`DiskFs`] logs how many more requests failed since
+/// it last said (the first failure is logged at once, the rest counted: a
+/// full disk fails every write of the writeback, dozens of them).
+const FAILURES_EVERY: Duration = Duration::from_secs(60);
+
 /// The device errors a [`DiskFs`] answered with an errno. The kernel does not
 /// always pass them on: a failed writeback of a loop device over the disk
 /// file is logged by ext4 and dropped, and the unmount still succeeds. So an
@@ -40,6 +45,8 @@ pub const MAX_IO: u32 = 1 << 20;
 pub struct IoFailures {
     count: AtomicU64,
     first: Mutex<Option<String>>,
+    /// How many failures the log has told of, and when it last did.
+    said: Mutex<(u64, Option<Instant>)>,
 }
 
 impl IoFailures {
@@ -56,6 +63,40 @@ impl IoFailures {
     fn record(&self, what: String) {
         if self.count.fetch_add(1, Ordering::Relaxed) == 0 {
             *self.first.lock().unwrap_or_else(|p| p.into_inner()) = Some(what);
+        }
+    }
+
+    /// Log the failure just recorded (`line`): the first one itself, later
+    /// ones as a count, at most every `every` (`None`: now, if any is
+    /// untold).
+    fn tell(&self, line: Option<&str>, every: Option<Duration>) {
+        let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
+        let (told, at) = &mut *said;
+        let count = self.count();
+        if *told == 0 {
+            if let Some(line) = line {
+                // The one recorded first (another thread's, in a race).
+                tracing::warn!("{}", self.first().as_deref().unwrap_or(line));
+                *told = 1;
+                *at = Some(Instant::now());
+                return;
+            }
+        }
+        if let Some(line) = line {
+            tracing::debug!("{line}");
+        }
+        let due = match (every, *at) {
+            (Some(every), Some(at)) => at.elapsed() >= every,
+            _ => true,
+        };
+        if count > *told && due {
+            let more = count - *told;
+            tracing::warn!(
+                "{more} more device request{} failed",
+                if more == 1 { "" } else { "s" }
+            );
+            *told = count;
+            *at = Some(Instant::now());
         }
     }
 }
@@ -211,8 +252,8 @@ impl DiskFs {
 
     fn fail(&self, e: &blockdev::Error, what: &str) -> Errno {
         let line = format!("{what}: {}", obdimage::error::Chain(e));
-        tracing::warn!("{line}");
-        self.failures.record(line);
+        self.failures.record(line.clone());
+        self.failures.tell(Some(&line), Some(FAILURES_EVERY));
         Errno::from_i32(errno_of(e))
     }
 
@@ -223,6 +264,13 @@ impl DiskFs {
     /// again once reopened, as a trim does); unaligned edges are written.
     fn zero_range(&self, offset: u64, len: u64) -> blockdev::Result<()> {
         self.dev.write_zeroes(offset, len)
+    }
+}
+
+impl Drop for DiskFs {
+    fn drop(&mut self) {
+        // The count of the failures not told yet, once the mount is done.
+        self.failures.tell(None, None);
     }
 }
 
