@@ -854,3 +854,36 @@ fn a_full_disk_under_the_kernel_engine_is_said_in_a_few_lines() {
     assert!(e.lines().count() <= 3, "{e}");
     assert!(e.contains("more device requests failed"), "{e}");
 }
+
+/// Under a file size limit (`ulimit -f`, which some CI sandboxes set)
+/// smaller than the disk, the mkfs.ext4 the kernel engine runs (with this
+/// limit: it inherits it) fails with "File too large": the error names the
+/// limit, as the tools' own do.
+#[test]
+fn a_file_size_limit_under_the_kernel_engine_mkfs_is_named() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let work = d.join("tmp");
+    std::fs::create_dir(&work).unwrap();
+    let out = Command::new("prlimit")
+        .args(["--fsize=50000000", CREATE, "data", "index", "1", "--mkfs"])
+        .args(["--engine", "kernel"])
+        .current_dir(d)
+        .env("TMPDIR", &work)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let e = err_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("mkfs.ext4") && e.contains("File too large"),
+        "{e}"
+    );
+    assert!(
+        e.contains("file size limit (ulimit -f) of 50000000 bytes"),
+        "{e}"
+    );
+    assert_nothing_left(&work);
+}

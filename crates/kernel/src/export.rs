@@ -33,6 +33,8 @@ pub struct Export {
     /// Device errors the FUSE side answered: the kernel may drop them.
     failures: Arc<IoFailures>,
     disk: PathBuf,
+    /// The disk file's size in bytes.
+    size: u64,
     loop_dev: Option<PathBuf>,
     mounted: Option<PathBuf>,
     /// Takes everything down if this process is killed; told "done" (by
@@ -107,9 +109,11 @@ impl Export {
             default_permissions: false,
             fsname: "overlaybd-kernel".into(),
         };
+        let size = dev.size();
         let fs = DiskFs::new(dev, true, 0, 0);
         let mut export = Export {
             disk: fuse_dir.join(DISK_NAME),
+            size,
             work: Some(work),
             fuse: None,
             failures: fs.failures(),
@@ -141,8 +145,34 @@ impl Export {
 
     /// `mkfs.ext4 ARGS DISK`.
     pub fn mkfs(&self, args: &[String]) -> Result<()> {
-        run_tool(Command::new("mkfs.ext4").args(args).arg(&self.disk))?;
-        Ok(())
+        match run_tool(Command::new("mkfs.ext4").args(args).arg(&self.disk)) {
+            Ok(_) => Ok(()),
+            // mkfs.ext4 writes the disk file with this process's file size
+            // limit (it inherits it, and SIGXFSZ ignored): past it, the
+            // kernel fails its write with EFBIG before FUSE sees it.
+            Err(Error::Tool {
+                command,
+                status,
+                mut output,
+            }) => {
+                match blockdev::io::file_size_limit() {
+                    Some(limit) if limit < self.size && output.contains("File too large") => output
+                        .push_str(&format!(
+                            " (mkfs.ext4 runs with this process's file size limit (ulimit -f) \
+                             of {limit} bytes, smaller than the {}-byte disk it writes: raise \
+                             the limit)",
+                            self.size
+                        )),
+                    _ => {}
+                }
+                Err(Error::Tool {
+                    command,
+                    status,
+                    output,
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Attach a loop device to the disk file and mount its ext4 at
