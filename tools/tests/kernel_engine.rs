@@ -887,3 +887,34 @@ fn a_file_size_limit_under_the_kernel_engine_mkfs_is_named() {
     );
     assert_nothing_left(&work);
 }
+
+/// Out of file descriptors (`ulimit -n 8`), the kernel engine is available
+/// all the same: the error says that the run ran out of them, the limit and
+/// how to raise it, not "the kernel engine is not available".
+#[test]
+fn too_few_file_descriptors_are_not_an_unavailable_engine() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let work = d.join("tmp");
+    std::fs::create_dir(&work).unwrap();
+    let out = Command::new("prlimit")
+        .args(["--nofile=8", CREATE, "data", "index", "1", "--mkfs", "-s"])
+        .args(["--engine", "kernel"])
+        .current_dir(d)
+        .env("TMPDIR", &work)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let e = err_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(!e.contains("not available"), "{e}");
+    let error = e.lines().find(|l| l.contains("error:")).unwrap_or_default();
+    assert!(
+        error.contains("Too many open files")
+            && error.contains("ulimit -n")
+            && error.contains(" 8"),
+        "{e}"
+    );
+    assert_nothing_left(&work);
+}

@@ -29,6 +29,18 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An external tool could not be started although it is there (this
+    /// process is out of file descriptors, say): `hint` says what to do.
+    #[error("cannot run `{command}`{hint}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// What to do about it (empty, or starting with "; ").
+        hint: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// An external tool (`mkfs.ext4`, `losetup`, `mount`) failed.
     #[error("`{command}` failed ({status}): {output}")]
     Tool {
@@ -90,6 +102,27 @@ impl Error {
             what: what.into(),
             source,
         }
+    }
+}
+
+/// For an error that says that file descriptors ran out: this process's
+/// limit (`ulimit -n`) and how to raise it, or the system's.
+pub fn fd_limit_hint(e: &std::io::Error) -> Option<String> {
+    use nix::sys::resource::{getrlimit, Resource};
+    match e.raw_os_error()? {
+        libc::EMFILE => Some(match getrlimit(Resource::RLIMIT_NOFILE) {
+            Ok((soft, hard)) => format!(
+                "this process ran out of file descriptors: its limit (ulimit -n, RLIMIT_NOFILE) \
+                 is {soft} (at most {hard}); raise it, e.g. `ulimit -n 1024`"
+            ),
+            Err(_) => {
+                "this process ran out of file descriptors: raise its limit (ulimit -n)".into()
+            }
+        }),
+        libc::ENFILE => Some(
+            "the system ran out of file descriptors (fs.file-max): close files or raise it".into(),
+        ),
+        _ => None,
     }
 }
 

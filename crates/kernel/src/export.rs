@@ -56,9 +56,19 @@ impl std::fmt::Debug for Export {
 pub fn run_tool(cmd: &mut Command) -> Result<String> {
     let line = format!("{cmd:?}").replace('"', "");
     tracing::debug!("running {line}");
-    let out = cmd.output().map_err(|e| Error::Unavailable {
-        reason: format!("cannot run `{line}`: {e}"),
-    })?;
+    let out = cmd
+        .output()
+        .map_err(|e| match crate::error::fd_limit_hint(&e) {
+            // Out of file descriptors: the engine is there, the run is short.
+            Some(hint) => Error::Spawn {
+                command: line.clone(),
+                hint: format!("; {hint}"),
+                source: e,
+            },
+            None => Error::Unavailable {
+                reason: format!("cannot run `{line}`: {e}"),
+            },
+        })?;
     if !out.status.success() {
         let text = format!(
             "{}{}",

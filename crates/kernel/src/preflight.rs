@@ -51,6 +51,10 @@ pub fn check(req: &Requirements) -> Result<()> {
         ),
     ] {
         if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(dev) {
+            if let Some(hint) = crate::error::fd_limit_hint(&e) {
+                // There, but this process is out of file descriptors.
+                return Err(Error::io(dev, format!("cannot open ({hint})"), e));
+            }
             return Err(unavailable(format!(
                 "cannot open {}: {e} ({hint})",
                 dev.display()

@@ -178,8 +178,11 @@ impl Watchdog {
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
+                let hint = crate::error::fd_limit_hint(&e)
+                    .map(|h| format!("; {h}"))
+                    .unwrap_or_default();
                 tracing::warn!(
-                    "cannot start the watchdog ({e}): if this run is killed with SIGKILL, run scripts/kernel-engine-cleanup.sh {}",
+                    "cannot start the watchdog ({e}{hint}): if this run is killed with SIGKILL, run scripts/kernel-engine-cleanup.sh {}",
                     dir.display()
                 );
                 return None;
