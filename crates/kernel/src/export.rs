@@ -84,6 +84,31 @@ pub fn run_tool(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// What [`remove_work_dirs`] did.
+#[derive(Debug, Default)]
+pub(crate) struct Removal {
+    /// Whether any of them was there, and was removed.
+    pub(crate) removed: bool,
+    /// Those that could not be removed, and why.
+    pub(crate) failed: Vec<(PathBuf, std::io::Error)>,
+}
+
+/// Remove the (empty) mountpoints `WORK/root` and `WORK/disk` and the work
+/// directory `work` itself, never recursively: a mount that could not be
+/// taken down keeps its contents. Each is tried, also after one failed; one
+/// already gone is not a failure. For [`Export`] and the watchdog alike.
+pub(crate) fn remove_work_dirs(work: &Path) -> Removal {
+    let mut r = Removal::default();
+    for p in [work.join("root"), work.join("disk"), work.to_path_buf()] {
+        match std::fs::remove_dir(&p) {
+            Ok(()) => r.removed = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => r.failed.push((p, e)),
+        }
+    }
+    r
+}
+
 impl Export {
     /// Serve `dev` (writable) as a file in a new directory under `work_dir`.
     pub fn open(dev: Arc<dyn BlockDevice>, work_dir: &Path) -> Result<Export> {
@@ -292,20 +317,16 @@ impl Export {
         run_tool(Command::new("losetup").arg("-d").arg(&dev)).map(|_| ())
     }
 
-    /// Remove the (empty) mountpoints and the work directory, never
-    /// recursively: a mount that could not be taken down keeps its contents.
+    /// Remove the (empty) mountpoints and the work directory
+    /// ([`remove_work_dirs`]); the first that could not be.
     fn remove_work(&mut self) -> Result<()> {
         let Some(w) = self.work.take() else {
             return Ok(());
         };
-        for p in [w.join("root"), w.join("disk"), w.clone()] {
-            match std::fs::remove_dir(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(p, "cannot remove the work directory", e)),
-            }
+        match remove_work_dirs(&w).failed.into_iter().next() {
+            Some((p, e)) => Err(Error::io(p, "cannot remove the work directory", e)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Push what the kernel still caches for the disk file to the device.

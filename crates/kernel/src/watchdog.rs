@@ -698,18 +698,16 @@ fn detach_loops(dir: &Path, told: &Told, errors: &mut Vec<String>) -> Vec<PathBu
     detached
 }
 
-/// Remove the mount points and the directory, never recursively (what is
-/// still mounted keeps its contents); whether any was there to remove.
+/// Remove the mount points and the directory
+/// ([`crate::export::remove_work_dirs`]); whether any was there to remove.
 fn remove_dirs(dir: &Path, errors: &mut Vec<String>) -> bool {
-    let mut removed = false;
-    for p in [dir.join("root"), dir.join("disk"), dir.to_path_buf()] {
-        match std::fs::remove_dir(&p) {
-            Ok(()) => removed = true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => errors.push(format!("{}: cannot remove: {e}", p.display())),
-        }
-    }
-    removed
+    let r = crate::export::remove_work_dirs(dir);
+    errors.extend(
+        r.failed
+            .iter()
+            .map(|(p, e)| format!("{}: cannot remove: {e}", p.display())),
+    );
+    r.removed
 }
 
 #[cfg(test)]
