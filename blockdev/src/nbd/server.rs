@@ -322,6 +322,10 @@ struct BusyPoll {
     window: Duration,
     /// Whether the last wait was short enough for polling to pay.
     pays: bool,
+    /// Waits that polled first, and waits that slept at once, with a window
+    /// (for the session's end in the log).
+    polled: u64,
+    slept: u64,
 }
 
 impl BusyPoll {
@@ -329,6 +333,8 @@ impl BusyPoll {
         BusyPoll {
             window,
             pays: !window.is_zero(),
+            polled: 0,
+            slept: 0,
         }
     }
 
@@ -339,7 +345,10 @@ impl BusyPoll {
             return s.recv_waiting(buf);
         }
         let t0 = Instant::now();
-        if self.pays {
+        if !self.pays {
+            self.slept += 1;
+        } else {
+            self.polled += 1;
             loop {
                 match s.recv_nowait(buf) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -1143,8 +1152,17 @@ fn transmit(
         }
         r
     });
+    let input = input.into_inner();
+    let poll = &input.reader.get_ref().poll;
+    if !poll.window.is_zero() {
+        tracing::debug!(
+            "{peer}: busy polling: {} waits polled, {} slept at once",
+            poll.polled,
+            poll.slept
+        );
+    }
     // The thread that saw the end of the stream recorded why.
-    let end = input.into_inner().end.unwrap_or(Ok(()));
+    let end = input.end.unwrap_or(Ok(()));
     results.into_iter().find(|r| r.is_err()).unwrap_or(end)
 }
 
@@ -1825,6 +1843,51 @@ const WARN_FAILURES: u64 = 20;
 mod tests {
     use super::*;
     use crate::device::MemDevice;
+
+    /// The adaptive window: a wait polls while the last one was short, sleeps
+    /// at once after one longer than twice the window, and polls again once
+    /// requests follow each other closely. (The window is long, so that the
+    /// waits' lengths hold on a loaded machine: the writer's pauses are well
+    /// over twice the window, and data already there is read at once.)
+    #[test]
+    fn busy_polling_adapts_to_the_gaps_between_requests() {
+        let window = Duration::from_millis(100);
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut s = Stream::Unix(a);
+        let mut p = BusyPoll::new(window);
+        let mut buf = [0u8; 8];
+        // Data `after` from now (`None`: already there), then one wait for it.
+        let mut wait = |p: &mut BusyPoll, after: Option<Duration>| {
+            let writer = match after {
+                None => {
+                    b.write_all(b"x").unwrap();
+                    None
+                }
+                Some(d) => {
+                    let mut w = b.try_clone().unwrap();
+                    Some(std::thread::spawn(move || {
+                        std::thread::sleep(d);
+                        w.write_all(b"x").unwrap();
+                    }))
+                }
+            };
+            assert_eq!(p.read(&mut s, &mut buf).unwrap(), 1);
+            if let Some(w) = writer {
+                w.join().unwrap();
+            }
+            (p.polled, p.slept, p.pays)
+        };
+        let long = Some(3 * window);
+        // A fresh session polls; a long wait stops polling for the next one.
+        assert_eq!(wait(&mut p, long), (1, 0, false));
+        assert_eq!(wait(&mut p, long), (1, 1, false));
+        // A request already there: a short wait, so the next one polls again.
+        assert_eq!(wait(&mut p, None), (1, 2, true));
+        assert_eq!(wait(&mut p, None), (2, 2, true));
+        // Without a window nothing is polled nor counted.
+        let mut off = BusyPoll::new(Duration::ZERO);
+        assert_eq!(wait(&mut off, None), (0, 0, false));
+    }
 
     /// Every length and alignment, and a set byte anywhere (in the 64-byte
     /// chunks or the tail) is seen.
