@@ -895,11 +895,13 @@ fn fifo_inputs_are_refused_and_signals_stop_a_slow_open() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(700));
+        // Once it has connected to the registry, it is opening the layers.
+        let (conn, _) = silent.accept().unwrap();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
         let (got, err) = exit_within(child, 5, &format!("{sig} while opening"));
         assert_eq!(got, Some(code), "{err}");
         assert!(err.contains("while opening"), "{err}");
+        drop(conn);
     }
     drop(silent);
 }
