@@ -386,18 +386,34 @@ impl Layout {
 /// ([`crate::tempfiles`]), so that a process quitting at once meanwhile does not
 /// leave it behind.
 pub fn check_can_create_in(dir: &Path) -> Result<()> {
-    let probe = tempfile::Builder::new()
-        .prefix(&format!(".write-probe.{}.", std::process::id()))
-        .tempfile_in(dir)
-        .and_then(crate::tempfiles::Temp::track)
+    // Made here, not by `tempfile::Builder`, whose error would name the probe's
+    // random path too ("... at path \"DIR/.write-probe.PID.XXXXXX\"").
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let path = dir.join(format!(".write-probe.{}.{nanos}", std::process::id()));
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
         .map_err(|e| {
             Error::io(
                 dir,
                 io::Error::new(e.kind(), format!("cannot create a file here: {e}")),
             )
         })?;
-    let path = probe.path().to_path_buf();
-    probe.close().map_err(|e| Error::io(&path, e))
+    let listed = tempfile::TempPath::try_from_path(&path)
+        .and_then(|p| crate::tempfiles::Temp::track(tempfile::NamedTempFile::from_parts(file, p)));
+    match listed {
+        Ok(probe) => probe.close(),
+        Err(e) => {
+            // Not listed (the process is quitting): removed all the same.
+            let _ = fs::remove_file(&path);
+            Err(e)
+        }
+    }
+    .map_err(|e| Error::io(&path, e))
 }
 
 /// Refuse `p` if it exists and is not a regular file (or a link to one):
@@ -494,6 +510,22 @@ mod tests {
         std::fs::set_permissions(&idx, std::fs::Permissions::from_mode(0o640)).unwrap();
         l.tag("v2", &desc).unwrap();
         assert_eq!(mode(&idx), 0o640);
+    }
+
+    /// A directory that takes no new file is named, with the OS error, and not
+    /// the probe's random name (tempfile's error adds it).
+    #[test]
+    fn a_directory_that_takes_no_file_is_named_without_the_probe() {
+        let t = tempfile::tempdir().unwrap();
+        let missing = t.path().join("gone");
+        let e = check_can_create_in(&missing).unwrap_err();
+        assert_eq!(
+            crate::error::Chain(&e).to_string(),
+            format!(
+                "{}: cannot create a file here: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
     }
 
     /// `import_file` hashes what it links; `import_own_file` links the caller's own
