@@ -111,10 +111,7 @@ pub fn fd_limit_hint(e: &std::io::Error) -> Option<String> {
     use nix::sys::resource::{getrlimit, Resource};
     match e.raw_os_error()? {
         libc::EMFILE => Some(match getrlimit(Resource::RLIMIT_NOFILE) {
-            Ok((soft, hard)) => format!(
-                "this process ran out of file descriptors: its limit (ulimit -n, RLIMIT_NOFILE) \
-                 is {soft} (at most {hard}); raise it, e.g. `ulimit -n 1024`"
-            ),
+            Ok((soft, hard)) => out_of_fds(soft, hard),
             Err(_) => {
                 "this process ran out of file descriptors: raise its limit (ulimit -n)".into()
             }
@@ -124,6 +121,21 @@ pub fn fd_limit_hint(e: &std::io::Error) -> Option<String> {
         ),
         _ => None,
     }
+}
+
+/// The hint for EMFILE under a file descriptor limit of `soft` (`hard`): a
+/// limit to raise it to that is larger (1024, the usual default, or four
+/// times the limit when it is already that high).
+fn out_of_fds(soft: u64, hard: u64) -> String {
+    let more = if soft < 1024 {
+        1024
+    } else {
+        soft.saturating_mul(4)
+    };
+    format!(
+        "this process ran out of file descriptors: its limit (ulimit -n, RLIMIT_NOFILE) \
+         is {soft} (at most {hard}); raise it, e.g. `ulimit -n {more}`"
+    )
 }
 
 impl From<Error> for obdfs::Error {
@@ -136,5 +148,22 @@ impl From<Error> for obdfs::Error {
                 source: Box::new(e),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The limit suggested is larger than the one run out of: 1024 below it,
+    /// else four times the limit (it said `ulimit -n 1024` also to a run
+    /// that had 1024).
+    #[test]
+    fn the_fd_limit_suggested_is_larger_than_the_limit() {
+        let hint = out_of_fds(8, 8);
+        assert!(hint.contains("is 8 (at most 8)"), "{hint}");
+        assert!(hint.ends_with("`ulimit -n 1024`"), "{hint}");
+        assert!(out_of_fds(1024, 524288).ends_with("`ulimit -n 4096`"));
+        assert!(out_of_fds(4096, 4096).ends_with("`ulimit -n 16384`"));
     }
 }
