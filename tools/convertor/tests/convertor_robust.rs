@@ -1457,7 +1457,9 @@ fn a_second_signal_during_the_clean_up_waits_for_it_and_says_what_was_removed() 
     let wd = t.path().join("w");
     let mut a = args(&src, &out_s, wd.to_str().unwrap());
     a[3] = "bench";
-    let (r, w) = nix::unistd::pipe().unwrap();
+    // Close-on-exec: a child another test spawns meanwhile must not keep the
+    // write end open (the read to the end below waits for every copy to close).
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
     // A write end of its own (a new open file description, so that O_NONBLOCK is
     // not the child's too), to fill the pipe with.
     let mut filler = std::fs::OpenOptions::new()
