@@ -310,10 +310,10 @@ fn main() -> ExitCode {
     let again = |(sigs, requests): &(nix::sys::signal::SigSet, Arc<AtomicUsize>)| {
         requests.load(Ordering::SeqCst) > 1 || obdsignals::pending(sigs).unwrap_or(false)
     };
-    if stopped && watched.as_ref().is_some_and(again) {
+    if stopped && res.is_err() && watched.as_ref().is_some_and(again) {
         // A second stop signal came while the run was cleaning up: the signals
         // thread quits, as it says, once it has the lock (a moment; this thread
-        // goes on if it does not).
+        // goes on if it does not). A run that completed ends as such.
         drop(cleaned);
         std::thread::sleep(std::time::Duration::from_secs(5));
         cleaned = self::cleaned();
