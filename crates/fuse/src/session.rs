@@ -21,6 +21,16 @@ use nix::sys::signal::Signal;
 
 use crate::error::{Error, Result};
 
+/// A line to stderr that never panics: a closed or broken stderr (a `| tee`
+/// ended by the same Ctrl-C, a dropped SSH session) must not end the signal
+/// thread, which `eprintln!` would.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// The signals that stop a mount: unmount it, a second one exits.
 pub const STOP_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
@@ -192,7 +202,7 @@ fn signal_loop(
         if let Err(e) = unmounter.unmount() {
             // Said once done, so that whoever reads it sees the mount gone.
             detach(mp);
-            eprintln!(
+            say!(
                 "overlaybd-fuse: {}: {e}; detached it lazily (served until its last user lets go)",
                 mp.display()
             );
@@ -207,17 +217,17 @@ fn quick_exit(sig: Signal, save: Option<Save>) -> ! {
     let code = 128 + sig as i32;
     match save.map(|save| save()) {
         None => {
-            eprintln!("overlaybd-fuse: {sig} again: exiting without waiting for the mount");
+            say!("overlaybd-fuse: {sig} again: exiting without waiting for the mount");
             std::process::exit(code)
         }
         Some(Ok(())) => {
-            eprintln!(
+            say!(
                 "overlaybd-fuse: {sig} again: completed writes saved; exiting without waiting for the mount"
             );
             std::process::exit(code)
         }
         Some(Err(e)) => {
-            eprintln!(
+            say!(
                 "overlaybd-fuse: {sig} again: {}; exiting without waiting for the mount: writes may be lost",
                 blockdev::error::Chain(&e)
             );
