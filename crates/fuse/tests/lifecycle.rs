@@ -110,6 +110,46 @@ fn busy_mount_is_detached_on_sigterm_and_served_until_released() {
     );
 }
 
+/// A broken stderr (a `| tee` ended by the same Ctrl-C) does not end the
+/// signal thread: the busy mount's SIGTERM detaches it (its line cannot be
+/// written), and a second SIGTERM still exits at once, while the detached
+/// mount is in use. (`eprintln!` panicked in that thread, and the second
+/// signal was never taken: the daemon served on.)
+#[test]
+fn a_broken_stderr_does_not_stop_the_signal_thread() {
+    testutil::default_stop_signals();
+    let t = tempfile::tempdir().unwrap();
+    let layers = fixture_layers();
+    let mp = t.path().join("mp");
+    let mut f = Fuse::foreground(&layers_args(&layers), &mp);
+    // The read end closed: every write to stderr fails with EPIPE.
+    drop(f.child.as_mut().unwrap().stderr.take());
+    let disk = File::open(f.disk()).unwrap();
+    let pid = Pid::from_raw(f.pid());
+    kill(pid, Signal::SIGTERM).unwrap();
+    let start = std::time::Instant::now();
+    while is_mounted(&mp) {
+        assert!(start.elapsed().as_secs() < 20, "not detached");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A second request (not a copy of the first: later than obdsignals::TOGETHER).
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    kill(pid, Signal::SIGTERM).unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = f.child.as_mut().unwrap().try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "the second SIGTERM did not end the daemon"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    drop(disk);
+    assert_eq!(status.code(), Some(143));
+}
+
 #[test]
 fn killed_daemon_leaves_a_mountpoint_that_fusermount_recovers() {
     let t = tempfile::tempdir().unwrap();
