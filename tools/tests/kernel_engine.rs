@@ -388,6 +388,9 @@ fn kill_with_and_expect_the_watchdog_to_clean_up(
 ) -> std::time::Duration {
     use std::time::{Duration, Instant};
     require_root();
+    // The run dies of the signals it does not take (a hangup): not inherited
+    // ignored (CI under `nohup`).
+    testutil::default_stop_signals();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let work = d.join("tmp");
