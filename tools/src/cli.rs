@@ -130,7 +130,28 @@ pub fn error_line(e: &anyhow::Error) -> String {
 
 /// Print `<tool>: error: <cause chain>` on stderr.
 pub fn report(tool: &str, e: &anyhow::Error) {
-    say(format_args!("{tool}: error: {}", error_line(e)));
+    let mut line = error_line(e);
+    if let Some(hint) = file_size_limit_hint(e, &line) {
+        line.push_str(&hint);
+    }
+    say(format_args!("{tool}: error: {line}"));
+}
+
+/// For an error that a write past this process's file size limit (`ulimit -f`,
+/// RLIMIT_FSIZE: some CI sandboxes set one) caused, EFBIG "File too large",
+/// which does not say which limit: the limit, unless `line` names it already.
+fn file_size_limit_hint(e: &anyhow::Error, line: &str) -> Option<String> {
+    let efbig = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(nix::libc::EFBIG))
+    }) || line.contains(&format!("(os error {})", nix::libc::EFBIG));
+    if !efbig || line.contains("ulimit -f") {
+        return None;
+    }
+    let limit = blockdev::io::file_size_limit()?;
+    Some(format!(
+        " (this process's file size limit (ulimit -f) is {limit} bytes: raise it)"
+    ))
 }
 
 /// Report on stderr that `tool` (taking `LAYER CONFIG`) cannot load its

@@ -891,6 +891,50 @@ fn a_file_size_limit_under_the_kernel_engine_mkfs_is_named() {
     assert_nothing_left(&work);
 }
 
+/// Under a file size limit smaller than what a layer writes (a file of the
+/// layer itself, or the upper layer's data the FUSE server writes), the run
+/// fails with "File too large", and the error names the limit (it said only
+/// "File too large").
+#[test]
+fn a_file_size_limit_under_the_kernel_engine_upper_is_named() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut tar = std::fs::File::create(d.join("big.tar")).unwrap();
+    write_big_layer(&mut tar, 2, 32).unwrap();
+    drop(tar);
+    std::fs::write(
+        d.join("config.json"),
+        r#"{"lowers": [], "upper": {"data": "data", "index": "index"}}"#,
+    )
+    .unwrap();
+    let work = d.join("tmp");
+    std::fs::create_dir(&work).unwrap();
+    testutil::run_ok(
+        Command::new(CREATE)
+            .args(["data", "index", "64", "--mkfs"])
+            .current_dir(d),
+    );
+    let out = Command::new("prlimit")
+        .args(["--fsize=20000000", APPLY, "--engine", "kernel", "big.tar"])
+        .arg("config.json")
+        .current_dir(d)
+        .env("TMPDIR", &work)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let e = err_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    let errors: Vec<&str> = e.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(errors.len(), 1, "{e}");
+    assert!(
+        errors[0].contains("File too large")
+            && errors[0].contains("file size limit (ulimit -f) is 20000000 bytes"),
+        "{e}"
+    );
+    assert_nothing_left(&work);
+}
+
 /// Out of file descriptors (`ulimit -n 8`), the kernel engine is available
 /// all the same: the error says that the run ran out of them, the limit and
 /// how to raise it, not "the kernel engine is not available".
