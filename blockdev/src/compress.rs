@@ -500,19 +500,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_emit_error_stops_the_stream_and_the_pool_shuts_down() {
-        let data = sample(6 * JOB_BYTES, 5);
-        let mut e = BlockEngine::new(Algorithm::Lz4, true, 4096, 3).unwrap();
-        let mut n = 0;
-        let mut emit = |_: &[u8], _: &[u32]| {
-            n += 1;
-            if n == 2 {
+    /// An emit that fails ("disk full") on its `nth` call, succeeding on the others.
+    fn failing_emit(nth: usize) -> impl FnMut(&[u8], &[u32]) -> Result<()> {
+        let mut calls = 0;
+        move |_, _| {
+            calls += 1;
+            if calls == nth {
                 Err(Error::Invalid("disk full".into()))
             } else {
                 Ok(())
             }
-        };
+        }
+    }
+
+    #[test]
+    fn an_emit_error_stops_the_stream_and_the_pool_shuts_down() {
+        let data = sample(6 * JOB_BYTES, 5);
+        let mut e = BlockEngine::new(Algorithm::Lz4, true, 4096, 3).unwrap();
+        let mut emit = failing_emit(2);
         let mut err = None;
         for c in data.chunks(JOB_BYTES) {
             let mut b = e.buffer();
@@ -542,15 +547,7 @@ mod tests {
         std::thread::spawn(move || {
             let data = sample(4 * JOB_BYTES, 7);
             let mut e = BlockEngine::new(Algorithm::Lz4, true, 4096, 3).unwrap();
-            let mut n = 0;
-            let mut emit = |_: &[u8], _: &[u32]| {
-                n += 1;
-                if n == 1 {
-                    Err(Error::Invalid("disk full".into()))
-                } else {
-                    Ok(())
-                }
-            };
+            let mut emit = failing_emit(1);
             let mut results = Vec::new();
             for _ in 0..4 * e.max_in_flight() {
                 for c in data.chunks(JOB_BYTES) {
