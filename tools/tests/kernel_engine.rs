@@ -819,6 +819,43 @@ fn the_watchdog_says_what_it_took_down() {
     }
 }
 
+/// `big.tar` (two files of 32 MiB) and a `config.json` whose upper is
+/// `UPPER_DIR/data` and `UPPER_DIR/index`, in `d`.
+fn big_layer_and_config(d: &Path, upper_dir: &str) {
+    let mut tar = std::fs::File::create(d.join("big.tar")).unwrap();
+    write_big_layer(&mut tar, 2, 32).unwrap();
+    drop(tar);
+    std::fs::write(
+        d.join("config.json"),
+        format!(
+            r#"{{"lowers": [], "upper": {{"data": "{upper_dir}/data", "index": "{upper_dir}/index"}}}}"#
+        ),
+    )
+    .unwrap();
+}
+
+/// `prlimit LIMIT ARGS...` in `d`, with the kernel engine's work directory
+/// `d/tmp` (made here, returned) and without RUST_LOG: its exit code and
+/// stderr.
+fn under_limit(d: &Path, limit: &str, args: &[&str]) -> (Option<i32>, String, PathBuf) {
+    let work = d.join("tmp");
+    std::fs::create_dir(&work).unwrap();
+    let out = Command::new("prlimit")
+        .arg(limit)
+        .args(args)
+        .current_dir(d)
+        .env("TMPDIR", &work)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (out.status.code(), err_text(&out), work)
+}
+
+/// The lines of `e` saying `error:`.
+fn error_lines(e: &str) -> Vec<&str> {
+    e.lines().filter(|l| l.contains("error:")).collect()
+}
+
 /// A full disk under the upper layer (here a 40 MiB tmpfs, in a mount
 /// namespace of the test's own) fails a kernel-engine apply with its one
 /// error line; the FUSE server says the first failed request and how many
@@ -828,14 +865,7 @@ fn a_full_disk_under_the_kernel_engine_is_said_in_a_few_lines() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut tar = std::fs::File::create(d.join("big.tar")).unwrap();
-    write_big_layer(&mut tar, 2, 32).unwrap();
-    drop(tar);
-    std::fs::write(
-        d.join("config.json"),
-        r#"{"lowers": [], "upper": {"data": "x/data", "index": "x/index"}}"#,
-    )
-    .unwrap();
+    big_layer_and_config(d, "x");
     std::fs::create_dir(d.join("x")).unwrap();
     let script = "mount -t tmpfs -o size=40M tmpfs x \
         || { echo 'no tmpfs mount here' >&2; exit 77; }\n\
@@ -851,7 +881,7 @@ fn a_full_disk_under_the_kernel_engine_is_said_in_a_few_lines() {
         .unwrap();
     let e = err_text(&o);
     assert_eq!(o.status.code(), Some(1), "{e}");
-    let errors: Vec<&str> = e.lines().filter(|l| l.contains("error:")).collect();
+    let errors = error_lines(&e);
     assert_eq!(errors.len(), 1, "{e}");
     assert!(errors[0].contains("No space left on device"), "{e}");
     assert!(e.lines().count() <= 3, "{e}");
@@ -866,19 +896,12 @@ fn a_full_disk_under_the_kernel_engine_is_said_in_a_few_lines() {
 fn a_file_size_limit_under_the_kernel_engine_mkfs_is_named() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let work = d.join("tmp");
-    std::fs::create_dir(&work).unwrap();
-    let out = Command::new("prlimit")
-        .args(["--fsize=50000000", CREATE, "data", "index", "1", "--mkfs"])
-        .args(["--engine", "kernel"])
-        .current_dir(d)
-        .env("TMPDIR", &work)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let e = err_text(&out);
-    assert_eq!(out.status.code(), Some(1), "{e}");
+    let (code, e, work) = under_limit(
+        dir.path(),
+        "--fsize=50000000",
+        &[CREATE, "data", "index", "1", "--mkfs", "--engine", "kernel"],
+    );
+    assert_eq!(code, Some(1), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");
     assert!(
         e.contains("mkfs.ext4") && e.contains("File too large"),
@@ -900,32 +923,19 @@ fn a_file_size_limit_under_the_kernel_engine_upper_is_named() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut tar = std::fs::File::create(d.join("big.tar")).unwrap();
-    write_big_layer(&mut tar, 2, 32).unwrap();
-    drop(tar);
-    std::fs::write(
-        d.join("config.json"),
-        r#"{"lowers": [], "upper": {"data": "data", "index": "index"}}"#,
-    )
-    .unwrap();
-    let work = d.join("tmp");
-    std::fs::create_dir(&work).unwrap();
+    big_layer_and_config(d, ".");
     testutil::run_ok(
         Command::new(CREATE)
             .args(["data", "index", "64", "--mkfs"])
             .current_dir(d),
     );
-    let out = Command::new("prlimit")
-        .args(["--fsize=20000000", APPLY, "--engine", "kernel", "big.tar"])
-        .arg("config.json")
-        .current_dir(d)
-        .env("TMPDIR", &work)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let e = err_text(&out);
-    assert_eq!(out.status.code(), Some(1), "{e}");
-    let errors: Vec<&str> = e.lines().filter(|l| l.contains("error:")).collect();
+    let (code, e, work) = under_limit(
+        d,
+        "--fsize=20000000",
+        &[APPLY, "--engine", "kernel", "big.tar", "config.json"],
+    );
+    assert_eq!(code, Some(1), "{e}");
+    let errors = error_lines(&e);
     assert_eq!(errors.len(), 1, "{e}");
     assert!(
         errors[0].contains("File too large")
@@ -942,19 +952,14 @@ fn a_file_size_limit_under_the_kernel_engine_upper_is_named() {
 fn too_few_file_descriptors_are_not_an_unavailable_engine() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let work = d.join("tmp");
-    std::fs::create_dir(&work).unwrap();
-    let out = Command::new("prlimit")
-        .args(["--nofile=8", CREATE, "data", "index", "1", "--mkfs", "-s"])
-        .args(["--engine", "kernel"])
-        .current_dir(d)
-        .env("TMPDIR", &work)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let e = err_text(&out);
-    assert_eq!(out.status.code(), Some(1), "{e}");
+    let (code, e, work) = under_limit(
+        dir.path(),
+        "--nofile=8",
+        &[
+            CREATE, "data", "index", "1", "--mkfs", "-s", "--engine", "kernel",
+        ],
+    );
+    assert_eq!(code, Some(1), "{e}");
     assert!(!e.contains("not available"), "{e}");
     let error = e.lines().find(|l| l.contains("error:")).unwrap_or_default();
     assert!(
