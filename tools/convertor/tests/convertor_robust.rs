@@ -74,6 +74,12 @@ fn entries(d: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The blobs written in a layout's `blobs/sha256` directory `d`: its entries but
+/// the temporary files and the write probe (dot files).
+fn written_blobs(d: &Path) -> usize {
+    entries(d).iter().filter(|n| !n.starts_with('.')).count()
+}
+
 #[test]
 fn convertors_sharing_a_work_dir_do_not_disturb_each_other() {
     let t = tempfile::tempdir().unwrap();
@@ -1487,13 +1493,7 @@ fn a_second_signal_during_the_clean_up_waits_for_it_and_says_what_was_removed() 
     };
     set_nonblocking(&r, true);
     let mut buf = vec![0u8; 1 << 16];
-    // (Blobs written: not a temporary file, nor the write probe.)
-    while entries(&blobs)
-        .iter()
-        .filter(|n| !n.starts_with('.'))
-        .count()
-        < 1
-    {
+    while written_blobs(&blobs) < 1 {
         if let Some(s) = child.try_wait().unwrap() {
             panic!("finished ({s}) before it was stopped");
         }
@@ -1982,10 +1982,8 @@ fn an_interrupted_run_leaves_destination_and_work_dir_as_found() {
         let out = top.join("out");
         let wd = base.join("w-new");
         let blobs = out.join("blobs/sha256");
-        // Blobs written (not a temporary file, nor the write probe).
-        let written = |d: &Path| entries(d).iter().filter(|n| !n.starts_with('.')).count();
         let e = stop(&format!("oci:{}", out.display()), &wd, &[], &|| {
-            written(&blobs) > 0
+            written_blobs(&blobs) > 0
         });
         assert!(!top.exists(), "{signals:?}: left: {:?}", listing(&top));
         assert!(!wd.exists(), "{signals:?}: left: {:?}", listing(&wd));
@@ -2006,7 +2004,7 @@ fn an_interrupted_run_leaves_destination_and_work_dir_as_found() {
         std::fs::create_dir(&wd).unwrap();
         std::fs::write(wd.join("mine"), b"x").unwrap();
         let e = stop(&format!("oci:{}", old.display()), &wd, &[], &|| {
-            written(&old.join("blobs/sha256")) > n
+            written_blobs(&old.join("blobs/sha256")) > n
         });
         assert_eq!(listing(&old), before, "{signals:?}: {e}");
         assert_eq!(entries(&wd), ["mine"], "{signals:?}");
